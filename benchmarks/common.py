@@ -1,0 +1,52 @@
+"""Shared helpers for benchmarks: timing, matmul peak, environment banner."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def banner(title: str, cfg) -> None:
+    dev = jax.devices()[0]
+    print(f"== {title}")
+    print(f"jax {jax.__version__} | backend {jax.default_backend()} | {jax.device_count()} x {dev.device_kind} | "
+          f"{os.cpu_count()} cpus | {platform.processor() or platform.machine()}")
+    print(f"config: {cfg}")
+
+
+def block(x):
+    return jax.tree.map(lambda a: a.block_until_ready() if isinstance(a, jax.Array) else a, x)
+
+
+def timeit(fn, *, reps: int = 5, warmup: int = 1) -> float:
+    """Median seconds per call of fn() (results blocked on), after `warmup` calls."""
+    for _ in range(warmup):
+        block(fn())
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        block(fn())
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_peak(dtype=jnp.float32, n: int | None = None, reps: int = 10) -> float:
+    """Measured matmul FLOP/s of this machine for square [n, n] matmuls.
+
+    bfloat16 inputs accumulate in float32 (preferred_element_type), the way the
+    model computes.
+    """
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    s = timeit(lambda: f(a, a), reps=reps, warmup=2)
+    return 2 * n**3 / s
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,400 @@
+"""Decoder-only transformer of the Llama / Qwen family, in Flax linen.
+
+Read top to bottom: RMSNorm, RoPE, attention (grouped-query, optional QKV bias
+and q/k norm, KV cache), SwiGLU MLP, a block, the stack, the heads, and
+`Model`, the pure-function wrapper everything else uses:
+
+    model = Model(preset("tiny"))
+    params = model.init(key)                              # plain nested dict
+    hidden, _ = model.forward(params, tokens, attention_mask)   # [B, T, D]
+    logits = model.logits(params, hidden)                 # [B, T, V] float32
+
+Shapes: B batch, T new tokens, S key/value slots (T without a cache, the
+cache length with one), D model width, N query heads, K key/value heads,
+G = N // K, H head width, F MLP width, V vocabulary, L layers.
+
+Masking. Tokens sit in slots; a query in slot i attends a key in slot j iff
+j <= i and slot j holds a real token (attention_mask / cache validity), and
+(with packing) both carry the same segment id. RoPE positions count real
+tokens only, so left-padded prompts of mixed length get the positions they
+would have unpadded, and decoding with a cache sees exactly the keys a full
+forward pass over the same slots sees.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+from rljax.models.config import TransformerConfig
+from rljax.sharding import constrain
+
+Array = jax.Array
+NEG_INF = -1e30  # finite, so fully masked rows (pad queries) stay NaN-free
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+    """A parameter annotated with its logical axis names (see rljax.sharding)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _matmul(eq: str, x: Array, w: Array, dtype) -> Array:
+    """einsum with inputs cast to the compute dtype and float32 accumulation/output."""
+    return jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32."""
+
+    eps: float
+    axis_name: str = "embed"
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,), self.param_dtype)
+        x = x.astype(jnp.float32)
+        x = x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return x * scale.astype(jnp.float32)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, "rotate half" layout (as in HF Llama/Qwen checkpoints).
+
+    x: [B, T, heads, H]; positions: [B, T]. With f_i = theta^(-2i/H), i < H/2:
+      out[:i]  = x1 cos(p f) - x2 sin(p f),  out[i:] = x2 cos(p f) + x1 sin(p f).
+    """
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+    angle = positions.astype(jnp.float32)[..., None] * freq  # [B, T, H/2]
+    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class KVCache(struct.PyTreeNode):
+    """Preallocated keys/values, one array per layer.
+
+    k, v: tuples of L arrays [B, K, S, H] (compute dtype; head-major so the
+    decode-time score and mix matmuls read the cache without a transpose);
+    valid: [B, S] bool, slot holds a real token; index: [] int32, next slot to write.
+    """
+
+    k: tuple
+    v: tuple
+    valid: Array
+    index: Array
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+
+class Attention(nn.Module):
+    config: TransformerConfig
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(self, x, positions, mask, kv, index):
+        """x: [B, T, D]; mask: [B, 1, 1, T, S] bool; kv: this layer's cache (k, v) [B, K, S, H] or None.
+
+        Returns ([B, T, D] float32, updated (k, v) or None).
+        """
+        c = self.config
+        D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.dim_per_head
+        dt, pdt = c.compute_dtype, c.params_dtype
+        init = nn.initializers.normal(c.init_std)
+
+        def proj(name, heads, head_axis):
+            w = _param(self, name, init, (D, heads, H), ("embed", head_axis, "head_dim"), pdt)
+            y = _matmul("btd,dnh->btnh", x, w, dt)
+            if c.qkv_bias:
+                y = y + _param(self, name + "_bias", nn.initializers.zeros, (heads, H), (head_axis, "head_dim"), pdt)
+            return y
+
+        q, k, v = proj("q_proj", N, "heads"), proj("k_proj", K, "kv_heads"), proj("v_proj", K, "kv_heads")
+        if c.qk_norm:
+            q = RMSNorm(c.norm_eps, "head_dim", pdt, name="q_norm")(q)
+            k = RMSNorm(c.norm_eps, "head_dim", pdt, name="k_norm")(k)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        q = constrain(q, self.mesh, ("batch", "length", "act_heads", "head_dim"))
+        B, T = x.shape[:2]
+
+        if c.attention_impl == "cudnn" and kv is None:
+            out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), mask=mask[:, :, 0],
+                                               implementation="cudnn")
+        else:
+            k, v = k.astype(dt).transpose(0, 2, 1, 3), v.astype(dt).transpose(0, 2, 1, 3)  # [B, K, T, H]
+            if kv is not None:
+                # Write this step's keys/values in place; attend over all S slots.
+                k = lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, index, 0))
+                v = lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, index, 0))
+                kv = (k, v)
+            # Grouped-query attention without repeating k/v: q as [B, K, G, T, H].
+            qg = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4).astype(dt)
+            scores = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * H**-0.5
+            scores = jnp.where(mask, scores, NEG_INF)
+            probs = jax.nn.softmax(scores, axis=-1)
+            out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(dt), v, preferred_element_type=jnp.float32)
+            out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+        w_o = _param(self, "o_proj", init, (N, H, D), ("heads", "head_dim", "embed"), pdt)
+        return _matmul("btnh,nhd->btd", out, w_o, dt), kv
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: TransformerConfig
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        init = nn.initializers.normal(c.init_std)
+        dt, pdt = c.compute_dtype, c.params_dtype
+        gate = _matmul("btd,df->btf", x, _param(self, "gate", init, (c.d_model, c.mlp_dim), ("embed", "mlp"), pdt), dt)
+        up = _matmul("btd,df->btf", x, _param(self, "up", init, (c.d_model, c.mlp_dim), ("embed", "mlp"), pdt), dt)
+        h = constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", "length", "act_mlp"))
+        return _matmul("btf,fd->btd", h, _param(self, "down", init, (c.mlp_dim, c.d_model), ("mlp", "embed"), pdt), dt)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Signature fits `nn.scan` (carry x; the rest broadcast; kv out as "ys").
+    """
+
+    config: TransformerConfig
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(self, x, positions, mask, kv, index):
+        c = self.config
+        a, kv = Attention(c, self.mesh, name="attn")(
+            RMSNorm(c.norm_eps, param_dtype=c.params_dtype, name="attn_norm")(x), positions, mask, kv, index)
+        x = x + a
+        x = x + MLP(c, self.mesh, name="mlp")(RMSNorm(c.norm_eps, param_dtype=c.params_dtype, name="mlp_norm")(x))
+        x = constrain(x, self.mesh, ("batch", "length", "act_embed"))
+        return x, kv
+
+
+_REMAT_POLICY = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+    config: TransformerConfig
+    mesh: Any = None
+
+    def setup(self):
+        c = self.config
+        init = nn.initializers.normal(c.init_std)
+        self.embedding = _param(self, "embedding", init, (c.vocab_size, c.d_model), ("vocab", "embed"),
+                                c.params_dtype)
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICY[c.remat], prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, self.mesh, name="layers")
+        else:
+            self.layers = [block(c, self.mesh, name=f"layers_{i}") for i in range(c.n_layers)]
+        self.final_norm = RMSNorm(c.norm_eps, param_dtype=c.params_dtype)
+        if c.has_lm_head_matrix:
+            self.lm_head = _param(self, "lm_head", init, (c.d_model, c.vocab_size), ("embed", "vocab"),
+                                  c.params_dtype)
+        # Scalar heads start at zero: V = 0 and r = 0 before training (OREO's
+        # value initialisation; harmless for reward models).
+        zeros = nn.initializers.zeros
+        if "value" in c.heads:
+            self.value_kernel = _param(self, "value_head", zeros, (c.d_model,), ("embed",), c.params_dtype)
+            self.value_bias = _param(self, "value_bias", zeros, (), (), c.params_dtype)
+        if "reward" in c.heads:
+            self.reward_kernel = _param(self, "reward_head", zeros, (c.d_model,), ("embed",), c.params_dtype)
+            self.reward_bias = _param(self, "reward_bias", zeros, (), (), c.params_dtype)
+
+    def __call__(self, tokens, attention_mask, positions=None, cache: KVCache | None = None, segment_ids=None):
+        """tokens, attention_mask: [B, T] -> (hidden [B, T, D] float32, new cache or None)."""
+        B, T = tokens.shape
+        live = attention_mask.astype(bool)
+        q_slot = jnp.arange(T)
+        if cache is None:
+            key_valid, k_slot, seen = live, q_slot, jnp.zeros((B,), jnp.int32)
+        else:
+            seen = cache.valid.sum(axis=-1, dtype=jnp.int32)
+            key_valid = lax.dynamic_update_slice(cache.valid, live, (0, cache.index))
+            q_slot, k_slot = cache.index + q_slot, jnp.arange(cache.length)
+        mask = (k_slot[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]  # [B, T, S]
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packing) is for full forward passes, not KV-cache decoding")
+            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        if positions is None:
+            positions = jnp.maximum(seen[:, None] + jnp.cumsum(live, axis=1, dtype=jnp.int32) - 1, 0)
+        mask = mask[:, None, None]  # [B, 1(K), 1(G), T, S]
+
+        x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.float32)
+        x = constrain(x, self.mesh, ("batch", "length", "act_embed"))
+        c = self.config
+        if cache is None:
+            if c.scan_layers:
+                x, _ = self.layers(x, positions, mask, None, jnp.int32(0))
+            else:
+                for layer in self.layers:
+                    x, _ = layer(x, positions, mask, None, jnp.int32(0))
+        else:
+            # Decoding runs the layers unrolled, each on its own cache array, so
+            # no step copies or slices a stacked cache. With stacked (scanned)
+            # parameters the per-layer slices are loop-invariant and hoisted.
+            ks, vs = list(cache.k), list(cache.v)
+            for i in range(c.n_layers):
+                if c.scan_layers:
+                    layer_params = jax.tree.map(lambda w: w[i], self.variables["params"]["layers"])
+                    x, (ks[i], vs[i]) = Block(c, self.mesh, parent=None).apply(
+                        {"params": layer_params}, x, positions, mask, (ks[i], vs[i]), cache.index)
+                else:
+                    x, (ks[i], vs[i]) = self.layers[i](x, positions, mask, (ks[i], vs[i]), cache.index)
+            cache = KVCache(k=tuple(ks), v=tuple(vs), valid=key_valid, index=cache.index + T)
+        return self.final_norm(x), cache
+
+    def lm_logits(self, hidden):
+        """hidden [..., D] -> logits [..., V] float32."""
+        dt = self.config.compute_dtype
+        if self.config.tie_embeddings:
+            logits = _matmul("...d,vd->...v", hidden, self.embedding, dt)
+        else:
+            logits = _matmul("...d,dv->...v", hidden, self.lm_head, dt)
+        return logits
+
+    def values(self, hidden):
+        """Per-token scalar: hidden [B, T, D] -> [B, T] float32."""
+        return hidden @ self.value_kernel.astype(jnp.float32) + self.value_bias.astype(jnp.float32)
+
+    def rewards(self, hidden, attention_mask):
+        """Sequence scalar read at the last real token: [B, T, D], [B, T] -> [B] float32."""
+        h = hidden[jnp.arange(hidden.shape[0]), last_token_index(attention_mask)]
+        return h @ self.reward_kernel.astype(jnp.float32) + self.reward_bias.astype(jnp.float32)
+
+    def init_all(self, tokens, attention_mask):
+        """Touches every head so `init` creates all parameters."""
+        hidden, _ = self(tokens, attention_mask)
+        c = self.config
+        if "lm" in c.heads:
+            self.lm_logits(hidden)
+        if "value" in c.heads:
+            self.values(hidden)
+        if "reward" in c.heads:
+            self.rewards(hidden, attention_mask)
+        return hidden
+
+
+def last_token_index(attention_mask: Array) -> Array:
+    """Index of the last real token of each row, from the mask (never from a pad id).
+
+    attention_mask [B, T] -> [B] int32; works for left and right padding.
+    """
+    T = attention_mask.shape[1]
+    return (T - 1 - jnp.argmax(attention_mask[:, ::-1].astype(bool), axis=1)).astype(jnp.int32)
+
+
+def check_tokens(tokens, attention_mask, vocab_size: int, name: str = "tokens") -> None:
+    """Raise a ValueError naming the problem: wrong rank, mask shape, or (for
+    concrete arrays; traced values cannot be inspected) ids outside [0, V)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must be [batch, length], got shape {tokens.shape}")
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} does not match {name} shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integer token ids, got dtype {tokens.dtype}")
+    if isinstance(tokens, jax.core.Tracer) or isinstance(attention_mask, jax.core.Tracer):
+        return
+    t, m = np.asarray(tokens), np.asarray(attention_mask).astype(bool)
+    outside = m & ((t < 0) | (t >= vocab_size))
+    if outside.any():
+        b, i = map(int, np.argwhere(outside)[0])
+        raise ValueError(f"{name}[{b}, {i}] = {int(t[b, i])} is outside the vocabulary [0, {vocab_size})")
+
+
+@dataclass(frozen=True)
+class Model:
+    """Pure-function interface to a `Transformer`; hashable, so it can be a static jit argument.
+
+    `mesh` (optional) turns on activation sharding constraints from the rules
+    table; parameters and batches get their shardings from `rljax.sharding`.
+    """
+
+    config: TransformerConfig
+    mesh: Any = None
+
+    @property
+    def module(self) -> Transformer:
+        return Transformer(self.config, self.mesh)
+
+    def _init_boxed(self, key):
+        tokens = jnp.zeros((1, 2), jnp.int32)
+        return self.module.init(key, tokens, jnp.ones((1, 2), jnp.int32), method=Transformer.init_all)
+
+    def init(self, key: Array) -> dict:
+        """Random parameters as a plain nested dict (no partitioning boxes)."""
+        return nn.meta.unbox(self._init_boxed(key))["params"]
+
+    def param_shapes(self) -> dict:
+        """`jax.ShapeDtypeStruct` of every parameter, without allocating."""
+        return jax.eval_shape(self.init, jax.random.key(0))
+
+    def logical_axes(self) -> dict:
+        """Logical axis names (a tuple per parameter), e.g. ('layers', 'embed', 'mlp')."""
+        boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+        specs = nn.get_partition_spec(boxed)["params"]
+        return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+    def forward(self, params, tokens, attention_mask=None, *, positions=None, cache=None, segment_ids=None):
+        """tokens [B, T] int32 -> (hidden [B, T, D] float32, updated cache or None)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens.shape, jnp.int32)
+        check_tokens(tokens, attention_mask, self.config.vocab_size)
+        if cache is not None and cache.valid.shape[0] != tokens.shape[0]:
+            raise ValueError(f"cache has {cache.valid.shape[0]} rows but tokens have {tokens.shape[0]}")
+        return self.module.apply({"params": params}, tokens, attention_mask, positions, cache, segment_ids)
+
+    def logits(self, params, hidden):
+        """LM head: hidden [..., D] -> logits [..., V] float32."""
+        return self.module.apply({"params": params}, hidden, method=Transformer.lm_logits)
+
+    def values(self, params, hidden):
+        """Value head: hidden [B, T, D] -> [B, T] float32."""
+        return self.module.apply({"params": params}, hidden, method=Transformer.values)
+
+    def rewards(self, params, hidden, attention_mask):
+        """Reward head at the last real token: -> [B] float32."""
+        return self.module.apply({"params": params}, hidden, attention_mask, method=Transformer.rewards)
+
+    def __call__(self, params, tokens, attention_mask=None, **kw):
+        """Full forward to LM logits [B, T, V] float32 (materialises all logits)."""
+        hidden, _ = self.forward(params, tokens, attention_mask, **kw)
+        return self.logits(params, hidden)
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache for `batch` rows and `length` slots."""
+        c = self.config
+        if length > c.max_seq_len:
+            raise ValueError(f"cache length {length} exceeds config.max_seq_len={c.max_seq_len}")
+        shape = (batch, c.n_kv_heads, length, c.dim_per_head)
+        zeros = tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.n_layers))
+        return KVCache(k=zeros, v=zeros, valid=jnp.zeros((batch, length), bool), index=jnp.int32(0))
+
+    def cache_logical_axes(self) -> KVCache:
+        kv = ("batch", "act_kv_heads", "length", "head_dim")
+        layers = (kv,) * self.config.n_layers
+        return KVCache(k=layers, v=layers, valid=("batch", "length"), index=())

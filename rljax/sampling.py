@@ -1,0 +1,361 @@
+"""Generation with a preallocated KV cache: sampling (greedy, temperature,
+top-k, top-p, n per prompt) and beam search with a length penalty.
+
+Prompts are left-padded to a bucketed length P (a power of two), the cache
+holds S = P + max_new_tokens slots, and decoding is one jitted
+`lax.while_loop` that stops as soon as every row has emitted eos, so repeated
+calls with new prompts of similar length reuse one compiled program.
+
+Layout of a `Rollout` (R = rows = prompts x n, T = P + max_new_tokens):
+
+    tokens          [R, T]     prompt (left-padded) then completion (pad after eos)
+    attention_mask  [R, T]     1 on real tokens
+    loss_mask       [R, T]     1 on completion tokens, eos included
+    logprobs        [R, T-1]   log π(tokens[t+1] | tokens[:t+1]) under the policy
+                               (temperature 1, no truncation); 0 off the completion
+    sampling_logprobs [R, T-1] the same under the distribution actually sampled
+                               from (temperature / top-k / top-p); 0 when greedy
+    lengths [R], stopped_at_eos [R], group_ids [R] (prompt index of each row)
+
+`logprobs[:, t]` is aligned with `token_logprobs(params, tokens, attention_mask)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+from rljax.buckets import bucket_length
+from rljax.models.transformer import Model
+from rljax.ops.logprobs import logprobs_from_logits
+from rljax.sharding import constrain, is_axis_names
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How to sample. temperature == 0 or greedy=True means argmax decoding.
+
+    top_k = 0 and top_p = 1 switch truncation off. n samples per prompt are
+    laid out contiguously (rows i*n .. i*n+n-1 belong to prompt i).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    n: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+    min_prompt_bucket: int = 16
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"SampleConfig.{field}: {why}")
+
+        if self.max_new_tokens < 1:
+            bad("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            bad("temperature", f"must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            bad("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            bad("n", f"must be >= 1, got {self.n}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+    def replace(self, **changes) -> "SampleConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@struct.dataclass
+class Rollout:
+    tokens: jax.Array
+    attention_mask: jax.Array
+    loss_mask: jax.Array
+    logprobs: jax.Array
+    sampling_logprobs: jax.Array
+    lengths: jax.Array
+    stopped_at_eos: jax.Array
+    group_ids: jax.Array
+    prompt_length: int = struct.field(pytree_node=False)
+
+    @property
+    def completions(self) -> jax.Array:
+        """Completion tokens only: [R, max_new_tokens]."""
+        return self.tokens[:, self.prompt_length:]
+
+
+def prepare_prompts(prompt_tokens, prompt_mask, *, vocab_size: int, max_new_tokens: int, max_seq_len: int,
+                    pad_id: int, min_bucket: int = 16):
+    """Validate prompts and left-align them in a bucketed width.
+
+    prompt_tokens, prompt_mask: [B, P0] (any padding side; padding is moved to
+    the left). Returns numpy (tokens [B, P], mask [B, P]) with P a power of
+    two >= the longest prompt (at least `min_bucket`), capped so that
+    P + max_new_tokens <= max_seq_len.
+    """
+    tokens = np.asarray(prompt_tokens)
+    mask = np.ones(tokens.shape, np.int32) if prompt_mask is None else np.asarray(prompt_mask)
+    if tokens.ndim != 2:
+        raise ValueError(f"prompt_tokens must be [batch, length], got shape {tokens.shape}")
+    if mask.shape != tokens.shape:
+        raise ValueError(f"prompt_mask shape {mask.shape} does not match prompt_tokens shape {tokens.shape}")
+    if tokens.shape[0] == 0:
+        raise ValueError("prompt_tokens has no rows")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"prompt_tokens must be integer token ids, got dtype {tokens.dtype}")
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("prompt_mask must contain only 0 and 1")
+    mask = mask.astype(bool)
+    lengths = mask.sum(axis=1)
+    if tokens.shape[1] == 0 or (lengths == 0).any():
+        row = 0 if tokens.shape[1] == 0 else int(np.argmin(lengths))
+        raise ValueError(f"prompt row {row} is empty; every prompt needs at least one token (e.g. bos)")
+    outside = mask & ((tokens < 0) | (tokens >= vocab_size))
+    if outside.any():
+        b, t = map(int, np.argwhere(outside)[0])
+        raise ValueError(f"prompt_tokens[{b}, {t}] = {int(tokens[b, t])} is outside the vocabulary [0, {vocab_size})")
+    longest = int(lengths.max())
+    room = max_seq_len - max_new_tokens
+    if longest > room:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the KV cache "
+                         f"(config.max_seq_len={max_seq_len})")
+    width = bucket_length(longest, minimum=min_bucket, maximum=room)
+    out = np.full((tokens.shape[0], width), pad_id, np.int32)
+    out_mask = np.zeros((tokens.shape[0], width), np.int32)
+    for i in range(tokens.shape[0]):
+        row = tokens[i][mask[i]]
+        out[i, width - len(row):] = row
+        out_mask[i, width - len(row):] = 1
+    return out, out_mask
+
+
+def _truncate(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
+    """Temperature, then top-k, then top-p (nucleus); removed entries become -inf."""
+    z = logits.astype(jnp.float32) / cfg.temperature
+    if cfg.top_k > 0 and cfg.top_k < z.shape[-1]:
+        kth = lax.top_k(z, cfg.top_k)[0][..., -1:]
+        z = jnp.where(z < kth, -jnp.inf, z)
+    if cfg.top_p < 1.0:
+        sorted_z = jnp.sort(z, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_z, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each entry
+        keep = before < cfg.top_p  # the most likely token is always kept
+        threshold = jnp.min(jnp.where(keep, sorted_z, jnp.inf), axis=-1, keepdims=True)
+        z = jnp.where(z < threshold, -jnp.inf, z)
+    return z
+
+
+def choose_tokens(logits: jax.Array, key: jax.Array, cfg: SampleConfig):
+    """Pick next tokens. logits [R, V] -> (tokens [R] int32, log-prob under the sampling distribution [R])."""
+    if cfg.is_greedy:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tok, jnp.zeros(tok.shape, jnp.float32)
+    z = _truncate(logits, cfg)
+    tok = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+    return tok, logprobs_from_logits(z, tok)
+
+
+def _constrain_cache(cache, model: Model):
+    if model.mesh is None:
+        return cache
+    return jax.tree.map(lambda names, x: constrain(x, model.mesh, names), model.cache_logical_axes(), cache,
+                        is_leaf=is_axis_names)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+def _generate(params, prompt, prompt_mask, key, *, model: Model, cfg: SampleConfig):
+    R, P = prompt.shape
+    N = cfg.max_new_tokens
+    cache = _constrain_cache(model.init_cache(R, P + N), model)
+    hidden, cache = model.forward(params, prompt, prompt_mask, cache=cache)
+    logits = model.logits(params, hidden[:, -1])  # left padding: the last slot is every row's last token
+
+    def cond(c):
+        i, done = c[0], c[-1]
+        return (i < N) & ~jnp.all(done)
+
+    def body(c):
+        i, logits, cache, toks, lps, slps, live, done = c
+        tok, slp = choose_tokens(logits, jax.random.fold_in(key, i), cfg)
+        lp = logprobs_from_logits(logits, tok)
+        alive = ~done
+        tok = jnp.where(alive, tok, cfg.pad_id)
+        toks = toks.at[:, i].set(tok)
+        lps = lps.at[:, i].set(jnp.where(alive, lp, 0.0))
+        slps = slps.at[:, i].set(jnp.where(alive, slp, 0.0))
+        live = live.at[:, i].set(alive.astype(jnp.int32))
+        done = done | (tok == cfg.eos_id)
+        hidden, cache = model.forward(params, tok[:, None], alive[:, None].astype(jnp.int32), cache=cache)
+        return i + 1, model.logits(params, hidden[:, 0]), cache, toks, lps, slps, live, done
+
+    init = (jnp.int32(0), logits, cache, jnp.full((R, N), cfg.pad_id, jnp.int32),
+            jnp.zeros((R, N), jnp.float32), jnp.zeros((R, N), jnp.float32),
+            jnp.zeros((R, N), jnp.int32), jnp.zeros((R,), bool))
+    _, _, _, toks, lps, slps, live, done = lax.while_loop(cond, body, init)
+
+    zeros = jnp.zeros((R, P - 1), jnp.float32)
+    return Rollout(
+        tokens=jnp.concatenate([prompt, toks], axis=1),
+        attention_mask=jnp.concatenate([prompt_mask, live], axis=1),
+        loss_mask=jnp.concatenate([jnp.zeros_like(prompt_mask), live], axis=1),
+        logprobs=jnp.concatenate([zeros, lps], axis=1),
+        sampling_logprobs=jnp.concatenate([zeros, slps], axis=1),
+        lengths=live.sum(axis=1),
+        stopped_at_eos=done,
+        group_ids=jnp.arange(R, dtype=jnp.int32) // cfg.n,
+        prompt_length=P,
+    )
+
+
+def sample(params, prompt_tokens, prompt_mask, key, *, model: Model, cfg: SampleConfig) -> Rollout:
+    """Sample `cfg.n` completions per prompt with a KV cache.
+
+    prompt_tokens, prompt_mask: [B, P0] int (left padding preferred; other
+    padding is realigned). key: a PRNG key; the same key gives the same
+    samples. Returns a `Rollout` with R = B * n rows.
+
+    When `model.mesh` is set, pass `params` already sharded; the prompts are
+    split over the batch axes (B * n must divide by data * fsdp).
+    """
+    c = model.config
+    tokens, mask = prepare_prompts(prompt_tokens, prompt_mask, vocab_size=c.vocab_size,
+                                   max_new_tokens=cfg.max_new_tokens, max_seq_len=c.max_seq_len,
+                                   pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket)
+    if cfg.n > 1:
+        tokens, mask = np.repeat(tokens, cfg.n, axis=0), np.repeat(mask, cfg.n, axis=0)
+    tokens, mask = _place(tokens, model), _place(mask, model)
+    return _generate(params, tokens, mask, key, model=model, cfg=cfg)
+
+
+def _place(x: np.ndarray, model: Model):
+    if model.mesh is None:
+        return jnp.asarray(x)
+    from rljax.sharding import shard_batch
+
+    return shard_batch(x, model.mesh)
+
+
+# ----------------------------------------------------------------------------- beam search
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    """Beam search. A hypothesis of n generated tokens (eos included) with
+    summed log-probability s scores s / n**length_penalty (0 = raw sum; > 0
+    favours longer outputs). With early_stopping, search ends once no live
+    beam can still beat the worst of the num_beams finished ones."""
+
+    num_beams: int = 4
+    max_new_tokens: int = 64
+    length_penalty: float = 1.0
+    eos_id: int = 2
+    pad_id: int = 0
+    early_stopping: bool = True
+    min_prompt_bucket: int = 16
+
+    def __post_init__(self):
+        if self.num_beams < 1:
+            raise ValueError(f"BeamConfig.num_beams: must be >= 1, got {self.num_beams}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"BeamConfig.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+
+
+@struct.dataclass
+class BeamResult:
+    """Finished hypotheses, best first. tokens/attention_mask [B, K, P + N];
+    scores (length-penalised), logprob_sums, lengths [B, K]."""
+
+    tokens: jax.Array
+    attention_mask: jax.Array
+    scores: jax.Array
+    logprob_sums: jax.Array
+    lengths: jax.Array
+    prompt_length: int = struct.field(pytree_node=False)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+def _beam(params, prompt, prompt_mask, *, model: Model, cfg: BeamConfig):
+    B, P = prompt.shape
+    K, N, V = cfg.num_beams, cfg.max_new_tokens, model.config.vocab_size
+    C = min(2 * K, K * V)  # candidates kept per step: enough that K of them are not eos
+    alpha = cfg.length_penalty
+    cache = model.init_cache(B, P + N)
+    hidden, cache = model.forward(params, prompt, prompt_mask, cache=cache)
+    logits = model.logits(params, hidden[:, -1])
+    # Every beam starts as a copy of its prompt; only beam 0 is live at step 0.
+    cache = jax.tree.map(lambda x: jnp.repeat(x, K, axis=0) if x.ndim else x, cache)
+    logits = jnp.repeat(logits, K, axis=0)
+    rows = jnp.arange(B)[:, None]
+
+    def cond(c):
+        i, alive_lp, fin_score = c[0], c[2], c[4]
+        if not cfg.early_stopping:
+            return i < N
+        # Best score a live beam can still reach: its sum can only fall, its length is in [i+1, N].
+        best_len = jnp.float32(N) if alpha >= 0 else (i + 1).astype(jnp.float32)
+        bound = jnp.max(alive_lp, axis=1) / best_len**alpha
+        return (i < N) & ~jnp.all(fin_score[:, -1] >= bound)
+
+    def body(c):
+        i, alive_seq, alive_lp, fin_seq, fin_score, fin_lp, fin_len, logits, cache = c
+        cand = alive_lp[:, :, None] + jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(B, K, V)
+        top_lp, top_idx = lax.top_k(cand.reshape(B, K * V), C)  # [B, C]
+        src, tok = top_idx // V, (top_idx % V).astype(jnp.int32)
+        seq = alive_seq[rows, src].at[:, :, i].set(tok)  # [B, C, N]
+        is_eos = tok == cfg.eos_id
+        length = (i + 1).astype(jnp.float32)
+        # Candidates ending here (eos, or the length limit) join the finished pool.
+        ends = is_eos | (i == N - 1)
+        score = jnp.where(ends, top_lp / length**alpha, -jnp.inf)
+        all_score = jnp.concatenate([fin_score, score], axis=1)
+        fin_score, pick = lax.top_k(all_score, K)
+        fin_seq = jnp.concatenate([fin_seq, seq], axis=1)[rows, pick]
+        fin_lp = jnp.concatenate([fin_lp, top_lp], axis=1)[rows, pick]
+        fin_len = jnp.concatenate([fin_len, jnp.full((B, C), i + 1, jnp.int32)], axis=1)[rows, pick]
+        # The K best candidates that did not end stay live.
+        alive_lp, keep = lax.top_k(jnp.where(is_eos, -jnp.inf, top_lp), K)
+        alive_seq = seq[rows, keep]
+        parent = (jnp.arange(B)[:, None] * K + src[rows, keep]).reshape(-1)
+        cache = jax.tree.map(lambda x: x[parent] if x.ndim else x, cache)
+        next_tok = alive_seq[:, :, i].reshape(-1, 1)
+        hidden, cache = model.forward(params, next_tok, jnp.ones_like(next_tok), cache=cache)
+        return i + 1, alive_seq, alive_lp, fin_seq, fin_score, fin_lp, fin_len, model.logits(params, hidden[:, 0]), cache
+
+    neg = jnp.full((B, K), -jnp.inf, jnp.float32)
+    init = (jnp.int32(0), jnp.full((B, K, N), cfg.pad_id, jnp.int32), neg.at[:, 0].set(0.0),
+            jnp.full((B, K, N), cfg.pad_id, jnp.int32), neg, neg, jnp.zeros((B, K), jnp.int32), logits, cache)
+    _, _, _, fin_seq, fin_score, fin_lp, fin_len, _, _ = lax.while_loop(cond, body, init)
+    gen_mask = (jnp.arange(N)[None, None, :] < fin_len[:, :, None]).astype(jnp.int32)
+    fin_seq = jnp.where(gen_mask > 0, fin_seq, cfg.pad_id)
+    return BeamResult(
+        tokens=jnp.concatenate([jnp.broadcast_to(prompt[:, None], (B, K, P)), fin_seq], axis=2),
+        attention_mask=jnp.concatenate([jnp.broadcast_to(prompt_mask[:, None], (B, K, P)), gen_mask], axis=2),
+        scores=fin_score, logprob_sums=fin_lp, lengths=fin_len, prompt_length=P,
+    )
+
+
+def beam_search(params, prompt_tokens, prompt_mask, *, model: Model, cfg: BeamConfig) -> BeamResult:
+    """Beam search with a KV cache; returns the `num_beams` best finished hypotheses per prompt.
+
+    prompt_tokens, prompt_mask: [B, P0]. Each step expands the K live beams
+    by every token, keeps the 2K best extensions by summed log-probability,
+    moves those ending in eos (or at max_new_tokens) to the finished pool
+    (ranked by length-penalised score) and continues with the K best others.
+    """
+    c = model.config
+    tokens, mask = prepare_prompts(prompt_tokens, prompt_mask, vocab_size=c.vocab_size,
+                                   max_new_tokens=cfg.max_new_tokens, max_seq_len=c.max_seq_len,
+                                   pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket)
+    return _beam(params, _place(tokens, model), _place(mask, model), model=model, cfg=cfg)

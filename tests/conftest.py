@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+# Tests never reach the network.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax
+import numpy as np
+import pytest
+
+from rljax.models import Model, preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, params) for the tiny preset, float32."""
+    model = Model(preset("tiny"))
+    return model, model.init(jax.random.key(0))
+
+
+def left_padded(lengths, width, vocab, seed=0, low=3):
+    """Random left-padded prompts: tokens, mask [len(lengths), width] int32."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((len(lengths), width), np.int32)
+    mask = np.zeros((len(lengths), width), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, width - n:] = rng.integers(low, vocab, n)
+        mask[i, width - n:] = 1
+    return tokens, mask
+
+
+def run_with_devices(code: str, n_devices: int = 8, timeout: int = 600) -> str:
+    """Run `code` in a fresh Python whose JAX sees `n_devices` simulated CPU devices.
+
+    XLA_FLAGS must be set before JAX starts, hence the subprocess. Returns stdout;
+    fails the test with the subprocess's output on a non-zero exit.
+    """
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        pytest.fail(f"subprocess failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-5000:]}")
+    return proc.stdout

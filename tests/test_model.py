@@ -1,0 +1,181 @@
+"""Transformer: parameter counts, KV cache = full forward, padding/packing invariances, heads."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import left_padded
+from rljax.models import Model, TransformerConfig, preset
+from rljax.models.transformer import last_token_index
+from rljax.sharding import LOGICAL_RULES, logical_to_spec
+
+VARIANTS = {
+    "gqa_scan": dict(),
+    "gqa_loop": dict(scan_layers=False),
+    "qwen_like": dict(qkv_bias=True, tie_embeddings=True, rope_theta=1e6),
+    "qwen3_like_loop": dict(qk_norm=True, scan_layers=False, n_kv_heads=1),
+}
+
+
+def _init(**overrides):
+    model = Model(preset("tiny", **overrides))
+    return model, model.init(jax.random.key(1))
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "llama3_8b", "qwen2_5_0_5b", "qwen2_5_7b", "qwen3_0_6b"])
+def test_param_count_closed_form_matches_eval_shape(name):
+    model = Model(preset(name))
+    shapes = model.param_shapes()
+    n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+    assert n == model.config.num_params()
+
+
+def test_published_parameter_counts():
+    # Published totals: Llama-3-8B 8,030,261,248; Qwen2.5-0.5B 494,032,768; Qwen2.5-7B 7,615,616,512.
+    assert preset("llama3_8b").num_params() == 8_030_261_248
+    assert preset("qwen2_5_0_5b").num_params() == 494_032_768
+    assert preset("qwen2_5_7b").num_params() == 7_615_616_512
+    assert 0.7e6 < preset("tiny").num_params() < 1.2e6
+    assert 10e6 < preset("small").num_params() < 20e6
+
+
+@pytest.mark.parametrize("name", ["llama3_8b", "qwen2_5_0_5b", "qwen3_0_6b"])
+def test_every_parameter_has_a_sharding_spec(name):
+    model = Model(preset(name, heads=("lm", "value", "reward")))
+    axes, shapes = model.logical_axes(), model.param_shapes()
+    flat_axes = jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))
+    flat_shapes = dict(jax.tree_util.tree_leaves_with_path(shapes))
+    assert len(flat_axes) == len(flat_shapes)
+    for path, names in flat_axes:
+        assert len(names) == len(flat_shapes[path].shape), path
+        assert all(n is not None for n in names), path
+        spec = logical_to_spec(names, LOGICAL_RULES)  # raises for a name without a rule
+        assert len(spec) == len(names)
+    # the big matrices are sharded, not replicated
+    layer = axes["layers"]
+    assert logical_to_spec(layer["mlp"]["gate"]) == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert logical_to_spec(layer["attn"]["o_proj"]) == jax.sharding.PartitionSpec(None, "tensor", None, "fsdp")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_decode_matches_full_forward(variant):
+    """Prefill part of mixed-length left-padded prompts, then decode one token at a time."""
+    model, params = _init(**VARIANTS[variant])
+    tokens, mask = left_padded([9, 4, 1, 6], 12, model.config.vocab_size, seed=3)
+    full = model(params, tokens, mask)  # [B, T, V]
+    cache = model.init_cache(4, 16)
+    prefill = 8
+    hidden, cache = model.forward(params, tokens[:, :prefill], mask[:, :prefill], cache=cache)
+    pieces = [model.logits(params, hidden)]
+    step = jax.jit(lambda c, t, m: model.forward(params, t, m, cache=c))
+    for t in range(prefill, 12):
+        hidden, cache = step(cache, tokens[:, t:t + 1], mask[:, t:t + 1])
+        pieces.append(model.logits(params, hidden))
+    cached = jnp.concatenate(pieces, axis=1)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-4, rtol=0)
+    assert int(cache.index) == 12
+
+
+def test_scan_and_loop_layers_agree():
+    scan_model, scan_params = _init()
+    loop_model = Model(preset("tiny", scan_layers=False))
+    loop_params = {k: v for k, v in scan_params.items() if k != "layers"}
+    for i in range(scan_model.config.n_layers):
+        loop_params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], scan_params["layers"])
+    tokens, mask = left_padded([7, 3], 8, 64, seed=1)
+    np.testing.assert_allclose(scan_model(scan_params, tokens, mask), loop_model(loop_params, tokens, mask),
+                               atol=1e-5)
+
+
+def test_left_padding_does_not_change_logits(tiny):
+    """RoPE positions count real tokens, so padding on the left changes nothing."""
+    model, params = tiny
+    tokens, _ = left_padded([6], 6, 64, seed=2)
+    padded = np.concatenate([np.zeros((1, 5), np.int32), tokens], axis=1)
+    mask = np.concatenate([np.zeros((1, 5), np.int32), np.ones((1, 6), np.int32)], axis=1)
+    np.testing.assert_allclose(model(params, padded, mask)[:, 5:], model(params, tokens), atol=1e-5)
+
+
+def test_packed_segments_equal_separate_sequences(tiny):
+    model, params = tiny
+    a, _ = left_padded([5], 5, 64, seed=4)
+    b, _ = left_padded([7], 7, 64, seed=5)
+    packed = np.concatenate([a, b], axis=1)
+    segments = np.array([[1] * 5 + [2] * 7])
+    positions = np.array([list(range(5)) + list(range(7))])
+    out = model(params, packed, np.ones_like(packed), segment_ids=segments, positions=positions)
+    np.testing.assert_allclose(out[:, :5], model(params, a), atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:], model(params, b), atol=1e-5)
+
+
+def test_heads_and_last_token_reward():
+    model, params = _init(heads=("lm", "value", "reward"))
+    assert float(jnp.abs(params["value_head"]).sum()) == 0.0  # zero-initialised: V = 0 at start
+    params = jax.tree.map(lambda x: x, params)
+    params["reward_head"] = jax.random.normal(jax.random.key(2), params["reward_head"].shape)
+    params["value_head"] = jax.random.normal(jax.random.key(3), params["value_head"].shape)
+    tokens, _ = left_padded([6, 6], 6, 64, seed=6)
+    hidden, _ = model.forward(params, tokens)
+    r = model.rewards(params, hidden, jnp.ones_like(tokens))
+    v = model.values(params, hidden)
+    np.testing.assert_allclose(r, hidden[:, -1] @ params["reward_head"] + params["reward_bias"], rtol=1e-6)
+    np.testing.assert_allclose(v, hidden @ params["value_head"] + params["value_bias"], rtol=1e-6)
+    # Appending pads on the right (pad id = eos id = 2 here) leaves the reward unchanged.
+    right = np.concatenate([tokens, np.full((2, 3), 2, np.int32)], axis=1)
+    rmask = np.concatenate([np.ones_like(tokens), np.zeros((2, 3), np.int32)], axis=1)
+    h2, _ = model.forward(params, right, rmask)
+    np.testing.assert_allclose(model.rewards(params, h2, rmask), r, atol=1e-5)
+    # ... and so does left padding
+    left = np.concatenate([np.full((2, 3), 2, np.int32), tokens], axis=1)
+    h3, _ = model.forward(params, left, rmask[:, ::-1])
+    np.testing.assert_allclose(model.rewards(params, h3, rmask[:, ::-1]), r, atol=1e-5)
+
+
+def test_last_token_index():
+    mask = np.array([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 0]])
+    np.testing.assert_array_equal(last_token_index(mask), [1, 3, 3, 1])
+
+
+def test_bfloat16_compute_close_to_float32(tiny):
+    model, params = tiny
+    bf = Model(preset("tiny", dtype="bfloat16"))
+    tokens, mask = left_padded([8, 5], 8, 64, seed=7)
+    lf, lb = model(params, tokens, mask), bf(params, tokens, mask)
+    assert lb.dtype == jnp.float32
+    real = mask.astype(bool)
+    err = np.abs(np.asarray(lf - lb))[real].max()
+    assert 0 < err < 2e-2
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_same_gradients(remat, tiny):
+    model, params = tiny
+    rm = Model(preset("tiny", remat=remat))
+    tokens, mask = left_padded([8, 5], 8, 64, seed=8)
+
+    def loss(p, m):
+        return jnp.mean(m(p, tokens, mask) ** 2)
+
+    g1 = jax.grad(loss)(params, model)
+    g2 = jax.grad(loss)(params, rm)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g2)
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+    model, params = tiny
+    tokens = np.ones((2, 4), np.int32)
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model.forward(params, tokens, np.ones((2, 5), np.int32))
+    with pytest.raises(ValueError, match=r"tokens\[1, 2\] = 64 is outside the vocabulary"):
+        model.forward(params, np.array([[1, 2, 3, 4], [1, 2, 64, 4]]))
+    with pytest.raises(ValueError, match="must be \\[batch, length\\]"):
+        model.forward(params, np.ones((4,), np.int32), np.ones((4,), np.int32))
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        TransformerConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=4, n_kv_heads=3, mlp_dim=8)
+    with pytest.raises(ValueError, match="heads"):
+        preset("tiny", heads=("lm", "critic"))
+    with pytest.raises(ValueError, match="cache length"):
+        model.init_cache(1, 10_000)
+    with pytest.raises(KeyError, match="unknown preset"):
+        preset("gpt5")

@@ -1,0 +1,208 @@
+"""Sampler and beam search against full-forward references and closed-form distributions."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import left_padded
+from rljax.models import Model, preset
+from rljax.models.logprobs import token_logprobs
+from rljax.sampling import BeamConfig, SampleConfig, _generate, beam_search, choose_tokens, sample
+
+PROMPTS = left_padded([9, 4, 1, 6], 10, 64, seed=11)
+
+
+def _greedy_reference(model, params, tokens, mask, steps):
+    """Greedy decoding by full recomputation: argmax of the full forward at each step."""
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    for _ in range(steps):
+        logits = model(params, tokens, mask)
+        nxt = np.asarray(jnp.argmax(logits[:, -1], -1))[:, None].astype(np.int32)
+        tokens = np.concatenate([tokens, nxt], 1)
+        mask = np.concatenate([mask, np.ones_like(nxt)], 1)
+    return tokens
+
+
+def test_greedy_equals_argmax_of_full_forward(tiny):
+    model, params = tiny
+    cfg = SampleConfig(max_new_tokens=12, greedy=True, eos_id=-1)  # no eos: compare all 12 steps
+    r = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=cfg)
+    ref = _greedy_reference(model, params, r.tokens[:, :r.prompt_length], r.attention_mask[:, :r.prompt_length], 12)
+    np.testing.assert_array_equal(np.asarray(r.tokens), ref)
+    assert (np.asarray(r.lengths) == 12).all() and not np.asarray(r.stopped_at_eos).any()
+
+
+@pytest.mark.parametrize("cfg", [SampleConfig(max_new_tokens=10, temperature=0.0),
+                                 SampleConfig(max_new_tokens=10, temperature=1e-6),
+                                 SampleConfig(max_new_tokens=10, top_k=1, temperature=1.5),
+                                 SampleConfig(max_new_tokens=10, top_p=1e-6)])
+def test_limits_agree_with_greedy(tiny, cfg):
+    model, params = tiny
+    greedy = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=SampleConfig(max_new_tokens=10, greedy=True))
+    r = sample(params, *PROMPTS, jax.random.key(5), model=model, cfg=cfg)
+    np.testing.assert_array_equal(r.tokens, greedy.tokens)
+
+
+def test_sampled_logprobs_equal_token_logprobs(tiny):
+    model, params = tiny
+    cfg = SampleConfig(max_new_tokens=16, temperature=0.7, top_k=20, n=3)
+    r = sample(params, *PROMPTS, jax.random.key(1), model=model, cfg=cfg)
+    assert r.tokens.shape == (12, 16 + 16) and r.logprobs.shape == (12, 31)
+    lp = token_logprobs(params, r.tokens, r.attention_mask, model=model)
+    on = np.asarray(r.loss_mask[:, 1:]).astype(bool)
+    np.testing.assert_allclose(np.asarray(r.logprobs)[on], np.asarray(lp)[on], atol=1e-5)
+    assert (np.asarray(r.logprobs)[~on] == 0).all()
+    # under the sampling distribution: log softmax of the truncated, tempered logits
+    logits = np.asarray(model(params, r.tokens, r.attention_mask), np.float64)[:, :-1] / 0.7
+    kth = np.sort(logits, -1)[..., -20][..., None]
+    z = np.where(logits < kth, -np.inf, logits)
+    logz = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    ref = np.take_along_axis(z, np.asarray(r.tokens)[:, 1:, None], -1)[..., 0] - logz
+    np.testing.assert_allclose(np.asarray(r.sampling_logprobs)[on], ref[on], atol=1e-4)
+    np.testing.assert_array_equal(r.group_ids, np.repeat(np.arange(4), 3))
+
+
+def test_same_key_same_samples_different_key_different(tiny):
+    model, params = tiny
+    cfg = SampleConfig(max_new_tokens=12, temperature=1.0, n=2)
+    a = sample(params, *PROMPTS, jax.random.key(7), model=model, cfg=cfg)
+    b = sample(params, *PROMPTS, jax.random.key(7), model=model, cfg=cfg)
+    c = sample(params, *PROMPTS, jax.random.key(8), model=model, cfg=cfg)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
+    # the n samples of one prompt differ from each other
+    assert (np.asarray(a.completions[0]) != np.asarray(a.completions[1])).any()
+
+
+def test_choose_tokens_matches_closed_form_distribution():
+    logits = jnp.tile(jnp.array([[2.0, 1.0, 0.0, -1.0, -3.0]]), (40_000, 1))
+    cases = [
+        (SampleConfig(temperature=0.7, top_k=3), np.r_[np.exp(np.array([2.0, 1.0, 0.0]) / 0.7), 0, 0]),
+        # top_p = 0.8: mass above the 3rd token is 0.870 >= 0.8, so two tokens remain
+        (SampleConfig(top_p=0.8), np.r_[np.exp([2.0, 1.0]), 0, 0, 0]),
+        (SampleConfig(temperature=2.0), np.exp(np.array([2.0, 1.0, 0.0, -1.0, -3.0]) / 2.0)),
+    ]
+    for cfg, expected in cases:
+        expected = expected / expected.sum()
+        tok, slp = choose_tokens(logits, jax.random.key(3), cfg)
+        freq = np.bincount(np.asarray(tok), minlength=5) / tok.shape[0]
+        np.testing.assert_allclose(freq, expected, atol=0.01)
+        np.testing.assert_allclose(np.exp(np.asarray(slp)), expected[np.asarray(tok)], rtol=1e-5)
+
+
+def test_stops_at_eos_and_masks_the_rest(tiny):
+    model, params = tiny
+    cfg = SampleConfig(max_new_tokens=20, greedy=True, eos_id=-1)
+    free = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=cfg)
+    P = free.prompt_length
+    eos = int(free.tokens[0, P + 3])  # make row 0's 4th greedy token the eos
+    r = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=cfg.replace(eos_id=eos))
+    toks, lm = np.asarray(r.tokens), np.asarray(r.loss_mask)
+    for i in range(4):
+        gen = np.asarray(free.tokens[i, P:])
+        hits = np.flatnonzero(gen == eos)
+        n = hits[0] + 1 if len(hits) else 20
+        assert int(r.lengths[i]) == n and bool(r.stopped_at_eos[i]) == bool(len(hits))
+        np.testing.assert_array_equal(toks[i, P:P + n], gen[:n])
+        assert (toks[i, P + n:] == cfg.pad_id).all() and lm[i, P:].sum() == n
+    assert int(r.lengths[0]) <= 4 and bool(r.stopped_at_eos[0])
+
+
+def test_new_prompts_in_the_same_bucket_do_not_recompile(tiny):
+    model, params = tiny
+    cfg = SampleConfig(max_new_tokens=5, temperature=1.0, min_prompt_bucket=16)
+    before = _generate._cache_size()
+    for n, seed in [(3, 0), (7, 1), (12, 2), (16, 3)]:
+        sample(params, *left_padded([n, 2], n, 64, seed=seed), jax.random.key(seed), model=model, cfg=cfg)
+    assert _generate._cache_size() - before == 1
+
+
+def test_right_padded_prompts_are_realigned(tiny):
+    model, params = tiny
+    left_t, left_m = PROMPTS
+    right_t, right_m = np.zeros_like(left_t), np.zeros_like(left_m)
+    for i in range(4):
+        n = left_m[i].sum()
+        right_t[i, :n], right_m[i, :n] = left_t[i, -n:], 1
+    cfg = SampleConfig(max_new_tokens=6, temperature=1.0)
+    a = sample(params, left_t, left_m, jax.random.key(4), model=model, cfg=cfg)
+    b = sample(params, right_t, right_m, jax.random.key(4), model=model, cfg=cfg)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_bad_prompts_raise(tiny):
+    model, params = tiny
+    cfg = SampleConfig(max_new_tokens=8)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        sample(params, np.ones((1, 510), np.int32), None, key, model=model, cfg=cfg)
+    with pytest.raises(ValueError, match="prompt row 1 is empty"):
+        sample(params, np.ones((2, 3), np.int32), np.array([[1, 1, 1], [0, 0, 0]]), key, model=model, cfg=cfg)
+    with pytest.raises(ValueError, match="empty"):
+        sample(params, np.ones((2, 0), np.int32), None, key, model=model, cfg=cfg)
+    with pytest.raises(ValueError, match=r"prompt_tokens\[0, 1\] = 99 is outside the vocabulary \[0, 64\)"):
+        sample(params, np.array([[1, 99, 3]]), None, key, model=model, cfg=cfg)
+    with pytest.raises(ValueError, match="prompt_mask shape"):
+        sample(params, np.ones((2, 3), np.int32), np.ones((2, 4), np.int32), key, model=model, cfg=cfg)
+    with pytest.raises(ValueError, match="top_p"):
+        SampleConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SampleConfig(temperature=-1.0)
+
+
+# ------------------------------------------------------------------ beam search
+
+def _all_hypotheses(V, N, eos):
+    """Every completion beam search can return: eos-terminated ones shorter than N, and all of length N."""
+    for L in range(1, N + 1):
+        for seq in itertools.product(range(V), repeat=L):
+            if eos in seq[:-1] or (L < N and seq[-1] != eos):
+                continue
+            yield seq
+
+
+def test_wide_beam_search_is_exact_search():
+    """With a beam wide enough to keep every prefix, beam search equals brute force."""
+    V, N, alpha = 4, 3, 0.8
+    model = Model(preset("tiny", vocab_size=V))
+    params = model.init(jax.random.key(5))
+    # sharpen the random model so the ranking is not a near-tie
+    params["lm_head"] = params["lm_head"] * 60.0
+    prompt = np.array([[1, 3, 3, 1]], np.int32)
+    cfg = BeamConfig(num_beams=18, max_new_tokens=N, length_penalty=alpha, eos_id=2, min_prompt_bucket=4)
+    res = beam_search(params, prompt, None, model=model, cfg=cfg)
+
+    hyps = list(_all_hypotheses(V, N, cfg.eos_id))
+    seqs = np.array([np.r_[prompt[0], h, [0] * (N - len(h))] for h in hyps], np.int32)
+    masks = np.array([np.r_[np.ones(4), np.ones(len(h)), np.zeros(N - len(h))] for h in hyps], np.int32)
+    lp = np.asarray(token_logprobs(params, seqs, masks, model=model))[:, 3:].sum(1)  # completion tokens only
+    lens = np.array([len(h) for h in hyps])
+    scores = lp / lens**alpha
+    order = np.argsort(-scores)
+    np.testing.assert_allclose(res.scores[0], scores[order[:18]], rtol=1e-4)
+    best = hyps[order[0]]
+    np.testing.assert_array_equal(res.tokens[0, 0, 4:4 + len(best)], best)
+    assert int(res.lengths[0, 0]) == len(best)
+
+
+def test_beam_scores_match_rescoring_and_one_beam_is_greedy(tiny):
+    model, params = tiny
+    greedy = sample(params, *PROMPTS, jax.random.key(0), model=model,
+                    cfg=SampleConfig(max_new_tokens=8, greedy=True, eos_id=-1))
+    used = set(np.asarray(greedy.completions).ravel().tolist())
+    eos = next(t for t in range(3, 64) if t not in used)  # an eos greedy never emits
+    one = beam_search(params, *PROMPTS, model=model, cfg=BeamConfig(num_beams=1, max_new_tokens=8, eos_id=eos))
+    np.testing.assert_array_equal(one.tokens[:, 0], greedy.tokens)
+
+    res = beam_search(params, *PROMPTS, model=model,
+                      cfg=BeamConfig(num_beams=4, max_new_tokens=8, length_penalty=1.0, eos_id=5))
+    B, K, T = res.tokens.shape
+    lp = token_logprobs(params, res.tokens.reshape(B * K, T), res.attention_mask.reshape(B * K, T), model=model)
+    gen = np.asarray(res.attention_mask.reshape(B * K, T))[:, 1:].copy()
+    gen[:, :res.prompt_length - 1] = 0
+    sums = (np.asarray(lp) * gen).sum(1).reshape(B, K)
+    np.testing.assert_allclose(res.logprob_sums, sums, atol=1e-4)
+    np.testing.assert_allclose(res.scores, sums / np.asarray(res.lengths), atol=1e-4)
+    assert (np.diff(np.asarray(res.scores), axis=1) <= 1e-6).all()  # best first
