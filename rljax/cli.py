@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import time
+import types
 import typing
 from typing import Any, Sequence, TypeVar
 
@@ -37,14 +38,15 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         typ = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):  # `X | None`: parse as X
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))
         if typ is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default, metavar="BOOL")
         elif typing.get_origin(typ) in (tuple, list):
             (inner, *_) = typing.get_args(typ) or (str,)
             parser.add_argument(flag, type=inner, nargs="+", default=default)
         else:
-            base = next((a for a in typing.get_args(typ) if a is not type(None)), typ)
-            parser.add_argument(flag, type=base, default=default)
+            parser.add_argument(flag, type=typ, default=default)
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):

@@ -10,7 +10,7 @@ from rljax.models.transformer import last_token_index
 from rljax.sharding import LOGICAL_RULES, logical_to_spec
 
 VARIANTS = {
-    "gqa_scan": dict(),
+    "gqa_scan": dict(scan_layers=True),
     "gqa_loop": dict(scan_layers=False),
     "qwen_like": dict(qkv_bias=True, tie_embeddings=True, rope_theta=1e6),
     "qwen3_like_loop": dict(qk_norm=True, scan_layers=False, n_kv_heads=1),
@@ -78,14 +78,18 @@ def test_kv_cache_decode_matches_full_forward(variant):
 
 
 def test_scan_and_loop_layers_agree():
-    scan_model, scan_params = _init()
+    """Same stacked parameters, two ways of running the layers: same values and gradients."""
+    scan_model, params = _init(scan_layers=True)
     loop_model = Model(preset("tiny", scan_layers=False))
-    loop_params = {k: v for k, v in scan_params.items() if k != "layers"}
-    for i in range(scan_model.config.n_layers):
-        loop_params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], scan_params["layers"])
+    assert jax.tree.structure(loop_model.init(jax.random.key(1))) == jax.tree.structure(params)
     tokens, mask = left_padded([7, 3], 8, 64, seed=1)
-    np.testing.assert_allclose(scan_model(scan_params, tokens, mask), loop_model(loop_params, tokens, mask),
-                               atol=1e-5)
+    np.testing.assert_allclose(scan_model(params, tokens, mask), loop_model(params, tokens, mask), atol=1e-5)
+
+    def loss(p, m):
+        return jnp.mean(m(p, tokens, mask) ** 2)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                 jax.grad(loss)(params, scan_model), jax.grad(loss)(params, loop_model))
 
 
 def test_left_padding_does_not_change_logits(tiny):
@@ -148,10 +152,10 @@ def test_bfloat16_compute_close_to_float32(tiny):
     assert 0 < err < 2e-2
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_gives_same_gradients(remat, tiny):
+@pytest.mark.parametrize("remat,scan", [("full", True), ("dots", False)])
+def test_remat_gives_same_gradients(remat, scan, tiny):
     model, params = tiny
-    rm = Model(preset("tiny", remat=remat))
+    rm = Model(preset("tiny", remat=remat, scan_layers=scan))
     tokens, mask = left_padded([8, 5], 8, 64, seed=8)
 
     def loss(p, m):
@@ -179,3 +183,36 @@ def test_bad_inputs_raise_clear_errors(tiny):
         model.init_cache(1, 10_000)
     with pytest.raises(KeyError, match="unknown preset"):
         preset("gpt5")
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_low_precision_dot_vjp_is_the_bf16_rounded_product(transpose_w):
+    """Backward matmuls take bf16-rounded inputs: dx = r(g) r(w)^T, dw = r(x)^T r(g) (r = round to bf16)."""
+    from rljax.models.transformer import _low_precision_dot
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    w = rng.normal(size=(4, 5) if transpose_w else (5, 4)).astype(np.float32)
+    g = rng.normal(size=(6, 4)).astype(np.float32)
+    r = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
+    y, vjp = jax.vjp(lambda x, w: _low_precision_dot(x, w, jnp.bfloat16, jnp.float32, transpose_w), x, w)
+    dx, dw = vjp(g)
+    wm = r(w).T if transpose_w else r(w)
+    np.testing.assert_allclose(y, r(x) @ wm, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, r(g) @ wm.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, (r(x).T @ r(g)).T if transpose_w else r(x).T @ r(g), rtol=1e-5, atol=1e-5)
+    assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32
+
+
+def test_bfloat16_gradients_close_to_float32(tiny):
+    model, params = tiny
+    bf = Model(preset("tiny", dtype="bfloat16"))
+    tokens, mask = left_padded([8, 5], 8, 64, seed=9)
+
+    def loss(p, m):
+        return -jnp.mean(jax.nn.log_softmax(m(p, tokens, mask))[..., 3])
+
+    g32, g16 = jax.grad(loss)(params, model), jax.grad(loss)(params, bf)
+    for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):
+        assert b.dtype == jnp.float32
+        assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(a) + 1e-7

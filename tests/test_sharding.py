@@ -26,8 +26,8 @@ def test_sharded_forward_logprobs_and_sample_equal_single_device():
             single, sharded = Model(cfg), Model(cfg, mesh=mesh)
             params = single.init(jax.random.key(0))
             sp = shard_params(params, param_shardings(sharded, mesh))
-            gate = sp["layers"]["mlp"]["gate"] if scan else sp["layers_0"]["mlp"]["gate"]
-            assert gate.sharding.spec == (P(None, "fsdp", "tensor") if scan else P("fsdp", "tensor")), gate.sharding
+            gate = sp["layers"]["mlp"]["gate"]
+            assert gate.sharding.spec == P(None, "fsdp", "tensor"), gate.sharding
             assert gate.addressable_shards[0].data.size * 4 == gate.size  # really split 4 ways
             tokens, mask = left_padded([9, 4, 1, 6, 9, 2, 7, 3], 10, 64, seed=1)
             st, sm = shard_batch(tokens, mesh), shard_batch(mask, mesh)

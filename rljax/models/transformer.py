@@ -22,6 +22,7 @@ forward pass over the same slots sees.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +45,70 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-def _matmul(eq: str, x: Array, w: Array, dtype) -> Array:
-    """einsum with inputs cast to the compute dtype and float32 accumulation/output."""
-    return jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+def _out_dtype(dtype):
+    """Matmul output dtype. float32 compute: float32. Low-precision compute:
+    float32 output on CPU (XLA:CPU is fast only for bf16 inputs with float32
+    results), the compute dtype on accelerators (whose matmul units accumulate
+    in float32 internally and where activation bandwidth matters)."""
+    if dtype == jnp.float32 or jax.default_backend() == "cpu":
+        return jnp.float32
+    return dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _low_precision_dot(x, w, dtype, out_dtype, transpose_w):
+    """x [M, K] @ w ([K, N], or [N, K] when transpose_w) with inputs in `dtype`.
+
+    A custom VJP keeps the backward matmuls in `dtype` too: differentiating a
+    dot with a float32 `preferred_element_type` makes JAX emit float32 x
+    float32 dots for the gradients, which throws the low-precision speed away.
+    """
+    return _low_precision_dot_fwd(x, w, dtype, out_dtype, transpose_w)[0]
+
+
+def _low_precision_dot_fwd(x, w, dtype, out_dtype, transpose_w):
+    xc, wc = x.astype(dtype), w.astype(dtype)
+    dims = ((1,), (1,)) if transpose_w else ((1,), (0,))
+    y = lax.dot_general(xc, wc, (dims, ((), ())), preferred_element_type=out_dtype)
+    return y, (xc, wc, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+
+
+def _low_precision_dot_bwd(dtype, out_dtype, transpose_w, res, g):
+    xc, wc, x_like, w_like = res
+    g = g.astype(dtype)
+    if transpose_w:  # y = x w^T: dx = g w, dw = g^T x
+        dx = jnp.dot(g, wc, preferred_element_type=jnp.float32)
+        dw = jnp.dot(g.T, xc, preferred_element_type=jnp.float32)
+    else:  # y = x w: dx = g w^T, dw = x^T g
+        dx = jnp.dot(g, wc.T, preferred_element_type=jnp.float32)
+        dw = jnp.dot(xc.T, g, preferred_element_type=jnp.float32)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+_low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
+
+
+def _dense(x: Array, w: Array, n_in: int, dtype, *, transpose_w: bool = False, f32_out: bool = False) -> Array:
+    """Contract the last `n_in` axes of x with the first `n_in` axes of w.
+
+    Both sides are flattened to one 2-D matmul ([M, K] @ [K, N]): XLA:CPU runs
+    the backward of a 2-D dot far faster than that of the equivalent einsum
+    with leading batch-like axes. Inputs are cast to the compute dtype and the
+    product accumulates in float32 (see _out_dtype for the result's dtype).
+    transpose_w: w is [N, K] (a tied embedding used as the LM head);
+    f32_out: always return float32 (the LM head: log-probabilities feed ratios).
+    """
+    lead, k = x.shape[: x.ndim - n_in], int(np.prod(x.shape[x.ndim - n_in:]))
+    x2 = x.reshape(-1, k)
+    out_shape = w.shape[:1] if transpose_w else w.shape[n_in:]
+    w2 = w if transpose_w else w.reshape(k, -1)
+    if dtype == jnp.float32:
+        dims = ((1,), (1,)) if transpose_w else ((1,), (0,))
+        y = lax.dot_general(x2.astype(dtype), w2.astype(dtype), (dims, ((), ())),
+                            preferred_element_type=jnp.float32)
+    else:
+        y = _low_precision_dot(x2, w2, dtype, jnp.float32 if f32_out else _out_dtype(dtype), transpose_w)
+    return y.reshape(*lead, *out_shape)
 
 
 class RMSNorm(nn.Module):
@@ -64,18 +126,28 @@ class RMSNorm(nn.Module):
         return x * scale.astype(jnp.float32)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos/sin tables for rotary embeddings, computed once per forward pass.
+
+    positions [B, T] -> (cos, sin), each [B, T, 1, H]. With f_i = theta^(-2i/H),
+    i < H/2: cos = [cos(p f), cos(p f)], sin = [-sin(p f), sin(p f)].
+    """
+    freq = theta ** (-jnp.arange(head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
+    angle = positions.astype(jnp.float32)[..., None] * freq  # [B, T, H/2]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    return (jnp.concatenate([cos, cos], -1)[:, :, None, :], jnp.concatenate([-sin, sin], -1)[:, :, None, :])
+
+
+def rope(x: Array, tables: tuple[Array, Array]) -> Array:
     """Rotary embedding, "rotate half" layout (as in HF Llama/Qwen checkpoints).
 
-    x: [B, T, heads, H]; positions: [B, T]. With f_i = theta^(-2i/H), i < H/2:
-      out[:i]  = x1 cos(p f) - x2 sin(p f),  out[i:] = x2 cos(p f) + x1 sin(p f).
+    x: [B, T, heads, H]. With x = [x1, x2] split in halves:
+      out = [x1 cos - x2 sin, x2 cos + x1 sin] = x * cos + [x2, x1] * sin_table.
     """
+    cos, sin = tables
     half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
-    angle = positions.astype(jnp.float32)[..., None] * freq  # [B, T, H/2]
-    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    x = x.astype(jnp.float32)
+    return x * cos + jnp.concatenate([x[..., half:], x[..., :half]], axis=-1) * sin
 
 
 class KVCache(struct.PyTreeNode):
@@ -96,13 +168,37 @@ class KVCache(struct.PyTreeNode):
         return self.valid.shape[1]
 
 
+def _cudnn_attention(q, k, v, mask):
+    """Fused GPU attention. q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] bool.
+
+    When the mask is causal with right padding only (the usual training batch)
+    the kernel's own causal + sequence-length masking is exact and fastest;
+    any other mask (left padding, packing) goes in as an additive bias. The
+    choice is made on device with `lax.cond`, so results never depend on it.
+    """
+    T, S = mask.shape[-2:]
+    lengths = mask[:, 0, -1, :].sum(axis=-1, dtype=jnp.int32)
+    expected = (jnp.arange(S)[None, None, :] <= jnp.arange(T)[None, :, None]) & (
+        jnp.arange(S)[None, None, :] < lengths[:, None, None])
+    simple = jnp.all(mask[:, 0] == expected)
+
+    def fast(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                            key_value_seq_lengths=lengths, implementation="cudnn")
+
+    def general(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+    return lax.cond(simple, fast, general, q, k, v)
+
+
 class Attention(nn.Module):
     config: TransformerConfig
     mesh: Any = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv, index):
-        """x: [B, T, D]; mask: [B, 1, 1, T, S] bool; kv: this layer's cache (k, v) [B, K, S, H] or None.
+    def __call__(self, x, rope_cs, mask, kv, index):
+        """x: [B, T, D]; rope_cs: cos/sin tables [B, T, 1, H]; mask: [B, 1, 1, T, S] bool; kv: this layer's cache (k, v) [B, K, S, H] or None.
 
         Returns ([B, T, D] float32, updated (k, v) or None).
         """
@@ -111,24 +207,21 @@ class Attention(nn.Module):
         dt, pdt = c.compute_dtype, c.params_dtype
         init = nn.initializers.normal(c.init_std)
 
-        def proj(name, heads, head_axis):
-            w = _param(self, name, init, (D, heads, H), ("embed", head_axis, "head_dim"), pdt)
-            y = _matmul("btd,dnh->btnh", x, w, dt)
-            if c.qkv_bias:
-                y = y + _param(self, name + "_bias", nn.initializers.zeros, (heads, H), (head_axis, "head_dim"), pdt)
-            return y
-
-        q, k, v = proj("q_proj", N, "heads"), proj("k_proj", K, "kv_heads"), proj("v_proj", K, "kv_heads")
+        names = (("q_proj", N, "heads"), ("k_proj", K, "kv_heads"), ("v_proj", K, "kv_heads"))
+        q, k, v = (_dense(x, _param(self, n, init, (D, h, H), ("embed", a, "head_dim"), pdt), 1, dt)
+                   for n, h, a in names)
+        if c.qkv_bias:
+            q, k, v = (y + _param(self, n + "_bias", nn.initializers.zeros, (h, H), (a, "head_dim"), pdt)
+                       for y, (n, h, a) in zip((q, k, v), names))
         if c.qk_norm:
             q = RMSNorm(c.norm_eps, "head_dim", pdt, name="q_norm")(q)
             k = RMSNorm(c.norm_eps, "head_dim", pdt, name="k_norm")(k)
-        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        q, k = rope(q, rope_cs), rope(k, rope_cs)
         q = constrain(q, self.mesh, ("batch", "length", "act_heads", "head_dim"))
         B, T = x.shape[:2]
 
         if c.attention_impl == "cudnn" and kv is None:
-            out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), mask=mask[:, :, 0],
-                                               implementation="cudnn")
+            out = _cudnn_attention(q.astype(dt), k.astype(dt), v.astype(dt), mask[:, :, 0])
         else:
             k, v = k.astype(dt).transpose(0, 2, 1, 3), v.astype(dt).transpose(0, 2, 1, 3)  # [B, K, T, H]
             if kv is not None:
@@ -144,7 +237,7 @@ class Attention(nn.Module):
             out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(dt), v, preferred_element_type=jnp.float32)
             out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
         w_o = _param(self, "o_proj", init, (N, H, D), ("heads", "head_dim", "embed"), pdt)
-        return _matmul("btnh,nhd->btd", out, w_o, dt), kv
+        return _dense(out, w_o, 2, dt), kv
 
 
 class MLP(nn.Module):
@@ -158,10 +251,10 @@ class MLP(nn.Module):
         c = self.config
         init = nn.initializers.normal(c.init_std)
         dt, pdt = c.compute_dtype, c.params_dtype
-        gate = _matmul("btd,df->btf", x, _param(self, "gate", init, (c.d_model, c.mlp_dim), ("embed", "mlp"), pdt), dt)
-        up = _matmul("btd,df->btf", x, _param(self, "up", init, (c.d_model, c.mlp_dim), ("embed", "mlp"), pdt), dt)
+        gate = _dense(x, _param(self, "gate", init, (c.d_model, c.mlp_dim), ("embed", "mlp"), pdt), 1, dt)
+        up = _dense(x, _param(self, "up", init, (c.d_model, c.mlp_dim), ("embed", "mlp"), pdt), 1, dt)
         h = constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", "length", "act_mlp"))
-        return _matmul("btf,fd->btd", h, _param(self, "down", init, (c.mlp_dim, c.d_model), ("mlp", "embed"), pdt), dt)
+        return _dense(h, _param(self, "down", init, (c.mlp_dim, c.d_model), ("mlp", "embed"), pdt), 1, dt)
 
 
 class Block(nn.Module):
@@ -174,10 +267,10 @@ class Block(nn.Module):
     mesh: Any = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv, index):
+    def __call__(self, x, rope_cs, mask, kv, index):
         c = self.config
         a, kv = Attention(c, self.mesh, name="attn")(
-            RMSNorm(c.norm_eps, param_dtype=c.params_dtype, name="attn_norm")(x), positions, mask, kv, index)
+            RMSNorm(c.norm_eps, param_dtype=c.params_dtype, name="attn_norm")(x), rope_cs, mask, kv, index)
         x = x + a
         x = x + MLP(c, self.mesh, name="mlp")(RMSNorm(c.norm_eps, param_dtype=c.params_dtype, name="mlp_norm")(x))
         x = constrain(x, self.mesh, ("batch", "length", "act_embed"))
@@ -199,17 +292,16 @@ class Transformer(nn.Module):
         init = nn.initializers.normal(c.init_std)
         self.embedding = _param(self, "embedding", init, (c.vocab_size, c.d_model), ("vocab", "embed"),
                                 c.params_dtype)
+        # Layer parameters are always stacked along a leading "layers" axis, so
+        # checkpoints do not depend on how the layers are run (see _layers).
         block = Block
         if c.remat != "none":
-            block = nn.remat(Block, policy=_REMAT_POLICY[c.remat], prevent_cse=not c.scan_layers)
-        if c.scan_layers:
-            self.layers = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, self.mesh, name="layers")
-        else:
-            self.layers = [block(c, self.mesh, name=f"layers_{i}") for i in range(c.n_layers)]
+            block = nn.remat(Block, policy=_REMAT_POLICY[c.remat], prevent_cse=False)
+        self.layers = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, self.mesh, name="layers")
         self.final_norm = RMSNorm(c.norm_eps, param_dtype=c.params_dtype)
         if c.has_lm_head_matrix:
             self.lm_head = _param(self, "lm_head", init, (c.d_model, c.vocab_size), ("embed", "vocab"),
@@ -246,35 +338,50 @@ class Transformer(nn.Module):
 
         x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.float32)
         x = constrain(x, self.mesh, ("batch", "length", "act_embed"))
-        c = self.config
-        if cache is None:
-            if c.scan_layers:
-                x, _ = self.layers(x, positions, mask, None, jnp.int32(0))
-            else:
-                for layer in self.layers:
-                    x, _ = layer(x, positions, mask, None, jnp.int32(0))
-        else:
-            # Decoding runs the layers unrolled, each on its own cache array, so
-            # no step copies or slices a stacked cache. With stacked (scanned)
-            # parameters the per-layer slices are loop-invariant and hoisted.
-            ks, vs = list(cache.k), list(cache.v)
-            for i in range(c.n_layers):
-                if c.scan_layers:
-                    layer_params = jax.tree.map(lambda w: w[i], self.variables["params"]["layers"])
-                    x, (ks[i], vs[i]) = Block(c, self.mesh, parent=None).apply(
-                        {"params": layer_params}, x, positions, mask, (ks[i], vs[i]), cache.index)
-                else:
-                    x, (ks[i], vs[i]) = self.layers[i](x, positions, mask, (ks[i], vs[i]), cache.index)
-            cache = KVCache(k=tuple(ks), v=tuple(vs), valid=key_valid, index=cache.index + T)
+        rope_cs = rope_tables(positions, self.config.dim_per_head, self.config.rope_theta)
+        x, cache = self._layers(x, rope_cs, mask, cache)
+        if cache is not None:
+            cache = cache.replace(valid=key_valid, index=cache.index + T)
         return self.final_norm(x), cache
+
+    def _layers(self, x, rope_cs, mask, cache):
+        """Run the L blocks: `nn.scan` (one compiled body, fast compiles) when
+        config.scan_layers, else a Python loop over static slices of the
+        stacked parameters (no per-iteration slicing/stacking: faster steps on
+        CPU). Decoding with a cache always loops, each layer writing its own
+        cache array in place."""
+        c = self.config
+        if cache is None and (c.scan_layers or self.is_initializing()):
+            x, _ = self.layers(x, rope_cs, mask, None, jnp.int32(0))
+            return x, None
+        block = Block(c, self.mesh, parent=None)
+        index = jnp.int32(0) if cache is None else cache.index
+
+        def apply_block(layer_params, x, kv):
+            return block.apply({"params": layer_params}, x, rope_cs, mask, kv, index)
+
+        if c.remat != "none" and cache is None:
+            apply_block = jax.checkpoint(apply_block, policy=_REMAT_POLICY[c.remat])
+        stacked = self.variables["params"]["layers"]
+        ks = list(cache.k) if cache is not None else [None] * c.n_layers
+        vs = list(cache.v) if cache is not None else [None] * c.n_layers
+        for i in range(c.n_layers):
+            layer_params = jax.tree.map(lambda w: w[i], stacked)
+            kv = None if cache is None else (ks[i], vs[i])
+            x, kv = apply_block(layer_params, x, kv)
+            if kv is not None:
+                ks[i], vs[i] = kv
+        if cache is not None:
+            cache = cache.replace(k=tuple(ks), v=tuple(vs))
+        return x, cache
 
     def lm_logits(self, hidden):
         """hidden [..., D] -> logits [..., V] float32."""
         dt = self.config.compute_dtype
         if self.config.tie_embeddings:
-            logits = _matmul("...d,vd->...v", hidden, self.embedding, dt)
+            logits = _dense(hidden, self.embedding, 1, dt, transpose_w=True, f32_out=True)
         else:
-            logits = _matmul("...d,dv->...v", hidden, self.lm_head, dt)
+            logits = _dense(hidden, self.lm_head, 1, dt, f32_out=True)
         return logits
 
     def values(self, hidden):

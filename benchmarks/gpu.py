@@ -1,0 +1,165 @@
+"""GPU benchmark of rljax's model at the shapes of ../shared/bench/gpu_anchor.py.
+
+    python -m benchmarks.gpu                    # Qwen2.5-0.5B preset, random init, one GPU
+    python -m benchmarks.gpu --tiny             # tiny shapes (runs on CPU too, for a dry run)
+
+Parts (each guarded, so one failure does not hide the rest):
+  check    on the device: KV-cache decode == full forward (float32), cuDNN attention ~= XLA attention (bf16)
+  train    forward + backward + AdamW, batch 8 x 1024, bf16 compute; pure bf16 (params, grads, Adam
+           state, as the anchor) and bf16 compute with float32 master weights; cuDNN attention
+  decode   greedy, batch 64, prompt 128, 256 new tokens, bf16, one jitted while-loop over a KV cache
+
+FLOPs per step use the anchor's formula (6 x params x tokens, tied head counted, causal attention
+12 L T D / 2 per token), so MFU figures compare directly with its output.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks.common import banner, block  # noqa: E402
+from rljax.cli import parse_config  # noqa: E402
+from rljax.models import Model, preset  # noqa: E402
+from rljax.models.logprobs import token_logprobs  # noqa: E402
+from rljax.sampling import SampleConfig, sample  # noqa: E402
+
+SPEC_BF16_TFLOPS = 989.0
+
+
+@dataclass
+class Config:
+    preset: str = "qwen2_5_0_5b"
+    train_batch: int = 8
+    train_seq: int = 1024
+    gen_batch: int = 64
+    prompt: int = 128
+    new_tokens: int = 256
+    iters: int = 10
+    parts: str = "check,train,decode"
+    tiny: bool = False
+
+
+def anchor_flops(c, batch, seq):
+    n = c.num_params()
+    return 6 * n * batch * seq + 12 * c.n_layers * seq * c.d_model * batch * seq / 2
+
+
+def part_check(cfg):
+    c = preset("tiny", vocab_size=256, qkv_bias=True, tie_embeddings=True, scan_layers=False)
+    model = Model(c)
+    params = model.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 256, (4, 24)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    full = model(params, tokens, mask)
+    cache = model.init_cache(4, 32)
+    h, cache = model.forward(params, tokens[:, :16], mask[:, :16], cache=cache)
+    outs = [model.logits(params, h)]
+    for t in range(16, 24):
+        h, cache = model.forward(params, tokens[:, t:t + 1], mask[:, t:t + 1], cache=cache)
+        outs.append(model.logits(params, h))
+    err = float(jnp.abs(jnp.where(mask[:, :, None] > 0, jnp.concatenate(outs, 1) - full, 0)).max())
+    print(f"  KV cache vs full forward (float32, on {jax.devices()[0].device_kind}): max |diff| {err:.2e}")
+    if jax.default_backend() == "gpu":
+        bx = Model(c.replace(dtype="bfloat16"))
+        bc = Model(c.replace(dtype="bfloat16", attention_impl="cudnn"))
+        right = np.zeros_like(mask)
+        for i, n in enumerate(mask.sum(1)):
+            right[i, :n] = 1
+        for name, m in (("left-padded (bias path)", mask), ("right-padded (causal path)", right)):
+            lx, lc = token_logprobs(params, tokens, m, model=bx), token_logprobs(params, tokens, m, model=bc)
+            print(f"  cuDNN vs XLA attention (bf16), {name}: token log-prob max |diff| "
+                  f"{float(jnp.abs(lx - lc).max()):.3e}")
+
+
+def part_train(cfg):
+    base = preset(cfg.preset, scan_layers=False, attention_impl="cudnn" if jax.default_backend() == "gpu" else "xla")
+    tokens = jax.random.randint(jax.random.key(1), (cfg.train_batch, cfg.train_seq), 0, base.vocab_size)
+    flops = anchor_flops(base, cfg.train_batch, cfg.train_seq)
+    pure = dict(dtype="bfloat16", param_dtype="bfloat16")
+    for label, overrides, chunk in [
+        ("pure bf16 (params/grads/Adam bf16), logits unchunked", pure, cfg.train_seq),
+        ("pure bf16, logits chunked (default)", pure, None),
+        ("bf16 compute, f32 master weights, logits unchunked", dict(dtype="bfloat16"), cfg.train_seq),
+    ]:
+        try:
+            model = Model(base.replace(**overrides))
+            params = jax.jit(model.init)(jax.random.key(0))
+            opt = optax.adamw(1e-5, weight_decay=0.01)
+            opt_state = jax.jit(opt.init)(params)
+
+            def step(params, opt_state, tokens):
+                def loss_fn(p):
+                    return -jnp.mean(token_logprobs(p, tokens, None, model=model, chunk_size=chunk))
+
+                loss, grads = jax.value_and_grad(loss_fn)(params)
+                updates, opt_state = opt.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, loss
+
+            t0 = time.perf_counter()
+            fn = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
+            compile_s = time.perf_counter() - t0
+            for _ in range(3):
+                params, opt_state, loss = fn(params, opt_state, tokens)
+            block((params, opt_state))
+            t0 = time.perf_counter()
+            for _ in range(cfg.iters):
+                params, opt_state, loss = fn(params, opt_state, tokens)
+            block((params, opt_state, loss))
+            s = (time.perf_counter() - t0) / cfg.iters
+            tf = flops / s / 1e12
+            mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+            print(f"  train [{label}] batch {cfg.train_batch}x{cfg.train_seq}: {s*1e3:.1f} ms/step | "
+                  f"{cfg.train_batch*cfg.train_seq/s:,.0f} tok/s | {tf:.1f} TFLOP/s = {tf/SPEC_BF16_TFLOPS*100:.1f}% "
+                  f"of {SPEC_BF16_TFLOPS:.0f} spec | loss {float(loss):.3f} | compile {compile_s:.1f} s | "
+                  f"peak mem {mem:.1f} GiB", flush=True)
+            del params, opt_state, fn
+        except Exception as e:  # noqa: BLE001
+            print(f"  train [{label}] FAILED: {type(e).__name__}: {str(e)[:400]}", flush=True)
+
+
+def part_decode(cfg):
+    model = Model(preset(cfg.preset, dtype="bfloat16", param_dtype="bfloat16", scan_layers=False))
+    params = jax.jit(model.init)(jax.random.key(0))
+    prompt = np.asarray(jax.random.randint(jax.random.key(1), (cfg.gen_batch, cfg.prompt), 0, model.config.vocab_size))
+    scfg = SampleConfig(max_new_tokens=cfg.new_tokens, greedy=True, eos_id=-1, min_prompt_bucket=cfg.prompt)
+    t0 = time.perf_counter()
+    block(sample(params, prompt, None, jax.random.key(0), model=model, cfg=scfg))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        block(sample(params, prompt, None, jax.random.key(0), model=model, cfg=scfg))
+        times.append(time.perf_counter() - t0)
+    s = float(np.median(times))
+    print(f"  decode greedy bf16 batch {cfg.gen_batch}, prompt {cfg.prompt}, {cfg.new_tokens} new: "
+          f"{cfg.gen_batch*cfg.new_tokens/s:,.0f} new tok/s | {s/cfg.new_tokens*1e3:.2f} ms/step | "
+          f"first call {first:.1f} s", flush=True)
+
+
+def main(cfg: Config):
+    if cfg.tiny:
+        cfg.preset, cfg.train_batch, cfg.train_seq, cfg.gen_batch, cfg.prompt, cfg.new_tokens, cfg.iters = \
+            "tiny", 2, 32, 2, 16, 8, 2
+    banner("gpu", cfg)
+    for part in cfg.parts.split(","):
+        print(f"[{part}]", flush=True)
+        try:
+            {"check": part_check, "train": part_train, "decode": part_decode}[part](cfg)
+        except Exception as e:  # noqa: BLE001
+            print(f"  {part} FAILED: {type(e).__name__}: {str(e)[:400]}", flush=True)
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
