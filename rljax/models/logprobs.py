@@ -9,10 +9,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rljax.ops.logprobs import entropy_from_logits, logprobs_from_logits
+from rljax.ops.logprobs import entropy_from_logits, logprobs_from_logits, mean_logprob_from_logits
 
 # Chunk over time once B * T * V float32 logits would exceed this many elements (256 MiB).
 MAX_LOGITS_ELEMENTS = 1 << 26
+
+# Per-token statistics of the next-token distribution that `head_token_stats` can return.
+_STATS = {
+    "logprobs": lambda logits, y: logprobs_from_logits(logits, y),
+    "entropy": lambda logits, y: entropy_from_logits(logits),
+    "mean_logprob": lambda logits, y: mean_logprob_from_logits(logits),
+}
 
 
 def _chunk_size(batch: int, length: int, vocab: int, chunk_size: int | None) -> int:
@@ -23,32 +30,46 @@ def _chunk_size(batch: int, length: int, vocab: int, chunk_size: int | None) -> 
     return max(1, MAX_LOGITS_ELEMENTS // (batch * vocab))
 
 
-def head_logprobs(params, hidden, targets, *, model, chunk_size: int | None = None, with_entropy: bool = False):
-    """Log-probabilities of `targets` from hidden states, chunked over time.
+def head_token_stats(params, hidden, targets, *, model, stats=("logprobs",), chunk_size: int | None = None):
+    """Statistics of the LM head's distribution at every position, chunked over time.
 
-    hidden [B, T, D], targets [B, T] -> logprobs [B, T] (and entropy [B, T]).
+    hidden [B, T, D], targets [B, T] -> {name: [B, T] float32} for each name in
+    `stats`: "logprobs" (log p(target)), "entropy", "mean_logprob" ((1/V) Σ_v log p_v).
     """
+    unknown = set(stats) - set(_STATS)
+    if unknown:
+        raise ValueError(f"unknown token statistics {sorted(unknown)}; choose from {sorted(_STATS)}")
     B, T, _ = hidden.shape
     C = _chunk_size(B, T, model.config.vocab_size, chunk_size)
 
     def one(h, y):
         logits = model.logits(params, h)
-        lp = logprobs_from_logits(logits, y)
-        return (lp, entropy_from_logits(logits)) if with_entropy else (lp, jnp.zeros_like(lp))
+        return {name: _STATS[name](logits, y) for name in stats}
 
     if C >= T:
-        lp, ent = one(hidden, targets)
-    else:
-        n = -(-T // C)
-        pad = n * C - T
-        h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, -1).swapaxes(0, 1)
-        y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, C).swapaxes(0, 1)
-        # checkpoint: the backward recomputes each chunk's logits instead of storing all of them.
-        body = jax.checkpoint(lambda carry, hy: (carry, one(*hy)))
-        _, (lp, ent) = jax.lax.scan(body, None, (h, y))
-        lp = lp.swapaxes(0, 1).reshape(B, n * C)[:, :T]
-        ent = ent.swapaxes(0, 1).reshape(B, n * C)[:, :T]
-    return (lp, ent) if with_entropy else lp
+        return one(hidden, targets)
+    n = -(-T // C)
+    pad = n * C - T
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, -1).swapaxes(0, 1)
+    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, C).swapaxes(0, 1)
+    # checkpoint: the backward recomputes each chunk's logits instead of storing all of them.
+    body = jax.checkpoint(lambda carry, hy: (carry, one(*hy)))
+    _, out = jax.lax.scan(body, None, (h, y))
+    return {k: v.swapaxes(0, 1).reshape(B, n * C)[:, :T] for k, v in out.items()}
+
+
+def sequence_token_stats(params, tokens, attention_mask=None, *, model, stats=("logprobs",),
+                         chunk_size: int | None = None, segment_ids=None, positions=None):
+    """Per-token statistics of π(· | tokens[:t+1]) for t < T-1, zero where tokens[t+1] is padding.
+
+    tokens, attention_mask [B, T] -> {name: [B, T-1] float32}.
+    """
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, jnp.int32)
+    hidden, _ = model.forward(params, tokens, attention_mask, segment_ids=segment_ids, positions=positions)
+    out = head_token_stats(params, hidden[:, :-1], tokens[:, 1:], model=model, stats=stats, chunk_size=chunk_size)
+    live = attention_mask[:, 1:].astype(jnp.float32)
+    return {k: v * live for k, v in out.items()}
 
 
 def token_logprobs_and_entropy(params, tokens, attention_mask=None, *, model, chunk_size: int | None = None,
@@ -58,19 +79,12 @@ def token_logprobs_and_entropy(params, tokens, attention_mask=None, *, model, ch
     tokens, attention_mask [B, T] -> (logprobs [B, T-1], entropy [B, T-1]), float32,
     both zero where tokens[t+1] is padding.
     """
-    if attention_mask is None:
-        attention_mask = jnp.ones(tokens.shape, jnp.int32)
-    hidden, _ = model.forward(params, tokens, attention_mask, segment_ids=segment_ids)
-    lp, ent = head_logprobs(params, hidden[:, :-1], tokens[:, 1:], model=model, chunk_size=chunk_size,
-                            with_entropy=True)
-    live = attention_mask[:, 1:].astype(jnp.float32)
-    return lp * live, ent * live
+    out = sequence_token_stats(params, tokens, attention_mask, model=model, stats=("logprobs", "entropy"),
+                               chunk_size=chunk_size, segment_ids=segment_ids)
+    return out["logprobs"], out["entropy"]
 
 
 def token_logprobs(params, tokens, attention_mask=None, *, model, chunk_size: int | None = None, segment_ids=None):
     """ℓ_t = log π(tokens[t+1] | tokens[:t+1]); [B, T] -> [B, T-1] float32, zero on padding."""
-    if attention_mask is None:
-        attention_mask = jnp.ones(tokens.shape, jnp.int32)
-    hidden, _ = model.forward(params, tokens, attention_mask, segment_ids=segment_ids)
-    lp = head_logprobs(params, hidden[:, :-1], tokens[:, 1:], model=model, chunk_size=chunk_size)
-    return lp * attention_mask[:, 1:].astype(jnp.float32)
+    return sequence_token_stats(params, tokens, attention_mask, model=model, chunk_size=chunk_size,
+                                segment_ids=segment_ids)["logprobs"]

@@ -22,3 +22,12 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     return lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+
+
+def mean_logprob_from_logits(logits: jax.Array) -> jax.Array:
+    """(1/V) Σ_v log p_v = mean(z) - logsumexp(z): the uniform-target term of label smoothing.
+
+    logits [..., V] -> [...].
+    """
+    logits = logits.astype(jnp.float32)
+    return jnp.mean(logits, axis=-1) - jax.nn.logsumexp(logits, axis=-1)

@@ -1,0 +1,8 @@
+"""Data: batch types, collation, dataset adapters and the embedded tasks.
+
+`datasets` is imported inside the adapters only, so the model, sampler and
+benchmarks run where it is not installed.
+"""
+from rljax.data.batch import SequenceBatch
+
+__all__ = ["SequenceBatch"]

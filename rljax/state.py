@@ -1,0 +1,184 @@
+"""Training state, optimizer construction and the jitted train step.
+
+    state = create_state(model, OptimizerConfig(lr=1e-3), jax.random.key(0), mesh=mesh)
+    step = make_train_step(functools.partial(sft_loss, model=model, cfg=SFTConfig()), state, mesh=mesh)
+    state, metrics = step(state, batch)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from rljax.sharding import LOGICAL_RULES, batch_sharding, param_shardings, replicated
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@struct.dataclass
+class TrainState:
+    """step: batches consumed (also skipped ones, so it is the data position);
+    params: plain nested dict; opt_state: optax state; rng: PRNG key threaded
+    through steps; skipped_steps: how many steps were dropped as non-finite."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    skipped_steps: jax.Array
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then a constant / cosine / linear schedule,
+    global-norm clipping and optional gradient accumulation (optax.MultiSteps).
+
+    Weight decay applies to matrices only (not norms, biases or scalar heads).
+    """
+
+    lr: float = 3e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    end_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"OptimizerConfig.schedule: {self.schedule!r} not in {SCHEDULES}")
+        if self.lr <= 0:
+            raise ValueError(f"OptimizerConfig.lr: must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.total_steps < 1 or self.warmup_steps > self.total_steps:
+            raise ValueError(f"OptimizerConfig: need 0 <= warmup_steps <= total_steps, got "
+                             f"{self.warmup_steps} and {self.total_steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"OptimizerConfig.grad_accum: must be >= 1, got {self.grad_accum}")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ValueError(f"OptimizerConfig.clip_norm: must be positive or None, got {self.clip_norm}")
+
+
+def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """lr(t): linear warmup 0 -> lr over warmup_steps, then constant, cosine or
+    linear decay to end_lr_ratio * lr at total_steps (counted in optimizer updates)."""
+    end = cfg.lr * cfg.end_lr_ratio
+    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_ratio)
+    else:
+        after = optax.linear_schedule(cfg.lr, end, decay_steps)
+    if cfg.warmup_steps == 0:
+        return after
+    warm = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return optax.join_schedules([warm, after], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    parts = []
+    if cfg.clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    opt = optax.chain(*parts)
+    if cfg.grad_accum > 1:
+        opt = optax.MultiSteps(opt, every_k_schedule=cfg.grad_accum)
+    return opt
+
+
+def state_shardings(model, optimizer: optax.GradientTransformation, mesh: Mesh, rules=LOGICAL_RULES) -> TrainState:
+    """NamedShardings for every leaf of a TrainState: Adam moments follow their
+    parameters; counters and keys are replicated."""
+    p_sh = param_shardings(model, mesh, rules)
+    opt_shapes = jax.eval_shape(optimizer.init, model.param_shapes())
+    rep = replicated(mesh)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, p_sh,
+                                   transform_non_params=lambda _: rep)
+    return TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep, skipped_steps=rep)
+
+
+def create_state(model, opt_cfg: OptimizerConfig, key: jax.Array, *, mesh: Mesh | None = None,
+                 rules=LOGICAL_RULES, params=None) -> TrainState:
+    """A fresh TrainState. With a mesh, parameters and optimizer state are created
+    directly with their shardings (init runs under jit with out_shardings, so no
+    device ever holds a full unsharded copy). `params` (e.g. loaded weights) is
+    used instead of a random init when given."""
+    optimizer = make_optimizer(opt_cfg)
+    init_key, rng = jax.random.split(key)
+    if mesh is None:
+        params = model.init(init_key) if params is None else params
+        return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=rng,
+                          skipped_steps=jnp.int32(0))
+    sh = state_shardings(model, optimizer, mesh, rules)
+    if params is None:
+        params = jax.jit(model.init, out_shardings=sh.params)(init_key)
+    else:
+        params = jax.device_put(params, sh.params)
+    opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(params)
+    return TrainState(step=jax.device_put(jnp.int32(0), sh.step), params=params, opt_state=opt_state,
+                      rng=jax.device_put(rng, sh.rng), skipped_steps=jax.device_put(jnp.int32(0), sh.step))
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation | OptimizerConfig, *,
+                    model=None, mesh: Mesh | None = None, rules=LOGICAL_RULES, donate: bool = True):
+    """Jitted `step(state, batch) -> (state, metrics)`.
+
+    loss_fn(params, batch) -> (scalar, metrics dict) (bind model/cfg with
+    functools.partial). A non-finite loss or gradient norm leaves params and
+    optimizer state unchanged for that step; `step` still advances (it is the
+    data position) and `skipped_steps` counts it; metrics["skipped"] is 1.
+    With a mesh (and `model`), in/out shardings come from the rules table and
+    the batch is split over (data, fsdp). The old state is donated.
+    """
+    if isinstance(optimizer, OptimizerConfig):
+        optimizer = make_optimizer(optimizer)
+
+    def step(state: TrainState, batch):
+        rng, _ = jax.random.split(state.rng)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            rng=rng,
+            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+        )
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
+        return new_state, metrics
+
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    if model is None:
+        raise ValueError("make_train_step: pass model= with mesh= so parameter shardings can be derived")
+    sh = state_shardings(model, optimizer, mesh, rules)
+
+    def batch_shardings(batch):
+        return jax.tree.map(lambda x: batch_sharding(mesh, x.ndim, rules), batch)
+
+    jitted = {}
+
+    def sharded_step(state, batch):
+        key = jax.tree.structure(batch)
+        if key not in jitted:
+            jitted[key] = jax.jit(step, in_shardings=(sh, batch_shardings(batch)), out_shardings=(sh, None),
+                                  donate_argnums=donate_argnums)
+        return jitted[key](state, batch)
+
+    return sharded_step

@@ -1,0 +1,213 @@
+"""aggregate, SFT loss, optimizer and train step: closed forms, naive references, equivalences."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import run_with_devices
+from rljax.data import SequenceBatch
+from rljax.losses import SFTConfig, sft_loss
+from rljax.ops import aggregate
+from rljax.state import OptimizerConfig, create_state, learning_rate_schedule, make_optimizer, make_train_step
+
+
+def test_aggregate_known_answers():
+    x = jnp.array([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
+    m = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    assert float(aggregate(x, m, "token_mean")) == pytest.approx(16.0 / 4)
+    assert float(aggregate(x, m, "seq_mean_token_mean")) == pytest.approx((2.0 + 10.0) / 2)  # empty row skipped
+    assert float(aggregate(x, m, "seq_mean_token_sum")) == pytest.approx((6.0 + 10.0 + 0.0) / 3)
+    assert float(aggregate(x, m, "constant", constant=8)) == pytest.approx(16.0 / (3 * 8))
+    assert float(aggregate(x, jnp.zeros_like(m), "token_mean")) == 0.0
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregate(x, m, "mean")
+    with pytest.raises(ValueError, match="constant"):
+        aggregate(x, m, "constant")
+
+
+def _batch(seed=0, B=4, T=16, prompt=5, vocab=64):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, (B, T)).astype(np.int32)
+    attn = np.ones((B, T), np.int32)
+    loss_mask = np.zeros((B, T), np.int32)
+    loss_mask[:, prompt:] = 1
+    if B > 1:
+        loss_mask[1, -3:] = 0  # row 1: 3 masked tokens after its completion
+    return SequenceBatch(tokens=tokens, attention_mask=attn, loss_mask=loss_mask)
+
+
+def _naive_nll(model, params, batch, eps=0.0):
+    logits = np.asarray(model(params, batch.tokens, batch.attention_mask), np.float64)[:, :-1]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, np.asarray(batch.tokens)[:, 1:, None], -1)[..., 0]
+    per = (1 - eps) * nll - eps * logp.mean(-1)
+    m = np.asarray(batch.loss_mask)[:, 1:]
+    return (per * m).sum() / m.sum()
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_sft_loss_equals_naive_completion_only_nll(tiny, eps):
+    model, params = tiny
+    batch = _batch()
+    loss, metrics = sft_loss(params, batch, model=model, cfg=SFTConfig(label_smoothing=eps))
+    assert float(loss) == pytest.approx(_naive_nll(model, params, batch, eps), rel=1e-5)
+    assert float(metrics["tokens"]) == 4 * 11 - 3
+
+
+def test_masked_tokens_contribute_nothing(tiny):
+    """Changing tokens whose loss is masked (after the completion) changes neither loss nor gradient,
+    and prompt positions carry no loss: the gradient equals that of the completion-only NLL."""
+    model, params = tiny
+    batch = _batch()
+    grad = jax.grad(lambda p, b: sft_loss(p, b, model=model, cfg=SFTConfig())[0])
+    tokens = np.array(batch.tokens)
+    tokens[1, -3:] = (tokens[1, -3:] + 7) % 64
+    perturbed = batch.replace(tokens=tokens)
+    l0 = sft_loss(params, batch, model=model, cfg=SFTConfig())[0]
+    l1 = sft_loss(params, perturbed, model=model, cfg=SFTConfig())[0]
+    assert float(l0) == float(l1)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), grad(params, batch), grad(params, perturbed))
+
+    def completion_only(p):  # written independently of sft_loss: full logits, explicit completion slice
+        logits = model(p, batch.tokens, batch.attention_mask)[:, 4:-1]
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits), batch.tokens[:, 5:, None], -1)[..., 0]
+        m = batch.loss_mask[:, 5:]
+        return -(lp * m).sum() / m.sum()
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+                 grad(params, batch), jax.grad(completion_only)(params))
+
+
+def test_packed_equals_unpacked(tiny):
+    model, params = tiny
+    a, b = _batch(1, B=1, T=7, prompt=3), _batch(2, B=1, T=9, prompt=4)
+    unpacked_tokens = np.zeros((2, 9), np.int32)
+    unpacked_tokens[0, :7], unpacked_tokens[1] = a.tokens[0], b.tokens[0]
+    attn = np.zeros((2, 9), np.int32)
+    attn[0, :7], attn[1] = 1, 1
+    lm = np.zeros((2, 9), np.int32)
+    lm[0, :7], lm[1] = a.loss_mask[0], b.loss_mask[0]
+    unpacked = SequenceBatch(tokens=unpacked_tokens, attention_mask=attn, loss_mask=lm)
+    packed = SequenceBatch(
+        tokens=np.concatenate([a.tokens, b.tokens], 1), attention_mask=np.ones((1, 16), np.int32),
+        loss_mask=np.concatenate([a.loss_mask, b.loss_mask], 1),
+        segment_ids=np.array([[1] * 7 + [2] * 9]), positions=np.array([list(range(7)) + list(range(9))]))
+    lu = sft_loss(params, unpacked, model=model, cfg=SFTConfig())[0]
+    lp = sft_loss(params, packed, model=model, cfg=SFTConfig())[0]
+    assert float(lp) == pytest.approx(float(lu), rel=1e-5)
+
+
+def test_learning_rate_schedule_values():
+    cfg = OptimizerConfig(lr=1.0, warmup_steps=10, total_steps=110, schedule="cosine", end_lr_ratio=0.1)
+    lr = learning_rate_schedule(cfg)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)  # halfway through the cosine
+    assert float(lr(110)) == pytest.approx(0.1, rel=1e-5)
+    lin = learning_rate_schedule(OptimizerConfig(lr=2.0, total_steps=100, schedule="linear", end_lr_ratio=0.0))
+    assert float(lin(25)) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="schedule"):
+        OptimizerConfig(schedule="step")
+
+
+def test_sft_memorises_a_small_batch(tiny):
+    model, _ = tiny
+    state = create_state(model, OptimizerConfig(lr=3e-3, schedule="constant", clip_norm=1.0), jax.random.key(0))
+    step = make_train_step(functools.partial(sft_loss, model=model, cfg=SFTConfig()), OptimizerConfig(
+        lr=3e-3, schedule="constant", clip_norm=1.0))
+    batch = _batch(3)
+    first = None
+    for _ in range(150):
+        state, m = step(state, batch)
+        first = float(m["loss"]) if first is None else first
+    assert first > 3.5 and float(m["loss"]) < 0.05
+    assert int(state.step) == 150 and int(state.skipped_steps) == 0
+
+
+def test_non_finite_loss_is_skipped_and_counted(tiny):
+    model, _ = tiny
+    opt = OptimizerConfig(lr=1e-2, schedule="constant")
+
+    def loss_fn(params, batch):
+        loss, metrics = sft_loss(params, batch["seq"], model=model, cfg=SFTConfig())
+        return loss * batch["scale"], metrics
+
+    state = create_state(model, opt, jax.random.key(0))
+    step = make_train_step(loss_fn, opt, donate=False)
+    good = {"seq": _batch(4), "scale": jnp.float32(1.0)}
+    bad = {"seq": _batch(4), "scale": jnp.float32(jnp.nan)}
+    s1, m1 = step(state, bad)
+    assert int(m1["skipped"]) == 1 and int(s1.skipped_steps) == 1 and int(s1.step) == 1
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), s1.params, state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), s1.opt_state, state.opt_state)
+    s2, m2 = step(s1, good)
+    assert int(m2["skipped"]) == 0 and int(s2.skipped_steps) == 1
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(s2.params))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params)))
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny):
+    model, _ = tiny
+    loss_fn = functools.partial(sft_loss, model=model, cfg=SFTConfig(normalisation="seq_mean_token_sum"))
+    big = _batch(5, B=4)
+    halves = [jax.tree.map(lambda x: x[i:i + 2], big) for i in (0, 2)]
+    # eps = 1 keeps Adam's update ~linear in the gradient, so equal gradients show as equal parameters
+    base = OptimizerConfig(lr=1.0, schedule="constant", clip_norm=None, eps=1.0)
+    s_big = create_state(model, base, jax.random.key(0))
+    s_big, _ = make_train_step(loss_fn, base)(s_big, big)
+    acc = OptimizerConfig(lr=1.0, schedule="constant", clip_norm=None, eps=1.0, grad_accum=2)
+    s_acc = create_state(model, acc, jax.random.key(0))
+    step = make_train_step(loss_fn, acc)
+    for h in halves:
+        s_acc, _ = step(s_acc, h)
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a - b)).max(), s_big.params, create_state(
+        model, base, jax.random.key(0)).params)
+    assert max(jax.tree.leaves(moved)) > 1e-3  # the step did something
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s_big.params, s_acc.params)
+
+
+def test_weight_decay_skips_vectors():
+    opt = make_optimizer(OptimizerConfig(lr=1.0, schedule="constant", weight_decay=0.5, clip_norm=None))
+    params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
+    upd, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    np.testing.assert_allclose(upd["w"], -0.5 * np.ones((2, 2)))
+    np.testing.assert_allclose(upd["scale"], np.zeros(2))
+
+
+def test_sharded_training_matches_single_device():
+    out = run_with_devices("""
+        import functools, jax, numpy as np
+        from rljax.models import Model, preset
+        from rljax.losses import SFTConfig, sft_loss
+        from rljax.sharding import make_mesh, shard_batch
+        from rljax.state import OptimizerConfig, create_state, make_train_step
+        from test_train import _batch
+
+        opt = OptimizerConfig(lr=3e-3, warmup_steps=2, total_steps=10)
+        mesh = make_mesh(data=2, fsdp=2, tensor=2)
+        curves = []
+        for m in (None, mesh):
+            model = Model(preset("tiny"), mesh=m)
+            state = create_state(model, opt, jax.random.key(0), mesh=m)
+            if m is not None:
+                gate = state.params["layers"]["mlp"]["gate"]
+                assert gate.addressable_shards[0].data.size * 4 == gate.size
+                mu = state.opt_state[1][0].mu["layers"]["mlp"]["gate"]
+                assert mu.sharding == gate.sharding, (mu.sharding, gate.sharding)
+            step = make_train_step(functools.partial(sft_loss, model=model, cfg=SFTConfig()), opt, model=model,
+                                   mesh=m)
+            losses = []
+            for i in range(5):
+                batch = _batch(10 + i, B=8)
+                state, metrics = step(state, batch if m is None else shard_batch(batch, m))
+                losses.append(float(metrics["loss"]))
+            curves.append(losses)
+        np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
+        assert curves[0][-1] < curves[0][0]
+        print("CURVES", curves)
+    """)
+    assert "CURVES" in out
