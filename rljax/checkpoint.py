@@ -1,0 +1,76 @@
+"""Checkpoints of a full TrainState (params, optimizer, rng, step) plus JSON metadata.
+
+A thin wrapper over orbax's CheckpointManager: saves are asynchronous (the
+train loop continues while arrays are written), the last `keep` are kept, and
+orbax writes each step into a temporary directory that is renamed only when
+complete, so a run killed mid-save never leaves a partial checkpoint that
+`latest_step` would pick. Restore places every array on the shardings of an
+abstract target, i.e. onto the current mesh, whatever mesh wrote it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from rljax.state import TrainState
+
+
+def _to_saveable(state: TrainState) -> TrainState:
+    # Typed PRNG keys are stored as their raw uint32 data.
+    return state.replace(rng=jax.random.key_data(state.rng))
+
+
+def _abstract(target: TrainState) -> TrainState:
+    """ShapeDtypeStructs, with shardings, of the saveable form of a concrete `target`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _to_saveable(target))
+
+
+class Checkpointer:
+    """`Checkpointer(directory, keep=3)`; `save(state, meta)`, `restore(target)`, `latest_step()`."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, state: TrainState, meta: dict[str, Any] | None = None, *, step: int | None = None,
+             force: bool = False) -> bool:
+        """Start saving `state` (and JSON-able `meta`, e.g. the data position) at `step`
+        (default: state.step). Returns at once; `wait()` blocks until written."""
+        step = int(jax.device_get(state.step)) if step is None else int(step)
+        return self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta or {})), force=force)
+
+    def restore(self, target: TrainState, *, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
+        """Restore onto the structure, dtypes and shardings of `target` (e.g. a freshly
+        created state on the current mesh). Returns (state, meta)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
+        state = out.state.replace(rng=jax.random.wrap_key_data(out.state.rng, impl=jax.random.key_impl(target.rng)))
+        return state, dict(out.meta or {})
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
