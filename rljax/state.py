@@ -126,8 +126,12 @@ def create_state(model, opt_cfg: OptimizerConfig, key: jax.Array, *, mesh: Mesh 
     else:
         params = jax.device_put(params, sh.params)
     opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(params)
-    return TrainState(step=jax.device_put(jnp.int32(0), sh.step), params=params, opt_state=opt_state,
-                      rng=jax.device_put(rng, sh.rng), skipped_steps=jax.device_put(jnp.int32(0), sh.step))
+    # Counters and key are made under jit too: with several processes the
+    # replicated sharding spans devices of other processes, where device_put
+    # of a process-local array is not allowed.
+    step, rng, skipped = jax.jit(lambda r: (jnp.int32(0), r, jnp.int32(0)),
+                                 out_shardings=(sh.step, sh.rng, sh.skipped_steps))(rng)
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, skipped_steps=skipped)
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation | OptimizerConfig, *,

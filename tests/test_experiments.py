@@ -13,3 +13,14 @@ def test_quickstart_smoke(tmp_path):
     (run,) = os.listdir(tmp_path)
     saved = json.load(open(tmp_path / run / "results.json"))
     assert saved["params"] == res["params"]
+
+
+def test_sft_arithmetic_smoke(tmp_path):
+    from experiments import sft_arithmetic
+    from rljax.metrics import read_metrics
+
+    res = sft_arithmetic.main(sft_arithmetic.Config(smoke=True, run_root=str(tmp_path), progress=False))
+    assert 0.0 <= res["accuracy_before"] <= 1.0 and 0.0 <= res["accuracy_after"] <= 1.0
+    losses = [r["sft/loss"] for r in read_metrics(res["run_dir"]) if "sft/loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0]  # logged at steps 4, 8, 12; training reduces the loss
+    assert os.path.exists(res["plot"]) and json.load(open(os.path.join(res["run_dir"], "results.json")))

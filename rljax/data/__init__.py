@@ -4,5 +4,6 @@
 benchmarks run where it is not installed.
 """
 from rljax.data.batch import SequenceBatch
+from rljax.data.collate import BatchIterator, collate_prompt_completion
 
-__all__ = ["SequenceBatch"]
+__all__ = ["BatchIterator", "SequenceBatch", "collate_prompt_completion"]

@@ -1,0 +1,384 @@
+"""Adapters from Hugging Face `datasets` (or plain lists of dicts) to typed rows.
+
+`load_records` turns a local JSON / JSONL / Parquet file or directory, a list of
+dicts, an existing `datasets.Dataset` or a hub name into a `datasets.Dataset`.
+The row schemas (`prompt_completion`, `chat_messages`, `preference_pairs`,
+`scored_responses`, `binary_feedback`) read such a dataset into a plain list of
+frozen, validated dataclasses; a bad row raises `DataError` naming the row index
+and the field, e.g. ``row 3: field 'chosen' is missing (columns: prompt, rejected)``.
+
+`datasets` is imported inside the functions only, so this module imports where
+it is not installed (install it with ``pip install 'rljax[data]'``).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DataError",
+    "load_records",
+    "PromptCompletion",
+    "Message",
+    "Chat",
+    "PreferencePair",
+    "ScoredResponse",
+    "BinaryFeedback",
+    "prompt_completion",
+    "chat_messages",
+    "chat_to_prompt_completion",
+    "simple_template",
+    "preference_pairs",
+    "scored_responses",
+    "binary_feedback",
+    "ROLES",
+]
+
+ROLES = ("system", "user", "assistant")
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """A row that does not fit its schema; the message names the row and the field."""
+
+
+def _require_datasets():
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "rljax.data.adapters needs the 'datasets' package: pip install 'rljax[data]'"
+        ) from e
+    return datasets
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _looks_like_path(s: str) -> bool:
+    """Whether a string that names nothing on disk was meant as a local path.
+
+    Hub ids are "name" or "owner/name", so a single "/" alone does not make a path;
+    an absolute path, "./", "../", "~", a data-file suffix, more than one "/" or
+    the platform separator (where it is not "/") do.
+    """
+    if os.path.isabs(s) or s.startswith((".", "~")):
+        return True
+    if s.lower().endswith(tuple(_BUILDERS)):
+        return True
+    if os.sep != "/" and os.sep in s:
+        return True
+    return s.count("/") >= 2 or s.endswith("/")
+
+
+def _local_files(path: Path) -> list[str]:
+    if path.is_file():
+        return [str(path)]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise FileNotFoundError(
+            f"no .json, .jsonl or .parquet files in directory {str(path)!r}")
+    return [str(p) for p in files]
+
+
+def load_records(source, *, split: str = "train", name: str | None = None, data_files=None,
+                 cache_dir: str | os.PathLike | None = None):
+    """A `datasets.Dataset` from `source`.
+
+    source:
+      - a `datasets.Dataset`: returned as is;
+      - a list (or tuple) of dicts: `Dataset.from_list`;
+      - a local .json / .jsonl / .parquet file, or a directory holding such files
+        (all of one builder: "json" for .json/.jsonl, "parquet" for .parquet),
+        loaded as split `split`;
+      - otherwise a hub name (or builder name), passed to
+        ``datasets.load_dataset(source, name, split=split, data_files=data_files)``.
+
+    A missing local path (absolute, relative with "./", or ending in one of the
+    suffixes, see `_looks_like_path`) raises FileNotFoundError naming it.
+    `cache_dir` is passed to `datasets.load_dataset` for files and hub names.
+    """
+    datasets = _require_datasets()
+    if isinstance(source, datasets.Dataset):
+        return source
+    if isinstance(source, (list, tuple)):
+        rows = list(source)
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise DataError(f"row {i}: expected a dict, got {type(row).__name__}")
+        return datasets.Dataset.from_list([dict(r) for r in rows])
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDataset, datasets.IterableDatasetDict)):
+        raise TypeError(f"expected a datasets.Dataset (pick a split), got {type(source).__name__}")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"source must be a path, hub name, list of dicts or datasets.Dataset, got {type(source).__name__}")
+
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    kwargs = {} if cache_dir is None else {"cache_dir": os.fspath(cache_dir)}
+    if path.exists():
+        files = data_files if data_files is not None else _local_files(path)
+        if isinstance(files, (str, os.PathLike)):
+            files = [os.fspath(files)]
+        if isinstance(files, Mapping):
+            suffixes = {Path(f).suffix.lower() for v in files.values()
+                        for f in ([v] if isinstance(v, (str, os.PathLike)) else v)}
+        else:
+            suffixes = {Path(f).suffix.lower() for f in files}
+            files = {split: list(files)}
+        builders = {_BUILDERS.get(s) for s in suffixes}
+        if None in builders:
+            raise ValueError(f"unsupported file type in {text!r}: {sorted(suffixes)} "
+                             f"(expected .json, .jsonl or .parquet)")
+        if len(builders) != 1:
+            raise ValueError(f"mixed file types in {text!r}: {sorted(suffixes)}; use one format per directory")
+        return datasets.load_dataset(builders.pop(), data_files=files, split=split, **kwargs)
+    if isinstance(source, os.PathLike) or _looks_like_path(text):
+        raise FileNotFoundError(f"no such file or directory: {text!r}")
+    if data_files is not None:
+        kwargs["data_files"] = data_files
+    return datasets.load_dataset(text, name, split=split, **kwargs)
+
+
+def _rows(ds) -> Iterable[Mapping]:
+    """Rows of a Dataset / list of dicts / anything `load_records` accepts."""
+    if isinstance(ds, (list, tuple)):
+        return ds  # validated row by row (no Arrow type unification of bad rows)
+    try:
+        datasets = _require_datasets()
+    except ImportError:
+        datasets = None
+    if datasets is not None and isinstance(ds, datasets.Dataset):
+        return ds
+    return load_records(ds)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _where(row: int | None, field: str) -> str:
+    return (f"row {row}: " if row is not None else "") + f"field {field!r}"
+
+
+def _show(value: Any) -> str:
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _get(row_i: int, row: Any, field: str) -> Any:
+    if not isinstance(row, Mapping):
+        raise DataError(f"row {row_i}: expected a dict, got {type(row).__name__}")
+    value = row.get(field)
+    if value is None:
+        present = ", ".join(str(k) for k, v in row.items() if v is not None)
+        raise DataError(f"{_where(row_i, field)} is missing (columns: {present})")
+    return value
+
+
+def _check_str(value: Any, field: str, row: int | None, *, allow_empty: bool) -> str:
+    if value is None:
+        raise DataError(f"{_where(row, field)} is missing")
+    if not isinstance(value, str):
+        raise DataError(f"{_where(row, field)} must be a string, got {type(value).__name__} {_show(value)}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{_where(row, field)} is empty")
+    return value
+
+
+def _check_number(value: Any, field: str, row: int | None) -> float:
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        raise DataError(f"{_where(row, field)} must be a number, got {type(value).__name__} {_show(value)}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise DataError(f"{_where(row, field)} must be finite, got {out}")
+    return out
+
+
+def _check_label(value: Any, field: str, row: int | None) -> bool:
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    if isinstance(value, numbers.Integral) and int(value) in (0, 1):
+        return bool(int(value))
+    raise DataError(f"{_where(row, field)} must be a bool or 0/1, got {type(value).__name__} {_show(value)}")
+
+
+# --------------------------------------------------------------------------- row types
+
+
+@dataclass(frozen=True)
+class PromptCompletion:
+    prompt: str
+    completion: str
+
+    def __post_init__(self):
+        _check_str(self.prompt, "prompt", None, allow_empty=True)
+        _check_str(self.completion, "completion", None, allow_empty=False)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # one of ROLES
+    content: str
+
+    def __post_init__(self):
+        _check_role(self.role, "role", None)
+        _check_str(self.content, "content", None, allow_empty=True)
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation that ends with the assistant message to learn."""
+
+    messages: tuple[Message, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.messages, tuple) or not all(isinstance(m, Message) for m in self.messages):
+            raise DataError("field 'messages' must be a tuple of Message")
+        _check_chat_end(self.messages, "messages", None)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+    def __post_init__(self):
+        _check_str(self.prompt, "prompt", None, allow_empty=True)
+        _check_str(self.chosen, "chosen", None, allow_empty=False)
+        _check_str(self.rejected, "rejected", None, allow_empty=False)
+
+
+@dataclass(frozen=True)
+class ScoredResponse:
+    prompt: str
+    response: str
+    score: float
+
+    def __post_init__(self):
+        _check_str(self.prompt, "prompt", None, allow_empty=True)
+        _check_str(self.response, "response", None, allow_empty=False)
+        object.__setattr__(self, "score", _check_number(self.score, "score", None))
+
+
+@dataclass(frozen=True)
+class BinaryFeedback:
+    prompt: str
+    completion: str
+    label: bool
+
+    def __post_init__(self):
+        _check_str(self.prompt, "prompt", None, allow_empty=True)
+        _check_str(self.completion, "completion", None, allow_empty=False)
+        object.__setattr__(self, "label", _check_label(self.label, "label", None))
+
+
+def _check_role(value: Any, field: str, row: int | None) -> str:
+    if value not in ROLES:
+        raise DataError(f"{_where(row, field)} must be one of {', '.join(ROLES)}, got {_show(value)}")
+    return value
+
+
+def _check_chat_end(messages: Sequence[Message], field: str, row: int | None) -> None:
+    if not messages:
+        raise DataError(f"{_where(row, field)} is empty")
+    last = messages[-1]
+    if last.role != "assistant":
+        raise DataError(f"{_where(row, field)}: the last message must be from the assistant, got {last.role!r}")
+    if not last.content.strip():
+        raise DataError(f"{_where(row, f'{field}[{len(messages) - 1}].content')} is empty "
+                        f"(the last assistant message is the completion)")
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def prompt_completion(ds, *, prompt_field: str = "prompt", completion_field: str = "completion"
+                      ) -> list[PromptCompletion]:
+    """Rows {prompt: str (may be empty), completion: str (non-empty)}."""
+    out = []
+    for i, row in enumerate(_rows(ds)):
+        prompt = _check_str(_get(i, row, prompt_field), prompt_field, i, allow_empty=True)
+        completion = _check_str(_get(i, row, completion_field), completion_field, i, allow_empty=False)
+        out.append(PromptCompletion(prompt, completion))
+    return out
+
+
+def chat_messages(ds, *, field: str = "messages") -> list[Chat]:
+    """Rows {messages: [{"role": system|user|assistant, "content": str}, ...]},
+    the last message from the assistant with non-empty content."""
+    out = []
+    for i, row in enumerate(_rows(ds)):
+        raw = _get(i, row, field)
+        if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Sequence):
+            raise DataError(f"{_where(i, field)} must be a list of messages, got {type(raw).__name__} {_show(raw)}")
+        messages = []
+        for j, m in enumerate(raw):
+            where = f"{field}[{j}]"
+            if not isinstance(m, Mapping):
+                raise DataError(f"{_where(i, where)} must be a dict with 'role' and 'content', "
+                                f"got {type(m).__name__} {_show(m)}")
+            if m.get("role") is None:
+                raise DataError(f"{_where(i, where + '.role')} is missing")
+            role = _check_role(m["role"], where + ".role", i)
+            content = _check_str(m.get("content"), where + ".content", i, allow_empty=True)
+            messages.append(Message(role, content))
+        _check_chat_end(messages, field, i)
+        out.append(Chat(tuple(messages)))
+    return out
+
+
+def simple_template(messages: Sequence[Message]) -> str:
+    """The prompt for a reply after `messages`: "<role>: <content>\\n" each, then "assistant: "."""
+    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant: "
+
+
+def chat_to_prompt_completion(chat: Chat, template: Callable[[Sequence[Message]], str] = simple_template
+                              ) -> PromptCompletion:
+    """All but the last message rendered by `template` as the prompt; the last
+    (assistant) message's content as the completion."""
+    if not isinstance(chat, Chat):
+        chat = Chat(tuple(m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in chat))
+    return PromptCompletion(template(chat.messages[:-1]), chat.messages[-1].content)
+
+
+def preference_pairs(ds, *, prompt_field: str = "prompt", chosen_field: str = "chosen",
+                     rejected_field: str = "rejected") -> list[PreferencePair]:
+    """Rows {prompt: str, chosen: str (non-empty), rejected: str (non-empty)}."""
+    out = []
+    for i, row in enumerate(_rows(ds)):
+        prompt = _check_str(_get(i, row, prompt_field), prompt_field, i, allow_empty=True)
+        chosen = _check_str(_get(i, row, chosen_field), chosen_field, i, allow_empty=False)
+        rejected = _check_str(_get(i, row, rejected_field), rejected_field, i, allow_empty=False)
+        out.append(PreferencePair(prompt, chosen, rejected))
+    return out
+
+
+def scored_responses(ds, *, prompt_field: str = "prompt", response_field: str = "response",
+                     score_field: str = "score") -> list[ScoredResponse]:
+    """Rows {prompt: str, response: str (non-empty), score: int | float (not bool, finite)}."""
+    out = []
+    for i, row in enumerate(_rows(ds)):
+        prompt = _check_str(_get(i, row, prompt_field), prompt_field, i, allow_empty=True)
+        response = _check_str(_get(i, row, response_field), response_field, i, allow_empty=False)
+        score = _check_number(_get(i, row, score_field), score_field, i)
+        out.append(ScoredResponse(prompt, response, score))
+    return out
+
+
+def binary_feedback(ds, *, prompt_field: str = "prompt", completion_field: str = "completion",
+                    label_field: str = "label") -> list[BinaryFeedback]:
+    """Rows {prompt: str, completion: str (non-empty), label: bool or 0/1}."""
+    out = []
+    for i, row in enumerate(_rows(ds)):
+        prompt = _check_str(_get(i, row, prompt_field), prompt_field, i, allow_empty=True)
+        completion = _check_str(_get(i, row, completion_field), completion_field, i, allow_empty=False)
+        label = _check_label(_get(i, row, label_field), label_field, i)
+        out.append(BinaryFeedback(prompt, completion, label))
+    return out

@@ -1,0 +1,172 @@
+"""Multi-process (multi-host) setup: one Python process per host, all devices in one mesh.
+
+Every process runs the same program. `initialize` connects the processes
+(before any other JAX call), after which `jax.devices()` lists the devices of
+all processes, `rljax.sharding.make_mesh` builds one global mesh over them, and
+jitted steps run as one SPMD program. Each process feeds only its own rows of
+the global batch (`process_slice`) to `rljax.sharding.shard_batch`, which
+assembles one global array with `jax.make_array_from_process_local_data`.
+
+Launching two processes on one machine (CPU, two simulated devices each)::
+
+    # train.py
+    import jax
+    from rljax import distributed
+    from rljax.sharding import make_mesh, shard_batch
+
+    distributed.initialize()              # reads RLJAX_* / JAX_* variables; no-op on one process
+    mesh = make_mesh(data=2, fsdp=2)      # 4 devices over both processes
+    ...
+    rows = distributed.process_slice(global_batch_size)
+    local = jax.tree.map(lambda x: x[rows], global_host_batch)
+    state, metrics = step(state, shard_batch(local, mesh))
+    if distributed.is_main_process():
+        print(float(metrics["loss"]))
+
+    $ export XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu
+    $ RLJAX_COORDINATOR=127.0.0.1:12345 RLJAX_NUM_PROCESSES=2 RLJAX_PROCESS_ID=0 python train.py &
+    $ RLJAX_COORDINATOR=127.0.0.1:12345 RLJAX_NUM_PROCESSES=2 RLJAX_PROCESS_ID=1 python train.py
+
+or explicitly, in each process i: ``distributed.initialize("127.0.0.1:12345", 2, i)``. On several
+hosts the coordinator address is one reachable by all (process 0's host); every
+process uses the same address. The usual JAX variables (JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID) are read too.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+
+# setting -> environment variables read when the argument is None (first set one wins)
+ENV_VARS: dict[str, tuple[str, ...]] = {
+    "coordinator_address": ("RLJAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS"),
+    "num_processes": ("RLJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
+    "process_id": ("RLJAX_PROCESS_ID", "JAX_PROCESS_ID"),
+}
+
+
+def _from_env(setting: str) -> tuple[str | None, str | None]:
+    """(value, variable name) of the first non-empty variable for `setting`."""
+    for var in ENV_VARS[setting]:
+        value = os.environ.get(var, "").strip()
+        if value:
+            return value, var
+    return None, None
+
+
+def _as_int(setting: str, value, source: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"distributed.initialize: {setting} must be an integer, got {value!r} (from {source})")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"distributed.initialize: {setting} must be an integer, got {value!r} "
+                         f"(from {source})") from None
+
+
+def _resolve(coordinator_address, num_processes, process_id):
+    """The three settings from arguments, else the environment, with where each came from."""
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+    values, sources = {}, {}
+    for setting, value in given.items():
+        if value is not None:
+            values[setting], sources[setting] = value, "argument"
+        else:
+            values[setting], sources[setting] = _from_env(setting)
+    return values, sources
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, local_device_ids: int | Sequence[int] | None = None) -> bool:
+    """Connect this process to the others; returns True when running multi-process.
+
+    Each setting comes from its argument, else from the environment:
+
+      coordinator_address  RLJAX_COORDINATOR, else JAX_COORDINATOR_ADDRESS ("host:port")
+      num_processes        RLJAX_NUM_PROCESSES, else JAX_NUM_PROCESSES
+      process_id           RLJAX_PROCESS_ID, else JAX_PROCESS_ID (0 .. num_processes - 1)
+
+    Nothing set, or num_processes == 1: a no-op returning False (single process).
+    Otherwise calls `jax.distributed.initialize` (which must come before any other
+    JAX computation in the process) and returns True. Calling again once
+    initialised returns True and does nothing. Raises ValueError when only some
+    of the settings are given (the error names the missing ones), or when they
+    are out of range. `local_device_ids` restricts this process to some of its
+    local devices (e.g. one GPU per process).
+
+        >>> distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=0)  # on host 0
+        >>> distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=1)  # on host 1
+    """
+    if jax.distributed.is_initialized():
+        return True
+    values, sources = _resolve(coordinator_address, num_processes, process_id)
+    if all(v is None for v in values.values()):
+        return False
+    n = None
+    if values["num_processes"] is not None:
+        n = _as_int("num_processes", values["num_processes"], sources["num_processes"])
+        if n < 1:
+            raise ValueError(f"distributed.initialize: num_processes must be >= 1, got {n} "
+                             f"(from {sources['num_processes']})")
+    pid = None
+    if values["process_id"] is not None:
+        pid = _as_int("process_id", values["process_id"], sources["process_id"])
+        if pid < 0 or (n is not None and pid >= n):
+            raise ValueError(f"distributed.initialize: process_id must be in [0, num_processes), got "
+                             f"process_id={pid} with num_processes={n}")
+    if n == 1:
+        return False  # one process: nothing to connect
+    missing = [s for s, v in values.items() if v is None]
+    if missing:
+        named = ", ".join(f"{s} (argument or {' / '.join(ENV_VARS[s])})" for s in missing)
+        given = ", ".join(f"{s}={values[s]!r} (from {sources[s]})" for s in values if values[s] is not None)
+        raise ValueError(f"distributed.initialize: a multi-process setup needs coordinator_address, "
+                         f"num_processes and process_id; missing {named}; given {given}")
+    address = str(values["coordinator_address"])
+    if ":" not in address:
+        raise ValueError(f"distributed.initialize: coordinator_address must be 'host:port', got {address!r} "
+                         f"(from {sources['coordinator_address']})")
+    jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid,
+                               local_device_ids=local_device_ids)
+    return True
+
+
+def is_main_process() -> bool:
+    """True on process 0 (the one that logs, writes checkpoints' metadata, ...)."""
+    return jax.process_index() == 0
+
+
+def process_slice(global_batch_size: int, *, process_index: int | None = None,
+                  process_count: int | None = None) -> slice:
+    """This process's contiguous rows of a global batch of `global_batch_size` rows.
+
+    Process i of n gets rows [i * B/n, (i + 1) * B/n), matching how
+    `make_mesh` lays processes along the leading mesh axes and how
+    `shard_batch` assembles process-local rows into the global array.
+
+        >>> rows = process_slice(8)            # process 1 of 2: slice(4, 8)
+        >>> local = jax.tree.map(lambda x: x[rows], global_batch)
+    """
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"process_slice: need 0 <= process_index < process_count, got {index} and {count}")
+    if global_batch_size < 0 or global_batch_size % count:
+        raise ValueError(f"process_slice: global batch size {global_batch_size} is not divisible by the "
+                         f"process count {count}")
+    per = global_batch_size // count
+    return slice(index * per, (index + 1) * per)
+
+
+def sync(name: str) -> None:
+    """Barrier: wait until every process reaches `sync(name)` (same name in all); no-op on one process.
+
+        >>> if is_main_process(): write_metadata()
+        >>> sync("metadata written")   # others may now read it
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,152 @@
+"""Phases: thin host loops around jitted steps, threading an immutable TrainState.
+
+`run_loop` is shared by every phase: it fetches the batch at the state's data
+position, calls the jitted step, logs, evaluates, checkpoints, shows progress,
+and on start resumes from the run directory's latest checkpoint, so running the
+same command again after a crash continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import jax
+import numpy as np
+
+from rljax.checkpoint import Checkpointer
+from rljax.losses.sft import SFTConfig, sft_loss
+from rljax.metrics import MetricsWriter, Progress
+from rljax.sharding import shard_batch
+from rljax.state import OptimizerConfig, TrainState, make_optimizer, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """steps: total steps (batches) of the phase; log/eval/checkpoint intervals in
+    steps (0 = only at the end); the loop stops with NonFiniteLossError after
+    `max_consecutive_skips` consecutive non-finite steps."""
+
+    steps: int = 100
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    max_consecutive_skips: int = 5
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"LoopConfig.steps: must be >= 0, got {self.steps}")
+        for f in ("log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"LoopConfig.{f}: must be >= 0, got {getattr(self, f)}")
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"LoopConfig.max_consecutive_skips: must be >= 1, got {self.max_consecutive_skips}")
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _tokens(batch) -> int:
+    mask = getattr(batch, "attention_mask", None)
+    return int(np.asarray(mask).sum()) if mask is not None else 0
+
+
+def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run_dir: str | None = None,
+             put_batch: Callable | None = None, eval_fn: Callable[[TrainState], dict] | None = None,
+             name: str = "train") -> TrainState:
+    """Run `step_fn(state, batch) -> (state, metrics)` until state.step == cfg.steps.
+
+    data: anything with `batch_at(position)` (e.g. BatchIterator); the position is
+    state.step, so data and state stay in lock-step across restarts.
+    run_dir: metrics.jsonl (+ TensorBoard) and checkpoints/ go here; an existing
+    checkpoint there is restored first. put_batch: places a host batch on devices
+    (e.g. shard_batch over a mesh). eval_fn(state) -> metrics, logged as eval/*.
+    """
+    writer = MetricsWriter(run_dir) if run_dir else None
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints) if run_dir else None
+    try:
+        if ckpt is not None and ckpt.latest_step() is not None:
+            state, meta = ckpt.restore(state)
+            print(f"[{name}] resumed from {ckpt.directory} at step {int(state.step)} "
+                  f"(data position {meta.get('data_position')})")
+        start = int(jax.device_get(state.step))
+        consecutive = 0
+        progress = Progress(cfg.steps, initial=start, desc=name, disable=not cfg.progress)
+        t_last, tokens_since, shown = time.perf_counter(), 0, start
+        for position in range(start, cfg.steps):
+            batch = data.batch_at(position)
+            tokens_since += _tokens(batch)
+            state, metrics = step_fn(state, put_batch(batch) if put_batch else batch)
+            metrics = jax.device_get(metrics)
+            step = position + 1
+            consecutive = consecutive + 1 if int(metrics.get("skipped", 0)) else 0
+            if consecutive >= cfg.max_consecutive_skips:
+                raise NonFiniteLossError(
+                    f"[{name}] loss or gradient was non-finite for {consecutive} consecutive steps "
+                    f"(steps {step - consecutive + 1}..{step}); those steps left the state unchanged. "
+                    f"Check the batches at data positions {step - consecutive}..{step - 1} or lower the "
+                    f"learning rate.")
+            if _due(step, cfg.log_every) or step == cfg.steps:
+                dt = time.perf_counter() - t_last
+                rate = tokens_since / dt if dt > 0 else 0.0
+                if writer:
+                    writer.write(step, dict(metrics, tokens_per_s=rate), prefix=f"{name}/")
+                progress.update(step - shown, loss=float(metrics["loss"]), **{"tok/s": rate})
+                t_last, tokens_since, shown = time.perf_counter(), 0, step
+            if eval_fn is not None and _due(step, cfg.eval_every) and step != cfg.steps:
+                _evaluate(eval_fn, state, step, writer, name)
+            if ckpt is not None and _due(step, cfg.checkpoint_every):
+                ckpt.save(state, {"data_position": step})
+        progress.close()
+        end = int(jax.device_get(state.step))
+        if ckpt is not None and end != ckpt.latest_step():
+            ckpt.save(state, {"data_position": end}, force=True)
+        if eval_fn is not None:
+            _evaluate(eval_fn, state, end, writer, name)
+        return state
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+        if writer is not None:
+            writer.close()
+
+
+def _evaluate(eval_fn, state, step, writer, name):
+    result = eval_fn(state)
+    if writer:
+        writer.write(step, result, prefix=f"{name}/eval/")
+    print(f"[{name}] step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+
+
+@dataclass(frozen=True)
+class SFTPhaseConfig:
+    loss: SFTConfig = field(default_factory=SFTConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+
+def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_dir: str | None = None,
+        eval_fn: Callable | None = None) -> TrainState:
+    """Supervised fine-tuning: `run_loop` over `sft_loss`.
+
+    `state` must have been created with `cfg.optimizer` (its optimizer state is
+    continued, not rebuilt); data yields SequenceBatch (e.g. a BatchIterator over
+    `collate_prompt_completion`).
+    """
+    expected = jax.tree.structure(jax.eval_shape(make_optimizer(cfg.optimizer).init, state.params))
+    if jax.tree.structure(state.opt_state) != expected:
+        raise ValueError("sft: state.opt_state does not match cfg.optimizer; create the state with "
+                         "create_state(model, cfg.optimizer, key)")
+    step = make_train_step(functools.partial(sft_loss, model=model, cfg=cfg.loss), cfg.optimizer, model=model,
+                           mesh=mesh)
+    put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
+    return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="sft")

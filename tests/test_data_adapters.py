@@ -1,0 +1,174 @@
+import os
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import json
+
+import datasets
+import pytest
+
+from rljax.data.adapters import (
+    BinaryFeedback,
+    Chat,
+    DataError,
+    Message,
+    PreferencePair,
+    PromptCompletion,
+    ScoredResponse,
+    binary_feedback,
+    chat_messages,
+    chat_to_prompt_completion,
+    load_records,
+    preference_pairs,
+    prompt_completion,
+    scored_responses,
+)
+
+PC_ROWS = [{"prompt": "1+2=", "completion": "1+2=3;answer:3"}, {"prompt": "", "completion": "hi"}]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _write_json(path, rows):
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _write_parquet(path, rows):
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "hf_cache"
+
+
+@pytest.mark.parametrize("writer,name", [(_write_json, "d.json"), (_write_jsonl, "d.jsonl"),
+                                         (_write_parquet, "d.parquet")])
+def test_load_file_and_directory(tmp_path, cache, writer, name):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = writer(folder / name, PC_ROWS)
+    for source in (path, str(path), folder):
+        ds = load_records(source, cache_dir=cache)
+        assert isinstance(ds, datasets.Dataset)
+        assert ds.to_list() == PC_ROWS
+        assert prompt_completion(ds) == [PromptCompletion("1+2=", "1+2=3;answer:3"), PromptCompletion("", "hi")]
+
+
+def test_directory_of_several_files_and_split(tmp_path, cache):
+    _write_jsonl(tmp_path / "a.jsonl", PC_ROWS[:1])
+    _write_jsonl(tmp_path / "b.jsonl", PC_ROWS[1:])
+    ds = load_records(tmp_path, split="test", cache_dir=cache)
+    assert ds.to_list() == PC_ROWS
+
+
+def test_load_passthrough_and_list():
+    ds = datasets.Dataset.from_list(PC_ROWS)
+    assert load_records(ds) is ds
+    assert load_records(PC_ROWS).to_list() == PC_ROWS
+
+
+def test_missing_path(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_records(str(missing))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_records(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="train.parquet"):
+        load_records("train.parquet")
+
+
+def test_chat_messages(tmp_path, cache):
+    rows = [{"messages": [{"role": "system", "content": "be brief"},
+                          {"role": "user", "content": "2+2="},
+                          {"role": "assistant", "content": "4"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    chats = chat_messages(load_records(_write_jsonl(tmp_path / "c.jsonl", rows), cache_dir=cache))
+    assert chats == [
+        Chat((Message("system", "be brief"), Message("user", "2+2="), Message("assistant", "4"))),
+        Chat((Message("user", "hi"), Message("assistant", "hello"))),
+    ]
+    pc = chat_to_prompt_completion(chats[0])
+    assert pc == PromptCompletion("system: be brief\nuser: 2+2=\nassistant: ", "4")
+    assert chat_to_prompt_completion(chats[1]).prompt == "user: hi\nassistant: "
+    custom = chat_to_prompt_completion(chats[1], template=lambda ms: "|".join(m.content for m in ms))
+    assert custom == PromptCompletion("hi", "hello")
+
+
+def test_preference_scored_binary(tmp_path, cache):
+    pref = [{"prompt": "p", "chosen": "good", "rejected": "bad", "extra": 1}]
+    assert preference_pairs(load_records(_write_parquet(tmp_path / "p.parquet", pref), cache_dir=cache)) == [
+        PreferencePair("p", "good", "bad")]
+    scored = [{"q": "p1", "r": "a", "s": 2}, {"q": "p2", "r": "b", "s": 0.25}]
+    out = scored_responses(load_records(_write_json(tmp_path / "s.json", scored), cache_dir=cache),
+                           prompt_field="q", response_field="r", score_field="s")
+    assert out == [ScoredResponse("p1", "a", 2.0), ScoredResponse("p2", "b", 0.25)]
+    assert all(isinstance(r.score, float) for r in out)
+    fb = [{"prompt": "p", "completion": "c", "label": True}, {"prompt": "p", "completion": "d", "label": False}]
+    assert binary_feedback(load_records(_write_jsonl(tmp_path / "b.jsonl", fb), cache_dir=cache)) == [
+        BinaryFeedback("p", "c", True), BinaryFeedback("p", "d", False)]
+    ints = binary_feedback([{"prompt": "p", "completion": "c", "label": 1},
+                            {"prompt": "p", "completion": "c", "label": 0}])
+    assert [r.label for r in ints] == [True, False]
+    assert all(isinstance(r.label, bool) for r in ints)
+
+
+def _ok_pref(**kw):
+    return {"prompt": "p", "chosen": "a", "rejected": "b", **kw}
+
+
+@pytest.mark.parametrize("fn,rows,row,words", [
+    (preference_pairs, [_ok_pref(), _ok_pref(), _ok_pref(), {"prompt": "p", "rejected": "b"}], 3,
+     ["field 'chosen' is missing", "columns: prompt, rejected"]),
+    (preference_pairs, [_ok_pref(), _ok_pref(chosen=5)], 1, ["'chosen'", "string", "int"]),
+    (prompt_completion, [PC_ROWS[0], PC_ROWS[0], {"prompt": "p", "completion": ""}], 2,
+     ["field 'completion' is empty"]),
+    (scored_responses, [{"prompt": "p", "response": "r", "score": 1}] * 5
+     + [{"prompt": "p", "response": "r", "score": "high"}], 5, ["field 'score' must be a number, got str 'high'"]),
+    (scored_responses, [{"prompt": "p", "response": "r", "score": True}], 0, ["'score'", "bool"]),
+    (binary_feedback, [{"prompt": "p", "completion": "c", "label": 2}], 0, ["'label'", "2"]),
+    (binary_feedback, [{"prompt": "p", "completion": "c", "label": "yes"}], 0, ["'label'"]),
+    (chat_messages, [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+                     {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}], 1,
+     ["messages[0].role", "bot"]),
+    (chat_messages, [{"messages": [{"role": "assistant", "content": "y"}, {"role": "user", "content": "x"}]}], 0,
+     ["'messages'", "assistant", "'user'"]),
+    (chat_messages, [{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}], 0,
+     ["messages[0].content", "string"]),
+    (chat_messages, [{"messages": []}], 0, ["'messages'", "empty"]),
+    (chat_messages, [{"msgs": []}], 0, ["'messages' is missing"]),
+])
+def test_bad_rows(fn, rows, row, words):
+    with pytest.raises(DataError) as err:
+        fn(rows)
+    msg = str(err.value)
+    assert msg.startswith(f"row {row}: "), msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_bad_rows_through_a_file(tmp_path, cache):
+    rows = [{"prompt": "p", "completion": "c", "label": 1}, {"prompt": "p", "completion": "c", "label": 2}]
+    with pytest.raises(DataError, match=r"row 1: field 'label'"):
+        binary_feedback(load_records(_write_jsonl(tmp_path / "b.jsonl", rows), cache_dir=cache))
+    # a key missing from one JSONL row becomes None in the Dataset: reported as missing
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "rejected": "b"}]
+    with pytest.raises(DataError, match=r"row 1: field 'chosen' is missing \(columns: prompt, rejected\)"):
+        preference_pairs(load_records(_write_jsonl(tmp_path / "p.jsonl", rows), cache_dir=cache))
+
+
+def test_dataclasses_are_frozen_and_validated():
+    pc = PromptCompletion("a", "b")
+    with pytest.raises(AttributeError):
+        pc.prompt = "x"
+    with pytest.raises(DataError, match="completion"):
+        PromptCompletion("a", "")
+    with pytest.raises(DataError, match="role"):
+        Message("robot", "x")
+    with pytest.raises(DataError, match="assistant"):
+        Chat((Message("user", "x"),))

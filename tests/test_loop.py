@@ -1,0 +1,134 @@
+"""Collation, the resumable iterator, run_loop (skips, resume) and the SIGKILL kill-and-resume test."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from rljax.checkpoint import Checkpointer
+from rljax.data.collate import BatchIterator, collate_prompt_completion
+from rljax.models import Model, preset
+from rljax.phases import LoopConfig, NonFiniteLossError, SFTPhaseConfig, run_loop, sft
+from rljax.state import OptimizerConfig, create_state
+from rljax.tokenizer import CharTokenizer
+
+
+def test_collate_prompt_completion_layout():
+    tok = CharTokenizer()
+    b = collate_prompt_completion(tok, [("1+2=", "3"), ("10*10=", "100")], min_bucket=4)
+    assert b.tokens.shape == (2, 16)  # longest row: bos + 6 + 3 + eos = 11 -> bucket 16
+    row0 = [tok.bos_id] + tok.encode("1+2=", add_bos=False) + tok.encode("3", add_bos=False) + [tok.eos_id]
+    np.testing.assert_array_equal(b.tokens[0, :7], row0)
+    assert (b.tokens[0, 7:] == tok.pad_id).all()
+    np.testing.assert_array_equal(b.attention_mask[0], [1] * 7 + [0] * 9)
+    np.testing.assert_array_equal(b.loss_mask[0], [0] * 5 + [1, 1] + [0] * 9)  # "3" and eos
+    np.testing.assert_array_equal(b.loss_mask[1, :11], [0] * 7 + [1] * 4)
+    with pytest.raises(ValueError, match="row 1: 11 tokens exceed max_length=8"):
+        collate_prompt_completion(tok, [("1+2=", "3"), ("10*10=", "100")], max_length=8)
+    with pytest.raises(ValueError, match="row 0: the completion is empty"):
+        collate_prompt_completion(tok, [("1+2=", "")], add_eos=False)
+
+
+def test_batch_iterator_is_a_pure_function_of_position():
+    it = BatchIterator(list(range(10)), 3, lambda rows: rows, seed=4)
+    assert it.batches_per_epoch == 3
+    first = [it.batch_at(n) for n in range(6)]
+    again = BatchIterator(list(range(10)), 3, lambda rows: rows, seed=4)
+    assert [again.batch_at(n) for n in range(6)] == first
+    epoch0 = sorted(sum(first[:3], []))
+    assert len(set(epoch0)) == 9 and first[:3] != first[3:]  # no repeats within an epoch; reshuffled after
+    resumed = [b for _, b in zip(range(3), (b for _, b in it.iterate(start=3)))]
+    assert resumed == first[3:]
+    assert BatchIterator(list(range(10)), 3, lambda r: r, seed=5).batch_at(0) != first[0]
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        BatchIterator([1, 2], 3, lambda r: r)
+
+
+def test_run_loop_stops_after_consecutive_non_finite_steps(tiny):
+    model, _ = tiny
+    state = create_state(model, OptimizerConfig(), jax.random.key(0))
+
+    def step(state, batch):
+        return state.replace(step=state.step + 1, skipped_steps=state.skipped_steps + batch), {
+            "loss": np.float32(np.nan if batch else 1.0), "skipped": np.int32(batch)}
+
+    class Data:
+        def batch_at(self, position):
+            return int(position >= 2)
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite for 3 consecutive steps \(steps 3..5\)"):
+        run_loop(state, step, Data(), LoopConfig(steps=10, max_consecutive_skips=3, progress=False))
+
+
+def test_sft_phase_resumes_from_run_dir_and_rejects_a_mismatched_optimizer(tiny, tmp_path):
+    model, _ = tiny
+    tok = CharTokenizer()
+    data = BatchIterator([("1+2=", "3"), ("2*4=", "8"), ("9-3=", "6"), ("7+7=", "14")], 2,
+                         lambda rows: collate_prompt_completion(tok, rows), seed=0)
+    opt = OptimizerConfig(lr=1e-2, total_steps=8)
+    cfg = SFTPhaseConfig(optimizer=opt, loop=LoopConfig(steps=8, checkpoint_every=4, progress=False))
+    m = Model(preset("tiny", vocab_size=tok.vocab_size))
+    full = sft(create_state(m, opt, jax.random.key(0)), data, cfg, model=m, run_dir=str(tmp_path / "a"))
+    half = SFTPhaseConfig(optimizer=opt, loop=LoopConfig(steps=4, checkpoint_every=4, progress=False))
+    sft(create_state(m, opt, jax.random.key(0)), data, half, model=m, run_dir=str(tmp_path / "b"))
+    resumed = sft(create_state(m, opt, jax.random.key(9)), data, cfg, model=m, run_dir=str(tmp_path / "b"))
+    assert int(resumed.step) == 8
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), full.params, resumed.params)
+    lines = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [4, 8]
+    with pytest.raises(ValueError, match="does not match cfg.optimizer"):
+        sft(create_state(m, OptimizerConfig(grad_accum=2), jax.random.key(0)), data, cfg, model=m)
+
+
+def _experiment(run_dir):
+    cmd = [sys.executable, "-m", "experiments.sft_arithmetic", "--preset", "tiny", "--steps", "40",
+           "--batch-size", "8", "--n-train", "400", "--n-test", "8", "--checkpoint-every", "4",
+           "--log-every", "4", "--progress", "false", "--evaluate", "false", "--run-dir", run_dir]
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    return cmd, env
+
+
+def _final_params(run_dir):
+    tok = CharTokenizer()
+    model = Model(preset("tiny", vocab_size=tok.vocab_size))
+    target = create_state(model, OptimizerConfig(total_steps=40), jax.random.key(0))
+    with Checkpointer(os.path.join(run_dir, "checkpoints")) as ck:
+        assert ck.latest_step() == 40
+        state, meta = ck.restore(target)
+    assert meta["data_position"] == 40
+    return state
+
+
+def test_sigkill_and_rerun_finishes_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
+    cmd, env = _experiment(ref_dir)
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
+
+    cmd, env = _experiment(run_dir)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once a few checkpoints exist, mid-training
+        steps = [int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []) if d.isdigit()]
+        if steps and max(steps) >= 12:
+            break
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+    assert killed_at < 40, "the run finished before it could be killed; the test proves nothing"
+
+    out = subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
+    assert "resumed from" in out.stdout
+    a, b = _final_params(ref_dir), _final_params(run_dir)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.params, b.params)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.opt_state,
+                 b.opt_state)

@@ -1,0 +1,228 @@
+"""Multi-process training: two local processes (2 CPU devices each, one 4-device mesh) train exactly
+like one process with 4 devices; `rljax.distributed` argument / environment handling."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from rljax import distributed
+
+ENV_NAMES = [v for names in distributed.ENV_VARS.values() for v in names]
+
+
+@pytest.fixture
+def fake_jax_distributed(monkeypatch):
+    """Record jax.distributed.initialize calls instead of connecting; clear the environment."""
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(calls))
+    return calls
+
+
+def test_initialize_single_process_is_a_no_op(fake_jax_distributed, monkeypatch):
+    assert distributed.initialize() is False
+    assert distributed.initialize(num_processes=1) is False
+    assert distributed.initialize("127.0.0.1:1234", 1, 0) is False
+    monkeypatch.setenv("RLJAX_NUM_PROCESSES", "1")
+    assert distributed.initialize() is False
+    assert fake_jax_distributed == []
+
+
+def test_initialize_from_arguments_and_twice(fake_jax_distributed):
+    assert distributed.initialize("127.0.0.1:1234", 2, 1, local_device_ids=[0]) is True
+    assert fake_jax_distributed == [dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=1,
+                                         local_device_ids=[0])]
+    assert distributed.initialize("127.0.0.1:1234", 2, 1) is True  # already initialised: nothing more
+    assert len(fake_jax_distributed) == 1
+
+
+@pytest.mark.parametrize("prefix", ["RLJAX", "JAX"])
+def test_initialize_from_environment(fake_jax_distributed, monkeypatch, prefix):
+    names = {"RLJAX": ("RLJAX_COORDINATOR", "RLJAX_NUM_PROCESSES", "RLJAX_PROCESS_ID"),
+             "JAX": ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}[prefix]
+    for name, value in zip(names, ("10.0.0.1:99", "4", "3")):
+        monkeypatch.setenv(name, value)
+    assert distributed.initialize() is True
+    assert fake_jax_distributed == [dict(coordinator_address="10.0.0.1:99", num_processes=4, process_id=3,
+                                         local_device_ids=None)]
+
+
+def test_initialize_precedence(fake_jax_distributed, monkeypatch):
+    """argument > RLJAX_* > JAX_*, setting by setting."""
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "jax:1")
+    monkeypatch.setenv("RLJAX_COORDINATOR", "rljax:2")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "3")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    monkeypatch.setenv("RLJAX_PROCESS_ID", "1")
+    assert distributed.initialize(process_id=0) is True
+    assert fake_jax_distributed == [dict(coordinator_address="rljax:2", num_processes=3, process_id=0,
+                                         local_device_ids=None)]
+
+
+def test_initialize_errors(fake_jax_distributed, monkeypatch):
+    with pytest.raises(ValueError, match=r"missing num_processes .*process_id") as e:
+        distributed.initialize("127.0.0.1:1234")
+    assert "missing coordinator_address" not in str(e.value)
+    with pytest.raises(ValueError, match=r"missing coordinator_address .*RLJAX_COORDINATOR"):
+        distributed.initialize(num_processes=2, process_id=0)
+    monkeypatch.setenv("RLJAX_PROCESS_ID", "1")
+    with pytest.raises(ValueError, match=r"missing coordinator_address .*num_processes"):
+        distributed.initialize()
+    with pytest.raises(ValueError, match=r"process_id=2 with num_processes=2"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+    with pytest.raises(ValueError, match=r"process_id=1 with num_processes=1"):
+        distributed.initialize("127.0.0.1:1234", 1, 1)
+    with pytest.raises(ValueError, match=r"process_id=-1"):
+        distributed.initialize("127.0.0.1:1234", 2, -1)
+    with pytest.raises(ValueError, match=r"num_processes must be >= 1"):
+        distributed.initialize("127.0.0.1:1234", 0, 0)
+    monkeypatch.setenv("RLJAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match=r"num_processes must be an integer.*'two'.*RLJAX_NUM_PROCESSES"):
+        distributed.initialize("127.0.0.1:1234")
+    with pytest.raises(ValueError, match=r"host:port"):
+        distributed.initialize("localhost", 2, 0)
+    assert fake_jax_distributed == []
+
+
+def test_process_slice_and_single_process_helpers():
+    assert distributed.process_slice(8) == slice(0, 8)  # this (single) process owns everything
+    assert [distributed.process_slice(12, process_index=i, process_count=3) for i in range(3)] == [
+        slice(0, 4), slice(4, 8), slice(8, 12)]
+    rows = np.arange(12)
+    parts = [rows[distributed.process_slice(12, process_index=i, process_count=4)] for i in range(4)]
+    np.testing.assert_array_equal(np.concatenate(parts), rows)
+    with pytest.raises(ValueError, match=r"global batch size 10 is not divisible by the process count 3"):
+        distributed.process_slice(10, process_index=0, process_count=3)
+    with pytest.raises(ValueError, match="process_index"):
+        distributed.process_slice(8, process_index=2, process_count=2)
+    assert distributed.is_main_process()
+    distributed.sync("single process: no-op")
+
+
+# One script for both runs: argv = process_id, port (0: single process), output JSON path.
+WORKER = textwrap.dedent("""
+    import functools, json, sys
+    import jax, numpy as np
+    from jax.experimental.multihost_utils import process_allgather
+    from rljax import distributed
+    from rljax.losses import SFTConfig, sft_loss
+    from rljax.models import Model, preset
+    from rljax.sharding import make_mesh, shard_batch
+    from rljax.state import OptimizerConfig, create_state, make_train_step
+    from test_train import _batch
+
+    pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    if port:
+        assert distributed.initialize(f"127.0.0.1:{port}", 2, pid) is True
+        assert distributed.initialize(f"127.0.0.1:{port}", 2, pid) is True  # harmless second call
+        assert (jax.process_count(), jax.process_index(), jax.local_device_count()) == (2, pid, 2)
+    else:
+        assert distributed.initialize() is False and jax.process_count() == 1
+    assert jax.device_count() == 4
+    assert distributed.is_main_process() == (pid == 0)
+
+    mesh = make_mesh(data=2, fsdp=2)
+    opt = OptimizerConfig(lr=3e-3, warmup_steps=2, total_steps=10)
+    model = Model(preset("tiny"), mesh=mesh)
+    state = create_state(model, opt, jax.random.key(0), mesh=mesh)
+    gate = state.params["layers"]["mlp"]["gate"]
+    assert len(gate.sharding.device_set) == 4 and gate.addressable_shards[0].data.size * 2 == gate.size
+    step = make_train_step(functools.partial(sft_loss, model=model, cfg=SFTConfig()), opt, model=model, mesh=mesh)
+    rows = distributed.process_slice(8)
+    losses = []
+    for i in range(4):
+        local = jax.tree.map(lambda x: x[rows], _batch(10 + i, B=8))  # this process's rows only
+        batch = shard_batch(local, mesh)
+        assert batch.tokens.shape == (8, 16)
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    params = process_allgather(state.params, tiled=True)  # global values on every process
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    checksums = {jax.tree_util.keystr(k): [float(np.sum(np.asarray(v, np.float64))),
+                                           float(np.sum(np.abs(np.asarray(v, np.float64)))),
+                                           float(np.sum(np.square(np.asarray(v, np.float64))))] for k, v in flat}
+    checksums["total"] = [sum(c[j] for c in checksums.values()) for j in range(3)]
+    distributed.sync("trained")
+    with open(out, "w") as f:
+        json.dump({"losses": losses, "checksums": checksums, "step": int(state.step),
+                   "main": distributed.is_main_process()}, f)
+    distributed.sync("written")
+""")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(n_devices: int) -> dict:
+    env = dict(os.environ)
+    for name in ENV_NAMES:  # the workers are told explicitly
+        env.pop(name, None)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """Processes 0 and 1 (2 devices each) feed their own 4 of 8 rows; losses and final parameters
+    equal one process with 4 devices on the same (data=2, fsdp=2) mesh fed the whole batch."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = _free_port()
+    jobs = {}  # name -> (Popen, log path, output path)
+    for name, args, n_dev in (("proc0", (0, port), 2), ("proc1", (1, port), 2), ("single", (0, 0), 4)):
+        out, log = tmp_path / f"{name}.json", tmp_path / f"{name}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, str(script), *map(str, args), str(out)], env=_env(n_dev),
+                                    cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        jobs[name] = (proc, log, out)
+
+    deadline = time.monotonic() + 300
+    failed = None
+    try:
+        for name, (proc, _, _) in jobs.items():
+            try:
+                if proc.wait(timeout=max(deadline - time.monotonic(), 1)) != 0:
+                    failed = f"{name} exited with {proc.returncode}"
+            except subprocess.TimeoutExpired:
+                failed = f"{name} timed out"
+            if failed:
+                break
+    finally:
+        for proc, _, _ in jobs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if failed:
+        logs = "\n".join(f"--- {n} (rc={p.returncode}):\n{log.read_text()[-4000:]}" for n, (p, log, _) in jobs.items())
+        pytest.fail(f"{failed}\n{logs}")
+
+    res = {name: json.loads(out.read_text()) for name, (_, _, out) in jobs.items()}
+    assert [res[n]["main"] for n in ("proc0", "proc1", "single")] == [True, False, True]
+    assert res["proc0"]["step"] == res["single"]["step"] == 4
+    # every process sees the same global results
+    assert res["proc0"]["losses"] == res["proc1"]["losses"]
+    assert res["proc0"]["checksums"] == res["proc1"]["checksums"]
+    multi, single = res["proc0"], res["single"]
+    np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5)
+    assert multi["losses"][-1] < multi["losses"][0]
+    assert multi["checksums"].keys() == single["checksums"].keys()
+    for key in single["checksums"]:
+        # plain sums of random weights can be near 0: absolute slack scaled by the sum of |w|
+        np.testing.assert_allclose(multi["checksums"][key][0], single["checksums"][key][0], rtol=1e-5,
+                                   atol=1e-6 * single["checksums"][key][1], err_msg=key)
+        np.testing.assert_allclose(multi["checksums"][key][1:], single["checksums"][key][1:], rtol=1e-5,
+                                   err_msg=key)
