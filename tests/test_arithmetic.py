@@ -56,3 +56,8 @@ def test_split_is_deterministic_disjoint_and_tokenizable():
         assert eval(p.expression) == p.answer
         assert all(check_steps(p, p.completion)) and len(p.steps) == p.level
         assert tok.decode(tok.encode(p.prompt + p.completion)) == p.prompt + p.completion
+
+
+def test_split_asking_for_more_problems_than_exist_fails_clearly():
+    with pytest.raises(ValueError, match="distinct problems"):
+        make_split(5000, 0, levels=(1,), seed=0)  # level 1 has 3 * 20 * 20 = 1200 expressions

@@ -2,14 +2,14 @@
 import json
 import os
 
-from experiments import quickstart
+from experiments import sampling_tour
 
 
-def test_quickstart_smoke(tmp_path):
-    cfg = quickstart.Config(smoke=True, run_root=str(tmp_path))
-    res = quickstart.main(cfg)
+def test_sampling_tour_smoke(tmp_path):
+    cfg = sampling_tour.Config(smoke=True, run_root=str(tmp_path))
+    res = sampling_tour.main(cfg)
     assert res["logprob_max_abs_diff"] < 1e-4
-    assert res["greedy_tok_per_s"] > 0 and len(res["samples"]) == len(quickstart.PROMPTS)
+    assert res["greedy_tok_per_s"] > 0 and len(res["samples"]) == len(sampling_tour.PROMPTS)
     (run,) = os.listdir(tmp_path)
     saved = json.load(open(tmp_path / run / "results.json"))
     assert saved["params"] == res["params"]

@@ -122,7 +122,12 @@ def make_split(n_train: int, n_test: int, levels=(1, 2, 3), seed: int = 0) -> tu
     """Deterministic train/test problems from `seed`; no expression appears in both."""
     rng = random.Random(seed)
     seen, out = set(), []
+    attempts = 0
     while len(out) < n_train + n_test:
+        attempts += 1
+        if attempts > 50 * (n_train + n_test) + 1000:
+            raise ValueError(f"make_split: could not find {n_train + n_test} distinct problems at levels {levels} "
+                             f"(found {len(out)}); lower n_train/n_test or add harder levels")
         p = make_problem(rng, rng.choice(list(levels)))
         if p.expression not in seen:
             seen.add(p.expression)

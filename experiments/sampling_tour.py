@@ -1,4 +1,4 @@
-"""Quickstart study: the model stack end to end on CPU.
+"""Sampling tour: the model stack end to end on CPU.
 
 Builds the `small` preset with the character tokenizer, encodes arithmetic
 prompts, samples completions with the KV-cache sampler (n per prompt, top-p),
@@ -7,9 +7,9 @@ full forward pass, and measures decode throughput with and without the cache.
 The model is randomly initialised (the SFT study replaces this once training
 lands), so the completions are noise; the numbers are real.
 
-    python -m experiments.quickstart [--preset small] [--smoke]
+    python -m experiments.sampling_tour [--preset small] [--smoke]
 
-Outputs go to runs/quickstart-<time>/ (config.json, results.json).
+Outputs go to runs/sampling_tour-<time>/ (config.json, results.json).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ PROMPTS = ["23+58*2=", "7*(4+5)=", "100-37=", "12*12-4="]
 def main(cfg: Config) -> dict:
     if cfg.smoke:
         cfg.preset, cfg.max_new_tokens, cfg.n = "tiny", 8, 2
-    run_dir = make_run_dir(cfg.run_root, "quickstart")
+    run_dir = make_run_dir(cfg.run_root, "sampling_tour")
     save_config(cfg, run_dir)
     tok = CharTokenizer()
     model = Model(preset(cfg.preset, vocab_size=tok.vocab_size))  # the model's vocabulary is the tokenizer's
