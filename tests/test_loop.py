@@ -132,3 +132,32 @@ def test_sigkill_and_rerun_finishes_bitwise_equal_to_an_uninterrupted_run(tmp_pa
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.params, b.params)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.opt_state,
                  b.opt_state)
+
+
+def test_run_loop_logs_evaluates_and_checkpoints_on_schedule(tiny, tmp_path):
+    from rljax.metrics import read_metrics
+
+    model, _ = tiny
+    state = create_state(model, OptimizerConfig(), jax.random.key(0))
+    seen = []
+
+    def step(state, batch):
+        return state.replace(step=state.step + 1), {"loss": np.float32(batch), "skipped": np.int32(0)}
+
+    def eval_fn(s):
+        seen.append(int(s.step))
+        return {"score": float(s.step) * 10}
+
+    class Data:
+        def batch_at(self, position):
+            return float(position)
+
+    cfg = LoopConfig(steps=7, log_every=3, eval_every=2, checkpoint_every=5, progress=False)
+    out = run_loop(state, step, Data(), cfg, run_dir=str(tmp_path), eval_fn=eval_fn)
+    assert int(out.step) == 7 and seen == [2, 4, 6, 7]
+    rows = read_metrics(str(tmp_path))
+    assert [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r] == [(3, 2.0), (6, 5.0), (7, 6.0)]
+    assert [(r["step"], r["train/eval/score"]) for r in rows if "train/eval/score" in r] == [
+        (2, 20.0), (4, 40.0), (6, 60.0), (7, 70.0)]
+    with Checkpointer(str(tmp_path / "checkpoints")) as ck:
+        assert ck.all_steps() == [5, 7]
