@@ -65,8 +65,10 @@ def _next_reduction(toks: list) -> int | None:
     return None
 
 
-def _reduce(toks: list, i: int) -> list:
-    value = _apply(toks[i - 1], toks[i], toks[i + 1])
+def _reduce(toks: list, i: int, value: int | None = None) -> list:
+    """Replace toks[i-1] op toks[i+1] by its value (or by `value`, e.g. a wrong one)."""
+    if value is None:
+        value = _apply(toks[i - 1], toks[i], toks[i + 1])
     toks = toks[: i - 1] + [value] + toks[i + 2:]
     # drop parentheses around a single number
     for j in range(1, len(toks) - 1):
@@ -86,17 +88,25 @@ def _negate_unary(toks: list) -> list:
     return out
 
 
-def solve(expression: str) -> tuple[tuple[str, ...], int]:
-    """The canonical chain of steps and the value of `expression`."""
-    toks = _tokens(expression)
-    steps = []
+def reduction_chain(expression: str, *, position: int | None = None, delta: int = 0) -> tuple[tuple[str, ...], int]:
+    """The chain of steps and the final value of `expression`; with `position`,
+    step `position` (0-based) is off by `delta` and later steps are computed
+    consistently from the wrong value (a corrupted but self-consistent chain)."""
+    toks = _negate_unary(_tokens(expression))
+    steps: list[str] = []
     while (i := _next_reduction(toks)) is not None:
         a, op, b = toks[i - 1], toks[i], toks[i + 1]
-        toks = _reduce(toks, i)
-        steps.append(f"{a}{op}{b}={_apply(a, op, b)}")
+        c = _apply(a, op, b) + (delta if len(steps) == position else 0)
+        steps.append(f"{a}{op}{b}={c}")
+        toks = _reduce(toks, i, c)
     if len(toks) != 1 or not isinstance(toks[0], int):
         raise ValueError(f"malformed expression {expression!r}")
     return tuple(steps), toks[0]
+
+
+def solve(expression: str) -> tuple[tuple[str, ...], int]:
+    """The canonical chain of steps and the value of `expression`."""
+    return reduction_chain(expression)
 
 
 def make_problem(rng: random.Random, level: int) -> Problem:

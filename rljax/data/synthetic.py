@@ -17,16 +17,7 @@ import math
 
 import numpy as np
 
-from rljax.data.arithmetic import (
-    ANSWER_TAG,
-    Problem,
-    _apply,
-    _negate_unary,
-    _next_reduction,
-    _tokens,
-    check_answer,
-    check_steps,
-)
+from rljax.data.arithmetic import ANSWER_TAG, Problem, check_answer, check_steps, reduction_chain
 
 __all__ = [
     "KINDS",
@@ -59,26 +50,11 @@ def _delta(rng: np.random.Generator) -> int:
     return int(rng.integers(1, 10)) * (1 if rng.random() < 0.5 else -1)
 
 
-def _reduce_to(toks: list, i: int, value: int) -> list:
-    """`arithmetic._reduce` with a given result (possibly wrong) for the reduction at i."""
-    toks = toks[: i - 1] + [value] + toks[i + 2:]
-    for j in range(1, len(toks) - 1):
-        if toks[j - 1] == "(" and toks[j + 1] == ")" and isinstance(toks[j], int):
-            return toks[: j - 1] + [toks[j]] + toks[j + 2:]
-    return toks
-
-
 def _chain(problem: Problem, position: int | None = None, delta: int = 0) -> tuple[list[str], int]:
     """Steps and final value of `problem`, with `delta` added to the result of step
     `position` (0-based) and every later step recomputed from the wrong value."""
-    toks = _negate_unary(_tokens(problem.expression))
-    steps = []
-    while (i := _next_reduction(toks)) is not None:
-        a, op, b = toks[i - 1], toks[i], toks[i + 1]
-        c = _apply(a, op, b) + (delta if len(steps) == position else 0)
-        steps.append(f"{a}{op}{b}={c}")
-        toks = _reduce_to(toks, i, c)
-    return steps, toks[0]
+    steps, value = reduction_chain(problem.expression, position=position, delta=delta)
+    return list(steps), value
 
 
 def _render(steps, answer: int | None) -> str:
