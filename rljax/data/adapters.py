@@ -12,6 +12,8 @@ it is not installed (install it with ``pip install 'rljax[data]'``).
 """
 from __future__ import annotations
 
+import functools
+
 import math
 import numbers
 import os
@@ -299,15 +301,19 @@ def _check_chat_end(messages: Sequence[Message], field: str, row: int | None) ->
 # --------------------------------------------------------------------------- schemas
 
 
+def _parse(ds, cls, spec) -> list:
+    """One `cls(*values)` per row; spec: [(field, check(value, field, row) -> value), ...]."""
+    return [cls(*(check(_get(i, row, field), field, i) for field, check in spec)) for i, row in enumerate(_rows(ds))]
+
+
+_prompt = functools.partial(_check_str, allow_empty=True)
+_text = functools.partial(_check_str, allow_empty=False)
+
+
 def prompt_completion(ds, *, prompt_field: str = "prompt", completion_field: str = "completion"
                       ) -> list[PromptCompletion]:
     """Rows {prompt: str (may be empty), completion: str (non-empty)}."""
-    out = []
-    for i, row in enumerate(_rows(ds)):
-        prompt = _check_str(_get(i, row, prompt_field), prompt_field, i, allow_empty=True)
-        completion = _check_str(_get(i, row, completion_field), completion_field, i, allow_empty=False)
-        out.append(PromptCompletion(prompt, completion))
-    return out
+    return _parse(ds, PromptCompletion, [(prompt_field, _prompt), (completion_field, _text)])
 
 
 def chat_messages(ds, *, field: str = "messages") -> list[Chat]:
@@ -351,34 +357,18 @@ def chat_to_prompt_completion(chat: Chat, template: Callable[[Sequence[Message]]
 def preference_pairs(ds, *, prompt_field: str = "prompt", chosen_field: str = "chosen",
                      rejected_field: str = "rejected") -> list[PreferencePair]:
     """Rows {prompt: str, chosen: str (non-empty), rejected: str (non-empty)}."""
-    out = []
-    for i, row in enumerate(_rows(ds)):
-        prompt = _check_str(_get(i, row, prompt_field), prompt_field, i, allow_empty=True)
-        chosen = _check_str(_get(i, row, chosen_field), chosen_field, i, allow_empty=False)
-        rejected = _check_str(_get(i, row, rejected_field), rejected_field, i, allow_empty=False)
-        out.append(PreferencePair(prompt, chosen, rejected))
-    return out
+    return _parse(ds, PreferencePair, [(prompt_field, _prompt), (chosen_field, _text), (rejected_field, _text)])
 
 
 def scored_responses(ds, *, prompt_field: str = "prompt", response_field: str = "response",
                      score_field: str = "score") -> list[ScoredResponse]:
     """Rows {prompt: str, response: str (non-empty), score: int | float (not bool, finite)}."""
-    out = []
-    for i, row in enumerate(_rows(ds)):
-        prompt = _check_str(_get(i, row, prompt_field), prompt_field, i, allow_empty=True)
-        response = _check_str(_get(i, row, response_field), response_field, i, allow_empty=False)
-        score = _check_number(_get(i, row, score_field), score_field, i)
-        out.append(ScoredResponse(prompt, response, score))
-    return out
+    return _parse(ds, ScoredResponse, [(prompt_field, _prompt), (response_field, _text),
+                                       (score_field, _check_number)])
 
 
 def binary_feedback(ds, *, prompt_field: str = "prompt", completion_field: str = "completion",
                     label_field: str = "label") -> list[BinaryFeedback]:
     """Rows {prompt: str, completion: str (non-empty), label: bool or 0/1}."""
-    out = []
-    for i, row in enumerate(_rows(ds)):
-        prompt = _check_str(_get(i, row, prompt_field), prompt_field, i, allow_empty=True)
-        completion = _check_str(_get(i, row, completion_field), completion_field, i, allow_empty=False)
-        label = _check_label(_get(i, row, label_field), label_field, i)
-        out.append(BinaryFeedback(prompt, completion, label))
-    return out
+    return _parse(ds, BinaryFeedback, [(prompt_field, _prompt), (completion_field, _text),
+                                       (label_field, _check_label)])
