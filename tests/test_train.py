@@ -211,3 +211,17 @@ def test_sharded_training_matches_single_device():
         print("CURVES", curves)
     """)
     assert "CURVES" in out
+
+
+def test_train_step_compiles_once_for_batches_of_one_bucket(tiny):
+    from rljax.data.collate import collate_prompt_completion
+    from rljax.tokenizer import CharTokenizer
+
+    model, _ = tiny
+    tok = CharTokenizer()
+    opt = OptimizerConfig(lr=1e-3)
+    step = make_train_step(functools.partial(sft_loss, model=model, cfg=SFTConfig()), opt)
+    state = create_state(model, opt, jax.random.key(0))
+    for pairs in ([("1+2=", "3"), ("4*5=", "20")], [("10-3=", "7"), ("8=", "8")], [("9*9=", "81"), ("1=", "1")]):
+        state, _ = step(state, collate_prompt_completion(tok, pairs))  # every row fits the 16-token bucket
+    assert step._cache_size() == 1
