@@ -1,0 +1,109 @@
+"""Advantage kernels: group statistics, leave-one-out baselines, whitening,
+discounted returns and GAE. Arrays in, per-sample or per-token arrays out."""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def group_stats(x: jax.Array, group_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-sample statistics of each sample's group.
+
+    x [R] float, group_ids [R] int in [0, R) (any order, any group sizes) ->
+    (mean_g [R], std_g [R] (population), count_g [R]) gathered back to samples.
+    """
+    chex.assert_rank([x, group_ids], 1)
+    chex.assert_equal_shape([x, group_ids])
+    R = x.shape[0]
+    x = x.astype(jnp.float32)
+    count = jax.ops.segment_sum(jnp.ones_like(x), group_ids, num_segments=R)
+    mean = jax.ops.segment_sum(x, group_ids, num_segments=R) / jnp.maximum(count, 1.0)
+    dev = x - mean[group_ids]
+    var = jax.ops.segment_sum(dev * dev, group_ids, num_segments=R) / jnp.maximum(count, 1.0)
+    return mean[group_ids], jnp.sqrt(var)[group_ids], count[group_ids]
+
+
+def group_advantages(rewards: jax.Array, group_ids: jax.Array, *, scale_by_std: bool = True,
+                     eps: float = 1e-6) -> jax.Array:
+    """GRPO: Â_i = (r_i − μ_g) / (σ_g + ε), or r_i − μ_g without std scaling (Dr. GRPO). [R] -> [R].
+
+    A group whose rewards are all equal (including a group of one) gets Â = 0.
+    """
+    mean, std, _ = group_stats(rewards, group_ids)
+    centred = rewards.astype(jnp.float32) - mean
+    return centred / (std + eps) if scale_by_std else centred
+
+
+def leave_one_out_baseline(rewards: jax.Array, group_ids: jax.Array) -> jax.Array:
+    """RLOO: b_i = (Σ_{j in g, j≠i} r_j) / (n_g − 1). [R] -> [R].
+
+    Then r_i − b_i = n_g/(n_g − 1) · (r_i − μ_g). A group of one has no other
+    sample: its baseline is r_i itself (advantage 0, no learning signal).
+    """
+    mean, _, count = group_stats(rewards, group_ids)
+    r = rewards.astype(jnp.float32)
+    others = (mean * count - r) / jnp.maximum(count - 1.0, 1.0)
+    return jnp.where(count > 1, others, r)
+
+
+def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+    """(x − mean) / (std + ε) over the masked entries (population std); 0 off the mask. Any shape."""
+    chex.assert_equal_shape([x, mask])
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(m.sum(), 1.0)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / n
+    out = (x - mean) if shift_mean else x
+    return out / (jnp.sqrt(var) + eps) * m
+
+
+def discounted_returns(rewards: jax.Array, mask: jax.Array, gamma: float) -> jax.Array:
+    """G_t = Σ_{k≥t} γ^{k−t} m_k r_k, computed backwards; 0 where mask is 0. [B, T] -> [B, T]."""
+    chex.assert_rank([rewards, mask], 2)
+    chex.assert_equal_shape([rewards, mask])
+    m = mask.astype(jnp.float32)
+    r = rewards.astype(jnp.float32) * m
+
+    def back(carry, xs):
+        r_t = xs
+        g = r_t + gamma * carry
+        return g, g
+
+    _, g = lax.scan(back, jnp.zeros(r.shape[0], jnp.float32), r.T, reverse=True)
+    return g.T * m
+
+
+def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, gamma: float, lam: float,
+        bootstrap: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation (Schulman et al. 2016).
+
+    δ_t = r_t + γ V_{t+1} − V_t, A_t = δ_t + γλ A_{t+1}, backwards over the masked
+    tokens of each row; after a row's last masked token V = 0 (finished) or
+    `bootstrap` [B] (truncated). rewards, values, mask [B, T] ->
+    (advantages [B, T], returns R_t = A_t + V_t [B, T]), both 0 off the mask.
+    Known: λ = 1 gives A_t = G_t − V_t; λ = 0 gives A_t = δ_t.
+    """
+    chex.assert_rank([rewards, values, mask], 2)
+    chex.assert_equal_shape([rewards, values, mask])
+    m = mask.astype(jnp.float32)
+    r, v = rewards.astype(jnp.float32) * m, values.astype(jnp.float32) * m
+    B = r.shape[0]
+    tail = jnp.zeros((B,), jnp.float32) if bootstrap is None else bootstrap.astype(jnp.float32)
+
+    def back(carry, xs):
+        next_v, next_a, next_live = carry
+        r_t, v_t, m_t = xs
+        # Past the row's last masked token the "next" value is the tail value.
+        nv = jnp.where(next_live > 0, next_v, tail)
+        delta = r_t + gamma * nv - v_t
+        a = (delta + gamma * lam * next_a * next_live) * m_t
+        # Unmasked tokens (prompt, padding) leave the carry untouched.
+        on = m_t > 0
+        return (jnp.where(on, v_t, next_v), jnp.where(on, a, next_a), jnp.where(on, m_t, next_live)), a
+
+    init = (jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.float32))
+    _, adv = lax.scan(back, init, (r.T, v.T, m.T), reverse=True)
+    adv = adv.T * m
+    return adv, (adv + v) * m
