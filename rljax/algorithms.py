@@ -17,8 +17,8 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from rljax.losses.grpo import GRPOConfig, grpo_advantages, grpo_loss
-from rljax.losses.policy_gradient import (MRTConfig, PolicyBatch, ReinforceConfig, mrt_loss, reinforce_advantages,
-                                          reinforce_loss)
+from rljax.losses.policy_gradient import (MRTConfig, PolicyBatch, ReinforceConfig, kl_shaped_rewards, mrt_loss,
+                                          reinforce_advantages, reinforce_loss)
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,11 @@ def _batch(rollout, rewards, advantages, ref_logprobs):
 
 def prepare_reinforce(rollout, rewards, cfg: ReinforceConfig, *, ref_logprobs=None, greedy_rewards=None, ema=None):
     """-> (PolicyBatch, keep [R] bool). rewards [R] per sampled row."""
+    if cfg.kl_in_reward and cfg.kl_coef > 0:
+        if ref_logprobs is None:
+            raise ValueError("kl_in_reward needs ref_logprobs")
+        mask = rollout.loss_mask[:, 1:].astype(jnp.float32)
+        rewards = kl_shaped_rewards(rewards, rollout.logprobs, ref_logprobs, mask, cfg.kl_coef)
     adv = reinforce_advantages(rewards, rollout.group_ids, cfg, greedy_rewards=greedy_rewards, ema=ema)
     return _batch(rollout, rewards, adv, ref_logprobs), jnp.ones(adv.shape, bool)
 

@@ -78,19 +78,29 @@ class ReinforceConfig:
     """REINFORCE: L = −agg((r − b) · ℓ_t) + β · agg(KL_t). The baseline b is chosen
     in `prepare` (none, batch mean, leave-one-out = RLOO, greedy decode = SCST,
     moving average); the default aggregation, seq_mean_token_sum, is the textbook
-    −E[(r − b) Σ_t ℓ_t]."""
+    −E[(r − b) Σ_t ℓ_t].
+
+    kl_in_reward: instead of a KL loss term, shape the reward r − β Σ_t (ℓ^old_t − ℓ^ref_t)
+    (k1 of the sampled tokens, no gradient). Its expected gradient is exactly that of
+    E[r] − β KL(π‖π_ref), whose optimum is π* ∝ π_ref exp(r/β); a k3 loss term's
+    expected gradient is that of the reverse KL(π_ref‖π) instead."""
 
     baseline: str = "leave_one_out"
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    kl_in_reward: bool = False
     aggregation: str = "seq_mean_token_sum"
     constant: float | None = None
-    ema_decay: float = 0.9
 
     def __post_init__(self):
         _validate_common(self)
         if self.baseline not in BASELINES:
             raise ValueError(f"ReinforceConfig.baseline: {self.baseline!r} not in {BASELINES}")
+
+
+def kl_shaped_rewards(rewards, old_logprobs, ref_logprobs, mask, kl_coef):
+    """r − β Σ_t m_t (ℓ^old_t − ℓ^ref_t): the sequence reward with a k1 KL penalty. [B] -> [B]."""
+    return jnp.asarray(rewards, jnp.float32) - kl_coef * (kl_k1(old_logprobs, ref_logprobs) * mask).sum(axis=1)
 
 
 def reinforce_advantages(rewards, group_ids, cfg: ReinforceConfig, *, greedy_rewards=None, ema=None):
@@ -119,7 +129,8 @@ def reinforce_loss(params, batch: PolicyBatch, *, model, cfg: ReinforceConfig):
     lp = out["logprobs"]
     pg = -jax.lax.stop_gradient(batch.advantages)[:, None] * lp
     kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
-    loss = aggregate(pg + cfg.kl_coef * kl, mask, cfg.aggregation, constant=cfg.constant)
+    beta = 0.0 if cfg.kl_in_reward else cfg.kl_coef  # with kl_in_reward the penalty is in the advantages
+    loss = aggregate(pg + beta * kl, mask, cfg.aggregation, constant=cfg.constant)
     return loss, {"pg_loss": aggregate(pg, mask, cfg.aggregation, constant=cfg.constant),
                   "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics}
 
