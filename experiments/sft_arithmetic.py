@@ -51,6 +51,15 @@ class Config:
     smoke: bool = False
 
 
+def optimizer_config(cfg: Config) -> OptimizerConfig:
+    return OptimizerConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=max(cfg.steps, 1),
+                           schedule="cosine", weight_decay=0.01)
+
+
+def build_model(cfg: Config, tok) -> Model:
+    return Model(preset(cfg.preset, vocab_size=tok.vocab_size, dtype=cfg.dtype))
+
+
 def exact_match(params, model, tok, problems, max_new_tokens) -> float:
     """Greedy-decode every test prompt and check the final answer."""
     prompts, mask = tok.encode_batch([p.prompt for p in problems], padding_side="left")
@@ -60,21 +69,24 @@ def exact_match(params, model, tok, problems, max_new_tokens) -> float:
     return float(np.mean([check_answer(p, t) for p, t in zip(problems, texts)])), texts
 
 
-def main(cfg: Config) -> dict:
+def apply_smoke(cfg: Config) -> None:
     if cfg.smoke:
         cfg.preset, cfg.steps, cfg.batch_size, cfg.n_train, cfg.n_test = "tiny", 12, 8, 256, 16
         cfg.checkpoint_every, cfg.log_every, cfg.max_new_tokens, cfg.warmup_steps = 6, 4, 24, 2
+
+
+def main(cfg: Config) -> dict:
+    apply_smoke(cfg)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "sft_arithmetic")
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir)
     tok = CharTokenizer()
-    model = Model(preset(cfg.preset, vocab_size=tok.vocab_size, dtype=cfg.dtype))
+    model = build_model(cfg, tok)
     train, test = make_split(cfg.n_train, cfg.n_test, levels=cfg.levels, seed=cfg.seed)
     data = BatchIterator([(p.prompt, p.completion) for p in train], cfg.batch_size,
                          lambda rows: collate_prompt_completion(tok, rows, max_length=model.config.max_seq_len),
                          seed=cfg.seed)
-    opt = OptimizerConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=max(cfg.steps, 1),
-                          schedule="cosine", weight_decay=0.01)
+    opt = optimizer_config(cfg)
     state = create_state(model, opt, jax.random.key(cfg.seed))
     print(f"sft_arithmetic: preset {cfg.preset} ({model.config.num_params()/1e6:.2f}M params), "
           f"{len(train)} train / {len(test)} test problems, levels {cfg.levels}, {cfg.steps} steps x "

@@ -1,4 +1,5 @@
-"""Checkpoints of a full TrainState (params, optimizer, rng, step) plus JSON metadata.
+"""Checkpoints of a full training state (any pytree with a `step`, e.g. TrainState or
+RLState: params, optimizer, keys, counters) plus JSON metadata.
 
 A thin wrapper over orbax's CheckpointManager: saves are asynchronous (the
 train loop continues while arrays are written), the last `keep` are kept, and
@@ -15,15 +16,23 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from rljax.state import TrainState
 
 
-def _to_saveable(state: TrainState) -> TrainState:
-    # Typed PRNG keys are stored as their raw uint32 data.
-    return state.replace(rng=jax.random.key_data(state.rng))
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _abstract(target: TrainState) -> TrainState:
+def _to_saveable(state):
+    """Typed PRNG keys (anywhere in the state) are stored as their raw uint32 data."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def _from_saved(saved, target):
+    return jax.tree.map(lambda s, t: jax.random.wrap_key_data(s, impl=jax.random.key_impl(t)) if _is_key(t) else s,
+                        saved, target)
+
+
+def _abstract(target):
     """ShapeDtypeStructs, with shardings, of the saveable form of a concrete `target`."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _to_saveable(target))
 
@@ -43,7 +52,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, state: TrainState, meta: dict[str, Any] | None = None, *, step: int | None = None,
+    def save(self, state, meta: dict[str, Any] | None = None, *, step: int | None = None,
              force: bool = False) -> bool:
         """Start saving `state` (and JSON-able `meta`, e.g. the data position) at `step`
         (default: state.step). Returns at once; `wait()` blocks until written."""
@@ -51,16 +60,15 @@ class Checkpointer:
         return self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta or {})), force=force)
 
-    def restore(self, target: TrainState, *, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
-        """Restore onto the structure, dtypes and shardings of `target` (e.g. a freshly
-        created state on the current mesh). Returns (state, meta)."""
+    def restore(self, target, *, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restore onto the structure, dtypes and shardings of `target` (a freshly created
+        TrainState, RLState, ... on the current mesh). Returns (state, meta)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
-        state = out.state.replace(rng=jax.random.wrap_key_data(out.state.rng, impl=jax.random.key_impl(target.rng)))
-        return state, dict(out.meta or {})
+        return _from_saved(out.state, target), dict(out.meta or {})
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

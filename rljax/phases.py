@@ -150,3 +150,30 @@ def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_d
                            mesh=mesh)
     put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="sft")
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Prompts for one RL iteration: tokens, mask [B, P] (left-padded) and per-prompt metadata lists."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    metadata: dict
+
+
+def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loop: LoopConfig,
+       run_dir: str | None = None, eval_fn: Callable | None = None):
+    """On-policy RL: `run_loop` over `rljax.rl` iterations (sample -> score -> prepare -> update).
+
+    state: an RLState (create_rl_state); prompts: anything with batch_at(position) ->
+    PromptBatch; cfg: RLConfig; loop.steps counts RL iterations. Metrics per iteration
+    (reward, KL, entropy, clip fraction, lengths, tokens/s) go to metrics.jsonl.
+    """
+    from rljax.rl import make_rl_iteration
+
+    iteration = make_rl_iteration(model, cfg, reward_fn, decode)
+
+    def step(state, batch: PromptBatch):
+        return iteration(state, batch.tokens, batch.mask, **batch.metadata)
+
+    return run_loop(state, step, prompts, loop, run_dir=run_dir, eval_fn=eval_fn, name="rl")

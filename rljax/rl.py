@@ -2,7 +2,7 @@
 
     iteration = make_rl_iteration(model, RLConfig(algorithm="grpo"), reward_fn, decode)
     state = create_rl_state(model, sft_params, cfg.optimizer, key)
-    state, metrics = iteration(state, prompt_tokens, prompt_mask, key, problems=problems)
+    state, metrics = iteration(state, prompt_tokens, prompt_mask, problems=problems)
 
 Every algorithm of the registry plugs in through (config, prepare, loss); the
 loop itself does not change per algorithm. Python reward functions run on the
@@ -29,12 +29,15 @@ from rljax.state import OptimizerConfig, TrainState, create_state, make_train_st
 
 @struct.dataclass
 class RLState:
-    """policy: the trained TrainState; ref_params: the frozen reference (start of the
-    phase); reward_ema: running mean of rewards (moving-average baseline)."""
+    """step: RL iterations done (the prompt data position); policy: the trained
+    TrainState; ref_params: the frozen reference (start of the phase); reward_ema:
+    running mean of rewards (moving-average baseline); rng: key for sampling."""
 
+    step: jax.Array
     policy: TrainState
     ref_params: Any
     reward_ema: jax.Array
+    rng: jax.Array
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,10 @@ class RLConfig:
 
 def create_rl_state(model, params, opt_cfg: OptimizerConfig, key) -> RLState:
     """The policy starts from `params`; the reference is a frozen copy of them."""
-    policy = create_state(model, opt_cfg, key, params=params)
-    return RLState(policy=policy, ref_params=jax.tree.map(jnp.copy, params), reward_ema=jnp.float32(0.0))
+    k_policy, k_rl = jax.random.split(key)
+    policy = create_state(model, opt_cfg, k_policy, params=params)
+    return RLState(step=jnp.int32(0), policy=policy, ref_params=jax.tree.map(jnp.copy, params),
+                   reward_ema=jnp.float32(0.0), rng=k_rl)
 
 
 def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callable) -> Callable:
@@ -79,7 +84,9 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         prompts = [p for p in prompt_text for _ in range(n)]
         return score(reward_fn, prompts, completions, **meta), completions
 
-    def iteration(state: RLState, prompt_tokens, prompt_mask, key, **metadata):
+    def iteration(state: RLState, prompt_tokens, prompt_mask, key=None, **metadata):
+        """key: defaults to fold_in(state.rng, state.step), so a resumed run samples the same."""
+        key = jax.random.fold_in(state.rng, state.step) if key is None else key
         k_sample, k_greedy, k_perm = jax.random.split(key, 3)
         n = cfg.sampling.n
         t0 = time.perf_counter()
@@ -122,6 +129,6 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             "train_tokens_per_s": float(cfg.epochs * np.asarray(rollout.attention_mask).sum() / max(t_train, 1e-9)),
             **{k: float(v) for k, v in metrics.items()},
         }
-        return RLState(policy=policy, ref_params=state.ref_params, reward_ema=jnp.float32(ema)), out
+        return state.replace(step=state.step + 1, policy=policy, reward_ema=jnp.float32(ema)), out
 
     return iteration

@@ -24,3 +24,17 @@ def test_sft_arithmetic_smoke(tmp_path):
     losses = [r["sft/loss"] for r in read_metrics(res["run_dir"]) if "sft/loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0]  # logged at steps 4, 8, 12; training reduces the loss
     assert os.path.exists(res["plot"]) and json.load(open(os.path.join(res["run_dir"], "results.json")))
+
+
+def test_rl_arithmetic_smoke_runs_sft_first_then_rl(tmp_path):
+    from experiments import rl_arithmetic
+    from rljax.metrics import read_metrics
+
+    cfg = rl_arithmetic.Config(smoke=True, sft_run_dir=str(tmp_path / "sft"), run_root=str(tmp_path), progress=False,
+                               algo="rloo")
+    res = rl_arithmetic.main(cfg)
+    assert os.path.exists(tmp_path / "sft" / "results.json")  # SFT ran because its checkpoint was missing
+    rows = [r for r in read_metrics(res["run_dir"]) if "rl/reward_mean" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(0.0 <= r["rl/reward_mean"] <= 1.1 for r in rows)
+    assert 0.0 <= res["accuracy_rl"] <= 1.0

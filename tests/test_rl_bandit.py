@@ -38,7 +38,7 @@ def test_algorithms_move_probability_to_the_best_arms(algorithm):
     prompts = np.ones((4, 1), np.int32)
     before = float(arm_probs(model, params) @ ARM_REWARD)
     for i in range(25):
-        state, metrics = it(state, prompts, None, jax.random.key(100 + i))
+        state, metrics = it(state, prompts, None)
     probs = arm_probs(model, state.policy.params)
     after = float(probs @ ARM_REWARD)
     assert before == pytest.approx(0.5, abs=0.05)  # near-uniform start
@@ -83,6 +83,6 @@ def test_kl_regularised_reinforce_reaches_the_closed_form_optimum():
     prompts = np.ones((8, 1), np.int32)
     tv_start = 0.5 * np.abs(ref - target).sum()
     for i in range(200):
-        state, _ = it(state, prompts, None, jax.random.key(1000 + i))
+        state, _ = it(state, prompts, None)
     tv = 0.5 * np.abs(arm_probs(model, state.policy.params) - target).sum()
     assert tv_start > 0.3 and tv < 0.05, (tv_start, tv)
