@@ -26,6 +26,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.decode
 	$(PY) -m benchmarks.forward_backward
+	$(PY) -m benchmarks.sft
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
