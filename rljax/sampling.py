@@ -34,7 +34,7 @@ from jax import lax
 from rljax.buckets import bucket_length
 from rljax.models.transformer import Model
 from rljax.ops.logprobs import logprobs_from_logits
-from rljax.sharding import constrain, is_axis_names
+from rljax.sharding import constrain, is_axis_names, shard_batch
 
 
 @dataclass(frozen=True)
@@ -240,11 +240,7 @@ def sample(params, prompt_tokens, prompt_mask, key, *, model: Model, cfg: Sample
 
 
 def _place(x: np.ndarray, model: Model):
-    if model.mesh is None:
-        return jnp.asarray(x)
-    from rljax.sharding import shard_batch
-
-    return shard_batch(x, model.mesh)
+    return jnp.asarray(x) if model.mesh is None else shard_batch(x, model.mesh)
 
 
 # ----------------------------------------------------------------------------- beam search

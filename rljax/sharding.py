@@ -182,8 +182,3 @@ def constrain(x: jax.Array, mesh: Mesh | None, names: Sequence[str | None], rule
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, x.shape, rules))
-
-
-def unshard(tree):
-    """Gather a sharded pytree to host numpy arrays (for tests and export)."""
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else x, tree)
