@@ -46,6 +46,9 @@ class Config:
     temperature: float = 1.0
     lr: float = 2e-5
     kl_coef: float = 0.0
+    epochs: int = 1
+    minibatches: int = 1
+    max_refills: int = 0  # dynamic sampling (dapo): refill batches with informative groups
     sft_run_dir: str = "runs/sft_arithmetic-default"
     run_dir: str | None = None
     run_root: str = "runs"
@@ -94,11 +97,13 @@ def main(cfg: Config) -> dict:
     rl_cfg = RLConfig(algorithm=cfg.algo, loss=loss,
                       sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.n, temperature=cfg.temperature,
                                             eos_id=tok.eos_id, pad_id=tok.pad_id),
-                      optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant"))
+                      optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant"), epochs=cfg.epochs,
+                      minibatches=cfg.minibatches, max_refills=cfg.max_refills)
     state = create_rl_state(model, params, rl_cfg.optimizer, jax.random.key(cfg.seed))
     before = sft_arithmetic.exact_match(params, model, tok, test, sft_cfg.max_new_tokens)[0]
     t0 = time.perf_counter()
     state = rl(state, prompts, reward, rl_cfg, model=model, decode=tok.decode_batch, run_dir=run_dir,
+               accuracy_fn=arithmetic_answer_reward,
                loop=LoopConfig(steps=cfg.iterations, log_every=1, checkpoint_every=10, progress=cfg.progress))
     wall = time.perf_counter() - t0
     after = sft_arithmetic.exact_match(state.policy.params, model, tok, test, sft_cfg.max_new_tokens)[0]
@@ -106,6 +111,7 @@ def main(cfg: Config) -> dict:
     first, last = rows[0], rows[-1]
     results = dict(config=asdict(cfg), run_dir=run_dir, accuracy_sft=before, accuracy_rl=after,
                    reward_first=first["rl/reward_mean"], reward_last=last["rl/reward_mean"],
+                   train_accuracy_first=first["rl/accuracy"], train_accuracy_last=last["rl/accuracy"],
                    kl_k3_last=last.get("rl/kl_k3"), wall_seconds=wall)
     print(f"\n| {cfg.algo}, {cfg.iterations} iterations x {cfg.prompts_per_iteration} prompts x {cfg.n} | value |\n"
           f"|---|---|\n| held-out exact match after SFT | {before:.1%} |\n| after RL | {after:.1%} |\n"

@@ -162,18 +162,33 @@ class PromptBatch:
 
 
 def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loop: LoopConfig,
-       run_dir: str | None = None, eval_fn: Callable | None = None):
+       run_dir: str | None = None, eval_fn: Callable | None = None, accuracy_fn: Callable | None = None,
+       refill_prompts=None):
     """On-policy RL: `run_loop` over `rljax.rl` iterations (sample -> score -> prepare -> update).
 
     state: an RLState (create_rl_state); prompts: anything with batch_at(position) ->
     PromptBatch; cfg: RLConfig; loop.steps counts RL iterations. Metrics per iteration
-    (reward, KL, entropy, clip fraction, lengths, tokens/s) go to metrics.jsonl.
+    (reward, accuracy with `accuracy_fn`, KL, entropy, clip fraction, lengths, tokens/s,
+    time per stage) go to metrics.jsonl.
+
+    With cfg.max_refills (dynamic sampling), refill k of iteration i is
+    refill_prompts.batch_at(i * max_refills + k - 1); by default `prompts` itself at
+    positions past loop.steps, which the phase never uses otherwise. Either way the
+    draw is a function of the iteration, so a resumed run refills identically.
     """
     from rljax.rl import make_rl_iteration
 
-    iteration = make_rl_iteration(model, cfg, reward_fn, decode)
+    iteration = make_rl_iteration(model, cfg, reward_fn, decode, accuracy_fn=accuracy_fn)
+    source, offset = (refill_prompts, 0) if refill_prompts is not None else (prompts, loop.steps)
 
     def step(state, batch: PromptBatch):
-        return iteration(state, batch.tokens, batch.mask, **batch.metadata)
+        position = int(jax.device_get(state.step))
+
+        def refill(k):
+            more = source.batch_at(offset + position * cfg.max_refills + k - 1)
+            return more.tokens, more.mask, more.metadata
+
+        return iteration(state, batch.tokens, batch.mask, refill=refill if cfg.max_refills else None,
+                         **batch.metadata)
 
     return run_loop(state, step, prompts, loop, run_dir=run_dir, eval_fn=eval_fn, name="rl")

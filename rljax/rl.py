@@ -22,8 +22,10 @@ from flax import struct
 
 from rljax.algorithms import check_group_size, get_algorithm
 from rljax.models.logprobs import token_logprobs
+from rljax.ops.aggregate import aggregate
+from rljax.ops.kl import kl_k1, kl_k3
 from rljax.rewards.rules import score
-from rljax.sampling import SampleConfig, sample
+from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.state import OptimizerConfig, TrainState, create_state, make_train_step
 
 
@@ -42,33 +44,69 @@ class RLState:
 
 @dataclass(frozen=True)
 class RLConfig:
+    """algorithm: a registry name; loss: its config (None = the registry default).
+    epochs x minibatches: updates per iteration over the sampled rows.
+    ema_decay: decay of the running reward mean (moving-average baseline).
+    track_kl: compute the reference's log-probs every iteration to report KL (k1,
+    k3) to it even when the loss has no KL term (one extra forward pass).
+    truncate_prompts: prompts longer than max_seq_len − max_new_tokens keep their
+    last tokens instead of raising.
+    max_refills: dynamic sampling (DAPO; for configs with drop_equal_groups): while
+    fewer groups than prompts have unequal rewards, sample up to this many more
+    prompt batches and fill the batch with their informative groups."""
+
     algorithm: str = "grpo"
-    loss: Any = None  # the algorithm's config; None = the registry default
+    loss: Any = None
     sampling: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=32, n=4))
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5, schedule="constant"))
     epochs: int = 1
     minibatches: int = 1
     ema_decay: float = 0.9
+    track_kl: bool = True
+    truncate_prompts: bool = False
+    max_refills: int = 0
 
     def __post_init__(self):
-        get_algorithm(self.algorithm)
+        algo = get_algorithm(self.algorithm)
         if self.epochs < 1 or self.minibatches < 1:
             raise ValueError(f"RLConfig: epochs and minibatches must be >= 1, got {self.epochs}, {self.minibatches}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"RLConfig.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.max_refills < 0:
+            raise ValueError(f"RLConfig.max_refills: must be >= 0, got {self.max_refills}")
+        if self.max_refills and not getattr(self.loss or algo.config, "drop_equal_groups", False):
+            raise ValueError("RLConfig.max_refills: refilling replaces dropped groups, so it needs a loss config "
+                             "with drop_equal_groups=True (e.g. algorithm='dapo')")
 
 
 def create_rl_state(model, params, opt_cfg: OptimizerConfig, key) -> RLState:
-    """The policy starts from `params`; the reference is a frozen copy of them."""
+    """The policy starts from a copy of `params` (updates donate their input, so the
+    caller's arrays stay valid); `params` themselves become the frozen reference."""
     k_policy, k_rl = jax.random.split(key)
-    policy = create_state(model, opt_cfg, k_policy, params=params)
-    return RLState(step=jnp.int32(0), policy=policy, ref_params=jax.tree.map(jnp.copy, params),
-                   reward_ema=jnp.float32(0.0), rng=k_rl)
+    policy = create_state(model, opt_cfg, k_policy, params=jax.tree.map(jnp.copy, params))
+    return RLState(step=jnp.int32(0), policy=policy, ref_params=params, reward_ema=jnp.float32(0.0), rng=k_rl)
 
 
-def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callable) -> Callable:
-    """Build `iteration(state, prompt_tokens, prompt_mask, key, **metadata) -> (state, metrics)`.
+def _informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:
+    """[R] rewards, n per group -> [R / n] bool: the group's rewards are not all equal."""
+    r = rewards.reshape(-1, n)
+    return r.max(axis=1) > r.min(axis=1)
+
+
+def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callable,
+                      accuracy_fn: Callable | None = None) -> Callable:
+    """Build `iteration(state, prompt_tokens, prompt_mask, key=None, refill=None, **metadata) -> (state, metrics)`.
 
     decode(ids [R, T]) -> list[str] turns token ids into the text the reward sees.
-    metadata: per-prompt lists (repeated for the n samples of each prompt).
+    accuracy_fn: optional, same protocol as reward_fn, 1 for a correct sample; its
+    mean is reported as `accuracy`. metadata: per-prompt lists (repeated for the n
+    samples of each prompt). refill(k) -> (tokens, mask, metadata), k = 1, 2, ...:
+    more prompts for dynamic sampling (cfg.max_refills).
+
+    Metrics: reward mean/std, accuracy, KL to the reference of the sampled tokens
+    (kl_k1, kl_k3; token mean), entropy, clip fraction (clipped losses), completion
+    length, truncated fraction, kept fraction, tokens/s of sampling and training,
+    and seconds spent in sampling / scoring / reference log-probs / updates.
     """
     algo = get_algorithm(cfg.algorithm)
     acfg = cfg.loss if cfg.loss is not None else algo.config
@@ -77,37 +115,84 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     ref_lp = jax.jit(functools.partial(token_logprobs, model=model))
     needs_ref = getattr(acfg, "kl_coef", 0.0) > 0
     greedy_cfg = cfg.sampling.replace(greedy=True, n=1)
+    dynamic = getattr(acfg, "drop_equal_groups", False)
+    room = model.config.max_seq_len - cfg.sampling.max_new_tokens
+    n = cfg.sampling.n
 
-    def rewards_of(rollout, prompt_text, metadata, n):
+    def fit(tokens, mask):
+        """Truncate (or reject, naming the row) prompts longer than the cache allows."""
+        if not cfg.truncate_prompts:
+            return tokens, mask, 0
+        return truncate_prompts(tokens, mask, room, pad_id=cfg.sampling.pad_id)
+
+    def scored(fn, rollout, prompt_text, metadata, k):
         completions = decode(np.asarray(rollout.completions))
-        meta = {k: [v for v in vals for _ in range(n)] for k, vals in metadata.items()}
-        prompts = [p for p in prompt_text for _ in range(n)]
-        return score(reward_fn, prompts, completions, **meta), completions
+        meta = {key: [v for v in vals for _ in range(k)] for key, vals in metadata.items()}
+        prompts = [p for p in prompt_text for _ in range(k)]
+        return score(fn, prompts, completions, **meta)
 
-    def iteration(state: RLState, prompt_tokens, prompt_mask, key=None, **metadata):
+    def rollout_of(params, tokens, mask, metadata, key, times):
+        t0 = time.perf_counter()
+        rollout = jax.block_until_ready(sample(params, tokens, mask, key, model=model, cfg=cfg.sampling))
+        t1 = time.perf_counter()
+        prompt_text = decode(np.asarray(rollout.tokens[::n, :rollout.prompt_length]))
+        rewards = scored(reward_fn, rollout, prompt_text, metadata, n)
+        correct = scored(accuracy_fn, rollout, prompt_text, metadata, n) if accuracy_fn else None
+        times["sample"] += t1 - t0
+        times["score"] += time.perf_counter() - t1
+        return rollout, rewards, correct, prompt_text
+
+    def iteration(state: RLState, prompt_tokens, prompt_mask, key=None, refill=None, **metadata):
         """key: defaults to fold_in(state.rng, state.step), so a resumed run samples the same."""
         key = jax.random.fold_in(state.rng, state.step) if key is None else key
         k_sample, k_greedy, k_perm = jax.random.split(key, 3)
-        n = cfg.sampling.n
-        t0 = time.perf_counter()
-        rollout = jax.block_until_ready(sample(state.policy.params, prompt_tokens, prompt_mask, k_sample,
-                                               model=model, cfg=cfg.sampling))
-        t_sample = time.perf_counter() - t0
-        P = rollout.prompt_length
-        prompt_text = decode(np.asarray(rollout.tokens[::n, :P]))
-        rewards, _ = rewards_of(rollout, prompt_text, metadata, n)
+        times = dict(sample=0.0, score=0.0, ref=0.0, update=0.0)
+        params = state.policy.params
+        prompt_tokens, prompt_mask, cut = fit(prompt_tokens, prompt_mask)
+        rollout, rewards, correct, prompt_text = rollout_of(params, prompt_tokens, prompt_mask, metadata,
+                                                            k_sample, times)
+        sampled = [(rollout, rewards, correct)]
+        G = rollout.tokens.shape[0] // n
+        informative, rounds = int(_informative_groups(rewards, n).sum()), 0
+        while dynamic and refill is not None and informative < G and rounds < cfg.max_refills:
+            rounds += 1
+            tokens, mask, meta = refill(rounds)
+            tokens, mask, more_cut = fit(tokens, mask)
+            cut += more_cut
+            r, rw, c, _ = rollout_of(params, tokens, mask, meta, jax.random.fold_in(k_sample, rounds), times)
+            sampled.append((r, rw, c))
+            informative += int(_informative_groups(rw, n).sum())
+        all_rewards = np.concatenate([s[1] for s in sampled])
+        all_correct = np.concatenate([s[2] for s in sampled]) if accuracy_fn else None
+        if rounds:  # the first G groups with unequal rewards, topped up with equal ones (then dropped)
+            rollout = concat_rollouts([s[0] for s in sampled], pad_id=cfg.sampling.pad_id)
+            good = _informative_groups(all_rewards, n)
+            groups = np.concatenate([np.flatnonzero(good), np.flatnonzero(~good)])[:G]
+            rows = (groups[:, None] * n + np.arange(n)).ravel()
+            rollout = jax.tree.map(lambda x: x[rows], rollout)
+            rollout = rollout.replace(group_ids=jnp.arange(G * n, dtype=jnp.int32) // n)
+            rewards = all_rewards[rows]
+
         greedy = None
         if getattr(acfg, "baseline", None) == "greedy":  # SCST: the greedy decode's reward is the baseline
-            g = sample(state.policy.params, prompt_tokens, prompt_mask, k_greedy, model=model, cfg=greedy_cfg)
-            greedy = np.repeat(rewards_of(g, prompt_text, metadata, 1)[0], n)
-        ref = ref_lp(state.ref_params, rollout.tokens, rollout.attention_mask) if needs_ref else None
-        batch, keep = algo.prepare(rollout, rewards, acfg, ref_logprobs=ref, greedy_rewards=greedy,
-                                   ema=state.reward_ema)
+            t0 = time.perf_counter()
+            g = sample(params, prompt_tokens, prompt_mask, k_greedy, model=model, cfg=greedy_cfg)
+            times["sample"] += time.perf_counter() - t0
+            greedy = np.repeat(scored(reward_fn, g, prompt_text, metadata, 1), n)
+        ref = None
+        if needs_ref or cfg.track_kl:
+            t0 = time.perf_counter()
+            ref = jax.block_until_ready(ref_lp(state.ref_params, rollout.tokens, rollout.attention_mask))
+            times["ref"] = time.perf_counter() - t0
+        # The moving-average baseline of iteration 0 is the batch mean: no past rewards yet.
+        ema = state.reward_ema if int(state.step) > 0 else jnp.float32(np.mean(rewards))
+        batch, keep = algo.prepare(rollout, rewards, acfg, ref_logprobs=ref if needs_ref else None,
+                                   greedy_rewards=greedy, ema=ema)
         batch = batch.replace(loss_mask=batch.loss_mask * jnp.asarray(keep, batch.loss_mask.dtype)[:, None])
 
         R = rollout.tokens.shape[0]
         if R % cfg.minibatches:
-            raise ValueError(f"{R} sampled rows do not split into {cfg.minibatches} minibatches")
+            raise ValueError(f"{R} sampled rows do not split into RLConfig.minibatches={cfg.minibatches}")
         size = R // cfg.minibatches
         t0 = time.perf_counter()
         policy, metrics = state.policy, {}
@@ -117,18 +202,31 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
                 rows = order[j * size:(j + 1) * size] if cfg.minibatches > 1 else np.arange(R)
                 policy, metrics = step(policy, jax.tree.map(lambda x: x[rows], batch))
         metrics = jax.device_get(metrics)
-        t_train = time.perf_counter() - t0
-        ema = cfg.ema_decay * state.reward_ema + (1 - cfg.ema_decay) * float(np.mean(rewards))
+        times["update"] = time.perf_counter() - t0
         lengths = np.asarray(rollout.lengths)
-        out = {
-            "reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
+        out = {k: float(v) for k, v in metrics.items()}
+        out.update({
+            "reward_mean": float(np.mean(all_rewards)), "reward_std": float(np.std(all_rewards)),
             "completion_length": float(lengths.mean()),
             "truncated_fraction": float(np.mean(~np.asarray(rollout.stopped_at_eos))),
             "kept_fraction": float(np.mean(np.asarray(keep))),
-            "sample_tokens_per_s": float(lengths.sum() / max(t_sample, 1e-9)),
-            "train_tokens_per_s": float(cfg.epochs * np.asarray(rollout.attention_mask).sum() / max(t_train, 1e-9)),
-            **{k: float(v) for k, v in metrics.items()},
-        }
-        return state.replace(step=state.step + 1, policy=policy, reward_ema=jnp.float32(ema)), out
+            "sample_tokens_per_s": float(sum(int(np.asarray(s[0].lengths).sum()) for s in sampled)
+                                         / max(times["sample"], 1e-9)),
+            "train_tokens_per_s": float(cfg.epochs * np.asarray(rollout.attention_mask).sum()
+                                        / max(times["update"], 1e-9)),
+            **{f"time_{k}_s": v for k, v in times.items()},
+        })
+        if accuracy_fn:
+            out["accuracy"] = float(np.mean(all_correct))
+        if cfg.truncate_prompts:
+            out["truncated_prompts"] = float(cut)
+        if dynamic:
+            out["refill_rounds"] = float(rounds)
+        if ref is not None:  # KL(π_old ‖ π_ref) over the sampled completion tokens
+            mask = (rollout.loss_mask[:, 1:] * rollout.attention_mask[:, 1:]).astype(jnp.float32)
+            out["kl_k1"] = float(aggregate(kl_k1(rollout.logprobs, ref), mask, "token_mean"))
+            out["kl_k3"] = float(aggregate(kl_k3(rollout.logprobs, ref), mask, "token_mean"))
+        new_ema = cfg.ema_decay * ema + (1 - cfg.ema_decay) * float(np.mean(rewards))
+        return state.replace(step=state.step + 1, policy=policy, reward_ema=jnp.float32(new_ema)), out
 
     return iteration

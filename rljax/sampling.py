@@ -129,8 +129,9 @@ def prepare_prompts(prompt_tokens, prompt_mask, *, vocab_size: int, max_new_toke
     longest = int(lengths.max())
     room = max_seq_len - max_new_tokens
     if longest > room:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the KV cache "
-                         f"(config.max_seq_len={max_seq_len})")
+        raise ValueError(f"prompt row {int(np.argmax(lengths))} has {longest} tokens; with max_new_tokens="
+                         f"{max_new_tokens} it exceeds the KV cache (config.max_seq_len={max_seq_len}): prompts "
+                         f"may have at most {room} tokens (truncate_prompts keeps the last ones)")
     width = bucket_length(longest, minimum=min_bucket, maximum=room)
     out = np.full((tokens.shape[0], width), pad_id, np.int32)
     out_mask = np.zeros((tokens.shape[0], width), np.int32)
@@ -139,6 +140,43 @@ def prepare_prompts(prompt_tokens, prompt_mask, *, vocab_size: int, max_new_toke
         out[i, width - len(row):] = row
         out_mask[i, width - len(row):] = 1
     return out, out_mask
+
+
+def truncate_prompts(prompt_tokens, prompt_mask, max_length: int, *, pad_id: int = 0):
+    """Keep the last `max_length` real tokens of every prompt (left truncation, so the
+    end of the prompt, next to the completion, survives). Returns numpy (tokens,
+    mask) left-padded to the longest kept prompt, and the number of rows cut."""
+    if max_length < 1:
+        raise ValueError(f"truncate_prompts: max_length must be >= 1, got {max_length}")
+    tokens = np.asarray(prompt_tokens)
+    mask = np.ones(tokens.shape, bool) if prompt_mask is None else np.asarray(prompt_mask).astype(bool)
+    rows = [t[m][-max_length:] for t, m in zip(tokens, mask)]
+    width = max(len(r) for r in rows)
+    out = np.full((len(rows), width), pad_id, tokens.dtype)
+    out_mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        out[i, width - len(r):], out_mask[i, width - len(r):] = r, 1
+    return out, out_mask, int((mask.sum(axis=1) > max_length).sum())
+
+
+def concat_rollouts(rollouts: list["Rollout"], *, pad_id: int = 0) -> "Rollout":
+    """Stack rollouts row-wise; shorter prompt widths are left-padded to the widest
+    (positions count real tokens only, so this changes no log-probability).
+    Group ids are renumbered so groups stay distinct: [R_1 + R_2 + ..., T_max]."""
+    P = max(r.prompt_length for r in rollouts)
+    parts, offset = [], 0
+    for r in rollouts:
+        k = P - r.prompt_length
+
+        def left(x, value=0):
+            return jnp.pad(x, ((0, 0), (k, 0)), constant_values=value) if k else x
+
+        parts.append(r.replace(tokens=left(r.tokens, pad_id), attention_mask=left(r.attention_mask),
+                               loss_mask=left(r.loss_mask), logprobs=left(r.logprobs),
+                               sampling_logprobs=left(r.sampling_logprobs), group_ids=r.group_ids + offset))
+        offset += int(r.group_ids.max()) + 1
+    out = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *[p.replace(prompt_length=P) for p in parts])
+    return out
 
 
 def _truncate(logits: jax.Array, cfg: SampleConfig) -> jax.Array:

@@ -1,0 +1,102 @@
+"""Seconds per GRPO iteration, split into sampling / scoring / reference log-probs / update.
+
+    python -m benchmarks.grpo_step                       # both configurations below
+    python -m benchmarks.grpo_step --which trl           # the peer's configuration only
+    python -m benchmarks.grpo_step --which small --iterations 3
+
+"trl" is the configuration of ../shared/bench/trl_grpo.py (run it in the same
+sitting for the ratio): a random Llama with hidden 256, 4 layers, 4 heads (no
+GQA), MLP 1024, untied head, character vocabulary; 16 prompts x 8 samples x 128
+new tokens forced to full length (eos never ends a row); float32; beta = 0 (no
+reference model: track_kl off); one update per iteration; the same toy reward.
+It is timed once more with track_kl on, which adds the reference forward pass
+the KL metrics need. "small" is the `small` preset at 64 prompts x 8 x 64 tokens.
+The first iteration (compilation) is reported apart; figures are medians.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from benchmarks.common import banner
+from rljax.cli import parse_config
+from rljax.losses import GRPOConfig
+from rljax.models import Model, TransformerConfig, preset
+from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
+from rljax.sampling import SampleConfig
+from rljax.state import OptimizerConfig
+from rljax.tokenizer import CharTokenizer
+
+TRL_PROMPTS = [f"{i}+{j}=" for i, j in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1), (2, 2), (4, 4), (6, 3),
+                                        (8, 1), (3, 3), (5, 5), (7, 2), (9, 9), (1, 1), (2, 7), (6, 6)]]
+
+
+@dataclass
+class Config:
+    which: str = "both"  # trl | small | both
+    iterations: int = 5  # timed iterations after the first
+    smoke: bool = False
+
+
+def reward_digits(prompts, completions, **_):
+    """The peer's toy reward: share of digit characters, + 0.5 if the completion has '='."""
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) + (0.5 if "=" in c else 0.0) for c in completions]
+
+
+def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, iterations: int, track_kl: bool) -> dict:
+    tok = CharTokenizer()
+    cfg = RLConfig(algorithm="grpo", loss=GRPOConfig(kl_coef=0.0),
+                   sampling=SampleConfig(max_new_tokens=max_new, n=n, eos_id=-1, pad_id=tok.pad_id),
+                   optimizer=OptimizerConfig(lr=1e-4, schedule="constant"), track_kl=track_kl)
+    banner(f"grpo_step {name} (track_kl={track_kl})",
+           f"{model.config.num_params():,} params, d{model.config.d_model} x {model.config.n_layers} layers, "
+           f"{len(prompts)} prompts x {n} samples x {max_new} new tokens, {model.config.dtype}, beta=0, "
+           f"1 update/iteration")
+    it = make_rl_iteration(model, cfg, reward_digits, tok.decode_batch)
+    state = create_rl_state(model, model.init(jax.random.key(0)), cfg.optimizer, jax.random.key(1))
+    tokens, mask = tok.encode_batch(prompts, padding_side="left")
+    rows = []
+    for i in range(iterations + 1):
+        t = time.perf_counter()
+        state, m = it(state, tokens, mask)
+        rows.append(dict(m, total=time.perf_counter() - t))
+    first, rest = rows[0], rows[1:]
+
+    def med(key):
+        return statistics.median(r[key] for r in rest)
+
+    out = {"total": med("total"), **{s: med(f"time_{s}_s") for s in ("sample", "score", "ref", "update")}}
+    out["other"] = out["total"] - sum(out[s] for s in ("sample", "score", "ref", "update"))
+    tokens_per_iter = len(prompts) * n * max_new
+    print(f"first iteration (compiles) {first['total']:.2f} s; median of {len(rest)}: "
+          f"{out['total']:.3f} s/iteration = sample {out['sample']:.3f} + score {out['score']:.3f} + ref "
+          f"{out['ref']:.3f} + update {out['update']:.3f} + other {out['other']:.3f}")
+    print(f"generated tokens/s {tokens_per_iter / out['sample']:,.0f}; iteration tokens/s "
+          f"{tokens_per_iter / out['total']:,.0f}; mean completion length {rest[-1]['completion_length']:.0f}")
+    return out
+
+
+def main(cfg: Config) -> None:
+    tok = CharTokenizer()
+    iterations = 1 if cfg.smoke else cfg.iterations
+    if cfg.which in ("trl", "both"):
+        # the peer's Llama: 4 heads of 64, MHA, untied, max 512 positions, rope theta 10000, eps 1e-6
+        mc = TransformerConfig(vocab_size=tok.vocab_size, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
+                               mlp_dim=1024, max_seq_len=512, tie_embeddings=False, rope_theta=10_000.0,
+                               norm_eps=1e-6, scan_layers=False)
+        model = Model(mc)
+        prompts, max_new = (TRL_PROMPTS[:4], 16) if cfg.smoke else (TRL_PROMPTS, 128)
+        for track_kl in (False, True):
+            run("trl-config", model, prompts, 8, max_new, iterations, track_kl)
+    if cfg.which in ("small", "both"):
+        model = Model(preset("small", vocab_size=tok.vocab_size))
+        prompts = [TRL_PROMPTS[i % 16] for i in range(8 if cfg.smoke else 64)]
+        run("small", model, prompts, 8, 16 if cfg.smoke else 64, iterations, track_kl=False)
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

@@ -1,0 +1,205 @@
+"""The RL iteration's bookkeeping: metrics against direct computations, the moving-average
+baseline's state, prompts longer than the context, and DAPO's dynamic sampling refill."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import left_padded
+from rljax.losses import GRPOConfig, ReinforceConfig
+from rljax.models import Model, preset
+from rljax.models.logprobs import token_logprobs
+from rljax.phases import LoopConfig, PromptBatch, rl
+from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
+from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
+from rljax.state import OptimizerConfig
+
+V = 64
+
+
+def decode(ids):
+    """Token ids as text, padding (0) left out."""
+    return [" ".join(str(int(t)) for t in row if t != 0) for row in np.asarray(ids)]
+
+
+def arm(completion: str) -> int:
+    """The sampled token of a single-token completion (0, the pad id, decodes to '')."""
+    return int((completion.split() or ["0"])[0])
+
+
+def arm_reward(prompts, completions, **_):
+    """Single-token completions: token y pays y / 63."""
+    return [arm(c) / (V - 1) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def bandit():
+    model = Model(preset("tiny", n_layers=1))
+    return model, model.init(jax.random.key(0))
+
+
+def one_token(n, **kw):
+    return SampleConfig(max_new_tokens=1, n=n, eos_id=-1, min_prompt_bucket=1, **kw)
+
+
+def test_kl_and_accuracy_metrics_match_a_direct_computation(bandit):
+    model, params = bandit
+    seen = []
+
+    def accuracy(prompts, completions, **_):
+        out = [float(arm(c) >= 32) for c in completions]
+        seen.append(out)
+        return out
+
+    cfg = RLConfig(algorithm="rloo", sampling=one_token(4),
+                   optimizer=OptimizerConfig(lr=3e-2, schedule="constant", clip_norm=None))
+    it = make_rl_iteration(model, cfg, arm_reward, decode, accuracy_fn=accuracy)
+    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    prompts = np.ones((4, 1), np.int32)
+    state, m0 = it(state, prompts, None)
+    # the sampler is the reference at iteration 0: both KL estimates vanish
+    assert abs(m0["kl_k1"]) < 1e-5 and abs(m0["kl_k3"]) < 1e-5
+    assert m0["accuracy"] == pytest.approx(np.mean(seen[-1]))
+    for _ in range(2):
+        state, _ = it(state, prompts, None)
+    key = jax.random.key(7)
+    start_params = jax.tree.map(jnp.copy, state.policy.params)  # the step donates the state
+    _, m = it(state, prompts, None, key)
+    # the same draw by hand: k1 = mean over completion tokens of log π_old − log π_ref, k3 = e^{-d} − 1 + d
+    k_sample = jax.random.split(key, 3)[0]
+    r = sample(start_params, prompts, None, k_sample, model=model, cfg=cfg.sampling)
+    ref = np.asarray(token_logprobs(params, r.tokens, r.attention_mask, model=model))
+    mask = np.asarray(r.loss_mask[:, 1:])
+    d = (np.asarray(r.logprobs) - ref)[mask == 1]
+    assert m["kl_k1"] == pytest.approx(d.mean(), abs=1e-5)
+    assert m["kl_k3"] == pytest.approx(np.mean(np.exp(-d) - 1 + d), abs=1e-5)
+    assert m["kl_k3"] > 1e-4  # the policy has moved
+    assert m["accuracy"] == pytest.approx(np.mean(seen[-1]))
+    for stage in ("sample", "score", "ref", "update"):
+        assert m[f"time_{stage}_s"] >= 0
+
+
+def test_moving_average_baseline_state_follows_its_recursion(bandit):
+    """ema_0 = mean r_0 (no past rewards), ema_{i+1} = d ema_i + (1 − d) mean r_{i+1};
+    iteration i uses A = r − ema_{i−1}."""
+    from rljax.algorithms import get_algorithm
+
+    model, params = bandit
+    decay = 0.7
+    cfg = RLConfig(algorithm="reinforce", loss=ReinforceConfig(baseline="moving_average"), sampling=one_token(2),
+                   optimizer=OptimizerConfig(lr=1e-2, schedule="constant"), ema_decay=decay)
+    it = make_rl_iteration(model, cfg, arm_reward, decode)
+    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    prompts = np.ones((4, 1), np.int32)
+    expected = None
+    for i in range(4):
+        state, m = it(state, prompts, None)
+        mean = m["reward_mean"]
+        expected = mean if expected is None else decay * expected + (1 - decay) * mean
+        assert float(state.reward_ema) == pytest.approx(expected, rel=1e-5)
+    algo = get_algorithm("reinforce")
+    r = sample(params, prompts, None, jax.random.key(0), model=model, cfg=cfg.sampling)
+    rewards = np.array([0.1, 0.5, 0.2, 0.9, 0.0, 1.0, 0.3, 0.3], np.float32)
+    batch, _ = algo.prepare(r, rewards, cfg.loss, ema=jnp.float32(0.4))
+    np.testing.assert_allclose(np.asarray(batch.advantages), rewards - 0.4, rtol=1e-6)
+
+
+def test_prompts_longer_than_the_context_raise_or_are_truncated_on_the_left():
+    model = Model(preset("tiny", n_layers=1, max_seq_len=32))
+    params = model.init(jax.random.key(0))
+    tokens, mask = left_padded([5, 30, 12], 30, V, seed=3)
+    cfg = RLConfig(algorithm="grpo", sampling=SampleConfig(max_new_tokens=8, n=2, min_prompt_bucket=1))
+    seen = []
+
+    def reward(prompts, completions, **_):
+        seen.append(prompts)
+        return [float(len(c)) for c in completions]
+
+    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    with pytest.raises(ValueError, match="prompt row 1 has 30 tokens.*at most 24"):
+        make_rl_iteration(model, cfg, reward, decode)(state, tokens, mask)
+    it = make_rl_iteration(model, dataclasses.replace(cfg, truncate_prompts=True), reward, decode)
+    _, m = it(state, tokens, mask)
+    assert m["truncated_prompts"] == 1
+    kept = seen[-1][2]  # row 1's first sample: its last 24 tokens
+    assert kept == " ".join(str(t) for t in tokens[1, -24:])
+    assert seen[-1][0] == " ".join(str(t) for t in tokens[0, -5:])
+    t, k, cut = truncate_prompts(tokens, mask, 24)
+    assert cut == 1 and t.shape == (3, 24) and k.sum() == 5 + 24 + 12
+
+
+def test_concat_rollouts_left_pads_without_changing_log_probabilities(bandit):
+    model, params = bandit
+    cfg = SampleConfig(max_new_tokens=4, n=2, eos_id=-1, min_prompt_bucket=1)
+    a = sample(params, *left_padded([3, 2], 3, V, seed=0), jax.random.key(0), model=model, cfg=cfg)
+    b = sample(params, *left_padded([7, 5], 8, V, seed=1), jax.random.key(1), model=model, cfg=cfg)
+    assert a.prompt_length != b.prompt_length
+    c = concat_rollouts([a, b])
+    assert c.tokens.shape == (8, b.tokens.shape[1]) and list(np.asarray(c.group_ids)) == [0, 0, 1, 1, 2, 2, 3, 3]
+    lp = np.asarray(token_logprobs(params, c.tokens, c.attention_mask, model=model))
+    k = b.prompt_length - a.prompt_length
+    np.testing.assert_allclose(lp[:4, k:] * np.asarray(a.loss_mask[:, 1:]), np.asarray(a.logprobs), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(c.logprobs[:4, k:]), np.asarray(a.logprobs))
+    np.testing.assert_array_equal(np.asarray(c.completions), np.concatenate([a.completions, b.completions]))
+
+
+def _constant_unless_odd(prompts, completions, **_):
+    """Prompts starting with an even token pay 1 whatever is sampled (an uninformative
+    group); odd ones pay the sampled arm."""
+    return [1.0 if int(p.split()[0]) % 2 == 0 else arm(c) / (V - 1) for p, c in zip(prompts, completions)]
+
+
+def test_dynamic_sampling_refills_uninformative_groups(bandit):
+    model, params = bandit
+    dapo = GRPOConfig(eps_high=0.28, aggregation="token_mean", kl_coef=0.0, drop_equal_groups=True)
+    prompts = np.array([[2], [4], [6], [3]], np.int32)  # one informative group of four
+    refills = {1: np.array([[8], [5], [10], [12]], np.int32), 2: np.array([[7], [9], [11], [13]], np.int32)}
+    calls = []
+
+    def refill(k):
+        calls.append(k)
+        return refills[k], None, {}
+
+    def state():  # each iteration donates its input state
+        return create_rl_state(model, params, OptimizerConfig(), jax.random.key(1))
+
+    without = RLConfig(algorithm="dapo", loss=dapo, sampling=one_token(8))
+    _, m = make_rl_iteration(model, without, _constant_unless_odd, decode)(state(), prompts, None, refill=refill)
+    assert m["kept_fraction"] == 0.25 and m["refill_rounds"] == 0 and not calls
+    cfg = RLConfig(algorithm="dapo", loss=dapo, sampling=one_token(8), max_refills=3)
+    _, m = make_rl_iteration(model, cfg, _constant_unless_odd, decode)(state(), prompts, None, refill=refill)
+    # round 1 adds one informative group (5), round 2 four more: 6 >= 4 stops it
+    assert calls == [1, 2] and m["refill_rounds"] == 2 and m["kept_fraction"] == 1.0
+    calls.clear()
+    short = RLConfig(algorithm="dapo", loss=dapo, sampling=one_token(8), max_refills=1)
+    _, m = make_rl_iteration(model, short, _constant_unless_odd, decode)(state(), prompts, None, refill=refill)
+    assert calls == [1] and m["kept_fraction"] == 0.5  # 2 informative groups of 4, topped up with dropped ones
+    with pytest.raises(ValueError, match="drop_equal_groups"):
+        RLConfig(algorithm="grpo", max_refills=2)
+
+
+class _Prompts:
+    """batch_at(position) -> prompt [[position]]; records the positions drawn."""
+
+    def __init__(self):
+        self.positions = []
+
+    def batch_at(self, position):
+        self.positions.append(position)
+        return PromptBatch(tokens=np.array([[2 + 2 * (position % 2)], [2 * position + 3]], np.int32), mask=None,
+                           metadata={})
+
+
+def test_rl_phase_refills_from_positions_past_the_phase(bandit):
+    model, params = bandit
+    dapo = GRPOConfig(eps_high=0.28, aggregation="token_mean", kl_coef=0.0, drop_equal_groups=True)
+    cfg = RLConfig(algorithm="dapo", loss=dapo, sampling=one_token(4), max_refills=2,
+                   optimizer=OptimizerConfig(lr=1e-3, schedule="constant"))
+    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    source = _Prompts()
+    rl(state, source, _constant_unless_odd, cfg, model=model, decode=decode,
+       loop=LoopConfig(steps=2, log_every=1, progress=False))
+    # iteration i draws position i, then refills from steps + i * max_refills + (k − 1)
+    assert source.positions == [0, 2, 1, 4]
