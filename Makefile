@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.decode
 	$(PY) -m benchmarks.forward_backward
 	$(PY) -m benchmarks.sft
+	$(PY) -m benchmarks.grpo_step
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -10,7 +10,8 @@ GQA), MLP 1024, untied head, character vocabulary; 16 prompts x 8 samples x 128
 new tokens forced to full length (eos never ends a row); float32; beta = 0 (no
 reference model: track_kl off); one update per iteration; the same toy reward.
 It is timed once more with track_kl on, which adds the reference forward pass
-the KL metrics need. "small" is the `small` preset at 64 prompts x 8 x 64 tokens.
+the KL metrics need. Prompts (5 tokens) go in a bucket of 8 (TRL pads to the
+longest prompt). "small" is the `small` preset at 64 prompts x 8 x 64 tokens.
 The first iteration (compilation) is reported apart; figures are medians.
 """
 from __future__ import annotations
@@ -47,15 +48,17 @@ def reward_digits(prompts, completions, **_):
     return [sum(ch.isdigit() for ch in c) / max(1, len(c)) + (0.5 if "=" in c else 0.0) for c in completions]
 
 
-def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, iterations: int, track_kl: bool) -> dict:
+def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, iterations: int, track_kl: bool,
+        min_prompt_bucket: int = 16) -> dict:
     tok = CharTokenizer()
     cfg = RLConfig(algorithm="grpo", loss=GRPOConfig(kl_coef=0.0),
-                   sampling=SampleConfig(max_new_tokens=max_new, n=n, eos_id=-1, pad_id=tok.pad_id),
+                   sampling=SampleConfig(max_new_tokens=max_new, n=n, eos_id=-1, pad_id=tok.pad_id,
+                                         min_prompt_bucket=min_prompt_bucket),
                    optimizer=OptimizerConfig(lr=1e-4, schedule="constant"), track_kl=track_kl)
     banner(f"grpo_step {name} (track_kl={track_kl})",
            f"{model.config.num_params():,} params, d{model.config.d_model} x {model.config.n_layers} layers, "
-           f"{len(prompts)} prompts x {n} samples x {max_new} new tokens, {model.config.dtype}, beta=0, "
-           f"1 update/iteration")
+           f"{len(prompts)} prompts x {n} samples x {max_new} new tokens, prompt bucket >= {min_prompt_bucket}, "
+           f"{model.config.dtype}, beta=0, 1 update/iteration")
     it = make_rl_iteration(model, cfg, reward_digits, tok.decode_batch)
     state = create_rl_state(model, model.init(jax.random.key(0)), cfg.optimizer, jax.random.key(1))
     tokens, mask = tok.encode_batch(prompts, padding_side="left")
@@ -91,7 +94,8 @@ def main(cfg: Config) -> None:
         model = Model(mc)
         prompts, max_new = (TRL_PROMPTS[:4], 16) if cfg.smoke else (TRL_PROMPTS, 128)
         for track_kl in (False, True):
-            run("trl-config", model, prompts, 8, max_new, iterations, track_kl)
+            # prompts are 5 tokens (bos + 4 chars): a bucket of 8 instead of the default 16
+            run("trl-config", model, prompts, 8, max_new, iterations, track_kl, min_prompt_bucket=8)
     if cfg.which in ("small", "both"):
         model = Model(preset("small", vocab_size=tok.vocab_size))
         prompts = [TRL_PROMPTS[i % 16] for i in range(8 if cfg.smoke else 64)]

@@ -57,13 +57,26 @@ class Config:
     smoke: bool = False
 
 
+def finished_sft(run_dir: str, steps: int) -> bool:
+    """True when `run_dir` holds the SFT study's checkpoint after `steps` steps."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(ckpt_dir) and Checkpointer(ckpt_dir).latest_step() == steps
+
+
 def load_sft(cfg: Config, tok):
-    """Params of the SFT study's final checkpoint, running the study if it is missing."""
-    sft_cfg = sft_arithmetic.Config(run_dir=cfg.sft_run_dir, smoke=cfg.smoke, progress=cfg.progress)
+    """Params of the SFT study's final checkpoint, running the study if it is missing.
+    The SFT run's config.json (when there) gives its model and its train/test split."""
+    saved = os.path.join(cfg.sft_run_dir, "config.json")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            fields = {k: v for k, v in json.load(f).items() if k in sft_arithmetic.Config.__dataclass_fields__}
+        fields["levels"] = tuple(fields.get("levels", (1,)))
+        sft_cfg = sft_arithmetic.Config(**{**fields, "run_dir": cfg.sft_run_dir, "progress": cfg.progress})
+    else:
+        sft_cfg = sft_arithmetic.Config(run_dir=cfg.sft_run_dir, smoke=cfg.smoke, progress=cfg.progress)
     sft_arithmetic.apply_smoke(sft_cfg)
     ckpt_dir = os.path.join(cfg.sft_run_dir, "checkpoints")
-    done = os.path.isdir(ckpt_dir) and Checkpointer(ckpt_dir).latest_step() == sft_cfg.steps
-    if not done:
+    if not finished_sft(cfg.sft_run_dir, sft_cfg.steps):
         print(f"no finished SFT checkpoint in {cfg.sft_run_dir}: running the SFT study first")
         sft_arithmetic.main(sft_cfg)
     model = sft_arithmetic.build_model(sft_cfg, tok)

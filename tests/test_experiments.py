@@ -38,3 +38,22 @@ def test_rl_arithmetic_smoke_runs_sft_first_then_rl(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(0.0 <= r["rl/reward_mean"] <= 1.1 for r in rows)
     assert 0.0 <= res["accuracy_rl"] <= 1.0
+    # accuracy is the answer term of the reward (reward = accuracy + 0.1 * format)
+    assert all(0.0 <= r["rl/reward_mean"] - r["rl/accuracy"] <= 0.1 + 1e-6 for r in rows)
+
+
+def test_grpo_gain_smoke_reuses_one_sft_run_across_settings(tmp_path, capsys):
+    from experiments import grpo_gain
+
+    run_dir = str(tmp_path / "study")
+    res = grpo_gain.main(grpo_gain.Config(smoke=True, run_dir=run_dir, progress=False))
+    after = res["accuracy_rl"]
+    assert len(after) == 2 and abs(res["gain_mean"] - (sum(after) / 2 - res["accuracy_sft"])) < 1e-9
+    ckpt = os.path.join(run_dir, "sft", "checkpoints")
+    mtime = os.path.getmtime(ckpt)
+    capsys.readouterr()
+    again = grpo_gain.main(grpo_gain.Config(smoke=True, run_dir=run_dir, progress=False, lr=3e-5))
+    assert "using the finished SFT run" in capsys.readouterr().out and os.path.getmtime(ckpt) == mtime
+    assert again["accuracy_sft"] == res["accuracy_sft"]  # the same SFT model and test set
+    assert sorted(f for f in os.listdir(run_dir) if f.startswith("results")) == [
+        "results-grpo-lr0.0001.json", "results-grpo-lr3e-05.json"]
