@@ -26,6 +26,7 @@ from rljax.cli import make_run_dir, parse_config
 @dataclass
 class Config:
     # SFT: levels 1-2 with many problems, so that held-out problems test arithmetic, not recall
+    preset: str = "small"
     levels: tuple[int, ...] = (1, 2)
     n_train: int = 30_000
     n_test: int = 512
@@ -54,7 +55,7 @@ def main(cfg: Config) -> dict:
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"grpo_gain-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
     sft_dir = os.path.join(run_dir, "sft")
-    sft_cfg = sft_arithmetic.Config(levels=cfg.levels, n_train=cfg.n_train, n_test=cfg.n_test, steps=cfg.sft_steps,
+    sft_cfg = sft_arithmetic.Config(preset=cfg.preset, levels=cfg.levels, n_train=cfg.n_train, n_test=cfg.n_test, steps=cfg.sft_steps,
                                     batch_size=cfg.sft_batch, lr=cfg.sft_lr, checkpoint_every=max(cfg.sft_steps // 4, 1),
                                     log_every=max(cfg.sft_steps // 50, 1), max_new_tokens=cfg.max_new_tokens,
                                     run_dir=sft_dir, progress=cfg.progress, evaluate=False)

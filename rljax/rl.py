@@ -26,6 +26,7 @@ from rljax.ops.aggregate import aggregate
 from rljax.ops.kl import kl_k1, kl_k3
 from rljax.rewards.rules import score
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
+from rljax.sharding import param_shardings, shard_batch, shard_params
 from rljax.state import OptimizerConfig, TrainState, create_state, make_train_step
 
 
@@ -81,10 +82,13 @@ class RLConfig:
 
 def create_rl_state(model, params, opt_cfg: OptimizerConfig, key) -> RLState:
     """The policy starts from a copy of `params` (updates donate their input, so the
-    caller's arrays stay valid); `params` themselves become the frozen reference."""
+    caller's arrays stay valid); `params` themselves become the frozen reference.
+    With `model.mesh`, policy, optimizer state and reference are placed sharded."""
     k_policy, k_rl = jax.random.split(key)
-    policy = create_state(model, opt_cfg, k_policy, params=jax.tree.map(jnp.copy, params))
-    return RLState(step=jnp.int32(0), policy=policy, ref_params=params, reward_ema=jnp.float32(0.0), rng=k_rl)
+    mesh = model.mesh
+    policy = create_state(model, opt_cfg, k_policy, mesh=mesh, params=jax.tree.map(jnp.copy, params))
+    ref = params if mesh is None else shard_params(params, param_shardings(model, mesh))
+    return RLState(step=jnp.int32(0), policy=policy, ref_params=ref, reward_ema=jnp.float32(0.0), rng=k_rl)
 
 
 def _informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:
@@ -111,7 +115,9 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     algo = get_algorithm(cfg.algorithm)
     acfg = cfg.loss if cfg.loss is not None else algo.config
     check_group_size(algo, cfg.sampling.n)
-    step = make_train_step(functools.partial(algo.loss, model=model, cfg=acfg), cfg.optimizer)
+    mesh = model.mesh  # with a mesh, sampling, reference log-probs and updates all run sharded
+    step = make_train_step(functools.partial(algo.loss, model=model, cfg=acfg), cfg.optimizer,
+                           model=model if mesh is not None else None, mesh=mesh)
     ref_lp = jax.jit(functools.partial(token_logprobs, model=model))
     needs_ref = getattr(acfg, "kl_coef", 0.0) > 0
     greedy_cfg = cfg.sampling.replace(greedy=True, n=1)
@@ -200,7 +206,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             order = np.asarray(jax.random.permutation(jax.random.fold_in(k_perm, epoch), R))
             for j in range(cfg.minibatches):
                 rows = order[j * size:(j + 1) * size] if cfg.minibatches > 1 else np.arange(R)
-                policy, metrics = step(policy, jax.tree.map(lambda x: x[rows], batch))
+                minibatch = jax.tree.map(lambda x: x[rows], batch)
+                policy, metrics = step(policy, minibatch if mesh is None else shard_batch(minibatch, mesh))
         metrics = jax.device_get(metrics)
         times["update"] = time.perf_counter() - t0
         lengths = np.asarray(rollout.lengths)
