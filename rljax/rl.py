@@ -34,13 +34,17 @@ from rljax.state import OptimizerConfig, TrainState, create_state, make_train_st
 class RLState:
     """step: RL iterations done (the prompt data position); policy: the trained
     TrainState; ref_params: the frozen reference (start of the phase); reward_ema:
-    running mean of rewards (moving-average baseline); rng: key for sampling."""
+    running mean of rewards (moving-average baseline); rng: key for sampling;
+    critic: a separate value model's TrainState for actor-critic methods (None when
+    there is none or the value head shares the policy's params). The loop threads
+    the whole pytree, so checkpoints and resumption cover every field."""
 
     step: jax.Array
     policy: TrainState
     ref_params: Any
     reward_ema: jax.Array
     rng: jax.Array
+    critic: TrainState | None = None
 
 
 @dataclass(frozen=True)

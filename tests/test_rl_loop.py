@@ -253,3 +253,30 @@ def test_sharded_rl_iterations_equal_single_device():
         print("ok")
     """)
     assert "ok" in out
+
+
+def test_rl_phase_resumed_from_its_checkpoint_equals_an_uninterrupted_run(bandit, tmp_path):
+    """Stop after 2 of 4 iterations, run the same command again: the result equals 4 straight
+    iterations (same prompts, same sampling keys, same optimizer and EMA state)."""
+    model, params = bandit
+
+    class Prompts:
+        def batch_at(self, position):
+            return PromptBatch(tokens=np.array([[3 + position], [9 + position]], np.int32), mask=None, metadata={})
+
+    cfg = RLConfig(algorithm="reinforce", loss=ReinforceConfig(baseline="moving_average"), sampling=one_token(4),
+                   optimizer=OptimizerConfig(lr=1e-2, schedule="constant"))
+
+    def run(steps, run_dir):
+        state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+        return rl(state, Prompts(), arm_reward, cfg, model=model, decode=decode, run_dir=str(run_dir),
+                  loop=LoopConfig(steps=steps, log_every=1, checkpoint_every=1, progress=False))
+
+    straight = run(4, tmp_path / "a")
+    run(2, tmp_path / "b")
+    resumed = run(4, tmp_path / "b")
+    assert int(resumed.step) == 4 and resumed.critic is None
+    assert float(resumed.reward_ema) == float(straight.reward_ema)
+    for a, b in ((resumed.policy.params, straight.policy.params), (resumed.policy.opt_state, straight.policy.opt_state),
+                 (jax.random.key_data(resumed.rng), jax.random.key_data(straight.rng))):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
