@@ -45,6 +45,8 @@ class Config:
     max_new_tokens: int = 32
     temperature: float = 1.0
     lr: float = 2e-5
+    adam_b2: float = 0.95
+    adam_eps: float = 1e-8
     kl_coef: float = 0.0
     epochs: int = 1
     minibatches: int = 1
@@ -110,7 +112,8 @@ def main(cfg: Config) -> dict:
     rl_cfg = RLConfig(algorithm=cfg.algo, loss=loss,
                       sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.n, temperature=cfg.temperature,
                                             eos_id=tok.eos_id, pad_id=tok.pad_id),
-                      optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant"), epochs=cfg.epochs,
+                      optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant", b2=cfg.adam_b2, eps=cfg.adam_eps),
+                      epochs=cfg.epochs,
                       minibatches=cfg.minibatches, max_refills=cfg.max_refills)
     state = create_rl_state(model, params, rl_cfg.optimizer, jax.random.key(cfg.seed))
     before = sft_arithmetic.exact_match(params, model, tok, test, sft_cfg.max_new_tokens)[0]
