@@ -175,8 +175,7 @@ def concat_rollouts(rollouts: list["Rollout"], *, pad_id: int = 0) -> "Rollout":
                                loss_mask=left(r.loss_mask), logprobs=left(r.logprobs),
                                sampling_logprobs=left(r.sampling_logprobs), group_ids=r.group_ids + offset))
         offset += int(r.group_ids.max()) + 1
-    out = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *[p.replace(prompt_length=P) for p in parts])
-    return out
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *[p.replace(prompt_length=P) for p in parts])
 
 
 def _truncate(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
