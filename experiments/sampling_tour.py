@@ -4,8 +4,8 @@ Builds the `small` preset with the character tokenizer, encodes arithmetic
 prompts, samples completions with the KV-cache sampler (n per prompt, top-p),
 runs beam search, checks that the sampler's log-probabilities agree with a
 full forward pass, and measures decode throughput with and without the cache.
-The model is randomly initialised (the SFT study replaces this once training
-lands), so the completions are noise; the numbers are real.
+The model is randomly initialised (experiments.sft_arithmetic trains one), so
+the completions are noise; the numbers are real.
 
     python -m experiments.sampling_tour [--preset small] [--smoke]
 

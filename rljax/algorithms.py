@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from rljax.losses.grpo import GRPOConfig, grpo_advantages, grpo_loss
 from rljax.losses.policy_gradient import (MRTConfig, PolicyBatch, ReinforceConfig, kl_shaped_rewards, mrt_loss,
                                           reinforce_advantages, reinforce_loss)
+from rljax.models.logprobs import target_mask
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def prepare_reinforce(rollout, rewards, cfg: ReinforceConfig, *, ref_logprobs=No
     if cfg.kl_in_reward and cfg.kl_coef > 0:
         if ref_logprobs is None:
             raise ValueError("kl_in_reward needs ref_logprobs")
-        mask = rollout.loss_mask[:, 1:].astype(jnp.float32)
+        mask = target_mask(rollout.loss_mask, rollout.attention_mask)
         rewards = kl_shaped_rewards(rewards, rollout.logprobs, ref_logprobs, mask, cfg.kl_coef)
     adv = reinforce_advantages(rewards, rollout.group_ids, cfg, greedy_rewards=greedy_rewards, ema=ema)
     return _batch(rollout, rewards, adv, ref_logprobs), jnp.ones(adv.shape, bool)

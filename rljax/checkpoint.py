@@ -17,7 +17,6 @@ import jax
 import orbax.checkpoint as ocp
 
 
-
 def _is_key(x) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 

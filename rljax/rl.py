@@ -21,9 +21,9 @@ import numpy as np
 from flax import struct
 
 from rljax.algorithms import check_group_size, get_algorithm
-from rljax.models.logprobs import token_logprobs
-from rljax.ops.aggregate import aggregate
-from rljax.ops.kl import kl_k1, kl_k3
+from rljax.losses.policy_gradient import kl_metrics
+from rljax.models.logprobs import target_mask, token_logprobs
+from rljax.ops.advantages import group_range
 from rljax.rewards.rules import score
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.sharding import param_shardings, shard_batch, shard_params
@@ -96,9 +96,9 @@ def create_rl_state(model, params, opt_cfg: OptimizerConfig, key) -> RLState:
 
 
 def _informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:
-    """[R] rewards, n per group -> [R / n] bool: the group's rewards are not all equal."""
-    r = rewards.reshape(-1, n)
-    return r.max(axis=1) > r.min(axis=1)
+    """[R] rewards, n per group (contiguous rows) -> [R / n] bool: the group's rewards are not all equal."""
+    ids = jnp.arange(len(rewards), dtype=jnp.int32) // n
+    return np.asarray(group_range(jnp.asarray(rewards), ids))[::n] > 0
 
 
 def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callable,
@@ -234,9 +234,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         if dynamic:
             out["refill_rounds"] = float(rounds)
         if ref is not None:  # KL(π_old ‖ π_ref) over the sampled completion tokens
-            mask = (rollout.loss_mask[:, 1:] * rollout.attention_mask[:, 1:]).astype(jnp.float32)
-            out["kl_k1"] = float(aggregate(kl_k1(rollout.logprobs, ref), mask, "token_mean"))
-            out["kl_k3"] = float(aggregate(kl_k3(rollout.logprobs, ref), mask, "token_mean"))
+            mask = target_mask(rollout.loss_mask, rollout.attention_mask)
+            out.update({k: float(v) for k, v in kl_metrics(rollout.logprobs, ref, mask).items()})
         new_ema = cfg.ema_decay * ema + (1 - cfg.ema_decay) * float(np.mean(rewards))
         return state.replace(step=state.step + 1, policy=policy, reward_ema=jnp.float32(new_ema)), out
 

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rljax.ops import (clipped_surrogate, discounted_returns, gae, group_advantages, group_stats, kl_k1, kl_k2,
-                       kl_k3, leave_one_out_baseline, whiten)
+from rljax.ops import (clipped_surrogate, discounted_returns, gae, group_advantages, group_range, group_stats, kl_k1,
+                       kl_k2, kl_k3, leave_one_out_baseline, whiten)
 
 RNG = np.random.default_rng(0)
 # groups of sizes 3, 1, 4, 2 in shuffled order (non-contiguous ids), 10 samples
@@ -23,6 +23,13 @@ def test_group_stats_match_per_group_numpy():
         np.testing.assert_allclose(mean[idx], REWARDS[idx].mean(), rtol=1e-6)
         np.testing.assert_allclose(std[idx], REWARDS[idx].std(), rtol=1e-5, atol=1e-7)  # population std
         assert (count[idx] == len(idx)).all()
+
+
+def test_group_range_matches_per_group_numpy():
+    spread = np.asarray(group_range(jnp.asarray(REWARDS), jnp.asarray(GIDS)))
+    for g, idx in _groups().items():
+        np.testing.assert_allclose(spread[idx], np.ptp(REWARDS[idx]), rtol=1e-6)
+    assert spread[GIDS == 1][0] == 0.0  # a group of one is "all equal"
 
 
 def test_group_advantages_known_answers():

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 
 from rljax.losses.policy_gradient import PolicyBatch, _kl_terms, _policy_terms, _validate_common
-from rljax.ops.advantages import group_advantages
+from rljax.ops.advantages import group_advantages, group_range
 from rljax.ops.aggregate import aggregate
 from rljax.ops.surrogates import clipped_surrogate
 
@@ -45,9 +44,7 @@ def grpo_advantages(rewards, group_ids, cfg: GRPOConfig):
     r = jnp.asarray(rewards, jnp.float32)
     g = jnp.asarray(group_ids)
     adv = group_advantages(r, g, scale_by_std=cfg.scale_by_std, eps=cfg.std_eps)
-    B = r.shape[0]
-    spread = (jax.ops.segment_max(r, g, num_segments=B) - jax.ops.segment_min(r, g, num_segments=B))[g]
-    keep = (spread > 0) if cfg.drop_equal_groups else jnp.ones(B, bool)
+    keep = (group_range(r, g) > 0) if cfg.drop_equal_groups else jnp.ones(r.shape, bool)
     return adv, keep
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from rljax.models.logprobs import sequence_token_stats
+from rljax.models.logprobs import sequence_token_stats, target_mask
 from rljax.ops.advantages import leave_one_out_baseline
 from rljax.ops.aggregate import AGGREGATIONS, aggregate
 from rljax.ops.kl import KL_ESTIMATORS, kl_k1, kl_k3
@@ -53,7 +53,7 @@ def _validate_common(cfg):
 def _policy_terms(params, batch: PolicyBatch, model, with_entropy=True):
     stats = ("logprobs", "entropy") if with_entropy else ("logprobs",)
     out = sequence_token_stats(params, batch.tokens, batch.attention_mask, model=model, stats=stats)
-    mask = (batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:]).astype(jnp.float32)
+    mask = target_mask(batch.loss_mask, batch.attention_mask)
     return out, mask
 
 
@@ -65,9 +65,13 @@ def _kl_terms(logprobs, batch, cfg, mask):
         z = jnp.zeros_like(logprobs)
         return z, {}
     penalty = KL_ESTIMATORS[cfg.kl_estimator](logprobs, batch.ref_logprobs)
-    metrics = {"kl_k1": aggregate(kl_k1(logprobs, batch.ref_logprobs), mask, "token_mean"),
-               "kl_k3": aggregate(kl_k3(logprobs, batch.ref_logprobs), mask, "token_mean")}
-    return penalty, metrics
+    return penalty, kl_metrics(logprobs, batch.ref_logprobs, mask)
+
+
+def kl_metrics(logprobs, ref_logprobs, mask) -> dict:
+    """Token means of the k1 and k3 estimates of KL(π ‖ π_ref) over `mask` ([B, T-1] each)."""
+    return {"kl_k1": aggregate(kl_k1(logprobs, ref_logprobs), mask, "token_mean"),
+            "kl_k3": aggregate(kl_k3(logprobs, ref_logprobs), mask, "token_mean")}
 
 
 # ----------------------------------------------------------------------------- REINFORCE family

@@ -7,7 +7,7 @@ import chex
 import jax.numpy as jnp
 
 from rljax.data.batch import SequenceBatch
-from rljax.models.logprobs import sequence_token_stats
+from rljax.models.logprobs import sequence_token_stats, target_mask
 from rljax.ops.aggregate import AGGREGATIONS, aggregate
 
 
@@ -42,7 +42,7 @@ def sft_loss(params, batch: SequenceBatch, *, model, cfg: SFTConfig):
     stats = ("logprobs", "mean_logprob") if cfg.label_smoothing > 0 else ("logprobs",)
     out = sequence_token_stats(params, batch.tokens, batch.attention_mask, model=model, stats=stats,
                                chunk_size=cfg.chunk_size, segment_ids=batch.segment_ids, positions=batch.positions)
-    mask = batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:]
+    mask = target_mask(batch.loss_mask, batch.attention_mask)
     if batch.segment_ids is not None:  # no prediction across a packing boundary
         mask = mask * (batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1])
     nll = -out["logprobs"]

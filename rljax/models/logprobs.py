@@ -22,6 +22,12 @@ _STATS = {
 }
 
 
+def target_mask(loss_mask: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """float32 [B, T-1] mask aligned with `token_logprobs`: entry t counts the
+    prediction of tokens[t+1] where it is a real token to train on."""
+    return (loss_mask[:, 1:] * attention_mask[:, 1:]).astype(jnp.float32)
+
+
 def _chunk_size(batch: int, length: int, vocab: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return max(1, min(int(chunk_size), length))

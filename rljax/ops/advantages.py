@@ -25,6 +25,16 @@ def group_stats(x: jax.Array, group_ids: jax.Array) -> tuple[jax.Array, jax.Arra
     return mean[group_ids], jnp.sqrt(var)[group_ids], count[group_ids]
 
 
+def group_range(x: jax.Array, group_ids: jax.Array) -> jax.Array:
+    """max − min of each sample's group: [R] -> [R] (0 when the group's values are all equal)."""
+    chex.assert_equal_shape([x, group_ids])
+    R = x.shape[0]
+    x = x.astype(jnp.float32)
+    hi = jax.ops.segment_max(x, group_ids, num_segments=R)
+    lo = jax.ops.segment_min(x, group_ids, num_segments=R)
+    return (hi - lo)[group_ids]
+
+
 def group_advantages(rewards: jax.Array, group_ids: jax.Array, *, scale_by_std: bool = True,
                      eps: float = 1e-6) -> jax.Array:
     """GRPO: Â_i = (r_i − μ_g) / (σ_g + ε), or r_i − μ_g without std scaling (Dr. GRPO). [R] -> [R].
