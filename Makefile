@@ -1,5 +1,5 @@
 # Two entry points, both self-contained on a fresh machine:
-#   make quickstart   create .venv, install, run the SFT arithmetic study on CPU (about 6 minutes)
+#   make quickstart   create .venv, install, run SFT then GRPO on arithmetic on CPU (about 9 minutes)
 #   make test         create .venv, install .[dev], run the default test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) -m experiments.sft_arithmetic
+	$(PY) -m experiments.grpo_gain
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile

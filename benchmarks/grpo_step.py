@@ -1,8 +1,9 @@
-"""Seconds per GRPO iteration, split into sampling / scoring / reference log-probs / update.
+"""Seconds per GRPO (or PPO) iteration, split into sampling / scoring / reference log-probs / values / update.
 
     python -m benchmarks.grpo_step                       # both configurations below
     python -m benchmarks.grpo_step --which trl           # the peer's configuration only
     python -m benchmarks.grpo_step --which small --iterations 3
+    python -m benchmarks.grpo_step --which trl --algo ppo   # PPO (value head on the policy) at the same shape
 
 "trl" is the configuration of ../shared/bench/trl_grpo.py (run it in the same
 sitting for the ratio): a random Llama with hidden 256, 4 layers, 4 heads (no
@@ -12,7 +13,9 @@ reference model: track_kl off); one update per iteration; the same toy reward.
 It is timed once more with track_kl on, which adds the reference forward pass
 the KL metrics need. Prompts (5 tokens) go in a bucket of 8 (TRL pads to the
 longest prompt). "small" is the `small` preset at 64 prompts x 8 x 64 tokens.
-The first iteration (compilation) is reported apart; figures are medians.
+The first iteration (compilation) is reported apart; figures are medians. With
+--algo ppo the policy gets a value head; one forward for V_old ("values") is added
+and the update also trains the value head (β = 0, one epoch, one minibatch).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import numpy as np
 
 from benchmarks.common import banner
 from rljax.cli import parse_config
-from rljax.losses import GRPOConfig
+from rljax.losses import GRPOConfig, PPOConfig, with_value_head
 from rljax.models import Model, TransformerConfig, preset
 from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
 from rljax.sampling import SampleConfig
@@ -39,6 +42,7 @@ TRL_PROMPTS = [f"{i}+{j}=" for i, j in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1), 
 @dataclass
 class Config:
     which: str = "both"  # trl | small | both
+    algo: str = "grpo"  # grpo | ppo
     iterations: int = 5  # timed iterations after the first
     smoke: bool = False
 
@@ -49,18 +53,21 @@ def reward_digits(prompts, completions, **_):
 
 
 def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, iterations: int, track_kl: bool,
-        min_prompt_bucket: int = 16) -> dict:
+        min_prompt_bucket: int = 16, algo: str = "grpo") -> dict:
     tok = CharTokenizer()
-    cfg = RLConfig(algorithm="grpo", loss=GRPOConfig(kl_coef=0.0),
+    params = model.init(jax.random.key(0))
+    if algo == "ppo":
+        model, params = with_value_head(model, params)
+    cfg = RLConfig(algorithm=algo, loss=GRPOConfig(kl_coef=0.0) if algo == "grpo" else PPOConfig(kl_coef=0.0),
                    sampling=SampleConfig(max_new_tokens=max_new, n=n, eos_id=-1, pad_id=tok.pad_id,
                                          min_prompt_bucket=min_prompt_bucket),
                    optimizer=OptimizerConfig(lr=1e-4, schedule="constant"), track_kl=track_kl)
-    banner(f"grpo_step {name} (track_kl={track_kl})",
+    banner(f"grpo_step {name} {algo} (track_kl={track_kl})",
            f"{model.config.num_params():,} params, d{model.config.d_model} x {model.config.n_layers} layers, "
            f"{len(prompts)} prompts x {n} samples x {max_new} new tokens, prompt bucket >= {min_prompt_bucket}, "
            f"{model.config.dtype}, beta=0, 1 update/iteration")
     it = make_rl_iteration(model, cfg, reward_digits, tok.decode_batch)
-    state = create_rl_state(model, model.init(jax.random.key(0)), cfg.optimizer, jax.random.key(1))
+    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
     tokens, mask = tok.encode_batch(prompts, padding_side="left")
     rows = []
     for i in range(iterations + 1):
@@ -72,12 +79,13 @@ def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, itera
     def med(key):
         return statistics.median(r[key] for r in rest)
 
-    out = {"total": med("total"), **{s: med(f"time_{s}_s") for s in ("sample", "score", "ref", "update")}}
-    out["other"] = out["total"] - sum(out[s] for s in ("sample", "score", "ref", "update"))
+    stages = ("sample", "score", "ref", "values", "update")
+    out = {"total": med("total"), **{s: med(f"time_{s}_s") for s in stages}}
+    out["other"] = out["total"] - sum(out[s] for s in stages)
     tokens_per_iter = len(prompts) * n * max_new
     print(f"first iteration (compiles) {first['total']:.2f} s; median of {len(rest)}: "
           f"{out['total']:.3f} s/iteration = sample {out['sample']:.3f} + score {out['score']:.3f} + ref "
-          f"{out['ref']:.3f} + update {out['update']:.3f} + other {out['other']:.3f}")
+          f"{out['ref']:.3f} + values {out['values']:.3f} + update {out['update']:.3f} + other {out['other']:.3f}")
     print(f"generated tokens/s {tokens_per_iter / out['sample']:,.0f}; iteration tokens/s "
           f"{tokens_per_iter / out['total']:,.0f}; mean completion length {rest[-1]['completion_length']:.0f}")
     return out
@@ -95,11 +103,11 @@ def main(cfg: Config) -> None:
         prompts, max_new = (TRL_PROMPTS[:4], 16) if cfg.smoke else (TRL_PROMPTS, 128)
         for track_kl in (False, True):
             # prompts are 5 tokens (bos + 4 chars): a bucket of 8 instead of the default 16
-            run("trl-config", model, prompts, 8, max_new, iterations, track_kl, min_prompt_bucket=8)
+            run("trl-config", model, prompts, 8, max_new, iterations, track_kl, min_prompt_bucket=8, algo=cfg.algo)
     if cfg.which in ("small", "both"):
         model = Model(preset("small", vocab_size=tok.vocab_size))
         prompts = [TRL_PROMPTS[i % 16] for i in range(8 if cfg.smoke else 64)]
-        run("small", model, prompts, 8, 16 if cfg.smoke else 64, iterations, track_kl=False)
+        run("small", model, prompts, 8, 16 if cfg.smoke else 64, iterations, track_kl=False, algo=cfg.algo)
 
 
 if __name__ == "__main__":

@@ -60,13 +60,17 @@ def build_model(cfg: Config, tok) -> Model:
     return Model(preset(cfg.preset, vocab_size=tok.vocab_size, dtype=cfg.dtype))
 
 
-def exact_match(params, model, tok, problems, max_new_tokens) -> float:
-    """Greedy-decode every test prompt and check the final answer."""
+def exact_match(params, model, tok, problems, max_new_tokens, *, n: int = 1, temperature: float = 0.0,
+                key=None) -> tuple[float, list[str]]:
+    """Fraction of right final answers over every test prompt: greedy decoding
+    (temperature 0, the default), or `n` samples per prompt at `temperature`
+    (mean over samples: pass@1 as RL papers report it). Returns (accuracy, texts)."""
     prompts, mask = tok.encode_batch([p.prompt for p in problems], padding_side="left")
-    cfg = SampleConfig(max_new_tokens=max_new_tokens, greedy=True, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    r = sample(params, prompts, mask, jax.random.key(0), model=model, cfg=cfg)
+    cfg = SampleConfig(max_new_tokens=max_new_tokens, n=n, temperature=temperature, eos_id=tok.eos_id,
+                       pad_id=tok.pad_id)
+    r = sample(params, prompts, mask, jax.random.key(0) if key is None else key, model=model, cfg=cfg)
     texts = tok.decode_batch(np.asarray(r.completions))
-    return float(np.mean([check_answer(p, t) for p, t in zip(problems, texts)])), texts
+    return float(np.mean([check_answer(p, t) for p, t in zip((p for p in problems for _ in range(n)), texts)])), texts
 
 
 def apply_smoke(cfg: Config) -> None:

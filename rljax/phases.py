@@ -7,6 +7,7 @@ same command again after a crash continues exactly where it stopped.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rljax.checkpoint import Checkpointer
@@ -163,7 +165,7 @@ class PromptBatch:
 
 def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loop: LoopConfig,
        run_dir: str | None = None, eval_fn: Callable | None = None, accuracy_fn: Callable | None = None,
-       refill_prompts=None):
+       refill_prompts=None, critic_model=None):
     """On-policy RL: `run_loop` over `rljax.rl` iterations (sample -> score -> prepare -> update).
 
     state: an RLState (create_rl_state); prompts: anything with batch_at(position) ->
@@ -175,20 +177,58 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
     refill_prompts.batch_at(i * max_refills + k - 1); by default `prompts` itself at
     positions past loop.steps, which the phase never uses otherwise. Either way the
     draw is a function of the iteration, so a resumed run refills identically.
+    critic_model: the model of a separate critic in state.critic (see create_rl_state).
+
+    With cfg.staleness = s > 0 (A3C-style asynchronous actors), batch i is sampled by
+    an actor thread with the params of iteration i − s (0 for the first s) while the
+    learner trains, and learned from with lag min(i, s) (the `staleness` metric); the
+    sampling key of batch i is the synchronous loop's, so s = 0 is the plain loop. A
+    resumed run re-samples its first s batches with the restored params (lags 0..s−1),
+    so it continues the run but not bit for bit.
     """
     from rljax.rl import make_rl_iteration
 
-    iteration = make_rl_iteration(model, cfg, reward_fn, decode, accuracy_fn=accuracy_fn)
+    iteration = make_rl_iteration(model, cfg, reward_fn, decode, accuracy_fn=accuracy_fn, critic_model=critic_model)
     source, offset = (refill_prompts, 0) if refill_prompts is not None else (prompts, loop.steps)
 
-    def step(state, batch: PromptBatch):
-        position = int(jax.device_get(state.step))
-
+    def refill_at(position):
         def refill(k):
             more = source.batch_at(offset + position * cfg.max_refills + k - 1)
             return more.tokens, more.mask, more.metadata
+        return refill if cfg.max_refills else None
 
-        return iteration(state, batch.tokens, batch.mask, refill=refill if cfg.max_refills else None,
-                         **batch.metadata)
+    if cfg.staleness == 0:
+        def step(state, batch: PromptBatch):
+            position = int(jax.device_get(state.step))
+            return iteration(state, batch.tokens, batch.mask, refill=refill_at(position), **batch.metadata)
 
-    return run_loop(state, step, prompts, loop, run_dir=run_dir, eval_fn=eval_fn, name="rl")
+        return run_loop(state, step, prompts, loop, run_dir=run_dir, eval_fn=eval_fn, name="rl")
+
+    # Asynchronous actors: threads run `collect` for the next `staleness` batches with a
+    # copy of the params of the moment (the learner donates its buffers), while the
+    # learner runs `learn` on the current one. XLA releases the GIL, so sampling and
+    # updates overlap; the schedule, and so every result, is deterministic.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=cfg.actors, thread_name_prefix="rl-actor")
+    pending: dict[int, tuple[concurrent.futures.Future, int]] = {}
+
+    def submit(position, state):
+        batch = prompts.batch_at(position)
+        snapshot = jax.tree.map(jnp.copy, state.policy.params)
+        key = jax.random.fold_in(state.rng, position)
+        future = pool.submit(iteration.collect, snapshot, batch.tokens, batch.mask, key,
+                             refill=refill_at(position), **batch.metadata)
+        pending[position] = (future, int(jax.device_get(state.step)))
+
+    def async_step(state, batch: PromptBatch):
+        position = int(jax.device_get(state.step))
+        for p in range(position, min(position + cfg.staleness, loop.steps - 1) + 1):
+            if p not in pending:
+                submit(p, state)
+        future, version = pending.pop(position)
+        return iteration.learn(state, future.result(), jax.random.fold_in(state.rng, position),
+                               lag=position - version)
+
+    try:
+        return run_loop(state, async_step, prompts, loop, run_dir=run_dir, eval_fn=eval_fn, name="rl")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

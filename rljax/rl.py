@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,8 @@ import numpy as np
 from flax import struct
 
 from rljax.algorithms import check_group_size, get_algorithm
+from rljax.losses.actor_critic import approx_kl, token_values, value_loss
+from rljax.losses.kl_control import KLController, KLControllerState
 from rljax.losses.policy_gradient import kl_metrics
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.ops.advantages import group_range
@@ -36,8 +38,9 @@ class RLState:
     TrainState; ref_params: the frozen reference (start of the phase); reward_ema:
     running mean of rewards (moving-average baseline); rng: key for sampling;
     critic: a separate value model's TrainState for actor-critic methods (None when
-    there is none or the value head shares the policy's params). The loop threads
-    the whole pytree, so checkpoints and resumption cover every field."""
+    there is none or the value head shares the policy's params); kl_control: the
+    adaptive KL controller's state (None without one). The loop threads the whole
+    pytree, so checkpoints and resumption cover every field."""
 
     step: jax.Array
     policy: TrainState
@@ -45,6 +48,7 @@ class RLState:
     reward_ema: jax.Array
     rng: jax.Array
     critic: TrainState | None = None
+    kl_control: KLControllerState | None = None
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,21 @@ class RLConfig:
     last tokens instead of raising.
     max_refills: dynamic sampling (DAPO; for configs with drop_equal_groups): while
     fewer groups than prompts have unequal rewards, sample up to this many more
-    prompt batches and fill the batch with their informative groups."""
+    prompt batches and fill the batch with their informative groups.
+    target_kl: PPO's early stop: before each minibatch update the policy's approx
+    KL to π_old on that minibatch is measured (one forward pass); above 1.5 ×
+    target_kl the iteration's remaining updates are skipped.
+    kl_controller: adaptive β for losses with a per-token KL penalty (e.g.
+    `adaptive_kl_controller`); its state lives in RLState.kl_control and is updated
+    with the sampled sequences' KL to the reference (Σ_t k1, mean over rows).
+    staleness, actors: asynchronous actors (A3C style, used by the `rl` phase): actor
+    threads sample the batch of iteration i + staleness with a snapshot of the
+    params while the learner trains on batch i, so a batch is `staleness`
+    iterations old when it is learned from (0: synchronous, identical to the plain
+    loop); `actors` threads share the sampling.
+    critic_optimizer, critic_epochs: a separate critic (RLState.critic) is fitted
+    after the policy update by critic_epochs x minibatches regression steps on the
+    returns (optimizer: critic_optimizer, default `optimizer`)."""
 
     algorithm: str = "grpo"
     loss: Any = None
@@ -70,6 +88,12 @@ class RLConfig:
     track_kl: bool = True
     truncate_prompts: bool = False
     max_refills: int = 0
+    target_kl: float | None = None
+    kl_controller: KLController | None = None
+    staleness: int = 0
+    actors: int = 1
+    critic_optimizer: OptimizerConfig | None = None
+    critic_epochs: int = 1
 
     def __post_init__(self):
         algo = get_algorithm(self.algorithm)
@@ -82,17 +106,43 @@ class RLConfig:
         if self.max_refills and not getattr(self.loss or algo.config, "drop_equal_groups", False):
             raise ValueError("RLConfig.max_refills: refilling replaces dropped groups, so it needs a loss config "
                              "with drop_equal_groups=True (e.g. algorithm='dapo')")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"RLConfig.target_kl: must be positive or None, got {self.target_kl}")
+        if self.critic_epochs < 1:
+            raise ValueError(f"RLConfig.critic_epochs: must be >= 1, got {self.critic_epochs}")
+        if algo.make_update is not None and (self.epochs, self.minibatches) != (1, 1):
+            raise ValueError(f"RLConfig: {self.algorithm} takes one step on the whole batch per iteration; "
+                             f"got epochs={self.epochs}, minibatches={self.minibatches}")
+        if self.staleness < 0 or self.actors < 1:
+            raise ValueError(f"RLConfig: need staleness >= 0 and actors >= 1, got {self.staleness}, {self.actors}")
+        if self.kl_controller is not None and not algo.uses_values:
+            raise ValueError(f"RLConfig.kl_controller: {self.algorithm} has no per-token KL reward to control; "
+                             "use an actor-critic algorithm (a2c, ppo)")
 
 
-def create_rl_state(model, params, opt_cfg: OptimizerConfig, key) -> RLState:
+def create_rl_state(model, params, opt_cfg: OptimizerConfig, key, *, kl_controller: KLController | None = None,
+                    critic_model=None, critic_params=None, critic_optimizer: OptimizerConfig | None = None
+                    ) -> RLState:
     """The policy starts from a copy of `params` (updates donate their input, so the
     caller's arrays stay valid); `params` themselves become the frozen reference.
-    With `model.mesh`, policy, optimizer state and reference are placed sharded."""
-    k_policy, k_rl = jax.random.split(key)
+    With `model.mesh`, policy, optimizer state and reference are placed sharded.
+    kl_controller: the adaptive KL controller whose state starts here.
+    critic_model, critic_params: a separate critic (e.g. `with_value_head(model,
+    params)` for one initialised from the policy, `critic_from_reward_model` from a
+    reward model) with its own optimizer state (critic_optimizer, default opt_cfg)."""
+    k_policy, k_rl, k_critic = jax.random.split(key, 3)
     mesh = model.mesh
     policy = create_state(model, opt_cfg, k_policy, mesh=mesh, params=jax.tree.map(jnp.copy, params))
     ref = params if mesh is None else shard_params(params, param_shardings(model, mesh))
-    return RLState(step=jnp.int32(0), policy=policy, ref_params=ref, reward_ema=jnp.float32(0.0), rng=k_rl)
+    critic = None
+    if critic_model is not None:
+        if critic_params is None or "value" not in critic_model.config.heads:
+            raise ValueError("create_rl_state: a separate critic needs critic_params and a critic_model with a "
+                             "value head (see rljax.losses.actor_critic.with_value_head)")
+        critic = create_state(critic_model, critic_optimizer or opt_cfg, k_critic, mesh=critic_model.mesh,
+                              params=jax.tree.map(jnp.copy, critic_params))
+    return RLState(step=jnp.int32(0), policy=policy, ref_params=ref, reward_ema=jnp.float32(0.0), rng=k_rl,
+                   critic=critic, kl_control=None if kl_controller is None else kl_controller.init())
 
 
 def _informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:
@@ -101,15 +151,53 @@ def _informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(group_range(jnp.asarray(rewards), ids))[::n] > 0
 
 
+@dataclass
+class Collected:
+    """What the actor side of an iteration hands to the learner: the rollout (after
+    dynamic-sampling refills), its rewards, all sampled rewards / correctness (for
+    metrics), SCST's greedy rewards, the raw rollouts, prompts cut, refill rounds and
+    seconds per stage so far."""
+
+    rollout: Any
+    rewards: np.ndarray
+    all_rewards: np.ndarray
+    all_correct: np.ndarray | None
+    greedy: np.ndarray | None
+    sampled: list
+    cut: int
+    rounds: int
+    times: dict
+
+
+class RLIteration(NamedTuple):
+    """`iteration(state, tokens, mask, key=None, refill=None, **metadata) -> (state, metrics)`,
+    made of its two halves: collect(params, tokens, mask, key, refill=None, **metadata)
+    -> Collected (sampling, scoring) and learn(state, collected, key, lag=0) -> (state,
+    metrics) (reference and value forwards, prepare, updates). Asynchronous actors call
+    collect with a snapshot of the params and the learner calls learn."""
+
+    collect: Callable
+    learn: Callable
+
+    def __call__(self, state: RLState, prompt_tokens, prompt_mask, key=None, refill=None, **metadata):
+        """key: defaults to fold_in(state.rng, state.step), so a resumed run samples the same."""
+        key = jax.random.fold_in(state.rng, state.step) if key is None else key
+        collected = self.collect(state.policy.params, prompt_tokens, prompt_mask, key, refill=refill, **metadata)
+        return self.learn(state, collected, key)
+
+
 def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callable,
-                      accuracy_fn: Callable | None = None) -> Callable:
-    """Build `iteration(state, prompt_tokens, prompt_mask, key=None, refill=None, **metadata) -> (state, metrics)`.
+                      accuracy_fn: Callable | None = None, critic_model=None) -> RLIteration:
+    """Build `iteration(state, prompt_tokens, prompt_mask, key=None, refill=None, **metadata) -> (state, metrics)`
+    (an `RLIteration`: its `collect` and `learn` halves are also usable apart).
 
     decode(ids [R, T]) -> list[str] turns token ids into the text the reward sees.
     accuracy_fn: optional, same protocol as reward_fn, 1 for a correct sample; its
     mean is reported as `accuracy`. metadata: per-prompt lists (repeated for the n
     samples of each prompt). refill(k) -> (tokens, mask, metadata), k = 1, 2, ...:
-    more prompts for dynamic sampling (cfg.max_refills).
+    more prompts for dynamic sampling (cfg.max_refills). critic_model: the model of a
+    separate critic (RLState.critic); without it, actor-critic methods use the
+    policy's own value head.
 
     Metrics: reward mean/std, accuracy, KL to the reference of the sampled tokens
     (kl_k1, kl_k3; token mean), entropy, clip fraction (clipped losses), completion
@@ -120,10 +208,32 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     acfg = cfg.loss if cfg.loss is not None else algo.config
     check_group_size(algo, cfg.sampling.n)
     mesh = model.mesh  # with a mesh, sampling, reference log-probs and updates all run sharded
-    step = make_train_step(functools.partial(algo.loss, model=model, cfg=acfg), cfg.optimizer,
-                           model=model if mesh is not None else None, mesh=mesh)
+    if algo.make_update is not None:
+        if critic_model is None:
+            raise ValueError(f"{algo.name} fits a separate critic: pass critic_model= (and create the state with "
+                             "critic_model, critic_params)")
+        step = algo.make_update(model, acfg)
+    else:
+        step = make_train_step(functools.partial(algo.loss, model=model, cfg=acfg), cfg.optimizer,
+                               model=model if mesh is not None else None, mesh=mesh)
+    critic_step = None
+    if critic_model is not None:
+        critic_step = make_train_step(functools.partial(value_loss, model=critic_model, cfg=acfg),
+                                      cfg.critic_optimizer or cfg.optimizer,
+                                      model=critic_model if critic_model.mesh is not None else None,
+                                      mesh=critic_model.mesh)
     ref_lp = jax.jit(functools.partial(token_logprobs, model=model))
-    needs_ref = getattr(acfg, "kl_coef", 0.0) > 0
+    if algo.uses_values and critic_model is None and "value" not in model.config.heads:
+        raise ValueError(f"{algo.name} needs a value head: build the model and params with "
+                         "rljax.losses.actor_critic.with_value_head(model, params), or pass a separate critic_model")
+    values_fn = jax.jit(functools.partial(token_values, model=critic_model or model))
+
+    @jax.jit
+    def policy_kl(params, batch):
+        lp = token_logprobs(params, batch.tokens, batch.attention_mask, model=model)
+        return approx_kl(lp, batch.old_logprobs, target_mask(batch.loss_mask, batch.attention_mask))
+    controller = cfg.kl_controller
+    needs_ref = getattr(acfg, "kl_coef", 0.0) > 0 or controller is not None
     greedy_cfg = cfg.sampling.replace(greedy=True, n=1)
     dynamic = getattr(acfg, "drop_equal_groups", False)
     room = model.config.max_seq_len - cfg.sampling.max_new_tokens
@@ -152,12 +262,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         times["score"] += time.perf_counter() - t1
         return rollout, rewards, correct, prompt_text
 
-    def iteration(state: RLState, prompt_tokens, prompt_mask, key=None, refill=None, **metadata):
-        """key: defaults to fold_in(state.rng, state.step), so a resumed run samples the same."""
-        key = jax.random.fold_in(state.rng, state.step) if key is None else key
-        k_sample, k_greedy, k_perm = jax.random.split(key, 3)
-        times = dict(sample=0.0, score=0.0, ref=0.0, update=0.0)
-        params = state.policy.params
+    def collect(params, prompt_tokens, prompt_mask, key, refill=None, **metadata) -> Collected:
+        """Sample (with refills), score and, for SCST, decode greedily with `params`."""
+        k_sample, k_greedy, _ = jax.random.split(key, 3)
+        times = dict(sample=0.0, score=0.0, ref=0.0, values=0.0, update=0.0)
         prompt_tokens, prompt_mask, cut = fit(prompt_tokens, prompt_mask)
         rollout, rewards, correct, prompt_text = rollout_of(params, prompt_tokens, prompt_mask, metadata,
                                                             k_sample, times)
@@ -189,54 +297,101 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             g = sample(params, prompt_tokens, prompt_mask, k_greedy, model=model, cfg=greedy_cfg)
             times["sample"] += time.perf_counter() - t0
             greedy = np.repeat(scored(reward_fn, g, prompt_text, metadata, 1), n)
+        return Collected(rollout, rewards, all_rewards, all_correct, greedy, sampled, cut, rounds, times)
+
+    def learn(state: RLState, c: Collected, key, lag: int = 0):
+        """Prepare and update on collected samples. lag: updates the learner has made since
+        the params that sampled them (asynchronous actors); > 0 turns on the clipped
+        importance weights of losses that have them (a2c's is_clip)."""
+        _, _, k_perm = jax.random.split(key, 3)
+        rollout, rewards, times, params = c.rollout, c.rewards, dict(c.times), state.policy.params
+        if critic_model is not None and state.critic is None:
+            raise ValueError("a critic_model was given but the RLState has no critic: create_rl_state(..., "
+                             "critic_model=, critic_params=)")
         ref = None
         if needs_ref or cfg.track_kl:
             t0 = time.perf_counter()
             ref = jax.block_until_ready(ref_lp(state.ref_params, rollout.tokens, rollout.attention_mask))
             times["ref"] = time.perf_counter() - t0
+        values = None
+        if algo.uses_values:
+            t0 = time.perf_counter()
+            critic_params = params if critic_model is None else state.critic.params
+            values = jax.block_until_ready(values_fn(critic_params, rollout.tokens, rollout.attention_mask))
+            times["values"] = time.perf_counter() - t0
+        extra = {} if state.kl_control is None else {"kl_coef": state.kl_control.beta}
         # The moving-average baseline of iteration 0 is the batch mean: no past rewards yet.
         ema = state.reward_ema if int(state.step) > 0 else jnp.float32(np.mean(rewards))
         batch, keep = algo.prepare(rollout, rewards, acfg, ref_logprobs=ref if needs_ref else None,
-                                   greedy_rewards=greedy, ema=ema)
+                                   greedy_rewards=c.greedy, ema=ema, values=values, **extra)
+        if lag:
+            batch = batch.replace(lag=jnp.full((rollout.tokens.shape[0],), lag, jnp.int32))
         batch = batch.replace(loss_mask=batch.loss_mask * jnp.asarray(keep, batch.loss_mask.dtype)[:, None])
 
         R = rollout.tokens.shape[0]
         if R % cfg.minibatches:
             raise ValueError(f"{R} sampled rows do not split into RLConfig.minibatches={cfg.minibatches}")
         size = R // cfg.minibatches
+
+        def minibatches(epochs, seed, mesh):
+            """epochs x minibatches row subsets of `batch`, each epoch a fresh permutation."""
+            for epoch in range(epochs):
+                order = np.asarray(jax.random.permutation(jax.random.fold_in(k_perm, seed + epoch), R))
+                for j in range(cfg.minibatches):
+                    rows = order[j * size:(j + 1) * size] if cfg.minibatches > 1 else np.arange(R)
+                    minibatch = jax.tree.map(lambda x: x[rows], batch)
+                    yield minibatch if mesh is None else shard_batch(minibatch, mesh)
+
         t0 = time.perf_counter()
-        policy, metrics = state.policy, {}
-        for epoch in range(cfg.epochs):
-            order = np.asarray(jax.random.permutation(jax.random.fold_in(k_perm, epoch), R))
-            for j in range(cfg.minibatches):
-                rows = order[j * size:(j + 1) * size] if cfg.minibatches > 1 else np.arange(R)
-                minibatch = jax.tree.map(lambda x: x[rows], batch)
-                policy, metrics = step(policy, minibatch if mesh is None else shard_batch(minibatch, mesh))
+        policy, metrics, updates = state.policy, {}, 0
+        for minibatch in minibatches(cfg.epochs, 0, mesh):
+            # PPO's early stop, measured before the update (the first one, at π_old, always runs)
+            if updates and cfg.target_kl is not None and \
+                    float(policy_kl(policy.params, minibatch)) > 1.5 * cfg.target_kl:
+                break
+            policy, metrics = step(policy, minibatch)
+            updates += 1
+        critic = state.critic
+        if critic_step is not None:  # the separate critic regresses on the returns
+            for minibatch in minibatches(cfg.critic_epochs, 1000, critic_model.mesh):
+                critic, critic_metrics = critic_step(critic, minibatch)
+            metrics = dict(metrics, **{f"critic_{k}": v for k, v in critic_metrics.items()})
         metrics = jax.device_get(metrics)
         times["update"] = time.perf_counter() - t0
         lengths = np.asarray(rollout.lengths)
         out = {k: float(v) for k, v in metrics.items()}
         out.update({
-            "reward_mean": float(np.mean(all_rewards)), "reward_std": float(np.std(all_rewards)),
+            "reward_mean": float(np.mean(c.all_rewards)), "reward_std": float(np.std(c.all_rewards)),
             "completion_length": float(lengths.mean()),
             "truncated_fraction": float(np.mean(~np.asarray(rollout.stopped_at_eos))),
             "kept_fraction": float(np.mean(np.asarray(keep))),
-            "sample_tokens_per_s": float(sum(int(np.asarray(s[0].lengths).sum()) for s in sampled)
+            "sample_tokens_per_s": float(sum(int(np.asarray(s[0].lengths).sum()) for s in c.sampled)
                                          / max(times["sample"], 1e-9)),
             "train_tokens_per_s": float(cfg.epochs * np.asarray(rollout.attention_mask).sum()
                                         / max(times["update"], 1e-9)),
             **{f"time_{k}_s": v for k, v in times.items()},
         })
         if accuracy_fn:
-            out["accuracy"] = float(np.mean(all_correct))
+            out["accuracy"] = float(np.mean(c.all_correct))
         if cfg.truncate_prompts:
-            out["truncated_prompts"] = float(cut)
+            out["truncated_prompts"] = float(c.cut)
         if dynamic:
-            out["refill_rounds"] = float(rounds)
+            out["refill_rounds"] = float(c.rounds)
+        if lag:
+            out["staleness"] = float(lag)
+        if cfg.target_kl is not None:
+            out["updates"] = float(updates)
         if ref is not None:  # KL(π_old ‖ π_ref) over the sampled completion tokens
             mask = target_mask(rollout.loss_mask, rollout.attention_mask)
             out.update({k: float(v) for k, v in kl_metrics(rollout.logprobs, ref, mask).items()})
         new_ema = cfg.ema_decay * ema + (1 - cfg.ema_decay) * float(np.mean(rewards))
-        return state.replace(step=state.step + 1, policy=policy, reward_ema=jnp.float32(new_ema)), out
+        kl_control = state.kl_control
+        if kl_control is not None:  # observed KL per sequence: Σ_t k1 over the completion, mean over rows
+            mask = target_mask(rollout.loss_mask, rollout.attention_mask)
+            seq_kl = float(jnp.mean(jnp.sum((rollout.logprobs - ref) * mask, axis=1)))
+            out["kl_coef"], out["kl_per_sequence"] = float(kl_control.beta), seq_kl
+            kl_control = controller.update(kl_control, seq_kl, R)
+        return state.replace(step=state.step + 1, policy=policy, reward_ema=jnp.float32(new_ema),
+                             kl_control=kl_control, critic=critic), out
 
-    return iteration
+    return RLIteration(collect, learn)

@@ -47,13 +47,34 @@ def test_grpo_gain_smoke_reuses_one_sft_run_across_settings(tmp_path, capsys):
 
     run_dir = str(tmp_path / "study")
     res = grpo_gain.main(grpo_gain.Config(smoke=True, run_dir=run_dir, progress=False))
-    after = res["accuracy_rl"]
-    assert len(after) == 2 and abs(res["gain_mean"] - (sum(after) / 2 - res["accuracy_sft"])) < 1e-9
+    for kind in ("greedy", "sampled"):
+        after, before = res[kind]["accuracy_rl"], res[kind]["accuracy_sft"]
+        assert len(after) == 2 and abs(res[kind]["gain_mean"] - (sum(after) / 2 - before)) < 1e-9
+        assert abs(res[kind]["gain_std"] - abs(after[0] - after[1]) / 2 ** 0.5) < 1e-9
     ckpt = os.path.join(run_dir, "sft", "checkpoints")
     mtime = os.path.getmtime(ckpt)
     capsys.readouterr()
     again = grpo_gain.main(grpo_gain.Config(smoke=True, run_dir=run_dir, progress=False, lr=3e-5))
     assert "using the finished SFT run" in capsys.readouterr().out and os.path.getmtime(ckpt) == mtime
-    assert again["accuracy_sft"] == res["accuracy_sft"]  # the same SFT model and test set
+    assert again["greedy"]["accuracy_sft"] == res["greedy"]["accuracy_sft"]  # the same SFT model and test set
     assert sorted(f for f in os.listdir(run_dir) if f.startswith("results")) == [
-        "results-grpo-lr0.0001.json", "results-grpo-lr3e-05.json"]
+        "results-grpo-lr2e-05.json", "results-grpo-lr3e-05.json"]
+
+
+def test_sampled_exact_match_at_low_temperature_equals_greedy(tmp_path):
+    """Sampled accuracy is the mean over n samples per problem; at a temperature near 0
+    every sample is the greedy decode, so it equals greedy exact match."""
+    import jax
+
+    from experiments import sft_arithmetic
+    from rljax.data.arithmetic import make_split
+    from rljax.models import Model, preset
+    from rljax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    model = Model(preset("tiny", vocab_size=tok.vocab_size))
+    params = model.init(jax.random.key(3))
+    _, test = make_split(64, 12, levels=(1,), seed=0)
+    greedy, texts = sft_arithmetic.exact_match(params, model, tok, test, 12)
+    cold, cold_texts = sft_arithmetic.exact_match(params, model, tok, test, 12, n=3, temperature=1e-6)
+    assert cold == greedy and cold_texts == [t for t in texts for _ in range(3)]

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from rljax.data.arithmetic import Problem, solve
-from rljax.rewards import (RewardError, arithmetic_answer_reward, arithmetic_format_reward, length_penalty, score,
-                           weighted_sum)
+from rljax.rewards import (RewardError, arithmetic_answer_reward, arithmetic_format_reward, arithmetic_step_reward,
+                           length_penalty, score, weighted_sum)
 
 P = Problem("23+58*2", *solve("23+58*2"), level=2)
 GOOD = "58*2=116;23+116=139;answer:139"
@@ -17,6 +17,16 @@ def test_answer_and_format_rewards():
     np.testing.assert_array_equal(r, [1, 0, 1, 0])
     f = score(arithmetic_format_reward, ["p"] * 5, [GOOD, WRONG, MESSY, "", "answer:7"])
     np.testing.assert_array_equal(f, [1, 1, 0, 0, 1])
+
+
+def test_step_reward_counts_right_steps_up_to_the_first_mistake():
+    completions = [GOOD, WRONG,
+                   "58*2=106;23+106=129;answer:129",  # wrong first product, then right arithmetic on it: 0 of 2
+                   "23+58=81;81*2=162;answer:162",  # illegal order (+ before *): 0 of 2
+                   "58*2=116", "58*2=116;23+116=139;1+1=2;answer:139",  # one of 2; extra steps do not add
+                   MESSY, ""]
+    r = score(arithmetic_step_reward, ["p"] * len(completions), completions, problems=[P] * len(completions))
+    np.testing.assert_array_equal(r, [1.0, 0.5, 0.0, 0.0, 0.5, 1.0, 0.0, 0.0])
 
 
 def test_length_penalty_and_weighted_sum():

@@ -1,8 +1,13 @@
 """Losses: pure functions `loss(params, batch, *, model, cfg) -> (scalar, metrics)`."""
+from rljax.losses.actor_critic import A2CConfig, PPOConfig, a2c_loss, ppo_loss, with_value_head
 from rljax.losses.grpo import GRPOConfig, grpo_advantages, grpo_loss
+from rljax.losses.kl_control import adaptive_kl_controller, fixed_kl_controller
 from rljax.losses.policy_gradient import (MRTConfig, PolicyBatch, ReinforceConfig, mrt_distribution, mrt_loss,
                                           reinforce_advantages, reinforce_loss)
 from rljax.losses.sft import SFTConfig, sft_loss
+from rljax.losses.trpo import TRPOConfig, trpo_update
 
-__all__ = ["GRPOConfig", "MRTConfig", "PolicyBatch", "ReinforceConfig", "SFTConfig", "grpo_advantages", "grpo_loss",
-           "mrt_distribution", "mrt_loss", "reinforce_advantages", "reinforce_loss", "sft_loss"]
+__all__ = ["A2CConfig", "GRPOConfig", "MRTConfig", "PPOConfig", "PolicyBatch", "ReinforceConfig", "SFTConfig",
+           "TRPOConfig", "a2c_loss", "adaptive_kl_controller", "fixed_kl_controller", "grpo_advantages", "grpo_loss",
+           "mrt_distribution", "mrt_loss", "ppo_loss", "reinforce_advantages", "reinforce_loss", "sft_loss",
+           "trpo_update", "with_value_head"]

@@ -27,7 +27,10 @@ BASELINES = ("none", "batch_mean", "leave_one_out", "greedy", "moving_average")
 class PolicyBatch:
     """tokens, attention_mask, loss_mask [B, T]; old_logprobs, ref_logprobs [B, T-1]
     (sampler's policy and the frozen reference; ref may be None without a KL term);
-    advantages [B] (one per sequence); rewards [B]; group_ids [B] (prompt index)."""
+    advantages [B] (one per sequence) or [B, T-1] (per token, actor-critic);
+    rewards [B]; group_ids [B] (prompt index); actor-critic only: returns and
+    old_values [B, T-1] (value targets and the sampler-time values), lag [B] (updates
+    between the params that sampled a row and the learner's; None = on-policy)."""
 
     tokens: jax.Array
     attention_mask: jax.Array
@@ -37,6 +40,9 @@ class PolicyBatch:
     rewards: jax.Array
     group_ids: jax.Array
     ref_logprobs: jax.Array | None = None
+    returns: jax.Array | None = None
+    old_values: jax.Array | None = None
+    lag: jax.Array | None = None
 
 
 def _validate_common(cfg):

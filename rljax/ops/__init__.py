@@ -1,6 +1,6 @@
 """Kernels: arrays in, per-token arrays out, no reductions (rlax style)."""
 from rljax.ops.advantages import (discounted_returns, gae, group_advantages, group_range, group_stats,
-                                  leave_one_out_baseline, whiten)
+                                  leave_one_out_baseline, place_at_last, whiten)
 from rljax.ops.aggregate import AGGREGATIONS, aggregate
 from rljax.ops.kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3
 from rljax.ops.logprobs import entropy_from_logits, logprobs_from_logits, mean_logprob_from_logits
@@ -9,5 +9,5 @@ from rljax.ops.surrogates import clipped_surrogate
 __all__ = [
     "AGGREGATIONS", "KL_ESTIMATORS", "aggregate", "clipped_surrogate", "discounted_returns",
     "entropy_from_logits", "gae", "group_advantages", "group_range", "group_stats", "kl_k1", "kl_k2", "kl_k3",
-    "leave_one_out_baseline", "logprobs_from_logits", "mean_logprob_from_logits", "whiten",
+    "leave_one_out_baseline", "logprobs_from_logits", "mean_logprob_from_logits", "place_at_last", "whiten",
 ]

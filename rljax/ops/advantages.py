@@ -69,6 +69,18 @@ def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float
     return out / (jnp.sqrt(var) + eps) * m
 
 
+def place_at_last(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per-token array with values[b] at row b's last masked position, 0 elsewhere
+    (a sequence reward placed on the last completion token; any padding side).
+    values [B], mask [B, T] -> [B, T]; a row with an empty mask gets nothing."""
+    chex.assert_rank([values, mask], [1, 2])
+    m = mask.astype(jnp.float32)
+    T = m.shape[1]
+    last = T - 1 - jnp.argmax(m[:, ::-1] > 0, axis=1)  # index of the last 1 per row
+    onehot = (jnp.arange(T)[None, :] == last[:, None]) & (m.sum(axis=1, keepdims=True) > 0)
+    return onehot.astype(jnp.float32) * values.astype(jnp.float32)[:, None]
+
+
 def discounted_returns(rewards: jax.Array, mask: jax.Array, gamma: float) -> jax.Array:
     """G_t = Σ_{k≥t} γ^{k−t} m_k r_k, computed backwards; 0 where mask is 0. [B, T] -> [B, T]."""
     chex.assert_rank([rewards, mask], 2)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rljax.data.arithmetic import ANSWER_TAG, Problem, check_answer, split_steps
+from rljax.data.arithmetic import ANSWER_TAG, Problem, check_answer, check_steps, split_steps
 
 RewardFn = Callable[..., Sequence[float]]
 _STEP = re.compile(r"^-?\d+[+\-*]-?\d+=-?\d+$")
@@ -70,6 +70,20 @@ def score(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[str
 def arithmetic_answer_reward(prompts, completions, *, problems: Sequence[Problem], **_) -> np.ndarray:
     """1 when the final answer is right (exact integer after `answer:`), else 0."""
     return np.array([float(check_answer(p, c)) for p, c in zip(problems, completions)], np.float32)
+
+
+def arithmetic_step_reward(prompts, completions, *, problems: Sequence[Problem], **_) -> np.ndarray:
+    """Fraction of the problem's reduction steps done right: (number of leading
+    steps that `check_steps` accepts, capped at len(problem.steps)) / len(problem.steps).
+    Partial credit for a right start: a chain that goes wrong at step k earns
+    (k − 1)/S whatever follows, so outcome-only credit does not punish the right
+    steps before the first mistake. 1 for a zero-step problem."""
+    out = []
+    for p, c in zip(problems, completions):
+        labels = check_steps(p, c)
+        right = next((i for i, ok in enumerate(labels) if not ok), len(labels))
+        out.append(min(right, len(p.steps)) / len(p.steps) if p.steps else 1.0)
+    return np.array(out, np.float32)
 
 
 def arithmetic_format_reward(prompts, completions, **_) -> np.ndarray:

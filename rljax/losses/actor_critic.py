@@ -1,0 +1,213 @@
+"""Actor-critic losses: A2C and PPO (RLHF style), with a value head on the policy backbone.
+
+Per-token rewards (Ziegler et al. 2019): r_t = −β k1_t on every completion token
+plus the sequence reward on the last one; advantages by GAE(γ, λ) over the
+masked tokens (`rljax.ops.gae`); value targets R_t = A_t + V_t. All per-token
+arrays are aligned with `token_logprobs`: entry t belongs to the state
+tokens[:t+1] and the action tokens[t+1]; V_t is the value head at position t.
+
+    A2C:  L = −agg(w A ℓ) + c_V · ½ agg((V − R)²) − c_H agg(H),
+          w = 1 on-policy; w = min(c̄, sg(π_θ / π_behaviour)) for rows sampled by params
+          `lag` > 0 updates old (A3C-style actors; IMPALA's truncated importance weight)
+    PPO:  L = agg(−min(ρA, clip(ρ, 1 ± ε) A)) + c_V · ½ agg(max((V − R)², (V_old + clip(V − V_old, ±ε_V) − R)²))
+              − c_H agg(H)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from rljax.losses.policy_gradient import PolicyBatch
+from rljax.models.logprobs import head_token_stats, target_mask
+from rljax.ops.advantages import gae, place_at_last, whiten
+from rljax.ops.aggregate import AGGREGATIONS, aggregate
+from rljax.ops.kl import kl_k1
+from rljax.ops.surrogates import clipped_surrogate
+
+
+def _check(cfg, name):
+    bad = lambda field, why: ValueError(f"{name}.{field}: {why}")  # noqa: E731
+    if not 0.0 <= cfg.gamma <= 1.0:
+        raise bad("gamma", f"must be in [0, 1], got {cfg.gamma}")
+    if not 0.0 <= cfg.lam <= 1.0:
+        raise bad("lam", f"must be in [0, 1], got {cfg.lam}")
+    for f in ("value_coef", "entropy_coef", "kl_coef"):
+        if getattr(cfg, f, 0.0) < 0:
+            raise bad(f, f"must be >= 0, got {getattr(cfg, f)}")
+    if cfg.aggregation not in AGGREGATIONS or cfg.aggregation == "constant":
+        raise bad("aggregation", f"{cfg.aggregation!r} not in {tuple(a for a in AGGREGATIONS if a != 'constant')}")
+
+
+@dataclass(frozen=True)
+class A2CConfig:
+    """gamma, lam: GAE (λ = 1: Monte-Carlo returns minus V); value_coef c_V,
+    entropy_coef c_H; kl_coef β of the per-token penalty −β k1 in the reward;
+    whiten_advantages over the batch's completion tokens; is_clip c̄: the truncation
+    of the importance weight of stale rows (batch.lag > 0)."""
+
+    gamma: float = 1.0
+    lam: float = 1.0
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    whiten_advantages: bool = False
+    aggregation: str = "token_mean"
+    is_clip: float = 1.0
+
+    def __post_init__(self):
+        _check(self, "A2CConfig")
+        if self.is_clip <= 0:
+            raise ValueError(f"A2CConfig.is_clip: must be positive, got {self.is_clip}")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO for RLHF (defaults from ALGORITHMS.md): clip ε, value clip ε_V (None = no
+    value clipping), GAE(γ = 1, λ = 0.95), whitened advantages, rewards clipped to
+    ±reward_clip before the KL penalty (None = no clipping), per-token KL penalty β."""
+
+    eps: float = 0.2
+    value_clip: float | None = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.05
+    whiten_advantages: bool = True
+    reward_clip: float | None = None
+    aggregation: str = "token_mean"
+
+    def __post_init__(self):
+        _check(self, "PPOConfig")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"PPOConfig.eps: must be in (0, 1), got {self.eps}")
+        if self.value_clip is not None and self.value_clip <= 0:
+            raise ValueError(f"PPOConfig.value_clip: must be positive or None, got {self.value_clip}")
+        if self.reward_clip is not None and self.reward_clip <= 0:
+            raise ValueError(f"PPOConfig.reward_clip: must be positive or None, got {self.reward_clip}")
+
+
+def token_rewards(rewards, mask, old_logprobs, ref_logprobs, kl_coef: float):
+    """r_t = −β (ℓ_old,t − ℓ_ref,t) on masked tokens + the sequence reward on each
+    row's last masked token. rewards [B]; mask, logprobs [B, T-1] -> [B, T-1]."""
+    r = place_at_last(jnp.asarray(rewards, jnp.float32), mask)
+    if kl_coef > 0:
+        r = r - kl_coef * kl_k1(old_logprobs, ref_logprobs) * mask.astype(jnp.float32)
+    return r
+
+
+def actor_critic_targets(rewards, values, old_logprobs, ref_logprobs, mask, cfg, *, kl_coef=None):
+    """-> (advantages, returns) [B, T-1] from sequence rewards [B] and V_old [B, T-1];
+    kl_coef (default cfg.kl_coef) is β of the per-token penalty."""
+    r = jnp.asarray(rewards, jnp.float32)
+    if getattr(cfg, "reward_clip", None) is not None:
+        r = jnp.clip(r, -cfg.reward_clip, cfg.reward_clip)
+    per_token = token_rewards(r, mask, old_logprobs, ref_logprobs, cfg.kl_coef if kl_coef is None else kl_coef)
+    adv, returns = gae(per_token, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    if cfg.whiten_advantages:
+        adv = whiten(adv, mask)
+    return adv, returns
+
+
+def policy_value_terms(params, batch: PolicyBatch, model):
+    """One forward: log-probs, entropy and values, each [B, T-1], and the target mask.
+    values is None when the model has no value head (the critic is a separate model)."""
+    hidden, _ = model.forward(params, batch.tokens, batch.attention_mask)
+    out = head_token_stats(params, hidden[:, :-1], batch.tokens[:, 1:], model=model, stats=("logprobs", "entropy"))
+    live = batch.attention_mask[:, 1:].astype(jnp.float32)
+    values = model.values(params, hidden)[:, :-1] * live if "value" in model.config.heads else None
+    mask = target_mask(batch.loss_mask, batch.attention_mask)
+    return out["logprobs"] * live, out["entropy"] * live, values, mask
+
+
+def token_values(params, tokens, attention_mask, *, model):
+    """V_t of the value head for the state tokens[:t+1], aligned with token_logprobs:
+    [B, T] -> [B, T-1] float32, zero where tokens[t+1] is padding."""
+    hidden, _ = model.forward(params, tokens, attention_mask)
+    return model.values(params, hidden)[:, :-1] * attention_mask[:, 1:].astype(jnp.float32)
+
+
+def with_value_head(model, params):
+    """(model with a "value" head, params with a zero-initialised value head added):
+    the critic shares the policy's backbone and starts at V = 0. No-op if present."""
+    from rljax.models import Model
+
+    if "value" in model.config.heads:
+        return model, params
+    critic_model = Model(model.config.replace(heads=model.config.heads + ("value",)), model.mesh)
+    shapes = critic_model.param_shapes()
+    extra = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items() if k not in params}
+    return critic_model, {**params, **extra}
+
+
+def critic_from_reward_model(model, params):
+    """(model with a value head, params) whose value head starts as the reward model's
+    head: V_t = the reward head read at every position (the RLHF initialisation)."""
+    if "reward" not in model.config.heads:
+        raise ValueError("critic_from_reward_model: the model has no reward head (config.heads "
+                         f"{model.config.heads})")
+    critic_model, critic = with_value_head(model, params)
+    return critic_model, {**critic, "value_head": jnp.array(params["reward_head"]),
+                          "value_bias": jnp.array(params["reward_bias"])}
+
+
+def value_loss(params, batch: PolicyBatch, *, model, cfg):
+    """A separate critic's regression loss ½ agg((V − R)²), clipped around
+    V_old by cfg.value_clip when the config has one (PPO)."""
+    values = token_values(params, batch.tokens, batch.attention_mask, model=model)
+    mask = target_mask(batch.loss_mask, batch.attention_mask)
+    err = aggregate(_value_error(values, batch, getattr(cfg, "value_clip", None)), mask, cfg.aggregation)
+    return err, {"value_loss": err, "value_mean": aggregate(values, mask, "token_mean")}
+
+
+def _critic_term(values, batch, cfg, mask, value_clip):
+    """c_V · value loss with a shared value head; 0 when the critic is a separate model."""
+    if values is None:
+        return jnp.float32(0.0), {}
+    err = aggregate(_value_error(values, batch, value_clip), mask, cfg.aggregation)
+    return cfg.value_coef * err, {"value_loss": err, "value_mean": aggregate(values, mask, "token_mean")}
+
+
+def _value_error(values, batch: PolicyBatch, value_clip):
+    err = (values - batch.returns) ** 2
+    if value_clip is None:
+        return 0.5 * err
+    clipped = batch.old_values + jnp.clip(values - batch.old_values, -value_clip, value_clip)
+    return 0.5 * jnp.maximum(err, (clipped - batch.returns) ** 2)
+
+
+def approx_kl(logprobs, old_logprobs, mask):
+    """k3 estimate of KL(π_old ‖ π_θ) on tokens sampled from π_old, token mean over
+    mask (PPO's early-stop statistic). All [B, T-1] -> scalar."""
+    log_ratio = logprobs - old_logprobs
+    return aggregate(jnp.exp(log_ratio) - 1.0 - log_ratio, mask, "token_mean")
+
+
+def a2c_loss(params, batch: PolicyBatch, *, model, cfg: A2CConfig):
+    lp, ent, values, mask = policy_value_terms(params, batch, model)
+    adv = jax.lax.stop_gradient(batch.advantages)
+    metrics = {}
+    if batch.lag is not None:  # stale rows: truncated importance weight; on-policy rows keep exactly 1
+        rho = jnp.exp(jax.lax.stop_gradient(lp) - batch.old_logprobs)
+        w = jnp.where((batch.lag > 0)[:, None], jnp.minimum(cfg.is_clip, rho), 1.0)
+        adv = adv * w
+        metrics["importance_weight"] = aggregate(w, mask, "token_mean")
+    actor = aggregate(-adv * lp, mask, cfg.aggregation)
+    critic, critic_metrics = _critic_term(values, batch, cfg, mask, None)
+    entropy = aggregate(ent, mask, cfg.aggregation)
+    loss = actor + critic - cfg.entropy_coef * entropy
+    return loss, {"actor_loss": actor, "entropy": entropy, "approx_kl": approx_kl(lp, batch.old_logprobs, mask),
+                  **critic_metrics, **metrics}
+
+
+def ppo_loss(params, batch: PolicyBatch, *, model, cfg: PPOConfig):
+    lp, ent, values, mask = policy_value_terms(params, batch, model)
+    surrogate, clipped = clipped_surrogate(lp, batch.old_logprobs, batch.advantages, eps_low=cfg.eps)
+    actor = aggregate(surrogate, mask, cfg.aggregation)
+    critic, critic_metrics = _critic_term(values, batch, cfg, mask, cfg.value_clip)
+    entropy = aggregate(ent, mask, cfg.aggregation)
+    loss = actor + critic - cfg.entropy_coef * entropy
+    return loss, {"actor_loss": actor, "entropy": entropy, "clip_fraction": aggregate(clipped, mask, "token_mean"),
+                  "approx_kl": approx_kl(lp, batch.old_logprobs, mask), **critic_metrics}

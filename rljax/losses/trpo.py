@@ -1,0 +1,198 @@
+"""TRPO (Schulman et al. 2015): a natural-gradient step under a KL trust region.
+
+    maximise  L(θ) = agg_t[ρ_t A_t],  ρ_t = exp(ℓ_t(θ) − ℓ_t(θ_old))
+    subject to  D(θ) = agg_t[KL(π_old(·|s_t) ‖ π_θ(·|s_t))] ≤ δ
+
+g = ∇L(θ_old); F = ∇²D(θ_old) (the Fisher information); solve (F + λI) s = g by
+conjugate gradient with Fisher-vector products Fv = ∇(∇D · v) (a jvp of a grad:
+F is never formed); the largest step along s within the quadratic model of the
+trust region is β = sqrt(2δ / sᵀFs); a backtracking line search θ_old + 0.5^k β s,
+k = 0..K−1, takes the first step whose surrogate improves and whose measured KL is
+≤ δ, and otherwise keeps θ_old. Every operation is a pytree operation, so
+sharded parameters stay sharded. The KL is the exact one over the vocabulary
+(the old distribution is a constant), whose Hessian at θ_old is the Fisher; it
+materialises [B, T, V] float32 logits for θ and θ_old.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rljax.losses.policy_gradient import PolicyBatch, _policy_terms
+from rljax.models.logprobs import target_mask
+from rljax.ops.aggregate import AGGREGATIONS, aggregate
+
+
+@dataclass(frozen=True)
+class TRPOConfig:
+    """max_kl: δ (mean per-token KL of the step); cg_iters, damping λ: the CG solve of
+    (F + λI) s = g; backtrack_steps K and backtrack_ratio: the line search;
+    aggregation: how per-token surrogate and KL terms reduce (see `aggregate`).
+    In the RL loop (algorithm "trpo", with a separate critic): advantages by
+    GAE(gamma, lam) on per-token rewards with a −kl_coef·k1 penalty, whitened when
+    whiten_advantages; the critic regresses on the returns."""
+
+    max_kl: float = 0.01
+    cg_iters: int = 10
+    damping: float = 0.1
+    backtrack_steps: int = 10
+    backtrack_ratio: float = 0.5
+    aggregation: str = "token_mean"
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.0
+    whiten_advantages: bool = True
+    reward_clip: float | None = None
+
+    def __post_init__(self):
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0) or self.kl_coef < 0:
+            raise ValueError(f"TRPOConfig: need gamma, lam in [0, 1] and kl_coef >= 0, got {self.gamma}, "
+                             f"{self.lam}, {self.kl_coef}")
+        if self.max_kl <= 0:
+            raise ValueError(f"TRPOConfig.max_kl: must be positive, got {self.max_kl}")
+        if self.cg_iters < 1 or self.backtrack_steps < 1:
+            raise ValueError(f"TRPOConfig: cg_iters and backtrack_steps must be >= 1, got {self.cg_iters}, "
+                             f"{self.backtrack_steps}")
+        if self.damping < 0:
+            raise ValueError(f"TRPOConfig.damping: must be >= 0, got {self.damping}")
+        if not 0 < self.backtrack_ratio < 1:
+            raise ValueError(f"TRPOConfig.backtrack_ratio: must be in (0, 1), got {self.backtrack_ratio}")
+        if self.aggregation not in AGGREGATIONS or self.aggregation == "constant":
+            raise ValueError(f"TRPOConfig.aggregation: {self.aggregation!r} not in "
+                             f"{tuple(a for a in AGGREGATIONS if a != 'constant')}")
+
+
+def tree_vdot(a, b) -> jax.Array:
+    """Σ over leaves of <a_leaf, b_leaf>, float32 scalar."""
+    leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b))
+    return sum(leaves, jnp.float32(0.0))
+
+
+def _axpy(alpha, x, y):
+    """alpha · x + y over pytrees."""
+    return jax.tree.map(lambda xi, yi: (alpha * xi + yi).astype(yi.dtype), x, y)
+
+
+def conjugate_gradient(matvec: Callable, b, *, iters: int = 10, residual_tol: float = 1e-10):
+    """Solve A x = b for symmetric positive-definite A given only x -> A x, on pytrees.
+
+    Hestenes-Stiefel CG from x = 0: at most `iters` iterations, stopping early once
+    rᵀr < residual_tol. Exact arithmetic converges in ≤ dim(b) iterations.
+    Returns (x, rᵀr of the final residual). Jit-able (a `lax.while_loop`).
+    """
+    x0 = jax.tree.map(jnp.zeros_like, b)
+    rr0 = tree_vdot(b, b)
+
+    def cond(c):
+        i, _, _, _, rr = c
+        return (i < iters) & (rr >= residual_tol)
+
+    def body(c):
+        i, x, r, p, rr = c
+        Ap = matvec(p)
+        alpha = rr / tree_vdot(p, Ap)
+        x = _axpy(alpha, p, x)
+        r = _axpy(-alpha, Ap, r)
+        rr_new = tree_vdot(r, r)
+        p = _axpy(rr_new / rr, p, r)
+        return i + 1, x, r, p, rr_new
+
+    _, x, _, _, rr = lax.while_loop(cond, body, (jnp.int32(0), x0, b, b, rr0))
+    return x, rr
+
+
+def fisher_vector_product(kl_fn: Callable, params) -> Callable:
+    """v -> ∇²kl_fn(params) v, as the jvp of the gradient (forward-over-reverse).
+    With kl_fn(θ) = KL(π_old ‖ π_θ) and params = θ_old this is the Fisher times v."""
+    grad = jax.grad(kl_fn)
+    return lambda v: jax.jvp(grad, (params,), (v,))[1]
+
+
+def _log_softmax_all(params, batch: PolicyBatch, model) -> jax.Array:
+    """[B, T-1, V] log π(· | tokens[:t+1]) for the positions that predict tokens[t+1]."""
+    logits = model(params, batch.tokens, batch.attention_mask)[:, :-1]
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def make_trpo_objectives(params_old, batch: PolicyBatch, *, model, cfg: TRPOConfig):
+    """(surrogate(θ), kl(θ)) as scalar functions for this batch, with π_old fixed at params_old.
+
+    surrogate(θ) = agg[exp(ℓ(θ) − ℓ_old) · A]; A = batch.advantages ([B] per sequence
+    or [B, T-1] per token); kl(θ) = agg[Σ_v π_old(v)(log π_old(v) − log π_θ(v))].
+    """
+    mask = target_mask(batch.loss_mask, batch.attention_mask)
+    old = lax.stop_gradient(_log_softmax_all(params_old, batch, model))
+    p_old = jnp.exp(old)
+    adv = batch.advantages if batch.advantages.ndim == 2 else batch.advantages[:, None]
+
+    def surrogate(theta):
+        out, _ = _policy_terms(theta, batch, model, with_entropy=False)
+        ratio = jnp.exp(out["logprobs"] - batch.old_logprobs)
+        return aggregate(ratio * adv, mask, cfg.aggregation)
+
+    def kl(theta):
+        new = _log_softmax_all(theta, batch, model)
+        return aggregate(jnp.sum(p_old * (old - new), axis=-1), mask, cfg.aggregation)
+
+    return surrogate, kl
+
+
+def trpo_update(params, batch: PolicyBatch, *, model, cfg: TRPOConfig):
+    """One TRPO step from params (= θ_old, the sampler's params) -> (new params, metrics).
+
+    metrics: surrogate improvement, KL of the taken step, accepted (1/0), the line
+    search's step fraction (0.5^k, 0 when rejected), sᵀFs, the CG residual rᵀr and
+    the gradient norm. Jit-able; pure.
+    """
+    surrogate, kl = make_trpo_objectives(params, batch, model=model, cfg=cfg)
+    surr0, g = jax.value_and_grad(surrogate)(params)
+    fvp = fisher_vector_product(kl, params)
+
+    def damped(v):
+        return _axpy(cfg.damping, v, fvp(v))
+
+    s, residual = conjugate_gradient(damped, g, iters=cfg.cg_iters)
+    sFs = tree_vdot(s, damped(s))
+    beta = jnp.sqrt(2.0 * cfg.max_kl / jnp.maximum(sFs, 1e-30))
+    full = jax.tree.map(lambda x: beta * x, s)
+
+    def candidate(k):
+        frac = cfg.backtrack_ratio ** k.astype(jnp.float32)
+        theta = _axpy(frac, full, params)
+        return theta, frac, surrogate(theta), kl(theta)
+
+    def cond(c):
+        k, accepted = c[0], c[1]
+        return (k < cfg.backtrack_steps) & ~accepted
+
+    def body(c):
+        k, _, _, _, _ = c
+        _, frac, surr, d = candidate(k)
+        ok = (surr > surr0) & (d <= cfg.max_kl) & jnp.isfinite(surr) & jnp.isfinite(d)
+        return k + 1, ok, frac, surr, d
+
+    init = (jnp.int32(0), jnp.bool_(False), jnp.float32(0.0), surr0, jnp.float32(0.0))
+    k, accepted, frac, surr, d = lax.while_loop(cond, body, init)
+    frac = jnp.where(accepted, frac, 0.0)
+    new = jax.tree.map(lambda taken, p: jnp.where(accepted, taken, p), _axpy(frac, full, params), params)
+    metrics = {"surrogate_gain": jnp.where(accepted, surr - surr0, 0.0), "kl": jnp.where(accepted, d, 0.0),
+               "accepted": accepted.astype(jnp.float32), "step_fraction": frac, "sFs": sFs,
+               "cg_residual": residual, "grad_norm": jnp.sqrt(tree_vdot(g, g)), "backtracks": k.astype(jnp.float32)}
+    return new, metrics
+
+
+def make_trpo_step(model, cfg: TRPOConfig):
+    """Jitted `step(policy: TrainState, batch) -> (TrainState, metrics)` for the RL loop:
+    a TRPO step on the params (the optimizer state is not used); a rejected step
+    (no improvement within the trust region, or non-finite terms) keeps the params."""
+
+    def step(state, batch):
+        params, metrics = trpo_update(state.params, batch, model=model, cfg=cfg)
+        surrogate_loss = -metrics["surrogate_gain"]
+        return state.replace(step=state.step + 1, params=params), dict(metrics, loss=surrogate_loss)
+
+    return jax.jit(step, donate_argnums=(0,))

@@ -1,0 +1,125 @@
+"""TRPO: conjugate gradient, Fisher-vector products against an explicit Fisher, and the trust region."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from rljax.losses.policy_gradient import PolicyBatch
+from rljax.losses.trpo import (TRPOConfig, conjugate_gradient, fisher_vector_product, make_trpo_objectives,
+                               trpo_update)
+from rljax.models import Model
+from rljax.models.config import TransformerConfig
+from rljax.models.logprobs import token_logprobs
+
+
+def _spd(n, seed):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    return (q * rng.uniform(1.0, 10.0, n)) @ q.T, rng.normal(size=n)
+
+
+def test_conjugate_gradient_solves_an_spd_system():
+    a, b = _spd(30, 0)
+    x, rr = jax.jit(lambda b: conjugate_gradient(lambda v: jnp.asarray(a, jnp.float32) @ v, b, iters=30))(
+        jnp.asarray(b, jnp.float32))
+    np.testing.assert_allclose(a @ np.asarray(x), b, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a, b), atol=1e-5)
+    assert float(rr) < 1e-8
+
+
+def test_conjugate_gradient_on_a_pytree_equals_the_flat_solve():
+    a, b = _spd(12, 1)
+    A = jnp.asarray(a, jnp.float32)
+    split = lambda v: {"w": v[:8].reshape(2, 4), "b": v[8:]}  # noqa: E731
+    flat = lambda t: jnp.concatenate([t["w"].ravel(), t["b"]])  # noqa: E731
+    x_tree, _ = conjugate_gradient(lambda t: split(A @ flat(t)), split(jnp.asarray(b, jnp.float32)), iters=12)
+    x_flat, _ = conjugate_gradient(lambda v: A @ v, jnp.asarray(b, jnp.float32), iters=12)
+    np.testing.assert_allclose(flat(x_tree), x_flat, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(x_flat), np.linalg.solve(a, b), atol=1e-5)
+
+
+def _micro_model():
+    cfg = TransformerConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=16,
+                            max_seq_len=16)
+    return Model(cfg)
+
+
+def _batch(model, params, seed, B=3, T=6, per_token=False):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(1, model.config.vocab_size, (B, T)), jnp.int32)
+    attn = np.ones((B, T), np.int32)
+    attn[1, :2] = 0  # a left-padded row
+    attn[2, -1] = 0  # a right-padded row
+    loss = attn.copy()
+    loss[:, :2] = 0  # a 2-token prompt
+    attn, loss = jnp.asarray(attn), jnp.asarray(loss)
+    old = token_logprobs(params, tokens, attn, model=model)
+    adv = rng.normal(size=(B, T - 1) if per_token else B).astype(np.float32)
+    return PolicyBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, old_logprobs=old,
+                       advantages=jnp.asarray(adv), rewards=jnp.zeros(B), group_ids=jnp.arange(B))
+
+
+def test_fisher_vector_product_equals_an_explicit_fisher():
+    """F = mean over counted tokens of Σ_v π(v) ∇log π(v) ∇log π(v)ᵀ, from the full Jacobian."""
+    model = _micro_model()
+    params = model.init(jax.random.key(0))
+    batch = _batch(model, params, 0)
+    flat, unravel = ravel_pytree(params)
+    cfg = TRPOConfig()
+    _, kl = make_trpo_objectives(params, batch, model=model, cfg=cfg)
+
+    def log_probs(theta_flat):  # [B, T-1, V]
+        logits = model(unravel(theta_flat), batch.tokens, batch.attention_mask)[:, :-1]
+        return jax.nn.log_softmax(logits, -1)
+
+    lp = log_probs(flat)
+    J = jax.jacobian(log_probs)(flat)  # [B, T-1, V, P]
+    mask = np.asarray(batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:], np.float64)
+    p = np.exp(np.asarray(lp, np.float64))
+    Jn = np.asarray(J, np.float64)
+    fisher = np.einsum("btv,btvi,btvj,bt->ij", p, Jn, Jn, mask) / mask.sum()
+    v = np.random.default_rng(1).normal(size=flat.shape)
+    fv = ravel_pytree(fisher_vector_product(kl, params)(unravel(jnp.asarray(v, jnp.float32))))[0]
+    np.testing.assert_allclose(np.asarray(fv), fisher @ v, rtol=1e-3, atol=1e-6 * np.abs(fisher @ v).max())
+    assert float(ravel_pytree(jax.grad(kl)(params))[0] @ ravel_pytree(jax.grad(kl)(params))[0]) < 1e-12  # KL min
+
+
+@pytest.mark.parametrize("max_kl,per_token", [(0.01, False), (0.001, True), (0.05, False)])
+def test_trpo_step_stays_in_the_trust_region_and_improves_the_surrogate(max_kl, per_token):
+    model = _micro_model()
+    params = model.init(jax.random.key(2))
+    batch = _batch(model, params, 3, B=4, T=7, per_token=per_token)
+    cfg = TRPOConfig(max_kl=max_kl)
+    new, m = jax.jit(lambda p, b: trpo_update(p, b, model=model, cfg=cfg))(params, batch)
+    surrogate, kl = make_trpo_objectives(params, batch, model=model, cfg=cfg)
+    assert float(m["accepted"]) == 1.0 and float(m["sFs"]) > 0
+    measured = float(kl(new))
+    assert measured <= max_kl * (1 + 1e-3)
+    np.testing.assert_allclose(measured, float(m["kl"]), rtol=1e-4, atol=1e-9)
+    gain = float(surrogate(new) - surrogate(params))
+    assert gain > 0
+    np.testing.assert_allclose(gain, float(m["surrogate_gain"]), rtol=1e-3, atol=1e-7)
+    # the step is the line search's fraction of the full natural-gradient step, 0.5^k
+    k = float(m["backtracks"]) - 1
+    assert float(m["step_fraction"]) == pytest.approx(0.5 ** k)
+
+
+def test_trpo_keeps_the_old_params_when_no_step_improves():
+    """With zero advantages no step can raise the surrogate: the update is rejected."""
+    model = _micro_model()
+    params = model.init(jax.random.key(4))
+    batch = _batch(model, params, 5)
+    batch = batch.replace(advantages=jnp.zeros_like(batch.advantages))
+    new, m = trpo_update(params, batch, model=model, cfg=TRPOConfig(backtrack_steps=3))
+    assert float(m["accepted"]) == 0.0 and float(m["step_fraction"]) == 0.0
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new, params)
+
+
+def test_trpo_config_rejects_bad_fields():
+    with pytest.raises(ValueError, match="max_kl"):
+        TRPOConfig(max_kl=0.0)
+    with pytest.raises(ValueError, match="backtrack_ratio"):
+        TRPOConfig(backtrack_ratio=1.0)
+    with pytest.raises(ValueError, match="aggregation"):
+        TRPOConfig(aggregation="constant")
