@@ -46,6 +46,7 @@ class Config:
     kl_coef: float = 0.0
     step_reward: float = 0.0
     eval_samples: int = 8
+    track_kl: bool = False  # KL metrics cost a reference forward per iteration (~15%); results are identical
     seeds: tuple[int, ...] = (0,)
     run_dir: str | None = None
     run_root: str = "runs"
@@ -76,6 +77,7 @@ def main(cfg: Config) -> dict:
                                       prompts_per_iteration=cfg.prompts_per_iteration, n=cfg.n,
                                       max_new_tokens=cfg.max_new_tokens, lr=cfg.lr, kl_coef=cfg.kl_coef,
                                       step_reward=cfg.step_reward, eval_samples=cfg.eval_samples,
+                                      track_kl=cfg.track_kl,
                                       sft_run_dir=sft_dir, run_dir=os.path.join(run_dir, f"rl-{tag}-seed{seed}"),
                                       seed=seed, progress=cfg.progress)
         runs.append(rl_arithmetic.main(rl_cfg))

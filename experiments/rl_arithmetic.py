@@ -65,6 +65,7 @@ class Config:
     run_root: str = "runs"
     seed: int = 0
     progress: bool = True
+    track_kl: bool = True  # KL to the SFT policy every iteration (one reference forward; training is unchanged)
     eval_samples: int = 8  # held-out accuracy is also measured on this many samples per problem at temperature 1
     smoke: bool = False
 
@@ -132,7 +133,7 @@ def main(cfg: Config) -> dict:
                       sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.n, temperature=cfg.temperature,
                                             eos_id=tok.eos_id, pad_id=tok.pad_id),
                       optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant", b2=cfg.adam_b2, eps=cfg.adam_eps),
-                      epochs=cfg.epochs,
+                      epochs=cfg.epochs, track_kl=cfg.track_kl,
                       minibatches=cfg.minibatches, max_refills=cfg.max_refills, staleness=cfg.staleness,
                       actors=cfg.actors, critic_epochs=cfg.critic_epochs,
                       critic_optimizer=OptimizerConfig(lr=cfg.critic_lr, schedule="constant"))
@@ -150,7 +151,7 @@ def main(cfg: Config) -> dict:
     t0 = time.perf_counter()
     state = rl(state, prompts, reward, rl_cfg, model=model, decode=tok.decode_batch, run_dir=run_dir,
                accuracy_fn=arithmetic_answer_reward, critic_model=critic_model,
-               loop=LoopConfig(steps=cfg.iterations, log_every=1, checkpoint_every=10, progress=cfg.progress))
+               loop=LoopConfig(steps=cfg.iterations, log_every=1, checkpoint_every=50, progress=cfg.progress))
     wall = time.perf_counter() - t0
     after, after_sampled = evaluate(state.policy.params)
     rows = [r for r in read_metrics(run_dir) if "rl/reward_mean" in r]

@@ -86,9 +86,10 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
         t_last, tokens_since, shown = time.perf_counter(), 0, start
         for position in range(start, cfg.steps):
             batch = data.batch_at(position)
-            tokens_since += _tokens(batch)
             state, metrics = step_fn(state, put_batch(batch) if put_batch else batch)
             metrics = jax.device_get(metrics)
+            # a step that makes its own tokens (RL: prompts + completions) reports how many
+            tokens_since += int(metrics["tokens"]) if "tokens" in metrics else _tokens(batch)
             step = position + 1
             consecutive = consecutive + 1 if int(metrics.get("skipped", 0)) else 0
             if consecutive >= cfg.max_consecutive_skips:

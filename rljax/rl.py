@@ -363,6 +363,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         out.update({
             "reward_mean": float(np.mean(c.all_rewards)), "reward_std": float(np.std(c.all_rewards)),
             "completion_length": float(lengths.mean()),
+            "tokens": float(np.asarray(rollout.attention_mask).sum()),
             "truncated_fraction": float(np.mean(~np.asarray(rollout.stopped_at_eos))),
             "kept_fraction": float(np.mean(np.asarray(keep))),
             "sample_tokens_per_s": float(sum(int(np.asarray(s[0].lengths).sum()) for s in c.sampled)

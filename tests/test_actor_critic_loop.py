@@ -114,6 +114,8 @@ def test_a3c_with_stale_actors_reports_the_lag_and_still_learns(tmp_path):
     assert lags == [0.0, 1.0] + [2.0] * 28  # batch i was sampled with the params of iteration max(0, i − 2)
     weights = [r["rl/importance_weight"] for r in rows if "rl/importance_weight" in r]
     assert weights and all(0.0 < w <= 1.0 for w in weights) and min(weights) < 1.0  # truncated at c̄ = 1
+    # the loop's throughput counts the rollout's tokens: 4 prompts x 8 samples x (1 prompt + 1 completion token)
+    assert all(r["rl/tokens"] == 64 and r["rl/tokens_per_s"] > 0 for r in rows)
     assert float(arm_probs(model, state.policy.params) @ ARM_REWARD) > 0.8
 
 
