@@ -165,3 +165,15 @@ def test_critic_from_a_reward_model_reads_the_reward_head_at_every_position():
                                values[:, :-1] * np.asarray(attn[:, 1:]), rtol=1e-6)
     with pytest.raises(ValueError, match="no reward head"):
         critic_from_reward_model(_model(), _model().init(jax.random.key(0)))
+
+
+def test_reward_whitening_and_clipping_happen_before_the_kl_penalty():
+    """Sequence rewards r -> r / std(r) (no mean shift), then clipped to ±c, then placed on the last token."""
+    rewards = np.array([0.0, 4.0, -2.0, 6.0], np.float32)
+    mask = jnp.ones((4, 3))
+    zeros = jnp.zeros((4, 3))
+    cfg = PPOConfig(whiten_rewards=True, reward_clip=1.5, kl_coef=0.0, whiten_advantages=False, lam=1.0)
+    adv, ret = actor_critic_targets(rewards, zeros, zeros, zeros, mask, cfg)
+    want = np.clip(rewards / (rewards.std() + 1e-8), -1.5, 1.5)
+    np.testing.assert_allclose(np.asarray(ret)[:, -1], want, rtol=1e-5)  # V = 0, γ = λ = 1: R_t = final reward
+    np.testing.assert_allclose(np.asarray(adv), np.repeat(want[:, None], 3, axis=1), rtol=1e-5)

@@ -65,7 +65,8 @@ class A2CConfig:
 @dataclass(frozen=True)
 class PPOConfig:
     """PPO for RLHF (defaults from ALGORITHMS.md): clip ε, value clip ε_V (None = no
-    value clipping), GAE(γ = 1, λ = 0.95), whitened advantages, rewards clipped to
+    value clipping), GAE(γ = 1, λ = 0.95), whitened advantages, sequence rewards
+    scaled to unit std over the batch (whiten_rewards, no mean shift) and clipped to
     ±reward_clip before the KL penalty (None = no clipping), per-token KL penalty β."""
 
     eps: float = 0.2
@@ -76,6 +77,7 @@ class PPOConfig:
     entropy_coef: float = 0.0
     kl_coef: float = 0.05
     whiten_advantages: bool = True
+    whiten_rewards: bool = False
     reward_clip: float | None = None
     aggregation: str = "token_mean"
 
@@ -102,6 +104,8 @@ def actor_critic_targets(rewards, values, old_logprobs, ref_logprobs, mask, cfg,
     """-> (advantages, returns) [B, T-1] from sequence rewards [B] and V_old [B, T-1];
     kl_coef (default cfg.kl_coef) is β of the per-token penalty."""
     r = jnp.asarray(rewards, jnp.float32)
+    if getattr(cfg, "whiten_rewards", False):
+        r = whiten(r[None, :], jnp.ones((1, r.shape[0])), shift_mean=False)[0]
     if getattr(cfg, "reward_clip", None) is not None:
         r = jnp.clip(r, -cfg.reward_clip, cfg.reward_clip)
     per_token = token_rewards(r, mask, old_logprobs, ref_logprobs, cfg.kl_coef if kl_coef is None else kl_coef)
