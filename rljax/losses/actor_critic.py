@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from rljax.losses.policy_gradient import PolicyBatch
+from rljax.models import Model
 from rljax.models.logprobs import head_token_stats, target_mask
 from rljax.ops.advantages import gae, place_at_last, whiten
 from rljax.ops.aggregate import AGGREGATIONS, aggregate
@@ -27,7 +28,10 @@ from rljax.ops.kl import kl_k1
 from rljax.ops.surrogates import clipped_surrogate
 
 
-def _check(cfg, name):
+def check_return_config(cfg):
+    """The fields every actor-critic config shares (A2C, PPO, TRPO): GAE's gamma and
+    lam in [0, 1], non-negative coefficients, a per-token aggregation."""
+    name = type(cfg).__name__
     bad = lambda field, why: ValueError(f"{name}.{field}: {why}")  # noqa: E731
     if not 0.0 <= cfg.gamma <= 1.0:
         raise bad("gamma", f"must be in [0, 1], got {cfg.gamma}")
@@ -57,7 +61,7 @@ class A2CConfig:
     is_clip: float = 1.0
 
     def __post_init__(self):
-        _check(self, "A2CConfig")
+        check_return_config(self)
         if self.is_clip <= 0:
             raise ValueError(f"A2CConfig.is_clip: must be positive, got {self.is_clip}")
 
@@ -82,7 +86,7 @@ class PPOConfig:
     aggregation: str = "token_mean"
 
     def __post_init__(self):
-        _check(self, "PPOConfig")
+        check_return_config(self)
         if not 0 < self.eps < 1:
             raise ValueError(f"PPOConfig.eps: must be in (0, 1), got {self.eps}")
         if self.value_clip is not None and self.value_clip <= 0:
@@ -121,23 +125,26 @@ def policy_value_terms(params, batch: PolicyBatch, model):
     hidden, _ = model.forward(params, batch.tokens, batch.attention_mask)
     out = head_token_stats(params, hidden[:, :-1], batch.tokens[:, 1:], model=model, stats=("logprobs", "entropy"))
     live = batch.attention_mask[:, 1:].astype(jnp.float32)
-    values = model.values(params, hidden)[:, :-1] * live if "value" in model.config.heads else None
+    values = _values(params, hidden, batch.attention_mask, model) if "value" in model.config.heads else None
     mask = target_mask(batch.loss_mask, batch.attention_mask)
     return out["logprobs"] * live, out["entropy"] * live, values, mask
+
+
+def _values(params, hidden, attention_mask, model):
+    """Value head on hidden [B, T, D] -> V_t [B, T-1] (token_logprobs-aligned), 0 where tokens[t+1] is padding."""
+    return model.values(params, hidden)[:, :-1] * attention_mask[:, 1:].astype(jnp.float32)
 
 
 def token_values(params, tokens, attention_mask, *, model):
     """V_t of the value head for the state tokens[:t+1], aligned with token_logprobs:
     [B, T] -> [B, T-1] float32, zero where tokens[t+1] is padding."""
     hidden, _ = model.forward(params, tokens, attention_mask)
-    return model.values(params, hidden)[:, :-1] * attention_mask[:, 1:].astype(jnp.float32)
+    return _values(params, hidden, attention_mask, model)
 
 
 def with_value_head(model, params):
     """(model with a "value" head, params with a zero-initialised value head added):
     the critic shares the policy's backbone and starts at V = 0. No-op if present."""
-    from rljax.models import Model
-
     if "value" in model.config.heads:
         return model, params
     critic_model = Model(model.config.replace(heads=model.config.heads + ("value",)), model.mesh)

@@ -20,11 +20,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
+from rljax.losses.actor_critic import check_return_config
 from rljax.losses.policy_gradient import PolicyBatch, _policy_terms
 from rljax.models.logprobs import target_mask
-from rljax.ops.aggregate import AGGREGATIONS, aggregate
+from rljax.ops.aggregate import aggregate
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,7 @@ class TRPOConfig:
     reward_clip: float | None = None
 
     def __post_init__(self):
-        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0) or self.kl_coef < 0:
-            raise ValueError(f"TRPOConfig: need gamma, lam in [0, 1] and kl_coef >= 0, got {self.gamma}, "
-                             f"{self.lam}, {self.kl_coef}")
+        check_return_config(self)
         if self.max_kl <= 0:
             raise ValueError(f"TRPOConfig.max_kl: must be positive, got {self.max_kl}")
         if self.cg_iters < 1 or self.backtrack_steps < 1:
@@ -61,15 +61,6 @@ class TRPOConfig:
             raise ValueError(f"TRPOConfig.damping: must be >= 0, got {self.damping}")
         if not 0 < self.backtrack_ratio < 1:
             raise ValueError(f"TRPOConfig.backtrack_ratio: must be in (0, 1), got {self.backtrack_ratio}")
-        if self.aggregation not in AGGREGATIONS or self.aggregation == "constant":
-            raise ValueError(f"TRPOConfig.aggregation: {self.aggregation!r} not in "
-                             f"{tuple(a for a in AGGREGATIONS if a != 'constant')}")
-
-
-def tree_vdot(a, b) -> jax.Array:
-    """Σ over leaves of <a_leaf, b_leaf>, float32 scalar."""
-    leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b))
-    return sum(leaves, jnp.float32(0.0))
 
 
 def _axpy(alpha, x, y):
@@ -85,7 +76,7 @@ def conjugate_gradient(matvec: Callable, b, *, iters: int = 10, residual_tol: fl
     Returns (x, rᵀr of the final residual). Jit-able (a `lax.while_loop`).
     """
     x0 = jax.tree.map(jnp.zeros_like, b)
-    rr0 = tree_vdot(b, b)
+    rr0 = optax.tree.vdot(b, b)
 
     def cond(c):
         i, _, _, _, rr = c
@@ -94,10 +85,10 @@ def conjugate_gradient(matvec: Callable, b, *, iters: int = 10, residual_tol: fl
     def body(c):
         i, x, r, p, rr = c
         Ap = matvec(p)
-        alpha = rr / tree_vdot(p, Ap)
+        alpha = rr / optax.tree.vdot(p, Ap)
         x = _axpy(alpha, p, x)
         r = _axpy(-alpha, Ap, r)
-        rr_new = tree_vdot(r, r)
+        rr_new = optax.tree.vdot(r, r)
         p = _axpy(rr_new / rr, p, r)
         return i + 1, x, r, p, rr_new
 
@@ -156,7 +147,7 @@ def trpo_update(params, batch: PolicyBatch, *, model, cfg: TRPOConfig):
         return _axpy(cfg.damping, v, fvp(v))
 
     s, residual = conjugate_gradient(damped, g, iters=cfg.cg_iters)
-    sFs = tree_vdot(s, damped(s))
+    sFs = optax.tree.vdot(s, damped(s))
     beta = jnp.sqrt(2.0 * cfg.max_kl / jnp.maximum(sFs, 1e-30))
     full = jax.tree.map(lambda x: beta * x, s)
 
@@ -181,7 +172,7 @@ def trpo_update(params, batch: PolicyBatch, *, model, cfg: TRPOConfig):
     new = jax.tree.map(lambda taken, p: jnp.where(accepted, taken, p), _axpy(frac, full, params), params)
     metrics = {"surrogate_gain": jnp.where(accepted, surr - surr0, 0.0), "kl": jnp.where(accepted, d, 0.0),
                "accepted": accepted.astype(jnp.float32), "step_fraction": frac, "sFs": sFs,
-               "cg_residual": residual, "grad_norm": jnp.sqrt(tree_vdot(g, g)), "backtracks": k.astype(jnp.float32)}
+               "cg_residual": residual, "grad_norm": optax.tree.norm(g), "backtracks": k.astype(jnp.float32)}
     return new, metrics
 
 
