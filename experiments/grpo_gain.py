@@ -43,6 +43,9 @@ class Config:
     n: int = 8
     max_new_tokens: int = 40
     lr: float = 2e-5
+    head_lr: float = 1e-3  # a2c, a3c, ppo: learning rate of the value head
+    epochs: int = 1  # passes over each iteration's samples
+    minibatches: int = 1  # updates per pass
     kl_coef: float = 0.0
     step_reward: float = 0.0
     eval_samples: int = 8
@@ -75,7 +78,9 @@ def main(cfg: Config) -> dict:
     for seed in cfg.seeds:
         rl_cfg = rl_arithmetic.Config(algo=cfg.algo, iterations=cfg.iterations,
                                       prompts_per_iteration=cfg.prompts_per_iteration, n=cfg.n,
-                                      max_new_tokens=cfg.max_new_tokens, lr=cfg.lr, kl_coef=cfg.kl_coef,
+                                      max_new_tokens=cfg.max_new_tokens, lr=cfg.lr, head_lr=cfg.head_lr,
+                                      epochs=cfg.epochs, minibatches=cfg.minibatches,
+                                      kl_coef=cfg.kl_coef,
                                       step_reward=cfg.step_reward, eval_samples=cfg.eval_samples,
                                       track_kl=cfg.track_kl,
                                       sft_run_dir=sft_dir, run_dir=os.path.join(run_dir, f"rl-{tag}-seed{seed}"),

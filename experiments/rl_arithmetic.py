@@ -58,6 +58,7 @@ class Config:
     staleness: int = 0  # a3c: actor threads sample this many iterations ahead of the learner
     actors: int = 2  # a3c: actor threads
     max_kl: float = 0.01  # trpo: the trust region δ
+    head_lr: float = 1e-3  # learning rate of the value head (a2c, a3c, ppo: on the policy's backbone; trpo: the critic's)
     critic_lr: float = 1e-4  # trpo: the separate critic's learning rate
     critic_epochs: int = 4  # trpo: critic regression passes per iteration
     sft_run_dir: str = "runs/sft_arithmetic-default"
@@ -132,11 +133,12 @@ def main(cfg: Config) -> dict:
     rl_cfg = RLConfig(algorithm=cfg.algo, loss=loss,
                       sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.n, temperature=cfg.temperature,
                                             eos_id=tok.eos_id, pad_id=tok.pad_id),
-                      optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant", b2=cfg.adam_b2, eps=cfg.adam_eps),
+                      optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant", b2=cfg.adam_b2, eps=cfg.adam_eps,
+                                                head_lr=cfg.head_lr),
                       epochs=cfg.epochs, track_kl=cfg.track_kl,
                       minibatches=cfg.minibatches, max_refills=cfg.max_refills, staleness=cfg.staleness,
                       actors=cfg.actors, critic_epochs=cfg.critic_epochs,
-                      critic_optimizer=OptimizerConfig(lr=cfg.critic_lr, schedule="constant"))
+                      critic_optimizer=OptimizerConfig(lr=cfg.critic_lr, schedule="constant", head_lr=cfg.head_lr))
     state = create_rl_state(model, params, rl_cfg.optimizer, jax.random.key(cfg.seed), critic_model=critic_model,
                             critic_params=critic_params, critic_optimizer=rl_cfg.critic_optimizer)
     def evaluate(p) -> tuple[float, float]:

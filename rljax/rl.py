@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
@@ -130,15 +131,24 @@ def create_rl_state(model, params, opt_cfg: OptimizerConfig, key, *, kl_controll
     critic_model, critic_params: a separate critic (e.g. `with_value_head(model,
     params)` for one initialised from the policy, `critic_from_reward_model` from a
     reward model) with its own optimizer state (critic_optimizer, default opt_cfg)."""
+    if critic_model is not None and (critic_params is None or "value" not in critic_model.config.heads):
+        raise ValueError("create_rl_state: a separate critic needs critic_params and a critic_model with a "
+                         "value head (see rljax.losses.actor_critic.with_value_head)")
     k_policy, k_rl, k_critic = jax.random.split(key, 3)
     mesh = model.mesh
+    for name, m, p, o in (("policy", model, params, opt_cfg), ("critic", critic_model, critic_params,
+                                                               critic_optimizer or opt_cfg)):
+        head = None if m is None or "value" not in m.config.heads else p["value_head"]
+        # at fine-tuning learning rates (<= 1e-4) a zero head needs hundreds of Adam steps to reach E[reward]
+        if head is not None and o.head_lr is None and o.lr <= 1e-4 and \
+                getattr(head, "is_fully_addressable", True) and not np.any(np.asarray(jax.device_get(head))):
+            warnings.warn(f"create_rl_state: the {name}'s value head is freshly initialised (zero) and trains at "
+                          f"the backbone's learning rate {o.lr:g}; it will lag the rewards for many iterations. "
+                          "Set OptimizerConfig.head_lr (e.g. 100x lr) to fit it faster.", stacklevel=2)
     policy = create_state(model, opt_cfg, k_policy, mesh=mesh, params=jax.tree.map(jnp.copy, params))
     ref = params if mesh is None else shard_params(params, param_shardings(model, mesh))
     critic = None
     if critic_model is not None:
-        if critic_params is None or "value" not in critic_model.config.heads:
-            raise ValueError("create_rl_state: a separate critic needs critic_params and a critic_model with a "
-                             "value head (see rljax.losses.actor_critic.with_value_head)")
         critic = create_state(critic_model, critic_optimizer or opt_cfg, k_critic, mesh=critic_model.mesh,
                               params=jax.tree.map(jnp.copy, critic_params))
     return RLState(step=jnp.int32(0), policy=policy, ref_params=ref, reward_ema=jnp.float32(0.0), rng=k_rl,

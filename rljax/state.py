@@ -18,6 +18,8 @@ from jax.sharding import Mesh
 from rljax.sharding import LOGICAL_RULES, batch_sharding, param_shardings, replicated
 
 SCHEDULES = ("constant", "cosine", "linear")
+# Parameters of the scalar heads (OptimizerConfig.head_lr applies to these).
+SCALAR_HEAD_PARAMS = ("value_head", "value_bias", "reward_head", "reward_bias")
 
 
 @struct.dataclass
@@ -39,6 +41,11 @@ class OptimizerConfig:
     global-norm clipping and optional gradient accumulation (optax.MultiSteps).
 
     Weight decay applies to matrices only (not norms, biases or scalar heads).
+    head_lr: peak learning rate of the scalar heads (value, reward), on the same
+    schedule; None = lr. A zero-initialised value head on a fine-tuned backbone
+    needs a far larger step than the backbone: at the policy's 1e-5 it would take
+    thousands of updates to learn V ~ E[reward] (the heads' Adam update is scaled by
+    head_lr / lr).
     """
 
     lr: float = 3e-4
@@ -52,6 +59,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     clip_norm: float | None = 1.0
     grad_accum: int = 1
+    head_lr: float | None = None
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -65,6 +73,8 @@ class OptimizerConfig:
             raise ValueError(f"OptimizerConfig.grad_accum: must be >= 1, got {self.grad_accum}")
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise ValueError(f"OptimizerConfig.clip_norm: must be positive or None, got {self.clip_norm}")
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise ValueError(f"OptimizerConfig.head_lr: must be positive or None, got {self.head_lr}")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -85,12 +95,20 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    def decay_mask(params):  # matrices only; the reward head is [D, A] with several attributes, not decayed
+        return {k: jax.tree.map(lambda p, k=k: p.ndim >= 2 and k not in SCALAR_HEAD_PARAMS, v)
+                for k, v in params.items()}
+
     parts = []
     if cfg.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
+    if cfg.head_lr is not None and cfg.head_lr != cfg.lr:
+        def head_mask(params):
+            return {k: jax.tree.map(lambda _, k=k: k in SCALAR_HEAD_PARAMS, v) for k, v in params.items()}
+
+        parts.append(optax.masked(optax.scale(cfg.head_lr / cfg.lr), head_mask))
     opt = optax.chain(*parts)
     if cfg.grad_accum > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=cfg.grad_accum)

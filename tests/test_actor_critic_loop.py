@@ -1,5 +1,6 @@
 """A2C and PPO through the shared RL iteration on the 64-armed bandit of test_rl_bandit."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,19 +22,52 @@ def _setup():
     return model, params
 
 
-@pytest.mark.parametrize("algorithm,loss,epochs", [("a2c", A2CConfig(), 1), ("ppo", PPOConfig(kl_coef=0.0), 2)])
-def test_actor_critic_moves_mass_to_the_best_arms(algorithm, loss, epochs):
+def _prompt_value(model, params):
+    """V at the bandit's one-token prompt: what the critic predicts before the arm is drawn."""
+    from rljax.losses.actor_critic import token_values
+
+    return float(token_values(params, jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), model=model)[0, 0])
+
+
+@pytest.mark.parametrize("algorithm,loss,epochs,separate", [("a2c", A2CConfig(), 1, False),
+                                                            ("ppo", PPOConfig(kl_coef=0.0), 2, False),
+                                                            ("ppo", PPOConfig(kl_coef=0.0), 2, True)])
+def test_actor_critic_moves_mass_to_the_best_arms(algorithm, loss, epochs, separate):
+    """The policy learns the bandit and the critic (value head on the policy's backbone,
+    or a separate model) learns V(prompt) = E_π[r] = Σ_y π(y) r(y), closed form."""
     model, params = _setup()
     assert float(params["value_head"].sum()) == 0.0  # the critic starts at V = 0
-    cfg = RLConfig(algorithm=algorithm, loss=loss, sampling=SAMPLING.replace(n=8),
-                   optimizer=OptimizerConfig(lr=3e-2, schedule="constant", clip_norm=None), epochs=epochs,
+    critic_model = critic_params = None
+    if separate:
+        critic_model, critic_params = model, params
+        model = Model(preset("tiny", n_layers=1))
+        params = {k: v for k, v in params.items() if not k.startswith("value_")}
+    opt = OptimizerConfig(lr=3e-2, schedule="constant", clip_norm=None, head_lr=1e-2)
+    cfg = RLConfig(algorithm=algorithm, loss=loss, sampling=SAMPLING.replace(n=8), optimizer=opt, epochs=epochs,
                    minibatches=epochs)  # A2C: one synchronous update per batch; PPO: 2 epochs x 2 minibatches
-    it = make_rl_iteration(model, cfg, reward_fn, decode)
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    it = make_rl_iteration(model, cfg, reward_fn, decode, critic_model=critic_model)
+    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1), critic_model=critic_model,
+                            critic_params=critic_params)
     for _ in range(25):
         state, m = it(state, np.ones((4, 1), np.int32), None)
     probs = arm_probs(model, state.policy.params)
     assert float(probs @ ARM_REWARD) > 0.8 and m["reward_mean"] > 0.7
+    value = _prompt_value(critic_model, state.critic.params) if separate else _prompt_value(model, state.policy.params)
+    # the critic regresses on returns of the previous policies, so it trails E_π[r] by a few hundredths
+    assert abs(value - float(probs @ ARM_REWARD)) < 0.06, (value, float(probs @ ARM_REWARD))
+
+
+def test_a_fresh_value_head_at_the_backbone_lr_is_warned_about():
+    import warnings
+
+    model, params = _setup()
+    with pytest.warns(UserWarning, match="head_lr"):
+        create_rl_state(model, params, OptimizerConfig(lr=1e-5), jax.random.key(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_rl_state(model, params, OptimizerConfig(lr=1e-5, head_lr=1e-3), jax.random.key(0))
+        trained = {**params, "value_head": params["value_head"] + 0.1}  # not fresh: e.g. a reward model's head
+        create_rl_state(model, trained, OptimizerConfig(lr=1e-5), jax.random.key(0))
 
 
 def test_ppo_with_a_kl_penalty_reaches_the_closed_form_optimum():

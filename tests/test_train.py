@@ -178,6 +178,22 @@ def test_weight_decay_skips_vectors():
     np.testing.assert_allclose(upd["scale"], np.zeros(2))
 
 
+def test_head_lr_scales_only_the_scalar_heads():
+    # Adam's first update is -lr * g / (|g| + eps') = -lr * sign(g) (bias-corrected), so each
+    # parameter moves by exactly its learning rate: head_lr for value/reward heads, lr elsewhere.
+    cfg = OptimizerConfig(lr=1e-3, schedule="constant", clip_norm=None, eps=1e-12, head_lr=5e-2)
+    opt = make_optimizer(cfg)
+    params = {"lm_head": jnp.ones((2, 3)), "value_head": jnp.ones(2), "value_bias": jnp.float32(0.0),
+              "layers": {"w": jnp.ones(2)}, "reward_head": jnp.ones(2)}
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, -2.0), params)
+    upd, _ = opt.update(grads, opt.init(params), params)
+    for k, v in upd.items():
+        want = 5e-2 if k in ("value_head", "value_bias", "reward_head") else 1e-3
+        jax.tree.map(lambda u, w=want: np.testing.assert_allclose(u, w, rtol=1e-5), v)
+    with pytest.raises(ValueError, match="head_lr"):
+        OptimizerConfig(head_lr=0.0)
+
+
 def test_sharded_training_matches_single_device():
     out = run_with_devices("""
         import functools, jax, numpy as np

@@ -19,3 +19,51 @@ class SequenceBatch:
     loss_mask: object
     segment_ids: object = None
     positions: object = None
+
+
+@struct.dataclass
+class RankingBatch:
+    """K answers per prompt, ranked, for reward-model training (pairs are K = 2).
+
+    tokens, attention_mask: [B, K, T] int32 (prompt + answer; any padding side);
+    rank: [B, K] int32, 0 = best, equal = tie, −1 = absent answer (its row holds one
+    real token so no attention row is empty); margin: [B] float32 or None, a per-list
+    margin added to the config's (Llama 2's preference-strength margin).
+    """
+
+    tokens: object
+    attention_mask: object
+    rank: object
+    margin: object = None
+
+
+@struct.dataclass
+class ScoreBatch:
+    """Responses with human scores (pointwise regression).
+
+    tokens, attention_mask: [B, T] int32; scores: [B] float32 (one attribute) or
+    [B, A] for A attributes; score_mask: same shape as scores, 1 where a score is given.
+    """
+
+    tokens: object
+    attention_mask: object
+    scores: object
+    score_mask: object
+
+
+@struct.dataclass
+class TokenLabelBatch:
+    """Per-position labels for verifiers (ORM) and process reward models (PRM).
+
+    tokens, attention_mask, loss_mask: [B, T] int32 (loss_mask 1 on completion tokens,
+    used by the optional joint LM loss); labels: [B, T] float32 in [0, 1], the label
+    of the prefix tokens[:t+1] (soft labels stay floats); label_mask: [B, T], 1 where a
+    label is given: every completion token for a verifier, the last token of each step
+    for a PRM.
+    """
+
+    tokens: object
+    attention_mask: object
+    loss_mask: object
+    labels: object
+    label_mask: object

@@ -47,6 +47,9 @@ class TransformerConfig:
       param_dtype: storage dtype of parameters (master weights).
       heads: which output heads exist: "lm" (token logits), "value" (per-token
         scalar), "reward" (sequence scalar read at the last non-pad token).
+      reward_outputs: width A of the reward head: 1 (a scalar reward, head [D]) or
+        A > 1 attributes scored at once (head [D, A], e.g. helpfulness and
+        correctness ratings regressed together).
       attention_impl: "xla" (einsum, runs everywhere) or "cudnn" (fused GPU
         kernel through `jax.nn.dot_product_attention`, full forward only).
       init_std: standard deviation of the normal weight initialiser.
@@ -70,6 +73,7 @@ class TransformerConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     heads: tuple[str, ...] = ("lm",)
+    reward_outputs: int = 1
     attention_impl: str = "xla"
     init_std: float = 0.02
 
@@ -98,6 +102,8 @@ class TransformerConfig:
         if not heads or any(h not in HEADS for h in heads) or len(set(heads)) != len(heads):
             bad("heads", f"{self.heads!r} must be a non-empty subset of {HEADS}")
         object.__setattr__(self, "heads", heads)
+        if int(self.reward_outputs) < 1:
+            bad("reward_outputs", f"must be >= 1, got {self.reward_outputs}")
 
     @property
     def dim_per_head(self) -> int:
@@ -135,7 +141,7 @@ class TransformerConfig:
         if "value" in self.heads:
             total += D + 1
         if "reward" in self.heads:
-            total += D + 1
+            total += (D + 1) * self.reward_outputs
         return total - (emb if exclude_embedding else 0)
 
     def flops_per_token(self, seq_len: int) -> float:

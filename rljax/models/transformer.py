@@ -313,8 +313,11 @@ class Transformer(nn.Module):
             self.value_kernel = _param(self, "value_head", zeros, (c.d_model,), ("embed",), c.params_dtype)
             self.value_bias = _param(self, "value_bias", zeros, (), (), c.params_dtype)
         if "reward" in c.heads:
-            self.reward_kernel = _param(self, "reward_head", zeros, (c.d_model,), ("embed",), c.params_dtype)
-            self.reward_bias = _param(self, "reward_bias", zeros, (), (), c.params_dtype)
+            A = c.reward_outputs  # one scalar reward, or A attributes
+            self.reward_kernel = _param(self, "reward_head", zeros, (c.d_model,) if A == 1 else (c.d_model, A),
+                                        ("embed",) if A == 1 else ("embed", None), c.params_dtype)
+            self.reward_bias = _param(self, "reward_bias", zeros, () if A == 1 else (A,), () if A == 1 else (None,),
+                                      c.params_dtype)
 
     def __call__(self, tokens, attention_mask, positions=None, cache: KVCache | None = None, segment_ids=None):
         """tokens, attention_mask: [B, T] -> (hidden [B, T, D] float32, new cache or None)."""
@@ -389,9 +392,15 @@ class Transformer(nn.Module):
         return hidden @ self.value_kernel.astype(jnp.float32) + self.value_bias.astype(jnp.float32)
 
     def rewards(self, hidden, attention_mask):
-        """Sequence scalar read at the last real token: [B, T, D], [B, T] -> [B] float32."""
+        """Sequence reward read at the last real token: [B, T, D], [B, T] -> [B] float32
+        ([B, A] with reward_outputs A > 1)."""
         h = hidden[jnp.arange(hidden.shape[0]), last_token_index(attention_mask)]
-        return h @ self.reward_kernel.astype(jnp.float32) + self.reward_bias.astype(jnp.float32)
+        return self.token_rewards(h)
+
+    def token_rewards(self, hidden):
+        """The reward head at every position (verifiers, process reward models): [..., D] -> [...] float32
+        ([..., A] with reward_outputs A > 1)."""
+        return hidden @ self.reward_kernel.astype(jnp.float32) + self.reward_bias.astype(jnp.float32)
 
     def init_all(self, tokens, attention_mask):
         """Touches every head so `init` creates all parameters."""
@@ -486,6 +495,11 @@ class Model:
     def rewards(self, params, hidden, attention_mask):
         """Reward head at the last real token: -> [B] float32."""
         return self.module.apply({"params": params}, hidden, attention_mask, method=Transformer.rewards)
+
+    def token_rewards(self, params, hidden):
+        """Reward head at every position: hidden [B, T, D] -> [B, T] float32 (read at a
+        step's last token by process reward models, at every completion token by verifiers)."""
+        return self.module.apply({"params": params}, hidden, method=Transformer.token_rewards)
 
     def __call__(self, params, tokens, attention_mask=None, **kw):
         """Full forward to LM logits [B, T, V] float32 (materialises all logits)."""

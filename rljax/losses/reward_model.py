@@ -1,0 +1,167 @@
+"""Reward-model losses: ranked pairs and lists, human scores, outcome verifiers, process reward models.
+
+Every loss reads the "reward" head (`Model.rewards` at the last real token found
+from the attention mask, `Model.token_rewards` at chosen positions), so one
+trained head serves as a sequence reward, a verifier and a PRM, and
+`critic_from_reward_model` can start a critic from it. Notation as in
+ALGORITHMS.md: L(z) = −log σ(z) = softplus(−z), r = the head's output.
+
+    ranking (pairs, K-wise lists):  mean over lists of mean_{(i ≻ j)} L(r_i − r_j − m)  [+ c · (r_i + r_j)²]
+    Plackett–Luce:                  mean over lists of Σ_k [logsumexp_{j≥k} r_τ(j) − r_τ(k)]
+    pointwise:                      ½ mean over given scores of (r_a − s_a)²
+    verifier (ORM):                 mean over completion tokens of BCE(r_t, y)  [+ λ_LM · NLL]
+    process reward model (PRM):     mean over step ends of BCE(r_t, y_step)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from rljax.data.batch import RankingBatch, ScoreBatch, TokenLabelBatch
+from rljax.models.logprobs import head_token_stats, target_mask
+from rljax.ops.aggregate import aggregate
+from rljax.ops.ranking import binary_cross_entropy, pair_centring, pairwise_ranking, plackett_luce, preferred_pairs
+
+RANKING_OBJECTIVES = ("pairwise", "plackett_luce")
+LABEL_LOSSES = ("bce", "mse")
+
+
+def _need_reward_head(model, name: str) -> None:
+    if "reward" not in model.config.heads:
+        raise ValueError(f"{name}: the model has no reward head; build it with "
+                         f"config.heads including 'reward' (got {model.config.heads})")
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    """objective: "pairwise" (Bradley–Terry; a K-wise list contributes all its
+    preferred pairs, InstructGPT) or "plackett_luce" (full rankings); margin m
+    (added to RankingBatch.margin when given); centring c of Eisenstein et al.
+    (ALGORITHMS.md suggests c ≈ 0.01; pairwise objective only)."""
+
+    objective: str = "pairwise"
+    margin: float = 0.0
+    centring: float = 0.0
+
+    def __post_init__(self):
+        if self.objective not in RANKING_OBJECTIVES:
+            raise ValueError(f"RankingConfig.objective: {self.objective!r} not in {RANKING_OBJECTIVES}")
+        if self.centring < 0:
+            raise ValueError(f"RankingConfig.centring: must be >= 0, got {self.centring}")
+        if self.centring and self.objective != "pairwise":
+            raise ValueError("RankingConfig.centring: only defined for objective='pairwise'")
+
+
+def ranking_scores(params, batch: RankingBatch, *, model) -> jax.Array:
+    """r for every answer of every list in one forward: tokens [B, K, T] -> [B, K] float32
+    (absent answers, rank −1, score 0)."""
+    chex.assert_rank(batch.tokens, 3)
+    chex.assert_equal_shape([batch.tokens, batch.attention_mask])
+    B, K, T = batch.tokens.shape
+    tokens, mask = batch.tokens.reshape(B * K, T), batch.attention_mask.reshape(B * K, T)
+    hidden, _ = model.forward(params, tokens, mask)
+    r = model.rewards(params, hidden, mask)
+    chex.assert_rank(r, 1)  # a ranking needs one scalar per answer (reward_outputs = 1)
+    return jnp.where(batch.rank >= 0, r.reshape(B, K), 0.0)
+
+
+def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
+    """Reward-model loss on ranked lists (pairs are K = 2). Lists without a preferred
+    pair (all tied) count for nothing. Returns (loss, metrics): accuracy (fraction of
+    preferred pairs scored in the right order), margin (mean r_i − r_j over pairs),
+    reward_mean / reward_std over present answers."""
+    _need_reward_head(model, "ranking_loss")
+    chex.assert_equal_shape([batch.rank, batch.tokens[..., 0]])
+    scores = ranking_scores(params, batch, model=model)
+    margin = cfg.margin if batch.margin is None else cfg.margin + batch.margin
+    per_list, n_pairs = pairwise_ranking(scores, batch.rank, margin)
+    if cfg.objective == "plackett_luce":
+        per_list = plackett_luce(scores, batch.rank)
+    live = (n_pairs > 0).astype(jnp.float32)
+    n_lists = jnp.maximum(live.sum(), 1.0)
+    loss = (per_list * live).sum() / n_lists
+    if cfg.centring:
+        loss = loss + cfg.centring * (pair_centring(scores, batch.rank) * live).sum() / n_lists
+    pairs = preferred_pairs(batch.rank).astype(jnp.float32)
+    diff = scores[:, :, None] - scores[:, None, :]
+    total_pairs = jnp.maximum(pairs.sum(), 1.0)
+    present = (batch.rank >= 0).astype(jnp.float32)
+    mean = (scores * present).sum() / jnp.maximum(present.sum(), 1.0)
+    var = (jnp.square(scores - mean) * present).sum() / jnp.maximum(present.sum(), 1.0)
+    metrics = {"loss": loss, "accuracy": ((diff > 0) * pairs).sum() / total_pairs,
+               "margin": (diff * pairs).sum() / total_pairs, "reward_mean": mean, "reward_std": jnp.sqrt(var)}
+    return loss, metrics
+
+
+def pointwise_loss(params, batch: ScoreBatch, *, model, cfg=None):
+    """½ mean over given scores of (r_a − s_a)²: scores [B] (reward_outputs = 1) or [B, A]
+    (reward_outputs = A). Returns (loss, metrics: loss, mae)."""
+    del cfg
+    _need_reward_head(model, "pointwise_loss")
+    chex.assert_equal_shape([batch.tokens, batch.attention_mask])
+    chex.assert_equal_shape([batch.scores, batch.score_mask])
+    hidden, _ = model.forward(params, batch.tokens, batch.attention_mask)
+    r = model.rewards(params, hidden, batch.attention_mask)
+    if r.shape != batch.scores.shape:
+        raise ValueError(f"pointwise_loss: the reward head gives {r.shape[1:] or 'one score'} per response but the "
+                         f"batch has scores of shape {batch.scores.shape}; set TransformerConfig.reward_outputs "
+                         "to the number of attributes")
+    m = batch.score_mask.astype(jnp.float32)
+    err = (r - batch.scores.astype(jnp.float32)) * m
+    count = jnp.maximum(m.sum(), 1.0)
+    loss = 0.5 * jnp.square(err).sum() / count
+    return loss, {"loss": loss, "mae": jnp.abs(err).sum() / count}
+
+
+@dataclass(frozen=True)
+class TokenLabelConfig:
+    """loss: "bce" on the head's logit (default) or "mse" on σ(r) (Cobbe et al.'s
+    choice); lm_coef λ of a joint LM loss on the completion tokens (verifiers; needs
+    the "lm" head)."""
+
+    loss: str = "bce"
+    lm_coef: float = 0.0
+
+    def __post_init__(self):
+        if self.loss not in LABEL_LOSSES:
+            raise ValueError(f"TokenLabelConfig.loss: {self.loss!r} not in {LABEL_LOSSES}")
+        if self.lm_coef < 0:
+            raise ValueError(f"TokenLabelConfig.lm_coef: must be >= 0, got {self.lm_coef}")
+
+
+def token_label_loss(params, batch: TokenLabelBatch, *, model, cfg: TokenLabelConfig):
+    """Per-position classification of the reward head: the outcome verifier (labels on
+    every completion token, all equal to the answer's correctness) and the process
+    reward model (a label at the last token of each step) are this loss on differently
+    collated batches (`collate_verifier`, `collate_steps`).
+
+        L = mean_{t: label_mask} ℓ(r_t, y_t) + λ_LM · mean_{completion} −log π(y_{t+1})
+
+    ℓ = softplus(r) − y r (BCE) or (σ(r) − y)². Returns (loss, metrics: loss, label_loss,
+    accuracy of σ(r) > ½ against y > ½, mean predicted probability, lm_nll)."""
+    _need_reward_head(model, "token_label_loss")
+    chex.assert_equal_shape([batch.tokens, batch.attention_mask, batch.loss_mask, batch.labels, batch.label_mask])
+    hidden, _ = model.forward(params, batch.tokens, batch.attention_mask)
+    r = model.token_rewards(params, hidden)
+    chex.assert_equal_shape([r, batch.labels])
+    y = batch.labels.astype(jnp.float32)
+    m = (batch.label_mask * batch.attention_mask).astype(jnp.float32)
+    p = jax.nn.sigmoid(r)
+    per_token = binary_cross_entropy(r, y) if cfg.loss == "bce" else jnp.square(p - y)
+    label_loss = aggregate(per_token, m, "token_mean")
+    metrics = {"label_loss": label_loss, "accuracy": aggregate(((p > 0.5) == (y > 0.5)).astype(jnp.float32), m,
+                                                                 "token_mean"),
+               "prob_mean": aggregate(p, m, "token_mean")}
+    loss = label_loss
+    if cfg.lm_coef:
+        if "lm" not in model.config.heads:
+            raise ValueError("token_label_loss: lm_coef > 0 needs the 'lm' head")
+        lp = head_token_stats(params, hidden[:, :-1], batch.tokens[:, 1:], model=model)["logprobs"]
+        nll = aggregate(-lp, target_mask(batch.loss_mask, batch.attention_mask), "token_mean")
+        loss = loss + cfg.lm_coef * nll
+        metrics["lm_nll"] = nll
+    metrics["loss"] = loss
+    return loss, metrics

@@ -1,0 +1,233 @@
+"""Reward-model kernels and losses against ALGORITHMS.md's known answers and naive references."""
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rljax.data.batch import RankingBatch, ScoreBatch, TokenLabelBatch
+from rljax.losses.reward_model import (RankingConfig, TokenLabelConfig, pointwise_loss, ranking_loss,
+                                       ranking_scores, token_label_loss)
+from rljax.models import Model, preset
+from rljax.ops.ranking import (binary_cross_entropy, bradley_terry, pair_centring, pairwise_ranking, plackett_luce)
+
+
+def softplus(x):
+    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
+
+
+def naive_pairwise(scores, rank, margin=0.0):
+    out = []
+    for s, r in zip(scores, rank):
+        terms = [softplus(-(s[i] - s[j] - margin)) for i in range(len(s)) for j in range(len(s))
+                 if r[i] >= 0 and r[j] >= 0 and r[i] < r[j]]
+        out.append(sum(terms) / len(terms) if terms else 0.0)
+    return np.array(out)
+
+
+def naive_plackett_luce(scores, rank):
+    out = []
+    for s, r in zip(scores, rank):
+        order = sorted((i for i in range(len(s)) if r[i] >= 0), key=lambda i: (r[i], i))
+        out.append(sum(math.log(sum(math.exp(s[j]) for j in order[k:])) - s[order[k]] for k in range(len(order))))
+    return np.array(out)
+
+
+def test_known_answers_at_equal_scores():
+    z = jnp.zeros(3)
+    np.testing.assert_allclose(bradley_terry(z, z), np.log(2.0) * np.ones(3), rtol=1e-6)
+    np.testing.assert_allclose(bradley_terry(z, z, 1.5), np.log1p(np.exp(1.5)) * np.ones(3), rtol=1e-6)
+    for K in (2, 3, 5):
+        rank = jnp.arange(K)[None, :]
+        np.testing.assert_allclose(plackett_luce(jnp.zeros((1, K)), rank), [math.log(math.factorial(K))], rtol=1e-6)
+        np.testing.assert_allclose(pairwise_ranking(jnp.zeros((1, K)), rank)[0], [math.log(2.0)], rtol=1e-6)
+
+
+def test_k_equals_two_reduces_to_bradley_terry():
+    s = jax.random.normal(jax.random.key(0), (6, 2))
+    rank = jnp.tile(jnp.array([[0, 1]]), (6, 1))
+    bt = bradley_terry(s[:, 0], s[:, 1], 0.3)
+    np.testing.assert_allclose(pairwise_ranking(s, rank, 0.3)[0], bt, rtol=1e-6)
+    np.testing.assert_allclose(plackett_luce(s, rank), bradley_terry(s[:, 0], s[:, 1]), rtol=1e-6, atol=1e-6)
+
+
+def test_lists_match_naive_references_with_ties_and_absent_answers():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(20, 5)).astype(np.float32)
+    rank = rng.integers(-1, 4, size=(20, 5)).astype(np.int32)  # ties and absent (−1) answers
+    rank[0] = [0, 0, 0, -1, -1]  # all tied: no pair, loss 0
+    got, pairs = pairwise_ranking(jnp.asarray(scores), jnp.asarray(rank), 0.2)
+    np.testing.assert_allclose(got, naive_pairwise(scores, rank, 0.2), rtol=1e-5, atol=1e-6)
+    assert pairs[0] == 0 and got[0] == 0
+    strict = np.argsort(rng.random((20, 5)), axis=1).astype(np.int32)
+    strict[:5, 3:] = -1  # shorter lists
+    np.testing.assert_allclose(plackett_luce(jnp.asarray(scores), jnp.asarray(strict)),
+                               naive_plackett_luce(scores, strict), rtol=1e-5)
+
+
+def test_adding_a_constant_per_prompt_changes_nothing():
+    rng = np.random.default_rng(1)
+    s = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+    rank = jnp.asarray(np.argsort(rng.random((8, 4)), axis=1), jnp.int32)
+    c = jnp.asarray(rng.normal(size=(8, 1)) * 5, jnp.float32)
+    np.testing.assert_allclose(pairwise_ranking(s + c, rank)[0], pairwise_ranking(s, rank)[0], rtol=1e-5)
+    np.testing.assert_allclose(plackett_luce(s + c, rank), plackett_luce(s, rank), rtol=1e-5)
+    # centring is the one term that sees the constant: it pulls each prompt's rewards toward zero sum
+    np.testing.assert_allclose(pair_centring(jnp.array([[1.0, -1.0]]), jnp.array([[0, 1]])), [0.0])
+    np.testing.assert_allclose(pair_centring(jnp.array([[2.0, 1.0]]), jnp.array([[0, 1]])), [9.0])
+
+
+def test_binary_cross_entropy_by_hand_and_soft_labels_stay_soft():
+    z, y = jnp.array([0.0, 2.0, -1.0]), jnp.array([0.5, 1.0, 0.25])
+    p = 1 / (1 + np.exp(-np.array([0.0, 2.0, -1.0])))
+    want = -(np.array([0.5, 1.0, 0.25]) * np.log(p) + (1 - np.array([0.5, 1.0, 0.25])) * np.log(1 - p))
+    np.testing.assert_allclose(binary_cross_entropy(z, y), want, rtol=1e-6)
+
+
+def test_tabular_bradley_terry_recovers_the_gold_reward():
+    """Labels ~ Bernoulli(σ(r*_i − r*_j)) on random pairs of 20 items: the fitted scores
+    equal r* up to a constant (correlation > 0.95)."""
+    rng = np.random.default_rng(0)
+    gold = rng.normal(size=20)
+    i, j = rng.integers(0, 20, size=(2, 20_000))
+    keep = i != j
+    i, j = i[keep], j[keep]
+    first_wins = rng.random(len(i)) < 1 / (1 + np.exp(-(gold[i] - gold[j])))
+    w, lo = np.where(first_wins, i, j), np.where(first_wins, j, i)
+    w, lo = jnp.asarray(w), jnp.asarray(lo)
+    loss = lambda r: bradley_terry(r[w], r[lo]).mean()  # noqa: E731
+    opt = optax.adam(0.1)
+    r = jnp.zeros(20)
+    state = opt.init(r)
+    step = jax.jit(lambda r, s: (lambda g, s: (optax.apply_updates(r, opt.update(g, s)[0]), opt.update(g, s)[1]))(
+        jax.grad(loss)(r), s))
+    for _ in range(300):
+        r, state = step(r, state)
+    r = np.asarray(r)
+    assert np.corrcoef(r, gold)[0, 1] > 0.95
+    np.testing.assert_allclose(r - r.mean(), gold - gold.mean(), atol=0.15)
+
+
+# ----- losses on a tiny model -----
+
+def _rm(**kw):
+    model = Model(preset("tiny", n_layers=1, heads=("lm", "reward"), **kw))
+    params = model.init(jax.random.key(0))
+    # a non-zero head, so scores differ between answers
+    params = {**params, "reward_head": jax.random.normal(jax.random.key(1), params["reward_head"].shape)}
+    return model, params
+
+
+def _lists(B=3, K=3, T=7, seed=0, left_pad=False, extra=0):
+    """Random answers of random lengths, padded right (or left), with `extra` more pad columns."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, T + 1, size=(B, K))
+    tokens = np.zeros((B, K, T + extra), np.int32)
+    mask = np.zeros_like(tokens)
+    ids = rng.integers(3, 60, size=(B, K, T))
+    for b in range(B):
+        for k in range(K):
+            n = lengths[b, k]
+            sl = slice(T + extra - n, T + extra) if left_pad else slice(0, n)
+            tokens[b, k, sl], mask[b, k, sl] = ids[b, k, :n], 1
+    rank = np.tile(np.arange(K, dtype=np.int32), (B, 1))
+    return tokens, mask, rank
+
+
+def test_ranking_scores_ignore_padding_side_and_extra_pads():
+    model, params = _rm()
+    base = None
+    for left, extra in ((False, 0), (True, 0), (False, 3), (True, 4)):
+        t, m, rank = _lists(left_pad=left, extra=extra)
+        s = ranking_scores(params, RankingBatch(jnp.asarray(t), jnp.asarray(m), jnp.asarray(rank)), model=model)
+        base = s if base is None else base
+        np.testing.assert_allclose(s, base, rtol=1e-5, atol=1e-5)
+
+
+def test_ranking_loss_is_the_kernel_on_the_model_scores():
+    model, params = _rm()
+    t, m, rank = _lists(B=4, K=3)
+    rank[1] = [0, -1, 1]  # an absent answer
+    rank[2] = [1, 1, 1]  # all tied: no pair, left out of the mean
+    batch = RankingBatch(jnp.asarray(t), jnp.asarray(m), jnp.asarray(rank), margin=jnp.array([0.0, 0.5, 0.0, 1.0]))
+    s = np.asarray(ranking_scores(params, batch, model=model))
+    assert s[1, 1] == 0.0
+    loss, metrics = ranking_loss(params, batch, model=model, cfg=RankingConfig(margin=0.1, centring=0.01))
+    margins = 0.1 + np.array([0.0, 0.5, 0.0, 1.0])
+    per_list = [naive_pairwise(s[b:b + 1], rank[b:b + 1], margins[b])[0] for b in range(4)]
+    cent = [np.mean([(s[b, i] + s[b, j]) ** 2 for i in range(3) for j in range(3)
+                     if rank[b, i] >= 0 and rank[b, j] >= 0 and rank[b, i] < rank[b, j]]) for b in (0, 1, 3)]
+    want = np.mean([per_list[b] for b in (0, 1, 3)]) + 0.01 * np.mean(cent)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    pairs = [(b, i, j) for b in range(4) for i in range(3) for j in range(3)
+             if rank[b, i] >= 0 and rank[b, j] >= 0 and rank[b, i] < rank[b, j]]
+    np.testing.assert_allclose(metrics["accuracy"], np.mean([s[b, i] > s[b, j] for b, i, j in pairs]), rtol=1e-6)
+    pl, _ = ranking_loss(params, batch, model=model, cfg=RankingConfig(objective="plackett_luce"))
+    np.testing.assert_allclose(pl, np.mean(naive_plackett_luce(s[[0, 1, 3]], rank[[0, 1, 3]])), rtol=1e-5)
+    # at the zero-initialised head every score is 0: log 2 per pair
+    zero = {**params, "reward_head": jnp.zeros_like(params["reward_head"])}
+    no_margin = batch.replace(margin=None)
+    np.testing.assert_allclose(ranking_loss(zero, no_margin, model=model, cfg=RankingConfig())[0], np.log(2),
+                               rtol=1e-6)
+
+
+def test_pointwise_loss_one_and_several_attributes():
+    t, m, _ = _lists(B=4, K=1)
+    t, m = jnp.asarray(t[:, 0]), jnp.asarray(m[:, 0])
+    model, params = _rm()
+    hidden, _ = model.forward(params, t, m)
+    r = np.asarray(model.rewards(params, hidden, m))
+    s = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+    given = np.array([1, 1, 1, 0], np.float32)
+    loss, met = pointwise_loss(params, ScoreBatch(t, m, jnp.asarray(s), jnp.asarray(given)), model=model)
+    np.testing.assert_allclose(loss, 0.5 * np.mean((r[:3] - s[:3]) ** 2), rtol=1e-5)
+    model3, params3 = _rm(reward_outputs=3)
+    s3 = np.arange(12, dtype=np.float32).reshape(4, 3)
+    hidden, _ = model3.forward(params3, t, m)
+    r3 = np.asarray(model3.rewards(params3, hidden, m))
+    loss3, _ = pointwise_loss(params3, ScoreBatch(t, m, jnp.asarray(s3), jnp.ones((4, 3))), model=model3)
+    np.testing.assert_allclose(loss3, 0.5 * np.mean((r3 - s3) ** 2), rtol=1e-5)
+    with pytest.raises(ValueError, match="reward_outputs"):
+        pointwise_loss(params, ScoreBatch(t, m, jnp.asarray(s3), jnp.ones((4, 3))), model=model)
+
+
+def test_token_label_loss_by_hand_with_soft_labels_and_the_joint_lm_term():
+    model, params = _rm()
+    rng = np.random.default_rng(3)
+    t = jnp.asarray(rng.integers(3, 60, size=(2, 6)), jnp.int32)
+    m = jnp.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], jnp.int32)
+    lm = jnp.array([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], jnp.int32)
+    labels = jnp.array([[0, 0, 0.25, 0, 0.75, 0], [0, 0, 0, 1.0, 0, 0.5]], jnp.float32)
+    lmask = jnp.array([[0, 0, 1, 0, 1, 1], [0, 0, 0, 1, 0, 1]], jnp.int32)  # (0, 5) is padding: ignored
+    batch = TokenLabelBatch(t, m, lm, labels, lmask)
+    hidden, _ = model.forward(params, t, m)
+    z = np.asarray(model.token_rewards(params, hidden))
+    pos = [(0, 2), (0, 4), (1, 3), (1, 5)]
+    want = np.mean([softplus(z[b, i]) - float(labels[b, i]) * z[b, i] for b, i in pos])
+    loss, met = token_label_loss(params, batch, model=model, cfg=TokenLabelConfig())
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    p = 1 / (1 + np.exp(-z))
+    mse, _ = token_label_loss(params, batch, model=model, cfg=TokenLabelConfig(loss="mse"))
+    np.testing.assert_allclose(mse, np.mean([(p[b, i] - float(labels[b, i])) ** 2 for b, i in pos]), rtol=1e-5)
+    joint, met = token_label_loss(params, batch, model=model, cfg=TokenLabelConfig(lm_coef=0.5))
+    logp = np.asarray(jax.nn.log_softmax(model.logits(params, hidden), axis=-1))
+    nll = np.mean([-logp[b, i - 1, int(t[b, i])] for b in range(2) for i in range(1, 6) if lm[b, i] and m[b, i]])
+    np.testing.assert_allclose(joint, want + 0.5 * nll, rtol=1e-5)
+
+
+def test_bad_configs_and_models_name_the_field():
+    with pytest.raises(ValueError, match="objective"):
+        RankingConfig(objective="listnet")
+    with pytest.raises(ValueError, match="centring"):
+        RankingConfig(objective="plackett_luce", centring=0.1)
+    with pytest.raises(ValueError, match="TokenLabelConfig.loss"):
+        TokenLabelConfig(loss="hinge")
+    model = Model(preset("tiny", n_layers=1))
+    t, m, rank = _lists()
+    with pytest.raises(ValueError, match="reward head"):
+        ranking_loss(model.init(jax.random.key(0)), RankingBatch(t, m, rank), model=model, cfg=RankingConfig())
+    with pytest.raises(ValueError, match="reward_outputs"):
+        preset("tiny", reward_outputs=0)
