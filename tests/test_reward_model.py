@@ -231,3 +231,83 @@ def test_bad_configs_and_models_name_the_field():
         ranking_loss(model.init(jax.random.key(0)), RankingBatch(t, m, rank), model=model, cfg=RankingConfig())
     with pytest.raises(ValueError, match="reward_outputs"):
         preset("tiny", reward_outputs=0)
+
+
+# ----- scoring: learned rewards for the RL loop, aggregation, best-of-N -----
+
+def test_aggregate_steps_known_answers():
+    from rljax.rewards.reward_model import aggregate_steps
+
+    p = jnp.array([[0.9, 0.5, 0.8, 0.0], [0.7, 0.0, 0.0, 0.0], [0.3, 0.6, 0.0, 0.0]])
+    m = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])
+    np.testing.assert_allclose(aggregate_steps(p, m, "min"), [0.5, 0.7, 0.3], rtol=1e-6)
+    np.testing.assert_allclose(aggregate_steps(p, m, "product"), [0.36, 0.7, 0.18], rtol=1e-5)
+    np.testing.assert_allclose(aggregate_steps(p, m, "mean"), [2.2 / 3, 0.7, 0.45], rtol=1e-6)
+    np.testing.assert_allclose(aggregate_steps(p, m, "last"), [0.8, 0.7, 0.6], rtol=1e-6)
+    rng = np.random.default_rng(0)
+    q, mask = jnp.asarray(rng.random((50, 6)), jnp.float32), jnp.asarray(rng.random((50, 6)) < 0.7)
+    assert np.all(aggregate_steps(q, mask, "product") <= aggregate_steps(q, mask, "min") + 1e-7)
+    np.testing.assert_allclose(aggregate_steps(q, jnp.zeros_like(mask), "min"), np.zeros(50))  # no steps: 0
+    with pytest.raises(ValueError, match="mode"):
+        aggregate_steps(q, mask, "max")
+
+
+def test_running_normaliser_equals_the_statistics_of_everything_seen():
+    from rljax.rewards.reward_model import running_normaliser
+
+    norm = running_normaliser(eps=0.0)
+    state = norm.init()
+    rng = np.random.default_rng(0)
+    seen = []
+    for n in (5, 1, 17, 8):
+        r = rng.normal(3.0, 2.0, size=n).astype(np.float32)
+        seen.append(r)
+        out, state = norm.update(state, r)
+        allr = np.concatenate(seen)
+        np.testing.assert_allclose(out, (r - allr.mean()) / allr.std(), rtol=1e-4, atol=1e-5)
+    out, _ = running_normaliser(eps=0.0, shift_mean=False).update(state, np.array([1.0], np.float32))
+    allr = np.concatenate(seen + [np.array([1.0])])
+    np.testing.assert_allclose(out, [1.0 / allr.std()], rtol=1e-4)
+
+
+def test_learned_scorers_match_the_training_collation():
+    """The reward-model scorer gives the scores the ranking loss trained on; the PRM scorer
+    the token scores at the step ends that collate_steps labels."""
+    from rljax.data.reward_collate import collate_pairs, collate_steps
+    from rljax.rewards.reward_model import prm_reward, reward_model_reward, step_scorer
+    from rljax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    model, params = _rm()
+    pairs = [("1+1=", "2;answer:2", "3"), ("2*3=", "6", "answer:5"), ("7-2=", "5", "4;answer:4")]
+    s = np.asarray(ranking_scores(params, collate_pairs(tok, pairs), model=model))
+    scorer = reward_model_reward(model, params, tok)
+    np.testing.assert_allclose(scorer([p for p, _, _ in pairs], [c for _, c, _ in pairs]), s[:, 0], rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(reward_model_reward(model, params, tok, probability=True)(["1+1="], ["3"]),
+                               1 / (1 + np.exp(-s[0, 1:])), rtol=1e-5)
+    steps = [("1+2*3=", ["2*3=6", "1+6=7", "answer:7"], [1, 1, 1]), ("5=", ["answer:5"], [1])]
+    b = collate_steps(tok, steps, separator=";")
+    hidden, _ = model.forward(params, jnp.asarray(b.tokens), jnp.asarray(b.attention_mask))
+    probs = np.asarray(jax.nn.sigmoid(model.token_rewards(params, hidden)))
+    want = [probs[i][np.flatnonzero(b.label_mask[i])] for i in range(2)]
+    got = step_scorer(model, params, tok, separator=";")(["1+2*3=", "5="], ["2*3=6;1+6=7;answer:7", "answer:5"])
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5)
+    prm = prm_reward(model, params, tok, separator=";", aggregation="last")
+    np.testing.assert_allclose(prm(["1+2*3=", "5="], ["2*3=6;1+6=7;answer:7", "answer:5"]),
+                               [want[0][-1], want[1][-1]], rtol=1e-5)
+
+
+def test_best_of_n_and_majority_vote_by_hand():
+    from rljax.rewards.reward_model import best_of_n, majority_vote
+
+    def length_scorer(prompts, completions, bonus):
+        return [len(c) + b for c, b in zip(completions, bonus)]
+
+    cands = [["a", "abc", "ab"], ["xy", "x"]]
+    assert best_of_n(["p", "q"], cands, length_scorer, bonus=[0, 0]) == [1, 0]
+    assert best_of_n(["p", "q"], [["a", "bb"], ["ccc", "dd"]], length_scorer, bonus=[5, 0]) == [1, 0]
+    answers = [["answer:1", "answer:2", "answer:2", "junk"], ["junk", "junk"], ["answer:3", "answer:4"]]
+    from rljax.data.arithmetic import parse_answer
+    assert majority_vote(answers, parse_answer) == [1, 0, 0]

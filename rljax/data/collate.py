@@ -11,6 +11,43 @@ from rljax.data.batch import SequenceBatch
 T = TypeVar("T")
 
 
+def encode_prompt_completion(tokenizer, prompt: str, completion: str, row: int, *, add_bos: bool, add_eos: bool,
+                             field: str = "completion") -> tuple[list[int], list[int]]:
+    """[bos] prompt completion [eos] -> (ids, completion mask); an empty completion is an error naming the row."""
+    p = tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
+    c = tokenizer.encode(completion, add_bos=False, add_eos=add_eos)
+    if not c:
+        raise ValueError(f"row {row}: the {field} is empty (nothing to learn)")
+    return p + c, [0] * len(p) + [1] * len(c)
+
+
+def padded_width(lengths: Sequence[int], *, length: int | None, min_bucket: int, max_length: int | None,
+                 names: Sequence[str]) -> int:
+    """The padded width: `length` if given, else the longest row bucketed to a power of two;
+    a row that does not fit is an error naming it."""
+    for name, n in zip(names, lengths):
+        if max_length is not None and n > max_length:
+            raise ValueError(f"{name}: {n} tokens exceed max_length={max_length}")
+        if length is not None and n > length:
+            raise ValueError(f"{name}: {n} tokens exceed length={length}")
+    return length if length is not None else bucket_length(max(lengths), minimum=min_bucket, maximum=max_length)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, *others: Sequence[Sequence]) -> list[np.ndarray]:
+    """Right-pad token rows to `width`: [tokens, attention_mask, *others] as [len(rows), width] arrays
+    (`others` are per-token lists, int32 or float32 as given, padded with 0)."""
+    B = len(rows)
+    tokens = np.full((B, width), pad_id, np.int32)
+    attn = np.zeros((B, width), np.int32)
+    outs = [np.zeros((B, width), np.float32 if any(isinstance(v, float) for r in o for v in r) else np.int32)
+            for o in others]
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], attn[i, :len(r)] = r, 1
+        for out, o in zip(outs, others):
+            out[i, :len(o[i])] = o[i]
+    return [tokens, attn, *outs]
+
+
 def collate_prompt_completion(tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int | None = None,
                               min_bucket: int = 16, add_bos: bool = True, add_eos: bool = True,
                               length: int | None = None) -> SequenceBatch:
@@ -23,27 +60,12 @@ def collate_prompt_completion(tokenizer, pairs: Sequence[tuple[str, str]], *, ma
     """
     if not pairs:
         raise ValueError("collate_prompt_completion: no examples")
-    rows, masks = [], []
-    for i, (prompt, completion) in enumerate(pairs):
-        p = tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
-        c = tokenizer.encode(completion, add_bos=False, add_eos=add_eos)
-        if not c:
-            raise ValueError(f"row {i}: the completion is empty (nothing to learn)")
-        if max_length is not None and len(p) + len(c) > max_length:
-            raise ValueError(f"row {i}: {len(p) + len(c)} tokens exceed max_length={max_length}")
-        rows.append(p + c)
-        masks.append([0] * len(p) + [1] * len(c))
-    longest = max(map(len, rows))
-    if length is None:
-        length = bucket_length(longest, minimum=min_bucket, maximum=max_length)
-    elif longest > length:
-        raise ValueError(f"row {int(np.argmax([len(r) for r in rows]))}: {longest} tokens exceed length={length}")
-    B = len(rows)
-    tokens = np.full((B, length), tokenizer.pad_id, np.int32)
-    attn = np.zeros((B, length), np.int32)
-    loss = np.zeros((B, length), np.int32)
-    for i, (r, m) in enumerate(zip(rows, masks)):
-        tokens[i, :len(r)], attn[i, :len(r)], loss[i, :len(r)] = r, 1, m
+    encoded = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)
+               for i, (p, c) in enumerate(pairs)]
+    rows, masks = [e[0] for e in encoded], [e[1] for e in encoded]
+    width = padded_width([len(r) for r in rows], length=length, min_bucket=min_bucket, max_length=max_length,
+                   names=[f"row {i}" for i in range(len(rows))])
+    tokens, attn, loss = pad_rows(rows, width, tokenizer.pad_id, masks)
     return SequenceBatch(tokens=tokens, attention_mask=attn, loss_mask=loss)
 
 

@@ -26,7 +26,8 @@ def preferred_pairs(rank: jax.Array) -> jax.Array:
     return (rank[:, :, None] < rank[:, None, :]) & present[:, :, None] & present[:, None, :]
 
 
-def pairwise_ranking(scores: jax.Array, rank: jax.Array, margin: jax.Array | float = 0.0) -> tuple[jax.Array, jax.Array]:
+def pairwise_ranking(scores: jax.Array, rank: jax.Array,
+                     margin: jax.Array | float = 0.0) -> tuple[jax.Array, jax.Array]:
     """K-wise comparison loss (InstructGPT): every preferred pair (i, j) of a list
     contributes L(r_i − r_j − m), averaged over the list's pairs.
 

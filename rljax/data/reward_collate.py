@@ -1,0 +1,234 @@
+"""Collation for reward-model data: ranked pairs and lists, scored responses, verifier and step labels.
+
+Rows are right-padded to a bucketed width (a power of two, as `collate_prompt_completion`),
+so a run compiles a handful of times. Every bad row raises a `ValueError` that
+names its index and what is wrong with it.
+
+Steps of a solution are encoded piece by piece (`encode_steps`): each step's text,
+then the separator, so the last token of every step is known exactly for any
+tokenizer (a BPE merge across the separator cannot move it). Training
+(`collate_steps`) and scoring (`rljax.rewards.reward_model`) use the same function.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from rljax.data.batch import RankingBatch, ScoreBatch, TokenLabelBatch
+from rljax.data.collate import encode_prompt_completion, pad_rows, padded_width
+
+
+def _finite(x, where: str) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a number, got {x!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{where} is {v}, not a finite number")
+    return v
+
+
+def _check_ranking(i: int, answers: Sequence[str], ranks: Sequence[int]) -> list[int]:
+    if len(answers) != len(ranks):
+        raise ValueError(f"row {i}: {len(answers)} answers but {len(ranks)} ranks")
+    if len(answers) < 2:
+        raise ValueError(f"row {i}: a ranking needs at least two answers, got {len(answers)}")
+    out = []
+    for k, r in enumerate(ranks):
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+            raise ValueError(f"row {i}: rank of answer {k} must be an integer >= 0 (0 = best), got {r!r}")
+        out.append(int(r))
+    if len(set(out)) < 2:
+        raise ValueError(f"row {i}: every answer has the same rank, so the ranking says nothing")
+    seen = {}
+    for k, a in enumerate(answers):
+        if not isinstance(a, str) or not a:
+            raise ValueError(f"row {i}: answer {k} is empty or not a string: {a!r}")
+        if a in seen and out[seen[a]] != out[k]:
+            raise ValueError(f"row {i}: answers {seen[a]} and {k} are the same text but ranked differently")
+        seen.setdefault(a, k)
+    return out
+
+
+def collate_ranked(tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence[int]]], *,
+                   answers_per_list: int | None = None, margins: Sequence[float] | None = None,
+                   max_length: int | None = None, min_bucket: int = 16, length: int | None = None,
+                   add_bos: bool = True, add_eos: bool = True) -> RankingBatch:
+    """(prompt, answers, ranks) lists -> RankingBatch [B, K, T]: all answers of a prompt in
+    one batch element (InstructGPT's K-wise comparisons; pairs are K = 2).
+
+    ranks: 0 = best, larger = worse, equal = tie. K = answers_per_list (fixed, so
+    the shape does not change between batches) or the longest list; shorter lists
+    get absent answers (rank −1, all padding). Errors name the row: fewer than two
+    answers, all answers tied, a negative or non-integer rank, the same text ranked
+    twice differently, an empty answer, a row too long.
+    """
+    if not lists:
+        raise ValueError("collate_ranked: no examples")
+    checked = [_check_ranking(i, answers, ranks) for i, (_, answers, ranks) in enumerate(lists)]
+    K = answers_per_list or max(len(r) for r in checked)
+    if any(len(r) > K for r in checked):
+        i = next(i for i, r in enumerate(checked) if len(r) > K)
+        raise ValueError(f"row {i}: {len(checked[i])} answers exceed answers_per_list={K}")
+    rows, names, rank = [], [], np.full((len(lists), K), -1, np.int32)
+    for i, ((prompt, answers, _), ranks) in enumerate(zip(lists, checked)):
+        for k, answer in enumerate(answers):
+            rows.append(encode_prompt_completion(tokenizer, prompt, answer, i, add_bos=add_bos, add_eos=add_eos,
+                                                 field=f"answer {k}")[0])
+            names.append(f"row {i} answer {k}")
+        rank[i, :len(ranks)] = ranks
+    width = padded_width([len(r) for r in rows], length=length, min_bucket=min_bucket, max_length=max_length,
+                         names=names)
+    flat = iter(rows)
+    padded = [next(flat) if k < len(checked[i]) else [] for i in range(len(lists)) for k in range(K)]
+    tokens, attn = pad_rows(padded, width, tokenizer.pad_id)
+    margin = None
+    if margins is not None:
+        if len(margins) != len(lists):
+            raise ValueError(f"collate_ranked: {len(margins)} margins for {len(lists)} rows")
+        margin = np.array([_finite(m, f"row {i}: margin") for i, m in enumerate(margins)], np.float32)
+    B = len(lists)
+    return RankingBatch(tokens=tokens.reshape(B, K, width), attention_mask=attn.reshape(B, K, width), rank=rank,
+                        margin=margin)
+
+
+def collate_pairs(tokenizer, pairs: Sequence, *, margins: Sequence[float] | None = None, **kw) -> RankingBatch:
+    """(prompt, chosen, rejected) rows (tuples or `PreferencePair`) -> RankingBatch with K = 2,
+    rank (0, 1). A pair whose chosen equals its rejected is an error naming the row."""
+    lists = []
+    for i, p in enumerate(pairs):
+        prompt, chosen, rejected = (p.prompt, p.chosen, p.rejected) if hasattr(p, "chosen") else p
+        for name, text in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"row {i}: {name} is empty or not a string: {text!r}")
+        if chosen == rejected:
+            raise ValueError(f"row {i}: chosen and rejected are the same text, so the pair says nothing")
+        lists.append((prompt, (chosen, rejected), (0, 1)))
+    return collate_ranked(tokenizer, lists, answers_per_list=2, margins=margins, **kw)
+
+
+def collate_scored(tokenizer, rows: Sequence[tuple[str, str, object]], *, max_length: int | None = None,
+                   min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                   add_eos: bool = True) -> ScoreBatch:
+    """(prompt, response, score) rows -> ScoreBatch. score: a number (scores [B]) or a
+    sequence of A numbers, None for a missing attribute (scores [B, A], score_mask 0
+    there). NaN or infinite scores are errors naming the row."""
+    if not rows:
+        raise ValueError("collate_scored: no examples")
+    multi = not isinstance(rows[0][2], (int, float, np.number))
+    A = len(rows[0][2]) if multi else 1
+    scores = np.zeros((len(rows), A), np.float32)
+    given = np.zeros((len(rows), A), np.float32)
+    encoded = []
+    for i, (prompt, response, score) in enumerate(rows):
+        values = list(score) if multi else [score]
+        if multi and isinstance(score, (str, bytes)) or len(values) != A:
+            raise ValueError(f"row {i}: expected {A} score{'s' if A > 1 else ''}, got {score!r}")
+        for a, v in enumerate(values):
+            if v is not None:
+                scores[i, a], given[i, a] = _finite(v, f"row {i}: score {a}" if multi else f"row {i}: score"), 1.0
+        encoded.append(encode_prompt_completion(tokenizer, prompt, response, i, add_bos=add_bos, add_eos=add_eos,
+                                                field="response")[0])
+    width = padded_width([len(r) for r in encoded], length=length, min_bucket=min_bucket, max_length=max_length,
+                   names=[f"row {i}" for i in range(len(rows))])
+    tokens, attn = pad_rows(encoded, width, tokenizer.pad_id)
+    if not multi:
+        scores, given = scores[:, 0], given[:, 0]
+    return ScoreBatch(tokens=tokens, attention_mask=attn, scores=scores, score_mask=given)
+
+
+def _label(v, where: str) -> float:
+    v = _finite(v, where)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{where} must be in [0, 1], got {v}")
+    return v
+
+
+def collate_verifier(tokenizer, rows: Sequence[tuple[str, str, float]], *, max_length: int | None = None,
+                     min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                     add_eos: bool = True) -> TokenLabelBatch:
+    """(prompt, completion, correct) rows -> TokenLabelBatch for an outcome verifier
+    (Cobbe et al.): the label (1 correct, 0 wrong, or a float in [0, 1]) on every
+    completion token, so the head learns P(correct | prefix) at each of them."""
+    if not rows:
+        raise ValueError("collate_verifier: no examples")
+    encoded, masks, labels = [], [], []
+    for i, (prompt, completion, correct) in enumerate(rows):
+        y = _label(correct, f"row {i}: label")
+        ids, m = encode_prompt_completion(tokenizer, prompt, completion, i, add_bos=add_bos, add_eos=add_eos)
+        encoded.append(ids)
+        masks.append(m)
+        labels.append([y * v for v in map(float, m)])
+    width = padded_width([len(r) for r in encoded], length=length, min_bucket=min_bucket, max_length=max_length,
+                   names=[f"row {i}" for i in range(len(rows))])
+    tokens, attn, loss, y = pad_rows(encoded, width, tokenizer.pad_id, masks, labels)
+    return TokenLabelBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, labels=y.astype(np.float32),
+                           label_mask=loss)
+
+
+def split_solution(completion: str, separator: str) -> list[str]:
+    """A completion's steps: its text split at `separator` (the separator is not part of a
+    step; empty pieces, e.g. after a trailing separator, are dropped). A completion with
+    no separator is one step."""
+    if not separator:
+        raise ValueError("split_solution: the separator is empty")
+    return [s for s in completion.split(separator) if s]
+
+
+def encode_steps(tokenizer, prompt: str, steps: Sequence[str], separator: str, *, row: int = 0,
+                 add_bos: bool = True, add_eos: bool = False) -> tuple[list[int], list[int], list[int]]:
+    """[bos] prompt step_1 sep step_2 sep ... step_S [eos] -> (ids, completion mask,
+    index of the last token of each step). Each piece is encoded on its own. Errors name
+    the row: no steps, an empty step, a step containing the separator."""
+    if not steps:
+        raise ValueError(f"row {row}: the solution has no steps")
+    ids = tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
+    n_prompt, ends = len(ids), []
+    sep = tokenizer.encode(separator, add_bos=False, add_eos=False)
+    for k, step in enumerate(steps):
+        if separator in step:
+            raise ValueError(f"row {row}: step {k} contains the separator {separator!r}; split it into steps")
+        piece = tokenizer.encode(step, add_bos=False, add_eos=False)
+        if not piece:
+            raise ValueError(f"row {row}: step {k} is empty")
+        ids += piece
+        ends.append(len(ids) - 1)
+        if k < len(steps) - 1:
+            ids += sep
+    if add_eos:
+        ids += tokenizer.encode("", add_bos=False, add_eos=True)
+    return ids, [0] * n_prompt + [1] * (len(ids) - n_prompt), ends
+
+
+def collate_steps(tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[float]]], *, separator: str,
+                  max_length: int | None = None, min_bucket: int = 16, length: int | None = None,
+                  add_bos: bool = True, add_eos: bool = True) -> TokenLabelBatch:
+    """(prompt, steps, step labels) rows -> TokenLabelBatch for a process reward model:
+    label_mask is 1 at the last token of each step, labels hold the step's label there
+    (hard 0/1 or soft floats in [0, 1], kept as float32). Errors name the row: label
+    count different from the step count, a label outside [0, 1] or NaN, and the
+    `encode_steps` errors."""
+    if not rows:
+        raise ValueError("collate_steps: no examples")
+    encoded, masks, labels, at = [], [], [], []
+    for i, (prompt, steps, step_labels) in enumerate(rows):
+        if isinstance(steps, str):
+            raise ValueError(f"row {i}: steps must be a list of strings (use split_solution on a completion)")
+        if len(step_labels) != len(steps):
+            raise ValueError(f"row {i}: {len(step_labels)} labels for {len(steps)} steps")
+        ids, m, ends = encode_steps(tokenizer, prompt, steps, separator, row=i, add_bos=add_bos, add_eos=add_eos)
+        y = [0.0] * len(ids)
+        mark = [0] * len(ids)
+        for k, (e, v) in enumerate(zip(ends, step_labels)):
+            y[e], mark[e] = _label(v, f"row {i}: label of step {k}"), 1
+        encoded.append(ids)
+        masks.append(m)
+        labels.append(y)
+        at.append(mark)
+    width = padded_width([len(r) for r in encoded], length=length, min_bucket=min_bucket, max_length=max_length,
+                   names=[f"row {i}" for i in range(len(rows))])
+    tokens, attn, loss, y, mark = pad_rows(encoded, width, tokenizer.pad_id, masks, labels, at)
+    return TokenLabelBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, labels=y.astype(np.float32),
+                           label_mask=mark)

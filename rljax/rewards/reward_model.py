@@ -1,0 +1,202 @@
+"""Learned rewards: a trained reward model, verifier or process reward model as a reward
+function for the RL loop, step-score aggregation, best-of-N and majority vote.
+
+A scorer has the rule rewards' signature (`rljax.rewards.rules`):
+
+    scorer(prompts: list[str], completions: list[str], **metadata) -> float32[B]
+
+It re-encodes the text exactly as the reward data were collated
+(`rljax.data.reward_collate`: [bos] prompt completion [eos]; steps piece by piece),
+pads rows to a bucketed width and the batch to a power of two, and runs one jitted
+forward per call, so scoring compiles a handful of times over a run.
+"""
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rljax.buckets import bucket_length
+from rljax.data.collate import encode_prompt_completion, pad_rows
+from rljax.data.reward_collate import encode_steps, split_solution
+
+STEP_AGGREGATIONS = ("min", "product", "mean", "last")
+
+
+def aggregate_steps(probs: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
+    """Solution score from step scores p_1..p_S (probabilities of a correct prefix):
+    probs, mask [B, S] -> [B]. min, product Π p, mean, or the last present step.
+    Known: Π p ≤ min p; with one step all four agree. A row without steps scores 0."""
+    if mode not in STEP_AGGREGATIONS:
+        raise ValueError(f"aggregate_steps: mode {mode!r} not in {STEP_AGGREGATIONS}")
+    m = mask.astype(bool)
+    p = probs.astype(jnp.float32)
+    any_step = m.any(axis=1)
+    if mode == "min":
+        out = jnp.where(m, p, jnp.inf).min(axis=1)
+    elif mode == "product":
+        out = jnp.exp(jnp.where(m, jnp.log(jnp.maximum(p, 1e-30)), 0.0).sum(axis=1))
+    elif mode == "mean":
+        out = jnp.where(m, p, 0.0).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1)
+    else:
+        last = m.shape[1] - 1 - jnp.argmax(m[:, ::-1], axis=1)
+        out = p[jnp.arange(p.shape[0]), last]
+    return jnp.where(any_step, out, 0.0)
+
+
+class NormaliserState(NamedTuple):
+    """Running count, mean and sum of squared deviations (Welford / Chan et al.)."""
+
+    count: jax.Array
+    mean: jax.Array
+    m2: jax.Array
+
+
+class RewardNormaliser(NamedTuple):
+    """optax-style pair: init() -> state; update(state, rewards [B]) -> (normalised [B], state).
+    Rewards are standardised with the statistics of every batch so far, this one included."""
+
+    init: Callable
+    update: Callable
+
+
+def running_normaliser(*, eps: float = 1e-6, shift_mean: bool = True) -> RewardNormaliser:
+    """(r − mean) / (std + eps) with the running mean and std over all rewards seen
+    (shift_mean=False: r / (std + eps), keeping the sign of every reward)."""
+
+    def init() -> NormaliserState:
+        return NormaliserState(jnp.float32(0.0), jnp.float32(0.0), jnp.float32(0.0))
+
+    def update(state: NormaliserState, rewards):
+        r = jnp.asarray(rewards, jnp.float32)
+        n = jnp.float32(r.size)
+        mean_b = r.mean()
+        m2_b = jnp.square(r - mean_b).sum()
+        total = state.count + n
+        delta = mean_b - state.mean
+        mean = state.mean + delta * n / total
+        m2 = state.m2 + m2_b + jnp.square(delta) * state.count * n / total
+        new = NormaliserState(total, mean, m2)
+        std = jnp.sqrt(m2 / total)
+        out = (r - mean if shift_mean else r) / (std + eps)
+        return out, new
+
+    return RewardNormaliser(init, update)
+
+
+def _batch_rows(rows: Sequence[Sequence[int]], pad_id: int, *, min_bucket: int, max_length: int | None):
+    """Pad rows to a bucketed width and the row count to a power of two (extra rows are one
+    pad token), so the jitted scorer sees few shapes. -> (tokens, mask, B real rows)."""
+    B = len(rows)
+    width = bucket_length(max(map(len, rows)), minimum=min_bucket, maximum=max_length)
+    rows = list(rows) + [[pad_id]] * (bucket_length(B, minimum=1) - B)
+    tokens, mask = pad_rows(rows, width, pad_id)
+    return tokens, mask, B
+
+
+def reward_model_reward(model, params, tokenizer, *, probability: bool = False, min_bucket: int = 16,
+                        max_length: int | None = None, add_bos: bool = True, add_eos: bool = True):
+    """A trained reward model (ranking or pointwise) or outcome verifier as a reward
+    function: the reward head read at the last real token of [bos] prompt completion
+    [eos]; σ(r) with probability=True (a verifier's P(correct)). For several
+    attributes (reward_outputs > 1) the scorer returns [B, A]."""
+    forward = jax.jit(functools.partial(_last_token_scores, model=model))
+
+    def scorer(prompts, completions, **_):
+        rows = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)[0]
+                for i, (p, c) in enumerate(zip(prompts, completions))]
+        tokens, mask, B = _batch_rows(rows, tokenizer.pad_id, min_bucket=min_bucket, max_length=max_length)
+        r = np.asarray(forward(params, tokens, mask))[:B]
+        return 1 / (1 + np.exp(-r)) if probability else r
+
+    return scorer
+
+
+def _last_token_scores(params, tokens, mask, *, model):
+    hidden, _ = model.forward(params, tokens, mask)
+    return model.rewards(params, hidden, mask)
+
+
+def _token_scores(params, tokens, mask, *, model):
+    hidden, _ = model.forward(params, tokens, mask)
+    return jax.nn.sigmoid(model.token_rewards(params, hidden))
+
+
+def step_scorer(model, params, tokenizer, *, separator: str, min_bucket: int = 16, max_length: int | None = None,
+                add_bos: bool = True, add_eos: bool = True):
+    """A process reward model's step scores: `scores(prompts, completions)` -> one [S_i]
+    array per completion, σ(r) at the last token of each of its steps (split at
+    `separator`, encoded as in `collate_steps`); a completion with no step text gets an
+    empty array."""
+    forward = jax.jit(functools.partial(_token_scores, model=model))
+
+    def scores(prompts: Sequence[str], completions: Sequence[str]) -> list[np.ndarray]:
+        rows, ends = [], []
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            steps = split_solution(c, separator)
+            if steps:
+                ids, _, e = encode_steps(tokenizer, p, steps, separator, row=i, add_bos=add_bos, add_eos=add_eos)
+            else:
+                ids, e = tokenizer.encode(p, add_bos=add_bos, add_eos=add_eos), []
+            rows.append(ids)
+            ends.append(e)
+        tokens, mask, _ = _batch_rows(rows, tokenizer.pad_id, min_bucket=min_bucket, max_length=max_length)
+        probs = np.asarray(forward(params, tokens, mask))
+        return [probs[i, e] for i, e in enumerate(ends)]
+
+    return scores
+
+
+def prm_reward(model, params, tokenizer, *, separator: str, aggregation: str = "min", **kw):
+    """A process reward model as a reward function: step scores (`step_scorer`) aggregated
+    by min | product | mean | last (`aggregate_steps`); a completion without steps scores 0."""
+    if aggregation not in STEP_AGGREGATIONS:
+        raise ValueError(f"prm_reward: aggregation {aggregation!r} not in {STEP_AGGREGATIONS}")
+    scores = step_scorer(model, params, tokenizer, separator=separator, **kw)
+
+    def scorer(prompts, completions, **_):
+        per = scores(prompts, completions)
+        S = max(1, max(len(p) for p in per))
+        probs = np.zeros((len(per), S), np.float32)
+        mask = np.zeros((len(per), S), np.float32)
+        for i, p in enumerate(per):
+            probs[i, :len(p)], mask[i, :len(p)] = p, 1
+        return np.asarray(aggregate_steps(jnp.asarray(probs), jnp.asarray(mask), aggregation))
+
+    return scorer
+
+
+def best_of_n(prompts: Sequence[str], candidates: Sequence[Sequence[str]], scorer, **metadata) -> list[int]:
+    """Index of the highest-scoring candidate for each prompt (first on ties): candidates
+    [P][N] are scored in one call as P·N rows; metadata are per-prompt lists, repeated
+    for each candidate."""
+    flat_p = [p for p, cs in zip(prompts, candidates) for _ in cs]
+    flat_c = [c for cs in candidates for c in cs]
+    meta = {k: [v for v, cs in zip(vals, candidates) for _ in cs] for k, vals in metadata.items()}
+    s = np.asarray(scorer(flat_p, flat_c, **meta), np.float64).reshape(-1)
+    out, at = [], 0
+    for cs in candidates:
+        out.append(int(np.argmax(s[at:at + len(cs)])))
+        at += len(cs)
+    return out
+
+
+def majority_vote(candidates: Sequence[Sequence[str]], extract: Callable[[str], object]) -> list[int]:
+    """Self-consistency baseline: for each prompt, the index of the first candidate whose
+    extracted answer is the most common one (answers that extract to None do not vote;
+    with no votes, candidate 0)."""
+    out = []
+    for cs in candidates:
+        answers = [extract(c) for c in cs]
+        votes = Counter(a for a in answers if a is not None)
+        if not votes:
+            out.append(0)
+            continue
+        top = max(votes.values())
+        winner = next(a for a in answers if a is not None and votes[a] == top)
+        out.append(answers.index(winner))
+    return out
