@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rljax.checkpoint import Checkpointer
+from rljax.losses.reward_model import PointwiseConfig, RankingConfig, TokenLabelConfig, reward_model_loss
 from rljax.losses.sft import SFTConfig, sft_loss
 from rljax.metrics import MetricsWriter, Progress
 from rljax.sharding import shard_batch
@@ -145,14 +146,46 @@ def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_d
     continued, not rebuilt); data yields SequenceBatch (e.g. a BatchIterator over
     `collate_prompt_completion`).
     """
-    expected = jax.tree.structure(jax.eval_shape(make_optimizer(cfg.optimizer).init, state.params))
-    if jax.tree.structure(state.opt_state) != expected:
-        raise ValueError("sft: state.opt_state does not match cfg.optimizer; create the state with "
-                         "create_state(model, cfg.optimizer, key)")
+    _check_opt_state(state, cfg.optimizer, "sft")
     step = make_train_step(functools.partial(sft_loss, model=model, cfg=cfg.loss), cfg.optimizer, model=model,
                            mesh=mesh)
     put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="sft")
+
+
+@dataclass(frozen=True)
+class RewardModelPhaseConfig:
+    """loss: RankingConfig (pairs, K-wise lists, Plackett–Luce), PointwiseConfig (human
+    scores) or TokenLabelConfig (verifiers, process reward models); see
+    rljax.losses.reward_model."""
+
+    loss: RankingConfig | PointwiseConfig | TokenLabelConfig = field(default_factory=RankingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+
+def _check_opt_state(state: TrainState, opt: OptimizerConfig, phase: str) -> None:
+    expected = jax.tree.structure(jax.eval_shape(make_optimizer(opt).init, state.params))
+    if jax.tree.structure(state.opt_state) != expected:
+        raise ValueError(f"{phase}: state.opt_state does not match cfg.optimizer; create the state with "
+                         "create_state(model, cfg.optimizer, key)")
+
+
+def train_reward_model(state: TrainState, data, cfg: RewardModelPhaseConfig, *, model, mesh=None,
+                       run_dir: str | None = None, eval_fn: Callable | None = None) -> TrainState:
+    """Reward modelling: `run_loop` over `reward_model_loss` (the loss follows cfg.loss's
+    type). data yields the matching batches (RankingBatch from `collate_pairs` /
+    `collate_ranked`, ScoreBatch from `collate_scored`, TokenLabelBatch from
+    `collate_verifier` / `collate_steps`); the model needs the "reward" head. Metrics,
+    checkpoints and resume as every phase; `reward_model_eval` makes an eval_fn with
+    pairwise accuracy, calibration error and rank correlation with a gold scorer."""
+    if "reward" not in model.config.heads:
+        raise ValueError(f"train_reward_model: the model has no reward head (config.heads {model.config.heads})")
+    _check_opt_state(state, cfg.optimizer, "train_reward_model")
+    step = make_train_step(functools.partial(reward_model_loss, model=model, cfg=cfg.loss), cfg.optimizer,
+                           model=model, mesh=mesh)
+    put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
+    return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="rm")
 
 
 @dataclass(frozen=True)

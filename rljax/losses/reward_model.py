@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from rljax.data.batch import RankingBatch, ScoreBatch, TokenLabelBatch
 from rljax.models.logprobs import head_token_stats, target_mask
 from rljax.ops.aggregate import aggregate
-from rljax.ops.ranking import binary_cross_entropy, pair_centring, pairwise_ranking, plackett_luce, preferred_pairs
+from rljax.ops.ranking import (binary_cross_entropy, pair_centring, pairwise_ranking, plackett_luce,
+                               preferred_pairs)
 
 RANKING_OBJECTIVES = ("pairwise", "plackett_luce")
 LABEL_LOSSES = ("bce", "mse")
@@ -96,10 +97,21 @@ def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
     return loss, metrics
 
 
-def pointwise_loss(params, batch: ScoreBatch, *, model, cfg=None):
-    """½ mean over given scores of (r_a − s_a)²: scores [B] (reward_outputs = 1) or [B, A]
-    (reward_outputs = A). Returns (loss, metrics: loss, mae)."""
-    del cfg
+@dataclass(frozen=True)
+class PointwiseConfig:
+    """huber_delta δ: None for the squared error ½ e², else Huber's loss (½ e² for |e| ≤ δ,
+    δ (|e| − ½ δ) beyond), which keeps a few wild human ratings from dominating."""
+
+    huber_delta: float | None = None
+
+    def __post_init__(self):
+        if self.huber_delta is not None and self.huber_delta <= 0:
+            raise ValueError(f"PointwiseConfig.huber_delta: must be positive or None, got {self.huber_delta}")
+
+
+def pointwise_loss(params, batch: ScoreBatch, *, model, cfg: PointwiseConfig = PointwiseConfig()):
+    """mean over given scores of ½ (r_a − s_a)² (or Huber): scores [B] (reward_outputs = 1)
+    or [B, A] (reward_outputs = A). Returns (loss, metrics: loss, mae)."""
     _need_reward_head(model, "pointwise_loss")
     chex.assert_equal_shape([batch.tokens, batch.attention_mask])
     chex.assert_equal_shape([batch.scores, batch.score_mask])
@@ -112,7 +124,12 @@ def pointwise_loss(params, batch: ScoreBatch, *, model, cfg=None):
     m = batch.score_mask.astype(jnp.float32)
     err = (r - batch.scores.astype(jnp.float32)) * m
     count = jnp.maximum(m.sum(), 1.0)
-    loss = 0.5 * jnp.square(err).sum() / count
+    if cfg.huber_delta is None:
+        per = 0.5 * jnp.square(err)
+    else:
+        a = jnp.abs(err)
+        per = jnp.where(a <= cfg.huber_delta, 0.5 * jnp.square(err), cfg.huber_delta * (a - 0.5 * cfg.huber_delta))
+    loss = per.sum() / count
     return loss, {"loss": loss, "mae": jnp.abs(err).sum() / count}
 
 
@@ -165,3 +182,19 @@ def token_label_loss(params, batch: TokenLabelBatch, *, model, cfg: TokenLabelCo
         metrics["lm_nll"] = nll
     metrics["loss"] = loss
     return loss, metrics
+
+
+def reward_model_loss(params, batch, *, model, cfg):
+    """The loss for `cfg`'s type: RankingConfig -> ranking_loss (RankingBatch),
+    PointwiseConfig -> pointwise_loss (ScoreBatch), TokenLabelConfig -> token_label_loss
+    (TokenLabelBatch: verifiers and process reward models)."""
+    for config_type, batch_type, loss in ((RankingConfig, RankingBatch, ranking_loss),
+                                          (PointwiseConfig, ScoreBatch, pointwise_loss),
+                                          (TokenLabelConfig, TokenLabelBatch, token_label_loss)):
+        if isinstance(cfg, config_type):
+            if not isinstance(batch, batch_type):
+                raise ValueError(f"reward_model_loss: {config_type.__name__} trains on {batch_type.__name__}, "
+                                 f"got {type(batch).__name__}")
+            return loss(params, batch, model=model, cfg=cfg)
+    raise ValueError(f"reward_model_loss: cfg must be RankingConfig, PointwiseConfig or TokenLabelConfig, "
+                     f"got {type(cfg).__name__}")

@@ -1,0 +1,113 @@
+"""Evaluating reward models: pairwise accuracy, calibration, rank correlation with a gold scorer."""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from rljax.data.batch import RankingBatch, ScoreBatch, TokenLabelBatch
+from rljax.losses.reward_model import ranking_scores
+from rljax.ops.ranking import preferred_pairs
+
+
+def average_ranks(x) -> np.ndarray:
+    """Ranks 1..n of x, ties sharing their average rank."""
+    x = np.asarray(x, np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the (tie-averaged) ranks.
+    NaN when either input is constant."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def expected_calibration_error(probs, labels, *, bins: int = 10) -> float:
+    """Σ_b (n_b / n) |mean_b(p) − mean_b(y)| over `bins` equal-width bins of the predicted
+    probability (labels may be soft). 0 for a perfectly calibrated predictor."""
+    p, y = np.asarray(probs, np.float64).ravel(), np.asarray(labels, np.float64).ravel()
+    if len(p) == 0:
+        return float("nan")
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    err = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            err += sel.sum() / len(p) * abs(p[sel].mean() - y[sel].mean())
+    return float(err)
+
+
+def _last_scores(params, tokens, mask, *, model):
+    hidden, _ = model.forward(params, tokens, mask)
+    return model.rewards(params, hidden, mask)
+
+
+def _token_probs(params, tokens, mask, *, model):
+    hidden, _ = model.forward(params, tokens, mask)
+    return jax.nn.sigmoid(model.token_rewards(params, hidden))
+
+
+def reward_model_eval(model, batches: Sequence, *, params_of=lambda state: state.params):
+    """An eval_fn for `train_reward_model`: `eval_fn(state) -> dict` over held-out batches.
+
+    RankingBatch: pairwise_accuracy (preferred pairs scored in the right order, ties in
+    score count half). ScoreBatch (e.g. gold scores of held-out responses): spearman (rank
+    correlation of the predicted with the given scores, first attribute) and mae.
+    TokenLabelBatch (verifier or PRM labels): calibration_error (ECE of σ(r) at the
+    labelled positions, 10 bins) and label_accuracy (σ(r) > ½ against y > ½)."""
+    rank_fn = jax.jit(functools.partial(ranking_scores, model=model))
+    score_fn = jax.jit(functools.partial(_last_scores, model=model))
+    prob_fn = jax.jit(functools.partial(_token_probs, model=model))
+
+    def eval_fn(state) -> dict:
+        params = params_of(state)
+        right = pairs = 0.0
+        predicted, given, probs, labels = [], [], [], []
+        for b in batches:
+            if isinstance(b, RankingBatch):
+                s = np.asarray(rank_fn(params, b))
+                pair = np.asarray(preferred_pairs(np.asarray(b.rank)))
+                diff = s[:, :, None] - s[:, None, :]
+                right += float(((diff > 0) + 0.5 * (diff == 0))[pair].sum())
+                pairs += float(pair.sum())
+            elif isinstance(b, ScoreBatch):
+                r = np.asarray(score_fn(params, b.tokens, b.attention_mask))
+                sc, m = np.asarray(b.scores), np.asarray(b.score_mask) > 0
+                r, sc, m = (r[:, 0], sc[:, 0], m[:, 0]) if sc.ndim == 2 else (r, sc, m)
+                predicted.append(r[m])
+                given.append(sc[m])
+            elif isinstance(b, TokenLabelBatch):
+                p = np.asarray(prob_fn(params, b.tokens, b.attention_mask))
+                m = (np.asarray(b.label_mask) * np.asarray(b.attention_mask)) > 0
+                probs.append(p[m])
+                labels.append(np.asarray(b.labels)[m])
+            else:
+                raise ValueError(f"reward_model_eval: unknown batch type {type(b).__name__}")
+        out = {}
+        if pairs:
+            out["pairwise_accuracy"] = right / pairs
+        if predicted:
+            r, sc = np.concatenate(predicted), np.concatenate(given)
+            out["spearman"], out["mae"] = spearman(r, sc), float(np.abs(r - sc).mean())
+        if probs:
+            p, y = np.concatenate(probs), np.concatenate(labels)
+            out["calibration_error"] = expected_calibration_error(p, y)
+            out["label_accuracy"] = float(((p > 0.5) == (y > 0.5)).mean())
+        return out
+
+    return eval_fn
