@@ -172,3 +172,50 @@ def test_dataclasses_are_frozen_and_validated():
         Message("robot", "x")
     with pytest.raises(DataError, match="assistant"):
         Chat((Message("user", "x"),))
+
+
+def test_reward_model_shapes_from_files(tmp_path, cache):
+    from rljax.data.adapters import (Interaction, RankedList, StepLabelled, interaction_logs, ranked_lists,
+                                     step_labelled)
+
+    lists = [{"prompt": "p", "answers": ["a", "b", "c"], "ranks": [0, 2, 1]}]
+    assert ranked_lists(load_records(_write_parquet(tmp_path / "r.parquet", lists), cache_dir=cache)) == [
+        RankedList("p", ("a", "b", "c"), (0, 2, 1))]
+    steps = [{"prompt": "p", "steps": ["2*3=6", "answer:6"], "labels": [0.375, 1]}]
+    out = step_labelled(load_records(_write_jsonl(tmp_path / "s.jsonl", steps), cache_dir=cache))
+    assert out == [StepLabelled("p", ("2*3=6", "answer:6"), (0.375, 1.0))]
+    assert all(isinstance(v, float) for v in out[0].labels)
+    logs = [{"prompt": "p", "completion": "c", "click": 1, "position": 3, "propensity": 1 / 3},
+            {"prompt": "p", "completion": "d", "like": False, "dwell_seconds": 2.5}]
+    assert interaction_logs(load_records(_write_jsonl(tmp_path / "i.jsonl", logs), cache_dir=cache)) == [
+        Interaction("p", "c", click=True, position=3, propensity=1 / 3),
+        Interaction("p", "d", like=False, dwell_seconds=2.5)]
+
+
+@pytest.mark.parametrize("fn,rows,row,words", [
+    ("ranked_lists", [{"prompt": "p", "answers": ["a", "b"], "ranks": [0, 1]},
+                      {"prompt": "p", "answers": ["a", "b"], "ranks": [1, 1]}], 1, ["'ranks'", "different ranks"]),
+    ("ranked_lists", [{"prompt": "p", "answers": [], "ranks": []}], 0, ["'ranks'", "two answers"]),
+    ("ranked_lists", [{"prompt": "p", "answers": ["a", "b"], "ranks": [0]}], 0, ["1 ranks for 2 answers"]),
+    ("ranked_lists", [{"prompt": "p", "answers": ["a", ""], "ranks": [0, 1]}], 0, ["'answers[1]' is empty"]),
+    ("ranked_lists", [{"prompt": "p", "answers": ["a", "b"], "ranks": [0, -1]}], 0, ["'ranks[1]'", ">= 0"]),
+    ("step_labelled", [{"prompt": "p", "steps": ["a", "b"], "labels": [1]}], 0, ["1 labels for 2 steps"]),
+    ("step_labelled", [{"prompt": "p", "steps": [], "labels": []}], 0, ["'steps' is empty"]),
+    ("step_labelled", [{"prompt": "p", "steps": ["a"], "labels": [float("nan")]}], 0, ["'labels[0]'", "finite"]),
+    ("step_labelled", [{"prompt": "p", "steps": ["a"], "labels": [1.5]}], 0, ["'labels[0]'", "[0, 1]"]),
+    ("step_labelled", [{"prompt": "p", "steps": "a;b", "labels": [1, 1]}], 0, ["'steps' must be a list"]),
+    ("interaction_logs", [{"prompt": "p", "completion": "c"}], 0, ["no signal logged"]),
+    ("interaction_logs", [{"prompt": "p", "completion": "c", "click": 1, "position": 0}], 0, ["'position'"]),
+    ("interaction_logs", [{"prompt": "p", "completion": "c", "click": 1, "propensity": 0.0}], 0,
+     ["'propensity'", "(0, 1]"]),
+    ("interaction_logs", [{"prompt": "p", "completion": "c", "dwell_seconds": -1}], 0, ["'dwell_seconds'"]),
+])
+def test_bad_reward_model_rows(fn, rows, row, words):
+    import rljax.data.adapters as adapters
+
+    with pytest.raises(DataError) as err:
+        getattr(adapters, fn)(rows)
+    msg = str(err.value)
+    assert msg.startswith(f"row {row}: "), msg
+    for w in words:
+        assert w in msg, msg

@@ -26,6 +26,14 @@ def test_pairs_and_lists_layout():
     assert lists.rank.tolist() == [[0, 1, 1, -1], [0, 1, -1, -1]]
     assert lists.attention_mask[1, 2:].sum() == 0  # absent answers are all padding
     assert [TOK.decode(t) for t in lists.tokens[0, :3]] == ["1+1=2", "1+1=3", "1+1=4"]
+    from rljax.data.adapters import RankedList, ScoredResponse, StepLabelled
+
+    same = collate_ranked(TOK, [RankedList("1+1=", ("2", "3", "4"), (0, 1, 1)), RankedList("2+2=", ("4", "5"), (0, 1))],
+                          answers_per_list=4, min_bucket=4)
+    np.testing.assert_array_equal(same.tokens, lists.tokens)
+    assert collate_scored(TOK, [ScoredResponse("1=", "1", 0.5)]).scores.tolist() == [0.5]
+    steps = collate_steps(TOK, [StepLabelled("1=", ("a", "b"), (0.5, 1.0))], separator=";")
+    assert steps.labels[0][steps.label_mask[0] > 0].tolist() == [0.5, 1.0]
 
 
 @pytest.mark.parametrize("rows,match", [

@@ -38,6 +38,12 @@ __all__ = [
     "preference_pairs",
     "scored_responses",
     "binary_feedback",
+    "RankedList",
+    "StepLabelled",
+    "Interaction",
+    "ranked_lists",
+    "step_labelled",
+    "interaction_logs",
     "ROLES",
 ]
 
@@ -372,3 +378,129 @@ def binary_feedback(ds, *, prompt_field: str = "prompt", completion_field: str =
     """Rows {prompt: str, completion: str (non-empty), label: bool or 0/1}."""
     return _parse(ds, BinaryFeedback, [(prompt_field, _prompt), (completion_field, _text),
                                        (label_field, _check_label)])
+
+
+# --------------------------------------------------------------------------- reward-model shapes
+
+
+def _check_list(value: Any, field: str, row: int | None) -> list:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise DataError(f"{_where(row, field)} must be a list, got {type(value).__name__} {_show(value)}")
+    return list(value)
+
+
+@dataclass(frozen=True)
+class RankedList:
+    """K answers to one prompt with ranks (0 = best, equal = tie); at least two answers, not all tied."""
+
+    prompt: str
+    answers: tuple[str, ...]
+    ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StepLabelled:
+    """A solution as a list of steps with one label in [0, 1] per step (floats: soft labels stay soft)."""
+
+    prompt: str
+    steps: tuple[str, ...]
+    labels: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """One logged display of a completion with the signals users left (None where not logged):
+    like / accept / click (bool), position (display rank, 1 = top), propensity (P(examined) at
+    that position, in (0, 1]), dwell_seconds (>= 0)."""
+
+    prompt: str
+    completion: str
+    like: bool | None = None
+    accept: bool | None = None
+    click: bool | None = None
+    position: int | None = None
+    propensity: float | None = None
+    dwell_seconds: float | None = None
+
+
+def ranked_lists(ds, *, prompt_field: str = "prompt", answers_field: str = "answers",
+                 ranks_field: str = "ranks") -> list[RankedList]:
+    """Rows {prompt: str, answers: [str, ...] (non-empty), ranks: [int >= 0, ...]} of equal
+    length, at least two answers and two distinct ranks (an empty or all-tied ranking is an error)."""
+    out = []
+    for i, row in enumerate(_rows(ds)):
+        prompt = _check_str(_get(i, row, prompt_field), prompt_field, i, allow_empty=True)
+        answers = _check_list(_get(i, row, answers_field), answers_field, i)
+        ranks = _check_list(_get(i, row, ranks_field), ranks_field, i)
+        answers = [_check_str(a, f"{answers_field}[{k}]", i, allow_empty=False) for k, a in enumerate(answers)]
+        for k, r in enumerate(ranks):
+            if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
+                raise DataError(f"{_where(i, f'{ranks_field}[{k}]')} must be an integer >= 0, got {_show(r)}")
+        if len(ranks) != len(answers):
+            raise DataError(f"{_where(i, ranks_field)} has {len(ranks)} ranks for {len(answers)} answers")
+        if len(answers) < 2 or len(set(ranks)) < 2:
+            raise DataError(f"{_where(i, ranks_field)}: a ranking needs two answers with different ranks, "
+                            f"got {_show(ranks)}")
+        out.append(RankedList(prompt, tuple(answers), tuple(int(r) for r in ranks)))
+    return out
+
+
+def step_labelled(ds, *, prompt_field: str = "prompt", steps_field: str = "steps",
+                  labels_field: str = "labels") -> list[StepLabelled]:
+    """Rows {prompt: str, steps: [str, ...] (non-empty), labels: [number in [0, 1], ...]} with one
+    label per step."""
+    out = []
+    for i, row in enumerate(_rows(ds)):
+        prompt = _check_str(_get(i, row, prompt_field), prompt_field, i, allow_empty=True)
+        steps = _check_list(_get(i, row, steps_field), steps_field, i)
+        labels = _check_list(_get(i, row, labels_field), labels_field, i)
+        if not steps:
+            raise DataError(f"{_where(i, steps_field)} is empty (a solution needs at least one step)")
+        steps = [_check_str(s, f"{steps_field}[{k}]", i, allow_empty=False) for k, s in enumerate(steps)]
+        if len(labels) != len(steps):
+            raise DataError(f"{_where(i, labels_field)} has {len(labels)} labels for {len(steps)} steps")
+        values = []
+        for k, v in enumerate(labels):
+            v = _check_number(v, f"{labels_field}[{k}]", i)
+            if not 0.0 <= v <= 1.0:
+                raise DataError(f"{_where(i, f'{labels_field}[{k}]')} must be in [0, 1], got {v}")
+            values.append(v)
+        out.append(StepLabelled(prompt, tuple(steps), tuple(values)))
+    return out
+
+
+def interaction_logs(ds, *, prompt_field: str = "prompt", completion_field: str = "completion",
+                     like_field: str = "like", accept_field: str = "accept", click_field: str = "click",
+                     position_field: str = "position", propensity_field: str = "propensity",
+                     dwell_field: str = "dwell_seconds") -> list[Interaction]:
+    """Rows {prompt, completion} plus any of the signals (missing or null = not logged):
+    like / accept / click (bool or 0/1), position (int >= 1), propensity (in (0, 1]),
+    dwell_seconds (>= 0). A row with no signal at all is an error naming it."""
+    out = []
+    for i, row in enumerate(_rows(ds)):
+        prompt = _check_str(_get(i, row, prompt_field), prompt_field, i, allow_empty=True)
+        completion = _check_str(_get(i, row, completion_field), completion_field, i, allow_empty=False)
+        got = {}
+        for name, f in (("like", like_field), ("accept", accept_field), ("click", click_field)):
+            if row.get(f) is not None:
+                got[name] = _check_label(row[f], f, i)
+        if row.get(position_field) is not None:
+            pos = row[position_field]
+            if isinstance(pos, bool) or not isinstance(pos, numbers.Integral) or pos < 1:
+                raise DataError(f"{_where(i, position_field)} must be an integer >= 1, got {_show(pos)}")
+            got["position"] = int(pos)
+        if row.get(propensity_field) is not None:
+            p = _check_number(row[propensity_field], propensity_field, i)
+            if not 0.0 < p <= 1.0:
+                raise DataError(f"{_where(i, propensity_field)} must be in (0, 1], got {p}")
+            got["propensity"] = p
+        if row.get(dwell_field) is not None:
+            d = _check_number(row[dwell_field], dwell_field, i)
+            if d < 0:
+                raise DataError(f"{_where(i, dwell_field)} must be >= 0, got {d}")
+            got["dwell_seconds"] = d
+        if not any(k in got for k in ("like", "accept", "click", "dwell_seconds")):
+            raise DataError(f"row {i}: no signal logged (none of {like_field}, {accept_field}, {click_field}, "
+                            f"{dwell_field})")
+        out.append(Interaction(prompt, completion, **got))
+    return out

@@ -20,6 +20,11 @@ from rljax.data.batch import RankingBatch, ScoreBatch, TokenLabelBatch
 from rljax.data.collate import encode_prompt_completion, pad_rows, padded_width
 
 
+def _fields(row, names: tuple[str, ...]) -> tuple:
+    """A row as a tuple: a plain tuple as it is, an adapter row (`rljax.data.adapters`) by field names."""
+    return tuple(getattr(row, n) for n in names) if hasattr(row, names[-1]) else tuple(row)
+
+
 def _finite(x, where: str) -> float:
     try:
         v = float(x)
@@ -56,7 +61,7 @@ def collate_ranked(tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence
                    answers_per_list: int | None = None, margins: Sequence[float] | None = None,
                    max_length: int | None = None, min_bucket: int = 16, length: int | None = None,
                    add_bos: bool = True, add_eos: bool = True) -> RankingBatch:
-    """(prompt, answers, ranks) lists -> RankingBatch [B, K, T]: all answers of a prompt in
+    """(prompt, answers, ranks) lists (tuples or `RankedList`) -> RankingBatch [B, K, T]: all answers of a prompt in
     one batch element (InstructGPT's K-wise comparisons; pairs are K = 2).
 
     ranks: 0 = best, larger = worse, equal = tie. K = answers_per_list (fixed, so
@@ -67,6 +72,7 @@ def collate_ranked(tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence
     """
     if not lists:
         raise ValueError("collate_ranked: no examples")
+    lists = [_fields(x, ("prompt", "answers", "ranks")) for x in lists]
     checked = [_check_ranking(i, answers, ranks) for i, (_, answers, ranks) in enumerate(lists)]
     K = answers_per_list or max(len(r) for r in checked)
     if any(len(r) > K for r in checked):
@@ -99,7 +105,7 @@ def collate_pairs(tokenizer, pairs: Sequence, *, margins: Sequence[float] | None
     rank (0, 1). A pair whose chosen equals its rejected is an error naming the row."""
     lists = []
     for i, p in enumerate(pairs):
-        prompt, chosen, rejected = (p.prompt, p.chosen, p.rejected) if hasattr(p, "chosen") else p
+        prompt, chosen, rejected = _fields(p, ("prompt", "chosen", "rejected"))
         for name, text in (("chosen", chosen), ("rejected", rejected)):
             if not isinstance(text, str) or not text:
                 raise ValueError(f"row {i}: {name} is empty or not a string: {text!r}")
@@ -112,11 +118,12 @@ def collate_pairs(tokenizer, pairs: Sequence, *, margins: Sequence[float] | None
 def collate_scored(tokenizer, rows: Sequence[tuple[str, str, object]], *, max_length: int | None = None,
                    min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
                    add_eos: bool = True) -> ScoreBatch:
-    """(prompt, response, score) rows -> ScoreBatch. score: a number (scores [B]) or a
+    """(prompt, response, score) rows (tuples or `ScoredResponse`) -> ScoreBatch. score: a number (scores [B]) or a
     sequence of A numbers, None for a missing attribute (scores [B, A], score_mask 0
     there). NaN or infinite scores are errors naming the row."""
     if not rows:
         raise ValueError("collate_scored: no examples")
+    rows = [_fields(r, ("prompt", "response", "score")) for r in rows]
     multi = not isinstance(rows[0][2], (int, float, np.number))
     A = len(rows[0][2]) if multi else 1
     scores = np.zeros((len(rows), A), np.float32)
@@ -149,12 +156,13 @@ def _label(v, where: str) -> float:
 def collate_verifier(tokenizer, rows: Sequence[tuple[str, str, float]], *, max_length: int | None = None,
                      min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> TokenLabelBatch:
-    """(prompt, completion, correct) rows -> TokenLabelBatch for an outcome verifier
+    """(prompt, completion, correct) rows (tuples or `BinaryFeedback`) -> TokenLabelBatch for an outcome verifier
     (Cobbe et al.): the label (1 correct, 0 wrong, or a float in [0, 1]) on every
     completion token, so the head learns P(correct | prefix) at each of them."""
     if not rows:
         raise ValueError("collate_verifier: no examples")
     encoded, masks, labels = [], [], []
+    rows = [_fields(r, ("prompt", "completion", "label")) for r in rows]
     for i, (prompt, completion, correct) in enumerate(rows):
         y = _label(correct, f"row {i}: label")
         ids, m = encode_prompt_completion(tokenizer, prompt, completion, i, add_bos=add_bos, add_eos=add_eos)
@@ -205,7 +213,7 @@ def encode_steps(tokenizer, prompt: str, steps: Sequence[str], separator: str, *
 def collate_steps(tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[float]]], *, separator: str,
                   max_length: int | None = None, min_bucket: int = 16, length: int | None = None,
                   add_bos: bool = True, add_eos: bool = True) -> TokenLabelBatch:
-    """(prompt, steps, step labels) rows -> TokenLabelBatch for a process reward model:
+    """(prompt, steps, step labels) rows (tuples or `StepLabelled`) -> TokenLabelBatch for a process reward model:
     label_mask is 1 at the last token of each step, labels hold the step's label there
     (hard 0/1 or soft floats in [0, 1], kept as float32). Errors name the row: label
     count different from the step count, a label outside [0, 1] or NaN, and the
@@ -213,6 +221,7 @@ def collate_steps(tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[f
     if not rows:
         raise ValueError("collate_steps: no examples")
     encoded, masks, labels, at = [], [], [], []
+    rows = [_fields(r, ("prompt", "steps", "labels")) for r in rows]
     for i, (prompt, steps, step_labels) in enumerate(rows):
         if isinstance(steps, str):
             raise ValueError(f"row {i}: steps must be a list of strings (use split_solution on a completion)")
