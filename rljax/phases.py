@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rljax.checkpoint import Checkpointer
-from rljax.losses.reward_model import PointwiseConfig, RankingConfig, TokenLabelConfig, reward_model_loss
+from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
+                                      TokenLabelConfig, reward_model_loss)
 from rljax.losses.sft import SFTConfig, sft_loss
 from rljax.metrics import MetricsWriter, Progress
 from rljax.sharding import shard_batch
@@ -156,10 +157,13 @@ def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_d
 @dataclass(frozen=True)
 class RewardModelPhaseConfig:
     """loss: RankingConfig (pairs, K-wise lists, Plackett–Luce), PointwiseConfig (human
-    scores) or TokenLabelConfig (verifiers, process reward models); see
+    scores), TokenLabelConfig (verifiers, process reward models), FeedbackConfig
+    (implicit signals with inverse-propensity weights) or ImplicitPRMConfig (an LM
+    trained on outcomes whose log-ratio to the reference is the PRM); see
     rljax.losses.reward_model."""
 
-    loss: RankingConfig | PointwiseConfig | TokenLabelConfig = field(default_factory=RankingConfig)
+    loss: RankingConfig | PointwiseConfig | TokenLabelConfig | FeedbackConfig | ImplicitPRMConfig = field(
+        default_factory=RankingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
 
@@ -179,8 +183,10 @@ def train_reward_model(state: TrainState, data, cfg: RewardModelPhaseConfig, *, 
     `collate_verifier` / `collate_steps`); the model needs the "reward" head. Metrics,
     checkpoints and resume as every phase; `reward_model_eval` makes an eval_fn with
     pairwise accuracy, calibration error and rank correlation with a gold scorer."""
-    if "reward" not in model.config.heads:
-        raise ValueError(f"train_reward_model: the model has no reward head (config.heads {model.config.heads})")
+    need = "lm" if isinstance(cfg.loss, ImplicitPRMConfig) else "reward"
+    if need not in model.config.heads:
+        raise ValueError(f"train_reward_model: {type(cfg.loss).__name__} needs the model's {need!r} head "
+                         f"(config.heads {model.config.heads})")
     _check_opt_state(state, cfg.optimizer, "train_reward_model")
     step = make_train_step(functools.partial(reward_model_loss, model=model, cfg=cfg.loss), cfg.optimizer,
                            model=model, mesh=mesh)

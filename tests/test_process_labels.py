@@ -1,4 +1,4 @@
-"""Automatic process labels (Math-Shepherd): hand-computed with a toy completer; batched model completer = per-prefix."""
+"""Automatic process labels (Math-Shepherd): hand-computed with a toy completer; batched = per-prefix."""
 import jax
 import numpy as np
 import pytest

@@ -61,7 +61,7 @@ def test_reward_model_phase_learns_gold_preferences_and_resumes_exactly(tmp_path
         train_reward_model(create_state(model, opt, jax.random.key(0)), data,
                            RewardModelPhaseConfig(loss=TokenLabelConfig(), optimizer=opt, loop=LoopConfig(steps=1)),
                            model=model)
-    with pytest.raises(ValueError, match="no reward head"):
+    with pytest.raises(ValueError, match="needs the model's 'reward' head"):
         lm = Model(preset("tiny", n_layers=1))
         train_reward_model(create_state(lm, opt, jax.random.key(0)), data, cfg(1), model=lm)
 

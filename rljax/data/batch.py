@@ -67,3 +67,33 @@ class TokenLabelBatch:
     loss_mask: object
     labels: object
     label_mask: object
+
+
+@struct.dataclass
+class FeedbackBatch:
+    """Logged displays with one implicit signal each (click, like, accept).
+
+    tokens, attention_mask: [B, T] int32 (prompt + completion); signal: [B] float32 0/1;
+    propensity: [B] float32, P(examined) at the display position (1 where unknown).
+    """
+
+    tokens: object
+    attention_mask: object
+    signal: object
+    propensity: object
+
+
+@struct.dataclass
+class OutcomeBatch:
+    """Completions with an outcome label, for the implicit PRM (r_θ = β Σ log π_θ / π_ref).
+
+    tokens, attention_mask, loss_mask: [B, T] int32 (loss_mask 1 on completion tokens);
+    labels: [B] float32 in [0, 1]; ref_logprobs: [B, T-1] float32, the reference's
+    token log-probs (aligned with `token_logprobs`), computed once before training.
+    """
+
+    tokens: object
+    attention_mask: object
+    loss_mask: object
+    labels: object
+    ref_logprobs: object

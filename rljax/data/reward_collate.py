@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rljax.data.batch import RankingBatch, ScoreBatch, TokenLabelBatch
+from rljax.data.batch import FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch
 from rljax.data.collate import encode_prompt_completion, pad_rows, padded_width
 
 
@@ -115,6 +115,15 @@ def collate_pairs(tokenizer, pairs: Sequence, *, margins: Sequence[float] | None
     return collate_ranked(tokenizer, lists, answers_per_list=2, margins=margins, **kw)
 
 
+def _encode_rows(tokenizer, rows, *, max_length, min_bucket, length, add_bos, add_eos):
+    """(prompt, completion) -> right-padded tokens, attention mask, completion mask."""
+    encoded = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)
+               for i, (p, c) in enumerate(rows)]
+    width = padded_width([len(e[0]) for e in encoded], length=length, min_bucket=min_bucket, max_length=max_length,
+                         names=[f"row {i}" for i in range(len(rows))])
+    return pad_rows([e[0] for e in encoded], width, tokenizer.pad_id, [e[1] for e in encoded])
+
+
 def collate_scored(tokenizer, rows: Sequence[tuple[str, str, object]], *, max_length: int | None = None,
                    min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
                    add_eos: bool = True) -> ScoreBatch:
@@ -128,19 +137,15 @@ def collate_scored(tokenizer, rows: Sequence[tuple[str, str, object]], *, max_le
     A = len(rows[0][2]) if multi else 1
     scores = np.zeros((len(rows), A), np.float32)
     given = np.zeros((len(rows), A), np.float32)
-    encoded = []
-    for i, (prompt, response, score) in enumerate(rows):
+    for i, (_, _, score) in enumerate(rows):
         values = list(score) if multi else [score]
         if multi and isinstance(score, (str, bytes)) or len(values) != A:
             raise ValueError(f"row {i}: expected {A} score{'s' if A > 1 else ''}, got {score!r}")
         for a, v in enumerate(values):
             if v is not None:
                 scores[i, a], given[i, a] = _finite(v, f"row {i}: score {a}" if multi else f"row {i}: score"), 1.0
-        encoded.append(encode_prompt_completion(tokenizer, prompt, response, i, add_bos=add_bos, add_eos=add_eos,
-                                                field="response")[0])
-    width = padded_width([len(r) for r in encoded], length=length, min_bucket=min_bucket, max_length=max_length,
-                   names=[f"row {i}" for i in range(len(rows))])
-    tokens, attn = pad_rows(encoded, width, tokenizer.pad_id)
+    tokens, attn, _ = _encode_rows(tokenizer, [(p, r) for p, r, _ in rows], max_length=max_length,
+                                   min_bucket=min_bucket, length=length, add_bos=add_bos, add_eos=add_eos)
     if not multi:
         scores, given = scores[:, 0], given[:, 0]
     return ScoreBatch(tokens=tokens, attention_mask=attn, scores=scores, score_mask=given)
@@ -161,18 +166,11 @@ def collate_verifier(tokenizer, rows: Sequence[tuple[str, str, float]], *, max_l
     completion token, so the head learns P(correct | prefix) at each of them."""
     if not rows:
         raise ValueError("collate_verifier: no examples")
-    encoded, masks, labels = [], [], []
     rows = [_fields(r, ("prompt", "completion", "label")) for r in rows]
-    for i, (prompt, completion, correct) in enumerate(rows):
-        y = _label(correct, f"row {i}: label")
-        ids, m = encode_prompt_completion(tokenizer, prompt, completion, i, add_bos=add_bos, add_eos=add_eos)
-        encoded.append(ids)
-        masks.append(m)
-        labels.append([y * v for v in map(float, m)])
-    width = padded_width([len(r) for r in encoded], length=length, min_bucket=min_bucket, max_length=max_length,
-                   names=[f"row {i}" for i in range(len(rows))])
-    tokens, attn, loss, y = pad_rows(encoded, width, tokenizer.pad_id, masks, labels)
-    return TokenLabelBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, labels=y.astype(np.float32),
+    y = np.float32([_label(correct, f"row {i}: label") for i, (_, _, correct) in enumerate(rows)])
+    tokens, attn, loss = _encode_rows(tokenizer, [(p, c) for p, c, _ in rows], max_length=max_length,
+                                      min_bucket=min_bucket, length=length, add_bos=add_bos, add_eos=add_eos)
+    return TokenLabelBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, labels=(loss * y[:, None]).astype(np.float32),
                            label_mask=loss)
 
 
@@ -241,3 +239,51 @@ def collate_steps(tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[f
     tokens, attn, loss, y, mark = pad_rows(encoded, width, tokenizer.pad_id, masks, labels, at)
     return TokenLabelBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, labels=y.astype(np.float32),
                            label_mask=mark)
+
+
+def collate_feedback(tokenizer, rows: Sequence, *, signal: str = "click", max_length: int | None = None,
+                     min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                     add_eos: bool = True) -> FeedbackBatch:
+    """Logged displays (`Interaction` rows, or (prompt, completion, signal, propensity) tuples)
+    -> FeedbackBatch with the named signal (click, like or accept) as 0/1 and the display's
+    propensity (1 where not logged). A row without that signal is an error naming it."""
+    if not rows:
+        raise ValueError("collate_feedback: no examples")
+    pairs, values, props = [], [], []
+    for i, r in enumerate(rows):
+        if hasattr(r, "completion"):
+            prompt, completion, v, p = r.prompt, r.completion, getattr(r, signal), r.propensity
+        else:
+            prompt, completion, v, p = r
+        if v is None:
+            raise ValueError(f"row {i}: no {signal!r} signal logged")
+        p = 1.0 if p is None else _finite(p, f"row {i}: propensity")
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"row {i}: propensity must be in (0, 1], got {p}")
+        pairs.append((prompt, completion))
+        values.append(float(bool(v)))
+        props.append(p)
+    tokens, attn, _ = _encode_rows(tokenizer, pairs, max_length=max_length, min_bucket=min_bucket, length=length,
+                                   add_bos=add_bos, add_eos=add_eos)
+    return FeedbackBatch(tokens=tokens, attention_mask=attn, signal=np.float32(values),
+                         propensity=np.float32(props))
+
+
+def collate_outcomes(tokenizer, rows: Sequence, ref_logprobs, *, max_length: int | None = None,
+                     min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                     add_eos: bool = True) -> OutcomeBatch:
+    """(prompt, completion, label) rows (tuples or `BinaryFeedback`) -> OutcomeBatch for the
+    implicit PRM, with the reference's token log-probs from `ref_logprobs(tokens, mask)
+    -> [B, T-1]` (e.g. `functools.partial(token_logprobs, ref_params, model=model)`)."""
+    if not rows:
+        raise ValueError("collate_outcomes: no examples")
+    rows = [_fields(r, ("prompt", "completion", "label")) for r in rows]
+    labels = [_label(y, f"row {i}: label") for i, (_, _, y) in enumerate(rows)]
+    tokens, attn, loss = _encode_rows(tokenizer, [(p, c) for p, c, _ in rows], max_length=max_length,
+                                      min_bucket=min_bucket, length=length, add_bos=add_bos, add_eos=add_eos)
+    ref = np.asarray(ref_logprobs(tokens, attn), np.float32)
+    if ref.shape != (tokens.shape[0], tokens.shape[1] - 1):
+        raise ValueError(f"collate_outcomes: ref_logprobs gave shape {ref.shape}, expected "
+                         f"{(tokens.shape[0], tokens.shape[1] - 1)}")
+    return OutcomeBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, labels=np.float32(labels),
+                        ref_logprobs=ref)

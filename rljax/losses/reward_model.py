@@ -11,6 +11,8 @@ ALGORITHMS.md: L(z) = −log σ(z) = softplus(−z), r = the head's output.
     pointwise:                      ½ mean over given scores of (r_a − s_a)²
     verifier (ORM):                 mean over completion tokens of BCE(r_t, y)  [+ λ_LM · NLL]
     process reward model (PRM):     mean over step ends of BCE(r_t, y_step)
+    implicit feedback:              mean over displays of BCE(r, c / P(examined))   (IPW, unbiased for relevance)
+    implicit PRM:                   mean over completions of BCE(β Σ_t log π_θ/π_ref, y)   (the LM head is the PRM)
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rljax.data.batch import RankingBatch, ScoreBatch, TokenLabelBatch
+from rljax.data.batch import FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch
 from rljax.models.logprobs import head_token_stats, target_mask
 from rljax.ops.aggregate import aggregate
+from rljax.ops.implicit_rewards import implicit_q, ipw_targets
 from rljax.ops.ranking import (binary_cross_entropy, pair_centring, pairwise_ranking, plackett_luce,
                                preferred_pairs)
 
@@ -184,17 +187,77 @@ def token_label_loss(params, batch: TokenLabelBatch, *, model, cfg: TokenLabelCo
     return loss, metrics
 
 
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """ipw: weight each signal by 1 / P(examined) (inverse-propensity weighting, Joachims et
+    al. 2017) so the model learns relevance, not position bias; False trains on the raw
+    signal (the naive model). min_propensity clips the weights at 1 / min_propensity."""
+
+    ipw: bool = True
+    min_propensity: float = 0.05
+
+    def __post_init__(self):
+        if not 0.0 < self.min_propensity <= 1.0:
+            raise ValueError(f"FeedbackConfig.min_propensity: must be in (0, 1], got {self.min_propensity}")
+
+
+def feedback_loss(params, batch: FeedbackBatch, *, model, cfg: FeedbackConfig):
+    """mean_b [softplus(r_b) − y_b r_b], y = c / max(p, p_min) with IPW, else c. The loss is
+    linear in y, so its expectation over clicks equals the BCE against relevance: the
+    minimiser is σ(r) = relevance (IPW) or P(examined) · relevance (naive). Returns (loss,
+    metrics: loss, target_mean, prob_mean)."""
+    _need_reward_head(model, "feedback_loss")
+    chex.assert_equal_shape([batch.signal, batch.propensity])
+    hidden, _ = model.forward(params, batch.tokens, batch.attention_mask)
+    r = model.rewards(params, hidden, batch.attention_mask)
+    y = ipw_targets(batch.signal, batch.propensity, min_propensity=cfg.min_propensity) if cfg.ipw \
+        else batch.signal.astype(jnp.float32)
+    loss = binary_cross_entropy(r, y).mean()
+    return loss, {"loss": loss, "target_mean": y.mean(), "prob_mean": jax.nn.sigmoid(r).mean()}
+
+
+@dataclass(frozen=True)
+class ImplicitPRMConfig:
+    """beta β of the implicit reward r_θ(y) = β Σ_t log π_θ(y_t)/π_ref(y_t) (Yuan et al. 2024
+    train with the outcome cross-entropy; β = 0.05 there)."""
+
+    beta: float = 0.05
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"ImplicitPRMConfig.beta: must be positive, got {self.beta}")
+
+
+def implicit_prm_loss(params, batch: OutcomeBatch, *, model, cfg: ImplicitPRMConfig):
+    """Outcome cross-entropy on the implicit reward of a language model: mean_b BCE(r_θ(y_b),
+    label_b), r_θ = β Σ_t m_t (log π_θ − log π_ref). After training, the step rewards are
+    `implicit_step_rewards` (q at one step end minus q at the previous one). Returns
+    (loss, metrics: loss, reward_mean, accuracy of r_θ > 0 against label > ½)."""
+    chex.assert_equal_shape([batch.tokens, batch.attention_mask, batch.loss_mask])
+    hidden, _ = model.forward(params, batch.tokens, batch.attention_mask)
+    lp = head_token_stats(params, hidden[:, :-1], batch.tokens[:, 1:], model=model)["logprobs"]
+    chex.assert_equal_shape([lp, batch.ref_logprobs])
+    mask = target_mask(batch.loss_mask, batch.attention_mask)
+    r = implicit_q(lp, batch.ref_logprobs, mask, cfg.beta)[:, -1]
+    y = batch.labels.astype(jnp.float32)
+    loss = binary_cross_entropy(r, y).mean()
+    return loss, {"loss": loss, "reward_mean": r.mean(), "accuracy": ((r > 0) == (y > 0.5)).mean()}
+
+
 def reward_model_loss(params, batch, *, model, cfg):
     """The loss for `cfg`'s type: RankingConfig -> ranking_loss (RankingBatch),
     PointwiseConfig -> pointwise_loss (ScoreBatch), TokenLabelConfig -> token_label_loss
-    (TokenLabelBatch: verifiers and process reward models)."""
+    (TokenLabelBatch: verifiers and process reward models), FeedbackConfig ->
+    feedback_loss (FeedbackBatch), ImplicitPRMConfig -> implicit_prm_loss (OutcomeBatch)."""
     for config_type, batch_type, loss in ((RankingConfig, RankingBatch, ranking_loss),
                                           (PointwiseConfig, ScoreBatch, pointwise_loss),
-                                          (TokenLabelConfig, TokenLabelBatch, token_label_loss)):
+                                          (TokenLabelConfig, TokenLabelBatch, token_label_loss),
+                                          (FeedbackConfig, FeedbackBatch, feedback_loss),
+                                          (ImplicitPRMConfig, OutcomeBatch, implicit_prm_loss)):
         if isinstance(cfg, config_type):
             if not isinstance(batch, batch_type):
                 raise ValueError(f"reward_model_loss: {config_type.__name__} trains on {batch_type.__name__}, "
                                  f"got {type(batch).__name__}")
             return loss(params, batch, model=model, cfg=cfg)
-    raise ValueError(f"reward_model_loss: cfg must be RankingConfig, PointwiseConfig or TokenLabelConfig, "
-                     f"got {type(cfg).__name__}")
+    raise ValueError(f"reward_model_loss: cfg must be RankingConfig, PointwiseConfig, TokenLabelConfig, "
+                     f"FeedbackConfig or ImplicitPRMConfig, got {type(cfg).__name__}")
