@@ -311,3 +311,21 @@ def test_best_of_n_and_majority_vote_by_hand():
     answers = [["answer:1", "answer:2", "answer:2", "junk"], ["junk", "junk"], ["answer:3", "answer:4"]]
     from rljax.data.arithmetic import parse_answer
     assert majority_vote(answers, parse_answer) == [1, 0, 0]
+
+
+def test_add_head_keeps_the_backbone_and_starts_at_zero():
+    from rljax.models import add_head
+
+    lm = Model(preset("tiny", n_layers=1))
+    params = lm.init(jax.random.key(0))
+    rm, rp = add_head(lm, params, "reward")
+    assert rm.config.heads == ("lm", "reward") and rp["layers"] is params["layers"]
+    t = jnp.asarray(np.random.default_rng(0).integers(3, 60, (2, 5)), jnp.int32)
+    hidden, _ = rm.forward(rp, t, jnp.ones_like(t))
+    np.testing.assert_array_equal(rm.rewards(rp, hidden, jnp.ones_like(t)), [0.0, 0.0])
+    np.testing.assert_array_equal(rm.logits(rp, hidden), lm(params, t))  # the LM head is untouched
+    wide, wp = add_head(rm, rp, "reward", reward_outputs=3)
+    assert wp["reward_head"].shape == (128, 3) and not np.any(wp["reward_head"])
+    assert add_head(rm, rp, "reward")[0] is rm
+    with pytest.raises(ValueError, match="not a head"):
+        add_head(lm, params, "policy")

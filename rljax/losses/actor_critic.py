@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from rljax.losses.policy_gradient import PolicyBatch
-from rljax.models import Model
+from rljax.models import add_head
 from rljax.models.logprobs import head_token_stats, target_mask
 from rljax.ops.advantages import gae, place_at_last, whiten
 from rljax.ops.aggregate import AGGREGATIONS, aggregate
@@ -145,12 +145,7 @@ def token_values(params, tokens, attention_mask, *, model):
 def with_value_head(model, params):
     """(model with a "value" head, params with a zero-initialised value head added):
     the critic shares the policy's backbone and starts at V = 0. No-op if present."""
-    if "value" in model.config.heads:
-        return model, params
-    critic_model = Model(model.config.replace(heads=model.config.heads + ("value",)), model.mesh)
-    shapes = critic_model.param_shapes()
-    extra = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items() if k not in params}
-    return critic_model, {**params, **extra}
+    return add_head(model, params, "value")
 
 
 def critic_from_reward_model(model, params):

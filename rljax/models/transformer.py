@@ -33,7 +33,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from rljax.models.config import TransformerConfig
+from rljax.models.config import HEADS, TransformerConfig
 from rljax.sharding import constrain
 
 Array = jax.Array
@@ -519,3 +519,22 @@ class Model:
         kv = ("batch", "act_kv_heads", "length", "head_dim")
         layers = (kv,) * self.config.n_layers
         return KVCache(k=layers, v=layers, valid=("batch", "length"), index=())
+
+
+def add_head(model: "Model", params: dict, head: str, **config_changes) -> tuple["Model", dict]:
+    """(model with `head` added, params with its new parameters zero-initialised): a value
+    or reward head on an existing backbone (e.g. an SFT checkpoint), which then starts at
+    V = 0 / r = 0. config_changes go to the config too (e.g. reward_outputs=3). Other heads
+    and params are kept; a no-op when the head is already there with the same config."""
+    if head not in HEADS:
+        raise ValueError(f"add_head: {head!r} is not a head; choose from {HEADS}")
+    heads = model.config.heads if head in model.config.heads else model.config.heads + (head,)
+    new = Model(model.config.replace(heads=heads, **config_changes), model.mesh)
+    if new.config == model.config:
+        return model, params
+    shapes = new.param_shapes()
+    # new head parameters (or ones whose shape changed, e.g. reward_outputs) start at zero
+    extra = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()
+             if k not in params or jax.tree.structure(v) != jax.tree.structure(params[k])
+             or getattr(params[k], "shape", None) != getattr(v, "shape", None)}
+    return new, {**{k: v for k, v in params.items() if k in shapes}, **extra}
