@@ -1,0 +1,244 @@
+"""Reward models on the arithmetic task, whose hidden gold scorer gives the ground truth.
+
+    python -m experiments.reward_models --sft-run-dir <SFT run>      # parts bt and bon
+    python -m experiments.reward_models --parts bt --pair-counts 250 1000 4000
+    python -m experiments.reward_models --smoke
+
+(a) bt: Bradley–Terry reward models from the SFT backbone (a zero reward head
+    added), each trained on n synthetic preference pairs whose labels are
+    Bernoulli(σ(β (gold_a − gold_b))) (`rljax.data.synthetic.preference_pairs`):
+    held-out pairwise accuracy against the gold order and Spearman correlation
+    with the gold score of held-out candidates, for n in pair_counts.
+(b) bon: best-of-N on held-out problems, N samples per problem from the SFT
+    policy at temperature 1: majority vote, an outcome verifier (ORM, trained on
+    the SFT policy's own samples labelled by answer correctness) and a process
+    reward model trained on automatic Math-Shepherd labels (soft, n continuations
+    per step prefix by the SFT policy) aggregated by min / product / last, with
+    pass@N (any sample right) as the ceiling. Accuracy at N is the mean over the
+    disjoint groups of N among the n_max samples of every problem.
+
+Outputs: results.json, and bon.png under the run directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.rl_arithmetic import load_sft
+from rljax.cli import make_run_dir, parse_config, save_config
+from rljax.data.arithmetic import check_answer, make_split, parse_answer
+from rljax.data.batch import ScoreBatch
+from rljax.data.collate import BatchIterator
+from rljax.data.reward_collate import collate_pairs, collate_scored, collate_steps, collate_verifier, split_solution
+from rljax.data.synthetic import KINDS, candidate, gold_score, preference_pairs
+from rljax.losses.reward_model import RankingConfig, TokenLabelConfig
+from rljax.models import add_head
+from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
+from rljax.rewards.evaluation import reward_model_eval
+from rljax.rewards.process_labels import label_steps, model_completer
+from rljax.rewards.reward_model import aggregate_steps, majority_vote, reward_model_reward, step_scorer
+from rljax.sampling import SampleConfig, sample
+from rljax.state import OptimizerConfig, create_state
+from rljax.tokenizer import CharTokenizer
+
+
+@dataclass
+class Config:
+    parts: tuple[str, ...] = ("bt", "bon")
+    sft_run_dir: str = "runs/sft_arithmetic-default"
+    run_dir: str | None = None
+    run_root: str = "runs"
+    seed: int = 0
+    lr: float = 1e-4  # the backbone's learning rate when training a reward model
+    head_lr: float = 1e-3
+    batch: int = 16
+    # (a) Bradley–Terry from synthetic preferences
+    pair_counts: tuple[int, ...] = (250, 1000, 4000)
+    bt_beta: float = 1.0
+    bt_epochs: int = 2
+    eval_problems: int = 512
+    # (b) best-of-N
+    bon_problems: int = 128
+    bon_n: tuple[int, ...] = (1, 4, 16, 64)
+    verifier_problems: int = 512  # train problems sampled for the verifier and the PRM
+    verifier_samples: int = 8  # samples per train problem
+    verifier_epochs: int = 2
+    prm_solutions: int = 1024  # of those samples, labelled step by step
+    prm_n: int = 8  # continuations per step prefix (Math-Shepherd's N)
+    max_new_tokens: int = 40
+    progress: bool = True
+    smoke: bool = False
+
+
+def _train(model, params, data, loss, steps: int, cfg: Config, run_dir: str, eval_fn=None):
+    opt = OptimizerConfig(lr=cfg.lr, schedule="constant", head_lr=cfg.head_lr)
+    # a copy: training donates its state, and `params` shares arrays with the SFT policy
+    state = create_state(model, opt, jax.random.key(cfg.seed), params=jax.tree.map(jnp.copy, params))
+    phase = RewardModelPhaseConfig(loss=loss, optimizer=opt,
+                                   loop=LoopConfig(steps=steps, log_every=max(steps // 20, 1),
+                                                   checkpoint_every=0, progress=cfg.progress))
+    return train_reward_model(state, data, phase, model=model, run_dir=run_dir, eval_fn=eval_fn)
+
+
+def part_bt(cfg: Config, model, params, tok, train, test, run_dir: str) -> dict:
+    rm, rm_params = add_head(model, params, "reward")
+    collate = lambda rows: collate_pairs(tok, [(r["prompt"], r["chosen"], r["rejected"]) for r in rows])  # noqa: E731
+    held = preference_pairs(test[:cfg.eval_problems], cfg.seed + 1, noise_free=True)
+    held = [r for r in held if r["gold_margin"] != 0]  # gold ties have no right order
+    rng = np.random.default_rng(cfg.seed + 2)
+    cands = [(p.prompt, candidate(p, rng, KINDS[rng.integers(len(KINDS))])) for p in test[:cfg.eval_problems]]
+    gold = [gold_score(p, c) for p, (_, c) in zip(test, cands)]
+    eval_batches = [collate(held[i:i + 64]) for i in range(0, len(held), 64)]
+    eval_batches += [collate_scored(tok, [(q, c, g) for (q, c), g in zip(cands[i:i + 64], gold[i:i + 64])])
+                     for i in range(0, len(cands), 64)]
+    evaluate = reward_model_eval(rm, eval_batches)
+    rows = []
+    for n in cfg.pair_counts:
+        pairs = preference_pairs(train[:n], cfg.seed, beta=cfg.bt_beta)
+        data = BatchIterator(pairs, min(cfg.batch, n), collate, seed=cfg.seed)
+        steps = max(cfg.bt_epochs * n // cfg.batch, 1)
+        t0 = time.perf_counter()
+        state = _train(rm, rm_params, data, RankingConfig(), steps, cfg, os.path.join(run_dir, f"bt-{n}"))
+        result = evaluate(state)
+        rows.append(dict(pairs=n, steps=steps, seconds=time.perf_counter() - t0, **result))
+        print(f"bt: {n} pairs -> held-out accuracy {result['pairwise_accuracy']:.3f}, "
+              f"Spearman with gold {result['spearman']:.3f}", flush=True)
+    return dict(rows=rows, held_out_pairs=len(held), candidates=len(cands))
+
+
+def _samples(params, model, tok, problems, n: int, cfg: Config, key) -> list[list[str]]:
+    """n completions per problem at temperature 1, in chunks of about 1,024 rows."""
+    scfg = SampleConfig(max_new_tokens=cfg.max_new_tokens, n=n, temperature=1.0, eos_id=tok.eos_id,
+                        pad_id=tok.pad_id)
+    out, per = [], max(1024 // n, 1)
+    for start in range(0, len(problems), per):
+        chunk = problems[start:start + per]
+        tokens, mask = tok.encode_batch([p.prompt for p in chunk], padding_side="left")
+        roll = sample(params, tokens, mask, jax.random.fold_in(key, start), model=model, cfg=scfg)
+        text = tok.decode_batch(np.asarray(roll.completions))
+        out += [text[i * n:(i + 1) * n] for i in range(len(chunk))]
+    return out
+
+
+def part_bon(cfg: Config, model, params, tok, train, test, run_dir: str) -> dict:
+    key = jax.random.key(cfg.seed + 10)
+    t0 = time.perf_counter()
+    # training data: the SFT policy's own samples on train problems, labelled by the gold checker
+    vp = train[:cfg.verifier_problems]
+    samples = _samples(params, model, tok, vp, cfg.verifier_samples, cfg, jax.random.fold_in(key, 1))
+    rows = [(p.prompt, c, float(check_answer(p, c))) for p, cs in zip(vp, samples) for c in cs]
+    print(f"bon: {len(rows)} verifier samples, {np.mean([r[2] for r in rows]):.1%} right "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    rm, rm_params = add_head(model, params, "reward")
+    data = BatchIterator(rows, cfg.batch, lambda b: collate_verifier(tok, b), seed=cfg.seed)
+    orm = _train(rm, rm_params, data, TokenLabelConfig(), max(cfg.verifier_epochs * len(rows) // cfg.batch, 1),
+                 cfg, os.path.join(run_dir, "orm")).params
+    # PRM: automatic soft labels for a subset, the SFT policy as completer
+    t1 = time.perf_counter()
+    problem_of = [p for p, cs in zip(vp, samples) for _ in cs]
+    chosen = [i for i, r in enumerate(rows) if split_solution(r[1], ";")][:cfg.prm_solutions]
+    steps = [split_solution(rows[i][1], ";") for i in chosen]
+    complete = model_completer(model, params, tok, SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0,
+                                                                eos_id=tok.eos_id, pad_id=tok.pad_id))
+    labels = label_steps([rows[i][0] for i in chosen], steps, lambda m, c: check_answer(problem_of[chosen[m]], c),
+                         complete, n=cfg.prm_n, separator=";", key=jax.random.fold_in(key, 2))
+    label_s = time.perf_counter() - t1
+    n_steps = sum(len(s) for s in steps)
+    print(f"bon: {n_steps} steps of {len(chosen)} solutions labelled in {label_s:.0f} s", flush=True)
+    prm_rows = [(rows[i][0], s, lab.soft) for i, s, lab in zip(chosen, steps, labels)]
+    data = BatchIterator(prm_rows, min(cfg.batch, len(prm_rows)),
+                         lambda b: collate_steps(tok, b, separator=";"), seed=cfg.seed)
+    prm = _train(rm, rm_params, data, TokenLabelConfig(), max(cfg.verifier_epochs * len(prm_rows) // cfg.batch, 1),
+                 cfg, os.path.join(run_dir, "prm")).params
+    # best-of-N on held-out problems
+    bp = test[:cfg.bon_problems]
+    n_max = max(cfg.bon_n)
+    cands = _samples(params, model, tok, bp, n_max, cfg, jax.random.fold_in(key, 3))
+    flat_p = [p.prompt for p, cs in zip(bp, cands) for _ in cs]
+    flat_c = [c for cs in cands for c in cs]
+    right = np.array([check_answer(p, c) for p, cs in zip(bp, cands) for c in cs]).reshape(len(bp), n_max)
+    orm_score = np.concatenate([reward_model_reward(rm, orm, tok, probability=True)(flat_p[i:i + 1024],
+                                                                                    flat_c[i:i + 1024])
+                                for i in range(0, len(flat_c), 1024)]).reshape(len(bp), n_max)
+    scorer = step_scorer(rm, prm, tok, separator=";")
+    per_step = []
+    for i in range(0, len(flat_c), 1024):
+        per_step += scorer(flat_p[i:i + 1024], flat_c[i:i + 1024])
+    S = max(1, max(len(s) for s in per_step))
+    probs = np.zeros((len(per_step), S), np.float32)
+    mask = np.zeros_like(probs)
+    for i, s in enumerate(per_step):
+        probs[i, :len(s)], mask[i, :len(s)] = s, 1
+    prm_score = {m: np.asarray(aggregate_steps(probs, mask, m)).reshape(len(bp), n_max)
+                 for m in ("min", "product", "last")}
+    methods = {"orm": orm_score, **{f"prm_{m}": s for m, s in prm_score.items()}}
+    table = {}
+    for n in cfg.bon_n:
+        groups = [slice(g * n, (g + 1) * n) for g in range(n_max // n)]
+        acc = {k: [] for k in ("pass@n", "majority", *methods)}
+        for i in range(len(bp)):
+            for g in groups:
+                acc["pass@n"].append(right[i, g].any())
+                acc["majority"].append(right[i, g][majority_vote([cands[i][g]], parse_answer)[0]])
+                for name, s in methods.items():
+                    acc[name].append(right[i, g][int(np.argmax(s[i, g]))])
+        table[n] = {k: float(np.mean(v)) for k, v in acc.items()}
+        print(f"bon: N = {n}: " + ", ".join(f"{k} {v:.1%}" for k, v in table[n].items()), flush=True)
+    return dict(table=table, verifier_samples=len(rows), verifier_right=float(np.mean([r[2] for r in rows])),
+                prm_solutions=len(chosen), prm_steps=n_steps, label_seconds=label_s,
+                sample_accuracy=float(right.mean()), seconds=time.perf_counter() - t0)
+
+
+def _plot(table: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional (rljax[plot])
+        return
+    ns = sorted(table)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in table[ns[0]]:
+        ax.plot(ns, [table[n][name] for n in ns], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N samples per problem")
+    ax.set_ylabel("held-out accuracy of the chosen sample")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(cfg: Config) -> dict:
+    if cfg.smoke:
+        cfg.pair_counts, cfg.bt_epochs, cfg.eval_problems, cfg.batch = (16,), 1, 16, 8
+        cfg.bon_problems, cfg.bon_n, cfg.verifier_problems, cfg.verifier_samples = 4, (1, 4), 4, 2
+        cfg.prm_solutions, cfg.prm_n, cfg.verifier_epochs, cfg.max_new_tokens = 4, 2, 1, 16
+    unknown = set(cfg.parts) - {"bt", "bon"}
+    if unknown:
+        raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from bt, bon")
+    tok = CharTokenizer()
+    model, params, sft_cfg = load_sft(cfg, tok)
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "reward_models")
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(cfg, run_dir)
+    train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
+    results = dict(config=asdict(cfg), run_dir=run_dir)
+    if "bt" in cfg.parts:
+        results["bt"] = part_bt(cfg, model, params, tok, train, test, run_dir)
+    if "bon" in cfg.parts:
+        results["bon"] = part_bon(cfg, model, params, tok, train, test, run_dir)
+        _plot(results["bon"]["table"], os.path.join(run_dir, "bon.png"))
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
