@@ -27,6 +27,7 @@ from rljax.losses.kl_control import KLController, KLControllerState
 from rljax.losses.policy_gradient import kl_metrics
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.ops.advantages import group_range
+from rljax.rewards.reward_model import NormaliserState, RewardNormaliser
 from rljax.rewards.rules import score
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.sharding import param_shardings, shard_batch, shard_params
@@ -40,8 +41,9 @@ class RLState:
     running mean of rewards (moving-average baseline); rng: key for sampling;
     critic: a separate value model's TrainState for actor-critic methods (None when
     there is none or the value head shares the policy's params); kl_control: the
-    adaptive KL controller's state (None without one). The loop threads the whole
-    pytree, so checkpoints and resumption cover every field."""
+    adaptive KL controller's state (None without one); reward_norm: the running reward
+    normaliser's statistics (None without one). The loop threads the whole pytree, so
+    checkpoints and resumption cover every field."""
 
     step: jax.Array
     policy: TrainState
@@ -50,6 +52,7 @@ class RLState:
     rng: jax.Array
     critic: TrainState | None = None
     kl_control: KLControllerState | None = None
+    reward_norm: NormaliserState | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,12 @@ class RLConfig:
     loop); `actors` threads share the sampling.
     critic_optimizer, critic_epochs: a separate critic (RLState.critic) is fitted
     after the policy update by critic_epochs x minibatches regression steps on the
-    returns (optimizer: critic_optimizer, default `optimizer`)."""
+    returns (optimizer: critic_optimizer, default `optimizer`).
+    reward_normaliser: standardise every iteration's rewards with running statistics
+    over all rewards so far before the loss sees them (e.g.
+    `rljax.rewards.reward_model.running_normaliser()`, for a learned reward model whose
+    scale drifts); its state is RLState.reward_norm (create_rl_state(...,
+    reward_normaliser=)). Metrics report the raw rewards."""
 
     algorithm: str = "grpo"
     loss: Any = None
@@ -95,6 +103,7 @@ class RLConfig:
     actors: int = 1
     critic_optimizer: OptimizerConfig | None = None
     critic_epochs: int = 1
+    reward_normaliser: RewardNormaliser | None = None
 
     def __post_init__(self):
         algo = get_algorithm(self.algorithm)
@@ -122,15 +131,16 @@ class RLConfig:
 
 
 def create_rl_state(model, params, opt_cfg: OptimizerConfig, key, *, kl_controller: KLController | None = None,
-                    critic_model=None, critic_params=None, critic_optimizer: OptimizerConfig | None = None
-                    ) -> RLState:
+                    critic_model=None, critic_params=None, critic_optimizer: OptimizerConfig | None = None,
+                    reward_normaliser: RewardNormaliser | None = None) -> RLState:
     """The policy starts from a copy of `params` (updates donate their input, so the
     caller's arrays stay valid); `params` themselves become the frozen reference.
     With `model.mesh`, policy, optimizer state and reference are placed sharded.
     kl_controller: the adaptive KL controller whose state starts here.
     critic_model, critic_params: a separate critic (e.g. `with_value_head(model,
     params)` for one initialised from the policy, `critic_from_reward_model` from a
-    reward model) with its own optimizer state (critic_optimizer, default opt_cfg)."""
+    reward model) with its own optimizer state (critic_optimizer, default opt_cfg).
+    reward_normaliser: the RLConfig.reward_normaliser whose state starts here."""
     if critic_model is not None and (critic_params is None or "value" not in critic_model.config.heads):
         raise ValueError("create_rl_state: a separate critic needs critic_params and a critic_model with a "
                          "value head (see rljax.losses.actor_critic.with_value_head)")
@@ -152,7 +162,8 @@ def create_rl_state(model, params, opt_cfg: OptimizerConfig, key, *, kl_controll
         critic = create_state(critic_model, critic_optimizer or opt_cfg, k_critic, mesh=critic_model.mesh,
                               params=jax.tree.map(jnp.copy, critic_params))
     return RLState(step=jnp.int32(0), policy=policy, ref_params=ref, reward_ema=jnp.float32(0.0), rng=k_rl,
-                   critic=critic, kl_control=None if kl_controller is None else kl_controller.init())
+                   critic=critic, kl_control=None if kl_controller is None else kl_controller.init(),
+                   reward_norm=None if reward_normaliser is None else reward_normaliser.init())
 
 
 def _informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:
@@ -329,6 +340,13 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             critic_params = params if critic_model is None else state.critic.params
             values = jax.block_until_ready(values_fn(critic_params, rollout.tokens, rollout.attention_mask))
             times["values"] = time.perf_counter() - t0
+        reward_norm = state.reward_norm
+        if cfg.reward_normaliser is not None:
+            if reward_norm is None:
+                raise ValueError("RLConfig.reward_normaliser is set but the RLState has no reward_norm: "
+                                 "create_rl_state(..., reward_normaliser=cfg.reward_normaliser)")
+            rewards, reward_norm = cfg.reward_normaliser.update(reward_norm, rewards)
+            rewards = np.asarray(rewards)
         extra = {} if state.kl_control is None else {"kl_coef": state.kl_control.beta}
         # The moving-average baseline of iteration 0 is the batch mean: no past rewards yet.
         ema = state.reward_ema if int(state.step) > 0 else jnp.float32(np.mean(rewards))
@@ -403,6 +421,6 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             out["kl_coef"], out["kl_per_sequence"] = float(kl_control.beta), seq_kl
             kl_control = controller.update(kl_control, seq_kl, R)
         return state.replace(step=state.step + 1, policy=policy, reward_ema=jnp.float32(new_ema),
-                             kl_control=kl_control, critic=critic), out
+                             kl_control=kl_control, critic=critic, reward_norm=reward_norm), out
 
     return RLIteration(collect, learn)

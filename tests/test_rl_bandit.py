@@ -86,3 +86,45 @@ def test_kl_regularised_reinforce_reaches_the_closed_form_optimum():
         state, _ = it(state, prompts, None)
     tv = 0.5 * np.abs(arm_probs(model, state.policy.params) - target).sum()
     assert tv_start > 0.3 and tv < 0.05, (tv_start, tv)
+
+
+def test_running_reward_normaliser_makes_the_update_invariant_to_the_reward_scale():
+    """REINFORCE without a baseline sees (r − mean) / std of every reward so far: an affine
+    change of the reward (×10, +3) leaves the loss unchanged and the learned policy unchanged
+    up to float32 noise that Adam's normalised steps amplify (params with ~0 gradient); without
+    the normaliser the shift alone changes the policy by far more. The state counts the rewards."""
+    from rljax.losses import ReinforceConfig
+    from rljax.rewards.reward_model import running_normaliser
+
+    model = Model(preset("tiny", n_layers=1))
+    params = model.init(jax.random.key(0))
+    norm = running_normaliser(eps=0.0)
+    finals, first_losses = {}, {}
+    for normalise in (True, False):
+        for scale, shift in ((1.0, 0.0), (10.0, 3.0)):
+            def scaled(prompts, completions, **_):
+                return [scale * r + shift for r in reward_fn(prompts, completions)]
+
+            cfg = RLConfig(algorithm="reinforce", loss=ReinforceConfig(baseline="none"),
+                           sampling=SampleConfig(max_new_tokens=1, n=8, eos_id=-1, min_prompt_bucket=1),
+                           optimizer=OptimizerConfig(lr=3e-2, schedule="constant", clip_norm=None),
+                           reward_normaliser=norm if normalise else None)
+            it = make_rl_iteration(model, cfg, scaled, decode)
+            state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1),
+                                    reward_normaliser=norm if normalise else None)
+            for i in range(3):
+                state, m = it(state, np.ones((4, 1), np.int32), None)
+                if i == 0:
+                    first_losses[normalise, scale] = m["loss"]
+            if normalise:
+                assert int(state.reward_norm.count) == 3 * 32
+            finals[normalise, scale] = arm_probs(model, state.policy.params)
+    np.testing.assert_allclose(first_losses[True, 1.0], first_losses[True, 10.0], rtol=1e-4)
+    assert np.abs(finals[True, 1.0] - finals[True, 10.0]).max() < 5e-3
+    assert np.abs(finals[False, 1.0] - finals[False, 10.0]).max() > 5e-2
+    with pytest.raises(ValueError, match="reward_norm"):
+        cfg = RLConfig(algorithm="reinforce", sampling=SampleConfig(max_new_tokens=1, n=8, eos_id=-1),
+                       reward_normaliser=norm)
+        make_rl_iteration(model, cfg, reward_fn, decode)(create_rl_state(model, params, cfg.optimizer,
+                                                                         jax.random.key(1)),
+                                                         np.ones((4, 1), np.int32), None)
