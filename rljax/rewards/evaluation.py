@@ -10,6 +10,7 @@ import numpy as np
 from rljax.data.batch import RankingBatch, ScoreBatch, TokenLabelBatch
 from rljax.losses.reward_model import ranking_scores
 from rljax.ops.ranking import preferred_pairs
+from rljax.rewards.reward_model import sequence_rewards, token_probabilities
 
 
 def average_ranks(x) -> np.ndarray:
@@ -52,16 +53,6 @@ def expected_calibration_error(probs, labels, *, bins: int = 10) -> float:
     return float(err)
 
 
-def _last_scores(params, tokens, mask, *, model):
-    hidden, _ = model.forward(params, tokens, mask)
-    return model.rewards(params, hidden, mask)
-
-
-def _token_probs(params, tokens, mask, *, model):
-    hidden, _ = model.forward(params, tokens, mask)
-    return jax.nn.sigmoid(model.token_rewards(params, hidden))
-
-
 def reward_model_eval(model, batches: Sequence, *, params_of=lambda state: state.params):
     """An eval_fn for `train_reward_model`: `eval_fn(state) -> dict` over held-out batches.
 
@@ -71,8 +62,8 @@ def reward_model_eval(model, batches: Sequence, *, params_of=lambda state: state
     TokenLabelBatch (verifier or PRM labels): calibration_error (ECE of σ(r) at the
     labelled positions, 10 bins) and label_accuracy (σ(r) > ½ against y > ½)."""
     rank_fn = jax.jit(functools.partial(ranking_scores, model=model))
-    score_fn = jax.jit(functools.partial(_last_scores, model=model))
-    prob_fn = jax.jit(functools.partial(_token_probs, model=model))
+    score_fn = jax.jit(functools.partial(sequence_rewards, model=model))
+    prob_fn = jax.jit(functools.partial(token_probabilities, model=model))
 
     def eval_fn(state) -> dict:
         params = params_of(state)

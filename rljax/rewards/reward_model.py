@@ -104,7 +104,7 @@ def reward_model_reward(model, params, tokenizer, *, probability: bool = False, 
     function: the reward head read at the last real token of [bos] prompt completion
     [eos]; σ(r) with probability=True (a verifier's P(correct)). For several
     attributes (reward_outputs > 1) the scorer returns [B, A]."""
-    forward = jax.jit(functools.partial(_last_token_scores, model=model))
+    forward = jax.jit(functools.partial(sequence_rewards, model=model))
 
     def scorer(prompts, completions, **_):
         rows = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)[0]
@@ -116,12 +116,14 @@ def reward_model_reward(model, params, tokenizer, *, probability: bool = False, 
     return scorer
 
 
-def _last_token_scores(params, tokens, mask, *, model):
+def sequence_rewards(params, tokens, mask, *, model):
+    """The reward head at each row's last real token: [B, T] -> [B] ([B, A] with several attributes)."""
     hidden, _ = model.forward(params, tokens, mask)
     return model.rewards(params, hidden, mask)
 
 
-def _token_scores(params, tokens, mask, *, model):
+def token_probabilities(params, tokens, mask, *, model):
+    """σ of the reward head at every position (a verifier's or PRM's P(correct)): [B, T] -> [B, T]."""
     hidden, _ = model.forward(params, tokens, mask)
     return jax.nn.sigmoid(model.token_rewards(params, hidden))
 
@@ -132,7 +134,7 @@ def step_scorer(model, params, tokenizer, *, separator: str, min_bucket: int = 1
     array per completion, σ(r) at the last token of each of its steps (split at
     `separator`, encoded as in `collate_steps`); a completion with no step text gets an
     empty array."""
-    forward = jax.jit(functools.partial(_token_scores, model=model))
+    forward = jax.jit(functools.partial(token_probabilities, model=model))
 
     def scores(prompts: Sequence[str], completions: Sequence[str]) -> list[np.ndarray]:
         rows, ends = [], []
