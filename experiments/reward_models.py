@@ -1,7 +1,8 @@
 """Reward models on the arithmetic task, whose hidden gold scorer gives the ground truth.
 
-    python -m experiments.reward_models --sft-run-dir <SFT run>      # parts bt and bon
+    python -m experiments.reward_models --sft-run-dir <SFT run>      # parts bt, bon and rl
     python -m experiments.reward_models --parts bt --pair-counts 250 1000 4000
+    python -m experiments.reward_models --parts bt rl --rl-seeds 0 1 2
     python -m experiments.reward_models --smoke
 
 (a) bt: Bradley–Terry reward models from the SFT backbone (a zero reward head
@@ -16,6 +17,10 @@
     per step prefix by the SFT policy) aggregated by min / product / last, with
     pass@N (any sample right) as the ceiling. Accuracy at N is the mean over the
     disjoint groups of N among the n_max samples of every problem.
+(rl) GRPO from the SFT policy with the reward model of part bt trained on the most
+    pairs as its only reward, one run per seed: the gold score (hidden from RL) and
+    the reward model's score of held-out samples (temperature 1) before and after,
+    and the KL to the SFT policy, so a gold gain is told apart from reward hacking.
 
 Outputs: results.json, and bon.png under the run directory.
 """
@@ -32,6 +37,7 @@ import numpy as np
 
 from experiments.rl_arithmetic import load_sft
 from rljax.cli import make_run_dir, parse_config, save_config
+from rljax.metrics import read_metrics
 from rljax.data.arithmetic import check_answer, make_split, parse_answer
 from rljax.data.batch import ScoreBatch
 from rljax.data.collate import BatchIterator
@@ -50,7 +56,7 @@ from rljax.tokenizer import CharTokenizer
 
 @dataclass
 class Config:
-    parts: tuple[str, ...] = ("bt", "bon")
+    parts: tuple[str, ...] = ("bt", "bon", "rl")
     sft_run_dir: str = "runs/sft_arithmetic-default"
     run_dir: str | None = None
     run_root: str = "runs"
@@ -71,6 +77,11 @@ class Config:
     verifier_epochs: int = 2
     prm_solutions: int = 1024  # of those samples, labelled step by step
     prm_n: int = 8  # continuations per step prefix (Math-Shepherd's N)
+    # (rl) GRPO against the learned reward model
+    rl_iterations: int = 200
+    rl_lr: float = 2e-5
+    rl_seeds: tuple[int, ...] = (0,)
+    rl_eval_problems: int = 256
     max_new_tokens: int = 40
     progress: bool = True
     smoke: bool = False
@@ -98,7 +109,7 @@ def part_bt(cfg: Config, model, params, tok, train, test, run_dir: str) -> dict:
     eval_batches += [collate_scored(tok, [(q, c, g) for (q, c), g in zip(cands[i:i + 64], gold[i:i + 64])])
                      for i in range(0, len(cands), 64)]
     evaluate = reward_model_eval(rm, eval_batches)
-    rows = []
+    rows, best = [], None
     for n in cfg.pair_counts:
         pairs = preference_pairs(train[:n], cfg.seed, beta=cfg.bt_beta)
         data = BatchIterator(pairs, min(cfg.batch, n), collate, seed=cfg.seed)
@@ -106,10 +117,57 @@ def part_bt(cfg: Config, model, params, tok, train, test, run_dir: str) -> dict:
         t0 = time.perf_counter()
         state = _train(rm, rm_params, data, RankingConfig(), steps, cfg, os.path.join(run_dir, f"bt-{n}"))
         result = evaluate(state)
+        if n == max(cfg.pair_counts):
+            best = state.params
         rows.append(dict(pairs=n, steps=steps, seconds=time.perf_counter() - t0, **result))
         print(f"bt: {n} pairs -> held-out accuracy {result['pairwise_accuracy']:.3f}, "
               f"Spearman with gold {result['spearman']:.3f}", flush=True)
-    return dict(rows=rows, held_out_pairs=len(held), candidates=len(cands))
+    return dict(rows=rows, held_out_pairs=len(held), candidates=len(cands)), (rm, best)
+
+
+def part_rl(cfg: Config, model, params, rm, rm_params, tok, train, test, run_dir: str) -> dict:
+    """GRPO on the learned reward model; gold and proxy reward of held-out samples before / after."""
+    from rljax.phases import PromptBatch, rl
+    from rljax.rl import RLConfig, create_rl_state
+
+    proxy = reward_model_reward(rm, rm_params, tok)
+    held = test[:cfg.rl_eval_problems]
+
+    def measure(p) -> dict:
+        cands = _samples(p, model, tok, held, 4, cfg, jax.random.key(7))
+        prompts = [q.prompt for q, cs in zip(held, cands) for _ in cs]
+        flat = [c for cs in cands for c in cs]
+        gold = [gold_score(q, c) for q, cs in zip(held, cands) for c in cs]
+        right = [check_answer(q, c) for q, cs in zip(held, cands) for c in cs]
+        return dict(gold=float(np.mean(gold)), proxy=float(np.mean(proxy(prompts, flat))),
+                    accuracy=float(np.mean(right)))
+
+    def collate(problems):
+        tokens, mask = tok.encode_batch([p.prompt for p in problems], padding_side="left")
+        return PromptBatch(tokens=tokens, mask=mask, metadata={"problems": list(problems)})
+
+    before = measure(params)
+    print(f"rl: before GRPO: gold {before['gold']:.3f}, proxy {before['proxy']:.3f}, "
+          f"accuracy {before['accuracy']:.1%}", flush=True)
+    runs = []
+    for seed in cfg.rl_seeds:
+        rl_cfg = RLConfig(algorithm="grpo", sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=8,
+                                                                  eos_id=tok.eos_id, pad_id=tok.pad_id),
+                          optimizer=OptimizerConfig(lr=cfg.rl_lr, schedule="constant"), track_kl=True)
+        state = create_rl_state(model, jax.tree.map(jnp.copy, params), rl_cfg.optimizer, jax.random.key(seed))
+        prompts = BatchIterator(train, 16, collate, seed=seed + 1)
+        state = rl(state, prompts, proxy, rl_cfg, model=model, decode=tok.decode_batch,
+                   run_dir=os.path.join(run_dir, f"rl-seed{seed}"),
+                   loop=LoopConfig(steps=cfg.rl_iterations, log_every=10, progress=cfg.progress))
+        after = measure(state.policy.params)
+        rows = [r for r in read_metrics(os.path.join(run_dir, f"rl-seed{seed}")) if "rl/kl_k3" in r]
+        after["kl_k3"] = rows[-1]["rl/kl_k3"] if rows else None
+        runs.append(after)
+        print(f"rl: seed {seed}: gold {before['gold']:.3f} -> {after['gold']:.3f}, proxy {before['proxy']:.3f} -> "
+              f"{after['proxy']:.3f}, accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%}", flush=True)
+    gains = np.array([r["gold"] - before["gold"] for r in runs])
+    return dict(before=before, after=runs, gold_gain_mean=float(gains.mean()),
+                gold_gain_std=float(gains.std(ddof=1)) if len(gains) > 1 else None)
 
 
 def _samples(params, model, tok, problems, n: int, cfg: Config, key) -> list[list[str]]:
@@ -220,9 +278,12 @@ def main(cfg: Config) -> dict:
         cfg.pair_counts, cfg.bt_epochs, cfg.eval_problems, cfg.batch = (16,), 1, 16, 8
         cfg.bon_problems, cfg.bon_n, cfg.verifier_problems, cfg.verifier_samples = 4, (1, 4), 4, 2
         cfg.prm_solutions, cfg.prm_n, cfg.verifier_epochs, cfg.max_new_tokens = 4, 2, 1, 16
-    unknown = set(cfg.parts) - {"bt", "bon"}
+        cfg.rl_iterations, cfg.rl_eval_problems = 2, 4
+    unknown = set(cfg.parts) - {"bt", "bon", "rl"}
     if unknown:
-        raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from bt, bon")
+        raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from bt, bon, rl")
+    if "rl" in cfg.parts and "bt" not in cfg.parts:
+        raise ValueError("reward_models: part rl optimises the reward model of part bt; add bt to --parts")
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg, tok)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "reward_models")
@@ -231,7 +292,9 @@ def main(cfg: Config) -> dict:
     train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
     results = dict(config=asdict(cfg), run_dir=run_dir)
     if "bt" in cfg.parts:
-        results["bt"] = part_bt(cfg, model, params, tok, train, test, run_dir)
+        results["bt"], (rm, rm_params) = part_bt(cfg, model, params, tok, train, test, run_dir)
+    if "rl" in cfg.parts:
+        results["rl"] = part_rl(cfg, model, params, rm, rm_params, tok, train, test, run_dir)
     if "bon" in cfg.parts:
         results["bon"] = part_bon(cfg, model, params, tok, train, test, run_dir)
         _plot(results["bon"]["table"], os.path.join(run_dir, "bon.png"))

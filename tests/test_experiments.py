@@ -2,6 +2,9 @@
 import json
 import os
 
+import numpy as np
+import pytest
+
 from experiments import sampling_tour
 
 
@@ -91,3 +94,6 @@ def test_reward_models_smoke_reports_consistent_best_of_n(tmp_path):
     # pass@N is the ceiling of every selection method
     assert all(v <= table[4]["pass@n"] for v in table[4].values())
     assert 0.0 <= res["bt"]["rows"][0]["pairwise_accuracy"] <= 1.0 and res["bt"]["rows"][0]["pairs"] == 16
+    # GRPO against the learned reward model: gold gain = mean of the per-seed gold changes
+    rl = res["rl"]
+    assert rl["gold_gain_mean"] == pytest.approx(np.mean([a["gold"] - rl["before"]["gold"] for a in rl["after"]]))
