@@ -21,6 +21,11 @@
     pairs as its only reward, one run per seed: the gold score (hidden from RL) and
     the reward model's score of held-out samples (temperature 1) before and after,
     and the KL to the SFT policy, so a gold gain is told apart from reward hacking.
+(feedback) reward models from simulated implicit feedback (clicks at random display
+    positions with examination probability 1 / position, likes that lean to longer
+    answers): clicks naive, clicks with inverse-propensity weights, likes; Spearman
+    with gold and calibration against the true relevance, and (with part rl) GRPO
+    against each, measuring the gold score it does not see.
 
 Outputs: results.json, and bon.png under the run directory.
 """
@@ -41,9 +46,10 @@ from rljax.metrics import read_metrics
 from rljax.data.arithmetic import check_answer, make_split, parse_answer
 from rljax.data.batch import ScoreBatch
 from rljax.data.collate import BatchIterator
-from rljax.data.reward_collate import collate_pairs, collate_scored, collate_steps, collate_verifier, split_solution
-from rljax.data.synthetic import KINDS, candidate, gold_score, preference_pairs
-from rljax.losses.reward_model import RankingConfig, TokenLabelConfig
+from rljax.data.reward_collate import (collate_feedback, collate_pairs, collate_scored, collate_steps,
+                                       collate_verifier, split_solution)
+from rljax.data.synthetic import KINDS, candidate, gold_score, preference_pairs, relevance, simulated_feedback
+from rljax.losses.reward_model import FeedbackConfig, RankingConfig, TokenLabelConfig
 from rljax.models import add_head
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
 from rljax.rewards.evaluation import reward_model_eval
@@ -56,7 +62,7 @@ from rljax.tokenizer import CharTokenizer
 
 @dataclass
 class Config:
-    parts: tuple[str, ...] = ("bt", "bon", "rl")
+    parts: tuple[str, ...] = ("bt", "bon", "rl", "feedback")
     sft_run_dir: str = "runs/sft_arithmetic-default"
     run_dir: str | None = None
     run_root: str = "runs"
@@ -82,6 +88,9 @@ class Config:
     rl_lr: float = 2e-5
     rl_seeds: tuple[int, ...] = (0,)
     rl_eval_problems: int = 256
+    # (feedback) reward models from simulated implicit feedback
+    feedback_problems: int = 2000
+    feedback_rl: bool = True  # with part rl: GRPO against each feedback model too
     max_new_tokens: int = 40
     progress: bool = True
     smoke: bool = False
@@ -125,12 +134,13 @@ def part_bt(cfg: Config, model, params, tok, train, test, run_dir: str) -> dict:
     return dict(rows=rows, held_out_pairs=len(held), candidates=len(cands)), (rm, best)
 
 
-def part_rl(cfg: Config, model, params, rm, rm_params, tok, train, test, run_dir: str) -> dict:
-    """GRPO on the learned reward model; gold and proxy reward of held-out samples before / after."""
+def grpo_against(cfg: Config, model, params, proxy, tok, train, test, run_dir: str, name: str) -> dict:
+    """GRPO from `params` with `proxy` as the only reward, one run per rl_seed: gold score (hidden
+    from RL), proxy score, accuracy and length of held-out samples (4 per problem, T = 1)
+    before and after, and the final KL (k3) to the start."""
     from rljax.phases import PromptBatch, rl
     from rljax.rl import RLConfig, create_rl_state
 
-    proxy = reward_model_reward(rm, rm_params, tok)
     held = test[:cfg.rl_eval_problems]
 
     def measure(p) -> dict:
@@ -140,34 +150,66 @@ def part_rl(cfg: Config, model, params, rm, rm_params, tok, train, test, run_dir
         gold = [gold_score(q, c) for q, cs in zip(held, cands) for c in cs]
         right = [check_answer(q, c) for q, cs in zip(held, cands) for c in cs]
         return dict(gold=float(np.mean(gold)), proxy=float(np.mean(proxy(prompts, flat))),
-                    accuracy=float(np.mean(right)))
+                    accuracy=float(np.mean(right)), length=float(np.mean([len(c) for c in flat])))
 
     def collate(problems):
         tokens, mask = tok.encode_batch([p.prompt for p in problems], padding_side="left")
         return PromptBatch(tokens=tokens, mask=mask, metadata={"problems": list(problems)})
 
     before = measure(params)
-    print(f"rl: before GRPO: gold {before['gold']:.3f}, proxy {before['proxy']:.3f}, "
-          f"accuracy {before['accuracy']:.1%}", flush=True)
     runs = []
     for seed in cfg.rl_seeds:
         rl_cfg = RLConfig(algorithm="grpo", sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=8,
                                                                   eos_id=tok.eos_id, pad_id=tok.pad_id),
                           optimizer=OptimizerConfig(lr=cfg.rl_lr, schedule="constant"), track_kl=True)
         state = create_rl_state(model, jax.tree.map(jnp.copy, params), rl_cfg.optimizer, jax.random.key(seed))
-        prompts = BatchIterator(train, 16, collate, seed=seed + 1)
-        state = rl(state, prompts, proxy, rl_cfg, model=model, decode=tok.decode_batch,
-                   run_dir=os.path.join(run_dir, f"rl-seed{seed}"),
+        where = os.path.join(run_dir, f"{name}-seed{seed}")
+        state = rl(state, BatchIterator(train, 16, collate, seed=seed + 1), proxy, rl_cfg, model=model,
+                   decode=tok.decode_batch, run_dir=where,
                    loop=LoopConfig(steps=cfg.rl_iterations, log_every=10, progress=cfg.progress))
         after = measure(state.policy.params)
-        rows = [r for r in read_metrics(os.path.join(run_dir, f"rl-seed{seed}")) if "rl/kl_k3" in r]
+        rows = [r for r in read_metrics(where) if "rl/kl_k3" in r]
         after["kl_k3"] = rows[-1]["rl/kl_k3"] if rows else None
         runs.append(after)
-        print(f"rl: seed {seed}: gold {before['gold']:.3f} -> {after['gold']:.3f}, proxy {before['proxy']:.3f} -> "
-              f"{after['proxy']:.3f}, accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%}", flush=True)
+        print(f"{name}: seed {seed}: " + ", ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" for k in before),
+              flush=True)
     gains = np.array([r["gold"] - before["gold"] for r in runs])
     return dict(before=before, after=runs, gold_gain_mean=float(gains.mean()),
                 gold_gain_std=float(gains.std(ddof=1)) if len(gains) > 1 else None)
+
+
+def part_feedback(cfg: Config, model, params, tok, train, test, run_dir: str) -> dict:
+    """Feedback reward models from simulated users (`simulated_feedback`: 5 displays per problem at
+    random positions, examined with probability 1 / position; likes lean to longer answers):
+    clicks naive, clicks with inverse-propensity weights, likes. Each: Spearman with gold and
+    mean predicted probability against the true mean relevance of held-out candidates; then
+    GRPO against each, with the gold score it does not see."""
+    logs = simulated_feedback(train[:cfg.feedback_problems], cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 3)
+    held = test[:cfg.eval_problems]
+    cands = [(p.prompt, candidate(p, rng, KINDS[rng.integers(len(KINDS))])) for p in held]
+    gold = [gold_score(p, c) for p, (_, c) in zip(held, cands)]
+    gold_batches = [collate_scored(tok, [(q, c, g) for (q, c), g in zip(cands[i:i + 64], gold[i:i + 64])])
+                    for i in range(0, len(cands), 64)]
+    rm, rm_params = add_head(model, params, "reward")
+    evaluate = reward_model_eval(rm, gold_batches)
+    out = {}
+    for name, signal, ipw in (("clicks_naive", "click", False), ("clicks_ipw", "click", True),
+                              ("likes", "like", False)):
+        data = BatchIterator(logs, cfg.batch, lambda b, s=signal: collate_feedback(
+            tok, [(r["prompt"], r["completion"], r[s], r["propensity"]) for r in b]), seed=cfg.seed)
+        steps = max(cfg.bt_epochs * len(logs) // cfg.batch, 1)
+        state = _train(rm, rm_params, data, FeedbackConfig(ipw=ipw), steps, cfg, os.path.join(run_dir, name))
+        scorer = reward_model_reward(rm, state.params, tok, probability=True)
+        prob = float(np.mean(scorer([q for q, _ in cands], [c for _, c in cands])))
+        result = dict(**evaluate(state), prob_mean=prob,
+                      relevance_mean=float(np.mean([relevance(g) for g in gold])))
+        print(f"feedback: {name}: Spearman with gold {result['spearman']:.3f}, mean P {prob:.3f} "
+              f"(true mean relevance {result['relevance_mean']:.3f})", flush=True)
+        if "rl" in cfg.parts and cfg.feedback_rl:
+            result["rl"] = grpo_against(cfg, model, params, scorer, tok, train, test, run_dir, f"rl-{name}")
+        out[name] = result
+    return out
 
 
 def _samples(params, model, tok, problems, n: int, cfg: Config, key) -> list[list[str]]:
@@ -278,10 +320,10 @@ def main(cfg: Config) -> dict:
         cfg.pair_counts, cfg.bt_epochs, cfg.eval_problems, cfg.batch = (16,), 1, 16, 8
         cfg.bon_problems, cfg.bon_n, cfg.verifier_problems, cfg.verifier_samples = 4, (1, 4), 4, 2
         cfg.prm_solutions, cfg.prm_n, cfg.verifier_epochs, cfg.max_new_tokens = 4, 2, 1, 16
-        cfg.rl_iterations, cfg.rl_eval_problems = 2, 4
-    unknown = set(cfg.parts) - {"bt", "bon", "rl"}
+        cfg.rl_iterations, cfg.rl_eval_problems, cfg.feedback_problems = 2, 4, 8
+    unknown = set(cfg.parts) - {"bt", "bon", "rl", "feedback"}
     if unknown:
-        raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from bt, bon, rl")
+        raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from bt, bon, rl, feedback")
     if "rl" in cfg.parts and "bt" not in cfg.parts:
         raise ValueError("reward_models: part rl optimises the reward model of part bt; add bt to --parts")
     tok = CharTokenizer()
@@ -294,7 +336,10 @@ def main(cfg: Config) -> dict:
     if "bt" in cfg.parts:
         results["bt"], (rm, rm_params) = part_bt(cfg, model, params, tok, train, test, run_dir)
     if "rl" in cfg.parts:
-        results["rl"] = part_rl(cfg, model, params, rm, rm_params, tok, train, test, run_dir)
+        results["rl"] = grpo_against(cfg, model, params, reward_model_reward(rm, rm_params, tok), tok, train, test,
+                                     run_dir, "rl-bt")
+    if "feedback" in cfg.parts:
+        results["feedback"] = part_feedback(cfg, model, params, tok, train, test, run_dir)
     if "bon" in cfg.parts:
         results["bon"] = part_bon(cfg, model, params, tok, train, test, run_dir)
         _plot(results["bon"]["table"], os.path.join(run_dir, "bon.png"))
