@@ -21,6 +21,10 @@
     pairs as its only reward, one run per seed: the gold score (hidden from RL) and
     the reward model's score of held-out samples (temperature 1) before and after,
     and the KL to the SFT policy, so a gold gain is told apart from reward hacking.
+(overopt) over-optimisation (Gao et al. 2022) with the part-bt reward model as the
+    proxy: best-of-n (n = 1 … n_max) and GRPO measured along the run, gold and proxy
+    score against d = √KL(π ‖ π_SFT), with R_bon(d) = d (α − β d) and
+    R_RL(d) = d (α − β log d) fitted to the gold gain.
 (feedback) reward models from simulated implicit feedback (clicks at random display
     positions with examination probability 1 / position, likes that lean to longer
     answers): clicks naive, clicks with inverse-propensity weights, likes; Spearman
@@ -62,7 +66,7 @@ from rljax.tokenizer import CharTokenizer
 
 @dataclass
 class Config:
-    parts: tuple[str, ...] = ("bt", "bon", "rl", "feedback")
+    parts: tuple[str, ...] = ("bt", "bon", "rl", "feedback", "overopt")
     sft_run_dir: str = "runs/sft_arithmetic-default"
     run_dir: str | None = None
     run_root: str = "runs"
@@ -91,6 +95,10 @@ class Config:
     # (feedback) reward models from simulated implicit feedback
     feedback_problems: int = 2000
     feedback_rl: bool = True  # with part rl: GRPO against each feedback model too
+    # (overopt) over-optimisation against the part-bt reward model
+    overopt_iterations: int = 300
+    overopt_eval_every: int = 50
+    overopt_lr: float = 5e-5
     max_new_tokens: int = 40
     progress: bool = True
     smoke: bool = False
@@ -212,6 +220,86 @@ def part_feedback(cfg: Config, model, params, tok, train, test, run_dir: str) ->
     return out
 
 
+def part_overopt(cfg: Config, model, params, rm, rm_params, tok, train, test, run_dir: str) -> dict:
+    """Over-optimisation (Gao et al. 2022) against the reward model of part bt as the proxy:
+    best-of-n for n = 1, 2, 4, ..., and GRPO measured every overopt_eval_every iterations;
+    gold and proxy score of the chosen / sampled held-out completions against d = √KL, and
+    the fitted R_bon(d) = d (α − β d), R_RL(d) = d (α − β log d)."""
+    from rljax.models.logprobs import target_mask, token_logprobs
+    from rljax.phases import PromptBatch, rl
+    from rljax.rewards.evaluation import best_of_n_kl, fit_overoptimisation
+    from rljax.rl import RLConfig, create_rl_state
+
+    proxy = reward_model_reward(rm, rm_params, tok)
+    held = test[:cfg.rl_eval_problems]
+    prompts = [q.prompt for q in held]
+
+    def scores(problems, cands):
+        flat_p = [q.prompt for q, cs in zip(problems, cands) for _ in cs]
+        flat_c = [c for cs in cands for c in cs]
+        px = np.concatenate([proxy(flat_p[i:i + 1024], flat_c[i:i + 1024]) for i in range(0, len(flat_c), 1024)])
+        gd = np.array([gold_score(q, c) for q, cs in zip(problems, cands) for c in cs])
+        return px.reshape(len(problems), -1), gd.reshape(len(problems), -1)
+
+    n_max = max(cfg.bon_n)
+    px, gd = scores(held, _samples(params, model, tok, held, n_max, cfg, jax.random.key(11)))
+    bon = []
+    n = 1
+    while n <= n_max:
+        pick_g, pick_p = [], []
+        for g in range(n_max // n):
+            sl = slice(g * n, (g + 1) * n)
+            best = np.argmax(px[:, sl], axis=1)
+            pick_g.append(gd[:, sl][np.arange(len(held)), best])
+            pick_p.append(px[:, sl][np.arange(len(held)), best])
+        bon.append(dict(n=n, d=float(np.sqrt(best_of_n_kl(n))), gold=float(np.mean(pick_g)),
+                        proxy=float(np.mean(pick_p))))
+        n *= 2
+    gold0 = bon[0]["gold"]
+    fit_bon = fit_overoptimisation([b["d"] for b in bon], [b["gold"] - gold0 for b in bon], "bon")
+    print("overopt: best-of-n gold " + ", ".join(f"n={b['n']}: {b['gold']:.3f}" for b in bon)
+          + f"; fit α = {fit_bon[0]:.3f}, β = {fit_bon[1]:.3f}", flush=True)
+
+    ref_lp = jax.jit(lambda p, t, m: token_logprobs(p, t, m, model=model))
+    scfg = SampleConfig(max_new_tokens=cfg.max_new_tokens, n=4, temperature=1.0, eos_id=tok.eos_id,
+                        pad_id=tok.pad_id)
+    tokens, mask = tok.encode_batch(prompts, padding_side="left")
+
+    def measure(state) -> dict:
+        """Gold and proxy of 4 held-out samples per problem, and KL(π ‖ π_SFT) per sequence
+        (Σ_t log π − log π_SFT over the sampled tokens, averaged: an unbiased estimate)."""
+        roll = sample(state.policy.params, tokens, mask, jax.random.key(13), model=model, cfg=scfg)
+        ref = ref_lp(params, roll.tokens, roll.attention_mask)
+        m = target_mask(roll.loss_mask, roll.attention_mask)
+        kl = float(np.mean(np.sum(np.asarray((roll.logprobs - ref) * m), axis=1)))
+        text = tok.decode_batch(np.asarray(roll.completions))
+        p2, g2 = scores(held, [text[i * 4:(i + 1) * 4] for i in range(len(held))])
+        return dict(kl=kl, d=float(np.sqrt(max(kl, 0.0))), gold=float(g2.mean()), proxy=float(p2.mean()))
+
+    def collate(problems):
+        t, mk = tok.encode_batch([p.prompt for p in problems], padding_side="left")
+        return PromptBatch(tokens=t, mask=mk, metadata={"problems": list(problems)})
+
+    rl_cfg = RLConfig(algorithm="grpo", sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=8,
+                                                              eos_id=tok.eos_id, pad_id=tok.pad_id),
+                      optimizer=OptimizerConfig(lr=cfg.overopt_lr, schedule="constant"), track_kl=False)
+    state = create_rl_state(model, jax.tree.map(jnp.copy, params), rl_cfg.optimizer, jax.random.key(cfg.seed))
+    curve = [dict(iteration=0, **measure(state))]
+    where = os.path.join(run_dir, "overopt-rl")
+    for stop in range(cfg.overopt_eval_every, cfg.overopt_iterations + 1, cfg.overopt_eval_every):
+        state = rl(state, BatchIterator(train, 16, collate, seed=cfg.seed + 1), proxy, rl_cfg, model=model,
+                   decode=tok.decode_batch, run_dir=where,
+                   loop=LoopConfig(steps=stop, log_every=10, progress=cfg.progress))
+        curve.append(dict(iteration=stop, **measure(state)))
+        print(f"overopt: GRPO iteration {stop}: d {curve[-1]['d']:.3f}, gold {curve[-1]['gold']:.3f}, "
+              f"proxy {curve[-1]['proxy']:.3f}", flush=True)
+    fit_rl = None
+    if sum(c["d"] > 0 for c in curve) >= 2:
+        fit_rl = fit_overoptimisation([c["d"] for c in curve], [c["gold"] - curve[0]["gold"] for c in curve], "rl")
+    return dict(best_of_n=bon, fit_bon=dict(alpha=fit_bon[0], beta=fit_bon[1]), rl=curve,
+                fit_rl=None if fit_rl is None else dict(alpha=fit_rl[0], beta=fit_rl[1]))
+
+
 def _samples(params, model, tok, problems, n: int, cfg: Config, key) -> list[list[str]]:
     """n completions per problem at temperature 1, in chunks of about 1,024 rows."""
     scfg = SampleConfig(max_new_tokens=cfg.max_new_tokens, n=n, temperature=1.0, eos_id=tok.eos_id,
@@ -321,11 +409,13 @@ def main(cfg: Config) -> dict:
         cfg.bon_problems, cfg.bon_n, cfg.verifier_problems, cfg.verifier_samples = 4, (1, 4), 4, 2
         cfg.prm_solutions, cfg.prm_n, cfg.verifier_epochs, cfg.max_new_tokens = 4, 2, 1, 16
         cfg.rl_iterations, cfg.rl_eval_problems, cfg.feedback_problems = 2, 4, 8
-    unknown = set(cfg.parts) - {"bt", "bon", "rl", "feedback"}
+        cfg.overopt_iterations, cfg.overopt_eval_every = 2, 1
+    unknown = set(cfg.parts) - {"bt", "bon", "rl", "feedback", "overopt"}
     if unknown:
-        raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from bt, bon, rl, feedback")
-    if "rl" in cfg.parts and "bt" not in cfg.parts:
-        raise ValueError("reward_models: part rl optimises the reward model of part bt; add bt to --parts")
+        raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from bt, bon, rl, feedback, "
+                         "overopt")
+    if {"rl", "overopt"} & set(cfg.parts) and "bt" not in cfg.parts:
+        raise ValueError("reward_models: parts rl and overopt optimise the reward model of part bt; add bt")
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg, tok)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "reward_models")
@@ -340,6 +430,8 @@ def main(cfg: Config) -> dict:
                                      run_dir, "rl-bt")
     if "feedback" in cfg.parts:
         results["feedback"] = part_feedback(cfg, model, params, tok, train, test, run_dir)
+    if "overopt" in cfg.parts:
+        results["overopt"] = part_overopt(cfg, model, params, rm, rm_params, tok, train, test, run_dir)
     if "bon" in cfg.parts:
         results["bon"] = part_bon(cfg, model, params, tok, train, test, run_dir)
         _plot(results["bon"]["table"], os.path.join(run_dir, "bon.png"))

@@ -180,7 +180,9 @@ def train_reward_model(state: TrainState, data, cfg: RewardModelPhaseConfig, *, 
     """Reward modelling: `run_loop` over `reward_model_loss` (the loss follows cfg.loss's
     type). data yields the matching batches (RankingBatch from `collate_pairs` /
     `collate_ranked`, ScoreBatch from `collate_scored`, TokenLabelBatch from
-    `collate_verifier` / `collate_steps`); the model needs the "reward" head. Metrics,
+    `collate_verifier` / `collate_steps`, FeedbackBatch from `collate_feedback`,
+    OutcomeBatch from `collate_outcomes`); the model needs the "reward" head (the "lm"
+    head for the implicit PRM). Metrics,
     checkpoints and resume as every phase; `reward_model_eval` makes an eval_fn with
     pairwise accuracy, calibration error and rank correlation with a gold scorer."""
     need = "lm" if isinstance(cfg.loss, ImplicitPRMConfig) else "reward"

@@ -22,3 +22,8 @@ def test_reward_models_smoke_reports_consistent_best_of_n(tmp_path):
     fb = res["feedback"]
     assert set(fb) == {"clicks_naive", "clicks_ipw", "likes"}
     assert len({round(v["relevance_mean"], 9) for v in fb.values()}) == 1
+    # over-optimisation: best-of-1 is the policy itself (d = 0), best-of-n picks the highest proxy score
+    bon = res["overopt"]["best_of_n"]
+    assert [b["n"] for b in bon] == [1, 2, 4] and bon[0]["d"] == 0.0
+    assert bon[0]["proxy"] <= bon[1]["proxy"] <= bon[2]["proxy"]
+    assert [c["iteration"] for c in res["overopt"]["rl"]] == [0, 1, 2]

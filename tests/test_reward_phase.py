@@ -94,3 +94,17 @@ def test_reward_model_training_sharded_equals_one_device():
         print("CURVES", curves)
     """)
     assert "CURVES" in out
+
+
+def test_overoptimisation_fits_recover_known_curves():
+    from rljax.rewards.evaluation import best_of_n_kl, fit_overoptimisation
+
+    np.testing.assert_allclose(best_of_n_kl([1, 2, 64]), [0.0, np.log(2) - 0.5, np.log(64) - 63 / 64])
+    d = np.sqrt(best_of_n_kl(2.0 ** np.arange(0, 9)))
+    alpha, beta = fit_overoptimisation(d, d * (1.2 - 0.4 * d), "bon")
+    assert (alpha, beta) == pytest.approx((1.2, 0.4))
+    d = np.linspace(0.1, 5, 20)
+    alpha, beta = fit_overoptimisation(d, d * (0.8 - 0.3 * np.log(d)), "rl")
+    assert (alpha, beta) == pytest.approx((0.8, 0.3))
+    with pytest.raises(ValueError, match="form"):
+        fit_overoptimisation(d, d, "linear")

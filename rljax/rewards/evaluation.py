@@ -102,3 +102,29 @@ def reward_model_eval(model, batches: Sequence, *, params_of=lambda state: state
         return out
 
     return eval_fn
+
+
+def best_of_n_kl(n) -> np.ndarray:
+    """KL(π_bon ‖ π) of best-of-n sampling (Gao et al. 2022): log n − (n − 1) / n."""
+    n = np.asarray(n, np.float64)
+    return np.log(n) - (n - 1) / n
+
+
+def fit_overoptimisation(d, reward, form: str) -> tuple[float, float]:
+    """Least-squares (α, β) of Gao et al.'s gold-reward curves against d = √KL (ALGORITHMS.md):
+    form "bon": R(d) = d (α − β d); form "rl": R(d) = d (α − β log d). Both are linear in
+    (α, β); points with d = 0 carry no information and are dropped. The curves peak at
+    d* = α / 2β (bon) and e^{α/β − 1} (rl)."""
+    d, r = np.asarray(d, np.float64), np.asarray(reward, np.float64)
+    keep = d > 0
+    d, r = d[keep], r[keep]
+    if form == "bon":
+        X = np.stack([d, -d * d], axis=1)
+    elif form == "rl":
+        X = np.stack([d, -d * np.log(d)], axis=1)
+    else:
+        raise ValueError(f"fit_overoptimisation: form {form!r} not in ('bon', 'rl')")
+    if len(d) < 2:
+        raise ValueError("fit_overoptimisation: need at least two points with d > 0")
+    (alpha, beta), *_ = np.linalg.lstsq(X, r, rcond=None)
+    return float(alpha), float(beta)
