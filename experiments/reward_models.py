@@ -93,7 +93,8 @@ class Config:
     rl_seeds: tuple[int, ...] = (0,)
     rl_eval_problems: int = 256
     # (feedback) reward models from simulated implicit feedback
-    feedback_problems: int = 2000
+    feedback_problems: int = 1000  # 5 logged displays each
+    feedback_epochs: int = 1
     feedback_rl: bool = True  # with part rl: GRPO against each feedback model too
     # (overopt) over-optimisation against the part-bt reward model
     overopt_iterations: int = 300
@@ -206,7 +207,7 @@ def part_feedback(cfg: Config, model, params, tok, train, test, run_dir: str) ->
                               ("likes", "like", False)):
         data = BatchIterator(logs, cfg.batch, lambda b, s=signal: collate_feedback(
             tok, [(r["prompt"], r["completion"], r[s], r["propensity"]) for r in b]), seed=cfg.seed)
-        steps = max(cfg.bt_epochs * len(logs) // cfg.batch, 1)
+        steps = max(cfg.feedback_epochs * len(logs) // cfg.batch, 1)
         state = _train(rm, rm_params, data, FeedbackConfig(ipw=ipw), steps, cfg, os.path.join(run_dir, name))
         scorer = reward_model_reward(rm, state.params, tok, probability=True)
         prob = float(np.mean(scorer([q for q, _ in cands], [c for _, c in cands])))
