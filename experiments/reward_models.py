@@ -12,7 +12,8 @@
     with the gold score of held-out candidates, for n in pair_counts.
 (b) bon: best-of-N on held-out problems, N samples per problem from the SFT
     policy at temperature 1: majority vote, an outcome verifier (ORM, trained on
-    the SFT policy's own samples labelled by answer correctness) and a process
+    the SFT policy's own samples on problems outside its SFT data, labelled by
+    answer correctness) and a process
     reward model trained on automatic Math-Shepherd labels (soft, n continuations
     per step prefix by the SFT policy) aggregated by min / product / last, with
     pass@N (any sample right) as the ceiling. Accuracy at N is the mean over the
@@ -315,11 +316,25 @@ def _samples(params, model, tok, problems, n: int, cfg: Config, key) -> list[lis
     return out
 
 
-def part_bon(cfg: Config, model, params, tok, train, test, run_dir: str) -> dict:
+def unseen_problems(train, test, n: int, levels, seed: int) -> list:
+    """n problems that appear in neither the SFT run's train nor its test split: samples on
+    SFT training problems are much more often right (memorised) than on new ones, so a
+    verifier trained on them learns the wrong distribution."""
+    seen = {p.expression for p in train} | {p.expression for p in test}
+    out = []
+    for p in make_split(n + len(seen), 0, levels=levels, seed=seed)[0]:
+        if p.expression not in seen:
+            out.append(p)
+            if len(out) == n:
+                return out
+    raise ValueError(f"unseen_problems: found only {len(out)} of {n} new problems at levels {levels}")
+
+
+def part_bon(cfg: Config, model, params, tok, train, test, run_dir: str, levels=(1, 2)) -> dict:
     key = jax.random.key(cfg.seed + 10)
     t0 = time.perf_counter()
-    # training data: the SFT policy's own samples on train problems, labelled by the gold checker
-    vp = train[:cfg.verifier_problems]
+    # training data: the SFT policy's own samples on problems it never saw, labelled by the gold checker
+    vp = unseen_problems(train, test, cfg.verifier_problems, levels, seed=cfg.seed + 1000)
     samples = _samples(params, model, tok, vp, cfg.verifier_samples, cfg, jax.random.fold_in(key, 1))
     rows = [(p.prompt, c, float(check_answer(p, c))) for p, cs in zip(vp, samples) for c in cs]
     print(f"bon: {len(rows)} verifier samples, {np.mean([r[2] for r in rows]):.1%} right "
@@ -434,7 +449,7 @@ def main(cfg: Config) -> dict:
     if "overopt" in cfg.parts:
         results["overopt"] = part_overopt(cfg, model, params, rm, rm_params, tok, train, test, run_dir)
     if "bon" in cfg.parts:
-        results["bon"] = part_bon(cfg, model, params, tok, train, test, run_dir)
+        results["bon"] = part_bon(cfg, model, params, tok, train, test, run_dir, levels=sft_cfg.levels)
         _plot(results["bon"]["table"], os.path.join(run_dir, "bon.png"))
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)
