@@ -59,7 +59,8 @@ from rljax.models import add_head
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
 from rljax.rewards.evaluation import reward_model_eval
 from rljax.rewards.process_labels import label_steps, model_completer
-from rljax.rewards.reward_model import aggregate_steps, majority_vote, reward_model_reward, step_scorer
+from rljax.rewards.reward_model import (aggregate_steps, majority_vote, reward_model_reward, stack_step_scores,
+                                        step_scorer)
 from rljax.sampling import SampleConfig, sample
 from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import CharTokenizer
@@ -106,6 +107,22 @@ class Config:
     smoke: bool = False
 
 
+def _in_chunks(fn, prompts, completions, size: int = 1024) -> list:
+    """fn on `size` rows at a time (bounded memory per forward): the per-chunk results, in order."""
+    return [fn(prompts[i:i + size], completions[i:i + size]) for i in range(0, len(completions), size)]
+
+
+def _gold_candidates(problems, tok, *, seed: int):
+    """One candidate per problem (the reference or a random corruption) with its gold score:
+    -> ([(prompt, completion)], [gold], ScoreBatches of 64 holding the gold scores)."""
+    rng = np.random.default_rng(seed)
+    cands = [(p.prompt, candidate(p, rng, KINDS[rng.integers(len(KINDS))])) for p in problems]
+    gold = [gold_score(p, c) for p, (_, c) in zip(problems, cands)]
+    batches = [collate_scored(tok, [(q, c, g) for (q, c), g in zip(cands[i:i + 64], gold[i:i + 64])])
+               for i in range(0, len(cands), 64)]
+    return cands, gold, batches
+
+
 def _train(model, params, data, loss, steps: int, cfg: Config, run_dir: str, eval_fn=None):
     opt = OptimizerConfig(lr=cfg.lr, schedule="constant", head_lr=cfg.head_lr)
     # a copy: training donates its state, and `params` shares arrays with the SFT policy
@@ -121,13 +138,8 @@ def part_bt(cfg: Config, model, params, tok, train, test, run_dir: str) -> dict:
     collate = lambda rows: collate_pairs(tok, [(r["prompt"], r["chosen"], r["rejected"]) for r in rows])  # noqa: E731
     held = preference_pairs(test[:cfg.eval_problems], cfg.seed + 1, noise_free=True)
     held = [r for r in held if r["gold_margin"] != 0]  # gold ties have no right order
-    rng = np.random.default_rng(cfg.seed + 2)
-    cands = [(p.prompt, candidate(p, rng, KINDS[rng.integers(len(KINDS))])) for p in test[:cfg.eval_problems]]
-    gold = [gold_score(p, c) for p, (_, c) in zip(test, cands)]
-    eval_batches = [collate(held[i:i + 64]) for i in range(0, len(held), 64)]
-    eval_batches += [collate_scored(tok, [(q, c, g) for (q, c), g in zip(cands[i:i + 64], gold[i:i + 64])])
-                     for i in range(0, len(cands), 64)]
-    evaluate = reward_model_eval(rm, eval_batches)
+    cands, _, gold_batches = _gold_candidates(test[:cfg.eval_problems], tok, seed=cfg.seed + 2)
+    evaluate = reward_model_eval(rm, [collate(held[i:i + 64]) for i in range(0, len(held), 64)] + gold_batches)
     rows, best = [], None
     for n in cfg.pair_counts:
         pairs = preference_pairs(train[:n], cfg.seed, beta=cfg.bt_beta)
@@ -195,12 +207,7 @@ def part_feedback(cfg: Config, model, params, tok, train, test, run_dir: str) ->
     mean predicted probability against the true mean relevance of held-out candidates; then
     GRPO against each, with the gold score it does not see."""
     logs = simulated_feedback(train[:cfg.feedback_problems], cfg.seed)
-    rng = np.random.default_rng(cfg.seed + 3)
-    held = test[:cfg.eval_problems]
-    cands = [(p.prompt, candidate(p, rng, KINDS[rng.integers(len(KINDS))])) for p in held]
-    gold = [gold_score(p, c) for p, (_, c) in zip(held, cands)]
-    gold_batches = [collate_scored(tok, [(q, c, g) for (q, c), g in zip(cands[i:i + 64], gold[i:i + 64])])
-                    for i in range(0, len(cands), 64)]
+    cands, gold, gold_batches = _gold_candidates(test[:cfg.eval_problems], tok, seed=cfg.seed + 3)
     rm, rm_params = add_head(model, params, "reward")
     evaluate = reward_model_eval(rm, gold_batches)
     out = {}
@@ -239,7 +246,7 @@ def part_overopt(cfg: Config, model, params, rm, rm_params, tok, train, test, ru
     def scores(problems, cands):
         flat_p = [q.prompt for q, cs in zip(problems, cands) for _ in cs]
         flat_c = [c for cs in cands for c in cs]
-        px = np.concatenate([proxy(flat_p[i:i + 1024], flat_c[i:i + 1024]) for i in range(0, len(flat_c), 1024)])
+        px = np.concatenate(_in_chunks(proxy, flat_p, flat_c))
         gd = np.array([gold_score(q, c) for q, cs in zip(problems, cands) for c in cs])
         return px.reshape(len(problems), -1), gd.reshape(len(problems), -1)
 
@@ -367,18 +374,11 @@ def part_bon(cfg: Config, model, params, tok, train, test, run_dir: str, levels=
     flat_p = [p.prompt for p, cs in zip(bp, cands) for _ in cs]
     flat_c = [c for cs in cands for c in cs]
     right = np.array([check_answer(p, c) for p, cs in zip(bp, cands) for c in cs]).reshape(len(bp), n_max)
-    orm_score = np.concatenate([reward_model_reward(rm, orm, tok, probability=True)(flat_p[i:i + 1024],
-                                                                                    flat_c[i:i + 1024])
-                                for i in range(0, len(flat_c), 1024)]).reshape(len(bp), n_max)
-    scorer = step_scorer(rm, prm, tok, separator=";")
-    per_step = []
-    for i in range(0, len(flat_c), 1024):
-        per_step += scorer(flat_p[i:i + 1024], flat_c[i:i + 1024])
-    S = max(1, max(len(s) for s in per_step))
-    probs = np.zeros((len(per_step), S), np.float32)
-    mask = np.zeros_like(probs)
-    for i, s in enumerate(per_step):
-        probs[i, :len(s)], mask[i, :len(s)] = s, 1
+    # one scorer each (built once: every call of reward_model_reward / step_scorer jits anew)
+    orm_scorer = reward_model_reward(rm, orm, tok, probability=True)
+    orm_score = np.concatenate(_in_chunks(orm_scorer, flat_p, flat_c)).reshape(len(bp), n_max)
+    per_step = sum(_in_chunks(step_scorer(rm, prm, tok, separator=";"), flat_p, flat_c), [])
+    probs, mask = stack_step_scores(per_step)
     prm_score = {m: np.asarray(aggregate_steps(probs, mask, m)).reshape(len(bp), n_max)
                  for m in ("min", "product", "last")}
     methods = {"orm": orm_score, **{f"prm_{m}": s for m, s in prm_score.items()}}

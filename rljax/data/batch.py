@@ -26,8 +26,8 @@ class RankingBatch:
     """K answers per prompt, ranked, for reward-model training (pairs are K = 2).
 
     tokens, attention_mask: [B, K, T] int32 (prompt + answer; any padding side);
-    rank: [B, K] int32, 0 = best, equal = tie, −1 = absent answer (its row holds one
-    real token so no attention row is empty); margin: [B] float32 or None, a per-list
+    rank: [B, K] int32, 0 = best, equal = tie, −1 = absent answer (its row is all
+    padding; its score is masked out); margin: [B] float32 or None, a per-list
     margin added to the config's (Llama 2's preference-strength margin).
     """
 

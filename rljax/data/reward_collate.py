@@ -170,8 +170,8 @@ def collate_verifier(tokenizer, rows: Sequence[tuple[str, str, float]], *, max_l
     y = np.float32([_label(correct, f"row {i}: label") for i, (_, _, correct) in enumerate(rows)])
     tokens, attn, loss = _encode_rows(tokenizer, [(p, c) for p, c, _ in rows], max_length=max_length,
                                       min_bucket=min_bucket, length=length, add_bos=add_bos, add_eos=add_eos)
-    return TokenLabelBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, labels=(loss * y[:, None]).astype(np.float32),
-                           label_mask=loss)
+    return TokenLabelBatch(tokens=tokens, attention_mask=attn, loss_mask=loss,
+                           labels=(loss * y[:, None]).astype(np.float32), label_mask=loss)
 
 
 def split_solution(completion: str, separator: str) -> list[str]:
@@ -235,7 +235,7 @@ def collate_steps(tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[f
         labels.append(y)
         at.append(mark)
     width = padded_width([len(r) for r in encoded], length=length, min_bucket=min_bucket, max_length=max_length,
-                   names=[f"row {i}" for i in range(len(rows))])
+                         names=[f"row {i}" for i in range(len(rows))])
     tokens, attn, loss, y, mark = pad_rows(encoded, width, tokenizer.pad_id, masks, labels, at)
     return TokenLabelBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, labels=y.astype(np.float32),
                            label_mask=mark)

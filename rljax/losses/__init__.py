@@ -12,7 +12,8 @@ from rljax.losses.trpo import TRPOConfig, trpo_update
 
 __all__ = ["FeedbackConfig", "ImplicitPRMConfig", "PointwiseConfig", "RankingConfig", "TokenLabelConfig",
            "feedback_loss", "implicit_prm_loss", "pointwise_loss", "ranking_loss", "reward_model_loss",
-           "token_label_loss", "A2CConfig", "GRPOConfig", "MRTConfig", "PPOConfig", "PolicyBatch", "ReinforceConfig", "SFTConfig",
-           "TRPOConfig", "a2c_loss", "adaptive_kl_controller", "fixed_kl_controller", "grpo_advantages", "grpo_loss",
+           "token_label_loss", "A2CConfig", "GRPOConfig", "MRTConfig", "PPOConfig", "PolicyBatch", "ReinforceConfig",
+           "SFTConfig", "TRPOConfig", "a2c_loss", "adaptive_kl_controller", "fixed_kl_controller", "grpo_advantages",
+           "grpo_loss",
            "mrt_distribution", "mrt_loss", "ppo_loss", "reinforce_advantages", "reinforce_loss", "sft_loss",
            "trpo_update", "with_value_head"]

@@ -80,16 +80,17 @@ def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
     _need_reward_head(model, "ranking_loss")
     chex.assert_equal_shape([batch.rank, batch.tokens[..., 0]])
     scores = ranking_scores(params, batch, model=model)
-    margin = cfg.margin if batch.margin is None else cfg.margin + batch.margin
-    per_list, n_pairs = pairwise_ranking(scores, batch.rank, margin)
+    pairs = preferred_pairs(batch.rank).astype(jnp.float32)
     if cfg.objective == "plackett_luce":
         per_list = plackett_luce(scores, batch.rank)
-    live = (n_pairs > 0).astype(jnp.float32)
+    else:
+        margin = cfg.margin if batch.margin is None else cfg.margin + batch.margin
+        per_list, _ = pairwise_ranking(scores, batch.rank, margin)
+    live = (pairs.sum(axis=(1, 2)) > 0).astype(jnp.float32)
     n_lists = jnp.maximum(live.sum(), 1.0)
     loss = (per_list * live).sum() / n_lists
     if cfg.centring:
         loss = loss + cfg.centring * (pair_centring(scores, batch.rank) * live).sum() / n_lists
-    pairs = preferred_pairs(batch.rank).astype(jnp.float32)
     diff = scores[:, :, None] - scores[:, None, :]
     total_pairs = jnp.maximum(pairs.sum(), 1.0)
     present = (batch.rank >= 0).astype(jnp.float32)

@@ -153,6 +153,17 @@ def step_scorer(model, params, tokenizer, *, separator: str, min_bucket: int = 1
     return scores
 
 
+def stack_step_scores(per: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """`step_scorer`'s ragged [S_i] arrays -> (probs, mask) [N, max S_i] float32, zero-padded,
+    ready for `aggregate_steps`."""
+    S = max(1, max(len(p) for p in per))
+    probs = np.zeros((len(per), S), np.float32)
+    mask = np.zeros((len(per), S), np.float32)
+    for i, p in enumerate(per):
+        probs[i, :len(p)], mask[i, :len(p)] = p, 1
+    return probs, mask
+
+
 def prm_reward(model, params, tokenizer, *, separator: str, aggregation: str = "min", **kw):
     """A process reward model as a reward function: step scores (`step_scorer`) aggregated
     by min | product | mean | last (`aggregate_steps`); a completion without steps scores 0."""
@@ -161,12 +172,7 @@ def prm_reward(model, params, tokenizer, *, separator: str, aggregation: str = "
     scores = step_scorer(model, params, tokenizer, separator=separator, **kw)
 
     def scorer(prompts, completions, **_):
-        per = scores(prompts, completions)
-        S = max(1, max(len(p) for p in per))
-        probs = np.zeros((len(per), S), np.float32)
-        mask = np.zeros((len(per), S), np.float32)
-        for i, p in enumerate(per):
-            probs[i, :len(p)], mask[i, :len(p)] = p, 1
+        probs, mask = stack_step_scores(scores(prompts, completions))
         return np.asarray(aggregate_steps(jnp.asarray(probs), jnp.asarray(mask), aggregation))
 
     return scorer
