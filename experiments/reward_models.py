@@ -3,6 +3,7 @@
     python -m experiments.reward_models --sft-run-dir <SFT run>      # parts bt, bon and rl
     python -m experiments.reward_models --parts bt --pair-counts 250 1000 4000
     python -m experiments.reward_models --parts bt rl --rl-seeds 0 1 2
+    python -m experiments.reward_models --parts onpolicy rl --rl-seeds 0 1 2
     python -m experiments.reward_models --smoke
 
 (a) bt: Bradley–Terry reward models from the SFT backbone (a zero reward head
@@ -22,6 +23,12 @@
     pairs as its only reward, one run per seed: the gold score (hidden from RL) and
     the reward model's score of held-out samples (temperature 1) before and after,
     and the KL to the SFT policy, so a gold gain is told apart from reward hacking.
+(onpolicy) a Bradley–Terry reward model trained on the SFT policy's own samples: n samples
+    per problem on problems outside its SFT data, ranked by the gold score as one K-wise
+    list per problem (all preferred pairs of a problem in one example, ties allowed);
+    held-out pairwise accuracy on the policy's samples of test problems, and (with part
+    rl) GRPO against it with the gold score measured: the reward model sees the
+    distribution RL will visit, unlike part bt's, which RL hacks.
 (overopt) over-optimisation (Gao et al. 2022) with the part-bt reward model as the
     proxy: best-of-n (n = 1 … n_max) and GRPO measured along the run, gold and proxy
     score against d = √KL(π ‖ π_SFT), with R_bon(d) = d (α − β d) and
@@ -49,7 +56,6 @@ from experiments.rl_arithmetic import load_sft
 from rljax.cli import make_run_dir, parse_config, save_config
 from rljax.metrics import read_metrics
 from rljax.data.arithmetic import check_answer, make_split, parse_answer
-from rljax.data.batch import ScoreBatch
 from rljax.data.collate import BatchIterator
 from rljax.data.reward_collate import (collate_feedback, collate_pairs, collate_scored, collate_steps,
                                        collate_verifier, split_solution)
@@ -66,9 +72,12 @@ from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import CharTokenizer
 
 
+PARTS = ("bt", "onpolicy", "bon", "rl", "feedback", "overopt")
+
+
 @dataclass
 class Config:
-    parts: tuple[str, ...] = ("bt", "bon", "rl", "feedback", "overopt")
+    parts: tuple[str, ...] = PARTS
     sft_run_dir: str = "runs/sft_arithmetic-default"
     run_dir: str | None = None
     run_root: str = "runs"
@@ -89,7 +98,11 @@ class Config:
     verifier_epochs: int = 2
     prm_solutions: int = 1024  # of those samples, labelled step by step
     prm_n: int = 8  # continuations per step prefix (Math-Shepherd's N)
-    # (rl) GRPO against the learned reward model
+    # (onpolicy) BT reward model on ranked lists of the SFT policy's own samples
+    onpolicy_problems: int = 1024
+    onpolicy_samples: int = 8
+    onpolicy_epochs: int = 2
+    # (rl) GRPO against the learned reward model(s)
     rl_iterations: int = 200
     rl_lr: float = 2e-5
     rl_seeds: tuple[int, ...] = (0,)
@@ -154,6 +167,50 @@ def part_bt(cfg: Config, model, params, tok, train, test, run_dir: str) -> dict:
         print(f"bt: {n} pairs -> held-out accuracy {result['pairwise_accuracy']:.3f}, "
               f"Spearman with gold {result['spearman']:.3f}", flush=True)
     return dict(rows=rows, held_out_pairs=len(held), candidates=len(cands)), (rm, best)
+
+
+def gold_ranked_lists(problems, samples) -> list[tuple[str, list[str], list[int]]]:
+    """(prompt, distinct samples, ranks) per problem, ranked by gold score (0 = best, equal
+    gold = tie); problems whose samples all tie carry no preference and are left out."""
+    out = []
+    for p, cs in zip(problems, samples):
+        answers = sorted({c for c in cs if c})
+        gold = [gold_score(p, c) for c in answers]
+        levels = sorted(set(gold), reverse=True)
+        if len(levels) > 1:
+            out.append((p.prompt, answers, [levels.index(g) for g in gold]))
+    return out
+
+
+def part_onpolicy(cfg: Config, model, params, tok, train, test, run_dir: str, levels=(1, 2)):
+    """A BT reward model on gold-ranked lists of the SFT policy's samples (unseen problems)."""
+    from rljax.data.reward_collate import collate_ranked
+
+    t0 = time.perf_counter()
+    key = jax.random.key(cfg.seed + 20)
+    problems = unseen_problems(train, test, cfg.onpolicy_problems, levels, seed=cfg.seed + 2000)
+    lists = gold_ranked_lists(problems, _samples(params, model, tok, problems, cfg.onpolicy_samples, cfg,
+                                                 jax.random.fold_in(key, 1)))
+    held_problems = test[:cfg.eval_problems]
+    held = gold_ranked_lists(held_problems, _samples(params, model, tok, held_problems, cfg.onpolicy_samples,
+                                                     cfg, jax.random.fold_in(key, 2)))
+    K = cfg.onpolicy_samples
+    collate = lambda b: collate_ranked(tok, b, answers_per_list=K)  # noqa: E731
+    pairs = sum(int((np.array(r)[:, None] < np.array(r)[None, :]).sum()) for _, _, r in lists)
+    print(f"onpolicy: {len(lists)} ranked lists ({pairs} preferred pairs) of {len(problems)} problems "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    _, _, gold_batches = _gold_candidates(held_problems, tok, seed=cfg.seed + 2)
+    rm, rm_params = add_head(model, params, "reward")
+    evaluate = reward_model_eval(rm, [collate(held[i:i + 32]) for i in range(0, len(held), 32)] + gold_batches)
+    batch = max(cfg.batch // 4, 1)  # K answers per example
+    data = BatchIterator(lists, min(batch, len(lists)), collate, seed=cfg.seed)
+    steps = max(cfg.onpolicy_epochs * len(lists) // batch, 1)
+    state = _train(rm, rm_params, data, RankingConfig(), steps, cfg, os.path.join(run_dir, "onpolicy"))
+    result = evaluate(state)
+    print(f"onpolicy: held-out accuracy on policy samples {result['pairwise_accuracy']:.3f}, "
+          f"Spearman with gold on synthetic candidates {result['spearman']:.3f}", flush=True)
+    return dict(lists=len(lists), pairs=pairs, held_out_lists=len(held), steps=steps,
+                seconds=time.perf_counter() - t0, **result), (rm, state.params)
 
 
 def grpo_against(cfg: Config, model, params, proxy, tok, train, test, run_dir: str, name: str) -> dict:
@@ -426,12 +483,14 @@ def main(cfg: Config) -> dict:
         cfg.prm_solutions, cfg.prm_n, cfg.verifier_epochs, cfg.max_new_tokens = 4, 2, 1, 16
         cfg.rl_iterations, cfg.rl_eval_problems, cfg.feedback_problems = 2, 4, 8
         cfg.overopt_iterations, cfg.overopt_eval_every = 2, 1
-    unknown = set(cfg.parts) - {"bt", "bon", "rl", "feedback", "overopt"}
+        cfg.onpolicy_problems, cfg.onpolicy_samples = 8, 4
+    unknown = set(cfg.parts) - set(PARTS)
     if unknown:
-        raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from bt, bon, rl, feedback, "
-                         "overopt")
-    if {"rl", "overopt"} & set(cfg.parts) and "bt" not in cfg.parts:
-        raise ValueError("reward_models: parts rl and overopt optimise the reward model of part bt; add bt")
+        raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    if "overopt" in cfg.parts and "bt" not in cfg.parts:
+        raise ValueError("reward_models: part overopt optimises the reward model of part bt; add bt")
+    if "rl" in cfg.parts and not {"bt", "onpolicy"} & set(cfg.parts):
+        raise ValueError("reward_models: part rl optimises the reward model of part bt or onpolicy; add one")
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg, tok)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "reward_models")
@@ -441,9 +500,15 @@ def main(cfg: Config) -> dict:
     results = dict(config=asdict(cfg), run_dir=run_dir)
     if "bt" in cfg.parts:
         results["bt"], (rm, rm_params) = part_bt(cfg, model, params, tok, train, test, run_dir)
-    if "rl" in cfg.parts:
+    if "rl" in cfg.parts and "bt" in cfg.parts:
         results["rl"] = grpo_against(cfg, model, params, reward_model_reward(rm, rm_params, tok), tok, train, test,
                                      run_dir, "rl-bt")
+    if "onpolicy" in cfg.parts:
+        results["onpolicy"], (orm, orm_params) = part_onpolicy(cfg, model, params, tok, train, test, run_dir,
+                                                               levels=sft_cfg.levels)
+        if "rl" in cfg.parts:
+            results["onpolicy"]["rl"] = grpo_against(cfg, model, params, reward_model_reward(orm, orm_params, tok),
+                                                     tok, train, test, run_dir, "rl-onpolicy")
     if "feedback" in cfg.parts:
         results["feedback"] = part_feedback(cfg, model, params, tok, train, test, run_dir)
     if "overopt" in cfg.parts:

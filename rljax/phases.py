@@ -21,9 +21,10 @@ import numpy as np
 from rljax.checkpoint import Checkpointer
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
                                       TokenLabelConfig, reward_model_loss)
+from rljax.losses.preference import DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss, reference_logps
 from rljax.losses.sft import SFTConfig, sft_loss
 from rljax.metrics import MetricsWriter, Progress
-from rljax.sharding import shard_batch
+from rljax.sharding import param_shardings, shard_batch
 from rljax.state import OptimizerConfig, TrainState, make_optimizer, make_train_step
 
 
@@ -194,6 +195,49 @@ def train_reward_model(state: TrainState, data, cfg: RewardModelPhaseConfig, *, 
                            model=model, mesh=mesh)
     put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="rm")
+
+
+@dataclass(frozen=True)
+class PreferencePhaseConfig:
+    """loss: DPOConfig (DPO, cDPO, robust DPO, hinge, IPO), SimPOConfig, ORPOConfig or
+    KTOConfig (`rljax.losses.preference.PREFERENCE_METHODS` has each method's defaults)."""
+
+    loss: DPOConfig | SimPOConfig | ORPOConfig | KTOConfig = field(default_factory=DPOConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+
+def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, reference=None, mesh=None,
+               run_dir: str | None = None, eval_fn: Callable | None = None) -> TrainState:
+    """Offline preference optimisation: `run_loop` over `preference_loss`.
+
+    data yields PreferenceBatch (`collate_preferences`) or, for KTO, KTOBatch
+    (`collate_kto`); chosen and rejected (or a row and its mismatched pair) go through
+    one forward pass. The reference's log-probs come from the batch's ref_logps when
+    present (precomputed once with `rljax.preference.cached_reference_logps`, so only
+    the policy is in memory), else from `reference` (frozen params, evaluated every
+    step in their own jitted call); reference-free losses (SimPO, ORPO,
+    reference_free=True) need neither. Metrics: loss, implicit rewards of chosen and
+    rejected, margin, accuracy, log-probs (KTO: z0 and the desirable/undesirable
+    rewards); checkpoints and resume as every phase.
+    """
+    _check_opt_state(state, cfg.optimizer, "preference")
+    train_step = make_train_step(functools.partial(preference_loss, model=model, cfg=cfg.loss), cfg.optimizer,
+                                 model=model, mesh=mesh)
+    put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
+    step = train_step
+    if reference is not None and cfg.loss.needs_reference:
+        if mesh is not None:
+            reference = jax.device_put(reference, param_shardings(model, mesh))
+        ref_fn = jax.jit(functools.partial(reference_logps, model=model, chunk_size=cfg.loss.chunk_size))
+
+        def step(state, batch):
+            if batch.ref_logps is None:
+                batch = batch.replace(ref_logps=ref_fn(reference, batch))
+            return train_step(state, batch)
+
+    return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn,
+                    name="preference")
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,37 @@ class OutcomeBatch:
     loss_mask: object
     labels: object
     ref_logprobs: object
+
+
+@struct.dataclass
+class PreferenceBatch:
+    """Preference pairs for DPO-style losses, chosen and rejected side by side so one
+    forward pass of [2B, T] rows scores both.
+
+    tokens, attention_mask, loss_mask: [B, 2, T] int32, index 0 the chosen (y_w) and 1
+    the rejected (y_l) completion of the same prompt (loss_mask 1 on completion tokens);
+    ref_logps: [B, 2] float32, the reference's summed completion log-probs S_ref, or
+    None (computed by a live reference, or not needed by reference-free losses).
+    """
+
+    tokens: object
+    attention_mask: object
+    loss_mask: object
+    ref_logps: object = None
+
+
+@struct.dataclass
+class KTOBatch:
+    """Unpaired binary feedback for KTO, with the mismatched rows of its reference point.
+
+    tokens, attention_mask, loss_mask: [B, 2, T] int32, index 0 the example (x_i, y_i)
+    and 1 the mismatched pair (x_i, y_{(i+1) mod B}) made by rotating completions
+    within the batch (for z₀); desirable: [B] float32, 1 for desirable and 0 for
+    undesirable y_i; ref_logps: [B, 2] float32 summed reference log-probs or None.
+    """
+
+    tokens: object
+    attention_mask: object
+    loss_mask: object
+    desirable: object
+    ref_logps: object = None

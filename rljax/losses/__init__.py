@@ -4,13 +4,17 @@ from rljax.losses.grpo import GRPOConfig, grpo_advantages, grpo_loss
 from rljax.losses.kl_control import adaptive_kl_controller, fixed_kl_controller
 from rljax.losses.policy_gradient import (MRTConfig, PolicyBatch, ReinforceConfig, mrt_distribution, mrt_loss,
                                           reinforce_advantages, reinforce_loss)
+from rljax.losses.preference import (PREFERENCE_METHODS, DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, dpo_loss,
+                                     kto_loss, orpo_loss, preference_loss, simpo_loss)
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
                                       TokenLabelConfig, feedback_loss, implicit_prm_loss, pointwise_loss,
                                       ranking_loss, reward_model_loss, token_label_loss)
 from rljax.losses.sft import SFTConfig, sft_loss
 from rljax.losses.trpo import TRPOConfig, trpo_update
 
-__all__ = ["FeedbackConfig", "ImplicitPRMConfig", "PointwiseConfig", "RankingConfig", "TokenLabelConfig",
+__all__ = ["PREFERENCE_METHODS", "DPOConfig", "KTOConfig", "ORPOConfig", "SimPOConfig", "dpo_loss", "kto_loss",
+           "orpo_loss", "preference_loss", "simpo_loss",
+           "FeedbackConfig", "ImplicitPRMConfig", "PointwiseConfig", "RankingConfig", "TokenLabelConfig",
            "feedback_loss", "implicit_prm_loss", "pointwise_loss", "ranking_loss", "reward_model_loss",
            "token_label_loss", "A2CConfig", "GRPOConfig", "MRTConfig", "PPOConfig", "PolicyBatch", "ReinforceConfig",
            "SFTConfig", "TRPOConfig", "a2c_loss", "adaptive_kl_controller", "fixed_kl_controller", "grpo_advantages",

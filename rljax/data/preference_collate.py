@@ -1,0 +1,168 @@
+"""Collation for preference optimisation: pairs (DPO family) and unpaired binary feedback (KTO).
+
+A pair row is `(prompt, chosen, rejected)`, a `PreferencePair` from the adapters, or a
+dict with those keys; an optional fourth field / "ref_logps" key carries the
+reference's summed log-probs (S_ref(y_w), S_ref(y_l)) precomputed by
+`rljax.preference.cached_reference_logps`. A KTO row is `(prompt, completion,
+desirable)`, a `BinaryFeedback`, or a dict, optionally with "mismatched" (the
+completion paired with this prompt for z₀; default: the next row's completion in the
+batch, rotating by one) and "ref_logps".
+
+Truncation follows the usual recipe: the prompt is cut from the left to
+`max_prompt_length` tokens (its last tokens are kept), then the completion from the
+right so the row fits `max_length`. A completion that ends up empty is an error naming
+the row and field, never a silent NaN.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from rljax.data.batch import KTOBatch, PreferenceBatch
+from rljax.data.collate import pad_rows, padded_width
+
+_PAIR_FIELDS = ("prompt", "chosen", "rejected", "ref_logps")
+_KTO_FIELDS = ("prompt", "completion", "desirable", "mismatched", "ref_logps")
+
+
+def _row(i: int, row, names: tuple[str, ...], required: int) -> dict:
+    """A row as {field: value}; missing required fields are errors naming the row and field."""
+    if isinstance(row, dict):
+        out = {n: row.get(n) for n in names}
+    elif hasattr(row, names[0]):
+        out = {n: getattr(row, n, None) for n in names}
+        if "desirable" in out and out["desirable"] is None:  # BinaryFeedback calls it label
+            out["desirable"] = getattr(row, "label", None)
+    else:
+        row = tuple(row)
+        if len(row) < required or len(row) > len(names):
+            raise ValueError(f"row {i}: expected {required} to {len(names)} fields {names}, got {len(row)}")
+        out = dict(zip(names, row + (None,) * (len(names) - len(row))))
+    for n in names[:required]:
+        if out[n] is None:
+            raise ValueError(f"row {i}: missing field {n!r}")
+    return out
+
+
+def _text(i: int, value, field: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"row {i}: {field} must be a string, got {type(value).__name__}")
+    return value
+
+
+def encode_truncated(tokenizer, prompt: str, completion: str, row: int, field: str, *, max_length: int | None,
+                     max_prompt_length: int | None, add_bos: bool = True,
+                     add_eos: bool = True) -> tuple[list[int], list[int]]:
+    """[bos] prompt completion [eos] with the prompt cut from the left to max_prompt_length
+    tokens and the completion from the right to fit max_length -> (ids, completion mask).
+    An empty completion, before or after truncation, is an error naming the row."""
+    p = tokenizer.encode(prompt, add_bos=False, add_eos=False)
+    bos = tokenizer.encode("", add_bos=add_bos, add_eos=False)
+    c = tokenizer.encode(completion, add_bos=False, add_eos=add_eos)
+    if not completion or not c:
+        raise ValueError(f"row {row}: the {field} is empty (nothing to compare)")
+    if max_prompt_length is not None and len(p) > max_prompt_length:
+        p = p[len(p) - max_prompt_length:]
+    if max_length is not None and len(bos) + len(p) + len(c) > max_length:
+        c = c[:max(max_length - len(bos) - len(p), 0)]
+        if not c:
+            raise ValueError(f"row {row}: the {field} is empty after truncation (prompt of {len(p)} tokens, "
+                             f"max_length={max_length}); lower max_prompt_length or raise max_length")
+    ids = bos + p + c
+    return ids, [0] * (len(bos) + len(p)) + [1] * len(c)
+
+
+def _ref(i: int, value, n: int = 2):
+    if value is None:
+        return None
+    ref = np.asarray(value, np.float32).reshape(-1)
+    if ref.shape != (n,) or not np.all(np.isfinite(ref)):
+        raise ValueError(f"row {i}: ref_logps must be {n} finite numbers, got {value!r}")
+    return ref
+
+
+def _stack(rows_per_example: list[list[tuple[list[int], list[int]]]], refs: list, tokenizer, *, length, min_bucket,
+           max_length, names) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    flat = [r for rows in rows_per_example for r in rows]
+    width = padded_width([len(ids) for ids, _ in flat], length=length, min_bucket=min_bucket, max_length=max_length,
+                         names=names)
+    tokens, attn, loss = pad_rows([ids for ids, _ in flat], width, tokenizer.pad_id, [m for _, m in flat])
+    B = len(rows_per_example)
+    shape = (B, 2, width)
+    if any(r is None for r in refs) and not all(r is None for r in refs):
+        i = next(k for k, r in enumerate(refs) if r is None)
+        raise ValueError(f"row {i}: has no ref_logps while other rows of the batch do")
+    ref = None if refs[0] is None else np.stack(refs).astype(np.float32)
+    return tokens.reshape(shape), attn.reshape(shape), loss.reshape(shape), ref
+
+
+def collate_preferences(tokenizer, rows: Sequence, *, max_length: int | None = None,
+                        max_prompt_length: int | None = None, min_bucket: int = 16, length: int | None = None,
+                        add_bos: bool = True, add_eos: bool = True) -> PreferenceBatch:
+    """Pair rows -> PreferenceBatch [B, 2, T] (chosen at index 0, rejected at 1), right-padded
+    to a bucketed width. Errors name the row: a missing field, an empty completion (also
+    after truncation), chosen identical to rejected, bad ref_logps."""
+    if not rows:
+        raise ValueError("collate_preferences: no examples")
+    encoded, refs, names = [], [], []
+    for i, raw in enumerate(rows):
+        r = _row(i, raw, _PAIR_FIELDS, 3)
+        prompt = _text(i, r["prompt"], "prompt")
+        chosen, rejected = _text(i, r["chosen"], "chosen"), _text(i, r["rejected"], "rejected")
+        if chosen == rejected:
+            raise ValueError(f"row {i}: chosen and rejected are the same text, so the pair says nothing")
+        encoded.append([encode_truncated(tokenizer, prompt, text, i, field, max_length=max_length,
+                                         max_prompt_length=max_prompt_length, add_bos=add_bos, add_eos=add_eos)
+                        for field, text in (("chosen", chosen), ("rejected", rejected))])
+        refs.append(_ref(i, r["ref_logps"]))
+        names += [f"row {i} chosen", f"row {i} rejected"]
+    tokens, attn, loss, ref = _stack(encoded, refs, tokenizer, length=length, min_bucket=min_bucket,
+                                     max_length=max_length, names=names)
+    return PreferenceBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, ref_logps=ref)
+
+
+def _desirable(i: int, value) -> float:
+    if isinstance(value, (bool, np.bool_)) or value in (0, 1):
+        return float(value)
+    raise ValueError(f"row {i}: desirable must be a boolean or 0/1, got {value!r}")
+
+
+def collate_kto(tokenizer, rows: Sequence, *, max_length: int | None = None, max_prompt_length: int | None = None,
+                min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                add_eos: bool = True) -> KTOBatch:
+    """KTO rows -> KTOBatch [B, 2, T]: index 0 (x_i, y_i), index 1 the mismatched pair
+    (x_i, y_(i+1) mod B) (or the row's own "mismatched" completion). Needs B >= 2."""
+    if len(rows) < 2:
+        raise ValueError(f"collate_kto: KTO's reference point z0 needs mismatched pairs from other rows of the "
+                         f"batch; got a batch of {len(rows)}, use at least 2")
+    parsed = [_row(i, raw, _KTO_FIELDS, 3) for i, raw in enumerate(rows)]
+    encoded, refs, names, desirable = [], [], [], []
+    B = len(parsed)
+    for i, r in enumerate(parsed):
+        prompt, completion = _text(i, r["prompt"], "prompt"), _text(i, r["completion"], "completion")
+        other = r["mismatched"] if r["mismatched"] is not None else parsed[(i + 1) % B]["completion"]
+        encoded.append([encode_truncated(tokenizer, prompt, text, i, field, max_length=max_length,
+                                         max_prompt_length=max_prompt_length, add_bos=add_bos, add_eos=add_eos)
+                        for field, text in (("completion", completion),
+                                            ("mismatched completion", _text(i, other, "mismatched")))])
+        refs.append(_ref(i, r["ref_logps"]))
+        desirable.append(_desirable(i, r["desirable"]))
+        names += [f"row {i} completion", f"row {i} mismatched"]
+    tokens, attn, loss, ref = _stack(encoded, refs, tokenizer, length=length, min_bucket=min_bucket,
+                                     max_length=max_length, names=names)
+    return KTOBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, desirable=np.asarray(desirable, np.float32),
+                    ref_logps=ref)
+
+
+def fixed_mismatch(rows: Sequence, seed: int) -> list[dict]:
+    """KTO rows with a "mismatched" completion drawn once over the whole data set (a random
+    rotation: row i gets the completion of row σ(i) ≠ i), so the mismatched rows are a
+    function of the data alone and their reference log-probs can be precomputed."""
+    parsed = [_row(i, raw, _KTO_FIELDS, 3) for i, raw in enumerate(rows)]
+    if len(parsed) < 2:
+        raise ValueError(f"fixed_mismatch: need at least 2 rows, got {len(parsed)}")
+    order = np.random.default_rng(seed).permutation(len(parsed))
+    partner = np.empty(len(parsed), np.int64)
+    partner[order] = np.roll(order, -1)  # a single cycle: nobody is paired with itself
+    return [dict(r, mismatched=parsed[int(j)]["completion"]) for r, j in zip(parsed, partner)]

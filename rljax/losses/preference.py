@@ -1,0 +1,300 @@
+"""Offline preference optimisation: DPO and its variants (cDPO, robust DPO, hinge, IPO), SimPO, ORPO, KTO.
+
+Notation as in ALGORITHMS.md ("Preference optimisation"): S(y) = Σ_t m_t ℓ_t,
+A(y) = S(y)/|y|, ρ = S_θ − S_ref, Δ = ρ_w − ρ_l, h = βΔ, L(z) = softplus(−z).
+Whether a method sums or averages token log-probs is `logp_reduction`, with each
+method's published default ("sum" for DPO and KTO, "mean" for IPO as in TRL, SimPO
+and ORPO); with "mean" the reference's log-probs are averaged over the same tokens.
+
+    dpo / cdpo / robust / hinge / ipo   DPOConfig (objective, label_smoothing, flip_rate)
+    simpo                               L(β (A_w − A_l) − γ)                     (no reference)
+    orpo                                NLL(y_w) + λ L(log odds_w − log odds_l)  (no reference)
+    kto                                 λ_D (1 − σ(β(ρ − z₀))) | λ_U (1 − σ(β(z₀ − ρ)))
+
+Each loss averages over the pairs (or KTO examples) whose completions are not
+empty; an empty completion (nothing left after truncation) is masked out and
+counted in the `empty` metric instead of producing NaN.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from rljax.data.batch import KTOBatch, PreferenceBatch
+from rljax.models.logprobs import sequence_token_stats, target_mask
+from rljax.ops.preference import (hinge_preference, ipo, kto, kto_reference_point, odds_ratio, robust_preference,
+                                  sequence_logps, sigmoid_preference, simpo)
+
+LOGP_REDUCTIONS = ("sum", "mean")
+DPO_OBJECTIVES = ("sigmoid", "hinge", "ipo")
+
+
+def _check_reduction(name: str, reduction: str) -> None:
+    if reduction not in LOGP_REDUCTIONS:
+        raise ValueError(f"{name}.logp_reduction: {reduction!r} not in {LOGP_REDUCTIONS}")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """DPO (Rafailov et al. 2023) and the variants that change only the function of h = βΔ:
+
+    objective "sigmoid": (1 − ε) L(h) + ε L(−h) with ε = label_smoothing (cDPO; 0 = DPO),
+        or, with flip_rate ε > 0, robust DPO ((1 − ε) L(h) − ε L(−h)) / (1 − 2ε);
+    objective "hinge": relu(1 − h) (SLiC); objective "ipo": (Δ − 1/(2β))² (β plays τ).
+    nll_coef: + c · token-mean NLL of the chosen completions (RPO). reference_free:
+    S_ref = 0 (no reference model or precomputed log-probs needed)."""
+
+    beta: float = 0.1
+    objective: str = "sigmoid"
+    label_smoothing: float = 0.0
+    flip_rate: float = 0.0
+    logp_reduction: str = "sum"
+    nll_coef: float = 0.0
+    reference_free: bool = False
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        if self.objective not in DPO_OBJECTIVES:
+            raise ValueError(f"DPOConfig.objective: {self.objective!r} not in {DPO_OBJECTIVES}")
+        _check_reduction("DPOConfig", self.logp_reduction)
+        if self.beta <= 0:
+            raise ValueError(f"DPOConfig.beta: must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPOConfig.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0.0 <= self.flip_rate < 0.5:
+            raise ValueError(f"DPOConfig.flip_rate: must be in [0, 0.5), got {self.flip_rate}")
+        if self.label_smoothing and self.flip_rate:
+            raise ValueError("DPOConfig: label_smoothing (cDPO) and flip_rate (robust DPO) are two answers to the "
+                             "same label noise; set one")
+        if (self.label_smoothing or self.flip_rate) and self.objective != "sigmoid":
+            raise ValueError("DPOConfig: label_smoothing and flip_rate apply to objective='sigmoid' only")
+        if self.nll_coef < 0:
+            raise ValueError(f"DPOConfig.nll_coef: must be >= 0, got {self.nll_coef}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return not self.reference_free
+
+
+@dataclass(frozen=True)
+class SimPOConfig:
+    """SimPO (Meng et al. 2024): L(β (A_θ(y_w) − A_θ(y_l)) − γ), reference-free; paper
+    defaults β = 2, γ/β = 0.25. nll_coef as in DPOConfig."""
+
+    beta: float = 2.0
+    gamma: float = 0.5
+    logp_reduction: str = "mean"
+    nll_coef: float = 0.0
+    chunk_size: int | None = None
+    needs_reference = False
+
+    def __post_init__(self):
+        _check_reduction("SimPOConfig", self.logp_reduction)
+        if self.beta <= 0:
+            raise ValueError(f"SimPOConfig.beta: must be > 0, got {self.beta}")
+
+
+@dataclass(frozen=True)
+class ORPOConfig:
+    """ORPO (Hong et al. 2024): NLL(y_w) + λ L(log odds(y_w) − log odds(y_l)), odds = p/(1 − p)
+    with log p the averaged log-prob; reference-free. λ = odds_ratio_coef (TRL's default 0.1)."""
+
+    odds_ratio_coef: float = 0.1
+    logp_reduction: str = "mean"
+    chunk_size: int | None = None
+    needs_reference = False
+
+    def __post_init__(self):
+        if self.logp_reduction != "mean":
+            raise ValueError("ORPOConfig.logp_reduction: odds need a probability, so only 'mean' is defined")
+        if self.odds_ratio_coef < 0:
+            raise ValueError(f"ORPOConfig.odds_ratio_coef: must be >= 0, got {self.odds_ratio_coef}")
+
+
+@dataclass(frozen=True)
+class KTOConfig:
+    """KTO (Ethayarajh et al. 2024) on unpaired binary feedback: z₀ from the batch's
+    mismatched pairs (KTOBatch), λ_D = desirable_weight, λ_U = undesirable_weight.
+    Keep λ_D n_D / (λ_U n_U) in [1, 4/3] (`check_kto_weights` warns outside)."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    logp_reduction: str = "sum"
+    chunk_size: int | None = None
+    needs_reference = True
+
+    def __post_init__(self):
+        _check_reduction("KTOConfig", self.logp_reduction)
+        if self.beta <= 0:
+            raise ValueError(f"KTOConfig.beta: must be > 0, got {self.beta}")
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ValueError("KTOConfig: desirable_weight and undesirable_weight must be > 0")
+
+
+# The registry of offline preference methods: name -> the Config with that method's defaults.
+PREFERENCE_METHODS = {
+    "dpo": DPOConfig(),
+    "cdpo": DPOConfig(label_smoothing=0.1),
+    "robust_dpo": DPOConfig(flip_rate=0.1),
+    "hinge": DPOConfig(objective="hinge"),
+    "ipo": DPOConfig(objective="ipo", logp_reduction="mean"),
+    "simpo": SimPOConfig(),
+    "orpo": ORPOConfig(),
+    "kto": KTOConfig(),
+}
+
+
+def check_kto_weights(desirable, cfg: KTOConfig) -> float:
+    """λ_D n_D / (λ_U n_U) over a data set's labels (1 = desirable); warns outside [1, 4/3]
+    (the KTO paper's recommended range) and returns the ratio."""
+    n_d = float(sum(1 for d in desirable if d))
+    n_u = float(len(desirable) - n_d)
+    if n_d == 0 or n_u == 0:
+        raise ValueError(f"check_kto_weights: KTO needs desirable and undesirable examples, got {n_d:.0f} "
+                         f"desirable and {n_u:.0f} undesirable")
+    ratio = cfg.desirable_weight * n_d / (cfg.undesirable_weight * n_u)
+    if not 1.0 <= ratio <= 4.0 / 3.0:
+        warnings.warn(f"KTO: λ_D n_D / (λ_U n_U) = {ratio:.3f} is outside the recommended [1, 4/3] "
+                      f"(n_D {n_d:.0f}, n_U {n_u:.0f}); set desirable_weight / undesirable_weight", stacklevel=2)
+    return ratio
+
+
+def completion_logps(params, tokens, attention_mask, loss_mask, *, model, chunk_size: int | None = None):
+    """Per-token completion log-probs of [B, 2, T] rows in one forward pass of [2B, T]:
+    -> (token_logps [B, 2, T-1], mask [B, 2, T-1])."""
+    chex.assert_equal_shape([tokens, attention_mask, loss_mask])
+    chex.assert_rank(tokens, 3)
+    B, two, T = tokens.shape
+    flat = lambda x: x.reshape(B * two, T)  # noqa: E731
+    lp = sequence_token_stats(params, flat(tokens), flat(attention_mask), model=model,
+                              chunk_size=chunk_size)["logprobs"]
+    mask = target_mask(flat(loss_mask), flat(attention_mask))
+    return lp.reshape(B, two, T - 1), mask.reshape(B, two, T - 1)
+
+
+def reference_logps(params, batch, *, model, chunk_size: int | None = None) -> jax.Array:
+    """S_ref: the summed completion log-probs [B, 2] of a PreferenceBatch or KTOBatch under `params`."""
+    lp, mask = completion_logps(params, batch.tokens, batch.attention_mask, batch.loss_mask, model=model,
+                                chunk_size=chunk_size)
+    return sequence_logps(lp, mask, "sum")[0]
+
+
+def _masked_mean(x, valid):
+    return jnp.sum(x * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def _policy_terms(params, batch, cfg, *, model):
+    """(S_θ reduced [B, 2], S_ref reduced [B, 2] or 0, lengths [B, 2], valid [B], chosen NLL)."""
+    lp, mask = completion_logps(params, batch.tokens, batch.attention_mask, batch.loss_mask, model=model,
+                                chunk_size=cfg.chunk_size)
+    logps, lengths = sequence_logps(lp, mask, cfg.logp_reduction)
+    valid = jnp.all(lengths > 0, axis=1).astype(jnp.float32)
+    ref = 0.0
+    if cfg.needs_reference:
+        if batch.ref_logps is None:
+            raise ValueError(f"{type(cfg).__name__}: the batch has no ref_logps; pass a reference to the "
+                             "`preference` phase, precompute them (`cached_reference_logps`), or set "
+                             "reference_free=True")
+        chex.assert_shape(batch.ref_logps, logps.shape)
+        ref = batch.ref_logps.astype(jnp.float32)
+        if cfg.logp_reduction == "mean":
+            ref = ref / jnp.maximum(lengths, 1.0)
+    # token-mean NLL of the chosen completions of valid pairs
+    chosen_mask = mask[:, 0] * valid[:, None]
+    nll = -jnp.sum(lp[:, 0] * chosen_mask) / jnp.maximum(jnp.sum(chosen_mask), 1.0)
+    return logps, ref, lengths, valid, nll
+
+
+def _pair_metrics(logps, rewards, valid, lengths) -> dict:
+    return {
+        "rewards_chosen": _masked_mean(rewards[:, 0], valid),
+        "rewards_rejected": _masked_mean(rewards[:, 1], valid),
+        "margin": _masked_mean(rewards[:, 0] - rewards[:, 1], valid),
+        "accuracy": _masked_mean((rewards[:, 0] > rewards[:, 1]).astype(jnp.float32), valid),
+        "logps_chosen": _masked_mean(logps[:, 0], valid),
+        "logps_rejected": _masked_mean(logps[:, 1], valid),
+        "empty": jnp.sum(1.0 - valid),
+        "tokens": jnp.sum(lengths),
+    }
+
+
+def dpo_loss(params, batch: PreferenceBatch, *, model, cfg: DPOConfig):
+    """mean over pairs of f(h), h = β(ρ_w − ρ_l), f by cfg.objective (see DPOConfig);
+    implicit rewards β ρ. batch: PreferenceBatch [B, 2, T]. Returns (loss, metrics)."""
+    logps, ref, lengths, valid, nll = _policy_terms(params, batch, cfg, model=model)
+    rho = logps - ref
+    delta = rho[:, 0] - rho[:, 1]
+    h = cfg.beta * delta
+    if cfg.objective == "ipo":
+        per_pair = ipo(delta, cfg.beta)
+    elif cfg.objective == "hinge":
+        per_pair = hinge_preference(h)
+    elif cfg.flip_rate > 0:
+        per_pair = robust_preference(h, cfg.flip_rate)
+    else:
+        per_pair = sigmoid_preference(h, cfg.label_smoothing)
+    loss = _masked_mean(per_pair, valid) + cfg.nll_coef * nll
+    return loss, dict(_pair_metrics(logps, cfg.beta * rho, valid, lengths), nll=nll)
+
+
+def simpo_loss(params, batch: PreferenceBatch, *, model, cfg: SimPOConfig):
+    """mean over pairs of L(β (A_w − A_l) − γ) [+ c · NLL(y_w)]; rewards β A."""
+    logps, _, lengths, valid, nll = _policy_terms(params, batch, cfg, model=model)
+    per_pair = simpo(logps[:, 0], logps[:, 1], cfg.beta, cfg.gamma)
+    loss = _masked_mean(per_pair, valid) + cfg.nll_coef * nll
+    return loss, dict(_pair_metrics(logps, cfg.beta * logps, valid, lengths), nll=nll)
+
+
+def orpo_loss(params, batch: PreferenceBatch, *, model, cfg: ORPOConfig):
+    """NLL(y_w) + λ · mean over pairs of L(log odds(A_w) − log odds(A_l)); rewards A (TRL logs β A)."""
+    logps, _, lengths, valid, nll = _policy_terms(params, batch, cfg, model=model)
+    ratio = _masked_mean(odds_ratio(logps[:, 0], logps[:, 1]), valid)
+    loss = nll + cfg.odds_ratio_coef * ratio
+    return loss, dict(_pair_metrics(logps, logps, valid, lengths), nll=nll, odds_ratio_loss=ratio)
+
+
+def kto_loss(params, batch: KTOBatch, *, model, cfg: KTOConfig):
+    """mean over examples of KTO's value loss, z₀ = max(0, mean of the mismatched rows' ρ)
+    with no gradient. batch: KTOBatch [B, 2, T] (row 1 = mismatched pairs), B > 1."""
+    if batch.tokens.shape[0] < 2:
+        raise ValueError("kto_loss: a batch of one has no mismatched pair for the reference point z0; "
+                         "use a batch of at least 2")
+    logps, ref, lengths, valid, _ = _policy_terms(params, batch, cfg, model=model)
+    rho = logps - ref
+    # a mismatched row with an empty completion says nothing about z0
+    z0 = kto_reference_point(rho[:, 1], (lengths[:, 1] > 0).astype(jnp.float32))
+    real = (lengths[:, 0] > 0).astype(jnp.float32)
+    per = kto(rho[:, 0], z0, batch.desirable, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+    d = batch.desirable.astype(jnp.float32) * real
+    u = (1.0 - batch.desirable.astype(jnp.float32)) * real
+    metrics = {
+        "z0": z0,
+        "rewards_desirable": _masked_mean(cfg.beta * rho[:, 0], d),
+        "rewards_undesirable": _masked_mean(cfg.beta * rho[:, 0], u),
+        "logps_desirable": _masked_mean(logps[:, 0], d),
+        "logps_undesirable": _masked_mean(logps[:, 0], u),
+        "empty": jnp.sum(1.0 - real),
+        "tokens": jnp.sum(lengths[:, 0]),
+    }
+    return _masked_mean(per, real), metrics
+
+
+def preference_loss(params, batch, *, model, cfg):
+    """The loss for `cfg`'s type: DPOConfig -> dpo_loss, SimPOConfig -> simpo_loss,
+    ORPOConfig -> orpo_loss (PreferenceBatch); KTOConfig -> kto_loss (KTOBatch)."""
+    for config_type, batch_type, loss in ((DPOConfig, PreferenceBatch, dpo_loss),
+                                          (SimPOConfig, PreferenceBatch, simpo_loss),
+                                          (ORPOConfig, PreferenceBatch, orpo_loss),
+                                          (KTOConfig, KTOBatch, kto_loss)):
+        if isinstance(cfg, config_type):
+            if not isinstance(batch, batch_type):
+                raise ValueError(f"preference_loss: {config_type.__name__} trains on {batch_type.__name__}, "
+                                 f"got {type(batch).__name__}")
+            return loss(params, batch, model=model, cfg=cfg)
+    raise ValueError(f"preference_loss: cfg must be DPOConfig, SimPOConfig, ORPOConfig or KTOConfig, got "
+                     f"{type(cfg).__name__}")

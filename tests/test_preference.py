@@ -1,0 +1,281 @@
+"""Preference optimisation: the known answers of ALGORITHMS.md, minimisers, the tabular DPO optimum,
+padding invariance, precomputed = live reference, sharded = one device, KTO's z0, bad input."""
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
+from rljax.losses.preference import (PREFERENCE_METHODS, DPOConfig, KTOConfig, ORPOConfig, SimPOConfig,
+                                     check_kto_weights, completion_logps, preference_loss, reference_logps)
+from rljax.models import Model, preset
+from rljax.ops.preference import (hinge_preference, ipo, kto, kto_reference_point, log_odds, odds_ratio,
+                                  robust_preference, sequence_logps, sigmoid_preference, simpo)
+from rljax.tokenizer import CharTokenizer
+
+TOK = CharTokenizer()
+PAIRS = [("12+7=", "19", "18"), ("3*4=", "12", "7"), ("9-5=", "4", "14"), ("8+8=", "16", "61"),
+         ("2*9=", "18", "81"), ("7-1=", "6", "5"), ("5+5=", "10", "1"), ("6*3=", "18", "9")]
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = Model(preset("tiny", n_layers=2))
+    return model, model.init(jax.random.key(0))
+
+
+def test_worked_example_to_1e6():
+    beta, h = 0.1, jnp.array([0.1 * 2.0])  # S_θ(y_w) = −10, S_θ(y_l) = −12, S_ref = −11: Δ = 2
+    assert float(sigmoid_preference(h)[0]) == pytest.approx(0.5981389, abs=1e-6)
+    assert float(sigmoid_preference(h, 0.1)[0]) == pytest.approx(0.6181389, abs=1e-6)
+    assert float(robust_preference(h, 0.1)[0]) == pytest.approx(0.5731389, abs=1e-6)
+    assert float(hinge_preference(h)[0]) == pytest.approx(0.8, abs=1e-6)
+    assert float(ipo(jnp.array([2.0]), beta)[0]) == pytest.approx(9.0, abs=1e-6)
+    # float32 holds 21.855625 to about 2e-6 absolute: 1e-6 relative
+    assert float(ipo(jnp.array([1 / 5 - (-1) / 8]), beta)[0]) == pytest.approx(21.855625, rel=1e-6)
+    rho = jnp.array([1.0, 1.0])
+    out = kto(rho, jnp.float32(0.5), jnp.array([1.0, 0.0]), beta)
+    np.testing.assert_allclose(out, [0.4875026, 0.5124974], atol=1e-6)
+
+
+def test_values_at_reference():
+    h = jnp.zeros(3)
+    for v in (sigmoid_preference(h), sigmoid_preference(h, 0.2), robust_preference(h, 0.2)):
+        np.testing.assert_allclose(v, math.log(2), atol=1e-6)
+    beta = 0.3
+    np.testing.assert_allclose(ipo(h, beta), 1 / (4 * beta ** 2), rtol=1e-6)
+    a = jnp.array([-1.5, -0.2, -3.0])
+    np.testing.assert_allclose(simpo(a, a, 2.0, 0.5), jax.nn.softplus(0.5), rtol=1e-6)
+    np.testing.assert_allclose(kto(h, jnp.float32(0.0), jnp.array([1.0, 0.0, 1.0]), 0.1, 0.7, 0.7), 0.35, rtol=1e-6)
+
+
+def test_minimisers_and_robust_unbiasedness():
+    for eps in (0.05, 0.1, 0.3):
+        h_star = math.log((1 - eps) / eps)
+        g = jax.grad(lambda h: sigmoid_preference(h, eps).sum())(jnp.array([h_star]))
+        assert abs(float(g[0])) < 1e-6
+    beta = 0.25
+    g = jax.grad(lambda d: ipo(d, beta).sum())(jnp.array([1 / (2 * beta)]))
+    assert float(g[0]) == 0.0 and float(ipo(jnp.array([2.0]), beta)[0]) == 0.0
+    h = jnp.asarray(np.random.default_rng(0).normal(size=50) * 3, jnp.float32)
+    for eps in (0.1, 0.2, 0.4):  # averaging the robust loss over label flips gives clean DPO exactly
+        avg = (1 - eps) * robust_preference(h, eps) + eps * robust_preference(-h, eps)
+        np.testing.assert_allclose(avg, jax.nn.softplus(-h), rtol=1e-5, atol=1e-6)
+    # ORPO: log odds of p = e^A, and the preference term is L(log odds_w − log odds_l)
+    a = jnp.array([-0.1, -1.0, -4.0])
+    p = jnp.exp(a)
+    np.testing.assert_allclose(log_odds(a), jnp.log(p / (1 - p)), rtol=1e-5)
+    np.testing.assert_allclose(odds_ratio(a, a[::-1]), jax.nn.softplus(-(log_odds(a) - log_odds(a[::-1]))),
+                               rtol=1e-6)
+
+
+def test_sequence_logps_sum_mean_and_empty():
+    lp = jnp.array([[-1.0, -2.0, -3.0], [-1.0, 0.0, 0.0], [-5.0, -5.0, -5.0]])
+    m = jnp.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    s, n = sequence_logps(lp, m, "sum")
+    np.testing.assert_allclose(s, [-3.0, -1.0, 0.0])
+    np.testing.assert_allclose(n, [2, 1, 0])
+    a, _ = sequence_logps(lp, m, "mean")
+    np.testing.assert_allclose(a, [-1.5, -1.0, 0.0])  # empty: 0, not NaN
+
+
+def test_kto_reference_point_has_no_gradient_and_clamps():
+    x = jnp.array([-3.0, -1.0, 0.5])
+    assert float(kto_reference_point(x)) == 0.0  # mean −1.17 < 0: clamped
+    y = jnp.array([1.0, 2.0, 3.0])
+    assert float(kto_reference_point(y)) == pytest.approx(2.0)
+    g = jax.grad(lambda v: kto_reference_point(v) * 10.0)(y)
+    np.testing.assert_array_equal(g, 0.0)
+    # through the loss: moving z0's rows (the mismatched rows) changes the loss value but contributes no gradient
+    g2 = jax.grad(lambda v: kto(jnp.array([0.3, -0.2, 0.1]), kto_reference_point(v), jnp.array([1.0, 0.0, 1.0]),
+                                0.1).sum())(y)
+    np.testing.assert_array_equal(g2, 0.0)
+
+
+def test_bandit_dpo_with_soft_labels_reaches_the_tilted_reference():
+    """Tabular policy over K arms, all pairs with soft Bradley–Terry labels p_ij = σ(r_i − r_j):
+    the DPO optimum is softmax(log π_ref + r/β) (ALGORITHMS.md)."""
+    K, beta = 6, 0.5
+    rng = np.random.default_rng(0)
+    r = jnp.asarray(rng.normal(size=K), jnp.float32)
+    log_ref = jax.nn.log_softmax(jnp.asarray(rng.normal(size=K), jnp.float32))
+    i, j = np.triu_indices(K, 1)
+    p = jax.nn.sigmoid(r[i] - r[j])
+
+    def loss(theta):
+        rho = jax.nn.log_softmax(theta) - log_ref
+        return sigmoid_preference(beta * (rho[i] - rho[j]), 1.0 - p).mean()  # soft label p = 1 − ε
+
+    opt = optax.adam(0.05)
+
+    def step(carry, _):
+        theta, state = carry
+        upd, state = opt.update(jax.grad(loss)(theta), state)
+        return (optax.apply_updates(theta, upd), state), None
+
+    (theta, _), _ = jax.lax.scan(step, (log_ref, opt.init(log_ref)), None, length=3000)
+    target = jax.nn.softmax(log_ref + r / beta)
+    tv = 0.5 * float(jnp.abs(jax.nn.softmax(theta) - target).sum())
+    assert tv < 0.05, tv
+    # and the loss there is at its minimum: the gradient vanishes
+    assert float(optax.tree.norm(jax.grad(loss)(jnp.log(target)))) < 1e-5
+
+
+def _with_target_rho(model, params, batch, rho):
+    """The batch with ref_logps set so that ρ = S_θ − S_ref equals `rho` [B, 2] (sum reduction)."""
+    s = reference_logps(params, batch, model=model)
+    return batch.replace(ref_logps=np.asarray(s) - np.asarray(rho, np.float32))
+
+
+def test_losses_through_the_model_match_the_worked_numbers(small):
+    model, params = small
+    batch = collate_preferences(TOK, PAIRS[:4])
+    rho = np.tile([[1.0, -1.0]], (4, 1))  # Δ = 2 for every pair
+    b = _with_target_rho(model, params, batch, rho)
+    for name, want in (("dpo", 0.5981389), ("cdpo", 0.6181389), ("robust_dpo", 0.5731389)):
+        loss, m = preference_loss(params, b, model=model, cfg=PREFERENCE_METHODS[name])
+        assert float(loss) == pytest.approx(want, abs=2e-6), name
+        assert float(m["accuracy"]) == 1.0 and float(m["margin"]) == pytest.approx(0.2, abs=1e-5)
+    loss, _ = preference_loss(params, b, model=model, cfg=DPOConfig(objective="hinge"))
+    assert float(loss) == pytest.approx(0.8, abs=2e-6)
+    loss, _ = preference_loss(params, b, model=model, cfg=DPOConfig(objective="ipo"))
+    assert float(loss) == pytest.approx(9.0, abs=1e-4)
+    # at π_θ = π_ref (ρ = 0): log 2, and IPO averaged 1/(4β²)
+    b0 = _with_target_rho(model, params, batch, np.zeros((4, 2)))
+    assert float(preference_loss(params, b0, model=model, cfg=DPOConfig())[0]) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(preference_loss(params, b0, model=model, cfg=PREFERENCE_METHODS["ipo"])[0]) == pytest.approx(25.0)
+    # KTO through the model: r = 1 on the rows, z0 = 0.5 from the mismatched rows
+    kb = collate_kto(TOK, [(p, c, d) for (p, c, _), d in zip(PAIRS[:4], (1, 0, 1, 0))])
+    kb = _with_target_rho(model, params, kb, np.tile([[1.0, 0.5]], (4, 1)))
+    loss, m = preference_loss(params, kb, model=model, cfg=KTOConfig())
+    assert float(m["z0"]) == pytest.approx(0.5, abs=1e-5)
+    assert float(loss) == pytest.approx((0.4875026 + 0.5124974) / 2, abs=2e-6)
+    # reference-free: S_ref = 0, so the implicit reward is β S_θ
+    loss, m = preference_loss(params, batch, model=model, cfg=DPOConfig(reference_free=True))
+    s = np.asarray(reference_logps(params, batch, model=model))
+    assert float(loss) == pytest.approx(float(np.mean(np.logaddexp(0, -0.1 * (s[:, 0] - s[:, 1])))), rel=1e-5)
+
+
+def _left_pad(batch):
+    """Move every row's padding to the left (same tokens, same masks, shifted)."""
+    t, a, lm = (np.array(x) for x in (batch.tokens, batch.attention_mask, batch.loss_mask))
+    for idx in np.ndindex(*t.shape[:-1]):
+        n = int(a[idx].sum())
+        for x in (t, a, lm):
+            x[idx] = np.roll(x[idx], x.shape[-1] - n)
+    return batch.replace(tokens=t, attention_mask=a, loss_mask=lm)
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "simpo", "orpo"])
+def test_padding_invariance(small, name):
+    model, params = small
+    cfg = PREFERENCE_METHODS[name]
+    base = collate_preferences(TOK, PAIRS)
+    wide = collate_preferences(TOK, PAIRS, length=48)  # extra right padding
+    ref = np.asarray(reference_logps(jax.tree.map(lambda x: x * 0.9, params), base, model=model))
+    losses = [float(preference_loss(params, b.replace(ref_logps=ref), model=model, cfg=cfg)[0])
+              for b in (base, wide, _left_pad(base), _left_pad(wide))]
+    np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
+
+
+def test_empty_completion_is_masked_not_nan(small):
+    model, params = small
+    batch = collate_preferences(TOK, PAIRS[:4])
+    ref = np.asarray(reference_logps(params, batch, model=model)) + 0.3
+    lm = np.array(batch.loss_mask)
+    lm[2, 1] = 0  # row 2's rejected completion has no token left
+    broken = batch.replace(loss_mask=lm, ref_logps=ref)
+    for cfg in (DPOConfig(), PREFERENCE_METHODS["ipo"], SimPOConfig(), ORPOConfig()):
+        loss, m = preference_loss(params, broken, model=model, cfg=cfg)
+        keep = [0, 1, 3]
+        clean = batch.replace(tokens=batch.tokens[keep], attention_mask=batch.attention_mask[keep],
+                              loss_mask=batch.loss_mask[keep], ref_logps=ref[keep])
+        want, _ = preference_loss(params, clean, model=model, cfg=cfg)
+        assert np.isfinite(float(loss)) and float(m["empty"]) == 1.0
+        assert float(loss) == pytest.approx(float(want), rel=1e-5)
+        g = jax.grad(lambda p: preference_loss(p, broken, model=model, cfg=cfg)[0])(params)
+        assert np.isfinite(float(optax.tree.norm(g)))
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="row 1: chosen and rejected are the same text"):
+        collate_preferences(TOK, [("1+1=", "2", "3"), ("2+2=", "4", "4")])
+    with pytest.raises(ValueError, match="row 1: missing field 'prompt'"):
+        collate_preferences(TOK, [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"chosen": "4", "rejected": "5"}])
+    with pytest.raises(ValueError, match="row 0: the rejected is empty"):
+        collate_preferences(TOK, [("1+1=", "2", "")])
+    # the prompt alone fills max_length: nothing of the completion would be left
+    with pytest.raises(ValueError, match="row 1: the chosen is empty after truncation"):
+        collate_preferences(TOK, [("1=", "1", "2"), ("1234567890+1=", "1234567891", "9")], max_length=14)
+    # truncation keeps the prompt's last tokens and cuts the completion's end
+    b = collate_preferences(TOK, [("1234567890+1=", "1234567891", "9")], max_length=12, max_prompt_length=6)
+    assert TOK.decode([int(t) for t in b.tokens[0, 0][b.attention_mask[0, 0] > 0]][1:]) == "890+1=12345"
+    with pytest.raises(ValueError, match="batch of 1"):
+        collate_kto(TOK, [("1+1=", "2", True)])
+    with pytest.raises(ValueError, match="row 1: desirable must be"):
+        collate_kto(TOK, [("1+1=", "2", True), ("1+2=", "3", "yes")])
+    with pytest.raises(ValueError, match="row 0: ref_logps"):
+        collate_preferences(TOK, [("1+1=", "2", "3", (float("nan"), 0.0))])
+
+
+def test_kto_batch_of_one_and_missing_reference_are_errors(small):
+    model, params = small
+    kb = collate_kto(TOK, [("1+1=", "2", 1), ("1+2=", "4", 0)])
+    one = kb.replace(tokens=kb.tokens[:1], attention_mask=kb.attention_mask[:1], loss_mask=kb.loss_mask[:1],
+                     desirable=kb.desirable[:1])
+    with pytest.raises(ValueError, match="batch of one"):
+        preference_loss(params, one, model=model, cfg=KTOConfig())
+    with pytest.raises(ValueError, match="no ref_logps"):
+        preference_loss(params, collate_preferences(TOK, PAIRS[:2]), model=model, cfg=DPOConfig())
+    with pytest.raises(ValueError, match="KTOConfig trains on KTOBatch"):
+        preference_loss(params, collate_preferences(TOK, PAIRS[:2]), model=model, cfg=KTOConfig())
+
+
+def test_kto_rotation_and_fixed_mismatch():
+    rows = [("a=", "1", 1), ("b=", "2", 0), ("c=", "3", 1)]
+    kb = collate_kto(TOK, rows)
+    text = lambda k, s: TOK.decode([int(t) for t, m in zip(kb.tokens[k, s], kb.loss_mask[k, s]) if m])  # noqa: E731
+    assert [text(k, 1) for k in range(3)] == ["2", "3", "1"]  # (x_i, y_(i+1) mod B), eos is not printed
+    fixed = fixed_mismatch(rows, seed=3)
+    assert all(f["mismatched"] != f["completion"] for f in fixed)
+    assert sorted(f["mismatched"] for f in fixed) == ["1", "2", "3"]
+    np.testing.assert_array_equal(collate_kto(TOK, fixed).desirable, [1, 0, 1])
+
+
+def test_kto_weight_ratio_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_kto_weights([1, 1, 0, 0], KTOConfig()) == 1.0
+    with pytest.warns(UserWarning, match="outside the recommended"):
+        check_kto_weights([1, 0, 0, 0], KTOConfig())
+    with pytest.raises(ValueError, match="desirable and undesirable"):
+        check_kto_weights([1, 1], KTOConfig())
+
+
+def test_configs_reject_bad_values():
+    with pytest.raises(ValueError, match="objective"):
+        DPOConfig(objective="square")
+    with pytest.raises(ValueError, match="set one"):
+        DPOConfig(label_smoothing=0.1, flip_rate=0.1)
+    with pytest.raises(ValueError, match="logp_reduction"):
+        SimPOConfig(logp_reduction="max")
+    with pytest.raises(ValueError, match="only 'mean'"):
+        ORPOConfig(logp_reduction="sum")
+    assert PREFERENCE_METHODS["ipo"].logp_reduction == "mean" and PREFERENCE_METHODS["dpo"].logp_reduction == "sum"
+
+
+def test_completion_logps_one_pass_matches_separate_rows(small):
+    from rljax.models.logprobs import target_mask, token_logprobs
+
+    model, params = small
+    batch = collate_preferences(TOK, PAIRS[:3])
+    lp, mask = completion_logps(params, batch.tokens, batch.attention_mask, batch.loss_mask, model=model)
+    for side in (0, 1):
+        want = token_logprobs(params, batch.tokens[:, side], batch.attention_mask[:, side], model=model)
+        np.testing.assert_allclose(lp[:, side], want, atol=1e-5)
+        np.testing.assert_array_equal(mask[:, side], target_mask(batch.loss_mask[:, side],
+                                                                 batch.attention_mask[:, side]))

@@ -1,0 +1,149 @@
+"""The preference phase: precomputed reference log-probs (cached on disk) train exactly as a live
+reference, resume, 8 simulated devices equal one, and online DPO's rounds resume where they stopped."""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import run_with_devices
+from rljax.data.collate import BatchIterator
+from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
+from rljax.losses.preference import DPOConfig, KTOConfig, reference_logps
+from rljax.models import Model, preset
+from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
+from rljax.preference import (OnlineDPOConfig, best_worst_pairs, cached_reference_logps, online_dpo,
+                              with_reference)
+from rljax.sampling import SampleConfig
+from rljax.state import OptimizerConfig, create_state
+from rljax.tokenizer import CharTokenizer
+
+TOK = CharTokenizer()
+PAIRS = [(f"{a}+{b}=", str(a + b), str(a + b + 1 + (a % 3))) for a in range(4) for b in range(4)]
+OPT = OptimizerConfig(lr=1e-3, schedule="constant")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = Model(preset("tiny", n_layers=2, vocab_size=TOK.vocab_size))  # the sampler must emit real characters
+    params = model.init(jax.random.key(0))
+    return model, params
+
+
+def _train(model, params, rows, loss, steps, *, reference=None, run_dir=None, collate=None):
+    collate = collate or functools.partial(collate_preferences, TOK)
+    data = BatchIterator(rows, 4, collate, seed=0)
+    state = create_state(model, OPT, jax.random.key(1), params=jax.tree.map(jnp.copy, params))
+    cfg = PreferencePhaseConfig(loss=loss, optimizer=OPT, loop=LoopConfig(steps=steps, log_every=1,
+                                                                         checkpoint_every=2, progress=False))
+    return preference(state, data, cfg, model=model, reference=reference, run_dir=run_dir)
+
+
+def test_precomputed_reference_equals_live_and_is_cached(setup, tmp_path):
+    model, params = setup
+    collate = functools.partial(collate_preferences, TOK)
+    ref = cached_reference_logps(params, PAIRS, collate, model=model, cache_dir=str(tmp_path), batch_size=5)
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].startswith("ref_logps-") and ref.shape == (len(PAIRS), 2)
+    # the cached values are the reference's summed log-probs of each row, whatever the batching
+    direct = np.asarray(reference_logps(params, collate(PAIRS), model=model))
+    np.testing.assert_allclose(ref, direct, atol=1e-4)
+    # a second call loads the file; other params make another key
+    np.testing.assert_array_equal(cached_reference_logps(params, PAIRS, collate, model=model,
+                                                         cache_dir=str(tmp_path), batch_size=5), ref)
+    other = jax.tree.map(lambda x: x * 1.01, params)
+    cached_reference_logps(other, PAIRS, collate, model=model, cache_dir=str(tmp_path), batch_size=5)
+    assert len(os.listdir(tmp_path)) == 2
+    live = _train(model, params, PAIRS, DPOConfig(), 4, reference=params)
+    pre = _train(model, params, with_reference(PAIRS, ref), DPOConfig(), 4)
+    for a, b in zip(jax.tree.leaves(live.params), jax.tree.leaves(pre.params)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(live.params), jax.tree.leaves(params)))
+    assert moved > 1e-4
+
+
+def test_kto_precomputed_with_fixed_mismatch_equals_live(setup):
+    model, params = setup
+    rows = fixed_mismatch([(p, c if i % 3 else r, bool(i % 3)) for i, (p, c, r) in enumerate(PAIRS)], seed=0)
+    collate = functools.partial(collate_kto, TOK)
+    ref = cached_reference_logps(params, rows, collate, model=model, batch_size=8)
+    live = _train(model, params, rows, KTOConfig(), 3, reference=params, collate=collate)
+    pre = _train(model, params, with_reference(rows, ref), KTOConfig(), 3, collate=collate)
+    for a, b in zip(jax.tree.leaves(live.params), jax.tree.leaves(pre.params)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_phase_resumes_exactly(setup, tmp_path):
+    model, params = setup
+    full = _train(model, params, PAIRS, DPOConfig(), 4, reference=params, run_dir=str(tmp_path / "a"))
+    _train(model, params, PAIRS, DPOConfig(), 2, reference=params, run_dir=str(tmp_path / "b"))
+    resumed = _train(model, params, PAIRS, DPOConfig(), 4, reference=params, run_dir=str(tmp_path / "b"))
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_preference_sharded_equals_one_device():
+    out = run_with_devices("""
+        import functools, jax, jax.numpy as jnp, numpy as np
+        from rljax.data.collate import BatchIterator
+        from rljax.data.preference_collate import collate_preferences
+        from rljax.losses.preference import DPOConfig
+        from rljax.models import Model, preset
+        from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
+        from rljax.sharding import make_mesh
+        from rljax.state import OptimizerConfig, create_state
+        from rljax.tokenizer import CharTokenizer
+        from test_preference_phase import PAIRS
+
+        tok, opt = CharTokenizer(), OptimizerConfig(lr=1e-3, schedule="constant")
+        mesh = make_mesh(data=2, fsdp=2, tensor=2)
+        ref = Model(preset("tiny", n_layers=2)).init(jax.random.key(0))
+        out = []
+        for m in (None, mesh):
+            model = Model(preset("tiny", n_layers=2), mesh=m)
+            state = create_state(model, opt, jax.random.key(1), mesh=m, params=jax.tree.map(jnp.copy, ref))
+            data = BatchIterator(PAIRS, 8, functools.partial(collate_preferences, tok), seed=0)
+            cfg = PreferencePhaseConfig(loss=DPOConfig(), optimizer=opt, loop=LoopConfig(steps=3, progress=False))
+            state = preference(state, data, cfg, model=model, reference=ref, mesh=m)
+            out.append(jax.tree.map(np.asarray, jax.device_get(state.params)))
+        for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
+            np.testing.assert_allclose(a, b, atol=5e-5)
+        print("SAME", max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(ref))))
+    """)
+    assert "SAME" in out and float(out.split("SAME")[1]) > 1e-4
+
+
+def test_best_worst_pairs():
+    pairs = best_worst_pairs(["p", "q", "r"], [["a", "b", "c"], ["x", "y", "z"], ["s", "s", "t"]],
+                             np.array([[0.1, 0.9, 0.5], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]))
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("p", "b", "a"), ("r", "s", "t")]
+    assert pairs[0]["margin"] == pytest.approx(0.8)
+
+
+def _online(model, params, rounds, run_dir):
+    # reward: answers that start with a digit equal to the prompt's last digit score 1
+    def scorer(prompts, completions):
+        return np.array([float(bool(c) and c[0] == p[-2]) + 0.01 * len(c) for p, c in zip(prompts, completions)])
+
+    cfg = OnlineDPOConfig(rounds=rounds, samples=4, prompts_per_round=8, steps_per_round=2, batch_size=4,
+                          optimizer=OPT, progress=False,
+                          sampling=SampleConfig(max_new_tokens=6, temperature=1.0, eos_id=TOK.eos_id,
+                                                pad_id=TOK.pad_id))
+    state = create_state(model, OPT, jax.random.key(2), params=jax.tree.map(jnp.copy, params))
+    prompts = [p for p, _, _ in PAIRS]
+    return online_dpo(state, prompts, scorer, cfg, model=model, tokenizer=TOK,
+                      collate=functools.partial(collate_preferences, TOK), run_dir=run_dir)
+
+
+def test_online_dpo_rounds_resume(setup, tmp_path):
+    model, params = setup
+    full, stats = _online(model, params, 2, str(tmp_path / "a"))
+    assert int(full.step) == 4 and [s["round"] for s in stats] == [0, 1]
+    assert all(s["pairs"] >= 4 for s in stats)
+    _online(model, params, 1, str(tmp_path / "b"))  # killed after round 0
+    resumed, stats_b = _online(model, params, 2, str(tmp_path / "b"))
+    assert stats_b == stats
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(a, b)
