@@ -5,7 +5,7 @@
     python -m experiments.preference_arithmetic --smoke
 
 --algo: dpo, cdpo, robust_dpo, hinge, ipo, simpo, orpo, kto (offline, from synthetic pairs), online_dpo
-(samples its own pairs, ranked by the hidden gold scorer), or all. Pairs: for each of n_pairs training
+(samples its own pairs, ranked by the hidden gold scorer), a comma-separated list of them, or all. Pairs: for each of n_pairs training
 problems two candidates of different kinds (the reference solution or a corruption of it,
 `rljax.data.synthetic.preference_pairs`), the one with the higher gold score chosen; a fraction `flip`
 of the labels is then swapped at random (label noise of known rate: cDPO's ε and robust DPO's flip
@@ -145,7 +145,7 @@ def main(cfg: Config) -> dict:
     if cfg.smoke:
         cfg.n_pairs, cfg.epochs, cfg.batch, cfg.eval_problems, cfg.eval_samples = 32, 1, 8, 8, 2
         cfg.max_new_tokens, cfg.online_rounds, cfg.online_prompts = 16, 2, 16
-    algos = ALGOS if cfg.algo == "all" else (cfg.algo,)
+    algos = ALGOS if cfg.algo == "all" else tuple(a.strip() for a in cfg.algo.split(","))
     unknown = [a for a in algos if a not in ALGOS]
     if unknown:
         raise ValueError(f"preference_arithmetic: unknown --algo {unknown[0]!r}; choose from {', '.join(ALGOS)}, all")

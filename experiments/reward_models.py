@@ -102,9 +102,15 @@ class Config:
     onpolicy_problems: int = 1024
     onpolicy_samples: int = 8
     onpolicy_epochs: int = 2
+    # iterative RLHF with the onpolicy reward model: retrain it every refresh_every GRPO iterations
+    # on gold-ranked samples of the current policy (0: the reward model stays fixed)
+    refresh_every: int = 0
+    refresh_problems: int = 256
+    refresh_epochs: int = 2
     # (rl) GRPO against the learned reward model(s)
     rl_iterations: int = 200
     rl_lr: float = 2e-5
+    rl_kl_coef: float = 0.04  # GRPO's β (per-token k3 penalty to the SFT policy)
     rl_seeds: tuple[int, ...] = (0,)
     rl_eval_problems: int = 256
     # (feedback) reward models from simulated implicit feedback
@@ -136,10 +142,11 @@ def _gold_candidates(problems, tok, *, seed: int):
     return cands, gold, batches
 
 
-def _train(model, params, data, loss, steps: int, cfg: Config, run_dir: str, eval_fn=None):
+def _train(model, params, data, loss, steps: int, cfg: Config, run_dir: str | None, eval_fn=None, state=None):
+    """A reward model trained from `params` (a fresh optimizer), or `state` continued, to `steps` steps."""
     opt = OptimizerConfig(lr=cfg.lr, schedule="constant", head_lr=cfg.head_lr)
-    # a copy: training donates its state, and `params` shares arrays with the SFT policy
-    state = create_state(model, opt, jax.random.key(cfg.seed), params=jax.tree.map(jnp.copy, params))
+    if state is None:  # a copy: training donates its state, and `params` shares arrays with the SFT policy
+        state = create_state(model, opt, jax.random.key(cfg.seed), params=jax.tree.map(jnp.copy, params))
     phase = RewardModelPhaseConfig(loss=loss, optimizer=opt,
                                    loop=LoopConfig(steps=steps, log_every=max(steps // 20, 1),
                                                    checkpoint_every=0, progress=cfg.progress))
@@ -210,13 +217,55 @@ def part_onpolicy(cfg: Config, model, params, tok, train, test, run_dir: str, le
     print(f"onpolicy: held-out accuracy on policy samples {result['pairwise_accuracy']:.3f}, "
           f"Spearman with gold on synthetic candidates {result['spearman']:.3f}", flush=True)
     return dict(lists=len(lists), pairs=pairs, held_out_lists=len(held), steps=steps,
-                seconds=time.perf_counter() - t0, **result), (rm, state.params)
+                seconds=time.perf_counter() - t0, **result), (rm, state, lists)
 
 
-def grpo_against(cfg: Config, model, params, proxy, tok, train, test, run_dir: str, name: str) -> dict:
+def onpolicy_refresher(cfg: Config, model, rm, rm_state, lists, tok, train, test, levels):
+    """make_refresher for `grpo_against`: each call copies the part-onpolicy reward model;
+    refresh k samples onpolicy_samples answers of the current policy to refresh_problems new
+    problems, measures the reward model's pairwise accuracy on them (how well it ranks what
+    RL now produces), then trains it on them, replaying all earlier lists, for refresh_epochs
+    passes over the new ones."""
+    from rljax.data.reward_collate import collate_ranked
+
+    K = cfg.onpolicy_samples
+    collate = lambda b: collate_ranked(tok, b, answers_per_list=K)  # noqa: E731
+    batch = max(cfg.batch // 4, 1)
+
+    def make():
+        box = dict(state=jax.tree.map(jnp.copy, rm_state), lists=list(lists), round=0)
+
+        def refresh(rl_state) -> dict:
+            if int(rl_state.step) >= cfg.rl_iterations:  # the loop's final evaluation: nothing left to score
+                return {}
+            k = box["round"] = box["round"] + 1
+            problems = unseen_problems(train, test, cfg.refresh_problems, levels, seed=cfg.seed + 3000 + k)
+            new = gold_ranked_lists(problems, _samples(rl_state.policy.params, model, tok, problems, K, cfg,
+                                                       jax.random.key(cfg.seed + 4000 + k)))
+            if not new:  # every problem's samples tied: nothing to learn from this time
+                return dict(rm_new_lists=0.0)
+            before = reward_model_eval(rm, [collate(new[i:i + 32]) for i in range(0, len(new), 32)])(box["state"])
+            box["lists"] += new
+            steps = int(box["state"].step) + max(cfg.refresh_epochs * len(new) // batch, 1)
+            data = BatchIterator(box["lists"], min(batch, len(box["lists"])), collate, seed=cfg.seed + k)
+            box["state"] = _train(rm, None, data, RankingConfig(), steps, cfg, None, state=box["state"])
+            return dict(rm_accuracy_on_policy=before["pairwise_accuracy"], rm_new_lists=float(len(new)))
+
+        return reward_model_reward(rm, lambda: box["state"].params, tok), refresh
+
+    return make
+
+
+def grpo_against(cfg: Config, model, params, proxy, tok, train, test, run_dir: str, name: str,
+                 make_refresher=None) -> dict:
     """GRPO from `params` with `proxy` as the only reward, one run per rl_seed: gold score (hidden
     from RL), proxy score, accuracy and length of held-out samples (4 per problem, T = 1)
-    before and after, and the final KL (k3) to the start."""
+    before and after, and the final KL (k3) to the start.
+
+    make_refresher() -> (proxy, refresh): iterative RLHF. A fresh copy of a reward model per
+    seed, `refresh(rl_state)` retrains it on gold-ranked samples of the current policy every
+    cfg.refresh_every iterations (run as the loop's eval_fn; its metrics are logged as eval/*)."""
+    from rljax.losses import GRPOConfig
     from rljax.phases import PromptBatch, rl
     from rljax.rl import RLConfig, create_rl_state
 
@@ -238,14 +287,19 @@ def grpo_against(cfg: Config, model, params, proxy, tok, train, test, run_dir: s
     before = measure(params)
     runs = []
     for seed in cfg.rl_seeds:
+        refresh = None
+        if make_refresher is not None:
+            proxy, refresh = make_refresher()
         rl_cfg = RLConfig(algorithm="grpo", sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=8,
                                                                   eos_id=tok.eos_id, pad_id=tok.pad_id),
+                          loss=GRPOConfig(kl_coef=cfg.rl_kl_coef),
                           optimizer=OptimizerConfig(lr=cfg.rl_lr, schedule="constant"), track_kl=True)
         state = create_rl_state(model, jax.tree.map(jnp.copy, params), rl_cfg.optimizer, jax.random.key(seed))
         where = os.path.join(run_dir, f"{name}-seed{seed}")
         state = rl(state, BatchIterator(train, 16, collate, seed=seed + 1), proxy, rl_cfg, model=model,
-                   decode=tok.decode_batch, run_dir=where,
-                   loop=LoopConfig(steps=cfg.rl_iterations, log_every=10, progress=cfg.progress))
+                   decode=tok.decode_batch, run_dir=where, eval_fn=refresh,
+                   loop=LoopConfig(steps=cfg.rl_iterations, log_every=10, progress=cfg.progress,
+                                   eval_every=cfg.refresh_every if refresh else 0))
         after = measure(state.policy.params)
         rows = [r for r in read_metrics(where) if "rl/kl_k3" in r]
         after["kl_k3"] = rows[-1]["rl/kl_k3"] if rows else None
@@ -483,14 +537,15 @@ def main(cfg: Config) -> dict:
         cfg.prm_solutions, cfg.prm_n, cfg.verifier_epochs, cfg.max_new_tokens = 4, 2, 1, 16
         cfg.rl_iterations, cfg.rl_eval_problems, cfg.feedback_problems = 2, 4, 8
         cfg.overopt_iterations, cfg.overopt_eval_every = 2, 1
-        cfg.onpolicy_problems, cfg.onpolicy_samples = 8, 4
+        cfg.onpolicy_problems, cfg.onpolicy_samples, cfg.refresh_problems = 8, 4, 8
     unknown = set(cfg.parts) - set(PARTS)
     if unknown:
         raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     if "overopt" in cfg.parts and "bt" not in cfg.parts:
         raise ValueError("reward_models: part overopt optimises the reward model of part bt; add bt")
-    if "rl" in cfg.parts and not {"bt", "onpolicy"} & set(cfg.parts):
-        raise ValueError("reward_models: part rl optimises the reward model of part bt or onpolicy; add one")
+    if "rl" in cfg.parts and not {"bt", "onpolicy", "feedback"} & set(cfg.parts):
+        raise ValueError("reward_models: part rl optimises the reward models of parts bt, onpolicy or feedback; "
+                         "add one")
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg, tok)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "reward_models")
@@ -504,11 +559,17 @@ def main(cfg: Config) -> dict:
         results["rl"] = grpo_against(cfg, model, params, reward_model_reward(rm, rm_params, tok), tok, train, test,
                                      run_dir, "rl-bt")
     if "onpolicy" in cfg.parts:
-        results["onpolicy"], (orm, orm_params) = part_onpolicy(cfg, model, params, tok, train, test, run_dir,
-                                                               levels=sft_cfg.levels)
-        if "rl" in cfg.parts:
-            results["onpolicy"]["rl"] = grpo_against(cfg, model, params, reward_model_reward(orm, orm_params, tok),
+        results["onpolicy"], (orm, orm_state, lists) = part_onpolicy(cfg, model, params, tok, train, test, run_dir,
+                                                                     levels=sft_cfg.levels)
+        if "rl" in cfg.parts and cfg.refresh_every == 0:
+            results["onpolicy"]["rl"] = grpo_against(cfg, model, params,
+                                                     reward_model_reward(orm, orm_state.params, tok),
                                                      tok, train, test, run_dir, "rl-onpolicy")
+        if "rl" in cfg.parts and cfg.refresh_every > 0:
+            refresher = onpolicy_refresher(cfg, model, orm, orm_state, lists, tok, train, test, sft_cfg.levels)
+            results["onpolicy"]["rl_refreshed"] = grpo_against(
+                cfg, model, params, reward_model_reward(orm, orm_state.params, tok), tok, train, test, run_dir,
+                "rl-onpolicy-refreshed", make_refresher=refresher)
     if "feedback" in cfg.parts:
         results["feedback"] = part_feedback(cfg, model, params, tok, train, test, run_dir)
     if "overopt" in cfg.parts:

@@ -70,6 +70,7 @@ def test_a_fresh_value_head_at_the_backbone_lr_is_warned_about():
         create_rl_state(model, trained, OptimizerConfig(lr=1e-5), jax.random.key(0))
 
 
+@pytest.mark.slow  # 200 PPO iterations; KL-regularised REINFORCE checks the same optimum in the default run
 def test_ppo_with_a_kl_penalty_reaches_the_closed_form_optimum():
     """Per-token reward r − β k1 with PPO's clipped updates: π → π* ∝ π_ref exp(r/β), TV < 0.05."""
     beta = 0.25

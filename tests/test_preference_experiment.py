@@ -1,6 +1,5 @@
 """The preference experiment's --smoke setting runs and reports consistent numbers (own file for loadfile)."""
 import numpy as np
-import pytest
 
 
 def test_noisy_pairs_flip_exactly_the_requested_fraction():
@@ -14,18 +13,16 @@ def test_noisy_pairs_flip_exactly_the_requested_fraction():
     assert sum(swapped) == round(0.2 * len(clean))
 
 
-@pytest.mark.parametrize("algo", ["robust_dpo", "online_dpo"])
-def test_preference_smoke(tmp_path, algo):
+def test_preference_smoke(tmp_path):
     from experiments import preference_arithmetic as pa
 
-    res = pa.main(pa.Config(smoke=True, algo=algo, flips=(0.0, 0.25), sft_run_dir=str(tmp_path / "sft"),
-                            run_dir=str(tmp_path / "pref"), progress=False))
+    res = pa.main(pa.Config(smoke=True, algo="robust_dpo,online_dpo", flips=(0.0, 0.25),
+                            sft_run_dir=str(tmp_path / "sft"), run_dir=str(tmp_path / "pref"), progress=False))
     runs = res["runs"]
-    assert [r["flip"] for r in runs] == ([0.0] if algo == "online_dpo" else [0.0, 0.25])
+    assert [(r["algo"], r["flip"]) for r in runs] == [("robust_dpo", 0.0), ("robust_dpo", 0.25), ("online_dpo", 0.0)]
     for r in runs + [res["sft"]]:
         assert 0.0 <= r["greedy"] <= 1.0 and 0.0 <= r["sampled"] <= 1.0 and np.isfinite(r["gold"])
-    if algo == "robust_dpo":  # the flip rate of robust DPO follows the label noise it is told about
-        assert pa.method_config(algo, 0.25, None).flip_rate == 0.25
-        assert runs[0]["steps"] == max(res["config"]["epochs"] * runs[0]["rows"] // res["config"]["batch"], 1)
-    else:
-        assert len(runs[0]["rounds"]) == 2 and all(s["pairs"] >= 1 for s in runs[0]["rounds"])
+    # the flip rate of robust DPO follows the label noise it is told about
+    assert pa.method_config("robust_dpo", 0.25, None).flip_rate == 0.25
+    assert runs[0]["steps"] == max(res["config"]["epochs"] * runs[0]["rows"] // res["config"]["batch"], 1)
+    assert len(runs[2]["rounds"]) == 2 and all(s["pairs"] >= 1 for s in runs[2]["rounds"])

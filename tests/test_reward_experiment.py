@@ -8,7 +8,8 @@ def test_reward_models_smoke_reports_consistent_best_of_n(tmp_path):
     from experiments import reward_models
 
     res = reward_models.main(reward_models.Config(smoke=True, sft_run_dir=str(tmp_path / "sft"),
-                                                  run_dir=str(tmp_path / "rm"), progress=False, feedback_rl=False))
+                                                  run_dir=str(tmp_path / "rm"), progress=False, feedback_rl=False,
+                                                  refresh_every=1))
     table = res["bon"]["table"]
     # one candidate: every selection method picks it, so all equal the sample accuracy
     assert len(set(table[1].values())) == 1
@@ -18,6 +19,16 @@ def test_reward_models_smoke_reports_consistent_best_of_n(tmp_path):
     # GRPO against the learned reward model: gold gain = mean of the per-seed gold changes
     rl = res["rl"]
     assert rl["gold_gain_mean"] == pytest.approx(np.mean([a["gold"] - rl["before"]["gold"] for a in rl["after"]]))
+    # the on-policy reward model is evaluated on ranked lists of the policy's own samples and optimised by GRPO
+    # while it is retrained on the current policy's samples (iterative RLHF)
+    on = res["onpolicy"]
+    assert 0.0 <= on["pairwise_accuracy"] <= 1.0 and on["pairs"] >= on["lists"] >= 1
+    # the same held-out samples of the same SFT policy (only the proxy that scores them differs)
+    assert all(on["rl_refreshed"]["before"][k] == rl["before"][k] for k in ("gold", "accuracy", "length"))
+    from rljax.metrics import read_metrics
+    refreshes = [r for r in read_metrics(str(tmp_path / "rm" / "rl-onpolicy-refreshed-seed0"))
+                 if "rl/eval/rm_new_lists" in r]
+    assert [r["step"] for r in refreshes] == [1] and refreshes[0]["rl/eval/rm_new_lists"] >= 0
     # feedback models: the true mean relevance is the same held-out candidates' for all three
     fb = res["feedback"]
     assert set(fb) == {"clicks_naive", "clicks_ipw", "likes"}
@@ -27,3 +38,18 @@ def test_reward_models_smoke_reports_consistent_best_of_n(tmp_path):
     assert [b["n"] for b in bon] == [1, 2, 4] and bon[0]["d"] == 0.0
     assert bon[0]["proxy"] <= bon[1]["proxy"] <= bon[2]["proxy"]
     assert [c["iteration"] for c in res["overopt"]["rl"]] == [0, 1, 2]
+
+
+def test_gold_ranked_lists_rank_by_gold_with_ties_and_drop_uninformative_problems():
+    from experiments.reward_models import gold_ranked_lists
+    from rljax.data.arithmetic import make_split
+    from rljax.data.synthetic import gold_score
+
+    p, q = make_split(2, 0, levels=(1,), seed=0)[0]
+    right, wrong = p.completion, p.completion.replace(str(p.answer), str(p.answer + 1))
+    lists = gold_ranked_lists([p, q], [[wrong, right, right, ""], [q.completion, q.completion]])
+    assert len(lists) == 1  # q's samples all tie: no preference
+    prompt, answers, ranks = lists[0]
+    assert prompt == p.prompt and sorted(answers) == sorted({right, wrong})  # distinct, non-empty
+    best = answers[ranks.index(0)]
+    assert gold_score(p, best) == max(gold_score(p, a) for a in answers) and best == right

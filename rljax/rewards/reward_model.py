@@ -103,14 +103,19 @@ def reward_model_reward(model, params, tokenizer, *, probability: bool = False, 
     """A trained reward model (ranking or pointwise) or outcome verifier as a reward
     function: the reward head read at the last real token of [bos] prompt completion
     [eos]; σ(r) with probability=True (a verifier's P(correct)). For several
-    attributes (reward_outputs > 1) the scorer returns [B, A]."""
+    attributes (reward_outputs > 1) the scorer returns [B, A].
+
+    params may be a zero-argument callable returning the current params: the scorer
+    then reads them at every call, so a reward model refreshed during RL (iterative
+    RLHF) is scored without rebuilding or recompiling anything."""
     forward = jax.jit(functools.partial(sequence_rewards, model=model))
+    current = params if callable(params) else (lambda: params)
 
     def scorer(prompts, completions, **_):
         rows = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)[0]
                 for i, (p, c) in enumerate(zip(prompts, completions))]
         tokens, mask, B = _batch_rows(rows, tokenizer.pad_id, min_bucket=min_bucket, max_length=max_length)
-        r = np.asarray(forward(params, tokens, mask))[:B]
+        r = np.asarray(forward(current(), tokens, mask))[:B]
         return 1 / (1 + np.exp(-r)) if probability else r
 
     return scorer
