@@ -8,18 +8,27 @@ Both share one interface (`Tokenizer`):
   encode_batch(texts)     -> (tokens [B, T], mask [B, T])  int32, left or right padded
   decode_batch(ids_2d)    -> list[str]                    (ids_2d: [B, T] or ragged list)
 
+and `eos_ids` (a tuple): the ids that end a completion; decode stops at the first of them.
+
 `CharTokenizer` is for synthetic tasks (arithmetic, toy languages) with the
 tiny/small model presets, whose vocabulary is 64; `HFTokenizer` loads a
-pretrained model's `tokenizer.json`.
+pretrained model's `tokenizer.json`, and `HFTokenizer.from_pretrained(dir)` also
+reads `tokenizer_config.json` (special tokens, whether to add bos, chat templates)
+and `generation_config.json` (the stop ids), and renders the model's chat template
+with `apply_chat_template` exactly as Hugging Face `transformers` does.
 """
 from __future__ import annotations
 
+import json
 import os
 import string
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import tokenizers
+
+from rljax.chat_template import ChatTemplateError, render_chat_template
 
 __all__ = [
     "PAD_ID",
@@ -27,6 +36,7 @@ __all__ = [
     "EOS_ID",
     "DEFAULT_ALPHABET",
     "UnknownCharacterError",
+    "ChatTemplateError",
     "Tokenizer",
     "CharTokenizer",
     "HFTokenizer",
@@ -45,6 +55,11 @@ assert len(DEFAULT_ALPHABET) + _NUM_SPECIAL <= _PRESET_VOCAB
 _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 _BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
 _PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
+# The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
+_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Where transformers keeps chat templates besides tokenizer_config.json; files take precedence.
+_CHAT_TEMPLATE_FILE = "chat_template.jinja"
+_CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 
 class UnknownCharacterError(ValueError):
@@ -87,6 +102,11 @@ class Tokenizer:
     bos_id: int | None
     eos_id: int
     vocab_size: int
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a completion (the sampler's stop ids); `eos_id` is the one `add_eos` appends."""
+        return (self.eos_id,)
 
     # ------------------------------------------------------------------ encode
     def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False) -> list[int]:
@@ -154,12 +174,13 @@ class Tokenizer:
     def decode(self, ids: Any, *, stop_at_eos: bool = True, skip_special: bool = True) -> str:
         """ids [T] (list, numpy or jax array) -> text.
 
-        With `stop_at_eos`, the first eos and everything after it are dropped.
-        With `skip_special`, pad and bos (and eos, if kept) are dropped.
+        With `stop_at_eos`, the first id in `eos_ids` and everything after it are dropped.
+        With `skip_special`, pad and bos (and eos ids, if kept) are dropped.
         """
         arr = _as_id_array(ids)
         positions = np.arange(arr.shape[0])
-        if stop_at_eos and self.pad_id == self.eos_id:
+        eos_ids = list(self.eos_ids)
+        if stop_at_eos and self.pad_id in eos_ids:
             # With pad == eos, a left-padded row would otherwise "stop" at its
             # first padding token and decode to nothing.
             start = 0
@@ -167,7 +188,7 @@ class Tokenizer:
                 start += 1
             arr, positions = arr[start:], positions[start:]
         if stop_at_eos:
-            hits = np.flatnonzero(arr == self.eos_id)
+            hits = np.flatnonzero(np.isin(arr, eos_ids))
             if hits.size:
                 arr, positions = arr[: hits[0]], positions[: hits[0]]
         bad = np.flatnonzero((arr < 0) | (arr >= self.vocab_size))
@@ -178,7 +199,7 @@ class Tokenizer:
                 f"[0, {self.vocab_size})"
             )
         if skip_special:
-            special = [self.pad_id, self.eos_id]
+            special = [self.pad_id, *eos_ids]
             if self.bos_id is not None:
                 special.append(self.bos_id)
             arr = arr[~np.isin(arr, special)]
@@ -250,12 +271,88 @@ class CharTokenizer(Tokenizer):
         )
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_text(value: Any, path: Path, field: str) -> str | None:
+    """A special-token entry of tokenizer_config.json: a string, an AddedToken dict
+    ({"content": "<s>", ...}, older configs) or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"{path}: field {field!r} must be a string, an AddedToken dict with 'content', or null; "
+                     f"got {value!r}")
+
+
+def _eos_token_ids(value: Any, path: Path, vocab_size: int) -> tuple[int, ...]:
+    """generation_config.json's `eos_token_id`: an int, a list of ints, or null -> a tuple."""
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{path}: field 'eos_token_id' must be an int or a list of ints, got {value!r}")
+        if not 0 <= v < vocab_size:
+            raise ValueError(f"{path}: field 'eos_token_id' has id {v}, outside the vocabulary [0, {vocab_size})")
+    return tuple(dict.fromkeys(values))  # ordered, without repeats
+
+
+def _chat_templates(directory: Path, config: Mapping, config_path: Path) -> str | dict[str, str] | None:
+    """The chat template(s) as transformers loads them: `chat_template.jinja` (named "default") and
+    `additional_chat_templates/NAME.jinja` replace tokenizer_config.json's `chat_template`, which is a
+    string or a list of {"name", "template"}; one template -> a string, several -> {name: source}."""
+    files: dict[str, str] = {}
+    default = directory / _CHAT_TEMPLATE_FILE
+    if default.is_file():
+        files["default"] = default.read_text(encoding="utf-8")
+    extra = directory / _CHAT_TEMPLATE_DIR
+    if extra.is_dir():
+        for f in sorted(extra.glob("*.jinja")):
+            files[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+    if files:
+        return files["default"] if list(files) == ["default"] else files
+
+    raw = config.get("chat_template")
+    if raw is None or isinstance(raw, str):
+        return raw
+    if not isinstance(raw, list):
+        raise ValueError(f"{config_path}: field 'chat_template' must be a string or a list of "
+                         f"{{'name', 'template'}} dicts, got {type(raw).__name__}")
+    named: dict[str, str] = {}
+    for i, entry in enumerate(raw):
+        if not (isinstance(entry, Mapping) and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("template"), str)):
+            raise ValueError(f"{config_path}: field 'chat_template[{i}]' must be a dict with string 'name' and "
+                             f"'template', got {entry!r:.80}")
+        named[entry["name"]] = entry["template"]
+    return named
+
+
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (from a `tokenizer.json` file, a directory
     holding one, or an already-built object) behind the common interface.
 
     bos/eos are added by this class, not by the tokenizer's post-processor,
     so `add_bos` / `add_eos` mean the same thing for every model.
+
+    Built directly, special tokens are found by name (or given); `from_pretrained`
+    reads them, the chat template(s) and the stop ids from the model's config files.
+    Attributes besides the common ones:
+
+      add_bos_token   whether `encode(add_bos=True)` prepends bos (the model's convention)
+      eos_ids         stop ids: generation_config's `eos_token_id`s, then `eos_id` if not among them
+      special_tokens  {"bos_token": "<s>", ...}: the named special tokens chat templates see
+      chat_template   Jinja source, {name: source} for several templates, or None
     """
 
     def __init__(
@@ -265,6 +362,7 @@ class HFTokenizer(Tokenizer):
         pad_token: str | None = None,
         bos_token: str | None = None,
         eos_token: str | None = None,
+        chat_template: str | Mapping[str, str] | None = None,
     ):
         if isinstance(path_or_tokenizer, tokenizers.Tokenizer):
             self.tokenizer = path_or_tokenizer
@@ -290,10 +388,81 @@ class HFTokenizer(Tokenizer):
         # are masked anyway, so eos is a safe filler.
         self.pad_id = eos_id if pad_id is None else pad_id
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.add_bos_token = True
+        self._eos_ids = (eos_id,)
+        self.chat_template = dict(chat_template) if isinstance(chat_template, Mapping) else chat_template
+        self.special_tokens = {
+            name: self.tokenizer.id_to_token(tid)
+            for name, tid in (("bos_token", bos_id), ("eos_token", eos_id), ("pad_token", pad_id))
+            if tid is not None
+        }
 
         unk_token = getattr(self.tokenizer.model, "unk_token", None)
         self._unk_token = unk_token
         self._unk_id = self.tokenizer.token_to_id(unk_token) if unk_token else None
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str]) -> "HFTokenizer":
+        """Load a Hugging Face model directory: `tokenizer.json` (required), `tokenizer_config.json`,
+        `chat_template.jinja` / `additional_chat_templates/*.jinja` and `generation_config.json`
+        (each optional).
+
+        From tokenizer_config.json, as transformers reads it: the named special tokens (`bos_token`,
+        `eos_token`, `pad_token`, ...; a missing or null entry means the model has none, so e.g. Qwen
+        gets no bos), `add_bos_token` (when absent: whether tokenizer.json's post-processor prepends
+        a token, which is then the bos; when present it is honoured, as transformers' model-specific
+        tokenizers do, although its generic backend (5.24) keeps tokenizer.json's post-processor), and
+        `chat_template`. From generation_config.json: `eos_token_id` (int or list), the ids
+        generation stops at (`eos_ids`). eos is the config's `eos_token`, else the first generation
+        eos id, else found by name; pad falls back to eos. Errors name the file and the field.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model directory not found: {str(directory)!r}")
+        tok_path = directory / "tokenizer.json"
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"{str(directory)!r} has no tokenizer.json")
+        backend = tokenizers.Tokenizer.from_file(str(tok_path))
+        vocab_size = backend.get_vocab_size(with_added_tokens=True)
+
+        cfg_path = directory / "tokenizer_config.json"
+        has_config = cfg_path.is_file()
+        config = _read_json(cfg_path) if has_config else {}
+        named = {k: _token_text(config.get(k), cfg_path, k) for k in _NAMED_SPECIAL_TOKENS}
+        for k in ("bos_token", "eos_token", "pad_token"):
+            if named[k] is not None and backend.token_to_id(named[k]) is None:
+                raise ValueError(f"{cfg_path}: field {k!r} = {named[k]!r} is not in tokenizer.json's vocabulary")
+
+        gen_path = directory / "generation_config.json"
+        gen_eos = _eos_token_ids(_read_json(gen_path).get("eos_token_id"), gen_path, vocab_size) \
+            if gen_path.is_file() else ()
+
+        eos_token = named["eos_token"]
+        if eos_token is None and gen_eos:
+            eos_token = backend.id_to_token(gen_eos[0])
+        out = cls(backend, eos_token=eos_token, bos_token=named["bos_token"], pad_token=named["pad_token"],
+                  chat_template=_chat_templates(directory, config, cfg_path))
+        if has_config:
+            # transformers gives a model without a bos entry no bos; guessing one by name would
+            # prepend a token the model never saw in training.
+            out.bos_id = None if named["bos_token"] is None else backend.token_to_id(named["bos_token"])
+            out.special_tokens = {k: v for k, v in named.items() if v is not None}
+
+        add_bos = config.get("add_bos_token")
+        if add_bos is None:
+            # transformers then keeps tokenizer.json's post-processor, so whatever it prepends is the
+            # bos actually used, even when the config names none.
+            plain = backend.encode("a", add_special_tokens=False).ids
+            full = backend.encode("a", add_special_tokens=True).ids
+            prepends = len(full) > len(plain) and full[0] != plain[0]
+            if prepends and out.bos_id is None:
+                out.bos_id = full[0]
+            add_bos = prepends and full[0] == out.bos_id
+        elif not isinstance(add_bos, bool):
+            raise ValueError(f"{cfg_path}: field 'add_bos_token' must be true or false, got {add_bos!r}")
+        out.add_bos_token = bool(add_bos) and out.bos_id is not None
+        out._eos_ids = gen_eos + ((out.eos_id,) if out.eos_id not in gen_eos else ())
+        return out
 
     def _lookup(self, arg: str, given: str | None, candidates: Sequence[str]) -> int | None:
         if given is not None:
@@ -307,14 +476,19 @@ class HFTokenizer(Tokenizer):
                 return tid
         return None
 
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self._eos_ids
+
     def __repr__(self) -> str:
         return (
             f"HFTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, "
-            f"bos_id={self.bos_id}, eos_id={self.eos_id})"
+            f"bos_id={self.bos_id}, eos_id={self.eos_id}, eos_ids={self.eos_ids})"
         )
 
     def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False) -> list[int]:
-        """text -> ids [T]; bos is added only if the tokenizer has one."""
+        """text -> ids [T]; bos is added only if the tokenizer has one and the model adds it
+        (`add_bos_token`)."""
         enc = self.tokenizer.encode(text, add_special_tokens=False)
         ids = list(enc.ids)
         if self._unk_id is not None:
@@ -328,7 +502,7 @@ class HFTokenizer(Tokenizer):
                         piece,
                         start,
                     )
-        if add_bos and self.bos_id is not None:
+        if add_bos and self.add_bos_token and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if add_eos:
             ids.append(self.eos_id)
@@ -336,3 +510,49 @@ class HFTokenizer(Tokenizer):
 
     def _decode_kept(self, ids: list[int], *, skip_special: bool) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
+
+    # ------------------------------------------------------------ chat templates
+    def get_chat_template(self, chat_template: str | None = None, *, tools: Any = None) -> str:
+        """The Jinja source to render, chosen as transformers does: `chat_template` names one of
+        several templates or is itself a template; otherwise the model's single template, or among
+        several the "tool_use" one when tools are given, else "default"."""
+        own = self.chat_template
+        if isinstance(own, dict):
+            if chat_template is not None:
+                return own.get(chat_template, chat_template)
+            if tools is not None and "tool_use" in own:
+                return own["tool_use"]
+            if "default" in own:
+                return own["default"]
+            raise ChatTemplateError(f"this tokenizer has several chat templates ({', '.join(sorted(own))}) and "
+                                    "none is named 'default'; pass chat_template=<name>")
+        if chat_template is not None:
+            return chat_template
+        if own is None:
+            raise ChatTemplateError("this tokenizer has no chat template (no 'chat_template' in "
+                                    "tokenizer_config.json and no chat_template.jinja); pass chat_template=")
+        return own
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        *,
+        chat_template: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render `messages` ([{"role", "content"}, ...]) with the model's chat template -> text, or
+        its ids with `tokenize=True` (the template writes bos and other control tokens itself, so
+        nothing is added). `add_generation_prompt` appends the assistant header so the model's
+        reply comes next. Extra keyword arguments become template variables (e.g.
+        `enable_thinking=False`). See `rljax.chat_template` for what the template sees.
+        Raises ChatTemplateError: no template, a message without role or content (naming its
+        index), or a template that raises.
+        """
+        source = self.get_chat_template(chat_template, tools=tools)
+        text = render_chat_template(source, messages, add_generation_prompt=add_generation_prompt,
+                                    special_tokens=self.special_tokens, tools=tools, documents=documents, **kwargs)
+        return self.encode(text, add_bos=False) if tokenize else text
