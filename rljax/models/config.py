@@ -15,6 +15,39 @@ HEADS = ("lm", "value", "reward")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ROPE_SCALING_TYPES = ("llama3",)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x RoPE frequency scaling (`rope_scaling` with `rope_type: "llama3"` in HF configs).
+
+    With base frequencies f_i = theta^(-2i/H) and wavelengths w_i = 2 pi / f_i, C =
+    original_max_position_embeddings, lo = C / low_freq_factor, hi = C / high_freq_factor:
+      w_i < hi (high frequencies):  f_i unchanged,
+      w_i > lo (low frequencies):   f_i / factor,
+      otherwise, with s = (C / w_i - low_freq_factor) / (high_freq_factor - low_freq_factor):
+                                    (1 - s) f_i / factor + s f_i.
+    cos/sin are not rescaled (Llama 3's attention factor is 1).
+    """
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: str = "llama3"
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"RopeScaling.rope_type: {self.rope_type!r} not in {ROPE_SCALING_TYPES}")
+        if not self.factor > 0:
+            raise ValueError(f"RopeScaling.factor: must be positive, got {self.factor}")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"RopeScaling: need 0 < low_freq_factor < high_freq_factor, got "
+                             f"{self.low_freq_factor} and {self.high_freq_factor}")
+        if int(self.original_max_position_embeddings) <= 0:
+            raise ValueError(f"RopeScaling.original_max_position_embeddings: must be positive, got "
+                             f"{self.original_max_position_embeddings}")
 
 
 @dataclass(frozen=True)
@@ -30,6 +63,7 @@ class TransformerConfig:
       mlp_dim: F, hidden width of the SwiGLU MLP.
       head_dim: H, per-head width; defaults to D // N.
       rope_theta: RoPE base frequency (Llama-3: 5e5, Qwen2.5: 1e6).
+      rope_scaling: a `RopeScaling` (Llama 3.1+ frequency scaling) or None (plain RoPE).
       norm_eps: RMSNorm epsilon.
       qkv_bias: bias on the q/k/v projections (Qwen2).
       qk_norm: per-head RMSNorm of q and k before RoPE (Qwen3).
@@ -63,6 +97,7 @@ class TransformerConfig:
     mlp_dim: int
     head_dim: int | None = None
     rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-6
     qkv_bias: bool = False
     qk_norm: bool = False
@@ -90,6 +125,8 @@ class TransformerConfig:
             bad("head_dim", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
         if self.dim_per_head % 2:
             bad("head_dim", f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            bad("rope_scaling", f"must be a RopeScaling or None, got {type(self.rope_scaling).__name__}")
         if self.remat not in REMAT_POLICIES:
             bad("remat", f"{self.remat!r} not in {REMAT_POLICIES}")
         if self.dtype not in DTYPES:

@@ -33,7 +33,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from rljax.models.config import HEADS, TransformerConfig
+from rljax.models.config import HEADS, RopeScaling, TransformerConfig
 from rljax.sharding import constrain
 
 Array = jax.Array
@@ -126,13 +126,34 @@ class RMSNorm(nn.Module):
         return x * scale.astype(jnp.float32)
 
 
-def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+def llama3_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
+    """Llama 3 scaled RoPE frequencies [H/2] float32 (the rule is in `RopeScaling`'s docstring).
+
+    Computed in float64 on the host: they depend only on the config, so they are a constant
+    of the compiled program.
+    """
+    freq = theta ** (-np.arange(head_dim // 2, dtype=np.float64) * 2.0 / head_dim)
+    wavelen = 2 * np.pi / freq
+    C, lo_f, hi_f = scaling.original_max_position_embeddings, scaling.low_freq_factor, scaling.high_freq_factor
+    scaled = np.where(wavelen > C / lo_f, freq / scaling.factor, freq)
+    smooth = (C / wavelen - lo_f) / (hi_f - lo_f)
+    medium = (wavelen >= C / hi_f) & (wavelen <= C / lo_f)
+    scaled = np.where(medium, (1 - smooth) * scaled / scaling.factor + smooth * scaled, scaled)
+    return scaled.astype(np.float32)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float,
+                scaling: RopeScaling | None = None) -> tuple[Array, Array]:
     """cos/sin tables for rotary embeddings, computed once per forward pass.
 
     positions [B, T] -> (cos, sin), each [B, T, 1, H]. With f_i = theta^(-2i/H),
     i < H/2: cos = [cos(p f), cos(p f)], sin = [-sin(p f), sin(p f)].
+    `scaling` (Llama 3.x) rescales the low frequencies, see `llama3_frequencies`.
     """
-    freq = theta ** (-jnp.arange(head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
+    if scaling is None:
+        freq = theta ** (-jnp.arange(head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
+    else:
+        freq = jnp.asarray(llama3_frequencies(head_dim, theta, scaling))
     angle = positions.astype(jnp.float32)[..., None] * freq  # [B, T, H/2]
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     return (jnp.concatenate([cos, cos], -1)[:, :, None, :], jnp.concatenate([-sin, sin], -1)[:, :, None, :])
@@ -341,7 +362,8 @@ class Transformer(nn.Module):
 
         x = jnp.take(self.embedding, tokens, axis=0).astype(jnp.float32)
         x = constrain(x, self.mesh, ("batch", "length", "act_embed"))
-        rope_cs = rope_tables(positions, self.config.dim_per_head, self.config.rope_theta)
+        rope_cs = rope_tables(positions, self.config.dim_per_head, self.config.rope_theta,
+                              self.config.rope_scaling)
         x, cache = self._layers(x, rope_cs, mask, cache)
         if cache is not None:
             cache = cache.replace(valid=key_valid, index=cache.index + T)
