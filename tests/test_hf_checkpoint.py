@@ -338,3 +338,60 @@ def test_reads_in_small_chunks_give_the_same_params(monkeypatch):
         _, chunked = load_pretrained(os.path.join(FIXTURES, name))
         monkeypatch.undo()
         _assert_same_tree(whole, chunked)
+
+
+HF_WORKER = """
+import json, sys
+import jax, numpy as np
+from jax.experimental.multihost_utils import process_allgather
+from rljax.models import Model, load_pretrained, save_pretrained
+from rljax.sharding import make_mesh, replicated
+
+pid, port, fixture, out_dir, result = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid)
+mesh = make_mesh(data=1, fsdp=2, tensor=2)  # 4 devices, 2 per process: every parameter spans both processes
+cfg, params = load_pretrained(fixture, mesh=mesh)
+gate = params["layers"]["mlp"]["gate"]
+assert not gate.is_fully_addressable and len(gate.addressable_shards) == 2
+ref = np.load(fixture + ".npz")
+tokens = jax.make_array_from_callback(ref["tokens"].shape, replicated(mesh), lambda i: ref["tokens"][i])
+logits = jax.jit(lambda p, t: Model(cfg, mesh)(p, t), out_shardings=replicated(mesh))(params, tokens)
+err = float(np.abs(np.asarray(process_allgather(logits, tiled=True)) - ref["logits"]).max())
+save_pretrained(params, cfg, out_dir, max_shard_bytes=50_000)
+json.dump({"err": err, "processes": jax.process_count()}, open(result, "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_load_and_save(tmp_path):
+    """Two processes (2 CPU devices each) load the sharded fixture onto one 4-device mesh, each reading its
+    own slices; saving gathers across them and process 0 writes a checkpoint equal to the source."""
+    import subprocess
+    import sys
+
+    from test_multihost import _env, _free_port
+
+    script, port, fixture = tmp_path / "worker.py", _free_port(), os.path.join(FIXTURES, "llama")
+    script.write_text(HF_WORKER)
+    procs = []
+    for pid in (0, 1):
+        log = open(tmp_path / f"proc{pid}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(pid), str(port), fixture,
+                                       str(tmp_path / "out"), str(tmp_path / f"proc{pid}.json")],
+                                      env=_env(2), stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(codes):
+        pytest.fail("\n".join((tmp_path / f"proc{i}.log").read_text()[-3000:] for i in (0, 1)))
+    for pid in (0, 1):
+        res = json.load(open(tmp_path / f"proc{pid}.json"))
+        assert res["processes"] == 2 and res["err"] < 1e-4, res
+    _, params = load_pretrained(fixture)
+    _, back = load_pretrained(str(tmp_path / "out"))
+    _assert_same_tree(params, back)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["out"]  # no temporary directory left
