@@ -281,9 +281,9 @@ class _Source:
     optional: bool = False
 
 
-def _linear(name, out_split, in_split, layered=True, in_first=True) -> _Source:
-    """An HF Linear weight [out, in] with out = prod(out_split), in = prod(in_split). rljax keeps
-    [in..., out...] (in_first, e.g. q_proj [D, N, H]) or, for o_proj, [heads..., D] = [in..., out]."""
+def _linear(name, out_split, in_split, layered=True) -> _Source:
+    """An HF Linear weight [out, in] with out = prod(out_split), in = prod(in_split); rljax keeps every
+    matrix as [in..., out...] (q_proj [D, N, H], o_proj [N, H, D], gate [D, F])."""
     view = tuple(out_split) + tuple(in_split)
     n_out = len(out_split)
     perm = tuple(range(n_out, len(view))) + tuple(range(n_out))
