@@ -395,3 +395,22 @@ def test_two_processes_load_and_save(tmp_path):
     _, back = load_pretrained(str(tmp_path / "out"))
     _assert_same_tree(params, back)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["out"]  # no temporary directory left
+
+
+def test_hub_names_go_through_snapshot_download_only_when_not_a_directory(monkeypatch, tmp_path):
+    """A stand-in huggingface_hub module (the real one is never called in tests)."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("huggingface_hub")
+    fake.snapshot_download = lambda repo_id, **kw: calls.append((repo_id, kw)) or os.path.join(FIXTURES, "qwen3")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    cfg, _ = load_pretrained("Qwen/Qwen3-tiny-fixture")
+    assert cfg.qk_norm and [c[0] for c in calls] == ["Qwen/Qwen3-tiny-fixture"]
+    assert "*.safetensors" in calls[0][1]["allow_patterns"]
+    load_pretrained(os.path.join(FIXTURES, "qwen3"))  # a local directory is never looked up
+    assert len(calls) == 1
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed: a clear error
+    with pytest.raises(FileNotFoundError, match="not a local directory and huggingface_hub is not installed"):
+        load_pretrained(str(tmp_path / "nowhere"))
