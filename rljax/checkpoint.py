@@ -14,7 +14,17 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+def digest_params(params, h) -> None:
+    """Feed every leaf of `params` (path, dtype, shape, bytes) to the hashlib object `h`: a
+    fingerprint that tells whether cached data were made with these exact parameters."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
 
 
 def _is_key(x) -> bool:

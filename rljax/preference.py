@@ -15,18 +15,11 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from rljax.checkpoint import Checkpointer
+from rljax.checkpoint import Checkpointer, digest_params
 from rljax.data.collate import BatchIterator
 from rljax.losses.preference import DPOConfig, reference_logps
 from rljax.sampling import SampleConfig, sample
 from rljax.state import OptimizerConfig
-
-
-def _digest_params(params, h) -> None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        arr = np.asarray(jax.device_get(leaf))
-        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
 
 
 def _digest_batch(batch, h) -> None:
@@ -54,7 +47,7 @@ def cached_reference_logps(params, rows: Sequence, collate: Callable, *, model, 
     path = None
     if cache_dir is not None:
         h = hashlib.sha256()
-        _digest_params(params, h)
+        digest_params(params, h)
         for b in batches:
             _digest_batch(b, h)
         path = os.path.join(cache_dir, f"ref_logps-{h.hexdigest()[:32]}.npy")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass
 
 import jax
@@ -392,3 +393,227 @@ def beam_search(params, prompt_tokens, prompt_mask, *, model: Model, cfg: BeamCo
                                    max_new_tokens=cfg.max_new_tokens, max_seq_len=c.max_seq_len,
                                    pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket)
     return _beam(params, _place(tokens, model), _place(mask, model), model=model, cfg=cfg)
+
+
+# ----------------------------------------------------------------------------- value-guided step beam search
+
+
+@dataclass(frozen=True)
+class ValueSearchConfig:
+    """Value-guided step beam search (OREO's test-time search).
+
+    beams W: partial solutions kept per prompt; expansions E: next steps sampled from
+    each (None: E = W, the paper's B × B candidates; beams = 1, expansions = K is
+    best-of-K selection of every single next step); step_end_ids: tokens that end a
+    step (e.g. the separator's id); a step also ends at eos or after max_step_tokens;
+    max_new_tokens N: the length limit of a solution (reaching it finishes it);
+    max_rounds: the round limit (one step per round). temperature, top_k, top_p: the
+    step sampler (temperature 0: greedy steps). The KV cache holds
+    P + max_rounds · max_step_tokens slots (each round's steps write side by side).
+    """
+
+    beams: int = 3
+    expansions: int | None = None
+    step_end_ids: tuple[int, ...] = ()
+    max_step_tokens: int = 32
+    max_new_tokens: int = 128
+    max_rounds: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_id: int = 2
+    pad_id: int = 0
+    min_prompt_bucket: int = 16
+
+    def __post_init__(self):
+        for f in ("beams", "max_step_tokens", "max_new_tokens", "max_rounds"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"ValueSearchConfig.{f}: must be >= 1, got {getattr(self, f)}")
+        if self.expansions is not None and self.expansions < 1:
+            raise ValueError(f"ValueSearchConfig.expansions: must be >= 1 or None, got {self.expansions}")
+        object.__setattr__(self, "step_end_ids", tuple(int(t) for t in self.step_end_ids))
+        self.sampling  # validates temperature, top_k, top_p
+
+    @property
+    def width(self) -> int:
+        """E, the continuations sampled per beam."""
+        return self.beams if self.expansions is None else self.expansions
+
+    @property
+    def sampling(self) -> SampleConfig:
+        return SampleConfig(max_new_tokens=self.max_step_tokens, temperature=self.temperature, top_k=self.top_k,
+                            top_p=self.top_p, eos_id=self.eos_id, pad_id=self.pad_id)
+
+
+@struct.dataclass
+class SearchResult:
+    """The best solution per prompt: tokens, attention_mask [B, P + N] (prompt left-padded,
+    solution right-padded), scores [B] (the scorer's value of it), lengths [B],
+    finished [B] (False: the round limit came first and this is the best live beam);
+    pool_tokens [B, W, N], pool_scores [B, W] (the finished pool, best first, −inf where
+    empty); rounds: rounds run; generated: tokens sampled in all (the search's cost);
+    trace: with `trace=True`, per round a dict of numpy arrays (candidates [B, W·E, N],
+    lengths, scores, finished, kept: the W candidates that stay live), else None."""
+
+    tokens: jax.Array
+    attention_mask: jax.Array
+    scores: jax.Array
+    lengths: jax.Array
+    finished: jax.Array
+    pool_tokens: jax.Array
+    pool_scores: jax.Array
+    rounds: int = struct.field(pytree_node=False)
+    generated: int = struct.field(pytree_node=False)
+    prompt_length: int = struct.field(pytree_node=False)
+    trace: list | None = struct.field(pytree_node=False, default=None)
+
+
+def _row_tokens(logits, keys, cfg: SampleConfig):
+    """choose_tokens with one key per row (so a row's sample does not depend on the others)."""
+    tok, _ = jax.vmap(lambda lg, k: choose_tokens(lg[None], k, cfg))(logits, keys)
+    return tok[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "slots"))
+def _search_start(params, prompt, prompt_mask, *, model: Model, cfg: ValueSearchConfig, slots: int):
+    """Prompt forward for W copies of every prompt: cache, next logits [B·W, V]."""
+    W = cfg.beams
+    prompt, prompt_mask = jnp.repeat(prompt, W, axis=0), jnp.repeat(prompt_mask, W, axis=0)
+    cache = _constrain_cache(model.init_cache(prompt.shape[0], slots), model)
+    hidden, cache = model.forward(params, prompt, prompt_mask, cache=cache)
+    return cache, model.logits(params, hidden[:, -1])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+def _search_expand(params, cache, logits, gen, glen, valid, keys, *, model: Model, cfg: ValueSearchConfig):
+    """Sample one step from each of the W beams E times. In: cache and logits of B·W beams,
+    gen [B·W, N], glen [B·W], valid [B·W], keys [B] (this round's key per prompt). Out:
+    the B·W·E candidates' cache, logits, gen, glen, valid, finished and tokens sampled."""
+    E, N, scfg = cfg.width, cfg.max_new_tokens, cfg.sampling
+    R = gen.shape[0] * E
+    src = jnp.repeat(jnp.arange(gen.shape[0]), E)
+    cache = jax.tree.map(lambda x: x[src] if x.ndim else x, cache)
+    logits, gen, glen, valid = logits[src], gen[src], glen[src], valid[src]
+    row_keys = jax.vmap(jax.random.fold_in)(jnp.repeat(keys, R // keys.shape[0]),
+                                            jnp.arange(R) % (R // keys.shape[0]))
+    ends = jnp.asarray(cfg.step_end_ids + (cfg.eos_id,), jnp.int32)
+    rows = jnp.arange(R)
+
+    def cond(c):
+        i, alive = c[0], c[-1]
+        return (i < cfg.max_step_tokens) & jnp.any(alive)
+
+    def body(c):
+        i, logits, cache, gen, glen, eos, alive = c
+        tok = _row_tokens(logits, jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, i), scfg)
+        tok = jnp.where(alive, tok, cfg.pad_id)
+        gen = gen.at[rows, jnp.minimum(glen, N - 1)].set(jnp.where(alive, tok, gen[rows, jnp.minimum(glen, N - 1)]))
+        glen = glen + alive.astype(glen.dtype)
+        eos = eos | (alive & (tok == cfg.eos_id))
+        hidden, cache = model.forward(params, tok[:, None], alive[:, None].astype(jnp.int32), cache=cache)
+        logits = jnp.where(alive[:, None], model.logits(params, hidden[:, 0]), logits)
+        alive = alive & ~jnp.isin(tok, ends) & (glen < N)
+        return i + 1, logits, cache, gen, glen, eos, alive
+
+    alive = valid & (glen < N)
+    init = (jnp.int32(0), logits, cache, gen, glen, jnp.zeros((R,), bool), alive)
+    _, logits, cache, gen2, glen2, eos, _ = lax.while_loop(cond, body, init)
+    finished = valid & (eos | (glen2 >= N))
+    return cache, logits, gen2, glen2, valid, finished, jnp.sum(glen2 - glen)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _search_select(cache, logits, gen, glen, valid, finished, scores, pool_gen, pool_len, pool_score, *,
+                   cfg: ValueSearchConfig):
+    """Finished candidates join the pool (best W kept); the W best unfinished become the beams."""
+    W, E = cfg.beams, cfg.width
+    B = pool_gen.shape[0]
+    C = W * E
+    rows = jnp.arange(B)[:, None]
+    s = scores.reshape(B, C).astype(jnp.float32)
+    fin, ok = finished.reshape(B, C), valid.reshape(B, C)
+    g, gl = gen.reshape(B, C, -1), glen.reshape(B, C)
+    all_score = jnp.concatenate([pool_score, jnp.where(fin, s, -jnp.inf)], axis=1)
+    pool_score, pick = lax.top_k(all_score, W)
+    pool_gen = jnp.concatenate([pool_gen, g], axis=1)[rows, pick]
+    pool_len = jnp.concatenate([pool_len, gl], axis=1)[rows, pick]
+    live_score, keep = lax.top_k(jnp.where(ok & ~fin, s, -jnp.inf), W)
+    src = (jnp.arange(B)[:, None] * C + keep).reshape(-1)
+    cache = jax.tree.map(lambda x: x[src] if x.ndim else x, cache)
+    new_valid = (live_score > -jnp.inf).reshape(-1)
+    return (cache, logits[src], gen[src], glen[src], new_valid, live_score.reshape(-1), pool_gen, pool_len,
+            pool_score, keep)
+
+
+def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_params, key, *, model: Model,
+                             cfg: ValueSearchConfig, keys=None, trace: bool = False) -> SearchResult:
+    """Value-guided step beam search: keep W partial solutions per prompt; each round,
+    sample E next steps from each (up to a step end, eos or the length limit), score
+    the W·E candidates with `scorer` at their last token, move candidates that finished
+    (eos or max_new_tokens) to a pool of the W best finished ones, keep the W best
+    unfinished as the new beams, until no beam is left or after max_rounds. Returns the
+    highest-scored finished candidate (the best live beam where none finished). Round 0
+    extends the prompt alone (E candidates).
+
+    scorer(scorer_params, tokens [R, P+N], attention_mask [R, P+N]) -> [R] (e.g.
+    `rljax.oreo.value_scorer(value_model)` with the value params; a PRM read at the last
+    token works the same); it runs once per round on all candidates of all prompts.
+    All beams of all prompts are batched on device and the policy's KV cache carries
+    over between rounds (candidates copy their beam's cache rows; the kept ones survive).
+    Prompt i samples with keys[i] (default fold_in(key, i)), so its result does not
+    depend on the other prompts in the batch (given the same padded prompt width).
+    """
+    c = model.config
+    if not cfg.step_end_ids:
+        warnings.warn("value_guided_beam_search: no step_end_ids, so steps end only at eos or after "
+                      f"max_step_tokens={cfg.max_step_tokens}", stacklevel=2)
+    room = cfg.max_rounds * cfg.max_step_tokens
+    tokens, mask = prepare_prompts(prompt_tokens, prompt_mask, vocab_size=c.vocab_size, max_new_tokens=room,
+                                   max_seq_len=c.max_seq_len, pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket)
+    B, P = tokens.shape
+    W, N = cfg.beams, cfg.max_new_tokens
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(B)) if keys is None else keys
+    if keys.shape[0] != B:
+        raise ValueError(f"value_guided_beam_search: {keys.shape[0]} keys for {B} prompts")
+    prompt, pmask = _place(tokens, model), _place(mask, model)
+    cache, logits = _search_start(params, prompt, pmask, model=model, cfg=cfg, slots=P + room)
+    gen = jnp.full((B * W, N), cfg.pad_id, jnp.int32)
+    glen = jnp.zeros((B * W,), jnp.int32)
+    valid = jnp.tile(jnp.arange(W) == 0, B)  # round 0: one beam, the prompt itself
+    pool_gen = jnp.full((B, W, N), cfg.pad_id, jnp.int32)
+    pool_len = jnp.zeros((B, W), jnp.int32)
+    pool_score = jnp.full((B, W), -jnp.inf, jnp.float32)
+    live_score = jnp.full((B * W,), -jnp.inf, jnp.float32)
+    C = W * cfg.width
+    cand_prompt = jnp.repeat(prompt, C, axis=0)
+    cand_pmask = jnp.repeat(pmask, C, axis=0)
+    steps, generated, rounds = [], 0, 0
+    while rounds < cfg.max_rounds and bool(jax.device_get(valid.any())):
+        round_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, rounds)
+        cache, logits, gen, glen, valid, finished, n_new = _search_expand(params, cache, logits, gen, glen, valid,
+                                                                          round_keys, model=model, cfg=cfg)
+        seq = jnp.concatenate([cand_prompt, gen], axis=1)
+        seq_mask = jnp.concatenate([cand_pmask, (jnp.arange(N)[None] < glen[:, None]).astype(jnp.int32)], axis=1)
+        scores = jnp.where(valid, scorer(scorer_params, seq, seq_mask), -jnp.inf)
+        if trace:
+            steps.append({k: np.asarray(jax.device_get(v)) for k, v in dict(
+                candidates=gen.reshape(B, C, N), lengths=glen.reshape(B, C), scores=scores.reshape(B, C),
+                finished=finished.reshape(B, C), valid=valid.reshape(B, C)).items()})
+        (cache, logits, gen, glen, valid, live_score, pool_gen, pool_len, pool_score,
+         keep) = _search_select(cache, logits, gen, glen, valid, finished, scores, pool_gen, pool_len, pool_score,
+                                cfg=cfg)
+        if trace:
+            steps[-1]["kept"] = np.asarray(jax.device_get(keep))
+        generated += int(jax.device_get(n_new))
+        rounds += 1
+    live_best = jnp.argmax(live_score.reshape(B, W), axis=1)
+    has_pool = pool_score[:, 0] > -jnp.inf
+    rows = jnp.arange(B)
+    best_gen = jnp.where(has_pool[:, None], pool_gen[:, 0], gen.reshape(B, W, N)[rows, live_best])
+    best_len = jnp.where(has_pool, pool_len[:, 0], glen.reshape(B, W)[rows, live_best])
+    best_score = jnp.where(has_pool, pool_score[:, 0], live_score.reshape(B, W)[rows, live_best])
+    gen_mask = (jnp.arange(N)[None] < best_len[:, None]).astype(jnp.int32)
+    return SearchResult(tokens=jnp.concatenate([prompt, jnp.where(gen_mask > 0, best_gen, cfg.pad_id)], axis=1),
+                        attention_mask=jnp.concatenate([pmask, gen_mask], axis=1), scores=best_score,
+                        lengths=best_len, finished=has_pool, pool_tokens=pool_gen, pool_scores=pool_score,
+                        rounds=rounds, generated=generated, prompt_length=P, trace=steps if trace else None)

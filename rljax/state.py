@@ -152,6 +152,35 @@ def create_state(model, opt_cfg: OptimizerConfig, key: jax.Array, *, mesh: Mesh 
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, skipped_steps=skipped)
 
 
+def apply_loss_gradients(state: TrainState, optimizer: optax.GradientTransformation, loss_fn: Callable, batch,
+                         *, has_aux_out: bool = False):
+    """One optimizer step on `loss_fn(params, batch) -> (loss, metrics)` (traceable; the
+    body of `make_train_step`, also used by steps that update several models at once).
+
+    A non-finite loss or gradient norm leaves params and optimizer state unchanged;
+    `step` still advances and `skipped_steps` counts it. Returns (new state, metrics with
+    loss, grad_norm and skipped). With has_aux_out, loss_fn returns (loss, (metrics, out))
+    and `out` (e.g. per-token values another update needs) is returned third.
+    """
+    rng, _ = jax.random.split(state.rng)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    metrics, out = aux if has_aux_out else (aux, None)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        rng=rng,
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
+    return (new_state, metrics, out) if has_aux_out else (new_state, metrics)
+
+
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation | OptimizerConfig, *,
                     model=None, mesh: Mesh | None = None, rules=LOGICAL_RULES, donate: bool = True):
     """Jitted `step(state, batch) -> (state, metrics)`.
@@ -167,22 +196,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation |
         optimizer = make_optimizer(optimizer)
 
     def step(state: TrainState, batch):
-        rng, _ = jax.random.split(state.rng)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            rng=rng,
-            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
-        )
-        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
-        return new_state, metrics
+        return apply_loss_gradients(state, optimizer, loss_fn, batch)
 
     donate_argnums = (0,) if donate else ()
     if mesh is None:

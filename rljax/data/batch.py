@@ -131,3 +131,24 @@ class KTOBatch:
     loss_mask: object
     desirable: object
     ref_logps: object = None
+
+
+@struct.dataclass
+class OREOBatch:
+    """Offline trajectories for OREO: one sampled solution per row with its terminal reward.
+
+    tokens, attention_mask, loss_mask: [B, T] int32 (loss_mask 1 on completion tokens);
+    rewards: [B] float32, R ∈ {0, 1} (other values only when the collation allowed them);
+    step_starts: [B, T] int32, 1 at the first token of every reasoning step (for the
+    step-level loss; None without step boundaries). values [B, T-1] (the value model's
+    V_t before this step's update) and log_ratios [B, T-1] (ℓ_t of the policy before its
+    update) are filled in by the OREO step for its two losses, None in collated data.
+    """
+
+    tokens: object
+    attention_mask: object
+    loss_mask: object
+    rewards: object
+    step_starts: object = None
+    values: object = None
+    log_ratios: object = None

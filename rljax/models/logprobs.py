@@ -46,21 +46,50 @@ def head_token_stats(params, hidden, targets, *, model, stats=("logprobs",), chu
     if unknown:
         raise ValueError(f"unknown token statistics {sorted(unknown)}; choose from {sorted(_STATS)}")
     B, T, _ = hidden.shape
-    C = _chunk_size(B, T, model.config.vocab_size, chunk_size)
 
     def one(h, y):
         logits = model.logits(params, h)
         return {name: _STATS[name](logits, y) for name in stats}
 
+    return _time_chunked(one, (hidden, targets), _chunk_size(B, T, model.config.vocab_size, chunk_size))
+
+
+def head_token_kl(params, hidden, ref_params, ref_hidden, targets, *, model, chunk_size: int | None = None):
+    """Log-probs of the targets under the policy and the reference, and the exact
+    full-vocabulary KL(π_θ ‖ π_ref)(s_t) = Σ_v π_θ(v|s_t) (log π_θ(v|s_t) − log π_ref(v|s_t)),
+    chunked over time like `head_token_stats` (both heads' logits of one chunk at a time).
+
+    hidden, ref_hidden [B, T, D] (policy and reference backbones), targets [B, T] ->
+    {"logprobs", "ref_logprobs", "kl"}: [B, T] float32 each.
+    """
+    B, T, _ = hidden.shape
+
+    def one(h, rh, y):
+        logp = jax.nn.log_softmax(model.logits(params, h), axis=-1)
+        ref = jax.nn.log_softmax(model.logits(ref_params, rh), axis=-1)
+        pick = lambda lp: jnp.take_along_axis(lp, y[..., None], axis=-1)[..., 0]  # noqa: E731
+        return {"logprobs": pick(logp), "ref_logprobs": pick(ref), "kl": jnp.sum(jnp.exp(logp) * (logp - ref), -1)}
+
+    # two heads' logits live at once: the chunk of a single head over twice the rows
+    return _time_chunked(one, (hidden, ref_hidden, targets), _chunk_size(2 * B, T, model.config.vocab_size,
+                                                                        chunk_size))
+
+
+def _time_chunked(fn, arrays, C: int) -> dict:
+    """fn(*arrays) -> {name: [B, T]}, evaluated on chunks of C positions along axis 1 in a
+    rematerialised scan (the backward recomputes each chunk instead of storing its logits)."""
+    B, T = arrays[0].shape[:2]
     if C >= T:
-        return one(hidden, targets)
+        return fn(*arrays)
     n = -(-T // C)
     pad = n * C - T
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, -1).swapaxes(0, 1)
-    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, C).swapaxes(0, 1)
-    # checkpoint: the backward recomputes each chunk's logits instead of storing all of them.
-    body = jax.checkpoint(lambda carry, hy: (carry, one(*hy)))
-    _, out = jax.lax.scan(body, None, (h, y))
+
+    def split(x):
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape(B, n, C, *x.shape[2:]).swapaxes(0, 1)
+
+    body = jax.checkpoint(lambda carry, xs: (carry, fn(*xs)))
+    _, out = jax.lax.scan(body, None, tuple(split(x) for x in arrays))
     return {k: v.swapaxes(0, 1).reshape(B, n * C)[:, :T] for k, v in out.items()}
 
 

@@ -1,0 +1,539 @@
+"""OREO around its losses: the policy/value/reference state, the joint jitted step, offline
+trajectories (collection, storage, collation), the phase and iterative OREO.
+
+    value_model, state = create_oreo_state(model, sft_params, cfg.optimizer, key)
+    rows = collect_trajectories(sft_params, prompts, reward_fn, CollectConfig(samples=8), model=model,
+                                tokenizer=tok, key=key, out_dir="runs/oreo/data", problems=problems)
+    data = BatchIterator(rows, 16, functools.partial(collate_trajectories, tok))
+    state = oreo(state, data, OREOPhaseConfig(...), model=model, run_dir="runs/oreo")
+
+At test time the value model scores partial solutions for `value_guided_beam_search`
+(`rljax.sampling`) through `value_scorer(value_model)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from rljax.checkpoint import Checkpointer, digest_params
+from rljax.data.batch import OREOBatch
+from rljax.data.collate import BatchIterator, pad_rows, padded_width
+from rljax.losses.actor_critic import token_values
+from rljax.losses.oreo import OREOConfig, oreo_policy_terms, oreo_value_loss
+from rljax.models import add_head
+from rljax.models.transformer import Model, last_token_index
+from rljax.phases import LoopConfig, run_loop
+from rljax.rewards.rules import score
+from rljax.sampling import SampleConfig, sample
+from rljax.sharding import LOGICAL_RULES, batch_sharding, param_shardings, replicated, shard_batch, shard_params
+from rljax.state import (OptimizerConfig, TrainState, apply_loss_gradients, create_state, make_optimizer,
+                         state_shardings)
+
+# ----------------------------------------------------------------------------- state and step
+
+
+@struct.dataclass
+class OREOState:
+    """step: OREO steps done (the data position); policy and value: their TrainStates;
+    ref_params: the frozen reference (the SFT policy)."""
+
+    step: jax.Array
+    policy: TrainState
+    value: TrainState
+    ref_params: Any
+
+
+def value_model_of(model: Model) -> Model:
+    """The value model's architecture: the policy's backbone with only a scalar value head."""
+    return Model(model.config.replace(heads=("value",)), model.mesh)
+
+
+def value_params_from(model: Model, params: dict) -> dict:
+    """Value-model parameters from policy (e.g. SFT) parameters: the same backbone and a
+    zero-initialised value head (V ≡ 0 at the start), without the LM head."""
+    _, with_head = add_head(model, params, "value")
+    keep = value_model_of(model).param_shapes()
+    return {k: v for k, v in with_head.items() if k in keep}
+
+
+def create_oreo_state(model: Model, params: dict, opt_cfg: OptimizerConfig, key, *,
+                      value_optimizer: OptimizerConfig | None = None, value_params: dict | None = None
+                      ) -> tuple[Model, OREOState]:
+    """(value model, state): the policy starts from a copy of `params`, which also become
+    the frozen reference; the value model from `value_params` (default:
+    `value_params_from(model, params)`). With model.mesh everything is placed sharded."""
+    value_model = value_model_of(model)
+    if value_params is None:
+        value_params = value_params_from(model, params)
+    k_policy, k_value = jax.random.split(key)
+    mesh = model.mesh
+    policy = create_state(model, opt_cfg, k_policy, mesh=mesh, params=jax.tree.map(jnp.copy, params))
+    value = create_state(value_model, value_optimizer or opt_cfg, k_value, mesh=mesh,
+                         params=jax.tree.map(jnp.copy, value_params))
+    ref = params if mesh is None else shard_params(params, param_shardings(model, mesh))
+    step = jnp.int32(0) if mesh is None else jax.device_put(jnp.int32(0), replicated(mesh))
+    return value_model, OREOState(step=step, policy=policy, value=value, ref_params=ref)
+
+
+def make_oreo_step(model: Model, cfg: OREOConfig, optimizer: OptimizerConfig,
+                   value_optimizer: OptimizerConfig | None = None, *, mesh=None, rules=LOGICAL_RULES,
+                   donate: bool = True) -> Callable:
+    """Jitted `step(state: OREOState, batch: OREOBatch) -> (state, metrics)`: one update of
+    the value model and one of the policy, both from the pre-step models, in one program.
+
+    As in the paper the critic steps first and the actor uses the values computed before
+    that step: V_t of the value model (before its update) feeds the policy loss, and the
+    policy's log-ratios ℓ_t (before its update) feed the value loss, so neither update
+    sees the other's result and no host round trip separates them. A non-finite loss or
+    gradient in either update leaves that model unchanged (metrics["skipped"] = 1).
+    Metrics: the policy's (loss, policy_loss, kl, ...) and the value model's, prefixed
+    "value/" where the names collide.
+    """
+    value_model = value_model_of(model)
+    tx_policy = make_optimizer(optimizer)
+    tx_value = make_optimizer(value_optimizer or optimizer)
+
+    def update(trained, ref_params, batch: OREOBatch):
+        count, policy, value = trained
+        values = jax.lax.stop_gradient(token_values(value.params, batch.tokens, batch.attention_mask,
+                                                    model=value_model))
+        policy_loss = functools.partial(oreo_policy_terms, model=model, cfg=cfg, ref_params=ref_params)
+        policy, pm, log_ratios = apply_loss_gradients(policy, tx_policy, policy_loss, batch.replace(values=values),
+                                                      has_aux_out=True)
+        value, vm = apply_loss_gradients(value, tx_value,
+                                         functools.partial(oreo_value_loss, model=value_model, cfg=cfg),
+                                         batch.replace(log_ratios=log_ratios))
+        metrics = dict(pm, **{k if k.startswith("value_") else f"value/{k}": v for k, v in vm.items()})
+        metrics["skipped"] = jnp.maximum(pm["skipped"], vm["skipped"])
+        return (count + 1, policy, value), metrics
+
+    # The step owns (and donates) the counter, policy and value states, never the reference:
+    # it is the caller's parameters (e.g. the SFT params), which must stay valid.
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        jitted = jax.jit(update, donate_argnums=donate_argnums)
+        shardings = None
+    else:
+        trained_sh = (replicated(mesh), state_shardings(model, tx_policy, mesh, rules),
+                      state_shardings(value_model, tx_value, mesh, rules))
+        ref_sh = param_shardings(model, mesh, rules)
+        shardings = {}
+
+    def step(state: OREOState, batch: OREOBatch):
+        trained = (state.step, state.policy, state.value)
+        if shardings is None:
+            out, metrics = jitted(trained, state.ref_params, batch)
+        else:
+            key = jax.tree.structure(batch)
+            if key not in shardings:
+                batch_sh = jax.tree.map(lambda x: batch_sharding(mesh, x.ndim, rules), batch)
+                shardings[key] = jax.jit(update, in_shardings=(trained_sh, ref_sh, batch_sh),
+                                         out_shardings=(trained_sh, None), donate_argnums=donate_argnums)
+            out, metrics = shardings[key](trained, state.ref_params, batch)
+        return OREOState(step=out[0], policy=out[1], value=out[2], ref_params=state.ref_params), metrics
+
+    return step
+
+
+def value_scorer(value_model: Model) -> Callable:
+    """Jitted `scorer(value_params, tokens, attention_mask) -> [R]`: the value head at each row's
+    last real token, V(s) of the partial solution s (the signature
+    `value_guided_beam_search` takes; a PRM's `reward_model` scorer has it too)."""
+
+    def scorer(params, tokens, attention_mask):
+        hidden, _ = value_model.forward(params, tokens, attention_mask)
+        v = value_model.values(params, hidden)
+        return v[jnp.arange(tokens.shape[0]), last_token_index(attention_mask)]
+
+    return jax.jit(scorer)
+
+
+# ----------------------------------------------------------------------------- trajectories
+
+
+def split_keeping_separator(completion: str, separator: str) -> list[str]:
+    """A completion's steps, each ending with its separator (the last one may not): the
+    pieces concatenate back to the completion exactly. An empty completion has no steps."""
+    if not separator:
+        raise ValueError("split_keeping_separator: the separator is empty")
+    out, start = [], 0
+    while True:
+        at = completion.find(separator, start)
+        if at < 0:
+            break
+        out.append(completion[start:at + len(separator)])
+        start = at + len(separator)
+    if start < len(completion):
+        out.append(completion[start:])
+    return out
+
+
+def _get(row, name: str, i: int, *, default=KeyError):
+    value = row.get(name, default) if isinstance(row, dict) else getattr(row, name, default)
+    if value is KeyError:
+        raise ValueError(f"row {i}: missing field {name!r}")
+    return value
+
+
+def check_reward(value, i: int, *, allow_fractional_rewards: bool = False) -> float:
+    """A trajectory's terminal reward as a float: present, finite and in {0, 1} (any value in
+    [0, 1] with allow_fractional_rewards); otherwise an error naming the row."""
+    if value is None:
+        raise ValueError(f"row {i}: the trajectory has no reward")
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"row {i}: reward must be a number, got {value!r}") from None
+    if not math.isfinite(r):
+        raise ValueError(f"row {i}: reward is {r}, not a finite number")
+    if allow_fractional_rewards:
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"row {i}: reward {r} is outside [0, 1]")
+    elif r not in (0.0, 1.0):
+        raise ValueError(f"row {i}: reward {r} is not 0 or 1; OREO's soft-Bellman targets assume a {{0, 1}} "
+                         "terminal reward (pass allow_fractional_rewards=True to accept others)")
+    return r
+
+
+def trajectory_steps(row, i: int, separator: str | None) -> list[str] | None:
+    """The row's steps: its recorded "steps" (which must concatenate to the completion),
+    else the completion split after each separator, else None (no step boundaries)."""
+    completion = _get(row, "completion", i)
+    steps = _get(row, "steps", i, default=None)
+    if steps is not None:
+        steps = list(steps)
+        if "".join(steps) != completion:
+            raise ValueError(f"row {i}: its steps do not concatenate to its completion")
+        return steps
+    return None if separator is None else split_keeping_separator(completion, separator)
+
+
+def check_trajectories(rows: Sequence, *, separator: str | None = None, allow_fractional_rewards: bool = False,
+                       need_steps: bool = False) -> None:
+    """Validate a whole trajectory data set before training: every row has a non-empty
+    prompt, a completion and a valid reward (`check_reward`); with need_steps (the
+    step-level loss) every prompt needs at least one sample with more than one step,
+    or the separator is not the one the data use. Errors name the row."""
+    if not rows:
+        raise ValueError("check_trajectories: no trajectories")
+    multi_step: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        prompt = _get(row, "prompt", i)
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"row {i}: the prompt is empty or not a string: {prompt!r}")
+        if not isinstance(_get(row, "completion", i), str):
+            raise ValueError(f"row {i}: the completion is not a string")
+        check_reward(_get(row, "reward", i, default=None), i, allow_fractional_rewards=allow_fractional_rewards)
+        if need_steps:
+            steps = trajectory_steps(row, i, separator)
+            if steps is None:
+                raise ValueError(f"row {i}: the step-level loss needs step boundaries: record 'steps' or pass "
+                                 "a separator")
+            first = multi_step.setdefault(prompt, -1 - i)
+            if len(steps) > 1 and first < 0:
+                multi_step[prompt] = i
+    if need_steps:
+        for prompt, at in multi_step.items():
+            if at < 0:
+                raise ValueError(f"row {-1 - at}: no sample of its prompt {prompt[:60]!r} contains the step "
+                                 f"separator {separator!r}, so the step-level loss has no steps to learn; "
+                                 "check the separator or use level='token'")
+
+
+def collate_trajectories(tokenizer, rows: Sequence, *, separator: str | None = None,
+                         allow_fractional_rewards: bool = False, max_length: int | None = None,
+                         min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                         add_eos: bool = True) -> OREOBatch:
+    """Trajectory rows (dicts or objects with prompt, completion, reward, optional steps
+    and eos) -> right-padded OREOBatch.
+
+    Row = [bos] prompt step_1 step_2 ... [eos]; each step is encoded on its own so its
+    first token is known exactly (step_starts). eos is appended when the row's "eos" field
+    says the sample stopped there (default add_eos), so a sample cut at the length limit
+    is not taught to stop. Without steps and separator, step_starts is None. Errors name
+    the row: a missing field or reward, a reward outside {0, 1} (unless
+    allow_fractional_rewards), an empty completion.
+    """
+    if not rows:
+        raise ValueError("collate_trajectories: no rows")
+    encoded, masks, starts, rewards, have_steps = [], [], [], [], True
+    for i, row in enumerate(rows):
+        prompt, completion = _get(row, "prompt", i), _get(row, "completion", i)
+        rewards.append(check_reward(_get(row, "reward", i, default=None), i,
+                                    allow_fractional_rewards=allow_fractional_rewards))
+        steps = trajectory_steps(row, i, separator)
+        have_steps &= steps is not None
+        ids = tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
+        n_prompt, first = len(ids), []
+        for piece in steps if steps is not None else [completion]:
+            piece_ids = tokenizer.encode(piece, add_bos=False, add_eos=False)
+            if piece_ids:
+                first.append(len(ids))
+                ids += piece_ids
+        if bool(_get(row, "eos", i, default=add_eos)):
+            if not first:
+                first.append(len(ids))
+            ids += tokenizer.encode("", add_bos=False, add_eos=True)
+        if len(ids) == n_prompt:
+            raise ValueError(f"row {i}: the completion is empty and has no eos (nothing to learn)")
+        mark = [0] * len(ids)
+        for t in first:
+            mark[t] = 1
+        encoded.append(ids)
+        masks.append([0] * n_prompt + [1] * (len(ids) - n_prompt))
+        starts.append(mark)
+    width = padded_width([len(r) for r in encoded], length=length, min_bucket=min_bucket, max_length=max_length,
+                         names=[f"row {i}" for i in range(len(rows))])
+    tokens, attn, loss, step_starts = pad_rows(encoded, width, tokenizer.pad_id, masks, starts)
+    return OREOBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, rewards=np.asarray(rewards, np.float32),
+                     step_starts=step_starts if have_steps else None)
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Offline data collection: `samples` solutions per prompt sampled with `sampling`
+    (its n is replaced), `prompts_per_batch` prompts per sampler call (one Parquet part
+    each); balance: keep at most that many right and that many wrong samples per prompt
+    (None: keep all); separator: record each sample's steps split after it."""
+
+    samples: int = 8
+    sampling: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=64, temperature=1.0))
+    prompts_per_batch: int = 64
+    balance: int | None = None
+    separator: str | None = None
+
+    def __post_init__(self):
+        if self.samples < 1 or self.prompts_per_batch < 1:
+            raise ValueError(f"CollectConfig: samples and prompts_per_batch must be >= 1, got {self.samples}, "
+                             f"{self.prompts_per_batch}")
+        if self.balance is not None and self.balance < 1:
+            raise ValueError(f"CollectConfig.balance: must be >= 1 or None, got {self.balance}")
+
+
+def balanced(rows: list[dict], k: int) -> list[dict]:
+    """At most k rows with reward 1 and k with reward < 1 per prompt index, the first in
+    sample order (so the choice is deterministic)."""
+    kept, counts = [], {}
+    for r in rows:
+        key = (r["problem"], r["reward"] >= 1.0)
+        if counts.get(key, 0) < k:
+            counts[key] = counts.get(key, 0) + 1
+            kept.append(r)
+    return kept
+
+
+def _manifest(params, prompts, cfg: CollectConfig, key) -> dict:
+    h = hashlib.sha256()
+    digest_params(params, h)
+    p = hashlib.sha256("\x00".join(prompts).encode()).hexdigest()
+    return {"samples": cfg.samples, "balance": cfg.balance, "separator": cfg.separator,
+            "prompts_per_batch": cfg.prompts_per_batch, "sampling": dataclasses.asdict(cfg.sampling),
+            "prompts": len(prompts), "prompts_sha256": p, "params_sha256": h.hexdigest(),
+            "key": np.asarray(jax.random.key_data(key)).ravel().tolist()}
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError as e:  # the GPU machine has no `datasets`; in-memory collection still works there
+        raise ImportError("collect_trajectories(out_dir=...) writes Parquet through `datasets`: "
+                          "pip install 'rljax[data]'") from e
+    return datasets
+
+
+def load_trajectories(out_dir: str) -> list[dict]:
+    """The rows a finished `collect_trajectories(out_dir=...)` wrote (Parquet parts listed in
+    manifest.json, in order); an unfinished collection is an error naming the directory."""
+    path = os.path.join(out_dir, "manifest.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{out_dir}: no manifest.json; not a trajectory data set")
+    with open(path) as f:
+        manifest = json.load(f)
+    n_parts = -(-manifest["config"]["prompts"] // manifest["config"]["prompts_per_batch"])
+    done = manifest.get("parts", {})
+    missing = [k for k in range(n_parts) if str(k) not in done]
+    if missing:
+        raise ValueError(f"{out_dir}: collection unfinished, parts {missing[:5]} of {n_parts} missing; run "
+                         "collect_trajectories again with the same arguments to finish it")
+    rows = []
+    for k in range(n_parts):
+        rows += _datasets().Dataset.from_parquet(os.path.join(out_dir, done[str(k)]["file"])).to_list()
+    return rows
+
+
+def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cfg: CollectConfig, *, model: Model,
+                         tokenizer, key, out_dir: str | None = None, **metadata) -> list[dict]:
+    """Sample cfg.samples solutions to every prompt with the KV-cache sampler, score them
+    with reward_fn(prompts, completions, **metadata) (per-prompt metadata lists are
+    repeated per sample, e.g. problems=...), optionally balance, and return the rows:
+    {"problem", "sample", "prompt", "completion", "reward", "eos", "steps" (with a
+    separator)}.
+
+    Prompts go `prompts_per_batch` at a time; batch k samples with fold_in(key, k), so
+    the data do not depend on how the work is split across restarts. With out_dir each
+    batch becomes a Parquet part (written atomically) listed in manifest.json with the
+    configuration, the prompts' and parameters' SHA-256 and the key: running again
+    resumes after the last finished part, and a finished directory is reused without
+    sampling. A directory made with other arguments is an error naming the field.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("collect_trajectories: no prompts")
+    for name, values in metadata.items():
+        if len(values) != len(prompts):
+            raise ValueError(f"collect_trajectories: metadata {name!r} has {len(values)} entries for "
+                             f"{len(prompts)} prompts")
+    manifest, done = None, {}
+    if out_dir is not None:
+        _datasets()
+        os.makedirs(out_dir, exist_ok=True)
+        config = _manifest(params, prompts, cfg, key)
+        path = os.path.join(out_dir, "manifest.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            changed = [k for k in config if old["config"].get(k) != config[k]]
+            if changed:
+                raise ValueError(f"{out_dir}: holds trajectories collected with another {changed[0]!r} "
+                                 f"({old['config'].get(changed[0])!r} there, {config[changed[0]]!r} now); use a "
+                                 "new directory")
+            done = old.get("parts", {})
+        manifest = {"config": config, "parts": done}
+        _write_json(path, manifest)
+    scfg = cfg.sampling.replace(n=cfg.samples)
+    n_parts = -(-len(prompts) // cfg.prompts_per_batch)
+    rows = []
+    for k in range(n_parts):
+        if str(k) in done:
+            rows += _datasets().Dataset.from_parquet(os.path.join(out_dir, done[str(k)]["file"])).to_list()
+            continue
+        lo, hi = k * cfg.prompts_per_batch, min(len(prompts), (k + 1) * cfg.prompts_per_batch)
+        chunk = prompts[lo:hi]
+        tokens, mask = tokenizer.encode_batch(chunk, padding_side="left")
+        roll = sample(params, tokens, mask, jax.random.fold_in(key, k), model=model, cfg=scfg)
+        text = tokenizer.decode_batch(np.asarray(roll.completions))
+        eos = np.asarray(roll.stopped_at_eos)
+        meta = {name: [v for v in values[lo:hi] for _ in range(cfg.samples)] for name, values in metadata.items()}
+        rewards = score(reward_fn, [p for p in chunk for _ in range(cfg.samples)], text, **meta)
+        part = []
+        for j, (completion, r, stop) in enumerate(zip(text, rewards, eos)):
+            row = {"problem": lo + j // cfg.samples, "sample": j % cfg.samples, "prompt": chunk[j // cfg.samples],
+                   "completion": completion, "reward": float(r), "eos": bool(stop)}
+            if cfg.separator is not None:
+                row["steps"] = split_keeping_separator(completion, cfg.separator)
+            part.append(row)
+        if cfg.balance is not None:
+            part = balanced(part, cfg.balance)
+        rows += part
+        if out_dir is not None:
+            name = f"part-{k:05d}.parquet"
+            tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
+            _datasets().Dataset.from_list(part).to_parquet(tmp)
+            os.replace(tmp, os.path.join(out_dir, name))
+            done[str(k)] = {"file": name, "rows": len(part)}
+            _write_json(os.path.join(out_dir, "manifest.json"), manifest)
+    return rows
+
+
+# ----------------------------------------------------------------------------- phase and iteration
+
+
+@dataclass(frozen=True)
+class OREOPhaseConfig:
+    """loss: OREOConfig; optimizer: the policy's (paper: lr 5e-6); value_optimizer: the
+    value model's (None: the policy's); loop: steps, logging, checkpoints."""
+
+    loss: OREOConfig = field(default_factory=OREOConfig)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-6, schedule="constant"))
+    value_optimizer: OptimizerConfig | None = None
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+
+def oreo(state: OREOState, data, cfg: OREOPhaseConfig, *, model: Model, mesh=None, run_dir: str | None = None,
+         eval_fn: Callable | None = None) -> OREOState:
+    """Offline RL with OREO: `run_loop` over `make_oreo_step` (one value and one policy
+    update per batch). state: from `create_oreo_state` with the same optimizers; data
+    yields OREOBatch (e.g. a BatchIterator over `collate_trajectories`); metrics,
+    checkpoints (policy, value, reference, optimizer states) and resume as every phase."""
+    step = make_oreo_step(model, cfg.loss, cfg.optimizer, cfg.value_optimizer, mesh=mesh)
+    put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
+    return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="oreo")
+
+
+@dataclass(frozen=True)
+class IterativeOREOConfig:
+    """Iterative OREO: `rounds` rounds of (collect with the current policy → train
+    `steps_per_round` OREO steps on that round's data, `batch_size` rows a step)."""
+
+    rounds: int = 3
+    steps_per_round: int = 100
+    batch_size: int = 16
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    phase: OREOPhaseConfig = field(default_factory=OREOPhaseConfig)
+    allow_fractional_rewards: bool = False
+
+    def __post_init__(self):
+        if self.rounds < 1 or self.steps_per_round < 1 or self.batch_size < 1:
+            raise ValueError(f"IterativeOREOConfig: rounds, steps_per_round and batch_size must be >= 1, got "
+                             f"{self.rounds}, {self.steps_per_round}, {self.batch_size}")
+
+
+def iterative_oreo(state: OREOState, prompts: Sequence[str], reward_fn: Callable, cfg: IterativeOREOConfig, *,
+                   model: Model, tokenizer, run_dir: str, key, eval_fn: Callable | None = None,
+                   collate: Callable | None = None, **metadata) -> OREOState:
+    """R rounds of OREO, each on fresh trajectories of the current policy.
+
+    Round r collects into run_dir/round-r/data (resumable, `collect_trajectories` with
+    fold_in(key, r)) from the policy at the start of the round, then trains until
+    state.step = (r + 1)·steps_per_round. One checkpoint directory (run_dir/checkpoints)
+    follows the whole run, so a killed run restarts at the right round and step: a
+    round whose steps are done is skipped, and an interrupted round reuses its data.
+    collate: rows -> OREOBatch (default `collate_trajectories` with the collection's
+    separator); metadata as for `collect_trajectories` (e.g. problems=...).
+    """
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    try:
+        if ckpt.latest_step() is not None:
+            state, _ = ckpt.restore(state)
+    finally:
+        ckpt.close()
+    separator = cfg.collect.separator
+    collate = collate or functools.partial(collate_trajectories, tokenizer, separator=separator,
+                                           allow_fractional_rewards=cfg.allow_fractional_rewards)
+    for r in range(cfg.rounds):
+        target = (r + 1) * cfg.steps_per_round
+        if int(jax.device_get(state.step)) >= target:
+            continue
+        rows = collect_trajectories(state.policy.params, prompts, reward_fn, cfg.collect, model=model,
+                                    tokenizer=tokenizer, key=jax.random.fold_in(key, r),
+                                    out_dir=os.path.join(run_dir, f"round-{r}", "data"), **metadata)
+        check_trajectories(rows, separator=separator, allow_fractional_rewards=cfg.allow_fractional_rewards,
+                           need_steps=cfg.phase.loss.level == "step")
+        data = BatchIterator(rows, min(cfg.batch_size, len(rows)), collate, seed=r)
+        phase = dataclasses.replace(cfg.phase, loop=dataclasses.replace(cfg.phase.loop, steps=target))
+        state = oreo(state, data, phase, model=model, run_dir=run_dir, eval_fn=eval_fn)
+    return state
+
+
+__all__ = ["CollectConfig", "IterativeOREOConfig", "OREOPhaseConfig", "OREOState", "balanced", "check_reward",
+           "check_trajectories", "collate_trajectories", "collect_trajectories", "create_oreo_state",
+           "iterative_oreo", "load_trajectories", "make_oreo_step", "oreo", "split_keeping_separator",
+           "trajectory_steps", "value_model_of", "value_params_from", "value_scorer"]

@@ -1,0 +1,138 @@
+"""Value-guided step beam search: greedy steps with one beam equal greedy decoding, the
+search keeps what it should (trace), an oracle value finds what greedy misses, and a
+prompt's result does not depend on the other prompts of the batch."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import left_padded
+from rljax.models import Model, preset
+from rljax.models.logprobs import token_logprobs
+from rljax.sampling import SampleConfig, ValueSearchConfig, sample, value_guided_beam_search
+
+SEP = 7  # the step separator's token id in these tests
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = Model(preset("tiny", n_layers=2, max_seq_len=256))
+    return model, model.init(jax.random.key(0))
+
+
+def _logprob_scorer(model, P):
+    """Sum of the candidate's token log-probs under the policy (params = policy params)."""
+
+    @jax.jit
+    def scorer(params, tokens, mask):
+        lp = token_logprobs(params, tokens, mask, model=model)
+        return jnp.sum(lp[:, P - 1:], axis=1)
+
+    return scorer
+
+
+def test_one_greedy_beam_equals_greedy_decoding(setup):
+    model, params = setup
+    tokens, mask = left_padded([5, 9, 3], 12, model.config.vocab_size, seed=1)
+    N = 24
+    cfg = ValueSearchConfig(beams=1, expansions=1, step_end_ids=(SEP,), max_step_tokens=6, max_new_tokens=N,
+                            max_rounds=N, temperature=0.0)
+    out = value_guided_beam_search(params, tokens, mask, _logprob_scorer(model, 16), params, jax.random.key(0),
+                                   model=model, cfg=cfg)
+    greedy = sample(params, tokens, mask, jax.random.key(0), model=model,
+                    cfg=SampleConfig(max_new_tokens=N, greedy=True))
+    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+    np.testing.assert_array_equal(out.lengths, greedy.lengths)
+    assert bool(np.all(out.finished))
+
+
+def test_search_keeps_the_best_and_never_extends_finished(setup):
+    """Best-of-K per step (beams 1, expansions 4) and the full search (beams 3): every
+    round's kept beams are the best-scored unfinished candidates, the next round extends
+    only them, and the answer is the best finished candidate."""
+    model, params = setup
+    tokens, mask = left_padded([4, 6], 16, model.config.vocab_size, seed=2)
+    P, N = 16, 20
+    scorer = _logprob_scorer(model, P)
+    for W, E in ((1, 4), (3, None)):
+        cfg = ValueSearchConfig(beams=W, expansions=E, step_end_ids=(SEP, 8, 9, 10), max_step_tokens=4,
+                                max_new_tokens=N, max_rounds=8)
+        out = value_guided_beam_search(params, tokens, mask, scorer, params, jax.random.key(3), model=model,
+                                       cfg=cfg, trace=True)
+        C = W * cfg.width
+        pool = {b: [] for b in range(2)}
+        for r, t in enumerate(out.trace):
+            for b in range(2):
+                s, fin, ok = t["scores"][b], t["finished"][b], t["valid"][b]
+                live = np.where(ok & ~fin, s, -np.inf)
+                kept = t["kept"][b]
+                np.testing.assert_allclose(np.sort(live[kept])[::-1], np.sort(live)[::-1][:W])
+                pool[b] += [(s[j], tuple(t["candidates"][b, j, :t["lengths"][b, j]])) for j in range(C) if fin[j]]
+                if r + 1 < len(out.trace):  # the next round's candidates extend exactly the kept live beams
+                    nxt = out.trace[r + 1]
+                    for j in range(C):
+                        if not nxt["valid"][b, j]:
+                            continue
+                        parent = kept[j // cfg.width]
+                        assert np.isfinite(live[parent]) and not fin[parent]
+                        n = t["lengths"][b, parent]
+                        np.testing.assert_array_equal(nxt["candidates"][b, j, :n], t["candidates"][b, parent, :n])
+                        assert nxt["lengths"][b, j] > n
+            # a candidate's score is the scorer's value of it
+            seq = np.concatenate([np.repeat(np.asarray(out.tokens[:, :P]), C, 0), t["candidates"].reshape(-1, N)], 1)
+            m = np.concatenate([np.repeat(np.asarray(out.attention_mask[:, :P]), C, 0),
+                                (np.arange(N)[None] < t["lengths"].reshape(-1, 1)).astype(np.int32)], 1)
+            want = np.where(t["valid"].reshape(-1), np.asarray(scorer(params, seq, m)), -np.inf)
+            np.testing.assert_allclose(t["scores"].reshape(-1), want, rtol=1e-5)
+        for b in range(2):
+            assert pool[b], "something finished within the round limit"
+            best_score, best = max(pool[b], key=lambda x: x[0])
+            assert bool(out.finished[b]) and float(out.scores[b]) == pytest.approx(float(best_score))
+            got = np.asarray(out.tokens[b, P:P + int(out.lengths[b])])
+            np.testing.assert_array_equal(got, best)
+            assert got[-1] == 2 or len(got) == N  # finished: eos or the length limit
+
+
+def test_oracle_value_finds_what_greedy_misses(setup):
+    """Toy task: a solution is right iff it contains token `target`, which greedy decoding
+    never emits here; a value that knows the task (1 once the target was emitted) leads
+    the search to a right solution."""
+    model, params = setup
+    tokens, mask = left_padded([6, 6], 16, model.config.vocab_size, seed=4)
+    P, N = 16, 16
+    greedy = np.asarray(sample(params, tokens, mask, jax.random.key(0), model=model,
+                               cfg=SampleConfig(max_new_tokens=N, greedy=True)).completions)
+    target = next(t for t in range(11, model.config.vocab_size) if not (greedy == t).any())
+
+    @jax.jit
+    def oracle(_, seq, m):
+        return jnp.any((seq[:, P:] == target) & (m[:, P:] > 0), axis=1).astype(jnp.float32)
+
+    cfg = ValueSearchConfig(beams=3, step_end_ids=(SEP,), max_step_tokens=4, max_new_tokens=N, max_rounds=8)
+    out = value_guided_beam_search(params, tokens, mask, oracle, None, jax.random.key(5), model=model, cfg=cfg)
+    for b in range(2):
+        sol = np.asarray(out.tokens[b, P:P + int(out.lengths[b])])
+        assert target in sol and float(out.scores[b]) == 1.0
+    assert out.generated > 0 and out.rounds >= 1
+
+
+def test_result_does_not_depend_on_the_batch(setup):
+    model, params = setup
+    tokens, mask = left_padded([5, 7, 6], 16, model.config.vocab_size, seed=6)
+    scorer = _logprob_scorer(model, 16)
+    cfg = ValueSearchConfig(beams=2, step_end_ids=(SEP, 8), max_step_tokens=4, max_new_tokens=16, max_rounds=6)
+    key = jax.random.key(7)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(3))
+    full = value_guided_beam_search(params, tokens, mask, scorer, params, key, model=model, cfg=cfg)
+    for i in range(3):
+        one = value_guided_beam_search(params, tokens[i:i + 1], mask[i:i + 1], scorer, params, key, model=model,
+                                       cfg=cfg, keys=keys[i:i + 1])
+        np.testing.assert_array_equal(one.tokens[0], full.tokens[i])
+        assert float(one.scores[0]) == pytest.approx(float(full.scores[i]), rel=1e-5)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="ValueSearchConfig.beams"):
+        ValueSearchConfig(beams=0)
+    with pytest.raises(ValueError, match="SampleConfig.top_p"):
+        ValueSearchConfig(top_p=0.0)
