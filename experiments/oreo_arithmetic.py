@@ -1,0 +1,357 @@
+"""OREO on the arithmetic task: offline RL from the SFT policy's own samples, value-guided search,
+and iteration, against the methods that use the same data.
+
+    python -m experiments.oreo_arithmetic --sft-run-dir <SFT run>                 # all parts
+    python -m experiments.oreo_arithmetic --parts compare search --level token
+    python -m experiments.oreo_arithmetic --smoke
+
+Parts:
+  compare  collect `samples` solutions to each of `problems` training problems with the SFT policy
+           (temperature 1, answers checked, at most `balance` right and `balance` wrong kept per
+           problem, steps split after ";"), then train on that same data: rejection-sampling SFT
+           (the right samples), DPO (right against wrong samples of a problem), KTO (right =
+           desirable), OREO. Held-out greedy and sampled accuracy of each.
+  search   OREO's policy with its value model: value-guided step beam search for each B in `beams`
+           (B beams × B sampled steps, scored by V, `search_rounds` rounds) against greedy decoding
+           and best-of-N with the same number of generated tokens (chosen by V at the end, and by
+           majority vote).
+  iterate  `iterate_rounds` rounds of iterative OREO (collect with the current policy → train) against
+           iterated rejection sampling (collect → SFT on the right samples), held-out greedy accuracy
+           after every round.
+Outputs: results.json and PNG plots under the run directory.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.rl_arithmetic import load_sft
+from experiments.sft_arithmetic import exact_match
+from rljax.cli import make_run_dir, parse_config, save_config
+from rljax.data.arithmetic import check_answer, make_split, parse_answer
+from rljax.data.collate import BatchIterator, collate_prompt_completion
+from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
+from rljax.losses.oreo import OREOConfig
+from rljax.losses.preference import PREFERENCE_METHODS
+from rljax.losses.sft import SFTConfig
+from rljax.oreo import (CollectConfig, IterativeOREOConfig, OREOPhaseConfig, collate_trajectories,
+                        collect_trajectories, create_oreo_state, iterative_oreo, oreo, split_keeping_separator,
+                        value_scorer)
+from rljax.phases import LoopConfig, PreferencePhaseConfig, SFTPhaseConfig, preference, sft
+from rljax.preference import cached_reference_logps, with_reference
+from rljax.rewards.rules import arithmetic_answer_reward
+from rljax.sampling import SampleConfig, ValueSearchConfig, sample, value_guided_beam_search
+from rljax.state import OptimizerConfig, create_state
+from rljax.tokenizer import CharTokenizer
+
+PARTS = ("compare", "search", "iterate")
+SEPARATOR = ";"
+
+
+@dataclass
+class Config:
+    parts: tuple[str, ...] = PARTS
+    sft_run_dir: str = "runs/sft_arithmetic-default"
+    run_dir: str | None = None
+    run_root: str = "runs"
+    seed: int = 0
+    # offline data
+    problems: int = 1024
+    samples: int = 8
+    balance: int = 4  # 0: keep every sample
+    with_references: bool = False  # add each problem's reference solution as one more (right) trajectory
+    max_new_tokens: int = 40
+    # training on it (every method: the same data, epochs, batch and policy learning rate)
+    epochs: int = 2
+    batch: int = 16
+    lr: float = 2e-5
+    value_lr: float = 2e-5
+    value_head_lr: float = 1e-3  # the value head starts at zero: it needs a larger step than the backbone
+    beta: float = 0.03
+    level: str = "step"
+    kl_coef: float | None = None  # None: the paper's α for the level
+    # evaluation and search
+    eval_problems: int = 512
+    eval_samples: int = 4
+    beams: tuple[int, ...] = (1, 3, 5, 7)
+    search_rounds: int = 8
+    max_step_tokens: int = 16
+    search_chunk: int = 32  # prompts per search call (B² candidates each)
+    # iteration
+    iterate_rounds: int = 3
+    iterate_problems: int = 512
+    progress: bool = True
+    smoke: bool = False
+
+
+def _sampling(cfg: Config, tok) -> SampleConfig:
+    return SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+
+def _collect_cfg(cfg: Config, tok) -> CollectConfig:
+    return CollectConfig(samples=cfg.samples, sampling=_sampling(cfg, tok), prompts_per_batch=256,
+                         balance=cfg.balance or None, separator=SEPARATOR)
+
+
+def evaluate(params, model, tok, problems, cfg: Config) -> dict:
+    greedy, _ = exact_match(params, model, tok, problems, cfg.max_new_tokens)
+    sampled, _ = exact_match(params, model, tok, problems, cfg.max_new_tokens, n=cfg.eval_samples, temperature=1.0,
+                             key=jax.random.key(cfg.seed + 5))
+    return dict(greedy=greedy, sampled=sampled)
+
+
+def _steps(n_rows: int, cfg: Config) -> int:
+    return max(cfg.epochs * n_rows // cfg.batch, 1)
+
+
+def _loop(steps: int, cfg: Config) -> LoopConfig:
+    return LoopConfig(steps=steps, log_every=max(steps // 20, 1), checkpoint_every=0, progress=cfg.progress)
+
+
+def _policy_opt(cfg: Config) -> OptimizerConfig:
+    return OptimizerConfig(lr=cfg.lr, schedule="constant")
+
+
+def _oreo_phase(cfg: Config, steps: int) -> OREOPhaseConfig:
+    return OREOPhaseConfig(loss=OREOConfig(beta=cfg.beta, level=cfg.level, kl_coef=cfg.kl_coef),
+                           optimizer=_policy_opt(cfg),
+                           value_optimizer=OptimizerConfig(lr=cfg.value_lr, head_lr=cfg.value_head_lr,
+                                                           schedule="constant"),
+                           loop=_loop(steps, cfg))
+
+
+def train_rs(rows, cfg: Config, model, params, tok, run_dir: str | None, state=None):
+    """Rejection-sampling SFT: the right samples that stopped at eos as demonstrations."""
+    right = [(r["prompt"], r["completion"]) for r in rows if r["reward"] >= 1.0 and r["eos"]]
+    if len(right) < cfg.batch:
+        return params, state, 0
+    opt = _policy_opt(cfg)
+    if state is None:
+        state = create_state(model, opt, jax.random.key(cfg.seed), params=jax.tree.map(jnp.copy, params))
+    steps = int(state.step) + _steps(len(right), cfg)
+    data = BatchIterator(right, cfg.batch, functools.partial(collate_prompt_completion, tok), seed=cfg.seed)
+    state = sft(state, data, SFTPhaseConfig(loss=SFTConfig(), optimizer=opt, loop=_loop(steps, cfg)), model=model,
+                run_dir=run_dir)
+    return state.params, state, len(right)
+
+
+def right_wrong_pairs(rows) -> list[dict]:
+    """Every problem's right samples paired in order with its wrong ones (min(#right, #wrong) pairs)."""
+    by = collections.defaultdict(lambda: ([], []))
+    for r in rows:
+        by[r["problem"]][0 if r["reward"] >= 1.0 else 1].append(r)
+    return [{"prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"]}
+            for right, wrong in by.values() for a, b in zip(right, wrong) if a["completion"] != b["completion"]]
+
+
+def train_preference(algo: str, rows, cfg: Config, model, params, tok, run_dir: str):
+    loss = PREFERENCE_METHODS[algo]
+    if algo == "kto":
+        data = fixed_mismatch([(r["prompt"], r["completion"], r["reward"] >= 1.0) for r in rows], seed=cfg.seed)
+        collate = functools.partial(collate_kto, tok)
+    else:
+        data = right_wrong_pairs(rows)
+        collate = functools.partial(collate_preferences, tok)
+    ref = cached_reference_logps(params, data, collate, model=model,
+                                 cache_dir=os.path.join(os.path.dirname(run_dir), "ref_cache"))
+    data = with_reference(data, ref)
+    opt = _policy_opt(cfg)
+    state = create_state(model, opt, jax.random.key(cfg.seed), params=jax.tree.map(jnp.copy, params))
+    phase = PreferencePhaseConfig(loss=loss, optimizer=opt, loop=_loop(_steps(len(data), cfg), cfg))
+    state = preference(state, BatchIterator(data, cfg.batch, collate, seed=cfg.seed), phase, model=model,
+                       run_dir=run_dir)
+    return state.params, len(data)
+
+
+def train_oreo(rows, cfg: Config, model, params, tok, run_dir: str):
+    value_model, state = create_oreo_state(model, params, _policy_opt(cfg), jax.random.key(cfg.seed),
+                                           value_optimizer=_oreo_phase(cfg, 1).value_optimizer)
+    collate = functools.partial(collate_trajectories, tok, separator=SEPARATOR)
+    state = oreo(state, BatchIterator(rows, cfg.batch, collate, seed=cfg.seed), _oreo_phase(cfg, _steps(len(rows), cfg)),
+                 model=model, run_dir=run_dir)
+    return value_model, state
+
+
+def part_compare(cfg: Config, model, params, tok, train, held, run_dir: str) -> tuple[dict, tuple]:
+    t0 = time.perf_counter()
+    rows = collect_trajectories(params, [p.prompt for p in train], arithmetic_answer_reward, _collect_cfg(cfg, tok),
+                                model=model, tokenizer=tok, key=jax.random.key(cfg.seed + 11),
+                                out_dir=os.path.join(run_dir, "data"), problems=train)
+    if cfg.with_references:  # expert demonstrations mixed into the offline data (the smoke needs right samples)
+        rows = rows + [{"problem": i, "sample": cfg.samples, "prompt": p.prompt, "completion": p.completion,
+                        "reward": 1.0, "eos": True, "steps": split_keeping_separator(p.completion, SEPARATOR)}
+                       for i, p in enumerate(train)]
+    right = float(np.mean([r["reward"] for r in rows]))
+    print(f"compare: {len(rows)} trajectories kept, {right:.1%} right ({time.perf_counter() - t0:.0f} s)", flush=True)
+    out = dict(trajectories=len(rows), right_fraction=right, methods={})
+
+    def report(name, trained, **info):
+        out["methods"][name] = dict(evaluate(trained, model, tok, held, cfg), **info)
+        m = out["methods"][name]
+        print(f"compare: {name}: greedy {m['greedy']:.1%}, sampled {m['sampled']:.1%}", flush=True)
+
+    t = time.perf_counter()
+    trained, _, n = train_rs(rows, cfg, model, params, tok, os.path.join(run_dir, "rs_sft"))
+    report("rejection sampling SFT", trained, rows=n, seconds=time.perf_counter() - t)
+    for algo in ("dpo", "kto"):
+        if algo == "dpo" and not right_wrong_pairs(rows):
+            print("compare: DPO skipped: no problem has both a right and a wrong sample", flush=True)
+            continue
+        t = time.perf_counter()
+        trained, n = train_preference(algo, rows, cfg, model, params, tok, os.path.join(run_dir, algo))
+        report(algo.upper(), trained, rows=n, seconds=time.perf_counter() - t)
+    t = time.perf_counter()
+    value_model, state = train_oreo(rows, cfg, model, params, tok, os.path.join(run_dir, "oreo"))
+    report("OREO", state.policy.params, rows=len(rows), seconds=time.perf_counter() - t)
+    return out, (value_model, state)
+
+
+def _search_accuracy(policy, value_model, value_params, model, tok, problems, cfg: Config, beams: int) -> dict:
+    scfg = ValueSearchConfig(beams=beams, step_end_ids=tuple(tok.encode(SEPARATOR, add_bos=False)),
+                             max_step_tokens=cfg.max_step_tokens, max_new_tokens=cfg.max_new_tokens,
+                             max_rounds=cfg.search_rounds, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    scorer = value_scorer(value_model)
+    right, generated, finished = [], 0, []
+    for i in range(0, len(problems), cfg.search_chunk):
+        chunk = problems[i:i + cfg.search_chunk]
+        tokens, mask = tok.encode_batch([p.prompt for p in chunk], padding_side="left")
+        res = value_guided_beam_search(policy, tokens, mask, scorer, value_params, jax.random.key(cfg.seed + i),
+                                       model=model, cfg=scfg)
+        texts = tok.decode_batch(np.asarray(res.tokens[:, res.prompt_length:]))
+        right += [check_answer(p, t) for p, t in zip(chunk, texts)]
+        finished += np.asarray(res.finished).tolist()
+        generated += res.generated
+    return dict(accuracy=float(np.mean(right)), tokens_per_problem=generated / len(problems),
+                finished=float(np.mean(finished)))
+
+
+def _best_of_n(policy, value_model, value_params, model, tok, problems, n: int, cfg: Config) -> dict:
+    """N samples per problem; the answer with the highest final V, and the majority answer."""
+    scorer = value_scorer(value_model)
+    by_value, by_vote, generated = [], [], 0
+    for i in range(0, len(problems), cfg.search_chunk):
+        chunk = problems[i:i + cfg.search_chunk]
+        tokens, mask = tok.encode_batch([p.prompt for p in chunk], padding_side="left")
+        roll = sample(policy, tokens, mask, jax.random.key(cfg.seed + 7 + i), model=model,
+                      cfg=dataclasses.replace(_sampling(cfg, tok), n=n))
+        v = np.asarray(scorer(value_params, roll.tokens, roll.attention_mask)).reshape(len(chunk), n)
+        texts = tok.decode_batch(np.asarray(roll.completions))
+        generated += int(np.asarray(roll.lengths).sum())
+        for j, p in enumerate(chunk):
+            group = texts[j * n:(j + 1) * n]
+            by_value.append(check_answer(p, group[int(np.argmax(v[j]))]))
+            answers = [a for a in (parse_answer(t) for t in group) if a is not None]
+            by_vote.append(bool(answers) and collections.Counter(answers).most_common(1)[0][0] == p.answer)
+    return dict(value=float(np.mean(by_value)), vote=float(np.mean(by_vote)), tokens_per_problem=generated / len(problems))
+
+
+def part_search(cfg: Config, model, tok, held, trained, run_dir: str) -> dict:
+    value_model, state = trained
+    policy, value_params = state.policy.params, state.value.params
+    greedy, texts = exact_match(policy, model, tok, held, cfg.max_new_tokens)
+    greedy_tokens = float(np.mean([len(tok.encode(t, add_bos=False)) + 1 for t in texts]))
+    out = dict(greedy=greedy, greedy_tokens_per_problem=greedy_tokens, beams={})
+    for b in cfg.beams:
+        t = time.perf_counter()
+        s = _search_accuracy(policy, value_model, value_params, model, tok, held, cfg, b)
+        n = max(1, int(round(s["tokens_per_problem"] / greedy_tokens)))
+        bon = _best_of_n(policy, value_model, value_params, model, tok, held, n, cfg)
+        out["beams"][b] = dict(search=s, best_of_n=dict(n=n, **bon), seconds=time.perf_counter() - t)
+        print(f"search: B = {b}: {s['accuracy']:.1%} ({s['tokens_per_problem']:.0f} tokens/problem, "
+              f"{s['finished']:.0%} finished); best-of-{n} by V {bon['value']:.1%}, by vote {bon['vote']:.1%} "
+              f"({bon['tokens_per_problem']:.0f} tokens); greedy {greedy:.1%}", flush=True)
+    _plot({"value-guided search": {b: out["beams"][b]["search"]["accuracy"] for b in cfg.beams},
+           "best-of-N by V (same tokens)": {b: out["beams"][b]["best_of_n"]["value"] for b in cfg.beams},
+           "majority vote (same tokens)": {b: out["beams"][b]["best_of_n"]["vote"] for b in cfg.beams},
+           "greedy": {b: greedy for b in cfg.beams}}, "beams B", os.path.join(run_dir, "search.png"))
+    return out
+
+
+def part_iterate(cfg: Config, model, params, tok, train, held, run_dir: str) -> dict:
+    problems = train[cfg.problems:cfg.problems + cfg.iterate_problems] or train[:cfg.iterate_problems]
+    prompts = [p.prompt for p in problems]
+    start = evaluate(params, model, tok, held, cfg)["greedy"]
+    out = {"OREO": [start], "rejection sampling": [start]}
+    steps = _steps(cfg.iterate_problems * cfg.samples // 2, cfg)  # about the rows kept per round
+    icfg = IterativeOREOConfig(rounds=1, steps_per_round=steps, batch_size=cfg.batch, collect=_collect_cfg(cfg, tok),
+                               phase=_oreo_phase(cfg, steps))
+    where = os.path.join(run_dir, "iterative_oreo")
+    for r in range(1, cfg.iterate_rounds + 1):  # rounds=r resumes the same run directory one round further
+        _, state = create_oreo_state(model, params, _policy_opt(cfg), jax.random.key(cfg.seed),
+                                     value_optimizer=icfg.phase.value_optimizer)
+        state = iterative_oreo(state, prompts, arithmetic_answer_reward, dataclasses.replace(icfg, rounds=r),
+                               model=model, tokenizer=tok, run_dir=where, key=jax.random.key(cfg.seed + 13),
+                               problems=problems)
+        out["OREO"].append(evaluate(state.policy.params, model, tok, held, cfg)["greedy"])
+        print(f"iterate: OREO round {r}: greedy {out['OREO'][-1]:.1%}", flush=True)
+    policy, rs_state = params, None
+    for r in range(1, cfg.iterate_rounds + 1):
+        rows = collect_trajectories(policy, prompts, arithmetic_answer_reward, _collect_cfg(cfg, tok), model=model,
+                                    tokenizer=tok, key=jax.random.fold_in(jax.random.key(cfg.seed + 13), r - 1),
+                                    problems=problems)
+        policy, rs_state, _ = train_rs(rows, cfg, model, policy, tok, None, state=rs_state)
+        out["rejection sampling"].append(evaluate(policy, model, tok, held, cfg)["greedy"])
+        print(f"iterate: rejection sampling round {r}: greedy {out['rejection sampling'][-1]:.1%}", flush=True)
+    _plot({k: dict(enumerate(v)) for k, v in out.items()}, "round", os.path.join(run_dir, "iterate.png"))
+    return out
+
+
+def _plot(curves: dict, xlabel: str, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional (rljax[plot])
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(cfg: Config) -> dict:
+    if cfg.smoke:
+        cfg.problems, cfg.samples, cfg.epochs, cfg.batch, cfg.eval_problems, cfg.eval_samples = 16, 4, 1, 8, 8, 2
+        cfg.max_new_tokens, cfg.beams, cfg.search_rounds, cfg.iterate_rounds, cfg.iterate_problems = 16, (1, 2), 3, 2, 8
+        cfg.max_step_tokens, cfg.search_chunk, cfg.with_references = 8, 4, True
+    unknown = [p for p in cfg.parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"oreo_arithmetic: unknown --parts {unknown[0]!r}; choose from {', '.join(PARTS)}")
+    tok = CharTokenizer()
+    model, params, sft_cfg = load_sft(cfg, tok)
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "oreo_arithmetic")
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(cfg, run_dir)
+    train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
+    held = test[:cfg.eval_problems]
+    results = dict(config=asdict(cfg), sft=evaluate(params, model, tok, held, cfg))
+    print(f"SFT: greedy {results['sft']['greedy']:.1%}, sampled {results['sft']['sampled']:.1%}", flush=True)
+    trained = None
+    if "compare" in cfg.parts or "search" in cfg.parts:
+        results["compare"], trained = part_compare(cfg, model, params, tok, train[:cfg.problems], held, run_dir)
+    if "search" in cfg.parts:
+        results["search"] = part_search(cfg, model, tok, held, trained, run_dir)
+    if "iterate" in cfg.parts:
+        results["iterate"] = part_iterate(cfg, model, params, tok, train, held, run_dir)
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

@@ -1,0 +1,36 @@
+"""experiments/oreo_arithmetic.py: its smoke runs every part and reports numbers that agree with
+the data it wrote; the pairing of right and wrong samples for DPO."""
+import json
+import os
+
+from experiments import oreo_arithmetic
+from rljax.oreo import load_trajectories
+
+
+def test_right_wrong_pairs_pair_in_order_per_problem():
+    rows = [{"problem": p, "prompt": f"q{p}", "completion": c, "reward": r}
+            for p, c, r in [(0, "a", 1), (0, "b", 0), (0, "c", 1), (0, "d", 0), (0, "e", 0), (1, "x", 1), (2, "y", 0)]]
+    assert oreo_arithmetic.right_wrong_pairs(rows) == [{"prompt": "q0", "chosen": "a", "rejected": "b"},
+                                                       {"prompt": "q0", "chosen": "c", "rejected": "d"}]
+
+
+def test_oreo_arithmetic_smoke(tmp_path):
+    run_dir = str(tmp_path / "run")
+    res = oreo_arithmetic.main(oreo_arithmetic.Config(smoke=True, run_dir=run_dir, sft_run_dir=str(tmp_path / "sft"),
+                                                      progress=False))
+    cfg = res["config"]
+    rows = load_trajectories(os.path.join(run_dir, "data"))
+    # the collected data plus one reference solution per problem (the smoke's with_references)
+    assert res["compare"]["trajectories"] == len(rows) + cfg["problems"]
+    right = (sum(r["reward"] for r in rows) + cfg["problems"]) / (len(rows) + cfg["problems"])
+    assert abs(res["compare"]["right_fraction"] - right) < 1e-9
+    assert set(res["compare"]["methods"]) == {"rejection sampling SFT", "DPO", "KTO", "OREO"}
+    for m in res["compare"]["methods"].values():
+        assert 0.0 <= m["greedy"] <= 1.0 and 0.0 <= m["sampled"] <= 1.0
+    beams = res["search"]["beams"]
+    assert set(map(int, beams)) == set(cfg["beams"])
+    # one beam samples one step per round: at most max_new_tokens per problem; B beams sample more
+    assert 0 < beams[1]["search"]["tokens_per_problem"] <= cfg["max_new_tokens"]
+    assert beams[2]["search"]["tokens_per_problem"] > beams[1]["search"]["tokens_per_problem"]
+    assert len(res["iterate"]["OREO"]) == len(res["iterate"]["rejection sampling"]) == cfg["iterate_rounds"] + 1
+    assert json.load(open(os.path.join(run_dir, "results.json")))["sft"] == res["sft"]
