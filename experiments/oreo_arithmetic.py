@@ -176,8 +176,8 @@ def train_oreo(rows, cfg: Config, model, params, tok, run_dir: str):
     value_model, state = create_oreo_state(model, params, _policy_opt(cfg), jax.random.key(cfg.seed),
                                            value_optimizer=_oreo_phase(cfg, 1).value_optimizer)
     collate = functools.partial(collate_trajectories, tok, separator=SEPARATOR)
-    state = oreo(state, BatchIterator(rows, cfg.batch, collate, seed=cfg.seed), _oreo_phase(cfg, _steps(len(rows), cfg)),
-                 model=model, run_dir=run_dir)
+    data = BatchIterator(rows, cfg.batch, collate, seed=cfg.seed)
+    state = oreo(state, data, _oreo_phase(cfg, _steps(len(rows), cfg)), model=model, run_dir=run_dir)
     return value_model, state
 
 
@@ -251,7 +251,8 @@ def _best_of_n(policy, value_model, value_params, model, tok, problems, n: int, 
             by_value.append(check_answer(p, group[int(np.argmax(v[j]))]))
             answers = [a for a in (parse_answer(t) for t in group) if a is not None]
             by_vote.append(bool(answers) and collections.Counter(answers).most_common(1)[0][0] == p.answer)
-    return dict(value=float(np.mean(by_value)), vote=float(np.mean(by_vote)), tokens_per_problem=generated / len(problems))
+    return dict(value=float(np.mean(by_value)), vote=float(np.mean(by_vote)),
+                tokens_per_problem=generated / len(problems))
 
 
 def part_search(cfg: Config, model, tok, held, trained, run_dir: str) -> dict:

@@ -16,7 +16,7 @@ from rljax.models import Model, preset
 from rljax.models.logprobs import head_token_kl
 from rljax.ops.oreo import (first_completion_token, oreo_policy_residuals, oreo_value_residuals, suffix_sums)
 from rljax.oreo import create_oreo_state, make_oreo_step, value_model_of, value_params_from
-from rljax.state import OptimizerConfig, create_state, make_train_step
+from rljax.state import OptimizerConfig, make_train_step
 
 LOG_HALF = math.log(0.5)
 
@@ -103,7 +103,8 @@ def test_two_step_chain_closed_form_has_zero_residuals_and_minimises_the_losses(
 
 
 def test_policy_gradient_is_two_beta_over_t_sum_delta_grad_logpi():
-    """L = (1/T) Σ_t δ_t², δ_t = sg V_t − R + β ℓ_t + sg β Σ_{i>t} ℓ_i: ∇L = (2β/T) Σ_t δ_t ∇log π(a_t)."""
+    """L = (1/T) Σ_t δ_t², δ_t = sg V_t − R + β ℓ_t + sg β Σ_{i>t} ℓ_i:
+    ∇L = (2β/T) Σ_t δ_t ∇log π(a_t)."""
     rng = np.random.default_rng(1)
     T, V, beta = 6, 5, 0.3
     logits = jnp.asarray(rng.standard_normal((T, V)), jnp.float32)
@@ -176,7 +177,8 @@ def _batch(model, seed=0, B=4, T=16):
     starts = loss * (rng.random((B, T)) < 0.3)
     starts[:, 4] = 1
     return OREOBatch(tokens=jnp.asarray(tokens * attn), attention_mask=jnp.asarray(attn),
-                     loss_mask=jnp.asarray(loss.astype(np.int32)), rewards=jnp.asarray(rng.integers(0, 2, B), jnp.float32),
+                     loss_mask=jnp.asarray(loss.astype(np.int32)),
+                     rewards=jnp.asarray(rng.integers(0, 2, B), jnp.float32),
                      step_starts=jnp.asarray(starts.astype(np.int32)))
 
 
@@ -244,8 +246,8 @@ def test_joint_step_equals_two_calls_with_pre_update_quantities(small):
     b = _batch(model, seed=2)
     _, state = create_oreo_state(model, params, opt, jax.random.key(1))
     # the value head must be non-zero for the test to see the order
-    state = state.replace(value=state.value.replace(params={**state.value.params,
-                                                           "value_head": jnp.full_like(state.value.params["value_head"], 0.3)}))
+    head = jnp.full_like(state.value.params["value_head"], 0.3)
+    state = state.replace(value=state.value.replace(params={**state.value.params, "value_head": head}))
     vm = value_model_of(model)
     v_old = token_values(state.value.params, b.tokens, b.attention_mask, model=vm)
     _, (_, ell) = oreo_policy_terms(state.policy.params, b.replace(values=v_old), model=model, cfg=cfg,
