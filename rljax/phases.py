@@ -251,7 +251,7 @@ class PromptBatch:
 
 def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loop: LoopConfig,
        run_dir: str | None = None, eval_fn: Callable | None = None, accuracy_fn: Callable | None = None,
-       refill_prompts=None, critic_model=None):
+       refill_prompts=None, critic_model=None, decode_prompts: Callable | None = None):
     """On-policy RL: `run_loop` over `rljax.rl` iterations (sample -> score -> prepare -> update).
 
     state: an RLState (create_rl_state); prompts: anything with batch_at(position) ->
@@ -264,6 +264,8 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
     positions past loop.steps, which the phase never uses otherwise. Either way the
     draw is a function of the iteration, so a resumed run refills identically.
     critic_model: the model of a separate critic in state.critic (see create_rl_state).
+    decode_prompts: how the prompts' text for the reward is decoded (default `decode`; see
+    make_rl_iteration: chat-templated prompts need a decode that does not stop at eos).
 
     With cfg.staleness = s > 0 (A3C-style asynchronous actors), batch i is sampled by
     an actor thread with the params of iteration i − s (0 for the first s) while the
@@ -274,7 +276,8 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
     """
     from rljax.rl import make_rl_iteration
 
-    iteration = make_rl_iteration(model, cfg, reward_fn, decode, accuracy_fn=accuracy_fn, critic_model=critic_model)
+    iteration = make_rl_iteration(model, cfg, reward_fn, decode, accuracy_fn=accuracy_fn, critic_model=critic_model,
+                                  decode_prompts=decode_prompts)
     source, offset = (refill_prompts, 0) if refill_prompts is not None else (prompts, loop.steps)
 
     def refill_at(position):

@@ -208,7 +208,8 @@ class RLIteration(NamedTuple):
 
 
 def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callable,
-                      accuracy_fn: Callable | None = None, critic_model=None) -> RLIteration:
+                      accuracy_fn: Callable | None = None, critic_model=None,
+                      decode_prompts: Callable | None = None) -> RLIteration:
     """Build `iteration(state, prompt_tokens, prompt_mask, key=None, refill=None, **metadata) -> (state, metrics)`
     (an `RLIteration`: its `collect` and `learn` halves are also usable apart).
 
@@ -218,7 +219,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     samples of each prompt). refill(k) -> (tokens, mask, metadata), k = 1, 2, ...:
     more prompts for dynamic sampling (cfg.max_refills). critic_model: the model of a
     separate critic (RLState.critic); without it, actor-critic methods use the
-    policy's own value head.
+    policy's own value head. decode_prompts(ids [B, P]) -> list[str]: the prompts' text
+    the reward sees (default `decode`); a chat-templated prompt holds stop tokens (Qwen's
+    <|im_end|> closes every turn), which a decode that stops at eos would cut at, so pass
+    one that does not, e.g. `functools.partial(tok.decode_batch, stop_at_eos=False)`.
 
     Metrics: reward mean/std, accuracy, KL to the reference of the sampled tokens
     (kl_k1, kl_k3; token mean), entropy, clip fraction (clipped losses), completion
@@ -259,6 +263,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     dynamic = getattr(acfg, "drop_equal_groups", False)
     room = model.config.max_seq_len - cfg.sampling.max_new_tokens
     n = cfg.sampling.n
+    decode_prompts = decode if decode_prompts is None else decode_prompts
 
     def fit(tokens, mask):
         """Truncate (or reject, naming the row) prompts longer than the cache allows."""
@@ -276,7 +281,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         t0 = time.perf_counter()
         rollout = jax.block_until_ready(sample(params, tokens, mask, key, model=model, cfg=cfg.sampling))
         t1 = time.perf_counter()
-        prompt_text = decode(np.asarray(rollout.tokens[::n, :rollout.prompt_length]))
+        prompt_text = decode_prompts(np.asarray(rollout.tokens[::n, :rollout.prompt_length]))
         rewards = scored(reward_fn, rollout, prompt_text, metadata, n)
         correct = scored(accuracy_fn, rollout, prompt_text, metadata, n) if accuracy_fn else None
         times["sample"] += t1 - t0

@@ -6,16 +6,25 @@ holds S = P + max_new_tokens slots, and decoding is one jitted
 `lax.while_loop` that stops as soon as every row has emitted eos, so repeated
 calls with new prompts of similar length reuse one compiled program.
 
+"eos" below means any stop token: `eos_id` or one of `stop_ids` (a model whose
+generation_config lists several, e.g. Llama 3.1's <|end_of_text|>, <|eom_id|>,
+<|eot_id|>). The stop token that ends a row is kept in the completion and counted
+in loss_mask, logprobs and lengths. `tokenizer_ids(tok)` gives the three id
+fields of a config from a tokenizer:
+
+    cfg = SampleConfig(max_new_tokens=256, n=8, **tokenizer_ids(tok))
+
 Layout of a `Rollout` (R = rows = prompts x n, T = P + max_new_tokens):
 
-    tokens          [R, T]     prompt (left-padded) then completion (pad after eos)
+    tokens          [R, T]     prompt (left-padded) then completion (pad after the stop token)
     attention_mask  [R, T]     1 on real tokens
-    loss_mask       [R, T]     1 on completion tokens, eos included
+    loss_mask       [R, T]     1 on completion tokens, the stop token included
     logprobs        [R, T-1]   log π(tokens[t+1] | tokens[:t+1]) under the policy
                                (temperature 1, no truncation); 0 off the completion
     sampling_logprobs [R, T-1] the same under the distribution actually sampled
                                from (temperature / top-k / top-p); 0 when greedy
-    lengths [R], stopped_at_eos [R], group_ids [R] (prompt index of each row)
+    lengths [R], stopped_at_eos [R] (ended at eos_id or any stop id), group_ids [R]
+    (prompt index of each row)
 
 `logprobs[:, t]` is aligned with `token_logprobs(params, tokens, attention_mask)`.
 """
@@ -43,7 +52,9 @@ class SampleConfig:
     """How to sample. temperature == 0 or greedy=True means argmax decoding.
 
     top_k = 0 and top_p = 1 switch truncation off. n samples per prompt are
-    laid out contiguously (rows i*n .. i*n+n-1 belong to prompt i).
+    laid out contiguously (rows i*n .. i*n+n-1 belong to prompt i). A row ends at
+    `eos_id` or at any of `stop_ids` (extra stop tokens, e.g. an HF tokenizer's
+    `eos_ids`); eos_id = -1 with no stop_ids never stops before max_new_tokens.
     """
 
     max_new_tokens: int = 64
@@ -55,10 +66,13 @@ class SampleConfig:
     eos_id: int = 2
     pad_id: int = 0
     min_prompt_bucket: int = 16
+    stop_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         def bad(field, why):
             raise ValueError(f"SampleConfig.{field}: {why}")
+
+        _check_stop_ids(self, "SampleConfig")
 
         if self.max_new_tokens < 1:
             bad("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
@@ -75,8 +89,51 @@ class SampleConfig:
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0.0
 
+    @property
+    def stop_tokens(self) -> tuple[int, ...]:
+        """Every id that ends a row: eos_id, then stop_ids."""
+        return _stop_tokens(self)
+
     def replace(self, **changes) -> "SampleConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _check_stop_ids(cfg, name: str) -> None:
+    """Normalise `cfg.stop_ids` to a tuple of ints (hashable, so the jitted decoders can take the
+    config as a static argument); a non-integer or negative id raises naming the field."""
+    ids = cfg.stop_ids
+    if isinstance(ids, (int, np.integer)):
+        ids = (ids,)
+    try:
+        ids = tuple(ids)
+    except TypeError:
+        raise ValueError(f"{name}.stop_ids: must be a tuple of token ids, got {cfg.stop_ids!r}") from None
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+            raise ValueError(f"{name}.stop_ids[{i}]: must be a token id (an int >= 0), got {t!r}")
+    object.__setattr__(cfg, "stop_ids", tuple(int(t) for t in ids))
+
+
+def _stop_tokens(cfg) -> tuple[int, ...]:
+    """(eos_id, *stop_ids) without repeats, eos_id first."""
+    return tuple(dict.fromkeys((cfg.eos_id, *cfg.stop_ids)))
+
+
+def _is_stop(tok: jax.Array, cfg) -> jax.Array:
+    """tok [...] int -> bool [...]: tok is eos_id or one of cfg.stop_ids. Without stop_ids this is
+    exactly the single comparison with eos_id that the decoders always made."""
+    if not cfg.stop_ids:
+        return tok == cfg.eos_id
+    return jnp.isin(tok, jnp.asarray(_stop_tokens(cfg), tok.dtype))
+
+
+def tokenizer_ids(tokenizer) -> dict:
+    """The id fields of SampleConfig, BeamConfig and ValueSearchConfig from a tokenizer:
+    {eos_id: the id `add_eos` appends, stop_ids: its other stop ids (an HF tokenizer's
+    generation_config `eos_token_id`s), pad_id}. Usage: `SampleConfig(n=8, **tokenizer_ids(tok))`."""
+    eos_ids = tuple(getattr(tokenizer, "eos_ids", (tokenizer.eos_id,)))
+    return dict(eos_id=int(tokenizer.eos_id), stop_ids=tuple(int(t) for t in eos_ids if t != tokenizer.eos_id),
+                pad_id=int(tokenizer.pad_id))
 
 
 @struct.dataclass
@@ -234,7 +291,7 @@ def _generate(params, prompt, prompt_mask, key, *, model: Model, cfg: SampleConf
         lps = lps.at[:, i].set(jnp.where(alive, lp, 0.0))
         slps = slps.at[:, i].set(jnp.where(alive, slp, 0.0))
         live = live.at[:, i].set(alive.astype(jnp.int32))
-        done = done | (tok == cfg.eos_id)
+        done = done | _is_stop(tok, cfg)
         hidden, cache = model.forward(params, tok[:, None], alive[:, None].astype(jnp.int32), cache=cache)
         return i + 1, model.logits(params, hidden[:, 0]), cache, toks, lps, slps, live, done
 
@@ -289,7 +346,8 @@ class BeamConfig:
     """Beam search. A hypothesis of n generated tokens (eos included) with
     summed log-probability s scores s / n**length_penalty (0 = raw sum; > 0
     favours longer outputs). With early_stopping, search ends once no live
-    beam can still beat the worst of the num_beams finished ones."""
+    beam can still beat the worst of the num_beams finished ones. A hypothesis
+    ends at eos_id or at any of stop_ids (kept, and counted in its length)."""
 
     num_beams: int = 4
     max_new_tokens: int = 64
@@ -298,8 +356,10 @@ class BeamConfig:
     pad_id: int = 0
     early_stopping: bool = True
     min_prompt_bucket: int = 16
+    stop_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        _check_stop_ids(self, "BeamConfig")
         if self.num_beams < 1:
             raise ValueError(f"BeamConfig.num_beams: must be >= 1, got {self.num_beams}")
         if self.max_new_tokens < 1:
@@ -323,7 +383,9 @@ class BeamResult:
 def _beam(params, prompt, prompt_mask, *, model: Model, cfg: BeamConfig):
     B, P = prompt.shape
     K, N, V = cfg.num_beams, cfg.max_new_tokens, model.config.vocab_size
-    C = min(2 * K, K * V)  # candidates kept per step: enough that K of them are not eos
+    # candidates kept per step: enough that K of them do not stop (each live beam adds at most one
+    # candidate per stop token, so K * (1 + S) with S stop tokens; 2K with eos alone)
+    C = min(K * (1 + len(_stop_tokens(cfg))), K * V)
     alpha = cfg.length_penalty
     cache = model.init_cache(B, P + N)
     hidden, cache = model.forward(params, prompt, prompt_mask, cache=cache)
@@ -348,7 +410,7 @@ def _beam(params, prompt, prompt_mask, *, model: Model, cfg: BeamConfig):
         top_lp, top_idx = lax.top_k(cand.reshape(B, K * V), C)  # [B, C]
         src, tok = top_idx // V, (top_idx % V).astype(jnp.int32)
         seq = alive_seq[rows, src].at[:, :, i].set(tok)  # [B, C, N]
-        is_eos = tok == cfg.eos_id
+        is_eos = _is_stop(tok, cfg)
         length = (i + 1).astype(jnp.float32)
         # Candidates ending here (eos, or the length limit) join the finished pool.
         ends = is_eos | (i == N - 1)
@@ -384,8 +446,8 @@ def beam_search(params, prompt_tokens, prompt_mask, *, model: Model, cfg: BeamCo
     """Beam search with a KV cache; returns the `num_beams` best finished hypotheses per prompt.
 
     prompt_tokens, prompt_mask: [B, P0]. Each step expands the K live beams
-    by every token, keeps the 2K best extensions by summed log-probability,
-    moves those ending in eos (or at max_new_tokens) to the finished pool
+    by every token, keeps the 2K best extensions (K(1 + S) with S stop tokens) by summed
+    log-probability, moves those ending in eos or a stop id (or at max_new_tokens) to the finished pool
     (ranked by length-penalised score) and continues with the K best others.
     """
     c = model.config
@@ -408,7 +470,8 @@ class ValueSearchConfig:
     step (e.g. the separator's id); a step also ends at eos or after max_step_tokens;
     max_new_tokens N: the length limit of a solution (reaching it finishes it);
     max_rounds: the round limit (one step per round). temperature, top_k, top_p: the
-    step sampler (temperature 0: greedy steps). The KV cache holds
+    step sampler (temperature 0: greedy steps). stop_ids: extra tokens that end the
+    solution like eos_id (an HF tokenizer's other `eos_ids`). The KV cache holds
     P + max_rounds · max_step_tokens slots (each round's steps write side by side).
     """
 
@@ -424,8 +487,10 @@ class ValueSearchConfig:
     eos_id: int = 2
     pad_id: int = 0
     min_prompt_bucket: int = 16
+    stop_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        _check_stop_ids(self, "ValueSearchConfig")
         for f in ("beams", "max_step_tokens", "max_new_tokens", "max_rounds"):
             if getattr(self, f) < 1:
                 raise ValueError(f"ValueSearchConfig.{f}: must be >= 1, got {getattr(self, f)}")
@@ -442,7 +507,7 @@ class ValueSearchConfig:
     @property
     def sampling(self) -> SampleConfig:
         return SampleConfig(max_new_tokens=self.max_step_tokens, temperature=self.temperature, top_k=self.top_k,
-                            top_p=self.top_p, eos_id=self.eos_id, pad_id=self.pad_id)
+                            top_p=self.top_p, eos_id=self.eos_id, pad_id=self.pad_id, stop_ids=self.stop_ids)
 
 
 @struct.dataclass
@@ -496,7 +561,7 @@ def _search_expand(params, cache, logits, gen, glen, valid, keys, *, model: Mode
     logits, gen, glen, valid = logits[src], gen[src], glen[src], valid[src]
     row_keys = jax.vmap(jax.random.fold_in)(jnp.repeat(keys, R // keys.shape[0]),
                                             jnp.arange(R) % (R // keys.shape[0]))
-    ends = jnp.asarray(cfg.step_end_ids + (cfg.eos_id,), jnp.int32)
+    ends = jnp.asarray(cfg.step_end_ids + _stop_tokens(cfg), jnp.int32)
     rows = jnp.arange(R)
 
     def cond(c):
@@ -509,7 +574,7 @@ def _search_expand(params, cache, logits, gen, glen, valid, keys, *, model: Mode
         tok = jnp.where(alive, tok, cfg.pad_id)
         gen = gen.at[rows, jnp.minimum(glen, N - 1)].set(jnp.where(alive, tok, gen[rows, jnp.minimum(glen, N - 1)]))
         glen = glen + alive.astype(glen.dtype)
-        eos = eos | (alive & (tok == cfg.eos_id))
+        eos = eos | (alive & _is_stop(tok, cfg))
         hidden, cache = model.forward(params, tok[:, None], alive[:, None].astype(jnp.int32), cache=cache)
         logits = jnp.where(alive[:, None], model.logits(params, hidden[:, 0]), logits)
         alive = alive & ~jnp.isin(tok, ends) & (glen < N)
