@@ -1,0 +1,413 @@
+"""R1-style RL on math word problems with a Hugging Face model: optional SFT, then GRPO.
+
+    python -m experiments.grpo_math --model path/to/Qwen2.5-0.5B-Instruct --data gsm8k_train.jsonl \\
+        --eval-data gsm8k_test.jsonl --dtype bfloat16 --iterations 200
+    python -m experiments.grpo_math --model DIR --data FILE --sft-data FILE --sft-steps 200   # SFT first
+    python -m experiments.grpo_math --model DIR --data FILE --style think --format-reward 0.1 # <think>/<answer>
+    python -m experiments.grpo_math --model DIR --data FILE --mesh-fsdp 8                      # 8 devices
+    python -m experiments.grpo_math --smoke                                                    # CPU, seconds
+
+The model is an HF Llama / Qwen2 / Qwen3 checkpoint directory (or hub id) read with
+`rljax.models.hf.load_pretrained`, the tokenizer and its chat template with
+`HFTokenizer.from_pretrained` from the same directory; sampling stops at every id of
+the model's generation_config (`tokenizer_ids`). Data: GSM8K rows {question, answer
+"... #### N"} (--data-format gsm8k) or MATH rows {problem, solution with \\boxed{}}
+(--data-format math) from .jsonl / .json (read directly) or anything
+`rljax.data.adapters.load_records` reads. Every prompt, in SFT and in RL alike, is the
+model's chat template applied to [system, user: question] with the generation prompt
+(`chat_prompt`); the SFT target is the reference solution in the answer style:
+
+  boxed  "<solution>\\nThe final answer is \\boxed{<answer>}."
+  think  "<think>\\n<solution>\\n</think>\\n<answer><answer></answer>"
+
+Reward: `math_answer_reward` (1 when the extracted final answer equals the reference)
++ --format-reward x `think_answer_format_reward`. Outputs in the run directory:
+sft/ (SFT metrics and checkpoints), metrics.jsonl and checkpoints/ (RL; rerunning the
+command resumes), samples/iteration-NNNNNN.jsonl (every sampled completion with its
+answer and reward), results.json, and policy/: the final policy as an HF checkpoint with
+the tokenizer files and a generation_config.json listing the stop ids, which
+transformers and vLLM load as they are (`vllm serve <run-dir>/policy`).
+
+--smoke runs on the test fixtures on CPU: the tiny Qwen2 fixture's architecture with
+random weights and a vocabulary widened to the tokenizer fixture's 402 ids (the
+checkpoint fixture's 160-id vocabulary belongs to no tokenizer), written with
+save_pretrained to <run-dir>/smoke-model together with the tokenizer fixture, then
+loaded back like any checkpoint; data tests/fixtures/math/gsm8k_tiny.jsonl.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import jax
+import numpy as np
+
+from rljax.checkpoint import digest_params
+from rljax.cli import make_run_dir, parse_config, save_config
+from rljax.data.adapters import DataError, load_records
+from rljax.data.collate import BatchIterator, collate_prompt_completion
+from rljax.data.math import MathProblem, gsm8k, math_problems
+from rljax.losses.sft import SFTConfig
+from rljax.metrics import read_metrics
+from rljax.models.hf import config_from_hf, load_pretrained, read_hf_config, resolve_path, save_pretrained
+from rljax.models.transformer import Model
+from rljax.phases import LoopConfig, PromptBatch, SFTPhaseConfig, rl, sft
+from rljax.rewards.math import math_answer_reward, think_answer_format_reward
+from rljax.rewards.rules import weighted_sum
+from rljax.rl import RLConfig, create_rl_state
+from rljax.sampling import SampleConfig, sample, tokenizer_ids, truncate_prompts
+from rljax.sharding import make_mesh
+from rljax.state import OptimizerConfig, create_state
+from rljax.tokenizer import HFTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+SMOKE_ARCH = os.path.join(FIXTURES, "hf", "qwen2")
+SMOKE_TOKENIZER = os.path.join(FIXTURES, "hf_tokenizer")
+SMOKE_DATA = os.path.join(FIXTURES, "math", "gsm8k_tiny.jsonl")
+# What a served checkpoint needs besides config.json and the weights (copied when present).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+SYSTEM_PROMPTS = {
+    "boxed": "Solve the math problem step by step. Put the final answer in \\boxed{}.",
+    "think": ("A conversation between User and Assistant. The Assistant first thinks about the reasoning process "
+              "and then gives the answer. The reasoning is enclosed in <think> </think> and the answer in "
+              "<answer> </answer> tags: <think> reasoning </think><answer> answer </answer>."),
+}
+
+
+@dataclass
+class Config:
+    model: str = ""  # HF checkpoint directory (or hub id) with the tokenizer files
+    data: str = ""  # RL prompts: .jsonl / .json / .parquet / a directory / a hub name
+    data_format: str = "gsm8k"  # gsm8k | math
+    sft_data: str | None = None  # SFT on these problems' reference solutions first (None: no SFT)
+    eval_data: str | None = None  # greedy accuracy before / after on these problems (None: no evaluation)
+    eval_problems: int = 256  # at most this many evaluation problems
+    style: str = "boxed"  # how the answer is asked for and, in SFT, written: boxed | think
+    system_prompt: str | None = None  # None: the style's default (SYSTEM_PROMPTS)
+    format_reward: float = 0.0  # weight of think_answer_format_reward in the reward
+    # SFT
+    sft_steps: int = 100
+    sft_batch: int = 16
+    sft_lr: float = 1e-5
+    sft_max_length: int = 1024  # longer SFT rows are dropped (and counted)
+    # RL
+    algo: str = "grpo"
+    iterations: int = 100
+    prompts_per_iteration: int = 8
+    n: int = 8
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    lr: float = 1e-6
+    minibatches: int = 1  # policy updates per iteration (each on prompts_per_iteration * n / minibatches rows)
+    kl_coef: float | None = None  # None: the algorithm's default
+    track_kl: bool = True
+    checkpoint_every: int = 50
+    # model and devices
+    dtype: str | None = None  # parameter dtype, e.g. bfloat16 on GPU / TPU (None: the checkpoint's)
+    max_seq_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    mesh_data: int = 1  # devices along each mesh axis (all 1: no mesh, one device)
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+    export_dtype: str | None = None  # dtype of the exported policy's weights (None: the parameters')
+    eval_batch: int = 64
+    run_dir: str | None = None
+    run_root: str = "runs"
+    seed: int = 0
+    progress: bool = True
+    smoke: bool = False
+
+
+def apply_smoke(cfg: Config) -> None:
+    """Shrink to the test fixtures: seconds on a CPU."""
+    cfg.data = cfg.data or SMOKE_DATA
+    cfg.sft_data = cfg.sft_data or SMOKE_DATA
+    cfg.eval_data = cfg.eval_data or SMOKE_DATA
+    cfg.style, cfg.format_reward = "think", 0.1
+    cfg.sft_steps, cfg.sft_batch, cfg.sft_lr = 6, 4, 3e-3
+    cfg.iterations, cfg.prompts_per_iteration, cfg.n, cfg.max_new_tokens = 2, 4, 4, 16
+    cfg.lr, cfg.eval_problems, cfg.eval_batch, cfg.checkpoint_every = 1e-4, 8, 8, 0
+
+
+def write_smoke_model(path: str, seed: int = 0) -> str:
+    """An HF checkpoint directory for --smoke: the Qwen2 fixture's architecture, random weights and
+    vocab_size = the tokenizer fixture's, saved with save_pretrained, plus the tokenizer fixture's files."""
+    tok = HFTokenizer.from_pretrained(SMOKE_TOKENIZER)
+    arch = config_from_hf(read_hf_config(SMOKE_ARCH), vocab_size=tok.vocab_size, max_seq_len=512)
+    params = Model(arch).init(jax.random.key(seed))
+    save_pretrained(params, arch, path, overwrite=True,
+                    extra_config=dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+    for name in os.listdir(SMOKE_TOKENIZER):
+        if name in TOKENIZER_FILES:
+            shutil.copy(os.path.join(SMOKE_TOKENIZER, name), path)
+    return path
+
+
+def read_problems(source: str, data_format: str) -> list[MathProblem]:
+    """Problems of a GSM8K- or MATH-style data set. .jsonl / .json files are read directly (no
+    `datasets` needed); anything else goes through load_records. Errors name the file and row."""
+    if data_format not in ("gsm8k", "math"):
+        raise ValueError(f"Config.data_format: {data_format!r} is not 'gsm8k' or 'math'")
+    if not source:
+        raise ValueError("Config: no data file; pass --data FILE (or --smoke)")
+    adapter = gsm8k if data_format == "gsm8k" else math_problems
+    if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+        rows = None
+        if source.endswith(".json"):  # one JSON list, or JSON lines under a .json name (as datasets allows)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError:
+                pass
+        if rows is None:
+            rows = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{source}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{source}: expected a list of rows, got {type(rows).__name__}")
+    else:
+        rows = load_records(source)
+    try:
+        problems = adapter(rows)
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from None
+    if not problems:
+        raise DataError(f"{source}: no problems")
+    return problems
+
+
+def chat_prompt(tok: HFTokenizer, question: str, system_prompt: str) -> str:
+    """The prompt text of one problem, the same in SFT and RL: the model's chat template over
+    [system, user] with the generation prompt (the assistant header), so the completion is the
+    assistant's reply. Tokenize with add_bos=False: the template writes bos itself."""
+    messages = [{"role": "user", "content": question}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tok.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def sft_target(problem: MathProblem, style: str) -> str:
+    """The reference solution written in the answer style the reward reads (see the module docstring)."""
+    if style == "think":
+        return f"<think>\n{problem.solution}\n</think>\n<answer>{problem.answer}</answer>"
+    return f"{problem.solution}\nThe final answer is \\boxed{{{problem.answer}}}."
+
+
+def make_reward(cfg: Config):
+    """math_answer_reward + format_reward x think_answer_format_reward."""
+    terms = [(1.0, math_answer_reward)]
+    if cfg.format_reward:
+        terms.append((cfg.format_reward, think_answer_format_reward))
+    return weighted_sum(*terms)
+
+
+def logging_reward(reward_fn, directory: str):
+    """reward_fn that also writes every scored sample to directory/iteration-NNNNNN.jsonl
+    (metadata `iteration` names the file; a resumed iteration rewrites its file)."""
+    os.makedirs(directory, exist_ok=True)
+
+    def logged(prompts, completions, *, answers, iteration, **meta):
+        r = reward_fn(prompts, completions, answers=answers, iteration=iteration, **meta)
+        path = os.path.join(directory, f"iteration-{int(iteration[0]):06d}.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for p, c, a, v in zip(prompts, completions, answers, np.asarray(r)):
+                f.write(json.dumps({"prompt": p, "completion": c, "answer": a, "reward": float(v)}) + "\n")
+        return r
+
+    logged.__name__ = getattr(reward_fn, "__name__", "reward")
+    return logged
+
+
+@dataclass(frozen=True)
+class MathPrompts:
+    """RL prompts: batch_at(position) -> PromptBatch of chat prompts (left-padded) with
+    metadata answers and iteration (= position + 1, the step the metrics log it under)."""
+
+    batches: BatchIterator
+
+    def batch_at(self, position: int) -> PromptBatch:
+        b = self.batches.batch_at(position)
+        return PromptBatch(b.tokens, b.mask, dict(b.metadata, iteration=[position + 1] * len(b.tokens)))
+
+
+def rl_prompt_batch(tok: HFTokenizer, problems, system_prompt: str) -> PromptBatch:
+    texts = [chat_prompt(tok, p.question, system_prompt) for p in problems]
+    tokens, mask = tok.encode_batch(texts, add_bos=False, padding_side="left")
+    return PromptBatch(tokens=tokens, mask=mask, metadata={"answers": [p.answer for p in problems]})
+
+
+def sft_pairs(tok: HFTokenizer, problems, cfg: Config, system_prompt: str) -> tuple[list[tuple[str, str]], int]:
+    """(prompt, target) pairs for SFT and the number dropped for exceeding sft_max_length tokens."""
+    pairs, dropped = [], 0
+    for p in problems:
+        prompt, target = chat_prompt(tok, p.question, system_prompt), sft_target(p, cfg.style)
+        n = len(tok.encode(prompt, add_bos=False)) + len(tok.encode(target, add_bos=False)) + 1  # + eos
+        if n > cfg.sft_max_length:
+            dropped += 1
+        else:
+            pairs.append((prompt, target))
+    return pairs, dropped
+
+
+def greedy_accuracy(params, model: Model, tok: HFTokenizer, problems, cfg: Config, system_prompt: str,
+                    batch: int) -> float:
+    """Mean math_answer_reward of greedy completions (batches of `batch`; the last is filled with
+    copies of its first problem so every call has one shape, and the copies are not counted)."""
+    scfg = SampleConfig(max_new_tokens=cfg.max_new_tokens, greedy=True, **tokenizer_ids(tok))
+    correct = []
+    for start in range(0, len(problems), batch):
+        chunk = list(problems[start:start + batch])
+        real = len(chunk)
+        chunk += [chunk[0]] * (batch - real)
+        b = rl_prompt_batch(tok, chunk, system_prompt)
+        # as in RL (RLConfig.truncate_prompts): a prompt longer than the cache allows keeps its end
+        tokens, mask, _ = truncate_prompts(b.tokens, b.mask, model.config.max_seq_len - cfg.max_new_tokens,
+                                           pad_id=tok.pad_id)
+        r = sample(params, tokens, mask, jax.random.key(0), model=model, cfg=scfg)
+        text = tok.decode_batch(np.asarray(r.completions))[:real]
+        correct += list(math_answer_reward(None, text, answers=[p.answer for p in chunk[:real]]))
+    return float(np.mean(correct))
+
+
+def export_policy(params, model: Model, tok: HFTokenizer, model_dir: str, path: str, dtype=None) -> str:
+    """save_pretrained plus the tokenizer files of `model_dir`, and a generation_config.json whose
+    eos_token_id lists every stop id, so vLLM / transformers stop where the sampler did."""
+    save_pretrained(params, model.config, path, dtype=dtype, overwrite=True,
+                    extra_config=dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(model_dir, name)):
+            shutil.copy(os.path.join(model_dir, name), path)
+    gen_path = os.path.join(path, "generation_config.json")
+    gen = {}
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            gen = json.load(f)
+    gen.update(eos_token_id=list(tok.eos_ids), pad_token_id=tok.pad_id)
+    if tok.bos_id is not None:
+        gen["bos_token_id"] = tok.bos_id
+    with open(gen_path, "w") as f:
+        json.dump(gen, f, indent=2)
+    return path
+
+
+def main(cfg: Config) -> dict:
+    if cfg.smoke:
+        apply_smoke(cfg)
+    if cfg.style not in SYSTEM_PROMPTS:
+        raise ValueError(f"Config.style: {cfg.style!r} is not one of {sorted(SYSTEM_PROMPTS)}")
+    if not cfg.model and not cfg.smoke:
+        raise ValueError("Config: no model; pass --model DIR (an HF checkpoint with its tokenizer files)")
+    if not cfg.data:
+        raise ValueError("Config: no data; pass --data FILE (GSM8K- or MATH-style rows)")
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"grpo_math-{cfg.algo}")
+    os.makedirs(run_dir, exist_ok=True)
+    if not cfg.model:  # --smoke
+        cfg.model = write_smoke_model(os.path.join(run_dir, "smoke-model"), seed=cfg.seed)
+    save_config(cfg, run_dir)
+    system_prompt = SYSTEM_PROMPTS[cfg.style] if cfg.system_prompt is None else cfg.system_prompt
+
+    model_dir = resolve_path(cfg.model)  # a hub id is fetched once; the tokenizer reads the same files
+    tok = HFTokenizer.from_pretrained(model_dir)
+    axes = (cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+    mesh = make_mesh(*axes) if axes != (1, 1, 1) else None
+    overrides = {} if cfg.max_seq_len is None else {"max_seq_len": cfg.max_seq_len}
+    arch, params = load_pretrained(model_dir, mesh=mesh, dtype=cfg.dtype, config_overrides=overrides)
+    if arch.vocab_size < tok.vocab_size:
+        raise ValueError(f"{model_dir}: config.json vocab_size={arch.vocab_size} is smaller than the tokenizer's "
+                         f"{tok.vocab_size} ids")
+    model = Model(arch, mesh)
+    print(f"grpo_math: {model_dir}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters, "
+          f"{tok}, mesh {dict(zip(('data', 'fsdp', 'tensor'), axes)) if mesh is not None else 'none'}")
+
+    problems = read_problems(cfg.data, cfg.data_format)
+    eval_set = read_problems(cfg.eval_data, cfg.data_format)[:cfg.eval_problems] if cfg.eval_data else []
+    evaluate = functools.partial(greedy_accuracy, model=model, tok=tok, problems=eval_set, cfg=cfg,
+                                 system_prompt=system_prompt, batch=cfg.eval_batch)
+    results = dict(config=asdict(cfg), run_dir=run_dir, model_dir=model_dir)
+    if eval_set:
+        results["accuracy_start"] = evaluate(params)
+
+    t0 = time.perf_counter()
+    if cfg.sft_data:
+        pairs, dropped = sft_pairs(tok, read_problems(cfg.sft_data, cfg.data_format), cfg, system_prompt)
+        if dropped:
+            print(f"grpo_math: dropped {dropped} SFT rows longer than sft_max_length={cfg.sft_max_length}")
+        collate = functools.partial(collate_prompt_completion, tok, max_length=cfg.sft_max_length,
+                                    add_bos=False, add_eos=True)
+        opt = OptimizerConfig(lr=cfg.sft_lr, warmup_steps=min(10, cfg.sft_steps // 10), total_steps=cfg.sft_steps)
+        state = create_state(model, opt, jax.random.key(cfg.seed), mesh=mesh, params=params)
+        state = sft(state, BatchIterator(pairs, cfg.sft_batch, collate, seed=cfg.seed), SFTPhaseConfig(
+            loss=SFTConfig(), optimizer=opt, loop=LoopConfig(steps=cfg.sft_steps, log_every=max(cfg.sft_steps // 20, 1),
+                                                             checkpoint_every=cfg.checkpoint_every,
+                                                             progress=cfg.progress)),
+                    model=model, mesh=mesh, run_dir=os.path.join(run_dir, "sft"))
+        params = state.params
+        results.update(sft_rows=len(pairs), sft_dropped=dropped, sft_seconds=time.perf_counter() - t0)
+        if eval_set:
+            results["accuracy_sft"] = evaluate(params)
+
+    t1 = time.perf_counter()
+    prompts = MathPrompts(BatchIterator(problems, cfg.prompts_per_iteration,
+                                        functools.partial(rl_prompt_batch, tok, system_prompt=system_prompt),
+                                        seed=cfg.seed + 1))
+    rl_cfg = RLConfig(algorithm=cfg.algo,
+                      sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.n, temperature=cfg.temperature,
+                                            **tokenizer_ids(tok)),
+                      optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant"), track_kl=cfg.track_kl,
+                      minibatches=cfg.minibatches, truncate_prompts=True)
+    if cfg.kl_coef is not None:
+        from rljax.algorithms import get_algorithm
+
+        rl_cfg = dataclasses.replace(rl_cfg, loss=dataclasses.replace(get_algorithm(cfg.algo).config,
+                                                                       kl_coef=cfg.kl_coef))
+    state = create_rl_state(model, params, rl_cfg.optimizer, jax.random.key(cfg.seed))
+    reward = logging_reward(make_reward(cfg), os.path.join(run_dir, "samples"))
+    # chat prompts hold stop tokens (the system and user turns end in one): decode them whole
+    state = rl(state, prompts, reward, rl_cfg, model=model, decode=tok.decode_batch,
+               decode_prompts=functools.partial(tok.decode_batch, stop_at_eos=False), run_dir=run_dir,
+               accuracy_fn=math_answer_reward,
+               loop=LoopConfig(steps=cfg.iterations, log_every=1, checkpoint_every=cfg.checkpoint_every,
+                               progress=cfg.progress))
+    results["rl_seconds"] = time.perf_counter() - t1
+    if eval_set:
+        results["accuracy_rl"] = evaluate(state.policy.params)
+    # --max-seq-len bounds this run's KV cache only; the exported model keeps the checkpoint's context length
+    hf_length = read_hf_config(model_dir).get("max_position_embeddings")
+    export_model = Model(dataclasses.replace(arch, max_seq_len=int(hf_length)) if hf_length else arch, mesh)
+    results["policy_dir"] = export_policy(state.policy.params, export_model, tok, model_dir,
+                                          os.path.join(run_dir, "policy"), dtype=cfg.export_dtype)
+    h = hashlib.sha256()
+    digest_params(state.policy.params, h)
+    results["policy_sha256"] = h.hexdigest()  # of the trained params (load_pretrained of policy/ gives the same)
+    rows = [r for r in read_metrics(run_dir) if "rl/reward_mean" in r]
+    results.update(reward_first=rows[0]["rl/reward_mean"], reward_last=rows[-1]["rl/reward_mean"],
+                   train_accuracy_first=rows[0]["rl/accuracy"], train_accuracy_last=rows[-1]["rl/accuracy"],
+                   wall_seconds=time.perf_counter() - t0)
+    table = "\n| grpo_math | value |\n|---|---|\n"
+    for key, name in (("accuracy_start", "greedy accuracy of the checkpoint"), ("accuracy_sft", "after SFT"),
+                      ("accuracy_rl", f"after {cfg.iterations} RL iterations")):
+        if key in results:
+            table += f"| {name} | {results[key]:.1%} |\n"
+    table += (f"| mean reward first / last iteration | {results['reward_first']:.3f} / {results['reward_last']:.3f} |\n"
+              f"| exported policy | {results['policy_dir']} |\n")
+    print(table)
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
