@@ -43,6 +43,7 @@ from rljax.data.preference_collate import collate_kto, collate_preferences, fixe
 from rljax.losses.oreo import OREOConfig
 from rljax.losses.preference import PREFERENCE_METHODS
 from rljax.losses.sft import SFTConfig
+from rljax.metrics import plot_curves
 from rljax.oreo import (CollectConfig, IterativeOREOConfig, OREOPhaseConfig, collate_trajectories,
                         collect_trajectories, create_oreo_state, iterative_oreo, oreo, split_keeping_separator,
                         value_scorer)
@@ -308,21 +309,9 @@ def part_iterate(cfg: Config, model, params, tok, train, held, run_dir: str) -> 
 
 def _plot(curves: dict, xlabel: str, path: str) -> None:
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plot_curves(curves, path, xlabel=xlabel, ylabel="held-out accuracy")
     except ImportError:  # plotting is optional (rljax[plot])
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in curves.items():
-        xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("held-out accuracy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        pass
 
 
 def main(cfg: Config) -> dict:

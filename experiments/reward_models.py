@@ -54,7 +54,7 @@ import numpy as np
 
 from experiments.rl_arithmetic import load_sft
 from rljax.cli import make_run_dir, parse_config, save_config
-from rljax.metrics import read_metrics
+from rljax.metrics import plot_curves, read_metrics
 from rljax.data.arithmetic import check_answer, make_split, parse_answer
 from rljax.data.collate import BatchIterator
 from rljax.data.reward_collate import (collate_feedback, collate_pairs, collate_scored, collate_steps,
@@ -511,23 +511,12 @@ def part_bon(cfg: Config, model, params, tok, train, test, run_dir: str, levels=
 
 
 def _plot(table: dict, path: str) -> None:
+    curves = {name: {n: table[n][name] for n in table} for name in table[min(table)]}
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plot_curves(curves, path, xlabel="N samples per problem", ylabel="held-out accuracy of the chosen sample",
+                    log_x_base=2)
     except ImportError:  # plotting is optional (rljax[plot])
-        return
-    ns = sorted(table)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in table[ns[0]]:
-        ax.plot(ns, [table[n][name] for n in ns], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("N samples per problem")
-    ax.set_ylabel("held-out accuracy of the chosen sample")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        pass
 
 
 def main(cfg: Config) -> dict:

@@ -91,3 +91,13 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def restore_latest(target, directory: str):
+    """`target` restored from the latest checkpoint in `directory`, or `target` itself when
+    there is none (for multi-phase runs that find out how far a killed run got)."""
+    with Checkpointer(directory) as ckpt:
+        if ckpt.latest_step() is None:
+            return target
+        state, _ = ckpt.restore(target)
+    return state

@@ -211,16 +211,7 @@ def plot_metrics(path_or_run_dir: str | os.PathLike, names: Sequence[str], out_p
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown} in {path}; available: {available}")
-    try:
-        # The object API with the Agg canvas renders off-screen without pyplot, so it neither
-        # needs a display nor switches (and closes the figures of) a caller's pyplot backend.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("plot_metrics needs matplotlib: `pip install rljax[plot]`") from e
-
-    fig = Figure(figsize=(8, 2.6 * len(names) + 0.6))
-    FigureCanvasAgg(fig)
+    fig = _agg_figure(figsize=(8, 2.6 * len(names) + 0.6))
     axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         points = [(r["step"], r[name]) for r in records if name in r and isinstance(r[name], (int, float))]
@@ -241,6 +232,42 @@ def plot_metrics(path_or_run_dir: str | os.PathLike, names: Sequence[str], out_p
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
     fig.savefig(out, format="png", dpi=100)
+    return out
+
+
+def _agg_figure(**kw):
+    try:
+        # The object API with the Agg canvas renders off-screen without pyplot, so it neither
+        # needs a display nor switches (and closes the figures of) a caller's pyplot backend.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("plotting needs matplotlib: `pip install rljax[plot]`") from e
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_curves(curves: dict, out_png: str | os.PathLike, *, xlabel: str, ylabel: str,
+                log_x_base: int | None = None) -> str:
+    """One line per entry of curves = {label: {x: y}} (points drawn in x order) into a PNG;
+    returns its path. log_x_base: a logarithmic x axis of that base."""
+    fig = _agg_figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for label, points in curves.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
+    if log_x_base:
+        ax.set_xscale("log", base=log_x_base)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = os.fspath(out_png)
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    fig.savefig(out, format="png", dpi=120)
     return out
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from rljax.checkpoint import Checkpointer, digest_params
+from rljax.checkpoint import digest_params, restore_latest
 from rljax.data.batch import OREOBatch
 from rljax.data.collate import BatchIterator, pad_rows, padded_width
 from rljax.losses.actor_critic import token_values
@@ -337,10 +337,11 @@ def _manifest(params, prompts, cfg: CollectConfig, key) -> dict:
     h = hashlib.sha256()
     digest_params(params, h)
     p = hashlib.sha256("\x00".join(prompts).encode()).hexdigest()
-    return {"samples": cfg.samples, "balance": cfg.balance, "separator": cfg.separator,
-            "prompts_per_batch": cfg.prompts_per_batch, "sampling": dataclasses.asdict(cfg.sampling),
-            "prompts": len(prompts), "prompts_sha256": p, "params_sha256": h.hexdigest(),
-            "key": np.asarray(jax.random.key_data(key)).ravel().tolist()}
+    config = {"samples": cfg.samples, "balance": cfg.balance, "separator": cfg.separator,
+              "prompts_per_batch": cfg.prompts_per_batch, "sampling": dataclasses.asdict(cfg.sampling),
+              "prompts": len(prompts), "prompts_sha256": p, "params_sha256": h.hexdigest(),
+              "key": np.asarray(jax.random.key_data(key)).ravel().tolist()}
+    return json.loads(json.dumps(config))  # as read back from manifest.json (tuples become lists)
 
 
 def _write_json(path: str, obj) -> None:
@@ -509,12 +510,7 @@ def iterative_oreo(state: OREOState, prompts: Sequence[str], reward_fn: Callable
     collate: rows -> OREOBatch (default `collate_trajectories` with the collection's
     separator); metadata as for `collect_trajectories` (e.g. problems=...).
     """
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
-    try:
-        if ckpt.latest_step() is not None:
-            state, _ = ckpt.restore(state)
-    finally:
-        ckpt.close()
+    state = restore_latest(state, os.path.join(run_dir, "checkpoints"))
     separator = cfg.collect.separator
     collate = collate or functools.partial(collate_trajectories, tokenizer, separator=separator,
                                            allow_fractional_rewards=cfg.allow_fractional_rewards)

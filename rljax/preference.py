@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from rljax.checkpoint import Checkpointer, digest_params
+from rljax.checkpoint import digest_params, restore_latest
 from rljax.data.collate import BatchIterator
 from rljax.losses.preference import DPOConfig, reference_logps
 from rljax.sampling import SampleConfig, sample
@@ -146,12 +146,7 @@ def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOCo
         reference = jax.tree.map(np.asarray, jax.device_get(state.params))
     phase_loop = dict(log_every=cfg.log_every, checkpoint_every=0, progress=cfg.progress)
     if run_dir is not None:  # resume: the latest checkpoint tells how many rounds are done
-        ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
-        try:
-            if ckpt.latest_step() is not None:
-                state, _ = ckpt.restore(state)
-        finally:
-            ckpt.close()
+        state = restore_latest(state, os.path.join(run_dir, "checkpoints"))
     stats = []
     scfg = cfg.sampling
     for r in range(cfg.rounds):
