@@ -13,7 +13,7 @@ Search: a random model of the preset, prompts of 8 tokens, step ends at any of 4
 token ids (a random model ends a step after ~16 tokens), value-guided search for each B
 (B beams x B steps, scored by a value model), against greedy decoding and best-of-N
 with N chosen to generate the same number of tokens: wall time and generated tokens
-per problem. Figures are medians after a compile call.
+per problem. Figures are medians after a compile call (the search: `search_reps` timed calls).
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ class Config:
     batch: int = 16
     seq: int = 256
     steps: int = 5
-    search_prompts: int = 16
+    search_prompts: int = 8
+    search_reps: int = 1  # timed calls after the compile call (a B = 7 search takes minutes on 2 cores)
     beams: tuple[int, ...] = (3, 5, 7)
     max_new_tokens: int = 96
     max_step_tokens: int = 24
@@ -130,7 +131,12 @@ def bench_search(cfg: Config) -> dict:
 
     t_greedy = timeit(greedy, reps=3)
     greedy_tokens = float(np.asarray(roll["g"].lengths).mean())
-    print(f"greedy: {t_greedy / P * 1e3:.1f} ms/problem, {greedy_tokens:.0f} tokens/problem", flush=True)
+    # best-of-N's N matches the search's tokens with the mean length of a sample (T = 1), not of greedy
+    probe = sample(params, prompts, mask, jax.random.key(3), model=model,
+                   cfg=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=4))
+    sample_tokens = float(np.asarray(probe.lengths).mean())
+    print(f"greedy: {t_greedy / P * 1e3:.1f} ms/problem, {greedy_tokens:.0f} tokens/problem; a sample at T = 1: "
+          f"{sample_tokens:.0f} tokens", flush=True)
     out = dict(greedy=dict(ms_per_problem=t_greedy / P * 1e3, tokens_per_problem=greedy_tokens), beams={})
     for b in cfg.beams:
         scfg = ValueSearchConfig(beams=b, step_end_ids=ends, max_step_tokens=cfg.max_step_tokens,
@@ -142,9 +148,9 @@ def bench_search(cfg: Config) -> dict:
                                                 cfg=scfg)
             return res["r"].tokens
 
-        t = timeit(search, reps=3)
+        t = timeit(search, reps=cfg.search_reps)
         tokens = res["r"].generated / P
-        n = max(1, int(round(tokens / greedy_tokens)))
+        n = max(1, int(round(tokens / sample_tokens)))
         bon_cfg = SampleConfig(max_new_tokens=cfg.max_new_tokens, n=n)
 
         def best_of_n():
@@ -152,7 +158,7 @@ def bench_search(cfg: Config) -> dict:
             roll["b"] = r
             return scorer(vp, r.tokens, r.attention_mask)
 
-        t_bon = timeit(best_of_n, reps=3)
+        t_bon = timeit(best_of_n, reps=cfg.search_reps)
         bon_tokens = float(np.asarray(roll["b"].lengths).sum()) / P
         out["beams"][b] = dict(search_ms_per_problem=t / P * 1e3, search_tokens_per_problem=tokens,
                                rounds=res["r"].rounds, best_of_n=n, bon_ms_per_problem=t_bon / P * 1e3,
