@@ -316,8 +316,8 @@ def _plot(curves: dict, xlabel: str, path: str) -> None:
 
 def main(cfg: Config) -> dict:
     if cfg.smoke:
-        cfg.problems, cfg.samples, cfg.epochs, cfg.batch, cfg.eval_problems, cfg.eval_samples = 16, 4, 1, 8, 8, 2
-        cfg.max_new_tokens, cfg.beams, cfg.search_rounds, cfg.iterate_rounds, cfg.iterate_problems = 16, (1, 2), 3, 2, 8
+        cfg.problems, cfg.samples, cfg.epochs, cfg.batch, cfg.eval_problems, cfg.eval_samples = 16, 4, 1, 8, 4, 2
+        cfg.max_new_tokens, cfg.beams, cfg.search_rounds, cfg.iterate_rounds, cfg.iterate_problems = 16, (1, 2), 3, 1, 8
         cfg.max_step_tokens, cfg.search_chunk, cfg.with_references = 8, 4, True
     unknown = [p for p in cfg.parts if p not in PARTS]
     if unknown:
