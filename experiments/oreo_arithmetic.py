@@ -122,12 +122,13 @@ def _policy_opt(cfg: Config) -> OptimizerConfig:
     return OptimizerConfig(lr=cfg.lr, schedule="constant")
 
 
+def _value_opt(cfg: Config) -> OptimizerConfig:
+    return OptimizerConfig(lr=cfg.value_lr, head_lr=cfg.value_head_lr, schedule="constant")
+
+
 def _oreo_phase(cfg: Config, steps: int) -> OREOPhaseConfig:
     return OREOPhaseConfig(loss=OREOConfig(beta=cfg.beta, level=cfg.level, kl_coef=cfg.kl_coef),
-                           optimizer=_policy_opt(cfg),
-                           value_optimizer=OptimizerConfig(lr=cfg.value_lr, head_lr=cfg.value_head_lr,
-                                                           schedule="constant"),
-                           loop=_loop(steps, cfg))
+                           optimizer=_policy_opt(cfg), value_optimizer=_value_opt(cfg), loop=_loop(steps, cfg))
 
 
 def train_rs(rows, cfg: Config, model, params, tok, run_dir: str | None, state=None):
@@ -175,7 +176,7 @@ def train_preference(algo: str, rows, cfg: Config, model, params, tok, run_dir: 
 
 def train_oreo(rows, cfg: Config, model, params, tok, run_dir: str):
     value_model, state = create_oreo_state(model, params, _policy_opt(cfg), jax.random.key(cfg.seed),
-                                           value_optimizer=_oreo_phase(cfg, 1).value_optimizer)
+                                           value_optimizer=_value_opt(cfg))
     collate = functools.partial(collate_trajectories, tok, separator=SEPARATOR)
     data = BatchIterator(rows, cfg.batch, collate, seed=cfg.seed)
     state = oreo(state, data, _oreo_phase(cfg, _steps(len(rows), cfg)), model=model, run_dir=run_dir)
@@ -289,7 +290,7 @@ def part_iterate(cfg: Config, model, params, tok, train, held, run_dir: str) -> 
     where = os.path.join(run_dir, "iterative_oreo")
     for r in range(1, cfg.iterate_rounds + 1):  # rounds=r resumes the same run directory one round further
         _, state = create_oreo_state(model, params, _policy_opt(cfg), jax.random.key(cfg.seed),
-                                     value_optimizer=icfg.phase.value_optimizer)
+                                     value_optimizer=_value_opt(cfg))
         state = iterative_oreo(state, prompts, arithmetic_answer_reward, dataclasses.replace(icfg, rounds=r),
                                model=model, tokenizer=tok, run_dir=where, key=jax.random.key(cfg.seed + 13),
                                problems=problems)

@@ -227,12 +227,7 @@ def plot_metrics(path_or_run_dir: str | os.PathLike, names: Sequence[str], out_p
     axes[-1, 0].set_xlabel("step")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = os.fspath(out_png)
-    if os.path.dirname(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-    fig.savefig(out, format="png", dpi=100)
-    return out
+    return _save_png(fig, out_png, dpi=100)
 
 
 def _agg_figure(**kw):
@@ -246,6 +241,16 @@ def _agg_figure(**kw):
     fig = Figure(**kw)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _save_png(fig, out_png, *, dpi: int) -> str:
+    """Lay out `fig` and write it as a PNG (creating its directory); returns the path."""
+    fig.tight_layout()
+    out = os.fspath(out_png)
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    fig.savefig(out, format="png", dpi=dpi)
+    return out
 
 
 def plot_curves(curves: dict, out_png: str | os.PathLike, *, xlabel: str, ylabel: str,
@@ -263,12 +268,7 @@ def plot_curves(curves: dict, out_png: str | os.PathLike, *, xlabel: str, ylabel
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = os.fspath(out_png)
-    if os.path.dirname(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-    fig.savefig(out, format="png", dpi=120)
-    return out
+    return _save_png(fig, out_png, dpi=120)
 
 
 _SUFFIXES = ((1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T"))
