@@ -10,12 +10,27 @@ abstract target, i.e. onto the current mesh, whatever mesh wrote it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary name beside `path`; when the block finishes, rename it to `path`
+    (atomic on one file system), so readers see the old file or the whole new one, never
+    a partial write. On an error the temporary file is removed and `path` is untouched."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def digest_params(params, h) -> None:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from rljax.checkpoint import digest_params, restore_latest
+from rljax.checkpoint import atomic_path, digest_params, restore_latest
 from rljax.data.batch import OREOBatch
 from rljax.data.collate import BatchIterator, pad_rows, padded_width
 from rljax.losses.actor_critic import token_values
@@ -347,19 +347,30 @@ def _manifest(params, prompts, cfg: CollectConfig, key) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
-def _datasets():
+def _parquet():
     try:
-        import datasets
+        import pyarrow
+        import pyarrow.parquet
     except ImportError as e:  # the GPU machine has no `datasets`; in-memory collection still works there
-        raise ImportError("collect_trajectories(out_dir=...) writes Parquet through `datasets`: "
-                          "pip install 'rljax[data]'") from e
-    return datasets
+        raise ImportError("collect_trajectories(out_dir=...) writes Parquet through pyarrow (a dependency of "
+                          "`datasets`): pip install 'rljax[data]'") from e
+    return pyarrow
+
+
+def _read_part(out_dir: str, name: str) -> list[dict]:
+    return _parquet().parquet.read_table(os.path.join(out_dir, name)).to_pylist()
+
+
+def _write_part(rows: list[dict], path: str) -> None:
+    """One Parquet part, written atomically (pyarrow directly: `datasets` would add progress
+    bars and a cache copy; the file is the same and `datasets.load_dataset("parquet")` reads it)."""
+    pa = _parquet()
+    with atomic_path(path) as tmp:
+        pa.parquet.write_table(pa.Table.from_pylist(rows), tmp)
 
 
 def load_trajectories(out_dir: str) -> list[dict]:
@@ -378,7 +389,7 @@ def load_trajectories(out_dir: str) -> list[dict]:
                          "collect_trajectories again with the same arguments to finish it")
     rows = []
     for k in range(n_parts):
-        rows += _datasets().Dataset.from_parquet(os.path.join(out_dir, done[str(k)]["file"])).to_list()
+        rows += _read_part(out_dir, done[str(k)]["file"])
     return rows
 
 
@@ -406,7 +417,7 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
                              f"{len(prompts)} prompts")
     manifest, done = None, {}
     if out_dir is not None:
-        _datasets()
+        _parquet()
         os.makedirs(out_dir, exist_ok=True)
         config = _manifest(params, prompts, cfg, key)
         path = os.path.join(out_dir, "manifest.json")
@@ -426,7 +437,7 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
     rows = []
     for k in range(n_parts):
         if str(k) in done:
-            rows += _datasets().Dataset.from_parquet(os.path.join(out_dir, done[str(k)]["file"])).to_list()
+            rows += _read_part(out_dir, done[str(k)]["file"])
             continue
         lo, hi = k * cfg.prompts_per_batch, min(len(prompts), (k + 1) * cfg.prompts_per_batch)
         chunk = prompts[lo:hi]
@@ -448,9 +459,7 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
         rows += part
         if out_dir is not None:
             name = f"part-{k:05d}.parquet"
-            tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
-            _datasets().Dataset.from_list(part).to_parquet(tmp)
-            os.replace(tmp, os.path.join(out_dir, name))
+            _write_part(part, os.path.join(out_dir, name))
             done[str(k)] = {"file": name, "rows": len(part)}
             _write_json(os.path.join(out_dir, "manifest.json"), manifest)
     return rows

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from rljax.checkpoint import digest_params, restore_latest
+from rljax.checkpoint import atomic_path, digest_params, restore_latest
 from rljax.data.collate import BatchIterator
 from rljax.losses.preference import DPOConfig, reference_logps
 from rljax.sampling import SampleConfig, sample
@@ -62,10 +62,8 @@ def cached_reference_logps(params, rows: Sequence, collate: Callable, *, model, 
         raise ValueError(f"cached_reference_logps: row {bad} has a non-finite reference log-prob {out[bad]}")
     if path is not None:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, out)
-        os.replace(tmp, path)
     return out
 
 
@@ -188,10 +186,8 @@ def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOCo
                                score_best=float(scores.max(axis=1).mean()))
             if pairs_path:
                 os.makedirs(os.path.dirname(pairs_path), exist_ok=True)
-                tmp = pairs_path + ".tmp"
-                with open(tmp, "w") as f:
+                with atomic_path(pairs_path) as tmp, open(tmp, "w") as f:
                     json.dump(dict(pairs=pairs, stats=round_stats), f)
-                os.replace(tmp, pairs_path)
         stats.append(round_stats)
         if int(jax.device_get(state.step)) < target:
             data = BatchIterator(pairs, min(cfg.batch_size, len(pairs)), collate, seed=r)

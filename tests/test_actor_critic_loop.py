@@ -48,13 +48,17 @@ def test_actor_critic_moves_mass_to_the_best_arms(algorithm, loss, epochs, separ
     it = make_rl_iteration(model, cfg, reward_fn, decode, critic_model=critic_model)
     state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1), critic_model=critic_model,
                             critic_params=critic_params)
-    for _ in range(25):
+    values, expected = [], []
+    for i in range(25):
         state, m = it(state, np.ones((4, 1), np.int32), None)
-    probs = arm_probs(model, state.policy.params)
-    assert float(probs @ ARM_REWARD) > 0.8 and m["reward_mean"] > 0.7
-    value = _prompt_value(critic_model, state.critic.params) if separate else _prompt_value(model, state.policy.params)
-    # the critic regresses on returns of the previous policies, so it trails E_π[r] by a few hundredths
-    assert abs(value - float(probs @ ARM_REWARD)) < 0.06, (value, float(probs @ ARM_REWARD))
+        if i >= 15:
+            values.append(_prompt_value(critic_model, state.critic.params) if separate
+                          else _prompt_value(model, state.policy.params))
+            expected.append(float(arm_probs(model, state.policy.params) @ ARM_REWARD))
+    assert expected[-1] > 0.8 and m["reward_mean"] > 0.7
+    # Adam at a constant head lr keeps the critic's estimate moving by several hundredths around
+    # its target from one iteration to the next, so the estimate is its mean over the last 10
+    assert abs(np.mean(values) - np.mean(expected)) < 0.03, (values, expected)
 
 
 def test_a_fresh_value_head_at_the_backbone_lr_is_warned_about():

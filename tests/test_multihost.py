@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import FAST_COMPILE, ROOT
 from rljax import distributed
 
 ENV_NAMES = [v for names in distributed.ENV_VARS.values() for v in names]
@@ -170,7 +170,7 @@ def _env(n_devices: int) -> dict:
     env = dict(os.environ)
     for name in ENV_NAMES:  # the workers are told explicitly
         env.pop(name, None)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices} {FAST_COMPILE}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")])
     return env

@@ -3,6 +3,8 @@ the data it wrote; the pairing of right and wrong samples for DPO."""
 import json
 import os
 
+import pytest
+
 from experiments import oreo_arithmetic
 from rljax.oreo import load_trajectories
 
@@ -14,6 +16,7 @@ def test_right_wrong_pairs_pair_in_order_per_problem():
                                                        {"prompt": "q0", "chosen": "c", "rejected": "d"}]
 
 
+@pytest.mark.slow  # every part of the experiment, ~2 min on 2 cores
 def test_oreo_arithmetic_smoke(tmp_path):
     run_dir = str(tmp_path / "run")
     res = oreo_arithmetic.main(oreo_arithmetic.Config(smoke=True, run_dir=run_dir, sft_run_dir=str(tmp_path / "sft"),

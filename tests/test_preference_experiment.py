@@ -1,5 +1,6 @@
 """The preference experiment's --smoke setting runs and reports consistent numbers (own file for loadfile)."""
 import numpy as np
+import pytest
 
 
 def test_noisy_pairs_flip_exactly_the_requested_fraction():
@@ -13,6 +14,7 @@ def test_noisy_pairs_flip_exactly_the_requested_fraction():
     assert sum(swapped) == round(0.2 * len(clean))
 
 
+@pytest.mark.slow  # SFT, offline and online DPO runs, ~80 s on 2 cores
 def test_preference_smoke(tmp_path):
     from experiments import preference_arithmetic as pa
 

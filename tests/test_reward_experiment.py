@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 
+@pytest.mark.slow  # every part of the experiment, ~2 min on 2 cores
 def test_reward_models_smoke_reports_consistent_best_of_n(tmp_path):
     from experiments import reward_models
 

@@ -15,13 +15,18 @@ PROMPTS = left_padded([9, 4, 1, 6], 10, 64, seed=11)
 
 
 def _greedy_reference(model, params, tokens, mask, steps):
-    """Greedy decoding by full recomputation: argmax of the full forward at each step."""
+    """Greedy decoding by full recomputation: argmax of the full forward at each step. The
+    rows are right-padded to their final width so one jitted forward serves every step
+    (causal attention: the masked pads to the right cannot change earlier logits)."""
     tokens, mask = np.asarray(tokens), np.asarray(mask)
-    for _ in range(steps):
-        logits = model(params, tokens, mask)
-        nxt = np.asarray(jnp.argmax(logits[:, -1], -1))[:, None].astype(np.int32)
-        tokens = np.concatenate([tokens, nxt], 1)
-        mask = np.concatenate([mask, np.ones_like(nxt)], 1)
+    B, P = tokens.shape
+    tokens = np.concatenate([tokens, np.zeros((B, steps), np.int32)], 1)
+    mask = np.concatenate([mask, np.zeros((B, steps), np.int32)], 1)
+    forward = jax.jit(lambda p, t, m: model(p, t, m))
+    for i in range(steps):
+        logits = forward(params, tokens, mask)
+        tokens[:, P + i] = np.asarray(jnp.argmax(logits[:, P + i - 1], -1))
+        mask[:, P + i] = 1
     return tokens
 
 

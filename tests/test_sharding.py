@@ -1,6 +1,5 @@
 """Sharded (8 simulated CPU devices, mesh (2, 2, 2)) equals single-device; mesh and rule helpers."""
 import jax
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -35,6 +34,8 @@ def test_sharded_forward_logprobs_and_sample_equal_single_device():
             f1 = jax.jit(lambda p, t, m: single(p, t, m))(params, tokens, mask)
             f2 = jax.jit(lambda p, t, m: sharded(p, t, m))(sp, st, sm)
             np.testing.assert_allclose(f1, f2, atol=1e-5)
+            if not scan:  # unrolled layers: their parameter layout and forward; the rest is layer-agnostic
+                continue
 
             l1 = jax.jit(lambda p, t, m: token_logprobs(p, t, m, model=single))(params, tokens, mask)
             l2 = jax.jit(lambda p, t, m: token_logprobs(p, t, m, model=sharded))(sp, st, sm)
