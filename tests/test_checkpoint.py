@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import run_with_devices
-from rljax.checkpoint import Checkpointer
+from rljax.checkpoint import Checkpointer, atomic_path
 from rljax.losses import SFTConfig, sft_loss
 from rljax.state import OptimizerConfig, create_state, make_train_step
 from test_train import _batch
@@ -79,3 +79,16 @@ def test_restore_onto_a_different_mesh(tmp_path):
         print("MESH_OK")
     """)
     assert "MESH_OK" in out
+
+
+def test_atomic_path_replaces_whole_or_leaves_the_old_file(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(path)) as tmp, open(tmp, "w") as f:
+            f.write("half")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["data.json"]  # no temporary left behind
+    with atomic_path(str(path)) as tmp, open(tmp, "w") as f:
+        f.write("new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["data.json"]
