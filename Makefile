@@ -1,5 +1,5 @@
 # Two entry points, both self-contained on a fresh machine:
-#   make quickstart   create .venv, install, run SFT then GRPO on arithmetic on CPU (about 9.5 minutes)
+#   make quickstart   create .venv, install, run SFT then GRPO on arithmetic on CPU (about 9 minutes)
 #   make test         create .venv, install .[dev], run the default test suite
 PYTHON ?= python3
 VENV   := .venv
