@@ -1,5 +1,5 @@
 """experiments/oreo_arithmetic.py: its smoke runs every part and reports numbers that agree with
-the data it wrote; the pairing of right and wrong samples for DPO."""
+the data it wrote (slow: `make test-slow`); the pairing of right and wrong samples for DPO."""
 import json
 import os
 

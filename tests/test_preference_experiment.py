@@ -1,4 +1,5 @@
-"""The preference experiment's --smoke setting runs and reports consistent numbers (own file for loadfile)."""
+"""The preference experiment's --smoke setting runs and reports consistent numbers (slow: `make
+test-slow`); its label flips."""
 import numpy as np
 import pytest
 

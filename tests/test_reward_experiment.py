@@ -1,5 +1,5 @@
-"""The reward-model experiment's --smoke setting runs and reports consistent numbers (its own file, so
-`pytest -n 2 --dist loadfile` can run it beside the other experiments)."""
+"""The reward-model experiment's --smoke setting runs and reports consistent numbers (slow: `make
+test-slow`); the gold-ranked lists it trains on."""
 import numpy as np
 import pytest
 
