@@ -28,7 +28,12 @@
     list per problem (all preferred pairs of a problem in one example, ties allowed);
     held-out pairwise accuracy on the policy's samples of test problems, and (with part
     rl) GRPO against it with the gold score measured: the reward model sees the
-    distribution RL will visit, unlike part bt's, which RL hacks.
+    distribution RL will visit, unlike part bt's, which RL hacks. With --onpolicy-prior
+    the score is r_θ + log π_SFT(y|x): the SFT policy's summed log-likelihood of the
+    answer is a fixed prior (it already ranks the policy's own samples of a problem
+    far better than a head trained from scratch) and the head, trained on the gold
+    preferences, learns what the prior gets wrong; with part rl GRPO also runs against
+    the prior alone, to tell what the gold preferences add.
 (overopt) over-optimisation (Gao et al. 2022) with the part-bt reward model as the
     proxy: best-of-n (n = 1 … n_max) and GRPO measured along the run, gold and proxy
     score against d = √KL(π ‖ π_SFT), with R_bon(d) = d (α − β d) and
@@ -65,8 +70,9 @@ from rljax.models import add_head
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
 from rljax.rewards.evaluation import reward_model_eval
 from rljax.rewards.process_labels import label_steps, model_completer
-from rljax.rewards.reward_model import (aggregate_steps, majority_vote, reward_model_reward, stack_step_scores,
-                                        step_scorer)
+from rljax.rewards.reward_model import (aggregate_steps, likelihood_reward, majority_vote, reward_model_reward,
+                                        stack_step_scores, step_scorer)
+from rljax.rewards.rules import weighted_sum
 from rljax.sampling import SampleConfig, sample
 from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import CharTokenizer
@@ -102,6 +108,9 @@ class Config:
     onpolicy_problems: int = 1024
     onpolicy_samples: int = 8
     onpolicy_epochs: int = 2
+    # r = r_θ + log π_SFT(y|x): the SFT policy's summed log-likelihood of each answer as a fixed prior the
+    # reward head learns to correct (RankingBatch.prior); with part rl, GRPO also runs against the prior alone
+    onpolicy_prior: bool = False
     # iterative RLHF with the onpolicy reward model: retrain it every refresh_every GRPO iterations
     # on gold-ranked samples of the current policy (0: the reward model stays fixed)
     refresh_every: int = 0
@@ -189,26 +198,66 @@ def gold_ranked_lists(problems, samples) -> list[tuple[str, list[str], list[int]
     return out
 
 
-def part_onpolicy(cfg: Config, model, params, tok, train, test, run_dir: str, levels=(1, 2)):
-    """A BT reward model on gold-ranked lists of the SFT policy's samples (unseen problems)."""
+def with_priors(lists, prior) -> list[tuple]:
+    """(prompt, answers, ranks) lists -> (prompt, answers, ranks, priors): prior(prompts, answers) per answer,
+    scored 1,024 rows at a time; `prior` None leaves the lists as they are."""
+    if prior is None:
+        return list(lists)
+    prompts = [q for q, answers, _ in lists for _ in answers]
+    flat = [a for _, answers, _ in lists for a in answers]
+    scores = np.concatenate(_in_chunks(prior, prompts, flat))
+    out, at = [], 0
+    for q, answers, ranks in lists:
+        out.append((q, answers, ranks, scores[at:at + len(answers)].tolist()))
+        at += len(answers)
+    return out
+
+
+def ranked_collate(tok, K: int):
+    """collate_ranked for (prompt, answers, ranks[, priors]) lists, K answers per list."""
     from rljax.data.reward_collate import collate_ranked
 
+    def collate(lists):
+        priors = [x[3] for x in lists] if len(lists[0]) > 3 else None
+        return collate_ranked(tok, [x[:3] for x in lists], answers_per_list=K, priors=priors)
+
+    return collate
+
+
+def onpolicy_scorer(rm, params, tok, prior):
+    """The part-onpolicy reward: the head's score, plus the prior (log π_SFT) when it was trained with one."""
+    head = reward_model_reward(rm, params, tok)
+    return head if prior is None else weighted_sum((1.0, head), (1.0, prior))
+
+
+def part_onpolicy(cfg: Config, model, params, tok, train, test, run_dir: str, levels=(1, 2)):
+    """A BT reward model on gold-ranked lists of the SFT policy's samples (unseen problems), with
+    the SFT policy's log-likelihood as a fixed prior when cfg.onpolicy_prior."""
     t0 = time.perf_counter()
     key = jax.random.key(cfg.seed + 20)
+    prior = likelihood_reward(model, params, tok, reduction="sum") if cfg.onpolicy_prior else None
     problems = unseen_problems(train, test, cfg.onpolicy_problems, levels, seed=cfg.seed + 2000)
-    lists = gold_ranked_lists(problems, _samples(params, model, tok, problems, cfg.onpolicy_samples, cfg,
-                                                 jax.random.fold_in(key, 1)))
+    lists = with_priors(gold_ranked_lists(problems, _samples(params, model, tok, problems, cfg.onpolicy_samples,
+                                                             cfg, jax.random.fold_in(key, 1))), prior)
     held_problems = test[:cfg.eval_problems]
-    held = gold_ranked_lists(held_problems, _samples(params, model, tok, held_problems, cfg.onpolicy_samples,
-                                                     cfg, jax.random.fold_in(key, 2)))
+    held = with_priors(gold_ranked_lists(held_problems, _samples(params, model, tok, held_problems,
+                                                                 cfg.onpolicy_samples, cfg,
+                                                                 jax.random.fold_in(key, 2))), prior)
     K = cfg.onpolicy_samples
-    collate = lambda b: collate_ranked(tok, b, answers_per_list=K)  # noqa: E731
-    pairs = sum(int((np.array(r)[:, None] < np.array(r)[None, :]).sum()) for _, _, r in lists)
+    collate = ranked_collate(tok, K)
+    pairs = sum(int((np.array(x[2])[:, None] < np.array(x[2])[None, :]).sum()) for x in lists)
     print(f"onpolicy: {len(lists)} ranked lists ({pairs} preferred pairs) of {len(problems)} problems "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     _, _, gold_batches = _gold_candidates(held_problems, tok, seed=cfg.seed + 2)
     rm, rm_params = add_head(model, params, "reward")
-    evaluate = reward_model_eval(rm, [collate(held[i:i + 32]) for i in range(0, len(held), 32)] + gold_batches)
+    held_batches = [collate(held[i:i + 32]) for i in range(0, len(held), 32)]
+    evaluate = reward_model_eval(rm, held_batches + gold_batches)
+    extra = {}
+    if prior is not None:  # the zero head scores the prior alone
+        extra["prior_pairwise_accuracy"] = reward_model_eval(rm, held_batches, params_of=lambda p: p)(
+            rm_params)["pairwise_accuracy"]
+        print(f"onpolicy: the prior alone (log π_SFT) ranks held-out samples with accuracy "
+              f"{extra['prior_pairwise_accuracy']:.3f}", flush=True)
     batch = max(cfg.batch // 4, 1)  # K answers per example
     data = BatchIterator(lists, min(batch, len(lists)), collate, seed=cfg.seed)
     steps = max(cfg.onpolicy_epochs * len(lists) // batch, 1)
@@ -217,19 +266,17 @@ def part_onpolicy(cfg: Config, model, params, tok, train, test, run_dir: str, le
     print(f"onpolicy: held-out accuracy on policy samples {result['pairwise_accuracy']:.3f}, "
           f"Spearman with gold on synthetic candidates {result['spearman']:.3f}", flush=True)
     return dict(lists=len(lists), pairs=pairs, held_out_lists=len(held), steps=steps,
-                seconds=time.perf_counter() - t0, **result), (rm, state, lists)
+                seconds=time.perf_counter() - t0, **extra, **result), (rm, state, lists, prior)
 
 
-def onpolicy_refresher(cfg: Config, model, rm, rm_state, lists, tok, train, test, levels):
+def onpolicy_refresher(cfg: Config, model, rm, rm_state, lists, tok, train, test, levels, prior=None):
     """make_refresher for `grpo_against`: each call copies the part-onpolicy reward model;
     refresh k samples onpolicy_samples answers of the current policy to refresh_problems new
     problems, measures the reward model's pairwise accuracy on them (how well it ranks what
     RL now produces), then trains it on them, replaying all earlier lists, for refresh_epochs
     passes over the new ones."""
-    from rljax.data.reward_collate import collate_ranked
-
     K = cfg.onpolicy_samples
-    collate = lambda b: collate_ranked(tok, b, answers_per_list=K)  # noqa: E731
+    collate = ranked_collate(tok, K)
     batch = max(cfg.batch // 4, 1)
 
     def make():
@@ -240,8 +287,9 @@ def onpolicy_refresher(cfg: Config, model, rm, rm_state, lists, tok, train, test
                 return {}
             k = box["round"] = box["round"] + 1
             problems = unseen_problems(train, test, cfg.refresh_problems, levels, seed=cfg.seed + 3000 + k)
-            new = gold_ranked_lists(problems, _samples(rl_state.policy.params, model, tok, problems, K, cfg,
-                                                       jax.random.key(cfg.seed + 4000 + k)))
+            new = with_priors(gold_ranked_lists(problems, _samples(rl_state.policy.params, model, tok, problems,
+                                                                   K, cfg, jax.random.key(cfg.seed + 4000 + k))),
+                              prior)
             if not new:  # every problem's samples tied: nothing to learn from this time
                 return dict(rm_new_lists=0.0)
             before = reward_model_eval(rm, [collate(new[i:i + 32]) for i in range(0, len(new), 32)])(box["state"])
@@ -251,7 +299,7 @@ def onpolicy_refresher(cfg: Config, model, rm, rm_state, lists, tok, train, test
             box["state"] = _train(rm, None, data, RankingConfig(), steps, cfg, None, state=box["state"])
             return dict(rm_accuracy_on_policy=before["pairwise_accuracy"], rm_new_lists=float(len(new)))
 
-        return reward_model_reward(rm, lambda: box["state"].params, tok), refresh
+        return onpolicy_scorer(rm, lambda: box["state"].params, tok, prior), refresh
 
     return make
 
@@ -548,17 +596,20 @@ def main(cfg: Config) -> dict:
         results["rl"] = grpo_against(cfg, model, params, reward_model_reward(rm, rm_params, tok), tok, train, test,
                                      run_dir, "rl-bt")
     if "onpolicy" in cfg.parts:
-        results["onpolicy"], (orm, orm_state, lists) = part_onpolicy(cfg, model, params, tok, train, test, run_dir,
-                                                                     levels=sft_cfg.levels)
+        results["onpolicy"], (orm, orm_state, lists, prior) = part_onpolicy(cfg, model, params, tok, train, test,
+                                                                            run_dir, levels=sft_cfg.levels)
+        scorer = onpolicy_scorer(orm, orm_state.params, tok, prior)
+        name = "rl-onpolicy-prior" if prior is not None else "rl-onpolicy"
+        if "rl" in cfg.parts and prior is not None:  # what the gold preferences add to their prior
+            results["onpolicy"]["rl_prior_alone"] = grpo_against(cfg, model, params, prior, tok, train, test,
+                                                                 run_dir, "rl-likelihood")
         if "rl" in cfg.parts and cfg.refresh_every == 0:
-            results["onpolicy"]["rl"] = grpo_against(cfg, model, params,
-                                                     reward_model_reward(orm, orm_state.params, tok),
-                                                     tok, train, test, run_dir, "rl-onpolicy")
+            results["onpolicy"]["rl"] = grpo_against(cfg, model, params, scorer, tok, train, test, run_dir, name)
         if "rl" in cfg.parts and cfg.refresh_every > 0:
-            refresher = onpolicy_refresher(cfg, model, orm, orm_state, lists, tok, train, test, sft_cfg.levels)
-            results["onpolicy"]["rl_refreshed"] = grpo_against(
-                cfg, model, params, reward_model_reward(orm, orm_state.params, tok), tok, train, test, run_dir,
-                "rl-onpolicy-refreshed", make_refresher=refresher)
+            refresher = onpolicy_refresher(cfg, model, orm, orm_state, lists, tok, train, test, sft_cfg.levels,
+                                           prior=prior)
+            results["onpolicy"]["rl_refreshed"] = grpo_against(cfg, model, params, scorer, tok, train, test, run_dir,
+                                                               name + "-refreshed", make_refresher=refresher)
     if "feedback" in cfg.parts:
         results["feedback"] = part_feedback(cfg, model, params, tok, train, test, run_dir)
     if "overopt" in cfg.parts:

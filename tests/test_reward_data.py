@@ -31,6 +31,11 @@ def test_pairs_and_lists_layout():
     same = collate_ranked(TOK, [RankedList("1+1=", ("2", "3", "4"), (0, 1, 1)), RankedList("2+2=", ("4", "5"), (0, 1))],
                           answers_per_list=4, min_bucket=4)
     np.testing.assert_array_equal(same.tokens, lists.tokens)
+    assert lists.prior is None
+    with_prior = collate_ranked(TOK, [("1+1=", ["2", "3", "4"], [0, 1, 1]), ("2+2=", ["4", "5"], [0, 1])],
+                                answers_per_list=4, priors=[[-0.5, -2.0, -3.0], [-0.25, -4.0]])
+    np.testing.assert_array_equal(with_prior.prior, [[-0.5, -2.0, -3.0, 0.0], [-0.25, -4.0, 0.0, 0.0]])
+    assert with_prior.prior.dtype == np.float32
     assert collate_scored(TOK, [ScoredResponse("1=", "1", 0.5)]).scores.tolist() == [0.5]
     steps = collate_steps(TOK, [StepLabelled("1=", ("a", "b"), (0.5, 1.0))], separator=";")
     assert steps.labels[0][steps.label_mask[0] > 0].tolist() == [0.5, 1.0]
@@ -57,6 +62,16 @@ def test_bad_pairs_are_named(rows, match):
 def test_bad_rankings_are_named(lists, match):
     with pytest.raises(ValueError, match=match):
         collate_ranked(TOK, lists)
+
+
+@pytest.mark.parametrize("priors,match", [
+    ([[0.0, 1.0]], "1 prior lists for 2 rows"),
+    ([[0.0, 1.0], [0.0]], "row 1: 1 priors for 2 answers"),
+    ([[0.0, 1.0], [0.0, float("nan")]], "row 1: prior of answer 1 is nan"),
+])
+def test_bad_priors_are_named(priors, match):
+    with pytest.raises(ValueError, match=match):
+        collate_ranked(TOK, [("p", ["a", "b"], [0, 1]), ("q", ["c", "d"], [1, 0])], priors=priors)
 
 
 def test_scored_one_and_several_attributes_and_bad_scores():

@@ -10,7 +10,7 @@ def test_reward_models_smoke_reports_consistent_best_of_n(tmp_path):
 
     res = reward_models.main(reward_models.Config(smoke=True, sft_run_dir=str(tmp_path / "sft"),
                                                   run_dir=str(tmp_path / "rm"), progress=False, feedback_rl=False,
-                                                  refresh_every=1))
+                                                  refresh_every=1, onpolicy_prior=True))
     table = res["bon"]["table"]
     # one candidate: every selection method picks it, so all equal the sample accuracy
     assert len(set(table[1].values())) == 1
@@ -26,6 +26,9 @@ def test_reward_models_smoke_reports_consistent_best_of_n(tmp_path):
     assert 0.0 <= on["pairwise_accuracy"] <= 1.0 and on["pairs"] >= on["lists"] >= 1
     # the same held-out samples of the same SFT policy (only the proxy that scores them differs)
     assert all(on["rl_refreshed"]["before"][k] == rl["before"][k] for k in ("gold", "accuracy", "length"))
+    # with the SFT log-likelihood as the prior: the prior alone is scored and optimised too
+    assert 0.0 <= on["prior_pairwise_accuracy"] <= 1.0
+    assert on["rl_prior_alone"]["before"]["gold"] == rl["before"]["gold"]
     from rljax.metrics import read_metrics
     refreshes = [r for r in read_metrics(str(tmp_path / "rm" / "rl-onpolicy-refreshed-seed0"))
                  if "rl/eval/rm_new_lists" in r]
@@ -54,3 +57,28 @@ def test_gold_ranked_lists_rank_by_gold_with_ties_and_drop_uninformative_problem
     assert prompt == p.prompt and sorted(answers) == sorted({right, wrong})  # distinct, non-empty
     best = answers[ranks.index(0)]
     assert gold_score(p, best) == max(gold_score(p, a) for a in answers) and best == right
+
+
+def test_priors_follow_their_answers_and_the_scorer_adds_them_to_the_head():
+    """with_priors attaches prior(prompt, answer) to each answer of each list, in order; the
+    on-policy scorer is head + prior, which at the zero-initialised head is the prior."""
+    import jax
+
+    from experiments.reward_models import onpolicy_scorer, ranked_collate, with_priors
+    from rljax.models import Model, add_head, preset
+    from rljax.tokenizer import CharTokenizer
+
+    def prior(prompts, completions):
+        return np.array([len(p) - 0.5 * len(c) for p, c in zip(prompts, completions)], np.float32)
+
+    lists = [("1+1=", ["2", "33"], [0, 1]), ("2*2=", ["4", "5", "666"], [0, 1, 1])]
+    assert with_priors(lists, None) == lists
+    out = with_priors(lists, prior)
+    assert [x[3] for x in out] == [[3.5, 3.0], [3.5, 3.5, 2.5]] and [x[:3] for x in out] == lists
+    tok = CharTokenizer()
+    batch = ranked_collate(tok, 3)(out)
+    np.testing.assert_array_equal(batch.prior, [[3.5, 3.0, 0.0], [3.5, 3.5, 2.5]])
+    model = Model(preset("tiny", n_layers=1))
+    rm, params = add_head(model, model.init(jax.random.key(0)), "reward")
+    np.testing.assert_allclose(onpolicy_scorer(rm, params, tok, prior)(["1+1=", "2*2="], ["2", "666"]), [3.5, 2.5],
+                               atol=1e-6)

@@ -1,5 +1,4 @@
 """Reward-model kernels and losses against ALGORITHMS.md's known answers and naive references."""
-import itertools
 import math
 
 import jax
@@ -329,3 +328,64 @@ def test_add_head_keeps_the_backbone_and_starts_at_zero():
     assert add_head(rm, rp, "reward")[0] is rm
     with pytest.raises(ValueError, match="not a head"):
         add_head(lm, params, "policy")
+
+
+def test_ranking_loss_with_a_prior_ranks_the_sum():
+    """r = r_θ + prior: with the head at zero the loss is the kernel on the priors alone
+    (log 2 for equal priors, log(1 + e^{-m}) for a prior margin m in the preferred direction);
+    with a non-zero head it is the kernel on r_θ + prior, and absent answers stay at 0."""
+    model, params = _rm()
+    t, m, rank = _lists(B=2, K=3)
+    rank[1] = [0, -1, 1]
+    prior = np.array([[0.3, -1.0, 2.0], [1.5, 9.0, -0.5]], np.float32)
+    batch = RankingBatch(jnp.asarray(t), jnp.asarray(m), jnp.asarray(rank), prior=jnp.asarray(prior))
+    s = np.asarray(ranking_scores(params, batch, model=model))
+    total = np.where(rank >= 0, s + prior, 0.0)
+    loss, metrics = ranking_loss(params, batch, model=model, cfg=RankingConfig())
+    np.testing.assert_allclose(loss, naive_pairwise(total, rank).mean(), rtol=1e-5)
+    pairs = [(b, i, j) for b in range(2) for i in range(3) for j in range(3)
+             if rank[b, i] >= 0 and rank[b, j] >= 0 and rank[b, i] < rank[b, j]]
+    np.testing.assert_allclose(metrics["accuracy"], np.mean([total[b, i] > total[b, j] for b, i, j in pairs]))
+    zero = {**params, "reward_head": jnp.zeros_like(params["reward_head"])}
+    pair = RankingBatch(jnp.asarray(t[:, :2]), jnp.asarray(m[:, :2]), jnp.asarray(rank[:1, :2].repeat(2, 0)),
+                        prior=jnp.array([[0.0, 0.0], [0.7, 0.0]]))
+    loss, _ = ranking_loss(zero, pair, model=model, cfg=RankingConfig())
+    np.testing.assert_allclose(loss, (math.log(2) + math.log1p(math.exp(-0.7))) / 2, rtol=1e-6)
+
+
+def test_likelihood_reward_matches_a_naive_log_likelihood():
+    """β A_θ (mean over the completion and [eos]), β S_θ, and β (S_θ − S_ref), against
+    log-softmax of one full forward per row; batching and bucketing change nothing; an
+    empty completion is scored by its [eos]."""
+    from rljax.rewards.reward_model import likelihood_reward
+    from rljax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    model = Model(preset("tiny", n_layers=1))
+    params, other = model.init(jax.random.key(0)), model.init(jax.random.key(1))
+    prompts, completions = ["1+1=", "12*3-4=", "5="], ["2", "36-4=32;answer:32", "answer:5"]
+
+    def naive(p, prompt, completion):
+        ids = tok.encode(prompt, add_bos=True) + tok.encode(completion, add_bos=False, add_eos=True)
+        hidden, _ = model.forward(p, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32))
+        logits = model.logits(p, hidden)
+        lp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+        start = len(tok.encode(prompt, add_bos=True))
+        return [float(lp[t - 1, ids[t]]) for t in range(start, len(ids))]
+
+    own = [naive(params, p, c) for p, c in zip(prompts, completions)]
+    ref = [naive(other, p, c) for p, c in zip(prompts, completions)]
+    np.testing.assert_allclose(likelihood_reward(model, params, tok, beta=2.0)(prompts, completions),
+                               [2.0 * np.mean(x) for x in own], rtol=1e-4)
+    np.testing.assert_allclose(likelihood_reward(model, params, tok, reduction="sum")(prompts, completions),
+                               [np.sum(x) for x in own], rtol=1e-4)
+    dpo = likelihood_reward(model, lambda: params, tok, reference=other, beta=0.1, reduction="sum")
+    np.testing.assert_allclose(dpo(prompts, completions), [0.1 * (np.sum(a) - np.sum(b)) for a, b in zip(own, ref)],
+                               rtol=1e-4, atol=1e-5)
+    one = likelihood_reward(model, params, tok)
+    np.testing.assert_allclose([one([p], [c])[0] for p, c in zip(prompts, completions)], one(prompts, completions),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        likelihood_reward(model, params, tok, reduction="max")
+    # an empty completion is scored by its [eos] alone (log π(eos | prompt)), as reward_model_reward reads it
+    np.testing.assert_allclose(one(["1=", "2="], ["1", ""])[1], naive(params, "2=", "")[0], rtol=1e-4)

@@ -30,9 +30,16 @@ def test_spearman_and_calibration_error_by_hand():
     assert expected_calibration_error([0.3] * 10, [1] * 3 + [0] * 7) == pytest.approx(0.0)
 
 
-def _setup():
+def _setup(prior: bool = False):
+    """Pairs labelled by the gold scorer; with prior, each answer carries a fixed prior score
+    (−0.05 per character, a stand-in for a log-likelihood) as `RankingBatch.prior`."""
     train, test = make_split(800, 64, levels=(1, 2), seed=0)
-    collate = lambda rows: collate_pairs(TOK, [(r["prompt"], r["chosen"], r["rejected"]) for r in rows])  # noqa: E731
+
+    def collate(rows):
+        pairs = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+        priors = [(-0.05 * len(c), -0.05 * len(j)) for _, c, j in pairs] if prior else None
+        return collate_pairs(TOK, pairs, priors=priors)
+
     data = BatchIterator(preference_pairs(train, 0, noise_free=True), 16, collate, seed=0)
     held = preference_pairs(test, 1, noise_free=True)
     model = Model(preset("tiny", n_layers=2, heads=("reward",)))
@@ -67,6 +74,8 @@ def test_reward_model_phase_learns_gold_preferences_and_resumes_exactly(tmp_path
 
 
 def test_reward_model_training_sharded_equals_one_device():
+    """Bradley–Terry with centring and a prior per answer: 4 steps on a (2, 2, 2)
+    mesh of simulated devices give the single-device losses."""
     out = run_with_devices("""
         import functools, jax, numpy as np
         from rljax.losses.reward_model import RankingConfig, reward_model_loss
@@ -75,7 +84,8 @@ def test_reward_model_training_sharded_equals_one_device():
         from rljax.state import OptimizerConfig, create_state, make_train_step
         from test_reward_phase import _setup
 
-        _, opt, data, _ = _setup()
+        _, opt, data, _ = _setup(prior=True)
+        assert data.batch_at(0).prior.shape == (16, 2)
         mesh = make_mesh(data=2, fsdp=2, tensor=2)
         curves = []
         for m in (None, mesh):

@@ -28,13 +28,16 @@ class RankingBatch:
     tokens, attention_mask: [B, K, T] int32 (prompt + answer; any padding side);
     rank: [B, K] int32, 0 = best, equal = tie, −1 = absent answer (its row is all
     padding; its score is masked out); margin: [B] float32 or None, a per-list
-    margin added to the config's (Llama 2's preference-strength margin).
+    margin added to the config's (Llama 2's preference-strength margin); prior:
+    [B, K] float32 or None, a fixed score per answer added to the learned one (a
+    residual reward model r = r_θ + prior, e.g. the SFT policy's mean log-likelihood).
     """
 
     tokens: object
     attention_mask: object
     rank: object
     margin: object = None
+    prior: object = None
 
 
 @struct.dataclass

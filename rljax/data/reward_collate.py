@@ -59,16 +59,18 @@ def _check_ranking(i: int, answers: Sequence[str], ranks: Sequence[int]) -> list
 
 def collate_ranked(tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence[int]]], *,
                    answers_per_list: int | None = None, margins: Sequence[float] | None = None,
-                   max_length: int | None = None, min_bucket: int = 16, length: int | None = None,
+                   priors: Sequence[Sequence[float]] | None = None, max_length: int | None = None, min_bucket: int = 16, length: int | None = None,
                    add_bos: bool = True, add_eos: bool = True) -> RankingBatch:
     """(prompt, answers, ranks) lists (tuples or `RankedList`) -> RankingBatch [B, K, T]: all answers of a prompt in
     one batch element (InstructGPT's K-wise comparisons; pairs are K = 2).
 
     ranks: 0 = best, larger = worse, equal = tie. K = answers_per_list (fixed, so
     the shape does not change between batches) or the longest list; shorter lists
-    get absent answers (rank −1, all padding). Errors name the row: fewer than two
-    answers, all answers tied, a negative or non-integer rank, the same text ranked
-    twice differently, an empty answer, a row too long.
+    get absent answers (rank −1, all padding). priors: one fixed score per answer
+    of each list (`RankingBatch.prior`; absent answers get 0). Errors name the row:
+    fewer than two answers, all answers tied, a negative or non-integer rank, the
+    same text ranked twice differently, an empty answer, a row too long, a prior
+    count that differs from the answer count or a non-finite prior.
     """
     if not lists:
         raise ValueError("collate_ranked: no examples")
@@ -95,9 +97,18 @@ def collate_ranked(tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence
         if len(margins) != len(lists):
             raise ValueError(f"collate_ranked: {len(margins)} margins for {len(lists)} rows")
         margin = np.array([_finite(m, f"row {i}: margin") for i, m in enumerate(margins)], np.float32)
+    prior = None
+    if priors is not None:
+        if len(priors) != len(lists):
+            raise ValueError(f"collate_ranked: {len(priors)} prior lists for {len(lists)} rows")
+        prior = np.zeros((len(lists), K), np.float32)
+        for i, (ps, ranks) in enumerate(zip(priors, checked)):
+            if len(ps) != len(ranks):
+                raise ValueError(f"row {i}: {len(ps)} priors for {len(ranks)} answers")
+            prior[i, :len(ps)] = [_finite(v, f"row {i}: prior of answer {k}") for k, v in enumerate(ps)]
     B = len(lists)
     return RankingBatch(tokens=tokens.reshape(B, K, width), attention_mask=attn.reshape(B, K, width), rank=rank,
-                        margin=margin)
+                        margin=margin, prior=prior)
 
 
 def collate_pairs(tokenizer, pairs: Sequence, *, margins: Sequence[float] | None = None, **kw) -> RankingBatch:

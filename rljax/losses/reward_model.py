@@ -7,6 +7,7 @@ trained head serves as a sequence reward, a verifier and a PRM, and
 ALGORITHMS.md: L(z) = −log σ(z) = softplus(−z), r = the head's output.
 
     ranking (pairs, K-wise lists):  mean over lists of mean_{(i ≻ j)} L(r_i − r_j − m)  [+ c · (r_i + r_j)²]
+                                    (r = r_θ + prior when the batch carries a fixed prior per answer)
     Plackett–Luce:                  mean over lists of Σ_k [logsumexp_{j≥k} r_τ(j) − r_τ(k)]
     pointwise:                      ½ mean over given scores of (r_a − s_a)²
     verifier (ORM):                 mean over completion tokens of BCE(r_t, y)  [+ λ_LM · NLL]
@@ -76,10 +77,16 @@ def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
     """Reward-model loss on ranked lists (pairs are K = 2). Lists without a preferred
     pair (all tied) count for nothing. Returns (loss, metrics): accuracy (fraction of
     preferred pairs scored in the right order), margin (mean r_i − r_j over pairs),
-    reward_mean / reward_std over present answers."""
+    reward_mean / reward_std over present answers. With batch.prior [B, K] the
+    ranked score is r_θ + prior: the head learns only what the fixed prior (e.g.
+    the SFT policy's log-likelihood, `likelihood_reward`) gets wrong, and every
+    metric is of the sum, the reward the scorer will give."""
     _need_reward_head(model, "ranking_loss")
     chex.assert_equal_shape([batch.rank, batch.tokens[..., 0]])
     scores = ranking_scores(params, batch, model=model)
+    if batch.prior is not None:
+        chex.assert_equal_shape([batch.prior, batch.rank])
+        scores = jnp.where(batch.rank >= 0, scores + batch.prior.astype(jnp.float32), 0.0)
     pairs = preferred_pairs(batch.rank).astype(jnp.float32)
     if cfg.objective == "plackett_luce":
         per_list = plackett_luce(scores, batch.rank)

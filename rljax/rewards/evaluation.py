@@ -57,7 +57,7 @@ def reward_model_eval(model, batches: Sequence, *, params_of=lambda state: state
     """An eval_fn for `train_reward_model`: `eval_fn(state) -> dict` over held-out batches.
 
     RankingBatch: pairwise_accuracy (preferred pairs scored in the right order, ties in
-    score count half). ScoreBatch (e.g. gold scores of held-out responses): spearman (rank
+    score count half; of r_θ + prior when the batch carries a prior). ScoreBatch (e.g. gold scores of held-out responses): spearman (rank
     correlation of the predicted with the given scores, first attribute) and mae.
     TokenLabelBatch (verifier or PRM labels): calibration_error (ECE of σ(r) at the
     labelled positions, 10 bins) and label_accuracy (σ(r) > ½ against y > ½)."""
@@ -72,6 +72,8 @@ def reward_model_eval(model, batches: Sequence, *, params_of=lambda state: state
         for b in batches:
             if isinstance(b, RankingBatch):
                 s = np.asarray(rank_fn(params, b))
+                if b.prior is not None:
+                    s = s + np.asarray(b.prior)
                 pair = np.asarray(preferred_pairs(np.asarray(b.rank)))
                 diff = s[:, :, None] - s[:, None, :]
                 right += float(((diff > 0) + 0.5 * (diff == 0))[pair].sum())

@@ -23,6 +23,8 @@ import numpy as np
 from rljax.buckets import bucket_length
 from rljax.data.collate import encode_prompt_completion, pad_rows
 from rljax.data.reward_collate import encode_steps, split_solution
+from rljax.models.logprobs import target_mask, token_logprobs
+from rljax.ops.preference import sequence_logps
 
 STEP_AGGREGATIONS = ("min", "product", "mean", "last")
 
@@ -117,6 +119,61 @@ def reward_model_reward(model, params, tokenizer, *, probability: bool = False, 
         tokens, mask, B = _batch_rows(rows, tokenizer.pad_id, min_bucket=min_bucket, max_length=max_length)
         r = np.asarray(forward(current(), tokens, mask))[:B]
         return 1 / (1 + np.exp(-r)) if probability else r
+
+    return scorer
+
+
+def _batch_completions(tokenizer, prompts, completions, *, min_bucket: int, max_length: int | None,
+                       add_bos: bool, add_eos: bool):
+    """[bos] prompt completion [eos] rows, batched as `_batch_rows` -> (tokens, mask, completion mask, B)."""
+    encoded = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)
+               for i, (p, c) in enumerate(zip(prompts, completions))]
+    B = len(encoded)
+    width = bucket_length(max(len(ids) for ids, _ in encoded), minimum=min_bucket, maximum=max_length)
+    encoded += [([tokenizer.pad_id], [0])] * (bucket_length(B, minimum=1) - B)
+    tokens, mask, completion = pad_rows([ids for ids, _ in encoded], width, tokenizer.pad_id,
+                                        [cm for _, cm in encoded])
+    return tokens, mask, completion, B
+
+
+def completion_likelihood(params, tokens, mask, completion_mask, *, model, reduction: str = "mean"):
+    """S(y|x) = Σ_t log π(y_t | x, y_<t) over the completion's tokens ("sum") or S / |y|
+    ("mean"): tokens, mask, completion_mask [B, T] -> [B] float32."""
+    lp = token_logprobs(params, tokens, mask, model=model)
+    return sequence_logps(lp, target_mask(completion_mask, mask), reduction)[0]
+
+
+def likelihood_reward(model, params, tokenizer, *, reference=None, beta: float = 1.0, reduction: str = "mean",
+                      min_bucket: int = 16, max_length: int | None = None, add_bos: bool = True,
+                      add_eos: bool = True):
+    """A language model's likelihood of the completion as a reward:
+
+        r = β · A_θ(y|x)                     reference None (SimPO's implicit reward with
+                                             reduction "mean"; the SFT policy's own
+                                             likelihood as a prior for `RankingBatch.prior`)
+        r = β · (S_θ(y|x) − S_ref(y|x))      with `reference` params (DPO's implicit reward
+                                             with reduction "sum")
+
+    where S is the summed and A = S / |y| the mean completion log-prob ("sum" | "mean",
+    [eos] counted as a completion token, so an empty completion scores log π(eos | x)).
+    Text is encoded and batched as by
+    `reward_model_reward`; params (and reference) may be zero-argument callables read at
+    every call. -> scorer(prompts, completions, **_) -> float32 [B]."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"likelihood_reward: reduction {reduction!r} not in ('sum', 'mean')")
+    if not beta > 0:
+        raise ValueError(f"likelihood_reward: beta must be > 0, got {beta}")
+    forward = jax.jit(functools.partial(completion_likelihood, model=model, reduction=reduction))
+    current = params if callable(params) else (lambda: params)
+    ref = reference if callable(reference) or reference is None else (lambda: reference)
+
+    def scorer(prompts, completions, **_):
+        tokens, mask, completion, B = _batch_completions(tokenizer, prompts, completions, min_bucket=min_bucket,
+                                                         max_length=max_length, add_bos=add_bos, add_eos=add_eos)
+        s = np.asarray(forward(current(), tokens, mask, completion), np.float32)
+        if ref is not None:
+            s = s - np.asarray(forward(ref(), tokens, mask, completion), np.float32)
+        return beta * s[:B]
 
     return scorer
 
