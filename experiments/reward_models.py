@@ -201,7 +201,7 @@ def gold_ranked_lists(problems, samples) -> list[tuple[str, list[str], list[int]
 def with_priors(lists, prior) -> list[tuple]:
     """(prompt, answers, ranks) lists -> (prompt, answers, ranks, priors): prior(prompts, answers) per answer,
     scored 1,024 rows at a time; `prior` None leaves the lists as they are."""
-    if prior is None:
+    if prior is None or not lists:
         return list(lists)
     prompts = [q for q, answers, _ in lists for _ in answers]
     flat = [a for _, answers, _ in lists for a in answers]

@@ -30,7 +30,7 @@ def test_reward_models_smoke_reports_consistent_best_of_n(tmp_path):
     assert 0.0 <= on["prior_pairwise_accuracy"] <= 1.0
     assert on["rl_prior_alone"]["before"]["gold"] == rl["before"]["gold"]
     from rljax.metrics import read_metrics
-    refreshes = [r for r in read_metrics(str(tmp_path / "rm" / "rl-onpolicy-refreshed-seed0"))
+    refreshes = [r for r in read_metrics(str(tmp_path / "rm" / "rl-onpolicy-prior-refreshed-seed0"))
                  if "rl/eval/rm_new_lists" in r]
     assert [r["step"] for r in refreshes] == [1] and refreshes[0]["rl/eval/rm_new_lists"] >= 0
     # feedback models: the true mean relevance is the same held-out candidates' for all three
@@ -72,7 +72,7 @@ def test_priors_follow_their_answers_and_the_scorer_adds_them_to_the_head():
         return np.array([len(p) - 0.5 * len(c) for p, c in zip(prompts, completions)], np.float32)
 
     lists = [("1+1=", ["2", "33"], [0, 1]), ("2*2=", ["4", "5", "666"], [0, 1, 1])]
-    assert with_priors(lists, None) == lists
+    assert with_priors(lists, None) == lists and with_priors([], prior) == []
     out = with_priors(lists, prior)
     assert [x[3] for x in out] == [[3.5, 3.0], [3.5, 3.5, 2.5]] and [x[:3] for x in out] == lists
     tok = CharTokenizer()
