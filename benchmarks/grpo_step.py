@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 
 import jax
-import numpy as np
 
 from benchmarks.common import banner
 from rljax.cli import parse_config

@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import jax
-import numpy as np
 
 from experiments import sft_arithmetic
 from rljax.algorithms import get_algorithm

@@ -30,7 +30,7 @@ class RankingBatch:
     padding; its score is masked out); margin: [B] float32 or None, a per-list
     margin added to the config's (Llama 2's preference-strength margin); prior:
     [B, K] float32 or None, a fixed score per answer added to the learned one (a
-    residual reward model r = r_θ + prior, e.g. the SFT policy's mean log-likelihood).
+    residual reward model r = r_θ + prior, e.g. the SFT policy's log-likelihood).
     """
 
     tokens: object

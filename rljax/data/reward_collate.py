@@ -59,8 +59,9 @@ def _check_ranking(i: int, answers: Sequence[str], ranks: Sequence[int]) -> list
 
 def collate_ranked(tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence[int]]], *,
                    answers_per_list: int | None = None, margins: Sequence[float] | None = None,
-                   priors: Sequence[Sequence[float]] | None = None, max_length: int | None = None, min_bucket: int = 16, length: int | None = None,
-                   add_bos: bool = True, add_eos: bool = True) -> RankingBatch:
+                   priors: Sequence[Sequence[float]] | None = None, max_length: int | None = None,
+                   min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                   add_eos: bool = True) -> RankingBatch:
     """(prompt, answers, ranks) lists (tuples or `RankedList`) -> RankingBatch [B, K, T]: all answers of a prompt in
     one batch element (InstructGPT's K-wise comparisons; pairs are K = 2).
 

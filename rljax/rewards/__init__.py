@@ -2,11 +2,12 @@
 rewards (reward models, verifiers, process reward models) as reward functions; best-of-N."""
 from rljax.rewards.math import math_answer_reward, think_answer_format_reward, think_answer_tag_reward
 from rljax.rewards.reward_model import (STEP_AGGREGATIONS, aggregate_steps, best_of_n, likelihood_reward,
-                                        majority_vote, prm_reward, reward_model_reward, running_normaliser, step_scorer)
+                                        majority_vote, prm_reward, reward_model_reward, running_normaliser,
+                                        step_scorer)
 from rljax.rewards.rules import (RewardError, arithmetic_answer_reward, arithmetic_format_reward,
                                  arithmetic_step_reward, length_penalty, score, weighted_sum)
 
 __all__ = ["RewardError", "STEP_AGGREGATIONS", "aggregate_steps", "arithmetic_answer_reward",
-           "arithmetic_format_reward", "arithmetic_step_reward", "best_of_n", "length_penalty", "likelihood_reward", "majority_vote",
-           "math_answer_reward", "prm_reward", "reward_model_reward", "running_normaliser", "score", "step_scorer",
-           "think_answer_format_reward", "think_answer_tag_reward", "weighted_sum"]
+           "arithmetic_format_reward", "arithmetic_step_reward", "best_of_n", "length_penalty", "likelihood_reward",
+           "majority_vote", "math_answer_reward", "prm_reward", "reward_model_reward", "running_normaliser", "score",
+           "step_scorer", "think_answer_format_reward", "think_answer_tag_reward", "weighted_sum"]

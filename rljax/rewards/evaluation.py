@@ -57,8 +57,9 @@ def reward_model_eval(model, batches: Sequence, *, params_of=lambda state: state
     """An eval_fn for `train_reward_model`: `eval_fn(state) -> dict` over held-out batches.
 
     RankingBatch: pairwise_accuracy (preferred pairs scored in the right order, ties in
-    score count half; of r_θ + prior when the batch carries a prior). ScoreBatch (e.g. gold scores of held-out responses): spearman (rank
-    correlation of the predicted with the given scores, first attribute) and mae.
+    score count half; of r_θ + prior when the batch carries a prior). ScoreBatch (e.g.
+    gold scores of held-out responses): spearman (rank correlation of the predicted with
+    the given scores, first attribute) and mae.
     TokenLabelBatch (verifier or PRM labels): calibration_error (ECE of σ(r) at the
     labelled positions, 10 bins) and label_accuracy (σ(r) > ½ against y > ½)."""
     rank_fn = jax.jit(functools.partial(ranking_scores, model=model))

@@ -156,9 +156,9 @@ def likelihood_reward(model, params, tokenizer, *, reference=None, beta: float =
 
     where S is the summed and A = S / |y| the mean completion log-prob ("sum" | "mean",
     [eos] counted as a completion token, so an empty completion scores log π(eos | x)).
-    Text is encoded and batched as by
-    `reward_model_reward`; params (and reference) may be zero-argument callables read at
-    every call. -> scorer(prompts, completions, **_) -> float32 [B]."""
+    Text is encoded and batched as by `reward_model_reward`; params (and reference) may
+    be zero-argument callables read at every call. -> scorer(prompts, completions, **_)
+    -> float32 [B]."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"likelihood_reward: reduction {reduction!r} not in ('sum', 'mean')")
     if not beta > 0:
