@@ -2,9 +2,10 @@
 
     python -m benchmarks.oreo [--preset small --batch 16 --seq 256 --steps 5]
 
-Step: one OREO step (`make_oreo_step`: the value model's V_old forward, the policy's
+Step: one OREO step (`make_oreo_step`: the value model's forward, whose V_old feeds the
+policy and through which the critic's gradient is pulled back, the policy's
 forward/backward with the reference's forward and the exact full-vocabulary KL, the
-value model's forward/backward, both optimizer updates) against a PPO update on the
+value model's backward, both optimizer updates) against a PPO update on the
 same [batch, seq] tokens with a separate critic (policy step + critic regression
 step), and against that update plus the two forwards PPO's prepare needs (reference
 log-probs and V_old), which the OREO step contains. Tokens/s counts batch x seq.

@@ -30,15 +30,15 @@ from rljax.checkpoint import atomic_path, digest_params, restore_latest
 from rljax.data.batch import OREOBatch
 from rljax.data.collate import BatchIterator, pad_rows, padded_width
 from rljax.losses.actor_critic import token_values
-from rljax.losses.oreo import OREOConfig, oreo_policy_terms, oreo_value_loss
+from rljax.losses.oreo import OREOConfig, oreo_policy_terms, oreo_value_loss_on_values
 from rljax.models import add_head
 from rljax.models.transformer import Model, last_token_index
 from rljax.phases import LoopConfig, run_loop
 from rljax.rewards.rules import score
 from rljax.sampling import SampleConfig, sample
 from rljax.sharding import LOGICAL_RULES, batch_sharding, param_shardings, replicated, shard_batch, shard_params
-from rljax.state import (OptimizerConfig, TrainState, apply_loss_gradients, create_state, make_optimizer,
-                         state_shardings)
+from rljax.state import (OptimizerConfig, TrainState, apply_gradients, apply_loss_gradients, create_state,
+                         make_optimizer, state_shardings)
 
 # ----------------------------------------------------------------------------- state and step
 
@@ -90,7 +90,8 @@ def make_oreo_step(model: Model, cfg: OREOConfig, optimizer: OptimizerConfig,
                    value_optimizer: OptimizerConfig | None = None, *, mesh=None, rules=LOGICAL_RULES,
                    donate: bool = True) -> Callable:
     """Jitted `step(state: OREOState, batch: OREOBatch) -> (state, metrics)`: one update of
-    the value model and one of the policy, both from the pre-step models, in one program.
+    the value model and one of the policy, both from the pre-step models, in one program
+    with one forward pass of each of the three models (policy, reference, value).
 
     As in the paper the critic steps first and the actor uses the values computed before
     that step: V_t of the value model (before its update) feeds the policy loss, and the
@@ -106,14 +107,17 @@ def make_oreo_step(model: Model, cfg: OREOConfig, optimizer: OptimizerConfig,
 
     def update(trained, ref_params, batch: OREOBatch):
         count, policy, value = trained
-        values = jax.lax.stop_gradient(token_values(value.params, batch.tokens, batch.attention_mask,
-                                                    model=value_model))
+        # one value forward serves both updates: V_old for the actor, and the critic's loss,
+        # whose gradient in V is pulled back through the same forward (no second pass)
+        values, pull_back = jax.vjp(lambda p: token_values(p, batch.tokens, batch.attention_mask,
+                                                           model=value_model), value.params)
         policy_loss = functools.partial(oreo_policy_terms, model=model, cfg=cfg, ref_params=ref_params)
-        policy, pm, log_ratios = apply_loss_gradients(policy, tx_policy, policy_loss, batch.replace(values=values),
+        policy, pm, log_ratios = apply_loss_gradients(policy, tx_policy, policy_loss,
+                                                      batch.replace(values=jax.lax.stop_gradient(values)),
                                                       has_aux_out=True)
-        value, vm = apply_loss_gradients(value, tx_value,
-                                         functools.partial(oreo_value_loss, model=value_model, cfg=cfg),
-                                         batch.replace(log_ratios=log_ratios))
+        (v_loss, vm), dv = jax.value_and_grad(functools.partial(oreo_value_loss_on_values, cfg=cfg), has_aux=True)(
+            values, batch.replace(log_ratios=log_ratios))
+        value, vm = apply_gradients(value, tx_value, v_loss, pull_back(dv)[0], vm)
         metrics = dict(pm, **{k if k.startswith("value_") else f"value/{k}": v for k, v in vm.items()})
         metrics["skipped"] = jnp.maximum(pm["skipped"], vm["skipped"])
         return (count + 1, policy, value), metrics

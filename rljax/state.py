@@ -162,9 +162,17 @@ def apply_loss_gradients(state: TrainState, optimizer: optax.GradientTransformat
     loss, grad_norm and skipped). With has_aux_out, loss_fn returns (loss, (metrics, out))
     and `out` (e.g. per-token values another update needs) is returned third.
     """
-    rng, _ = jax.random.split(state.rng)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     metrics, out = aux if has_aux_out else (aux, None)
+    new_state, metrics = apply_gradients(state, optimizer, loss, grads, metrics)
+    return (new_state, metrics, out) if has_aux_out else (new_state, metrics)
+
+
+def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, loss, grads, metrics: dict):
+    """The optimizer half of `apply_loss_gradients`, for gradients computed another way (e.g.
+    pulled back through a forward pass shared with another update): (new state, metrics
+    with loss, grad_norm and skipped); non-finite loss or gradients leave the state as it was."""
+    rng, _ = jax.random.split(state.rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -177,8 +185,7 @@ def apply_loss_gradients(state: TrainState, optimizer: optax.GradientTransformat
         rng=rng,
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
     )
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
-    return (new_state, metrics, out) if has_aux_out else (new_state, metrics)
+    return new_state, dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation | OptimizerConfig, *,

@@ -95,8 +95,14 @@ def _check(batch: OREOBatch, name: str, field: str):
 def oreo_value_loss(params, batch: OREOBatch, *, model, cfg: OREOConfig):
     """L_V over every completion token, with batch.log_ratios the policy's ℓ_t (no
     gradient flows to them). model: the value model (a "value" head)."""
+    return oreo_value_loss_on_values(token_values(params, batch.tokens, batch.attention_mask, model=model), batch,
+                                     cfg=cfg)
+
+
+def oreo_value_loss_on_values(values, batch: OREOBatch, *, cfg: OREOConfig):
+    """`oreo_value_loss` given the value model's V_t [B, T-1] (differentiable in them), so a
+    step that already ran the value forward pulls the gradient back through it."""
     _check(batch, "oreo_value_loss", "log_ratios")
-    values = token_values(params, batch.tokens, batch.attention_mask, model=model)
     mask = target_mask(batch.loss_mask, batch.attention_mask)
     res = oreo_value_residuals(values, batch.log_ratios, batch.rewards, mask, beta=cfg.beta)
     loss = aggregate(res * res, mask, cfg.aggregation)
