@@ -339,8 +339,9 @@ def test_ranking_loss_with_a_prior_ranks_the_sum():
     rank[1] = [0, -1, 1]
     prior = np.array([[0.3, -1.0, 2.0], [1.5, 9.0, -0.5]], np.float32)
     batch = RankingBatch(jnp.asarray(t), jnp.asarray(m), jnp.asarray(rank), prior=jnp.asarray(prior))
-    s = np.asarray(ranking_scores(params, batch, model=model))
+    s = np.asarray(ranking_scores(params, batch.replace(prior=None), model=model))
     total = np.where(rank >= 0, s + prior, 0.0)
+    np.testing.assert_allclose(ranking_scores(params, batch, model=model), total, rtol=1e-6, atol=1e-6)
     loss, metrics = ranking_loss(params, batch, model=model, cfg=RankingConfig())
     np.testing.assert_allclose(loss, naive_pairwise(total, rank).mean(), rtol=1e-5)
     pairs = [(b, i, j) for b in range(2) for i in range(3) for j in range(3)

@@ -62,7 +62,8 @@ class RankingConfig:
 
 def ranking_scores(params, batch: RankingBatch, *, model) -> jax.Array:
     """r for every answer of every list in one forward: tokens [B, K, T] -> [B, K] float32
-    (absent answers, rank −1, score 0)."""
+    (absent answers, rank −1, score 0); r = r_θ + prior when the batch carries a prior, so
+    the loss, its metrics and `reward_model_eval` all rank the reward the scorer will give."""
     chex.assert_rank(batch.tokens, 3)
     chex.assert_equal_shape([batch.tokens, batch.attention_mask])
     B, K, T = batch.tokens.shape
@@ -70,7 +71,11 @@ def ranking_scores(params, batch: RankingBatch, *, model) -> jax.Array:
     hidden, _ = model.forward(params, tokens, mask)
     r = model.rewards(params, hidden, mask)
     chex.assert_rank(r, 1)  # a ranking needs one scalar per answer (reward_outputs = 1)
-    return jnp.where(batch.rank >= 0, r.reshape(B, K), 0.0)
+    r = r.reshape(B, K)
+    if batch.prior is not None:
+        chex.assert_equal_shape([batch.prior, batch.rank])
+        r = r + batch.prior.astype(jnp.float32)
+    return jnp.where(batch.rank >= 0, r, 0.0)
 
 
 def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
@@ -78,15 +83,12 @@ def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
     pair (all tied) count for nothing. Returns (loss, metrics): accuracy (fraction of
     preferred pairs scored in the right order), margin (mean r_i − r_j over pairs),
     reward_mean / reward_std over present answers. With batch.prior [B, K] the
-    ranked score is r_θ + prior: the head learns only what the fixed prior (e.g.
-    the SFT policy's log-likelihood, `likelihood_reward`) gets wrong, and every
-    metric is of the sum, the reward the scorer will give."""
+    ranked score is r_θ + prior (`ranking_scores`): the head learns only what the
+    fixed prior (e.g. the SFT policy's log-likelihood, `likelihood_reward`) gets
+    wrong, and every metric is of the sum."""
     _need_reward_head(model, "ranking_loss")
     chex.assert_equal_shape([batch.rank, batch.tokens[..., 0]])
     scores = ranking_scores(params, batch, model=model)
-    if batch.prior is not None:
-        chex.assert_equal_shape([batch.prior, batch.rank])
-        scores = jnp.where(batch.rank >= 0, scores + batch.prior.astype(jnp.float32), 0.0)
     pairs = preferred_pairs(batch.rank).astype(jnp.float32)
     if cfg.objective == "plackett_luce":
         per_list = plackett_luce(scores, batch.rank)

@@ -72,9 +72,7 @@ def reward_model_eval(model, batches: Sequence, *, params_of=lambda state: state
         predicted, given, probs, labels = [], [], [], []
         for b in batches:
             if isinstance(b, RankingBatch):
-                s = np.asarray(rank_fn(params, b))
-                if b.prior is not None:
-                    s = s + np.asarray(b.prior)
+                s = np.asarray(rank_fn(params, b))  # r_θ + prior when the batch has one
                 pair = np.asarray(preferred_pairs(np.asarray(b.rank)))
                 diff = s[:, :, None] - s[:, None, :]
                 right += float(((diff > 0) + 0.5 * (diff == 0))[pair].sum())

@@ -90,14 +90,17 @@ def running_normaliser(*, eps: float = 1e-6, shift_mean: bool = True) -> RewardN
     return RewardNormaliser(init, update)
 
 
-def _batch_rows(rows: Sequence[Sequence[int]], pad_id: int, *, min_bucket: int, max_length: int | None):
+def _batch_rows(rows: Sequence[Sequence[int]], pad_id: int, *others: Sequence[Sequence[int]], min_bucket: int,
+                max_length: int | None):
     """Pad rows to a bucketed width and the row count to a power of two (extra rows are one
-    pad token), so the jitted scorer sees few shapes. -> (tokens, mask, B real rows)."""
+    pad token), so the jitted scorer sees few shapes. `others` are per-token lists padded
+    alongside with 0 (e.g. completion masks). -> (tokens, mask, *others, B real rows)."""
     B = len(rows)
     width = bucket_length(max(map(len, rows)), minimum=min_bucket, maximum=max_length)
-    rows = list(rows) + [[pad_id]] * (bucket_length(B, minimum=1) - B)
-    tokens, mask = pad_rows(rows, width, pad_id)
-    return tokens, mask, B
+    extra = bucket_length(B, minimum=1) - B
+    rows = list(rows) + [[pad_id]] * extra
+    padded = pad_rows(rows, width, pad_id, *(list(o) + [[0]] * extra for o in others))
+    return (*padded, B)
 
 
 def reward_model_reward(model, params, tokenizer, *, probability: bool = False, min_bucket: int = 16,
@@ -121,19 +124,6 @@ def reward_model_reward(model, params, tokenizer, *, probability: bool = False, 
         return 1 / (1 + np.exp(-r)) if probability else r
 
     return scorer
-
-
-def _batch_completions(tokenizer, prompts, completions, *, min_bucket: int, max_length: int | None,
-                       add_bos: bool, add_eos: bool):
-    """[bos] prompt completion [eos] rows, batched as `_batch_rows` -> (tokens, mask, completion mask, B)."""
-    encoded = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)
-               for i, (p, c) in enumerate(zip(prompts, completions))]
-    B = len(encoded)
-    width = bucket_length(max(len(ids) for ids, _ in encoded), minimum=min_bucket, maximum=max_length)
-    encoded += [([tokenizer.pad_id], [0])] * (bucket_length(B, minimum=1) - B)
-    tokens, mask, completion = pad_rows([ids for ids, _ in encoded], width, tokenizer.pad_id,
-                                        [cm for _, cm in encoded])
-    return tokens, mask, completion, B
 
 
 def completion_likelihood(params, tokens, mask, completion_mask, *, model, reduction: str = "mean"):
@@ -168,8 +158,11 @@ def likelihood_reward(model, params, tokenizer, *, reference=None, beta: float =
     ref = reference if callable(reference) or reference is None else (lambda: reference)
 
     def scorer(prompts, completions, **_):
-        tokens, mask, completion, B = _batch_completions(tokenizer, prompts, completions, min_bucket=min_bucket,
-                                                         max_length=max_length, add_bos=add_bos, add_eos=add_eos)
+        encoded = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)
+                   for i, (p, c) in enumerate(zip(prompts, completions))]
+        tokens, mask, completion, B = _batch_rows([ids for ids, _ in encoded], tokenizer.pad_id,
+                                                  [cm for _, cm in encoded], min_bucket=min_bucket,
+                                                  max_length=max_length)
         s = np.asarray(forward(current(), tokens, mask, completion), np.float32)
         if ref is not None:
             s = s - np.asarray(forward(ref(), tokens, mask, completion), np.float32)
