@@ -27,7 +27,8 @@ import jax
 
 from benchmarks.common import banner
 from rljax.cli import parse_config
-from rljax.losses import GRPOConfig, PPOConfig, with_value_head
+from rljax.algorithms import get_algorithm
+from rljax.losses import with_value_head
 from rljax.models import Model, TransformerConfig, preset
 from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
 from rljax.sampling import SampleConfig
@@ -43,6 +44,8 @@ class Config:
     which: str = "both"  # trl | small | both
     algo: str = "grpo"  # grpo | ppo
     iterations: int = 5  # timed iterations after the first
+    epochs: int = 1  # passes over each iteration's samples
+    minibatches: int = 1  # updates per pass
     smoke: bool = False
 
 
@@ -52,21 +55,21 @@ def reward_digits(prompts, completions, **_):
 
 
 def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, iterations: int, track_kl: bool,
-        min_prompt_bucket: int = 16, algo: str = "grpo") -> dict:
+        min_prompt_bucket: int = 16, algo: str = "grpo", epochs: int = 1, minibatches: int = 1) -> dict:
     tok = CharTokenizer()
     params = model.init(jax.random.key(0))
     if algo == "ppo":
         model, params = with_value_head(model, params)
-    cfg = RLConfig(algorithm=algo, loss=GRPOConfig(kl_coef=0.0) if algo == "grpo" else PPOConfig(kl_coef=0.0),
+    cfg = RLConfig(algorithm=get_algorithm(algo).with_kl_coef(0.0), epochs=epochs, minibatches=minibatches,
                    sampling=SampleConfig(max_new_tokens=max_new, n=n, eos_id=-1, pad_id=tok.pad_id,
                                          min_prompt_bucket=min_prompt_bucket),
                    optimizer=OptimizerConfig(lr=1e-4, schedule="constant"), track_kl=track_kl)
     banner(f"grpo_step {name} {algo} (track_kl={track_kl})",
            f"{model.config.num_params():,} params, d{model.config.d_model} x {model.config.n_layers} layers, "
            f"{len(prompts)} prompts x {n} samples x {max_new} new tokens, prompt bucket >= {min_prompt_bucket}, "
-           f"{model.config.dtype}, beta=0, 1 update/iteration")
+           f"{model.config.dtype}, beta=0, {epochs} epochs x {minibatches} minibatches")
     it = make_rl_iteration(model, cfg, reward_digits, tok.decode_batch)
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
     tokens, mask = tok.encode_batch(prompts, padding_side="left")
     rows = []
     for i in range(iterations + 1):
@@ -102,11 +105,13 @@ def main(cfg: Config) -> None:
         prompts, max_new = (TRL_PROMPTS[:4], 16) if cfg.smoke else (TRL_PROMPTS, 128)
         for track_kl in (False, True):
             # prompts are 5 tokens (bos + 4 chars): a bucket of 8 instead of the default 16
-            run("trl-config", model, prompts, 8, max_new, iterations, track_kl, min_prompt_bucket=8, algo=cfg.algo)
+            run("trl-config", model, prompts, 8, max_new, iterations, track_kl, min_prompt_bucket=8, algo=cfg.algo,
+                epochs=cfg.epochs, minibatches=cfg.minibatches)
     if cfg.which in ("small", "both"):
         model = Model(preset("small", vocab_size=tok.vocab_size))
         prompts = [TRL_PROMPTS[i % 16] for i in range(8 if cfg.smoke else 64)]
-        run("small", model, prompts, 8, 16 if cfg.smoke else 64, iterations, track_kl=False, algo=cfg.algo)
+        run("small", model, prompts, 8, 16 if cfg.smoke else 64, iterations, track_kl=False, algo=cfg.algo,
+            epochs=cfg.epochs, minibatches=cfg.minibatches)
 
 
 if __name__ == "__main__":

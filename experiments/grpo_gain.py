@@ -43,7 +43,7 @@ class Config:
     n: int = 8
     max_new_tokens: int = 40
     lr: float = 2e-5
-    head_lr: float = 1e-3  # a2c, a3c, ppo: learning rate of the value head
+    head_lr: float = 1e-3  # a2c, ppo: learning rate of the value head
     epochs: int = 1  # passes over each iteration's samples
     minibatches: int = 1  # updates per pass
     kl_coef: float = 0.0

@@ -371,9 +371,8 @@ def main(cfg: Config) -> dict:
     if cfg.kl_coef is not None:
         from rljax.algorithms import get_algorithm
 
-        rl_cfg = dataclasses.replace(rl_cfg, loss=dataclasses.replace(get_algorithm(cfg.algo).config,
-                                                                       kl_coef=cfg.kl_coef))
-    state = create_rl_state(model, params, rl_cfg.optimizer, jax.random.key(cfg.seed))
+        rl_cfg = dataclasses.replace(rl_cfg, algorithm=get_algorithm(cfg.algo).with_kl_coef(cfg.kl_coef))
+    state = create_rl_state(model, params, rl_cfg, jax.random.key(cfg.seed))
     reward = logging_reward(make_reward(cfg), os.path.join(run_dir, "samples"))
     # chat prompts hold stop tokens (the system and user turns end in one): decode them whole
     state = rl(state, prompts, reward, rl_cfg, model=model, decode=tok.decode_batch,

@@ -342,7 +342,7 @@ def grpo_against(cfg: Config, model, params, proxy, tok, train, test, run_dir: s
                                                                   eos_id=tok.eos_id, pad_id=tok.pad_id),
                           loss=GRPOConfig(kl_coef=cfg.rl_kl_coef),
                           optimizer=OptimizerConfig(lr=cfg.rl_lr, schedule="constant"), track_kl=True)
-        state = create_rl_state(model, jax.tree.map(jnp.copy, params), rl_cfg.optimizer, jax.random.key(seed))
+        state = create_rl_state(model, params, rl_cfg, jax.random.key(seed))
         where = os.path.join(run_dir, f"{name}-seed{seed}")
         state = rl(state, BatchIterator(train, 16, collate, seed=seed + 1), proxy, rl_cfg, model=model,
                    decode=tok.decode_batch, run_dir=where, eval_fn=refresh,
@@ -451,7 +451,7 @@ def part_overopt(cfg: Config, model, params, rm, rm_params, tok, train, test, ru
     rl_cfg = RLConfig(algorithm="grpo", sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=8,
                                                               eos_id=tok.eos_id, pad_id=tok.pad_id),
                       optimizer=OptimizerConfig(lr=cfg.overopt_lr, schedule="constant"), track_kl=False)
-    state = create_rl_state(model, jax.tree.map(jnp.copy, params), rl_cfg.optimizer, jax.random.key(cfg.seed))
+    state = create_rl_state(model, params, rl_cfg, jax.random.key(cfg.seed))
     curve = [dict(iteration=0, **measure(state))]
     where = os.path.join(run_dir, "overopt-rl")
     for stop in range(cfg.overopt_eval_every, cfg.overopt_iterations + 1, cfg.overopt_eval_every):

@@ -5,14 +5,13 @@
     python -m experiments.rl_arithmetic --smoke
 
 --algo is any entry of rljax.algorithms.ALGORITHMS (reinforce, rloo, scst, mrt,
-grpo, dr_grpo, dapo, a2c, a3c, ppo, trpo). Reward: 1 for the right final answer + 0.1 for the
+grpo, dr_grpo, dapo, a2c, ppo, trpo; A3C is a2c with --staleness 1 or more). Reward: 1 for the right final answer + 0.1 for the
 step;...;answer:N format (+ --step-reward times the fraction of right steps).
 Reports held-out accuracy before/after (greedy, and sampled at temperature 1),
 mean reward, KL to the SFT policy and wall time; outputs under the run directory.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -54,10 +53,10 @@ class Config:
     epochs: int = 1
     minibatches: int = 1
     max_refills: int = 0  # dynamic sampling (dapo): refill batches with informative groups
-    staleness: int = 0  # a3c: actor threads sample this many iterations ahead of the learner
-    actors: int = 2  # a3c: actor threads
+    staleness: int = 0  # A3C (with --algo a2c): actor threads sample this many iterations ahead of the learner
+    actors: int = 2  # A3C: actor threads
     max_kl: float = 0.01  # trpo: the trust region δ
-    head_lr: float = 1e-3  # learning rate of the value head (a2c, a3c, ppo: on the policy's backbone; trpo: the critic's)
+    head_lr: float = 1e-3  # learning rate of the value head (a2c, ppo: on the policy's backbone; trpo: the critic's)
     critic_lr: float = 1e-4  # trpo: the separate critic's learning rate
     critic_epochs: int = 4  # trpo: critic regression passes per iteration
     sft_run_dir: str = "runs/sft_arithmetic-default"
@@ -106,9 +105,9 @@ def main(cfg: Config) -> dict:
     model, params, sft_cfg = load_sft(cfg, tok)
     algo = get_algorithm(cfg.algo)
     critic_model = critic_params = None
-    if algo.make_update is not None:  # trpo: a separate critic, initialised from the policy (V = 0 at first)
+    if algo.needs().critic:  # trpo: a separate critic, initialised from the policy (V = 0 at first)
         critic_model, critic_params = with_value_head(model, params)
-    elif algo.uses_values:  # a2c, a3c, ppo: a value head on the policy's backbone, V = 0 at first
+    elif algo.needs().values:  # a2c, ppo: a value head on the policy's backbone, V = 0 at first
         model, params = with_value_head(model, params)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"rl_arithmetic-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
@@ -122,14 +121,13 @@ def main(cfg: Config) -> dict:
     prompts = BatchIterator(train, cfg.prompts_per_iteration, collate, seed=cfg.seed + 1)
     terms = [(1.0, arithmetic_answer_reward), (0.1, arithmetic_format_reward)]
     reward = weighted_sum(*terms, *([(cfg.step_reward, arithmetic_step_reward)] if cfg.step_reward else []))
-    loss = algo.config
-    changes = {"kl_coef": cfg.kl_coef}
+    algo = algo.with_kl_coef(cfg.kl_coef)
+    loss = algo.loss.config
     if isinstance(loss, TRPOConfig):
-        changes["max_kl"] = cfg.max_kl
+        algo = algo.with_config(max_kl=cfg.max_kl)
     if isinstance(loss, GRPOConfig) and loss.aggregation == "constant":  # Dr. GRPO: normalise by the max length
-        changes["constant"] = float(cfg.max_new_tokens)
-    loss = dataclasses.replace(loss, **changes)
-    rl_cfg = RLConfig(algorithm=cfg.algo, loss=loss,
+        algo = algo.with_config(constant=float(cfg.max_new_tokens))
+    rl_cfg = RLConfig(algorithm=algo,
                       sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.n, temperature=cfg.temperature,
                                             eos_id=tok.eos_id, pad_id=tok.pad_id),
                       optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant", b2=cfg.adam_b2, eps=cfg.adam_eps,
@@ -138,8 +136,8 @@ def main(cfg: Config) -> dict:
                       minibatches=cfg.minibatches, max_refills=cfg.max_refills, staleness=cfg.staleness,
                       actors=cfg.actors, critic_epochs=cfg.critic_epochs,
                       critic_optimizer=OptimizerConfig(lr=cfg.critic_lr, schedule="constant", head_lr=cfg.head_lr))
-    state = create_rl_state(model, params, rl_cfg.optimizer, jax.random.key(cfg.seed), critic_model=critic_model,
-                            critic_params=critic_params, critic_optimizer=rl_cfg.critic_optimizer)
+    state = create_rl_state(model, params, rl_cfg, jax.random.key(cfg.seed), critic_model=critic_model,
+                            critic_params=critic_params)
     def evaluate(p) -> tuple[float, float]:
         """Held-out (greedy, sampled) accuracy; the sampled one is the mean over eval_samples at temperature 1,
         with one fixed key for every run, so runs differ only by their params."""

@@ -1,12 +1,21 @@
-"""The algorithm registry: name -> Algorithm(name, Config, prepare, loss).
+"""The registries: advantage estimators, policy losses, and name -> Algorithm(estimator, loss).
 
-An algorithm is data, not a class: `prepare` turns a sampled `Rollout` and its
-rewards into a `PolicyBatch` (advantages, old and reference log-probabilities),
-`loss` is the pure loss. Variants are configs with other defaults.
+An algorithm is data, not a class: an advantage estimator (`rljax.estimators`: prepare's
+half, rows and rewards -> advantages) paired with a policy loss (`rljax.losses`: a pure
+`loss(params, batch, *, model, cfg)`, or its own update rule such as TRPO's). Each half
+declares what it needs from the RL iteration (`Needs`: reference log-probs, values or a
+separate critic, a greedy decode, a group filter with refill, a running baseline); the
+iteration reads the declarations and never names a method. A variant (Dr. GRPO, DAPO) is
+other configs, never a subclass; `compose` pairs any estimator with any loss that accepts
+its output by name.
 
-    algo = ALGORITHMS["grpo"]
-    batch, keep = algo.prepare(rollout, rewards, algo.config, ref_logprobs=ref)
-    loss, metrics = algo.loss(params, batch, model=model, cfg=algo.config)
+    algo = get_algorithm("grpo")                      # or compose("baseline", "cispo")
+    batch, keep = prepare(algo, PrepareInput(rollout, rewards), algo.estimator.config)
+    loss, metrics = algo.loss.loss(params, batch, model=model, cfg=algo.loss.config)
+
+Preference methods (`rljax.losses.preference.PREFERENCE_METHODS`) and reward-model
+objectives (`rljax.losses.reward_model.REWARD_MODEL_OBJECTIVES`) are named the same way:
+name -> default config, the config's type picks the loss.
 """
 from __future__ import annotations
 
@@ -16,72 +25,119 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
-from rljax.losses.actor_critic import A2CConfig, PPOConfig, a2c_loss, actor_critic_targets, ppo_loss
-from rljax.losses.grpo import GRPOConfig, grpo_advantages, grpo_loss
-from rljax.losses.trpo import TRPOConfig, make_trpo_objectives, make_trpo_step
-from rljax.losses.policy_gradient import (MRTConfig, PolicyBatch, ReinforceConfig, kl_shaped_rewards, mrt_loss,
-                                          reinforce_advantages, reinforce_loss)
-from rljax.models.logprobs import target_mask
+from rljax.data.batch import PolicyBatch
+from rljax.estimators import (BaselineConfig, Estimate, GAEConfig, GroupAdvantageConfig, Needs, PrepareInput,
+                              baseline_estimate, baseline_needs, gae_estimate, gae_needs, group_estimate, group_needs)
+from rljax.losses.actor_critic import A2CConfig, PPOConfig, a2c_loss, ppo_loss
+from rljax.losses.grpo import GRPOConfig, grpo_loss
+from rljax.losses.policy_gradient import MRTConfig, ReinforceConfig, mrt_loss, reinforce_loss
+from rljax.losses.trpo import TRPOConfig, make_trpo_objectives, trpo_update
+
+SEQUENCE, TOKEN = "sequence", "token"  # the shapes of advantages: [R] or [R, T-1]
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """name; config: the default config; estimate(PrepareInput, cfg) -> Estimate;
+    needs(cfg) -> Needs; output: SEQUENCE ([R] advantages) or TOKEN ([R, T-1], with returns)."""
+
+    name: str
+    config: Any
+    estimate: Callable[[PrepareInput, Any], Estimate]
+    needs: Callable[[Any], Needs]
+    output: str
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """name; config: the default config; loss(params, batch, *, model, cfg) -> (scalar,
+    metrics); needs(cfg) -> Needs; accepts: the advantage shapes it takes; update: its own
+    update rule `update(state, batch, *, model, cfg) -> (state, metrics)` replacing the
+    optimizer step (one step on the whole batch per iteration), or None."""
+
+    name: str
+    config: Any
+    loss: Callable
+    needs: Callable[[Any], Needs]
+    accepts: tuple[str, ...]
+    update: Callable | None = None
 
 
 @dataclass(frozen=True)
 class Algorithm:
+    """name; estimator and loss (with their default configs); kl_in: where the algorithm's
+    KL penalty to the reference lives, "loss" (a loss term, e.g. GRPO's k3) or "reward"
+    (shaped into the rewards by the estimator, e.g. PPO's per-token −β k1)."""
+
     name: str
-    config: Any  # the default config (a frozen dataclass); replace fields for a run
-    prepare: Callable
-    loss: Callable
-    group_based: bool  # needs n >= 2 samples per prompt
-    uses_values: bool = False  # actor-critic: prepare needs the value head's V_old
-    # make_update(model, cfg) -> step(TrainState, batch) replacing the gradient step (TRPO); None: optimizer step
-    make_update: Callable | None = None
+    estimator: Estimator
+    loss: PolicyLoss
+    kl_in: str = "loss"
 
-    def with_config(self, **changes) -> "Algorithm":
-        return dataclasses.replace(self, config=dataclasses.replace(self.config, **changes))
+    def configs(self, advantage=None, loss=None) -> tuple[Any, Any]:
+        """(estimator config, loss config): the given ones (checked against this algorithm's
+        types, naming the field) or the defaults."""
+        out = []
+        for field, given, default in (("advantage", advantage, self.estimator.config),
+                                      ("loss", loss, self.loss.config)):
+            if given is not None and not isinstance(given, type(default)):
+                raise TypeError(f"RLConfig.{field}: {self.name} takes a {type(default).__name__}, got "
+                                f"{type(given).__name__}")
+            out.append(default if given is None else given)
+        return tuple(out)
 
+    def needs(self, advantage=None, loss=None) -> Needs:
+        adv_cfg, loss_cfg = self.configs(advantage, loss)
+        return self.estimator.needs(adv_cfg) | self.loss.needs(loss_cfg)
 
-def _batch(rollout, rewards, advantages, ref_logprobs):
-    return PolicyBatch(tokens=rollout.tokens, attention_mask=rollout.attention_mask, loss_mask=rollout.loss_mask,
-                       old_logprobs=rollout.logprobs, advantages=advantages,
-                       rewards=jnp.asarray(rewards, jnp.float32), group_ids=rollout.group_ids,
-                       ref_logprobs=ref_logprobs)
+    def with_config(self, *, advantage=None, loss=None, **loss_changes) -> "Algorithm":
+        """A copy with other default configs (or loss fields changed)."""
+        adv_cfg, loss_cfg = self.configs(advantage, loss)
+        if loss_changes:
+            loss_cfg = dataclasses.replace(loss_cfg, **loss_changes)
+        return dataclasses.replace(self, estimator=dataclasses.replace(self.estimator, config=adv_cfg),
+                                   loss=dataclasses.replace(self.loss, config=loss_cfg))
 
-
-def prepare_reinforce(rollout, rewards, cfg: ReinforceConfig, *, ref_logprobs=None, greedy_rewards=None, ema=None,
-                      **_):
-    """-> (PolicyBatch, keep [R] bool). rewards [R] per sampled row."""
-    if cfg.kl_in_reward and cfg.kl_coef > 0:
-        if ref_logprobs is None:
-            raise ValueError("kl_in_reward needs ref_logprobs")
-        mask = target_mask(rollout.loss_mask, rollout.attention_mask)
-        rewards = kl_shaped_rewards(rewards, rollout.logprobs, ref_logprobs, mask, cfg.kl_coef)
-    adv = reinforce_advantages(rewards, rollout.group_ids, cfg, greedy_rewards=greedy_rewards, ema=ema)
-    return _batch(rollout, rewards, adv, ref_logprobs), jnp.ones(adv.shape, bool)
-
-
-def prepare_mrt(rollout, rewards, cfg: MRTConfig, *, ref_logprobs=None, **_):
-    r = jnp.asarray(rewards, jnp.float32)
-    return _batch(rollout, r, jnp.zeros_like(r), ref_logprobs), jnp.ones(r.shape, bool)
-
-
-def prepare_grpo(rollout, rewards, cfg: GRPOConfig, *, ref_logprobs=None, **_):
-    """keep marks rows of groups whose rewards differ (all rows unless drop_equal_groups)."""
-    adv, keep = grpo_advantages(rewards, rollout.group_ids, cfg)
-    return _batch(rollout, rewards, adv, ref_logprobs), keep
+    def with_kl_coef(self, beta: float) -> "Algorithm":
+        """A copy whose KL penalty to the reference has coefficient β, wherever it lives (kl_in)."""
+        if self.kl_in == "reward":
+            return self.with_config(advantage=dataclasses.replace(self.estimator.config, kl_coef=beta))
+        return self.with_config(kl_coef=beta)
 
 
-def prepare_actor_critic(rollout, rewards, cfg, *, ref_logprobs=None, values=None, kl_coef=None, **_):
-    """Per-token rewards (−β k1 + the sequence reward on the last token), GAE
-    advantages and returns from V_old = `values` [R, T-1]. kl_coef overrides
-    cfg.kl_coef (an adaptive controller's current β)."""
-    if values is None:
-        raise ValueError(f"{type(cfg).__name__}: prepare needs the value head's values of the sampled tokens")
-    beta = cfg.kl_coef if kl_coef is None else kl_coef
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError(f"{type(cfg).__name__}: a KL penalty (kl_coef={beta}) needs ref_logprobs")
-    mask = target_mask(rollout.loss_mask, rollout.attention_mask)
-    adv, returns = actor_critic_targets(rewards, values, rollout.logprobs, ref_logprobs, mask, cfg, kl_coef=beta)
-    batch = _batch(rollout, rewards, adv, ref_logprobs).replace(returns=returns, old_values=values)
-    return batch, jnp.ones(adv.shape[0], bool)
+def prepare(algorithm: Algorithm, inp: PrepareInput, advantage_cfg=None) -> tuple[PolicyBatch, jnp.ndarray]:
+    """-> (PolicyBatch, keep [R] bool): the estimator's advantages (and returns) with the
+    rollout's tokens, masks and the sampler's log-probs; keep False marks rows to drop."""
+    if not isinstance(inp, PrepareInput):
+        raise TypeError(f"prepare: takes a PrepareInput, got {type(inp).__name__}")
+    cfg = algorithm.configs(advantage=advantage_cfg)[0]
+    est = algorithm.estimator.estimate(inp, cfg)
+    r = inp.rollout
+    batch = PolicyBatch(tokens=r.tokens, attention_mask=r.attention_mask, loss_mask=r.loss_mask,
+                        old_logprobs=r.logprobs, advantages=est.advantages, rewards=est.rewards,
+                        group_ids=r.group_ids, ref_logprobs=inp.ref_logprobs, returns=est.returns,
+                        old_values=inp.values if est.returns is not None else None)
+    return batch, est.keep
+
+
+# ----------------------------------------------------------------------------- estimators
+
+ESTIMATORS: dict[str, Estimator] = {
+    "group": Estimator("group", GroupAdvantageConfig(), group_estimate, group_needs, SEQUENCE),
+    "baseline": Estimator("baseline", BaselineConfig(), baseline_estimate, baseline_needs, SEQUENCE),
+    "gae": Estimator("gae", GAEConfig(), gae_estimate, gae_needs, TOKEN),
+}
+
+
+# ----------------------------------------------------------------------------- policy losses
+
+
+def _kl_term_needs(cfg) -> Needs:
+    return Needs(reference=cfg.kl_coef > 0)
+
+
+def _actor_critic_needs(cfg) -> Needs:
+    return Needs(values=True)
 
 
 def trpo_surrogate_loss(params, batch: PolicyBatch, *, model, cfg: TRPOConfig):
@@ -91,40 +147,77 @@ def trpo_surrogate_loss(params, batch: PolicyBatch, *, model, cfg: TRPOConfig):
     return loss, {"surrogate": -loss}
 
 
-def check_group_size(algorithm: Algorithm, n: int) -> None:
-    """Group methods compare the n samples of one prompt: n = 1 gives no signal."""
-    if algorithm.group_based and n < 2:
-        raise ValueError(f"{algorithm.name} compares the samples of each prompt and needs n >= 2 samples per "
-                         f"prompt; got n={n}")
+def trpo_step(state, batch: PolicyBatch, *, model, cfg: TRPOConfig):
+    """TRPO's update rule on a TrainState: a trust-region step on the params (the optimizer
+    state is not used); a rejected step (no improvement within the region, or non-finite
+    terms) keeps the params. -> (state, metrics with loss = −surrogate gain)."""
+    params, metrics = trpo_update(state.params, batch, model=model, cfg=cfg)
+    return state.replace(step=state.step + 1, params=params), dict(metrics, loss=-metrics["surrogate_gain"])
 
 
-ALGORITHMS: dict[str, Algorithm] = {
-    "reinforce": Algorithm("reinforce", ReinforceConfig(baseline="batch_mean"), prepare_reinforce, reinforce_loss,
-                           group_based=False),
-    "rloo": Algorithm("rloo", ReinforceConfig(baseline="leave_one_out"), prepare_reinforce, reinforce_loss,
-                      group_based=True),
-    "scst": Algorithm("scst", ReinforceConfig(baseline="greedy"), prepare_reinforce, reinforce_loss,
-                      group_based=False),
-    "mrt": Algorithm("mrt", MRTConfig(), prepare_mrt, mrt_loss, group_based=True),
-    "grpo": Algorithm("grpo", GRPOConfig(), prepare_grpo, grpo_loss, group_based=True),
-    # Dr. GRPO: no std scaling, a constant normaliser (set `constant` to the max completion length).
-    "dr_grpo": Algorithm("dr_grpo", GRPOConfig(scale_by_std=False, aggregation="constant", constant=1.0,
-                                               kl_coef=0.0), prepare_grpo, grpo_loss, group_based=True),
-    # DAPO: clip-higher, token-mean, no KL, drop groups with equal rewards (overlong shaping is a reward term).
-    "dapo": Algorithm("dapo", GRPOConfig(eps_low=0.2, eps_high=0.28, aggregation="token_mean", kl_coef=0.0,
-                                         drop_equal_groups=True), prepare_grpo, grpo_loss, group_based=True),
-    "a2c": Algorithm("a2c", A2CConfig(), prepare_actor_critic, a2c_loss, group_based=False, uses_values=True),
-    # A3C-style: A2C whose batches come from asynchronous actors (RLConfig.staleness, actors); stale rows get
-    # the truncated importance weight min(is_clip, π_θ / π_behaviour).
-    "a3c": Algorithm("a3c", A2CConfig(), prepare_actor_critic, a2c_loss, group_based=False, uses_values=True),
-    "ppo": Algorithm("ppo", PPOConfig(), prepare_actor_critic, ppo_loss, group_based=False, uses_values=True),
-    # TRPO: a natural-gradient step in a KL trust region (no optimizer), a separate critic fitted by regression.
-    "trpo": Algorithm("trpo", TRPOConfig(), prepare_actor_critic, trpo_surrogate_loss, group_based=False,
-                      uses_values=True, make_update=make_trpo_step),
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "reinforce": PolicyLoss("reinforce", ReinforceConfig(), reinforce_loss, _kl_term_needs, (SEQUENCE,)),
+    "mrt": PolicyLoss("mrt", MRTConfig(), mrt_loss, lambda cfg: _kl_term_needs(cfg) | Needs(groups=True),
+                      (SEQUENCE,)),
+    "clip": PolicyLoss("clip", GRPOConfig(), grpo_loss, _kl_term_needs, (SEQUENCE, TOKEN)),
+    "a2c": PolicyLoss("a2c", A2CConfig(), a2c_loss, _actor_critic_needs, (TOKEN,)),
+    "ppo": PolicyLoss("ppo", PPOConfig(), ppo_loss, _actor_critic_needs, (TOKEN,)),
+    "trpo": PolicyLoss("trpo", TRPOConfig(), trpo_surrogate_loss, lambda cfg: Needs(values=True, critic=True),
+                       (TOKEN,), update=trpo_step),
 }
 
 
-def get_algorithm(name: str) -> Algorithm:
+def compose(estimator: str, loss: str, *, name: str | None = None, advantage=None, loss_config=None,
+            kl_in: str = "loss") -> Algorithm:
+    """Pair the estimator and the policy loss registered under these names (with their
+    default configs unless given). The loss must accept the estimator's output shape."""
+    if kl_in not in ("loss", "reward"):
+        raise ValueError(f"compose: kl_in must be 'loss' or 'reward', got {kl_in!r}")
+    if estimator not in ESTIMATORS:
+        raise KeyError(f"unknown advantage estimator {estimator!r}; choose from {sorted(ESTIMATORS)}")
+    if loss not in POLICY_LOSSES:
+        raise KeyError(f"unknown policy loss {loss!r}; choose from {sorted(POLICY_LOSSES)}")
+    est, pl = ESTIMATORS[estimator], POLICY_LOSSES[loss]
+    if est.output not in pl.accepts:
+        raise ValueError(f"policy loss {loss!r} takes {' or '.join(pl.accepts)}-level advantages; estimator "
+                         f"{estimator!r} gives {est.output}-level ones")
+    algo = Algorithm(name or f"{estimator}+{loss}", est, pl, kl_in)
+    return algo.with_config(advantage=advantage, loss=loss_config)
+
+
+# A3C is A2C with asynchronous actors: `RLConfig(algorithm="a2c", staleness=1, actors=2)`.
+ALGORITHMS: dict[str, Algorithm] = {
+    "reinforce": compose("baseline", "reinforce", name="reinforce", advantage=BaselineConfig("batch_mean")),
+    "rloo": compose("baseline", "reinforce", name="rloo", advantage=BaselineConfig("leave_one_out")),
+    "scst": compose("baseline", "reinforce", name="scst", advantage=BaselineConfig("greedy")),
+    "mrt": compose("baseline", "mrt", name="mrt", advantage=BaselineConfig("none")),
+    "grpo": compose("group", "clip", name="grpo"),
+    # Dr. GRPO: no std scaling, a constant normaliser (set `constant` to the max completion length).
+    "dr_grpo": compose("group", "clip", name="dr_grpo", advantage=GroupAdvantageConfig(scale_by_std=False),
+                       loss_config=GRPOConfig(aggregation="constant", constant=1.0, kl_coef=0.0)),
+    # DAPO: clip-higher, token-mean, no KL, drop groups with equal rewards (overlong shaping is a reward term).
+    "dapo": compose("group", "clip", name="dapo", advantage=GroupAdvantageConfig(drop_equal_groups=True),
+                    loss_config=GRPOConfig(eps_low=0.2, eps_high=0.28, aggregation="token_mean", kl_coef=0.0)),
+    # A2C: Monte-Carlo returns minus V (λ = 1), no KL, no whitening.
+    "a2c": compose("gae", "a2c", name="a2c", advantage=GAEConfig(lam=1.0, kl_coef=0.0, whiten_advantages=False),
+                   kl_in="reward"),
+    "ppo": compose("gae", "ppo", name="ppo", kl_in="reward"),
+    # TRPO: a natural-gradient step in a KL trust region (no optimizer), a separate critic fitted by regression.
+    "trpo": compose("gae", "trpo", name="trpo", advantage=GAEConfig(kl_coef=0.0), kl_in="reward"),
+}
+
+
+def get_algorithm(name: "str | Algorithm") -> Algorithm:
+    if isinstance(name, Algorithm):
+        return name
     if name not in ALGORITHMS:
-        raise KeyError(f"unknown algorithm {name!r}; choose from {sorted(ALGORITHMS)}")
+        raise KeyError(f"unknown algorithm {name!r}; choose from {sorted(ALGORITHMS)}, or pair an estimator "
+                       f"{sorted(ESTIMATORS)} with a policy loss {sorted(POLICY_LOSSES)} by compose(estimator, loss)")
     return ALGORITHMS[name]
+
+
+def check_group_size(algorithm: Algorithm, n: int, advantage=None, loss=None) -> None:
+    """Group methods compare the n samples of one prompt: n = 1 gives no signal."""
+    if algorithm.needs(advantage, loss).groups and n < 2:
+        raise ValueError(f"{algorithm.name} compares the samples of each prompt and needs n >= 2 samples per "
+                         f"prompt; got n={n}")

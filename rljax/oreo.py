@@ -36,9 +36,9 @@ from rljax.models.transformer import Model, last_token_index
 from rljax.phases import LoopConfig, run_loop
 from rljax.rewards.rules import score
 from rljax.sampling import SampleConfig, sample
-from rljax.sharding import LOGICAL_RULES, batch_sharding, param_shardings, replicated, shard_batch, shard_params
-from rljax.state import (OptimizerConfig, TrainState, apply_gradients, apply_loss_gradients, create_state,
-                         make_optimizer, state_shardings)
+from rljax.sharding import LOGICAL_RULES, param_shardings, replicated, shard_batch, shard_params
+from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_gradients, apply_loss_gradients, compile_step,
+                         create_state, make_optimizer, state_shardings)
 
 # ----------------------------------------------------------------------------- state and step
 
@@ -126,25 +126,15 @@ def make_oreo_step(model: Model, cfg: OREOConfig, optimizer: OptimizerConfig,
     # it is the caller's parameters (e.g. the SFT params), which must stay valid.
     donate_argnums = (0,) if donate else ()
     if mesh is None:
-        jitted = jax.jit(update, donate_argnums=donate_argnums)
-        shardings = None
+        jitted = compile_step(update, donate_argnums=donate_argnums)
     else:
         trained_sh = (replicated(mesh), state_shardings(model, tx_policy, mesh, rules),
                       state_shardings(value_model, tx_value, mesh, rules))
-        ref_sh = param_shardings(model, mesh, rules)
-        shardings = {}
+        jitted = compile_step(update, mesh=mesh, in_shardings=(trained_sh, param_shardings(model, mesh, rules), BATCH),
+                              out_shardings=(trained_sh, None), donate_argnums=donate_argnums, rules=rules)
 
     def step(state: OREOState, batch: OREOBatch):
-        trained = (state.step, state.policy, state.value)
-        if shardings is None:
-            out, metrics = jitted(trained, state.ref_params, batch)
-        else:
-            key = jax.tree.structure(batch)
-            if key not in shardings:
-                batch_sh = jax.tree.map(lambda x: batch_sharding(mesh, x.ndim, rules), batch)
-                shardings[key] = jax.jit(update, in_shardings=(trained_sh, ref_sh, batch_sh),
-                                         out_shardings=(trained_sh, None), donate_argnums=donate_argnums)
-            out, metrics = shardings[key](trained, state.ref_params, batch)
+        out, metrics = jitted((state.step, state.policy, state.value), state.ref_params, batch)
         return OREOState(step=out[0], policy=out[1], value=out[2], ref_params=state.ref_params), metrics
 
     return step

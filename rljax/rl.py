@@ -1,15 +1,22 @@
 """The shared on-policy RL iteration: sample -> score -> prepare -> update.
 
-    iteration = make_rl_iteration(model, RLConfig(algorithm="grpo"), reward_fn, decode)
-    state = create_rl_state(model, sft_params, cfg.optimizer, key)
+    cfg = RLConfig(algorithm="grpo")
+    iteration = make_rl_iteration(model, cfg, reward_fn, decode)
+    state = create_rl_state(model, sft_params, cfg, key)
     state, metrics = iteration(state, prompt_tokens, prompt_mask, problems=problems)
 
-Every algorithm of the registry plugs in through (config, prepare, loss); the
-loop itself does not change per algorithm. Python reward functions run on the
-host on decoded text; sampling, reference log-probs and updates are jitted.
+An algorithm (`rljax.algorithms`: an advantage estimator and a policy loss) declares what
+it needs (`Needs`); the iteration reads the declarations — the reference's log-probs,
+values from a value head or a separate critic, a greedy decode, a group filter with
+refills, a running baseline — and knows no method by name. Reward transforms (a running
+normaliser, a moving-average baseline, a KL controller; `rljax.transforms`) run as one
+chain whose state is one slot of the RLState. Python reward functions run on the host on
+decoded text; sampling, reference log-probs and the update are jitted, and the update (all
+epochs × minibatches, the critic's regression too) is one jitted program per iteration.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 import warnings
@@ -21,133 +28,145 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from rljax.algorithms import check_group_size, get_algorithm
+from rljax.algorithms import Algorithm, check_group_size, get_algorithm, prepare
+from rljax.estimators import PrepareInput
 from rljax.losses.actor_critic import approx_kl, token_values, value_loss
-from rljax.losses.kl_control import KLController, KLControllerState
 from rljax.losses.policy_gradient import kl_metrics
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.ops.advantages import group_range
-from rljax.rewards.reward_model import NormaliserState, RewardNormaliser
 from rljax.rewards.rules import score
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
-from rljax.sharding import param_shardings, shard_batch, shard_params
-from rljax.state import OptimizerConfig, TrainState, create_state, make_train_step
+from rljax.sharding import batch_sharding, param_shardings, replicated, shard_batch, shard_params
+from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_loss_gradients, compile_step, create_state,
+                         make_optimizer, state_shardings)
+from rljax.transforms import RewardTransform, Signals, chain
 
 
 @struct.dataclass
 class RLState:
-    """step: RL iterations done (the prompt data position); policy: the trained
-    TrainState; ref_params: the frozen reference (start of the phase); reward_ema:
-    running mean of rewards (moving-average baseline); rng: key for sampling;
-    critic: a separate value model's TrainState for actor-critic methods (None when
-    there is none or the value head shares the policy's params); kl_control: the
-    adaptive KL controller's state (None without one); reward_norm: the running reward
-    normaliser's statistics (None without one). The loop threads the whole pytree, so
-    checkpoints and resumption cover every field."""
+    """step: RL iterations done (the prompt data position); policy: the trained TrainState;
+    ref_params: the frozen reference policy; rng: key for sampling; critic: a separate value
+    model's TrainState (None when there is none or the value head shares the policy's
+    params); transforms: the reward transforms' state (a tuple, one entry per
+    RLConfig.transforms). The loop threads the whole pytree, so checkpoints and resumption
+    cover every field."""
 
     step: jax.Array
     policy: TrainState
     ref_params: Any
-    reward_ema: jax.Array
     rng: jax.Array
     critic: TrainState | None = None
-    kl_control: KLControllerState | None = None
-    reward_norm: NormaliserState | None = None
+    transforms: tuple = ()
 
 
 @dataclass(frozen=True)
 class RLConfig:
-    """algorithm: a registry name; loss: its config (None = the registry default).
+    """algorithm: a registry name or an `Algorithm` (`rljax.algorithms.compose(estimator,
+    loss)`); advantage, loss: its estimator's and policy loss's configs (None = the
+    algorithm's defaults).
+    optimizer: the policy's; its warmup_steps and total_steps count RL iterations (the
+    schedule advances by one iteration over the iteration's epochs × minibatches updates).
     epochs x minibatches: updates per iteration over the sampled rows.
-    ema_decay: decay of the running reward mean (moving-average baseline).
     track_kl: compute the reference's log-probs every iteration to report KL (k1,
-    k3) to it even when the loss has no KL term (one extra forward pass).
+    k3) to it even when the algorithm has no KL term (one extra forward pass).
     truncate_prompts: prompts longer than max_seq_len − max_new_tokens keep their
     last tokens instead of raising.
-    max_refills: dynamic sampling (DAPO; for configs with drop_equal_groups): while
+    max_refills: dynamic sampling (an estimator with a group filter, e.g. DAPO's): while
     fewer groups than prompts have unequal rewards, sample up to this many more
     prompt batches and fill the batch with their informative groups.
     target_kl: PPO's early stop: before each minibatch update the policy's approx
-    KL to π_old on that minibatch is measured (one forward pass); above 1.5 ×
-    target_kl the iteration's remaining updates are skipped.
-    kl_controller: adaptive β for losses with a per-token KL penalty (e.g.
-    `adaptive_kl_controller`); its state lives in RLState.kl_control and is updated
-    with the sampled sequences' KL to the reference (Σ_t k1, mean over rows).
+    KL to π_old on that minibatch is measured; above 1.5 × target_kl the iteration's
+    remaining updates are skipped (masked inside the one jitted update).
     staleness, actors: asynchronous actors (A3C style, used by the `rl` phase): actor
     threads sample the batch of iteration i + staleness with a snapshot of the
     params while the learner trains on batch i, so a batch is `staleness`
     iterations old when it is learned from (0: synchronous, identical to the plain
-    loop); `actors` threads share the sampling.
+    loop); `actors` threads share the sampling. A3C is algorithm "a2c" with staleness.
     critic_optimizer, critic_epochs: a separate critic (RLState.critic) is fitted
     after the policy update by critic_epochs x minibatches regression steps on the
     returns (optimizer: critic_optimizer, default `optimizer`).
-    reward_normaliser: standardise every iteration's rewards with running statistics
-    over all rewards so far before the loss sees them (e.g.
-    `rljax.rewards.reward_model.running_normaliser()`, for a learned reward model whose
-    scale drifts); its state is RLState.reward_norm (create_rl_state(...,
-    reward_normaliser=)). Metrics report the raw rewards."""
+    transforms: reward transforms applied in order every iteration (`rljax.transforms`:
+    `normalise_rewards()`, `moving_average_baseline(decay)`, `kl_control(controller)`); their
+    state is RLState.transforms. Metrics report the raw rewards."""
 
-    algorithm: str = "grpo"
+    algorithm: Any = "grpo"
     loss: Any = None
+    advantage: Any = None
     sampling: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=32, n=4))
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5, schedule="constant"))
     epochs: int = 1
     minibatches: int = 1
-    ema_decay: float = 0.9
     track_kl: bool = True
     truncate_prompts: bool = False
     max_refills: int = 0
     target_kl: float | None = None
-    kl_controller: KLController | None = None
     staleness: int = 0
     actors: int = 1
     critic_optimizer: OptimizerConfig | None = None
     critic_epochs: int = 1
-    reward_normaliser: RewardNormaliser | None = None
+    transforms: tuple[RewardTransform, ...] = ()
 
     def __post_init__(self):
         algo = get_algorithm(self.algorithm)
+        needs = algo.needs(self.advantage, self.loss)
+        chained = chain(*self.transforms)
         if self.epochs < 1 or self.minibatches < 1:
             raise ValueError(f"RLConfig: epochs and minibatches must be >= 1, got {self.epochs}, {self.minibatches}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"RLConfig.ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.max_refills < 0:
             raise ValueError(f"RLConfig.max_refills: must be >= 0, got {self.max_refills}")
-        if self.max_refills and not getattr(self.loss or algo.config, "drop_equal_groups", False):
-            raise ValueError("RLConfig.max_refills: refilling replaces dropped groups, so it needs a loss config "
-                             "with drop_equal_groups=True (e.g. algorithm='dapo')")
+        if self.max_refills and not needs.group_filter:
+            raise ValueError("RLConfig.max_refills: refilling replaces dropped groups, so it needs an estimator that "
+                             "drops them (GroupAdvantageConfig(drop_equal_groups=True), e.g. algorithm='dapo')")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"RLConfig.target_kl: must be positive or None, got {self.target_kl}")
         if self.critic_epochs < 1:
             raise ValueError(f"RLConfig.critic_epochs: must be >= 1, got {self.critic_epochs}")
-        if algo.make_update is not None and (self.epochs, self.minibatches) != (1, 1):
-            raise ValueError(f"RLConfig: {self.algorithm} takes one step on the whole batch per iteration; "
-                             f"got epochs={self.epochs}, minibatches={self.minibatches}")
+        if algo.loss.update is not None and (self.epochs, self.minibatches) != (1, 1):
+            raise ValueError(f"RLConfig: {algo.name} has its own update rule, one step on the whole batch per "
+                             f"iteration; got epochs={self.epochs}, minibatches={self.minibatches}")
         if self.staleness < 0 or self.actors < 1:
             raise ValueError(f"RLConfig: need staleness >= 0 and actors >= 1, got {self.staleness}, {self.actors}")
-        if self.kl_controller is not None and not algo.uses_values:
-            raise ValueError(f"RLConfig.kl_controller: {self.algorithm} has no per-token KL reward to control; "
-                             "use an actor-critic algorithm (a2c, ppo)")
+        if "kl_coef" in chained.provides and not needs.kl_coef:
+            raise ValueError(f"RLConfig.transforms: a KL controller sets the reward's KL coefficient, but "
+                             f"{algo.name}'s estimator ({algo.estimator.name}) has no KL penalty in the reward; use "
+                             "one that has (baseline, gae: e.g. reinforce, a2c, ppo)")
+        if needs.baseline and "baseline" not in chained.provides:
+            raise ValueError(f"RLConfig.transforms: {algo.name}'s estimator needs a running baseline; add "
+                             "rljax.transforms.moving_average_baseline(decay) to RLConfig.transforms")
+
+    @property
+    def algo(self) -> Algorithm:
+        """The algorithm with this config's estimator and loss configs."""
+        return get_algorithm(self.algorithm).with_config(advantage=self.advantage, loss=self.loss)
 
 
-def create_rl_state(model, params, opt_cfg: OptimizerConfig, key, *, kl_controller: KLController | None = None,
-                    critic_model=None, critic_params=None, critic_optimizer: OptimizerConfig | None = None,
-                    reward_normaliser: RewardNormaliser | None = None) -> RLState:
+def _per_iteration(opt: OptimizerConfig, updates: int) -> OptimizerConfig:
+    """The optimizer whose schedule, given in RL iterations, advances over `updates` updates an iteration."""
+    if updates == 1:
+        return opt
+    return dataclasses.replace(opt, warmup_steps=opt.warmup_steps * updates, total_steps=opt.total_steps * updates)
+
+
+def create_rl_state(model, params, cfg: RLConfig, key, *, reference=None, critic_model=None,
+                    critic_params=None) -> RLState:
     """The policy starts from a copy of `params` (updates donate their input, so the
-    caller's arrays stay valid); `params` themselves become the frozen reference.
+    caller's arrays stay valid); the frozen reference is `reference` (default: `params`).
     With `model.mesh`, policy, optimizer state and reference are placed sharded.
-    kl_controller: the adaptive KL controller whose state starts here.
-    critic_model, critic_params: a separate critic (e.g. `with_value_head(model,
-    params)` for one initialised from the policy, `critic_from_reward_model` from a
-    reward model) with its own optimizer state (critic_optimizer, default opt_cfg).
-    reward_normaliser: the RLConfig.reward_normaliser whose state starts here."""
+    critic_model, critic_params: a separate critic (e.g. `with_value_head(model, params)` for
+    one initialised from the policy, `critic_from_reward_model` from a reward model) with its
+    own optimizer state (cfg.critic_optimizer, default cfg.optimizer). The reward transforms'
+    state starts from cfg.transforms."""
+    if not isinstance(cfg, RLConfig):
+        raise TypeError(f"create_rl_state: takes the RLConfig (its optimizer, critic optimizer and transforms), got "
+                        f"{type(cfg).__name__}")
     if critic_model is not None and (critic_params is None or "value" not in critic_model.config.heads):
         raise ValueError("create_rl_state: a separate critic needs critic_params and a critic_model with a "
                          "value head (see rljax.losses.actor_critic.with_value_head)")
+    opt_cfg, critic_optimizer = cfg.optimizer, cfg.critic_optimizer or cfg.optimizer
     k_policy, k_rl, k_critic = jax.random.split(key, 3)
     mesh = model.mesh
     for name, m, p, o in (("policy", model, params, opt_cfg), ("critic", critic_model, critic_params,
-                                                               critic_optimizer or opt_cfg)):
+                                                               critic_optimizer)):
         head = None if m is None or "value" not in m.config.heads else p["value_head"]
         # at fine-tuning learning rates (<= 1e-4) a zero head needs hundreds of Adam steps to reach E[reward]
         if head is not None and o.head_lr is None and o.lr <= 1e-4 and \
@@ -156,14 +175,14 @@ def create_rl_state(model, params, opt_cfg: OptimizerConfig, key, *, kl_controll
                           f"the backbone's learning rate {o.lr:g}; it will lag the rewards for many iterations. "
                           "Set OptimizerConfig.head_lr (e.g. 100x lr) to fit it faster.", stacklevel=2)
     policy = create_state(model, opt_cfg, k_policy, mesh=mesh, params=jax.tree.map(jnp.copy, params))
-    ref = params if mesh is None else shard_params(params, param_shardings(model, mesh))
+    reference = params if reference is None else reference
+    ref = reference if mesh is None else shard_params(reference, param_shardings(model, mesh))
     critic = None
     if critic_model is not None:
-        critic = create_state(critic_model, critic_optimizer or opt_cfg, k_critic, mesh=critic_model.mesh,
+        critic = create_state(critic_model, critic_optimizer, k_critic, mesh=critic_model.mesh,
                               params=jax.tree.map(jnp.copy, critic_params))
-    return RLState(step=jnp.int32(0), policy=policy, ref_params=ref, reward_ema=jnp.float32(0.0), rng=k_rl,
-                   critic=critic, kl_control=None if kl_controller is None else kl_controller.init(),
-                   reward_norm=None if reward_normaliser is None else reward_normaliser.init())
+    return RLState(step=jnp.int32(0), policy=policy, ref_params=ref, rng=k_rl, critic=critic,
+                   transforms=chain(*cfg.transforms).init())
 
 
 def _informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:
@@ -207,6 +226,51 @@ class RLIteration(NamedTuple):
         return self.learn(state, collected, key)
 
 
+def _take(batch, rows):
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch)
+
+
+def scan_updates(step: Callable, state, batch, key, *, epochs: int, minibatches: int, stop_fn: Callable | None = None,
+                 constrain: Callable | None = None):
+    """epochs × minibatches updates `step(state, minibatch) -> (state, metrics)` as one `lax.scan`.
+
+    Each epoch draws a permutation of the R rows on device (key fold_in(key, epoch); one
+    minibatch = the whole batch in order); minibatch j of an epoch is its rows
+    [j·R/M, (j+1)·R/M). stop_fn(state, minibatch) -> bool (PPO's early stop): checked before
+    every update but the first; once true, the remaining updates are masked (state and
+    metrics kept). -> (state, metrics of the last update made, number of updates made).
+    Traceable (runs inside the iteration's jitted update).
+    """
+    R = jax.tree.leaves(batch)[0].shape[0]
+    if R % minibatches:
+        raise ValueError(f"{R} sampled rows do not split into RLConfig.minibatches={minibatches}")
+    size = R // minibatches
+    if minibatches == 1:
+        orders = jnp.broadcast_to(jnp.arange(R), (epochs, R))
+    else:
+        orders = jnp.stack([jax.random.permutation(jax.random.fold_in(key, e), R) for e in range(epochs)])
+    orders = orders.reshape(epochs * minibatches, size)
+
+    def minibatch(rows):
+        mb = batch if minibatches == 1 else _take(batch, rows)
+        return mb if constrain is None else constrain(mb)
+
+    metrics0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(step, state, minibatch(orders[0]))[1])
+
+    def body(carry, rows):
+        state, last, stopped, made = carry
+        mb = minibatch(rows)
+        if stop_fn is not None:
+            stopped = stopped | ((made > 0) & stop_fn(state, mb))
+            state, last = jax.lax.cond(stopped, lambda s, l, b: (s, l), lambda s, l, b: step(s, b), state, last, mb)
+        else:
+            state, last = step(state, mb)
+        return (state, last, stopped, made + (~stopped).astype(jnp.int32)), None
+
+    (state, last, _, made), _ = jax.lax.scan(body, (state, metrics0, jnp.bool_(False), jnp.int32(0)), orders)
+    return state, last, made
+
+
 def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callable,
                       accuracy_fn: Callable | None = None, critic_model=None,
                       decode_prompts: Callable | None = None) -> RLIteration:
@@ -218,7 +282,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     mean is reported as `accuracy`. metadata: per-prompt lists (repeated for the n
     samples of each prompt). refill(k) -> (tokens, mask, metadata), k = 1, 2, ...:
     more prompts for dynamic sampling (cfg.max_refills). critic_model: the model of a
-    separate critic (RLState.critic); without it, actor-critic methods use the
+    separate critic (RLState.critic); without it, algorithms that need values use the
     policy's own value head. decode_prompts(ids [B, P]) -> list[str]: the prompts' text
     the reward sees (default `decode`); a chat-templated prompt holds stop tokens (Qwen's
     <|im_end|> closes every turn), which a decode that stops at eos would cut at, so pass
@@ -229,38 +293,73 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     length, truncated fraction, kept fraction, tokens/s of sampling and training,
     and seconds spent in sampling / scoring / reference log-probs / updates.
     """
-    algo = get_algorithm(cfg.algorithm)
-    acfg = cfg.loss if cfg.loss is not None else algo.config
+    algo = cfg.algo
+    loss_cfg = algo.loss.config
+    transforms = chain(*cfg.transforms)
+    transforms_structure = jax.tree.structure(transforms.init())
+    needs = algo.needs() | transforms.needs
     check_group_size(algo, cfg.sampling.n)
     mesh = model.mesh  # with a mesh, sampling, reference log-probs and updates all run sharded
-    if algo.make_update is not None:
-        if critic_model is None:
-            raise ValueError(f"{algo.name} fits a separate critic: pass critic_model= (and create the state with "
-                             "critic_model, critic_params)")
-        step = algo.make_update(model, acfg)
-    else:
-        step = make_train_step(functools.partial(algo.loss, model=model, cfg=acfg), cfg.optimizer,
-                               model=model if mesh is not None else None, mesh=mesh)
-    critic_step = None
-    if critic_model is not None:
-        critic_step = make_train_step(functools.partial(value_loss, model=critic_model, cfg=acfg),
-                                      cfg.critic_optimizer or cfg.optimizer,
-                                      model=critic_model if critic_model.mesh is not None else None,
-                                      mesh=critic_model.mesh)
-    ref_lp = jax.jit(functools.partial(token_logprobs, model=model))
-    if algo.uses_values and critic_model is None and "value" not in model.config.heads:
+    if needs.critic and critic_model is None:
+        raise ValueError(f"{algo.name} fits a separate critic: pass critic_model= (and create the state with "
+                         "critic_model, critic_params)")
+    if critic_model is not None and not needs.values:
+        raise ValueError(f"critic_model: {algo.name} uses no values (its estimator is {algo.estimator.name!r})")
+    if needs.values and critic_model is None and "value" not in model.config.heads:
         raise ValueError(f"{algo.name} needs a value head: build the model and params with "
                          "rljax.losses.actor_critic.with_value_head(model, params), or pass a separate critic_model")
-    values_fn = jax.jit(functools.partial(token_values, model=critic_model or model))
+    if critic_model is not None and critic_model.mesh is not mesh:
+        raise ValueError("critic_model: the critic must live on the policy's mesh (one jitted update trains both)")
 
-    @jax.jit
-    def policy_kl(params, batch):
-        lp = token_logprobs(params, batch.tokens, batch.attention_mask, model=model)
-        return approx_kl(lp, batch.old_logprobs, target_mask(batch.loss_mask, batch.attention_mask))
-    controller = cfg.kl_controller
-    needs_ref = getattr(acfg, "kl_coef", 0.0) > 0 or controller is not None
+    updates = cfg.epochs * cfg.minibatches
+    tx = make_optimizer(_per_iteration(cfg.optimizer, updates))
+    policy_loss = functools.partial(algo.loss.loss, model=model, cfg=loss_cfg)
+    if algo.loss.update is not None:
+        policy_step = functools.partial(algo.loss.update, model=model, cfg=loss_cfg)
+    else:
+        def policy_step(state, batch):
+            return apply_loss_gradients(state, tx, policy_loss, batch)
+    critic_step = critic_tx = None
+    if critic_model is not None:
+        critic_tx = make_optimizer(_per_iteration(cfg.critic_optimizer or cfg.optimizer,
+                                                  cfg.critic_epochs * cfg.minibatches))
+        critic_loss = functools.partial(value_loss, model=critic_model, cfg=loss_cfg)
+
+        def critic_step(state, batch):
+            return apply_loss_gradients(state, critic_tx, critic_loss, batch)
+
+    def early_stop(state, batch):
+        lp = token_logprobs(state.params, batch.tokens, batch.attention_mask, model=model)
+        kl = approx_kl(lp, batch.old_logprobs, target_mask(batch.loss_mask, batch.attention_mask))
+        return kl > 1.5 * cfg.target_kl
+
+    def constrain(batch):  # keep each minibatch split over the batch axes, as the rules table says
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim)), batch)
+
+    def update(policy, critic, batch, key):
+        """The iteration's whole update, one program: the policy's epochs × minibatches (or the
+        algorithm's own step), then the critic's critic_epochs × minibatches regression steps."""
+        shard = None if mesh is None else constrain
+        policy, metrics, made = scan_updates(policy_step, policy, batch, key, epochs=cfg.epochs,
+                                             minibatches=cfg.minibatches, constrain=shard,
+                                             stop_fn=early_stop if cfg.target_kl is not None else None)
+        if critic_step is not None:
+            critic, critic_metrics, _ = scan_updates(critic_step, critic, batch, jax.random.fold_in(key, 1000),
+                                                     epochs=cfg.critic_epochs, minibatches=cfg.minibatches,
+                                                     constrain=shard)
+            metrics = dict(metrics, **{f"critic_{k}": v for k, v in critic_metrics.items()})
+        return policy, critic, dict(metrics, updates=made)
+
+    if mesh is None:
+        jitted_update = compile_step(update, donate_argnums=(0, 1))
+    else:
+        policy_sh = state_shardings(model, tx, mesh)
+        critic_sh = None if critic_model is None else state_shardings(critic_model, critic_tx, mesh)
+        jitted_update = compile_step(update, mesh=mesh, in_shardings=(policy_sh, critic_sh, BATCH, replicated(mesh)),
+                                     out_shardings=(policy_sh, critic_sh, None), donate_argnums=(0, 1))
+    ref_lp = jax.jit(functools.partial(token_logprobs, model=model))
+    values_fn = jax.jit(functools.partial(token_values, model=critic_model or model))
     greedy_cfg = cfg.sampling.replace(greedy=True, n=1)
-    dynamic = getattr(acfg, "drop_equal_groups", False)
     room = model.config.max_seq_len - cfg.sampling.max_new_tokens
     n = cfg.sampling.n
     decode_prompts = decode if decode_prompts is None else decode_prompts
@@ -289,7 +388,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         return rollout, rewards, correct, prompt_text
 
     def collect(params, prompt_tokens, prompt_mask, key, refill=None, **metadata) -> Collected:
-        """Sample (with refills), score and, for SCST, decode greedily with `params`."""
+        """Sample (with refills when the estimator filters groups), score and, when the
+        algorithm needs a greedy baseline, decode greedily with `params`."""
         k_sample, k_greedy, _ = jax.random.split(key, 3)
         times = dict(sample=0.0, score=0.0, ref=0.0, values=0.0, update=0.0)
         prompt_tokens, prompt_mask, cut = fit(prompt_tokens, prompt_mask)
@@ -298,7 +398,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         sampled = [(rollout, rewards, correct)]
         G = rollout.tokens.shape[0] // n
         informative, rounds = int(_informative_groups(rewards, n).sum()), 0
-        while dynamic and refill is not None and informative < G and rounds < cfg.max_refills:
+        while needs.group_filter and refill is not None and informative < G and rounds < cfg.max_refills:
             rounds += 1
             tokens, mask, meta = refill(rounds)
             tokens, mask, more_cut = fit(tokens, mask)
@@ -318,7 +418,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             rewards = all_rewards[rows]
 
         greedy = None
-        if getattr(acfg, "baseline", None) == "greedy":  # SCST: the greedy decode's reward is the baseline
+        if needs.greedy:  # the greedy decode's reward is the baseline (SCST)
             t0 = time.perf_counter()
             g = sample(params, prompt_tokens, prompt_mask, k_greedy, model=model, cfg=greedy_cfg)
             times["sample"] += time.perf_counter() - t0
@@ -334,64 +434,40 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         if critic_model is not None and state.critic is None:
             raise ValueError("a critic_model was given but the RLState has no critic: create_rl_state(..., "
                              "critic_model=, critic_params=)")
+        if jax.tree.structure(state.transforms) != transforms_structure:
+            raise ValueError("RLState.transforms does not match RLConfig.transforms: create the state with "
+                             "create_rl_state(model, params, cfg, key) for this cfg")
         ref = None
-        if needs_ref or cfg.track_kl:
+        if needs.reference or cfg.track_kl:
             t0 = time.perf_counter()
             ref = jax.block_until_ready(ref_lp(state.ref_params, rollout.tokens, rollout.attention_mask))
             times["ref"] = time.perf_counter() - t0
         values = None
-        if algo.uses_values:
+        if needs.values:
             t0 = time.perf_counter()
             critic_params = params if critic_model is None else state.critic.params
             values = jax.block_until_ready(values_fn(critic_params, rollout.tokens, rollout.attention_mask))
             times["values"] = time.perf_counter() - t0
-        reward_norm = state.reward_norm
-        if cfg.reward_normaliser is not None:
-            if reward_norm is None:
-                raise ValueError("RLConfig.reward_normaliser is set but the RLState has no reward_norm: "
-                                 "create_rl_state(..., reward_normaliser=cfg.reward_normaliser)")
-            rewards, reward_norm = cfg.reward_normaliser.update(reward_norm, rewards)
-            rewards = np.asarray(rewards)
-        extra = {} if state.kl_control is None else {"kl_coef": state.kl_control.beta}
-        # The moving-average baseline of iteration 0 is the batch mean: no past rewards yet.
-        ema = state.reward_ema if int(state.step) > 0 else jnp.float32(np.mean(rewards))
-        batch, keep = algo.prepare(rollout, rewards, acfg, ref_logprobs=ref if needs_ref else None,
-                                   greedy_rewards=c.greedy, ema=ema, values=values, **extra)
+        mask = target_mask(rollout.loss_mask, rollout.attention_mask)
+        seq_kl = None if ref is None else jnp.mean(jnp.sum((rollout.logprobs - ref) * mask, axis=1))
+        signals, transform_state = transforms.update(Signals(rewards=jnp.asarray(rewards, jnp.float32),
+                                                             seq_kl=seq_kl), state.transforms)
+        inp = PrepareInput(rollout=rollout, rewards=signals.rewards, ref_logprobs=ref if needs.reference else None,
+                           values=values, greedy_rewards=None if c.greedy is None else jnp.asarray(c.greedy),
+                           baseline=signals.baseline, kl_coef=signals.kl_coef)
+        batch, keep = prepare(algo, inp)
         if lag:
             batch = batch.replace(lag=jnp.full((rollout.tokens.shape[0],), lag, jnp.int32))
         batch = batch.replace(loss_mask=batch.loss_mask * jnp.asarray(keep, batch.loss_mask.dtype)[:, None])
 
-        R = rollout.tokens.shape[0]
-        if R % cfg.minibatches:
-            raise ValueError(f"{R} sampled rows do not split into RLConfig.minibatches={cfg.minibatches}")
-        size = R // cfg.minibatches
-
-        def minibatches(epochs, seed, mesh):
-            """epochs x minibatches row subsets of `batch`, each epoch a fresh permutation."""
-            for epoch in range(epochs):
-                order = np.asarray(jax.random.permutation(jax.random.fold_in(k_perm, seed + epoch), R))
-                for j in range(cfg.minibatches):
-                    rows = order[j * size:(j + 1) * size] if cfg.minibatches > 1 else np.arange(R)
-                    minibatch = jax.tree.map(lambda x: x[rows], batch)
-                    yield minibatch if mesh is None else shard_batch(minibatch, mesh)
-
+        if mesh is not None:  # prepare's outputs may sit replicated; the update takes them split over the batch
+            batch = shard_batch(batch, mesh)
         t0 = time.perf_counter()
-        policy, metrics, updates = state.policy, {}, 0
-        for minibatch in minibatches(cfg.epochs, 0, mesh):
-            # PPO's early stop, measured before the update (the first one, at π_old, always runs)
-            if updates and cfg.target_kl is not None and \
-                    float(policy_kl(policy.params, minibatch)) > 1.5 * cfg.target_kl:
-                break
-            policy, metrics = step(policy, minibatch)
-            updates += 1
-        critic = state.critic
-        if critic_step is not None:  # the separate critic regresses on the returns
-            for minibatch in minibatches(cfg.critic_epochs, 1000, critic_model.mesh):
-                critic, critic_metrics = critic_step(critic, minibatch)
-            metrics = dict(metrics, **{f"critic_{k}": v for k, v in critic_metrics.items()})
+        policy, critic, metrics = jitted_update(state.policy, state.critic, batch, k_perm)
         metrics = jax.device_get(metrics)
         times["update"] = time.perf_counter() - t0
         lengths = np.asarray(rollout.lengths)
+        made = int(metrics.pop("updates"))
         out = {k: float(v) for k, v in metrics.items()}
         out.update({
             "reward_mean": float(np.mean(c.all_rewards)), "reward_std": float(np.std(c.all_rewards)),
@@ -401,7 +477,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             "kept_fraction": float(np.mean(np.asarray(keep))),
             "sample_tokens_per_s": float(sum(int(np.asarray(s[0].lengths).sum()) for s in c.sampled)
                                          / max(times["sample"], 1e-9)),
-            "train_tokens_per_s": float(cfg.epochs * np.asarray(rollout.attention_mask).sum()
+            "train_tokens_per_s": float(made * np.asarray(rollout.attention_mask).sum() / cfg.minibatches
                                         / max(times["update"], 1e-9)),
             **{f"time_{k}_s": v for k, v in times.items()},
         })
@@ -409,23 +485,17 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             out["accuracy"] = float(np.mean(c.all_correct))
         if cfg.truncate_prompts:
             out["truncated_prompts"] = float(c.cut)
-        if dynamic:
+        if needs.group_filter:
             out["refill_rounds"] = float(c.rounds)
         if lag:
             out["staleness"] = float(lag)
         if cfg.target_kl is not None:
-            out["updates"] = float(updates)
+            out["updates"] = float(made)
         if ref is not None:  # KL(π_old ‖ π_ref) over the sampled completion tokens
-            mask = target_mask(rollout.loss_mask, rollout.attention_mask)
             out.update({k: float(v) for k, v in kl_metrics(rollout.logprobs, ref, mask).items()})
-        new_ema = cfg.ema_decay * ema + (1 - cfg.ema_decay) * float(np.mean(rewards))
-        kl_control = state.kl_control
-        if kl_control is not None:  # observed KL per sequence: Σ_t k1 over the completion, mean over rows
-            mask = target_mask(rollout.loss_mask, rollout.attention_mask)
-            seq_kl = float(jnp.mean(jnp.sum((rollout.logprobs - ref) * mask, axis=1)))
-            out["kl_coef"], out["kl_per_sequence"] = float(kl_control.beta), seq_kl
-            kl_control = controller.update(kl_control, seq_kl, R)
-        return state.replace(step=state.step + 1, policy=policy, reward_ema=jnp.float32(new_ema),
-                             kl_control=kl_control, critic=critic, reward_norm=reward_norm), out
+            out["kl_per_sequence"] = float(seq_kl)
+        if signals.kl_coef is not None:
+            out["kl_coef"] = float(signals.kl_coef)
+        return state.replace(step=state.step + 1, policy=policy, critic=critic, transforms=transform_state), out
 
     return RLIteration(collect, learn)

@@ -188,6 +188,35 @@ def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, 
     return new_state, dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
 
 
+BATCH = "batch"  # a compile_step in_shardings entry: shardings from the rules table (split over data, fsdp)
+
+
+def compile_step(fn: Callable, *, mesh: Mesh | None = None, in_shardings: tuple = (), out_shardings=None,
+                 donate_argnums: tuple[int, ...] = (0,), rules=LOGICAL_RULES) -> Callable:
+    """The one step builder: `jax.jit(fn)` donating the state it owns (`donate_argnums`).
+
+    With a mesh, `in_shardings` has one entry per argument: a pytree of shardings (e.g.
+    `state_shardings(...)`), None (unspecified) or BATCH (each leaf split over the batch
+    axes by the rules table, compiled once per batch structure, since optional fields
+    change the tree). Every phase's step (SFT, reward model, preference, RL update, OREO)
+    is built here.
+    """
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=donate_argnums)
+    compiled = {}
+
+    def call(*args):
+        key = tuple(jax.tree.structure(a) if s is BATCH else None for a, s in zip(args, in_shardings))
+        if key not in compiled:
+            shardings = tuple(jax.tree.map(lambda x: batch_sharding(mesh, x.ndim, rules), a) if s is BATCH else s
+                              for a, s in zip(args, in_shardings))
+            compiled[key] = jax.jit(fn, in_shardings=shardings, out_shardings=out_shardings,
+                                    donate_argnums=donate_argnums)
+        return compiled[key](*args)
+
+    return call
+
+
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation | OptimizerConfig, *,
                     model=None, mesh: Mesh | None = None, rules=LOGICAL_RULES, donate: bool = True):
     """Jitted `step(state, batch) -> (state, metrics)`.
@@ -207,21 +236,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation |
 
     donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(step, donate_argnums=donate_argnums)
+        return compile_step(step, donate_argnums=donate_argnums)
     if model is None:
         raise ValueError("make_train_step: pass model= with mesh= so parameter shardings can be derived")
     sh = state_shardings(model, optimizer, mesh, rules)
-
-    def batch_shardings(batch):
-        return jax.tree.map(lambda x: batch_sharding(mesh, x.ndim, rules), batch)
-
-    jitted = {}
-
-    def sharded_step(state, batch):
-        key = jax.tree.structure(batch)
-        if key not in jitted:
-            jitted[key] = jax.jit(step, in_shardings=(sh, batch_shardings(batch)), out_shardings=(sh, None),
-                                  donate_argnums=donate_argnums)
-        return jitted[key](state, batch)
-
-    return sharded_step
+    return compile_step(step, mesh=mesh, in_shardings=(sh, BATCH), out_shardings=(sh, None),
+                        donate_argnums=donate_argnums, rules=rules)

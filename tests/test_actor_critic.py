@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rljax.losses.actor_critic import (A2CConfig, PPOConfig, a2c_loss, actor_critic_targets, policy_value_terms,
-                                       ppo_loss, token_rewards)
-from rljax.losses.policy_gradient import PolicyBatch
+from rljax.data.batch import PolicyBatch
+from rljax.estimators import GAEConfig, actor_critic_targets, token_rewards
+from rljax.losses.actor_critic import A2CConfig, PPOConfig, a2c_loss, policy_value_terms, ppo_loss
 from rljax.models import Model
 from rljax.models.config import TransformerConfig
 from rljax.models.logprobs import token_logprobs_and_entropy
@@ -27,7 +27,7 @@ def test_token_rewards_and_targets_match_a_naive_loop():
     old, ref, v = (rng.normal(size=(B, T)).astype(np.float32) for _ in range(3))
     rewards = rng.normal(size=B).astype(np.float32)
     r = np.asarray(token_rewards(jnp.asarray(rewards), jnp.asarray(mask), jnp.asarray(old), jnp.asarray(ref), beta))
-    cfg = A2CConfig(gamma=gamma, lam=lam, kl_coef=beta)
+    cfg = GAEConfig(gamma=gamma, lam=lam, kl_coef=beta, whiten_advantages=False)
     adv, ret = actor_critic_targets(rewards, jnp.asarray(v), jnp.asarray(old), jnp.asarray(ref), jnp.asarray(mask),
                                     cfg)
     for b in range(B):
@@ -137,8 +137,10 @@ def test_value_clipping_by_hand():
 def test_bad_configs_name_the_field():
     with pytest.raises(ValueError, match="PPOConfig.eps"):
         PPOConfig(eps=0.0)
-    with pytest.raises(ValueError, match="A2CConfig.lam"):
-        A2CConfig(lam=1.5)
+    with pytest.raises(ValueError, match="GAEConfig.lam"):
+        GAEConfig(lam=1.5)
+    with pytest.raises(ValueError, match="A2CConfig.value_coef"):
+        A2CConfig(value_coef=-1.0)
     with pytest.raises(ValueError, match="PPOConfig.value_clip"):
         PPOConfig(value_clip=-1.0)
 
@@ -172,7 +174,7 @@ def test_reward_whitening_and_clipping_happen_before_the_kl_penalty():
     rewards = np.array([0.0, 4.0, -2.0, 6.0], np.float32)
     mask = jnp.ones((4, 3))
     zeros = jnp.zeros((4, 3))
-    cfg = PPOConfig(whiten_rewards=True, reward_clip=1.5, kl_coef=0.0, whiten_advantages=False, lam=1.0)
+    cfg = GAEConfig(whiten_rewards=True, reward_clip=1.5, kl_coef=0.0, whiten_advantages=False, lam=1.0)
     adv, ret = actor_critic_targets(rewards, zeros, zeros, zeros, mask, cfg)
     want = np.clip(rewards / (rewards.std() + 1e-8), -1.5, 1.5)
     np.testing.assert_allclose(np.asarray(ret)[:, -1], want, rtol=1e-5)  # V = 0, γ = λ = 1: R_t = final reward

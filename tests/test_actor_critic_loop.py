@@ -4,13 +4,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rljax.losses.actor_critic import A2CConfig, PPOConfig, with_value_head
+from rljax.estimators import GAEConfig
+from rljax.losses.actor_critic import PPOConfig, with_value_head
 from rljax.losses.kl_control import adaptive_kl_controller
 from rljax.models import Model, preset
 from rljax.phases import PromptBatch
 from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
 from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig
+from rljax.transforms import kl_control
 from tests.test_rl_bandit import ARM_REWARD, arm_probs, decode, reward_fn
 
 SAMPLING = SampleConfig(max_new_tokens=1, n=16, eos_id=-1, min_prompt_bucket=1)
@@ -29,10 +31,10 @@ def _prompt_value(model, params):
     return float(token_values(params, jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), model=model)[0, 0])
 
 
-@pytest.mark.parametrize("algorithm,loss,epochs,separate", [("a2c", A2CConfig(), 1, False),
-                                                            ("ppo", PPOConfig(kl_coef=0.0), 2, False),
-                                                            ("ppo", PPOConfig(kl_coef=0.0), 2, True)])
-def test_actor_critic_moves_mass_to_the_best_arms(algorithm, loss, epochs, separate):
+@pytest.mark.parametrize("algorithm,advantage,epochs,separate", [("a2c", None, 1, False),
+                                                                 ("ppo", GAEConfig(kl_coef=0.0), 2, False),
+                                                                 ("ppo", GAEConfig(kl_coef=0.0), 2, True)])
+def test_actor_critic_moves_mass_to_the_best_arms(algorithm, advantage, epochs, separate):
     """The policy learns the bandit and the critic (value head on the policy's backbone,
     or a separate model) learns V(prompt) = E_π[r] = Σ_y π(y) r(y), closed form."""
     model, params = _setup()
@@ -43,10 +45,11 @@ def test_actor_critic_moves_mass_to_the_best_arms(algorithm, loss, epochs, separ
         model = Model(preset("tiny", n_layers=1))
         params = {k: v for k, v in params.items() if not k.startswith("value_")}
     opt = OptimizerConfig(lr=3e-2, schedule="constant", clip_norm=None, head_lr=1e-2)
-    cfg = RLConfig(algorithm=algorithm, loss=loss, sampling=SAMPLING.replace(n=8), optimizer=opt, epochs=epochs,
+    cfg = RLConfig(algorithm=algorithm, advantage=advantage, sampling=SAMPLING.replace(n=8), optimizer=opt,
+                   epochs=epochs,
                    minibatches=epochs)  # A2C: one synchronous update per batch; PPO: 2 epochs x 2 minibatches
     it = make_rl_iteration(model, cfg, reward_fn, decode, critic_model=critic_model)
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1), critic_model=critic_model,
+    state = create_rl_state(model, params, cfg, jax.random.key(1), critic_model=critic_model,
                             critic_params=critic_params)
     values, expected = [], []
     for i in range(25):
@@ -66,12 +69,15 @@ def test_a_fresh_value_head_at_the_backbone_lr_is_warned_about():
 
     model, params = _setup()
     with pytest.warns(UserWarning, match="head_lr"):
-        create_rl_state(model, params, OptimizerConfig(lr=1e-5), jax.random.key(0))
+        create_rl_state(model, params, RLConfig("ppo", optimizer=OptimizerConfig(lr=1e-5)), jax.random.key(0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        create_rl_state(model, params, OptimizerConfig(lr=1e-5, head_lr=1e-3), jax.random.key(0))
+        create_rl_state(model, params, RLConfig("ppo", optimizer=OptimizerConfig(lr=1e-5, head_lr=1e-3)),
+                        jax.random.key(0))
         trained = {**params, "value_head": params["value_head"] + 0.1}  # not fresh: e.g. a reward model's head
-        create_rl_state(model, trained, OptimizerConfig(lr=1e-5), jax.random.key(0))
+        create_rl_state(model, trained, RLConfig("ppo", optimizer=OptimizerConfig(lr=1e-5)), jax.random.key(0))
+    with pytest.raises(TypeError, match="RLConfig"):
+        create_rl_state(model, params, OptimizerConfig(lr=1e-5), jax.random.key(0))
 
 
 @pytest.mark.slow  # 200 PPO iterations; KL-regularised REINFORCE checks the same optimum in the default run
@@ -82,11 +88,11 @@ def test_ppo_with_a_kl_penalty_reaches_the_closed_form_optimum():
     ref = arm_probs(model, params)
     target = ref * np.exp(ARM_REWARD / beta)
     target /= target.sum()
-    cfg = RLConfig(algorithm="ppo", loss=PPOConfig(kl_coef=beta), sampling=SAMPLING,
+    cfg = RLConfig(algorithm="ppo", advantage=GAEConfig(kl_coef=beta), sampling=SAMPLING,
                    optimizer=OptimizerConfig(lr=2e-2, schedule="cosine", total_steps=400, end_lr_ratio=0.05,
                                              clip_norm=None), epochs=2, minibatches=1)
     it = make_rl_iteration(model, cfg, reward_fn, decode)
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
     for _ in range(200):
         state, _ = it(state, np.ones((8, 1), np.int32), None)
     tv = 0.5 * np.abs(arm_probs(model, state.policy.params) - target).sum()
@@ -100,9 +106,9 @@ def test_adaptive_kl_controller_in_the_loop_and_early_stop():
     ctl = adaptive_kl_controller(init_beta=0.01, target=1e-3, horizon=100)
     cfg = RLConfig(algorithm="ppo", loss=PPOConfig(), sampling=SAMPLING.replace(n=8),
                    optimizer=OptimizerConfig(lr=3e-2, schedule="constant", clip_norm=None), epochs=4, minibatches=2,
-                   kl_controller=ctl, target_kl=1e-4)
+                   transforms=(kl_control(ctl),), target_kl=1e-4)
     it = make_rl_iteration(model, cfg, reward_fn, decode)
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1), kl_controller=ctl)
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
     betas, updates = [], []
     for _ in range(6):
         state, m = it(state, np.ones((4, 1), np.int32), None)
@@ -110,7 +116,7 @@ def test_adaptive_kl_controller_in_the_loop_and_early_stop():
         updates.append(m["updates"])
         # the logged β is the one used; the state holds the controller's next value
         e = np.clip(m["kl_per_sequence"] / 1e-3 - 1, -0.2, 0.2)
-        np.testing.assert_allclose(float(state.kl_control.beta), m["kl_coef"] * (1 + e * 32 / 100), rtol=1e-5)
+        np.testing.assert_allclose(float(state.transforms[0].beta), m["kl_coef"] * (1 + e * 32 / 100), rtol=1e-5)
     assert betas[0] == pytest.approx(0.01) and betas[-1] > betas[1]  # KL above target: β grows
     # the first update (at π_old) always runs; at the start one update moves the policy past the tiny target,
     # later the policy is nearly deterministic and moves less
@@ -120,6 +126,8 @@ def test_adaptive_kl_controller_in_the_loop_and_early_stop():
                           decode)
     with pytest.raises(ValueError, match="target_kl"):
         RLConfig(algorithm="grpo", target_kl=0.0)
+    with pytest.raises(ValueError, match="no KL penalty in the reward"):  # GRPO's KL is a loss term
+        RLConfig(algorithm="grpo", transforms=(kl_control(ctl),))
 
 
 class ArmPrompts:
@@ -134,7 +142,7 @@ def _phase(run_dir, algorithm, steps, staleness=0, actors=1):
     model, params = _setup()
     cfg = RLConfig(algorithm=algorithm, sampling=SAMPLING.replace(n=8), staleness=staleness, actors=actors,
                    optimizer=OptimizerConfig(lr=3e-2, schedule="constant", clip_norm=None))
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
     state = rl(state, ArmPrompts(), reward_fn, cfg, model=model, decode=decode, run_dir=str(run_dir),
                loop=LoopConfig(steps=steps, log_every=1, progress=False))
     return model, state, [r for r in read_metrics(str(run_dir)) if "rl/reward_mean" in r]
@@ -142,13 +150,13 @@ def _phase(run_dir, algorithm, steps, staleness=0, actors=1):
 
 def test_a3c_with_zero_staleness_is_a2c_bit_for_bit(tmp_path):
     _, a2c, _ = _phase(tmp_path / "a2c", "a2c", 4)
-    _, a3c, rows = _phase(tmp_path / "a3c", "a3c", 4, staleness=0, actors=2)
+    _, a3c, rows = _phase(tmp_path / "a3c", "a2c", 4, staleness=0, actors=2)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(a3c.policy.params), jax.device_get(a2c.policy.params))
     assert all("rl/staleness" not in r for r in rows)
 
 
 def test_a3c_with_stale_actors_reports_the_lag_and_still_learns(tmp_path):
-    model, state, rows = _phase(tmp_path, "a3c", 30, staleness=2, actors=2)
+    model, state, rows = _phase(tmp_path, "a2c", 30, staleness=2, actors=2)
     lags = [r.get("rl/staleness", 0.0) for r in rows]
     assert lags == [0.0, 1.0] + [2.0] * 28  # batch i was sampled with the params of iteration max(0, i − 2)
     weights = [r["rl/importance_weight"] for r in rows if "rl/importance_weight" in r]
@@ -170,7 +178,7 @@ def test_trpo_in_the_loop_keeps_every_step_in_the_trust_region_and_learns(tmp_pa
     cfg = RLConfig(algorithm="trpo", loss=TRPOConfig(max_kl=delta), sampling=SAMPLING,
                    optimizer=OptimizerConfig(lr=1e-2, schedule="constant"), critic_epochs=4)
     it = make_rl_iteration(model, cfg, reward_fn, decode, critic_model=critic_model)
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1), critic_model=critic_model,
+    state = create_rl_state(model, params, cfg, jax.random.key(1), critic_model=critic_model,
                             critic_params=critic_params)
     value_losses = []
     for _ in range(40):

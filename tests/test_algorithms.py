@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import left_padded
-from rljax.algorithms import ALGORITHMS, check_group_size, get_algorithm
+from rljax.algorithms import ALGORITHMS, check_group_size, compose, get_algorithm, prepare
+from rljax.estimators import PrepareInput
 from rljax.models.logprobs import token_logprobs
 from rljax.sampling import SampleConfig, sample
 
@@ -15,16 +16,16 @@ def test_every_algorithm_prepares_and_scores_a_rollout(tiny):
     r = sample(params, prompts, mask, jax.random.key(0), model=model, cfg=SampleConfig(max_new_tokens=6, n=2))
     rewards = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], np.float32)  # prompt 1's samples tie
     ref = token_logprobs(params, r.tokens, r.attention_mask, model=model)
-    assert sorted(ALGORITHMS) == ["a2c", "a3c", "dapo", "dr_grpo", "grpo", "mrt", "ppo", "reinforce", "rloo", "scst",
+    assert sorted(ALGORITHMS) == ["a2c", "dapo", "dr_grpo", "grpo", "mrt", "ppo", "reinforce", "rloo", "scst",
                                   "trpo"]
     values = 0.1 * ref  # any V_old [R, T-1] for the actor-critic methods (the model here has no value head)
+    inp = PrepareInput(rollout=r, rewards=rewards, ref_logprobs=ref, greedy_rewards=np.ones(6, np.float32),
+                       values=values)
     for name, algo in ALGORITHMS.items():
-        cfg = algo.config
         if name == "dr_grpo":
-            cfg = algo.with_config(constant=6.0).config
-        batch, keep = algo.prepare(r, rewards, cfg, ref_logprobs=ref, greedy_rewards=np.ones(6, np.float32),
-                                   values=values)
-        loss, metrics = algo.loss(params, batch, model=model, cfg=cfg)
+            algo = algo.with_config(constant=6.0)
+        batch, keep = prepare(algo, inp)
+        loss, metrics = algo.loss.loss(params, batch, model=model, cfg=algo.loss.config)
         assert np.isfinite(float(loss)), name
         if name == "dapo":
             np.testing.assert_array_equal(keep, [True, True, False, False, True, True])
@@ -32,12 +33,36 @@ def test_every_algorithm_prepares_and_scores_a_rollout(tiny):
             assert bool(np.all(keep)), name
         if name in ("grpo", "dapo", "dr_grpo"):  # sampled log-probs are π_old: first minibatch has ρ = 1
             assert float(metrics["ratio_mean"]) == pytest.approx(1.0, abs=1e-4)
-        if algo.uses_values:  # per-token advantages and returns R = A + V_old on the completion tokens
+        if algo.needs().values:  # per-token advantages and returns R = A + V_old on the completion tokens
             assert batch.advantages.shape == ref.shape and batch.returns.shape == ref.shape
-        if name in ("ppo", "a2c", "a3c"):
+        if name in ("ppo", "a2c"):
             assert float(metrics["approx_kl"]) == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match="value head's values"):
-        ALGORITHMS["ppo"].prepare(r, rewards, ALGORITHMS["ppo"].config, ref_logprobs=ref)
+    with pytest.raises(ValueError, match="PrepareInput.values is missing"):
+        prepare(ALGORITHMS["ppo"], PrepareInput(rollout=r, rewards=rewards, ref_logprobs=ref))
+
+
+def test_needs_are_declared_per_config_and_pairs_are_checked():
+    from rljax.estimators import BaselineConfig, GroupAdvantageConfig
+    from rljax.losses import GRPOConfig, ReinforceConfig
+
+    assert get_algorithm("grpo").needs().reference  # GRPO's k3 term (β = 0.04)
+    assert not get_algorithm("grpo").needs(loss=GRPOConfig(kl_coef=0.0)).reference
+    assert get_algorithm("dapo").needs().group_filter and not get_algorithm("grpo").needs().group_filter
+    assert get_algorithm("grpo").needs(advantage=GroupAdvantageConfig(drop_equal_groups=True)).group_filter
+    assert get_algorithm("scst").needs().greedy and not get_algorithm("rloo").needs().greedy
+    assert get_algorithm("ppo").needs().values and not get_algorithm("ppo").needs().critic
+    assert get_algorithm("trpo").needs().critic
+    assert get_algorithm("reinforce").needs(advantage=BaselineConfig("none", kl_coef=0.1)).reference
+    assert get_algorithm("reinforce").needs(loss=ReinforceConfig(kl_coef=0.1)).reference
+    # any estimator with any loss that takes its output
+    rloo_clip = compose("baseline", "clip")
+    assert rloo_clip.estimator.name == "baseline" and rloo_clip.loss.name == "clip"
+    with pytest.raises(ValueError, match="token-level"):
+        compose("group", "ppo")
+    with pytest.raises(KeyError, match="unknown policy loss"):
+        compose("group", "ppo2")
+    with pytest.raises(TypeError, match="RLConfig.loss: grpo takes a GRPOConfig"):
+        get_algorithm("grpo").configs(loss=ReinforceConfig())
 
 
 def test_group_methods_need_two_samples():

@@ -1,12 +1,15 @@
 """Policy-gradient losses against naive per-sample references and the known answers of ALGORITHMS.md."""
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import left_padded
-from rljax.losses import (GRPOConfig, MRTConfig, PolicyBatch, ReinforceConfig, grpo_advantages, grpo_loss,
-                          mrt_distribution, mrt_loss, reinforce_advantages, reinforce_loss)
+from rljax.estimators import BaselineConfig, GroupAdvantageConfig, PrepareInput, baseline_advantages, group_estimate
+from rljax.losses import (GRPOConfig, MRTConfig, PolicyBatch, ReinforceConfig, grpo_loss, mrt_distribution, mrt_loss,
+                          reinforce_loss)
 from rljax.models.logprobs import token_logprobs
 
 
@@ -51,18 +54,18 @@ def test_reinforce_loss_matches_naive(tiny):
 def test_reinforce_baselines():
     r = jnp.array([1.0, 0.0, 3.0, 1.0])
     gid = jnp.array([0, 0, 1, 1])
-    np.testing.assert_allclose(reinforce_advantages(r, gid, ReinforceConfig(baseline="none")), r)
-    np.testing.assert_allclose(reinforce_advantages(r, gid, ReinforceConfig(baseline="batch_mean")), r - 1.25)
-    np.testing.assert_allclose(reinforce_advantages(r, gid, ReinforceConfig(baseline="leave_one_out")),
+    np.testing.assert_allclose(baseline_advantages(r, gid, "none"), r)
+    np.testing.assert_allclose(baseline_advantages(r, gid, "batch_mean"), r - 1.25)
+    np.testing.assert_allclose(baseline_advantages(r, gid, "leave_one_out"),
                                [1.0, -1.0, 2.0, -2.0])  # b_i = the other sample of the pair
-    np.testing.assert_allclose(reinforce_advantages(r, gid, ReinforceConfig(baseline="greedy"),
-                                                    greedy_rewards=jnp.array([1.0, 1.0, 3.0, 3.0])),
+    np.testing.assert_allclose(baseline_advantages(r, gid, "greedy", greedy_rewards=jnp.array([1.0, 1.0, 3.0, 3.0])),
                                [0.0, -1.0, 0.0, -2.0])
+    np.testing.assert_allclose(baseline_advantages(r, gid, "moving_average", running=jnp.float32(0.5)), r - 0.5)
     # SCST: when the greedy output is the best sample, every advantage is <= 0
     with pytest.raises(ValueError, match="greedy_rewards"):
-        reinforce_advantages(r, gid, ReinforceConfig(baseline="greedy"))
+        baseline_advantages(r, gid, "greedy")
     with pytest.raises(ValueError, match="baseline"):
-        ReinforceConfig(baseline="median")
+        BaselineConfig(baseline="median")
 
 
 def test_mrt_known_answers(tiny):
@@ -118,11 +121,13 @@ def test_grpo_first_minibatch_equals_unclipped_and_matches_naive(tiny):
 def test_grpo_advantages_and_variants():
     r = jnp.array([1.0, 0.0, 1.0, 1.0, 0.5])
     gid = jnp.array([0, 0, 1, 1, 2])
-    adv, keep = grpo_advantages(r, gid, GRPOConfig(drop_equal_groups=True))
-    np.testing.assert_allclose(adv, [1.0, -1.0, 0.0, 0.0, 0.0], atol=1e-5)  # (r − μ)/(σ + ε), σ = 0.5
-    np.testing.assert_array_equal(keep, [True, True, False, False, False])  # equal-reward groups and singletons
-    dr, _ = grpo_advantages(r, gid, GRPOConfig(scale_by_std=False))
-    np.testing.assert_allclose(dr, [0.5, -0.5, 0.0, 0.0, 0.0])
+    rollout = SimpleNamespace(group_ids=gid)
+    est = group_estimate(PrepareInput(rollout=rollout, rewards=r), GroupAdvantageConfig(drop_equal_groups=True))
+    np.testing.assert_allclose(est.advantages, [1.0, -1.0, 0.0, 0.0, 0.0], atol=1e-5)  # (r − μ)/(σ + ε), σ = 0.5
+    np.testing.assert_array_equal(est.keep, [True, True, False, False, False])  # equal-reward groups, singletons
+    dr = group_estimate(PrepareInput(rollout=rollout, rewards=r), GroupAdvantageConfig(scale_by_std=False))
+    np.testing.assert_allclose(dr.advantages, [0.5, -0.5, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(dr.keep, [True] * 5)
     with pytest.raises(ValueError, match="constant"):
         GRPOConfig(aggregation="constant")
     with pytest.raises(ValueError, match="eps_low"):

@@ -34,7 +34,7 @@ def test_algorithms_move_probability_to_the_best_arms(algorithm):
                    sampling=SampleConfig(max_new_tokens=1, n=8, eos_id=-1, min_prompt_bucket=1),
                    optimizer=OptimizerConfig(lr=3e-2, schedule="constant", clip_norm=None))
     it = make_rl_iteration(model, cfg, reward_fn, decode)
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
     prompts = np.ones((4, 1), np.int32)
     before = float(arm_probs(model, params) @ ARM_REWARD)
     for i in range(25):
@@ -52,7 +52,7 @@ def test_bad_reward_functions_and_group_size_fail_clearly():
     model = Model(preset("tiny", n_layers=1))
     params = model.init(jax.random.key(0))
     sampling = SampleConfig(max_new_tokens=1, n=2, eos_id=-1, min_prompt_bucket=1)
-    state = create_rl_state(model, params, OptimizerConfig(), jax.random.key(1))
+    state = create_rl_state(model, params, RLConfig(algorithm="grpo", sampling=sampling), jax.random.key(1))
     prompts = np.ones((2, 1), np.int32)
     for bad, match in [(lambda p, c, **_: [0.0] * (len(c) + 1), "expected \\(4,\\)"),
                        (lambda p, c, **_: [float("nan")] * len(c), "non-finite")]:
@@ -66,7 +66,7 @@ def test_bad_reward_functions_and_group_size_fail_clearly():
 def test_kl_regularised_reinforce_reaches_the_closed_form_optimum():
     """max E[r] − β KL(π‖π_ref) has π* ∝ π_ref exp(r/β) (ALGORITHMS.md); REINFORCE with the
     KL in the reward converges to it: total variation < 0.05."""
-    from rljax.losses import ReinforceConfig
+    from rljax.estimators import BaselineConfig
 
     beta = 0.25
     model = Model(preset("tiny", n_layers=1))
@@ -74,12 +74,12 @@ def test_kl_regularised_reinforce_reaches_the_closed_form_optimum():
     ref = arm_probs(model, params)
     target = ref * np.exp(ARM_REWARD / beta)
     target /= target.sum()
-    cfg = RLConfig(algorithm="rloo", loss=ReinforceConfig(baseline="leave_one_out", kl_coef=beta, kl_in_reward=True),
+    cfg = RLConfig(algorithm="rloo", advantage=BaselineConfig("leave_one_out", kl_coef=beta),
                    sampling=SampleConfig(max_new_tokens=1, n=16, eos_id=-1, min_prompt_bucket=1),
                    optimizer=OptimizerConfig(lr=2e-2, schedule="cosine", total_steps=200, end_lr_ratio=0.05,
                                              clip_norm=None))
     it = make_rl_iteration(model, cfg, reward_fn, decode)
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
     prompts = np.ones((8, 1), np.int32)
     tv_start = 0.5 * np.abs(ref - target).sum()
     for i in range(200):
@@ -93,8 +93,9 @@ def test_running_reward_normaliser_makes_the_update_invariant_to_the_reward_scal
     change of the reward (×10, +3) leaves the loss unchanged and the learned policy unchanged
     up to float32 noise that Adam's normalised steps amplify (params with ~0 gradient); without
     the normaliser the shift alone changes the policy by far more. The state counts the rewards."""
-    from rljax.losses import ReinforceConfig
+    from rljax.estimators import BaselineConfig
     from rljax.rewards.reward_model import running_normaliser
+    from rljax.transforms import normalise_rewards
 
     model = Model(preset("tiny", n_layers=1))
     params = model.init(jax.random.key(0))
@@ -105,26 +106,25 @@ def test_running_reward_normaliser_makes_the_update_invariant_to_the_reward_scal
             def scaled(prompts, completions, **_):
                 return [scale * r + shift for r in reward_fn(prompts, completions)]
 
-            cfg = RLConfig(algorithm="reinforce", loss=ReinforceConfig(baseline="none"),
+            cfg = RLConfig(algorithm="reinforce", advantage=BaselineConfig("none"),
                            sampling=SampleConfig(max_new_tokens=1, n=8, eos_id=-1, min_prompt_bucket=1),
                            optimizer=OptimizerConfig(lr=3e-2, schedule="constant", clip_norm=None),
-                           reward_normaliser=norm if normalise else None)
+                           transforms=(normalise_rewards(norm),) if normalise else ())
             it = make_rl_iteration(model, cfg, scaled, decode)
-            state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1),
-                                    reward_normaliser=norm if normalise else None)
+            state = create_rl_state(model, params, cfg, jax.random.key(1))
             for i in range(3):
                 state, m = it(state, np.ones((4, 1), np.int32), None)
                 if i == 0:
                     first_losses[normalise, scale] = m["loss"]
             if normalise:
-                assert int(state.reward_norm.count) == 3 * 32
+                assert int(state.transforms[0].count) == 3 * 32
             finals[normalise, scale] = arm_probs(model, state.policy.params)
     np.testing.assert_allclose(first_losses[True, 1.0], first_losses[True, 10.0], rtol=1e-4)
     assert np.abs(finals[True, 1.0] - finals[True, 10.0]).max() < 5e-3
     assert np.abs(finals[False, 1.0] - finals[False, 10.0]).max() > 5e-2
-    with pytest.raises(ValueError, match="reward_norm"):
+    with pytest.raises(ValueError, match="RLState.transforms"):  # a state made for another chain
         cfg = RLConfig(algorithm="reinforce", sampling=SampleConfig(max_new_tokens=1, n=8, eos_id=-1),
-                       reward_normaliser=norm)
-        make_rl_iteration(model, cfg, reward_fn, decode)(create_rl_state(model, params, cfg.optimizer,
+                       transforms=(normalise_rewards(norm),))
+        make_rl_iteration(model, cfg, reward_fn, decode)(create_rl_state(model, params, RLConfig("reinforce"),
                                                                          jax.random.key(1)),
                                                          np.ones((4, 1), np.int32), None)

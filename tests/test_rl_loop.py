@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 
 from conftest import left_padded
-from rljax.losses import GRPOConfig, ReinforceConfig
+from rljax.estimators import BaselineConfig
+from rljax.losses import GRPOConfig
 from rljax.models import Model, preset
 from rljax.models.logprobs import token_logprobs
 from rljax.phases import LoopConfig, PromptBatch, rl
 from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.state import OptimizerConfig
+from rljax.transforms import moving_average_baseline
 
 V = 64
 
@@ -56,7 +58,7 @@ def test_kl_and_accuracy_metrics_match_a_direct_computation(bandit):
     cfg = RLConfig(algorithm="rloo", sampling=one_token(4),
                    optimizer=OptimizerConfig(lr=3e-2, schedule="constant", clip_norm=None))
     it = make_rl_iteration(model, cfg, arm_reward, decode, accuracy_fn=accuracy)
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
     prompts = np.ones((4, 1), np.int32)
     state, m0 = it(state, prompts, None)
     # the sampler is the reference at iteration 0: both KL estimates vanish
@@ -84,26 +86,34 @@ def test_kl_and_accuracy_metrics_match_a_direct_computation(bandit):
 def test_moving_average_baseline_state_follows_its_recursion(bandit):
     """ema_0 = mean r_0 (no past rewards), ema_{i+1} = d ema_i + (1 − d) mean r_{i+1};
     iteration i uses A = r − ema_{i−1}."""
-    from rljax.algorithms import get_algorithm
+    from rljax.algorithms import get_algorithm, prepare
+    from rljax.estimators import PrepareInput
 
     model, params = bandit
     decay = 0.7
-    cfg = RLConfig(algorithm="reinforce", loss=ReinforceConfig(baseline="moving_average"), sampling=one_token(2),
-                   optimizer=OptimizerConfig(lr=1e-2, schedule="constant"), ema_decay=decay)
+    cfg = RLConfig(algorithm="reinforce", advantage=BaselineConfig("moving_average"), sampling=one_token(2),
+                   optimizer=OptimizerConfig(lr=1e-2, schedule="constant"),
+                   transforms=(moving_average_baseline(decay),))
     it = make_rl_iteration(model, cfg, arm_reward, decode)
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
     prompts = np.ones((4, 1), np.int32)
     expected = None
     for i in range(4):
         state, m = it(state, prompts, None)
         mean = m["reward_mean"]
         expected = mean if expected is None else decay * expected + (1 - decay) * mean
-        assert float(state.reward_ema) == pytest.approx(expected, rel=1e-5)
+        assert float(state.transforms[0].mean) == pytest.approx(expected, rel=1e-5)
     algo = get_algorithm("reinforce")
     r = sample(params, prompts, None, jax.random.key(0), model=model, cfg=cfg.sampling)
     rewards = np.array([0.1, 0.5, 0.2, 0.9, 0.0, 1.0, 0.3, 0.3], np.float32)
-    batch, _ = algo.prepare(r, rewards, cfg.loss, ema=jnp.float32(0.4))
+    batch, _ = prepare(algo, PrepareInput(rollout=r, rewards=rewards, baseline=jnp.float32(0.4)), cfg.advantage)
     np.testing.assert_allclose(np.asarray(batch.advantages), rewards - 0.4, rtol=1e-6)
+    with pytest.raises(ValueError, match="PrepareInput.baseline is missing"):
+        prepare(algo, PrepareInput(rollout=r, rewards=rewards), cfg.advantage)
+    with pytest.raises(TypeError):  # a misspelt input is an error, not ignored
+        PrepareInput(rollout=r, rewards=rewards, basline=jnp.float32(0.4))
+    with pytest.raises(ValueError, match="moving_average_baseline"):  # the estimator's need is checked
+        RLConfig(algorithm="reinforce", advantage=BaselineConfig("moving_average"))
 
 
 def test_prompts_longer_than_the_context_raise_or_are_truncated_on_the_left():
@@ -117,7 +127,7 @@ def test_prompts_longer_than_the_context_raise_or_are_truncated_on_the_left():
         seen.append(prompts)
         return [float(len(c)) for c in completions]
 
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
     with pytest.raises(ValueError, match="prompt row 1 has 30 tokens.*at most 24"):
         make_rl_iteration(model, cfg, reward, decode)(state, tokens, mask)
     it = make_rl_iteration(model, dataclasses.replace(cfg, truncate_prompts=True), reward, decode)
@@ -153,7 +163,7 @@ def _constant_unless_odd(prompts, completions, **_):
 
 def test_dynamic_sampling_refills_uninformative_groups(bandit):
     model, params = bandit
-    dapo = GRPOConfig(eps_high=0.28, aggregation="token_mean", kl_coef=0.0, drop_equal_groups=True)
+    dapo = GRPOConfig(eps_high=0.28, aggregation="token_mean", kl_coef=0.0)
     prompts = np.array([[2], [4], [6], [3]], np.int32)  # one informative group of four
     refills = {1: np.array([[8], [5], [10], [12]], np.int32), 2: np.array([[7], [9], [11], [13]], np.int32)}
     calls = []
@@ -163,7 +173,7 @@ def test_dynamic_sampling_refills_uninformative_groups(bandit):
         return refills[k], None, {}
 
     def state():  # each iteration donates its input state
-        return create_rl_state(model, params, OptimizerConfig(), jax.random.key(1))
+        return create_rl_state(model, params, RLConfig(algorithm="dapo"), jax.random.key(1))
 
     without = RLConfig(algorithm="dapo", loss=dapo, sampling=one_token(8))
     _, m = make_rl_iteration(model, without, _constant_unless_odd, decode)(state(), prompts, None, refill=refill)
@@ -194,10 +204,10 @@ class _Prompts:
 
 def test_rl_phase_refills_from_positions_past_the_phase(bandit):
     model, params = bandit
-    dapo = GRPOConfig(eps_high=0.28, aggregation="token_mean", kl_coef=0.0, drop_equal_groups=True)
+    dapo = GRPOConfig(eps_high=0.28, aggregation="token_mean", kl_coef=0.0)
     cfg = RLConfig(algorithm="dapo", loss=dapo, sampling=one_token(4), max_refills=2,
                    optimizer=OptimizerConfig(lr=1e-3, schedule="constant"))
-    state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
     source = _Prompts()
     rl(state, source, _constant_unless_odd, cfg, model=model, decode=decode,
        loop=LoopConfig(steps=2, log_every=1, progress=False))
@@ -235,7 +245,7 @@ def test_sharded_rl_iterations_equal_single_device():
             model = Model(preset("tiny", n_layers=2), mesh=mesh)
             params = Model(preset("tiny", n_layers=2)).init(jax.random.key(0))
             it = make_rl_iteration(model, cfg, reward, decode)
-            state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+            state = create_rl_state(model, params, cfg, jax.random.key(1))
             ms = []
             for _ in range(2):
                 state, m = it(state, prompts, mask)
@@ -264,11 +274,11 @@ def test_rl_phase_resumed_from_its_checkpoint_equals_an_uninterrupted_run(bandit
         def batch_at(self, position):
             return PromptBatch(tokens=np.array([[3 + position], [9 + position]], np.int32), mask=None, metadata={})
 
-    cfg = RLConfig(algorithm="reinforce", loss=ReinforceConfig(baseline="moving_average"), sampling=one_token(4),
-                   optimizer=OptimizerConfig(lr=1e-2, schedule="constant"))
+    cfg = RLConfig(algorithm="reinforce", advantage=BaselineConfig("moving_average"), sampling=one_token(4),
+                   optimizer=OptimizerConfig(lr=1e-2, schedule="constant"), transforms=(moving_average_baseline(0.9),))
 
     def run(steps, run_dir):
-        state = create_rl_state(model, params, cfg.optimizer, jax.random.key(1))
+        state = create_rl_state(model, params, cfg, jax.random.key(1))
         return rl(state, Prompts(), arm_reward, cfg, model=model, decode=decode, run_dir=str(run_dir),
                   loop=LoopConfig(steps=steps, log_every=1, checkpoint_every=1, progress=False))
 
@@ -276,7 +286,7 @@ def test_rl_phase_resumed_from_its_checkpoint_equals_an_uninterrupted_run(bandit
     run(2, tmp_path / "b")
     resumed = run(4, tmp_path / "b")
     assert int(resumed.step) == 4 and resumed.critic is None
-    assert float(resumed.reward_ema) == float(straight.reward_ema)
+    assert float(resumed.transforms[0].mean) == float(straight.transforms[0].mean)
     for a, b in ((resumed.policy.params, straight.policy.params), (resumed.policy.opt_state, straight.policy.opt_state),
                  (jax.random.key_data(resumed.rng), jax.random.key_data(straight.rng))):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from rljax.losses.policy_gradient import PolicyBatch
+from rljax.data.batch import PolicyBatch
 from rljax.losses.trpo import (TRPOConfig, conjugate_gradient, fisher_vector_product, make_trpo_objectives,
                                trpo_update)
 from rljax.models import Model

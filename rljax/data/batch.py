@@ -155,3 +155,25 @@ class OREOBatch:
     step_starts: object = None
     values: object = None
     log_ratios: object = None
+
+
+@struct.dataclass
+class PolicyBatch:
+    """What an RL policy loss sees (R rows, T tokens): tokens, attention_mask, loss_mask
+    [R, T]; old_logprobs, ref_logprobs [R, T-1] (the sampler's policy and the frozen reference;
+    ref may be None without a KL term); advantages [R] (one per sequence) or [R, T-1] (per
+    token, GAE); rewards [R]; group_ids [R] (prompt index); actor-critic only: returns and
+    old_values [R, T-1] (value targets and the sampler-time values); lag [R] (updates between
+    the params that sampled a row and the learner's; None = on-policy)."""
+
+    tokens: object
+    attention_mask: object
+    loss_mask: object
+    old_logprobs: object
+    advantages: object
+    rewards: object
+    group_ids: object
+    ref_logprobs: object = None
+    returns: object = None
+    old_values: object = None
+    lag: object = None

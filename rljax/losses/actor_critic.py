@@ -1,8 +1,7 @@
 """Actor-critic losses: A2C and PPO (RLHF style), with a value head on the policy backbone.
 
-Per-token rewards (Ziegler et al. 2019): r_t = −β k1_t on every completion token
-plus the sequence reward on the last one; advantages by GAE(γ, λ) over the
-masked tokens (`rljax.ops.gae`); value targets R_t = A_t + V_t. All per-token
+Advantages and value targets R_t = A_t + V_t come from the GAE estimator
+(`rljax.estimators.GAEConfig`: per-token rewards with the KL penalty, GAE(γ, λ)). All per-token
 arrays are aligned with `token_logprobs`: entry t belongs to the state
 tokens[:t+1] and the action tokens[t+1]; V_t is the value head at position t.
 
@@ -19,104 +18,61 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from rljax.losses.policy_gradient import PolicyBatch
+from rljax.data.batch import PolicyBatch
 from rljax.models import add_head
 from rljax.models.logprobs import head_token_stats, target_mask
-from rljax.ops.advantages import gae, place_at_last, whiten
 from rljax.ops.aggregate import AGGREGATIONS, aggregate
-from rljax.ops.kl import kl_k1
 from rljax.ops.surrogates import clipped_surrogate
 
 
-def check_return_config(cfg):
-    """The fields every actor-critic config shares (A2C, PPO, TRPO): GAE's gamma and
-    lam in [0, 1], non-negative coefficients, a per-token aggregation."""
+def check_actor_critic_config(cfg):
+    """The fields the actor-critic loss configs share (A2C, PPO, TRPO): non-negative
+    coefficients, a value clip > 0 or None, a per-token aggregation."""
     name = type(cfg).__name__
-    bad = lambda field, why: ValueError(f"{name}.{field}: {why}")  # noqa: E731
-    if not 0.0 <= cfg.gamma <= 1.0:
-        raise bad("gamma", f"must be in [0, 1], got {cfg.gamma}")
-    if not 0.0 <= cfg.lam <= 1.0:
-        raise bad("lam", f"must be in [0, 1], got {cfg.lam}")
-    for f in ("value_coef", "entropy_coef", "kl_coef"):
+    for f in ("value_coef", "entropy_coef"):
         if getattr(cfg, f, 0.0) < 0:
-            raise bad(f, f"must be >= 0, got {getattr(cfg, f)}")
+            raise ValueError(f"{name}.{f}: must be >= 0, got {getattr(cfg, f)}")
+    if cfg.value_clip is not None and cfg.value_clip <= 0:
+        raise ValueError(f"{name}.value_clip: must be positive or None, got {cfg.value_clip}")
     if cfg.aggregation not in AGGREGATIONS or cfg.aggregation == "constant":
-        raise bad("aggregation", f"{cfg.aggregation!r} not in {tuple(a for a in AGGREGATIONS if a != 'constant')}")
+        raise ValueError(f"{name}.aggregation: {cfg.aggregation!r} not in "
+                         f"{tuple(a for a in AGGREGATIONS if a != 'constant')}")
 
 
 @dataclass(frozen=True)
 class A2CConfig:
-    """gamma, lam: GAE (λ = 1: Monte-Carlo returns minus V); value_coef c_V,
-    entropy_coef c_H; kl_coef β of the per-token penalty −β k1 in the reward;
-    whiten_advantages over the batch's completion tokens; is_clip c̄: the truncation
-    of the importance weight of stale rows (batch.lag > 0)."""
+    """value_coef c_V, entropy_coef c_H; value_clip ε_V (None: plain regression); is_clip c̄:
+    the truncation of the importance weight of stale rows (batch.lag > 0). The advantages
+    (GAE with λ = 1: Monte-Carlo returns minus V) come from `rljax.estimators.GAEConfig`."""
 
-    gamma: float = 1.0
-    lam: float = 1.0
     value_coef: float = 0.5
     entropy_coef: float = 0.0
-    kl_coef: float = 0.0
-    whiten_advantages: bool = False
+    value_clip: float | None = None
     aggregation: str = "token_mean"
     is_clip: float = 1.0
 
     def __post_init__(self):
-        check_return_config(self)
+        check_actor_critic_config(self)
         if self.is_clip <= 0:
             raise ValueError(f"A2CConfig.is_clip: must be positive, got {self.is_clip}")
 
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """PPO for RLHF (defaults from ALGORITHMS.md): clip ε, value clip ε_V (None = no
-    value clipping), GAE(γ = 1, λ = 0.95), whitened advantages, sequence rewards
-    scaled to unit std over the batch (whiten_rewards, no mean shift) and clipped to
-    ±reward_clip before the KL penalty (None = no clipping), per-token KL penalty β."""
+    """PPO's loss (defaults of the RLHF recipe): clip ε, value clip ε_V (None = no value
+    clipping), value_coef, entropy_coef. The per-token KL penalty, GAE(γ = 1, λ = 0.95), reward
+    and advantage whitening are the estimator's (`rljax.estimators.GAEConfig`)."""
 
     eps: float = 0.2
     value_clip: float | None = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
     value_coef: float = 0.5
     entropy_coef: float = 0.0
-    kl_coef: float = 0.05
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
-    reward_clip: float | None = None
     aggregation: str = "token_mean"
 
     def __post_init__(self):
-        check_return_config(self)
+        check_actor_critic_config(self)
         if not 0 < self.eps < 1:
             raise ValueError(f"PPOConfig.eps: must be in (0, 1), got {self.eps}")
-        if self.value_clip is not None and self.value_clip <= 0:
-            raise ValueError(f"PPOConfig.value_clip: must be positive or None, got {self.value_clip}")
-        if self.reward_clip is not None and self.reward_clip <= 0:
-            raise ValueError(f"PPOConfig.reward_clip: must be positive or None, got {self.reward_clip}")
-
-
-def token_rewards(rewards, mask, old_logprobs, ref_logprobs, kl_coef: float):
-    """r_t = −β (ℓ_old,t − ℓ_ref,t) on masked tokens + the sequence reward on each
-    row's last masked token. rewards [B]; mask, logprobs [B, T-1] -> [B, T-1]."""
-    r = place_at_last(jnp.asarray(rewards, jnp.float32), mask)
-    if kl_coef > 0:
-        r = r - kl_coef * kl_k1(old_logprobs, ref_logprobs) * mask.astype(jnp.float32)
-    return r
-
-
-def actor_critic_targets(rewards, values, old_logprobs, ref_logprobs, mask, cfg, *, kl_coef=None):
-    """-> (advantages, returns) [B, T-1] from sequence rewards [B] and V_old [B, T-1];
-    kl_coef (default cfg.kl_coef) is β of the per-token penalty."""
-    r = jnp.asarray(rewards, jnp.float32)
-    if getattr(cfg, "whiten_rewards", False):
-        r = whiten(r[None, :], jnp.ones((1, r.shape[0])), shift_mean=False)[0]
-    if getattr(cfg, "reward_clip", None) is not None:
-        r = jnp.clip(r, -cfg.reward_clip, cfg.reward_clip)
-    per_token = token_rewards(r, mask, old_logprobs, ref_logprobs, cfg.kl_coef if kl_coef is None else kl_coef)
-    adv, returns = gae(per_token, values, mask, gamma=cfg.gamma, lam=cfg.lam)
-    if cfg.whiten_advantages:
-        adv = whiten(adv, mask)
-    return adv, returns
 
 
 def policy_value_terms(params, batch: PolicyBatch, model):
@@ -161,10 +117,10 @@ def critic_from_reward_model(model, params):
 
 def value_loss(params, batch: PolicyBatch, *, model, cfg):
     """A separate critic's regression loss ½ agg((V − R)²), clipped around
-    V_old by cfg.value_clip when the config has one (PPO)."""
+    V_old by cfg.value_clip when it is set (PPO)."""
     values = token_values(params, batch.tokens, batch.attention_mask, model=model)
     mask = target_mask(batch.loss_mask, batch.attention_mask)
-    err = aggregate(_value_error(values, batch, getattr(cfg, "value_clip", None)), mask, cfg.aggregation)
+    err = aggregate(_value_error(values, batch, cfg.value_clip), mask, cfg.aggregation)
     return err, {"value_loss": err, "value_mean": aggregate(values, mask, "token_mean")}
 
 
@@ -201,7 +157,7 @@ def a2c_loss(params, batch: PolicyBatch, *, model, cfg: A2CConfig):
         adv = adv * w
         metrics["importance_weight"] = aggregate(w, mask, "token_mean")
     actor = aggregate(-adv * lp, mask, cfg.aggregation)
-    critic, critic_metrics = _critic_term(values, batch, cfg, mask, None)
+    critic, critic_metrics = _critic_term(values, batch, cfg, mask, cfg.value_clip)
     entropy = aggregate(ent, mask, cfg.aggregation)
     loss = actor + critic - cfg.entropy_coef * entropy
     return loss, {"actor_loss": actor, "entropy": entropy, "approx_kl": approx_kl(lp, batch.old_logprobs, mask),

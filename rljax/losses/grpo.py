@@ -1,24 +1,25 @@
-"""GRPO and its variants (Dr. GRPO, DAPO) as one loss with configurable defaults."""
+"""GRPO's clipped-surrogate loss; its variants (Dr. GRPO, DAPO) are other defaults of this
+config and of the group advantage estimator (`rljax.estimators.GroupAdvantageConfig`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import jax.numpy as jnp
 
-from rljax.losses.policy_gradient import PolicyBatch, _kl_terms, _policy_terms, _validate_common
-from rljax.ops.advantages import group_advantages, group_range
+from rljax.data.batch import PolicyBatch
+from rljax.losses.policy_gradient import _kl_terms, _policy_terms, _validate_common
 from rljax.ops.aggregate import aggregate
 from rljax.ops.surrogates import clipped_surrogate
 
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """GRPO (DeepSeekMath): Â_i = (r_i − μ_g)/(σ_g + ε) per sequence, per token
-    −min(ρ Â, clip(ρ, 1 − ε_low, 1 + ε_high) Â) + β k3, aggregated by `aggregation`.
+    """GRPO (DeepSeekMath) per token: −min(ρ Â, clip(ρ, 1 − ε_low, 1 + ε_high) Â) + β k3,
+    ρ = exp(ℓ − ℓ_old), aggregated by `aggregation`; Â from the group estimator.
 
-    Variants are other defaults: Dr. GRPO (scale_by_std=False, aggregation
-    "constant" with constant = max completion length), DAPO (eps_high 0.28,
-    token_mean, kl_coef 0, drop_equal_groups, overlong shaping in the reward).
+    Variants are other defaults: Dr. GRPO (aggregation "constant" with constant = max
+    completion length, β = 0; no std scaling in the estimator), DAPO (eps_high 0.28,
+    token_mean, β = 0; the estimator drops equal-reward groups; overlong shaping is a reward).
     """
 
     eps_low: float = 0.2
@@ -27,25 +28,12 @@ class GRPOConfig:
     kl_estimator: str = "k3"
     aggregation: str = "seq_mean_token_mean"
     constant: float | None = None
-    scale_by_std: bool = True
-    std_eps: float = 1e-6
-    drop_equal_groups: bool = False
 
     def __post_init__(self):
         _validate_common(self)
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(f"GRPOConfig: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, "
                              f"{self.eps_high}")
-
-
-def grpo_advantages(rewards, group_ids, cfg: GRPOConfig):
-    """Group-normalised advantages [B]; with drop_equal_groups a group whose rewards
-    are all equal is marked for removal (returned keep mask [B], 1 = keep)."""
-    r = jnp.asarray(rewards, jnp.float32)
-    g = jnp.asarray(group_ids)
-    adv = group_advantages(r, g, scale_by_std=cfg.scale_by_std, eps=cfg.std_eps)
-    keep = (group_range(r, g) > 0) if cfg.drop_equal_groups else jnp.ones(r.shape, bool)
-    return adv, keep
 
 
 def grpo_loss(params, batch: PolicyBatch, *, model, cfg: GRPOConfig):

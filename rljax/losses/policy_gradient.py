@@ -13,37 +13,11 @@ from dataclasses import dataclass
 import chex
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from rljax.data.batch import PolicyBatch
 from rljax.models.logprobs import sequence_token_stats, target_mask
-from rljax.ops.advantages import leave_one_out_baseline
 from rljax.ops.aggregate import AGGREGATIONS, aggregate
 from rljax.ops.kl import KL_ESTIMATORS, kl_k1, kl_k3
-
-BASELINES = ("none", "batch_mean", "leave_one_out", "greedy", "moving_average")
-
-
-@struct.dataclass
-class PolicyBatch:
-    """tokens, attention_mask, loss_mask [B, T]; old_logprobs, ref_logprobs [B, T-1]
-    (sampler's policy and the frozen reference; ref may be None without a KL term);
-    advantages [B] (one per sequence) or [B, T-1] (per token, actor-critic);
-    rewards [B]; group_ids [B] (prompt index); actor-critic only: returns and
-    old_values [B, T-1] (value targets and the sampler-time values), lag [B] (updates
-    between the params that sampled a row and the learner's; None = on-policy)."""
-
-    tokens: jax.Array
-    attention_mask: jax.Array
-    loss_mask: jax.Array
-    old_logprobs: jax.Array
-    advantages: jax.Array
-    rewards: jax.Array
-    group_ids: jax.Array
-    ref_logprobs: jax.Array | None = None
-    returns: jax.Array | None = None
-    old_values: jax.Array | None = None
-    lag: jax.Array | None = None
-
 
 def _validate_common(cfg):
     if cfg.aggregation not in AGGREGATIONS:
@@ -85,52 +59,20 @@ def kl_metrics(logprobs, ref_logprobs, mask) -> dict:
 
 @dataclass(frozen=True)
 class ReinforceConfig:
-    """REINFORCE: L = −agg((r − b) · ℓ_t) + β · agg(KL_t). The baseline b is chosen
-    in `prepare` (none, batch mean, leave-one-out = RLOO, greedy decode = SCST,
-    moving average); the default aggregation, seq_mean_token_sum, is the textbook
-    −E[(r − b) Σ_t ℓ_t].
+    """REINFORCE's loss: L = −agg(A · ℓ_t) + β · agg(KL_t), with A from the advantage estimator
+    (`rljax.estimators`: a baseline — none, batch mean, leave-one-out = RLOO, greedy decode =
+    SCST, moving average — and optionally a KL penalty in the reward). The default
+    aggregation, seq_mean_token_sum, is the textbook −E[(r − b) Σ_t ℓ_t]. kl_coef β here is a
+    KL loss term (estimator kl_estimator); a k3 term's expected gradient is that of the reverse
+    KL(π_ref‖π), while the estimator's KL in the reward reaches π* ∝ π_ref exp(r/β)."""
 
-    kl_in_reward: instead of a KL loss term, shape the reward r − β Σ_t (ℓ^old_t − ℓ^ref_t)
-    (k1 of the sampled tokens, no gradient). Its expected gradient is exactly that of
-    E[r] − β KL(π‖π_ref), whose optimum is π* ∝ π_ref exp(r/β); a k3 loss term's
-    expected gradient is that of the reverse KL(π_ref‖π) instead."""
-
-    baseline: str = "leave_one_out"
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
-    kl_in_reward: bool = False
     aggregation: str = "seq_mean_token_sum"
     constant: float | None = None
 
     def __post_init__(self):
         _validate_common(self)
-        if self.baseline not in BASELINES:
-            raise ValueError(f"ReinforceConfig.baseline: {self.baseline!r} not in {BASELINES}")
-
-
-def kl_shaped_rewards(rewards, old_logprobs, ref_logprobs, mask, kl_coef):
-    """r − β Σ_t m_t (ℓ^old_t − ℓ^ref_t): the sequence reward with a k1 KL penalty. [B] -> [B]."""
-    return jnp.asarray(rewards, jnp.float32) - kl_coef * (kl_k1(old_logprobs, ref_logprobs) * mask).sum(axis=1)
-
-
-def reinforce_advantages(rewards, group_ids, cfg: ReinforceConfig, *, greedy_rewards=None, ema=None):
-    """A = r − b per sequence ([B] -> [B]); b by cfg.baseline. `greedy_rewards` [B]
-    (SCST: each row's prompt's greedy-decode reward) and `ema` (a scalar running mean
-    of past rewards) are needed by those baselines."""
-    r = jnp.asarray(rewards, jnp.float32)
-    if cfg.baseline == "none":
-        return r
-    if cfg.baseline == "batch_mean":
-        return r - r.mean()
-    if cfg.baseline == "leave_one_out":
-        return r - leave_one_out_baseline(r, jnp.asarray(group_ids))
-    if cfg.baseline == "greedy":
-        if greedy_rewards is None:
-            raise ValueError("baseline='greedy' (SCST) needs greedy_rewards")
-        return r - jnp.asarray(greedy_rewards, jnp.float32)
-    if ema is None:
-        raise ValueError("baseline='moving_average' needs the running mean `ema`")
-    return r - ema
 
 
 def reinforce_loss(params, batch: PolicyBatch, *, model, cfg: ReinforceConfig):
@@ -139,8 +81,7 @@ def reinforce_loss(params, batch: PolicyBatch, *, model, cfg: ReinforceConfig):
     lp = out["logprobs"]
     pg = -jax.lax.stop_gradient(batch.advantages)[:, None] * lp
     kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
-    beta = 0.0 if cfg.kl_in_reward else cfg.kl_coef  # with kl_in_reward the penalty is in the advantages
-    loss = aggregate(pg + beta * kl, mask, cfg.aggregation, constant=cfg.constant)
+    loss = aggregate(pg + cfg.kl_coef * kl, mask, cfg.aggregation, constant=cfg.constant)
     return loss, {"pg_loss": aggregate(pg, mask, cfg.aggregation, constant=cfg.constant),
                   "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics}
 

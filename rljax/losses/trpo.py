@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from rljax.losses.actor_critic import check_return_config
-from rljax.losses.policy_gradient import PolicyBatch, _policy_terms
+from rljax.data.batch import PolicyBatch
+from rljax.losses.actor_critic import check_actor_critic_config
+from rljax.losses.policy_gradient import _policy_terms
 from rljax.models.logprobs import target_mask
 from rljax.ops.aggregate import aggregate
 
@@ -34,9 +35,9 @@ class TRPOConfig:
     """max_kl: δ (mean per-token KL of the step); cg_iters, damping λ: the CG solve of
     (F + λI) s = g; backtrack_steps K and backtrack_ratio: the line search;
     aggregation: how per-token surrogate and KL terms reduce (see `aggregate`).
-    In the RL loop (algorithm "trpo", with a separate critic): advantages by
-    GAE(gamma, lam) on per-token rewards with a −kl_coef·k1 penalty, whitened when
-    whiten_advantages; the critic regresses on the returns."""
+    In the RL loop (algorithm "trpo", with a separate critic): advantages from the GAE
+    estimator; the critic regresses on the returns (clipped around V_old by value_clip
+    when set)."""
 
     max_kl: float = 0.01
     cg_iters: int = 10
@@ -44,14 +45,10 @@ class TRPOConfig:
     backtrack_steps: int = 10
     backtrack_ratio: float = 0.5
     aggregation: str = "token_mean"
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.0
-    whiten_advantages: bool = True
-    reward_clip: float | None = None
+    value_clip: float | None = None
 
     def __post_init__(self):
-        check_return_config(self)
+        check_actor_critic_config(self)
         if self.max_kl <= 0:
             raise ValueError(f"TRPOConfig.max_kl: must be positive, got {self.max_kl}")
         if self.cg_iters < 1 or self.backtrack_steps < 1:
@@ -174,16 +171,3 @@ def trpo_update(params, batch: PolicyBatch, *, model, cfg: TRPOConfig):
                "accepted": accepted.astype(jnp.float32), "step_fraction": frac, "sFs": sFs,
                "cg_residual": residual, "grad_norm": optax.tree.norm(g), "backtracks": k.astype(jnp.float32)}
     return new, metrics
-
-
-def make_trpo_step(model, cfg: TRPOConfig):
-    """Jitted `step(policy: TrainState, batch) -> (TrainState, metrics)` for the RL loop:
-    a TRPO step on the params (the optimizer state is not used); a rejected step
-    (no improvement within the trust region, or non-finite terms) keeps the params."""
-
-    def step(state, batch):
-        params, metrics = trpo_update(state.params, batch, model=model, cfg=cfg)
-        surrogate_loss = -metrics["surrogate_gain"]
-        return state.replace(step=state.step + 1, params=params), dict(metrics, loss=surrogate_loss)
-
-    return jax.jit(step, donate_argnums=(0,))

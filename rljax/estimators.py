@@ -1,0 +1,274 @@
+"""Advantage estimators: sampled rows and their rewards -> advantages (the `prepare` half of an algorithm).
+
+An estimator is a config plus a pure function `estimate(inp: PrepareInput, cfg) -> Estimate`,
+independent of the policy loss that consumes its output, so any estimator pairs with any
+loss that accepts its output kind (verl's `core_algos` keeps the two apart the same way;
+`rljax.algorithms.compose` checks the pairing). The RL iteration fills a typed
+`PrepareInput` with what the algorithm declared it needs: a field it did not fill is None,
+and an estimator that needs it raises naming the field.
+
+    group          (GroupAdvantageConfig)  Â_i = (r_i − μ_g)/(σ_g + ε) or r_i − μ_g  [R]   GRPO, Dr. GRPO, DAPO
+    baseline       (BaselineConfig)        A_i = r_i − b_i                           [R]   REINFORCE, RLOO, SCST
+    gae            (GAEConfig)             GAE(γ, λ) on per-token rewards             [R, T-1] A2C, PPO, TRPO
+
+Rewards may carry a KL penalty to the reference (`kl_coef` of the baseline and GAE configs:
+"KL in the reward"); a policy loss's own `kl_coef` is the KL as a loss term instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from rljax.models.logprobs import target_mask
+from rljax.ops.advantages import gae, group_advantages, group_range, leave_one_out_baseline, place_at_last, whiten
+from rljax.ops.kl import kl_k1
+
+BASELINES = ("none", "batch_mean", "leave_one_out", "greedy", "moving_average")
+
+
+@struct.dataclass
+class PrepareInput:
+    """What the RL iteration hands an estimator (R rows = prompts × n, T tokens a row).
+
+    rollout: the sampled `Rollout` (tokens, masks, the sampler's log-probs, group_ids);
+    rewards [R] float32, after the iteration's reward transforms (e.g. a running normaliser);
+    ref_logprobs [R, T-1]: the reference policy's log-probs of the sampled tokens;
+    values [R, T-1]: V_old of the sampled tokens (the shared value head or the critic);
+    greedy_rewards [R]: the reward of a greedy decode of each row's prompt (SCST);
+    baseline: scalar running mean of past rewards (a moving-average transform);
+    kl_coef: scalar β set by a KL controller, overriding the config's kl_coef.
+    Fields the algorithm did not declare are None."""
+
+    rollout: Any
+    rewards: jax.Array
+    ref_logprobs: jax.Array | None = None
+    values: jax.Array | None = None
+    greedy_rewards: jax.Array | None = None
+    baseline: jax.Array | None = None
+    kl_coef: jax.Array | None = None
+
+    def require(self, field: str, who: str):
+        value = getattr(self, field)
+        if value is None:
+            raise ValueError(f"{who}: PrepareInput.{field} is missing; the algorithm's declared needs should have "
+                             f"made the RL iteration fill it")
+        return value
+
+    @property
+    def mask(self) -> jax.Array:
+        """[R, T-1] 1 where tokens[t+1] is a completion token (aligned with log-probs)."""
+        return target_mask(self.rollout.loss_mask, self.rollout.attention_mask)
+
+
+@struct.dataclass
+class Estimate:
+    """advantages [R] (per sequence) or [R, T-1] (per token); rewards [R] as the estimator
+    used them (KL-shaped when it shapes); keep [R] bool: False marks rows to drop (a group
+    filter); returns [R, T-1]: value targets (GAE only, else None)."""
+
+    advantages: jax.Array
+    rewards: jax.Array
+    keep: jax.Array
+    returns: jax.Array | None = None
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an estimator, a policy loss or a reward transform needs from the RL iteration.
+
+    reference: the reference's log-probs of the sampled tokens; values: V_old of the sampled
+    tokens (a value head on the policy, or a separate critic); critic: a separate critic
+    model with its own update; greedy: the reward of a greedy decode per prompt; groups: n ≥ 2
+    samples per prompt; group_filter: the estimator drops rows (keep = False) and the
+    iteration may refill with more prompts; baseline: a running baseline from the reward
+    transforms; kl_coef: the reward's KL coefficient is adjustable (a KL controller may set it)."""
+
+    reference: bool = False
+    values: bool = False
+    critic: bool = False
+    greedy: bool = False
+    groups: bool = False
+    group_filter: bool = False
+    baseline: bool = False
+    kl_coef: bool = False
+
+    def __or__(self, other: "Needs") -> "Needs":
+        return Needs(**{f: getattr(self, f) or getattr(other, f) for f in self.__dataclass_fields__})
+
+
+def _check_kl(cfg) -> None:
+    if cfg.kl_coef < 0:
+        raise ValueError(f"{type(cfg).__name__}.kl_coef: must be >= 0, got {cfg.kl_coef}")
+
+
+def _beta(inp: PrepareInput, cfg):
+    return cfg.kl_coef if inp.kl_coef is None else inp.kl_coef
+
+
+# ----------------------------------------------------------------------------- group
+
+
+@dataclass(frozen=True)
+class GroupAdvantageConfig:
+    """Â_i = (r_i − μ_g)/(σ_g + std_eps) over each prompt's n samples (GRPO), or r_i − μ_g
+    with scale_by_std=False (Dr. GRPO). drop_equal_groups: rows of a group whose rewards are
+    all equal carry no signal and are dropped (DAPO's dynamic sampling; the iteration refills
+    with RLConfig.max_refills more prompt batches)."""
+
+    scale_by_std: bool = True
+    std_eps: float = 1e-6
+    drop_equal_groups: bool = False
+
+    def __post_init__(self):
+        if self.std_eps < 0:
+            raise ValueError(f"GroupAdvantageConfig.std_eps: must be >= 0, got {self.std_eps}")
+
+
+def group_estimate(inp: PrepareInput, cfg: GroupAdvantageConfig) -> Estimate:
+    r = jnp.asarray(inp.rewards, jnp.float32)
+    g = jnp.asarray(inp.rollout.group_ids)
+    adv = group_advantages(r, g, scale_by_std=cfg.scale_by_std, eps=cfg.std_eps)
+    keep = (group_range(r, g) > 0) if cfg.drop_equal_groups else jnp.ones(r.shape, bool)
+    return Estimate(advantages=adv, rewards=r, keep=keep)
+
+
+def group_needs(cfg: GroupAdvantageConfig) -> Needs:
+    return Needs(groups=True, group_filter=cfg.drop_equal_groups)
+
+
+# ----------------------------------------------------------------------------- baseline (REINFORCE family)
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """A_i = r_i − b_i with b from `baseline`: none (b = 0), batch_mean, leave_one_out (RLOO:
+    the mean of the other samples of the prompt), greedy (SCST: the reward of the prompt's
+    greedy decode), moving_average (a running mean of past rewards, from a
+    `moving_average_baseline` reward transform).
+
+    kl_coef β > 0 shapes the reward r − β Σ_t (ℓ^old_t − ℓ^ref_t) (k1 of the sampled tokens, no
+    gradient) before the baseline: its expected gradient is exactly that of E[r] − β KL(π‖π_ref),
+    whose optimum is π* ∝ π_ref exp(r/β)."""
+
+    baseline: str = "leave_one_out"
+    kl_coef: float = 0.0
+
+    def __post_init__(self):
+        if self.baseline not in BASELINES:
+            raise ValueError(f"BaselineConfig.baseline: {self.baseline!r} not in {BASELINES}")
+        _check_kl(self)
+
+
+def kl_shaped_rewards(rewards, old_logprobs, ref_logprobs, mask, kl_coef):
+    """r − β Σ_t m_t (ℓ^old_t − ℓ^ref_t): the sequence reward with a k1 KL penalty. [R] -> [R]."""
+    return jnp.asarray(rewards, jnp.float32) - kl_coef * (kl_k1(old_logprobs, ref_logprobs) * mask).sum(axis=1)
+
+
+def baseline_advantages(rewards, group_ids, baseline: str, *, greedy_rewards=None, running=None):
+    """A = r − b per sequence ([R] -> [R]); b by `baseline` (see BaselineConfig).
+    greedy_rewards [R] and the scalar running mean are needed by those baselines."""
+    r = jnp.asarray(rewards, jnp.float32)
+    if baseline == "none":
+        return r
+    if baseline == "batch_mean":
+        return r - r.mean()
+    if baseline == "leave_one_out":
+        return r - leave_one_out_baseline(r, jnp.asarray(group_ids))
+    if baseline == "greedy":
+        if greedy_rewards is None:
+            raise ValueError("baseline='greedy' (SCST) needs greedy_rewards")
+        return r - jnp.asarray(greedy_rewards, jnp.float32)
+    if running is None:
+        raise ValueError("baseline='moving_average' needs the running mean of past rewards")
+    return r - running
+
+
+def baseline_estimate(inp: PrepareInput, cfg: BaselineConfig) -> Estimate:
+    r = jnp.asarray(inp.rewards, jnp.float32)
+    beta = _beta(inp, cfg)
+    if inp.kl_coef is not None or cfg.kl_coef > 0:
+        ref = inp.require("ref_logprobs", "BaselineConfig.kl_coef > 0")
+        r = kl_shaped_rewards(r, inp.rollout.logprobs, ref, inp.mask, beta)
+    greedy = inp.require("greedy_rewards", "baseline='greedy'") if cfg.baseline == "greedy" else None
+    running = inp.require("baseline", "baseline='moving_average'") if cfg.baseline == "moving_average" else None
+    adv = baseline_advantages(r, inp.rollout.group_ids, cfg.baseline, greedy_rewards=greedy, running=running)
+    return Estimate(advantages=adv, rewards=r, keep=jnp.ones(r.shape, bool))
+
+
+def baseline_needs(cfg: BaselineConfig) -> Needs:
+    return Needs(reference=cfg.kl_coef > 0, greedy=cfg.baseline == "greedy", groups=cfg.baseline == "leave_one_out",
+                 baseline=cfg.baseline == "moving_average", kl_coef=True)
+
+
+# ----------------------------------------------------------------------------- GAE (actor-critic)
+
+
+@dataclass(frozen=True)
+class GAEConfig:
+    """Per-token rewards (Ziegler et al. 2019) r_t = −β k1_t on every completion token plus the
+    sequence reward on the last one; advantages by GAE(gamma, lam) against V_old; value
+    targets R_t = A_t + V_t. whiten_rewards: sequence rewards scaled to unit std over the batch
+    (no mean shift), then clipped to ±reward_clip (None = no clipping), before the KL penalty;
+    whiten_advantages over the batch's completion tokens. kl_coef β (a KL controller may set
+    it every iteration). The defaults are PPO's for RLHF; A2C's preset uses λ = 1, β = 0 and no
+    whitening (Monte-Carlo returns minus V)."""
+
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    reward_clip: float | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"GAEConfig.gamma: must be in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"GAEConfig.lam: must be in [0, 1], got {self.lam}")
+        _check_kl(self)
+        if self.reward_clip is not None and self.reward_clip <= 0:
+            raise ValueError(f"GAEConfig.reward_clip: must be positive or None, got {self.reward_clip}")
+
+
+def token_rewards(rewards, mask, old_logprobs, ref_logprobs, kl_coef):
+    """r_t = −β (ℓ_old,t − ℓ_ref,t) on masked tokens + the sequence reward on each
+    row's last masked token. rewards [R]; mask, logprobs [R, T-1] -> [R, T-1]."""
+    r = place_at_last(jnp.asarray(rewards, jnp.float32), mask)
+    if ref_logprobs is not None:
+        r = r - kl_coef * kl_k1(old_logprobs, ref_logprobs) * mask.astype(jnp.float32)
+    return r
+
+
+def actor_critic_targets(rewards, values, old_logprobs, ref_logprobs, mask, cfg: GAEConfig, *, kl_coef=None):
+    """-> (advantages, returns) [R, T-1] from sequence rewards [R] and V_old [R, T-1];
+    kl_coef (default cfg.kl_coef) is β of the per-token penalty (ref_logprobs None: no penalty)."""
+    r = jnp.asarray(rewards, jnp.float32)
+    if cfg.whiten_rewards:
+        r = whiten(r[None, :], jnp.ones((1, r.shape[0])), shift_mean=False)[0]
+    if cfg.reward_clip is not None:
+        r = jnp.clip(r, -cfg.reward_clip, cfg.reward_clip)
+    beta = cfg.kl_coef if kl_coef is None else kl_coef
+    per_token = token_rewards(r, mask, old_logprobs, ref_logprobs, beta)
+    adv, returns = gae(per_token, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    if cfg.whiten_advantages:
+        adv = whiten(adv, mask)
+    return adv, returns
+
+
+def gae_estimate(inp: PrepareInput, cfg: GAEConfig) -> Estimate:
+    values = inp.require("values", "GAE")
+    shaped = inp.kl_coef is not None or cfg.kl_coef > 0
+    ref = inp.require("ref_logprobs", f"GAEConfig.kl_coef={cfg.kl_coef}") if shaped else None
+    adv, returns = actor_critic_targets(inp.rewards, values, inp.rollout.logprobs, ref, inp.mask, cfg,
+                                        kl_coef=_beta(inp, cfg))
+    r = jnp.asarray(inp.rewards, jnp.float32)
+    return Estimate(advantages=adv, rewards=r, keep=jnp.ones(r.shape, bool), returns=returns)
+
+
+def gae_needs(cfg: GAEConfig) -> Needs:
+    return Needs(reference=cfg.kl_coef > 0, values=True, kl_coef=True)
+
