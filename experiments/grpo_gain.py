@@ -5,8 +5,8 @@
     python -m experiments.grpo_gain --algo rloo --lr 1e-5
     python -m experiments.grpo_gain --smoke
 
-Runs `experiments.sft_arithmetic` (skipped when its final checkpoint is already in
-<run-dir>/sft), then `experiments.rl_arithmetic` once per seed from that checkpoint,
+Runs the SFT study (`rljax.recipes.arithmetic.train_sft`, skipped when its final checkpoint
+is already in <run-dir>/sft), then the RL study (`train_rl`) once per seed from that checkpoint,
 and reports held-out accuracy, greedy and sampled (temperature 1, the policy RL
 trains; mean over `eval_samples` per problem): after SFT, after RL per seed, and
 each gain's mean and standard deviation over seeds (the run-to-run noise), in
@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from experiments import rl_arithmetic, sft_arithmetic
 from rljax.cli import make_run_dir, parse_config
+from rljax.eval import finished_run
+from rljax.recipes.arithmetic import RLArithmeticConfig, SFTArithmeticConfig, train_rl, train_sft
 
 
 @dataclass
@@ -64,28 +65,29 @@ def main(cfg: Config) -> dict:
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"grpo_gain-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
     sft_dir = os.path.join(run_dir, "sft")
-    sft_cfg = sft_arithmetic.Config(preset=cfg.preset, levels=cfg.levels, n_train=cfg.n_train, n_test=cfg.n_test, steps=cfg.sft_steps,
-                                    batch_size=cfg.sft_batch, lr=cfg.sft_lr, checkpoint_every=max(cfg.sft_steps // 4, 1),
-                                    log_every=max(cfg.sft_steps // 50, 1), max_new_tokens=cfg.max_new_tokens,
-                                    run_dir=sft_dir, progress=cfg.progress, evaluate=False)
+    sft_cfg = SFTArithmeticConfig(preset=cfg.preset, levels=cfg.levels, n_train=cfg.n_train, n_test=cfg.n_test,
+                                  steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr,
+                                  checkpoint_every=max(cfg.sft_steps // 4, 1), log_every=max(cfg.sft_steps // 50, 1),
+                                  max_new_tokens=cfg.max_new_tokens, run_dir=sft_dir, progress=cfg.progress,
+                                  evaluate=False)
     if cfg.smoke:
         sft_cfg.preset, sft_cfg.warmup_steps = "tiny", 2
-    if rl_arithmetic.finished_sft(sft_dir, cfg.sft_steps):
+    if finished_run(sft_dir, cfg.sft_steps):
         print(f"grpo_gain: using the finished SFT run in {sft_dir}")
     else:
-        sft_arithmetic.main(sft_cfg)
+        train_sft(sft_cfg)
     runs, tag = [], f"{cfg.algo}-lr{cfg.lr:g}"  # several RL settings can share one SFT run
     for seed in cfg.seeds:
-        rl_cfg = rl_arithmetic.Config(algo=cfg.algo, iterations=cfg.iterations,
-                                      prompts_per_iteration=cfg.prompts_per_iteration, n=cfg.n,
-                                      max_new_tokens=cfg.max_new_tokens, lr=cfg.lr, head_lr=cfg.head_lr,
-                                      epochs=cfg.epochs, minibatches=cfg.minibatches,
-                                      kl_coef=cfg.kl_coef,
-                                      step_reward=cfg.step_reward, eval_samples=cfg.eval_samples,
-                                      track_kl=cfg.track_kl,
-                                      sft_run_dir=sft_dir, run_dir=os.path.join(run_dir, f"rl-{tag}-seed{seed}"),
-                                      seed=seed, progress=cfg.progress)
-        runs.append(rl_arithmetic.main(rl_cfg))
+        rl_cfg = RLArithmeticConfig(algo=cfg.algo, iterations=cfg.iterations,
+                                    prompts_per_iteration=cfg.prompts_per_iteration, n=cfg.n,
+                                    max_new_tokens=cfg.max_new_tokens, lr=cfg.lr, head_lr=cfg.head_lr,
+                                    epochs=cfg.epochs, minibatches=cfg.minibatches,
+                                    kl_coef=cfg.kl_coef,
+                                    step_reward=cfg.step_reward, eval_samples=cfg.eval_samples,
+                                    track_kl=cfg.track_kl,
+                                    sft_run_dir=sft_dir, run_dir=os.path.join(run_dir, f"rl-{tag}-seed{seed}"),
+                                    seed=seed, progress=cfg.progress)
+        runs.append(train_rl(rl_cfg))
         print(f"grpo_gain: seed {seed}: greedy {runs[-1]['accuracy_sft']:.1%} -> {runs[-1]['accuracy_rl']:.1%}, "
               f"sampled {runs[-1]['sampled_accuracy_sft']:.1%} -> {runs[-1]['sampled_accuracy_rl']:.1%}", flush=True)
     results = dict(config=asdict(cfg), run_dir=run_dir,

@@ -53,6 +53,7 @@ from rljax.cli import make_run_dir, parse_config, save_config
 from rljax.data.adapters import DataError, load_records
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.data.math import MathProblem, gsm8k, math_problems
+from rljax.eval import TOKENIZER_FILES, exact_match, export_policy
 from rljax.losses.sft import SFTConfig
 from rljax.metrics import read_metrics
 from rljax.models.hf import config_from_hf, load_pretrained, read_hf_config, resolve_path, save_pretrained
@@ -61,7 +62,7 @@ from rljax.phases import LoopConfig, PromptBatch, SFTPhaseConfig, rl, sft
 from rljax.rewards.math import math_answer_reward, think_answer_format_reward
 from rljax.rewards.rules import weighted_sum
 from rljax.rl import RLConfig, create_rl_state
-from rljax.sampling import SampleConfig, sample, tokenizer_ids, truncate_prompts
+from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.sharding import make_mesh
 from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import HFTokenizer
@@ -71,9 +72,6 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 SMOKE_ARCH = os.path.join(FIXTURES, "hf", "qwen2")
 SMOKE_TOKENIZER = os.path.join(FIXTURES, "hf_tokenizer")
 SMOKE_DATA = os.path.join(FIXTURES, "math", "gsm8k_tiny.jsonl")
-# What a served checkpoint needs besides config.json and the weights (copied when present).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 SYSTEM_PROMPTS = {
     "boxed": "Solve the math problem step by step. Put the final answer in \\boxed{}.",
@@ -206,6 +204,11 @@ def sft_target(problem: MathProblem, style: str) -> str:
     return f"{problem.solution}\nThe final answer is \\boxed{{{problem.answer}}}."
 
 
+def math_answer_correct(problem: MathProblem, completion: str) -> float:
+    """math_answer_reward of one completion: 1.0 when its final answer equals the problem's, else 0.0."""
+    return float(math_answer_reward(None, [completion], answers=[problem.answer])[0])
+
+
 def make_reward(cfg: Config):
     """math_answer_reward + format_reward x think_answer_format_reward."""
     terms = [(1.0, math_answer_reward)]
@@ -264,43 +267,11 @@ def sft_pairs(tok: HFTokenizer, problems, cfg: Config, system_prompt: str) -> tu
 
 def greedy_accuracy(params, model: Model, tok: HFTokenizer, problems, cfg: Config, system_prompt: str,
                     batch: int) -> float:
-    """Mean math_answer_reward of greedy completions (batches of `batch`; the last is filled with
-    copies of its first problem so every call has one shape, and the copies are not counted)."""
-    scfg = SampleConfig(max_new_tokens=cfg.max_new_tokens, greedy=True, **tokenizer_ids(tok))
-    correct = []
-    for start in range(0, len(problems), batch):
-        chunk = list(problems[start:start + batch])
-        real = len(chunk)
-        chunk += [chunk[0]] * (batch - real)
-        b = rl_prompt_batch(tok, chunk, system_prompt)
-        # as in RL (RLConfig.truncate_prompts): a prompt longer than the cache allows keeps its end
-        tokens, mask, _ = truncate_prompts(b.tokens, b.mask, model.config.max_seq_len - cfg.max_new_tokens,
-                                           pad_id=tok.pad_id)
-        r = sample(params, tokens, mask, jax.random.key(0), model=model, cfg=scfg)
-        text = tok.decode_batch(np.asarray(r.completions))[:real]
-        correct += list(math_answer_reward(None, text, answers=[p.answer for p in chunk[:real]]))
-    return float(np.mean(correct))
-
-
-def export_policy(params, model: Model, tok: HFTokenizer, model_dir: str, path: str, dtype=None) -> str:
-    """save_pretrained plus the tokenizer files of `model_dir`, and a generation_config.json whose
-    eos_token_id lists every stop id, so vLLM / transformers stop where the sampler did."""
-    save_pretrained(params, model.config, path, dtype=dtype, overwrite=True,
-                    extra_config=dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(model_dir, name)):
-            shutil.copy(os.path.join(model_dir, name), path)
-    gen_path = os.path.join(path, "generation_config.json")
-    gen = {}
-    if os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            gen = json.load(f)
-    gen.update(eos_token_id=list(tok.eos_ids), pad_token_id=tok.pad_id)
-    if tok.bos_id is not None:
-        gen["bos_token_id"] = tok.bos_id
-    with open(gen_path, "w") as f:
-        json.dump(gen, f, indent=2)
-    return path
+    """Mean math_answer_reward of greedy completions of the chat prompts (`rljax.eval.exact_match` in
+    batches of `batch`; a prompt longer than the cache allows keeps its end, as in RL)."""
+    return exact_match(params, model, tok, problems, cfg.max_new_tokens, check=math_answer_correct,
+                       prompt=lambda p: chat_prompt(tok, p.question, system_prompt), batch_size=batch,
+                       add_bos=False, truncate=True)[0]
 
 
 def main(cfg: Config) -> dict:

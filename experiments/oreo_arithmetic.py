@@ -34,12 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.rl_arithmetic import load_sft
-from experiments.sft_arithmetic import exact_match
 from rljax.cli import make_run_dir, parse_config, save_config
 from rljax.data.arithmetic import check_answer, make_split, parse_answer
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
+from rljax.eval import exact_match
 from rljax.losses.oreo import OREOConfig
 from rljax.losses.preference import PREFERENCE_METHODS
 from rljax.losses.sft import SFTConfig
@@ -49,6 +48,7 @@ from rljax.oreo import (CollectConfig, IterativeOREOConfig, OREOPhaseConfig, col
                         value_scorer)
 from rljax.phases import LoopConfig, PreferencePhaseConfig, SFTPhaseConfig, preference, sft
 from rljax.preference import cached_reference_logps, with_reference
+from rljax.recipes.arithmetic import load_sft
 from rljax.rewards.rules import arithmetic_answer_reward
 from rljax.sampling import SampleConfig, ValueSearchConfig, sample, value_guided_beam_search
 from rljax.state import OptimizerConfig, create_state
@@ -324,7 +324,8 @@ def main(cfg: Config) -> dict:
     if unknown:
         raise ValueError(f"oreo_arithmetic: unknown --parts {unknown[0]!r}; choose from {', '.join(PARTS)}")
     tok = CharTokenizer()
-    model, params, sft_cfg = load_sft(cfg, tok)
+    model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
+                                      run_if_missing=True)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "oreo_arithmetic")
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir)

@@ -28,16 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.rl_arithmetic import load_sft
-from experiments.sft_arithmetic import exact_match
 from rljax.cli import make_run_dir, parse_config, save_config
-from rljax.data.arithmetic import check_answer, make_split
+from rljax.data.arithmetic import make_split
 from rljax.data.collate import BatchIterator
 from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
 from rljax.data.synthetic import gold_score, preference_pairs
+from rljax.eval import exact_match
 from rljax.losses.preference import PREFERENCE_METHODS, KTOConfig, check_kto_weights
 from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
 from rljax.preference import OnlineDPOConfig, cached_reference_logps, online_dpo, with_reference
+from rljax.recipes.arithmetic import load_sft
 from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import CharTokenizer
@@ -79,11 +79,10 @@ def noisy_pairs(problems, flip: float, seed: int) -> list[dict]:
 
 def evaluate(params, model, tok, problems, cfg: Config) -> dict:
     greedy, _ = exact_match(params, model, tok, problems, cfg.max_new_tokens)
-    _, texts = exact_match(params, model, tok, problems, cfg.max_new_tokens, n=cfg.eval_samples, temperature=1.0,
-                           key=jax.random.key(cfg.seed + 5))
+    sampled, texts = exact_match(params, model, tok, problems, cfg.max_new_tokens, n=cfg.eval_samples,
+                                 temperature=1.0, key=jax.random.key(cfg.seed + 5))
     rows = [(p, t) for p, t in zip((p for p in problems for _ in range(cfg.eval_samples)), texts)]
-    return dict(greedy=greedy, sampled=float(np.mean([check_answer(p, t) for p, t in rows])),
-                gold=float(np.mean([gold_score(p, t) for p, t in rows])),
+    return dict(greedy=greedy, sampled=sampled, gold=float(np.mean([gold_score(p, t) for p, t in rows])),
                 length=float(np.mean([len(t) for t in texts])))
 
 
@@ -150,7 +149,8 @@ def main(cfg: Config) -> dict:
     if unknown:
         raise ValueError(f"preference_arithmetic: unknown --algo {unknown[0]!r}; choose from {', '.join(ALGOS)}, all")
     tok = CharTokenizer()
-    model, params, sft_cfg = load_sft(cfg, tok)
+    model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
+                                      run_if_missing=True)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "preference_arithmetic")
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir)

@@ -57,7 +57,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.rl_arithmetic import load_sft
 from rljax.cli import make_run_dir, parse_config, save_config
 from rljax.metrics import plot_curves, read_metrics
 from rljax.data.arithmetic import check_answer, make_split, parse_answer
@@ -68,6 +67,7 @@ from rljax.data.synthetic import KINDS, candidate, gold_score, preference_pairs,
 from rljax.losses.reward_model import FeedbackConfig, RankingConfig, TokenLabelConfig
 from rljax.models import add_head
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
+from rljax.recipes.arithmetic import load_sft
 from rljax.rewards.evaluation import reward_model_eval
 from rljax.rewards.process_labels import label_steps, model_completer
 from rljax.rewards.reward_model import (aggregate_steps, likelihood_reward, majority_vote, reward_model_reward,
@@ -584,7 +584,8 @@ def main(cfg: Config) -> dict:
         raise ValueError("reward_models: part rl optimises the reward models of parts bt, onpolicy or feedback; "
                          "add one")
     tok = CharTokenizer()
-    model, params, sft_cfg = load_sft(cfg, tok)
+    model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
+                                      run_if_missing=True)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "reward_models")
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir)

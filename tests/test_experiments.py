@@ -66,8 +66,8 @@ def test_sampled_exact_match_at_low_temperature_equals_greedy(tmp_path):
     every sample is the greedy decode, so it equals greedy exact match."""
     import jax
 
-    from experiments import sft_arithmetic
     from rljax.data.arithmetic import make_split
+    from rljax.eval import exact_match
     from rljax.models import Model, preset
     from rljax.tokenizer import CharTokenizer
 
@@ -75,6 +75,6 @@ def test_sampled_exact_match_at_low_temperature_equals_greedy(tmp_path):
     model = Model(preset("tiny", vocab_size=tok.vocab_size))
     params = model.init(jax.random.key(3))
     _, test = make_split(64, 12, levels=(1,), seed=0)
-    greedy, texts = sft_arithmetic.exact_match(params, model, tok, test, 12)
-    cold, cold_texts = sft_arithmetic.exact_match(params, model, tok, test, 12, n=3, temperature=1e-6)
+    greedy, texts = exact_match(params, model, tok, test, 12)
+    cold, cold_texts = exact_match(params, model, tok, test, 12, n=3, temperature=1e-6)
     assert cold == greedy and cold_texts == [t for t in texts for _ in range(3)]

@@ -1,0 +1,269 @@
+"""The embedded arithmetic task's two training runs, shared by the studies in experiments/:
+
+  train_sft(SFTArithmeticConfig)  SFT from scratch, held-out exact match before and after
+                                  (`python -m experiments.sft_arithmetic`)
+  load_sft(sft_run_dir, tok)      the model, final params and config of a finished SFT run
+  train_rl(RLArithmeticConfig)    RL with any rljax.algorithms entry from a finished SFT run
+                                  (`python -m experiments.rl_arithmetic`)
+
+Each run writes config.json, metrics.jsonl, checkpoints/ and results.json under its run directory;
+running it again with the same run_dir resumes from the last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import jax
+
+from rljax.algorithms import get_algorithm
+from rljax.cli import make_run_dir, save_config
+from rljax.data.arithmetic import make_split
+from rljax.data.collate import BatchIterator, collate_prompt_completion
+from rljax.eval import exact_match, finished_run, load_finished
+from rljax.losses import GRPOConfig, TRPOConfig
+from rljax.losses.actor_critic import with_value_head
+from rljax.metrics import plot_metrics, read_metrics
+from rljax.models import Model, preset
+from rljax.phases import LoopConfig, PromptBatch, SFTPhaseConfig, rl, sft
+from rljax.rewards import (arithmetic_answer_reward, arithmetic_format_reward, arithmetic_step_reward,
+                           weighted_sum)
+from rljax.rl import RLConfig, create_rl_state
+from rljax.sampling import SampleConfig
+from rljax.state import OptimizerConfig, create_state
+from rljax.tokenizer import CharTokenizer
+
+__all__ = ["SFTArithmeticConfig", "RLArithmeticConfig", "apply_sft_smoke", "sft_optimizer", "build_model",
+           "train_sft", "read_sft_config", "load_sft", "train_rl"]
+
+
+# ----------------------------------------------------------------------------- SFT
+@dataclass
+class SFTArithmeticConfig:
+    """SFT on the embedded arithmetic task: held-out exact-match accuracy before and after."""
+
+    preset: str = "small"
+    dtype: str = "float32"
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    levels: tuple[int, ...] = (1,)
+    n_train: int = 1000
+    n_test: int = 128
+    max_new_tokens: int = 48
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    run_dir: str | None = None
+    run_root: str = "runs"
+    progress: bool = True
+    evaluate: bool = True
+    smoke: bool = False
+
+
+def sft_optimizer(cfg: SFTArithmeticConfig) -> OptimizerConfig:
+    return OptimizerConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=max(cfg.steps, 1),
+                           schedule="cosine", weight_decay=0.01)
+
+
+def build_model(cfg: SFTArithmeticConfig, tok) -> Model:
+    return Model(preset(cfg.preset, vocab_size=tok.vocab_size, dtype=cfg.dtype))
+
+
+def apply_sft_smoke(cfg: SFTArithmeticConfig) -> None:
+    if cfg.smoke:
+        cfg.preset, cfg.steps, cfg.batch_size, cfg.n_train, cfg.n_test = "tiny", 12, 8, 256, 16
+        cfg.checkpoint_every, cfg.log_every, cfg.max_new_tokens, cfg.warmup_steps = 6, 4, 24, 2
+
+
+def train_sft(cfg: SFTArithmeticConfig) -> dict:
+    """Train (or resume) the SFT run of `cfg` in cfg.run_dir (default: a new directory under run_root);
+    held-out greedy exact match before and after (cfg.evaluate). Writes config.json, metrics.jsonl,
+    checkpoints/, loss.png and results.json; returns the results."""
+    apply_sft_smoke(cfg)
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "sft_arithmetic")
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(cfg, run_dir)
+    tok = CharTokenizer()
+    model = build_model(cfg, tok)
+    train, test = make_split(cfg.n_train, cfg.n_test, levels=cfg.levels, seed=cfg.seed)
+    data = BatchIterator([(p.prompt, p.completion) for p in train], cfg.batch_size,
+                         lambda rows: collate_prompt_completion(tok, rows, max_length=model.config.max_seq_len),
+                         seed=cfg.seed)
+    opt = sft_optimizer(cfg)
+    state = create_state(model, opt, jax.random.key(cfg.seed))
+    print(f"sft_arithmetic: preset {cfg.preset} ({model.config.num_params()/1e6:.2f}M params), "
+          f"{len(train)} train / {len(test)} test problems, levels {cfg.levels}, {cfg.steps} steps x "
+          f"{cfg.batch_size}; run dir {run_dir}")
+
+    before = exact_match(state.params, model, tok, test, cfg.max_new_tokens)[0] if cfg.evaluate else None
+    t0 = time.perf_counter()
+    phase = SFTPhaseConfig(optimizer=opt, loop=LoopConfig(steps=cfg.steps, log_every=cfg.log_every,
+                                                          checkpoint_every=cfg.checkpoint_every,
+                                                          progress=cfg.progress))
+    state = sft(state, data, phase, model=model, run_dir=run_dir)
+    train_s = time.perf_counter() - t0
+    results = dict(config=asdict(cfg), run_dir=run_dir, params=model.config.num_params(), train_seconds=train_s)
+    if cfg.evaluate:
+        after, texts = exact_match(state.params, model, tok, test, cfg.max_new_tokens)
+        results.update(accuracy_before=before, accuracy_after=after,
+                       examples=[dict(prompt=p.prompt, target=p.completion, output=t)
+                                 for p, t in zip(test[:5], texts[:5])])
+        print(f"\n| held-out exact match ({len(test)} problems) | accuracy |\n|---|---|\n"
+              f"| before SFT | {before:.1%} |\n| after {cfg.steps} SFT steps | {after:.1%} |\n")
+        for e in results["examples"][:3]:
+            print(f"  {e['prompt']!r} -> {e['output']!r}  (target {e['target']!r})")
+    try:
+        results["plot"] = plot_metrics(run_dir, ["sft/loss"], os.path.join(run_dir, "loss.png"), smooth=3)
+    except (ValueError, ImportError) as e:  # too few points or no matplotlib: the run itself is fine
+        print(f"(no plot: {e})")
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"train time {train_s:.0f} s; wrote {run_dir}")
+    return results
+
+
+def read_sft_config(sft_run_dir: str, *, smoke: bool = False, progress: bool = True) -> SFTArithmeticConfig:
+    """The SFT run's config: from its config.json when there (unknown fields ignored), else the
+    defaults (with `smoke`); run_dir = sft_run_dir, and the smoke sizes applied when it is a smoke run."""
+    saved = os.path.join(sft_run_dir, "config.json")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            fields = {k: v for k, v in json.load(f).items() if k in SFTArithmeticConfig.__dataclass_fields__}
+        fields["levels"] = tuple(fields.get("levels", (1,)))
+        cfg = SFTArithmeticConfig(**{**fields, "run_dir": sft_run_dir, "progress": progress})
+    else:
+        cfg = SFTArithmeticConfig(run_dir=sft_run_dir, smoke=smoke, progress=progress)
+    apply_sft_smoke(cfg)
+    return cfg
+
+
+def load_sft(sft_run_dir: str, tok, *, smoke: bool = False, progress: bool = True, run_if_missing: bool = False):
+    """(model, params, sft_cfg) of the SFT run in `sft_run_dir` at its final step; its config.json (when
+    there) gives the model and the train/test split (`read_sft_config`). A run without its final
+    checkpoint raises rljax.eval.UnfinishedRunError naming the directory, unless `run_if_missing`:
+    then the SFT run is trained (or resumed) there first, with a message saying so."""
+    sft_cfg = read_sft_config(sft_run_dir, smoke=smoke, progress=progress)
+    if run_if_missing and not finished_run(sft_run_dir, sft_cfg.steps):
+        print(f"no finished SFT checkpoint in {sft_run_dir}: running the SFT study first")
+        train_sft(sft_cfg)
+    model = build_model(sft_cfg, tok)
+    target = create_state(model, sft_optimizer(sft_cfg), jax.random.key(0))
+    return model, load_finished(sft_run_dir, target, steps=sft_cfg.steps).params, sft_cfg
+
+
+# ----------------------------------------------------------------------------- RL
+@dataclass
+class RLArithmeticConfig:
+    """RL on the arithmetic task from the SFT run's final checkpoint (run first when missing)."""
+
+    algo: str = "grpo"
+    iterations: int = 30
+    prompts_per_iteration: int = 16
+    n: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    lr: float = 2e-5
+    adam_b2: float = 0.95
+    adam_eps: float = 1e-8
+    kl_coef: float = 0.0
+    step_reward: float = 0.0  # weight of the fraction of right steps (partial credit) in the reward
+    epochs: int = 1
+    minibatches: int = 1
+    max_refills: int = 0  # dynamic sampling (dapo): refill batches with informative groups
+    staleness: int = 0  # A3C (with algo a2c): actor threads sample this many iterations ahead of the learner
+    actors: int = 2  # A3C: actor threads
+    max_kl: float = 0.01  # trpo: the trust region δ
+    head_lr: float = 1e-3  # value head's learning rate (a2c, ppo: on the policy's backbone; trpo: the critic's)
+    critic_lr: float = 1e-4  # trpo: the separate critic's learning rate
+    critic_epochs: int = 4  # trpo: critic regression passes per iteration
+    sft_run_dir: str = "runs/sft_arithmetic-default"
+    run_dir: str | None = None
+    run_root: str = "runs"
+    seed: int = 0
+    progress: bool = True
+    track_kl: bool = True  # KL to the SFT policy every iteration (one reference forward; training is unchanged)
+    eval_samples: int = 8  # held-out accuracy is also measured on this many samples per problem at temperature 1
+    smoke: bool = False
+
+
+def train_rl(cfg: RLArithmeticConfig) -> dict:
+    """RL with cfg.algo from the SFT run in cfg.sft_run_dir (trained there first when it has no final
+    checkpoint); held-out accuracy of the SFT and RL policies, greedy and sampled (mean over
+    cfg.eval_samples per problem at temperature 1, key 7 for every run). Writes results.json under
+    cfg.run_dir; returns the results."""
+    if cfg.smoke:
+        cfg.iterations, cfg.prompts_per_iteration, cfg.n, cfg.max_new_tokens = 3, 4, 4, 16
+    tok = CharTokenizer()
+    model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
+                                      run_if_missing=True)
+    algo = get_algorithm(cfg.algo)
+    critic_model = critic_params = None
+    if algo.needs().critic:  # trpo: a separate critic, initialised from the policy (V = 0 at first)
+        critic_model, critic_params = with_value_head(model, params)
+    elif algo.needs().values:  # a2c, ppo: a value head on the policy's backbone, V = 0 at first
+        model, params = with_value_head(model, params)
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"rl_arithmetic-{cfg.algo}")
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(cfg, run_dir)
+    train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
+
+    def collate(problems):
+        tokens, mask = tok.encode_batch([p.prompt for p in problems], padding_side="left")
+        return PromptBatch(tokens=tokens, mask=mask, metadata={"problems": list(problems)})
+
+    prompts = BatchIterator(train, cfg.prompts_per_iteration, collate, seed=cfg.seed + 1)
+    terms = [(1.0, arithmetic_answer_reward), (0.1, arithmetic_format_reward)]
+    reward = weighted_sum(*terms, *([(cfg.step_reward, arithmetic_step_reward)] if cfg.step_reward else []))
+    algo = algo.with_kl_coef(cfg.kl_coef)
+    loss = algo.loss.config
+    if isinstance(loss, TRPOConfig):
+        algo = algo.with_config(max_kl=cfg.max_kl)
+    if isinstance(loss, GRPOConfig) and loss.aggregation == "constant":  # Dr. GRPO: normalise by the max length
+        algo = algo.with_config(constant=float(cfg.max_new_tokens))
+    rl_cfg = RLConfig(algorithm=algo,
+                      sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.n, temperature=cfg.temperature,
+                                            eos_id=tok.eos_id, pad_id=tok.pad_id),
+                      optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant", b2=cfg.adam_b2, eps=cfg.adam_eps,
+                                                head_lr=cfg.head_lr),
+                      epochs=cfg.epochs, track_kl=cfg.track_kl,
+                      minibatches=cfg.minibatches, max_refills=cfg.max_refills, staleness=cfg.staleness,
+                      actors=cfg.actors, critic_epochs=cfg.critic_epochs,
+                      critic_optimizer=OptimizerConfig(lr=cfg.critic_lr, schedule="constant", head_lr=cfg.head_lr))
+    state = create_rl_state(model, params, rl_cfg, jax.random.key(cfg.seed), critic_model=critic_model,
+                            critic_params=critic_params)
+
+    def evaluate(p) -> tuple[float, float]:
+        """Held-out (greedy, sampled) accuracy; the sampled one is the mean over eval_samples at temperature 1,
+        with one fixed key for every run, so runs differ only by their params."""
+        greedy = exact_match(p, model, tok, test, sft_cfg.max_new_tokens)[0]
+        sampled = exact_match(p, model, tok, test, sft_cfg.max_new_tokens, n=cfg.eval_samples, temperature=1.0,
+                              key=jax.random.key(7))[0]
+        return greedy, sampled
+
+    before, before_sampled = evaluate(params)
+    t0 = time.perf_counter()
+    state = rl(state, prompts, reward, rl_cfg, model=model, decode=tok.decode_batch, run_dir=run_dir,
+               accuracy_fn=arithmetic_answer_reward, critic_model=critic_model,
+               loop=LoopConfig(steps=cfg.iterations, log_every=1, checkpoint_every=50, progress=cfg.progress))
+    wall = time.perf_counter() - t0
+    after, after_sampled = evaluate(state.policy.params)
+    rows = [r for r in read_metrics(run_dir) if "rl/reward_mean" in r]
+    first, last = rows[0], rows[-1]
+    results = dict(config=asdict(cfg), run_dir=run_dir, accuracy_sft=before, accuracy_rl=after,
+                   sampled_accuracy_sft=before_sampled, sampled_accuracy_rl=after_sampled,
+                   reward_first=first["rl/reward_mean"], reward_last=last["rl/reward_mean"],
+                   train_accuracy_first=first["rl/accuracy"], train_accuracy_last=last["rl/accuracy"],
+                   kl_k3_last=last.get("rl/kl_k3"), wall_seconds=wall)
+    print(f"\n| {cfg.algo}, {cfg.iterations} iterations x {cfg.prompts_per_iteration} prompts x {cfg.n} | value |\n"
+          f"|---|---|\n| held-out exact match after SFT, greedy | {before:.1%} |\n| after RL, greedy | {after:.1%} |\n"
+          f"| after SFT, sampled (T = 1, {cfg.eval_samples} per problem) | {before_sampled:.1%} |\n"
+          f"| after RL, sampled | {after_sampled:.1%} |\n"
+          f"| mean reward first / last iteration | {results['reward_first']:.3f} / {results['reward_last']:.3f} |\n"
+          f"| wall time of RL | {wall:.0f} s |\n")
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    return results
