@@ -54,7 +54,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments.rl_arithmetic import load_sft
@@ -155,7 +154,7 @@ def _train(model, params, data, loss, steps: int, cfg: Config, run_dir: str | No
     """A reward model trained from `params` (a fresh optimizer), or `state` continued, to `steps` steps."""
     opt = OptimizerConfig(lr=cfg.lr, schedule="constant", head_lr=cfg.head_lr)
     if state is None:  # a copy: training donates its state, and `params` shares arrays with the SFT policy
-        state = create_state(model, opt, jax.random.key(cfg.seed), params=jax.tree.map(jnp.copy, params))
+        state = create_state(model, opt, jax.random.key(cfg.seed), params=params)
     phase = RewardModelPhaseConfig(loss=loss, optimizer=opt,
                                    loop=LoopConfig(steps=steps, log_every=max(steps // 20, 1),
                                                    checkpoint_every=0, progress=cfg.progress))
@@ -280,7 +279,7 @@ def onpolicy_refresher(cfg: Config, model, rm, rm_state, lists, tok, train, test
     batch = max(cfg.batch // 4, 1)
 
     def make():
-        box = dict(state=jax.tree.map(jnp.copy, rm_state), lists=list(lists), round=0)
+        box = dict(state=rm_state, lists=list(lists), round=0)
 
         def refresh(rl_state) -> dict:
             if int(rl_state.step) >= cfg.rl_iterations:  # the loop's final evaluation: nothing left to score
@@ -342,7 +341,7 @@ def grpo_against(cfg: Config, model, params, proxy, tok, train, test, run_dir: s
                                                                   eos_id=tok.eos_id, pad_id=tok.pad_id),
                           loss=GRPOConfig(kl_coef=cfg.rl_kl_coef),
                           optimizer=OptimizerConfig(lr=cfg.rl_lr, schedule="constant"), track_kl=True)
-        state = create_rl_state(model, jax.tree.map(jnp.copy, params), rl_cfg.optimizer, jax.random.key(seed))
+        state = create_rl_state(model, params, rl_cfg.optimizer, jax.random.key(seed))
         where = os.path.join(run_dir, f"{name}-seed{seed}")
         state = rl(state, BatchIterator(train, 16, collate, seed=seed + 1), proxy, rl_cfg, model=model,
                    decode=tok.decode_batch, run_dir=where, eval_fn=refresh,
@@ -451,7 +450,7 @@ def part_overopt(cfg: Config, model, params, rm, rm_params, tok, train, test, ru
     rl_cfg = RLConfig(algorithm="grpo", sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=8,
                                                               eos_id=tok.eos_id, pad_id=tok.pad_id),
                       optimizer=OptimizerConfig(lr=cfg.overopt_lr, schedule="constant"), track_kl=False)
-    state = create_rl_state(model, jax.tree.map(jnp.copy, params), rl_cfg.optimizer, jax.random.key(cfg.seed))
+    state = create_rl_state(model, params, rl_cfg.optimizer, jax.random.key(cfg.seed))
     curve = [dict(iteration=0, **measure(state))]
     where = os.path.join(run_dir, "overopt-rl")
     for stop in range(cfg.overopt_eval_every, cfg.overopt_iterations + 1, cfg.overopt_eval_every):

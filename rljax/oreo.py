@@ -78,9 +78,8 @@ def create_oreo_state(model: Model, params: dict, opt_cfg: OptimizerConfig, key,
         value_params = value_params_from(model, params)
     k_policy, k_value = jax.random.split(key)
     mesh = model.mesh
-    policy = create_state(model, opt_cfg, k_policy, mesh=mesh, params=jax.tree.map(jnp.copy, params))
-    value = create_state(value_model, value_optimizer or opt_cfg, k_value, mesh=mesh,
-                         params=jax.tree.map(jnp.copy, value_params))
+    policy = create_state(model, opt_cfg, k_policy, mesh=mesh, params=params)  # create_state copies
+    value = create_state(value_model, value_optimizer or opt_cfg, k_value, mesh=mesh, params=value_params)
     ref = params if mesh is None else shard_params(params, param_shardings(model, mesh))
     step = jnp.int32(0) if mesh is None else jax.device_put(jnp.int32(0), replicated(mesh))
     return value_model, OREOState(step=step, policy=policy, value=value, ref_params=ref)
