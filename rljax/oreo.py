@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.checkpoint import atomic_path, digest_params, restore_latest
 from rljax.data.batch import OREOBatch
 from rljax.data.collate import BatchIterator, pad_rows, padded_width
@@ -258,7 +259,7 @@ def check_trajectories(rows: Sequence, *, separator: str | None = None, allow_fr
 
 def collate_trajectories(tokenizer, rows: Sequence, *, separator: str | None = None,
                          allow_fractional_rewards: bool = False, max_length: int | None = None,
-                         min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                         min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                          add_eos: bool = True) -> OREOBatch:
     """Trajectory rows (dicts or objects with prompt, completion, reward, optional steps
     and eos) -> right-padded OREOBatch.

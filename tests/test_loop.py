@@ -194,3 +194,12 @@ def test_batch_iterator_collates_a_recurring_batch_once():
     # more distinct batches than the cache holds: collated every time (nothing kept)
     many = BatchIterator(list(range(100)), 10, lambda r: r)
     assert many._cache is None and BatchIterator(list(range(100)), 10, lambda r: r, shuffle=False)._cache == {}
+
+
+def test_default_buckets_do_not_inflate_tiny_rows():
+    from rljax.buckets import bucket_length
+
+    assert [bucket_length(n) for n in (1, 2, 3, 5, 9, 17)] == [1, 2, 4, 8, 16, 32]
+    assert bucket_length(2, minimum=16) == 16 and bucket_length(40, maximum=48) == 48
+    b = collate_prompt_completion(CharTokenizer(), [("1", "2")])  # bos 1 2 eos: 4 tokens, not 16
+    assert b.tokens.shape == (1, 4)

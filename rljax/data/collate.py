@@ -5,7 +5,7 @@ from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from rljax.buckets import bucket_length
+from rljax.buckets import DEFAULT_MIN_BUCKET, bucket_length
 from rljax.data.batch import SequenceBatch
 
 T = TypeVar("T")
@@ -49,7 +49,7 @@ def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, *others: Se
 
 
 def collate_prompt_completion(tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int | None = None,
-                              min_bucket: int = 16, add_bos: bool = True, add_eos: bool = True,
+                              min_bucket: int = DEFAULT_MIN_BUCKET, add_bos: bool = True, add_eos: bool = True,
                               length: int | None = None) -> SequenceBatch:
     """(prompt, completion) pairs -> right-padded SequenceBatch.
 

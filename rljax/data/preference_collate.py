@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import KTOBatch, PreferenceBatch
 from rljax.data.collate import pad_rows, padded_width
 
@@ -123,7 +124,7 @@ def _stack(rows_per_example: list[list[tuple[list[int], list[int]]]], refs: list
 
 
 def collate_preferences(tokenizer, rows: Sequence, *, max_length: int | None = None,
-                        max_prompt_length: int | None = None, min_bucket: int = 16, length: int | None = None,
+                        max_prompt_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None,
                         add_bos: bool = True, add_eos: bool = True) -> PreferenceBatch:
     """Pair rows -> PreferenceBatch [B, 2, T] (chosen at index 0, rejected at 1), right-padded
     to a bucketed width, with optional per-pair weight and soft label [B] (see the module
@@ -158,7 +159,7 @@ def _desirable(i: int, value) -> float:
 
 
 def collate_kto(tokenizer, rows: Sequence, *, max_length: int | None = None, max_prompt_length: int | None = None,
-                min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                 add_eos: bool = True) -> KTOBatch:
     """KTO rows -> KTOBatch [B, 2, T]: index 0 (x_i, y_i), index 1 the mismatched pair
     (x_i, y_(i+1) mod B) (or the row's own "mismatched" completion). Needs B >= 2."""

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch
 from rljax.data.collate import encode_prompt_completion, pad_rows, padded_width
 
@@ -60,7 +61,7 @@ def _check_ranking(i: int, answers: Sequence[str], ranks: Sequence[int]) -> list
 def collate_ranked(tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence[int]]], *,
                    answers_per_list: int | None = None, margins: Sequence[float] | None = None,
                    priors: Sequence[Sequence[float]] | None = None, max_length: int | None = None,
-                   min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                   min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                    add_eos: bool = True) -> RankingBatch:
     """(prompt, answers, ranks) lists (tuples or `RankedList`) -> RankingBatch [B, K, T]: all answers of a prompt in
     one batch element (InstructGPT's K-wise comparisons; pairs are K = 2).
@@ -137,7 +138,7 @@ def _encode_rows(tokenizer, rows, *, max_length, min_bucket, length, add_bos, ad
 
 
 def collate_scored(tokenizer, rows: Sequence[tuple[str, str, object]], *, max_length: int | None = None,
-                   min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                   min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                    add_eos: bool = True) -> ScoreBatch:
     """(prompt, response, score) rows (tuples or `ScoredResponse`) -> ScoreBatch. score: a number (scores [B]) or a
     sequence of A numbers, None for a missing attribute (scores [B, A], score_mask 0
@@ -171,7 +172,7 @@ def _label(v, where: str) -> float:
 
 
 def collate_verifier(tokenizer, rows: Sequence[tuple[str, str, float]], *, max_length: int | None = None,
-                     min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                     min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> TokenLabelBatch:
     """(prompt, completion, correct) rows (tuples or `BinaryFeedback`) -> TokenLabelBatch for an outcome verifier
     (Cobbe et al.): the label (1 correct, 0 wrong, or a float in [0, 1]) on every
@@ -221,7 +222,7 @@ def encode_steps(tokenizer, prompt: str, steps: Sequence[str], separator: str, *
 
 
 def collate_steps(tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[float]]], *, separator: str,
-                  max_length: int | None = None, min_bucket: int = 16, length: int | None = None,
+                  max_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None,
                   add_bos: bool = True, add_eos: bool = True) -> TokenLabelBatch:
     """(prompt, steps, step labels) rows (tuples or `StepLabelled`) -> TokenLabelBatch for a process reward model:
     label_mask is 1 at the last token of each step, labels hold the step's label there
@@ -254,7 +255,7 @@ def collate_steps(tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[f
 
 
 def collate_feedback(tokenizer, rows: Sequence, *, signal: str = "click", max_length: int | None = None,
-                     min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                     min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> FeedbackBatch:
     """Logged displays (`Interaction` rows, or (prompt, completion, signal, propensity) tuples)
     -> FeedbackBatch with the named signal (click, like or accept) as 0/1 and the display's
@@ -282,7 +283,7 @@ def collate_feedback(tokenizer, rows: Sequence, *, signal: str = "click", max_le
 
 
 def collate_outcomes(tokenizer, rows: Sequence, ref_logprobs, *, max_length: int | None = None,
-                     min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                     min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> OutcomeBatch:
     """(prompt, completion, label) rows (tuples or `BinaryFeedback`) -> OutcomeBatch for the
     implicit PRM, with the reference's token log-probs from `ref_logprobs(tokens, mask)
