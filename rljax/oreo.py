@@ -40,6 +40,7 @@ from rljax.sampling import SampleConfig, sample
 from rljax.sharding import LOGICAL_RULES, batch_sharding, param_shardings, replicated, shard_batch, shard_params
 from rljax.state import (OptimizerConfig, TrainState, apply_gradients, apply_loss_gradients, create_state,
                          make_optimizer, state_shardings)
+from rljax.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- state and step
 
@@ -257,7 +258,7 @@ def check_trajectories(rows: Sequence, *, separator: str | None = None, allow_fr
                                  "check the separator or use level='token'")
 
 
-def collate_trajectories(tokenizer, rows: Sequence, *, separator: str | None = None,
+def collate_trajectories(tokenizer: Tokenizer, rows: Sequence, *, separator: str | None = None,
                          allow_fractional_rewards: bool = False, max_length: int | None = None,
                          min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                          add_eos: bool = True) -> OREOBatch:

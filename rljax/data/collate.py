@@ -7,12 +7,13 @@ import numpy as np
 
 from rljax.buckets import DEFAULT_MIN_BUCKET, bucket_length
 from rljax.data.batch import SequenceBatch
+from rljax.tokenizer import Tokenizer
 
 T = TypeVar("T")
 
 
-def encode_prompt_completion(tokenizer, prompt: str, completion: str, row: int, *, add_bos: bool, add_eos: bool,
-                             field: str = "completion") -> tuple[list[int], list[int]]:
+def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str, row: int, *, add_bos: bool,
+                             add_eos: bool, field: str = "completion") -> tuple[list[int], list[int]]:
     """[bos] prompt completion [eos] -> (ids, completion mask); an empty completion is an error naming the row."""
     p = tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
     c = tokenizer.encode(completion, add_bos=False, add_eos=add_eos)
@@ -48,7 +49,7 @@ def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, *others: Se
     return [tokens, attn, *outs]
 
 
-def collate_prompt_completion(tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int | None = None,
+def collate_prompt_completion(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int | None = None,
                               min_bucket: int = DEFAULT_MIN_BUCKET, add_bos: bool = True, add_eos: bool = True,
                               length: int | None = None) -> SequenceBatch:
     """(prompt, completion) pairs -> right-padded SequenceBatch.

@@ -25,6 +25,7 @@ import numpy as np
 from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import KTOBatch, PreferenceBatch
 from rljax.data.collate import pad_rows, padded_width
+from rljax.tokenizer import Tokenizer
 
 _PAIR_FIELDS = ("prompt", "chosen", "rejected", "ref_logps", "weight", "label")
 _KTO_FIELDS = ("prompt", "completion", "desirable", "mismatched", "ref_logps")
@@ -55,8 +56,8 @@ def _text(i: int, value, field: str) -> str:
     return value
 
 
-def encode_truncated(tokenizer, prompt: str, completion: str, row: int, field: str, *, max_length: int | None,
-                     max_prompt_length: int | None, add_bos: bool = True,
+def encode_truncated(tokenizer: Tokenizer, prompt: str, completion: str, row: int, field: str, *,
+                     max_length: int | None, max_prompt_length: int | None, add_bos: bool = True,
                      add_eos: bool = True) -> tuple[list[int], list[int]]:
     """[bos] prompt completion [eos] with the prompt cut from the left to max_prompt_length
     tokens and the completion from the right to fit max_length -> (ids, completion mask).
@@ -108,8 +109,8 @@ def _per_pair(rows: list[dict], field: str) -> np.ndarray | None:
     return np.array([_weight_or_label(i, r[field], field) for i, r in enumerate(rows)], np.float32)
 
 
-def _stack(rows_per_example: list[list[tuple[list[int], list[int]]]], refs: list, tokenizer, *, length, min_bucket,
-           max_length, names) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+def _stack(rows_per_example: list[list[tuple[list[int], list[int]]]], refs: list, tokenizer: Tokenizer, *, length,
+           min_bucket, max_length, names) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     flat = [r for rows in rows_per_example for r in rows]
     width = padded_width([len(ids) for ids, _ in flat], length=length, min_bucket=min_bucket, max_length=max_length,
                          names=names)
@@ -123,9 +124,9 @@ def _stack(rows_per_example: list[list[tuple[list[int], list[int]]]], refs: list
     return tokens.reshape(shape), attn.reshape(shape), loss.reshape(shape), ref
 
 
-def collate_preferences(tokenizer, rows: Sequence, *, max_length: int | None = None,
-                        max_prompt_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None,
-                        add_bos: bool = True, add_eos: bool = True) -> PreferenceBatch:
+def collate_preferences(tokenizer: Tokenizer, rows: Sequence, *, max_length: int | None = None,
+                        max_prompt_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET,
+                        length: int | None = None, add_bos: bool = True, add_eos: bool = True) -> PreferenceBatch:
     """Pair rows -> PreferenceBatch [B, 2, T] (chosen at index 0, rejected at 1), right-padded
     to a bucketed width, with optional per-pair weight and soft label [B] (see the module
     docstring). Errors name the row: a missing field, an empty completion (also after
@@ -158,9 +159,9 @@ def _desirable(i: int, value) -> float:
     raise ValueError(f"row {i}: desirable must be a boolean or 0/1, got {value!r}")
 
 
-def collate_kto(tokenizer, rows: Sequence, *, max_length: int | None = None, max_prompt_length: int | None = None,
-                min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
-                add_eos: bool = True) -> KTOBatch:
+def collate_kto(tokenizer: Tokenizer, rows: Sequence, *, max_length: int | None = None,
+                max_prompt_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET,
+                length: int | None = None, add_bos: bool = True, add_eos: bool = True) -> KTOBatch:
     """KTO rows -> KTOBatch [B, 2, T]: index 0 (x_i, y_i), index 1 the mismatched pair
     (x_i, y_(i+1) mod B) (or the row's own "mismatched" completion). Needs B >= 2."""
     if len(rows) < 2:

@@ -19,6 +19,7 @@ import numpy as np
 from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch
 from rljax.data.collate import encode_prompt_completion, pad_rows, padded_width
+from rljax.tokenizer import Tokenizer
 
 
 def _fields(row, names: tuple[str, ...]) -> tuple:
@@ -58,7 +59,7 @@ def _check_ranking(i: int, answers: Sequence[str], ranks: Sequence[int]) -> list
     return out
 
 
-def collate_ranked(tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence[int]]], *,
+def collate_ranked(tokenizer: Tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence[int]]], *,
                    answers_per_list: int | None = None, margins: Sequence[float] | None = None,
                    priors: Sequence[Sequence[float]] | None = None, max_length: int | None = None,
                    min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
@@ -113,7 +114,8 @@ def collate_ranked(tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence
                         margin=margin, prior=prior)
 
 
-def collate_pairs(tokenizer, pairs: Sequence, *, margins: Sequence[float] | None = None, **kw) -> RankingBatch:
+def collate_pairs(tokenizer: Tokenizer, pairs: Sequence, *, margins: Sequence[float] | None = None,
+                  **kw) -> RankingBatch:
     """(prompt, chosen, rejected) rows (tuples or `PreferencePair`) -> RankingBatch with K = 2,
     rank (0, 1). A pair whose chosen equals its rejected is an error naming the row."""
     lists = []
@@ -128,7 +130,7 @@ def collate_pairs(tokenizer, pairs: Sequence, *, margins: Sequence[float] | None
     return collate_ranked(tokenizer, lists, answers_per_list=2, margins=margins, **kw)
 
 
-def _encode_rows(tokenizer, rows, *, max_length, min_bucket, length, add_bos, add_eos):
+def _encode_rows(tokenizer: Tokenizer, rows, *, max_length, min_bucket, length, add_bos, add_eos):
     """(prompt, completion) -> right-padded tokens, attention mask, completion mask."""
     encoded = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)
                for i, (p, c) in enumerate(rows)]
@@ -137,7 +139,7 @@ def _encode_rows(tokenizer, rows, *, max_length, min_bucket, length, add_bos, ad
     return pad_rows([e[0] for e in encoded], width, tokenizer.pad_id, [e[1] for e in encoded])
 
 
-def collate_scored(tokenizer, rows: Sequence[tuple[str, str, object]], *, max_length: int | None = None,
+def collate_scored(tokenizer: Tokenizer, rows: Sequence[tuple[str, str, object]], *, max_length: int | None = None,
                    min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                    add_eos: bool = True) -> ScoreBatch:
     """(prompt, response, score) rows (tuples or `ScoredResponse`) -> ScoreBatch. score: a number (scores [B]) or a
@@ -171,7 +173,7 @@ def _label(v, where: str) -> float:
     return v
 
 
-def collate_verifier(tokenizer, rows: Sequence[tuple[str, str, float]], *, max_length: int | None = None,
+def collate_verifier(tokenizer: Tokenizer, rows: Sequence[tuple[str, str, float]], *, max_length: int | None = None,
                      min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> TokenLabelBatch:
     """(prompt, completion, correct) rows (tuples or `BinaryFeedback`) -> TokenLabelBatch for an outcome verifier
@@ -196,7 +198,7 @@ def split_solution(completion: str, separator: str) -> list[str]:
     return [s for s in completion.split(separator) if s]
 
 
-def encode_steps(tokenizer, prompt: str, steps: Sequence[str], separator: str, *, row: int = 0,
+def encode_steps(tokenizer: Tokenizer, prompt: str, steps: Sequence[str], separator: str, *, row: int = 0,
                  add_bos: bool = True, add_eos: bool = False) -> tuple[list[int], list[int], list[int]]:
     """[bos] prompt step_1 sep step_2 sep ... step_S [eos] -> (ids, completion mask,
     index of the last token of each step). Each piece is encoded on its own. Errors name
@@ -221,7 +223,7 @@ def encode_steps(tokenizer, prompt: str, steps: Sequence[str], separator: str, *
     return ids, [0] * n_prompt + [1] * (len(ids) - n_prompt), ends
 
 
-def collate_steps(tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[float]]], *, separator: str,
+def collate_steps(tokenizer: Tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[float]]], *, separator: str,
                   max_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None,
                   add_bos: bool = True, add_eos: bool = True) -> TokenLabelBatch:
     """(prompt, steps, step labels) rows (tuples or `StepLabelled`) -> TokenLabelBatch for a process reward model:
@@ -254,7 +256,7 @@ def collate_steps(tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[f
                            label_mask=mark)
 
 
-def collate_feedback(tokenizer, rows: Sequence, *, signal: str = "click", max_length: int | None = None,
+def collate_feedback(tokenizer: Tokenizer, rows: Sequence, *, signal: str = "click", max_length: int | None = None,
                      min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> FeedbackBatch:
     """Logged displays (`Interaction` rows, or (prompt, completion, signal, propensity) tuples)
@@ -282,7 +284,7 @@ def collate_feedback(tokenizer, rows: Sequence, *, signal: str = "click", max_le
                          propensity=np.float32(props))
 
 
-def collate_outcomes(tokenizer, rows: Sequence, ref_logprobs, *, max_length: int | None = None,
+def collate_outcomes(tokenizer: Tokenizer, rows: Sequence, ref_logprobs, *, max_length: int | None = None,
                      min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> OutcomeBatch:
     """(prompt, completion, label) rows (tuples or `BinaryFeedback`) -> OutcomeBatch for the
