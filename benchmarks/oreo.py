@@ -75,8 +75,8 @@ def bench_step(cfg: Config) -> dict:
 
     t_oreo = timeit(oreo_call, reps=cfg.steps)
     vm = value_model_of(model)
-    policy = create_state(model, opt, jax.random.key(2), params=jax.tree.map(jnp.copy, params))
-    critic = create_state(vm, opt, jax.random.key(3), params=jax.tree.map(jnp.copy, value_params_from(model, params)))
+    policy = create_state(model, opt, jax.random.key(2), params=params)
+    critic = create_state(vm, opt, jax.random.key(3), params=value_params_from(model, params))
     zeros = jnp.zeros((B, T - 1), jnp.float32)
     pb = PolicyBatch(tokens=tokens, attention_mask=ones, loss_mask=loss_mask, old_logprobs=zeros,
                      advantages=jnp.asarray(rng.standard_normal((B, T - 1)), jnp.float32), rewards=rewards,

@@ -31,7 +31,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rljax.cli import make_run_dir, parse_config, save_config
@@ -138,7 +137,7 @@ def train_rs(rows, cfg: Config, model, params, tok, run_dir: str | None, state=N
         return params, state, 0
     opt = _policy_opt(cfg)
     if state is None:
-        state = create_state(model, opt, jax.random.key(cfg.seed), params=jax.tree.map(jnp.copy, params))
+        state = create_state(model, opt, jax.random.key(cfg.seed), params=params)
     steps = int(state.step) + _steps(len(right), cfg)
     data = BatchIterator(right, cfg.batch, functools.partial(collate_prompt_completion, tok), seed=cfg.seed)
     state = sft(state, data, SFTPhaseConfig(loss=SFTConfig(), optimizer=opt, loop=_loop(steps, cfg)), model=model,
@@ -167,7 +166,7 @@ def train_preference(algo: str, rows, cfg: Config, model, params, tok, run_dir: 
                                  cache_dir=os.path.join(os.path.dirname(run_dir), "ref_cache"))
     data = with_reference(data, ref)
     opt = _policy_opt(cfg)
-    state = create_state(model, opt, jax.random.key(cfg.seed), params=jax.tree.map(jnp.copy, params))
+    state = create_state(model, opt, jax.random.key(cfg.seed), params=params)
     phase = PreferencePhaseConfig(loss=loss, optimizer=opt, loop=_loop(_steps(len(data), cfg), cfg))
     state = preference(state, BatchIterator(data, cfg.batch, collate, seed=cfg.seed), phase, model=model,
                        run_dir=run_dir)

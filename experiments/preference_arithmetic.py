@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rljax.cli import make_run_dir, parse_config, save_config
@@ -114,7 +113,7 @@ def train_offline(algo: str, flip: float, cfg: Config, model, params, tok, train
         ref = cached_reference_logps(params, rows, collate, model=model, cache_dir=cache)
         rows = with_reference(rows, ref)
     opt = OptimizerConfig(lr=cfg.lr, schedule="constant")
-    state = create_state(model, opt, jax.random.key(cfg.seed), params=jax.tree.map(jnp.copy, params))
+    state = create_state(model, opt, jax.random.key(cfg.seed), params=params)
     steps = max(cfg.epochs * len(rows) // cfg.batch, 1)
     phase = PreferencePhaseConfig(loss=loss, optimizer=opt,
                                   loop=LoopConfig(steps=steps, log_every=max(steps // 20, 1), progress=cfg.progress))
@@ -134,7 +133,7 @@ def train_online(cfg: Config, model, params, tok, train, run_dir: str):
                            optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant"), progress=cfg.progress,
                            sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                                                  eos_id=tok.eos_id, pad_id=tok.pad_id))
-    state = create_state(model, ocfg.optimizer, jax.random.key(cfg.seed), params=jax.tree.map(jnp.copy, params))
+    state = create_state(model, ocfg.optimizer, jax.random.key(cfg.seed), params=params)
     state, stats = online_dpo(state, [p.prompt for p in train], gold, ocfg, model=model, tokenizer=tok,
                               collate=functools.partial(collate_preferences, tok), run_dir=run_dir)
     return state.params, dict(rounds=stats, steps=steps * cfg.online_rounds)

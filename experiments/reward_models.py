@@ -54,7 +54,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rljax.cli import make_run_dir, parse_config, save_config
@@ -155,7 +154,7 @@ def _train(model, params, data, loss, steps: int, cfg: Config, run_dir: str | No
     """A reward model trained from `params` (a fresh optimizer), or `state` continued, to `steps` steps."""
     opt = OptimizerConfig(lr=cfg.lr, schedule="constant", head_lr=cfg.head_lr)
     if state is None:  # a copy: training donates its state, and `params` shares arrays with the SFT policy
-        state = create_state(model, opt, jax.random.key(cfg.seed), params=jax.tree.map(jnp.copy, params))
+        state = create_state(model, opt, jax.random.key(cfg.seed), params=params)
     phase = RewardModelPhaseConfig(loss=loss, optimizer=opt,
                                    loop=LoopConfig(steps=steps, log_every=max(steps // 20, 1),
                                                    checkpoint_every=0, progress=cfg.progress))
@@ -280,7 +279,7 @@ def onpolicy_refresher(cfg: Config, model, rm, rm_state, lists, tok, train, test
     batch = max(cfg.batch // 4, 1)
 
     def make():
-        box = dict(state=jax.tree.map(jnp.copy, rm_state), lists=list(lists), round=0)
+        box = dict(state=rm_state, lists=list(lists), round=0)
 
         def refresh(rl_state) -> dict:
             if int(rl_state.step) >= cfg.rl_iterations:  # the loop's final evaluation: nothing left to score

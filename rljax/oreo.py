@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.checkpoint import atomic_path, digest_params, restore_latest
 from rljax.data.batch import OREOBatch
 from rljax.data.collate import BatchIterator, pad_rows, padded_width
@@ -39,6 +40,7 @@ from rljax.sampling import SampleConfig, sample
 from rljax.sharding import LOGICAL_RULES, param_shardings, replicated, shard_batch, shard_params
 from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_gradients, apply_loss_gradients, compile_step,
                          create_state, make_optimizer, state_shardings)
+from rljax.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- state and step
 
@@ -78,9 +80,8 @@ def create_oreo_state(model: Model, params: dict, opt_cfg: OptimizerConfig, key,
         value_params = value_params_from(model, params)
     k_policy, k_value = jax.random.split(key)
     mesh = model.mesh
-    policy = create_state(model, opt_cfg, k_policy, mesh=mesh, params=jax.tree.map(jnp.copy, params))
-    value = create_state(value_model, value_optimizer or opt_cfg, k_value, mesh=mesh,
-                         params=jax.tree.map(jnp.copy, value_params))
+    policy = create_state(model, opt_cfg, k_policy, mesh=mesh, params=params)  # create_state copies
+    value = create_state(value_model, value_optimizer or opt_cfg, k_value, mesh=mesh, params=value_params)
     ref = params if mesh is None else shard_params(params, param_shardings(model, mesh))
     step = jnp.int32(0) if mesh is None else jax.device_put(jnp.int32(0), replicated(mesh))
     return value_model, OREOState(step=step, policy=policy, value=value, ref_params=ref)
@@ -247,9 +248,9 @@ def check_trajectories(rows: Sequence, *, separator: str | None = None, allow_fr
                                  "check the separator or use level='token'")
 
 
-def collate_trajectories(tokenizer, rows: Sequence, *, separator: str | None = None,
+def collate_trajectories(tokenizer: Tokenizer, rows: Sequence, *, separator: str | None = None,
                          allow_fractional_rewards: bool = False, max_length: int | None = None,
-                         min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                         min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                          add_eos: bool = True) -> OREOBatch:
     """Trajectory rows (dicts or objects with prompt, completion, reward, optional steps
     and eos) -> right-padded OREOBatch.

@@ -25,7 +25,7 @@ from rljax.losses.preference import DPOConfig, KTOConfig, ORPOConfig, SimPOConfi
 from rljax.losses.sft import SFTConfig, sft_loss
 from rljax.metrics import MetricsWriter, Progress
 from rljax.sharding import param_shardings, shard_batch
-from rljax.state import OptimizerConfig, TrainState, make_optimizer, make_train_step
+from rljax.state import OptimizerConfig, TrainState, make_optimizer, make_train_step, owned_copy
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,6 +65,16 @@ def _tokens(batch) -> int:
     return int(np.asarray(mask).sum()) if mask is not None else 0
 
 
+def owned_state(state):
+    """`owned_copy` of a state, except a frozen `ref_params` field (RLState, OREOState),
+    which the steps never donate: the state a loop may donate step after step while
+    the caller's arrays stay valid."""
+    ref = getattr(state, "ref_params", None)
+    if ref is None:
+        return owned_copy(state)
+    return owned_copy(state.replace(ref_params=None)).replace(ref_params=ref)
+
+
 def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run_dir: str | None = None,
              put_batch: Callable | None = None, eval_fn: Callable[[TrainState], dict] | None = None,
              name: str = "train") -> TrainState:
@@ -75,6 +85,12 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     run_dir: metrics.jsonl (+ TensorBoard) and checkpoints/ go here; an existing
     checkpoint there is restored first. put_batch: places a host batch on devices
     (e.g. shard_batch over a mesh). eval_fn(state) -> metrics, logged as eval/*.
+
+    The loop trains a copy of `state` (`owned_state`): the steps donate their input, and
+    the caller's arrays (the state passed in, parameters it shares with a reference)
+    stay valid. While the phase runs, the caller's state and the trained one are both
+    held (one more copy of params and optimizer state); the frozen `ref_params` of an
+    RL or OREO state are not donated and are not copied.
     """
     writer = MetricsWriter(run_dir) if run_dir else None
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints) if run_dir else None
@@ -83,6 +99,8 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             state, meta = ckpt.restore(state)
             print(f"[{name}] resumed from {ckpt.directory} at step {int(state.step)} "
                   f"(data position {meta.get('data_position')})")
+        else:  # restored arrays are already fresh
+            state = owned_state(state)
         start = int(jax.device_get(state.step))
         consecutive = 0
         progress = Progress(cfg.steps, initial=start, desc=name, disable=not cfg.progress)

@@ -126,23 +126,36 @@ def state_shardings(model, optimizer: optax.GradientTransformation, mesh: Mesh, 
     return TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep, skipped_steps=rep)
 
 
+def owned_copy(tree):
+    """A copy of every array leaf of `tree` on the same devices with the same shardings
+    (`jnp.copy`, a fresh buffer even where XLA would forward its input), so donating
+    the copy (a jitted step with donate_argnums) leaves the original valid."""
+    return jax.tree.map(jnp.copy, tree)
+
+
 def create_state(model, opt_cfg: OptimizerConfig, key: jax.Array, *, mesh: Mesh | None = None,
                  rules=LOGICAL_RULES, params=None) -> TrainState:
     """A fresh TrainState. With a mesh, parameters and optimizer state are created
     directly with their shardings (init runs under jit with out_shardings, so no
     device ever holds a full unsharded copy). `params` (e.g. loaded weights) is
-    used instead of a random init when given."""
+    used instead of a random init when given.
+
+    The state owns its arrays: given `params` are copied (with a mesh,
+    `device_put(..., may_alias=False)`, since a no-op placement returns the same
+    buffers), so a train step that donates the state never deletes the caller's
+    `params`, which stay usable, e.g. as the frozen reference of `preference`.
+    """
     optimizer = make_optimizer(opt_cfg)
     init_key, rng = jax.random.split(key)
     if mesh is None:
-        params = model.init(init_key) if params is None else params
+        params = model.init(init_key) if params is None else owned_copy(params)
         return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=rng,
                           skipped_steps=jnp.int32(0))
     sh = state_shardings(model, optimizer, mesh, rules)
     if params is None:
         params = jax.jit(model.init, out_shardings=sh.params)(init_key)
     else:
-        params = jax.device_put(params, sh.params)
+        params = jax.device_put(params, sh.params, may_alias=False)
     opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(params)
     # Counters and key are made under jit too: with several processes the
     # replicated sharding spans devices of other processes, where device_put

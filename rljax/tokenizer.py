@@ -1,7 +1,9 @@
 """Tokenizers for training and sampling: a tiny character tokenizer and a
 wrapper around HuggingFace `tokenizers`.
 
-Both share one interface (`Tokenizer`):
+Both share one interface, the `Tokenizer` protocol (what the collators and the
+sampler rely on; any object with these members works, runtime-checkable with
+isinstance):
 
   encode(text)            -> list[int]                    (bos prepended by default)
   decode(ids)             -> str                          (ids: list or 1-D array [T])
@@ -23,7 +25,7 @@ import json
 import os
 import string
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import tokenizers
@@ -38,6 +40,7 @@ __all__ = [
     "UnknownCharacterError",
     "ChatTemplateError",
     "Tokenizer",
+    "BaseTokenizer",
     "CharTokenizer",
     "HFTokenizer",
 ]
@@ -94,9 +97,53 @@ def _as_id_array(ids: Any) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-class Tokenizer:
-    """Base class: subclasses set the four attributes and implement
-    `encode` and `_decode_kept`."""
+@runtime_checkable
+class Tokenizer(Protocol):
+    """The tokenizer interface the collators (`rljax.data`), the sampler and the phases use.
+
+    pad_id: the id padding fills rows with (masked out by attention_mask, never learned).
+    bos_id: the id `add_bos` prepends, or None for a tokenizer without one.
+    eos_id: the id `add_eos` appends (the end of a completion that the model learns to emit).
+    eos_ids: every id that ends a completion (the sampler's stop ids, `decode`'s stop), eos_id among them.
+    vocab_size: V; every id is in [0, V) (the model's vocabulary must be at least V).
+    """
+
+    pad_id: int
+    bos_id: int | None
+    eos_id: int
+    vocab_size: int
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end a completion."""
+        ...
+
+    def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+        """text -> ids [T]: [bos_id if add_bos] + tokens of text + [eos_id if add_eos]; encode("")
+        is just the requested specials (the collators take the bos this way)."""
+        ...
+
+    def encode_batch(self, texts: Sequence[str], *, add_bos: bool = True, add_eos: bool = False,
+                     padding_side: str = "left", length: int | None = None,
+                     pad_to_multiple_of: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """texts [B] -> (tokens [B, T] int32 padded with pad_id, attention_mask [B, T] int32, 1 on
+        real tokens); padding_side "left" (prompts for sampling) or "right"; T = the longest
+        row or `length`, rounded up to a multiple of pad_to_multiple_of."""
+        ...
+
+    def decode(self, ids: Any, *, stop_at_eos: bool = True, skip_special: bool = True) -> str:
+        """ids [T] (list or 1-D integer array) -> text, cut at the first of eos_ids when
+        stop_at_eos, with pad/bos/eos left out when skip_special."""
+        ...
+
+    def decode_batch(self, ids_2d: Any, **kw: Any) -> list[str]:
+        """ids [B, T] (array or ragged lists) -> B texts, `decode` of each row with `kw`."""
+        ...
+
+
+class BaseTokenizer:
+    """Shared implementation of the `Tokenizer` protocol: subclasses set the four attributes
+    and implement `encode` and `_decode_kept`."""
 
     pad_id: int
     bos_id: int | None
@@ -221,7 +268,7 @@ class Tokenizer:
         raise NotImplementedError
 
 
-class CharTokenizer(Tokenizer):
+class CharTokenizer(BaseTokenizer):
     """One id per character: 0 pad, 1 bos, 2 eos, then the alphabet in order
     from id 3. `vocab_size = 3 + len(alphabet)`."""
 
@@ -338,7 +385,7 @@ def _chat_templates(directory: Path, config: Mapping, config_path: Path) -> str 
     return named
 
 
-class HFTokenizer(Tokenizer):
+class HFTokenizer(BaseTokenizer):
     """A `tokenizers.Tokenizer` (from a `tokenizer.json` file, a directory
     holding one, or an already-built object) behind the common interface.
 

@@ -161,3 +161,45 @@ def test_run_loop_logs_evaluates_and_checkpoints_on_schedule(tiny, tmp_path):
         (2, 20.0), (4, 40.0), (6, 60.0), (7, 70.0)]
     with Checkpointer(str(tmp_path / "checkpoints")) as ck:
         assert ck.all_steps() == [5, 7]
+
+
+def test_batch_iterator_collates_a_recurring_batch_once():
+    TOK_CACHE, calls = CharTokenizer(), []
+
+    def collate(rows):
+        calls.append(list(rows))
+        return collate_prompt_completion(TOK_CACHE, rows)
+
+    rows = [("1+2=", "3"), ("2*4=", "8"), ("9-3=", "6"), ("7+7=", "14")]
+    fixed = BatchIterator(rows, 4, collate, shuffle=False)  # the data set is one batch
+    fresh = BatchIterator(rows, 4, lambda r: collate_prompt_completion(TOK_CACHE, r), shuffle=False, cache=0)
+    for n in range(6):
+        a, b = fixed.batch_at(n), fresh.batch_at(n)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert len(calls) == 1
+    # unshuffled: each batch of the epoch is collated once, then repeats every epoch
+    calls.clear()
+    two = BatchIterator(rows, 2, collate, shuffle=False)
+    batches = [two.batch_at(n) for n in range(6)]
+    assert len(calls) == 2 and batches[0] is batches[2] is batches[4] and batches[1] is batches[3]
+    # shuffled: cached only while every ordered draw fits (4 of 4: 24 <= 64), and equal to collating again
+    calls.clear()
+    shuffled = BatchIterator(rows, 4, collate, seed=3)
+    fresh = BatchIterator(rows, 4, lambda r: collate_prompt_completion(TOK_CACHE, r), seed=3, cache=0)
+    for n in range(60):
+        for x, y in zip(jax.tree.leaves(shuffled.batch_at(n)), jax.tree.leaves(fresh.batch_at(n))):
+            np.testing.assert_array_equal(x, y)
+    assert len(calls) == len({tuple(shuffled.indices_at(n)) for n in range(60)}) < 60
+    # more distinct batches than the cache holds: collated every time (nothing kept)
+    many = BatchIterator(list(range(100)), 10, lambda r: r)
+    assert many._cache is None and BatchIterator(list(range(100)), 10, lambda r: r, shuffle=False)._cache == {}
+
+
+def test_default_buckets_do_not_inflate_tiny_rows():
+    from rljax.buckets import bucket_length
+
+    assert [bucket_length(n) for n in (1, 2, 3, 5, 9, 17)] == [1, 2, 4, 8, 16, 32]
+    assert bucket_length(2, minimum=16) == 16 and bucket_length(40, maximum=48) == 48
+    b = collate_prompt_completion(CharTokenizer(), [("1", "2")])  # bos 1 2 eos: 4 tokens, not 16
+    assert b.tokens.shape == (1, 4)

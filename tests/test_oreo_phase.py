@@ -164,7 +164,7 @@ def test_iterative_oreo_resumes_at_the_right_round(setup, tmp_path):
 
 def test_oreo_step_and_search_sharded_equal_one_device():
     out = run_with_devices("""
-        import functools, jax, jax.numpy as jnp, numpy as np
+        import functools, jax, numpy as np
         from rljax.data.collate import BatchIterator
         from rljax.losses.oreo import OREOConfig
         from rljax.models import Model, preset
@@ -185,7 +185,7 @@ def test_oreo_step_and_search_sharded_equal_one_device():
         out = []
         for m in (None, mesh):
             model = Model(preset("tiny", n_layers=2, vocab_size=tok.vocab_size), mesh=m)
-            value_model, state = create_oreo_state(model, jax.tree.map(jnp.copy, init), opt, jax.random.key(1))
+            value_model, state = create_oreo_state(model, init, opt, jax.random.key(1))
             data = BatchIterator(ROWS, 8, functools.partial(collate_trajectories, tok, separator=";"), seed=0)
             cfg = OREOPhaseConfig(loss=OREOConfig(beta=0.1, level="step"), optimizer=opt,
                                   loop=LoopConfig(steps=3, progress=False))

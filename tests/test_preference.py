@@ -279,3 +279,128 @@ def test_completion_logps_one_pass_matches_separate_rows(small):
         np.testing.assert_allclose(lp[:, side], want, atol=1e-5)
         np.testing.assert_array_equal(mask[:, side], target_mask(batch.loss_mask[:, side],
                                                                  batch.attention_mask[:, side]))
+
+
+# ----------------------------------------------------------------------------- per-pair weights and soft labels
+
+WEIGHTS = [0.5, 2.0, 0.0, 1.0, 3.0, 0.25, 1.5, 1.0]
+
+
+def _rows(pairs, ref, **per_pair):
+    """Dict rows with ref_logps from `ref` [B, 2] and optional per-pair keys (lists)."""
+    return [dict(prompt=p, chosen=c, rejected=r, ref_logps=tuple(map(float, ref[i])),
+                 **{k: v[i] for k, v in per_pair.items()}) for i, (p, c, r) in enumerate(pairs)]
+
+
+@pytest.mark.parametrize("cfg", [DPOConfig(), DPOConfig(objective="ipo"), DPOConfig(objective="hinge"),
+                                 SimPOConfig()], ids=["dpo", "ipo", "hinge", "simpo"])
+def test_weighted_loss_equals_naive_per_pair_loop(small, cfg):
+    """Σ w_i ℓ_i / Σ w_i (and, for DPO, its gradient) equal a loop of the existing loss over one-pair batches."""
+    model, params = small
+    ref = np.asarray(reference_logps(params, collate_preferences(TOK, PAIRS), model=model)) - 0.7
+    batch = collate_preferences(TOK, _rows(PAIRS, ref, weight=WEIGHTS))
+    assert batch.weight.shape == (8,) and batch.label is None
+
+    def weighted(p):
+        return preference_loss(p, batch, model=model, cfg=cfg)[0]
+
+    def naive(p):  # one loss call per pair, as callers had to do before
+        total = 0.0
+        for i, w in enumerate(WEIGHTS):
+            one = collate_preferences(TOK, _rows(PAIRS[i:i + 1], ref[i:i + 1]), length=batch.tokens.shape[-1])
+            total = total + w * preference_loss(p, one, model=model, cfg=cfg)[0]
+        return total / sum(WEIGHTS)
+
+    if isinstance(cfg, DPOConfig) and cfg.objective == "sigmoid":
+        (lw, gw), (ln, gn) = jax.value_and_grad(weighted)(params), jax.value_and_grad(naive)(params)
+        for a, b in zip(jax.tree.leaves(gw), jax.tree.leaves(gn)):
+            np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()) + 1e-8, rtol=1e-4)
+    else:
+        lw, ln = weighted(params), naive(params)
+    assert float(lw) == pytest.approx(float(ln), rel=1e-5)
+    # unit weights are the unweighted loss
+    ones = collate_preferences(TOK, _rows(PAIRS, ref, weight=[1.0] * 8))
+    plain = collate_preferences(TOK, _rows(PAIRS, ref))
+    assert float(preference_loss(params, ones, model=model, cfg=cfg)[0]) == pytest.approx(
+        float(preference_loss(params, plain, model=model, cfg=cfg)[0]), rel=1e-6)
+
+
+def test_weighted_nll_is_the_token_mean_over_weighted_pairs(small):
+    model, params = small
+    ref = np.zeros((8, 2), np.float32)
+    batch = collate_preferences(TOK, _rows(PAIRS, ref, weight=WEIGHTS))
+    _, m = preference_loss(params, batch, model=model, cfg=DPOConfig(nll_coef=1.0))
+    lp, mask = completion_logps(params, batch.tokens, batch.attention_mask, batch.loss_mask, model=model)
+    lp, mask, w = np.asarray(lp[:, 0]), np.asarray(mask[:, 0]), np.asarray(WEIGHTS)[:, None]
+    assert float(m["nll"]) == pytest.approx(-(lp * mask * w).sum() / (mask * w).sum(), rel=1e-5)
+
+
+def test_soft_labels_one_is_dpo_and_one_minus_eps_is_cdpo(small):
+    model, params = small
+    ref = np.asarray(reference_logps(params, collate_preferences(TOK, PAIRS), model=model)) - 0.3
+    plain = collate_preferences(TOK, _rows(PAIRS, ref))
+    for cfg in (DPOConfig(), DPOConfig(objective="hinge"), DPOConfig(objective="ipo"), DPOConfig(flip_rate=0.2),
+                SimPOConfig()):
+        ones = collate_preferences(TOK, _rows(PAIRS, ref, label=[1.0] * 8))
+        a, b = (float(preference_loss(params, x, model=model, cfg=cfg)[0]) for x in (ones, plain))
+        assert a == pytest.approx(b, rel=1e-6), cfg
+    for eps in (0.05, 0.1, 0.3):
+        soft = collate_preferences(TOK, _rows(PAIRS, ref, label=[1.0 - eps] * 8))
+        a = float(preference_loss(params, soft, model=model, cfg=DPOConfig())[0])
+        b = float(preference_loss(params, plain, model=model, cfg=DPOConfig(label_smoothing=eps))[0])
+        assert a == pytest.approx(b, rel=1e-5), eps
+    # label 0 swaps chosen and rejected
+    zero = collate_preferences(TOK, _rows(PAIRS, ref, label=[0.0] * 8))
+    swapped = collate_preferences(TOK, _rows([(p, r, c) for p, c, r in PAIRS], ref[:, ::-1]))
+    assert float(preference_loss(params, zero, model=model, cfg=DPOConfig())[0]) == pytest.approx(
+        float(preference_loss(params, swapped, model=model, cfg=DPOConfig())[0]), rel=1e-5)
+
+
+def test_soft_label_loss_is_the_cross_entropy_with_its_optimum_in_closed_form():
+    from rljax.losses.preference import dpo_pair_loss
+
+    beta = 0.5
+    y = jnp.array([0.1, 0.3, 0.5, 0.8, 0.97])
+    m = jnp.array([-2.0, 0.3, 1.0, 4.0, -0.5])
+    h = beta * m
+    ce = y * -jax.nn.log_sigmoid(h) + (1 - y) * -jax.nn.log_sigmoid(-h)
+    np.testing.assert_allclose(dpo_pair_loss(m, DPOConfig(beta=beta), y), ce, rtol=1e-6)
+    # dℓ/dm = β (σ(βm) − y) = 0 at m* = β⁻¹ logit(y)
+    m_star = jnp.log(y / (1 - y)) / beta
+    grad = jax.grad(lambda d: dpo_pair_loss(d, DPOConfig(beta=beta), y).sum())
+    np.testing.assert_allclose(grad(m_star), 0.0, atol=1e-6)
+    np.testing.assert_allclose(grad(m), beta * (jax.nn.sigmoid(h) - y), rtol=1e-5, atol=1e-7)
+    # label smoothing smooths the label: σ(βm*) = ȳ = (1 − ε) y + ε (1 − y)
+    eps = 0.1
+    y_bar = (1 - eps) * y + eps * (1 - y)
+    g = jax.grad(lambda d: dpo_pair_loss(d, DPOConfig(beta=beta, label_smoothing=eps), y).sum())
+    np.testing.assert_allclose(g(jnp.log(y_bar / (1 - y_bar)) / beta), 0.0, atol=1e-6)
+    # IPO with a soft label: the expected square loss is minimised at Δ* = (y − ½)/β
+    gi = jax.grad(lambda d: dpo_pair_loss(d, DPOConfig(beta=beta, objective="ipo"), y).sum())
+    np.testing.assert_allclose(gi((y - 0.5) / beta), 0.0, atol=1e-5)
+
+
+def test_bad_weights_and_labels_are_named():
+    base = [dict(prompt=p, chosen=c, rejected=r) for p, c, r in PAIRS[:3]]
+    for field, value, match in (("label", 1.5, "row 1: label"), ("label", -0.1, "row 1: label"),
+                                ("label", float("nan"), "row 1: label"), ("weight", -1.0, "row 1: weight"),
+                                ("weight", float("inf"), "row 1: weight"), ("weight", float("nan"), "row 1: weight"),
+                                ("weight", "heavy", "row 1: weight")):
+        rows = [dict(r) for r in base]
+        rows[1][field] = value
+        with pytest.raises(ValueError, match=match):
+            collate_preferences(TOK, rows)
+    # rows without the key count 1; a batch with no row carrying it leaves the field None
+    rows = [dict(r) for r in base]
+    rows[2]["weight"], rows[0]["label"] = 0.0, 0.25
+    b = collate_preferences(TOK, rows)
+    np.testing.assert_array_equal(b.weight, [1.0, 1.0, 0.0])
+    np.testing.assert_array_equal(b.label, [0.25, 1.0, 1.0])
+    assert collate_preferences(TOK, base).weight is None
+
+
+def test_orpo_rejects_soft_labels_by_name(small):
+    model, params = small
+    batch = collate_preferences(TOK, [dict(prompt=p, chosen=c, rejected=r, label=0.7) for p, c, r in PAIRS[:2]])
+    with pytest.raises(ValueError, match="label"):
+        preference_loss(params, batch, model=model, cfg=ORPOConfig())

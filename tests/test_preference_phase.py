@@ -35,7 +35,7 @@ def setup():
 def _train(model, params, rows, loss, steps, *, reference=None, run_dir=None, collate=None):
     collate = collate or functools.partial(collate_preferences, TOK)
     data = BatchIterator(rows, 4, collate, seed=0)
-    state = create_state(model, OPT, jax.random.key(1), params=jax.tree.map(jnp.copy, params))
+    state = create_state(model, OPT, jax.random.key(1), params=params)
     cfg = PreferencePhaseConfig(loss=loss, optimizer=OPT, loop=LoopConfig(steps=steps, log_every=1,
                                                                          checkpoint_every=2, progress=False))
     return preference(state, data, cfg, model=model, reference=reference, run_dir=run_dir)
@@ -86,7 +86,7 @@ def test_phase_resumes_exactly(setup, tmp_path):
 
 def test_preference_sharded_equals_one_device():
     out = run_with_devices("""
-        import functools, jax, jax.numpy as jnp, numpy as np
+        import functools, jax, numpy as np
         from rljax.data.collate import BatchIterator
         from rljax.data.preference_collate import collate_preferences
         from rljax.losses.preference import DPOConfig
@@ -103,7 +103,7 @@ def test_preference_sharded_equals_one_device():
         out = []
         for m in (None, mesh):
             model = Model(preset("tiny", n_layers=2), mesh=m)
-            state = create_state(model, opt, jax.random.key(1), mesh=m, params=jax.tree.map(jnp.copy, ref))
+            state = create_state(model, opt, jax.random.key(1), mesh=m, params=ref)
             data = BatchIterator(PAIRS, 8, functools.partial(collate_preferences, tok), seed=0)
             cfg = PreferencePhaseConfig(loss=DPOConfig(), optimizer=opt, loop=LoopConfig(steps=3, progress=False))
             state = preference(state, data, cfg, model=model, reference=ref, mesh=m)
@@ -131,7 +131,7 @@ def _online(model, params, rounds, run_dir):
                           optimizer=OPT, progress=False,
                           sampling=SampleConfig(max_new_tokens=6, temperature=1.0, eos_id=TOK.eos_id,
                                                 pad_id=TOK.pad_id))
-    state = create_state(model, OPT, jax.random.key(2), params=jax.tree.map(jnp.copy, params))
+    state = create_state(model, OPT, jax.random.key(2), params=params)
     prompts = [p for p, _, _ in PAIRS]
     return online_dpo(state, prompts, scorer, cfg, model=model, tokenizer=TOK,
                       collate=functools.partial(collate_preferences, TOK), run_dir=run_dir)

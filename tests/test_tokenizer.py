@@ -269,3 +269,25 @@ def test_hf_unknown_position_counts_characters_not_bytes():
     # 'é' is 2 bytes in UTF-8; the position must still be a character index.
     with pytest.raises(ValueError, match=r"'noir' at position 5"):
         t.encode("café noir")
+
+
+def test_char_and_hf_tokenizers_satisfy_the_protocol(hf_dir):
+    import inspect
+
+    from rljax.data.collate import collate_prompt_completion
+    from rljax.data.preference_collate import collate_preferences
+    from rljax.tokenizer import Tokenizer
+
+    for tok in (CharTokenizer(), HFTokenizer(hf_dir)):
+        assert isinstance(tok, Tokenizer)
+        assert isinstance(tok.eos_ids, tuple) and tok.eos_id in tok.eos_ids
+
+    class Partial:  # no decode_batch, eos_ids, ...
+        pad_id, bos_id, eos_id, vocab_size = 0, 1, 2, 8
+
+        def encode(self, text, *, add_bos=True, add_eos=False):
+            return []
+
+    assert not isinstance(Partial(), Tokenizer)
+    for collate in (collate_prompt_completion, collate_preferences):
+        assert inspect.signature(collate).parameters["tokenizer"].annotation == "Tokenizer"

@@ -111,12 +111,19 @@ class PreferenceBatch:
     the rejected (y_l) completion of the same prompt (loss_mask 1 on completion tokens);
     ref_logps: [B, 2] float32, the reference's summed completion log-probs S_ref, or
     None (computed by a live reference, or not needed by reference-free losses).
+    weight: [B] float32 >= 0 or None (all 1): the loss is the weighted mean over pairs
+    Σ_i w_i ℓ_i / Σ_i w_i (e.g. exact expected gradients, importance weights).
+    label: [B] float32 in [0, 1] or None (all 1): the soft label y_i = P(chosen ≻ rejected),
+    e.g. an AI labeller's probability; the pair's loss becomes y ℓ(y_w ≻ y_l) + (1 − y) ℓ(y_l ≻ y_w)
+    (for DPO's sigmoid the cross-entropy y·(−log σ(h)) + (1 − y)·(−log σ(−h))).
     """
 
     tokens: object
     attention_mask: object
     loss_mask: object
     ref_logps: object = None
+    weight: object = None
+    label: object = None
 
 
 @struct.dataclass

@@ -5,14 +5,15 @@ from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from rljax.buckets import bucket_length
+from rljax.buckets import DEFAULT_MIN_BUCKET, bucket_length
 from rljax.data.batch import SequenceBatch
+from rljax.tokenizer import Tokenizer
 
 T = TypeVar("T")
 
 
-def encode_prompt_completion(tokenizer, prompt: str, completion: str, row: int, *, add_bos: bool, add_eos: bool,
-                             field: str = "completion") -> tuple[list[int], list[int]]:
+def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str, row: int, *, add_bos: bool,
+                             add_eos: bool, field: str = "completion") -> tuple[list[int], list[int]]:
     """[bos] prompt completion [eos] -> (ids, completion mask); an empty completion is an error naming the row."""
     p = tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
     c = tokenizer.encode(completion, add_bos=False, add_eos=add_eos)
@@ -48,8 +49,8 @@ def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, *others: Se
     return [tokens, attn, *outs]
 
 
-def collate_prompt_completion(tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int | None = None,
-                              min_bucket: int = 16, add_bos: bool = True, add_eos: bool = True,
+def collate_prompt_completion(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int | None = None,
+                              min_bucket: int = DEFAULT_MIN_BUCKET, add_bos: bool = True, add_eos: bool = True,
                               length: int | None = None) -> SequenceBatch:
     """(prompt, completion) pairs -> right-padded SequenceBatch.
 
@@ -69,6 +70,16 @@ def collate_prompt_completion(tokenizer, pairs: Sequence[tuple[str, str]], *, ma
     return SequenceBatch(tokens=tokens, attention_mask=attn, loss_mask=loss)
 
 
+def _ordered_draws(n: int, k: int, limit: int) -> int:
+    """n! / (n − k)! (the ordered draws of k of n items), or limit + 1 once it exceeds `limit`."""
+    out = 1
+    for f in range(n, n - k, -1):
+        out *= f
+        if out > limit:
+            return limit + 1
+    return out
+
+
 class BatchIterator(Generic[T]):
     """Fixed-size batches over `examples`, reshuffled every epoch from `seed`.
 
@@ -76,17 +87,30 @@ class BatchIterator(Generic[T]):
     function of (examples, batch_size, seed, n): `batch_at(n)`. A resumed run
     continues at exactly the batch it stopped at by passing the saved position.
     The last incomplete batch of an epoch is dropped (fixed shapes).
+
+    Collated batches are memoised by their example indices (the same rows in the same
+    order give the same batch, so results are bit-identical to collating again) when
+    every distinct batch fits in `cache` entries: without shuffling the D =
+    batches_per_epoch batches of an epoch recur every epoch; with shuffling a batch is
+    an ordered draw of batch_size of the N examples, D = N! / (N − batch_size)!, so only
+    tiny data sets recur. A data set that is one batch with shuffle=False is collated
+    once. `collate` must be a pure function of its rows (cache=0 otherwise), and
+    callers must not mutate a returned batch in place (it is handed out again).
     """
 
     def __init__(self, examples: Sequence[T], batch_size: int, collate: Callable[[list[T]], object], *,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, cache: int = 64):
         if batch_size < 1:
             raise ValueError(f"BatchIterator: batch_size must be >= 1, got {batch_size}")
         if len(examples) < batch_size:
             raise ValueError(f"BatchIterator: {len(examples)} examples are fewer than batch_size={batch_size}")
+        if cache < 0:
+            raise ValueError(f"BatchIterator: cache must be >= 0, got {cache}")
         self.examples, self.batch_size, self.collate = list(examples), batch_size, collate
         self.seed, self.shuffle = seed, shuffle
         self.batches_per_epoch = len(self.examples) // batch_size
+        distinct = _ordered_draws(len(self.examples), batch_size, cache) if shuffle else self.batches_per_epoch
+        self._cache: dict[tuple[int, ...], object] | None = {} if distinct <= cache else None
 
     def order(self, epoch: int) -> np.ndarray:
         """The example order of `epoch`: a permutation drawn from (seed, epoch)."""
@@ -100,7 +124,14 @@ class BatchIterator(Generic[T]):
         return self.order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
 
     def batch_at(self, position: int):
-        return self.collate([self.examples[i] for i in self.indices_at(position)])
+        """The collated batch at data position `position` (memoised, see the class docstring)."""
+        indices = self.indices_at(position)
+        if self._cache is None:
+            return self.collate([self.examples[i] for i in indices])
+        key = tuple(int(i) for i in indices)
+        if key not in self._cache:
+            self._cache[key] = self.collate([self.examples[i] for i in indices])
+        return self._cache[key]
 
     def iterate(self, start: int = 0) -> Iterator[tuple[int, object]]:
         """(position, batch) pairs from `start` on, forever."""

@@ -3,7 +3,10 @@
 A pair row is `(prompt, chosen, rejected)`, a `PreferencePair` from the adapters, or a
 dict with those keys; an optional fourth field / "ref_logps" key carries the
 reference's summed log-probs (S_ref(y_w), S_ref(y_l)) precomputed by
-`rljax.preference.cached_reference_logps`. A KTO row is `(prompt, completion,
+`rljax.preference.cached_reference_logps`; optional "weight" (a finite number >= 0, the
+pair's weight in the loss's weighted mean) and "label" (a soft label in [0, 1], the
+probability that chosen is preferred) keys or fields fill PreferenceBatch.weight and
+.label (rows without them count 1; a batch where no row has one leaves it None). A KTO row is `(prompt, completion,
 desirable)`, a `BinaryFeedback`, or a dict, optionally with "mismatched" (the
 completion paired with this prompt for z₀; default: the next row's completion in the
 batch, rotating by one) and "ref_logps".
@@ -19,10 +22,12 @@ from typing import Sequence
 
 import numpy as np
 
+from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import KTOBatch, PreferenceBatch
 from rljax.data.collate import pad_rows, padded_width
+from rljax.tokenizer import Tokenizer
 
-_PAIR_FIELDS = ("prompt", "chosen", "rejected", "ref_logps")
+_PAIR_FIELDS = ("prompt", "chosen", "rejected", "ref_logps", "weight", "label")
 _KTO_FIELDS = ("prompt", "completion", "desirable", "mismatched", "ref_logps")
 
 
@@ -51,8 +56,8 @@ def _text(i: int, value, field: str) -> str:
     return value
 
 
-def encode_truncated(tokenizer, prompt: str, completion: str, row: int, field: str, *, max_length: int | None,
-                     max_prompt_length: int | None, add_bos: bool = True,
+def encode_truncated(tokenizer: Tokenizer, prompt: str, completion: str, row: int, field: str, *,
+                     max_length: int | None, max_prompt_length: int | None, add_bos: bool = True,
                      add_eos: bool = True) -> tuple[list[int], list[int]]:
     """[bos] prompt completion [eos] with the prompt cut from the left to max_prompt_length
     tokens and the completion from the right to fit max_length -> (ids, completion mask).
@@ -82,8 +87,30 @@ def _ref(i: int, value, n: int = 2):
     return ref
 
 
-def _stack(rows_per_example: list[list[tuple[list[int], list[int]]]], refs: list, tokenizer, *, length, min_bucket,
-           max_length, names) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+def _weight_or_label(i: int, value, field: str) -> float:
+    """A row's "weight" (finite, >= 0) or "label" (in [0, 1]) as a float; 1 when absent."""
+    if value is None:
+        return 1.0
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"row {i}: {field} must be a number, got {value!r}") from None
+    if field == "weight" and not (np.isfinite(v) and v >= 0):
+        raise ValueError(f"row {i}: weight must be finite and >= 0, got {value!r}")
+    if field == "label" and not 0.0 <= v <= 1.0:  # also rejects NaN
+        raise ValueError(f"row {i}: label (P(chosen preferred)) must be in [0, 1], got {value!r}")
+    return v
+
+
+def _per_pair(rows: list[dict], field: str) -> np.ndarray | None:
+    """[B] float32 of the rows' `field` (1 where absent), or None when no row has it."""
+    if all(r[field] is None for r in rows):
+        return None
+    return np.array([_weight_or_label(i, r[field], field) for i, r in enumerate(rows)], np.float32)
+
+
+def _stack(rows_per_example: list[list[tuple[list[int], list[int]]]], refs: list, tokenizer: Tokenizer, *, length,
+           min_bucket, max_length, names) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     flat = [r for rows in rows_per_example for r in rows]
     width = padded_width([len(ids) for ids, _ in flat], length=length, min_bucket=min_bucket, max_length=max_length,
                          names=names)
@@ -97,17 +124,20 @@ def _stack(rows_per_example: list[list[tuple[list[int], list[int]]]], refs: list
     return tokens.reshape(shape), attn.reshape(shape), loss.reshape(shape), ref
 
 
-def collate_preferences(tokenizer, rows: Sequence, *, max_length: int | None = None,
-                        max_prompt_length: int | None = None, min_bucket: int = 16, length: int | None = None,
-                        add_bos: bool = True, add_eos: bool = True) -> PreferenceBatch:
+def collate_preferences(tokenizer: Tokenizer, rows: Sequence, *, max_length: int | None = None,
+                        max_prompt_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET,
+                        length: int | None = None, add_bos: bool = True, add_eos: bool = True) -> PreferenceBatch:
     """Pair rows -> PreferenceBatch [B, 2, T] (chosen at index 0, rejected at 1), right-padded
-    to a bucketed width. Errors name the row: a missing field, an empty completion (also
-    after truncation), chosen identical to rejected, bad ref_logps."""
+    to a bucketed width, with optional per-pair weight and soft label [B] (see the module
+    docstring). Errors name the row: a missing field, an empty completion (also after
+    truncation), chosen identical to rejected, bad ref_logps, a weight that is negative or
+    not finite, a label outside [0, 1]."""
     if not rows:
         raise ValueError("collate_preferences: no examples")
-    encoded, refs, names = [], [], []
+    encoded, refs, names, parsed = [], [], [], []
     for i, raw in enumerate(rows):
         r = _row(i, raw, _PAIR_FIELDS, 3)
+        parsed.append(r)
         prompt = _text(i, r["prompt"], "prompt")
         chosen, rejected = _text(i, r["chosen"], "chosen"), _text(i, r["rejected"], "rejected")
         if chosen == rejected:
@@ -119,7 +149,8 @@ def collate_preferences(tokenizer, rows: Sequence, *, max_length: int | None = N
         names += [f"row {i} chosen", f"row {i} rejected"]
     tokens, attn, loss, ref = _stack(encoded, refs, tokenizer, length=length, min_bucket=min_bucket,
                                      max_length=max_length, names=names)
-    return PreferenceBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, ref_logps=ref)
+    return PreferenceBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, ref_logps=ref,
+                           weight=_per_pair(parsed, "weight"), label=_per_pair(parsed, "label"))
 
 
 def _desirable(i: int, value) -> float:
@@ -128,9 +159,9 @@ def _desirable(i: int, value) -> float:
     raise ValueError(f"row {i}: desirable must be a boolean or 0/1, got {value!r}")
 
 
-def collate_kto(tokenizer, rows: Sequence, *, max_length: int | None = None, max_prompt_length: int | None = None,
-                min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
-                add_eos: bool = True) -> KTOBatch:
+def collate_kto(tokenizer: Tokenizer, rows: Sequence, *, max_length: int | None = None,
+                max_prompt_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET,
+                length: int | None = None, add_bos: bool = True, add_eos: bool = True) -> KTOBatch:
     """KTO rows -> KTOBatch [B, 2, T]: index 0 (x_i, y_i), index 1 the mismatched pair
     (x_i, y_(i+1) mod B) (or the row's own "mismatched" completion). Needs B >= 2."""
     if len(rows) < 2:

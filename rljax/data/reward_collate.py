@@ -16,8 +16,10 @@ from typing import Sequence
 
 import numpy as np
 
+from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch
 from rljax.data.collate import encode_prompt_completion, pad_rows, padded_width
+from rljax.tokenizer import Tokenizer
 
 
 def _fields(row, names: tuple[str, ...]) -> tuple:
@@ -57,10 +59,10 @@ def _check_ranking(i: int, answers: Sequence[str], ranks: Sequence[int]) -> list
     return out
 
 
-def collate_ranked(tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence[int]]], *,
+def collate_ranked(tokenizer: Tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence[int]]], *,
                    answers_per_list: int | None = None, margins: Sequence[float] | None = None,
                    priors: Sequence[Sequence[float]] | None = None, max_length: int | None = None,
-                   min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+                   min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                    add_eos: bool = True) -> RankingBatch:
     """(prompt, answers, ranks) lists (tuples or `RankedList`) -> RankingBatch [B, K, T]: all answers of a prompt in
     one batch element (InstructGPT's K-wise comparisons; pairs are K = 2).
@@ -112,7 +114,8 @@ def collate_ranked(tokenizer, lists: Sequence[tuple[str, Sequence[str], Sequence
                         margin=margin, prior=prior)
 
 
-def collate_pairs(tokenizer, pairs: Sequence, *, margins: Sequence[float] | None = None, **kw) -> RankingBatch:
+def collate_pairs(tokenizer: Tokenizer, pairs: Sequence, *, margins: Sequence[float] | None = None,
+                  **kw) -> RankingBatch:
     """(prompt, chosen, rejected) rows (tuples or `PreferencePair`) -> RankingBatch with K = 2,
     rank (0, 1). A pair whose chosen equals its rejected is an error naming the row."""
     lists = []
@@ -127,7 +130,7 @@ def collate_pairs(tokenizer, pairs: Sequence, *, margins: Sequence[float] | None
     return collate_ranked(tokenizer, lists, answers_per_list=2, margins=margins, **kw)
 
 
-def _encode_rows(tokenizer, rows, *, max_length, min_bucket, length, add_bos, add_eos):
+def _encode_rows(tokenizer: Tokenizer, rows, *, max_length, min_bucket, length, add_bos, add_eos):
     """(prompt, completion) -> right-padded tokens, attention mask, completion mask."""
     encoded = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)
                for i, (p, c) in enumerate(rows)]
@@ -136,8 +139,8 @@ def _encode_rows(tokenizer, rows, *, max_length, min_bucket, length, add_bos, ad
     return pad_rows([e[0] for e in encoded], width, tokenizer.pad_id, [e[1] for e in encoded])
 
 
-def collate_scored(tokenizer, rows: Sequence[tuple[str, str, object]], *, max_length: int | None = None,
-                   min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+def collate_scored(tokenizer: Tokenizer, rows: Sequence[tuple[str, str, object]], *, max_length: int | None = None,
+                   min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                    add_eos: bool = True) -> ScoreBatch:
     """(prompt, response, score) rows (tuples or `ScoredResponse`) -> ScoreBatch. score: a number (scores [B]) or a
     sequence of A numbers, None for a missing attribute (scores [B, A], score_mask 0
@@ -170,8 +173,8 @@ def _label(v, where: str) -> float:
     return v
 
 
-def collate_verifier(tokenizer, rows: Sequence[tuple[str, str, float]], *, max_length: int | None = None,
-                     min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+def collate_verifier(tokenizer: Tokenizer, rows: Sequence[tuple[str, str, float]], *, max_length: int | None = None,
+                     min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> TokenLabelBatch:
     """(prompt, completion, correct) rows (tuples or `BinaryFeedback`) -> TokenLabelBatch for an outcome verifier
     (Cobbe et al.): the label (1 correct, 0 wrong, or a float in [0, 1]) on every
@@ -195,7 +198,7 @@ def split_solution(completion: str, separator: str) -> list[str]:
     return [s for s in completion.split(separator) if s]
 
 
-def encode_steps(tokenizer, prompt: str, steps: Sequence[str], separator: str, *, row: int = 0,
+def encode_steps(tokenizer: Tokenizer, prompt: str, steps: Sequence[str], separator: str, *, row: int = 0,
                  add_bos: bool = True, add_eos: bool = False) -> tuple[list[int], list[int], list[int]]:
     """[bos] prompt step_1 sep step_2 sep ... step_S [eos] -> (ids, completion mask,
     index of the last token of each step). Each piece is encoded on its own. Errors name
@@ -220,8 +223,8 @@ def encode_steps(tokenizer, prompt: str, steps: Sequence[str], separator: str, *
     return ids, [0] * n_prompt + [1] * (len(ids) - n_prompt), ends
 
 
-def collate_steps(tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[float]]], *, separator: str,
-                  max_length: int | None = None, min_bucket: int = 16, length: int | None = None,
+def collate_steps(tokenizer: Tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[float]]], *, separator: str,
+                  max_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None,
                   add_bos: bool = True, add_eos: bool = True) -> TokenLabelBatch:
     """(prompt, steps, step labels) rows (tuples or `StepLabelled`) -> TokenLabelBatch for a process reward model:
     label_mask is 1 at the last token of each step, labels hold the step's label there
@@ -253,8 +256,8 @@ def collate_steps(tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[f
                            label_mask=mark)
 
 
-def collate_feedback(tokenizer, rows: Sequence, *, signal: str = "click", max_length: int | None = None,
-                     min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+def collate_feedback(tokenizer: Tokenizer, rows: Sequence, *, signal: str = "click", max_length: int | None = None,
+                     min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> FeedbackBatch:
     """Logged displays (`Interaction` rows, or (prompt, completion, signal, propensity) tuples)
     -> FeedbackBatch with the named signal (click, like or accept) as 0/1 and the display's
@@ -281,8 +284,8 @@ def collate_feedback(tokenizer, rows: Sequence, *, signal: str = "click", max_le
                          propensity=np.float32(props))
 
 
-def collate_outcomes(tokenizer, rows: Sequence, ref_logprobs, *, max_length: int | None = None,
-                     min_bucket: int = 16, length: int | None = None, add_bos: bool = True,
+def collate_outcomes(tokenizer: Tokenizer, rows: Sequence, ref_logprobs, *, max_length: int | None = None,
+                     min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> OutcomeBatch:
     """(prompt, completion, label) rows (tuples or `BinaryFeedback`) -> OutcomeBatch for the
     implicit PRM, with the reference's token log-probs from `ref_logprobs(tokens, mask)

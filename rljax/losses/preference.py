@@ -14,6 +14,15 @@ and ORPO); with "mean" the reference's log-probs are averaged over the same toke
 Each loss averages over the pairs (or KTO examples) whose completions are not
 empty; an empty completion (nothing left after truncation) is masked out and
 counted in the `empty` metric instead of producing NaN.
+
+Per-pair weights and soft labels (PreferenceBatch.weight w [B], .label y [B]): a pair's
+loss with label y is the expectation over which completion is preferred,
+ℓ_y(Δ) = y ℓ(Δ) + (1 − y) ℓ(−Δ) (the sigmoid loss: the cross-entropy y·L(h) + (1 − y)·L(−h),
+minimised where σ(h*) = y; IPO: minimised at Δ* = (y − ½)/β), and the loss is the weighted
+mean Σ_i w_i v_i ℓ_i / Σ_i w_i v_i over the non-empty pairs (v_i = 1). cDPO's label smoothing
+ε is the same mechanism: it smooths the label, ȳ = (1 − ε) y + ε (1 − y) (ȳ = 1 − ε without
+labels). The chosen-NLL term (nll_coef, ORPO) stays on the "chosen" completion, weighted
+by w; ORPO, whose objective is that NLL, rejects soft labels. Metrics are unweighted.
 """
 from __future__ import annotations
 
@@ -184,12 +193,17 @@ def reference_logps(params, batch, *, model, chunk_size: int | None = None) -> j
     return sequence_logps(lp, mask, "sum")[0]
 
 
-def _masked_mean(x, valid):
-    return jnp.sum(x * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+def _masked_mean(x, weight):
+    """Σ_i w_i x_i / Σ_i w_i (0 when every weight is 0; w may be fractional, so no max(·, 1))."""
+    total = jnp.sum(weight)
+    return jnp.sum(x * weight) / jnp.where(total > 0, total, 1.0)
 
 
 def _policy_terms(params, batch, cfg, *, model):
-    """(S_θ reduced [B, 2], S_ref reduced [B, 2] or 0, lengths [B, 2], valid [B], chosen NLL)."""
+    """(S_θ reduced [B, 2], S_ref reduced [B, 2] or 0, lengths [B, 2], valid [B], chosen NLL).
+
+    The NLL is the token mean over the chosen completions of valid pairs, each pair's tokens
+    weighted by its PreferenceBatch.weight: Σ_i w_i Σ_t m_it (−ℓ_it) / Σ_i w_i Σ_t m_it."""
     lp, mask = completion_logps(params, batch.tokens, batch.attention_mask, batch.loss_mask, model=model,
                                 chunk_size=cfg.chunk_size)
     logps, lengths = sequence_logps(lp, mask, cfg.logp_reduction)
@@ -205,9 +219,47 @@ def _policy_terms(params, batch, cfg, *, model):
         if cfg.logp_reduction == "mean":
             ref = ref / jnp.maximum(lengths, 1.0)
     # token-mean NLL of the chosen completions of valid pairs
-    chosen_mask = mask[:, 0] * valid[:, None]
-    nll = -jnp.sum(lp[:, 0] * chosen_mask) / jnp.maximum(jnp.sum(chosen_mask), 1.0)
+    weight = pair_weights(batch, valid) if isinstance(batch, PreferenceBatch) else valid
+    chosen_mask = mask[:, 0] * weight[:, None]
+    nll = -_masked_mean(lp[:, 0], chosen_mask)
     return logps, ref, lengths, valid, nll
+
+
+def pair_weights(batch: PreferenceBatch, valid: jax.Array) -> jax.Array:
+    """w_i v_i [B]: the batch's per-pair weights (1 when absent) times the non-empty mask."""
+    if batch.weight is None:
+        return valid
+    chex.assert_shape(batch.weight, valid.shape)
+    return valid * batch.weight.astype(jnp.float32)
+
+
+def soft_label_loss(f, x: jax.Array, label: jax.Array | None) -> jax.Array:
+    """y f(x) + (1 − y) f(−x): a pairwise loss f of the chosen-minus-rejected score x [B]
+    in expectation over the soft label y [B] = P(chosen ≻ rejected); f(x) when label is None."""
+    if label is None:
+        return f(x)
+    y = label.astype(jnp.float32)
+    chex.assert_equal_shape([x, y])
+    return y * f(x) + (1.0 - y) * f(-x)
+
+
+def dpo_pair_loss(delta: jax.Array, cfg: DPOConfig, label: jax.Array | None = None) -> jax.Array:
+    """ℓ_i [B] of DPOConfig's objective at Δ = ρ_w − ρ_l [B], h = βΔ, for soft labels y [B]
+    (None = 1): sigmoid (1 − ε̄) L(h) + ε̄ L(−h) with ε̄ = 1 − ȳ = ε + (1 − y)(1 − 2ε), ε =
+    label_smoothing (so y = 1 − ε with ε = 0 is cDPO with ε); robust, hinge and IPO
+    y f(Δ) + (1 − y) f(−Δ). The sigmoid loss's minimiser: σ(h*) = ȳ, h* = logit(ȳ)."""
+    h = cfg.beta * delta
+    if cfg.objective == "ipo":
+        return soft_label_loss(lambda d: ipo(d, cfg.beta), delta, label)
+    if cfg.objective == "hinge":
+        return soft_label_loss(hinge_preference, h, label)
+    if cfg.flip_rate > 0:
+        return soft_label_loss(lambda x: robust_preference(x, cfg.flip_rate), h, label)
+    if label is None:
+        return sigmoid_preference(h, cfg.label_smoothing)
+    chex.assert_equal_shape([h, label])
+    eps = cfg.label_smoothing + (1.0 - label.astype(jnp.float32)) * (1.0 - 2.0 * cfg.label_smoothing)
+    return sigmoid_preference(h, eps)
 
 
 def _pair_metrics(logps, rewards, valid, lengths) -> dict:
@@ -224,36 +276,37 @@ def _pair_metrics(logps, rewards, valid, lengths) -> dict:
 
 
 def dpo_loss(params, batch: PreferenceBatch, *, model, cfg: DPOConfig):
-    """mean over pairs of f(h), h = β(ρ_w − ρ_l), f by cfg.objective (see DPOConfig);
-    implicit rewards β ρ. batch: PreferenceBatch [B, 2, T]. Returns (loss, metrics)."""
+    """Σ_i w_i ℓ_i / Σ_i w_i over the non-empty pairs, ℓ_i = `dpo_pair_loss` of Δ_i = ρ_w − ρ_l
+    with the batch's soft label y_i (f by cfg.objective, see DPOConfig; w, y = 1 when the
+    batch has none); implicit rewards β ρ. batch: PreferenceBatch [B, 2, T]. Returns (loss, metrics)."""
     logps, ref, lengths, valid, nll = _policy_terms(params, batch, cfg, model=model)
     rho = logps - ref
-    delta = rho[:, 0] - rho[:, 1]
-    h = cfg.beta * delta
-    if cfg.objective == "ipo":
-        per_pair = ipo(delta, cfg.beta)
-    elif cfg.objective == "hinge":
-        per_pair = hinge_preference(h)
-    elif cfg.flip_rate > 0:
-        per_pair = robust_preference(h, cfg.flip_rate)
-    else:
-        per_pair = sigmoid_preference(h, cfg.label_smoothing)
-    loss = _masked_mean(per_pair, valid) + cfg.nll_coef * nll
+    per_pair = dpo_pair_loss(rho[:, 0] - rho[:, 1], cfg, batch.label)
+    loss = _masked_mean(per_pair, pair_weights(batch, valid)) + cfg.nll_coef * nll
     return loss, dict(_pair_metrics(logps, cfg.beta * rho, valid, lengths), nll=nll)
 
 
 def simpo_loss(params, batch: PreferenceBatch, *, model, cfg: SimPOConfig):
-    """mean over pairs of L(β (A_w − A_l) − γ) [+ c · NLL(y_w)]; rewards β A."""
+    """Σ_i w_i ℓ_i / Σ_i w_i over pairs, ℓ = L(β (A_w − A_l) − γ), with a soft label y
+    y L(β (A_w − A_l) − γ) + (1 − y) L(β (A_l − A_w) − γ) [+ c · NLL(y_w)]; rewards β A."""
     logps, _, lengths, valid, nll = _policy_terms(params, batch, cfg, model=model)
-    per_pair = simpo(logps[:, 0], logps[:, 1], cfg.beta, cfg.gamma)
-    loss = _masked_mean(per_pair, valid) + cfg.nll_coef * nll
+    diff = logps[:, 0] - logps[:, 1]
+    if batch.label is None:
+        per_pair = simpo(logps[:, 0], logps[:, 1], cfg.beta, cfg.gamma)
+    else:
+        per_pair = soft_label_loss(lambda d: simpo(d, jnp.zeros_like(d), cfg.beta, cfg.gamma), diff, batch.label)
+    loss = _masked_mean(per_pair, pair_weights(batch, valid)) + cfg.nll_coef * nll
     return loss, dict(_pair_metrics(logps, cfg.beta * logps, valid, lengths), nll=nll)
 
 
 def orpo_loss(params, batch: PreferenceBatch, *, model, cfg: ORPOConfig):
-    """NLL(y_w) + λ · mean over pairs of L(log odds(A_w) − log odds(A_l)); rewards A (TRL logs β A)."""
+    """NLL(y_w) + λ · Σ_i w_i L(log odds(A_w) − log odds(A_l)) / Σ_i w_i; rewards A (TRL logs β A).
+    Soft labels are rejected: ORPO's objective is the chosen completion's NLL."""
+    if batch.label is not None:
+        raise ValueError("orpo_loss: PreferenceBatch.label (soft labels) is not defined for ORPO, whose "
+                         "objective is the chosen completion's NLL; drop the rows' 'label' or use DPOConfig")
     logps, _, lengths, valid, nll = _policy_terms(params, batch, cfg, model=model)
-    ratio = _masked_mean(odds_ratio(logps[:, 0], logps[:, 1]), valid)
+    ratio = _masked_mean(odds_ratio(logps[:, 0], logps[:, 1]), pair_weights(batch, valid))
     loss = nll + cfg.odds_ratio_coef * ratio
     return loss, dict(_pair_metrics(logps, logps, valid, lengths), nll=nll, odds_ratio_loss=ratio)
 

@@ -1,0 +1,126 @@
+"""No aliasing: create_state and every phase leave the caller's arrays valid and unchanged, although the
+jitted steps donate the state they train (on one device and on a mesh)."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import run_with_devices
+from rljax.data.collate import BatchIterator, collate_prompt_completion
+from rljax.data.preference_collate import collate_preferences
+from rljax.losses.oreo import OREOConfig
+from rljax.losses.preference import DPOConfig
+from rljax.models import Model, preset
+from rljax.oreo import OREOPhaseConfig, collate_trajectories, create_oreo_state, oreo
+from rljax.phases import LoopConfig, PreferencePhaseConfig, SFTPhaseConfig, preference, sft
+from rljax.state import OptimizerConfig, create_state
+from rljax.tokenizer import CharTokenizer
+
+TOK = CharTokenizer()
+OPT = OptimizerConfig(lr=1e-2, schedule="constant")
+PAIRS = [(f"{a}+{b}=", str(a + b), str(a + b + 1)) for a in range(2) for b in range(2)]
+LOOP = LoopConfig(steps=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size))
+    return model, model.init(jax.random.key(0))
+
+
+def _snapshot(params):
+    return jax.tree.map(lambda x: np.array(x, copy=True), params)
+
+
+def _unchanged(params, snapshot):
+    """Every leaf still readable (not deleted or donated) and equal to the snapshot."""
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(snapshot), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def _moved(params, snapshot):
+    return max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(params),
+                                                                      jax.tree.leaves(snapshot)))
+
+
+def test_create_state_copies_params(setup):
+    model, p = setup
+    before = _snapshot(p)
+    state = create_state(model, OPT, jax.random.key(1), params=p)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(p)):
+        assert a is not b and a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
+    jax.jit(lambda s: s, donate_argnums=0)(state)  # donating the state deletes only its own buffers
+    _unchanged(p, before)
+
+
+def test_preference_with_reference_leaves_params_valid(setup):
+    model, p = setup
+    before = _snapshot(p)
+    state = create_state(model, OPT, jax.random.key(1), params=p)
+    data = BatchIterator(PAIRS, 4, functools.partial(collate_preferences, TOK), seed=0)
+    cfg = PreferencePhaseConfig(loss=DPOConfig(), optimizer=OPT, loop=LOOP)
+    out = preference(state, data, cfg, model=model, reference=p)
+    _unchanged(p, before)
+    _unchanged(state.params, before)  # the state passed in is not donated either
+    assert _moved(out.params, before) > 1e-4
+    # the reference may even be the trained state's own params
+    again = preference(state, data, cfg, model=model, reference=state.params)
+    _unchanged(state.params, before)
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(out.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sft_leaves_params_valid(setup):
+    model, p = setup
+    before = _snapshot(p)
+    state = create_state(model, OPT, jax.random.key(1), params=p)
+    data = BatchIterator([(q, a) for q, a, _ in PAIRS], 4, functools.partial(collate_prompt_completion, TOK))
+    out = sft(state, data, SFTPhaseConfig(optimizer=OPT, loop=LOOP), model=model)
+    _unchanged(p, before)
+    _unchanged(state.params, before)
+    assert _moved(out.params, before) > 1e-4
+
+
+def test_oreo_state_and_phase_leave_params_valid(setup):
+    model, p = setup
+    before = _snapshot(p)
+    _, state = create_oreo_state(model, p, OPT, jax.random.key(1))
+    rows = [dict(prompt=q, completion=a, reward=1.0) for q, a, _ in PAIRS] + \
+           [dict(prompt=q, completion=r, reward=0.0) for q, _, r in PAIRS]
+    data = BatchIterator(rows, 4, functools.partial(collate_trajectories, TOK), seed=0)
+    out = oreo(state, data, OREOPhaseConfig(loss=OREOConfig(), optimizer=OPT, loop=LOOP), model=model)
+    _unchanged(p, before)
+    _unchanged(state.policy.params, before)
+    _unchanged(out.ref_params, before)
+    assert _moved(out.policy.params, before) > 1e-5
+
+
+def test_no_aliasing_on_a_mesh():
+    out = run_with_devices("""
+        import functools, jax, numpy as np
+        from rljax.data.collate import BatchIterator
+        from rljax.data.preference_collate import collate_preferences
+        from rljax.losses.preference import DPOConfig
+        from rljax.models import Model, preset
+        from rljax.phases import PreferencePhaseConfig, preference
+        from rljax.sharding import make_mesh, param_shardings
+        from rljax.state import create_state
+        from test_aliasing import LOOP, OPT, PAIRS, TOK, _snapshot, _unchanged
+
+        mesh = make_mesh(data=2, fsdp=2)
+        model = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size), mesh=mesh)
+        # params already placed as the state wants them: device_put alone would return the same buffers
+        p = jax.device_put(model.init(jax.random.key(0)), param_shardings(model, mesh))
+        before = _snapshot(p)
+        state = create_state(model, OPT, jax.random.key(1), mesh=mesh, params=p)
+        _unchanged(p, before)
+        data = BatchIterator(PAIRS, 4, functools.partial(collate_preferences, TOK), seed=0)
+        cfg = PreferencePhaseConfig(loss=DPOConfig(), optimizer=OPT, loop=LOOP)
+        out = preference(state, data, cfg, model=model, reference=p, mesh=mesh)
+        _unchanged(p, before)
+        _unchanged(state.params, before)
+        assert all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(p)))
+        print("OK")
+    """, n_devices=4)
+    assert "OK" in out
