@@ -18,8 +18,8 @@ from rljax.pipelines import STAGES_DIR, IterativeRLHFConfig, Stage, create_rlhf_
 from rljax.state import OptimizerConfig, create_state
 
 
-class Killed(Exception):
-    """A simulated kill."""
+class Killed(BaseException):
+    """A simulated kill (like KeyboardInterrupt, not caught by `except Exception`)."""
 
 
 @struct.dataclass
@@ -74,8 +74,10 @@ def _toy_state():
 
 
 def _same(x, y):
+    def data(a):
+        return jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else a
     for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(data(a)), np.asarray(data(b)))
 
 
 def test_resume_after_kills_at_a_boundary_and_mid_training_is_bit_identical(tmp_path):
@@ -174,8 +176,30 @@ def _rlhf(s, run_dir, log, kill_rank=False, kill_reward_call=None):
                           initial_lists=LISTS[:1], run_dir=run_dir)
 
 
-def test_iterative_rlhf_checkpoints_the_refreshed_reward_model_and_resumes_bit_identically(rlhf_setup, tmp_path):
+def _stand_in_rl(state, prompts, reward_fn, rl_cfg, *, model, decode, steps, run_dir=None, log_every=10,
+                 checkpoint_every=0, eval_every=0, progress=True, eval_fn=None):
+    """`pipelines.train_rl` without its compile time: each iteration scores the batch's prompts (as
+    completions) with reward_fn and moves the policy's params by 1e-2·mean reward·sin(θ), on the real
+    RLState, through run_loop (checkpoints and resume as the RL phase)."""
+    move = jax.jit(lambda p, r: jax.tree.map(lambda x: x + 1e-2 * r * jnp.sin(x), p))
+
+    def step(s, batch):
+        text = decode(batch.tokens)
+        r = jnp.float32(np.mean(reward_fn(text, text)))
+        return s.replace(step=s.step + 1, policy=s.policy.replace(params=move(s.policy.params, r))), {"loss": r}
+
+    loop = LoopConfig(steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, progress=progress)
+    return run_loop(state, step, prompts, loop, run_dir=run_dir, name="rl")
+
+
+@pytest.mark.parametrize("real_rl", [False, pytest.param(True, marks=pytest.mark.slow)])  # GRPO: ~4 compiles
+def test_iterative_rlhf_checkpoints_the_refreshed_reward_model_and_resumes_bit_identically(rlhf_setup, tmp_path,
+                                                                                          monkeypatch, real_rl):
     s = rlhf_setup
+    if not real_rl:
+        import rljax.pipelines
+
+        monkeypatch.setattr(rljax.pipelines, "train_rl", _stand_in_rl)
     log = []
     full, stats = _rlhf(s, str(tmp_path / "full"), log)
     assert log.count(("rank", 1)) == 1 and int(full["policy"].step) == 2
