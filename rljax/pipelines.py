@@ -157,9 +157,10 @@ def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, ke
                 state, meta = ckpt.restore(state)
                 done = int(ckpt.latest_step())
                 if done > len(stages) or meta.get("stage") != stages[done - 1].name:
-                    raise ValueError(f"run_stages: {run_dir} holds a run whose stage {done} is "
-                                     f"{meta.get('stage')!r}, not {names[done - 1] if done <= len(stages) else None!r}"
-                                     "; use a new run directory")
+                    expected = names[done - 1] if done <= len(stages) else None
+                    raise ValueError(f"run_stages: {run_dir} holds a run whose stage {done} (the last one done) is "
+                                     f"{meta.get('stage')!r}, not {expected!r} as in these {len(stages)} stages; use "
+                                     "a new run directory")
     for i, stage in enumerate(stages):
         if i < done:
             continue
