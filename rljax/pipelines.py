@@ -260,7 +260,7 @@ def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOCo
         if len(pairs) < cfg.batch_size:
             warnings.warn(f"online_dpo: round {r} found only {len(pairs)} prompts whose answers score "
                           f"differently; training on batches of {len(pairs)} instead of {cfg.batch_size}",
-                          stacklevel=3)
+                          stacklevel=4)  # the caller of online_dpo
         ref_params = jax.device_get(state.params) if cfg.refresh_reference else reference
         if cfg.loss.needs_reference:
             ref = cached_reference_logps(ref_params, pairs, collate, model=model, batch_size=cfg.batch_size,
