@@ -42,10 +42,10 @@ from rljax.losses.oreo import OREOConfig
 from rljax.losses.preference import PREFERENCE_METHODS
 from rljax.losses.sft import SFTConfig
 from rljax.metrics import plot_curves
-from rljax.oreo import (CollectConfig, IterativeOREOConfig, OREOPhaseConfig, collate_trajectories,
-                        collect_trajectories, create_oreo_state, iterative_oreo, oreo, split_keeping_separator,
-                        value_scorer)
+from rljax.oreo import (CollectConfig, OREOPhaseConfig, collate_trajectories, collect_trajectories,
+                        create_oreo_state, oreo, split_keeping_separator, value_scorer)
 from rljax.phases import LoopConfig, PreferencePhaseConfig, SFTPhaseConfig, preference, sft
+from rljax.pipelines import IterativeOREOConfig, iterative_oreo
 from rljax.preference import cached_reference_logps, with_reference
 from rljax.recipes.arithmetic import load_sft
 from rljax.rewards.rules import arithmetic_answer_reward

@@ -35,7 +35,8 @@ from rljax.data.synthetic import gold_score, preference_pairs
 from rljax.eval import exact_match
 from rljax.losses.preference import PREFERENCE_METHODS, KTOConfig, check_kto_weights
 from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
-from rljax.preference import OnlineDPOConfig, cached_reference_logps, online_dpo, with_reference
+from rljax.pipelines import OnlineDPOConfig, online_dpo
+from rljax.preference import cached_reference_logps, with_reference
 from rljax.recipes.arithmetic import load_sft
 from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig, create_state

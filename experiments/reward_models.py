@@ -66,6 +66,7 @@ from rljax.data.synthetic import KINDS, candidate, gold_score, preference_pairs,
 from rljax.losses.reward_model import FeedbackConfig, RankingConfig, TokenLabelConfig
 from rljax.models import add_head
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
+from rljax.pipelines import IterativeRLHFConfig
 from rljax.recipes.arithmetic import load_sft
 from rljax.rewards.evaluation import reward_model_eval
 from rljax.rewards.process_labels import label_steps, model_completer
@@ -152,7 +153,7 @@ def _gold_candidates(problems, tok, *, seed: int):
 
 def _train(model, params, data, loss, steps: int, cfg: Config, run_dir: str | None, eval_fn=None, state=None):
     """A reward model trained from `params` (a fresh optimizer), or `state` continued, to `steps` steps."""
-    opt = OptimizerConfig(lr=cfg.lr, schedule="constant", head_lr=cfg.head_lr)
+    opt = _rm_optimizer(cfg)
     if state is None:  # a copy: training donates its state, and `params` shares arrays with the SFT policy
         state = create_state(model, opt, jax.random.key(cfg.seed), params=params)
     phase = RewardModelPhaseConfig(loss=loss, optimizer=opt,
@@ -268,87 +269,87 @@ def part_onpolicy(cfg: Config, model, params, tok, train, test, run_dir: str, le
                 seconds=time.perf_counter() - t0, **extra, **result), (rm, state, lists, prior)
 
 
-def onpolicy_refresher(cfg: Config, model, rm, rm_state, lists, tok, train, test, levels, prior=None):
-    """make_refresher for `grpo_against`: each call copies the part-onpolicy reward model;
-    refresh k samples onpolicy_samples answers of the current policy to refresh_problems new
-    problems, measures the reward model's pairwise accuracy on them (how well it ranks what
-    RL now produces), then trains it on them, replaying all earlier lists, for refresh_epochs
-    passes over the new ones."""
+def _rm_optimizer(cfg: Config) -> OptimizerConfig:
+    """The reward models' optimizer: the backbone at cfg.lr, the reward head at cfg.head_lr."""
+    return OptimizerConfig(lr=cfg.lr, schedule="constant", head_lr=cfg.head_lr)
+
+
+def onpolicy_rlhf(cfg: Config, model, rm, rm_state, lists, tok, train, test, levels, prior=None) -> dict:
+    """Iterative RLHF (`rljax.pipelines.iterative_rlhf`) for `grpo_against`, from the part-onpolicy
+    reward model: before each block of refresh_every GRPO iterations but the first, refresh k
+    samples onpolicy_samples answers of the current policy to refresh_problems new problems,
+    ranks them by the gold score, measures the reward model's pairwise accuracy on them (how
+    well it ranks what RL now produces), then trains it on them, replaying all earlier lists,
+    for refresh_epochs passes over the new ones."""
     K = cfg.onpolicy_samples
-    collate = ranked_collate(tok, K)
-    batch = max(cfg.batch // 4, 1)
 
-    def make():
-        box = dict(state=rm_state, lists=list(lists), round=0)
+    def rank_samples(policy_params, k: int) -> list:
+        problems = unseen_problems(train, test, cfg.refresh_problems, levels, seed=cfg.seed + 3000 + k)
+        samples = _samples(policy_params, model, tok, problems, K, cfg, jax.random.key(cfg.seed + 4000 + k))
+        return with_priors(gold_ranked_lists(problems, samples), prior)
 
-        def refresh(rl_state) -> dict:
-            if int(rl_state.step) >= cfg.rl_iterations:  # the loop's final evaluation: nothing left to score
-                return {}
-            k = box["round"] = box["round"] + 1
-            problems = unseen_problems(train, test, cfg.refresh_problems, levels, seed=cfg.seed + 3000 + k)
-            new = with_priors(gold_ranked_lists(problems, _samples(rl_state.policy.params, model, tok, problems,
-                                                                   K, cfg, jax.random.key(cfg.seed + 4000 + k))),
-                              prior)
-            if not new:  # every problem's samples tied: nothing to learn from this time
-                return dict(rm_new_lists=0.0)
-            before = reward_model_eval(rm, [collate(new[i:i + 32]) for i in range(0, len(new), 32)])(box["state"])
-            box["lists"] += new
-            steps = int(box["state"].step) + max(cfg.refresh_epochs * len(new) // batch, 1)
-            data = BatchIterator(box["lists"], min(batch, len(box["lists"])), collate, seed=cfg.seed + k)
-            box["state"] = _train(rm, None, data, RankingConfig(), steps, cfg, None, state=box["state"])
-            return dict(rm_accuracy_on_policy=before["pairwise_accuracy"], rm_new_lists=float(len(new)))
-
-        return onpolicy_scorer(rm, lambda: box["state"].params, tok, prior), refresh
-
-    return make
+    rlhf = IterativeRLHFConfig(iterations=cfg.rl_iterations, refresh_every=cfg.refresh_every,
+                               rm_epochs=cfg.refresh_epochs, rm_batch_size=max(cfg.batch // 4, 1),
+                               rm_loss=RankingConfig(), rm_optimizer=_rm_optimizer(cfg), seed=cfg.seed, log_every=10,
+                               progress=cfg.progress)
+    return dict(cfg=rlhf, rm_model=rm, rm_state=rm_state, rank_samples=rank_samples, initial_lists=list(lists),
+                make_reward=lambda rm_params: onpolicy_scorer(rm, rm_params, tok, prior),
+                collate=ranked_collate(tok, K))
 
 
 def grpo_against(cfg: Config, model, params, proxy, tok, train, test, run_dir: str, name: str,
-                 make_refresher=None) -> dict:
+                 rlhf: dict | None = None) -> dict:
     """GRPO from `params` with `proxy` as the only reward, one run per rl_seed: gold score (hidden
     from RL), proxy score, accuracy and length of held-out samples (4 per problem, T = 1)
     before and after, and the final KL (k3) to the start.
 
-    make_refresher() -> (proxy, refresh): iterative RLHF. A fresh copy of a reward model per
-    seed, `refresh(rl_state)` retrains it on gold-ranked samples of the current policy every
-    cfg.refresh_every iterations (run as the loop's eval_fn; its metrics are logged as eval/*)."""
+    rlhf (`onpolicy_rlhf`): iterative RLHF instead (`rljax.pipelines.iterative_rlhf`): per seed a
+    copy of the reward model, refreshed on gold-ranked samples of the current policy every
+    cfg.refresh_every iterations and checkpointed with the policy; the proxy after is the
+    refreshed reward model, and each run reports its refreshes."""
     from rljax.losses import GRPOConfig
-    from rljax.phases import PromptBatch, rl
-    from rljax.rl import RLConfig, create_rl_state
+    from rljax.phases import PromptBatch
+    from rljax.pipelines import create_rlhf_state, iterative_rlhf, rl_state, train_rl
+    from rljax.rl import RLConfig
 
     held = test[:cfg.rl_eval_problems]
 
-    def measure(p) -> dict:
+    def measure(p, scorer) -> dict:
         cands = _samples(p, model, tok, held, 4, cfg, jax.random.key(7))
         prompts = [q.prompt for q, cs in zip(held, cands) for _ in cs]
         flat = [c for cs in cands for c in cs]
         gold = [gold_score(q, c) for q, cs in zip(held, cands) for c in cs]
         right = [check_answer(q, c) for q, cs in zip(held, cands) for c in cs]
-        return dict(gold=float(np.mean(gold)), proxy=float(np.mean(proxy(prompts, flat))),
+        return dict(gold=float(np.mean(gold)), proxy=float(np.mean(scorer(prompts, flat))),
                     accuracy=float(np.mean(right)), length=float(np.mean([len(c) for c in flat])))
 
     def collate(problems):
         tokens, mask = tok.encode_batch([p.prompt for p in problems], padding_side="left")
         return PromptBatch(tokens=tokens, mask=mask, metadata={"problems": list(problems)})
 
-    before = measure(params)
+    before = measure(params, proxy)
     runs = []
     for seed in cfg.rl_seeds:
-        refresh = None
-        if make_refresher is not None:
-            proxy, refresh = make_refresher()
         rl_cfg = RLConfig(algorithm="grpo", sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=8,
                                                                   eos_id=tok.eos_id, pad_id=tok.pad_id),
                           loss=GRPOConfig(kl_coef=cfg.rl_kl_coef),
                           optimizer=OptimizerConfig(lr=cfg.rl_lr, schedule="constant"), track_kl=True)
-        state = create_rl_state(model, params, rl_cfg, jax.random.key(seed))
         where = os.path.join(run_dir, f"{name}-seed{seed}")
-        state = rl(state, BatchIterator(train, 16, collate, seed=seed + 1), proxy, rl_cfg, model=model,
-                   decode=tok.decode_batch, run_dir=where, eval_fn=refresh,
-                   loop=LoopConfig(steps=cfg.rl_iterations, log_every=10, progress=cfg.progress,
-                                   eval_every=cfg.refresh_every if refresh else 0))
-        after = measure(state.policy.params)
-        rows = [r for r in read_metrics(where) if "rl/kl_k3" in r]
+        prompts = BatchIterator(train, 16, collate, seed=seed + 1)
+        if rlhf is None:
+            state = rl_state(model, params, rl_cfg, jax.random.key(seed))
+            state = train_rl(state, prompts, proxy, rl_cfg, model=model, decode=tok.decode_batch,
+                             steps=cfg.rl_iterations, run_dir=where, log_every=10, progress=cfg.progress)
+            after, rl_dir = measure(state.policy.params, proxy), where
+        else:
+            state = create_rlhf_state(model, params, rlhf["rm_state"], rl_cfg, jax.random.key(seed))
+            state, refreshes = iterative_rlhf(state, prompts, rlhf["rank_samples"], rlhf["make_reward"], rlhf["cfg"],
+                                              rl_cfg, model=model, rm_model=rlhf["rm_model"], decode=tok.decode_batch,
+                                              collate=rlhf["collate"], initial_lists=rlhf["initial_lists"],
+                                              run_dir=where)
+            after = measure(state["policy"].policy.params, rlhf["make_reward"](state["reward_model"].params))
+            after["refreshes"], rl_dir = refreshes, os.path.join(where, "policy")
+        rows = [r for r in read_metrics(rl_dir) if "rl/kl_k3" in r]
         after["kl_k3"] = rows[-1]["rl/kl_k3"] if rows else None
         runs.append(after)
         print(f"{name}: seed {seed}: " + ", ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" for k in before),
@@ -393,9 +394,10 @@ def part_overopt(cfg: Config, model, params, rm, rm_params, tok, train, test, ru
     gold and proxy score of the chosen / sampled held-out completions against d = √KL, and
     the fitted R_bon(d) = d (α − β d), R_RL(d) = d (α − β log d)."""
     from rljax.models.logprobs import target_mask, token_logprobs
-    from rljax.phases import PromptBatch, rl
+    from rljax.phases import PromptBatch
+    from rljax.pipelines import rl_state, train_rl
     from rljax.rewards.evaluation import best_of_n_kl, fit_overoptimisation
-    from rljax.rl import RLConfig, create_rl_state
+    from rljax.rl import RLConfig
 
     proxy = reward_model_reward(rm, rm_params, tok)
     held = test[:cfg.rl_eval_problems]
@@ -450,13 +452,12 @@ def part_overopt(cfg: Config, model, params, rm, rm_params, tok, train, test, ru
     rl_cfg = RLConfig(algorithm="grpo", sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=8,
                                                               eos_id=tok.eos_id, pad_id=tok.pad_id),
                       optimizer=OptimizerConfig(lr=cfg.overopt_lr, schedule="constant"), track_kl=False)
-    state = create_rl_state(model, params, rl_cfg, jax.random.key(cfg.seed))
+    state = rl_state(model, params, rl_cfg, jax.random.key(cfg.seed))
     curve = [dict(iteration=0, **measure(state))]
     where = os.path.join(run_dir, "overopt-rl")
     for stop in range(cfg.overopt_eval_every, cfg.overopt_iterations + 1, cfg.overopt_eval_every):
-        state = rl(state, BatchIterator(train, 16, collate, seed=cfg.seed + 1), proxy, rl_cfg, model=model,
-                   decode=tok.decode_batch, run_dir=where,
-                   loop=LoopConfig(steps=stop, log_every=10, progress=cfg.progress))
+        state = train_rl(state, BatchIterator(train, 16, collate, seed=cfg.seed + 1), proxy, rl_cfg, model=model,
+                         decode=tok.decode_batch, steps=stop, run_dir=where, log_every=10, progress=cfg.progress)
         curve.append(dict(iteration=stop, **measure(state)))
         print(f"overopt: GRPO iteration {stop}: d {curve[-1]['d']:.3f}, gold {curve[-1]['gold']:.3f}, "
               f"proxy {curve[-1]['proxy']:.3f}", flush=True)
@@ -606,10 +607,9 @@ def main(cfg: Config) -> dict:
         if "rl" in cfg.parts and cfg.refresh_every == 0:
             results["onpolicy"]["rl"] = grpo_against(cfg, model, params, scorer, tok, train, test, run_dir, name)
         if "rl" in cfg.parts and cfg.refresh_every > 0:
-            refresher = onpolicy_refresher(cfg, model, orm, orm_state, lists, tok, train, test, sft_cfg.levels,
-                                           prior=prior)
+            rlhf = onpolicy_rlhf(cfg, model, orm, orm_state, lists, tok, train, test, sft_cfg.levels, prior=prior)
             results["onpolicy"]["rl_refreshed"] = grpo_against(cfg, model, params, scorer, tok, train, test, run_dir,
-                                                               name + "-refreshed", make_refresher=refresher)
+                                                               name + "-refreshed", rlhf=rlhf)
     if "feedback" in cfg.parts:
         results["feedback"] = part_feedback(cfg, model, params, tok, train, test, run_dir)
     if "overopt" in cfg.parts:

@@ -1,5 +1,5 @@
 """OREO around its losses: the policy/value/reference state, the joint jitted step, offline
-trajectories (collection, storage, collation), the phase and iterative OREO.
+trajectories (collection, storage, collation) and the phase (iterative OREO: `rljax.pipelines`).
 
     value_model, state = create_oreo_state(model, sft_params, cfg.optimizer, key)
     rows = collect_trajectories(sft_params, prompts, reward_fn, CollectConfig(samples=8), model=model,
@@ -27,9 +27,9 @@ import numpy as np
 from flax import struct
 
 from rljax.buckets import DEFAULT_MIN_BUCKET
-from rljax.checkpoint import atomic_path, digest_params, restore_latest
+from rljax.checkpoint import atomic_path, digest_params
 from rljax.data.batch import OREOBatch
-from rljax.data.collate import BatchIterator, pad_rows, padded_width
+from rljax.data.collate import pad_rows, padded_width
 from rljax.losses.actor_critic import token_values
 from rljax.losses.oreo import OREOConfig, oreo_policy_terms, oreo_value_loss_on_values
 from rljax.models import add_head
@@ -460,7 +460,7 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
     return rows
 
 
-# ----------------------------------------------------------------------------- phase and iteration
+# ----------------------------------------------------------------------------- phase
 
 
 @dataclass(frozen=True)
@@ -485,57 +485,7 @@ def oreo(state: OREOState, data, cfg: OREOPhaseConfig, *, model: Model, mesh=Non
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="oreo")
 
 
-@dataclass(frozen=True)
-class IterativeOREOConfig:
-    """Iterative OREO: `rounds` rounds of (collect with the current policy → train
-    `steps_per_round` OREO steps on that round's data, `batch_size` rows a step)."""
-
-    rounds: int = 3
-    steps_per_round: int = 100
-    batch_size: int = 16
-    collect: CollectConfig = field(default_factory=CollectConfig)
-    phase: OREOPhaseConfig = field(default_factory=OREOPhaseConfig)
-    allow_fractional_rewards: bool = False
-
-    def __post_init__(self):
-        if self.rounds < 1 or self.steps_per_round < 1 or self.batch_size < 1:
-            raise ValueError(f"IterativeOREOConfig: rounds, steps_per_round and batch_size must be >= 1, got "
-                             f"{self.rounds}, {self.steps_per_round}, {self.batch_size}")
-
-
-def iterative_oreo(state: OREOState, prompts: Sequence[str], reward_fn: Callable, cfg: IterativeOREOConfig, *,
-                   model: Model, tokenizer, run_dir: str, key, eval_fn: Callable | None = None,
-                   collate: Callable | None = None, **metadata) -> OREOState:
-    """R rounds of OREO, each on fresh trajectories of the current policy.
-
-    Round r collects into run_dir/round-r/data (resumable, `collect_trajectories` with
-    fold_in(key, r)) from the policy at the start of the round, then trains until
-    state.step = (r + 1)·steps_per_round. One checkpoint directory (run_dir/checkpoints)
-    follows the whole run, so a killed run restarts at the right round and step: a
-    round whose steps are done is skipped, and an interrupted round reuses its data.
-    collate: rows -> OREOBatch (default `collate_trajectories` with the collection's
-    separator); metadata as for `collect_trajectories` (e.g. problems=...).
-    """
-    state = restore_latest(state, os.path.join(run_dir, "checkpoints"))
-    separator = cfg.collect.separator
-    collate = collate or functools.partial(collate_trajectories, tokenizer, separator=separator,
-                                           allow_fractional_rewards=cfg.allow_fractional_rewards)
-    for r in range(cfg.rounds):
-        target = (r + 1) * cfg.steps_per_round
-        if int(jax.device_get(state.step)) >= target:
-            continue
-        rows = collect_trajectories(state.policy.params, prompts, reward_fn, cfg.collect, model=model,
-                                    tokenizer=tokenizer, key=jax.random.fold_in(key, r),
-                                    out_dir=os.path.join(run_dir, f"round-{r}", "data"), **metadata)
-        check_trajectories(rows, separator=separator, allow_fractional_rewards=cfg.allow_fractional_rewards,
-                           need_steps=cfg.phase.loss.level == "step")
-        data = BatchIterator(rows, min(cfg.batch_size, len(rows)), collate, seed=r)
-        phase = dataclasses.replace(cfg.phase, loop=dataclasses.replace(cfg.phase.loop, steps=target))
-        state = oreo(state, data, phase, model=model, run_dir=run_dir, eval_fn=eval_fn)
-    return state
-
-
-__all__ = ["CollectConfig", "IterativeOREOConfig", "OREOPhaseConfig", "OREOState", "balanced", "check_reward",
+__all__ = ["CollectConfig", "OREOPhaseConfig", "OREOState", "balanced", "check_reward",
            "check_trajectories", "collate_trajectories", "collect_trajectories", "create_oreo_state",
-           "iterative_oreo", "load_trajectories", "make_oreo_step", "oreo", "split_keeping_separator",
+           "load_trajectories", "make_oreo_step", "oreo", "split_keeping_separator",
            "trajectory_steps", "value_model_of", "value_params_from", "value_scorer"]

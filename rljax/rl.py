@@ -149,8 +149,8 @@ def _per_iteration(opt: OptimizerConfig, updates: int) -> OptimizerConfig:
 
 def create_rl_state(model, params, cfg: RLConfig, key, *, reference=None, critic_model=None,
                     critic_params=None) -> RLState:
-    """The policy starts from a copy of `params` (updates donate their input, so the
-    caller's arrays stay valid); the frozen reference is `reference` (default: `params`).
+    """The policy starts from a copy of `params` (`create_state` copies; updates donate their
+    input, so the caller's arrays stay valid); the frozen reference is `reference` (default: `params`).
     With `model.mesh`, policy, optimizer state and reference are placed sharded.
     critic_model, critic_params: a separate critic (e.g. `with_value_head(model, params)` for
     one initialised from the policy, `critic_from_reward_model` from a reward model) with its
@@ -174,13 +174,12 @@ def create_rl_state(model, params, cfg: RLConfig, key, *, reference=None, critic
             warnings.warn(f"create_rl_state: the {name}'s value head is freshly initialised (zero) and trains at "
                           f"the backbone's learning rate {o.lr:g}; it will lag the rewards for many iterations. "
                           "Set OptimizerConfig.head_lr (e.g. 100x lr) to fit it faster.", stacklevel=2)
-    policy = create_state(model, opt_cfg, k_policy, mesh=mesh, params=jax.tree.map(jnp.copy, params))
+    policy = create_state(model, opt_cfg, k_policy, mesh=mesh, params=params)
     reference = params if reference is None else reference
     ref = reference if mesh is None else shard_params(reference, param_shardings(model, mesh))
     critic = None
     if critic_model is not None:
-        critic = create_state(critic_model, critic_optimizer, k_critic, mesh=critic_model.mesh,
-                              params=jax.tree.map(jnp.copy, critic_params))
+        critic = create_state(critic_model, critic_optimizer, k_critic, mesh=critic_model.mesh, params=critic_params)
     return RLState(step=jnp.int32(0), policy=policy, ref_params=ref, rng=k_rl, critic=critic,
                    transforms=chain(*cfg.transforms).init())
 
@@ -224,6 +223,11 @@ class RLIteration(NamedTuple):
         key = jax.random.fold_in(state.rng, state.step) if key is None else key
         collected = self.collect(state.policy.params, prompt_tokens, prompt_mask, key, refill=refill, **metadata)
         return self.learn(state, collected, key)
+
+
+def _optimizer_step(tx, loss_fn) -> Callable:
+    """step(state, batch) -> (state, metrics): one optimizer update on loss_fn (traceable)."""
+    return lambda state, batch: apply_loss_gradients(state, tx, loss_fn, batch)
 
 
 def _take(batch, rows):
@@ -317,16 +321,12 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     if algo.loss.update is not None:
         policy_step = functools.partial(algo.loss.update, model=model, cfg=loss_cfg)
     else:
-        def policy_step(state, batch):
-            return apply_loss_gradients(state, tx, policy_loss, batch)
+        policy_step = _optimizer_step(tx, policy_loss)
     critic_step = critic_tx = None
     if critic_model is not None:
         critic_tx = make_optimizer(_per_iteration(cfg.critic_optimizer or cfg.optimizer,
                                                   cfg.critic_epochs * cfg.minibatches))
-        critic_loss = functools.partial(value_loss, model=critic_model, cfg=loss_cfg)
-
-        def critic_step(state, batch):
-            return apply_loss_gradients(state, critic_tx, critic_loss, batch)
+        critic_step = _optimizer_step(critic_tx, functools.partial(value_loss, model=critic_model, cfg=loss_cfg))
 
     def early_stop(state, batch):
         lp = token_logprobs(state.params, batch.tokens, batch.attention_mask, model=model)

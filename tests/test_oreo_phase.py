@@ -14,10 +14,10 @@ from rljax.data.arithmetic import make_split
 from rljax.data.collate import BatchIterator
 from rljax.losses.oreo import OREOConfig
 from rljax.models import Model, preset
-from rljax.oreo import (CollectConfig, IterativeOREOConfig, OREOPhaseConfig, balanced, check_trajectories,
-                        collate_trajectories, collect_trajectories, create_oreo_state, iterative_oreo,
-                        load_trajectories, oreo, split_keeping_separator)
+from rljax.oreo import (CollectConfig, OREOPhaseConfig, balanced, check_trajectories, collate_trajectories,
+                        collect_trajectories, create_oreo_state, load_trajectories, oreo, split_keeping_separator)
 from rljax.phases import LoopConfig
+from rljax.pipelines import IterativeOREOConfig, iterative_oreo
 from rljax.rewards.rules import arithmetic_answer_reward
 from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig

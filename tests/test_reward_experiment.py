@@ -29,10 +29,10 @@ def test_reward_models_smoke_reports_consistent_best_of_n(tmp_path):
     # with the SFT log-likelihood as the prior: the prior alone is scored and optimised too
     assert 0.0 <= on["prior_pairwise_accuracy"] <= 1.0
     assert on["rl_prior_alone"]["before"]["gold"] == rl["before"]["gold"]
-    from rljax.metrics import read_metrics
-    refreshes = [r for r in read_metrics(str(tmp_path / "rm" / "rl-onpolicy-prior-refreshed-seed0"))
-                 if "rl/eval/rm_new_lists" in r]
-    assert [r["step"] for r in refreshes] == [1] and refreshes[0]["rl/eval/rm_new_lists"] >= 0
+    # one refresh (before iteration 2 of 2), its lists saved with the run (rljax.pipelines.iterative_rlhf)
+    refreshes = on["rl_refreshed"]["after"][0]["refreshes"]
+    assert [r["round"] for r in refreshes] == [1] and refreshes[0]["new_lists"] >= 0
+    assert (tmp_path / "rm" / "rl-onpolicy-prior-refreshed-seed0" / "round-1" / "lists.json").exists()
     # feedback models: the true mean relevance is the same held-out candidates' for all three
     fb = res["feedback"]
     assert set(fb) == {"clicks_naive", "clicks_ipw", "likes"}

@@ -1,0 +1,471 @@
+"""Pipelines: "collect with the current models → train one or more components → checkpoint
+everything", repeated, resumable after a kill at any point.
+
+A pipeline is a list of `Stage`s, plain data: a name (its directory under the run
+directory), an optional collect function, a train function and where collect's output
+is stored. `run_stages` threads one state, a pytree of every trained component (a
+TrainState, an OREOState, or e.g. {"policy": RLState, "reward_model": TrainState}),
+through them:
+
+    stage i:  data = collect(state, ctx)          # saved atomically to run_dir/<name>/<data_file>
+              state = train(state, data, ctx)     # phases checkpoint into ctx.component_dir(...)
+              checkpoint(state) at run_dir/stages, step i + 1
+
+so the checkpoint after a stage holds everything (params and optimizer states of all
+components). A killed run, started again with the same arguments, restores the latest
+stage checkpoint and skips the finished stages (their collect is never called again);
+the interrupted stage reuses its saved data and its phases resume from their own
+checkpoints in the component directories, so the result is bit-identical to an
+uninterrupted run. Stages with different models and phases (SFT → reward model → PPO,
+or R1's SFT → GRPO → rejection sampling + SFT → RL) are just different train functions
+over different parts of the state.
+
+The three uses here:
+
+    # online DPO: sample K with the current policy, rank by a scorer, train DPO on best/worst pairs
+    state, stats = online_dpo(state, prompts, scorer, OnlineDPOConfig(rounds=3), model=model, tokenizer=tok,
+                              collate=functools.partial(collate_preferences, tok), run_dir="runs/odpo")
+
+    # iterative OREO: collect trajectories with the current policy -> OREO phase, per round
+    state = iterative_oreo(state, prompts, reward_fn, IterativeOREOConfig(rounds=3), model=model, tokenizer=tok,
+                           run_dir="runs/ioreo", key=key, problems=problems)
+
+    # iterative RLHF: RL against a reward model refreshed on gold-ranked samples of the current policy
+    state = create_rlhf_state(model, sft_params, rm_state, rl_cfg, key)   # {"policy": RLState, "reward_model": ...}
+    state, stats = iterative_rlhf(state, prompt_batches, rank_samples, make_reward, IterativeRLHFConfig(...),
+                                  rl_cfg, model=model, rm_model=rm, decode=tok.decode_batch, collate=collate_lists,
+                                  initial_lists=lists, run_dir="runs/rlhf")
+
+A custom pipeline:
+
+    stages = [Stage("sft", train=lambda s, _, ctx: {**s, "policy": sft(s["policy"], data, cfg, model=model,
+                                                                        run_dir=ctx.component_dir("sft"))}),
+              Stage("round-0", collect=collect_fn, train=train_fn), ...]
+    state, outputs = run_stages(state, stages, run_dir="runs/recipe")
+
+Every RL call goes through `rl_state` and `train_rl` (one place to adapt to the RL API).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from rljax.checkpoint import Checkpointer, atomic_path
+from rljax.data.collate import BatchIterator
+from rljax.losses.preference import DPOConfig
+from rljax.losses.reward_model import RankingConfig
+from rljax.oreo import (CollectConfig, OREOPhaseConfig, OREOState, check_trajectories, collate_trajectories,
+                        collect_trajectories, oreo)
+from rljax.phases import LoopConfig, PreferencePhaseConfig, RewardModelPhaseConfig, preference, train_reward_model
+from rljax.preference import best_worst_pairs, cached_reference_logps, with_reference
+from rljax.sampling import SampleConfig, sample
+from rljax.state import OptimizerConfig, owned_copy
+
+STAGES_DIR = "stages"  # the stage checkpoints: step i = stages 0..i-1 done
+
+# ----------------------------------------------------------------------------- the driver
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage (or round) of a pipeline.
+
+    name: unique; its directory is run_dir/<name>. collect(state, ctx) -> data (None:
+    no collection, data = None). train(state, data, ctx) -> state. data_file: the JSON
+    file in the stage directory where the driver stores collect's result atomically and
+    from which an interrupted stage reloads it (data must be JSON-able; it is passed to
+    train as read back from JSON, so a resumed and an uninterrupted run see the same
+    values); None: collect stores its data itself under ctx.dir and must be resumable
+    (it is called again when an interrupted stage restarts)."""
+
+    name: str
+    train: Callable[[Any, Any, "StageContext"], Any]
+    collect: Callable[[Any, "StageContext"], Any] | None = None
+    data_file: str | None = "data.json"
+
+
+@dataclass
+class StageContext:
+    """What collect and train see: the stage's index and name, its directory (run_dir/name,
+    created; None without a run directory) and the run directory."""
+
+    index: int
+    name: str
+    dir: str | None
+    run_dir: str | None
+    _outputs: dict = field(default_factory=dict, repr=False)
+    _stages: dict = field(default_factory=dict, repr=False)
+
+    def component_dir(self, component: str) -> str | None:
+        """run_dir/<component>: where a phase training that component writes metrics.jsonl and
+        checkpoints/, shared by the stages that train it (its step must only grow across them,
+        so the latest checkpoint there is always the furthest progress); None without run_dir."""
+        return None if self.run_dir is None else os.path.join(self.run_dir, component)
+
+    def data(self, name: str):
+        """The data an earlier stage collected (read back from its data_file when that stage
+        finished in an earlier run)."""
+        if name not in self._outputs:
+            stage = self._stages[name]
+            self._outputs[name] = _load(self.run_dir, stage)
+        return self._outputs[name]
+
+
+def _data_path(run_dir: str | None, stage: Stage) -> str | None:
+    if run_dir is None or stage.data_file is None:
+        return None
+    return os.path.join(run_dir, stage.name, stage.data_file)
+
+
+def _load(run_dir, stage: Stage):
+    path = _data_path(run_dir, stage)
+    if path is None or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, keep: int = 2):
+    """Run `stages` in order from `state` (a pytree of every trained component); returns
+    (state, outputs), outputs[i] = stage i's collected data (None when it has none or
+    stores it itself).
+
+    With run_dir the state is checkpointed after every stage (run_dir/stages, step = the
+    number of stages done, the last `keep` kept) and a rerun resumes: finished stages are
+    skipped (their data read back from their data_file), the first unfinished one reuses
+    its saved data, and its phases resume from their checkpoints (StageContext.component_dir).
+    Without run_dir everything stays in memory.
+    """
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run_stages: stage names must be unique, got {names}")
+    done, outputs, by_name = 0, {}, {s.name: s for s in stages}
+    if run_dir is not None:
+        os.makedirs(run_dir, exist_ok=True)
+        with Checkpointer(os.path.join(run_dir, STAGES_DIR), keep=keep) as ckpt:
+            if ckpt.latest_step() is not None:
+                state, meta = ckpt.restore(state)
+                done = int(ckpt.latest_step())
+                if done > len(stages) or meta.get("stage") != stages[done - 1].name:
+                    expected = names[done - 1] if done <= len(stages) else None
+                    raise ValueError(f"run_stages: {run_dir} holds a run whose stage {done} (the last one done) is "
+                                     f"{meta.get('stage')!r}, not {expected!r} as in these {len(stages)} stages; use "
+                                     "a new run directory")
+    for i, stage in enumerate(stages):
+        if i < done:
+            continue
+        ctx = StageContext(index=i, name=stage.name, dir=None, run_dir=run_dir, _outputs=outputs, _stages=by_name)
+        if run_dir is not None:
+            ctx.dir = os.path.join(run_dir, stage.name)
+            os.makedirs(ctx.dir, exist_ok=True)
+        path = _data_path(run_dir, stage)
+        if path is not None and os.path.exists(path):
+            data = _load(run_dir, stage)
+        elif stage.collect is None:
+            data = None
+        else:
+            data = stage.collect(state, ctx)
+            if stage.data_file is not None:  # train sees the data as a resumed run would read them
+                text = json.dumps(data)
+                if path is not None:
+                    with atomic_path(path) as tmp, open(tmp, "w") as f:
+                        f.write(text)
+                data = json.loads(text)
+        outputs[stage.name] = data
+        state = stage.train(state, data, ctx)
+        if run_dir is not None:
+            with Checkpointer(os.path.join(run_dir, STAGES_DIR), keep=keep) as ckpt:
+                ckpt.save(state, {"stage": stage.name, "index": i}, step=i + 1, force=True)
+    return state, [outputs[s.name] if s.name in outputs else _load(run_dir, s) for s in stages]
+
+
+def _step(state) -> int:
+    return int(jax.device_get(state.step))
+
+
+# ----------------------------------------------------------------------------- online DPO
+
+
+@dataclass(frozen=True)
+class OnlineDPOConfig:
+    """Online (iterative) DPO: each of `rounds` rounds samples `samples` answers to each of
+    `prompts_per_round` prompts with the current policy, scores them, pairs the best with
+    the worst answer of every prompt whose scores differ, and trains `steps_per_round`
+    DPO steps on those pairs. refresh_reference: the reference of round r is the policy
+    at the start of round r (iterative DPO) instead of the initial policy (online DPO).
+    checkpoint_every: DPO steps between checkpoints inside a round (0: at its end only)."""
+
+    rounds: int = 3
+    samples: int = 4
+    prompts_per_round: int = 256
+    steps_per_round: int = 50
+    batch_size: int = 16
+    loss: DPOConfig = field(default_factory=DPOConfig)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5, schedule="constant"))
+    sampling: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=32, temperature=1.0))
+    refresh_reference: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.rounds < 1 or self.samples < 2 or self.steps_per_round < 1:
+            raise ValueError(f"OnlineDPOConfig: need rounds >= 1, samples >= 2, steps_per_round >= 1; got "
+                             f"{self.rounds}, {self.samples}, {self.steps_per_round}")
+
+
+def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOConfig, *, model, tokenizer, collate,
+               reference=None, run_dir: str | None = None, eval_fn: Callable | None = None):
+    """Online DPO for cfg.rounds rounds from `state` (a TrainState made with cfg.optimizer).
+
+    prompts: the prompt pool; round r uses prompts[(r·n) mod N ...] with n =
+    prompts_per_round. scorer(prompts, completions) -> rewards [B] (a rule reward, a
+    reward model's `reward_model_reward`, ...). collate: rows -> PreferenceBatch (e.g.
+    functools.partial(collate_preferences, tokenizer)). reference: the DPO reference
+    (default: the params of `state`). With run_dir every round's pairs (with their
+    reference log-probs) are saved as round-r/pairs.json, the policy's DPO phase writes
+    run_dir/policy (metrics, checkpoints) and the state is checkpointed after every round
+    (`run_stages`), so a killed run resumes at the right round and step. Returns
+    (state, per-round stats: round, pairs, score_mean, score_best).
+    """
+    if reference is None:
+        reference = jax.tree.map(np.asarray, jax.device_get(state.params))
+    phase_loop = dict(log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=cfg.progress)
+
+    def collect(r, state, ctx):
+        start = (r * cfg.prompts_per_round) % len(prompts)
+        chosen_prompts = [prompts[(start + i) % len(prompts)] for i in range(cfg.prompts_per_round)]
+        tokens, mask = tokenizer.encode_batch(chosen_prompts, padding_side="left")
+        roll = sample(state.params, tokens, mask, jax.random.fold_in(state.rng, r), model=model,
+                      cfg=dataclasses.replace(cfg.sampling, n=cfg.samples))
+        text = tokenizer.decode_batch(np.asarray(roll.completions))
+        flat_prompts = [p for p in chosen_prompts for _ in range(cfg.samples)]
+        scores = np.asarray(scorer(flat_prompts, text), np.float64).reshape(len(chosen_prompts), cfg.samples)
+        answers = [text[i * cfg.samples:(i + 1) * cfg.samples] for i in range(len(chosen_prompts))]
+        pairs = best_worst_pairs(chosen_prompts, answers, scores)
+        if not pairs:
+            raise ValueError(f"online_dpo: round {r}: the answers of every prompt scored the same, so there "
+                             "is no pair to learn from; sample more prompts or answers, or at a higher "
+                             "temperature")
+        if len(pairs) < cfg.batch_size:
+            warnings.warn(f"online_dpo: round {r} found only {len(pairs)} prompts whose answers score "
+                          f"differently; training on batches of {len(pairs)} instead of {cfg.batch_size}",
+                          stacklevel=4)  # the caller of online_dpo
+        ref_params = jax.device_get(state.params) if cfg.refresh_reference else reference
+        if cfg.loss.needs_reference:
+            ref = cached_reference_logps(ref_params, pairs, collate, model=model, batch_size=cfg.batch_size,
+                                         chunk_size=cfg.loss.chunk_size)
+            pairs = with_reference(pairs, ref)
+        stats = dict(round=r, pairs=len(pairs), score_mean=float(scores.mean()),
+                     score_best=float(scores.max(axis=1).mean()))
+        return dict(pairs=pairs, stats=stats)
+
+    def train(r, state, data, ctx):
+        target = (r + 1) * cfg.steps_per_round
+        if _step(state) >= target:
+            return state
+        pairs = data["pairs"]
+        batches = BatchIterator(pairs, min(cfg.batch_size, len(pairs)), collate, seed=r)
+        phase = PreferencePhaseConfig(loss=cfg.loss, optimizer=cfg.optimizer,
+                                      loop=LoopConfig(steps=target, **phase_loop))
+        return preference(state, batches, phase, model=model, run_dir=ctx.component_dir("policy"), eval_fn=eval_fn)
+
+    stages = [Stage(f"round-{r}", collect=functools.partial(collect, r), train=functools.partial(train, r),
+                    data_file="pairs.json") for r in range(cfg.rounds)]
+    state, outputs = run_stages(state, stages, run_dir=run_dir)
+    return state, [d["stats"] for d in outputs]
+
+
+# ----------------------------------------------------------------------------- iterative OREO
+
+
+@dataclass(frozen=True)
+class IterativeOREOConfig:
+    """Iterative OREO: `rounds` rounds of (collect with the current policy → train
+    `steps_per_round` OREO steps on that round's data, `batch_size` rows a step)."""
+
+    rounds: int = 3
+    steps_per_round: int = 100
+    batch_size: int = 16
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    phase: OREOPhaseConfig = field(default_factory=OREOPhaseConfig)
+    allow_fractional_rewards: bool = False
+
+    def __post_init__(self):
+        if self.rounds < 1 or self.steps_per_round < 1 or self.batch_size < 1:
+            raise ValueError(f"IterativeOREOConfig: rounds, steps_per_round and batch_size must be >= 1, got "
+                             f"{self.rounds}, {self.steps_per_round}, {self.batch_size}")
+
+
+def iterative_oreo(state: OREOState, prompts: Sequence[str], reward_fn: Callable, cfg: IterativeOREOConfig, *,
+                   model, tokenizer, key, run_dir: str | None = None, eval_fn: Callable | None = None,
+                   collate: Callable | None = None, **metadata) -> OREOState:
+    """R rounds of OREO, each on fresh trajectories of the current policy.
+
+    Round r collects into run_dir/round-r/data (resumable, `collect_trajectories` with
+    fold_in(key, r)) from the policy at the start of the round, then trains until
+    state.step = (r + 1)·steps_per_round (the OREO phase writes run_dir/oreo). The state
+    is checkpointed after every round (`run_stages`), so a killed run restarts at the
+    right round and step: a finished round is skipped, and an interrupted round reuses
+    its data and resumes its phase. collate: rows -> OREOBatch (default
+    `collate_trajectories` with the collection's separator); metadata as for
+    `collect_trajectories` (e.g. problems=...).
+    """
+    separator = cfg.collect.separator
+    collate = collate or functools.partial(collate_trajectories, tokenizer, separator=separator,
+                                           allow_fractional_rewards=cfg.allow_fractional_rewards)
+
+    def collect(r, state, ctx):
+        rows = collect_trajectories(state.policy.params, prompts, reward_fn, cfg.collect, model=model,
+                                    tokenizer=tokenizer, key=jax.random.fold_in(key, r),
+                                    out_dir=None if ctx.dir is None else os.path.join(ctx.dir, "data"), **metadata)
+        check_trajectories(rows, separator=separator, allow_fractional_rewards=cfg.allow_fractional_rewards,
+                           need_steps=cfg.phase.loss.level == "step")
+        return rows
+
+    def train(r, state, rows, ctx):
+        target = (r + 1) * cfg.steps_per_round
+        if _step(state) >= target:
+            return state
+        data = BatchIterator(rows, min(cfg.batch_size, len(rows)), collate, seed=r)
+        phase = dataclasses.replace(cfg.phase, loop=dataclasses.replace(cfg.phase.loop, steps=target))
+        return oreo(state, data, phase, model=model, run_dir=ctx.component_dir("oreo"), eval_fn=eval_fn)
+
+    # the trajectories are stored by collect_trajectories itself (Parquet parts, resumable)
+    stages = [Stage(f"round-{r}", collect=functools.partial(collect, r), train=functools.partial(train, r),
+                    data_file=None) for r in range(cfg.rounds)]
+    return run_stages(state, stages, run_dir=run_dir)[0]
+
+
+# ----------------------------------------------------------------------------- RL (the one place that calls it)
+
+
+def rl_state(model, params, rl_cfg, key, **kwargs):
+    """The RLState an RL stage starts from: the policy a copy of `params`, which also become
+    the frozen reference (`rljax.rl.create_rl_state`; kwargs: critic_model, ...)."""
+    from rljax.rl import create_rl_state
+
+    return create_rl_state(model, params, rl_cfg, key, **kwargs)
+
+
+def train_rl(state, prompts, reward_fn: Callable, rl_cfg, *, model, decode: Callable, steps: int,
+             run_dir: str | None = None, log_every: int = 10, checkpoint_every: int = 0, eval_every: int = 0,
+             progress: bool = True, eval_fn: Callable | None = None, **kwargs):
+    """RL iterations of `state` (an RLState) until state.step == steps: `rljax.phases.rl` with
+    prompts (batch_at(position) -> PromptBatch) and reward_fn(prompts, completions, **metadata)
+    -> [B]; run_dir holds its metrics and checkpoints (resumed from); kwargs go to the phase."""
+    from rljax.phases import rl
+
+    loop = LoopConfig(steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                      progress=progress)
+    return rl(state, prompts, reward_fn, rl_cfg, model=model, decode=decode, loop=loop, run_dir=run_dir,
+              eval_fn=eval_fn, **kwargs)
+
+
+# ----------------------------------------------------------------------------- iterative RLHF
+
+
+@dataclass(frozen=True)
+class IterativeRLHFConfig:
+    """Iterative RLHF: `iterations` RL iterations in rounds of `refresh_every`; before every
+    round but the first the reward model is refreshed: ranked lists of the current
+    policy's samples (`rank_samples`) are added to all earlier ones, and the reward model
+    trains max(rm_epochs·new lists / rm_batch_size, 1) more steps on them all (rm_loss,
+    rm_optimizer: the ones its state was made with; the batches of round r shuffled with
+    seed + r). refresh_every 0: never refreshed (one round). checkpoint_every: steps
+    between checkpoints inside either phase (0: at their ends only)."""
+
+    iterations: int = 200
+    refresh_every: int = 50
+    rm_epochs: int = 2
+    rm_batch_size: int = 4
+    rm_loss: RankingConfig = field(default_factory=RankingConfig)
+    rm_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, schedule="constant"))
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.iterations < 1 or self.refresh_every < 0 or self.rm_epochs < 1 or self.rm_batch_size < 1:
+            raise ValueError(f"IterativeRLHFConfig: need iterations, rm_epochs, rm_batch_size >= 1 and "
+                             f"refresh_every >= 0; got {self.iterations}, {self.rm_epochs}, {self.rm_batch_size}, "
+                             f"{self.refresh_every}")
+
+    @property
+    def rounds(self) -> int:
+        return 1 if self.refresh_every == 0 else math.ceil(self.iterations / self.refresh_every)
+
+
+def create_rlhf_state(model, params, rm_state, rl_cfg, key) -> dict:
+    """{"policy": RLState from `params` (`rl_state`), "reward_model": a copy of `rm_state`} (a
+    TrainState, e.g. a trained Bradley–Terry model, whose optimizer state is continued)."""
+    return {"policy": rl_state(model, params, rl_cfg, key), "reward_model": owned_copy(rm_state)}
+
+
+def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Callable, cfg: IterativeRLHFConfig,
+                   rl_cfg, *, model, rm_model, decode: Callable, collate: Callable, initial_lists: Sequence = (),
+                   run_dir: str | None = None, eval_fn: Callable | None = None, **rl_kwargs):
+    """RL against a reward model refreshed on the current policy's samples (`create_rlhf_state`'s state).
+
+    prompts: batch_at(position) -> PromptBatch for the RL iterations. rank_samples(policy_params,
+    r) -> ranked lists [(prompt, answers, ranks[, priors])] of the policy's samples
+    (e.g. gold-ranked; JSON-able), called once per refresh r = 1, 2, ...; make_reward(rm_params)
+    -> the RL reward_fn(prompts, completions, **metadata) -> [B]; collate: lists ->
+    RankingBatch; initial_lists: the lists the reward model was trained on before (replayed
+    with the new ones). Round r: refresh (r ≥ 1) → RL to min((r + 1)·refresh_every,
+    iterations). With run_dir the lists are saved as round-r/lists.json, the phases write
+    run_dir/policy and run_dir/reward_model, and the whole state (policy, reference, the
+    reward model's params and optimizer state) is checkpointed after every round.
+    Returns (state, per-refresh stats: round, new_lists, rm_accuracy_on_policy (the
+    pairwise accuracy of the reward model on the new lists before it trains on them)).
+    """
+    from rljax.rewards.evaluation import reward_model_eval
+
+    k = cfg.refresh_every or cfg.iterations
+
+    def collect(r, state, ctx):
+        lists = rank_samples(state["policy"].policy.params, r)
+        stats = dict(round=r, new_lists=len(lists))
+        if lists:
+            batches = [collate(lists[i:i + 32]) for i in range(0, len(lists), 32)]
+            stats["rm_accuracy_on_policy"] = reward_model_eval(rm_model, batches)(state["reward_model"])[
+                "pairwise_accuracy"]
+        return dict(lists=lists, stats=stats)
+
+    def train(r, state, data, ctx):
+        rm = state["reward_model"]
+        if data is not None and data["lists"]:
+            replay = list(initial_lists) + [x for j in range(1, r + 1) for x in ctx.data(f"round-{j}")["lists"]]
+            batch = min(cfg.rm_batch_size, len(replay))
+            target = _step(rm) + max(cfg.rm_epochs * len(data["lists"]) // cfg.rm_batch_size, 1)
+            phase = RewardModelPhaseConfig(loss=cfg.rm_loss, optimizer=cfg.rm_optimizer,
+                                           loop=LoopConfig(steps=target, log_every=cfg.log_every,
+                                                           checkpoint_every=cfg.checkpoint_every,
+                                                           progress=cfg.progress))
+            rm = train_reward_model(rm, BatchIterator(replay, batch, collate, seed=cfg.seed + r), phase,
+                                    model=rm_model, run_dir=ctx.component_dir("reward_model"))
+        policy = train_rl(state["policy"], prompts, make_reward(rm.params), rl_cfg, model=model, decode=decode,
+                          steps=min((r + 1) * k, cfg.iterations), run_dir=ctx.component_dir("policy"),
+                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                          eval_fn=eval_fn, **rl_kwargs)
+        return dict(state, policy=policy, reward_model=rm)
+
+    stages = [Stage(f"round-{r}", collect=functools.partial(collect, r) if r else None,
+                    train=functools.partial(train, r), data_file="lists.json") for r in range(cfg.rounds)]
+    state, outputs = run_stages(state, stages, run_dir=run_dir)
+    return state, [d["stats"] for d in outputs if d is not None]
+
+
+__all__ = ["IterativeOREOConfig", "IterativeRLHFConfig", "OnlineDPOConfig", "Stage", "StageContext",
+           "create_rlhf_state", "iterative_oreo", "iterative_rlhf", "online_dpo", "rl_state", "run_stages",
+           "train_rl"]

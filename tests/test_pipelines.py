@@ -1,0 +1,239 @@
+"""The stage driver: a run killed at a stage boundary or in the middle of a stage's training and
+started again ends bit-identical to an uninterrupted run, a finished stage's collect is never
+called again, and iterative RLHF checkpoints (and restores) the refreshed reward model's params
+and optimizer state with the policy."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import struct
+
+from rljax.checkpoint import Checkpointer
+from rljax.data.collate import BatchIterator
+from rljax.phases import LoopConfig, PromptBatch, run_loop
+from rljax.pipelines import STAGES_DIR, IterativeRLHFConfig, Stage, create_rlhf_state, iterative_rlhf, run_stages
+from rljax.state import OptimizerConfig, create_state
+
+
+class Killed(BaseException):
+    """A simulated kill (like KeyboardInterrupt, not caught by `except Exception`)."""
+
+
+@struct.dataclass
+class Toy:
+    """A component: step (the data position) and a weight vector [2] pulled towards the batches' mean."""
+
+    step: jax.Array
+    w: jax.Array
+
+
+@jax.jit
+def _toy_step(state: Toy, batch):
+    w = state.w + 0.3 * (jnp.mean(batch, axis=0) - state.w) + 0.01 * jnp.sin(state.w * 7.0)
+    return Toy(step=state.step + 1, w=w), {"loss": jnp.sum((w - jnp.mean(batch, axis=0)) ** 2)}
+
+
+def _toy_pipeline(calls, kill_collect=None, kill_step=None, rounds=3, steps=3):
+    """Rounds of: collect 8 points [8, 2] from the current weights of "a" (a function of the
+    state) -> train "a" `steps` steps on them, then "b" `steps` steps on the points of "a"'s
+    update. kill_collect=r raises in round r's collect; kill_step=(component, s) raises when that
+    component's phase evaluates step s (checkpoints are written every step, after the eval)."""
+
+    def collect(r, state, ctx):
+        calls.append(r)
+        if kill_collect == r:
+            raise Killed(f"collect {r}")
+        base = np.asarray(state["a"].w, np.float64)
+        return (base[None, :] + np.linspace(-1, 1, 8)[:, None] * (r + 1) + 0.1 * r).tolist()
+
+    def phase(name, state, points, target, ctx):
+        def eval_fn(s):
+            if kill_step == (name, int(s.step)):
+                raise Killed(f"{name} step {int(s.step)}")
+            return {}
+        data = BatchIterator(points, 4, lambda rows: np.asarray(rows, np.float32), seed=ctx.index)
+        loop = LoopConfig(steps=target, log_every=1, eval_every=1, checkpoint_every=1, progress=False)
+        return run_loop(state, _toy_step, data, loop, run_dir=ctx.component_dir(name), eval_fn=eval_fn, name=name)
+
+    def train(r, state, points, ctx):
+        a = phase("a", state["a"], points, (r + 1) * steps, ctx)
+        moved = (np.asarray(points) - 0.5 * np.asarray(a.w)).tolist()
+        b = phase("b", state["b"], moved, (r + 1) * steps, ctx)
+        return {"a": a, "b": b}
+
+    return [Stage(f"round-{r}", collect=lambda s, c, r=r: collect(r, s, c),
+                  train=lambda s, d, c, r=r: train(r, s, d, c)) for r in range(rounds)]
+
+
+def _toy_state():
+    return {"a": Toy(step=jnp.int32(0), w=jnp.zeros(2, jnp.float32)),
+            "b": Toy(step=jnp.int32(0), w=jnp.ones(2, jnp.float32))}
+
+
+def _same(x, y):
+    def data(a):
+        return jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else a
+    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+        np.testing.assert_array_equal(np.asarray(data(a)), np.asarray(data(b)))
+
+
+def test_resume_after_kills_at_a_boundary_and_mid_training_is_bit_identical(tmp_path):
+    calls = []
+    full, outputs = run_stages(_toy_state(), _toy_pipeline(calls), run_dir=str(tmp_path / "full"))
+    assert calls == [0, 1, 2] and int(full["a"].step) == int(full["b"].step) == 9
+    memory, _ = run_stages(_toy_state(), _toy_pipeline([]))  # no run directory: the same run in memory
+    _same(full, memory)
+
+    run = str(tmp_path / "killed")
+    calls = []
+    with pytest.raises(Killed):  # killed at the boundary: round 1's collection
+        run_stages(_toy_state(), _toy_pipeline(calls, kill_collect=1), run_dir=run)
+    assert calls == [0, 1] and not os.path.exists(os.path.join(run, "round-1", "data.json"))
+    calls = []
+    with pytest.raises(Killed):  # killed in round 1's training of "b", after "a" finished its steps
+        run_stages(_toy_state(), _toy_pipeline(calls, kill_step=("b", 5)), run_dir=run)
+    assert calls == [1]  # round 0 finished: not collected again
+    with Checkpointer(os.path.join(run, "b", "checkpoints")) as ckpt:
+        assert ckpt.latest_step() == 4  # the kill came after step 4's checkpoint
+    calls = []
+    resumed, resumed_outputs = run_stages(_toy_state(), _toy_pipeline(calls), run_dir=run)
+    assert calls == [2]  # round 1's data were saved: reused, not collected again
+    _same(full, resumed)
+    assert resumed_outputs == outputs  # round 0's and 1's data read back from the run directory
+    # the finished run is not run again; a different pipeline in the same directory is refused
+    calls = []
+    again, _ = run_stages(_toy_state(), _toy_pipeline(calls), run_dir=run)
+    assert calls == [] and int(again["b"].step) == 9
+    _same(full, again)
+    with pytest.raises(ValueError, match="stage 3"):
+        run_stages(_toy_state(), [Stage(f"other-{r}", train=lambda s, d, c: s) for r in range(3)], run_dir=run)
+
+
+# ----------------------------------------------------------------------------- iterative RLHF
+
+LISTS = [("1+1=", ["2", "3", "11"], [0, 1, 2]), ("2+2=", ["4", "5"], [0, 1]), ("1+2=", ["3", "4", "12"], [0, 1, 1])]
+
+
+@pytest.fixture(scope="module")
+def rlhf_setup():
+    from rljax.data.reward_collate import collate_ranked
+    from rljax.losses import GRPOConfig
+    from rljax.models import Model, add_head, preset
+    from rljax.rewards.reward_model import reward_model_reward
+    from rljax.rl import RLConfig
+    from rljax.sampling import SampleConfig
+    from rljax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    model = Model(preset("tiny", n_layers=1, d_model=64, mlp_dim=128, vocab_size=tok.vocab_size))
+    params = model.init(jax.random.key(0))
+    rm, rm_params = add_head(model, params, "reward")
+    rm_opt = OptimizerConfig(lr=1e-2, schedule="constant")
+    rm_state = create_state(rm, rm_opt, jax.random.key(3), params=rm_params)
+    rl_cfg = RLConfig(algorithm="grpo", sampling=SampleConfig(max_new_tokens=3, n=2, temperature=1.0,
+                                                              eos_id=tok.eos_id, pad_id=tok.pad_id),
+                      loss=GRPOConfig(kl_coef=0.04), optimizer=OptimizerConfig(lr=1e-2, schedule="constant"))
+    cfg = IterativeRLHFConfig(iterations=2, refresh_every=1, rm_epochs=1, rm_batch_size=2, rm_optimizer=rm_opt,
+                              log_every=1, checkpoint_every=1, progress=False)
+
+    def collate(lists):
+        return collate_ranked(tok, [tuple(x) for x in lists], answers_per_list=3)
+
+    prompts = [q for q, _, _ in LISTS]
+
+    def prompt_collate(rows):
+        t, m = tok.encode_batch(rows, padding_side="left")
+        return PromptBatch(tokens=t, mask=m, metadata={})
+
+    return dict(tok=tok, model=model, params=params, rm=rm, rm_state=rm_state, rl_cfg=rl_cfg, cfg=cfg,
+                collate=collate, reward_model_reward=reward_model_reward,
+                prompts=BatchIterator(prompts, 2, prompt_collate, seed=0))
+
+
+def _rlhf(s, run_dir, log, kill_rank=False, kill_reward_call=None):
+    def rank_samples(policy_params, r):  # a stand-in for gold-ranked samples of the policy
+        log.append(("rank", r))
+        if kill_rank:
+            raise Killed("rank")
+        return [list(x) for x in LISTS[r - 1:r + 1]]
+
+    def make_reward(rm_params):
+        score = s["reward_model_reward"](s["rm"], rm_params, s["tok"])
+
+        def reward(prompts, completions, **_):
+            log.append(("reward",))
+            if kill_reward_call is not None and sum(e == ("reward",) for e in log) == kill_reward_call:
+                raise Killed("reward")
+            return score(prompts, completions)
+        return reward
+
+    state = create_rlhf_state(s["model"], s["params"], s["rm_state"], s["rl_cfg"], jax.random.key(5))
+    return iterative_rlhf(state, s["prompts"], rank_samples, make_reward, s["cfg"], s["rl_cfg"], model=s["model"],
+                          rm_model=s["rm"], decode=s["tok"].decode_batch, collate=s["collate"],
+                          initial_lists=LISTS[:1], run_dir=run_dir)
+
+
+def _stand_in_rl(state, prompts, reward_fn, rl_cfg, *, model, decode, steps, run_dir=None, log_every=10,
+                 checkpoint_every=0, eval_every=0, progress=True, eval_fn=None):
+    """`pipelines.train_rl` without its compile time: each iteration scores the batch's prompts (as
+    completions) with reward_fn and moves the policy's params by 1e-2·mean reward·sin(θ), on the real
+    RLState, through run_loop (checkpoints and resume as the RL phase)."""
+    move = jax.jit(lambda p, r: jax.tree.map(lambda x: x + 1e-2 * r * jnp.sin(x), p))
+
+    def step(s, batch):
+        text = decode(batch.tokens)
+        r = jnp.float32(np.mean(reward_fn(text, text)))
+        return s.replace(step=s.step + 1, policy=s.policy.replace(params=move(s.policy.params, r))), {"loss": r}
+
+    loop = LoopConfig(steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, progress=progress)
+    return run_loop(state, step, prompts, loop, run_dir=run_dir, name="rl")
+
+
+@pytest.mark.parametrize("real_rl", [False, pytest.param(True, marks=pytest.mark.slow)])  # GRPO: ~4 compiles
+def test_iterative_rlhf_checkpoints_the_refreshed_reward_model_and_resumes_bit_identically(rlhf_setup, tmp_path,
+                                                                                          monkeypatch, real_rl):
+    s = rlhf_setup
+    if not real_rl:
+        import rljax.pipelines
+
+        monkeypatch.setattr(rljax.pipelines, "train_rl", _stand_in_rl)
+    log = []
+    full, stats = _rlhf(s, str(tmp_path / "full"), log)
+    assert log.count(("rank", 1)) == 1 and int(full["policy"].step) == 2
+    assert [x["round"] for x in stats] == [1] and stats[0]["new_lists"] == 2
+    rm0 = s["rm_state"]
+    assert int(full["reward_model"].step) == int(rm0.step) + 1  # max(1 epoch · 2 lists / batch 2, 1) steps
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full["reward_model"].params),
+                                                     jax.tree.leaves(rm0.params))]
+    assert any(moved)
+
+    run = str(tmp_path / "killed")
+    log = []
+    with pytest.raises(Killed):  # round 0 done; killed collecting round 1
+        _rlhf(s, run, log, kill_rank=True)
+    log = []
+    with pytest.raises(Killed):  # killed in round 1's RL iteration, after its reward model trained
+        _rlhf(s, run, log, kill_reward_call=1)
+    assert log == [("rank", 1), ("reward",)]
+    with Checkpointer(os.path.join(run, "reward_model", "checkpoints")) as ckpt:
+        assert ckpt.latest_step() == int(full["reward_model"].step)
+    log = []
+    resumed, resumed_stats = _rlhf(s, run, log)
+    assert log == [("reward",)]  # no new ranking: round 1's lists were saved
+    assert resumed_stats == stats
+    _same(full, resumed)
+    rm_lines = [json.loads(x) for x in open(os.path.join(run, "reward_model", "metrics.jsonl"))]
+    assert [x["step"] for x in rm_lines] == [int(full["reward_model"].step)]  # trained once, then restored
+
+    # the stage checkpoint holds the refreshed reward model (params and optimizer state) with the policy
+    fresh = create_rlhf_state(s["model"], s["params"], s["rm_state"], s["rl_cfg"], jax.random.key(5))
+    with Checkpointer(os.path.join(run, STAGES_DIR)) as ckpt:
+        restored, meta = ckpt.restore(fresh)
+    assert meta["stage"] == "round-1"
+    _same(full["reward_model"], restored["reward_model"])
+    _same(full["policy"], restored["policy"])
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored["reward_model"].opt_state),
+                                                         jax.tree.leaves(rm0.opt_state)))
