@@ -29,7 +29,7 @@ from rljax.data.batch import PolicyBatch
 from rljax.estimators import (BaselineConfig, Estimate, GAEConfig, GroupAdvantageConfig, Needs, PrepareInput,
                               baseline_estimate, baseline_needs, gae_estimate, gae_needs, group_estimate, group_needs)
 from rljax.losses.actor_critic import A2CConfig, PPOConfig, a2c_loss, ppo_loss
-from rljax.losses.grpo import GRPOConfig, grpo_loss
+from rljax.losses.grpo import GRPOConfig, GSPOConfig, grpo_loss, gspo_loss
 from rljax.losses.policy_gradient import MRTConfig, ReinforceConfig, mrt_loss, reinforce_loss
 from rljax.losses.trpo import TRPOConfig, make_trpo_objectives, trpo_update
 
@@ -160,6 +160,7 @@ POLICY_LOSSES: dict[str, PolicyLoss] = {
     "mrt": PolicyLoss("mrt", MRTConfig(), mrt_loss, lambda cfg: _kl_term_needs(cfg) | Needs(groups=True),
                       (SEQUENCE,)),
     "clip": PolicyLoss("clip", GRPOConfig(), grpo_loss, _kl_term_needs, (SEQUENCE, TOKEN)),
+    "gspo": PolicyLoss("gspo", GSPOConfig(), gspo_loss, _kl_term_needs, (SEQUENCE,)),
     "a2c": PolicyLoss("a2c", A2CConfig(), a2c_loss, _actor_critic_needs, (TOKEN,)),
     "ppo": PolicyLoss("ppo", PPOConfig(), ppo_loss, _actor_critic_needs, (TOKEN,)),
     "trpo": PolicyLoss("trpo", TRPOConfig(), trpo_surrogate_loss, lambda cfg: Needs(values=True, critic=True),
@@ -198,6 +199,8 @@ ALGORITHMS: dict[str, Algorithm] = {
     # DAPO: clip-higher, token-mean, no KL, drop groups with equal rewards (overlong shaping is a reward term).
     "dapo": compose("group", "clip", name="dapo", advantage=GroupAdvantageConfig(drop_equal_groups=True),
                     loss_config=GRPOConfig(eps_low=0.2, eps_high=0.28, aggregation="token_mean", kl_coef=0.0)),
+    # GSPO: one clipped importance ratio per sequence (the geometric mean of its token ratios).
+    "gspo": compose("group", "gspo", name="gspo"),
     # A2C: Monte-Carlo returns minus V (λ = 1), no KL, no whitening.
     "a2c": compose("gae", "a2c", name="a2c", advantage=GAEConfig(lam=1.0, kl_coef=0.0, whiten_advantages=False),
                    kl_in="reward"),

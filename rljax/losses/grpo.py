@@ -1,5 +1,6 @@
-"""GRPO's clipped-surrogate loss; its variants (Dr. GRPO, DAPO) are other defaults of this
-config and of the group advantage estimator (`rljax.estimators.GroupAdvantageConfig`)."""
+"""Group policy losses: GRPO's clipped surrogate (its variants Dr. GRPO and DAPO are other defaults
+of this config and of the group advantage estimator, `rljax.estimators.GroupAdvantageConfig`) and
+GSPO's sequence-level clipped surrogate."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 from rljax.data.batch import PolicyBatch
 from rljax.losses.policy_gradient import _kl_terms, _policy_terms, _validate_common
 from rljax.ops.aggregate import aggregate
-from rljax.ops.surrogates import clipped_surrogate
+from rljax.ops.surrogates import clipped_surrogate, sequence_clipped_surrogate, sequence_ratio
 
 
 @dataclass(frozen=True)
@@ -46,4 +47,40 @@ def grpo_loss(params, batch: PolicyBatch, *, model, cfg: GRPOConfig):
     ratio = jnp.exp(lp - batch.old_logprobs)
     return loss, {"clip_fraction": aggregate(clipped, mask, "token_mean"),
                   "ratio_mean": aggregate(ratio, mask, "token_mean"),
+                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics}
+
+
+@dataclass(frozen=True)
+class GSPOConfig:
+    """GSPO (Zheng et al. 2025): one importance ratio per sequence, s_i = exp(mean_t (ℓ_t − ℓ^old_t)),
+    clipped as a whole: L = mean_i −min(s_i Â_i, clip(s_i, 1 − ε_low, 1 + ε_high) Â_i) + β agg(k3).
+    Defaults are the paper's (ε 3e-4 / 4e-4, β = 0): the ratio of a whole sequence moves far less
+    than a token's. The KL term, when β > 0, is aggregated by `aggregation`."""
+
+    eps_low: float = 3e-4
+    eps_high: float = 4e-4
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    aggregation: str = "seq_mean_token_mean"
+    constant: float | None = None
+
+    def __post_init__(self):
+        _validate_common(self)
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ValueError(f"GSPOConfig: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, "
+                             f"{self.eps_high}")
+
+
+def gspo_loss(params, batch: PolicyBatch, *, model, cfg: GSPOConfig):
+    out, mask = _policy_terms(params, batch, model)
+    lp = out["logprobs"]
+    per_seq, clipped = sequence_clipped_surrogate(lp, batch.old_logprobs, batch.advantages, mask,
+                                                  eps_low=cfg.eps_low, eps_high=cfg.eps_high)
+    live = (mask.sum(axis=1) > 0).astype(jnp.float32)  # rows with no completion token (or dropped) do not count
+    surrogate = (per_seq * live).sum() / jnp.maximum(live.sum(), 1.0)
+    kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
+    loss = surrogate + cfg.kl_coef * aggregate(kl, mask, cfg.aggregation, constant=cfg.constant)
+    ratio = sequence_ratio(lp, batch.old_logprobs, mask)
+    return loss, {"clip_fraction": (clipped * live).sum() / jnp.maximum(live.sum(), 1.0),
+                  "ratio_mean": (ratio * live).sum() / jnp.maximum(live.sum(), 1.0),
                   "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics}
