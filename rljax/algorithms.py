@@ -29,7 +29,7 @@ from rljax.data.batch import PolicyBatch
 from rljax.estimators import (BaselineConfig, Estimate, GAEConfig, GroupAdvantageConfig, Needs, PrepareInput,
                               baseline_estimate, baseline_needs, gae_estimate, gae_needs, group_estimate, group_needs)
 from rljax.losses.actor_critic import A2CConfig, PPOConfig, a2c_loss, ppo_loss
-from rljax.losses.grpo import GRPOConfig, GSPOConfig, grpo_loss, gspo_loss
+from rljax.losses.grpo import CISPOConfig, GRPOConfig, GSPOConfig, cispo_loss, grpo_loss, gspo_loss
 from rljax.losses.policy_gradient import MRTConfig, ReinforceConfig, mrt_loss, reinforce_loss
 from rljax.losses.trpo import TRPOConfig, make_trpo_objectives, trpo_update
 
@@ -161,6 +161,7 @@ POLICY_LOSSES: dict[str, PolicyLoss] = {
                       (SEQUENCE,)),
     "clip": PolicyLoss("clip", GRPOConfig(), grpo_loss, _kl_term_needs, (SEQUENCE, TOKEN)),
     "gspo": PolicyLoss("gspo", GSPOConfig(), gspo_loss, _kl_term_needs, (SEQUENCE,)),
+    "cispo": PolicyLoss("cispo", CISPOConfig(), cispo_loss, _kl_term_needs, (SEQUENCE, TOKEN)),
     "a2c": PolicyLoss("a2c", A2CConfig(), a2c_loss, _actor_critic_needs, (TOKEN,)),
     "ppo": PolicyLoss("ppo", PPOConfig(), ppo_loss, _actor_critic_needs, (TOKEN,)),
     "trpo": PolicyLoss("trpo", TRPOConfig(), trpo_surrogate_loss, lambda cfg: Needs(values=True, critic=True),
@@ -201,6 +202,8 @@ ALGORITHMS: dict[str, Algorithm] = {
                     loss_config=GRPOConfig(eps_low=0.2, eps_high=0.28, aggregation="token_mean", kl_coef=0.0)),
     # GSPO: one clipped importance ratio per sequence (the geometric mean of its token ratios).
     "gspo": compose("group", "gspo", name="gspo"),
+    # CISPO: a REINFORCE term with a clipped, stop-gradient importance weight (no token's gradient dropped).
+    "cispo": compose("group", "cispo", name="cispo"),
     # A2C: Monte-Carlo returns minus V (λ = 1), no KL, no whitening.
     "a2c": compose("gae", "a2c", name="a2c", advantage=GAEConfig(lam=1.0, kl_coef=0.0, whiten_advantages=False),
                    kl_in="reward"),

@@ -87,3 +87,55 @@ def _rollout_of(b):
                    logprobs=b.old_logprobs, sampling_logprobs=b.old_logprobs,
                    lengths=jnp.asarray(np.asarray(b.loss_mask).sum(1)), stopped_at_eos=jnp.ones(R, bool),
                    group_ids=jnp.asarray(b.group_ids), prompt_length=6)
+
+
+def test_cispo_matches_a_naive_reference_and_keeps_clipped_tokens_gradient(tiny):
+    """L = −(1/N) Σ_{i,t} sg(min(ρ, 1 + ε_high)) A_i ℓ_t over the batch's N completion tokens; a token whose
+    ratio is past the bound still gets gradient w·A·∇ℓ, where GRPO's clipped surrogate gives it none."""
+    from rljax.losses import CISPOConfig, GRPOConfig, cispo_loss, grpo_loss
+
+    model, params = tiny
+    b, lp = _batch(model, params)
+    m = _mask(b)
+    eps_high = 0.05
+    cfg = CISPOConfig(eps_high=eps_high)
+    loss, metrics = cispo_loss(params, b, model=model, cfg=cfg)
+    ratio = np.exp(np.asarray(lp, np.float64) - b.old_logprobs)
+    w = np.minimum(ratio, 1 + eps_high)
+    naive = -(w * b.advantages[:, None] * np.asarray(lp) * m).sum() / m.sum()
+    assert float(loss) == pytest.approx(naive, rel=1e-4)
+    frac = ((ratio > 1 + eps_high) * m).sum() / m.sum()
+    assert float(metrics["clip_fraction"]) == pytest.approx(frac) and 0 < frac < 1
+
+    def naive_loss(p):
+        cur = token_logprobs(p, b.tokens, b.attention_mask, model=model)
+        return -(jnp.asarray(w * b.advantages[:, None] * m, jnp.float32) * cur).sum() / m.sum()
+
+    g = jax.grad(lambda p: cispo_loss(p, b, model=model, cfg=cfg)[0])(params)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), g, jax.grad(naive_loss)(params))
+    # one clipped token with A > 0: CISPO's gradient through it is w·A·∇ℓ ≠ 0; GRPO's clipped term is constant
+    i, t = map(int, np.argwhere((ratio > 1 + eps_high) * m * (b.advantages[:, None] > 0))[0])
+    only = np.zeros(np.shape(b.loss_mask))
+    only[i, t + 1] = 1  # loss_mask is token-aligned: position t of the log-probs scores tokens[t + 1]
+    one = b.replace(loss_mask=(only * np.asarray(b.attention_mask)).astype(b.loss_mask.dtype))
+    g_cispo = jax.grad(lambda p: cispo_loss(p, one, model=model, cfg=cfg)[0])(params)
+    g_grpo = jax.grad(lambda p: grpo_loss(p, one, model=model, cfg=GRPOConfig(eps_low=eps_high, eps_high=eps_high,
+                                                                              kl_coef=0.0))[0])(params)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_cispo)) > 1e-4
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_grpo)) == 0.0
+
+
+def test_cispo_on_policy_is_reinforce_with_token_mean(tiny):
+    """At π_θ = π_old, w = 1: CISPO's gradient is −(1/N) Σ A ∇ℓ, REINFORCE's with token_mean aggregation."""
+    from rljax.losses import CISPOConfig, ReinforceConfig, cispo_loss, reinforce_loss
+
+    model, params = tiny
+    b, lp = _batch(model, params)
+    b = b.replace(old_logprobs=lp, ref_logprobs=None)
+    g = jax.grad(lambda p: cispo_loss(p, b, model=model, cfg=CISPOConfig())[0])(params)
+    g_ref = jax.grad(lambda p: reinforce_loss(p, b, model=model, cfg=ReinforceConfig(aggregation="token_mean"))[0])(
+        params)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), g, g_ref)
+    assert ALGORITHMS["cispo"].estimator.name == "group"
+    with pytest.raises(ValueError, match="CISPOConfig.eps_high"):
+        CISPOConfig(eps_high=-1.0)

@@ -1,16 +1,17 @@
 """Group policy losses: GRPO's clipped surrogate (its variants Dr. GRPO and DAPO are other defaults
 of this config and of the group advantage estimator, `rljax.estimators.GroupAdvantageConfig`) and
-GSPO's sequence-level clipped surrogate."""
+GSPO's sequence-level clipped surrogate, CISPO's clipped stop-gradient importance weight."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 
 from rljax.data.batch import PolicyBatch
 from rljax.losses.policy_gradient import _kl_terms, _policy_terms, _validate_common
 from rljax.ops.aggregate import aggregate
-from rljax.ops.surrogates import clipped_surrogate, sequence_clipped_surrogate, sequence_ratio
+from rljax.ops.surrogates import clipped_is_weight, clipped_surrogate, sequence_clipped_surrogate, sequence_ratio
 
 
 @dataclass(frozen=True)
@@ -83,4 +84,40 @@ def gspo_loss(params, batch: PolicyBatch, *, model, cfg: GSPOConfig):
     ratio = sequence_ratio(lp, batch.old_logprobs, mask)
     return loss, {"clip_fraction": (clipped * live).sum() / jnp.maximum(live.sum(), 1.0),
                   "ratio_mean": (ratio * live).sum() / jnp.maximum(live.sum(), 1.0),
+                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics}
+
+
+@dataclass(frozen=True)
+class CISPOConfig:
+    """CISPO (MiniMax-M1, 2025): L = −agg(sg(clip(ρ_t, 1 − ε_low, 1 + ε_high)) Â ℓ_t) + β agg(k3), a
+    REINFORCE term whose importance weight is clipped and carries no gradient, so no token's
+    gradient is dropped (PPO's clip zeroes the tokens outside the range). eps_low None: no lower
+    bound (MiniMax-M1's setting); eps_high 5.0 as in ScaleRL / TRL's cispo loss; token_mean over
+    the batch's completion tokens as in the paper."""
+
+    eps_low: float | None = None
+    eps_high: float = 5.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    aggregation: str = "token_mean"
+    constant: float | None = None
+
+    def __post_init__(self):
+        _validate_common(self)
+        if self.eps_low is not None and not 0 <= self.eps_low <= 1:
+            raise ValueError(f"CISPOConfig.eps_low: must be in [0, 1] or None, got {self.eps_low}")
+        if self.eps_high < 0:
+            raise ValueError(f"CISPOConfig.eps_high: must be >= 0, got {self.eps_high}")
+
+
+def cispo_loss(params, batch: PolicyBatch, *, model, cfg: CISPOConfig):
+    out, mask = _policy_terms(params, batch, model)
+    lp = out["logprobs"]
+    weight, clipped = clipped_is_weight(lp, batch.old_logprobs, eps_low=cfg.eps_low, eps_high=cfg.eps_high)
+    adv = batch.advantages if batch.advantages.ndim == 2 else batch.advantages[:, None]
+    pg = -weight * jax.lax.stop_gradient(adv) * lp
+    kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
+    loss = aggregate(pg + cfg.kl_coef * kl, mask, cfg.aggregation, constant=cfg.constant)
+    return loss, {"clip_fraction": aggregate(clipped, mask, "token_mean"),
+                  "ratio_mean": aggregate(jnp.exp(lp - batch.old_logprobs), mask, "token_mean"),
                   "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics}

@@ -51,3 +51,15 @@ def sequence_clipped_surrogate(logprobs: jax.Array, old_logprobs: jax.Array, adv
     clipped = jnp.clip(s, 1.0 - eps_low, 1.0 + eps_high) * advantages
     return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(jnp.float32)
 
+
+def clipped_is_weight(logprobs: jax.Array, old_logprobs: jax.Array, *, eps_low: float | None,
+                      eps_high: float) -> tuple[jax.Array, jax.Array]:
+    """CISPO's (MiniMax-M1) weight sg(clip(ρ_t, 1 − ε_low, 1 + ε_high)), ρ_t = exp(ℓ_t − ℓ^old_t), with
+    no gradient: the policy-gradient term −w_t A ℓ_t keeps every token's gradient, only its size is
+    capped (PPO's clip instead drops the tokens outside the range). eps_low None: no lower bound.
+    [B, T] -> (weight [B, T], clipped [B, T] float: 1 where the bound applied)."""
+    chex.assert_equal_shape([logprobs, old_logprobs])
+    ratio = jnp.exp((logprobs - old_logprobs).astype(jnp.float32))
+    low = 0.0 if eps_low is None else 1.0 - eps_low
+    w = jnp.clip(ratio, low, 1.0 + eps_high)
+    return jax.lax.stop_gradient(w), (w != ratio).astype(jnp.float32)
