@@ -139,3 +139,45 @@ def test_cispo_on_policy_is_reinforce_with_token_mean(tiny):
     assert ALGORITHMS["cispo"].estimator.name == "group"
     with pytest.raises(ValueError, match="CISPOConfig.eps_high"):
         CISPOConfig(eps_high=-1.0)
+
+
+def test_ratio_weighted_k3_is_the_exact_kl_of_the_current_policy_under_old_samples():
+    """Σ_v π_old(v) ρ_v k3_v = Σ_v π_θ(v) k3_v = KL(π_θ ‖ π_ref) exactly (E_π[π_ref/π − 1] = 0), and its
+    gradient is the exact KL's; plain k3 under π_old is neither."""
+    from rljax.ops import importance_weighted, kl_k3
+
+    rng = np.random.default_rng(0)
+    V = 11
+    z_old, z_ref, z = (jnp.asarray(rng.normal(size=V), jnp.float32) for _ in range(3))
+    old, ref = jax.nn.log_softmax(z_old), jax.nn.log_softmax(z_ref)
+
+    def weighted(zt):
+        lp = jax.nn.log_softmax(zt)
+        return jnp.sum(jnp.exp(old) * importance_weighted(kl_k3(lp, ref), lp, old))
+
+    def exact(zt):
+        lp = jax.nn.log_softmax(zt)
+        return jnp.sum(jnp.exp(lp) * (lp - ref))
+
+    assert float(weighted(z)) == pytest.approx(float(exact(z)), rel=1e-5)
+    np.testing.assert_allclose(jax.grad(weighted)(z), jax.grad(exact)(z), atol=1e-6, rtol=1e-4)
+    lp = jax.nn.log_softmax(z)
+    plain = float(jnp.sum(jnp.exp(old) * kl_k3(lp, ref)))
+    assert abs(plain - float(exact(z))) > 1e-2
+
+
+def test_grpo_ratio_weighted_kl_term_matches_naive(tiny):
+    from rljax.losses import GRPOConfig, grpo_loss
+
+    model, params = tiny
+    b, lp = _batch(model, params)
+    m = _mask(b)
+    beta = 0.1
+    lp64 = np.asarray(lp, np.float64)
+    ratio = np.exp(lp64 - b.old_logprobs)
+    d = b.ref_logprobs - lp64
+    k3 = np.exp(d) - 1 - d
+    base, _ = grpo_loss(params, b, model=model, cfg=GRPOConfig(kl_coef=0.0))
+    loss, _ = grpo_loss(params, b, model=model, cfg=GRPOConfig(kl_coef=beta, kl_ratio_weighted=True))
+    kl_term = np.mean([(ratio[i] * k3[i] * m[i]).sum() / m[i].sum() for i in range(6)])  # seq-mean of token-means
+    assert float(loss) - float(base) == pytest.approx(beta * kl_term, rel=1e-4)

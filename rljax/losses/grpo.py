@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from rljax.data.batch import PolicyBatch
 from rljax.losses.policy_gradient import _kl_terms, _policy_terms, _validate_common
 from rljax.ops.aggregate import aggregate
+from rljax.ops.kl import importance_weighted
 from rljax.ops.surrogates import clipped_is_weight, clipped_surrogate, sequence_clipped_surrogate, sequence_ratio
 
 
@@ -18,6 +19,9 @@ from rljax.ops.surrogates import clipped_is_weight, clipped_surrogate, sequence_
 class GRPOConfig:
     """GRPO (DeepSeekMath) per token: −min(ρ Â, clip(ρ, 1 − ε_low, 1 + ε_high) Â) + β k3,
     ρ = exp(ℓ − ℓ_old), aggregated by `aggregation`; Â from the group estimator.
+    kl_ratio_weighted: the KL term is ρ_t · k3_t (TRL's use_bias_correction_kl), an estimate of
+    KL(π_θ ‖ π_ref) that stays unbiased when the tokens come from π_old (later minibatches and
+    epochs), where plain k3 estimates it under π_old's token distribution.
 
     Variants are other defaults: Dr. GRPO (aggregation "constant" with constant = max
     completion length, β = 0; no std scaling in the estimator), DAPO (eps_high 0.28,
@@ -30,6 +34,7 @@ class GRPOConfig:
     kl_estimator: str = "k3"
     aggregation: str = "seq_mean_token_mean"
     constant: float | None = None
+    kl_ratio_weighted: bool = False
 
     def __post_init__(self):
         _validate_common(self)
@@ -44,6 +49,8 @@ def grpo_loss(params, batch: PolicyBatch, *, model, cfg: GRPOConfig):
     surrogate, clipped = clipped_surrogate(lp, batch.old_logprobs, batch.advantages, eps_low=cfg.eps_low,
                                            eps_high=cfg.eps_high)
     kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
+    if cfg.kl_ratio_weighted:
+        kl = importance_weighted(kl, lp, batch.old_logprobs)
     loss = aggregate(surrogate + cfg.kl_coef * kl, mask, cfg.aggregation, constant=cfg.constant)
     ratio = jnp.exp(lp - batch.old_logprobs)
     return loss, {"clip_fraction": aggregate(clipped, mask, "token_mean"),

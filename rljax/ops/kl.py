@@ -31,3 +31,12 @@ def kl_k3(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
 
 
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def importance_weighted(kl: jax.Array, logprobs: jax.Array, old_logprobs: jax.Array) -> jax.Array:
+    """ρ_t · kl_t with ρ_t = exp(ℓ_t − ℓ^old_t) (gradient through both): a per-token KL estimate of
+    KL(π_θ ‖ π_ref) for tokens sampled from π_old instead of π_θ. With k3, E_{π_old}[ρ k3] =
+    E_{π_θ}[k3] = KL(π_θ ‖ π_ref) exactly, and its gradient is that KL's (TRL's
+    use_bias_correction_kl; DeepSeek-V3.2's unbiased KL). All [B, T] -> [B, T]."""
+    chex.assert_equal_shape([kl, logprobs, old_logprobs])
+    return jnp.exp((logprobs - old_logprobs).astype(jnp.float32)) * kl
