@@ -1,1 +1,11 @@
-"""Recipes: whole training runs on a task, reusable by studies and by users (`rljax.recipes.arithmetic`)."""
+"""Recipes: whole training runs on a task, reusable by studies and by users.
+
+`rljax.recipes.tasks`: one call per task on your model and data — `sft`, `reward_model`, `dpo`, `grpo`
+(any RL algorithm), each with its config dataclass, returning a `TaskResult`.
+`rljax.recipes.arithmetic`: the embedded arithmetic task's SFT and RL studies.
+"""
+from rljax.recipes.tasks import (DPOTaskConfig, GRPOTaskConfig, RewardModelTaskConfig, SFTTaskConfig, TaskConfig,
+                                 TaskResult, dpo, grpo, load_model, reward_model, sft)
+
+__all__ = ["DPOTaskConfig", "GRPOTaskConfig", "RewardModelTaskConfig", "SFTTaskConfig", "TaskConfig", "TaskResult",
+           "dpo", "grpo", "load_model", "reward_model", "sft"]

@@ -1,0 +1,530 @@
+"""One call per task: SFT, a reward model, DPO (and its family) and GRPO (any RL algorithm) on your data.
+
+    from rljax.recipes import grpo, GRPOTaskConfig
+    result = grpo("path/to/Qwen2.5-0.5B-Instruct", "prompts.jsonl", [my_reward],
+                  GRPOTaskConfig(steps=100, n=8, max_new_tokens=256), run_dir="runs/grpo")
+    result.params, result.metrics["reward_mean"]
+
+Each entry point takes
+  model:    an HF checkpoint directory (or hub id) — `load_pretrained` + `HFTokenizer.from_pretrained`
+            from the same files — or a `(Model, params, tokenizer)` tuple;
+  data:     a `datasets.Dataset`, a .jsonl / .json / .parquet file or directory, or a list of dicts
+            (`rljax.data.adapters.load_records`); rows are validated by the adapters' schemas, and a bad
+            row raises `DataError` naming the row and the field before anything trains;
+  cfg:      the task's config dataclass (defaults for learning rate, steps, batch size, lengths);
+  run_dir:  optional; config.json, metrics.jsonl and checkpoints/ go there through `rljax.phases`, and a
+            rerun with the same run_dir resumes from its latest checkpoint (a finished run returns at once);
+and returns a `TaskResult` (trained params, final metrics, the per-step history, model, tokenizer, state).
+
+Row formats (TRL's): SFT {prompt, completion} or {messages}; reward model and DPO {prompt, chosen,
+rejected} (reward model also {prompt, response, score}); GRPO {prompt, ...}: every other column is
+passed to the reward functions as a per-sample list (`fn(prompts, completions, **columns) -> rewards`).
+A prompt (or completion) may also be a list of {"role", "content"} messages. With a tokenizer that has
+a chat template (and cfg.chat_template not False) every prompt is the template applied to its messages
+(a plain prompt is one user message, after cfg.system_prompt) with the generation prompt; otherwise the
+prompt text is used as is (messages through `simple_template`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+from rljax import phases
+from rljax.algorithms import get_algorithm
+from rljax.data.adapters import (DataError, Message, _check_role, _check_str, _get, chat_messages, load_records,
+                                 preference_pairs, prompt_completion, scored_responses, simple_template)
+from rljax.data.collate import BatchIterator, collate_prompt_completion
+from rljax.data.preference_collate import collate_preferences
+from rljax.data.reward_collate import collate_pairs, collate_scored
+from rljax.losses.preference import PREFERENCE_METHODS, DPOConfig
+from rljax.losses.reward_model import PointwiseConfig, RankingConfig
+from rljax.metrics import read_metrics
+from rljax.models import Model, add_head
+from rljax.phases import LoopConfig, PromptBatch
+from rljax.rewards.rules import weighted_sum
+from rljax.sampling import SampleConfig, tokenizer_ids
+from rljax.state import OptimizerConfig, create_state
+
+__all__ = ["TaskConfig", "SFTTaskConfig", "RewardModelTaskConfig", "DPOTaskConfig", "GRPOTaskConfig", "TaskResult",
+           "load_model", "sft", "reward_model", "dpo", "grpo", "sft_batches", "reward_batches",
+           "preference_batches", "prompt_batches", "combine_rewards"]
+
+
+# ----------------------------------------------------------------------------- configs and result
+@dataclass(frozen=True)
+class TaskConfig:
+    """What every task shares. steps: optimizer steps (GRPO: RL iterations); batch_size: rows per step
+    (GRPO: prompts per iteration); max_length: longest tokenized row (None: the model's max_seq_len; a
+    longer row is an error naming it); lr with `warmup_steps` of linear warmup then `schedule`;
+    log_every: steps between metrics rows (the last step is always logged); checkpoint_every: steps
+    between checkpoints in run_dir (0: only the last); chat_template: None = apply the tokenizer's chat
+    template when it has one; system_prompt: a system message before every prompt; dtype, max_seq_len:
+    for a model loaded from a checkpoint (None: the checkpoint's)."""
+
+    lr: float = 1e-5
+    steps: int = 100
+    batch_size: int = 8
+    max_length: int | None = None
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+    log_every: int = 1
+    checkpoint_every: int = 0
+    seed: int = 0
+    progress: bool = True
+    chat_template: bool | None = None
+    system_prompt: str | None = None
+    dtype: str | None = None
+    max_seq_len: int | None = None
+
+    def optimizer(self) -> OptimizerConfig:
+        return OptimizerConfig(lr=self.lr, schedule=self.schedule, warmup_steps=min(self.warmup_steps, self.steps),
+                               total_steps=max(self.steps, 1), weight_decay=self.weight_decay,
+                               clip_norm=self.clip_norm)
+
+    def loop(self) -> LoopConfig:
+        return LoopConfig(steps=self.steps, log_every=self.log_every, checkpoint_every=self.checkpoint_every,
+                          progress=self.progress)
+
+
+@dataclass(frozen=True)
+class SFTTaskConfig(TaskConfig):
+    """SFT: the loss is the mean NLL of the completion tokens (and eos) given the prompt."""
+
+    lr: float = 2e-5
+
+
+@dataclass(frozen=True)
+class RewardModelTaskConfig(TaskConfig):
+    """Reward model: Bradley–Terry on {prompt, chosen, rejected} pairs (`RankingConfig(margin, centring)`),
+    or the squared error to {prompt, response, score} rows (`PointwiseConfig`); the model gets a
+    zero-initialised "reward" head when it has none."""
+
+    lr: float = 1e-5
+    margin: float = 0.0
+    centring: float = 0.0
+
+
+@dataclass(frozen=True)
+class DPOTaskConfig(TaskConfig):
+    """Offline preference optimisation on {prompt, chosen, rejected} pairs: method is a
+    `PREFERENCE_METHODS` name other than "kto" (dpo, cdpo, robust_dpo, hinge, ipo, simpo, orpo);
+    beta: None keeps the method's; max_prompt_length: prompts are cut from the left to this many tokens.
+    The reference is the model as given (frozen)."""
+
+    lr: float = 1e-6
+    method: str = "dpo"
+    beta: float | None = None
+    max_prompt_length: int | None = None
+
+    def loss(self):
+        if self.method not in PREFERENCE_METHODS or self.method == "kto":
+            raise ValueError(f"DPOTaskConfig.method: {self.method!r} is not one of "
+                             f"{sorted(k for k in PREFERENCE_METHODS if k != 'kto')}")
+        loss = PREFERENCE_METHODS[self.method]
+        return dataclasses.replace(loss, beta=self.beta) if self.beta is not None else loss
+
+
+@dataclass(frozen=True)
+class GRPOTaskConfig(TaskConfig):
+    """On-policy RL: `algorithm` is any `rljax.algorithms` registry name ("grpo", "rloo", "dapo", "dr_grpo",
+    "reinforce", "ppo", ...) or an Algorithm; steps counts RL iterations, each sampling `n` completions of
+    at most `max_new_tokens` tokens for `batch_size` prompts (stopping at every stop id of the tokenizer)
+    and updating epochs x minibatches times. kl_coef: None keeps the algorithm's. Algorithms that need a
+    value head (ppo, a2c) get one zero-initialised on the policy, those with a separate critic (trpo) a
+    critic copied from the policy with a value head; a running baseline is `baseline_decay`'s moving
+    average. Prompts longer than max_seq_len - max_new_tokens keep their last tokens."""
+
+    lr: float = 1e-6
+    schedule: str = "constant"
+    batch_size: int = 4
+    algorithm: Any = "grpo"
+    n: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kl_coef: float | None = None
+    epochs: int = 1
+    minibatches: int = 1
+    max_refills: int = 0
+    track_kl: bool = True
+    head_lr: float = 1e-3
+    baseline_decay: float = 0.9
+
+    def rl_config(self, tokenizer):
+        from rljax.rl import RLConfig
+        from rljax.transforms import moving_average_baseline
+
+        algo = get_algorithm(self.algorithm)
+        if self.kl_coef is not None:
+            algo = algo.with_kl_coef(self.kl_coef)
+        opt = dataclasses.replace(self.optimizer(), head_lr=self.head_lr)
+        return RLConfig(algorithm=algo, sampling=SampleConfig(max_new_tokens=self.max_new_tokens, n=self.n,
+                                                              temperature=self.temperature, top_p=self.top_p,
+                                                              **tokenizer_ids(tokenizer)),
+                        optimizer=opt, epochs=self.epochs, minibatches=self.minibatches, track_kl=self.track_kl,
+                        truncate_prompts=True, max_refills=self.max_refills,
+                        transforms=(moving_average_baseline(self.baseline_decay),) if algo.needs().baseline else ())
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """params: the trained parameters (GRPO: the policy's); metrics: the last logged step's metrics
+    (names without the phase prefix, e.g. "loss", "reward_mean"); history: every logged step's metrics
+    with its "step"; model, tokenizer: as used; state: the final TrainState / RLState; run_dir: where the
+    run was written (None when none was given: a temporary directory held it and is gone)."""
+
+    params: Any
+    metrics: dict
+    history: list
+    model: Model
+    tokenizer: Any
+    state: Any
+    run_dir: str | None
+
+
+# ----------------------------------------------------------------------------- model and data
+def load_model(model, *, dtype: str | None = None, max_seq_len: int | None = None, head: str | None = None):
+    """(Model, params, tokenizer) from an HF checkpoint directory / hub id, or a (Model, params, tokenizer)
+    tuple as it is; `head` ("reward", "value") is added zero-initialised when the model lacks it."""
+    if isinstance(model, (str, os.PathLike)):
+        from rljax.models.hf import load_pretrained, resolve_path
+        from rljax.tokenizer import HFTokenizer
+
+        path = resolve_path(os.fspath(model))
+        tok = HFTokenizer.from_pretrained(path)
+        arch, params = load_pretrained(path, dtype=dtype,
+                                       config_overrides={} if max_seq_len is None else {"max_seq_len": max_seq_len})
+        if arch.vocab_size < tok.vocab_size:
+            raise ValueError(f"{path}: config.json vocab_size={arch.vocab_size} is smaller than the tokenizer's "
+                             f"{tok.vocab_size} ids")
+        m = Model(arch)
+    else:
+        try:
+            m, params, tok = model
+        except (TypeError, ValueError):
+            raise TypeError("model must be an HF checkpoint path or a (Model, params, tokenizer) tuple, got "
+                            f"{type(model).__name__}") from None
+    if head is not None:
+        m, params = add_head(m, params, head)
+    return m, params, tok
+
+
+def _rows(data) -> list[dict]:
+    """The data set's rows as dicts (a list is kept as given, so each row is validated on its own)."""
+    if isinstance(data, (list, tuple)):
+        for i, row in enumerate(data):
+            if not isinstance(row, Mapping):
+                raise DataError(f"row {i}: expected a dict, got {type(row).__name__}")
+        rows = [dict(r) for r in data]
+    else:
+        rows = load_records(data).to_list()
+    if not rows:
+        raise DataError("the data set has no rows")
+    return rows
+
+
+def _columns(rows: Sequence[Mapping]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in rows:
+        seen.update(dict.fromkeys(r))
+    return list(seen)
+
+
+def _use_chat(tok, cfg: TaskConfig) -> bool:
+    has = getattr(tok, "chat_template", None) is not None
+    if cfg.chat_template and not has:
+        raise ValueError(f"chat_template=True, but the tokenizer {tok!r} has no chat template")
+    return has if cfg.chat_template is None else bool(cfg.chat_template)
+
+
+def _messages(value, row: int, field: str) -> list[dict]:
+    """A prompt given as a string (one user message) or a list of {role, content} messages, validated."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Sequence) or not value:
+        raise DataError(f"row {row}: field {field!r} must be a string or a non-empty list of messages, "
+                        f"got {type(value).__name__}")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, Mapping):
+            raise DataError(f"row {row}: field '{field}[{j}]' must be a dict with 'role' and 'content'")
+        role = _check_role(m.get("role"), f"{field}[{j}].role", row)
+        out.append({"role": role, "content": _check_str(m.get("content"), f"{field}[{j}].content", row,
+                                                        allow_empty=True)})
+    return out
+
+
+def _prompt_text(tok, messages: list[dict], chat: bool, system_prompt: str | None, plain: str | None = None) -> str:
+    """The text of a prompt: the chat template with the generation prompt, or `plain` (a string prompt)
+    when there is no template and no system prompt, else `simple_template`."""
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    if chat:
+        return tok.apply_chat_template(messages, add_generation_prompt=True)
+    if plain is not None and not system_prompt:
+        return plain
+    return simple_template([Message(m["role"], m["content"]) for m in messages])
+
+
+def _completion_text(value, row: int, field: str):
+    """A completion given as a list of messages is its last message's content; other values as they are
+    (the adapters' schemas check them)."""
+    if isinstance(value, (list, tuple)) and value and isinstance(value[-1], Mapping):
+        return value[-1].get("content")
+    return value
+
+
+def _rendered(tok, rows: list[dict], fields: Sequence[str], cfg: TaskConfig) -> list[dict]:
+    """Rows with the prompt rendered to text (see the module docstring) and message-list completions in
+    `fields` replaced by their last message's content; missing or malformed prompts raise DataError."""
+    chat = _use_chat(tok, cfg)
+    out = []
+    for i, row in enumerate(rows):
+        prompt = _get(i, row, "prompt")
+        msgs = _messages(prompt, i, "prompt")
+        new = dict(row, prompt=_prompt_text(tok, msgs, chat, cfg.system_prompt,
+                                            prompt if isinstance(prompt, str) else None))
+        for f in fields:
+            if f in new:
+                new[f] = _completion_text(new[f], i, f)
+        out.append(new)
+    return out
+
+
+def _max_length(cfg: TaskConfig, model: Model) -> int:
+    return cfg.max_length if cfg.max_length is not None else model.config.max_seq_len
+
+
+def sft_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None) -> BatchIterator:
+    """SFT batches: SequenceBatch [batch_size, T] (T bucketed, <= max_length) of [bos] prompt completion eos
+    with the loss on the completion and eos. Rows {prompt, completion} or {messages} (the last message
+    the assistant's reply to learn)."""
+    rows = _rows(data)
+    chat = _use_chat(tok, cfg)
+    if "messages" in _columns(rows) and "prompt" not in _columns(rows):
+        pairs = []
+        for c in chat_messages(rows):
+            msgs = [{"role": m.role, "content": m.content} for m in c.messages[:-1]]
+            if chat:
+                prompt = _prompt_text(tok, msgs or [{"role": "user", "content": ""}], True, cfg.system_prompt)
+            else:
+                sys = [Message("system", cfg.system_prompt)] if cfg.system_prompt and (
+                    not msgs or msgs[0]["role"] != "system") else []
+                prompt = simple_template(sys + list(c.messages[:-1]))
+            pairs.append((prompt, c.messages[-1].content))
+    else:
+        pairs = [(p.prompt, p.completion) for p in prompt_completion(_rendered(tok, rows, ["completion"], cfg))]
+    collate = functools.partial(collate_prompt_completion, tok, max_length=max_length or cfg.max_length,
+                                add_bos=not chat, add_eos=True)
+    return BatchIterator(pairs, cfg.batch_size, collate, seed=cfg.seed)
+
+
+def reward_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None) -> tuple[BatchIterator, str]:
+    """(batches, kind): kind "pairs" — RankingBatch [batch_size, 2, T] (chosen rank 0, rejected rank 1; a
+    "margin" column fills RankingBatch.margin) from {prompt, chosen, rejected} rows — or "scores" —
+    ScoreBatch [batch_size, T] with scores [batch_size] from {prompt, response, score} rows."""
+    rows = _rows(data)
+    chat = _use_chat(tok, cfg)
+    length = max_length or cfg.max_length
+    if "score" in _columns(rows) and "chosen" not in _columns(rows):
+        scored = [(r.prompt, r.response, r.score) for r in
+                  scored_responses(_rendered(tok, rows, ["response"], cfg))]
+        collate = functools.partial(collate_scored, tok, max_length=length, add_bos=not chat)
+        return BatchIterator(scored, cfg.batch_size, collate, seed=cfg.seed), "scores"
+    rendered = _rendered(tok, rows, ["chosen", "rejected"], cfg)
+    pairs = preference_pairs(rendered)
+    margins = [r.get("margin") for r in rendered]
+    items = [(p, m) for p, m in zip(pairs, margins)]
+
+    def collate(batch):
+        ms = [m for _, m in batch]
+        return collate_pairs(tok, [p for p, _ in batch], margins=None if all(m is None for m in ms) else
+                             [0.0 if m is None else m for m in ms], max_length=length, add_bos=not chat)
+
+    return BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed), "pairs"
+
+
+def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None = None) -> BatchIterator:
+    """PreferenceBatch [batch_size, 2, T] (chosen at 0, rejected at 1) from {prompt, chosen, rejected} rows,
+    with optional "weight" and "label" columns (per-pair weight, soft label); the prompt is cut from the
+    left to max_prompt_length tokens, then the completion to fit max_length."""
+    rendered = _rendered(tok, _rows(data), ["chosen", "rejected"], cfg)
+    pairs = preference_pairs(rendered)
+    chat = _use_chat(tok, cfg)
+    items = [dict(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, weight=r.get("weight"),
+                  label=r.get("label")) for p, r in zip(pairs, rendered)]
+    collate = functools.partial(collate_preferences, tok, max_length=max_length or cfg.max_length,
+                                max_prompt_length=cfg.max_prompt_length, add_bos=not chat)
+    return BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed)
+
+
+_RESERVED = ("params", "prompt_tokens", "prompt_mask", "key", "refill", "state", "prompts", "completions")
+
+
+@dataclass(frozen=True)
+class _Prompts:
+    """batch_at(position) -> PromptBatch: tokens, mask [batch_size, P] (left-padded) and the extra columns
+    as per-prompt lists."""
+
+    batches: BatchIterator
+
+    def batch_at(self, position: int) -> PromptBatch:
+        return self.batches.batch_at(position)
+
+
+def prompt_batches(tok, data, cfg: TaskConfig):
+    """RL prompts: an object with batch_at(position) -> PromptBatch(tokens, mask [batch_size, P] left-padded,
+    metadata {column: list}) over {prompt, ...} rows; every column but "prompt" is metadata for the reward
+    functions (a row without it gives None)."""
+    rows = _rows(data)
+    columns = [c for c in _columns(rows) if c != "prompt"]
+    clash = [c for c in columns if c in _RESERVED]
+    if clash:
+        raise DataError(f"column(s) {clash} clash with the RL iteration's arguments; rename them")
+    rendered = _rendered(tok, rows, [], cfg)
+    for i, r in enumerate(rendered):
+        _check_str(r["prompt"], "prompt", i, allow_empty=False)
+    chat = _use_chat(tok, cfg)
+
+    def collate(batch):
+        tokens, mask = tok.encode_batch([r["prompt"] for r in batch], add_bos=not chat, padding_side="left")
+        return PromptBatch(tokens=tokens, mask=mask, metadata={c: [r.get(c) for r in batch] for c in columns})
+
+    return _Prompts(BatchIterator(rendered, cfg.batch_size, collate, seed=cfg.seed + 1))
+
+
+def combine_rewards(reward_funcs) -> Callable:
+    """One reward function from `fn`, a list of functions (summed) or of (weight, fn) pairs (weighted sum);
+    each is called as fn(prompts, completions, **metadata) -> [R] rewards (TRL's signature)."""
+    if callable(reward_funcs):
+        return reward_funcs
+    terms = [f if isinstance(f, tuple) else (1.0, f) for f in reward_funcs]
+    for w, f in terms:
+        if not callable(f):
+            raise TypeError(f"reward function {f!r} is not callable")
+    return terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else weighted_sum(*terms)
+
+
+# ----------------------------------------------------------------------------- running
+def _describe(x) -> Any:
+    if isinstance(x, (str, os.PathLike)):
+        return os.fspath(x)
+    if isinstance(x, (list, tuple)) and not (len(x) == 3 and isinstance(x[0], Model)):
+        return f"<{len(x)} rows>"
+    if isinstance(x, tuple):
+        return f"<{type(x[0]).__name__} {x[0].config.num_params():,} params, {x[2]!r}>"
+    return f"<{type(x).__name__}{f' of {len(x)} rows' if hasattr(x, '__len__') else ''}>"
+
+
+@contextlib.contextmanager
+def _run_dir(run_dir, task: str, cfg, model, data):
+    """Yield the run directory (a temporary one when None, so metrics can be read back) with config.json."""
+    with contextlib.ExitStack() as stack:
+        d = os.fspath(run_dir) if run_dir is not None else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix=f"rljax-{task}-"))
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(dict(task=task, model=_describe(model), data=_describe(data), config=dataclasses.asdict(cfg)),
+                      f, indent=2, default=str)
+        yield d
+
+
+def _history(run_dir: str, name: str) -> list[dict]:
+    """Metrics rows of phase `name` (prefix stripped, eval rows left out), one per step, the last written."""
+    if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        return []
+    by_step = {}
+    for r in read_metrics(run_dir):
+        got = {k[len(name) + 1:]: v for k, v in r.items() if k.startswith(f"{name}/") and "/eval/" not in k}
+        if got:
+            by_step[r["step"]] = dict(got, step=r["step"])
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _result(state, params, d, name, model, tok, run_dir) -> TaskResult:
+    history = _history(d, name)
+    metrics = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
+    return TaskResult(params=params, metrics=metrics, history=history, model=model, tokenizer=tok, state=state,
+                      run_dir=None if run_dir is None else os.fspath(run_dir))
+
+
+def sft(model, data, cfg: SFTTaskConfig = SFTTaskConfig(), *, run_dir: str | None = None) -> TaskResult:
+    """Supervised fine-tuning of `model` on `data` ({prompt, completion} or {messages} rows) for cfg.steps
+    steps of cfg.batch_size rows (`rljax.phases.sft`); metrics: loss, tokens, grad_norm, ..."""
+    m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len)
+    data_it = sft_batches(tok, data, cfg, max_length=_max_length(cfg, m))
+    opt = cfg.optimizer()
+    state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
+    with _run_dir(run_dir, "sft", cfg, model, data) as d:
+        state = phases.sft(state, data_it, phases.SFTPhaseConfig(optimizer=opt, loop=cfg.loop()), model=m, run_dir=d)
+        return _result(state, state.params, d, "sft", m, tok, run_dir)
+
+
+def reward_model(model, data, cfg: RewardModelTaskConfig = RewardModelTaskConfig(), *,
+                 run_dir: str | None = None) -> TaskResult:
+    """A reward model: `model` with a "reward" head (added, zero-initialised, when missing) trained on
+    preference pairs (Bradley–Terry) or scored responses (squared error), `rljax.phases.train_reward_model`.
+    Score texts with `rljax.rewards.reward_model_reward(result.params, result.model, result.tokenizer)`."""
+    m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len, head="reward")
+    data_it, kind = reward_batches(tok, data, cfg, max_length=_max_length(cfg, m))
+    loss = RankingConfig(margin=cfg.margin, centring=cfg.centring) if kind == "pairs" else PointwiseConfig()
+    opt = cfg.optimizer()
+    state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
+    with _run_dir(run_dir, "reward_model", cfg, model, data) as d:
+        state = phases.train_reward_model(state, data_it, phases.RewardModelPhaseConfig(
+            loss=loss, optimizer=opt, loop=cfg.loop()), model=m, run_dir=d)
+        return _result(state, state.params, d, "rm", m, tok, run_dir)
+
+
+def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, run_dir: str | None = None) -> TaskResult:
+    """DPO (or cfg.method of its family) of `model` on {prompt, chosen, rejected} rows against the frozen
+    starting model (`rljax.phases.preference`); metrics: loss, accuracy, margin, chosen/rejected rewards."""
+    m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len)
+    loss = cfg.loss()
+    data_it = preference_batches(tok, data, cfg, max_length=_max_length(cfg, m))
+    opt = cfg.optimizer()
+    state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
+    with _run_dir(run_dir, "dpo", cfg, model, data) as d:
+        state = phases.preference(state, data_it, phases.PreferencePhaseConfig(loss=loss, optimizer=opt,
+                                                                               loop=cfg.loop()),
+                                  model=m, reference=params, run_dir=d)
+        return _result(state, state.params, d, "preference", m, tok, run_dir)
+
+
+def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *,
+         run_dir: str | None = None) -> TaskResult:
+    """On-policy RL with cfg.algorithm (GRPO by default) on the prompts of `data` ({prompt, ...} rows), scored
+    by `reward_funcs` (one function, a list summed, or (weight, fn) pairs; each fn(prompts, completions,
+    **columns) -> list[float] sees the decoded prompt and completion texts and the row's other columns,
+    one entry per sample). `rljax.phases.rl`; metrics per iteration: reward_mean, kl, entropy, lengths, ..."""
+    from rljax.losses.actor_critic import with_value_head
+    from rljax.rl import create_rl_state
+
+    m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len)
+    reward = combine_rewards(reward_funcs)
+    prompts = prompt_batches(tok, data, cfg)
+    rl_cfg = cfg.rl_config(tok)
+    needs = rl_cfg.algo.needs()
+    critic_model = critic_params = None
+    if needs.critic:
+        critic_model, critic_params = with_value_head(m, params)
+    elif needs.values:
+        m, params = with_value_head(m, params)
+    state = create_rl_state(m, params, rl_cfg, jax.random.key(cfg.seed), critic_model=critic_model,
+                            critic_params=critic_params)
+    with _run_dir(run_dir, "grpo", cfg, model, data) as d:
+        state = phases.rl(state, prompts, reward, rl_cfg, model=m, decode=tok.decode_batch,
+                          decode_prompts=functools.partial(tok.decode_batch, stop_at_eos=False), loop=cfg.loop(),
+                          run_dir=d, critic_model=critic_model)
+        return _result(state, state.policy.params, d, "rl", m, tok, run_dir)

@@ -1,0 +1,193 @@
+"""rljax.recipes.tasks: input handling of the one-call entry points. A JSONL file, a Parquet file, a list of
+dicts and a datasets.Dataset give the same batches; a bad row raises DataError naming the row and field
+before anything trains; extra columns reach the reward functions aligned with their prompts; chat
+templates are applied when the tokenizer has one; a rerun in the same run_dir resumes."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from rljax.data.adapters import DataError
+from rljax.models import Model, preset
+from rljax.recipes import GRPOTaskConfig, SFTTaskConfig, grpo, load_model, sft
+from rljax.recipes.tasks import (DPOTaskConfig, TaskConfig, combine_rewards, preference_batches, prompt_batches,
+                                 reward_batches, sft_batches)
+from rljax.metrics import read_metrics
+from rljax.tokenizer import CharTokenizer, HFTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOK = CharTokenizer()
+
+SFT_ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(4) for b in range(3)]
+PAIR_ROWS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(4)
+             for b in range(3)]
+SCORE_ROWS = [{"prompt": f"{a}+{b}=", "response": str(a * b), "score": float(a - b)} for a in range(4)
+              for b in range(3)]
+PROMPT_ROWS = [{"prompt": f"{a}+{b}=", "answer": a + b, "level": "easy" if a < 2 else "hard"} for a in range(4)
+               for b in range(3)]
+
+
+def small_model():
+    """(model, params, tokenizer): a 1-layer model, so a test compiles in seconds."""
+    model = Model(preset("tiny", vocab_size=TOK.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                         mlp_dim=64, max_seq_len=64))
+    return model, model.init(jax.random.key(0)), TOK
+
+
+def sources(rows, tmp_path):
+    """The same rows as a list of dicts, a JSONL file, a Parquet file and a datasets.Dataset."""
+    import datasets
+
+    path = tmp_path / "rows.jsonl"
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    return {"list": rows, "jsonl": str(path), "parquet": str(tmp_path / "rows.parquet"), "dataset": ds}
+
+
+def leaves(batch):
+    if hasattr(batch, "metadata"):  # PromptBatch
+        return [batch.tokens, batch.mask, json.dumps(batch.metadata, sort_keys=True)]
+    return jax.tree.leaves(batch)
+
+
+@pytest.mark.parametrize("kind", ["sft", "pairs", "scores", "dpo", "prompts"])
+def test_every_source_gives_the_same_batches(kind, tmp_path):
+    cfg = TaskConfig(batch_size=4) if kind != "dpo" else DPOTaskConfig(batch_size=4, max_prompt_length=3)
+    rows, build = {
+        "sft": (SFT_ROWS, lambda d: sft_batches(TOK, d, cfg)),
+        "pairs": (PAIR_ROWS, lambda d: reward_batches(TOK, d, cfg)[0]),
+        "scores": (SCORE_ROWS, lambda d: reward_batches(TOK, d, cfg)[0]),
+        "dpo": (PAIR_ROWS, lambda d: preference_batches(TOK, d, cfg)),
+        "prompts": (PROMPT_ROWS, lambda d: prompt_batches(TOK, d, cfg)),
+    }[kind]
+    its = {name: build(src) for name, src in sources(rows, tmp_path).items()}
+    for position in range(5):  # past the first epoch: the reshuffle is the same too
+        want = leaves(its["list"].batch_at(position))
+        for name, it in its.items():
+            got = leaves(it.batch_at(position))
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"{kind}, {name}, {position}")
+    if kind in ("pairs", "scores"):
+        assert reward_batches(TOK, rows, cfg)[1] == kind
+
+
+def test_prompt_batches_are_left_padded_with_the_columns_as_metadata():
+    b = prompt_batches(TOK, PROMPT_ROWS, TaskConfig(batch_size=3, seed=4)).batch_at(0)
+    texts = TOK.decode_batch(b.tokens, stop_at_eos=False)
+    by_prompt = {r["prompt"]: r for r in PROMPT_ROWS}
+    assert b.tokens.shape == b.mask.shape and b.tokens.shape[0] == 3 and np.all(b.mask[:, -1] == 1)
+    assert b.metadata["answer"] == [by_prompt[t]["answer"] for t in texts]
+    assert b.metadata["level"] == [by_prompt[t]["level"] for t in texts]
+
+
+@pytest.mark.parametrize("source", ["list", "jsonl"])
+def test_a_bad_row_raises_data_error_naming_row_and_field_before_training(source, tmp_path):
+    rows = [dict(r) for r in SFT_ROWS]
+    rows[2] = {"prompt": "1+1="}  # no completion
+    data = rows if source == "list" else sources(rows, tmp_path)["jsonl"]
+    with pytest.raises(DataError, match=r"row 2: field 'completion' is missing"):
+        sft(small_model(), data, SFTTaskConfig(steps=1), run_dir=str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")  # nothing was written, let alone trained
+
+    pairs = [dict(r) for r in PAIR_ROWS]
+    pairs[3]["chosen"] = "  "
+    with pytest.raises(DataError, match=r"row 3: field 'chosen' is empty"):
+        preference_batches(TOK, pairs, DPOTaskConfig(batch_size=2))
+    prompts = [dict(r) for r in PROMPT_ROWS]
+    prompts[1]["prompt"] = 7
+    with pytest.raises(DataError, match=r"row 1: field 'prompt' must be a string"):
+        prompt_batches(TOK, prompts, TaskConfig(batch_size=2))
+    prompts[1]["prompt"] = [{"role": "robot", "content": "hi"}]
+    with pytest.raises(DataError, match=r"row 1: field 'prompt\[0\].role' must be one of"):
+        prompt_batches(TOK, prompts, TaskConfig(batch_size=2))
+    with pytest.raises(DataError, match=r"row 0: expected a dict"):
+        sft_batches(TOK, ["1+1=2"], TaskConfig(batch_size=1))
+    with pytest.raises(DataError, match=r"clash"):
+        prompt_batches(TOK, [{"prompt": "1+1=", "key": 1}], TaskConfig(batch_size=1))
+
+
+def test_a_rerun_in_the_same_run_dir_resumes(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    cfg = SFTTaskConfig(steps=3, batch_size=4, lr=3e-3, progress=False)
+    first = sft(small_model(), SFT_ROWS, cfg, run_dir=run_dir)
+    assert [h["step"] for h in first.history] == [1, 2, 3] and int(first.state.step) == 3
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["task"] == "sft" and saved["config"]["steps"] == 3 and saved["data"] == "<12 rows>"
+
+    again = sft(small_model(), SFT_ROWS, cfg, run_dir=run_dir)  # finished: restored, nothing trained
+    assert "resumed" in capsys.readouterr().out
+    assert len(read_metrics(run_dir)) == 3 and again.history == first.history
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(first.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    longer = sft(small_model(), SFT_ROWS, SFTTaskConfig(steps=5, batch_size=4, lr=3e-3, progress=False),
+                 run_dir=run_dir)  # two more steps, from step 3
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5] and int(longer.state.step) == 5
+    assert longer.metrics == {k: v for k, v in longer.history[-1].items() if k != "step"}
+
+
+def test_grpo_reward_functions_get_the_columns_of_their_prompts(tmp_path):
+    calls = []
+
+    def correct(prompts, completions, answer, level, **columns):
+        calls.append((list(prompts), list(completions), list(answer), list(level)))
+        return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]
+
+    def brevity(prompts, completions, **columns):
+        return [-len(c) / 10 for c in completions]
+
+    cfg = GRPOTaskConfig(steps=2, batch_size=2, n=2, max_new_tokens=4, lr=1e-3, progress=False, algorithm="rloo")
+    result = grpo(small_model(), PROMPT_ROWS, [correct, (0.5, brevity)], cfg)
+    assert result.run_dir is None and [h["step"] for h in result.history] == [1, 2]
+    by_prompt = {r["prompt"]: r for r in PROMPT_ROWS}
+    assert len(calls) == 2
+    expected_means = []
+    for prompts, completions, answer, level in calls:
+        assert len(prompts) == len(completions) == 4  # batch_size x n
+        assert prompts[0] == prompts[1] and prompts[2] == prompts[3]  # n samples per prompt, in order
+        assert answer == [by_prompt[p]["answer"] for p in prompts] and level == [by_prompt[p]["level"] for p in prompts]
+        expected_means.append(np.mean([float(c.strip() == str(a)) - 0.5 * len(c) / 10
+                                       for c, a in zip(completions, answer)]))
+    np.testing.assert_allclose([h["reward_mean"] for h in result.history], expected_means, atol=1e-6)
+
+
+def test_combine_rewards_sums_and_weights():
+    a = lambda prompts, completions, **m: [1.0] * len(completions)  # noqa: E731
+    b = lambda prompts, completions, x, **m: list(x)  # noqa: E731
+    assert combine_rewards(a) is a and combine_rewards([a]) is a
+    np.testing.assert_allclose(combine_rewards([a, b])(["p", "q"], ["c", "d"], x=[2.0, 3.0]), [3.0, 4.0])
+    np.testing.assert_allclose(combine_rewards([(2.0, a), (-1.0, b)])(["p"], ["c"], x=[5.0]), [-3.0])
+    with pytest.raises(TypeError, match="not callable"):
+        combine_rewards([a, "b"])
+
+
+def test_chat_template_is_applied_when_the_tokenizer_has_one():
+    tok = HFTokenizer.from_pretrained(os.path.join(ROOT, "tests", "fixtures", "hf_tokenizer"))
+    rows = [{"prompt": "What is 2 + 2?", "answer": 4},
+            {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "And 3 + 3?"}],
+             "answer": 6}]
+    cfg = TaskConfig(batch_size=2, chat_template=None, system_prompt="Think.")
+    b = prompt_batches(tok, rows, cfg).batches.batch_at(0)
+    texts = {a: tok.decode(t[m == 1].tolist(), stop_at_eos=False, skip_special=False)
+             for a, t, m in zip(b.metadata["answer"], b.tokens, b.mask)}
+    assert texts[4] == tok.apply_chat_template([{"role": "system", "content": "Think."},
+                                                {"role": "user", "content": "What is 2 + 2?"}],
+                                               add_generation_prompt=True)
+    assert texts[6] == tok.apply_chat_template(rows[1]["prompt"], add_generation_prompt=True)  # its own system
+    plain = prompt_batches(tok, rows[:1], TaskConfig(batch_size=1, chat_template=False)).batch_at(0)
+    assert plain.tokens[0, plain.mask[0] == 1].tolist() == tok.encode("What is 2 + 2?", add_bos=True)
+    with pytest.raises(ValueError, match="no chat template"):
+        prompt_batches(TOK, rows[:1], TaskConfig(batch_size=1, chat_template=True))
+
+
+def test_load_model_rejects_what_is_not_a_model():
+    with pytest.raises(TypeError, match="HF checkpoint path or a \\(Model, params, tokenizer\\) tuple"):
+        load_model(42)
+    model, params, tok = load_model(small_model(), head="reward")
+    assert "reward" in model.config.heads and tok is TOK
