@@ -52,7 +52,7 @@ def bench_step(cfg: Config) -> dict:
     from rljax.losses.oreo import OREOConfig
     from rljax.models import Model, preset
     from rljax.models.logprobs import token_logprobs
-    from rljax.oreo import create_oreo_state, make_oreo_step, value_model_of, value_params_from
+    from rljax.oreo_training import create_oreo_state, make_oreo_step, value_model_of, value_params_from
     from rljax.state import OptimizerConfig, create_state, make_train_step
 
     model = Model(preset(cfg.preset))
@@ -109,7 +109,7 @@ def bench_step(cfg: Config) -> dict:
 
 def bench_search(cfg: Config) -> dict:
     from rljax.models import Model, preset
-    from rljax.oreo import value_model_of, value_params_from, value_scorer
+    from rljax.oreo_training import value_model_of, value_params_from, value_scorer
     from rljax.sampling import SampleConfig, ValueSearchConfig, sample, value_guided_beam_search
 
     model = Model(preset(cfg.preset, max_seq_len=max(1024, 16 + cfg.max_rounds * cfg.max_step_tokens)))

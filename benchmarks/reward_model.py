@@ -48,7 +48,7 @@ def main(cfg: Config) -> dict:
     from rljax.losses.reward_model import RankingConfig, ranking_loss
     from rljax.models import Model, preset
     from rljax.rewards.process_labels import label_steps, model_completer
-    from rljax.rewards.reward_model import reward_model_reward
+    from rljax.rewards.learned import reward_model_reward
     from rljax.sampling import SampleConfig
     from rljax.state import OptimizerConfig, create_state, make_train_step
     from rljax.tokenizer import CharTokenizer

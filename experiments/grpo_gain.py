@@ -5,7 +5,7 @@
     python -m experiments.grpo_gain --algo rloo --lr 1e-5
     python -m experiments.grpo_gain --smoke
 
-Runs the SFT study (`rljax.recipes.arithmetic.train_sft`, skipped when its final checkpoint
+Runs the SFT study (`rljax.recipes.arithmetic_runs.train_sft`, skipped when its final checkpoint
 is already in <run-dir>/sft), then the RL study (`train_rl`) once per seed from that checkpoint,
 and reports held-out accuracy, greedy and sampled (temperature 1, the policy RL
 trains; mean over `eval_samples` per problem): after SFT, after RL per seed, and
@@ -24,7 +24,7 @@ import numpy as np
 
 from rljax.cli import make_run_dir, parse_config
 from rljax.eval import finished_run
-from rljax.recipes.arithmetic import RLArithmeticConfig, SFTArithmeticConfig, train_rl, train_sft
+from rljax.recipes.arithmetic_runs import RLArithmeticConfig, SFTArithmeticConfig, train_rl, train_sft
 
 
 @dataclass

@@ -59,7 +59,7 @@ from rljax.metrics import read_metrics
 from rljax.models.hf import config_from_hf, load_pretrained, read_hf_config, resolve_path, save_pretrained
 from rljax.models.transformer import Model
 from rljax.phases import LoopConfig, PromptBatch, SFTPhaseConfig, rl, sft
-from rljax.rewards.math import math_answer_reward, think_answer_format_reward
+from rljax.rewards.math_answers import math_answer_reward, think_answer_format_reward
 from rljax.rewards.rules import weighted_sum
 from rljax.rl import RLConfig, create_rl_state
 from rljax.sampling import SampleConfig, tokenizer_ids

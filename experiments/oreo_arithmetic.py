@@ -42,12 +42,12 @@ from rljax.losses.oreo import OREOConfig
 from rljax.losses.preference import PREFERENCE_METHODS
 from rljax.losses.sft import SFTConfig
 from rljax.metrics import plot_curves
-from rljax.oreo import (CollectConfig, OREOPhaseConfig, collate_trajectories, collect_trajectories,
+from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, collate_trajectories, collect_trajectories,
                         create_oreo_state, oreo, split_keeping_separator, value_scorer)
 from rljax.phases import LoopConfig, PreferencePhaseConfig, SFTPhaseConfig, preference, sft
 from rljax.pipelines import IterativeOREOConfig, iterative_oreo
-from rljax.preference import cached_reference_logps, with_reference
-from rljax.recipes.arithmetic import load_sft
+from rljax.reference import cached_reference_logps, with_reference
+from rljax.recipes.arithmetic_runs import load_sft
 from rljax.rewards.rules import arithmetic_answer_reward
 from rljax.sampling import SampleConfig, ValueSearchConfig, sample, value_guided_beam_search
 from rljax.state import OptimizerConfig, create_state

@@ -36,8 +36,8 @@ from rljax.eval import exact_match
 from rljax.losses.preference import PREFERENCE_METHODS, KTOConfig, check_kto_weights
 from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
 from rljax.pipelines import OnlineDPOConfig, online_dpo
-from rljax.preference import cached_reference_logps, with_reference
-from rljax.recipes.arithmetic import load_sft
+from rljax.reference import cached_reference_logps, with_reference
+from rljax.recipes.arithmetic_runs import load_sft
 from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import CharTokenizer

@@ -67,10 +67,10 @@ from rljax.losses.reward_model import FeedbackConfig, RankingConfig, TokenLabelC
 from rljax.models import add_head
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
 from rljax.pipelines import IterativeRLHFConfig
-from rljax.recipes.arithmetic import load_sft
+from rljax.recipes.arithmetic_runs import load_sft
 from rljax.rewards.evaluation import reward_model_eval
 from rljax.rewards.process_labels import label_steps, model_completer
-from rljax.rewards.reward_model import (aggregate_steps, likelihood_reward, majority_vote, reward_model_reward,
+from rljax.rewards.learned import (aggregate_steps, likelihood_reward, majority_vote, reward_model_reward,
                                         stack_step_scores, step_scorer)
 from rljax.rewards.rules import weighted_sum
 from rljax.sampling import SampleConfig, sample

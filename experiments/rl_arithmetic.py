@@ -10,14 +10,14 @@ step;...;answer:N format (+ --step-reward times the fraction of right steps).
 Reports held-out accuracy before/after (greedy, and sampled at temperature 1),
 mean reward, KL to the SFT policy and wall time; outputs under the run directory.
 
-The run itself is `rljax.recipes.arithmetic.train_rl`; the SFT checkpoint is read with
-`rljax.recipes.arithmetic.load_sft`.
+The run itself is `rljax.recipes.arithmetic_runs.train_rl`; the SFT checkpoint is read with
+`rljax.recipes.arithmetic_runs.load_sft`.
 """
 from __future__ import annotations
 
 from rljax.cli import parse_config
-from rljax.recipes.arithmetic import RLArithmeticConfig as Config
-from rljax.recipes.arithmetic import train_rl
+from rljax.recipes.arithmetic_runs import RLArithmeticConfig as Config
+from rljax.recipes.arithmetic_runs import train_rl
 
 
 def main(cfg: Config) -> dict:

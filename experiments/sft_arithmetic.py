@@ -8,14 +8,14 @@ Writes config.json, metrics.jsonl, checkpoints/, loss.png and results.json under
 the run directory. Running the same command with the same --run-dir after a crash
 resumes from the last checkpoint and ends with the same parameters.
 
-The run itself is `rljax.recipes.arithmetic.train_sft` (other studies start from it);
+The run itself is `rljax.recipes.arithmetic_runs.train_sft` (other studies start from it);
 held-out accuracy is `rljax.eval.exact_match`.
 """
 from __future__ import annotations
 
 from rljax.cli import parse_config
-from rljax.recipes.arithmetic import SFTArithmeticConfig as Config
-from rljax.recipes.arithmetic import train_sft
+from rljax.recipes.arithmetic_runs import SFTArithmeticConfig as Config
+from rljax.recipes.arithmetic_runs import train_sft
 
 
 def main(cfg: Config) -> dict:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rljax.checkpoint import Checkpointer
+from rljax.data.batch import PromptBatch
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
                                       TokenLabelConfig, reward_model_loss)
 from rljax.losses.preference import DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss, reference_logps
@@ -232,7 +233,7 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
     data yields PreferenceBatch (`collate_preferences`) or, for KTO, KTOBatch
     (`collate_kto`); chosen and rejected (or a row and its mismatched pair) go through
     one forward pass. The reference's log-probs come from the batch's ref_logps when
-    present (precomputed once with `rljax.preference.cached_reference_logps`, so only
+    present (precomputed once with `rljax.reference.cached_reference_logps`, so only
     the policy is in memory), else from `reference` (frozen params, evaluated every
     step in their own jitted call); reference-free losses (SimPO, ORPO,
     reference_free=True) need neither. Metrics: loss, implicit rewards of chosen and
@@ -256,15 +257,6 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
 
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn,
                     name="preference")
-
-
-@dataclass(frozen=True)
-class PromptBatch:
-    """Prompts for one RL iteration: tokens, mask [B, P] (left-padded) and per-prompt metadata lists."""
-
-    tokens: np.ndarray
-    mask: np.ndarray
-    metadata: dict
 
 
 def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loop: LoopConfig,

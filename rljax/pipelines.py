@@ -63,10 +63,10 @@ from rljax.checkpoint import Checkpointer, atomic_path
 from rljax.data.collate import BatchIterator
 from rljax.losses.preference import DPOConfig
 from rljax.losses.reward_model import RankingConfig
-from rljax.oreo import (CollectConfig, OREOPhaseConfig, OREOState, check_trajectories, collate_trajectories,
+from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, OREOState, check_trajectories, collate_trajectories,
                         collect_trajectories, oreo)
 from rljax.phases import LoopConfig, PreferencePhaseConfig, RewardModelPhaseConfig, preference, train_reward_model
-from rljax.preference import best_worst_pairs, cached_reference_logps, with_reference
+from rljax.reference import best_worst_pairs, cached_reference_logps, with_reference
 from rljax.sampling import SampleConfig, sample
 from rljax.state import OptimizerConfig, owned_copy
 

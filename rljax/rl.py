@@ -29,6 +29,7 @@ import numpy as np
 from flax import struct
 
 from rljax.algorithms import Algorithm, check_group_size, get_algorithm, prepare
+from rljax.data.batch import Collected
 from rljax.estimators import PrepareInput
 from rljax.losses.actor_critic import approx_kl, token_values, value_loss
 from rljax.losses.policy_gradient import kl_metrics
@@ -188,24 +189,6 @@ def _informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:
     """[R] rewards, n per group (contiguous rows) -> [R / n] bool: the group's rewards are not all equal."""
     ids = jnp.arange(len(rewards), dtype=jnp.int32) // n
     return np.asarray(group_range(jnp.asarray(rewards), ids))[::n] > 0
-
-
-@dataclass
-class Collected:
-    """What the actor side of an iteration hands to the learner: the rollout (after
-    dynamic-sampling refills), its rewards, all sampled rewards / correctness (for
-    metrics), SCST's greedy rewards, the raw rollouts, prompts cut, refill rounds and
-    seconds per stage so far."""
-
-    rollout: Any
-    rewards: np.ndarray
-    all_rewards: np.ndarray
-    all_correct: np.ndarray | None
-    greedy: np.ndarray | None
-    sampled: list
-    cut: int
-    rounds: int
-    times: dict
 
 
 class RLIteration(NamedTuple):

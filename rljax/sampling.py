@@ -42,8 +42,9 @@ from flax import struct
 from jax import lax
 
 from rljax.buckets import bucket_length
+from rljax.data.batch import Rollout
 from rljax.models.transformer import Model
-from rljax.ops.logprobs import logprobs_from_logits
+from rljax.ops.logits import logprobs_from_logits
 from rljax.sharding import constrain, is_axis_names, shard_batch
 
 
@@ -134,24 +135,6 @@ def tokenizer_ids(tokenizer) -> dict:
     eos_ids = tuple(getattr(tokenizer, "eos_ids", (tokenizer.eos_id,)))
     return dict(eos_id=int(tokenizer.eos_id), stop_ids=tuple(int(t) for t in eos_ids if t != tokenizer.eos_id),
                 pad_id=int(tokenizer.pad_id))
-
-
-@struct.dataclass
-class Rollout:
-    tokens: jax.Array
-    attention_mask: jax.Array
-    loss_mask: jax.Array
-    logprobs: jax.Array
-    sampling_logprobs: jax.Array
-    lengths: jax.Array
-    stopped_at_eos: jax.Array
-    group_ids: jax.Array
-    prompt_length: int = struct.field(pytree_node=False)
-
-    @property
-    def completions(self) -> jax.Array:
-        """Completion tokens only: [R, max_new_tokens]."""
-        return self.tokens[:, self.prompt_length:]
 
 
 def prepare_prompts(prompt_tokens, prompt_mask, *, vocab_size: int, max_new_tokens: int, max_seq_len: int,
@@ -621,7 +604,7 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
     extends the prompt alone (E candidates).
 
     scorer(scorer_params, tokens [R, P+N], attention_mask [R, P+N]) -> [R] (e.g.
-    `rljax.oreo.value_scorer(value_model)` with the value params; a PRM read at the last
+    `rljax.oreo_training.value_scorer(value_model)` with the value params; a PRM read at the last
     token works the same); it runs once per round on all candidates of all prompts.
     All beams of all prompts are batched on device and the policy's KV cache carries
     over between rounds (candidates copy their beam's cache rows; the kept ones survive).

@@ -25,7 +25,7 @@ from flax import struct
 
 from rljax.estimators import Needs
 from rljax.losses.kl_control import KLController
-from rljax.rewards.reward_model import RewardNormaliser, running_normaliser
+from rljax.rewards.learned import RewardNormaliser, running_normaliser
 
 
 @struct.dataclass

@@ -12,7 +12,7 @@ from rljax.data.preference_collate import collate_preferences
 from rljax.losses.oreo import OREOConfig
 from rljax.losses.preference import DPOConfig
 from rljax.models import Model, preset
-from rljax.oreo import OREOPhaseConfig, collate_trajectories, create_oreo_state, oreo
+from rljax.oreo_training import OREOPhaseConfig, collate_trajectories, create_oreo_state, oreo
 from rljax.phases import LoopConfig, PreferencePhaseConfig, SFTPhaseConfig, preference, sft
 from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import CharTokenizer

@@ -162,7 +162,7 @@ def test_missing_or_unfinished_runs_are_errors_naming_the_directory(saved_run, t
 
 
 def test_load_sft_of_an_unfinished_run_is_an_error_not_a_new_run(tmp_path):
-    from rljax.recipes.arithmetic import load_sft
+    from rljax.recipes.arithmetic_runs import load_sft
 
     sft_dir = tmp_path / "sft"
     sft_dir.mkdir()

@@ -17,7 +17,7 @@ from rljax.data.collate import collate_prompt_completion
 from rljax.metrics import read_metrics
 from conftest import run_with_devices
 from rljax.models.hf import load_pretrained, read_hf_config
-from rljax.rewards.math import math_answer_reward, think_answer_format_reward
+from rljax.rewards.math_answers import math_answer_reward, think_answer_format_reward
 from rljax.tokenizer import HFTokenizer
 
 

@@ -14,7 +14,7 @@ from rljax.data.adapters import DataError, load_records
 from rljax.data.math import (MathProblem, answers_match, extract_answer, gsm8k, last_boxed, math_problems,
                              normalize_number)
 from rljax.rewards import score
-from rljax.rewards.math import math_answer_reward, think_answer_format_reward, think_answer_tag_reward
+from rljax.rewards.math_answers import math_answer_reward, think_answer_format_reward, think_answer_tag_reward
 
 # Two rows in the real GSM8K layout (test split, rows 0 and 1 shortened) and one with separators.
 GSM8K_ROWS = [

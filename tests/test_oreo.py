@@ -14,8 +14,8 @@ from rljax.losses.oreo import OREOConfig, oreo_policy_loss, oreo_policy_terms, o
 from rljax.losses.actor_critic import token_values
 from rljax.models import Model, preset
 from rljax.models.logprobs import head_token_kl
-from rljax.ops.oreo import (first_completion_token, oreo_policy_residuals, oreo_value_residuals, suffix_sums)
-from rljax.oreo import create_oreo_state, make_oreo_step, value_model_of, value_params_from
+from rljax.ops.soft_bellman import (first_completion_token, oreo_policy_residuals, oreo_value_residuals, suffix_sums)
+from rljax.oreo_training import create_oreo_state, make_oreo_step, value_model_of, value_params_from
 from rljax.state import OptimizerConfig, make_train_step
 
 LOG_HALF = math.log(0.5)

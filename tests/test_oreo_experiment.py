@@ -6,7 +6,7 @@ import os
 import pytest
 
 from experiments import oreo_arithmetic
-from rljax.oreo import load_trajectories
+from rljax.oreo_training import load_trajectories
 
 
 def test_right_wrong_pairs_pair_in_order_per_problem():

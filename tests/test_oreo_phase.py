@@ -14,7 +14,7 @@ from rljax.data.arithmetic import make_split
 from rljax.data.collate import BatchIterator
 from rljax.losses.oreo import OREOConfig
 from rljax.models import Model, preset
-from rljax.oreo import (CollectConfig, OREOPhaseConfig, balanced, check_trajectories, collate_trajectories,
+from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, balanced, check_trajectories, collate_trajectories,
                         collect_trajectories, create_oreo_state, load_trajectories, oreo, split_keeping_separator)
 from rljax.phases import LoopConfig
 from rljax.pipelines import IterativeOREOConfig, iterative_oreo
@@ -168,7 +168,7 @@ def test_oreo_step_and_search_sharded_equal_one_device():
         from rljax.data.collate import BatchIterator
         from rljax.losses.oreo import OREOConfig
         from rljax.models import Model, preset
-        from rljax.oreo import OREOPhaseConfig, collate_trajectories, create_oreo_state, oreo, value_scorer
+        from rljax.oreo_training import OREOPhaseConfig, collate_trajectories, create_oreo_state, oreo, value_scorer
         from rljax.phases import LoopConfig
         from rljax.sampling import ValueSearchConfig, value_guided_beam_search
         from rljax.sharding import make_mesh, param_shardings, shard_params

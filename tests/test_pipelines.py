@@ -122,7 +122,7 @@ def rlhf_setup():
     from rljax.data.reward_collate import collate_ranked
     from rljax.losses import GRPOConfig
     from rljax.models import Model, add_head, preset
-    from rljax.rewards.reward_model import reward_model_reward
+    from rljax.rewards.learned import reward_model_reward
     from rljax.rl import RLConfig
     from rljax.sampling import SampleConfig
     from rljax.tokenizer import CharTokenizer

@@ -13,7 +13,7 @@ from rljax.data.preference_collate import collate_kto, collate_preferences, fixe
 from rljax.losses.preference import (PREFERENCE_METHODS, DPOConfig, KTOConfig, ORPOConfig, SimPOConfig,
                                      check_kto_weights, completion_logps, preference_loss, reference_logps)
 from rljax.models import Model, preset
-from rljax.ops.preference import (hinge_preference, ipo, kto, kto_reference_point, log_odds, odds_ratio,
+from rljax.ops.preference_kernels import (hinge_preference, ipo, kto, kto_reference_point, log_odds, odds_ratio,
                                   robust_preference, sequence_logps, sigmoid_preference, simpo)
 from rljax.tokenizer import CharTokenizer
 

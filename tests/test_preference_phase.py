@@ -15,7 +15,7 @@ from rljax.losses.preference import DPOConfig, KTOConfig, reference_logps
 from rljax.models import Model, preset
 from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
 from rljax.pipelines import OnlineDPOConfig, online_dpo
-from rljax.preference import best_worst_pairs, cached_reference_logps, with_reference
+from rljax.reference import best_worst_pairs, cached_reference_logps, with_reference
 from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import CharTokenizer

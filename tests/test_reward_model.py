@@ -235,7 +235,7 @@ def test_bad_configs_and_models_name_the_field():
 # ----- scoring: learned rewards for the RL loop, aggregation, best-of-N -----
 
 def test_aggregate_steps_known_answers():
-    from rljax.rewards.reward_model import aggregate_steps
+    from rljax.rewards.learned import aggregate_steps
 
     p = jnp.array([[0.9, 0.5, 0.8, 0.0], [0.7, 0.0, 0.0, 0.0], [0.3, 0.6, 0.0, 0.0]])
     m = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])
@@ -252,7 +252,7 @@ def test_aggregate_steps_known_answers():
 
 
 def test_running_normaliser_equals_the_statistics_of_everything_seen():
-    from rljax.rewards.reward_model import running_normaliser
+    from rljax.rewards.learned import running_normaliser
 
     norm = running_normaliser(eps=0.0)
     state = norm.init()
@@ -273,7 +273,7 @@ def test_learned_scorers_match_the_training_collation():
     """The reward-model scorer gives the scores the ranking loss trained on; the PRM scorer
     the token scores at the step ends that collate_steps labels."""
     from rljax.data.reward_collate import collate_pairs, collate_steps
-    from rljax.rewards.reward_model import prm_reward, reward_model_reward, step_scorer
+    from rljax.rewards.learned import prm_reward, reward_model_reward, step_scorer
     from rljax.tokenizer import CharTokenizer
 
     tok = CharTokenizer()
@@ -299,7 +299,7 @@ def test_learned_scorers_match_the_training_collation():
 
 
 def test_best_of_n_and_majority_vote_by_hand():
-    from rljax.rewards.reward_model import best_of_n, majority_vote
+    from rljax.rewards.learned import best_of_n, majority_vote
 
     def length_scorer(prompts, completions, bonus):
         return [len(c) + b for c, b in zip(completions, bonus)]
@@ -358,7 +358,7 @@ def test_likelihood_reward_matches_a_naive_log_likelihood():
     """β A_θ (mean over the completion and [eos]), β S_θ, and β (S_θ − S_ref), against
     log-softmax of one full forward per row; batching and bucketing change nothing; an
     empty completion is scored by its [eos]."""
-    from rljax.rewards.reward_model import likelihood_reward
+    from rljax.rewards.learned import likelihood_reward
     from rljax.tokenizer import CharTokenizer
 
     tok = CharTokenizer()

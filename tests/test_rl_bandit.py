@@ -94,7 +94,7 @@ def test_running_reward_normaliser_makes_the_update_invariant_to_the_reward_scal
     up to float32 noise that Adam's normalised steps amplify (params with ~0 gradient); without
     the normaliser the shift alone changes the policy by far more. The state counts the rewards."""
     from rljax.estimators import BaselineConfig
-    from rljax.rewards.reward_model import running_normaliser
+    from rljax.rewards.learned import running_normaliser
     from rljax.transforms import normalise_rewards
 
     model = Model(preset("tiny", n_layers=1))

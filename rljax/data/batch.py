@@ -1,6 +1,12 @@
-"""Batch dataclasses: fixed-shape arrays that flow into jitted steps."""
+"""Batch dataclasses: fixed-shape arrays that flow into jitted steps, and the host-side batches
+of the RL iteration (prompts in, rollouts out, what actors hand the learner). Every batch type
+of rljax is defined here."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 from flax import struct
 
 
@@ -184,3 +190,54 @@ class PolicyBatch:
     returns: object = None
     old_values: object = None
     lag: object = None
+
+
+@struct.dataclass
+class Rollout:
+    """What `rljax.sampling.sample` returns (R = rows = prompts × n, T = P + max_new_tokens):
+    tokens, attention_mask, loss_mask [R, T] (loss_mask 1 on completion tokens, the stop token
+    included); logprobs [R, T-1] under the policy (temperature 1, no truncation; 0 off the
+    completion), sampling_logprobs [R, T-1] under the distribution actually sampled from;
+    lengths [R], stopped_at_eos [R], group_ids [R] (prompt index); prompt_length P (static)."""
+
+    tokens: Any
+    attention_mask: Any
+    loss_mask: Any
+    logprobs: Any
+    sampling_logprobs: Any
+    lengths: Any
+    stopped_at_eos: Any
+    group_ids: Any
+    prompt_length: int = struct.field(pytree_node=False)
+
+    @property
+    def completions(self):
+        """Completion tokens only: [R, max_new_tokens]."""
+        return self.tokens[:, self.prompt_length:]
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Prompts for one RL iteration: tokens, mask [B, P] (left-padded) and per-prompt metadata lists."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    metadata: dict
+
+
+@dataclass
+class Collected:
+    """What the actor side of an RL iteration hands to the learner: the rollout (after
+    dynamic-sampling refills), its rewards [R], all sampled rewards / correctness (for
+    metrics), the greedy-decode rewards (when the algorithm needs them), the raw (rollout,
+    rewards, correct) triples, prompts cut, refill rounds and seconds per stage so far."""
+
+    rollout: Any
+    rewards: np.ndarray
+    all_rewards: np.ndarray
+    all_correct: np.ndarray | None
+    greedy: np.ndarray | None
+    sampled: list
+    cut: int
+    rounds: int
+    times: dict

@@ -3,7 +3,7 @@
 A pair row is `(prompt, chosen, rejected)`, a `PreferencePair` from the adapters, or a
 dict with those keys; an optional fourth field / "ref_logps" key carries the
 reference's summed log-probs (S_ref(y_w), S_ref(y_l)) precomputed by
-`rljax.preference.cached_reference_logps`; optional "weight" (a finite number >= 0, the
+`rljax.reference.cached_reference_logps`; optional "weight" (a finite number >= 0, the
 pair's weight in the loss's weighted mean) and "label" (a soft label in [0, 1], the
 probability that chosen is preferred) keys or fields fill PreferenceBatch.weight and
 .label (rows without them count 1; a batch where no row has one leaves it None). A KTO row is `(prompt, completion,

@@ -7,7 +7,7 @@ names its index and what is wrong with it.
 Steps of a solution are encoded piece by piece (`encode_steps`): each step's text,
 then the separator, so the last token of every step is known exactly for any
 tokenizer (a BPE merge across the separator cannot move it). Training
-(`collate_steps`) and scoring (`rljax.rewards.reward_model`) use the same function.
+(`collate_steps`) and scoring (`rljax.rewards.learned`) use the same function.
 """
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ where the actions a_k are tokens (level "token"), reasoning steps ("step") or th
 response ("response", only the k = 0 residual). The KL term is the exact
 full-vocabulary KL from both models' logits (as the released code) or the k3 estimate
 on the taken tokens. The value model is a separate backbone with a scalar value head
-(`rljax.oreo.value_model_from`); the policy loss reads the values computed before the
+(`rljax.oreo_training.value_model_of`, `value_params_from`); the policy loss reads the values computed before the
 value model's update (batch.values), the value loss the policy's log-ratios before its
-update (batch.log_ratios): `rljax.oreo.make_oreo_step` fills both in one jitted step.
+update (batch.log_ratios): `rljax.oreo_training.make_oreo_step` fills both in one jitted step.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from rljax.losses.actor_critic import token_values
 from rljax.models.logprobs import head_token_kl, head_token_stats, target_mask
 from rljax.ops.aggregate import AGGREGATIONS, aggregate
 from rljax.ops.kl import kl_k3
-from rljax.ops.oreo import first_completion_token, oreo_policy_residuals, oreo_value_residuals
+from rljax.ops.soft_bellman import first_completion_token, oreo_policy_residuals, oreo_value_residuals
 
 # The paper's KL coefficient α for each action level.
 OREO_LEVELS = {"token": 0.01, "step": 0.1, "response": 0.3}
@@ -81,13 +81,13 @@ def action_starts(batch: OREOBatch, mask: jax.Array, level: str) -> jax.Array:
         return first_completion_token(mask)
     if batch.step_starts is None:
         raise ValueError("OREOConfig.level='step' needs batch.step_starts: collate the trajectories with a "
-                         "step separator (rljax.oreo.collate_trajectories(..., separator=...))")
+                         "step separator (rljax.oreo_training.collate_trajectories(..., separator=...))")
     return batch.step_starts[:, 1:].astype(jnp.float32) * mask
 
 
 def _check(batch: OREOBatch, name: str, field: str):
     if getattr(batch, field) is None:
-        raise ValueError(f"{name}: batch.{field} is None; the OREO step fills it in (rljax.oreo.make_oreo_step)")
+        raise ValueError(f"{name}: batch.{field} is None; the OREO step fills it in (rljax.oreo_training.make_oreo_step)")
     chex.assert_shape(getattr(batch, field), (batch.tokens.shape[0], batch.tokens.shape[1] - 1))
     chex.assert_shape(batch.rewards, (batch.tokens.shape[0],))
 

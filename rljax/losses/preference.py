@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from rljax.data.batch import KTOBatch, PreferenceBatch
 from rljax.models.logprobs import sequence_token_stats, target_mask
-from rljax.ops.preference import (hinge_preference, ipo, kto, kto_reference_point, odds_ratio, robust_preference,
+from rljax.ops.preference_kernels import (hinge_preference, ipo, kto, kto_reference_point, odds_ratio, robust_preference,
                                   sequence_logps, sigmoid_preference, simpo)
 
 LOGP_REDUCTIONS = ("sum", "mean")

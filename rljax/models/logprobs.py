@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rljax.ops.logprobs import entropy_from_logits, logprobs_from_logits, mean_logprob_from_logits
+from rljax.ops.logits import entropy_from_logits, logprobs_from_logits, mean_logprob_from_logits
 
 # Chunk over time once B * T * V float32 logits would exceed this many elements (256 MiB).
 MAX_LOGITS_ELEMENTS = 1 << 26

@@ -3,8 +3,8 @@ from rljax.ops.advantages import (discounted_returns, gae, group_advantages, gro
                                   leave_one_out_baseline, place_at_last, whiten)
 from rljax.ops.aggregate import AGGREGATIONS, aggregate
 from rljax.ops.kl import KL_ESTIMATORS, importance_weighted, kl_k1, kl_k2, kl_k3
-from rljax.ops.logprobs import entropy_from_logits, logprobs_from_logits, mean_logprob_from_logits
-from rljax.ops.preference import (hinge_preference, ipo, kto, kto_reference_point, log_odds, odds_ratio,
+from rljax.ops.logits import entropy_from_logits, logprobs_from_logits, mean_logprob_from_logits
+from rljax.ops.preference_kernels import (hinge_preference, ipo, kto, kto_reference_point, log_odds, odds_ratio,
                                   robust_preference, sequence_logps, sigmoid_preference, simpo)
 from rljax.ops.surrogates import clipped_is_weight, clipped_surrogate, sequence_clipped_surrogate, sequence_ratio
 

@@ -2,7 +2,7 @@
 
 `rljax.recipes.tasks`: one call per task on your model and data — `sft`, `reward_model`, `dpo`, `grpo`
 (any RL algorithm), each with its config dataclass, returning a `TaskResult`.
-`rljax.recipes.arithmetic`: the embedded arithmetic task's SFT and RL studies.
+`rljax.recipes.arithmetic_runs`: the embedded arithmetic task's SFT and RL studies.
 """
 from rljax.recipes.tasks import (DPOTaskConfig, GRPOTaskConfig, RewardModelTaskConfig, SFTTaskConfig, TaskConfig,
                                  TaskResult, dpo, grpo, load_model, reward_model, sft)

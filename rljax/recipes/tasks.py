@@ -45,7 +45,7 @@ from rljax.data.adapters import (DataError, Message, _check_role, _check_str, _g
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.data.preference_collate import collate_preferences
 from rljax.data.reward_collate import collate_pairs, collate_scored
-from rljax.losses.preference import PREFERENCE_METHODS, DPOConfig
+from rljax.losses.preference import PREFERENCE_METHODS
 from rljax.losses.reward_model import PointwiseConfig, RankingConfig
 from rljax.metrics import read_metrics
 from rljax.models import Model, add_head

@@ -1,7 +1,7 @@
 """Rewards: host-side rule rewards on decoded text and the checks around calling them; learned
 rewards (reward models, verifiers, process reward models) as reward functions; best-of-N."""
-from rljax.rewards.math import math_answer_reward, think_answer_format_reward, think_answer_tag_reward
-from rljax.rewards.reward_model import (STEP_AGGREGATIONS, aggregate_steps, best_of_n, likelihood_reward,
+from rljax.rewards.math_answers import math_answer_reward, think_answer_format_reward, think_answer_tag_reward
+from rljax.rewards.learned import (STEP_AGGREGATIONS, aggregate_steps, best_of_n, likelihood_reward,
                                         majority_vote, prm_reward, reward_model_reward, running_normaliser,
                                         step_scorer)
 from rljax.rewards.rules import (RewardError, arithmetic_answer_reward, arithmetic_format_reward,

@@ -10,7 +10,7 @@ import numpy as np
 from rljax.data.batch import RankingBatch, ScoreBatch, TokenLabelBatch
 from rljax.losses.reward_model import ranking_scores
 from rljax.ops.ranking import preferred_pairs
-from rljax.rewards.reward_model import sequence_rewards, token_probabilities
+from rljax.rewards.learned import sequence_rewards, token_probabilities
 
 
 def average_ranks(x) -> np.ndarray:

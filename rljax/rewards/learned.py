@@ -24,7 +24,7 @@ from rljax.buckets import bucket_length
 from rljax.data.collate import encode_prompt_completion, pad_rows
 from rljax.data.reward_collate import encode_steps, split_solution
 from rljax.models.logprobs import target_mask, token_logprobs
-from rljax.ops.preference import sequence_logps
+from rljax.ops.preference_kernels import sequence_logps
 
 STEP_AGGREGATIONS = ("min", "product", "mean", "last")
 

@@ -145,7 +145,7 @@ def value_scorer(value_model: Model) -> Callable:
     """Jitted `scorer(value_params, tokens, attention_mask) -> [R]`: the value head at each row's
     last real token, V(s) of the partial solution s (the signature
     `value_guided_beam_search` takes; for a process reward model whose steps end where the
-    search's steps end, `functools.partial(rljax.rewards.reward_model.sequence_rewards,
+    search's steps end, `functools.partial(rljax.rewards.learned.sequence_rewards,
     model=prm)` has it too)."""
 
     def scorer(params, tokens, attention_mask):
