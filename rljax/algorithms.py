@@ -14,7 +14,8 @@ its output by name.
     loss, metrics = algo.loss.loss(params, batch, model=model, cfg=algo.loss.config)
 
 Preference methods (`rljax.losses.preference.PREFERENCE_METHODS`) and reward-model
-objectives (`rljax.losses.reward_model.REWARD_MODEL_OBJECTIVES`) are named the same way:
+objectives (`rljax.losses.reward_model.REWARD_MODEL_OBJECTIVES`) and OREO
+(`rljax.losses.oreo.OREO_METHODS`) are named the same way:
 name -> default config, the config's type picks the loss.
 """
 from __future__ import annotations

@@ -72,3 +72,22 @@ def test_group_methods_need_two_samples():
             check_group_size(get_algorithm(name), 1)
     with pytest.raises(KeyError, match="unknown algorithm"):
         get_algorithm("ppo2")
+
+
+def test_preference_reward_model_and_oreo_methods_are_named_the_same_way():
+    """name -> default config, the config's type picks the loss: every registered reward-model
+    objective reaches its loss (a wrong batch is refused naming the batch type it trains on),
+    and the OREO names carry the paper's α per level."""
+    from rljax.losses.oreo import OREO_LEVELS, OREO_METHODS
+    from rljax.losses.preference import PREFERENCE_METHODS
+    from rljax.losses.reward_model import REWARD_MODEL_OBJECTIVES, reward_model_loss
+
+    expected = {"bradley_terry": "RankingBatch", "plackett_luce": "RankingBatch", "pointwise": "ScoreBatch",
+                "verifier": "TokenLabelBatch", "prm": "TokenLabelBatch", "feedback": "FeedbackBatch",
+                "implicit_prm": "OutcomeBatch"}
+    assert set(REWARD_MODEL_OBJECTIVES) == set(expected)
+    for name, cfg in REWARD_MODEL_OBJECTIVES.items():
+        with pytest.raises(ValueError, match=f"trains on {expected[name]}"):
+            reward_model_loss(None, object(), model=None, cfg=cfg)
+    assert {name: cfg.level for name, cfg in OREO_METHODS.items()} == {f"oreo_{lv}": lv for lv in OREO_LEVELS}
+    assert "dpo" in PREFERENCE_METHODS and "kto" in PREFERENCE_METHODS

@@ -71,6 +71,9 @@ class OREOConfig:
         return OREO_LEVELS[self.level] if self.kl_coef is None else self.kl_coef
 
 
+# OREO by name, in the style of the other registries: the three action levels with their defaults.
+OREO_METHODS = {f"oreo_{level}": OREOConfig(level=level) for level in OREO_LEVELS}
+
 def action_starts(batch: OREOBatch, mask: jax.Array, level: str) -> jax.Array:
     """[B, T-1] float32: 1 where an action of the given level starts (token: every
     completion token; step: the first token of each step; response: the first

@@ -254,6 +254,19 @@ def implicit_prm_loss(params, batch: OutcomeBatch, *, model, cfg: ImplicitPRMCon
     return loss, {"loss": loss, "reward_mean": r.mean(), "accuracy": ((r > 0) == (y > 0.5)).mean()}
 
 
+# Reward-model objectives by name, in the style of the algorithm and preference registries:
+# name -> default config; the config's type picks the loss (`reward_model_loss`).
+REWARD_MODEL_OBJECTIVES = {
+    "bradley_terry": RankingConfig(),
+    "plackett_luce": RankingConfig(objective="plackett_luce"),
+    "pointwise": PointwiseConfig(),
+    "verifier": TokenLabelConfig(),
+    "prm": TokenLabelConfig(),
+    "feedback": FeedbackConfig(),
+    "implicit_prm": ImplicitPRMConfig(),
+}
+
+
 def reward_model_loss(params, batch, *, model, cfg):
     """The loss for `cfg`'s type: RankingConfig -> ranking_loss (RankingBatch),
     PointwiseConfig -> pointwise_loss (ScoreBatch), TokenLabelConfig -> token_label_loss
