@@ -15,6 +15,14 @@ from rljax.ops.kl import importance_weighted
 from rljax.ops.surrogates import clipped_is_weight, clipped_surrogate, sequence_clipped_surrogate, sequence_ratio
 
 
+def _check_clip_config(cfg) -> None:
+    """The common fields, and a clip range 0 <= eps_low < 1, eps_high >= 0 (GRPO, GSPO)."""
+    _validate_common(cfg)
+    if not (0 <= cfg.eps_low < 1 and cfg.eps_high >= 0):
+        raise ValueError(f"{type(cfg).__name__}: need 0 <= eps_low < 1 and eps_high >= 0, got {cfg.eps_low}, "
+                         f"{cfg.eps_high}")
+
+
 @dataclass(frozen=True)
 class GRPOConfig:
     """GRPO (DeepSeekMath) per token: −min(ρ Â, clip(ρ, 1 − ε_low, 1 + ε_high) Â) + β k3,
@@ -37,10 +45,7 @@ class GRPOConfig:
     kl_ratio_weighted: bool = False
 
     def __post_init__(self):
-        _validate_common(self)
-        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
-            raise ValueError(f"GRPOConfig: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, "
-                             f"{self.eps_high}")
+        _check_clip_config(self)
 
 
 def grpo_loss(params, batch: PolicyBatch, *, model, cfg: GRPOConfig):
@@ -73,10 +78,7 @@ class GSPOConfig:
     constant: float | None = None
 
     def __post_init__(self):
-        _validate_common(self)
-        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
-            raise ValueError(f"GSPOConfig: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, "
-                             f"{self.eps_high}")
+        _check_clip_config(self)
 
 
 def gspo_loss(params, batch: PolicyBatch, *, model, cfg: GSPOConfig):
@@ -85,12 +87,14 @@ def gspo_loss(params, batch: PolicyBatch, *, model, cfg: GSPOConfig):
     per_seq, clipped = sequence_clipped_surrogate(lp, batch.old_logprobs, batch.advantages, mask,
                                                   eps_low=cfg.eps_low, eps_high=cfg.eps_high)
     live = (mask.sum(axis=1) > 0).astype(jnp.float32)  # rows with no completion token (or dropped) do not count
-    surrogate = (per_seq * live).sum() / jnp.maximum(live.sum(), 1.0)
+
+    def row_mean(x):
+        return (x * live).sum() / jnp.maximum(live.sum(), 1.0)
+
     kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
-    loss = surrogate + cfg.kl_coef * aggregate(kl, mask, cfg.aggregation, constant=cfg.constant)
-    ratio = sequence_ratio(lp, batch.old_logprobs, mask)
-    return loss, {"clip_fraction": (clipped * live).sum() / jnp.maximum(live.sum(), 1.0),
-                  "ratio_mean": (ratio * live).sum() / jnp.maximum(live.sum(), 1.0),
+    loss = row_mean(per_seq) + cfg.kl_coef * aggregate(kl, mask, cfg.aggregation, constant=cfg.constant)
+    return loss, {"clip_fraction": row_mean(clipped),
+                  "ratio_mean": row_mean(sequence_ratio(lp, batch.old_logprobs, mask)),
                   "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics}
 
 
