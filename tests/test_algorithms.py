@@ -16,8 +16,8 @@ def test_every_algorithm_prepares_and_scores_a_rollout(tiny):
     r = sample(params, prompts, mask, jax.random.key(0), model=model, cfg=SampleConfig(max_new_tokens=6, n=2))
     rewards = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], np.float32)  # prompt 1's samples tie
     ref = token_logprobs(params, r.tokens, r.attention_mask, model=model)
-    assert sorted(ALGORITHMS) == ["a2c", "dapo", "dr_grpo", "grpo", "mrt", "ppo", "reinforce", "rloo", "scst",
-                                  "trpo"]
+    assert sorted(ALGORITHMS) == ["a2c", "cispo", "dapo", "dr_grpo", "grpo", "gspo", "mrt", "ppo", "reinforce",
+                                  "rloo", "scst", "trpo"]
     values = 0.1 * ref  # any V_old [R, T-1] for the actor-critic methods (the model here has no value head)
     inp = PrepareInput(rollout=r, rewards=rewards, ref_logprobs=ref, greedy_rewards=np.ones(6, np.float32),
                        values=values)
@@ -31,7 +31,7 @@ def test_every_algorithm_prepares_and_scores_a_rollout(tiny):
             np.testing.assert_array_equal(keep, [True, True, False, False, True, True])
         else:
             assert bool(np.all(keep)), name
-        if name in ("grpo", "dapo", "dr_grpo"):  # sampled log-probs are π_old: first minibatch has ρ = 1
+        if name in ("grpo", "dapo", "dr_grpo", "gspo", "cispo"):  # sampled log-probs are π_old: ρ = 1 at first
             assert float(metrics["ratio_mean"]) == pytest.approx(1.0, abs=1e-4)
         if algo.needs().values:  # per-token advantages and returns R = A + V_old on the completion tokens
             assert batch.advantages.shape == ref.shape and batch.returns.shape == ref.shape
