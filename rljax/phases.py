@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rljax.checkpoint import Checkpointer
@@ -312,7 +311,7 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
 
     def submit(position, state):
         batch = prompts.batch_at(position)
-        snapshot = jax.tree.map(jnp.copy, state.policy.params)
+        snapshot = owned_copy(state.policy.params)
         key = jax.random.fold_in(state.rng, position)
         future = pool.submit(iteration.collect, snapshot, batch.tokens, batch.mask, key,
                              refill=refill_at(position), **batch.metadata)

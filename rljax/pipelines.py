@@ -68,7 +68,7 @@ from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, OREOState, chec
 from rljax.phases import LoopConfig, PreferencePhaseConfig, RewardModelPhaseConfig, preference, train_reward_model
 from rljax.reference import best_worst_pairs, cached_reference_logps, with_reference
 from rljax.sampling import SampleConfig, sample
-from rljax.state import OptimizerConfig, owned_copy
+from rljax.state import OptimizerConfig
 
 STAGES_DIR = "stages"  # the stage checkpoints: step i = stages 0..i-1 done
 
@@ -407,9 +407,10 @@ class IterativeRLHFConfig:
 
 
 def create_rlhf_state(model, params, rm_state, rl_cfg, key) -> dict:
-    """{"policy": RLState from `params` (`rl_state`), "reward_model": a copy of `rm_state`} (a
-    TrainState, e.g. a trained Bradley–Terry model, whose optimizer state is continued)."""
-    return {"policy": rl_state(model, params, rl_cfg, key), "reward_model": owned_copy(rm_state)}
+    """{"policy": RLState from `params` (`rl_state`), "reward_model": `rm_state`} (a TrainState, e.g.
+    a trained Bradley–Terry model, whose optimizer state is continued; the reward-model phase
+    trains its own copy, `run_loop`'s `owned_state`, so the caller's arrays stay valid)."""
+    return {"policy": rl_state(model, params, rl_cfg, key), "reward_model": rm_state}
 
 
 def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Callable, cfg: IterativeRLHFConfig,
