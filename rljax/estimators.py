@@ -105,8 +105,13 @@ def _check_kl(cfg) -> None:
         raise ValueError(f"{type(cfg).__name__}.kl_coef: must be >= 0, got {cfg.kl_coef}")
 
 
-def _beta(inp: PrepareInput, cfg):
-    return cfg.kl_coef if inp.kl_coef is None else inp.kl_coef
+def _reward_kl(inp: PrepareInput, cfg):
+    """(ref_logprobs, β) of the KL penalty in the reward: β is a controller's (inp.kl_coef) or the
+    config's; ref_logprobs is None when there is no penalty (no controller and kl_coef = 0)."""
+    if inp.kl_coef is None and cfg.kl_coef == 0:
+        return None, cfg.kl_coef
+    ref = inp.require("ref_logprobs", f"{type(cfg).__name__}.kl_coef={cfg.kl_coef} (or a KL controller)")
+    return ref, cfg.kl_coef if inp.kl_coef is None else inp.kl_coef
 
 
 # ----------------------------------------------------------------------------- group
@@ -189,9 +194,8 @@ def baseline_advantages(rewards, group_ids, baseline: str, *, greedy_rewards=Non
 
 def baseline_estimate(inp: PrepareInput, cfg: BaselineConfig) -> Estimate:
     r = jnp.asarray(inp.rewards, jnp.float32)
-    beta = _beta(inp, cfg)
-    if inp.kl_coef is not None or cfg.kl_coef > 0:
-        ref = inp.require("ref_logprobs", "BaselineConfig.kl_coef > 0")
+    ref, beta = _reward_kl(inp, cfg)
+    if ref is not None:
         r = kl_shaped_rewards(r, inp.rollout.logprobs, ref, inp.mask, beta)
     greedy = inp.require("greedy_rewards", "baseline='greedy'") if cfg.baseline == "greedy" else None
     running = inp.require("baseline", "baseline='moving_average'") if cfg.baseline == "moving_average" else None
@@ -261,10 +265,8 @@ def actor_critic_targets(rewards, values, old_logprobs, ref_logprobs, mask, cfg:
 
 def gae_estimate(inp: PrepareInput, cfg: GAEConfig) -> Estimate:
     values = inp.require("values", "GAE")
-    shaped = inp.kl_coef is not None or cfg.kl_coef > 0
-    ref = inp.require("ref_logprobs", f"GAEConfig.kl_coef={cfg.kl_coef}") if shaped else None
-    adv, returns = actor_critic_targets(inp.rewards, values, inp.rollout.logprobs, ref, inp.mask, cfg,
-                                        kl_coef=_beta(inp, cfg))
+    ref, beta = _reward_kl(inp, cfg)
+    adv, returns = actor_critic_targets(inp.rewards, values, inp.rollout.logprobs, ref, inp.mask, cfg, kl_coef=beta)
     r = jnp.asarray(inp.rewards, jnp.float32)
     return Estimate(advantages=adv, rewards=r, keep=jnp.ones(r.shape, bool), returns=returns)
 
