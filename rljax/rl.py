@@ -35,7 +35,7 @@ from rljax.losses.actor_critic import approx_kl, token_values, value_loss
 from rljax.losses.policy_gradient import kl_metrics
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.ops.advantages import group_range
-from rljax.rewards.rules import score
+from rljax.rewards.rules import RewardCallConfig, score_with_failures
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.sharding import batch_sharding, param_shardings, replicated, shard_batch, shard_params
 from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_loss_gradients, compile_step, create_state,
@@ -88,7 +88,11 @@ class RLConfig:
     returns (optimizer: critic_optimizer, default `optimizer`).
     transforms: reward transforms applied in order every iteration (`rljax.transforms`:
     `normalise_rewards()`, `moving_average_baseline(decay)`, `kl_control(controller)`); their
-    state is RLState.transforms. Metrics report the raw rewards."""
+    state is RLState.transforms. Metrics report the raw rewards.
+    reward_call: how the reward function (and accuracy_fn) is called (`RewardCallConfig`:
+    chunks, worker threads, a per-call time limit, and whether a failed call raises or scores
+    a fixed value); with on_failure="value" the metrics count the samples scored so
+    (`reward_failed`, `accuracy_failed`)."""
 
     algorithm: Any = "grpo"
     loss: Any = None
@@ -106,6 +110,7 @@ class RLConfig:
     critic_optimizer: OptimizerConfig | None = None
     critic_epochs: int = 1
     transforms: tuple[RewardTransform, ...] = ()
+    reward_call: RewardCallConfig = field(default_factory=RewardCallConfig)
 
     def __post_init__(self):
         algo = get_algorithm(self.algorithm)
@@ -120,6 +125,8 @@ class RLConfig:
                              "drops them (GroupAdvantageConfig(drop_equal_groups=True), e.g. algorithm='dapo')")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ValueError(f"RLConfig.target_kl: must be positive or None, got {self.target_kl}")
+        if not isinstance(self.reward_call, RewardCallConfig):
+            raise TypeError(f"RLConfig.reward_call: a RewardCallConfig, got {type(self.reward_call).__name__}")
         if self.critic_epochs < 1:
             raise ValueError(f"RLConfig.critic_epochs: must be >= 1, got {self.critic_epochs}")
         if algo.loss.update is not None and (self.epochs, self.minibatches) != (1, 1):
@@ -278,7 +285,9 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     Metrics: reward mean/std, accuracy, KL to the reference of the sampled tokens
     (kl_k1, kl_k3; token mean), entropy, clip fraction (clipped losses), completion
     length, truncated fraction, kept fraction, tokens/s of sampling and training,
-    and seconds spent in sampling / scoring / reference log-probs / updates.
+    and seconds spent in sampling / scoring / reference log-probs / updates; with
+    cfg.reward_call.on_failure="value", the samples whose reward call failed and scored
+    failure_value (reward_failed, accuracy_failed).
     """
     algo = cfg.algo
     loss_cfg = algo.loss.config
@@ -353,19 +362,23 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             return tokens, mask, 0
         return truncate_prompts(tokens, mask, room, pad_id=cfg.sampling.pad_id)
 
-    def scored(fn, rollout, prompt_text, metadata, k):
+    def scored(fn, rollout, prompt_text, metadata, k, failed, what="reward"):
+        """The rewards of the rollout's completions; adds the samples whose call failed (scored
+        cfg.reward_call.failure_value) to failed[what]."""
         completions = decode(np.asarray(rollout.completions))
         meta = {key: [v for v in vals for _ in range(k)] for key, vals in metadata.items()}
         prompts = [p for p in prompt_text for _ in range(k)]
-        return score(fn, prompts, completions, **meta)
+        s = score_with_failures(fn, prompts, completions, call_config=cfg.reward_call, **meta)
+        failed[what] += int(s.failed.sum())
+        return s.rewards
 
-    def rollout_of(params, tokens, mask, metadata, key, times):
+    def rollout_of(params, tokens, mask, metadata, key, times, failed):
         t0 = time.perf_counter()
         rollout = jax.block_until_ready(sample(params, tokens, mask, key, model=model, cfg=cfg.sampling))
         t1 = time.perf_counter()
         prompt_text = decode_prompts(np.asarray(rollout.tokens[::n, :rollout.prompt_length]))
-        rewards = scored(reward_fn, rollout, prompt_text, metadata, n)
-        correct = scored(accuracy_fn, rollout, prompt_text, metadata, n) if accuracy_fn else None
+        rewards = scored(reward_fn, rollout, prompt_text, metadata, n, failed)
+        correct = scored(accuracy_fn, rollout, prompt_text, metadata, n, failed, "accuracy") if accuracy_fn else None
         times["sample"] += t1 - t0
         times["score"] += time.perf_counter() - t1
         return rollout, rewards, correct, prompt_text
@@ -375,9 +388,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         algorithm needs a greedy baseline, decode greedily with `params`."""
         k_sample, k_greedy, _ = jax.random.split(key, 3)
         times = dict(sample=0.0, score=0.0, ref=0.0, values=0.0, update=0.0)
+        failed = dict(reward=0, accuracy=0)
         prompt_tokens, prompt_mask, cut = fit(prompt_tokens, prompt_mask)
         rollout, rewards, correct, prompt_text = rollout_of(params, prompt_tokens, prompt_mask, metadata,
-                                                            k_sample, times)
+                                                            k_sample, times, failed)
         sampled = [(rollout, rewards, correct)]
         G = rollout.tokens.shape[0] // n
         informative, rounds = int(_informative_groups(rewards, n).sum()), 0
@@ -386,7 +400,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             tokens, mask, meta = refill(rounds)
             tokens, mask, more_cut = fit(tokens, mask)
             cut += more_cut
-            r, rw, c, _ = rollout_of(params, tokens, mask, meta, jax.random.fold_in(k_sample, rounds), times)
+            r, rw, c, _ = rollout_of(params, tokens, mask, meta, jax.random.fold_in(k_sample, rounds), times,
+                                     failed)
             sampled.append((r, rw, c))
             informative += int(_informative_groups(rw, n).sum())
         all_rewards = np.concatenate([s[1] for s in sampled])
@@ -405,8 +420,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             t0 = time.perf_counter()
             g = sample(params, prompt_tokens, prompt_mask, k_greedy, model=model, cfg=greedy_cfg)
             times["sample"] += time.perf_counter() - t0
-            greedy = np.repeat(scored(reward_fn, g, prompt_text, metadata, 1), n)
-        return Collected(rollout, rewards, all_rewards, all_correct, greedy, sampled, cut, rounds, times)
+            greedy = np.repeat(scored(reward_fn, g, prompt_text, metadata, 1, failed), n)
+        return Collected(rollout, rewards, all_rewards, all_correct, greedy, sampled, cut, rounds, times, failed)
 
     def learn(state: RLState, c: Collected, key, lag: int = 0):
         """Prepare and update on collected samples. lag: updates the learner has made since
@@ -466,6 +481,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         })
         if accuracy_fn:
             out["accuracy"] = float(np.mean(c.all_correct))
+        if cfg.reward_call.on_failure == "value":  # samples scored failure_value, over every call this iteration
+            out["reward_failed"] = float(c.failed.get("reward", 0))
+            if accuracy_fn:
+                out["accuracy_failed"] = float(c.failed.get("accuracy", 0))
         if cfg.truncate_prompts:
             out["truncated_prompts"] = float(c.cut)
         if needs.group_filter:

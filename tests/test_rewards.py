@@ -50,5 +50,5 @@ def test_bad_reward_functions_are_reported_with_the_sample():
         score(lambda p, c, **_: [0.0, float("nan")], ["a", "b"], ["c", "d"])
     with pytest.raises(RewardError, match="metadata 'problems' has 1 entries for 2 samples"):
         score(arithmetic_answer_reward, ["a", "b"], ["c", "d"], problems=[P])
-    with pytest.raises(RewardError, match="not numbers"):
+    with pytest.raises(RewardError, match="element 0 is str .high., not a real number"):
         score(lambda p, c, **_: ["high", "low"], ["a", "b"], ["c", "d"])

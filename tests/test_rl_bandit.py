@@ -63,6 +63,34 @@ def test_bad_reward_functions_and_group_size_fail_clearly():
         make_rl_iteration(model, RLConfig(algorithm="grpo", sampling=sampling.replace(n=1)), reward_fn, decode)
 
 
+def test_failed_reward_calls_score_the_configured_value_and_are_counted_in_the_metrics():
+    """RLConfig.reward_call reaches the reward function: a judge that raises on odd arms scores
+    them failure_value (0) and the iteration reports how many there were."""
+    from rljax.rewards import RewardCallConfig
+
+    model = Model(preset("tiny", n_layers=1))
+    params = model.init(jax.random.key(0))
+    sampling = SampleConfig(max_new_tokens=1, n=4, eos_id=-1, min_prompt_bucket=1)
+    seen = []
+
+    def odd_arms_fail(prompts, completions, **_):
+        seen.extend(completions)
+        if any(int(c.split()[0]) % 2 for c in completions):
+            raise TimeoutError("judge unavailable")
+        return reward_fn(prompts, completions)
+
+    cfg = RLConfig(algorithm="grpo", sampling=sampling,
+                   reward_call=RewardCallConfig(on_failure="value", failure_value=0.0, batch_size=1, workers=2))
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
+    _, metrics = make_rl_iteration(model, cfg, odd_arms_fail, decode)(state, np.ones((3, 1), np.int32), None)
+    arms = [int(c.split()[0]) for c in seen]
+    assert len(arms) == 12 and 0 < sum(a % 2 for a in arms) < 12  # both kinds were drawn
+    assert metrics["reward_failed"] == sum(a % 2 for a in arms)
+    assert metrics["reward_mean"] == pytest.approx(np.mean([0.0 if a % 2 else ARM_REWARD[a] for a in arms]))
+    with pytest.raises(TypeError, match="RLConfig.reward_call"):
+        RLConfig(reward_call=dict(timeout_s=1.0))
+
+
 def test_kl_regularised_reinforce_reaches_the_closed_form_optimum():
     """max E[r] − β KL(π‖π_ref) has π* ∝ π_ref exp(r/β) (ALGORITHMS.md); REINFORCE with the
     KL in the reward converges to it: total variation < 0.05."""

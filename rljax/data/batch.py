@@ -3,7 +3,7 @@ of the RL iteration (prompts in, rollouts out, what actors hand the learner). Ev
 of rljax is defined here."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -230,7 +230,9 @@ class Collected:
     """What the actor side of an RL iteration hands to the learner: the rollout (after
     dynamic-sampling refills), its rewards [R], all sampled rewards / correctness (for
     metrics), the greedy-decode rewards (when the algorithm needs them), the raw (rollout,
-    rewards, correct) triples, prompts cut, refill rounds and seconds per stage so far."""
+    rewards, correct) triples, prompts cut, refill rounds, seconds per stage so far, and the
+    samples whose reward call failed and scored RewardCallConfig.failure_value ({"reward": n,
+    "accuracy": n}, over every reward call of the collect, refills and greedy decode included)."""
 
     rollout: Any
     rewards: np.ndarray
@@ -241,3 +243,4 @@ class Collected:
     cut: int
     rounds: int
     times: dict
+    failed: dict = field(default_factory=dict)

@@ -4,10 +4,12 @@ from rljax.rewards.math_answers import math_answer_reward, think_answer_format_r
 from rljax.rewards.learned import (STEP_AGGREGATIONS, aggregate_steps, best_of_n, likelihood_reward,
                                         majority_vote, prm_reward, reward_model_reward, running_normaliser,
                                         step_scorer)
-from rljax.rewards.rules import (RewardError, arithmetic_answer_reward, arithmetic_format_reward,
-                                 arithmetic_step_reward, length_penalty, score, weighted_sum)
+from rljax.rewards.rules import (RewardCallConfig, RewardError, Scores, arithmetic_answer_reward,
+                                 arithmetic_format_reward, arithmetic_step_reward, length_penalty, score,
+                                 score_with_failures, weighted_sum)
 
-__all__ = ["RewardError", "STEP_AGGREGATIONS", "aggregate_steps", "arithmetic_answer_reward",
-           "arithmetic_format_reward", "arithmetic_step_reward", "best_of_n", "length_penalty", "likelihood_reward",
-           "majority_vote", "math_answer_reward", "prm_reward", "reward_model_reward", "running_normaliser", "score",
-           "step_scorer", "think_answer_format_reward", "think_answer_tag_reward", "weighted_sum"]
+__all__ = ["RewardCallConfig", "RewardError", "STEP_AGGREGATIONS", "Scores", "aggregate_steps",
+           "arithmetic_answer_reward", "arithmetic_format_reward", "arithmetic_step_reward", "best_of_n",
+           "length_penalty", "likelihood_reward", "majority_vote", "math_answer_reward", "prm_reward",
+           "reward_model_reward", "running_normaliser", "score", "score_with_failures", "step_scorer",
+           "think_answer_format_reward", "think_answer_tag_reward", "weighted_sum"]

@@ -1,16 +1,25 @@
 """Rule rewards and the one place that calls a user's reward function.
 
-A reward function takes decoded text in batches and returns one float per sample:
+A reward function takes decoded text in batches and returns one real number per sample:
 
     reward_fn(prompts: list[str], completions: list[str], **metadata) -> float32[B]
 
 Metadata are per-sample lists (e.g. `problems=[Problem, ...]`). `score` calls it,
-checks the result (shape, finiteness) and reports failures with the sample.
+checks the result (one finite real number per sample) and reports failures with the
+function and the sample. `RewardCallConfig` says how it is called: in chunks, on
+worker threads, with a per-call time limit, and what a failed call scores.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
+import numbers
+import queue
 import re
-from typing import Callable, Sequence
+import reprlib
+import threading
+import time
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -24,17 +33,206 @@ class RewardError(ValueError):
     """A reward function failed or returned something unusable."""
 
 
+@dataclasses.dataclass(frozen=True)
+class RewardCallConfig:
+    """How `score` calls a reward function. The default is one call on the whole batch in
+    the caller's thread with no time limit, failures raising.
+
+    batch_size: samples per call (None: the whole batch in one call). The batch is cut into
+      contiguous chunks of this size, each one call.
+    workers: chunks called at once, each on its own thread; for functions that wait on a
+      service (a remote judge, a sandboxed code runner), which release the GIL while they wait.
+    timeout_s: per-call time limit in seconds (None: none). A call still running after it is
+      abandoned and the loop moves on; Python cannot kill a thread, so the abandoned call keeps
+      running in a daemon thread until it returns (or the process exits) and its result is
+      dropped. A function that can hang forever while holding a lock or a CPU core needs a
+      process of its own (a subprocess or a service with its own time limit) for true
+      isolation; threads keep the call cheap (no pickling, shared state) at that price.
+      batch_size=1 with a timeout confines a hang to its sample: the others score normally.
+    on_failure: what a call that raises or runs out of time does:
+      "raise": RewardError naming the function and the sample (a chunk that raised is
+      bisected to find one sample that fails alone, in O(log batch_size) further calls; a
+      chunk that timed out is named by its sample range, with no further calls);
+      "value": each sample of the failed chunk scores `failure_value` and is counted
+      (`Scores.failed`; the RL iteration reports the count as `reward_failed`).
+      A result that is not one finite real number per sample is a bug in the function, not
+      a failed call: it raises under either policy.
+    failure_value: the reward of a sample whose call failed, under on_failure="value".
+    """
+
+    timeout_s: float | None = None
+    on_failure: str = "raise"
+    failure_value: float = 0.0
+    batch_size: int | None = None
+    workers: int = 1
+
+    def __post_init__(self):
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"RewardCallConfig.timeout_s: must be positive or None, got {self.timeout_s}")
+        if self.on_failure not in ("raise", "value"):
+            raise ValueError(f"RewardCallConfig.on_failure: 'raise' or 'value', got {self.on_failure!r}")
+        if not np.isfinite(self.failure_value):
+            raise ValueError(f"RewardCallConfig.failure_value: must be finite, got {self.failure_value}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"RewardCallConfig.batch_size: must be >= 1 or None, got {self.batch_size}")
+        if self.workers < 1:
+            raise ValueError(f"RewardCallConfig.workers: must be >= 1, got {self.workers}")
+
+    @property
+    def threaded(self) -> bool:
+        """Whether calls run on worker threads (needed for a time limit or concurrency)."""
+        return self.timeout_s is not None or self.workers > 1
+
+
+class Scores(NamedTuple):
+    """rewards: float32[B]; failed: bool[B], the samples whose call failed and which scored
+    RewardCallConfig.failure_value; calls: how many times the reward function was called."""
+
+    rewards: np.ndarray
+    failed: np.ndarray
+    calls: int
+
+
 def _preview(text: str, n: int = 80) -> str:
     return repr(text if len(text) <= n else text[:n] + "...")
 
 
-def score(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[str], **metadata) -> np.ndarray:
-    """Call `reward_fn` once on the batch and return float32[B].
+_repr = reprlib.Repr()
+_repr.maxlist = _repr.maxtuple = 4
+_repr.maxstring = _repr.maxother = 40
 
-    Raises RewardError naming the problem: an exception inside the function (with
-    the first sample on which calling it alone also fails, when one does), a
-    result of the wrong shape, or non-finite rewards (with the offending samples).
+
+def _numbers(out: Any, name: str, n: int) -> np.ndarray:
+    """The reward function's result as float32[n], or RewardError saying what it returned.
+
+    Accepted: an array (numpy, jax, anything with a numeric `dtype`) of bool, int or float,
+    or a list/tuple of real numbers (Python or numpy bool, int, float, or 0-d numeric arrays).
+    Booleans count as 0/1, since `[c == answer for c in ...]` is the natural correctness
+    reward. Rejected: strings (np.asarray would silently parse "1.0"), None, complex numbers,
+    objects, generators — anything that is not already a number."""
+    def kind(x):
+        dtype = getattr(x, "dtype", None)
+        return None if dtype is None else np.dtype(dtype).kind
+
+    what = f"{type(out).__name__} {_repr.repr(out)}"
+    if kind(out) is not None:
+        if kind(out) not in "biuf":
+            raise RewardError(f"reward function {name} returned an array of dtype {out.dtype}, not real numbers: "
+                              f"{what}")
+    elif isinstance(out, (list, tuple)):
+        for i, x in enumerate(out):
+            ok = kind(x) in tuple("biuf") and np.ndim(x) == 0 if kind(x) is not None else \
+                isinstance(x, numbers.Real)
+            if not ok:
+                raise RewardError(f"reward function {name} returned {type(out).__name__} whose element {i} is "
+                                  f"{type(x).__name__} {_repr.repr(x)}, not a real number: {what}")
+    else:
+        raise RewardError(f"reward function {name} returned {what}; expected a list or array of {n} real numbers, "
+                          "one reward per sample")
+    r = np.asarray(out, dtype=np.float32)
+    if r.shape != (n,):
+        raise RewardError(f"reward function {name} returned shape {r.shape}; expected ({n},), one reward per sample")
+    return r
+
+
+def _describe(rows: range, prompts, completions) -> str:
+    if len(rows) == 1:
+        i = rows[0]
+        return f"sample {i}: prompt {_preview(prompts[i])}, completion {_preview(completions[i])}"
+    return f"samples {rows[0]}..{rows[-1]}"
+
+
+class _Caller:
+    """Calls one reward function on row ranges of one batch: directly, or on daemon threads
+    with a time limit. An outcome is ("ok", result), ("error", exception) or ("timeout", None)."""
+
+    def __init__(self, reward_fn, prompts, completions, metadata, cfg: RewardCallConfig):
+        self.fn, self.prompts, self.completions = reward_fn, prompts, completions
+        self.metadata, self.cfg = metadata, cfg
+        self.B, self.calls = len(completions), 0
+
+    def invoke(self, rows: range):
+        self.calls += 1
+        if len(rows) == self.B:  # the whole batch: the caller's metadata as given, as before chunking existed
+            return self.fn(list(self.prompts), list(self.completions), **self.metadata)
+        return self.fn([self.prompts[i] for i in rows], [self.completions[i] for i in rows],
+                       **{k: [v[i] for i in rows] for k, v in self.metadata.items()})
+
+    def outcome(self, rows: range):
+        try:
+            return "ok", self.invoke(rows)
+        except Exception as e:  # noqa: BLE001 -- any failure of user code is reported, with its sample
+            return "error", e
+
+    def run(self, chunks: list[range], stop_at_failure: bool):
+        """Outcomes of the chunks (a dict by chunk index), at most cfg.workers at a time, each
+        under cfg.timeout_s. stop_at_failure: return at the first failed chunk, leaving the
+        rest uncalled (and the running ones abandoned)."""
+        if not self.cfg.threaded:
+            outcomes = {}
+            for j, rows in enumerate(chunks):
+                outcomes[j] = self.outcome(rows)
+                if stop_at_failure and outcomes[j][0] != "ok":
+                    break
+            return outcomes
+        # A fresh daemon thread per call rather than a ThreadPoolExecutor: the executor joins its
+        # threads at interpreter exit, so one call that never returns would hang the process.
+        done, outcomes = queue.SimpleQueue(), {}
+        pending, started = collections.deque(enumerate(chunks)), {}
+        limit = self.cfg.timeout_s
+        while pending or started:
+            while pending and len(started) < self.cfg.workers:
+                j, rows = pending.popleft()
+                started[j] = time.monotonic()  # the limit counts from the call's start, not the batch's
+                threading.Thread(target=lambda j=j, rows=rows: done.put((j, self.outcome(rows))), daemon=True,
+                                 name=f"reward-call-{j}").start()
+            wait = None if limit is None else max(0.0, min(started.values()) + limit - time.monotonic())
+            try:
+                j, out = done.get(timeout=wait)
+            except queue.Empty:
+                now = time.monotonic()
+                late = [j for j, t0 in started.items() if now - t0 >= limit]
+                for j in late:  # abandoned: its thread runs on, and its result is never read
+                    del started[j]
+                    outcomes[j] = ("timeout", None)
+                if stop_at_failure and late:
+                    return outcomes
+                continue
+            del started[j]
+            outcomes[j] = out
+            if stop_at_failure and out[0] != "ok":
+                return outcomes
+        return outcomes
+
+    def bisect(self, rows: range, failure):
+        """rows failed together with `failure`; halve while a half fails alone. -> (the smallest
+        failing range found, its failure, whether it is a single sample or no half fails alone).
+        At most 2 calls per halving: 2·ceil(log2 len(rows)) calls, not one per sample."""
+        while len(rows) > 1:
+            half = len(rows) // 2
+            for part in (rows[:half], rows[half:]):
+                out = self.run([part], stop_at_failure=True)[0]
+                if out[0] != "ok":
+                    rows, failure = part, out
+                    break
+            else:  # each half scores alone: only the whole range fails
+                return rows, failure
+        return rows, failure
+
+
+def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[str], *,
+                        call_config: RewardCallConfig | None = None, **metadata) -> Scores:
+    """Call `reward_fn` on the batch as `call_config` says (default: once, on the whole batch)
+    and return `Scores(rewards float32[B], failed bool[B], calls)`.
+
+    Raises RewardError naming the function and the problem: an exception inside the
+    function (with a sample on which calling it alone also fails, found by bisection, or
+    the range of samples that fails only together), a call past its time limit (with its
+    sample, or its chunk's range), a result that is not one real number per sample (saying
+    what was returned), or non-finite rewards (with the offending samples). With
+    on_failure="value", failed calls score failure_value instead of raising.
     """
+    cfg = RewardCallConfig() if call_config is None else call_config
     B = len(completions)
     if len(prompts) != B:
         raise RewardError(f"{len(prompts)} prompts but {B} completions")
@@ -42,29 +240,53 @@ def score(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[str
         if len(v) != B:
             raise RewardError(f"metadata {k!r} has {len(v)} entries for {B} samples")
     name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
-    try:
-        out = reward_fn(list(prompts), list(completions), **metadata)
-    except Exception as e:  # find the sample that breaks it, then report both
-        for i in range(B):
+    size = B if cfg.batch_size is None else cfg.batch_size
+    chunks = [range(lo, min(B, lo + size)) for lo in range(0, B, max(size, 1))]
+    caller = _Caller(reward_fn, prompts, completions, metadata, cfg)
+    outcomes = caller.run(chunks, stop_at_failure=cfg.on_failure == "raise")
+    rewards, failed = np.zeros(B, np.float32), np.zeros(B, bool)
+    for j, rows in enumerate(chunks):
+        if j not in outcomes:  # not called: an earlier failure under on_failure="raise" ends the batch
+            continue
+        kind, value = outcomes[j]
+        where = "" if len(rows) == B else f" on samples {rows[0]}..{rows[-1]}"
+        if kind == "ok":
             try:
-                reward_fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in metadata.items()})
-            except Exception:  # noqa: BLE001
-                raise RewardError(f"reward function {name} raised {type(e).__name__}: {e} "
-                                  f"(sample {i}: prompt {_preview(prompts[i])}, completion "
-                                  f"{_preview(completions[i])})") from e
-        raise RewardError(f"reward function {name} raised {type(e).__name__}: {e} on the batch of {B}") from e
-    try:
-        r = np.asarray(out, dtype=np.float32)
-    except (TypeError, ValueError) as e:
-        raise RewardError(f"reward function {name} returned {type(out).__name__}, not numbers: {e}") from e
-    if r.shape != (B,):
-        raise RewardError(f"reward function {name} returned shape {r.shape}; expected ({B},), one reward per sample")
-    bad = np.flatnonzero(~np.isfinite(r))
+                rewards[rows.start:rows.stop] = _numbers(value, name, len(rows))
+            except RewardError as e:
+                raise RewardError(f"{e}{where}") from None
+            continue
+        if cfg.on_failure == "value":
+            rewards[rows.start:rows.stop], failed[rows.start:rows.stop] = cfg.failure_value, True
+            continue
+        if kind == "timeout":
+            hint = "" if len(rows) == 1 else " (RewardCallConfig.batch_size=1 would name the sample)"
+            raise RewardError(f"reward function {name} did not return within {cfg.timeout_s:g} s on "
+                              f"{_describe(rows, prompts, completions)}{hint}; the call was abandoned and runs on "
+                              "in a background thread")
+        whole = value
+        rows, (kind, value) = caller.bisect(rows, (kind, value))
+        if kind == "timeout":
+            raise RewardError(f"reward function {name} raised {type(whole).__name__}: {whole}{where}; calling it on "
+                              f"{_describe(rows, prompts, completions)} alone ran past {cfg.timeout_s:g} s") from whole
+        alone = "" if len(rows) == 1 else " (each half alone scores: they fail only together)"
+        if len(rows) == B and B > 1:
+            raise RewardError(f"reward function {name} raised {type(value).__name__}: {value} on the batch of {B}"
+                              f"{alone}") from value
+        raise RewardError(f"reward function {name} raised {type(value).__name__}: {value} "
+                          f"({_describe(rows, prompts, completions)}){alone}") from value
+    bad = np.flatnonzero(~np.isfinite(rewards))
     if len(bad):
         i = int(bad[0])
         raise RewardError(f"reward function {name} returned non-finite rewards for {len(bad)} sample(s), e.g. "
-                          f"sample {i} = {r[i]} (completion {_preview(completions[i])})")
-    return r
+                          f"sample {i} = {rewards[i]} (completion {_preview(completions[i])})")
+    return Scores(rewards, failed, caller.calls)
+
+
+def score(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[str], *,
+          call_config: RewardCallConfig | None = None, **metadata) -> np.ndarray:
+    """`score_with_failures(...).rewards`: float32[B], for callers that need no failure count."""
+    return score_with_failures(reward_fn, prompts, completions, call_config=call_config, **metadata).rewards
 
 
 def arithmetic_answer_reward(prompts, completions, *, problems: Sequence[Problem], **_) -> np.ndarray:
