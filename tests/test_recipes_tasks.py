@@ -191,3 +191,11 @@ def test_load_model_rejects_what_is_not_a_model():
         load_model(42)
     model, params, tok = load_model(small_model(), head="reward")
     assert "reward" in model.config.heads and tok is TOK
+
+
+def test_grpo_task_config_hands_its_reward_call_config_to_the_rl_loop():
+    from rljax.rewards import RewardCallConfig
+
+    call = RewardCallConfig(timeout_s=5.0, on_failure="value", failure_value=-1.0, batch_size=1, workers=8)
+    assert GRPOTaskConfig(reward_call=call).rl_config(CharTokenizer()).reward_call == call
+    assert GRPOTaskConfig().rl_config(CharTokenizer()).reward_call == RewardCallConfig()  # the default: one call

@@ -174,3 +174,17 @@ def test_bad_call_configs_are_refused():
                      (dict(workers=0), "workers")]:
         with pytest.raises(ValueError, match=f"RewardCallConfig.{said}"):
             RewardCallConfig(**kw)
+
+
+def test_a_worker_thread_that_exits_is_a_failed_call_not_a_hang():
+    def exits(prompts, completions, **_):
+        if "bye" in completions:
+            raise SystemExit(3)  # sandboxed code calling sys.exit kills only its thread
+        return lengths(prompts, completions)
+
+    s = score_with_failures(exits, PROMPTS, ["a", "bye", "ccc", "d"],
+                            call_config=RewardCallConfig(batch_size=1, workers=2, on_failure="value"))
+    np.testing.assert_array_equal(s.rewards, [1.0, 0.0, 3.0, 1.0])
+    np.testing.assert_array_equal(s.failed, [False, True, False, False])
+    with pytest.raises(RewardError, match=r"exits raised SystemExit: 3 \(sample 1: prompt 'p1', completion 'bye'\)"):
+        score(exits, PROMPTS, ["a", "bye", "ccc", "d"], call_config=RewardCallConfig(workers=2))

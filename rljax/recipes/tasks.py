@@ -50,7 +50,7 @@ from rljax.losses.reward_model import PointwiseConfig, RankingConfig
 from rljax.metrics import read_metrics
 from rljax.models import Model, add_head
 from rljax.phases import LoopConfig, PromptBatch
-from rljax.rewards.rules import weighted_sum
+from rljax.rewards.rules import RewardCallConfig, weighted_sum
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
 
@@ -143,7 +143,10 @@ class GRPOTaskConfig(TaskConfig):
     and updating epochs x minibatches times. kl_coef: None keeps the algorithm's. Algorithms that need a
     value head (ppo, a2c) get one zero-initialised on the policy, those with a separate critic (trpo) a
     critic copied from the policy with a value head; a running baseline is `baseline_decay`'s moving
-    average. Prompts longer than max_seq_len - max_new_tokens keep their last tokens."""
+    average. Prompts longer than max_seq_len - max_new_tokens keep their last tokens.
+    reward_call: how the reward functions are called (`RewardCallConfig`: chunks on worker threads,
+    a per-call time limit, raise or score a fixed value on a failed call; the metrics then count
+    the failures as reward_failed)."""
 
     lr: float = 1e-6
     schedule: str = "constant"
@@ -160,6 +163,7 @@ class GRPOTaskConfig(TaskConfig):
     track_kl: bool = True
     head_lr: float = 1e-3
     baseline_decay: float = 0.9
+    reward_call: RewardCallConfig = dataclasses.field(default_factory=RewardCallConfig)
 
     def rl_config(self, tokenizer):
         from rljax.rl import RLConfig
@@ -173,7 +177,7 @@ class GRPOTaskConfig(TaskConfig):
                                                               temperature=self.temperature, top_p=self.top_p,
                                                               **tokenizer_ids(tokenizer)),
                         optimizer=opt, epochs=self.epochs, minibatches=self.minibatches, track_kl=self.track_kl,
-                        truncate_prompts=True, max_refills=self.max_refills,
+                        truncate_prompts=True, max_refills=self.max_refills, reward_call=self.reward_call,
                         transforms=(moving_average_baseline(self.baseline_decay),) if algo.needs().baseline else ())
 
 

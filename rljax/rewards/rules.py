@@ -110,19 +110,29 @@ def _numbers(out: Any, name: str, n: int) -> np.ndarray:
     Booleans count as 0/1, since `[c == answer for c in ...]` is the natural correctness
     reward. Rejected: strings (np.asarray would silently parse "1.0"), None, complex numbers,
     objects, generators — anything that is not already a number."""
-    def kind(x):
+    def kind(x):  # the numpy dtype kind of an array-like, None for what has no dtype
         dtype = getattr(x, "dtype", None)
-        return None if dtype is None else np.dtype(dtype).kind
+        if dtype is None:
+            return None
+        try:
+            return np.dtype(dtype).kind
+        except TypeError:  # a foreign dtype (torch.float32): ask numpy what the array converts to
+            try:
+                return np.asarray(x).dtype.kind
+            except Exception:  # noqa: BLE001
+                return "O"
 
     what = f"{type(out).__name__} {_repr.repr(out)}"
     if kind(out) is not None:
-        if kind(out) not in "biuf":
+        if kind(out) not in ("b", "i", "u", "f"):
             raise RewardError(f"reward function {name} returned an array of dtype {out.dtype}, not real numbers: "
                               f"{what}")
     elif isinstance(out, (list, tuple)):
         for i, x in enumerate(out):
-            ok = kind(x) in tuple("biuf") and np.ndim(x) == 0 if kind(x) is not None else \
-                isinstance(x, numbers.Real)
+            if kind(x) is None:
+                ok = isinstance(x, numbers.Real)  # Python bool, int, float, Fraction
+            else:
+                ok = kind(x) in ("b", "i", "u", "f") and np.ndim(x) == 0  # numpy scalars, 0-d arrays
             if not ok:
                 raise RewardError(f"reward function {name} returned {type(out).__name__} whose element {i} is "
                                   f"{type(x).__name__} {_repr.repr(x)}, not a real number: {what}")
@@ -149,10 +159,11 @@ class _Caller:
     def __init__(self, reward_fn, prompts, completions, metadata, cfg: RewardCallConfig):
         self.fn, self.prompts, self.completions = reward_fn, prompts, completions
         self.metadata, self.cfg = metadata, cfg
-        self.B, self.calls = len(completions), 0
+        self.B, self.calls, self._lock = len(completions), 0, threading.Lock()
 
     def invoke(self, rows: range):
-        self.calls += 1
+        with self._lock:  # counted from worker threads
+            self.calls += 1
         if len(rows) == self.B:  # the whole batch: the caller's metadata as given, as before chunking existed
             return self.fn(list(self.prompts), list(self.completions), **self.metadata)
         return self.fn([self.prompts[i] for i in rows], [self.completions[i] for i in rows],
@@ -163,6 +174,13 @@ class _Caller:
             return "ok", self.invoke(rows)
         except Exception as e:  # noqa: BLE001 -- any failure of user code is reported, with its sample
             return "error", e
+
+    def _report(self, done: queue.SimpleQueue, j: int, rows: range):
+        try:
+            out = self.outcome(rows)
+        except BaseException as e:  # noqa: BLE001 -- e.g. sys.exit in sandboxed code: a thread that died
+            out = ("error", e)  # without reporting would leave run() waiting forever when there is no timeout
+        done.put((j, out))
 
     def run(self, chunks: list[range], stop_at_failure: bool):
         """Outcomes of the chunks (a dict by chunk index), at most cfg.workers at a time, each
@@ -184,7 +202,7 @@ class _Caller:
             while pending and len(started) < self.cfg.workers:
                 j, rows = pending.popleft()
                 started[j] = time.monotonic()  # the limit counts from the call's start, not the batch's
-                threading.Thread(target=lambda j=j, rows=rows: done.put((j, self.outcome(rows))), daemon=True,
+                threading.Thread(target=self._report, args=(done, j, rows), daemon=True,
                                  name=f"reward-call-{j}").start()
             wait = None if limit is None else max(0.0, min(started.values()) + limit - time.monotonic())
             try:
@@ -205,9 +223,10 @@ class _Caller:
         return outcomes
 
     def bisect(self, rows: range, failure):
-        """rows failed together with `failure`; halve while a half fails alone. -> (the smallest
-        failing range found, its failure, whether it is a single sample or no half fails alone).
-        At most 2 calls per halving: 2·ceil(log2 len(rows)) calls, not one per sample."""
+        """rows failed together with `failure`; halve while a half fails alone. -> (rows', failure'):
+        one sample that fails alone, or a range neither of whose halves fails alone (the failure
+        needs them together), with its failure. At most 2 calls per halving, so
+        2·ceil(log2 len(rows)) calls, where calling every sample alone would take len(rows)."""
         while len(rows) > 1:
             half = len(rows) // 2
             for part in (rows[:half], rows[half:]):
