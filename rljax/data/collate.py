@@ -7,6 +7,7 @@ import numpy as np
 
 from rljax.buckets import DEFAULT_MIN_BUCKET, bucket_length
 from rljax.data.batch import SequenceBatch
+from rljax.data.lengths import Tokens
 from rljax.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -14,9 +15,12 @@ T = TypeVar("T")
 
 def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str, row: int, *, add_bos: bool,
                              add_eos: bool, field: str = "completion") -> tuple[list[int], list[int]]:
-    """[bos] prompt completion [eos] -> (ids, completion mask); an empty completion is an error naming the row."""
-    p = tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
-    c = tokenizer.encode(completion, add_bos=False, add_eos=add_eos)
+    """[bos] prompt completion [eos] -> (ids, completion mask); an empty completion is an error naming the row.
+    A prompt or completion given as `Tokens` (tokenized when the data set was built, specials
+    included) is used as it is."""
+    p = list(prompt) if isinstance(prompt, Tokens) else tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
+    c = list(completion) if isinstance(completion, Tokens) else tokenizer.encode(completion, add_bos=False,
+                                                                                add_eos=add_eos)
     if not c:
         raise ValueError(f"row {row}: the {field} is empty (nothing to learn)")
     return p + c, [0] * len(p) + [1] * len(c)
