@@ -89,9 +89,9 @@ def fit_example(prompt: Sequence[int], completions: Sequence[Sequence[int]], *, 
         body = len(prompt) - keep
         if body < excess:
             k = max(range(len(completions)), key=lambda k: len(completions[k]))
-            raise DataError(f"{where}: the {'completion' if len(completions) == 1 else names[k]} alone is "
-                            f"{len(completions[k])} tokens (after {keep} special), more than max_length={max_length} "
-                            f"allows, so overlong='truncate_prompt' cannot fit it")
+            raise DataError(f"{where}: the {'completion' if len(completions) == 1 else names[k]} is "
+                            f"{len(completions[k])} tokens, with the prompt's {keep} special token(s) more than "
+                            f"max_length={max_length}, so overlong='truncate_prompt' cannot fit it")
         return prompt[:keep] + prompt[keep + excess:], completions
     if overlong == "truncate_completion":
         room = max_length - len(prompt)
