@@ -159,6 +159,17 @@ def test_reward_pairs_cut_their_shared_prompt_and_dpo_refuses_truncate_prompt():
         preference_batches(TOK, [pair], DPOTaskConfig(batch_size=1, max_length=16, overlong="truncate_prompt"))
 
 
+def test_a_collation_error_says_which_examples_the_batch_rows_are():
+    from rljax.data.collate import BatchIterator, collate_prompt_completion
+
+    rows = [("1+1=", "2"), ("2+2=", "4"), ("12345678+1=", "12345679")]  # 7, 7, 21 tokens
+    it = BatchIterator(rows, 1, lambda b: collate_prompt_completion(TOK, b, max_length=16), shuffle=False)
+    with pytest.raises(ValueError, match=r"row 0: 21 tokens exceed max_length=16") as err:  # the batch's row 0
+        it.batch_at(2)
+    assert err.value.__notes__ == ["BatchIterator: batch at data position 2; its rows 0..0 are examples [2] "
+                                   "(0-based indices into the data set)"]
+
+
 # ----------------------------------------------------------------------------- the model
 def test_the_model_refuses_a_sequence_longer_than_max_seq_len():
     model = Model(preset("tiny", vocab_size=TOK.vocab_size, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,

@@ -128,14 +128,23 @@ class BatchIterator(Generic[T]):
         return self.order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
 
     def batch_at(self, position: int):
-        """The collated batch at data position `position` (memoised, see the class docstring)."""
+        """The collated batch at data position `position` (memoised, see the class docstring).
+        An error from `collate` gets a note mapping its rows ("row 2" is the batch's row 2) to
+        the examples' indices, which are the data set's rows."""
         indices = self.indices_at(position)
-        if self._cache is None:
-            return self.collate([self.examples[i] for i in indices])
         key = tuple(int(i) for i in indices)
-        if key not in self._cache:
-            self._cache[key] = self.collate([self.examples[i] for i in indices])
-        return self._cache[key]
+        if self._cache is not None and key in self._cache:
+            return self._cache[key]
+        try:
+            batch = self.collate([self.examples[i] for i in key])
+        except Exception as e:
+            # Collators number rows within the batch; only the iterator knows which examples they are.
+            e.add_note(f"BatchIterator: batch at data position {position}; its rows 0..{len(key) - 1} are "
+                       f"examples {list(key)} (0-based indices into the data set)")
+            raise
+        if self._cache is not None:
+            self._cache[key] = batch
+        return batch
 
     def iterate(self, start: int = 0) -> Iterator[tuple[int, object]]:
         """(position, batch) pairs from `start` on, forever."""
