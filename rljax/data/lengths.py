@@ -129,9 +129,9 @@ def fit_lengths(examples: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]
         try:
             fit_example(*examples[i], max_length=max_length, overlong="error", keep=keep, where=where(i), names=names)
         except DataError as e:
+            others = " or ".join(repr(a) for a in allowed if a != "error")
             raise DataError(f"{e}; {report.overlong} of {report.rows} rows are longer (longest {report.longest}). "
-                            f"Raise max_length, or pass overlong='drop', 'truncate_prompt' or "
-                            f"'truncate_completion'") from None
+                            f"Raise max_length, or pass overlong={others}") from None
     kept, fitted = [], []
     for i, (p, cs) in enumerate(examples):
         if sizes[i] <= max_length:  # the common case: no need to name the row
