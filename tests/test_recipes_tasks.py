@@ -90,7 +90,9 @@ def test_a_bad_row_raises_data_error_naming_row_and_field_before_training(source
     rows = [dict(r) for r in SFT_ROWS]
     rows[2] = {"prompt": "1+1="}  # no completion
     data = rows if source == "list" else sources(rows, tmp_path)["jsonl"]
-    with pytest.raises(DataError, match=r"row 2: field 'completion' is missing"):
+    # from a file, the row is named by its file and 1-based line (row 2 counted from 0 is line 3)
+    where = r"row 2" if source == "list" else r"rows\.jsonl, line 3 \(row 2, counted from 0\)"
+    with pytest.raises(DataError, match=where + r": field 'completion' is missing"):
         sft(small_model(), data, SFTTaskConfig(steps=1), run_dir=str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")  # nothing was written, let alone trained
 

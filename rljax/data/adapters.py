@@ -5,18 +5,23 @@ dicts, an existing `datasets.Dataset` or a hub name into a `datasets.Dataset`.
 The row schemas (`prompt_completion`, `chat_messages`, `preference_pairs`,
 `scored_responses`, `binary_feedback`) read such a dataset into a plain list of
 frozen, validated dataclasses; a bad row raises `DataError` naming the row index
-and the field, e.g. ``row 3: field 'chosen' is missing (columns: prompt, rejected)``.
+(counted from 0) and the field, e.g. ``row 3: field 'chosen' is missing (columns: prompt,
+rejected)``; given a local file, the error names the file and its 1-based line instead,
+``data.jsonl, line 4 (row 3, counted from 0): field 'chosen' is missing ...``. A local
+JSON file that does not parse is one `DataError` naming the file, line and parse error.
 
 `datasets` is imported inside the functions only, so this module imports where
 it is not installed (install it with ``pip install 'rljax[data]'``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-
+import json
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,8 @@ from typing import Any
 __all__ = [
     "DataError",
     "load_records",
+    "row_locator",
+    "located",
     "PromptCompletion",
     "Message",
     "Chat",
@@ -95,6 +102,160 @@ def _local_files(path: Path) -> list[str]:
     return [str(p) for p in files]
 
 
+def _resolve_files(path: Path, text: str, data_files, split: str) -> tuple[str, dict]:
+    """(builder, {split: [file, ...]}) of a local file or directory (see `load_records`)."""
+    files = data_files if data_files is not None else _local_files(path)
+    if isinstance(files, (str, os.PathLike)):
+        files = [os.fspath(files)]
+    if isinstance(files, Mapping):
+        files = {k: [os.fspath(v)] if isinstance(v, (str, os.PathLike)) else [os.fspath(f) for f in v]
+                 for k, v in files.items()}
+    else:
+        files = {split: [os.fspath(f) for f in files]}
+    suffixes = {Path(f).suffix.lower() for v in files.values() for f in v}
+    builders = {_BUILDERS.get(s) for s in suffixes}
+    if None in builders:
+        raise ValueError(f"unsupported file type in {text!r}: {sorted(suffixes)} "
+                         f"(expected .json, .jsonl or .parquet)")
+    if len(builders) != 1:
+        raise ValueError(f"mixed file types in {text!r}: {sorted(suffixes)}; use one format per directory")
+    return builders.pop(), files
+
+
+def _bad_json(file: str, line: int, err: json.JSONDecodeError | str) -> DataError:
+    why = err if isinstance(err, str) else f"{err.msg} at column {err.colno}"
+    return DataError(f"{file}, line {line}: {why}")
+
+
+def _scan_lines(file: str, text: str, first_line: int = 1) -> tuple[int, ...]:
+    """The 1-based line numbers of the rows of JSON Lines `text`: every line that is not blank
+    (`datasets` skips blank lines too) must be one JSON object, else DataError naming the line."""
+    lines = []
+    for n, line in enumerate(text.splitlines(), first_line):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _bad_json(file, n, e) from None
+        if not isinstance(value, dict):
+            raise _bad_json(file, n, f"expected a JSON object (one row per line), got {type(value).__name__}")
+        lines.append(n)
+    return tuple(lines)
+
+
+@functools.lru_cache(maxsize=32)
+def _scan_json(file: str, mtime_ns: int, size: int) -> tuple[int, ...] | int | None:
+    """Validate one local .json / .jsonl file and say where its rows are:
+
+    - JSON Lines (any .jsonl; a .json that is not one JSON value): the tuple of the rows'
+      1-based line numbers;
+    - a .json holding one array of objects: its length (rows have no line of their own);
+    - a .json holding one object (`datasets` reads its columns): None (rows unknown).
+
+    A line (or file) that is not valid JSON raises one DataError naming the file, the
+    line and the parse error, before `datasets` turns it into a long Arrow traceback.
+    Cached by (path, mtime, size), so loading and locating a row read the file once.
+    """
+    del mtime_ns, size  # only part of the cache key
+    with open(file, encoding="utf-8") as f:
+        text = f.read()
+    if file.lower().endswith(".json"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data": a second value follows, i.e. JSON Lines
+                raise _bad_json(file, e.lineno, e) from None
+        else:
+            if isinstance(whole, list):
+                for k, row in enumerate(whole):
+                    if not isinstance(row, dict):
+                        raise DataError(f"{file}: element {k} (0-based) of the array is a "
+                                        f"{type(row).__name__}, not a JSON object")
+                return len(whole)
+            if isinstance(whole, dict):
+                return None
+            raise DataError(f"{file}: expected a JSON array of objects or JSON Lines, got a {type(whole).__name__}")
+    return _scan_lines(file, text)
+
+
+def _json_rows(file: str):
+    st = os.stat(file)
+    return _scan_json(os.path.abspath(file), st.st_mtime_ns, st.st_size)
+
+
+def _file_rows(file: str):
+    """What `_scan_json` says for a JSON file; a Parquet file's row count from its footer."""
+    if Path(file).suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(file).metadata.num_rows
+    return _json_rows(file)
+
+
+def row_locator(source, *, split: str = "train", data_files=None) -> Callable[[int], str]:
+    """Where row `i` (0-based, in `load_records(source, ...)` order) comes from, as text for errors:
+
+    - a local JSON Lines file: ``"data.jsonl, line 4 (row 3, counted from 0)"`` (the 1-based line
+      in the file, which differs from the row when there are blank lines);
+    - a JSON array or Parquet file: ``"data.parquet, row 3 (counted from 0)"``;
+    - a directory: the same, naming the file that holds the row;
+    - anything else (a list, a `datasets.Dataset`, a hub name): ``"row 3"``.
+    """
+    plain = (lambda i: f"row {i}")
+    if not isinstance(source, (str, os.PathLike)):
+        return plain
+    path = Path(os.fspath(source)).expanduser()
+    if not path.exists():
+        return plain
+    _, files = _resolve_files(path, os.fspath(source), data_files, split)
+    found = [(f, _file_rows(f)) for f in files.get(split, [])]
+
+    def locate(i: int) -> str:
+        k = int(i)
+        for file, rows in found:
+            n = len(rows) if isinstance(rows, tuple) else rows
+            if n is None:
+                return f"row {i}"
+            if k < n:
+                if isinstance(rows, tuple):
+                    return f"{file}, line {rows[k]} (row {i}, counted from 0)"
+                return f"{file}, row {k} (counted from 0)"
+            k -= n
+        return f"row {i}"
+
+    return locate
+
+
+_ROW_PREFIX = re.compile(r"^row (\d+): ")
+
+
+@contextlib.contextmanager
+def located(source, **kw):
+    """Re-raise a DataError that names a row ("row 3: ...", the adapters' format) with the row's
+    place in `source` (`row_locator`: the file and its 1-based line), e.g.
+    ``data.jsonl, line 5 (row 3, counted from 0): field 'chosen' is missing``."""
+    try:
+        yield
+    except DataError as e:
+        m = _ROW_PREFIX.match(str(e))
+        if m is None or not isinstance(source, (str, os.PathLike)):
+            raise
+        where = row_locator(source, **kw)(int(m.group(1)))
+        if where == f"row {m.group(1)}":
+            raise
+        raise DataError(f"{where}: {str(e)[m.end():]}") from None
+
+
+def _locating(fn):
+    """A schema function that names the file and line of a bad row when given a path."""
+    @functools.wraps(fn)
+    def wrapper(ds, *args, **kwargs):
+        with located(ds):
+            return fn(ds, *args, **kwargs)
+    return wrapper
+
+
 def load_records(source, *, split: str = "train", name: str | None = None, data_files=None,
                  cache_dir: str | os.PathLike | None = None):
     """A `datasets.Dataset` from `source`.
@@ -110,7 +271,11 @@ def load_records(source, *, split: str = "train", name: str | None = None, data_
 
     A missing local path (absolute, relative with "./", or ending in one of the
     suffixes, see `_looks_like_path`) raises FileNotFoundError naming it.
-    `cache_dir` is passed to `datasets.load_dataset` for files and hub names.
+    Local JSON files are checked line by line first: a line that is not a JSON object
+    raises one `DataError` naming the file, the 1-based line and the parse error
+    (`datasets` would name neither the file nor the line); `row_locator` maps a row
+    back to its file and line. `cache_dir` is passed to `datasets.load_dataset` for
+    files and hub names.
     """
     datasets = _require_datasets()
     if isinstance(source, datasets.Dataset):
@@ -131,22 +296,11 @@ def load_records(source, *, split: str = "train", name: str | None = None, data_
     path = Path(text).expanduser()
     kwargs = {} if cache_dir is None else {"cache_dir": os.fspath(cache_dir)}
     if path.exists():
-        files = data_files if data_files is not None else _local_files(path)
-        if isinstance(files, (str, os.PathLike)):
-            files = [os.fspath(files)]
-        if isinstance(files, Mapping):
-            suffixes = {Path(f).suffix.lower() for v in files.values()
-                        for f in ([v] if isinstance(v, (str, os.PathLike)) else v)}
-        else:
-            suffixes = {Path(f).suffix.lower() for f in files}
-            files = {split: list(files)}
-        builders = {_BUILDERS.get(s) for s in suffixes}
-        if None in builders:
-            raise ValueError(f"unsupported file type in {text!r}: {sorted(suffixes)} "
-                             f"(expected .json, .jsonl or .parquet)")
-        if len(builders) != 1:
-            raise ValueError(f"mixed file types in {text!r}: {sorted(suffixes)}; use one format per directory")
-        return datasets.load_dataset(builders.pop(), data_files=files, split=split, **kwargs)
+        builder, files = _resolve_files(path, text, data_files, split)
+        if builder == "json":
+            for f in files.get(split, []):
+                _json_rows(f)
+        return datasets.load_dataset(builder, data_files=files, split=split, **kwargs)
     if isinstance(source, os.PathLike) or _looks_like_path(text):
         raise FileNotFoundError(f"no such file or directory: {text!r}")
     if data_files is not None:
@@ -316,12 +470,14 @@ _prompt = functools.partial(_check_str, allow_empty=True)
 _text = functools.partial(_check_str, allow_empty=False)
 
 
+@_locating
 def prompt_completion(ds, *, prompt_field: str = "prompt", completion_field: str = "completion"
                       ) -> list[PromptCompletion]:
     """Rows {prompt: str (may be empty), completion: str (non-empty)}."""
     return _parse(ds, PromptCompletion, [(prompt_field, _prompt), (completion_field, _text)])
 
 
+@_locating
 def chat_messages(ds, *, field: str = "messages") -> list[Chat]:
     """Rows {messages: [{"role": system|user|assistant, "content": str}, ...]},
     the last message from the assistant with non-empty content."""
@@ -360,12 +516,14 @@ def chat_to_prompt_completion(chat: Chat, template: Callable[[Sequence[Message]]
     return PromptCompletion(template(chat.messages[:-1]), chat.messages[-1].content)
 
 
+@_locating
 def preference_pairs(ds, *, prompt_field: str = "prompt", chosen_field: str = "chosen",
                      rejected_field: str = "rejected") -> list[PreferencePair]:
     """Rows {prompt: str, chosen: str (non-empty), rejected: str (non-empty)}."""
     return _parse(ds, PreferencePair, [(prompt_field, _prompt), (chosen_field, _text), (rejected_field, _text)])
 
 
+@_locating
 def scored_responses(ds, *, prompt_field: str = "prompt", response_field: str = "response",
                      score_field: str = "score") -> list[ScoredResponse]:
     """Rows {prompt: str, response: str (non-empty), score: int | float (not bool, finite)}."""
@@ -373,6 +531,7 @@ def scored_responses(ds, *, prompt_field: str = "prompt", response_field: str = 
                                        (score_field, _check_number)])
 
 
+@_locating
 def binary_feedback(ds, *, prompt_field: str = "prompt", completion_field: str = "completion",
                     label_field: str = "label") -> list[BinaryFeedback]:
     """Rows {prompt: str, completion: str (non-empty), label: bool or 0/1}."""
@@ -423,6 +582,7 @@ class Interaction:
     dwell_seconds: float | None = None
 
 
+@_locating
 def ranked_lists(ds, *, prompt_field: str = "prompt", answers_field: str = "answers",
                  ranks_field: str = "ranks") -> list[RankedList]:
     """Rows {prompt: str, answers: [str, ...] (non-empty), ranks: [int >= 0, ...]} of equal
@@ -445,6 +605,7 @@ def ranked_lists(ds, *, prompt_field: str = "prompt", answers_field: str = "answ
     return out
 
 
+@_locating
 def step_labelled(ds, *, prompt_field: str = "prompt", steps_field: str = "steps",
                   labels_field: str = "labels") -> list[StepLabelled]:
     """Rows {prompt: str, steps: [str, ...] (non-empty), labels: [number in [0, 1], ...]} with one
@@ -469,6 +630,7 @@ def step_labelled(ds, *, prompt_field: str = "prompt", steps_field: str = "steps
     return out
 
 
+@_locating
 def interaction_logs(ds, *, prompt_field: str = "prompt", completion_field: str = "completion",
                      like_field: str = "like", accept_field: str = "accept", click_field: str = "click",
                      position_field: str = "position", propensity_field: str = "propensity",

@@ -7,6 +7,7 @@ import numpy as np
 
 from rljax.buckets import DEFAULT_MIN_BUCKET, bucket_length
 from rljax.data.batch import SequenceBatch
+from rljax.data.lengths import Tokens
 from rljax.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -14,9 +15,12 @@ T = TypeVar("T")
 
 def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str, row: int, *, add_bos: bool,
                              add_eos: bool, field: str = "completion") -> tuple[list[int], list[int]]:
-    """[bos] prompt completion [eos] -> (ids, completion mask); an empty completion is an error naming the row."""
-    p = tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
-    c = tokenizer.encode(completion, add_bos=False, add_eos=add_eos)
+    """[bos] prompt completion [eos] -> (ids, completion mask); an empty completion is an error naming the row.
+    A prompt or completion given as `Tokens` (tokenized when the data set was built, specials
+    included) is used as it is."""
+    p = list(prompt) if isinstance(prompt, Tokens) else tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
+    c = list(completion) if isinstance(completion, Tokens) else tokenizer.encode(completion, add_bos=False,
+                                                                                add_eos=add_eos)
     if not c:
         raise ValueError(f"row {row}: the {field} is empty (nothing to learn)")
     return p + c, [0] * len(p) + [1] * len(c)
@@ -124,14 +128,23 @@ class BatchIterator(Generic[T]):
         return self.order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
 
     def batch_at(self, position: int):
-        """The collated batch at data position `position` (memoised, see the class docstring)."""
+        """The collated batch at data position `position` (memoised, see the class docstring).
+        An error from `collate` gets a note mapping its rows ("row 2" is the batch's row 2) to
+        the examples' indices, which are the data set's rows."""
         indices = self.indices_at(position)
-        if self._cache is None:
-            return self.collate([self.examples[i] for i in indices])
         key = tuple(int(i) for i in indices)
-        if key not in self._cache:
-            self._cache[key] = self.collate([self.examples[i] for i in indices])
-        return self._cache[key]
+        if self._cache is not None and key in self._cache:
+            return self._cache[key]
+        try:
+            batch = self.collate([self.examples[i] for i in key])
+        except Exception as e:
+            # Collators number rows within the batch; only the iterator knows which examples they are.
+            e.add_note(f"BatchIterator: batch at data position {position}; its rows 0..{len(key) - 1} are "
+                       f"examples {list(key)} (0-based indices into the data set)")
+            raise
+        if self._cache is not None:
+            self._cache[key] = batch
+        return batch
 
     def iterate(self, start: int = 0) -> Iterator[tuple[int, object]]:
         """(position, batch) pairs from `start` on, forever."""

@@ -19,6 +19,7 @@ import numpy as np
 from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch
 from rljax.data.collate import encode_prompt_completion, pad_rows, padded_width
+from rljax.data.lengths import Tokens
 from rljax.tokenizer import Tokenizer
 
 
@@ -51,7 +52,7 @@ def _check_ranking(i: int, answers: Sequence[str], ranks: Sequence[int]) -> list
         raise ValueError(f"row {i}: every answer has the same rank, so the ranking says nothing")
     seen = {}
     for k, a in enumerate(answers):
-        if not isinstance(a, str) or not a:
+        if not isinstance(a, (str, Tokens)) or not a:
             raise ValueError(f"row {i}: answer {k} is empty or not a string: {a!r}")
         if a in seen and out[seen[a]] != out[k]:
             raise ValueError(f"row {i}: answers {seen[a]} and {k} are the same text but ranked differently")
@@ -122,7 +123,7 @@ def collate_pairs(tokenizer: Tokenizer, pairs: Sequence, *, margins: Sequence[fl
     for i, p in enumerate(pairs):
         prompt, chosen, rejected = _fields(p, ("prompt", "chosen", "rejected"))
         for name, text in (("chosen", chosen), ("rejected", rejected)):
-            if not isinstance(text, str) or not text:
+            if not isinstance(text, (str, Tokens)) or not text:
                 raise ValueError(f"row {i}: {name} is empty or not a string: {text!r}")
         if chosen == rejected:
             raise ValueError(f"row {i}: chosen and rejected are the same text, so the pair says nothing")

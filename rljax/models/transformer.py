@@ -464,6 +464,24 @@ def check_tokens(tokens, attention_mask, vocab_size: int, name: str = "tokens") 
         raise ValueError(f"{name}[{b}, {i}] = {int(t[b, i])} is outside the vocabulary [0, {vocab_size})")
 
 
+def check_length(length: int, max_seq_len: int, *, packed: bool = False, cached: bool = False) -> None:
+    """Refuse a full forward pass over more than `max_seq_len` positions: a ValueError naming both.
+
+    The model is only meant for sequences up to max_seq_len (its context; the KV cache is
+    sized by it), and nothing else stops a longer batch: RoPE tables are computed from the
+    positions, so a [1, 16384] batch in a 512-token model gives a finite, meaningless loss.
+    `length` is a static shape, so this check runs once per trace and costs nothing at run
+    time. Packed rows (segment_ids) are exempt: positions restart in every segment, so the
+    row may be wider than one example's context (the packer bounds each segment). Cached
+    decoding is bounded by `Model.init_cache` instead (the cache holds at most max_seq_len).
+    """
+    if packed or cached:
+        return
+    if length > max_seq_len:
+        raise ValueError(f"sequence length {length} exceeds the model's max_seq_len={max_seq_len}; "
+                         f"truncate or drop longer rows when building the data (overlong=...)")
+
+
 @dataclass(frozen=True)
 class Model:
     """Pure-function interface to a `Transformer`; hashable, so it can be a static jit argument.
@@ -502,6 +520,7 @@ class Model:
         if attention_mask is None:
             attention_mask = jnp.ones(tokens.shape, jnp.int32)
         check_tokens(tokens, attention_mask, self.config.vocab_size)
+        check_length(tokens.shape[1], self.config.max_seq_len, packed=segment_ids is not None, cached=cache is not None)
         if cache is not None and cache.valid.shape[0] != tokens.shape[0]:
             raise ValueError(f"cache has {cache.valid.shape[0]} rows but tokens have {tokens.shape[0]}")
         return self.module.apply({"params": params}, tokens, attention_mask, positions, cache, segment_ids)

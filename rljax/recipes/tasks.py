@@ -41,8 +41,10 @@ import jax
 from rljax import phases
 from rljax.algorithms import get_algorithm
 from rljax.data.adapters import (DataError, Message, _check_role, _check_str, _get, chat_messages, load_records,
-                                 preference_pairs, prompt_completion, scored_responses, simple_template)
+                                 located, preference_pairs, prompt_completion, row_locator, scored_responses,
+                                 simple_template)
 from rljax.data.collate import BatchIterator, collate_prompt_completion
+from rljax.data.lengths import Tokens, fit_lengths
 from rljax.data.preference_collate import collate_preferences
 from rljax.data.reward_collate import collate_pairs, collate_scored
 from rljax.losses.preference import PREFERENCE_METHODS
@@ -63,8 +65,11 @@ __all__ = ["TaskConfig", "SFTTaskConfig", "RewardModelTaskConfig", "DPOTaskConfi
 @dataclass(frozen=True)
 class TaskConfig:
     """What every task shares. steps: optimizer steps (GRPO: RL iterations); batch_size: rows per step
-    (GRPO: prompts per iteration); max_length: longest tokenized row (None: the model's max_seq_len; a
-    longer row is an error naming it); lr with `warmup_steps` of linear warmup then `schedule`;
+    (GRPO: prompts per iteration); max_length: longest tokenized row (None: the model's max_seq_len);
+    overlong: what to do with a longer row, checked when the data set is built ("error": a DataError
+    naming its file and line and how many rows are too long; "drop"; "truncate_prompt": cut the prompt
+    from the left; "truncate_completion": cut the completion from the right; see `rljax.data.lengths`;
+    GRPO prompts are cut at sampling time instead); lr with `warmup_steps` of linear warmup then `schedule`;
     log_every: steps between metrics rows (the last step is always logged); checkpoint_every: steps
     between checkpoints in run_dir (0: only the last); chat_template: None = apply the tokenizer's chat
     template when it has one; system_prompt: a system message before every prompt; dtype, max_seq_len:
@@ -74,6 +79,7 @@ class TaskConfig:
     steps: int = 100
     batch_size: int = 8
     max_length: int | None = None
+    overlong: str = "error"
     warmup_steps: int = 0
     schedule: str = "cosine"
     weight_decay: float = 0.0
@@ -119,10 +125,13 @@ class RewardModelTaskConfig(TaskConfig):
 class DPOTaskConfig(TaskConfig):
     """Offline preference optimisation on {prompt, chosen, rejected} pairs: method is a
     `PREFERENCE_METHODS` name other than "kto" (dpo, cdpo, robust_dpo, hinge, ipo, simpo, orpo);
-    beta: None keeps the method's; max_prompt_length: prompts are cut from the left to this many tokens.
+    beta: None keeps the method's; max_prompt_length: prompts are cut from the left to this many tokens;
+    overlong: "truncate_completion" (the usual recipe: the completion is cut from the right to fit
+    max_length after the prompt), "error" or "drop" ("truncate_prompt" is max_prompt_length here).
     The reference is the model as given (frozen)."""
 
     lr: float = 1e-6
+    overlong: str = "truncate_completion"
     method: str = "dpo"
     beta: float | None = None
     max_prompt_length: int | None = None
@@ -310,10 +319,35 @@ def _max_length(cfg: TaskConfig, model: Model) -> int:
     return cfg.max_length if cfg.max_length is not None else model.config.max_seq_len
 
 
+def _fitted(tok, data, prompts: Sequence[str], completions: Sequence[Sequence[str]], cfg: TaskConfig, *,
+            max_length: int | None, add_bos: bool, names=None, allowed=None) -> tuple[list[int], list[tuple]]:
+    """Each example (a prompt and its completions) tokenized ([bos] prompt, completion eos) and fitted to
+    max_length by cfg.overlong when the data set is built (`rljax.data.lengths.fit_lengths`): (indices kept,
+    (Tokens(prompt), [Tokens(completion), ...]) for each). Errors name the row's file and line in `data`."""
+    examples = [(tok.encode(p, add_bos=add_bos, add_eos=False), [tok.encode(c, add_bos=False, add_eos=True)
+                                                                 for c in cs]) for p, cs in zip(prompts, completions)]
+    kept, fitted, _ = fit_lengths(examples, max_length=max_length, overlong=cfg.overlong,
+                                  keep=len(tok.encode("", add_bos=add_bos, add_eos=False)),
+                                  where=lambda i: row_locator(data)(i), names=names,
+                                  **({} if allowed is None else {"allowed": allowed}))
+    return kept, [(Tokens(p), [Tokens(c) for c in cs]) for p, cs in fitted]
+
+
+def _locating(fn):
+    """A batch builder whose row errors name the file and line of the row when `data` is a path."""
+    @functools.wraps(fn)
+    def wrapper(tok, data, *args, **kwargs):
+        with located(data):
+            return fn(tok, data, *args, **kwargs)
+    return wrapper
+
+
+@_locating
 def sft_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None) -> BatchIterator:
     """SFT batches: SequenceBatch [batch_size, T] (T bucketed, <= max_length) of [bos] prompt completion eos
     with the loss on the completion and eos. Rows {prompt, completion} or {messages} (the last message
-    the assistant's reply to learn)."""
+    the assistant's reply to learn). Rows are tokenized and checked against max_length here, once
+    (cfg.overlong)."""
     rows = _rows(data)
     chat = _use_chat(tok, cfg)
     if "messages" in _columns(rows) and "prompt" not in _columns(rows):
@@ -329,11 +363,15 @@ def sft_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None) ->
             pairs.append((prompt, c.messages[-1].content))
     else:
         pairs = [(p.prompt, p.completion) for p in prompt_completion(_rendered(tok, rows, ["completion"], cfg))]
-    collate = functools.partial(collate_prompt_completion, tok, max_length=max_length or cfg.max_length,
-                                add_bos=not chat, add_eos=True)
+    length = max_length or cfg.max_length
+    _, fitted = _fitted(tok, data, [p for p, _ in pairs], [[c] for _, c in pairs], cfg, max_length=length,
+                        add_bos=not chat)
+    pairs = [(p, cs[0]) for p, cs in fitted]
+    collate = functools.partial(collate_prompt_completion, tok, max_length=length, add_bos=not chat, add_eos=True)
     return BatchIterator(pairs, cfg.batch_size, collate, seed=cfg.seed)
 
 
+@_locating
 def reward_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None) -> tuple[BatchIterator, str]:
     """(batches, kind): kind "pairs" — RankingBatch [batch_size, 2, T] (chosen rank 0, rejected rank 1; a
     "margin" column fills RankingBatch.margin) from {prompt, chosen, rejected} rows — or "scores" —
@@ -344,12 +382,17 @@ def reward_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None)
     if "score" in _columns(rows) and "chosen" not in _columns(rows):
         scored = [(r.prompt, r.response, r.score) for r in
                   scored_responses(_rendered(tok, rows, ["response"], cfg))]
+        kept, fitted = _fitted(tok, data, [p for p, _, _ in scored], [[r] for _, r, _ in scored], cfg,
+                               max_length=length, add_bos=not chat)
+        scored = [(p, cs[0], scored[i][2]) for i, (p, cs) in zip(kept, fitted)]
         collate = functools.partial(collate_scored, tok, max_length=length, add_bos=not chat)
         return BatchIterator(scored, cfg.batch_size, collate, seed=cfg.seed), "scores"
     rendered = _rendered(tok, rows, ["chosen", "rejected"], cfg)
     pairs = preference_pairs(rendered)
     margins = [r.get("margin") for r in rendered]
-    items = [(p, m) for p, m in zip(pairs, margins)]
+    kept, fitted = _fitted(tok, data, [p.prompt for p in pairs], [[p.chosen, p.rejected] for p in pairs], cfg,
+                           max_length=length, add_bos=not chat, names=("chosen", "rejected"))
+    items = [((p, *cs), margins[i]) for i, (p, cs) in zip(kept, fitted)]
 
     def collate(batch):
         ms = [m for _, m in batch]
@@ -359,16 +402,38 @@ def reward_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None)
     return BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed), "pairs"
 
 
+def _fitted_preferences(tok, data, pairs, cfg: DPOTaskConfig, *, max_length: int | None, add_bos: bool) -> list[int]:
+    """Indices of the pairs kept by cfg.overlong, measured as `collate_preferences` builds them ([bos], the
+    prompt's last max_prompt_length tokens, the completion and eos); the texts stay as they are, since a
+    kept pair is either short enough or truncated by the collator the same way ("truncate_completion")."""
+    bos = tok.encode("", add_bos=add_bos, add_eos=False)
+    n = cfg.max_prompt_length
+    examples = []
+    for p in pairs:
+        prompt = tok.encode(p.prompt, add_bos=False, add_eos=False)
+        prompt = prompt[max(len(prompt) - n, 0):] if n is not None else prompt
+        examples.append((bos + prompt, [tok.encode(c, add_bos=False, add_eos=True) for c in (p.chosen, p.rejected)]))
+    kept, _, _ = fit_lengths(examples, max_length=max_length, overlong=cfg.overlong, keep=len(bos),
+                             where=lambda i: row_locator(data)(i), names=("chosen", "rejected"),
+                             allowed=("error", "drop", "truncate_completion"))
+    return kept
+
+
+@_locating
 def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None = None) -> BatchIterator:
     """PreferenceBatch [batch_size, 2, T] (chosen at 0, rejected at 1) from {prompt, chosen, rejected} rows,
     with optional "weight" and "label" columns (per-pair weight, soft label); the prompt is cut from the
-    left to max_prompt_length tokens, then the completion to fit max_length."""
+    left to max_prompt_length tokens, then, with cfg.overlong="truncate_completion", the completion to fit
+    max_length (the collator's own truncation; "error" and "drop" are decided here, when the data set is
+    built, and every policy's count is reported here)."""
     rendered = _rendered(tok, _rows(data), ["chosen", "rejected"], cfg)
     pairs = preference_pairs(rendered)
     chat = _use_chat(tok, cfg)
-    items = [dict(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, weight=r.get("weight"),
-                  label=r.get("label")) for p, r in zip(pairs, rendered)]
-    collate = functools.partial(collate_preferences, tok, max_length=max_length or cfg.max_length,
+    length = max_length or cfg.max_length
+    kept = _fitted_preferences(tok, data, pairs, cfg, max_length=length, add_bos=not chat)
+    items = [dict(prompt=pairs[i].prompt, chosen=pairs[i].chosen, rejected=pairs[i].rejected,
+                  weight=rendered[i].get("weight"), label=rendered[i].get("label")) for i in kept]
+    collate = functools.partial(collate_preferences, tok, max_length=length,
                                 max_prompt_length=cfg.max_prompt_length, add_bos=not chat)
     return BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed)
 
@@ -387,6 +452,7 @@ class _Prompts:
         return self.batches.batch_at(position)
 
 
+@_locating
 def prompt_batches(tok, data, cfg: TaskConfig):
     """RL prompts: an object with batch_at(position) -> PromptBatch(tokens, mask [batch_size, P] left-padded,
     metadata {column: list}) over {prompt, ...} rows; every column but "prompt" is metadata for the reward
