@@ -4,13 +4,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import run_with_devices
 from rljax.data import SequenceBatch
 from rljax.losses import SFTConfig, sft_loss
-from rljax.ops import aggregate
-from rljax.state import OptimizerConfig, create_state, learning_rate_schedule, make_optimizer, make_train_step
+from rljax.ops import LOSS_WEIGHT, aggregate, aggregate_count
+from rljax.state import (OptimizerConfig, TrainState, accumulate_gradients, create_state, learning_rate_schedule,
+                         make_optimizer, make_train_step)
 
 
 def test_aggregate_known_answers():
@@ -167,6 +169,115 @@ def test_gradient_accumulation_equals_one_big_batch(tiny):
         model, base, jax.random.key(0)).params)
     assert max(jax.tree.leaves(moved)) > 1e-3  # the step did something
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s_big.params, s_acc.params)
+
+
+def _counted_batch(counts, seed, T=12, prompt=2):
+    """A SequenceBatch whose rows predict exactly counts[b] tokens (loss_mask from `prompt` on;
+    the first token is never a target, so the shifted mask keeps all of them)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 64, (len(counts), T)).astype(np.int32)
+    loss_mask = np.zeros((len(counts), T), np.int32)
+    for b, c in enumerate(counts):
+        loss_mask[b, prompt:prompt + c] = 1
+    return SequenceBatch(tokens=tokens, attention_mask=np.ones_like(tokens), loss_mask=loss_mask)
+
+
+def _cat(*batches):
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *batches)
+
+
+def test_aggregate_count_is_each_modes_denominator():
+    m = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    assert [float(aggregate_count(m, mode)) for mode in ("token_mean", "seq_mean_token_mean",
+                                                          "seq_mean_token_sum", "constant")] == [4.0, 2.0, 3.0, 3.0]
+    # Σ_m N_m aggregate_m / Σ_m N_m = aggregate of the concatenation, for every mode
+    rng = np.random.default_rng(0)
+    parts = [(rng.normal(size=(r, 6)), (rng.random((r, 6)) < p).astype(np.float32)) for r, p in ((2, 0.2), (5, 0.9))]
+    parts[0][1][1] = 0  # an empty row
+    x, mask = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant"):
+        n = [float(aggregate_count(jnp.asarray(mm), mode)) for _, mm in parts]
+        a = [float(aggregate(jnp.asarray(xx), jnp.asarray(mm), mode, constant=7.0)) for xx, mm in parts]
+        whole = float(aggregate(jnp.asarray(x), jnp.asarray(mask), mode, constant=7.0))
+        assert sum(ni * ai for ni, ai in zip(n, a)) / sum(n) == pytest.approx(whole, rel=1e-5), mode
+
+
+def _accumulate_vs_one_batch(model, params, normalisation, clip_norm):
+    """(params after one step on the whole batch, after accumulating its 2 micro-batches of 3 and 17
+    tokens, after accumulating them with optax.MultiSteps, the initial params)."""
+    loss_fn = functools.partial(sft_loss, model=model, cfg=SFTConfig(normalisation=normalisation))
+    micro = [_counted_batch([1, 2], seed=1), _counted_batch([9, 8], seed=2)]
+    # eps = 1 keeps Adam's first update g / (|g| + 1) sensitive to the gradient's size, and a
+    # small clip_norm makes a clip per micro-batch (instead of once) visible
+    base = OptimizerConfig(lr=10.0, schedule="constant", clip_norm=clip_norm, eps=1.0)
+    init = create_state(model, base, jax.random.key(0), params=params)
+    big, m_big = make_train_step(loss_fn, base, donate=False)(init, _cat(*micro))
+    acc_cfg = OptimizerConfig(lr=10.0, schedule="constant", clip_norm=clip_norm, eps=1.0, grad_accum=2)
+    acc = create_state(model, acc_cfg, jax.random.key(0), params=params)
+    step = make_train_step(loss_fn, acc_cfg)
+    acc, m0 = step(acc, micro[0])
+    assert int(acc.opt_state.micro_step) == 1 and LOSS_WEIGHT not in m0  # popped: the metrics are as before
+    acc, m1 = step(acc, micro[1])
+    assert (float(m0["tokens"]), float(m1["tokens"])) == (3.0, 17.0)
+    # the old accumulation: optax.MultiSteps around the same optimizer (plain mean of micro-gradients)
+    ms = optax.MultiSteps(make_optimizer(base), every_k_schedule=2)
+    old = TrainState(step=jnp.int32(0), params=init.params, opt_state=ms.init(init.params), rng=init.rng,
+                     skipped_steps=jnp.int32(0))
+    old_step = make_train_step(loss_fn, ms, donate=False)
+    for b in micro:
+        old, _ = old_step(old, b)
+    if clip_norm is not None:
+        assert float(m_big["grad_norm"]) > 3 * clip_norm  # clipping was active
+    return big.params, acc.params, old.params, init.params
+
+
+def _max_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))
+
+
+def test_accumulation_of_unequal_micro_batches_equals_one_big_batch(tiny):
+    # token_mean over 3 + 17 tokens, clipped: exact only if the micro-gradients are weighted by their
+    # token counts and the clip applies once, to the accumulated gradient (the other normalisations
+    # rest on the same weighting, checked per mode by test_aggregate_count_is_each_modes_denominator)
+    model, params = tiny
+    big, acc, old, init = _accumulate_vs_one_batch(model, params, "token_mean", clip_norm=0.05)
+    moved = _max_diff(big, init)
+    assert moved > 1e-2  # the step did something
+    assert _max_diff(big, acc) < 1e-4 * moved
+    # MultiSteps weights micro-batches equally: its update misses the one-batch update by a
+    # margin a thousand times the tolerance above (so this test fails on the old accumulation)
+    assert _max_diff(big, old) > 1e-1 * moved
+
+
+def test_accumulation_skips_a_non_finite_micro_batch_and_weight_one_is_multisteps(tiny):
+    model, params = tiny
+    cfg = OptimizerConfig(lr=1.0, schedule="constant", clip_norm=None, eps=1.0, grad_accum=2)
+
+    def loss_fn(params, batch):
+        loss, metrics = sft_loss(params, batch["seq"], model=model, cfg=SFTConfig())
+        return loss * batch["scale"], metrics
+
+    micro = [{"seq": _counted_batch([1, 2], seed=1), "scale": jnp.float32(1.0)},
+             {"seq": _counted_batch([9, 8], seed=2), "scale": jnp.float32(1.0)}]
+    bad = {"seq": micro[1]["seq"], "scale": jnp.float32(jnp.nan)}
+    step = make_train_step(loss_fn, cfg)
+    clean = create_state(model, cfg, jax.random.key(0), params=params)
+    for b in micro:
+        clean, _ = step(clean, b)
+    dirty = create_state(model, cfg, jax.random.key(0), params=params)
+    for b in (micro[0], bad, micro[1]):
+        dirty, _ = step(dirty, b)
+    assert int(dirty.skipped_steps) == 1 and int(dirty.opt_state.micro_step) == 0
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), clean.params, dirty.params)
+    # weight 1 on every micro-batch: the mean of the micro-gradients, as optax.MultiSteps computes it
+    params = {"w": jnp.zeros(3)}
+    inner = optax.sgd(1.0)
+    ours, ms = accumulate_gradients(inner, 2), optax.MultiSteps(inner, 2)
+    s, t = ours.init(params), ms.init(params)
+    for g in (jnp.array([1.0, 2.0, 3.0]), jnp.array([5.0, -2.0, 1.0])):
+        (u, s), (v, t) = ours.update({"w": g}, s, params), ms.update({"w": g}, t, params)
+    np.testing.assert_allclose(u["w"], v["w"], rtol=1e-6)
+    np.testing.assert_allclose(u["w"], [-3.0, 0.0, -2.0])
 
 
 def test_weight_decay_skips_vectors():
