@@ -43,6 +43,17 @@ class OptimizerConfig:
     (`accumulate_gradients`: weighted by each micro-batch's loss count, so the update is the
     one the whole accumulated batch would give; clipping applies once, to that gradient).
 
+    grad_accum = k: k steps (micro-batches) per optimizer update. Micro-batch m's gradient is
+    weighted by the count N_m its loss reports as metrics[LOSS_WEIGHT], and the update uses
+    Σ_m N_m g_m / Σ_m N_m, the gradient of the loss on the k micro-batches together. Who reports
+    what: sft_loss and the RL token losses (reinforce, clip/grpo, cispo, a2c, ppo, the critic's
+    value_loss) report `aggregate_count` of their aggregation (tokens for token_mean, sequences
+    with a counted token for seq_mean_token_mean, rows for seq_mean_token_sum and constant):
+    exact. gspo_loss reports its live rows (exact unless its KL term is aggregated another way).
+    Preference, reward-model, MRT, OREO and TRPO losses report nothing and weigh micro-batches
+    equally, as optax.MultiSteps did: right for their fixed-size micro-batches of pairs or rows
+    (KTO's reference point and MRT's per-group softmax do not split over micro-batches anyway).
+
     Weight decay applies to matrices only (not norms, biases or scalar heads).
     head_lr: peak learning rate of the scalar heads (value, reward), on the same
     schedule; None = lr. A zero-initialised value head on a fine-tuned backbone
