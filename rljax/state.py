@@ -50,9 +50,10 @@ class OptimizerConfig:
     value_loss) report `aggregate_count` of their aggregation (tokens for token_mean, sequences
     with a counted token for seq_mean_token_mean, rows for seq_mean_token_sum and constant):
     exact. gspo_loss reports its live rows (exact unless its KL term is aggregated another way).
-    Preference, reward-model, MRT, OREO and TRPO losses report nothing and weigh micro-batches
+    Preference, reward-model, MRT and OREO losses report nothing and weigh micro-batches
     equally, as optax.MultiSteps did: right for their fixed-size micro-batches of pairs or rows
-    (KTO's reference point and MRT's per-group softmax do not split over micro-batches anyway).
+    (KTO's reference point and MRT's per-group softmax do not split over micro-batches anyway;
+    TRPO's update uses no optimizer).
 
     Weight decay applies to matrices only (not norms, biases or scalar heads).
     head_lr: peak learning rate of the scalar heads (value, reward), on the same
