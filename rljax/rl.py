@@ -67,7 +67,11 @@ class RLConfig:
     algorithm's defaults).
     optimizer: the policy's; its warmup_steps and total_steps count RL iterations (the
     schedule advances by one iteration over the iteration's epochs × minibatches updates).
-    epochs x minibatches: updates per iteration over the sampled rows.
+    epochs x minibatches: updates per iteration over the sampled rows. With
+    optimizer.grad_accum = k each minibatch is a micro-batch and every k of them make one
+    update (weighted by the loss's count, `rljax.state.accumulate_gradients`, so the update
+    equals one on their union); epochs × minibatches must be a multiple of k, so no partial
+    sum is carried into the next iteration's rollouts.
     track_kl: compute the reference's log-probs every iteration to report KL (k1,
     k3) to it even when the algorithm has no KL term (one extra forward pass).
     truncate_prompts: prompts longer than max_seq_len − max_new_tokens keep their
@@ -129,6 +133,16 @@ class RLConfig:
             raise TypeError(f"RLConfig.reward_call: a RewardCallConfig, got {type(self.reward_call).__name__}")
         if self.critic_epochs < 1:
             raise ValueError(f"RLConfig.critic_epochs: must be >= 1, got {self.critic_epochs}")
+        for name, opt, n in (("optimizer", self.optimizer, self.epochs * self.minibatches),
+                             ("critic_optimizer", self.critic_optimizer or self.optimizer,
+                              self.critic_epochs * self.minibatches)):
+            if n % opt.grad_accum:
+                raise ValueError(f"RLConfig.{name}.grad_accum={opt.grad_accum} does not divide the iteration's "
+                                 f"{n} minibatch steps; an accumulation would straddle two iterations' rollouts")
+        if self.target_kl is not None and self.optimizer.grad_accum > 1:
+            # an early stop between micro-batches would leave a partial sum for the next iteration
+            raise ValueError("RLConfig.target_kl: the early stop is checked per minibatch; use it with "
+                             "optimizer.grad_accum = 1")
         if algo.loss.update is not None and (self.epochs, self.minibatches) != (1, 1):
             raise ValueError(f"RLConfig: {algo.name} has its own update rule, one step on the whole batch per "
                              f"iteration; got epochs={self.epochs}, minibatches={self.minibatches}")
@@ -149,7 +163,9 @@ class RLConfig:
 
 
 def _per_iteration(opt: OptimizerConfig, updates: int) -> OptimizerConfig:
-    """The optimizer whose schedule, given in RL iterations, advances over `updates` updates an iteration."""
+    """The optimizer whose schedule, given in RL iterations, advances over `updates` minibatch steps an
+    iteration (updates / grad_accum optimizer updates: the schedule counts those)."""
+    updates //= opt.grad_accum
     if updates == 1:
         return opt
     return dataclasses.replace(opt, warmup_steps=opt.warmup_steps * updates, total_steps=opt.total_steps * updates)

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from rljax.ops.aggregate import LOSS_WEIGHT
 from rljax.sharding import LOGICAL_RULES, batch_sharding, param_shardings, replicated
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -38,7 +39,21 @@ class TrainState:
 @dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW with linear warmup then a constant / cosine / linear schedule,
-    global-norm clipping and optional gradient accumulation (optax.MultiSteps).
+    global-norm clipping and optional gradient accumulation over grad_accum micro-batches
+    (`accumulate_gradients`: weighted by each micro-batch's loss count, so the update is the
+    one the whole accumulated batch would give; clipping applies once, to that gradient).
+
+    grad_accum = k: k steps (micro-batches) per optimizer update. Micro-batch m's gradient is
+    weighted by the count N_m its loss reports as metrics[LOSS_WEIGHT], and the update uses
+    Σ_m N_m g_m / Σ_m N_m, the gradient of the loss on the k micro-batches together. Who reports
+    what: sft_loss and the RL token losses (reinforce, clip/grpo, cispo, a2c, ppo, the critic's
+    value_loss) report `aggregate_count` of their aggregation (tokens for token_mean, sequences
+    with a counted token for seq_mean_token_mean, rows for seq_mean_token_sum and constant):
+    exact. gspo_loss reports its live rows (exact unless its KL term is aggregated another way).
+    Preference, reward-model, MRT and OREO losses report nothing and weigh micro-batches
+    equally, as optax.MultiSteps did: right for their fixed-size micro-batches of pairs or rows
+    (KTO's reference point and MRT's per-group softmax do not split over micro-batches anyway;
+    TRPO's update uses no optimizer).
 
     Weight decay applies to matrices only (not norms, biases or scalar heads).
     head_lr: peak learning rate of the scalar heads (value, reward), on the same
@@ -110,9 +125,72 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
         parts.append(optax.masked(optax.scale(cfg.head_lr / cfg.lr), head_mask))
     opt = optax.chain(*parts)
-    if cfg.grad_accum > 1:
-        opt = optax.MultiSteps(opt, every_k_schedule=cfg.grad_accum)
+    if cfg.grad_accum > 1:  # outermost, so clipping and Adam see the accumulated gradient once
+        opt = accumulate_gradients(opt, cfg.grad_accum)
     return opt
+
+
+class AccumulationState(NamedTuple):
+    """micro_step: micro-batches taken since the last update, 0..k-1; grad_sum: Σ_m w_m g_m
+    (parameter-shaped, so it is sharded like the parameters); weight_sum: Σ_m w_m;
+    inner: the wrapped optimizer's state."""
+
+    micro_step: jax.Array
+    grad_sum: Any
+    weight_sum: jax.Array
+    inner: Any
+
+
+def accumulate_gradients(inner: optax.GradientTransformation, every_k: int) -> optax.GradientTransformationExtraArgs:
+    """Gradient accumulation weighted by each micro-batch's loss count.
+
+    update(g_m, state, params, weight=w_m) adds w_m g_m and w_m to running sums; at every
+    k-th call it hands the inner optimizer ĝ = Σ_m w_m g_m / Σ_m w_m, once, and resets the
+    sums; the other calls return zero updates and leave the inner state as it was.
+
+    With w_m the count N_m a loss is a mean over (`aggregate_count`: tokens for token_mean,
+    rows for sequence means) and g_m = ∇ S_m / N_m, ĝ = ∇ Σ_m S_m / Σ_m N_m: exactly the
+    gradient of the same loss on the k micro-batches concatenated. optax.MultiSteps takes the
+    plain mean (1/k) Σ_m g_m instead, which weights a token of a short micro-batch more than
+    one of a long micro-batch (3 vs 17 tokens: 17/3 times more). weight defaults to 1, which
+    is MultiSteps' equal weighting (exact for losses averaged over equal-sized micro-batches).
+    The count is a count, not a gradient scale, so it carries no gradient.
+    """
+    if every_k < 1:
+        raise ValueError(f"accumulate_gradients: every_k must be >= 1, got {every_k}")
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        # the sums live in float32 whatever the parameters' dtype: Σ w g adds k gradients
+        # scaled by counts in the thousands, where a bfloat16 sum would round each addition
+        return AccumulationState(micro_step=jnp.zeros([], jnp.int32),
+                                 grad_sum=optax.tree.zeros_like(params, dtype=jnp.float32),
+                                 weight_sum=jnp.zeros([], jnp.float32), inner=inner.init(params))
+
+    def update(grads, state: AccumulationState, params=None, *, weight=1.0, **extra_args):
+        w = jax.lax.stop_gradient(jnp.asarray(weight, jnp.float32))
+        grad_sum = jax.tree.map(lambda s, g: s + w * g.astype(jnp.float32), state.grad_sum, grads)
+        weight_sum = state.weight_sum + w
+
+        def emit(_):
+            # Σ w = 0 (no micro-batch counted anything) means Σ w g = 0 too: a zero gradient, not 0/0
+            scale = jnp.where(weight_sum > 0, 1.0 / jnp.where(weight_sum > 0, weight_sum, 1.0), 0.0)
+            mean = jax.tree.map(lambda s, g: (s * scale).astype(g.dtype), grad_sum, grads)
+            updates, inner_state = inner.update(mean, state.inner, params, **extra_args)
+            return updates, AccumulationState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, grad_sum),
+                                              jnp.zeros([], jnp.float32), inner_state)
+
+        def hold(_):
+            # zeros shaped like emit's updates: the inner optimizer may return another dtype
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(emit, None)[0])
+            return (zeros,
+                    AccumulationState(state.micro_step + 1, grad_sum, weight_sum, state.inner))
+
+        # lax.cond, not a select over both: the inner update (Adam's moments, every parameter)
+        # runs only on the k-th micro-step
+        return jax.lax.cond(state.micro_step >= every_k - 1, emit, hold, None)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def state_shardings(model, optimizer: optax.GradientTransformation, mesh: Mesh, rules=LOGICAL_RULES) -> TrainState:
@@ -174,21 +252,37 @@ def apply_loss_gradients(state: TrainState, optimizer: optax.GradientTransformat
     `step` still advances and `skipped_steps` counts it. Returns (new state, metrics with
     loss, grad_norm and skipped). With has_aux_out, loss_fn returns (loss, (metrics, out))
     and `out` (e.g. per-token values another update needs) is returned third.
+
+    metrics[LOSS_WEIGHT], when the loss reports it (the count N its value is a mean over,
+    `rljax.ops.aggregate_count`), is removed from the metrics and weights this micro-batch's
+    gradient under gradient accumulation (`accumulate_gradients`); without it every
+    micro-batch weighs the same.
     """
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     metrics, out = aux if has_aux_out else (aux, None)
-    new_state, metrics = apply_gradients(state, optimizer, loss, grads, metrics)
+    metrics = dict(metrics)
+    weight = metrics.pop(LOSS_WEIGHT, None)  # the loss's count, for exact gradient accumulation
+    new_state, metrics = apply_gradients(state, optimizer, loss, grads, metrics, weight=weight)
     return (new_state, metrics, out) if has_aux_out else (new_state, metrics)
 
 
-def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, loss, grads, metrics: dict):
+def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, loss, grads, metrics: dict,
+                    *, weight=None):
     """The optimizer half of `apply_loss_gradients`, for gradients computed another way (e.g.
     pulled back through a forward pass shared with another update): (new state, metrics
-    with loss, grad_norm and skipped); non-finite loss or gradients leave the state as it was."""
+    with loss, grad_norm and skipped); non-finite loss or gradients leave the state as it was
+    (an accumulating optimizer's sums too, so a skipped micro-batch adds nothing).
+    weight: this micro-batch's weight under gradient accumulation (None: 1)."""
     rng, _ = jax.random.split(state.rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    extra = {}
+    if weight is not None:
+        finite = finite & jnp.isfinite(weight)
+        extra["weight"] = weight
+    # extra-args support: plain optimizers (optax.sgd, a chain without accumulation) ignore `weight`
+    updates, opt_state = optax.with_extra_args_support(optimizer).update(grads, state.opt_state, state.params,
+                                                                         **extra)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = TrainState(

@@ -92,3 +92,23 @@ def test_atomic_path_replaces_whole_or_leaves_the_old_file(tmp_path):
     with atomic_path(str(path)) as tmp, open(tmp, "w") as f:
         f.write("new")
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["data.json"]
+
+
+def test_round_trip_keeps_a_partial_gradient_accumulation(tiny, tmp_path):
+    # mid-accumulation (1 of 2 micro-batches taken), the weighted sum and count are state: a resume
+    # must finish the same update
+    from rljax.state import make_optimizer
+
+    model, params = tiny
+    opt = OptimizerConfig(lr=1e-2, grad_accum=2)
+    tx = make_optimizer(opt)
+    state = create_state(model, opt, jax.random.key(0), params=params)
+    grads = jax.tree.map(lambda p: jax.numpy.full(p.shape, 0.5, p.dtype), params)
+    _, opt_state = tx.update(grads, state.opt_state, state.params, weight=7.0)
+    state = state.replace(opt_state=opt_state)
+    assert int(opt_state.micro_step) == 1 and float(opt_state.weight_sum) == 7.0
+    with Checkpointer(str(tmp_path / "ckpt"), keep=1) as ck:
+        ck.save(state, {})
+        ck.wait()
+        restored, _ = ck.restore(create_state(model, opt, jax.random.key(1), params=params))
+    _assert_same(restored.opt_state, state.opt_state)

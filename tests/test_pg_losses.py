@@ -146,3 +146,39 @@ def test_padding_and_masked_positions_do_not_matter(tiny):
         assert float(a) == pytest.approx(float(c), rel=1e-6)
     with pytest.raises(ValueError, match="ref_logprobs"):
         reinforce_loss(params, b.replace(ref_logprobs=None), model=model, cfg=ReinforceConfig(kl_coef=0.1))
+
+
+def test_accumulated_minibatches_equal_one_update_on_the_whole_batch(tiny):
+    # RL's epochs x minibatches with grad_accum = minibatches: the micro-batches' gradients, weighted
+    # by their token counts (token_mean), make the one update of the whole batch, however the
+    # permutation splits rows of 1 to 4 completion tokens
+    import functools
+
+    from rljax.rl import RLConfig, _optimizer_step, scan_updates
+    from rljax.state import OptimizerConfig, create_state, make_optimizer
+
+    model, params = tiny
+    b, _ = _batch(model, params)
+    loss_mask = np.asarray(b.loss_mask).copy()
+    for row, keep in enumerate([1, 4, 2, 4, 1, 3]):  # completion tokens per row (all rows have 4)
+        loss_mask[row, 6 + keep:] = 0
+    b = b.replace(loss_mask=loss_mask)
+    loss = functools.partial(grpo_loss, model=model, cfg=GRPOConfig(aggregation="token_mean", kl_coef=0.0))
+
+    def run(minibatches, grad_accum):
+        cfg = OptimizerConfig(lr=10.0, schedule="constant", clip_norm=None, eps=1.0, grad_accum=grad_accum)
+        state = create_state(model, cfg, jax.random.key(0), params=params)
+        step = _optimizer_step(make_optimizer(cfg), loss)
+        state, _, made = jax.jit(lambda s, x: scan_updates(step, s, x, jax.random.key(3), epochs=1,
+                                                           minibatches=minibatches))(state, b)
+        assert int(made) == minibatches
+        return state.params
+
+    whole, acc = run(1, 1), run(2, 2)
+    moved = max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(params)))
+    diff = max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(acc)))
+    assert moved > 1e-2 and diff < 1e-4 * moved
+    with pytest.raises(ValueError, match="grad_accum"):
+        RLConfig(optimizer=OptimizerConfig(grad_accum=2), minibatches=3)
+    with pytest.raises(ValueError, match="target_kl"):
+        RLConfig(algorithm="ppo", optimizer=OptimizerConfig(grad_accum=2), minibatches=2, target_kl=0.01)

@@ -4,13 +4,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import run_with_devices
 from rljax.data import SequenceBatch
 from rljax.losses import SFTConfig, sft_loss
-from rljax.ops import aggregate
-from rljax.state import OptimizerConfig, create_state, learning_rate_schedule, make_optimizer, make_train_step
+from rljax.ops import LOSS_WEIGHT, aggregate, aggregate_count
+from rljax.state import (OptimizerConfig, TrainState, accumulate_gradients, apply_gradients, create_state,
+                         learning_rate_schedule, make_optimizer, make_train_step)
 
 
 def test_aggregate_known_answers():
@@ -167,6 +169,111 @@ def test_gradient_accumulation_equals_one_big_batch(tiny):
         model, base, jax.random.key(0)).params)
     assert max(jax.tree.leaves(moved)) > 1e-3  # the step did something
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s_big.params, s_acc.params)
+
+
+def _rows(counts, seed, T=20, prompt=2):
+    """A SequenceBatch whose row b predicts exactly counts[b] tokens (loss_mask from `prompt` on;
+    the first token is never a target, so the shifted mask keeps all of them); 0 = a padding row."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 64, (len(counts), T)).astype(np.int32)
+    loss_mask = np.zeros((len(counts), T), np.int32)
+    for b, c in enumerate(counts):
+        loss_mask[b, prompt:prompt + c] = 1
+    return SequenceBatch(tokens=tokens, attention_mask=np.ones_like(tokens), loss_mask=loss_mask)
+
+
+def _cat(*batches):
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *batches)
+
+
+def test_aggregate_count_is_each_modes_denominator():
+    m = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    assert [float(aggregate_count(m, mode)) for mode in ("token_mean", "seq_mean_token_mean",
+                                                          "seq_mean_token_sum", "constant")] == [4.0, 2.0, 3.0, 3.0]
+    # Σ_m N_m aggregate_m / Σ_m N_m = aggregate of the concatenation, for every mode
+    rng = np.random.default_rng(0)
+    parts = [(rng.normal(size=(r, 6)), (rng.random((r, 6)) < p).astype(np.float32)) for r, p in ((2, 0.2), (5, 0.9))]
+    parts[0][1][1] = 0  # an empty row
+    x, mask = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant"):
+        n = [float(aggregate_count(jnp.asarray(mm), mode)) for _, mm in parts]
+        a = [float(aggregate(jnp.asarray(xx), jnp.asarray(mm), mode, constant=7.0)) for xx, mm in parts]
+        whole = float(aggregate(jnp.asarray(x), jnp.asarray(mask), mode, constant=7.0))
+        assert sum(ni * ai for ni, ai in zip(n, a)) / sum(n) == pytest.approx(whole, rel=1e-5), mode
+
+
+def _max_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))
+
+
+def test_accumulation_of_unequal_micro_batches_equals_one_big_batch(tiny):
+    """Micro-batches of 3 and 17 tokens (token_mean, clipped): accumulating them must give the update
+    of one step on both, which needs the micro-gradients weighted by their token counts and the clip
+    applied once, to the accumulated gradient. A non-finite micro-batch in between is skipped."""
+    model, params = tiny
+
+    def loss_fn(p, batch):
+        loss, metrics = sft_loss(p, batch["seq"], model=model, cfg=SFTConfig())
+        return loss * batch["scale"], metrics
+
+    one = jnp.float32(1.0)
+    # every batch is [2, 20] (a padding row where needed), so the forward and backward compile once
+    micro = [{"seq": _rows([3, 0], seed=1), "scale": one}, {"seq": _rows([17, 0], seed=2), "scale": one}]
+    whole = {"seq": _cat(*(jax.tree.map(lambda x: x[:1], b["seq"]) for b in micro)), "scale": one}
+    bad = {"seq": micro[1]["seq"], "scale": jnp.float32(jnp.nan)}
+    # eps = 1 keeps Adam's first update g / (|g| + 1) sensitive to the gradient's size, and a
+    # small clip_norm makes a clip per micro-batch (instead of once) visible
+    base = OptimizerConfig(lr=10.0, schedule="constant", clip_norm=0.05, eps=1.0)
+    acc_cfg = OptimizerConfig(lr=10.0, schedule="constant", clip_norm=0.05, eps=1.0, grad_accum=2)
+
+    step = make_train_step(loss_fn, acc_cfg)
+    acc = create_state(model, acc_cfg, jax.random.key(0), params=params)
+    counts = []
+    for b in (micro[0], bad, micro[1]):
+        acc, m = step(acc, b)
+        assert LOSS_WEIGHT not in m  # popped: the step's metrics are as before
+        counts.append(float(m["tokens"]))
+    assert counts == [3.0, 17.0, 17.0] and int(acc.skipped_steps) == 1 and int(acc.opt_state.micro_step) == 0
+
+    # the references share one compiled forward and backward; only the optimizer differs
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+
+    def run(optimizer, batches):
+        state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+                           rng=jax.random.key(0), skipped_steps=jnp.int32(0))
+        update = jax.jit(functools.partial(apply_gradients, optimizer=optimizer))
+        for b in batches:
+            (loss, metrics), grads = grad_fn(state.params, b)
+            state, m = update(state, loss=loss, grads=grads, metrics={}, weight=metrics[LOSS_WEIGHT])
+        return state.params, float(m["grad_norm"])
+
+    big, grad_norm = run(make_optimizer(base), [whole])
+    assert grad_norm > 3 * base.clip_norm  # clipping was active
+    old, _ = run(optax.MultiSteps(make_optimizer(base), every_k_schedule=2), micro)  # the old accumulation
+    moved = _max_diff(big, params)
+    assert moved > 1e-2  # the step did something
+    assert _max_diff(big, acc.params) < 1e-4 * moved
+    # MultiSteps weights micro-batches equally: its update misses the one-batch update by a
+    # margin a thousand times the tolerance above (so this test fails on the old accumulation)
+    assert _max_diff(big, old) > 1e-1 * moved
+
+
+def test_accumulation_with_unit_weights_is_multisteps():
+    # weight 1 on every micro-batch (a loss that reports no count): the mean of the micro-gradients,
+    # as optax.MultiSteps computes it; a weight of 0 counts nothing
+    params = {"w": jnp.zeros(3)}
+    ours, ms = accumulate_gradients(optax.sgd(1.0), 2), optax.MultiSteps(optax.sgd(1.0), 2)
+    s, t = ours.init(params), ms.init(params)
+    for g in (jnp.array([1.0, 2.0, 3.0]), jnp.array([5.0, -2.0, 1.0])):
+        (u, s), (v, t) = ours.update({"w": g}, s, params), ms.update({"w": g}, t, params)
+    np.testing.assert_allclose(u["w"], v["w"], rtol=1e-6)
+    np.testing.assert_allclose(u["w"], [-3.0, 0.0, -2.0])
+    (u, s) = ours.update({"w": jnp.array([1.0, 1.0, 1.0])}, s, params, weight=3.0)
+    np.testing.assert_allclose(u["w"], 0.0)
+    u, s = ours.update({"w": jnp.array([9.0, 9.0, 9.0])}, s, params, weight=0.0)
+    np.testing.assert_allclose(u["w"], [-1.0, -1.0, -1.0])  # (3·1 + 0·9) / 3
+    with pytest.raises(ValueError, match="every_k"):
+        accumulate_gradients(optax.sgd(1.0), 0)
 
 
 def test_weight_decay_skips_vectors():

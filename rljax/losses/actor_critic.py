@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from rljax.data.batch import PolicyBatch
 from rljax.models import add_head
 from rljax.models.logprobs import head_token_stats, target_mask
-from rljax.ops.aggregate import AGGREGATIONS, aggregate
+from rljax.ops.aggregate import AGGREGATIONS, LOSS_WEIGHT, aggregate, aggregate_count
 from rljax.ops.surrogates import clipped_surrogate
 
 
@@ -121,7 +121,8 @@ def value_loss(params, batch: PolicyBatch, *, model, cfg):
     values = token_values(params, batch.tokens, batch.attention_mask, model=model)
     mask = target_mask(batch.loss_mask, batch.attention_mask)
     err = aggregate(_value_error(values, batch, cfg.value_clip), mask, cfg.aggregation)
-    return err, {"value_loss": err, "value_mean": aggregate(values, mask, "token_mean")}
+    return err, {"value_loss": err, "value_mean": aggregate(values, mask, "token_mean"),
+                 LOSS_WEIGHT: aggregate_count(mask, cfg.aggregation)}
 
 
 def _critic_term(values, batch, cfg, mask, value_clip):
@@ -161,7 +162,7 @@ def a2c_loss(params, batch: PolicyBatch, *, model, cfg: A2CConfig):
     entropy = aggregate(ent, mask, cfg.aggregation)
     loss = actor + critic - cfg.entropy_coef * entropy
     return loss, {"actor_loss": actor, "entropy": entropy, "approx_kl": approx_kl(lp, batch.old_logprobs, mask),
-                  **critic_metrics, **metrics}
+                  **critic_metrics, **metrics, LOSS_WEIGHT: aggregate_count(mask, cfg.aggregation)}
 
 
 def ppo_loss(params, batch: PolicyBatch, *, model, cfg: PPOConfig):
@@ -172,4 +173,5 @@ def ppo_loss(params, batch: PolicyBatch, *, model, cfg: PPOConfig):
     entropy = aggregate(ent, mask, cfg.aggregation)
     loss = actor + critic - cfg.entropy_coef * entropy
     return loss, {"actor_loss": actor, "entropy": entropy, "clip_fraction": aggregate(clipped, mask, "token_mean"),
-                  "approx_kl": approx_kl(lp, batch.old_logprobs, mask), **critic_metrics}
+                  "approx_kl": approx_kl(lp, batch.old_logprobs, mask), **critic_metrics,
+                  LOSS_WEIGHT: aggregate_count(mask, cfg.aggregation)}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from rljax.data.batch import PolicyBatch
 from rljax.losses.policy_gradient import _kl_terms, _policy_terms, _validate_common
-from rljax.ops.aggregate import aggregate
+from rljax.ops.aggregate import LOSS_WEIGHT, aggregate, aggregate_count
 from rljax.ops.kl import importance_weighted
 from rljax.ops.surrogates import clipped_is_weight, clipped_surrogate, sequence_clipped_surrogate, sequence_ratio
 
@@ -60,7 +60,8 @@ def grpo_loss(params, batch: PolicyBatch, *, model, cfg: GRPOConfig):
     ratio = jnp.exp(lp - batch.old_logprobs)
     return loss, {"clip_fraction": aggregate(clipped, mask, "token_mean"),
                   "ratio_mean": aggregate(ratio, mask, "token_mean"),
-                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics}
+                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics,
+                  LOSS_WEIGHT: aggregate_count(mask, cfg.aggregation)}
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,14 @@ def gspo_loss(params, batch: PolicyBatch, *, model, cfg: GSPOConfig):
 
     kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
     loss = row_mean(per_seq) + cfg.kl_coef * aggregate(kl, mask, cfg.aggregation, constant=cfg.constant)
-    return loss, {"clip_fraction": row_mean(clipped),
-                  "ratio_mean": row_mean(sequence_ratio(lp, batch.old_logprobs, mask)),
-                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics}
+    metrics = {"clip_fraction": row_mean(clipped),
+               "ratio_mean": row_mean(sequence_ratio(lp, batch.old_logprobs, mask)),
+               "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics}
+    # a mean over live rows; with a KL term aggregated another way the loss has two denominators
+    # and no one count makes accumulation exact, so it is left at equal micro-batch weights
+    if cfg.kl_coef == 0 or cfg.aggregation == "seq_mean_token_mean":
+        metrics[LOSS_WEIGHT] = live.sum()
+    return loss, metrics
 
 
 @dataclass(frozen=True)
@@ -131,4 +137,5 @@ def cispo_loss(params, batch: PolicyBatch, *, model, cfg: CISPOConfig):
     loss = aggregate(pg + cfg.kl_coef * kl, mask, cfg.aggregation, constant=cfg.constant)
     return loss, {"clip_fraction": aggregate(clipped, mask, "token_mean"),
                   "ratio_mean": aggregate(jnp.exp(lp - batch.old_logprobs), mask, "token_mean"),
-                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics}
+                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics,
+                  LOSS_WEIGHT: aggregate_count(mask, cfg.aggregation)}

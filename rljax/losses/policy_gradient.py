@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from rljax.data.batch import PolicyBatch
 from rljax.models.logprobs import sequence_token_stats, target_mask
-from rljax.ops.aggregate import AGGREGATIONS, aggregate
+from rljax.ops.aggregate import AGGREGATIONS, LOSS_WEIGHT, aggregate, aggregate_count
 from rljax.ops.kl import KL_ESTIMATORS, kl_k1, kl_k3
 
 def _validate_common(cfg):
@@ -83,7 +83,8 @@ def reinforce_loss(params, batch: PolicyBatch, *, model, cfg: ReinforceConfig):
     kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
     loss = aggregate(pg + cfg.kl_coef * kl, mask, cfg.aggregation, constant=cfg.constant)
     return loss, {"pg_loss": aggregate(pg, mask, cfg.aggregation, constant=cfg.constant),
-                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics}
+                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics,
+                  LOSS_WEIGHT: aggregate_count(mask, cfg.aggregation)}
 
 
 # ----------------------------------------------------------------------------- MRT

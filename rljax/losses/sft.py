@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from rljax.data.batch import SequenceBatch
 from rljax.models.logprobs import sequence_token_stats, target_mask
-from rljax.ops.aggregate import AGGREGATIONS, aggregate
+from rljax.ops.aggregate import AGGREGATIONS, LOSS_WEIGHT, aggregate, aggregate_count
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,9 @@ def sft_loss(params, batch: SequenceBatch, *, model, cfg: SFTConfig):
 
     batch: tokens, attention_mask, loss_mask [B, T] (+ segment_ids, positions for
     packing). The prediction of token t+1 counts where loss_mask[t+1] = 1 and, when
-    packed, tokens t and t+1 belong to the same segment. Returns (loss, metrics).
+    packed, tokens t and t+1 belong to the same segment. Returns (loss, metrics);
+    metrics[LOSS_WEIGHT] = aggregate_count(mask, normalisation), the count N with
+    L = S / N, which makes gradient accumulation exact for every normalisation.
     """
     chex.assert_equal_shape([batch.tokens, batch.attention_mask, batch.loss_mask])
     stats = ("logprobs", "mean_logprob") if cfg.label_smoothing > 0 else ("logprobs",)
@@ -55,5 +57,8 @@ def sft_loss(params, batch: SequenceBatch, *, model, cfg: SFTConfig):
         "loss": loss,
         "nll": aggregate(nll, mask, "token_mean"),
         "tokens": n_tokens.astype(jnp.float32),
+        # what the loss is a mean over (tokens for token_mean), so accumulated micro-batches
+        # weigh as they would in one batch
+        LOSS_WEIGHT: aggregate_count(mask, cfg.normalisation),
     }
     return loss, metrics

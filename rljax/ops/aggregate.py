@@ -6,6 +6,9 @@ import jax
 import jax.numpy as jnp
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
+# The metrics key under which a loss reports the count its value is a mean over (`aggregate_count`);
+# the train step pops it and weights the micro-batch's gradient by it under gradient accumulation.
+LOSS_WEIGHT = "loss_weight"
 
 
 def aggregate(x: jax.Array, mask: jax.Array, mode: str, *, constant: float | None = None) -> jax.Array:
@@ -35,4 +38,29 @@ def aggregate(x: jax.Array, mask: jax.Array, mode: str, *, constant: float | Non
         if constant is None or constant <= 0:
             raise ValueError(f"aggregate mode 'constant' needs a positive constant, got {constant}")
         return x.sum() / (x.shape[0] * constant)
+    raise ValueError(f"unknown aggregation {mode!r}; choose from {AGGREGATIONS}")
+
+
+def aggregate_count(mask: jax.Array, mode: str) -> jax.Array:
+    """N, the count that `aggregate(x, mask, mode)` divides a sum by (float32 scalar):
+
+      token_mean:           Σ_{b,t} m                       (tokens)
+      seq_mean_token_mean:  #{b : Σ_t m_{b,t} > 0}          (sequences with a counted token)
+      seq_mean_token_sum:   B                               (rows)
+      constant:             B                               (the constant is the same for every batch)
+
+    So aggregate = S / N with S a sum over rows or tokens, and over micro-batches m
+    Σ_m N_m aggregate_m / Σ_m N_m = Σ_m S_m / Σ_m N_m is the aggregate of the whole batch;
+    gradient accumulation weights micro-batch gradients by N for this reason. (For
+    token_mean, `aggregate` divides by max(N, 1): exact whenever the whole batch counts at
+    least one token.)
+    """
+    chex.assert_rank(mask, 2)
+    m = mask.astype(jnp.float32)
+    if mode == "token_mean":
+        return m.sum()
+    if mode == "seq_mean_token_mean":
+        return (m.sum(axis=1) > 0).astype(jnp.float32).sum()
+    if mode in ("seq_mean_token_sum", "constant"):
+        return jnp.float32(mask.shape[0])
     raise ValueError(f"unknown aggregation {mode!r}; choose from {AGGREGATIONS}")
