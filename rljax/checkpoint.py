@@ -214,6 +214,12 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # The name of the barrier that ends orbax's (0.12) restore: its async checkpointer turns a
+        # None key prefix into "", the synchronous one keeps None (no prefix).
+        prefix = options.multiprocessing_options.barrier_sync_key_prefix
+        if async_save and prefix is None:
+            prefix = ""
+        self._restore_barrier = "Checkpointer:restore" if prefix is None else f"{prefix}_Checkpointer:restore"
 
     def latest_step(self) -> int | None:
         """The newest step on disk, not yet checked for damage; after `restore()` fell back it is the
@@ -288,6 +294,10 @@ class Checkpointer:
             raise
         except Exception as e:  # noqa: BLE001 - any failure to read a step means it cannot be used
             error = e
+            if jax.process_count() > 1:
+                # orbax's restore ends at a barrier where the processes that read their shards now
+                # wait; one that failed meets them there, then all take part in the agreement below.
+                ocp.multihost.sync_global_processes(self._restore_barrier)
         if not _everywhere(error is None):
             reason = _one_line(error) if error is not None else "unreadable on another process"
             missing = [f for f in _EXPECTED_FILES if not os.path.exists(os.path.join(path, f))]
