@@ -272,10 +272,9 @@ class Checkpointer:
                 warnings.warn(f"{e}; trying the previous checkpoint", DamagedCheckpointWarning, stacklevel=2)
                 continue
             if damaged:
-                self._set_aside([p for e in damaged for p in e.paths])
-                warnings.warn(f"restored {self.step_path(s)} instead; the damaged "
-                              f"{', '.join(p for e in damaged for p in e.paths)} renamed *.damaged",
-                              DamagedCheckpointWarning, stacklevel=2)
+                moved = self._set_aside([p for e in damaged for p in e.paths])
+                warnings.warn(f"restored {self.step_path(s)} instead; damaged, renamed: "
+                              + ", ".join(f"{a} -> {b}" for a, b in moved), DamagedCheckpointWarning, stacklevel=2)
             return restored
         raise DamagedCheckpointError(
             f"no checkpoint in {self.directory} can be restored, every step is damaged or unreadable: "
@@ -315,19 +314,25 @@ class Checkpointer:
                     f"({found[:16]}... != {expected[:16]}...)", paths=[path])
         return _from_saved(out.state, target), meta
 
-    def _set_aside(self, paths: list[str]) -> None:
+    def _set_aside(self, paths: list[str]) -> list[tuple[str, str]]:
         """Rename each damaged step directory to `<step>.damaged` (`.damaged-2`, ... if taken): orbax
         no longer lists it, a new save of that step does not collide with it, and `keep` counts
-        only good steps. One process renames; all wait for it and re-read the step list."""
+        only good steps. One process renames; all wait for it and re-read the step list.
+        Returns the (old, new) names."""
+        moved = []
+        for path in paths:
+            new, n = f"{path}.damaged", 1
+            while os.path.exists(new):
+                n += 1
+                new = f"{path}.damaged-{n}"
+            moved.append((path, new))
+        distributed.sync("rljax.checkpoint: damaged steps named")  # all chose their names before one renames
         if jax.process_index() == 0:
-            for path in paths:
-                new, n = f"{path}.damaged", 1
-                while os.path.exists(new):
-                    n += 1
-                    new = f"{path}.damaged-{n}"
+            for path, new in moved:
                 os.rename(path, new)
         distributed.sync("rljax.checkpoint: damaged steps set aside")
         self._manager.reload()
+        return moved
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

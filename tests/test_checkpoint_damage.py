@@ -105,8 +105,9 @@ def test_damaged_latest_falls_back_to_the_previous_step(tmp_path, kind):
         with pytest.warns(DamagedCheckpointWarning) as caught:
             state, meta = ck.restore(_target())
         _assert_is_step(state, meta, 2)
-        first = str(caught[0].message)
+        first, second = (str(w.message) for w in caught)
         assert first.startswith(f"checkpoint {bad} is damaged") and reason in first and "\n" not in first
+        assert second == f"restored {d / '2'} instead; damaged, renamed: {bad} -> {bad}.damaged"
         # set aside, not picked again: the step list and latest_step now name good steps only
         assert ck.latest_step() == 2 and ck.all_steps() == [1, 2]
     assert sorted(os.listdir(d)) == ["1", "2", "3.damaged"]
