@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import warnings
 from typing import Any
@@ -144,7 +145,13 @@ def state_digest(state) -> str:
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
-_DIGEST_KEY = "_rljax_state_digest"  # in the JSON meta; removed before restore returns the meta
+# In the JSON meta, removed before restore returns it: {"state": state_digest(state), "meta": sha256
+# of the caller's meta as JSON}, so a changed data position is caught as well as changed arrays.
+_DIGEST_KEY = "_rljax_digest"
+
+
+def _meta_digest(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 class DamagedCheckpointError(RuntimeError):
@@ -174,10 +181,10 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-# Files orbax (0.12) writes in every step, relative to the step directory: a missing one is named
-# first, because orbax's own error for it can be far from the cause (a lost state/_METADATA
+# Files orbax (0.12) writes in every step and needs to restore it, relative to the step directory: a
+# missing one is named first, because orbax's own error for it can be far from the cause (a lost state/_METADATA
 # surfaces as a pytree structure error).
-_EXPECTED_FILES = ("_CHECKPOINT_METADATA", os.path.join("state", "_METADATA"),
+_EXPECTED_FILES = (os.path.join("state", "_METADATA"),
                    os.path.join("state", "manifest.ocdbt"), os.path.join("meta", "metadata"))
 
 
@@ -236,15 +243,15 @@ class Checkpointer:
     def save(self, state, meta: dict[str, Any] | None = None, *, step: int | None = None,
              force: bool = False) -> bool:
         """Start saving `state` (and JSON-able `meta`, e.g. the data position) at `step`
-        (default: state.step), with `state_digest(state)` in the meta for restore to check.
+        (default: state.step), with digests of both in the meta for restore to check.
         Returns at once; `wait()` blocks until written."""
         meta = dict(meta or {})
         if _DIGEST_KEY in meta:
-            raise ValueError(f"Checkpointer.save: meta key {_DIGEST_KEY!r} is reserved for the state digest")
+            raise ValueError(f"Checkpointer.save: meta key {_DIGEST_KEY!r} is reserved for the digests")
         step = int(jax.device_get(state.step)) if step is None else int(step)
         if not force and not self._manager.should_save(step):
             return False  # as orbax would answer, without computing the digest
-        meta[_DIGEST_KEY] = state_digest(state)
+        meta[_DIGEST_KEY] = {"state": state_digest(state), "meta": _meta_digest(meta)}
         return self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta)), force=force)
 
@@ -257,6 +264,8 @@ class Checkpointer:
         when it is damaged (no fallback: the caller asked for that one). Checkpoints written
         before digests were saved are read without the digest check."""
         if step is not None:
+            if int(step) not in self.all_steps():
+                raise FileNotFoundError(f"no checkpoint of step {int(step)} in {self.directory}")
             return self._restore_step(target, int(step))
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
@@ -306,12 +315,15 @@ class Checkpointer:
                                          paths=[path]) from error
         meta = dict(out.meta or {})
         expected = meta.pop(_DIGEST_KEY, None)
-        if expected is not None:
+        if expected is not None:  # None: saved before digests were
             found = state_digest(out.state)
-            if found != expected:
+            if found != expected.get("state"):
                 raise DamagedCheckpointError(
                     f"checkpoint {path} is damaged: the arrays read differ from the digest saved with them "
-                    f"({found[:16]}... != {expected[:16]}...)", paths=[path])
+                    f"({found[:16]}... != {str(expected.get('state'))[:16]}...)", paths=[path])
+            if _meta_digest(meta) != expected.get("meta"):
+                raise DamagedCheckpointError(f"checkpoint {path} is damaged: its meta ({meta}) differs from the "
+                                             "digest saved with it", paths=[path])
         return _from_saved(out.state, target), meta
 
     def _set_aside(self, paths: list[str]) -> list[tuple[str, str]]:

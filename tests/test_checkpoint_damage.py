@@ -1,5 +1,5 @@
 """Damaged checkpoints: each kind of damage (truncated, deleted data file, lost _METADATA, bytes
-overwritten inside a data file) is named in one line, and restore falls back to the previous step
+overwritten inside a data file, a changed meta) is named in one line, and restore falls back to the previous step
 with exactly the values saved there, or raises when asked; training then saves on as usual."""
 import glob
 import os
@@ -169,6 +169,17 @@ def test_training_saves_on_after_a_fallback(tmp_path):
     with Checkpointer(str(d)) as ck, pytest.warns(DamagedCheckpointWarning):
         _assert_is_step(*ck.restore(_target()), 4)
     assert sorted(os.listdir(d)) == ["3", "3.damaged", "4", "5.damaged"]
+
+
+def test_a_changed_data_position_in_the_meta_is_damage(tmp_path):
+    d = tmp_path / "ckpt"
+    _save(d, [1, 2])
+    f = d / "2" / "meta" / "metadata"
+    f.write_text(f.read_text().replace('"data_position": 2', '"data_position": 7'))  # still valid JSON
+    with Checkpointer(str(d)) as ck, pytest.warns(DamagedCheckpointWarning) as caught:
+        _assert_is_step(*ck.restore(_target()), 1)
+    assert str(caught[0].message).startswith(
+        f"checkpoint {d / '2'} is damaged: its meta ({{'data_position': 7}}) differs from the digest saved with it")
 
 
 def test_digest_sees_one_changed_element_and_not_the_layout():
