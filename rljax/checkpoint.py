@@ -12,9 +12,9 @@ Damaged checkpoints. Orbax renames a step directory only when it is complete, bu
 nothing stops the files from being damaged later (a truncated or deleted file, a lost
 metadata file, bit rot), and orbax either fails with a long traceback or, for bytes
 changed inside a data file, restores wrong numbers silently. So every save also records
-a digest of the state's values (`state_digest`) in the JSON meta, and `restore`
-recomputes it from the arrays it read. A step that cannot be read, or whose digest
-differs, is damaged: `restore()` names it in one line and falls back to the previous
+a digest of the state's values (`state_digest`, computed on the devices) and of the meta
+in the JSON meta, and `restore` recomputes both from what it read. A step that cannot be
+read, or whose digests differ, is damaged: `restore()` names it in one line and falls back to the previous
 step (`on_damaged="fallback"`, the default; the damaged directory is renamed to
 `<step>.damaged`, kept for inspection and never picked again) or raises
 `DamagedCheckpointError` (`on_damaged="raise"`). It never returns damaged state.

