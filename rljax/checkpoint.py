@@ -7,16 +7,33 @@ orbax writes each step into a temporary directory that is renamed only when
 complete, so a run killed mid-save never leaves a partial checkpoint that
 `latest_step` would pick. Restore places every array on the shardings of an
 abstract target, i.e. onto the current mesh, whatever mesh wrote it.
+
+Damaged checkpoints. Orbax renames a step directory only when it is complete, but
+nothing stops the files from being damaged later (a truncated or deleted file, a lost
+metadata file, bit rot), and orbax either fails with a long traceback or, for bytes
+changed inside a data file, restores wrong numbers silently. So every save also records
+a digest of the state's values (`state_digest`, computed on the devices) and of the meta
+in the JSON meta, and `restore` recomputes both from what it read. A step that cannot be
+read, or whose digests differ, is damaged: `restore()` names it in one line and falls back to the previous
+step (`on_damaged="fallback"`, the default; the damaged directory is renamed to
+`<step>.damaged`, kept for inspection and never picked again) or raises
+`DamagedCheckpointError` (`on_damaged="raise"`). It never returns damaged state.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from rljax import distributed
 
 
 @contextlib.contextmanager
@@ -61,38 +78,273 @@ def _abstract(target):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _to_saveable(target))
 
 
-class Checkpointer:
-    """`Checkpointer(directory, keep=3)`; `save(state, meta)`, `restore(target)`, `latest_step()`."""
+# ----------------------------------------------------------------------------- digest of a state
+# Odd multipliers (Knuth's golden-ratio constant and two MurmurHash3 finaliser constants).
+_M1, _M2, _M3 = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+
+def _words(x):
+    """The bits of array `x` as uint32 words: one per element, two per element of an 8-byte type
+    (a trailing axis of 2); bool and sub-byte integers are widened first."""
+    dt = x.dtype
+    if dt == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if jnp.issubdtype(dt, jnp.complexfloating):
+        return _words(jnp.stack([x.real, x.imag], axis=-1))
+    if jnp.issubdtype(dt, jnp.integer) and jnp.iinfo(dt).bits < 8:  # int4, uint4, ...: exact in int32
+        return jax.lax.bitcast_convert_type(x.astype(jnp.int32), jnp.uint32)
+    if dt.itemsize in (4, 8):
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}[dt.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_sums(x):
+    """Two position-weighted sums, mod 2**32, of the words of `x`: [sum w_i * x_i, sum v_i * mix(x_i)].
+
+    Integer sums are exact whatever the order, so the result does not depend on how the array
+    is sharded or which mesh holds it, and XLA computes it on the devices (a reduction, with
+    collectives across processes when the array spans them). The weights are odd, hence
+    invertible mod 2**32, so a change to any one element always changes both sums; the
+    position in the weights makes swapped elements count too. Not a cryptographic hash: it
+    detects damage, not deliberate forgery."""
+    w = _words(x)
+    idx = jnp.zeros(w.shape, jnp.uint32)  # row-major flat position, without a reshape (which could reshard)
+    for d, n in enumerate(w.shape):
+        idx = idx * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d)
+    mixed = (w ^ (w >> 16)) * jnp.uint32(_M3)
+    mixed = mixed ^ (mixed >> 13)
+    s1 = jnp.sum(w * (idx * jnp.uint32((2 * _M1) % 2**32) + 1), dtype=jnp.uint32)
+    s2 = jnp.sum(mixed * (idx * jnp.uint32((2 * _M2) % 2**32) + 1), dtype=jnp.uint32)
+    return jnp.stack([s1, s2])
+
+
+_all_leaf_sums = jax.jit(lambda leaves: [_leaf_sums(x) for x in leaves])
+
+
+def state_digest(state) -> str:
+    """A digest of every array of `state`: its path, dtype, shape and two 32-bit position-weighted
+    sums of its bits, hashed together with sha256 ("fp1:<hex>").
+
+    Checkpointer.save stores it with each checkpoint and restore compares it with the arrays it
+    read. Why sums computed on the devices rather than sha256 over the bytes on the host
+    (`digest_params`) or over the checkpoint's files: the sums need no copy of the state to the
+    host, on many processes each holding only its own shards they are one XLA reduction whose
+    result every process gets, they are the same whatever mesh or sharding holds the arrays
+    (a checkpoint restores onto another mesh), and they check the values restore actually
+    returns, whatever orbax's file layout; a manifest of file hashes would have to wait for the
+    asynchronous write to finish and would tie the check to orbax's files. Cost: one read of
+    the state on its devices per save and per restore, plus one compile per state structure."""
+    flat = jax.tree_util.tree_flatten_with_path(_to_saveable(state))[0]
+    sums = jax.device_get(_all_leaf_sums([leaf for _, leaf in flat]))
+    h = hashlib.sha256()
+    for (path, leaf), (s1, s2) in zip(flat, sums):
+        h.update(f"{jax.tree_util.keystr(path)}|{np.dtype(leaf.dtype)}|{tuple(leaf.shape)}|{int(s1)}|{int(s2)}\n"
+                 .encode())
+    return "fp1:" + h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+# In the JSON meta, removed before restore returns it: {"state": state_digest(state), "meta": sha256
+# of the caller's meta as JSON}, so a changed data position is caught as well as changed arrays.
+_DIGEST_KEY = "_rljax_digest"
+
+
+def _meta_digest(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint step that cannot be read or whose arrays differ from the digest saved with
+    them. `.paths` lists the damaged step directories; the message is one line naming them."""
+
+    def __init__(self, message: str, paths=()):
+        super().__init__(message)
+        self.paths = list(paths)
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """Restore found a damaged checkpoint and fell back to an older one."""
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line` of the innermost exception that `e` was raised from: orbax wraps the
+    reader's own error (e.g. 'Error reading "params.w/0.0" ...: Truncated Zstd-compressed stream')
+    in one whose message is a 60-line TensorStore spec."""
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    root = seen[-1]
+    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
+    text = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# Files orbax (0.12) writes in every step and needs to restore it, relative to the step directory: a
+# missing one is named first, because orbax's own error for it can be far from the cause (a lost state/_METADATA
+# surfaces as a pytree structure error).
+_EXPECTED_FILES = (os.path.join("state", "_METADATA"),
+                   os.path.join("state", "manifest.ocdbt"), os.path.join("meta", "metadata"))
+
+
+def _everywhere(ok: bool) -> bool:
+    """True when `ok` holds on every process. A process reads only its own shards, so a damaged
+    file may fail the read on some processes only; all must then agree to skip the step."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+class Checkpointer:
+    """`Checkpointer(directory, keep=3, on_damaged="fallback")`; `save(state, meta)`,
+    `restore(target)`, `latest_step()`.
+
+    on_damaged: what `restore()` (of the latest step) does when that step is damaged (a file
+    missing or truncated, orbax's metadata lost, or arrays that differ from the digest saved with
+    them). "fallback": warn (DamagedCheckpointWarning) naming the step directory and what was
+    wrong, try the previous step, and so on; once a good step is restored the damaged ones are
+    renamed `<step>.damaged` (kept for inspection, delete them by hand) so that they are never
+    picked again and training can save those step numbers anew. "raise": raise
+    DamagedCheckpointError naming it, and change nothing on disk. Either way, when no step can be
+    restored, DamagedCheckpointError names them all and nothing is renamed (the target may simply
+    not match what was saved).
+    """
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, on_damaged: str = "fallback"):
+        if on_damaged not in ("fallback", "raise"):
+            raise ValueError(f"Checkpointer: on_damaged must be 'fallback' or 'raise', got {on_damaged!r}")
         self.directory = os.path.abspath(directory)
+        self.on_damaged = on_damaged
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # The name of the barrier that ends orbax's (0.12) restore: its async checkpointer turns a
+        # None key prefix into "", the synchronous one keeps None (no prefix).
+        prefix = options.multiprocessing_options.barrier_sync_key_prefix
+        if async_save and prefix is None:
+            prefix = ""
+        self._restore_barrier = "Checkpointer:restore" if prefix is None else f"{prefix}_Checkpointer:restore"
 
     def latest_step(self) -> int | None:
+        """The newest step on disk, not yet checked for damage; after `restore()` fell back it is the
+        step restored (the damaged newer ones were set aside)."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def step_path(self, step: int) -> str:
+        """The directory of `step` (orbax's default naming: the step number)."""
+        return os.path.join(self.directory, str(int(step)))
+
     def save(self, state, meta: dict[str, Any] | None = None, *, step: int | None = None,
              force: bool = False) -> bool:
         """Start saving `state` (and JSON-able `meta`, e.g. the data position) at `step`
-        (default: state.step). Returns at once; `wait()` blocks until written."""
+        (default: state.step), with digests of both in the meta for restore to check.
+        Returns at once; `wait()` blocks until written."""
+        meta = dict(meta or {})
+        if _DIGEST_KEY in meta:
+            raise ValueError(f"Checkpointer.save: meta key {_DIGEST_KEY!r} is reserved for the digests")
         step = int(jax.device_get(state.step)) if step is None else int(step)
+        if not force and not self._manager.should_save(step):
+            return False  # as orbax would answer, without computing the digest
+        meta[_DIGEST_KEY] = {"state": state_digest(state), "meta": _meta_digest(meta)}
         return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta or {})), force=force)
+            state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta)), force=force)
 
     def restore(self, target, *, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restore onto the structure, dtypes and shardings of `target` (a freshly created
-        TrainState, RLState, ... on the current mesh). Returns (state, meta)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        TrainState, RLState, ... on the current mesh). Returns (state, meta).
+
+        Without `step`: the latest good step, as `on_damaged` says (the state's own `step`, or
+        the meta, tell which step that was). With `step`: that step, or DamagedCheckpointError
+        when it is damaged (no fallback: the caller asked for that one). Checkpoints written
+        before digests were saved are read without the digest check."""
+        if step is not None:
+            if int(step) not in self.all_steps():
+                raise FileNotFoundError(f"no checkpoint of step {int(step)} in {self.directory}")
+            return self._restore_step(target, int(step))
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
-        return _from_saved(out.state, target), dict(out.meta or {})
+        damaged: list[DamagedCheckpointError] = []
+        for s in steps:
+            try:
+                restored = self._restore_step(target, s)
+            except DamagedCheckpointError as e:
+                if self.on_damaged == "raise":
+                    raise
+                damaged.append(e)
+                warnings.warn(f"{e}; trying the previous checkpoint", DamagedCheckpointWarning, stacklevel=2)
+                continue
+            if damaged:
+                moved = self._set_aside([p for e in damaged for p in e.paths])
+                warnings.warn(f"restored {self.step_path(s)} instead; damaged, renamed: "
+                              + ", ".join(f"{a} -> {b}" for a, b in moved), DamagedCheckpointWarning, stacklevel=2)
+            return restored
+        raise DamagedCheckpointError(
+            f"no checkpoint in {self.directory} can be restored, every step is damaged or unreadable: "
+            + "; ".join(str(e) for e in damaged)
+            + " (if they all fail alike, the target may not match what was saved)",
+            paths=[p for e in damaged for p in e.paths]) from damaged[0]
+
+    def _restore_step(self, target, step: int) -> tuple[Any, dict[str, Any]]:
+        """Restore `step`, or raise DamagedCheckpointError (one line, the original chained)."""
+        path = self.step_path(step)
+        error = None
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
+        except MemoryError:  # not the checkpoint's fault
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read a step means it cannot be used
+            error = e
+            if jax.process_count() > 1:
+                # orbax's restore ends at a barrier where the processes that read their shards now
+                # wait; one that failed meets them there, then all take part in the agreement below.
+                ocp.multihost.sync_global_processes(self._restore_barrier)
+        if not _everywhere(error is None):
+            reason = _one_line(error) if error is not None else "unreadable on another process"
+            missing = [f for f in _EXPECTED_FILES if not os.path.exists(os.path.join(path, f))]
+            if missing:
+                reason = f"{', '.join(missing)} missing; {reason}"
+            raise DamagedCheckpointError(f"checkpoint {path} is damaged or unreadable ({reason})",
+                                         paths=[path]) from error
+        meta = dict(out.meta or {})
+        expected = meta.pop(_DIGEST_KEY, None)
+        if expected is not None:  # None: saved before digests were
+            found = state_digest(out.state)
+            if found != expected.get("state"):
+                raise DamagedCheckpointError(
+                    f"checkpoint {path} is damaged: the arrays read differ from the digest saved with them "
+                    f"({found[:16]}... != {str(expected.get('state'))[:16]}...)", paths=[path])
+            if _meta_digest(meta) != expected.get("meta"):
+                raise DamagedCheckpointError(f"checkpoint {path} is damaged: its meta ({meta}) differs from the "
+                                             "digest saved with it", paths=[path])
+        return _from_saved(out.state, target), meta
+
+    def _set_aside(self, paths: list[str]) -> list[tuple[str, str]]:
+        """Rename each damaged step directory to `<step>.damaged` (`.damaged-2`, ... if taken): orbax
+        no longer lists it, a new save of that step does not collide with it, and `keep` counts
+        only good steps. One process renames; all wait for it and re-read the step list.
+        Returns the (old, new) names."""
+        moved = []
+        for path in paths:
+            new, n = f"{path}.damaged", 1
+            while os.path.exists(new):
+                n += 1
+                new = f"{path}.damaged-{n}"
+            moved.append((path, new))
+        distributed.sync("rljax.checkpoint: damaged steps named")  # all chose their names before one renames
+        if jax.process_index() == 0:
+            for path, new in moved:
+                os.rename(path, new)
+        distributed.sync("rljax.checkpoint: damaged steps set aside")
+        self._manager.reload()
+        return moved
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -108,10 +360,11 @@ class Checkpointer:
         self.close()
 
 
-def restore_latest(target, directory: str):
-    """`target` restored from the latest checkpoint in `directory`, or `target` itself when
-    there is none (for multi-phase runs that find out how far a killed run got)."""
-    with Checkpointer(directory) as ckpt:
+def restore_latest(target, directory: str, *, on_damaged: str = "fallback"):
+    """`target` restored from the latest good checkpoint in `directory` (see Checkpointer's
+    on_damaged), or `target` itself when there is none (for multi-phase runs that find out how
+    far a killed run got)."""
+    with Checkpointer(directory, on_damaged=on_damaged) as ckpt:
         if ckpt.latest_step() is None:
             return target
         state, _ = ckpt.restore(target)

@@ -152,7 +152,9 @@ def load_finished(run_dir: str, target, *, steps: int):
     the run's model and optimizer; its values are not used). Take `.params` for the weights.
 
     Raises UnfinishedRunError naming the directory when it has no checkpoints or its latest
-    checkpoint is not step `steps`; it never starts or resumes the run.
+    checkpoint is not step `steps`; it never starts or resumes the run. A damaged final
+    checkpoint raises rljax.checkpoint.DamagedCheckpointError: no fallback to an earlier step,
+    whose weights would not be the finished run's.
     """
     ckpt_dir = _checkpoint_dir(run_dir)
     if not os.path.isdir(ckpt_dir):
@@ -163,7 +165,7 @@ def load_finished(run_dir: str, target, *, steps: int):
         if latest != steps:
             found = "no checkpoint" if latest is None else f"its latest checkpoint is step {latest}"
             raise UnfinishedRunError(f"{run_dir}: the run is not finished: {found}, its final step is {steps}")
-        state, _ = ck.restore(target)
+        state, _ = ck.restore(target, step=steps)
     return state
 
 

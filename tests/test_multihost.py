@@ -226,3 +226,101 @@ def test_two_processes_train_like_one(tmp_path):
                                    atol=1e-6 * single["checksums"][key][1], err_msg=key)
         np.testing.assert_allclose(multi["checksums"][key][1:], single["checksums"][key][1:], rtol=1e-5,
                                    err_msg=key)
+
+
+# Two processes save a state sharded over both, one data file of the newest step is damaged, and
+# both restore: argv = process_id, port, checkpoint directory, output JSON path, damage (rot | truncate).
+CKPT_WORKER = textwrap.dedent("""
+    import faulthandler, glob, json, os, sys, warnings
+    faulthandler.dump_traceback_later(50, exit=True)  # a hung process shows where it waits
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from rljax import distributed
+    from rljax.checkpoint import Checkpointer, DamagedCheckpointWarning, state_digest
+    from rljax.sharding import make_mesh
+    from rljax.state import TrainState
+
+    pid, port, d, out, damage = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    distributed.initialize(f"127.0.0.1:{port}", 2, pid)
+    mesh = make_mesh(data=2, fsdp=2)
+    rows = NamedSharding(mesh, P(("data", "fsdp")))  # each process holds half of the rows
+
+    def values(s):  # the global arrays of step s, known to both processes
+        g = np.random.default_rng(s)
+        return (g.integers(0, 2**32, (8, 512), dtype=np.uint32) & np.uint32(0xBFFFFFFF)).view(np.float32)
+
+    def put(x, sharding=NamedSharding(mesh, P())):  # global array from the same host value everywhere
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+    def state(s):
+        return TrainState(step=put(np.int32(s)), params={"w": put(values(s), rows)}, opt_state={},
+                          rng=jax.random.wrap_key_data(put(jax.random.key_data(jax.random.key(s)))),
+                          skipped_steps=put(np.int32(0)))
+
+    res = {"digests": [state_digest(state(s)) for s in (1, 2)]}
+    with Checkpointer(d, async_save=False) as ck:
+        for s in (1, 2):
+            ck.save(state(s), {"data_position": s})
+    distributed.sync("saved")
+    if pid == 0:  # damage the data file that process 1 wrote for step 2 (and only process 1 reads)
+        f = max(glob.glob(os.path.join(d, "2", "state", "ocdbt.process_1", "d", "*")), key=os.path.getsize)
+        if damage == "rot":
+            with open(f, "r+b") as fh:
+                fh.seek(os.path.getsize(f) // 2)
+                fh.write(b"Z" * 1024)
+        else:
+            os.truncate(f, os.path.getsize(f) // 2)
+    distributed.sync("damaged")
+    with Checkpointer(d) as ck, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored, meta = ck.restore(state(0))
+        res["latest_after"] = ck.latest_step()
+    res["warnings"] = [str(w.message) for w in caught if issubclass(w.category, DamagedCheckpointWarning)]
+    res["step"], res["meta"] = int(restored.step), meta
+    w = values(1)
+    res["shards_equal_step_1"] = all(bool(np.array_equal(np.asarray(sh.data), w[sh.index]))
+                                     for sh in restored.params["w"].addressable_shards)
+    distributed.sync("restored")
+    res["listing"] = sorted(os.listdir(d))
+    with open(out, "w") as f:
+        json.dump(res, f)
+""")
+
+
+@pytest.mark.parametrize("damage", ["rot", "truncate"])
+def test_two_processes_agree_on_a_damaged_checkpoint_and_fall_back(tmp_path, damage):
+    """A state sharded over two processes has one digest, the same on both; damage to the data
+    file only process 1 reads (bytes changed: the digest, computed across both, differs; truncated:
+    process 1 alone fails to read it) makes both fall back to step 1 together."""
+    script = tmp_path / "ckpt_worker.py"
+    script.write_text(CKPT_WORKER)
+    port, d = _free_port(), tmp_path / "ckpt"
+    procs = []
+    for pid in (0, 1):
+        log = open(tmp_path / f"p{pid}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(d),
+                                        str(tmp_path / f"p{pid}.json"), damage], env=_env(2), cwd=ROOT, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+    try:
+        for p, _ in procs:
+            p.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    if any(p.returncode != 0 for p, _ in procs):
+        pytest.fail("\n".join(f"--- p{i} rc={p.returncode}\n{(tmp_path / f'p{i}.log').read_text()[-3000:]}"
+                              for i, (p, _) in enumerate(procs)))
+    res = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in (0, 1)]
+    assert res[0]["digests"] == res[1]["digests"] and res[0]["digests"][0] != res[0]["digests"][1]
+    for r in res:
+        assert r["step"] == 1 and r["meta"] == {"data_position": 1} and r["shards_equal_step_1"]
+        assert r["latest_after"] == 1 and r["listing"] == ["1", "2.damaged"]
+        reason = "the arrays read differ" if damage == "rot" else "or unreadable"
+        assert r["warnings"] and r["warnings"][0].startswith(f"checkpoint {d}/2 is damaged"), r["warnings"]
+        assert reason in r["warnings"][0]
