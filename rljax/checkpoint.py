@@ -119,7 +119,44 @@ def _leaf_sums(x):
     return jnp.stack([s1, s2])
 
 
-_all_leaf_sums = jax.jit(lambda leaves: [_leaf_sums(x) for x in leaves])
+_jit_leaf_sums = jax.jit(_leaf_sums)
+
+
+def _host_words(x: np.ndarray) -> np.ndarray:
+    """`_words` in numpy, bit for bit (checked by tests/test_checkpoint_damage.py)."""
+    dt = x.dtype
+    if dt == np.bool_:
+        return x.astype(np.uint32)
+    if np.issubdtype(dt, np.complexfloating):
+        return _host_words(np.stack([x.real, x.imag], axis=-1))
+    if jnp.issubdtype(dt, jnp.integer) and jnp.iinfo(dt).bits < 8:
+        return x.astype(np.int32).view(np.uint32)
+    x = np.ascontiguousarray(x)
+    if dt.itemsize == 4:
+        return x.view(np.uint32)
+    if dt.itemsize == 8:  # little-endian words, low first, as XLA's bitcast to a trailing axis of 2
+        return x.view(np.uint32).reshape(x.shape + (2,))
+    return x.view({1: np.uint8, 2: np.uint16}[dt.itemsize]).astype(np.uint32)
+
+
+def _host_leaf_sums(x: np.ndarray) -> np.ndarray:
+    """`_leaf_sums` in numpy: the same two sums (uint32 arithmetic wraps mod 2**32 in both)."""
+    w = _host_words(x)
+    idx = (np.arange(w.size, dtype=np.uint64) % 2**32).astype(np.uint32).reshape(w.shape)
+    mixed = (w ^ (w >> np.uint32(16))) * np.uint32(_M3)
+    mixed = mixed ^ (mixed >> np.uint32(13))
+    s1 = np.sum(w * (idx * np.uint32((2 * _M1) % 2**32) + np.uint32(1)), dtype=np.uint32)
+    s2 = np.sum(mixed * (idx * np.uint32((2 * _M2) % 2**32) + np.uint32(1)), dtype=np.uint32)
+    return np.stack([s1, s2])
+
+
+def _sums(leaf):
+    """A leaf's two sums: in numpy when this process holds all of it (one process: no compile,
+    which would cost about a second per new leaf shape, and the checkpoint's writer copies the
+    arrays to the host anyway), else on the devices, where XLA reduces across processes."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return _jit_leaf_sums(leaf)
+    return _host_leaf_sums(np.asarray(jax.device_get(leaf)))
 
 
 def state_digest(state) -> str:
@@ -134,9 +171,10 @@ def state_digest(state) -> str:
     (a checkpoint restores onto another mesh), and they check the values restore actually
     returns, whatever orbax's file layout; a manifest of file hashes would have to wait for the
     asynchronous write to finish and would tie the check to orbax's files. Cost: one read of
-    the state on its devices per save and per restore, plus one compile per state structure."""
+    the state on its devices per save and per restore, plus, for arrays
+    spread over several processes, one compile per leaf shape, dtype and sharding."""
     flat = jax.tree_util.tree_flatten_with_path(_to_saveable(state))[0]
-    sums = jax.device_get(_all_leaf_sums([leaf for _, leaf in flat]))
+    sums = jax.device_get([_sums(leaf) for _, leaf in flat])
     h = hashlib.sha256()
     for (path, leaf), (s1, s2) in zip(flat, sums):
         h.update(f"{jax.tree_util.keystr(path)}|{np.dtype(leaf.dtype)}|{tuple(leaf.shape)}|{int(s1)}|{int(s2)}\n"

@@ -211,3 +211,21 @@ def test_checkpoint_without_a_digest_still_restores(tmp_path):
         ck._manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_saveable(_state(4))),
                                                     meta=ocp.args.JsonSave({"data_position": 4})))
         _assert_is_step(*ck.restore(_target()), 4)
+
+
+def test_host_and_device_sums_agree_bit_for_bit():
+    """One process sums on the host (numpy), several on the devices (XLA): a checkpoint written
+    either way must verify the other way, so both give the same two words for every dtype."""
+    import ml_dtypes
+
+    from rljax.checkpoint import _host_leaf_sums, _leaf_sums
+
+    rng = np.random.default_rng(0)
+    device_sums = jax.jit(_leaf_sums)
+    for dt in (np.float32, jnp.bfloat16, np.float16, np.int32, np.uint32, np.int8, np.uint8, np.bool_,
+               ml_dtypes.int4, np.complex64):
+        for shape in ((), (7,), (3, 5)):
+            x = rng.normal(size=shape) * 5
+            x = np.asarray(x + 1j * rng.normal(size=shape) if dt == np.complex64 else x)
+            x = x.astype(dt) if dt != np.uint32 and dt != np.uint8 else np.abs(x).astype(dt)
+            np.testing.assert_array_equal(_host_leaf_sums(x), device_sums(jnp.asarray(x)), err_msg=f"{dt} {shape}")
