@@ -10,14 +10,19 @@ import optax
 import pytest
 
 from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
-from rljax.losses.preference import (PREFERENCE_METHODS, DPOConfig, KTOConfig, ORPOConfig, SimPOConfig,
-                                     check_kto_weights, completion_logps, preference_loss, reference_logps)
+from rljax.losses import preference as _preference
+from rljax.losses.preference import PREFERENCE_METHODS, DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, check_kto_weights
 from rljax.models import Model, preset
 from rljax.ops.preference_kernels import (hinge_preference, ipo, kto, kto_reference_point, log_odds, odds_ratio,
                                   robust_preference, sequence_logps, sigmoid_preference, simpo)
 from rljax.tokenizer import CharTokenizer
 
 TOK = CharTokenizer()
+# Jitted once per batch shape and config: run op by op (eagerly), the model's losses and their
+# gradients took minutes of the suite.
+preference_loss = jax.jit(_preference.preference_loss, static_argnames=("model", "cfg"))
+reference_logps = jax.jit(_preference.reference_logps, static_argnames=("model", "chunk_size"))
+completion_logps = jax.jit(_preference.completion_logps, static_argnames=("model", "chunk_size"))
 PAIRS = [("12+7=", "19", "18"), ("3*4=", "12", "7"), ("9-5=", "4", "14"), ("8+8=", "16", "61"),
          ("2*9=", "18", "81"), ("7-1=", "6", "5"), ("5+5=", "10", "1"), ("6*3=", "18", "9")]
 
