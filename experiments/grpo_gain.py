@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from rljax.cli import make_run_dir, parse_config
+from rljax.cli import apply_preset, make_run_dir, run
 from rljax.eval import finished_run
 from rljax.recipes.arithmetic_runs import RLArithmeticConfig, SFTArithmeticConfig, train_rl, train_sft
 
@@ -56,12 +56,13 @@ class Config:
     run_root: str = "runs"
     progress: bool = True
     smoke: bool = False
+    force_config: bool = False  # rerun in a run_dir whose config.json differs: overwrite it, recording the change
 
 
 def main(cfg: Config) -> dict:
     if cfg.smoke:
-        cfg.levels, cfg.n_train, cfg.n_test, cfg.sft_steps, cfg.sft_batch = (1,), 256, 16, 12, 8
-        cfg.iterations, cfg.prompts_per_iteration, cfg.n, cfg.max_new_tokens, cfg.seeds = 2, 4, 4, 16, (0, 1)
+        apply_preset(cfg, levels=(1,), n_train=256, n_test=16, sft_steps=12, sft_batch=8, iterations=2,
+                     prompts_per_iteration=4, n=4, max_new_tokens=16, seeds=(0, 1))
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"grpo_gain-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
     sft_dir = os.path.join(run_dir, "sft")
@@ -69,7 +70,7 @@ def main(cfg: Config) -> dict:
                                   steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr,
                                   checkpoint_every=max(cfg.sft_steps // 4, 1), log_every=max(cfg.sft_steps // 50, 1),
                                   max_new_tokens=cfg.max_new_tokens, run_dir=sft_dir, progress=cfg.progress,
-                                  evaluate=False)
+                                  evaluate=False, force_config=cfg.force_config)
     if cfg.smoke:
         sft_cfg.preset, sft_cfg.warmup_steps = "tiny", 2
     if finished_run(sft_dir, cfg.sft_steps):
@@ -86,7 +87,7 @@ def main(cfg: Config) -> dict:
                                     step_reward=cfg.step_reward, eval_samples=cfg.eval_samples,
                                     track_kl=cfg.track_kl,
                                     sft_run_dir=sft_dir, run_dir=os.path.join(run_dir, f"rl-{tag}-seed{seed}"),
-                                    seed=seed, progress=cfg.progress)
+                                    seed=seed, progress=cfg.progress, force_config=cfg.force_config)
         runs.append(train_rl(rl_cfg))
         print(f"grpo_gain: seed {seed}: greedy {runs[-1]['accuracy_sft']:.1%} -> {runs[-1]['accuracy_rl']:.1%}, "
               f"sampled {runs[-1]['sampled_accuracy_sft']:.1%} -> {runs[-1]['sampled_accuracy_rl']:.1%}", flush=True)
@@ -116,4 +117,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)  # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message

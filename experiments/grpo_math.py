@@ -49,7 +49,7 @@ import jax
 import numpy as np
 
 from rljax.checkpoint import digest_params
-from rljax.cli import make_run_dir, parse_config, save_config
+from rljax.cli import apply_preset, make_run_dir, run, save_config
 from rljax.data.adapters import DataError, load_records
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.data.math import MathProblem, gsm8k, math_problems
@@ -122,17 +122,14 @@ class Config:
     seed: int = 0
     progress: bool = True
     smoke: bool = False
+    force_config: bool = False  # rerun in a run_dir whose config.json differs: overwrite it, recording the change
 
 
 def apply_smoke(cfg: Config) -> None:
-    """Shrink to the test fixtures: seconds on a CPU."""
-    cfg.data = cfg.data or SMOKE_DATA
-    cfg.sft_data = cfg.sft_data or SMOKE_DATA
-    cfg.eval_data = cfg.eval_data or SMOKE_DATA
-    cfg.style, cfg.format_reward = "think", 0.1
-    cfg.sft_steps, cfg.sft_batch, cfg.sft_lr = 6, 4, 3e-3
-    cfg.iterations, cfg.prompts_per_iteration, cfg.n, cfg.max_new_tokens = 2, 4, 4, 16
-    cfg.lr, cfg.eval_problems, cfg.eval_batch, cfg.checkpoint_every = 1e-4, 8, 8, 0
+    """Shrink to the test fixtures: seconds on a CPU (fields the user set keep their values)."""
+    apply_preset(cfg, data=SMOKE_DATA, sft_data=SMOKE_DATA, eval_data=SMOKE_DATA, style="think", format_reward=0.1,
+                 sft_steps=6, sft_batch=4, sft_lr=3e-3, iterations=2, prompts_per_iteration=4, n=4,
+                 max_new_tokens=16, lr=1e-4, eval_problems=8, eval_batch=8, checkpoint_every=0)
 
 
 def write_smoke_model(path: str, seed: int = 0) -> str:
@@ -285,9 +282,12 @@ def main(cfg: Config) -> dict:
         raise ValueError("Config: no data; pass --data FILE (GSM8K- or MATH-style rows)")
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"grpo_math-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
-    if not cfg.model:  # --smoke
-        cfg.model = write_smoke_model(os.path.join(run_dir, "smoke-model"), seed=cfg.seed)
-    save_config(cfg, run_dir)
+    smoke_model = not cfg.model  # --smoke: a random model written into the run directory
+    if smoke_model:
+        cfg.model = os.path.join(run_dir, "smoke-model")
+    save_config(cfg, run_dir, allow_change=cfg.force_config)  # before anything is written or trained
+    if smoke_model:
+        write_smoke_model(cfg.model, seed=cfg.seed)
     system_prompt = SYSTEM_PROMPTS[cfg.style] if cfg.system_prompt is None else cfg.system_prompt
 
     model_dir = resolve_path(cfg.model)  # a hub id is fetched once; the tokenizer reads the same files
@@ -380,4 +380,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)  # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message

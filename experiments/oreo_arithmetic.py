@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import jax
 import numpy as np
 
-from rljax.cli import make_run_dir, parse_config, save_config
+from rljax.cli import apply_preset, check_input_dir, make_run_dir, run, save_config
 from rljax.data.arithmetic import check_answer, make_split, parse_answer
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
@@ -47,7 +47,7 @@ from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, collate_traject
 from rljax.phases import LoopConfig, PreferencePhaseConfig, SFTPhaseConfig, preference, sft
 from rljax.pipelines import IterativeOREOConfig, iterative_oreo
 from rljax.reference import cached_reference_logps, with_reference
-from rljax.recipes.arithmetic_runs import load_sft
+from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, load_sft
 from rljax.rewards.rules import arithmetic_answer_reward
 from rljax.sampling import SampleConfig, ValueSearchConfig, sample, value_guided_beam_search
 from rljax.state import OptimizerConfig, create_state
@@ -91,6 +91,8 @@ class Config:
     iterate_problems: int = 512
     progress: bool = True
     smoke: bool = False
+    train_sft: bool = False  # sft_run_dir does not exist: train the SFT run there first (--smoke sets it)
+    force_config: bool = False  # rerun in a run_dir whose config.json differs: overwrite it, recording the change
 
 
 def _sampling(cfg: Config, tok) -> SampleConfig:
@@ -316,18 +318,19 @@ def _plot(curves: dict, xlabel: str, path: str) -> None:
 
 def main(cfg: Config) -> dict:
     if cfg.smoke:
-        cfg.problems, cfg.samples, cfg.epochs, cfg.batch, cfg.eval_problems, cfg.eval_samples = 16, 4, 1, 8, 4, 2
-        cfg.max_new_tokens, cfg.beams, cfg.search_rounds, cfg.iterate_rounds, cfg.iterate_problems = 16, (1, 2), 3, 1, 8
-        cfg.max_step_tokens, cfg.search_chunk, cfg.with_references = 8, 4, True
+        apply_preset(cfg, problems=16, samples=4, epochs=1, batch=8, eval_problems=4, eval_samples=2,
+                     max_new_tokens=16, beams=(1, 2), search_rounds=3, iterate_rounds=1, iterate_problems=8,
+                     max_step_tokens=8, search_chunk=4, with_references=True, train_sft=True)
     unknown = [p for p in cfg.parts if p not in PARTS]
     if unknown:
         raise ValueError(f"oreo_arithmetic: unknown --parts {unknown[0]!r}; choose from {', '.join(PARTS)}")
-    tok = CharTokenizer()
-    model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True)
+    check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "oreo_arithmetic")
     os.makedirs(run_dir, exist_ok=True)
-    save_config(cfg, run_dir)
+    save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)  # before any training
+    tok = CharTokenizer()
+    model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
+                                      run_if_missing=True, create=cfg.train_sft)
     train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
     held = test[:cfg.eval_problems]
     results = dict(config=asdict(cfg), sft=evaluate(params, model, tok, held, cfg))
@@ -345,4 +348,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)  # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import jax
 import numpy as np
 
-from rljax.cli import make_run_dir, parse_config, save_config
+from rljax.cli import apply_preset, check_input_dir, make_run_dir, run, save_config
 from rljax.data.arithmetic import make_split
 from rljax.data.collate import BatchIterator
 from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
@@ -37,7 +37,7 @@ from rljax.losses.preference import PREFERENCE_METHODS, KTOConfig, check_kto_wei
 from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
 from rljax.pipelines import OnlineDPOConfig, online_dpo
 from rljax.reference import cached_reference_logps, with_reference
-from rljax.recipes.arithmetic_runs import load_sft
+from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, load_sft
 from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import CharTokenizer
@@ -67,6 +67,8 @@ class Config:
     online_samples: int = 4
     progress: bool = True
     smoke: bool = False
+    train_sft: bool = False  # sft_run_dir does not exist: train the SFT run there first (--smoke sets it)
+    force_config: bool = False  # rerun in a run_dir whose config.json differs: overwrite it, recording the change
 
 
 def noisy_pairs(problems, flip: float, seed: int) -> list[dict]:
@@ -142,18 +144,19 @@ def train_online(cfg: Config, model, params, tok, train, run_dir: str):
 
 def main(cfg: Config) -> dict:
     if cfg.smoke:
-        cfg.n_pairs, cfg.epochs, cfg.batch, cfg.eval_problems, cfg.eval_samples = 32, 1, 8, 8, 2
-        cfg.max_new_tokens, cfg.online_rounds, cfg.online_prompts = 16, 2, 16
+        apply_preset(cfg, n_pairs=32, epochs=1, batch=8, eval_problems=8, eval_samples=2, max_new_tokens=16,
+                     online_rounds=2, online_prompts=16, train_sft=True)
     algos = ALGOS if cfg.algo == "all" else tuple(a.strip() for a in cfg.algo.split(","))
     unknown = [a for a in algos if a not in ALGOS]
     if unknown:
         raise ValueError(f"preference_arithmetic: unknown --algo {unknown[0]!r}; choose from {', '.join(ALGOS)}, all")
-    tok = CharTokenizer()
-    model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True)
+    check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "preference_arithmetic")
     os.makedirs(run_dir, exist_ok=True)
-    save_config(cfg, run_dir)
+    save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)  # before any training
+    tok = CharTokenizer()
+    model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
+                                      run_if_missing=True, create=cfg.train_sft)
     train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
     held = test[:cfg.eval_problems]
     results = dict(config=asdict(cfg), sft=evaluate(params, model, tok, held, cfg), runs=[])
@@ -178,4 +181,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)  # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message

@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass
 import jax
 import numpy as np
 
-from rljax.cli import make_run_dir, parse_config, save_config
+from rljax.cli import apply_preset, check_input_dir, make_run_dir, run, save_config
 from rljax.metrics import plot_curves, read_metrics
 from rljax.data.arithmetic import check_answer, make_split, parse_answer
 from rljax.data.collate import BatchIterator
@@ -67,7 +67,7 @@ from rljax.losses.reward_model import FeedbackConfig, RankingConfig, TokenLabelC
 from rljax.models import add_head
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
 from rljax.pipelines import IterativeRLHFConfig
-from rljax.recipes.arithmetic_runs import load_sft
+from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, load_sft
 from rljax.rewards.evaluation import reward_model_eval
 from rljax.rewards.process_labels import label_steps, model_completer
 from rljax.rewards.learned import (aggregate_steps, likelihood_reward, majority_vote, reward_model_reward,
@@ -133,6 +133,8 @@ class Config:
     max_new_tokens: int = 40
     progress: bool = True
     smoke: bool = False
+    train_sft: bool = False  # sft_run_dir does not exist: train the SFT run there first (--smoke sets it)
+    force_config: bool = False  # rerun in a run_dir whose config.json differs: overwrite it, recording the change
 
 
 def _in_chunks(fn, prompts, completions, size: int = 1024) -> list:
@@ -569,12 +571,11 @@ def _plot(table: dict, path: str) -> None:
 
 def main(cfg: Config) -> dict:
     if cfg.smoke:
-        cfg.pair_counts, cfg.bt_epochs, cfg.eval_problems, cfg.batch = (16,), 1, 16, 8
-        cfg.bon_problems, cfg.bon_n, cfg.verifier_problems, cfg.verifier_samples = 4, (1, 4), 4, 2
-        cfg.prm_solutions, cfg.prm_n, cfg.verifier_epochs, cfg.max_new_tokens = 4, 2, 1, 16
-        cfg.rl_iterations, cfg.rl_eval_problems, cfg.feedback_problems = 2, 4, 8
-        cfg.overopt_iterations, cfg.overopt_eval_every = 2, 1
-        cfg.onpolicy_problems, cfg.onpolicy_samples, cfg.refresh_problems = 8, 4, 8
+        apply_preset(cfg, pair_counts=(16,), bt_epochs=1, eval_problems=16, batch=8, bon_problems=4, bon_n=(1, 4),
+                     verifier_problems=4, verifier_samples=2, prm_solutions=4, prm_n=2, verifier_epochs=1,
+                     max_new_tokens=16, rl_iterations=2, rl_eval_problems=4, feedback_problems=8,
+                     overopt_iterations=2, overopt_eval_every=1, onpolicy_problems=8, onpolicy_samples=4,
+                     refresh_problems=8, train_sft=True)
     unknown = set(cfg.parts) - set(PARTS)
     if unknown:
         raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
@@ -583,12 +584,13 @@ def main(cfg: Config) -> dict:
     if "rl" in cfg.parts and not {"bt", "onpolicy", "feedback"} & set(cfg.parts):
         raise ValueError("reward_models: part rl optimises the reward models of parts bt, onpolicy or feedback; "
                          "add one")
-    tok = CharTokenizer()
-    model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True)
+    check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "reward_models")
     os.makedirs(run_dir, exist_ok=True)
-    save_config(cfg, run_dir)
+    save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)  # before any training
+    tok = CharTokenizer()
+    model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
+                                      run_if_missing=True, create=cfg.train_sft)
     train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
     results = dict(config=asdict(cfg), run_dir=run_dir)
     if "bt" in cfg.parts:
@@ -623,4 +625,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)  # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message

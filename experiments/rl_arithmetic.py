@@ -1,6 +1,7 @@
 """RL on the arithmetic task, starting from the SFT study's checkpoint.
 
-    python -m experiments.rl_arithmetic --algo grpo               # runs SFT first if its checkpoint is missing
+    python -m experiments.rl_arithmetic --algo grpo --train-sft   # trains SFT first if --sft-run-dir is missing
+    python -m experiments.rl_arithmetic --algo grpo --sft-run-dir runs/sft   # from an existing SFT run
     python -m experiments.rl_arithmetic --algo rloo --iterations 40
     python -m experiments.rl_arithmetic --smoke
 
@@ -15,7 +16,7 @@ The run itself is `rljax.recipes.arithmetic_runs.train_rl`; the SFT checkpoint i
 """
 from __future__ import annotations
 
-from rljax.cli import parse_config
+from rljax.cli import run
 from rljax.recipes.arithmetic_runs import RLArithmeticConfig as Config
 from rljax.recipes.arithmetic_runs import train_rl
 
@@ -25,4 +26,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)  # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import jax
 import numpy as np
 
-from rljax.cli import make_run_dir, parse_config, save_config
+from rljax.cli import apply_preset, make_run_dir, run, save_config
 from rljax.models import Model, preset
 from rljax.models.logprobs import token_logprobs
 from rljax.sampling import BeamConfig, SampleConfig, beam_search, sample
@@ -46,7 +46,7 @@ PROMPTS = ["23+58*2=", "7*(4+5)=", "100-37=", "12*12-4="]
 
 def main(cfg: Config) -> dict:
     if cfg.smoke:
-        cfg.preset, cfg.max_new_tokens, cfg.n = "tiny", 8, 2
+        apply_preset(cfg, preset="tiny", max_new_tokens=8, n=2)
     run_dir = make_run_dir(cfg.run_root, "sampling_tour")
     save_config(cfg, run_dir)
     tok = CharTokenizer()
@@ -105,4 +105,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)  # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message

@@ -13,7 +13,7 @@ held-out accuracy is `rljax.eval.exact_match`.
 """
 from __future__ import annotations
 
-from rljax.cli import parse_config
+from rljax.cli import run
 from rljax.recipes.arithmetic_runs import SFTArithmeticConfig as Config
 from rljax.recipes.arithmetic_runs import train_sft
 
@@ -23,4 +23,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)  # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message

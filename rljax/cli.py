@@ -6,7 +6,30 @@
         preset: str = "small"
         smoke: bool = False
 
-    cfg = parse_config(Config)          # python -m experiments.x --steps 10 --smoke
+    def main(cfg: Config):
+        if cfg.smoke:
+            apply_preset(cfg, steps=5, preset="tiny")   # explicit flags win over the preset
+        ...
+
+    if __name__ == "__main__":
+        run(main, Config)                   # python -m experiments.x --steps 10 --smoke
+
+Rules that keep a run directory honest:
+
+- Flags are exact: `--step 5` is an error, not `--steps 5` (no abbreviations).
+- A preset (`--smoke`) sets only the fields the user did not set: `apply_preset`
+  skips the fields given on the command line (`parse_config` records them) and
+  those whose value differs from the dataclass default (so `Config(smoke=True,
+  steps=20)` built in Python keeps its 20 too).
+- `save_config` writes config.json once; a rerun in the same run directory (a resume)
+  must have the same configuration, or it stops with ConfigMismatchError naming each
+  differing field, before anything is written. `allow_change=True` (the experiments'
+  `--force-config`) overwrites it and appends the change to config_changes.jsonl.
+- `check_input_dir` makes a missing input run directory (`--sft-run-dir`) an error
+  naming the flag, unless the caller asked to create it.
+- `run(main, Config)` exits a preempted run (SIGTERM/SIGINT, `rljax.phases.Preempted`)
+  with its one-line message on stderr and exit code 128 + signal: 143 for SIGTERM,
+  130 for SIGINT, as a shell reports a process ended by that signal.
 """
 from __future__ import annotations
 
@@ -14,12 +37,20 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 import types
 import typing
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 T = TypeVar("T")
+
+_UNSET = object()  # argparse default: tells a flag left out from one given with the default's value
+_EXPLICIT_ATTR = "_cli_explicit"  # where parse_config records the fields given on the command line
+CONFIG_FILE = "config.json"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
+# Fields that say where a run lives or how it is shown, not what it computes: a resume may change them.
+IGNORED_FIELDS = ("run_dir", "run_root", "progress", "force_config")
 
 
 def _parse_bool(s: str) -> bool:
@@ -30,31 +61,137 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
 
 
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
-    """Build `cls` from its defaults and `--field value` flags (`--flag` alone sets a bool True)."""
-    parser = argparse.ArgumentParser(description=description or cls.__doc__)
+    """Build `cls` from its defaults and `--field value` flags (`--flag` alone sets a bool True).
+
+    Flags must be spelled out (argparse's prefix matching is off, so a typo is an error,
+    not another field). The names of the fields given on the command line are recorded on
+    the instance for `explicit_fields` / `apply_preset`.
+    """
+    parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
         if typing.get_origin(typ) in (typing.Union, types.UnionType):  # `X | None`: parse as X
             typ = next(a for a in typing.get_args(typ) if a is not type(None))
         if typ is bool:
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default, metavar="BOOL")
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=_UNSET, metavar="BOOL")
         elif typing.get_origin(typ) in (tuple, list):
             (inner, *_) = typing.get_args(typ) or (str,)
-            parser.add_argument(flag, type=inner, nargs="+", default=default)
+            parser.add_argument(flag, type=inner, nargs="+", default=_UNSET)
         else:
-            parser.add_argument(flag, type=typ, default=default)
+            parser.add_argument(flag, type=typ, default=_UNSET)
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
+    explicit = set()
     for f in dataclasses.fields(cls):
         v = args[f.name]
+        if v is _UNSET:
+            v = _default(f)
+        else:
+            explicit.add(f.name)
         if typing.get_origin(hints[f.name]) is tuple and isinstance(v, list):
             v = tuple(v)
         values[f.name] = v
-    return cls(**values)
+    cfg = cls(**values)
+    object.__setattr__(cfg, _EXPLICIT_ATTR, frozenset(explicit))  # object.__setattr__: frozen classes too
+    return cfg
+
+
+def explicit_fields(cfg) -> frozenset[str]:
+    """Fields of the dataclass instance `cfg` that the user set: given on the command line
+    (recorded by parse_config) or holding a value other than the field's default."""
+    given = getattr(cfg, _EXPLICIT_ATTR, frozenset())
+    return frozenset(given) | {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != _default(f)}
+
+
+def apply_preset(cfg, **values) -> frozenset[str]:
+    """Set each field named in `values` (a preset such as --smoke's sizes) unless the user set
+    it (`explicit_fields`); returns the names of the fields the preset left alone."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"apply_preset: {type(cfg).__name__} has no field(s) {unknown}")
+    keep = explicit_fields(cfg) & set(values)
+    for name, value in values.items():
+        if name not in keep:
+            setattr(cfg, name, value)
+    return frozenset(keep)
+
+
+class ConfigMismatchError(ValueError):
+    """A run directory's config.json holds another configuration than the one given."""
+
+
+def _jsonable(cfg) -> dict:
+    """asdict(cfg) as it reads back from JSON (tuples become lists), to compare like with like."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+_ABSENT = "<absent>"
+
+
+def config_differences(old: dict, new: dict, ignore: Iterable[str] = IGNORED_FIELDS) -> dict[str, tuple]:
+    """{field: (old value, new value)} for every field that differs, `ignore`d fields aside;
+    a field only one side has shows "<absent>" on the other."""
+    ignore = set(ignore)
+    return {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
+            if k not in ignore and old.get(k, _ABSENT) != new.get(k, _ABSENT)}
+
+
+def save_config(cfg, run_dir: str, *, allow_change: bool = False, ignore: Iterable[str] = IGNORED_FIELDS) -> None:
+    """Write the dataclass `cfg` to run_dir/config.json, where a rerun finds it.
+
+    A run directory holds one run: when config.json is already there (a resume, or a
+    reused --run-dir) with a configuration that differs in any field but `ignore`d ones
+    (where the run lives and how it is shown, IGNORED_FIELDS), this raises
+    ConfigMismatchError naming each field with its saved and its new value, and writes
+    nothing. Call it before training, so a mismatched rerun stops before it touches
+    anything. `allow_change=True` overwrites config.json and appends `{"time",
+    "changes": {field: [old, new]}}` to run_dir/config_changes.jsonl, so the directory
+    still tells which configuration produced what.
+    """
+    path = os.path.join(run_dir, CONFIG_FILE)
+    new = _jsonable(cfg)
+    changes = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changes = config_differences(old, new, ignore)
+        if changes and not allow_change:
+            listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
+            raise ConfigMismatchError(
+                f"{path} holds another configuration ({listed}). A run directory holds one run: pass a new "
+                f"--run-dir, or rerun with the saved values, or --force-config to continue with the new "
+                f"ones (recorded in {CONFIG_CHANGES_FILE})")
+        if not changes:
+            return  # the same run: keep the file as first written
+    from rljax.checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(new, f, indent=2)
+    if changes:
+        with open(os.path.join(run_dir, CONFIG_CHANGES_FILE), "a") as f:
+            f.write(json.dumps({"time": time.time(), "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+        print(f"{path}: configuration changed ({', '.join(changes)}); recorded in {CONFIG_CHANGES_FILE}")
+
+
+def check_input_dir(path: str, flag: str, *, create: bool = False, create_flag: str | None = None) -> bool:
+    """An input run directory (e.g. --sft-run-dir) must exist: a mistyped path is an error naming
+    `flag` and the path, not a silent new run, unless `create` (the caller asked for one, with
+    `create_flag`). Returns whether the directory exists."""
+    if os.path.isdir(path):
+        return True
+    if not create:
+        how = f"; pass {create_flag} to create it" if create_flag else ""
+        raise FileNotFoundError(f"{flag}: no directory {path!r}{how}")
+    return False
 
 
 def make_run_dir(root: str, name: str) -> str:
@@ -67,6 +204,16 @@ def make_run_dir(root: str, name: str) -> str:
     return path
 
 
-def save_config(cfg, run_dir: str) -> None:
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+def run(main: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None = None) -> Any:
+    """`main(parse_config(cls, argv))` for an experiment's `__main__`: a preempted run
+    (rljax.phases.Preempted) prints its one-line message to stderr and exits with its
+    exit_code (128 + signal: 143 for SIGTERM, 130 for SIGINT); rerunning the same command
+    resumes it."""
+    from rljax.phases import Preempted
+
+    cfg = parse_config(cls, argv)
+    try:
+        return main(cfg)
+    except Preempted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None

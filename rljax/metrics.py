@@ -3,7 +3,14 @@ and plotting it back, and a small progress bar for training loops.
 
 `MetricsWriter(run_dir)` appends one JSON object per `write(step, metrics)` to
 `<run_dir>/metrics.jsonl` and flushes it, so a killed run keeps every line
-already written and a resumed run simply appends. Values may be Python numbers,
+already written. A run resumed from its checkpoint at step S calls
+`resume(S, prefix=...)`: the lines of that phase with step > S (logged by the
+killed run after its last checkpoint, and about to be logged again) are dropped,
+the file rewritten atomically, and the event record
+`{"step": S, "time": ..., "event": "resumed", "phase": "<prefix>"}` appended.
+Event records carry no metrics; `read_metrics` leaves them out unless asked
+(`events=True`). TensorBoard event files cannot be rewritten: they keep the killed
+run's points past S, which TensorBoard draws over. Values may be Python numbers,
 numpy scalars or 0-d numpy/jax arrays; non-finite floats are stored as the
 strings "nan", "inf" and "-inf" so that every line is valid JSON, and
 `read_metrics` turns them back into floats. When a TensorBoard backend
@@ -29,7 +36,7 @@ TB_DIR = "tb"
 
 _NONFINITE_TO_STR = {math.inf: "inf", -math.inf: "-inf"}
 _STR_TO_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-_RESERVED = ("step", "time")
+_RESERVED = ("step", "time", "event", "phase")  # "event", "phase": event records
 
 
 def _to_scalar(name: str, value: Any) -> int | float:
@@ -146,6 +153,48 @@ class MetricsWriter:
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
 
+    def resume(self, step: int, *, prefix: str = "", mark: bool = True) -> int:
+        """Continue a run resumed from its checkpoint at `step`: drop this phase's records with
+        a larger step, then (with `mark`) append `{"step", "time", "event": "resumed", "phase":
+        prefix}`. A record is this phase's when one of its metric names starts with `prefix`
+        (an event record, when its "phase" is `prefix`); "" means every record. The file is
+        rewritten through a temporary file renamed over it, so a crash leaves the old or the
+        new file, never a partial one. Returns the number of records dropped."""
+        from rljax.checkpoint import atomic_path  # metrics stays importable without orbax
+
+        if self._file is None:
+            raise ValueError(f"MetricsWriter for {self.path} is closed")
+        step = int(step)
+        self._file.close()
+        self._file = None
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept, dropped = [], 0
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if lineno == len(lines):  # a line cut short when the killed run died mid-write
+                    dropped += 1
+                    continue
+                raise ValueError(f"{self.path}: line {lineno} is not valid JSON") from None
+            if record.get("step", -1) > step and _of_phase(record, prefix):
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            with atomic_path(self.path) as tmp:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(kept)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if mark:
+            self._file.write(json.dumps({"step": step, "time": time.time(), "event": "resumed",
+                                         "phase": prefix}) + "\n")
+            self._file.flush()
+        return dropped
+
     def close(self) -> None:
         """Flush and close the log (and TensorBoard writer); safe to call twice."""
         if self._tb is not None:
@@ -162,8 +211,16 @@ class MetricsWriter:
         self.close()
 
 
-def read_metrics(path_or_run_dir: str | os.PathLike) -> list[dict]:
-    """Records of a metrics.jsonl (a file, or a run dir holding one), "nan"/"inf"/"-inf" as floats."""
+def _of_phase(record: dict, prefix: str) -> bool:
+    """Whether `record` was written for the phase whose metric names start with `prefix`."""
+    if "event" in record:
+        return record.get("phase", "") == prefix or not prefix
+    return any(k.startswith(prefix) for k in record if k not in _RESERVED)
+
+
+def read_metrics(path_or_run_dir: str | os.PathLike, *, events: bool = False) -> list[dict]:
+    """Records of a metrics.jsonl (a file, or a run dir holding one), "nan"/"inf"/"-inf" as floats.
+    Event records (`{"event": "resumed", ...}`, see MetricsWriter.resume) only with `events=True`."""
     path = _metrics_path(path_or_run_dir)
     records = []
     with open(path, encoding="utf-8") as f:
@@ -176,6 +233,8 @@ def read_metrics(path_or_run_dir: str | os.PathLike) -> list[dict]:
                 raise ValueError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from e
             if not isinstance(record, dict):
                 raise ValueError(f"{path}: line {lineno} is not a JSON object")
+            if "event" in record and not events:
+                continue
             records.append({k: _STR_TO_NONFINITE.get(v, v) if isinstance(v, str) else v
                             for k, v in record.items()})
     return records

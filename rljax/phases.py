@@ -4,12 +4,22 @@
 position, calls the jitted step, logs, evaluates, checkpoints, shows progress,
 and on start resumes from the run directory's latest checkpoint, so running the
 same command again after a crash continues exactly where it stopped.
+
+Faults. SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) while the loop runs
+lets the current step finish, then checkpoints it, logs its metrics and raises
+`Preempted`; `rljax.cli.run` turns that into a one-line message and exit code
+128 + signal (143 for SIGTERM, 130 for SIGINT). Any other exception inside the
+loop (a reward function, a data error, NonFiniteLossError) first checkpoints the
+last finished step, then propagates. Either way a rerun of the same command loses
+no finished step.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import functools
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,6 +40,23 @@ from rljax.state import OptimizerConfig, TrainState, make_optimizer, make_train_
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Preempted(RuntimeError):
+    """`run_loop` stopped on a signal (SIGTERM or SIGINT) after finishing step `step`.
+
+    step: the last finished step (the state's step), checkpointed under
+    `checkpoint_dir` when the loop had a run_dir (None otherwise); signum: the signal;
+    exit_code: 128 + signum, the shell's convention for a process ended by that
+    signal (143 for SIGTERM, 130 for SIGINT), which `rljax.cli.run` exits with.
+    """
+
+    def __init__(self, name: str, step: int, signum: int, checkpoint_dir: str | None):
+        self.name, self.step, self.signum, self.checkpoint_dir = name, step, signum, checkpoint_dir
+        self.exit_code = 128 + signum
+        where = (f"checkpoint at step {step} in {checkpoint_dir}; rerun the same command to resume"
+                 if checkpoint_dir else "no run_dir, so nothing was saved")
+        super().__init__(f"[{name}] preempted by {signal.Signals(signum).name} after step {step}: {where}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +102,61 @@ def owned_state(state):
     return owned_copy(state.replace(ref_params=None)).replace(ref_params=ref)
 
 
+class _StopSignals:
+    """While active (a context manager), SIGTERM and SIGINT set `received` instead of
+    ending the process, so the loop can finish its step and save; a second signal
+    raises KeyboardInterrupt at once (a user pressing Ctrl-C twice wants out now; the
+    loop still saves the last finished step on the way out). Only the main thread may
+    install signal handlers, so elsewhere (a loop in a worker thread) it does nothing
+    and signals keep their old behaviour. The previous handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name} while saving")
+        self.received = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            # None: the old handler was not installed from Python; the default is the best guess
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+def _alive(state) -> bool:
+    """False when a step donated (and so deleted) any array of `state`."""
+    return not any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(state))
+
+
+def _save_finished(ckpt: Checkpointer, state, name: str) -> None:
+    """Checkpoint `state`, the last finished step, unless it is already saved or its arrays
+    were donated to a step that then failed (then the latest checkpoint is all there is).
+    Called while an exception propagates, so it reports and swallows its own errors."""
+    try:
+        if not _alive(state):
+            print(f"[{name}] the failed step had consumed the state; the latest checkpoint "
+                  f"(step {ckpt.latest_step()}) is the last saved step")
+            return
+        step = int(jax.device_get(state.step))
+        if step != ckpt.latest_step():
+            ckpt.save(state, {"data_position": step}, force=True)
+            ckpt.wait()
+            print(f"[{name}] saved the last finished step {step} in {ckpt.directory} before stopping")
+    except Exception as e:  # the original error matters more than this one
+        print(f"[{name}] could not save the last finished step: {type(e).__name__}: {e}")
+
+
 def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run_dir: str | None = None,
              put_batch: Callable | None = None, eval_fn: Callable[[TrainState], dict] | None = None,
              name: str = "train") -> TrainState:
@@ -91,45 +173,74 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     stay valid. While the phase runs, the caller's state and the trained one are both
     held (one more copy of params and optimizer state); the frozen `ref_params` of an
     RL or OREO state are not donated and are not copied.
-    """
+
+    Faults (see the module docstring): on SIGTERM/SIGINT the running step finishes, is
+    checkpointed and logged, and `Preempted` is raised; on any other exception the last
+    finished step is checkpointed before the exception propagates. The signal handlers
+    exist only while the loop runs, and only when it runs in the main thread.
+
+    Resuming at step S drops the metrics.jsonl records of this phase with step > S (a
+    killed run may have logged steps it never checkpointed; the rerun logs them again)
+    and, when steps remain, adds the marker `{"step": S, "event": "resumed", "phase":
+    "<name>/"}` (`MetricsWriter.resume`). On several hosts each process handles its own
+    signals: a scheduler must signal all of them (they then stop at the same step only
+    if the signals arrive during the same step)."""
     writer = MetricsWriter(run_dir) if run_dir else None
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints) if run_dir else None
+    stop = _StopSignals()
     try:
-        if ckpt is not None and ckpt.latest_step() is not None:
+        resumed = ckpt is not None and ckpt.latest_step() is not None
+        if resumed:
             state, meta = ckpt.restore(state)
             print(f"[{name}] resumed from {ckpt.directory} at step {int(state.step)} "
                   f"(data position {meta.get('data_position')})")
         else:  # restored arrays are already fresh
             state = owned_state(state)
         start = int(jax.device_get(state.step))
+        if resumed and writer is not None:
+            writer.resume(start, prefix=f"{name}/", mark=start < cfg.steps)
         consecutive = 0
         progress = Progress(cfg.steps, initial=start, desc=name, disable=not cfg.progress)
         t_last, tokens_since, shown = time.perf_counter(), 0, start
-        for position in range(start, cfg.steps):
-            batch = data.batch_at(position)
-            state, metrics = step_fn(state, put_batch(batch) if put_batch else batch)
-            metrics = jax.device_get(metrics)
-            # a step that makes its own tokens (RL: prompts + completions) reports how many
-            tokens_since += int(metrics["tokens"]) if "tokens" in metrics else _tokens(batch)
-            step = position + 1
-            consecutive = consecutive + 1 if int(metrics.get("skipped", 0)) else 0
-            if consecutive >= cfg.max_consecutive_skips:
-                raise NonFiniteLossError(
-                    f"[{name}] loss or gradient was non-finite for {consecutive} consecutive steps "
-                    f"(steps {step - consecutive + 1}..{step}); those steps left the state unchanged. "
-                    f"Check the batches at data positions {step - consecutive}..{step - 1} or lower the "
-                    f"learning rate.")
-            if _due(step, cfg.log_every) or step == cfg.steps:
-                dt = time.perf_counter() - t_last
-                rate = tokens_since / dt if dt > 0 else 0.0
-                if writer:
-                    writer.write(step, dict(metrics, tokens_per_s=rate), prefix=f"{name}/")
-                progress.update(step - shown, loss=float(metrics["loss"]), **{"tok/s": rate})
-                t_last, tokens_since, shown = time.perf_counter(), 0, step
-            if eval_fn is not None and _due(step, cfg.eval_every) and step != cfg.steps:
-                _evaluate(eval_fn, state, step, writer, name)
-            if ckpt is not None and _due(step, cfg.checkpoint_every):
-                ckpt.save(state, {"data_position": step})
+        with stop:
+            try:
+                for position in range(start, cfg.steps):
+                    batch = data.batch_at(position)
+                    state, metrics = step_fn(state, put_batch(batch) if put_batch else batch)
+                    metrics = jax.device_get(metrics)
+                    # a step that makes its own tokens (RL: prompts + completions) reports how many
+                    tokens_since += int(metrics["tokens"]) if "tokens" in metrics else _tokens(batch)
+                    step = position + 1
+                    consecutive = consecutive + 1 if int(metrics.get("skipped", 0)) else 0
+                    if consecutive >= cfg.max_consecutive_skips:
+                        raise NonFiniteLossError(
+                            f"[{name}] loss or gradient was non-finite for {consecutive} consecutive steps "
+                            f"(steps {step - consecutive + 1}..{step}); those steps left the state unchanged. "
+                            f"Check the batches at data positions {step - consecutive}..{step - 1} or lower "
+                            f"the learning rate.")
+                    stopping = stop.received is not None  # a signal came during this step
+                    if _due(step, cfg.log_every) or step == cfg.steps or stopping:
+                        dt = time.perf_counter() - t_last
+                        rate = tokens_since / dt if dt > 0 else 0.0
+                        if writer:
+                            writer.write(step, dict(metrics, tokens_per_s=rate), prefix=f"{name}/")
+                        progress.update(step - shown, loss=float(metrics["loss"]), **{"tok/s": rate})
+                        t_last, tokens_since, shown = time.perf_counter(), 0, step
+                    if stopping:
+                        progress.close()
+                        if ckpt is not None and step != ckpt.latest_step():
+                            ckpt.save(state, {"data_position": step}, force=True)  # close() waits for it
+                        raise Preempted(name, step, stop.received, ckpt.directory if ckpt else None)
+                    if eval_fn is not None and _due(step, cfg.eval_every) and step != cfg.steps:
+                        _evaluate(eval_fn, state, step, writer, name)
+                    if ckpt is not None and _due(step, cfg.checkpoint_every):
+                        ckpt.save(state, {"data_position": step})
+            except BaseException as e:
+                # `state` is rebound only when a step returns, so here it is the last finished step's
+                # state (alive unless the failing step had already donated it)
+                if ckpt is not None and not isinstance(e, Preempted):
+                    _save_finished(ckpt, state, name)
+                raise
         progress.close()
         end = int(jax.device_get(state.step))
         if ckpt is not None and end != ckpt.latest_step():
@@ -139,7 +250,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
         return state
     finally:
         if ckpt is not None:
-            ckpt.close()
+            ckpt.close()  # waits for the pending (possibly preemption) save to finish
         if writer is not None:
             writer.close()
 

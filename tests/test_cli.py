@@ -1,3 +1,5 @@
+import dataclasses
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -29,3 +31,104 @@ def test_bad_values_exit_with_usage():
         parse_config(Cfg, ["--steps", "many"])
     with pytest.raises(SystemExit):
         parse_config(Cfg, ["--unknown-flag", "1"])
+
+
+def test_flags_must_be_spelled_out(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Cfg, ["--step", "5"])  # a prefix of --steps: an error, not steps=5
+    assert "unrecognized arguments: --step 5" in capsys.readouterr().err
+
+
+def test_a_preset_leaves_explicit_values_alone():
+    from rljax.cli import apply_preset, explicit_fields
+
+    # --steps 10 equals the default: only the record of the command line tells it was given
+    cfg = parse_config(Cfg, ["--smoke", "--steps", "10"])
+    assert explicit_fields(cfg) == {"smoke", "steps"}
+    assert apply_preset(cfg, steps=2, lr=0.5, preset="micro") == {"steps"}
+    assert (cfg.steps, cfg.lr, cfg.preset) == (10, 0.5, "micro")
+    built = Cfg(smoke=True, lr=0.1)  # built in Python: a value other than the default was set
+    apply_preset(built, steps=2, lr=0.5)
+    assert (built.steps, built.lr) == (2, 0.1)
+    with pytest.raises(ValueError, match=r"has no field\(s\) \['stepz'\]"):
+        apply_preset(built, stepz=1)
+
+
+def test_an_experiments_smoke_sizes_yield_to_its_flags():
+    from rljax.recipes.arithmetic_runs import SFTArithmeticConfig, apply_sft_smoke
+
+    cfg = parse_config(SFTArithmeticConfig, ["--smoke", "--steps", "500", "--batch-size", "4"])
+    apply_sft_smoke(cfg)
+    smoke = SFTArithmeticConfig(smoke=True)
+    apply_sft_smoke(smoke)
+    assert (cfg.steps, cfg.batch_size) == (500, 4)  # given (500 is also the default)
+    assert (cfg.preset, cfg.n_train, cfg.warmup_steps) == (smoke.preset, smoke.n_train, smoke.warmup_steps) == (
+        "tiny", 256, 2)
+
+
+def test_a_run_dir_refuses_another_configuration_unless_forced(tmp_path):
+    import json
+
+    from rljax.cli import CONFIG_CHANGES_FILE, ConfigMismatchError, save_config
+
+    save_config(Cfg(steps=3), str(tmp_path))
+    path = tmp_path / "config.json"
+    first = path.read_bytes()
+    assert json.loads(first)["sizes"] == [1, 2]
+    save_config(Cfg(steps=3), str(tmp_path))  # the same run again: fine
+    with pytest.raises(ConfigMismatchError) as info:
+        save_config(Cfg(steps=4, sizes=(1, 2, 3)), str(tmp_path))
+    msg = str(info.value)
+    assert str(path) in msg and "sizes: [1, 2] -> [1, 2, 3]; steps: 3 -> 4" in msg and "--force-config" in msg
+    assert path.read_bytes() == first and not (tmp_path / CONFIG_CHANGES_FILE).exists()
+
+    save_config(Cfg(steps=4), str(tmp_path), allow_change=True)
+    assert json.loads(path.read_text())["steps"] == 4
+    (change,) = [json.loads(x) for x in (tmp_path / CONFIG_CHANGES_FILE).read_text().splitlines()]
+    assert change["changes"] == {"steps": [3, 4]}
+
+
+@dataclasses.dataclass
+class _Where:
+    steps: int = 1
+    run_dir: str | None = None
+    progress: bool = True
+
+
+def test_where_a_run_lives_and_how_it_shows_may_change_on_resume(tmp_path):
+    from rljax.cli import save_config
+
+    save_config(_Where(), str(tmp_path))
+    save_config(_Where(run_dir=str(tmp_path), progress=False), str(tmp_path))  # no error
+
+
+def test_an_experiment_refuses_a_changed_configuration_before_writing_anything(tmp_path):
+    from rljax.cli import ConfigMismatchError, save_config
+    from rljax.recipes.arithmetic_runs import SFTArithmeticConfig, apply_sft_smoke, train_sft
+
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    first = SFTArithmeticConfig(smoke=True, run_dir=run_dir, lr=1e-3)
+    apply_sft_smoke(first)
+    save_config(first, run_dir)
+    saved = open(os.path.join(run_dir, "config.json")).read()
+    with pytest.raises(ConfigMismatchError, match=r"lr: 0\.001 -> 0\.003"):
+        train_sft(SFTArithmeticConfig(smoke=True, run_dir=run_dir))
+    assert os.listdir(run_dir) == ["config.json"] and open(os.path.join(run_dir, "config.json")).read() == saved
+
+
+def test_a_missing_input_run_dir_is_an_error_unless_asked_to_create_it(tmp_path):
+    from rljax.cli import check_input_dir
+    from rljax.recipes.arithmetic_runs import RLArithmeticConfig, load_sft, train_rl
+    from rljax.tokenizer import CharTokenizer
+
+    missing, rl_dir = str(tmp_path / "sft-typo"), str(tmp_path / "rl")
+    # --smoke would train the SFT run; an explicit --train-sft false wins over the preset
+    cfg = parse_config(RLArithmeticConfig, ["--smoke", "--train-sft", "false", "--sft-run-dir", missing,
+                                            "--run-dir", rl_dir])
+    with pytest.raises(FileNotFoundError, match=f"--sft-run-dir: no directory '{missing}'; pass --train-sft"):
+        train_rl(cfg)
+    assert os.listdir(tmp_path) == []  # nothing written, not even the RL run's directory
+    with pytest.raises(FileNotFoundError, match="--sft-run-dir"):
+        load_sft(missing, CharTokenizer(), run_if_missing=True)
+    assert check_input_dir(missing, "--x", create=True) is False and check_input_dir(str(tmp_path), "--x")

@@ -81,7 +81,7 @@ def test_sft_phase_resumes_from_run_dir_and_rejects_a_mismatched_optimizer(tiny,
     assert int(resumed.step) == 8
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), full.params, resumed.params)
     lines = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
-    assert [x["step"] for x in lines] == [4, 8]
+    assert [(x["step"], x.get("event")) for x in lines] == [(4, None), (4, "resumed"), (8, None)]
     with pytest.raises(ValueError, match="does not match cfg.optimizer"):
         sft(create_state(m, OptimizerConfig(grad_accum=2), jax.random.key(0)), data, cfg, model=m)
 
@@ -161,6 +161,11 @@ def test_sigkill_and_rerun_finishes_bitwise_equal_to_an_uninterrupted_run(tmp_pa
 
     out = subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
     assert "resumed from" in out.stdout
+    from rljax.metrics import read_metrics
+
+    # the killed run's lines past its last checkpoint were dropped on resume, then logged again once
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(4, 41, 4))
+    assert [r["step"] for r in read_metrics(run_dir, events=True) if "event" in r] == [killed_at]
     a, b = _final_params(ref_dir), _final_params(run_dir)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.params, b.params)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.opt_state,

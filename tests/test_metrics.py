@@ -95,6 +95,43 @@ def test_malformed_line_names_file_and_line(tmp_path):
         read_metrics(tmp_path)
 
 
+def test_resume_drops_this_phases_records_past_the_step_and_marks_it(tmp_path, monkeypatch):
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        for step in range(1, 6):
+            w.write(step, {"loss": float(step)}, prefix="sft/")
+        w.write(5, {"score": 0.5}, prefix="sft/eval/")
+        for step in range(1, 4):
+            w.write(step * 2, {"loss": -float(step)}, prefix="rm/")  # another phase in the same file
+    before = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "sft/lo')  # the killed run died in the middle of a line
+
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((a, b)), real_replace(a, b))[1])
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        assert w.resume(3, prefix="sft/") == 4  # steps 4, 5, the eval at 5 and the cut line
+        w.write(4, {"loss": 40.0}, prefix="sft/")
+    assert renamed and renamed[0][1] == str(tmp_path / "metrics.jsonl")  # rewritten whole, then renamed
+
+    raw = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kept = [json.loads(x) for x in before]
+    kept = [r for r in kept if not (r["step"] > 3 and any(k.startswith("sft/") for k in r))]
+    assert raw[:-2] == kept  # the other lines, unchanged and in order
+    assert {k: raw[-2][k] for k in ("step", "event", "phase")} == {"step": 3, "event": "resumed", "phase": "sft/"}
+    assert [(r["step"], r.get("sft/loss"), r.get("rm/loss")) for r in read_metrics(tmp_path)] == [
+        (1, 1.0, None), (2, 2.0, None), (3, 3.0, None), (2, None, -1.0), (4, None, -2.0), (6, None, -3.0),
+        (4, 40.0, None)]  # event records only on request
+    assert len(read_metrics(tmp_path, events=True)) == 8
+    with pytest.raises(ValueError, match=r"available: \['rm/loss', 'sft/loss'\]"):  # the marker is no metric
+        plot_metrics(tmp_path, ["nope"], str(tmp_path / "x.png"))
+
+    with MetricsWriter(tmp_path, tensorboard=False) as w:  # resuming again at the same step: nothing to drop
+        assert w.resume(4, prefix="sft/", mark=False) == 0
+    with pytest.raises(ValueError, match="reserved"):
+        MetricsWriter(tmp_path, tensorboard=False).write(1, {"event": 1})
+
+
 def test_plot_metrics(tmp_path):
     with MetricsWriter(tmp_path, tensorboard=False) as w:
         for step in range(20):

@@ -7,7 +7,9 @@
                                   (`python -m experiments.rl_arithmetic`)
 
 Each run writes config.json, metrics.jsonl, checkpoints/ and results.json under its run directory;
-running it again with the same run_dir resumes from the last checkpoint.
+running it again with the same run_dir resumes from the last checkpoint, provided the configuration
+is the same (`rljax.cli.save_config`; force_config=True records a change instead). An RL run's
+sft_run_dir must exist unless train_sft=True (or --smoke) asks to train the SFT run there first.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from dataclasses import asdict, dataclass
 import jax
 
 from rljax.algorithms import get_algorithm
-from rljax.cli import make_run_dir, save_config
+from rljax.cli import IGNORED_FIELDS, apply_preset, check_input_dir, make_run_dir, save_config
 from rljax.data.arithmetic import make_split
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.eval import exact_match, finished_run, load_finished
@@ -35,7 +37,7 @@ from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import CharTokenizer
 
-__all__ = ["SFTArithmeticConfig", "RLArithmeticConfig", "apply_sft_smoke", "sft_optimizer", "build_model",
+__all__ = ["SFTArithmeticConfig", "RLArithmeticConfig", "RL_IGNORED_FIELDS", "apply_sft_smoke", "sft_optimizer", "build_model",
            "train_sft", "read_sft_config", "load_sft", "train_rl"]
 
 
@@ -62,6 +64,7 @@ class SFTArithmeticConfig:
     progress: bool = True
     evaluate: bool = True
     smoke: bool = False
+    force_config: bool = False  # rerun in a run_dir whose config.json differs: overwrite it, recording the change
 
 
 def sft_optimizer(cfg: SFTArithmeticConfig) -> OptimizerConfig:
@@ -74,9 +77,10 @@ def build_model(cfg: SFTArithmeticConfig, tok) -> Model:
 
 
 def apply_sft_smoke(cfg: SFTArithmeticConfig) -> None:
+    """With cfg.smoke, the seconds-long sizes, except for fields the user set (`rljax.cli.apply_preset`)."""
     if cfg.smoke:
-        cfg.preset, cfg.steps, cfg.batch_size, cfg.n_train, cfg.n_test = "tiny", 12, 8, 256, 16
-        cfg.checkpoint_every, cfg.log_every, cfg.max_new_tokens, cfg.warmup_steps = 6, 4, 24, 2
+        apply_preset(cfg, preset="tiny", steps=12, batch_size=8, n_train=256, n_test=16, checkpoint_every=6,
+                     log_every=4, max_new_tokens=24, warmup_steps=2)
 
 
 def train_sft(cfg: SFTArithmeticConfig) -> dict:
@@ -86,7 +90,7 @@ def train_sft(cfg: SFTArithmeticConfig) -> dict:
     apply_sft_smoke(cfg)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "sft_arithmetic")
     os.makedirs(run_dir, exist_ok=True)
-    save_config(cfg, run_dir)
+    save_config(cfg, run_dir, allow_change=cfg.force_config)
     tok = CharTokenizer()
     model = build_model(cfg, tok)
     train, test = make_split(cfg.n_train, cfg.n_test, levels=cfg.levels, seed=cfg.seed)
@@ -127,25 +131,28 @@ def train_sft(cfg: SFTArithmeticConfig) -> dict:
 
 
 def read_sft_config(sft_run_dir: str, *, smoke: bool = False, progress: bool = True) -> SFTArithmeticConfig:
-    """The SFT run's config: from its config.json when there (unknown fields ignored), else the
-    defaults (with `smoke`); run_dir = sft_run_dir, and the smoke sizes applied when it is a smoke run."""
+    """The SFT run's config: from its config.json when there (unknown fields ignored; it was saved with
+    its smoke sizes already applied), else the defaults (with `smoke` and its sizes); run_dir = sft_run_dir."""
     saved = os.path.join(sft_run_dir, "config.json")
     if os.path.exists(saved):
         with open(saved) as f:
             fields = {k: v for k, v in json.load(f).items() if k in SFTArithmeticConfig.__dataclass_fields__}
         fields["levels"] = tuple(fields.get("levels", (1,)))
-        cfg = SFTArithmeticConfig(**{**fields, "run_dir": sft_run_dir, "progress": progress})
-    else:
-        cfg = SFTArithmeticConfig(run_dir=sft_run_dir, smoke=smoke, progress=progress)
+        return SFTArithmeticConfig(**{**fields, "run_dir": sft_run_dir, "progress": progress})
+    cfg = SFTArithmeticConfig(run_dir=sft_run_dir, smoke=smoke, progress=progress)
     apply_sft_smoke(cfg)
     return cfg
 
 
-def load_sft(sft_run_dir: str, tok, *, smoke: bool = False, progress: bool = True, run_if_missing: bool = False):
+def load_sft(sft_run_dir: str, tok, *, smoke: bool = False, progress: bool = True, run_if_missing: bool = False,
+             create: bool = False):
     """(model, params, sft_cfg) of the SFT run in `sft_run_dir` at its final step; its config.json (when
     there) gives the model and the train/test split (`read_sft_config`). A run without its final
     checkpoint raises rljax.eval.UnfinishedRunError naming the directory, unless `run_if_missing`:
-    then the SFT run is trained (or resumed) there first, with a message saying so."""
+    then the SFT run is trained (or resumed) there first, with a message saying so. A directory that
+    does not exist is FileNotFoundError naming --sft-run-dir (a mistyped path must not start a new
+    run) unless `create`, which trains a new SFT run there."""
+    check_input_dir(sft_run_dir, "--sft-run-dir", create=create, create_flag="--train-sft")
     sft_cfg = read_sft_config(sft_run_dir, smoke=smoke, progress=progress)
     if run_if_missing and not finished_run(sft_run_dir, sft_cfg.steps):
         print(f"no finished SFT checkpoint in {sft_run_dir}: running the SFT study first")
@@ -188,27 +195,35 @@ class RLArithmeticConfig:
     track_kl: bool = True  # KL to the SFT policy every iteration (one reference forward; training is unchanged)
     eval_samples: int = 8  # held-out accuracy is also measured on this many samples per problem at temperature 1
     smoke: bool = False
+    train_sft: bool = False  # sft_run_dir does not exist: train the SFT run there first (--smoke sets it)
+    force_config: bool = False  # rerun in a run_dir whose config.json differs: overwrite it, recording the change
+
+
+# train_sft only says what to do when the input is missing, not what the run computes
+RL_IGNORED_FIELDS = (*IGNORED_FIELDS, "train_sft")
 
 
 def train_rl(cfg: RLArithmeticConfig) -> dict:
-    """RL with cfg.algo from the SFT run in cfg.sft_run_dir (trained there first when it has no final
-    checkpoint); held-out accuracy of the SFT and RL policies, greedy and sampled (mean over
-    cfg.eval_samples per problem at temperature 1, key 7 for every run). Writes results.json under
-    cfg.run_dir; returns the results."""
+    """RL with cfg.algo from the SFT run in cfg.sft_run_dir (finished there first when it has no final
+    checkpoint; trained there first when the directory does not exist only with cfg.train_sft);
+    held-out accuracy of the SFT and RL policies, greedy and sampled (mean over
+    cfg.eval_samples per problem at temperature 1, key 7 for every run). Writes config.json (checked
+    against an existing one before anything runs) and results.json under cfg.run_dir; returns the results."""
     if cfg.smoke:
-        cfg.iterations, cfg.prompts_per_iteration, cfg.n, cfg.max_new_tokens = 3, 4, 4, 16
+        apply_preset(cfg, iterations=3, prompts_per_iteration=4, n=4, max_new_tokens=16, train_sft=True)
+    check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"rl_arithmetic-{cfg.algo}")
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True)
+                                      run_if_missing=True, create=cfg.train_sft)
     algo = get_algorithm(cfg.algo)
     critic_model = critic_params = None
     if algo.needs().critic:  # trpo: a separate critic, initialised from the policy (V = 0 at first)
         critic_model, critic_params = with_value_head(model, params)
     elif algo.needs().values:  # a2c, ppo: a value head on the policy's backbone, V = 0 at first
         model, params = with_value_head(model, params)
-    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"rl_arithmetic-{cfg.algo}")
-    os.makedirs(run_dir, exist_ok=True)
-    save_config(cfg, run_dir)
     train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
 
     def collate(problems):
