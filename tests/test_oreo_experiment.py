@@ -16,6 +16,11 @@ def test_right_wrong_pairs_pair_in_order_per_problem():
                                                        {"prompt": "q0", "chosen": "c", "rejected": "d"}]
 
 
+def _is_count(fraction: float, n: int) -> bool:
+    """fraction is k/n for an integer 0 <= k <= n."""
+    return 0 <= round(fraction * n) <= n and abs(fraction * n - round(fraction * n)) < 1e-6
+
+
 @pytest.mark.slow  # every part of the experiment, ~2 min on 2 cores
 def test_oreo_arithmetic_smoke(tmp_path):
     run_dir = str(tmp_path / "run")
@@ -28,8 +33,14 @@ def test_oreo_arithmetic_smoke(tmp_path):
     right = (sum(r["reward"] for r in rows) + cfg["problems"]) / (len(rows) + cfg["problems"])
     assert abs(res["compare"]["right_fraction"] - right) < 1e-9
     assert set(res["compare"]["methods"]) == {"rejection sampling SFT", "DPO", "KTO", "OREO"}
-    for m in res["compare"]["methods"].values():
-        assert 0.0 <= m["greedy"] <= 1.0 and 0.0 <= m["sampled"] <= 1.0
+    # accuracies are counts of right answers over the held-out problems (and samples), and the SFT
+    # policy every method starts from is the same one the iterate part starts from
+    n, k = cfg["eval_problems"], cfg["eval_samples"]
+    for m in list(res["compare"]["methods"].values()) + [res["sft"]]:
+        assert _is_count(m["greedy"], n) and _is_count(m["sampled"], n * k)
+    assert res["iterate"]["OREO"][0] == res["iterate"]["rejection sampling"][0] == res["sft"]["greedy"]
+    assert _is_count(res["search"]["greedy"], n)
+    assert all(_is_count(b["search"]["accuracy"], n) for b in res["search"]["beams"].values())
     beams = res["search"]["beams"]
     assert set(map(int, beams)) == set(cfg["beams"])
     # one beam samples one step per round: at most max_new_tokens per problem; B beams sample more

@@ -23,8 +23,13 @@ def test_preference_smoke(tmp_path):
                             sft_run_dir=str(tmp_path / "sft"), run_dir=str(tmp_path / "pref"), progress=False))
     runs = res["runs"]
     assert [(r["algo"], r["flip"]) for r in runs] == [("robust_dpo", 0.0), ("robust_dpo", 0.25), ("online_dpo", 0.0)]
+    n, k = res["config"]["eval_problems"], res["config"]["eval_samples"]
     for r in runs + [res["sft"]]:
-        assert 0.0 <= r["greedy"] <= 1.0 and 0.0 <= r["sampled"] <= 1.0 and np.isfinite(r["gold"])
+        # counts of right answers over the held-out problems (greedy) and their samples
+        for value, total in ((r["greedy"], n), (r["sampled"], n * k)):
+            assert 0 <= round(value * total) <= total and abs(value * total - round(value * total)) < 1e-6
+        # gold = right answer + 0.5 * step fraction - length penalty on the same samples: at most sampled + 0.5
+        assert np.isfinite(r["gold"]) and r["gold"] <= r["sampled"] + 0.5 + 1e-6
     # the flip rate of robust DPO follows the label noise it is told about
     assert pa.method_config("robust_dpo", 0.25, None).flip_rate == 0.25
     assert runs[0]["steps"] == max(res["config"]["epochs"] * runs[0]["rows"] // res["config"]["batch"], 1)
