@@ -141,7 +141,7 @@ def saved_run(tmp_path_factory, arithmetic):
 def test_load_finished_returns_the_final_checkpoints_params(saved_run):
     run, model, opt, state = saved_run
     assert finished_run(run, 3) and not finished_run(run, 5)
-    target = create_state(model, opt, jax.random.key(9), 
+    target = create_state(model, opt, jax.random.key(9),
                           params=init(model, jax.random.key(9)))  # other values, same structure
     loaded = load_finished(run, target, steps=3)
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(state.params)):
