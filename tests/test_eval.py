@@ -24,15 +24,18 @@ from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import CharTokenizer
 
 MAX_NEW = 12
+init = jax.jit(lambda model, key: model.init(key), static_argnums=0)  # one compile, not one per initialiser op
 
 
 @pytest.fixture(scope="module")
 def arithmetic():
     """A random tiny model on the arithmetic tokenizer and 6 held-out problems of mixed prompt lengths."""
     tok = CharTokenizer()
-    model = Model(preset("tiny", vocab_size=tok.vocab_size))
+    # one layer: every decode here is a compile, and a layer less compiles faster; init jitted: one
+    # compile, not one per initialiser op
+    model = Model(preset("tiny", vocab_size=tok.vocab_size, n_layers=1))
     _, test = make_split(64, 6, levels=(1, 2), seed=0)
-    return model, model.init(jax.random.key(3)), tok, test
+    return model, init(model, jax.random.key(3)), tok, test
 
 
 def _hand_greedy(forward, params, tok, prompt: str, steps: int, width: int = 32) -> str:
@@ -124,9 +127,9 @@ def test_pass_at_k_equals_enumerating_every_k_subset():
 
 
 @pytest.fixture(scope="module")
-def saved_run(tmp_path_factory, tiny):
+def saved_run(tmp_path_factory, arithmetic):
     """A run directory whose checkpoints/ holds one state, saved at step 3."""
-    model, params = tiny
+    model, params, _, _ = arithmetic
     run = str(tmp_path_factory.mktemp("eval") / "run")
     opt = OptimizerConfig(lr=1e-3)
     state = create_state(model, opt, jax.random.key(1), params=params)
@@ -138,7 +141,8 @@ def saved_run(tmp_path_factory, tiny):
 def test_load_finished_returns_the_final_checkpoints_params(saved_run):
     run, model, opt, state = saved_run
     assert finished_run(run, 3) and not finished_run(run, 5)
-    target = create_state(model, opt, jax.random.key(9))  # other values, same structure
+    target = create_state(model, opt, jax.random.key(9),
+                          params=init(model, jax.random.key(9)))  # other values, same structure
     loaded = load_finished(run, target, steps=3)
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -146,7 +150,7 @@ def test_load_finished_returns_the_final_checkpoints_params(saved_run):
 
 def test_missing_or_unfinished_runs_are_errors_naming_the_directory(saved_run, tmp_path):
     run, model, opt, _ = saved_run
-    target = create_state(model, opt, jax.random.key(0))
+    target = create_state(model, opt, jax.random.key(0), params=init(model, jax.random.key(0)))
     with pytest.raises(UnfinishedRunError,
                        match=rf"{re.escape(run)}: the run is not finished: its latest checkpoint is step 3, its final "
                              r"step is 5"):

@@ -1,5 +1,6 @@
 """Preference optimisation: the known answers of ALGORITHMS.md, minimisers, the tabular DPO optimum,
 padding invariance, precomputed = live reference, sharded = one device, KTO's z0, bad input."""
+import functools
 import math
 import warnings
 
@@ -23,14 +24,29 @@ TOK = CharTokenizer()
 preference_loss = jax.jit(_preference.preference_loss, static_argnames=("model", "cfg"))
 reference_logps = jax.jit(_preference.reference_logps, static_argnames=("model", "chunk_size"))
 completion_logps = jax.jit(_preference.completion_logps, static_argnames=("model", "chunk_size"))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfgs"))
+def losses(params, batch, *, model, cfgs):
+    """[preference_loss(params, batch, cfg) for cfg in cfgs] in one compiled program (the model's
+    forward is the same for every cfg): one compile per batch shape and tuple of configs, where
+    a call per config compiled the model once per config."""
+    return [_preference.preference_loss(params, batch, model=model, cfg=cfg) for cfg in cfgs]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfgs"))
+def loss_grad_norms(params, batch, *, model, cfgs):
+    """‖∇_θ preference_loss‖ for each cfg, in one compiled program."""
+    grad = jax.grad(lambda p, cfg: _preference.preference_loss(p, batch, model=model, cfg=cfg)[0])
+    return [optax.tree.norm(grad(params, cfg)) for cfg in cfgs]
 PAIRS = [("12+7=", "19", "18"), ("3*4=", "12", "7"), ("9-5=", "4", "14"), ("8+8=", "16", "61"),
          ("2*9=", "18", "81"), ("7-1=", "6", "5"), ("5+5=", "10", "1"), ("6*3=", "18", "9")]
 
 
 @pytest.fixture(scope="module")
 def small():
-    model = Model(preset("tiny", n_layers=2))
-    return model, model.init(jax.random.key(0))
+    model = Model(preset("tiny", n_layers=1))
+    return model, jax.jit(model.init)(jax.random.key(0))  # jitted: one compile, not one per initialiser op
 
 
 def test_worked_example_to_1e6():
@@ -141,18 +157,21 @@ def test_losses_through_the_model_match_the_worked_numbers(small):
     batch = collate_preferences(TOK, PAIRS[:4])
     rho = np.tile([[1.0, -1.0]], (4, 1))  # Δ = 2 for every pair
     b = _with_target_rho(model, params, batch, rho)
-    for name, want in (("dpo", 0.5981389), ("cdpo", 0.6181389), ("robust_dpo", 0.5731389)):
-        loss, m = preference_loss(params, b, model=model, cfg=PREFERENCE_METHODS[name])
-        assert float(loss) == pytest.approx(want, abs=2e-6), name
+    # every config in one compiled program (the same program for b and b0 below)
+    cfgs = (PREFERENCE_METHODS["dpo"], PREFERENCE_METHODS["cdpo"], PREFERENCE_METHODS["robust_dpo"],
+            DPOConfig(objective="hinge"), DPOConfig(objective="ipo"), DPOConfig(), PREFERENCE_METHODS["ipo"])
+    out = losses(params, b, model=model, cfgs=cfgs)
+    for k, want in enumerate((0.5981389, 0.6181389, 0.5731389)):
+        loss, m = out[k]
+        assert float(loss) == pytest.approx(want, abs=2e-6), cfgs[k]
         assert float(m["accuracy"]) == 1.0 and float(m["margin"]) == pytest.approx(0.2, abs=1e-5)
-    loss, _ = preference_loss(params, b, model=model, cfg=DPOConfig(objective="hinge"))
-    assert float(loss) == pytest.approx(0.8, abs=2e-6)
-    loss, _ = preference_loss(params, b, model=model, cfg=DPOConfig(objective="ipo"))
-    assert float(loss) == pytest.approx(9.0, abs=1e-4)
+    assert float(out[3][0]) == pytest.approx(0.8, abs=2e-6)
+    assert float(out[4][0]) == pytest.approx(9.0, abs=1e-4)
     # at π_θ = π_ref (ρ = 0): log 2, and IPO averaged 1/(4β²)
     b0 = _with_target_rho(model, params, batch, np.zeros((4, 2)))
-    assert float(preference_loss(params, b0, model=model, cfg=DPOConfig())[0]) == pytest.approx(math.log(2), abs=1e-6)
-    assert float(preference_loss(params, b0, model=model, cfg=PREFERENCE_METHODS["ipo"])[0]) == pytest.approx(25.0)
+    out0 = losses(params, b0, model=model, cfgs=cfgs)
+    assert float(out0[5][0]) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(out0[6][0]) == pytest.approx(25.0)
     # KTO through the model: r = 1 on the rows, z0 = 0.5 from the mismatched rows
     kb = collate_kto(TOK, [(p, c, d) for (p, c, _), d in zip(PAIRS[:4], (1, 0, 1, 0))])
     kb = _with_target_rho(model, params, kb, np.tile([[1.0, 0.5]], (4, 1)))
@@ -175,16 +194,23 @@ def _left_pad(batch):
     return batch.replace(tokens=t, attention_mask=a, loss_mask=lm)
 
 
-@pytest.mark.parametrize("name", ["dpo", "ipo", "simpo", "orpo"])
+PADDING_METHODS = ("dpo", "ipo", "simpo", "orpo")
+
+
+@pytest.mark.parametrize("name", PADDING_METHODS)
 def test_padding_invariance(small, name):
     model, params = small
     cfg = PREFERENCE_METHODS[name]
     base = collate_preferences(TOK, PAIRS)
     wide = collate_preferences(TOK, PAIRS, length=48)  # extra right padding
     ref = np.asarray(reference_logps(jax.tree.map(lambda x: x * 0.9, params), base, model=model))
-    losses = [float(preference_loss(params, b.replace(ref_logps=ref), model=model, cfg=cfg)[0])
-              for b in (base, wide, _left_pad(base), _left_pad(wide))]
-    np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
+    # all four methods in one program per width, shared by the four parametrisations
+    k = PADDING_METHODS.index(name)
+    got = [float(losses(params, b.replace(ref_logps=ref), model=model,
+                        cfgs=tuple(PREFERENCE_METHODS[n] for n in PADDING_METHODS))[k][0])
+           for b in (base, wide, _left_pad(base), _left_pad(wide))]
+    assert cfg == PREFERENCE_METHODS[PADDING_METHODS[k]]
+    np.testing.assert_allclose(got, got[0], rtol=1e-5)
 
 
 def test_empty_completion_is_masked_not_nan(small):
@@ -194,16 +220,17 @@ def test_empty_completion_is_masked_not_nan(small):
     lm = np.array(batch.loss_mask)
     lm[2, 1] = 0  # row 2's rejected completion has no token left
     broken = batch.replace(loss_mask=lm, ref_logps=ref)
-    for cfg in (DPOConfig(), PREFERENCE_METHODS["ipo"], SimPOConfig(), ORPOConfig()):
-        loss, m = preference_loss(params, broken, model=model, cfg=cfg)
-        keep = [0, 1, 3]
-        clean = batch.replace(tokens=batch.tokens[keep], attention_mask=batch.attention_mask[keep],
-                              loss_mask=batch.loss_mask[keep], ref_logps=ref[keep])
-        want, _ = preference_loss(params, clean, model=model, cfg=cfg)
-        assert np.isfinite(float(loss)) and float(m["empty"]) == 1.0
-        assert float(loss) == pytest.approx(float(want), rel=1e-5)
-        g = jax.grad(lambda p: preference_loss(p, broken, model=model, cfg=cfg)[0])(params)
-        assert np.isfinite(float(optax.tree.norm(g)))
+    keep = [0, 1, 3]
+    clean = batch.replace(tokens=batch.tokens[keep], attention_mask=batch.attention_mask[keep],
+                          loss_mask=batch.loss_mask[keep], ref_logps=ref[keep])
+    cfgs = (DPOConfig(), PREFERENCE_METHODS["ipo"], SimPOConfig(), ORPOConfig())
+    # each of these is one compiled program for all four configs
+    got, wants = losses(params, broken, model=model, cfgs=cfgs), losses(params, clean, model=model, cfgs=cfgs)
+    grad_norms = loss_grad_norms(params, broken, model=model, cfgs=cfgs)
+    for cfg, (loss, m), (want, _), g in zip(cfgs, got, wants, grad_norms):
+        assert np.isfinite(float(loss)) and float(m["empty"]) == 1.0, cfg
+        assert float(loss) == pytest.approx(float(want), rel=1e-5), cfg
+        assert np.isfinite(float(g)), cfg
 
 
 def test_bad_input_is_named():
@@ -276,6 +303,7 @@ def test_configs_reject_bad_values():
 def test_completion_logps_one_pass_matches_separate_rows(small):
     from rljax.models.logprobs import target_mask, token_logprobs
 
+    token_logprobs = jax.jit(token_logprobs, static_argnames=("model",))
     model, params = small
     batch = collate_preferences(TOK, PAIRS[:3])
     lp, mask = completion_logps(params, batch.tokens, batch.attention_mask, batch.loss_mask, model=model)
@@ -297,37 +325,57 @@ def _rows(pairs, ref, **per_pair):
                  **{k: v[i] for k, v in per_pair.items()}) for i, (p, c, r) in enumerate(pairs)]
 
 
-@pytest.mark.parametrize("cfg", [DPOConfig(), DPOConfig(objective="ipo"), DPOConfig(objective="hinge"),
-                                 SimPOConfig()], ids=["dpo", "ipo", "hinge", "simpo"])
+def _weighted_loss(params, batch, *, model, cfg):
+    return _preference.preference_loss(params, batch, model=model, cfg=cfg)[0]
+
+
+def _naive_weighted_loss(params, pairs, weights, *, model, cfg):
+    """Σ_i w_i ℓ(one-pair batch i) / Σ_i w_i: a loop (lax.map, so one compile for every pair) of the
+    existing loss over one-pair batches, stacked along a leading axis, as callers had to do before."""
+    per_pair = jax.lax.map(lambda one: _preference.preference_loss(params, one, model=model, cfg=cfg)[0], pairs)
+    return jnp.sum(weights * per_pair) / jnp.sum(weights)
+
+
+weighted_value_and_grad = jax.jit(jax.value_and_grad(_weighted_loss), static_argnames=("model", "cfg"))
+naive_weighted_value_and_grad = jax.jit(jax.value_and_grad(_naive_weighted_loss), static_argnames=("model", "cfg"))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfgs"))
+def naive_weighted_losses(params, pairs, weights, *, model, cfgs):
+    return [_naive_weighted_loss(params, pairs, weights, model=model, cfg=cfg) for cfg in cfgs]
+
+
+WEIGHTED_CFGS = (DPOConfig(), DPOConfig(objective="ipo"), DPOConfig(objective="hinge"), SimPOConfig())
+
+
+@pytest.mark.parametrize("cfg", WEIGHTED_CFGS, ids=["dpo", "ipo", "hinge", "simpo"])
 def test_weighted_loss_equals_naive_per_pair_loop(small, cfg):
     """Σ w_i ℓ_i / Σ w_i (and, for DPO, its gradient) equal a loop of the existing loss over one-pair batches."""
     model, params = small
     ref = np.asarray(reference_logps(params, collate_preferences(TOK, PAIRS), model=model)) - 0.7
     batch = collate_preferences(TOK, _rows(PAIRS, ref, weight=WEIGHTS))
     assert batch.weight.shape == (8,) and batch.label is None
-
-    def weighted(p):
-        return preference_loss(p, batch, model=model, cfg=cfg)[0]
-
-    def naive(p):  # one loss call per pair, as callers had to do before
-        total = 0.0
-        for i, w in enumerate(WEIGHTS):
-            one = collate_preferences(TOK, _rows(PAIRS[i:i + 1], ref[i:i + 1]), length=batch.tokens.shape[-1])
-            total = total + w * preference_loss(p, one, model=model, cfg=cfg)[0]
-        return total / sum(WEIGHTS)
+    # one-pair batches, each collated on its own (at the batch's width), stacked for the loop
+    singles = [collate_preferences(TOK, _rows(PAIRS[i:i + 1], ref[i:i + 1]), length=batch.tokens.shape[-1])
+               for i in range(len(PAIRS))]
+    pairs = jax.tree.map(lambda *x: np.stack(x), *singles)
+    weights = np.asarray(WEIGHTS, np.float32)
 
     if isinstance(cfg, DPOConfig) and cfg.objective == "sigmoid":
-        (lw, gw), (ln, gn) = jax.value_and_grad(weighted)(params), jax.value_and_grad(naive)(params)
+        lw, gw = weighted_value_and_grad(params, batch, model=model, cfg=cfg)
+        ln, gn = naive_weighted_value_and_grad(params, pairs, weights, model=model, cfg=cfg)
         for a, b in zip(jax.tree.leaves(gw), jax.tree.leaves(gn)):
             np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()) + 1e-8, rtol=1e-4)
-    else:
-        lw, ln = weighted(params), naive(params)
+    # every config in one program, shared by the four parametrisations
+    k = WEIGHTED_CFGS.index(cfg)
+    lw, ones_loss = (losses(params, b, model=model, cfgs=WEIGHTED_CFGS)[k][0]
+                     for b in (batch, collate_preferences(TOK, _rows(PAIRS, ref, weight=[1.0] * 8))))
+    ln = naive_weighted_losses(params, pairs, weights, model=model, cfgs=WEIGHTED_CFGS)[k]
     assert float(lw) == pytest.approx(float(ln), rel=1e-5)
     # unit weights are the unweighted loss
-    ones = collate_preferences(TOK, _rows(PAIRS, ref, weight=[1.0] * 8))
     plain = collate_preferences(TOK, _rows(PAIRS, ref))
-    assert float(preference_loss(params, ones, model=model, cfg=cfg)[0]) == pytest.approx(
-        float(preference_loss(params, plain, model=model, cfg=cfg)[0]), rel=1e-6)
+    assert float(ones_loss) == pytest.approx(float(losses(params, plain, model=model, cfgs=WEIGHTED_CFGS)[k][0]),
+                                             rel=1e-6)
 
 
 def test_weighted_nll_is_the_token_mean_over_weighted_pairs(small):
@@ -344,21 +392,25 @@ def test_soft_labels_one_is_dpo_and_one_minus_eps_is_cdpo(small):
     model, params = small
     ref = np.asarray(reference_logps(params, collate_preferences(TOK, PAIRS), model=model)) - 0.3
     plain = collate_preferences(TOK, _rows(PAIRS, ref))
-    for cfg in (DPOConfig(), DPOConfig(objective="hinge"), DPOConfig(objective="ipo"), DPOConfig(flip_rate=0.2),
-                SimPOConfig()):
-        ones = collate_preferences(TOK, _rows(PAIRS, ref, label=[1.0] * 8))
-        a, b = (float(preference_loss(params, x, model=model, cfg=cfg)[0]) for x in (ones, plain))
-        assert a == pytest.approx(b, rel=1e-6), cfg
-    for eps in (0.05, 0.1, 0.3):
-        soft = collate_preferences(TOK, _rows(PAIRS, ref, label=[1.0 - eps] * 8))
-        a = float(preference_loss(params, soft, model=model, cfg=DPOConfig())[0])
-        b = float(preference_loss(params, plain, model=model, cfg=DPOConfig(label_smoothing=eps))[0])
-        assert a == pytest.approx(b, rel=1e-5), eps
+    epss = (0.05, 0.1, 0.3)
+    cfgs = (DPOConfig(), DPOConfig(objective="hinge"), DPOConfig(objective="ipo"), DPOConfig(flip_rate=0.2),
+            SimPOConfig()) + tuple(DPOConfig(label_smoothing=eps) for eps in epss)
+
+    def all_losses(batch):  # every config in one program: one compile for labelled batches, one for plain ones
+        return [float(loss) for loss, _ in losses(params, batch, model=model, cfgs=cfgs)]
+
+    ones, plain_losses = all_losses(collate_preferences(TOK, _rows(PAIRS, ref, label=[1.0] * 8))), all_losses(plain)
+    for k in range(5):
+        assert ones[k] == pytest.approx(plain_losses[k], rel=1e-6), cfgs[k]
+    for k, eps in enumerate(epss):
+        soft = all_losses(collate_preferences(TOK, _rows(PAIRS, ref, label=[1.0 - eps] * 8)))
+        assert cfgs[5 + k].label_smoothing == eps
+        assert soft[0] == pytest.approx(plain_losses[5 + k], rel=1e-5), eps
     # label 0 swaps chosen and rejected
     zero = collate_preferences(TOK, _rows(PAIRS, ref, label=[0.0] * 8))
     swapped = collate_preferences(TOK, _rows([(p, r, c) for p, c, r in PAIRS], ref[:, ::-1]))
-    assert float(preference_loss(params, zero, model=model, cfg=DPOConfig())[0]) == pytest.approx(
-        float(preference_loss(params, swapped, model=model, cfg=DPOConfig())[0]), rel=1e-5)
+    assert swapped.tokens.shape == plain.tokens.shape
+    assert all_losses(zero)[0] == pytest.approx(all_losses(swapped)[0], rel=1e-5)
 
 
 def test_soft_label_loss_is_the_cross_entropy_with_its_optimum_in_closed_form():

@@ -1,4 +1,5 @@
 """Reward-model kernels and losses against ALGORITHMS.md's known answers and naive references."""
+import functools
 import math
 
 import jax
@@ -8,10 +9,41 @@ import optax
 import pytest
 
 from rljax.data.batch import RankingBatch, ScoreBatch, TokenLabelBatch
-from rljax.losses.reward_model import (RankingConfig, TokenLabelConfig, pointwise_loss, ranking_loss,
-                                       ranking_scores, token_label_loss)
+from rljax.losses import reward_model as _reward_model
+from rljax.losses.reward_model import RankingConfig, TokenLabelConfig
 from rljax.models import Model, preset
-from rljax.ops.ranking import (binary_cross_entropy, bradley_terry, pair_centring, pairwise_ranking, plackett_luce)
+from rljax.ops import ranking as _ranking
+
+# The kernels jitted: one compile per shape, where op by op every primitive compiled on its own.
+binary_cross_entropy, bradley_terry, pair_centring, pairwise_ranking, plackett_luce = (
+    jax.jit(f) for f in (_ranking.binary_cross_entropy, _ranking.bradley_terry, _ranking.pair_centring,
+                         _ranking.pairwise_ranking, _ranking.plackett_luce))
+
+
+# Jitted once per batch shape and config: run op by op (eagerly), every primitive of the model
+# compiled on its own for every new shape, which took minutes of the suite.
+ranking_scores = jax.jit(_reward_model.ranking_scores, static_argnames=("model",))
+ranking_loss = jax.jit(_reward_model.ranking_loss, static_argnames=("model", "cfg"))
+pointwise_loss = jax.jit(_reward_model.pointwise_loss, static_argnames=("model", "cfg"))
+token_label_loss = jax.jit(_reward_model.token_label_loss, static_argnames=("model", "cfg"))
+
+
+def _heads(params, tokens, mask, model):
+    hidden, _ = model.forward(params, tokens, mask)
+    out = {"logits": model.logits(params, hidden)}
+    if "reward" in model.config.heads:
+        out["rewards"] = model.rewards(params, hidden, mask)
+        out["token_rewards"] = model.token_rewards(params, hidden)
+    return out
+
+
+def heads(params, tokens, mask, *, model):
+    """One jitted forward: the LM logits, and the reward head at the last real token and at
+    every position (the references the losses are checked against)."""
+    return {k: np.asarray(v) for k, v in _heads_jit(params, jnp.asarray(tokens), jnp.asarray(mask), model).items()}
+
+
+_heads_jit = jax.jit(_heads, static_argnames=("model",))
 
 
 def softplus(x):
@@ -112,12 +144,21 @@ def test_tabular_bradley_terry_recovers_the_gold_reward():
 
 # ----- losses on a tiny model -----
 
-def _rm(**kw):
-    model = Model(preset("tiny", n_layers=1, heads=("lm", "reward"), **kw))
+@functools.partial(jax.jit, static_argnums=0)
+def _rm_params(model):
     params = model.init(jax.random.key(0))
     # a non-zero head, so scores differ between answers
-    params = {**params, "reward_head": jax.random.normal(jax.random.key(1), params["reward_head"].shape)}
-    return model, params
+    return {**params, "reward_head": jax.random.normal(jax.random.key(1), params["reward_head"].shape)}
+
+
+@functools.lru_cache
+def _rm(**kw):
+    """A 1-layer reward model and its params, built by one compiled program, once per kw."""
+    model = Model(preset("tiny", n_layers=1, heads=("lm", "reward"), **kw))
+    return model, _rm_params(model)
+
+
+init = jax.jit(lambda model, key: model.init(key), static_argnums=0)  # one compile, not one per initialiser op
 
 
 def _lists(B=3, K=3, T=7, seed=0, left_pad=False, extra=0):
@@ -177,16 +218,14 @@ def test_pointwise_loss_one_and_several_attributes():
     t, m, _ = _lists(B=4, K=1)
     t, m = jnp.asarray(t[:, 0]), jnp.asarray(m[:, 0])
     model, params = _rm()
-    hidden, _ = model.forward(params, t, m)
-    r = np.asarray(model.rewards(params, hidden, m))
+    r = heads(params, t, m, model=model)["rewards"]
     s = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
     given = np.array([1, 1, 1, 0], np.float32)
     loss, met = pointwise_loss(params, ScoreBatch(t, m, jnp.asarray(s), jnp.asarray(given)), model=model)
     np.testing.assert_allclose(loss, 0.5 * np.mean((r[:3] - s[:3]) ** 2), rtol=1e-5)
     model3, params3 = _rm(reward_outputs=3)
     s3 = np.arange(12, dtype=np.float32).reshape(4, 3)
-    hidden, _ = model3.forward(params3, t, m)
-    r3 = np.asarray(model3.rewards(params3, hidden, m))
+    r3 = heads(params3, t, m, model=model3)["rewards"]
     loss3, _ = pointwise_loss(params3, ScoreBatch(t, m, jnp.asarray(s3), jnp.ones((4, 3))), model=model3)
     np.testing.assert_allclose(loss3, 0.5 * np.mean((r3 - s3) ** 2), rtol=1e-5)
     with pytest.raises(ValueError, match="reward_outputs"):
@@ -202,8 +241,8 @@ def test_token_label_loss_by_hand_with_soft_labels_and_the_joint_lm_term():
     labels = jnp.array([[0, 0, 0.25, 0, 0.75, 0], [0, 0, 0, 1.0, 0, 0.5]], jnp.float32)
     lmask = jnp.array([[0, 0, 1, 0, 1, 1], [0, 0, 0, 1, 0, 1]], jnp.int32)  # (0, 5) is padding: ignored
     batch = TokenLabelBatch(t, m, lm, labels, lmask)
-    hidden, _ = model.forward(params, t, m)
-    z = np.asarray(model.token_rewards(params, hidden))
+    out = heads(params, t, m, model=model)
+    z = out["token_rewards"]
     pos = [(0, 2), (0, 4), (1, 3), (1, 5)]
     want = np.mean([softplus(z[b, i]) - float(labels[b, i]) * z[b, i] for b, i in pos])
     loss, met = token_label_loss(params, batch, model=model, cfg=TokenLabelConfig())
@@ -212,7 +251,7 @@ def test_token_label_loss_by_hand_with_soft_labels_and_the_joint_lm_term():
     mse, _ = token_label_loss(params, batch, model=model, cfg=TokenLabelConfig(loss="mse"))
     np.testing.assert_allclose(mse, np.mean([(p[b, i] - float(labels[b, i])) ** 2 for b, i in pos]), rtol=1e-5)
     joint, met = token_label_loss(params, batch, model=model, cfg=TokenLabelConfig(lm_coef=0.5))
-    logp = np.asarray(jax.nn.log_softmax(model.logits(params, hidden), axis=-1))
+    logp = np.asarray(jax.nn.log_softmax(out["logits"], axis=-1))
     nll = np.mean([-logp[b, i - 1, int(t[b, i])] for b in range(2) for i in range(1, 6) if lm[b, i] and m[b, i]])
     np.testing.assert_allclose(joint, want + 0.5 * nll, rtol=1e-5)
 
@@ -227,7 +266,7 @@ def test_bad_configs_and_models_name_the_field():
     model = Model(preset("tiny", n_layers=1))
     t, m, rank = _lists()
     with pytest.raises(ValueError, match="reward head"):
-        ranking_loss(model.init(jax.random.key(0)), RankingBatch(t, m, rank), model=model, cfg=RankingConfig())
+        ranking_loss(init(model, jax.random.key(0)), RankingBatch(t, m, rank), model=model, cfg=RankingConfig())
     with pytest.raises(ValueError, match="reward_outputs"):
         preset("tiny", reward_outputs=0)
 
@@ -237,6 +276,7 @@ def test_bad_configs_and_models_name_the_field():
 def test_aggregate_steps_known_answers():
     from rljax.rewards.learned import aggregate_steps
 
+    aggregate_steps = jax.jit(aggregate_steps, static_argnames=("mode",))
     p = jnp.array([[0.9, 0.5, 0.8, 0.0], [0.7, 0.0, 0.0, 0.0], [0.3, 0.6, 0.0, 0.0]])
     m = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])
     np.testing.assert_allclose(aggregate_steps(p, m, "min"), [0.5, 0.7, 0.3], rtol=1e-6)
@@ -287,8 +327,7 @@ def test_learned_scorers_match_the_training_collation():
                                1 / (1 + np.exp(-s[0, 1:])), rtol=1e-5)
     steps = [("1+2*3=", ["2*3=6", "1+6=7", "answer:7"], [1, 1, 1]), ("5=", ["answer:5"], [1])]
     b = collate_steps(tok, steps, separator=";")
-    hidden, _ = model.forward(params, jnp.asarray(b.tokens), jnp.asarray(b.attention_mask))
-    probs = np.asarray(jax.nn.sigmoid(model.token_rewards(params, hidden)))
+    probs = 1 / (1 + np.exp(-heads(params, b.tokens, b.attention_mask, model=model)["token_rewards"]))
     want = [probs[i][np.flatnonzero(b.label_mask[i])] for i in range(2)]
     got = step_scorer(model, params, tok, separator=";")(["1+2*3=", "5="], ["2*3=6;1+6=7;answer:7", "answer:5"])
     for g, w in zip(got, want):
@@ -316,13 +355,13 @@ def test_add_head_keeps_the_backbone_and_starts_at_zero():
     from rljax.models import add_head
 
     lm = Model(preset("tiny", n_layers=1))
-    params = lm.init(jax.random.key(0))
+    params = init(lm, jax.random.key(0))
     rm, rp = add_head(lm, params, "reward")
     assert rm.config.heads == ("lm", "reward") and rp["layers"] is params["layers"]
     t = jnp.asarray(np.random.default_rng(0).integers(3, 60, (2, 5)), jnp.int32)
-    hidden, _ = rm.forward(rp, t, jnp.ones_like(t))
-    np.testing.assert_array_equal(rm.rewards(rp, hidden, jnp.ones_like(t)), [0.0, 0.0])
-    np.testing.assert_array_equal(rm.logits(rp, hidden), lm(params, t))  # the LM head is untouched
+    out = heads(rp, t, jnp.ones_like(t), model=rm)
+    np.testing.assert_array_equal(out["rewards"], [0.0, 0.0])
+    np.testing.assert_array_equal(out["logits"], heads(params, t, jnp.ones_like(t), model=lm)["logits"])  # untouched
     wide, wp = add_head(rm, rp, "reward", reward_outputs=3)
     assert wp["reward_head"].shape == (128, 3) and not np.any(wp["reward_head"])
     assert add_head(rm, rp, "reward")[0] is rm
@@ -363,14 +402,18 @@ def test_likelihood_reward_matches_a_naive_log_likelihood():
 
     tok = CharTokenizer()
     model = Model(preset("tiny", n_layers=1))
-    params, other = model.init(jax.random.key(0)), model.init(jax.random.key(1))
+    params, other = init(model, jax.random.key(0)), init(model, jax.random.key(1))
     prompts, completions = ["1+1=", "12*3-4=", "5="], ["2", "36-4=32;answer:32", "answer:5"]
 
     def naive(p, prompt, completion):
         ids = tok.encode(prompt, add_bos=True) + tok.encode(completion, add_bos=False, add_eos=True)
-        hidden, _ = model.forward(p, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32))
-        logits = model.logits(p, hidden)
-        lp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+        # one row, right-padded to one width (causal attention: the pads change no real position), so
+        # one compile serves every row
+        tokens, mask = np.zeros((1, 32), np.int32), np.zeros((1, 32), np.int32)
+        tokens[0, :len(ids)], mask[0, :len(ids)] = ids, 1
+        logits = heads(p, tokens, mask, model=model)["logits"][0, :len(ids)].astype(np.float64)
+        lp = logits - logits.max(-1, keepdims=True)
+        lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
         start = len(tok.encode(prompt, add_bos=True))
         return [float(lp[t - 1, ids[t]]) for t in range(start, len(ids))]
 

@@ -17,6 +17,18 @@ from rljax.sampling import (BeamConfig, SampleConfig, ValueSearchConfig, beam_se
                             value_guided_beam_search)
 
 PROMPTS = left_padded([9, 4, 1, 6], 10, 64, seed=11)
+# Jitted once per model: op by op, every primitive compiled on its own (the initialisers included).
+init = jax.jit(lambda model, key: model.init(key), static_argnums=0)
+logits = jax.jit(lambda params, tokens, mask, model: model(params, tokens, mask), static_argnames=("model",))
+token_logprobs = jax.jit(token_logprobs, static_argnames=("model",))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 1-layer tiny model: every sampler here is compiled once per config, and one layer
+    compiles in about half the time of the session's 4-layer one."""
+    model = Model(preset("tiny", n_layers=1))
+    return model, init(model, jax.random.key(0))
 N = 20
 FIXTURE_TOKENIZER = os.path.join(os.path.dirname(__file__), "fixtures", "hf_tokenizer")
 
@@ -102,12 +114,12 @@ def test_wide_beam_search_with_two_stop_ids_is_exact_search():
     """With a beam that keeps every prefix, beam search equals brute force over the hypotheses
     that end at eos_id or the extra stop id."""
     V, N_, alpha = 5, 3, 0.8
-    model = Model(preset("tiny", vocab_size=V))
-    params = model.init(jax.random.key(5))
+    model = Model(preset("tiny", vocab_size=V, n_layers=1))
+    params = init(model, jax.random.key(5))
     params["lm_head"] = params["lm_head"] * 60.0  # sharpen the random model so the ranking is not a near-tie
     prompt = np.array([[1, 3, 3, 1]], np.int32)
     # the extra stop: the likeliest first token other than eos, so that stopping at it matters
-    first = np.asarray(model(params, prompt, np.ones_like(prompt)))[0, -1]
+    first = np.asarray(logits(params, prompt, np.ones_like(prompt), model=model))[0, -1]
     stop = int(next(t for t in np.argsort(-first) if t != 2))
     cfg = BeamConfig(num_beams=20, max_new_tokens=N_, length_penalty=alpha, eos_id=2, stop_ids=(stop,),
                      min_prompt_bucket=4)
