@@ -437,6 +437,11 @@ class Transformer(nn.Module):
         return hidden
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(model: "Model", key: Array) -> dict:
+    return nn.meta.unbox(model._init_boxed(key))["params"]
+
+
 def last_token_index(attention_mask: Array) -> Array:
     """Index of the last real token of each row, from the mask (never from a pad id).
 
@@ -502,8 +507,10 @@ class Model:
         return self.module.init(key, tokens, jnp.ones((1, 2), jnp.int32), method=Transformer.init_all)
 
     def init(self, key: Array) -> dict:
-        """Random parameters as a plain nested dict (no partitioning boxes)."""
-        return nn.meta.unbox(self._init_boxed(key))["params"]
+        """Random parameters as a plain nested dict (no partitioning boxes). Compiled, once per
+        model: run op by op, the initialisers and the dummy forward pass that creates the
+        parameters each compile on first use, many times slower than one program."""
+        return _init_params(self, key)
 
     def param_shapes(self) -> dict:
         """`jax.ShapeDtypeStruct` of every parameter, without allocating."""
