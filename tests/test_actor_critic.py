@@ -50,6 +50,7 @@ def test_token_rewards_and_targets_match_a_naive_loop():
 # The model's computations run compiled: op-by-op (eager) execution compiles every primitive
 # separately, which costs far more than one program per shape and config.
 _token_logprobs_and_entropy = jax.jit(token_logprobs_and_entropy, static_argnames=("model",))
+_init = jax.jit(lambda model, key: model.init(key), static_argnums=0)
 
 
 def _model():
@@ -93,7 +94,7 @@ def _naive_ppo(lp, ent, values, batch, mask, cfg):
 
 def test_ppo_loss_matches_a_naive_reference_with_padding():
     model = _model()
-    params = model.init(jax.random.key(0))
+    params = _init(model, jax.random.key(0))
     params["value_head"] = jax.random.normal(jax.random.key(1), params["value_head"].shape) * 0.5
     batch = _batch(model, params, 1, perturb=0.3)  # ratios away from 1: some tokens clip
     cfg = PPOConfig(entropy_coef=0.01)
@@ -118,28 +119,27 @@ def test_ppo_loss_matches_a_naive_reference_with_padding():
 
 def test_ppo_at_ratio_one_has_the_a2c_policy_gradient_and_masked_tokens_get_none():
     model = _model()
-    params = model.init(jax.random.key(2))
+    params = _init(model, jax.random.key(2))
     batch = _batch(model, params, 3)  # old log-probs = current: the first minibatch of an iteration
     ppo = PPOConfig(value_coef=0.0)
     a2c = A2CConfig(value_coef=0.0)
     full = PPOConfig()
 
     @functools.partial(jax.jit, static_argnames=("loss", "cfg"))
-    def grad(params, batch, *, loss, cfg):
-        return jax.grad(lambda p: loss(p, batch, model=model, cfg=cfg)[0])(params)
+    def grad(params, batch, *, loss, cfg):  # -> (the loss's metrics, its gradient)
+        return jax.grad(lambda p: loss(p, batch, model=model, cfg=cfg), has_aux=True)(params)[::-1]
 
-    g_ppo = grad(params, batch, loss=ppo_loss, cfg=ppo)
-    g_a2c = grad(params, batch, loss=a2c_loss, cfg=a2c)
+    m_ppo, g_ppo = grad(params, batch, loss=ppo_loss, cfg=ppo)
+    _, g_a2c = grad(params, batch, loss=a2c_loss, cfg=a2c)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_ppo, g_a2c)
-    clip_fraction = jax.jit(lambda p, b: ppo_loss(p, b, model=model, cfg=ppo)[1]["clip_fraction"])(params, batch)
-    assert float(clip_fraction) == 0.0
+    assert float(m_ppo["clip_fraction"]) == 0.0
     # changing advantages, returns or old values on tokens outside the mask changes nothing
     mask = np.asarray(batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:])
     noise = jnp.asarray((1 - mask) * 100.0, jnp.float32)
     other = batch.replace(advantages=batch.advantages + noise, returns=batch.returns + noise,
                           old_values=batch.old_values - noise)
-    g1 = grad(params, batch, loss=ppo_loss, cfg=full)
-    g2 = grad(params, other, loss=ppo_loss, cfg=full)  # the same program on the changed batch
+    _, g1 = grad(params, batch, loss=ppo_loss, cfg=full)
+    _, g2 = grad(params, other, loss=ppo_loss, cfg=full)  # the same program on the changed batch
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), g1, g2)
 
 
@@ -170,7 +170,7 @@ def test_critic_from_a_reward_model_reads_the_reward_head_at_every_position():
 
     rm = Model(TransformerConfig(vocab_size=13, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=32,
                                  max_seq_len=16, heads=("lm", "reward")))
-    params = rm.init(jax.random.key(5))
+    params = _init(rm, jax.random.key(5))
     params["reward_head"] = jax.random.normal(jax.random.key(6), params["reward_head"].shape)
     params["reward_bias"] = jnp.float32(0.3)
     critic_model, critic = critic_from_reward_model(rm, params)
@@ -190,7 +190,7 @@ def test_critic_from_a_reward_model_reads_the_reward_head_at_every_position():
     np.testing.assert_allclose(values[np.arange(3), last], scores, rtol=1e-5)
     np.testing.assert_allclose(aligned, values[:, :-1] * np.asarray(attn[:, 1:]), rtol=1e-6)
     with pytest.raises(ValueError, match="no reward head"):
-        critic_from_reward_model(_model(), _model().init(jax.random.key(0)))
+        critic_from_reward_model(_model(), _init(_model(), jax.random.key(0)))
 
 
 def test_reward_whitening_and_clipping_happen_before_the_kl_penalty():
