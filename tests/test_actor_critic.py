@@ -1,4 +1,6 @@
 """Actor-critic losses against naive per-token references; reward placement; KL controller wiring."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +47,12 @@ def test_token_rewards_and_targets_match_a_naive_loop():
         np.testing.assert_allclose(np.asarray(ret)[b, idx], a + v[b, idx], rtol=1e-5, atol=1e-6)
 
 
+# The model's computations run compiled: op-by-op (eager) execution compiles every primitive
+# separately, which costs far more than one program per shape and config.
+_token_logprobs_and_entropy = jax.jit(token_logprobs_and_entropy, static_argnames=("model",))
+_init = jax.jit(lambda model, key: model.init(key), static_argnums=0)
+
+
 def _model():
     cfg = TransformerConfig(vocab_size=13, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=32,
                             max_seq_len=16, heads=("lm", "value"))
@@ -60,7 +68,7 @@ def _batch(model, params, seed, perturb=0.0):
     attn[2, -2:] = 0
     loss = attn.copy()
     loss[:, :3] = 0
-    lp, _ = token_logprobs_and_entropy(params, tokens, jnp.asarray(attn), model=model)
+    lp, _ = _token_logprobs_and_entropy(params, tokens, jnp.asarray(attn), model=model)
     old = lp + perturb * jnp.asarray(rng.normal(size=lp.shape), jnp.float32)
     return PolicyBatch(tokens=tokens, attention_mask=jnp.asarray(attn), loss_mask=jnp.asarray(loss),
                        old_logprobs=old, advantages=jnp.asarray(rng.normal(size=(B, T - 1)), jnp.float32),
@@ -86,41 +94,52 @@ def _naive_ppo(lp, ent, values, batch, mask, cfg):
 
 def test_ppo_loss_matches_a_naive_reference_with_padding():
     model = _model()
-    params = model.init(jax.random.key(0))
+    params = _init(model, jax.random.key(0))
     params["value_head"] = jax.random.normal(jax.random.key(1), params["value_head"].shape) * 0.5
     batch = _batch(model, params, 1, perturb=0.3)  # ratios away from 1: some tokens clip
     cfg = PPOConfig(entropy_coef=0.01)
-    loss, m = ppo_loss(params, batch, model=model, cfg=cfg)
-    lp, ent, values, mask = (np.asarray(x, np.float64) for x in policy_value_terms(params, batch, model))
+
+    @jax.jit
+    def compiled(params, batch):  # the loss, its per-token terms and the value head read off the hidden states
+        hidden, _ = model.forward(params, batch.tokens, batch.attention_mask)
+        return (ppo_loss(params, batch, model=model, cfg=cfg), policy_value_terms(params, batch, model),
+                model.values(params, hidden))
+
+    (loss, m), terms, head_values = compiled(params, batch)
+    lp, ent, values, mask = (np.asarray(x, np.float64) for x in terms)
     want = _naive_ppo(lp, ent, values, batch, mask, cfg)
     np.testing.assert_allclose(float(m["actor_loss"]), want["actor"], rtol=1e-5)
     np.testing.assert_allclose(float(m["value_loss"]), want["value"], rtol=1e-5)
     np.testing.assert_allclose(float(loss), want["actor"] + 0.5 * want["value"] - 0.01 * want["entropy"], rtol=1e-5)
     assert 0 < float(m["clip_fraction"]) < 1
     # the value head is the one the model computes: V_t at position t of the forward pass
-    hidden, _ = model.forward(params, batch.tokens, batch.attention_mask)
     live = np.asarray(batch.attention_mask[:, 1:])
-    np.testing.assert_allclose(values, np.asarray(model.values(params, hidden))[:, :-1] * live, rtol=1e-6)
+    np.testing.assert_allclose(values, np.asarray(head_values)[:, :-1] * live, rtol=1e-6)
 
 
 def test_ppo_at_ratio_one_has_the_a2c_policy_gradient_and_masked_tokens_get_none():
     model = _model()
-    params = model.init(jax.random.key(2))
+    params = _init(model, jax.random.key(2))
     batch = _batch(model, params, 3)  # old log-probs = current: the first minibatch of an iteration
     ppo = PPOConfig(value_coef=0.0)
     a2c = A2CConfig(value_coef=0.0)
-    g_ppo = jax.grad(lambda p: ppo_loss(p, batch, model=model, cfg=ppo)[0])(params)
-    g_a2c = jax.grad(lambda p: a2c_loss(p, batch, model=model, cfg=a2c)[0])(params)
+    full = PPOConfig()
+
+    @functools.partial(jax.jit, static_argnames=("loss", "cfg"))
+    def grad(params, batch, *, loss, cfg):  # -> (the loss's metrics, its gradient)
+        return jax.grad(lambda p: loss(p, batch, model=model, cfg=cfg), has_aux=True)(params)[::-1]
+
+    m_ppo, g_ppo = grad(params, batch, loss=ppo_loss, cfg=ppo)
+    _, g_a2c = grad(params, batch, loss=a2c_loss, cfg=a2c)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_ppo, g_a2c)
-    assert float(ppo_loss(params, batch, model=model, cfg=ppo)[1]["clip_fraction"]) == 0.0
+    assert float(m_ppo["clip_fraction"]) == 0.0
     # changing advantages, returns or old values on tokens outside the mask changes nothing
     mask = np.asarray(batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:])
     noise = jnp.asarray((1 - mask) * 100.0, jnp.float32)
     other = batch.replace(advantages=batch.advantages + noise, returns=batch.returns + noise,
                           old_values=batch.old_values - noise)
-    full = PPOConfig()
-    g1 = jax.grad(lambda p: ppo_loss(p, batch, model=model, cfg=full)[0])(params)
-    g2 = jax.grad(lambda p: ppo_loss(p, other, model=model, cfg=full)[0])(params)
+    _, g1 = grad(params, batch, loss=ppo_loss, cfg=full)
+    _, g2 = grad(params, other, loss=ppo_loss, cfg=full)  # the same program on the changed batch
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), g1, g2)
 
 
@@ -151,22 +170,27 @@ def test_critic_from_a_reward_model_reads_the_reward_head_at_every_position():
 
     rm = Model(TransformerConfig(vocab_size=13, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=32,
                                  max_seq_len=16, heads=("lm", "reward")))
-    params = rm.init(jax.random.key(5))
+    params = _init(rm, jax.random.key(5))
     params["reward_head"] = jax.random.normal(jax.random.key(6), params["reward_head"].shape)
     params["reward_bias"] = jnp.float32(0.3)
     critic_model, critic = critic_from_reward_model(rm, params)
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 13, (3, 6)), jnp.int32)
     attn = jnp.asarray([[1] * 6, [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-    hidden, _ = rm.forward(params, tokens, attn)
-    scores = np.asarray(rm.rewards(params, hidden, attn))
+
+    @jax.jit
+    def compiled(params, critic, tokens, attn):  # the reward model's scores, the critic's full and aligned values
+        hidden, _ = rm.forward(params, tokens, attn)
+        return (rm.rewards(params, hidden, attn), critic_model.values(critic, critic_model.forward(critic, tokens,
+                                                                                                  attn)[0]),
+                token_values(critic, tokens, attn, model=critic_model))
+
+    scores, values, aligned = (np.asarray(x) for x in compiled(params, critic, tokens, attn))
     # token_values drops the last position; take V at the last real token from the full value head instead
-    values = np.asarray(critic_model.values(critic, critic_model.forward(critic, tokens, attn)[0]))
     last = [5, 5, 3]
     np.testing.assert_allclose(values[np.arange(3), last], scores, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(token_values(critic, tokens, attn, model=critic_model)),
-                               values[:, :-1] * np.asarray(attn[:, 1:]), rtol=1e-6)
+    np.testing.assert_allclose(aligned, values[:, :-1] * np.asarray(attn[:, 1:]), rtol=1e-6)
     with pytest.raises(ValueError, match="no reward head"):
-        critic_from_reward_model(_model(), _model().init(jax.random.key(0)))
+        critic_from_reward_model(_model(), _init(_model(), jax.random.key(0)))
 
 
 def test_reward_whitening_and_clipping_happen_before_the_kl_penalty():

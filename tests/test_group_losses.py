@@ -1,15 +1,47 @@
 """Group policy losses beyond GRPO's token clip (GSPO, CISPO, the ratio-weighted KL term) against
 naive per-row references and their on-policy closed forms."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tests.test_pg_losses
 from rljax.algorithms import ALGORITHMS, prepare
 from rljax.estimators import PrepareInput
 from rljax.losses import GSPOConfig, gspo_loss
+from rljax.models import Model, preset
 from rljax.models.logprobs import token_logprobs
-from tests.test_pg_losses import _batch, _mask
+from tests.test_pg_losses import _mask
+
+# Every model computation here runs compiled (op-by-op execution compiles each primitive on its own,
+# which costs far more), on a one-layer model: the checks compare against naive references at the
+# same params, which need no depth.
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, params): the tiny preset with one layer (this module's own, not conftest's four-layer one)."""
+    model = Model(preset("tiny", n_layers=1))
+    return model, jax.jit(model.init)(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    """test_pg_losses' batch (6 rows, completions of different lengths) and its log-probs, with the
+    log-probs computed by the compiled token_logprobs."""
+    model, params = tiny
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tests.test_pg_losses, "token_logprobs", jax.jit(token_logprobs, static_argnames=("model",)))
+        return tests.test_pg_losses._batch(model, params)
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "model", "cfg"))
+def _loss_and_grad(params, batch, *, loss, model, cfg):
+    """A library loss, its metrics and its gradient, compiled once per loss, config and batch shape."""
+    (value, metrics), g = jax.value_and_grad(lambda p: loss(p, batch, model=model, cfg=cfg), has_aux=True)(params)
+    return value, metrics, g
 
 
 def _naive_gspo(lp, b, m, eps_low, eps_high):
@@ -24,12 +56,12 @@ def _naive_gspo(lp, b, m, eps_low, eps_high):
     return np.mean(losses), np.mean(clipped)
 
 
-def test_gspo_matches_a_naive_per_sequence_reference(tiny):
+def test_gspo_matches_a_naive_per_sequence_reference(tiny, batch):
     model, params = tiny
-    b, lp = _batch(model, params)
+    b, lp = batch
     m = _mask(b)
     cfg = GSPOConfig(eps_low=0.02, eps_high=0.03)  # wide enough that some sequences clip and some do not
-    loss, metrics = gspo_loss(params, b, model=model, cfg=cfg)
+    loss, metrics, g = _loss_and_grad(params, b, loss=gspo_loss, model=model, cfg=cfg)
     naive, frac = _naive_gspo(np.asarray(lp, np.float64), b, m, 0.02, 0.03)
     assert float(loss) == pytest.approx(naive, rel=1e-4)
     assert float(metrics["clip_fraction"]) == pytest.approx(frac) and 0 < frac < 1
@@ -44,18 +76,17 @@ def test_gspo_matches_a_naive_per_sequence_reference(tiny):
             total = total - jnp.minimum(s * a, jnp.clip(s, 1 - 0.02, 1 + 0.03) * a)
         return total / cur.shape[0]
 
-    g = jax.jit(jax.grad(lambda p: gspo_loss(p, b, model=model, cfg=cfg)[0]))(params)
-    g_naive = jax.jit(jax.grad(naive_loss))(params)  # compiled: op-by-op gradients of the model are slow
+    g_naive = jax.jit(jax.grad(naive_loss))(params)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), g, g_naive)
 
 
-def test_gspo_on_policy_is_the_length_normalised_policy_gradient(tiny):
+def test_gspo_on_policy_is_the_length_normalised_policy_gradient(tiny, batch):
     """At π_θ = π_old every s_i = 1: L = −mean_i A_i and ∇L = −mean_i A_i (1/|y_i|) Σ_t ∇ℓ_t."""
     model, params = tiny
-    b, lp = _batch(model, params)
+    b, lp = batch
     b = b.replace(old_logprobs=lp)
     m = _mask(b)
-    loss, metrics = gspo_loss(params, b, model=model, cfg=GSPOConfig())
+    loss, metrics, g = _loss_and_grad(params, b, loss=gspo_loss, model=model, cfg=GSPOConfig())
     assert float(loss) == pytest.approx(-np.mean(b.advantages), abs=1e-6)
     assert float(metrics["ratio_mean"]) == pytest.approx(1.0, abs=1e-6) and float(metrics["clip_fraction"]) == 0.0
 
@@ -63,20 +94,19 @@ def test_gspo_on_policy_is_the_length_normalised_policy_gradient(tiny):
         cur = token_logprobs(p, b.tokens, b.attention_mask, model=model)
         return -jnp.mean(jnp.asarray(b.advantages) * (cur * m).sum(1) / m.sum(1))
 
-    g = jax.grad(lambda p: gspo_loss(p, b, model=model, cfg=GSPOConfig())[0])(params)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), g, jax.grad(pg)(params))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), g, jax.jit(jax.grad(pg))(params))
     with pytest.raises(ValueError, match="GSPOConfig"):
         GSPOConfig(eps_low=1.5)
 
 
-def test_gspo_is_a_registry_entry_on_group_advantages(tiny):
+def test_gspo_is_a_registry_entry_on_group_advantages(tiny, batch):
     model, params = tiny
-    b, lp = _batch(model, params)
+    b, lp = batch
     algo = ALGORITHMS["gspo"]
     assert algo.estimator.name == "group" and not algo.needs().reference  # the paper's β = 0
     rollout = _rollout_of(b)
-    batch, keep = prepare(algo, PrepareInput(rollout=rollout, rewards=jnp.asarray(b.rewards)))
-    loss, _ = algo.loss.loss(params, batch, model=model, cfg=algo.loss.config)
+    prepared, keep = prepare(algo, PrepareInput(rollout=rollout, rewards=jnp.asarray(b.rewards)))
+    loss = jax.jit(lambda p, b: algo.loss.loss(p, b, model=model, cfg=algo.loss.config)[0])(params, prepared)
     assert np.isfinite(float(loss)) and bool(np.all(keep))
 
 
@@ -90,17 +120,17 @@ def _rollout_of(b):
                    group_ids=jnp.asarray(b.group_ids), prompt_length=6)
 
 
-def test_cispo_matches_a_naive_reference_and_keeps_clipped_tokens_gradient(tiny):
+def test_cispo_matches_a_naive_reference_and_keeps_clipped_tokens_gradient(tiny, batch):
     """L = −(1/N) Σ_{i,t} sg(min(ρ, 1 + ε_high)) A_i ℓ_t over the batch's N completion tokens; a token whose
     ratio is past the bound still gets gradient w·A·∇ℓ, where GRPO's clipped surrogate gives it none."""
     from rljax.losses import CISPOConfig, GRPOConfig, cispo_loss, grpo_loss
 
     model, params = tiny
-    b, lp = _batch(model, params)
+    b, lp = batch
     m = _mask(b)
     eps_high = 0.05
     cfg = CISPOConfig(eps_high=eps_high)
-    loss, metrics = cispo_loss(params, b, model=model, cfg=cfg)
+    loss, metrics, g = _loss_and_grad(params, b, loss=cispo_loss, model=model, cfg=cfg)
     ratio = np.exp(np.asarray(lp, np.float64) - b.old_logprobs)
     w = np.minimum(ratio, 1 + eps_high)
     naive = -(w * b.advantages[:, None] * np.asarray(lp) * m).sum() / m.sum()
@@ -112,7 +142,6 @@ def test_cispo_matches_a_naive_reference_and_keeps_clipped_tokens_gradient(tiny)
         cur = token_logprobs(p, b.tokens, b.attention_mask, model=model)
         return -(jnp.asarray(w * b.advantages[:, None] * m, jnp.float32) * cur).sum() / m.sum()
 
-    g = jax.jit(jax.grad(lambda p: cispo_loss(p, b, model=model, cfg=cfg)[0]))(params)
     g_naive = jax.jit(jax.grad(naive_loss))(params)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), g, g_naive)
     # one clipped token with A > 0: CISPO's gradient through it is w·A·∇ℓ ≠ 0; GRPO's clipped term is constant
@@ -120,23 +149,22 @@ def test_cispo_matches_a_naive_reference_and_keeps_clipped_tokens_gradient(tiny)
     only = np.zeros(np.shape(b.loss_mask))
     only[i, t + 1] = 1  # loss_mask is token-aligned: position t of the log-probs scores tokens[t + 1]
     one = b.replace(loss_mask=(only * np.asarray(b.attention_mask)).astype(b.loss_mask.dtype))
-    g_cispo = jax.grad(lambda p: cispo_loss(p, one, model=model, cfg=cfg)[0])(params)
-    g_grpo = jax.grad(lambda p: grpo_loss(p, one, model=model, cfg=GRPOConfig(eps_low=eps_high, eps_high=eps_high,
-                                                                              kl_coef=0.0))[0])(params)
+    g_cispo = _loss_and_grad(params, one, loss=cispo_loss, model=model, cfg=cfg)[2]  # the program above, same shapes
+    g_grpo = _loss_and_grad(params, one, loss=grpo_loss, model=model,
+                            cfg=GRPOConfig(eps_low=eps_high, eps_high=eps_high, kl_coef=0.0))[2]
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_cispo)) > 1e-4
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_grpo)) == 0.0
 
 
-def test_cispo_on_policy_is_reinforce_with_token_mean(tiny):
+def test_cispo_on_policy_is_reinforce_with_token_mean(tiny, batch):
     """At π_θ = π_old, w = 1: CISPO's gradient is −(1/N) Σ A ∇ℓ, REINFORCE's with token_mean aggregation."""
     from rljax.losses import CISPOConfig, ReinforceConfig, cispo_loss, reinforce_loss
 
     model, params = tiny
-    b, lp = _batch(model, params)
+    b, lp = batch
     b = b.replace(old_logprobs=lp, ref_logprobs=None)
-    g = jax.grad(lambda p: cispo_loss(p, b, model=model, cfg=CISPOConfig())[0])(params)
-    g_ref = jax.grad(lambda p: reinforce_loss(p, b, model=model, cfg=ReinforceConfig(aggregation="token_mean"))[0])(
-        params)
+    g = _loss_and_grad(params, b, loss=cispo_loss, model=model, cfg=CISPOConfig())[2]
+    g_ref = _loss_and_grad(params, b, loss=reinforce_loss, model=model, cfg=ReinforceConfig(aggregation="token_mean"))[2]
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), g, g_ref)
     assert ALGORITHMS["cispo"].estimator.name == "group"
     with pytest.raises(ValueError, match="CISPOConfig.eps_high"):
@@ -168,18 +196,19 @@ def test_ratio_weighted_k3_is_the_exact_kl_of_the_current_policy_under_old_sampl
     assert abs(plain - float(exact(z))) > 1e-2
 
 
-def test_grpo_ratio_weighted_kl_term_matches_naive(tiny):
+def test_grpo_ratio_weighted_kl_term_matches_naive(tiny, batch):
     from rljax.losses import GRPOConfig, grpo_loss
 
     model, params = tiny
-    b, lp = _batch(model, params)
+    b, lp = batch
     m = _mask(b)
     beta = 0.1
     lp64 = np.asarray(lp, np.float64)
     ratio = np.exp(lp64 - b.old_logprobs)
     d = b.ref_logprobs - lp64
     k3 = np.exp(d) - 1 - d
-    base, _ = grpo_loss(params, b, model=model, cfg=GRPOConfig(kl_coef=0.0))
-    loss, _ = grpo_loss(params, b, model=model, cfg=GRPOConfig(kl_coef=beta, kl_ratio_weighted=True))
+    loss_fn = jax.jit(lambda p, b, cfg: grpo_loss(p, b, model=model, cfg=cfg)[0], static_argnames="cfg")
+    base = loss_fn(params, b, GRPOConfig(kl_coef=0.0))
+    loss = loss_fn(params, b, GRPOConfig(kl_coef=beta, kl_ratio_weighted=True))
     kl_term = np.mean([(ratio[i] * k3[i] * m[i]).sum() / m[i].sum() for i in range(6)])  # seq-mean of token-means
     assert float(loss) - float(base) == pytest.approx(beta * kl_term, rel=1e-4)

@@ -1,4 +1,6 @@
 """TRPO: conjugate gradient, Fisher-vector products against an explicit Fisher, and the trust region."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +41,20 @@ def test_conjugate_gradient_on_a_pytree_equals_the_flat_solve():
     np.testing.assert_allclose(np.asarray(x_flat), np.linalg.solve(a, b), atol=1e-5)
 
 
+# Every model computation below runs compiled: op-by-op (eager) execution compiles each primitive
+# separately, which costs far more than the one program per shape and config compiled here.
+_token_logprobs = jax.jit(token_logprobs, static_argnames=("model",))
+_trpo_update = jax.jit(trpo_update, static_argnames=("model", "cfg"))
+_init = jax.jit(lambda model, key: model.init(key), static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+def _kl_and_gain(old, new, batch, *, model, cfg):
+    """KL(π_old ‖ π_new) and surrogate(new) − surrogate(old), from the objectives built at `old`."""
+    surrogate, kl = make_trpo_objectives(old, batch, model=model, cfg=cfg)
+    return kl(new), surrogate(new) - surrogate(old)
+
+
 def _micro_model():
     cfg = TransformerConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=16,
                             max_seq_len=16)
@@ -54,7 +70,7 @@ def _batch(model, params, seed, B=3, T=6, per_token=False):
     loss = attn.copy()
     loss[:, :2] = 0  # a 2-token prompt
     attn, loss = jnp.asarray(attn), jnp.asarray(loss)
-    old = token_logprobs(params, tokens, attn, model=model)
+    old = _token_logprobs(params, tokens, attn, model=model)
     adv = rng.normal(size=(B, T - 1) if per_token else B).astype(np.float32)
     return PolicyBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, old_logprobs=old,
                        advantages=jnp.asarray(adv), rewards=jnp.zeros(B), group_ids=jnp.arange(B))
@@ -63,41 +79,43 @@ def _batch(model, params, seed, B=3, T=6, per_token=False):
 def test_fisher_vector_product_equals_an_explicit_fisher():
     """F = mean over counted tokens of Σ_v π(v) ∇log π(v) ∇log π(v)ᵀ, from the full Jacobian."""
     model = _micro_model()
-    params = model.init(jax.random.key(0))
+    params = _init(model, jax.random.key(0))
     batch = _batch(model, params, 0)
     flat, unravel = ravel_pytree(params)
     cfg = TRPOConfig()
-    _, kl = make_trpo_objectives(params, batch, model=model, cfg=cfg)
 
     def log_probs(theta_flat):  # [B, T-1, V]
         logits = model(unravel(theta_flat), batch.tokens, batch.attention_mask)[:, :-1]
         return jax.nn.log_softmax(logits, -1)
 
-    lp = log_probs(flat)
-    J = jax.jacobian(log_probs)(flat)  # [B, T-1, V, P]
+    @jax.jit
+    def fvp_and_kl_grad(params, batch, v):  # F v and ∇KL at θ_old, from the library's objectives
+        _, kl = make_trpo_objectives(params, batch, model=model, cfg=cfg)
+        return fisher_vector_product(kl, params)(v), jax.grad(kl)(params)
+
+    lp, J = jax.jit(lambda f: (log_probs(f), jax.jacobian(log_probs)(f)))(flat)  # J: [B, T-1, V, P]
     mask = np.asarray(batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:], np.float64)
     p = np.exp(np.asarray(lp, np.float64))
     Jn = np.asarray(J, np.float64)
     fisher = np.einsum("btv,btvi,btvj,bt->ij", p, Jn, Jn, mask) / mask.sum()
     v = np.random.default_rng(1).normal(size=flat.shape)
-    fv = ravel_pytree(fisher_vector_product(kl, params)(unravel(jnp.asarray(v, jnp.float32))))[0]
+    fv_tree, kl_grad = fvp_and_kl_grad(params, batch, unravel(jnp.asarray(v, jnp.float32)))
+    fv = ravel_pytree(fv_tree)[0]
     np.testing.assert_allclose(np.asarray(fv), fisher @ v, rtol=1e-3, atol=1e-6 * np.abs(fisher @ v).max())
-    assert float(ravel_pytree(jax.grad(kl)(params))[0] @ ravel_pytree(jax.grad(kl)(params))[0]) < 1e-12  # KL min
+    assert float(ravel_pytree(kl_grad)[0] @ ravel_pytree(kl_grad)[0]) < 1e-12  # KL min
 
 
 @pytest.mark.parametrize("max_kl,per_token", [(0.01, False), (0.001, True)])
 def test_trpo_step_stays_in_the_trust_region_and_improves_the_surrogate(max_kl, per_token):
     model = _micro_model()
-    params = model.init(jax.random.key(2))
+    params = _init(model, jax.random.key(2))
     batch = _batch(model, params, 3, B=4, T=7, per_token=per_token)
     cfg = TRPOConfig(max_kl=max_kl)
-    new, m = jax.jit(lambda p, b: trpo_update(p, b, model=model, cfg=cfg))(params, batch)
-    surrogate, kl = make_trpo_objectives(params, batch, model=model, cfg=cfg)
+    new, m = _trpo_update(params, batch, model=model, cfg=cfg)
+    measured, gain = map(float, _kl_and_gain(params, new, batch, model=model, cfg=cfg))
     assert float(m["accepted"]) == 1.0 and float(m["sFs"]) > 0
-    measured = float(kl(new))
     assert measured <= max_kl * (1 + 1e-3)
     np.testing.assert_allclose(measured, float(m["kl"]), rtol=1e-4, atol=1e-9)
-    gain = float(surrogate(new) - surrogate(params))
     assert gain > 0
     np.testing.assert_allclose(gain, float(m["surrogate_gain"]), rtol=1e-3, atol=1e-7)
     # the step is the line search's fraction of the full natural-gradient step, 0.5^k
@@ -108,10 +126,10 @@ def test_trpo_step_stays_in_the_trust_region_and_improves_the_surrogate(max_kl, 
 def test_trpo_keeps_the_old_params_when_no_step_improves():
     """With zero advantages no step can raise the surrogate: the update is rejected."""
     model = _micro_model()
-    params = model.init(jax.random.key(4))
-    batch = _batch(model, params, 5)
+    params = _init(model, jax.random.key(4))
+    batch = _batch(model, params, 5, B=4, T=7)  # the shapes and config of a case above: its compiled update
     batch = batch.replace(advantages=jnp.zeros_like(batch.advantages))
-    new, m = trpo_update(params, batch, model=model, cfg=TRPOConfig(backtrack_steps=3))
+    new, m = _trpo_update(params, batch, model=model, cfg=TRPOConfig(max_kl=0.01))
     assert float(m["accepted"]) == 0.0 and float(m["step_fraction"]) == 0.0
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new, params)
 
