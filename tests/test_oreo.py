@@ -10,15 +10,25 @@ import optax
 import pytest
 
 from rljax.data.batch import OREOBatch
-from rljax.losses.oreo import OREOConfig, oreo_policy_loss, oreo_policy_terms, oreo_value_loss
-from rljax.losses.actor_critic import token_values
+from rljax.losses import actor_critic as _actor_critic
+from rljax.losses import oreo as _oreo
+from rljax.losses.oreo import OREOConfig, oreo_value_loss
 from rljax.models import Model, preset
-from rljax.models.logprobs import head_token_kl
+from rljax.models import logprobs as _logprobs
 from rljax.ops.soft_bellman import (first_completion_token, oreo_policy_residuals, oreo_value_residuals, suffix_sums)
 from rljax.oreo_training import create_oreo_state, make_oreo_step, value_model_of, value_params_from
 from rljax.state import OptimizerConfig, make_train_step
 
 LOG_HALF = math.log(0.5)
+# Jitted once per shape and config: run op by op (eagerly), the model's forward, losses and their
+# gradients took most of this file's time.
+oreo_policy_loss = jax.jit(_oreo.oreo_policy_loss, static_argnames=("model", "cfg"))
+oreo_policy_terms = jax.jit(_oreo.oreo_policy_terms, static_argnames=("model", "cfg"))
+token_values = jax.jit(_actor_critic.token_values, static_argnames=("model",))
+head_token_kl = jax.jit(_logprobs.head_token_kl, static_argnames=("model", "chunk_size"))
+forward = jax.jit(lambda params, tokens, mask, model: model.forward(params, tokens, mask)[0], static_argnames="model")
+logits_of = jax.jit(lambda params, hidden, model: model.logits(params, hidden), static_argnames="model")
+full_logits = jax.jit(lambda params, tokens, mask, model: model(params, tokens, mask), static_argnames="model")
 
 
 def test_bandit_value_trained_on_exact_log_ratios_is_v_star():
@@ -38,10 +48,14 @@ def test_bandit_value_trained_on_exact_log_ratios_is_v_star():
 
     v, opt = jnp.float32(0.0), optax.sgd(0.5)
     state = opt.init(v)
+
+    @jax.jit
+    def update(v, state):
+        upd, state = opt.update(jax.grad(loss)(v), state)
+        return optax.apply_updates(v, upd), state
+
     for _ in range(200):
-        g = jax.grad(loss)(v)
-        upd, state = opt.update(g, state)
-        v = optax.apply_updates(v, upd)
+        v, state = update(v, state)
     assert float(v) == pytest.approx(0.620115, abs=1e-5)
     assert float(v) == pytest.approx(beta * math.log(Z), abs=1e-5)
 
@@ -82,6 +96,7 @@ def test_two_step_chain_closed_form_has_zero_residuals_and_minimises_the_losses(
     state_of = np.array([[0, 1], [0, 1], [0, 2], [0, 2]])  # root, A, B
     took_a = jnp.asarray([[p[0] == "A", p[1] == "A"] for p in ["AA", "AB", "BA", "BB"]])
 
+    @jax.jit
     def losses(table):
         vs, logits = table[:, 0], table[:, 1]
         val = vs[state_of]
@@ -96,7 +111,7 @@ def test_two_step_chain_closed_form_has_zero_residuals_and_minimises_the_losses(
     star = jnp.array([[consts["v_root"], logit(consts["pi_root_a"])],
                       [consts["v_a"], logit(0.5 * math.exp(1 - consts["v_a"]))], [0.0, 0.0]], jnp.float32)
     assert float(losses(star)) == pytest.approx(0.0, abs=1e-10)
-    np.testing.assert_allclose(jax.grad(losses)(star), 0.0, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(jax.grad(losses))(star), 0.0, atol=1e-5)
     rng = np.random.default_rng(0)
     for _ in range(5):
         assert float(losses(star + 0.1 * rng.standard_normal(star.shape).astype(np.float32))) > 1e-4
@@ -122,9 +137,9 @@ def test_policy_gradient_is_two_beta_over_t_sum_delta_grad_logpi():
 
     delta = oreo_policy_residuals(values[None], (log_pi(logits) - ref)[None], jnp.array([1.0]), mask, mask,
                                   beta=beta)[0]
-    per_token = jax.jacobian(log_pi)(logits)  # [T, T, V]
+    per_token = jax.jit(jax.jacobian(log_pi))(logits)  # [T, T, V]
     expected = 2 * beta / T * jnp.einsum("t,tiv->iv", delta, per_token)
-    np.testing.assert_allclose(jax.grad(loss)(logits), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(logits), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_stop_gradients_future_log_ratios_values_and_steps():
@@ -135,18 +150,19 @@ def test_stop_gradients_future_log_ratios_values_and_steps():
     r = jnp.array([1.0, 0.0])
     mask = jnp.asarray(np.array([[0, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1]]), jnp.float32)
     # value residuals: identity in V, nothing in ℓ
-    jv, jl = jax.jacobian(lambda a, b: oreo_value_residuals(a, b, r, mask, beta=beta), argnums=(0, 1))(v, lr)
+    jv, jl = jax.jit(jax.jacobian(lambda a, b: oreo_value_residuals(a, b, r, mask, beta=beta), argnums=(0, 1)))(v, lr)
     np.testing.assert_allclose(jnp.einsum("btbt->bt", jv), mask)
     np.testing.assert_allclose(jl, 0.0)
     # token-level policy residuals: β on the own token only, nothing through V
-    jv, jl = jax.jacobian(lambda a, b: oreo_policy_residuals(a, b, r, mask, mask, beta=beta), argnums=(0, 1))(v, lr)
+    jv, jl = jax.jit(jax.jacobian(lambda a, b: oreo_policy_residuals(a, b, r, mask, mask, beta=beta),
+                                  argnums=(0, 1)))(v, lr)
     np.testing.assert_allclose(jv, 0.0)
     expected = beta * jnp.einsum("bt,bc,ts->btcs", mask, jnp.eye(B), jnp.eye(T))
     np.testing.assert_allclose(jl, expected, atol=1e-6)
     # step level: steps start at 1 and 4 (row 0) and 2, 3, 6 (row 1); gradient only through the step's tokens
     starts = jnp.asarray(np.array([[0, 1, 0, 0, 1, 0, 0], [0, 0, 1, 1, 0, 0, 1]]), jnp.float32)
     res = oreo_policy_residuals(v, lr, r, mask, starts, beta=beta)
-    jl = jax.jacobian(lambda b: oreo_policy_residuals(v, b, r, mask, starts, beta=beta))(lr)
+    jl = jax.jit(jax.jacobian(lambda b: oreo_policy_residuals(v, b, r, mask, starts, beta=beta)))(lr)
     steps = {0: {1: [1, 2, 3], 4: [4, 5]}, 1: {2: [2], 3: [3, 4, 5], 6: [6]}}
     S = np.asarray(suffix_sums(lr, mask))
     for b, row in steps.items():
@@ -164,8 +180,9 @@ def test_stop_gradients_future_log_ratios_values_and_steps():
 
 @pytest.fixture(scope="module")
 def small():
-    model = Model(preset("tiny", n_layers=2))
-    return model, model.init(jax.random.key(0))
+    # one layer: every check here is per token or per parameter, so depth adds compile time only
+    model = Model(preset("tiny", n_layers=1))
+    return model, jax.jit(model.init)(jax.random.key(0))  # eager init compiles op by op
 
 
 def _batch(model, seed=0, B=4, T=16):
@@ -186,11 +203,11 @@ def test_exact_kl_matches_full_vocabulary_and_chunking(small):
     model, params = small
     other = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), params)
     b = _batch(model)
-    h, _ = model.forward(params, b.tokens, b.attention_mask)
-    rh, _ = model.forward(other, b.tokens, b.attention_mask)
+    h = forward(params, b.tokens, b.attention_mask, model=model)
+    rh = forward(other, b.tokens, b.attention_mask, model=model)
     out = head_token_kl(params, h, other, rh, b.tokens, model=model)
-    p = jax.nn.log_softmax(model.logits(params, h))
-    q = jax.nn.log_softmax(model.logits(other, rh))
+    p = jax.nn.log_softmax(logits_of(params, h, model=model))
+    q = jax.nn.log_softmax(logits_of(other, rh, model=model))
     np.testing.assert_allclose(out["kl"], np.sum(np.exp(p) * (p - q), -1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["logprobs"], np.take_along_axis(p, b.tokens[..., None], -1)[..., 0], rtol=1e-6)
     chunked = head_token_kl(params, h, other, rh, b.tokens, model=model, chunk_size=5)
@@ -204,12 +221,12 @@ def test_policy_loss_equals_naive_reference(small):
     ref = jax.tree.map(lambda x: x + 0.03 * jax.random.normal(jax.random.key(4), x.shape), params)
     b = _batch(model, seed=1)
     values = jnp.asarray(np.random.default_rng(5).standard_normal((4, 15)), jnp.float32)
+    p = np.asarray(jax.nn.log_softmax(full_logits(params, b.tokens, b.attention_mask, model=model)))[:, :-1]
+    q = np.asarray(jax.nn.log_softmax(full_logits(ref, b.tokens, b.attention_mask, model=model)))[:, :-1]
     for level in ("token", "step", "response"):
         for est in ("exact", "k3"):
             cfg = OREOConfig(beta=0.1, level=level, kl_estimator=est)
             loss, _ = oreo_policy_loss(params, b.replace(values=values), model=model, cfg=cfg, ref_params=ref)
-            p = np.asarray(jax.nn.log_softmax(model(params, b.tokens, b.attention_mask)))[:, :-1]
-            q = np.asarray(jax.nn.log_softmax(model(ref, b.tokens, b.attention_mask)))[:, :-1]
             y = np.asarray(b.tokens)[:, 1:]
             lp = np.take_along_axis(p, y[..., None], -1)[..., 0]
             lq = np.take_along_axis(q, y[..., None], -1)[..., 0]
@@ -250,9 +267,10 @@ def test_joint_step_equals_two_calls_with_pre_update_quantities(small):
     state = state.replace(value=state.value.replace(params={**state.value.params, "value_head": head}))
     vm = value_model_of(model)
     v_old = token_values(state.value.params, b.tokens, b.attention_mask, model=vm)
-    _, (_, ell) = oreo_policy_terms(state.policy.params, b.replace(values=v_old), model=model, cfg=cfg,
-                                    ref_params=state.ref_params)
-    pol = make_train_step(functools.partial(oreo_policy_loss, model=model, cfg=cfg, ref_params=params), opt,
+    # the actor's loss with the pre-update values (one compiled program serves both losses below)
+    before, (_, ell) = oreo_policy_terms(state.policy.params, b.replace(values=v_old), model=model, cfg=cfg,
+                                         ref_params=params)
+    pol = make_train_step(functools.partial(_oreo.oreo_policy_loss, model=model, cfg=cfg, ref_params=params), opt,
                           donate=False)(state.policy, b.replace(values=v_old))[0]
     val = make_train_step(functools.partial(oreo_value_loss, model=vm, cfg=cfg), opt, donate=False)(
         state.value, b.replace(log_ratios=ell))[0]
@@ -264,11 +282,9 @@ def test_joint_step_equals_two_calls_with_pre_update_quantities(small):
     for a, c in zip(jax.tree.leaves(joint.value.params), jax.tree.leaves(val.params)):
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
     # the losses show the order directly: the actor's loss is the one with the pre-update values
-    before, _ = oreo_policy_loss(state.policy.params, b.replace(values=v_old), model=model, cfg=cfg,
-                                 ref_params=params)
     v_new = token_values(val.params, b.tokens, b.attention_mask, model=vm)
-    after, _ = oreo_policy_loss(state.policy.params, b.replace(values=v_new), model=model, cfg=cfg,
-                                ref_params=params)
+    after, _ = oreo_policy_terms(state.policy.params, b.replace(values=v_new), model=model, cfg=cfg,
+                                 ref_params=params)
     assert float(metrics["loss"]) == pytest.approx(float(before), rel=1e-5)
     assert abs(float(after) - float(before)) > 1e-3 * abs(float(before))
     assert int(joint.step) == 1 and int(metrics["skipped"]) == 0

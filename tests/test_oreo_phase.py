@@ -31,8 +31,9 @@ ROWS = [{"prompt": f"{a}+{b}=", "completion": f"{a}+{b}={a + b};answer:{a + b + 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = Model(preset("tiny", n_layers=2, vocab_size=TOK.vocab_size))
-    return model, model.init(jax.random.key(0))
+    # one layer: collection, resumption and the rounds do not depend on depth, which only adds compile time
+    model = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size))
+    return model, jax.jit(model.init)(jax.random.key(0))  # eager init compiles op by op
 
 
 def test_split_keeping_separator():
@@ -180,11 +181,11 @@ def test_oreo_step_and_search_sharded_equal_one_device():
         # ~its sign, so reduction-order noise between the meshes is not amplified to a full step
         tok, opt = CharTokenizer(), OptimizerConfig(lr=1e-3, eps=1e-4, schedule="constant")
         mesh = make_mesh(data=2, fsdp=2, tensor=2)
-        init = Model(preset("tiny", n_layers=2, vocab_size=tok.vocab_size)).init(jax.random.key(0))
+        init = jax.jit(Model(preset("tiny", n_layers=1, vocab_size=tok.vocab_size)).init)(jax.random.key(0))
         prompts, pmask = tok.encode_batch([r["prompt"] for r in ROWS[:8]], padding_side="left")
         out = []
         for m in (None, mesh):
-            model = Model(preset("tiny", n_layers=2, vocab_size=tok.vocab_size), mesh=m)
+            model = Model(preset("tiny", n_layers=1, vocab_size=tok.vocab_size), mesh=m)
             value_model, state = create_oreo_state(model, init, opt, jax.random.key(1))
             data = BatchIterator(ROWS, 8, functools.partial(collate_trajectories, tok, separator=";"), seed=0)
             cfg = OREOPhaseConfig(loss=OREOConfig(beta=0.1, level="step"), optimizer=opt,

@@ -10,9 +10,23 @@ import pytest
 from conftest import run_with_devices
 from rljax.data import SequenceBatch
 from rljax.losses import SFTConfig, sft_loss
+from rljax.models import Model, preset
 from rljax.ops import LOSS_WEIGHT, aggregate, aggregate_count
 from rljax.state import (OptimizerConfig, TrainState, accumulate_gradients, apply_gradients, create_state,
                          learning_rate_schedule, make_optimizer, make_train_step)
+
+# Jitted once per batch shape and config: run op by op (eagerly), the model's loss, logits and
+# gradients took most of this file's time (make_train_step jits the loss itself).
+jit_sft_loss = jax.jit(sft_loss, static_argnames=("model", "cfg"))
+full_logits = jax.jit(lambda params, tokens, mask, model: model(params, tokens, mask), static_argnames="model")
+
+
+@pytest.fixture(scope="module")
+def one_layer():
+    """(model, params): the tiny preset with one layer. The losses, gradients and steps checked with it
+    are per token and per parameter, so depth would only add compile time."""
+    model = Model(preset("tiny", n_layers=1))
+    return model, jax.jit(model.init)(jax.random.key(0))  # eager init compiles op by op
 
 
 def test_aggregate_known_answers():
@@ -41,7 +55,7 @@ def _batch(seed=0, B=4, T=16, prompt=5, vocab=64):
 
 
 def _naive_nll(model, params, batch, eps=0.0):
-    logits = np.asarray(model(params, batch.tokens, batch.attention_mask), np.float64)[:, :-1]
+    logits = np.asarray(full_logits(params, batch.tokens, batch.attention_mask, model=model), np.float64)[:, :-1]
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, np.asarray(batch.tokens)[:, 1:, None], -1)[..., 0]
@@ -51,25 +65,25 @@ def _naive_nll(model, params, batch, eps=0.0):
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_sft_loss_equals_naive_completion_only_nll(tiny, eps):
-    model, params = tiny
+def test_sft_loss_equals_naive_completion_only_nll(one_layer, eps):
+    model, params = one_layer
     batch = _batch()
-    loss, metrics = sft_loss(params, batch, model=model, cfg=SFTConfig(label_smoothing=eps))
+    loss, metrics = jit_sft_loss(params, batch, model=model, cfg=SFTConfig(label_smoothing=eps))
     assert float(loss) == pytest.approx(_naive_nll(model, params, batch, eps), rel=1e-5)
     assert float(metrics["tokens"]) == 4 * 11 - 3
 
 
-def test_masked_tokens_contribute_nothing(tiny):
+def test_masked_tokens_contribute_nothing(one_layer):
     """Changing tokens whose loss is masked (after the completion) changes neither loss nor gradient,
     and prompt positions carry no loss: the gradient equals that of the completion-only NLL."""
-    model, params = tiny
+    model, params = one_layer
     batch = _batch()
-    grad = jax.grad(lambda p, b: sft_loss(p, b, model=model, cfg=SFTConfig())[0])
+    grad = jax.jit(jax.grad(lambda p, b: sft_loss(p, b, model=model, cfg=SFTConfig())[0]))
     tokens = np.array(batch.tokens)
     tokens[1, -3:] = (tokens[1, -3:] + 7) % 64
     perturbed = batch.replace(tokens=tokens)
-    l0 = sft_loss(params, batch, model=model, cfg=SFTConfig())[0]
-    l1 = sft_loss(params, perturbed, model=model, cfg=SFTConfig())[0]
+    l0 = jit_sft_loss(params, batch, model=model, cfg=SFTConfig())[0]
+    l1 = jit_sft_loss(params, perturbed, model=model, cfg=SFTConfig())[0]
     assert float(l0) == float(l1)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), grad(params, batch), grad(params, perturbed))
 
@@ -80,11 +94,11 @@ def test_masked_tokens_contribute_nothing(tiny):
         return -(lp * m).sum() / m.sum()
 
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
-                 grad(params, batch), jax.grad(completion_only)(params))
+                 grad(params, batch), jax.jit(jax.grad(completion_only))(params))
 
 
-def test_packed_equals_unpacked(tiny):
-    model, params = tiny
+def test_packed_equals_unpacked(one_layer):
+    model, params = one_layer
     a, b = _batch(1, B=1, T=7, prompt=3), _batch(2, B=1, T=9, prompt=4)
     unpacked_tokens = np.zeros((2, 9), np.int32)
     unpacked_tokens[0, :7], unpacked_tokens[1] = a.tokens[0], b.tokens[0]
@@ -97,8 +111,8 @@ def test_packed_equals_unpacked(tiny):
         tokens=np.concatenate([a.tokens, b.tokens], 1), attention_mask=np.ones((1, 16), np.int32),
         loss_mask=np.concatenate([a.loss_mask, b.loss_mask], 1),
         segment_ids=np.array([[1] * 7 + [2] * 9]), positions=np.array([list(range(7)) + list(range(9))]))
-    lu = sft_loss(params, unpacked, model=model, cfg=SFTConfig())[0]
-    lp = sft_loss(params, packed, model=model, cfg=SFTConfig())[0]
+    lu = jit_sft_loss(params, unpacked, model=model, cfg=SFTConfig())[0]
+    lp = jit_sft_loss(params, packed, model=model, cfg=SFTConfig())[0]
     assert float(lp) == pytest.approx(float(lu), rel=1e-5)
 
 
@@ -129,8 +143,8 @@ def test_sft_memorises_a_small_batch(tiny):
     assert int(state.step) == 150 and int(state.skipped_steps) == 0
 
 
-def test_non_finite_loss_is_skipped_and_counted(tiny):
-    model, _ = tiny
+def test_non_finite_loss_is_skipped_and_counted(one_layer):
+    model, _ = one_layer
     opt = OptimizerConfig(lr=1e-2, schedule="constant")
 
     def loss_fn(params, batch):
@@ -151,8 +165,8 @@ def test_non_finite_loss_is_skipped_and_counted(tiny):
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params)))
 
 
-def test_gradient_accumulation_equals_one_big_batch(tiny):
-    model, _ = tiny
+def test_gradient_accumulation_equals_one_big_batch(one_layer):
+    model, _ = one_layer
     loss_fn = functools.partial(sft_loss, model=model, cfg=SFTConfig(normalisation="seq_mean_token_sum"))
     big = _batch(5, B=4)
     halves = [jax.tree.map(lambda x: x[i:i + 2], big) for i in (0, 2)]
@@ -206,11 +220,11 @@ def _max_diff(a, b):
     return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))
 
 
-def test_accumulation_of_unequal_micro_batches_equals_one_big_batch(tiny):
+def test_accumulation_of_unequal_micro_batches_equals_one_big_batch(one_layer):
     """Micro-batches of 3 and 17 tokens (token_mean, clipped): accumulating them must give the update
     of one step on both, which needs the micro-gradients weighted by their token counts and the clip
     applied once, to the accumulated gradient. A non-finite micro-batch in between is skipped."""
-    model, params = tiny
+    model, params = one_layer
 
     def loss_fn(p, batch):
         loss, metrics = sft_loss(p, batch["seq"], model=model, cfg=SFTConfig())
@@ -313,7 +327,7 @@ def test_sharded_training_matches_single_device():
         mesh = make_mesh(data=2, fsdp=2, tensor=2)
         curves = []
         for m in (None, mesh):
-            model = Model(preset("tiny"), mesh=m)
+            model = Model(preset("tiny", n_layers=1), mesh=m)
             state = create_state(model, opt, jax.random.key(0), mesh=m)
             if m is not None:
                 gate = state.params["layers"]["mlp"]["gate"]
@@ -335,11 +349,11 @@ def test_sharded_training_matches_single_device():
     assert "CURVES" in out
 
 
-def test_train_step_compiles_once_for_batches_of_one_bucket(tiny):
+def test_train_step_compiles_once_for_batches_of_one_bucket(one_layer):
     from rljax.data.collate import collate_prompt_completion
     from rljax.tokenizer import CharTokenizer
 
-    model, _ = tiny
+    model, _ = one_layer
     tok = CharTokenizer()
     opt = OptimizerConfig(lr=1e-3)
     step = make_train_step(functools.partial(sft_loss, model=model, cfg=SFTConfig()), opt)
