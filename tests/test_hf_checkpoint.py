@@ -27,6 +27,19 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", 
 CAUSAL = ("llama", "llama3", "qwen2", "qwen3")
 
 
+# Run op by op, the model compiles every primitive for every new shape: the forwards are jitted
+# (one compile per config and batch shape, shared by the tests that load the same fixture).
+@functools.partial(jax.jit, static_argnames=("model",))
+def _logits(params, tokens, *, model):
+    return model(params, tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _rewards(params, tokens, mask, *, model):
+    hidden, _ = model.forward(params, tokens, mask)
+    return model.rewards(params, hidden, mask)
+
+
 def _fixture(name):
     return os.path.join(FIXTURES, name), dict(np.load(os.path.join(FIXTURES, f"{name}.npz")))
 
@@ -50,7 +63,7 @@ def test_logits_and_greedy_tokens_match_transformers(name):
         assert cfg.rope_scaling.factor == 8.0 and cfg.rope_scaling.original_max_position_embeddings == 32
     assert cfg.heads == ("lm",) and cfg.n_kv_heads < cfg.n_heads and cfg.param_dtype == "float32"
     model = Model(cfg)
-    logits = np.asarray(model(params, ref["tokens"]))
+    logits = np.asarray(_logits(params, ref["tokens"], model=model))
     np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
     # Greedy decoding with rljax's KV-cache sampler; transformers' choices were >= min_greedy_gap from ties.
     assert float(ref["min_greedy_gap"]) > 1e-3
@@ -65,8 +78,7 @@ def test_sequence_classification_scores_match_transformers():
     assert cfg.heads == ("reward",) and cfg.reward_outputs == 1
     np.testing.assert_array_equal(params["reward_bias"], 0.0)  # transformers' score layer has no bias
     model = Model(cfg)
-    hidden, _ = model.forward(params, ref["tokens"], ref["attention_mask"])
-    rewards = np.asarray(model.rewards(params, hidden, ref["attention_mask"]))
+    rewards = np.asarray(_rewards(params, ref["tokens"], ref["attention_mask"], model=model))
     np.testing.assert_allclose(rewards, ref["scores"][:, 0], atol=1e-4, rtol=0)
 
 
@@ -82,7 +94,8 @@ def test_legacy_rope_scaling_config_loads_the_same(tmp_path):
     cfg, params = load_pretrained(str(legacy))
     _, params0 = load_pretrained(path)
     assert cfg == load_pretrained(path)[0]
-    np.testing.assert_allclose(np.asarray(Model(cfg)(params, ref["tokens"])), ref["logits"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(_logits(params, ref["tokens"], model=Model(cfg))), ref["logits"],
+                               atol=1e-4, rtol=0)
     _assert_same_tree(params, params0)
 
 
@@ -133,7 +146,8 @@ def test_single_file_bfloat16_save_and_dtype_conversion(tmp_path):
     assert cfg32.param_dtype == "float32" and params32["embedding"].dtype == jnp.float32
     _assert_same_tree(params32, jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params))
     # bf16 weights computed in float32 stay close to the float32 reference.
-    np.testing.assert_allclose(np.asarray(Model(cfg32)(params32, ref["tokens"])), ref["logits"], atol=0.1)
+    np.testing.assert_allclose(np.asarray(_logits(params32, ref["tokens"], model=Model(cfg32))), ref["logits"],
+                               atol=0.1)
 
 
 def test_sft_step_then_save_and_load_gives_the_in_memory_logits(tmp_path):
@@ -147,12 +161,12 @@ def test_sft_step_then_save_and_load_gives_the_in_memory_logits(tmp_path):
     batch = SequenceBatch(tokens, jnp.ones_like(tokens), jnp.ones_like(tokens).at[:, :4].set(0))
     state, metrics = step(state, batch)
     assert int(metrics["skipped"]) == 0
-    trained = np.asarray(model(state.params, tokens))
+    trained = np.asarray(_logits(state.params, tokens, model=model))
     assert np.abs(trained - ref["logits"]).max() > 1e-2  # the step really changed the model
     out = save_pretrained(state.params, cfg, str(tmp_path / "sft"))
     cfg2, params2 = load_pretrained(out)
     _assert_same_tree(state.params, params2)
-    np.testing.assert_allclose(np.asarray(Model(cfg2)(params2, tokens)), trained, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(_logits(params2, tokens, model=Model(cfg2))), trained, atol=1e-6, rtol=0)
 
 
 def test_extra_heads_round_trip_under_documented_names(tmp_path):
@@ -175,7 +189,8 @@ def test_extra_heads_round_trip_under_documented_names(tmp_path):
     # A reward model alone exports as sequence classification; a value model alone as the bare backbone.
     for heads, arch in ((("reward",), "Qwen3ForSequenceClassification"), (("value",), "Qwen3Model")):
         sub = cfg.replace(heads=heads)
-        sub_params = {k: v for k, v in params.items() if k in Model(sub).param_shapes()}
+        sub_shapes = Model(sub).param_shapes()  # traced once, not once per parameter
+        sub_params = {k: v for k, v in params.items() if k in sub_shapes}
         d = save_pretrained(sub_params, sub, str(tmp_path / arch))
         hf = json.load(open(os.path.join(d, "config.json")))
         assert hf["architectures"] == [arch] and hf["tie_word_embeddings"] is False

@@ -1,4 +1,6 @@
 """Transformer: parameter counts, KV cache = full forward, padding/packing invariances, heads."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,17 +11,40 @@ from rljax.models import Model, TransformerConfig, preset
 from rljax.models.transformer import last_token_index
 from rljax.sharding import LOGICAL_RULES, logical_to_spec
 
+# Two layers (not tiny's four): every layer runs the same code, and two already check that each
+# layer keeps its own cache; an unrolled layer costs compile time.
 VARIANTS = {
-    "gqa_scan": dict(scan_layers=True),
-    "gqa_loop": dict(scan_layers=False),
-    "qwen_like": dict(qkv_bias=True, tie_embeddings=True, rope_theta=1e6),
-    "qwen3_like_loop": dict(qk_norm=True, scan_layers=False, n_kv_heads=1),
+    "gqa_scan": dict(scan_layers=True, n_layers=2),
+    "gqa_loop": dict(scan_layers=False, n_layers=2),
+    "qwen_like": dict(qkv_bias=True, tie_embeddings=True, rope_theta=1e6, n_layers=2),
+    "qwen3_like_loop": dict(qk_norm=True, scan_layers=False, n_kv_heads=1, n_layers=2),
 }
 
 
 def _init(**overrides):
     model = Model(preset("tiny", **overrides))
     return model, model.init(jax.random.key(1))
+
+
+# The model run op by op compiles every primitive for every new shape (minutes in all): the
+# forwards and gradients below are jitted, one compile per model config and batch shape.
+@functools.partial(jax.jit, static_argnames=("model",))
+def _logits(params, tokens, mask=None, positions=None, segment_ids=None, *, model):
+    return model(params, tokens, mask, positions=positions, segment_ids=segment_ids)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _forward(params, tokens, mask=None, cache=None, *, model):
+    """(hidden, cache, LM logits) of model.forward."""
+    hidden, cache = model.forward(params, tokens, mask, cache=cache)
+    return hidden, cache, model.logits(params, hidden)
+
+
+def _sq_loss(params, tokens, mask, model):
+    return jnp.mean(model(params, tokens, mask) ** 2)
+
+
+_sq_loss_grad = jax.jit(jax.grad(_sq_loss), static_argnames=("model",))
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "llama3_8b", "qwen2_5_0_5b", "qwen2_5_7b", "qwen3_0_6b"])
@@ -62,15 +87,14 @@ def test_kv_cache_decode_matches_full_forward(variant):
     """Prefill part of mixed-length left-padded prompts, then decode one token at a time."""
     model, params = _init(**VARIANTS[variant])
     tokens, mask = left_padded([9, 4, 1, 6], 12, model.config.vocab_size, seed=3)
-    full = model(params, tokens, mask)  # [B, T, V]
+    full = _logits(params, tokens, mask, model=model)  # [B, T, V]
     cache = model.init_cache(4, 16)
     prefill = 8
-    hidden, cache = model.forward(params, tokens[:, :prefill], mask[:, :prefill], cache=cache)
-    pieces = [model.logits(params, hidden)]
-    step = jax.jit(lambda c, t, m: model.forward(params, t, m, cache=c))
+    _, cache, logits = _forward(params, tokens[:, :prefill], mask[:, :prefill], cache, model=model)
+    pieces = [logits]
     for t in range(prefill, 12):
-        hidden, cache = step(cache, tokens[:, t:t + 1], mask[:, t:t + 1])
-        pieces.append(model.logits(params, hidden))
+        _, cache, logits = _forward(params, tokens[:, t:t + 1], mask[:, t:t + 1], cache, model=model)
+        pieces.append(logits)
     cached = jnp.concatenate(pieces, axis=1)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-4, rtol=0)
@@ -79,26 +103,24 @@ def test_kv_cache_decode_matches_full_forward(variant):
 
 def test_scan_and_loop_layers_agree():
     """Same stacked parameters, two ways of running the layers: same values and gradients."""
-    scan_model, params = _init(scan_layers=True)
-    loop_model = Model(preset("tiny", scan_layers=False))
-    assert jax.tree.structure(loop_model.init(jax.random.key(1))) == jax.tree.structure(params)
+    scan_model, params = _init(scan_layers=True, n_layers=2)
+    loop_model = Model(preset("tiny", scan_layers=False, n_layers=2))
+    assert jax.tree.structure(loop_model.param_shapes()) == jax.tree.structure(params)
     tokens, mask = left_padded([7, 3], 8, 64, seed=1)
-    np.testing.assert_allclose(scan_model(params, tokens, mask), loop_model(params, tokens, mask), atol=1e-5)
-
-    def loss(p, m):
-        return jnp.mean(m(p, tokens, mask) ** 2)
-
+    np.testing.assert_allclose(_logits(params, tokens, mask, model=scan_model),
+                               _logits(params, tokens, mask, model=loop_model), atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
-                 jax.grad(loss)(params, scan_model), jax.grad(loss)(params, loop_model))
+                 _sq_loss_grad(params, tokens, mask, scan_model), _sq_loss_grad(params, tokens, mask, loop_model))
 
 
 def test_left_padding_does_not_change_logits(tiny):
     """RoPE positions count real tokens, so padding on the left changes nothing."""
     model, params = tiny
-    tokens, _ = left_padded([6], 6, 64, seed=2)
+    tokens, _ = left_padded([7], 7, 64, seed=2)  # [1, 7] and [1, 12]: test_packed_...'s shapes
     padded = np.concatenate([np.zeros((1, 5), np.int32), tokens], axis=1)
-    mask = np.concatenate([np.zeros((1, 5), np.int32), np.ones((1, 6), np.int32)], axis=1)
-    np.testing.assert_allclose(model(params, padded, mask)[:, 5:], model(params, tokens), atol=1e-5)
+    mask = np.concatenate([np.zeros((1, 5), np.int32), np.ones((1, 7), np.int32)], axis=1)
+    np.testing.assert_allclose(_logits(params, padded, mask, model=model)[:, 5:], _logits(params, tokens, model=model),
+                               atol=1e-5)
 
 
 def test_packed_segments_equal_separate_sequences(tiny):
@@ -108,32 +130,34 @@ def test_packed_segments_equal_separate_sequences(tiny):
     packed = np.concatenate([a, b], axis=1)
     segments = np.array([[1] * 5 + [2] * 7])
     positions = np.array([list(range(5)) + list(range(7))])
-    out = model(params, packed, np.ones_like(packed), segment_ids=segments, positions=positions)
-    np.testing.assert_allclose(out[:, :5], model(params, a), atol=1e-5)
-    np.testing.assert_allclose(out[:, 5:], model(params, b), atol=1e-5)
+    out = _logits(params, packed, np.ones_like(packed), positions, segments, model=model)
+    np.testing.assert_allclose(out[:, :5], _logits(params, a, model=model), atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:], _logits(params, b, model=model), atol=1e-5)
 
 
 def test_heads_and_last_token_reward():
-    model, params = _init(heads=("lm", "value", "reward"))
+    model, params = _init(heads=("lm", "value", "reward"), n_layers=1)  # the heads read the last hidden state
     assert float(jnp.abs(params["value_head"]).sum()) == 0.0  # zero-initialised: V = 0 at start
     params = jax.tree.map(lambda x: x, params)
     params["reward_head"] = jax.random.normal(jax.random.key(2), params["reward_head"].shape)
     params["value_head"] = jax.random.normal(jax.random.key(3), params["value_head"].shape)
     tokens, _ = left_padded([6, 6], 6, 64, seed=6)
-    hidden, _ = model.forward(params, tokens)
-    r = model.rewards(params, hidden, jnp.ones_like(tokens))
-    v = model.values(params, hidden)
+
+    @jax.jit
+    def heads(p, t, m):
+        hidden, _ = model.forward(p, t, m)
+        return hidden, model.rewards(p, hidden, m), model.values(p, hidden)
+
+    hidden, r, v = heads(params, tokens, jnp.ones_like(tokens))
     np.testing.assert_allclose(r, hidden[:, -1] @ params["reward_head"] + params["reward_bias"], rtol=1e-6)
     np.testing.assert_allclose(v, hidden @ params["value_head"] + params["value_bias"], rtol=1e-6)
     # Appending pads on the right (pad id = eos id = 2 here) leaves the reward unchanged.
     right = np.concatenate([tokens, np.full((2, 3), 2, np.int32)], axis=1)
     rmask = np.concatenate([np.ones_like(tokens), np.zeros((2, 3), np.int32)], axis=1)
-    h2, _ = model.forward(params, right, rmask)
-    np.testing.assert_allclose(model.rewards(params, h2, rmask), r, atol=1e-5)
+    np.testing.assert_allclose(heads(params, right, rmask)[1], r, atol=1e-5)
     # ... and so does left padding
     left = np.concatenate([np.full((2, 3), 2, np.int32), tokens], axis=1)
-    h3, _ = model.forward(params, left, rmask[:, ::-1])
-    np.testing.assert_allclose(model.rewards(params, h3, rmask[:, ::-1]), r, atol=1e-5)
+    np.testing.assert_allclose(heads(params, left, rmask[:, ::-1])[1], r, atol=1e-5)
 
 
 def test_last_token_index():
@@ -145,7 +169,7 @@ def test_bfloat16_compute_close_to_float32(tiny):
     model, params = tiny
     bf = Model(preset("tiny", dtype="bfloat16"))
     tokens, mask = left_padded([8, 5], 8, 64, seed=7)
-    lf, lb = model(params, tokens, mask), bf(params, tokens, mask)
+    lf, lb = _logits(params, tokens, mask, model=model), _logits(params, tokens, mask, model=bf)
     assert lb.dtype == jnp.float32
     real = mask.astype(bool)
     err = np.abs(np.asarray(lf - lb))[real].max()
@@ -153,16 +177,13 @@ def test_bfloat16_compute_close_to_float32(tiny):
 
 
 @pytest.mark.parametrize("remat,scan", [("full", True), ("dots", False)])
-def test_remat_gives_same_gradients(remat, scan, tiny):
-    model, params = tiny
-    rm = Model(preset("tiny", remat=remat, scan_layers=scan))
+def test_remat_gives_same_gradients(remat, scan):
+    # two layers, as in test_scan_and_loop_layers_agree: the reference gradient compiles once for all three
+    model, params = _init(n_layers=2)
+    rm = Model(preset("tiny", remat=remat, scan_layers=scan, n_layers=2))
     tokens, mask = left_padded([8, 5], 8, 64, seed=8)
-
-    def loss(p, m):
-        return jnp.mean(m(p, tokens, mask) ** 2)
-
-    g1 = jax.grad(loss)(params, model)
-    g2 = jax.grad(loss)(params, rm)
+    g1 = _sq_loss_grad(params, tokens, mask, model)
+    g2 = _sq_loss_grad(params, tokens, mask, rm)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g2)
 
 
@@ -204,15 +225,17 @@ def test_low_precision_dot_vjp_is_the_bf16_rounded_product(transpose_w):
     assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32
 
 
-def test_bfloat16_gradients_close_to_float32(tiny):
-    model, params = tiny
-    bf = Model(preset("tiny", dtype="bfloat16"))
+def test_bfloat16_gradients_close_to_float32():
+    model, params = _init(n_layers=2)  # two layers: each runs the same bfloat16 matmuls
+    bf = Model(preset("tiny", dtype="bfloat16", n_layers=2))
     tokens, mask = left_padded([8, 5], 8, 64, seed=9)
 
-    def loss(p, m):
+    @functools.partial(jax.jit, static_argnames=("m",))
+    @jax.grad
+    def grad(p, m):
         return -jnp.mean(jax.nn.log_softmax(m(p, tokens, mask))[..., 3])
 
-    g32, g16 = jax.grad(loss)(params, model), jax.grad(loss)(params, bf)
+    g32, g16 = grad(params, model), grad(params, bf)
     for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):
         assert b.dtype == jnp.float32
         assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(a) + 1e-7

@@ -12,6 +12,11 @@ from rljax.models.logprobs import token_logprobs
 from rljax.sampling import BeamConfig, SampleConfig, _generate, beam_search, choose_tokens, sample
 
 PROMPTS = left_padded([9, 4, 1, 6], 10, 64, seed=11)
+# One greedy config serves every test that needs plain greedy decoding of PROMPTS (one compile
+# of the decoder); eos_id=-1: no row stops early, so all 12 steps are compared.
+GREEDY = SampleConfig(max_new_tokens=12, greedy=True, eos_id=-1)
+# Run op by op, the model compiles every primitive for every new shape: jitted here instead.
+_token_logprobs = jax.jit(token_logprobs, static_argnames=("model",))
 
 
 def _greedy_reference(model, params, tokens, mask, steps):
@@ -32,20 +37,19 @@ def _greedy_reference(model, params, tokens, mask, steps):
 
 def test_greedy_equals_argmax_of_full_forward(tiny):
     model, params = tiny
-    cfg = SampleConfig(max_new_tokens=12, greedy=True, eos_id=-1)  # no eos: compare all 12 steps
-    r = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=cfg)
+    r = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=GREEDY)  # no eos: compare all 12 steps
     ref = _greedy_reference(model, params, r.tokens[:, :r.prompt_length], r.attention_mask[:, :r.prompt_length], 12)
     np.testing.assert_array_equal(np.asarray(r.tokens), ref)
     assert (np.asarray(r.lengths) == 12).all() and not np.asarray(r.stopped_at_eos).any()
 
 
-@pytest.mark.parametrize("cfg", [SampleConfig(max_new_tokens=10, temperature=0.0),
-                                 SampleConfig(max_new_tokens=10, temperature=1e-6),
-                                 SampleConfig(max_new_tokens=10, top_k=1, temperature=1.5),
-                                 SampleConfig(max_new_tokens=10, top_p=1e-6)])
+@pytest.mark.parametrize("cfg", [GREEDY.replace(greedy=False, temperature=0.0),
+                                 GREEDY.replace(greedy=False, temperature=1e-6),
+                                 GREEDY.replace(greedy=False, top_k=1, temperature=1.5),
+                                 GREEDY.replace(greedy=False, top_p=1e-6)])
 def test_limits_agree_with_greedy(tiny, cfg):
     model, params = tiny
-    greedy = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=SampleConfig(max_new_tokens=10, greedy=True))
+    greedy = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=GREEDY)
     r = sample(params, *PROMPTS, jax.random.key(5), model=model, cfg=cfg)
     np.testing.assert_array_equal(r.tokens, greedy.tokens)
 
@@ -55,12 +59,14 @@ def test_sampled_logprobs_equal_token_logprobs(tiny):
     cfg = SampleConfig(max_new_tokens=16, temperature=0.7, top_k=20, n=3)
     r = sample(params, *PROMPTS, jax.random.key(1), model=model, cfg=cfg)
     assert r.tokens.shape == (12, 16 + 16) and r.logprobs.shape == (12, 31)
-    lp = token_logprobs(params, r.tokens, r.attention_mask, model=model)
+    # token_logprobs and the full forward's logits, in one program
+    lp, logits = jax.jit(lambda p, t, m: (token_logprobs(p, t, m, model=model), model(p, t, m)))(
+        params, r.tokens, r.attention_mask)
     on = np.asarray(r.loss_mask[:, 1:]).astype(bool)
     np.testing.assert_allclose(np.asarray(r.logprobs)[on], np.asarray(lp)[on], atol=1e-5)
     assert (np.asarray(r.logprobs)[~on] == 0).all()
     # under the sampling distribution: log softmax of the truncated, tempered logits
-    logits = np.asarray(model(params, r.tokens, r.attention_mask), np.float64)[:, :-1] / 0.7
+    logits = np.asarray(logits, np.float64)[:, :-1] / 0.7
     kth = np.sort(logits, -1)[..., -20][..., None]
     z = np.where(logits < kth, -np.inf, logits)
     logz = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
@@ -91,7 +97,7 @@ def test_choose_tokens_matches_closed_form_distribution():
     ]
     for cfg, expected in cases:
         expected = expected / expected.sum()
-        tok, slp = choose_tokens(logits, jax.random.key(3), cfg)
+        tok, slp = jax.jit(choose_tokens, static_argnames=("cfg",))(logits, jax.random.key(3), cfg)
         freq = np.bincount(np.asarray(tok), minlength=5) / tok.shape[0]
         np.testing.assert_allclose(freq, expected, atol=0.01)
         np.testing.assert_allclose(np.exp(np.asarray(slp)), expected[np.asarray(tok)], rtol=1e-5)
@@ -99,7 +105,7 @@ def test_choose_tokens_matches_closed_form_distribution():
 
 def test_stops_at_eos_and_masks_the_rest(tiny):
     model, params = tiny
-    cfg = SampleConfig(max_new_tokens=20, greedy=True, eos_id=-1)
+    cfg = GREEDY
     free = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=cfg)
     P = free.prompt_length
     eos = int(free.tokens[0, P + 3])  # make row 0's 4th greedy token the eos
@@ -108,7 +114,7 @@ def test_stops_at_eos_and_masks_the_rest(tiny):
     for i in range(4):
         gen = np.asarray(free.tokens[i, P:])
         hits = np.flatnonzero(gen == eos)
-        n = hits[0] + 1 if len(hits) else 20
+        n = hits[0] + 1 if len(hits) else cfg.max_new_tokens
         assert int(r.lengths[i]) == n and bool(r.stopped_at_eos[i]) == bool(len(hits))
         np.testing.assert_array_equal(toks[i, P:P + n], gen[:n])
         assert (toks[i, P + n:] == cfg.pad_id).all() and lm[i, P:].sum() == n
@@ -131,7 +137,7 @@ def test_right_padded_prompts_are_realigned(tiny):
     for i in range(4):
         n = left_m[i].sum()
         right_t[i, :n], right_m[i, :n] = left_t[i, -n:], 1
-    cfg = SampleConfig(max_new_tokens=6, temperature=1.0)
+    cfg = SampleConfig(max_new_tokens=12, temperature=1.0, n=2)  # test_same_key_...'s config: no new compile
     a = sample(params, left_t, left_m, jax.random.key(4), model=model, cfg=cfg)
     b = sample(params, right_t, right_m, jax.random.key(4), model=model, cfg=cfg)
     np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -171,7 +177,7 @@ def _all_hypotheses(V, N, eos):
 def test_wide_beam_search_is_exact_search():
     """With a beam wide enough to keep every prefix, beam search equals brute force."""
     V, N, alpha = 4, 3, 0.8
-    model = Model(preset("tiny", vocab_size=V))
+    model = Model(preset("tiny", vocab_size=V, n_layers=2))  # two layers: the search is what is tested
     params = model.init(jax.random.key(5))
     # sharpen the random model so the ranking is not a near-tie
     params["lm_head"] = params["lm_head"] * 60.0
@@ -182,7 +188,7 @@ def test_wide_beam_search_is_exact_search():
     hyps = list(_all_hypotheses(V, N, cfg.eos_id))
     seqs = np.array([np.r_[prompt[0], h, [0] * (N - len(h))] for h in hyps], np.int32)
     masks = np.array([np.r_[np.ones(4), np.ones(len(h)), np.zeros(N - len(h))] for h in hyps], np.int32)
-    lp = np.asarray(token_logprobs(params, seqs, masks, model=model))[:, 3:].sum(1)  # completion tokens only
+    lp = np.asarray(_token_logprobs(params, seqs, masks, model=model))[:, 3:].sum(1)  # completion tokens only
     lens = np.array([len(h) for h in hyps])
     scores = lp / lens**alpha
     order = np.argsort(-scores)
@@ -194,17 +200,17 @@ def test_wide_beam_search_is_exact_search():
 
 def test_beam_scores_match_rescoring_and_one_beam_is_greedy(tiny):
     model, params = tiny
-    greedy = sample(params, *PROMPTS, jax.random.key(0), model=model,
-                    cfg=SampleConfig(max_new_tokens=8, greedy=True, eos_id=-1))
+    greedy = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=GREEDY)
     used = set(np.asarray(greedy.completions).ravel().tolist())
     eos = next(t for t in range(3, 64) if t not in used)  # an eos greedy never emits
-    one = beam_search(params, *PROMPTS, model=model, cfg=BeamConfig(num_beams=1, max_new_tokens=8, eos_id=eos))
+    one = beam_search(params, *PROMPTS, model=model,
+                      cfg=BeamConfig(num_beams=1, max_new_tokens=GREEDY.max_new_tokens, eos_id=eos))
     np.testing.assert_array_equal(one.tokens[:, 0], greedy.tokens)
 
     res = beam_search(params, *PROMPTS, model=model,
                       cfg=BeamConfig(num_beams=4, max_new_tokens=8, length_penalty=1.0, eos_id=5))
     B, K, T = res.tokens.shape
-    lp = token_logprobs(params, res.tokens.reshape(B * K, T), res.attention_mask.reshape(B * K, T), model=model)
+    lp = _token_logprobs(params, res.tokens.reshape(B * K, T), res.attention_mask.reshape(B * K, T), model=model)
     gen = np.asarray(res.attention_mask.reshape(B * K, T))[:, 1:].copy()
     gen[:, :res.prompt_length - 1] = 0
     sums = (np.asarray(lp) * gen).sum(1).reshape(B, K)
