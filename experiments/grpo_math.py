@@ -137,7 +137,7 @@ def write_smoke_model(path: str, seed: int = 0) -> str:
     vocab_size = the tokenizer fixture's, saved with save_pretrained, plus the tokenizer fixture's files."""
     tok = HFTokenizer.from_pretrained(SMOKE_TOKENIZER)
     arch = config_from_hf(read_hf_config(SMOKE_ARCH), vocab_size=tok.vocab_size, max_seq_len=512)
-    params = Model(arch).init(jax.random.key(seed))
+    params = jax.jit(Model(arch).init)(jax.random.key(seed))  # jitted: one compile, not op by op
     save_pretrained(params, arch, path, overwrite=True,
                     extra_config=dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
     for name in os.listdir(SMOKE_TOKENIZER):

@@ -97,7 +97,9 @@ def test_resume_after_kills_at_a_boundary_and_mid_training_is_bit_identical(tmp_
         run_stages(_toy_state(), _toy_pipeline(calls, kill_step=("b", 5)), run_dir=run)
     assert calls == [1]  # round 0 finished: not collected again
     with Checkpointer(os.path.join(run, "b", "checkpoints")) as ckpt:
-        assert ckpt.latest_step() == 4  # the kill came after step 4's checkpoint
+        # the kill came in step 5's eval, after step 5 finished: run_loop checkpoints the last finished
+        # step before an exception propagates
+        assert ckpt.latest_step() == 5
     calls = []
     resumed, resumed_outputs = run_stages(_toy_state(), _toy_pipeline(calls), run_dir=run)
     assert calls == [2]  # round 1's data were saved: reused, not collected again
@@ -129,7 +131,7 @@ def rlhf_setup():
 
     tok = CharTokenizer()
     model = Model(preset("tiny", n_layers=1, d_model=64, mlp_dim=128, vocab_size=tok.vocab_size))
-    params = model.init(jax.random.key(0))
+    params = jax.jit(model.init)(jax.random.key(0))  # one compile, not op by op
     rm, rm_params = add_head(model, params, "reward")
     rm_opt = OptimizerConfig(lr=1e-2, schedule="constant")
     rm_state = create_state(rm, rm_opt, jax.random.key(3), params=rm_params)

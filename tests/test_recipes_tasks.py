@@ -29,11 +29,14 @@ PROMPT_ROWS = [{"prompt": f"{a}+{b}=", "answer": a + b, "level": "easy" if a < 2
                for b in range(3)]
 
 
+SMALL = Model(preset("tiny", vocab_size=TOK.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                     mlp_dim=64, max_seq_len=64))
+_init = jax.jit(SMALL.init)  # one compile for the file; op by op, every init compiled its ops again
+
+
 def small_model():
-    """(model, params, tokenizer): a 1-layer model, so a test compiles in seconds."""
-    model = Model(preset("tiny", vocab_size=TOK.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                         mlp_dim=64, max_seq_len=64))
-    return model, model.init(jax.random.key(0)), TOK
+    """(model, params, tokenizer): a 1-layer model, so a test compiles in seconds; fresh params each call."""
+    return SMALL, _init(jax.random.key(0)), TOK
 
 
 def sources(rows, tmp_path):
