@@ -55,7 +55,7 @@ def main(cfg: Config) -> dict:
     print(f"model: preset {cfg.preset}, {c.num_params()/1e6:.2f}M params (d{c.d_model}, {c.n_layers} layers, "
           f"{c.n_heads} heads / {c.n_kv_heads} kv heads); devices: {jax.devices()}")
     key_init, key_sample = jax.random.split(jax.random.key(cfg.seed))
-    params = model.init(key_init)
+    params = jax.jit(model.init)(key_init)  # jitted: one compile, not op by op
     prompts, mask = tok.encode_batch(PROMPTS, padding_side="left")
 
     scfg = SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n,
@@ -73,7 +73,7 @@ def main(cfg: Config) -> dict:
     for i in range(0, len(texts), cfg.n):
         print(f"  {PROMPTS[i // cfg.n]!r:14} -> {texts[i]!r}")
 
-    lp = token_logprobs(params, r.tokens, r.attention_mask, model=model)
+    lp = jax.jit(token_logprobs, static_argnames="model")(params, r.tokens, r.attention_mask, model=model)
     on = np.asarray(r.loss_mask[:, 1:]).astype(bool)
     lp_err = float(np.abs(np.asarray(lp)[on] - np.asarray(r.logprobs)[on]).max())
     print(f"sampler log-probs vs full forward: max |diff| = {lp_err:.2e}")
