@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
@@ -98,8 +99,17 @@ class _Where:
 def test_where_a_run_lives_and_how_it_shows_may_change_on_resume(tmp_path):
     from rljax.cli import save_config
 
+    from rljax.cli import ConfigMismatchError, config_differences
+
     save_config(_Where(), str(tmp_path))
+    first = (tmp_path / "config.json").read_text()
     save_config(_Where(run_dir=str(tmp_path), progress=False), str(tmp_path))  # no error
+    # the same run: config.json is kept as first written and no change is recorded
+    assert (tmp_path / "config.json").read_text() == first
+    assert not (tmp_path / "config_changes.jsonl").exists()
+    assert config_differences(json.loads(first), dataclasses.asdict(_Where(run_dir="x", progress=False))) == {}
+    with pytest.raises(ConfigMismatchError, match=r"steps: 1 -> 2"):  # a field that is not ignored still refuses
+        save_config(_Where(steps=2, progress=False), str(tmp_path))
 
 
 def test_an_experiment_refuses_a_changed_configuration_before_writing_anything(tmp_path):
