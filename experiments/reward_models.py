@@ -263,8 +263,16 @@ def part_onpolicy(cfg: Config, model, params, tok, train, test, run_dir: str, le
     batch = max(cfg.batch // 4, 1)  # K answers per example
     data = BatchIterator(lists, min(batch, len(lists)), collate, seed=cfg.seed)
     steps = max(cfg.onpolicy_epochs * len(lists) // batch, 1)
-    state = _train(rm, rm_params, data, RankingConfig(), steps, cfg, os.path.join(run_dir, "onpolicy"))
-    result = evaluate(state)
+    final = {}  # the phase evaluates its final state and logs it as rm/eval/*; the study reports that result
+
+    def evaluate_and_keep(state):
+        final.clear()
+        final.update(evaluate(state))
+        return dict(final)
+
+    state = _train(rm, rm_params, data, RankingConfig(), steps, cfg, os.path.join(run_dir, "onpolicy"),
+                   eval_fn=evaluate_and_keep)
+    result = final
     print(f"onpolicy: held-out accuracy on policy samples {result['pairwise_accuracy']:.3f}, "
           f"Spearman with gold on synthetic candidates {result['spearman']:.3f}", flush=True)
     return dict(lists=len(lists), pairs=pairs, held_out_lists=len(held), steps=steps,
