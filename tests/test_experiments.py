@@ -7,6 +7,7 @@ import pytest
 from experiments import sampling_tour
 
 
+@pytest.mark.slow  # an experiment's whole --smoke run (the library parts it uses are tested in the default run)
 def test_sampling_tour_smoke(tmp_path):
     cfg = sampling_tour.Config(smoke=True, run_root=str(tmp_path))
     res = sampling_tour.main(cfg)
@@ -31,6 +32,7 @@ def rl_smoke(tmp_path_factory):
     return tmp, rl_arithmetic.main(cfg)
 
 
+@pytest.mark.slow  # an experiment's whole --smoke run (the library parts it uses are tested in the default run)
 def test_sft_arithmetic_smoke(rl_smoke):
     from experiments import sft_arithmetic
     from rljax.metrics import read_metrics
@@ -51,6 +53,7 @@ def test_sft_arithmetic_smoke(rl_smoke):
     assert os.path.exists(res["plot"]) and json.load(open(os.path.join(res["run_dir"], "results.json")))
 
 
+@pytest.mark.slow  # an experiment's whole --smoke run (the library parts it uses are tested in the default run)
 def test_rl_arithmetic_smoke_runs_sft_first_then_rl(rl_smoke):
     from rljax.metrics import read_metrics
 
@@ -64,6 +67,7 @@ def test_rl_arithmetic_smoke_runs_sft_first_then_rl(rl_smoke):
     assert all(0.0 <= r["rl/reward_mean"] - r["rl/accuracy"] <= 0.1 + 1e-6 for r in rows)
 
 
+@pytest.mark.slow  # an experiment's whole --smoke run (the library parts it uses are tested in the default run)
 def test_grpo_gain_smoke_reuses_one_sft_run_across_settings(tmp_path, capsys):
     from experiments import grpo_gain
 
