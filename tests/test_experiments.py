@@ -7,7 +7,7 @@ import pytest
 from experiments import sampling_tour
 
 
-@pytest.mark.slow  # an experiment's whole --smoke run (the library parts it uses are tested in the default run)
+@pytest.mark.slow  # an experiment's whole --smoke run; .ci/run runs the slow tier
 def test_sampling_tour_smoke(tmp_path):
     cfg = sampling_tour.Config(smoke=True, run_root=str(tmp_path))
     res = sampling_tour.main(cfg)
@@ -32,7 +32,7 @@ def rl_smoke(tmp_path_factory):
     return tmp, rl_arithmetic.main(cfg)
 
 
-@pytest.mark.slow  # an experiment's whole --smoke run (the library parts it uses are tested in the default run)
+@pytest.mark.slow  # an experiment's whole --smoke run; .ci/run runs the slow tier
 def test_sft_arithmetic_smoke(rl_smoke):
     from experiments import sft_arithmetic
     from rljax.metrics import read_metrics
@@ -53,7 +53,7 @@ def test_sft_arithmetic_smoke(rl_smoke):
     assert os.path.exists(res["plot"]) and json.load(open(os.path.join(res["run_dir"], "results.json")))
 
 
-@pytest.mark.slow  # an experiment's whole --smoke run (the library parts it uses are tested in the default run)
+@pytest.mark.slow  # an experiment's whole --smoke run; .ci/run runs the slow tier
 def test_rl_arithmetic_smoke_runs_sft_first_then_rl(rl_smoke):
     from rljax.metrics import read_metrics
 
@@ -67,7 +67,7 @@ def test_rl_arithmetic_smoke_runs_sft_first_then_rl(rl_smoke):
     assert all(0.0 <= r["rl/reward_mean"] - r["rl/accuracy"] <= 0.1 + 1e-6 for r in rows)
 
 
-@pytest.mark.slow  # an experiment's whole --smoke run (the library parts it uses are tested in the default run)
+@pytest.mark.slow  # an experiment's whole --smoke run; .ci/run runs the slow tier
 def test_grpo_gain_smoke_reuses_one_sft_run_across_settings(tmp_path, capsys):
     from experiments import grpo_gain
 
@@ -103,8 +103,8 @@ def test_sampled_exact_match_at_low_temperature_equals_greedy(tmp_path):
     tok = CharTokenizer()
     model = Model(preset("tiny", vocab_size=tok.vocab_size))
     params = jax.jit(model.init)(jax.random.key(3))  # one compile, not op by op
-    # the SFT smoke's evaluation shapes (16 problems, 24 new tokens, the same model config): the greedy
-    # decode reuses that compile when the module's smoke runs first
+    # the SFT smoke's evaluation shapes (16 problems, 24 new tokens, the same model config): in the slow
+    # tier, where that smoke runs first in this module, the greedy decode reuses its compile
     _, test = make_split(64, 16, levels=(1,), seed=0)
     greedy, texts = exact_match(params, model, tok, test, 24)
     cold, cold_texts = exact_match(params, model, tok, test, 24, n=3, temperature=1e-6)

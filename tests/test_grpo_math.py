@@ -27,7 +27,7 @@ def smoke(tmp_path_factory):
     return grpo_math.main(grpo_math.Config(smoke=True, run_dir=run_dir, progress=False))
 
 
-@pytest.mark.slow  # the experiment's whole --smoke run
+@pytest.mark.slow  # the experiment's whole --smoke run; .ci/run runs the slow tier
 def test_smoke_rewards_equal_the_math_reward_recomputed_on_the_logged_samples(smoke):
     rows = [r for r in read_metrics(smoke["run_dir"]) if "rl/reward_mean" in r]
     assert [r["step"] for r in rows] == [1, 2]
@@ -64,7 +64,7 @@ def test_sft_targets_earn_the_full_reward():
     assert problems[6].answer == "2000"  # "#### 2,000": thousands separators dropped
 
 
-@pytest.mark.slow  # the experiment's whole --smoke run
+@pytest.mark.slow  # the experiment's whole --smoke run; .ci/run runs the slow tier
 def test_exported_policy_loads_back_identical_with_every_stop_id(smoke):
     policy = smoke["policy_dir"]
     _, params = load_pretrained(policy)

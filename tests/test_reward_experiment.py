@@ -44,7 +44,8 @@ def test_reward_models_smoke_reports_consistent_best_of_n(tmp_path):
     # one refresh (before iteration 2 of 2), its lists saved with the run (rljax.pipelines.iterative_rlhf)
     refreshes = on["rl_refreshed"]["after"][0]["refreshes"]
     saved = tmp_path / "rm" / "rl-onpolicy-prior-refreshed-seed0" / "round-1" / "lists.json"
-    assert [r["round"] for r in refreshes] == [1] and refreshes[0]["new_lists"] == len(json.loads(saved.read_text())["lists"])
+    assert [r["round"] for r in refreshes] == [1]
+    assert refreshes[0]["new_lists"] == len(json.loads(saved.read_text())["lists"])
     # feedback models: the true mean relevance is the same held-out candidates' for all three
     fb = res["feedback"]
     assert set(fb) == {"clicks_naive", "clicks_ipw", "likes"}
