@@ -1,4 +1,4 @@
-"""RL kernels against naive per-sample Python references and closed forms (ALGORITHMS.md)."""
+"""RL kernels against naive per-sample Python references and closed forms (docs/algorithms.md)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

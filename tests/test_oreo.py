@@ -1,4 +1,4 @@
-"""OREO kernels and losses against ALGORITHMS.md's closed forms (bandit and two-step chain),
+"""OREO kernels and losses against the closed forms of docs/algorithms.md (bandit and two-step chain),
 the gradient identities and stop-gradients, the exact KL, and the joint step's update order."""
 import functools
 import math

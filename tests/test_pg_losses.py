@@ -1,4 +1,4 @@
-"""Policy-gradient losses against naive per-sample references and the known answers of ALGORITHMS.md."""
+"""Policy-gradient losses against naive per-sample references and the known answers of docs/algorithms.md."""
 from types import SimpleNamespace
 
 import jax

@@ -1,4 +1,4 @@
-"""Preference optimisation: the known answers of ALGORITHMS.md, minimisers, the tabular DPO optimum,
+"""Preference optimisation: the known answers of docs/algorithms.md, minimisers, the tabular DPO optimum,
 padding invariance, precomputed = live reference, sharded = one device, KTO's z0, bad input."""
 import functools
 import math
@@ -119,7 +119,7 @@ def test_kto_reference_point_has_no_gradient_and_clamps():
 
 def test_bandit_dpo_with_soft_labels_reaches_the_tilted_reference():
     """Tabular policy over K arms, all pairs with soft Bradley–Terry labels p_ij = σ(r_i − r_j):
-    the DPO optimum is softmax(log π_ref + r/β) (ALGORITHMS.md)."""
+    the DPO optimum is softmax(log π_ref + r/β) (docs/algorithms.md)."""
     K, beta = 6, 0.5
     rng = np.random.default_rng(0)
     r = jnp.asarray(rng.normal(size=K), jnp.float32)

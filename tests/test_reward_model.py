@@ -1,4 +1,4 @@
-"""Reward-model kernels and losses against ALGORITHMS.md's known answers and naive references."""
+"""Reward-model kernels and losses against the known answers of docs/algorithms.md and naive references."""
 import functools
 import math
 

@@ -92,7 +92,7 @@ def test_failed_reward_calls_score_the_configured_value_and_are_counted_in_the_m
 
 
 def test_kl_regularised_reinforce_reaches_the_closed_form_optimum():
-    """max E[r] − β KL(π‖π_ref) has π* ∝ π_ref exp(r/β) (ALGORITHMS.md); REINFORCE with the
+    """max E[r] − β KL(π‖π_ref) has π* ∝ π_ref exp(r/β) (docs/algorithms.md); REINFORCE with the
     KL in the reward converges to it: total variation < 0.05."""
     from rljax.estimators import BaselineConfig
 

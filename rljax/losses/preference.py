@@ -1,6 +1,6 @@
 """Offline preference optimisation: DPO and its variants (cDPO, robust DPO, hinge, IPO), SimPO, ORPO, KTO.
 
-Notation as in ALGORITHMS.md ("Preference optimisation"): S(y) = Σ_t m_t ℓ_t,
+Notation as in docs/algorithms.md ("Preference optimisation"): S(y) = Σ_t m_t ℓ_t,
 A(y) = S(y)/|y|, ρ = S_θ − S_ref, Δ = ρ_w − ρ_l, h = βΔ, L(z) = softplus(−z).
 Whether a method sums or averages token log-probs is `logp_reduction`, with each
 method's published default ("sum" for DPO and KTO, "mean" for IPO as in TRL, SimPO

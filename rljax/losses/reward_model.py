@@ -4,7 +4,7 @@ Every loss reads the "reward" head (`Model.rewards` at the last real token found
 from the attention mask, `Model.token_rewards` at chosen positions), so one
 trained head serves as a sequence reward, a verifier and a PRM, and
 `critic_from_reward_model` can start a critic from it. Notation as in
-ALGORITHMS.md: L(z) = −log σ(z) = softplus(−z), r = the head's output.
+docs/algorithms.md: L(z) = −log σ(z) = softplus(−z), r = the head's output.
 
     ranking (pairs, K-wise lists):  mean over lists of mean_{(i ≻ j)} L(r_i − r_j − m)  [+ c · (r_i + r_j)²]
                                     (r = r_θ + prior when the batch carries a fixed prior per answer)
@@ -45,7 +45,7 @@ class RankingConfig:
     """objective: "pairwise" (Bradley–Terry; a K-wise list contributes all its
     preferred pairs, InstructGPT) or "plackett_luce" (full rankings); margin m
     (added to RankingBatch.margin when given); centring c of Eisenstein et al.
-    (ALGORITHMS.md suggests c ≈ 0.01; pairwise objective only)."""
+    (docs/algorithms.md suggests c ≈ 0.01; pairwise objective only)."""
 
     objective: str = "pairwise"
     margin: float = 0.0

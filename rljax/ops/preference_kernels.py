@@ -1,6 +1,6 @@
 """Preference-optimisation kernels: per-sequence log-probabilities in, per-example losses out, no batch reduction.
 
-Notation (ALGORITHMS.md, "Preference optimisation"): S(y) = Σ_t m_t ℓ_t (summed
+Notation (docs/algorithms.md, "Preference optimisation"): S(y) = Σ_t m_t ℓ_t (summed
 completion log-prob), A(y) = S(y)/|y| (averaged), ρ = S_θ − S_ref, Δ = ρ_w − ρ_l,
 h = βΔ, L(z) = −log σ(z) = softplus(−z). Every function takes [B] arrays and
 returns [B]; the loss in `rljax.losses.preference` reduces.

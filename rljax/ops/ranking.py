@@ -1,6 +1,6 @@
 """Ranking kernels for reward models: scores in, per-pair / per-list losses out, no batch reduction.
 
-Notation (ALGORITHMS.md, "Reward models"): L(z) = −log σ(z) = softplus(−z).
+Notation (docs/algorithms.md, "Reward models"): L(z) = −log σ(z) = softplus(−z).
 A ranked list of K answers to one prompt carries `rank [B, K]` int32: 0 is the
 best, larger is worse, equal ranks are ties (no preference), −1 marks an absent
 answer (lists shorter than K are padded).

@@ -112,7 +112,7 @@ def best_of_n_kl(n) -> np.ndarray:
 
 
 def fit_overoptimisation(d, reward, form: str) -> tuple[float, float]:
-    """Least-squares (α, β) of Gao et al.'s gold-reward curves against d = √KL (ALGORITHMS.md):
+    """Least-squares (α, β) of Gao et al.'s gold-reward curves against d = √KL (docs/algorithms.md):
     form "bon": R(d) = d (α − β d); form "rl": R(d) = d (α − β log d). Both are linear in
     (α, β); points with d = 0 carry no information and are dropped. The curves peak at
     d* = α / 2β (bon) and e^{α/β − 1} (rl)."""
