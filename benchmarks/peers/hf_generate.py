@@ -49,7 +49,8 @@ def parse_args():
     ap.add_argument("--batch", type=int, default=32, help="generate: rows")
     ap.add_argument("--prompt", type=int, default=64, help="generate: prompt tokens per row")
     ap.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens per row (always all of them)")
-    ap.add_argument("--reps", type=int, default=3, help="generate: timed calls per cache mode (no cache: 1)")
+    ap.add_argument("--reps", type=int, default=5,
+                    help="generate: timed calls per cache mode (no cache: 1); decode.py times 5 for its HF-shape rows")
     ap.add_argument("--train-batch", type=int, default=32, help="train: rows per step")
     ap.add_argument("--train-seq", type=int, default=128, help="tokens per training row")
     ap.add_argument("--train-steps", type=int, default=5, help="timed steps per precision after 2 warm-up steps")
