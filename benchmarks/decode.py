@@ -7,9 +7,12 @@ Two parts, each printed with its configuration:
  1. the `small` preset (fp32): new tokens/s with the KV cache (one jitted
     while-loop) and with full recomputation (a jitted forward over the growing
     sequence, lengths bucketed to multiples of 16 so it compiles 1/16 as often);
- 2. the model shape of ../shared/bench/hf_generate.py (hidden 256, 4 layers,
-    4 heads, vocab 64, MLP 688, untied; batch 32, prompt 64, 64 new tokens,
-    greedy), in float32 and bfloat16 compute, to compare with HF generate.
+ 2. the model shape of the peer script benchmarks/peers/hf_generate.py (hidden
+    256, 4 layers, 4 heads, vocab 64, MLP 688, untied; batch 32, prompt 64, 64
+    new tokens, greedy), in float32 and bfloat16 compute, to compare with
+    Hugging Face `generate`. Run the peer in the same sitting, in its own
+    environment (`make peer-env`, then `.peer/venv/bin/python
+    benchmarks/peers/hf_generate.py`), and compare the ratio.
 """
 from __future__ import annotations
 
@@ -95,7 +98,7 @@ def main(cfg: Config):
     if cfg.hf_shape and not cfg.smoke:
         hf = TransformerConfig(vocab_size=64, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_dim=688,
                                max_seq_len=512)
-        print(f"\n[2] HF-generate shape (../shared/bench/hf_generate.py): {hf.num_params()/1e6:.2f}M params, "
+        print(f"\n[2] HF-generate shape (peer: benchmarks/peers/hf_generate.py): {hf.num_params()/1e6:.2f}M params, "
               f"d256 L4 heads 4/4 mlp 688 vocab 64, batch 32, prompt 64, 64 new tokens, greedy")
         for dtype in ("float32", "bfloat16"):
             m = Model(hf.replace(dtype=dtype))

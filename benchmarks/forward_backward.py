@@ -7,6 +7,11 @@ FLOPs per token = 6 x (non-embedding parameters + LM head) + 12 x T x N x H x L
 (attention scores and mix, forward and backward, full square). The peak is
 measured here, in the same run: a jitted [n, n] @ [n, n] matmul in float32, and
 in bfloat16 with float32 accumulation (the way the model's bf16 mode computes).
+
+The HF-shaped model (d256, 4 layers, MLP 688, vocab 64, batch 32 x 128 tokens) is the
+configuration of the torch training step in benchmarks/peers/hf_generate.py (fp32 and bf16
+autocast, same FLOP count and its own measured peak): run it in the same sitting with
+`.peer/venv/bin/python benchmarks/peers/hf_generate.py --parts train` (`make peer-env` first).
 """
 from __future__ import annotations
 

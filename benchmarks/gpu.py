@@ -1,4 +1,4 @@
-"""GPU benchmark of rljax's model at the shapes of ../shared/bench/gpu_anchor.py.
+"""GPU benchmark of rljax's model at the shapes of its GPU peer baseline (the "anchor").
 
     python -m benchmarks.gpu                    # Qwen2.5-0.5B preset, random init, one GPU
     python -m benchmarks.gpu --tiny             # tiny shapes (runs on CPU too, for a dry run)
@@ -8,6 +8,13 @@ Parts (each guarded, so one failure does not hide the rest):
   train    forward + backward + AdamW, batch 8 x 1024, bf16 compute; pure bf16 (params, grads, Adam
            state, as the anchor) and bf16 compute with float32 master weights; cuDNN attention
   decode   greedy, batch 64, prompt 128, 256 new tokens, bf16, one jitted while-loop over a KV cache
+
+What it is compared with: the anchor, a plain, straightforward JAX implementation of the same
+Qwen2.5-0.5B-shaped model (random init, bf16): a train step with cuDNN attention and greedy decoding
+over a KV cache in one jitted loop, beside Hugging Face transformers on torch at the same shapes
+(an eager train step; `generate` with the dynamic cache and with a static cache + torch.compile).
+It is a peer baseline for the GPU machine only and is not in this repository (the CPU peers are
+in benchmarks/peers/); run it in the same call as this benchmark so the figures share a machine.
 
 FLOPs per step use the anchor's formula (6 x params x tokens, tied head counted, causal attention
 12 L T D / 2 per token), so MFU figures compare directly with its output.

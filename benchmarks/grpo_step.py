@@ -5,14 +5,16 @@
     python -m benchmarks.grpo_step --which small --iterations 3
     python -m benchmarks.grpo_step --which trl --algo ppo   # PPO (value head on the policy) at the same shape
 
-"trl" is the configuration of ../shared/bench/trl_grpo.py (run it in the same
-sitting for the ratio): a random Llama with hidden 256, 4 layers, 4 heads (no
-GQA), MLP 1024, untied head, character vocabulary; 16 prompts x 8 samples x 128
-new tokens forced to full length (eos never ends a row); float32; beta = 0 (no
-reference model: track_kl off); one update per iteration; the same toy reward.
-It is timed once more with track_kl on, which adds the reference forward pass
-the KL metrics need. Prompts (5 tokens) go in a bucket of 8 (TRL pads to the
-longest prompt). "small" is the `small` preset at 64 prompts x 8 x 64 tokens.
+"trl" is the configuration of the peer script benchmarks/peers/trl_grpo.py, TRL's
+GRPOTrainer (run `.peer/venv/bin/python benchmarks/peers/trl_grpo.py` in the same
+sitting for the ratio; `make peer-env` creates .peer/venv): a random Llama with
+hidden 256, 4 layers, 4 heads (no GQA), MLP 1024, untied head, the character
+vocabulary of CharTokenizer (the peer builds the same 58 ids); 16 prompts x 8
+samples x 128 new tokens forced to full length (eos never ends a row); float32;
+beta = 0 (no reference model: track_kl off); one update per iteration; the same
+toy reward. It is timed once more with track_kl on, which adds the reference
+forward pass the KL metrics need. Prompts (5 tokens: BOS + 4 characters, as in
+the peer) go in a bucket of 8 (TRL pads to the longest prompt, 5). "small" is the `small` preset at 64 prompts x 8 x 64 tokens.
 The first iteration (compilation) is reported apart; figures are medians. With
 --algo ppo the policy gets a value head; one forward for V_old ("values") is added
 and the update also trains the value head (β = 0, one epoch, one minibatch).
