@@ -63,8 +63,14 @@ class ReinforceConfig:
     (`rljax.estimators`: a baseline — none, batch mean, leave-one-out = RLOO, greedy decode =
     SCST, moving average — and optionally a KL penalty in the reward). The default
     aggregation, seq_mean_token_sum, is the textbook −E[(r − b) Σ_t ℓ_t]. kl_coef β here is a
-    KL loss term (estimator kl_estimator); a k3 term's expected gradient is that of the reverse
-    KL(π_ref‖π), while the estimator's KL in the reward reaches π* ∝ π_ref exp(r/β)."""
+    KL loss term (estimator kl_estimator) on the sampled tokens. On-policy, with no gradient
+    through the sampling, its expected gradient at each token's state is: k2, that of
+    β·KL(π‖π_ref) = β Σ_y π(y) log(π(y)/π_ref(y)), the divergence the estimator's KL in the reward
+    also penalises (optimum π* ∝ π_ref exp(r/β)); k3, that of β·KL(π_ref‖π) = β Σ_y π_ref(y)
+    log(π_ref(y)/π(y)), with π_ref first (optimum π(y) = β π_ref(y) / (β + E_π[r] − r(y)));
+    k1, zero. The optima are a one-step bandit's with an unbiased baseline; a baseline that
+    includes the sample itself (batch_mean over N rows) scales the reward term by (N − 1)/N, so β
+    acts as β·N/(N − 1). tests/test_kl_optima.py measures both optima on a bandit."""
 
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
