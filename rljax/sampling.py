@@ -500,8 +500,12 @@ class SearchResult:
     finished [B] (False: the round limit came first and this is the best live beam);
     pool_tokens [B, W, N], pool_scores [B, W] (the finished pool, best first, −inf where
     empty); rounds: rounds run; generated: tokens sampled in all (the search's cost);
-    trace: with `trace=True`, per round a dict of numpy arrays (candidates [B, W·E, N],
-    lengths, scores, finished, kept: the W candidates that stay live), else None."""
+    trace: with `trace=True`, per round a dict of numpy arrays, else None: candidates [B, W·E, N]
+    (each candidate's solution so far), lengths, scores, finished and valid [B, W·E] (False for
+    unused slots: round 0 extends the prompt alone, and a beam that is not live has no
+    children); kept [B, W]: the candidates chosen as the next beams, best first, of which only
+    those valid, unfinished and scored above −inf are live. Candidate j of round r + 1 extends
+    candidate kept[:, j // E] of round r (the search tree)."""
 
     tokens: jax.Array
     attention_mask: jax.Array
