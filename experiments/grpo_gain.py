@@ -115,7 +115,7 @@ def plan(cfg: Config, *, sft_done: bool = False, rl_done: tuple[bool, ...] = ())
     if cfg.smoke:
         what += " (smoke sizes: a check that everything runs, the accuracies mean nothing)"
     seconds = estimate_seconds(cfg, sft_done=sft_done, rl_done=rl_done)
-    when = (f"{_duration(seconds)} on 2 CPU cores" if seconds is not None
+    when = (f"{_duration(seconds)} on 2 free CPU cores" if seconds is not None
             else f"time not measured for the {cfg.preset} preset")
     return f"{what}; {when}."
 
@@ -185,6 +185,11 @@ def summary(cfg: Config, results: dict) -> str:
                      f"way means nothing.")
         paragraphs.append(what)
         paragraphs.append(_verdict(name, s_gain, reference=not changed))
+        if n == 1 and not changed and abs(g_gain[0]) > 2 * ref_g[1]:  # beyond the reference seeds' greedy spread
+            paragraphs.append(
+                f"Greedy {'gained' if g_gain[0] > 0 else 'lost'} {abs(g_gain[0]):.1f} points, more than the reference "
+                f"seeds' spread: " + ("a bonus, not something to expect every time." if g_gain[0] > 0 else
+                                      "on one seed that can be chance; more seeds (below) tell."))
         paragraphs.append(f"Exact figures vary with the machine by a point or two, the SFT start included "
                           f"(reference: {REFERENCE['sft_greedy']}% greedy, {REFERENCE['sft_sampled']}% sampled): "
                           f"the CPU's vector instructions change float rounding, and with it every sampled path.")

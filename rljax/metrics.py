@@ -171,9 +171,9 @@ class MetricsWriter:
     `tensorboard=None` uses a TensorBoard backend if one is importable, True requires one
     (ImportError otherwise), False never uses one. `wandb`: a WandbConfig to also log to
     Weights & Biases (ImportError naming the `wandb` extra when it is not installed); the W&B
-    run starts at the first write or resume. `config`: the W&B run's config (default: the
-    run directory's config.json when there). Backends are imported here, so a missing one
-    fails before anything trains; files are opened on first use.
+    run starts at the first write (a writer that writes nothing makes none). `config`: the W&B
+    run's config (default: the run directory's config.json when there). Backends are imported
+    here, so a missing one fails before anything trains; their files are opened on first use.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool | None = None,
