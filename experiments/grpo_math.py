@@ -49,7 +49,7 @@ import jax
 import numpy as np
 
 from rljax.checkpoint import digest_params
-from rljax.cli import apply_preset, make_run_dir, run, save_config
+from rljax.cli import LoggingFlags, apply_preset, make_run_dir, run, save_config
 from rljax.data.adapters import DataError, load_records
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.data.math import MathProblem, gsm8k, math_problems
@@ -82,7 +82,7 @@ SYSTEM_PROMPTS = {
 
 
 @dataclass
-class Config:
+class Config(LoggingFlags):
     model: str = ""  # HF checkpoint directory (or hub id) with the tokenizer files
     data: str = ""  # RL prompts: .jsonl / .json / .parquet / a directory / a hub name
     data_format: str = "gsm8k"  # gsm8k | math
@@ -323,7 +323,7 @@ def main(cfg: Config) -> dict:
         state = sft(state, BatchIterator(pairs, cfg.sft_batch, collate, seed=cfg.seed), SFTPhaseConfig(
             loss=SFTConfig(), optimizer=opt, loop=LoopConfig(steps=cfg.sft_steps, log_every=max(cfg.sft_steps // 20, 1),
                                                              checkpoint_every=cfg.checkpoint_every,
-                                                             progress=cfg.progress)),
+                                                             progress=cfg.progress, **cfg.loop_logging())),
                     model=model, mesh=mesh, run_dir=os.path.join(run_dir, "sft"))
         params = state.params
         results.update(sft_rows=len(pairs), sft_dropped=dropped, sft_seconds=time.perf_counter() - t0)
@@ -350,7 +350,7 @@ def main(cfg: Config) -> dict:
                decode_prompts=functools.partial(tok.decode_batch, stop_at_eos=False), run_dir=run_dir,
                accuracy_fn=math_answer_reward,
                loop=LoopConfig(steps=cfg.iterations, log_every=1, checkpoint_every=cfg.checkpoint_every,
-                               progress=cfg.progress))
+                               progress=cfg.progress, **cfg.loop_logging()))
     results["rl_seconds"] = time.perf_counter() - t1
     if eval_set:
         results["accuracy_rl"] = evaluate(state.policy.params)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import jax
 import numpy as np
 
-from rljax.cli import apply_preset, check_input_dir, make_run_dir, run, save_config
+from rljax.cli import LoggingFlags, apply_preset, check_input_dir, make_run_dir, run, save_config
 from rljax.data.arithmetic import check_answer, make_split, parse_answer
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
@@ -58,7 +58,7 @@ SEPARATOR = ";"
 
 
 @dataclass
-class Config:
+class Config(LoggingFlags):
     parts: tuple[str, ...] = PARTS
     sft_run_dir: str = "runs/sft_arithmetic-default"
     run_dir: str | None = None
@@ -116,7 +116,8 @@ def _steps(n_rows: int, cfg: Config) -> int:
 
 
 def _loop(steps: int, cfg: Config) -> LoopConfig:
-    return LoopConfig(steps=steps, log_every=max(steps // 20, 1), checkpoint_every=0, progress=cfg.progress)
+    return LoopConfig(steps=steps, log_every=max(steps // 20, 1), checkpoint_every=0, progress=cfg.progress,
+                      **cfg.loop_logging())
 
 
 def _policy_opt(cfg: Config) -> OptimizerConfig:
@@ -330,7 +331,7 @@ def main(cfg: Config) -> dict:
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)  # before any training
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True, create=cfg.train_sft)
+                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags())
     train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
     held = test[:cfg.eval_problems]
     results = dict(config=asdict(cfg), sft=evaluate(params, model, tok, held, cfg))

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import jax
 import numpy as np
 
-from rljax.cli import apply_preset, check_input_dir, make_run_dir, run, save_config
+from rljax.cli import LoggingFlags, apply_preset, check_input_dir, make_run_dir, run, save_config
 from rljax.data.arithmetic import make_split
 from rljax.data.collate import BatchIterator
 from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
@@ -46,7 +46,7 @@ ALGOS = (*PREFERENCE_METHODS, "online_dpo")
 
 
 @dataclass
-class Config:
+class Config(LoggingFlags):
     algo: str = "dpo"
     flips: tuple[float, ...] = (0.0,)  # label-noise rates, one run each
     sft_run_dir: str = "runs/sft_arithmetic-default"
@@ -119,7 +119,8 @@ def train_offline(algo: str, flip: float, cfg: Config, model, params, tok, train
     state = create_state(model, opt, jax.random.key(cfg.seed), params=params)
     steps = max(cfg.epochs * len(rows) // cfg.batch, 1)
     phase = PreferencePhaseConfig(loss=loss, optimizer=opt,
-                                  loop=LoopConfig(steps=steps, log_every=max(steps // 20, 1), progress=cfg.progress))
+                                  loop=LoopConfig(steps=steps, log_every=max(steps // 20, 1), progress=cfg.progress,
+                                                  **cfg.loop_logging()))
     state = preference(state, BatchIterator(rows, cfg.batch, collate, seed=cfg.seed), phase, model=model,
                        run_dir=run_dir)
     return state.params, dict(rows=len(rows), steps=steps)
@@ -134,6 +135,7 @@ def train_online(cfg: Config, model, params, tok, train, run_dir: str):
     ocfg = OnlineDPOConfig(rounds=cfg.online_rounds, samples=cfg.online_samples, prompts_per_round=cfg.online_prompts,
                            steps_per_round=steps, batch_size=cfg.batch, loss=method_config("dpo", 0.0, cfg.beta),
                            optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant"), progress=cfg.progress,
+                           **cfg.loop_logging(),
                            sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                                                  eos_id=tok.eos_id, pad_id=tok.pad_id))
     state = create_state(model, ocfg.optimizer, jax.random.key(cfg.seed), params=params)
@@ -156,7 +158,7 @@ def main(cfg: Config) -> dict:
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)  # before any training
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True, create=cfg.train_sft)
+                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags())
     train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
     held = test[:cfg.eval_problems]
     results = dict(config=asdict(cfg), sft=evaluate(params, model, tok, held, cfg), runs=[])

@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass
 import jax
 import numpy as np
 
-from rljax.cli import apply_preset, check_input_dir, make_run_dir, run, save_config
+from rljax.cli import LoggingFlags, apply_preset, check_input_dir, make_run_dir, run, save_config
 from rljax.metrics import plot_curves, read_metrics
 from rljax.data.arithmetic import check_answer, make_split, parse_answer
 from rljax.data.collate import BatchIterator
@@ -82,7 +82,7 @@ PARTS = ("bt", "onpolicy", "bon", "rl", "feedback", "overopt")
 
 
 @dataclass
-class Config:
+class Config(LoggingFlags):
     parts: tuple[str, ...] = PARTS
     sft_run_dir: str = "runs/sft_arithmetic-default"
     run_dir: str | None = None
@@ -160,7 +160,7 @@ def _train(model, params, data, loss, steps: int, cfg: Config, run_dir: str | No
         state = create_state(model, opt, jax.random.key(cfg.seed), params=params)
     phase = RewardModelPhaseConfig(loss=loss, optimizer=opt,
                                    loop=LoopConfig(steps=steps, log_every=max(steps // 20, 1),
-                                                   checkpoint_every=0, progress=cfg.progress))
+                                                   checkpoint_every=0, progress=cfg.progress, **cfg.loop_logging()))
     return train_reward_model(state, data, phase, model=model, run_dir=run_dir, eval_fn=eval_fn)
 
 
@@ -301,7 +301,7 @@ def onpolicy_rlhf(cfg: Config, model, rm, rm_state, lists, tok, train, test, lev
     rlhf = IterativeRLHFConfig(iterations=cfg.rl_iterations, refresh_every=cfg.refresh_every,
                                rm_epochs=cfg.refresh_epochs, rm_batch_size=max(cfg.batch // 4, 1),
                                rm_loss=RankingConfig(), rm_optimizer=_rm_optimizer(cfg), seed=cfg.seed, log_every=10,
-                               progress=cfg.progress)
+                               progress=cfg.progress, **cfg.loop_logging())
     return dict(cfg=rlhf, rm_model=rm, rm_state=rm_state, rank_samples=rank_samples, initial_lists=list(lists),
                 make_reward=lambda rm_params: onpolicy_scorer(rm, rm_params, tok, prior),
                 collate=ranked_collate(tok, K))
@@ -349,7 +349,8 @@ def grpo_against(cfg: Config, model, params, proxy, tok, train, test, run_dir: s
         if rlhf is None:
             state = rl_state(model, params, rl_cfg, jax.random.key(seed))
             state = train_rl(state, prompts, proxy, rl_cfg, model=model, decode=tok.decode_batch,
-                             steps=cfg.rl_iterations, run_dir=where, log_every=10, progress=cfg.progress)
+                             steps=cfg.rl_iterations, run_dir=where, log_every=10, progress=cfg.progress,
+                             **cfg.loop_logging())
             after, rl_dir = measure(state.policy.params, proxy), where
         else:
             state = create_rlhf_state(model, params, rlhf["rm_state"], rl_cfg, jax.random.key(seed))
@@ -467,7 +468,8 @@ def part_overopt(cfg: Config, model, params, rm, rm_params, tok, train, test, ru
     where = os.path.join(run_dir, "overopt-rl")
     for stop in range(cfg.overopt_eval_every, cfg.overopt_iterations + 1, cfg.overopt_eval_every):
         state = train_rl(state, BatchIterator(train, 16, collate, seed=cfg.seed + 1), proxy, rl_cfg, model=model,
-                         decode=tok.decode_batch, steps=stop, run_dir=where, log_every=10, progress=cfg.progress)
+                         decode=tok.decode_batch, steps=stop, run_dir=where, log_every=10, progress=cfg.progress,
+                         **cfg.loop_logging())
         curve.append(dict(iteration=stop, **measure(state)))
         print(f"overopt: GRPO iteration {stop}: d {curve[-1]['d']:.3f}, gold {curve[-1]['gold']:.3f}, "
               f"proxy {curve[-1]['proxy']:.3f}", flush=True)
@@ -598,7 +600,7 @@ def main(cfg: Config) -> dict:
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)  # before any training
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True, create=cfg.train_sft)
+                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags())
     train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
     results = dict(config=asdict(cfg), run_dir=run_dir)
     if "bt" in cfg.parts:

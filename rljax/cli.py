@@ -16,7 +16,8 @@
 
 Rules that keep a run directory honest:
 
-- Flags are exact: `--step 5` is an error, not `--steps 5` (no abbreviations).
+- Flags are exact: `--step 5` is an error, not `--steps 5` (no abbreviations). A bool field
+  is `--flag` (true), `--flag false` or `--no-flag`.
 - A preset (`--smoke`) sets only the fields the user did not set: `apply_preset`
   skips the fields given on the command line (`parse_config` records them) and
   those whose value differs from the dataclass default (so `Config(smoke=True,
@@ -27,6 +28,10 @@ Rules that keep a run directory honest:
   `--force-config`) overwrites it and appends the change to config_changes.jsonl.
 - `check_input_dir` makes a missing input run directory (`--sft-run-dir`) an error
   naming the flag, unless the caller asked to create it.
+- `LoggingFlags`, a base class of the experiments' configs, adds where metrics go besides
+  metrics.jsonl: `--tensorboard` / `--no-tensorboard` and `--wandb` (offline by default; with
+  `--wandb-project`, `--wandb-mode`, `--wandb-group`). They are IGNORED_FIELDS: a resume may
+  change them.
 - `run(main, Config)` exits a preempted run (SIGTERM/SIGINT, `rljax.phases.Preempted`)
   with its one-line message on stderr and exit code 128 + signal: 143 for SIGTERM,
   130 for SIGINT, as a shell reports a process ended by that signal.
@@ -50,7 +55,44 @@ _EXPLICIT_ATTR = "_cli_explicit"  # where parse_config records the fields given 
 CONFIG_FILE = "config.json"
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
 # Fields that say where a run lives or how it is shown, not what it computes: a resume may change them.
-IGNORED_FIELDS = ("run_dir", "run_root", "progress", "force_config")
+IGNORED_FIELDS = ("run_dir", "run_root", "progress", "force_config", "tensorboard", "wandb", "wandb_project",
+                  "wandb_mode", "wandb_group")
+
+
+@dataclasses.dataclass
+class LoggingFlags:
+    """Where an experiment's metrics go besides <run_dir>/metrics.jsonl (a base class of its Config).
+
+    tensorboard: None mirrors them to <run_dir>/tb when tensorboardX is installed (the `tensorboard`
+    extra; `--tensorboard` requires it, `--no-tensorboard` turns it off). wandb: also log them to
+    Weights & Biases (the `wandb` extra), one W&B run per run directory, in wandb_mode "offline" (files
+    under <run_dir>/wandb, `wandb sync` uploads them later) or "online"; wandb_project, wandb_group:
+    where the runs are filed (a study's runs share a group).
+    """
+
+    tensorboard: bool | None = None
+    wandb: bool = False
+    wandb_project: str = "rljax"
+    wandb_mode: str = "offline"
+    wandb_group: str | None = None
+
+    def __post_init__(self):
+        from rljax.metrics import WANDB_MODES
+
+        if self.wandb_mode not in WANDB_MODES:  # refused before anything runs, not when the first phase starts
+            raise ValueError(f"--wandb-mode: one of {WANDB_MODES}, got {self.wandb_mode!r}")
+
+    def loop_logging(self) -> dict:
+        """`LoopConfig`'s tensorboard and wandb fields for these flags: `LoopConfig(..., **cfg.loop_logging())`."""
+        from rljax.metrics import WandbConfig
+
+        wandb = WandbConfig(project=self.wandb_project, mode=self.wandb_mode, group=self.wandb_group) \
+            if self.wandb else None
+        return dict(tensorboard=self.tensorboard, wandb=wandb)
+
+    def logging_flags(self) -> dict:
+        """These flags' values by field name, to hand them to another config (a study's runs)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(LoggingFlags)}
 
 
 def _parse_bool(s: str) -> bool:
@@ -66,7 +108,8 @@ def _default(f: dataclasses.Field):
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
-    """Build `cls` from its defaults and `--field value` flags (`--flag` alone sets a bool True).
+    """Build `cls` from its defaults and `--field value` flags (`--flag` alone sets a bool True,
+    `--no-flag` False).
 
     Flags must be spelled out (argparse's prefix matching is off, so a typo is an error,
     not another field). The names of the fields given on the command line are recorded on
@@ -81,6 +124,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
             typ = next(a for a in typing.get_args(typ) if a is not type(None))
         if typ is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=_UNSET, metavar="BOOL")
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False,
+                                default=_UNSET, help=f"{flag} false")
         elif typing.get_origin(typ) in (tuple, list):
             (inner, *_) = typing.get_args(typ) or (str,)
             parser.add_argument(flag, type=inner, nargs="+", default=_UNSET)

@@ -1,5 +1,5 @@
-"""Training metrics: a JSON-lines log (optionally mirrored to TensorBoard), reading
-and plotting it back, and a small progress bar for training loops.
+"""Training metrics: a JSON-lines log (optionally mirrored to TensorBoard and Weights &
+Biases), reading and plotting it back, and a small progress bar for training loops.
 
 `MetricsWriter(run_dir)` appends one JSON object per `write(step, metrics)` to
 `<run_dir>/metrics.jsonl` and flushes it, so a killed run keeps every line
@@ -9,17 +9,29 @@ killed run after its last checkpoint, and about to be logged again) are dropped,
 the file rewritten atomically, and the event record
 `{"step": S, "time": ..., "event": "resumed", "phase": "<prefix>"}` appended.
 Event records carry no metrics; `read_metrics` leaves them out unless asked
-(`events=True`). TensorBoard event files cannot be rewritten: they keep the killed
-run's points past S, which TensorBoard draws over. Values may be Python numbers,
-numpy scalars or 0-d numpy/jax arrays; non-finite floats are stored as the
-strings "nan", "inf" and "-inf" so that every line is valid JSON, and
-`read_metrics` turns them back into floats. When a TensorBoard backend
-(tensorboardX, torch.utils.tensorboard, or flax.metrics.tensorboard with
-tensorflow) is importable, the same scalars also go to `<run_dir>/tb`.
+(`events=True`). Values may be Python numbers, numpy scalars or 0-d numpy/jax
+arrays; non-finite floats are stored as the strings "nan", "inf" and "-inf" so
+that every line is valid JSON, and `read_metrics` turns them back into floats.
+
+TensorBoard: when a backend (tensorboardX, the `tensorboard` extra; torch.utils.tensorboard;
+or flax.metrics.tensorboard with tensorflow) is importable, the same scalars also go to
+`<run_dir>/tb`, one event file per writer session (`tensorboard --logdir <run_dir>/tb`).
+Event files cannot be rewritten: a resumed session (tensorboardX or torch) starts its file
+with TensorBoard's restart marker at step S + 1, so TensorBoard discards the killed run's
+points past S, as metrics.jsonl does (the flax backend has no marker; its readers show both).
+
+Weights & Biases: `MetricsWriter(run_dir, wandb=WandbConfig())` (the `wandb` extra) logs
+the same scalars with their step to a W&B run, offline by default: the run is written
+under `<run_dir>/wandb` and needs no account or network (`wandb sync <run_dir>/wandb/offline-run-*`
+uploads it later). Its config is `<run_dir>/config.json` when there, and its id is kept in
+`<run_dir>/wandb/run-id`, so a resumed run (and every phase writing into the same run
+directory) continues the same W&B run. W&B cannot drop points either: the killed run's
+points past S stay, and a synced or online run ignores the re-logged steps below its
+last step (W&B keeps steps increasing).
 
 `plot_metrics` draws chosen metrics against step into a PNG (needs matplotlib,
 the `plot` extra); `Progress` wraps tqdm with compact postfix numbers such as
-`loss=1.234 tok/s=5.6k`.
+`loss=1.234 tok/s=5.6k`; `progress_postfix` picks those numbers from a step's metrics.
 """
 from __future__ import annotations
 
@@ -27,6 +39,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -98,40 +111,137 @@ def _import_tb_backend():
     return None
 
 
-class MetricsWriter:
-    """Append metrics to `<run_dir>/metrics.jsonl` (and TensorBoard when available).
+WANDB_MODES = ("offline", "online", "disabled")
+WANDB_ID_FILE = os.path.join("wandb", "run-id")  # under the run directory
 
-    `tensorboard=None` uses a TensorBoard backend if one is importable, True
-    requires one (ImportError otherwise), False never uses one.
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging for `MetricsWriter` (and `LoopConfig.wandb`, the experiments' `--wandb`).
+
+    mode: "offline" (default) writes the run under <run_dir>/wandb, no account or network needed, for a
+    later `wandb sync`; "online" streams it (after `wandb login`); "disabled" makes every call a no-op.
+    project, entity, group, tags: as `wandb.init` takes them; name: the run's display name (None: the
+    run directory's name).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool | None = None):
+    project: str = "rljax"
+    mode: str = "offline"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"WandbConfig.mode: one of {WANDB_MODES}, got {self.mode!r}")
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError("Weights & Biases logging (wandb=WandbConfig(...), --wandb) needs the wandb package: "
+                          "`pip install 'rljax[wandb]'`") from e
+    return wandb
+
+
+def wandb_run_id(run_dir: str | os.PathLike) -> str:
+    """The W&B run id of `run_dir`: read from <run_dir>/wandb/run-id, or made (8 random lowercase letters
+    and digits, as W&B's own ids) and written there atomically the first time."""
+    path = os.path.join(os.fspath(run_dir), WANDB_ID_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            run_id = f.read().strip()
+        if run_id:
+            return run_id
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    run_id = "".join(alphabet[b % len(alphabet)] for b in os.urandom(8))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
+class MetricsWriter:
+    """Append metrics to `<run_dir>/metrics.jsonl`, and to TensorBoard and W&B when asked.
+
+    `tensorboard=None` uses a TensorBoard backend if one is importable, True requires one
+    (ImportError otherwise), False never uses one. `wandb`: a WandbConfig to also log to
+    Weights & Biases (ImportError naming the `wandb` extra when it is not installed); the W&B
+    run starts at the first write (a writer that writes nothing makes none). `config`: the W&B
+    run's config (default: the run directory's config.json when there). Backends are imported
+    here, so a missing one fails before anything trains; their files are opened on first use.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool | None = None,
+                 wandb: WandbConfig | None = None, config: Mapping[str, Any] | None = None):
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.path = os.path.join(self.run_dir, METRICS_FILE)
         self._tb = None
-        self._tb_kind = None
         backend = _import_tb_backend() if tensorboard is not False else None
         if tensorboard and backend is None:
             raise ImportError("MetricsWriter(tensorboard=True) needs a TensorBoard backend: "
-                              "`pip install tensorboardX` (or torch with tensorboard, or tensorflow)")
+                              "`pip install 'rljax[tensorboard]'` (tensorboardX; or torch, or tensorflow)")
+        self._tb_kind, self._tb_cls = backend if backend is not None else (None, None)
+        if wandb is not None and not isinstance(wandb, WandbConfig):
+            raise TypeError(f"MetricsWriter(wandb=...) takes a WandbConfig or None, got {type(wandb).__name__}")
+        self._wandb_cfg = wandb
+        self._wandb_module = _import_wandb() if wandb is not None else None
+        self._wandb_run = None
+        self._config = None if config is None else dict(config)
         os.makedirs(self.run_dir, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
-        if backend is not None:
-            self._tb_kind, cls = backend
-            tb_dir = os.path.join(self.run_dir, TB_DIR)
-            try:
-                self._tb = cls(tb_dir)
-            except Exception:
-                self._file.close()
-                raise
 
     @property
     def tensorboard(self) -> bool:
         """Whether scalars are also written as TensorBoard events."""
-        return self._tb is not None
+        return self._tb_cls is not None
+
+    @property
+    def wandb(self) -> bool:
+        """Whether scalars are also logged to Weights & Biases."""
+        return self._wandb_cfg is not None
+
+    def _tb_writer(self, purge_step: int | None = None):
+        """The TensorBoard writer, created on first use: one new event file per writer session, named
+        so that sessions sort in the order they were opened (tensorboardX names files by the second
+        and host only, and would overwrite a file opened in the same second, by this process or
+        another one); `purge_step` starts
+        the file with TensorBoard's restart marker (tensorboardX, torch)."""
+        if self._tb is None:
+            tb_dir = os.path.join(self.run_dir, TB_DIR)
+            if self._tb_kind == "flax":
+                self._tb = self._tb_cls(tb_dir)
+            else:
+                os.makedirs(tb_dir, exist_ok=True)
+                n = sum("tfevents" in f for f in os.listdir(tb_dir))
+                self._tb = self._tb_cls(tb_dir, purge_step=purge_step, filename_suffix=f".{n:05d}.{os.getpid()}")
+        return self._tb
+
+    def _wandb(self):
+        """The W&B run, started on first use with this run directory's stored id (resumed if it exists)."""
+        if self._wandb_run is None:
+            cfg = self._wandb_cfg
+            config = self._config
+            if config is None:
+                saved = os.path.join(self.run_dir, "config.json")
+                config = {}
+                if os.path.exists(saved):
+                    with open(saved, encoding="utf-8") as f:
+                        config = json.load(f)
+            self._wandb_run = self._wandb_module.init(
+                project=cfg.project, entity=cfg.entity, group=cfg.group,
+                name=cfg.name or os.path.basename(self.run_dir), tags=list(cfg.tags) or None, mode=cfg.mode,
+                dir=self.run_dir, id=wandb_run_id(self.run_dir), resume="allow", config=config,
+                reinit="create_new")  # a run the caller has open stays theirs
+        return self._wandb_run
 
     def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "") -> None:
-        """Append one line `{"step", "time", "<prefix><name>": value, ...}` and flush it."""
+        """Append one line `{"step", "time", "<prefix><name>": value, ...}` and flush it (and log the
+        values at `step` to TensorBoard and W&B when enabled)."""
         if self._file is None:
             raise ValueError(f"MetricsWriter for {self.path} is closed")
         step = int(step)
@@ -145,13 +255,16 @@ class MetricsWriter:
         record.update({k: _encode(v) for k, v in values.items()})
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
-        if self._tb is not None:
+        if self._tb_cls is not None:
+            tb = self._tb_writer()
             for key, value in values.items():
                 if self._tb_kind == "flax":
-                    self._tb.scalar(key, value, step)
+                    tb.scalar(key, value, step)
                 else:
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+                    tb.add_scalar(key, value, step)
+            tb.flush()
+        if self._wandb_cfg is not None:
+            self._wandb().log(values, step=step)
 
     def resume(self, step: int, *, prefix: str = "", mark: bool = True) -> int:
         """Continue a run resumed from its checkpoint at `step`: drop this phase's records with
@@ -159,7 +272,13 @@ class MetricsWriter:
         prefix}`. A record is this phase's when one of its metric names starts with `prefix`
         (an event record, when its "phase" is `prefix`); "" means every record. The file is
         rewritten through a temporary file renamed over it, so a crash leaves the old or the
-        new file, never a partial one. Returns the number of records dropped."""
+        new file, never a partial one. Returns the number of records dropped.
+
+        TensorBoard (tensorboardX, torch): when records were dropped, this session's event file
+        starts with the restart marker at step + 1, so TensorBoard drops the older points past
+        `step` too, of every tag in the directory (one run directory per phase keeps other phases'
+        points; the phases of rljax.recipes and rljax.pipelines each have their own). W&B: the
+        run with this directory's id is resumed; its points past `step` stay (see the module)."""
         from rljax.checkpoint import atomic_path  # metrics stays importable without orbax
 
         if self._file is None:
@@ -193,16 +312,23 @@ class MetricsWriter:
             self._file.write(json.dumps({"step": step, "time": time.time(), "event": "resumed",
                                          "phase": prefix}) + "\n")
             self._file.flush()
+        if dropped and self._tb_cls is not None and self._tb_kind != "flax" and self._tb is None:
+            self._tb_writer(purge_step=step + 1).flush()
         return dropped
 
     def close(self) -> None:
-        """Flush and close the log (and TensorBoard writer); safe to call twice."""
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Flush and close the log (and the TensorBoard writer, and finish the W&B run); safe to call twice."""
+        try:
+            if self._wandb_run is not None:
+                run, self._wandb_run = self._wandb_run, None
+                run.finish()
+            if self._tb is not None:
+                tb, self._tb = self._tb, None
+                tb.close()
+        finally:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -358,6 +484,18 @@ def format_number(x: Any) -> str:
 def format_postfix(postfix: Mapping[str, Any]) -> str:
     """`{"loss": 1.2345, "tok/s": 5600.0}` -> `"loss=1.234 tok/s=5.6k"`."""
     return " ".join(f"{k}={format_number(v)}" for k, v in postfix.items())
+
+
+def progress_postfix(metrics: Mapping[str, Any], shown: Mapping[str, str],
+                     tokens_per_s: float | None = None) -> dict[str, Any]:
+    """The numbers a progress bar shows for one logged step: `{label: metrics[name]}` for each
+    `label: name` of `shown` whose metric the step reported, in `shown`'s order, then "tok/s"
+    (when given). `progress_postfix({"loss": 0.5, "reward_mean": 0.4}, {"reward": "reward_mean",
+    "acc": "accuracy"}, 900.0) == {"reward": 0.4, "tok/s": 900.0}`."""
+    postfix = {label: metrics[name] for label, name in shown.items() if name in metrics}
+    if tokens_per_s is not None:
+        postfix["tok/s"] = tokens_per_s
+    return postfix
 
 
 class Progress:

@@ -33,7 +33,7 @@ from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, Pointw
                                       TokenLabelConfig, reward_model_loss)
 from rljax.losses.preference import DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss, reference_logps
 from rljax.losses.sft import SFTConfig, sft_loss
-from rljax.metrics import MetricsWriter, Progress
+from rljax.metrics import MetricsWriter, Progress, WandbConfig, progress_postfix
 from rljax.sharding import param_shardings, shard_batch
 from rljax.state import OptimizerConfig, TrainState, make_optimizer, make_train_step, owned_copy
 
@@ -63,7 +63,12 @@ class Preempted(RuntimeError):
 class LoopConfig:
     """steps: total steps (batches) of the phase; log/eval/checkpoint intervals in
     steps (0 = only at the end); the loop stops with NonFiniteLossError after
-    `max_consecutive_skips` consecutive non-finite steps."""
+    `max_consecutive_skips` consecutive non-finite steps. Where the logged metrics go
+    besides <run_dir>/metrics.jsonl (`rljax.metrics.MetricsWriter`): tensorboard None
+    mirrors them to <run_dir>/tb when a TensorBoard backend is installed (the
+    `tensorboard` extra), True requires one, False never; wandb a
+    `rljax.metrics.WandbConfig` also logs them to Weights & Biases (offline by default,
+    under <run_dir>/wandb; the `wandb` extra)."""
 
     steps: int = 100
     log_every: int = 10
@@ -72,6 +77,8 @@ class LoopConfig:
     keep_checkpoints: int = 3
     max_consecutive_skips: int = 5
     progress: bool = True
+    tensorboard: bool | None = None
+    wandb: WandbConfig | None = None
 
     def __post_init__(self):
         if self.steps < 0:
@@ -157,16 +164,25 @@ def _save_finished(ckpt: Checkpointer, state, name: str) -> None:
         print(f"[{name}] could not save the last finished step: {type(e).__name__}: {e}")
 
 
+LOSS_PROGRESS = {"loss": "loss"}  # progress-bar label: metric, for phases that minimise a loss
+# RL: what the policy earns; its loss (e.g. GRPO's, about 0 by construction) says little
+RL_PROGRESS = {"reward": "reward_mean", "acc": "accuracy", "kl": "kl_k3"}
+
+
 def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run_dir: str | None = None,
              put_batch: Callable | None = None, eval_fn: Callable[[TrainState], dict] | None = None,
-             name: str = "train") -> TrainState:
+             name: str = "train", progress_metrics: dict[str, str] | None = None) -> TrainState:
     """Run `step_fn(state, batch) -> (state, metrics)` until state.step == cfg.steps.
 
     data: anything with `batch_at(position)` (e.g. BatchIterator); the position is
     state.step, so data and state stay in lock-step across restarts.
     run_dir: metrics.jsonl (+ TensorBoard) and checkpoints/ go here; an existing
-    checkpoint there is restored first. put_batch: places a host batch on devices
+    checkpoint there is restored first (cfg.tensorboard and cfg.wandb: where else the
+    metrics go; cfg.wandb needs a run_dir, and only process 0 logs to W&B). put_batch: places a host batch on devices
     (e.g. shard_batch over a mesh). eval_fn(state) -> metrics, logged as eval/*.
+    progress_metrics: {label: metric} the progress bar shows at each logged step, when
+    the step reports them, followed by tokens/s (default LOSS_PROGRESS; the RL phase
+    shows RL_PROGRESS: mean reward, accuracy, KL to the reference).
 
     The loop trains a copy of `state` (`owned_state`): the steps donate their input, and
     the caller's arrays (the state passed in, parameters it shares with a reference)
@@ -185,7 +201,12 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     "<name>/"}` (`MetricsWriter.resume`). On several hosts each process handles its own
     signals: a scheduler must signal all of them (they then stop at the same step only
     if the signals arrive during the same step)."""
-    writer = MetricsWriter(run_dir) if run_dir else None
+    if cfg.wandb is not None and not run_dir:
+        raise ValueError(f"[{name}] LoopConfig.wandb needs a run_dir: the W&B run's id and offline files live there")
+    shown = LOSS_PROGRESS if progress_metrics is None else progress_metrics
+    # one W&B run per run directory: only process 0 logs to it (every process has the same metrics)
+    wandb = cfg.wandb if jax.process_index() == 0 else None
+    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, wandb=wandb) if run_dir else None
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints) if run_dir else None
     stop = _StopSignals()
     try:
@@ -201,7 +222,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             writer.resume(start, prefix=f"{name}/", mark=start < cfg.steps)
         consecutive = 0
         progress = Progress(cfg.steps, initial=start, desc=name, disable=not cfg.progress)
-        t_last, tokens_since, shown = time.perf_counter(), 0, start
+        t_last, tokens_since, shown_step = time.perf_counter(), 0, start
         with stop:
             try:
                 for position in range(start, cfg.steps):
@@ -224,8 +245,8 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                         rate = tokens_since / dt if dt > 0 else 0.0
                         if writer:
                             writer.write(step, dict(metrics, tokens_per_s=rate), prefix=f"{name}/")
-                        progress.update(step - shown, loss=float(metrics["loss"]), **{"tok/s": rate})
-                        t_last, tokens_since, shown = time.perf_counter(), 0, step
+                        progress.update(step - shown_step, **progress_postfix(metrics, shown, rate))
+                        t_last, tokens_since, shown_step = time.perf_counter(), 0, step
                     if stopping:
                         progress.close()
                         if ckpt is not None and step != ckpt.latest_step():
@@ -377,7 +398,8 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
     state: an RLState (create_rl_state); prompts: anything with batch_at(position) ->
     PromptBatch; cfg: RLConfig; loop.steps counts RL iterations. Metrics per iteration
     (reward, accuracy with `accuracy_fn`, KL, entropy, clip fraction, lengths, tokens/s,
-    time per stage) go to metrics.jsonl.
+    time per stage) go to metrics.jsonl; the progress bar shows the mean reward, the accuracy
+    and the KL to the reference (those reported: `RL_PROGRESS`) and tokens/s.
 
     With cfg.max_refills (dynamic sampling), refill k of iteration i is
     refill_prompts.batch_at(i * max_refills + k - 1); by default `prompts` itself at
@@ -411,7 +433,8 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
             position = int(jax.device_get(state.step))
             return iteration(state, batch.tokens, batch.mask, refill=refill_at(position), **batch.metadata)
 
-        return run_loop(state, step, prompts, loop, run_dir=run_dir, eval_fn=eval_fn, name="rl")
+        return run_loop(state, step, prompts, loop, run_dir=run_dir, eval_fn=eval_fn, name="rl",
+                        progress_metrics=RL_PROGRESS)
 
     # Asynchronous actors: threads run `collect` for the next `staleness` batches with a
     # copy of the params of the moment (the learner donates its buffers), while the
@@ -438,6 +461,7 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
                                lag=position - version)
 
     try:
-        return run_loop(state, async_step, prompts, loop, run_dir=run_dir, eval_fn=eval_fn, name="rl")
+        return run_loop(state, async_step, prompts, loop, run_dir=run_dir, eval_fn=eval_fn, name="rl",
+                        progress_metrics=RL_PROGRESS)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -63,6 +63,7 @@ from rljax.checkpoint import Checkpointer, atomic_path
 from rljax.data.collate import BatchIterator
 from rljax.losses.preference import DPOConfig
 from rljax.losses.reward_model import RankingConfig
+from rljax.metrics import WandbConfig
 from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, OREOState, check_trajectories, collate_trajectories,
                         collect_trajectories, oreo)
 from rljax.phases import LoopConfig, PreferencePhaseConfig, RewardModelPhaseConfig, preference, train_reward_model
@@ -202,7 +203,8 @@ class OnlineDPOConfig:
     the worst answer of every prompt whose scores differ, and trains `steps_per_round`
     DPO steps on those pairs. refresh_reference: the reference of round r is the policy
     at the start of round r (iterative DPO) instead of the initial policy (online DPO).
-    checkpoint_every: DPO steps between checkpoints inside a round (0: at its end only)."""
+    checkpoint_every: DPO steps between checkpoints inside a round (0: at its end only).
+    tensorboard, wandb: where else the phases' metrics go (`LoopConfig`)."""
 
     rounds: int = 3
     samples: int = 4
@@ -216,6 +218,8 @@ class OnlineDPOConfig:
     log_every: int = 10
     checkpoint_every: int = 0
     progress: bool = True
+    tensorboard: bool | None = None
+    wandb: WandbConfig | None = None
 
     def __post_init__(self):
         if self.rounds < 1 or self.samples < 2 or self.steps_per_round < 1:
@@ -239,7 +243,8 @@ def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOCo
     """
     if reference is None:
         reference = jax.tree.map(np.asarray, jax.device_get(state.params))
-    phase_loop = dict(log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=cfg.progress)
+    phase_loop = dict(log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                      tensorboard=cfg.tensorboard, wandb=cfg.wandb)
 
     def collect(r, state, ctx):
         start = (r * cfg.prompts_per_round) % len(prompts)
@@ -359,14 +364,16 @@ def rl_state(model, params, rl_cfg, key, **kwargs):
 
 def train_rl(state, prompts, reward_fn: Callable, rl_cfg, *, model, decode: Callable, steps: int,
              run_dir: str | None = None, log_every: int = 10, checkpoint_every: int = 0, eval_every: int = 0,
-             progress: bool = True, eval_fn: Callable | None = None, **kwargs):
+             progress: bool = True, eval_fn: Callable | None = None, tensorboard: bool | None = None,
+             wandb: WandbConfig | None = None, **kwargs):
     """RL iterations of `state` (an RLState) until state.step == steps: `rljax.phases.rl` with
     prompts (batch_at(position) -> PromptBatch) and reward_fn(prompts, completions, **metadata)
-    -> [B]; run_dir holds its metrics and checkpoints (resumed from); kwargs go to the phase."""
+    -> [B]; run_dir holds its metrics and checkpoints (resumed from); tensorboard, wandb: where
+    else the metrics go (`LoopConfig`); kwargs go to the phase."""
     from rljax.phases import rl
 
     loop = LoopConfig(steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, eval_every=eval_every,
-                      progress=progress)
+                      progress=progress, tensorboard=tensorboard, wandb=wandb)
     return rl(state, prompts, reward_fn, rl_cfg, model=model, decode=decode, loop=loop, run_dir=run_dir,
               eval_fn=eval_fn, **kwargs)
 
@@ -382,7 +389,8 @@ class IterativeRLHFConfig:
     trains max(rm_epochs·new lists / rm_batch_size, 1) more steps on them all (rm_loss,
     rm_optimizer: the ones its state was made with; the batches of round r shuffled with
     seed + r). refresh_every 0: never refreshed (one round). checkpoint_every: steps
-    between checkpoints inside either phase (0: at their ends only)."""
+    between checkpoints inside either phase (0: at their ends only). tensorboard, wandb: where
+    else both phases' metrics go (`LoopConfig`)."""
 
     iterations: int = 200
     refresh_every: int = 50
@@ -394,6 +402,8 @@ class IterativeRLHFConfig:
     log_every: int = 10
     checkpoint_every: int = 0
     progress: bool = True
+    tensorboard: bool | None = None
+    wandb: WandbConfig | None = None
 
     def __post_init__(self):
         if self.iterations < 1 or self.refresh_every < 0 or self.rm_epochs < 1 or self.rm_batch_size < 1:
@@ -452,13 +462,14 @@ def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Ca
             phase = RewardModelPhaseConfig(loss=cfg.rm_loss, optimizer=cfg.rm_optimizer,
                                            loop=LoopConfig(steps=target, log_every=cfg.log_every,
                                                            checkpoint_every=cfg.checkpoint_every,
-                                                           progress=cfg.progress))
+                                                           progress=cfg.progress, tensorboard=cfg.tensorboard,
+                                                           wandb=cfg.wandb))
             rm = train_reward_model(rm, BatchIterator(replay, batch, collate, seed=cfg.seed + r), phase,
                                     model=rm_model, run_dir=ctx.component_dir("reward_model"))
         policy = train_rl(state["policy"], prompts, make_reward(rm.params), rl_cfg, model=model, decode=decode,
                           steps=min((r + 1) * k, cfg.iterations), run_dir=ctx.component_dir("policy"),
                           log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
-                          eval_fn=eval_fn, **rl_kwargs)
+                          tensorboard=cfg.tensorboard, wandb=cfg.wandb, eval_fn=eval_fn, **rl_kwargs)
         return dict(state, policy=policy, reward_model=rm)
 
     stages = [Stage(f"round-{r}", collect=functools.partial(collect, r) if r else None,

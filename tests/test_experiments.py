@@ -76,6 +76,15 @@ def test_grpo_gain_smoke_reuses_one_sft_run_across_settings(tmp_path, capsys):
     # study combines its runs and reuses the SFT run, which does not depend on those sizes
     small = dict(smoke=True, run_dir=run_dir, progress=False, iterations=1, eval_samples=2)
     res = grpo_gain.main(grpo_gain.Config(**small))
+    out = capsys.readouterr().out
+    # what the command tells its user: the plan first, each evaluation announced (the SFT policy once for
+    # both seeds), one table at the end (train_rl's own table left out) with the gains and what they mean
+    assert out.startswith("grpo_gain --smoke: SFT of the tiny model on arithmetic (12 steps), then GRPO from it "
+                          "(1 iteration, seeds 0, 1)")
+    assert out.count("evaluating the SFT policy on 16 held-out problems: greedy, then 2 samples each") == 1
+    assert out.count("evaluating the GRPO policy on 16 held-out problems") == 2
+    assert out.count("| held-out accuracy (16 problems) | greedy |") == 1 and "| value |" not in out
+    assert "| gain, points, mean ± std over 2 seeds |" in out and "these accuracies mean nothing" in out
     for kind in ("greedy", "sampled"):
         after, before = res[kind]["accuracy_rl"], res[kind]["accuracy_sft"]
         assert len(after) == 2 and abs(res[kind]["gain_mean"] - (sum(after) / 2 - before)) < 1e-9

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import sys
+import time
 import types
 
 import jax.numpy as jnp
@@ -161,12 +162,13 @@ def test_tensorboard_true_without_backend_raises(tmp_path, monkeypatch):
 
 
 def test_tensorboard_uses_backend_writer(tmp_path, monkeypatch):
-    """With a (fake) tensorboardX, scalars go to <run_dir>/tb with prefixed tags and steps."""
+    """With a (fake) tensorboardX, scalars go to <run_dir>/tb with prefixed tags and steps; the writer is made
+    at the first write, with a file-name suffix that orders its sessions."""
     calls = []
 
     class FakeSummaryWriter:
-        def __init__(self, logdir):
-            calls.append(("init", logdir))
+        def __init__(self, logdir, **kwargs):
+            calls.append(("init", logdir, kwargs))
 
         def add_scalar(self, tag, value, step):
             calls.append(("scalar", tag, value, step))
@@ -179,22 +181,173 @@ def test_tensorboard_uses_backend_writer(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
     with MetricsWriter(tmp_path, tensorboard=True) as w:
-        assert w.tensorboard
+        assert w.tensorboard and calls == []
         w.write(5, {"loss": jnp.asarray(0.5), "n": 3}, prefix="train/")
-    assert calls == [("init", os.path.join(str(tmp_path), "tb")), ("scalar", "train/loss", 0.5, 5),
-                     ("scalar", "train/n", 3, 5), ("flush",), ("close",)]
+    suffix = f".00000.{os.getpid()}"  # the first session in the directory, and this process
+    assert calls == [("init", os.path.join(str(tmp_path), "tb"), dict(purge_step=None, filename_suffix=suffix)),
+                     ("scalar", "train/loss", 0.5, 5), ("scalar", "train/n", 3, 5), ("flush",), ("close",)]
 
 
-def test_tensorboard_event_files(tmp_path):
-    from rljax.metrics import _import_tb_backend
+def test_tensorboard_event_files_read_back(tmp_path):
+    """Real tensorboardX event files, read with a TFRecord reader of our own (CRCs checked): the tags, steps
+    and values written, non-finite ones included; a resumed run's restart marker makes TensorBoard's view
+    equal to metrics.jsonl after the resume; two sessions in the same second do not overwrite each other."""
+    import tensorboardX  # noqa: F401  (the dev extra installs it: this test never skips)
+    from event_files import event_files, same_value, tb_events, tb_scalars
+    from tensorboardX.proto import event_pb2
 
-    if _import_tb_backend() is None:
-        pytest.skip("no TensorBoard backend (tensorboardX, torch, tensorflow) installed")
+    first = {1: 2.5, 2: 2.0, 3: 1.75, 4: 1.5, 5: 1.25}  # the killed run: checkpoint at 3, logged up to 5
     with MetricsWriter(tmp_path, tensorboard=True) as w:
-        w.write(0, {"loss": 1.0})
-        w.write(1, {"loss": 0.5})
-    events = [f for _, _, files in os.walk(tmp_path / "tb") for f in files if "tfevents" in f]
-    assert events
+        for step, loss in first.items():
+            w.write(step, {"loss": loss, "grad_norm": np.float32(0.1 * step)}, prefix="sft/")
+        w.write(3, {"score": float("nan"), "bad": float("inf")}, prefix="sft/eval/")
+        w.write(5, {"score": 0.5}, prefix="sft/eval/")
+    # the killed run's file as TensorBoard reads it: every point, float32 values
+    raw = tb_scalars(tmp_path / "tb", purge=False)
+    assert raw["sft/loss"] == list(first.items())
+    assert raw["sft/grad_norm"] == [(s, float(np.float32(np.float32(0.1 * s)))) for s in first]
+    assert math.isnan(raw["sft/eval/score"][0][1]) and raw["sft/eval/score"][1] == (5, 0.5)
+    assert raw["sft/eval/bad"] == [(3, math.inf)]
+
+    with MetricsWriter(tmp_path, tensorboard=True) as w:  # the rerun, resumed from the checkpoint at step 3
+        assert w.resume(3, prefix="sft/") == 3  # steps 4, 5 and the eval at 5
+        for step in (4, 5, 6):
+            w.write(step, {"loss": -float(step), "grad_norm": -np.inf if step == 6 else 1.0}, prefix="sft/")
+    files = event_files(tmp_path / "tb")
+    assert len(files) == 2  # the rerun opened its own file (same second or not) and kept the first one
+    marks = [e for e in tb_events(tmp_path / "tb") if e.HasField("session_log")]
+    assert [(e.step, e.session_log.status) for e in marks] == [(4, event_pb2.SessionLog.START)]
+    assert tb_scalars(tmp_path / "tb", purge=False)["sft/loss"] == list(first.items()) + [(4, -4.0), (5, -5.0),
+                                                                                         (6, -6.0)]
+
+    # what TensorBoard shows equals what metrics.jsonl holds after the resume, tag by tag
+    shown = tb_scalars(tmp_path / "tb")
+    logged: dict = {}
+    for r in read_metrics(tmp_path):
+        for k, v in r.items():
+            if k not in ("step", "time"):
+                logged.setdefault(k, []).append((r["step"], float(np.float32(v))))
+    assert sorted(shown) == sorted(logged) == ["sft/eval/bad", "sft/eval/score", "sft/grad_norm", "sft/loss"]
+    for tag in logged:
+        assert len(shown[tag]) == len(logged[tag]), tag
+        assert all(s == t and same_value(a, b) for (s, a), (t, b) in zip(shown[tag], logged[tag])), tag
+    assert shown["sft/loss"] == [(1, 2.5), (2, 2.0), (3, 1.75), (4, -4.0), (5, -5.0), (6, -6.0)]
+    assert shown["sft/grad_norm"][-1] == (6, -math.inf)
+
+
+def test_wandb_offline_with_a_fake_module(tmp_path, monkeypatch):
+    """MetricsWriter(wandb=WandbConfig()) with a fake `wandb`: init (offline, dir, stored id, resume, the run
+    dir's config.json), log (values and steps), finish; a second session resumes the same run id."""
+    from rljax.metrics import WANDB_ID_FILE, WandbConfig
+
+    calls = []
+
+    class FakeRun:
+        def log(self, data, step=None):
+            calls.append(("log", dict(data), step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    run_dir = tmp_path / "rl-seed0"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"lr": 2e-5, "seeds": [0]}))
+    with MetricsWriter(run_dir, tensorboard=False, wandb=WandbConfig()) as w:
+        assert w.wandb and calls == []  # the W&B run starts at the first write
+        w.write(1, {"loss": 0.5, "reward_mean": np.float32(0.25)}, prefix="rl/")
+        w.write(2, {"loss": float("nan"), "n": np.int64(3)}, prefix="rl/")
+    run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
+    assert len(run_id) == 8 and set(run_id) <= set("abcdefghijklmnopqrstuvwxyz0123456789")
+    (kind, kwargs), *rest = calls
+    assert kind == "init" and kwargs == dict(project="rljax", entity=None, group=None, name="rl-seed0", tags=None,
+                                              mode="offline", dir=str(run_dir), id=run_id, resume="allow",
+                                              config={"lr": 2e-5, "seeds": [0]}, reinit="create_new")
+    assert rest[0] == ("log", {"rl/loss": 0.5, "rl/reward_mean": 0.25}, 1)
+    assert rest[1][0] == "log" and rest[1][2] == 2 and math.isnan(rest[1][1]["rl/loss"]) and rest[1][1]["rl/n"] == 3
+    assert rest[2:] == [("finish",)]  # and closing again (the with block) does not finish twice
+    logged = [(r["step"], r["rl/loss"]) for r in read_metrics(run_dir)]  # the same values as metrics.jsonl
+    assert logged[0] == (1, 0.5) and math.isnan(logged[1][1])
+
+    calls.clear()  # the rerun: resumed at step 1; the same W&B run id, an explicit config, the other options
+    cfg = WandbConfig(project="p", mode="online", entity="me", group="study", name="n", tags=("a", "b"))
+    with MetricsWriter(run_dir, tensorboard=False, wandb=cfg, config={"x": 1}) as w:
+        w.resume(1, prefix="rl/")
+        w.write(2, {"loss": 0.25}, prefix="rl/")
+    assert calls == [("init", dict(project="p", entity="me", group="study", name="n", tags=["a", "b"],
+                                   mode="online", dir=str(run_dir), id=run_id, resume="allow", config={"x": 1},
+                                   reinit="create_new")),
+                     ("log", {"rl/loss": 0.25}, 2), ("finish",)]
+    calls.clear()
+    MetricsWriter(run_dir, tensorboard=False, wandb=WandbConfig()).close()  # nothing written: no W&B run
+    assert calls == []
+
+
+def test_wandb_missing_names_the_extra(tmp_path, monkeypatch):
+    from rljax.metrics import WandbConfig
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'rljax\[wandb\]'"):
+        MetricsWriter(tmp_path, tensorboard=False, wandb=WandbConfig())
+    assert not os.path.exists(tmp_path / "metrics.jsonl")  # refused before anything was opened
+    with pytest.raises(ValueError, match="mode"):
+        WandbConfig(mode="offline-please")
+    with pytest.raises(TypeError, match="WandbConfig"):
+        MetricsWriter(tmp_path, tensorboard=False, wandb=True)
+
+
+def test_wandb_real_package_offline(tmp_path, monkeypatch):
+    """The real wandb in offline mode (no network, no account): the run's .wandb log, read back with a reader of
+    our own, holds the run id, project and config, and every value at its step; a second session resumes the
+    same run id in a second offline run directory."""
+    pytest.importorskip("wandb")
+    from event_files import same_value, wandb_records
+    from rljax.metrics import WANDB_ID_FILE, WandbConfig
+
+    for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_PROJECT", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # nothing written under $HOME
+        monkeypatch.setenv(var, str(tmp_path / "home" / var.lower()))
+    (tmp_path / "config.json").write_text(json.dumps({"lr": 0.001}))
+    with MetricsWriter(tmp_path, tensorboard=False, wandb=WandbConfig(project="rljax-test")) as w:
+        w.write(1, {"loss": 2.0, "acc": 0.25}, prefix="rl/")
+        w.write(2, {"loss": float("nan"), "acc": 0.5}, prefix="rl/")
+    with MetricsWriter(tmp_path, tensorboard=False, wandb=WandbConfig(project="rljax-test")) as w:
+        w.resume(2, prefix="rl/")
+        w.write(3, {"loss": 1.0, "acc": 0.75}, prefix="rl/")
+    run_id = (tmp_path / WANDB_ID_FILE).read_text().strip()
+    runs = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
+    assert len(runs) == 2 and all(d.endswith(f"-{run_id}") for d in runs)
+    history = {}
+    for d in runs:
+        (log,) = [f for f in os.listdir(tmp_path / "wandb" / d) if f.endswith(".wandb")]
+        # wandb-core (a separate process) may still be writing the log when finish() returns: a complete
+        # log ends with an "exit" record, there within seconds
+        deadline = time.monotonic() + 60
+        while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(tmp_path / "wandb" / d / log)):
+            assert time.monotonic() < deadline, f"{d}: the offline run's log was never completed"
+            time.sleep(0.2)
+        for r in wandb_records(tmp_path / "wandb" / d / log):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                assert r.run.run_id == run_id and r.run.project == "rljax-test"
+                config = {i.key: json.loads(i.value_json) for i in r.run.config.update}
+                assert config["lr"] == 0.001
+            elif kind == "history":
+                items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json.replace("NaN", "null"))
+                         for i in r.history.item}
+                history[r.history.step.num] = {k: v for k, v in items.items() if k.startswith("rl/")}
+    logged = {r["step"]: {k: v for k, v in r.items() if k.startswith("rl/")} for r in read_metrics(tmp_path)}
+    assert sorted(history) == sorted(logged) == [1, 2, 3]
+    for step, values in logged.items():
+        assert sorted(history[step]) == sorted(values)
+        assert all(same_value(values[k], math.nan if history[step][k] is None else history[step][k])
+                   for k in values)
 
 
 def test_format_number():
@@ -228,3 +381,14 @@ def test_progress_enabled_shows_postfix(capsys):
     p.close()
     err = capsys.readouterr().err
     assert "rl" in err and "loss=1.5" in err and "2/4" in err
+
+
+def test_progress_postfix_picks_the_phases_metrics_in_order():
+    from rljax.metrics import progress_postfix
+
+    metrics = {"loss": 0.5, "reward_mean": np.float32(0.25), "accuracy": 0.125, "tokens": 640.0}
+    rl = {"reward": "reward_mean", "acc": "accuracy", "kl": "kl_k3"}
+    assert progress_postfix(metrics, rl, 900.0) == {"reward": 0.25, "acc": 0.125, "tok/s": 900.0}
+    assert list(progress_postfix(metrics, {"acc": "accuracy", "reward": "reward_mean"})) == ["acc", "reward"]
+    assert progress_postfix(metrics, {"loss": "loss"}, 5600.0) == {"loss": 0.5, "tok/s": 5600.0}
+    assert format_postfix(progress_postfix(metrics, rl, 5600.0)) == "reward=0.25 acc=0.125 tok/s=5.6k"

@@ -179,7 +179,7 @@ def _rlhf(s, run_dir, log, kill_rank=False, kill_reward_call=None):
 
 
 def _stand_in_rl(state, prompts, reward_fn, rl_cfg, *, model, decode, steps, run_dir=None, log_every=10,
-                 checkpoint_every=0, eval_every=0, progress=True, eval_fn=None):
+                 checkpoint_every=0, eval_every=0, progress=True, eval_fn=None, tensorboard=None, wandb=None):
     """`pipelines.train_rl` without its compile time: each iteration scores the batch's prompts (as
     completions) with reward_fn and moves the policy's params by 1e-2·mean reward·sin(θ), on the real
     RLState, through run_loop (checkpoints and resume as the RL phase)."""
@@ -190,7 +190,8 @@ def _stand_in_rl(state, prompts, reward_fn, rl_cfg, *, model, decode, steps, run
         r = jnp.float32(np.mean(reward_fn(text, text)))
         return s.replace(step=s.step + 1, policy=s.policy.replace(params=move(s.policy.params, r))), {"loss": r}
 
-    loop = LoopConfig(steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, progress=progress)
+    loop = LoopConfig(steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, progress=progress,
+                      tensorboard=tensorboard, wandb=wandb)
     return run_loop(state, step, prompts, loop, run_dir=run_dir, name="rl")
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import jax
 
 from rljax.algorithms import get_algorithm
-from rljax.cli import IGNORED_FIELDS, apply_preset, check_input_dir, make_run_dir, save_config
+from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, check_input_dir, make_run_dir, save_config
 from rljax.data.arithmetic import make_split
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.eval import exact_match, finished_run, load_finished
@@ -43,7 +43,7 @@ __all__ = ["SFTArithmeticConfig", "RLArithmeticConfig", "RL_IGNORED_FIELDS", "ap
 
 # ----------------------------------------------------------------------------- SFT
 @dataclass
-class SFTArithmeticConfig:
+class SFTArithmeticConfig(LoggingFlags):
     """SFT on the embedded arithmetic task: held-out exact-match accuracy before and after."""
 
     preset: str = "small"
@@ -83,6 +83,15 @@ def apply_sft_smoke(cfg: SFTArithmeticConfig) -> None:
                      log_every=4, max_new_tokens=24, warmup_steps=2)
 
 
+def _greedy_eval(which: str, params, model, tok, test, max_new_tokens: int, *, texts: bool = False):
+    """Held-out greedy exact match, announced with its size and timed: accuracy (and the texts with `texts`)."""
+    print(f"evaluating {which} policy on {len(test)} held-out problems (greedy) ...", end=" ", flush=True)
+    t = time.perf_counter()
+    accuracy, outputs = exact_match(params, model, tok, test, max_new_tokens)
+    print(f"{accuracy:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
+    return (accuracy, outputs) if texts else accuracy
+
+
 def train_sft(cfg: SFTArithmeticConfig) -> dict:
     """Train (or resume) the SFT run of `cfg` in cfg.run_dir (default: a new directory under run_root);
     held-out greedy exact match before and after (cfg.evaluate). Writes config.json, metrics.jsonl,
@@ -103,16 +112,16 @@ def train_sft(cfg: SFTArithmeticConfig) -> dict:
           f"{len(train)} train / {len(test)} test problems, levels {cfg.levels}, {cfg.steps} steps x "
           f"{cfg.batch_size}; run dir {run_dir}")
 
-    before = exact_match(state.params, model, tok, test, cfg.max_new_tokens)[0] if cfg.evaluate else None
+    before = _greedy_eval("the initial", state.params, model, tok, test, cfg.max_new_tokens) if cfg.evaluate else None
     t0 = time.perf_counter()
     phase = SFTPhaseConfig(optimizer=opt, loop=LoopConfig(steps=cfg.steps, log_every=cfg.log_every,
                                                           checkpoint_every=cfg.checkpoint_every,
-                                                          progress=cfg.progress))
+                                                          progress=cfg.progress, **cfg.loop_logging()))
     state = sft(state, data, phase, model=model, run_dir=run_dir)
     train_s = time.perf_counter() - t0
     results = dict(config=asdict(cfg), run_dir=run_dir, params=model.config.num_params(), train_seconds=train_s)
     if cfg.evaluate:
-        after, texts = exact_match(state.params, model, tok, test, cfg.max_new_tokens)
+        after, texts = _greedy_eval("the SFT", state.params, model, tok, test, cfg.max_new_tokens, texts=True)
         results.update(accuracy_before=before, accuracy_after=after,
                        examples=[dict(prompt=p.prompt, target=p.completion, output=t)
                                  for p, t in zip(test[:5], texts[:5])])
@@ -130,30 +139,33 @@ def train_sft(cfg: SFTArithmeticConfig) -> dict:
     return results
 
 
-def read_sft_config(sft_run_dir: str, *, smoke: bool = False, progress: bool = True) -> SFTArithmeticConfig:
+def read_sft_config(sft_run_dir: str, *, smoke: bool = False, progress: bool = True,
+                    logging: dict | None = None) -> SFTArithmeticConfig:
     """The SFT run's config: from its config.json when there (unknown fields ignored; it was saved with
-    its smoke sizes already applied), else the defaults (with `smoke` and its sizes); run_dir = sft_run_dir."""
+    its smoke sizes already applied), else the defaults (with `smoke` and its sizes); run_dir = sft_run_dir.
+    logging: LoggingFlags fields (the caller's `logging_flags()`) that replace the saved ones."""
     saved = os.path.join(sft_run_dir, "config.json")
+    shown = {"progress": progress, **(logging or {})}
     if os.path.exists(saved):
         with open(saved) as f:
             fields = {k: v for k, v in json.load(f).items() if k in SFTArithmeticConfig.__dataclass_fields__}
         fields["levels"] = tuple(fields.get("levels", (1,)))
-        return SFTArithmeticConfig(**{**fields, "run_dir": sft_run_dir, "progress": progress})
-    cfg = SFTArithmeticConfig(run_dir=sft_run_dir, smoke=smoke, progress=progress)
+        return SFTArithmeticConfig(**{**fields, "run_dir": sft_run_dir, **shown})
+    cfg = SFTArithmeticConfig(run_dir=sft_run_dir, smoke=smoke, **shown)
     apply_sft_smoke(cfg)
     return cfg
 
 
 def load_sft(sft_run_dir: str, tok, *, smoke: bool = False, progress: bool = True, run_if_missing: bool = False,
-             create: bool = False):
+             create: bool = False, logging: dict | None = None):
     """(model, params, sft_cfg) of the SFT run in `sft_run_dir` at its final step; its config.json (when
     there) gives the model and the train/test split (`read_sft_config`). A run without its final
     checkpoint raises rljax.eval.UnfinishedRunError naming the directory, unless `run_if_missing`:
     then the SFT run is trained (or resumed) there first, with a message saying so. A directory that
     does not exist is FileNotFoundError naming --sft-run-dir (a mistyped path must not start a new
-    run) unless `create`, which trains a new SFT run there."""
+    run) unless `create`, which trains a new SFT run there. logging: as in `read_sft_config`, for that run."""
     check_input_dir(sft_run_dir, "--sft-run-dir", create=create, create_flag="--train-sft")
-    sft_cfg = read_sft_config(sft_run_dir, smoke=smoke, progress=progress)
+    sft_cfg = read_sft_config(sft_run_dir, smoke=smoke, progress=progress, logging=logging)
     if run_if_missing and not finished_run(sft_run_dir, sft_cfg.steps):
         print(f"no finished SFT checkpoint in {sft_run_dir}: running the SFT study first")
         train_sft(sft_cfg)
@@ -164,7 +176,7 @@ def load_sft(sft_run_dir: str, tok, *, smoke: bool = False, progress: bool = Tru
 
 # ----------------------------------------------------------------------------- RL
 @dataclass
-class RLArithmeticConfig:
+class RLArithmeticConfig(LoggingFlags):
     """RL on the arithmetic task from the SFT run's final checkpoint (run first when missing)."""
 
     algo: str = "grpo"
@@ -203,12 +215,15 @@ class RLArithmeticConfig:
 RL_IGNORED_FIELDS = (*IGNORED_FIELDS, "train_sft")
 
 
-def train_rl(cfg: RLArithmeticConfig) -> dict:
+def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tuple[float, float] | None = None) -> dict:
     """RL with cfg.algo from the SFT run in cfg.sft_run_dir (finished there first when it has no final
     checkpoint; trained there first when the directory does not exist only with cfg.train_sft);
     held-out accuracy of the SFT and RL policies, greedy and sampled (mean over
     cfg.eval_samples per problem at temperature 1, key 7 for every run). Writes config.json (checked
-    against an existing one before anything runs) and results.json under cfg.run_dir; returns the results."""
+    against an existing one before anything runs) and results.json under cfg.run_dir; returns the results.
+    report: print the run's summary table (a study that prints its own passes False). sft_accuracy:
+    the SFT policy's (greedy, sampled) accuracy, when the caller measured it already for the same SFT
+    run and evaluation settings (it depends only on those: another RL run from the same start)."""
     if cfg.smoke:
         apply_preset(cfg, iterations=3, prompts_per_iteration=4, n=4, max_new_tokens=16, train_sft=True)
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
@@ -217,7 +232,7 @@ def train_rl(cfg: RLArithmeticConfig) -> dict:
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True, create=cfg.train_sft)
+                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags())
     algo = get_algorithm(cfg.algo)
     critic_model = critic_params = None
     if algo.needs().critic:  # trpo: a separate critic, initialised from the policy (V = 0 at first)
@@ -251,21 +266,31 @@ def train_rl(cfg: RLArithmeticConfig) -> dict:
     state = create_rl_state(model, params, rl_cfg, jax.random.key(cfg.seed), critic_model=critic_model,
                             critic_params=critic_params)
 
-    def evaluate(p) -> tuple[float, float]:
+    def evaluate(which: str, p) -> tuple[float, float]:
         """Held-out (greedy, sampled) accuracy; the sampled one is the mean over eval_samples at temperature 1,
         with one fixed key for every run, so runs differ only by their params."""
+        print(f"evaluating {which} policy on {len(test)} held-out problems: greedy, then {cfg.eval_samples} samples "
+              f"each at temperature 1 ...", end=" ", flush=True)
+        t = time.perf_counter()
         greedy = exact_match(p, model, tok, test, sft_cfg.max_new_tokens)[0]
         sampled = exact_match(p, model, tok, test, sft_cfg.max_new_tokens, n=cfg.eval_samples, temperature=1.0,
                               key=jax.random.key(7))[0]
+        print(f"greedy {greedy:.1%}, sampled {sampled:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
         return greedy, sampled
 
-    before, before_sampled = evaluate(params)
+    print(f"rl_arithmetic: {cfg.algo} from the SFT run in {cfg.sft_run_dir}, {cfg.iterations} iterations x "
+          f"{cfg.prompts_per_iteration} prompts x {cfg.n} samples, seed {cfg.seed}; run dir {run_dir}", flush=True)
+    if sft_accuracy is None:
+        before, before_sampled = evaluate("the SFT", params)
+    else:
+        before, before_sampled = sft_accuracy
     t0 = time.perf_counter()
     state = rl(state, prompts, reward, rl_cfg, model=model, decode=tok.decode_batch, run_dir=run_dir,
                accuracy_fn=arithmetic_answer_reward, critic_model=critic_model,
-               loop=LoopConfig(steps=cfg.iterations, log_every=1, checkpoint_every=50, progress=cfg.progress))
+               loop=LoopConfig(steps=cfg.iterations, log_every=1, checkpoint_every=50, progress=cfg.progress,
+                               **cfg.loop_logging()))
     wall = time.perf_counter() - t0
-    after, after_sampled = evaluate(state.policy.params)
+    after, after_sampled = evaluate(f"the {cfg.algo.upper()}", state.policy.params)
     rows = [r for r in read_metrics(run_dir) if "rl/reward_mean" in r]
     first, last = rows[0], rows[-1]
     results = dict(config=asdict(cfg), run_dir=run_dir, accuracy_sft=before, accuracy_rl=after,
@@ -273,12 +298,14 @@ def train_rl(cfg: RLArithmeticConfig) -> dict:
                    reward_first=first["rl/reward_mean"], reward_last=last["rl/reward_mean"],
                    train_accuracy_first=first["rl/accuracy"], train_accuracy_last=last["rl/accuracy"],
                    kl_k3_last=last.get("rl/kl_k3"), wall_seconds=wall)
-    print(f"\n| {cfg.algo}, {cfg.iterations} iterations x {cfg.prompts_per_iteration} prompts x {cfg.n} | value |\n"
-          f"|---|---|\n| held-out exact match after SFT, greedy | {before:.1%} |\n| after RL, greedy | {after:.1%} |\n"
-          f"| after SFT, sampled (T = 1, {cfg.eval_samples} per problem) | {before_sampled:.1%} |\n"
-          f"| after RL, sampled | {after_sampled:.1%} |\n"
-          f"| mean reward first / last iteration | {results['reward_first']:.3f} / {results['reward_last']:.3f} |\n"
-          f"| wall time of RL | {wall:.0f} s |\n")
+    if report:
+        print(f"\n| {cfg.algo}, {cfg.iterations} iterations x {cfg.prompts_per_iteration} prompts x {cfg.n} | value |\n"
+              f"|---|---|\n| held-out exact match after SFT, greedy | {before:.1%} |\n"
+              f"| after RL, greedy | {after:.1%} |\n"
+              f"| after SFT, sampled (T = 1, {cfg.eval_samples} per problem) | {before_sampled:.1%} |\n"
+              f"| after RL, sampled | {after_sampled:.1%} |\n"
+              f"| mean reward first / last iteration | {results['reward_first']:.3f} / {results['reward_last']:.3f} |\n"
+              f"| wall time of RL | {wall:.0f} s |\n")
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     return results

@@ -49,7 +49,7 @@ from rljax.data.preference_collate import collate_preferences
 from rljax.data.reward_collate import collate_pairs, collate_scored
 from rljax.losses.preference import PREFERENCE_METHODS
 from rljax.losses.reward_model import PointwiseConfig, RankingConfig
-from rljax.metrics import read_metrics
+from rljax.metrics import WandbConfig, read_metrics
 from rljax.models import Model, add_head
 from rljax.phases import LoopConfig, PromptBatch
 from rljax.rewards.rules import RewardCallConfig, weighted_sum
@@ -73,7 +73,9 @@ class TaskConfig:
     log_every: steps between metrics rows (the last step is always logged); checkpoint_every: steps
     between checkpoints in run_dir (0: only the last); chat_template: None = apply the tokenizer's chat
     template when it has one; system_prompt: a system message before every prompt; dtype, max_seq_len:
-    for a model loaded from a checkpoint (None: the checkpoint's)."""
+    for a model loaded from a checkpoint (None: the checkpoint's). tensorboard, wandb: where else the
+    metrics go (`LoopConfig`: TensorBoard under run_dir/tb when installed; a `WandbConfig` logs to
+    Weights & Biases, offline under run_dir/wandb by default, which then needs a run_dir)."""
 
     lr: float = 1e-5
     steps: int = 100
@@ -92,6 +94,8 @@ class TaskConfig:
     system_prompt: str | None = None
     dtype: str | None = None
     max_seq_len: int | None = None
+    tensorboard: bool | None = None
+    wandb: WandbConfig | None = None
 
     def optimizer(self) -> OptimizerConfig:
         return OptimizerConfig(lr=self.lr, schedule=self.schedule, warmup_steps=min(self.warmup_steps, self.steps),
@@ -100,7 +104,7 @@ class TaskConfig:
 
     def loop(self) -> LoopConfig:
         return LoopConfig(steps=self.steps, log_every=self.log_every, checkpoint_every=self.checkpoint_every,
-                          progress=self.progress)
+                          progress=self.progress, tensorboard=self.tensorboard, wandb=self.wandb)
 
 
 @dataclass(frozen=True)
@@ -500,6 +504,9 @@ def _describe(x) -> Any:
 @contextlib.contextmanager
 def _run_dir(run_dir, task: str, cfg, model, data):
     """Yield the run directory (a temporary one when None, so metrics can be read back) with config.json."""
+    if run_dir is None and cfg.wandb is not None and cfg.wandb.mode == "offline":
+        raise ValueError(f"{task}: an offline W&B run (cfg.wandb) is written into run_dir; pass run_dir=... "
+                         f"(without one it would go to a temporary directory and be deleted)")
     with contextlib.ExitStack() as stack:
         d = os.fspath(run_dir) if run_dir is not None else stack.enter_context(
             tempfile.TemporaryDirectory(prefix=f"rljax-{task}-"))
