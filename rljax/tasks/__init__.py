@@ -1,25 +1,28 @@
 """Tasks: problem generators with checkable answers (and steps), one interface for every study.
 
     from rljax.tasks import get_task
-    task = get_task("arithmetic")
+    task = get_task("countdown")                   # "arithmetic", "sorting", "countdown"
     train, test = task.split(1000, 128, levels=(1, 2), seed=0)
-    task.prompt(train[0]), task.reference(train[0])   # "23+58*2=", "58*2=116;23+116=139;answer:139"
+    task.prompt(train[0]), task.reference(train[0])   # "17 from 3,5,2=", "3*5=15;15+2=17;answer:3*5+2"
     task.check(train[0], completion), task.check_steps(train[0], completion), task.gold_score(...)
 
-`Task` (rljax.tasks.base) is a frozen dataclass of pure functions; the embedded task is
-ARITHMETIC (rljax.data.arithmetic, unchanged).
+`Task` (rljax.tasks.base) is a frozen dataclass of pure functions; the embedded tasks are
+ARITHMETIC (rljax.data.arithmetic, unchanged), SORTING (insertion steps) and COUNTDOWN (reach a
+target: steps check locally, solving needs search).
 """
 from rljax.tasks.arithmetic import ARITHMETIC
 from rljax.tasks.base import ANSWER_TAG, Task, TaskAlphabetError, check_alphabet
+from rljax.tasks.countdown import COUNTDOWN
+from rljax.tasks.sorting import SORTING
 
-__all__ = ["ANSWER_TAG", "ARITHMETIC", "TASKS", "Task", "TaskAlphabetError",
+__all__ = ["ANSWER_TAG", "ARITHMETIC", "COUNTDOWN", "SORTING", "TASKS", "Task", "TaskAlphabetError",
            "check_alphabet", "get_task", "task_names"]
 
-TASKS = {t.name: t for t in (ARITHMETIC,)}
+TASKS = {t.name: t for t in (ARITHMETIC, SORTING, COUNTDOWN)}
 
 
 def task_names() -> list[str]:
-    """The embedded tasks' names and the reasoning-gym pattern."""
+    """The embedded tasks' names."""
     return sorted(TASKS)
 
 
