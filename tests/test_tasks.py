@@ -24,7 +24,8 @@ TOK = CharTokenizer()
 def test_registry_names_and_errors():
     assert get_task("arithmetic") is ARITHMETIC and get_task("sorting") is SORTING
     assert get_task("countdown") is COUNTDOWN and get_task(COUNTDOWN) is COUNTDOWN
-    with pytest.raises(ValueError, match=r"unknown task 'sortng'; known tasks: arithmetic, countdown, sorting"):
+    with pytest.raises(ValueError, match=r"unknown task 'sortng'; known tasks: arithmetic, countdown, sorting, "
+                                         r"rg:<generator>"):
         get_task("sortng")
     with pytest.raises(ValueError, match="takes no config"):
         get_task("sorting", levels=3)
