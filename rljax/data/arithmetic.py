@@ -164,6 +164,13 @@ def split_steps(completion: str) -> list[str]:
     return [f for f in fields if f and not f.startswith(ANSWER_TAG)]
 
 
+def well_formed(completion: str) -> bool:
+    """Whether the completion is `step;step;...;answer:N` with well-formed steps `a op b=c`."""
+    fields = [f.strip() for f in completion.split(";")]
+    return (re.fullmatch(re.escape(ANSWER_TAG) + r"-?\d+", fields[-1]) is not None
+            and all(_STEP.match(s) for s in split_steps(completion)))
+
+
 def check_steps(problem: Problem, completion: str) -> list[bool]:
     """Per-step labels: step k is True iff steps 1..k each apply the next legal
     reduction of the current expression and compute it correctly."""

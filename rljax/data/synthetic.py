@@ -1,9 +1,12 @@
 """Synthetic preferences and simulated user feedback with a known ground truth.
 
-Built on the arithmetic task (`rljax.data.arithmetic`): every candidate
+Built on the arithmetic task (`rljax.data.arithmetic`) by default: every candidate
 completion is the reference chain of steps or one of four corruptions
 (`corrupt`), and `gold_score` is the hidden quality a reward model should
-recover. `preference_pairs` labels pairs by Bradley–Terry on the gold score;
+recover. `preference_pairs` and `simulated_feedback` take any `rljax.tasks.Task`
+instead (`task=`): its kinds ("reference" + its corruptions), `Task.candidate`,
+its `gold_score` and its prompts; with the arithmetic task, or none, the rows
+are the same for the same seed. `preference_pairs` labels pairs by Bradley–Terry on the gold score;
 `simulated_feedback` produces implicit signals (likes, accepts, dwell time,
 position-biased clicks) from a documented generative model with a known bias,
 so tests can check that a learner recovers gold (or relevance) and not the bias.
@@ -140,7 +143,14 @@ def relevance(gold: float) -> float:
     return _sigmoid(3.0 * gold - 1.5)
 
 
-def preference_pairs(problems, seed: int, *, beta: float = 1.0, noise_free: bool = False) -> list[dict]:
+def _task_functions(task):
+    """(kinds, candidate, gold, prompt) of `task`, or of this module's arithmetic task for None."""
+    if task is None:
+        return KINDS, candidate, gold_score, lambda p: p.prompt
+    return task.kinds, task.candidate, task.gold_score, task.prompt
+
+
+def preference_pairs(problems, seed: int, *, beta: float = 1.0, noise_free: bool = False, task=None) -> list[dict]:
     """One preference pair per problem, with a known Bradley–Terry labeller.
 
     For each problem two distinct kinds a, b are drawn from `KINDS` (reference or a
@@ -150,21 +160,25 @@ def preference_pairs(problems, seed: int, *, beta: float = 1.0, noise_free: bool
     the first). Returns dicts {prompt, chosen, rejected, gold_margin} where
     gold_margin = gold(chosen) - gold(rejected) (negative when the noisy labeller
     preferred the worse completion). Rows fit `adapters.preference_pairs`.
+    task: a `rljax.tasks.Task` whose problems these are (default: arithmetic); its kinds,
+    candidates and gold score replace this module's.
     """
+    kinds, cand, gold, prompt = _task_functions(task)
     rng = np.random.default_rng(seed)
     out = []
     for p in problems:
-        ka, kb = rng.choice(len(KINDS), size=2, replace=False)
-        a, b = candidate(p, rng, KINDS[ka]), candidate(p, rng, KINDS[kb])
-        ga, gb = gold_score(p, a), gold_score(p, b)
+        ka, kb = rng.choice(len(kinds), size=2, replace=False)
+        a, b = cand(p, rng, kinds[ka]), cand(p, rng, kinds[kb])
+        ga, gb = gold(p, a), gold(p, b)
         u = rng.random()  # drawn in both modes so the candidates match across modes
         a_wins = ga >= gb if noise_free else u < _sigmoid(beta * (ga - gb))
         chosen, rejected, gc, gr = (a, b, ga, gb) if a_wins else (b, a, gb, ga)
-        out.append({"prompt": p.prompt, "chosen": chosen, "rejected": rejected, "gold_margin": gc - gr})
+        out.append({"prompt": prompt(p), "chosen": chosen, "rejected": rejected, "gold_margin": gc - gr})
     return out
 
 
-def simulated_feedback(problems, seed: int, *, length_bias: float = 0.02, slate_size: int = 5) -> list[dict]:
+def simulated_feedback(problems, seed: int, *, length_bias: float = 0.02, slate_size: int = 5,
+                       task=None) -> list[dict]:
     """Implicit feedback from simulated users, with a known generative model.
 
     For each problem a slate of `slate_size` (default 5) candidates is drawn, each
@@ -191,25 +205,27 @@ def simulated_feedback(problems, seed: int, *, length_bias: float = 0.02, slate_
     Returns one dict per shown candidate with keys prompt, completion, gold, like,
     accept, dwell_seconds, position, click, propensity, plus the ground truth
     relevance and kind (for evaluation; a learner should not read them).
+    task: a `rljax.tasks.Task` whose problems these are (default: arithmetic), as in `preference_pairs`.
     """
     if slate_size < 1:
         raise ValueError(f"slate_size must be >= 1, got {slate_size}")
+    all_kinds, cand, gold, prompt = _task_functions(task)
     rng = np.random.default_rng(seed)
     out = []
     for p in problems:
-        kinds = rng.integers(len(KINDS), size=slate_size)
+        drawn = rng.integers(len(all_kinds), size=slate_size)
         ranks = rng.permutation(slate_size) + 1
-        for k, rank in zip(kinds, ranks):
-            kind = KINDS[int(k)]
-            c = candidate(p, rng, kind)
-            g = gold_score(p, c)
+        for k, rank in zip(drawn, ranks):
+            kind = all_kinds[int(k)]
+            c = cand(p, rng, kind)
+            g = gold(p, c)
             n = len(c)
             rel = relevance(g)
             rank = int(rank)
             examined = rng.random() < 1.0 / rank
             relevant = rng.random() < rel
             out.append({
-                "prompt": p.prompt,
+                "prompt": prompt(p),
                 "completion": c,
                 "gold": g,
                 "like": bool(rng.random() < _sigmoid(2.0 * g - 1.0 + length_bias * n)),

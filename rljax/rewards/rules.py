@@ -15,7 +15,6 @@ import collections
 import dataclasses
 import numbers
 import queue
-import re
 import reprlib
 import threading
 import time
@@ -23,10 +22,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from rljax.data.arithmetic import ANSWER_TAG, Problem, check_answer, check_steps, split_steps
+from rljax.data.arithmetic import Problem, check_answer, check_steps, well_formed
 
 RewardFn = Callable[..., Sequence[float]]
-_STEP = re.compile(r"^-?\d+[+\-*]-?\d+=-?\d+$")
 
 
 class RewardError(ValueError):
@@ -329,13 +327,7 @@ def arithmetic_step_reward(prompts, completions, *, problems: Sequence[Problem],
 
 def arithmetic_format_reward(prompts, completions, **_) -> np.ndarray:
     """1 when the completion is `step;step;...;answer:N` with well-formed steps, else 0."""
-    out = []
-    for c in completions:
-        fields = [f.strip() for f in c.split(";")]
-        ok = (len(fields) >= 1 and re.fullmatch(re.escape(ANSWER_TAG) + r"-?\d+", fields[-1] or "") is not None
-              and all(_STEP.match(s) for s in split_steps(c)))
-        out.append(float(ok))
-    return np.array(out, np.float32)
+    return np.array([float(well_formed(c)) for c in completions], np.float32)
 
 
 def length_penalty(max_length: int, *, cache: int = 0, scale: float = 1.0) -> RewardFn:
