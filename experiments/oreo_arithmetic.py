@@ -50,7 +50,7 @@ from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, collate_traject
 from rljax.phases import LoopConfig, PreferencePhaseConfig, SFTPhaseConfig, preference, sft
 from rljax.pipelines import IterativeOREOConfig, iterative_oreo
 from rljax.reference import cached_reference_logps, with_reference
-from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, load_sft, needs_steps, sft_split
+from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, check_sft_task, load_sft, needs_steps, sft_split
 from rljax.rewards.learned import majority_vote
 from rljax.sampling import SampleConfig, ValueSearchConfig, sample, value_guided_beam_search
 from rljax.state import OptimizerConfig, create_state
@@ -349,6 +349,7 @@ def main(cfg: Config) -> dict:
     if "search" in cfg.parts:
         needs_steps(task, "--parts search (value-guided step beam search)")
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
+    check_sft_task(cfg.task, cfg.sft_run_dir)  # before the run directory is made
     name = "oreo_arithmetic" if cfg.task == "arithmetic" else f"oreo-{task_slug(cfg.task)}"
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, name)
     os.makedirs(run_dir, exist_ok=True)

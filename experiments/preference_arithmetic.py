@@ -38,7 +38,7 @@ from rljax.losses.preference import PREFERENCE_METHODS, KTOConfig, check_kto_wei
 from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
 from rljax.pipelines import OnlineDPOConfig, online_dpo
 from rljax.reference import cached_reference_logps, with_reference
-from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, load_sft, sft_split
+from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, check_sft_task, load_sft, sft_split
 from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig, create_state
 from rljax.tasks import ARITHMETIC, Task, get_task, task_slug
@@ -163,6 +163,7 @@ def main(cfg: Config) -> dict:
         raise ValueError(f"preference_arithmetic: unknown --algo {unknown[0]!r}; choose from {', '.join(ALGOS)}, all")
     get_task(cfg.task)  # an unknown task fails before a run directory is made
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
+    check_sft_task(cfg.task, cfg.sft_run_dir)  # before the run directory is made
     name = "preference_arithmetic" if cfg.task == "arithmetic" else f"preference-{task_slug(cfg.task)}"
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, name)
     os.makedirs(run_dir, exist_ok=True)

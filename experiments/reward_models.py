@@ -73,7 +73,8 @@ from rljax.losses.reward_model import FeedbackConfig, RankingConfig, TokenLabelC
 from rljax.models import add_head
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
 from rljax.pipelines import IterativeRLHFConfig
-from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, load_sft, needs_steps, sft_split
+from rljax.recipes.arithmetic_runs import (RL_IGNORED_FIELDS, check_sft_task, load_sft, needs_steps, rule_reward,
+                                           sft_split)
 from rljax.rewards.evaluation import reward_model_eval
 from rljax.rewards.process_labels import label_steps, model_completer
 from rljax.rewards.learned import (aggregate_steps, likelihood_reward, majority_vote, reward_model_reward,
@@ -617,6 +618,7 @@ def main(cfg: Config) -> dict:
     if "bon" in cfg.parts:
         needs_steps(task, "--parts bon (its process reward model)")
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
+    check_sft_task(cfg.task, cfg.sft_run_dir)  # before the run directory is made
     name = "reward_models" if cfg.task == "arithmetic" else f"reward_models-{task_slug(cfg.task)}"
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, name)
     os.makedirs(run_dir, exist_ok=True)
@@ -628,8 +630,7 @@ def main(cfg: Config) -> dict:
     _, train, test = sft_split(sft_cfg)
     results = dict(config=asdict(cfg), run_dir=run_dir)
     if "rl" in cfg.parts and cfg.rl_rule:  # the yardstick: the rule reward RL studies optimise, gold measured alike
-        rule = weighted_sum((1.0, task.answer_reward()), (0.1, task.format_reward()))
-        results["rl_rule"] = grpo_against(cfg, model, params, rule, tok, train, test, run_dir, "rl-rule")
+        results["rl_rule"] = grpo_against(cfg, model, params, rule_reward(task), tok, train, test, run_dir, "rl-rule")
     if "bt" in cfg.parts:
         results["bt"], (rm, rm_params) = part_bt(cfg, model, params, tok, train, test, run_dir)
     if "rl" in cfg.parts and "bt" in cfg.parts:

@@ -44,8 +44,8 @@ from rljax.tasks import Task, get_task, task_slug
 from rljax.tokenizer import CharTokenizer
 
 __all__ = ["SFTArithmeticConfig", "RLArithmeticConfig", "RL_IGNORED_FIELDS", "apply_sft_smoke", "sft_optimizer",
-           "build_model", "train_sft", "read_sft_config", "load_sft", "sft_split", "check_same_task", "needs_steps",
-           "train_rl"]
+           "build_model", "train_sft", "read_sft_config", "load_sft", "sft_split", "check_same_task", "check_sft_task",
+           "needs_steps", "rule_reward", "train_rl"]
 
 
 # ----------------------------------------------------------------------------- SFT
@@ -100,6 +100,17 @@ def needs_steps(task: Task, what: str) -> Task:
     return task
 
 
+def rule_reward(task: Task, step_reward: float = 0.0):
+    """The rule reward RL optimises on `task`: fn(prompts, completions, *, problems) -> float32[B] =
+    1 * task.check + 0.1 * task.well_formed (when the task has a format check) + step_reward * task.credit
+    (the step credit; step_reward > 0 needs a task with steps). On arithmetic this is exactly
+    arithmetic_answer_reward + 0.1 * arithmetic_format_reward + step_reward * arithmetic_step_reward."""
+    terms = [(1.0, task.answer_reward())] + ([(0.1, task.format_reward())] if task.well_formed is not None else [])
+    if step_reward:
+        terms.append((step_reward, needs_steps(task, f"--step-reward {step_reward:g}").step_reward()))
+    return weighted_sum(*terms)
+
+
 def sft_split(sft_cfg: SFTArithmeticConfig) -> tuple[Task, list, list]:
     """(task, train, test) of the SFT run `sft_cfg`: `task.split(n_train, n_test, levels, seed)`, which for
     the arithmetic task is `rljax.data.arithmetic.make_split` with the same arguments."""
@@ -113,6 +124,13 @@ def check_same_task(task: str, sft_cfg: SFTArithmeticConfig) -> None:
     if task != sft_cfg.task:
         raise ValueError(f"--task {task!r}, but the SFT run in {sft_cfg.run_dir} was trained on task "
                          f"{sft_cfg.task!r}: pass --task {sft_cfg.task} or an SFT run of {task!r} as --sft-run-dir")
+
+
+def check_sft_task(task: str, sft_run_dir: str) -> None:
+    """Before a study makes its run directory: when `sft_run_dir` holds a saved SFT config, its task must be
+    `task` (`check_same_task`); a directory without one is left to `load_sft`."""
+    if os.path.exists(os.path.join(sft_run_dir, "config.json")):
+        check_same_task(task, read_sft_config(sft_run_dir))
 
 
 def _greedy_eval(which: str, params, model, tok, task: Task, test, max_new_tokens: int, *, texts: bool = False):
@@ -271,6 +289,7 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
     if cfg.step_reward:
         needs_steps(task, f"--step-reward {cfg.step_reward:g}")
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
+    check_sft_task(cfg.task, cfg.sft_run_dir)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"rl_{task_slug(cfg.task)}-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)
@@ -292,8 +311,7 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
 
     prompts = BatchIterator(train, cfg.prompts_per_iteration, collate, seed=cfg.seed + 1)
     accuracy_fn = task.answer_reward()
-    terms = [(1.0, accuracy_fn)] + ([(0.1, task.format_reward())] if task.well_formed is not None else [])
-    reward = weighted_sum(*terms, *([(cfg.step_reward, task.step_reward())] if cfg.step_reward else []))
+    reward = rule_reward(task, cfg.step_reward)
     algo = algo.with_kl_coef(cfg.kl_coef)
     loss = algo.loss.config
     if isinstance(loss, TRPOConfig):
