@@ -12,9 +12,10 @@ the steps. The step level (--level step) and part search need a task with steps.
 Parts:
   compare  collect `samples` solutions to each of `problems` training problems with the SFT policy
            (temperature 1, answers checked, at most `balance` right and `balance` wrong kept per
-           problem, steps split after the task's separator), then train on that same data: rejection-sampling SFT
-           (the right samples), DPO (right against wrong samples of a problem), KTO (right =
-           desirable), OREO. Held-out greedy and sampled accuracy of each.
+           problem, steps split after the task's separator), then train on that same data:
+           rejection-sampling SFT (the right samples), DPO (right against wrong samples of a problem),
+           KTO (right = desirable), OREO (`--baselines` picks among DPO and KTO; none: neither). Held-out
+           greedy and sampled accuracy of each.
   search   OREO's policy with its value model: value-guided step beam search for each B in `beams`
            (B beams × B sampled steps, scored by V, `search_rounds` rounds) against greedy decoding
            and best-of-N with the same number of generated tokens (chosen by V at the end, and by
@@ -77,6 +78,8 @@ class Config(LoggingFlags):
     # training on it (every method: the same data, epochs, batch and policy learning rate)
     epochs: int = 2
     batch: int = 16
+    # part compare: the preference methods trained beside rejection-sampling SFT and OREO ("none": neither)
+    baselines: tuple[str, ...] = ("dpo", "kto")
     lr: float = 2e-5
     value_lr: float = 2e-5
     value_head_lr: float = 1e-3  # the value head starts at zero: it needs a larger step than the backbone
@@ -221,7 +224,7 @@ def part_compare(cfg: Config, model, params, tok, train, held, run_dir: str) -> 
     t = time.perf_counter()
     trained, _, n = train_rs(rows, cfg, model, params, tok, os.path.join(run_dir, "rs_sft"))
     report("rejection sampling SFT", trained, rows=n, seconds=time.perf_counter() - t)
-    for algo in ("dpo", "kto"):
+    for algo in (a for a in ("dpo", "kto") if a in cfg.baselines):
         if algo == "dpo" and not right_wrong_pairs(rows):
             print("compare: DPO skipped: no problem has both a right and a wrong sample", flush=True)
             continue
@@ -343,6 +346,9 @@ def main(cfg: Config) -> dict:
     unknown = [p for p in cfg.parts if p not in PARTS]
     if unknown:
         raise ValueError(f"oreo_arithmetic: unknown --parts {unknown[0]!r}; choose from {', '.join(PARTS)}")
+    unknown = [b for b in cfg.baselines if b not in ("dpo", "kto", "none")]
+    if unknown:
+        raise ValueError(f"oreo_arithmetic: unknown --baselines {unknown[0]!r}; choose from dpo, kto, none")
     task = get_task(cfg.task)
     if cfg.level == "step":
         needs_steps(task, "--level step (OREO's step-level value)")
