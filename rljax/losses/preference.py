@@ -173,17 +173,40 @@ def check_kto_weights(desirable, cfg: KTOConfig) -> float:
     return ratio
 
 
-def completion_logps(params, tokens, attention_mask, loss_mask, *, model, chunk_size: int | None = None):
+def completion_logps(params, tokens, attention_mask, loss_mask, *, model, chunk_size: int | None = None,
+                     frozen: tuple[int, ...] = ()):
     """Per-token completion log-probs of [B, 2, T] rows in one forward pass of [2B, T]:
-    -> (token_logps [B, 2, T-1], mask [B, 2, T-1])."""
+    -> (token_logps [B, 2, T-1], mask [B, 2, T-1]).
+
+    frozen: indices along the pair axis whose log-probs need no gradient (KTO's mismatched
+    rows, which feed only the stop-gradient reference point z0). They run in a forward of
+    their own under stop_gradient(params), so the backward pass covers only the other rows
+    (instead of back-propagating zeros through all of them) and their activations are not
+    kept for it. The values are the same; only the split of the batch differs."""
     chex.assert_equal_shape([tokens, attention_mask, loss_mask])
     chex.assert_rank(tokens, 3)
     B, two, T = tokens.shape
-    flat = lambda x: x.reshape(B * two, T)  # noqa: E731
-    lp = sequence_token_stats(params, flat(tokens), flat(attention_mask), model=model,
-                              chunk_size=chunk_size)["logprobs"]
-    mask = target_mask(flat(loss_mask), flat(attention_mask))
-    return lp.reshape(B, two, T - 1), mask.reshape(B, two, T - 1)
+    if any(not 0 <= i < two for i in frozen):
+        raise ValueError(f"completion_logps: frozen indices {frozen} out of range for a pair axis of {two}")
+    live = [i for i in range(two) if i not in frozen]
+    if not frozen or not live:
+        groups = [(list(range(two)), jax.lax.stop_gradient(params) if frozen else params)]
+    else:
+        groups = [(live, params), (sorted(set(frozen)), jax.lax.stop_gradient(params))]
+    lps, masks, order = [], [], []
+    for idx, p in groups:
+        n = len(idx)
+        flat = lambda x: x[:, idx].reshape(B * n, T)  # noqa: E731
+        lp = sequence_token_stats(p, flat(tokens), flat(attention_mask), model=model,
+                                  chunk_size=chunk_size)["logprobs"]
+        lps.append(lp.reshape(B, n, T - 1))
+        masks.append(target_mask(flat(loss_mask), flat(attention_mask)).reshape(B, n, T - 1))
+        order += idx
+    lp, mask = (jnp.concatenate(x, axis=1) for x in (lps, masks))
+    if order != sorted(order):
+        back = jnp.argsort(jnp.asarray(order))
+        lp, mask = lp[:, back], mask[:, back]
+    return lp, mask
 
 
 def reference_logps(params, batch, *, model, chunk_size: int | None = None) -> jax.Array:
@@ -199,13 +222,13 @@ def _masked_mean(x, weight):
     return jnp.sum(x * weight) / jnp.where(total > 0, total, 1.0)
 
 
-def _policy_terms(params, batch, cfg, *, model):
+def _policy_terms(params, batch, cfg, *, model, frozen: tuple[int, ...] = ()):
     """(S_θ reduced [B, 2], S_ref reduced [B, 2] or 0, lengths [B, 2], valid [B], chosen NLL).
 
     The NLL is the token mean over the chosen completions of valid pairs, each pair's tokens
     weighted by its PreferenceBatch.weight: Σ_i w_i Σ_t m_it (−ℓ_it) / Σ_i w_i Σ_t m_it."""
     lp, mask = completion_logps(params, batch.tokens, batch.attention_mask, batch.loss_mask, model=model,
-                                chunk_size=cfg.chunk_size)
+                                chunk_size=cfg.chunk_size, frozen=frozen)
     logps, lengths = sequence_logps(lp, mask, cfg.logp_reduction)
     valid = jnp.all(lengths > 0, axis=1).astype(jnp.float32)
     ref = 0.0
@@ -317,7 +340,8 @@ def kto_loss(params, batch: KTOBatch, *, model, cfg: KTOConfig):
     if batch.tokens.shape[0] < 2:
         raise ValueError("kto_loss: a batch of one has no mismatched pair for the reference point z0; "
                          "use a batch of at least 2")
-    logps, ref, lengths, valid, _ = _policy_terms(params, batch, cfg, model=model)
+    # the mismatched rows (index 1) feed only z0, whose gradient is stopped: forward only
+    logps, ref, lengths, valid, _ = _policy_terms(params, batch, cfg, model=model, frozen=(1,))
     rho = logps - ref
     # a mismatched row with an empty completion says nothing about z0
     z0 = kto_reference_point(rho[:, 1], (lengths[:, 1] > 0).astype(jnp.float32))
