@@ -78,8 +78,9 @@ class Config:
 
 
 def make_rows(cfg: Config, n: int, rng: random.Random) -> list[dict]:
-    """n examples of fixed length, as the peer script makes them: chosen / desirable completions are
-    digits, the others lowercase letters; KTO's labels alternate so every even batch is balanced."""
+    """n examples of fixed length, the peer script's text for the same seed: chosen / desirable
+    completions are digits, the others lowercase letters; KTO's labels alternate so every even
+    batch is balanced."""
     from rljax.tokenizer import DEFAULT_ALPHABET
 
     prompt_chars = [c for c in DEFAULT_ALPHABET if c != "\n"]
@@ -92,8 +93,9 @@ def make_rows(cfg: Config, n: int, rng: random.Random) -> list[dict]:
         return [dict(prompt=p, completion=text(string.digits if i % 2 == 0 else string.ascii_lowercase,
                                                  cfg.completion_len), desirable=i % 2 == 0)
                 for i, p in enumerate(prompts)]
-    return [dict(prompt=p, chosen=text(string.digits, cfg.completion_len),
-                 rejected=text(string.ascii_lowercase, cfg.completion_len)) for p in prompts]
+    chosen = [text(string.digits, cfg.completion_len) for _ in range(n)]  # drawn in the peer's order
+    rejected = [text(string.ascii_lowercase, cfg.completion_len) for _ in range(n)]
+    return [dict(prompt=p, chosen=c, rejected=r) for p, c, r in zip(prompts, chosen, rejected)]
 
 
 def main(cfg: Config) -> dict:
