@@ -249,6 +249,7 @@ def test_a_missing_or_mismatched_teacher_is_an_error_naming_the_field(tiny):
 
         roll = sample(params, np.ones((1, 1), np.int32), None, jax.random.key(0), model=model, cfg=cfg.sampling)
         prepare(get_algorithm("on_policy_distill"), PrepareInput(rollout=roll, rewards=np.zeros(2, np.float32)))
-    for bad, match in [(dict(teacher_coef=0.0), "DistillConfig.teacher_coef"), (dict(gamma=1.5), "DistillConfig.gamma")]:
+    for bad, match in [(dict(teacher_coef=0.0), "DistillConfig.teacher_coef"),
+                       (dict(gamma=1.5), "DistillConfig.gamma")]:
         with pytest.raises(ValueError, match=match):
             DistillConfig(**bad)
