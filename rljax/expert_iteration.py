@@ -91,7 +91,8 @@ def select_samples(prompts: Sequence[str], completions: Sequence[str], rewards, 
     rows [{"prompt", "completion", "reward", "prompt_index", "sample"}] in prompt order;
     stats {"samples", "passed" (reward ≥ threshold and well formed), "below_threshold",
     "malformed", "duplicates", "over_cap", "kept", "kept_fraction" (kept / samples),
-    "prompts", "prompts_with_kept", "prompts_with_kept_fraction", "reward_mean"}."""
+    "prompts", "prompts_with_kept", "prompts_with_kept_fraction", "sampled_reward_mean" (the mean
+    reward of all P·n samples)}."""
     P = len(prompts)
     rewards = np.asarray(rewards, np.float64)
     if len(completions) != P * n or rewards.shape != (P * n,):
@@ -127,7 +128,7 @@ def select_samples(prompts: Sequence[str], completions: Sequence[str], rewards, 
     stats = dict(samples=samples, passed=samples - counts["below_threshold"] - counts["malformed"], **counts,
                  kept=len(rows), kept_fraction=len(rows) / samples if samples else 0.0, prompts=P,
                  prompts_with_kept=with_kept, prompts_with_kept_fraction=with_kept / P if P else 0.0,
-                 reward_mean=float(rewards.mean()) if samples else 0.0)
+                 sampled_reward_mean=float(rewards.mean()) if samples else 0.0)
     return rows, stats
 
 
@@ -222,7 +223,8 @@ def _digest(value) -> str:
 def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Callable, cfg: ExpertIterationConfig, *,
                      model, tokenizer, key, held_out: Sequence[Any] = (), check: Callable | None = None,
                      well_formed: Callable[[str], bool] | None = None, sft_rows: Sequence[tuple[str, str]] = (),
-                     run_dir: str | None = None, eval_fn: Callable | None = None, **metadata):
+                     run_dir: str | None = None, eval_fn: Callable | None = None,
+                     eval_reward_fn: Callable | None = None, **metadata):
     """cfg.rounds rounds of sample → keep by reward → SFT from `state` (a TrainState made with
     cfg.optimizer). -> (state, results rows: one per stage).
 
@@ -231,7 +233,8 @@ def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Calla
     (prompt, completion) pairs trained on with every round's kept completions (R1's mix).
     held_out: problems (with .prompt) the stages' results rows are measured on with `check`
     (`rljax.eval.evaluate_policy`; default the arithmetic task's check; no problems: rows hold
-    only the rejection stats). eval_fn: the SFT phase's eval_fn (cfg.eval_every).
+    only the rejection stats); their reward_mean is eval_reward_fn's (default reward_fn), called
+    with problems=held-out problems. eval_fn: the SFT phase's eval_fn (cfg.eval_every).
 
     Stages: "start" (the starting policy's results row, when held_out is given), then "round-r"
     for r < cfg.rounds: collect = rejection sampling with the policy at the round's start (saved
@@ -262,6 +265,7 @@ def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Calla
         if not held_out:
             return {}
         return evaluate_policy(params, model, tokenizer, list(held_out), cfg.evaluation, check=check,
+                               reward_fn=reward_fn if eval_reward_fn is None else eval_reward_fn,
                                start_params=start_params)
 
     def start(state, data, ctx):

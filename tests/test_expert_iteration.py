@@ -44,7 +44,7 @@ def test_select_samples_keeps_deduplicates_and_caps_as_computed_by_hand():
         ("p0", "a", 1.0, 0), ("p1", "x", 3.0, 0), ("p1", "y", 2.0, 1)]
     assert stats == dict(samples=12, passed=6, below_threshold=5, malformed=1, duplicates=2, over_cap=1, kept=3,
                          kept_fraction=0.25, prompts=3, prompts_with_kept=2, prompts_with_kept_fraction=2 / 3,
-                         reward_mean=pytest.approx(np.mean(rewards)))
+                         sampled_reward_mean=pytest.approx(np.mean(rewards)))
     # without deduplication or a cap: every passing sample, highest reward first within a prompt
     rows, stats = select_samples(prompts, completions, rewards, n=4, threshold=1.0, deduplicate=False,
                                  well_formed=ok)
@@ -130,7 +130,8 @@ def _ei(warm, run_dir, calls, *, kill_round=None, kill_step=None, **changes):
 
     return expert_iteration(state, [p.prompt for p in problems], reward, _ei_config(**changes), model=model,
                             tokenizer=TOK, key=jax.random.key(3), held_out=test, well_formed=well_formed,
-                            run_dir=run_dir, eval_fn=eval_fn, problems=problems)
+                            run_dir=run_dir, eval_fn=eval_fn, eval_reward_fn=arithmetic_answer_reward,
+                            problems=problems)
 
 
 def _same(x, y):
@@ -150,7 +151,9 @@ def test_expert_iteration_resumes_bit_identically_after_kills_between_and_inside
     for r in rows[1:]:
         assert r["samples"] == 64 and 0 < r["kept"] <= 32 and r["trained_kept"] == r["kept"]
         assert r["kept_fraction"] == r["kept"] / 64 and r["kl_to_start"] > 0
-        assert {"accuracy_greedy", "accuracy_sampled", "completion_length"} <= set(r)
+    for r in rows:
+        assert {"accuracy_greedy", "accuracy_sampled", "reward_mean", "completion_length"} <= set(r)
+        assert r["reward_mean"] == r["accuracy_sampled"]  # the answer reward is the sampled accuracy
     print(json.dumps(rows, indent=1))
     assert read_results(str(tmp_path / "full")) == rows
     table = open(tmp_path / "full" / "results.md").read().splitlines()
