@@ -293,6 +293,13 @@ class SFTPhaseConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
 
 
+@functools.lru_cache(maxsize=8)
+def _sft_step(model, loss: SFTConfig, optimizer: OptimizerConfig, mesh):
+    """The jitted SFT step of (model, loss, optimizer, mesh), built once: pipelines that run the SFT phase
+    round after round (expert iteration, rejection sampling + SFT) compile it once per batch shape."""
+    return make_train_step(functools.partial(sft_loss, model=model, cfg=loss), optimizer, model=model, mesh=mesh)
+
+
 def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_dir: str | None = None,
         eval_fn: Callable | None = None) -> TrainState:
     """Supervised fine-tuning: `run_loop` over `sft_loss`.
@@ -302,8 +309,7 @@ def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_d
     `collate_prompt_completion`).
     """
     _check_opt_state(state, cfg.optimizer, "sft")
-    step = make_train_step(functools.partial(sft_loss, model=model, cfg=cfg.loss), cfg.optimizer, model=model,
-                           mesh=mesh)
+    step = _sft_step(model, cfg.loss, cfg.optimizer, mesh)
     put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="sft")
 

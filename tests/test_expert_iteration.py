@@ -200,3 +200,27 @@ def test_expert_iteration_from_base_trains_the_starting_state_each_round(warm, t
             steps = [json.loads(x)["step"] for x in f if "sft/loss" in x]
         assert steps == [start + 1, start + 2, start + 3]
     assert rows[2]["trained_kept"] == rows[1]["kept"] + rows[2]["kept"]  # accumulate: both rounds' samples
+
+
+def test_experiment_smoke_trains_sft_first_then_rounds_and_reruns_to_the_same_table(tmp_path):
+    """`python -m experiments.expert_iteration --smoke` (SFT smoke first, then 2 rounds); run again in the same
+    directory it redoes nothing and reports the same rows."""
+    from experiments import expert_iteration as ex
+
+    cfg = dict(smoke=True, sft_run_dir=str(tmp_path / "sft"), run_dir=str(tmp_path / "ei"), progress=False)
+    res = ex.main(ex.Config(**cfg))
+    rows = res["rows"]
+    assert [r["stage"] for r in rows] == ["start", "round-0", "round-1"]
+    for r, row in enumerate(rows[1:]):
+        assert row["samples"] == 16 * 2 and row["trained_general"] == 16 and row["sft_steps"] == 4 * (r + 1)
+        assert row["kept"] == row["trained_kept"] and 0 <= row["kept_fraction"] <= 1
+        assert row["kl_to_start"] > 0  # four SFT steps moved the policy
+    for row in rows:
+        n = 16  # held-out problems; greedy and 2 samples each
+        assert abs(row["accuracy_greedy"] * n - round(row["accuracy_greedy"] * n)) < 1e-9
+        assert abs(row["accuracy_sampled"] * 2 * n - round(row["accuracy_sampled"] * 2 * n)) < 1e-9
+        assert row["reward_mean"] == row["accuracy_sampled"]
+    assert read_results(str(tmp_path / "ei")) == rows
+    assert os.path.exists(tmp_path / "ei" / "results.md")
+    again = ex.main(ex.Config(**cfg))
+    assert again["rows"] == rows
