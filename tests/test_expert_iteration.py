@@ -202,6 +202,7 @@ def test_expert_iteration_from_base_trains_the_starting_state_each_round(warm, t
     assert rows[2]["trained_kept"] == rows[1]["kept"] + rows[2]["kept"]  # accumulate: both rounds' samples
 
 
+@pytest.mark.slow  # an experiment's whole --smoke run; .ci/run runs the slow tier
 def test_experiment_smoke_trains_sft_first_then_rounds_and_reruns_to_the_same_table(tmp_path):
     """`python -m experiments.expert_iteration --smoke` (SFT smoke first, then 2 rounds); run again in the same
     directory it redoes nothing and reports the same rows."""
