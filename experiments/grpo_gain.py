@@ -5,6 +5,7 @@
     python -m experiments.grpo_gain --algo rloo --lr 1e-5
     python -m experiments.grpo_gain --smoke
     python -m experiments.grpo_gain --wandb                # also log to Weights & Biases (offline, in each run dir)
+    python -m experiments.grpo_gain --task countdown --max-new-tokens 56   # another task (rljax.tasks)
 
 Runs the SFT study (`rljax.recipes.arithmetic_runs.train_sft`, skipped when its final checkpoint
 is already in <run-dir>/sft), then the RL study (`train_rl`) once per seed from that checkpoint,
@@ -34,6 +35,7 @@ import numpy as np
 from rljax.cli import LoggingFlags, apply_preset, make_run_dir, run
 from rljax.eval import finished_run
 from rljax.recipes.arithmetic_runs import RLArithmeticConfig, SFTArithmeticConfig, train_rl, train_sft
+from rljax.tasks import get_task, task_slug
 
 # The reference runs (README; 2 CPU cores, default settings, seeds 0 1 2): held-out accuracy after SFT and
 # the gain of GRPO over it, in percentage points, mean and standard deviation over the seeds.
@@ -42,6 +44,7 @@ EXPECTED_SAMPLED_GAIN = (1.0, 3.0)  # one seed, default settings: the outcome to
 
 @dataclass
 class Config(LoggingFlags):
+    task: str = "arithmetic"  # rljax.tasks.get_task: arithmetic, sorting, countdown, rg:<generator>
     # SFT: levels 1-2 with many problems, so that held-out problems test arithmetic, not recall
     preset: str = "tiny"
     levels: tuple[int, ...] = (1, 2)
@@ -80,9 +83,10 @@ _COST = dict(start=8.0, sft_compile=15.0, sft_example=0.0036, rl_compile_first=4
 
 
 def estimate_seconds(cfg: Config, *, sft_done: bool = False, rl_done: tuple[bool, ...] = ()) -> float | None:
-    """About how long `main(cfg)` takes on 2 CPU cores, or None for a preset other than tiny (not measured).
-    sft_done / rl_done[i]: the SFT run / seed i's RL run is already finished (only evaluated)."""
-    if cfg.preset != "tiny":
+    """About how long `main(cfg)` takes on 2 CPU cores, or None for a preset other than tiny or a task other
+    than arithmetic (not measured). sft_done / rl_done[i]: the SFT run / seed i's RL run is already finished
+    (only evaluated)."""
+    if cfg.preset != "tiny" or cfg.task != "arithmetic":
         return None
     c = _COST
     t = c["start"] + (0.0 if sft_done else c["sft_compile"] + c["sft_example"] * cfg.sft_steps * cfg.sft_batch)
@@ -109,14 +113,14 @@ def plan(cfg: Config, *, sft_done: bool = False, rl_done: tuple[bool, ...] = ())
     name = cfg.algo.upper()
     seeds = f"seed {cfg.seeds[0]}" if len(cfg.seeds) == 1 else f"seeds {', '.join(map(str, cfg.seeds))}"
     sft = (f"reuse the finished SFT run ({cfg.sft_steps:,} steps)" if sft_done else
-           f"SFT of the {cfg.preset} model on arithmetic ({cfg.sft_steps:,} steps)")
+           f"SFT of the {cfg.preset} model on {cfg.task} ({cfg.sft_steps:,} steps)")
     what = (f"grpo_gain{' --smoke' if cfg.smoke else ''}: {sft}, then {name} from it ({_iterations(cfg)}, "
             f"{seeds}), then held-out accuracy before vs after {name}")
     if cfg.smoke:
         what += " (smoke sizes: a check that everything runs, the accuracies mean nothing)"
     seconds = estimate_seconds(cfg, sft_done=sft_done, rl_done=rl_done)
     when = (f"{_duration(seconds)} on 2 free CPU cores" if seconds is not None
-            else f"time not measured for the {cfg.preset} preset")
+            else f"time not measured for the {cfg.preset} preset on {cfg.task}")
     return f"{what}; {when}."
 
 
@@ -190,8 +194,9 @@ def summary(cfg: Config, results: dict) -> str:
                 f"Greedy {'gained' if g_gain[0] > 0 else 'lost'} {abs(g_gain[0]):.1f} points, more than the reference "
                 f"seeds' spread: " + ("a bonus, not something to expect every time." if g_gain[0] > 0 else
                                       "on one seed that can be chance; more seeds (below) tell."))
-        paragraphs.append(f"Exact figures vary with the machine by a point or two, the SFT start included "
-                          f"(reference: {REFERENCE['sft_greedy']}% greedy, {REFERENCE['sft_sampled']}% sampled): "
+        start = (f" (reference: {REFERENCE['sft_greedy']}% greedy, {REFERENCE['sft_sampled']}% sampled)"
+                 if cfg.task == "arithmetic" else "")
+        paragraphs.append(f"Exact figures vary with the machine by a point or two, the SFT start included{start}: "
                           f"the CPU's vector instructions change float rounding, and with it every sampled path.")
         if n == 1:
             seeds = tuple(cfg.seeds[0] + k for k in range(3))
@@ -246,7 +251,9 @@ def main(cfg: Config) -> dict:
     if cfg.smoke:
         apply_preset(cfg, levels=(1,), n_train=256, n_test=16, sft_steps=12, sft_batch=8, iterations=2,
                      prompts_per_iteration=4, n=4, max_new_tokens=16, seeds=(0, 1))
-    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"grpo_gain-{cfg.algo}")
+    get_task(cfg.task)  # an unknown task fails before a run directory is made
+    name = "grpo_gain" if cfg.task == "arithmetic" else f"grpo_gain-{task_slug(cfg.task)}"
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"{name}-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
     sft_dir = os.path.join(run_dir, "sft")
     tag = f"{cfg.algo}-lr{cfg.lr:g}"  # several RL settings can share one SFT run
@@ -257,7 +264,8 @@ def main(cfg: Config) -> dict:
     logging = cfg.logging_flags()
     if cfg.wandb and logging["wandb_group"] is None:
         logging["wandb_group"] = os.path.basename(os.path.normpath(run_dir))  # the study's runs side by side
-    sft_cfg = SFTArithmeticConfig(preset=cfg.preset, levels=cfg.levels, n_train=cfg.n_train, n_test=cfg.n_test,
+    sft_cfg = SFTArithmeticConfig(task=cfg.task, preset=cfg.preset, levels=cfg.levels, n_train=cfg.n_train,
+                                  n_test=cfg.n_test,
                                   steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr,
                                   checkpoint_every=max(cfg.sft_steps // 4, 1), log_every=max(cfg.sft_steps // 50, 1),
                                   max_new_tokens=cfg.max_new_tokens, run_dir=sft_dir, progress=cfg.progress,
@@ -270,7 +278,7 @@ def main(cfg: Config) -> dict:
         train_sft(sft_cfg)
     runs, sft_accuracy = [], None
     for seed, rl_dir in zip(cfg.seeds, rl_dirs):
-        rl_cfg = RLArithmeticConfig(algo=cfg.algo, iterations=cfg.iterations,
+        rl_cfg = RLArithmeticConfig(task=cfg.task, algo=cfg.algo, iterations=cfg.iterations,
                                     prompts_per_iteration=cfg.prompts_per_iteration, n=cfg.n,
                                     max_new_tokens=cfg.max_new_tokens, lr=cfg.lr, head_lr=cfg.head_lr,
                                     epochs=cfg.epochs, minibatches=cfg.minibatches,

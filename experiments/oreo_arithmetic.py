@@ -1,16 +1,21 @@
-"""OREO on the arithmetic task: offline RL from the SFT policy's own samples, value-guided search,
-and iteration, against the methods that use the same data.
+"""OREO on an embedded task (arithmetic by default): offline RL from the SFT policy's own samples,
+value-guided search, and iteration, against the methods that use the same data.
 
     python -m experiments.oreo_arithmetic --sft-run-dir <SFT run>                 # all parts
     python -m experiments.oreo_arithmetic --parts compare search --level token
+    python -m experiments.oreo_arithmetic --task countdown --sft-run-dir <countdown SFT run>
     python -m experiments.oreo_arithmetic --smoke
+
+--task (`rljax.tasks`) must be the SFT run's task: its answer check is the reward, its separator splits
+the steps. The step level (--level step) and part search need a task with steps.
 
 Parts:
   compare  collect `samples` solutions to each of `problems` training problems with the SFT policy
            (temperature 1, answers checked, at most `balance` right and `balance` wrong kept per
-           problem, steps split after ";"), then train on that same data: rejection-sampling SFT
-           (the right samples), DPO (right against wrong samples of a problem), KTO (right =
-           desirable), OREO. Held-out greedy and sampled accuracy of each.
+           problem, steps split after the task's separator), then train on that same data:
+           rejection-sampling SFT (the right samples), DPO (right against wrong samples of a problem),
+           KTO (right = desirable), OREO (`--baselines` picks among DPO and KTO; none: neither). Held-out
+           greedy and sampled accuracy of each.
   search   OREO's policy with its value model: value-guided step beam search for each B in `beams`
            (B beams × B sampled steps, scored by V, `search_rounds` rounds) against greedy decoding
            and best-of-N with the same number of generated tokens (chosen by V at the end, and by
@@ -34,7 +39,6 @@ import jax
 import numpy as np
 
 from rljax.cli import LoggingFlags, apply_preset, check_input_dir, make_run_dir, run, save_config
-from rljax.data.arithmetic import check_answer, make_split, parse_answer
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
 from rljax.eval import exact_match
@@ -47,18 +51,19 @@ from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, collate_traject
 from rljax.phases import LoopConfig, PreferencePhaseConfig, SFTPhaseConfig, preference, sft
 from rljax.pipelines import IterativeOREOConfig, iterative_oreo
 from rljax.reference import cached_reference_logps, with_reference
-from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, load_sft
-from rljax.rewards.rules import arithmetic_answer_reward
+from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, check_sft_task, load_sft, needs_steps, sft_split
+from rljax.rewards.learned import majority_vote
 from rljax.sampling import SampleConfig, ValueSearchConfig, sample, value_guided_beam_search
 from rljax.state import OptimizerConfig, create_state
+from rljax.tasks import get_task, task_slug
 from rljax.tokenizer import CharTokenizer
 
 PARTS = ("compare", "search", "iterate")
-SEPARATOR = ";"
 
 
 @dataclass
 class Config(LoggingFlags):
+    task: str = "arithmetic"  # the SFT run's task (rljax.tasks.get_task)
     parts: tuple[str, ...] = PARTS
     sft_run_dir: str = "runs/sft_arithmetic-default"
     run_dir: str | None = None
@@ -73,6 +78,8 @@ class Config(LoggingFlags):
     # training on it (every method: the same data, epochs, batch and policy learning rate)
     epochs: int = 2
     batch: int = 16
+    # part compare: the preference methods trained beside rejection-sampling SFT and OREO ("none": neither)
+    baselines: tuple[str, ...] = ("dpo", "kto")
     lr: float = 2e-5
     value_lr: float = 2e-5
     value_head_lr: float = 1e-3  # the value head starts at zero: it needs a larger step than the backbone
@@ -99,15 +106,23 @@ def _sampling(cfg: Config, tok) -> SampleConfig:
     return SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
 
 
+def _separator(cfg: Config) -> str | None:
+    """The task's step separator, None for a task without steps (then only --level token runs)."""
+    task = get_task(cfg.task)
+    return task.separator if task.has_steps else None
+
+
 def _collect_cfg(cfg: Config, tok) -> CollectConfig:
     return CollectConfig(samples=cfg.samples, sampling=_sampling(cfg, tok), prompts_per_batch=256,
-                         balance=cfg.balance or None, separator=SEPARATOR)
+                         balance=cfg.balance or None, separator=_separator(cfg))
 
 
 def evaluate(params, model, tok, problems, cfg: Config) -> dict:
-    greedy, _ = exact_match(params, model, tok, problems, cfg.max_new_tokens)
+    """Held-out accuracy (`task.check`): greedy, and the mean over eval_samples samples per problem at T = 1."""
+    task = get_task(cfg.task)
+    greedy, _ = exact_match(params, model, tok, problems, cfg.max_new_tokens, check=task.check, prompt=task.prompt)
     sampled, _ = exact_match(params, model, tok, problems, cfg.max_new_tokens, n=cfg.eval_samples, temperature=1.0,
-                             key=jax.random.key(cfg.seed + 5))
+                             key=jax.random.key(cfg.seed + 5), check=task.check, prompt=task.prompt)
     return dict(greedy=greedy, sampled=sampled)
 
 
@@ -179,7 +194,7 @@ def train_preference(algo: str, rows, cfg: Config, model, params, tok, run_dir: 
 def train_oreo(rows, cfg: Config, model, params, tok, run_dir: str):
     value_model, state = create_oreo_state(model, params, _policy_opt(cfg), jax.random.key(cfg.seed),
                                            value_optimizer=_value_opt(cfg))
-    collate = functools.partial(collate_trajectories, tok, separator=SEPARATOR)
+    collate = functools.partial(collate_trajectories, tok, separator=_separator(cfg))
     data = BatchIterator(rows, cfg.batch, collate, seed=cfg.seed)
     state = oreo(state, data, _oreo_phase(cfg, _steps(len(rows), cfg)), model=model, run_dir=run_dir)
     return value_model, state
@@ -187,12 +202,15 @@ def train_oreo(rows, cfg: Config, model, params, tok, run_dir: str):
 
 def part_compare(cfg: Config, model, params, tok, train, held, run_dir: str) -> tuple[dict, tuple]:
     t0 = time.perf_counter()
-    rows = collect_trajectories(params, [p.prompt for p in train], arithmetic_answer_reward, _collect_cfg(cfg, tok),
+    task = get_task(cfg.task)
+    rows = collect_trajectories(params, [p.prompt for p in train], task.answer_reward(), _collect_cfg(cfg, tok),
                                 model=model, tokenizer=tok, key=jax.random.key(cfg.seed + 11),
                                 out_dir=os.path.join(run_dir, "data"), problems=train)
     if cfg.with_references:  # expert demonstrations mixed into the offline data (the smoke needs right samples)
+        sep = _separator(cfg)
         rows = rows + [{"problem": i, "sample": cfg.samples, "prompt": p.prompt, "completion": p.completion,
-                        "reward": 1.0, "eos": True, "steps": split_keeping_separator(p.completion, SEPARATOR)}
+                        "reward": 1.0, "eos": True,
+                        **({"steps": split_keeping_separator(p.completion, sep)} if sep else {})}
                        for i, p in enumerate(train)]
     right = float(np.mean([r["reward"] for r in rows]))
     print(f"compare: {len(rows)} trajectories kept, {right:.1%} right ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -206,7 +224,7 @@ def part_compare(cfg: Config, model, params, tok, train, held, run_dir: str) -> 
     t = time.perf_counter()
     trained, _, n = train_rs(rows, cfg, model, params, tok, os.path.join(run_dir, "rs_sft"))
     report("rejection sampling SFT", trained, rows=n, seconds=time.perf_counter() - t)
-    for algo in ("dpo", "kto"):
+    for algo in (a for a in ("dpo", "kto") if a in cfg.baselines):
         if algo == "dpo" and not right_wrong_pairs(rows):
             print("compare: DPO skipped: no problem has both a right and a wrong sample", flush=True)
             continue
@@ -220,7 +238,8 @@ def part_compare(cfg: Config, model, params, tok, train, held, run_dir: str) -> 
 
 
 def _search_accuracy(policy, value_model, value_params, model, tok, problems, cfg: Config, beams: int) -> dict:
-    scfg = ValueSearchConfig(beams=beams, step_end_ids=tuple(tok.encode(SEPARATOR, add_bos=False)),
+    task = get_task(cfg.task)
+    scfg = ValueSearchConfig(beams=beams, step_end_ids=tuple(tok.encode(task.separator, add_bos=False)),
                              max_step_tokens=cfg.max_step_tokens, max_new_tokens=cfg.max_new_tokens,
                              max_rounds=cfg.search_rounds, eos_id=tok.eos_id, pad_id=tok.pad_id)
     scorer = value_scorer(value_model)
@@ -231,7 +250,7 @@ def _search_accuracy(policy, value_model, value_params, model, tok, problems, cf
         res = value_guided_beam_search(policy, tokens, mask, scorer, value_params, jax.random.key(cfg.seed + i),
                                        model=model, cfg=scfg)
         texts = tok.decode_batch(np.asarray(res.tokens[:, res.prompt_length:]))
-        right += [check_answer(p, t) for p, t in zip(chunk, texts)]
+        right += [task.check(p, t) for p, t in zip(chunk, texts)]
         finished += np.asarray(res.finished).tolist()
         generated += res.generated
     return dict(accuracy=float(np.mean(right)), tokens_per_problem=generated / len(problems),
@@ -239,7 +258,9 @@ def _search_accuracy(policy, value_model, value_params, model, tok, problems, cf
 
 
 def _best_of_n(policy, value_model, value_params, model, tok, problems, n: int, cfg: Config) -> dict:
-    """N samples per problem; the answer with the highest final V, and the majority answer."""
+    """N samples per problem; the answer with the highest final V, and the majority answer (`task.extract`;
+    the first sample with it is checked)."""
+    task = get_task(cfg.task)
     scorer = value_scorer(value_model)
     by_value, by_vote, generated = [], [], 0
     for i in range(0, len(problems), cfg.search_chunk):
@@ -252,9 +273,8 @@ def _best_of_n(policy, value_model, value_params, model, tok, problems, n: int, 
         generated += int(np.asarray(roll.lengths).sum())
         for j, p in enumerate(chunk):
             group = texts[j * n:(j + 1) * n]
-            by_value.append(check_answer(p, group[int(np.argmax(v[j]))]))
-            answers = [a for a in (parse_answer(t) for t in group) if a is not None]
-            by_vote.append(bool(answers) and collections.Counter(answers).most_common(1)[0][0] == p.answer)
+            by_value.append(task.check(p, group[int(np.argmax(v[j]))]))
+            by_vote.append(task.check(p, group[majority_vote([group], task.extract)[0]]))
     return dict(value=float(np.mean(by_value)), vote=float(np.mean(by_vote)),
                 tokens_per_problem=generated / len(problems))
 
@@ -282,6 +302,7 @@ def part_search(cfg: Config, model, tok, held, trained, run_dir: str) -> dict:
 
 
 def part_iterate(cfg: Config, model, params, tok, train, held, run_dir: str) -> dict:
+    task = get_task(cfg.task)
     problems = train[cfg.problems:cfg.problems + cfg.iterate_problems] or train[:cfg.iterate_problems]
     prompts = [p.prompt for p in problems]
     start = evaluate(params, model, tok, held, cfg)["greedy"]
@@ -293,14 +314,14 @@ def part_iterate(cfg: Config, model, params, tok, train, held, run_dir: str) -> 
     for r in range(1, cfg.iterate_rounds + 1):  # rounds=r resumes the same run directory one round further
         _, state = create_oreo_state(model, params, _policy_opt(cfg), jax.random.key(cfg.seed),
                                      value_optimizer=_value_opt(cfg))
-        state = iterative_oreo(state, prompts, arithmetic_answer_reward, dataclasses.replace(icfg, rounds=r),
+        state = iterative_oreo(state, prompts, task.answer_reward(), dataclasses.replace(icfg, rounds=r),
                                model=model, tokenizer=tok, run_dir=where, key=jax.random.key(cfg.seed + 13),
                                problems=problems)
         out["OREO"].append(evaluate(state.policy.params, model, tok, held, cfg)["greedy"])
         print(f"iterate: OREO round {r}: greedy {out['OREO'][-1]:.1%}", flush=True)
     policy, rs_state = params, None
     for r in range(1, cfg.iterate_rounds + 1):
-        rows = collect_trajectories(policy, prompts, arithmetic_answer_reward, _collect_cfg(cfg, tok), model=model,
+        rows = collect_trajectories(policy, prompts, task.answer_reward(), _collect_cfg(cfg, tok), model=model,
                                     tokenizer=tok, key=jax.random.fold_in(jax.random.key(cfg.seed + 13), r - 1),
                                     problems=problems)
         policy, rs_state, _ = train_rs(rows, cfg, model, policy, tok, None, state=rs_state)
@@ -325,14 +346,25 @@ def main(cfg: Config) -> dict:
     unknown = [p for p in cfg.parts if p not in PARTS]
     if unknown:
         raise ValueError(f"oreo_arithmetic: unknown --parts {unknown[0]!r}; choose from {', '.join(PARTS)}")
+    unknown = [b for b in cfg.baselines if b not in ("dpo", "kto", "none")]
+    if unknown:
+        raise ValueError(f"oreo_arithmetic: unknown --baselines {unknown[0]!r}; choose from dpo, kto, none")
+    task = get_task(cfg.task)
+    if cfg.level == "step":
+        needs_steps(task, "--level step (OREO's step-level value)")
+    if "search" in cfg.parts:
+        needs_steps(task, "--parts search (value-guided step beam search)")
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
-    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "oreo_arithmetic")
+    check_sft_task(cfg.task, cfg.sft_run_dir)  # before the run directory is made
+    name = "oreo_arithmetic" if cfg.task == "arithmetic" else f"oreo-{task_slug(cfg.task)}"
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, name)
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)  # before any training
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags())
-    train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
+                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags(),
+                                      task=cfg.task)
+    _, train, test = sft_split(sft_cfg)
     held = test[:cfg.eval_problems]
     results = dict(config=asdict(cfg), sft=evaluate(params, model, tok, held, cfg))
     print(f"SFT: greedy {results['sft']['greedy']:.1%}, sampled {results['sft']['sampled']:.1%}", flush=True)

@@ -1,13 +1,15 @@
-"""Offline preference optimisation on the arithmetic task, against its SFT start.
+"""Offline preference optimisation on an embedded task (arithmetic by default), against its SFT start.
 
     python -m experiments.preference_arithmetic --algo dpo --sft-run-dir <SFT run>
     python -m experiments.preference_arithmetic --algo all --flips 0 0.2      # the README's table
     python -m experiments.preference_arithmetic --smoke
+    python -m experiments.preference_arithmetic --task sorting --sft-run-dir <sorting SFT run>
 
 --algo: dpo, cdpo, robust_dpo, hinge, ipo, simpo, orpo, kto (offline, from synthetic pairs), online_dpo
 (samples its own pairs, ranked by the hidden gold scorer), a comma-separated list of them, or all. Pairs: for each of n_pairs training
 problems two candidates of different kinds (the reference solution or a corruption of it,
-`rljax.data.synthetic.preference_pairs`), the one with the higher gold score chosen; a fraction `flip`
+`rljax.data.synthetic.preference_pairs` with --task's corruptions and gold score), the one with the higher
+gold score chosen; a fraction `flip`
 of the labels is then swapped at random (label noise of known rate: cDPO's ε and robust DPO's flip
 rate are set to it when it is positive). KTO sees the same data unpaired (chosen = desirable, rejected
 = undesirable). The reference log-probs are computed once and cached under the run directory.
@@ -28,18 +30,18 @@ import jax
 import numpy as np
 
 from rljax.cli import LoggingFlags, apply_preset, check_input_dir, make_run_dir, run, save_config
-from rljax.data.arithmetic import make_split
 from rljax.data.collate import BatchIterator
 from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
-from rljax.data.synthetic import gold_score, preference_pairs
+from rljax.data.synthetic import preference_pairs
 from rljax.eval import exact_match
 from rljax.losses.preference import PREFERENCE_METHODS, KTOConfig, check_kto_weights
 from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
 from rljax.pipelines import OnlineDPOConfig, online_dpo
 from rljax.reference import cached_reference_logps, with_reference
-from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, load_sft
+from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, check_sft_task, load_sft, sft_split
 from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig, create_state
+from rljax.tasks import ARITHMETIC, Task, get_task, task_slug
 from rljax.tokenizer import CharTokenizer
 
 ALGOS = (*PREFERENCE_METHODS, "online_dpo")
@@ -47,6 +49,7 @@ ALGOS = (*PREFERENCE_METHODS, "online_dpo")
 
 @dataclass
 class Config(LoggingFlags):
+    task: str = "arithmetic"  # the SFT run's task (rljax.tasks.get_task)
     algo: str = "dpo"
     flips: tuple[float, ...] = (0.0,)  # label-noise rates, one run each
     sft_run_dir: str = "runs/sft_arithmetic-default"
@@ -71,20 +74,24 @@ class Config(LoggingFlags):
     force_config: bool = False  # rerun in a run_dir whose config.json differs: overwrite it, recording the change
 
 
-def noisy_pairs(problems, flip: float, seed: int) -> list[dict]:
-    """Gold-ordered pairs with a fraction `flip` of them swapped (exactly round(flip · n), at random rows)."""
-    pairs = [r for r in preference_pairs(problems, seed, noise_free=True) if r["gold_margin"] != 0]
+def noisy_pairs(problems, flip: float, seed: int, task: Task = ARITHMETIC) -> list[dict]:
+    """Gold-ordered pairs of `task` with a fraction `flip` of them swapped (exactly round(flip · n), at random
+    rows)."""
+    pairs = [r for r in preference_pairs(problems, seed, noise_free=True, task=task) if r["gold_margin"] != 0]
     rng = np.random.default_rng(seed + 1)
     flipped = set(rng.choice(len(pairs), size=int(round(flip * len(pairs))), replace=False).tolist())
     return [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if i in flipped else r for i, r in enumerate(pairs)]
 
 
 def evaluate(params, model, tok, problems, cfg: Config) -> dict:
-    greedy, _ = exact_match(params, model, tok, problems, cfg.max_new_tokens)
+    """Greedy and sampled held-out accuracy (`task.check`), and the gold score and length of the samples."""
+    task = get_task(cfg.task)
+    greedy, _ = exact_match(params, model, tok, problems, cfg.max_new_tokens, check=task.check, prompt=task.prompt)
     sampled, texts = exact_match(params, model, tok, problems, cfg.max_new_tokens, n=cfg.eval_samples,
-                                 temperature=1.0, key=jax.random.key(cfg.seed + 5))
+                                 temperature=1.0, key=jax.random.key(cfg.seed + 5), check=task.check,
+                                 prompt=task.prompt)
     rows = [(p, t) for p, t in zip((p for p in problems for _ in range(cfg.eval_samples)), texts)]
-    return dict(greedy=greedy, sampled=sampled, gold=float(np.mean([gold_score(p, t) for p, t in rows])),
+    return dict(greedy=greedy, sampled=sampled, gold=float(np.mean([task.gold_score(p, t) for p, t in rows])),
                 length=float(np.mean([len(t) for t in texts])))
 
 
@@ -101,7 +108,7 @@ def method_config(algo: str, flip: float, beta: float | None):
 
 def train_offline(algo: str, flip: float, cfg: Config, model, params, tok, train, run_dir: str):
     loss = method_config(algo, flip, cfg.beta)
-    pairs = noisy_pairs(train[:cfg.n_pairs], flip, cfg.seed)
+    pairs = noisy_pairs(train[:cfg.n_pairs], flip, cfg.seed, get_task(cfg.task))
     if isinstance(loss, KTOConfig):
         rows = [r for p in pairs for r in ((p["prompt"], p["chosen"], True), (p["prompt"], p["rejected"], False))]
         rows = fixed_mismatch(rows, seed=cfg.seed)  # fixed mismatched pairs: their reference is precomputable
@@ -127,8 +134,10 @@ def train_offline(algo: str, flip: float, cfg: Config, model, params, tok, train
 
 
 def train_online(cfg: Config, model, params, tok, train, run_dir: str):
+    task = get_task(cfg.task)
+
     def gold(prompts, completions):
-        return np.array([gold_score(by_prompt[p], c) for p, c in zip(prompts, completions)])
+        return np.array([task.gold_score(by_prompt[p], c) for p, c in zip(prompts, completions)])
 
     by_prompt = {p.prompt: p for p in train}
     steps = max(cfg.epochs * cfg.online_prompts // cfg.batch, 1)
@@ -152,14 +161,18 @@ def main(cfg: Config) -> dict:
     unknown = [a for a in algos if a not in ALGOS]
     if unknown:
         raise ValueError(f"preference_arithmetic: unknown --algo {unknown[0]!r}; choose from {', '.join(ALGOS)}, all")
+    get_task(cfg.task)  # an unknown task fails before a run directory is made
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
-    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "preference_arithmetic")
+    check_sft_task(cfg.task, cfg.sft_run_dir)  # before the run directory is made
+    name = "preference_arithmetic" if cfg.task == "arithmetic" else f"preference-{task_slug(cfg.task)}"
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, name)
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)  # before any training
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags())
-    train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
+                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags(),
+                                      task=cfg.task)
+    _, train, test = sft_split(sft_cfg)
     held = test[:cfg.eval_problems]
     results = dict(config=asdict(cfg), sft=evaluate(params, model, tok, held, cfg), runs=[])
     print("SFT: " + ", ".join(f"{k} {v:.3f}" for k, v in results["sft"].items()), flush=True)

@@ -1,10 +1,15 @@
-"""Reward models on the arithmetic task, whose hidden gold scorer gives the ground truth.
+"""Reward models on an embedded task (arithmetic by default), whose hidden gold scorer gives the ground truth.
 
     python -m experiments.reward_models --sft-run-dir <SFT run>      # parts bt, bon and rl
     python -m experiments.reward_models --parts bt --pair-counts 250 1000 4000
     python -m experiments.reward_models --parts bt rl --rl-seeds 0 1 2
     python -m experiments.reward_models --parts onpolicy rl --rl-seeds 0 1 2
     python -m experiments.reward_models --smoke
+    python -m experiments.reward_models --task countdown --sft-run-dir <countdown SFT run> --parts bon
+
+--task (`rljax.tasks`: arithmetic, sorting, countdown, rg:<generator>) must be the SFT run's task; the
+gold score, corruptions, answer and step checks are the task's (`Task.gold_score`, `Task.candidate`,
+`Task.check`, `Task.check_steps`, `Task.separator`). Part bon's PRM needs a task with steps.
 
 (a) bt: Bradley–Terry reward models from the SFT backbone (a zero reward head
     added), each trained on n synthetic preference pairs whose labels are
@@ -38,6 +43,8 @@
     proxy: best-of-n (n = 1 … n_max) and GRPO measured along the run, gold and proxy
     score against d = √KL(π ‖ π_SFT), with R_bon(d) = d (α − β d) and
     R_RL(d) = d (α − β log d) fitted to the gold gain.
+(rl, with --rl-rule) the yardstick: GRPO with the same settings against the task's rule reward (1 for
+    the right answer + 0.1 for the format, what experiments.rl_arithmetic optimises), gold measured alike.
 (feedback) reward models from simulated implicit feedback (clicks at random display
     positions with examination probability 1 / position, likes that lean to longer
     answers): clicks naive, clicks with inverse-propensity weights, likes; Spearman
@@ -58,16 +65,16 @@ import numpy as np
 
 from rljax.cli import LoggingFlags, apply_preset, check_input_dir, make_run_dir, run, save_config
 from rljax.metrics import plot_curves, read_metrics
-from rljax.data.arithmetic import check_answer, make_split, parse_answer
 from rljax.data.collate import BatchIterator
 from rljax.data.reward_collate import (collate_feedback, collate_pairs, collate_scored, collate_steps,
                                        collate_verifier, split_solution)
-from rljax.data.synthetic import KINDS, candidate, gold_score, preference_pairs, relevance, simulated_feedback
+from rljax.data.synthetic import preference_pairs, relevance, simulated_feedback
 from rljax.losses.reward_model import FeedbackConfig, RankingConfig, TokenLabelConfig
 from rljax.models import add_head
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
 from rljax.pipelines import IterativeRLHFConfig
-from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, load_sft
+from rljax.recipes.arithmetic_runs import (RL_IGNORED_FIELDS, check_sft_task, load_sft, needs_steps, rule_reward,
+                                           sft_split)
 from rljax.rewards.evaluation import reward_model_eval
 from rljax.rewards.process_labels import label_steps, model_completer
 from rljax.rewards.learned import (aggregate_steps, likelihood_reward, majority_vote, reward_model_reward,
@@ -75,6 +82,7 @@ from rljax.rewards.learned import (aggregate_steps, likelihood_reward, majority_
 from rljax.rewards.rules import weighted_sum
 from rljax.sampling import SampleConfig, sample
 from rljax.state import OptimizerConfig, create_state
+from rljax.tasks import ARITHMETIC, Task, get_task, task_slug
 from rljax.tokenizer import CharTokenizer
 
 
@@ -83,6 +91,7 @@ PARTS = ("bt", "onpolicy", "bon", "rl", "feedback", "overopt")
 
 @dataclass
 class Config(LoggingFlags):
+    task: str = "arithmetic"  # the SFT run's task (rljax.tasks.get_task)
     parts: tuple[str, ...] = PARTS
     sft_run_dir: str = "runs/sft_arithmetic-default"
     run_dir: str | None = None
@@ -122,6 +131,7 @@ class Config(LoggingFlags):
     rl_kl_coef: float = 0.04  # GRPO's β (per-token k3 penalty to the SFT policy)
     rl_seeds: tuple[int, ...] = (0,)
     rl_eval_problems: int = 256
+    rl_rule: bool = False  # with part rl: GRPO against the task's rule reward too (answer + 0.1 format), the yardstick
     # (feedback) reward models from simulated implicit feedback
     feedback_problems: int = 1000  # 5 logged displays each
     feedback_epochs: int = 1
@@ -142,12 +152,13 @@ def _in_chunks(fn, prompts, completions, size: int = 1024) -> list:
     return [fn(prompts[i:i + size], completions[i:i + size]) for i in range(0, len(completions), size)]
 
 
-def _gold_candidates(problems, tok, *, seed: int):
-    """One candidate per problem (the reference or a random corruption) with its gold score:
+def _gold_candidates(problems, tok, *, seed: int, task: Task):
+    """One candidate per problem (the reference or a random corruption, `task.candidate`) with its gold score:
     -> ([(prompt, completion)], [gold], ScoreBatches of 64 holding the gold scores)."""
     rng = np.random.default_rng(seed)
-    cands = [(p.prompt, candidate(p, rng, KINDS[rng.integers(len(KINDS))])) for p in problems]
-    gold = [gold_score(p, c) for p, (_, c) in zip(problems, cands)]
+    kinds = task.kinds
+    cands = [(p.prompt, task.candidate(p, rng, kinds[rng.integers(len(kinds))])) for p in problems]
+    gold = [task.gold_score(p, c) for p, (_, c) in zip(problems, cands)]
     batches = [collate_scored(tok, [(q, c, g) for (q, c), g in zip(cands[i:i + 64], gold[i:i + 64])])
                for i in range(0, len(cands), 64)]
     return cands, gold, batches
@@ -165,15 +176,16 @@ def _train(model, params, data, loss, steps: int, cfg: Config, run_dir: str | No
 
 
 def part_bt(cfg: Config, model, params, tok, train, test, run_dir: str) -> dict:
+    task = get_task(cfg.task)
     rm, rm_params = add_head(model, params, "reward")
     collate = lambda rows: collate_pairs(tok, [(r["prompt"], r["chosen"], r["rejected"]) for r in rows])  # noqa: E731
-    held = preference_pairs(test[:cfg.eval_problems], cfg.seed + 1, noise_free=True)
+    held = preference_pairs(test[:cfg.eval_problems], cfg.seed + 1, noise_free=True, task=task)
     held = [r for r in held if r["gold_margin"] != 0]  # gold ties have no right order
-    cands, _, gold_batches = _gold_candidates(test[:cfg.eval_problems], tok, seed=cfg.seed + 2)
+    cands, _, gold_batches = _gold_candidates(test[:cfg.eval_problems], tok, seed=cfg.seed + 2, task=task)
     evaluate = reward_model_eval(rm, [collate(held[i:i + 64]) for i in range(0, len(held), 64)] + gold_batches)
     rows, best = [], None
     for n in cfg.pair_counts:
-        pairs = preference_pairs(train[:n], cfg.seed, beta=cfg.bt_beta)
+        pairs = preference_pairs(train[:n], cfg.seed, beta=cfg.bt_beta, task=task)
         data = BatchIterator(pairs, min(cfg.batch, n), collate, seed=cfg.seed)
         steps = max(cfg.bt_epochs * n // cfg.batch, 1)
         t0 = time.perf_counter()
@@ -187,13 +199,13 @@ def part_bt(cfg: Config, model, params, tok, train, test, run_dir: str) -> dict:
     return dict(rows=rows, held_out_pairs=len(held), candidates=len(cands)), (rm, best)
 
 
-def gold_ranked_lists(problems, samples) -> list[tuple[str, list[str], list[int]]]:
-    """(prompt, distinct samples, ranks) per problem, ranked by gold score (0 = best, equal
+def gold_ranked_lists(problems, samples, task: Task = ARITHMETIC) -> list[tuple[str, list[str], list[int]]]:
+    """(prompt, distinct samples, ranks) per problem, ranked by `task.gold_score` (0 = best, equal
     gold = tie); problems whose samples all tie carry no preference and are left out."""
     out = []
     for p, cs in zip(problems, samples):
         answers = sorted({c for c in cs if c})
-        gold = [gold_score(p, c) for c in answers]
+        gold = [task.gold_score(p, c) for c in answers]
         levels = sorted(set(gold), reverse=True)
         if len(levels) > 1:
             out.append((p.prompt, answers, [levels.index(g) for g in gold]))
@@ -236,21 +248,22 @@ def part_onpolicy(cfg: Config, model, params, tok, train, test, run_dir: str, le
     """A BT reward model on gold-ranked lists of the SFT policy's samples (unseen problems), with
     the SFT policy's log-likelihood as a fixed prior when cfg.onpolicy_prior."""
     t0 = time.perf_counter()
+    task = get_task(cfg.task)
     key = jax.random.key(cfg.seed + 20)
     prior = likelihood_reward(model, params, tok, reduction="sum") if cfg.onpolicy_prior else None
-    problems = unseen_problems(train, test, cfg.onpolicy_problems, levels, seed=cfg.seed + 2000)
+    problems = unseen_problems(train, test, cfg.onpolicy_problems, levels, seed=cfg.seed + 2000, task=task)
     lists = with_priors(gold_ranked_lists(problems, _samples(params, model, tok, problems, cfg.onpolicy_samples,
-                                                             cfg, jax.random.fold_in(key, 1))), prior)
+                                                             cfg, jax.random.fold_in(key, 1)), task), prior)
     held_problems = test[:cfg.eval_problems]
     held = with_priors(gold_ranked_lists(held_problems, _samples(params, model, tok, held_problems,
                                                                  cfg.onpolicy_samples, cfg,
-                                                                 jax.random.fold_in(key, 2))), prior)
+                                                                 jax.random.fold_in(key, 2)), task), prior)
     K = cfg.onpolicy_samples
     collate = ranked_collate(tok, K)
     pairs = sum(int((np.array(x[2])[:, None] < np.array(x[2])[None, :]).sum()) for x in lists)
     print(f"onpolicy: {len(lists)} ranked lists ({pairs} preferred pairs) of {len(problems)} problems "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    _, _, gold_batches = _gold_candidates(held_problems, tok, seed=cfg.seed + 2)
+    _, _, gold_batches = _gold_candidates(held_problems, tok, seed=cfg.seed + 2, task=task)
     rm, rm_params = add_head(model, params, "reward")
     held_batches = [collate(held[i:i + 32]) for i in range(0, len(held), 32)]
     evaluate = reward_model_eval(rm, held_batches + gold_batches)
@@ -292,11 +305,12 @@ def onpolicy_rlhf(cfg: Config, model, rm, rm_state, lists, tok, train, test, lev
     well it ranks what RL now produces), then trains it on them, replaying all earlier lists,
     for refresh_epochs passes over the new ones."""
     K = cfg.onpolicy_samples
+    task = get_task(cfg.task)
 
     def rank_samples(policy_params, k: int) -> list:
-        problems = unseen_problems(train, test, cfg.refresh_problems, levels, seed=cfg.seed + 3000 + k)
+        problems = unseen_problems(train, test, cfg.refresh_problems, levels, seed=cfg.seed + 3000 + k, task=task)
         samples = _samples(policy_params, model, tok, problems, K, cfg, jax.random.key(cfg.seed + 4000 + k))
-        return with_priors(gold_ranked_lists(problems, samples), prior)
+        return with_priors(gold_ranked_lists(problems, samples, task), prior)
 
     rlhf = IterativeRLHFConfig(iterations=cfg.rl_iterations, refresh_every=cfg.refresh_every,
                                rm_epochs=cfg.refresh_epochs, rm_batch_size=max(cfg.batch // 4, 1),
@@ -323,14 +337,16 @@ def grpo_against(cfg: Config, model, params, proxy, tok, train, test, run_dir: s
     from rljax.rl import RLConfig
 
     held = test[:cfg.rl_eval_problems]
+    task = get_task(cfg.task)
 
     def measure(p, scorer) -> dict:
         cands = _samples(p, model, tok, held, 4, cfg, jax.random.key(7))
         prompts = [q.prompt for q, cs in zip(held, cands) for _ in cs]
+        problems = [q for q, cs in zip(held, cands) for _ in cs]
         flat = [c for cs in cands for c in cs]
-        gold = [gold_score(q, c) for q, cs in zip(held, cands) for c in cs]
-        right = [check_answer(q, c) for q, cs in zip(held, cands) for c in cs]
-        return dict(gold=float(np.mean(gold)), proxy=float(np.mean(scorer(prompts, flat))),
+        gold = [task.gold_score(q, c) for q, c in zip(problems, flat)]
+        right = [task.check(q, c) for q, c in zip(problems, flat)]
+        return dict(gold=float(np.mean(gold)), proxy=float(np.mean(scorer(prompts, flat, problems=problems))),
                     accuracy=float(np.mean(right)), length=float(np.mean([len(c) for c in flat])))
 
     def collate(problems):
@@ -376,8 +392,9 @@ def part_feedback(cfg: Config, model, params, tok, train, test, run_dir: str) ->
     clicks naive, clicks with inverse-propensity weights, likes. Each: Spearman with gold and
     mean predicted probability against the true mean relevance of held-out candidates; then
     GRPO against each, with the gold score it does not see."""
-    logs = simulated_feedback(train[:cfg.feedback_problems], cfg.seed)
-    cands, gold, gold_batches = _gold_candidates(test[:cfg.eval_problems], tok, seed=cfg.seed + 3)
+    task = get_task(cfg.task)
+    logs = simulated_feedback(train[:cfg.feedback_problems], cfg.seed, task=task)
+    cands, gold, gold_batches = _gold_candidates(test[:cfg.eval_problems], tok, seed=cfg.seed + 3, task=task)
     rm, rm_params = add_head(model, params, "reward")
     evaluate = reward_model_eval(rm, gold_batches)
     out = {}
@@ -411,6 +428,7 @@ def part_overopt(cfg: Config, model, params, rm, rm_params, tok, train, test, ru
     from rljax.rl import RLConfig
 
     proxy = reward_model_reward(rm, rm_params, tok)
+    task = get_task(cfg.task)
     held = test[:cfg.rl_eval_problems]
     prompts = [q.prompt for q in held]
 
@@ -418,7 +436,7 @@ def part_overopt(cfg: Config, model, params, rm, rm_params, tok, train, test, ru
         flat_p = [q.prompt for q, cs in zip(problems, cands) for _ in cs]
         flat_c = [c for cs in cands for c in cs]
         px = np.concatenate(_in_chunks(proxy, flat_p, flat_c))
-        gd = np.array([gold_score(q, c) for q, cs in zip(problems, cands) for c in cs])
+        gd = np.array([task.gold_score(q, c) for q, cs in zip(problems, cands) for c in cs])
         return px.reshape(len(problems), -1), gd.reshape(len(problems), -1)
 
     n_max = max(cfg.bon_n)
@@ -494,14 +512,14 @@ def _samples(params, model, tok, problems, n: int, cfg: Config, key) -> list[lis
     return out
 
 
-def unseen_problems(train, test, n: int, levels, seed: int) -> list:
-    """n problems that appear in neither the SFT run's train nor its test split: samples on
-    SFT training problems are much more often right (memorised) than on new ones, so a
+def unseen_problems(train, test, n: int, levels, seed: int, *, task: Task) -> list:
+    """n problems of `task` that appear in neither the SFT run's train nor its test split (by `task.key`):
+    samples on SFT training problems are much more often right (memorised) than on new ones, so a
     verifier trained on them learns the wrong distribution."""
-    seen = {p.expression for p in train} | {p.expression for p in test}
+    seen = {task.key(p) for p in train} | {task.key(p) for p in test}
     out = []
-    for p in make_split(n + len(seen), 0, levels=levels, seed=seed)[0]:
-        if p.expression not in seen:
+    for p in task.split(n + len(seen), 0, levels=levels, seed=seed)[0]:
+        if task.key(p) not in seen:
             out.append(p)
             if len(out) == n:
                 return out
@@ -509,12 +527,14 @@ def unseen_problems(train, test, n: int, levels, seed: int) -> list:
 
 
 def part_bon(cfg: Config, model, params, tok, train, test, run_dir: str, levels=(1, 2)) -> dict:
+    task = needs_steps(get_task(cfg.task), "--parts bon (its process reward model)")
+    sep = task.separator
     key = jax.random.key(cfg.seed + 10)
     t0 = time.perf_counter()
     # training data: the SFT policy's own samples on problems it never saw, labelled by the gold checker
-    vp = unseen_problems(train, test, cfg.verifier_problems, levels, seed=cfg.seed + 1000)
+    vp = unseen_problems(train, test, cfg.verifier_problems, levels, seed=cfg.seed + 1000, task=task)
     samples = _samples(params, model, tok, vp, cfg.verifier_samples, cfg, jax.random.fold_in(key, 1))
-    rows = [(p.prompt, c, float(check_answer(p, c))) for p, cs in zip(vp, samples) for c in cs]
+    rows = [(p.prompt, c, float(task.check(p, c))) for p, cs in zip(vp, samples) for c in cs]
     print(f"bon: {len(rows)} verifier samples, {np.mean([r[2] for r in rows]):.1%} right "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     rm, rm_params = add_head(model, params, "reward")
@@ -524,18 +544,18 @@ def part_bon(cfg: Config, model, params, tok, train, test, run_dir: str, levels=
     # PRM: automatic soft labels for a subset, the SFT policy as completer
     t1 = time.perf_counter()
     problem_of = [p for p, cs in zip(vp, samples) for _ in cs]
-    chosen = [i for i, r in enumerate(rows) if split_solution(r[1], ";")][:cfg.prm_solutions]
-    steps = [split_solution(rows[i][1], ";") for i in chosen]
+    chosen = [i for i, r in enumerate(rows) if split_solution(r[1], sep)][:cfg.prm_solutions]
+    steps = [split_solution(rows[i][1], sep) for i in chosen]
     complete = model_completer(model, params, tok, SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                                                                 eos_id=tok.eos_id, pad_id=tok.pad_id))
-    labels = label_steps([rows[i][0] for i in chosen], steps, lambda m, c: check_answer(problem_of[chosen[m]], c),
-                         complete, n=cfg.prm_n, separator=";", key=jax.random.fold_in(key, 2))
+    labels = label_steps([rows[i][0] for i in chosen], steps, lambda m, c: task.check(problem_of[chosen[m]], c),
+                         complete, n=cfg.prm_n, separator=sep, key=jax.random.fold_in(key, 2))
     label_s = time.perf_counter() - t1
     n_steps = sum(len(s) for s in steps)
     print(f"bon: {n_steps} steps of {len(chosen)} solutions labelled in {label_s:.0f} s", flush=True)
     prm_rows = [(rows[i][0], s, lab.soft) for i, s, lab in zip(chosen, steps, labels)]
     data = BatchIterator(prm_rows, min(cfg.batch, len(prm_rows)),
-                         lambda b: collate_steps(tok, b, separator=";"), seed=cfg.seed)
+                         lambda b: collate_steps(tok, b, separator=sep), seed=cfg.seed)
     prm = _train(rm, rm_params, data, TokenLabelConfig(), max(cfg.verifier_epochs * len(prm_rows) // cfg.batch, 1),
                  cfg, os.path.join(run_dir, "prm")).params
     # best-of-N on held-out problems
@@ -544,11 +564,11 @@ def part_bon(cfg: Config, model, params, tok, train, test, run_dir: str, levels=
     cands = _samples(params, model, tok, bp, n_max, cfg, jax.random.fold_in(key, 3))
     flat_p = [p.prompt for p, cs in zip(bp, cands) for _ in cs]
     flat_c = [c for cs in cands for c in cs]
-    right = np.array([check_answer(p, c) for p, cs in zip(bp, cands) for c in cs]).reshape(len(bp), n_max)
+    right = np.array([task.check(p, c) for p, cs in zip(bp, cands) for c in cs]).reshape(len(bp), n_max)
     # one scorer each (built once: every call of reward_model_reward / step_scorer jits anew)
     orm_scorer = reward_model_reward(rm, orm, tok, probability=True)
     orm_score = np.concatenate(_in_chunks(orm_scorer, flat_p, flat_c)).reshape(len(bp), n_max)
-    per_step = sum(_in_chunks(step_scorer(rm, prm, tok, separator=";"), flat_p, flat_c), [])
+    per_step = sum(_in_chunks(step_scorer(rm, prm, tok, separator=sep), flat_p, flat_c), [])
     probs, mask = stack_step_scores(per_step)
     prm_score = {m: np.asarray(aggregate_steps(probs, mask, m)).reshape(len(bp), n_max)
                  for m in ("min", "product", "last")}
@@ -560,7 +580,7 @@ def part_bon(cfg: Config, model, params, tok, train, test, run_dir: str, levels=
         for i in range(len(bp)):
             for g in groups:
                 acc["pass@n"].append(right[i, g].any())
-                acc["majority"].append(right[i, g][majority_vote([cands[i][g]], parse_answer)[0]])
+                acc["majority"].append(right[i, g][majority_vote([cands[i][g]], task.extract)[0]])
                 for name, s in methods.items():
                     acc[name].append(right[i, g][int(np.argmax(s[i, g]))])
         table[n] = {k: float(np.mean(v)) for k, v in acc.items()}
@@ -591,18 +611,26 @@ def main(cfg: Config) -> dict:
         raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     if "overopt" in cfg.parts and "bt" not in cfg.parts:
         raise ValueError("reward_models: part overopt optimises the reward model of part bt; add bt")
-    if "rl" in cfg.parts and not {"bt", "onpolicy", "feedback"} & set(cfg.parts):
-        raise ValueError("reward_models: part rl optimises the reward models of parts bt, onpolicy or feedback; "
-                         "add one")
+    if "rl" in cfg.parts and not {"bt", "onpolicy", "feedback"} & set(cfg.parts) and not cfg.rl_rule:
+        raise ValueError("reward_models: part rl optimises the reward models of parts bt, onpolicy or feedback "
+                         "(or, with --rl-rule, the task's rule reward); add one")
+    task = get_task(cfg.task)
+    if "bon" in cfg.parts:
+        needs_steps(task, "--parts bon (its process reward model)")
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
-    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "reward_models")
+    check_sft_task(cfg.task, cfg.sft_run_dir)  # before the run directory is made
+    name = "reward_models" if cfg.task == "arithmetic" else f"reward_models-{task_slug(cfg.task)}"
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, name)
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)  # before any training
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags())
-    train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
+                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags(),
+                                      task=cfg.task)
+    _, train, test = sft_split(sft_cfg)
     results = dict(config=asdict(cfg), run_dir=run_dir)
+    if "rl" in cfg.parts and cfg.rl_rule:  # the yardstick: the rule reward RL studies optimise, gold measured alike
+        results["rl_rule"] = grpo_against(cfg, model, params, rule_reward(task), tok, train, test, run_dir, "rl-rule")
     if "bt" in cfg.parts:
         results["bt"], (rm, rm_params) = part_bt(cfg, model, params, tok, train, test, run_dir)
     if "rl" in cfg.parts and "bt" in cfg.parts:

@@ -1,13 +1,16 @@
-"""RL on the arithmetic task, starting from the SFT study's checkpoint.
+"""RL on an embedded task (arithmetic by default), starting from the SFT study's checkpoint.
 
     python -m experiments.rl_arithmetic --algo grpo --train-sft   # trains SFT first if --sft-run-dir is missing
     python -m experiments.rl_arithmetic --algo grpo --sft-run-dir runs/sft   # from an existing SFT run
     python -m experiments.rl_arithmetic --algo rloo --iterations 40
     python -m experiments.rl_arithmetic --smoke
+    python -m experiments.rl_arithmetic --task countdown --sft-run-dir runs/<countdown SFT run>
 
 --algo is any entry of rljax.algorithms.ALGORITHMS (reinforce, rloo, scst, mrt,
-grpo, dr_grpo, dapo, a2c, ppo, trpo; A3C is a2c with --staleness 1 or more). Reward: 1 for the right final answer + 0.1 for the
-step;...;answer:N format (+ --step-reward times the fraction of right steps).
+grpo, dr_grpo, dapo, a2c, ppo, trpo; A3C is a2c with --staleness 1 or more). Reward (--task's checks,
+`rljax.tasks.Task`): 1 for the right final answer + 0.1 for the task's format (arithmetic:
+step;...;answer:N), + --step-reward times the step credit (the fraction of right steps; a task with
+steps only). --task must be the SFT run's task.
 Reports held-out accuracy before/after (greedy, and sampled at temperature 1),
 mean reward, KL to the SFT policy and wall time; outputs under the run directory.
 

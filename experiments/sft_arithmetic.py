@@ -1,8 +1,12 @@
-"""SFT on the embedded arithmetic task: held-out exact-match accuracy before and after.
+"""SFT on an embedded task (arithmetic by default): held-out exact-match accuracy before and after.
 
     python -m experiments.sft_arithmetic                  # small preset, level 1, about 5 minutes on 2 CPU cores
     python -m experiments.sft_arithmetic --smoke          # seconds
     python -m experiments.sft_arithmetic --run-dir runs/x # resume (or start) in a fixed directory
+    python -m experiments.sft_arithmetic --task countdown --max-new-tokens 56   # sorting, countdown, rg:<generator>
+
+--task names a task of `rljax.tasks` (its problems, reference completions and answer check); the
+default run directory is runs/sft_<task>-<time> (":" of rg:<generator> written "-").
 
 Writes config.json, metrics.jsonl, checkpoints/, loss.png and results.json under
 the run directory. Running the same command with the same --run-dir after a crash

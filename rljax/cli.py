@@ -25,7 +25,9 @@ Rules that keep a run directory honest:
 - `save_config` writes config.json once; a rerun in the same run directory (a resume)
   must have the same configuration, or it stops with ConfigMismatchError naming each
   differing field, before anything is written. `allow_change=True` (the experiments'
-  `--force-config`) overwrites it and appends the change to config_changes.jsonl.
+  `--force-config`) overwrites it and appends the change to config_changes.jsonl. A field
+  added after runs were saved (ADDED_FIELDS, e.g. `task`) counts, when a saved config.json
+  lacks it, as the value those runs had ("arithmetic"), so they still resume.
 - `check_input_dir` makes a missing input run directory (`--sft-run-dir`) an error
   naming the flag, unless the caller asked to create it.
 - `LoggingFlags`, a base class of the experiments' configs, adds where metrics go besides
@@ -179,12 +181,20 @@ def _jsonable(cfg) -> dict:
 
 
 _ABSENT = "<absent>"
+# Fields added to the experiments' configs after run directories were saved without them: {field: the value
+# an old run had}. A config.json that lacks one is read as holding that value (every run before `task` existed
+# was on the arithmetic task), so those runs resume and compare equal to the same run today.
+ADDED_FIELDS = {"task": "arithmetic"}
 
 
-def config_differences(old: dict, new: dict, ignore: Iterable[str] = IGNORED_FIELDS) -> dict[str, tuple]:
+def config_differences(old: dict, new: dict, ignore: Iterable[str] = IGNORED_FIELDS,
+                       added: dict | None = None) -> dict[str, tuple]:
     """{field: (old value, new value)} for every field that differs, `ignore`d fields aside;
-    a field only one side has shows "<absent>" on the other."""
+    a field only one side has shows "<absent>" on the other, except that a field of `added`
+    (default ADDED_FIELDS) missing from `old` reads as its value there."""
     ignore = set(ignore)
+    added = ADDED_FIELDS if added is None else added
+    old = {**{k: v for k, v in added.items() if k in new}, **old}
     return {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
             if k not in ignore and old.get(k, _ABSENT) != new.get(k, _ABSENT)}
 

@@ -1,10 +1,17 @@
-"""The embedded arithmetic task's two training runs, shared by the studies in experiments/:
+"""The two training runs on an embedded task (`rljax.tasks`: arithmetic by default, sorting, countdown,
+rg:<generator>), shared by the studies in experiments/:
 
   train_sft(SFTArithmeticConfig)  SFT from scratch, held-out exact match before and after
-                                  (`python -m experiments.sft_arithmetic`)
+                                  (`python -m experiments.sft_arithmetic [--task countdown]`)
   load_sft(sft_run_dir, tok)      the model, final params and config of a finished SFT run
+  sft_split(sft_cfg)              (task, train, test): the SFT run's task and problems
   train_rl(RLArithmeticConfig)    RL with any rljax.algorithms entry from a finished SFT run
                                   (`python -m experiments.rl_arithmetic`)
+
+The configs' `task` field names the task (`rljax.tasks.get_task`); "arithmetic" gives exactly the
+problems, rewards and numbers of the runs before tasks existed, and a saved config.json without the
+field is an arithmetic run (`rljax.cli.ADDED_FIELDS`). An RL run (or a study) on an SFT run of
+another task is an error naming both.
 
 Each run writes config.json, metrics.jsonl, checkpoints/ and results.json under its run directory;
 running it again with the same run_dir resumes from the last checkpoint, provided the configuration
@@ -22,7 +29,6 @@ import jax
 
 from rljax.algorithms import get_algorithm
 from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, check_input_dir, make_run_dir, save_config
-from rljax.data.arithmetic import make_split
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.eval import exact_match, finished_run, load_finished
 from rljax.losses import GRPOConfig, TRPOConfig
@@ -30,22 +36,24 @@ from rljax.losses.actor_critic import with_value_head
 from rljax.metrics import plot_metrics, read_metrics
 from rljax.models import Model, preset
 from rljax.phases import LoopConfig, PromptBatch, SFTPhaseConfig, rl, sft
-from rljax.rewards import (arithmetic_answer_reward, arithmetic_format_reward, arithmetic_step_reward,
-                           weighted_sum)
+from rljax.rewards import weighted_sum
 from rljax.rl import RLConfig, create_rl_state
 from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig, create_state
+from rljax.tasks import Task, get_task, task_slug
 from rljax.tokenizer import CharTokenizer
 
-__all__ = ["SFTArithmeticConfig", "RLArithmeticConfig", "RL_IGNORED_FIELDS", "apply_sft_smoke", "sft_optimizer", "build_model",
-           "train_sft", "read_sft_config", "load_sft", "train_rl"]
+__all__ = ["SFTArithmeticConfig", "RLArithmeticConfig", "RL_IGNORED_FIELDS", "apply_sft_smoke", "sft_optimizer",
+           "build_model", "train_sft", "read_sft_config", "load_sft", "sft_split", "check_same_task", "check_sft_task",
+           "needs_steps", "rule_reward", "train_rl"]
 
 
 # ----------------------------------------------------------------------------- SFT
 @dataclass
 class SFTArithmeticConfig(LoggingFlags):
-    """SFT on the embedded arithmetic task: held-out exact-match accuracy before and after."""
+    """SFT on an embedded task (arithmetic by default): held-out exact-match accuracy before and after."""
 
+    task: str = "arithmetic"  # rljax.tasks.get_task: arithmetic, sorting, countdown, rg:<generator>
     preset: str = "small"
     dtype: str = "float32"
     steps: int = 500
@@ -83,11 +91,53 @@ def apply_sft_smoke(cfg: SFTArithmeticConfig) -> None:
                      log_every=4, max_new_tokens=24, warmup_steps=2)
 
 
-def _greedy_eval(which: str, params, model, tok, test, max_new_tokens: int, *, texts: bool = False):
+def needs_steps(task: Task, what: str) -> Task:
+    """`task` when it has steps (a step checker and a separator), else a ValueError naming the task and
+    `what` (the option or part that needs them)."""
+    if not task.has_steps or not task.separator:
+        raise ValueError(f"{what} needs a task with steps, and task {task.name!r} has none (no step checker); "
+                         f"use a task with steps (arithmetic, sorting, countdown) or leave {what} out")
+    return task
+
+
+def rule_reward(task: Task, step_reward: float = 0.0):
+    """The rule reward RL optimises on `task`: fn(prompts, completions, *, problems) -> float32[B] =
+    1 * task.check + 0.1 * task.well_formed (when the task has a format check) + step_reward * task.credit
+    (the step credit; step_reward > 0 needs a task with steps). On arithmetic this is exactly
+    arithmetic_answer_reward + 0.1 * arithmetic_format_reward + step_reward * arithmetic_step_reward."""
+    terms = [(1.0, task.answer_reward())] + ([(0.1, task.format_reward())] if task.well_formed is not None else [])
+    if step_reward:
+        terms.append((step_reward, needs_steps(task, f"--step-reward {step_reward:g}").step_reward()))
+    return weighted_sum(*terms)
+
+
+def sft_split(sft_cfg: SFTArithmeticConfig) -> tuple[Task, list, list]:
+    """(task, train, test) of the SFT run `sft_cfg`: `task.split(n_train, n_test, levels, seed)`, which for
+    the arithmetic task is `rljax.data.arithmetic.make_split` with the same arguments."""
+    task = get_task(sft_cfg.task)
+    train, test = task.split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
+    return task, train, test
+
+
+def check_same_task(task: str, sft_cfg: SFTArithmeticConfig) -> None:
+    """A study's --task must be its SFT run's task (whose split and model it uses): else a ValueError naming both."""
+    if task != sft_cfg.task:
+        raise ValueError(f"--task {task!r}, but the SFT run in {sft_cfg.run_dir} was trained on task "
+                         f"{sft_cfg.task!r}: pass --task {sft_cfg.task} or an SFT run of {task!r} as --sft-run-dir")
+
+
+def check_sft_task(task: str, sft_run_dir: str) -> None:
+    """Before a study makes its run directory: when `sft_run_dir` holds a saved SFT config, its task must be
+    `task` (`check_same_task`); a directory without one is left to `load_sft`."""
+    if os.path.exists(os.path.join(sft_run_dir, "config.json")):
+        check_same_task(task, read_sft_config(sft_run_dir))
+
+
+def _greedy_eval(which: str, params, model, tok, task: Task, test, max_new_tokens: int, *, texts: bool = False):
     """Held-out greedy exact match, announced with its size and timed: accuracy (and the texts with `texts`)."""
     print(f"evaluating {which} policy on {len(test)} held-out problems (greedy) ...", end=" ", flush=True)
     t = time.perf_counter()
-    accuracy, outputs = exact_match(params, model, tok, test, max_new_tokens)
+    accuracy, outputs = exact_match(params, model, tok, test, max_new_tokens, check=task.check, prompt=task.prompt)
     print(f"{accuracy:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
     return (accuracy, outputs) if texts else accuracy
 
@@ -97,22 +147,24 @@ def train_sft(cfg: SFTArithmeticConfig) -> dict:
     held-out greedy exact match before and after (cfg.evaluate). Writes config.json, metrics.jsonl,
     checkpoints/, loss.png and results.json; returns the results."""
     apply_sft_smoke(cfg)
-    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "sft_arithmetic")
+    task = get_task(cfg.task)  # an unknown name fails here, before a run directory is made
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"sft_{task_slug(cfg.task)}")
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir, allow_change=cfg.force_config)
     tok = CharTokenizer()
     model = build_model(cfg, tok)
-    train, test = make_split(cfg.n_train, cfg.n_test, levels=cfg.levels, seed=cfg.seed)
-    data = BatchIterator([(p.prompt, p.completion) for p in train], cfg.batch_size,
+    _, train, test = sft_split(cfg)
+    data = BatchIterator([(task.prompt(p), task.reference(p)) for p in train], cfg.batch_size,
                          lambda rows: collate_prompt_completion(tok, rows, max_length=model.config.max_seq_len),
                          seed=cfg.seed)
     opt = sft_optimizer(cfg)
     state = create_state(model, opt, jax.random.key(cfg.seed))
-    print(f"sft_arithmetic: preset {cfg.preset} ({model.config.num_params()/1e6:.2f}M params), "
+    print(f"sft_arithmetic: task {cfg.task}, preset {cfg.preset} ({model.config.num_params()/1e6:.2f}M params), "
           f"{len(train)} train / {len(test)} test problems, levels {cfg.levels}, {cfg.steps} steps x "
           f"{cfg.batch_size}; run dir {run_dir}")
 
-    before = _greedy_eval("the initial", state.params, model, tok, test, cfg.max_new_tokens) if cfg.evaluate else None
+    before = _greedy_eval("the initial", state.params, model, tok, task, test, cfg.max_new_tokens) \
+        if cfg.evaluate else None
     t0 = time.perf_counter()
     phase = SFTPhaseConfig(optimizer=opt, loop=LoopConfig(steps=cfg.steps, log_every=cfg.log_every,
                                                           checkpoint_every=cfg.checkpoint_every,
@@ -121,9 +173,9 @@ def train_sft(cfg: SFTArithmeticConfig) -> dict:
     train_s = time.perf_counter() - t0
     results = dict(config=asdict(cfg), run_dir=run_dir, params=model.config.num_params(), train_seconds=train_s)
     if cfg.evaluate:
-        after, texts = _greedy_eval("the SFT", state.params, model, tok, test, cfg.max_new_tokens, texts=True)
+        after, texts = _greedy_eval("the SFT", state.params, model, tok, task, test, cfg.max_new_tokens, texts=True)
         results.update(accuracy_before=before, accuracy_after=after,
-                       examples=[dict(prompt=p.prompt, target=p.completion, output=t)
+                       examples=[dict(prompt=task.prompt(p), target=task.reference(p), output=t)
                                  for p, t in zip(test[:5], texts[:5])])
         print(f"\n| held-out exact match ({len(test)} problems) | accuracy |\n|---|---|\n"
               f"| before SFT | {before:.1%} |\n| after {cfg.steps} SFT steps | {after:.1%} |\n")
@@ -140,9 +192,10 @@ def train_sft(cfg: SFTArithmeticConfig) -> dict:
 
 
 def read_sft_config(sft_run_dir: str, *, smoke: bool = False, progress: bool = True,
-                    logging: dict | None = None) -> SFTArithmeticConfig:
+                    logging: dict | None = None, task: str = "arithmetic") -> SFTArithmeticConfig:
     """The SFT run's config: from its config.json when there (unknown fields ignored; it was saved with
-    its smoke sizes already applied), else the defaults (with `smoke` and its sizes); run_dir = sft_run_dir.
+    its smoke sizes already applied; no `task` field: "arithmetic"), else the defaults (with `smoke` and
+    its sizes, and `task`); run_dir = sft_run_dir.
     logging: LoggingFlags fields (the caller's `logging_flags()`) that replace the saved ones."""
     saved = os.path.join(sft_run_dir, "config.json")
     shown = {"progress": progress, **(logging or {})}
@@ -151,21 +204,26 @@ def read_sft_config(sft_run_dir: str, *, smoke: bool = False, progress: bool = T
             fields = {k: v for k, v in json.load(f).items() if k in SFTArithmeticConfig.__dataclass_fields__}
         fields["levels"] = tuple(fields.get("levels", (1,)))
         return SFTArithmeticConfig(**{**fields, "run_dir": sft_run_dir, **shown})
-    cfg = SFTArithmeticConfig(run_dir=sft_run_dir, smoke=smoke, **shown)
+    cfg = SFTArithmeticConfig(run_dir=sft_run_dir, smoke=smoke, task=task, **shown)
     apply_sft_smoke(cfg)
     return cfg
 
 
 def load_sft(sft_run_dir: str, tok, *, smoke: bool = False, progress: bool = True, run_if_missing: bool = False,
-             create: bool = False, logging: dict | None = None):
+             create: bool = False, logging: dict | None = None, task: str | None = None):
     """(model, params, sft_cfg) of the SFT run in `sft_run_dir` at its final step; its config.json (when
     there) gives the model and the train/test split (`read_sft_config`). A run without its final
     checkpoint raises rljax.eval.UnfinishedRunError naming the directory, unless `run_if_missing`:
     then the SFT run is trained (or resumed) there first, with a message saying so. A directory that
     does not exist is FileNotFoundError naming --sft-run-dir (a mistyped path must not start a new
-    run) unless `create`, which trains a new SFT run there. logging: as in `read_sft_config`, for that run."""
+    run) unless `create`, which trains a new SFT run there. logging: as in `read_sft_config`, for that run.
+    task: the caller's task; a new SFT run is on it, and an existing one on another task is a ValueError
+    naming both (`check_same_task`), before anything trains. None: whatever task the run has."""
     check_input_dir(sft_run_dir, "--sft-run-dir", create=create, create_flag="--train-sft")
-    sft_cfg = read_sft_config(sft_run_dir, smoke=smoke, progress=progress, logging=logging)
+    sft_cfg = read_sft_config(sft_run_dir, smoke=smoke, progress=progress, logging=logging,
+                              task=task or "arithmetic")
+    if task is not None:
+        check_same_task(task, sft_cfg)
     if run_if_missing and not finished_run(sft_run_dir, sft_cfg.steps):
         print(f"no finished SFT checkpoint in {sft_run_dir}: running the SFT study first")
         train_sft(sft_cfg)
@@ -177,8 +235,9 @@ def load_sft(sft_run_dir: str, tok, *, smoke: bool = False, progress: bool = Tru
 # ----------------------------------------------------------------------------- RL
 @dataclass
 class RLArithmeticConfig(LoggingFlags):
-    """RL on the arithmetic task from the SFT run's final checkpoint (run first when missing)."""
+    """RL on an embedded task (arithmetic by default) from the SFT run's final checkpoint (run first when missing)."""
 
+    task: str = "arithmetic"  # the SFT run's task (rljax.tasks.get_task)
     algo: str = "grpo"
     iterations: int = 30
     prompts_per_iteration: int = 16
@@ -226,28 +285,33 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
     run and evaluation settings (it depends only on those: another RL run from the same start)."""
     if cfg.smoke:
         apply_preset(cfg, iterations=3, prompts_per_iteration=4, n=4, max_new_tokens=16, train_sft=True)
+    task = get_task(cfg.task)
+    if cfg.step_reward:
+        needs_steps(task, f"--step-reward {cfg.step_reward:g}")
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
-    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"rl_arithmetic-{cfg.algo}")
+    check_sft_task(cfg.task, cfg.sft_run_dir)
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"rl_{task_slug(cfg.task)}-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags())
+                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags(),
+                                      task=cfg.task)
     algo = get_algorithm(cfg.algo)
     critic_model = critic_params = None
     if algo.needs().critic:  # trpo: a separate critic, initialised from the policy (V = 0 at first)
         critic_model, critic_params = with_value_head(model, params)
     elif algo.needs().values:  # a2c, ppo: a value head on the policy's backbone, V = 0 at first
         model, params = with_value_head(model, params)
-    train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
+    _, train, test = sft_split(sft_cfg)
 
     def collate(problems):
-        tokens, mask = tok.encode_batch([p.prompt for p in problems], padding_side="left")
+        tokens, mask = tok.encode_batch([task.prompt(p) for p in problems], padding_side="left")
         return PromptBatch(tokens=tokens, mask=mask, metadata={"problems": list(problems)})
 
     prompts = BatchIterator(train, cfg.prompts_per_iteration, collate, seed=cfg.seed + 1)
-    terms = [(1.0, arithmetic_answer_reward), (0.1, arithmetic_format_reward)]
-    reward = weighted_sum(*terms, *([(cfg.step_reward, arithmetic_step_reward)] if cfg.step_reward else []))
+    accuracy_fn = task.answer_reward()
+    reward = rule_reward(task, cfg.step_reward)
     algo = algo.with_kl_coef(cfg.kl_coef)
     loss = algo.loss.config
     if isinstance(loss, TRPOConfig):
@@ -272,13 +336,14 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
         print(f"evaluating {which} policy on {len(test)} held-out problems: greedy, then {cfg.eval_samples} samples "
               f"each at temperature 1 ...", end=" ", flush=True)
         t = time.perf_counter()
-        greedy = exact_match(p, model, tok, test, sft_cfg.max_new_tokens)[0]
+        greedy = exact_match(p, model, tok, test, sft_cfg.max_new_tokens, check=task.check, prompt=task.prompt)[0]
         sampled = exact_match(p, model, tok, test, sft_cfg.max_new_tokens, n=cfg.eval_samples, temperature=1.0,
-                              key=jax.random.key(7))[0]
+                              key=jax.random.key(7), check=task.check, prompt=task.prompt)[0]
         print(f"greedy {greedy:.1%}, sampled {sampled:.1%} ({time.perf_counter() - t:.0f} s)", flush=True)
         return greedy, sampled
 
-    print(f"rl_arithmetic: {cfg.algo} from the SFT run in {cfg.sft_run_dir}, {cfg.iterations} iterations x "
+    print(f"rl_arithmetic: {cfg.algo} on {cfg.task} from the SFT run in {cfg.sft_run_dir}, {cfg.iterations} "
+          f"iterations x "
           f"{cfg.prompts_per_iteration} prompts x {cfg.n} samples, seed {cfg.seed}; run dir {run_dir}", flush=True)
     if sft_accuracy is None:
         before, before_sampled = evaluate("the SFT", params)
@@ -286,7 +351,7 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
         before, before_sampled = sft_accuracy
     t0 = time.perf_counter()
     state = rl(state, prompts, reward, rl_cfg, model=model, decode=tok.decode_batch, run_dir=run_dir,
-               accuracy_fn=arithmetic_answer_reward, critic_model=critic_model,
+               accuracy_fn=accuracy_fn, critic_model=critic_model,
                loop=LoopConfig(steps=cfg.iterations, log_every=1, checkpoint_every=50, progress=cfg.progress,
                                **cfg.loop_logging()))
     wall = time.perf_counter() - t0

@@ -11,13 +11,15 @@ ARITHMETIC (rljax.data.arithmetic, unchanged), SORTING (insertion steps) and COU
 target: steps check locally, solving needs search); `reasoning_gym_task` adapts reasoning-gym's
 procedural generators (an optional extra).
 """
+import functools
+
 from rljax.tasks.arithmetic import ARITHMETIC
 from rljax.tasks.base import ANSWER_TAG, Task, TaskAlphabetError, check_alphabet
 from rljax.tasks.countdown import COUNTDOWN
 from rljax.tasks.sorting import SORTING
 
 __all__ = ["ANSWER_TAG", "ARITHMETIC", "COUNTDOWN", "SORTING", "TASKS", "Task", "TaskAlphabetError",
-           "check_alphabet", "get_task", "reasoning_gym_task", "task_names"]
+           "check_alphabet", "get_task", "reasoning_gym_task", "task_names", "task_slug"]
 
 TASKS = {t.name: t for t in (ARITHMETIC, SORTING, COUNTDOWN)}
 _RG_PREFIX = "rg:"
@@ -35,12 +37,25 @@ def reasoning_gym_task(name: str, **config) -> Task:
     return build(name, **config)
 
 
+def task_slug(name: str) -> str:
+    """The task name as it goes into a directory name: "rg:leg_counting" -> "rg-leg_counting"."""
+    return name.replace(":", "-")
+
+
+@functools.lru_cache(maxsize=None)
+def _rg_default(name: str) -> Task:
+    return reasoning_gym_task(name)
+
+
 def get_task(name: str, **config) -> Task:
     """The task called `name`: an embedded one (TASKS) or "rg:<generator>" (reasoning-gym, with
-    `config` for `reasoning_gym_task`). An unknown name is a ValueError listing the known ones."""
+    `config` for `reasoning_gym_task`; without config one Task per generator and process, so the
+    studies' calls share its datasets). An unknown name is a ValueError listing the known ones."""
     if isinstance(name, Task):
         return name
     if name.startswith(_RG_PREFIX):
+        if not config:
+            return _rg_default(name[len(_RG_PREFIX):])
         return reasoning_gym_task(name[len(_RG_PREFIX):], **config)
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
