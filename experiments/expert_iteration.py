@@ -1,14 +1,15 @@
-"""Expert iteration on the arithmetic task from the SFT study's checkpoint: rounds of rejection
+"""Expert iteration on an embedded task (arithmetic by default) from the SFT study's checkpoint: rounds of rejection
 sampling (n samples per problem, keep right and well-formed ones, one copy each, at most k per
 problem) → SFT on the kept samples, one results row per stage.
 
     python -m experiments.expert_iteration --sft-run-dir <SFT run>                # RAFT: continue the policy
     python -m experiments.expert_iteration --from-base true --accumulate true     # ReST-EM-like
     python -m experiments.expert_iteration --smoke
+    python -m experiments.expert_iteration --task countdown --sft-run-dir <countdown SFT run>
 
 The pipeline is `rljax.expert_iteration.expert_iteration`: stage "start" measures the SFT policy and
-stage "round-r" samples with the current policy, keeps by reward (1 for the right final answer;
---threshold), trains --steps-per-round SFT steps on the kept samples (with --general-rows reference
+stage "round-r" samples with the current policy, keeps by reward (1 for the right final answer,
+`task.answer_reward`; --threshold; well formed by `task.well_formed` where the task has one), trains --steps-per-round SFT steps on the kept samples (with --general-rows reference
 solutions of other training problems mixed in) and measures the result. Every row: held-out
 accuracy greedy and sampled (--eval-samples at temperature 1), mean reward and completion length of
 those samples, KL to the policy the round started from, and the round's kept fraction and prompts
@@ -25,18 +26,18 @@ from dataclasses import asdict, dataclass
 import jax
 
 from rljax.cli import LoggingFlags, apply_preset, check_input_dir, make_run_dir, run, save_config
-from rljax.data.arithmetic import make_split, well_formed
 from rljax.eval import PolicyEvalConfig
 from rljax.expert_iteration import ExpertIterationConfig, RejectionConfig, expert_iteration
-from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, load_sft
-from rljax.rewards.rules import arithmetic_answer_reward
+from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, check_sft_task, load_sft, sft_split
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
+from rljax.tasks import get_task, task_slug
 from rljax.tokenizer import CharTokenizer
 
 
 @dataclass
 class Config(LoggingFlags):
+    task: str = "arithmetic"  # the SFT run's task (rljax.tasks.get_task)
     sft_run_dir: str = "runs/sft_arithmetic-default"
     run_dir: str | None = None
     run_root: str = "runs"
@@ -84,15 +85,20 @@ def main(cfg: Config) -> dict:
         # evaluation the SFT smoke's (16 held-out problems, 24 new tokens): each sampler compiles once
         apply_preset(cfg, rounds=2, prompts_per_round=16, samples=2, steps_per_round=4, batch=8, lr=3e-3,
                      general_rows=16, eval_problems=16, eval_samples=2, max_new_tokens=24, train_sft=True)
+    get_task(cfg.task)  # an unknown task fails before a run directory is made
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
-    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "expert_iteration")
+    check_sft_task(cfg.task, cfg.sft_run_dir)  # before the run directory is made
+    name = "expert_iteration" if cfg.task == "arithmetic" else f"expert_iteration-{task_slug(cfg.task)}"
+    run_dir = cfg.run_dir or make_run_dir(cfg.run_root, name)
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)  # before any training
     tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
-                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags())
-    train, test = make_split(sft_cfg.n_train, sft_cfg.n_test, levels=sft_cfg.levels, seed=sft_cfg.seed)
-    general = [(p.prompt, p.completion) for p in train[len(train) - cfg.general_rows:]] if cfg.general_rows else []
+                                      run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags(),
+                                      task=cfg.task)
+    task, train, test = sft_split(sft_cfg)
+    general = ([(task.prompt(p), task.reference(p)) for p in train[len(train) - cfg.general_rows:]]
+               if cfg.general_rows else [])
     pool = train[:len(train) - cfg.general_rows]  # the problems sampled from, apart from the general rows
     ei = pipeline_config(cfg, tok)
     state = create_state(model, ei.optimizer, jax.random.key(cfg.seed), params=params)
@@ -100,9 +106,10 @@ def main(cfg: Config) -> dict:
           f"{cfg.steps_per_round} SFT steps a round ({'from the SFT checkpoint' if cfg.from_base else 'continued'}), "
           f"{len(general)} general rows; run dir {run_dir}", flush=True)
     t0 = time.perf_counter()
-    state, rows = expert_iteration(state, [p.prompt for p in pool], arithmetic_answer_reward, ei, model=model,
+    state, rows = expert_iteration(state, [task.prompt(p) for p in pool], task.answer_reward(), ei, model=model,
                                    tokenizer=tok, key=jax.random.key(cfg.seed + 1), held_out=test[:cfg.eval_problems],
-                                   well_formed=well_formed, sft_rows=general, run_dir=run_dir, problems=pool)
+                                   check=task.check, well_formed=task.well_formed, sft_rows=general, run_dir=run_dir,
+                                   problems=pool)
     wall = time.perf_counter() - t0
     shown = [c for c in COLUMNS if any(c in r for r in rows)]
     print("\n| " + " | ".join(shown) + " |\n|" + " --- |" * len(shown))
