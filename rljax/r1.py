@@ -270,7 +270,8 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
         rm_model, rm_template = add_head(model, params, "reward")
     else:
         rm_template = reward_model[1]
-    shared = dict(config={k: v for k, v in dataclasses.asdict(cfg).items() if k not in _SHOWN_FIELDS},
+    # one entry per config field, so a refusal names the field that changed
+    shared = dict({f"config.{k}": v for k, v in dataclasses.asdict(cfg).items() if k not in _SHOWN_FIELDS},
                   task=task.name, cold_start=_digest([task.prompt(p) for p in cold_start]),
                   reasoning=_digest([task.prompt(p) for p in reasoning]),
                   general=_digest([task.prompt(p) for p in general]),
@@ -450,8 +451,9 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
                      collect=lambda s, ctx: collect_samples(s["policy"], distill_problems, cfg.distill_rejection, ctx)),
                Stage("distill-on-policy", train=distill_on_policy, data_file=None)]
     stages = [dataclasses.replace(s, args=dict(shared, stage=s.name)) for s in stages]
-    state = dict(policy=params, reward_model=rm_template, student=student_params, student_sft=student_params,
-                 student_on_policy=student_params)
+    # device arrays (a checkpoint restores onto their shardings), whatever the caller's params are
+    state = jax.device_put(dict(policy=params, reward_model=rm_template, student=student_params,
+                                student_sft=student_params, student_on_policy=student_params))
     results: dict = {}
     state, _ = run_stages(state, stages, run_dir=run_dir, results=results)
     return state, [results[s.name] for s in stages if s.name in results]
