@@ -2,7 +2,7 @@
 freshly initialised model, then distilled into a smaller student:
 
     python -m experiments.r1_pipeline --smoke                       # ~1 min on 2 CPU cores
-    python -m experiments.r1_pipeline                               # tiny preset, arithmetic levels 1-2
+    python -m experiments.r1_pipeline                               # tiny preset, arithmetic level 1
     python -m experiments.r1_pipeline --task sorting --run-dir runs/r1-sorting
 
 The pipeline is `rljax.r1.r1_pipeline` (its docstring lists the stages): cold-start SFT on the task's step-by-step
@@ -43,7 +43,7 @@ from rljax.tokenizer import CharTokenizer
 @dataclass
 class Config(LoggingFlags):
     task: str = "arithmetic"
-    levels: tuple[int, ...] = (1, 2)
+    levels: tuple[int, ...] = (1,)
     preset: str = "tiny"
     layers: int = 4  # the teacher's layers
     student_layers: int = 2
@@ -55,7 +55,7 @@ class Config(LoggingFlags):
     reasoning: int = 512  # reasoning prompts (RL, rejection sampling, distillation)
     general: int = 256  # general prompts (general SFT rows, reward-model pairs, the reward model's RL prompts)
     n_test: int = 64
-    cold_start_steps: int = 400
+    cold_start_steps: int = 1000
     sft_batch: int = 16
     sft_lr: float = 3e-3
     rl_iterations: int = 30
@@ -68,16 +68,16 @@ class Config(LoggingFlags):
     rejection_prompts: int = 256
     samples: int = 8
     max_per_prompt: int = 2
-    rs_sft_steps: int = 400
+    rs_sft_steps: int = 1000
     from_base: bool = True
     general_sft_rows: int = 128
     rm_steps: int = 100
     rm_lr: float = 1e-4
     mixed_iterations: int = 30
-    student_start_steps: int = 200
+    student_start_steps: int = 300
     distill_prompts: int = 256
     distill_samples: int = 4
-    distill_sft_steps: int = 200
+    distill_sft_steps: int = 300
     distill_iterations: int = 30
     student_lr: float = 1e-4
     eval_samples: int = 4

@@ -93,16 +93,18 @@ def _config(**changes) -> R1Config:
     return R1Config(**{**base, **changes})
 
 
-def _run(setup, run_dir, *, kill_at=None, calls=None, **changes):
-    """The pipeline from the warm base. calls records every phase evaluation (type, step); kill_at=k raises at the
-    k-th (0-based) of this run (the phases evaluate before they checkpoint, every step)."""
+def _run(setup, run_dir, *, kill=None, calls=None, **changes):
+    """The pipeline from the warm base. calls records every phase evaluation as (state type, step, model width:
+    the teacher's 128 or the student's 64); kill(calls) -> True raises there (a phase evaluates every step, before
+    its checkpoint of that step; a phase stopped by an exception saves its last finished step)."""
     model, params, student, student_params, sets = setup
     calls = [] if calls is None else calls
 
     def eval_fn(s):
-        calls.append((type(s).__name__, int(s.step)))
-        if kill_at is not None and len(calls) - 1 == kill_at:
-            raise Killed(f"evaluation {kill_at}")
+        params = s.policy.params if hasattr(s, "policy") else s.params
+        calls.append((type(s).__name__, int(s.step), int(params["embedding"].shape[1])))
+        if kill is not None and kill(calls):
+            raise Killed(f"evaluation {calls[-1]}")
         return {}
 
     return r1_pipeline(params, _config(**changes), model=model, tokenizer=TOK, task=ARITHMETIC, student_model=student,
@@ -177,7 +179,7 @@ def test_other_arguments_are_refused_naming_the_stage_and_file(tmp_path):
     fresh = (model, model.init(jax.random.key(0)), model, model.init(jax.random.key(1)), sets)
     run, calls = str(tmp_path / "r1"), []
     with pytest.raises(Killed):
-        _run(fresh, run, calls=calls, kill_at=0)
+        _run(fresh, run, calls=calls, kill=lambda calls: True)
     saved = json.load(open(os.path.join(run, "cold-start", "stage.json")))
     assert saved["stage"] == "cold-start" and saved["config.rs_sft_steps"] == 3 and saved["task"] == "arithmetic"
     calls.clear()
@@ -197,24 +199,26 @@ def test_other_arguments_are_refused_naming_the_stage_and_file(tmp_path):
 def test_pipeline_resumes_bit_identically_after_kills_between_and_inside_stages(setup, tmp_path):
     calls = []
     full, rows = _run(setup, str(tmp_path / "full"), calls=calls)
-    # where the kills go: the first evaluation of rl-mixed's RL phase (reward-model finished, rl-mixed not yet
-    # checkpointed: a kill between stages), and the second of distill-sft's SFT (its samples saved, step 1 done)
-    kinds = [k for k, _ in calls]
-    first_rl_mixed = [i for i, k in enumerate(kinds) if k == "RLState"][2]  # rl-reasoning's 2, then rl-mixed's
+    teacher_rl = [c for c in calls if c[0] == "RLState" and c[2] == 128]
+    assert [c[1] for c in teacher_rl] == [1, 2, 1, 2]  # rl-reasoning, then rl-mixed
     run = str(tmp_path / "killed")
     calls = []
+    # between stages: at rl-mixed's first evaluation (reward-model finished, rl-mixed's step 1 not checkpointed yet
+    # when the kill comes, and saved as the last finished step while the phase stops)
     with pytest.raises(Killed):
-        _run(setup, run, calls=calls, kill_at=first_rl_mixed)
+        _run(setup, run, calls=calls, kill=lambda c: sum(x[0] == "RLState" and x[2] == 128 for x in c) == 3)
     assert json.load(open(os.path.join(run, "reward-model", "results.json")))["stage"] == "reward-model"
     assert not os.path.exists(os.path.join(run, "rl-mixed", "results.json"))
     calls = []
-    with pytest.raises(Killed):  # resumed at rl-mixed: 2 RL + 2 student-start + 2 distill-sft evaluations, the 2nd
-        _run(setup, run, calls=calls, kill_at=5)
-    assert calls[-1] == ("TrainState", 2) and os.path.exists(os.path.join(run, "distill-sft", "samples.json"))
-    assert not os.path.exists(os.path.join(run, "distill-sft", "results.json"))
+    # inside a stage: the last one's (distill-on-policy, the student's RL) first iteration
+    with pytest.raises(Killed):
+        _run(setup, run, calls=calls, kill=lambda c: c[-1] == ("RLState", 1, 64))
+    assert calls[0] == ("RLState", 2, 128)  # rl-mixed resumed after its step 1
+    assert os.path.exists(os.path.join(run, "distill-sft", "samples.json"))
+    assert not os.path.exists(os.path.join(run, "distill-on-policy", "results.json"))
     calls = []
     resumed, resumed_rows = _run(setup, run, calls=calls)
-    assert calls[0] == ("TrainState", 2)  # distill-sft resumed from its step-1 checkpoint
+    assert calls == [("RLState", 2, 64)]  # distill-on-policy resumed after its step 1; nothing else ran
     _same(full, resumed)
     assert resumed_rows == rows and read_results(run) == rows
 
