@@ -51,9 +51,10 @@ class Config(LoggingFlags):
     run_dir: str | None = None
     run_root: str = "runs"
     seed: int = 0
+    # arithmetic level 1 has about 1200 distinct problems: cold_start + reasoning + general + n_test stay below
     cold_start: int = 512  # problems whose reference completions are the cold-start SFT data
-    reasoning: int = 512  # reasoning prompts (RL, rejection sampling, distillation)
-    general: int = 256  # general prompts (general SFT rows, reward-model pairs, the reward model's RL prompts)
+    reasoning: int = 384  # reasoning prompts (RL, rejection sampling, distillation)
+    general: int = 192  # general prompts (general SFT rows, reward-model pairs, the reward model's RL prompts)
     n_test: int = 64
     cold_start_steps: int = 1000
     sft_batch: int = 16

@@ -234,3 +234,35 @@ def test_experiment_smoke_writes_the_table_and_reruns_to_it(tmp_path):
     assert read_results(str(tmp_path / "r1")) == res["rows"]
     again = ex.main(ex.Config(**cfg))
     assert again["rows"] == res["rows"]
+
+
+def test_arithmetic_train_rl_needs_a_teacher_run_exactly_for_on_policy_distill(tmp_path):
+    from rljax.recipes.arithmetic_runs import RLArithmeticConfig, train_rl
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    with pytest.raises(ValueError, match="--teacher-run-dir: on_policy_distill distils from a teacher"):
+        train_rl(RLArithmeticConfig(algo="on_policy_distill", sft_run_dir=str(sft), run_dir=str(tmp_path / "a")))
+    with pytest.raises(FileNotFoundError, match="--teacher-run-dir: no directory"):
+        train_rl(RLArithmeticConfig(algo="on_policy_distill", sft_run_dir=str(sft), teacher_run_dir=str(tmp_path / "x"),
+                                    run_dir=str(tmp_path / "a")))
+    with pytest.raises(ValueError, match="--teacher-run-dir: grpo uses no teacher"):
+        train_rl(RLArithmeticConfig(algo="grpo", sft_run_dir=str(sft), teacher_run_dir=str(sft),
+                                    run_dir=str(tmp_path / "a")))
+    assert not os.path.exists(tmp_path / "a")  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_arithmetic_train_rl_distils_on_policy_from_a_teacher_run(tmp_path):
+    """`python -m experiments.rl_arithmetic --algo on_policy_distill --teacher-run-dir <SFT run> --smoke`: the
+    student is the smoke SFT run, the teacher another SFT run of a larger model (its own preset)."""
+    from rljax.recipes.arithmetic_runs import RLArithmeticConfig, SFTArithmeticConfig, train_rl, train_sft
+
+    teacher = str(tmp_path / "teacher")
+    train_sft(SFTArithmeticConfig(smoke=True, preset="tiny", steps=20, run_dir=teacher, progress=False,
+                                  evaluate=False))
+    res = train_rl(RLArithmeticConfig(algo="on_policy_distill", smoke=True, sft_run_dir=str(tmp_path / "student"),
+                                      teacher_run_dir=teacher, run_dir=str(tmp_path / "rl"), progress=False))
+    lines = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
+    kl = [x["rl/teacher_kl_per_sequence"] for x in lines if "rl/teacher_kl_per_sequence" in x]
+    assert len(kl) == 3 and all(np.isfinite(kl)) and res["accuracy_rl"] is not None

@@ -4,7 +4,8 @@
                                   (`python -m experiments.sft_arithmetic`)
   load_sft(sft_run_dir, tok)      the model, final params and config of a finished SFT run
   train_rl(RLArithmeticConfig)    RL with any rljax.algorithms entry from a finished SFT run
-                                  (`python -m experiments.rl_arithmetic`)
+                                  (`python -m experiments.rl_arithmetic`); on_policy_distill's teacher
+                                  is the final policy of the SFT run in teacher_run_dir
 
 Each run writes config.json, metrics.jsonl, checkpoints/ and results.json under its run directory;
 running it again with the same run_dir resumes from the last checkpoint, provided the configuration
@@ -200,6 +201,8 @@ class RLArithmeticConfig(LoggingFlags):
     critic_lr: float = 1e-4  # trpo: the separate critic's learning rate
     critic_epochs: int = 4  # trpo: critic regression passes per iteration
     sft_run_dir: str = "runs/sft_arithmetic-default"
+    # on_policy_distill: the finished SFT run whose final policy is the teacher (its own preset, same tokenizer)
+    teacher_run_dir: str | None = None
     run_dir: str | None = None
     run_root: str = "runs"
     seed: int = 0
@@ -227,6 +230,13 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
     if cfg.smoke:
         apply_preset(cfg, iterations=3, prompts_per_iteration=4, n=4, max_new_tokens=16, train_sft=True)
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
+    if get_algorithm(cfg.algo).needs().teacher:  # before anything runs
+        if cfg.teacher_run_dir is None:
+            raise ValueError(f"--teacher-run-dir: {cfg.algo} distils from a teacher; name the finished SFT run whose "
+                             "final policy is the teacher")
+        check_input_dir(cfg.teacher_run_dir, "--teacher-run-dir")
+    elif cfg.teacher_run_dir is not None:
+        raise ValueError(f"--teacher-run-dir: {cfg.algo} uses no teacher (only on_policy_distill does); drop it")
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"rl_arithmetic-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)
@@ -234,6 +244,9 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
                                       run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags())
     algo = get_algorithm(cfg.algo)
+    teacher_model = teacher_params = None
+    if algo.needs().teacher:  # on_policy_distill: the teacher is the final policy of another finished SFT run
+        teacher_model, teacher_params, _ = load_sft(cfg.teacher_run_dir, tok, progress=cfg.progress)
     critic_model = critic_params = None
     if algo.needs().critic:  # trpo: a separate critic, initialised from the policy (V = 0 at first)
         critic_model, critic_params = with_value_head(model, params)
@@ -264,7 +277,7 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
                       actors=cfg.actors, critic_epochs=cfg.critic_epochs,
                       critic_optimizer=OptimizerConfig(lr=cfg.critic_lr, schedule="constant", head_lr=cfg.head_lr))
     state = create_rl_state(model, params, rl_cfg, jax.random.key(cfg.seed), critic_model=critic_model,
-                            critic_params=critic_params)
+                            critic_params=critic_params, teacher_params=teacher_params, teacher_model=teacher_model)
 
     def evaluate(which: str, p) -> tuple[float, float]:
         """Held-out (greedy, sampled) accuracy; the sampled one is the mean over eval_samples at temperature 1,
@@ -286,7 +299,7 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
         before, before_sampled = sft_accuracy
     t0 = time.perf_counter()
     state = rl(state, prompts, reward, rl_cfg, model=model, decode=tok.decode_batch, run_dir=run_dir,
-               accuracy_fn=arithmetic_answer_reward, critic_model=critic_model,
+               accuracy_fn=arithmetic_answer_reward, critic_model=critic_model, teacher_model=teacher_model,
                loop=LoopConfig(steps=cfg.iterations, log_every=1, checkpoint_every=50, progress=cfg.progress,
                                **cfg.loop_logging()))
     wall = time.perf_counter() - t0
