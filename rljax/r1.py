@@ -154,9 +154,9 @@ class R1Config:
     wandb: WandbConfig | None = None
 
     def __post_init__(self):
-        positive = ("cold_start_steps", "sft_batch_size", "rl_iterations", "prompts_per_iteration", "samples_per_prompt",
-                    "max_new_tokens", "rejection_prompts", "rs_sft_steps", "rm_steps", "rm_batch_size",
-                    "mixed_iterations", "distill_prompts", "distill_sft_steps", "distill_iterations")
+        positive = ("cold_start_steps", "sft_batch_size", "rl_iterations", "prompts_per_iteration",
+                    "samples_per_prompt", "max_new_tokens", "rejection_prompts", "rs_sft_steps", "rm_steps",
+                    "rm_batch_size", "mixed_iterations", "distill_prompts", "distill_sft_steps", "distill_iterations")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"R1Config.{name}: must be >= 1, got {getattr(self, name)}")
@@ -276,7 +276,8 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
                   reasoning=_digest([task.prompt(p) for p in reasoning]),
                   general=_digest([task.prompt(p) for p in general]),
                   held_out=_digest([task.prompt(p) for p in held_out]), base=state_digest(params),
-                  student=state_digest(student_params), student_config=_digest(dataclasses.asdict(student_model.config)),
+                  student=state_digest(student_params),
+                  student_config=_digest(dataclasses.asdict(student_model.config)),
                   reward_model=None if reward_model is None else state_digest(reward_model[1]),
                   language_reward=getattr(language_reward, "__name__", None))
     phase_loop = dict(log_every=cfg.log_every, eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,

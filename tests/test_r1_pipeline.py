@@ -17,7 +17,7 @@ from rljax.expert_iteration import RejectionConfig
 from rljax.models import Model, preset
 from rljax.phases import LoopConfig, SFTPhaseConfig, sft
 from rljax.pipelines import StageArgumentsError, read_results
-from rljax.r1 import R1Config, mixed_reward, r1_pipeline, rule_reward
+from rljax.r1 import R1_STAGES, R1Config, mixed_reward, r1_pipeline, rule_reward
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
 from rljax.tasks import ARITHMETIC
@@ -25,8 +25,7 @@ from rljax.tokenizer import CharTokenizer
 
 TOK = CharTokenizer()
 OPT = OptimizerConfig(lr=3e-3, schedule="constant")
-STAGES = ["cold-start", "rl-reasoning", "rejection-sft", "reward-model", "rl-mixed", "student-start", "distill-sft",
-          "distill-on-policy"]
+STAGES = list(R1_STAGES)  # every stage: the tests train the reward model and give the student its own cold start
 
 
 class Killed(BaseException):
