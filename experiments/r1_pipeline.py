@@ -2,7 +2,7 @@
 freshly initialised model, then distilled into a smaller student:
 
     python -m experiments.r1_pipeline --smoke                       # ~1 min on 2 CPU cores
-    python -m experiments.r1_pipeline                               # tiny preset, arithmetic level 1
+    python -m experiments.r1_pipeline                               # tiny preset, arithmetic level 1: ~11 min
     python -m experiments.r1_pipeline --task sorting --run-dir runs/r1-sorting
 
 The pipeline is `rljax.r1.r1_pipeline` (its docstring lists the stages): cold-start SFT on the task's step-by-step
@@ -16,6 +16,7 @@ on-policy distillation. The base is a fresh initialisation: the arithmetic task 
 the cold start is all the base knows. The problems of the train split are partitioned: the first --cold-start
 are the cold-start data, the next --reasoning the reasoning prompts, the rest the general prompts.
 
+Measured on 2 shared CPU cores: --smoke about 1 min, the default run 631 s (its table: docs/results/r1_pipeline.md).
 Outputs under the run directory: results.md and results.jsonl (one row per stage), <stage>/results.json,
 <stage>/stage.json (the stage's arguments; a rerun with others is refused), results.json (config and rows). A
 killed run, started again with the same arguments, resumes where it stopped.
