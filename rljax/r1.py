@@ -72,7 +72,7 @@ import numpy as np
 
 from rljax.checkpoint import state_digest
 from rljax.data.batch import PromptBatch
-from rljax.data.collate import BatchIterator, collate_prompt_completion
+from rljax.data.collate import BatchIterator, collate_prompt_completion, encode_prompt_completion
 from rljax.eval import PolicyEvalConfig, evaluate_policy
 from rljax.expert_iteration import RejectionConfig, rejection_sample
 from rljax.metrics import WandbConfig
@@ -378,12 +378,22 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
         from rljax.models.transformer import add_head
         from rljax.rewards.evaluation import reward_model_eval
 
-        def pairs_of(problems, seed, **kw):
-            return [(r["prompt"], r["chosen"], r["rejected"]) for r in preference_pairs(problems, seed, task=task, **kw)
-                    if r["chosen"] != r["rejected"] and r["gold_margin"] != 0]
+        def fits(prompt, completion) -> bool:  # [bos] prompt completion [eos] within the model's length
+            ids, _ = encode_prompt_completion(tokenizer, prompt, completion, 0, add_bos=True, add_eos=True)
+            return len(ids) <= rm_model.config.max_seq_len
 
-        train_pairs = pairs_of(list(general), cfg.seed, beta=cfg.rm_beta)
-        held = pairs_of(list(held_out), cfg.seed + 1, noise_free=True)
+        def pairs_of(problems, seed, **kw):
+            """Pairs with distinct texts and a gold order, and -> the number left out for their length."""
+            rows = [(r["prompt"], r["chosen"], r["rejected"]) for r in preference_pairs(problems, seed, task=task, **kw)
+                    if r["chosen"] != r["rejected"] and r["gold_margin"] != 0]
+            kept = [r for r in rows if fits(r[0], r[1]) and fits(r[0], r[2])]
+            return kept, len(rows) - len(kept)
+
+        (train_pairs, too_long), (held, _) = (pairs_of(list(general), cfg.seed, beta=cfg.rm_beta),
+                                              pairs_of(list(held_out), cfg.seed + 1, noise_free=True))
+        if not train_pairs:
+            raise ValueError(f"r1_pipeline: stage {ctx.name!r}: no preference pair of the general problems fits the "
+                             f"reward model's max_seq_len {rm_model.config.max_seq_len} ({too_long} too long)")
         collate = functools.partial(collate_pairs, tokenizer)
         _, init = add_head(model, state["policy"], "reward")
         rm = create_state(rm_model, cfg.rm_optimizer, jax.random.fold_in(key, ctx.index), params=init)
@@ -393,7 +403,8 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
                                 seed=cfg.seed + ctx.index)
         rm = train_reward_model(rm, batches, phase, model=rm_model, run_dir=ctx.component_dir(f"{ctx.name}-rm"),
                                 eval_fn=eval_fn)
-        row = dict(rm_pairs=len(train_pairs), rm_steps=steps_of(rm), rm_held_out_pairs=len(held))
+        row = dict(rm_pairs=len(train_pairs), rm_pairs_too_long=too_long, rm_steps=steps_of(rm),
+                   rm_held_out_pairs=len(held))
         if held:
             evaluator = reward_model_eval(rm_model, [collate(held[i:i + 64]) for i in range(0, len(held), 64)])
             row["rm_pairwise_accuracy"] = evaluator(rm)["pairwise_accuracy"]
