@@ -466,28 +466,33 @@ def iterative_oreo(state: OREOState, prompts: Sequence[str], reward_fn: Callable
 # ----------------------------------------------------------------------------- RL (the one place that calls it)
 
 
-def rl_state(model, params, rl_cfg, key, **kwargs):
+def rl_state(model, params, rl_cfg, key, *, teacher_params=None, teacher_model=None, **kwargs):
     """The RLState an RL stage starts from: the policy a copy of `params`, which also become
-    the frozen reference (`rljax.rl.create_rl_state`; kwargs: critic_model, ...)."""
+    the frozen reference (`rljax.rl.create_rl_state`; kwargs: critic_model, ...). teacher_params,
+    teacher_model: the frozen teacher of on-policy distillation (RLState.teacher_params; its model,
+    default `model`, placed by its sharding rules); pass the same teacher_model to `train_rl`."""
     from rljax.rl import create_rl_state
 
-    return create_rl_state(model, params, rl_cfg, key, **kwargs)
+    return create_rl_state(model, params, rl_cfg, key, teacher_params=teacher_params, teacher_model=teacher_model,
+                           **kwargs)
 
 
 def train_rl(state, prompts, reward_fn: Callable, rl_cfg, *, model, decode: Callable, steps: int,
              run_dir: str | None = None, log_every: int = 10, checkpoint_every: int = 0, eval_every: int = 0,
              progress: bool = True, eval_fn: Callable | None = None, tensorboard: bool | None = None,
-             wandb: WandbConfig | None = None, **kwargs):
+             wandb: WandbConfig | None = None, teacher_model=None, **kwargs):
     """RL iterations of `state` (an RLState) until state.step == steps: `rljax.phases.rl` with
     prompts (batch_at(position) -> PromptBatch) and reward_fn(prompts, completions, **metadata)
     -> [B]; run_dir holds its metrics and checkpoints (resumed from); tensorboard, wandb: where
-    else the metrics go (`LoopConfig`); kwargs go to the phase."""
+    else the metrics go (`LoopConfig`); teacher_model: the model of state.teacher_params
+    (on-policy distillation, `rl_state(..., teacher_params=)`; default `model`); kwargs go to
+    the phase (accuracy_fn, critic_model, ...)."""
     from rljax.phases import rl
 
     loop = LoopConfig(steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, eval_every=eval_every,
                       progress=progress, tensorboard=tensorboard, wandb=wandb)
     return rl(state, prompts, reward_fn, rl_cfg, model=model, decode=decode, loop=loop, run_dir=run_dir,
-              eval_fn=eval_fn, **kwargs)
+              eval_fn=eval_fn, teacher_model=teacher_model, **kwargs)
 
 
 # ----------------------------------------------------------------------------- iterative RLHF
