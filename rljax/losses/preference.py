@@ -188,25 +188,23 @@ def completion_logps(params, tokens, attention_mask, loss_mask, *, model, chunk_
     B, two, T = tokens.shape
     if any(not 0 <= i < two for i in frozen):
         raise ValueError(f"completion_logps: frozen indices {frozen} out of range for a pair axis of {two}")
+
+    def rows(p, tok, attn, loss):  # [B, n, T] -> ([B, n, T-1], [B, n, T-1]) in one forward of [B·n, T]
+        n = tok.shape[1]
+        flat = lambda x: x.reshape(B * n, T)  # noqa: E731
+        lp = sequence_token_stats(p, flat(tok), flat(attn), model=model, chunk_size=chunk_size)["logprobs"]
+        return lp.reshape(B, n, T - 1), target_mask(flat(loss), flat(attn)).reshape(B, n, T - 1)
+
+    if not frozen:
+        return rows(params, tokens, attention_mask, loss_mask)
     live = [i for i in range(two) if i not in frozen]
-    if not frozen or not live:
-        groups = [(list(range(two)), jax.lax.stop_gradient(params) if frozen else params)]
-    else:
-        groups = [(live, params), (sorted(set(frozen)), jax.lax.stop_gradient(params))]
-    lps, masks, order = [], [], []
+    groups = [(live, params), ([i for i in range(two) if i in frozen], jax.lax.stop_gradient(params))]
+    per_index = {}
     for idx, p in groups:
-        n = len(idx)
-        flat = lambda x: x[:, idx].reshape(B * n, T)  # noqa: E731
-        lp = sequence_token_stats(p, flat(tokens), flat(attention_mask), model=model,
-                                  chunk_size=chunk_size)["logprobs"]
-        lps.append(lp.reshape(B, n, T - 1))
-        masks.append(target_mask(flat(loss_mask), flat(attention_mask)).reshape(B, n, T - 1))
-        order += idx
-    lp, mask = (jnp.concatenate(x, axis=1) for x in (lps, masks))
-    if order != sorted(order):
-        back = jnp.argsort(jnp.asarray(order))
-        lp, mask = lp[:, back], mask[:, back]
-    return lp, mask
+        if idx:
+            lp, mask = rows(p, tokens[:, idx], attention_mask[:, idx], loss_mask[:, idx])
+            per_index.update({i: (lp[:, k], mask[:, k]) for k, i in enumerate(idx)})
+    return tuple(jnp.stack([per_index[i][j] for i in range(two)], axis=1) for j in (0, 1))
 
 
 def reference_logps(params, batch, *, model, chunk_size: int | None = None) -> jax.Array:
