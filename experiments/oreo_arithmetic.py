@@ -282,7 +282,8 @@ def _best_of_n(policy, value_model, value_params, model, tok, problems, n: int, 
 def part_search(cfg: Config, model, tok, held, trained, run_dir: str) -> dict:
     value_model, state = trained
     policy, value_params = state.policy.params, state.value.params
-    greedy, texts = exact_match(policy, model, tok, held, cfg.max_new_tokens)
+    task = get_task(cfg.task)
+    greedy, texts = exact_match(policy, model, tok, held, cfg.max_new_tokens, check=task.check, prompt=task.prompt)
     greedy_tokens = float(np.mean([len(tok.encode(t, add_bos=False)) + 1 for t in texts]))
     out = dict(greedy=greedy, greedy_tokens_per_problem=greedy_tokens, beams={})
     for b in cfg.beams:

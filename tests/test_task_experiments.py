@@ -287,6 +287,9 @@ def test_oreo_smoke_on_countdown(countdown_sft, tmp_path):
     for b in res["search"]["beams"].values():
         assert round(b["search"]["accuracy"] * n) == pytest.approx(b["search"]["accuracy"] * n)
     assert res["iterate"]["OREO"][0] == res["sft"]["greedy"]
+    # the search part's greedy baseline is OREO's policy decoded greedily and checked by countdown: the same number
+    # part compare reports for it
+    assert res["search"]["greedy"] == res["compare"]["methods"]["OREO"]["greedy"]
 
 
 @pytest.mark.slow  # an experiment's whole --smoke run; .ci/run runs the slow tier
