@@ -4,6 +4,7 @@
 # Peer baselines (Hugging Face transformers / TRL on CPU, benchmarks/peers/), in their own environment:
 #   make peer-env     create .peer/venv from benchmarks/peers/requirements.txt (CPU torch)
 #   make bench-peers  run the peer scripts at the configurations rljax's benchmarks are matched to
+#   make bench-offline  rljax's offline trainers and TRL's at the same configuration, alternating
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -16,7 +17,7 @@ PEER_REQS  := benchmarks/peers/requirements.txt
 # configuration still works). Empty to use pip's configuration alone: make peer-env PEER_TORCH_INDEX=
 PEER_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: quickstart test test-slow bench peer-env bench-peers clean
+.PHONY: quickstart test test-slow bench peer-env bench-peers bench-offline clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +57,16 @@ bench-peers: $(PEER_STAMP)
 	$(PEER_PY) benchmarks/peers/trl_offline.py --trainer dpo --precompute-ref
 	$(PEER_PY) benchmarks/peers/trl_offline.py --trainer kto
 	$(PEER_PY) benchmarks/peers/trl_offline.py --trainer reward
+
+# One process per trainer and side (peak memory is the process's), rljax then TRL, so both
+# sides of a row share the machine's state; compare the ratios, not absolute seconds.
+OFFLINE_TRAINERS := dpo dpo--precompute-ref kto reward
+bench-offline: $(STAMP) $(PEER_STAMP)
+	@for t in $(OFFLINE_TRAINERS); do \
+		args="--trainer $$(echo $$t | sed 's/--/ --/')"; \
+		$(PY) -m benchmarks.offline $$args; \
+		$(PEER_PY) benchmarks/peers/trl_offline.py $$args; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.cpuinfo import cpu_description
+
 
 def banner(title: str, cfg) -> None:
     dev = jax.devices()[0]
     print(f"== {title}")
     print(f"jax {jax.__version__} | backend {jax.default_backend()} | {jax.device_count()} x {dev.device_kind} | "
-          f"{os.cpu_count()} cpus | {platform.processor() or platform.machine()}")
+          f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cpus | "
+          f"{cpu_description()}")
     print(f"config: {cfg}")
 
 

@@ -4,6 +4,7 @@
     python -m benchmarks.grpo_step --which trl           # the peer's configuration only
     python -m benchmarks.grpo_step --which small --iterations 3
     python -m benchmarks.grpo_step --which trl --algo ppo   # PPO (value head on the policy) at the same shape
+    python -m benchmarks.grpo_step --which trl --track-kl off --dtype bfloat16   # beside trl_grpo.py --bf16
 
 "trl" is the configuration of the peer script benchmarks/peers/trl_grpo.py, TRL's
 GRPOTrainer (run `.peer/venv/bin/python benchmarks/peers/trl_grpo.py` in the same
@@ -12,8 +13,8 @@ hidden 256, 4 layers, 4 heads (no GQA), MLP 1024, untied head, the character
 vocabulary of CharTokenizer (the peer builds the same 58 ids); 16 prompts x 8
 samples x 128 new tokens forced to full length (eos never ends a row); float32;
 beta = 0 (no reference model: track_kl off); one update per iteration; the same
-toy reward. It is timed once more with track_kl on, which adds the reference
-forward pass the KL metrics need. Prompts (5 tokens: BOS + 4 characters, as in
+toy reward. It is timed once more with track_kl on (--track-kl both, the default),
+which adds the reference forward pass the KL metrics need. Prompts (5 tokens: BOS + 4 characters, as in
 the peer) go in a bucket of 8 (TRL pads to the longest prompt, 5). "small" is the `small` preset at 64 prompts x 8 x 64 tokens.
 The first iteration (compilation) is reported apart; figures are medians. With
 --algo ppo the policy gets a value head; one forward for V_old ("values") is added
@@ -48,6 +49,8 @@ class Config:
     iterations: int = 5  # timed iterations after the first
     epochs: int = 1  # passes over each iteration's samples
     minibatches: int = 1  # updates per pass
+    dtype: str = "float32"  # matmul compute dtype (bfloat16: f32 weights, optimizer and accumulation)
+    track_kl: str = "both"  # off | on | both: time the iteration without and/or with the KL metrics
     smoke: bool = False
 
 
@@ -102,15 +105,15 @@ def main(cfg: Config) -> None:
         # the peer's Llama: 4 heads of 64, MHA, untied, max 512 positions, rope theta 10000, eps 1e-6
         mc = TransformerConfig(vocab_size=tok.vocab_size, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
                                mlp_dim=1024, max_seq_len=512, tie_embeddings=False, rope_theta=10_000.0,
-                               norm_eps=1e-6, scan_layers=False)
+                               norm_eps=1e-6, scan_layers=False, dtype=cfg.dtype)
         model = Model(mc)
         prompts, max_new = (TRL_PROMPTS[:4], 16) if cfg.smoke else (TRL_PROMPTS, 128)
-        for track_kl in (False, True):
+        for track_kl in {"off": (False,), "on": (True,), "both": (False, True)}[cfg.track_kl]:
             # prompts are 5 tokens (bos + 4 chars): a bucket of 8 instead of the default 16
             run("trl-config", model, prompts, 8, max_new, iterations, track_kl, min_prompt_bucket=8, algo=cfg.algo,
                 epochs=cfg.epochs, minibatches=cfg.minibatches)
     if cfg.which in ("small", "both"):
-        model = Model(preset("small", vocab_size=tok.vocab_size))
+        model = Model(preset("small", vocab_size=tok.vocab_size, dtype=cfg.dtype))
         prompts = [TRL_PROMPTS[i % 16] for i in range(8 if cfg.smoke else 64)]
         run("small", model, prompts, 8, 16 if cfg.smoke else 64, iterations, track_kl=False, algo=cfg.algo,
             epochs=cfg.epochs, minibatches=cfg.minibatches)

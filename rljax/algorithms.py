@@ -4,7 +4,8 @@ An algorithm is data, not a class: an advantage estimator (`rljax.estimators`: p
 half, rows and rewards -> advantages) paired with a policy loss (`rljax.losses`: a pure
 `loss(params, batch, *, model, cfg)`, or its own update rule such as TRPO's). Each half
 declares what it needs from the RL iteration (`Needs`: reference log-probs, values or a
-separate critic, a greedy decode, a group filter with refill, a running baseline); the
+separate critic, a greedy decode, a group filter with refill, a running baseline, a frozen
+teacher's log-probs); the
 iteration reads the declarations and never names a method. A variant (Dr. GRPO, DAPO) is
 other configs, never a subclass; `compose` pairs any estimator with any loss that accepts
 its output by name.
@@ -27,8 +28,9 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from rljax.data.batch import PolicyBatch
-from rljax.estimators import (BaselineConfig, Estimate, GAEConfig, GroupAdvantageConfig, Needs, PrepareInput,
-                              baseline_estimate, baseline_needs, gae_estimate, gae_needs, group_estimate, group_needs)
+from rljax.estimators import (BaselineConfig, DistillConfig, Estimate, GAEConfig, GroupAdvantageConfig, Needs,
+                              PrepareInput, baseline_estimate, baseline_needs, distill_estimate, distill_needs,
+                              gae_estimate, gae_needs, group_estimate, group_needs)
 from rljax.losses.actor_critic import A2CConfig, PPOConfig, a2c_loss, ppo_loss
 from rljax.losses.grpo import CISPOConfig, GRPOConfig, GSPOConfig, cispo_loss, grpo_loss, gspo_loss
 from rljax.losses.policy_gradient import MRTConfig, ReinforceConfig, mrt_loss, reinforce_loss
@@ -127,6 +129,7 @@ ESTIMATORS: dict[str, Estimator] = {
     "group": Estimator("group", GroupAdvantageConfig(), group_estimate, group_needs, SEQUENCE),
     "baseline": Estimator("baseline", BaselineConfig(), baseline_estimate, baseline_needs, SEQUENCE),
     "gae": Estimator("gae", GAEConfig(), gae_estimate, gae_needs, TOKEN),
+    "distill": Estimator("distill", DistillConfig(), distill_estimate, distill_needs, TOKEN),
 }
 
 
@@ -211,6 +214,11 @@ ALGORITHMS: dict[str, Algorithm] = {
     "ppo": compose("gae", "ppo", name="ppo", kl_in="reward"),
     # TRPO: a natural-gradient step in a KL trust region (no optimizer), a separate critic fitted by regression.
     "trpo": compose("gae", "trpo", name="trpo", advantage=GAEConfig(kl_coef=0.0), kl_in="reward"),
+    # On-policy distillation: per-token advantage λ(log π_teacher − log π_student) of the student's own samples
+    # (the reverse KL to a frozen teacher, RLState.teacher_params), optimised with the clipped surrogate (ρ = 1 on
+    # the first minibatch: a per-token REINFORCE step; Tinker's "ppo" loss), token mean, no reference KL.
+    "on_policy_distill": compose("distill", "clip", name="on_policy_distill",
+                                 loss_config=GRPOConfig(kl_coef=0.0, aggregation="token_mean")),
 }
 
 

@@ -26,8 +26,8 @@ Rules that keep a run directory honest:
   must have the same configuration, or it stops with ConfigMismatchError naming each
   differing field, before anything is written. `allow_change=True` (the experiments'
   `--force-config`) overwrites it and appends the change to config_changes.jsonl. A field
-  added after runs were saved (ADDED_FIELDS, e.g. `task`) counts, when a saved config.json
-  lacks it, as the value those runs had ("arithmetic"), so they still resume.
+  added after runs were saved (ADDED_FIELDS, e.g. `task`, `teacher_run_dir`) counts, when a saved
+  config.json lacks it, as the value those runs had ("arithmetic", None), so they still resume.
 - `check_input_dir` makes a missing input run directory (`--sft-run-dir`) an error
   naming the flag, unless the caller asked to create it.
 - `LoggingFlags`, a base class of the experiments' configs, adds where metrics go besides
@@ -184,7 +184,7 @@ _ABSENT = "<absent>"
 # Fields added to the experiments' configs after run directories were saved without them: {field: the value
 # an old run had}. A config.json that lacks one is read as holding that value (every run before `task` existed
 # was on the arithmetic task), so those runs resume and compare equal to the same run today.
-ADDED_FIELDS = {"task": "arithmetic"}
+ADDED_FIELDS = {"task": "arithmetic", "teacher_run_dir": None}
 
 
 def config_differences(old: dict, new: dict, ignore: Iterable[str] = IGNORED_FIELDS,

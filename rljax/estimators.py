@@ -10,6 +10,7 @@ and an estimator that needs it raises naming the field.
     group          (GroupAdvantageConfig)  Â_i = (r_i − μ_g)/(σ_g + ε) or r_i − μ_g  [R]   GRPO, Dr. GRPO, DAPO
     baseline       (BaselineConfig)        A_i = r_i − b_i                           [R]   REINFORCE, RLOO, SCST
     gae            (GAEConfig)             GAE(γ, λ) on per-token rewards             [R, T-1] A2C, PPO, TRPO
+    distill        (DistillConfig)         A_t = Σ_k γ^k λ (ℓ^T − ℓ^S)_{t+k}           [R, T-1] on-policy distillation
 
 Rewards may carry a KL penalty to the reference (`kl_coef` of the baseline and GAE configs:
 "KL in the reward"); a policy loss's own `kl_coef` is the KL as a loss term instead.
@@ -24,7 +25,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from rljax.models.logprobs import target_mask
-from rljax.ops.advantages import gae, group_advantages, group_range, leave_one_out_baseline, place_at_last, whiten
+from rljax.ops.advantages import (discounted_returns, gae, group_advantages, group_range, leave_one_out_baseline,
+                                  place_at_last, whiten)
 from rljax.ops.kl import kl_k1
 
 BASELINES = ("none", "batch_mean", "leave_one_out", "greedy", "moving_average")
@@ -39,6 +41,7 @@ class PrepareInput:
     ref_logprobs [R, T-1]: the reference policy's log-probs of the sampled tokens;
     values [R, T-1]: V_old of the sampled tokens (the shared value head or the critic);
     greedy_rewards [R]: the reward of a greedy decode of each row's prompt (SCST);
+    teacher_logprobs [R, T-1]: a frozen teacher's log-probs of the sampled tokens (distillation);
     baseline: scalar running mean of past rewards (a moving-average transform);
     kl_coef: scalar β set by a KL controller, overriding the config's kl_coef.
     Fields the algorithm did not declare are None."""
@@ -50,6 +53,7 @@ class PrepareInput:
     greedy_rewards: jax.Array | None = None
     baseline: jax.Array | None = None
     kl_coef: jax.Array | None = None
+    teacher_logprobs: jax.Array | None = None
 
     def require(self, field: str, who: str):
         value = getattr(self, field)
@@ -85,7 +89,9 @@ class Needs:
     model with its own update; greedy: the reward of a greedy decode per prompt; groups: n ≥ 2
     samples per prompt; group_filter: the estimator drops rows (keep = False) and the
     iteration may refill with more prompts; baseline: a running baseline from the reward
-    transforms; kl_coef: the reward's KL coefficient is adjustable (a KL controller may set it)."""
+    transforms; kl_coef: the reward's KL coefficient is adjustable (a KL controller may set it);
+    teacher: a frozen teacher's log-probs of the sampled tokens (`RLState.teacher_params`, on-policy
+    distillation)."""
 
     reference: bool = False
     values: bool = False
@@ -95,6 +101,7 @@ class Needs:
     group_filter: bool = False
     baseline: bool = False
     kl_coef: bool = False
+    teacher: bool = False
 
     def __or__(self, other: "Needs") -> "Needs":
         return Needs(**{f: getattr(self, f) or getattr(other, f) for f in self.__dataclass_fields__})
@@ -274,3 +281,56 @@ def gae_estimate(inp: PrepareInput, cfg: GAEConfig) -> Estimate:
 def gae_needs(cfg: GAEConfig) -> Needs:
     return Needs(reference=cfg.kl_coef > 0, values=True, kl_coef=True)
 
+
+
+# ----------------------------------------------------------------------------- on-policy distillation
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """On-policy distillation with the reverse KL (Agarwal et al. 2024, GKD's on-policy setting;
+    the per-token form of Thinking Machines' "on-policy distillation", 2025): the student π_S
+    samples, a frozen teacher π_T scores the sampled tokens, and each completion token gets
+
+        r_t = λ (log π_T(y_t | x, y_<t) − log π_S(y_t | x, y_<t)) = −λ k1_t,
+
+    minus λ times the per-token estimate of KL(π_S ‖ π_T) (λ = teacher_coef; log π_S is the
+    sampler's log-prob ℓ^old, so r carries no gradient). The advantage is the discounted sum to
+    go A_t = Σ_{k≥t} γ^{k−t} r_k over the row's completion tokens. With a policy-gradient loss
+    (−A_t ℓ_t at ρ = 1), γ = 0 (the default, Tinker's kl_discount_factor = 0: A_t = r_t) has the
+    expected gradient of λ Σ_s d(s) KL(π_S(·|s) ‖ π_T(·|s)), the per-state KLs weighted by the
+    distribution d of visited states held fixed; γ = 1 that of the sequence-level
+    λ KL(π_S(y|x) ‖ π_T(y|x)) (a later token's KL is credited to the earlier choices), unbiased
+    but of higher variance. Sample at temperature 1 without truncation: ℓ^old is π_S's log-prob
+    at temperature 1. The task reward plays no part; the estimate's rewards [R] are Σ_t r_t."""
+
+    teacher_coef: float = 1.0
+    gamma: float = 0.0
+
+    def __post_init__(self):
+        if not self.teacher_coef > 0:
+            raise ValueError(f"DistillConfig.teacher_coef: must be > 0, got {self.teacher_coef}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"DistillConfig.gamma: must be in [0, 1], got {self.gamma}")
+
+
+def distill_advantages(student_logprobs, teacher_logprobs, mask, *, teacher_coef: float = 1.0, gamma: float = 0.0):
+    """-> (advantages, rewards), both [R, T-1] and 0 off the mask: r_t = λ m_t (ℓ^T_t − ℓ^S_t),
+    A_t = Σ_{k≥t} γ^{k−t} r_k (`discounted_returns`; γ = 0 gives A = r).
+    student_logprobs, teacher_logprobs, mask [R, T-1] (aligned with `token_logprobs`)."""
+    m = jnp.asarray(mask, jnp.float32)
+    r = -teacher_coef * kl_k1(jnp.asarray(student_logprobs), jnp.asarray(teacher_logprobs)) * m
+    adv = r if gamma == 0 else discounted_returns(r, m, gamma)
+    return adv, r
+
+
+def distill_estimate(inp: PrepareInput, cfg: DistillConfig) -> Estimate:
+    teacher = inp.require("teacher_logprobs", "on-policy distillation (DistillConfig)")
+    adv, r = distill_advantages(inp.rollout.logprobs, teacher, inp.mask, teacher_coef=cfg.teacher_coef,
+                                gamma=cfg.gamma)
+    seq = r.sum(axis=1)
+    return Estimate(advantages=adv, rewards=seq, keep=jnp.ones(seq.shape, bool))
+
+
+def distill_needs(cfg: DistillConfig) -> Needs:
+    return Needs(teacher=True)

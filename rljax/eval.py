@@ -5,6 +5,8 @@
                     problem at a temperature (pass@1 as RL papers report it); returns the texts too
   correctness       [P, n] right / wrong of n completions per problem
   pass_at_k         the unbiased pass@k estimate from [P, n] correctness (Chen et al., 2021)
+  evaluate_policy   one results row of a policy on held-out problems: accuracy greedy and sampled,
+                    mean reward, completion length, KL to another policy (a stage's start)
   finished_run      whether a run directory holds its final checkpoint
   load_finished     the state of a finished run's final checkpoint; a missing or unfinished run
                     raises UnfinishedRunError naming the directory (it never starts a new run)
@@ -17,10 +19,12 @@ and `check(problem, completion) -> bool | float` says whether a completion is ri
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import jax
@@ -30,8 +34,8 @@ from rljax.checkpoint import Checkpointer
 from rljax.models.hf import save_pretrained
 from rljax.sampling import SampleConfig, sample, tokenizer_ids, truncate_prompts
 
-__all__ = ["TOKENIZER_FILES", "UnfinishedRunError", "complete", "correctness", "exact_match", "pass_at_k",
-           "finished_run", "load_finished", "export_policy"]
+__all__ = ["TOKENIZER_FILES", "UnfinishedRunError", "PolicyEvalConfig", "complete", "correctness", "evaluate_policy",
+           "exact_match", "pass_at_k", "finished_run", "load_finished", "export_policy"]
 
 # What a served checkpoint needs besides config.json and the weights (copied when present).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -125,6 +129,88 @@ def pass_at_k(correct, k: int) -> float:
     if not 1 <= k <= n:
         raise ValueError(f"pass_at_k: k must be in [1, {n}] (the samples per problem), got {k}")
     return float(np.mean([1.0 - math.comb(n - int(r), k) / math.comb(n, k) for r in c.sum(axis=1)]))
+
+
+@dataclass(frozen=True)
+class PolicyEvalConfig:
+    """How `evaluate_policy` measures a policy: max_new_tokens per completion; samples: completions
+    per problem at temperature 1 (the sampled accuracy, reward, length and KL; 0: greedy only);
+    seed: the key of the samples (the same for every policy, so two policies are compared on
+    the same draws of the sampler's noise); batch_size: problems per sampling call (None: all at once)."""
+
+    max_new_tokens: int = 32
+    samples: int = 4
+    seed: int = 7
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.samples < 0:
+            raise ValueError(f"PolicyEvalConfig: need max_new_tokens >= 1 and samples >= 0, got "
+                             f"{self.max_new_tokens}, {self.samples}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"PolicyEvalConfig.batch_size: must be >= 1 or None, got {self.batch_size}")
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _start_logprobs(params, tokens, attention_mask, *, model):
+    from rljax.models.logprobs import token_logprobs
+
+    return token_logprobs(params, tokens, attention_mask, model=model)
+
+
+def evaluate_policy(params, model, tok, problems: Sequence[Any], cfg: PolicyEvalConfig = PolicyEvalConfig(), *,
+                    check: Callable[[Any, str], Any] | None = None, prompt: Callable[[Any], str] | None = None,
+                    reward_fn: Callable | None = None, start_params=None, start_model=None) -> dict:
+    """One results row of the policy `params` on held-out `problems` (JSON-able floats):
+
+      accuracy_greedy     greedy exact match (`exact_match`)
+      accuracy_sampled    the mean correctness of cfg.samples completions per problem at temperature 1
+      reward_mean         reward_fn(prompts, completions, problems=...) over those samples (with reward_fn)
+      completion_length   their mean length in tokens (the stop token included)
+      kl_to_start         with start_params: (1/N) Σ_i Σ_t (ℓ_t − ℓ^start_t) over the N samples, the k1
+                          estimate of the sequence-level KL(π ‖ π_start) (exact in expectation: the
+                          samples come from π at temperature 1, whose log-probs ℓ the sampler returns);
+                          start_model: the start policy's model (default `model`)
+
+    check, prompt: as in `exact_match` (default: the arithmetic task's check, `problem.prompt`).
+    The samples use key `jax.random.key(cfg.seed)` (batch b: fold_in(key, b))."""
+    from rljax.models.logprobs import target_mask
+    from rljax.rewards.rules import score_with_failures
+
+    if len(problems) == 0:
+        raise ValueError("evaluate_policy: no problems")
+    prompt = _prompt_of if prompt is None else prompt
+    texts = [prompt(p) for p in problems]
+    row = {"accuracy_greedy": exact_match(params, model, tok, problems, cfg.max_new_tokens, check=check,
+                                          prompt=prompt, batch_size=cfg.batch_size)[0]}
+    if cfg.samples == 0:
+        return row
+    n = cfg.samples
+    sampling = SampleConfig(max_new_tokens=cfg.max_new_tokens, n=n, temperature=1.0, **tokenizer_ids(tok))
+    key = jax.random.key(cfg.seed)
+    size = len(texts) if cfg.batch_size is None else cfg.batch_size
+    completions, lengths, kls = [], [], []
+    for b, lo in enumerate(range(0, len(texts), size)):
+        chunk = texts[lo:lo + size]
+        real = len(chunk)
+        chunk = chunk + [chunk[0]] * (size - real)  # one shape for every call
+        tokens, mask = tok.encode_batch(chunk, padding_side="left")
+        roll = sample(params, tokens, mask, jax.random.fold_in(key, b), model=model, cfg=sampling)
+        completions += tok.decode_batch(np.asarray(roll.completions))[:real * n]
+        lengths += np.asarray(roll.lengths)[:real * n].tolist()
+        if start_params is not None:
+            start = _start_logprobs(start_params, roll.tokens, roll.attention_mask, model=start_model or model)
+            m = target_mask(roll.loss_mask, roll.attention_mask)
+            kls += np.asarray(((roll.logprobs - start) * m).sum(axis=1))[:real * n].tolist()
+    row["accuracy_sampled"] = float(np.mean(correctness(problems, completions, n=n, check=check)))
+    if reward_fn is not None:
+        flat = [p for p in problems for _ in range(n)]
+        scores = score_with_failures(reward_fn, [t for t in texts for _ in range(n)], completions, problems=flat)
+        row["reward_mean"] = float(np.mean(scores.rewards))
+    row["completion_length"] = float(np.mean(lengths))
+    if start_params is not None:
+        row["kl_to_start"] = float(np.mean(kls))
+    return row
 
 
 # ----------------------------------------------------------------------------- finished runs

@@ -99,14 +99,17 @@ def _tokens(batch) -> int:
     return int(np.asarray(mask).sum()) if mask is not None else 0
 
 
+FROZEN_FIELDS = ("ref_params", "teacher_params")  # state fields no step donates (RLState, OREOState)
+
+
 def owned_state(state):
-    """`owned_copy` of a state, except a frozen `ref_params` field (RLState, OREOState),
-    which the steps never donate: the state a loop may donate step after step while
-    the caller's arrays stay valid."""
-    ref = getattr(state, "ref_params", None)
-    if ref is None:
+    """`owned_copy` of a state, except its frozen fields (`ref_params` of an RLState or
+    OREOState, `teacher_params` of an RLState), which the steps never donate: the state a
+    loop may donate step after step while the caller's arrays stay valid."""
+    frozen = {f: getattr(state, f) for f in FROZEN_FIELDS if getattr(state, f, None) is not None}
+    if not frozen:
         return owned_copy(state)
-    return owned_copy(state.replace(ref_params=None)).replace(ref_params=ref)
+    return owned_copy(state.replace(**{f: None for f in frozen})).replace(**frozen)
 
 
 class _StopSignals:
@@ -290,6 +293,13 @@ class SFTPhaseConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
 
 
+@functools.lru_cache(maxsize=8)
+def _sft_step(model, loss: SFTConfig, optimizer: OptimizerConfig, mesh):
+    """The jitted SFT step of (model, loss, optimizer, mesh), built once: pipelines that run the SFT phase
+    round after round (expert iteration, rejection sampling + SFT) compile it once per batch shape."""
+    return make_train_step(functools.partial(sft_loss, model=model, cfg=loss), optimizer, model=model, mesh=mesh)
+
+
 def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_dir: str | None = None,
         eval_fn: Callable | None = None) -> TrainState:
     """Supervised fine-tuning: `run_loop` over `sft_loss`.
@@ -299,8 +309,7 @@ def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_d
     `collate_prompt_completion`).
     """
     _check_opt_state(state, cfg.optimizer, "sft")
-    step = make_train_step(functools.partial(sft_loss, model=model, cfg=cfg.loss), cfg.optimizer, model=model,
-                           mesh=mesh)
+    step = _sft_step(model, cfg.loss, cfg.optimizer, mesh)
     put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="sft")
 
@@ -392,7 +401,7 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
 
 def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loop: LoopConfig,
        run_dir: str | None = None, eval_fn: Callable | None = None, accuracy_fn: Callable | None = None,
-       refill_prompts=None, critic_model=None, decode_prompts: Callable | None = None):
+       refill_prompts=None, critic_model=None, decode_prompts: Callable | None = None, teacher_model=None):
     """On-policy RL: `run_loop` over `rljax.rl` iterations (sample -> score -> prepare -> update).
 
     state: an RLState (create_rl_state); prompts: anything with batch_at(position) ->
@@ -408,6 +417,8 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
     critic_model: the model of a separate critic in state.critic (see create_rl_state).
     decode_prompts: how the prompts' text for the reward is decoded (default `decode`; see
     make_rl_iteration: chat-templated prompts need a decode that does not stop at eos).
+    teacher_model: the model of the teacher in state.teacher_params (on-policy distillation;
+    default `model`).
 
     With cfg.staleness = s > 0 (A3C-style asynchronous actors), batch i is sampled by
     an actor thread with the params of iteration i − s (0 for the first s) while the
@@ -419,7 +430,7 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
     from rljax.rl import make_rl_iteration
 
     iteration = make_rl_iteration(model, cfg, reward_fn, decode, accuracy_fn=accuracy_fn, critic_model=critic_model,
-                                  decode_prompts=decode_prompts)
+                                  decode_prompts=decode_prompts, teacher_model=teacher_model)
     source, offset = (refill_prompts, 0) if refill_prompts is not None else (prompts, loop.steps)
 
     def refill_at(position):

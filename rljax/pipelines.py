@@ -12,7 +12,12 @@ through them:
               checkpoint(state) at run_dir/stages, step i + 1
 
 so the checkpoint after a stage holds everything (params and optimizer states of all
-components). A killed run, started again with the same arguments, restores the latest
+components). A stage's `args` (the JSON-able arguments its output depends on) are saved as
+run_dir/<name>/stage.json; a rerun whose arguments differ is refused naming the stage and
+the file, as is a finished stage whose saved data went missing. Each stage may record one
+results row (`StageContext.record`: accuracy, reward, length, KL to the stage's start, ...):
+run_dir/<name>/results.json, and the pipeline's table over every stage, run_dir/results.jsonl
+and results.md. A killed run, started again with the same arguments, restores the latest
 stage checkpoint and skips the finished stages (their collect is never called again);
 the interrupted stage reuses its saved data and its phases resume from their own
 checkpoints in the component directories, so the result is bit-identical to an
@@ -72,6 +77,13 @@ from rljax.sampling import SampleConfig, sample
 from rljax.state import OptimizerConfig
 
 STAGES_DIR = "stages"  # the stage checkpoints: step i = stages 0..i-1 done
+STAGE_ARGS_FILE = "stage.json"  # a stage's arguments, checked on reruns
+RESULTS_FILE = "results.json"  # a stage's results row
+TABLE_FILES = ("results.jsonl", "results.md")  # the pipeline's table: one row per stage that recorded one
+
+
+class StageArgumentsError(ValueError):
+    """A stage's directory holds the output of other arguments than the ones given."""
 
 # ----------------------------------------------------------------------------- the driver
 
@@ -86,12 +98,16 @@ class Stage:
     from which an interrupted stage reloads it (data must be JSON-able; it is passed to
     train as read back from JSON, so a resumed and an uninterrupted run see the same
     values); None: collect stores its data itself under ctx.dir and must be resumable
-    (it is called again when an interrupted stage restarts)."""
+    (it is called again when an interrupted stage restarts). args: the JSON-able arguments
+    the stage's output depends on (configs, digests of its inputs), saved to
+    run_dir/<name>/stage.json when the stage first runs; a rerun with other args raises
+    StageArgumentsError naming the stage, the file and the fields (None: not checked)."""
 
     name: str
     train: Callable[[Any, Any, "StageContext"], Any]
     collect: Callable[[Any, "StageContext"], Any] | None = None
     data_file: str | None = "data.json"
+    args: dict | None = None
 
 
 @dataclass
@@ -105,6 +121,7 @@ class StageContext:
     run_dir: str | None
     _outputs: dict = field(default_factory=dict, repr=False)
     _stages: dict = field(default_factory=dict, repr=False)
+    _results: dict = field(default_factory=dict, repr=False)
 
     def component_dir(self, component: str) -> str | None:
         """run_dir/<component>: where a phase training that component writes metrics.jsonl and
@@ -114,11 +131,26 @@ class StageContext:
 
     def data(self, name: str):
         """The data an earlier stage collected (read back from its data_file when that stage
-        finished in an earlier run)."""
+        finished in an earlier run; a missing file is FileNotFoundError naming both stages)."""
         if name not in self._outputs:
-            stage = self._stages[name]
-            self._outputs[name] = _load(self.run_dir, stage)
+            if name not in self._stages:
+                raise KeyError(f"stage {self.name!r}: no stage {name!r} in this pipeline ({list(self._stages)})")
+            self._outputs[name] = _load(self.run_dir, self._stages[name], reader=self.name)
         return self._outputs[name]
+
+    def record(self, row: dict) -> dict:
+        """Record this stage's results row (JSON-able numbers and strings; e.g. `rljax.eval.
+        evaluate_policy`'s): run_dir/<name>/results.json, then the pipeline's table,
+        run_dir/results.jsonl and results.md (one row per stage that recorded one, in stage
+        order), both rewritten, so a rerun of the stage leaves the same files. Returns
+        {"stage": name, **row}."""
+        row = {"stage": self.name, **row}
+        json.dumps(row)  # fail here, naming nothing half-written, when the row is not JSON-able
+        self._results[self.name] = row
+        if self.dir is not None:
+            _write_json(os.path.join(self.dir, RESULTS_FILE), row)
+            write_results_table(self.run_dir, list(self._stages))
+        return row
 
 
 def _data_path(run_dir: str | None, stage: Stage) -> str | None:
@@ -127,29 +159,99 @@ def _data_path(run_dir: str | None, stage: Stage) -> str | None:
     return os.path.join(run_dir, stage.name, stage.data_file)
 
 
-def _load(run_dir, stage: Stage):
+def _load(run_dir, stage: Stage, reader: str | None = None):
+    """The stage's saved data (None when it collects nothing or keeps its data itself); a stage
+    that collects into a data_file whose file is missing is FileNotFoundError naming it."""
     path = _data_path(run_dir, stage)
-    if path is None or not os.path.exists(path):
+    if path is None or stage.collect is None:
         return None
+    if not os.path.exists(path):
+        by = "" if reader is None or reader == stage.name else f" (read by stage {reader!r})"
+        raise FileNotFoundError(f"stage {stage.name!r}: its data {path} is missing{by}; the stage finished in an "
+                                "earlier run, so its output was removed after it was written. Use a new run "
+                                "directory")
     with open(path) as f:
         return json.load(f)
 
 
-def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, keep: int = 2):
+def _write_json(path: str, value) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+def _check_args(run_dir: str, stage: Stage) -> None:
+    """Save the stage's args on its first run; refuse other args on a rerun (naming the fields)."""
+    if stage.args is None:
+        return
+    from rljax.cli import config_differences
+
+    path = os.path.join(run_dir, stage.name, STAGE_ARGS_FILE)
+    new = json.loads(json.dumps(stage.args, default=str))
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = config_differences(old, new, ignore=())
+        if changed:
+            listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changed.items())
+            raise StageArgumentsError(f"stage {stage.name!r}: {path} was written by other arguments ({listed}); "
+                                      "rerun with the saved arguments, or use a new run directory")
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_json(path, new)
+
+
+def read_results(run_dir: str) -> list[dict]:
+    """The pipeline's results table (run_dir/results.jsonl): one row per stage that recorded one."""
+    path = os.path.join(run_dir, TABLE_FILES[0])
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_results_table(run_dir: str, names: Sequence[str]) -> list[dict]:
+    """Rebuild run_dir/results.jsonl and results.md from run_dir/<name>/results.json of the
+    stages `names` (in that order; stages without a row are left out). Returns the rows."""
+    from rljax.metrics import format_number
+
+    rows = []
+    for name in names:
+        path = os.path.join(run_dir, name, RESULTS_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                rows.append(json.load(f))
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_path(os.path.join(run_dir, TABLE_FILES[0])) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join("" if row.get(c) is None else format_number(row[c])
+                                       if isinstance(row[c], (int, float)) else str(row[c]) for c in columns) + " |")
+    with atomic_path(os.path.join(run_dir, TABLE_FILES[1])) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return rows
+
+
+def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, keep: int = 2,
+               results: dict | None = None):
     """Run `stages` in order from `state` (a pytree of every trained component); returns
     (state, outputs), outputs[i] = stage i's collected data (None when it has none or
-    stores it itself).
+    stores it itself). results: a dict to fill with {stage name: its results row} for every
+    stage that recorded one (`StageContext.record`; read back from run_dir for the stages
+    finished in an earlier run).
 
     With run_dir the state is checkpointed after every stage (run_dir/stages, step = the
     number of stages done, the last `keep` kept) and a rerun resumes: finished stages are
     skipped (their data read back from their data_file), the first unfinished one reuses
     its saved data, and its phases resume from their checkpoints (StageContext.component_dir).
-    Without run_dir everything stays in memory.
+    A stage's args are checked against its saved stage.json, the finished stages' too
+    (StageArgumentsError), before anything runs. Without run_dir everything stays in memory.
     """
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"run_stages: stage names must be unique, got {names}")
     done, outputs, by_name = 0, {}, {s.name: s for s in stages}
+    results = {} if results is None else results
     if run_dir is not None:
         os.makedirs(run_dir, exist_ok=True)
         with Checkpointer(os.path.join(run_dir, STAGES_DIR), keep=keep) as ckpt:
@@ -161,13 +263,23 @@ def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, ke
                     raise ValueError(f"run_stages: {run_dir} holds a run whose stage {done} (the last one done) is "
                                      f"{meta.get('stage')!r}, not {expected!r} as in these {len(stages)} stages; use "
                                      "a new run directory")
+        for stage in stages:  # every stage that ran before, finished or not, against its saved arguments
+            if stage.args is not None and os.path.exists(os.path.join(run_dir, stage.name, STAGE_ARGS_FILE)):
+                _check_args(run_dir, stage)
+        for stage in stages[:done]:
+            path = os.path.join(run_dir, stage.name, RESULTS_FILE)
+            if os.path.exists(path):
+                with open(path) as f:
+                    results[stage.name] = json.load(f)
     for i, stage in enumerate(stages):
         if i < done:
             continue
-        ctx = StageContext(index=i, name=stage.name, dir=None, run_dir=run_dir, _outputs=outputs, _stages=by_name)
+        ctx = StageContext(index=i, name=stage.name, dir=None, run_dir=run_dir, _outputs=outputs, _stages=by_name,
+                           _results=results)
         if run_dir is not None:
             ctx.dir = os.path.join(run_dir, stage.name)
             os.makedirs(ctx.dir, exist_ok=True)
+            _check_args(run_dir, stage)
         path = _data_path(run_dir, stage)
         if path is not None and os.path.exists(path):
             data = _load(run_dir, stage)
@@ -354,28 +466,33 @@ def iterative_oreo(state: OREOState, prompts: Sequence[str], reward_fn: Callable
 # ----------------------------------------------------------------------------- RL (the one place that calls it)
 
 
-def rl_state(model, params, rl_cfg, key, **kwargs):
+def rl_state(model, params, rl_cfg, key, *, teacher_params=None, teacher_model=None, **kwargs):
     """The RLState an RL stage starts from: the policy a copy of `params`, which also become
-    the frozen reference (`rljax.rl.create_rl_state`; kwargs: critic_model, ...)."""
+    the frozen reference (`rljax.rl.create_rl_state`; kwargs: critic_model, ...). teacher_params,
+    teacher_model: the frozen teacher of on-policy distillation (RLState.teacher_params; its model,
+    default `model`, placed by its sharding rules); pass the same teacher_model to `train_rl`."""
     from rljax.rl import create_rl_state
 
-    return create_rl_state(model, params, rl_cfg, key, **kwargs)
+    return create_rl_state(model, params, rl_cfg, key, teacher_params=teacher_params, teacher_model=teacher_model,
+                           **kwargs)
 
 
 def train_rl(state, prompts, reward_fn: Callable, rl_cfg, *, model, decode: Callable, steps: int,
              run_dir: str | None = None, log_every: int = 10, checkpoint_every: int = 0, eval_every: int = 0,
              progress: bool = True, eval_fn: Callable | None = None, tensorboard: bool | None = None,
-             wandb: WandbConfig | None = None, **kwargs):
+             wandb: WandbConfig | None = None, teacher_model=None, **kwargs):
     """RL iterations of `state` (an RLState) until state.step == steps: `rljax.phases.rl` with
     prompts (batch_at(position) -> PromptBatch) and reward_fn(prompts, completions, **metadata)
     -> [B]; run_dir holds its metrics and checkpoints (resumed from); tensorboard, wandb: where
-    else the metrics go (`LoopConfig`); kwargs go to the phase."""
+    else the metrics go (`LoopConfig`); teacher_model: the model of state.teacher_params
+    (on-policy distillation, `rl_state(..., teacher_params=)`; default `model`); kwargs go to
+    the phase (accuracy_fn, critic_model, ...)."""
     from rljax.phases import rl
 
     loop = LoopConfig(steps=steps, log_every=log_every, checkpoint_every=checkpoint_every, eval_every=eval_every,
                       progress=progress, tensorboard=tensorboard, wandb=wandb)
     return rl(state, prompts, reward_fn, rl_cfg, model=model, decode=decode, loop=loop, run_dir=run_dir,
-              eval_fn=eval_fn, **kwargs)
+              eval_fn=eval_fn, teacher_model=teacher_model, **kwargs)
 
 
 # ----------------------------------------------------------------------------- iterative RLHF
@@ -478,6 +595,6 @@ def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Ca
     return state, [d["stats"] for d in outputs if d is not None]
 
 
-__all__ = ["IterativeOREOConfig", "IterativeRLHFConfig", "OnlineDPOConfig", "Stage", "StageContext",
-           "create_rlhf_state", "iterative_oreo", "iterative_rlhf", "online_dpo", "rl_state", "run_stages",
-           "train_rl"]
+__all__ = ["IterativeOREOConfig", "IterativeRLHFConfig", "OnlineDPOConfig", "Stage", "StageArgumentsError",
+           "StageContext", "create_rlhf_state", "iterative_oreo", "iterative_rlhf", "online_dpo", "read_results",
+           "rl_state", "run_stages", "train_rl", "write_results_table"]

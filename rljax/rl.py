@@ -8,7 +8,8 @@
 An algorithm (`rljax.algorithms`: an advantage estimator and a policy loss) declares what
 it needs (`Needs`); the iteration reads the declarations — the reference's log-probs,
 values from a value head or a separate critic, a greedy decode, a group filter with
-refills, a running baseline — and knows no method by name. Reward transforms (a running
+refills, a running baseline, a frozen teacher's log-probs (on-policy distillation) — and
+knows no method by name. Reward transforms (a running
 normaliser, a moving-average baseline, a KL controller; `rljax.transforms`) run as one
 chain whose state is one slot of the RLState. Python reward functions run on the host on
 decoded text; sampling, reference log-probs and the update are jitted, and the update (all
@@ -49,8 +50,9 @@ class RLState:
     ref_params: the frozen reference policy; rng: key for sampling; critic: a separate value
     model's TrainState (None when there is none or the value head shares the policy's
     params); transforms: the reward transforms' state (a tuple, one entry per
-    RLConfig.transforms). The loop threads the whole pytree, so checkpoints and resumption
-    cover every field."""
+    RLConfig.transforms); teacher_params: a frozen teacher whose log-probs of the sampled
+    tokens an algorithm that needs a teacher reads (on-policy distillation; None otherwise).
+    The loop threads the whole pytree, so checkpoints and resumption cover every field."""
 
     step: jax.Array
     policy: TrainState
@@ -58,6 +60,7 @@ class RLState:
     rng: jax.Array
     critic: TrainState | None = None
     transforms: tuple = ()
+    teacher_params: Any = None
 
 
 @dataclass(frozen=True)
@@ -172,14 +175,16 @@ def _per_iteration(opt: OptimizerConfig, updates: int) -> OptimizerConfig:
 
 
 def create_rl_state(model, params, cfg: RLConfig, key, *, reference=None, critic_model=None,
-                    critic_params=None) -> RLState:
+                    critic_params=None, teacher_params=None, teacher_model=None) -> RLState:
     """The policy starts from a copy of `params` (`create_state` copies; updates donate their
     input, so the caller's arrays stay valid); the frozen reference is `reference` (default: `params`).
     With `model.mesh`, policy, optimizer state and reference are placed sharded.
     critic_model, critic_params: a separate critic (e.g. `with_value_head(model, params)` for
     one initialised from the policy, `critic_from_reward_model` from a reward model) with its
     own optimizer state (cfg.critic_optimizer, default cfg.optimizer). The reward transforms'
-    state starts from cfg.transforms."""
+    state starts from cfg.transforms. teacher_params: a frozen teacher (on-policy distillation),
+    kept as given (placed sharded by teacher_model's rules, default `model`'s, with a mesh); the
+    iteration scores the samples with it through `make_rl_iteration(..., teacher_model=)`."""
     if not isinstance(cfg, RLConfig):
         raise TypeError(f"create_rl_state: takes the RLConfig (its optimizer, critic optimizer and transforms), got "
                         f"{type(cfg).__name__}")
@@ -204,8 +209,11 @@ def create_rl_state(model, params, cfg: RLConfig, key, *, reference=None, critic
     critic = None
     if critic_model is not None:
         critic = create_state(critic_model, critic_optimizer, k_critic, mesh=critic_model.mesh, params=critic_params)
+    teacher = teacher_params
+    if teacher is not None and mesh is not None:
+        teacher = shard_params(teacher, param_shardings(teacher_model or model, mesh))
     return RLState(step=jnp.int32(0), policy=policy, ref_params=ref, rng=k_rl, critic=critic,
-                   transforms=chain(*cfg.transforms).init())
+                   transforms=chain(*cfg.transforms).init(), teacher_params=teacher)
 
 
 def _informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:
@@ -283,7 +291,7 @@ def scan_updates(step: Callable, state, batch, key, *, epochs: int, minibatches:
 
 def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callable,
                       accuracy_fn: Callable | None = None, critic_model=None,
-                      decode_prompts: Callable | None = None) -> RLIteration:
+                      decode_prompts: Callable | None = None, teacher_model=None) -> RLIteration:
     """Build `iteration(state, prompt_tokens, prompt_mask, key=None, refill=None, **metadata) -> (state, metrics)`
     (an `RLIteration`: its `collect` and `learn` halves are also usable apart).
 
@@ -297,11 +305,16 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     the reward sees (default `decode`); a chat-templated prompt holds stop tokens (Qwen's
     <|im_end|> closes every turn), which a decode that stops at eos would cut at, so pass
     one that does not, e.g. `functools.partial(tok.decode_batch, stop_at_eos=False)`.
+    teacher_model: the model of the frozen teacher in RLState.teacher_params, for algorithms
+    that need a teacher (default `model`: a teacher of the student's architecture); it may have
+    another size but must share the tokenizer (the same vocab_size).
 
     Metrics: reward mean/std, accuracy, KL to the reference of the sampled tokens
     (kl_k1, kl_k3; token mean), entropy, clip fraction (clipped losses), completion
     length, truncated fraction, kept fraction, tokens/s of sampling and training,
-    and seconds spent in sampling / scoring / reference log-probs / updates; with
+    and seconds spent in sampling / scoring / reference log-probs / updates; with a teacher,
+    the KL to it of the sampled tokens (teacher_kl_k1, teacher_kl_k3; token mean) and
+    teacher_kl_per_sequence (Σ_t k1, the sequence-level reverse KL estimate); with
     cfg.reward_call.on_failure="value", the samples whose reward call failed and scored
     failure_value (reward_failed, accuracy_failed).
     """
@@ -322,6 +335,17 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
                          "rljax.losses.actor_critic.with_value_head(model, params), or pass a separate critic_model")
     if critic_model is not None and critic_model.mesh is not mesh:
         raise ValueError("critic_model: the critic must live on the policy's mesh (one jitted update trains both)")
+    if teacher_model is not None and not needs.teacher:
+        raise ValueError(f"teacher_model: {algo.name} uses no teacher (its estimator is {algo.estimator.name!r})")
+    teacher_model = model if teacher_model is None else teacher_model
+    if needs.teacher:
+        if teacher_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"teacher_model: the teacher's vocab_size {teacher_model.config.vocab_size} differs from "
+                             f"the student's {model.config.vocab_size}; distillation scores the student's tokens with "
+                             "the teacher, so both must share one tokenizer")
+        if teacher_model.config.max_seq_len < model.config.max_seq_len:
+            raise ValueError(f"teacher_model: the teacher's max_seq_len {teacher_model.config.max_seq_len} is shorter "
+                             f"than the student's {model.config.max_seq_len}; it must score every sampled row")
 
     updates = cfg.epochs * cfg.minibatches
     tx = make_optimizer(_per_iteration(cfg.optimizer, updates))
@@ -367,6 +391,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
                                      out_shardings=(policy_sh, critic_sh, None), donate_argnums=(0, 1))
     ref_lp = jax.jit(functools.partial(token_logprobs, model=model))
     values_fn = jax.jit(functools.partial(token_values, model=critic_model or model))
+    teacher_lp = jax.jit(functools.partial(token_logprobs, model=teacher_model))
     greedy_cfg = cfg.sampling.replace(greedy=True, n=1)
     room = model.config.max_seq_len - cfg.sampling.max_new_tokens
     n = cfg.sampling.n
@@ -448,6 +473,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         if critic_model is not None and state.critic is None:
             raise ValueError("a critic_model was given but the RLState has no critic: create_rl_state(..., "
                              "critic_model=, critic_params=)")
+        if needs.teacher and state.teacher_params is None:
+            raise ValueError(f"{algo.name} distils from a teacher, but RLState.teacher_params is None: create the "
+                             "state with create_rl_state(..., teacher_params=) (and pass teacher_model= to the "
+                             "iteration when the teacher's architecture differs from the student's)")
         if jax.tree.structure(state.transforms) != transforms_structure:
             raise ValueError("RLState.transforms does not match RLConfig.transforms: create the state with "
                              "create_rl_state(model, params, cfg, key) for this cfg")
@@ -462,13 +491,18 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             critic_params = params if critic_model is None else state.critic.params
             values = jax.block_until_ready(values_fn(critic_params, rollout.tokens, rollout.attention_mask))
             times["values"] = time.perf_counter() - t0
+        teacher = None
+        if needs.teacher:
+            t0 = time.perf_counter()
+            teacher = jax.block_until_ready(teacher_lp(state.teacher_params, rollout.tokens, rollout.attention_mask))
+            times["teacher"] = time.perf_counter() - t0
         mask = target_mask(rollout.loss_mask, rollout.attention_mask)
         seq_kl = None if ref is None else jnp.mean(jnp.sum((rollout.logprobs - ref) * mask, axis=1))
         signals, transform_state = transforms.update(Signals(rewards=jnp.asarray(rewards, jnp.float32),
                                                              seq_kl=seq_kl), state.transforms)
         inp = PrepareInput(rollout=rollout, rewards=signals.rewards, ref_logprobs=ref if needs.reference else None,
                            values=values, greedy_rewards=None if c.greedy is None else jnp.asarray(c.greedy),
-                           baseline=signals.baseline, kl_coef=signals.kl_coef)
+                           baseline=signals.baseline, kl_coef=signals.kl_coef, teacher_logprobs=teacher)
         batch, keep = prepare(algo, inp)
         if lag:
             batch = batch.replace(lag=jnp.full((rollout.tokens.shape[0],), lag, jnp.int32))
@@ -514,6 +548,9 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             out["kl_per_sequence"] = float(seq_kl)
         if signals.kl_coef is not None:
             out["kl_coef"] = float(signals.kl_coef)
+        if teacher is not None:  # KL(π_old ‖ π_teacher) over the sampled completion tokens: what distillation lowers
+            out.update({f"teacher_{k}": float(v) for k, v in kl_metrics(rollout.logprobs, teacher, mask).items()})
+            out["teacher_kl_per_sequence"] = float(jnp.mean(jnp.sum((rollout.logprobs - teacher) * mask, axis=1)))
         return state.replace(step=state.step + 1, policy=policy, critic=critic, transforms=transform_state), out
 
     return RLIteration(collect, learn)

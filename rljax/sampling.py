@@ -1,7 +1,7 @@
 """Generation with a preallocated KV cache: sampling (greedy, temperature,
 top-k, top-p, n per prompt) and beam search with a length penalty.
 
-Prompts are left-padded to a bucketed length P (a power of two), the cache
+Prompts are left-padded to a bucketed length P (`rljax.buckets.bucket_length`), the cache
 holds S = P + max_new_tokens slots, and decoding is one jitted
 `lax.while_loop` that stops as soon as every row has emitted eos, so repeated
 calls with new prompts of similar length reuse one compiled program.

@@ -16,11 +16,11 @@ def test_every_algorithm_prepares_and_scores_a_rollout(tiny):
     r = sample(params, prompts, mask, jax.random.key(0), model=model, cfg=SampleConfig(max_new_tokens=6, n=2))
     rewards = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], np.float32)  # prompt 1's samples tie
     ref = token_logprobs(params, r.tokens, r.attention_mask, model=model)
-    assert sorted(ALGORITHMS) == ["a2c", "cispo", "dapo", "dr_grpo", "grpo", "gspo", "mrt", "ppo", "reinforce",
-                                  "rloo", "scst", "trpo"]
+    assert sorted(ALGORITHMS) == ["a2c", "cispo", "dapo", "dr_grpo", "grpo", "gspo", "mrt", "on_policy_distill", "ppo",
+                                  "reinforce", "rloo", "scst", "trpo"]
     values = 0.1 * ref  # any V_old [R, T-1] for the actor-critic methods (the model here has no value head)
     inp = PrepareInput(rollout=r, rewards=rewards, ref_logprobs=ref, greedy_rewards=np.ones(6, np.float32),
-                       values=values)
+                       values=values, teacher_logprobs=0.5 * ref)  # any teacher's log-probs (on_policy_distill)
     for name, algo in ALGORITHMS.items():
         if name == "dr_grpo":
             algo = algo.with_config(constant=6.0)
@@ -52,6 +52,7 @@ def test_needs_are_declared_per_config_and_pairs_are_checked():
     assert get_algorithm("scst").needs().greedy and not get_algorithm("rloo").needs().greedy
     assert get_algorithm("ppo").needs().values and not get_algorithm("ppo").needs().critic
     assert get_algorithm("trpo").needs().critic
+    assert get_algorithm("on_policy_distill").needs().teacher and not get_algorithm("grpo").needs().teacher
     assert get_algorithm("reinforce").needs(advantage=BaselineConfig("none", kl_coef=0.1)).reference
     assert get_algorithm("reinforce").needs(loss=ReinforceConfig(kl_coef=0.1)).reference
     # any estimator with any loss that takes its output

@@ -245,3 +245,19 @@ def test_default_buckets_do_not_inflate_tiny_rows():
     assert bucket_length(2, minimum=16) == 16 and bucket_length(40, maximum=48) == 48
     b = collate_prompt_completion(CharTokenizer(), [("1", "2")])  # bos 1 2 eos: 4 tokens, not 16
     assert b.tokens.shape == (1, 4)
+
+
+def test_buckets_above_64_step_by_a_quarter_octave():
+    """Powers of two up to 64, then 4 widths per octave: padding under 25%, few shapes."""
+    from rljax.buckets import bucket_length
+
+    assert [bucket_length(n) for n in (64, 65, 80, 81, 97, 112, 113, 128, 129, 257, 1000)] == \
+        [64, 80, 80, 96, 112, 112, 128, 128, 160, 320, 1024]
+    assert all(n <= bucket_length(n) < 1.25 * n for n in range(65, 4097))
+    assert len({bucket_length(n) for n in range(1, 1025)}) == 7 + 4 * 4  # 1..64, then 4 an octave
+    # the minimum is kept (10 -> 128), and an octave reached through it is not split below it
+    assert bucket_length(10, minimum=128) == 128 and bucket_length(130, minimum=128) == 160
+    assert bucket_length(97, maximum=100) == 100
+    tok = CharTokenizer()
+    b = collate_prompt_completion(tok, [("1" * 40, "2" * 55)], add_bos=False)  # 40 + 55 + eos = 96 tokens
+    assert b.tokens.shape == (1, 96) and int(b.attention_mask.sum()) == 96

@@ -52,3 +52,61 @@ def test_peer_grpo_prompts_and_reward_match_grpo_step():
     prompts = ["1+2="] * len(completions)
     assert scope["digit_share_reward"](prompts=prompts, completions=completions) == \
         grpo_step.reward_digits(prompts, completions)
+
+
+def _peer_defaults(name):
+    """{dest: default} of every `ap.add_argument("--flag", ..., default=...)` in a peer script."""
+    out = {}
+    for node in ast.walk(_module(name)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            flag = node.args[0].value
+            for kw in node.keywords:
+                if kw.arg == "default":
+                    out[flag.lstrip("-").replace("-", "_")] = ast.literal_eval(kw.value)
+    return out
+
+
+def test_offline_benchmark_has_trl_offline_defaults():
+    from benchmarks.offline import Config
+
+    peer, ours = _peer_defaults("trl_offline.py"), Config()
+    for field in ("examples", "prompt_len", "completion_len", "steps", "beta", "lr", "d_model", "layers", "heads",
+                  "mlp", "seed"):
+        assert getattr(ours, field) == peer[field], field
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "kto"])
+def test_offline_benchmark_makes_the_peers_text(trainer):
+    """The same seed gives the same prompts and completions on both sides (the peer's `make_dataset`,
+    run here with its `pc` replaced by the shared alphabet)."""
+    import random
+    import types
+
+    from benchmarks.offline import Config, make_rows
+
+    fn = next(n for n in _module("trl_offline.py").body if isinstance(n, ast.FunctionDef) and n.name == "make_dataset")
+    scope = {"pc": types.SimpleNamespace(ALPHABET=DEFAULT_ALPHABET), "string": string, "random": random}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "trl_offline.py", "exec"), scope)
+    args = types.SimpleNamespace(trainer=trainer, prompt_len=5, completion_len=7)
+    ds, _ = scope["make_dataset"](args, 6, random.Random(3))
+    rows = make_rows(Config(trainer=trainer, prompt_len=5, completion_len=7), 6, random.Random(3))
+    if trainer == "kto":
+        assert [(r["prompt"], r["completion"], r["desirable"]) for r in rows] == \
+            list(zip(ds["prompt"], ds["completion"], ds["label"]))
+    else:
+        assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == \
+            list(zip(ds["prompt"], ds["chosen"], ds["rejected"]))
+
+
+def test_offline_benchmark_counts_the_peers_tokens():
+    """A tiny run: every sequence is prompt + completion + EOS (no BOS), as TRL's, so a step feeds
+    examples x 2 x (p + c + 1) tokens; the KTO step trains on half of them."""
+    from benchmarks.offline import Config, main
+
+    small = dict(examples=2, prompt_len=4, completion_len=5, steps=2, d_model=32, layers=1, heads=2, mlp=64)
+    out = main(Config(trainer="kto", **small))
+    assert out["padded_width"] == 16  # 10 tokens, bucketed
+    assert out["tok_s"] == pytest.approx(2 * out["tok_s_trained"])
+    assert out["tok_s"] * out["step_s"] == pytest.approx(2 * 2 * (4 + 5 + 1))
+    longest = main(Config(trainer="reward", pad="longest", **small))
+    assert longest["padded_width"] == 10

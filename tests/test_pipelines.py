@@ -114,6 +114,64 @@ def test_resume_after_kills_at_a_boundary_and_mid_training_is_bit_identical(tmp_
         run_stages(_toy_state(), [Stage(f"other-{r}", train=lambda s, d, c: s) for r in range(3)], run_dir=run)
 
 
+def test_stage_arguments_results_rows_and_missing_inputs_are_checked(tmp_path):
+    """A stage's args are saved and a rerun with other ones is refused naming the stage, the file and the
+    field; each stage's results row lands in <stage>/results.json and the pipeline's table (results.jsonl,
+    results.md) in stage order, also for rows recorded by a resumed run; a finished stage whose data file
+    is gone is an error naming the stage and the file, also when a later stage reads it."""
+    from rljax.pipelines import StageArgumentsError, read_results
+
+    def stages(scale=1.0, kill=False):
+        def collect(r, state, ctx):
+            return [scale * (r + 1)]
+
+        def train(r, state, data, ctx):
+            if kill and r == 1:
+                raise Killed("train 1")
+            if r == 1:
+                assert ctx.data("round-0") == [scale]  # an earlier stage's data, read back after a resume
+            ctx.record({"round": r, "value": data[0], **({"extra": "x"} if r else {})})
+            return state.replace(step=state.step + 1, w=state.w + data[0])
+
+        return [Stage(f"round-{r}", collect=lambda s, c, r=r: collect(r, s, c),
+                      train=lambda s, d, c, r=r: train(r, s, d, c), args={"scale": scale, "round": r})
+                for r in range(2)]
+
+    toy = _toy_state()["a"]
+    run = str(tmp_path / "run")
+    with pytest.raises(Killed):
+        run_stages(toy, stages(kill=True), run_dir=run)
+    assert read_results(run) == [{"stage": "round-0", "round": 0, "value": 1.0}]
+    results = {}
+    state, _ = run_stages(toy, stages(), run_dir=run, results=results)
+    rows = [{"stage": "round-0", "round": 0, "value": 1.0}, {"stage": "round-1", "round": 1, "value": 2.0,
+                                                             "extra": "x"}]
+    assert [results[f"round-{r}"] for r in range(2)] == rows and read_results(run) == rows
+    assert json.load(open(os.path.join(run, "round-1", "results.json"))) == rows[1]
+    assert open(os.path.join(run, "results.md")).read().splitlines() == [
+        "| stage | round | value | extra |", "| --- | --- | --- | --- |", "| round-0 | 0 | 1 |  |",
+        "| round-1 | 1 | 2 | x |"]
+    assert json.load(open(os.path.join(run, "round-0", "stage.json"))) == {"scale": 1.0, "round": 0}
+    memory = {}
+    in_memory, _ = run_stages(toy, stages(), results=memory)
+    assert memory == results
+    _same(state, in_memory)
+
+    with pytest.raises(StageArgumentsError, match=r"stage 'round-0': .*round-0/stage.json was written by other "
+                                                  r"arguments \(scale: 1.0 -> 2.0\)"):
+        run_stages(toy, stages(scale=2.0), run_dir=run)
+    os.remove(os.path.join(run, "round-0", "data.json"))
+    with pytest.raises(FileNotFoundError, match=r"stage 'round-0': its data .*round-0/data.json is missing"):
+        run_stages(toy, stages(), run_dir=run)
+    # a later stage that reads the missing data names both stages
+    run2 = str(tmp_path / "run2")
+    with pytest.raises(Killed):
+        run_stages(toy, stages(kill=True), run_dir=run2)
+    os.remove(os.path.join(run2, "round-0", "data.json"))
+    with pytest.raises(FileNotFoundError, match=r"stage 'round-0': its data .* is missing \(read by stage 'round-1'\)"):
+        run_stages(toy, stages(), run_dir=run2)
+
+
 # ----------------------------------------------------------------------------- iterative RLHF
 
 LISTS = [("1+1=", ["2", "3", "11"], [0, 1, 2]), ("2+2=", ["4", "5"], [0, 1]), ("1+2=", ["3", "4", "12"], [0, 1, 1])]

@@ -88,9 +88,13 @@ def set_threads(n: int | None) -> None:
 
 
 def versions() -> str:
-    import platform
+    import sys
 
     import torch
+
+    # benchmarks/cpuinfo.py (no jax import), shared with rljax's benchmark banners
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from cpuinfo import cpu_description
 
     parts = [f"torch {torch.__version__} ({torch.get_num_threads()} threads)"]
     for name in ("transformers", "trl", "datasets", "tokenizers"):
@@ -98,7 +102,8 @@ def versions() -> str:
             parts.append(f"{name} {__import__(name).__version__}")
         except ImportError:
             pass
-    parts.append(f"{os.cpu_count()} cpus | {platform.processor() or platform.machine()}")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parts.append(f"{cpus} cpus | {cpu_description()}")
     return " | ".join(parts)
 
 

@@ -28,7 +28,8 @@ def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str,
 
 def padded_width(lengths: Sequence[int], *, length: int | None, min_bucket: int, max_length: int | None,
                  names: Sequence[str]) -> int:
-    """The padded width: `length` if given, else the longest row bucketed to a power of two;
+    """The padded width: `length` if given, else the longest row's bucketed width
+    (`rljax.buckets.bucket_length`: powers of two up to 64, then four widths an octave);
     a row that does not fit is an error naming it."""
     for name, n in zip(names, lengths):
         if max_length is not None and n > max_length:
@@ -59,8 +60,8 @@ def collate_prompt_completion(tokenizer: Tokenizer, pairs: Sequence[tuple[str, s
     """(prompt, completion) pairs -> right-padded SequenceBatch.
 
     Row = [bos] prompt completion [eos]; loss_mask is 1 on completion tokens and
-    eos. Width T = `length` if given, else the longest row rounded up to a power
-    of two (>= min_bucket, <= max_length) so that a run compiles a few times.
+    eos. Width T = `length` if given, else the longest row rounded up to its bucket
+    (`rljax.buckets.bucket_length`, >= min_bucket, <= max_length) so that a run compiles a few times.
     A row longer than max_length raises an error naming it.
     """
     if not pairs:

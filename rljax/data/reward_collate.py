@@ -1,6 +1,6 @@
 """Collation for reward-model data: ranked pairs and lists, scored responses, verifier and step labels.
 
-Rows are right-padded to a bucketed width (a power of two, as `collate_prompt_completion`),
+Rows are right-padded to a bucketed width (`rljax.buckets.bucket_length`, as `collate_prompt_completion`),
 so a run compiles a handful of times. Every bad row raises a `ValueError` that
 names its index and what is wrong with it.
 

@@ -173,17 +173,38 @@ def check_kto_weights(desirable, cfg: KTOConfig) -> float:
     return ratio
 
 
-def completion_logps(params, tokens, attention_mask, loss_mask, *, model, chunk_size: int | None = None):
+def completion_logps(params, tokens, attention_mask, loss_mask, *, model, chunk_size: int | None = None,
+                     frozen: tuple[int, ...] = ()):
     """Per-token completion log-probs of [B, 2, T] rows in one forward pass of [2B, T]:
-    -> (token_logps [B, 2, T-1], mask [B, 2, T-1])."""
+    -> (token_logps [B, 2, T-1], mask [B, 2, T-1]).
+
+    frozen: indices along the pair axis whose log-probs need no gradient (KTO's mismatched
+    rows, which feed only the stop-gradient reference point z0). They run in a forward of
+    their own under stop_gradient(params), so the backward pass covers only the other rows
+    (instead of back-propagating zeros through all of them) and their activations are not
+    kept for it. The values are the same; only the split of the batch differs."""
     chex.assert_equal_shape([tokens, attention_mask, loss_mask])
     chex.assert_rank(tokens, 3)
     B, two, T = tokens.shape
-    flat = lambda x: x.reshape(B * two, T)  # noqa: E731
-    lp = sequence_token_stats(params, flat(tokens), flat(attention_mask), model=model,
-                              chunk_size=chunk_size)["logprobs"]
-    mask = target_mask(flat(loss_mask), flat(attention_mask))
-    return lp.reshape(B, two, T - 1), mask.reshape(B, two, T - 1)
+    if any(not 0 <= i < two for i in frozen):
+        raise ValueError(f"completion_logps: frozen indices {frozen} out of range for a pair axis of {two}")
+
+    def rows(p, tok, attn, loss):  # [B, n, T] -> ([B, n, T-1], [B, n, T-1]) in one forward of [B·n, T]
+        n = tok.shape[1]
+        flat = lambda x: x.reshape(B * n, T)  # noqa: E731
+        lp = sequence_token_stats(p, flat(tok), flat(attn), model=model, chunk_size=chunk_size)["logprobs"]
+        return lp.reshape(B, n, T - 1), target_mask(flat(loss), flat(attn)).reshape(B, n, T - 1)
+
+    if not frozen:
+        return rows(params, tokens, attention_mask, loss_mask)
+    live = [i for i in range(two) if i not in frozen]
+    groups = [(live, params), ([i for i in range(two) if i in frozen], jax.lax.stop_gradient(params))]
+    per_index = {}
+    for idx, p in groups:
+        if idx:
+            lp, mask = rows(p, tokens[:, idx], attention_mask[:, idx], loss_mask[:, idx])
+            per_index.update({i: (lp[:, k], mask[:, k]) for k, i in enumerate(idx)})
+    return tuple(jnp.stack([per_index[i][j] for i in range(two)], axis=1) for j in (0, 1))
 
 
 def reference_logps(params, batch, *, model, chunk_size: int | None = None) -> jax.Array:
@@ -199,13 +220,13 @@ def _masked_mean(x, weight):
     return jnp.sum(x * weight) / jnp.where(total > 0, total, 1.0)
 
 
-def _policy_terms(params, batch, cfg, *, model):
+def _policy_terms(params, batch, cfg, *, model, frozen: tuple[int, ...] = ()):
     """(S_θ reduced [B, 2], S_ref reduced [B, 2] or 0, lengths [B, 2], valid [B], chosen NLL).
 
     The NLL is the token mean over the chosen completions of valid pairs, each pair's tokens
     weighted by its PreferenceBatch.weight: Σ_i w_i Σ_t m_it (−ℓ_it) / Σ_i w_i Σ_t m_it."""
     lp, mask = completion_logps(params, batch.tokens, batch.attention_mask, batch.loss_mask, model=model,
-                                chunk_size=cfg.chunk_size)
+                                chunk_size=cfg.chunk_size, frozen=frozen)
     logps, lengths = sequence_logps(lp, mask, cfg.logp_reduction)
     valid = jnp.all(lengths > 0, axis=1).astype(jnp.float32)
     ref = 0.0
@@ -317,7 +338,8 @@ def kto_loss(params, batch: KTOBatch, *, model, cfg: KTOConfig):
     if batch.tokens.shape[0] < 2:
         raise ValueError("kto_loss: a batch of one has no mismatched pair for the reference point z0; "
                          "use a batch of at least 2")
-    logps, ref, lengths, valid, _ = _policy_terms(params, batch, cfg, model=model)
+    # the mismatched rows (index 1) feed only z0, whose gradient is stopped: forward only
+    logps, ref, lengths, valid, _ = _policy_terms(params, batch, cfg, model=model, frozen=(1,))
     rho = logps - ref
     # a mismatched row with an empty completion says nothing about z0
     z0 = kto_reference_point(rho[:, 1], (lengths[:, 1] > 0).astype(jnp.float32))

@@ -6,7 +6,8 @@ rg:<generator>), shared by the studies in experiments/:
   load_sft(sft_run_dir, tok)      the model, final params and config of a finished SFT run
   sft_split(sft_cfg)              (task, train, test): the SFT run's task and problems
   train_rl(RLArithmeticConfig)    RL with any rljax.algorithms entry from a finished SFT run
-                                  (`python -m experiments.rl_arithmetic`)
+                                  (`python -m experiments.rl_arithmetic`); on_policy_distill's teacher
+                                  is the final policy of the SFT run in teacher_run_dir
 
 The configs' `task` field names the task (`rljax.tasks.get_task`); "arithmetic" gives exactly the
 problems, rewards and numbers of the runs before tasks existed, and a saved config.json without the
@@ -259,6 +260,8 @@ class RLArithmeticConfig(LoggingFlags):
     critic_lr: float = 1e-4  # trpo: the separate critic's learning rate
     critic_epochs: int = 4  # trpo: critic regression passes per iteration
     sft_run_dir: str = "runs/sft_arithmetic-default"
+    # on_policy_distill: the finished SFT run whose final policy is the teacher (its own preset, same tokenizer)
+    teacher_run_dir: str | None = None
     run_dir: str | None = None
     run_root: str = "runs"
     seed: int = 0
@@ -289,6 +292,13 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
     if cfg.step_reward:
         needs_steps(task, f"--step-reward {cfg.step_reward:g}")
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
+    if get_algorithm(cfg.algo).needs().teacher:  # before anything runs
+        if cfg.teacher_run_dir is None:
+            raise ValueError(f"--teacher-run-dir: {cfg.algo} distils from a teacher; name the finished SFT run whose "
+                             "final policy is the teacher")
+        check_input_dir(cfg.teacher_run_dir, "--teacher-run-dir")
+    elif cfg.teacher_run_dir is not None:
+        raise ValueError(f"--teacher-run-dir: {cfg.algo} uses no teacher (only on_policy_distill does); drop it")
     check_sft_task(cfg.task, cfg.sft_run_dir)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"rl_{task_slug(cfg.task)}-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
@@ -298,6 +308,9 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
                                       run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags(),
                                       task=cfg.task)
     algo = get_algorithm(cfg.algo)
+    teacher_model = teacher_params = None
+    if algo.needs().teacher:  # on_policy_distill: the teacher is the final policy of another finished SFT run
+        teacher_model, teacher_params, _ = load_sft(cfg.teacher_run_dir, tok, progress=cfg.progress, task=cfg.task)
     critic_model = critic_params = None
     if algo.needs().critic:  # trpo: a separate critic, initialised from the policy (V = 0 at first)
         critic_model, critic_params = with_value_head(model, params)
@@ -328,7 +341,7 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
                       actors=cfg.actors, critic_epochs=cfg.critic_epochs,
                       critic_optimizer=OptimizerConfig(lr=cfg.critic_lr, schedule="constant", head_lr=cfg.head_lr))
     state = create_rl_state(model, params, rl_cfg, jax.random.key(cfg.seed), critic_model=critic_model,
-                            critic_params=critic_params)
+                            critic_params=critic_params, teacher_params=teacher_params, teacher_model=teacher_model)
 
     def evaluate(which: str, p) -> tuple[float, float]:
         """Held-out (greedy, sampled) accuracy; the sampled one is the mean over eval_samples at temperature 1,
@@ -351,7 +364,7 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
         before, before_sampled = sft_accuracy
     t0 = time.perf_counter()
     state = rl(state, prompts, reward, rl_cfg, model=model, decode=tok.decode_batch, run_dir=run_dir,
-               accuracy_fn=accuracy_fn, critic_model=critic_model,
+               accuracy_fn=accuracy_fn, critic_model=critic_model, teacher_model=teacher_model,
                loop=LoopConfig(steps=cfg.iterations, log_every=1, checkpoint_every=50, progress=cfg.progress,
                                **cfg.loop_logging()))
     wall = time.perf_counter() - t0

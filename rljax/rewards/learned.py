@@ -7,7 +7,7 @@ A scorer has the rule rewards' signature (`rljax.rewards.rules`):
 
 It re-encodes the text exactly as the reward data were collated
 (`rljax.data.reward_collate`: [bos] prompt completion [eos]; steps piece by piece),
-pads rows to a bucketed width and the batch to a power of two, and runs one jitted
+pads rows and the row count to bucketed sizes (`rljax.buckets`), and runs one jitted
 forward per call, so scoring compiles a handful of times over a run.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def running_normaliser(*, eps: float = 1e-6, shift_mean: bool = True) -> RewardN
 
 def _batch_rows(rows: Sequence[Sequence[int]], pad_id: int, *others: Sequence[Sequence[int]], min_bucket: int,
                 max_length: int | None):
-    """Pad rows to a bucketed width and the row count to a power of two (extra rows are one
+    """Pad rows to a bucketed width and the row count to a bucketed size (extra rows are one
     pad token), so the jitted scorer sees few shapes. `others` are per-token lists padded
     alongside with 0 (e.g. completion masks). -> (tokens, mask, *others, B real rows)."""
     B = len(rows)
