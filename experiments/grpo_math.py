@@ -50,9 +50,7 @@ import numpy as np
 
 from rljax.checkpoint import digest_params
 from rljax.cli import LoggingFlags, apply_preset, make_run_dir, run, save_config
-from rljax.data.adapters import DataError, load_records
 from rljax.data.collate import BatchIterator, collate_prompt_completion
-from rljax.data.math import MathProblem, gsm8k, math_problems
 from rljax.eval import TOKENIZER_FILES, exact_match, export_policy
 from rljax.losses.sft import SFTConfig
 from rljax.metrics import read_metrics
@@ -64,6 +62,7 @@ from rljax.rewards.rules import weighted_sum
 from rljax.rl import RLConfig, create_rl_state
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.sharding import make_mesh
+from rljax.tasks.math import SYSTEM_PROMPTS, chat_prompt, math_answer_correct, read_problems, sft_target
 from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import HFTokenizer
 
@@ -73,12 +72,6 @@ SMOKE_ARCH = os.path.join(FIXTURES, "hf", "qwen2")
 SMOKE_TOKENIZER = os.path.join(FIXTURES, "hf_tokenizer")
 SMOKE_DATA = os.path.join(FIXTURES, "math", "gsm8k_tiny.jsonl")
 
-SYSTEM_PROMPTS = {
-    "boxed": "Solve the math problem step by step. Put the final answer in \\boxed{}.",
-    "think": ("A conversation between User and Assistant. The Assistant first thinks about the reasoning process "
-              "and then gives the answer. The reasoning is enclosed in <think> </think> and the answer in "
-              "<answer> </answer> tags: <think> reasoning </think><answer> answer </answer>."),
-}
 
 
 @dataclass
@@ -144,66 +137,6 @@ def write_smoke_model(path: str, seed: int = 0) -> str:
         if name in TOKENIZER_FILES:
             shutil.copy(os.path.join(SMOKE_TOKENIZER, name), path)
     return path
-
-
-def read_problems(source: str, data_format: str) -> list[MathProblem]:
-    """Problems of a GSM8K- or MATH-style data set. .jsonl / .json files are read directly (no
-    `datasets` needed); anything else goes through load_records. Errors name the file and row."""
-    if data_format not in ("gsm8k", "math"):
-        raise ValueError(f"Config.data_format: {data_format!r} is not 'gsm8k' or 'math'")
-    if not source:
-        raise ValueError("Config: no data file; pass --data FILE (or --smoke)")
-    adapter = gsm8k if data_format == "gsm8k" else math_problems
-    if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-        rows = None
-        if source.endswith(".json"):  # one JSON list, or JSON lines under a .json name (as datasets allows)
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError:
-                pass
-        if rows is None:
-            rows = []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{source}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rows, list):
-            raise DataError(f"{source}: expected a list of rows, got {type(rows).__name__}")
-    else:
-        rows = load_records(source)
-    try:
-        problems = adapter(rows)
-    except DataError as e:
-        raise DataError(f"{source}: {e}") from None
-    if not problems:
-        raise DataError(f"{source}: no problems")
-    return problems
-
-
-def chat_prompt(tok: HFTokenizer, question: str, system_prompt: str) -> str:
-    """The prompt text of one problem, the same in SFT and RL: the model's chat template over
-    [system, user] with the generation prompt (the assistant header), so the completion is the
-    assistant's reply. Tokenize with add_bos=False: the template writes bos itself."""
-    messages = [{"role": "user", "content": question}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return tok.apply_chat_template(messages, add_generation_prompt=True)
-
-
-def sft_target(problem: MathProblem, style: str) -> str:
-    """The reference solution written in the answer style the reward reads (see the module docstring)."""
-    if style == "think":
-        return f"<think>\n{problem.solution}\n</think>\n<answer>{problem.answer}</answer>"
-    return f"{problem.solution}\nThe final answer is \\boxed{{{problem.answer}}}."
-
-
-def math_answer_correct(problem: MathProblem, completion: str) -> float:
-    """math_answer_reward of one completion: 1.0 when its final answer equals the problem's, else 0.0."""
-    return float(math_answer_reward(None, [completion], answers=[problem.answer])[0])
 
 
 def make_reward(cfg: Config):

@@ -4,6 +4,15 @@ freshly initialised model, then distilled into a smaller student:
     python -m experiments.r1_pipeline --smoke                       # ~1 min on 2 CPU cores
     python -m experiments.r1_pipeline                               # tiny preset, arithmetic level 1: ~11 min
     python -m experiments.r1_pipeline --task sorting --run-dir runs/r1-sorting
+    python -m experiments.r1_pipeline --model DIR --data gsm8k_train.jsonl --eval-data gsm8k_test.jsonl \
+        --cold-start 2000 --reasoning 3000 --general 1000 --max-new-tokens 512   # an HF checkpoint, GSM8K
+    python -m experiments.r1_pipeline --smoke --model fixture                   # the same on the test fixtures
+
+With --model (a Hugging Face Llama / Qwen2 / Qwen3 checkpoint with its tokenizer files) the task is
+`rljax.tasks.math.math_task` of its tokenizer: GSM8K / MATH rows (--data, --data-format, as grpo_math reads them),
+prompts through the model's chat template, references and rewards in the --style answer format (think: R1's
+<think>/<answer>; boxed), the answer checked by math-verify-style matching. The student is --student-model (an HF
+checkpoint with the same tokenizer) or the teacher's first --student-layers blocks (`select_layers`).
 
 The pipeline is `rljax.r1.r1_pipeline` (its docstring lists the stages): cold-start SFT on the task's step-by-step
 reference completions (the "long chain-of-thought" data; --cold-start problems of them) → GRPO with answer +
@@ -44,6 +53,18 @@ from rljax.tokenizer import CharTokenizer
 @dataclass
 class Config(LoggingFlags):
     task: str = "arithmetic"
+    # a Hugging Face checkpoint directory (or hub id) with its tokenizer files: the teacher, on the math task
+    # (`rljax.tasks.math`) over --data instead of --task; "fixture": the test fixtures' tiny Qwen2 with random
+    # weights and the GSM8K fixture (as grpo_math --smoke). "" (default): a fresh character-level model on --task
+    model: str = ""
+    data: str = ""  # HF mode: GSM8K / MATH rows, split into cold-start / reasoning / general problems
+    data_format: str = "gsm8k"  # gsm8k | math
+    eval_data: str | None = None  # HF mode: the held-out problems (first --n-test); None: the last --n-test of --data
+    style: str = "think"  # HF mode: the answer style, think (<think>/<answer>) | boxed
+    system_prompt: str | None = None  # HF mode: None for the style's default
+    student_model: str = ""  # HF mode: the student's checkpoint (same tokenizer); "": the teacher's first
+    #                          --student-layers blocks (`select_layers`)
+    dtype: str | None = None  # HF mode: parameter dtype (None: the checkpoint's)
     levels: tuple[int, ...] = (1,)
     preset: str = "tiny"
     layers: int = 4  # the teacher's layers
@@ -122,8 +143,61 @@ COLUMNS = ("stage", "kept_fraction", "rm_pairwise_accuracy", "accuracy_greedy", 
            "completion_length", "kl_to_start", "kl_to_teacher", "train_tokens")
 
 
-def setup(cfg: Config):
+def hf_setup(cfg: Config, run_dir: str):
+    """HF mode's (task, tokenizer, teacher, base params, student, student params, problem sets): the checkpoint
+    --model, the math task of its tokenizer, --data split in order into --cold-start / --reasoning / --general
+    problems, the held-out ones from --eval-data (else the last --n-test of --data). With --smoke on the fixture's
+    8 problems every set is their first k (the sets overlap: the smoke checks the plumbing, not learning)."""
+    from experiments.grpo_math import SMOKE_DATA, write_smoke_model
+    from rljax.cli import explicit_fields
+    from rljax.models.hf import load_pretrained, resolve_path
+    from rljax.models.transformer import select_layers
+    from rljax.tasks.math import math_task, read_problems
+    from rljax.tokenizer import HFTokenizer
+
+    if cfg.model == "fixture":
+        cfg.data = cfg.data or SMOKE_DATA
+        model_dir = write_smoke_model(os.path.join(run_dir, "smoke-model"), seed=cfg.seed)
+    else:
+        model_dir = resolve_path(cfg.model)
+    if not cfg.data:
+        raise ValueError("Config.data: HF mode (--model) needs GSM8K / MATH rows: pass --data FILE")
+    tok = HFTokenizer.from_pretrained(model_dir)
+    overrides = {"max_seq_len": cfg.max_seq_len} if "max_seq_len" in explicit_fields(cfg) else {}
+    arch, params = load_pretrained(model_dir, dtype=cfg.dtype, config_overrides=overrides)
+    model = Model(arch)
+    if cfg.student_model:
+        student_dir = resolve_path(cfg.student_model)
+        student_tok = HFTokenizer.from_pretrained(student_dir)
+        if student_tok.vocab_size != tok.vocab_size:
+            raise ValueError(f"Config.student_model: {student_dir}'s tokenizer has {student_tok.vocab_size} ids, the "
+                             f"teacher's {tok.vocab_size}; on-policy distillation compares them token by token")
+        student_arch, student_params = load_pretrained(student_dir, dtype=cfg.dtype, config_overrides=overrides)
+        student = Model(student_arch)
+    else:
+        student, student_params = select_layers(model, params, range(min(cfg.student_layers, arch.n_layers)))
+    task = math_task(tok, style=cfg.style, system_prompt=cfg.system_prompt)
+    problems = read_problems(cfg.data, cfg.data_format)
+    held_out = read_problems(cfg.eval_data, cfg.data_format)[:cfg.n_test] if cfg.eval_data else None
+    need = cfg.cold_start + cfg.reasoning + cfg.general + (0 if held_out else cfg.n_test)
+    if cfg.smoke:
+        sets = dict(cold_start=problems[:cfg.cold_start], reasoning=problems[:cfg.reasoning],
+                    general=problems[:cfg.general], held_out=held_out or problems[:cfg.n_test])
+    elif len(problems) < need:
+        raise ValueError(f"Config.data: {cfg.data} has {len(problems)} problems; --cold-start {cfg.cold_start} + "
+                         f"--reasoning {cfg.reasoning} + --general {cfg.general}"
+                         + ("" if held_out else f" + --n-test {cfg.n_test}") + f" = {need} are needed")
+    else:
+        a, b, c = cfg.cold_start, cfg.cold_start + cfg.reasoning, cfg.cold_start + cfg.reasoning + cfg.general
+        sets = dict(cold_start=problems[:a], reasoning=problems[a:b], general=problems[b:c],
+                    held_out=held_out or problems[len(problems) - cfg.n_test:])
+    return task, tok, model, params, student, student_params, sets
+
+
+def setup(cfg: Config, run_dir: str | None = None):
     """(task, tokenizer, teacher model, base params, student model, student params, problem sets) of `cfg`."""
+    if cfg.model:
+        return hf_setup(cfg, run_dir)
     task = get_task(cfg.task)
     tok = CharTokenizer()
     model = Model(preset(cfg.preset, n_layers=cfg.layers, vocab_size=tok.vocab_size, max_seq_len=cfg.max_seq_len))
@@ -139,13 +213,16 @@ def setup(cfg: Config):
     return task, tok, model, params, student, student_params, sets
 
 
+HF_SMOKE = dict({k: v for k, v in SMOKE.items() if k != "max_seq_len"}, cold_start=8, reasoning=8, general=8, n_test=4, sft_batch=4, max_new_tokens=16)
+
+
 def main(cfg: Config) -> dict:
     if cfg.smoke:
-        apply_preset(cfg, **SMOKE)
+        apply_preset(cfg, **(HF_SMOKE if cfg.model else SMOKE))
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "r1_pipeline")
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=IGNORED_FIELDS)  # before any training
-    task, tok, model, params, student, student_params, sets = setup(cfg)
+    task, tok, model, params, student, student_params, sets = setup(cfg, run_dir)
     r1 = pipeline_config(cfg, tok)
     print(f"r1_pipeline: task {task.name}, teacher {model.config.num_params() / 1e6:.2f}M params, student "
           f"{student.config.num_params() / 1e6:.2f}M; {len(sets['cold_start'])} cold-start / {len(sets['reasoning'])} "

@@ -277,3 +277,30 @@ def test_arithmetic_train_rl_distils_on_policy_from_a_teacher_run(tmp_path):
     lines = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
     kl = [x["rl/teacher_kl_per_sequence"] for x in lines if "rl/teacher_kl_per_sequence" in x]
     assert len(kl) == 3 and all(np.isfinite(kl)) and res["accuracy_rl"] is not None
+
+
+def test_hf_mode_refuses_too_few_problems_naming_the_counts(tmp_path):
+    """--model with a data file smaller than the sets it must fill: an error naming the file and the sum."""
+    from experiments import r1_pipeline as ex
+
+    cfg = ex.Config(model="fixture", cold_start=4, reasoning=4, general=4, n_test=2, progress=False)
+    with pytest.raises(ValueError, match=r"gsm8k_tiny.jsonl has 8 problems; --cold-start 4 \+ --reasoning 4 \+ "
+                                         r"--general 4 \+ --n-test 2 = 14 are needed"):
+        ex.setup(cfg, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_experiment_runs_on_an_hf_checkpoint_with_gsm8k_rows(tmp_path):
+    """`python -m experiments.r1_pipeline --smoke --model fixture`: every stage on the HF fixture (a random Qwen2
+    with the tokenizer fixture) and the GSM8K fixture, prompts through the chat template; a rerun redoes nothing."""
+    from experiments import r1_pipeline as ex
+
+    run = str(tmp_path / "r1hf")
+    res = ex.main(ex.Config(smoke=True, model="fixture", run_dir=run, progress=False))
+    assert [r["stage"] for r in res["rows"]] == STAGES and read_results(run) == res["rows"]
+    assert json.load(open(os.path.join(run, "cold-start", "stage.json")))["task"] == "math-think"
+    samples = json.load(open(os.path.join(run, "rejection-sft", "samples.json")))
+    assert samples["stats"]["samples"] == 8 * 2 and samples["stats"]["prompts"] == 8  # rejection_prompts x samples
+    assert res["rows"][3]["stage"] == "reward-model" and 0 <= res["rows"][3]["rm_pairwise_accuracy"] <= 1
+    again = ex.main(ex.Config(smoke=True, model="fixture", run_dir=run, progress=False))
+    assert again["rows"] == res["rows"]

@@ -586,3 +586,21 @@ def add_head(model: "Model", params: dict, head: str, **config_changes) -> tuple
              if k not in params or jax.tree.structure(v) != jax.tree.structure(params[k])
              or getattr(params[k], "shape", None) != getattr(v, "shape", None)}
     return new, {**{k: v for k, v in params.items() if k in shapes}, **extra}
+
+
+def select_layers(model: "Model", params: dict, layers) -> tuple["Model", dict]:
+    """(a model of len(layers) blocks, its params): the blocks `layers` (indices into model's, in the order
+    given; e.g. range(k) for the first k, or range(0, L, 2) for every other one, as DistilBERT starts its
+    student) with the embedding, final norm and heads kept. A smaller student that shares the teacher's
+    tokenizer and width, initialised from it (on-policy distillation compares the two token by token).
+    An index outside 0..L-1 or a repeated one is a ValueError naming it."""
+    layers = [int(i) for i in layers]
+    n = model.config.n_layers
+    bad = [i for i in layers if not 0 <= i < n]
+    if not layers or bad or len(set(layers)) != len(layers):
+        raise ValueError(f"select_layers: layers {layers} must be distinct indices in 0..{n - 1}"
+                         + (f"; {bad} are not" if bad else ""))
+    index = jnp.asarray(layers)
+    new = Model(model.config.replace(n_layers=len(layers)), model.mesh)
+    # every block parameter is stacked on a leading layer axis [L, ...]
+    return new, {**params, "layers": jax.tree.map(lambda x: x[index], params["layers"])}

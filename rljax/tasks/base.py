@@ -54,10 +54,11 @@ class TaskAlphabetError(ValueError):
         self.task, self.char, self.text, self.where = task, char, text, where
 
 
-def check_alphabet(task: str, text: str, where: str) -> str:
-    """`text` when every character is in DEFAULT_ALPHABET, else TaskAlphabetError naming the first other one."""
+def check_alphabet(task: str, text: str, where: str, *, alphabet: frozenset[str] = _ALPHABET) -> str:
+    """`text` when every character is in `alphabet` (default DEFAULT_ALPHABET's), else TaskAlphabetError naming
+    the first other one."""
     for ch in text:
-        if ch not in _ALPHABET:
+        if ch not in alphabet:
             raise TaskAlphabetError(task, ch, text, where)
     return text
 
@@ -131,6 +132,9 @@ class Task:
     well_formed: Callable[[str], bool] | None = None
     score: Callable[[Any, str], float] | None = None
     description: str = ""
+    # the characters its text must be made of (`check_alphabet`; the CharTokenizer's); None: not checked,
+    # for a task whose text goes through a subword tokenizer (the math task of an HF model)
+    alphabet: frozenset[str] | None = _ALPHABET
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -170,8 +174,8 @@ class Task:
             k = self.key(p)
             if k not in seen:
                 seen.add(k)
-                check_alphabet(self.name, self.prompt(p), "prompt")
-                check_alphabet(self.name, self.reference(p), "reference completion")
+                self._checked(self.prompt(p), "prompt")
+                self._checked(self.reference(p), "reference completion")
                 out.append(p)
         return out[:n_train], out[n_train:]
 
@@ -181,7 +185,10 @@ class Task:
             return self.reference(problem)
         if kind not in self.corruptions:
             raise ValueError(f"task {self.name!r}: unknown corruption {kind!r}; expected one of {self.corruptions}")
-        return check_alphabet(self.name, self.corrupt(problem, rng, kind), f"{kind} completion")
+        return self._checked(self.corrupt(problem, rng, kind), f"{kind} completion")
+
+    def _checked(self, text: str, where: str) -> str:
+        return text if self.alphabet is None else check_alphabet(self.name, text, where, alphabet=self.alphabet)
 
     def graded(self, problem, completion: str) -> float:
         """`score` when the task has one (a graded verifier), else float(check)."""

@@ -1,0 +1,188 @@
+"""Math word problems (GSM8K, MATH: `rljax.data.math.MathProblem`) as a `Task` of a Hugging Face model.
+
+    tok = HFTokenizer.from_pretrained(model_dir)
+    task = math_task(tok, style="think")                   # or "boxed"
+    problems = read_problems("gsm8k_train.jsonl", "gsm8k")   # no generator: the problems come from data
+    task.prompt(problems[0])     # the chat template over [system, user: question], with the assistant header
+    task.reference(problems[0])  # "<think>\\n<solution>\\n</think>\\n<answer>18</answer>"
+    task.check(problems[0], completion), task.well_formed(completion), task.gold_score(problems[0], completion)
+
+so every recipe written against `rljax.tasks.Task` (`rljax.r1.r1_pipeline`, expert iteration, the
+evaluations) runs on real checkpoints and data sets unchanged. What the task's functions are:
+
+  prompt      `chat_prompt(tok, question, system_prompt)`: the model's chat template; when the tokenizer
+              prepends bos itself (`add_bos_token`) and the template also writes it, the template's copy is
+              dropped from the text, so `encode(prompt)` (add_bos=True, as the recipes encode) gives exactly
+              the template's ids
+  reference   `sft_target(problem, style)`: the worked solution in the answer style
+                boxed  "<solution>\\nThe final answer is \\boxed{<answer>}."
+                think  "<think>\\n<solution>\\n</think>\\n<answer><answer></answer>"
+  check       the final answer (`extract_answer`) equals the reference (`answers_match`): the reward of
+              `rljax.rewards.math_answers.math_answer_reward`
+  well_formed think: `think_answer_format_reward` = 1; boxed: exactly one closed \\boxed{...}
+  gold_score  0.8 · right + 0.2 · well formed (the order synthetic preference pairs are labelled by)
+  corrupt     "wrong_answer" (the reference with another final answer), "truncated" (the first half of the
+              solution, no answer), "unformatted" (the solution and the right answer outside the style's
+              markers)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+
+from rljax.data.adapters import DataError, load_records
+from rljax.data.math import MathProblem, answers_match, extract_answer, gsm8k, last_boxed, math_problems, \
+    normalize_number
+from rljax.rewards.math_answers import think_answer_format_reward
+from rljax.tasks.base import Task
+
+__all__ = ["ANSWER_STYLES", "MATH_CORRUPTIONS", "SYSTEM_PROMPTS", "chat_prompt", "math_answer_correct",
+           "math_task", "read_problems", "sft_target"]
+
+SYSTEM_PROMPTS = {
+    "boxed": "Solve the math problem step by step. Put the final answer in \\boxed{}.",
+    "think": ("A conversation between User and Assistant. The Assistant first thinks about the reasoning process "
+              "and then gives the answer. The reasoning is enclosed in <think> </think> and the answer in "
+              "<answer> </answer> tags: <think> reasoning </think><answer> answer </answer>."),
+}
+ANSWER_STYLES = tuple(SYSTEM_PROMPTS)
+MATH_CORRUPTIONS = ("wrong_answer", "truncated", "unformatted")
+_RIGHT_WEIGHT, _FORMAT_WEIGHT = 0.8, 0.2  # gold_score = 0.8 · right + 0.2 · well formed
+
+
+def _check_style(style: str) -> str:
+    if style not in SYSTEM_PROMPTS:
+        raise ValueError(f"style: {style!r} is not one of {list(ANSWER_STYLES)}")
+    return style
+
+
+def read_problems(source: str, data_format: str) -> list[MathProblem]:
+    """Problems of a GSM8K- or MATH-style data set. .jsonl / .json files are read directly (no
+    `datasets` needed); anything else goes through load_records. Errors name the file and row."""
+    if data_format not in ("gsm8k", "math"):
+        raise ValueError(f"data_format: {data_format!r} is not 'gsm8k' or 'math'")
+    if not source:
+        raise ValueError("no data file given")
+    adapter = gsm8k if data_format == "gsm8k" else math_problems
+    if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+        rows = None
+        if source.endswith(".json"):  # one JSON list, or JSON lines under a .json name (as datasets allows)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError:
+                pass
+        if rows is None:
+            rows = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{source}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{source}: expected a list of rows, got {type(rows).__name__}")
+    else:
+        rows = load_records(source)
+    try:
+        problems = adapter(rows)
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from None
+    if not problems:
+        raise DataError(f"{source}: no problems")
+    return problems
+
+
+def chat_prompt(tok, question: str, system_prompt: str | None) -> str:
+    """The prompt text of one problem, the same in SFT and RL: the model's chat template over
+    [system, user] with the generation prompt (the assistant header), so the completion is the
+    assistant's reply. Tokenize with add_bos=False: the template writes bos itself."""
+    messages = [{"role": "user", "content": question}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tok.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def sft_target(problem: MathProblem, style: str) -> str:
+    """The reference solution written in the answer style the reward reads (see the module docstring)."""
+    if _check_style(style) == "think":
+        return f"<think>\n{problem.solution}\n</think>\n<answer>{problem.answer}</answer>"
+    return f"{problem.solution}\nThe final answer is \\boxed{{{problem.answer}}}."
+
+
+def math_answer_correct(problem: MathProblem, completion: str) -> float:
+    """1.0 when the completion's final answer (`extract_answer`) equals the problem's (`answers_match`), else 0.0:
+    `math_answer_reward` of one completion."""
+    return float(answers_match(extract_answer(completion), problem.answer))
+
+
+def _well_formed(style: str):
+    if style == "think":
+        return lambda completion: bool(think_answer_format_reward([""], [completion])[0])
+
+    def boxed_once(completion: str) -> bool:
+        try:
+            return len(re.findall(r"\\(?:boxed|fbox)\b", completion)) == 1 and last_boxed(completion) is not None
+        except ValueError:  # an unclosed \boxed{
+            return False
+
+    return boxed_once
+
+
+def _wrong_answer(answer: str, rng: np.random.Generator) -> str:
+    """Another final answer: a number moved by ±1..9 (an integer stays one), else the text with a digit appended."""
+    value = normalize_number(answer)
+    if value is None:
+        return f"{answer}1"
+    shifted = value + int(rng.integers(1, 10)) * (1 if rng.random() < 0.5 else -1)
+    return str(int(shifted)) if shifted.denominator == 1 else str(float(shifted))
+
+
+def _corrupt(style: str):
+    def corrupt(problem: MathProblem, rng: np.random.Generator, kind: str) -> str:
+        if kind == "wrong_answer":
+            return sft_target(MathProblem(problem.question, problem.solution, _wrong_answer(problem.answer, rng)),
+                              style)
+        if kind == "truncated":
+            words = problem.solution.split()
+            return " ".join(words[:max(len(words) // 2, 1)])
+        if kind == "unformatted":
+            return f"{problem.solution}\nSo the answer is {problem.answer}."
+        raise ValueError(f"math task: unknown corruption {kind!r}; expected one of {MATH_CORRUPTIONS}")
+
+    return corrupt
+
+
+def _no_generator(rng, level):
+    raise ValueError("the math task has no problem generator: its problems come from data files "
+                     "(`rljax.tasks.math.read_problems`); split them yourself")
+
+
+def math_task(tok, *, style: str = "think", system_prompt: str | None = None, name: str | None = None) -> Task:
+    """GSM8K / MATH problems as a `Task` of the Hugging Face tokenizer `tok` (its chat template) and the answer
+    `style` ("think" or "boxed"); system_prompt: None for the style's default (SYSTEM_PROMPTS), "" for none.
+    name: default "math-<style>". See the module docstring for each function."""
+    style = _check_style(style)
+    system = SYSTEM_PROMPTS[style] if system_prompt is None else system_prompt
+    bos = getattr(tok, "special_tokens", {}).get("bos_token") if getattr(tok, "add_bos_token", False) else None
+
+    def prompt(problem: MathProblem) -> str:
+        text = chat_prompt(tok, problem.question, system)
+        # encode(add_bos=True) prepends bos: the template's own copy would make two
+        return text[len(bos):] if bos and text.startswith(bos) else text
+
+    well_formed = _well_formed(style)
+
+    def gold_score(problem: MathProblem, completion: str) -> float:
+        return _RIGHT_WEIGHT * math_answer_correct(problem, completion) + _FORMAT_WEIGHT * float(well_formed(completion))
+
+    return Task(name=name or f"math-{style}", generate=_no_generator, key=lambda p: p.question,
+                extract=extract_answer, check=lambda p, c: bool(math_answer_correct(p, c)), gold_score=gold_score,
+                corrupt=_corrupt(style), corruptions=MATH_CORRUPTIONS, prompt=prompt,
+                reference=lambda p: sft_target(p, style), separator=None, well_formed=well_formed, alphabet=None,
+                description=f"math word problems from data files, answers in the {style} style, prompts through "
+                            "the model's chat template")
