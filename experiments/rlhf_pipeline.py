@@ -42,27 +42,27 @@ class Config(LoggingFlags):
     task: str = "arithmetic"
     levels: tuple[int, ...] = (1,)
     preset: str = "tiny"
-    layers: int = 2
+    layers: int = 4
     max_seq_len: int = 80
     run_dir: str | None = None
     run_root: str = "runs"
     seed: tuple[int, ...] = (0,)
     sft_problems: int = 512
-    rm_problems: int = 384
+    rm_problems: int = 320  # arithmetic level 1 has about 1200 distinct problems: the four sets stay below
     rl_problems: int = 256
     n_test: int = 64
-    sft_steps: int = 600
+    sft_steps: int = 1000
     sft_batch: int = 16
     sft_lr: float = 3e-3
-    rm_steps: int = 150
+    rm_steps: int = 300
     rm_lr: float = 1e-4
     rm_head_lr: float = 1e-3
     rm_beta: float = 5.0
-    ppo_iterations: int = 40
+    ppo_iterations: int = 50
     prompts_per_iteration: int = 16
     samples_per_prompt: int = 4
     max_new_tokens: int = 40
-    ppo_lr: float = 2e-5
+    ppo_lr: float = 3e-5
     ppo_head_lr: float = 1e-3
     ppo_epochs: int = 2
     ppo_minibatches: int = 2
@@ -123,7 +123,8 @@ def summary(rows_by_seed: dict[int, list[dict]]) -> dict:
     """Per seed and the mean over seeds: the SFT row's accuracy and gold, the reward model's held-out accuracy, and
     PPO's start (the reward-model row: the SFT policy scored by both) and end (the last PPO row) on held-out samples,
     gold and proxy, with the KL to SFT, plus the training batches' proxy and gold at PPO's first and last iteration
-    (first: the first row's; last: the last row's). gold_rose_with_proxy: whether both went up."""
+    (first: the first row's; last: the last row's), and the changes gold_change = gold_end − gold_start and
+    proxy_change = proxy_end − proxy_start (reward hacking: proxy_change > 0 with gold_change ≤ 0)."""
     per = {}
     for seed, rows in rows_by_seed.items():
         by = {r["stage"]: r for r in rows}
@@ -138,7 +139,7 @@ def summary(rows_by_seed: dict[int, list[dict]]) -> dict:
             if f"train_{name}_first" in first:
                 s[f"train_{name}_first"], s[f"train_{name}_last"] = first[f"train_{name}_first"], \
                     last[f"train_{name}_last"]
-        s["gold_rose_with_proxy"] = bool(s["gold_end"] > s["gold_start"] and s["proxy_end"] > s["proxy_start"])
+        s["gold_change"], s["proxy_change"] = s["gold_end"] - s["gold_start"], s["proxy_end"] - s["proxy_start"]
         per[seed] = s
     keys = [k for k in next(iter(per.values())) if all(isinstance(p.get(k), (int, float)) for p in per.values())]
     mean = {k: float(np.mean([p[k] for p in per.values()])) for k in keys}

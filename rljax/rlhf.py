@@ -183,6 +183,7 @@ def rlhf_pipeline(params, cfg: RLHFConfig, *, model, tokenizer, task, sft_proble
     eval_fn: every phase's eval_fn (every cfg.eval_every steps)."""
     from rljax.algorithms import get_algorithm
     from rljax.data.reward_collate import collate_ranked
+    from rljax.data.synthetic import gold_ranked_lists
     from rljax.losses.actor_critic import with_value_head
     from rljax.losses.kl_control import adaptive_kl_controller
     from rljax.models.transformer import add_head
@@ -260,8 +261,6 @@ def rlhf_pipeline(params, cfg: RLHFConfig, *, model, tokenizer, task, sft_proble
                          max_new_tokens=cfg.max_new_tokens, n=cfg.refresh_samples, temperature=cfg.temperature,
                          key=jax.random.fold_in(key, 1000 + r), batch_size=len(problems))
         k = cfg.refresh_samples
-        from rljax.data.synthetic import gold_ranked_lists
-
         return [list(x) for x in gold_ranked_lists(problems, [texts[i * k:(i + 1) * k] for i in range(len(problems))],
                                                      task)]
 
@@ -295,7 +294,7 @@ def rlhf_pipeline(params, cfg: RLHFConfig, *, model, tokenizer, task, sft_proble
     def round_name(r: int) -> str:
         return "ppo" if cfg.refresh_every == 0 else f"ppo-round-{r}"
 
-    ppo_stages = iterative_rlhf_stages(prompt_batches(), rank_samples, lambda rm_params: proxy(rm_params), cfg.rlhf,
+    ppo_stages = iterative_rlhf_stages(prompt_batches(), rank_samples, proxy, cfg.rlhf,
                                        rl_cfg, model=value_model, rm_model=rm_model, decode=tokenizer.decode_batch,
                                        collate=collate_lists, initial_lists=initial_lists() if cfg.refresh_every
                                        else (), eval_fn=eval_fn, record=record_round, stage_name=round_name,

@@ -279,7 +279,11 @@ def test_experiment_smoke_writes_the_table_and_reruns_to_it(tmp_path):
     res = ex.main(ex.Config(**cfg))
     assert [r["stage"] for r in res["rows"][0]] == ["sft", "reward-model", "ppo"]
     assert read_results(str(tmp_path / "rlhf" / "seed-0")) == res["rows"][0]
-    s = res["summary"]["per_seed"][0]
-    assert s["gold_end"] == res["rows"][0][-1]["gold_mean"] and s["rm_accuracy"] is not None
+    s, rows = res["summary"]["per_seed"][0], res["rows"][0]
+    assert s["gold_end"] == rows[-1]["gold_mean"] and s["proxy_start"] == rows[1]["proxy_mean"]
+    assert s["gold_change"] == pytest.approx(rows[-1]["gold_mean"] - rows[1]["gold_mean"])
+    logs = [str(tmp_path / "rlhf" / "seed-0" / d / "metrics.jsonl") for d in ("sft", "reward_model", "policy")]
+    before = [open(f).read() for f in logs]
     again = ex.main(ex.Config(**cfg))
     assert again["rows"] == res["rows"]
+    assert [open(f).read() for f in logs] == before  # no phase ran again (each would append its steps)
