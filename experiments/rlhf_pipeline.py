@@ -42,7 +42,7 @@ class Config(LoggingFlags):
     task: str = "arithmetic"
     levels: tuple[int, ...] = (1,)
     preset: str = "tiny"
-    layers: int = 4
+    layers: int = 2
     max_seq_len: int = 80
     run_dir: str | None = None
     run_root: str = "runs"
@@ -51,14 +51,14 @@ class Config(LoggingFlags):
     rm_problems: int = 320  # arithmetic level 1 has about 1200 distinct problems: the four sets stay below
     rl_problems: int = 256
     n_test: int = 64
-    sft_steps: int = 1000
+    sft_steps: int = 800
     sft_batch: int = 16
     sft_lr: float = 3e-3
-    rm_steps: int = 300
+    rm_steps: int = 200
     rm_lr: float = 1e-4
     rm_head_lr: float = 1e-3
     rm_beta: float = 5.0
-    ppo_iterations: int = 50
+    ppo_iterations: int = 40
     prompts_per_iteration: int = 16
     samples_per_prompt: int = 4
     max_new_tokens: int = 40

@@ -505,8 +505,9 @@ class IterativeRLHFConfig:
     policy's samples (`rank_samples`) are added to all earlier ones, and the reward model
     trains max(rm_epochs·new lists / rm_batch_size, 1) more steps on them all (rm_loss,
     rm_optimizer: the ones its state was made with; the batches of round r shuffled with
-    seed + r). refresh_every 0: never refreshed (one round). checkpoint_every: steps
-    between checkpoints inside either phase (0: at their ends only). tensorboard, wandb: where
+    seed + r). refresh_every 0: never refreshed (one round). checkpoint_every, eval_every: steps
+    between checkpoints, and between calls of eval_fn, inside either phase (0: at their ends
+    only; the reward model's refresh calls eval_fn only with eval_every). tensorboard, wandb: where
     else both phases' metrics go (`LoopConfig`)."""
 
     iterations: int = 200
@@ -518,6 +519,7 @@ class IterativeRLHFConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0
+    eval_every: int = 0
     progress: bool = True
     tensorboard: bool | None = None
     wandb: WandbConfig | None = None
@@ -574,13 +576,15 @@ def iterative_rlhf_stages(prompts, rank_samples: Callable, make_reward: Callable
             phase = RewardModelPhaseConfig(loss=cfg.rm_loss, optimizer=cfg.rm_optimizer,
                                            loop=LoopConfig(steps=target, log_every=cfg.log_every,
                                                            checkpoint_every=cfg.checkpoint_every,
-                                                           progress=cfg.progress, tensorboard=cfg.tensorboard,
-                                                           wandb=cfg.wandb))
+                                                           eval_every=cfg.eval_every, progress=cfg.progress,
+                                                           tensorboard=cfg.tensorboard, wandb=cfg.wandb))
             rm = train_reward_model(rm, BatchIterator(replay, batch, collate, seed=cfg.seed + r), phase,
-                                    model=rm_model, run_dir=ctx.component_dir("reward_model"))
+                                    model=rm_model, run_dir=ctx.component_dir("reward_model"),
+                                    eval_fn=eval_fn if cfg.eval_every else None)
         policy = train_rl(state["policy"], prompts, make_reward(rm.params), rl_cfg, model=model, decode=decode,
                           steps=min((r + 1) * k, cfg.iterations), run_dir=ctx.component_dir("policy"),
-                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                          eval_every=cfg.eval_every, progress=cfg.progress,
                           tensorboard=cfg.tensorboard, wandb=cfg.wandb, eval_fn=eval_fn, **rl_kwargs)
         state = dict(state, policy=policy, reward_model=rm)
         if record is not None:

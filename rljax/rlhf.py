@@ -143,7 +143,8 @@ class RLHFConfig:
         return IterativeRLHFConfig(iterations=self.ppo_iterations, refresh_every=self.refresh_every,
                                    rm_epochs=self.refresh_epochs, rm_batch_size=self.refresh_batch_size,
                                    rm_optimizer=self.rm_optimizer, seed=self.seed, log_every=self.log_every,
-                                   checkpoint_every=self.checkpoint_every, progress=self.progress,
+                                   checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
+                                   progress=self.progress,
                                    tensorboard=self.tensorboard, wandb=self.wandb)
 
 
