@@ -1,7 +1,7 @@
 """RLHF (InstructGPT: SFT → Bradley–Terry reward model → PPO with a KL penalty to the SFT policy) end to end on a
 task of rljax.tasks (default: the embedded arithmetic task), from a freshly initialised model, one run per seed:
 
-    python -m experiments.rlhf_pipeline --smoke                     # seconds of training; ~2 min with compiles
+    python -m experiments.rlhf_pipeline --smoke                     # seconds of training; ~30 s with compiles
     python -m experiments.rlhf_pipeline --seed 0 1 2                # tiny preset, arithmetic level 1, 3 seeds
     python -m experiments.rlhf_pipeline --seed 0 --refresh-every 10 # iterative RLHF: the reward model refreshed
 

@@ -1,7 +1,7 @@
 """The RLHF pipeline (`rljax.rlhf`): the RL iteration's monitors (the gold score logged beside the proxy) against a
 mean computed by hand; a reward model's non-finite score reported with its prompt and completion; other arguments
 refused naming the stage and the file. Slow (the whole pipeline compiles an SFT step, a reward-model step, the
-sampler, the PPO update and the evaluations: about two minutes a run on 2 CPU cores): one run per stage row whose
+sampler, the PPO update and the evaluations: about a minute a run on 2 shared CPU cores): one run per stage row whose
 numbers match a recomputation (the reward model's held-out accuracy, the held-out gold mean, the controller's β
 from the logged KLs by its rule), a rerun redoing nothing, resume after kills between and inside stages
 bit-identical, iterative RLHF's rounds, and the experiment's --smoke."""
