@@ -119,7 +119,7 @@ def pipeline_config(cfg: Config, tok) -> R1Config:
 
 
 COLUMNS = ("stage", "kept_fraction", "rm_pairwise_accuracy", "accuracy_greedy", "accuracy_sampled", "reward_mean",
-           "completion_length", "kl_to_start", "kl_to_teacher")
+           "completion_length", "kl_to_start", "kl_to_teacher", "train_tokens")
 
 
 def setup(cfg: Config):

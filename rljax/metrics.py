@@ -456,6 +456,40 @@ def plot_curves(curves: dict, out_png: str | os.PathLike, *, xlabel: str, ylabel
     return _save_png(fig, out_png, dpi=120)
 
 
+def plot_stages(runs: Mapping[str, Sequence[Mapping[str, Any]]], columns: Sequence[str], out_png: str | os.PathLike,
+                *, title: str | None = None) -> str:
+    """A pipeline's results across its stages: one subplot per column, the stages on the x axis (in the
+    order they first appear), one line per run (runs = {label: rows}, rows = [{"stage": name, column:
+    number, ...}], e.g. one run per seed) and, with more than one run, their mean as a thick black line
+    over the stages every run has. A row without a column (a stage that does not measure it) leaves a
+    gap. Returns the PNG's path."""
+    stages = list(dict.fromkeys(r["stage"] for rows in runs.values() for r in rows))
+    if not stages or not columns:
+        raise ValueError(f"plot_stages: nothing to draw ({len(stages)} stages, columns {list(columns)})")
+    x = np.arange(len(stages))
+    fig = _agg_figure(figsize=(max(6.0, 0.9 * len(stages) + 2), 2.2 * len(columns) + 1.0))
+    axes = fig.subplots(len(columns), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, column in zip(axes, columns):
+        table = np.full((len(runs), len(stages)), np.nan)
+        for i, rows in enumerate(runs.values()):
+            for r in rows:
+                if isinstance(r.get(column), (int, float)) and not isinstance(r.get(column), bool):
+                    table[i, stages.index(r["stage"])] = r[column]
+        for i, label in enumerate(runs):
+            ax.plot(x, table[i], marker="o", linewidth=1, alpha=0.6 if len(runs) > 1 else 1.0, label=label)
+        if len(runs) > 1:
+            with np.errstate(invalid="ignore"):
+                ax.plot(x, table.mean(axis=0), color="black", linewidth=2.5, label="mean")
+        ax.set_ylabel(column)
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xticks(x, stages, rotation=30, ha="right")
+    if len(runs) > 1:
+        axes[0].legend(fontsize=7, ncols=min(len(runs) + 1, 6))
+    if title:
+        fig.suptitle(title)
+    return _save_png(fig, out_png, dpi=100)
+
+
 _SUFFIXES = ((1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T"))
 
 

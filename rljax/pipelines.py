@@ -17,7 +17,9 @@ run_dir/<name>/stage.json; a rerun whose arguments differ is refused naming the 
 the file, as is a finished stage whose saved data went missing. Each stage may record one
 results row (`StageContext.record`: accuracy, reward, length, KL to the stage's start, ...):
 run_dir/<name>/results.json, and the pipeline's table over every stage, run_dir/results.jsonl
-and results.md. A killed run, started again with the same arguments, restores the latest
+and results.md, drawn across the stages in results.png (with matplotlib). `summarise_runs` (and
+`python -m experiments.stage_summary`) turns several runs of one pipeline, one per seed, into one
+table of mean ± sd per stage and their plot. A killed run, started again with the same arguments, restores the latest
 stage checkpoint and skips the finished stages (their collect is never called again);
 the interrupted stage reuses its saved data and its phases resume from their own
 checkpoints in the component directories, so the result is bit-identical to an
@@ -80,6 +82,11 @@ STAGES_DIR = "stages"  # the stage checkpoints: step i = stages 0..i-1 done
 STAGE_ARGS_FILE = "stage.json"  # a stage's arguments, checked on reruns
 RESULTS_FILE = "results.json"  # a stage's results row
 TABLE_FILES = ("results.jsonl", "results.md")  # the pipeline's table: one row per stage that recorded one
+PLOT_FILE = "results.png"  # the table's columns drawn across the stages (with matplotlib installed)
+SUMMARY_FILES = ("summary.jsonl", "summary.md", "summary.png")  # `summarise_runs`: several runs' tables, mean ± sd
+# the columns drawn across stages (those a table has, in this order), then every column named gold*
+PLOT_COLUMNS = ("accuracy_greedy", "accuracy_sampled", "reward_mean", "completion_length", "kl_to_start",
+                "kl_to_teacher")
 
 
 class StageArgumentsError(ValueError):
@@ -229,7 +236,82 @@ def write_results_table(run_dir: str, names: Sequence[str]) -> list[dict]:
                                        if isinstance(row[c], (int, float)) else str(row[c]) for c in columns) + " |")
     with atomic_path(os.path.join(run_dir, TABLE_FILES[1])) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
+    _plot_table({os.path.basename(os.path.normpath(run_dir)): rows}, os.path.join(run_dir, PLOT_FILE))
     return rows
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plot_columns(rows: Sequence[dict]) -> list[str]:
+    """The columns of `rows` drawn across stages: PLOT_COLUMNS that some row has as a number, then gold*."""
+    present = [c for c in dict.fromkeys(k for r in rows for k in r) if any(_number(r.get(c)) for r in rows)]
+    return [c for c in PLOT_COLUMNS if c in present] + [c for c in present if c.startswith("gold")]
+
+
+def _plot_table(runs: dict, out_png: str, columns: Sequence[str] | None = None) -> str | None:
+    """`rljax.metrics.plot_stages` of `columns` (default: the runs' plot_columns) into out_png (atomically);
+    None when there is nothing to draw or matplotlib is not installed (an optional extra: the tables are
+    the results)."""
+    from rljax.metrics import plot_stages
+
+    columns = plot_columns([r for rows in runs.values() for r in rows]) if columns is None else list(columns)
+    if not columns:
+        return None
+    try:
+        with atomic_path(out_png) as tmp:
+            plot_stages(runs, columns, tmp)
+    except ImportError:
+        return None
+    return out_png
+
+
+def summarise_runs(run_dirs: Sequence[str], out_dir: str | None = None, *,
+                   columns: Sequence[str] | None = None) -> list[dict]:
+    """Several runs of one pipeline (e.g. one per seed) as one table: per stage (in the order the runs
+    list them), for every numeric column c, its mean over the runs that have it, c_sd (the sample
+    standard deviation, ddof = 1; 0 for one run) and c_n (how many runs have it); "runs": how many runs
+    reached the stage. With out_dir: summary.jsonl, summary.md ("mean ± sd") and summary.png (each run's
+    line and the mean, `plot_stages`, of `columns`; default `plot_columns`) there. A run directory without a results table is FileNotFoundError
+    naming it."""
+    runs = {}
+    for d in run_dirs:
+        rows = read_results(d)
+        if not rows:
+            raise FileNotFoundError(f"summarise_runs: {os.path.join(d, TABLE_FILES[0])} is missing or empty: that run "
+                                    "recorded no stage")
+        label = os.path.basename(os.path.normpath(d))
+        runs[label if label not in runs else d] = rows
+    stages = list(dict.fromkeys(r["stage"] for rows in runs.values() for r in rows))
+    summary = []
+    for stage in stages:
+        got = [r for rows in runs.values() for r in rows if r["stage"] == stage]
+        row = {"stage": stage, "runs": len(got)}
+        for c in dict.fromkeys(k for r in got for k in r if k != "stage"):
+            values = np.array([r[c] for r in got if _number(r.get(c))], np.float64)
+            if len(values):
+                row[c] = float(values.mean())
+                row[f"{c}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                row[f"{c}_n"] = len(values)
+        summary.append(row)
+    if out_dir is not None:
+        from rljax.metrics import format_number
+
+        os.makedirs(out_dir, exist_ok=True)
+        with atomic_path(os.path.join(out_dir, SUMMARY_FILES[0])) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in summary)
+        columns = [c for c in dict.fromkeys(k for row in summary for k in row)
+                   if c not in ("stage", "runs") and not c.endswith(("_sd", "_n"))]
+        lines = ["| stage | runs | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 2)]
+        for row in summary:
+            cells = ["" if c not in row else format_number(row[c]) if row[f"{c}_n"] == 1
+                     else f"{format_number(row[c])} ± {format_number(row[f'{c}_sd'])}" for c in columns]
+            lines.append(f"| {row['stage']} | {row['runs']} | " + " | ".join(cells) + " |")
+        with atomic_path(os.path.join(out_dir, SUMMARY_FILES[1])) as tmp, open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        _plot_table(runs, os.path.join(out_dir, SUMMARY_FILES[2]), columns)
+    return summary
 
 
 def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, keep: int = 2,
@@ -625,4 +707,5 @@ def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Ca
 
 __all__ = ["IterativeOREOConfig", "IterativeRLHFConfig", "OnlineDPOConfig", "Stage", "StageArgumentsError",
            "StageContext", "create_rlhf_state", "iterative_oreo", "iterative_rlhf", "iterative_rlhf_stages",
-           "online_dpo", "read_results", "rl_state", "run_stages", "train_rl", "write_results_table"]
+           "online_dpo", "plot_columns", "read_results", "rl_state", "run_stages", "summarise_runs", "train_rl",
+           "write_results_table"]

@@ -47,8 +47,9 @@ Every row: held-out accuracy greedy and sampled, the rule reward's mean, complet
 stage's start (`rljax.eval.evaluate_policy` on `held_out`, with task.check; the start is the policy the stage
 received: the base for cold-start, the previous stage's policy after it, the student's start for the student
 stages), plus the stage's own numbers (kept fraction, SFT steps, RL iterations, the reward model's held-out pairwise
-accuracy, and for the student stages kl_to_teacher = KL(π_student ‖ π_teacher) on the same samples). The table
-over every stage is run_dir/results.jsonl and results.md.
+accuracy, and for the student stages kl_to_teacher = KL(π_student ‖ π_teacher) on the same samples; for the
+distillation stages train_tokens, the completion tokens the student trained on, so the two are compared at equal
+tokens). The table over every stage is run_dir/results.jsonl and results.md.
 
 The pipeline state is {"policy": teacher params, "reward_model": reward-model params, "student": the student's
 start, "student_sft": ..., "student_on_policy": ...}; each phase (SFT, reward model, RL) checkpoints into its own
@@ -74,6 +75,7 @@ from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.eval import PolicyEvalConfig, evaluate_policy
 from rljax.expert_iteration import RejectionConfig, rejection_sample
 from rljax.metrics import WandbConfig
+from rljax.models.logprobs import target_mask
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, SFTPhaseConfig, sft, train_reward_model
 from rljax.pipelines import Stage, rl_state, run_stages, train_rl
 from rljax.sampling import SampleConfig, tokenizer_ids
@@ -295,6 +297,31 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
         phase = SFTPhaseConfig(optimizer=cfg.sft_optimizer, loop=LoopConfig(steps=steps, **phase_loop))
         return sft(state, batches, phase, model=m, run_dir=ctx.component_dir(f"{ctx.name}-{name}"), eval_fn=eval_fn)
 
+    def sft_tokens(m, rows, steps: int, ctx) -> int:
+        """The completion tokens `run_sft` trained on: Σ over its `steps` batches of the loss mask (the batches
+        recollated in the same order: same rows, batch size and seed)."""
+        collate = functools.partial(collate_prompt_completion, tokenizer, max_length=m.config.max_seq_len)
+        batches = BatchIterator(rows, min(cfg.sft_batch_size, len(rows)), collate, seed=cfg.seed + ctx.index)
+        return sum(int(np.asarray(target_mask(b.loss_mask, b.attention_mask)).sum())
+                   for b in map(batches.batch_at, range(steps)))
+
+    def rl_tokens(ctx, iterations: int) -> int | None:
+        """The completion tokens sampled (and trained on) in an RL stage's `iterations`: Σ_i completion_length_i · B
+        from its metrics.jsonl (logged every iteration; a resumed run's repeated steps count once). None without a
+        run directory."""
+        if ctx.run_dir is None:
+            return None
+        from rljax.metrics import read_metrics
+
+        per_step = {r["step"]: r["rl/completion_length"] for r in read_metrics(ctx.component_dir(f"{ctx.name}-policy"))
+                    if "rl/completion_length" in r}  # the RL phase's metrics are named rl/<metric>
+        missing = [i for i in range(1, iterations + 1) if i not in per_step]
+        if missing:
+            raise ValueError(f"r1_pipeline: stage {ctx.name!r}: its metrics.jsonl has no rl/completion_length for "
+                             f"iterations {missing[:5]}")
+        batch = cfg.prompts_per_iteration * cfg.samples_per_prompt
+        return int(round(sum(per_step[i] * batch for i in range(1, iterations + 1))))
+
     def prompt_batches(rows, ctx):
         """BatchIterator of (problem, general) rows -> PromptBatch with metadata problems and general."""
         def collate(chunk):
@@ -321,9 +348,11 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
         rl_cfg = rl_config(algorithm, optimizer)
         state = rl_state(m, start, rl_cfg, jax.random.fold_in(key, ctx.index), **kw)
         teacher_model = {"teacher_model": model} if "teacher_params" in kw else {}
+        # on-policy distillation logs every iteration: its row counts the tokens the student sampled (`rl_tokens`)
+        log_every = 1 if algorithm == "on_policy_distill" else cfg.log_every
         state = train_rl(state, prompt_batches(rows, ctx), reward, rl_cfg, model=m, decode=tokenizer.decode_batch,
                          steps=iterations, run_dir=ctx.component_dir(f"{ctx.name}-policy"),
-                         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
+                         log_every=log_every, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
                          progress=cfg.progress, eval_fn=eval_fn, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                          accuracy_fn=answer, **teacher_model)
         return state.policy.params, int(jax.device_get(state.step))
@@ -395,14 +424,15 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
 
     def distill_sft(state, data, ctx):
         kept = [(x["prompt"], x["completion"]) for x in data["rows"]]
-        student, steps = state["student"], 0
+        student, steps, tokens = state["student"], 0, 0
         if kept:
             trained = run_sft(student_model, state["student"], kept, cfg.distill_sft_steps, ctx, "student")
             student, steps = trained.params, steps_of(trained)
+            tokens = sft_tokens(student_model, kept, steps, ctx)
         else:
             warnings.warn(f"r1_pipeline: stage {ctx.name!r}: the teacher's samples kept none (stats "
                           f"{data['stats']}); the student trains nothing", stacklevel=2)
-        ctx.record(dict(**data["stats"], trained_kept=len(kept), sft_steps=steps,
+        ctx.record(dict(**data["stats"], trained_kept=len(kept), sft_steps=steps, train_tokens=tokens,
                         **evaluate_student(student, state["student"], state["policy"])))
         return dict(state, student_sft=student)
 
@@ -411,7 +441,9 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
         student, its = run_rl(student_model, state["student"], rows, rule, cfg.distill_iterations, ctx,
                               algorithm="on_policy_distill", optimizer=cfg.student_optimizer,
                               teacher_params=state["policy"])
-        ctx.record(dict(rl_iterations=its, **evaluate_student(student, state["student"], state["policy"])))
+        tokens = rl_tokens(ctx, its)
+        ctx.record(dict(rl_iterations=its, **({} if tokens is None else {"train_tokens": tokens}),
+                        **evaluate_student(student, state["student"], state["policy"])))
         return dict(state, student_on_policy=student)
 
     rs_problems = list(reasoning[:cfg.rejection_prompts])

@@ -298,3 +298,51 @@ def test_iterative_rlhf_checkpoints_the_refreshed_reward_model_and_resumes_bit_i
     _same(full["policy"], restored["policy"])
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored["reward_model"].opt_state),
                                                          jax.tree.leaves(rm0.opt_state)))
+
+
+def test_results_are_drawn_across_stages_and_runs_summarised_by_hand(tmp_path):
+    """Each recorded row redraws run_dir/results.png (the plot columns the rows have: accuracy, reward, length,
+    KL, gold*); `summarise_runs` of three runs gives per stage the mean, the sample sd and the count of every
+    numeric column, computed here by hand, as summary.jsonl / summary.md / summary.png; a run without a table
+    is an error naming its file."""
+    from rljax.pipelines import plot_columns, read_results, summarise_runs
+
+    values = {0: (0.25, 0.5, 3.0), 1: (0.5, 0.25, 5.0), 2: (0.75, 1.0, 4.0)}
+
+    def stages(seed):
+        def train(r, state, data, ctx):
+            greedy, gold, length = values[seed]
+            row = {"accuracy_greedy": greedy + r, "gold_mean": gold * (r + 1), "completion_length": length,
+                   "kept": 7, "ok": True}
+            ctx.record(row if r == 0 else {k: v for k, v in row.items() if k != "kept"})
+            return state
+        return [Stage(name, train=lambda s, d, c, r=r: train(r, s, d, c)) for r, name in enumerate(("sft", "rl"))]
+
+    runs = [str(tmp_path / f"seed{s}") for s in values]
+    for seed, run in zip(values, runs):
+        run_stages(_toy_state()["a"], stages(seed), run_dir=run)
+        png = open(os.path.join(run, "results.png"), "rb").read()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = read_results(runs[0])
+    assert plot_columns(rows) == ["accuracy_greedy", "completion_length", "gold_mean"]  # not kept, not the bool
+    summary = summarise_runs(runs[:2] + runs[2:], str(tmp_path / "summary"))
+    greedy = np.array([v[0] for v in values.values()])
+    gold = np.array([v[1] for v in values.values()])
+    assert [s["stage"] for s in summary] == ["sft", "rl"] and [s["runs"] for s in summary] == [3, 3]
+    sft, rl = summary
+    np.testing.assert_allclose([sft["accuracy_greedy"], rl["accuracy_greedy"]], [greedy.mean(), greedy.mean() + 1])
+    np.testing.assert_allclose(sft["accuracy_greedy_sd"], np.sqrt(((greedy - greedy.mean()) ** 2).sum() / 2))
+    np.testing.assert_allclose([rl["gold_mean"], rl["gold_mean_sd"]], [2 * gold.mean(), 2 * gold.std(ddof=1)])
+    assert sft["kept"] == 7 and sft["kept_sd"] == 0 and sft["kept_n"] == 3 and "kept" not in rl
+    assert "ok" not in sft  # booleans are not averaged
+    lines = open(tmp_path / "summary" / "summary.md").read().splitlines()
+    assert lines[0] == "| stage | runs | accuracy_greedy | gold_mean | completion_length | kept |"
+    assert lines[2].startswith("| sft | 3 | 0.5 ± 0.25 | 0.5833 ± 0.3819 | 4 ± 1 | 7 ± 0 |")
+    assert [json.loads(x) for x in open(tmp_path / "summary" / "summary.jsonl")] == summary
+    assert open(tmp_path / "summary" / "summary.png", "rb").read()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError, match=r"nothing/results.jsonl is missing"):
+        summarise_runs([str(tmp_path / "nothing")])
+    from experiments import stage_summary  # the command line: the same table
+
+    assert stage_summary.main(stage_summary.Config(runs=tuple(runs), out=str(tmp_path / "cli"))) == summary
+    assert open(tmp_path / "cli" / "summary.md").read().splitlines() == lines

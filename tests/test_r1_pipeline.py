@@ -147,6 +147,18 @@ def test_pipeline_table_has_a_row_per_stage_matching_a_recomputation(setup, tmp_
             per.setdefault(x["prompt_index"], []).append(x["completion"])
         assert all(len(v) == len(set(v)) <= 2 for v in per.values())
         assert row["prompts_with_kept"] == len(per)
+    # the tokens each distillation trained the student on, counted another way: SFT from the rows of its batches
+    # (each completion's characters + EOS), on-policy from the per-iteration completion lengths it logged
+    kept = [(x["prompt"], x["completion"]) for x in json.load(open(os.path.join(run, "distill-sft", "samples.json")))[
+        "rows"]]
+    order = BatchIterator(kept, min(8, len(kept)), lambda rows: rows, seed=0 + STAGES.index("distill-sft"))
+    assert by["distill-sft"]["train_tokens"] == sum(len(kept[i][1]) + 1 for p in range(2)
+                                                    for i in order.indices_at(p))  # one token a character
+    logged = [json.loads(line) for line in open(os.path.join(run, "distill-on-policy-policy", "metrics.jsonl"))]
+    lengths = {r["step"]: r["rl/completion_length"] for r in logged if "rl/completion_length" in r}
+    assert sorted(lengths) == [1, 2]
+    assert by["distill-on-policy"]["train_tokens"] == round(sum(lengths.values()) * 4 * 2)
+    assert 0 < by["distill-on-policy"]["train_tokens"] <= 2 * 4 * 2 * 20
     print(json.dumps(rows, indent=1))
     # the last row's accuracies, recomputed from the returned student with task.check
     last = by["distill-on-policy"]
