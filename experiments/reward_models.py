@@ -68,7 +68,7 @@ from rljax.metrics import plot_curves, read_metrics
 from rljax.data.collate import BatchIterator
 from rljax.data.reward_collate import (collate_feedback, collate_pairs, collate_scored, collate_steps,
                                        collate_verifier, split_solution)
-from rljax.data.synthetic import preference_pairs, relevance, simulated_feedback
+from rljax.data.synthetic import gold_ranked_lists, preference_pairs, relevance, simulated_feedback
 from rljax.losses.reward_model import FeedbackConfig, RankingConfig, TokenLabelConfig
 from rljax.models import add_head
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
@@ -197,19 +197,6 @@ def part_bt(cfg: Config, model, params, tok, train, test, run_dir: str) -> dict:
         print(f"bt: {n} pairs -> held-out accuracy {result['pairwise_accuracy']:.3f}, "
               f"Spearman with gold {result['spearman']:.3f}", flush=True)
     return dict(rows=rows, held_out_pairs=len(held), candidates=len(cands)), (rm, best)
-
-
-def gold_ranked_lists(problems, samples, task: Task = ARITHMETIC) -> list[tuple[str, list[str], list[int]]]:
-    """(prompt, distinct samples, ranks) per problem, ranked by `task.gold_score` (0 = best, equal
-    gold = tie); problems whose samples all tie carry no preference and are left out."""
-    out = []
-    for p, cs in zip(problems, samples):
-        answers = sorted({c for c in cs if c})
-        gold = [task.gold_score(p, c) for c in answers]
-        levels = sorted(set(gold), reverse=True)
-        if len(levels) > 1:
-            out.append((p.prompt, answers, [levels.index(g) for g in gold]))
-    return out
 
 
 def with_priors(lists, prior) -> list[tuple]:

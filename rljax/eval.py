@@ -160,12 +160,15 @@ def _start_logprobs(params, tokens, attention_mask, *, model):
 
 def evaluate_policy(params, model, tok, problems: Sequence[Any], cfg: PolicyEvalConfig = PolicyEvalConfig(), *,
                     check: Callable[[Any, str], Any] | None = None, prompt: Callable[[Any], str] | None = None,
-                    reward_fn: Callable | None = None, start_params=None, start_model=None) -> dict:
+                    reward_fn: Callable | None = None, start_params=None, start_model=None,
+                    rewards: dict[str, Callable] | None = None) -> dict:
     """One results row of the policy `params` on held-out `problems` (JSON-able floats):
 
       accuracy_greedy     greedy exact match (`exact_match`)
       accuracy_sampled    the mean correctness of cfg.samples completions per problem at temperature 1
       reward_mean         reward_fn(prompts, completions, problems=...) over those samples (with reward_fn)
+      <name>_mean         the same for each {name: fn} of `rewards` (e.g. a gold score and a reward
+                          model's proxy of it, on the same samples)
       completion_length   their mean length in tokens (the stop token included)
       kl_to_start         with start_params: (1/N) Σ_i Σ_t (ℓ_t − ℓ^start_t) over the N samples, the k1
                           estimate of the sequence-level KL(π ‖ π_start) (exact in expectation: the
@@ -203,10 +206,13 @@ def evaluate_policy(params, model, tok, problems: Sequence[Any], cfg: PolicyEval
             m = target_mask(roll.loss_mask, roll.attention_mask)
             kls += np.asarray(((roll.logprobs - start) * m).sum(axis=1))[:real * n].tolist()
     row["accuracy_sampled"] = float(np.mean(correctness(problems, completions, n=n, check=check)))
+    named = dict(rewards or {})
     if reward_fn is not None:
-        flat = [p for p in problems for _ in range(n)]
-        scores = score_with_failures(reward_fn, [t for t in texts for _ in range(n)], completions, problems=flat)
-        row["reward_mean"] = float(np.mean(scores.rewards))
+        named["reward"] = reward_fn
+    flat = [p for p in problems for _ in range(n)]
+    for name, fn in named.items():
+        scores = score_with_failures(fn, [t for t in texts for _ in range(n)], completions, problems=flat)
+        row[f"{name}_mean"] = float(np.mean(scores.rewards))
     row["completion_length"] = float(np.mean(lengths))
     if start_params is not None:
         row["kl_to_start"] = float(np.mean(kls))

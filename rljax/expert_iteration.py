@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -212,12 +210,8 @@ class ExpertIterationConfig:
                              f"{self.batch_size}")
 
 
-# what the arguments of a stage do not include: where the metrics go and how they are shown
-_SHOWN_FIELDS = ("log_every", "eval_every", "checkpoint_every", "progress", "tensorboard", "wandb")
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, default=repr, sort_keys=True).encode()).hexdigest()[:16]
+# a stage's arguments: the config but for how the phases report (REPORTING_FIELDS), and digests of its inputs
+from rljax.pipeline_steps import REPORTING_FIELDS as _SHOWN_FIELDS, json_digest as _digest  # noqa: E402
 
 
 def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Callable, cfg: ExpertIterationConfig, *,

@@ -401,7 +401,8 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
 
 def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loop: LoopConfig,
        run_dir: str | None = None, eval_fn: Callable | None = None, accuracy_fn: Callable | None = None,
-       refill_prompts=None, critic_model=None, decode_prompts: Callable | None = None, teacher_model=None):
+       refill_prompts=None, critic_model=None, decode_prompts: Callable | None = None, teacher_model=None,
+       monitors: dict[str, Callable] | None = None):
     """On-policy RL: `run_loop` over `rljax.rl` iterations (sample -> score -> prepare -> update).
 
     state: an RLState (create_rl_state); prompts: anything with batch_at(position) ->
@@ -418,7 +419,8 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
     decode_prompts: how the prompts' text for the reward is decoded (default `decode`; see
     make_rl_iteration: chat-templated prompts need a decode that does not stop at eos).
     teacher_model: the model of the teacher in state.teacher_params (on-policy distillation;
-    default `model`).
+    default `model`). monitors: {name: fn} measured on every sample and never trained on, logged
+    as `<name>_mean` (make_rl_iteration).
 
     With cfg.staleness = s > 0 (A3C-style asynchronous actors), batch i is sampled by
     an actor thread with the params of iteration i − s (0 for the first s) while the
@@ -430,7 +432,7 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
     from rljax.rl import make_rl_iteration
 
     iteration = make_rl_iteration(model, cfg, reward_fn, decode, accuracy_fn=accuracy_fn, critic_model=critic_model,
-                                  decode_prompts=decode_prompts, teacher_model=teacher_model)
+                                  decode_prompts=decode_prompts, teacher_model=teacher_model, monitors=monitors)
     source, offset = (refill_prompts, 0) if refill_prompts is not None else (prompts, loop.steps)
 
     def refill_at(position):

@@ -587,8 +587,9 @@ class IterativeRLHFConfig:
     policy's samples (`rank_samples`) are added to all earlier ones, and the reward model
     trains max(rm_epochs·new lists / rm_batch_size, 1) more steps on them all (rm_loss,
     rm_optimizer: the ones its state was made with; the batches of round r shuffled with
-    seed + r). refresh_every 0: never refreshed (one round). checkpoint_every: steps
-    between checkpoints inside either phase (0: at their ends only). tensorboard, wandb: where
+    seed + r). refresh_every 0: never refreshed (one round). checkpoint_every, eval_every: steps
+    between checkpoints, and between calls of eval_fn, inside either phase (0: at their ends
+    only; the reward model's refresh calls eval_fn only with eval_every). tensorboard, wandb: where
     else both phases' metrics go (`LoopConfig`)."""
 
     iterations: int = 200
@@ -600,6 +601,7 @@ class IterativeRLHFConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0
+    eval_every: int = 0
     progress: bool = True
     tensorboard: bool | None = None
     wandb: WandbConfig | None = None
@@ -622,26 +624,21 @@ def create_rlhf_state(model, params, rm_state, rl_cfg, key) -> dict:
     return {"policy": rl_state(model, params, rl_cfg, key), "reward_model": rm_state}
 
 
-def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Callable, cfg: IterativeRLHFConfig,
-                   rl_cfg, *, model, rm_model, decode: Callable, collate: Callable, initial_lists: Sequence = (),
-                   run_dir: str | None = None, eval_fn: Callable | None = None, **rl_kwargs):
-    """RL against a reward model refreshed on the current policy's samples (`create_rlhf_state`'s state).
-
-    prompts: batch_at(position) -> PromptBatch for the RL iterations. rank_samples(policy_params,
-    r) -> ranked lists [(prompt, answers, ranks[, priors])] of the policy's samples
-    (e.g. gold-ranked; JSON-able), called once per refresh r = 1, 2, ...; make_reward(rm_params)
-    -> the RL reward_fn(prompts, completions, **metadata) -> [B]; collate: lists ->
-    RankingBatch; initial_lists: the lists the reward model was trained on before (replayed
-    with the new ones). Round r: refresh (r ≥ 1) → RL to min((r + 1)·refresh_every,
-    iterations). With run_dir the lists are saved as round-r/lists.json, the phases write
-    run_dir/policy and run_dir/reward_model, and the whole state (policy, reference, the
-    reward model's params and optimizer state) is checkpointed after every round.
-    Returns (state, per-refresh stats: round, new_lists, rm_accuracy_on_policy (the
-    pairwise accuracy of the reward model on the new lists before it trains on them)).
-    """
+def iterative_rlhf_stages(prompts, rank_samples: Callable, make_reward: Callable, cfg: IterativeRLHFConfig, rl_cfg, *,
+                          model, rm_model, decode: Callable, collate: Callable, initial_lists: Sequence = (),
+                          eval_fn: Callable | None = None, record: Callable | None = None,
+                          stage_name: Callable[[int], str] | None = None, **rl_kwargs) -> list[Stage]:
+    """The rounds of `iterative_rlhf` as `Stage`s named stage_name(r) (default round-0, round-1, ...) over a state
+    that holds
+    {"policy": RLState, "reward_model": TrainState} (and may hold more), for a pipeline of more stages
+    (`rljax.rlhf`: SFT → reward model → these). record(state, r) -> dict: round r's results row, called
+    after its RL (e.g. `evaluate_policy` of the policy); the stage records {"round": r, the refresh's stats
+    (r ≥ 1: new_lists, rm_accuracy_on_policy), **record(state, r)} (`StageContext.record`). Arguments
+    as for `iterative_rlhf`."""
     from rljax.rewards.evaluation import reward_model_eval
 
     k = cfg.refresh_every or cfg.iterations
+    stage_name = stage_name or (lambda r: f"round-{r}")
 
     def collect(r, state, ctx):
         lists = rank_samples(state["policy"].policy.params, r)
@@ -655,28 +652,60 @@ def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Ca
     def train(r, state, data, ctx):
         rm = state["reward_model"]
         if data is not None and data["lists"]:
-            replay = list(initial_lists) + [x for j in range(1, r + 1) for x in ctx.data(f"round-{j}")["lists"]]
+            replay = list(initial_lists) + [x for j in range(1, r + 1) for x in ctx.data(stage_name(j))["lists"]]
             batch = min(cfg.rm_batch_size, len(replay))
             target = _step(rm) + max(cfg.rm_epochs * len(data["lists"]) // cfg.rm_batch_size, 1)
             phase = RewardModelPhaseConfig(loss=cfg.rm_loss, optimizer=cfg.rm_optimizer,
                                            loop=LoopConfig(steps=target, log_every=cfg.log_every,
                                                            checkpoint_every=cfg.checkpoint_every,
-                                                           progress=cfg.progress, tensorboard=cfg.tensorboard,
-                                                           wandb=cfg.wandb))
+                                                           eval_every=cfg.eval_every, progress=cfg.progress,
+                                                           tensorboard=cfg.tensorboard, wandb=cfg.wandb))
             rm = train_reward_model(rm, BatchIterator(replay, batch, collate, seed=cfg.seed + r), phase,
-                                    model=rm_model, run_dir=ctx.component_dir("reward_model"))
+                                    model=rm_model, run_dir=ctx.component_dir("reward_model"),
+                                    eval_fn=eval_fn if cfg.eval_every else None)
         policy = train_rl(state["policy"], prompts, make_reward(rm.params), rl_cfg, model=model, decode=decode,
                           steps=min((r + 1) * k, cfg.iterations), run_dir=ctx.component_dir("policy"),
-                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                          eval_every=cfg.eval_every, progress=cfg.progress,
                           tensorboard=cfg.tensorboard, wandb=cfg.wandb, eval_fn=eval_fn, **rl_kwargs)
-        return dict(state, policy=policy, reward_model=rm)
+        state = dict(state, policy=policy, reward_model=rm)
+        if record is not None:
+            refresh = {} if data is None else {key: v for key, v in data["stats"].items() if key != "round"}
+            ctx.record(dict(round=r, **refresh, **record(state, r)))
+        return state
 
-    stages = [Stage(f"round-{r}", collect=functools.partial(collect, r) if r else None,
-                    train=functools.partial(train, r), data_file="lists.json") for r in range(cfg.rounds)]
+    return [Stage(stage_name(r), collect=functools.partial(collect, r) if r else None,
+                  train=functools.partial(train, r), data_file="lists.json") for r in range(cfg.rounds)]
+
+
+def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Callable, cfg: IterativeRLHFConfig,
+                   rl_cfg, *, model, rm_model, decode: Callable, collate: Callable, initial_lists: Sequence = (),
+                   run_dir: str | None = None, eval_fn: Callable | None = None, record: Callable | None = None,
+                   **rl_kwargs):
+    """RL against a reward model refreshed on the current policy's samples (`create_rlhf_state`'s state).
+
+    prompts: batch_at(position) -> PromptBatch for the RL iterations. rank_samples(policy_params,
+    r) -> ranked lists [(prompt, answers, ranks[, priors])] of the policy's samples
+    (e.g. gold-ranked; JSON-able), called once per refresh r = 1, 2, ...; make_reward(rm_params)
+    -> the RL reward_fn(prompts, completions, **metadata) -> [B]; collate: lists ->
+    RankingBatch; initial_lists: the lists the reward model was trained on before (replayed
+    with the new ones). Round r: refresh (r ≥ 1) → RL to min((r + 1)·refresh_every,
+    iterations). With run_dir the lists are saved as round-r/lists.json, the phases write
+    run_dir/policy and run_dir/reward_model, and the whole state (policy, reference, the
+    reward model's params and optimizer state) is checkpointed after every round.
+    record(state, r) -> dict: a results row per round (`iterative_rlhf_stages`; the table is
+    run_dir/results.jsonl). Returns (state, per-refresh stats: round, new_lists,
+    rm_accuracy_on_policy (the pairwise accuracy of the reward model on the new lists before it
+    trains on them)).
+    """
+    stages = iterative_rlhf_stages(prompts, rank_samples, make_reward, cfg, rl_cfg, model=model, rm_model=rm_model,
+                                   decode=decode, collate=collate, initial_lists=initial_lists, eval_fn=eval_fn,
+                                   record=record, **rl_kwargs)
     state, outputs = run_stages(state, stages, run_dir=run_dir)
     return state, [d["stats"] for d in outputs if d is not None]
 
 
 __all__ = ["IterativeOREOConfig", "IterativeRLHFConfig", "OnlineDPOConfig", "Stage", "StageArgumentsError",
-           "StageContext", "create_rlhf_state", "iterative_oreo", "iterative_rlhf", "online_dpo", "plot_columns",
-           "read_results", "rl_state", "run_stages", "summarise_runs", "train_rl", "write_results_table"]
+           "StageContext", "create_rlhf_state", "iterative_oreo", "iterative_rlhf", "iterative_rlhf_stages",
+           "online_dpo", "plot_columns", "read_results", "rl_state", "run_stages", "summarise_runs", "train_rl",
+           "write_results_table"]

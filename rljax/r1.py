@@ -62,8 +62,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -73,7 +71,7 @@ import numpy as np
 
 from rljax.checkpoint import state_digest
 from rljax.data.batch import PromptBatch
-from rljax.data.collate import BatchIterator, collate_prompt_completion, encode_prompt_completion
+from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.eval import PolicyEvalConfig, evaluate_policy
 from rljax.expert_iteration import RejectionConfig, rejection_sample
 from rljax.metrics import WandbConfig
@@ -172,12 +170,8 @@ class R1Config:
             raise ValueError(f"R1Config.teacher_coef: must be > 0, got {self.teacher_coef}")
 
 
-# what a stage's arguments do not include: where the metrics go and how they are shown
-_SHOWN_FIELDS = ("log_every", "eval_every", "checkpoint_every", "progress", "tensorboard", "wandb")
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, default=repr, sort_keys=True).encode()).hexdigest()[:16]
+# a stage's arguments: the config but for how the phases report (REPORTING_FIELDS), and digests of its inputs
+from rljax.pipeline_steps import REPORTING_FIELDS as _SHOWN_FIELDS, json_digest as _digest  # noqa: E402
 
 
 def rule_reward(task, *, format_weight: float = 0.1, language_weight: float = 0.0,
@@ -401,42 +395,14 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
         return dict(state, policy=policy)
 
     def train_rm(state, data, ctx):
-        from rljax.data.reward_collate import collate_pairs
-        from rljax.data.synthetic import preference_pairs
-        from rljax.losses.reward_model import RankingConfig
-        from rljax.models.transformer import add_head
-        from rljax.rewards.evaluation import reward_model_eval
+        from rljax.pipeline_steps import bradley_terry_reward_model
 
-        def fits(prompt, completion) -> bool:  # [bos] prompt completion [eos] within the model's length
-            ids, _ = encode_prompt_completion(tokenizer, prompt, completion, 0, add_bos=True, add_eos=True)
-            return len(ids) <= rm_model.config.max_seq_len
-
-        def pairs_of(problems, seed, **kw):
-            """Pairs with distinct texts and a gold order, and -> the number left out for their length."""
-            rows = [(r["prompt"], r["chosen"], r["rejected"]) for r in preference_pairs(problems, seed, task=task, **kw)
-                    if r["chosen"] != r["rejected"] and r["gold_margin"] != 0]
-            kept = [r for r in rows if fits(r[0], r[1]) and fits(r[0], r[2])]
-            return kept, len(rows) - len(kept)
-
-        (train_pairs, too_long), (held, _) = (pairs_of(list(general), cfg.seed, beta=cfg.rm_beta),
-                                              pairs_of(list(held_out), cfg.seed + 1, noise_free=True))
-        if not train_pairs:
-            raise ValueError(f"r1_pipeline: stage {ctx.name!r}: no preference pair of the general problems fits the "
-                             f"reward model's max_seq_len {rm_model.config.max_seq_len} ({too_long} too long)")
-        collate = functools.partial(collate_pairs, tokenizer)
-        _, init = add_head(model, state["policy"], "reward")
-        rm = create_state(rm_model, cfg.rm_optimizer, jax.random.fold_in(key, ctx.index), params=init)
-        phase = RewardModelPhaseConfig(loss=RankingConfig(), optimizer=cfg.rm_optimizer,
-                                       loop=LoopConfig(steps=cfg.rm_steps, **phase_loop))
-        batches = BatchIterator(train_pairs, min(cfg.rm_batch_size, len(train_pairs)), collate,
-                                seed=cfg.seed + ctx.index)
-        rm = train_reward_model(rm, batches, phase, model=rm_model, run_dir=ctx.component_dir(f"{ctx.name}-rm"),
-                                eval_fn=eval_fn)
-        row = dict(rm_pairs=len(train_pairs), rm_pairs_too_long=too_long, rm_steps=steps_of(rm),
-                   rm_held_out_pairs=len(held))
-        if held:
-            evaluator = reward_model_eval(rm_model, [collate(held[i:i + 64]) for i in range(0, len(held), 64)])
-            row["rm_pairwise_accuracy"] = evaluator(rm)["pairwise_accuracy"]
+        _, rm, row = bradley_terry_reward_model(
+            state["policy"], model=model, rm_model=rm_model, tokenizer=tokenizer, task=task, train_problems=general,
+            held_out=held_out, beta=cfg.rm_beta, steps=cfg.rm_steps, batch_size=cfg.rm_batch_size,
+            optimizer=cfg.rm_optimizer, pair_seed=cfg.seed, batch_seed=cfg.seed + ctx.index,
+            key=jax.random.fold_in(key, ctx.index), run_dir=ctx.component_dir(f"{ctx.name}-rm"), loop=phase_loop,
+            eval_fn=eval_fn, what=f"r1_pipeline: stage {ctx.name!r}")
         ctx.record(row)
         return dict(state, reward_model=rm.params)
 

@@ -291,13 +291,17 @@ def scan_updates(step: Callable, state, batch, key, *, epochs: int, minibatches:
 
 def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callable,
                       accuracy_fn: Callable | None = None, critic_model=None,
-                      decode_prompts: Callable | None = None, teacher_model=None) -> RLIteration:
+                      decode_prompts: Callable | None = None, teacher_model=None,
+                      monitors: dict[str, Callable] | None = None) -> RLIteration:
     """Build `iteration(state, prompt_tokens, prompt_mask, key=None, refill=None, **metadata) -> (state, metrics)`
     (an `RLIteration`: its `collect` and `learn` halves are also usable apart).
 
     decode(ids [R, T]) -> list[str] turns token ids into the text the reward sees.
     accuracy_fn: optional, same protocol as reward_fn, 1 for a correct sample; its
-    mean is reported as `accuracy`. metadata: per-prompt lists (repeated for the n
+    mean is reported as `accuracy`. monitors: {name: fn}, more functions of the reward_fn
+    protocol measured on every sample and never trained on (e.g. the gold score behind a
+    learned reward model, to see reward hacking); each one's mean is reported as
+    `<name>_mean`. metadata: per-prompt lists (repeated for the n
     samples of each prompt). refill(k) -> (tokens, mask, metadata), k = 1, 2, ...:
     more prompts for dynamic sampling (cfg.max_refills). critic_model: the model of a
     separate critic (RLState.critic); without it, algorithms that need values use the
@@ -338,6 +342,11 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     if teacher_model is not None and not needs.teacher:
         raise ValueError(f"teacher_model: {algo.name} uses no teacher (its estimator is {algo.estimator.name!r})")
     teacher_model = model if teacher_model is None else teacher_model
+    monitors = dict(monitors or {})
+    for name in monitors:
+        if name in ("reward", "accuracy") or not name.isidentifier():
+            raise ValueError(f"monitors: {name!r} is not a usable name (an identifier other than 'reward' and "
+                             "'accuracy', whose means the iteration reports already)")
     if needs.teacher:
         if teacher_model.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"teacher_model: the teacher's vocab_size {teacher_model.config.vocab_size} differs from "
@@ -410,7 +419,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         meta = {key: [v for v in vals for _ in range(k)] for key, vals in metadata.items()}
         prompts = [p for p in prompt_text for _ in range(k)]
         s = score_with_failures(fn, prompts, completions, call_config=cfg.reward_call, **meta)
-        failed[what] += int(s.failed.sum())
+        failed[what] = failed.get(what, 0) + int(s.failed.sum())
         return s.rewards
 
     def rollout_of(params, tokens, mask, metadata, key, times, failed):
@@ -420,9 +429,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         prompt_text = decode_prompts(np.asarray(rollout.tokens[::n, :rollout.prompt_length]))
         rewards = scored(reward_fn, rollout, prompt_text, metadata, n, failed)
         correct = scored(accuracy_fn, rollout, prompt_text, metadata, n, failed, "accuracy") if accuracy_fn else None
+        watched = {name: scored(fn, rollout, prompt_text, metadata, n, failed, name) for name, fn in monitors.items()}
         times["sample"] += t1 - t0
         times["score"] += time.perf_counter() - t1
-        return rollout, rewards, correct, prompt_text
+        return rollout, rewards, correct, prompt_text, watched
 
     def collect(params, prompt_tokens, prompt_mask, key, refill=None, **metadata) -> Collected:
         """Sample (with refills when the estimator filters groups), score and, when the
@@ -431,9 +441,9 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         times = dict(sample=0.0, score=0.0, ref=0.0, values=0.0, update=0.0)
         failed = dict(reward=0, accuracy=0)
         prompt_tokens, prompt_mask, cut = fit(prompt_tokens, prompt_mask)
-        rollout, rewards, correct, prompt_text = rollout_of(params, prompt_tokens, prompt_mask, metadata,
-                                                            k_sample, times, failed)
-        sampled = [(rollout, rewards, correct)]
+        rollout, rewards, correct, prompt_text, watched = rollout_of(params, prompt_tokens, prompt_mask, metadata,
+                                                                     k_sample, times, failed)
+        sampled, all_watched = [(rollout, rewards, correct)], [watched]
         G = rollout.tokens.shape[0] // n
         informative, rounds = int(_informative_groups(rewards, n).sum()), 0
         while needs.group_filter and refill is not None and informative < G and rounds < cfg.max_refills:
@@ -441,9 +451,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             tokens, mask, meta = refill(rounds)
             tokens, mask, more_cut = fit(tokens, mask)
             cut += more_cut
-            r, rw, c, _ = rollout_of(params, tokens, mask, meta, jax.random.fold_in(k_sample, rounds), times,
-                                     failed)
+            r, rw, c, _, w = rollout_of(params, tokens, mask, meta, jax.random.fold_in(k_sample, rounds), times,
+                                        failed)
             sampled.append((r, rw, c))
+            all_watched.append(w)
             informative += int(_informative_groups(rw, n).sum())
         all_rewards = np.concatenate([s[1] for s in sampled])
         all_correct = np.concatenate([s[2] for s in sampled]) if accuracy_fn else None
@@ -462,7 +473,9 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             g = sample(params, prompt_tokens, prompt_mask, k_greedy, model=model, cfg=greedy_cfg)
             times["sample"] += time.perf_counter() - t0
             greedy = np.repeat(scored(reward_fn, g, prompt_text, metadata, 1, failed), n)
-        return Collected(rollout, rewards, all_rewards, all_correct, greedy, sampled, cut, rounds, times, failed)
+        monitored = {name: np.concatenate([w[name] for w in all_watched]) for name in monitors}
+        return Collected(rollout, rewards, all_rewards, all_correct, greedy, sampled, cut, rounds, times, failed,
+                         monitored)
 
     def learn(state: RLState, c: Collected, key, lag: int = 0):
         """Prepare and update on collected samples. lag: updates the learner has made since
@@ -531,6 +544,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         })
         if accuracy_fn:
             out["accuracy"] = float(np.mean(c.all_correct))
+        for name, values in c.monitored.items():  # over every sampled row, like reward_mean
+            out[f"{name}_mean"] = float(np.mean(values))
         if cfg.reward_call.on_failure == "value":  # samples scored failure_value, over every call this iteration
             out["reward_failed"] = float(c.failed.get("reward", 0))
             if accuracy_fn:

@@ -232,7 +232,8 @@ class Collected:
     metrics), the greedy-decode rewards (when the algorithm needs them), the raw (rollout,
     rewards, correct) triples, prompts cut, refill rounds, seconds per stage so far, and the
     samples whose reward call failed and scored RewardCallConfig.failure_value ({"reward": n,
-    "accuracy": n}, over every reward call of the collect, refills and greedy decode included)."""
+    "accuracy": n}, over every reward call of the collect, refills and greedy decode included),
+    and the monitors' scores of every sampled row ({name: [R_all]}, `make_rl_iteration(monitors=)`)."""
 
     rollout: Any
     rewards: np.ndarray
@@ -244,3 +245,4 @@ class Collected:
     rounds: int
     times: dict
     failed: dict = field(default_factory=dict)
+    monitored: dict = field(default_factory=dict)

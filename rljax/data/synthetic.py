@@ -32,6 +32,7 @@ __all__ = [
     "gold_score",
     "relevance",
     "preference_pairs",
+    "gold_ranked_lists",
     "simulated_feedback",
 ]
 
@@ -174,6 +175,24 @@ def preference_pairs(problems, seed: int, *, beta: float = 1.0, noise_free: bool
         a_wins = ga >= gb if noise_free else u < _sigmoid(beta * (ga - gb))
         chosen, rejected, gc, gr = (a, b, ga, gb) if a_wins else (b, a, gb, ga)
         out.append({"prompt": prompt(p), "chosen": chosen, "rejected": rejected, "gold_margin": gc - gr})
+    return out
+
+
+def gold_ranked_lists(problems, samples, task=None) -> list[tuple[str, list[str], list[int]]]:
+    """(prompt, distinct samples, ranks) per problem, its samples (e.g. a policy's) ranked by the gold
+    score (0 = best, equal gold = tie; empty samples dropped); problems whose samples all tie carry no
+    preference and are left out. samples[i]: the completions of problems[i]. task: as in
+    `preference_pairs` (default: arithmetic)."""
+    _, _, gold, prompt = _task_functions(task)
+    if len(samples) != len(problems):
+        raise ValueError(f"gold_ranked_lists: {len(samples)} sample lists for {len(problems)} problems")
+    out = []
+    for p, cs in zip(problems, samples):
+        answers = sorted({c for c in cs if c})
+        scores = [gold(p, c) for c in answers]
+        levels = sorted(set(scores), reverse=True)
+        if len(levels) > 1:
+            out.append((prompt(p), answers, [levels.index(g) for g in scores]))
     return out
 
 

@@ -123,6 +123,7 @@ def reward_model_reward(model, params, tokenizer, *, probability: bool = False, 
         r = np.asarray(forward(current(), tokens, mask))[:B]
         return 1 / (1 + np.exp(-r)) if probability else r
 
+    scorer.__name__ = "reward_model_reward"  # how a RewardError names it (e.g. on a non-finite score)
     return scorer
 
 

@@ -296,7 +296,8 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
     if len(bad):
         i = int(bad[0])
         raise RewardError(f"reward function {name} returned non-finite rewards for {len(bad)} sample(s), e.g. "
-                          f"sample {i} = {rewards[i]} (completion {_preview(completions[i])})")
+                          f"sample {i} = {rewards[i]} (prompt {_preview(prompts[i])}, completion "
+                          f"{_preview(completions[i])})")
     return Scores(rewards, failed, caller.calls)
 
 

@@ -222,6 +222,12 @@ class Task:
         """The graded verifier (`graded`) as a reward function."""
         return self._reward(self.graded, "score")
 
+    def gold_reward(self) -> Callable:
+        """The gold score (`gold_score`, the hidden quality behind synthetic preferences) as a reward
+        function: what a reward model learnt from those preferences stands in for, so RLHF monitors it
+        and never trains on it."""
+        return self._reward(self.gold_score, "gold")
+
     def step_reward(self) -> Callable:
         """The step credit (`credit`) as a reward function."""
         if not self.has_steps:
