@@ -75,6 +75,7 @@ from rljax.metrics import WandbConfig
 from rljax.ops.ranking import binary_cross_entropy
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, SFTPhaseConfig, sft, train_reward_model
 from rljax.pipelines import Stage, rl_state, run_stages, train_rl
+from rljax.rewards.learned import reward_model_reward
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
 
@@ -154,10 +155,9 @@ def _finite_scores(z, prompts, completions, where: str) -> np.ndarray:
 def adversarial_reward(model, params, tokenizer, *, form: str = "log_d", max_length: int | None = None) -> Callable:
     """The RL reward of D (params of `model`, a "reward" head): fn(prompts, completions, **_) -> float32 [B],
     f(z) of `discriminator_reward` with z = the reward head on [bos] prompt completion [eos]
-    (`rljax.rewards.learned.reward_model_reward`, which encodes as `collate_feedback` does). A non-finite logit
-    raises naming the sample."""
-    from rljax.rewards.learned import reward_model_reward
-
+    (`rljax.rewards.learned.reward_model_reward`, which encodes as `collate_feedback` does). params may be a
+    zero-argument callable read at every call (a discriminator updated between rounds, scored without
+    recompiling). A non-finite logit raises naming the sample."""
     if form not in DISCRIMINATOR_REWARDS:
         raise ValueError(f"adversarial_reward: form {form!r} not in {DISCRIMINATOR_REWARDS}")
     logits = reward_model_reward(model, params, tokenizer, max_length=max_length)
@@ -302,6 +302,11 @@ def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task,
                       progress=cfg.progress, tensorboard=cfg.tensorboard, wandb=cfg.wandb)
     held_prompts = [task.prompt(p) for p in held_out]
     held_refs = [task.reference(p) for p in held_out]
+    # D's params of the running round: the scorers below are built (and compiled) once and read them at every call
+    current: dict = {}
+    reward = adversarial_reward(disc_model, lambda: current["discriminator"], tokenizer, form=cfg.reward,
+                                max_length=max_len)
+    logits = reward_model_reward(disc_model, lambda: current["discriminator"], tokenizer, max_length=max_len)
 
     def start_state(policy_params, k):
         """{"policy": the RLState from `policy_params` (plain model), "discriminator": D at step 0}."""
@@ -317,7 +322,8 @@ def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task,
 
     def evaluate(policy_params, sft_params) -> dict:
         row = evaluate_policy(plain(policy_params), model, tokenizer, list(held_out), cfg.evaluation, check=task.check,
-                              prompt=task.prompt, reward_fn=gold, start_params=plain(sft_params))
+                              prompt=task.prompt, reward_fn=gold,
+                              start_params=None if sft_params is None else plain(sft_params))
         renamed = dict(reward_mean="gold_score", kl_to_start="kl_to_sft")
         return {renamed.get(k, k): v for k, v in row.items()}
 
@@ -329,7 +335,7 @@ def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task,
         phase = SFTPhaseConfig(optimizer=cfg.sft_optimizer, loop=LoopConfig(steps=cfg.sft_steps, **phase_loop))
         trained = sft(start, batches, phase, model=model, run_dir=ctx.component_dir("sft"), eval_fn=eval_fn)
         ctx.record(dict(round=-1, sft_rows=len(rows), sft_steps=int(jax.device_get(trained.step)),
-                        **evaluate(trained.params, trained.params)))
+                        **evaluate(trained.params, None)))
         return start_state(trained.params, jax.random.fold_in(key, ctx.index))
 
     def collect(r, state, ctx):
@@ -371,10 +377,7 @@ def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task,
             disc = train_reward_model(disc, batches, phase, model=disc_model,
                                       run_dir=ctx.component_dir("discriminator"), eval_fn=eval_fn)
         # (2) D on held-out demonstrations vs fresh samples of the policy it was trained against
-        reward = adversarial_reward(disc_model, disc.params, tokenizer, form=cfg.reward, max_length=max_len)
-        from rljax.rewards.learned import reward_model_reward
-
-        logits = reward_model_reward(disc_model, disc.params, tokenizer, max_length=max_len)
+        current["discriminator"] = disc.params
         where = f"adversarial_rlaif: stage {ctx.name!r}"
         z_expert = _finite_scores(logits(held_prompts, held_refs), held_prompts, held_refs, where)
         z_policy = _finite_scores(logits(held_prompts, data["fresh"]), held_prompts, data["fresh"], where)
