@@ -61,8 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -70,15 +68,15 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from rljax.checkpoint import state_digest
+from rljax.checkpoint import json_digest as _digest, state_digest
 from rljax.data.batch import PromptBatch
-from rljax.data.collate import BatchIterator, collate_prompt_completion, encode_prompt_completion
+from rljax.data.collate import BatchIterator, encode_prompt_completion
 from rljax.eval import PolicyEvalConfig, evaluate_policy
 from rljax.expert_iteration import RejectionConfig, rejection_sample
 from rljax.metrics import WandbConfig
-from rljax.phases import LoopConfig, RewardModelPhaseConfig, SFTPhaseConfig, sft, train_reward_model
+from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
 from rljax.pipelines import Stage, rl_state, run_stages, train_rl
-from rljax.sampling import SampleConfig, tokenizer_ids
+from rljax.stage_runs import stage_rl_config, stage_sft
 from rljax.state import OptimizerConfig, create_state
 
 __all__ = ["R1Config", "R1_STAGES", "mixed_reward", "r1_pipeline", "rule_reward"]
@@ -174,10 +172,6 @@ class R1Config:
 _SHOWN_FIELDS = ("log_every", "eval_every", "checkpoint_every", "progress", "tensorboard", "wandb")
 
 
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, default=repr, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def rule_reward(task, *, format_weight: float = 0.1, language_weight: float = 0.0,
                 language_reward: Callable | None = None) -> Callable:
     """R1's rule reward, fn(prompts, completions, *, problems) -> float32[B]:
@@ -259,7 +253,6 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
     rule = rule_reward(task, format_weight=cfg.format_weight, language_weight=cfg.language_weight,
                        language_reward=language_reward)
     answer = task.answer_reward()
-    tok_ids = tokenizer_ids(tokenizer)
     base = params
     sft_rows = [(task.prompt(p), task.reference(p)) for p in cold_start]
     general_rows = [(task.prompt(p), task.reference(p)) for p in general[:cfg.general_sft_rows]]
@@ -295,11 +288,10 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
 
     def run_sft(m, start, rows, steps: int, ctx, name: str):
         """`steps` SFT steps of `m` from `start` (a fresh optimizer state) on (prompt, completion) rows."""
-        state = create_state(m, cfg.sft_optimizer, jax.random.fold_in(key, ctx.index), params=start)
-        collate = functools.partial(collate_prompt_completion, tokenizer, max_length=m.config.max_seq_len)
-        batches = BatchIterator(rows, min(cfg.sft_batch_size, len(rows)), collate, seed=cfg.seed + ctx.index)
-        phase = SFTPhaseConfig(optimizer=cfg.sft_optimizer, loop=LoopConfig(steps=steps, **phase_loop))
-        return sft(state, batches, phase, model=m, run_dir=ctx.component_dir(f"{ctx.name}-{name}"), eval_fn=eval_fn)
+        return stage_sft(m, start, rows, tokenizer=tokenizer, optimizer=cfg.sft_optimizer, steps=steps,
+                         batch_size=cfg.sft_batch_size, key=jax.random.fold_in(key, ctx.index),
+                         seed=cfg.seed + ctx.index, run_dir=ctx.component_dir(f"{ctx.name}-{name}"), eval_fn=eval_fn,
+                         **phase_loop)
 
     def prompt_batches(rows, ctx):
         """BatchIterator of (problem, general) rows -> PromptBatch with metadata problems and general."""
@@ -310,17 +302,9 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
         return BatchIterator(rows, cfg.prompts_per_iteration, collate, seed=cfg.seed + ctx.index)
 
     def rl_config(algorithm, optimizer):
-        from rljax.algorithms import get_algorithm
-        from rljax.rl import RLConfig
-
-        algo = get_algorithm(algorithm)
-        if algorithm == "on_policy_distill":
-            algo = algo.with_config(advantage=dataclasses.replace(algo.estimator.config, teacher_coef=cfg.teacher_coef))
-        elif cfg.kl_coef:
-            algo = algo.with_kl_coef(cfg.kl_coef)
-        sampling = SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.samples_per_prompt,
-                                temperature=cfg.temperature, **tok_ids)
-        return RLConfig(algorithm=algo, sampling=sampling, optimizer=optimizer, track_kl=True)
+        return stage_rl_config(algorithm, optimizer, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
+                               samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.temperature,
+                               kl_coef=cfg.kl_coef, teacher_coef=cfg.teacher_coef)
 
     def run_rl(m, start, rows, reward, iterations: int, ctx, *, algorithm=cfg.algorithm, optimizer=cfg.rl_optimizer,
                **kw):
