@@ -41,26 +41,27 @@ from rljax.tokenizer import CharTokenizer
 class Config(LoggingFlags):
     task: str = "arithmetic"
     levels: tuple[int, ...] = (1,)
-    form: str = "labeller"  # labeller | direct
+    form: str = "labeller"  # labeller | direct | both (both RL stages from one SFT policy and one judge)
     preset: str = "tiny"
     layers: int = 2  # the policy's layers
-    judge_layers: int = 4  # the judge: a larger LM than the policy
-    max_seq_len: int = 96
+    judge_layers: int = 3  # the judge: a larger LM than the policy
+    max_seq_len: int = 64  # the policy's
+    judge_max_seq_len: int = 128  # a comparison prompt holds the question and two answers
     run_dir: str | None = None
     run_root: str = "runs"
     seed: int = 0
     # arithmetic level 1 has about 1200 distinct problems: sft + judge + rl + n_test stay below
     sft: int = 384
     judge: int = 384
-    rl: int = 256
+    rl: int = 128
     n_test: int = 64
     sft_steps: int = 400
     sft_batch: int = 16
     sft_lr: float = 3e-3
-    judge_steps: int = 500
+    judge_steps: int = 400
     judge_pairs_per_problem: int = 2
     judge_lr: float = 3e-3
-    label_prompts: int = 256
+    label_prompts: int = 128
     rm_steps: int = 100
     rm_lr: float = 1e-4
     rl_iterations: int = 20
@@ -75,7 +76,7 @@ class Config(LoggingFlags):
     force_config: bool = False  # rerun in a run_dir whose config.json differs: overwrite it, recording the change
 
 
-SMOKE = dict(layers=1, judge_layers=1, max_seq_len=96, sft=64, judge=32, rl=32, n_test=8, sft_steps=30,
+SMOKE = dict(layers=1, judge_layers=1, sft=64, judge=32, rl=32, n_test=8, sft_steps=30,
              sft_batch=8, judge_steps=10, judge_pairs_per_problem=1, label_prompts=16, rm_steps=3, rl_iterations=2,
              prompts_per_iteration=4, samples_per_prompt=2, max_new_tokens=20, eval_samples=2, levels=(1,))
 
@@ -105,7 +106,7 @@ def setup(cfg: Config):
     tok = CharTokenizer()
     model = Model(preset(cfg.preset, n_layers=cfg.layers, vocab_size=tok.vocab_size, max_seq_len=cfg.max_seq_len))
     judge = Model(preset(cfg.preset, n_layers=cfg.judge_layers, vocab_size=tok.vocab_size,
-                         max_seq_len=cfg.max_seq_len))
+                         max_seq_len=cfg.judge_max_seq_len))
     key = jax.random.key(cfg.seed)
     params, judge_params = model.init(jax.random.fold_in(key, 0)), judge.init(jax.random.fold_in(key, 1))
     train, test = task.split(cfg.sft + cfg.judge + cfg.rl, cfg.n_test, levels=cfg.levels, seed=cfg.seed)

@@ -25,16 +25,19 @@ Stages (each a stage of `run_stages`, its directory run_dir/<name>, one results 
                  out). Row: labelled pairs, their position consistency, the labels' agreement with gold on pairs
                  whose gold scores differ (measured, never trained on), the reward model's held-out pairwise
                  accuracy on gold pairs (rm_accuracy).
-  rl             GRPO (cfg.algorithm) from the SFT policy on the `rl` problems. Labeller form: the reward is the
-                 reward model's score. Direct form: no reward model; the reward is the judge's order-averaged
+  rl-labeller    GRPO (cfg.algorithm) from the SFT policy on the `rl` problems against the reward model's score.
+  rl-direct      GRPO from the SFT policy with no reward model: the reward is the judge's order-averaged
                  probability that the completion beats a fixed baseline answer, the SFT policy's greedy answer
-                 to the prompt (collected at the stage's start into rl/baseline.json),
+                 to the prompt (collected at the stage's start into rl-direct/baseline.json),
                  r = p(y ≻ y_greedy^SFT | x) ∈ (0, 1).
+
+cfg.form picks the stages: "labeller" (sft, judge, reward-model, rl-labeller), "direct" (sft, judge, rl-direct) or
+"both" (all five; both RL stages start from the same SFT policy and use the same judge).
 
 Every policy row: `rljax.eval.evaluate_policy` on `held_out` (greedy and sampled accuracy with task.check,
 completion length, KL to the stage's start) and gold_score, the mean task.gold_score of the sampled completions
-(the hidden quality; measured per stage, never used for training). The pipeline state is {"policy", "judge",
-"reward_model"} (params pytrees); every phase checkpoints into run_dir/<stage>-<component>, so a run killed
+(the hidden quality; measured per stage, never used for training). The pipeline state is {"policy" (the SFT
+policy), "judge", "reward_model", and "labeller" / "direct": the RL policy of each form run} (params pytrees); every phase checkpoints into run_dir/<stage>-<component>, so a run killed
 anywhere resumes bit-identically (finished stages are skipped; an interrupted one reuses its saved data and
 resumes its phase). Each stage's arguments (the config, digests of the problem sets and of the initial params,
 the task's name) are saved in run_dir/<stage>/stage.json; a rerun with other ones is refused naming the stage
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -65,8 +69,9 @@ from rljax.state import OptimizerConfig, create_state
 
 __all__ = ["RLAIFConfig", "RLAIF_FORMS", "RLAIF_STAGES", "gold_reward", "judge_training_rows", "rlaif"]
 
-RLAIF_FORMS = ("labeller", "direct")
-RLAIF_STAGES = {"labeller": ("sft", "judge", "reward-model", "rl"), "direct": ("sft", "judge", "rl")}
+RLAIF_FORMS = ("labeller", "direct", "both")
+RLAIF_STAGES = {"labeller": ("sft", "judge", "reward-model", "rl-labeller"), "direct": ("sft", "judge", "rl-direct"),
+                "both": ("sft", "judge", "reward-model", "rl-labeller", "rl-direct")}
 # what a stage's arguments do not include: where the metrics go and how they are shown
 _SHOWN_FIELDS = ("log_every", "eval_every", "checkpoint_every", "progress", "tensorboard", "wandb")
 
@@ -75,7 +80,8 @@ _SHOWN_FIELDS = ("log_every", "eval_every", "checkpoint_every", "progress", "ten
 class RLAIFConfig:
     """RLAIF's sizes (see the module docstring for the stages).
 
-    form: "labeller" (judge labels → reward model → RL) or "direct" (the judge's probability is the RL reward).
+    form: "labeller" (judge labels → reward model → RL), "direct" (the judge's probability is the RL reward) or
+    "both" (both RL stages, each from the same SFT policy with the same judge: a controlled comparison).
     sft: sft_steps steps of sft_batch_size rows (sft_optimizer). judge: judge_steps SFT steps of
     judge_batch_size rows (judge_optimizer) on judge_pairs_per_problem pairs per judge problem in both orders,
     plus the judge problems' references when judge_references; held_out_pairs: gold pairs of the held-out problems
@@ -177,9 +183,9 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
           judge: Sequence[Any], rl: Sequence[Any], held_out: Sequence[Any], key, run_dir: str | None = None,
           eval_fn: Callable | None = None):
     """RLAIF's stages (module docstring) from the base `params` of `model` and the judge's initial
-    `judge_params` of `judge_model` (same tokenizer). -> (state, rows): state {"policy", "judge",
-    "reward_model"} (params pytrees; reward_model is the zero-head template in the direct form), rows: every
-    stage's results row, in order.
+    `judge_params` of `judge_model` (same tokenizer). -> (state, rows): state {"policy" (SFT), "judge",
+    "reward_model", "labeller" and/or "direct" (the RL policies)} (params pytrees; reward_model is the zero-head
+    template in the direct form), rows: every stage's results row, in order.
 
     task: a `rljax.tasks.Task`; sft, judge, rl, held_out: its problems (the policy's SFT data; the judge's
     training pairs, disjoint from held_out; the labelling and RL prompts, labels from rl[:label_prompts];
@@ -188,8 +194,9 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
 
     if len(held_out) == 0:
         raise ValueError("rlaif: held_out is empty; every stage's results row is measured on it")
+    forms = ("labeller", "direct") if cfg.form == "both" else (cfg.form,)
     need = dict(sft=cfg.sft_batch_size, judge=1, rl=max(cfg.prompts_per_iteration,
-                                                         cfg.label_prompts if cfg.form == "labeller" else 1))
+                                                         cfg.label_prompts if "labeller" in forms else 1))
     for name, values in (("sft", sft), ("judge", judge), ("rl", rl)):
         if len(values) < need[name]:
             raise ValueError(f"rlaif: {name} has {len(values)} problems, the config needs at least {need[name]}")
@@ -208,7 +215,12 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
                   judge_config=json_digest(dataclasses.asdict(judge_model.config)))
     phase_loop = dict(log_every=cfg.log_every, eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
                       progress=cfg.progress, tensorboard=cfg.tensorboard, wandb=cfg.wandb)
-    held_pairs = gold_pairs(task, held_out[:cfg.held_out_pairs], cfg.seed + 10_000)
+    def fits_judge(r) -> bool:
+        """A gold pair whose comparison prompt (either order: the same length) and target fit the judge."""
+        text = pairwise_prompt(cfg.judge, r["prompt"], r["chosen"], r["rejected"])
+        return len(judge_prompt_ids(tokenizer, text, chat=cfg.judge.chat)) + 2 <= judge_model.config.max_seq_len
+
+    held_pairs = [r for r in gold_pairs(task, held_out[:cfg.held_out_pairs], cfg.seed + 10_000) if fits_judge(r)]
 
     def evaluate(p, start) -> dict:
         row = evaluate_policy(p, model, tokenizer, list(held_out), cfg.evaluation, check=task.check,
@@ -238,20 +250,33 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
         return dict(state, policy=trained.params)
 
     def train_judge(state, data, ctx):
-        pairs = gold_pairs(task, judge, cfg.seed, per_problem=cfg.judge_pairs_per_problem)
+        every = gold_pairs(task, judge, cfg.seed, per_problem=cfg.judge_pairs_per_problem)
+        pairs = [r for r in every if fits_judge(r)]  # the target token and eos follow the prompt
         rows = judge_training_rows(pairs, tokenizer, cfg.judge)
         if cfg.judge_references:
             rows += [(task.prompt(p), task.reference(p)) for p in judge]
         trained = run_sft(judge_model, state["judge"], rows, cfg.judge_steps, cfg.judge_batch_size,
                           cfg.judge_optimizer, ctx, "judge")
-        row = dict(judge_train_pairs=len(pairs), judge_rows=len(rows), judge_steps=steps_of(trained))
+        row = dict(judge_train_pairs=len(pairs), judge_pairs_too_long=len(every) - len(pairs), judge_rows=len(rows),
+                   judge_steps=steps_of(trained))
         if held_pairs:
             row.update(judge_accuracy(as_judge(trained.params), held_pairs))
         ctx.record(row)
         return dict(state, judge=trained.params)
 
+    def check_unstarted(ctx, component: str, data_file: str):
+        """Collect runs when the stage's data file is absent: refused when the stage's phase already trained on
+        data that went missing (its checkpoints exist), which new data would not match."""
+        phase_dir = ctx.component_dir(f"{ctx.name}-{component}")
+        if phase_dir is not None and os.path.isdir(os.path.join(phase_dir, "checkpoints")) and os.listdir(
+                os.path.join(phase_dir, "checkpoints")):
+            raise FileNotFoundError(f"rlaif: stage {ctx.name!r}: its input {os.path.join(ctx.dir, data_file)} is "
+                                    f"missing, but its phase already trained on it ({phase_dir}/checkpoints); "
+                                    "restore the file or use a new run directory")
+
     def collect_labels(state, ctx):
         """Two samples per prompt from the SFT policy, labelled by the judge (JSON-able rows)."""
+        check_unstarted(ctx, "rm", "labels.json")
         problems = list(rl[:cfg.label_prompts])
         prompts = [task.prompt(p) for p in problems]
         texts = complete(state["policy"], model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, n=2,
@@ -304,6 +329,7 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
 
     def collect_baseline(state, ctx):
         """The direct form's fixed baseline: the SFT policy's greedy answer to every RL prompt."""
+        check_unstarted(ctx, "policy", "baseline.json")
         prompts = list(dict.fromkeys(task.prompt(p) for p in rl))
         greedy = complete(state["policy"], model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
         return dict(zip(prompts, greedy))
@@ -314,8 +340,8 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
             return PromptBatch(tokens=tokens, mask=mask, metadata={"problems": list(chunk)})
         return BatchIterator(list(rl), cfg.prompts_per_iteration, collate, seed=cfg.seed + ctx.index)
 
-    def train_policy(state, data, ctx):
-        if cfg.form == "labeller":
+    def train_policy(form, state, data, ctx):
+        if form == "labeller":
             from rljax.rewards.learned import reward_model_reward
 
             reward = reward_model_reward(rm_model, state["reward_model"], tokenizer)
@@ -331,19 +357,21 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
                        progress=cfg.progress, eval_fn=eval_fn, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                        accuracy_fn=task.answer_reward())
         policy = rls.policy.params
-        row = dict(form=cfg.form, rl_iterations=steps_of(rls), **evaluate(policy, state["policy"]))
+        row = dict(form=form, rl_iterations=steps_of(rls), **evaluate(policy, state["policy"]))
         ctx.record(row)
-        return dict(state, policy=policy)
+        return dict(state, **{form: policy})
 
     stages = [Stage("sft", train=train_sft, data_file=None), Stage("judge", train=train_judge, data_file=None)]
-    if cfg.form == "labeller":
+    if "labeller" in forms:
         stages.append(Stage("reward-model", train=train_rm, collect=collect_labels, data_file="labels.json"))
-        stages.append(Stage("rl", train=train_policy, data_file=None))
-    else:
-        stages.append(Stage("rl", train=train_policy, collect=collect_baseline, data_file="baseline.json"))
+        stages.append(Stage("rl-labeller", train=functools.partial(train_policy, "labeller"), data_file=None))
+    if "direct" in forms:
+        stages.append(Stage("rl-direct", train=functools.partial(train_policy, "direct"), collect=collect_baseline,
+                            data_file="baseline.json"))
     stages = [dataclasses.replace(s, args=dict(shared, stage=s.name)) for s in stages]
     # device arrays (a checkpoint restores onto their shardings), whatever the caller's arrays are
-    state = jax.device_put(dict(policy=params, judge=judge_params, reward_model=rm_template))
+    state = jax.device_put(dict(policy=params, judge=judge_params, reward_model=rm_template,
+                                **{form: params for form in forms}))
     results: dict = {}
     state, _ = run_stages(state, stages, run_dir=run_dir, results=results)
     return state, [results[s.name] for s in stages if s.name in results]
