@@ -58,7 +58,7 @@ class Config(LoggingFlags):
     sft_steps: int = 400
     sft_batch: int = 16
     sft_lr: float = 3e-3
-    judge_steps: int = 400
+    judge_steps: int = 800
     judge_pairs_per_problem: int = 2
     judge_lr: float = 3e-3
     label_prompts: int = 128
@@ -68,7 +68,7 @@ class Config(LoggingFlags):
     prompts_per_iteration: int = 16
     samples_per_prompt: int = 8
     max_new_tokens: int = 24
-    rl_lr: float = 2e-5
+    rl_lr: float = 1e-4  # a short RL stage (20 iterations): at 2e-5 the policy barely moves
     kl_coef: float = 0.0
     eval_samples: int = 4
     progress: bool = True

@@ -146,7 +146,7 @@ def test_direct_form_rewards_the_judge_probability_against_the_sft_greedy_answer
     assert list(baseline.values()) == complete(sft.params, model, TOK, prompts, max_new_tokens=16)
     # the RL phase's logged reward of iteration 1 is the judge's p(sample > baseline); it lies in (0, 1)
     metrics = [json.loads(line) for line in open(os.path.join(run, "rl-direct-policy", "metrics.jsonl"))]
-    rewards = [m["reward_mean"] for m in metrics if "reward_mean" in m]
+    rewards = [m["rl/reward_mean"] for m in metrics if "rl/reward_mean" in m]
     assert rewards and all(0 < r < 1 for r in rewards)
 
 
