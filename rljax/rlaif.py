@@ -67,7 +67,7 @@ from rljax.rewards.judge import (Judge, JudgeConfig, choice_ids, judge_accuracy,
 from rljax.stage_runs import stage_rl_config, stage_sft
 from rljax.state import OptimizerConfig, create_state
 
-__all__ = ["RLAIFConfig", "RLAIF_FORMS", "RLAIF_STAGES", "gold_reward", "judge_training_rows", "rlaif"]
+__all__ = ["RLAIFConfig", "RLAIF_FORMS", "RLAIF_STAGES", "gold_pairs", "gold_reward", "judge_training_rows", "rlaif"]
 
 RLAIF_FORMS = ("labeller", "direct", "both")
 RLAIF_STAGES = {"labeller": ("sft", "judge", "reward-model", "rl-labeller"), "direct": ("sft", "judge", "rl-direct"),
@@ -215,6 +215,7 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
                   judge_config=json_digest(dataclasses.asdict(judge_model.config)))
     phase_loop = dict(log_every=cfg.log_every, eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
                       progress=cfg.progress, tensorboard=cfg.tensorboard, wandb=cfg.wandb)
+
     def fits_judge(r) -> bool:
         """A gold pair whose comparison prompt (either order: the same length) and target fit the judge."""
         text = pairwise_prompt(cfg.judge, r["prompt"], r["chosen"], r["rejected"])

@@ -110,6 +110,19 @@ def test_chat_template_judge_renders_the_user_message_and_equals_the_naive_forwa
         J.judge_pointwise(J.Judge(model, judge.params, tok, J.JudgeConfig(yes_no=("yes", "n"))), q, a)
 
 
+def test_a_hugging_face_checkpoint_loaded_by_rljax_judges_like_the_naive_forward():
+    """The tiny random Llama fixture (tests/fixtures/hf/llama, vocabulary 256) as the judge, with the char
+    tokenizer (its ids fit that vocabulary)."""
+    from rljax.models import load_pretrained
+
+    cfg, params = load_pretrained(str(Path(__file__).parent / "fixtures" / "hf" / "llama"))
+    judge = J.Judge(Model(cfg), params, TOK, J.JudgeConfig(batch_size=8, min_bucket=32))
+    j = J.judge_pairwise(judge, QUESTIONS[:2], A[:2], B[:2])
+    p_ab, p_ba = _naive_pairwise(judge, QUESTIONS[:2], A[:2], B[:2])
+    np.testing.assert_allclose(j.p_ab, p_ab, atol=1e-5)
+    np.testing.assert_allclose(j.p_ba, p_ba, atol=1e-5)
+
+
 @dataclass(frozen=True)
 class TableModel:
     """A 'judge' whose next-token logits are a constructed table row of the last token: logits = table[last]."""
