@@ -1,9 +1,11 @@
 """RLAIF with a judge the run trains itself, in its labeller and direct forms, on a task of rljax.tasks (default:
 the embedded arithmetic task), from freshly initialised models:
 
-    python -m experiments.rlaif --smoke                          # seconds-to-a-minute on 2 CPU cores
+    python -m experiments.rlaif --smoke                          # about 2 min on 2 shared CPU cores
     python -m experiments.rlaif --form labeller --seed 0         # tiny preset, arithmetic level 1
     python -m experiments.rlaif --form direct --seed 0
+    python -m experiments.rlaif --form both --seed 0             # both RL stages from one SFT policy and judge:
+                                                                 # 532-582 s on 2 shared cores (docs/results/rlaif.md)
 
 The pipeline is `rljax.rlaif.rlaif` (its docstring lists the stages): SFT of a --layers policy on the references
 of --sft problems → a --judge-layers judge trained by SFT on comparison prompts of --judge problems (reference vs
@@ -118,6 +120,7 @@ def setup(cfg: Config):
 def main(cfg: Config) -> dict:
     if cfg.smoke:
         apply_preset(cfg, **SMOKE)
+    pipeline = pipeline_config(cfg)  # a bad value (e.g. --form) is refused before anything is written
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"rlaif_{cfg.form}")
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=IGNORED_FIELDS)  # before any training
@@ -126,7 +129,7 @@ def main(cfg: Config) -> dict:
           f"{judge.config.num_params() / 1e6:.2f}M; {len(sets['sft'])} SFT / {len(sets['judge'])} judge / "
           f"{len(sets['rl'])} RL / {len(sets['held_out'])} held-out problems; run dir {run_dir}", flush=True)
     t0 = time.perf_counter()
-    state, rows = rlaif(params, pipeline_config(cfg), model=model, tokenizer=tok, task=task, judge_model=judge,
+    state, rows = rlaif(params, pipeline, model=model, tokenizer=tok, task=task, judge_model=judge,
                         judge_params=judge_params, key=jax.random.key(cfg.seed + 1), run_dir=run_dir, **sets)
     wall = time.perf_counter() - t0
     shown = [c for c in COLUMNS if any(c in r for r in rows)]
