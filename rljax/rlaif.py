@@ -67,7 +67,7 @@ from rljax.rewards.judge import (Judge, JudgeConfig, choice_ids, judge_accuracy,
 from rljax.stage_runs import stage_rl_config, stage_sft
 from rljax.state import OptimizerConfig, create_state
 
-__all__ = ["RLAIFConfig", "RLAIF_FORMS", "RLAIF_STAGES", "gold_pairs", "gold_reward", "judge_training_rows", "rlaif"]
+__all__ = ["RLAIFConfig", "RLAIF_FORMS", "RLAIF_STAGES", "gold_pairs", "judge_training_rows", "rlaif"]
 
 RLAIF_FORMS = ("labeller", "direct", "both")
 RLAIF_STAGES = {"labeller": ("sft", "judge", "reward-model", "rl-labeller"), "direct": ("sft", "judge", "rl-direct"),
@@ -146,15 +146,6 @@ class RLAIFConfig:
                              f"{self.label_temperature}")
 
 
-def gold_reward(task) -> Callable:
-    """fn(prompts, completions, *, problems) -> float32[B]: task.gold_score of each completion (measured only)."""
-    def reward(prompts, completions, *, problems, **_):
-        return np.array([task.gold_score(p, c) for p, c in zip(problems, completions)], np.float32)
-
-    reward.__name__ = f"{task.name}_gold_score"
-    return reward
-
-
 def gold_pairs(task, problems: Sequence[Any], seed: int, *, per_problem: int = 1) -> list[dict]:
     """Noise-free synthetic pairs {prompt, chosen, rejected, gold_margin} of `problems` (chosen the gold-better
     answer; `preference_pairs` with seeds seed, seed + 1, ...), without pairs of equal text or equal gold."""
@@ -205,7 +196,7 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
         raise ValueError(f"rlaif: {len(overlap)} judge problems are also held out (e.g. {sorted(map(str, overlap))[0]}"
                          "); the judge's accuracy is measured on held-out pairs, so its training problems must be "
                          "disjoint from them")
-    gold = gold_reward(task)
+    gold = task.gold_reward()
     rm_model, rm_template = add_head(model, params, "reward")
     shared = dict({f"config.{k}": v for k, v in dataclasses.asdict(cfg).items() if k not in _SHOWN_FIELDS},
                   task=task.name, sft=json_digest([task.prompt(p) for p in sft]),

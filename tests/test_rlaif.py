@@ -28,11 +28,16 @@ class Killed(BaseException):
     """A simulated kill (like KeyboardInterrupt, not caught by `except Exception`)."""
 
 
-def test_judge_training_rows_show_each_pair_in_both_orders_with_the_gold_better_choice():
+def test_judge_training_rows_show_each_pair_in_both_orders_with_the_gold_better_choice_and_gold_is_measured():
     train, _ = ARITHMETIC.split(6, 0, levels=(1,), seed=0)
     pairs = gold_pairs(ARITHMETIC, train, seed=0, per_problem=2)
     assert pairs and all(ARITHMETIC.gold_score(p, r["chosen"]) > ARITHMETIC.gold_score(p, r["rejected"])
                          for r in pairs for p in train if ARITHMETIC.prompt(p) == r["prompt"])
+    # the measured gold score: the reference scores exactly 1.5 (rljax.data.synthetic.gold_score), a bare
+    # truncated chain 0.5 x its right steps' fraction
+    p = train[0]
+    np.testing.assert_allclose(ARITHMETIC.gold_reward()([p.prompt] * 2, [p.completion, p.completion.split(";")[0]],
+                                                        problems=[p, p]), [1.5, 0.5 / len(p.steps)], atol=1e-6)
     cfg = JudgeConfig()
     rows = judge_training_rows(pairs[:1], TOK, cfg)
     r = pairs[0]

@@ -215,6 +215,11 @@ class Task:
         """The graded verifier (`graded`) as a reward function."""
         return self._reward(self.graded, "score")
 
+    def gold_reward(self) -> Callable:
+        """`gold_score` (the hidden quality) as a reward function: for measuring a policy (e.g. a pipeline's
+        per-stage rows), not for training it."""
+        return self._reward(self.gold_score, "gold")
+
     def step_reward(self) -> Callable:
         """The step credit (`credit`) as a reward function."""
         if not self.has_steps:
