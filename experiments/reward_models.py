@@ -82,7 +82,7 @@ from rljax.rewards.learned import (aggregate_steps, likelihood_reward, majority_
 from rljax.rewards.rules import weighted_sum
 from rljax.sampling import SampleConfig, sample
 from rljax.state import OptimizerConfig, create_state
-from rljax.tasks import ARITHMETIC, Task, get_task, task_slug
+from rljax.tasks import Task, get_task, task_slug
 from rljax.tokenizer import CharTokenizer
 
 

@@ -66,14 +66,14 @@ import numpy as np
 
 from rljax.checkpoint import state_digest
 from rljax.data.batch import PromptBatch
-from rljax.data.collate import BatchIterator, collate_prompt_completion, encode_prompt_completion
+from rljax.data.collate import BatchIterator, encode_prompt_completion
 from rljax.data.reward_collate import collate_feedback
 from rljax.eval import PolicyEvalConfig, complete, evaluate_policy
-from rljax.expert_iteration import _digest
+from rljax.pipeline_steps import config_args, json_digest as _digest, sft_on_rows
 from rljax.losses.reward_model import FeedbackConfig
 from rljax.metrics import WandbConfig
 from rljax.ops.ranking import binary_cross_entropy
-from rljax.phases import LoopConfig, RewardModelPhaseConfig, SFTPhaseConfig, sft, train_reward_model
+from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
 from rljax.pipelines import Stage, rl_state, run_stages, train_rl
 from rljax.rewards.learned import reward_model_reward
 from rljax.sampling import SampleConfig, tokenizer_ids
@@ -250,8 +250,6 @@ class AdversarialConfig:
             raise ValueError("AdversarialConfig: REINFORCE's batch-mean baseline needs >= 2 samples an iteration")
 
 
-# what a stage's arguments do not include: where the metrics go and how they are shown
-_SHOWN_FIELDS = ("log_every", "eval_every", "checkpoint_every", "progress", "tensorboard", "wandb")
 
 
 def _rl_config(cfg: AdversarialConfig, tokenizer):
@@ -291,9 +289,9 @@ def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task,
     policy_model = with_value_head(model, params)[0] if cfg.algorithm == "ppo" else model
     disc_model = add_head(model, params, "reward")[0]
     max_len = model.config.max_seq_len
-    gold = task._reward(task.gold_score, "gold")
+    gold = task.gold_reward()
     answer = task.answer_reward()
-    shared = dict({f"config.{k}": v for k, v in dataclasses.asdict(cfg).items() if k not in _SHOWN_FIELDS},
+    shared = dict(config_args(cfg),
                   task=task.name, sft_problems=_digest([task.prompt(p) for p in sft_problems]),
                   expert_problems=_digest([[task.prompt(p), task.reference(p)] for p in expert_problems]),
                   held_out=_digest([[task.prompt(p), task.reference(p)] for p in held_out]),
@@ -328,12 +326,11 @@ def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task,
         return {renamed.get(k, k): v for k, v in row.items()}
 
     def train_sft(state, data, ctx):
-        start = create_state(model, cfg.sft_optimizer, jax.random.fold_in(key, ctx.index), params=params)
         rows = [(task.prompt(p), task.reference(p)) for p in sft_problems]
-        collate = functools.partial(collate_prompt_completion, tokenizer, max_length=max_len)
-        batches = BatchIterator(rows, cfg.sft_batch_size, collate, seed=cfg.seed + ctx.index)
-        phase = SFTPhaseConfig(optimizer=cfg.sft_optimizer, loop=LoopConfig(steps=cfg.sft_steps, **phase_loop))
-        trained = sft(start, batches, phase, model=model, run_dir=ctx.component_dir("sft"), eval_fn=eval_fn)
+        trained = sft_on_rows(model, params, rows, tokenizer=tokenizer, optimizer=cfg.sft_optimizer,
+                              steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, seed=cfg.seed + ctx.index,
+                              key=jax.random.fold_in(key, ctx.index), run_dir=ctx.component_dir("sft"),
+                              loop=phase_loop, eval_fn=eval_fn)
         ctx.record(dict(round=-1, sft_rows=len(rows), sft_steps=int(jax.device_get(trained.step)),
                         **evaluate(trained.params, None)))
         return start_state(trained.params, jax.random.fold_in(key, ctx.index))

@@ -159,6 +159,13 @@ def _sums(leaf):
     return _host_leaf_sums(np.asarray(jax.device_get(leaf)))
 
 
+def json_digest(value) -> str:
+    """A short digest of a JSON-able value (sha256 of its sorted JSON, 16 hex digits; objects JSON cannot
+    write count by their repr): what a pipeline stage saves of its inputs (problem sets, configs) so a
+    rerun with other ones is refused."""
+    return hashlib.sha256(json.dumps(value, default=repr, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def state_digest(state) -> str:
     """A digest of every array of `state`: its path, dtype, shape and two 32-bit position-weighted
     sums of its bits, hashed together with sha256 ("fp1:<hex>").

@@ -1,6 +1,7 @@
-"""Building blocks the library pipelines share (`rljax.r1`, `rljax.rlhf`, `rljax.expert_iteration`): a stage's
-arguments and digests of its inputs (what `rljax.pipelines.Stage.args` compares on a rerun), and the
-Bradley–Terry reward-model stage of both recipes.
+"""Building blocks the library pipelines share (`rljax.r1`, `rljax.rlhf`, `rljax.rlaif`, `rljax.expert_iteration`):
+a stage's arguments and digests of its inputs (what `rljax.pipelines.Stage.args` compares on a rerun), the
+Bradley–Terry reward-model stage, an SFT run on (prompt, completion) rows and the RLConfig of an RL stage, made one
+way so the pipelines train and sample identically.
 
     args = dict(config_args(cfg), held_out=json_digest([task.prompt(p) for p in held_out]), base=state_digest(params))
     rm_model, rm_state, row = bradley_terry_reward_model(params, model=model, tokenizer=tok, task=task,
@@ -10,25 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 from typing import Any, Callable, Sequence
 
 import jax
 
+from rljax.checkpoint import json_digest
 from rljax.data.collate import BatchIterator, encode_prompt_completion
+from rljax.state import OptimizerConfig
 
 __all__ = ["REPORTING_FIELDS", "bradley_terry_reward_model", "config_args", "gold_pairs", "json_digest",
-           "sft_on_rows"]
+           "sft_on_rows", "stage_rl_config"]
 
 # what the arguments of a stage do not include: where the metrics go and how they are shown
 REPORTING_FIELDS = ("log_every", "eval_every", "checkpoint_every", "progress", "tensorboard", "wandb")
-
-
-def json_digest(value) -> str:
-    """The first 16 hex digits of sha256 of `value` as sorted JSON (repr for what JSON cannot hold): a
-    stage argument standing for an input set (e.g. the prompts of its problems)."""
-    return hashlib.sha256(json.dumps(value, default=repr, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_args(cfg) -> dict:
@@ -115,3 +110,23 @@ def sft_on_rows(model, params, rows: Sequence[tuple[str, str]], *, tokenizer, op
     batches = BatchIterator(list(rows), min(batch_size, len(rows)), collate, seed=seed)
     phase = SFTPhaseConfig(optimizer=optimizer, loop=LoopConfig(steps=steps, **(loop or {})))
     return sft(state, batches, phase, model=model, run_dir=run_dir, eval_fn=eval_fn)
+
+
+def stage_rl_config(algorithm: str, optimizer: OptimizerConfig, *, tokenizer, max_new_tokens: int,
+                    samples_per_prompt: int, temperature: float, kl_coef: float = 0.0,
+                    teacher_coef: float | None = None):
+    """The RLConfig of an RL stage: the registry's `algorithm` (on_policy_distill with `teacher_coef`; any
+    other with kl_coef to the stage's start when > 0), samples_per_prompt completions of at most
+    max_new_tokens at `temperature`, stopping at the tokenizer's stop ids, KL tracked."""
+    from rljax.algorithms import get_algorithm
+    from rljax.rl import RLConfig
+    from rljax.sampling import SampleConfig, tokenizer_ids
+
+    algo = get_algorithm(algorithm)
+    if algorithm == "on_policy_distill":
+        algo = algo.with_config(advantage=dataclasses.replace(algo.estimator.config, teacher_coef=teacher_coef))
+    elif kl_coef:
+        algo = algo.with_kl_coef(kl_coef)
+    sampling = SampleConfig(max_new_tokens=max_new_tokens, n=samples_per_prompt, temperature=temperature,
+                            **tokenizer_ids(tokenizer))
+    return RLConfig(algorithm=algo, sampling=sampling, optimizer=optimizer, track_kl=True)

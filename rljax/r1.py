@@ -76,10 +76,9 @@ from rljax.eval import PolicyEvalConfig, evaluate_policy
 from rljax.expert_iteration import RejectionConfig, rejection_sample
 from rljax.metrics import WandbConfig
 from rljax.models.logprobs import target_mask
-from rljax.phases import LoopConfig, RewardModelPhaseConfig, SFTPhaseConfig, sft, train_reward_model
 from rljax.pipelines import Stage, rl_state, run_stages, train_rl
-from rljax.sampling import SampleConfig, tokenizer_ids
-from rljax.state import OptimizerConfig, create_state
+from rljax.pipeline_steps import config_args, json_digest as _digest, sft_on_rows, stage_rl_config
+from rljax.state import OptimizerConfig
 
 __all__ = ["R1Config", "R1_STAGES", "mixed_reward", "r1_pipeline", "rule_reward"]
 
@@ -170,10 +169,6 @@ class R1Config:
             raise ValueError(f"R1Config.teacher_coef: must be > 0, got {self.teacher_coef}")
 
 
-# a stage's arguments: the config but for how the phases report (REPORTING_FIELDS), and digests of its inputs
-from rljax.pipeline_steps import REPORTING_FIELDS as _SHOWN_FIELDS, json_digest as _digest  # noqa: E402
-
-
 def rule_reward(task, *, format_weight: float = 0.1, language_weight: float = 0.0,
                 language_reward: Callable | None = None) -> Callable:
     """R1's rule reward, fn(prompts, completions, *, problems) -> float32[B]:
@@ -255,7 +250,6 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
     rule = rule_reward(task, format_weight=cfg.format_weight, language_weight=cfg.language_weight,
                        language_reward=language_reward)
     answer = task.answer_reward()
-    tok_ids = tokenizer_ids(tokenizer)
     base = params
     sft_rows = [(task.prompt(p), task.reference(p)) for p in cold_start]
     general_rows = [(task.prompt(p), task.reference(p)) for p in general[:cfg.general_sft_rows]]
@@ -267,7 +261,7 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
     else:
         rm_template = reward_model[1]
     # one entry per config field, so a refusal names the field that changed
-    shared = dict({f"config.{k}": v for k, v in dataclasses.asdict(cfg).items() if k not in _SHOWN_FIELDS},
+    shared = dict(config_args(cfg),
                   task=task.name, cold_start=_digest([task.prompt(p) for p in cold_start]),
                   reasoning=_digest([task.prompt(p) for p in reasoning]),
                   general=_digest([task.prompt(p) for p in general]),
@@ -291,11 +285,10 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
 
     def run_sft(m, start, rows, steps: int, ctx, name: str):
         """`steps` SFT steps of `m` from `start` (a fresh optimizer state) on (prompt, completion) rows."""
-        state = create_state(m, cfg.sft_optimizer, jax.random.fold_in(key, ctx.index), params=start)
-        collate = functools.partial(collate_prompt_completion, tokenizer, max_length=m.config.max_seq_len)
-        batches = BatchIterator(rows, min(cfg.sft_batch_size, len(rows)), collate, seed=cfg.seed + ctx.index)
-        phase = SFTPhaseConfig(optimizer=cfg.sft_optimizer, loop=LoopConfig(steps=steps, **phase_loop))
-        return sft(state, batches, phase, model=m, run_dir=ctx.component_dir(f"{ctx.name}-{name}"), eval_fn=eval_fn)
+        return sft_on_rows(m, start, rows, tokenizer=tokenizer, optimizer=cfg.sft_optimizer, steps=steps,
+                           batch_size=cfg.sft_batch_size, key=jax.random.fold_in(key, ctx.index),
+                           seed=cfg.seed + ctx.index, run_dir=ctx.component_dir(f"{ctx.name}-{name}"), eval_fn=eval_fn,
+                           loop=phase_loop)
 
     def sft_tokens(m, rows, steps: int, ctx) -> int:
         """The completion tokens `run_sft` trained on: Σ over its `steps` batches of the loss mask (the batches
@@ -331,17 +324,9 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
         return BatchIterator(rows, cfg.prompts_per_iteration, collate, seed=cfg.seed + ctx.index)
 
     def rl_config(algorithm, optimizer):
-        from rljax.algorithms import get_algorithm
-        from rljax.rl import RLConfig
-
-        algo = get_algorithm(algorithm)
-        if algorithm == "on_policy_distill":
-            algo = algo.with_config(advantage=dataclasses.replace(algo.estimator.config, teacher_coef=cfg.teacher_coef))
-        elif cfg.kl_coef:
-            algo = algo.with_kl_coef(cfg.kl_coef)
-        sampling = SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.samples_per_prompt,
-                                temperature=cfg.temperature, **tok_ids)
-        return RLConfig(algorithm=algo, sampling=sampling, optimizer=optimizer, track_kl=True)
+        return stage_rl_config(algorithm, optimizer, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
+                               samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.temperature,
+                               kl_coef=cfg.kl_coef, teacher_coef=cfg.teacher_coef)
 
     def run_rl(m, start, rows, reward, iterations: int, ctx, *, algorithm=cfg.algorithm, optimizer=cfg.rl_optimizer,
                **kw):

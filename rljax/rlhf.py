@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 
 from rljax.checkpoint import state_digest
 from rljax.data.batch import PromptBatch

@@ -5,7 +5,6 @@ sampler, the PPO update and the evaluations: about a minute a run on 2 shared CP
 numbers match a recomputation (the reward model's held-out accuracy, the held-out gold mean, the controller's β
 from the logged KLs by its rule), a rerun redoing nothing, resume after kills between and inside stages
 bit-identical, iterative RLHF's rounds, and the experiment's --smoke."""
-import functools
 import json
 import os
 
