@@ -32,6 +32,7 @@ from rljax.adversarial import AdversarialConfig, adversarial_rlaif
 from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, make_run_dir, run, save_config
 from rljax.eval import PolicyEvalConfig
 from rljax.models import Model, preset
+from rljax.pipelines import markdown_table
 from rljax.state import OptimizerConfig
 from rljax.tasks import get_task
 from rljax.tokenizer import CharTokenizer
@@ -116,10 +117,7 @@ def _cell(row: dict, column: str) -> str:
 
 def table(rows) -> str:
     """The rows as a markdown table of COLUMNS (the ones some row has)."""
-    shown = [c for c in COLUMNS if any(c in r for r in rows)]
-    lines = ["| " + " | ".join(shown) + " |", "|" + " --- |" * len(shown)]
-    lines += ["| " + " | ".join(_cell(r, c) for c in shown) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(rows, COLUMNS, _cell)
 
 
 def verdict(rows, cfg: Config) -> str:

@@ -28,6 +28,7 @@ import jax
 from rljax.cli import LoggingFlags, apply_preset, check_input_dir, make_run_dir, run, save_config
 from rljax.eval import PolicyEvalConfig
 from rljax.expert_iteration import ExpertIterationConfig, RejectionConfig, expert_iteration
+from rljax.pipelines import markdown_table
 from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, check_sft_task, load_sft, sft_split
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
@@ -111,11 +112,7 @@ def main(cfg: Config) -> dict:
                                    check=task.check, well_formed=task.well_formed, sft_rows=general, run_dir=run_dir,
                                    problems=pool)
     wall = time.perf_counter() - t0
-    shown = [c for c in COLUMNS if any(c in r for r in rows)]
-    print("\n| " + " | ".join(shown) + " |\n|" + " --- |" * len(shown))
-    for r in rows:
-        print("| " + " | ".join("" if r.get(c) is None else r[c] if isinstance(r[c], str) else f"{r[c]:.3f}"
-                                for c in shown) + " |")
+    print("\n" + markdown_table(rows, COLUMNS))
     print(f"\nwall time {wall:.0f} s; the full table: {os.path.join(run_dir, 'results.md')}")
     results = dict(config=asdict(cfg), run_dir=run_dir, rows=rows, wall_seconds=wall)
     with open(os.path.join(run_dir, "results.json"), "w") as f:

@@ -33,6 +33,7 @@ import jax
 from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, make_run_dir, run, save_config
 from rljax.eval import PolicyEvalConfig
 from rljax.models import Model, preset
+from rljax.pipelines import markdown_table
 from rljax.rlaif import RLAIFConfig, rlaif
 from rljax.state import OptimizerConfig
 from rljax.tasks import get_task
@@ -132,11 +133,7 @@ def main(cfg: Config) -> dict:
     state, rows = rlaif(params, pipeline, model=model, tokenizer=tok, task=task, judge_model=judge,
                         judge_params=judge_params, key=jax.random.key(cfg.seed + 1), run_dir=run_dir, **sets)
     wall = time.perf_counter() - t0
-    shown = [c for c in COLUMNS if any(c in r for r in rows)]
-    print("\n| " + " | ".join(shown) + " |\n|" + " --- |" * len(shown))
-    for r in rows:
-        print("| " + " | ".join("" if r.get(c) is None else r[c] if isinstance(r[c], str) else f"{r[c]:.3f}"
-                                for c in shown) + " |")
+    print("\n" + markdown_table(rows, COLUMNS))
     print(f"\nwall time {wall:.0f} s; the full table: {os.path.join(run_dir, 'results.md')}")
     results = dict(config=asdict(cfg), run_dir=run_dir, rows=rows, wall_seconds=wall)
     with open(os.path.join(run_dir, "results.json"), "w") as f:

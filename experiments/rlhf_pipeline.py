@@ -31,6 +31,7 @@ import numpy as np
 from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, make_run_dir, run, save_config
 from rljax.eval import PolicyEvalConfig
 from rljax.models import Model, preset
+from rljax.pipelines import markdown_table
 from rljax.rlhf import RLHFConfig, rlhf_pipeline
 from rljax.state import OptimizerConfig
 from rljax.tasks import get_task
@@ -165,11 +166,7 @@ def main(cfg: Config) -> dict:
         _, rows = rlhf_pipeline(params, dataclasses.replace(rlhf, seed=seed), model=model, tokenizer=tok, task=task,
                                 key=jax.random.key(seed + 1), run_dir=seed_dir, **sets)
         rows_by_seed[seed] = rows
-        shown = [c for c in COLUMNS if any(c in r for r in rows)]
-        print("\n| " + " | ".join(shown) + " |\n|" + " --- |" * len(shown))
-        for r in rows:
-            print("| " + " | ".join("" if r.get(c) is None else r[c] if isinstance(r[c], str) else f"{r[c]:.3f}"
-                                    for c in shown) + " |")
+        print("\n" + markdown_table(rows, COLUMNS))
         print(f"\nseed {seed}: {time.perf_counter() - t:.0f} s; the full table: "
               f"{os.path.join(seed_dir, 'results.md')}", flush=True)
     wall = time.perf_counter() - t0

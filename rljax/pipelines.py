@@ -240,6 +240,19 @@ def write_results_table(run_dir: str, names: Sequence[str]) -> list[dict]:
     return rows
 
 
+def markdown_table(rows: Sequence[dict], columns: Sequence[str], cell: Callable[[dict, str], str] | None = None) -> str:
+    """The rows as a markdown table of `columns` (those some row has, in that order) for printing: cell(row,
+    column) -> text (default: "" when absent, strings as they are, numbers to 3 decimals)."""
+    def default(row, column):
+        v = row.get(column)
+        return "" if v is None else v if isinstance(v, str) else f"{v:.3f}"
+
+    cell = cell or default
+    shown = [c for c in columns if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(shown) + " |", "|" + " --- |" * len(shown)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r, c) for c in shown) + " |" for r in rows])
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -707,5 +720,5 @@ def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Ca
 
 __all__ = ["IterativeOREOConfig", "IterativeRLHFConfig", "OnlineDPOConfig", "Stage", "StageArgumentsError",
            "StageContext", "create_rlhf_state", "iterative_oreo", "iterative_rlhf", "iterative_rlhf_stages",
-           "online_dpo", "plot_columns", "read_results", "rl_state", "run_stages", "summarise_runs", "train_rl",
+           "markdown_table", "online_dpo", "plot_columns", "read_results", "rl_state", "run_stages", "summarise_runs", "train_rl",
            "write_results_table"]

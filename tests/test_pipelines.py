@@ -305,7 +305,7 @@ def test_results_are_drawn_across_stages_and_runs_summarised_by_hand(tmp_path):
     KL, gold*); `summarise_runs` of three runs gives per stage the mean, the sample sd and the count of every
     numeric column, computed here by hand, as summary.jsonl / summary.md / summary.png; a run without a table
     is an error naming its file."""
-    from rljax.pipelines import plot_columns, read_results, summarise_runs
+    from rljax.pipelines import markdown_table, plot_columns, read_results, summarise_runs
 
     values = {0: (0.25, 0.5, 3.0), 1: (0.5, 0.25, 5.0), 2: (0.75, 1.0, 4.0)}
 
@@ -325,6 +325,8 @@ def test_results_are_drawn_across_stages_and_runs_summarised_by_hand(tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
     rows = read_results(runs[0])
     assert plot_columns(rows) == ["accuracy_greedy", "completion_length", "gold_mean"]  # not kept, not the bool
+    assert markdown_table(rows, ["kept", "absent", "stage", "gold_mean"]).splitlines() == [
+        "| kept | stage | gold_mean |", "| --- | --- | --- |", "| 7.000 | sft | 0.500 |", "|  | rl | 1.000 |"]
     summary = summarise_runs(runs[:2] + runs[2:], str(tmp_path / "summary"))
     greedy = np.array([v[0] for v in values.values()])
     gold = np.array([v[1] for v in values.values()])
