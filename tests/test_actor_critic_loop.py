@@ -166,6 +166,7 @@ def test_a3c_with_stale_actors_reports_the_lag_and_still_learns(tmp_path):
     assert float(arm_probs(model, state.policy.params) @ ARM_REWARD) > 0.8
 
 
+@pytest.mark.slow  # 25-75 s: the default suite keeps its 15-minute budget; .ci/run runs the slow tier
 def test_trpo_in_the_loop_keeps_every_step_in_the_trust_region_and_learns(tmp_path):
     """TRPO with a separate critic (initialised from the policy): each iteration's step has
     KL ≤ δ, measured again here from the params before and after; the policy improves."""

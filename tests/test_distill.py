@@ -199,6 +199,7 @@ def _reverse_kl(p, q):
     return float(jnp.sum(p * (jnp.log(p) - jnp.log(q))))
 
 
+@pytest.mark.slow  # 25-75 s: the default suite keeps its 15-minute budget; .ci/run runs the slow tier
 def test_a_student_distilled_through_the_rl_loop_reaches_a_teacher_of_another_size():
     """One-step categorical (64 tokens, one prompt token): the 1-layer student samples, a 2-layer narrower
     teacher (its LM head scaled so its distribution is far from uniform) scores the samples; 150 on-policy

@@ -141,6 +141,7 @@ def _same(x, y):
         np.testing.assert_array_equal(np.asarray(data(a)), np.asarray(data(b)))
 
 
+@pytest.mark.slow  # 25-75 s: the default suite keeps its 15-minute budget; .ci/run runs the slow tier
 def test_expert_iteration_resumes_bit_identically_after_kills_between_and_inside_rounds(warm, tmp_path):
     model, state0, _, _ = warm
     start = int(state0.step)

@@ -142,6 +142,7 @@ def _final_params(run_dir):
     return state
 
 
+@pytest.mark.slow  # 25-75 s: the default suite keeps its 15-minute budget; .ci/run runs the slow tier
 def test_sigkill_and_rerun_finishes_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     ref_dir, run_dir, cache_dir = str(tmp_path / "ref"), str(tmp_path / "killed"), str(tmp_path / "xla_cache")
     cmd, env = _experiment(ref_dir, cache_dir)

@@ -141,6 +141,7 @@ def test_phase_learns_and_resumes_exactly(setup, tmp_path):
     assert lines[-1]["oreo/value_loss"] < lines[0]["oreo/value_loss"]
 
 
+@pytest.mark.slow  # 25-75 s: the default suite keeps its 15-minute budget; .ci/run runs the slow tier
 def test_iterative_oreo_resumes_at_the_right_round(setup, tmp_path):
     model, params = setup
     train, _ = make_split(8, 1, levels=(1,), seed=1)

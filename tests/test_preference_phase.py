@@ -137,6 +137,7 @@ def _online(model, params, rounds, run_dir):
                       collate=functools.partial(collate_preferences, TOK), run_dir=run_dir)
 
 
+@pytest.mark.slow  # 25-75 s: the default suite keeps its 15-minute budget; .ci/run runs the slow tier
 def test_online_dpo_rounds_resume(setup, tmp_path):
     model, params = setup
     full, stats = _online(model, params, 2, str(tmp_path / "a"))

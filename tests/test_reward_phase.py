@@ -47,6 +47,7 @@ def _setup(prior: bool = False):
     return model, opt, data, [collate(held[:32]), collate(held[32:])]
 
 
+@pytest.mark.slow  # 25-75 s: the default suite keeps its 15-minute budget; .ci/run runs the slow tier
 def test_reward_model_phase_learns_gold_preferences_and_resumes_exactly(tmp_path):
     model, opt, data, held = _setup()
     ev = reward_model_eval(model, held)
