@@ -164,6 +164,7 @@ def test_iterative_oreo_resumes_at_the_right_round(setup, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # a sharded twin of 20-36 s (others stay in the default suite); .ci/run runs the slow tier
 def test_oreo_step_and_search_sharded_equal_one_device():
     out = run_with_devices("""
         import functools, jax, numpy as np

@@ -84,6 +84,7 @@ def test_phase_resumes_exactly(setup, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # a sharded twin of 20-36 s (others stay in the default suite); .ci/run runs the slow tier
 def test_preference_sharded_equals_one_device():
     out = run_with_devices("""
         import functools, jax, numpy as np

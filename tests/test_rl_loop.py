@@ -218,6 +218,7 @@ def test_rl_phase_refills_from_positions_past_the_phase(bandit):
     assert source.positions == [0, 2, 1, 4]
 
 
+@pytest.mark.slow  # a sharded twin of 20-36 s (others stay in the default suite); .ci/run runs the slow tier
 def test_sharded_rl_iterations_equal_single_device():
     """Two GRPO iterations on a (2, 2, 2) mesh of 8 simulated devices == one device:
     same samples, same metrics, same parameters."""

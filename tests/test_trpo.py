@@ -143,6 +143,7 @@ def test_trpo_config_rejects_bad_fields():
         TRPOConfig(aggregation="constant")
 
 
+@pytest.mark.slow  # a sharded twin of 20-36 s (others stay in the default suite); .ci/run runs the slow tier
 def test_trpo_step_on_sharded_params_equals_one_device():
     """One TRPO update with params sharded over a (2, 2, 2) mesh of 8 simulated devices
     equals the single-device update (the CG and line search are pytree ops under jit)."""
