@@ -18,17 +18,16 @@ with a kept sample. Outputs under the run directory: results.md and results.json
 """
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import jax
 
 from rljax.cli import LoggingFlags, apply_preset, check_input_dir, make_run_dir, run, save_config
 from rljax.eval import PolicyEvalConfig
 from rljax.expert_iteration import ExpertIterationConfig, RejectionConfig, expert_iteration
-from rljax.pipelines import markdown_table
+from rljax.pipelines import report_results
 from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, check_sft_task, load_sft, sft_split
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
@@ -112,11 +111,7 @@ def main(cfg: Config) -> dict:
                                    check=task.check, well_formed=task.well_formed, sft_rows=general, run_dir=run_dir,
                                    problems=pool)
     wall = time.perf_counter() - t0
-    print("\n" + markdown_table(rows, COLUMNS))
-    print(f"\nwall time {wall:.0f} s; the full table: {os.path.join(run_dir, 'results.md')}")
-    results = dict(config=asdict(cfg), run_dir=run_dir, rows=rows, wall_seconds=wall)
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
+    results = report_results(cfg, run_dir, rows, COLUMNS, wall)
     return results
 
 

@@ -32,10 +32,9 @@ killed run, started again with the same arguments, resumes where it stopped.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import jax
 
@@ -43,7 +42,7 @@ from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, make_run_dir, 
 from rljax.eval import PolicyEvalConfig
 from rljax.expert_iteration import RejectionConfig
 from rljax.models import Model, preset
-from rljax.pipelines import markdown_table
+from rljax.pipelines import report_results
 from rljax.r1 import R1Config, r1_pipeline
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig
@@ -234,11 +233,7 @@ def main(cfg: Config) -> dict:
                               student_params=student_params, key=jax.random.key(cfg.seed + 1), run_dir=run_dir,
                               **sets)
     wall = time.perf_counter() - t0
-    print("\n" + markdown_table(rows, COLUMNS))
-    print(f"\nwall time {wall:.0f} s; the full table: {os.path.join(run_dir, 'results.md')}")
-    results = dict(config=asdict(cfg), run_dir=run_dir, rows=rows, wall_seconds=wall)
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
+    results = report_results(cfg, run_dir, rows, COLUMNS, wall)
     return dict(results, state=state)
 
 

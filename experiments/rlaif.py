@@ -23,17 +23,16 @@ started again with the same arguments, resumes where it stopped.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import jax
 
 from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, make_run_dir, run, save_config
 from rljax.eval import PolicyEvalConfig
 from rljax.models import Model, preset
-from rljax.pipelines import markdown_table
+from rljax.pipelines import report_results
 from rljax.rlaif import RLAIFConfig, rlaif
 from rljax.state import OptimizerConfig
 from rljax.tasks import get_task
@@ -133,11 +132,7 @@ def main(cfg: Config) -> dict:
     state, rows = rlaif(params, pipeline, model=model, tokenizer=tok, task=task, judge_model=judge,
                         judge_params=judge_params, key=jax.random.key(cfg.seed + 1), run_dir=run_dir, **sets)
     wall = time.perf_counter() - t0
-    print("\n" + markdown_table(rows, COLUMNS))
-    print(f"\nwall time {wall:.0f} s; the full table: {os.path.join(run_dir, 'results.md')}")
-    results = dict(config=asdict(cfg), run_dir=run_dir, rows=rows, wall_seconds=wall)
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
+    results = report_results(cfg, run_dir, rows, COLUMNS, wall)
     return dict(results, state=state)
 
 

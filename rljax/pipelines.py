@@ -253,6 +253,18 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str], cell: Callable[
     return "\n".join(lines + ["| " + " | ".join(cell(r, c) for c in shown) + " |" for r in rows])
 
 
+def report_results(cfg, run_dir: str, rows: Sequence[dict], columns: Sequence[str], wall_seconds: float) -> dict:
+    """What a pipeline experiment does at its end: print its stage table (`markdown_table` of `columns`) and wall
+    time, and write run_dir/results.json = {config: asdict(cfg), run_dir, rows, wall_seconds} (atomically).
+    Returns that dict."""
+    print("\n" + markdown_table(rows, columns))
+    print(f"\nwall time {wall_seconds:.0f} s; the full table: {os.path.join(run_dir, TABLE_FILES[1])}")
+    results = dict(config=dataclasses.asdict(cfg), run_dir=run_dir, rows=list(rows), wall_seconds=wall_seconds)
+    with atomic_path(os.path.join(run_dir, "results.json")) as tmp, open(tmp, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    return results
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -720,5 +732,5 @@ def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Ca
 
 __all__ = ["IterativeOREOConfig", "IterativeRLHFConfig", "OnlineDPOConfig", "Stage", "StageArgumentsError",
            "StageContext", "create_rlhf_state", "iterative_oreo", "iterative_rlhf", "iterative_rlhf_stages",
-           "markdown_table", "online_dpo", "plot_columns", "read_results", "rl_state", "run_stages", "summarise_runs", "train_rl",
-           "write_results_table"]
+           "markdown_table", "online_dpo", "plot_columns", "read_results", "report_results", "rl_state", "run_stages",
+           "summarise_runs", "train_rl", "write_results_table"]
