@@ -8,6 +8,14 @@ Parts (each guarded, so one failure does not hide the rest):
   train    forward + backward + AdamW, batch 8 x 1024, bf16 compute; pure bf16 (params, grads, Adam
            state, as the anchor) and bf16 compute with float32 master weights; cuDNN attention
   decode   greedy, batch 64, prompt 128, 256 new tokens, bf16, one jitted while-loop over a KV cache
+  grpo     one GRPO iteration (`rljax.rl.make_rl_iteration`): 64 prompts x 8 samples x 256 new tokens
+           (forced to full length), bf16 compute with float32 master weights, the KL metrics on (one
+           reference forward), the update as one optimizer step accumulated over micro-batches of
+           --grpo-micro rows; seconds split into sampling / scoring / reference / update, tokens/s,
+           and the update's MFU (anchor's FLOP formula at the update's 512 x 384 tokens)
+  fit      the largest micro-batch (rows of prompt + new tokens) whose train step fits on the device,
+           without and with rematerialisation (`remat="full"`): doubling from 8 until the step
+           fails to compile or run, each size a fresh compile
 
 What it is compared with: the anchor, a plain, straightforward JAX implementation of the same
 Qwen2.5-0.5B-shaped model (random init, bf16): a train step with cuDNN attention and greedy decoding
@@ -51,7 +59,12 @@ class Config:
     prompt: int = 128
     new_tokens: int = 256
     iters: int = 10
-    parts: str = "check,train,decode"
+    grpo_prompts: int = 64
+    grpo_samples: int = 8
+    grpo_micro: int = 32
+    grpo_iters: int = 2
+    fit_max: int = 1024
+    parts: str = "check,train,decode,grpo,fit"
     tiny: bool = False
 
 
@@ -155,15 +168,102 @@ def part_decode(cfg):
           f"first call {first:.1f} s", flush=True)
 
 
+def _even_share(prompts, completions, **_):
+    """A cheap token-level rule reward: the share of even token ids (decode writes ids as words)."""
+    return [sum(int(t) % 2 == 0 for t in c.split()) / max(1, len(c.split())) for c in completions]
+
+
+def _ids_as_words(ids):
+    return [" ".join(map(str, row)) for row in np.asarray(ids).tolist()]
+
+
+def part_grpo(cfg):
+    from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
+    from rljax.state import OptimizerConfig
+
+    model = Model(preset(cfg.preset, dtype="bfloat16", scan_layers=False))
+    params = jax.jit(model.init)(jax.random.key(0))
+    rows = cfg.grpo_prompts * cfg.grpo_samples
+    if rows % cfg.grpo_micro:
+        raise ValueError(f"--grpo-micro {cfg.grpo_micro} does not divide the {rows} sampled rows")
+    k = rows // cfg.grpo_micro
+    rl = RLConfig(algorithm="grpo", minibatches=k, track_kl=True,
+                  sampling=SampleConfig(max_new_tokens=cfg.new_tokens, n=cfg.grpo_samples, eos_id=-1,
+                                        min_prompt_bucket=cfg.prompt),
+                  optimizer=OptimizerConfig(lr=1e-6, schedule="constant", grad_accum=k))
+    it = make_rl_iteration(model, rl, _even_share, _ids_as_words)
+    state = create_rl_state(model, params, rl, jax.random.key(1))
+    del params
+    prompts = np.asarray(jax.random.randint(jax.random.key(2), (cfg.grpo_prompts, cfg.prompt), 0,
+                                            model.config.vocab_size))
+    mask = np.ones_like(prompts)
+    t0 = time.perf_counter()
+    state, _ = it(state, prompts, mask)
+    first = time.perf_counter() - t0
+    ms = []
+    for _ in range(cfg.grpo_iters):
+        t0 = time.perf_counter()
+        state, m = it(state, prompts, mask)
+        ms.append(dict(m, total=time.perf_counter() - t0))
+    med = {key: float(np.median([m[key] for m in ms])) for key in
+           ("total", "time_sample_s", "time_score_s", "time_ref_s", "time_update_s")}
+    seq = cfg.prompt + cfg.new_tokens
+    tf = anchor_flops(model.config, rows, seq) / med["time_update_s"] / 1e12
+    mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+    print(f"  grpo iteration, {cfg.grpo_prompts} prompts x {cfg.grpo_samples} samples x {cfg.new_tokens} new "
+          f"(prompt {cfg.prompt}), bf16 compute / f32 master, update = 1 optimizer step over {k} micro-batches "
+          f"of {cfg.grpo_micro}: {med['total']:.2f} s/iteration = sample {med['time_sample_s']:.2f} + score "
+          f"{med['time_score_s']:.2f} + reference {med['time_ref_s']:.2f} + update {med['time_update_s']:.2f} "
+          f"(+ other {med['total'] - med['time_sample_s'] - med['time_score_s'] - med['time_ref_s'] - med['time_update_s']:.2f}) | "
+          f"{rows * cfg.new_tokens / med['total']:,.0f} new tok/s per iteration, "
+          f"{rows * cfg.new_tokens / med['time_sample_s']:,.0f} while sampling | update {tf:.1f} TFLOP/s = "
+          f"{tf / SPEC_BF16_TFLOPS * 100:.1f}% of spec | first iteration {first:.1f} s | peak mem {mem:.1f} GiB",
+          flush=True)
+
+
+def part_fit(cfg):
+    """Largest micro-batch whose bf16-compute train step (f32 master weights, AdamW) compiles and runs."""
+    seq = cfg.prompt + cfg.new_tokens
+    for remat in ("none", "full"):
+        model = Model(preset(cfg.preset, dtype="bfloat16", scan_layers=False, remat=remat))
+        params = jax.jit(model.init)(jax.random.key(0))
+        opt = optax.adamw(1e-6)
+        opt_state = jax.jit(opt.init)(params)
+
+        def step(params, opt_state, tokens, model=model, opt=opt):
+            loss, grads = jax.value_and_grad(
+                lambda p: -jnp.mean(token_logprobs(p, tokens, None, model=model)))(params)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        fits, b = 0, 8 if not cfg.tiny else 1
+        while b <= cfg.fit_max:
+            try:
+                tokens = jnp.zeros((b, seq), jnp.int32)
+                fn = jax.jit(step).lower(params, opt_state, tokens).compile()
+                block(fn(params, opt_state, tokens))
+                fits, b = b, b * 2
+                del fn
+            except Exception as e:  # noqa: BLE001 -- out of memory shows up as several error types
+                print(f"  fit [remat {remat}] batch {b} x {seq}: fails ({type(e).__name__}: {str(e)[:120]})",
+                      flush=True)
+                break
+        print(f"  fit [remat {remat}]: largest batch that fits {fits} x {seq} tokens"
+              f"{' (the cap, --fit-max)' if b > cfg.fit_max else ''}", flush=True)
+        del params, opt_state
+
+
 def main(cfg: Config):
     if cfg.tiny:
         cfg.preset, cfg.train_batch, cfg.train_seq, cfg.gen_batch, cfg.prompt, cfg.new_tokens, cfg.iters = \
             "tiny", 2, 32, 2, 16, 8, 2
+        cfg.grpo_prompts, cfg.grpo_samples, cfg.grpo_micro, cfg.grpo_iters, cfg.fit_max = 4, 2, 4, 2, 4
     banner("gpu", cfg)
     for part in cfg.parts.split(","):
         print(f"[{part}]", flush=True)
         try:
-            {"check": part_check, "train": part_train, "decode": part_decode}[part](cfg)
+            {"check": part_check, "train": part_train, "decode": part_decode, "grpo": part_grpo,
+             "fit": part_fit}[part](cfg)
         except Exception as e:  # noqa: BLE001
             print(f"  {part} FAILED: {type(e).__name__}: {str(e)[:400]}", flush=True)
 

@@ -7,6 +7,7 @@ import ast
 import os
 import string
 
+import numpy as np
 import pytest
 
 from benchmarks import grpo_step
@@ -110,3 +111,27 @@ def test_offline_benchmark_counts_the_peers_tokens():
     assert out["tok_s"] * out["step_s"] == pytest.approx(2 * 2 * (4 + 5 + 1))
     longest = main(Config(trainer="reward", pad="longest", **small))
     assert longest["padded_width"] == 10
+
+
+def test_gpu_benchmark_reward_reads_token_ids():
+    """benchmarks.gpu's GRPO part scores decoded ids as words: the share of even ids."""
+    from benchmarks.gpu import _even_share, _ids_as_words
+
+    words = _ids_as_words(np.array([[2, 3, 4, 7], [1, 1, 1, 8]]))
+    assert words == ["2 3 4 7", "1 1 1 8"]
+    assert _even_share(["p", "p"], words) == [0.5, 0.25]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_on_cpu(capsys):
+    """`python -m benchmarks.gpu --tiny --parts grpo` runs on CPU (the GPU sitting's script does not rot),
+    and its time split adds up: sample + score + reference + update <= the iteration."""
+    import re
+
+    from benchmarks.gpu import Config, main
+
+    main(Config(tiny=True, parts="grpo"))
+    line = next(l for l in capsys.readouterr().out.splitlines() if "grpo iteration" in l)
+    total, *parts = map(float, re.search(r"([\d.]+) s/iteration = sample ([\d.]+) \+ score ([\d.]+) \+ reference "
+                                         r"([\d.]+) \+ update ([\d.]+)", line).groups())
+    assert 0 < sum(parts) <= total + 0.02 and "FAILED" not in line

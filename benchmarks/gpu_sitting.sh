@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One GPU sitting: rljax's GPU benchmark and the plain-JAX / Hugging Face anchor in the same call,
+# so their figures share a machine (the anchor script is not part of this repository).
+#
+#   benchmarks/gpu_sitting.sh [ANCHOR_SCRIPT] [OUT_DIR]
+#
+# Runs `python -m benchmarks.gpu` (check, train, decode, grpo, then fit: the slowest part last),
+# then ANCHOR_SCRIPT --out OUT_DIR/anchor.jsonl when given; each under its own time limit
+# (RLJAX_GPU_LIMIT, ANCHOR_LIMIT seconds), so one hang cannot spend the other's time.
+set -u
+ANCHOR=${1:-}
+OUT=${2:-gpu-sitting}
+PY=${PYTHON:-.venv/bin/python}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
+timeout "${RLJAX_GPU_LIMIT:-420}" "$PY" -m benchmarks.gpu 2>&1 | tee "$OUT/rljax.txt"
+if [ -n "$ANCHOR" ]; then
+  timeout "${ANCHOR_LIMIT:-360}" "$PY" "$ANCHOR" --out "$OUT/anchor.jsonl" 2>&1 | tee "$OUT/anchor.txt"
+fi
