@@ -25,7 +25,9 @@ attention masks; for KTO also without the mismatched ones), and the process's pe
 after the imports, before training and at the end. --dtype bfloat16 computes matmuls in bf16 with
 float32 weights, optimizer and accumulation (`TransformerConfig.dtype`). --pad longest pads every
 batch to its longest row (here every row: 97 tokens) as TRL does, instead of the collators' default
-power-of-two bucket (128).
+bucket (112 for 97 tokens, `rljax.buckets`). --compile-cache DIR turns on the persistent compilation
+cache there (`rljax.compile_cache`, what every experiment's entry point does): run twice with the same
+DIR and the second run's first step loads the compiled programs instead of compiling them.
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ class Config:
     mlp: int = 1024
     dtype: str = "float32"
     pad: str = "bucket"
+    compile_cache: str = ""
     seed: int = 0
 
     def __post_init__(self):
@@ -109,6 +112,10 @@ def main(cfg: Config) -> dict:
     from rljax.tokenizer import CharTokenizer
 
     rss_imports = peak_rss_mib()
+    if cfg.compile_cache:
+        from rljax.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache(cfg.compile_cache)
     banner(f"offline {cfg.trainer}{' (precomputed reference)' if cfg.precompute_ref else ''} step (rljax)", cfg)
     tok = CharTokenizer()
     seq = cfg.prompt_len + cfg.completion_len + 1

@@ -34,9 +34,10 @@ Rules that keep a run directory honest:
   metrics.jsonl: `--tensorboard` / `--no-tensorboard` and `--wandb` (offline by default; with
   `--wandb-project`, `--wandb-mode`, `--wandb-group`). They are IGNORED_FIELDS: a resume may
   change them.
-- `run(main, Config)` exits a preempted run (SIGTERM/SIGINT, `rljax.phases.Preempted`)
-  with its one-line message on stderr and exit code 128 + signal: 143 for SIGTERM,
-  130 for SIGINT, as a shell reports a process ended by that signal.
+- `run(main, Config)` turns on the persistent compilation cache (`rljax.compile_cache`), and
+  exits a preempted run (SIGTERM/SIGINT, `rljax.phases.Preempted`) with its one-line message
+  on stderr and exit code 128 + signal: 143 for SIGTERM, 130 for SIGINT, as a shell reports
+  a process ended by that signal.
 """
 from __future__ import annotations
 
@@ -263,10 +264,13 @@ def run(main: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None = Non
     """`main(parse_config(cls, argv))` for an experiment's `__main__`: a preempted run
     (rljax.phases.Preempted) prints its one-line message to stderr and exits with its
     exit_code (128 + signal: 143 for SIGTERM, 130 for SIGINT); rerunning the same command
-    resumes it."""
+    resumes it. The persistent compilation cache is on (`rljax.compile_cache`: a rerun loads
+    its compiled programs instead of compiling them; RLJAX_COMPILATION_CACHE=off turns it off)."""
+    from rljax.compile_cache import enable_compilation_cache
     from rljax.phases import Preempted
 
     cfg = parse_config(cls, argv)
+    enable_compilation_cache()
     try:
         return main(cfg)
     except Preempted as e:

@@ -6,6 +6,9 @@ import textwrap
 # Tests never reach the network.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Experiments started by the tests (in process or as subprocesses) keep their compiled programs
+# out of the user's ~/.cache (rljax.compile_cache); tests of the cache pass their own directory.
+os.environ.setdefault("RLJAX_COMPILATION_CACHE", "off")
 # XLA compilation, not execution, dominates these tiny-model tests: skipping LLVM's costly
 # optimisation passes makes the default run about a quarter faster; the programs compute the
 # same thing (no fast-math is involved), so every numeric check still applies.

@@ -1,0 +1,91 @@
+"""rljax.compile_cache: where the cache goes, and that a second compile of a program loads it."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import ROOT
+from rljax.compile_cache import ENV, default_cache_dir, enable_compilation_cache
+
+
+@pytest.fixture
+def restore_jax_cache_config():
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_compilation_cache_max_size")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+
+
+def test_default_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == os.path.join(str(tmp_path), "rljax", "jax")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == os.path.join(str(tmp_path / "home"), ".cache", "rljax", "jax")
+    for off in ("off", "0", "False", "none", ""):
+        monkeypatch.setenv(ENV, off)
+        assert default_cache_dir() is None
+    monkeypatch.setenv(ENV, str(tmp_path / "mine"))
+    assert default_cache_dir() == str(tmp_path / "mine")
+
+
+def test_off_leaves_jax_alone(monkeypatch, restore_jax_cache_config):
+    monkeypatch.setenv(ENV, "off")
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert enable_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_a_directory_that_cannot_be_made_is_named(tmp_path, restore_jax_cache_config):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="compilation cache: cannot create .*file/cache"):
+        enable_compilation_cache(str(blocker / "cache"))
+
+
+def test_second_compile_loads_from_the_cache(tmp_path, restore_jax_cache_config):
+    """A program compiled once is written to the directory; after the in-memory caches are
+    cleared (as in a new process), compiling it again is a persistent-cache hit and gives the
+    same result."""
+    events = []
+    jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+    path = enable_compilation_cache(str(tmp_path / "xla"), min_compile_s=0.0)
+    assert path == str(tmp_path / "xla") and jax.config.jax_compilation_cache_dir == path
+
+    def f(x):
+        return jnp.tanh(x @ x.T).sum(axis=0) * 3.0 + 1.25
+
+    x = jnp.arange(12.0).reshape(3, 4) / 7
+    first = jax.jit(f)(x)
+    assert os.listdir(path)  # written
+    jax.clear_caches()
+    events.clear()
+    second = jax.jit(f)(x)
+    assert "/jax/compilation_cache/cache_hits" in events
+    assert jnp.array_equal(first, second)
+
+
+def test_experiment_entry_point_uses_the_cache(tmp_path):
+    """`rljax.cli.run` (every experiment's __main__) turns the cache on at $RLJAX_COMPILATION_CACHE
+    before main runs, and leaves it off with RLJAX_COMPILATION_CACHE=off."""
+    code = ("import dataclasses, jax\n"
+            "from rljax.cli import run\n"
+            "@dataclasses.dataclass\n"
+            "class C:\n    n: int = 3\n"
+            "def main(c):\n    print(c.n, jax.config.jax_compilation_cache_dir)\n"
+            "run(main, C, ['--n', '5'])\n")
+    for value, expected in ((str(tmp_path / "cache"), str(tmp_path / "cache")), ("off", "None")):
+        env = dict(os.environ, RLJAX_COMPILATION_CACHE=value, PYTHONPATH=ROOT)
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["5", expected]
