@@ -43,7 +43,7 @@ from jax import lax
 
 from rljax.buckets import bucket_length
 from rljax.data.batch import Rollout
-from rljax.models.transformer import Model
+from rljax.models.transformer import KVCache, Model
 from rljax.ops.logits import logprobs_from_logits
 from rljax.sharding import constrain, is_axis_names, shard_batch
 
@@ -56,6 +56,12 @@ class SampleConfig:
     laid out contiguously (rows i*n .. i*n+n-1 belong to prompt i). A row ends at
     `eos_id` or at any of `stop_ids` (extra stop tokens, e.g. an HF tokenizer's
     `eos_ids`); eos_id = -1 with no stop_ids never stops before max_new_tokens.
+
+    cache_segments: decoding runs in up to this many segments (`decode_segments`), each with a
+    KV cache only as long as the prompt plus the tokens made by the segment's end, grown
+    between segments. A decode step is bound by reading the cache, so this reads ~(k+1)/2k
+    of the slots a full-length cache would (k = 4: 62%); each segment compiles its own loop
+    body, so short generations (< 64 new tokens) use one. 1: one full-length cache.
     """
 
     max_new_tokens: int = 64
@@ -68,10 +74,14 @@ class SampleConfig:
     pad_id: int = 0
     min_prompt_bucket: int = 16
     stop_ids: tuple[int, ...] = ()
+    cache_segments: int = 4
 
     def __post_init__(self):
         def bad(field, why):
             raise ValueError(f"SampleConfig.{field}: {why}")
+
+        if self.cache_segments < 1:
+            bad("cache_segments", f"must be >= 1, got {self.cache_segments}")
 
         _check_stop_ids(self, "SampleConfig")
 
@@ -252,17 +262,37 @@ def _constrain_cache(cache, model: Model):
                         is_leaf=is_axis_names)
 
 
+def decode_segments(max_new_tokens: int, segments: int) -> tuple[int, ...]:
+    """The new-token counts at which the decode segments end (the last is max_new_tokens).
+
+    At most `segments` segments of at least 32 tokens each, ends rounded up to multiples of 8:
+    decode_segments(128, 4) == (32, 64, 96, 128); decode_segments(40, 4) == (40,)."""
+    N = max_new_tokens
+    k = max(1, min(segments, N // 32))
+    return tuple(sorted({min(N, -(-(N * (j + 1) // k) // 8) * 8) for j in range(k)}))  # j = k - 1 gives N
+
+
+def grow_cache(cache: KVCache, length: int) -> KVCache:
+    """The cache with `length` slots: the new slots, appended at the end, are empty (not valid)."""
+    extra = length - cache.length
+    if extra < 0:
+        raise ValueError(f"grow_cache: cannot shrink a {cache.length}-slot cache to {length}")
+    if extra == 0:
+        return cache
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))  # noqa: E731 -- [B, K, S, H]
+    return cache.replace(k=tuple(map(pad, cache.k)), v=tuple(map(pad, cache.v)),
+                         valid=jnp.pad(cache.valid, ((0, 0), (0, extra))))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "cfg"))
 def _generate(params, prompt, prompt_mask, key, *, model: Model, cfg: SampleConfig):
     R, P = prompt.shape
     N = cfg.max_new_tokens
-    cache = _constrain_cache(model.init_cache(R, P + N), model)
+    ends = decode_segments(N, cfg.cache_segments)
+    params = model.unstack_layers(params)  # sliced once, not on every step of the loop
+    cache = _constrain_cache(model.init_cache(R, P + ends[0]), model)
     hidden, cache = model.forward(params, prompt, prompt_mask, cache=cache)
     logits = model.logits(params, hidden[:, -1])  # left padding: the last slot is every row's last token
-
-    def cond(c):
-        i, done = c[0], c[-1]
-        return (i < N) & ~jnp.all(done)
 
     def body(c):
         i, logits, cache, toks, lps, slps, live, done = c
@@ -278,10 +308,19 @@ def _generate(params, prompt, prompt_mask, key, *, model: Model, cfg: SampleConf
         hidden, cache = model.forward(params, tok[:, None], alive[:, None].astype(jnp.int32), cache=cache)
         return i + 1, model.logits(params, hidden[:, 0]), cache, toks, lps, slps, live, done
 
-    init = (jnp.int32(0), logits, cache, jnp.full((R, N), cfg.pad_id, jnp.int32),
-            jnp.zeros((R, N), jnp.float32), jnp.zeros((R, N), jnp.float32),
-            jnp.zeros((R, N), jnp.int32), jnp.zeros((R,), bool))
-    _, _, _, toks, lps, slps, live, done = lax.while_loop(cond, body, init)
+    carry = (jnp.int32(0), logits, cache, jnp.full((R, N), cfg.pad_id, jnp.int32),
+             jnp.zeros((R, N), jnp.float32), jnp.zeros((R, N), jnp.float32),
+             jnp.zeros((R, N), jnp.int32), jnp.zeros((R,), bool))
+    for j, end in enumerate(ends):
+        if j:  # the next segment's cache: P + end slots, so its steps read no more than they need
+            carry = carry[:2] + (_constrain_cache(grow_cache(carry[2], P + end), model),) + carry[3:]
+
+        def cond(c, end=end):
+            i, done = c[0], c[-1]
+            return (i < end) & ~jnp.all(done)
+
+        carry = lax.while_loop(cond, body, carry)
+    _, _, _, toks, lps, slps, live, done = carry
 
     zeros = jnp.zeros((R, P - 1), jnp.float32)
     return Rollout(
@@ -370,6 +409,7 @@ def _beam(params, prompt, prompt_mask, *, model: Model, cfg: BeamConfig):
     # candidate per stop token, so K * (1 + S) with S stop tokens; 2K with eos alone)
     C = min(K * (1 + len(_stop_tokens(cfg))), K * V)
     alpha = cfg.length_penalty
+    params = model.unstack_layers(params)  # sliced once, not on every step of the loop
     cache = model.init_cache(B, P + N)
     hidden, cache = model.forward(params, prompt, prompt_mask, cache=cache)
     logits = model.logits(params, hidden[:, -1])
@@ -542,6 +582,7 @@ def _search_expand(params, cache, logits, gen, glen, valid, keys, *, model: Mode
     gen [B·W, N], glen [B·W], valid [B·W], keys [B] (this round's key per prompt). Out:
     the B·W·E candidates' cache, logits, gen, glen, valid, finished and tokens sampled."""
     E, N, scfg = cfg.width, cfg.max_new_tokens, cfg.sampling
+    params = model.unstack_layers(params)  # sliced once, not on every step of the loop
     R = gen.shape[0] * E
     src = jnp.repeat(jnp.arange(gen.shape[0]), E)
     cache = jax.tree.map(lambda x: x[src] if x.ndim else x, cache)

@@ -9,7 +9,8 @@ import pytest
 from conftest import left_padded
 from rljax.models import Model, preset
 from rljax.models.logprobs import token_logprobs
-from rljax.sampling import BeamConfig, SampleConfig, _generate, beam_search, choose_tokens, sample
+from rljax.sampling import (BeamConfig, SampleConfig, _generate, beam_search, choose_tokens, decode_segments,
+                            grow_cache, sample)
 
 PROMPTS = left_padded([9, 4, 1, 6], 10, 64, seed=11)
 # One greedy config serves every test that needs plain greedy decoding of PROMPTS (one compile
@@ -119,6 +120,66 @@ def test_stops_at_eos_and_masks_the_rest(tiny):
         np.testing.assert_array_equal(toks[i, P:P + n], gen[:n])
         assert (toks[i, P + n:] == cfg.pad_id).all() and lm[i, P:].sum() == n
     assert int(r.lengths[0]) <= 4 and bool(r.stopped_at_eos[0])
+
+
+def test_decode_segments():
+    assert decode_segments(128, 4) == (32, 64, 96, 128)
+    assert decode_segments(256, 4) == (64, 128, 192, 256)
+    assert decode_segments(100, 4) == (40, 72, 100)  # 3 segments of >= 32, ends on multiples of 8
+    assert decode_segments(63, 4) == (63,) and decode_segments(64, 4) == (32, 64)
+    assert decode_segments(128, 1) == (128,) and decode_segments(1, 4) == (1,)
+    with pytest.raises(ValueError, match="SampleConfig.cache_segments: must be >= 1"):
+        SampleConfig(cache_segments=0)
+
+
+def test_grow_cache_appends_empty_slots(tiny):
+    model, _ = tiny
+    cache = model.init_cache(2, 8)
+    cache = cache.replace(valid=cache.valid.at[:, :3].set(True), k=tuple(k + 1 for k in cache.k), index=jnp.int32(3))
+    grown = grow_cache(cache, 12)
+    assert grown.length == 12 and int(grown.index) == 3
+    np.testing.assert_array_equal(grown.valid[:, :8], cache.valid)
+    assert not np.asarray(grown.valid[:, 8:]).any() and not np.asarray(grown.k[0][:, :, 8:]).any()
+    np.testing.assert_array_equal(grown.k[0][:, :, :8], cache.k[0])
+    with pytest.raises(ValueError, match="cannot shrink a 8-slot cache to 4"):
+        grow_cache(cache, 4)
+
+
+def test_segmented_cache_samples_exactly_as_one_cache(tiny):
+    """64 new tokens decode in two segments (a 32-slot-longer cache for the second): the same
+    tokens, log-probs and stops as one full-length cache, with rows stopping in the first
+    segment, in the second and not at all; the log-probs are the full forward's."""
+    model, params = tiny
+    one = SampleConfig(max_new_tokens=64, temperature=1.0, n=2, eos_id=-1, cache_segments=1)
+    free = sample(params, *PROMPTS, jax.random.key(4), model=model, cfg=one)
+    P = free.prompt_length
+    gen = np.asarray(free.tokens[:, P:])
+    # an eos that some row draws in the first 32 steps and another only later (the same draws
+    # happen until a row's first eos, so the stops are predictable from the free run)
+    firsts = {t: [np.flatnonzero(r == t)[0] if (r == t).any() else 99 for r in gen] for t in np.unique(gen)}
+    eos = next(t for t, f in firsts.items() if min(f) < 32 and any(32 <= x < 64 for x in f) and max(f) == 99)
+    cfgs = [one.replace(eos_id=int(eos)), one.replace(eos_id=int(eos), cache_segments=4)]
+    a, b = (sample(params, *PROMPTS, jax.random.key(4), model=model, cfg=c) for c in cfgs)
+    for field in ("tokens", "attention_mask", "loss_mask", "logprobs", "sampling_logprobs", "lengths",
+                  "stopped_at_eos"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    lengths = np.asarray(b.lengths)
+    assert (lengths <= 32).any() and ((lengths > 32) & (lengths < 64)).any() and (lengths == 64).any()
+    lp = _token_logprobs(params, b.tokens, b.attention_mask, model=model)
+    on = np.asarray(b.loss_mask[:, 1:]).astype(bool)
+    np.testing.assert_allclose(np.asarray(b.logprobs)[on], np.asarray(lp)[on], atol=1e-5)
+
+
+def test_unstacked_layers_give_the_same_forward(tiny):
+    model, params = tiny
+    loop = Model(model.config.replace(scan_layers=False))
+    un = loop.unstack_layers(params)
+    assert isinstance(un["layers"], tuple) and len(un["layers"]) == model.config.n_layers
+    assert loop.unstack_layers(un) is un
+    tokens, mask = PROMPTS
+    np.testing.assert_allclose(loop(un, tokens, mask), loop(params, tokens, mask), atol=1e-6)
+    with pytest.raises(ValueError, match="unstacked layer parameters"):
+        Model(model.config.replace(scan_layers=True))(un, tokens, mask)
 
 
 def test_new_prompts_in_the_same_bucket_do_not_recompile(tiny):
