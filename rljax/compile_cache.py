@@ -44,21 +44,23 @@ def enable_compilation_cache(path: str | None = None, *, min_compile_s: float = 
                              max_bytes: int = DEFAULT_MAX_BYTES) -> str | None:
     """Turn on JAX's persistent compilation cache; returns the directory in use (None: left off).
 
-    It takes effect for every program compiled afterwards in this process, including ones
-    compiled before it under another (or no) directory. A directory that cannot be created is
-    an error naming it and the environment variable that chose it.
+    It applies to every compile after the call (programs this process compiled before stay in
+    its memory and are not written). A directory that cannot be created is an error naming it
+    and what chose it.
     """
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
 
+    source = "path"
     if path is None:
+        source = "jax_compilation_cache_dir" if jax.config.jax_compilation_cache_dir else (
+            f"${ENV}" if os.environ.get(ENV) is not None else "the default")
         path = jax.config.jax_compilation_cache_dir or default_cache_dir()
         if path is None:
             return None
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        source = "path" if os.environ.get(ENV) is None else f"${ENV}"
         raise OSError(f"compilation cache: cannot create {path!r} (from {source}): {e}; set {ENV}=off "
                       f"to run without it") from e
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_s))

@@ -45,11 +45,15 @@ def test_off_leaves_jax_alone(monkeypatch, restore_jax_cache_config):
     assert jax.config.jax_compilation_cache_dir is None
 
 
-def test_a_directory_that_cannot_be_made_is_named(tmp_path, restore_jax_cache_config):
+def test_a_directory_that_cannot_be_made_is_named(tmp_path, monkeypatch, restore_jax_cache_config):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(OSError, match="compilation cache: cannot create .*file/cache"):
+    with pytest.raises(OSError, match=r"compilation cache: cannot create .*file/cache' \(from path\)"):
         enable_compilation_cache(str(blocker / "cache"))
+    monkeypatch.setenv(ENV, str(blocker / "env-cache"))
+    jax.config.update("jax_compilation_cache_dir", None)
+    with pytest.raises(OSError, match=r"file/env-cache' \(from \$RLJAX_COMPILATION_CACHE\).*=off"):
+        enable_compilation_cache()
 
 
 def test_second_compile_loads_from_the_cache(tmp_path, restore_jax_cache_config):
