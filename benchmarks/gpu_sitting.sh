@@ -7,6 +7,8 @@
 # Runs `python -m benchmarks.gpu` (check, train, decode, grpo, then fit: the slowest part last),
 # then ANCHOR_SCRIPT --out OUT_DIR/anchor.jsonl when given; each under its own time limit
 # (RLJAX_GPU_LIMIT, ANCHOR_LIMIT seconds), so one hang cannot spend the other's time.
+# PYTHON: an interpreter whose jax sees the GPU (default .venv/bin/python; the project's .venv
+# installs CPU jax: add jax[cuda12] there, or point PYTHON at an environment that has it).
 set -u
 ANCHOR=${1:-}
 OUT=${2:-gpu-sitting}
