@@ -304,6 +304,11 @@ _REMAT_POLICY = {
 }
 
 
+def split_layers(stacked, n_layers: int) -> tuple:
+    """Stacked layer parameters ([L, ...] leaves) -> a tuple of L per-layer trees."""
+    return tuple(jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(n_layers))
+
+
 class Transformer(nn.Module):
     config: TransformerConfig
     mesh: Any = None
@@ -391,8 +396,8 @@ class Transformer(nn.Module):
         if c.remat != "none" and cache is None:
             apply_block = jax.checkpoint(apply_block, policy=_REMAT_POLICY[c.remat])
         layers = self.variables["params"]["layers"]
-        if not isinstance(layers, (tuple, list)):  # stacked: slice layer i (see Model.unstack_layers)
-            layers = [jax.tree.map(lambda w, i=i: w[i], layers) for i in range(c.n_layers)]
+        if not isinstance(layers, (tuple, list)):  # stacked (see Model.unstack_layers)
+            layers = split_layers(layers, c.n_layers)
         ks = list(cache.k) if cache is not None else [None] * c.n_layers
         vs = list(cache.v) if cache is not None else [None] * c.n_layers
         for i in range(c.n_layers):
@@ -546,8 +551,7 @@ class Model:
         layers = params["layers"]
         if isinstance(layers, (tuple, list)):
             return params
-        return {**params, "layers": tuple(jax.tree.map(lambda w, i=i: w[i], layers)
-                                          for i in range(self.config.n_layers))}
+        return {**params, "layers": split_layers(layers, self.config.n_layers)}
 
     def logits(self, params, hidden):
         """LM head: hidden [..., D] -> logits [..., V] float32."""
