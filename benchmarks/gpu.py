@@ -103,6 +103,17 @@ def part_check(cfg):
                   f"{float(jnp.abs(lx - lc).max()):.3e}")
 
 
+def _nll_train_step(model, opt, chunk=None):
+    """(params, opt_state, tokens [B, T]) -> (params, opt_state, loss): mean next-token NLL, one AdamW step."""
+    def step(params, opt_state, tokens):
+        loss, grads = jax.value_and_grad(
+            lambda p: -jnp.mean(token_logprobs(p, tokens, None, model=model, chunk_size=chunk)))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
 def part_train(cfg):
     base = preset(cfg.preset, scan_layers=False, attention_impl="cudnn" if jax.default_backend() == "gpu" else "xla")
     tokens = jax.random.randint(jax.random.key(1), (cfg.train_batch, cfg.train_seq), 0, base.vocab_size)
@@ -118,15 +129,7 @@ def part_train(cfg):
             params = jax.jit(model.init)(jax.random.key(0))
             opt = optax.adamw(1e-5, weight_decay=0.01)
             opt_state = jax.jit(opt.init)(params)
-
-            def step(params, opt_state, tokens):
-                def loss_fn(p):
-                    return -jnp.mean(token_logprobs(p, tokens, None, model=model, chunk_size=chunk))
-
-                loss, grads = jax.value_and_grad(loss_fn)(params)
-                updates, opt_state = opt.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state, loss
-
+            step = _nll_train_step(model, opt, chunk)
             t0 = time.perf_counter()
             fn = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
             compile_s = time.perf_counter() - t0
@@ -229,13 +232,7 @@ def part_fit(cfg):
         params = jax.jit(model.init)(jax.random.key(0))
         opt = optax.adamw(1e-6)
         opt_state = jax.jit(opt.init)(params)
-
-        def step(params, opt_state, tokens, model=model, opt=opt):
-            loss, grads = jax.value_and_grad(
-                lambda p: -jnp.mean(token_logprobs(p, tokens, None, model=model)))(params)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
+        step = _nll_train_step(model, opt)
         fits, b = 0, 8 if not cfg.tiny else 1
         while b <= cfg.fit_max:
             try:
