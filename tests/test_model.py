@@ -225,6 +225,34 @@ def test_low_precision_dot_vjp_is_the_bf16_rounded_product(transpose_w):
     assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32
 
 
+def test_attention_softmax_derivatives_match_the_closed_form():
+    """The attention softmax's rule dy = y (dx - sum(y dx)), against the Jacobian diag(y) - y y^T in
+    float64 (vjp and jvp), and the second derivative TRPO takes (jvp of a gradient) against finite
+    differences of the gradient; masked entries (NEG_INF) get zero gradient."""
+    from rljax.models.transformer import NEG_INF, softmax
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5)).astype(np.float32)
+    x[1, 3:] = NEG_INF  # a masked row: the last two keys are padding
+    c, t = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    y64 = np.exp(x - x.max(-1, keepdims=True)) / np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    jac = np.stack([np.diag(r) - np.outer(r, r) for r in y64.astype(np.float64)])  # [3, 5, 5]
+    y, vjp = jax.vjp(softmax, x)
+    np.testing.assert_allclose(y, y64, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(vjp(c)[0], np.einsum("bij,bi->bj", jac, c), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(jax.jvp(softmax, (x,), (t,))[1], np.einsum("bij,bj->bi", jac, t), rtol=1e-5,
+                               atol=1e-7)
+    assert np.all(np.asarray(vjp(c)[0])[1, 3:] == 0)
+    # jvp of a gradient, as in TRPO's Fisher-vector products, against a central difference of the gradient
+    xs = rng.normal(size=(2, 4))
+    f = lambda z: jnp.sum(jnp.asarray(c[:2, :4], jnp.float64) * softmax(z) ** 2)  # noqa: E731
+    with jax.enable_x64():
+        hvp = jax.jvp(jax.grad(f), (jnp.asarray(xs),), (jnp.asarray(t[:2, :4], jnp.float64),))[1]
+        eps = 1e-6
+        fd = (jax.grad(f)(xs + eps * t[:2, :4]) - jax.grad(f)(xs - eps * t[:2, :4])) / (2 * eps)
+    np.testing.assert_allclose(hvp, fd, rtol=1e-5, atol=1e-8)
+
+
 def test_bfloat16_gradients_close_to_float32():
     model, params = _init(n_layers=2)  # two layers: each runs the same bfloat16 matmuls
     bf = Model(preset("tiny", dtype="bfloat16", n_layers=2))

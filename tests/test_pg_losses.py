@@ -45,9 +45,9 @@ def test_reinforce_loss_matches_naive(tiny):
     assert float(loss) == pytest.approx(naive, rel=1e-4)
     assert float(metrics["kl_k1"]) == pytest.approx(((lp - b.ref_logprobs) * m).sum() / m.sum(), rel=1e-4)
     # the gradient is that of −mean_i A_i Σ_t ℓ_t (+ KL): REINFORCE's estimator
-    g = jax.grad(lambda p: reinforce_loss(p, b, model=model, cfg=ReinforceConfig())[0])(params)
-    g_ref = jax.grad(lambda p: -jnp.mean(jnp.asarray(b.advantages) * (
-        token_logprobs(p, b.tokens, b.attention_mask, model=model) * m).sum(1)))(params)
+    g = jax.jit(jax.grad(lambda p: reinforce_loss(p, b, model=model, cfg=ReinforceConfig())[0]))(params)
+    g_ref = jax.jit(jax.grad(lambda p: -jnp.mean(jnp.asarray(b.advantages) * (
+        token_logprobs(p, b.tokens, b.attention_mask, model=model) * m).sum(1))))(params)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), g, g_ref)
 
 

@@ -111,6 +111,27 @@ def _dense(x: Array, w: Array, n_in: int, dtype, *, transpose_w: bool = False, f
     return y.reshape(*lead, *out_shape)
 
 
+@jax.custom_jvp
+def softmax(x: Array) -> Array:
+    """softmax over the last axis, y = exp(x - max x) / Σ exp(x - max x), differentiated from its output
+    alone: dy = y ⊙ (dx − Σ y ⊙ dx).
+
+    Autodiff through exp / sum / divide keeps the unnormalised exponentials and the denominator
+    broadcast to the scores' shape for the backward pass (two more [B, K, G, T, S] arrays per layer);
+    this rule keeps y only. Written as a JVP, so forward-over-reverse (TRPO's Fisher-vector products)
+    still works.
+    """
+    e = jnp.exp(x - lax.stop_gradient(x.max(axis=-1, keepdims=True)))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = softmax(x)
+    return y, y * (dx - jnp.sum(y * dx, axis=-1, keepdims=True))
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32."""
 
@@ -254,7 +275,7 @@ class Attention(nn.Module):
             qg = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4).astype(dt)
             scores = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * H**-0.5
             scores = jnp.where(mask, scores, NEG_INF)
-            probs = jax.nn.softmax(scores, axis=-1)
+            probs = softmax(scores)
             out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(dt), v, preferred_element_type=jnp.float32)
             out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
         w_o = _param(self, "o_proj", init, (N, H, D), ("heads", "head_dim", "embed"), pdt)
