@@ -22,10 +22,11 @@ first with `rljax.reference.cached_reference_logps` (reported as "constructor" s
 equivalent). Reported: every step's seconds, the median of steps 2..N (the first includes
 compilation and is reported apart), tokens/s (the tokens of every sequence the policy sees, from the
 attention masks; for KTO also without the mismatched ones), and the process's peak resident memory
-after the imports, before training and at the end. --dtype bfloat16 computes matmuls in bf16 with
-float32 weights, optimizer and accumulation (`TransformerConfig.dtype`). --pad longest pads every
-batch to its longest row (here every row: 97 tokens) as TRL does, instead of the collators' default
-bucket (112 for 97 tokens, `rljax.buckets`). --compile-cache DIR turns on the persistent compilation
+after the imports, before training and at the end, and the size of the train step's temporary buffer
+(activations kept for the backward pass and scratch) from XLA's memory analysis of the compiled step.
+--dtype bfloat16 computes matmuls in bf16 with float32 weights, optimizer and accumulation
+(`TransformerConfig.dtype`). --pad longest pads every batch to its longest row (here every row: 97
+tokens) as TRL does, instead of the collators' default bucket (112 for 97 tokens, `rljax.buckets`). --compile-cache DIR turns on the persistent compilation
 cache there (`rljax.compile_cache`, what every experiment's entry point does): run twice with the same
 DIR and the second run's first step loads the compiled programs instead of compiling them.
 """
@@ -191,10 +192,13 @@ def main(cfg: Config) -> dict:
         tokens.append((int(attn.sum()), int(attn[:, 0].sum()) if cfg.trainer == "kto" else int(attn.sum()),
                        attn.shape[-1]))
     rss_end = peak_rss_mib()
+    # after the peak RSS is read: lowering again compiles the step once more (the timed steps never do)
+    temp_mib = step_fn.lower(state, batch).compile().memory_analysis().temp_size_in_bytes / 2**20
     steady = sorted(times[1:])
     med = steady[len(steady) // 2]
     out = dict(first_step_s=times[0], step_s=med, tok_s=tokens[-1][0] / med, padded_width=tokens[-1][2],
-               rss_imports_mib=rss_imports, rss_before_mib=rss_before, rss_end_mib=rss_end, constructor_s=init_s)
+               rss_imports_mib=rss_imports, rss_before_mib=rss_before, rss_end_mib=rss_end, constructor_s=init_s,
+               step_temp_mib=temp_mib)
     print("step seconds: " + " ".join(f"{x:.3f}" for x in times))
     print(f"median of steps 2..{cfg.steps}: {med:.3f} s/step; first step {times[0]:.2f} s (compilation)")
     line = f"tokens/s: {out['tok_s']:,.0f} ({tokens[-1][0]} tokens a step, padded to width {tokens[-1][2]})"
@@ -202,7 +206,8 @@ def main(cfg: Config) -> dict:
         out["tok_s_trained"] = tokens[-1][1] / med
         line += f"; {out['tok_s_trained']:,.0f} counting only the {cfg.examples} trained sequences"
     print(line)
-    print(f"peak RSS: {rss_imports:,.0f} MiB after imports, {rss_before:,.0f} before training, {rss_end:,.0f} at the end")
+    print(f"peak RSS: {rss_imports:,.0f} MiB after imports, {rss_before:,.0f} before training, {rss_end:,.0f} at the "
+          f"end; the train step's temporary buffer (XLA's memory analysis): {temp_mib:,.0f} MiB")
     return out
 
 

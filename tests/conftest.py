@@ -1,14 +1,22 @@
 import os
 import subprocess
 import sys
+import shutil
+import tempfile
 import textwrap
 
 # Tests never reach the network.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Experiments started by the tests (in process or as subprocesses) keep their compiled programs
-# out of the user's ~/.cache (rljax.compile_cache); tests of the cache pass their own directory.
-os.environ.setdefault("RLJAX_COMPILATION_CACHE", "off")
+# One compilation cache for the whole run, in a temporary directory the first process (the xdist
+# controller, whose environment the workers and every subprocess inherit) makes and removes: the
+# tests compile the same tiny programs in many files and processes, and a program found there is
+# loaded instead of compiled again. Experiments started by the tests use it too (rljax.compile_cache
+# reads RLJAX_COMPILATION_CACHE), so nothing lands in the user's ~/.cache; tests of the cache pass
+# their own directory. RLJAX_COMPILATION_CACHE=off before pytest runs everything uncached.
+if "RLJAX_TEST_CACHE_OWNER" not in os.environ and "RLJAX_COMPILATION_CACHE" not in os.environ:
+    os.environ["RLJAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="rljax-test-xla-")
+    os.environ["RLJAX_TEST_CACHE_OWNER"] = str(os.getpid())
 # XLA compilation, not execution, dominates these tiny-model tests: skipping LLVM's costly
 # optimisation passes makes the default run about a quarter faster; the programs compute the
 # same thing (no fast-math is involved), so every numeric check still applies.
@@ -19,7 +27,17 @@ import jax
 import numpy as np
 import pytest
 
+from rljax.compile_cache import enable_compilation_cache
 from rljax.models import Model, preset
+
+# every program, however quick to compile: most of these tests' programs compile in well under the
+# default threshold, and together they are most of the run's time
+enable_compilation_cache(min_compile_s=0.5)
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("RLJAX_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["RLJAX_COMPILATION_CACHE"], ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -111,6 +111,8 @@ def test_offline_benchmark_counts_the_peers_tokens():
     assert out["tok_s"] * out["step_s"] == pytest.approx(2 * 2 * (4 + 5 + 1))
     longest = main(Config(trainer="reward", pad="longest", **small))
     assert longest["padded_width"] == 10
+    # the step keeps at least the MLP's [rows, width, mlp] float32 activations of its layer for the backward
+    assert longest["step_temp_mib"] * 2**20 >= 2 * 2 * 10 * 64 * 4
 
 
 def test_gpu_benchmark_reward_reads_token_ids():

@@ -1,4 +1,5 @@
 """Policy-gradient losses against naive per-sample references and the known answers of docs/algorithms.md."""
+import functools
 from types import SimpleNamespace
 
 import jax
@@ -19,7 +20,7 @@ def _batch(model, params, seed=0, ref_shift=0.3):
     tokens, attn = left_padded([9, 9, 7, 7, 5, 4], 10, 64, seed=seed)
     loss_mask = attn.copy()
     loss_mask[:, :6] = 0  # the first 6 slots are prompt
-    lp = np.asarray(token_logprobs(params, tokens, attn, model=model))
+    lp = np.asarray(jax.jit(functools.partial(token_logprobs, model=model))(params, tokens, attn))
     old = lp + rng.normal(0, 0.1, lp.shape).astype(np.float32)
     ref = lp + rng.normal(0, ref_shift, lp.shape).astype(np.float32)
     rewards = rng.normal(size=6).astype(np.float32)
@@ -38,7 +39,7 @@ def test_reinforce_loss_matches_naive(tiny):
     m = _mask(b)
     beta = 0.1
     cfg = ReinforceConfig(kl_coef=beta, kl_estimator="k3")
-    loss, metrics = reinforce_loss(params, b, model=model, cfg=cfg)
+    loss, metrics = jax.jit(functools.partial(reinforce_loss, model=model, cfg=cfg))(params, b)
     d = b.ref_logprobs - lp
     k3 = np.exp(d) - 1 - d
     naive = np.mean([((-b.advantages[i] * lp[i] + beta * k3[i]) * m[i]).sum() for i in range(6)])
@@ -75,15 +76,15 @@ def test_mrt_known_answers(tiny):
     s = (lp * m).sum(1)
     # α → 0: uniform Q, loss = mean over prompts of the mean cost, zero gradient
     cfg0 = MRTConfig(alpha=0.0)
-    loss0, _ = mrt_loss(params, b, model=model, cfg=cfg0)
+    loss0, _ = jax.jit(functools.partial(mrt_loss, model=model, cfg=cfg0))(params, b)
     cost = 1 - b.rewards
     assert float(loss0) == pytest.approx(np.mean([cost[[0, 1]].mean(), cost[[2, 3]].mean(), cost[[4, 5]].mean()]),
                                          rel=1e-5)
-    g0 = jax.grad(lambda p: mrt_loss(p, b, model=model, cfg=cfg0)[0])(params)
+    g0 = jax.jit(jax.grad(lambda p: mrt_loss(p, b, model=model, cfg=cfg0)[0]))(params)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0)) == 0.0
     # general α: naive per-group softmax
     alpha = 0.7
-    loss, _ = mrt_loss(params, b, model=model, cfg=MRTConfig(alpha=alpha))
+    loss, _ = jax.jit(functools.partial(mrt_loss, model=model, cfg=MRTConfig(alpha=alpha)))(params, b)
     naive = 0.0
     for g in range(3):
         idx = [2 * g, 2 * g + 1]
@@ -101,7 +102,7 @@ def test_grpo_first_minibatch_equals_unclipped_and_matches_naive(tiny):
     b = b.replace(old_logprobs=lp)  # first minibatch of an iteration: π_θ = π_old, ρ = 1
     m = _mask(b)
     cfg = GRPOConfig(kl_coef=0.04)
-    loss, metrics = grpo_loss(params, b, model=model, cfg=cfg)
+    loss, metrics = jax.jit(functools.partial(grpo_loss, model=model, cfg=cfg))(params, b)
     d = b.ref_logprobs - lp
     per_tok = -b.advantages[:, None] + 0.04 * (np.exp(d) - 1 - d)
     naive = np.mean([(per_tok[i] * m[i]).sum() / m[i].sum() for i in range(6)])  # seq-mean of token-means
@@ -114,8 +115,9 @@ def test_grpo_first_minibatch_equals_unclipped_and_matches_naive(tiny):
         per = -ratio * jnp.asarray(b.advantages)[:, None]
         return jnp.mean((per * m).sum(1) / m.sum(1))
 
-    g = jax.grad(lambda p: grpo_loss(p, b, model=model, cfg=GRPOConfig(kl_coef=0.0))[0])(params)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), g, jax.grad(unclipped)(params))
+    g = jax.jit(jax.grad(lambda p: grpo_loss(p, b, model=model, cfg=GRPOConfig(kl_coef=0.0))[0]))(params)
+    g_ref = jax.jit(jax.grad(unclipped))(params)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), g, g_ref)
 
 
 def test_grpo_advantages_and_variants():

@@ -75,6 +75,9 @@ class TransformerConfig:
         leading `layers` axis either way, so checkpoints are interchangeable.
       remat: rematerialisation of each layer in the backward pass:
         "none", "full" (recompute everything), "dots" (save matmul outputs).
+        On CPU it buys little: XLA:CPU's scheduler runs the recomputation
+        next to the forward pass, so the activations stay alive anyway
+        (docs/performance.md, "Memory").
       dtype: compute dtype of matmul inputs ("float32" or "bfloat16"). Matmuls
         always accumulate in float32; norms, softmax and the residual stream
         stay float32.
