@@ -29,6 +29,8 @@ after the imports, before training and at the end, and the size of the train ste
 tokens) as TRL does, instead of the collators' default bucket (112 for 97 tokens, `rljax.buckets`). --compile-cache DIR turns on the persistent compilation
 cache there (`rljax.compile_cache`, what every experiment's entry point does): run twice with the same
 DIR and the second run's first step loads the compiled programs instead of compiling them.
+--release-memory false keeps the memory the compiler frees in the process's heap instead of returning
+it to the OS after each compile (`rljax.host_memory`, on in every experiment's entry point).
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ class Config:
     dtype: str = "float32"
     pad: str = "bucket"
     compile_cache: str = ""
+    release_memory: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -113,6 +116,10 @@ def main(cfg: Config) -> dict:
     from rljax.tokenizer import CharTokenizer
 
     rss_imports = peak_rss_mib()
+    if cfg.release_memory:
+        from rljax.host_memory import release_compiler_memory
+
+        release_compiler_memory()  # what rljax.cli.run does for every experiment
     if cfg.compile_cache:
         from rljax.compile_cache import enable_compilation_cache
 

@@ -265,12 +265,15 @@ def run(main: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None = Non
     (rljax.phases.Preempted) prints its one-line message to stderr and exits with its
     exit_code (128 + signal: 143 for SIGTERM, 130 for SIGINT); rerunning the same command
     resumes it. The persistent compilation cache is on (`rljax.compile_cache`: a rerun loads
-    its compiled programs instead of compiling them; RLJAX_COMPILATION_CACHE=off turns it off)."""
+    its compiled programs instead of compiling them; RLJAX_COMPILATION_CACHE=off turns it off),
+    and memory the compiler frees goes back to the OS (`rljax.host_memory`)."""
     from rljax.compile_cache import enable_compilation_cache
+    from rljax.host_memory import release_compiler_memory
     from rljax.phases import Preempted
 
     cfg = parse_config(cls, argv)
     enable_compilation_cache()
+    release_compiler_memory()
     try:
         return main(cfg)
     except Preempted as e:

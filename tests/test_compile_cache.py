@@ -80,16 +80,18 @@ def test_second_compile_loads_from_the_cache(tmp_path, restore_jax_cache_config)
 
 def test_experiment_entry_point_uses_the_cache(tmp_path):
     """`rljax.cli.run` (every experiment's __main__) turns the cache on at $RLJAX_COMPILATION_CACHE
-    before main runs, and leaves it off with RLJAX_COMPILATION_CACHE=off."""
+    before main runs, and leaves it off with RLJAX_COMPILATION_CACHE=off; either way it installs
+    rljax.host_memory's listener (one)."""
     code = ("import dataclasses, jax\n"
             "from rljax.cli import run\n"
+            "from rljax.host_memory import _listener\n"
             "@dataclasses.dataclass\n"
             "class C:\n    n: int = 3\n"
-            "def main(c):\n    print(c.n, jax.config.jax_compilation_cache_dir)\n"
+            "def main(c):\n    print(c.n, jax.config.jax_compilation_cache_dir, len(_listener))\n"
             "run(main, C, ['--n', '5'])\n")
     for value, expected in ((str(tmp_path / "cache"), str(tmp_path / "cache")), ("off", "None")):
         env = dict(os.environ, RLJAX_COMPILATION_CACHE=value, PYTHONPATH=ROOT)
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.split() == ["5", expected]
+        assert out.stdout.split() == ["5", expected, "1"]
