@@ -9,8 +9,8 @@ process's peak resident memory is the compiler's and the step's added together. 
     from rljax.host_memory import release_compiler_memory
     release_compiler_memory()      # every experiment's entry point (rljax.cli.run) calls it
 
-Measured (`benchmarks.offline --trainer dpo --pad longest`, docs/performance.md): peak RSS
-1,082 -> 855 MiB for the DPO step, the same programs and results. It changes nothing but where
+Measured (`benchmarks.offline --trainer dpo --pad longest --release-memory false|true`,
+docs/performance.md): peak RSS 1,093 -> 912 MiB on a cold start, the same programs and results. It changes nothing but where
 freed memory lives; where the C library is not glibc (macOS, musl) it does nothing and returns
 False.
 """
