@@ -1,7 +1,7 @@
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 import tempfile
 import textwrap
 
@@ -30,14 +30,15 @@ import pytest
 from rljax.compile_cache import enable_compilation_cache
 from rljax.models import Model, preset
 
-# every program, however quick to compile: most of these tests' programs compile in well under the
-# default threshold, and together they are most of the run's time
+# Programs that compile in 0.5 s or more, the library's default threshold: storing every program was
+# slower than compiling the quick ones again (six RL test files: 278 s against 188 s).
 enable_compilation_cache(min_compile_s=0.5)
 
 
 def pytest_unconfigure(config):
     if os.environ.get("RLJAX_TEST_CACHE_OWNER") == str(os.getpid()):
         shutil.rmtree(os.environ["RLJAX_COMPILATION_CACHE"], ignore_errors=True)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
