@@ -26,9 +26,10 @@ after the imports, before training and at the end, and the size of the train ste
 (activations kept for the backward pass and scratch) from XLA's memory analysis of the compiled step.
 --dtype bfloat16 computes matmuls in bf16 with float32 weights, optimizer and accumulation
 (`TransformerConfig.dtype`). --pad longest pads every batch to its longest row (here every row: 97
-tokens) as TRL does, instead of the collators' default bucket (112 for 97 tokens, `rljax.buckets`). --compile-cache DIR turns on the persistent compilation
-cache there (`rljax.compile_cache`, what every experiment's entry point does): run twice with the same
-DIR and the second run's first step loads the compiled programs instead of compiling them.
+tokens) as TRL does, instead of the collators' default bucket (112 for 97 tokens, `rljax.buckets`).
+--compile-cache DIR turns on the persistent compilation cache there (`rljax.compile_cache`, what every
+experiment's entry point does): run twice with the same DIR and the second run's first step loads the
+compiled programs instead of compiling them.
 --release-memory false keeps the memory the compiler frees in the process's heap instead of returning
 it to the OS after each compile (`rljax.host_memory`, on in every experiment's entry point).
 """
