@@ -10,9 +10,9 @@ process's peak resident memory is the compiler's and the step's added together. 
     release_compiler_memory()      # every experiment's entry point (rljax.cli.run) calls it
 
 Measured (`benchmarks.offline --trainer dpo --pad longest --release-memory false|true`,
-docs/performance.md): peak RSS 1,093 -> 912 MiB on a cold start, the same programs and results. It changes nothing but where
-freed memory lives; where the C library is not glibc (macOS, musl) it does nothing and returns
-False.
+docs/performance.md): peak RSS 1,093 -> 912 MiB on a cold start, the same programs and results.
+It changes nothing but where freed memory lives; where the C library is not glibc (macOS, musl)
+it does nothing and returns False.
 """
 from __future__ import annotations
 
