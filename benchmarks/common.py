@@ -8,7 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.cpuinfo import cpu_description
+from benchmarks.cpuinfo import cpu_description, host_memory_description
 
 
 def banner(title: str, cfg) -> None:
@@ -17,6 +17,7 @@ def banner(title: str, cfg) -> None:
     print(f"jax {jax.__version__} | backend {jax.default_backend()} | {jax.device_count()} x {dev.device_kind} | "
           f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cpus | "
           f"{cpu_description()}")
+    print(f"host memory: {host_memory_description()}")
     print(f"config: {cfg}")
 
 

@@ -1,9 +1,14 @@
 """The CPU's model and vector extensions, for every benchmark's banner (rljax's and the peers').
 
-No third-party imports: the peer scripts (`benchmarks/peers/`) run in an environment without jax.
+No third-party imports: the peer scripts (`benchmarks/peers/`) run in an environment without jax
+(they import this file and `rljax.host_memory`, which imports nothing outside the standard library
+until it is used with jax, from the source tree).
+
+    python -m benchmarks.cpuinfo    # the two banner lines, and what `python -m` does about huge pages
 """
 from __future__ import annotations
 
+import os
 import platform
 
 # The vector extensions that change CPU matmul speed (and float rounding): figures from machines
@@ -28,3 +33,17 @@ def cpu_description() -> str:
     model = model or platform.processor() or platform.machine()
     present = [f for f in VECTOR_FLAGS if f in flags]
     return f"{model} ({' '.join(present) or 'vector flags unknown'})"
+
+
+def host_memory_description() -> str:
+    """The kernel's transparent-huge-page mode and GLIBC_TUNABLES: whether XLA's (and torch's) large
+    buffers get 2 MiB pages (`rljax.host_memory`), which moves CPU step times by 5-18% here."""
+    from rljax.host_memory import thp_mode
+
+    return (f"transparent huge pages {thp_mode() or 'n/a'}, "
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '') or '(unset)'}")
+
+
+if __name__ == "__main__":
+    print(cpu_description())
+    print(host_memory_description())

@@ -1,11 +1,16 @@
-"""rljax.host_memory: glibc's malloc_trim after each backend compile that took long enough."""
+"""rljax.host_memory: glibc's malloc_trim after each backend compile that took long enough, and
+glibc's huge-page tunable for XLA's per-execution buffers."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import monitoring
 
-from rljax.host_memory import BACKEND_COMPILE_EVENT, _listener, glibc_malloc_trim, release_compiler_memory
+from rljax.host_memory import (BACKEND_COMPILE_EVENT, HUGE_PAGES_OPT_OUT, HUGE_PAGES_TUNABLE, _listener,
+                               exec_with_huge_pages, glibc_malloc_trim, huge_pages_env, release_compiler_memory,
+                               thp_mode)
 
 
 @pytest.fixture
@@ -64,3 +69,96 @@ def test_glibc_trim_returns_freed_heap_pages():
     after = resident_mib()
     libc.free(keep)
     assert before - after > 0.5 * 100_000 * 1024 / 2**20  # most of the ~98 MiB freed went back
+
+
+# ---- huge pages for XLA's per-execution buffers (glibc.malloc.hugetlb) ----
+
+def test_thp_mode_reads_the_bracketed_word(tmp_path):
+    f = tmp_path / "enabled"
+    f.write_text("always [madvise] never\n")
+    assert thp_mode(str(f)) == "madvise"
+    f.write_text("[always] madvise never\n")
+    assert thp_mode(str(f)) == "always"
+    assert thp_mode(str(tmp_path / "missing")) is None
+
+
+def test_huge_pages_env_adds_the_tunable_only_where_it_changes_something():
+    on = dict(thp="madvise", libc="glibc")
+    assert huge_pages_env({"A": "1"}, **on) == {"A": "1", "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
+    # other tunables are kept, colon-separated, in their order
+    assert huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **on)["GLIBC_TUNABLES"] == \
+        f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}"
+    # the user's own hugetlb setting stands, whatever its value; so does the opt-out
+    assert huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **on) is None
+    assert huge_pages_env({"GLIBC_TUNABLES": f"x.y=1:{HUGE_PAGES_TUNABLE}"}, **on) is None
+    assert huge_pages_env({HUGE_PAGES_OPT_OUT: "0"}, **on) is None
+    assert huge_pages_env({HUGE_PAGES_OPT_OUT: "1"}, **on)["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE
+    # "always": large mappings get huge pages anyway; "never"/unknown: they cannot; not glibc: no tunable
+    for thp, libc in (("always", "glibc"), ("never", "glibc"), (None, "glibc"), ("madvise", ""), ("madvise", "musl")):
+        assert huge_pages_env({}, thp=thp, libc=libc) is None
+
+
+def test_exec_with_huge_pages_reexecutes_the_same_command(monkeypatch):
+    import sys
+
+    import rljax.host_memory as hm
+
+    calls = []
+    monkeypatch.setattr(hm, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(hm.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(HUGE_PAGES_OPT_OUT, raising=False)
+    assert exec_with_huge_pages(execve=lambda *a: calls.append(a))
+    (path, argv, env), = calls
+    assert path == sys.executable and argv == sys.orig_argv
+    assert env["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE and env["PATH"] == os.environ["PATH"]
+    monkeypatch.setenv("GLIBC_TUNABLES", HUGE_PAGES_TUNABLE)  # what the new process sees: no loop
+    assert not exec_with_huge_pages(execve=lambda *a: calls.append(a))
+    assert len(calls) == 1
+
+
+def test_python_m_benchmarks_runs_with_the_tunable_computed_for_this_machine():
+    """`python -m benchmarks.cpuinfo` goes through the package's hook (the same two lines as the
+    experiments package's): the GLIBC_TUNABLES it reports is what huge_pages_env gives here."""
+    import platform
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGES_OPT_OUT)}
+    for opt_out in (False, True):
+        run_env = dict(env, **({HUGE_PAGES_OPT_OUT: "0"} if opt_out else {}))
+        out = subprocess.run([sys.executable, "-m", "benchmarks.cpuinfo"], env=run_env, capture_output=True,
+                             text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+        want = huge_pages_env(run_env, thp=thp_mode(), libc=platform.libc_ver()[0])
+        assert f"GLIBC_TUNABLES={(want or {}).get('GLIBC_TUNABLES') or '(unset)'}" in out, out
+
+
+def test_the_tunable_backs_a_large_allocation_with_huge_pages():
+    """What the tunable is for: touching a freshly allocated 256 MiB block (glibc maps it with mmap,
+    as it does XLA's per-step buffer) takes one page fault per 4 KiB page without it, 65,536, and
+    about one per 2 MiB page with it, 128 (allowing for pages the kernel could not make huge)."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc" or thp_mode() != "madvise":
+        pytest.skip(f"needs glibc and transparent huge pages in madvise mode (here {thp_mode()})")
+    script = (
+        "import ctypes, resource\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
+        "n = 256 << 20\n"
+        "p = libc.malloc(n)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "ctypes.memset(p, 1, n)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    faults = {}
+    for tunables in ("", HUGE_PAGES_TUNABLE):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if tunables:
+            env["GLIBC_TUNABLES"] = tunables
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        faults[tunables] = int(out.stdout)
+    pages_4k = (256 << 20) // 4096
+    assert faults[""] >= 0.95 * pages_4k, faults
+    assert faults[HUGE_PAGES_TUNABLE] <= 0.25 * pages_4k, faults

@@ -92,9 +92,11 @@ def versions() -> str:
 
     import torch
 
-    # benchmarks/cpuinfo.py (no jax import), shared with rljax's benchmark banners
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from cpuinfo import cpu_description
+    # benchmarks/cpuinfo.py (no jax import), shared with rljax's benchmark banners; it reads
+    # rljax.host_memory from the source tree (the project root), which needs no jax either
+    bench_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:0] = [bench_dir, os.path.dirname(bench_dir)]
+    from cpuinfo import cpu_description, host_memory_description
 
     parts = [f"torch {torch.__version__} ({torch.get_num_threads()} threads)"]
     for name in ("transformers", "trl", "datasets", "tokenizers"):
@@ -103,7 +105,7 @@ def versions() -> str:
         except ImportError:
             pass
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parts.append(f"{cpus} cpus | {cpu_description()}")
+    parts.append(f"{cpus} cpus | {cpu_description()} | {host_memory_description()}")
     return " | ".join(parts)
 
 
