@@ -5,6 +5,7 @@
     python -m benchmarks.grpo_step --which small --iterations 3
     python -m benchmarks.grpo_step --which trl --algo ppo   # PPO (value head on the policy) at the same shape
     python -m benchmarks.grpo_step --which trl --track-kl off --dtype bfloat16   # beside trl_grpo.py --bf16
+    python -m benchmarks.grpo_step --which trl --minibatches 4 --grad-accum 4   # the same update in 4 micro-batches
 
 "trl" is the configuration of the peer script benchmarks/peers/trl_grpo.py, TRL's
 GRPOTrainer (run `.peer/venv/bin/python benchmarks/peers/trl_grpo.py` in the same
@@ -49,6 +50,7 @@ class Config:
     iterations: int = 5  # timed iterations after the first
     epochs: int = 1  # passes over each iteration's samples
     minibatches: int = 1  # updates per pass
+    grad_accum: int = 1  # micro-batches per optimizer update (OptimizerConfig.grad_accum); divides minibatches
     dtype: str = "float32"  # matmul compute dtype (bfloat16: f32 weights, optimizer and accumulation)
     track_kl: str = "both"  # off | on | both: time the iteration without and/or with the KL metrics
     smoke: bool = False
@@ -60,7 +62,8 @@ def reward_digits(prompts, completions, **_):
 
 
 def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, iterations: int, track_kl: bool,
-        min_prompt_bucket: int = 16, algo: str = "grpo", epochs: int = 1, minibatches: int = 1) -> dict:
+        min_prompt_bucket: int = 16, algo: str = "grpo", epochs: int = 1, minibatches: int = 1,
+        grad_accum: int = 1) -> dict:
     tok = CharTokenizer()
     params = model.init(jax.random.key(0))
     if algo == "ppo":
@@ -68,11 +71,12 @@ def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, itera
     cfg = RLConfig(algorithm=get_algorithm(algo).with_kl_coef(0.0), epochs=epochs, minibatches=minibatches,
                    sampling=SampleConfig(max_new_tokens=max_new, n=n, eos_id=-1, pad_id=tok.pad_id,
                                          min_prompt_bucket=min_prompt_bucket),
-                   optimizer=OptimizerConfig(lr=1e-4, schedule="constant"), track_kl=track_kl)
+                   optimizer=OptimizerConfig(lr=1e-4, schedule="constant", grad_accum=grad_accum), track_kl=track_kl)
     banner(f"grpo_step {name} {algo} (track_kl={track_kl})",
            f"{model.config.num_params():,} params, d{model.config.d_model} x {model.config.n_layers} layers, "
            f"{len(prompts)} prompts x {n} samples x {max_new} new tokens, prompt bucket >= {min_prompt_bucket}, "
-           f"{model.config.dtype}, beta=0, {epochs} epochs x {minibatches} minibatches")
+           f"{model.config.dtype}, beta=0, {epochs} epochs x {minibatches} minibatches, "
+           f"{grad_accum} micro-batches per update")
     it = make_rl_iteration(model, cfg, reward_digits, tok.decode_batch)
     state = create_rl_state(model, params, cfg, jax.random.key(1))
     tokens, mask = tok.encode_batch(prompts, padding_side="left")
@@ -111,12 +115,12 @@ def main(cfg: Config) -> None:
         for track_kl in {"off": (False,), "on": (True,), "both": (False, True)}[cfg.track_kl]:
             # prompts are 5 tokens (bos + 4 chars): a bucket of 8 instead of the default 16
             run("trl-config", model, prompts, 8, max_new, iterations, track_kl, min_prompt_bucket=8, algo=cfg.algo,
-                epochs=cfg.epochs, minibatches=cfg.minibatches)
+                epochs=cfg.epochs, minibatches=cfg.minibatches, grad_accum=cfg.grad_accum)
     if cfg.which in ("small", "both"):
         model = Model(preset("small", vocab_size=tok.vocab_size, dtype=cfg.dtype))
         prompts = [TRL_PROMPTS[i % 16] for i in range(8 if cfg.smoke else 64)]
         run("small", model, prompts, 8, 16 if cfg.smoke else 64, iterations, track_kl=False, algo=cfg.algo,
-            epochs=cfg.epochs, minibatches=cfg.minibatches)
+            epochs=cfg.epochs, minibatches=cfg.minibatches, grad_accum=cfg.grad_accum)
 
 
 if __name__ == "__main__":
