@@ -118,8 +118,9 @@ def exec_with_huge_pages(*, execve: Callable = os.execve) -> bool:
     """Re-execute this process (`execve`: same PID, `sys.orig_argv`: same arguments and interpreter
     flags) with glibc's huge-page tunable set, when `huge_pages_env` says it would change anything.
     Call it before anything worth keeping has run: the `experiments` and `benchmarks` packages call it
-    on `python -m` before jax is imported (about 40 ms a start). Returns False when it does not
-    re-execute; with the default `execve` it does not return otherwise."""
+    on `python -m` before jax is imported. It costs one more interpreter start, about 50 ms
+    (`python -m benchmarks.cpuinfo`: 63-88 ms without it, 111-150 ms with it). Returns False when it
+    does not re-execute; with the default `execve` it does not return otherwise."""
     env = huge_pages_env(os.environ, thp=thp_mode(), libc=platform.libc_ver()[0])
     if env is None:
         return False
