@@ -33,7 +33,7 @@ from rljax.data.collate import pad_rows, padded_width
 from rljax.losses.actor_critic import token_values
 from rljax.losses.oreo import OREOConfig, oreo_policy_terms, oreo_value_loss_on_values
 from rljax.models import add_head
-from rljax.models.transformer import Model, last_token_index
+from rljax.models.transformer import Model
 from rljax.phases import LoopConfig, run_loop
 from rljax.rewards.rules import score
 from rljax.sampling import SampleConfig, sample
@@ -149,9 +149,7 @@ def value_scorer(value_model: Model) -> Callable:
     model=prm)` has it too)."""
 
     def scorer(params, tokens, attention_mask):
-        hidden, _ = value_model.forward(params, tokens, attention_mask)
-        v = value_model.values(params, hidden)
-        return v[jnp.arange(tokens.shape[0]), last_token_index(attention_mask)]
+        return value_model.values(params, value_model.last_hidden(params, tokens, attention_mask))
 
     return jax.jit(scorer)
 

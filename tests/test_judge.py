@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rljax.models import Model, preset
+from rljax.models import Model, last_token_index, preset
 from rljax.rewards import judge as J
 from rljax.tokenizer import CharTokenizer, HFTokenizer
 
@@ -129,8 +129,9 @@ class TableModel:
 
     vocab_size: int
 
-    def forward(self, params, tokens, mask):
-        return tokens[..., None], None  # the "hidden state" is the token itself
+    def last_hidden(self, params, tokens, mask):
+        # the "hidden state" at each row's last real token is that token itself
+        return tokens[jnp.arange(tokens.shape[0]), last_token_index(mask)][:, None]
 
     def logits(self, params, hidden):
         return params["table"][hidden[..., 0]]  # a gather, so a NaN row reaches only its own token

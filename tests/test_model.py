@@ -160,6 +160,55 @@ def test_heads_and_last_token_reward():
     np.testing.assert_allclose(heads(params, left, rmask[:, ::-1])[1], r, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["gqa_scan", "qwen3_like_loop"])
+def test_last_hidden_equals_the_full_forward_at_the_last_token(variant):
+    # read_at runs the last layer's queries, attention output and MLP at one slot per row; the
+    # reference is the full forward pass read at that slot, values and gradients
+    model, params = _init(heads=("lm", "reward"), **VARIANTS[variant])
+    params = {**params, "reward_head": jax.random.normal(jax.random.key(2), params["reward_head"].shape)}
+    tokens, mask = left_padded([8, 5, 1, 7], 8, 64, seed=9)
+    right = np.concatenate([tokens, np.full((4, 2), 2, np.int32)], axis=1)  # and right padding
+    right_mask = np.concatenate([mask, np.zeros((4, 2), np.int32)], axis=1)
+    for t, m in ((tokens, mask), (right, right_mask)):
+        last = last_token_index(m)
+        full = jax.jit(lambda p, t, m: model.forward(p, t, m)[0])(params, t, m)
+        got = jax.jit(lambda p, t, m: model.last_hidden(p, t, m))(params, t, m)
+        assert got.shape == (4, model.config.d_model)
+        np.testing.assert_allclose(got, np.asarray(full)[np.arange(4), last], atol=2e-6)
+        # any slot, not only the last one
+        slots = jnp.array([7, 3, 6, 4])
+        some = jax.jit(lambda p, t, m, s: model.forward(p, t, m, read_at=s)[0])(params, t, m, slots)
+        np.testing.assert_allclose(some, np.asarray(full)[np.arange(4), slots], atol=2e-6)
+
+    def loss(p, read):
+        r = model.token_rewards(p, model.last_hidden(p, tokens, mask)) if read else \
+            model.rewards(p, model.forward(p, tokens, mask)[0], mask)
+        return jnp.sum(jnp.sin(3.0 * r))
+
+    g_read = jax.jit(jax.grad(functools.partial(loss, read=True)))(params)
+    g_full = jax.jit(jax.grad(functools.partial(loss, read=False)))(params)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_read), jax.tree.leaves(g_full)):
+        scale = float(np.abs(b).max())  # float32 sums in another order: errors relative to the leaf's scale
+        assert float(np.abs(a - b).max()) <= 2e-5 * scale, (jax.tree_util.keystr(path), scale)
+
+
+def test_last_hidden_of_packed_rows_and_bad_read_at(tiny):
+    model, params = tiny
+    # two sequences packed in one row: reading at the second one's last token sees only its own segment
+    a, b = np.array([5, 9, 11, 4], np.int32), np.array([7, 8, 3], np.int32)
+    packed = np.concatenate([a, b])[None]
+    seg = np.array([[1, 1, 1, 1, 2, 2, 2]], np.int32)
+    pos = np.array([[0, 1, 2, 3, 0, 1, 2]], np.int32)
+    h = model.forward(params, packed, np.ones_like(packed), segment_ids=seg, positions=pos,
+                      read_at=jnp.array([6]))[0]
+    alone = model.last_hidden(params, b[None])
+    np.testing.assert_allclose(h, alone, atol=2e-6)
+    with pytest.raises(ValueError, match=r"read_at: one slot per row, shape \(1,\)"):
+        model.forward(params, packed, read_at=jnp.array([6, 6]))
+    with pytest.raises(ValueError, match="read_at: for full forward passes"):
+        model.forward(params, b[None], cache=model.init_cache(1, 8), read_at=jnp.array([2]))
+
+
 def test_last_token_index():
     mask = np.array([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 0]])
     np.testing.assert_array_equal(last_token_index(mask), [1, 3, 3, 1])

@@ -34,6 +34,9 @@ def test_sharded_forward_logprobs_and_sample_equal_single_device():
             f1 = jax.jit(lambda p, t, m: single(p, t, m))(params, tokens, mask)
             f2 = jax.jit(lambda p, t, m: sharded(p, t, m))(sp, st, sm)
             np.testing.assert_allclose(f1, f2, atol=1e-5)
+            h1 = jax.jit(lambda p, t, m: single.last_hidden(p, t, m))(params, tokens, mask)
+            h2 = jax.jit(lambda p, t, m: sharded.last_hidden(p, t, m))(sp, st, sm)
+            np.testing.assert_allclose(h1, h2, atol=1e-5)
             if not scan:  # unrolled layers: their parameter layout and forward; the rest is layer-agnostic
                 continue
 

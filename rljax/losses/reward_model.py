@@ -68,8 +68,7 @@ def ranking_scores(params, batch: RankingBatch, *, model) -> jax.Array:
     chex.assert_equal_shape([batch.tokens, batch.attention_mask])
     B, K, T = batch.tokens.shape
     tokens, mask = batch.tokens.reshape(B * K, T), batch.attention_mask.reshape(B * K, T)
-    hidden, _ = model.forward(params, tokens, mask)
-    r = model.rewards(params, hidden, mask)
+    r = model.token_rewards(params, model.last_hidden(params, tokens, mask))  # the last layer at the last token only
     chex.assert_rank(r, 1)  # a ranking needs one scalar per answer (reward_outputs = 1)
     r = r.reshape(B, K)
     if batch.prior is not None:
@@ -128,8 +127,7 @@ def pointwise_loss(params, batch: ScoreBatch, *, model, cfg: PointwiseConfig = P
     _need_reward_head(model, "pointwise_loss")
     chex.assert_equal_shape([batch.tokens, batch.attention_mask])
     chex.assert_equal_shape([batch.scores, batch.score_mask])
-    hidden, _ = model.forward(params, batch.tokens, batch.attention_mask)
-    r = model.rewards(params, hidden, batch.attention_mask)
+    r = model.token_rewards(params, model.last_hidden(params, batch.tokens, batch.attention_mask))
     if r.shape != batch.scores.shape:
         raise ValueError(f"pointwise_loss: the reward head gives {r.shape[1:] or 'one score'} per response but the "
                          f"batch has scores of shape {batch.scores.shape}; set TransformerConfig.reward_outputs "
@@ -218,8 +216,7 @@ def feedback_loss(params, batch: FeedbackBatch, *, model, cfg: FeedbackConfig):
     metrics: loss, target_mean, prob_mean)."""
     _need_reward_head(model, "feedback_loss")
     chex.assert_equal_shape([batch.signal, batch.propensity])
-    hidden, _ = model.forward(params, batch.tokens, batch.attention_mask)
-    r = model.rewards(params, hidden, batch.attention_mask)
+    r = model.token_rewards(params, model.last_hidden(params, batch.tokens, batch.attention_mask))
     y = ipw_targets(batch.signal, batch.propensity, min_propensity=cfg.min_propensity) if cfg.ipw \
         else batch.signal.astype(jnp.float32)
     loss = binary_cross_entropy(r, y).mean()

@@ -8,6 +8,7 @@ and q/k norm, KV cache), SwiGLU MLP, a block, the stack, the heads, and
     params = model.init(key)                              # plain nested dict
     hidden, _ = model.forward(params, tokens, attention_mask)   # [B, T, D]
     logits = model.logits(params, hidden)                 # [B, T, V] float32
+    last = model.last_hidden(params, tokens, attention_mask)    # [B, D] at each row's last token
 
 Shapes: B batch, T new tokens, S key/value slots (T without a cache, the
 cache length with one), D model width, N query heads, K key/value heads,
@@ -180,6 +181,11 @@ def rope_tables(positions: Array, head_dim: int, theta: float,
     return (jnp.concatenate([cos, cos], -1)[:, :, None, :], jnp.concatenate([-sin, sin], -1)[:, :, None, :])
 
 
+def read_slots(x: Array, read_at: Array) -> Array:
+    """x [B, T, ...], read_at [B] int32 -> x[b, read_at[b]] as [B, 1, ...] (one slot per row)."""
+    return jnp.take_along_axis(x, read_at.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)
+
+
 def rope(x: Array, tables: tuple[Array, Array]) -> Array:
     """Rotary embedding, "rotate half" layout (as in HF Llama/Qwen checkpoints).
 
@@ -239,10 +245,12 @@ class Attention(nn.Module):
     mesh: Any = None
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask, kv, index):
+    def __call__(self, x, rope_cs, mask, kv, index, read_at=None):
         """x: [B, T, D]; rope_cs: cos/sin tables [B, T, 1, H]; mask: [B, 1, 1, T, S] bool; kv: this layer's cache (k, v) [B, K, S, H] or None.
+        read_at [B] int32 (no cache): queries only at slot read_at[b] of each row; keys and
+        values still at every slot.
 
-        Returns ([B, T, D] float32, updated (k, v) or None).
+        Returns ([B, T, D] float32 ([B, 1, D] with read_at), updated (k, v) or None).
         """
         c = self.config
         D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.dim_per_head
@@ -250,7 +258,12 @@ class Attention(nn.Module):
         init = nn.initializers.normal(c.init_std)
 
         names = (("q_proj", N, "heads"), ("k_proj", K, "kv_heads"), ("v_proj", K, "kv_heads"))
-        q, k, v = (_dense(x, _param(self, n, init, (D, h, H), ("embed", a, "head_dim"), pdt), 1, dt)
+        q_rope = rope_cs
+        if read_at is not None:
+            q_rope = tuple(read_slots(t, read_at) for t in rope_cs)
+            mask = jnp.take_along_axis(mask, read_at.reshape(-1, 1, 1, 1, 1), axis=3)  # [B, 1, 1, 1, S]
+        q, k, v = (_dense(read_slots(x, read_at) if n == "q_proj" and read_at is not None else x,
+                          _param(self, n, init, (D, h, H), ("embed", a, "head_dim"), pdt), 1, dt)
                    for n, h, a in names)
         if c.qkv_bias:
             q, k, v = (y + _param(self, n + "_bias", nn.initializers.zeros, (h, H), (a, "head_dim"), pdt)
@@ -258,11 +271,11 @@ class Attention(nn.Module):
         if c.qk_norm:
             q = RMSNorm(c.norm_eps, "head_dim", pdt, name="q_norm")(q)
             k = RMSNorm(c.norm_eps, "head_dim", pdt, name="k_norm")(k)
-        q, k = rope(q, rope_cs), rope(k, rope_cs)
+        q, k = rope(q, q_rope), rope(k, rope_cs)
         q = constrain(q, self.mesh, ("batch", "length", "act_heads", "head_dim"))
-        B, T = x.shape[:2]
+        B, T = q.shape[:2]
 
-        if c.attention_impl == "cudnn" and kv is None:
+        if c.attention_impl == "cudnn" and kv is None and read_at is None:
             out = _cudnn_attention(q.astype(dt), k.astype(dt), v.astype(dt), mask[:, :, 0])
         else:
             k, v = k.astype(dt).transpose(0, 2, 1, 3), v.astype(dt).transpose(0, 2, 1, 3)  # [B, K, T, H]
@@ -309,10 +322,14 @@ class Block(nn.Module):
     mesh: Any = None
 
     @nn.compact
-    def __call__(self, x, rope_cs, mask, kv, index):
+    def __call__(self, x, rope_cs, mask, kv, index, read_at=None):
+        """read_at [B] int32: the block's output only at slot read_at[b] of each row, [B, 1, D]
+        (keys and values still come from every slot; see `Model.last_hidden`)."""
         c = self.config
         a, kv = Attention(c, self.mesh, name="attn")(
-            RMSNorm(c.norm_eps, param_dtype=c.params_dtype, name="attn_norm")(x), rope_cs, mask, kv, index)
+            RMSNorm(c.norm_eps, param_dtype=c.params_dtype, name="attn_norm")(x), rope_cs, mask, kv, index, read_at)
+        if read_at is not None:
+            x = read_slots(x, read_at)
         x = x + a
         x = x + MLP(c, self.mesh, name="mlp")(RMSNorm(c.norm_eps, param_dtype=c.params_dtype, name="mlp_norm")(x))
         x = constrain(x, self.mesh, ("batch", "length", "act_embed"))
@@ -366,8 +383,10 @@ class Transformer(nn.Module):
             self.reward_bias = _param(self, "reward_bias", zeros, () if A == 1 else (A,), () if A == 1 else (None,),
                                       c.params_dtype)
 
-    def __call__(self, tokens, attention_mask, positions=None, cache: KVCache | None = None, segment_ids=None):
-        """tokens, attention_mask: [B, T] -> (hidden [B, T, D] float32, new cache or None)."""
+    def __call__(self, tokens, attention_mask, positions=None, cache: KVCache | None = None, segment_ids=None,
+                 read_at=None):
+        """tokens, attention_mask: [B, T] -> (hidden [B, T, D] float32, new cache or None);
+        with read_at [B] int32 (no cache), hidden [B, D] at slot read_at[b] of each row."""
         B, T = tokens.shape
         live = attention_mask.astype(bool)
         q_slot = jnp.arange(T)
@@ -390,19 +409,25 @@ class Transformer(nn.Module):
         x = constrain(x, self.mesh, ("batch", "length", "act_embed"))
         rope_cs = rope_tables(positions, self.config.dim_per_head, self.config.rope_theta,
                               self.config.rope_scaling)
-        x, cache = self._layers(x, rope_cs, mask, cache)
+        x, cache = self._layers(x, rope_cs, mask, cache, read_at)
         if cache is not None:
             cache = cache.replace(valid=key_valid, index=cache.index + T)
+        if read_at is not None:
+            x = x[:, 0]
         return self.final_norm(x), cache
 
-    def _layers(self, x, rope_cs, mask, cache):
+    def _layers(self, x, rope_cs, mask, cache, read_at=None):
         """Run the L blocks: `nn.scan` (one compiled body, fast compiles) when
         config.scan_layers, else a Python loop over static slices of the
         stacked parameters (no per-iteration slicing/stacking: faster steps on
         CPU). Decoding with a cache always loops, each layer writing its own
-        cache array in place."""
+        cache array in place. With read_at, the last block runs its queries,
+        attention output and MLP at those slots only (the first L - 1 blocks
+        as usual, scanned or looped)."""
         c = self.config
-        if cache is None and (c.scan_layers or self.is_initializing()):
+        if read_at is not None and self.is_initializing():
+            raise ValueError("read_at: not while initialising; Model.init builds the parameters")
+        if cache is None and read_at is None and (c.scan_layers or self.is_initializing()):
             if isinstance(self.variables.get("params", {}).get("layers"), (tuple, list)):
                 raise ValueError("unstacked layer parameters (Model.unstack_layers) are for decoding with a "
                                  "KV cache or scan_layers=False, not for a scanned full forward")
@@ -411,12 +436,18 @@ class Transformer(nn.Module):
         block = Block(c, self.mesh, parent=None)
         index = jnp.int32(0) if cache is None else cache.index
 
-        def apply_block(layer_params, x, kv):
-            return block.apply({"params": layer_params}, x, rope_cs, mask, kv, index)
+        def apply_block(layer_params, x, kv, read_at=None):
+            return block.apply({"params": layer_params}, x, rope_cs, mask, kv, index, read_at)
 
         if c.remat != "none" and cache is None:
             apply_block = jax.checkpoint(apply_block, policy=_REMAT_POLICY[c.remat])
         layers = self.variables["params"]["layers"]
+        if read_at is not None and c.scan_layers and not isinstance(layers, (tuple, list)):
+            # the first L - 1 layers in one scanned body, as nn.scan runs them (Model.forward
+            # allows read_at without a cache only)
+            first = jax.tree.map(lambda w: w[:-1], layers)
+            x, _ = lax.scan(lambda h, p: (apply_block(p, h, None)[0], None), x, first)
+            return apply_block(jax.tree.map(lambda w: w[-1], layers), x, None, read_at)[0], None
         if not isinstance(layers, (tuple, list)):  # stacked (see Model.unstack_layers)
             layers = split_layers(layers, c.n_layers)
         ks = list(cache.k) if cache is not None else [None] * c.n_layers
@@ -424,7 +455,7 @@ class Transformer(nn.Module):
         for i in range(c.n_layers):
             layer_params = layers[i]
             kv = None if cache is None else (ks[i], vs[i])
-            x, kv = apply_block(layer_params, x, kv)
+            x, kv = apply_block(layer_params, x, kv, read_at if i == c.n_layers - 1 else None)
             if kv is not None:
                 ks[i], vs[i] = kv
         if cache is not None:
@@ -441,7 +472,7 @@ class Transformer(nn.Module):
         return logits
 
     def values(self, hidden):
-        """Per-token scalar: hidden [B, T, D] -> [B, T] float32."""
+        """Per-token scalar: hidden [..., D] -> [...] float32 ([B, T] per token, [B] from `Model.last_hidden`)."""
         return hidden @ self.value_kernel.astype(jnp.float32) + self.value_bias.astype(jnp.float32)
 
     def rewards(self, hidden, attention_mask):
@@ -553,15 +584,39 @@ class Model:
         specs = nn.get_partition_spec(boxed)["params"]
         return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
-    def forward(self, params, tokens, attention_mask=None, *, positions=None, cache=None, segment_ids=None):
-        """tokens [B, T] int32 -> (hidden [B, T, D] float32, updated cache or None)."""
+    def forward(self, params, tokens, attention_mask=None, *, positions=None, cache=None, segment_ids=None,
+                read_at=None):
+        """tokens [B, T] int32 -> (hidden [B, T, D] float32, updated cache or None).
+
+        read_at [B] int32 (full passes only): hidden [B, D] at slot read_at[b] of each row
+        instead. The last layer then computes its keys and values at every slot but its
+        queries, attention output and MLP at that slot alone (with L layers, about 1/L of
+        the forward and backward FLOPs saved); the values equal the full pass's hidden
+        [b, read_at[b]] up to float rounding. `last_hidden` reads at the last real token.
+        """
         if attention_mask is None:
             attention_mask = jnp.ones(tokens.shape, jnp.int32)
         check_tokens(tokens, attention_mask, self.config.vocab_size)
         check_length(tokens.shape[1], self.config.max_seq_len, packed=segment_ids is not None, cached=cache is not None)
         if cache is not None and cache.valid.shape[0] != tokens.shape[0]:
             raise ValueError(f"cache has {cache.valid.shape[0]} rows but tokens have {tokens.shape[0]}")
-        return self.module.apply({"params": params}, tokens, attention_mask, positions, cache, segment_ids)
+        if read_at is not None:
+            if cache is not None:
+                raise ValueError("read_at: for full forward passes, not KV-cache decoding")
+            if jnp.shape(read_at) != tokens.shape[:1]:
+                raise ValueError(f"read_at: one slot per row, shape ({tokens.shape[0]},); got {jnp.shape(read_at)}")
+            read_at = jnp.asarray(read_at, jnp.int32)
+        return self.module.apply({"params": params}, tokens, attention_mask, positions, cache, segment_ids, read_at)
+
+    def last_hidden(self, params, tokens, attention_mask=None, *, segment_ids=None) -> Array:
+        """hidden [B, D] float32 at each row's last real token (`last_token_index`): what the
+        reward head, a value read at the end of a sequence, or a judge's next-token logits
+        need, with the last layer run at that token only (`forward`'s read_at)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens.shape, jnp.int32)
+        hidden, _ = self.forward(params, tokens, attention_mask, segment_ids=segment_ids,
+                                 read_at=last_token_index(attention_mask))
+        return hidden
 
     def unstack_layers(self, params) -> dict:
         """params with the stacked layer parameters ([L, ...] leaves under "layers") split into a
@@ -579,7 +634,7 @@ class Model:
         return self.module.apply({"params": params}, hidden, method=Transformer.lm_logits)
 
     def values(self, params, hidden):
-        """Value head: hidden [B, T, D] -> [B, T] float32."""
+        """Value head: hidden [..., D] -> [...] float32 ([B, T, D] -> [B, T]; [B, D] -> [B])."""
         return self.module.apply({"params": params}, hidden, method=Transformer.values)
 
     def rewards(self, params, hidden, attention_mask):

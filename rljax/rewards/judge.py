@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rljax.models.transformer import last_token_index
 
 __all__ = ["Judge", "JudgeConfig", "JudgeOutputError", "PairwiseJudgement", "choice_ids", "choice_logits", "consistent_pairs",
            "expected_score", "judge_pairwise", "judge_pointwise", "judge_prompt_ids", "order_averaged",
@@ -160,10 +159,7 @@ def choice_ids(tokenizer, tokens: Sequence[str], *, what: str = "choice_tokens")
 @functools.partial(jax.jit, static_argnames=("model",))
 def _choice_logits(params, tokens, mask, ids, *, model):
     """tokens, mask [B, T] (right-padded), ids [K] -> the next-token logits of ids after each row [B, K]."""
-    hidden, _ = model.forward(params, tokens, mask)
-    last = last_token_index(mask)
-    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
-    return model.logits(params, h)[:, ids]
+    return model.logits(params, model.last_hidden(params, tokens, mask))[:, ids]
 
 
 def choice_logits(judge: Judge, prompts: Sequence[Sequence[int]], ids: np.ndarray) -> np.ndarray:

@@ -173,9 +173,9 @@ def likelihood_reward(model, params, tokenizer, *, reference=None, beta: float =
 
 
 def sequence_rewards(params, tokens, mask, *, model):
-    """The reward head at each row's last real token: [B, T] -> [B] ([B, A] with several attributes)."""
-    hidden, _ = model.forward(params, tokens, mask)
-    return model.rewards(params, hidden, mask)
+    """The reward head at each row's last real token: [B, T] -> [B] ([B, A] with several attributes).
+    The last layer runs at that token only (`Model.last_hidden`)."""
+    return model.token_rewards(params, model.last_hidden(params, tokens, mask))
 
 
 def token_probabilities(params, tokens, mask, *, model):
