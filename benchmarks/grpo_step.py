@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import jax
 
-from benchmarks.common import banner
+from benchmarks.common import banner, peak_rss_mib
 from rljax.cli import parse_config
 from rljax.algorithms import get_algorithm
 from rljax.losses import with_value_head
@@ -99,10 +99,15 @@ def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, itera
           f"{out['ref']:.3f} + values {out['values']:.3f} + update {out['update']:.3f} + other {out['other']:.3f}")
     print(f"generated tokens/s {tokens_per_iter / out['sample']:,.0f}; iteration tokens/s "
           f"{tokens_per_iter / out['total']:,.0f}; mean completion length {rest[-1]['completion_length']:.0f}")
+    out["peak_rss_mib"] = peak_rss_mib()
+    print(f"peak RSS of the process so far: {out['peak_rss_mib']:,.0f} MiB")
     return out
 
 
 def main(cfg: Config) -> None:
+    from rljax.host_memory import release_compiler_memory
+
+    release_compiler_memory()  # what rljax.cli.run does for every experiment
     tok = CharTokenizer()
     iterations = 1 if cfg.smoke else cfg.iterations
     if cfg.which in ("trl", "both"):

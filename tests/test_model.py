@@ -8,7 +8,7 @@ import pytest
 
 from conftest import left_padded
 from rljax.models import Model, TransformerConfig, preset
-from rljax.models.transformer import last_token_index
+from rljax.models.transformer import _dense, last_token_index, swiglu_down
 from rljax.sharding import LOGICAL_RULES, logical_to_spec
 
 # Two layers (not tiny's four): every layer runs the same code, and two already check that each
@@ -300,6 +300,76 @@ def test_attention_softmax_derivatives_match_the_closed_form():
         eps = 1e-6
         fd = (jax.grad(f)(xs + eps * t[:2, :4]) - jax.grad(f)(xs - eps * t[:2, :4])) / (2 * eps)
     np.testing.assert_allclose(hvp, fd, rtol=1e-5, atol=1e-8)
+
+
+def _plain_swiglu_down(g, u, w):
+    return _dense(jax.nn.silu(g) * u, w, 1, jnp.float32)
+
+
+def test_swiglu_down_derivatives_match_plain_autodiff():
+    # the hand-written backward rule against autodiff of the same expression: values, gradients, and
+    # the reverse-over-reverse Hessian-vector products TRPO's Fisher-vector products use
+    k = jax.random.split(jax.random.key(0), 5)
+    g, u = jax.random.normal(k[0], (2, 5, 16)), jax.random.normal(k[1], (2, 5, 16))
+    w, c = jax.random.normal(k[2], (16, 8)), jax.random.normal(k[3], (2, 5, 8))
+    v = tuple(jax.random.normal(k[4], x.shape) for x in (g, u, w))
+
+    def loss(mlp):
+        return lambda g, u, w: jnp.sum(jnp.sin(mlp(g, u, w)) * c)
+
+    new, ref = loss(lambda g, u, w: swiglu_down(g, u, w, jnp.float32)), loss(_plain_swiglu_down)
+    np.testing.assert_allclose(new(g, u, w), ref(g, u, w), rtol=1e-6)
+    for a, b in zip(jax.grad(new, (0, 1, 2))(g, u, w), jax.grad(ref, (0, 1, 2))(g, u, w)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+    def hvp(f):
+        return jax.grad(lambda *a: sum(jnp.vdot(x, y) for x, y in zip(jax.grad(f, (0, 1, 2))(*a), v)), (0, 1, 2))(g, u, w)
+
+    for a, b in zip(hvp(new), hvp(ref)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    # a non-finite cotangent row makes only that row's input gradients non-finite
+    ct = jnp.zeros((2, 5, 8)).at[1, 2, 0].set(jnp.inf)
+    _, pullback = jax.vjp(lambda g, u: swiglu_down(g, u, w, jnp.float32), g, u)
+    dg, du = pullback(ct)
+    finite = np.isfinite(np.asarray(dg)).all(axis=-1)
+    assert not finite[1, 2] and finite.sum() == 9
+
+
+def test_recompute_swiglu_on_and_off_give_the_same_model_gradients():
+    model, params = _init(n_layers=2)
+    plain = Model(preset("tiny", n_layers=2, recompute_swiglu=False))
+    assert model.config.recompute_swiglu  # the default
+    tokens, mask = left_padded([8, 5], 8, 64, seed=8)
+    g_new, g_plain = _sq_loss_grad(params, tokens, mask, model), _sq_loss_grad(params, tokens, mask, plain)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g_new, g_plain)
+    # forward mode needs the plain derivative (the custom VJP has no JVP)
+    tangent = jax.tree.map(jnp.ones_like, params)
+    out, _ = jax.jvp(lambda p: _logits(p, tokens, mask, model=plain), (params,), (tangent,))
+    np.testing.assert_allclose(out, _logits(params, tokens, mask, model=model), atol=1e-5)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda p: _logits(p, tokens, mask, model=model), (params,), (tangent,))
+
+
+def test_swiglu_down_keeps_fewer_arrays_for_the_backward_pass():
+    # three residual MLP layers, [M, F] = [512, 256]: XLA's buffer for the gradient program, counted in
+    # [M, F] float32 arrays, holds at least 1.5 fewer per layer than plain autodiff's (17 -> 11 here)
+    M, D, F, L = 512, 64, 256, 3
+    k = jax.random.split(jax.random.key(0), 3 * L + 1)
+    ws = [tuple(jax.random.normal(k[3 * i + j], s) * 0.1 for j, s in enumerate([(D, F), (D, F), (F, D)]))
+          for i in range(L)]
+    x = jax.random.normal(k[-1], (M, D))
+
+    def net(ws, x, mlp):
+        for wg, wu, wd in ws:
+            x = x + mlp(_dense(x, wg, 1, jnp.float32), _dense(x, wu, 1, jnp.float32), wd)
+        return jnp.sum(x ** 2)
+
+    def buffer(mlp):
+        compiled = jax.jit(jax.grad(lambda ws, x: net(ws, x, mlp))).lower(ws, x).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / (M * F * 4)
+
+    plain, new = buffer(_plain_swiglu_down), buffer(lambda g, u, w: swiglu_down(g, u, w, jnp.float32))
+    assert new <= plain - 1.5 * L, (plain, new)
 
 
 def test_bfloat16_gradients_close_to_float32():

@@ -26,6 +26,7 @@ from jax import lax
 from rljax.data.batch import PolicyBatch
 from rljax.losses.actor_critic import check_actor_critic_config
 from rljax.losses.policy_gradient import _policy_terms
+from rljax.models import Model
 from rljax.models.logprobs import target_mask
 from rljax.ops.aggregate import aggregate
 
@@ -111,9 +112,14 @@ def make_trpo_objectives(params_old, batch: PolicyBatch, *, model, cfg: TRPOConf
 
     surrogate(θ) = agg[exp(ℓ(θ) − ℓ_old) · A]; A = batch.advantages ([B] per sequence
     or [B, T-1] per token); kl(θ) = agg[Σ_v π_old(v)(log π_old(v) − log π_θ(v))].
+    kl runs the model with recompute_swiglu off (the same function; its plain derivative),
+    so that `fisher_vector_product` can differentiate its gradient in forward mode.
     """
+    kl_model = model
+    if model.config.recompute_swiglu:
+        kl_model = Model(model.config.replace(recompute_swiglu=False), model.mesh)
     mask = target_mask(batch.loss_mask, batch.attention_mask)
-    old = lax.stop_gradient(_log_softmax_all(params_old, batch, model))
+    old = lax.stop_gradient(_log_softmax_all(params_old, batch, kl_model))
     p_old = jnp.exp(old)
     adv = batch.advantages if batch.advantages.ndim == 2 else batch.advantages[:, None]
 
@@ -123,7 +129,7 @@ def make_trpo_objectives(params_old, batch: PolicyBatch, *, model, cfg: TRPOConf
         return aggregate(ratio * adv, mask, cfg.aggregation)
 
     def kl(theta):
-        new = _log_softmax_all(theta, batch, model)
+        new = _log_softmax_all(theta, batch, kl_model)
         return aggregate(jnp.sum(p_old * (old - new), axis=-1), mask, cfg.aggregation)
 
     return surrogate, kl

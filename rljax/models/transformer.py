@@ -295,8 +295,49 @@ class Attention(nn.Module):
         return _dense(out, w_o, 2, dt), kv
 
 
+def _swiglu(gate: Array, up: Array, mesh=None) -> Array:
+    return constrain(jax.nn.silu(gate) * up, mesh, ("batch", "length", "act_mlp"))
+
+
+def swiglu_down(gate: Array, up: Array, w_down: Array, dtype, mesh=None) -> Array:
+    """y = down(silu(gate) ⊙ up): gate, up [..., F], w_down [F, D] -> [..., D], whose backward pass
+    keeps gate and up only and recomputes the rest from them.
+
+    Differentiated as written, the products silu(gate), σ(gate) and h = silu(gate) ⊙ up stay alive
+    from the forward to the backward pass too (two to four more [..., F] arrays per layer; XLA:CPU
+    merges any recomputation with the forward's own copy). Here the backward rule recomputes
+    h = silu(g) ⊙ u and differentiates it and the down projection (`_dense`, so the same precision
+    rules) with g, u = gate + z, up + z, where z = 0 · Σ_D ct is a zero per row that depends on the
+    incoming cotangent ct: XLA can neither merge the recomputation with the forward nor run it
+    before that row's cotangent exists (a non-finite cotangent row only makes that row's already
+    non-finite gradient NaN). Elementwise work only, no extra matmul. A custom VJP: reverse mode
+    only (grad, vjp, reverse-over-reverse); forward mode (jvp, jacfwd) raises, and a model built
+    with `TransformerConfig.recompute_swiglu=False` differentiates the plain expression instead.
+    """
+    act = functools.partial(_swiglu, mesh=mesh)
+
+    @jax.custom_vjp
+    def f(g, u, w):
+        return _dense(act(g, u), w, 1, dtype)
+
+    def fwd(g, u, w):
+        return f(g, u, w), (g, u, w)
+
+    def bwd(res, ct):
+        g, u, w = res
+        zero = 0.0 * jnp.sum(ct, axis=-1, keepdims=True, dtype=jnp.float32)
+        h, act_vjp = jax.vjp(act, g + zero.astype(g.dtype), u + zero.astype(u.dtype))
+        _, dense_vjp = jax.vjp(lambda h, w: _dense(h, w, 1, dtype), h, w)
+        dh, dw = dense_vjp(ct)
+        return (*act_vjp(dh), dw)
+
+    f.defvjp(fwd, bwd)
+    return f(gate, up, w_down)
+
+
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)) (`swiglu_down` after the two input projections unless
+    config.recompute_swiglu is off)."""
 
     config: TransformerConfig
     mesh: Any = None
@@ -308,8 +349,10 @@ class MLP(nn.Module):
         dt, pdt = c.compute_dtype, c.params_dtype
         gate = _dense(x, _param(self, "gate", init, (c.d_model, c.mlp_dim), ("embed", "mlp"), pdt), 1, dt)
         up = _dense(x, _param(self, "up", init, (c.d_model, c.mlp_dim), ("embed", "mlp"), pdt), 1, dt)
-        h = constrain(jax.nn.silu(gate) * up, self.mesh, ("batch", "length", "act_mlp"))
-        return _dense(h, _param(self, "down", init, (c.mlp_dim, c.d_model), ("mlp", "embed"), pdt), 1, dt)
+        w_down = _param(self, "down", init, (c.mlp_dim, c.d_model), ("mlp", "embed"), pdt)
+        if c.recompute_swiglu:
+            return swiglu_down(gate, up, w_down, dt, self.mesh)
+        return _dense(_swiglu(gate, up, self.mesh), w_down, 1, dt)
 
 
 class Block(nn.Module):
