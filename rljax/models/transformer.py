@@ -258,12 +258,12 @@ class Attention(nn.Module):
         init = nn.initializers.normal(c.init_std)
 
         names = (("q_proj", N, "heads"), ("k_proj", K, "kv_heads"), ("v_proj", K, "kv_heads"))
-        q_rope = rope_cs
+        x_q, q_rope = x, rope_cs
         if read_at is not None:
-            q_rope = tuple(read_slots(t, read_at) for t in rope_cs)
+            x_q, q_rope = read_slots(x, read_at), tuple(read_slots(t, read_at) for t in rope_cs)
             mask = jnp.take_along_axis(mask, read_at.reshape(-1, 1, 1, 1, 1), axis=3)  # [B, 1, 1, 1, S]
-        q, k, v = (_dense(read_slots(x, read_at) if n == "q_proj" and read_at is not None else x,
-                          _param(self, n, init, (D, h, H), ("embed", a, "head_dim"), pdt), 1, dt)
+        q, k, v = (_dense(x_q if n == "q_proj" else x, _param(self, n, init, (D, h, H), ("embed", a, "head_dim"), pdt),
+                          1, dt)
                    for n, h, a in names)
         if c.qkv_bias:
             q, k, v = (y + _param(self, n + "_bias", nn.initializers.zeros, (h, H), (a, "head_dim"), pdt)
