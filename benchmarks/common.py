@@ -18,6 +18,11 @@ def banner(title: str, cfg) -> None:
           f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cpus | "
           f"{cpu_description()}")
     print(f"host memory: {host_memory_description()}")
+    if jax.default_backend() == "cpu":
+        from rljax.cpu_dots import ENV, dot_library
+
+        print(f"products in train steps and scoring passes: {dot_library()} ({ENV}="
+              f"{os.environ.get(ENV, 'auto')}; sampling keeps XLA's default, rljax.cpu_dots)")
     print(f"config: {cfg}")
 
 

@@ -26,6 +26,7 @@ from benchmarks.common import banner, matmul_peak, peak_rss_mib, timeit
 from rljax.cli import parse_config
 from rljax.models import Model, TransformerConfig, preset
 from rljax.models.logprobs import token_logprobs
+from rljax.state import compile_step
 
 
 @dataclass
@@ -50,7 +51,7 @@ def make_step(model, optimizer):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return compile_step(step, donate_argnums=(0, 1))  # rljax's step builder (rljax.cpu_dots on CPU)
 
 
 def measure(cfg: TransformerConfig, batch, seq, steps, peak):

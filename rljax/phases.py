@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from rljax.checkpoint import Checkpointer
+from rljax.cpu_dots import jit_full_sequence
 from rljax.data.batch import PromptBatch
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
                                       TokenLabelConfig, reward_model_loss)
@@ -388,7 +389,7 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
     if reference is not None and cfg.loss.needs_reference:
         if mesh is not None:
             reference = jax.device_put(reference, param_shardings(model, mesh))
-        ref_fn = jax.jit(functools.partial(reference_logps, model=model, chunk_size=cfg.loss.chunk_size))
+        ref_fn = jit_full_sequence(functools.partial(reference_logps, model=model, chunk_size=cfg.loss.chunk_size))
 
         def step(state, batch):
             if batch.ref_logps is None:

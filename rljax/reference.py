@@ -9,10 +9,10 @@ import hashlib
 import os
 from typing import Callable, Sequence
 
-import jax
 import numpy as np
 
 from rljax.checkpoint import atomic_path, digest_params
+from rljax.cpu_dots import jit_full_sequence
 from rljax.losses.preference import reference_logps
 
 
@@ -49,7 +49,7 @@ def cached_reference_logps(params, rows: Sequence, collate: Callable, *, model, 
             out = np.load(path)
             if out.shape == (len(rows), 2):
                 return out
-    fn = jax.jit(functools.partial(reference_logps, model=model, chunk_size=chunk_size))
+    fn = jit_full_sequence(functools.partial(reference_logps, model=model, chunk_size=chunk_size))
     out = np.concatenate([np.asarray(fn(params, b.replace(ref_logps=None))) for b in batches]).astype(np.float32)
     if not np.all(np.isfinite(out)):
         bad = int(np.argwhere(~np.isfinite(out))[0, 0])

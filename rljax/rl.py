@@ -30,6 +30,7 @@ import numpy as np
 from flax import struct
 
 from rljax.algorithms import Algorithm, check_group_size, get_algorithm, prepare
+from rljax.cpu_dots import jit_full_sequence
 from rljax.data.batch import Collected
 from rljax.estimators import PrepareInput
 from rljax.losses.actor_critic import approx_kl, token_values, value_loss
@@ -398,9 +399,9 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         critic_sh = None if critic_model is None else state_shardings(critic_model, critic_tx, mesh)
         jitted_update = compile_step(update, mesh=mesh, in_shardings=(policy_sh, critic_sh, BATCH, replicated(mesh)),
                                      out_shardings=(policy_sh, critic_sh, None), donate_argnums=(0, 1))
-    ref_lp = jax.jit(functools.partial(token_logprobs, model=model))
-    values_fn = jax.jit(functools.partial(token_values, model=critic_model or model))
-    teacher_lp = jax.jit(functools.partial(token_logprobs, model=teacher_model))
+    ref_lp = jit_full_sequence(functools.partial(token_logprobs, model=model))
+    values_fn = jit_full_sequence(functools.partial(token_values, model=critic_model or model))
+    teacher_lp = jit_full_sequence(functools.partial(token_logprobs, model=teacher_model))
     greedy_cfg = cfg.sampling.replace(greedy=True, n=1)
     room = model.config.max_seq_len - cfg.sampling.max_new_tokens
     n = cfg.sampling.n

@@ -15,6 +15,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from rljax.cpu_dots import full_sequence_compiler_options, jit_full_sequence
 from rljax.ops.aggregate import LOSS_WEIGHT
 from rljax.sharding import LOGICAL_RULES, batch_sharding, param_shardings, replicated
 
@@ -306,10 +307,12 @@ def compile_step(fn: Callable, *, mesh: Mesh | None = None, in_shardings: tuple 
     `state_shardings(...)`), None (unspecified) or BATCH (each leaf split over the batch
     axes by the rules table, compiled once per batch structure, since optional fields
     change the tree). Every phase's step (SFT, reward model, preference, RL update, OREO)
-    is built here.
+    is built here. On CPUs where Eigen's matrix products beat XLA's default for whole sequences,
+    the step is compiled with them (`rljax.cpu_dots`).
     """
     if mesh is None:
-        return jax.jit(fn, donate_argnums=donate_argnums)
+        return jit_full_sequence(fn, donate_argnums=donate_argnums)
+    options = full_sequence_compiler_options(mesh.devices.flat[0].platform)
     compiled = {}
 
     def call(*args):
@@ -318,7 +321,7 @@ def compile_step(fn: Callable, *, mesh: Mesh | None = None, in_shardings: tuple 
             shardings = tuple(jax.tree.map(lambda x: batch_sharding(mesh, x.ndim, rules), a) if s is BATCH else s
                               for a, s in zip(args, in_shardings))
             compiled[key] = jax.jit(fn, in_shardings=shardings, out_shardings=out_shardings,
-                                    donate_argnums=donate_argnums)
+                                    donate_argnums=donate_argnums, compiler_options=options)
         return compiled[key](*args)
 
     return call

@@ -166,19 +166,20 @@ def test_last_hidden_equals_the_full_forward_at_the_last_token(variant):
     # reference is the full forward pass read at that slot, values and gradients
     model, params = _init(heads=("lm", "reward"), **VARIANTS[variant])
     params = {**params, "reward_head": jax.random.normal(jax.random.key(2), params["reward_head"].shape)}
-    tokens, mask = left_padded([8, 5, 1, 7], 8, 64, seed=9)
-    right = np.concatenate([tokens, np.full((4, 2), 2, np.int32)], axis=1)  # and right padding
-    right_mask = np.concatenate([mask, np.zeros((4, 2), np.int32)], axis=1)
-    for t, m in ((tokens, mask), (right, right_mask)):
-        last = last_token_index(m)
-        full = jax.jit(lambda p, t, m: model.forward(p, t, m)[0])(params, t, m)
-        got = jax.jit(lambda p, t, m: model.last_hidden(p, t, m))(params, t, m)
-        assert got.shape == (4, model.config.d_model)
-        np.testing.assert_allclose(got, np.asarray(full)[np.arange(4), last], atol=2e-6)
-        # any slot, not only the last one
-        slots = jnp.array([7, 3, 6, 4])
-        some = jax.jit(lambda p, t, m, s: model.forward(p, t, m, read_at=s)[0])(params, t, m, slots)
-        np.testing.assert_allclose(some, np.asarray(full)[np.arange(4), slots], atol=2e-6)
+    tokens, mask = left_padded([8, 5, 1, 7], 10, 64, seed=9)
+    # rows 1 and 3 right-padded instead: one batch, so each program below compiles once
+    for row, n in ((1, 5), (3, 7)):
+        tokens[row] = np.roll(tokens[row], n - 10)
+        mask[row] = np.roll(mask[row], n - 10)
+    full = np.asarray(jax.jit(lambda p, t, m: model.forward(p, t, m)[0])(params, tokens, mask))
+    read = jax.jit(lambda p, t, m, s: model.forward(p, t, m, read_at=s)[0])
+    last = last_token_index(mask)
+    np.testing.assert_array_equal(last, [9, 4, 9, 6])
+    got = jax.jit(model.last_hidden)(params, tokens, mask)
+    assert got.shape == (4, model.config.d_model)
+    np.testing.assert_allclose(got, full[np.arange(4), last], atol=2e-6)
+    slots = np.array([7, 3, 6, 4])  # any slot, not only the last one
+    np.testing.assert_allclose(read(params, tokens, mask, jnp.asarray(slots)), full[np.arange(4), slots], atol=2e-6)
 
     def loss(p, read):
         r = model.token_rewards(p, model.last_hidden(p, tokens, mask)) if read else \
@@ -199,9 +200,9 @@ def test_last_hidden_of_packed_rows_and_bad_read_at(tiny):
     packed = np.concatenate([a, b])[None]
     seg = np.array([[1, 1, 1, 1, 2, 2, 2]], np.int32)
     pos = np.array([[0, 1, 2, 3, 0, 1, 2]], np.int32)
-    h = model.forward(params, packed, np.ones_like(packed), segment_ids=seg, positions=pos,
-                      read_at=jnp.array([6]))[0]
-    alone = model.last_hidden(params, b[None])
+    h = jax.jit(lambda p: model.forward(p, packed, np.ones_like(packed), segment_ids=seg, positions=pos,
+                                        read_at=jnp.array([6]))[0])(params)
+    alone = jax.jit(model.last_hidden)(params, b[None])
     np.testing.assert_allclose(h, alone, atol=2e-6)
     with pytest.raises(ValueError, match=r"read_at: one slot per row, shape \(1,\)"):
         model.forward(params, packed, read_at=jnp.array([6, 6]))

@@ -54,6 +54,8 @@ def parse_args():
     ap.add_argument("--train-batch", type=int, default=32, help="train: rows per step")
     ap.add_argument("--train-seq", type=int, default=128, help="tokens per training row")
     ap.add_argument("--train-steps", type=int, default=5, help="timed steps per precision after 2 warm-up steps")
+    ap.add_argument("--train-precisions", default="fp32,bf16",
+                    help="train: comma-separated fp32, bf16 (bf16 autocast; very slow on CPUs without native bf16)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the model init and the data")
     return ap.parse_args()
@@ -136,7 +138,10 @@ def bench_train(model, a, peak: float) -> None:
         return loss.item()
 
     print(f"\n[train] fwd+bwd+AdamW, {describe(model, a.mlp)}, batch {a.train_batch} x {T} tokens")
-    for bf16 in (False, True):
+    precisions = [p.strip() for p in a.train_precisions.split(",") if p.strip()]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        raise SystemExit(f"--train-precisions: fp32 and/or bf16, got {a.train_precisions!r}")
+    for bf16 in [p == "bf16" for p in precisions]:
         for _ in range(2):
             step(bf16)
         times = []

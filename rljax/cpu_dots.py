@@ -1,0 +1,87 @@
+"""Which library runs XLA:CPU's matrix products in rljax's full-sequence programs.
+
+XLA:CPU hands each matrix product to one of two libraries: YNNPACK (its default in jax 0.10) or,
+with `xla_cpu_experimental_ynn_fusion_type` empty, Eigen's blocked kernels. Which one is faster
+depends on the CPU and on the shapes. On the 2-core AMD EPYC (AVX2, no AVX-512) these figures were
+taken on, the same compiled program run both ways in one process, alternated six times
+(docs/performance.md):
+
+| program | YNNPACK | Eigen |
+| --- | --- | --- |
+| GRPO update, 128 rows x 136 tokens, d256 x 4 layers, MLP 1024 | 4.06-4.59 s | 3.74-4.02 s (8-12% faster) |
+| train step, 32 x 128 tokens, MLP 688 (the torch comparison's shape) | 686-868 ms | 661-784 ms (4-10% faster) |
+| DPO step, 32 x 97 tokens, MLP 1024, float32 | 676 ms | 683 ms (the same) |
+| the same in bfloat16 compute | 773 ms | 660 ms (15% faster) |
+| sampling, 128 rows x 128 new tokens (products of 128 rows) | 1.95 s | 2.03 s (4% slower) |
+
+Products of many rows ([17,408, 256] @ [256, 1024]: 126 against 164 GFLOP/s) favour Eigen here;
+a decode step's products of a few rows favour YNNPACK. So rljax compiles the programs that run
+whole sequences (every phase's train step, `compile_step`, and the scoring passes for reference
+log-probs and values, `jit_full_sequence`) with Eigen's products on CPUs of that kind, and leaves
+sampling with XLA's default:
+
+    RLJAX_CPU_DOTS=auto     # the default: Eigen on x86 CPUs with AVX2 and without AVX-512
+    RLJAX_CPU_DOTS=eigen    # Eigen on every CPU
+    RLJAX_CPU_DOTS=ynn      # XLA's default everywhere
+
+CPUs with AVX-512, AVX512-BF16 or AMX were not measured, so `auto` leaves them with XLA's default.
+An `xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS is the user's own choice and is kept. GPU
+and TPU programs get no option at all. The results differ from XLA's default in float rounding
+only (the products sum in another order).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Mapping
+
+import jax
+
+ENV = "RLJAX_CPU_DOTS"
+CHOICES = ("auto", "eigen", "ynn")
+YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"  # empty: no YNNPACK fusions, Eigen's products
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The first processor's flags in /proc/cpuinfo; None where there is no such file."""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        return None
+    return None
+
+
+def dot_library(env: Mapping[str, str] | None = None, flags: frozenset[str] | None = None) -> str:
+    """'eigen' or 'ynn': the library for full-sequence CPU programs under RLJAX_CPU_DOTS (module doc).
+
+    env defaults to os.environ, flags to `cpu_flags()`. Raises ValueError naming RLJAX_CPU_DOTS
+    for a value other than auto, eigen or ynn.
+    """
+    env = os.environ if env is None else env
+    choice = env.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={env[ENV]!r}: expected one of {', '.join(CHOICES)}")
+    if choice != "auto":
+        return choice
+    if YNN_OPTION in env.get("XLA_FLAGS", ""):
+        return "ynn"  # the user's own setting stays in force
+    flags = cpu_flags() if flags is None else flags
+    return "eigen" if flags and "avx2" in flags and "avx512f" not in flags else "ynn"
+
+
+def full_sequence_compiler_options(platform: str | None = None) -> dict[str, str] | None:
+    """`jax.jit(compiler_options=...)` for a program over whole sequences on `platform`
+    (default: jax's default backend): Eigen's products where `dot_library()` says so, else None."""
+    platform = platform or jax.default_backend()
+    if platform != "cpu" or dot_library() != "eigen":
+        return None
+    return {YNN_OPTION: ""}
+
+
+def jit_full_sequence(fn: Callable, **jit_kwargs) -> Callable:
+    """`jax.jit(fn, **jit_kwargs)` with `full_sequence_compiler_options()`: for forward or
+    train passes over whole sequences, not for decoding loops."""
+    return jax.jit(fn, compiler_options=full_sequence_compiler_options(), **jit_kwargs)

@@ -1,0 +1,110 @@
+"""rljax.cpu_dots: which library runs XLA:CPU's products in full-sequence programs."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+from rljax import cpu_dots
+from rljax.cpu_dots import ENV, YNN_OPTION, cpu_flags, dot_library, full_sequence_compiler_options
+from rljax.models.logprobs import token_logprobs
+from rljax.state import OptimizerConfig, compile_step, create_state, make_train_step
+
+AVX2 = frozenset({"fpu", "sse2", "avx", "avx2", "fma"})
+AVX512 = AVX2 | {"avx512f", "avx512_bf16"}
+
+
+def test_cpu_flags_reads_the_first_processor(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 fma\n\n"
+                    "processor\t: 1\nflags\t\t: fpu avx512f\n")
+    assert cpu_flags(str(info)) == {"fpu", "avx2", "fma"}
+    assert cpu_flags(str(tmp_path / "missing")) is None
+    (tmp_path / "noflags").write_text("processor\t: 0\n")
+    assert cpu_flags(str(tmp_path / "noflags")) is None
+
+
+def test_dot_library_rules():
+    # auto: Eigen only on the kind of CPU it was measured faster on (AVX2, no AVX-512)
+    assert dot_library({}, AVX2) == "eigen"
+    assert dot_library({ENV: "auto"}, AVX2) == "eigen"
+    assert dot_library({ENV: " Auto "}, AVX2) == "eigen"
+    assert dot_library({}, AVX512) == "ynn"
+    assert dot_library({}, frozenset({"neon", "asimd"})) == "ynn"  # an Arm CPU
+    assert dot_library({}, frozenset()) == "ynn"  # flags unknown
+    # an explicit choice wins over the CPU
+    assert dot_library({ENV: "eigen"}, AVX512) == "eigen"
+    assert dot_library({ENV: "ynn"}, AVX2) == "ynn"
+    # the user's own XLA flag stays in force under auto
+    assert dot_library({"XLA_FLAGS": f"--{YNN_OPTION}=individual_dot"}, AVX2) == "ynn"
+    with pytest.raises(ValueError, match=f"{ENV}='eigne': expected one of auto, eigen, ynn"):
+        dot_library({ENV: "eigne"}, AVX2)
+
+
+def test_compiler_options_only_for_cpu(monkeypatch):
+    monkeypatch.setenv(ENV, "eigen")
+    assert full_sequence_compiler_options("cpu") == {YNN_OPTION: ""}
+    assert full_sequence_compiler_options("gpu") is None
+    assert full_sequence_compiler_options("tpu") is None
+    monkeypatch.setenv(ENV, "ynn")
+    assert full_sequence_compiler_options("cpu") is None
+
+
+def _sq_loss(params, batch, *, model):
+    lp = token_logprobs(params, batch["tokens"], batch["mask"], model=model)
+    return -jnp.sum(lp * batch["mask"][:, 1:]) / jnp.sum(batch["mask"][:, 1:]), {}
+
+
+def _compiled_step(monkeypatch, choice, model, opt, state, batch):
+    monkeypatch.setenv(ENV, choice)
+    step = make_train_step(functools.partial(_sq_loss, model=model), opt)
+    compiled = step.lower(state, batch).compile()
+    new_state, metrics = compiled(jax.tree.map(jnp.copy, state), batch)
+    return compiled.as_text(), new_state, metrics
+
+
+def test_train_step_with_eigen_products_equals_xla_default(monkeypatch, tiny):
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU programs only")
+    model, params = tiny
+    # plain SGD at rate 1: the parameters move by exactly minus the gradient (Adam's first step,
+    # about lr·sign(g), would amplify rounding in the smallest gradients)
+    opt = optax.sgd(1.0)
+    state = create_state(model, OptimizerConfig(), jax.random.key(0), params=params)
+    state = state.replace(opt_state=opt.init(state.params))
+    rng = np.random.default_rng(0)
+    batch = {"tokens": jnp.asarray(rng.integers(3, model.config.vocab_size, (4, 16)), jnp.int32),
+             "mask": jnp.ones((4, 16), jnp.int32)}
+    hlo_e, state_e, m_e = _compiled_step(monkeypatch, "eigen", model, opt, state, batch)
+    hlo_y, state_y, m_y = _compiled_step(monkeypatch, "ynn", model, opt, state, batch)
+    assert "__ynn_fusion" not in hlo_e
+    if "__ynn_fusion" not in hlo_y:
+        pytest.skip("this jaxlib's XLA:CPU uses no YNNPACK fusions by default")
+    # the same step: only the products' summation order differs
+    np.testing.assert_allclose(m_e["loss"], m_y["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m_e["grad_norm"], m_y["grad_norm"], rtol=1e-5)
+    for p, a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state_e.params), jax.tree.leaves(state_y.params)):
+        ga, gb = np.asarray(p - a), np.asarray(p - b)  # each leaf's gradient, up to p's rounding
+        ulp = np.finfo(np.float32).eps * np.abs(np.asarray(p)).max()
+        assert np.abs(ga - gb).max() <= 1e-5 * np.abs(gb).max() + 2 * ulp
+
+
+def test_compile_step_on_a_mesh_passes_the_options(monkeypatch):
+    seen = []
+    real_jit = jax.jit
+
+    def recording_jit(fn, **kwargs):
+        seen.append(kwargs.get("compiler_options"))
+        return real_jit(fn, **kwargs)
+
+    monkeypatch.setattr(cpu_dots, "dot_library", lambda: "eigen")
+    monkeypatch.setattr(jax, "jit", recording_jit)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    step = compile_step(lambda s, x: (s + 1, x.sum()), mesh=mesh, in_shardings=(None, None), donate_argnums=())
+    s, total = step(jnp.zeros(()), jnp.arange(4.0))
+    assert (float(s), float(total)) == (1.0, 6.0)
+    expected = {YNN_OPTION: ""} if jax.devices()[0].platform == "cpu" else None
+    assert seen == [expected]
