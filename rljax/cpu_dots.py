@@ -31,6 +31,7 @@ only (the products sum in another order).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Mapping
 
@@ -41,6 +42,7 @@ CHOICES = ("auto", "eigen", "ynn")
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"  # empty: no YNNPACK fusions, Eigen's products
 
 
+@functools.lru_cache(maxsize=4)  # read once per process: every compile_step asks
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
     """The first processor's flags in /proc/cpuinfo; None where there is no such file."""
     try:
