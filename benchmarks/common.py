@@ -1,6 +1,7 @@
 """Shared helpers for benchmarks: timing, matmul peak, environment banner."""
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
@@ -24,6 +25,23 @@ def banner(title: str, cfg) -> None:
         print(f"products in train steps and scoring passes: {dot_library()} ({ENV}="
               f"{os.environ.get(ENV, 'auto')}; sampling keeps XLA's default, rljax.cpu_dots)")
     print(f"config: {cfg}")
+
+
+@contextlib.contextmanager
+def cpu_dots_env(choice: str):
+    """RLJAX_CPU_DOTS=choice while rljax's jits are built inside (`rljax.cpu_dots` reads it when a
+    step or scoring pass is jitted), restored after."""
+    from rljax.cpu_dots import ENV
+
+    before = os.environ.get(ENV)
+    os.environ[ENV] = choice
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
 
 
 def block(x):

@@ -6,6 +6,7 @@
     python -m benchmarks.grpo_step --which trl --algo ppo   # PPO (value head on the policy) at the same shape
     python -m benchmarks.grpo_step --which trl --track-kl off --dtype bfloat16   # beside trl_grpo.py --bf16
     python -m benchmarks.grpo_step --which trl --minibatches 4 --grad-accum 4   # the same update in 4 micro-batches
+    python -m benchmarks.grpo_step --which trl --track-kl off --compare-dots   # Eigen vs YNNPACK products, one process
 
 "trl" is the configuration of the peer script benchmarks/peers/trl_grpo.py, TRL's
 GRPOTrainer (run `.peer/venv/bin/python benchmarks/peers/trl_grpo.py` in the same
@@ -20,16 +21,23 @@ the peer) go in a bucket of 8 (TRL pads to the longest prompt, 5). "small" is th
 The first iteration (compilation) is reported apart; figures are medians. With
 --algo ppo the policy gets a value head; one forward for V_old ("values") is added
 and the update also trains the value head (β = 0, one epoch, one minibatch).
+--compare-dots builds the iteration twice in one process, its train step and scoring passes
+compiled with Eigen's matrix products (`RLJAX_CPU_DOTS=eigen`) and with XLA's default, YNNPACK
+(`=ynn`), and alternates the two iteration by iteration (the order flipped each time), so that the
+machine's drift falls on both; it prints both splits and the ratio of each stage. Sampling is the
+same program in both (rljax leaves it with XLA's default). benchmarks.cpu_dots does the same for
+single compiled programs.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
 
 import jax
 
-from benchmarks.common import banner, peak_rss_mib
+from benchmarks.common import banner, cpu_dots_env, peak_rss_mib
 from rljax.cli import parse_config
 from rljax.algorithms import get_algorithm
 from rljax.losses import with_value_head
@@ -53,6 +61,7 @@ class Config:
     grad_accum: int = 1  # micro-batches per optimizer update (OptimizerConfig.grad_accum); divides minibatches
     dtype: str = "float32"  # matmul compute dtype (bfloat16: f32 weights, optimizer and accumulation)
     track_kl: str = "both"  # off | on | both: time the iteration without and/or with the KL metrics
+    compare_dots: bool = False  # alternate Eigen- and YNNPACK-compiled iterations in one process
     smoke: bool = False
 
 
@@ -61,9 +70,12 @@ def reward_digits(prompts, completions, **_):
     return [sum(ch.isdigit() for ch in c) / max(1, len(c)) + (0.5 if "=" in c else 0.0) for c in completions]
 
 
+STAGES = ("sample", "score", "ref", "values", "update")
+
+
 def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, iterations: int, track_kl: bool,
         min_prompt_bucket: int = 16, algo: str = "grpo", epochs: int = 1, minibatches: int = 1,
-        grad_accum: int = 1) -> dict:
+        grad_accum: int = 1, compare_dots: bool = False) -> dict:
     tok = CharTokenizer()
     params = model.init(jax.random.key(0))
     if algo == "ppo":
@@ -76,31 +88,47 @@ def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, itera
            f"{model.config.num_params():,} params, d{model.config.d_model} x {model.config.n_layers} layers, "
            f"{len(prompts)} prompts x {n} samples x {max_new} new tokens, prompt bucket >= {min_prompt_bucket}, "
            f"{model.config.dtype}, beta=0, {epochs} epochs x {minibatches} minibatches, "
-           f"{grad_accum} micro-batches per update")
-    it = make_rl_iteration(model, cfg, reward_digits, tok.decode_batch)
-    state = create_rl_state(model, params, cfg, jax.random.key(1))
+           f"{grad_accum} micro-batches per update{'; Eigen against YNNPACK, alternated' if compare_dots else ''}")
     tokens, mask = tok.encode_batch(prompts, padding_side="left")
-    rows = []
+    variants = {}  # label -> [iteration, state, rows]
+    for label in (("eigen", "ynn") if compare_dots else ("",)):
+        with cpu_dots_env(label) if label else contextlib.nullcontext():  # read when the jits are built
+            it = make_rl_iteration(model, cfg, reward_digits, tok.decode_batch)
+        variants[label] = [it, create_rl_state(model, params, cfg, jax.random.key(1)), []]
+    labels = list(variants)
     for i in range(iterations + 1):
-        t = time.perf_counter()
-        state, m = it(state, tokens, mask)
-        rows.append(dict(m, total=time.perf_counter() - t))
+        for label in (labels if i % 2 == 0 else labels[::-1]):
+            v = variants[label]
+            t = time.perf_counter()
+            v[1], m = v[0](v[1], tokens, mask)
+            v[2].append(dict(m, total=time.perf_counter() - t))
+    outs = {label: report(f"[{label}] " if label else "", v[2], len(prompts) * n * max_new)
+            for label, v in variants.items()}
+    peak = peak_rss_mib()
+    print(f"peak RSS of the process so far: {peak:,.0f} MiB")
+    if not compare_dots:
+        return dict(outs[""], peak_rss_mib=peak)
+    e, y = outs["eigen"], outs["ynn"]
+    wins = sum(a["time_update_s"] < b["time_update_s"] for a, b in zip(variants["eigen"][2][1:], variants["ynn"][2][1:]))
+    print("Eigen / YNNPACK, medians: " + ", ".join(f"{k} {e[k] / y[k]:.3f}" for k in ("total", *STAGES) if y[k] > 0)
+          + f"; Eigen's update faster in {wins} of {iterations} iterations")
+    return dict(eigen=e, ynn=y, eigen_update_wins=wins, peak_rss_mib=peak)
+
+
+def report(prefix: str, rows: list[dict], tokens_per_iter: int) -> dict:
+    """Print and return the medians of the iterations after the first (which compiles)."""
     first, rest = rows[0], rows[1:]
 
     def med(key):
         return statistics.median(r[key] for r in rest)
 
-    stages = ("sample", "score", "ref", "values", "update")
-    out = {"total": med("total"), **{s: med(f"time_{s}_s") for s in stages}}
-    out["other"] = out["total"] - sum(out[s] for s in stages)
-    tokens_per_iter = len(prompts) * n * max_new
-    print(f"first iteration (compiles) {first['total']:.2f} s; median of {len(rest)}: "
+    out = {"total": med("total"), **{s: med(f"time_{s}_s") for s in STAGES}}
+    out["other"] = out["total"] - sum(out[s] for s in STAGES)
+    print(f"{prefix}first iteration (compiles) {first['total']:.2f} s; median of {len(rest)}: "
           f"{out['total']:.3f} s/iteration = sample {out['sample']:.3f} + score {out['score']:.3f} + ref "
           f"{out['ref']:.3f} + values {out['values']:.3f} + update {out['update']:.3f} + other {out['other']:.3f}")
-    print(f"generated tokens/s {tokens_per_iter / out['sample']:,.0f}; iteration tokens/s "
+    print(f"{prefix}generated tokens/s {tokens_per_iter / out['sample']:,.0f}; iteration tokens/s "
           f"{tokens_per_iter / out['total']:,.0f}; mean completion length {rest[-1]['completion_length']:.0f}")
-    out["peak_rss_mib"] = peak_rss_mib()
-    print(f"peak RSS of the process so far: {out['peak_rss_mib']:,.0f} MiB")
     return out
 
 
@@ -120,12 +148,13 @@ def main(cfg: Config) -> None:
         for track_kl in {"off": (False,), "on": (True,), "both": (False, True)}[cfg.track_kl]:
             # prompts are 5 tokens (bos + 4 chars): a bucket of 8 instead of the default 16
             run("trl-config", model, prompts, 8, max_new, iterations, track_kl, min_prompt_bucket=8, algo=cfg.algo,
-                epochs=cfg.epochs, minibatches=cfg.minibatches, grad_accum=cfg.grad_accum)
+                epochs=cfg.epochs, minibatches=cfg.minibatches, grad_accum=cfg.grad_accum,
+                compare_dots=cfg.compare_dots)
     if cfg.which in ("small", "both"):
         model = Model(preset("small", vocab_size=tok.vocab_size, dtype=cfg.dtype))
         prompts = [TRL_PROMPTS[i % 16] for i in range(8 if cfg.smoke else 64)]
         run("small", model, prompts, 8, 16 if cfg.smoke else 64, iterations, track_kl=False, algo=cfg.algo,
-            epochs=cfg.epochs, minibatches=cfg.minibatches, grad_accum=cfg.grad_accum)
+            epochs=cfg.epochs, minibatches=cfg.minibatches, grad_accum=cfg.grad_accum, compare_dots=cfg.compare_dots)
 
 
 if __name__ == "__main__":

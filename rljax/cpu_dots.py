@@ -4,16 +4,19 @@ XLA:CPU hands each matrix product to one of two libraries: YNNPACK (its default 
 with `xla_cpu_experimental_ynn_fusion_type` empty, Eigen's blocked kernels. Which one is faster
 depends on the CPU and on the shapes. On the 2-core AMD EPYC (AVX2, no AVX-512) these figures were
 taken on, the same compiled program run both ways in one process, alternated six times
-(docs/performance.md):
+(`python -m benchmarks.cpu_dots`; docs/performance.md):
 
 | program | YNNPACK | Eigen |
 | --- | --- | --- |
-| GRPO update, 128 rows x 136 tokens, d256 x 4 layers, MLP 1024 | 4.06-4.59 s | 3.74-4.02 s (8-12% faster) |
+| train step, 128 rows x 136 tokens, d256 x 4 layers, MLP 1024 (the GRPO update's shape) | 4.06-4.59 s | 3.74-4.25 s (6-12% faster) |
 | train step, 32 x 128 tokens, MLP 688 (the torch comparison's shape) | 686-868 ms | 661-784 ms (4-10% faster) |
-| DPO step, 32 x 97 tokens, MLP 1024, float32 | 676 ms | 683 ms (the same) |
+| train step, 32 x 97 tokens, MLP 1024 (DPO's shape), float32 | 651-676 ms | 651-683 ms (the same) |
 | the same in bfloat16 compute | 773 ms | 660 ms (15% faster) |
-| sampling, 128 rows x 128 new tokens (products of 128 rows) | 1.95 s | 2.03 s (4% slower) |
+| sampling, 128 rows x 128 new tokens (products of 128 rows) | 1.95-2.06 s | 2.03-2.04 s (0-4% slower) |
 
+The GRPO iteration itself, both builds alternated in one process (`python -m benchmarks.grpo_step
+--which trl --track-kl off --compare-dots`): the update 4.99 -> 4.66 s (Eigen faster in 6 of 6
+iterations), the iteration 6.95 -> 6.71 s.
 Products of many rows ([17,408, 256] @ [256, 1024]: 126 against 164 GFLOP/s) favour Eigen here;
 a decode step's products of a few rows favour YNNPACK. So rljax compiles the programs that run
 whole sequences (every phase's train step, `compile_step`, and the scoring passes for reference

@@ -1,5 +1,6 @@
 """rljax.cpu_dots: which library runs XLA:CPU's products in full-sequence programs."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -108,3 +109,23 @@ def test_compile_step_on_a_mesh_passes_the_options(monkeypatch):
     assert (float(s), float(total)) == (1.0, 6.0)
     expected = {YNN_OPTION: ""} if jax.devices()[0].platform == "cpu" else None
     assert seen == [expected]
+
+
+def test_benchmark_compiles_one_lowering_both_ways(monkeypatch):
+    """benchmarks.cpu_dots lowers a plain jit, so that options given to `jax.jit` (which stay with the
+    lowering) cannot make its "YNNPACK" compile an Eigen one: with RLJAX_CPU_DOTS=eigen in force, the
+    default compile still has YNNPACK fusions, the Eigen compile none, and the variable is restored."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU programs only")
+    from benchmarks.cpu_dots import LIBRARIES, Config, train_program
+
+    monkeypatch.setenv(ENV, "eigen")
+    with pytest.raises(ValueError, match="--programs"):
+        Config(programs="dpo,bogus")
+    _, lowered, _ = train_program("dpo", Config(programs="dpo", smoke=True))
+    assert os.environ[ENV] == "eigen"
+    texts = {lib: (lowered.compile(compiler_options=o) if o else lowered.compile()).as_text()
+             for lib, o in LIBRARIES.items()}
+    assert "__ynn_fusion" not in texts["eigen"]
+    if "__ynn_fusion" not in texts["ynn"]:
+        pytest.skip("this jaxlib's XLA:CPU uses no YNNPACK fusions by default")
