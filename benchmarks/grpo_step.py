@@ -7,6 +7,7 @@
     python -m benchmarks.grpo_step --which trl --track-kl off --dtype bfloat16   # beside trl_grpo.py --bf16
     python -m benchmarks.grpo_step --which trl --minibatches 4 --grad-accum 4   # the same update in 4 micro-batches
     python -m benchmarks.grpo_step --which trl --track-kl off --compare-dots   # Eigen vs YNNPACK products, one process
+    python -m benchmarks.grpo_step --which trl --track-kl off --remat full     # beside trl_grpo.py --grad-ckpt
 
 "trl" is the configuration of the peer script benchmarks/peers/trl_grpo.py, TRL's
 GRPOTrainer (run `.peer/venv/bin/python benchmarks/peers/trl_grpo.py` in the same
@@ -60,6 +61,7 @@ class Config:
     minibatches: int = 1  # updates per pass
     grad_accum: int = 1  # micro-batches per optimizer update (OptimizerConfig.grad_accum); divides minibatches
     dtype: str = "float32"  # matmul compute dtype (bfloat16: f32 weights, optimizer and accumulation)
+    remat: str = "none"  # none | dots | full: TransformerConfig.remat (beside trl_grpo.py --grad-ckpt)
     track_kl: str = "both"  # off | on | both: time the iteration without and/or with the KL metrics
     compare_dots: bool = False  # alternate Eigen- and YNNPACK-compiled iterations in one process
     smoke: bool = False
@@ -87,7 +89,7 @@ def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, itera
     banner(f"grpo_step {name} {algo} (track_kl={track_kl})",
            f"{model.config.num_params():,} params, d{model.config.d_model} x {model.config.n_layers} layers, "
            f"{len(prompts)} prompts x {n} samples x {max_new} new tokens, prompt bucket >= {min_prompt_bucket}, "
-           f"{model.config.dtype}, beta=0, {epochs} epochs x {minibatches} minibatches, "
+           f"{model.config.dtype}, remat {model.config.remat}, beta=0, {epochs} epochs x {minibatches} minibatches, "
            f"{grad_accum} micro-batches per update{'; Eigen against YNNPACK, alternated' if compare_dots else ''}")
     tokens, mask = tok.encode_batch(prompts, padding_side="left")
     variants = {}  # label -> [iteration, state, rows]
@@ -109,7 +111,8 @@ def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, itera
     if not compare_dots:
         return dict(outs[""], peak_rss_mib=peak)
     e, y = outs["eigen"], outs["ynn"]
-    wins = sum(a["time_update_s"] < b["time_update_s"] for a, b in zip(variants["eigen"][2][1:], variants["ynn"][2][1:]))
+    pairs = zip(variants["eigen"][2][1:], variants["ynn"][2][1:])
+    wins = sum(a["time_update_s"] < b["time_update_s"] for a, b in pairs)
     print("Eigen / YNNPACK, medians: " + ", ".join(f"{k} {e[k] / y[k]:.3f}" for k in ("total", *STAGES) if y[k] > 0)
           + f"; Eigen's update faster in {wins} of {iterations} iterations")
     return dict(eigen=e, ynn=y, eigen_update_wins=wins, peak_rss_mib=peak)
@@ -142,7 +145,7 @@ def main(cfg: Config) -> None:
         # the peer's Llama: 4 heads of 64, MHA, untied, max 512 positions, rope theta 10000, eps 1e-6
         mc = TransformerConfig(vocab_size=tok.vocab_size, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
                                mlp_dim=1024, max_seq_len=512, tie_embeddings=False, rope_theta=10_000.0,
-                               norm_eps=1e-6, scan_layers=False, dtype=cfg.dtype)
+                               norm_eps=1e-6, scan_layers=False, dtype=cfg.dtype, remat=cfg.remat)
         model = Model(mc)
         prompts, max_new = (TRL_PROMPTS[:4], 16) if cfg.smoke else (TRL_PROMPTS, 128)
         for track_kl in {"off": (False,), "on": (True,), "both": (False, True)}[cfg.track_kl]:
@@ -151,7 +154,7 @@ def main(cfg: Config) -> None:
                 epochs=cfg.epochs, minibatches=cfg.minibatches, grad_accum=cfg.grad_accum,
                 compare_dots=cfg.compare_dots)
     if cfg.which in ("small", "both"):
-        model = Model(preset("small", vocab_size=tok.vocab_size, dtype=cfg.dtype))
+        model = Model(preset("small", vocab_size=tok.vocab_size, dtype=cfg.dtype, remat=cfg.remat))
         prompts = [TRL_PROMPTS[i % 16] for i in range(8 if cfg.smoke else 64)]
         run("small", model, prompts, 8, 16 if cfg.smoke else 64, iterations, track_kl=False, algo=cfg.algo,
             epochs=cfg.epochs, minibatches=cfg.minibatches, grad_accum=cfg.grad_accum, compare_dots=cfg.compare_dots)

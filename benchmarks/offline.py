@@ -24,7 +24,9 @@ compilation and is reported apart), tokens/s (the tokens of every sequence the p
 attention masks; for KTO also without the mismatched ones), and the process's peak resident memory
 after the imports, before training and at the end, and the size of the train step's temporary buffer
 (activations kept for the backward pass and scratch) from XLA's memory analysis of the compiled step.
---dtype bfloat16 computes matmuls in bf16 with float32 weights, optimizer and accumulation
+--remat full|dots recomputes each layer's activations in the backward pass (`TransformerConfig.remat`;
+all of them, or all but the weight products' outputs), TRL's `--grad-ckpt`; less memory for more
+compute. --dtype bfloat16 computes matmuls in bf16 with float32 weights, optimizer and accumulation
 (`TransformerConfig.dtype`). --pad longest pads every batch to its longest row (here every row: 97
 tokens) as TRL does, instead of the collators' default bucket (112 for 97 tokens, `rljax.buckets`).
 --compile-cache DIR turns on the persistent compilation cache there (`rljax.compile_cache`, what every
@@ -66,6 +68,7 @@ class Config:
     heads: int = 4
     mlp: int = 1024
     dtype: str = "float32"
+    remat: str = "none"  # none | dots | full: TransformerConfig.remat (beside trl_offline.py --grad-ckpt)
     pad: str = "bucket"
     compile_cache: str = ""
     release_memory: bool = True
@@ -131,6 +134,7 @@ def main(cfg: Config) -> dict:
     model = Model(TransformerConfig(
         vocab_size=tok.vocab_size, d_model=cfg.d_model, n_layers=cfg.layers, n_heads=cfg.heads,
         n_kv_heads=cfg.heads, mlp_dim=cfg.mlp, max_seq_len=max(128, seq), scan_layers=False, dtype=cfg.dtype,
+        remat=cfg.remat,
         heads=("reward",) if cfg.trainer == "reward" else ("lm",)))
     opt = OptimizerConfig(lr=cfg.lr, schedule="linear", end_lr_ratio=0.0, b2=0.999, total_steps=cfg.steps)
     # TRL's sequences: prompt + completion + EOS, no BOS (the peer's tokenizer adds none). "bucket": the
@@ -187,7 +191,8 @@ def main(cfg: Config) -> dict:
             "kto": f"KTO, beta {cfg.beta}: {cfg.examples} completions (+{cfg.examples} mismatched) a step",
             "reward": f"reward model (Bradley-Terry): {cfg.examples} pairs = {2 * cfg.examples} sequences a step"}
     print(f"model: {n_params:,} params, d{cfg.d_model} x {cfg.layers} layers, {cfg.heads} heads, MLP {cfg.mlp}, "
-          f"vocab {tok.vocab_size}, {cfg.dtype}; {what[cfg.trainer]}; {seq} tokens a sequence; {held}")
+          f"vocab {tok.vocab_size}, {cfg.dtype}, remat {cfg.remat}; {what[cfg.trainer]}; {seq} tokens a sequence; "
+          f"{held}")
     if cfg.precompute_ref:
         print(f"constructor {init_s:.2f} s (the reference pass over {len(rows)} rows)")
     rss_before = peak_rss_mib()

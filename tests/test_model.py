@@ -226,7 +226,7 @@ def test_bfloat16_compute_close_to_float32(tiny):
     assert 0 < err < 2e-2
 
 
-@pytest.mark.parametrize("remat,scan", [("full", True), ("dots", False)])
+@pytest.mark.parametrize("remat,scan", [("full", True), ("dots", False), ("full", False)])
 def test_remat_gives_same_gradients(remat, scan):
     # two layers, as in test_scan_and_loop_layers_agree: the reference gradient compiles once for all three
     model, params = _init(n_layers=2)
@@ -235,6 +235,62 @@ def test_remat_gives_same_gradients(remat, scan):
     g1 = _sq_loss_grad(params, tokens, mask, model)
     g2 = _sq_loss_grad(params, tokens, mask, rm)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g2)
+
+
+def test_unrolled_remat_recomputes_in_the_backward_pass_and_keeps_less():
+    """With layers unrolled in Python, XLA:CPU merged `jax.checkpoint`'s recomputation with the
+    forward pass (no extra products, the same temporaries). `remat_after_cotangent` ties it to
+    the cotangent: the compiled gradient has each layer's forward products once more (except
+    what the policy saves) and its temporary buffer shrinks."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU's compiled programs")
+    L = 4
+    tokens, mask = left_padded([64] * 8, 64, 64, seed=3)
+
+    def compiled(remat):
+        m = Model(preset("tiny", remat=remat, scan_layers=False, n_layers=L, mlp_dim=512))
+        params = jax.eval_shape(m.init, jax.random.key(0))
+        return jax.jit(jax.grad(_sq_loss), static_argnames=("model",)).lower(params, tokens, mask, m).compile()
+
+    def dots(c):
+        return sum(line.count(" dot(") for line in c.as_text().splitlines())
+
+    none, full, saved_dots = compiled("none"), compiled("full"), compiled("dots")
+    # a layer's forward has 9 products: q, k, v, o, gate, up, down and the attention's two batched
+    # ones. Full remat recomputes all but the down projection (its output, the block's, is not
+    # needed) in every layer: 8 a layer here (at least 6, should XLA merge q, k, v); the "dots"
+    # policy saves the unbatched products and recomputes the attention's two
+    assert dots(full) - dots(none) >= 6 * L
+    assert 2 * L <= dots(saved_dots) - dots(none) < dots(full) - dots(none)
+    temp = {k: c.memory_analysis().temp_size_in_bytes for k, c in (("none", none), ("full", full),
+                                                                    ("dots", saved_dots))}
+    assert temp["full"] < temp["dots"] < temp["none"] and temp["full"] < 0.7 * temp["none"]
+
+
+def test_remat_after_cotangent_equals_plain_gradients():
+    from rljax.models.transformer import remat_after_cotangent
+
+    def layer(x, w):
+        return x + jnp.tanh(x @ w[0]) @ w[1]
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k1, (6, 8))
+    ws = [(jax.random.normal(k2, (8, 16)) / 4, jax.random.normal(k3, (16, 8)) / 4)] * 3
+
+    def loss(ws, x, f):
+        for w in ws:
+            x = f(x, w)
+        return jnp.sum(x ** 3)
+
+    for policy in (None, jax.checkpoint_policies.dots_with_no_batch_dims_saveable):
+        f = remat_after_cotangent(layer, policy)
+        np.testing.assert_allclose(jax.jit(lambda x, ws: f(x, ws[0]))(x, ws), layer(x, ws[0]), rtol=1e-6)
+        g_plain = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(ws, x, layer)
+        g_remat = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(ws, x, f)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_plain, g_remat)
+    # a non-finite cotangent is not hidden: the block's gradients come out non-finite
+    g_inf = jax.grad(lambda x: jnp.sum(f(x, ws[0]) * jnp.array([jnp.inf] + [1.0] * 5)[:, None]))(x)
+    assert not np.isfinite(np.asarray(g_inf)).all()
 
 
 def test_bad_inputs_raise_clear_errors(tiny):
