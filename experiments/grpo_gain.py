@@ -196,8 +196,9 @@ def summary(cfg: Config, results: dict) -> str:
                                       "on one seed that can be chance; more seeds (below) tell."))
         start = (f" (reference: {REFERENCE['sft_greedy']}% greedy, {REFERENCE['sft_sampled']}% sampled)"
                  if cfg.task == "arithmetic" else "")
-        paragraphs.append(f"Exact figures vary with the machine by a point or two, the SFT start included{start}: "
-                          f"the CPU's vector instructions change float rounding, and with it every sampled path.")
+        paragraphs.append(f"Exact figures vary with the machine by a few points, the SFT start included{start}: "
+                          f"the CPU's vector instructions and its matrix-product library (rljax.cpu_dots) change "
+                          f"float rounding, and with it every sampled path.")
         if n == 1:
             seeds = tuple(cfg.seeds[0] + k for k in range(3))
             extra = estimate_seconds(dataclasses.replace(cfg, seeds=seeds), sft_done=True,

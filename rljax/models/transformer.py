@@ -410,7 +410,11 @@ def remat_after_cotangent(fn, policy=None):
         return jax.vjp(checkpointed, *args)  # (outputs, the pullback holding the saved values)
 
     def bwd(pullback, ct):
-        z = sum(jnp.sum(c.astype(jnp.float32)) for c in jax.tree.leaves(ct)) * 0.0
+        z = jnp.zeros((), jnp.float32)
+        for c in jax.tree.leaves(ct):
+            if jnp.issubdtype(c.dtype, jnp.floating):  # not the float0 of integer outputs
+                z = z + jnp.sum(c.astype(jnp.float32))
+        z = z * 0.0
 
         def tie(v):
             return v + z.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
