@@ -185,7 +185,7 @@ _ABSENT = "<absent>"
 # Fields added to the experiments' configs after run directories were saved without them: {field: the value
 # an old run had}. A config.json that lacks one is read as holding that value (every run before `task` existed
 # was on the arithmetic task), so those runs resume and compare equal to the same run today.
-ADDED_FIELDS = {"task": "arithmetic", "teacher_run_dir": None}
+ADDED_FIELDS = {"task": "arithmetic", "teacher_run_dir": None, "remat": "none"}
 
 
 def config_differences(old: dict, new: dict, ignore: Iterable[str] = IGNORED_FIELDS,

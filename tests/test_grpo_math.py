@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -123,6 +124,27 @@ def test_sft_and_rl_prompts_are_the_same_tokens():
         assert list(rl_prompt) == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         completion = np.asarray(sft.tokens[i])[np.asarray(sft.loss_mask[i]) == 1]
         assert completion[-1] == tok.eos_id  # SFT teaches the model to stop with eos
+
+
+def test_bad_remat_is_named_before_the_run_directory_exists(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"Config.remat: 'ful' is not one of \('none', 'full', 'dots'\)"):
+        grpo_math.main(grpo_math.Config(smoke=True, run_dir=str(run_dir), remat="ful", progress=False))
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow  # a second whole --smoke run
+def test_smoke_with_remat_trains_the_same_policy(smoke, tmp_path):
+    """--remat full changes where the backward pass gets its activations, not what it computes:
+    the same rewards (the same samples) and the trained parameters equal up to float rounding."""
+    res = grpo_math.main(grpo_math.Config(smoke=True, run_dir=str(tmp_path / "run"), remat="full", progress=False))
+    rewards = [[r["rl/reward_mean"] for r in read_metrics(d) if "rl/reward_mean" in r]
+               for d in (smoke["run_dir"], res["run_dir"])]
+    assert rewards[0] == rewards[1]
+    a = load_pretrained(smoke["policy_dir"])[1]
+    b = load_pretrained(res["policy_dir"])[1]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_data_rows_are_named(tmp_path):
