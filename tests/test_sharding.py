@@ -9,6 +9,7 @@ from rljax.sharding import LOGICAL_RULES, _fit_spec, logical_to_spec, make_mesh
 
 def test_sharded_forward_logprobs_and_sample_equal_single_device():
     out = run_with_devices("""
+        import dataclasses
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import PartitionSpec as P
         from rljax.models import Model, preset
@@ -37,7 +38,14 @@ def test_sharded_forward_logprobs_and_sample_equal_single_device():
             h1 = jax.jit(lambda p, t, m: single.last_hidden(p, t, m))(params, tokens, mask)
             h2 = jax.jit(lambda p, t, m: sharded.last_hidden(p, t, m))(sp, st, sm)
             np.testing.assert_allclose(h1, h2, atol=1e-5)
-            if not scan:  # unrolled layers: their parameter layout and forward; the rest is layer-agnostic
+            if not scan:  # unrolled layers: their parameter layout, forward, and remat's gradient; the rest
+                # is layer-agnostic. remat="full" recomputes through remat_after_cotangent (a custom VJP)
+                remat = Model(dataclasses.replace(cfg, remat="full"), mesh=mesh)
+                def grad(model, *args):
+                    return jax.jit(jax.grad(lambda p, t, m: token_logprobs(p, t, m, model=model).sum()))(*args)
+
+                g1, g2 = grad(single, params, tokens, mask), grad(remat, sp, st, sm)
+                jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g1, g2)
                 continue
 
             l1 = jax.jit(lambda p, t, m: token_logprobs(p, t, m, model=single))(params, tokens, mask)
