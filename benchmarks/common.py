@@ -1,10 +1,10 @@
 """Shared helpers for benchmarks: timing, matmul peak, environment banner."""
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -27,21 +27,12 @@ def banner(title: str, cfg) -> None:
     print(f"config: {cfg}")
 
 
-@contextlib.contextmanager
 def cpu_dots_env(choice: str):
-    """RLJAX_CPU_DOTS=choice while rljax's jits are built inside (`rljax.cpu_dots` reads it when a
-    step or scoring pass is jitted), restored after."""
+    """A context with RLJAX_CPU_DOTS=choice while rljax's jits are built inside (`rljax.cpu_dots`
+    reads it when a step or scoring pass is jitted); the environment is restored after."""
     from rljax.cpu_dots import ENV
 
-    before = os.environ.get(ENV)
-    os.environ[ENV] = choice
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = before
+    return mock.patch.dict(os.environ, {ENV: choice})
 
 
 def block(x):

@@ -238,10 +238,11 @@ def test_remat_gives_same_gradients(remat, scan):
 
 
 def test_unrolled_remat_recomputes_in_the_backward_pass_and_keeps_less():
-    """With layers unrolled in Python, XLA:CPU merged `jax.checkpoint`'s recomputation with the
-    forward pass (no extra products, the same temporaries). `remat_after_cotangent` ties it to
-    the cotangent: the compiled gradient has each layer's forward products once more (except
-    what the policy saves) and its temporary buffer shrinks."""
+    """With layers unrolled in Python, XLA:CPU ran `jax.checkpoint`'s recomputation inside the
+    forward pass (the extra products were there, the temporary buffer the same as without remat;
+    in a pure-function toy it merged them away). `remat_after_cotangent` ties it to the
+    cotangent: the compiled gradient has each layer's forward products once more (except what
+    the policy saves) and its temporary buffer shrinks."""
     if jax.default_backend() != "cpu":
         pytest.skip("XLA:CPU's compiled programs")
     L = 4
