@@ -29,6 +29,11 @@ all of them, or all but the weight products' outputs), TRL's `--grad-ckpt`; less
 compute. --dtype bfloat16 computes matmuls in bf16 with float32 weights, optimizer and accumulation
 (`TransformerConfig.dtype`). --pad longest pads every batch to its longest row (here every row: 97
 tokens) as TRL does, instead of the collators' default bucket (112 for 97 tokens, `rljax.buckets`).
+--share-prompt (dpo, reward) collates each pair as one row, prompt then chosen then rejected, both
+completions reading the one copy of the prompt (`collate_preferences` / `collate_pairs` with
+share_prompt=True): 32 + 65 + 65 = 162 tokens
+a pair instead of 2 x 97 (`--pad longest` pads to 162); tokens/s still counts the prompt twice, so it
+compares with the unshared figure.
 --compile-cache DIR turns on the persistent compilation cache there (`rljax.compile_cache`, what every
 experiment's entry point does): run twice with the same DIR and the second run's first step loads the
 compiled programs instead of compiling them.
@@ -70,6 +75,7 @@ class Config:
     dtype: str = "float32"
     remat: str = "none"  # none | dots | full: TransformerConfig.remat (beside trl_offline.py --grad-ckpt)
     pad: str = "bucket"
+    share_prompt: bool = False  # dpo, reward: each pair's prompt once, chosen and rejected reading it
     compile_cache: str = ""
     release_memory: bool = True
     seed: int = 0
@@ -82,6 +88,8 @@ class Config:
         if self.trainer == "kto" and (self.examples < 2 or self.examples % 2):
             raise ValueError("--examples: kto needs an even number >= 2 (balanced labels; the mismatched rows "
                              "pair examples)")
+        if self.share_prompt and self.trainer == "kto":
+            raise ValueError("--share-prompt: for the pairs of --trainer dpo and reward; KTO's rows are unpaired")
         if self.pad not in PADS:
             raise ValueError(f"--pad: {self.pad!r} not in {PADS}")
         if self.steps < 2:
@@ -110,6 +118,7 @@ def make_rows(cfg: Config, n: int, rng: random.Random) -> list[dict]:
 
 
 def main(cfg: Config) -> dict:
+    from rljax.data.batch import PROMPT_SEGMENT
     from rljax.data.preference_collate import collate_kto, collate_preferences
     from rljax.data.reward_collate import collate_pairs
     from rljax.losses.preference import DPOConfig, KTOConfig, preference_loss, reference_logps
@@ -139,10 +148,11 @@ def main(cfg: Config) -> dict:
     opt = OptimizerConfig(lr=cfg.lr, schedule="linear", end_lr_ratio=0.0, b2=0.999, total_steps=cfg.steps)
     # TRL's sequences: prompt + completion + EOS, no BOS (the peer's tokenizer adds none). "bucket": the
     # collators' default width (a power of two); "longest": the batch's longest row, as TRL pads
-    encode = dict(add_bos=False, add_eos=True, length=seq if cfg.pad == "longest" else None)
+    longest = cfg.prompt_len + 2 * (cfg.completion_len + 1) if cfg.share_prompt else seq
+    encode = dict(add_bos=False, add_eos=True, length=longest if cfg.pad == "longest" else None)
     if cfg.trainer == "dpo":
         loss_cfg = DPOConfig(beta=cfg.beta)
-        collate = functools.partial(collate_preferences, tok, **encode)
+        collate = functools.partial(collate_preferences, tok, share_prompt=cfg.share_prompt, **encode)
         loss_fn = functools.partial(preference_loss, model=model, cfg=loss_cfg)
     elif cfg.trainer == "kto":
         loss_cfg = KTOConfig(beta=cfg.beta)
@@ -150,7 +160,7 @@ def main(cfg: Config) -> dict:
         loss_fn = functools.partial(preference_loss, model=model, cfg=loss_cfg)
     else:
         loss_cfg = RankingConfig()
-        collate = functools.partial(collate_pairs, tok, **encode)
+        collate = functools.partial(collate_pairs, tok, share_prompt=cfg.share_prompt, **encode)
         loss_fn = functools.partial(ranking_loss, model=model, cfg=loss_cfg)
         # collate_pairs takes (prompt, chosen, rejected) rows
     rows = make_rows(cfg, cfg.examples * cfg.steps, random.Random(cfg.seed))
@@ -202,8 +212,10 @@ def main(cfg: Config) -> dict:
         state, batch = one_step(state, i)
         times.append(time.perf_counter() - t)
         attn = np.asarray(batch.attention_mask)
-        tokens.append((int(attn.sum()), int(attn[:, 0].sum()) if cfg.trainer == "kto" else int(attn.sum()),
-                       attn.shape[-1]))
+        n = int(attn.sum())
+        if cfg.share_prompt:  # count each pair's two sequences, as without sharing: the prompt twice
+            n += int((np.asarray(batch.segment_ids) == PROMPT_SEGMENT).sum())
+        tokens.append((n, int(attn[:, 0].sum()) if cfg.trainer == "kto" else n, attn.shape[-1]))
     rss_end = peak_rss_mib()
     # after the peak RSS is read: lowering again compiles the step once more (the timed steps never do)
     temp_mib = step_fn.lower(state, batch).compile().memory_analysis().temp_size_in_bytes / 2**20

@@ -489,3 +489,72 @@ def test_orpo_rejects_soft_labels_by_name(small):
     batch = collate_preferences(TOK, [dict(prompt=p, chosen=c, rejected=r, label=0.7) for p, c, r in PAIRS[:2]])
     with pytest.raises(ValueError, match="label"):
         preference_loss(params, batch, model=model, cfg=ORPOConfig())
+
+
+# ----------------------------------------------------------------------------- shared-prompt layout
+
+def test_shared_prompt_layout_by_hand():
+    """[bos] prompt chosen [eos] rejected [eos] in one row: ids, masks, positions and segments by hand."""
+    b = collate_preferences(TOK, [("1+1=", "2", "34")], share_prompt=True, min_bucket=16)
+    ids = lambda s: TOK.encode(s, add_bos=False, add_eos=False)  # noqa: E731
+    row = [TOK.bos_id] + ids("1+1=") + ids("2") + [TOK.eos_id] + ids("34") + [TOK.eos_id]
+    n = len(row)  # 1 + 4 + 2 + 3 = 10
+    assert b.tokens.shape == (1, 16) and b.tokens[0, :n].tolist() == row and (b.tokens[0, n:] == TOK.pad_id).all()
+    assert b.attention_mask[0].tolist() == [1] * n + [0] * 6
+    assert b.loss_mask[0].tolist() == [0] * 5 + [1] * 5 + [0] * 6
+    assert b.segment_ids[0].tolist() == [1] * 5 + [2] * 2 + [3] * 3 + [0] * 6
+    assert b.positions[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 5, 6, 7] + [0] * 6
+    # no prompt token at all: the rejected completion's first token has no prediction, as the chosen one's
+    e = collate_preferences(TOK, [("", "2", "34")], share_prompt=True, add_bos=False)
+    assert e.loss_mask[0, :5].tolist() == [1, 1, 0, 1, 1] and e.segment_ids[0, :5].tolist() == [2, 2, 3, 3, 3]
+    assert e.positions[0, :5].tolist() == [0, 1, 0, 1, 2]
+    # `length` fixes the packed width; a pair that does not fit is named
+    assert collate_preferences(TOK, PAIRS, share_prompt=True, length=40).tokens.shape == (8, 40)
+    with pytest.raises(ValueError, match=r"row 0 \(prompt, chosen, rejected\): 12 tokens exceed length=8"):
+        collate_preferences(TOK, PAIRS[:1], share_prompt=True, length=8)
+
+
+def test_shared_prompt_equals_two_rows(small):
+    """The shared-prompt layout gives every completion token the log-prob it has in its own
+    [prompt, completion] row, so reference log-probs, the losses (weights, soft labels) and
+    DPO's gradient equal the [B, 2, T] layout's."""
+    model, params = small
+    two = collate_preferences(TOK, PAIRS)
+    one = collate_preferences(TOK, PAIRS, share_prompt=True)
+    assert one.tokens.shape == (8, 16) and two.tokens.shape == (8, 2, 16)  # a pair: at most 12 tokens in one row
+    lp2, m2 = completion_logps(params, two.tokens, two.attention_mask, two.loss_mask, model=model)
+    lp1, m1 = completion_logps(params, one.tokens, one.attention_mask, one.loss_mask, model=model,
+                               positions=one.positions, segment_ids=one.segment_ids)
+    for i in range(len(PAIRS)):
+        for side in (0, 1):  # token by token, in order
+            a, b = np.asarray(lp2[i, side])[np.asarray(m2[i, side]) > 0], np.asarray(lp1[i, side])[np.asarray(m1[i, side]) > 0]
+            assert a.shape == b.shape and a.size == len(PAIRS[i][1 + side]) + 1  # completion + eos
+            np.testing.assert_allclose(b, a, atol=2e-5)
+    ref = np.asarray(reference_logps(jax.tree.map(lambda x: x * 0.9, params), two, model=model))
+    np.testing.assert_allclose(reference_logps(jax.tree.map(lambda x: x * 0.9, params), one, model=model), ref,
+                               atol=1e-4)
+    rows = _rows(PAIRS, ref, weight=WEIGHTS, label=[1.0, 0.8, 1.0, 0.5, 1.0, 0.9, 1.0, 0.7])
+    two, one = collate_preferences(TOK, rows), collate_preferences(TOK, rows, share_prompt=True)
+    cfgs = tuple(PREFERENCE_METHODS[n] for n in PADDING_METHODS[:3])  # orpo rejects soft labels
+    for (l2, met2), (l1, met1) in zip(losses(params, two, model=model, cfgs=cfgs),
+                                      losses(params, one, model=model, cfgs=cfgs)):
+        assert float(l1) == pytest.approx(float(l2), rel=1e-5)
+        for k in met2:
+            np.testing.assert_allclose(met1[k], met2[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    (v2, g2), (v1, g1) = (weighted_value_and_grad(params, b, model=model, cfg=DPOConfig()) for b in (two, one))
+    assert float(v1) == pytest.approx(float(v2), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()) + 1e-8, rtol=1e-4)
+
+
+def test_shared_prompt_bad_use_is_named(small):
+    model, params = small
+    one = collate_preferences(TOK, PAIRS[:2], share_prompt=True)
+    with pytest.raises(ValueError, match="frozen rows need the"):
+        _preference.completion_logps(params, one.tokens, one.attention_mask, one.loss_mask, model=model,
+                                     positions=one.positions, segment_ids=one.segment_ids, frozen=(1,))
+    with pytest.raises(ValueError, match="prefix_segment_ids: needs segment_ids"):
+        model.forward(params, one.tokens, one.attention_mask, prefix_segment_ids=one.segment_ids)
+    with pytest.raises(ValueError, match=r"prefix_segment_ids: needs segment_ids and the tokens' shape \(2, 16\)"):
+        model.forward(params, one.tokens, one.attention_mask, segment_ids=one.segment_ids,
+                      prefix_segment_ids=one.segment_ids[:, :4])

@@ -433,3 +433,35 @@ def test_likelihood_reward_matches_a_naive_log_likelihood():
         likelihood_reward(model, params, tok, reduction="max")
     # an empty completion is scored by its [eos] alone (log π(eos | prompt)), as reward_model_reward reads it
     np.testing.assert_allclose(one(["1=", "2="], ["1", ""])[1], naive(params, "2=", "")[0], rtol=1e-4)
+
+
+def test_shared_prompt_lists_score_as_separate_rows():
+    """collate_ranked(share_prompt=True): [bos] prompt, then every answer in one row (layout by hand);
+    the scores, the loss and its gradient equal the [B, K, T] layout's, absent answers included."""
+    from rljax.data.reward_collate import collate_pairs, collate_ranked
+    from rljax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    model, params = _rm(vocab_size=tok.vocab_size)
+    lists = [("12+7=", ["19", "18", "191"], [0, 1, 2]), ("3*4=", ["12", "7"], [0, 1]), ("9-5=", ["4", "14", "5"], [0, 2, 1])]
+    one = collate_ranked(tok, lists, answers_per_list=3, share_prompt=True, min_bucket=8)
+    ids = lambda s, eos=True: tok.encode(s, add_bos=False, add_eos=eos)  # noqa: E731
+    row1 = [tok.bos_id] + ids("3*4=", eos=False) + ids("12") + ids("7")
+    assert one.tokens[1, :len(row1)].tolist() == row1 and one.tokens.shape == (3, 16)  # row 0: 1 + 5 + 3 + 3 + 4
+    assert one.segment_ids[1].tolist() == [1] * 5 + [2] * 3 + [3] * 2 + [0] * 6
+    assert one.positions[1, :10].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 5, 6]
+    assert one.rank[1].tolist() == [0, 1, -1]
+    two = collate_ranked(tok, lists, answers_per_list=3)
+    s1, s2 = (np.asarray(ranking_scores(params, b, model=model)) for b in (one, two))
+    assert s2[1, 2] == 0.0 and s1[1, 2] == 0.0 and len(set(np.round(s2[0], 4))) == 3
+    np.testing.assert_allclose(s1, s2, atol=2e-5)
+    grad = jax.jit(jax.value_and_grad(lambda p, b: _reward_model.ranking_loss(p, b, model=model,
+                                                                                cfg=RankingConfig())[0]))
+    (l1, g1), (l2, g2) = grad(params, one), grad(params, two)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=2e-5 * float(np.abs(b).max()) + 1e-8)
+    # pairs pass the option through; a too-long answer is still named against max_length
+    assert collate_pairs(tok, [("1+1=", "2", "3")], share_prompt=True).segment_ids.shape == (1, 16)
+    with pytest.raises(ValueError, match="row 0 answer 2: 10 tokens exceed max_length=9"):
+        collate_ranked(tok, lists[:1], share_prompt=True, max_length=9)

@@ -27,6 +27,16 @@ class SequenceBatch:
     positions: object = None
 
 
+# Segment ids of the shared-prompt layouts (PreferenceBatch, RankingBatch; 0 is padding): the prompt,
+# then the completions that read it (a pair's chosen and rejected; a ranked list's answer k).
+PROMPT_SEGMENT, CHOSEN_SEGMENT, REJECTED_SEGMENT = 1, 2, 3
+
+
+def answer_segment(k):
+    """The segment id of answer k (0-based) of a ranked list in the shared-prompt layout: k + 2."""
+    return k + 2
+
+
 @struct.dataclass
 class RankingBatch:
     """K answers per prompt, ranked, for reward-model training (pairs are K = 2).
@@ -37,6 +47,12 @@ class RankingBatch:
     margin added to the config's (Llama 2's preference-strength margin); prior:
     [B, K] float32 or None, a fixed score per answer added to the learned one (a
     residual reward model r = r_θ + prior, e.g. the SFT policy's log-likelihood).
+
+    Shared-prompt layout (segment_ids set; `collate_ranked(share_prompt=True)`): one row per
+    list, tokens, attention_mask, positions, segment_ids [B, W] int32 holding [bos] prompt
+    (segment PROMPT_SEGMENT = 1) then answer k (segment answer_segment(k) = k + 2), then
+    padding (0); each answer reads the prompt and itself, positions continuing from the
+    prompt, and is scored at its last token, as in its own [prompt, answer] row.
     """
 
     tokens: object
@@ -44,6 +60,8 @@ class RankingBatch:
     rank: object
     margin: object = None
     prior: object = None
+    positions: object = None
+    segment_ids: object = None
 
 
 @struct.dataclass
@@ -122,6 +140,14 @@ class PreferenceBatch:
     label: [B] float32 in [0, 1] or None (all 1): the soft label y_i = P(chosen ≻ rejected),
     e.g. an AI labeller's probability; the pair's loss becomes y ℓ(y_w ≻ y_l) + (1 − y) ℓ(y_l ≻ y_w)
     (for DPO's sigmoid the cross-entropy y·(−log σ(h)) + (1 − y)·(−log σ(−h))).
+
+    Shared-prompt layout (segment_ids set; `collate_preferences(share_prompt=True)`): one
+    row per pair, tokens, attention_mask, loss_mask, positions, segment_ids [B, W] int32,
+    holding [bos] prompt (segment PROMPT_SEGMENT = 1), the chosen completion (CHOSEN_SEGMENT
+    = 2) and the rejected one (REJECTED_SEGMENT = 3), then padding (segment 0). Each
+    completion reads the prompt and itself (the model's prefix_segment_ids) with positions
+    continuing from the prompt, so the prompt is computed once per pair instead of twice;
+    the losses see the same per-completion log-probs as in the [B, 2, T] layout.
     """
 
     tokens: object
@@ -130,6 +156,8 @@ class PreferenceBatch:
     ref_logps: object = None
     weight: object = None
     label: object = None
+    positions: object = None
+    segment_ids: object = None
 
 
 @struct.dataclass

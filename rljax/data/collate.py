@@ -6,7 +6,7 @@ from typing import Callable, Generic, Iterator, Sequence, TypeVar
 import numpy as np
 
 from rljax.buckets import DEFAULT_MIN_BUCKET, bucket_length
-from rljax.data.batch import SequenceBatch
+from rljax.data.batch import PROMPT_SEGMENT, SequenceBatch, answer_segment
 from rljax.data.lengths import Tokens
 from rljax.tokenizer import Tokenizer
 
@@ -24,6 +24,28 @@ def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str,
     if not c:
         raise ValueError(f"row {row}: the {field} is empty (nothing to learn)")
     return p + c, [0] * len(p) + [1] * len(c)
+
+
+def pack_shared_prompt(row: int, encodings: Sequence[tuple[list[int], list[int]]]):
+    """Completions of one prompt, each encoded as ([bos] prompt completion, completion mask), ->
+    one row of the shared-prompt layout: (ids, loss mask, positions, segment ids) lists holding
+    the prompt once (segment PROMPT_SEGMENT) and then completion k (segment answer_segment(k)),
+    its positions continuing from the prompt's. The encodings must carry the same prompt, which
+    is checked (an error names the row). With no prompt token at all (an empty prompt without
+    bos) the first token of every completion but the first keeps no prediction in the loss
+    mask, as the first one's has none in its own row."""
+    n = encodings[0][1].index(1)
+    for k, (ids, mask) in enumerate(encodings):
+        if mask.index(1) != n or ids[:n] != encodings[0][0][:n]:
+            raise ValueError(f"row {row}: completions 0 and {k} encode different prompts, so they cannot share one")
+    ids, loss, positions, segments = [], [], [], []
+    for k, (c_ids, c_mask) in enumerate(encodings):
+        start = 0 if k == 0 else n
+        ids += c_ids[start:]
+        loss += c_mask[start:] if n or k == 0 else [0] + c_mask[1:]
+        positions += list(range(start, len(c_ids)))
+        segments += [PROMPT_SEGMENT] * (n - start) + [answer_segment(k)] * (len(c_ids) - n)
+    return ids, loss, positions, segments
 
 
 def padded_width(lengths: Sequence[int], *, length: int | None, min_bucket: int, max_length: int | None,

@@ -24,7 +24,7 @@ import numpy as np
 
 from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import KTOBatch, PreferenceBatch
-from rljax.data.collate import pad_rows, padded_width
+from rljax.data.collate import pack_shared_prompt, pad_rows, padded_width
 from rljax.tokenizer import Tokenizer
 
 _PAIR_FIELDS = ("prompt", "chosen", "rejected", "ref_logps", "weight", "label")
@@ -117,21 +117,42 @@ def _stack(rows_per_example: list[list[tuple[list[int], list[int]]]], refs: list
     tokens, attn, loss = pad_rows([ids for ids, _ in flat], width, tokenizer.pad_id, [m for _, m in flat])
     B = len(rows_per_example)
     shape = (B, 2, width)
+    return tokens.reshape(shape), attn.reshape(shape), loss.reshape(shape), _stack_refs(refs)
+
+
+def _stack_refs(refs: list) -> np.ndarray | None:
+    """The rows' ref_logps as [B, 2] float32, None when no row has them; some but not all is an error."""
     if any(r is None for r in refs) and not all(r is None for r in refs):
         i = next(k for k, r in enumerate(refs) if r is None)
         raise ValueError(f"row {i}: has no ref_logps while other rows of the batch do")
-    ref = None if refs[0] is None else np.stack(refs).astype(np.float32)
-    return tokens.reshape(shape), attn.reshape(shape), loss.reshape(shape), ref
+    return None if refs[0] is None else np.stack(refs).astype(np.float32)
+
+
+def _share_prompt(pairs: list[list[tuple[list[int], list[int]]]], tokenizer: Tokenizer, *, length, min_bucket):
+    """[(chosen ids, mask), (rejected ids, mask)] per pair -> tokens, attention_mask, loss_mask,
+    positions, segment_ids [B, W] of PreferenceBatch's shared-prompt layout (`pack_shared_prompt`)."""
+    packed = [pack_shared_prompt(i, encodings) for i, encodings in enumerate(pairs)]
+    # Each sequence already fits max_length; a packed row holds two of them, so its width is
+    # bucketed without that cap (the model's length check exempts packed rows).
+    width = padded_width([len(ids) for ids, *_ in packed], length=length, min_bucket=min_bucket, max_length=None,
+                         names=[f"row {i} (prompt, chosen, rejected)" for i in range(len(packed))])
+    return pad_rows([ids for ids, *_ in packed], width, tokenizer.pad_id, *([p[k] for p in packed] for k in (1, 2, 3)))
 
 
 def collate_preferences(tokenizer: Tokenizer, rows: Sequence, *, max_length: int | None = None,
                         max_prompt_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET,
-                        length: int | None = None, add_bos: bool = True, add_eos: bool = True) -> PreferenceBatch:
+                        length: int | None = None, add_bos: bool = True, add_eos: bool = True,
+                        share_prompt: bool = False) -> PreferenceBatch:
     """Pair rows -> PreferenceBatch [B, 2, T] (chosen at index 0, rejected at 1), right-padded
     to a bucketed width, with optional per-pair weight and soft label [B] (see the module
     docstring). Errors name the row: a missing field, an empty completion (also after
     truncation), chosen identical to rejected, bad ref_logps, a weight that is negative or
-    not finite, a label outside [0, 1]."""
+    not finite, a label outside [0, 1].
+
+    share_prompt: PreferenceBatch's shared-prompt layout instead, [B, W] rows of [bos] prompt,
+    chosen, rejected (W bucketed from the longest such row; `length` fixes it), so the
+    policy and the reference run each prompt once: P + C + R tokens a pair instead of
+    2P + C + R. The losses and reference log-probs are the same up to float rounding."""
     if not rows:
         raise ValueError("collate_preferences: no examples")
     encoded, refs, names, parsed = [], [], [], []
@@ -147,10 +168,17 @@ def collate_preferences(tokenizer: Tokenizer, rows: Sequence, *, max_length: int
                         for field, text in (("chosen", chosen), ("rejected", rejected))])
         refs.append(_ref(i, r["ref_logps"]))
         names += [f"row {i} chosen", f"row {i} rejected"]
+    weight, label = _per_pair(parsed, "weight"), _per_pair(parsed, "label")
+    if share_prompt:
+        ref = _stack_refs(refs)
+        tokens, attn, loss, positions, segments = _share_prompt(encoded, tokenizer, length=length,
+                                                                min_bucket=min_bucket)
+        return PreferenceBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, ref_logps=ref, weight=weight,
+                               label=label, positions=positions, segment_ids=segments)
     tokens, attn, loss, ref = _stack(encoded, refs, tokenizer, length=length, min_bucket=min_bucket,
                                      max_length=max_length, names=names)
-    return PreferenceBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, ref_logps=ref,
-                           weight=_per_pair(parsed, "weight"), label=_per_pair(parsed, "label"))
+    return PreferenceBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, ref_logps=ref, weight=weight,
+                           label=label)
 
 
 def _desirable(i: int, value) -> float:

@@ -18,7 +18,7 @@ import numpy as np
 
 from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch
-from rljax.data.collate import encode_prompt_completion, pad_rows, padded_width
+from rljax.data.collate import encode_prompt_completion, pack_shared_prompt, pad_rows, padded_width
 from rljax.data.lengths import Tokens
 from rljax.tokenizer import Tokenizer
 
@@ -64,9 +64,14 @@ def collate_ranked(tokenizer: Tokenizer, lists: Sequence[tuple[str, Sequence[str
                    answers_per_list: int | None = None, margins: Sequence[float] | None = None,
                    priors: Sequence[Sequence[float]] | None = None, max_length: int | None = None,
                    min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
-                   add_eos: bool = True) -> RankingBatch:
+                   add_eos: bool = True, share_prompt: bool = False) -> RankingBatch:
     """(prompt, answers, ranks) lists (tuples or `RankedList`) -> RankingBatch [B, K, T]: all answers of a prompt in
     one batch element (InstructGPT's K-wise comparisons; pairs are K = 2).
+
+    share_prompt: RankingBatch's shared-prompt layout instead, [B, W] rows of [bos] prompt and then
+    every answer (W bucketed from the longest such row; `length` fixes it; max_length still bounds
+    each [prompt, answer] sequence), so the prompt runs once per list: P + Σ_k A_k tokens instead
+    of K·P + Σ_k A_k. The scores are the same up to float rounding.
 
     ranks: 0 = best, larger = worse, equal = tie. K = answers_per_list (fixed, so
     the shape does not change between batches) or the longest list; shorter lists
@@ -84,18 +89,29 @@ def collate_ranked(tokenizer: Tokenizer, lists: Sequence[tuple[str, Sequence[str
     if any(len(r) > K for r in checked):
         i = next(i for i, r in enumerate(checked) if len(r) > K)
         raise ValueError(f"row {i}: {len(checked[i])} answers exceed answers_per_list={K}")
-    rows, names, rank = [], [], np.full((len(lists), K), -1, np.int32)
+    encoded, names, rank = [], [], np.full((len(lists), K), -1, np.int32)
     for i, ((prompt, answers, _), ranks) in enumerate(zip(lists, checked)):
-        for k, answer in enumerate(answers):
-            rows.append(encode_prompt_completion(tokenizer, prompt, answer, i, add_bos=add_bos, add_eos=add_eos,
-                                                 field=f"answer {k}")[0])
-            names.append(f"row {i} answer {k}")
+        encoded.append([encode_prompt_completion(tokenizer, prompt, answer, i, add_bos=add_bos, add_eos=add_eos,
+                                                 field=f"answer {k}") for k, answer in enumerate(answers)])
+        names += [f"row {i} answer {k}" for k in range(len(answers))]
         rank[i, :len(ranks)] = ranks
-    width = padded_width([len(r) for r in rows], length=length, min_bucket=min_bucket, max_length=max_length,
-                         names=names)
-    flat = iter(rows)
-    padded = [next(flat) if k < len(checked[i]) else [] for i in range(len(lists)) for k in range(K)]
-    tokens, attn = pad_rows(padded, width, tokenizer.pad_id)
+    rows = [ids for answers in encoded for ids, _ in answers]
+    shared = {}
+    if share_prompt:
+        padded_width([len(r) for r in rows], length=None, min_bucket=min_bucket, max_length=max_length, names=names)
+        packed = [pack_shared_prompt(i, answers) for i, answers in enumerate(encoded)]
+        width = padded_width([len(ids) for ids, *_ in packed], length=length, min_bucket=min_bucket, max_length=None,
+                             names=[f"row {i} (prompt and its {len(a)} answers)" for i, a in enumerate(encoded)])
+        tokens, attn, positions, segments = pad_rows([p[0] for p in packed], width, tokenizer.pad_id,
+                                                     [p[2] for p in packed], [p[3] for p in packed])
+        shared = dict(positions=positions, segment_ids=segments)
+    else:
+        width = padded_width([len(r) for r in rows], length=length, min_bucket=min_bucket, max_length=max_length,
+                             names=names)
+        flat = iter(rows)
+        padded = [next(flat) if k < len(checked[i]) else [] for i in range(len(lists)) for k in range(K)]
+        tokens, attn = pad_rows(padded, width, tokenizer.pad_id)
+        tokens, attn = tokens.reshape(len(lists), K, width), attn.reshape(len(lists), K, width)
     margin = None
     if margins is not None:
         if len(margins) != len(lists):
@@ -110,15 +126,14 @@ def collate_ranked(tokenizer: Tokenizer, lists: Sequence[tuple[str, Sequence[str
             if len(ps) != len(ranks):
                 raise ValueError(f"row {i}: {len(ps)} priors for {len(ranks)} answers")
             prior[i, :len(ps)] = [_finite(v, f"row {i}: prior of answer {k}") for k, v in enumerate(ps)]
-    B = len(lists)
-    return RankingBatch(tokens=tokens.reshape(B, K, width), attention_mask=attn.reshape(B, K, width), rank=rank,
-                        margin=margin, prior=prior)
+    return RankingBatch(tokens=tokens, attention_mask=attn, rank=rank, margin=margin, prior=prior, **shared)
 
 
 def collate_pairs(tokenizer: Tokenizer, pairs: Sequence, *, margins: Sequence[float] | None = None,
                   **kw) -> RankingBatch:
     """(prompt, chosen, rejected) rows (tuples or `PreferencePair`) -> RankingBatch with K = 2,
-    rank (0, 1). A pair whose chosen equals its rejected is an error naming the row."""
+    rank (0, 1) (`collate_ranked`'s options, share_prompt among them, pass through). A pair whose
+    chosen equals its rejected is an error naming the row."""
     lists = []
     for i, p in enumerate(pairs):
         prompt, chosen, rejected = _fields(p, ("prompt", "chosen", "rejected"))

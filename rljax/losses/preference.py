@@ -33,8 +33,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rljax.data.batch import KTOBatch, PreferenceBatch
-from rljax.models.logprobs import sequence_token_stats, target_mask
+from rljax.data.batch import CHOSEN_SEGMENT, PROMPT_SEGMENT, REJECTED_SEGMENT, KTOBatch, PreferenceBatch
+from rljax.models.logprobs import head_token_stats, sequence_token_stats, target_mask
 from rljax.ops.preference_kernels import (hinge_preference, ipo, kto, kto_reference_point, odds_ratio, robust_preference,
                                   sequence_logps, sigmoid_preference, simpo)
 
@@ -173,8 +173,36 @@ def check_kto_weights(desirable, cfg: KTOConfig) -> float:
     return ratio
 
 
+def shared_prompt_logps(params, tokens, attention_mask, loss_mask, positions, segment_ids, *, model,
+                        chunk_size: int | None = None):
+    """Per-token completion log-probs of PreferenceBatch's shared-prompt layout: [B, W] rows of
+    prompt (segment 1), chosen (2), rejected (3) -> (token_logps [B, 2, W-1], mask [B, 2, W-1]),
+    index 0 chosen and 1 rejected as `completion_logps` gives them (entry t scores tokens[t+1]).
+
+    One forward pass in which both completions read the prompt (prefix_segment_ids 1). Token
+    t+1 is predicted from the hidden state at t, except the rejected completion's first
+    token, which is predicted from the prompt's last slot (P − 1, P the prompt's length)
+    exactly as in its own [prompt, rejected] row."""
+    chex.assert_equal_shape([tokens, attention_mask, loss_mask, positions, segment_ids])
+    chex.assert_rank(tokens, 2)
+    prefix = jnp.where(segment_ids > PROMPT_SEGMENT, PROMPT_SEGMENT, segment_ids)  # completions read the prompt
+    hidden, _ = model.forward(params, tokens, attention_mask, positions=positions, segment_ids=segment_ids,
+                              prefix_segment_ids=prefix)
+    n_prompt = jnp.sum(segment_ids == PROMPT_SEGMENT, axis=1, dtype=jnp.int32)  # P [B]
+    n_chosen = jnp.sum(segment_ids == CHOSEN_SEGMENT, axis=1, dtype=jnp.int32)
+    last_prompt = jnp.take_along_axis(hidden, jnp.maximum(n_prompt - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
+    # entry t predicts tokens[t+1]; the rejected completion starts at slot P + C
+    first_rejected = (jnp.arange(hidden.shape[1] - 1)[None, :] == (n_prompt + n_chosen - 1)[:, None])
+    pred = jnp.where(first_rejected[..., None], last_prompt, hidden[:, :-1])
+    lp = head_token_stats(params, pred, tokens[:, 1:], model=model, chunk_size=chunk_size)["logprobs"]
+    mask = target_mask(loss_mask, attention_mask)
+    targets = segment_ids[:, 1:]
+    masks = jnp.stack([mask * (targets == CHOSEN_SEGMENT), mask * (targets == REJECTED_SEGMENT)], axis=1)
+    return jnp.stack([lp, lp], axis=1) * (masks > 0), masks
+
+
 def completion_logps(params, tokens, attention_mask, loss_mask, *, model, chunk_size: int | None = None,
-                     frozen: tuple[int, ...] = ()):
+                     frozen: tuple[int, ...] = (), positions=None, segment_ids=None):
     """Per-token completion log-probs of [B, 2, T] rows in one forward pass of [2B, T]:
     -> (token_logps [B, 2, T-1], mask [B, 2, T-1]).
 
@@ -182,7 +210,14 @@ def completion_logps(params, tokens, attention_mask, loss_mask, *, model, chunk_
     rows, which feed only the stop-gradient reference point z0). They run in a forward of
     their own under stop_gradient(params), so the backward pass covers only the other rows
     (instead of back-propagating zeros through all of them) and their activations are not
-    kept for it. The values are the same; only the split of the batch differs."""
+    kept for it. The values are the same; only the split of the batch differs.
+
+    segment_ids, positions [B, W]: the shared-prompt layout (`shared_prompt_logps`)."""
+    if segment_ids is not None:
+        if frozen:
+            raise ValueError("completion_logps: frozen rows need the [B, 2, T] layout, not a shared prompt")
+        return shared_prompt_logps(params, tokens, attention_mask, loss_mask, positions, segment_ids, model=model,
+                                   chunk_size=chunk_size)
     chex.assert_equal_shape([tokens, attention_mask, loss_mask])
     chex.assert_rank(tokens, 3)
     B, two, T = tokens.shape
@@ -210,8 +245,14 @@ def completion_logps(params, tokens, attention_mask, loss_mask, *, model, chunk_
 def reference_logps(params, batch, *, model, chunk_size: int | None = None) -> jax.Array:
     """S_ref: the summed completion log-probs [B, 2] of a PreferenceBatch or KTOBatch under `params`."""
     lp, mask = completion_logps(params, batch.tokens, batch.attention_mask, batch.loss_mask, model=model,
-                                chunk_size=chunk_size)
+                                chunk_size=chunk_size, **_layout(batch))
     return sequence_logps(lp, mask, "sum")[0]
+
+
+def _layout(batch) -> dict:
+    """The shared-prompt layout's fields of a PreferenceBatch for `completion_logps` ({} otherwise)."""
+    segment_ids = getattr(batch, "segment_ids", None)
+    return {} if segment_ids is None else {"positions": batch.positions, "segment_ids": segment_ids}
 
 
 def _masked_mean(x, weight):
@@ -226,7 +267,7 @@ def _policy_terms(params, batch, cfg, *, model, frozen: tuple[int, ...] = ()):
     The NLL is the token mean over the chosen completions of valid pairs, each pair's tokens
     weighted by its PreferenceBatch.weight: Σ_i w_i Σ_t m_it (−ℓ_it) / Σ_i w_i Σ_t m_it."""
     lp, mask = completion_logps(params, batch.tokens, batch.attention_mask, batch.loss_mask, model=model,
-                                chunk_size=cfg.chunk_size, frozen=frozen)
+                                chunk_size=cfg.chunk_size, frozen=frozen, **_layout(batch))
     logps, lengths = sequence_logps(lp, mask, cfg.logp_reduction)
     valid = jnp.all(lengths > 0, axis=1).astype(jnp.float32)
     ref = 0.0

@@ -23,7 +23,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rljax.data.batch import FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch
+from rljax.data.batch import (PROMPT_SEGMENT, FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch,
+                              answer_segment)
 from rljax.models.logprobs import head_token_stats, target_mask
 from rljax.ops.aggregate import aggregate
 from rljax.ops.implicit_rewards import implicit_q, ipw_targets
@@ -60,17 +61,39 @@ class RankingConfig:
             raise ValueError("RankingConfig.centring: only defined for objective='pairwise'")
 
 
+def shared_prompt_hidden(params, batch: RankingBatch, *, model) -> jax.Array:
+    """hidden [B, K, D] at the last token of each answer of RankingBatch's shared-prompt layout
+    (tokens, segment_ids [B, W]; answer k is segment answer_segment(k), reading the prompt's
+    segment and its own); an absent answer reads slot 0 (its score is masked by rank −1)."""
+    chex.assert_equal_shape([batch.tokens, batch.segment_ids, batch.positions])
+    K = batch.rank.shape[1]
+    seg = batch.segment_ids
+    slots = jnp.arange(seg.shape[1])
+    is_answer = seg[:, None, :] == answer_segment(jnp.arange(K))[None, :, None]  # [B, K, W]
+    last = jnp.max(jnp.where(is_answer, slots, 0), axis=-1)  # [B, K]
+    prefix = jnp.where(seg > PROMPT_SEGMENT, PROMPT_SEGMENT, seg)
+    hidden, _ = model.forward(params, batch.tokens, batch.attention_mask, positions=batch.positions, segment_ids=seg,
+                              prefix_segment_ids=prefix, read_at=last)
+    return hidden
+
+
 def ranking_scores(params, batch: RankingBatch, *, model) -> jax.Array:
     """r for every answer of every list in one forward: tokens [B, K, T] -> [B, K] float32
     (absent answers, rank −1, score 0); r = r_θ + prior when the batch carries a prior, so
-    the loss, its metrics and `reward_model_eval` all rank the reward the scorer will give."""
-    chex.assert_rank(batch.tokens, 3)
+    the loss, its metrics and `reward_model_eval` all rank the reward the scorer will give.
+    In the shared-prompt layout (tokens [B, W], segment_ids set) each answer is read at its
+    last token in one pass over the row (`shared_prompt_hidden`)."""
     chex.assert_equal_shape([batch.tokens, batch.attention_mask])
-    B, K, T = batch.tokens.shape
-    tokens, mask = batch.tokens.reshape(B * K, T), batch.attention_mask.reshape(B * K, T)
-    r = model.token_rewards(params, model.last_hidden(params, tokens, mask))  # the last layer at the last token only
-    chex.assert_rank(r, 1)  # a ranking needs one scalar per answer (reward_outputs = 1)
-    r = r.reshape(B, K)
+    if batch.segment_ids is not None:
+        r = model.token_rewards(params, shared_prompt_hidden(params, batch, model=model))
+        chex.assert_rank(r, 2)  # [B, K]: a ranking needs one scalar per answer (reward_outputs = 1)
+    else:
+        chex.assert_rank(batch.tokens, 3)
+        B, K, T = batch.tokens.shape
+        tokens, mask = batch.tokens.reshape(B * K, T), batch.attention_mask.reshape(B * K, T)
+        r = model.token_rewards(params, model.last_hidden(params, tokens, mask))  # the last layer at the last token only
+        chex.assert_rank(r, 1)  # a ranking needs one scalar per answer (reward_outputs = 1)
+        r = r.reshape(B, K)
     if batch.prior is not None:
         chex.assert_equal_shape([batch.prior, batch.rank])
         r = r + batch.prior.astype(jnp.float32)
@@ -86,7 +109,8 @@ def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
     fixed prior (e.g. the SFT policy's log-likelihood, `likelihood_reward`) gets
     wrong, and every metric is of the sum."""
     _need_reward_head(model, "ranking_loss")
-    chex.assert_equal_shape([batch.rank, batch.tokens[..., 0]])
+    if batch.segment_ids is None:  # (the shared-prompt layout's rows hold every answer)
+        chex.assert_equal_shape([batch.rank, batch.tokens[..., 0]])
     scores = ranking_scores(params, batch, model=model)
     pairs = preferred_pairs(batch.rank).astype(jnp.float32)
     if cfg.objective == "plackett_luce":

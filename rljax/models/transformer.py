@@ -16,7 +16,9 @@ G = N // K, H head width, F MLP width, V vocabulary, L layers.
 
 Masking. Tokens sit in slots; a query in slot i attends a key in slot j iff
 j <= i and slot j holds a real token (attention_mask / cache validity), and
-(with packing) both carry the same segment id. RoPE positions count real
+(with packing) both carry the same segment id, or the key's segment is the
+query's shared prefix (prefix_segment_ids: completions that read one copy of
+their common prompt, `rljax.data.preference_collate`). RoPE positions count real
 tokens only, so left-padded prompts of mixed length get the positions they
 would have unpadded, and decoding with a cache sees exactly the keys a full
 forward pass over the same slots sees.
@@ -74,15 +76,23 @@ def _low_precision_dot_fwd(x, w, dtype, out_dtype, transpose_w):
     return y, (xc, wc, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
 
 
+def _contract(a, b, a_axis: int, b_axis: int):
+    """a [.., .] · b [.., .] over a's axis a_axis and b's axis b_axis (2-D), accumulated in float32.
+
+    Dimension numbers, not `.T`: XLA:CPU (jax 0.10) computes `jnp.dot(g, w.T)` on bf16 inputs as a
+    float32 × float32 product (the transpose reaches its dot passes as a separate op), whereas the
+    same contraction stated as dimension numbers stays bf16 × bf16 (dx: ~8% off the bf16 train step
+    on an avx512_bf16 EPYC). A contraction over the rows (dw) it runs in float32 either way."""
+    return lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _low_precision_dot_bwd(dtype, out_dtype, transpose_w, res, g):
     xc, wc, x_like, w_like = res
     g = g.astype(dtype)
     if transpose_w:  # y = x w^T: dx = g w, dw = g^T x
-        dx = jnp.dot(g, wc, preferred_element_type=jnp.float32)
-        dw = jnp.dot(g.T, xc, preferred_element_type=jnp.float32)
+        dx, dw = _contract(g, wc, 1, 0), _contract(g, xc, 0, 0)
     else:  # y = x w: dx = g w^T, dw = x^T g
-        dx = jnp.dot(g, wc.T, preferred_element_type=jnp.float32)
-        dw = jnp.dot(xc.T, g, preferred_element_type=jnp.float32)
+        dx, dw = _contract(g, wc, 1, 1), _contract(xc, g, 0, 0)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
@@ -182,8 +192,10 @@ def rope_tables(positions: Array, head_dim: int, theta: float,
 
 
 def read_slots(x: Array, read_at: Array) -> Array:
-    """x [B, T, ...], read_at [B] int32 -> x[b, read_at[b]] as [B, 1, ...] (one slot per row)."""
-    return jnp.take_along_axis(x, read_at.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)
+    """x [B, T, ...], read_at [B, R] int32 -> x[b, read_at[b, r]] as [B, R, ...] (R slots per row;
+    read_at [B] reads one, [B, 1, ...])."""
+    idx = read_at.reshape(read_at.shape[0], -1)
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def rope(x: Array, tables: tuple[Array, Array]) -> Array:
@@ -247,10 +259,10 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, rope_cs, mask, kv, index, read_at=None):
         """x: [B, T, D]; rope_cs: cos/sin tables [B, T, 1, H]; mask: [B, 1, 1, T, S] bool; kv: this layer's cache (k, v) [B, K, S, H] or None.
-        read_at [B] int32 (no cache): queries only at slot read_at[b] of each row; keys and
+        read_at [B, R] int32 (no cache): queries only at slots read_at[b] of each row; keys and
         values still at every slot.
 
-        Returns ([B, T, D] float32 ([B, 1, D] with read_at), updated (k, v) or None).
+        Returns ([B, T, D] float32 ([B, R, D] with read_at), updated (k, v) or None).
         """
         c = self.config
         D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.dim_per_head
@@ -261,7 +273,7 @@ class Attention(nn.Module):
         x_q, q_rope = x, rope_cs
         if read_at is not None:
             x_q, q_rope = read_slots(x, read_at), tuple(read_slots(t, read_at) for t in rope_cs)
-            mask = jnp.take_along_axis(mask, read_at.reshape(-1, 1, 1, 1, 1), axis=3)  # [B, 1, 1, 1, S]
+            mask = jnp.take_along_axis(mask, read_at.reshape(read_at.shape[0], 1, 1, -1, 1), axis=3)  # [B, 1, 1, R, S]
         q, k, v = (_dense(x_q if n == "q_proj" else x, _param(self, n, init, (D, h, H), ("embed", a, "head_dim"), pdt),
                           1, dt)
                    for n, h, a in names)
@@ -366,7 +378,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, rope_cs, mask, kv, index, read_at=None):
-        """read_at [B] int32: the block's output only at slot read_at[b] of each row, [B, 1, D]
+        """read_at [B, R] int32: the block's output only at slots read_at[b] of each row, [B, R, D]
         (keys and values still come from every slot; see `Model.last_hidden`)."""
         c = self.config
         a, kv = Attention(c, self.mesh, name="attn")(
@@ -467,9 +479,10 @@ class Transformer(nn.Module):
                                       c.params_dtype)
 
     def __call__(self, tokens, attention_mask, positions=None, cache: KVCache | None = None, segment_ids=None,
-                 read_at=None):
+                 read_at=None, prefix_segment_ids=None):
         """tokens, attention_mask: [B, T] -> (hidden [B, T, D] float32, new cache or None);
-        with read_at [B] int32 (no cache), hidden [B, D] at slot read_at[b] of each row."""
+        with read_at [B] int32 (no cache), hidden [B, D] at slot read_at[b] of each row; with
+        read_at [B, R], hidden [B, R, D] at R slots of each row."""
         B, T = tokens.shape
         live = attention_mask.astype(bool)
         q_slot = jnp.arange(T)
@@ -483,7 +496,10 @@ class Transformer(nn.Module):
         if segment_ids is not None:
             if cache is not None:
                 raise ValueError("segment_ids (packing) is for full forward passes, not KV-cache decoding")
-            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            if prefix_segment_ids is not None:  # a query also reads the (earlier) slots of its shared prefix
+                same |= prefix_segment_ids[:, :, None] == segment_ids[:, None, :]
+            mask &= same
         if positions is None:
             positions = jnp.maximum(seen[:, None] + jnp.cumsum(live, axis=1, dtype=jnp.int32) - 1, 0)
         mask = mask[:, None, None]  # [B, 1(K), 1(G), T, S]
@@ -495,7 +511,7 @@ class Transformer(nn.Module):
         x, cache = self._layers(x, rope_cs, mask, cache, read_at)
         if cache is not None:
             cache = cache.replace(valid=key_valid, index=cache.index + T)
-        if read_at is not None:
+        if read_at is not None and read_at.ndim == 1:
             x = x[:, 0]
         return self.final_norm(x), cache
 
@@ -668,28 +684,42 @@ class Model:
         return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
     def forward(self, params, tokens, attention_mask=None, *, positions=None, cache=None, segment_ids=None,
-                read_at=None):
+                read_at=None, prefix_segment_ids=None):
         """tokens [B, T] int32 -> (hidden [B, T, D] float32, updated cache or None).
 
         read_at [B] int32 (full passes only): hidden [B, D] at slot read_at[b] of each row
-        instead. The last layer then computes its keys and values at every slot but its
-        queries, attention output and MLP at that slot alone (with L layers, about 1/L of
+        instead ([B, R]: hidden [B, R, D] at R slots a row, e.g. the last token of each
+        answer sharing a prompt). The last layer then computes its keys and values at every
+        slot but its queries, attention output and MLP at those slots alone (with L layers, about 1/L of
         the forward and backward FLOPs saved); the values equal the full pass's hidden
         [b, read_at[b]] up to float rounding. `last_hidden` reads at the last real token.
+
+        segment_ids [B, T] int32 (packing): a token attends only to earlier tokens of its own
+        segment; prefix_segment_ids [B, T] (with segment_ids) names one more segment each
+        token may read, its shared prefix (its own id where it has none). Several
+        completions of one prompt then share a single copy of it: prompt (segment 1),
+        completion a (2), completion b (3) in one row, positions continuing from the
+        prompt in each completion, prefix_segment_ids 1 everywhere, give every completion
+        token the hidden state it has in its own [prompt, completion] row.
         """
         if attention_mask is None:
             attention_mask = jnp.ones(tokens.shape, jnp.int32)
         check_tokens(tokens, attention_mask, self.config.vocab_size)
         check_length(tokens.shape[1], self.config.max_seq_len, packed=segment_ids is not None, cached=cache is not None)
+        if prefix_segment_ids is not None and (segment_ids is None or jnp.shape(prefix_segment_ids) != tokens.shape):
+            raise ValueError(f"prefix_segment_ids: needs segment_ids and the tokens' shape {tokens.shape}; got "
+                             f"{jnp.shape(prefix_segment_ids)}" + ("" if segment_ids is not None else " without segment_ids"))
         if cache is not None and cache.valid.shape[0] != tokens.shape[0]:
             raise ValueError(f"cache has {cache.valid.shape[0]} rows but tokens have {tokens.shape[0]}")
         if read_at is not None:
             if cache is not None:
                 raise ValueError("read_at: for full forward passes, not KV-cache decoding")
-            if jnp.shape(read_at) != tokens.shape[:1]:
-                raise ValueError(f"read_at: one slot per row, shape ({tokens.shape[0]},); got {jnp.shape(read_at)}")
+            if jnp.shape(read_at)[:1] != tokens.shape[:1] or jnp.ndim(read_at) not in (1, 2):
+                raise ValueError(f"read_at: slots per row, shape ({tokens.shape[0]},) or ({tokens.shape[0]}, R); got "
+                                 f"{jnp.shape(read_at)}")
             read_at = jnp.asarray(read_at, jnp.int32)
-        return self.module.apply({"params": params}, tokens, attention_mask, positions, cache, segment_ids, read_at)
+        return self.module.apply({"params": params}, tokens, attention_mask, positions, cache, segment_ids, read_at,
+                                 prefix_segment_ids)
 
     def last_hidden(self, params, tokens, attention_mask=None, *, segment_ids=None) -> Array:
         """hidden [B, D] float32 at each row's last real token (`last_token_index`): what the

@@ -118,11 +118,14 @@ class SFTTaskConfig(TaskConfig):
 class RewardModelTaskConfig(TaskConfig):
     """Reward model: Bradley–Terry on {prompt, chosen, rejected} pairs (`RankingConfig(margin, centring)`),
     or the squared error to {prompt, response, score} rows (`PointwiseConfig`); the model gets a
-    zero-initialised "reward" head when it has none."""
+    zero-initialised "reward" head when it has none. share_prompt: each pair as one row, prompt then
+    chosen then rejected, both answers reading one copy of the prompt (`collate_pairs(share_prompt=True)`):
+    the same scores, P + C + R tokens a pair instead of 2P + C + R."""
 
     lr: float = 1e-5
     margin: float = 0.0
     centring: float = 0.0
+    share_prompt: bool = True
 
 
 @dataclass(frozen=True)
@@ -132,13 +135,16 @@ class DPOTaskConfig(TaskConfig):
     beta: None keeps the method's; max_prompt_length: prompts are cut from the left to this many tokens;
     overlong: "truncate_completion" (the usual recipe: the completion is cut from the right to fit
     max_length after the prompt), "error" or "drop" ("truncate_prompt" is max_prompt_length here).
-    The reference is the model as given (frozen)."""
+    share_prompt: each pair as one row, prompt then chosen then rejected, both completions reading one
+    copy of the prompt (`collate_preferences(share_prompt=True)`): the same losses, P + C + R tokens a pair
+    instead of 2P + C + R. The reference is the model as given (frozen)."""
 
     lr: float = 1e-6
     overlong: str = "truncate_completion"
     method: str = "dpo"
     beta: float | None = None
     max_prompt_length: int | None = None
+    share_prompt: bool = True
 
     def loss(self):
         if self.method not in PREFERENCE_METHODS or self.method == "kto":
@@ -376,10 +382,12 @@ def sft_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None) ->
 
 
 @_locating
-def reward_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None) -> tuple[BatchIterator, str]:
+def reward_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None,
+                   share_prompt: bool = False) -> tuple[BatchIterator, str]:
     """(batches, kind): kind "pairs" — RankingBatch [batch_size, 2, T] (chosen rank 0, rejected rank 1; a
-    "margin" column fills RankingBatch.margin) from {prompt, chosen, rejected} rows — or "scores" —
-    ScoreBatch [batch_size, T] with scores [batch_size] from {prompt, response, score} rows."""
+    "margin" column fills RankingBatch.margin; share_prompt: the shared-prompt layout [batch_size, W]) from
+    {prompt, chosen, rejected} rows — or "scores" — ScoreBatch [batch_size, T] with scores [batch_size]
+    from {prompt, response, score} rows."""
     rows = _rows(data)
     chat = _use_chat(tok, cfg)
     length = max_length or cfg.max_length
@@ -401,7 +409,8 @@ def reward_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None)
     def collate(batch):
         ms = [m for _, m in batch]
         return collate_pairs(tok, [p for p, _ in batch], margins=None if all(m is None for m in ms) else
-                             [0.0 if m is None else m for m in ms], max_length=length, add_bos=not chat)
+                             [0.0 if m is None else m for m in ms], max_length=length, add_bos=not chat,
+                             share_prompt=share_prompt)
 
     return BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed), "pairs"
 
@@ -425,7 +434,8 @@ def _fitted_preferences(tok, data, pairs, cfg: DPOTaskConfig, *, max_length: int
 
 @_locating
 def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None = None) -> BatchIterator:
-    """PreferenceBatch [batch_size, 2, T] (chosen at 0, rejected at 1) from {prompt, chosen, rejected} rows,
+    """PreferenceBatch [batch_size, 2, T] (chosen at 0, rejected at 1; with cfg.share_prompt the
+    shared-prompt layout [batch_size, W]) from {prompt, chosen, rejected} rows,
     with optional "weight" and "label" columns (per-pair weight, soft label); the prompt is cut from the
     left to max_prompt_length tokens, then, with cfg.overlong="truncate_completion", the completion to fit
     max_length (the collator's own truncation; "error" and "drop" are decided here, when the data set is
@@ -438,7 +448,8 @@ def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None 
     items = [dict(prompt=pairs[i].prompt, chosen=pairs[i].chosen, rejected=pairs[i].rejected,
                   weight=rendered[i].get("weight"), label=rendered[i].get("label")) for i in kept]
     collate = functools.partial(collate_preferences, tok, max_length=length,
-                                max_prompt_length=cfg.max_prompt_length, add_bos=not chat)
+                                max_prompt_length=cfg.max_prompt_length, add_bos=not chat,
+                                share_prompt=cfg.share_prompt)
     return BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed)
 
 
@@ -554,7 +565,7 @@ def reward_model(model, data, cfg: RewardModelTaskConfig = RewardModelTaskConfig
     preference pairs (Bradley–Terry) or scored responses (squared error), `rljax.phases.train_reward_model`.
     Score texts with `rljax.rewards.reward_model_reward(result.params, result.model, result.tokenizer)`."""
     m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len, head="reward")
-    data_it, kind = reward_batches(tok, data, cfg, max_length=_max_length(cfg, m))
+    data_it, kind = reward_batches(tok, data, cfg, max_length=_max_length(cfg, m), share_prompt=cfg.share_prompt)
     loss = RankingConfig(margin=cfg.margin, centring=cfg.centring) if kind == "pairs" else PointwiseConfig()
     opt = cfg.optimizer()
     state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
