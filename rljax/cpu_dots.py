@@ -27,7 +27,9 @@ sampling with XLA's default:
     RLJAX_CPU_DOTS=eigen    # Eigen on every CPU
     RLJAX_CPU_DOTS=ynn      # XLA's default everywhere
 
-CPUs with AVX-512, AVX512-BF16 or AMX were not measured, so `auto` leaves them with XLA's default.
+On an EPYC with AVX-512 and avx512_bf16, float32 programs ran faster with Eigen too (the GRPO
+update 0.73-0.87x) and bfloat16-compute ones slower (1.07-1.10x); `auto` still leaves AVX-512 and
+AMX CPUs with XLA's default (docs/performance.md says why; `eigen` opts in).
 An `xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS is the user's own choice and is kept. GPU
 and TPU programs get no option at all. The results differ from XLA's default in float rounding
 only (the products sum in another order).
