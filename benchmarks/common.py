@@ -22,8 +22,9 @@ def banner(title: str, cfg) -> None:
     if jax.default_backend() == "cpu":
         from rljax.cpu_dots import ENV, dot_library
 
-        print(f"products in train steps and scoring passes: {dot_library()} ({ENV}="
-              f"{os.environ.get(ENV, 'auto')}; sampling keeps XLA's default, rljax.cpu_dots)")
+        print(f"products in train steps and scoring passes: {dot_library()} for float32 compute, "
+              f"{dot_library(dtype='bfloat16')} for bfloat16 ({ENV}={os.environ.get(ENV, 'auto')}; sampling keeps "
+              f"XLA's default, rljax.cpu_dots)")
     print(f"config: {cfg}")
 
 

@@ -23,13 +23,17 @@ whole sequences (every phase's train step, `compile_step`, and the scoring passe
 log-probs and values, `jit_full_sequence`) with Eigen's products on CPUs of that kind, and leaves
 sampling with XLA's default:
 
-    RLJAX_CPU_DOTS=auto     # the default: Eigen on x86 CPUs with AVX2 and without AVX-512
+    RLJAX_CPU_DOTS=auto     # the default: Eigen on x86 CPUs with AVX2 and without AVX-512; on CPUs
+                            # with avx512_bf16 (and no AMX) for float32 programs only
     RLJAX_CPU_DOTS=eigen    # Eigen on every CPU
     RLJAX_CPU_DOTS=ynn      # XLA's default everywhere
 
-On an EPYC with AVX-512 and avx512_bf16, float32 programs ran faster with Eigen too (the GRPO
-update 0.73-0.87x) and bfloat16-compute ones slower (1.07-1.10x); `auto` still leaves AVX-512 and
-AMX CPUs with XLA's default (docs/performance.md says why; `eigen` opts in).
+On a 2-core AMD EPYC with AVX-512 and avx512_bf16 (same benchmark, 4 rounds) float32 programs
+favour Eigen too (GRPO update shape 2,306 -> 2,006 ms, 0.870x, 4 of 4; in the GRPO iteration the
+update 0.727x; torch shape 0.943x; DPO shape 1.001x) and bfloat16-compute programs YNNPACK (Eigen
+1.071x the GRPO update, 1.096x the DPO step, slower in every round), so there `auto` picks by the
+program's compute dtype. Other AVX-512 CPUs and CPUs with AMX were not measured: `auto` leaves
+them with XLA's default.
 An `xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS is the user's own choice and is kept. GPU
 and TPU programs get no option at all. The results differ from XLA's default in float rounding
 only (the products sum in another order).
@@ -61,8 +65,10 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
     return None
 
 
-def dot_library(env: Mapping[str, str] | None = None, flags: frozenset[str] | None = None) -> str:
-    """'eigen' or 'ynn': the library for full-sequence CPU programs under RLJAX_CPU_DOTS (module doc).
+def dot_library(env: Mapping[str, str] | None = None, flags: frozenset[str] | None = None,
+                dtype="float32") -> str:
+    """'eigen' or 'ynn': the library for full-sequence CPU programs whose products compute in
+    `dtype` (the model's `TransformerConfig.dtype`) under RLJAX_CPU_DOTS (module doc).
 
     env defaults to os.environ, flags to `cpu_flags()`. Raises ValueError naming RLJAX_CPU_DOTS
     for a value other than auto, eigen or ynn.
@@ -76,19 +82,27 @@ def dot_library(env: Mapping[str, str] | None = None, flags: frozenset[str] | No
     if YNN_OPTION in env.get("XLA_FLAGS", ""):
         return "ynn"  # the user's own setting stays in force
     flags = cpu_flags() if flags is None else flags
-    return "eigen" if flags and "avx2" in flags and "avx512f" not in flags else "ynn"
+    if not flags or "avx2" not in flags or any(f.startswith("amx") for f in flags):
+        return "ynn"  # not x86 with AVX2, flags unknown, or AMX (not measured)
+    if "avx512f" not in flags:
+        return "eigen"
+    if "avx512_bf16" in flags and jax.numpy.dtype(dtype) == jax.numpy.float32:
+        return "eigen"
+    return "ynn"
 
 
-def full_sequence_compiler_options(platform: str | None = None) -> dict[str, str] | None:
+def full_sequence_compiler_options(platform: str | None = None, dtype="float32") -> dict[str, str] | None:
     """`jax.jit(compiler_options=...)` for a program over whole sequences on `platform`
-    (default: jax's default backend): Eigen's products where `dot_library()` says so, else None."""
+    (default: jax's default backend) computing its products in `dtype`: Eigen's products where
+    `dot_library(dtype=dtype)` says so, else None."""
     platform = platform or jax.default_backend()
-    if platform != "cpu" or dot_library() != "eigen":
+    if platform != "cpu" or dot_library(dtype=dtype) != "eigen":
         return None
     return {YNN_OPTION: ""}
 
 
-def jit_full_sequence(fn: Callable, **jit_kwargs) -> Callable:
-    """`jax.jit(fn, **jit_kwargs)` with `full_sequence_compiler_options()`: for forward or
-    train passes over whole sequences, not for decoding loops."""
-    return jax.jit(fn, compiler_options=full_sequence_compiler_options(), **jit_kwargs)
+def jit_full_sequence(fn: Callable, *, dtype="float32", **jit_kwargs) -> Callable:
+    """`jax.jit(fn, **jit_kwargs)` with `full_sequence_compiler_options(dtype=dtype)`: for forward
+    or train passes over whole sequences (products in `dtype`, the model's compute dtype), not for
+    decoding loops."""
+    return jax.jit(fn, compiler_options=full_sequence_compiler_options(dtype=dtype), **jit_kwargs)

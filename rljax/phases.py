@@ -389,7 +389,8 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
     if reference is not None and cfg.loss.needs_reference:
         if mesh is not None:
             reference = jax.device_put(reference, param_shardings(model, mesh))
-        ref_fn = jit_full_sequence(functools.partial(reference_logps, model=model, chunk_size=cfg.loss.chunk_size))
+        ref_fn = jit_full_sequence(functools.partial(reference_logps, model=model, chunk_size=cfg.loss.chunk_size),
+                                   dtype=model.config.dtype)
 
         def step(state, batch):
             if batch.ref_logps is None:

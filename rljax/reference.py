@@ -49,7 +49,8 @@ def cached_reference_logps(params, rows: Sequence, collate: Callable, *, model, 
             out = np.load(path)
             if out.shape == (len(rows), 2):
                 return out
-    fn = jit_full_sequence(functools.partial(reference_logps, model=model, chunk_size=chunk_size))
+    fn = jit_full_sequence(functools.partial(reference_logps, model=model, chunk_size=chunk_size),
+                           dtype=model.config.dtype)
     out = np.concatenate([np.asarray(fn(params, b.replace(ref_logps=None))) for b in batches]).astype(np.float32)
     if not np.all(np.isfinite(out)):
         bad = int(np.argwhere(~np.isfinite(out))[0, 0])

@@ -393,15 +393,18 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         return policy, critic, dict(metrics, updates=made)
 
     if mesh is None:
-        jitted_update = compile_step(update, donate_argnums=(0, 1))
+        jitted_update = compile_step(update, donate_argnums=(0, 1), dtype=model.config.dtype)
     else:
         policy_sh = state_shardings(model, tx, mesh)
         critic_sh = None if critic_model is None else state_shardings(critic_model, critic_tx, mesh)
         jitted_update = compile_step(update, mesh=mesh, in_shardings=(policy_sh, critic_sh, BATCH, replicated(mesh)),
-                                     out_shardings=(policy_sh, critic_sh, None), donate_argnums=(0, 1))
-    ref_lp = jit_full_sequence(functools.partial(token_logprobs, model=model))
-    values_fn = jit_full_sequence(functools.partial(token_values, model=critic_model or model))
-    teacher_lp = jit_full_sequence(functools.partial(token_logprobs, model=teacher_model))
+                                     out_shardings=(policy_sh, critic_sh, None), donate_argnums=(0, 1),
+                                     dtype=model.config.dtype)
+    ref_lp = jit_full_sequence(functools.partial(token_logprobs, model=model), dtype=model.config.dtype)
+    values_fn = jit_full_sequence(functools.partial(token_values, model=critic_model or model),
+                                  dtype=(critic_model or model).config.dtype)
+    teacher_lp = jit_full_sequence(functools.partial(token_logprobs, model=teacher_model),
+                                   dtype=teacher_model.config.dtype)
     greedy_cfg = cfg.sampling.replace(greedy=True, n=1)
     room = model.config.max_seq_len - cfg.sampling.max_new_tokens
     n = cfg.sampling.n

@@ -300,19 +300,19 @@ BATCH = "batch"  # a compile_step in_shardings entry: shardings from the rules t
 
 
 def compile_step(fn: Callable, *, mesh: Mesh | None = None, in_shardings: tuple = (), out_shardings=None,
-                 donate_argnums: tuple[int, ...] = (0,), rules=LOGICAL_RULES) -> Callable:
+                 donate_argnums: tuple[int, ...] = (0,), rules=LOGICAL_RULES, dtype="float32") -> Callable:
     """The one step builder: `jax.jit(fn)` donating the state it owns (`donate_argnums`).
 
     With a mesh, `in_shardings` has one entry per argument: a pytree of shardings (e.g.
     `state_shardings(...)`), None (unspecified) or BATCH (each leaf split over the batch
     axes by the rules table, compiled once per batch structure, since optional fields
     change the tree). Every phase's step (SFT, reward model, preference, RL update, OREO)
-    is built here. On CPUs where Eigen's matrix products beat XLA's default for whole sequences,
-    the step is compiled with them (`rljax.cpu_dots`).
+    is built here. On CPUs where Eigen's matrix products beat XLA's default for whole sequences
+    computed in `dtype` (the model's compute dtype), the step is compiled with them (`rljax.cpu_dots`).
     """
     if mesh is None:
-        return jit_full_sequence(fn, donate_argnums=donate_argnums)
-    options = full_sequence_compiler_options(mesh.devices.flat[0].platform)
+        return jit_full_sequence(fn, donate_argnums=donate_argnums, dtype=dtype)
+    options = full_sequence_compiler_options(mesh.devices.flat[0].platform, dtype=dtype)
     compiled = {}
 
     def call(*args):
@@ -346,9 +346,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation |
 
     donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return compile_step(step, donate_argnums=donate_argnums)
+        return compile_step(step, donate_argnums=donate_argnums, dtype=model.config.dtype if model else "float32")
     if model is None:
         raise ValueError("make_train_step: pass model= with mesh= so parameter shardings can be derived")
     sh = state_shardings(model, optimizer, mesh, rules)
-    return compile_step(step, mesh=mesh, in_shardings=(sh, BATCH), out_shardings=(sh, None),
+    return compile_step(step, mesh=mesh, in_shardings=(sh, BATCH), out_shardings=(sh, None), dtype=model.config.dtype,
                         donate_argnums=donate_argnums, rules=rules)

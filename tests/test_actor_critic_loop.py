@@ -46,7 +46,9 @@ def test_actor_critic_moves_mass_to_the_best_arms(algorithm, advantage, epochs, 
         critic_model, critic_params = model, params
         model = Model(preset("tiny", n_layers=1))
         params = {k: v for k, v in params.items() if not k.startswith("value_")}
-    opt = OptimizerConfig(lr=3e-2, schedule="constant", clip_norm=None, head_lr=1e-2)
+    # lr 2e-2: at 3e-2 PPO's policy turned near-deterministic within 10 iterations and which arm it
+    # settled on depended on float rounding (0.905 with one product library, a stuck 0.698 with another)
+    opt = OptimizerConfig(lr=2e-2, schedule="constant", clip_norm=None, head_lr=1e-2)
     cfg = RLConfig(algorithm=algorithm, advantage=advantage, sampling=SAMPLING.replace(n=8), optimizer=opt,
                    epochs=epochs,
                    minibatches=epochs)  # A2C: one synchronous update per batch; PPO: 2 epochs x 2 minibatches

@@ -29,11 +29,17 @@ def test_cpu_flags_reads_the_first_processor(tmp_path):
 
 
 def test_dot_library_rules():
-    # auto: Eigen only on the kind of CPU it was measured faster on (AVX2, no AVX-512)
+    # auto: Eigen on the kinds of CPU it was measured faster on: AVX2 without AVX-512 (float32 and
+    # bfloat16 compute), AVX-512 with avx512_bf16 for float32 compute only; not on other AVX-512 CPUs
+    # or on AMX (not measured)
     assert dot_library({}, AVX2) == "eigen"
     assert dot_library({ENV: "auto"}, AVX2) == "eigen"
     assert dot_library({ENV: " Auto "}, AVX2) == "eigen"
-    assert dot_library({}, AVX512) == "ynn"
+    assert dot_library({}, AVX2, dtype="bfloat16") == "eigen"
+    assert dot_library({}, AVX512) == dot_library({}, AVX512, dtype=jnp.float32) == "eigen"
+    assert dot_library({}, AVX512, dtype="bfloat16") == "ynn"
+    assert dot_library({}, AVX512 - {"avx512_bf16"}) == "ynn"
+    assert dot_library({}, AVX512 | {"amx_tile", "amx_bf16"}) == "ynn"
     assert dot_library({}, frozenset({"neon", "asimd"})) == "ynn"  # an Arm CPU
     assert dot_library({}, frozenset()) == "ynn"  # flags unknown
     # an explicit choice wins over the CPU
@@ -52,6 +58,11 @@ def test_compiler_options_only_for_cpu(monkeypatch):
     assert full_sequence_compiler_options("tpu") is None
     monkeypatch.setenv(ENV, "ynn")
     assert full_sequence_compiler_options("cpu") is None
+    # auto on an AVX-512 CPU with avx512_bf16: the program's compute dtype decides
+    monkeypatch.setenv(ENV, "auto")
+    monkeypatch.setattr(cpu_dots, "cpu_flags", lambda: AVX512)
+    assert full_sequence_compiler_options("cpu", dtype="float32") == {YNN_OPTION: ""}
+    assert full_sequence_compiler_options("cpu", dtype="bfloat16") is None
 
 
 def _sq_loss(params, batch, *, model):
@@ -101,7 +112,7 @@ def test_compile_step_on_a_mesh_passes_the_options(monkeypatch):
         seen.append(kwargs.get("compiler_options"))
         return real_jit(fn, **kwargs)
 
-    monkeypatch.setattr(cpu_dots, "dot_library", lambda: "eigen")
+    monkeypatch.setattr(cpu_dots, "dot_library", lambda **kw: "eigen")
     monkeypatch.setattr(jax, "jit", recording_jit)
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     step = compile_step(lambda s, x: (s + 1, x.sum()), mesh=mesh, in_shardings=(None, None), donate_argnums=())
