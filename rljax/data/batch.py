@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -35,6 +36,12 @@ PROMPT_SEGMENT, CHOSEN_SEGMENT, REJECTED_SEGMENT = 1, 2, 3
 def answer_segment(k):
     """The segment id of answer k (0-based) of a ranked list in the shared-prompt layout: k + 2."""
     return k + 2
+
+
+def prompt_prefix_ids(segment_ids):
+    """The model's prefix_segment_ids for a shared-prompt layout's segment_ids [B, W]: every
+    completion reads the prompt (PROMPT_SEGMENT), the prompt itself, padding (0) nothing more."""
+    return jnp.minimum(segment_ids, PROMPT_SEGMENT)
 
 
 @struct.dataclass

@@ -48,6 +48,19 @@ def pack_shared_prompt(row: int, encodings: Sequence[tuple[list[int], list[int]]
     return ids, loss, positions, segments
 
 
+def collate_shared_prompt(examples: Sequence[Sequence[tuple[list[int], list[int]]]], pad_id: int, *, length: int | None,
+                          min_bucket: int, names: Sequence[str]) -> list[np.ndarray]:
+    """Each example's completions of one prompt (`pack_shared_prompt`'s encodings) -> tokens,
+    attention_mask, loss_mask, positions, segment_ids [B, W] of the shared-prompt layout. Each
+    [prompt, completion] sequence already fits max_length; a row holds several of them, so W is
+    bucketed without that cap (`length` fixes it; a row that does not fit is named by `names`;
+    the model's length check exempts packed rows)."""
+    packed = [pack_shared_prompt(i, encodings) for i, encodings in enumerate(examples)]
+    width = padded_width([len(p[0]) for p in packed], length=length, min_bucket=min_bucket, max_length=None,
+                         names=names)
+    return pad_rows([p[0] for p in packed], width, pad_id, *([p[k] for p in packed] for k in (1, 2, 3)))
+
+
 def padded_width(lengths: Sequence[int], *, length: int | None, min_bucket: int, max_length: int | None,
                  names: Sequence[str]) -> int:
     """The padded width: `length` if given, else the longest row's bucketed width

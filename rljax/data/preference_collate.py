@@ -24,7 +24,7 @@ import numpy as np
 
 from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import KTOBatch, PreferenceBatch
-from rljax.data.collate import pack_shared_prompt, pad_rows, padded_width
+from rljax.data.collate import collate_shared_prompt, pad_rows, padded_width
 from rljax.tokenizer import Tokenizer
 
 _PAIR_FIELDS = ("prompt", "chosen", "rejected", "ref_logps", "weight", "label")
@@ -128,17 +128,6 @@ def _stack_refs(refs: list) -> np.ndarray | None:
     return None if refs[0] is None else np.stack(refs).astype(np.float32)
 
 
-def _share_prompt(pairs: list[list[tuple[list[int], list[int]]]], tokenizer: Tokenizer, *, length, min_bucket):
-    """[(chosen ids, mask), (rejected ids, mask)] per pair -> tokens, attention_mask, loss_mask,
-    positions, segment_ids [B, W] of PreferenceBatch's shared-prompt layout (`pack_shared_prompt`)."""
-    packed = [pack_shared_prompt(i, encodings) for i, encodings in enumerate(pairs)]
-    # Each sequence already fits max_length; a packed row holds two of them, so its width is
-    # bucketed without that cap (the model's length check exempts packed rows).
-    width = padded_width([len(ids) for ids, *_ in packed], length=length, min_bucket=min_bucket, max_length=None,
-                         names=[f"row {i} (prompt, chosen, rejected)" for i in range(len(packed))])
-    return pad_rows([ids for ids, *_ in packed], width, tokenizer.pad_id, *([p[k] for p in packed] for k in (1, 2, 3)))
-
-
 def collate_preferences(tokenizer: Tokenizer, rows: Sequence, *, max_length: int | None = None,
                         max_prompt_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET,
                         length: int | None = None, add_bos: bool = True, add_eos: bool = True,
@@ -171,8 +160,9 @@ def collate_preferences(tokenizer: Tokenizer, rows: Sequence, *, max_length: int
     weight, label = _per_pair(parsed, "weight"), _per_pair(parsed, "label")
     if share_prompt:
         ref = _stack_refs(refs)
-        tokens, attn, loss, positions, segments = _share_prompt(encoded, tokenizer, length=length,
-                                                                min_bucket=min_bucket)
+        tokens, attn, loss, positions, segments = collate_shared_prompt(
+            encoded, tokenizer.pad_id, length=length, min_bucket=min_bucket,
+            names=[f"row {i} (prompt, chosen, rejected)" for i in range(len(encoded))])
         return PreferenceBatch(tokens=tokens, attention_mask=attn, loss_mask=loss, ref_logps=ref, weight=weight,
                                label=label, positions=positions, segment_ids=segments)
     tokens, attn, loss, ref = _stack(encoded, refs, tokenizer, length=length, min_bucket=min_bucket,

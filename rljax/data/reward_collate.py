@@ -18,7 +18,7 @@ import numpy as np
 
 from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch
-from rljax.data.collate import encode_prompt_completion, pack_shared_prompt, pad_rows, padded_width
+from rljax.data.collate import collate_shared_prompt, encode_prompt_completion, pad_rows, padded_width
 from rljax.data.lengths import Tokens
 from rljax.tokenizer import Tokenizer
 
@@ -99,11 +99,9 @@ def collate_ranked(tokenizer: Tokenizer, lists: Sequence[tuple[str, Sequence[str
     shared = {}
     if share_prompt:
         padded_width([len(r) for r in rows], length=None, min_bucket=min_bucket, max_length=max_length, names=names)
-        packed = [pack_shared_prompt(i, answers) for i, answers in enumerate(encoded)]
-        width = padded_width([len(ids) for ids, *_ in packed], length=length, min_bucket=min_bucket, max_length=None,
-                             names=[f"row {i} (prompt and its {len(a)} answers)" for i, a in enumerate(encoded)])
-        tokens, attn, positions, segments = pad_rows([p[0] for p in packed], width, tokenizer.pad_id,
-                                                     [p[2] for p in packed], [p[3] for p in packed])
+        tokens, attn, _, positions, segments = collate_shared_prompt(
+            encoded, tokenizer.pad_id, length=length, min_bucket=min_bucket,
+            names=[f"row {i} (prompt and its {len(a)} answers)" for i, a in enumerate(encoded)])
         shared = dict(positions=positions, segment_ids=segments)
     else:
         width = padded_width([len(r) for r in rows], length=length, min_bucket=min_bucket, max_length=max_length,

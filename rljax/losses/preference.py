@@ -33,7 +33,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rljax.data.batch import CHOSEN_SEGMENT, PROMPT_SEGMENT, REJECTED_SEGMENT, KTOBatch, PreferenceBatch
+from rljax.data.batch import (CHOSEN_SEGMENT, PROMPT_SEGMENT, REJECTED_SEGMENT, KTOBatch, PreferenceBatch,
+                              prompt_prefix_ids)
 from rljax.models.logprobs import head_token_stats, sequence_token_stats, target_mask
 from rljax.ops.preference_kernels import (hinge_preference, ipo, kto, kto_reference_point, odds_ratio, robust_preference,
                                   sequence_logps, sigmoid_preference, simpo)
@@ -185,9 +186,8 @@ def shared_prompt_logps(params, tokens, attention_mask, loss_mask, positions, se
     exactly as in its own [prompt, rejected] row."""
     chex.assert_equal_shape([tokens, attention_mask, loss_mask, positions, segment_ids])
     chex.assert_rank(tokens, 2)
-    prefix = jnp.where(segment_ids > PROMPT_SEGMENT, PROMPT_SEGMENT, segment_ids)  # completions read the prompt
     hidden, _ = model.forward(params, tokens, attention_mask, positions=positions, segment_ids=segment_ids,
-                              prefix_segment_ids=prefix)
+                              prefix_segment_ids=prompt_prefix_ids(segment_ids))
     n_prompt = jnp.sum(segment_ids == PROMPT_SEGMENT, axis=1, dtype=jnp.int32)  # P [B]
     n_chosen = jnp.sum(segment_ids == CHOSEN_SEGMENT, axis=1, dtype=jnp.int32)
     last_prompt = jnp.take_along_axis(hidden, jnp.maximum(n_prompt - 1, 0)[:, None, None], axis=1)  # [B, 1, D]

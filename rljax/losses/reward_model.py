@@ -23,8 +23,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rljax.data.batch import (PROMPT_SEGMENT, FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch,
-                              answer_segment)
+from rljax.data.batch import (FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch, answer_segment,
+                              prompt_prefix_ids)
 from rljax.models.logprobs import head_token_stats, target_mask
 from rljax.ops.aggregate import aggregate
 from rljax.ops.implicit_rewards import implicit_q, ipw_targets
@@ -71,9 +71,8 @@ def shared_prompt_hidden(params, batch: RankingBatch, *, model) -> jax.Array:
     slots = jnp.arange(seg.shape[1])
     is_answer = seg[:, None, :] == answer_segment(jnp.arange(K))[None, :, None]  # [B, K, W]
     last = jnp.max(jnp.where(is_answer, slots, 0), axis=-1)  # [B, K]
-    prefix = jnp.where(seg > PROMPT_SEGMENT, PROMPT_SEGMENT, seg)
     hidden, _ = model.forward(params, batch.tokens, batch.attention_mask, positions=batch.positions, segment_ids=seg,
-                              prefix_segment_ids=prefix, read_at=last)
+                              prefix_segment_ids=prompt_prefix_ids(seg), read_at=last)
     return hidden
 
 
