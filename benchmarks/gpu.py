@@ -5,14 +5,20 @@
 
 Parts (each guarded, so one failure does not hide the rest):
   check    on the device: KV-cache decode == full forward (float32), cuDNN attention ~= XLA attention (bf16)
-  train    forward + backward + AdamW, batch 8 x 1024, bf16 compute; pure bf16 (params, grads, Adam
-           state, as the anchor) and bf16 compute with float32 master weights; cuDNN attention
-  decode   greedy, batch 64, prompt 128, 256 new tokens, bf16, one jitted while-loop over a KV cache
+  train    forward + backward + AdamW, batch 8 x 1024, bf16 compute, cuDNN attention, in the layouts
+           --train-layouts names: anchor (params, grads, Adam state and the residual stream bf16:
+           the anchor's layout), f32_stream (the same with rljax's default float32 stream), mixed
+           (bf16 compute, float32 master weights and Adam state, bf16 stream)
+  decode   greedy, batch 64, prompt 128, 256 new tokens, bf16 weights, one jitted while-loop over a
+           KV cache; with each residual stream --decode-streams names (bfloat16, float32)
   grpo     one GRPO iteration (`rljax.rl.make_rl_iteration`): 64 prompts x 8 samples x 256 new tokens
            (forced to full length), bf16 compute with float32 master weights, the KL metrics on (one
            reference forward), the update as one optimizer step accumulated over micro-batches of
            --grpo-micro rows; seconds split into sampling / scoring / reference / update, tokens/s,
            and the update's MFU (anchor's FLOP formula at the update's 512 x 384 tokens)
+  profile  a jax.profiler trace of 3 train steps (the anchor's layout) and of one decode call: device
+           time per kernel, summed over the trace (largest first) and as a share of the total;
+           with --profile-dir, the traces and the train step's optimised HLO are written there
   fit      the largest micro-batch (rows of prompt + new tokens) whose train step fits on the device,
            without and with rematerialisation (`remat="full"`): doubling from 8 until the step
            fails to compile or run, each size a fresh compile
@@ -64,7 +70,10 @@ class Config:
     grpo_micro: int = 32
     grpo_iters: int = 2
     fit_max: int = 1024
-    parts: str = "check,train,decode,grpo,fit"
+    parts: str = "check,train,decode,grpo,profile,fit"
+    train_layouts: str = "anchor,f32_stream,mixed"
+    decode_streams: str = "bfloat16,float32"
+    profile_dir: str = ""
     tiny: bool = False
 
 
@@ -119,11 +128,18 @@ def part_train(cfg):
     tokens = jax.random.randint(jax.random.key(1), (cfg.train_batch, cfg.train_seq), 0, base.vocab_size)
     flops = anchor_flops(base, cfg.train_batch, cfg.train_seq)
     pure = dict(dtype="bfloat16", param_dtype="bfloat16")
-    for label, overrides, chunk in [
-        ("pure bf16 (params/grads/Adam bf16), logits unchunked", pure, cfg.train_seq),
-        ("pure bf16, logits chunked (default)", pure, None),
-        ("bf16 compute, f32 master weights, logits unchunked", dict(dtype="bfloat16"), cfg.train_seq),
-    ]:
+    layouts = {
+        "anchor": ("pure bf16 (params/grads/Adam and residual stream bf16: the anchor's layout)",
+                   dict(pure, residual_dtype="bfloat16")),
+        "f32_stream": ("pure bf16, float32 residual stream", pure),
+        "mixed": ("bf16 compute, f32 master weights and Adam, bf16 stream",
+                  dict(dtype="bfloat16", residual_dtype="bfloat16")),
+    }
+    for name in cfg.train_layouts.split(","):
+        if name not in layouts:
+            raise ValueError(f"--train-layouts: {name!r} not in {sorted(layouts)}")
+        label, overrides = layouts[name]
+        chunk = cfg.train_seq
         try:
             model = Model(base.replace(**overrides))
             params = jax.jit(model.init)(jax.random.key(0))
@@ -152,23 +168,113 @@ def part_train(cfg):
             print(f"  train [{label}] FAILED: {type(e).__name__}: {str(e)[:400]}", flush=True)
 
 
-def part_decode(cfg):
-    model = Model(preset(cfg.preset, dtype="bfloat16", param_dtype="bfloat16", scan_layers=False))
+def _decode_setup(cfg, stream):
+    model = Model(preset(cfg.preset, dtype="bfloat16", param_dtype="bfloat16", residual_dtype=stream,
+                         scan_layers=False))
     params = jax.jit(model.init)(jax.random.key(0))
     prompt = np.asarray(jax.random.randint(jax.random.key(1), (cfg.gen_batch, cfg.prompt), 0, model.config.vocab_size))
     scfg = SampleConfig(max_new_tokens=cfg.new_tokens, greedy=True, eos_id=-1, min_prompt_bucket=cfg.prompt)
-    t0 = time.perf_counter()
-    block(sample(params, prompt, None, jax.random.key(0), model=model, cfg=scfg))
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(3):
+    return lambda: sample(params, prompt, None, jax.random.key(0), model=model, cfg=scfg)
+
+
+def part_decode(cfg):
+    for stream in cfg.decode_streams.split(","):
+        run = _decode_setup(cfg, stream)
         t0 = time.perf_counter()
-        block(sample(params, prompt, None, jax.random.key(0), model=model, cfg=scfg))
-        times.append(time.perf_counter() - t0)
-    s = float(np.median(times))
-    print(f"  decode greedy bf16 batch {cfg.gen_batch}, prompt {cfg.prompt}, {cfg.new_tokens} new: "
-          f"{cfg.gen_batch*cfg.new_tokens/s:,.0f} new tok/s | {s/cfg.new_tokens*1e3:.2f} ms/step | "
-          f"first call {first:.1f} s", flush=True)
+        block(run())
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            block(run())
+            times.append(time.perf_counter() - t0)
+        s = float(np.median(times))
+        print(f"  decode greedy bf16 weights, {stream} stream, batch {cfg.gen_batch}, prompt {cfg.prompt}, "
+              f"{cfg.new_tokens} new: {cfg.gen_batch*cfg.new_tokens/s:,.0f} new tok/s | "
+              f"{s/cfg.new_tokens*1e3:.2f} ms/step | first call {first:.1f} s", flush=True)
+        del run
+
+
+def _device_times(trace_dir):
+    """{kernel name: total µs} over the newest perfetto trace under trace_dir: the GPU's stream
+    lines (one event per kernel launch; in CUDA graphs, too), or every host event on a CPU (dry
+    runs). A kernel's name is the HLO fusion it runs (fusion.12 -> fusion_12), or a library's
+    (cuBLAS's nvjet_*, cuDNN's)."""
+    import collections
+    import glob
+    import gzip
+    import json
+
+    path = max(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True), key=os.path.getmtime)
+    events = json.load(gzip.open(path))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    meta = [e for e in events if e.get("ph") == "M"]
+    gpus = {e["pid"] for e in meta if e.get("name") == "process_name" and "GPU" in e.get("args", {}).get("name", "")}
+    streams = {(e["pid"], e["tid"]) for e in meta if e.get("name") == "thread_name" and e["pid"] in gpus
+               and e.get("args", {}).get("name", "").startswith("Stream")}
+    totals = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and (not gpus or (e["pid"], e.get("tid")) in streams):
+            totals[e["name"]] += e.get("dur", 0)
+    return totals, path
+
+
+def _print_times(label, totals, per, unit, top=25):
+    import collections
+    import re
+
+    total = sum(totals.values())
+    print(f"  profile [{label}]: {total / per / 1e3:.3f} ms per {unit} over {len(totals)} names", flush=True)
+    for name, us in totals.most_common(top):
+        print(f"    {us / per / 1e3:8.3f} ms {100 * us / max(total, 1):5.1f}%  {name[:110]}")
+    groups = collections.Counter()
+    for name, us in totals.items():  # the same kernel at many sites: fusion.12, fusion.13 -> fusion
+        groups[re.sub(r"[._]\d+$", "", name)] += us
+    print("    by family:", ", ".join(f"{n[:48]} {100 * us / max(total, 1):.1f}%" for n, us in groups.most_common(15)),
+          flush=True)
+
+
+def part_profile(cfg):
+    import shutil
+    import tempfile
+
+    out = cfg.profile_dir or tempfile.mkdtemp(prefix="rljax-profile-")
+    os.makedirs(out, exist_ok=True)
+    base = preset(cfg.preset, scan_layers=False, attention_impl="cudnn" if jax.default_backend() == "gpu" else "xla",
+                  dtype="bfloat16", param_dtype="bfloat16", residual_dtype="bfloat16")
+    model = Model(base)
+    tokens = jax.random.randint(jax.random.key(1), (cfg.train_batch, cfg.train_seq), 0, base.vocab_size)
+    params = jax.jit(model.init)(jax.random.key(0))
+    opt = optax.adamw(1e-5, weight_decay=0.01)
+    opt_state = jax.jit(opt.init)(params)
+    fn = jax.jit(_nll_train_step(model, opt, cfg.train_seq), donate_argnums=(0, 1)).lower(
+        params, opt_state, tokens).compile()
+    if cfg.profile_dir:
+        import gzip
+
+        with gzip.open(os.path.join(out, "train_step.hlo.txt.gz"), "wt") as f:
+            f.write(fn.as_text())
+    for _ in range(2):
+        params, opt_state, loss = fn(params, opt_state, tokens)
+    block((params, opt_state))
+    steps = 3
+    with jax.profiler.trace(os.path.join(out, "train"), create_perfetto_trace=True):
+        for _ in range(steps):
+            params, opt_state, loss = fn(params, opt_state, tokens)
+        block((params, opt_state, loss))
+    totals, path = _device_times(os.path.join(out, "train"))
+    _print_times("train step, anchor layout", totals, steps, "step")
+    if cfg.profile_dir:
+        shutil.copy(path, os.path.join(out, "train.trace.json.gz"))
+    del params, opt_state, fn
+    run = _decode_setup(cfg, "bfloat16")
+    block(run())
+    with jax.profiler.trace(os.path.join(out, "decode"), create_perfetto_trace=True):
+        block(run())
+    totals, path = _device_times(os.path.join(out, "decode"))
+    _print_times(f"decode call, {cfg.new_tokens} new tokens incl. prefill", totals, cfg.new_tokens, "token step")
+    if cfg.profile_dir:
+        shutil.copy(path, os.path.join(out, "decode.trace.json.gz"))
 
 
 def _even_share(prompts, completions, **_):
@@ -260,7 +366,7 @@ def main(cfg: Config):
         print(f"[{part}]", flush=True)
         try:
             {"check": part_check, "train": part_train, "decode": part_decode, "grpo": part_grpo,
-             "fit": part_fit}[part](cfg)
+             "profile": part_profile, "fit": part_fit}[part](cfg)
         except Exception as e:  # noqa: BLE001
             print(f"  {part} FAILED: {type(e).__name__}: {str(e)[:400]}", flush=True)
 

@@ -89,8 +89,15 @@ class TransformerConfig:
         Fisher-vector products (forward-over-reverse) switch it off for their
         KL term.
       dtype: compute dtype of matmul inputs ("float32" or "bfloat16"). Matmuls
-        always accumulate in float32; norms, softmax and the residual stream
-        stay float32.
+        always accumulate in float32; norms and softmax compute in float32.
+      residual_dtype: dtype of the residual stream between blocks, and of the
+        norm and RoPE outputs that feed the matmuls ("float32", the default, or
+        the compute dtype). "bfloat16" with dtype "bfloat16" is the pure-bf16
+        layout of Hugging Face's bf16 models and the GPU anchor: half the
+        activation bytes, while norms still reduce in float32 and the final norm,
+        the hidden states the heads read and the logits stay float32. Its
+        log-probabilities differ from a float32 stream's by bf16 rounding of the
+        stream (tests/test_model.py states the tolerance).
       param_dtype: storage dtype of parameters (master weights).
       heads: which output heads exist: "lm" (token logits), "value" (per-token
         scalar), "reward" (sequence scalar read at the last non-pad token).
@@ -121,6 +128,7 @@ class TransformerConfig:
     recompute_swiglu: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
+    residual_dtype: str = "float32"
     heads: tuple[str, ...] = ("lm",)
     reward_outputs: int = 1
     attention_impl: str = "xla"
@@ -147,6 +155,9 @@ class TransformerConfig:
             bad("dtype", f"{self.dtype!r} not in {tuple(DTYPES)}")
         if self.param_dtype not in DTYPES:
             bad("param_dtype", f"{self.param_dtype!r} not in {tuple(DTYPES)}")
+        if self.residual_dtype not in ("float32", self.dtype):
+            bad("residual_dtype", f"{self.residual_dtype!r} must be 'float32' or the compute dtype "
+                f"{self.dtype!r}: a stream narrower than float32 only pays with low-precision matmuls")
         if self.attention_impl not in ATTENTION_IMPLS:
             bad("attention_impl", f"{self.attention_impl!r} not in {ATTENTION_IMPLS}")
         heads = tuple(self.heads)
@@ -167,6 +178,11 @@ class TransformerConfig:
     @property
     def params_dtype(self):
         return DTYPES[self.param_dtype]
+
+    @property
+    def stream_dtype(self):
+        """The residual stream's dtype (`residual_dtype`)."""
+        return DTYPES[self.residual_dtype]
 
     @property
     def has_lm_head_matrix(self) -> bool:
