@@ -12,7 +12,8 @@ Parts (each guarded, so one failure does not hide the rest):
   decode   greedy, batch 64, prompt 128, 256 new tokens, bf16 weights, one jitted while-loop over a
            KV cache; with each residual stream --decode-streams names (bfloat16, float32)
   grpo     one GRPO iteration (`rljax.rl.make_rl_iteration`): 64 prompts x 8 samples x 256 new tokens
-           (forced to full length), bf16 compute with float32 master weights, the KL metrics on (one
+           (forced to full length), bf16 compute with float32 master weights, cuDNN attention in the
+           full-sequence passes, the KL metrics on (one
            reference forward), the update as one optimizer step accumulated over micro-batches of
            --grpo-micro rows; seconds split into sampling / scoring / reference / update, tokens/s,
            and the update's MFU (anchor's FLOP formula at the update's 512 x 384 tokens)
@@ -290,7 +291,10 @@ def part_grpo(cfg):
     from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
     from rljax.state import OptimizerConfig
 
-    model = Model(preset(cfg.preset, dtype="bfloat16", scan_layers=False))
+    # cuDNN attention for the full-sequence passes (scoring, reference, update); decoding over the
+    # KV cache keeps XLA's attention (TransformerConfig.attention_impl)
+    model = Model(preset(cfg.preset, dtype="bfloat16", scan_layers=False,
+                         attention_impl="cudnn" if jax.default_backend() == "gpu" else "xla"))
     params = jax.jit(model.init)(jax.random.key(0))
     rows = cfg.grpo_prompts * cfg.grpo_samples
     if rows % cfg.grpo_micro:

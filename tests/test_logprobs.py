@@ -86,3 +86,28 @@ def test_large_vocab_is_chunked_automatically(monkeypatch, tiny):
     monkeypatch.setattr(lpmod, "MAX_LOGITS_ELEMENTS", 2 * 3 * 64)  # room for 3 steps of 2 rows
     assert lpmod._chunk_size(2, 7, 64, None) == 3
     np.testing.assert_allclose(lpmod.token_logprobs(params, tokens, mask, model=model), ref, atol=1e-5)
+
+
+def test_logits_budget_follows_the_device():
+    """256 MiB of float32 logits a chunk on a CPU; 1/16 of an accelerator's memory (an H200's
+    139 GiB: 2.2e9 elements, so Qwen2.5-0.5B's 32 x 383 x 151,936 logits are one chunk), never less
+    than the CPU's, and 4x the CPU's where the device reports no limit."""
+    import rljax.models.logprobs as lpmod
+
+    class Device:
+        def __init__(self, platform, stats):
+            self.platform, self._stats = platform, stats
+
+        def memory_stats(self):
+            return self._stats
+
+    cpu = lpmod.MAX_LOGITS_ELEMENTS
+    assert cpu == 1 << 26
+    assert lpmod.max_logits_elements(Device("cpu", None)) == cpu
+    h200 = lpmod.max_logits_elements(Device("gpu", {"bytes_limit": 139 << 30}))
+    assert h200 == (139 << 30) // 64
+    assert lpmod._chunk_size(32, 383, 151_936, None, budget=h200) == 383
+    assert lpmod._chunk_size(32, 383, 151_936, None, budget=cpu) == 13
+    assert lpmod.max_logits_elements(Device("gpu", {"bytes_limit": 1 << 30})) == cpu
+    assert lpmod.max_logits_elements(Device("tpu", None)) == 4 * cpu
+    assert lpmod.max_logits_elements() == cpu  # this process runs on a CPU
