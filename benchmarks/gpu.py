@@ -17,8 +17,9 @@ Parts (each guarded, so one failure does not hide the rest):
            reference forward), the update as one optimizer step accumulated over micro-batches of
            --grpo-micro rows; seconds split into sampling / scoring / reference / update, tokens/s,
            and the update's MFU (anchor's FLOP formula at the update's 512 x 384 tokens)
-  profile  a jax.profiler trace of 3 train steps (the anchor's layout) and of one decode call: device
-           time per kernel, summed over the trace (largest first) and as a share of the total;
+  profile  a jax.profiler trace of 3 train steps (the anchor's layout), of one greedy decode call and
+           of one sampling call at the GRPO iteration's shape: device time per kernel, summed over
+           the trace (largest first) and as a share of the total;
            with --profile-dir, the traces and the train step's optimised HLO are written there
   fit      the largest micro-batch (rows of prompt + new tokens) whose train step fits on the device,
            without and with rematerialisation (`remat="full"`): doubling from 8 until the step
@@ -276,6 +277,19 @@ def part_profile(cfg):
     _print_times(f"decode call, {cfg.new_tokens} new tokens incl. prefill", totals, cfg.new_tokens, "token step")
     if cfg.profile_dir:
         shutil.copy(path, os.path.join(out, "decode.trace.json.gz"))
+    del run
+    # the GRPO iteration's sampling: its prompts x samples rows, temperature 1, float32 master weights
+    model = Model(preset(cfg.preset, dtype="bfloat16", scan_layers=False))
+    params = jax.jit(model.init)(jax.random.key(0))
+    prompts = np.asarray(jax.random.randint(jax.random.key(2), (cfg.grpo_prompts, cfg.prompt), 0,
+                                            model.config.vocab_size))
+    scfg = SampleConfig(max_new_tokens=cfg.new_tokens, n=cfg.grpo_samples, eos_id=-1, min_prompt_bucket=cfg.prompt)
+    block(sample(params, prompts, None, jax.random.key(0), model=model, cfg=scfg))
+    with jax.profiler.trace(os.path.join(out, "sample"), create_perfetto_trace=True):
+        block(sample(params, prompts, None, jax.random.key(1), model=model, cfg=scfg))
+    totals, _ = _device_times(os.path.join(out, "sample"))
+    _print_times(f"GRPO sampling, {cfg.grpo_prompts * cfg.grpo_samples} rows x {cfg.new_tokens} new tokens, "
+                 "temperature 1, f32 master weights", totals, cfg.new_tokens, "token step")
 
 
 def _even_share(prompts, completions, **_):
