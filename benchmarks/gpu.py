@@ -22,8 +22,8 @@ Parts (each guarded, so one failure does not hide the rest):
            the trace (largest first) and as a share of the total;
            with --profile-dir, the traces and the train step's optimised HLO are written there
   fit      the largest micro-batch (rows of prompt + new tokens) whose train step fits on the device,
-           without and with rematerialisation (`remat="full"`): doubling from 8 until the step
-           fails to compile or run, each size a fresh compile
+           without and with rematerialisation (`remat="full"`): predicted from XLA's memory analysis
+           of two sizes and confirmed by running it (or doubling from 8 until a size fails)
 
 What it is compared with: the anchor, a plain, straightforward JAX implementation of the same
 Qwen2.5-0.5B-shaped model (random init, bf16): a train step with cuDNN attention and greedy decoding
@@ -348,29 +348,81 @@ def part_grpo(cfg):
           flush=True)
 
 
+def _compile_step(step, params, opt_state, rows, seq):
+    tokens = jnp.zeros((rows, seq), jnp.int32)
+    return jax.jit(step).lower(params, opt_state, tokens).compile(), tokens
+
+
+def _runs(fn, params, opt_state, tokens) -> bool:
+    try:
+        block(fn(params, opt_state, tokens))
+        return True
+    except Exception as e:  # noqa: BLE001 -- out of memory shows up as several error types
+        print(f"    batch {tokens.shape[0]} fails: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        return False
+
+
+def predict_rows(need_b0: int, need_2b0: int, b0: int, free: float) -> tuple[int, float, float]:
+    """The largest multiple of 8 rows (at least b0) whose step needs at most `free` bytes, from the
+    step's need (XLA's temporary + output bytes) at b0 and 2 b0 rows, taken as linear in the rows:
+    need(b) = fixed + b per_row. Returns (rows, per_row, fixed)."""
+    per_row = (need_2b0 - need_b0) / b0
+    fixed = need_b0 - b0 * per_row
+    return max(b0, int((free - fixed) / max(per_row, 1.0)) // 8 * 8), per_row, fixed
+
+
 def part_fit(cfg):
-    """Largest micro-batch whose bf16-compute train step (f32 master weights, AdamW) compiles and runs."""
+    """Largest micro-batch whose bf16-compute train step (f32 master weights, AdamW) compiles and runs,
+    without and with rematerialisation.
+
+    On a device that reports its memory limit: XLA's memory analysis of the step at b and 2b rows
+    gives the bytes per row and the fixed part (outputs, scratch), so the largest batch is predicted
+    from the memory left (95% of the limit less what is in use), rounded down to a multiple of 8, and
+    then compiled and run to confirm (two compiles and one run instead of one compile and run per
+    doubling). Elsewhere, or if the prediction does not run: doubling from b until a size fails."""
     seq = cfg.prompt + cfg.new_tokens
+    b0 = 1 if cfg.tiny else 8
     for remat in ("none", "full"):
         model = Model(preset(cfg.preset, dtype="bfloat16", scan_layers=False, remat=remat))
         params = jax.jit(model.init)(jax.random.key(0))
         opt = optax.adamw(1e-6)
         opt_state = jax.jit(opt.init)(params)
         step = _nll_train_step(model, opt)
-        fits, b = 0, 8 if not cfg.tiny else 1
-        while b <= cfg.fit_max:
-            try:
-                tokens = jnp.zeros((b, seq), jnp.int32)
-                fn = jax.jit(step).lower(params, opt_state, tokens).compile()
-                block(fn(params, opt_state, tokens))
-                fits, b = b, b * 2
+        stats = jax.devices()[0].memory_stats() or {}
+        fits, capped, how = 0, False, "doubling"
+        if stats.get("bytes_limit"):
+            need = []
+            for rows in (b0, 2 * b0):
+                fn, _ = _compile_step(step, params, opt_state, rows, seq)
+                m = fn.memory_analysis()
+                need.append(m.temp_size_in_bytes + m.output_size_in_bytes)
                 del fn
-            except Exception as e:  # noqa: BLE001 -- out of memory shows up as several error types
-                print(f"  fit [remat {remat}] batch {b} x {seq}: fails ({type(e).__name__}: {str(e)[:120]})",
-                      flush=True)
-                break
-        print(f"  fit [remat {remat}]: largest batch that fits {fits} x {seq} tokens"
-              f"{' (the cap, --fit-max)' if b > cfg.fit_max else ''}", flush=True)
+            free = 0.95 * stats["bytes_limit"] - (jax.devices()[0].memory_stats() or stats).get("bytes_in_use", 0)
+            pred, per_row, fixed = predict_rows(need[0], need[1], b0, free)
+            capped = pred > cfg.fit_max
+            pred = min(pred, cfg.fit_max)
+            print(f"  fit [remat {remat}]: XLA's memory analysis: {per_row / 2**20:.1f} MiB a row of {seq} tokens, "
+                  f"{fixed / 2**30:.2f} GiB fixed, {free / 2**30:.1f} GiB free -> batch {pred}", flush=True)
+            fn, tokens = _compile_step(step, params, opt_state, pred, seq)
+            if _runs(fn, params, opt_state, tokens):
+                fits, how = pred, "memory analysis, then run"
+            del fn
+        if not fits:
+            b = b0
+            while b <= cfg.fit_max:
+                try:
+                    fn, tokens = _compile_step(step, params, opt_state, b, seq)
+                except Exception as e:  # noqa: BLE001
+                    print(f"    batch {b} does not compile: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    break
+                ok = _runs(fn, params, opt_state, tokens)
+                del fn
+                if not ok:
+                    break
+                fits, b = b, b * 2
+            capped = b > cfg.fit_max
+        print(f"  fit [remat {remat}]: largest batch that fits {fits} x {seq} tokens ({how})"
+              f"{' (the cap, --fit-max)' if capped else ''}", flush=True)
         del params, opt_state
 
 

@@ -35,3 +35,15 @@ def test_device_times_on_a_cpu_trace_count_every_event(tmp_path):
                                                                          "dur": 2.5}]
     totals, _ = _device_times(str(_write(tmp_path, events)))
     assert dict(totals) == {"a": 4.0}
+
+
+def test_fit_prediction_is_linear_in_rows():
+    """need(b) = 2 GiB + b * 96 MiB: with 50 GiB free, (50 - 2) GiB / 96 MiB = 512 rows; rounded down to
+    a multiple of 8, never below the first size."""
+    from benchmarks.gpu import predict_rows
+
+    GiB, MiB = 1 << 30, 1 << 20
+    rows, per_row, fixed = predict_rows(2 * GiB + 8 * 96 * MiB, 2 * GiB + 16 * 96 * MiB, 8, 50 * GiB)
+    assert (rows, per_row, fixed) == (512, 96 * MiB, 2 * GiB)
+    assert predict_rows(2 * GiB + 8 * 96 * MiB, 2 * GiB + 16 * 96 * MiB, 8, 50 * GiB - 1)[0] == 504
+    assert predict_rows(2 * GiB + 8 * 96 * MiB, 2 * GiB + 16 * 96 * MiB, 8, 1 * GiB)[0] == 8
