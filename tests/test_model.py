@@ -128,6 +128,18 @@ def test_kv_cache_decode_bfloat16_stream_matches_full_forward():
     np.testing.assert_array_equal(cached.argmax(-1)[clear], full.argmax(-1)[clear])
 
 
+def test_bfloat16_stream_scanned_and_unrolled_agree():
+    """The bf16 residual stream keeps its dtype through `nn.scan`'s carry: the scanned and the
+    unrolled model give the same logits up to bf16 rounding (measured: 3.1e-3, |logits| ~0.7)."""
+    kw = dict(dtype="bfloat16", param_dtype="bfloat16", residual_dtype="bfloat16", n_layers=2)
+    scan_model, params = _init(scan_layers=True, **kw)
+    loop_model = Model(preset("tiny", scan_layers=False, **kw))
+    tokens, mask = left_padded([7, 3], 8, 64, seed=1)
+    a = np.asarray(_logits(params, tokens, mask, model=scan_model), np.float32)
+    b = np.asarray(_logits(params, tokens, mask, model=loop_model), np.float32)
+    assert np.abs(a - b)[mask.astype(bool)].max() < 2e-2
+
+
 def test_scan_and_loop_layers_agree():
     """Same stacked parameters, two ways of running the layers: same values and gradients."""
     scan_model, params = _init(scan_layers=True, n_layers=2)
