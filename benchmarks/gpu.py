@@ -125,32 +125,43 @@ def _nll_train_step(model, opt, chunk=None):
     return step
 
 
+def _attention() -> str:
+    """cuDNN's fused attention for full-sequence passes on a GPU (decoding keeps XLA's), XLA's elsewhere."""
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+_PURE = dict(dtype="bfloat16", param_dtype="bfloat16")
+TRAIN_LAYOUTS = {  # --train-layouts name: (label, TransformerConfig overrides)
+    "anchor": ("pure bf16 (params/grads/Adam and residual stream bf16: the anchor's layout)",
+               dict(_PURE, residual_dtype="bfloat16")),
+    "f32_stream": ("pure bf16, float32 residual stream", _PURE),
+    "mixed": ("bf16 compute, f32 master weights and Adam, bf16 stream", dict(dtype="bfloat16", residual_dtype="bfloat16")),
+}
+
+
+def _train_setup(cfg, layout):
+    """The train step of `layout` at batch train_batch x train_seq (logits unchunked), compiled:
+    (fn, params, opt_state, tokens, compile seconds, model config)."""
+    config = preset(cfg.preset, scan_layers=False, attention_impl=_attention(), **TRAIN_LAYOUTS[layout][1])
+    model = Model(config)
+    tokens = jax.random.randint(jax.random.key(1), (cfg.train_batch, cfg.train_seq), 0, config.vocab_size)
+    params = jax.jit(model.init)(jax.random.key(0))
+    opt = optax.adamw(1e-5, weight_decay=0.01)
+    opt_state = jax.jit(opt.init)(params)
+    t0 = time.perf_counter()
+    fn = jax.jit(_nll_train_step(model, opt, cfg.train_seq), donate_argnums=(0, 1)).lower(
+        params, opt_state, tokens).compile()
+    return fn, params, opt_state, tokens, time.perf_counter() - t0, config
+
+
 def part_train(cfg):
-    base = preset(cfg.preset, scan_layers=False, attention_impl="cudnn" if jax.default_backend() == "gpu" else "xla")
-    tokens = jax.random.randint(jax.random.key(1), (cfg.train_batch, cfg.train_seq), 0, base.vocab_size)
-    flops = anchor_flops(base, cfg.train_batch, cfg.train_seq)
-    pure = dict(dtype="bfloat16", param_dtype="bfloat16")
-    layouts = {
-        "anchor": ("pure bf16 (params/grads/Adam and residual stream bf16: the anchor's layout)",
-                   dict(pure, residual_dtype="bfloat16")),
-        "f32_stream": ("pure bf16, float32 residual stream", pure),
-        "mixed": ("bf16 compute, f32 master weights and Adam, bf16 stream",
-                  dict(dtype="bfloat16", residual_dtype="bfloat16")),
-    }
     for name in cfg.train_layouts.split(","):
-        if name not in layouts:
-            raise ValueError(f"--train-layouts: {name!r} not in {sorted(layouts)}")
-        label, overrides = layouts[name]
-        chunk = cfg.train_seq
+        if name not in TRAIN_LAYOUTS:
+            raise ValueError(f"--train-layouts: {name!r} not in {sorted(TRAIN_LAYOUTS)}")
+        label = TRAIN_LAYOUTS[name][0]
         try:
-            model = Model(base.replace(**overrides))
-            params = jax.jit(model.init)(jax.random.key(0))
-            opt = optax.adamw(1e-5, weight_decay=0.01)
-            opt_state = jax.jit(opt.init)(params)
-            step = _nll_train_step(model, opt, chunk)
-            t0 = time.perf_counter()
-            fn = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
-            compile_s = time.perf_counter() - t0
+            fn, params, opt_state, tokens, compile_s, config = _train_setup(cfg, name)
+            flops = anchor_flops(config, cfg.train_batch, cfg.train_seq)
             for _ in range(3):
                 params, opt_state, loss = fn(params, opt_state, tokens)
             block((params, opt_state))
@@ -242,15 +253,7 @@ def part_profile(cfg):
 
     out = cfg.profile_dir or tempfile.mkdtemp(prefix="rljax-profile-")
     os.makedirs(out, exist_ok=True)
-    base = preset(cfg.preset, scan_layers=False, attention_impl="cudnn" if jax.default_backend() == "gpu" else "xla",
-                  dtype="bfloat16", param_dtype="bfloat16", residual_dtype="bfloat16")
-    model = Model(base)
-    tokens = jax.random.randint(jax.random.key(1), (cfg.train_batch, cfg.train_seq), 0, base.vocab_size)
-    params = jax.jit(model.init)(jax.random.key(0))
-    opt = optax.adamw(1e-5, weight_decay=0.01)
-    opt_state = jax.jit(opt.init)(params)
-    fn = jax.jit(_nll_train_step(model, opt, cfg.train_seq), donate_argnums=(0, 1)).lower(
-        params, opt_state, tokens).compile()
+    fn, params, opt_state, tokens, _, _ = _train_setup(cfg, "anchor")
     if cfg.profile_dir:
         import gzip
 
@@ -279,10 +282,7 @@ def part_profile(cfg):
         shutil.copy(path, os.path.join(out, "decode.trace.json.gz"))
     del run
     # the GRPO iteration's sampling: its prompts x samples rows, temperature 1, float32 master weights
-    model = Model(preset(cfg.preset, dtype="bfloat16", scan_layers=False))
-    params = jax.jit(model.init)(jax.random.key(0))
-    prompts = np.asarray(jax.random.randint(jax.random.key(2), (cfg.grpo_prompts, cfg.prompt), 0,
-                                            model.config.vocab_size))
+    model, params, prompts = _grpo_setup(cfg)
     scfg = SampleConfig(max_new_tokens=cfg.new_tokens, n=cfg.grpo_samples, eos_id=-1, min_prompt_bucket=cfg.prompt)
     block(sample(params, prompts, None, jax.random.key(0), model=model, cfg=scfg))
     with jax.profiler.trace(os.path.join(out, "sample"), create_perfetto_trace=True):
@@ -301,15 +301,21 @@ def _ids_as_words(ids):
     return [" ".join(map(str, row)) for row in np.asarray(ids).tolist()]
 
 
+def _grpo_setup(cfg):
+    """The GRPO iteration's model (bf16 compute, float32 master weights, `_attention()` in its
+    full-sequence passes), its parameters and its grpo_prompts x prompt prompts."""
+    model = Model(preset(cfg.preset, dtype="bfloat16", scan_layers=False, attention_impl=_attention()))
+    params = jax.jit(model.init)(jax.random.key(0))
+    prompts = np.asarray(jax.random.randint(jax.random.key(2), (cfg.grpo_prompts, cfg.prompt), 0,
+                                            model.config.vocab_size))
+    return model, params, prompts
+
+
 def part_grpo(cfg):
     from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
     from rljax.state import OptimizerConfig
 
-    # cuDNN attention for the full-sequence passes (scoring, reference, update); decoding over the
-    # KV cache keeps XLA's attention (TransformerConfig.attention_impl)
-    model = Model(preset(cfg.preset, dtype="bfloat16", scan_layers=False,
-                         attention_impl="cudnn" if jax.default_backend() == "gpu" else "xla"))
-    params = jax.jit(model.init)(jax.random.key(0))
+    model, params, prompts = _grpo_setup(cfg)
     rows = cfg.grpo_prompts * cfg.grpo_samples
     if rows % cfg.grpo_micro:
         raise ValueError(f"--grpo-micro {cfg.grpo_micro} does not divide the {rows} sampled rows")
@@ -321,8 +327,6 @@ def part_grpo(cfg):
     it = make_rl_iteration(model, rl, _even_share, _ids_as_words)
     state = create_rl_state(model, params, rl, jax.random.key(1))
     del params
-    prompts = np.asarray(jax.random.randint(jax.random.key(2), (cfg.grpo_prompts, cfg.prompt), 0,
-                                            model.config.vocab_size))
     mask = np.ones_like(prompts)
     t0 = time.perf_counter()
     state, _ = it(state, prompts, mask)

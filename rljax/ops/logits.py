@@ -17,10 +17,14 @@ def logprobs_from_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return _picked_logprob(logits.astype(jnp.float32), targets.astype(jnp.int32))
 
 
+def _picked_minus(logits, targets, lse):
+    """logits[..., target] - lse: [..., V], [...] int, [...] -> [...]."""
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
+
+
 @jax.custom_jvp
 def _picked_logprob(logits, targets):
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    return _picked_minus(logits, targets, jax.nn.logsumexp(logits, axis=-1))
 
 
 @_picked_logprob.defjvp
@@ -33,7 +37,7 @@ def _picked_logprob_jvp(primals, tangents):
     4.3 ms of a 66 ms train step)."""
     (logits, targets), (dlogits, _) = primals, tangents
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    out = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse[..., 0]
+    out = _picked_minus(logits, targets, lse[..., 0])
     onehot = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
     return out, jnp.sum((onehot - jnp.exp(logits - lse)) * dlogits, axis=-1)
 
