@@ -21,9 +21,13 @@ Parts (each guarded, so one failure does not hide the rest):
            of one sampling call at the GRPO iteration's shape: device time per kernel, summed over
            the trace (largest first) and as a share of the total;
            with --profile-dir, the traces and the train step's optimised HLO are written there
-  fit      the largest micro-batch (rows of prompt + new tokens) whose train step fits on the device,
+  fit      the largest micro-batch (rows of prompt + new tokens) whose train step (bf16 compute, f32
+           master weights, scanned layers, cuDNN attention) fits on the device,
            without and with rematerialisation (`remat="full"`): predicted from XLA's memory analysis
-           of two sizes and confirmed by running it (or doubling from 8 until a size fails)
+           of two sizes and confirmed by running it (or doubling from 8 until a size fails), for each
+           --fit-remat setting (none,full); run each in a fresh process (`gpu_sitting.sh rl` does):
+           what earlier parts leave in the device allocator's pool splits the memory a large batch
+           needs into pieces (2026-12-04: 160 and 128 rows failed after the grpo part, 64 ran)
 
 What it is compared with: the anchor, a plain, straightforward JAX implementation of the same
 Qwen2.5-0.5B-shaped model (random init, bf16): a train step with cuDNN attention and greedy decoding
@@ -72,6 +76,7 @@ class Config:
     grpo_micro: int = 32
     grpo_iters: int = 2
     fit_max: int = 1024
+    fit_remat: str = "none,full"
     parts: str = "check,train,decode,grpo,profile,fit"
     train_layouts: str = "anchor,f32_stream,mixed"
     decode_streams: str = "bfloat16,float32"
@@ -386,8 +391,9 @@ def part_fit(cfg):
     doubling). Elsewhere, or if the prediction does not run: doubling from b until a size fails."""
     seq = cfg.prompt + cfg.new_tokens
     b0 = 1 if cfg.tiny else 8
-    for remat in ("none", "full"):
-        model = Model(preset(cfg.preset, dtype="bfloat16", scan_layers=False, remat=remat))
+    for remat in cfg.fit_remat.split(","):
+        # scanned layers: one compiled layer body keeps the part's five compiles short on a device
+        model = Model(preset(cfg.preset, dtype="bfloat16", scan_layers=True, remat=remat, attention_impl=_attention()))
         params = jax.jit(model.init)(jax.random.key(0))
         opt = optax.adamw(1e-6)
         opt_state = jax.jit(opt.init)(params)
