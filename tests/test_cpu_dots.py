@@ -30,8 +30,8 @@ def test_cpu_flags_reads_the_first_processor(tmp_path):
 
 def test_dot_library_rules():
     # auto: Eigen on the kinds of CPU it was measured faster on: AVX2 without AVX-512 (float32 and
-    # bfloat16 compute), AVX-512 with avx512_bf16 for float32 compute only; not on other AVX-512 CPUs
-    # or on AMX (not measured)
+    # bfloat16 compute), AVX-512 with avx512_bf16, AMX CPUs included, for float32 compute only; not
+    # on other AVX-512 CPUs (not measured)
     assert dot_library({}, AVX2) == "eigen"
     assert dot_library({ENV: "auto"}, AVX2) == "eigen"
     assert dot_library({ENV: " Auto "}, AVX2) == "eigen"
@@ -39,7 +39,8 @@ def test_dot_library_rules():
     assert dot_library({}, AVX512) == dot_library({}, AVX512, dtype=jnp.float32) == "eigen"
     assert dot_library({}, AVX512, dtype="bfloat16") == "ynn"
     assert dot_library({}, AVX512 - {"avx512_bf16"}) == "ynn"
-    assert dot_library({}, AVX512 | {"amx_tile", "amx_bf16"}) == "ynn"
+    assert dot_library({}, AVX512 | {"amx_tile", "amx_bf16"}) == "eigen"
+    assert dot_library({}, AVX512 | {"amx_tile", "amx_bf16"}, dtype="bfloat16") == "ynn"
     assert dot_library({}, frozenset({"neon", "asimd"})) == "ynn"  # an Arm CPU
     assert dot_library({}, frozenset()) == "ynn"  # flags unknown
     # an explicit choice wins over the CPU
