@@ -141,3 +141,63 @@ def test_benchmark_compiles_one_lowering_both_ways(monkeypatch):
     assert "__ynn_fusion" not in texts["eigen"]
     if "__ynn_fusion" not in texts["ynn"]:
         pytest.skip("this jaxlib's XLA:CPU uses no YNNPACK fusions by default")
+
+
+def _weight_gradient_program(monkeypatch, library, rows, threshold=None):
+    """(compiled HLO text, aᵀ b) of `transformer._contract_rows` on bf16 a [rows, 64], b [rows, 48]
+    under RLJAX_CPU_DOTS=library (read when the function is traced)."""
+    from rljax.models import transformer
+
+    monkeypatch.setenv(ENV, library)
+    if threshold is not None:
+        monkeypatch.setattr(transformer, "MIN_ROWS_FOR_TRANSPOSED_COPY", threshold)
+    rng = np.random.default_rng(rows)
+    a = jnp.asarray(rng.standard_normal((rows, 64)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((rows, 48)), jnp.bfloat16)
+    fn = jax.jit(lambda a, b: transformer._contract_rows(a, b))  # a fresh jit: traced under this env
+    reference = np.asarray(a, np.float64).T @ np.asarray(b, np.float64)
+    return fn.lower(a, b).compile().as_text(), np.asarray(fn(a, b)), reference
+
+
+def test_weight_gradients_run_as_bf16_products_on_a_transposed_copy(monkeypatch):
+    # XLA:CPU turns a bf16 product contracting its left operand's leading axis into a float32 one;
+    # with YNNPACK's products and enough rows rljax hands it a row-major transpose instead
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU programs only")
+    rows = 4096
+    hlo, got, reference = _weight_gradient_program(monkeypatch, "ynn", rows)
+    assert "bf16[64,4096]" in hlo  # the transposed copy
+    # the bf16 inputs are exact in float32 and the sum accumulates in float32: only its order differs
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5 * np.abs(reference).max() + 1e-4)
+    for library, threshold in (("eigen", None), ("ynn", rows + 1)):  # Eigen's products; too few rows
+        hlo, got_plain, _ = _weight_gradient_program(monkeypatch, library, rows, threshold)
+        assert "bf16[64,4096]" not in hlo
+        np.testing.assert_allclose(got_plain, reference, rtol=0, atol=1e-5 * np.abs(reference).max() + 1e-4)
+
+
+def test_bf16_train_step_gradients_equal_with_and_without_the_transposed_copy(monkeypatch):
+    # the whole bf16 train step at 32 x 128 = 4,096 token rows: every weight gradient through
+    # `_contract_rows` (transposed copies) against the plain contraction (threshold out of reach)
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU programs only")
+    from rljax.models import Model, transformer
+    from rljax.models.config import TransformerConfig
+
+    monkeypatch.setenv(ENV, "ynn")
+    model = Model(TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128,
+                                    max_seq_len=128, scan_layers=False, dtype="bfloat16"))
+    params = model.init(jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(3, 64, (32, 128)), jnp.int32)
+
+    def grads():  # a fresh jit each time: `_contract_rows` reads the threshold when traced
+        loss = lambda p: -jnp.mean(token_logprobs(p, tokens, None, model=model))
+        return jax.jit(jax.grad(loss)).lower(params).compile(), jax.jit(jax.grad(loss))(params)
+
+    compiled, with_copy = grads()
+    assert "bf16[64,4096]" in compiled.as_text()
+    monkeypatch.setattr(transformer, "MIN_ROWS_FOR_TRANSPOSED_COPY", 10**9)
+    compiled, plain = grads()
+    assert "bf16[64,4096]" not in compiled.as_text()
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(with_copy), jax.tree.leaves(plain)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-7, jax.tree_util.keystr(path[0])

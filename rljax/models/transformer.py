@@ -36,6 +36,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
+from rljax.cpu_dots import dot_library
 from rljax.models.config import HEADS, RopeScaling, TransformerConfig
 from rljax.sharding import constrain
 
@@ -82,17 +83,50 @@ def _contract(a, b, a_axis: int, b_axis: int):
     Dimension numbers, not `.T`: XLA:CPU (jax 0.10) computes `jnp.dot(g, w.T)` on bf16 inputs as a
     float32 × float32 product (the transpose reaches its dot passes as a separate op), whereas the
     same contraction stated as dimension numbers stays bf16 × bf16 (dx: ~8% off the bf16 train step
-    on an avx512_bf16 EPYC). A contraction over the rows (dw) it runs in float32 either way."""
+    on an avx512_bf16 EPYC). A contraction over the rows (dw): `_contract_rows`."""
     return lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _transposed_copy(a):
+    """a [M, P] -> aᵀ [P, M] stored row-major: the transpose of a [M, P, 1] view, which XLA keeps as
+    a copy instead of folding it into the consuming product's dimension numbers or layout."""
+    m, p = a.shape
+    return jnp.transpose(a.reshape(m, p, 1), (1, 2, 0)).reshape(p, m)
+
+
+MIN_ROWS_FOR_TRANSPOSED_COPY = 4096
+
+
+def _contract_rows(a, b):
+    """aᵀ b: a [M, P] and b [M, Q] contracted over their rows M -> [P, Q], accumulated in float32.
+
+    A weight gradient (M = the batch's tokens). XLA:CPU (jax 0.10) computes a bf16 product whose
+    left operand contracts its leading axis as float32 × float32, with both operands converted to
+    float32 first, even when the transpose is materialised (it keeps that as a column-major layout).
+    So on a CPU whose bf16 products go to YNNPACK (`rljax.cpu_dots.dot_library`), for M of at least
+    MIN_ROWS_FOR_TRANSPOSED_COPY rows, `a` is copied into a row-major transpose and the product runs
+    as a plain [P, M] @ [M, Q] in bf16. On a 2-core Xeon with AMX: [256, 17,408] @ [17,408, 1,024]
+    13.8 ms with the copy against 54.5 ms as float32; whole bf16 train steps (`benchmarks.cpu_dots`
+    programs, old against new in one process, 5 alternated rounds, faster in 5 of 5 each way):
+    17,408 rows 2,159 -> 1,892 ms, 4,096 rows 400 -> 313 ms (MLP 688) and 482 -> 395 ms (MLP 1,024),
+    but 3,104 rows 348 -> 385 ms and 3,072 rows 334 -> 380 ms, hence the threshold. Not the narrower
+    operand with the result transposed back: XLA folds that transpose into the product's dimension
+    numbers, and the bf16 product it then leaves to its own dot runtime fails ("Unsupported element
+    type"). With Eigen's products (AVX2-only CPUs) a bf16 [P, M] @ [M, Q] is slower than the float32
+    product, and accelerators take the contraction as it is."""
+    if (jax.default_backend() != "cpu" or a.dtype == jnp.float32 or a.shape[0] < MIN_ROWS_FOR_TRANSPOSED_COPY
+            or dot_library(dtype=a.dtype) != "ynn"):
+        return _contract(a, b, 0, 0)
+    return _contract(_transposed_copy(a), b, 1, 0)
 
 
 def _low_precision_dot_bwd(dtype, out_dtype, transpose_w, res, g):
     xc, wc, x_like, w_like = res
     g = g.astype(dtype)
     if transpose_w:  # y = x w^T: dx = g w, dw = g^T x
-        dx, dw = _contract(g, wc, 1, 0), _contract(g, xc, 0, 0)
+        dx, dw = _contract(g, wc, 1, 0), _contract_rows(g, xc)
     else:  # y = x w: dx = g w^T, dw = x^T g
-        dx, dw = _contract(g, wc, 1, 1), _contract(xc, g, 0, 0)
+        dx, dw = _contract(g, wc, 1, 1), _contract_rows(xc, g)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
