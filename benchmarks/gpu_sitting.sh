@@ -30,6 +30,13 @@ SITTING=${1:-compare}
 ANCHOR=${2:-}
 OUT=${3:-gpu-sitting}
 PY=${PYTHON:-.venv/bin/python}
+case "$SITTING" in
+  compare|rl|profile) ;;
+  *)
+    echo "gpu_sitting.sh: the sitting must be compare, rl or profile, not '$SITTING'" >&2
+    exit 2
+    ;;
+esac
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
 
@@ -58,9 +65,5 @@ case "$SITTING" in
     ;;
   profile)
     rljax 240 profile.txt --parts profile --profile-dir "$OUT/profile"
-    ;;
-  *)
-    echo "gpu_sitting.sh: the sitting must be compare, rl or profile, not '$SITTING'" >&2
-    exit 2
     ;;
 esac
