@@ -392,7 +392,7 @@ def part_fit(cfg):
     seq = cfg.prompt + cfg.new_tokens
     b0 = 1 if cfg.tiny else 8
     for remat in cfg.fit_remat.split(","):
-        # scanned layers: one compiled layer body keeps the part's five compiles short on a device
+        # scanned layers: one compiled layer body keeps the part's compiles short on a device
         model = Model(preset(cfg.preset, dtype="bfloat16", scan_layers=True, remat=remat, attention_impl=_attention()))
         params = jax.jit(model.init)(jax.random.key(0))
         opt = optax.adamw(1e-6)

@@ -154,9 +154,10 @@ def _weight_gradient_program(monkeypatch, library, rows, threshold=None):
     rng = np.random.default_rng(rows)
     a = jnp.asarray(rng.standard_normal((rows, 64)), jnp.bfloat16)
     b = jnp.asarray(rng.standard_normal((rows, 48)), jnp.bfloat16)
-    fn = jax.jit(lambda a, b: transformer._contract_rows(a, b))  # a fresh jit: traced under this env
+    # a fresh jit, traced under this env; the compiled program is both inspected and run
+    compiled = jax.jit(lambda a, b: transformer._contract_rows(a, b)).lower(a, b).compile()
     reference = np.asarray(a, np.float64).T @ np.asarray(b, np.float64)
-    return fn.lower(a, b).compile().as_text(), np.asarray(fn(a, b)), reference
+    return compiled.as_text(), np.asarray(compiled(a, b)), reference
 
 
 def test_weight_gradients_run_as_bf16_products_on_a_transposed_copy(monkeypatch):
@@ -191,7 +192,8 @@ def test_bf16_train_step_gradients_equal_with_and_without_the_transposed_copy(mo
 
     def grads():  # a fresh jit each time: `_contract_rows` reads the threshold when traced
         loss = lambda p: -jnp.mean(token_logprobs(p, tokens, None, model=model))
-        return jax.jit(jax.grad(loss)).lower(params).compile(), jax.jit(jax.grad(loss))(params)
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        return compiled, compiled(params)
 
     compiled, with_copy = grads()
     assert "bf16[64,4096]" in compiled.as_text()
