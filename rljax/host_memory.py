@@ -26,12 +26,35 @@ faults a step in all): the offline trainers' steps ran 5-18% faster, the peak me
     python -m experiments.<name> ...    # and python -m benchmarks.<name>: re-executed with it set
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 jupyter lab         # a notebook's kernel: set it yourself
 
-`exec_with_huge_pages()` (called by the `experiments` and `benchmarks` packages when run with
+`exec_with_malloc_tunables()` (called by the `experiments` and `benchmarks` packages when run with
 `python -m`, before jax is imported) replaces the process by the same command with the tunable
 added to GLIBC_TUNABLES: the same PID, arguments and interpreter flags. It does so only on Linux
 with glibc, when the kernel's transparent huge pages are in `madvise` mode (with `always` every
 large mapping gets them already; with `never` none can), when the tunable is not set yet, and
 unless RLJAX_HUGE_PAGES=0.
+
+Keeping XLA's per-execution buffers in the heap (opt-in: RLJAX_KEEP_BUFFERS=1). Huge pages make
+the fresh mapping cheaper; keeping it avoids it. With glibc's `glibc.malloc.mmap_max=0` (no block
+is served by mmap) and a `glibc.malloc.trim_threshold` of 1 TiB (the heap's top is not given back
+on free), the buffer a step frees stays mapped and the next step reuses it: no page faults and no
+kernel zeroing once the heap has settled (a few steps: until then a small allocation may split a
+freed buffer and the heap grows by another). glibc only does this for its main arena, the one the
+process's first thread allocates from (other threads' arenas fall back to mmap for blocks this
+large whatever the tunable says), so the process also runs CPU computations on the calling thread
+(`jax_cpu_enable_async_dispatch` off, `inline_cpu_dispatch`): XLA then allocates the buffer there.
+On a 2-core Intel Xeon with AMX, the GRPO update's bf16 step (1.76 GiB temporary buffer) took
+0.9 s of kernel time a step with huge pages; with the buffers kept, none, and the GRPO iteration
+at TRL's configuration ran 3.26-3.27 s against 3.73-4.09 s (update 1.67-1.68 against 2.17-2.49 s),
+the same peak memory. The cost: the heap keeps what the process once used (the compiler's freed
+memory still goes back after each compile), so where several programs take turns their buffers
+all stay, and freed blocks are not always reused whole: the offline DPO benchmark with a live
+reference peaked at 1,199 MiB against 791 at about the same speed (docs/performance.md). Hence
+opt-in:
+
+    RLJAX_KEEP_BUFFERS=1 python -m experiments.<name> ...   # and python -m benchmarks.<name>
+    # elsewhere (a notebook's kernel): start the process with
+    # GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776 and call
+    # rljax.host_memory.inline_cpu_dispatch() before the first computation
 """
 from __future__ import annotations
 
@@ -84,7 +107,10 @@ def release_compiler_memory(min_compile_s: float = 0.1, *, trim: Callable[[], No
 
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-HUGE_PAGES_OPT_OUT = "RLJAX_HUGE_PAGES"  # "0": never re-execute
+HUGE_PAGES_OPT_OUT = "RLJAX_HUGE_PAGES"  # "0": no huge-page tunable
+KEEP_BUFFERS = "RLJAX_KEEP_BUFFERS"  # "1": keep XLA's per-execution buffers in the heap (module doc)
+# no mmap-served blocks; the heap's top is given back only above 1 TiB (i.e. only by malloc_trim)
+KEEP_BUFFERS_TUNABLES = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={1 << 40}")
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -99,32 +125,70 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
     return next((w[1:-1] for w in words if w.startswith("[") and w.endswith("]")), None)
 
 
-def huge_pages_env(environ: Mapping[str, str], *, thp: str | None, libc: str) -> dict[str, str] | None:
-    """`environ` with HUGE_PAGES_TUNABLE added to GLIBC_TUNABLES (its other tunables kept, colon-
-    separated), or None when a restart would change nothing: the C library is not glibc (`libc`, as
-    `platform.libc_ver()[0]` names it), the THP mode (`thp`, see `thp_mode`) is not "madvise", the
-    environment already sets glibc.malloc.hugetlb (to any value: the user's choice stands), or
-    RLJAX_HUGE_PAGES=0."""
+def keep_buffers_requested(environ: Mapping[str, str]) -> bool:
+    """Whether `environ` asks for XLA's per-execution buffers to stay in the heap (RLJAX_KEEP_BUFFERS:
+    "1" yes, "0" or unset no; anything else is a ValueError naming the variable)."""
+    value = environ.get(KEEP_BUFFERS, "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{KEEP_BUFFERS}={environ[KEEP_BUFFERS]!r}: expected 0 or 1")
+    return value == "1"
+
+
+def malloc_tunables_env(environ: Mapping[str, str], *, thp: str | None, libc: str) -> dict[str, str] | None:
+    """`environ` with rljax's glibc tunables added to GLIBC_TUNABLES (its other tunables kept, colon-
+    separated), or None when a restart would change nothing. Added: HUGE_PAGES_TUNABLE where the THP
+    mode (`thp`, see `thp_mode`) is "madvise" and RLJAX_HUGE_PAGES is not "0"; KEEP_BUFFERS_TUNABLES
+    where RLJAX_KEEP_BUFFERS=1. A tunable the environment already sets (to any value) stays the
+    user's choice; nothing is added where the C library is not glibc (`libc`, as
+    `platform.libc_ver()[0]` names it)."""
+    if libc != "glibc":
+        return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if (libc != "glibc" or thp != "madvise" or environ.get(HUGE_PAGES_OPT_OUT, "1") == "0"
-            or any(t.split("=")[0] == "glibc.malloc.hugetlb" for t in tunables.split(":"))):
+    present = {t.split("=")[0] for t in tunables.split(":") if t}
+    wanted = []
+    if thp == "madvise" and environ.get(HUGE_PAGES_OPT_OUT, "1") != "0":
+        wanted.append(HUGE_PAGES_TUNABLE)
+    if keep_buffers_requested(environ):
+        wanted.extend(KEEP_BUFFERS_TUNABLES)
+    added = [t for t in wanted if t.split("=")[0] not in present]
+    if not added:
         return None
     env = dict(environ)
-    env["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
+    env["GLIBC_TUNABLES"] = ":".join([tunables] * bool(tunables) + added)
     return env
 
 
-def exec_with_huge_pages(*, execve: Callable = os.execve) -> bool:
+def exec_with_malloc_tunables(*, execve: Callable = os.execve) -> bool:
     """Re-execute this process (`execve`: same PID, `sys.orig_argv`: same arguments and interpreter
-    flags) with glibc's huge-page tunable set, when `huge_pages_env` says it would change anything.
+    flags) with rljax's glibc tunables set, when `malloc_tunables_env` says it would change anything.
     Call it before anything worth keeping has run: the `experiments` and `benchmarks` packages call it
     on `python -m` before jax is imported. It costs one more interpreter start, about 50 ms
     (`python -m benchmarks.cpuinfo`: 63-88 ms without it, 111-150 ms with it). Returns False when it
     does not re-execute; with the default `execve` it does not return otherwise."""
-    env = huge_pages_env(os.environ, thp=thp_mode(), libc=platform.libc_ver()[0])
+    env = malloc_tunables_env(os.environ, thp=thp_mode(), libc=platform.libc_ver()[0])
     if env is None:
         return False
     sys.stdout.flush()
     sys.stderr.flush()
     execve(sys.executable, sys.orig_argv, env)
     return True
+
+
+def inline_cpu_dispatch() -> None:
+    """Run CPU computations on the thread that calls them (`jax_cpu_enable_async_dispatch` off), so
+    that XLA allocates their buffers from glibc's main arena, where KEEP_BUFFERS_TUNABLES keep them
+    (module doc). Call it before the first computation: JAX reads the setting when it creates its
+    CPU client. Python then waits for each CPU computation it starts; rljax's loops wait for every
+    step's metrics anyway."""
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+def setup_host_memory() -> None:
+    """What `python -m experiments.*` and `python -m benchmarks.*` do before anything else: re-execute
+    with rljax's glibc tunables (`exec_with_malloc_tunables`), then, with RLJAX_KEEP_BUFFERS=1,
+    `inline_cpu_dispatch`."""
+    exec_with_malloc_tunables()
+    if keep_buffers_requested(os.environ):
+        inline_cpu_dispatch()

@@ -1,5 +1,5 @@
 """rljax.host_memory: glibc's malloc_trim after each backend compile that took long enough, and
-glibc's huge-page tunable for XLA's per-execution buffers."""
+glibc's tunables for XLA's per-execution buffers (huge pages; kept in the heap)."""
 import os
 
 import jax
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from jax import monitoring
 
-from rljax.host_memory import (BACKEND_COMPILE_EVENT, HUGE_PAGES_OPT_OUT, HUGE_PAGES_TUNABLE, _listener,
-                               exec_with_huge_pages, glibc_malloc_trim, huge_pages_env, release_compiler_memory,
-                               thp_mode)
+from rljax.host_memory import (BACKEND_COMPILE_EVENT, HUGE_PAGES_OPT_OUT, HUGE_PAGES_TUNABLE, KEEP_BUFFERS,
+                               KEEP_BUFFERS_TUNABLES, _listener, exec_with_malloc_tunables, glibc_malloc_trim,
+                               keep_buffers_requested, malloc_tunables_env, release_compiler_memory, thp_mode)
 
 
 @pytest.fixture
@@ -82,23 +82,45 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
     assert thp_mode(str(tmp_path / "missing")) is None
 
 
-def test_huge_pages_env_adds_the_tunable_only_where_it_changes_something():
+def test_malloc_tunables_env_adds_the_tunable_only_where_it_changes_something():
     on = dict(thp="madvise", libc="glibc")
-    assert huge_pages_env({"A": "1"}, **on) == {"A": "1", "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
+    assert malloc_tunables_env({"A": "1"}, **on) == {"A": "1", "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
     # other tunables are kept, colon-separated, in their order
-    assert huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **on)["GLIBC_TUNABLES"] == \
+    assert malloc_tunables_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **on)["GLIBC_TUNABLES"] == \
         f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}"
     # the user's own hugetlb setting stands, whatever its value; so does the opt-out
-    assert huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **on) is None
-    assert huge_pages_env({"GLIBC_TUNABLES": f"x.y=1:{HUGE_PAGES_TUNABLE}"}, **on) is None
-    assert huge_pages_env({HUGE_PAGES_OPT_OUT: "0"}, **on) is None
-    assert huge_pages_env({HUGE_PAGES_OPT_OUT: "1"}, **on)["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE
+    assert malloc_tunables_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **on) is None
+    assert malloc_tunables_env({"GLIBC_TUNABLES": f"x.y=1:{HUGE_PAGES_TUNABLE}"}, **on) is None
+    assert malloc_tunables_env({HUGE_PAGES_OPT_OUT: "0"}, **on) is None
+    assert malloc_tunables_env({HUGE_PAGES_OPT_OUT: "1"}, **on)["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE
     # "always": large mappings get huge pages anyway; "never"/unknown: they cannot; not glibc: no tunable
     for thp, libc in (("always", "glibc"), ("never", "glibc"), (None, "glibc"), ("madvise", ""), ("madvise", "musl")):
-        assert huge_pages_env({}, thp=thp, libc=libc) is None
+        assert malloc_tunables_env({}, thp=thp, libc=libc) is None
 
 
-def test_exec_with_huge_pages_reexecutes_the_same_command(monkeypatch):
+def test_keep_buffers_adds_its_two_tunables_after_the_user_s_own():
+    keep = ":".join(KEEP_BUFFERS_TUNABLES)
+    assert keep == "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"  # 2**40 bytes
+    on = dict(thp="madvise", libc="glibc")
+    assert malloc_tunables_env({KEEP_BUFFERS: "1"}, **on)["GLIBC_TUNABLES"] == f"{HUGE_PAGES_TUNABLE}:{keep}"
+    # without huge pages (opted out, or THP not in madvise mode) the two come alone
+    assert malloc_tunables_env({KEEP_BUFFERS: "1", HUGE_PAGES_OPT_OUT: "0"}, **on)["GLIBC_TUNABLES"] == keep
+    assert malloc_tunables_env({KEEP_BUFFERS: "1"}, thp="always", libc="glibc")["GLIBC_TUNABLES"] == keep
+    # a tunable the user set stays as set; the others are added after the user's
+    env = {KEEP_BUFFERS: "1", "GLIBC_TUNABLES": "glibc.malloc.mmap_max=4"}
+    assert malloc_tunables_env(env, **on)["GLIBC_TUNABLES"] == \
+        f"glibc.malloc.mmap_max=4:{HUGE_PAGES_TUNABLE}:{KEEP_BUFFERS_TUNABLES[1]}"
+    # the re-executed process has them all: no second restart; not glibc: nothing to add
+    assert malloc_tunables_env({KEEP_BUFFERS: "1", "GLIBC_TUNABLES": f"{HUGE_PAGES_TUNABLE}:{keep}"}, **on) is None
+    assert malloc_tunables_env({KEEP_BUFFERS: "1"}, thp="madvise", libc="musl") is None
+    assert malloc_tunables_env({KEEP_BUFFERS: "0"}, **on)["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE
+    assert [keep_buffers_requested(e) for e in ({}, {KEEP_BUFFERS: "0"}, {KEEP_BUFFERS: " 1 "})] == [False, False, True]
+    for bad in ("2", "yes", ""):
+        with pytest.raises(ValueError, match=f"{KEEP_BUFFERS}="):
+            malloc_tunables_env({KEEP_BUFFERS: bad}, **on)
+
+
+def test_exec_with_malloc_tunables_reexecutes_the_same_command(monkeypatch):
     import sys
 
     import rljax.host_memory as hm
@@ -108,18 +130,18 @@ def test_exec_with_huge_pages_reexecutes_the_same_command(monkeypatch):
     monkeypatch.setattr(hm.platform, "libc_ver", lambda: ("glibc", "2.36"))
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv(HUGE_PAGES_OPT_OUT, raising=False)
-    assert exec_with_huge_pages(execve=lambda *a: calls.append(a))
+    assert exec_with_malloc_tunables(execve=lambda *a: calls.append(a))
     (path, argv, env), = calls
     assert path == sys.executable and argv == sys.orig_argv
     assert env["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE and env["PATH"] == os.environ["PATH"]
     monkeypatch.setenv("GLIBC_TUNABLES", HUGE_PAGES_TUNABLE)  # what the new process sees: no loop
-    assert not exec_with_huge_pages(execve=lambda *a: calls.append(a))
+    assert not exec_with_malloc_tunables(execve=lambda *a: calls.append(a))
     assert len(calls) == 1
 
 
 def test_python_m_benchmarks_runs_with_the_tunable_computed_for_this_machine():
     """`python -m benchmarks.cpuinfo` goes through the package's hook (the same two lines as the
-    experiments package's): the GLIBC_TUNABLES it reports is what huge_pages_env gives here."""
+    experiments package's): the GLIBC_TUNABLES it reports is what malloc_tunables_env gives here."""
     import platform
     import subprocess
     import sys
@@ -129,7 +151,7 @@ def test_python_m_benchmarks_runs_with_the_tunable_computed_for_this_machine():
         run_env = dict(env, **({HUGE_PAGES_OPT_OUT: "0"} if opt_out else {}))
         out = subprocess.run([sys.executable, "-m", "benchmarks.cpuinfo"], env=run_env, capture_output=True,
                              text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
-        want = huge_pages_env(run_env, thp=thp_mode(), libc=platform.libc_ver()[0])
+        want = malloc_tunables_env(run_env, thp=thp_mode(), libc=platform.libc_ver()[0])
         assert f"GLIBC_TUNABLES={(want or {}).get('GLIBC_TUNABLES') or '(unset)'}" in out, out
 
 
@@ -162,3 +184,51 @@ def test_the_tunable_backs_a_large_allocation_with_huge_pages():
     pages_4k = (256 << 20) // 4096
     assert faults[""] >= 0.95 * pages_4k, faults
     assert faults[HUGE_PAGES_TUNABLE] <= 0.25 * pages_4k, faults
+
+
+def test_kept_buffers_are_not_faulted_in_again_on_every_call():
+    """What RLJAX_KEEP_BUFFERS=1 is for: a compiled program whose temporary buffer is 64 MiB (the
+    [8192, 2048] float32 hidden product between two matrix products) faults that buffer in again
+    on every call by default: with 4 KiB pages (huge pages off in both children, so that the count
+    is large and plain) 16,384 faults a call. With the two tunables and inline dispatch (the
+    `benchmarks` package's hook does both in the child) the calls reuse it once the heap has
+    settled: in the first few calls a small allocation may land in the freed block and the next
+    call then grows the heap by a new one (seen up to the 6th call in 24 runs here), after that
+    the blocks stay. The child counts its page faults over 5 calls after 8 warm-up calls (a few
+    pages of small allocations remain, far below one buffer's), and reports the banner line."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's tunables")
+    script = (
+        "import resource, sys\n"
+        "sys.argv = ['-m']\n"  # what `python -m benchmarks.x` looks like while the package is imported
+        "import benchmarks\n"
+        "import jax, jax.numpy as jnp\n"
+        "from benchmarks.cpuinfo import host_memory_description\n"
+        "f = jax.jit(lambda x, w, v: jnp.tanh(x @ w) @ v)\n"
+        "x, w, v = jnp.ones((8192, 64)), jnp.ones((64, 2048)) / 64, jnp.ones((2048, 8))\n"
+        "c = f.lower(x, w, v).compile()\n"
+        "assert c.memory_analysis().temp_size_in_bytes >= 64 << 20, c.memory_analysis()\n"
+        "for _ in range(8): c(x, w, v).block_until_ready()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(5): y = c(x, w, v).block_until_ready()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, float(y[0, 0]))\n"
+        "print(host_memory_description())\n")
+    root = os.path.dirname(os.path.dirname(__file__))
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", KEEP_BUFFERS)}
+    base[HUGE_PAGES_OPT_OUT] = "0"
+    out = {}
+    for keep in ("0", "1"):
+        # the hook re-executes `sys.orig_argv`: here `python -c script`, which runs the same script again
+        res = subprocess.run([sys.executable, "-c", script], env=dict(base, **{KEEP_BUFFERS: keep}), cwd=root,
+                             capture_output=True, text=True, check=True)
+        (faults, y), banner = [line.split() for line in res.stdout.strip().splitlines()[-2:]]
+        out[keep] = int(faults), float(y), " ".join(banner)
+    assert out["0"][1] == out["1"][1] == pytest.approx(2048 * np.tanh(1.0), rel=1e-5)
+    per_call = (64 << 20) // 4096
+    assert out["0"][0] >= 0.9 * 5 * per_call, out
+    assert out["1"][0] <= 0.1 * per_call, out  # not one call's buffer over the five calls
+    assert "mmap_max=0" in out["1"][2] and "inline" in out["1"][2] and "inline" not in out["0"][2], out
