@@ -48,8 +48,8 @@ at TRL's configuration ran 3.26-3.27 s against 3.73-4.09 s (update 1.67-1.68 aga
 the same peak memory. The cost: the heap keeps what the process once used (the compiler's freed
 memory still goes back after each compile), so where several programs take turns their buffers
 all stay, and freed blocks are not always reused whole: the offline DPO benchmark with a live
-reference peaked at 1,199 MiB against 791 at about the same speed (docs/performance.md). Hence
-opt-in:
+reference peaked at 1,199 MiB against 791 at about the same speed, and the KTO step ran slower
+(docs/performance.md). Hence opt-in (`make quickstart`, an RL run, sets it):
 
     RLJAX_KEEP_BUFFERS=1 python -m experiments.<name> ...   # and python -m benchmarks.<name>
     # elsewhere (a notebook's kernel): start the process with
