@@ -187,8 +187,8 @@ def inline_cpu_dispatch() -> None:
 
 def setup_host_memory() -> None:
     """What `python -m experiments.*` and `python -m benchmarks.*` do before anything else: re-execute
-    with rljax's glibc tunables (`exec_with_malloc_tunables`), then, with RLJAX_KEEP_BUFFERS=1,
-    `inline_cpu_dispatch`."""
+    with rljax's glibc tunables (`exec_with_malloc_tunables`), then, with RLJAX_KEEP_BUFFERS=1 and
+    glibc (elsewhere there is nothing to keep the buffers), `inline_cpu_dispatch`."""
     exec_with_malloc_tunables()
-    if keep_buffers_requested(os.environ):
+    if keep_buffers_requested(os.environ) and platform.libc_ver()[0] == "glibc":
         inline_cpu_dispatch()
