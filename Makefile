@@ -16,11 +16,6 @@ PEER_REQS  := benchmarks/peers/requirements.txt
 # Where the CPU build of torch comes from (an extra index: a local wheel or mirror in pip's own
 # configuration still works). Empty to use pip's configuration alone: make peer-env PEER_TORCH_INDEX=
 PEER_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-# glibc's transparent huge pages for large allocations (rljax.host_memory): XLA:CPU allocates a
-# program's temporary buffer afresh on every call, and with 4 KiB pages each step page-faults it in
-# again. `python -m experiments.* / benchmarks.*` re-execute themselves with it; this covers pytest
-# and the peer scripts too. A GLIBC_TUNABLES of your own is kept as it is.
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: quickstart test test-slow bench peer-env bench-peers bench-offline clean
 

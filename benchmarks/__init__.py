@@ -1,9 +1,10 @@
 """Benchmarks: `python -m benchmarks.<name> [--field value ...]`, figures with their configuration.
 
-`python -m benchmarks.<name>` first re-executes itself with glibc's huge pages on for XLA's large
-buffers (`rljax.host_memory.setup_host_memory`: 5-18% faster CPU train steps; RLJAX_HUGE_PAGES=0
-turns it off), and with RLJAX_KEEP_BUFFERS=1 keeps those buffers in the heap from one step to the
-next (faster again where they are large, more peak memory where they are not). Importing the package
+`python -m benchmarks.<name>` first re-executes itself with the glibc tunables the environment asks
+for (`rljax.host_memory.setup_host_memory`): RLJAX_KEEP_BUFFERS=1 keeps XLA's large per-step buffers
+in the heap from one step to the next (faster where they are large, more peak memory where they
+are not), RLJAX_HUGE_PAGES=1 backs them with transparent huge pages (faster steps on some hosts,
+slower first steps on others). Without either it runs as it is. Importing the package
 does nothing.
 """
 import sys

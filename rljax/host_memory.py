@@ -14,27 +14,32 @@ docs/performance.md): peak RSS 1,093 -> 912 MiB on a cold start, the same progra
 It changes nothing but where freed memory lives; where the C library is not glibc (macOS, musl)
 it does nothing and returns False.
 
-Huge pages for XLA's per-execution buffers. XLA:CPU allocates a compiled program's temporary
-buffer (the activations a train step keeps for its backward pass: 431 MiB for the offline DPO
-step) afresh on every call and frees it at the end. glibc serves an allocation that large with
-`mmap` and returns it with `munmap`, so every step touches 110,000 new 4 KiB pages: as many page
-faults, each zeroing its page, 0.3 s of kernel time a step on a 2-core EPYC. With glibc's tunable
-`glibc.malloc.hugetlb=1` such mappings are advised to use transparent 2 MiB pages (about 530
-faults a step in all): the offline trainers' steps ran 5-18% faster, the peak memory the same
-(docs/performance.md). glibc reads tunables only when a process starts, so
+Huge pages for XLA's per-execution buffers (opt-in: RLJAX_HUGE_PAGES=1). XLA:CPU allocates a
+compiled program's temporary buffer (the activations a train step keeps for its backward pass: 431
+MiB for the offline DPO step) afresh on every call and frees it at the end. glibc serves an
+allocation that large with `mmap` and returns it with `munmap`, so every step touches 110,000 new
+4 KiB pages: as many page faults, each zeroing its page, 0.3 s of kernel time a step on a 2-core
+EPYC. With glibc's tunable `glibc.malloc.hugetlb=1` such mappings are advised to use transparent
+2 MiB pages (about 530 faults a step in all): on that EPYC the offline trainers' steps ran 5-18%
+faster, the peak memory the same. On a 2-core Intel Xeon with AMX (a virtual machine whose freed
+memory goes back to the host: free page reporting) the same tunable made every fresh 2 MiB page
+expensive: the offline trainers' first step took 1.0-2.6 s longer (DPO 5.1-5.2 -> 7.4-7.7 s), the
+GRPO benchmark's first iteration 22-25 s against 13-14 s, and its update 3.0-3.3 s a step against
+2.2 (docs/performance.md). Which way it goes depends on the host, so it is opt-in. glibc reads
+tunables only when a process starts, so
 
-    python -m experiments.<name> ...    # and python -m benchmarks.<name>: re-executed with it set
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 jupyter lab         # a notebook's kernel: set it yourself
+    RLJAX_HUGE_PAGES=1 python -m experiments.<name> ...   # and python -m benchmarks.<name>: re-executed
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 jupyter lab     # a notebook's kernel: set it yourself
 
 `exec_with_malloc_tunables()` (called by the `experiments` and `benchmarks` packages when run with
-`python -m`, before jax is imported) replaces the process by the same command with the tunable
+`python -m`, before jax is imported) replaces the process by the same command with the tunables
 added to GLIBC_TUNABLES: the same PID, arguments and interpreter flags. It does so only on Linux
-with glibc, when the kernel's transparent huge pages are in `madvise` mode (with `always` every
-large mapping gets them already; with `never` none can), when the tunable is not set yet, and
-unless RLJAX_HUGE_PAGES=0.
+with glibc, and adds the huge-page tunable only where the kernel's transparent huge pages are in
+`madvise` mode (with `always` every large mapping gets them already; with `never` none can) and
+the user has not set it.
 
 Keeping XLA's per-execution buffers in the heap (opt-in: RLJAX_KEEP_BUFFERS=1). Huge pages make
-the fresh mapping cheaper; keeping it avoids it. With glibc's `glibc.malloc.mmap_max=0` (no block
+the fresh mapping cheaper where they are cheap; keeping it avoids it. With glibc's `glibc.malloc.mmap_max=0` (no block
 is served by mmap) and a `glibc.malloc.trim_threshold` of 1 TiB (the heap's top is not given back
 on free), the buffer a step frees stays mapped and the next step reuses it: no page faults and no
 kernel zeroing once the heap has settled (a few steps: until then a small allocation may split a
@@ -44,8 +49,8 @@ large whatever the tunable says), so the process also runs CPU computations on t
 (`jax_cpu_enable_async_dispatch` off, `inline_cpu_dispatch`): XLA then allocates the buffer there.
 On a 2-core Intel Xeon with AMX, the GRPO update's bf16 step (1.76 GiB temporary buffer) took
 0.9 s of kernel time a step with huge pages; with the buffers kept, none, and the GRPO iteration
-at TRL's configuration ran 3.26-3.27 s against 3.73-4.09 s (update 1.67-1.68 against 2.17-2.49 s),
-the same peak memory. The cost: the heap keeps what the process once used (the compiler's freed
+at TRL's configuration ran 3.26-3.27 s against 3.73-4.09 s (update 1.67-1.68 against 2.17-2.49 s;
+huge pages on in both), the same peak memory. The cost: the heap keeps what the process once used (the compiler's freed
 memory still goes back after each compile), so where several programs take turns their buffers
 all stay, and freed blocks are not always reused whole: the offline DPO benchmark with a live
 reference peaked at 1,199 MiB against 791 at about the same speed, and the KTO step ran slower
@@ -107,7 +112,7 @@ def release_compiler_memory(min_compile_s: float = 0.1, *, trim: Callable[[], No
 
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-HUGE_PAGES_OPT_OUT = "RLJAX_HUGE_PAGES"  # "0": no huge-page tunable
+HUGE_PAGES = "RLJAX_HUGE_PAGES"  # "1": add the huge-page tunable (opt-in, module doc)
 KEEP_BUFFERS = "RLJAX_KEEP_BUFFERS"  # "1": keep XLA's per-execution buffers in the heap (module doc)
 # no mmap-served blocks; the heap's top is given back only above 1 TiB (i.e. only by malloc_trim)
 KEEP_BUFFERS_TUNABLES = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={1 << 40}")
@@ -125,30 +130,42 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
     return next((w[1:-1] for w in words if w.startswith("[") and w.endswith("]")), None)
 
 
+def _switch(environ: Mapping[str, str], name: str) -> bool:
+    """An opt-in switch: "1" on, "0" or unset off; anything else is a ValueError naming the variable."""
+    value = environ.get(name, "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={environ[name]!r}: expected 0 or 1")
+    return value == "1"
+
+
 def keep_buffers_requested(environ: Mapping[str, str]) -> bool:
     """Whether `environ` asks for XLA's per-execution buffers to stay in the heap (RLJAX_KEEP_BUFFERS:
     "1" yes, "0" or unset no; anything else is a ValueError naming the variable)."""
-    value = environ.get(KEEP_BUFFERS, "0").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"{KEEP_BUFFERS}={environ[KEEP_BUFFERS]!r}: expected 0 or 1")
-    return value == "1"
+    return _switch(environ, KEEP_BUFFERS)
+
+
+def huge_pages_requested(environ: Mapping[str, str]) -> bool:
+    """Whether `environ` asks for glibc's huge-page tunable (RLJAX_HUGE_PAGES: "1" yes, "0" or unset
+    no; anything else is a ValueError naming the variable)."""
+    return _switch(environ, HUGE_PAGES)
 
 
 def malloc_tunables_env(environ: Mapping[str, str], *, thp: str | None, libc: str) -> dict[str, str] | None:
     """`environ` with rljax's glibc tunables added to GLIBC_TUNABLES (its other tunables kept, colon-
-    separated), or None when a restart would change nothing. Added: HUGE_PAGES_TUNABLE where the THP
-    mode (`thp`, see `thp_mode`) is "madvise" and RLJAX_HUGE_PAGES is not "0"; KEEP_BUFFERS_TUNABLES
+    separated), or None when a restart would change nothing. Added: HUGE_PAGES_TUNABLE where
+    RLJAX_HUGE_PAGES=1 and the THP mode (`thp`, see `thp_mode`) is "madvise"; KEEP_BUFFERS_TUNABLES
     where RLJAX_KEEP_BUFFERS=1. A tunable the environment already sets (to any value) stays the
     user's choice; nothing is added where the C library is not glibc (`libc`, as
     `platform.libc_ver()[0]` names it)."""
+    huge, keep = huge_pages_requested(environ), keep_buffers_requested(environ)  # bad values raise anywhere
     if libc != "glibc":
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
     present = {t.split("=")[0] for t in tunables.split(":") if t}
     wanted = []
-    if thp == "madvise" and environ.get(HUGE_PAGES_OPT_OUT, "1") != "0":
+    if huge and thp == "madvise":
         wanted.append(HUGE_PAGES_TUNABLE)
-    if keep_buffers_requested(environ):
+    if keep:
         wanted.extend(KEEP_BUFFERS_TUNABLES)
     added = [t for t in wanted if t.split("=")[0] not in present]
     if not added:

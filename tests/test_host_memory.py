@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import monitoring
 
-from rljax.host_memory import (BACKEND_COMPILE_EVENT, HUGE_PAGES_OPT_OUT, HUGE_PAGES_TUNABLE, KEEP_BUFFERS,
+from rljax.host_memory import (BACKEND_COMPILE_EVENT, HUGE_PAGES, HUGE_PAGES_TUNABLE, KEEP_BUFFERS,
                                KEEP_BUFFERS_TUNABLES, _listener, exec_with_malloc_tunables, glibc_malloc_trim,
                                keep_buffers_requested, malloc_tunables_env, release_compiler_memory, thp_mode)
 
@@ -82,38 +82,47 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
     assert thp_mode(str(tmp_path / "missing")) is None
 
 
-def test_malloc_tunables_env_adds_the_tunable_only_where_it_changes_something():
+def test_malloc_tunables_env_adds_the_tunable_only_where_asked_and_it_changes_something():
     on = dict(thp="madvise", libc="glibc")
-    assert malloc_tunables_env({"A": "1"}, **on) == {"A": "1", "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
+    hp = {HUGE_PAGES: "1"}
+    # opt-in: by default (or with "0") nothing is added and the process is not restarted
+    assert malloc_tunables_env({"A": "1"}, **on) is None
+    assert malloc_tunables_env({HUGE_PAGES: "0"}, **on) is None
+    assert malloc_tunables_env({"A": "1", **hp}, **on) == {"A": "1", **hp, "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
+    assert malloc_tunables_env({HUGE_PAGES: " 1 "}, **on)["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE
     # other tunables are kept, colon-separated, in their order
-    assert malloc_tunables_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **on)["GLIBC_TUNABLES"] == \
+    assert malloc_tunables_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", **hp}, **on)["GLIBC_TUNABLES"] == \
         f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}"
-    # the user's own hugetlb setting stands, whatever its value; so does the opt-out
-    assert malloc_tunables_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **on) is None
-    assert malloc_tunables_env({"GLIBC_TUNABLES": f"x.y=1:{HUGE_PAGES_TUNABLE}"}, **on) is None
-    assert malloc_tunables_env({HUGE_PAGES_OPT_OUT: "0"}, **on) is None
-    assert malloc_tunables_env({HUGE_PAGES_OPT_OUT: "1"}, **on)["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE
+    # the user's own hugetlb setting stands, whatever its value
+    assert malloc_tunables_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", **hp}, **on) is None
+    assert malloc_tunables_env({"GLIBC_TUNABLES": f"x.y=1:{HUGE_PAGES_TUNABLE}", **hp}, **on) is None
     # "always": large mappings get huge pages anyway; "never"/unknown: they cannot; not glibc: no tunable
     for thp, libc in (("always", "glibc"), ("never", "glibc"), (None, "glibc"), ("madvise", ""), ("madvise", "musl")):
-        assert malloc_tunables_env({}, thp=thp, libc=libc) is None
+        assert malloc_tunables_env(hp, thp=thp, libc=libc) is None
+    # a bad value names the variable, on any C library
+    for bad, libc in (("2", "glibc"), ("yes", "glibc"), ("", "glibc"), ("on", "musl")):
+        with pytest.raises(ValueError, match=f"{HUGE_PAGES}="):
+            malloc_tunables_env({HUGE_PAGES: bad}, thp="madvise", libc=libc)
 
 
 def test_keep_buffers_adds_its_two_tunables_after_the_user_s_own():
     keep = ":".join(KEEP_BUFFERS_TUNABLES)
     assert keep == "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"  # 2**40 bytes
     on = dict(thp="madvise", libc="glibc")
-    assert malloc_tunables_env({KEEP_BUFFERS: "1"}, **on)["GLIBC_TUNABLES"] == f"{HUGE_PAGES_TUNABLE}:{keep}"
-    # without huge pages (opted out, or THP not in madvise mode) the two come alone
-    assert malloc_tunables_env({KEEP_BUFFERS: "1", HUGE_PAGES_OPT_OUT: "0"}, **on)["GLIBC_TUNABLES"] == keep
-    assert malloc_tunables_env({KEEP_BUFFERS: "1"}, thp="always", libc="glibc")["GLIBC_TUNABLES"] == keep
+    both = {KEEP_BUFFERS: "1", HUGE_PAGES: "1"}
+    assert malloc_tunables_env({KEEP_BUFFERS: "1"}, **on)["GLIBC_TUNABLES"] == keep
+    assert malloc_tunables_env(both, **on)["GLIBC_TUNABLES"] == f"{HUGE_PAGES_TUNABLE}:{keep}"
+    # huge pages asked for where THP is not in madvise mode: the two come alone
+    assert malloc_tunables_env(both, thp="always", libc="glibc")["GLIBC_TUNABLES"] == keep
     # a tunable the user set stays as set; the others are added after the user's
-    env = {KEEP_BUFFERS: "1", "GLIBC_TUNABLES": "glibc.malloc.mmap_max=4"}
+    env = {**both, "GLIBC_TUNABLES": "glibc.malloc.mmap_max=4"}
     assert malloc_tunables_env(env, **on)["GLIBC_TUNABLES"] == \
         f"glibc.malloc.mmap_max=4:{HUGE_PAGES_TUNABLE}:{KEEP_BUFFERS_TUNABLES[1]}"
     # the re-executed process has them all: no second restart; not glibc: nothing to add
-    assert malloc_tunables_env({KEEP_BUFFERS: "1", "GLIBC_TUNABLES": f"{HUGE_PAGES_TUNABLE}:{keep}"}, **on) is None
+    assert malloc_tunables_env({**both, "GLIBC_TUNABLES": f"{HUGE_PAGES_TUNABLE}:{keep}"}, **on) is None
+    assert malloc_tunables_env({KEEP_BUFFERS: "1", "GLIBC_TUNABLES": keep}, **on) is None
     assert malloc_tunables_env({KEEP_BUFFERS: "1"}, thp="madvise", libc="musl") is None
-    assert malloc_tunables_env({KEEP_BUFFERS: "0"}, **on)["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE
+    assert malloc_tunables_env({KEEP_BUFFERS: "0", HUGE_PAGES: "1"}, **on)["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE
     assert [keep_buffers_requested(e) for e in ({}, {KEEP_BUFFERS: "0"}, {KEEP_BUFFERS: " 1 "})] == [False, False, True]
     for bad in ("2", "yes", ""):
         with pytest.raises(ValueError, match=f"{KEEP_BUFFERS}="):
@@ -129,7 +138,10 @@ def test_exec_with_malloc_tunables_reexecutes_the_same_command(monkeypatch):
     monkeypatch.setattr(hm, "thp_mode", lambda: "madvise")
     monkeypatch.setattr(hm.platform, "libc_ver", lambda: ("glibc", "2.36"))
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    monkeypatch.delenv(HUGE_PAGES_OPT_OUT, raising=False)
+    monkeypatch.delenv(KEEP_BUFFERS, raising=False)
+    monkeypatch.delenv(HUGE_PAGES, raising=False)
+    assert not exec_with_malloc_tunables(execve=lambda *a: calls.append(a))  # nothing asked for
+    monkeypatch.setenv(HUGE_PAGES, "1")
     assert exec_with_malloc_tunables(execve=lambda *a: calls.append(a))
     (path, argv, env), = calls
     assert path == sys.executable and argv == sys.orig_argv
@@ -146,9 +158,9 @@ def test_python_m_benchmarks_runs_with_the_tunable_computed_for_this_machine():
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGES_OPT_OUT)}
-    for opt_out in (False, True):
-        run_env = dict(env, **({HUGE_PAGES_OPT_OUT: "0"} if opt_out else {}))
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGES, KEEP_BUFFERS)}
+    for opt_in in (False, True):
+        run_env = dict(env, **({HUGE_PAGES: "1"} if opt_in else {}))
         out = subprocess.run([sys.executable, "-m", "benchmarks.cpuinfo"], env=run_env, capture_output=True,
                              text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
         want = malloc_tunables_env(run_env, thp=thp_mode(), libc=platform.libc_ver()[0])
@@ -218,8 +230,7 @@ def test_kept_buffers_are_not_faulted_in_again_on_every_call():
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, float(y[0, 0]))\n"
         "print(host_memory_description())\n")
     root = os.path.dirname(os.path.dirname(__file__))
-    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", KEEP_BUFFERS)}
-    base[HUGE_PAGES_OPT_OUT] = "0"
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", KEEP_BUFFERS, HUGE_PAGES)}
     out = {}
     for keep in ("0", "1"):
         # the hook re-executes `sys.orig_argv`: here `python -c script`, which runs the same script again
