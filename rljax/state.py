@@ -16,6 +16,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from rljax.cpu_dots import full_sequence_compiler_options, jit_full_sequence
+from rljax.models.transformer import init_compiler_options
 from rljax.ops.aggregate import LOSS_WEIGHT
 from rljax.sharding import LOGICAL_RULES, batch_sharding, param_shardings, replicated
 
@@ -232,7 +233,8 @@ def create_state(model, opt_cfg: OptimizerConfig, key: jax.Array, *, mesh: Mesh 
                           skipped_steps=jnp.int32(0))
     sh = state_shardings(model, optimizer, mesh, rules)
     if params is None:
-        params = jax.jit(model.init, out_shardings=sh.params)(init_key)
+        params = jax.jit(model.init, out_shardings=sh.params,
+                         compiler_options=init_compiler_options(mesh.devices.flat[0].platform))(init_key)
     else:
         params = jax.device_put(params, sh.params, may_alias=False)
     opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(params)

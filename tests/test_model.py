@@ -9,7 +9,8 @@ import pytest
 
 from conftest import left_padded
 from rljax.models import Model, TransformerConfig, preset
-from rljax.models.transformer import _dense, last_token_index, swiglu_down
+from rljax.models import transformer
+from rljax.models.transformer import _dense, init_compiler_options, last_token_index, swiglu_down
 from rljax.sharding import LOGICAL_RULES, logical_to_spec
 
 # Two layers (not tiny's four): every layer runs the same code, and two already check that each
@@ -252,6 +253,30 @@ def test_last_hidden_of_packed_rows_and_bad_read_at(tiny):
         model.forward(params, packed, read_at=jnp.zeros((1, 1, 1), jnp.int32))
     with pytest.raises(ValueError, match="read_at: for full forward passes"):
         model.forward(params, b[None], cache=model.init_cache(1, 8), read_at=jnp.array([2]))
+
+
+def test_init_compiles_at_o2_on_cpu_with_the_same_parameters(monkeypatch):
+    """Model.init's program is compiled at LLVM -O2 on CPU only (a user's level in XLA_FLAGS wins:
+    the tests set 0, see conftest), and gives the parameters of XLA:CPU's default level (3) bit
+    for bit."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert init_compiler_options("cpu") == {"xla_backend_optimization_level": 2}
+    assert init_compiler_options("gpu") is None and init_compiler_options("tpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    assert init_compiler_options("cpu") is None
+    if jax.default_backend() != "cpu":
+        return
+    monkeypatch.setenv("XLA_FLAGS", "")
+    level3 = jax.jit(transformer._init_params_fn, static_argnums=0,
+                     compiler_options={"xla_backend_optimization_level": 3})
+    for cfg in (preset("tiny", vocab_size=64),
+                TransformerConfig(vocab_size=40, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=96,
+                                  max_seq_len=64, param_dtype="bfloat16", heads=("lm", "value", "reward"))):
+        model = Model(cfg)
+        got, want = model.init(jax.random.key(3)), level3(model, jax.random.key(3))
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_last_token_index():
