@@ -38,23 +38,24 @@ with glibc, and adds the huge-page tunable only where the kernel's transparent h
 `madvise` mode (with `always` every large mapping gets them already; with `never` none can) and
 the user has not set it.
 
-Keeping XLA's per-execution buffers in the heap (opt-in: RLJAX_KEEP_BUFFERS=1). Huge pages make
-the fresh mapping cheaper where they are cheap; keeping it avoids it. With glibc's `glibc.malloc.mmap_max=0` (no block
-is served by mmap) and a `glibc.malloc.trim_threshold` of 1 TiB (the heap's top is not given back
-on free), the buffer a step frees stays mapped and the next step reuses it: no page faults and no
-kernel zeroing once the heap has settled (a few steps: until then a small allocation may split a
-freed buffer and the heap grows by another). glibc only does this for its main arena, the one the
-process's first thread allocates from (other threads' arenas fall back to mmap for blocks this
-large whatever the tunable says), so the process also runs CPU computations on the calling thread
-(`jax_cpu_enable_async_dispatch` off, `inline_cpu_dispatch`): XLA then allocates the buffer there.
-On a 2-core Intel Xeon with AMX, the GRPO update's bf16 step (1.76 GiB temporary buffer) took
-0.9 s of kernel time a step with huge pages; with the buffers kept, none, and the GRPO iteration
-at TRL's configuration ran 3.26-3.27 s against 3.73-4.09 s (update 1.67-1.68 against 2.17-2.49 s;
-huge pages on in both), the same peak memory. The cost: the heap keeps what the process once used (the compiler's freed
-memory still goes back after each compile), so where several programs take turns their buffers
-all stay, and freed blocks are not always reused whole: the offline DPO benchmark with a live
-reference peaked at 1,199 MiB against 791 at about the same speed, and the KTO step ran slower
-(docs/performance.md). Hence opt-in (`make quickstart`, an RL run, sets it):
+Keeping XLA's per-execution buffers in the heap (opt-in: RLJAX_KEEP_BUFFERS=1). Huge pages make the
+fresh mapping cheaper where they are cheap; keeping it avoids it. With glibc's
+`glibc.malloc.mmap_max=0` (no block is served by mmap) and a `glibc.malloc.trim_threshold` of 1 TiB
+(the heap's top is not given back on free), the buffer a step frees stays mapped and the next step
+reuses it: no page faults and no kernel zeroing once the heap has settled (a few steps: until then
+a small allocation may split a freed buffer and the heap grows by another). glibc only does this
+for its main arena, the one the process's first thread allocates from (other threads' arenas fall
+back to mmap for blocks this large whatever the tunable says), so the process also runs CPU
+computations on the calling thread (`jax_cpu_enable_async_dispatch` off, `inline_cpu_dispatch`):
+XLA then allocates the buffer there. On a 2-core Intel Xeon with AMX, the GRPO update's bf16 step
+(1.76 GiB temporary buffer) took 0.9 s of kernel time a step with huge pages; with the buffers
+kept, none, and the GRPO iteration at TRL's configuration ran 3.26-3.27 s against 3.73-4.09 s
+(update 1.67-1.68 against 2.17-2.49 s; huge pages on in both), the same peak memory. The cost: the
+heap keeps what the process once used (the compiler's freed memory still goes back after each
+compile), so where several programs take turns their buffers all stay, and freed blocks are not
+always reused whole: the offline DPO benchmark with a live reference peaked at 1,199 MiB against
+791 at about the same speed, and the KTO step ran slower (docs/performance.md). Hence opt-in (`make
+quickstart`, an RL run, sets it):
 
     RLJAX_KEEP_BUFFERS=1 python -m experiments.<name> ...   # and python -m benchmarks.<name>
     # elsewhere (a notebook's kernel): start the process with

@@ -657,7 +657,7 @@ def init_compiler_options(platform: str | None = None) -> dict | None:
     `platform` (default: jax's default backend): LLVM's -O2 on CPU, where XLA compiles with -O3 by
     default, else None. The initialisers run once per model, and at -O2 their program compiles in
     0.9-1.2 s against 1.4-1.8 s (the tiny and small presets and a d256 x 4-layer model, 2-core AMX
-    Xeon) with the same parameters bit for bit (tests/test_models.py). A level the user set in
+    Xeon) with the same parameters bit for bit (tests/test_model.py). A level the user set in
     XLA_FLAGS stays in force."""
     platform = platform or jax.default_backend()
     if platform != "cpu" or OPT_LEVEL_OPTION in os.environ.get("XLA_FLAGS", ""):
