@@ -650,6 +650,7 @@ class Transformer(nn.Module):
 
 
 OPT_LEVEL_OPTION = "xla_backend_optimization_level"
+INIT_CPU_OPTIONS = {OPT_LEVEL_OPTION: 2}  # what init_compiler_options gives on CPU
 
 
 def init_compiler_options(platform: str | None = None) -> dict | None:
@@ -662,7 +663,7 @@ def init_compiler_options(platform: str | None = None) -> dict | None:
     platform = platform or jax.default_backend()
     if platform != "cpu" or OPT_LEVEL_OPTION in os.environ.get("XLA_FLAGS", ""):
         return None
-    return {OPT_LEVEL_OPTION: 2}
+    return dict(INIT_CPU_OPTIONS)
 
 
 def _init_params_fn(model: "Model", key: Array) -> dict:
@@ -670,7 +671,7 @@ def _init_params_fn(model: "Model", key: Array) -> dict:
 
 
 _init_params = jax.jit(_init_params_fn, static_argnums=0)
-_init_params_o2 = jax.jit(_init_params_fn, static_argnums=0, compiler_options={OPT_LEVEL_OPTION: 2})
+_init_params_cpu = jax.jit(_init_params_fn, static_argnums=0, compiler_options=INIT_CPU_OPTIONS)
 
 
 def last_token_index(attention_mask: Array) -> Array:
@@ -742,7 +743,7 @@ class Model:
         model: run op by op, the initialisers and the dummy forward pass that creates the
         parameters each compile on first use, many times slower than one program; on CPU that
         program is compiled at LLVM's -O2 (`init_compiler_options`)."""
-        return (_init_params_o2 if init_compiler_options() else _init_params)(self, key)
+        return (_init_params_cpu if init_compiler_options() else _init_params)(self, key)
 
     def param_shapes(self) -> dict:
         """`jax.ShapeDtypeStruct` of every parameter, without allocating."""
