@@ -32,35 +32,42 @@ tunables only when a process starts, so
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 jupyter lab     # a notebook's kernel: set it yourself
 
 `exec_with_malloc_tunables()` (called by the `experiments` and `benchmarks` packages when run with
-`python -m`, before jax is imported) replaces the process by the same command with the tunables
+`python -m`, before jax is imported) replaces the process by the same command with the tunable
 added to GLIBC_TUNABLES: the same PID, arguments and interpreter flags. It does so only on Linux
-with glibc, and adds the huge-page tunable only where the kernel's transparent huge pages are in
+with glibc, only where the kernel's transparent huge pages are in
 `madvise` mode (with `always` every large mapping gets them already; with `never` none can) and
 the user has not set it.
 
-Keeping XLA's per-execution buffers in the heap (opt-in: RLJAX_KEEP_BUFFERS=1). Huge pages make the
-fresh mapping cheaper where they are cheap; keeping it avoids it. With glibc's
-`glibc.malloc.mmap_max=0` (no block is served by mmap) and a `glibc.malloc.trim_threshold` of 1 TiB
-(the heap's top is not given back on free), the buffer a step frees stays mapped and the next step
-reuses it: no page faults and no kernel zeroing once the heap has settled (a few steps: until then
-a small allocation may split a freed buffer and the heap grows by another). glibc only does this
-for its main arena, the one the process's first thread allocates from (other threads' arenas fall
-back to mmap for blocks this large whatever the tunable says), so the process also runs CPU
-computations on the calling thread (`jax_cpu_enable_async_dispatch` off, `inline_cpu_dispatch`):
-XLA then allocates the buffer there. On a 2-core Intel Xeon with AMX, the GRPO update's bf16 step
-(1.76 GiB temporary buffer) took 0.9 s of kernel time a step with huge pages; with the buffers
-kept, none, and the GRPO iteration at TRL's configuration ran 3.26-3.27 s against 3.73-4.09 s
-(update 1.67-1.68 against 2.17-2.49 s; huge pages on in both), the same peak memory. The cost: the
-heap keeps what the process once used (the compiler's freed memory still goes back after each
-compile), so where several programs take turns their buffers all stay, and freed blocks are not
-always reused whole: the offline DPO benchmark with a live reference peaked at 1,199 MiB against
-791 at about the same speed, and the KTO step ran slower (docs/performance.md). Hence opt-in (`make
-quickstart`, an RL run, sets it):
+Keeping XLA's per-execution buffers in the heap (opt-in: RLJAX_KEEP_BUFFERS=1, or `keep_buffers()`).
+Huge pages make the fresh mapping cheaper where they are cheap; keeping it avoids it. With glibc's
+`mallopt(M_MMAP_MAX, 0)` (no block is served by mmap) and `mallopt(M_TRIM_THRESHOLD, -1)` (the
+heap's top is never given back on free; only malloc_trim returns it), the buffer a step frees
+stays mapped and the next step reuses it: no page faults and no kernel zeroing once the heap has
+settled (a few steps: until then a small allocation may split a freed buffer and the heap grows
+by another). glibc only does this for its main arena, the one the process's first thread
+allocates from (other threads' arenas fall back to mmap for blocks this large whatever the setting
+says), so the process also runs CPU computations on the calling thread
+(`jax_cpu_enable_async_dispatch` off, `inline_cpu_dispatch`): XLA then allocates the buffer there.
+Both are set while the process runs, so `keep_buffers()` works anywhere before the first
+computation, a notebook's kernel included; they are the same settings as glibc's tunables
+`glibc.malloc.mmap_max=0` and `glibc.malloc.trim_threshold`, which earlier versions set by
+re-executing the process (measured alike, AMX Xeon, 2026-12-05: the offline DPO step with a
+precomputed reference in bf16 0.310 / 0.301 s with `mallopt` against 0.301 / 0.291 with the
+tunables and 0.366 / 0.372 by default, the GRPO iteration 3.77 / 3.70 against 3.89 / 3.84 and
+4.50 / 4.30 s, the same peak memory; docs/performance.md). On a 2-core Intel Xeon with AMX, the GRPO
+update's bf16 step (1.76 GiB temporary buffer) took 0.9 s of kernel time a step with huge pages;
+with the buffers kept, none, and the GRPO iteration at TRL's configuration ran 3.26-3.27 s against
+3.73-4.09 s (update 1.67-1.68 against 2.17-2.49 s; huge pages on in both), the same peak memory.
+The cost: the heap keeps what the process once used (the compiler's freed memory still goes back
+after each compile), so where several programs take turns their buffers all stay, and freed
+blocks are not always reused whole: the offline DPO benchmark with a live reference peaked at
+1,199 MiB against 791 at about the same speed, and the KTO step ran slower (docs/performance.md).
+Hence opt-in (`make quickstart`, an RL run, sets it):
 
     RLJAX_KEEP_BUFFERS=1 python -m experiments.<name> ...   # and python -m benchmarks.<name>
-    # elsewhere (a notebook's kernel): start the process with
-    # GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776 and call
-    # rljax.host_memory.inline_cpu_dispatch() before the first computation
+
+    import rljax.host_memory                                # a notebook or your own script:
+    rljax.host_memory.keep_buffers()                        # first, before any computation
 """
 from __future__ import annotations
 
@@ -115,8 +122,10 @@ def release_compiler_memory(min_compile_s: float = 0.1, *, trim: Callable[[], No
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 HUGE_PAGES = "RLJAX_HUGE_PAGES"  # "1": add the huge-page tunable (opt-in, module doc)
 KEEP_BUFFERS = "RLJAX_KEEP_BUFFERS"  # "1": keep XLA's per-execution buffers in the heap (module doc)
-# no mmap-served blocks; the heap's top is given back only above 1 TiB (i.e. only by malloc_trim)
-KEEP_BUFFERS_TUNABLES = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={1 << 40}")
+# glibc's mallopt parameters (malloc.h): no mmap-served blocks; -1 never trims the heap's top on free
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+KEEP_BUFFERS_MALLOPT = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+_kept: list = []  # True once keep_buffers() has set KEEP_BUFFERS_MALLOPT in this process (for banners)
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -152,33 +161,25 @@ def huge_pages_requested(environ: Mapping[str, str]) -> bool:
 
 
 def malloc_tunables_env(environ: Mapping[str, str], *, thp: str | None, libc: str) -> dict[str, str] | None:
-    """`environ` with rljax's glibc tunables added to GLIBC_TUNABLES (its other tunables kept, colon-
-    separated), or None when a restart would change nothing. Added: HUGE_PAGES_TUNABLE where
-    RLJAX_HUGE_PAGES=1 and the THP mode (`thp`, see `thp_mode`) is "madvise"; KEEP_BUFFERS_TUNABLES
-    where RLJAX_KEEP_BUFFERS=1. A tunable the environment already sets (to any value) stays the
-    user's choice; nothing is added where the C library is not glibc (`libc`, as
-    `platform.libc_ver()[0]` names it)."""
-    huge, keep = huge_pages_requested(environ), keep_buffers_requested(environ)  # bad values raise anywhere
-    if libc != "glibc":
+    """`environ` with HUGE_PAGES_TUNABLE added to GLIBC_TUNABLES (its other tunables kept, colon-
+    separated) where RLJAX_HUGE_PAGES=1 and the THP mode (`thp`, see `thp_mode`) is "madvise", or
+    None when a restart would change nothing: not asked for, the tunable already set (to any
+    value: the user's choice), or a C library that is not glibc (`libc`, as
+    `platform.libc_ver()[0]` names it). Kept buffers need no restart (`keep_buffers`)."""
+    huge = huge_pages_requested(environ)  # a bad value raises on any C library
+    if libc != "glibc" or not huge or thp != "madvise":
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    present = {t.split("=")[0] for t in tunables.split(":") if t}
-    wanted = []
-    if huge and thp == "madvise":
-        wanted.append(HUGE_PAGES_TUNABLE)
-    if keep:
-        wanted.extend(KEEP_BUFFERS_TUNABLES)
-    added = [t for t in wanted if t.split("=")[0] not in present]
-    if not added:
+    if HUGE_PAGES_TUNABLE.split("=")[0] in {t.split("=")[0] for t in tunables.split(":") if t}:
         return None
     env = dict(environ)
-    env["GLIBC_TUNABLES"] = ":".join([tunables] * bool(tunables) + added)
+    env["GLIBC_TUNABLES"] = ":".join([tunables] * bool(tunables) + [HUGE_PAGES_TUNABLE])
     return env
 
 
 def exec_with_malloc_tunables(*, execve: Callable = os.execve) -> bool:
     """Re-execute this process (`execve`: same PID, `sys.orig_argv`: same arguments and interpreter
-    flags) with rljax's glibc tunables set, when `malloc_tunables_env` says it would change anything.
+    flags) with glibc's huge-page tunable set, when `malloc_tunables_env` says it would change anything.
     Call it before anything worth keeping has run: the `experiments` and `benchmarks` packages call it
     on `python -m` before jax is imported. It costs one more interpreter start, about 50 ms
     (`python -m benchmarks.cpuinfo`: 63-88 ms without it, 111-150 ms with it). Returns False when it
@@ -194,8 +195,8 @@ def exec_with_malloc_tunables(*, execve: Callable = os.execve) -> bool:
 
 def inline_cpu_dispatch() -> None:
     """Run CPU computations on the thread that calls them (`jax_cpu_enable_async_dispatch` off), so
-    that XLA allocates their buffers from glibc's main arena, where KEEP_BUFFERS_TUNABLES keep them
-    (module doc). Call it before the first computation: JAX reads the setting when it creates its
+    that XLA allocates their buffers from glibc's main arena, where `keep_buffers`' settings keep
+    them (module doc). Call it before the first computation: JAX reads the setting when it creates its
     CPU client. Python then waits for each CPU computation it starts; rljax's loops wait for every
     step's metrics anyway."""
     import jax
@@ -203,10 +204,59 @@ def inline_cpu_dispatch() -> None:
     jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
+def glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's `mallopt(param, value)` (1 on success), or None where the C library is not glibc
+    (musl and macOS have none, or one that ignores these parameters)."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def keep_buffers(*, mallopt: Callable[[int, int], int] | None = None) -> bool:
+    """Keep XLA's per-execution buffers in the heap from one call to the next (module doc): glibc's
+    `mallopt` with KEEP_BUFFERS_MALLOPT, and `inline_cpu_dispatch`. Call it before the first
+    computation: JAX reads the dispatch setting when it creates its CPU client, and without it the
+    buffers come from other threads' arenas, which glibc serves with mmap whatever the setting.
+    Returns False (and changes nothing) where the C library is not glibc (`mallopt`, default
+    `glibc_mallopt()`); raises RuntimeError once JAX's backends exist, since the call would then
+    only half work (restart the process or notebook kernel and call it first)."""
+    import jax
+
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:  # a jax without it: nothing to check against
+        backends_are_initialized = lambda: False  # noqa: E731
+    mallopt = mallopt or glibc_mallopt()
+    if mallopt is None:
+        return False
+    if backends_are_initialized() and jax.config.values.get("jax_cpu_enable_async_dispatch") is not False:
+        raise RuntimeError("keep_buffers() must run before the first computation: JAX's CPU client already "
+                           "exists and dispatches asynchronously, so XLA's buffers would come from other "
+                           "threads' arenas, which glibc serves with mmap; restart the process (or the "
+                           "notebook's kernel) and call it first")
+    for param, value in KEEP_BUFFERS_MALLOPT:
+        if mallopt(param, value) != 1:
+            raise RuntimeError(f"glibc's mallopt({param}, {value}) failed")
+    inline_cpu_dispatch()
+    _kept[:] = [True]
+    return True
+
+
+def buffers_kept() -> bool:
+    """Whether `keep_buffers()` has taken effect in this process."""
+    return bool(_kept)
+
+
 def setup_host_memory() -> None:
     """What `python -m experiments.*` and `python -m benchmarks.*` do before anything else: re-execute
-    with rljax's glibc tunables (`exec_with_malloc_tunables`), then, with RLJAX_KEEP_BUFFERS=1 and
-    glibc (elsewhere there is nothing to keep the buffers), `inline_cpu_dispatch`."""
+    with glibc's huge-page tunable where RLJAX_HUGE_PAGES=1 asks for it (`exec_with_malloc_tunables`),
+    then, with RLJAX_KEEP_BUFFERS=1, `keep_buffers()` (which does nothing where the C library is not
+    glibc)."""
     exec_with_malloc_tunables()
-    if keep_buffers_requested(os.environ) and platform.libc_ver()[0] == "glibc":
-        inline_cpu_dispatch()
+    if keep_buffers_requested(os.environ):
+        keep_buffers()

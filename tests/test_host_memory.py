@@ -1,5 +1,5 @@
 """rljax.host_memory: glibc's malloc_trim after each backend compile that took long enough, and
-glibc's tunables for XLA's per-execution buffers (huge pages; kept in the heap)."""
+XLA's per-execution buffers: huge pages (glibc's tunable, a restart) and kept in the heap (mallopt)."""
 import os
 
 import jax
@@ -9,7 +9,8 @@ import pytest
 from jax import monitoring
 
 from rljax.host_memory import (BACKEND_COMPILE_EVENT, HUGE_PAGES, HUGE_PAGES_TUNABLE, KEEP_BUFFERS,
-                               KEEP_BUFFERS_TUNABLES, _listener, exec_with_malloc_tunables, glibc_malloc_trim,
+                               KEEP_BUFFERS_MALLOPT, _listener, buffers_kept, exec_with_malloc_tunables,
+                               glibc_malloc_trim, glibc_mallopt, keep_buffers,
                                keep_buffers_requested, malloc_tunables_env, release_compiler_memory, thp_mode)
 
 
@@ -105,28 +106,35 @@ def test_malloc_tunables_env_adds_the_tunable_only_where_asked_and_it_changes_so
             malloc_tunables_env({HUGE_PAGES: bad}, thp="madvise", libc=libc)
 
 
-def test_keep_buffers_adds_its_two_tunables_after_the_user_s_own():
-    keep = ":".join(KEEP_BUFFERS_TUNABLES)
-    assert keep == "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"  # 2**40 bytes
+def test_keep_buffers_needs_no_restart_and_its_switch_names_bad_values():
     on = dict(thp="madvise", libc="glibc")
     both = {KEEP_BUFFERS: "1", HUGE_PAGES: "1"}
-    assert malloc_tunables_env({KEEP_BUFFERS: "1"}, **on)["GLIBC_TUNABLES"] == keep
-    assert malloc_tunables_env(both, **on)["GLIBC_TUNABLES"] == f"{HUGE_PAGES_TUNABLE}:{keep}"
-    # huge pages asked for where THP is not in madvise mode: the two come alone
-    assert malloc_tunables_env(both, thp="always", libc="glibc")["GLIBC_TUNABLES"] == keep
-    # a tunable the user set stays as set; the others are added after the user's
-    env = {**both, "GLIBC_TUNABLES": "glibc.malloc.mmap_max=4"}
-    assert malloc_tunables_env(env, **on)["GLIBC_TUNABLES"] == \
-        f"glibc.malloc.mmap_max=4:{HUGE_PAGES_TUNABLE}:{KEEP_BUFFERS_TUNABLES[1]}"
-    # the re-executed process has them all: no second restart; not glibc: nothing to add
-    assert malloc_tunables_env({**both, "GLIBC_TUNABLES": f"{HUGE_PAGES_TUNABLE}:{keep}"}, **on) is None
-    assert malloc_tunables_env({KEEP_BUFFERS: "1", "GLIBC_TUNABLES": keep}, **on) is None
-    assert malloc_tunables_env({KEEP_BUFFERS: "1"}, thp="madvise", libc="musl") is None
-    assert malloc_tunables_env({KEEP_BUFFERS: "0", HUGE_PAGES: "1"}, **on)["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE
+    # kept buffers are set while the process runs (mallopt): only huge pages restart it
+    assert malloc_tunables_env({KEEP_BUFFERS: "1"}, **on) is None
+    assert malloc_tunables_env(both, **on)["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE
+    assert malloc_tunables_env(both, thp="always", libc="glibc") is None
     assert [keep_buffers_requested(e) for e in ({}, {KEEP_BUFFERS: "0"}, {KEEP_BUFFERS: " 1 "})] == [False, False, True]
     for bad in ("2", "yes", ""):
         with pytest.raises(ValueError, match=f"{KEEP_BUFFERS}="):
-            malloc_tunables_env({KEEP_BUFFERS: bad}, **on)
+            keep_buffers_requested({KEEP_BUFFERS: bad})
+    # M_MMAP_MAX and M_TRIM_THRESHOLD as glibc's malloc.h numbers them; -1 is "never trim" (mallopt(3))
+    assert KEEP_BUFFERS_MALLOPT == ((-4, 0), (-1, -1))
+
+
+def test_keep_buffers_refuses_once_the_cpu_client_exists_and_does_nothing_without_glibc(monkeypatch):
+    """In this process jax already dispatches asynchronously (earlier tests computed): setting
+    mallopt now would only half work, so keep_buffers raises and sets nothing. Where the C library
+    is not glibc it returns False before looking."""
+    import rljax.host_memory as hm
+
+    jnp.zeros(2).block_until_ready()  # the CPU client exists
+    calls = []
+    with pytest.raises(RuntimeError, match="before the first computation"):
+        keep_buffers(mallopt=lambda p, v: calls.append((p, v)) or 1)
+    assert calls == [] and not buffers_kept()
+    assert jax.config.values["jax_cpu_enable_async_dispatch"] is True
+    monkeypatch.setattr(hm.platform, "libc_ver", lambda: ("", ""))
+    assert glibc_mallopt() is None and keep_buffers() is False and not buffers_kept()
 
 
 def test_exec_with_malloc_tunables_reexecutes_the_same_command(monkeypatch):
@@ -199,25 +207,28 @@ def test_the_tunable_backs_a_large_allocation_with_huge_pages():
 
 
 def test_kept_buffers_are_not_faulted_in_again_on_every_call():
-    """What RLJAX_KEEP_BUFFERS=1 is for: a compiled program whose temporary buffer is 64 MiB (the
-    [8192, 2048] float32 hidden product between two matrix products) faults that buffer in again
-    on every call by default: with 4 KiB pages (huge pages off in both children, so that the count
-    is large and plain) 16,384 faults a call. With the two tunables and inline dispatch (the
-    `benchmarks` package's hook does both in the child) the calls reuse it once the heap has
-    settled: in the first few calls a small allocation may land in the freed block and the next
-    call then grows the heap by a new one (seen up to the 6th call in 24 runs here), after that
-    the blocks stay. The child counts its page faults over 5 calls after 8 warm-up calls (a few
-    pages of small allocations remain, far below one buffer's), and reports the banner line."""
+    """What keep_buffers is for: a compiled program whose temporary buffer is 64 MiB (the [8192,
+    2048] float32 hidden product between two matrix products) faults that buffer in again on every
+    call by default: with 4 KiB pages (huge pages off in every child, so that the count is large
+    and plain) 16,384 faults a call. Kept, the calls reuse it once the heap has settled: in the
+    first few calls a small allocation may land in the freed block and the next call then grows
+    the heap by a new one (seen up to the 6th call in 24 runs here), after that the blocks stay.
+    Three children: RLJAX_KEEP_BUFFERS=0 and =1 through the `benchmarks` package's hook (what
+    `python -m benchmarks.x` does), and a plain script that calls keep_buffers() itself (what a
+    notebook does). Each counts its page faults over 5 calls after 8 warm-up calls (a few pages of
+    small allocations remain, far below one buffer's), and reports the banner line."""
     import platform
     import subprocess
     import sys
 
     if platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc's tunables")
+        pytest.skip("glibc's mallopt")
+    hook = ("import sys\n"
+            "sys.argv = ['-m']\n"  # what `python -m benchmarks.x` looks like while the package is imported
+            "import benchmarks\n")
+    call = "import rljax.host_memory\nassert rljax.host_memory.keep_buffers()\n"
     script = (
-        "import resource, sys\n"
-        "sys.argv = ['-m']\n"  # what `python -m benchmarks.x` looks like while the package is imported
-        "import benchmarks\n"
+        "import resource\n"
         "import jax, jax.numpy as jnp\n"
         "from benchmarks.cpuinfo import host_memory_description\n"
         "f = jax.jit(lambda x, w, v: jnp.tanh(x @ w) @ v)\n"
@@ -232,14 +243,16 @@ def test_kept_buffers_are_not_faulted_in_again_on_every_call():
     root = os.path.dirname(os.path.dirname(__file__))
     base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", KEEP_BUFFERS, HUGE_PAGES)}
     out = {}
-    for keep in ("0", "1"):
-        # the hook re-executes `sys.orig_argv`: here `python -c script`, which runs the same script again
-        res = subprocess.run([sys.executable, "-c", script], env=dict(base, **{KEEP_BUFFERS: keep}), cwd=root,
-                             capture_output=True, text=True, check=True)
+    for name, prefix, keep in (("default", hook, "0"), ("env", hook, "1"), ("call", call, "0")):
+        res = subprocess.run([sys.executable, "-c", prefix + script], env=dict(base, **{KEEP_BUFFERS: keep}),
+                             cwd=root, capture_output=True, text=True, check=True)
         (faults, y), banner = [line.split() for line in res.stdout.strip().splitlines()[-2:]]
-        out[keep] = int(faults), float(y), " ".join(banner)
-    assert out["0"][1] == out["1"][1] == pytest.approx(2048 * np.tanh(1.0), rel=1e-5)
+        out[name] = int(faults), float(y), " ".join(banner)
+    assert out["default"][1] == out["env"][1] == out["call"][1] == pytest.approx(2048 * np.tanh(1.0), rel=1e-5)
     per_call = (64 << 20) // 4096
-    assert out["0"][0] >= 0.9 * 5 * per_call, out
-    assert out["1"][0] <= 0.1 * per_call, out  # not one call's buffer over the five calls
-    assert "mmap_max=0" in out["1"][2] and "inline" in out["1"][2] and "inline" not in out["0"][2], out
+    assert out["default"][0] >= 0.9 * 5 * per_call, out
+    for kept in ("env", "call"):
+        assert out[kept][0] <= 0.1 * per_call, out  # not one call's buffer over the five calls
+        assert "kept in the heap" in out[kept][2] and "inline" in out[kept][2], out
+        assert "GLIBC_TUNABLES=(unset)" in out[kept][2], out  # no restart, no tunable
+    assert "kept" not in out["default"][2] and "inline" not in out["default"][2], out
