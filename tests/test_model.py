@@ -129,6 +129,44 @@ def test_kv_cache_decode_bfloat16_stream_matches_full_forward():
     np.testing.assert_array_equal(cached.argmax(-1)[clear], full.argmax(-1)[clear])
 
 
+def test_float32_cache_of_a_bf16_model_decodes_as_a_bf16_cache_would(monkeypatch):
+    """On CPU a bf16 model's KV cache is float32 (`Model.cache_dtype`): XLA:CPU runs the decode
+    step's attention products in float32, and a bf16 cache was converted to float32 whole, every
+    step, every layer. The float32 cache holds the bf16-rounded values and the probabilities are
+    rounded as a bf16 cache's product would see them (`transformer._stored`), so prefill and four
+    decode steps give the bf16 cache's logits bit for bit; the compiled step converts no
+    cache-sized array, where the bf16 cache's converts keys and values in every layer."""
+    # 128 rows, heads of 64 (the GRPO benchmark's): XLA folds the probabilities' rounding at this
+    # size, not with a few rows
+    bf = Model(preset("tiny", dtype="bfloat16", n_layers=2, d_model=256, n_kv_heads=4))
+    params = bf.init(jax.random.key(1))
+    tokens, mask = left_padded([9, 4, 1, 6] * 32, 12, 64, seed=3)
+    assert jax.default_backend() == "cpu" and bf.cache_dtype() == jnp.float32
+    assert Model(preset("tiny", n_layers=2)).cache_dtype() == jnp.float32
+
+    def decode(model):
+        cache = model.init_cache(128, 16)
+        _, cache, logits = _forward(params, tokens[:, :8], mask[:, :8], cache, model=model)
+        pieces = [logits]
+        for t in range(8, 12):
+            _, cache, logits = _forward(params, tokens[:, t:t + 1], mask[:, t:t + 1], cache, model=model)
+            pieces.append(logits)
+        step = _forward.lower(params, tokens[:, 11:12], mask[:, 11:12], cache, model=model).compile().as_text()
+        cache_shape = ",".join(map(str, cache.k[0].shape))
+        instructions = [line.split(" = ", 1) for line in step.splitlines() if " = " in line]
+        converts = [name for name, rest in instructions  # named for a convert, with the cache's shape
+                    if "convert" in name and rest.split(" ")[0].endswith(f"[{cache_shape}]{{3,2,1,0}}")]
+        return np.asarray(jnp.concatenate(pieces, axis=1), np.float32), cache.k[0].dtype, converts
+
+    f32_logits, f32_dtype, f32_converts = decode(bf)
+    monkeypatch.setattr(Model, "cache_dtype", lambda self: self.config.compute_dtype)
+    bf_model = Model(bf.config.replace(max_seq_len=bf.config.max_seq_len + 1))  # a new jit cache entry
+    bf_logits, bf_dtype, bf_converts = decode(bf_model)
+    assert (f32_dtype, bf_dtype) == (jnp.float32, jnp.bfloat16)
+    np.testing.assert_array_equal(f32_logits, bf_logits)
+    assert f32_converts == [] and len(bf_converts) >= 2, (f32_converts, bf_converts)
+
+
 def test_bfloat16_stream_scanned_and_unrolled_agree():
     """The bf16 residual stream keeps its dtype through `nn.scan`'s carry: the scanned and the
     unrolled model give the same logits up to bf16 rounding (measured: 3.1e-3, |logits| ~0.7)."""

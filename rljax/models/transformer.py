@@ -250,7 +250,7 @@ def rope(x: Array, tables: tuple[Array, Array], out_dtype=jnp.float32) -> Array:
 class KVCache(struct.PyTreeNode):
     """Preallocated keys/values, one array per layer.
 
-    k, v: tuples of L arrays [B, K, S, H] (compute dtype; head-major so the
+    k, v: tuples of L arrays [B, K, S, H] (`Model.cache_dtype()`; head-major so the
     decode-time score and mix matmuls read the cache without a transpose);
     valid: [B, S] bool, slot holds a real token; index: [] int32, next slot to write.
     """
@@ -263,6 +263,21 @@ class KVCache(struct.PyTreeNode):
     @property
     def length(self) -> int:
         return self.valid.shape[1]
+
+
+def _stored(x: Array, dtype) -> Array:
+    """x (in the compute dtype) as an operand of `dtype`: the KV cache's, when a float32 cache
+    (`Model.cache_dtype`) serves a bf16 model. Widening is exact, but XLA, which allows itself
+    excess precision, folds a float32 -> bf16 -> float32 convert pair and keeps the unrounded
+    float32 value: it did so for the attention probabilities (decode logits then differed from a
+    bf16 cache's by up to 4e-3). `reduce_precision` keeps the rounding, so decoding over a float32
+    cache gives a bf16 cache's results bit for bit (tests/test_model.py)."""
+    if x.dtype == dtype:
+        return x
+    if jnp.finfo(dtype).bits > jnp.finfo(x.dtype).bits:
+        info = jnp.finfo(x.dtype)
+        return lax.reduce_precision(x.astype(dtype), exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return x.astype(dtype)
 
 
 def _cudnn_attention(q, k, v, mask):
@@ -330,15 +345,16 @@ class Attention(nn.Module):
             k, v = k.astype(dt).transpose(0, 2, 1, 3), v.astype(dt).transpose(0, 2, 1, 3)  # [B, K, T, H]
             if kv is not None:
                 # Write this step's keys/values in place; attend over all S slots.
-                k = lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, index, 0))
-                v = lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, index, 0))
+                k = lax.dynamic_update_slice(kv[0], _stored(k, kv[0].dtype), (0, 0, index, 0))
+                v = lax.dynamic_update_slice(kv[1], _stored(v, kv[1].dtype), (0, 0, index, 0))
                 kv = (k, v)
             # Grouped-query attention without repeating k/v: q as [B, K, G, T, H].
             qg = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4).astype(dt)
             scores = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * H**-0.5
             scores = jnp.where(mask, scores, NEG_INF)
             probs = softmax(scores)
-            out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(dt), v, preferred_element_type=jnp.float32)
+            probs = _stored(probs.astype(dt), v.dtype)  # a float32 cache: the bf16 probabilities, rounded
+            out = jnp.einsum("bkgts,bksh->bkgth", probs, v, preferred_element_type=jnp.float32)
             out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
         w_o = _param(self, "o_proj", init, (N, H, D), ("heads", "head_dim", "embed"), pdt)
         return _dense(out, w_o, 2, dt), kv
@@ -836,13 +852,28 @@ class Model:
         hidden, _ = self.forward(params, tokens, attention_mask, **kw)
         return self.logits(params, hidden)
 
+    def cache_dtype(self):
+        """The KV cache's dtype: the compute dtype, except float32 on CPU.
+
+        XLA:CPU runs a decode step's attention products (per row and head, q [1, H] against the
+        cache's k [S, H], then the probabilities against v) in float32 whatever their inputs: a
+        bf16 cache is converted to float32 in every step, every layer, for keys and values, a
+        full copy of the cache each time. A float32 cache is read as it is, and only the step's
+        new keys and values are converted: bf16 sampling at the GRPO benchmark's shape (128 rows,
+        128 new tokens, d256 x 4 layers) 2.02-2.09 -> 1.60-1.69 s, the same tokens
+        (docs/performance.md). The cache takes twice the memory; it holds the same values (the
+        keys and values are rounded to the compute dtype before they are written), and the
+        products computed in float32 either way, so the results are the same."""
+        c = self.config
+        return jnp.float32 if jax.default_backend() == "cpu" else c.compute_dtype
+
     def init_cache(self, batch: int, length: int) -> KVCache:
-        """An empty KV cache for `batch` rows and `length` slots."""
+        """An empty KV cache for `batch` rows and `length` slots, of dtype `cache_dtype()`."""
         c = self.config
         if length > c.max_seq_len:
             raise ValueError(f"cache length {length} exceeds config.max_seq_len={c.max_seq_len}")
         shape = (batch, c.n_kv_heads, length, c.dim_per_head)
-        zeros = tuple(jnp.zeros(shape, c.compute_dtype) for _ in range(c.n_layers))
+        zeros = tuple(jnp.zeros(shape, self.cache_dtype()) for _ in range(c.n_layers))
         return KVCache(k=zeros, v=zeros, valid=jnp.zeros((batch, length), bool), index=jnp.int32(0))
 
     def cache_logical_axes(self) -> KVCache:
