@@ -143,17 +143,17 @@ def test_benchmark_compiles_one_lowering_both_ways(monkeypatch):
         pytest.skip("this jaxlib's XLA:CPU uses no YNNPACK fusions by default")
 
 
-def _weight_gradient_program(monkeypatch, library, rows, threshold=None):
-    """(compiled HLO text, aᵀ b) of `transformer._contract_rows` on bf16 a [rows, 64], b [rows, 48]
-    under RLJAX_CPU_DOTS=library (read when the function is traced)."""
+def _weight_gradient_program(monkeypatch, library, rows, threshold=None, widths=(64, 48)):
+    """(compiled HLO text, aᵀ b) of `transformer._contract_rows` on bf16 a [rows, widths[0]],
+    b [rows, widths[1]] under RLJAX_CPU_DOTS=library (read when the function is traced)."""
     from rljax.models import transformer
 
     monkeypatch.setenv(ENV, library)
     if threshold is not None:
         monkeypatch.setattr(transformer, "MIN_ROWS_FOR_TRANSPOSED_COPY", threshold)
     rng = np.random.default_rng(rows)
-    a = jnp.asarray(rng.standard_normal((rows, 64)), jnp.bfloat16)
-    b = jnp.asarray(rng.standard_normal((rows, 48)), jnp.bfloat16)
+    a = jnp.asarray(rng.standard_normal((rows, widths[0])), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((rows, widths[1])), jnp.bfloat16)
     # a fresh jit, traced under this env; the compiled program is both inspected and run
     compiled = jax.jit(lambda a, b: transformer._contract_rows(a, b)).lower(a, b).compile()
     reference = np.asarray(a, np.float64).T @ np.asarray(b, np.float64)
@@ -165,14 +165,18 @@ def test_weight_gradients_run_as_bf16_products_on_a_transposed_copy(monkeypatch)
     # with YNNPACK's products and enough rows rljax hands it a row-major transpose instead
     if jax.default_backend() != "cpu":
         pytest.skip("CPU programs only")
+    # the narrower operand is the one copied, whichever side it is on (b: the product runs as bᵀ a
+    # and its result is transposed back)
     rows = 4096
-    hlo, got, reference = _weight_gradient_program(monkeypatch, "ynn", rows)
-    assert "bf16[64,4096]" in hlo  # the transposed copy
-    # the bf16 inputs are exact in float32 and the sum accumulates in float32: only its order differs
-    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5 * np.abs(reference).max() + 1e-4)
+    for widths in ((64, 48), (48, 64)):
+        hlo, got, reference = _weight_gradient_program(monkeypatch, "ynn", rows, widths=widths)
+        assert got.shape == widths
+        assert "bf16[48,4096]" in hlo and "bf16[64,4096]" not in hlo, widths  # the narrow transposed copy
+        # the bf16 inputs are exact in float32 and the sum accumulates in float32: only its order differs
+        np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5 * np.abs(reference).max() + 1e-4)
     for library, threshold in (("eigen", None), ("ynn", rows + 1)):  # Eigen's products; too few rows
-        hlo, got_plain, _ = _weight_gradient_program(monkeypatch, library, rows, threshold)
-        assert "bf16[64,4096]" not in hlo
+        hlo, got_plain, reference = _weight_gradient_program(monkeypatch, library, rows, threshold)
+        assert "bf16[48,4096]" not in hlo and "bf16[64,4096]" not in hlo
         np.testing.assert_allclose(got_plain, reference, rtol=0, atol=1e-5 * np.abs(reference).max() + 1e-4)
 
 
@@ -196,7 +200,9 @@ def test_bf16_train_step_gradients_equal_with_and_without_the_transposed_copy(mo
         return compiled, compiled(params)
 
     compiled, with_copy = grads()
-    assert "bf16[64,4096]" in compiled.as_text()
+    # d_model 64, MLP 128: the model-width operands are copied, never the MLP's hidden product (the
+    # down projection's dw runs as gᵀ h with the cotangent g copied)
+    assert "bf16[64,4096]" in compiled.as_text() and "bf16[128,4096]" not in compiled.as_text()
     monkeypatch.setattr(transformer, "MIN_ROWS_FOR_TRANSPOSED_COPY", 10**9)
     compiled, plain = grads()
     assert "bf16[64,4096]" not in compiled.as_text()

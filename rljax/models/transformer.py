@@ -95,7 +95,7 @@ def _transposed_copy(a):
     return jnp.transpose(a.reshape(m, p, 1), (1, 2, 0)).reshape(p, m)
 
 
-MIN_ROWS_FOR_TRANSPOSED_COPY = 4096
+MIN_ROWS_FOR_TRANSPOSED_COPY = 128
 
 
 def _contract_rows(a, b):
@@ -105,19 +105,25 @@ def _contract_rows(a, b):
     left operand contracts its leading axis as float32 × float32, with both operands converted to
     float32 first, even when the transpose is materialised (it keeps that as a column-major layout).
     So on a CPU whose bf16 products go to YNNPACK (`rljax.cpu_dots.dot_library`), for M of at least
-    MIN_ROWS_FOR_TRANSPOSED_COPY rows, `a` is copied into a row-major transpose and the product runs
-    as a plain [P, M] @ [M, Q] in bf16. On a 2-core Xeon with AMX: [256, 17,408] @ [17,408, 1,024]
-    13.8 ms with the copy against 54.5 ms as float32; whole bf16 train steps (`benchmarks.cpu_dots`
-    programs, old against new in one process, 5 alternated rounds, faster in 5 of 5 each way):
-    17,408 rows 2,159 -> 1,892 ms, 4,096 rows 400 -> 313 ms (MLP 688) and 482 -> 395 ms (MLP 1,024),
-    but 3,104 rows 348 -> 385 ms and 3,072 rows 334 -> 380 ms, hence the threshold. Not the narrower
-    operand with the result transposed back: XLA folds that transpose into the product's dimension
-    numbers, and the bf16 product it then leaves to its own dot runtime fails ("Unsupported element
-    type"). With Eigen's products (AVX2-only CPUs) a bf16 [P, M] @ [M, Q] is slower than the float32
-    product, and accelerators take the contraction as it is."""
+    MIN_ROWS_FOR_TRANSPOSED_COPY rows, the narrower operand is copied into a row-major transpose and
+    the product runs as a plain bf16 [P, M] @ [M, Q]; where b is the narrower (the MLP's down
+    projection: a = the [M, F] hidden product, b = the [M, D] cotangent), as bᵀ a, with its small
+    [Q, P] result transposed back, again through `_transposed_copy` (a plain transpose there is
+    folded into the product's dimension numbers, and the bf16 product XLA then leaves to its own
+    dot runtime fails: "Unsupported element type"). On a 2-core Xeon with AMX: [256, 17,408] @
+    [17,408, 1,024] 13.8 ms with the copy against 54.5 ms as float32; [17,408, 1,024]ᵀ [17,408, 256]
+    11.5 ms copying the narrow operand against 19.5 ms copying the wide one. Whole bf16 gradient
+    steps (d256 x 4 layers, MLP 1,024, against no copy, one process, alternated 6 times, faster in
+    every round; docs/performance.md): 17,408 rows 1,936 -> 1,764 ms against the wide copy, and
+    against no copy 3,104 rows 331 -> 254 ms, 2,592 rows 292 -> 229, 2,048 216 -> 158, 1,024 115 ->
+    84, 512 58 -> 44, 128 22 -> 19; 32 rows 10 -> 9, within noise (hence the threshold). (Copying the wide operand had
+    made 3,104 rows slower, 348 -> 385 ms.) With Eigen's products (AVX2-only CPUs) a bf16 [P, M] @
+    [M, Q] is slower than the float32 product, and accelerators take the contraction as it is."""
     if (jax.default_backend() != "cpu" or a.dtype == jnp.float32 or a.shape[0] < MIN_ROWS_FOR_TRANSPOSED_COPY
             or dot_library(dtype=a.dtype) != "ynn"):
         return _contract(a, b, 0, 0)
+    if b.shape[1] < a.shape[1]:
+        return _transposed_copy(_contract(_transposed_copy(b), a, 1, 0))
     return _contract(_transposed_copy(a), b, 1, 0)
 
 
