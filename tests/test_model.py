@@ -42,6 +42,19 @@ def _forward(params, tokens, mask=None, cache=None, *, model):
     return hidden, cache, model.logits(params, hidden)
 
 
+def _decode(params, tokens, mask, *, model, prefill=8):
+    """(logits [B, T, V], the cache): the first `prefill` slots in one pass into a cache of T + 4
+    slots, then the rest one token at a time; the logits of every slot, in order."""
+    B, T = tokens.shape
+    _, cache, logits = _forward(params, tokens[:, :prefill], mask[:, :prefill], model.init_cache(B, T + 4),
+                                model=model)
+    pieces = [logits]
+    for t in range(prefill, T):
+        _, cache, logits = _forward(params, tokens[:, t:t + 1], mask[:, t:t + 1], cache, model=model)
+        pieces.append(logits)
+    return jnp.concatenate(pieces, axis=1), cache
+
+
 def _sq_loss(params, tokens, mask, model):
     return jnp.mean(model(params, tokens, mask) ** 2)
 
@@ -90,14 +103,7 @@ def test_kv_cache_decode_matches_full_forward(variant):
     model, params = _init(**VARIANTS[variant])
     tokens, mask = left_padded([9, 4, 1, 6], 12, model.config.vocab_size, seed=3)
     full = _logits(params, tokens, mask, model=model)  # [B, T, V]
-    cache = model.init_cache(4, 16)
-    prefill = 8
-    _, cache, logits = _forward(params, tokens[:, :prefill], mask[:, :prefill], cache, model=model)
-    pieces = [logits]
-    for t in range(prefill, 12):
-        _, cache, logits = _forward(params, tokens[:, t:t + 1], mask[:, t:t + 1], cache, model=model)
-        pieces.append(logits)
-    cached = jnp.concatenate(pieces, axis=1)
+    cached, cache = _decode(params, tokens, mask, model=model)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-4, rtol=0)
     assert int(cache.index) == 12
@@ -113,13 +119,7 @@ def test_kv_cache_decode_bfloat16_stream_matches_full_forward():
     params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
     tokens, mask = left_padded([9, 4, 1, 6], 12, 64, seed=3)
     full = np.asarray(_logits(params, tokens, mask, model=bf), np.float32)
-    cache = bf.init_cache(4, 16)
-    _, cache, logits = _forward(params, tokens[:, :8], mask[:, :8], cache, model=bf)
-    pieces = [logits]
-    for t in range(8, 12):
-        _, cache, logits = _forward(params, tokens[:, t:t + 1], mask[:, t:t + 1], cache, model=bf)
-        pieces.append(logits)
-    cached = np.asarray(jnp.concatenate(pieces, axis=1), np.float32)
+    cached = np.asarray(_decode(params, tokens, mask, model=bf)[0], np.float32)
     real = mask.astype(bool)
     err = np.abs(cached - full)[real]
     assert err.max() < 2e-2, err.max()
@@ -141,22 +141,18 @@ def test_float32_cache_of_a_bf16_model_decodes_as_a_bf16_cache_would(monkeypatch
     bf = Model(preset("tiny", dtype="bfloat16", n_layers=2, d_model=256, n_kv_heads=4))
     params = bf.init(jax.random.key(1))
     tokens, mask = left_padded([9, 4, 1, 6] * 32, 12, 64, seed=3)
-    assert jax.default_backend() == "cpu" and bf.cache_dtype() == jnp.float32
-    assert Model(preset("tiny", n_layers=2)).cache_dtype() == jnp.float32
+    if jax.default_backend() != "cpu":
+        pytest.skip("accelerators keep the compute dtype")
+    assert bf.cache_dtype() == jnp.float32 and Model(preset("tiny", n_layers=2)).cache_dtype() == jnp.float32
 
     def decode(model):
-        cache = model.init_cache(128, 16)
-        _, cache, logits = _forward(params, tokens[:, :8], mask[:, :8], cache, model=model)
-        pieces = [logits]
-        for t in range(8, 12):
-            _, cache, logits = _forward(params, tokens[:, t:t + 1], mask[:, t:t + 1], cache, model=model)
-            pieces.append(logits)
+        logits, cache = _decode(params, tokens, mask, model=model)
         step = _forward.lower(params, tokens[:, 11:12], mask[:, 11:12], cache, model=model).compile().as_text()
         cache_shape = ",".join(map(str, cache.k[0].shape))
         instructions = [line.split(" = ", 1) for line in step.splitlines() if " = " in line]
         converts = [name for name, rest in instructions  # named for a convert, with the cache's shape
                     if "convert" in name and rest.split(" ")[0].endswith(f"[{cache_shape}]{{3,2,1,0}}")]
-        return np.asarray(jnp.concatenate(pieces, axis=1), np.float32), cache.k[0].dtype, converts
+        return np.asarray(logits, np.float32), cache.k[0].dtype, converts
 
     f32_logits, f32_dtype, f32_converts = decode(bf)
     monkeypatch.setattr(Model, "cache_dtype", lambda self: self.config.compute_dtype)
