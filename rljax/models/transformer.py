@@ -376,14 +376,21 @@ def swiglu_down(gate: Array, up: Array, w_down: Array, dtype, mesh=None) -> Arra
 
     Differentiated as written, the products silu(gate), σ(gate) and h = silu(gate) ⊙ up stay alive
     from the forward to the backward pass too (two to four more [..., F] arrays per layer; XLA:CPU
-    merges any recomputation with the forward's own copy). Here the backward rule recomputes
-    h = silu(g) ⊙ u and differentiates it and the down projection (`_dense`, so the same precision
-    rules) with g, u = gate + z, up + z, where z = 0 · Σ_D ct is a zero per row that depends on the
-    incoming cotangent ct: XLA can neither merge the recomputation with the forward nor run it
-    before that row's cotangent exists (a non-finite cotangent row only makes that row's already
-    non-finite gradient NaN). Elementwise work only, no extra matmul. A custom VJP: reverse mode
-    only (grad, vjp, reverse-over-reverse); forward mode (jvp, jacfwd) raises, and a model built
-    with `TransformerConfig.recompute_swiglu=False` differentiates the plain expression instead.
+    merges any recomputation with the forward's own copy). Here the backward rule recomputes, from
+    g = gate + z, where z = 0 · Σ_D ct is a zero per row that depends on the incoming cotangent ct
+    (so XLA can neither merge the recomputation with the forward nor run it before that row's
+    cotangent exists; a non-finite cotangent row only makes that row's already non-finite gradient
+    NaN), s = σ(g), silu = g s and h = silu ⊙ up, differentiates the down projection (`_dense`, so
+    the same precision rules) for dh and dw, and writes the rest out:
+        d up = dh ⊙ silu,    d gate = dh ⊙ up ⊙ (s + silu (1 - s))    (silu' = s (1 + g (1 - s))).
+    Elementwise work only, no extra matmul. (Autodiff of silu(g) ⊙ u did the same sums through
+    more intermediate [..., F] arrays in XLA:CPU's program: with this form the bf16 gradient step
+    at the GRPO update's shape, 17,408 rows, 1,869 -> 1,814 ms (8 of 8 alternated rounds) and its
+    buffer 1,757 -> 1,689 MiB; at the DPO step's, 3,104 rows, 272 -> 271 ms, 277 -> 285 MiB; float32
+    482 -> 476 ms. Gradients the same up to rounding: 6e-7 of the largest in float32.) A
+    custom VJP: reverse mode only (grad, vjp, reverse-over-reverse); forward mode (jvp, jacfwd)
+    raises, and a model built with `TransformerConfig.recompute_swiglu=False` differentiates the
+    plain expression instead.
     """
     act = functools.partial(_swiglu, mesh=mesh)
 
@@ -395,12 +402,15 @@ def swiglu_down(gate: Array, up: Array, w_down: Array, dtype, mesh=None) -> Arra
         return f(g, u, w), (g, u, w)
 
     def bwd(res, ct):
-        g, u, w = res
-        zero = 0.0 * jnp.sum(ct, axis=-1, keepdims=True, dtype=jnp.float32)
-        h, act_vjp = jax.vjp(act, g + zero.astype(g.dtype), u + zero.astype(u.dtype))
+        gate, up, w = res
+        g = gate + (0.0 * jnp.sum(ct, axis=-1, keepdims=True, dtype=jnp.float32)).astype(gate.dtype)
+        s = jax.nn.sigmoid(g)
+        silu = g * s
+        h = constrain(silu * up, mesh, ("batch", "length", "act_mlp"))
         _, dense_vjp = jax.vjp(lambda h, w: _dense(h, w, 1, dtype), h, w)
         dh, dw = dense_vjp(ct)
-        return (*act_vjp(dh), dw)
+        d_gate = dh * up * (s + silu * (1 - s))
+        return d_gate.astype(gate.dtype), (dh * silu).astype(up.dtype), dw
 
     f.defvjp(fwd, bwd)
     return f(gate, up, w_down)
