@@ -116,9 +116,10 @@ def _contract_rows(a, b):
     steps (d256 x 4 layers, MLP 1,024, against no copy, one process, alternated 6 times, faster in
     every round; docs/performance.md): 17,408 rows 1,936 -> 1,764 ms against the wide copy, and
     against no copy 3,104 rows 331 -> 254 ms, 2,592 rows 292 -> 229, 2,048 216 -> 158, 1,024 115 ->
-    84, 512 58 -> 44, 128 22 -> 19; 32 rows 10 -> 9, within noise (hence the threshold). (Copying the wide operand had
-    made 3,104 rows slower, 348 -> 385 ms.) With Eigen's products (AVX2-only CPUs) a bf16 [P, M] @
-    [M, Q] is slower than the float32 product, and accelerators take the contraction as it is."""
+    84, 512 58 -> 44, 128 22 -> 19; 32 rows 10 -> 9, within noise (hence the threshold). Copying
+    the wide operand had made 3,104 rows slower (348 -> 385 ms). With Eigen's products (AVX2-only
+    CPUs) a bf16 [P, M] @ [M, Q] is slower than the float32 product, and accelerators take the
+    contraction as it is."""
     if (jax.default_backend() != "cpu" or a.dtype == jnp.float32 or a.shape[0] < MIN_ROWS_FOR_TRANSPOSED_COPY
             or dot_library(dtype=a.dtype) != "ynn"):
         return _contract(a, b, 0, 0)
@@ -276,7 +277,7 @@ def _stored(x: Array, dtype) -> Array:
     (`Model.cache_dtype`) serves a bf16 model. Widening is exact, but XLA, which allows itself
     excess precision, folds a float32 -> bf16 -> float32 convert pair and keeps the unrounded
     float32 value: it did so for the attention probabilities (decode logits then differed from a
-    bf16 cache's by up to 4e-3). `reduce_precision` keeps the rounding, so decoding over a float32
+    bf16 cache's by up to 5e-3 at 128 rows). `reduce_precision` keeps the rounding, so decoding over a float32
     cache gives a bf16 cache's results bit for bit (tests/test_model.py)."""
     if x.dtype == dtype:
         return x
