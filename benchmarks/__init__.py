@@ -1,12 +1,8 @@
 """Benchmarks: `python -m benchmarks.<name> [--field value ...]`, figures with their configuration.
 
-`python -m benchmarks.<name>` first sets up host memory as the environment asks
-(`rljax.host_memory.setup_host_memory`): RLJAX_KEEP_BUFFERS=1 keeps XLA's large per-step buffers in
-the heap from one step to the next (faster where they are large, more peak memory where they are
-not; set while the process runs), RLJAX_HUGE_PAGES=1 backs them with transparent huge pages
-(faster steps on some hosts, slower first steps on others; glibc's tunable, so the process
-re-executes itself). Without either it runs as it is. Importing the package
-does nothing.
+`python -m benchmarks.<name>` first calls `rljax.host_memory.setup_host_memory`, which reads
+RLJAX_KEEP_BUFFERS and RLJAX_HUGE_PAGES (both opt-in; what they do and cost: that module's
+docstring). Importing the package does nothing.
 """
 import sys
 

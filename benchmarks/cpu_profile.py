@@ -92,23 +92,16 @@ def report(times: dict[str, dict[str, float]], top: int, min_share: float = 0.01
 
 
 def main(cfg: Config) -> dict:
-    from benchmarks.grpo_step import TRL_PROMPTS, reward_digits
-    from rljax.algorithms import get_algorithm
+    from benchmarks.grpo_step import TRL_PROMPTS, reward_digits, rl_config, trl_model
     from rljax.host_memory import release_compiler_memory
-    from rljax.models import Model, TransformerConfig
-    from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
-    from rljax.sampling import SampleConfig
-    from rljax.state import OptimizerConfig
+    from rljax.rl import create_rl_state, make_rl_iteration
     from rljax.tokenizer import CharTokenizer
 
     release_compiler_memory()
     banner("cpu_profile: the GRPO iteration at TRL's configuration", cfg)
     tok = CharTokenizer()
-    model = Model(TransformerConfig(vocab_size=tok.vocab_size, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
-                                    mlp_dim=1024, max_seq_len=512, scan_layers=False, dtype=cfg.dtype))
-    rl = RLConfig(algorithm=get_algorithm("grpo").with_kl_coef(0.0), track_kl=False,
-                  sampling=SampleConfig(max_new_tokens=128, n=8, eos_id=-1, pad_id=tok.pad_id, min_prompt_bucket=8),
-                  optimizer=OptimizerConfig(lr=1e-4, schedule="constant"))
+    model = trl_model(cfg.dtype)  # what `benchmarks.grpo_step --which trl` times: the same model and settings
+    rl = rl_config(8, 128, min_prompt_bucket=8)
     iteration = make_rl_iteration(model, rl, reward_digits, tok.decode_batch)
     state = create_rl_state(model, model.init(jax.random.key(0)), rl, jax.random.key(1))
     tokens, mask = tok.encode_batch(TRL_PROMPTS, padding_side="left")

@@ -75,6 +75,25 @@ def reward_digits(prompts, completions, **_):
 STAGES = ("sample", "score", "ref", "values", "update")
 
 
+def trl_model(dtype: str = "float32", remat: str = "none") -> Model:
+    """The peer's Llama (`benchmarks/peers/trl_grpo.py`): d256 x 4 layers, 4 heads of 64, MHA, SwiGLU
+    1024, untied, max 512 positions, rope theta 10000, eps 1e-6, CharTokenizer's vocabulary."""
+    return Model(TransformerConfig(vocab_size=CharTokenizer().vocab_size, d_model=256, n_layers=4, n_heads=4,
+                                   n_kv_heads=4, mlp_dim=1024, max_seq_len=512, tie_embeddings=False,
+                                   rope_theta=10_000.0, norm_eps=1e-6, scan_layers=False, dtype=dtype, remat=remat))
+
+
+def rl_config(n: int, max_new: int, *, min_prompt_bucket: int = 16, algo: str = "grpo", epochs: int = 1,
+              minibatches: int = 1, grad_accum: int = 1, track_kl: bool = False) -> RLConfig:
+    """The benchmark's RL settings: no KL penalty (beta = 0, as the peer), `n` samples of exactly
+    `max_new` tokens (no eos), AdamW at a constant 1e-4."""
+    return RLConfig(algorithm=get_algorithm(algo).with_kl_coef(0.0), epochs=epochs, minibatches=minibatches,
+                    sampling=SampleConfig(max_new_tokens=max_new, n=n, eos_id=-1, pad_id=CharTokenizer().pad_id,
+                                          min_prompt_bucket=min_prompt_bucket),
+                    optimizer=OptimizerConfig(lr=1e-4, schedule="constant", grad_accum=grad_accum),
+                    track_kl=track_kl)
+
+
 def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, iterations: int, track_kl: bool,
         min_prompt_bucket: int = 16, algo: str = "grpo", epochs: int = 1, minibatches: int = 1,
         grad_accum: int = 1, compare_dots: bool = False) -> dict:
@@ -82,10 +101,8 @@ def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, itera
     params = model.init(jax.random.key(0))
     if algo == "ppo":
         model, params = with_value_head(model, params)
-    cfg = RLConfig(algorithm=get_algorithm(algo).with_kl_coef(0.0), epochs=epochs, minibatches=minibatches,
-                   sampling=SampleConfig(max_new_tokens=max_new, n=n, eos_id=-1, pad_id=tok.pad_id,
-                                         min_prompt_bucket=min_prompt_bucket),
-                   optimizer=OptimizerConfig(lr=1e-4, schedule="constant", grad_accum=grad_accum), track_kl=track_kl)
+    cfg = rl_config(n, max_new, min_prompt_bucket=min_prompt_bucket, algo=algo, epochs=epochs,
+                    minibatches=minibatches, grad_accum=grad_accum, track_kl=track_kl)
     banner(f"grpo_step {name} {algo} (track_kl={track_kl})",
            f"{model.config.num_params():,} params, d{model.config.d_model} x {model.config.n_layers} layers, "
            f"{len(prompts)} prompts x {n} samples x {max_new} new tokens, prompt bucket >= {min_prompt_bucket}, "
@@ -142,11 +159,7 @@ def main(cfg: Config) -> None:
     tok = CharTokenizer()
     iterations = 1 if cfg.smoke else cfg.iterations
     if cfg.which in ("trl", "both"):
-        # the peer's Llama: 4 heads of 64, MHA, untied, max 512 positions, rope theta 10000, eps 1e-6
-        mc = TransformerConfig(vocab_size=tok.vocab_size, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
-                               mlp_dim=1024, max_seq_len=512, tie_embeddings=False, rope_theta=10_000.0,
-                               norm_eps=1e-6, scan_layers=False, dtype=cfg.dtype, remat=cfg.remat)
-        model = Model(mc)
+        model = trl_model(cfg.dtype, cfg.remat)
         prompts, max_new = (TRL_PROMPTS[:4], 16) if cfg.smoke else (TRL_PROMPTS, 128)
         for track_kl in {"off": (False,), "on": (True,), "both": (False, True)}[cfg.track_kl]:
             # prompts are 5 tokens (bos + 4 chars): a bucket of 8 instead of the default 16
