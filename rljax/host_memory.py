@@ -34,9 +34,8 @@ tunables only when a process starts, so
 `exec_with_malloc_tunables()` (called by the `experiments` and `benchmarks` packages when run with
 `python -m`, before jax is imported) replaces the process by the same command with the tunable
 added to GLIBC_TUNABLES: the same PID, arguments and interpreter flags. It does so only on Linux
-with glibc, only where the kernel's transparent huge pages are in
-`madvise` mode (with `always` every large mapping gets them already; with `never` none can) and
-the user has not set it.
+with glibc, only where the kernel's transparent huge pages are in `madvise` mode (with `always`
+every large mapping gets them already; with `never` none can) and the user has not set it.
 
 Keeping XLA's per-execution buffers in the heap (opt-in: RLJAX_KEEP_BUFFERS=1, or `keep_buffers()`).
 Huge pages make the fresh mapping cheaper where they are cheap; keeping it avoids it. With glibc's
@@ -84,15 +83,20 @@ BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _listener: list = []  # the one installed listener, so a second call replaces it instead of adding one
 
 
-def glibc_malloc_trim() -> Callable[[], None] | None:
-    """glibc's `malloc_trim(0)` as a callable, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
+def _libc_function(name: str, argtypes: list, restype):
+    """The C library's function `name` through ctypes, or None where the library has none."""
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
     except (OSError, AttributeError, TypeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return lambda: trim(0)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
+def glibc_malloc_trim() -> Callable[[], None] | None:
+    """glibc's `malloc_trim(0)` as a callable, or None where the C library has none."""
+    trim = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+    return None if trim is None else (lambda: trim(0))
 
 
 def release_compiler_memory(min_compile_s: float = 0.1, *, trim: Callable[[], None] | None = None) -> bool:
@@ -209,12 +213,7 @@ def glibc_mallopt() -> Callable[[int, int], int] | None:
     (musl and macOS have none, or one that ignores these parameters)."""
     if platform.libc_ver()[0] != "glibc":
         return None
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt
+    return _libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
 
 
 def keep_buffers(*, mallopt: Callable[[int, int], int] | None = None) -> bool:
@@ -223,28 +222,37 @@ def keep_buffers(*, mallopt: Callable[[int, int], int] | None = None) -> bool:
     computation: JAX reads the dispatch setting when it creates its CPU client, and without it the
     buffers come from other threads' arenas, which glibc serves with mmap whatever the setting.
     Returns False (and changes nothing) where the C library is not glibc (`mallopt`, default
-    `glibc_mallopt()`); raises RuntimeError once JAX's backends exist, since the call would then
-    only half work (restart the process or notebook kernel and call it first)."""
-    import jax
-
-    try:
-        from jax._src.xla_bridge import backends_are_initialized
-    except ImportError:  # a jax without it: nothing to check against
-        backends_are_initialized = lambda: False  # noqa: E731
+    `glibc_mallopt()`); raises RuntimeError once JAX's CPU client exists and dispatches
+    asynchronously, since the call would then only half work (restart the process or notebook
+    kernel and call it first)."""
     mallopt = mallopt or glibc_mallopt()
     if mallopt is None:
         return False
-    if backends_are_initialized() and jax.config.values.get("jax_cpu_enable_async_dispatch") is not False:
+    if "jax" in sys.modules and _cpu_client_dispatches_asynchronously():
         raise RuntimeError("keep_buffers() must run before the first computation: JAX's CPU client already "
                            "exists and dispatches asynchronously, so XLA's buffers would come from other "
                            "threads' arenas, which glibc serves with mmap; restart the process (or the "
                            "notebook's kernel) and call it first")
+    # before jax is imported where it is not yet (the `python -m` hooks): its import's large blocks
+    # then come from the heap too, as with the tunables set at start-up; mapped beside the heap
+    # instead, they kept the heap from growing in place, and it took more calls to settle
     for param, value in KEEP_BUFFERS_MALLOPT:
         if mallopt(param, value) != 1:
             raise RuntimeError(f"glibc's mallopt({param}, {value}) failed")
     inline_cpu_dispatch()
     _kept[:] = [True]
     return True
+
+
+def _cpu_client_dispatches_asynchronously() -> bool:
+    """Whether JAX's CPU client already exists and runs computations on its own threads."""
+    import jax
+
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:  # a jax without it: nothing to check against
+        return False
+    return backends_are_initialized() and jax.config.values.get("jax_cpu_enable_async_dispatch") is not False
 
 
 def buffers_kept() -> bool:
