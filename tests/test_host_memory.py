@@ -210,19 +210,19 @@ def test_kept_buffers_are_not_faulted_in_again_on_every_call():
     """What keep_buffers is for: a compiled program whose temporary buffer is 64 MiB (the [8192,
     2048] float32 hidden product between two matrix products) faults that buffer in again on every
     call by default: with 4 KiB pages (huge pages off in every child, so that the count is large
-    and plain) 16,384 faults a call. Kept, the calls reuse it once the heap has settled: in the
-    first calls a small allocation may land in the freed block and the next call then grows the
-    heap by a new one, after that the blocks stay. How long settling takes varies: the last growth
-    came at call 1-2 in most of 60 runs here (2026-12-05, 40 calls each, both kept children), but
-    at call 3-14 in ten and at 23 and 24 in two, and the startup tunables of earlier versions
-    showed the same tail (a growth within calls 9-13 in 2 of 20 runs), so 8 warm-up calls left the
-    test failing now and then. The tail is long: in runs of 300 calls one grew the heap at call
-    207 (it then keeps one more buffer), so this test can still fail by chance, rarely. Three
-    children: RLJAX_KEEP_BUFFERS=0 and =1 through the
-    `benchmarks` package's hook (what `python -m benchmarks.x` does), and a plain script that calls
-    keep_buffers() itself (what a notebook does). Each counts its page faults over 5 calls after
-    32 warm-up calls (a few pages of small allocations remain, far below one buffer's), and
-    reports the banner line."""
+    and plain) 16,384 faults a call. Kept, the calls reuse it. Not every call: glibc's best fit
+    sometimes serves a small allocation made before the buffer's (the 256 KiB output, when no
+    smaller free chunk fits) from the freed buffer, and the buffer then no longer fits there, so
+    that call grows the heap by a new one (mallinfo2 here: 74 MiB free after the first call, yet
+    the second grew the arena by 64 MiB). Where that happens is chance: after 8 warm-up calls, in
+    20 runs of 40 calls (2026-12-05, this test's program) 15 had no such call, the others 1, 1, 1,
+    2 and 3, once at call 46; a run of 300 calls grew the heap once at call 207. A count of faults
+    over a few calls therefore failed now and then, so the claim is checked as what it is, per
+    call: by default every one of the 40 calls after the warm-up faults at least 90% of a buffer,
+    kept at most 8 of them fault half a buffer or more and the median call under 64 pages. Three
+    children: RLJAX_KEEP_BUFFERS=0 and =1 through the `benchmarks` package's hook (what `python -m
+    benchmarks.x` does), and a plain script that calls keep_buffers() itself (what a notebook
+    does). Each also reports the banner line."""
     import platform
     import subprocess
     import sys
@@ -241,10 +241,13 @@ def test_kept_buffers_are_not_faulted_in_again_on_every_call():
         "x, w, v = jnp.ones((8192, 64)), jnp.ones((64, 2048)) / 64, jnp.ones((2048, 8))\n"
         "c = f.lower(x, w, v).compile()\n"
         "assert c.memory_analysis().temp_size_in_bytes >= 64 << 20, c.memory_analysis()\n"
-        "for _ in range(32): c(x, w, v).block_until_ready()\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(5): y = c(x, w, v).block_until_ready()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, float(y[0, 0]))\n"
+        "for _ in range(8): c(x, w, v).block_until_ready()\n"
+        "faults = []\n"
+        "for _ in range(40):\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    y = c(x, w, v).block_until_ready()\n"
+        "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "print(','.join(map(str, faults)), float(y[0, 0]))\n"
         "print(host_memory_description())\n")
     root = os.path.dirname(os.path.dirname(__file__))
     base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", KEEP_BUFFERS, HUGE_PAGES)}
@@ -253,12 +256,14 @@ def test_kept_buffers_are_not_faulted_in_again_on_every_call():
         res = subprocess.run([sys.executable, "-c", prefix + script], env=dict(base, **{KEEP_BUFFERS: keep}),
                              cwd=root, capture_output=True, text=True, check=True)
         (faults, y), banner = [line.split() for line in res.stdout.strip().splitlines()[-2:]]
-        out[name] = int(faults), float(y), " ".join(banner)
+        out[name] = [int(n) for n in faults.split(",")], float(y), " ".join(banner)
     assert out["default"][1] == out["env"][1] == out["call"][1] == pytest.approx(2048 * np.tanh(1.0), rel=1e-5)
     per_call = (64 << 20) // 4096
-    assert out["default"][0] >= 0.9 * 5 * per_call, out
+    assert min(out["default"][0]) >= 0.9 * per_call, out
     for kept in ("env", "call"):
-        assert out[kept][0] <= 0.1 * per_call, out  # not one call's buffer over the five calls
+        faults = out[kept][0]
+        assert len(faults) == 40 and sum(n >= per_call // 2 for n in faults) <= 8, out
+        assert sorted(faults)[20] < 64, out  # a few pages of small allocations, not the buffer
         assert "kept in the heap" in out[kept][2] and "inline" in out[kept][2], out
         assert "GLIBC_TUNABLES=(unset)" in out[kept][2], out  # no restart, no tunable
     assert "kept" not in out["default"][2] and "inline" not in out["default"][2], out
