@@ -6,8 +6,9 @@
     python -m benchmarks.cpu_dots --smoke
 
 Each program is lowered once and compiled twice: with XLA's default options (YNNPACK's products
-and fusions) and with `xla_cpu_experimental_ynn_fusion_type` empty (Eigen's products), the choice
-`rljax.cpu_dots` makes for train steps and scoring passes. The two executables then run in
+and fusions) and with the `xla_cpu_experimental_ynn_fusion_type` that gives Eigen's products
+(`rljax.cpu_dots.eigen_products_option`: YNNPACK for reductions only), the choice `rljax.cpu_dots`
+makes for train steps and scoring passes. The two executables then run in
 alternation, `--rounds` rounds, the order flipped every round, so that the machine's drift
 (this project's CPUs are shared virtual machines: ±30% between processes is common) falls on both
 alike. A round's figure is the minimum of `--reps` calls; the summary gives the median of the
@@ -42,13 +43,18 @@ import optax
 from benchmarks.common import banner, block, cpu_dots_env
 from benchmarks.forward_backward import make_step
 from rljax.cli import parse_config
-from rljax.cpu_dots import YNN_OPTION
+from rljax.cpu_dots import YNN_OPTION, eigen_products_option, ynn_product_fusions
 from rljax.models import Model, TransformerConfig
 
 # name: (rows, tokens, MLP width, vocabulary)
 TRAIN_SHAPES = {"grpo-update": (128, 136, 1024, 58), "torch-train": (32, 128, 688, 64), "dpo": (32, 97, 1024, 58)}
 PROGRAMS = (*TRAIN_SHAPES, "sampling")
-LIBRARIES = {"ynn": None, "eigen": {YNN_OPTION: ""}}  # compiler options of each compile
+LIBRARIES = ("ynn", "eigen")
+
+
+def library_options(lib: str) -> dict | None:
+    """The compiler options of each compile: XLA's default, or rljax's option for Eigen's products."""
+    return {YNN_OPTION: eigen_products_option()} if lib == "eigen" else None
 
 
 @dataclass
@@ -134,18 +140,21 @@ def sampling_program(cfg: Config):
 def compare(what: str, lowered, time_calls, cfg: Config) -> dict:
     """Compile `lowered` with each library, run them in alternation; returns each one's round figures."""
     compiled = {}
-    for lib, options in LIBRARIES.items():
+    for lib in LIBRARIES:
         t = time.perf_counter()
+        options = library_options(lib)
         compiled[lib] = lowered.compile(compiler_options=options) if options else lowered.compile()
         time_calls(compiled[lib], 1)  # the first call pays for page faults and thread start-up
-        fusions = compiled[lib].as_text().count("__ynn_fusion")
-        print(f"  {lib:5s} compile + first call {time.perf_counter() - t:.2f} s; {fusions} YNNPACK fusions")
-        if lib == "eigen" and fusions:
-            raise RuntimeError(f"{what}: the Eigen compile still has YNNPACK fusions; the comparison is void")
+        text = compiled[lib].as_text()
+        products = ynn_product_fusions(text)
+        print(f"  {lib:5s} compile + first call {time.perf_counter() - t:.2f} s; "
+              f"{text.count('__ynn_fusion')} YNNPACK fusions, {products} of them with products")
+        if lib == "eigen" and products:
+            raise RuntimeError(f"{what}: the Eigen compile still runs products in YNNPACK; the comparison is void")
     rounds = {lib: [] for lib in LIBRARIES}
     reps = 1 if cfg.smoke else cfg.reps
     for r in range(2 if cfg.smoke else cfg.rounds):
-        for lib in (list(LIBRARIES) if r % 2 == 0 else list(LIBRARIES)[::-1]):
+        for lib in (LIBRARIES if r % 2 == 0 else LIBRARIES[::-1]):
             rounds[lib].append(time_calls(compiled[lib], reps))
     med = {lib: statistics.median(v) for lib, v in rounds.items()}
     wins = sum(e < y for e, y in zip(rounds["eigen"], rounds["ynn"]))

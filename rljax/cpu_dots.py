@@ -1,7 +1,7 @@
 """Which library runs XLA:CPU's matrix products in rljax's full-sequence programs.
 
 XLA:CPU hands each matrix product to one of two libraries: YNNPACK (its default in jax 0.10) or,
-with `xla_cpu_experimental_ynn_fusion_type` empty, Eigen's blocked kernels. Which one is faster
+with `xla_cpu_experimental_ynn_fusion_type` leaving products out, Eigen's blocked kernels. Which one is faster
 depends on the CPU and on the shapes. On the 2-core AMD EPYC (AVX2, no AVX-512) these figures were
 taken on, the same compiled program run both ways in one process, alternated six times
 (`python -m benchmarks.cpu_dots`; docs/performance.md):
@@ -39,6 +39,17 @@ every round): the same picture, so `auto` treats AMX CPUs like the avx512_bf16 o
 compute is the fast setting: with YNNPACK's products the GRPO update's step took 2,114 ms against
 float32's 2,664 (Eigen), the DPO step 336 against 463 ms, sampling 1,549 against 1,950 ms. Other
 AVX-512 CPUs (no avx512_bf16) were not measured: `auto` leaves them with XLA's default.
+Eigen's products are asked for as YNNPACK fusions of reductions only (`EIGEN_PRODUCTS`), not as no
+YNNPACK fusions at all (the option empty, as before 2026-12-05): XLA's default hands the reductions
+(the norms' and softmax's sums, the gradients' sums over tokens) to YNNPACK as well, and without it
+XLA:CPU splits every float sum of more than 32 elements into a reduce-window over windows of 32 and
+a second reduce, run as generic loops. Keeping the reductions with YNNPACK, the same lowering
+compiled both ways on the AMX Xeon (in-process, alternated 6 rounds, faster in every round): the
+float32 gradient step at the DPO shape (32 x 112 tokens) 574 -> 547 ms, at the GRPO update's (128 x
+136) 2,894 -> 2,825 ms, the bf16-compute one under `RLJAX_CPU_DOTS=eigen` 589 -> 570 ms; the whole
+float32 DPO train step (one process per setting, alternated) 677-683 -> 652-660 ms, its compile
+3.0 -> 2.55 s. A jaxlib that does not know the reduction fusion type gets the empty option
+(`eigen_products_option`). YNNPACK's element-wise fusions as well were slower (the DPO step 713-721 ms).
 An `xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS is the user's own choice and is kept. GPU
 and TPU programs get no option at all. The results differ from XLA's default in float rounding
 only (the products sum in another order).
@@ -47,13 +58,18 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import Callable, Mapping
 
 import jax
+import numpy as np
 
 ENV = "RLJAX_CPU_DOTS"
 CHOICES = ("auto", "eigen", "ynn")
-YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"  # empty: no YNNPACK fusions, Eigen's products
+YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"  # the kinds of fusion XLA:CPU hands to YNNPACK
+# YNNPACK for reductions only: the products go to Eigen (module doc); "" (no YNNPACK fusions) where
+# the jaxlib lacks the value
+EIGEN_PRODUCTS = "LIBRARY_FUSION_TYPE_REDUCE"
 
 
 @functools.lru_cache(maxsize=4)  # read once per process: every compile_step asks
@@ -103,7 +119,18 @@ def full_sequence_compiler_options(platform: str | None = None, dtype="float32")
     platform = platform or jax.default_backend()
     if platform != "cpu" or dot_library(dtype=dtype) != "eigen":
         return None
-    return {YNN_OPTION: ""}
+    return {YNN_OPTION: eigen_products_option()}
+
+
+@functools.lru_cache(maxsize=1)
+def eigen_products_option() -> str:
+    """The value of `YNN_OPTION` that gives Eigen's products: `EIGEN_PRODUCTS` where this jaxlib's
+    XLA:CPU accepts it (checked once per process by compiling a small sum with it), else ""."""
+    try:
+        jax.jit(jax.numpy.sum).lower(np.zeros(2, np.float32)).compile(compiler_options={YNN_OPTION: EIGEN_PRODUCTS})
+    except jax.errors.JaxRuntimeError:
+        return ""
+    return EIGEN_PRODUCTS
 
 
 def jit_full_sequence(fn: Callable, *, dtype="float32", **jit_kwargs) -> Callable:
@@ -111,3 +138,17 @@ def jit_full_sequence(fn: Callable, *, dtype="float32", **jit_kwargs) -> Callabl
     or train passes over whole sequences (products in `dtype`, the model's compute dtype), not for
     decoding loops."""
     return jax.jit(fn, compiler_options=full_sequence_compiler_options(dtype=dtype), **jit_kwargs)
+
+
+def ynn_product_fusions(hlo: str) -> int:
+    """How many of a compiled program's YNNPACK fusions run a matrix product: `hlo` is its
+    optimised HLO text (`compiled.as_text()`). 0 means Eigen (or XLA's own code) runs every product;
+    with `EIGEN_PRODUCTS` the program still has YNNPACK fusions, of reductions."""
+    bodies = {}
+    for block in re.split(r"\n(?=%|ENTRY )", hlo):
+        name = re.match(r"(?:ENTRY )?%([\w.\-]+)", block)
+        if name:
+            bodies[name.group(1)] = block
+    calls = re.findall(r"calls=%([\w.\-]+)[^\n]*\"kind\":\"__ynn_fusion\"", hlo)
+    return sum(bool(re.search(r" dot\(", bodies.get(c, ""))) for c in calls)
+

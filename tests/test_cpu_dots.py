@@ -1,6 +1,7 @@
 """rljax.cpu_dots: which library runs XLA:CPU's products in full-sequence programs."""
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,8 @@ import pytest
 from jax.sharding import Mesh
 
 from rljax import cpu_dots
-from rljax.cpu_dots import ENV, YNN_OPTION, cpu_flags, dot_library, full_sequence_compiler_options
+from rljax.cpu_dots import (EIGEN_PRODUCTS, ENV, YNN_OPTION, cpu_flags, dot_library, eigen_products_option,
+                            full_sequence_compiler_options, ynn_product_fusions)
 from rljax.models.logprobs import token_logprobs
 from rljax.state import OptimizerConfig, compile_step, create_state, make_train_step
 
@@ -54,7 +56,7 @@ def test_dot_library_rules():
 
 def test_compiler_options_only_for_cpu(monkeypatch):
     monkeypatch.setenv(ENV, "eigen")
-    assert full_sequence_compiler_options("cpu") == {YNN_OPTION: ""}
+    assert full_sequence_compiler_options("cpu") == {YNN_OPTION: eigen_products_option()}
     assert full_sequence_compiler_options("gpu") is None
     assert full_sequence_compiler_options("tpu") is None
     monkeypatch.setenv(ENV, "ynn")
@@ -62,8 +64,22 @@ def test_compiler_options_only_for_cpu(monkeypatch):
     # auto on an AVX-512 CPU with avx512_bf16: the program's compute dtype decides
     monkeypatch.setenv(ENV, "auto")
     monkeypatch.setattr(cpu_dots, "cpu_flags", lambda: AVX512)
-    assert full_sequence_compiler_options("cpu", dtype="float32") == {YNN_OPTION: ""}
+    assert full_sequence_compiler_options("cpu", dtype="float32") == {YNN_OPTION: eigen_products_option()}
     assert full_sequence_compiler_options("cpu", dtype="bfloat16") is None
+
+
+def test_eigen_products_option_falls_back_to_no_ynnpack_fusions(monkeypatch):
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU programs only")
+    # this project's jaxlib knows the reduction fusion type; one that does not gets the empty option
+    eigen_products_option.cache_clear()
+    assert eigen_products_option() == EIGEN_PRODUCTS
+    monkeypatch.setattr(cpu_dots, "EIGEN_PRODUCTS", "LIBRARY_FUSION_TYPE_NOT_A_KIND")
+    eigen_products_option.cache_clear()
+    try:
+        assert eigen_products_option() == ""
+    finally:
+        eigen_products_option.cache_clear()
 
 
 def _sq_loss(params, batch, *, model):
@@ -71,12 +87,16 @@ def _sq_loss(params, batch, *, model):
     return -jnp.sum(lp * batch["mask"][:, 1:]) / jnp.sum(batch["mask"][:, 1:]), {}
 
 
-def _compiled_step(monkeypatch, choice, model, opt, state, batch):
+def _compiled_step(monkeypatch, choice, model, opt, state, batch, **options):
     monkeypatch.setenv(ENV, choice)
     step = make_train_step(functools.partial(_sq_loss, model=model), opt)
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch).compile(**options)
     new_state, metrics = compiled(jax.tree.map(jnp.copy, state), batch)
     return compiled.as_text(), new_state, metrics
+
+
+def _float_reduce_windows(hlo: str) -> int:
+    return len(re.findall(r"= f32\[[^\]]*\]\S* reduce-window\(", hlo))
 
 
 def test_train_step_with_eigen_products_equals_xla_default(monkeypatch, tiny):
@@ -93,8 +113,15 @@ def test_train_step_with_eigen_products_equals_xla_default(monkeypatch, tiny):
              "mask": jnp.ones((4, 16), jnp.int32)}
     hlo_e, state_e, m_e = _compiled_step(monkeypatch, "eigen", model, opt, state, batch)
     hlo_y, state_y, m_y = _compiled_step(monkeypatch, "ynn", model, opt, state, batch)
-    assert "__ynn_fusion" not in hlo_e
-    if "__ynn_fusion" not in hlo_y:
+    # Eigen runs every product, and YNNPACK keeps reductions: with no YNNPACK fusions at all XLA:CPU
+    # splits more of the float sums into reduce-window trees
+    assert " dot(" in hlo_e and ynn_product_fusions(hlo_e) == 0
+    hlo_none, _, _ = _compiled_step(monkeypatch, "eigen", model, opt, state, batch,
+                                    compiler_options={YNN_OPTION: ""})
+    assert "__ynn_fusion" not in hlo_none
+    assert _float_reduce_windows(hlo_e) < _float_reduce_windows(hlo_none), (
+        _float_reduce_windows(hlo_e), _float_reduce_windows(hlo_none))
+    if not ynn_product_fusions(hlo_y):
         pytest.skip("this jaxlib's XLA:CPU uses no YNNPACK fusions by default")
     # the same step: only the products' summation order differs
     np.testing.assert_allclose(m_e["loss"], m_y["loss"], rtol=1e-6)
@@ -114,12 +141,12 @@ def test_compile_step_on_a_mesh_passes_the_options(monkeypatch):
         return real_jit(fn, **kwargs)
 
     monkeypatch.setattr(cpu_dots, "dot_library", lambda **kw: "eigen")
+    expected = {YNN_OPTION: eigen_products_option()} if jax.devices()[0].platform == "cpu" else None  # jits once
     monkeypatch.setattr(jax, "jit", recording_jit)
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     step = compile_step(lambda s, x: (s + 1, x.sum()), mesh=mesh, in_shardings=(None, None), donate_argnums=())
     s, total = step(jnp.zeros(()), jnp.arange(4.0))
     assert (float(s), float(total)) == (1.0, 6.0)
-    expected = {YNN_OPTION: ""} if jax.devices()[0].platform == "cpu" else None
     assert seen == [expected]
 
 
@@ -129,17 +156,17 @@ def test_benchmark_compiles_one_lowering_both_ways(monkeypatch):
     default compile still has YNNPACK fusions, the Eigen compile none, and the variable is restored."""
     if jax.default_backend() != "cpu":
         pytest.skip("CPU programs only")
-    from benchmarks.cpu_dots import LIBRARIES, Config, train_program
+    from benchmarks.cpu_dots import LIBRARIES, Config, library_options, train_program
 
     monkeypatch.setenv(ENV, "eigen")
     with pytest.raises(ValueError, match="--programs"):
         Config(programs="dpo,bogus")
     _, lowered, _ = train_program("dpo", Config(programs="dpo", smoke=True))
     assert os.environ[ENV] == "eigen"
-    texts = {lib: (lowered.compile(compiler_options=o) if o else lowered.compile()).as_text()
-             for lib, o in LIBRARIES.items()}
-    assert "__ynn_fusion" not in texts["eigen"]
-    if "__ynn_fusion" not in texts["ynn"]:
+    texts = {lib: (lowered.compile(compiler_options=library_options(lib)) if library_options(lib) else
+                   lowered.compile()).as_text() for lib in LIBRARIES}
+    assert ynn_product_fusions(texts["eigen"]) == 0
+    if not ynn_product_fusions(texts["ynn"]):
         pytest.skip("this jaxlib's XLA:CPU uses no YNNPACK fusions by default")
 
 
