@@ -1,8 +1,8 @@
 """Which library runs XLA:CPU's matrix products in rljax's full-sequence programs.
 
 XLA:CPU hands each matrix product to one of two libraries: YNNPACK (its default in jax 0.10) or,
-with `xla_cpu_experimental_ynn_fusion_type` leaving products out, Eigen's blocked kernels. Which one is faster
-depends on the CPU and on the shapes. On the 2-core AMD EPYC (AVX2, no AVX-512) these figures were
+with `xla_cpu_experimental_ynn_fusion_type` leaving products out, Eigen's blocked kernels. Which
+one is faster depends on the CPU and on the shapes. On the 2-core AMD EPYC (AVX2, no AVX-512) these figures were
 taken on, the same compiled program run both ways in one process, alternated six times
 (`python -m benchmarks.cpu_dots`; docs/performance.md):
 
@@ -151,4 +151,3 @@ def ynn_product_fusions(hlo: str) -> int:
             bodies[name.group(1)] = block
     calls = re.findall(r"calls=%([\w.\-]+)[^\n]*\"kind\":\"__ynn_fusion\"", hlo)
     return sum(bool(re.search(r" dot\(", bodies.get(c, ""))) for c in calls)
-

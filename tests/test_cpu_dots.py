@@ -153,7 +153,8 @@ def test_compile_step_on_a_mesh_passes_the_options(monkeypatch):
 def test_benchmark_compiles_one_lowering_both_ways(monkeypatch):
     """benchmarks.cpu_dots lowers a plain jit, so that options given to `jax.jit` (which stay with the
     lowering) cannot make its "YNNPACK" compile an Eigen one: with RLJAX_CPU_DOTS=eigen in force, the
-    default compile still has YNNPACK fusions, the Eigen compile none, and the variable is restored."""
+    default compile still runs products in YNNPACK fusions, the Eigen compile none (its YNNPACK fusions are
+    reductions), and the variable is restored."""
     if jax.default_backend() != "cpu":
         pytest.skip("CPU programs only")
     from benchmarks.cpu_dots import LIBRARIES, Config, library_options, train_program

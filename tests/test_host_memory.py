@@ -214,9 +214,9 @@ def test_kept_buffers_are_not_faulted_in_again_on_every_call():
     sometimes serves a small allocation made before the buffer's (the 256 KiB output, when no
     smaller free chunk fits) from the freed buffer, and the buffer then no longer fits there, so
     that call grows the heap by a new one (mallinfo2 here: 74 MiB free after the first call, yet
-    the second grew the arena by 64 MiB). Where that happens is chance: after 8 warm-up calls, in
-    20 runs of 40 calls (2026-12-05, this test's program) 15 had no such call, the others 1, 1, 1,
-    2 and 3, once at call 46; a run of 300 calls grew the heap once at call 207. A count of faults
+    the second grew the arena by 64 MiB). Where that happens is chance: in 20 runs of 40 calls after
+    8 warm-up calls (2026-12-05, this test's program) 15 had no such call, the others 1, 1, 1, 2
+    and 3 (the latest at call 47); a run of 300 calls grew the heap once at call 207. A count of faults
     over a few calls therefore failed now and then, so the claim is checked as what it is, per
     call: by default every one of the 40 calls after the warm-up faults at least 90% of a buffer,
     kept at most 8 of them fault half a buffer or more and the median call under 64 pages. Three
