@@ -7,8 +7,9 @@
 
 Each program is lowered once and compiled twice: with XLA's default options (YNNPACK's products
 and fusions) and with the `xla_cpu_experimental_ynn_fusion_type` that gives Eigen's products
-(`rljax.cpu_dots.eigen_products_option`: YNNPACK for reductions only), the choice `rljax.cpu_dots`
-makes for train steps and scoring passes. The two executables then run in
+(`rljax.cpu_dots.full_sequence_compiler_options`: for train steps YNNPACK for reductions only, for
+sampling, a forward-only program, no YNNPACK fusion), the choice `rljax.cpu_dots` makes for train
+steps and scoring passes. The two executables then run in
 alternation, `--rounds` rounds, the order flipped every round, so that the machine's drift
 (this project's CPUs are shared virtual machines: ±30% between processes is common) falls on both
 alike. A round's figure is the minimum of `--reps` calls; the summary gives the median of the
@@ -43,7 +44,7 @@ import optax
 from benchmarks.common import banner, block, cpu_dots_env
 from benchmarks.forward_backward import make_step
 from rljax.cli import parse_config
-from rljax.cpu_dots import YNN_OPTION, eigen_products_option, ynn_product_fusions
+from rljax.cpu_dots import YNN_OPTION, eigen_compiler_options, ynn_product_fusions
 from rljax.models import Model, TransformerConfig
 
 # name: (rows, tokens, MLP width, vocabulary)
@@ -52,9 +53,10 @@ PROGRAMS = (*TRAIN_SHAPES, "sampling")
 LIBRARIES = ("ynn", "eigen")
 
 
-def library_options(lib: str) -> dict | None:
-    """The compiler options of each compile: XLA's default, or rljax's option for Eigen's products."""
-    return {YNN_OPTION: eigen_products_option()} if lib == "eigen" else None
+def library_options(lib: str, train: bool) -> dict | None:
+    """The compiler options of each compile: XLA's default, or rljax's for Eigen's products in a
+    train step (`train`) or a forward-only program."""
+    return eigen_compiler_options(train) if lib == "eigen" else None
 
 
 @dataclass
@@ -137,12 +139,13 @@ def sampling_program(cfg: Config):
     return f"sampling {rows} rows, prompt {prompt_len}, {new} new tokens", lowered, time_calls
 
 
-def compare(what: str, lowered, time_calls, cfg: Config) -> dict:
-    """Compile `lowered` with each library, run them in alternation; returns each one's round figures."""
+def compare(what: str, lowered, time_calls, cfg: Config, train: bool = True) -> dict:
+    """Compile `lowered` (a train step, or with `train` False a forward-only program) with each
+    library, run them in alternation; returns each one's round figures."""
     compiled = {}
     for lib in LIBRARIES:
         t = time.perf_counter()
-        options = library_options(lib)
+        options = library_options(lib, train)
         compiled[lib] = lowered.compile(compiler_options=options) if options else lowered.compile()
         time_calls(compiled[lib], 1)  # the first call pays for page faults and thread start-up
         text = compiled[lib].as_text()
@@ -173,7 +176,7 @@ def main(cfg: Config) -> dict:
         what, lowered, time_calls = sampling_program(cfg) if name == "sampling" else train_program(name, cfg)
         print(f"\n[{name}] {what}, {cfg.dtype}; figures: ms, the fastest of {1 if cfg.smoke else cfg.reps} "
               "calls a round")
-        out[name] = compare(what, lowered, time_calls, cfg)
+        out[name] = compare(what, lowered, time_calls, cfg, train=name != "sampling")
     return out
 
 

@@ -118,6 +118,7 @@ def make_rows(cfg: Config, n: int, rng: random.Random) -> list[dict]:
 
 
 def main(cfg: Config) -> dict:
+    from rljax.cpu_dots import jit_full_sequence
     from rljax.data.batch import PROMPT_SEGMENT
     from rljax.data.preference_collate import collate_kto, collate_preferences
     from rljax.data.reward_collate import collate_pairs
@@ -186,7 +187,8 @@ def main(cfg: Config) -> dict:
             init_s = time.perf_counter() - t
             reference = None  # training holds one model
         else:
-            ref_fn = jax.jit(functools.partial(reference_logps, model=model))
+            # as rljax.phases.preference compiles it (rljax.cpu_dots: a forward-only pass)
+            ref_fn = jit_full_sequence(functools.partial(reference_logps, model=model), dtype=cfg.dtype)
 
     def one_step(state, i):
         batch = collate(rows[i * cfg.examples:(i + 1) * cfg.examples])

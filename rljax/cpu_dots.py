@@ -39,17 +39,21 @@ every round): the same picture, so `auto` treats AMX CPUs like the avx512_bf16 o
 compute is the fast setting: with YNNPACK's products the GRPO update's step took 2,114 ms against
 float32's 2,664 (Eigen), the DPO step 336 against 463 ms, sampling 1,549 against 1,950 ms. Other
 AVX-512 CPUs (no avx512_bf16) were not measured: `auto` leaves them with XLA's default.
-Eigen's products are asked for as YNNPACK fusions of reductions only (`EIGEN_PRODUCTS`), not as no
-YNNPACK fusions at all (the option empty, as before 2026-12-05): XLA's default hands the reductions
-(the norms' and softmax's sums, the gradients' sums over tokens) to YNNPACK as well, and without it
-XLA:CPU splits every float sum of more than 32 elements into a reduce-window over windows of 32 and
-a second reduce, run as generic loops. Keeping the reductions with YNNPACK, the same lowering
-compiled both ways on the AMX Xeon (in-process, alternated 6 rounds, faster in every round): the
-float32 gradient step at the DPO shape (32 x 112 tokens) 574 -> 547 ms, at the GRPO update's (128 x
-136) 2,894 -> 2,825 ms, the bf16-compute one under `RLJAX_CPU_DOTS=eigen` 589 -> 570 ms; the whole
-float32 DPO train step (one process per setting, alternated) 677-683 -> 652-660 ms, its compile
-3.0 -> 2.55 s. A jaxlib that does not know the reduction fusion type gets the empty option
-(`eigen_products_option`). YNNPACK's element-wise fusions as well were slower (the DPO step 713-721 ms).
+Train steps ask for Eigen's products as YNNPACK fusions of reductions only (`EIGEN_PRODUCTS`), not
+as no YNNPACK fusions at all (the option empty, as before 2026-12-05): XLA's default hands the
+reductions (the norms' and softmax's sums, the gradients' sums over tokens) to YNNPACK as well, and
+without it XLA:CPU splits every float sum of more than 32 elements into a reduce-window over windows
+of 32 and a second reduce, run as generic loops. Keeping the reductions with YNNPACK, the same
+lowering compiled both ways on the AMX Xeon (in-process, alternated 6 rounds, faster in every
+round): the float32 gradient step at the DPO shape (32 x 112 tokens) 574 -> 547 ms, at the GRPO
+update's (128 x 136) 2,894 -> 2,825 ms, the bf16-compute one under `RLJAX_CPU_DOTS=eigen` 589 ->
+570 ms; the whole float32 DPO train step (one process per setting, alternated) 677-683 -> 652-660
+ms, its compile 3.0 -> 2.55 s. YNNPACK's element-wise fusions as well were slower (the DPO step
+713-721 ms). Forward-only passes (scoring) keep the empty option: there YNNPACK's reduction fusions
+take in the attention's softmax-weighted product (softmax and product in one YNNPACK fusion, one per
+layer), which was mixed (the float32 forward at 32 x 112 tokens 190.6 -> 180.8 ms, at 128 x 136
+992 -> 1,077 ms). A jaxlib that does not know the reduction fusion type gets the empty option for
+train steps too (`eigen_products_option`).
 An `xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS is the user's own choice and is kept. GPU
 and TPU programs get no option at all. The results differ from XLA's default in float rounding
 only (the products sum in another order).
@@ -67,8 +71,8 @@ import numpy as np
 ENV = "RLJAX_CPU_DOTS"
 CHOICES = ("auto", "eigen", "ynn")
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"  # the kinds of fusion XLA:CPU hands to YNNPACK
-# YNNPACK for reductions only: the products go to Eigen (module doc); "" (no YNNPACK fusions) where
-# the jaxlib lacks the value
+# train steps: YNNPACK for reductions only, the products go to Eigen (module doc); "" (no YNNPACK
+# fusions, what forward-only passes get) where the jaxlib lacks the value
 EIGEN_PRODUCTS = "LIBRARY_FUSION_TYPE_REDUCE"
 
 
@@ -112,14 +116,23 @@ def dot_library(env: Mapping[str, str] | None = None, flags: frozenset[str] | No
     return "ynn"
 
 
-def full_sequence_compiler_options(platform: str | None = None, dtype="float32") -> dict[str, str] | None:
+def full_sequence_compiler_options(platform: str | None = None, dtype="float32",
+                                   train: bool = False) -> dict[str, str] | None:
     """`jax.jit(compiler_options=...)` for a program over whole sequences on `platform`
     (default: jax's default backend) computing its products in `dtype`: Eigen's products where
-    `dot_library(dtype=dtype)` says so, else None."""
+    `dot_library(dtype=dtype)` says so, else None. For a train step (`train`: a backward pass)
+    YNNPACK keeps the reductions (`eigen_products_option()`); a forward-only pass gets no YNNPACK
+    fusion at all (module doc)."""
     platform = platform or jax.default_backend()
     if platform != "cpu" or dot_library(dtype=dtype) != "eigen":
         return None
-    return {YNN_OPTION: eigen_products_option()}
+    return eigen_compiler_options(train)
+
+
+def eigen_compiler_options(train: bool) -> dict[str, str]:
+    """XLA:CPU's compiler options for Eigen's products in a train step (`train`: YNNPACK keeps the
+    reductions) or in a forward-only program (no YNNPACK fusion), whatever the CPU."""
+    return {YNN_OPTION: eigen_products_option() if train else ""}
 
 
 @functools.lru_cache(maxsize=1)
@@ -133,11 +146,11 @@ def eigen_products_option() -> str:
     return EIGEN_PRODUCTS
 
 
-def jit_full_sequence(fn: Callable, *, dtype="float32", **jit_kwargs) -> Callable:
-    """`jax.jit(fn, **jit_kwargs)` with `full_sequence_compiler_options(dtype=dtype)`: for forward
-    or train passes over whole sequences (products in `dtype`, the model's compute dtype), not for
-    decoding loops."""
-    return jax.jit(fn, compiler_options=full_sequence_compiler_options(dtype=dtype), **jit_kwargs)
+def jit_full_sequence(fn: Callable, *, dtype="float32", train: bool = False, **jit_kwargs) -> Callable:
+    """`jax.jit(fn, **jit_kwargs)` with `full_sequence_compiler_options(dtype=dtype, train=train)`:
+    for forward passes (scoring) or, with `train`, train steps over whole sequences (products in
+    `dtype`, the model's compute dtype), not for decoding loops."""
+    return jax.jit(fn, compiler_options=full_sequence_compiler_options(dtype=dtype, train=train), **jit_kwargs)
 
 
 def ynn_product_fusions(hlo: str) -> int:

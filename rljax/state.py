@@ -310,11 +310,12 @@ def compile_step(fn: Callable, *, mesh: Mesh | None = None, in_shardings: tuple 
     axes by the rules table, compiled once per batch structure, since optional fields
     change the tree). Every phase's step (SFT, reward model, preference, RL update, OREO)
     is built here. On CPUs where Eigen's matrix products beat XLA's default for whole sequences
-    computed in `dtype` (the model's compute dtype), the step is compiled with them (`rljax.cpu_dots`).
+    computed in `dtype` (the model's compute dtype), the step is compiled with them, YNNPACK
+    keeping the reductions (`rljax.cpu_dots`, `train=True`).
     """
     if mesh is None:
-        return jit_full_sequence(fn, donate_argnums=donate_argnums, dtype=dtype)
-    options = full_sequence_compiler_options(mesh.devices.flat[0].platform, dtype=dtype)
+        return jit_full_sequence(fn, donate_argnums=donate_argnums, dtype=dtype, train=True)
+    options = full_sequence_compiler_options(mesh.devices.flat[0].platform, dtype=dtype, train=True)
     compiled = {}
 
     def call(*args):

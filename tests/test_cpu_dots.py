@@ -56,16 +56,19 @@ def test_dot_library_rules():
 
 def test_compiler_options_only_for_cpu(monkeypatch):
     monkeypatch.setenv(ENV, "eigen")
-    assert full_sequence_compiler_options("cpu") == {YNN_OPTION: eigen_products_option()}
+    # train steps keep YNNPACK's reductions, forward-only passes get no YNNPACK fusion
+    assert full_sequence_compiler_options("cpu", train=True) == {YNN_OPTION: eigen_products_option()}
+    assert full_sequence_compiler_options("cpu") == {YNN_OPTION: ""}
     assert full_sequence_compiler_options("gpu") is None
+    assert full_sequence_compiler_options("gpu", train=True) is None
     assert full_sequence_compiler_options("tpu") is None
     monkeypatch.setenv(ENV, "ynn")
     assert full_sequence_compiler_options("cpu") is None
     # auto on an AVX-512 CPU with avx512_bf16: the program's compute dtype decides
     monkeypatch.setenv(ENV, "auto")
     monkeypatch.setattr(cpu_dots, "cpu_flags", lambda: AVX512)
-    assert full_sequence_compiler_options("cpu", dtype="float32") == {YNN_OPTION: eigen_products_option()}
-    assert full_sequence_compiler_options("cpu", dtype="bfloat16") is None
+    assert full_sequence_compiler_options("cpu", dtype="float32", train=True) == {YNN_OPTION: eigen_products_option()}
+    assert full_sequence_compiler_options("cpu", dtype="bfloat16", train=True) is None
 
 
 def test_eigen_products_option_falls_back_to_no_ynnpack_fusions(monkeypatch):
@@ -132,6 +135,26 @@ def test_train_step_with_eigen_products_equals_xla_default(monkeypatch, tiny):
         assert np.abs(ga - gb).max() <= 1e-5 * np.abs(gb).max() + 2 * ulp
 
 
+def test_scoring_pass_with_eigen_products_equals_xla_default(monkeypatch, tiny):
+    """A forward-only pass (`jit_full_sequence`, as the reference and value passes compile) gets no
+    YNNPACK fusion, so Eigen runs every product: with the reductions kept, YNNPACK would take in the
+    attention's softmax-weighted product (at the d256 model's shapes; not at this tiny one's). The
+    log-probs equal XLA's default compile's."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU programs only")
+    from rljax.cpu_dots import jit_full_sequence
+
+    model, params = tiny
+    tokens = jnp.asarray(np.random.default_rng(1).integers(3, model.config.vocab_size, (4, 16)), jnp.int32)
+    out = {}
+    for choice in ("eigen", "ynn"):
+        monkeypatch.setenv(ENV, choice)
+        compiled = jit_full_sequence(functools.partial(token_logprobs, model=model)).lower(params, tokens).compile()
+        out[choice] = compiled.as_text(), np.asarray(compiled(params, tokens))
+    assert " dot(" in out["eigen"][0] and "__ynn_fusion" not in out["eigen"][0]
+    np.testing.assert_allclose(out["eigen"][1], out["ynn"][1], rtol=1e-5, atol=1e-5)
+
+
 def test_compile_step_on_a_mesh_passes_the_options(monkeypatch):
     seen = []
     real_jit = jax.jit
@@ -141,7 +164,8 @@ def test_compile_step_on_a_mesh_passes_the_options(monkeypatch):
         return real_jit(fn, **kwargs)
 
     monkeypatch.setattr(cpu_dots, "dot_library", lambda **kw: "eigen")
-    expected = {YNN_OPTION: eigen_products_option()} if jax.devices()[0].platform == "cpu" else None  # jits once
+    # a train step's options (eigen_products_option jits once: asked before jax.jit is replaced)
+    expected = {YNN_OPTION: eigen_products_option()} if jax.devices()[0].platform == "cpu" else None
     monkeypatch.setattr(jax, "jit", recording_jit)
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     step = compile_step(lambda s, x: (s + 1, x.sum()), mesh=mesh, in_shardings=(None, None), donate_argnums=())
@@ -164,7 +188,7 @@ def test_benchmark_compiles_one_lowering_both_ways(monkeypatch):
         Config(programs="dpo,bogus")
     _, lowered, _ = train_program("dpo", Config(programs="dpo", smoke=True))
     assert os.environ[ENV] == "eigen"
-    texts = {lib: (lowered.compile(compiler_options=library_options(lib)) if library_options(lib) else
+    texts = {lib: (lowered.compile(compiler_options=library_options(lib, True)) if library_options(lib, True) else
                    lowered.compile()).as_text() for lib in LIBRARIES}
     assert ynn_product_fusions(texts["eigen"]) == 0
     if not ynn_product_fusions(texts["ynn"]):
