@@ -138,9 +138,11 @@ def eigen_compiler_options(train: bool) -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def eigen_products_option() -> str:
     """The value of `YNN_OPTION` that gives Eigen's products: `EIGEN_PRODUCTS` where this jaxlib's
-    XLA:CPU accepts it (checked once per process by compiling a small sum with it), else ""."""
+    XLA:CPU accepts it (checked once per process by compiling a small sum on the CPU with it, the
+    CPU even where another backend is the default), else ""."""
+    x = jax.device_put(np.zeros(2, np.float32), jax.devices("cpu")[0])
     try:
-        jax.jit(jax.numpy.sum).lower(np.zeros(2, np.float32)).compile(compiler_options={YNN_OPTION: EIGEN_PRODUCTS})
+        jax.jit(jax.numpy.sum).lower(x).compile(compiler_options={YNN_OPTION: EIGEN_PRODUCTS})
     except jax.errors.JaxRuntimeError:
         return ""
     return EIGEN_PRODUCTS
