@@ -11,7 +11,8 @@ from conftest import left_padded
 from rljax.models import Model, TransformerConfig, preset
 from rljax.models import transformer
 from rljax.models.transformer import _dense, init_compiler_options, last_token_index, swiglu_down
-from rljax.sharding import LOGICAL_RULES, logical_to_spec
+from rljax.sharding import LOGICAL_RULES, logical_to_spec, make_mesh
+from rljax.state import OptimizerConfig, create_state
 
 # Two layers (not tiny's four): every layer runs the same code, and two already check that each
 # layer keeps its own cache; an unrolled layer costs compile time.
@@ -311,6 +312,32 @@ def test_init_compiles_at_o2_on_cpu_with_the_same_parameters(monkeypatch):
         assert jax.tree.structure(got) == jax.tree.structure(want)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_inside_transformations_where_the_init_program_has_compiler_options(monkeypatch):
+    """Where Model.init compiles at -O2 (CPU, no level in XLA_FLAGS; the tests set one), it still
+    works inside jax.jit / eval_shape / a sharded create_state (jax refuses compiler options on a
+    nested jit) and gives the parameters of the top-level call: staged with a traced key, run then
+    and there with a concrete key closed over by the jitted caller."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the -O2 init program is CPU-only")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert init_compiler_options() is not None
+    model, key = Model(preset("tiny", vocab_size=64)), jax.random.key(5)
+    want = model.init(key)
+    shapes = model.param_shapes()
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), want) == jax.tree.map(lambda a: (a.shape, a.dtype), shapes)
+    # a traced key: the plain program, compiled with the caller's options (here -O2, as the top-level
+    # call; the tests' own level, 0, rounds differently); a concrete key closed over: -O2 as it is
+    staged = jax.jit(model.init, compiler_options=init_compiler_options())(key)
+    for got in (staged, jax.jit(lambda: model.init(key))()):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+    mesh = make_mesh(devices=jax.devices()[:2])
+    state = create_state(model, OptimizerConfig(), jax.random.key(0), mesh=mesh)
+    unsharded = create_state(model, OptimizerConfig(), jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(unsharded.params), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_last_token_index():

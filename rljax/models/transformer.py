@@ -775,8 +775,16 @@ class Model:
         """Random parameters as a plain nested dict (no partitioning boxes). Compiled, once per
         model: run op by op, the initialisers and the dummy forward pass that creates the
         parameters each compile on first use, many times slower than one program; on CPU that
-        program is compiled at LLVM's -O2 (`init_compiler_options`)."""
-        return (_init_params_cpu if init_compiler_options() else _init_params)(self, key)
+        program is compiled at LLVM's -O2 (`init_compiler_options`).
+
+        Also callable inside a transformation (`jax.jit`, `jax.eval_shape`, `jax.vmap`, as
+        `param_shapes` and a sharded `create_state` do): jax refuses compiler options on a nested
+        jit, so a traced key gets the plain program, staged into the caller's, and a concrete key
+        runs the -O2 program then and there, its parameters entering the trace as constants."""
+        if init_compiler_options() is None or isinstance(key, jax.core.Tracer):
+            return _init_params(self, key)
+        with jax.ensure_compile_time_eval():  # a concrete key closed over by a jitted caller
+            return _init_params_cpu(self, key)
 
     def param_shapes(self) -> dict:
         """`jax.ShapeDtypeStruct` of every parameter, without allocating."""
