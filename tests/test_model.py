@@ -317,8 +317,8 @@ def test_init_compiles_at_o2_on_cpu_with_the_same_parameters(monkeypatch):
 def test_init_inside_transformations_where_the_init_program_has_compiler_options(monkeypatch):
     """Where Model.init compiles at -O2 (CPU, no level in XLA_FLAGS; the tests set one), it still
     works inside jax.jit / eval_shape / a sharded create_state (jax refuses compiler options on a
-    nested jit) and gives the parameters of the top-level call: staged with a traced key, run then
-    and there with a concrete key closed over by the jitted caller."""
+    nested jit) and gives the parameters of the top-level call, with a traced key and with a concrete
+    one closed over by a jitted caller."""
     if jax.default_backend() != "cpu":
         pytest.skip("the -O2 init program is CPU-only")
     monkeypatch.setenv("XLA_FLAGS", "")
@@ -327,10 +327,11 @@ def test_init_inside_transformations_where_the_init_program_has_compiler_options
     want = model.init(key)
     shapes = model.param_shapes()
     assert jax.tree.map(lambda a: (a.shape, a.dtype), want) == jax.tree.map(lambda a: (a.shape, a.dtype), shapes)
-    # a traced key: the plain program, compiled with the caller's options (here -O2, as the top-level
-    # call; the tests' own level, 0, rounds differently); a concrete key closed over: -O2 as it is
-    staged = jax.jit(model.init, compiler_options=init_compiler_options())(key)
-    for got in (staged, jax.jit(lambda: model.init(key))()):
+    # staged: the plain program, compiled with the caller's options (here -O2, as the top-level call;
+    # the tests' own level, 0, rounds differently), for a traced key and for a concrete one closed over
+    level2 = init_compiler_options()
+    for got in (jax.jit(model.init, compiler_options=level2)(key),
+                jax.jit(lambda: model.init(key), compiler_options=level2)()):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert np.array_equal(np.asarray(a), np.asarray(b))
     mesh = make_mesh(devices=jax.devices()[:2])

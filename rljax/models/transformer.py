@@ -779,12 +779,17 @@ class Model:
 
         Also callable inside a transformation (`jax.jit`, `jax.eval_shape`, `jax.vmap`, as
         `param_shapes` and a sharded `create_state` do): jax refuses compiler options on a nested
-        jit, so a traced key gets the plain program, staged into the caller's, and a concrete key
-        runs the -O2 program then and there, its parameters entering the trace as constants."""
+        jit, so there the plain program is staged into the caller's and compiled with its options."""
         if init_compiler_options() is None or isinstance(key, jax.core.Tracer):
             return _init_params(self, key)
-        with jax.ensure_compile_time_eval():  # a concrete key closed over by a jitted caller
+        try:
             return _init_params_cpu(self, key)
+        except ValueError as e:
+            # a concrete key closed over by a jitted caller: not a tracer, yet staged (jax offers no
+            # public "am I traced"; `ensure_compile_time_eval` would run the initialisers op by op)
+            if "compiler_options" not in str(e):
+                raise
+            return _init_params(self, key)
 
     def param_shapes(self) -> dict:
         """`jax.ShapeDtypeStruct` of every parameter, without allocating."""
