@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -269,6 +270,23 @@ def apply_loss_gradients(state: TrainState, optimizer: optax.GradientTransformat
     return (new_state, metrics, out) if has_aux_out else (new_state, metrics)
 
 
+def update_if_by_select(finite, update: Callable, params, opt_state):
+    """`update(params, opt_state)` where `finite`, else (params, opt_state) unchanged, as an
+    element-wise select of every leaf: the form for accelerators, where it fuses into the update's
+    own loops and needs no predicate on the host (a conditional would make the host wait for the
+    backward pass before it launches the update)."""
+    new = update(params, opt_state)
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, (params, opt_state))
+
+
+def update_if_by_cond(finite, update: Callable, params, opt_state):
+    """The same as `update_if_by_select`, as a conditional: the form for CPUs, where the select's
+    need for old and new state at once made XLA copy the optimizer moments the update reads twice
+    (the offline DPO step's temporary buffer 296 -> 280 MiB, its compile 3.2 -> 2.8 s, the step
+    time and every parameter the same)."""
+    return jax.lax.cond(finite, update, lambda p, o: (p, o), params, opt_state)
+
+
 def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, loss, grads, metrics: dict,
                     *, weight=None):
     """The optimizer half of `apply_loss_gradients`, for gradients computed another way (e.g.
@@ -283,15 +301,19 @@ def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, 
     if weight is not None:
         finite = finite & jnp.isfinite(weight)
         extra["weight"] = weight
-    # extra-args support: plain optimizers (optax.sgd, a chain without accumulation) ignore `weight`
-    updates, opt_state = optax.with_extra_args_support(optimizer).update(grads, state.opt_state, state.params,
-                                                                         **extra)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+
+    def update(params, opt_state):
+        # extra-args support: plain optimizers (optax.sgd, a chain without accumulation) ignore `weight`
+        updates, opt_state = optax.with_extra_args_support(optimizer).update(grads, opt_state, params, **extra)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.platform_dependent(
+        state.params, state.opt_state, cpu=functools.partial(update_if_by_cond, finite, update),
+        default=functools.partial(update_if_by_select, finite, update))
     new_state = TrainState(
         step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
+        params=params,
+        opt_state=opt_state,
         rng=rng,
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
     )

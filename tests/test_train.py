@@ -13,6 +13,7 @@ from rljax.losses import SFTConfig, sft_loss
 from rljax.models import Model, preset
 from rljax.ops import LOSS_WEIGHT, aggregate, aggregate_count
 from rljax.state import (OptimizerConfig, TrainState, accumulate_gradients, apply_gradients, create_state,
+                         update_if_by_cond, update_if_by_select,
                          learning_rate_schedule, make_optimizer, make_train_step)
 
 # Jitted once per batch shape and config: run op by op (eagerly), the model's loss, logits and
@@ -361,3 +362,33 @@ def test_train_step_compiles_once_for_batches_of_one_bucket(one_layer):
     for pairs in ([("1+2=", "3"), ("4*5=", "20")], [("10-3=", "7"), ("8=", "8")], [("9*9=", "81"), ("1=", "1")]):
         state, _ = step(state, collate_prompt_completion(tok, pairs))  # every row fits the 16-token bucket
     assert step._cache_size() == 1
+
+
+def test_update_if_finite_by_select_and_by_cond_agree_and_cpu_steps_use_the_conditional(one_layer):
+    """Both forms of the non-finite guard give update(params, opt_state) where the gradient is
+    finite and the inputs unchanged where it is not; a train step lowered for the CPU takes the
+    conditional (no select of old against new state, whose copies of the moments it avoids)."""
+    opt = optax.adamw(0.1, weight_decay=0.01)
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.full((3,), -1.0)}
+    opt_state = opt.init(params)
+    grads = {"w": jnp.full((2, 3), 0.5), "b": jnp.array([1.0, -2.0, 3.0])}
+
+    def update(p, o):
+        u, o = opt.update(grads, o, p)
+        return optax.apply_updates(p, u), o
+
+    want = jax.jit(update)(params, opt_state)
+    for form in (update_if_by_select, update_if_by_cond):
+        run = jax.jit(lambda finite, p, o, form=form: form(finite, update, p, o))
+        for finite, expected, rtol in ((True, want, 1e-6), (False, (params, opt_state), 0)):  # 1e-6: fusion
+            got = run(jnp.bool_(finite), params, opt_state)
+            assert jax.tree.structure(got) == jax.tree.structure(expected)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=0),
+                         got, expected)
+
+    model, _ = one_layer
+    cfg = OptimizerConfig(lr=1e-2, schedule="constant")
+    state = create_state(model, cfg, jax.random.key(0))
+    step = make_train_step(functools.partial(sft_loss, model=model, cfg=SFTConfig()), cfg, donate=False)
+    hlo = step.lower(state, _batch(4)).compile().as_text()
+    assert (" conditional(" in hlo) == (jax.default_backend() == "cpu")
