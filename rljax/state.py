@@ -304,8 +304,12 @@ def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, 
 
     def update(params, opt_state):
         # extra-args support: plain optimizers (optax.sgd, a chain without accumulation) ignore `weight`
-        updates, opt_state = optax.with_extra_args_support(optimizer).update(grads, opt_state, params, **extra)
-        return optax.apply_updates(params, updates), opt_state
+        updates, new_opt_state = optax.with_extra_args_support(optimizer).update(grads, opt_state, params, **extra)
+        new = optax.apply_updates(params, updates), new_opt_state
+        # the state keeps its dtypes where an optimizer promotes (bf16 moments times injected float32
+        # hyperparameters, `optax.inject_hyperparams`): the next step compiles no new program, and
+        # both forms of the guard (the conditional's branches must agree) give the same state
+        return jax.tree.map(lambda n, o: n if n.dtype == o.dtype else n.astype(o.dtype), new, (params, opt_state))
 
     params, opt_state = jax.lax.platform_dependent(
         state.params, state.opt_state, cpu=functools.partial(update_if_by_cond, finite, update),

@@ -392,3 +392,27 @@ def test_update_if_finite_by_select_and_by_cond_agree_and_cpu_steps_use_the_cond
     step = make_train_step(functools.partial(sft_loss, model=model, cfg=SFTConfig()), cfg, donate=False)
     hlo = step.lower(state, _batch(4)).compile().as_text()
     assert (" conditional(" in hlo) == (jax.default_backend() == "cpu")
+
+
+def test_apply_gradients_keeps_the_state_dtypes_where_the_optimizer_promotes():
+    """optax.inject_hyperparams keeps float32 hyperparameters, which promote bf16 Adam moments to float32
+    in the update: the guard casts the new state back to the old one's dtypes (else the conditional's
+    branches disagree on CPU and every platform's next step would compile a new program); a
+    non-finite gradient leaves the state as it was."""
+    tx = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2)
+    params = {"w": jnp.ones((3, 2)), "b": jnp.array([0.5, -0.25], jnp.bfloat16)}
+    grads = {"w": jnp.full((3, 2), 0.5), "b": jnp.array([1.0, -1.0], jnp.bfloat16)}
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=jax.random.key(0),
+                       skipped_steps=jnp.int32(0))
+    step = jax.jit(lambda s, g, loss: apply_gradients(s, tx, loss, g, {}))
+    new, m = step(state, grads, jnp.float32(1.0))
+    assert int(m["skipped"]) == 0
+    assert jax.tree.map(lambda a: a.dtype, new.opt_state) == jax.tree.map(lambda a: a.dtype, state.opt_state)
+    # the bf16 moment is the float32 update rounded once: mu = (1 - b1) g
+    np.testing.assert_array_equal(np.asarray(new.opt_state.inner_state[0].mu["b"], np.float32),
+                                  np.asarray((0.1 * grads["b"].astype(jnp.float32)).astype(jnp.bfloat16), np.float32))
+    assert float(new.params["b"][0]) < 0.5 and float(new.params["b"][1]) > -0.25
+    kept, m = step(new, grads, jnp.float32(jnp.nan))
+    assert int(m["skipped"]) == 1
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)),
+                 (kept.params, kept.opt_state), (new.params, new.opt_state))
