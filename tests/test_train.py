@@ -13,8 +13,8 @@ from rljax.losses import SFTConfig, sft_loss
 from rljax.models import Model, preset
 from rljax.ops import LOSS_WEIGHT, aggregate, aggregate_count
 from rljax.state import (OptimizerConfig, TrainState, accumulate_gradients, apply_gradients, create_state,
-                         update_if_by_cond, update_if_by_select,
-                         learning_rate_schedule, make_optimizer, make_train_step)
+                         learning_rate_schedule, make_optimizer, make_train_step, update_if_by_cond,
+                         update_if_by_select)
 
 # Jitted once per batch shape and config: run op by op (eagerly), the model's loss, logits and
 # gradients took most of this file's time (make_train_step jits the loss itself).
