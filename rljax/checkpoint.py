@@ -143,10 +143,11 @@ def _host_leaf_sums(x: np.ndarray) -> np.ndarray:
     """`_leaf_sums` in numpy: the same two sums (uint32 arithmetic wraps mod 2**32 in both)."""
     w = _host_words(x)
     idx = (np.arange(w.size, dtype=np.uint64) % 2**32).astype(np.uint32).reshape(w.shape)
-    mixed = (w ^ (w >> np.uint32(16))) * np.uint32(_M3)
-    mixed = mixed ^ (mixed >> np.uint32(13))
-    s1 = np.sum(w * (idx * np.uint32((2 * _M1) % 2**32) + np.uint32(1)), dtype=np.uint32)
-    s2 = np.sum(mixed * (idx * np.uint32((2 * _M2) % 2**32) + np.uint32(1)), dtype=np.uint32)
+    with np.errstate(over="ignore"):  # the wrap is the point; numpy warns on it for scalars (a 0-d int4 leaf)
+        mixed = (w ^ (w >> np.uint32(16))) * np.uint32(_M3)
+        mixed = mixed ^ (mixed >> np.uint32(13))
+        s1 = np.sum(w * (idx * np.uint32((2 * _M1) % 2**32) + np.uint32(1)), dtype=np.uint32)
+        s2 = np.sum(mixed * (idx * np.uint32((2 * _M2) % 2**32) + np.uint32(1)), dtype=np.uint32)
     return np.stack([s1, s2])
 
 
