@@ -24,8 +24,11 @@ sampling, with ℓ_y = log π_y and the sampled arm y:
 Every run: 128 samples an iteration, 250 iterations, Adam 3e-2 with 25 warmup iterations and a
 cosine decay to 5 % (about 12 s of CPU time a run, compile included). Over 2-4 seeds a case the
 total variation to the predicted optimum measured 0.017-0.052 (k3 n = 2: 0.029-0.052), noise
-spread over the best arms rather than a drift; the tolerance is 0.07, and every wrong candidate
-≥ 0.12 from the prediction must be more than twice as far from the policy as the prediction.
+spread over the best arms rather than a drift; with one key per sampled row (since 2026-12-05,
+`rljax.sampling.row_keys`) k3 n = 2 measured 0.040-0.068 over seeds 1-4 and 0.077 for seed 1 under
+the tests' XLA flags. The tolerance is 0.1 (at n = 2 every wrong candidate is 0.26 or more from the
+prediction), and every wrong candidate ≥ 0.12 from the prediction must be more than twice as far
+from the policy as the prediction.
 """
 import functools
 import math
@@ -50,7 +53,7 @@ from tests.test_rl_bandit import ARM_REWARD, arm_probs, decode
 
 BETA = 0.1
 ITERATIONS, SAMPLES = 250, 128
-TOL = 0.07
+TOL = 0.1
 R64 = ARM_REWARD.astype(np.float64)
 
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import left_padded
 from rljax.models import Model, preset
 from rljax.models.logprobs import token_logprobs
-from rljax.sampling import (BeamConfig, SampleConfig, _generate, beam_search, choose_tokens, decode_segments,
-                            grow_cache, sample)
+from rljax.sampling import (MIN_ROWS_PER_GROUP, ROW_GROUP_WEIGHT_BYTES, BeamConfig, SampleConfig, _generate,
+                            beam_search, choose_tokens, decode_segments, grow_cache, row_groups, sample)
 
 PROMPTS = left_padded([9, 4, 1, 6], 10, 64, seed=11)
 # One greedy config serves every test that needs plain greedy decoding of PROMPTS (one compile
@@ -168,6 +168,67 @@ def test_segmented_cache_samples_exactly_as_one_cache(tiny):
     lp = _token_logprobs(params, b.tokens, b.attention_mask, model=model)
     on = np.asarray(b.loss_mask[:, 1:]).astype(bool)
     np.testing.assert_allclose(np.asarray(b.logprobs)[on], np.asarray(lp)[on], atol=1e-5)
+
+
+ROLLOUT_FIELDS = ("tokens", "attention_mask", "loss_mask", "logprobs", "sampling_logprobs", "lengths",
+                  "stopped_at_eos", "group_ids")
+
+
+def test_row_groups_sample_exactly_as_one_group(tiny):
+    """16 rows decoded as 1, 2 and 4 groups on host threads (`cpu_row_groups`): the same tokens,
+    log-probs, stops and group ids bit for bit, rows stopping at different steps."""
+    model, params = tiny
+    cfg = SampleConfig(max_new_tokens=40, temperature=1.0, n=4, eos_id=5)
+    assert [row_groups(16, params, model, cfg.replace(cpu_row_groups=g)) for g in (1, 2, 4)] == [1, 2, 4]
+    one, *grouped = (sample(params, *PROMPTS, jax.random.key(4), model=model, cfg=cfg.replace(cpu_row_groups=g))
+                     for g in (1, 2, 4))
+    for other in grouped:
+        for field in ROLLOUT_FIELDS:
+            np.testing.assert_array_equal(getattr(one, field), getattr(other, field), err_msg=field)
+    lengths = np.asarray(one.lengths)
+    assert (lengths < 40).any() and (lengths == 40).any() and len(set(lengths.tolist())) > 2
+    np.testing.assert_array_equal(one.group_ids, np.repeat(np.arange(4), 4))
+
+
+def test_a_rows_sample_does_not_depend_on_the_rows_after_it(tiny):
+    """Each row draws with its own key (fold_in(key, row)): the first two prompts sampled alone
+    give the rows they give among all four."""
+    model, params = tiny
+    cfg = SampleConfig(max_new_tokens=12, temperature=1.0, n=2, eos_id=-1, cpu_row_groups=1)
+    four = sample(params, *PROMPTS, jax.random.key(7), model=model, cfg=cfg)
+    two = sample(params, PROMPTS[0][:2], PROMPTS[1][:2], jax.random.key(7), model=model, cfg=cfg)
+    assert two.prompt_length == four.prompt_length
+    for field in ROLLOUT_FIELDS:
+        np.testing.assert_array_equal(getattr(two, field), np.asarray(getattr(four, field))[:4], err_msg=field)
+    assert not (np.asarray(four.tokens[0::2]) == np.asarray(four.tokens[1::2])).all()  # n samples differ
+
+
+def test_row_groups_rule(tiny):
+    """Auto: one group per core, at most ROW_GROUP_WEIGHT_BYTES of weights read per step over all
+    groups, at least MIN_ROWS_PER_GROUP rows each, a divisor of the rows; k: the largest divisor <= k."""
+    model, params = tiny
+    auto = SampleConfig()
+    assert MIN_ROWS_PER_GROUP == 8
+    assert row_groups(128, params, model, auto, cores=2) == 2
+    assert row_groups(128, params, model, auto, cores=8) == 8
+    assert row_groups(24, params, model, auto, cores=4) == 3  # 24 // 8
+    assert row_groups(20, params, model, auto, cores=4) == 2  # 20 // 8 = 2, a divisor
+    assert row_groups(15, params, model, auto, cores=2) == 1  # 7 rows a group would be too few
+    assert row_groups(9, params, model, auto, cores=2) == 1
+    assert row_groups(13, params, model, auto.replace(cpu_row_groups=4)) == 1  # a prime
+    assert row_groups(16, params, model, auto.replace(cpu_row_groups=3)) == 2
+    assert row_groups(4, params, model, auto.replace(cpu_row_groups=8)) == 4
+    # weights: float32 parameters of 40 MiB allow two groups, of 50 MiB one (96 MiB in all)
+    big = {"w": jax.ShapeDtypeStruct((40 * 2**20 // 4,), np.float32)}
+    assert ROW_GROUP_WEIGHT_BYTES == 96 * 2**20
+    assert row_groups(128, big, model, auto, cores=8) == 2
+    assert row_groups(128, {"w": jax.ShapeDtypeStruct((50 * 2**20 // 4,), np.float32)}, model, auto, cores=8) == 1
+    bf16 = Model(model.config.replace(dtype="bfloat16"))  # bf16 compute: the weights are read as bf16
+    assert row_groups(128, big, bf16, auto, cores=8) == 4
+    meshed = Model(model.config, mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
+    assert row_groups(128, params, meshed, auto, cores=8) == 1  # a mesh: the devices split the rows
+    with pytest.raises(ValueError, match="SampleConfig.cpu_row_groups: must be >= 0"):
+        SampleConfig(cpu_row_groups=-1)
 
 
 def test_unstacked_layers_give_the_same_forward(tiny):
