@@ -26,7 +26,7 @@ import numpy as np
 from benchmarks.common import banner, block, timeit
 from rljax.cli import parse_config
 from rljax.models import Model, TransformerConfig, preset
-from rljax.sampling import SampleConfig, sample
+from rljax.sampling import SampleConfig, row_groups, sample
 
 
 @dataclass
@@ -38,12 +38,14 @@ class Config:
     reps: int = 3
     recompute: bool = True
     hf_shape: bool = True
+    row_groups: int = 0  # SampleConfig.cpu_row_groups (0: auto, 1: one group, as before 2026-12-05)
     smoke: bool = False
 
 
-def kv_decode_rate(model, params, batch, prompt, new_tokens, reps):
+def kv_decode_rate(model, params, batch, prompt, new_tokens, reps, row_groups=0):
     tokens = np.random.default_rng(0).integers(3, model.config.vocab_size, (batch, prompt)).astype(np.int32)
-    cfg = SampleConfig(max_new_tokens=new_tokens, greedy=True, eos_id=-1, min_prompt_bucket=prompt)
+    cfg = SampleConfig(max_new_tokens=new_tokens, greedy=True, eos_id=-1, min_prompt_bucket=prompt,
+                       cpu_row_groups=row_groups)
     t = time.perf_counter()
     block(sample(params, tokens, None, jax.random.key(0), model=model, cfg=cfg))
     first = time.perf_counter() - t
@@ -89,8 +91,10 @@ def main(cfg: Config):
     print(f"\n[1] preset {cfg.preset}: {c.num_params()/1e6:.2f}M params, d{c.d_model} L{c.n_layers} "
           f"heads {c.n_heads}/{c.n_kv_heads} mlp {c.mlp_dim} vocab {c.vocab_size}, fp32, batch {cfg.batch}, "
           f"prompt {cfg.prompt}, {cfg.new_tokens} new tokens, greedy")
-    kv, s, first = kv_decode_rate(model, params, cfg.batch, cfg.prompt, cfg.new_tokens, cfg.reps)
-    print(f"  KV cache   {kv:9.0f} new tok/s  ({s*1e3:7.1f} ms per call; first call incl. compile {first:.1f} s)")
+    kv, s, first = kv_decode_rate(model, params, cfg.batch, cfg.prompt, cfg.new_tokens, cfg.reps, cfg.row_groups)
+    groups = row_groups(cfg.batch, params, model, SampleConfig(cpu_row_groups=cfg.row_groups))
+    print(f"  KV cache   {kv:9.0f} new tok/s  ({s*1e3:7.1f} ms per call; first call incl. compile {first:.1f} s; "
+          f"{groups} row group(s))")
     if cfg.recompute:
         rc, s = recompute_decode_rate(model, params, cfg.batch, cfg.prompt, cfg.new_tokens)
         print(f"  recompute  {rc:9.0f} new tok/s  ({s*1e3:7.1f} ms per call)   KV-cache speed-up {kv/rc:.1f}x")
@@ -103,9 +107,10 @@ def main(cfg: Config):
         for dtype in ("float32", "bfloat16"):
             m = Model(hf.replace(dtype=dtype))
             p = m.init(jax.random.key(0))
-            rate, s, first = kv_decode_rate(m, p, 32, 64, 64, max(cfg.reps, 5))
+            rate, s, first = kv_decode_rate(m, p, 32, 64, 64, max(cfg.reps, 5), cfg.row_groups)
+            groups = row_groups(32, p, m, SampleConfig(cpu_row_groups=cfg.row_groups))
             print(f"  {dtype:9s} KV cache {rate:9.0f} new tok/s  ({s*1e3:7.1f} ms per generate, "
-                  f"{s/64*1e3:5.2f} ms/token-step; first call {first:.1f} s)")
+                  f"{s/64*1e3:5.2f} ms/token-step; first call {first:.1f} s; {groups} row group(s))")
 
 
 if __name__ == "__main__":

@@ -406,7 +406,8 @@ ROW_GROUP_WEIGHT_BYTES = 96 * 2**20
 
 def row_groups(rows: int, params, model: Model, cfg: SampleConfig, cores: int | None = None) -> int:
     """How many groups `sample` decodes `rows` rows in (`SampleConfig.cpu_row_groups`): 1 unless
-    the backend is the CPU and the model has no mesh; else the largest divisor of `rows` that is
+    the backend is the CPU, the model has no mesh and `params` are concrete arrays (not traced by a
+    caller's `jax.jit`); else the largest divisor of `rows` that is
     at most cfg.cpu_row_groups, or with 0 (auto) at most `cores` (default: the cores this process
     may use) and ROW_GROUP_WEIGHT_BYTES / (the parameters' bytes in the compute dtype), with at
     least MIN_ROWS_PER_GROUP rows each.
@@ -417,6 +418,8 @@ def row_groups(rows: int, params, model: Model, cfg: SampleConfig, cores: int | 
     0.74x (200 MiB); docs/performance.md."""
     if cfg.cpu_row_groups == 1 or model.mesh is not None or jax.default_backend() != "cpu":
         return 1
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
+        return 1  # inside a caller's trace: tracing state is per thread, and the caller compiles one program
     if cfg.cpu_row_groups:
         most = cfg.cpu_row_groups
     else:

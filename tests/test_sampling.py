@@ -188,6 +188,10 @@ def test_row_groups_sample_exactly_as_one_group(tiny):
     lengths = np.asarray(one.lengths)
     assert (lengths < 40).any() and (lengths == 40).any() and len(set(lengths.tolist())) > 2
     np.testing.assert_array_equal(one.group_ids, np.repeat(np.arange(4), 4))
+    # inside a caller's jit the groups give way to one program (tracers cannot cross threads)
+    jitted = jax.jit(lambda p: sample(p, *PROMPTS, jax.random.key(4), model=model,
+                                      cfg=cfg.replace(cpu_row_groups=2)).tokens)(params)
+    np.testing.assert_array_equal(jitted, one.tokens)
 
 
 def test_a_rows_sample_does_not_depend_on_the_rows_after_it(tiny):
@@ -225,6 +229,8 @@ def test_row_groups_rule(tiny):
     assert row_groups(128, {"w": jax.ShapeDtypeStruct((50 * 2**20 // 4,), np.float32)}, model, auto, cores=8) == 1
     bf16 = Model(model.config.replace(dtype="bfloat16"))  # bf16 compute: the weights are read as bf16
     assert row_groups(128, big, bf16, auto, cores=8) == 4
+    traced = jax.jit(lambda p: jnp.int32(row_groups(128, p, model, auto, cores=8)))(params)
+    assert int(traced) == 1  # params traced by a caller's jit: one program, one thread
     meshed = Model(model.config, mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
     assert row_groups(128, params, meshed, auto, cores=8) == 1  # a mesh: the devices split the rows
     with pytest.raises(ValueError, match="SampleConfig.cpu_row_groups: must be >= 0"):
