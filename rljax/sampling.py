@@ -281,6 +281,11 @@ def row_keys(key: jax.Array, first_row, rows: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, first_row + jnp.arange(rows, dtype=jnp.int32))
 
 
+def step_keys(keys: jax.Array, step) -> jax.Array:
+    """Each row's key for decode step `step`: fold_in(keys[r], step), keys [R] -> [R]."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+
+
 def _constrain_cache(cache, model: Model):
     if model.mesh is None:
         return cache
@@ -325,7 +330,7 @@ def _generate(params, prompt, prompt_mask, key, first_row=0, *, model: Model, cf
 
     def body(c):
         i, logits, cache, toks, lps, slps, live, done = c
-        tok, slp = choose_row_tokens(logits, jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i), cfg)
+        tok, slp = choose_row_tokens(logits, step_keys(keys, i), cfg)
         lp = logprobs_from_logits(logits, tok)
         alive = ~done
         tok = jnp.where(alive, tok, cfg.pad_id)
@@ -370,7 +375,9 @@ def sample(params, prompt_tokens, prompt_mask, key, *, model: Model, cfg: Sample
 
     prompt_tokens, prompt_mask: [B, P0] int (left padding preferred; other
     padding is realigned). key: a PRNG key; the same key gives the same
-    samples. Returns a `Rollout` with R = B * n rows.
+    samples (row r draws with fold_in(key, r), then fold_in(·, step): `row_keys`, so a row's
+    sample depends neither on the rows after it nor on `cfg.cpu_row_groups`). Returns a
+    `Rollout` with R = B * n rows.
 
     When `model.mesh` is set, pass `params` already sharded; the prompts are
     split over the batch axes (B * n must divide by data * fsdp).
@@ -405,12 +412,13 @@ ROW_GROUP_WEIGHT_BYTES = 96 * 2**20
 
 
 def row_groups(rows: int, params, model: Model, cfg: SampleConfig, cores: int | None = None) -> int:
-    """How many groups `sample` decodes `rows` rows in (`SampleConfig.cpu_row_groups`): 1 unless
-    the backend is the CPU, the model has no mesh and `params` are concrete arrays (not traced by a
-    caller's `jax.jit`); else the largest divisor of `rows` that is
-    at most cfg.cpu_row_groups, or with 0 (auto) at most `cores` (default: the cores this process
-    may use) and ROW_GROUP_WEIGHT_BYTES / (the parameters' bytes in the compute dtype), with at
-    least MIN_ROWS_PER_GROUP rows each.
+    """How many groups `sample` decodes `rows` rows in (`SampleConfig.cpu_row_groups`).
+
+    1 unless the backend is the CPU, the model has no mesh and `params` are concrete arrays (not
+    traced by a caller's `jax.jit`); else the largest divisor of `rows` that is at most
+    cfg.cpu_row_groups, or with 0 (auto) at most `cores` (default: the cores this process may
+    use), ROW_GROUP_WEIGHT_BYTES / (the parameters' bytes in the compute dtype) and rows /
+    MIN_ROWS_PER_GROUP.
 
     Why the weight bound: every group reads all the weights on every step. On a 2-core Xeon (bf16
     weights read), two groups decoded a d256 x 4-layer model 1.9x faster than one (8 MiB of
@@ -672,7 +680,7 @@ def _search_expand(params, cache, logits, gen, glen, valid, keys, *, model: Mode
 
     def body(c):
         i, logits, cache, gen, glen, eos, alive = c
-        tok, _ = choose_row_tokens(logits, jax.vmap(jax.random.fold_in, in_axes=(0, None))(beam_keys, i), scfg)
+        tok, _ = choose_row_tokens(logits, step_keys(beam_keys, i), scfg)
         tok = jnp.where(alive, tok, cfg.pad_id)
         gen = gen.at[rows, jnp.minimum(glen, N - 1)].set(jnp.where(alive, tok, gen[rows, jnp.minimum(glen, N - 1)]))
         glen = glen + alive.astype(glen.dtype)
@@ -756,7 +764,7 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
     cand_pmask = jnp.repeat(pmask, C, axis=0)
     steps, generated, rounds = [], 0, 0
     while rounds < cfg.max_rounds and bool(jax.device_get(valid.any())):
-        round_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, rounds)
+        round_keys = step_keys(keys, rounds)
         cache, logits, gen, glen, valid, finished, n_new = _search_expand(params, cache, logits, gen, glen, valid,
                                                                           round_keys, model=model, cfg=cfg)
         seq = jnp.concatenate([cand_prompt, gen], axis=1)
