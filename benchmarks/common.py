@@ -10,13 +10,14 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.cpuinfo import cpu_description, host_memory_description
+from rljax.sampling import usable_cores
 
 
 def banner(title: str, cfg) -> None:
     dev = jax.devices()[0]
     print(f"== {title}")
     print(f"jax {jax.__version__} | backend {jax.default_backend()} | {jax.device_count()} x {dev.device_kind} | "
-          f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cpus | "
+          f"{usable_cores()} cpus | "
           f"{cpu_description()}")
     print(f"host memory: {host_memory_description()}")
     if jax.default_backend() == "cpu":

@@ -42,15 +42,16 @@ class Config:
     smoke: bool = False
 
 
-def kv_decode_rate(model, params, batch, prompt, new_tokens, reps, row_groups=0):
+def kv_decode_rate(model, params, batch, prompt, new_tokens, reps, groups=0):
+    """(new tokens/s, seconds per call, first call's seconds, the row groups `sample` used)."""
     tokens = np.random.default_rng(0).integers(3, model.config.vocab_size, (batch, prompt)).astype(np.int32)
     cfg = SampleConfig(max_new_tokens=new_tokens, greedy=True, eos_id=-1, min_prompt_bucket=prompt,
-                       cpu_row_groups=row_groups)
+                       cpu_row_groups=groups)
     t = time.perf_counter()
     block(sample(params, tokens, None, jax.random.key(0), model=model, cfg=cfg))
     first = time.perf_counter() - t
     s = timeit(lambda: sample(params, tokens, None, jax.random.key(0), model=model, cfg=cfg), reps=reps, warmup=0)
-    return batch * new_tokens / s, s, first
+    return batch * new_tokens / s, s, first, row_groups(batch, params, model, cfg)
 
 
 def recompute_decode_rate(model, params, batch, prompt, new_tokens):
@@ -91,8 +92,8 @@ def main(cfg: Config):
     print(f"\n[1] preset {cfg.preset}: {c.num_params()/1e6:.2f}M params, d{c.d_model} L{c.n_layers} "
           f"heads {c.n_heads}/{c.n_kv_heads} mlp {c.mlp_dim} vocab {c.vocab_size}, fp32, batch {cfg.batch}, "
           f"prompt {cfg.prompt}, {cfg.new_tokens} new tokens, greedy")
-    kv, s, first = kv_decode_rate(model, params, cfg.batch, cfg.prompt, cfg.new_tokens, cfg.reps, cfg.row_groups)
-    groups = row_groups(cfg.batch, params, model, SampleConfig(cpu_row_groups=cfg.row_groups))
+    kv, s, first, groups = kv_decode_rate(model, params, cfg.batch, cfg.prompt, cfg.new_tokens, cfg.reps,
+                                          cfg.row_groups)
     print(f"  KV cache   {kv:9.0f} new tok/s  ({s*1e3:7.1f} ms per call; first call incl. compile {first:.1f} s; "
           f"{groups} row group(s))")
     if cfg.recompute:
@@ -107,8 +108,7 @@ def main(cfg: Config):
         for dtype in ("float32", "bfloat16"):
             m = Model(hf.replace(dtype=dtype))
             p = m.init(jax.random.key(0))
-            rate, s, first = kv_decode_rate(m, p, 32, 64, 64, max(cfg.reps, 5), cfg.row_groups)
-            groups = row_groups(32, p, m, SampleConfig(cpu_row_groups=cfg.row_groups))
+            rate, s, first, groups = kv_decode_rate(m, p, 32, 64, 64, max(cfg.reps, 5), cfg.row_groups)
             print(f"  {dtype:9s} KV cache {rate:9.0f} new tok/s  ({s*1e3:7.1f} ms per generate, "
                   f"{s/64*1e3:5.2f} ms/token-step; first call {first:.1f} s; {groups} row group(s))")
 

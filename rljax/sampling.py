@@ -431,13 +431,14 @@ def row_groups(rows: int, params, model: Model, cfg: SampleConfig, cores: int | 
     if cfg.cpu_row_groups:
         most = cfg.cpu_row_groups
     else:
-        cores = cores or _usable_cores()
+        cores = cores or usable_cores()
         weight_bytes = sum(x.size for x in jax.tree.leaves(params)) * jnp.dtype(model.config.compute_dtype).itemsize
         most = min(cores, ROW_GROUP_WEIGHT_BYTES // max(1, weight_bytes), rows // MIN_ROWS_PER_GROUP)
     return max(g for g in range(1, max(1, min(most, rows)) + 1) if rows % g == 0)
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; all cores where there is none)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
