@@ -483,6 +483,51 @@ def test_low_precision_dot_vjp_is_the_bf16_rounded_product(transpose_w):
     assert products["256,128"] == products["256,64"] == ("bf16", "bf16"), products  # y [M, N], dx [M, K]
 
 
+def test_transposed_spec_gives_each_operands_cotangent_product():
+    from rljax.models.transformer import _transposed_spec
+
+    assert _transposed_spec("bkgth,bksh->bkgts", 0) == "bkgts,bksh->bkgth"
+    assert _transposed_spec("bkgth,bksh->bkgts", 1) == "bkgts,bkgth->bksh"
+    assert _transposed_spec("bkgts,bksh->bkgth", 0) == "bkgth,bksh->bkgts"
+    assert _transposed_spec("bkgts,bksh->bkgth", 1) == "bkgth,bkgts->bksh"
+
+
+@pytest.mark.parametrize("spec", ["bkgth,bksh->bkgts", "bkgts,bksh->bkgth"])
+def test_low_precision_einsum_vjp_is_the_bf16_rounded_product(spec):
+    """Attention's two products: y = a·b in float32 from bf16 operands, and the backward products take
+    the cotangent rounded to bf16, each result rounded to its operand's dtype, against numpy's
+    float64 products of the rounded values (r = round to bf16); compiled, every product, forward and
+    backward, is bf16 x bf16 (differentiated as written, both backward products were float32 x
+    float32)."""
+    from rljax.models.transformer import _low_precision_einsum, _transposed_spec
+
+    dims = dict(b=2, k=2, g=2, t=5, s=5, h=4)
+    ins, out = spec.split("->")
+    shape = lambda term: tuple(dims[c] for c in term)  # noqa: E731
+    rng = np.random.default_rng(1)
+    a, b = (jnp.asarray(rng.normal(size=shape(t)), jnp.bfloat16) for t in ins.split(","))
+    g = rng.normal(size=shape(out)).astype(np.float32)
+    r = lambda x: np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
+
+    def run(a, b, g):
+        y, vjp = jax.vjp(lambda a, b: _low_precision_einsum(a, b, spec), a, b)
+        return (y, *vjp(g))
+
+    for y, da, db in (run(a, b, g), jax.jit(run)(a, b, g)):
+        assert (y.dtype, da.dtype, db.dtype) == (jnp.float32, jnp.bfloat16, jnp.bfloat16)
+        np.testing.assert_allclose(y, np.einsum(spec, r(a), r(b)), rtol=1e-5, atol=1e-5)
+        for got, want in ((da, np.einsum(_transposed_spec(spec, 0), r(g), r(b))),
+                          (db, np.einsum(_transposed_spec(spec, 1), r(g), r(a)))):
+            np.testing.assert_allclose(np.asarray(got, np.float64), r(want), rtol=2**-7, atol=1e-6)
+    dims.update(t=64, s=64, h=32)
+    big = [jnp.zeros(shape(t), jnp.bfloat16) for t in ins.split(",")] + [jnp.zeros(shape(out), jnp.float32)]
+    hlo = jax.jit(run).lower(*big).compile().as_text()
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    operands = re.findall(r"= \w+\[[\d,]*\]\{[\d,]*\} dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+    operands += re.findall(r"dot\(\w+\[[\d,]*\]\{[\d,]*\} %([\w.\-]+), \w+\[[\d,]*\]\{[\d,]*\} %([\w.\-]+)\)", hlo)
+    assert operands and all(types[x] == types[y] == "bf16" for x, y in operands), operands
+
+
 def test_attention_softmax_derivatives_match_the_closed_form():
     """The attention softmax's rule dy = y (dx - sum(y dx)), against the Jacobian diag(y) - y y^T in
     float64 (vjp and jvp), and the second derivative TRPO takes (jvp of a gradient) against finite
@@ -581,9 +626,12 @@ def test_swiglu_down_keeps_fewer_arrays_for_the_backward_pass():
     assert new <= plain - 1.5 * L, (plain, new)
 
 
-def test_bfloat16_gradients_close_to_float32():
+@pytest.mark.parametrize("low_precision_backward", [True, False])
+def test_bfloat16_gradients_close_to_float32(low_precision_backward):
+    """bf16 compute (float32 weights and stream) within 5% of the float32 gradient in norm, with the
+    backward products in bf16 (the default) or differentiated as written (float32 cotangents)."""
     model, params = _init(n_layers=2)  # two layers: each runs the same bfloat16 matmuls
-    bf = Model(preset("tiny", dtype="bfloat16", n_layers=2))
+    bf = Model(preset("tiny", dtype="bfloat16", n_layers=2, low_precision_backward=low_precision_backward))
     tokens, mask = left_padded([8, 5], 8, 64, seed=9)
 
     @functools.partial(jax.jit, static_argnames=("m",))

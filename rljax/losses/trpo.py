@@ -112,12 +112,13 @@ def make_trpo_objectives(params_old, batch: PolicyBatch, *, model, cfg: TRPOConf
 
     surrogate(θ) = agg[exp(ℓ(θ) − ℓ_old) · A]; A = batch.advantages ([B] per sequence
     or [B, T-1] per token); kl(θ) = agg[Σ_v π_old(v)(log π_old(v) − log π_θ(v))].
-    kl runs the model with recompute_swiglu off (the same function; its plain derivative),
-    so that `fisher_vector_product` can differentiate its gradient in forward mode.
+    kl runs the model with recompute_swiglu and low_precision_backward off (the same function;
+    its plain derivative, free of custom VJPs), so that `fisher_vector_product` can differentiate
+    its gradient in forward mode.
     """
     kl_model = model
-    if model.config.recompute_swiglu:
-        kl_model = Model(model.config.replace(recompute_swiglu=False), model.mesh)
+    if model.config.recompute_swiglu or model.config.low_precision_backward:
+        kl_model = Model(model.config.replace(recompute_swiglu=False, low_precision_backward=False), model.mesh)
     mask = target_mask(batch.loss_mask, batch.attention_mask)
     old = lax.stop_gradient(_log_softmax_all(params_old, batch, kl_model))
     p_old = jnp.exp(old)
