@@ -13,12 +13,18 @@ threads, so a program's total exceeds its wall time where ops run side by side. 
 programs use Eigen's products (`rljax.cpu_dots`), those seem to be recorded when they are launched,
 not for their run: a float32 gradient step at the DPO shape showed 276 ms of thread time a step
 against 507 ms of wall time, so read float32 tables for their element-wise ops. The GRPO figures
-in the README were taken with RLJAX_KEEP_BUFFERS=1 (`rljax.host_memory`); set it here too. To
-see which arrays an op reads and writes, dump the optimised HLO (XLA_FLAGS=--xla_dump_to=DIR
---xla_dump_hlo_module_re=jit_update) and look the op's name up there.
+in the README were taken with RLJAX_KEEP_BUFFERS=1 (`rljax.host_memory`); set it here too.
 
-This is how the float32 KV cache on CPU (`Model.cache_dtype`) and the narrow transposed copy of
-the weight gradients (`transformer._contract_rows`) were found (docs/performance.md).
+    python -m benchmarks.cpu_profile --instances 30         # and each program's 30 slowest op instances
+
+--instances N also lists each program's N slowest op instances with their result shape and, for
+products, the operand shapes and GFLOP/s of thread time, read from the optimised HLO that XLA dumps
+for this run (XLA_FLAGS gains --xla_dump_to=<trace dir>/hlo; it must be the first use of the
+backend in the process). To see which arrays an op reads and writes, look its name up in that dump.
+
+This is how the float32 KV cache on CPU (`Model.cache_dtype`), the narrow transposed copy of the
+weight gradients (`transformer._contract_rows`) and the float32 backward products of bf16
+attention (`transformer._low_precision_einsum`) were found (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import tempfile
 from dataclasses import dataclass
 
 import jax
+import numpy as np
 
 from benchmarks.common import banner
 from rljax.cli import parse_config
@@ -43,6 +50,7 @@ class Config:
     warmup: int = 2  # iterations before the traced one (the first compiles)
     top: int = 12  # op kinds shown per program
     trace_dir: str = ""  # where the trace goes (default: a temporary directory, removed after)
+    instances: int = 0  # also each program's slowest op instances, with shapes and GFLOP/s
 
 
 def op_kind(op: str) -> str:
@@ -51,16 +59,90 @@ def op_kind(op: str) -> str:
     return re.sub(r"\.\d+$", "", op)
 
 
-def op_times(events) -> dict[str, dict[str, float]]:
-    """{program: {op kind: seconds}} from a Chrome/Perfetto trace's events: the complete events
+def op_instance_times(events) -> dict[str, dict[str, tuple[float, int]]]:
+    """{program: {op: (seconds, calls)}} from a Chrome/Perfetto trace's events: the complete events
     ("ph" "X", "dur" in microseconds) whose args name an HLO module and op (XLA:CPU's thunk
-    executor records those), summed per program and kind."""
-    out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    executor records those), summed per program and op instance ("ynn_fusion.12"); an op inside a
+    loop runs once per iteration, each run one call."""
+    out: dict = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
     for e in events:
         args = e.get("args") or {}
         if e.get("ph") == "X" and "dur" in e and "hlo_module" in args and "hlo_op" in args:
-            out[args["hlo_module"]][op_kind(args["hlo_op"])] += e["dur"] * 1e-6
+            entry = out[args["hlo_module"]][args["hlo_op"]]
+            entry[0] += e["dur"] * 1e-6
+            entry[1] += 1
+    return {module: {op: (s, n) for op, (s, n) in ops.items()} for module, ops in out.items()}
+
+
+def op_times(events) -> dict[str, dict[str, float]]:
+    """{program: {op kind: seconds}}: `op_instance_times` summed per kind (`op_kind`)."""
+    out: dict[str, dict[str, float]] = {}
+    for module, ops in op_instance_times(events).items():
+        kinds = out.setdefault(module, collections.Counter())
+        for op, (s, _) in ops.items():
+            kinds[op_kind(op)] += s
     return {module: dict(kinds) for module, kinds in out.items()}
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+\[[\d,]*\])(?:\{[^}]*\})? ([\w\-]+)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
+
+
+def _dims(shape: str) -> list[int]:
+    """"bf16[17408,256]" -> [17408, 256]."""
+    inside = shape[shape.index("[") + 1:-1]
+    return [int(d) for d in inside.split(",") if d]
+
+
+@dataclass(frozen=True)
+class HloOp:
+    """One instruction of an optimised HLO module: its result shape ("f32[256,1024]"), opcode, the
+    shapes of the products it computes (its own, or its fused computation's: "bf16[17408,256] x
+    bf16[256,1024]") and their floating-point operations (2 x the result's elements x the
+    contracted elements)."""
+    shape: str
+    opcode: str
+    products: tuple[str, ...] = ()
+    flops: int = 0
+
+
+def hlo_ops(text: str) -> dict[str, HloOp]:
+    """{instruction name: HloOp} for every instruction of a module's optimised HLO text (what
+    `jax.jit(f).lower(...).compile().as_text()` returns, or XLA_FLAGS=--xla_dump_to writes as
+    *.cpu_after_optimizations.txt); a fusion's products are those of the computation it calls.
+    Instruction names are unique within a module, which is what the trace's op names refer to."""
+    shapes, opcodes, body, calls, dots = {}, {}, collections.defaultdict(list), {}, {}
+    comp = None
+    for line in text.splitlines():
+        if not line.startswith(" "):
+            m = _COMPUTATION.match(line)
+            comp = m.group(1) if m and line.rstrip().endswith("{") else comp
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        shapes[name], opcodes[name] = shape, opcode
+        body[comp].append(name)
+        if opcode == "fusion" and (c := re.search(r"calls=%([\w.\-]+)", rest)):
+            calls[name] = c.group(1)
+        if opcode == "dot":
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])[:2]
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+            dots[name] = (operands, [int(d) for d in contracting.group(1).split(",") if d] if contracting else [])
+    ops = {}
+    for name, shape in shapes.items():
+        members = body.get(calls[name], []) if name in calls else [name]
+        products, flops = [], 0
+        for d in members:
+            if d not in dots:
+                continue
+            (lhs, rhs), contracting = dots[d]
+            lhs_dims = _dims(shapes[lhs])
+            flops += 2 * int(np.prod(_dims(shapes[d]))) * int(np.prod([lhs_dims[i] for i in contracting]))
+            products.append(f"{shapes[lhs]} x {shapes[rhs]}")
+        ops[name] = HloOp(shape, opcodes[name], tuple(products), flops)
+    return ops
 
 
 def read_trace(trace_dir: str) -> list[dict]:
@@ -72,6 +154,35 @@ def read_trace(trace_dir: str) -> list[dict]:
     with gzip.open(files[-1]) as f:
         trace = json.load(f)
     return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def report_instances(times: dict[str, tuple[float, int]], ops: dict[str, HloOp], top: int) -> str:
+    """One program's `top` slowest op instances (`op_instance_times`): thread time, calls, the HLO
+    result shape, and for the instances that compute products their rate (GFLOP/s of thread time
+    over all calls) and operand shapes. This table showed the bf16 update's attention backward
+    products as float32 x float32 at 50-76 GFLOP/s against 270-760 for the projections
+    (docs/performance.md)."""
+    lines = []
+    for op, (s, calls) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
+        head = f"  {s * 1e3:9,.1f} ms {calls:6,d}x"
+        info = ops.get(op)
+        if info is None:
+            lines.append(f"{head}  {op}")
+            continue
+        rate = f"{info.flops * calls / s / 1e9:7,.1f} GFLOP/s" if info.flops and s > 0 else " " * 15
+        what = "; ".join(info.products) if info.products else info.opcode
+        lines.append(f"{head}  {rate}  {op}  {info.shape}  {what}")
+    return "\n".join(lines)
+
+
+def dumped_hlo(dump_dir: str, module: str) -> str | None:
+    """The optimised HLO text XLA_FLAGS=--xla_dump_to=dump_dir wrote for `module` (the newest
+    *.<module>.cpu_after_optimizations.txt), or None."""
+    files = sorted(glob.glob(os.path.join(dump_dir, f"*.{module}.cpu_after_optimizations.txt")), key=os.path.getmtime)
+    if not files:
+        return None
+    with open(files[-1]) as f:
+        return f.read()
 
 
 def report(times: dict[str, dict[str, float]], top: int, min_share: float = 0.01) -> str:
@@ -97,6 +208,12 @@ def main(cfg: Config) -> dict:
     from rljax.rl import create_rl_state, make_rl_iteration
     from rljax.tokenizer import CharTokenizer
 
+    tmp = tempfile.TemporaryDirectory()
+    trace_dir = cfg.trace_dir or tmp.name
+    dump_dir = os.path.join(trace_dir, "hlo")
+    if cfg.instances:  # read when the backend starts: before the banner's first use of it
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}"
+                                   " --xla_dump_hlo_module_re=jit_update|jit__generate").strip()
     release_compiler_memory()
     banner("cpu_profile: the GRPO iteration at TRL's configuration", cfg)
     tok = CharTokenizer()
@@ -107,14 +224,21 @@ def main(cfg: Config) -> dict:
     tokens, mask = tok.encode_batch(TRL_PROMPTS, padding_side="left")
     for _ in range(cfg.warmup):
         state, _ = iteration(state, tokens, mask)
-    with tempfile.TemporaryDirectory() as tmp:
-        trace_dir = cfg.trace_dir or tmp
+    with tmp:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             state, metrics = iteration(state, tokens, mask)
-        times = op_times(read_trace(trace_dir))
-    split = " + ".join(f"{k[5:-2]} {v:.3f}" for k, v in metrics.items() if k.startswith("time_") and v > 0)
-    print(f"traced iteration (wall clock, s): {split}")
-    print(report(times, cfg.top))
+        events = read_trace(trace_dir)
+        times = op_times(events)
+        split = " + ".join(f"{k[5:-2]} {v:.3f}" for k, v in metrics.items() if k.startswith("time_") and v > 0)
+        print(f"traced iteration (wall clock, s): {split}")
+        print(report(times, cfg.top))
+        if cfg.instances:
+            for module, ops in op_instance_times(events).items():
+                text = dumped_hlo(dump_dir, module)
+                if module in ("jit_update", "jit__generate"):
+                    print(f"{module}: the {cfg.instances} slowest op instances"
+                          + ("" if text else " (no HLO dump: the backend had started before this run)"))
+                    print(report_instances(ops, hlo_ops(text) if text else {}, cfg.instances))
     return times
 
 

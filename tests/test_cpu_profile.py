@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks.cpu_profile import op_kind, op_times, read_trace, report
+from benchmarks.cpu_profile import (dumped_hlo, hlo_ops, op_instance_times, op_kind, op_times, read_trace, report,
+                                    report_instances)
 
 
 def test_op_times_sums_complete_events_per_program_and_kind():
@@ -53,3 +54,51 @@ def test_a_traced_program_is_found_by_its_name(tmp_path):
         f(x).block_until_ready()
     times = op_times(read_trace(str(tmp_path)))
     assert "jit_scaled_sum" in times and sum(times["jit_scaled_sum"].values()) > 0, times
+
+
+FUSED_HLO = """HloModule jit_step, entry_computation_layout={(bf16[64,32]{1,0}, bf16[32,16]{1,0})->f32[64,16]{1,0}}
+
+%fused_computation.7 (param_0.1: bf16[64,32], param_1.2: bf16[32,16]) -> f32[64,16] {
+  %param_0.1 = bf16[64,32]{1,0} parameter(0)
+  %param_1.2 = bf16[32,16]{1,0} parameter(1)
+  ROOT %dot.3 = f32[64,16]{1,0} dot(%param_0.1, %param_1.2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main.9 (a: bf16[64,32], b: bf16[32,16]) -> f32[64,16] {
+  %a = bf16[64,32]{1,0} parameter(0)
+  %b = bf16[32,16]{1,0} parameter(1)
+  %ynn_fusion.4 = f32[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.7
+  ROOT %tanh.5 = f32[64,16]{1,0} tanh(%ynn_fusion.4)
+}
+"""
+
+
+def test_hlo_ops_finds_each_instances_products_and_flops(tmp_path):
+    """A fusion's products are its called computation's; flops = 2 x output elements x contracted
+    elements; rates in the instance table count every call (an op in a loop runs many times)."""
+    ops = hlo_ops(FUSED_HLO)
+    fused = ops["ynn_fusion.4"]
+    assert (fused.shape, fused.opcode, fused.flops) == ("f32[64,16]", "fusion", 2 * 64 * 16 * 32)
+    assert fused.products == ("bf16[64,32] x bf16[32,16]",)
+    assert (ops["tanh.5"].flops, ops["tanh.5"].products, ops["tanh.5"].opcode) == (0, (), "tanh")
+    ev = lambda name, dur: {"ph": "X", "name": name, "dur": dur,  # noqa: E731
+                            "args": {"hlo_module": "jit_step", "hlo_op": name}}
+    times = op_instance_times([ev("ynn_fusion.4", 10.0), ev("ynn_fusion.4", 10.0), ev("tanh.5", 5.0)])
+    assert times == {"jit_step": {"ynn_fusion.4": (pytest.approx(2e-5), 2), "tanh.5": (pytest.approx(5e-6), 1)}}
+    lines = report_instances(times["jit_step"], ops, top=5).splitlines()
+    rate = 2 * 2 * 64 * 16 * 32 / 2e-5 / 1e9  # two calls in 20 microseconds
+    assert "ynn_fusion.4" in lines[0] and f"{rate:,.1f} GFLOP/s" in lines[0] and "2x" in lines[0]
+    assert "tanh.5" in lines[1] and "GFLOP/s" not in lines[1] and "tanh" in lines[1]
+    assert "unknown.1" in report_instances({"unknown.1": (1e-3, 1)}, ops, top=1)  # not in the HLO: name only
+    (tmp_path / "module_0001.jit_step.cpu_after_optimizations.txt").write_text(FUSED_HLO)
+    assert dumped_hlo(str(tmp_path), "jit_step") == FUSED_HLO and dumped_hlo(str(tmp_path), "jit_other") is None
+
+
+def test_hlo_ops_reads_a_compiled_programs_product():
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU's HLO")
+    a, b = jnp.ones((96, 40)), jnp.ones((40, 24))
+    text = jax.jit(lambda a, b: jnp.tanh(a @ b)).lower(a, b).compile().as_text()
+    products = {name: op for name, op in hlo_ops(text).items() if op.flops}  # the dot, and a fusion calling it
+    assert products and all(op.flops == 2 * 96 * 24 * 40 and op.products == ("f32[96,40] x f32[40,24]",)
+                            for op in products.values()), products
