@@ -395,30 +395,40 @@ def sample(params, prompt_tokens, prompt_mask, key, *, model: Model, cfg: Sample
 
     def decode(j):
         rows = slice(j * size, (j + 1) * size)
-        return jax.block_until_ready(_generate(params, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), key,
-                                               j * size, model=model, cfg=cfg))
+        return _generate(params, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), key, j * size, model=model,
+                         cfg=cfg)
 
-    # A thread per group, the first group on this one: XLA:CPU runs a computation on the thread
-    # that calls it where dispatch is inline (`rljax.host_memory`), and this thread's malloc arena
-    # is the one the train step's buffers reuse.
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *in_row_groups(decode, groups))
+
+
+def in_row_groups(run, groups: int) -> list:
+    """[run(0), ..., run(groups - 1)], each group's result ready, the groups at once on host threads:
+    the first on this one, the others in a pool. XLA:CPU runs a computation on the thread that
+    calls it where dispatch is inline (`rljax.host_memory`), and this thread's malloc arena is the
+    one the train step's buffers reuse."""
+    def ready(j):
+        return jax.block_until_ready(run(j))
+
     with ThreadPoolExecutor(groups - 1, thread_name_prefix="rljax-decode") as pool:
-        rest = [pool.submit(decode, j) for j in range(1, groups)]
-        parts = [decode(0)] + [f.result() for f in rest]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+        rest = [pool.submit(ready, j) for j in range(1, groups)]
+        return [ready(0)] + [f.result() for f in rest]
 
 
 MIN_ROWS_PER_GROUP = 8
 ROW_GROUP_WEIGHT_BYTES = 96 * 2**20
 
 
-def row_groups(rows: int, params, model: Model, cfg: SampleConfig, cores: int | None = None) -> int:
-    """How many groups `sample` decodes `rows` rows in (`SampleConfig.cpu_row_groups`).
+def row_groups(rows: int, params, model: Model, cfg, cores: int | None = None, per_row: int = 1) -> int:
+    """How many groups `sample` decodes `rows` rows in (`SampleConfig.cpu_row_groups`); with
+    per_row, how many groups of prompts `beam_search` or `value_guided_beam_search` runs, each
+    prompt decoding per_row sequences (its beams, or its W·E candidates). cfg: any of the three
+    configs (its cpu_row_groups).
 
     1 unless the backend is the CPU, the model has no mesh and `params` are concrete arrays (not
     traced by a caller's `jax.jit`); else the largest divisor of `rows` that is at most
     cfg.cpu_row_groups, or with 0 (auto) at most `cores` (default: the cores this process may
-    use), ROW_GROUP_WEIGHT_BYTES / (the parameters' bytes in the compute dtype) and rows /
-    MIN_ROWS_PER_GROUP.
+    use), ROW_GROUP_WEIGHT_BYTES / (the parameters' bytes in the compute dtype) and rows x per_row
+    / MIN_ROWS_PER_GROUP.
 
     Why the weight bound: every group reads all the weights on every step. On a 2-core Xeon (bf16
     weights read), two groups decoded a d256 x 4-layer model 1.9x faster than one (8 MiB of
@@ -433,7 +443,7 @@ def row_groups(rows: int, params, model: Model, cfg: SampleConfig, cores: int | 
     else:
         cores = cores or usable_cores()
         weight_bytes = sum(x.size for x in jax.tree.leaves(params)) * jnp.dtype(model.config.compute_dtype).itemsize
-        most = min(cores, ROW_GROUP_WEIGHT_BYTES // max(1, weight_bytes), rows // MIN_ROWS_PER_GROUP)
+        most = min(cores, ROW_GROUP_WEIGHT_BYTES // max(1, weight_bytes), rows * per_row // MIN_ROWS_PER_GROUP)
     return max(g for g in range(1, max(1, min(most, rows)) + 1) if rows % g == 0)
 
 
@@ -458,7 +468,12 @@ class BeamConfig:
     summed log-probability s scores s / n**length_penalty (0 = raw sum; > 0
     favours longer outputs). With early_stopping, search ends once no live
     beam can still beat the worst of the num_beams finished ones. A hypothesis
-    ends at eos_id or at any of stop_ids (kept, and counted in its length)."""
+    ends at eos_id or at any of stop_ids (kept, and counted in its length).
+    cpu_row_groups: on CPU, search the prompts as this many groups at once on host threads, as
+    `SampleConfig.cpu_row_groups` does for sampling (0: auto; 1: off). A prompt's hypotheses do
+    not depend on the grouping (with early stopping a group ends once its own prompts are
+    settled, and further steps could not change a settled prompt's finished hypotheses); their
+    scores may differ by rounding, each group size being its own compiled program (1 ulp seen)."""
 
     num_beams: int = 4
     max_new_tokens: int = 64
@@ -468,11 +483,14 @@ class BeamConfig:
     early_stopping: bool = True
     min_prompt_bucket: int = 16
     stop_ids: tuple[int, ...] = ()
+    cpu_row_groups: int = 0
 
     def __post_init__(self):
         _check_stop_ids(self, "BeamConfig")
         if self.num_beams < 1:
             raise ValueError(f"BeamConfig.num_beams: must be >= 1, got {self.num_beams}")
+        if self.cpu_row_groups < 0:
+            raise ValueError(f"BeamConfig.cpu_row_groups: must be >= 0 (0 = auto, 1 = off), got {self.cpu_row_groups}")
         if self.max_new_tokens < 1:
             raise ValueError(f"BeamConfig.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
 
@@ -560,13 +578,23 @@ def beam_search(params, prompt_tokens, prompt_mask, *, model: Model, cfg: BeamCo
     prompt_tokens, prompt_mask: [B, P0]. Each step expands the K live beams
     by every token, keeps the 2K best extensions (K(1 + S) with S stop tokens) by summed
     log-probability, moves those ending in eos or a stop id (or at max_new_tokens) to the finished pool
-    (ranked by length-penalised score) and continues with the K best others.
+    (ranked by length-penalised score) and continues with the K best others. On CPU the prompts
+    are searched in groups on host threads (`BeamConfig.cpu_row_groups`).
     """
     c = model.config
     tokens, mask = prepare_prompts(prompt_tokens, prompt_mask, vocab_size=c.vocab_size,
                                    max_new_tokens=cfg.max_new_tokens, max_seq_len=c.max_seq_len,
                                    pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket)
-    return _beam(params, _place(tokens, model), _place(mask, model), model=model, cfg=cfg)
+    groups = row_groups(len(tokens), params, model, cfg, per_row=cfg.num_beams)
+    if groups == 1:
+        return _beam(params, _place(tokens, model), _place(mask, model), model=model, cfg=cfg)
+    size = len(tokens) // groups
+
+    def search(j):
+        rows = slice(j * size, (j + 1) * size)
+        return _beam(params, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), model=model, cfg=cfg)
+
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *in_row_groups(search, groups))
 
 
 # ----------------------------------------------------------------------------- value-guided step beam search
@@ -585,6 +613,10 @@ class ValueSearchConfig:
     step sampler (temperature 0: greedy steps). stop_ids: extra tokens that end the
     solution like eos_id (an HF tokenizer's other `eos_ids`). The KV cache holds
     P + max_rounds · max_step_tokens slots (each round's steps write side by side).
+    cpu_row_groups: on CPU, search the prompts as this many groups at once, each on its own host
+    thread, as `SampleConfig.cpu_row_groups` does for sampling (0: auto, one group per core while
+    each keeps at least MIN_ROWS_PER_GROUP candidate rows; 1: off). A prompt's result does not
+    depend on the grouping; with trace=True the search runs as one group.
     """
 
     beams: int = 3
@@ -600,6 +632,7 @@ class ValueSearchConfig:
     pad_id: int = 0
     min_prompt_bucket: int = 16
     stop_ids: tuple[int, ...] = ()
+    cpu_row_groups: int = 0
 
     def __post_init__(self):
         _check_stop_ids(self, "ValueSearchConfig")
@@ -608,6 +641,9 @@ class ValueSearchConfig:
                 raise ValueError(f"ValueSearchConfig.{f}: must be >= 1, got {getattr(self, f)}")
         if self.expansions is not None and self.expansions < 1:
             raise ValueError(f"ValueSearchConfig.expansions: must be >= 1 or None, got {self.expansions}")
+        if self.cpu_row_groups < 0:
+            raise ValueError(f"ValueSearchConfig.cpu_row_groups: must be >= 0 (0 = auto, 1 = off), "
+                             f"got {self.cpu_row_groups}")
         object.__setattr__(self, "step_end_ids", tuple(int(t) for t in self.step_end_ids))
         self.sampling  # validates temperature, top_k, top_p
 
@@ -619,7 +655,8 @@ class ValueSearchConfig:
     @property
     def sampling(self) -> SampleConfig:
         return SampleConfig(max_new_tokens=self.max_step_tokens, temperature=self.temperature, top_k=self.top_k,
-                            top_p=self.top_p, eos_id=self.eos_id, pad_id=self.pad_id, stop_ids=self.stop_ids)
+                            top_p=self.top_p, eos_id=self.eos_id, pad_id=self.pad_id, stop_ids=self.stop_ids,
+                            cpu_row_groups=self.cpu_row_groups)
 
 
 @struct.dataclass
@@ -737,7 +774,9 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
     All beams of all prompts are batched on device and the policy's KV cache carries
     over between rounds (candidates copy their beam's cache rows; the kept ones survive).
     Prompt i samples with keys[i] (default fold_in(key, i)), so its result does not
-    depend on the other prompts in the batch (given the same padded prompt width).
+    depend on the other prompts in the batch (given the same padded prompt width), nor on
+    `cfg.cpu_row_groups`: on CPU the prompts are searched as groups on host threads (`row_groups`),
+    padded to one width first; `rounds` is then the most any group ran and `generated` their sum.
     """
     c = model.config
     if not cfg.step_end_ids:
@@ -746,12 +785,33 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
     room = cfg.max_rounds * cfg.max_step_tokens
     tokens, mask = prepare_prompts(prompt_tokens, prompt_mask, vocab_size=c.vocab_size, max_new_tokens=room,
                                    max_seq_len=c.max_seq_len, pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket)
-    B, P = tokens.shape
-    W, N = cfg.beams, cfg.max_new_tokens
+    B = tokens.shape[0]
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(B)) if keys is None else keys
     if keys.shape[0] != B:
         raise ValueError(f"value_guided_beam_search: {keys.shape[0]} keys for {B} prompts")
-    prompt, pmask = _place(tokens, model), _place(mask, model)
+    groups = 1 if trace else row_groups(B, params, model, cfg.sampling, per_row=cfg.beams * cfg.width)
+    if groups == 1:
+        return _value_search(params, _place(tokens, model), _place(mask, model), keys, scorer, scorer_params,
+                             model=model, cfg=cfg, trace=trace)
+    size = B // groups
+
+    def search(j):
+        rows = slice(j * size, (j + 1) * size)
+        return _value_search(params, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), keys[rows], scorer,
+                             scorer_params, model=model, cfg=cfg, trace=False)
+
+    parts = in_row_groups(search, groups)
+    rounds, generated = max(r.rounds for r in parts), sum(r.generated for r in parts)
+    parts = [r.replace(rounds=rounds, generated=generated) for r in parts]  # static fields: one tree structure
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+
+
+def _value_search(params, prompt, pmask, keys, scorer, scorer_params, *, model: Model, cfg: ValueSearchConfig,
+                  trace: bool) -> SearchResult:
+    """`value_guided_beam_search` on prepared prompts [B, P] (on device) with their keys [B]."""
+    B, P = prompt.shape
+    W, N = cfg.beams, cfg.max_new_tokens
+    room = cfg.max_rounds * cfg.max_step_tokens
     cache, logits = _search_start(params, prompt, pmask, model=model, cfg=cfg, slots=P + room)
     gen = jnp.full((B * W, N), cfg.pad_id, jnp.int32)
     glen = jnp.zeros((B * W,), jnp.int32)

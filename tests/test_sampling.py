@@ -1,4 +1,5 @@
 """Sampler and beam search against full-forward references and closed-form distributions."""
+import dataclasses
 import itertools
 
 import jax
@@ -220,6 +221,8 @@ def test_row_groups_rule(tiny):
     assert row_groups(15, params, model, auto, cores=2) == 1  # 7 rows a group would be too few
     assert row_groups(9, params, model, auto, cores=2) == 1
     assert row_groups(13, params, model, auto.replace(cpu_row_groups=4)) == 1  # a prime
+    assert row_groups(4, params, model, auto, cores=2, per_row=4) == 2  # value search: 4 prompts x 4 candidates
+    assert row_groups(4, params, model, auto, cores=2, per_row=3) == 1  # 12 candidate rows: too few for two
     assert row_groups(16, params, model, auto.replace(cpu_row_groups=3)) == 2
     assert row_groups(4, params, model, auto.replace(cpu_row_groups=8)) == 4
     # weights: float32 parameters of 40 MiB allow two groups, of 50 MiB one (96 MiB in all)
@@ -345,3 +348,18 @@ def test_beam_scores_match_rescoring_and_one_beam_is_greedy(tiny):
     np.testing.assert_allclose(res.logprob_sums, sums, atol=1e-4)
     np.testing.assert_allclose(res.scores, sums / np.asarray(res.lengths), atol=1e-4)
     assert (np.diff(np.asarray(res.scores), axis=1) <= 1e-6).all()  # best first
+    # the prompts searched as 1, 2 and 4 groups on host threads (`cpu_row_groups`): the same hypotheses,
+    # their scores equal up to rounding (each group size is its own compiled program: 1 ulp seen)
+    emitted = np.asarray(greedy.completions)[:, :4].ravel().tolist()
+    cfg = BeamConfig(num_beams=4, max_new_tokens=8, length_penalty=1.0,  # an eos greedy emits early: early stops
+                     eos_id=max(set(emitted), key=emitted.count))
+    assert [row_groups(4, params, model, dataclasses.replace(cfg, cpu_row_groups=g), per_row=4) for g in (1, 2, 4)] \
+        == [1, 2, 4]
+    one, *grouped = (beam_search(params, *PROMPTS, model=model, cfg=dataclasses.replace(cfg, cpu_row_groups=g))
+                     for g in (1, 2, 4))
+    for other in grouped:
+        for field in ("tokens", "attention_mask", "lengths"):
+            np.testing.assert_array_equal(getattr(one, field), getattr(other, field), err_msg=field)
+        for field in ("scores", "logprob_sums"):
+            np.testing.assert_allclose(getattr(one, field), getattr(other, field), rtol=1e-6, err_msg=field)
+    assert len(set(np.asarray(one.lengths).ravel().tolist())) > 2  # hypotheses end at different steps

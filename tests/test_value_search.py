@@ -1,6 +1,8 @@
 """Value-guided step beam search: greedy steps with one beam equal greedy decoding, the
 search keeps what it should (trace), an oracle value finds what greedy misses, and a
 prompt's result does not depend on the other prompts of the batch."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from conftest import left_padded
 from rljax.models import Model, preset
 from rljax.models.logprobs import token_logprobs
-from rljax.sampling import SampleConfig, ValueSearchConfig, sample, value_guided_beam_search
+from rljax.sampling import SampleConfig, ValueSearchConfig, row_groups, sample, value_guided_beam_search
 
 SEP = 7  # the step separator's token id in these tests
 
@@ -131,8 +133,38 @@ def test_result_does_not_depend_on_the_batch(setup):
         assert float(one.scores[0]) == pytest.approx(float(full.scores[i]), rel=1e-5)
 
 
+def test_prompt_groups_search_exactly_as_one_group(setup):
+    """Four prompts searched as 1, 2 and 4 groups on host threads (`cpu_row_groups`): the same
+    solutions, scores, lengths, pools bit for bit, prompts finishing in different rounds; rounds is
+    the most any group ran, generated the groups' sum. trace=True searches as one group."""
+    model, params = setup
+    tokens, mask = left_padded([5, 7, 6, 3], 16, model.config.vocab_size, seed=8)
+    scorer = _logprob_scorer(model, 16)
+    cfg = ValueSearchConfig(beams=2, step_end_ids=(SEP, 8), max_step_tokens=4, max_new_tokens=16, max_rounds=6,
+                            eos_id=9)
+    groups = [row_groups(4, params, model, dataclasses.replace(cfg, cpu_row_groups=g), per_row=4) for g in (1, 2, 4)]
+    assert groups == [1, 2, 4]
+    one, *grouped = (value_guided_beam_search(params, tokens, mask, scorer, params, jax.random.key(9), model=model,
+                                              cfg=dataclasses.replace(cfg, cpu_row_groups=g)) for g in (1, 2, 4))
+    for other in grouped:
+        for field in ("tokens", "attention_mask", "scores", "lengths", "finished", "pool_tokens", "pool_scores"):
+            np.testing.assert_array_equal(getattr(one, field), getattr(other, field), err_msg=field)
+        assert (other.rounds, other.generated, other.prompt_length) == (one.rounds, one.generated, one.prompt_length)
+    alone = [value_guided_beam_search(params, tokens[i:i + 1], mask[i:i + 1], scorer, params, jax.random.key(9),
+                                      model=model, cfg=dataclasses.replace(cfg, cpu_row_groups=1),
+                                      keys=jax.random.fold_in(jax.random.key(9), i)[None]) for i in range(4)]
+    assert len({r.rounds for r in alone}) > 1  # the prompts finish in different rounds
+    assert one.rounds == max(r.rounds for r in alone) and one.generated == sum(r.generated for r in alone)
+    traced = value_guided_beam_search(params, tokens, mask, scorer, params, jax.random.key(9), model=model,
+                                      cfg=dataclasses.replace(cfg, cpu_row_groups=2), trace=True)
+    assert len(traced.trace) == one.rounds
+    np.testing.assert_array_equal(traced.tokens, one.tokens)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="ValueSearchConfig.beams"):
         ValueSearchConfig(beams=0)
+    with pytest.raises(ValueError, match="ValueSearchConfig.cpu_row_groups"):
+        ValueSearchConfig(cpu_row_groups=-1)
     with pytest.raises(ValueError, match="SampleConfig.top_p"):
         ValueSearchConfig(top_p=0.0)
