@@ -16,11 +16,16 @@ against 507 ms of wall time, so read float32 tables for their element-wise ops. 
 in the README were taken with RLJAX_KEEP_BUFFERS=1 (`rljax.host_memory`); set it here too.
 
     python -m benchmarks.cpu_profile --instances 30         # and each program's 30 slowest op instances
+    python -m benchmarks.cpu_profile --program dpo --instances 30   # one train step alone (benchmarks.cpu_dots)
 
 --instances N also lists each program's N slowest op instances with their result shape and, for
 products, the operand shapes and GFLOP/s of thread time, read from the optimised HLO that XLA dumps
 for this run (XLA_FLAGS gains --xla_dump_to=<trace dir>/hlo; it must be the first use of the
 backend in the process). To see which arrays an op reads and writes, look its name up in that dump.
+--program grpo-update|torch-train|dpo profiles one train step instead (`benchmarks.cpu_dots`'s
+programs: the GRPO update's shape, the torch comparison's, the offline DPO step's; compiled with the
+products rljax picks for `--dtype`, `rljax.cpu_dots.dot_library`), its HLO read from the compiled
+executable.
 
 This is how the float32 KV cache on CPU (`Model.cache_dtype`), the narrow transposed copy of the
 weight gradients (`transformer._contract_rows`) and the float32 backward products of bf16
@@ -51,6 +56,14 @@ class Config:
     top: int = 12  # op kinds shown per program
     trace_dir: str = ""  # where the trace goes (default: a temporary directory, removed after)
     instances: int = 0  # also each program's slowest op instances, with shapes and GFLOP/s
+    program: str = "grpo"  # the GRPO iteration, or one train step: grpo-update | torch-train | dpo
+    smoke: bool = False  # with --program: tiny shapes (checks the script runs)
+
+    def __post_init__(self):
+        from benchmarks.cpu_dots import TRAIN_SHAPES
+
+        if self.program != "grpo" and self.program not in TRAIN_SHAPES:
+            raise ValueError(f"cpu_profile --program: {self.program!r} is not grpo or one of {', '.join(TRAIN_SHAPES)}")
 
 
 def op_kind(op: str) -> str:
@@ -202,7 +215,36 @@ def report(times: dict[str, dict[str, float]], top: int, min_share: float = 0.01
     return "\n".join(lines)
 
 
+def profile_train_step(cfg: Config) -> dict:
+    """`--program NAME`: one train step of `benchmarks.cpu_dots.train_program`, warmed up, then one call
+    traced; the op tables as for the iteration."""
+    from benchmarks.cpu_dots import Config as ProgramConfig, library_options, train_program
+    from rljax.cpu_dots import dot_library
+
+    banner(f"cpu_profile: the {cfg.program} train step", cfg)
+    what, lowered, time_calls = train_program(cfg.program, ProgramConfig(dtype=cfg.dtype, smoke=cfg.smoke))
+    compiled = lowered.compile(library_options(dot_library(dtype=cfg.dtype), train=True))
+    print(f"{what}: best of {max(1, cfg.warmup)} calls {time_calls(compiled, max(1, cfg.warmup)) * 1e3:,.1f} ms")
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_dir = cfg.trace_dir or tmp
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            traced = time_calls(compiled, 1)
+        events = read_trace(trace_dir)
+    times = op_times(events)
+    print(f"traced call (wall clock): {traced * 1e3:,.1f} ms")
+    print(report(times, cfg.top))
+    if cfg.instances:
+        ops = hlo_ops(compiled.as_text())
+        for module, inst in op_instance_times(events).items():
+            if module == "jit_step":
+                print(f"{module}: the {cfg.instances} slowest op instances")
+                print(report_instances(inst, ops, cfg.instances))
+    return times
+
+
 def main(cfg: Config) -> dict:
+    if cfg.program != "grpo":
+        return profile_train_step(cfg)
     from benchmarks.grpo_step import TRL_PROMPTS, reward_digits, rl_config, trl_model
     from rljax.host_memory import release_compiler_memory
     from rljax.rl import create_rl_state, make_rl_iteration

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks.cpu_profile import (dumped_hlo, hlo_ops, op_instance_times, op_kind, op_times, read_trace, report,
+from benchmarks.cpu_profile import (Config, dumped_hlo, hlo_ops, main, op_instance_times, op_kind, op_times, read_trace, report,
                                     report_instances)
 
 
@@ -102,3 +102,17 @@ def test_hlo_ops_reads_a_compiled_programs_product():
     products = {name: op for name, op in hlo_ops(text).items() if op.flops}  # the dot, and a fusion calling it
     assert products and all(op.flops == 2 * 96 * 24 * 40 and op.products == ("f32[96,40] x f32[40,24]",)
                             for op in products.values()), products
+
+
+def test_one_train_step_is_profiled_with_its_products(capsys):
+    """--program: one train step of benchmarks.cpu_dots (tiny shapes), its op table and the slowest
+    instances with the products read from the compiled HLO; a bad name names the field."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU's thunk events")
+    with pytest.raises(ValueError, match="--program: 'sft' is not grpo or one of grpo-update"):
+        Config(program="sft")
+    times = main(Config(program="dpo", smoke=True, warmup=1, instances=40))
+    assert sum(times["jit_step"].values()) > 0
+    out = capsys.readouterr().out
+    table = out[out.index("jit_step: the 40 slowest op instances"):]
+    assert " x " in table and "GFLOP/s" in table, table  # at least one product with its rate
