@@ -164,18 +164,25 @@ def train_rs(rows, cfg: Config, model, params, tok, run_dir: str | None, state=N
 
 
 def right_wrong_pairs(rows) -> list[dict]:
-    """Every problem's right samples paired in order with its wrong ones (min(#right, #wrong) pairs)."""
+    """Every problem's right samples paired in order with its wrong ones (min(#right, #wrong) pairs).
+    Empty samples (the policy stopped at once) are left out: a preference needs text to compare."""
     by = collections.defaultdict(lambda: ([], []))
-    for r in rows:
+    for r in with_text(rows):
         by[r["problem"]][0 if r["reward"] >= 1.0 else 1].append(r)
     return [{"prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"]}
             for right, wrong in by.values() for a, b in zip(right, wrong) if a["completion"] != b["completion"]]
 
 
+def with_text(rows) -> list[dict]:
+    """The samples with a non-empty completion (what the preference collators accept)."""
+    return [r for r in rows if r["completion"]]
+
+
 def train_preference(algo: str, rows, cfg: Config, model, params, tok, run_dir: str):
     loss = PREFERENCE_METHODS[algo]
     if algo == "kto":
-        data = fixed_mismatch([(r["prompt"], r["completion"], r["reward"] >= 1.0) for r in rows], seed=cfg.seed)
+        data = fixed_mismatch([(r["prompt"], r["completion"], r["reward"] >= 1.0) for r in with_text(rows)],
+                              seed=cfg.seed)
         collate = functools.partial(collate_kto, tok)
     else:
         data = right_wrong_pairs(rows)

@@ -247,6 +247,19 @@ def check_trajectories(rows: Sequence, *, separator: str | None = None, allow_fr
                                  "check the separator or use level='token'")
 
 
+def prompts_with_steps(rows: Sequence, separator: str | None = None) -> tuple[list, list[str]]:
+    """(the rows of the prompts with at least one sample of more than one step, the other prompts in
+    order of first appearance): the split `check_trajectories(need_steps=True)` asks of every
+    prompt. Data a policy collected itself may hold a prompt it answered in one step every time;
+    `pipelines.iterative_oreo` leaves such prompts out of the round (with a warning) instead of
+    stopping the run."""
+    multi = {_get(row, "prompt", i) for i, row in enumerate(rows)
+             if len(trajectory_steps(row, i, separator) or ()) > 1}
+    dropped = list(dict.fromkeys(_get(row, "prompt", i) for i, row in enumerate(rows)
+                                 if _get(row, "prompt", i) not in multi))
+    return [row for i, row in enumerate(rows) if _get(row, "prompt", i) in multi], dropped
+
+
 def collate_trajectories(tokenizer: Tokenizer, rows: Sequence, *, separator: str | None = None,
                          allow_fractional_rewards: bool = False, max_length: int | None = None,
                          min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
@@ -485,6 +498,6 @@ def oreo(state: OREOState, data, cfg: OREOPhaseConfig, *, model: Model, mesh=Non
 
 
 __all__ = ["CollectConfig", "OREOPhaseConfig", "OREOState", "balanced", "check_reward",
-           "check_trajectories", "collate_trajectories", "collect_trajectories", "create_oreo_state",
+           "check_trajectories", "prompts_with_steps", "collate_trajectories", "collect_trajectories", "create_oreo_state",
            "load_trajectories", "make_oreo_step", "oreo", "split_keeping_separator",
            "trajectory_steps", "value_model_of", "value_params_from", "value_scorer"]

@@ -72,7 +72,7 @@ from rljax.losses.preference import DPOConfig
 from rljax.losses.reward_model import RankingConfig
 from rljax.metrics import WandbConfig
 from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, OREOState, check_trajectories, collate_trajectories,
-                        collect_trajectories, oreo)
+                                 collect_trajectories, oreo, prompts_with_steps)
 from rljax.phases import LoopConfig, PreferencePhaseConfig, RewardModelPhaseConfig, preference, train_reward_model
 from rljax.reference import best_worst_pairs, cached_reference_logps, with_reference
 from rljax.sampling import SampleConfig, sample
@@ -542,7 +542,10 @@ def iterative_oreo(state: OREOState, prompts: Sequence[str], reward_fn: Callable
     right round and step: a finished round is skipped, and an interrupted round reuses
     its data and resumes its phase. collate: rows -> OREOBatch (default
     `collate_trajectories` with the collection's separator); metadata as for
-    `collect_trajectories` (e.g. problems=...).
+    `collect_trajectories` (e.g. problems=...). With the step-level loss, a prompt the policy
+    answered in one step in every sample of a round carries no step-level signal: its rows are
+    left out of that round with a warning (`oreo_training.prompts_with_steps`); a round where no
+    prompt has a multi-step sample (a wrong separator) stops with `check_trajectories`' error.
     """
     separator = cfg.collect.separator
     collate = collate or functools.partial(collate_trajectories, tokenizer, separator=separator,
@@ -552,8 +555,17 @@ def iterative_oreo(state: OREOState, prompts: Sequence[str], reward_fn: Callable
         rows = collect_trajectories(state.policy.params, prompts, reward_fn, cfg.collect, model=model,
                                     tokenizer=tokenizer, key=jax.random.fold_in(key, r),
                                     out_dir=None if ctx.dir is None else os.path.join(ctx.dir, "data"), **metadata)
+        need_steps = cfg.phase.loss.level == "step"
+        if need_steps:
+            kept, dropped = prompts_with_steps(rows, separator)
+            if dropped and kept:  # with none kept, the check below names the first such row
+                warnings.warn(f"iterative_oreo: round {r}: {len(dropped)} of {len(set(prompts))} "
+                              f"prompts have no sample with more than one step (separator {separator!r}), so "
+                              f"no step-level signal; their {len(rows) - len(kept)} rows are left out of the "
+                              f"round (the first: {dropped[0][:60]!r})", stacklevel=2)
+                rows = kept
         check_trajectories(rows, separator=separator, allow_fractional_rewards=cfg.allow_fractional_rewards,
-                           need_steps=cfg.phase.loss.level == "step")
+                           need_steps=need_steps)
         return rows
 
     def train(r, state, rows, ctx):

@@ -10,8 +10,9 @@ from rljax.oreo_training import load_trajectories
 
 
 def test_right_wrong_pairs_pair_in_order_per_problem():
-    rows = [{"problem": p, "prompt": f"q{p}", "completion": c, "reward": r}
-            for p, c, r in [(0, "a", 1), (0, "b", 0), (0, "c", 1), (0, "d", 0), (0, "e", 0), (1, "x", 1), (2, "y", 0)]]
+    rows = [{"problem": p, "prompt": f"q{p}", "completion": c, "reward": r}  # "": a sample that stopped at once
+            for p, c, r in [(0, "a", 1), (0, "", 0), (0, "b", 0), (0, "c", 1), (0, "d", 0), (0, "e", 0), (1, "x", 1),
+                            (2, "y", 0)]]
     assert oreo_arithmetic.right_wrong_pairs(rows) == [{"prompt": "q0", "chosen": "a", "rejected": "b"},
                                                        {"prompt": "q0", "chosen": "c", "rejected": "d"}]
 

@@ -15,7 +15,8 @@ from rljax.data.collate import BatchIterator
 from rljax.losses.oreo import OREOConfig
 from rljax.models import Model, preset
 from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, balanced, check_trajectories, collate_trajectories,
-                        collect_trajectories, create_oreo_state, load_trajectories, oreo, split_keeping_separator)
+                        collect_trajectories, create_oreo_state, load_trajectories, oreo, prompts_with_steps,
+                        split_keeping_separator)
 from rljax.phases import LoopConfig
 from rljax.pipelines import IterativeOREOConfig, iterative_oreo
 from rljax.rewards.rules import arithmetic_answer_reward
@@ -78,6 +79,11 @@ def test_bad_trajectories_are_named():
     with pytest.raises(ValueError, match=r"row 4: no sample of its prompt 'q=' contains the step separator"):
         check_trajectories(ROWS[:4] + no_sep, separator=";", need_steps=True)
     check_trajectories(ROWS[:4] + no_sep, separator=";")  # fine at the token level
+    # what iterative OREO keeps of its own samples: the prompts with a multi-step sample
+    kept, dropped = prompts_with_steps(ROWS[:4] + no_sep + [dict(no_sep[0], prompt="r=")] + ROWS[4:6], ";")
+    assert kept == ROWS[:6] and dropped == ["q=", "r="]
+    check_trajectories(kept, separator=";", need_steps=True)
+    assert prompts_with_steps(no_sep, None) == ([], ["q="])  # no separator: no steps at all
     with pytest.raises(ValueError, match="row 0: missing field 'completion'"):
         check_trajectories([{"prompt": "p", "reward": 1}])
 
