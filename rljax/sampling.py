@@ -391,27 +391,32 @@ def sample(params, prompt_tokens, prompt_mask, key, *, model: Model, cfg: Sample
     groups = row_groups(len(tokens), params, model, cfg)
     if groups == 1:
         return _generate(params, _place(tokens, model), _place(mask, model), key, model=model, cfg=cfg)
-    size = len(tokens) // groups
 
-    def decode(j):
-        rows = slice(j * size, (j + 1) * size)
-        return _generate(params, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), key, j * size, model=model,
+    def decode(rows):
+        return _generate(params, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), key, rows.start, model=model,
                          cfg=cfg)
 
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *in_row_groups(decode, groups))
+    return concat_rows(in_row_groups(decode, len(tokens), groups))
 
 
-def in_row_groups(run, groups: int) -> list:
-    """[run(0), ..., run(groups - 1)], each group's result ready, the groups at once on host threads:
-    the first on this one, the others in a pool. XLA:CPU runs a computation on the thread that
-    calls it where dispatch is inline (`rljax.host_memory`), and this thread's malloc arena is the
-    one the train step's buffers reuse."""
+def in_row_groups(run, rows: int, groups: int) -> list:
+    """[run(slice of group 0), ..., run(slice of group groups - 1)] over `rows` rows split evenly, each
+    group's result ready, the groups at once on host threads: the first on this one, the others in
+    a pool. XLA:CPU runs a computation on the thread that calls it where dispatch is inline
+    (`rljax.host_memory`), and this thread's malloc arena is the one the train step's buffers reuse."""
+    size = rows // groups
+
     def ready(j):
-        return jax.block_until_ready(run(j))
+        return jax.block_until_ready(run(slice(j * size, (j + 1) * size)))
 
     with ThreadPoolExecutor(groups - 1, thread_name_prefix="rljax-decode") as pool:
         rest = [pool.submit(ready, j) for j in range(1, groups)]
         return [ready(0)] + [f.result() for f in rest]
+
+
+def concat_rows(parts: list):
+    """The groups' results (pytrees of the same structure) joined along their leading row axis."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
 
 
 MIN_ROWS_PER_GROUP = 8
@@ -588,13 +593,11 @@ def beam_search(params, prompt_tokens, prompt_mask, *, model: Model, cfg: BeamCo
     groups = row_groups(len(tokens), params, model, cfg, per_row=cfg.num_beams)
     if groups == 1:
         return _beam(params, _place(tokens, model), _place(mask, model), model=model, cfg=cfg)
-    size = len(tokens) // groups
 
-    def search(j):
-        rows = slice(j * size, (j + 1) * size)
+    def search(rows):
         return _beam(params, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), model=model, cfg=cfg)
 
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *in_row_groups(search, groups))
+    return concat_rows(in_row_groups(search, len(tokens), groups))
 
 
 # ----------------------------------------------------------------------------- value-guided step beam search
@@ -793,17 +796,14 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
     if groups == 1:
         return _value_search(params, _place(tokens, model), _place(mask, model), keys, scorer, scorer_params,
                              model=model, cfg=cfg, trace=trace)
-    size = B // groups
 
-    def search(j):
-        rows = slice(j * size, (j + 1) * size)
+    def search(rows):
         return _value_search(params, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), keys[rows], scorer,
                              scorer_params, model=model, cfg=cfg, trace=False)
 
-    parts = in_row_groups(search, groups)
+    parts = in_row_groups(search, B, groups)
     rounds, generated = max(r.rounds for r in parts), sum(r.generated for r in parts)
-    parts = [r.replace(rounds=rounds, generated=generated) for r in parts]  # static fields: one tree structure
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+    return concat_rows([r.replace(rounds=rounds, generated=generated) for r in parts])  # static fields alike
 
 
 def _value_search(params, prompt, pmask, keys, scorer, scorer_params, *, model: Model, cfg: ValueSearchConfig,
