@@ -1,7 +1,6 @@
 """Damaged checkpoints: each kind of damage (truncated, deleted data file, lost _METADATA, bytes
 overwritten inside a data file, a changed meta) is named in one line, and restore falls back to the previous step
 with exactly the values saved there, or raises when asked; training then saves on as usual."""
-import gc
 import glob
 import os
 import warnings
@@ -14,21 +13,6 @@ import pytest
 from rljax.checkpoint import (Checkpointer, DamagedCheckpointError, DamagedCheckpointWarning, restore_latest,
                               state_digest)
 from rljax.state import TrainState
-
-# When one array of a step fails to read, orbax leaves the reads of the others behind (coroutines
-# never awaited, callbacks on a closed event loop); Python reports them when they are collected
-# (during a test, or at exit where no filter reaches). Orbax's, and harmless here: rljax has no
-# asynchronous code of its own.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-@pytest.fixture(autouse=True)
-def _collect_orbax_leftovers():
-    """Collect those leftovers in each test's teardown, where the filter above applies: left for
-    later, they were reported by whichever test of the same worker ran when the collector did (22
-    warnings in one `make test`, attributed to tests/test_rl_bandit.py)."""
-    yield
-    gc.collect()
 
 
 def _values(s: int) -> dict:
