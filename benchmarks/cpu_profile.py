@@ -34,6 +34,7 @@ attention (`transformer._low_precision_einsum`) were found (docs/performance.md)
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -215,6 +216,22 @@ def report(times: dict[str, dict[str, float]], top: int, min_share: float = 0.01
     return "\n".join(lines)
 
 
+def print_tables(events, cfg: Config, hlo_of: dict) -> dict[str, dict[str, float]]:
+    """Print the op-kind table of every program in the trace and, with --instances, the slowest op
+    instances of the programs named in `hlo_of` (module name -> a function giving its optimised HLO
+    text, or None where there is none). Returns the op-kind times."""
+    times = op_times(events)
+    print(report(times, cfg.top))
+    if cfg.instances:
+        for module, inst in op_instance_times(events).items():
+            if module in hlo_of:
+                text = hlo_of[module]()
+                print(f"{module}: the {cfg.instances} slowest op instances"
+                      + ("" if text else " (no HLO dump: the backend had started before this run)"))
+                print(report_instances(inst, hlo_ops(text) if text else {}, cfg.instances))
+    return times
+
+
 def profile_train_step(cfg: Config) -> dict:
     """`--program NAME`: one train step of `benchmarks.cpu_dots.train_program`, warmed up, then one call
     traced; the op tables as for the iteration."""
@@ -230,16 +247,8 @@ def profile_train_step(cfg: Config) -> dict:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             traced = time_calls(compiled, 1)
         events = read_trace(trace_dir)
-    times = op_times(events)
     print(f"traced call (wall clock): {traced * 1e3:,.1f} ms")
-    print(report(times, cfg.top))
-    if cfg.instances:
-        ops = hlo_ops(compiled.as_text())
-        for module, inst in op_instance_times(events).items():
-            if module == "jit_step":
-                print(f"{module}: the {cfg.instances} slowest op instances")
-                print(report_instances(inst, ops, cfg.instances))
-    return times
+    return print_tables(events, cfg, {"jit_step": lambda: compiled.as_text()})
 
 
 def main(cfg: Config) -> dict:
@@ -270,18 +279,10 @@ def main(cfg: Config) -> dict:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             state, metrics = iteration(state, tokens, mask)
         events = read_trace(trace_dir)
-        times = op_times(events)
         split = " + ".join(f"{k[5:-2]} {v:.3f}" for k, v in metrics.items() if k.startswith("time_") and v > 0)
         print(f"traced iteration (wall clock, s): {split}")
-        print(report(times, cfg.top))
-        if cfg.instances:
-            for module, ops in op_instance_times(events).items():
-                text = dumped_hlo(dump_dir, module)
-                if module in ("jit_update", "jit__generate"):
-                    print(f"{module}: the {cfg.instances} slowest op instances"
-                          + ("" if text else " (no HLO dump: the backend had started before this run)"))
-                    print(report_instances(ops, hlo_ops(text) if text else {}, cfg.instances))
-    return times
+        return print_tables(events, cfg, {m: functools.partial(dumped_hlo, dump_dir, m)
+                                          for m in ("jit_update", "jit__generate")})
 
 
 if __name__ == "__main__":
