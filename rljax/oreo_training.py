@@ -253,11 +253,10 @@ def prompts_with_steps(rows: Sequence, separator: str | None = None) -> tuple[li
     prompt. Data a policy collected itself may hold a prompt it answered in one step every time;
     `pipelines.iterative_oreo` leaves such prompts out of the round (with a warning) instead of
     stopping the run."""
-    multi = {_get(row, "prompt", i) for i, row in enumerate(rows)
-             if len(trajectory_steps(row, i, separator) or ()) > 1}
-    dropped = list(dict.fromkeys(_get(row, "prompt", i) for i, row in enumerate(rows)
-                                 if _get(row, "prompt", i) not in multi))
-    return [row for i, row in enumerate(rows) if _get(row, "prompt", i) in multi], dropped
+    prompts = [_get(row, "prompt", i) for i, row in enumerate(rows)]
+    multi = {p for i, (p, row) in enumerate(zip(prompts, rows)) if len(trajectory_steps(row, i, separator) or ()) > 1}
+    dropped = list(dict.fromkeys(p for p in prompts if p not in multi))
+    return [row for p, row in zip(prompts, rows) if p in multi], dropped
 
 
 def collate_trajectories(tokenizer: Tokenizer, rows: Sequence, *, separator: str | None = None,

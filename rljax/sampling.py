@@ -94,9 +94,7 @@ class SampleConfig:
 
         if self.cache_segments < 1:
             bad("cache_segments", f"must be >= 1, got {self.cache_segments}")
-        if self.cpu_row_groups < 0:
-            bad("cpu_row_groups", f"must be >= 0 (0 = auto, 1 = off), got {self.cpu_row_groups}")
-
+        _check_cpu_row_groups(self, "SampleConfig")
         _check_stop_ids(self, "SampleConfig")
 
         if self.max_new_tokens < 1:
@@ -121,6 +119,13 @@ class SampleConfig:
 
     def replace(self, **changes) -> "SampleConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _check_cpu_row_groups(cfg, name: str) -> None:
+    """`cfg.cpu_row_groups` (SampleConfig, BeamConfig, ValueSearchConfig) is 0 (auto), 1 (off) or a
+    group count; a negative one raises naming the field."""
+    if cfg.cpu_row_groups < 0:
+        raise ValueError(f"{name}.cpu_row_groups: must be >= 0 (0 = auto, 1 = off), got {cfg.cpu_row_groups}")
 
 
 def _check_stop_ids(cfg, name: str) -> None:
@@ -494,8 +499,7 @@ class BeamConfig:
         _check_stop_ids(self, "BeamConfig")
         if self.num_beams < 1:
             raise ValueError(f"BeamConfig.num_beams: must be >= 1, got {self.num_beams}")
-        if self.cpu_row_groups < 0:
-            raise ValueError(f"BeamConfig.cpu_row_groups: must be >= 0 (0 = auto, 1 = off), got {self.cpu_row_groups}")
+        _check_cpu_row_groups(self, "BeamConfig")
         if self.max_new_tokens < 1:
             raise ValueError(f"BeamConfig.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
 
@@ -644,9 +648,7 @@ class ValueSearchConfig:
                 raise ValueError(f"ValueSearchConfig.{f}: must be >= 1, got {getattr(self, f)}")
         if self.expansions is not None and self.expansions < 1:
             raise ValueError(f"ValueSearchConfig.expansions: must be >= 1 or None, got {self.expansions}")
-        if self.cpu_row_groups < 0:
-            raise ValueError(f"ValueSearchConfig.cpu_row_groups: must be >= 0 (0 = auto, 1 = off), "
-                             f"got {self.cpu_row_groups}")
+        _check_cpu_row_groups(self, "ValueSearchConfig")
         object.__setattr__(self, "step_end_ids", tuple(int(t) for t in self.step_end_ids))
         self.sampling  # validates temperature, top_k, top_p
 

@@ -238,6 +238,8 @@ def test_row_groups_rule(tiny):
     assert row_groups(128, params, meshed, auto, cores=8) == 1  # a mesh: the devices split the rows
     with pytest.raises(ValueError, match="SampleConfig.cpu_row_groups: must be >= 0"):
         SampleConfig(cpu_row_groups=-1)
+    with pytest.raises(ValueError, match=r"BeamConfig.cpu_row_groups: must be >= 0 \(0 = auto, 1 = off\), got -2"):
+        BeamConfig(cpu_row_groups=-2)
 
 
 def test_unstacked_layers_give_the_same_forward(tiny):
