@@ -195,17 +195,17 @@ def test_benchmark_compiles_one_lowering_both_ways(monkeypatch):
         pytest.skip("this jaxlib's XLA:CPU uses no YNNPACK fusions by default")
 
 
-def _weight_gradient_program(monkeypatch, library, rows, threshold=None, widths=(64, 48)):
-    """(compiled HLO text, aᵀ b) of `transformer._contract_rows` on bf16 a [rows, widths[0]],
-    b [rows, widths[1]] under RLJAX_CPU_DOTS=library (read when the function is traced)."""
+def _weight_gradient_program(monkeypatch, library, rows, threshold=None, widths=(64, 48), dtype=jnp.bfloat16):
+    """(compiled HLO text, aᵀ b) of `transformer._contract_rows` on a [rows, widths[0]],
+    b [rows, widths[1]] of `dtype` under RLJAX_CPU_DOTS=library (read when the function is traced)."""
     from rljax.models import transformer
 
     monkeypatch.setenv(ENV, library)
     if threshold is not None:
         monkeypatch.setattr(transformer, "MIN_ROWS_FOR_TRANSPOSED_COPY", threshold)
     rng = np.random.default_rng(rows)
-    a = jnp.asarray(rng.standard_normal((rows, widths[0])), jnp.bfloat16)
-    b = jnp.asarray(rng.standard_normal((rows, widths[1])), jnp.bfloat16)
+    a = jnp.asarray(rng.standard_normal((rows, widths[0])), dtype)
+    b = jnp.asarray(rng.standard_normal((rows, widths[1])), dtype)
     # a fresh jit, traced under this env; the compiled program is both inspected and run
     compiled = jax.jit(lambda a, b: transformer._contract_rows(a, b)).lower(a, b).compile()
     reference = np.asarray(a, np.float64).T @ np.asarray(b, np.float64)
@@ -230,6 +230,48 @@ def test_weight_gradients_run_as_bf16_products_on_a_transposed_copy(monkeypatch)
         hlo, got_plain, reference = _weight_gradient_program(monkeypatch, library, rows, threshold)
         assert "bf16[48,4096]" not in hlo and "bf16[64,4096]" not in hlo
         np.testing.assert_allclose(got_plain, reference, rtol=0, atol=1e-5 * np.abs(reference).max() + 1e-4)
+
+
+def test_eigen_weight_gradients_keep_the_fast_orientation(monkeypatch):
+    # Eigen's products run aᵀ b with a [M, P] wider than b [M, Q] (a [P, Q] result taller than wide:
+    # the MLP's down projection) at ~2/3 of the other orientation's rate, so `_contract_rows` computes
+    # bᵀ a [Q, P] and copies it transposed; a narrower a, YNNPACK's float32 products and too few rows
+    # keep the plain contraction. The values are aᵀ b either way (float64 numpy reference).
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU programs only")
+    rows = 4096
+    product = re.compile(r"= f32\[(\d+),(\d+)\]\{1,0\} dot\(")  # the product's result (bf16 is widened first)
+    for library, widths, threshold, swap in (("eigen", (64, 48), None, True), ("eigen", (48, 64), None, False),
+                                             ("ynn", (64, 48), None, False), ("eigen", (64, 48), rows + 1, False)):
+        for dtype in (jnp.float32, jnp.bfloat16) if library == "eigen" else (jnp.float32,):
+            hlo, got, reference = _weight_gradient_program(monkeypatch, library, rows, threshold, widths, dtype)
+            # swapped: the product computes bᵀ a [Q, P], then a transposed copy gives [P, Q]
+            shape = widths[::-1] if swap else widths
+            assert got.shape == widths and product.findall(hlo) == [tuple(map(str, shape))], (library, widths, dtype)
+            np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5 * np.abs(reference).max() + 1e-4)
+
+
+def test_swiglu_down_weight_gradient_through_the_fast_orientation_matches_autodiff(monkeypatch):
+    # the MLP's backward (`transformer.swiglu_down`) differentiates its down projection through
+    # `_contract_rows` in float32 too: with Eigen's products and >= 128 rows its weight gradient is
+    # the swapped product; all three gradients against autodiff of the plain expression
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU programs only")
+    from rljax.models.transformer import _dense, swiglu_down
+
+    monkeypatch.setenv(ENV, "eigen")
+    k = jax.random.split(jax.random.key(0), 4)
+    g, u = jax.random.normal(k[0], (4, 40, 32)), jax.random.normal(k[1], (4, 40, 32))  # 160 rows, F 32
+    w, c = jax.random.normal(k[2], (32, 8)), jax.random.normal(k[3], (4, 40, 8))
+
+    def loss(mlp):
+        return lambda g, u, w: jnp.sum(jnp.sin(mlp(g, u, w)) * c)
+
+    new = jax.jit(jax.grad(loss(lambda g, u, w: swiglu_down(g, u, w, jnp.float32)), (0, 1, 2)))
+    assert "f32[8,32]{1,0} dot(" in new.lower(g, u, w).compile().as_text()  # dwᵀ = ctᵀ h, copied back
+    ref = jax.grad(loss(lambda g, u, w: _dense(jax.nn.silu(g) * u, w, 1, jnp.float32)), (0, 1, 2))
+    for a, b in zip(new(g, u, w), ref(g, u, w)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_train_step_gradients_equal_with_and_without_the_transposed_copy(monkeypatch):

@@ -67,6 +67,9 @@ def _low_precision_dot(x, w, dtype, out_dtype, transpose_w):
     A custom VJP keeps the backward matmuls in `dtype` too: differentiating a
     dot with a float32 `preferred_element_type` makes JAX emit float32 x
     float32 dots for the gradients, which throws the low-precision speed away.
+    `swiglu_down`'s backward differentiates its down projection through this in float32 as well:
+    the same products as plain autodiff there, except the weight gradient's orientation
+    (`_contract_rows`).
     """
     return _low_precision_dot_fwd(x, w, dtype, out_dtype, transpose_w)[0]
 
@@ -101,27 +104,40 @@ MIN_ROWS_FOR_TRANSPOSED_COPY = 128
 def _contract_rows(a, b):
     """aᵀ b: a [M, P] and b [M, Q] contracted over their rows M -> [P, Q], accumulated in float32.
 
-    A weight gradient (M = the batch's tokens). XLA:CPU (jax 0.10) computes a bf16 product whose
-    left operand contracts its leading axis as float32 × float32, with both operands converted to
-    float32 first, even when the transpose is materialised (it keeps that as a column-major layout).
-    So on a CPU whose bf16 products go to YNNPACK (`rljax.cpu_dots.dot_library`), for M of at least
-    MIN_ROWS_FOR_TRANSPOSED_COPY rows, the narrower operand is copied into a row-major transpose and
-    the product runs as a plain bf16 [P, M] @ [M, Q]; where b is the narrower (the MLP's down
-    projection: a = the [M, F] hidden product, b = the [M, D] cotangent), as bᵀ a, with its small
-    [Q, P] result transposed back, again through `_transposed_copy` (a plain transpose there is
-    folded into the product's dimension numbers, and the bf16 product XLA then leaves to its own
-    dot runtime fails: "Unsupported element type"). On a 2-core Xeon with AMX: [256, 17,408] @
-    [17,408, 1,024] 13.8 ms with the copy against 54.5 ms as float32; [17,408, 1,024]ᵀ [17,408, 256]
-    11.5 ms copying the narrow operand against 19.5 ms copying the wide one. Whole bf16 gradient
-    steps (d256 x 4 layers, MLP 1,024, against no copy, one process, alternated 6 times, faster in
-    every round; docs/performance.md): 17,408 rows 1,936 -> 1,764 ms against the wide copy, and
-    against no copy 3,104 rows 331 -> 254 ms, 2,592 rows 292 -> 229, 2,048 216 -> 158, 1,024 115 ->
-    84, 512 58 -> 44, 128 22 -> 19; 32 rows 10 -> 9, within noise (hence the threshold). Copying
-    the wide operand had made 3,104 rows slower (348 -> 385 ms). With Eigen's products (AVX2-only
-    CPUs) a bf16 [P, M] @ [M, Q] is slower than the float32 product, and accelerators take the
-    contraction as it is."""
-    if (jax.default_backend() != "cpu" or a.dtype == jnp.float32 or a.shape[0] < MIN_ROWS_FOR_TRANSPOSED_COPY
-            or dot_library(dtype=a.dtype) != "ynn"):
+    A weight gradient (M = the batch's tokens). How XLA:CPU (jax 0.10) runs it depends on which
+    library gets the product (`rljax.cpu_dots.dot_library`); for M of at least
+    MIN_ROWS_FOR_TRANSPOSED_COPY rows (below that the forms differ within noise):
+
+    Eigen's products (float32 on x86, bf16 too on AVX2-only CPUs): a result wider in its rows than
+    in its columns (P > Q: the MLP's down projection, a = the [M, F] hidden product, b = the [M, D]
+    cotangent) runs at ~2/3 of the rate of the other orientation, so it is computed as bᵀ a [Q, P]
+    and transposed back through `_transposed_copy` (a plain transpose is folded back into the
+    product's dimension numbers). On a 2-core AVX2-only EPYC, float32: [17,408, 1,024]ᵀ [17,408,
+    256] 85.7-91.8 -> 61.9-66.3 ms (bf16 under Eigen 87-90 -> 65-70 ms); the other orientation,
+    [17,408, 256]ᵀ [17,408, 1,024], stays as it is (62-69 ms; swapped 84 ms).
+
+    YNNPACK's bf16 products: XLA computes a bf16 product whose left operand contracts its leading
+    axis as float32 × float32, with both operands converted to float32 first, even when the
+    transpose is materialised (it keeps that as a column-major layout). So the narrower operand is
+    copied into a row-major transpose and the product runs as a plain bf16 [P, M] @ [M, Q]; where
+    b is the narrower, as bᵀ a, with its small [Q, P] result transposed back, again through
+    `_transposed_copy` (a plain transpose there is folded into the product's dimension numbers, and
+    the bf16 product XLA then leaves to its own dot runtime fails: "Unsupported element type"). On
+    a 2-core Xeon with AMX: [256, 17,408] @ [17,408, 1,024] 13.8 ms with the copy against 54.5 ms
+    as float32; [17,408, 1,024]ᵀ [17,408, 256] 11.5 ms copying the narrow operand against 19.5 ms
+    copying the wide one. Whole bf16 gradient steps (d256 x 4 layers, MLP 1,024, against no copy,
+    one process, alternated 6 times, faster in every round; docs/performance.md): 17,408 rows
+    1,936 -> 1,764 ms against the wide copy, and against no copy 3,104 rows 331 -> 254 ms, 2,592
+    rows 292 -> 229, 2,048 216 -> 158, 1,024 115 -> 84, 512 58 -> 44, 128 22 -> 19; 32 rows 10 ->
+    9, within noise (hence the threshold). Copying the wide operand had made 3,104 rows slower (348
+    -> 385 ms). YNNPACK's float32 products and accelerators take the contraction as it is."""
+    if jax.default_backend() != "cpu" or a.shape[0] < MIN_ROWS_FOR_TRANSPOSED_COPY:
+        return _contract(a, b, 0, 0)
+    if dot_library(dtype=a.dtype) == "eigen":
+        if b.shape[1] < a.shape[1]:
+            return _transposed_copy(_contract(b, a, 0, 0))
+        return _contract(a, b, 0, 0)
+    if a.dtype == jnp.float32:
         return _contract(a, b, 0, 0)
     if b.shape[1] < a.shape[1]:
         return _transposed_copy(_contract(_transposed_copy(b), a, 1, 0))
@@ -456,8 +472,12 @@ def swiglu_down(gate: Array, up: Array, w_down: Array, dtype, mesh=None) -> Arra
         s = jax.nn.sigmoid(g)
         silu = g * s
         h = constrain(silu * up, mesh, ("batch", "length", "act_mlp"))
-        _, dense_vjp = jax.vjp(lambda h, w: _dense(h, w, 1, dtype), h, w)
-        dh, dw = dense_vjp(ct)
+        # the down projection's own backward, in float32 as well (its weight gradient through
+        # `_contract_rows`); the same products as differentiating `_dense`, forward mode aside
+        h2 = h.reshape(-1, h.shape[-1])
+        _, dense_vjp = jax.vjp(lambda h2, w: _low_precision_dot(h2, w, dtype, _out_dtype(dtype), False), h2, w)
+        dh, dw = dense_vjp(ct.reshape(-1, ct.shape[-1]))
+        dh = dh.reshape(h.shape)
         d_gate = dh * up * (s + silu * (1 - s))
         return d_gate.astype(gate.dtype), (dh * silu).astype(up.dtype), dw
 
