@@ -619,7 +619,7 @@ class ValueSearchConfig:
     max_rounds: the round limit (one step per round). temperature, top_k, top_p: the
     step sampler (temperature 0: greedy steps). stop_ids: extra tokens that end the
     solution like eos_id (an HF tokenizer's other `eos_ids`). The KV cache holds
-    P + max_rounds · max_step_tokens slots (each round's steps write side by side).
+    P + cache_room = P + max_rounds · max_step_tokens slots (each round's steps write side by side).
     cpu_row_groups: on CPU, search the prompts as this many groups at once, each on its own host
     thread, as `SampleConfig.cpu_row_groups` does for sampling (0: auto, one group per core while
     each keeps at least MIN_ROWS_PER_GROUP candidate rows; 1: off). A prompt's result does not
@@ -656,6 +656,11 @@ class ValueSearchConfig:
     def width(self) -> int:
         """E, the continuations sampled per beam."""
         return self.beams if self.expansions is None else self.expansions
+
+    @property
+    def cache_room(self) -> int:
+        """The KV cache's slots after the prompt: max_rounds · max_step_tokens."""
+        return self.max_rounds * self.max_step_tokens
 
     @property
     def sampling(self) -> SampleConfig:
@@ -787,8 +792,7 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
     if not cfg.step_end_ids:
         warnings.warn("value_guided_beam_search: no step_end_ids, so steps end only at eos or after "
                       f"max_step_tokens={cfg.max_step_tokens}", stacklevel=2)
-    room = cfg.max_rounds * cfg.max_step_tokens
-    tokens, mask = prepare_prompts(prompt_tokens, prompt_mask, vocab_size=c.vocab_size, max_new_tokens=room,
+    tokens, mask = prepare_prompts(prompt_tokens, prompt_mask, vocab_size=c.vocab_size, max_new_tokens=cfg.cache_room,
                                    max_seq_len=c.max_seq_len, pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket)
     B = tokens.shape[0]
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(B)) if keys is None else keys
@@ -813,8 +817,7 @@ def _value_search(params, prompt, pmask, keys, scorer, scorer_params, *, model: 
     """`value_guided_beam_search` on prepared prompts [B, P] (on device) with their keys [B]."""
     B, P = prompt.shape
     W, N = cfg.beams, cfg.max_new_tokens
-    room = cfg.max_rounds * cfg.max_step_tokens
-    cache, logits = _search_start(params, prompt, pmask, model=model, cfg=cfg, slots=P + room)
+    cache, logits = _search_start(params, prompt, pmask, model=model, cfg=cfg, slots=P + cfg.cache_room)
     gen = jnp.full((B * W, N), cfg.pad_id, jnp.int32)
     glen = jnp.zeros((B * W,), jnp.int32)
     valid = jnp.tile(jnp.arange(W) == 0, B)  # round 0: one beam, the prompt itself

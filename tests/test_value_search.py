@@ -159,6 +159,7 @@ def test_prompt_groups_search_exactly_as_one_group(setup):
 
 
 def test_config_errors():
+    assert ValueSearchConfig(max_rounds=3, max_step_tokens=5).cache_room == 15  # the cache's slots after the prompt
     with pytest.raises(ValueError, match="ValueSearchConfig.beams"):
         ValueSearchConfig(beams=0)
     with pytest.raises(ValueError, match="ValueSearchConfig.cpu_row_groups"):
