@@ -248,7 +248,7 @@ def profile_train_step(cfg: Config) -> dict:
             traced = time_calls(compiled, 1)
         events = read_trace(trace_dir)
     print(f"traced call (wall clock): {traced * 1e3:,.1f} ms")
-    return print_tables(events, cfg, {"jit_step": lambda: compiled.as_text()})
+    return print_tables(events, cfg, {"jit_step": compiled.as_text})
 
 
 def main(cfg: Config) -> dict:

@@ -108,13 +108,14 @@ def _contract_rows(a, b):
     library gets the product (`rljax.cpu_dots.dot_library`); for M of at least
     MIN_ROWS_FOR_TRANSPOSED_COPY rows (below that the forms differ within noise):
 
-    Eigen's products (float32 on x86, bf16 too on AVX2-only CPUs): a result wider in its rows than
-    in its columns (P > Q: the MLP's down projection, a = the [M, F] hidden product, b = the [M, D]
-    cotangent) runs at ~2/3 of the rate of the other orientation, so it is computed as bᵀ a [Q, P]
-    and transposed back through `_transposed_copy` (a plain transpose is folded back into the
-    product's dimension numbers). On a 2-core AVX2-only EPYC, float32: [17,408, 1,024]ᵀ [17,408,
-    256] 85.7-91.8 -> 61.9-66.3 ms (bf16 under Eigen 87-90 -> 65-70 ms); the other orientation,
-    [17,408, 256]ᵀ [17,408, 1,024], stays as it is (62-69 ms; swapped 84 ms).
+    Eigen's products (`dot_library`'s "eigen": every dtype on x86 CPUs with AVX2 and no AVX-512,
+    float32 on those with avx512_bf16): a result wider in its rows than in its columns (P > Q: the
+    MLP's down projection, a = the [M, F] hidden product, b = the [M, D] cotangent) runs at ~2/3 of
+    the rate of the other orientation, so it is computed as bᵀ a [Q, P] and transposed back
+    through `_transposed_copy` (a plain transpose is folded back into the product's dimension
+    numbers). On a 2-core AVX2-only EPYC, float32: [17,408, 1,024]ᵀ [17,408, 256] 85.7-91.8 ->
+    61.9-66.3 ms (bf16 under Eigen 87-90 -> 65-70 ms); the other orientation, [17,408, 256]ᵀ
+    [17,408, 1,024], stays as it is (62-69 ms; swapped 84 ms).
 
     YNNPACK's bf16 products: XLA computes a bf16 product whose left operand contracts its leading
     axis as float32 × float32, with both operands converted to float32 first, even when the
