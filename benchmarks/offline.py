@@ -15,9 +15,9 @@ sequence as in TRL, 16 examples a step, fresh text every step, AdamW at lr 1e-4 
 (0.9, 0.999), gradient clipping at 1 and a linear decay.
 
 A step is what `rljax.phases.preference` / `train_reward_model` run per batch: collate the step's
-text (`collate_preferences`, `collate_kto`, `collate_pairs`), the frozen reference's jitted forward
-for a live reference, and the jitted train step (`make_train_step` over `preference_loss` /
-`ranking_loss`), timed to the step's result on the host. --precompute-ref scores the whole data set
+text (`collate_preferences`, `collate_kto`, `collate_pairs`) and the jitted train step
+(`make_train_step` over `preference_loss` / `ranking_loss`; with a live reference its forward pass
+runs inside that program, `with_live_reference`), timed to the step's result on the host. --precompute-ref scores the whole data set
 first with `rljax.reference.cached_reference_logps` (reported as "constructor" seconds, the peer's
 equivalent). Reported: every step's seconds, the median of steps 2..N (the first includes
 compilation and is reported apart), tokens/s (the tokens of every sequence the policy sees, from the
@@ -118,11 +118,10 @@ def make_rows(cfg: Config, n: int, rng: random.Random) -> list[dict]:
 
 
 def main(cfg: Config) -> dict:
-    from rljax.cpu_dots import jit_full_sequence
     from rljax.data.batch import PROMPT_SEGMENT
     from rljax.data.preference_collate import collate_kto, collate_preferences
     from rljax.data.reward_collate import collate_pairs
-    from rljax.losses.preference import DPOConfig, KTOConfig, preference_loss, reference_logps
+    from rljax.losses.preference import DPOConfig, KTOConfig, preference_loss, with_live_reference
     from rljax.losses.reward_model import RankingConfig, ranking_loss
     from rljax.models import Model, TransformerConfig
     from rljax.reference import cached_reference_logps, with_reference
@@ -173,10 +172,9 @@ def main(cfg: Config) -> dict:
         rows = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
     state = create_state(model, opt, jax.random.key(cfg.seed))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    step_fn = make_train_step(loss_fn, opt, model=model)
 
     init_s = 0.0
-    ref_fn = reference = None
+    reference = None
     if cfg.trainer != "reward":
         # the reference is the policy's initial weights (a copy: the train step donates the state)
         reference = jax.tree.map(np.array, jax.device_get(state.params))
@@ -186,19 +184,18 @@ def main(cfg: Config) -> dict:
             rows = with_reference(rows, ref)
             init_s = time.perf_counter() - t
             reference = None  # training holds one model
-        else:
-            # as rljax.phases.preference compiles it (rljax.cpu_dots: a forward-only pass)
-            ref_fn = jit_full_sequence(functools.partial(reference_logps, model=model), dtype=cfg.dtype)
+    # a live reference as rljax.phases.preference runs it: its pass inside the train step's program
+    prepare = None if reference is None else functools.partial(with_live_reference, model=model)
+    frozen = () if reference is None else (reference,)
+    step_fn = make_train_step(loss_fn, opt, model=model, prepare=prepare)
 
     def one_step(state, i):
         batch = collate(rows[i * cfg.examples:(i + 1) * cfg.examples])
-        if ref_fn is not None:
-            batch = batch.replace(ref_logps=ref_fn(reference, batch))
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, *frozen)
         block(metrics)
         return state, batch
 
-    held = "precomputed S_ref" if cfg.precompute_ref else ("live reference" if ref_fn is not None else "no reference")
+    held = "precomputed S_ref" if cfg.precompute_ref else ("live reference" if reference is not None else "no reference")
     what = {"dpo": f"DPO sigmoid, beta {cfg.beta}: {cfg.examples} pairs = {2 * cfg.examples} sequences a step",
             "kto": f"KTO, beta {cfg.beta}: {cfg.examples} completions (+{cfg.examples} mismatched) a step",
             "reward": f"reward model (Bradley-Terry): {cfg.examples} pairs = {2 * cfg.examples} sequences a step"}
@@ -220,7 +217,7 @@ def main(cfg: Config) -> dict:
         tokens.append((n, int(attn[:, 0].sum()) if cfg.trainer == "kto" else n, attn.shape[-1]))
     rss_end = peak_rss_mib()
     # after the peak RSS is read: lowering again compiles the step once more (the timed steps never do)
-    temp_mib = step_fn.lower(state, batch).compile().memory_analysis().temp_size_in_bytes / 2**20
+    temp_mib = step_fn.lower(state, batch, *frozen).compile().memory_analysis().temp_size_in_bytes / 2**20
     steady = sorted(times[1:])
     med = steady[len(steady) // 2]
     out = dict(first_step_s=times[0], step_s=med, tok_s=tokens[-1][0] / med, padded_width=tokens[-1][2],

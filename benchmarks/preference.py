@@ -4,11 +4,11 @@
 
 The same tokens per step for all three: SFT on [batch, seq], DPO on batch / 2 pairs
 [batch / 2, 2, seq] (chosen and rejected in one forward pass), completions the second
-half of every row. "live": the frozen reference's forward runs every step (its own
-jitted call) and its params stay in memory; "precomputed": the batch carries S_ref,
-as `cached_reference_logps` gives it. Memory is XLA's compiled estimate for the step
-(arguments + temporaries, outputs alias the donated state) plus, for "live", the
-reference's params and its forward's temporaries: what the device must hold.
+half of every row. "live": the frozen reference's forward runs every step, inside the
+train step's program as `rljax.phases.preference` builds it (`with_live_reference`), and its
+params stay in memory; "precomputed": the batch carries S_ref, as `cached_reference_logps`
+gives it. Memory is XLA's compiled estimate for the gradient computation (arguments, the
+reference's params included, + temporaries) plus the optimizer state: what the device must hold.
 The aim: DPO with precomputed references within 1.2x of SFT per token.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main(cfg: Config) -> dict:
     from rljax.data import SequenceBatch
     from rljax.data.batch import PreferenceBatch
     from rljax.losses import SFTConfig, sft_loss
-    from rljax.losses.preference import DPOConfig, dpo_loss, reference_logps
+    from rljax.losses.preference import DPOConfig, dpo_loss, reference_logps, with_live_reference
     from rljax.models import Model, preset
     from rljax.state import OptimizerConfig, create_state, make_train_step
 
@@ -69,26 +69,30 @@ def main(cfg: Config) -> dict:
     dpo_fn = functools.partial(dpo_loss, model=model, cfg=DPOConfig())
     sft_step = make_train_step(sft_fn, opt)
     dpo_step = make_train_step(dpo_fn, opt)
+    live_prepare = functools.partial(with_live_reference, model=model)
+    live_step = make_train_step(dpo_fn, opt, prepare=live_prepare)
+
+    def live_fn(params, batch, frozen):
+        return dpo_fn(params, live_prepare(jax.lax.stop_gradient(frozen), batch))
+
     out = {}
     sft_batch = SequenceBatch(tokens, ones, completion)
-    cases = (("sft", sft_step, lambda: sft_batch),
-             ("dpo_precomputed", dpo_step, lambda: precomputed),
-             ("dpo_live", dpo_step, lambda: pairs.replace(ref_logps=ref_fn(reference, pairs))))
-    for name, step, batch in cases:
+    # name, step, its loss, the batch, the frozen arguments after it
+    cases = (("sft", sft_step, sft_fn, sft_batch, ()),
+             ("dpo_precomputed", dpo_step, dpo_fn, precomputed, ()),
+             ("dpo_live", live_step, live_fn, pairs, (reference,)))
+    for name, step, fn, batch, frozen in cases:
         state = [create_state(model, opt, jax.random.key(0))]
 
-        def run(step=step, batch=batch, state=state):
-            state[0], m = step(state[0], batch())
+        def run(step=step, batch=batch, frozen=frozen, state=state):
+            state[0], m = step(state[0], batch, *frozen)
             return m
 
         s = timeit(run, reps=cfg.steps, warmup=2)
         state0 = create_state(model, opt, jax.random.key(0))
-        b0 = sft_batch if name == "sft" else precomputed
         # the gradient computation's arguments and temporaries, plus the optimizer state beside it
-        fn = sft_fn if name == "sft" else dpo_fn
-        mem = _compiled_bytes(jax.value_and_grad(fn, has_aux=True), state0.params, b0) + _tree_bytes(state0.opt_state)
-        if name == "dpo_live":
-            mem += _tree_bytes(reference) + _compiled_bytes(ref_fn, reference, pairs) - _tree_bytes(pairs)
+        mem = _compiled_bytes(jax.value_and_grad(fn, has_aux=True), state0.params, batch, *frozen) + \
+            _tree_bytes(state0.opt_state)
         out[f"{name}_ms"] = s * 1e3
         out[f"{name}_tok_s"] = cfg.batch * cfg.seq / s
         out[f"{name}_mib"] = mem / 2**20

@@ -28,11 +28,11 @@ import jax
 import numpy as np
 
 from rljax.checkpoint import Checkpointer
-from rljax.cpu_dots import jit_full_sequence
 from rljax.data.batch import PromptBatch
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
                                       TokenLabelConfig, reward_model_loss)
-from rljax.losses.preference import DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss, reference_logps
+from rljax.losses.preference import (DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss,
+                                    with_live_reference)
 from rljax.losses.sft import SFTConfig, sft_loss
 from rljax.metrics import MetricsWriter, Progress, WandbConfig, progress_postfix
 from rljax.sharding import param_shardings, shard_batch
@@ -376,26 +376,25 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
     one forward pass. The reference's log-probs come from the batch's ref_logps when
     present (precomputed once with `rljax.reference.cached_reference_logps`, so only
     the policy is in memory), else from `reference` (frozen params, evaluated every
-    step in their own jitted call); reference-free losses (SimPO, ORPO,
-    reference_free=True) need neither. Metrics: loss, implicit rewards of chosen and
+    step inside the train step's program: `with_live_reference` as `make_train_step`'s
+    prepare); reference-free losses (SimPO, ORPO, reference_free=True) need neither. Metrics: loss, implicit rewards of chosen and
     rejected, margin, accuracy, log-probs (KTO: z0 and the desirable/undesirable
     rewards); checkpoints and resume as every phase.
     """
     _check_opt_state(state, cfg.optimizer, "preference")
-    train_step = make_train_step(functools.partial(preference_loss, model=model, cfg=cfg.loss), cfg.optimizer,
-                                 model=model, mesh=mesh)
+    loss = functools.partial(preference_loss, model=model, cfg=cfg.loss)
     put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
-    step = train_step
-    if reference is not None and cfg.loss.needs_reference:
+    if reference is None or not cfg.loss.needs_reference:
+        step = make_train_step(loss, cfg.optimizer, model=model, mesh=mesh)
+    else:
         if mesh is not None:
             reference = jax.device_put(reference, param_shardings(model, mesh))
-        ref_fn = jit_full_sequence(functools.partial(reference_logps, model=model, chunk_size=cfg.loss.chunk_size),
-                                   dtype=model.config.dtype)
+        train_step = make_train_step(loss, cfg.optimizer, model=model, mesh=mesh,
+                                     prepare=functools.partial(with_live_reference, model=model,
+                                                               chunk_size=cfg.loss.chunk_size))
 
         def step(state, batch):
-            if batch.ref_logps is None:
-                batch = batch.replace(ref_logps=ref_fn(reference, batch))
-            return train_step(state, batch)
+            return train_step(state, batch, reference)
 
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn,
                     name="preference")

@@ -358,7 +358,8 @@ def compile_step(fn: Callable, *, mesh: Mesh | None = None, in_shardings: tuple 
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation | OptimizerConfig, *,
-                    model=None, mesh: Mesh | None = None, rules=LOGICAL_RULES, donate: bool = True):
+                    model=None, mesh: Mesh | None = None, rules=LOGICAL_RULES, donate: bool = True,
+                    prepare: Callable | None = None):
     """Jitted `step(state, batch) -> (state, metrics)`.
 
     loss_fn(params, batch) -> (scalar, metrics dict) (bind model/cfg with
@@ -367,12 +368,25 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation |
     data position) and `skipped_steps` counts it; metrics["skipped"] is 1.
     With a mesh (and `model`), in/out shardings come from the rules table and
     the batch is split over (data, fsdp). The old state is donated.
+
+    With `prepare(frozen, batch) -> batch` the step is `step(state, batch, frozen)`: prepare
+    fills the batch from arrays the step does not train (a frozen reference's params, shaped as
+    the model's: its log-probs for the loss), under stop_gradient, inside the same compiled
+    program as the loss. One program instead of a forward pass compiled apart: XLA reuses the
+    frozen pass's activations' room for the step's own, so one temporary buffer serves both
+    (on CPU the pass's buffer would otherwise be mapped afresh beside the step's every call, or,
+    with kept buffers, stay in the heap beside it). `frozen` is not donated; with a mesh it is
+    sharded as the parameters.
     """
     if isinstance(optimizer, OptimizerConfig):
         optimizer = make_optimizer(optimizer)
 
-    def step(state: TrainState, batch):
-        return apply_loss_gradients(state, optimizer, loss_fn, batch)
+    if prepare is None:
+        def step(state: TrainState, batch):
+            return apply_loss_gradients(state, optimizer, loss_fn, batch)
+    else:
+        def step(state: TrainState, batch, frozen):
+            return apply_loss_gradients(state, optimizer, loss_fn, prepare(jax.lax.stop_gradient(frozen), batch))
 
     donate_argnums = (0,) if donate else ()
     if mesh is None:
@@ -380,5 +394,6 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation |
     if model is None:
         raise ValueError("make_train_step: pass model= with mesh= so parameter shardings can be derived")
     sh = state_shardings(model, optimizer, mesh, rules)
-    return compile_step(step, mesh=mesh, in_shardings=(sh, BATCH), out_shardings=(sh, None), dtype=model.config.dtype,
+    in_shardings = (sh, BATCH) if prepare is None else (sh, BATCH, sh.params)
+    return compile_step(step, mesh=mesh, in_shardings=in_shardings, out_shardings=(sh, None), dtype=model.config.dtype,
                         donate_argnums=donate_argnums, rules=rules)

@@ -11,13 +11,13 @@ import pytest
 from conftest import run_with_devices
 from rljax.data.collate import BatchIterator
 from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
-from rljax.losses.preference import DPOConfig, KTOConfig, reference_logps
+from rljax.losses.preference import DPOConfig, KTOConfig, preference_loss, reference_logps, with_live_reference
 from rljax.models import Model, preset
 from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
 from rljax.pipelines import OnlineDPOConfig, online_dpo
 from rljax.reference import best_worst_pairs, cached_reference_logps, with_reference
 from rljax.sampling import SampleConfig
-from rljax.state import OptimizerConfig, create_state
+from rljax.state import OptimizerConfig, create_state, make_train_step
 from rljax.tokenizer import CharTokenizer
 
 TOK = CharTokenizer()
@@ -83,6 +83,44 @@ def test_kto_precomputed_with_fixed_mismatch_equals_live(setup):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+
+def test_live_reference_runs_inside_the_train_step(setup):
+    """`make_train_step(prepare=with_live_reference)`: one program scores the batch under the frozen
+    reference and trains on it, as the plain step does on a batch whose S_ref was computed apart;
+    a batch that already has ref_logps keeps them; the reference's pass reuses the step's buffer."""
+    model, params = setup
+    reference = model.init(jax.random.key(7))  # not the trained params: S_ref must come from these
+    batch = collate_preferences(TOK, PAIRS[:8])
+    loss = functools.partial(preference_loss, model=model, cfg=DPOConfig())
+    live = make_train_step(loss, OPT, model=model, prepare=functools.partial(with_live_reference, model=model),
+                           donate=False)
+    plain = make_train_step(loss, OPT, model=model, donate=False)
+    state = create_state(model, OPT, jax.random.key(1), params=params)
+    s_ref = reference_logps(reference, batch, model=model)
+    one, m_one = live(state, batch, reference)
+    two, m_two = plain(state, batch.replace(ref_logps=s_ref))
+    assert float(m_one["loss"]) == pytest.approx(float(m_two["loss"]), abs=1e-6)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+        # one program fuses the forward pass otherwise: Adam's first m / √v turns a rounding difference of a
+        # near-zero gradient into up to ~lr of an update (1 of 32,768 elements here moves by 1.4e-6)
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    # the policy as its own reference: every margin is 0, so the DPO loss is -log σ(0) = log 2
+    _, m_self = live(state, batch, params)
+    assert float(m_self["loss"]) == pytest.approx(np.log(2.0), abs=1e-6)
+    assert abs(float(m_one["loss"]) - np.log(2.0)) > 1e-3
+    # ref_logps already in the batch: the reference passed is not evaluated
+    kept, _ = live(state, batch.replace(ref_logps=s_ref), params)
+    for a, b in zip(jax.tree.leaves(kept.params), jax.tree.leaves(two.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+    def temp(fn, *args):
+        return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    ref_pass = jax.jit(functools.partial(reference_logps, model=model))
+    t_live, t_plain, t_ref = temp(live, state, batch, reference), temp(plain, state, batch.replace(ref_logps=s_ref)), \
+        temp(ref_pass, reference, batch)
+    assert t_live < t_plain + 0.5 * t_ref, (t_live, t_plain, t_ref)
+
 def test_phase_resumes_exactly(setup, tmp_path):
     model, params = setup
     full = _train(model, params, PAIRS, DPOConfig(), 4, reference=params, run_dir=str(tmp_path / "a"))
@@ -102,7 +140,7 @@ def test_preference_sharded_equals_one_device():
         from rljax.models import Model, preset
         from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
         from rljax.sharding import make_mesh
-        from rljax.state import OptimizerConfig, create_state
+        from rljax.state import OptimizerConfig, create_state, make_train_step
         from rljax.tokenizer import CharTokenizer
         from test_preference_phase import PAIRS
 
