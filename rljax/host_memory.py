@@ -58,9 +58,11 @@ update's bf16 step (1.76 GiB temporary buffer) took 0.9 s of kernel time a step 
 with the buffers kept, none, and the GRPO iteration at TRL's configuration ran 3.26-3.27 s against
 3.73-4.09 s (update 1.67-1.68 against 2.17-2.49 s; huge pages on in both), the same peak memory.
 The cost: the heap keeps what the process once used (the compiler's freed memory still goes back
-after each compile), so where several programs take turns their buffers all stay, and freed
-blocks are not always reused whole: the offline DPO benchmark with a live reference peaked at
-1,199 MiB against 791 at about the same speed, and the KTO step ran slower (docs/performance.md).
+after each compile), so where several programs of different sizes take turns their buffers all
+stay, and freed blocks are not always reused whole: the offline DPO benchmark peaked at 1,199 MiB
+against 791, at about the same speed, and the KTO step ran slower, while their live reference was
+a program of its own (it now runs inside the train step: 786-802 against 789-803 MiB on an AVX2
+EPYC, docs/performance.md); an RL iteration's sampling, scoring and update still take turns.
 Hence opt-in (`make quickstart`, an RL run, sets it):
 
     RLJAX_KEEP_BUFFERS=1 python -m experiments.<name> ...   # and python -m benchmarks.<name>
