@@ -375,8 +375,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation |
     program as the loss. One program instead of a forward pass compiled apart: XLA reuses the
     frozen pass's activations' room for the step's own, so one temporary buffer serves both
     (on CPU the pass's buffer would otherwise be mapped afresh beside the step's every call, or,
-    with kept buffers, stay in the heap beside it). `frozen` is not donated; with a mesh it is
-    sharded as the parameters.
+    with kept buffers, stay in the heap beside it). `frozen` is not donated, so it must not share
+    buffers with the state, which is (jax refuses `f(donate(a), a)`: pass `owned_copy(params)`);
+    with a mesh it is sharded as the parameters.
     """
     if isinstance(optimizer, OptimizerConfig):
         optimizer = make_optimizer(optimizer)
