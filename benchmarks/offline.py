@@ -125,7 +125,7 @@ def main(cfg: Config) -> dict:
     from rljax.losses.reward_model import RankingConfig, ranking_loss
     from rljax.models import Model, TransformerConfig
     from rljax.reference import cached_reference_logps, with_reference
-    from rljax.state import OptimizerConfig, create_state, make_train_step
+    from rljax.state import OptimizerConfig, create_state, make_train_step, owned_copy
     from rljax.tokenizer import CharTokenizer
 
     rss_imports = peak_rss_mib()
@@ -176,8 +176,9 @@ def main(cfg: Config) -> dict:
     init_s = 0.0
     reference = None
     if cfg.trainer != "reward":
-        # the reference is the policy's initial weights (a copy: the train step donates the state)
-        reference = jax.tree.map(np.array, jax.device_get(state.params))
+        # the reference is the policy's initial weights: a copy on the device (the train step donates the
+        # state), as a run's reference params are (a host array would be copied in every step)
+        reference = owned_copy(state.params)
         if cfg.precompute_ref:
             t = time.perf_counter()
             ref = cached_reference_logps(reference, rows, collate, model=model, batch_size=cfg.examples)
