@@ -17,13 +17,14 @@ sequence as in TRL, 16 examples a step, fresh text every step, AdamW at lr 1e-4 
 A step is what `rljax.phases.preference` / `train_reward_model` run per batch: collate the step's
 text (`collate_preferences`, `collate_kto`, `collate_pairs`) and the jitted train step
 (`make_train_step` over `preference_loss` / `ranking_loss`; with a live reference its forward pass
-runs inside that program, `with_live_reference`), timed to the step's result on the host. --precompute-ref scores the whole data set
-first with `rljax.reference.cached_reference_logps` (reported as "constructor" seconds, the peer's
-equivalent). Reported: every step's seconds, the median of steps 2..N (the first includes
-compilation and is reported apart), tokens/s (the tokens of every sequence the policy sees, from the
-attention masks; for KTO also without the mismatched ones), and the process's peak resident memory
-after the imports, before training and at the end, and the size of the train step's temporary buffer
-(activations kept for the backward pass and scratch) from XLA's memory analysis of the compiled step.
+runs inside that program, `with_live_reference`), timed to the step's result on the host.
+--precompute-ref scores the whole data set first with `rljax.reference.cached_reference_logps`
+(reported as "constructor" seconds, the peer's equivalent). Reported: every step's seconds, the
+median of steps 2..N (the first includes compilation and is reported apart), tokens/s (the tokens of
+every sequence the policy sees, from the attention masks; for KTO also without the mismatched ones),
+and the process's peak resident memory after the imports, before training and at the end, and the
+size of the train step's temporary buffer (activations kept for the backward pass and scratch) from
+XLA's memory analysis of the compiled step.
 --remat full|dots recomputes each layer's activations in the backward pass (`TransformerConfig.remat`;
 all of them, or all but the weight products' outputs), TRL's `--grad-ckpt`; less memory for more
 compute. --dtype bfloat16 computes matmuls in bf16 with float32 weights, optimizer and accumulation
@@ -196,7 +197,8 @@ def main(cfg: Config) -> dict:
         block(metrics)
         return state, batch
 
-    held = "precomputed S_ref" if cfg.precompute_ref else ("live reference" if reference is not None else "no reference")
+    held = ("precomputed S_ref" if cfg.precompute_ref else
+            "live reference" if reference is not None else "no reference")
     what = {"dpo": f"DPO sigmoid, beta {cfg.beta}: {cfg.examples} pairs = {2 * cfg.examples} sequences a step",
             "kto": f"KTO, beta {cfg.beta}: {cfg.examples} completions (+{cfg.examples} mismatched) a step",
             "reward": f"reward model (Bradley-Terry): {cfg.examples} pairs = {2 * cfg.examples} sequences a step"}

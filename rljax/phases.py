@@ -377,9 +377,9 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
     present (precomputed once with `rljax.reference.cached_reference_logps`, so only
     the policy is in memory), else from `reference` (frozen params, evaluated every
     step inside the train step's program: `with_live_reference` as `make_train_step`'s
-    prepare); reference-free losses (SimPO, ORPO, reference_free=True) need neither. Metrics: loss, implicit rewards of chosen and
-    rejected, margin, accuracy, log-probs (KTO: z0 and the desirable/undesirable
-    rewards); checkpoints and resume as every phase.
+    prepare); reference-free losses (SimPO, ORPO, reference_free=True) need neither.
+    Metrics: loss, implicit rewards of chosen and rejected, margin, accuracy, log-probs
+    (KTO: z0 and the desirable/undesirable rewards); checkpoints and resume as every phase.
     """
     _check_opt_state(state, cfg.optimizer, "preference")
     loss = functools.partial(preference_loss, model=model, cfg=cfg.loss)

@@ -249,7 +249,6 @@ def reference_logps(params, batch, *, model, chunk_size: int | None = None) -> j
     return sequence_logps(lp, mask, "sum")[0]
 
 
-
 def with_live_reference(reference, batch, *, model, chunk_size: int | None = None):
     """`batch` with ref_logps = S_ref [B, 2] under the frozen `reference` params (`reference_logps`),
     or as it is where it already has them: the `prepare` of `make_train_step` that evaluates a
@@ -257,6 +256,7 @@ def with_live_reference(reference, batch, *, model, chunk_size: int | None = Non
     if batch.ref_logps is not None:
         return batch
     return batch.replace(ref_logps=reference_logps(reference, batch, model=model, chunk_size=chunk_size))
+
 
 def _layout(batch) -> dict:
     """The shared-prompt layout's fields of a PreferenceBatch for `completion_logps` ({} otherwise)."""
