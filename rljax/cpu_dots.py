@@ -54,6 +54,21 @@ take in the attention's softmax-weighted product (softmax and product in one YNN
 layer), which was mixed (the float32 forward at 32 x 112 tokens 190.6 -> 180.8 ms, at 128 x 136
 992 -> 1,077 ms). A jaxlib that does not know the reduction fusion type gets the empty option for
 train steps too (`eigen_products_option`).
+The train steps of models that recompute their activations (`TransformerConfig.remat` "full" or
+"dots": `compile_step(remat=True)`) are also compiled with XLA:CPU's loop emitters
+(`LOOP_EMITTERS`: `xla_cpu_use_fusion_emitters` off) instead of its MLIR fusion emitters, whose
+compile holds far more memory until it ends: the offline DPO step (d256 x 4 layers, 16 pairs with
+shared prompts, float32) +230-300 MiB of resident memory while compiling against +48 MiB, a 2-layer
+d128 step ~160 MiB against ~2 MiB. Without remat the step's own buffer (280 MiB there) sets the
+run's peak; with remat the buffer is smaller (124 MiB "full", 197 MiB "dots") and the compile did.
+`benchmarks.offline --trainer dpo --precompute-ref --share-prompt --pad longest --remat full`: peak
+RSS 686-707 -> 575-577 MiB (0.57x TRL's 1,010 MiB without gradient checkpointing), "dots" 689-723 ->
+664-666 MiB; the GRPO benchmark with `--remat full` 1,541 -> 1,494 MiB (its update's buffer sets
+that peak); step times alike (in one process, alternated 8 rounds: "full" 752.5 / 755.6 ms, "dots"
+639.3 / 647.7 ms, "full" in bf16 717.1 / 736.3 ms), the first step 0.6-1.4 s longer (the loop
+emitters compile slower). Without remat the loop emitters' DPO step ran 2% slower (609.5 / 622.3 ms)
+for a peak it does not set, so other programs keep the fusion emitters. AVX2 EPYC, 2026-12-05. A
+`xla_cpu_use_fusion_emitters` in XLA_FLAGS is kept, as is a jaxlib without the option.
 An `xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS is the user's own choice and is kept. GPU
 and TPU programs get no option at all. The results differ from XLA's default in float rounding
 only (the products sum in another order).
@@ -74,6 +89,10 @@ YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"  # the kinds of fusion XLA:C
 # train steps: YNNPACK for reductions only, the products go to Eigen (module doc); "" (no YNNPACK
 # fusions, what forward-only passes get) where the jaxlib lacks the value
 EIGEN_PRODUCTS = "LIBRARY_FUSION_TYPE_REDUCE"
+# XLA:CPU's loop emitters instead of its MLIR fusion emitters, for the train steps of rematerialised
+# models (module doc): the compile's peak memory, not the program's
+FUSION_EMITTERS_OPTION = "xla_cpu_use_fusion_emitters"
+LOOP_EMITTERS = {FUSION_EMITTERS_OPTION: False}
 
 
 @functools.lru_cache(maxsize=4)  # read once per process: every compile_step asks
@@ -116,17 +135,22 @@ def dot_library(env: Mapping[str, str] | None = None, flags: frozenset[str] | No
     return "ynn"
 
 
-def full_sequence_compiler_options(platform: str | None = None, dtype="float32",
-                                   train: bool = False) -> dict[str, str] | None:
+def full_sequence_compiler_options(platform: str | None = None, dtype="float32", train: bool = False,
+                                   remat: bool = False) -> dict | None:
     """`jax.jit(compiler_options=...)` for a program over whole sequences on `platform`
     (default: jax's default backend) computing its products in `dtype`: Eigen's products where
-    `dot_library(dtype=dtype)` says so, else None. For a train step (`train`: a backward pass)
-    YNNPACK keeps the reductions (`eigen_products_option()`); a forward-only pass gets no YNNPACK
-    fusion at all (module doc)."""
+    `dot_library(dtype=dtype)` says so; for a train step (`train`: a backward pass) YNNPACK keeps the
+    reductions (`eigen_products_option()`), a forward-only pass gets no YNNPACK fusion at all (module
+    doc). `remat` (a train step of a model that recomputes its activations, `TransformerConfig.remat`):
+    on CPU also XLA's loop emitters, whose compile holds far less memory (`LOOP_EMITTERS`). None where
+    no option applies (GPU, TPU)."""
     platform = platform or jax.default_backend()
-    if platform != "cpu" or dot_library(dtype=dtype) != "eigen":
+    if platform != "cpu":
         return None
-    return eigen_compiler_options(train)
+    options = eigen_compiler_options(train) if dot_library(dtype=dtype) == "eigen" else {}
+    if remat and loop_emitters_available():
+        options = dict(options, **LOOP_EMITTERS)
+    return options or None
 
 
 def eigen_compiler_options(train: bool) -> dict[str, str]:
@@ -135,24 +159,40 @@ def eigen_compiler_options(train: bool) -> dict[str, str]:
     return {YNN_OPTION: eigen_products_option() if train else ""}
 
 
+def _cpu_accepts(options: dict) -> bool:
+    """Whether this jaxlib's XLA:CPU compiles a small sum with `options` (an unknown option or value
+    is a JaxRuntimeError); checked on the CPU even where another backend is the default."""
+    x = jax.device_put(np.zeros(2, np.float32), jax.devices("cpu")[0])
+    try:
+        jax.jit(jax.numpy.sum).lower(x).compile(compiler_options=options)
+    except jax.errors.JaxRuntimeError:
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=1)
 def eigen_products_option() -> str:
     """The value of `YNN_OPTION` that gives Eigen's products: `EIGEN_PRODUCTS` where this jaxlib's
-    XLA:CPU accepts it (checked once per process by compiling a small sum on the CPU with it, the
-    CPU even where another backend is the default), else ""."""
-    x = jax.device_put(np.zeros(2, np.float32), jax.devices("cpu")[0])
-    try:
-        jax.jit(jax.numpy.sum).lower(x).compile(compiler_options={YNN_OPTION: EIGEN_PRODUCTS})
-    except jax.errors.JaxRuntimeError:
-        return ""
-    return EIGEN_PRODUCTS
+    XLA:CPU accepts it (checked once per process), else ""."""
+    return EIGEN_PRODUCTS if _cpu_accepts({YNN_OPTION: EIGEN_PRODUCTS}) else ""
 
 
-def jit_full_sequence(fn: Callable, *, dtype="float32", train: bool = False, **jit_kwargs) -> Callable:
-    """`jax.jit(fn, **jit_kwargs)` with `full_sequence_compiler_options(dtype=dtype, train=train)`:
-    for forward passes (scoring) or, with `train`, train steps over whole sequences (products in
-    `dtype`, the model's compute dtype), not for decoding loops."""
-    return jax.jit(fn, compiler_options=full_sequence_compiler_options(dtype=dtype, train=train), **jit_kwargs)
+@functools.lru_cache(maxsize=1)
+def loop_emitters_available() -> bool:
+    """Whether `LOOP_EMITTERS` applies: this jaxlib's XLA:CPU knows the option (checked once per
+    process) and XLA_FLAGS does not set it (the user's own choice stays in force)."""
+    if FUSION_EMITTERS_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return False
+    return _cpu_accepts(LOOP_EMITTERS)
+
+
+def jit_full_sequence(fn: Callable, *, dtype="float32", train: bool = False, remat: bool = False,
+                      **jit_kwargs) -> Callable:
+    """`jax.jit(fn, **jit_kwargs)` with `full_sequence_compiler_options(dtype=dtype, train=train,
+    remat=remat)`: for forward passes (scoring) or, with `train`, train steps over whole sequences
+    (products in `dtype`, the model's compute dtype), not for decoding loops."""
+    options = full_sequence_compiler_options(dtype=dtype, train=train, remat=remat)
+    return jax.jit(fn, compiler_options=options, **jit_kwargs)
 
 
 def ynn_product_fusions(hlo: str) -> int:

@@ -392,14 +392,15 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             metrics = dict(metrics, **{f"critic_{k}": v for k, v in critic_metrics.items()})
         return policy, critic, dict(metrics, updates=made)
 
+    remat = any(m is not None and m.config.remat != "none" for m in (model, critic_model))
     if mesh is None:
-        jitted_update = compile_step(update, donate_argnums=(0, 1), dtype=model.config.dtype)
+        jitted_update = compile_step(update, donate_argnums=(0, 1), dtype=model.config.dtype, remat=remat)
     else:
         policy_sh = state_shardings(model, tx, mesh)
         critic_sh = None if critic_model is None else state_shardings(critic_model, critic_tx, mesh)
         jitted_update = compile_step(update, mesh=mesh, in_shardings=(policy_sh, critic_sh, BATCH, replicated(mesh)),
                                      out_shardings=(policy_sh, critic_sh, None), donate_argnums=(0, 1),
-                                     dtype=model.config.dtype)
+                                     dtype=model.config.dtype, remat=remat)
     ref_lp = jit_full_sequence(functools.partial(token_logprobs, model=model), dtype=model.config.dtype)
     values_fn = jit_full_sequence(functools.partial(token_values, model=critic_model or model),
                                   dtype=(critic_model or model).config.dtype)

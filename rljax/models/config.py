@@ -80,7 +80,9 @@ class TransformerConfig:
         1.04x). Unrolled layers recompute through
         `transformer.remat_after_cotangent`, which keeps XLA:CPU from running
         the recomputation inside the forward pass (docs/performance.md,
-        "Memory").
+        "Memory"). On CPU such train steps compile with XLA's loop emitters
+        (`rljax.cpu_dots.LOOP_EMITTERS`): the compile, which otherwise held
+        more memory than the smaller step buffer, no longer sets the peak.
       recompute_swiglu: the MLP's backward pass keeps only gate(x) and up(x)
         and recomputes silu(gate) * up from them (`transformer.swiglu_down`:
         elementwise work only; the DPO step's buffer on CPU 431 -> 333 MiB at
