@@ -51,7 +51,8 @@ def make_step(model, optimizer):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return compile_step(step, donate_argnums=(0, 1), dtype=model.config.dtype)  # rljax's step builder (rljax.cpu_dots)
+    # rljax's step builder (rljax.cpu_dots: the products, and the loop emitters with remat)
+    return compile_step(step, donate_argnums=(0, 1), dtype=model.config.dtype, remat=model.config.rematerialised)
 
 
 def measure(cfg: TransformerConfig, batch, seq, steps, peak):

@@ -126,15 +126,15 @@ def make_oreo_step(model: Model, cfg: OREOConfig, optimizer: OptimizerConfig,
     # The step owns (and donates) the counter, policy and value states, never the reference:
     # it is the caller's parameters (e.g. the SFT params), which must stay valid.
     donate_argnums = (0,) if donate else ()
+    dtype, remat = model.config.dtype, model.config.rematerialised
     if mesh is None:
-        jitted = compile_step(update, donate_argnums=donate_argnums, dtype=model.config.dtype,
-                              remat=model.config.remat != "none")
+        jitted = compile_step(update, donate_argnums=donate_argnums, dtype=dtype, remat=remat)
     else:
         trained_sh = (replicated(mesh), state_shardings(model, tx_policy, mesh, rules),
                       state_shardings(value_model, tx_value, mesh, rules))
         jitted = compile_step(update, mesh=mesh, in_shardings=(trained_sh, param_shardings(model, mesh, rules), BATCH),
                               out_shardings=(trained_sh, None), donate_argnums=donate_argnums, rules=rules,
-                              dtype=model.config.dtype, remat=model.config.remat != "none")
+                              dtype=dtype, remat=remat)
 
     def step(state: OREOState, batch: OREOBatch):
         out, metrics = jitted((state.step, state.policy, state.value), state.ref_params, batch)

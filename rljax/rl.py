@@ -392,7 +392,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             metrics = dict(metrics, **{f"critic_{k}": v for k, v in critic_metrics.items()})
         return policy, critic, dict(metrics, updates=made)
 
-    remat = any(m is not None and m.config.remat != "none" for m in (model, critic_model))
+    remat = any(m is not None and m.config.rematerialised for m in (model, critic_model))
     if mesh is None:
         jitted_update = compile_step(update, donate_argnums=(0, 1), dtype=model.config.dtype, remat=remat)
     else:

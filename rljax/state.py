@@ -393,7 +393,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation |
             return apply_loss_gradients(state, optimizer, loss_fn, prepare(jax.lax.stop_gradient(frozen), batch))
 
     donate_argnums = (0,) if donate else ()
-    dtype, remat = (model.config.dtype, model.config.remat != "none") if model else ("float32", False)
+    dtype, remat = (model.config.dtype, model.config.rematerialised) if model else ("float32", False)
     if mesh is None:
         return compile_step(step, donate_argnums=donate_argnums, dtype=dtype, remat=remat)
     if model is None:

@@ -192,6 +192,11 @@ class TransformerConfig:
         return DTYPES[self.param_dtype]
 
     @property
+    def rematerialised(self) -> bool:
+        """Whether the backward pass recomputes layer activations (`remat` other than "none")."""
+        return self.remat != "none"
+
+    @property
     def stream_dtype(self):
         """The residual stream's dtype (`residual_dtype`)."""
         return DTYPES[self.residual_dtype]

@@ -608,7 +608,7 @@ class Transformer(nn.Module):
         # Layer parameters are always stacked along a leading "layers" axis, so
         # checkpoints do not depend on how the layers are run (see _layers).
         block = Block
-        if c.remat != "none":
+        if c.rematerialised:
             block = nn.remat(Block, policy=_REMAT_POLICY[c.remat], prevent_cse=False)
         self.layers = nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -692,7 +692,7 @@ class Transformer(nn.Module):
         def apply_block(layer_params, x, kv, read_at=None):
             return block.apply({"params": layer_params}, x, rope_cs, mask, kv, index, read_at)
 
-        if c.remat != "none" and cache is None:
+        if c.rematerialised and cache is None:
             apply_block = remat_after_cotangent(apply_block, _REMAT_POLICY[c.remat])
         layers = self.variables["params"]["layers"]
         if read_at is not None and c.scan_layers and not isinstance(layers, (tuple, list)):
