@@ -168,6 +168,7 @@ def test_loop_emitters_give_the_fusion_emitters_results(monkeypatch):
     for a, b in zip(jax.tree.leaves(runs["loop"].params), jax.tree.leaves(runs["fusion"].params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
+
 def _sq_loss(params, batch, *, model):
     lp = token_logprobs(params, batch["tokens"], batch["mask"], model=model)
     return -jnp.sum(lp * batch["mask"][:, 1:]) / jnp.sum(batch["mask"][:, 1:]), {}
