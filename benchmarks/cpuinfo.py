@@ -39,15 +39,17 @@ def cpu_description() -> str:
 def host_memory_description() -> str:
     """The kernel's transparent-huge-page mode and GLIBC_TUNABLES: whether XLA's (and torch's) large
     buffers get 2 MiB pages (`rljax.host_memory`), which moves CPU step times by 5-35% here; whether
-    they stay in the heap between steps (`rljax.host_memory.keep_buffers`); and whether jax runs CPU
-    computations on the calling thread."""
-    from rljax.host_memory import buffers_kept, thp_mode
+    they stay in the heap between steps (`rljax.host_memory.keep_buffers`) or freed memory goes back
+    from every thread's arena (`fixed_malloc_thresholds`); and whether jax runs CPU computations on
+    the calling thread."""
+    from rljax.host_memory import buffers_kept, thp_mode, thresholds_fixed
 
     jax = sys.modules.get("jax")  # not imported by the peers' scripts
     inline = jax is not None and jax.config.values.get("jax_cpu_enable_async_dispatch") is False
     return (f"transparent huge pages {thp_mode() or 'n/a'}, "
             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '') or '(unset)'}"
             + (", buffers kept in the heap (mallopt)" if buffers_kept() else "")
+            + (", malloc thresholds fixed (mmap 32 MiB, trim 1 MiB)" if thresholds_fixed() else "")
             + (", CPU computations inline (no async dispatch)" if inline else ""))
 
 

@@ -78,6 +78,11 @@ of them); a trim returns exactly the freed blocks whose reuse is the point. Henc
 
     import rljax.host_memory                                # a notebook or your own script:
     rljax.host_memory.keep_buffers()                        # first, before any computation
+
+The opposite trade (opt-in: RLJAX_FIXED_MALLOC_THRESHOLDS=1, or `fixed_malloc_thresholds()`):
+glibc's thresholds fixed so that what XLA's worker threads free on every call goes back at once
+instead of staying resident in their arenas, which `malloc_trim` does not shrink: 20-30 MiB less
+at the offline trainers' peak for steps up to ~4% slower (figures in its docstring).
 """
 from __future__ import annotations
 
@@ -92,6 +97,7 @@ from typing import Callable, Mapping
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 _listener: list = []  # the one installed listener, so a second call replaces it instead of adding one
+_fixed: list = []  # True once fixed_malloc_thresholds() has set its thresholds (for banners)
 
 
 def _libc_function(name: str, argtypes: list, restype):
@@ -134,11 +140,60 @@ def release_compiler_memory(min_compile_s: float = 0.1, *, trim: Callable[[], No
     return True
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+# blocks below 32 MiB from the arenas, as glibc's moving threshold ends up anyway (its ceiling on
+# 64-bit); a free that leaves more than 1 MiB unused at an arena's top returns it
+FIXED_THRESHOLDS_MALLOPT = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 20))
+
+
+def fixed_malloc_thresholds(*, mallopt: Callable[[int, int], int] | None = None) -> bool:
+    """Fix glibc's mmap and trim thresholds at FIXED_THRESHOLDS_MALLOPT (`mallopt`, default glibc's):
+    a block below 32 MiB comes from an arena, and a free that leaves more than 1 MiB unused at the
+    top of an arena gives it back to the operating system at once. Opt-in: less resident memory
+    for steps up to a few percent slower (`RLJAX_FIXED_MALLOC_THRESHOLDS=1 python -m ...`, or a
+    call anywhere, a notebook's kernel included: glibc applies the thresholds from then on).
+
+    Why: glibc moves both thresholds up as a process frees mmap-served blocks, to 32 MiB for mmap
+    and 64 MiB for trimming. XLA:CPU's worker threads (one glibc arena each) allocate and free their
+    scratch memory on every call of a program, and what they free at their arena's top then stays
+    resident, since `malloc_trim` (`release_compiler_memory`) shrinks only the main arena's top. The
+    offline DPO step with `--remat full` left 21-23 MiB so in three worker arenas after its first
+    call, 3 MiB with the thresholds fixed (AVX2 EPYC, 2026-12-06). The cost is the other side of it:
+    each call faults that scratch memory in again. Measured there (`benchmarks.offline --pad longest
+    --share-prompt`, alternated, docs/performance.md): peak resident memory with `--trainer dpo
+    --precompute-ref --remat full` 494-499 MiB against 520-535 (0.50x TRL's 996 MiB in the sitting
+    beside it), at 0.735-0.786 against 0.713-0.752 s a step; without remat DPO live 708-711 against
+    735-740 MiB at the same speed, DPO precomputed 679-682 against 698-711 MiB at 0.650-0.679
+    against 0.635-0.712 s (about 4% slower by the median), KTO 630-635 against 623-651 MiB, the
+    reward model 622-634 against 640-663 MiB at 0.515-0.558 against 0.502-0.529 s. The GRPO
+    benchmark's iteration (the same thresholds as GLIBC_TUNABLES): 5.82-5.90 against 5.96-6.32 s,
+    peak 2,281-2,297 against 2,304-2,310 MiB. Returns False (and changes nothing) where the C
+    library is not glibc or where `keep_buffers()` has set its own thresholds, which keep the
+    opposite."""
+    if buffers_kept():
+        return False
+    mallopt = mallopt or glibc_mallopt()
+    if mallopt is None:
+        return False
+    for param, value in FIXED_THRESHOLDS_MALLOPT:
+        if mallopt(param, value) != 1:
+            raise RuntimeError(f"glibc's mallopt({param}, {value}) failed")
+    _fixed[:] = [True]
+    return True
+
+
+def thresholds_fixed() -> bool:
+    """Whether `fixed_malloc_thresholds()` has taken effect in this process (and kept buffers have
+    not replaced it since)."""
+    return bool(_fixed) and not buffers_kept()
+
+
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 HUGE_PAGES = "RLJAX_HUGE_PAGES"  # "1": add the huge-page tunable (opt-in, module doc)
 KEEP_BUFFERS = "RLJAX_KEEP_BUFFERS"  # "1": keep XLA's per-execution buffers in the heap (module doc)
-# glibc's mallopt parameters (malloc.h): no mmap-served blocks; -1 never trims the heap's top on free
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+FIXED_THRESHOLDS = "RLJAX_FIXED_MALLOC_THRESHOLDS"  # "1": fixed_malloc_thresholds() (opt-in)
+# no mmap-served blocks; -1 never trims the heap's top on free
 KEEP_BUFFERS_MALLOPT = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 _kept: list = []  # True once keep_buffers() has set KEEP_BUFFERS_MALLOPT in this process (for banners)
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -274,8 +329,16 @@ def buffers_kept() -> bool:
 def setup_host_memory() -> None:
     """What `python -m experiments.*` and `python -m benchmarks.*` do before anything else: re-execute
     with glibc's huge-page tunable where RLJAX_HUGE_PAGES=1 asks for it (`exec_with_malloc_tunables`),
-    then, with RLJAX_KEEP_BUFFERS=1, `keep_buffers()` (which does nothing where the C library is not
-    glibc)."""
+    then, with RLJAX_KEEP_BUFFERS=1, `keep_buffers()`, or with RLJAX_FIXED_MALLOC_THRESHOLDS=1,
+    `fixed_malloc_thresholds()` (either does nothing where the C library is not glibc; asking for
+    both is a ValueError: they set the same thresholds opposite ways)."""
+    keep = keep_buffers_requested(os.environ)
+    fixed = _switch(os.environ, FIXED_THRESHOLDS)
+    if keep and fixed:
+        raise ValueError(f"{KEEP_BUFFERS}=1 and {FIXED_THRESHOLDS}=1: kept buffers never give freed memory "
+                         "back, fixed thresholds give it back at once; choose one")
     exec_with_malloc_tunables()
-    if keep_buffers_requested(os.environ):
+    if keep:
         keep_buffers()
+    elif fixed:
+        fixed_malloc_thresholds()

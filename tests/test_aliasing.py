@@ -124,3 +124,61 @@ def test_no_aliasing_on_a_mesh():
         print("OK")
     """, n_devices=4)
     assert "OK" in out
+
+
+def test_owned_copy_and_create_state_keep_no_small_programs():
+    """owned_copy copies in the runtime: fresh buffers with the same values, shardings and committedness,
+    and no compiled program (jnp.copy compiled one per leaf shape, each kept for the process's life).
+    create_state builds the moments and counters in one program: a second state for the same model
+    compiles exactly that one (its init program is cached), and equals a state assembled by hand."""
+    out = run_with_devices("""
+        import jax, jax.monitoring, jax.numpy as jnp, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from rljax.models import Model, preset
+        from rljax.sharding import make_mesh
+        from rljax.state import create_state, make_optimizer, owned_copy
+        from test_aliasing import OPT, TOK
+
+        compiles = []
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda event, seconds, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+        mesh = make_mesh(data=4, fsdp=2)
+        tree = {"sharded": jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("data", "fsdp"))),
+                "committed": jax.device_put(jnp.ones(3, jnp.bfloat16), jax.devices()[3]),
+                "uncommitted": jnp.arange(5), "key": jax.random.key(7), "host": np.full((2,), 2.5, np.float32)}
+        jax.block_until_ready(tree)
+        n = len(compiles)
+        copy = owned_copy(tree)
+        jax.block_until_ready(copy)
+        assert len(compiles) == n, compiles[n:]
+        for name in ("sharded", "committed", "uncommitted"):
+            a, b = tree[name], copy[name]
+            assert a.sharding == b.sharding and a.committed == b.committed and a.dtype == b.dtype, name
+            assert {s.data.unsafe_buffer_pointer() for s in a.addressable_shards}.isdisjoint(
+                s.data.unsafe_buffer_pointer() for s in b.addressable_shards), name
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        np.testing.assert_array_equal(jax.random.key_data(copy["key"]), jax.random.key_data(tree["key"]))
+        assert isinstance(copy["host"], jax.Array)
+        np.testing.assert_array_equal(np.asarray(copy["host"]), tree["host"])
+        jax.jit(lambda t: t * 2, donate_argnums=0)(copy["sharded"])  # donating the copy leaves the original readable
+        assert copy["sharded"].is_deleted()
+        np.testing.assert_array_equal(np.asarray(tree["sharded"]), np.arange(64.0).reshape(8, 8))
+
+        model = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size))
+        create_state(model, OPT, jax.random.key(0))
+        n = len(compiles)
+        state = create_state(model, OPT, jax.random.key(1))
+        jax.block_until_ready(state)
+        assert len(compiles) == n + 1, compiles[n:]
+        init_key, rng = jax.random.split(jax.random.key(1))
+        params = model.init(init_key)
+        expected = make_optimizer(OPT).init(params)
+        for a, b in zip(jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state),
+                        jax.tree.leaves(params) + jax.tree.leaves(expected), strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(jax.random.key_data(state.rng), jax.random.key_data(rng))
+        assert int(state.step) == 0 and int(state.skipped_steps) == 0 and state.step.dtype == jnp.int32
+        print("OK")
+    """)
+    assert "OK" in out

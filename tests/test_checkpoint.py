@@ -112,3 +112,16 @@ def test_round_trip_keeps_a_partial_gradient_accumulation(tiny, tmp_path):
         ck.wait()
         restored, _ = ck.restore(create_state(model, opt, jax.random.key(1), params=params))
     _assert_same(restored.opt_state, state.opt_state)
+
+
+def test_orbax_is_imported_by_the_first_checkpointer(tmp_path):
+    """orbax (and the tensorstore it loads, ~25 MiB resident) is imported when a Checkpointer is made,
+    not by importing rljax's training modules, which a process that never saves should not carry."""
+    out = run_with_devices(f"""
+        import sys
+        import rljax.checkpoint, rljax.phases, rljax.reference, rljax.rl, rljax.state
+        print("before", sorted(m for m in sys.modules if m.split(".")[0] in ("orbax", "tensorstore"))[:3])
+        rljax.checkpoint.Checkpointer({str(tmp_path)!r}, async_save=False)
+        print("after", "orbax.checkpoint" in sys.modules)
+    """, n_devices=1)
+    assert "before []" in out and "after True" in out

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from jax import monitoring
 
-from rljax.host_memory import (BACKEND_COMPILE_EVENT, HUGE_PAGES, HUGE_PAGES_TUNABLE, KEEP_BUFFERS,
-                               KEEP_BUFFERS_MALLOPT, _listener, buffers_kept, exec_with_malloc_tunables,
+from rljax.host_memory import (BACKEND_COMPILE_EVENT, FIXED_THRESHOLDS, HUGE_PAGES, HUGE_PAGES_TUNABLE,
+                               KEEP_BUFFERS, KEEP_BUFFERS_MALLOPT, _listener, buffers_kept, exec_with_malloc_tunables,
                                glibc_malloc_trim, glibc_mallopt, keep_buffers,
                                keep_buffers_requested, malloc_tunables_env, release_compiler_memory, thp_mode)
+
+# the host-memory switches a child process must not inherit from the shell running the tests
+CHILD_UNSET = ("GLIBC_TUNABLES", KEEP_BUFFERS, HUGE_PAGES, FIXED_THRESHOLDS)
 
 
 @pytest.fixture
@@ -250,7 +253,7 @@ def test_kept_buffers_are_not_faulted_in_again_on_every_call():
         "print(','.join(map(str, faults)), float(y[0, 0]))\n"
         "print(host_memory_description())\n")
     root = os.path.dirname(os.path.dirname(__file__))
-    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", KEEP_BUFFERS, HUGE_PAGES)}
+    base = {k: v for k, v in os.environ.items() if k not in CHILD_UNSET}
     out = {}
     for name, prefix, keep in (("default", hook, "0"), ("env", hook, "1"), ("call", call, "0")):
         res = subprocess.run([sys.executable, "-c", prefix + script], env=dict(base, **{KEEP_BUFFERS: keep}),
@@ -267,3 +270,90 @@ def test_kept_buffers_are_not_faulted_in_again_on_every_call():
         assert "kept in the heap" in out[kept][2] and "inline" in out[kept][2], out
         assert "GLIBC_TUNABLES=(unset)" in out[kept][2], out  # no restart, no tunable
     assert "kept" not in out["default"][2] and "inline" not in out["default"][2], out
+
+
+def test_fixed_thresholds_return_what_a_worker_thread_frees_on_every_call():
+    """What fixed_malloc_thresholds is for. Once a process has freed an mmap-served block of 30 MiB,
+    glibc raises its mmap threshold to 30 MiB and its trim threshold to 60 MiB. A worker thread that
+    then allocates 16 MiB (from its own arena, at the top), writes it and frees it, three times as a
+    program's scratch memory on each call: by default, from the second time on the freed 16 MiB
+    stays resident even after malloc_trim (which shrinks only the main arena's top); with the
+    thresholds fixed (32 MiB and 1 MiB) every free gives it back. Each case in a child of its own,
+    only ctypes in it."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt")
+    script = (
+        "import ctypes, sys, threading\n"
+        "from rljax.host_memory import fixed_malloc_thresholds, glibc_malloc_trim, thresholds_fixed\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "libc.memset.restype = ctypes.c_void_p\n"
+        "libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]\n"
+        "trim = glibc_malloc_trim()\n"
+        "def rss():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+        "libc.free(libc.malloc(30 << 20))  # an mmap-served block freed: glibc moves its thresholds\n"
+        "if sys.argv[1] == 'fixed':\n"
+        "    assert fixed_malloc_thresholds() and thresholds_fixed()\n"
+        "out = []\n"
+        "def work():\n"
+        "    for _ in range(3):\n"
+        "        p = libc.malloc(16 << 20)\n"
+        "        libc.memset(p, 1, 16 << 20)\n"
+        "        before = rss()\n"
+        "        libc.free(p)\n"
+        "        trim()\n"
+        "        out.append(before - rss())\n"
+        "t = threading.Thread(target=work)\n"
+        "t.start()\n"
+        "t.join()\n"
+        "print(' '.join(f'{x:.2f}' for x in out))\n")
+    root = os.path.dirname(os.path.dirname(__file__))
+    env = {k: v for k, v in os.environ.items() if k not in CHILD_UNSET}
+    returned = {case: [float(x) for x in subprocess.run(
+        [sys.executable, "-c", script, case], env=env, cwd=root, capture_output=True, text=True,
+        check=True).stdout.split()] for case in ("default", "fixed")}
+    assert max(returned["default"][1:]) < 1.0, returned  # of 16 MiB freed: kept resident
+    assert min(returned["fixed"]) > 15.0, returned  # given back every time
+
+
+def test_fixed_thresholds_are_opt_in_and_yield_to_kept_buffers(monkeypatch, restore_listener):
+    """The thresholds as glibc's malloc.h numbers them (M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1);
+    the start-up hook sets them only when asked, refuses to be asked for both them and kept buffers
+    (the opposite thresholds), and kept buffers keep theirs; release_compiler_memory leaves them."""
+    import rljax.host_memory as hm
+
+    assert hm.FIXED_THRESHOLDS_MALLOPT == ((-3, 32 << 20), (-1, 1 << 20))
+    calls = []
+    record = lambda p, v: calls.append((p, v)) or 1  # noqa: E731
+    monkeypatch.setattr(hm, "_fixed", [])
+    monkeypatch.setattr(hm, "_kept", [])
+    monkeypatch.setattr(hm, "glibc_mallopt", lambda: record)
+    monkeypatch.setattr(hm, "exec_with_malloc_tunables", lambda: False)
+    for k in (KEEP_BUFFERS, FIXED_THRESHOLDS):
+        monkeypatch.delenv(k, raising=False)
+    hm.setup_host_memory()
+    assert calls == [] and not hm.thresholds_fixed()
+    monkeypatch.setenv(FIXED_THRESHOLDS, "1")
+    hm.setup_host_memory()
+    assert calls == list(hm.FIXED_THRESHOLDS_MALLOPT) and hm.thresholds_fixed()
+    monkeypatch.setenv(KEEP_BUFFERS, "1")
+    with pytest.raises(ValueError, match=f"{KEEP_BUFFERS}=1 and {FIXED_THRESHOLDS}=1"):
+        hm.setup_host_memory()
+    monkeypatch.setenv(FIXED_THRESHOLDS, "yes")
+    with pytest.raises(ValueError, match=f"{FIXED_THRESHOLDS}="):
+        hm.setup_host_memory()
+    monkeypatch.setattr(hm, "_kept", [True])
+    assert not hm.thresholds_fixed() and hm.fixed_malloc_thresholds(mallopt=record) is False
+    assert len(calls) == 2
+    monkeypatch.setattr(hm, "_kept", [])
+    with pytest.raises(RuntimeError, match="mallopt"):
+        hm.fixed_malloc_thresholds(mallopt=lambda p, v: 0)
+    calls.clear()
+    assert release_compiler_memory(trim=lambda: None)
+    assert calls == []

@@ -7,7 +7,6 @@ import collections
 import dataclasses
 import json
 import os
-import random
 
 import jax
 import numpy as np
