@@ -42,7 +42,9 @@ SEQUENCE, TOKEN = "sequence", "token"  # the shapes of advantages: [R] or [R, T-
 @dataclass(frozen=True)
 class Estimator:
     """name; config: the default config; estimate(PrepareInput, cfg) -> Estimate;
-    needs(cfg) -> Needs; output: SEQUENCE ([R] advantages) or TOKEN ([R, T-1], with returns)."""
+    needs(cfg) -> Needs; output: SEQUENCE ([R] advantages) or TOKEN ([R, T-1], with returns).
+    The RL iteration runs `estimate` traced (under jax.jit, with the reward transforms), so it
+    is written in jax.numpy without Python branches on array values; the config is static."""
 
     name: str
     config: Any

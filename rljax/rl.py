@@ -36,7 +36,6 @@ from rljax.estimators import PrepareInput
 from rljax.losses.actor_critic import approx_kl, token_values, value_loss
 from rljax.losses.policy_gradient import kl_metrics
 from rljax.models.logprobs import target_mask, token_logprobs
-from rljax.ops.advantages import group_range
 from rljax.rewards.rules import RewardCallConfig, score_with_failures
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.sharding import batch_sharding, param_shardings, replicated, shard_batch, shard_params
@@ -218,9 +217,11 @@ def create_rl_state(model, params, cfg: RLConfig, key, *, reference=None, critic
 
 
 def _informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:
-    """[R] rewards, n per group (contiguous rows) -> [R / n] bool: the group's rewards are not all equal."""
-    ids = jnp.arange(len(rewards), dtype=jnp.int32) // n
-    return np.asarray(group_range(jnp.asarray(rewards), ids))[::n] > 0
+    """[R] rewards, n per group (contiguous rows) -> [R / n] bool: the group's rewards are not all equal
+    (`ops.advantages.group_range` > 0, on the host: the rewards are host arrays, and jnp's segment
+    ops run eagerly would compile a dozen small programs)."""
+    groups = np.asarray(rewards, np.float32).reshape(-1, n)
+    return groups.max(axis=1) - groups.min(axis=1) > 0
 
 
 class RLIteration(NamedTuple):
@@ -411,6 +412,34 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     n = cfg.sampling.n
     decode_prompts = decode if decode_prompts is None else decode_prompts
 
+    def prepare_update(rollout, rewards, ref, values, teacher, greedy, transforms_state):
+        """Everything between the forward passes and the update, traced into one program (compiled
+        once per rollout shape; run op by op, its few dozen small operations compiled as many
+        programs of their own, each kept for the process's life): the reward transforms, the
+        estimator (`algorithms.prepare`), the kept rows' loss mask and the iteration's KL metrics.
+        rewards, greedy [R] float32; ref, values, teacher [R, T-1] or None.
+        -> (PolicyBatch, the transforms' new state, {metric: scalar})."""
+        mask = target_mask(rollout.loss_mask, rollout.attention_mask)
+        seq_kl = None if ref is None else jnp.mean(jnp.sum((rollout.logprobs - ref) * mask, axis=1))
+        signals, transforms_state = transforms.update(Signals(rewards=rewards, seq_kl=seq_kl), transforms_state)
+        inp = PrepareInput(rollout=rollout, rewards=signals.rewards, ref_logprobs=ref if needs.reference else None,
+                           values=values, greedy_rewards=greedy, baseline=signals.baseline, kl_coef=signals.kl_coef,
+                           teacher_logprobs=teacher)
+        batch, keep = prepare(algo, inp)
+        keep = jnp.asarray(keep)
+        batch = batch.replace(loss_mask=batch.loss_mask * keep.astype(batch.loss_mask.dtype)[:, None])
+        stats = {"kept_fraction": jnp.mean(keep.astype(jnp.float32))}
+        if ref is not None:  # KL(π_old ‖ π_ref) over the sampled completion tokens
+            stats.update(kl_metrics(rollout.logprobs, ref, mask), kl_per_sequence=seq_kl)
+        if signals.kl_coef is not None:
+            stats["kl_coef"] = signals.kl_coef
+        if teacher is not None:  # KL(π_old ‖ π_teacher) over the sampled completion tokens: what distillation lowers
+            stats.update({f"teacher_{k}": v for k, v in kl_metrics(rollout.logprobs, teacher, mask).items()})
+            stats["teacher_kl_per_sequence"] = jnp.mean(jnp.sum((rollout.logprobs - teacher) * mask, axis=1))
+        return batch, transforms_state, stats
+
+    jitted_prepare = jax.jit(prepare_update)
+
     def fit(tokens, mask):
         """Truncate (or reject, naming the row) prompts longer than the cache allows."""
         if not cfg.truncate_prompts:
@@ -514,17 +543,11 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             t0 = time.perf_counter()
             teacher = jax.block_until_ready(teacher_lp(state.teacher_params, rollout.tokens, rollout.attention_mask))
             times["teacher"] = time.perf_counter() - t0
-        mask = target_mask(rollout.loss_mask, rollout.attention_mask)
-        seq_kl = None if ref is None else jnp.mean(jnp.sum((rollout.logprobs - ref) * mask, axis=1))
-        signals, transform_state = transforms.update(Signals(rewards=jnp.asarray(rewards, jnp.float32),
-                                                             seq_kl=seq_kl), state.transforms)
-        inp = PrepareInput(rollout=rollout, rewards=signals.rewards, ref_logprobs=ref if needs.reference else None,
-                           values=values, greedy_rewards=None if c.greedy is None else jnp.asarray(c.greedy),
-                           baseline=signals.baseline, kl_coef=signals.kl_coef, teacher_logprobs=teacher)
-        batch, keep = prepare(algo, inp)
+        greedy = None if c.greedy is None else np.asarray(c.greedy, np.float32)
+        batch, transform_state, stats = jitted_prepare(rollout, np.asarray(rewards, np.float32), ref, values,
+                                                       teacher, greedy, state.transforms)
         if lag:
             batch = batch.replace(lag=jnp.full((rollout.tokens.shape[0],), lag, jnp.int32))
-        batch = batch.replace(loss_mask=batch.loss_mask * jnp.asarray(keep, batch.loss_mask.dtype)[:, None])
 
         if mesh is not None:  # prepare's outputs may sit replicated; the update takes them split over the batch
             batch = shard_batch(batch, mesh)
@@ -540,7 +563,6 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             "completion_length": float(lengths.mean()),
             "tokens": float(np.asarray(rollout.attention_mask).sum()),
             "truncated_fraction": float(np.mean(~np.asarray(rollout.stopped_at_eos))),
-            "kept_fraction": float(np.mean(np.asarray(keep))),
             "sample_tokens_per_s": float(sum(int(np.asarray(s[0].lengths).sum()) for s in c.sampled)
                                          / max(times["sample"], 1e-9)),
             "train_tokens_per_s": float(made * np.asarray(rollout.attention_mask).sum() / cfg.minibatches
@@ -563,14 +585,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             out["staleness"] = float(lag)
         if cfg.target_kl is not None:
             out["updates"] = float(made)
-        if ref is not None:  # KL(π_old ‖ π_ref) over the sampled completion tokens
-            out.update({k: float(v) for k, v in kl_metrics(rollout.logprobs, ref, mask).items()})
-            out["kl_per_sequence"] = float(seq_kl)
-        if signals.kl_coef is not None:
-            out["kl_coef"] = float(signals.kl_coef)
-        if teacher is not None:  # KL(π_old ‖ π_teacher) over the sampled completion tokens: what distillation lowers
-            out.update({f"teacher_{k}": float(v) for k, v in kl_metrics(rollout.logprobs, teacher, mask).items()})
-            out["teacher_kl_per_sequence"] = float(jnp.mean(jnp.sum((rollout.logprobs - teacher) * mask, axis=1)))
+        out.update({k: float(v) for k, v in jax.device_get(stats).items()})
         return state.replace(step=state.step + 1, policy=policy, critic=critic, transforms=transform_state), out
 
     return RLIteration(collect, learn)

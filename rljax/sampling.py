@@ -420,7 +420,13 @@ def in_row_groups(run, rows: int, groups: int) -> list:
 
 
 def concat_rows(parts: list):
-    """The groups' results (pytrees of the same structure) joined along their leading row axis."""
+    """The groups' results (pytrees of the same structure) joined along their leading row axis, in one
+    compiled program (run leaf by leaf, each concatenation would compile a program of its own)."""
+    return _concat_rows(parts)
+
+
+@jax.jit
+def _concat_rows(parts: list):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
 
 

@@ -13,7 +13,10 @@ rewards, and hands the estimator what the chain provided.
     RLConfig(algorithm="reinforce", advantage=BaselineConfig("moving_average"),
              transforms=(moving_average_baseline(0.9),))
 
-Order matters as in optax: a baseline after a normaliser averages normalised rewards.
+Order matters as in optax: a baseline after a normaliser averages normalised rewards. Like an
+optax update, `update` runs traced: the RL iteration compiles the transforms, the advantage
+estimator and its KL metrics as one program, so a transform is written in jax.numpy without
+Python branches on array values (a branch on whether a field is None is fine: that is static).
 """
 from __future__ import annotations
 

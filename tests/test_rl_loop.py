@@ -294,3 +294,23 @@ def test_rl_phase_resumed_from_its_checkpoint_equals_an_uninterrupted_run(bandit
     for a, b in ((resumed.policy.params, straight.policy.params), (resumed.policy.opt_state, straight.policy.opt_state),
                  (jax.random.key_data(resumed.rng), jax.random.key_data(straight.rng))):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def test_informative_groups_on_the_host_match_group_range():
+    """The refill rule's test, a group whose rewards are not all equal, computed on the host equals
+    `ops.advantages.group_range` > 0 (jnp's segment max and min) group by group, NaN groups included."""
+    from rljax.ops.advantages import group_range
+    from rljax.rl import _informative_groups
+
+    rng = np.random.default_rng(0)
+    n, groups = 4, 12
+    rewards = rng.integers(0, 2, size=(groups, n)).astype(np.float64)  # many all-0 / all-1 groups
+    rewards[3] = 0.25
+    rewards[5, 2] = np.nan
+    rewards = rewards.ravel()
+    ids = jnp.arange(groups * n, dtype=jnp.int32) // n
+    expected = np.asarray(group_range(jnp.asarray(rewards, jnp.float32), ids))[::n] > 0
+    got = _informative_groups(rewards, n)
+    assert got.dtype == bool and got.shape == (groups,)
+    np.testing.assert_array_equal(got, expected)
+    assert 0 < got.sum() < groups and not got[3]
