@@ -82,7 +82,7 @@ of them); a trim returns exactly the freed blocks whose reuse is the point. Henc
 The opposite trade (opt-in: RLJAX_FIXED_MALLOC_THRESHOLDS=1, or `fixed_malloc_thresholds()`):
 glibc's thresholds fixed so that what XLA's worker threads free on every call goes back at once
 instead of staying resident in their arenas, which `malloc_trim` does not shrink: 20-30 MiB less
-at the offline trainers' peak for steps up to ~4% slower (figures in its docstring).
+at the offline DPO trainers' peak for steps up to ~4% slower (figures in its docstring).
 """
 from __future__ import annotations
 
