@@ -433,7 +433,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             stats.update(kl_metrics(rollout.logprobs, ref, mask), kl_per_sequence=seq_kl)
         if signals.kl_coef is not None:
             stats["kl_coef"] = signals.kl_coef
-        if teacher is not None:  # KL(π_old ‖ π_teacher) over the sampled completion tokens: what distillation lowers
+        if teacher is not None:  # KL(π_old ‖ π_teacher) over the completion tokens: what distillation lowers
             stats.update({f"teacher_{k}": v for k, v in kl_metrics(rollout.logprobs, teacher, mask).items()})
             stats["teacher_kl_per_sequence"] = jnp.mean(jnp.sum((rollout.logprobs - teacher) * mask, axis=1))
         return batch, transforms_state, stats

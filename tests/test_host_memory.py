@@ -13,8 +13,23 @@ from rljax.host_memory import (BACKEND_COMPILE_EVENT, FIXED_THRESHOLDS, HUGE_PAG
                                glibc_malloc_trim, glibc_mallopt, keep_buffers,
                                keep_buffers_requested, malloc_tunables_env, release_compiler_memory, thp_mode)
 
+ROOT = os.path.dirname(os.path.dirname(__file__))
 # the host-memory switches a child process must not inherit from the shell running the tests
 CHILD_UNSET = ("GLIBC_TUNABLES", KEEP_BUFFERS, HUGE_PAGES, FIXED_THRESHOLDS)
+
+
+def _child_env(**switches) -> dict:
+    """This process's environment without CHILD_UNSET, plus `switches`."""
+    return dict({k: v for k, v in os.environ.items() if k not in CHILD_UNSET}, **switches)
+
+
+def _run_child(*args: str, **switches) -> str:
+    """stdout of `python *args` run from the repository root with `_child_env(**switches)`."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], env=_child_env(**switches), cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout
 
 
 @pytest.fixture
@@ -166,15 +181,11 @@ def test_python_m_benchmarks_runs_with_the_tunable_computed_for_this_machine():
     """`python -m benchmarks.cpuinfo` goes through the package's hook (the same two lines as the
     experiments package's): the GLIBC_TUNABLES it reports is what malloc_tunables_env gives here."""
     import platform
-    import subprocess
-    import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGES, KEEP_BUFFERS)}
     for opt_in in (False, True):
-        run_env = dict(env, **({HUGE_PAGES: "1"} if opt_in else {}))
-        out = subprocess.run([sys.executable, "-m", "benchmarks.cpuinfo"], env=run_env, capture_output=True,
-                             text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
-        want = malloc_tunables_env(run_env, thp=thp_mode(), libc=platform.libc_ver()[0])
+        switches = {HUGE_PAGES: "1"} if opt_in else {}
+        out = _run_child("-m", "benchmarks.cpuinfo", **switches)
+        want = malloc_tunables_env(_child_env(**switches), thp=thp_mode(), libc=platform.libc_ver()[0])
         assert f"GLIBC_TUNABLES={(want or {}).get('GLIBC_TUNABLES') or '(unset)'}" in out, out
 
 
@@ -183,8 +194,6 @@ def test_the_tunable_backs_a_large_allocation_with_huge_pages():
     as it does XLA's per-step buffer) takes one page fault per 4 KiB page without it, 65,536, and
     about one per 2 MiB page with it, 128 (allowing for pages the kernel could not make huge)."""
     import platform
-    import subprocess
-    import sys
 
     if platform.libc_ver()[0] != "glibc" or thp_mode() != "madvise":
         pytest.skip(f"needs glibc and transparent huge pages in madvise mode (here {thp_mode()})")
@@ -199,11 +208,7 @@ def test_the_tunable_backs_a_large_allocation_with_huge_pages():
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
     faults = {}
     for tunables in ("", HUGE_PAGES_TUNABLE):
-        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-        if tunables:
-            env["GLIBC_TUNABLES"] = tunables
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-        faults[tunables] = int(out.stdout)
+        faults[tunables] = int(_run_child("-c", script, **({"GLIBC_TUNABLES": tunables} if tunables else {})))
     pages_4k = (256 << 20) // 4096
     assert faults[""] >= 0.95 * pages_4k, faults
     assert faults[HUGE_PAGES_TUNABLE] <= 0.25 * pages_4k, faults
@@ -227,8 +232,6 @@ def test_kept_buffers_are_not_faulted_in_again_on_every_call():
     benchmarks.x` does), and a plain script that calls keep_buffers() itself (what a notebook
     does). Each also reports the banner line."""
     import platform
-    import subprocess
-    import sys
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's mallopt")
@@ -252,13 +255,10 @@ def test_kept_buffers_are_not_faulted_in_again_on_every_call():
         "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
         "print(','.join(map(str, faults)), float(y[0, 0]))\n"
         "print(host_memory_description())\n")
-    root = os.path.dirname(os.path.dirname(__file__))
-    base = {k: v for k, v in os.environ.items() if k not in CHILD_UNSET}
     out = {}
     for name, prefix, keep in (("default", hook, "0"), ("env", hook, "1"), ("call", call, "0")):
-        res = subprocess.run([sys.executable, "-c", prefix + script], env=dict(base, **{KEEP_BUFFERS: keep}),
-                             cwd=root, capture_output=True, text=True, check=True)
-        (faults, y), banner = [line.split() for line in res.stdout.strip().splitlines()[-2:]]
+        stdout = _run_child("-c", prefix + script, **{KEEP_BUFFERS: keep})
+        (faults, y), banner = [line.split() for line in stdout.strip().splitlines()[-2:]]
         out[name] = [int(n) for n in faults.split(",")], float(y), " ".join(banner)
     assert out["default"][1] == out["env"][1] == out["call"][1] == pytest.approx(2048 * np.tanh(1.0), rel=1e-5)
     per_call = (64 << 20) // 4096
@@ -281,8 +281,6 @@ def test_fixed_thresholds_return_what_a_worker_thread_frees_on_every_call():
     thresholds fixed (32 MiB and 1 MiB) every free gives it back. Each case in a child of its own,
     only ctypes in it."""
     import platform
-    import subprocess
-    import sys
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's mallopt")
@@ -313,11 +311,7 @@ def test_fixed_thresholds_return_what_a_worker_thread_frees_on_every_call():
         "t.start()\n"
         "t.join()\n"
         "print(' '.join(f'{x:.2f}' for x in out))\n")
-    root = os.path.dirname(os.path.dirname(__file__))
-    env = {k: v for k, v in os.environ.items() if k not in CHILD_UNSET}
-    returned = {case: [float(x) for x in subprocess.run(
-        [sys.executable, "-c", script, case], env=env, cwd=root, capture_output=True, text=True,
-        check=True).stdout.split()] for case in ("default", "fixed")}
+    returned = {case: [float(x) for x in _run_child("-c", script, case).split()] for case in ("default", "fixed")}
     assert max(returned["default"][1:]) < 1.0, returned  # of 16 MiB freed: kept resident
     assert min(returned["fixed"]) > 15.0, returned  # given back every time
 
