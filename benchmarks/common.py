@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import time
 from unittest import mock
 
@@ -69,3 +70,18 @@ def matmul_peak(dtype=jnp.float32, n: int | None = None, reps: int = 10) -> floa
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def iteration_medians(rows: list[dict], stages: tuple[str, ...]) -> dict:
+    """Medians over RL iterations: ``rows`` are `make_rl_iteration`'s metrics, each with the
+    iteration's wall time under "total"; returns {"total", each stage, "other"} in seconds, where a
+    stage reads ``time_{stage}_s`` and "other" is each iteration's time outside the stages (so >= 0;
+    a difference of medians can go negative). Each is its own median: the parts need not add up to
+    the median total exactly."""
+    def med(f):
+        return statistics.median(f(r) for r in rows)
+
+    out = {"total": med(lambda r: r["total"])}
+    out.update({s: med(lambda r, s=s: r[f"time_{s}_s"]) for s in stages})
+    out["other"] = med(lambda r: r["total"] - sum(r[f"time_{s}_s"] for s in stages))
+    return out

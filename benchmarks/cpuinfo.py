@@ -17,22 +17,26 @@ import sys
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
-def cpu_description() -> str:
-    """'<model name> (<the VECTOR_FLAGS present>)' from /proc/cpuinfo, or platform's processor string."""
-    model, flags = None, set()
+def cpu_description(path: str = "/proc/cpuinfo") -> str:
+    """'<model name>, family F model M (<the VECTOR_FLAGS present>)' from ``path`` (the first
+    processor's entries), or platform's processor string. Family and model tell apart parts that a
+    virtual machine names alike (AMD's "AMD EPYC" is Zen 3, 4 or 5: families 25 and 26)."""
+    info, flags = {}, None
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
-                if key == "model name" and model is None:
-                    model = value.strip()
-                elif key == "flags" and not flags:
+                if key == "flags" and flags is None:
                     flags = set(value.split())
+                elif key in ("model name", "cpu family", "model") and key not in info:
+                    info[key] = value.strip()
     except OSError:
         pass
-    model = model or platform.processor() or platform.machine()
-    present = [f for f in VECTOR_FLAGS if f in flags]
+    model = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        model += f", family {info['cpu family']} model {info['model']}"
+    present = [f for f in VECTOR_FLAGS if f in (flags or ())]
     return f"{model} ({' '.join(present) or 'vector flags unknown'})"
 
 

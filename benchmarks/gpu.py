@@ -53,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.common import banner, block  # noqa: E402
+from benchmarks.common import banner, block, iteration_medians  # noqa: E402
 from rljax.cli import parse_config  # noqa: E402
 from rljax.models import Model, preset  # noqa: E402
 from rljax.models.logprobs import token_logprobs  # noqa: E402
@@ -341,18 +341,16 @@ def part_grpo(cfg):
         t0 = time.perf_counter()
         state, m = it(state, prompts, mask)
         ms.append(dict(m, total=time.perf_counter() - t0))
-    med = {key: float(np.median([m[key] for m in ms])) for key in
-           ("total", "time_sample_s", "time_score_s", "time_ref_s", "time_update_s")}
+    med = iteration_medians(ms, ("sample", "score", "ref", "update"))
     seq = cfg.prompt + cfg.new_tokens
-    tf = anchor_flops(model.config, rows, seq) / med["time_update_s"] / 1e12
+    tf = anchor_flops(model.config, rows, seq) / med["update"] / 1e12
     mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
     print(f"  grpo iteration, {cfg.grpo_prompts} prompts x {cfg.grpo_samples} samples x {cfg.new_tokens} new "
           f"(prompt {cfg.prompt}), bf16 compute / f32 master, update = 1 optimizer step over {k} micro-batches "
-          f"of {cfg.grpo_micro}: {med['total']:.2f} s/iteration = sample {med['time_sample_s']:.2f} + score "
-          f"{med['time_score_s']:.2f} + reference {med['time_ref_s']:.2f} + update {med['time_update_s']:.2f} "
-          f"(+ other {med['total'] - med['time_sample_s'] - med['time_score_s'] - med['time_ref_s'] - med['time_update_s']:.2f}) | "
+          f"of {cfg.grpo_micro}: {med['total']:.2f} s/iteration; per stage (medians): sample {med['sample']:.2f}, "
+          f"score {med['score']:.2f}, reference {med['ref']:.2f}, update {med['update']:.2f}, other {med['other']:.2f} | "
           f"{rows * cfg.new_tokens / med['total']:,.0f} new tok/s per iteration, "
-          f"{rows * cfg.new_tokens / med['time_sample_s']:,.0f} while sampling | update {tf:.1f} TFLOP/s = "
+          f"{rows * cfg.new_tokens / med['sample']:,.0f} while sampling | update {tf:.1f} TFLOP/s = "
           f"{tf / SPEC_BF16_TFLOPS * 100:.1f}% of spec | first iteration {first:.1f} s | peak mem {mem:.1f} GiB",
           flush=True)
 

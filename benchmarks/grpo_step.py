@@ -32,13 +32,12 @@ single compiled programs.
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from dataclasses import dataclass
 
 import jax
 
-from benchmarks.common import banner, cpu_dots_env, peak_rss_mib
+from benchmarks.common import banner, cpu_dots_env, iteration_medians, peak_rss_mib
 from rljax.cli import parse_config
 from rljax.algorithms import get_algorithm
 from rljax.losses import with_value_head
@@ -138,15 +137,11 @@ def run(name: str, model: Model, prompts: list[str], n: int, max_new: int, itera
 def report(prefix: str, rows: list[dict], tokens_per_iter: int) -> dict:
     """Print and return the medians of the iterations after the first (which compiles)."""
     first, rest = rows[0], rows[1:]
-
-    def med(key):
-        return statistics.median(r[key] for r in rest)
-
-    out = {"total": med("total"), **{s: med(f"time_{s}_s") for s in STAGES}}
-    out["other"] = out["total"] - sum(out[s] for s in STAGES)
+    out = iteration_medians(rest, STAGES)
     print(f"{prefix}first iteration (compiles) {first['total']:.2f} s; median of {len(rest)}: "
-          f"{out['total']:.3f} s/iteration = sample {out['sample']:.3f} + score {out['score']:.3f} + ref "
-          f"{out['ref']:.3f} + values {out['values']:.3f} + update {out['update']:.3f} + other {out['other']:.3f}")
+          f"{out['total']:.3f} s/iteration; per stage (medians): sample {out['sample']:.3f}, score "
+          f"{out['score']:.3f}, ref {out['ref']:.3f}, values {out['values']:.3f}, update {out['update']:.3f}, "
+          f"other {out['other']:.3f}")
     print(f"{prefix}generated tokens/s {tokens_per_iter / out['sample']:,.0f}; iteration tokens/s "
           f"{tokens_per_iter / out['total']:,.0f}; mean completion length {rest[-1]['completion_length']:.0f}")
     return out
