@@ -352,20 +352,3 @@ def test_fixed_thresholds_are_opt_in_and_yield_to_kept_buffers(monkeypatch, rest
     assert release_compiler_memory(trim=lambda: None)
     assert calls == []
 
-
-def test_cpu_description_names_family_model_and_vector_flags(tmp_path):
-    """The banners' CPU line from a two-processor cpuinfo written here: the first processor's model
-    name, family and model, and the VECTOR_FLAGS it has in VECTOR_FLAGS' order (not others, not the
-    second processor's); a file without them falls back to platform's name with the flags unknown."""
-    import platform
-
-    from benchmarks.cpuinfo import cpu_description
-
-    entry = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {fam}\nmodel\t\t: 2\n"
-             "model name\t: AMD EPYC\nflags\t\t: fpu {flags}\n\n")
-    info = tmp_path / "cpuinfo"
-    info.write_text(entry.format(n=0, fam=26, flags="avx512_bf16 sse4_2 avx2 avx512f fma")
-                    + entry.format(n=1, fam=25, flags="amx_tile"))
-    assert cpu_description(str(info)) == "AMD EPYC, family 26 model 2 (avx2 fma avx512f avx512_bf16)"
-    assert cpu_description(str(tmp_path / "absent")) == (
-        f"{platform.processor() or platform.machine()} (vector flags unknown)")
