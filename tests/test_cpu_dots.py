@@ -12,7 +12,8 @@ from jax.sharding import Mesh
 
 from rljax import cpu_dots
 from conftest import run_with_devices
-from rljax.cpu_dots import (EIGEN_PRODUCTS, ENV, FUSION_EMITTERS_OPTION, LOOP_EMITTERS, YNN_OPTION, cpu_flags,
+from rljax.cpu_dots import (CODEGEN_LEVEL_OPTION, EIGEN_PRODUCTS, ENV, FAST_CODEGEN, FUSION_EMITTERS_OPTION,
+                            LOOP_EMITTERS, YNN_OPTION, cpu_flags, fast_codegen_available,
                             dot_library, eigen_products_option, full_sequence_compiler_options,
                             loop_emitters_available, ynn_product_fusions)
 from rljax.models.logprobs import token_logprobs
@@ -108,6 +109,64 @@ def test_remat_train_steps_get_the_loop_emitters(monkeypatch):
     finally:
         loop_emitters_available.cache_clear()
 
+
+
+def test_train_steps_without_remat_get_the_fast_codegen(monkeypatch):
+    # LLVM's optimisation level 1 for train steps only: not for forward-only passes, not for remat
+    # steps (which get the loop emitters), nowhere once XLA_FLAGS sets the level itself (as this test
+    # suite's conftest does: hence XLA_FLAGS cleared here)
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU programs only")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    fast_codegen_available.cache_clear()
+    loop_emitters_available.cache_clear()
+    try:
+        assert fast_codegen_available()  # this project's jaxlib knows the option
+        monkeypatch.setenv(ENV, "eigen")
+        assert full_sequence_compiler_options("cpu", train=True) == {YNN_OPTION: eigen_products_option(), **FAST_CODEGEN}
+        assert full_sequence_compiler_options("cpu") == {YNN_OPTION: ""}
+        assert full_sequence_compiler_options("cpu", train=True, remat=True) == \
+            {YNN_OPTION: eigen_products_option(), **LOOP_EMITTERS}
+        assert full_sequence_compiler_options("gpu", train=True) is None
+        monkeypatch.setenv(ENV, "ynn")
+        assert full_sequence_compiler_options("cpu", train=True) == FAST_CODEGEN
+        assert full_sequence_compiler_options("cpu") is None
+        monkeypatch.setenv("XLA_FLAGS", f"--{CODEGEN_LEVEL_OPTION}=2")
+        fast_codegen_available.cache_clear()
+        assert full_sequence_compiler_options("cpu", train=True) is None
+    finally:
+        fast_codegen_available.cache_clear()
+        loop_emitters_available.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fast_codegen_gives_the_default_levels_train_step(monkeypatch, dtype):
+    # the same lowering compiled at LLVM level 1 and at XLA's default level 3: the same loss, and the
+    # parameters and optimizer state after the step equal up to float rounding
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU programs only")
+    from rljax.models import Model, TransformerConfig
+    model = Model(TransformerConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128,
+                                    max_seq_len=32, scan_layers=False, dtype=dtype))
+    opt = OptimizerConfig(lr=1e-3, schedule="constant")
+    state = create_state(model, opt, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (4, 16), 1, 32)
+    batch = {"tokens": tokens, "mask": jnp.ones_like(tokens)}
+    runs = {level: _compiled_step(monkeypatch, "auto", model, opt, state, batch,
+                                  compiler_options={CODEGEN_LEVEL_OPTION: level})[1:] for level in (1, 3)}
+    (fast, fast_metrics), (default, default_metrics) = runs[1], runs[3]
+    assert np.isfinite(float(fast_metrics["loss"]))
+    assert float(fast_metrics["loss"]) == pytest.approx(float(default_metrics["loss"]), rel=1e-6)
+    # float32: the generated code may order or fuse a few float operations differently (seen: the
+    # Adam moments within 4e-7 of each leaf's largest entry, the parameters within 4.5e-7, where
+    # Adam's m / sqrt(v) can turn a rounding difference of a near-zero gradient into up to lr);
+    # with bf16 compute the two were equal
+    tol, param_tol = (5e-6, 2e-3 * opt.lr) if dtype == "float32" else (0.0, 0.0)
+    for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(default.params)):
+        assert np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() <= param_tol, a.shape
+    for a, b in zip(jax.tree.leaves(fast.opt_state), jax.tree.leaves(default.opt_state)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(a - b).max() <= tol * np.abs(b).max(), a.shape
 
 _COMPILE_PEAK = """
     import functools, jax, numpy as np
