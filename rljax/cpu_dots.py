@@ -199,22 +199,23 @@ def eigen_products_option() -> str:
     return EIGEN_PRODUCTS if _cpu_accepts({YNN_OPTION: EIGEN_PRODUCTS}) else ""
 
 
+def _applies(options: dict) -> bool:
+    """Whether rljax may pass `options`: XLA_FLAGS sets none of them (the user's
+    own choice stays in force) and this jaxlib's XLA:CPU knows them."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return not any(name in flags for name in options) and _cpu_accepts(options)
+
+
 @functools.lru_cache(maxsize=1)
 def loop_emitters_available() -> bool:
-    """Whether `LOOP_EMITTERS` applies: this jaxlib's XLA:CPU knows the option (checked once per
-    process) and XLA_FLAGS does not set it (the user's own choice stays in force)."""
-    if FUSION_EMITTERS_OPTION in os.environ.get("XLA_FLAGS", ""):
-        return False
-    return _cpu_accepts(LOOP_EMITTERS)
+    """Whether `LOOP_EMITTERS` applies (`_applies`; checked once per process)."""
+    return _applies(LOOP_EMITTERS)
 
 
 @functools.lru_cache(maxsize=1)
 def fast_codegen_available() -> bool:
-    """Whether `FAST_CODEGEN` applies: this jaxlib's XLA:CPU knows the option (checked once per
-    process) and XLA_FLAGS does not set it (the user's own choice stays in force)."""
-    if CODEGEN_LEVEL_OPTION in os.environ.get("XLA_FLAGS", ""):
-        return False
-    return _cpu_accepts(FAST_CODEGEN)
+    """Whether `FAST_CODEGEN` applies (`_applies`; checked once per process)."""
+    return _applies(FAST_CODEGEN)
 
 
 def jit_full_sequence(fn: Callable, *, dtype="float32", train: bool = False, remat: bool = False,

@@ -351,4 +351,3 @@ def test_fixed_thresholds_are_opt_in_and_yield_to_kept_buffers(monkeypatch, rest
     calls.clear()
     assert release_compiler_memory(trim=lambda: None)
     assert calls == []
-
