@@ -69,7 +69,7 @@ that peak); step times alike (in one process, alternated 8 rounds: "full" 752.5 
 emitters compile slower). Without remat the loop emitters' DPO step ran 2% slower (609.5 / 622.3 ms)
 for a peak it does not set, so other programs keep the fusion emitters. AVX2 EPYC, 2026-12-05. A
 `xla_cpu_use_fusion_emitters` in XLA_FLAGS is kept, as is a jaxlib without the option.
-Train steps without remat are also compiled with LLVM at optimisation level 1 (`FAST_CODEGEN`:
+Train steps are also compiled with LLVM at optimisation level 1 (`FAST_CODEGEN`:
 `xla_backend_optimization_level` 1 instead of XLA:CPU's default 3), which shortens their compile
 and leaves their speed alike and their results the same up to float rounding (the generated code
 may order or fuse a few float operations differently: a tiny float32 step's parameters within
@@ -79,11 +79,12 @@ lowering 3 times, alternated, then run alternated 6 rounds of 3 calls: the bf16 
 compiled in 1.51 against 1.89 s (run 1,087.8 / 1,087.2 ms), the bf16 DPO step 1.61 against 1.88 s
 (179.9 / 180.6 ms), the float32 DPO step 1.38 against 1.65 s (272.4 / 277.4 ms), the float32 GRPO
 update 1.52 against 1.51 s (1,616.9 / 1,632.4 ms); at that size the DPO step's parameters and
-optimizer state after a step came out bitwise equal in both dtypes. Sampling keeps the default: its
-compile shortened too (2.25 against 2.91 s in bf16) but its decode loop ran 1.5-2% slower (752.4 /
-735.9 ms), and so may forward-only passes (not measured): they keep it as well, as do remat steps
-(their loop emitters not measured at level 1). An `xla_backend_optimization_level` in XLA_FLAGS is
-kept.
+optimizer state after a step came out bitwise equal in both dtypes. With remat
+(`TransformerConfig.remat` "full", the loop emitters) the DPO step compiled in 1.50 against 1.85 s
+in float32 (351.9 / 353.4 ms) and 1.75 against 2.20 s in bf16 (220.8 / 219.2 ms). Sampling keeps
+the default: its compile shortened too (2.25 against 2.91 s in bf16) but its decode loop ran 1.5-2%
+slower (752.4 / 735.9 ms), and so may forward-only passes (not measured): they keep it as well. An
+`xla_backend_optimization_level` in XLA_FLAGS is kept.
 An `xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS is the user's own choice and is kept. GPU
 and TPU programs get no option at all. The results differ from XLA's default in float rounding
 only (the products sum in another order).
@@ -161,8 +162,8 @@ def full_sequence_compiler_options(platform: str | None = None, dtype="float32",
     `dot_library(dtype=dtype)` says so; for a train step (`train`: a backward pass) YNNPACK keeps the
     reductions (`eigen_products_option()`), a forward-only pass gets no YNNPACK fusion at all (module
     doc). `remat` (a train step of a model that recomputes its activations, `TransformerConfig.remat`):
-    on CPU also XLA's loop emitters, whose compile holds far less memory (`LOOP_EMITTERS`); a train
-    step without remat gets LLVM's optimisation level 1 instead (`FAST_CODEGEN`: a shorter compile,
+    on CPU also XLA's loop emitters, whose compile holds far less memory (`LOOP_EMITTERS`). Every
+    train step on CPU also gets LLVM's optimisation level 1 (`FAST_CODEGEN`: a shorter compile,
     results equal up to float rounding). None where no option applies (GPU, TPU)."""
     platform = platform or jax.default_backend()
     if platform != "cpu":
@@ -170,7 +171,7 @@ def full_sequence_compiler_options(platform: str | None = None, dtype="float32",
     options = eigen_compiler_options(train) if dot_library(dtype=dtype) == "eigen" else {}
     if remat and loop_emitters_available():
         options = dict(options, **LOOP_EMITTERS)
-    if train and not remat and fast_codegen_available():
+    if train and fast_codegen_available():
         options = dict(options, **FAST_CODEGEN)
     return options or None
 

@@ -360,7 +360,9 @@ def compile_step(fn: Callable, *, mesh: Mesh | None = None, in_shardings: tuple 
     computed in `dtype` (the model's compute dtype), the step is compiled with them, YNNPACK
     keeping the reductions (`rljax.cpu_dots`, `train=True`). `remat`: the step of a model that
     recomputes its activations (`TransformerConfig.remat` other than "none"), compiled on CPU with
-    XLA's loop emitters, whose compile holds ~200 MiB less (`rljax.cpu_dots.LOOP_EMITTERS`).
+    XLA's loop emitters, whose compile holds ~200 MiB less (`rljax.cpu_dots.LOOP_EMITTERS`). Every
+    step is compiled on CPU with LLVM at optimisation level 1: its compile up to ~20% shorter, its
+    speed the same (`rljax.cpu_dots.FAST_CODEGEN`).
     """
     if mesh is None:
         return jit_full_sequence(fn, donate_argnums=donate_argnums, dtype=dtype, train=True, remat=remat)

@@ -93,6 +93,7 @@ def test_remat_train_steps_get_the_loop_emitters(monkeypatch):
         pytest.skip("CPU programs only")
     monkeypatch.setenv(ENV, "eigen")
     monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(cpu_dots, "fast_codegen_available", lambda: False)  # its own test below
     loop_emitters_available.cache_clear()
     try:
         assert loop_emitters_available()  # this project's jaxlib knows the option
@@ -112,9 +113,9 @@ def test_remat_train_steps_get_the_loop_emitters(monkeypatch):
 
 
 def test_train_steps_without_remat_get_the_fast_codegen(monkeypatch):
-    # LLVM's optimisation level 1 for train steps only: not for forward-only passes, not for remat
-    # steps (which get the loop emitters), nowhere once XLA_FLAGS sets the level itself (as this test
-    # suite's conftest does: hence XLA_FLAGS cleared here)
+    # LLVM's optimisation level 1 for train steps (remat ones beside the loop emitters), not for
+    # forward-only passes, nowhere once XLA_FLAGS sets the level itself (as this test suite's conftest
+    # does: hence XLA_FLAGS cleared here)
     if jax.default_backend() != "cpu":
         pytest.skip("CPU programs only")
     monkeypatch.delenv("XLA_FLAGS", raising=False)
@@ -126,10 +127,11 @@ def test_train_steps_without_remat_get_the_fast_codegen(monkeypatch):
         assert full_sequence_compiler_options("cpu", train=True) == {YNN_OPTION: eigen_products_option(), **FAST_CODEGEN}
         assert full_sequence_compiler_options("cpu") == {YNN_OPTION: ""}
         assert full_sequence_compiler_options("cpu", train=True, remat=True) == \
-            {YNN_OPTION: eigen_products_option(), **LOOP_EMITTERS}
+            {YNN_OPTION: eigen_products_option(), **LOOP_EMITTERS, **FAST_CODEGEN}
         assert full_sequence_compiler_options("gpu", train=True) is None
         monkeypatch.setenv(ENV, "ynn")
         assert full_sequence_compiler_options("cpu", train=True) == FAST_CODEGEN
+        assert full_sequence_compiler_options("cpu", train=True, remat=True) == {**LOOP_EMITTERS, **FAST_CODEGEN}
         assert full_sequence_compiler_options("cpu") is None
         monkeypatch.setenv("XLA_FLAGS", f"--{CODEGEN_LEVEL_OPTION}=2")
         fast_codegen_available.cache_clear()
