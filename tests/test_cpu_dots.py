@@ -111,7 +111,6 @@ def test_remat_train_steps_get_the_loop_emitters(monkeypatch):
         loop_emitters_available.cache_clear()
 
 
-
 def test_train_steps_without_remat_get_the_fast_codegen(monkeypatch):
     # LLVM's optimisation level 1 for train steps (remat ones beside the loop emitters), not for
     # forward-only passes, nowhere once XLA_FLAGS sets the level itself (as this test suite's conftest
@@ -143,32 +142,27 @@ def test_train_steps_without_remat_get_the_fast_codegen(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fast_codegen_gives_the_default_levels_train_step(monkeypatch, dtype):
-    # the same lowering compiled at LLVM level 1 and at XLA's default level 3: the same loss, and the
-    # parameters and optimizer state after the step equal up to float rounding
+    # the same lowering compiled at LLVM level 1 and at XLA's default level 3: the same loss and
+    # gradients up to float rounding (the generated code may order or fuse a few float operations
+    # differently, and which ones depends on the CPU's vector instructions)
     if jax.default_backend() != "cpu":
         pytest.skip("CPU programs only")
     from rljax.models import Model, TransformerConfig
     model = Model(TransformerConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128,
                                     max_seq_len=32, scan_layers=False, dtype=dtype))
-    opt = OptimizerConfig(lr=1e-3, schedule="constant")
-    state = create_state(model, opt, jax.random.key(0))
+    opt, state = _sgd_state(model)
     tokens = jax.random.randint(jax.random.key(1), (4, 16), 1, 32)
     batch = {"tokens": tokens, "mask": jnp.ones_like(tokens)}
     runs = {level: _compiled_step(monkeypatch, "auto", model, opt, state, batch,
                                   compiler_options={CODEGEN_LEVEL_OPTION: level})[1:] for level in (1, 3)}
     (fast, fast_metrics), (default, default_metrics) = runs[1], runs[3]
     assert np.isfinite(float(fast_metrics["loss"]))
-    assert float(fast_metrics["loss"]) == pytest.approx(float(default_metrics["loss"]), rel=1e-6)
-    # float32: the generated code may order or fuse a few float operations differently (seen: the
-    # Adam moments within 4e-7 of each leaf's largest entry, the parameters within 4.5e-7, where
-    # Adam's m / sqrt(v) can turn a rounding difference of a near-zero gradient into up to lr);
-    # with bf16 compute the two were equal
-    tol, param_tol = (5e-6, 2e-3 * opt.lr) if dtype == "float32" else (0.0, 0.0)
-    for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(default.params)):
-        assert np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() <= param_tol, a.shape
-    for a, b in zip(jax.tree.leaves(fast.opt_state), jax.tree.leaves(default.opt_state)):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        assert np.abs(a - b).max() <= tol * np.abs(b).max(), a.shape
+    # bf16 compute rounds each activation to 8 bits: one rounding that flips there moves the
+    # gradients by ~2^-8 of their scale (on the Zen 5 and AVX2 EPYCs the two came out equal)
+    loss_tol, grad_tol = (1e-6, 1e-5) if dtype == "float32" else (1e-3, 2e-2)
+    assert float(fast_metrics["loss"]) == pytest.approx(float(default_metrics["loss"]), rel=loss_tol)
+    _assert_same_sgd_gradients(state.params, fast.params, default.params, grad_tol)
+
 
 _COMPILE_PEAK = """
     import functools, jax, numpy as np
@@ -218,21 +212,39 @@ def test_loop_emitters_give_the_fusion_emitters_results(monkeypatch):
     from rljax.models import Model, TransformerConfig
     model = Model(TransformerConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_dim=128,
                                     max_seq_len=32, scan_layers=False, remat="full"))
-    opt = OptimizerConfig(lr=1e-3, schedule="constant")
-    state = create_state(model, opt, jax.random.key(0))
+    opt, state = _sgd_state(model)
     tokens = jax.random.randint(jax.random.key(1), (4, 16), 1, 32)
     batch = {"tokens": tokens, "mask": jnp.ones_like(tokens)}
     runs = {}
     for name, options in (("loop", {}), ("fusion", {"compiler_options": {FUSION_EMITTERS_OPTION: True}})):
         _, runs[name], metrics = _compiled_step(monkeypatch, "ynn", model, opt, state, batch, **options)
         assert np.isfinite(float(metrics["loss"]))
-    for a, b in zip(jax.tree.leaves(runs["loop"].params), jax.tree.leaves(runs["fusion"].params)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    _assert_same_sgd_gradients(state.params, runs["loop"].params, runs["fusion"].params, 1e-5)
 
 
 def _sq_loss(params, batch, *, model):
     lp = token_logprobs(params, batch["tokens"], batch["mask"], model=model)
     return -jnp.sum(lp * batch["mask"][:, 1:]) / jnp.sum(batch["mask"][:, 1:]), {}
+
+
+def _sgd_state(model, params=None):
+    """A train state whose optimizer is plain SGD at rate 1: a step moves the parameters by exactly
+    minus the gradient, so two compiles' steps compare as gradients (Adam's first step, about
+    lr·sign(g), turns a rounding difference in a near-zero gradient into up to 2·lr)."""
+    opt = optax.sgd(1.0)
+    state = create_state(model, OptimizerConfig(), jax.random.key(0), params=params)
+    return opt, state.replace(opt_state=opt.init(state.params))
+
+
+def _assert_same_sgd_gradients(before, after_a, after_b, rel):
+    """Each leaf's two gradients (before - after, up to the parameters' float32 rounding) agree within
+    `rel` of the leaf's largest gradient, and neither step left a leaf unmoved."""
+    for p, a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after_a), jax.tree.leaves(after_b)):
+        p = np.asarray(p, np.float64)
+        ga, gb = p - np.asarray(a, np.float64), p - np.asarray(b, np.float64)
+        ulp = np.finfo(np.float32).eps * np.abs(p).max()
+        assert np.abs(gb).max() > 0, p.shape
+        assert np.abs(ga - gb).max() <= rel * np.abs(gb).max() + 2 * ulp, p.shape
 
 
 def _compiled_step(monkeypatch, choice, model, opt, state, batch, **options):
@@ -251,11 +263,7 @@ def test_train_step_with_eigen_products_equals_xla_default(monkeypatch, tiny):
     if jax.default_backend() != "cpu":
         pytest.skip("CPU programs only")
     model, params = tiny
-    # plain SGD at rate 1: the parameters move by exactly minus the gradient (Adam's first step,
-    # about lr·sign(g), would amplify rounding in the smallest gradients)
-    opt = optax.sgd(1.0)
-    state = create_state(model, OptimizerConfig(), jax.random.key(0), params=params)
-    state = state.replace(opt_state=opt.init(state.params))
+    opt, state = _sgd_state(model, params)
     rng = np.random.default_rng(0)
     batch = {"tokens": jnp.asarray(rng.integers(3, model.config.vocab_size, (4, 16)), jnp.int32),
              "mask": jnp.ones((4, 16), jnp.int32)}
@@ -274,10 +282,7 @@ def test_train_step_with_eigen_products_equals_xla_default(monkeypatch, tiny):
     # the same step: only the products' summation order differs
     np.testing.assert_allclose(m_e["loss"], m_y["loss"], rtol=1e-6)
     np.testing.assert_allclose(m_e["grad_norm"], m_y["grad_norm"], rtol=1e-5)
-    for p, a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state_e.params), jax.tree.leaves(state_y.params)):
-        ga, gb = np.asarray(p - a), np.asarray(p - b)  # each leaf's gradient, up to p's rounding
-        ulp = np.finfo(np.float32).eps * np.abs(np.asarray(p)).max()
-        assert np.abs(ga - gb).max() <= 1e-5 * np.abs(gb).max() + 2 * ulp
+    _assert_same_sgd_gradients(params, state_e.params, state_y.params, 1e-5)
 
 
 def test_scoring_pass_with_eigen_products_equals_xla_default(monkeypatch, tiny):
