@@ -83,7 +83,10 @@ optimizer state after a step came out bitwise equal in both dtypes. With remat
 (`TransformerConfig.remat` "full", the loop emitters) the DPO step compiled in 1.50 against 1.85 s
 in float32 (351.9 / 353.4 ms) and 1.75 against 2.20 s in bf16 (220.8 / 219.2 ms). Sampling keeps
 the default: its compile shortened too (2.25 against 2.91 s in bf16) but its decode loop ran 1.5-2%
-slower (752.4 / 735.9 ms), and so may forward-only passes (not measured): they keep it as well. An
+slower (752.4 / 735.9 ms), and so may forward-only passes (not measured): they keep it as well. On a
+2-core AVX2-only EPYC (Zen 3, 2026-12-06) level 1 shortened nothing (DPO 2.05-2.20 against
+2.02-2.32 s, the GRPO update 2.19 against 2.00 s) and ran alike (DPO 789-828 against 767-828 ms,
+GRPO update 4,458 against 4,554 ms, within that machine's drift), so it applies on every CPU. An
 `xla_backend_optimization_level` in XLA_FLAGS is kept.
 An `xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS is the user's own choice and is kept. GPU
 and TPU programs get no option at all. The results differ from XLA's default in float rounding
