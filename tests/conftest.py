@@ -20,7 +20,7 @@ if "RLJAX_TEST_CACHE_OWNER" not in os.environ and "RLJAX_COMPILATION_CACHE" not 
 # XLA compilation, not execution, dominates these tiny-model tests. Skipping LLVM's costly
 # optimisation passes made the default run about a quarter faster; XLA:CPU's loop emitters instead
 # of its MLIR fusion emitters then halved the compile time left (all tests in one run on a 2-core
-# AVX2 EPYC: 1,242 -> 496 s of XLA compiles, 17.4-19.2 -> 11.3 min of wall time). The programs
+# AVX2 EPYC: 1,242 -> 496 s of XLA compiles, 17.4 -> 10.2-11.2 min of wall time). The programs
 # compute the same thing (no fast-math is involved; the emitters are compared on a train step in
 # test_cpu_dots.py), so every numeric check still applies.
 FAST_CODEGEN_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
