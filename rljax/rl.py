@@ -265,23 +265,23 @@ def scan_updates(step: Callable, state, batch, key, *, epochs: int, minibatches:
     R = jax.tree.leaves(batch)[0].shape[0]
     if R % minibatches:
         raise ValueError(f"{R} sampled rows do not split into RLConfig.minibatches={minibatches}")
-    size = R // minibatches
-    if minibatches == 1:
-        orders = jnp.broadcast_to(jnp.arange(R), (epochs, R))
-    else:
-        orders = jnp.stack([jax.random.permutation(jax.random.fold_in(key, e), R) for e in range(epochs)])
-    orders = orders.reshape(epochs * minibatches, size)
 
     def minibatch(rows):
         mb = batch if minibatches == 1 else _take(batch, rows)
         return mb if constrain is None else constrain(mb)
 
     if epochs * minibatches == 1:
-        # one update (GRPO's default), never stopped: no scan, and no eval_shape of the step for the
-        # scan's carry, which traced the whole forward and backward pass a second time (~0.6 s of the
-        # GRPO benchmark's first iteration on a 2-core EPYC)
-        state, last = step(state, minibatch(orders[0]))
+        # one update (GRPO's default), never stopped, on the whole batch in order: no scan, and no
+        # eval_shape of the step for the scan's carry, which traced the whole forward and backward
+        # pass a second time (~0.6 s of the GRPO benchmark's first iteration on a 2-core EPYC)
+        state, last = step(state, minibatch(None))
         return state, last, jnp.int32(1)
+    size = R // minibatches
+    if minibatches == 1:
+        orders = jnp.broadcast_to(jnp.arange(R), (epochs, R))
+    else:
+        orders = jnp.stack([jax.random.permutation(jax.random.fold_in(key, e), R) for e in range(epochs)])
+    orders = orders.reshape(epochs * minibatches, size)
     metrics0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(step, state, minibatch(orders[0]))[1])
 
     def body(carry, rows):
