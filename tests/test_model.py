@@ -188,6 +188,35 @@ def test_scan_and_loop_layers_agree():
                  _sq_loss_grad(params, tokens, mask, scan_model), _sq_loss_grad(params, tokens, mask, loop_model))
 
 
+def test_unrolled_blocks_are_traced_once_and_replayed(monkeypatch):
+    """Under a trace the unrolled layers trace the block once per distinct input shapes and replay
+    its jaxpr for the other layers (`transformer._traced_once`): the block's Python runs once per
+    forward pass, not once per layer, and the program computes what tracing every block computes,
+    bit for bit (values, gradients, a KV-cache decode step, read_at)."""
+    model, params = _init(scan_layers=False, n_layers=2)
+    tokens, mask = left_padded([7, 3], 8, 64, seed=1)
+
+    def program(p):
+        loss, grads = jax.value_and_grad(lambda q: jnp.sum(jnp.sin(model.forward(q, tokens, mask)[0])))(p)
+        _, cache = model.forward(p, tokens, mask, cache=model.init_cache(2, 12))
+        step, _ = model.forward(p, tokens[:, :1], mask[:, :1], cache=cache)
+        read = model.forward(p, tokens, mask, read_at=jnp.array([3, 5]))[0]
+        return loss, grads, step, read
+
+    calls = []
+    apply = transformer.Block.apply
+    monkeypatch.setattr(transformer.Block, "apply", lambda self, *a, **k: calls.append(1) or apply(self, *a, **k))
+    replayed = jax.jit(program)(params)
+    # one block trace per forward pass (gradient, prefill, decode step), two with read_at (its
+    # last block reads fewer slots)
+    assert len(calls) == 5
+    calls.clear()
+    monkeypatch.setattr(transformer, "_traced_once", lambda fn: fn)  # every block traced
+    traced = jax.jit(lambda p: program(p))(params)
+    assert len(calls) == 8
+    jax.tree.map(np.testing.assert_array_equal, replayed, traced)
+
+
 def test_left_padding_does_not_change_logits(tiny):
     """RoPE positions count real tokens, so padding on the left changes nothing."""
     model, params = tiny

@@ -582,6 +582,11 @@ def remat_after_cotangent(fn, policy=None):
     return run
 
 
+def _traced_once(fn):
+    """`fn`, traced once per distinct input shapes and replayed (inlined into the caller's trace)."""
+    return jax.jit(fn, inline=True)
+
+
 def split_layers(stacked, n_layers: int) -> tuple:
     """Stacked layer parameters ([L, ...] leaves) -> a tuple of L per-layer trees.
 
@@ -691,6 +696,17 @@ class Transformer(nn.Module):
 
         def apply_block(layer_params, x, kv, read_at=None):
             return block.apply({"params": layer_params}, x, rope_cs, mask, kv, index, read_at)
+
+        if isinstance(x, jax.core.Tracer):
+            # Under a trace the blocks' shapes repeat, so one block is traced and its jaxpr replayed
+            # for the others: `jax.jit(inline=True)` caches the jaxpr by input shapes and inlines it,
+            # giving the equations tracing each block would give, without flax's per-block Python
+            # work (the offline DPO step's trace 0.45 -> 0.29 s with 4 layers, 1.02 -> 0.50 s with
+            # 8; the same compiled program). Not run eagerly: each call would compile its own.
+            replay = _traced_once(lambda p, h, kv, r, cs, m, i: block.apply({"params": p}, h, cs, m, kv, i, r))
+
+            def apply_block(layer_params, x, kv, read_at=None):
+                return replay(layer_params, x, kv, read_at, rope_cs, mask, index)
 
         if c.rematerialised and cache is None:
             apply_block = remat_after_cotangent(apply_block, _REMAT_POLICY[c.remat])
