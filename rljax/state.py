@@ -18,7 +18,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from rljax.cpu_dots import full_sequence_compiler_options, jit_full_sequence
-from rljax.models.transformer import init_compiler_options
+from rljax.models.transformer import init_compiler_options, traced_once
 from rljax.ops.aggregate import LOSS_WEIGHT
 from rljax.sharding import LOGICAL_RULES, batch_sharding, param_shardings, replicated
 
@@ -322,7 +322,8 @@ def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, 
         finite = finite & jnp.isfinite(weight)
         extra["weight"] = weight
 
-    def update(params, opt_state):
+    @traced_once  # both forms of the guard below trace it: the second replays the first's jaxpr
+    def update_with(params, opt_state, grads, extra):
         # extra-args support: plain optimizers (optax.sgd, a chain without accumulation) ignore `weight`
         updates, new_opt_state = optax.with_extra_args_support(optimizer).update(grads, opt_state, params, **extra)
         new = optax.apply_updates(params, updates), new_opt_state
@@ -330,6 +331,9 @@ def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, 
         # hyperparameters, `optax.inject_hyperparams`): the next step compiles no new program, and
         # both forms of the guard (the conditional's branches must agree) give the same state
         return jax.tree.map(lambda n, o: n if n.dtype == o.dtype else n.astype(o.dtype), new, (params, opt_state))
+
+    def update(params, opt_state):
+        return update_with(params, opt_state, grads, extra)
 
     params, opt_state = jax.lax.platform_dependent(
         state.params, state.opt_state, cpu=functools.partial(update_if_by_cond, finite, update),

@@ -190,7 +190,7 @@ def test_scan_and_loop_layers_agree():
 
 def test_unrolled_blocks_are_traced_once_and_replayed(monkeypatch):
     """Under a trace the unrolled layers trace the block once per distinct input shapes and replay
-    its jaxpr for the other layers (`transformer._traced_once`): the block's Python runs once per
+    its jaxpr for the other layers (`transformer.traced_once`): the block's Python runs once per
     forward pass, not once per layer, and the program computes what tracing every block computes,
     bit for bit (values, gradients, a KV-cache decode step, read_at)."""
     model, params = _init(scan_layers=False, n_layers=2)
@@ -211,10 +211,29 @@ def test_unrolled_blocks_are_traced_once_and_replayed(monkeypatch):
     # last block reads fewer slots)
     assert len(calls) == 5
     calls.clear()
-    monkeypatch.setattr(transformer, "_traced_once", lambda fn: fn)  # every block traced
+    monkeypatch.setattr(transformer, "traced_once", lambda fn: fn)  # every block traced
     traced = jax.jit(lambda p: program(p))(params)
     assert len(calls) == 8
     jax.tree.map(np.testing.assert_array_equal, replayed, traced)
+
+
+def test_traced_once_replays_under_a_trace_and_runs_as_written_on_concrete_arrays():
+    calls = []
+
+    def f(x, y):
+        calls.append(1)
+        return jnp.sin(x) * y
+
+    g = transformer.traced_once(f)
+    x, y = jnp.arange(3.0), jnp.float32(2.0)
+    got = jax.jit(lambda x, y: g(g(x, y), y) + g(x[::-1], y))(x, y)  # three calls of one shape: one trace
+    assert len(calls) == 1
+    np.testing.assert_allclose(got, np.sin(np.sin(np.arange(3.0)) * 2) * 2 + np.sin(np.arange(3.0)[::-1]) * 2,
+                               rtol=1e-6)
+    calls.clear()
+    np.testing.assert_allclose(g(x, y), np.sin(np.arange(3.0)) * 2, rtol=1e-6)
+    g(x, y)
+    assert len(calls) == 2  # concrete arguments: f itself on each call, no program of its own
 
 
 def test_left_padding_does_not_change_logits(tiny):

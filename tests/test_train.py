@@ -394,6 +394,22 @@ def test_update_if_finite_by_select_and_by_cond_agree_and_cpu_steps_use_the_cond
     assert (" conditional(" in hlo) == (jax.default_backend() == "cpu")
 
 
+def test_apply_gradients_traces_the_optimizer_update_once_for_both_guards():
+    """Both forms of the non-finite guard (`lax.platform_dependent` traces each) replay one trace of
+    the optimizer's update (`traced_once`); the step is plain SGD's either way."""
+    calls = []
+    sgd = optax.sgd(0.5)
+    counting = optax.GradientTransformation(sgd.init, lambda g, s, p=None: calls.append(1) or sgd.update(g, s, p))
+    params = {"w": jnp.arange(3.0)}
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=counting.init(params), rng=jax.random.key(0),
+                       skipped_steps=jnp.int32(0))
+    new, m = jax.jit(lambda s, g: apply_gradients(s, counting, jnp.float32(1.0), g, {}))(
+        state, {"w": jnp.array([1.0, -2.0, 4.0])})
+    assert len(calls) == 1
+    np.testing.assert_allclose(np.asarray(new.params["w"]), [-0.5, 2.0, 0.0])
+    assert int(m["skipped"]) == 0 and int(new.step) == 1
+
+
 def test_apply_gradients_keeps_the_state_dtypes_where_the_optimizer_promotes():
     """optax.inject_hyperparams keeps float32 hyperparameters, which promote bf16 Adam moments to float32
     in the update: the guard casts the new state back to the old one's dtypes (else the conditional's
