@@ -46,21 +46,21 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
 import jax
 import numpy as np
 
+from experiments.fixtures import SMOKE_DATA, write_smoke_model
 from rljax.checkpoint import digest_params
 from rljax.cli import LoggingFlags, apply_preset, make_run_dir, run, save_config
 from rljax.data.collate import BatchIterator, collate_prompt_completion
-from rljax.eval import TOKENIZER_FILES, exact_match, export_policy
+from rljax.eval import exact_match, export_policy
 from rljax.losses.sft import SFTConfig
 from rljax.metrics import read_metrics
 from rljax.models.config import REMAT_POLICIES
-from rljax.models.hf import config_from_hf, load_pretrained, read_hf_config, resolve_path, save_pretrained
+from rljax.models.hf import load_pretrained, read_hf_config, resolve_path
 from rljax.models.transformer import Model
 from rljax.phases import LoopConfig, PromptBatch, SFTPhaseConfig, rl, sft
 from rljax.rewards.math_answers import math_answer_reward, think_answer_format_reward
@@ -72,11 +72,6 @@ from rljax.tasks.math import SYSTEM_PROMPTS, chat_prompt, math_answer_correct, r
 from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import HFTokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-SMOKE_ARCH = os.path.join(FIXTURES, "hf", "qwen2")
-SMOKE_TOKENIZER = os.path.join(FIXTURES, "hf_tokenizer")
-SMOKE_DATA = os.path.join(FIXTURES, "math", "gsm8k_tiny.jsonl")
 
 
 
@@ -130,20 +125,6 @@ def apply_smoke(cfg: Config) -> None:
     apply_preset(cfg, data=SMOKE_DATA, sft_data=SMOKE_DATA, eval_data=SMOKE_DATA, style="think", format_reward=0.1,
                  sft_steps=6, sft_batch=4, sft_lr=3e-3, iterations=2, prompts_per_iteration=4, n=4,
                  max_new_tokens=16, lr=1e-4, eval_problems=8, eval_batch=8, checkpoint_every=0)
-
-
-def write_smoke_model(path: str, seed: int = 0) -> str:
-    """An HF checkpoint directory for --smoke: the Qwen2 fixture's architecture, random weights and
-    vocab_size = the tokenizer fixture's, saved with save_pretrained, plus the tokenizer fixture's files."""
-    tok = HFTokenizer.from_pretrained(SMOKE_TOKENIZER)
-    arch = config_from_hf(read_hf_config(SMOKE_ARCH), vocab_size=tok.vocab_size, max_seq_len=512)
-    params = jax.jit(Model(arch).init)(jax.random.key(seed))  # jitted: one compile, not op by op
-    save_pretrained(params, arch, path, overwrite=True,
-                    extra_config=dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
-    for name in os.listdir(SMOKE_TOKENIZER):
-        if name in TOKENIZER_FILES:
-            shutil.copy(os.path.join(SMOKE_TOKENIZER, name), path)
-    return path
 
 
 def make_reward(cfg: Config):

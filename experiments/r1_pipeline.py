@@ -148,7 +148,7 @@ def hf_setup(cfg: Config, run_dir: str):
     --model, the math task of its tokenizer, --data split in order into --cold-start / --reasoning / --general
     problems, the held-out ones from --eval-data (else the last --n-test of --data). With --smoke on the fixture's
     8 problems every set is their first k (the sets overlap: the smoke checks the plumbing, not learning)."""
-    from experiments.grpo_math import SMOKE_DATA, write_smoke_model
+    from experiments.fixtures import SMOKE_DATA, write_smoke_model
     from rljax.cli import explicit_fields
     from rljax.models.hf import load_pretrained, resolve_path
     from rljax.models.transformer import select_layers

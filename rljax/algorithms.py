@@ -200,9 +200,10 @@ ALGORITHMS: dict[str, Algorithm] = {
     "scst": compose("baseline", "reinforce", name="scst", advantage=BaselineConfig("greedy")),
     "mrt": compose("baseline", "mrt", name="mrt", advantage=BaselineConfig("none")),
     "grpo": compose("group", "clip", name="grpo"),
-    # Dr. GRPO: no std scaling, a constant normaliser (set `constant` to the max completion length).
+    # Dr. GRPO: no std scaling, a constant normaliser: constant=None is the max completion length, which
+    # RLConfig.algo fills in from sampling.max_new_tokens (a loss called directly needs it set).
     "dr_grpo": compose("group", "clip", name="dr_grpo", advantage=GroupAdvantageConfig(scale_by_std=False),
-                       loss_config=GRPOConfig(aggregation="constant", constant=1.0, kl_coef=0.0)),
+                       loss_config=GRPOConfig(aggregation="constant", constant=None, kl_coef=0.0)),
     # DAPO: clip-higher, token-mean, no KL, drop groups with equal rewards (overlong shaping is a reward term).
     "dapo": compose("group", "clip", name="dapo", advantage=GroupAdvantageConfig(drop_equal_groups=True),
                     loss_config=GRPOConfig(eps_low=0.2, eps_high=0.28, aggregation="token_mean", kl_coef=0.0)),

@@ -42,11 +42,16 @@ Rules that keep a run directory honest:
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
 import json
 import os
 import sys
+import textwrap
 import time
+import tokenize
 import types
 import typing
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -73,11 +78,11 @@ class LoggingFlags:
     where the runs are filed (a study's runs share a group).
     """
 
-    tensorboard: bool | None = None
-    wandb: bool = False
-    wandb_project: str = "rljax"
-    wandb_mode: str = "offline"
-    wandb_group: str | None = None
+    tensorboard: bool | None = None  # mirror the metrics to <run_dir>/tb (None: when tensorboardX is installed)
+    wandb: bool = False  # also log them to Weights & Biases (the wandb extra)
+    wandb_project: str = "rljax"  # the W&B project the runs are filed under
+    wandb_mode: str = "offline"  # offline (files under <run_dir>/wandb; `wandb sync` uploads them) | online
+    wandb_group: str | None = None  # the W&B group (a study's runs share one)
 
     def __post_init__(self):
         from rljax.metrics import WANDB_MODES
@@ -110,30 +115,73 @@ def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: the comment written beside it in the class body} for `cls` and its dataclass bases
+    (`steps: int = 100  # optimizer steps` gives "optimizer steps"); {} where the source is not
+    available (a class built in an interactive session)."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        by_line: dict[int, str] = {}
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                by_line[tok.start[0]] = tok.string.lstrip("#").strip()
+        body = ast.parse(source).body[0]
+        for node in getattr(body, "body", []):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                said = [by_line[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in by_line]
+                if said:
+                    comments[node.target.id] = " ".join(said)
+    return comments
+
+
+def _description(cls: type) -> str | None:
+    """The class's docstring, or (a dataclass without one gets its signature as __doc__) the
+    docstring of the module that defines it: an experiment's usage lines."""
+    doc = cls.__doc__
+    if doc and not doc.startswith(cls.__name__ + "("):
+        return inspect.cleandoc(doc)
+    module = sys.modules.get(cls.__module__)
+    return inspect.cleandoc(module.__doc__) if module is not None and module.__doc__ else None
+
+
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
     """Build `cls` from its defaults and `--field value` flags (`--flag` alone sets a bool True,
     `--no-flag` False).
 
     Flags must be spelled out (argparse's prefix matching is off, so a typo is an error,
     not another field). The names of the fields given on the command line are recorded on
-    the instance for `explicit_fields` / `apply_preset`.
+    the instance for `explicit_fields` / `apply_preset`. `--help` shows `description` (default:
+    the class's docstring, else its module's), and beside each flag the comment written after
+    its field in the class body and its default.
     """
-    parser = argparse.ArgumentParser(description=description or cls.__doc__, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=description or _description(cls), allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
+        said = comments.get(f.name, "")
+        # argparse %-formats help strings: a literal % must be doubled
+        help_text = (f"{said} " if said else "").replace("%", "%%") + f"(default: {_default(f)!r})".replace("%", "%%")
         if typing.get_origin(typ) in (typing.Union, types.UnionType):  # `X | None`: parse as X
             typ = next(a for a in typing.get_args(typ) if a is not type(None))
         if typ is bool:
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=_UNSET, metavar="BOOL")
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=_UNSET, metavar="BOOL",
+                                help=help_text)
             parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False,
                                 default=_UNSET, help=f"{flag} false")
         elif typing.get_origin(typ) in (tuple, list):
             (inner, *_) = typing.get_args(typ) or (str,)
-            parser.add_argument(flag, type=inner, nargs="+", default=_UNSET)
+            parser.add_argument(flag, type=inner, nargs="+", default=_UNSET, help=help_text)
         else:
-            parser.add_argument(flag, type=typ, default=_UNSET)
+            parser.add_argument(flag, type=typ, default=_UNSET, help=help_text)
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     explicit = set()

@@ -161,8 +161,14 @@ class RLConfig:
 
     @property
     def algo(self) -> Algorithm:
-        """The algorithm with this config's estimator and loss configs."""
-        return get_algorithm(self.algorithm).with_config(advantage=self.advantage, loss=self.loss)
+        """The algorithm with this config's estimator and loss configs; a loss aggregated by a
+        constant normaliser left None (Dr. GRPO's registry entry) gets C = sampling.max_new_tokens,
+        the maximum completion length."""
+        algo = get_algorithm(self.algorithm).with_config(advantage=self.advantage, loss=self.loss)
+        loss = algo.loss.config
+        if getattr(loss, "aggregation", None) == "constant" and getattr(loss, "constant", 0) is None:
+            algo = algo.with_config(constant=float(self.sampling.max_new_tokens))
+        return algo
 
 
 def _per_iteration(opt: OptimizerConfig, updates: int) -> OptimizerConfig:

@@ -6,7 +6,9 @@ import pytest
 from conftest import left_padded
 from rljax.algorithms import ALGORITHMS, check_group_size, compose, get_algorithm, prepare
 from rljax.estimators import PrepareInput
-from rljax.models.logprobs import token_logprobs
+from rljax.losses import GRPOConfig
+from rljax.models.logprobs import target_mask, token_logprobs
+from rljax.rl import RLConfig
 from rljax.sampling import SampleConfig, sample
 
 
@@ -22,11 +24,18 @@ def test_every_algorithm_prepares_and_scores_a_rollout(tiny):
     inp = PrepareInput(rollout=r, rewards=rewards, ref_logprobs=ref, greedy_rewards=np.ones(6, np.float32),
                        values=values, teacher_logprobs=0.5 * ref)  # any teacher's log-probs (on_policy_distill)
     for name, algo in ALGORITHMS.items():
-        if name == "dr_grpo":
-            algo = algo.with_config(constant=6.0)
+        if name == "dr_grpo":  # the registry leaves its normaliser to the RL config: C = max_new_tokens
+            with pytest.raises(ValueError, match="sampling.max_new_tokens"):
+                algo.loss.loss(params, prepare(algo, inp)[0], model=model, cfg=algo.loss.config)
+            algo = RLConfig(algorithm="dr_grpo", sampling=SampleConfig(max_new_tokens=6, n=2)).algo
+            assert algo.loss.config.constant == 6.0
         batch, keep = prepare(algo, inp)
         loss, metrics = algo.loss.loss(params, batch, model=model, cfg=algo.loss.config)
         assert np.isfinite(float(loss)), name
+        if name == "dr_grpo":  # ρ = 1, β = 0: L = −Σ_{b,t} m Â_b / (B · C), B = 6 rows, C = 6 new tokens
+            m = np.asarray(target_mask(batch.loss_mask, batch.attention_mask))
+            assert float(loss) == pytest.approx(-float(np.sum(np.asarray(batch.advantages)[:, None] * m)) / 36,
+                                                rel=1e-4, abs=1e-6)
         if name == "dapo":
             np.testing.assert_array_equal(keep, [True, True, False, False, True, True])
         else:
@@ -64,6 +73,21 @@ def test_needs_are_declared_per_config_and_pairs_are_checked():
         compose("group", "ppo2")
     with pytest.raises(TypeError, match="RLConfig.loss: grpo takes a GRPOConfig"):
         get_algorithm("grpo").configs(loss=ReinforceConfig())
+
+
+def test_a_constant_normaliser_left_none_is_the_max_completion_length():
+    """RLConfig fills in Dr. GRPO's C (and any constant-aggregated loss's C left None) from
+    sampling.max_new_tokens; a constant given explicitly stays; a non-positive one is refused."""
+    sampling = SampleConfig(max_new_tokens=24, n=2)
+    assert RLConfig(algorithm="dr_grpo", sampling=sampling).algo.loss.config.constant == 24.0
+    assert get_algorithm("dr_grpo").loss.config.constant is None
+    mine = GRPOConfig(aggregation="constant", constant=3.0, kl_coef=0.0)
+    assert RLConfig(algorithm="dr_grpo", loss=mine, sampling=sampling).algo.loss.config.constant == 3.0
+    assert RLConfig(algorithm="grpo", loss=GRPOConfig(aggregation="constant"),
+                    sampling=sampling).algo.loss.config.constant == 24.0
+    assert RLConfig(algorithm="grpo", sampling=sampling).algo.loss.config.constant is None  # not aggregated so
+    with pytest.raises(ValueError, match="GRPOConfig.constant: must be positive"):
+        GRPOConfig(aggregation="constant", constant=0.0)
 
 
 def test_group_methods_need_two_samples():

@@ -179,7 +179,7 @@ def test_load_sft_of_an_unfinished_run_is_an_error_not_a_new_run(tmp_path):
 def test_exported_policy_loads_back_with_the_same_digest(tmp_path):
     """export_policy on the grpo_math smoke model (the test fixtures' Qwen2 architecture and
     tokenizer): load_pretrained gives the same params, the tokenizer its three stop ids."""
-    from experiments.grpo_math import write_smoke_model
+    from experiments.fixtures import write_smoke_model
     from rljax.models.hf import load_pretrained
     from rljax.tokenizer import HFTokenizer
 

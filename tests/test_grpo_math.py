@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import grpo_math
+from experiments import fixtures, grpo_math
 from rljax.checkpoint import digest_params
 from rljax.data.adapters import DataError
 from rljax.data.collate import collate_prompt_completion
@@ -32,7 +32,7 @@ def smoke(tmp_path_factory):
 def test_smoke_rewards_equal_the_math_reward_recomputed_on_the_logged_samples(smoke):
     rows = [r for r in read_metrics(smoke["run_dir"]) if "rl/reward_mean" in r]
     assert [r["step"] for r in rows] == [1, 2]
-    problems = {p.answer for p in grpo_math.read_problems(grpo_math.SMOKE_DATA, "gsm8k")}
+    problems = {p.answer for p in grpo_math.read_problems(fixtures.SMOKE_DATA, "gsm8k")}
     for r in rows:
         with open(os.path.join(smoke["run_dir"], "samples", f"iteration-{r['step']:06d}.jsonl")) as f:
             logged = [json.loads(line) for line in f]
@@ -56,7 +56,7 @@ def test_sft_targets_earn_the_full_reward():
     """The SFT target's answer style is the one the reward reads: answer 1 + format 0.1 for every row."""
     cfg = grpo_math.Config(smoke=True)
     grpo_math.apply_smoke(cfg)
-    problems = grpo_math.read_problems(grpo_math.SMOKE_DATA, "gsm8k")
+    problems = grpo_math.read_problems(fixtures.SMOKE_DATA, "gsm8k")
     targets = [grpo_math.sft_target(p, cfg.style) for p in problems]
     r = grpo_math.make_reward(cfg)([""] * len(targets), targets, answers=[p.answer for p in problems])
     np.testing.assert_allclose(r, 1.1, atol=1e-6)
@@ -104,10 +104,10 @@ def test_smoke_on_a_four_device_mesh(tmp_path):
 
 
 def test_sft_and_rl_prompts_are_the_same_tokens():
-    tok = HFTokenizer.from_pretrained(grpo_math.SMOKE_TOKENIZER)
+    tok = HFTokenizer.from_pretrained(fixtures.SMOKE_TOKENIZER)
     cfg = grpo_math.Config(smoke=True)
     grpo_math.apply_smoke(cfg)
-    problems = grpo_math.read_problems(grpo_math.SMOKE_DATA, "gsm8k")[:3]
+    problems = grpo_math.read_problems(fixtures.SMOKE_DATA, "gsm8k")[:3]
     system = grpo_math.SYSTEM_PROMPTS[cfg.style]
     pairs, dropped = grpo_math.sft_pairs(tok, problems, cfg, system)
     assert dropped == 0

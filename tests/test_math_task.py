@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import grpo_math
+from experiments import fixtures, grpo_math
 from rljax.data.math import MathProblem
 from rljax.data.synthetic import preference_pairs
 from rljax.models import Model, preset
@@ -14,8 +14,8 @@ from rljax.rewards.math_answers import math_answer_reward, think_answer_format_r
 from rljax.tasks.math import MATH_CORRUPTIONS, chat_prompt, math_task, read_problems
 from rljax.tokenizer import HFTokenizer
 
-TOK = HFTokenizer.from_pretrained(grpo_math.SMOKE_TOKENIZER)
-PROBLEMS = read_problems(grpo_math.SMOKE_DATA, "gsm8k")
+TOK = HFTokenizer.from_pretrained(fixtures.SMOKE_TOKENIZER)
+PROBLEMS = read_problems(fixtures.SMOKE_DATA, "gsm8k")
 
 
 def test_prompts_encode_to_the_chat_template_ids_and_references_earn_full_reward():
@@ -29,7 +29,7 @@ def test_prompts_encode_to_the_chat_template_ids_and_references_earn_full_reward
         assert task.check(p, ref) and task.well_formed(ref) and task.gold_score(p, ref) == pytest.approx(1.0)
         assert math_answer_reward([""], [ref], answers=[p.answer])[0] == 1
     # a template that writes bos itself (Llama 3's) does not get it twice
-    llama = HFTokenizer.from_pretrained(grpo_math.SMOKE_TOKENIZER)
+    llama = HFTokenizer.from_pretrained(fixtures.SMOKE_TOKENIZER)
     llama.chat_template = llama.chat_template["llama3"]
     p = PROBLEMS[0]
     text = chat_prompt(llama, p.question, "sys")

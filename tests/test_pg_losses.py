@@ -131,7 +131,7 @@ def test_grpo_advantages_and_variants():
     np.testing.assert_allclose(dr.advantages, [0.5, -0.5, 0.0, 0.0, 0.0])
     np.testing.assert_array_equal(dr.keep, [True] * 5)
     with pytest.raises(ValueError, match="constant"):
-        GRPOConfig(aggregation="constant")
+        GRPOConfig(aggregation="constant", constant=-1.0)
     with pytest.raises(ValueError, match="eps_low"):
         GRPOConfig(eps_low=1.5)
 

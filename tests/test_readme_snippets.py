@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.grpo_math import write_smoke_model
+from experiments.fixtures import write_smoke_model
 from rljax.checkpoint import Checkpointer, digest_params
 from rljax.models.hf import load_pretrained
 from rljax.rewards import reward_model_reward

@@ -22,8 +22,10 @@ from rljax.ops.kl import KL_ESTIMATORS, kl_k1, kl_k3
 def _validate_common(cfg):
     if cfg.aggregation not in AGGREGATIONS:
         raise ValueError(f"{type(cfg).__name__}.aggregation: {cfg.aggregation!r} not in {AGGREGATIONS}")
-    if cfg.aggregation == "constant" and not (cfg.constant and cfg.constant > 0):
-        raise ValueError(f"{type(cfg).__name__}.constant: must be positive with aggregation='constant'")
+    if cfg.aggregation == "constant" and cfg.constant is not None and not cfg.constant > 0:
+        # None is left for the RL loop to fill in: RLConfig.algo sets the sampling's max_new_tokens
+        raise ValueError(f"{type(cfg).__name__}.constant: must be positive with aggregation='constant' (or None: "
+                         f"the maximum completion length, RLConfig's sampling.max_new_tokens), got {cfg.constant}")
     if cfg.kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"{type(cfg).__name__}.kl_estimator: {cfg.kl_estimator!r} not in {tuple(KL_ESTIMATORS)}")
     if cfg.kl_coef < 0:

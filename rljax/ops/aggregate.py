@@ -36,7 +36,8 @@ def aggregate(x: jax.Array, mask: jax.Array, mode: str, *, constant: float | Non
         return x.sum(axis=1).mean()
     if mode == "constant":
         if constant is None or constant <= 0:
-            raise ValueError(f"aggregate mode 'constant' needs a positive constant, got {constant}")
+            raise ValueError(f"aggregate mode 'constant' needs a positive constant, got {constant} (an RLConfig sets a "
+                             "loss's constant=None to its sampling.max_new_tokens; a loss called directly needs one)")
         return x.sum() / (x.shape[0] * constant)
     raise ValueError(f"unknown aggregation {mode!r}; choose from {AGGREGATIONS}")
 

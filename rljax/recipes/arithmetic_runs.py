@@ -32,7 +32,7 @@ from rljax.algorithms import get_algorithm
 from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, check_input_dir, make_run_dir, save_config
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.eval import exact_match, finished_run, load_finished
-from rljax.losses import GRPOConfig, TRPOConfig
+from rljax.losses import TRPOConfig
 from rljax.losses.actor_critic import with_value_head
 from rljax.metrics import plot_metrics, read_metrics
 from rljax.models import Model, preset
@@ -329,8 +329,6 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
     loss = algo.loss.config
     if isinstance(loss, TRPOConfig):
         algo = algo.with_config(max_kl=cfg.max_kl)
-    if isinstance(loss, GRPOConfig) and loss.aggregation == "constant":  # Dr. GRPO: normalise by the max length
-        algo = algo.with_config(constant=float(cfg.max_new_tokens))
     rl_cfg = RLConfig(algorithm=algo,
                       sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.n, temperature=cfg.temperature,
                                             eos_id=tok.eos_id, pad_id=tok.pad_id),

@@ -563,7 +563,7 @@ def reward_model(model, data, cfg: RewardModelTaskConfig = RewardModelTaskConfig
                  run_dir: str | None = None) -> TaskResult:
     """A reward model: `model` with a "reward" head (added, zero-initialised, when missing) trained on
     preference pairs (Bradley–Terry) or scored responses (squared error), `rljax.phases.train_reward_model`.
-    Score texts with `rljax.rewards.reward_model_reward(result.params, result.model, result.tokenizer)`."""
+    Score texts with `rljax.rewards.reward_model_reward(result.model, result.params, result.tokenizer)`."""
     m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len, head="reward")
     data_it, kind = reward_batches(tok, data, cfg, max_length=_max_length(cfg, m), share_prompt=cfg.share_prompt)
     loss = RankingConfig(margin=cfg.margin, centring=cfg.centring) if kind == "pairs" else PointwiseConfig()
@@ -595,7 +595,8 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *,
     """On-policy RL with cfg.algorithm (GRPO by default) on the prompts of `data` ({prompt, ...} rows), scored
     by `reward_funcs` (one function, a list summed, or (weight, fn) pairs; each fn(prompts, completions,
     **columns) -> list[float] sees the decoded prompt and completion texts and the row's other columns,
-    one entry per sample). `rljax.phases.rl`; metrics per iteration: reward_mean, kl, entropy, lengths, ..."""
+    one entry per sample). `rljax.phases.rl`; metrics per iteration: reward_mean, reward_std, kl_k1, kl_k3, entropy,
+    completion_length, ... (`make_rl_iteration` lists them)"""
     from rljax.losses.actor_critic import with_value_head
     from rljax.rl import create_rl_state
 
