@@ -275,11 +275,18 @@ def save_config(cfg, run_dir: str, *, allow_change: bool = False, ignore: Iterab
                 f"ones (recorded in {CONFIG_CHANGES_FILE})")
         if not changes:
             return  # the same run: keep the file as first written
+    write_config(run_dir, new, changes)
+
+
+def write_config(run_dir: str, record: dict, changes: dict[str, tuple] | None = None) -> None:
+    """Write `record` to run_dir/config.json atomically; `changes` ({field: (old, new)}, from
+    `config_differences`) are appended to run_dir/config_changes.jsonl with the time, and said."""
     from rljax.checkpoint import atomic_path
 
+    path = os.path.join(run_dir, CONFIG_FILE)
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(new, f, indent=2)
+            json.dump(record, f, indent=2)
     if changes:
         with open(os.path.join(run_dir, CONFIG_CHANGES_FILE), "a") as f:
             f.write(json.dumps({"time": time.time(), "changes": {k: list(v) for k, v in changes.items()}}) + "\n")

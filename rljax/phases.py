@@ -267,6 +267,13 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                     _save_finished(ckpt, state, name)
                 raise
         progress.close()
+        if consecutive and consecutive == cfg.steps - start:  # fewer than max_consecutive_skips, but all of them
+            raise NonFiniteLossError(
+                f"[{name}] loss or gradient was non-finite at every step this run made (steps {start + 1}.."
+                f"{cfg.steps}); they left the state unchanged. Check the data and the learning rate.")
+        if consecutive:
+            print(f"[{name}] warning: the last {consecutive} step(s) had a non-finite loss or gradient and were "
+                  f"skipped (steps {cfg.steps - consecutive + 1}..{cfg.steps})")
         end = int(jax.device_get(state.step))
         if ckpt is not None and end != ckpt.latest_step():
             ckpt.save(state, {"data_position": end}, force=True)

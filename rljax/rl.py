@@ -422,6 +422,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
                                    dtype=teacher_model.config.dtype)
     greedy_cfg = cfg.sampling.replace(greedy=True, n=1)
     room = model.config.max_seq_len - cfg.sampling.max_new_tokens
+    if room < 1:  # no room for a prompt: refused here, before a first iteration samples anything
+        raise ValueError(f"RLConfig.sampling.max_new_tokens: {cfg.sampling.max_new_tokens} leaves no room for a "
+                         f"prompt in the model's max_seq_len {model.config.max_seq_len}; ask for fewer new tokens "
+                         "or build the model with a longer max_seq_len")
     n = cfg.sampling.n
     decode_prompts = decode if decode_prompts is None else decode_prompts
 

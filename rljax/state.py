@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -83,6 +84,10 @@ class OptimizerConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"OptimizerConfig.schedule: {self.schedule!r} not in {SCHEDULES}")
+        for name in ("lr", "end_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm", "head_lr"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):  # NaN passes every comparison below
+                raise ValueError(f"OptimizerConfig.{name}: must be a finite number, got {value}")
         if self.lr <= 0:
             raise ValueError(f"OptimizerConfig.lr: must be positive, got {self.lr}")
         if self.warmup_steps < 0 or self.total_steps < 1 or self.warmup_steps > self.total_steps:

@@ -124,7 +124,7 @@ def _ok_pref(**kw):
 
 @pytest.mark.parametrize("fn,rows,row,words", [
     (preference_pairs, [_ok_pref(), _ok_pref(), _ok_pref(), {"prompt": "p", "rejected": "b"}], 3,
-     ["field 'chosen' is missing", "columns: prompt, rejected"]),
+     ["field 'chosen' is missing", "columns with a value: prompt, rejected"]),
     (preference_pairs, [_ok_pref(), _ok_pref(chosen=5)], 1, ["'chosen'", "string", "int"]),
     (prompt_completion, [PC_ROWS[0], PC_ROWS[0], {"prompt": "p", "completion": ""}], 2,
      ["field 'completion' is empty"]),
@@ -156,9 +156,10 @@ def test_bad_rows_through_a_file(tmp_path, cache):
     rows = [{"prompt": "p", "completion": "c", "label": 1}, {"prompt": "p", "completion": "c", "label": 2}]
     with pytest.raises(DataError, match=r"row 1: field 'label'"):
         binary_feedback(load_records(_write_jsonl(tmp_path / "b.jsonl", rows), cache_dir=cache))
-    # a key missing from one JSONL row becomes None in the Dataset: reported as missing
+    # a key missing from one JSONL row becomes None in the Dataset: reported as missing or null
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "rejected": "b"}]
-    with pytest.raises(DataError, match=r"row 1: field 'chosen' is missing \(columns: prompt, rejected\)"):
+    with pytest.raises(DataError, match=r"row 1: field 'chosen' is missing or null \(columns with a value: prompt, "
+                                        r"rejected\)"):
         preference_pairs(load_records(_write_jsonl(tmp_path / "p.jsonl", rows), cache_dir=cache))
 
 

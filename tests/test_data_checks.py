@@ -218,7 +218,7 @@ def test_a_bad_row_names_its_1_based_line_and_0_based_row(tmp_path):
     lines = [json.dumps(SHORT), "", "   ", json.dumps(SHORT), json.dumps({"prompt": "1+1="})]
     path = write_lines(tmp_path / "rows.jsonl", lines)
     with pytest.raises(DataError, match=r"^.*rows\.jsonl, line 5 \(row 2, counted from 0\): field 'completion' "
-                                        r"is missing \(columns: prompt\)$"):
+                                        r"is missing \(columns with a value: prompt\)$"):
         prompt_completion(path)
     assert row_locator(path)(0) == f"{path}, line 1 (row 0, counted from 0)"
     assert row_locator(path)(1) == f"{path}, line 4 (row 1, counted from 0)"

@@ -428,4 +428,6 @@ def test_hub_names_go_through_snapshot_download_only_when_not_a_directory(monkey
     assert len(calls) == 1
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed: a clear error
     with pytest.raises(FileNotFoundError, match="not a local directory and huggingface_hub is not installed"):
+        load_pretrained("Qwen/Qwen3-tiny-fixture")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):  # a path: never a hub lookup
         load_pretrained(str(tmp_path / "nowhere"))

@@ -50,7 +50,7 @@ def test_batch_iterator_is_a_pure_function_of_position():
         BatchIterator([1, 2], 3, lambda r: r)
 
 
-def test_run_loop_stops_after_consecutive_non_finite_steps(tiny):
+def test_run_loop_stops_after_consecutive_non_finite_steps(tiny, capsys):
     model, _ = tiny
     state = create_state(model, OptimizerConfig(), jax.random.key(0))
 
@@ -64,6 +64,14 @@ def test_run_loop_stops_after_consecutive_non_finite_steps(tiny):
 
     with pytest.raises(NonFiniteLossError, match=r"non-finite for 3 consecutive steps \(steps 3..5\)"):
         run_loop(state, step, Data(), LoopConfig(steps=10, max_consecutive_skips=3, progress=False))
+    # a run shorter than the limit is still refused when none of its steps was finite, and a run that
+    # ends on skipped steps says so
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at every step this run made \(steps 1..2\)"):
+        run_loop(state, step, type("AllBad", (), {"batch_at": lambda self, p: 1})(),
+                 LoopConfig(steps=2, progress=False))
+    out = run_loop(state, step, Data(), LoopConfig(steps=4, max_consecutive_skips=3, progress=False))
+    assert int(out.step) == 4 and int(out.skipped_steps) == 2
+    assert "the last 2 step(s) had a non-finite loss or gradient and were skipped (steps 3..4)" in capsys.readouterr().out
 
 
 def test_sft_phase_resumes_from_run_dir_and_rejects_a_mismatched_optimizer(tiny, tmp_path):

@@ -76,7 +76,7 @@ def test_gsm8k_errors_name_row_and_field():
         gsm8k([good, {"question": "q", "answer": "It is 4."}])
     with pytest.raises(DataError, match=r"row 0: field 'answer': nothing after '####'"):
         gsm8k([{"question": "q", "answer": "work\n#### "}])
-    with pytest.raises(DataError, match=r"row 2: field 'question' is missing \(columns: answer\)"):
+    with pytest.raises(DataError, match=r"row 2: field 'question' is missing \(columns with a value: answer\)"):
         gsm8k([good, good, {"answer": "#### 1"}])
     with pytest.raises(DataError, match=r"row 0: field 'question' is empty"):
         gsm8k([{"question": "  ", "answer": "#### 1"}])

@@ -2,6 +2,7 @@
 dicts and a datasets.Dataset give the same batches; a bad row raises DataError naming the row and field
 before anything trains; extra columns reach the reward functions aligned with their prompts; chat
 templates are applied when the tokenizer has one; a rerun in the same run_dir resumes."""
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,8 @@ import pytest
 
 from rljax.data.adapters import DataError
 from rljax.models import Model, preset
-from rljax.recipes import GRPOTaskConfig, SFTTaskConfig, grpo, load_model, sft
+from rljax.cli import ConfigMismatchError
+from rljax.recipes import GRPOTaskConfig, SFTTaskConfig, dpo, grpo, load_model, sft
 from rljax.recipes.tasks import (DPOTaskConfig, TaskConfig, combine_rewards, preference_batches, prompt_batches,
                                  reward_batches, sft_batches)
 from rljax.metrics import read_metrics
@@ -116,6 +118,67 @@ def test_a_bad_row_raises_data_error_naming_row_and_field_before_training(source
         prompt_batches(TOK, [{"prompt": "1+1=", "key": 1}], TaskConfig(batch_size=1))
 
 
+def test_a_jsonl_file_gives_its_values_as_written_and_bad_files_are_named(tmp_path):
+    """A column of "007", 5 and "0.50" reaches the reward functions as those values (as from a list,
+    not as datasets' JSON reader unifies them: 7, 5, 0.5), and a type error names its own line; an
+    empty file, or chosen == rejected, is a DataError naming the file and line before anything trains."""
+    rows = [{"prompt": "1+1=", "answer": "007"}, {"prompt": "2+2=", "answer": 5}, {"prompt": "3+3=", "answer": "0.50"}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = prompt_batches(TOK, str(path), TaskConfig(batch_size=3)).batch_at(0).metadata["answer"]
+    assert sorted(got, key=str) == ["0.50", "007", 5]
+    (tmp_path / "int.jsonl").write_text('{"prompt": "a", "completion": "0"}\n\n{"prompt": "b", "completion": 2}\n')
+    with pytest.raises(DataError, match=r"int\.jsonl, line 3 \(row 1, counted from 0\): field 'completion' must be a "
+                                        r"string, got int 2"):
+        sft_batches(TOK, str(tmp_path / "int.jsonl"), TaskConfig(batch_size=1))
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n  \n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=rf"{name}: no rows"):
+            sft_batches(TOK, str(tmp_path / name), TaskConfig(batch_size=1))
+    pairs = [dict(r) for r in PAIR_ROWS]
+    pairs[5]["rejected"] = pairs[5]["chosen"]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    same = r"pairs\.jsonl, line 6 \(row 5, counted from 0\): fields 'chosen' and 'rejected' are the same text"
+    with pytest.raises(DataError, match=same):
+        preference_batches(TOK, str(tmp_path / "pairs.jsonl"), DPOTaskConfig(batch_size=2))
+    with pytest.raises(DataError, match=same):
+        dpo(small_model(), str(tmp_path / "pairs.jsonl"), DPOTaskConfig(steps=1, batch_size=2),
+            run_dir=str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+    (tmp_path / "nulls.jsonl").write_text('{"prompt": "a", "completion": null}\n')
+    with pytest.raises(DataError, match=r"line 1 \(row 0, counted from 0\): field 'completion' is missing or null"):
+        sft_batches(TOK, str(tmp_path / "nulls.jsonl"), TaskConfig(batch_size=1))
+
+
+def test_settings_that_cannot_work_are_refused_before_anything_trains(tmp_path):
+    model = small_model()
+    with pytest.raises(TypeError, match=r"expected a \(Model, params, tokenizer\) tuple in that order, got "
+                                        r"\(dict, Model, CharTokenizer\)"):
+        load_model((model[1], model[0], model[2]))
+    with pytest.raises(ValueError, match="dtype, max_seq_len: they apply to a model loaded from a checkpoint"):
+        sft(model, SFT_ROWS, SFTTaskConfig(steps=1, dtype="bfloat16"))
+    with pytest.raises(ValueError, match=r"SFTTaskConfig.dtype: one of \('float32', 'bfloat16', 'float16'\)"):
+        SFTTaskConfig(dtype="float8")
+    with pytest.raises(ValueError, match="OptimizerConfig.lr: must be a finite number, got nan"):
+        sft(model, SFT_ROWS, SFTTaskConfig(steps=1, lr=float("nan")))
+    with pytest.raises(ValueError, match=r"minibatches: 3 does not divide the 8 rows an iteration samples"):
+        GRPOTaskConfig(batch_size=2, n=4, minibatches=3)
+    run_dir = tmp_path / "grpo"
+    with pytest.raises(ValueError, match=r"max_new_tokens: 64 leaves no room for a prompt in the model's "
+                                         r"max_seq_len 64"):
+        grpo(model, PROMPT_ROWS, lambda prompts, completions, **c: [0.0] * len(completions),
+             GRPOTaskConfig(steps=1, batch_size=2, n=2, max_new_tokens=64, progress=False), run_dir=str(run_dir))
+    assert not os.path.exists(run_dir / "checkpoints")
+    from rljax.models.hf import resolve_path
+
+    for missing in ("./nope", str(tmp_path / "nope"), "~/surely/not/here"):
+        with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+            resolve_path(missing)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file; a checkpoint is a directory"):
+        resolve_path(str(tmp_path / "file"))
+
+
 def test_a_rerun_in_the_same_run_dir_resumes(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     cfg = SFTTaskConfig(steps=3, batch_size=4, lr=3e-3, progress=False)
@@ -131,10 +194,49 @@ def test_a_rerun_in_the_same_run_dir_resumes(tmp_path, capsys):
     for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(first.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    longer = sft(small_model(), SFT_ROWS, SFTTaskConfig(steps=5, batch_size=4, lr=3e-3, progress=False),
-                 run_dir=run_dir)  # two more steps, from step 3
+    # a run directory holds one run: another config, data set or task is refused before anything trains
+    five = SFTTaskConfig(steps=5, batch_size=4, lr=3e-3, progress=False)
+    with pytest.raises(ConfigMismatchError, match=r"another configuration \(steps: 3 -> 5\).*allow_change=True"):
+        sft(small_model(), SFT_ROWS, five, run_dir=run_dir)
+    with pytest.raises(ConfigMismatchError, match=r"data: '<12 rows>' -> '<11 rows>'; lr: 0.003 -> 1.0"):
+        sft(small_model(), SFT_ROWS[:11], SFTTaskConfig(steps=3, batch_size=4, lr=1.0), run_dir=run_dir)
+    with pytest.raises(ConfigMismatchError, match=r"holds a 'sft' run .* give the dpo run a run_dir of its own"):
+        dpo(small_model(), PAIR_ROWS, DPOTaskConfig(steps=3, batch_size=4, progress=False), run_dir=run_dir)
+    assert len(read_metrics(run_dir)) == 3 and not os.path.exists(os.path.join(run_dir, "config_changes.jsonl"))
+    # how the run shows may change (progress, log_every); with allow_change the run goes on with the new steps
+    longer = sft(small_model(), SFT_ROWS, dataclasses.replace(five, progress=True, log_every=1), run_dir=run_dir,
+                 allow_change=True)  # two more steps, from step 3
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5] and int(longer.state.step) == 5
     assert longer.metrics == {k: v for k, v in longer.history[-1].items() if k != "step"}
+    with open(os.path.join(run_dir, "config_changes.jsonl")) as f:
+        assert json.loads(f.read())["changes"] == {"steps": [3, 5]}
+    with open(os.path.join(run_dir, "config.json")) as f:
+        assert json.load(f)["config"]["steps"] == 5  # the next rerun compares with the run as it now is
+    sft(small_model(), SFT_ROWS, five, run_dir=run_dir)  # finished: restored, nothing trained
+
+
+def test_a_config_holding_an_algorithm_reads_the_same_in_every_process(tmp_path):
+    """config.json names an Algorithm's functions by module and name, not by memory address (which
+    differs between processes and would make every rerun a ConfigMismatchError)."""
+    from rljax.algorithms import get_algorithm
+    from rljax.recipes.tasks import _run_dir
+
+    cfg = GRPOTaskConfig(algorithm=get_algorithm("dr_grpo"))
+    with _run_dir(str(tmp_path), "grpo", cfg, small_model(), PROMPT_ROWS):
+        pass
+    with open(tmp_path / "config.json") as f:
+        text = f.read()
+    assert " at 0x" not in text and '"loss": "rljax.losses.grpo.grpo_loss"' in text
+
+
+def test_a_failed_run_without_a_run_dir_says_its_checkpoints_are_gone():
+    def broken(prompts, completions, **columns):
+        raise RuntimeError("the verifier is down")
+
+    cfg = GRPOTaskConfig(steps=1, batch_size=2, n=2, max_new_tokens=4, progress=False)
+    with pytest.raises(Exception) as info:
+        grpo(small_model(), PROMPT_ROWS, broken, cfg)
+    assert any("run_dir=None, so its checkpoints in the temporary" in n for n in info.value.__notes__)
 
 
 def test_grpo_reward_functions_get_the_columns_of_their_prompts(tmp_path):

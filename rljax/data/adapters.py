@@ -5,7 +5,7 @@ dicts, an existing `datasets.Dataset` or a hub name into a `datasets.Dataset`.
 The row schemas (`prompt_completion`, `chat_messages`, `preference_pairs`,
 `scored_responses`, `binary_feedback`) read such a dataset into a plain list of
 frozen, validated dataclasses; a bad row raises `DataError` naming the row index
-(counted from 0) and the field, e.g. ``row 3: field 'chosen' is missing (columns: prompt,
+(counted from 0) and the field, e.g. ``row 3: field 'chosen' is missing (columns with a value: prompt,
 rejected)``; given a local file, the error names the file and its 1-based line instead,
 ``data.jsonl, line 4 (row 3, counted from 0): field 'chosen' is missing ...``. A local
 JSON file that does not parse is one `DataError` naming the file, line and parse error.
@@ -298,8 +298,7 @@ def load_records(source, *, split: str = "train", name: str | None = None, data_
     if path.exists():
         builder, files = _resolve_files(path, text, data_files, split)
         if builder == "json":
-            for f in files.get(split, []):
-                _json_rows(f)
+            _check_json_files(files.get(split, []), text)
         return datasets.load_dataset(builder, data_files=files, split=split, **kwargs)
     if isinstance(source, os.PathLike) or _looks_like_path(text):
         raise FileNotFoundError(f"no such file or directory: {text!r}")
@@ -308,10 +307,52 @@ def load_records(source, *, split: str = "train", name: str | None = None, data_
     return datasets.load_dataset(text, name, split=split, **kwargs)
 
 
+def _check_json_files(files: Sequence[str], source: str) -> list:
+    """Validate local JSON / JSON Lines files (`_json_rows`: a bad line is a DataError naming it);
+    -> what `_json_rows` says of each. No rows in any of them is a DataError naming them, where
+    `datasets` would stop with a bare StopIteration or a message naming no file."""
+    found = [_json_rows(f) for f in files]
+    if all(rows == () or rows == 0 for rows in found):
+        raise DataError(f"{source}: no rows (no file holds a JSON object: empty, or only blank lines)"
+                        if files else f"{source}: no .json / .jsonl files")
+    return found
+
+
+def _local_json_rows(source) -> list | None:
+    """The rows of a local JSON / JSON Lines file (or directory of them) as written, in `load_records`'
+    order, or None for any other source (and a .json of columns). Read directly, not through `datasets`,
+    whose JSON reader unifies a column's types (a column of "007" and 5 arrives as 7 and 5): a file then
+    gives what the same list of dicts gives."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(os.fspath(source)).expanduser()
+    if not path.exists():
+        return None
+    builder, files = _resolve_files(path, os.fspath(source), None, "train")
+    if builder != "json":
+        return None
+    found = _check_json_files(files.get("train", []), os.fspath(source))
+    if any(where is None for where in found):
+        return None
+    rows = []
+    for file, where in zip(files["train"], found):
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+        if isinstance(where, tuple):  # JSON Lines
+            rows.extend(json.loads(line) for line in text.splitlines() if line.strip())
+        else:  # one array of objects
+            rows.extend(json.loads(text))
+    return rows
+
+
 def _rows(ds) -> Iterable[Mapping]:
-    """Rows of a Dataset / list of dicts / anything `load_records` accepts."""
+    """Rows of a Dataset / list of dicts / anything `load_records` accepts (local JSON files read as
+    written, `_local_json_rows`)."""
     if isinstance(ds, (list, tuple)):
         return ds  # validated row by row (no Arrow type unification of bad rows)
+    rows = _local_json_rows(ds)
+    if rows is not None:
+        return rows
     try:
         datasets = _require_datasets()
     except ImportError:
@@ -338,8 +379,10 @@ def _get(row_i: int, row: Any, field: str) -> Any:
         raise DataError(f"row {row_i}: expected a dict, got {type(row).__name__}")
     value = row.get(field)
     if value is None:
+        # a datasets.Dataset fills a column a row lacks with None: there absent and null read the same
         present = ", ".join(str(k) for k, v in row.items() if v is not None)
-        raise DataError(f"{_where(row_i, field)} is missing (columns: {present})")
+        how = "is missing or null" if field in row else "is missing"
+        raise DataError(f"{_where(row_i, field)} {how} (columns with a value: {present})")
     return value
 
 
@@ -519,8 +562,13 @@ def chat_to_prompt_completion(chat: Chat, template: Callable[[Sequence[Message]]
 @_locating
 def preference_pairs(ds, *, prompt_field: str = "prompt", chosen_field: str = "chosen",
                      rejected_field: str = "rejected") -> list[PreferencePair]:
-    """Rows {prompt: str, chosen: str (non-empty), rejected: str (non-empty)}."""
-    return _parse(ds, PreferencePair, [(prompt_field, _prompt), (chosen_field, _text), (rejected_field, _text)])
+    """Rows {prompt: str, chosen: str (non-empty), rejected: str (non-empty, not the chosen text)}."""
+    pairs = _parse(ds, PreferencePair, [(prompt_field, _prompt), (chosen_field, _text), (rejected_field, _text)])
+    for i, pair in enumerate(pairs):
+        if pair.chosen == pair.rejected:  # found here, before anything trains, not in the batch that holds it
+            raise DataError(f"row {i}: fields {chosen_field!r} and {rejected_field!r} are the same text, so the pair "
+                            "says nothing")
+    return pairs
 
 
 @_locating

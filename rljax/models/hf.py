@@ -82,11 +82,21 @@ class CheckpointFormatError(ValueError):
 
 
 def resolve_path(path_or_name: str) -> str:
-    """A local directory as is; otherwise a hub repo id fetched with `huggingface_hub.snapshot_download`
-    (imported only here: it is not an rljax dependency)."""
-    path = os.fspath(path_or_name)
+    """A local directory as is (`~` expanded); otherwise a hub repo id ("name" or "owner/name") fetched with
+    `huggingface_hub.snapshot_download` (imported only here: it is not an rljax dependency). A string that
+    can only be a local path (absolute, "./", "~", more than one "/") and names no directory is a
+    FileNotFoundError naming it, not a hub lookup."""
+    from rljax.data.adapters import _looks_like_path
+
+    given = os.fspath(path_or_name)
+    path = os.path.expanduser(given)
     if os.path.isdir(path):
         return path
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{given!r} is a file; a checkpoint is a directory holding config.json and the "
+                                 f"*.safetensors weights")
+    if isinstance(path_or_name, os.PathLike) or _looks_like_path(given):
+        raise FileNotFoundError(f"no such checkpoint directory: {given!r}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:

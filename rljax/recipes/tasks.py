@@ -13,7 +13,13 @@ Each entry point takes
             row raises `DataError` naming the row and the field before anything trains;
   cfg:      the task's config dataclass (defaults for learning rate, steps, batch size, lengths);
   run_dir:  optional; config.json, metrics.jsonl and checkpoints/ go there through `rljax.phases`, and a
-            rerun with the same run_dir resumes from its latest checkpoint (a finished run returns at once);
+            rerun with the same run_dir resumes from its latest checkpoint (a finished run returns at once).
+            A run directory holds one run: a rerun with another task, config, model or data set raises
+            `rljax.cli.ConfigMismatchError` naming each differing field before anything trains, unless
+            `allow_change=True` (continue the saved run with the new values, e.g. more `steps`, recorded in
+            config_changes.jsonl; with a schedule over `steps`, e.g. the default cosine, the continuation then
+            differs from one uninterrupted run). How a run shows and saves (progress, log_every,
+            checkpoint_every, tensorboard, wandb) may change freely;
 and returns a `TaskResult` (trained params, final metrics, the per-step history, model, tokenizer, state).
 
 Row formats (TRL's): SFT {prompt, completion} or {messages}; reward model and DPO {prompt, chosen,
@@ -31,6 +37,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,9 +47,9 @@ import jax
 
 from rljax import phases
 from rljax.algorithms import get_algorithm
-from rljax.data.adapters import (DataError, Message, _check_role, _check_str, _get, chat_messages, load_records,
-                                 located, preference_pairs, prompt_completion, row_locator, scored_responses,
-                                 simple_template)
+from rljax.data.adapters import (DataError, Message, _check_role, _check_str, _get, _local_json_rows, chat_messages,
+                                 load_records, located, preference_pairs, prompt_completion, row_locator,
+                                 scored_responses, simple_template)
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.data.lengths import Tokens, fit_lengths
 from rljax.data.preference_collate import collate_preferences
@@ -96,6 +103,13 @@ class TaskConfig:
     max_seq_len: int | None = None
     tensorboard: bool | None = None
     wandb: WandbConfig | None = None
+
+    def __post_init__(self):
+        from rljax.models.config import DTYPES
+
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"{type(self).__name__}.dtype: one of {tuple(DTYPES)} or None (the checkpoint's), "
+                             f"got {self.dtype!r}")
 
     def optimizer(self) -> OptimizerConfig:
         return OptimizerConfig(lr=self.lr, schedule=self.schedule, warmup_steps=min(self.warmup_steps, self.steps),
@@ -184,6 +198,14 @@ class GRPOTaskConfig(TaskConfig):
     baseline_decay: float = 0.9
     reward_call: RewardCallConfig = dataclasses.field(default_factory=RewardCallConfig)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.minibatches >= 1 and self.batch_size >= 1 and self.n >= 1 \
+                and (self.batch_size * self.n) % self.minibatches:
+            raise ValueError(f"GRPOTaskConfig.minibatches: {self.minibatches} does not divide the "
+                             f"{self.batch_size * self.n} rows an iteration samples (batch_size {self.batch_size} x "
+                             f"n {self.n})")
+
     def rl_config(self, tokenizer):
         from rljax.rl import RLConfig
         from rljax.transforms import moving_average_baseline
@@ -203,9 +225,10 @@ class GRPOTaskConfig(TaskConfig):
 @dataclass(frozen=True)
 class TaskResult:
     """params: the trained parameters (GRPO: the policy's); metrics: the last logged step's metrics
-    (names without the phase prefix, e.g. "loss", "reward_mean"); history: every logged step's metrics
-    with its "step"; model, tokenizer: as used; state: the final TrainState / RLState; run_dir: where the
-    run was written (None when none was given: a temporary directory held it and is gone)."""
+    (names without the phase prefix, e.g. "loss", "reward_mean"; {} when no step ran, steps=0); history:
+    every logged step's metrics with its "step"; model, tokenizer: as used; state: the final TrainState /
+    RLState; run_dir: where the run was written (None when none was given: a temporary directory held it
+    and is gone)."""
 
     params: Any
     metrics: dict
@@ -238,20 +261,30 @@ def load_model(model, *, dtype: str | None = None, max_seq_len: int | None = Non
         except (TypeError, ValueError):
             raise TypeError("model must be an HF checkpoint path or a (Model, params, tokenizer) tuple, got "
                             f"{type(model).__name__}") from None
+        if not isinstance(m, Model) or not hasattr(tok, "encode"):
+            got = ", ".join(type(x).__name__ for x in model)
+            raise TypeError(f"model: expected a (Model, params, tokenizer) tuple in that order, got ({got})")
+        if dtype is not None or max_seq_len is not None:
+            raise ValueError("dtype, max_seq_len: they apply to a model loaded from a checkpoint; a (Model, params, "
+                             "tokenizer) tuple is used as built, so build its Model with the dtype and max_seq_len "
+                             "wanted (or leave these None)")
     if head is not None:
         m, params = add_head(m, params, head)
     return m, params, tok
 
 
 def _rows(data) -> list[dict]:
-    """The data set's rows as dicts (a list is kept as given, so each row is validated on its own)."""
+    """The data set's rows as dicts (a list is kept as given, so each row is validated on its own; local
+    JSON files are read as written, like a list: `datasets` would unify a column's types)."""
     if isinstance(data, (list, tuple)):
         for i, row in enumerate(data):
             if not isinstance(row, Mapping):
                 raise DataError(f"row {i}: expected a dict, got {type(row).__name__}")
         rows = [dict(r) for r in data]
     else:
-        rows = load_records(data).to_list()
+        rows = _local_json_rows(data)
+        if rows is None:
+            rows = load_records(data).to_list()
     if not rows:
         raise DataError("the data set has no rows")
     return rows
@@ -512,9 +545,59 @@ def _describe(x) -> Any:
     return f"<{type(x).__name__}{f' of {len(x)} rows' if hasattr(x, '__len__') else ''}>"
 
 
+# TaskConfig fields that say how a run is shown and how often it saves, not what it computes: a rerun that
+# resumes may change them.
+RESUMABLE_CHANGES = ("progress", "log_every", "checkpoint_every", "tensorboard", "wandb")
+
+
+def _json_value(x) -> str:
+    """A value JSON has no type for, as text that is the same in every process: a function (an
+    Algorithm's halves) by its module and name, anything else by str() without its memory address."""
+    if callable(x) and hasattr(x, "__qualname__"):
+        return f"{getattr(x, '__module__', '?')}.{x.__qualname__}"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(x))
+
+
+def _flat_record(record: dict) -> dict:
+    """config.json's {task, model, data, config: {...}} as one level of fields, to compare two runs."""
+    return {**record.get("config", {}), **{k: record.get(k, "<absent>") for k in ("task", "model", "data")}}
+
+
+def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool) -> None:
+    """Write `record` to d/config.json, or check it against the one there: a run directory holds one run.
+    Another task's run is refused; so is another configuration, model or data set (each differing field
+    named) unless allow_change, which continues the run with the new values and appends them to
+    config_changes.jsonl."""
+    from rljax.cli import CONFIG_CHANGES_FILE, ConfigMismatchError, config_differences, write_config
+
+    path = os.path.join(d, "config.json")
+    new = json.loads(json.dumps(record, default=_json_value))  # as it reads back: tuples become lists
+    changes = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("task") != task:
+            raise ConfigMismatchError(f"{task}: run_dir {d!r} holds a {old.get('task')!r} run ({path}); a run "
+                                      f"directory holds one run: give the {task} run a run_dir of its own (to "
+                                      f"start from that run's weights, pass its result's (model, params, "
+                                      f"tokenizer) or its exported checkpoint as the model)")
+        changes = config_differences(_flat_record(old), _flat_record(new), ignore=RESUMABLE_CHANGES, added={})
+        if changes and not allow_change:
+            listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
+            raise ConfigMismatchError(
+                f"{task}: run_dir {d!r} holds a run with another configuration ({listed}); a rerun resumes only "
+                f"the same run. Give this one a new run_dir, or pass allow_change=True to continue the saved run "
+                f"with the new values (recorded in {CONFIG_CHANGES_FILE}; a schedule that depends on `steps` then "
+                f"differs from one uninterrupted run)")
+        if not changes:
+            return  # the same run: keep the file as first written
+    write_config(d, new, changes)
+
+
 @contextlib.contextmanager
-def _run_dir(run_dir, task: str, cfg, model, data):
-    """Yield the run directory (a temporary one when None, so metrics can be read back) with config.json."""
+def _run_dir(run_dir, task: str, cfg, model, data, allow_change: bool = False):
+    """Yield the run directory (a temporary one when None, so metrics can be read back) with config.json
+    (`_claim_run_dir`: a rerun must be the same run)."""
     if run_dir is None and cfg.wandb is not None and cfg.wandb.mode == "offline":
         raise ValueError(f"{task}: an offline W&B run (cfg.wandb) is written into run_dir; pass run_dir=... "
                          f"(without one it would go to a temporary directory and be deleted)")
@@ -522,10 +605,15 @@ def _run_dir(run_dir, task: str, cfg, model, data):
         d = os.fspath(run_dir) if run_dir is not None else stack.enter_context(
             tempfile.TemporaryDirectory(prefix=f"rljax-{task}-"))
         os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump(dict(task=task, model=_describe(model), data=_describe(data), config=dataclasses.asdict(cfg)),
-                      f, indent=2, default=str)
-        yield d
+        _claim_run_dir(d, task, dict(task=task, model=_describe(model), data=_describe(data),
+                                     config=dataclasses.asdict(cfg)), allow_change)
+        try:
+            yield d
+        except BaseException as e:
+            if run_dir is None:  # what the loop printed about its checkpoints is about to be deleted
+                e.add_note(f"{task}: run_dir=None, so its checkpoints in the temporary {d} are deleted now; pass "
+                           f"run_dir=... to keep them and resume")
+            raise
 
 
 def _history(run_dir: str, name: str) -> list[dict]:
@@ -547,20 +635,21 @@ def _result(state, params, d, name, model, tok, run_dir) -> TaskResult:
                       run_dir=None if run_dir is None else os.fspath(run_dir))
 
 
-def sft(model, data, cfg: SFTTaskConfig = SFTTaskConfig(), *, run_dir: str | None = None) -> TaskResult:
+def sft(model, data, cfg: SFTTaskConfig = SFTTaskConfig(), *, run_dir: str | None = None,
+        allow_change: bool = False) -> TaskResult:
     """Supervised fine-tuning of `model` on `data` ({prompt, completion} or {messages} rows) for cfg.steps
     steps of cfg.batch_size rows (`rljax.phases.sft`); metrics: loss, tokens, grad_norm, ..."""
     m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len)
     data_it = sft_batches(tok, data, cfg, max_length=_max_length(cfg, m))
     opt = cfg.optimizer()
     state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
-    with _run_dir(run_dir, "sft", cfg, model, data) as d:
+    with _run_dir(run_dir, "sft", cfg, model, data, allow_change) as d:
         state = phases.sft(state, data_it, phases.SFTPhaseConfig(optimizer=opt, loop=cfg.loop()), model=m, run_dir=d)
         return _result(state, state.params, d, "sft", m, tok, run_dir)
 
 
 def reward_model(model, data, cfg: RewardModelTaskConfig = RewardModelTaskConfig(), *,
-                 run_dir: str | None = None) -> TaskResult:
+                 run_dir: str | None = None, allow_change: bool = False) -> TaskResult:
     """A reward model: `model` with a "reward" head (added, zero-initialised, when missing) trained on
     preference pairs (Bradley–Terry) or scored responses (squared error), `rljax.phases.train_reward_model`.
     Score texts with `rljax.rewards.reward_model_reward(result.model, result.params, result.tokenizer)`."""
@@ -569,13 +658,14 @@ def reward_model(model, data, cfg: RewardModelTaskConfig = RewardModelTaskConfig
     loss = RankingConfig(margin=cfg.margin, centring=cfg.centring) if kind == "pairs" else PointwiseConfig()
     opt = cfg.optimizer()
     state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
-    with _run_dir(run_dir, "reward_model", cfg, model, data) as d:
+    with _run_dir(run_dir, "reward_model", cfg, model, data, allow_change) as d:
         state = phases.train_reward_model(state, data_it, phases.RewardModelPhaseConfig(
             loss=loss, optimizer=opt, loop=cfg.loop()), model=m, run_dir=d)
         return _result(state, state.params, d, "rm", m, tok, run_dir)
 
 
-def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, run_dir: str | None = None) -> TaskResult:
+def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, run_dir: str | None = None,
+        allow_change: bool = False) -> TaskResult:
     """DPO (or cfg.method of its family) of `model` on {prompt, chosen, rejected} rows against the frozen
     starting model (`rljax.phases.preference`); metrics: loss, accuracy, margin, chosen/rejected rewards."""
     m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len)
@@ -583,7 +673,7 @@ def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, run_dir: str | Non
     data_it = preference_batches(tok, data, cfg, max_length=_max_length(cfg, m))
     opt = cfg.optimizer()
     state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
-    with _run_dir(run_dir, "dpo", cfg, model, data) as d:
+    with _run_dir(run_dir, "dpo", cfg, model, data, allow_change) as d:
         state = phases.preference(state, data_it, phases.PreferencePhaseConfig(loss=loss, optimizer=opt,
                                                                                loop=cfg.loop()),
                                   model=m, reference=params, run_dir=d)
@@ -591,7 +681,7 @@ def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, run_dir: str | Non
 
 
 def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *,
-         run_dir: str | None = None) -> TaskResult:
+         run_dir: str | None = None, allow_change: bool = False) -> TaskResult:
     """On-policy RL with cfg.algorithm (GRPO by default) on the prompts of `data` ({prompt, ...} rows), scored
     by `reward_funcs` (one function, a list summed, or (weight, fn) pairs; each fn(prompts, completions,
     **columns) -> list[float] sees the decoded prompt and completion texts and the row's other columns,
@@ -612,7 +702,7 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *,
         m, params = with_value_head(m, params)
     state = create_rl_state(m, params, rl_cfg, jax.random.key(cfg.seed), critic_model=critic_model,
                             critic_params=critic_params)
-    with _run_dir(run_dir, "grpo", cfg, model, data) as d:
+    with _run_dir(run_dir, "grpo", cfg, model, data, allow_change) as d:
         state = phases.rl(state, prompts, reward, rl_cfg, model=m, decode=tok.decode_batch,
                           decode_prompts=functools.partial(tok.decode_batch, stop_at_eos=False), loop=cfg.loop(),
                           run_dir=d, critic_model=critic_model)
