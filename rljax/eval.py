@@ -267,11 +267,14 @@ def export_policy(params, model, tok, model_dir: str | None, path: str, *, dtype
     tok's bos / eos / pad ids, safetensors in `dtype`, default the parameters'), the TOKENIZER_FILES
     present in `model_dir` (None: none), and a generation_config.json (the copied one, updated) whose
     eos_token_id lists every stop id of `tok` (`tok.eos_ids`), so that vLLM / transformers stop where
-    the sampler did. `rljax.models.hf.load_pretrained(path)` gives back the same params. Returns `path`.
+    the sampler did. `rljax.models.hf.load_pretrained(path)` gives back the same params. `path` may be
+    new, empty or a checkpoint (`model_dir` itself included: its weights are replaced, its other files
+    kept); a directory of other files, such as a run directory, is refused. Returns `path`.
     """
     save_pretrained(params, model.config, path, dtype=dtype, overwrite=True,
                     extra_config=dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
-    for name in TOKENIZER_FILES if model_dir is not None else ():
+    in_place = model_dir is not None and os.path.abspath(model_dir) == os.path.abspath(path)
+    for name in TOKENIZER_FILES if model_dir is not None and not in_place else ():  # in place: kept as they are
         if os.path.isfile(os.path.join(model_dir, name)):
             shutil.copy(os.path.join(model_dir, name), path)
     gen_path = os.path.join(path, "generation_config.json")

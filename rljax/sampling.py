@@ -198,6 +198,10 @@ def prepare_prompts(prompt_tokens, prompt_mask, *, vocab_size: int, max_new_toke
         raise ValueError(f"prompt_tokens[{b}, {t}] = {int(tokens[b, t])} is outside the vocabulary [0, {vocab_size})")
     longest = int(lengths.max())
     room = max_seq_len - max_new_tokens
+    if room < 1:  # no prompt fits, however short: the prompt is not what to change
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the KV cache "
+                         f"(config.max_seq_len={max_seq_len}); ask for fewer new tokens or build the model with a "
+                         "longer max_seq_len")
     if longest > room:
         raise ValueError(f"prompt row {int(np.argmax(lengths))} has {longest} tokens; with max_new_tokens="
                          f"{max_new_tokens} it exceeds the KV cache (config.max_seq_len={max_seq_len}): prompts "

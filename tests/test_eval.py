@@ -200,3 +200,13 @@ def test_exported_policy_loads_back_with_the_same_digest(tmp_path):
     with open(os.path.join(bare, "generation_config.json")) as f:
         assert json.load(f)["eos_token_id"] == [4, 1, 7]
     assert not os.path.exists(os.path.join(bare, "tokenizer.json"))
+    # in place: the weights are replaced, the tokenizer files kept; a run directory is refused, untouched
+    before = sorted(os.listdir(model_dir))
+    export_policy(params, Model(arch), tok, model_dir, model_dir)
+    assert sorted(os.listdir(model_dir)) == before and HFTokenizer.from_pretrained(model_dir).eos_ids == (4, 1, 7)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match=r"holds files but no checkpoint \(checkpoints, metrics.jsonl\)"):
+        export_policy(params, Model(arch), tok, model_dir, str(run))
+    assert sorted(os.listdir(run)) == ["checkpoints", "metrics.jsonl"]

@@ -330,14 +330,71 @@ def test_unsupported_config_field_is_named(name, changes, field, tmp_path):
         load_pretrained(path)
 
 
+def test_a_tied_config_over_a_separate_head_loads_only_when_the_head_is_the_embedding(tmp_path):
+    """tie_word_embeddings true and an lm_head.weight in the file: equal to the embedding, the same
+    model (loads tied); different, transformers' versions disagree on which they use: refused."""
+    path = _copy("qwen3", tmp_path)
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    embedding = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    save_file({**tensors, "lm_head.weight": tensors[embedding].copy()}, file)
+    _assert_same_tree(load_pretrained(os.path.join(FIXTURES, "qwen3"))[1], load_pretrained(path)[1])
+    save_file({**tensors, "lm_head.weight": tensors[embedding] + 1}, file)
+    with pytest.raises(CheckpointFormatError, match=r"tie_word_embeddings is true, but .*model.safetensors also "
+                                                    r"holds an lm_head.weight that differs"):
+        load_pretrained(path)
+
+
+def test_rope_scaling_beside_rope_parameters_must_agree(tmp_path):
+    path = _copy("qwen3", tmp_path)
+    _edit_config(path, rope_scaling={"rope_type": "default"})  # the same: loads
+    load_pretrained(path)
+    _edit_config(path, rope_scaling={"type": "linear", "factor": 2.0})
+    with pytest.raises(CheckpointFormatError, match=r"rope_scaling \{'type': 'linear', 'factor': 2.0\} disagrees "
+                                                    r"with rope_parameters"):
+        load_pretrained(path)
+
+
+def test_damaged_files_are_named(tmp_path):
+    """A truncated safetensors file (a broken download) and JSON that does not parse name their file."""
+    path = _copy("qwen3", tmp_path)
+    file = os.path.join(path, "model.safetensors")
+    with open(file, "rb") as f:
+        data = f.read()
+    with open(file, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(CheckpointFormatError, match=r"model.safetensors: not a readable safetensors file"):
+        load_pretrained(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write('{"model_type": "qwen3",')
+    with pytest.raises(CheckpointFormatError, match=r"config.json: not valid JSON"):
+        load_pretrained(path)
+
+
 def test_save_refuses_to_clobber_and_checks_shapes(tmp_path):
     cfg, params = load_pretrained(os.path.join(FIXTURES, "qwen3"))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="overwrite"):
         save_pretrained(params, cfg, str(tmp_path / "full"))
+    with pytest.raises(FileExistsError, match=r"holds files but no checkpoint \(keep.txt\)"):  # e.g. a run dir
+        save_pretrained(params, cfg, str(tmp_path / "full"), overwrite=True)
+    # overwrite=True over a checkpoint replaces its own files (a stale shard of an older save too) and
+    # keeps the rest: tokenizer files, a README
+    (tmp_path / "full" / "keep.txt").unlink()
+    save_pretrained(params, cfg, str(tmp_path / "full"), max_shard_bytes=2**14)  # sharded
+    shards = [n for n in os.listdir(tmp_path / "full") if n.startswith("model-")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in os.listdir(tmp_path / "full")
+    (tmp_path / "full" / "README.md").write_text("mine")
+    shutil.copy(os.path.join(FIXTURES, "qwen3", "generation_config.json"), tmp_path / "full")
     save_pretrained(params, cfg, str(tmp_path / "full"), overwrite=True)
-    assert not (tmp_path / "full" / "keep.txt").exists()
+    assert sorted(os.listdir(tmp_path / "full")) == ["README.md", "config.json", "generation_config.json",
+                                                     "model.safetensors"]
+    assert (tmp_path / "full" / "README.md").read_text() == "mine"
+    _assert_same_tree(params, load_pretrained(str(tmp_path / "full"))[1])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        save_pretrained(params, cfg, str(tmp_path / "file"), overwrite=True)
     with pytest.raises(ValueError, match=r"params\['embedding'\] has shape"):
         save_pretrained({**params, "embedding": params["embedding"][:3]}, cfg, str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()

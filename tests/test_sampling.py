@@ -282,6 +282,9 @@ def test_bad_prompts_raise(tiny):
     key = jax.random.key(0)
     with pytest.raises(ValueError, match="exceeds the KV cache"):
         sample(params, np.ones((1, 510), np.int32), None, key, model=model, cfg=cfg)
+    with pytest.raises(ValueError, match=r"max_new_tokens=512 leaves no room for a prompt in the KV cache "
+                                         r"\(config.max_seq_len=512\)"):
+        sample(params, np.ones((1, 1), np.int32), None, key, model=model, cfg=SampleConfig(max_new_tokens=512))
     with pytest.raises(ValueError, match="prompt row 1 is empty"):
         sample(params, np.ones((2, 3), np.int32), np.array([[1, 1, 1], [0, 0, 0]]), key, model=model, cfg=cfg)
     with pytest.raises(ValueError, match="empty"):

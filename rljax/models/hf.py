@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -64,6 +65,13 @@ from rljax.sharding import LOGICAL_RULES, param_shardings
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# The files save_pretrained writes, and so replaces: every other file of a checkpoint directory (tokenizer
+# files, generation_config.json, a README) is kept.
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _checkpoint_owned(name: str) -> bool:
+    return name in (CONFIG_NAME, SINGLE_FILE, INDEX_FILE) or _SHARD_FILE.fullmatch(name) is not None
 
 # model_type -> architecture name prefix; the suffix says which heads the checkpoint holds.
 MODEL_TYPES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
@@ -110,8 +118,15 @@ def read_hf_config(path: str) -> dict:
     file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(file):
         raise CheckpointFormatError(f"{file}: missing (a Hugging Face checkpoint needs config.json)")
-    with open(file) as f:
-        return json.load(f)
+    return _read_json(file)
+
+
+def _read_json(file: str) -> dict:
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{file}: not valid JSON ({e})") from None
 
 
 def _architecture(hf: dict, file: str) -> tuple[str, str]:
@@ -136,6 +151,14 @@ def _rope(hf: dict, file: str) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling`."""
     params = hf.get("rope_parameters")
     field = "rope_parameters"
+    legacy = hf.get("rope_scaling")
+    if isinstance(params, dict) and isinstance(legacy, dict) and legacy:
+        # both spellings: transformers 5 lets the legacy rope_scaling win, older versions read only it, so
+        # they must agree ("type" is rope_type's old name)
+        differ = {k: v for k, v in legacy.items() if params.get("rope_type" if k == "type" else k) != v}
+        if differ:
+            raise CheckpointFormatError(f"{file}: rope_scaling {differ} disagrees with rope_parameters "
+                                        f"{params}; keep one of the two fields")
     if params is None:
         params, field = dict(hf.get("rope_scaling") or {}), "rope_scaling"
         params.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
@@ -359,8 +382,7 @@ class _Checkpoint:
         self.path = path
         index = os.path.join(path, INDEX_FILE)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
+            weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointFormatError(f"{index}: no 'weight_map'")
             files = sorted(set(weight_map.values()))
@@ -374,12 +396,18 @@ class _Checkpoint:
             full = os.path.join(path, file)
             if not os.path.isfile(full):
                 raise CheckpointFormatError(f"{full}: shard file listed in {INDEX_FILE} is missing")
-            with safe_open(full, framework="numpy") as f:
-                for name in f.keys():
-                    if weight_map is not None and weight_map.get(name) != file:
-                        continue
-                    sl = f.get_slice(name)
-                    self.meta[name] = (file, tuple(sl.get_shape()), sl.get_dtype())
+            try:
+                with safe_open(full, framework="numpy") as f:
+                    for name in f.keys():
+                        if weight_map is not None and weight_map.get(name) != file:
+                            continue
+                        sl = f.get_slice(name)
+                        self.meta[name] = (file, tuple(sl.get_shape()), sl.get_dtype())
+            except Exception as e:  # noqa: BLE001 - safetensors' errors name no file: truncated, damaged
+                if isinstance(e, CheckpointFormatError):
+                    raise
+                raise CheckpointFormatError(f"{full}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                                            "a truncated download or a damaged copy") from e
         if weight_map is not None:
             for name, file in weight_map.items():
                 if name not in self.meta:
@@ -511,6 +539,26 @@ def _check_unused(ckpt: _Checkpoint, sources: dict, cfg: TransformerConfig, pref
                                     f"qk_norm={cfg.qk_norm}); refusing a partial load")
 
 
+def _check_tied_head(ckpt: _Checkpoint, embedding: str, source: str) -> None:
+    """A config that ties the LM head to the embedding, over a file that also holds lm_head.weight: the
+    same model only when the two tensors are equal (some exporters write both). A different head is
+    refused: transformers' versions disagree on which of the two they use."""
+    if "lm_head.weight" not in ckpt or embedding not in ckpt:
+        return
+    rows = ckpt.meta[embedding][1][0]
+    if ckpt.meta["lm_head.weight"][1] != ckpt.meta[embedding][1]:
+        same = False
+    else:
+        step = max(1, 2**24 // max(1, math.prod(ckpt.meta[embedding][1][1:])))  # ~16M values at a time
+        chunks = [(slice(i, min(i + step, rows)),) for i in range(0, rows, step)]
+        same = all(np.array_equal(ckpt.read("lm_head.weight", c), ckpt.read(embedding, c)) for c in chunks)
+    if not same:
+        raise CheckpointFormatError(
+            f"{source}: tie_word_embeddings is true, but {os.path.join(ckpt.path, ckpt.meta['lm_head.weight'][0])} "
+            f"also holds an lm_head.weight that differs from {embedding}; set tie_word_embeddings to false to load "
+            f"that separate head, or remove it to tie")
+
+
 def load_pretrained(path_or_name: str, *, mesh=None, dtype=None, heads: Sequence[str] | None = None,
                     rules=LOGICAL_RULES, config_overrides: dict | None = None) -> tuple[TransformerConfig, dict]:
     """Load an HF Llama / Qwen2 / Qwen3 checkpoint as (TransformerConfig, params).
@@ -565,6 +613,8 @@ def load_pretrained(path_or_name: str, *, mesh=None, dtype=None, heads: Sequence
     is_source = lambda x: isinstance(x, _Source)  # noqa: E731
     read = jax.tree.map(present, sources, is_leaf=is_source)
     _check_unused(ckpt, sources, cfg, prefix)
+    if cfg.tie_embeddings and "lm" in cfg.heads:
+        _check_tied_head(ckpt, prefix + "embed_tokens.weight", source)
 
     def make(src: _Source, shape, sharding, read):
         reader = _shard_reader(ckpt, src, shape.shape, shape.dtype) if read else _zeros_reader(shape.shape, shape.dtype)
@@ -647,11 +697,22 @@ def save_pretrained(params: dict, cfg: TransformerConfig, path: str, *, max_shar
     layer of a stacked parameter) is gathered from the mesh and written before the next is fetched;
     with several processes all take part in the gathers and process 0 writes. The directory appears
     complete or not at all: it is written under a temporary name in the same parent and renamed.
+    overwrite=True replaces a checkpoint in `path`: its config.json and safetensors files (an old
+    checkpoint's other shards included), keeping every other file there (tokenizer files,
+    generation_config.json, a README); a non-empty directory that holds no checkpoint (a run
+    directory, say) is refused either way, so nothing that is not a checkpoint is ever replaced.
     dtype: storage dtype of the files (default: each parameter's own). Returns `path`.
     """
     path = os.path.abspath(path)
-    if os.path.exists(path) and os.listdir(path) and not overwrite:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"save_pretrained: {path} is a file; a checkpoint is a directory")
+    present = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    if present and not overwrite:
         raise FileExistsError(f"save_pretrained: {path} exists and is not empty (pass overwrite=True)")
+    if present and not any(name in (SINGLE_FILE, INDEX_FILE) for name in present):
+        shown = ", ".join(present[:6]) + (", ..." if len(present) > 6 else "")
+        raise FileExistsError(f"save_pretrained: {path} holds files but no checkpoint ({shown}); write the "
+                              f"checkpoint into a new or empty directory (overwrite=True only replaces a checkpoint)")
     dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
     tensors = _hf_tensors(params, cfg)
     shards, size = [[]], 0
@@ -693,6 +754,9 @@ def save_pretrained(params: dict, cfg: TransformerConfig, path: str, *, max_shar
                 old = path + ".old-" + os.path.basename(tmp)
                 os.rename(path, old)
                 os.rename(tmp, path)
+                for name in os.listdir(old):  # moved after the swap: until then they are still in `old`
+                    if not _checkpoint_owned(name):
+                        os.rename(os.path.join(old, name), os.path.join(path, name))
                 shutil.rmtree(old)
             else:
                 os.rename(tmp, path)
