@@ -42,7 +42,8 @@ SEQUENCE, TOKEN = "sequence", "token"  # the shapes of advantages: [R] or [R, T-
 @dataclass(frozen=True)
 class Estimator:
     """name; config: the default config; estimate(PrepareInput, cfg) -> Estimate;
-    needs(cfg) -> Needs; output: SEQUENCE ([R] advantages) or TOKEN ([R, T-1], with returns).
+    needs(cfg) -> Needs; output: SEQUENCE ([R] advantages) or TOKEN ([R, T-1]); returns: whether
+    its Estimate holds the value targets R_t a value-fitting loss regresses on (GAE's A + V_old).
     The RL iteration runs `estimate` traced (under jax.jit, with the reward transforms), so it
     is written in jax.numpy without Python branches on array values; the config is static."""
 
@@ -51,6 +52,7 @@ class Estimator:
     estimate: Callable[[PrepareInput, Any], Estimate]
     needs: Callable[[Any], Needs]
     output: str
+    returns: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,18 @@ class Algorithm:
 
     def with_kl_coef(self, beta: float) -> "Algorithm":
         """A copy whose KL penalty to the reference has coefficient β, wherever it lives (kl_in)."""
+        where = self.estimator if self.kl_in == "reward" else self.loss
+        if not _has_kl_coef(where.config):
+            half = "estimator" if self.kl_in == "reward" else "loss"
+            raise ValueError(f"{self.name}: no KL penalty to set; its {half} {where.name!r} (kl_in={self.kl_in!r}) "
+                             "has no kl_coef")
         if self.kl_in == "reward":
             return self.with_config(advantage=dataclasses.replace(self.estimator.config, kl_coef=beta))
         return self.with_config(kl_coef=beta)
+
+
+def _has_kl_coef(config) -> bool:
+    return any(f.name == "kl_coef" for f in dataclasses.fields(config))
 
 
 def prepare(algorithm: Algorithm, inp: PrepareInput, advantage_cfg=None) -> tuple[PolicyBatch, jnp.ndarray]:
@@ -130,7 +141,7 @@ def prepare(algorithm: Algorithm, inp: PrepareInput, advantage_cfg=None) -> tupl
 ESTIMATORS: dict[str, Estimator] = {
     "group": Estimator("group", GroupAdvantageConfig(), group_estimate, group_needs, SEQUENCE),
     "baseline": Estimator("baseline", BaselineConfig(), baseline_estimate, baseline_needs, SEQUENCE),
-    "gae": Estimator("gae", GAEConfig(), gae_estimate, gae_needs, TOKEN),
+    "gae": Estimator("gae", GAEConfig(), gae_estimate, gae_needs, TOKEN, returns=True),
     "distill": Estimator("distill", DistillConfig(), distill_estimate, distill_needs, TOKEN),
 }
 
@@ -176,10 +187,14 @@ POLICY_LOSSES: dict[str, PolicyLoss] = {
 
 
 def compose(estimator: str, loss: str, *, name: str | None = None, advantage=None, loss_config=None,
-            kl_in: str = "loss") -> Algorithm:
+            kl_in: str | None = None) -> Algorithm:
     """Pair the estimator and the policy loss registered under these names (with their
-    default configs unless given). The loss must accept the estimator's output shape."""
-    if kl_in not in ("loss", "reward"):
+    default configs unless given). The loss must accept the estimator's output shape; a loss
+    that fits a value function (a2c, ppo, trpo's critic) needs an estimator that gives returns
+    (gae), and an estimator that reads values (gae) needs such a loss, or V would never be
+    trained. kl_in (where `with_kl_coef` puts β): None picks the loss when its config has a
+    kl_coef, else the estimator ("reward") when its config has one."""
+    if kl_in not in (None, "loss", "reward"):
         raise ValueError(f"compose: kl_in must be 'loss' or 'reward', got {kl_in!r}")
     if estimator not in ESTIMATORS:
         raise KeyError(f"unknown advantage estimator {estimator!r}; choose from {sorted(ESTIMATORS)}")
@@ -189,6 +204,17 @@ def compose(estimator: str, loss: str, *, name: str | None = None, advantage=Non
     if est.output not in pl.accepts:
         raise ValueError(f"policy loss {loss!r} takes {' or '.join(pl.accepts)}-level advantages; estimator "
                          f"{estimator!r} gives {est.output}-level ones")
+    fits_values = pl.needs(pl.config).values
+    if fits_values and not est.returns:
+        raise ValueError(f"policy loss {loss!r} fits a value function on the estimator's returns; estimator "
+                         f"{estimator!r} gives none (pair it with one that does: "
+                         f"{sorted(n for n, e in ESTIMATORS.items() if e.returns)})")
+    if est.needs(est.config).values and not fits_values:
+        raise ValueError(f"estimator {estimator!r} reads V(s) from a value function that only a loss with a value "
+                         f"term trains ({sorted(n for n, p in POLICY_LOSSES.items() if p.needs(p.config).values)}); "
+                         f"with {loss!r} V would stay at its initial value")
+    if kl_in is None:
+        kl_in = "reward" if not _has_kl_coef(pl.config) and _has_kl_coef(est.config) else "loss"
     algo = Algorithm(name or f"{estimator}+{loss}", est, pl, kl_in)
     return algo.with_config(advantage=advantage, loss=loss_config)
 

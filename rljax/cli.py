@@ -48,6 +48,7 @@ import inspect
 import io
 import json
 import os
+import re
 import sys
 import textwrap
 import time
@@ -222,6 +223,26 @@ def apply_preset(cfg, **values) -> frozenset[str]:
 
 class ConfigMismatchError(ValueError):
     """A run directory's config.json holds another configuration than the one given."""
+
+
+def json_value(x) -> str:
+    """A value JSON has no type for, as text that is the same in every process: a function (an
+    Algorithm's halves, a reward transform's) by its module and name, anything else by str()
+    without its memory address."""
+    if callable(x) and hasattr(x, "__qualname__"):
+        return f"{getattr(x, '__module__', '?')}.{x.__qualname__}"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(x))
+
+
+def flat_fields(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"optimizer.lr": ..., ...}, so that a difference names its field."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_fields(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _jsonable(cfg) -> dict:

@@ -494,7 +494,8 @@ def oreo(state: OREOState, data, cfg: OREOPhaseConfig, *, model: Model, mesh=Non
     checkpoints (policy, value, reference, optimizer states) and resume as every phase."""
     step = make_oreo_step(model, cfg.loss, cfg.optimizer, cfg.value_optimizer, mesh=mesh)
     put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
-    return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="oreo")
+    return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="oreo",
+                    config=cfg)
 
 
 __all__ = ["CollectConfig", "OREOPhaseConfig", "OREOState", "balanced", "check_reward",

@@ -16,7 +16,9 @@ no finished step.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
+import json
 import os
 import signal
 import threading
@@ -150,7 +152,39 @@ def _alive(state) -> bool:
     return not any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(state))
 
 
-def _save_finished(ckpt: Checkpointer, state, name: str) -> None:
+def _config_record(config) -> dict | None:
+    """What a phase's config computes, as JSON for its checkpoints' meta: the dataclass's fields
+    but its `loop` (how long, how shown and saved: a resume may change that), nested fields
+    flattened ("optimizer.lr"), functions named by module and name."""
+    if config is None:
+        return None
+    from rljax.cli import flat_fields, json_value
+
+    try:
+        record = json.loads(json.dumps(dataclasses.asdict(config), default=json_value))
+    except Exception as e:  # noqa: BLE001 - a record to compare with, not worth stopping a run for
+        print(f"[rljax] note: the phase's config could not be recorded in its checkpoints ({type(e).__name__}: {e})")
+        return None
+    record.pop("loop", None)
+    return flat_fields(record)
+
+
+def _say_config_changes(saved: dict | None, now: dict | None, name: str, step: int) -> None:
+    """Resuming under another configuration than the checkpoint's: legal (a longer schedule, a
+    new learning rate), but said, field by field, so that a mixed run is never silent."""
+    if not saved or not now:
+        return
+    from rljax.cli import config_differences
+
+    changes = config_differences(saved, now, ignore=(), added={})
+    if changes:
+        listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in list(changes.items())[:8])
+        more = f"; and {len(changes) - 8} more" if len(changes) > 8 else ""
+        print(f"[{name}] warning: resuming at step {step} under another configuration than the checkpoint's "
+              f"({listed}{more}); the steps before {step} ran with the saved values")
+
+
+def _save_finished(ckpt: Checkpointer, state, name: str, meta: Callable[[int], dict]) -> None:
     """Checkpoint `state`, the last finished step, unless it is already saved or its arrays
     were donated to a step that then failed (then the latest checkpoint is all there is).
     Called while an exception propagates, so it reports and swallows its own errors."""
@@ -161,7 +195,7 @@ def _save_finished(ckpt: Checkpointer, state, name: str) -> None:
             return
         step = int(jax.device_get(state.step))
         if step != ckpt.latest_step():
-            ckpt.save(state, {"data_position": step}, force=True)
+            ckpt.save(state, meta(step), force=True)
             ckpt.wait()
             print(f"[{name}] saved the last finished step {step} in {ckpt.directory} before stopping")
     except Exception as e:  # the original error matters more than this one
@@ -175,7 +209,7 @@ RL_PROGRESS = {"reward": "reward_mean", "acc": "accuracy", "kl": "kl_k3"}
 
 def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run_dir: str | None = None,
              put_batch: Callable | None = None, eval_fn: Callable[[TrainState], dict] | None = None,
-             name: str = "train", progress_metrics: dict[str, str] | None = None) -> TrainState:
+             name: str = "train", progress_metrics: dict[str, str] | None = None, config=None) -> TrainState:
     """Run `step_fn(state, batch) -> (state, metrics)` until state.step == cfg.steps.
 
     data: anything with `batch_at(position)` (e.g. BatchIterator); the position is
@@ -202,7 +236,9 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     Resuming at step S drops the metrics.jsonl records of this phase with step > S (a
     killed run may have logged steps it never checkpointed; the rerun logs them again)
     and, when steps remain, adds the marker `{"step": S, "event": "resumed", "phase":
-    "<name>/"}` (`MetricsWriter.resume`). On several hosts each process handles its own
+    "<name>/"}` (`MetricsWriter.resume`). config: the phase's configuration (a dataclass; its `loop`
+    field aside), kept in every checkpoint's meta; resuming under another one prints each field
+    that changed. On several hosts each process handles its own
     signals: a scheduler must signal all of them (they then stop at the same step only
     if the signals arrive during the same step)."""
     if cfg.wandb is not None and not run_dir:
@@ -213,12 +249,18 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, wandb=wandb) if run_dir else None
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints) if run_dir else None
     stop = _StopSignals()
+    record = _config_record(config)
+
+    def meta(step: int) -> dict:
+        return {"data_position": step} if record is None else {"data_position": step, "config": record}
+
     try:
         resumed = ckpt is not None and ckpt.latest_step() is not None
         if resumed:
-            state, meta = ckpt.restore(state)
+            state, saved = ckpt.restore(state)
             print(f"[{name}] resumed from {ckpt.directory} at step {int(state.step)} "
-                  f"(data position {meta.get('data_position')})")
+                  f"(data position {saved.get('data_position')})")
+            _say_config_changes(saved.get("config"), record, name, int(state.step))
         else:  # restored arrays are already fresh
             state = owned_state(state)
         start = int(jax.device_get(state.step))
@@ -254,17 +296,17 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                     if stopping:
                         progress.close()
                         if ckpt is not None and step != ckpt.latest_step():
-                            ckpt.save(state, {"data_position": step}, force=True)  # close() waits for it
+                            ckpt.save(state, meta(step), force=True)  # close() waits for it
                         raise Preempted(name, step, stop.received, ckpt.directory if ckpt else None)
                     if eval_fn is not None and _due(step, cfg.eval_every) and step != cfg.steps:
                         _evaluate(eval_fn, state, step, writer, name)
                     if ckpt is not None and _due(step, cfg.checkpoint_every):
-                        ckpt.save(state, {"data_position": step})
+                        ckpt.save(state, meta(step))
             except BaseException as e:
                 # `state` is rebound only when a step returns, so here it is the last finished step's
                 # state (alive unless the failing step had already donated it)
                 if ckpt is not None and not isinstance(e, Preempted):
-                    _save_finished(ckpt, state, name)
+                    _save_finished(ckpt, state, name, meta)
                 raise
         progress.close()
         if consecutive and consecutive == cfg.steps - start:  # fewer than max_consecutive_skips, but all of them
@@ -276,7 +318,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                   f"skipped (steps {cfg.steps - consecutive + 1}..{cfg.steps})")
         end = int(jax.device_get(state.step))
         if ckpt is not None and end != ckpt.latest_step():
-            ckpt.save(state, {"data_position": end}, force=True)
+            ckpt.save(state, meta(end), force=True)
         if eval_fn is not None:
             _evaluate(eval_fn, state, end, writer, name)
         return state
@@ -319,7 +361,8 @@ def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_d
     _check_opt_state(state, cfg.optimizer, "sft")
     step = _sft_step(model, cfg.loss, cfg.optimizer, mesh)
     put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
-    return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="sft")
+    return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="sft",
+                    config=cfg)
 
 
 @dataclass(frozen=True)
@@ -361,7 +404,8 @@ def train_reward_model(state: TrainState, data, cfg: RewardModelPhaseConfig, *, 
     step = make_train_step(functools.partial(reward_model_loss, model=model, cfg=cfg.loss), cfg.optimizer,
                            model=model, mesh=mesh)
     put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
-    return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="rm")
+    return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="rm",
+                    config=cfg)
 
 
 @dataclass(frozen=True)
@@ -404,7 +448,7 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
             return train_step(state, batch, reference)
 
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn,
-                    name="preference")
+                    name="preference", config=cfg)
 
 
 def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loop: LoopConfig,
@@ -455,7 +499,7 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
             return iteration(state, batch.tokens, batch.mask, refill=refill_at(position), **batch.metadata)
 
         return run_loop(state, step, prompts, loop, run_dir=run_dir, eval_fn=eval_fn, name="rl",
-                        progress_metrics=RL_PROGRESS)
+                        progress_metrics=RL_PROGRESS, config=cfg)
 
     # Asynchronous actors: threads run `collect` for the next `staleness` batches with a
     # copy of the params of the moment (the learner donates its buffers), while the
@@ -483,6 +527,6 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
 
     try:
         return run_loop(state, async_step, prompts, loop, run_dir=run_dir, eval_fn=eval_fn, name="rl",
-                        progress_metrics=RL_PROGRESS)
+                        progress_metrics=RL_PROGRESS, config=cfg)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -155,6 +155,10 @@ class RLConfig:
             raise ValueError(f"RLConfig.transforms: a KL controller sets the reward's KL coefficient, but "
                              f"{algo.name}'s estimator ({algo.estimator.name}) has no KL penalty in the reward; use "
                              "one that has (baseline, gae: e.g. reinforce, a2c, ppo)")
+        if "baseline" in chained.provides and not needs.baseline:
+            raise ValueError(f"RLConfig.transforms: a running baseline is given, but {algo.name}'s estimator "
+                             f"({algo.estimator.name}) does not use one; use BaselineConfig('moving_average') "
+                             "(RLConfig.advantage) or drop the transform")
         if needs.baseline and "baseline" not in chained.provides:
             raise ValueError(f"RLConfig.transforms: {algo.name}'s estimator needs a running baseline; add "
                              "rljax.transforms.moving_average_baseline(decay) to RLConfig.transforms")
@@ -352,6 +356,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     if needs.values and critic_model is None and "value" not in model.config.heads:
         raise ValueError(f"{algo.name} needs a value head: build the model and params with "
                          "rljax.losses.actor_critic.with_value_head(model, params), or pass a separate critic_model")
+    if critic_model is None and (cfg.critic_optimizer is not None or cfg.critic_epochs != 1):
+        raise ValueError("RLConfig.critic_optimizer / critic_epochs: they set how a separate critic is fitted, and "
+                         f"this iteration has none (pass critic_model=); {algo.name}'s values, if any, come from "
+                         "the policy's own value head, trained by the policy's optimizer")
     if critic_model is not None and critic_model.mesh is not mesh:
         raise ValueError("critic_model: the critic must live on the policy's mesh (one jitted update trains both)")
     if teacher_model is not None and not needs.teacher:
@@ -467,6 +475,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         """The rewards of the rollout's completions; adds the samples whose call failed (scored
         cfg.reward_call.failure_value) to failed[what]."""
         completions = decode(np.asarray(rollout.completions))
+        for key, vals in metadata.items():  # checked per prompt, before the repeat for the k samples
+            if len(vals) != len(prompt_text):
+                raise ValueError(f"metadata {key!r}: {len(vals)} entries for {len(prompt_text)} prompts (one per "
+                                 f"prompt; the iteration repeats each for the prompt's {k} samples)")
         meta = {key: [v for v in vals for _ in range(k)] for key, vals in metadata.items()}
         prompts = [p for p in prompt_text for _ in range(k)]
         s = score_with_failures(fn, prompts, completions, call_config=cfg.reward_call, **meta)
@@ -497,9 +509,16 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         sampled, all_watched = [(rollout, rewards, correct)], [watched]
         G = rollout.tokens.shape[0] // n
         informative, rounds = int(_informative_groups(rewards, n).sum()), 0
+        if needs.group_filter and cfg.max_refills and refill is None:
+            raise ValueError(f"RLConfig.max_refills={cfg.max_refills}, but the iteration got no refill= function "
+                             "(refill(k) -> (tokens, mask, metadata)); rljax.phases.rl passes one")
         while needs.group_filter and refill is not None and informative < G and rounds < cfg.max_refills:
             rounds += 1
-            tokens, mask, meta = refill(rounds)
+            more = refill(rounds)
+            if not isinstance(more, tuple) or len(more) != 3:
+                raise TypeError(f"refill({rounds}) must return (tokens, mask, metadata), got "
+                                f"{type(more).__name__}{f' of {len(more)}' if isinstance(more, tuple) else ''}")
+            tokens, mask, meta = more
             tokens, mask, more_cut = fit(tokens, mask)
             cut += more_cut
             r, rw, c, _, w = rollout_of(params, tokens, mask, meta, jax.random.fold_in(k_sample, rounds), times,

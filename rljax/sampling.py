@@ -95,7 +95,7 @@ class SampleConfig:
         if self.cache_segments < 1:
             bad("cache_segments", f"must be >= 1, got {self.cache_segments}")
         _check_cpu_row_groups(self, "SampleConfig")
-        _check_stop_ids(self, "SampleConfig")
+        _check_token_ids(self, "SampleConfig")
 
         if self.max_new_tokens < 1:
             bad("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
@@ -128,9 +128,16 @@ def _check_cpu_row_groups(cfg, name: str) -> None:
         raise ValueError(f"{name}.cpu_row_groups: must be >= 0 (0 = auto, 1 = off), got {cfg.cpu_row_groups}")
 
 
-def _check_stop_ids(cfg, name: str) -> None:
-    """Normalise `cfg.stop_ids` to a tuple of ints (hashable, so the jitted decoders can take the
-    config as a static argument); a non-integer or negative id raises naming the field."""
+def _check_token_ids(cfg, name: str) -> None:
+    """Check `cfg.eos_id` (an int, -1: none) and `cfg.pad_id` (an int >= 0), and normalise
+    `cfg.stop_ids` to a tuple of ints (hashable, so the jitted decoders can take the config as a
+    static argument); a non-integer or negative id raises naming the field. Whether they lie in
+    the vocabulary is checked where the model is known (`prepare_prompts`' special_ids)."""
+    for field, lowest in (("eos_id", -1), ("pad_id", 0)):
+        value = getattr(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
+            raise ValueError(f"{name}.{field}: must be a token id (an int >= {lowest}"
+                             f"{', -1: no eos' if lowest < 0 else ''}), got {value!r}")
     ids = cfg.stop_ids
     if isinstance(ids, (int, np.integer)):
         ids = (ids,)
@@ -166,15 +173,26 @@ def tokenizer_ids(tokenizer) -> dict:
                 pad_id=int(tokenizer.pad_id))
 
 
+def special_ids(cfg, name: str) -> dict[str, int]:
+    """{field: id} of a sampling config's eos_id (when >= 0), pad_id and stop_ids, for the check
+    against the vocabulary in `prepare_prompts`."""
+    ids = {f"{name}.pad_id": cfg.pad_id, **{f"{name}.stop_ids[{i}]": t for i, t in enumerate(cfg.stop_ids)}}
+    return ids if cfg.eos_id < 0 else {f"{name}.eos_id": cfg.eos_id, **ids}
+
+
 def prepare_prompts(prompt_tokens, prompt_mask, *, vocab_size: int, max_new_tokens: int, max_seq_len: int,
-                    pad_id: int, min_bucket: int = 16):
+                    pad_id: int, min_bucket: int = 16, special: dict[str, int] | None = None):
     """Validate prompts and left-align them in a bucketed width.
 
     prompt_tokens, prompt_mask: [B, P0] (any padding side; padding is moved to
     the left). Returns numpy (tokens [B, P], mask [B, P]) with P a power of
     two >= the longest prompt (at least `min_bucket`), capped so that
-    P + max_new_tokens <= max_seq_len.
+    P + max_new_tokens <= max_seq_len. special: {field: id} (`special_ids`) that must lie in the
+    vocabulary: an eos or pad id outside it would never stop a row, or break the decode.
     """
+    for field, i in (special or {}).items():
+        if i >= vocab_size:
+            raise ValueError(f"{field} = {i} is outside the model's vocabulary [0, {vocab_size})")
     tokens = np.asarray(prompt_tokens)
     mask = np.ones(tokens.shape, np.int32) if prompt_mask is None else np.asarray(prompt_mask)
     if tokens.ndim != 2:
@@ -394,7 +412,8 @@ def sample(params, prompt_tokens, prompt_mask, key, *, model: Model, cfg: Sample
     c = model.config
     tokens, mask = prepare_prompts(prompt_tokens, prompt_mask, vocab_size=c.vocab_size,
                                    max_new_tokens=cfg.max_new_tokens, max_seq_len=c.max_seq_len,
-                                   pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket)
+                                   pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket,
+                                   special=special_ids(cfg, "SampleConfig"))
     if cfg.n > 1:
         tokens, mask = np.repeat(tokens, cfg.n, axis=0), np.repeat(mask, cfg.n, axis=0)
     groups = row_groups(len(tokens), params, model, cfg)
@@ -506,7 +525,7 @@ class BeamConfig:
     cpu_row_groups: int = 0
 
     def __post_init__(self):
-        _check_stop_ids(self, "BeamConfig")
+        _check_token_ids(self, "BeamConfig")
         if self.num_beams < 1:
             raise ValueError(f"BeamConfig.num_beams: must be >= 1, got {self.num_beams}")
         _check_cpu_row_groups(self, "BeamConfig")
@@ -603,7 +622,8 @@ def beam_search(params, prompt_tokens, prompt_mask, *, model: Model, cfg: BeamCo
     c = model.config
     tokens, mask = prepare_prompts(prompt_tokens, prompt_mask, vocab_size=c.vocab_size,
                                    max_new_tokens=cfg.max_new_tokens, max_seq_len=c.max_seq_len,
-                                   pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket)
+                                   pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket,
+                                   special=special_ids(cfg, "BeamConfig"))
     groups = row_groups(len(tokens), params, model, cfg, per_row=cfg.num_beams)
     if groups == 1:
         return _beam(params, _place(tokens, model), _place(mask, model), model=model, cfg=cfg)
@@ -652,7 +672,7 @@ class ValueSearchConfig:
     cpu_row_groups: int = 0
 
     def __post_init__(self):
-        _check_stop_ids(self, "ValueSearchConfig")
+        _check_token_ids(self, "ValueSearchConfig")
         for f in ("beams", "max_step_tokens", "max_new_tokens", "max_rounds"):
             if getattr(self, f) < 1:
                 raise ValueError(f"ValueSearchConfig.{f}: must be >= 1, got {getattr(self, f)}")
@@ -803,7 +823,8 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
         warnings.warn("value_guided_beam_search: no step_end_ids, so steps end only at eos or after "
                       f"max_step_tokens={cfg.max_step_tokens}", stacklevel=2)
     tokens, mask = prepare_prompts(prompt_tokens, prompt_mask, vocab_size=c.vocab_size, max_new_tokens=cfg.cache_room,
-                                   max_seq_len=c.max_seq_len, pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket)
+                                   max_seq_len=c.max_seq_len, pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket,
+                                   special=special_ids(cfg, "ValueSearchConfig"))
     B = tokens.shape[0]
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(B)) if keys is None else keys
     if keys.shape[0] != B:

@@ -73,6 +73,20 @@ def test_needs_are_declared_per_config_and_pairs_are_checked():
         compose("group", "ppo2")
     with pytest.raises(TypeError, match="RLConfig.loss: grpo takes a GRPOConfig"):
         get_algorithm("grpo").configs(loss=ReinforceConfig())
+    # a value-fitting loss needs the estimator's returns; values need a loss that fits them
+    for loss in ("a2c", "ppo", "trpo"):
+        with pytest.raises(ValueError, match=rf"policy loss '{loss}' fits a value function on the estimator's "
+                                             r"returns; estimator 'distill' gives none"):
+            compose("distill", loss)
+    for loss in ("clip", "cispo"):
+        with pytest.raises(ValueError, match=rf"estimator 'gae' reads V\(s\) .* with '{loss}' V would stay"):
+            compose("gae", loss)
+    # kl_in follows where a kl_coef lives: GAE's reward penalty for PPO, the loss's term for GRPO's clip
+    ppo = compose("gae", "ppo")
+    assert ppo.kl_in == "reward" and ppo.with_kl_coef(0.3).estimator.config.kl_coef == 0.3
+    assert compose("group", "clip").with_kl_coef(0.3).loss.config.kl_coef == 0.3
+    with pytest.raises(ValueError, match=r"no KL penalty to set; its estimator 'group' \(kl_in='reward'\)"):
+        compose("group", "clip", kl_in="reward").with_kl_coef(0.1)
 
 
 def test_a_constant_normaliser_left_none_is_the_max_completion_length():

@@ -74,7 +74,7 @@ def test_run_loop_stops_after_consecutive_non_finite_steps(tiny, capsys):
     assert "the last 2 step(s) had a non-finite loss or gradient and were skipped (steps 3..4)" in capsys.readouterr().out
 
 
-def test_sft_phase_resumes_from_run_dir_and_rejects_a_mismatched_optimizer(tiny, tmp_path):
+def test_sft_phase_resumes_from_run_dir_and_rejects_a_mismatched_optimizer(tiny, tmp_path, capsys):
     model, _ = tiny
     tok = CharTokenizer()
     data = BatchIterator([("1+2=", "3"), ("2*4=", "8"), ("9-3=", "6"), ("7+7=", "14")], 2,
@@ -92,6 +92,16 @@ def test_sft_phase_resumes_from_run_dir_and_rejects_a_mismatched_optimizer(tiny,
     assert [(x["step"], x.get("event")) for x in lines] == [(4, None), (4, "resumed"), (8, None)]
     with pytest.raises(ValueError, match="does not match cfg.optimizer"):
         sft(create_state(m, OptimizerConfig(grad_accum=2), jax.random.key(0)), data, cfg, model=m)
+    # resuming under another configuration is allowed, and said field by field (the loop's length is not one)
+    capsys.readouterr()
+    other = SFTPhaseConfig(optimizer=OptimizerConfig(lr=2e-2, total_steps=8),
+                           loop=LoopConfig(steps=9, checkpoint_every=4, progress=False))
+    sft(create_state(m, opt, jax.random.key(9)), data, other, model=m, run_dir=str(tmp_path / "b"))
+    out = capsys.readouterr().out
+    assert ("[sft] warning: resuming at step 8 under another configuration than the checkpoint's (optimizer.lr: "
+            "0.01 -> 0.02); the steps before 8 ran with the saved values") in out
+    sft(create_state(m, opt, jax.random.key(9)), data, cfg, model=m, run_dir=str(tmp_path / "a"))  # the same: silent
+    assert "warning" not in capsys.readouterr().out
 
 
 # orbax's failed read of the truncated step leaves asyncio callbacks behind, reported when collected
@@ -124,7 +134,7 @@ def test_sft_resumes_past_a_damaged_latest_checkpoint_and_finishes_like_an_unint
     assert sorted(os.listdir(ckpts)) == ["4", "6", "6.damaged", "8"]  # keep=3 counts good steps only
     with Checkpointer(str(ckpts)) as ck:
         _, meta = ck.restore(create_state(m, opt, jax.random.key(1)))
-    assert meta == {"data_position": 8}
+    assert meta["data_position"] == 8 and meta["config"]["optimizer.lr"] == 1e-2  # what the steps computed with
 
 
 def _experiment(run_dir, cache_dir):

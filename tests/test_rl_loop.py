@@ -191,6 +191,34 @@ def test_dynamic_sampling_refills_uninformative_groups(bandit):
     assert calls == [1] and m["kept_fraction"] == 0.5  # 2 informative groups of 4, topped up with dropped ones
     with pytest.raises(ValueError, match="drop_equal_groups"):
         RLConfig(algorithm="grpo", max_refills=2)
+    # the refill protocol's misuses, named
+    with pytest.raises(ValueError, match=r"max_refills=3, but the iteration got no refill= function"):
+        make_rl_iteration(model, cfg, _constant_unless_odd, decode)(state(), prompts, None)
+    with pytest.raises(TypeError, match=r"refill\(1\) must return \(tokens, mask, metadata\), got tuple of 2"):
+        make_rl_iteration(model, cfg, _constant_unless_odd, decode)(state(), prompts, None,
+                                                                   refill=lambda k: refill(k)[:2])
+
+
+def test_options_that_would_be_ignored_and_misshapen_metadata_are_refused(bandit):
+    """A running baseline no estimator reads, critic settings without a critic, metadata with a
+    count other than one per prompt, and sampler ids that are not token ids: errors naming them."""
+    model, params = bandit
+    with pytest.raises(ValueError, match=r"a running baseline is given, but reinforce's estimator \(baseline\) "
+                                         r"does not use one"):
+        RLConfig(algorithm="reinforce", transforms=(moving_average_baseline(0.9),))
+    with pytest.raises(ValueError, match=r"critic_optimizer / critic_epochs: .* this iteration has none"):
+        make_rl_iteration(model, RLConfig(algorithm="grpo", critic_epochs=3), arm_reward, decode)
+    cfg = RLConfig(algorithm="grpo", sampling=one_token(2))
+    it = make_rl_iteration(model, cfg, arm_reward, decode)
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
+    with pytest.raises(ValueError, match=r"metadata 'answer': 3 entries for 2 prompts \(one per prompt"):
+        it(state, np.array([[3], [5]], np.int32), None, answer=[1, 2, 3])
+    for field, value in (("pad_id", None), ("pad_id", -1), ("eos_id", None), ("eos_id", -2), ("eos_id", True)):
+        with pytest.raises(ValueError, match=rf"SampleConfig.{field}: must be a token id"):
+            SampleConfig(**{field: value})
+    with pytest.raises(ValueError, match=rf"SampleConfig.eos_id = {V} is outside the model's vocabulary"):
+        sample(params, np.array([[3]], np.int32), None, jax.random.key(0), model=model,
+               cfg=SampleConfig(max_new_tokens=2, eos_id=V))
 
 
 class _Prompts:

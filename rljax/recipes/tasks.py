@@ -37,7 +37,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -550,14 +549,6 @@ def _describe(x) -> Any:
 RESUMABLE_CHANGES = ("progress", "log_every", "checkpoint_every", "tensorboard", "wandb")
 
 
-def _json_value(x) -> str:
-    """A value JSON has no type for, as text that is the same in every process: a function (an
-    Algorithm's halves) by its module and name, anything else by str() without its memory address."""
-    if callable(x) and hasattr(x, "__qualname__"):
-        return f"{getattr(x, '__module__', '?')}.{x.__qualname__}"
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(x))
-
-
 def _flat_record(record: dict) -> dict:
     """config.json's {task, model, data, config: {...}} as one level of fields, to compare two runs."""
     return {**record.get("config", {}), **{k: record.get(k, "<absent>") for k in ("task", "model", "data")}}
@@ -568,10 +559,10 @@ def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool) -> None:
     Another task's run is refused; so is another configuration, model or data set (each differing field
     named) unless allow_change, which continues the run with the new values and appends them to
     config_changes.jsonl."""
-    from rljax.cli import CONFIG_CHANGES_FILE, ConfigMismatchError, config_differences, write_config
+    from rljax.cli import CONFIG_CHANGES_FILE, ConfigMismatchError, config_differences, json_value, write_config
 
     path = os.path.join(d, "config.json")
-    new = json.loads(json.dumps(record, default=_json_value))  # as it reads back: tuples become lists
+    new = json.loads(json.dumps(record, default=json_value))  # as it reads back: tuples become lists
     changes = {}
     if os.path.exists(path):
         with open(path) as f:

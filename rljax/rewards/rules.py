@@ -286,7 +286,8 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
         if kind == "timeout":
             raise RewardError(f"reward function {name} raised {type(whole).__name__}: {whole}{where}; calling it on "
                               f"{_describe(rows, prompts, completions)} alone ran past {cfg.timeout_s:g} s") from whole
-        alone = "" if len(rows) == 1 else " (each half alone scores: they fail only together)"
+        alone = "" if len(rows) == 1 else (" (each half alone scores: they fail only together, or the failure "
+                                           "did not recur when the halves were retried)")
         if len(rows) == B and B > 1:
             raise RewardError(f"reward function {name} raised {type(value).__name__}: {value} on the batch of {B}"
                               f"{alone}") from value
