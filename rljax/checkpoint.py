@@ -342,10 +342,14 @@ class Checkpointer:
                 warnings.warn(f"restored {self.step_path(s)} instead; damaged, renamed: "
                               + ", ".join(f"{a} -> {b}" for a, b in moved), DamagedCheckpointWarning, stacklevel=2)
             return restored
+        mismatch = all(any(w in str(e).lower() for w in ("structure", "shape", "mismatch")) for e in damaged)
+        hint = (" Every step fails on the structure or shapes of the state: the checkpoints are likely intact "
+                "and hold another model, optimizer or configuration than the state given to restore them into "
+                "(a run directory holds one run)") if mismatch else \
+            " (if they all fail alike, the target may not match what was saved)"
         raise DamagedCheckpointError(
             f"no checkpoint in {self.directory} can be restored, every step is damaged or unreadable: "
-            + "; ".join(str(e) for e in damaged)
-            + " (if they all fail alike, the target may not match what was saved)",
+            + "; ".join(str(e) for e in damaged) + hint,
             paths=[p for e in damaged for p in e.paths]) from damaged[0]
 
     def _restore_step(self, target, step: int) -> tuple[Any, dict[str, Any]]:

@@ -125,6 +125,10 @@ class RLConfig:
         chained = chain(*self.transforms)
         if self.epochs < 1 or self.minibatches < 1:
             raise ValueError(f"RLConfig: epochs and minibatches must be >= 1, got {self.epochs}, {self.minibatches}")
+        if needs.groups and self.sampling.n > 1 and (self.sampling.is_greedy or self.sampling.top_k == 1):
+            raise ValueError(f"RLConfig.sampling: {algo.name} compares the n={self.sampling.n} samples of each "
+                             "prompt, and greedy decoding (temperature 0, greedy=True or top_k=1) makes them "
+                             "identical: every advantage would be 0")
         if self.max_refills < 0:
             raise ValueError(f"RLConfig.max_refills: must be >= 0, got {self.max_refills}")
         if self.max_refills and not needs.group_filter:
@@ -333,8 +337,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     another size but must share the tokenizer (the same vocab_size).
 
     Metrics: reward mean/std, accuracy, KL to the reference of the sampled tokens
-    (kl_k1, kl_k3; token mean), entropy, clip fraction (clipped losses), completion
-    length, truncated fraction, kept fraction, tokens/s of sampling and training,
+    (kl_k1, kl_k3; token mean), entropy (losses that compute it: not TRPO's update), clip
+    fraction (clipped losses), completion length, truncated fraction, kept fraction, tokens/s of sampling and training,
     and seconds spent in sampling / scoring / reference log-probs / updates; with a teacher,
     the KL to it of the sampled tokens (teacher_kl_k1, teacher_kl_k3; token mean) and
     teacher_kl_per_sequence (Σ_t k1, the sequence-level reverse KL estimate); with

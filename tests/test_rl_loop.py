@@ -206,6 +206,8 @@ def test_options_that_would_be_ignored_and_misshapen_metadata_are_refused(bandit
     with pytest.raises(ValueError, match=r"a running baseline is given, but reinforce's estimator \(baseline\) "
                                          r"does not use one"):
         RLConfig(algorithm="reinforce", transforms=(moving_average_baseline(0.9),))
+    with pytest.raises(ValueError, match=r"greedy decoding .* makes them identical: every advantage would be 0"):
+        RLConfig(algorithm="grpo", sampling=SampleConfig(n=4, temperature=0.0))
     with pytest.raises(ValueError, match=r"critic_optimizer / critic_epochs: .* this iteration has none"):
         make_rl_iteration(model, RLConfig(algorithm="grpo", critic_epochs=3), arm_reward, decode)
     cfg = RLConfig(algorithm="grpo", sampling=one_token(2))
