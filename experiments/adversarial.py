@@ -21,7 +21,6 @@ where it stopped.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from dataclasses import asdict, dataclass
 import jax
 
 from rljax.adversarial import AdversarialConfig, adversarial_rlaif
+from rljax.checkpoint import write_json
 from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, make_run_dir, run, save_config
 from rljax.eval import PolicyEvalConfig
 from rljax.models import Model, preset
@@ -70,7 +70,7 @@ class Config(LoggingFlags):
     temperature: float = 1.0
     rl_lr: float = 1e-4
     head_lr: float = 1e-3  # ppo: the value head's learning rate
-    kl_coef: float = 0.0
+    kl_coef: float | None = None  # the KL penalty to the SFT policy (None: the algorithm's, e.g. GRPO's 0.04; 0: none)
     reward: str = "log_d"  # log_d | neg_log_one_minus_d | logit
     win_accuracy: float = 0.95
     win_d_policy: float = 0.1
@@ -176,8 +176,7 @@ def main(cfg: Config) -> dict:
     print(f"wall time {wall:.0f} s; the full table: {os.path.join(run_dir, 'results.md')}"
           + (f"; the curve: {png}" if png else ""))
     results = dict(config=asdict(cfg), run_dir=run_dir, rows=rows, wall_seconds=wall, plot=png)
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
+    write_json(os.path.join(run_dir, "results.json"), results, default=str)  # atomic: a crash leaves no half file
     return dict(results, state=state)
 
 

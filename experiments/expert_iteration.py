@@ -91,8 +91,9 @@ def main(cfg: Config) -> dict:
     name = "expert_iteration" if cfg.task == "arithmetic" else f"expert_iteration-{task_slug(cfg.task)}"
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, name)
     os.makedirs(run_dir, exist_ok=True)
-    save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)  # before any training
     tok = CharTokenizer()
+    ei = pipeline_config(cfg, tok)  # validates: a bad value is refused before config.json records it
+    save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)  # before any training
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
                                       run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags(),
                                       task=cfg.task)
@@ -100,7 +101,6 @@ def main(cfg: Config) -> dict:
     general = ([(task.prompt(p), task.reference(p)) for p in train[len(train) - cfg.general_rows:]]
                if cfg.general_rows else [])
     pool = train[:len(train) - cfg.general_rows]  # the problems sampled from, apart from the general rows
-    ei = pipeline_config(cfg, tok)
     state = create_state(model, ei.optimizer, jax.random.key(cfg.seed), params=params)
     print(f"expert_iteration: {cfg.rounds} rounds x {cfg.prompts_per_round} problems x {cfg.samples} samples, "
           f"{cfg.steps_per_round} SFT steps a round ({'from the SFT checkpoint' if cfg.from_base else 'continued'}), "

@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass
 import jax
 import numpy as np
 
+from rljax.checkpoint import write_json
 from rljax.cli import LoggingFlags, apply_preset, check_input_dir, make_run_dir, run, save_config
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.data.preference_collate import collate_kto, collate_preferences, fixed_mismatch
@@ -383,8 +383,7 @@ def main(cfg: Config) -> dict:
         results["search"] = part_search(cfg, model, tok, held, trained, run_dir)
     if "iterate" in cfg.parts:
         results["iterate"] = part_iterate(cfg, model, params, tok, train, held, run_dir)
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
+    write_json(os.path.join(run_dir, "results.json"), results, default=str)  # atomic: a crash leaves no half file
     return results
 
 

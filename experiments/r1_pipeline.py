@@ -86,7 +86,7 @@ class Config(LoggingFlags):
     samples_per_prompt: int = 8
     max_new_tokens: int = 40
     rl_lr: float = 2e-5
-    kl_coef: float = 0.0
+    kl_coef: float | None = None  # KL penalty to the stage's start (None: the algorithm's, e.g. GRPO's 0.04; 0: off)
     format_weight: float = 0.1
     rejection_prompts: int = 256
     samples: int = 8
@@ -221,9 +221,9 @@ def main(cfg: Config) -> dict:
         apply_preset(cfg, **(HF_SMOKE if cfg.model else SMOKE))
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "r1_pipeline")
     os.makedirs(run_dir, exist_ok=True)
+    task, tok, model, params, student, student_params, sets = setup(cfg, run_dir)  # loads, trains nothing
+    r1 = pipeline_config(cfg, tok)  # validates: a bad value is refused before config.json records it
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=IGNORED_FIELDS)  # before any training
-    task, tok, model, params, student, student_params, sets = setup(cfg, run_dir)
-    r1 = pipeline_config(cfg, tok)
     print(f"r1_pipeline: task {task.name}, teacher {model.config.num_params() / 1e6:.2f}M params, student "
           f"{student.config.num_params() / 1e6:.2f}M; {len(sets['cold_start'])} cold-start / {len(sets['reasoning'])} "
           f"reasoning / {len(sets['general'])} general / {len(sets['held_out'])} held-out problems; run dir {run_dir}",

@@ -71,7 +71,7 @@ class Config(LoggingFlags):
     samples_per_prompt: int = 8
     max_new_tokens: int = 24
     rl_lr: float = 1e-4  # a short RL stage (20 iterations): at 2e-5 the policy barely moves
-    kl_coef: float = 0.0
+    kl_coef: float | None = None  # KL penalty to the stage's start (None: the algorithm's, e.g. GRPO's 0.04; 0: off)
     eval_samples: int = 4
     progress: bool = True
     smoke: bool = False

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import jax
 import numpy as np
 
+from rljax.checkpoint import write_json
 from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, make_run_dir, run, save_config
 from rljax.eval import PolicyEvalConfig
 from rljax.models import Model, preset
@@ -91,6 +92,9 @@ COLUMNS = ("stage", "rm_pairwise_accuracy", "accuracy_greedy", "accuracy_sampled
 
 
 def pipeline_config(cfg: Config) -> RLHFConfig:
+    if cfg.eval_samples < 1:  # the summary compares gold and proxy on sampled held-out completions
+        raise ValueError(f"Config.eval_samples: the study scores sampled held-out completions by gold and proxy, so "
+                         f"it needs >= 1, got {cfg.eval_samples}")
     return RLHFConfig(
         sft_steps=cfg.sft_steps, sft_batch_size=cfg.sft_batch,
         sft_optimizer=OptimizerConfig(lr=cfg.sft_lr, schedule="constant"), rm_steps=cfg.rm_steps,
@@ -152,8 +156,8 @@ def main(cfg: Config) -> dict:
         apply_preset(cfg, **SMOKE)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "rlhf_pipeline")
     os.makedirs(run_dir, exist_ok=True)
+    rlhf = pipeline_config(cfg)  # validates: a bad value is refused before config.json records it
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=IGNORED_FIELDS)  # before any training
-    rlhf = pipeline_config(cfg)
     rows_by_seed, t0 = {}, time.perf_counter()
     for seed in cfg.seed:
         task, tok, model, params, sets = setup(cfg, seed)
@@ -173,8 +177,7 @@ def main(cfg: Config) -> dict:
     result = dict(config=asdict(cfg), run_dir=run_dir, rows=rows_by_seed, summary=summary(rows_by_seed),
                   wall_seconds=wall)
     print(json.dumps(result["summary"], indent=1))
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
+    write_json(os.path.join(run_dir, "results.json"), result, default=str)  # atomic: a crash leaves no half file
     return result
 
 

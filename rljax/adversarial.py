@@ -186,9 +186,9 @@ class AdversarialConfig:
     every round's so far); discriminator_init "sft" (the SFT backbone) or "fresh". Policy: rounds rounds of
     rl_iterations iterations of `algorithm` ("reinforce" | "ppo"), prompts_per_iteration prompts x
     samples_per_prompt samples of at most max_new_tokens at temperature, rl_optimizer (head_lr: PPO's value
-    head), kl_coef to the SFT policy, reward form `reward` (DISCRIMINATOR_REWARDS). Failure detector:
-    win_accuracy, win_d_policy, win_reward_std (None: not used) (`discriminator_wins`). evaluation: how every
-    row measures the policy.
+    head), kl_coef to the SFT policy (None: the algorithm's own; 0: none), reward form `reward`
+    (DISCRIMINATOR_REWARDS). Failure detector: win_accuracy, win_d_policy, win_reward_std (None: not used)
+    (`discriminator_wins`). evaluation: how every row measures the policy.
     seed: the batches' shuffling. log_every ... wandb: how the phases report (not part of a stage's arguments)."""
 
     sft_steps: int = 200
@@ -209,7 +209,7 @@ class AdversarialConfig:
     temperature: float = 1.0
     rl_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-5, schedule="constant",
                                                                                   b2=0.95, head_lr=1e-3))
-    kl_coef: float = 0.0
+    kl_coef: float | None = None
     reward: str = "log_d"
     win_accuracy: float = 0.95
     win_d_policy: float = 0.1
@@ -241,9 +241,8 @@ class AdversarialConfig:
             raise ValueError(f"AdversarialConfig.win_d_policy: must be in [0, 1], got {self.win_d_policy}")
         if self.win_reward_std is not None and not self.win_reward_std > 0:
             raise ValueError(f"AdversarialConfig.win_reward_std: must be > 0 or None, got {self.win_reward_std}")
-        for name in ("kl_coef",):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"AdversarialConfig.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.kl_coef is not None and not self.kl_coef >= 0:
+            raise ValueError(f"AdversarialConfig.kl_coef: must be >= 0 or None, got {self.kl_coef}")
         if not self.temperature > 0:
             raise ValueError(f"AdversarialConfig.temperature: must be > 0, got {self.temperature}")
         if self.algorithm == "reinforce" and self.samples_per_prompt * self.prompts_per_iteration < 2:
@@ -257,7 +256,7 @@ def _rl_config(cfg: AdversarialConfig, tokenizer):
     from rljax.rl import RLConfig
 
     algo = get_algorithm(cfg.algorithm)
-    if cfg.kl_coef:
+    if cfg.kl_coef is not None:  # None: the algorithm's own; 0: none
         algo = algo.with_kl_coef(cfg.kl_coef)
     sampling = SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.samples_per_prompt, temperature=cfg.temperature,
                             **tokenizer_ids(tokenizer))

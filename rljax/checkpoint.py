@@ -59,6 +59,12 @@ def atomic_path(path: str):
             os.remove(tmp)
 
 
+def write_json(path: str, value, *, indent: int = 2, default=None) -> None:
+    """json.dump `value` to `path` atomically (`atomic_path`): a crash leaves the old file or none."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(value, f, indent=indent, default=default)
+
+
 def digest_params(params, h) -> None:
     """Feed every leaf of `params` (path, dtype, shape, bytes) to the hashlib object `h`: a
     fingerprint that tells whether cached data were made with these exact parameters."""

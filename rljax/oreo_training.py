@@ -27,7 +27,7 @@ import numpy as np
 from flax import struct
 
 from rljax.buckets import DEFAULT_MIN_BUCKET
-from rljax.checkpoint import atomic_path, digest_params
+from rljax.checkpoint import atomic_path, digest_params, write_json
 from rljax.data.batch import OREOBatch
 from rljax.data.collate import pad_rows, padded_width
 from rljax.losses.actor_critic import token_values
@@ -354,8 +354,7 @@ def _manifest(params, prompts, cfg: CollectConfig, key) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    write_json(path, obj, indent=1)
 
 
 def _parquet():

@@ -112,11 +112,22 @@ def sft_on_rows(model, params, rows: Sequence[tuple[str, str]], *, tokenizer, op
     return sft(state, batches, phase, model=model, run_dir=run_dir, eval_fn=eval_fn)
 
 
+def check_algorithm(owner: str, algorithm) -> None:
+    """A pipeline config's RL algorithm must be a registry name (or an Algorithm): checked when the
+    config is made, not when the first RL stage starts after the stages before it have trained."""
+    from rljax.algorithms import ALGORITHMS
+
+    if isinstance(algorithm, str) and algorithm not in ALGORITHMS:
+        raise ValueError(f"{owner}.algorithm: {algorithm!r} is not a registry algorithm; choose from "
+                         f"{sorted(ALGORITHMS)}")
+
+
 def stage_rl_config(algorithm: str, optimizer: OptimizerConfig, *, tokenizer, max_new_tokens: int,
-                    samples_per_prompt: int, temperature: float, kl_coef: float = 0.0,
+                    samples_per_prompt: int, temperature: float, kl_coef: float | None = None,
                     teacher_coef: float | None = None):
     """The RLConfig of an RL stage: the registry's `algorithm` (on_policy_distill with `teacher_coef`; any
-    other with kl_coef to the stage's start when > 0), samples_per_prompt completions of at most
+    other with kl_coef, the KL penalty to the stage's start: None keeps the algorithm's own, e.g. GRPO's
+    0.04, and 0 turns it off), samples_per_prompt completions of at most
     max_new_tokens at `temperature`, stopping at the tokenizer's stop ids, KL tracked."""
     from rljax.algorithms import get_algorithm
     from rljax.rl import RLConfig
@@ -125,7 +136,7 @@ def stage_rl_config(algorithm: str, optimizer: OptimizerConfig, *, tokenizer, ma
     algo = get_algorithm(algorithm)
     if algorithm == "on_policy_distill":
         algo = algo.with_config(advantage=dataclasses.replace(algo.estimator.config, teacher_coef=teacher_coef))
-    elif kl_coef:
+    elif kl_coef is not None:
         algo = algo.with_kl_coef(kl_coef)
     sampling = SampleConfig(max_new_tokens=max_new_tokens, n=samples_per_prompt, temperature=temperature,
                             **tokenizer_ids(tokenizer))

@@ -66,7 +66,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from rljax.checkpoint import Checkpointer, atomic_path
+from rljax.checkpoint import Checkpointer, atomic_path, write_json
 from rljax.data.collate import BatchIterator
 from rljax.losses.preference import DPOConfig
 from rljax.losses.reward_model import RankingConfig
@@ -181,9 +181,15 @@ def _load(run_dir, stage: Stage, reader: str | None = None):
         return json.load(f)
 
 
+def _load_check(run_dir, stage: Stage) -> None:
+    """`_load`'s FileNotFoundError for a finished stage whose data file is gone, without reading it."""
+    path = _data_path(run_dir, stage)
+    if path is not None and stage.collect is not None and not os.path.exists(path):
+        _load(run_dir, stage)
+
+
 def _write_json(path: str, value) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
+    write_json(path, value, indent=1)
 
 
 def _check_args(run_dir: str, stage: Stage) -> None:
@@ -260,8 +266,7 @@ def report_results(cfg, run_dir: str, rows: Sequence[dict], columns: Sequence[st
     print("\n" + markdown_table(rows, columns))
     print(f"\nwall time {wall_seconds:.0f} s; the full table: {os.path.join(run_dir, TABLE_FILES[1])}")
     results = dict(config=dataclasses.asdict(cfg), run_dir=run_dir, rows=list(rows), wall_seconds=wall_seconds)
-    with atomic_path(os.path.join(run_dir, "results.json")) as tmp, open(tmp, "w") as f:
-        json.dump(results, f, indent=2, default=str)
+    write_json(os.path.join(run_dir, "results.json"), results, default=str)
     return results
 
 
@@ -374,6 +379,7 @@ def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, ke
             if stage.args is not None and os.path.exists(os.path.join(run_dir, stage.name, STAGE_ARGS_FILE)):
                 _check_args(run_dir, stage)
         for stage in stages[:done]:
+            _load_check(run_dir, stage)  # a finished stage's missing data: said now, not after the rest trains
             path = os.path.join(run_dir, stage.name, RESULTS_FILE)
             if os.path.exists(path):
                 with open(path) as f:
@@ -444,6 +450,9 @@ class OnlineDPOConfig:
         if self.rounds < 1 or self.samples < 2 or self.steps_per_round < 1:
             raise ValueError(f"OnlineDPOConfig: need rounds >= 1, samples >= 2, steps_per_round >= 1; got "
                              f"{self.rounds}, {self.samples}, {self.steps_per_round}")
+        for name in ("prompts_per_round", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OnlineDPOConfig.{name}: must be >= 1, got {getattr(self, name)}")
 
 
 def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOConfig, *, model, tokenizer, collate,

@@ -43,13 +43,14 @@ Stages (each one stage of `run_stages`, its directory run_dir/<name>, one result
                          the teacher, RLState.teacher_params = the final policy, teacher_model = `model`), from the
                          same student start, on the same prompts.
 
-Every row: held-out accuracy greedy and sampled, the rule reward's mean, completion length and the KL to the
-stage's start (`rljax.eval.evaluate_policy` on `held_out`, with task.check; the start is the policy the stage
-received: the base for cold-start, the previous stage's policy after it, the student's start for the student
-stages), plus the stage's own numbers (kept fraction, SFT steps, RL iterations, the reward model's held-out pairwise
-accuracy, and for the student stages kl_to_teacher = KL(π_student ‖ π_teacher) on the same samples; for the
-distillation stages train_tokens, the completion tokens the student trained on, so the two are compared at equal
-tokens). The table over every stage is run_dir/results.jsonl and results.md.
+Every row but the reward model's (which holds that model's own numbers: its held-out pairwise accuracy, ...):
+held-out accuracy greedy and sampled, the rule reward's mean, completion length and the KL to the stage's start
+(`rljax.eval.evaluate_policy` on `held_out`, with task.check; the start is the policy the stage received: the base
+for cold-start, the previous stage's policy after it, the student's start for the student stages), plus the stage's
+own numbers (kept fraction, SFT steps, RL iterations, the reward model's held-out pairwise accuracy, and for the
+student stages kl_to_teacher = KL(π_student ‖ π_teacher) on the same samples; for the distillation stages
+train_tokens, the completion tokens the student trained on, so the two are compared at equal tokens). The table
+over every stage is run_dir/results.jsonl and results.md.
 
 The pipeline state is {"policy": teacher params, "reward_model": reward-model params, "student": the student's
 start, "student_sft": ..., "student_on_policy": ...}; each phase (SFT, reward model, RL) checkpoints into its own
@@ -77,7 +78,7 @@ from rljax.expert_iteration import RejectionConfig, rejection_sample
 from rljax.metrics import WandbConfig
 from rljax.models.logprobs import target_mask
 from rljax.pipelines import Stage, rl_state, run_stages, train_rl
-from rljax.pipeline_steps import config_args, json_digest as _digest, sft_on_rows, stage_rl_config
+from rljax.pipeline_steps import check_algorithm, config_args, json_digest as _digest, sft_on_rows, stage_rl_config
 from rljax.state import OptimizerConfig
 
 __all__ = ["R1Config", "R1_STAGES", "mixed_reward", "r1_pipeline", "rule_reward"]
@@ -102,7 +103,8 @@ class R1Config:
     (a) cold_start_steps SFT steps of sft_batch_size rows (sft_optimizer, also the one of every SFT stage; each
     SFT stage starts a fresh optimizer state). (b) rl_iterations of `algorithm` (a registry name), prompts_per_iteration
     prompts x samples_per_prompt samples of at most max_new_tokens at `temperature`, rl_optimizer, kl_coef (to the
-    stage's start); reward weights format_weight and language_weight (> 0 needs a `language_reward`).
+    stage's start; None: the algorithm's own, e.g. GRPO's 0.04; 0: none); reward weights format_weight and
+    language_weight (> 0 needs a `language_reward`).
     (c) rejection (n, threshold, cap, sampling) on rejection_prompts reasoning problems, then rs_sft_steps SFT steps
     from the base (from_base) or the RL policy, with general_sft_rows general references mixed in. (d) reward model:
     rm_steps steps of rm_batch_size pairs (rm_optimizer, Bradley–Terry labels at rm_beta), then mixed_iterations RL
@@ -122,7 +124,7 @@ class R1Config:
     max_new_tokens: int = 32
     temperature: float = 1.0
     rl_optimizer: OptimizerConfig = field(default_factory=_rl_optimizer)
-    kl_coef: float = 0.0
+    kl_coef: float | None = None
     format_weight: float = 0.1
     language_weight: float = 0.0
     rejection_prompts: int = 256
@@ -159,9 +161,12 @@ class R1Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"R1Config.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("general_sft_rows", "student_start_steps", "format_weight", "language_weight", "kl_coef"):
+        if self.kl_coef is not None and not self.kl_coef >= 0:
+            raise ValueError(f"R1Config.kl_coef: must be >= 0 or None, got {self.kl_coef}")
+        for name in ("general_sft_rows", "student_start_steps", "format_weight", "language_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"R1Config.{name}: must be >= 0, got {getattr(self, name)}")
+        check_algorithm("R1Config", self.algorithm)
         if self.samples_per_prompt < 2:
             raise ValueError(f"R1Config.samples_per_prompt: GRPO compares the samples of a prompt, so it needs >= 2, "
                              f"got {self.samples_per_prompt}")
@@ -369,12 +374,13 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
         pairs = kept + general_rows
         start = base if cfg.from_base else state["policy"]
         policy, steps = state["policy"], 0
-        if pairs:
+        if kept:
             trained = run_sft(model, start, pairs, cfg.rs_sft_steps, ctx, "policy")
             policy, steps = trained.params, steps_of(trained)
-        else:
-            warnings.warn(f"r1_pipeline: stage {ctx.name!r} kept no sample (stats {data['stats']}) and there are no "
-                          "general rows: it trains nothing", stacklevel=2)
+        else:  # the general rows alone would replace the RL policy (from the base, too) with nothing learnt
+            warnings.warn(f"r1_pipeline: stage {ctx.name!r} kept no sample (stats {data['stats']}): it trains nothing "
+                          "and the policy stays the RL stage's (lower the rejection threshold or sample more)",
+                          stacklevel=2)
         ctx.record(dict(**data["stats"], trained_kept=len(kept), trained_general=len(general_rows), sft_steps=steps,
                         from_base=cfg.from_base, **evaluate(policy, state["policy"])))
         return dict(state, policy=policy)

@@ -64,7 +64,7 @@ from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
 from rljax.pipelines import Stage, rl_state, run_stages, train_rl
 from rljax.rewards.judge import (Judge, JudgeConfig, choice_ids, judge_accuracy, judge_pairwise, judge_prompt_ids,
                                  pairwise_prompt, pairwise_reward)
-from rljax.pipeline_steps import config_args, sft_on_rows, stage_rl_config
+from rljax.pipeline_steps import check_algorithm, config_args, sft_on_rows, stage_rl_config
 from rljax.state import OptimizerConfig, create_state
 
 __all__ = ["RLAIFConfig", "RLAIF_FORMS", "RLAIF_STAGES", "noise_free_pairs", "judge_training_rows", "rlaif"]
@@ -87,8 +87,9 @@ class RLAIFConfig:
     labeller: label_prompts prompts x 2 samples at label_temperature; pairs with |p − ½| < min_confidence
     left out; rm_steps steps of rm_batch_size pairs (rm_optimizer). rl: rl_iterations of `algorithm` with
     prompts_per_iteration prompts x samples_per_prompt samples of at most max_new_tokens at temperature,
-    rl_optimizer, kl_coef. evaluation: how every row measures a policy. seed: batch shuffling (stage i: seed + i)
-    and the synthetic pairs. log_every, eval_every, checkpoint_every, progress, tensorboard, wandb: how the
+    rl_optimizer, kl_coef (to the stage's start; None: the algorithm's own, e.g. GRPO's 0.04; 0: none).
+    evaluation: how every row measures a policy. seed: batch shuffling (stage i: seed + i) and the synthetic
+    pairs. log_every, eval_every, checkpoint_every, progress, tensorboard, wandb: how the
     phases report (not part of a stage's arguments)."""
 
     form: str = "labeller"
@@ -116,7 +117,7 @@ class RLAIFConfig:
     temperature: float = 1.0
     rl_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-5, schedule="constant",
                                                                                   b2=0.95))
-    kl_coef: float = 0.0
+    kl_coef: float | None = None
     evaluation: PolicyEvalConfig = field(default_factory=PolicyEvalConfig)
     seed: int = 0
     log_every: int = 10
@@ -134,12 +135,13 @@ class RLAIFConfig:
                      "prompts_per_iteration", "samples_per_prompt", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RLAIFConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        check_algorithm("RLAIFConfig", self.algorithm)
         if self.samples_per_prompt < 2:
             raise ValueError(f"RLAIFConfig.samples_per_prompt: GRPO compares the samples of a prompt, so it needs "
                              f">= 2, got {self.samples_per_prompt}")
         if not 0 <= self.min_confidence < 0.5:
             raise ValueError(f"RLAIFConfig.min_confidence: must be in [0, 0.5), got {self.min_confidence}")
-        if self.kl_coef < 0 or not self.label_temperature > 0:
+        if (self.kl_coef is not None and self.kl_coef < 0) or not self.label_temperature > 0:
             raise ValueError(f"RLAIFConfig: need kl_coef >= 0 and label_temperature > 0, got {self.kl_coef}, "
                              f"{self.label_temperature}")
 

@@ -163,13 +163,15 @@ def test_stage_arguments_results_rows_and_missing_inputs_are_checked(tmp_path):
     os.remove(os.path.join(run, "round-0", "data.json"))
     with pytest.raises(FileNotFoundError, match=r"stage 'round-0': its data .*round-0/data.json is missing"):
         run_stages(toy, stages(), run_dir=run)
-    # a later stage that reads the missing data names both stages
+    # a later stage reads the missing data: refused before that stage trains anything again
     run2 = str(tmp_path / "run2")
     with pytest.raises(Killed):
         run_stages(toy, stages(kill=True), run_dir=run2)
     os.remove(os.path.join(run2, "round-0", "data.json"))
-    with pytest.raises(FileNotFoundError, match=r"stage 'round-0': its data .* is missing \(read by stage 'round-1'\)"):
+    before = sorted(os.listdir(os.path.join(run2, "round-1")))
+    with pytest.raises(FileNotFoundError, match=r"stage 'round-0': its data .*round-0/data.json is missing"):
         run_stages(toy, stages(), run_dir=run2)
+    assert sorted(os.listdir(os.path.join(run2, "round-1"))) == before
 
 
 # ----------------------------------------------------------------------------- iterative RLHF

@@ -168,6 +168,9 @@ def test_best_worst_pairs():
                              np.array([[0.1, 0.9, 0.5], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]))
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("p", "b", "a"), ("r", "s", "t")]
     assert pairs[0]["margin"] == pytest.approx(0.8)
+    for field in ("prompts_per_round", "batch_size"):  # refused with the config, not in a round's sampling
+        with pytest.raises(ValueError, match=rf"OnlineDPOConfig.{field}: must be >= 1, got 0"):
+            OnlineDPOConfig(**{field: 0})
 
 
 def _online(model, params, rounds, run_dir):

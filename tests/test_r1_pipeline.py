@@ -202,8 +202,26 @@ def test_other_arguments_are_refused_naming_the_stage_and_file(tmp_path):
     assert calls == []
     with pytest.raises(ValueError, match="R1Config.samples_per_prompt: GRPO compares"):
         _config(samples_per_prompt=1)
+    with pytest.raises(ValueError, match=r"R1Config.algorithm: 'grpoo' is not a registry algorithm"):
+        _config(algorithm="grpoo")  # refused with the config, not when the first RL stage starts
     with pytest.raises(ValueError, match="r1_pipeline: reasoning has 10 problems, the config needs at least 16"):
         _run(fresh[:4] + (dict(sets, reasoning=train[:10]),), str(tmp_path / "other"))
+
+
+def test_a_stages_kl_coef_of_zero_turns_the_penalty_off_and_none_keeps_the_algorithms():
+    """stage_rl_config: kl_coef None keeps GRPO's β = 0.04 (PPO's 0.05 in the reward); 0 sets β = 0."""
+    from rljax.pipeline_steps import stage_rl_config
+
+    def beta(algorithm, kl_coef):
+        algo = stage_rl_config(algorithm, OptimizerConfig(), tokenizer=TOK, max_new_tokens=8, samples_per_prompt=2,
+                               temperature=1.0, kl_coef=kl_coef).algo
+        return (algo.estimator.config if algo.kl_in == "reward" else algo.loss.config).kl_coef
+
+    assert beta("grpo", None) == 0.04 and beta("grpo", 0.0) == 0.0 and beta("grpo", 0.2) == 0.2
+    assert beta("ppo", None) == 0.05 and beta("ppo", 0.0) == 0.0
+    assert R1Config().kl_coef is None
+    with pytest.raises(ValueError, match=r"R1Config.kl_coef: must be >= 0 or None"):
+        _config(kl_coef=-1.0)
 
 
 @pytest.mark.slow
