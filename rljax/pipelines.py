@@ -188,6 +188,17 @@ def _load_check(run_dir, stage: Stage) -> None:
         _load(run_dir, stage)
 
 
+def _round_args(cfg, *, extendable: bool, **more) -> dict:
+    """A round pipeline's stage arguments: its config's fields (`config_args`), `rounds` aside when more
+    rounds only extend the run (each round's work does not depend on it), and `more`."""
+    from rljax.pipeline_steps import config_args
+
+    args = config_args(cfg)
+    if extendable:
+        args.pop("config.rounds", None)
+    return dict(args, **more)
+
+
 def _write_json(path: str, value) -> None:
     write_json(path, value, indent=1)
 
@@ -196,10 +207,10 @@ def _check_args(run_dir: str, stage: Stage) -> None:
     """Save the stage's args on its first run; refuse other args on a rerun (naming the fields)."""
     if stage.args is None:
         return
-    from rljax.cli import config_differences
+    from rljax.cli import config_differences, json_value
 
     path = os.path.join(run_dir, stage.name, STAGE_ARGS_FILE)
-    new = json.loads(json.dumps(stage.args, default=str))
+    new = json.loads(json.dumps(stage.args, default=json_value))  # functions by name: the same in every process
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
@@ -512,8 +523,9 @@ def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOCo
                                       loop=LoopConfig(steps=target, **phase_loop))
         return preference(state, batches, phase, model=model, run_dir=ctx.component_dir("policy"), eval_fn=eval_fn)
 
+    args = _round_args(cfg, extendable=True)  # a rerun with other settings is refused; more rounds extend it
     stages = [Stage(f"round-{r}", collect=functools.partial(collect, r), train=functools.partial(train, r),
-                    data_file="pairs.json") for r in range(cfg.rounds)]
+                    data_file="pairs.json", args=args) for r in range(cfg.rounds)]
     state, outputs = run_stages(state, stages, run_dir=run_dir)
     return state, [d["stats"] for d in outputs]
 
@@ -586,8 +598,9 @@ def iterative_oreo(state: OREOState, prompts: Sequence[str], reward_fn: Callable
         return oreo(state, data, phase, model=model, run_dir=ctx.component_dir("oreo"), eval_fn=eval_fn)
 
     # the trajectories are stored by collect_trajectories itself (Parquet parts, resumable)
+    args = _round_args(cfg, extendable=True)  # a rerun with other settings is refused; more rounds extend it
     stages = [Stage(f"round-{r}", collect=functools.partial(collect, r), train=functools.partial(train, r),
-                    data_file=None) for r in range(cfg.rounds)]
+                    data_file=None, args=args) for r in range(cfg.rounds)]
     return run_stages(state, stages, run_dir=run_dir)[0]
 
 
@@ -747,6 +760,8 @@ def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Ca
     stages = iterative_rlhf_stages(prompts, rank_samples, make_reward, cfg, rl_cfg, model=model, rm_model=rm_model,
                                    decode=decode, collate=collate, initial_lists=initial_lists, eval_fn=eval_fn,
                                    record=record, **rl_kwargs)
+    args = _round_args(cfg, extendable=False, rl_config=dataclasses.asdict(rl_cfg))  # rounds set each round's share
+    stages = [dataclasses.replace(s, args=args) for s in stages]
     state, outputs = run_stages(state, stages, run_dir=run_dir)
     return state, [d["stats"] for d in outputs if d is not None]
 

@@ -14,7 +14,7 @@ from rljax.data.preference_collate import collate_kto, collate_preferences, fixe
 from rljax.losses.preference import DPOConfig, KTOConfig, preference_loss, reference_logps, with_live_reference
 from rljax.models import Model, preset
 from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
-from rljax.pipelines import OnlineDPOConfig, online_dpo
+from rljax.pipelines import OnlineDPOConfig, StageArgumentsError, online_dpo
 from rljax.reference import best_worst_pairs, cached_reference_logps, with_reference
 from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig, create_state, make_train_step
@@ -173,12 +173,12 @@ def test_best_worst_pairs():
             OnlineDPOConfig(**{field: 0})
 
 
-def _online(model, params, rounds, run_dir):
+def _online(model, params, rounds, run_dir, steps_per_round=2):
     # reward: answers that start with a digit equal to the prompt's last digit score 1
     def scorer(prompts, completions):
         return np.array([float(bool(c) and c[0] == p[-2]) + 0.01 * len(c) for p, c in zip(prompts, completions)])
 
-    cfg = OnlineDPOConfig(rounds=rounds, samples=4, prompts_per_round=8, steps_per_round=2, batch_size=4,
+    cfg = OnlineDPOConfig(rounds=rounds, samples=4, prompts_per_round=8, steps_per_round=steps_per_round, batch_size=4,
                           optimizer=OPT, progress=False,
                           sampling=SampleConfig(max_new_tokens=6, temperature=1.0, eos_id=TOK.eos_id,
                                                 pad_id=TOK.pad_id))
@@ -195,7 +195,10 @@ def test_online_dpo_rounds_resume(setup, tmp_path):
     assert int(full.step) == 4 and [s["round"] for s in stats] == [0, 1]
     assert all(s["pairs"] >= 4 for s in stats)
     _online(model, params, 1, str(tmp_path / "b"))  # killed after round 0
-    resumed, stats_b = _online(model, params, 2, str(tmp_path / "b"))
+    resumed, stats_b = _online(model, params, 2, str(tmp_path / "b"))  # more rounds extend the run
     assert stats_b == stats
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(a, b)
+    with pytest.raises(StageArgumentsError, match=r"stage 'round-0': .*stage.json was written by other arguments "
+                                                  r"\(config.steps_per_round: 2 -> 3\)"):
+        _online(model, params, 2, str(tmp_path / "b"), steps_per_round=3)  # other settings are refused
