@@ -70,7 +70,7 @@ class Config(LoggingFlags):
     temperature: float = 1.0
     rl_lr: float = 1e-4
     head_lr: float = 1e-3  # ppo: the value head's learning rate
-    kl_coef: float | None = None  # the KL penalty to the SFT policy (None: the algorithm's, e.g. GRPO's 0.04; 0: none)
+    kl_coef: float | None = None  # the KL penalty to the SFT policy (None: the algorithm's, e.g. PPO's 0.05; 0: none)
     reward: str = "log_d"  # log_d | neg_log_one_minus_d | logit
     win_accuracy: float = 0.95
     win_d_policy: float = 0.1

@@ -280,7 +280,10 @@ def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Calla
         kept = [x for j in range(r + 1) for x in ctx.data(f"round-{j}")["rows"]] if cfg.accumulate else data["rows"]
         pairs = [(x["prompt"], x["completion"]) for x in kept] + [tuple(x) for x in sft_rows]
         start_params = state.params
-        if kept:
+        if not kept and cfg.from_base and pairs:
+            warnings.warn(f"expert_iteration: round {r} kept no sample (stats {data['stats']}): from the base it "
+                          "trains on the sft_rows alone", stacklevel=2)
+        if pairs:
             begin = base if cfg.from_base else state
             target = int(jax.device_get(begin.step)) + cfg.steps_per_round
             phase = SFTPhaseConfig(optimizer=cfg.optimizer, loop=LoopConfig(steps=target, **phase_loop))
@@ -288,9 +291,8 @@ def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Calla
             component = f"policy-round-{r}" if cfg.from_base else "policy"
             state = sft(begin, batches, phase, model=model, run_dir=ctx.component_dir(component), eval_fn=eval_fn)
         else:
-            # sft_rows alone would move the policy (from the base, reset it) with nothing the round learnt
-            warnings.warn(f"expert_iteration: round {r} kept no sample (stats {data['stats']}): the round trains "
-                          "nothing and the policy stays as it was", stacklevel=2)
+            warnings.warn(f"expert_iteration: round {r} kept no sample (stats {data['stats']}) and there are no "
+                          "sft_rows: the round trains nothing", stacklevel=2)
         ctx.record(dict(round=r, **data["stats"], trained_kept=len(kept), trained_general=len(sft_rows),
                         sft_steps=int(jax.device_get(state.step)), **evaluate(state.params, start_params)))
         return state

@@ -360,10 +360,6 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     if needs.values and critic_model is None and "value" not in model.config.heads:
         raise ValueError(f"{algo.name} needs a value head: build the model and params with "
                          "rljax.losses.actor_critic.with_value_head(model, params), or pass a separate critic_model")
-    if critic_model is None and (cfg.critic_optimizer is not None or cfg.critic_epochs != 1):
-        raise ValueError("RLConfig.critic_optimizer / critic_epochs: they set how a separate critic is fitted, and "
-                         f"this iteration has none (pass critic_model=); {algo.name}'s values, if any, come from "
-                         "the policy's own value head, trained by the policy's optimizer")
     if critic_model is not None and critic_model.mesh is not mesh:
         raise ValueError("critic_model: the critic must live on the policy's mesh (one jitted update trains both)")
     if teacher_model is not None and not needs.teacher:

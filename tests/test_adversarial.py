@@ -255,12 +255,12 @@ def test_resume_after_kills_between_rounds_and_inside_rl_is_bit_identical(tmp_pa
     with pytest.raises(Killed):
         _run(run, calls=calls, replay=True, kill=lambda c: c[-1] == ("RLState", 3, False))
     assert calls[0] == ("TrainState", 4, True)  # the discriminator resumed after its step 3; the SFT never reran
-    # a finished round's samples removed: the round that reads them (replay) names both stages and the file
+    # a finished round's samples removed: refused, naming the stage and the file, before anything trains again
     broken = str(tmp_path / "broken")
     shutil.copytree(run, broken)
     os.remove(os.path.join(broken, "round-0", "samples.json"))
-    with pytest.raises(FileNotFoundError, match=r"stage 'round-0': its data .*round-0/samples.json is missing "
-                                                r"\(read by stage 'round-1'\)"):
+    with pytest.raises(FileNotFoundError, match=r"stage 'round-0': its data .*round-0/samples.json is missing; the "
+                                                r"stage finished in an earlier run"):
         _run(broken, replay=True)
     calls = []
     resumed, resumed_rows = _run(run, calls=calls, replay=True)
