@@ -269,6 +269,14 @@ def config_differences(old: dict, new: dict, ignore: Iterable[str] = IGNORED_FIE
             if k not in ignore and old.get(k, _ABSENT) != new.get(k, _ABSENT)}
 
 
+def listed_changes(changes: dict[str, tuple], most: int | None = None) -> str:
+    """`config_differences`' result as "field: old -> new; ..." for a message (the first `most`, then how
+    many more)."""
+    shown = list(changes.items())[:most]
+    more = f"; and {len(changes) - len(shown)} more" if len(shown) < len(changes) else ""
+    return "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in shown) + more
+
+
 def save_config(cfg, run_dir: str, *, allow_change: bool = False, ignore: Iterable[str] = IGNORED_FIELDS) -> None:
     """Write the dataclass `cfg` to run_dir/config.json, where a rerun finds it.
 
@@ -289,11 +297,10 @@ def save_config(cfg, run_dir: str, *, allow_change: bool = False, ignore: Iterab
             old = json.load(f)
         changes = config_differences(old, new, ignore)
         if changes and not allow_change:
-            listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
             raise ConfigMismatchError(
-                f"{path} holds another configuration ({listed}). A run directory holds one run: pass a new "
-                f"--run-dir, or rerun with the saved values, or --force-config to continue with the new "
-                f"ones (recorded in {CONFIG_CHANGES_FILE})")
+                f"{path} holds another configuration ({listed_changes(changes)}). A run directory holds one run: "
+                f"pass a new --run-dir, or rerun with the saved values, or --force-config to continue with the "
+                f"new ones (recorded in {CONFIG_CHANGES_FILE})")
         if not changes:
             return  # the same run: keep the file as first written
     write_config(run_dir, new, changes)

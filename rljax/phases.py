@@ -174,14 +174,12 @@ def _say_config_changes(saved: dict | None, now: dict | None, name: str, step: i
     new learning rate), but said, field by field, so that a mixed run is never silent."""
     if not saved or not now:
         return
-    from rljax.cli import config_differences
+    from rljax.cli import config_differences, listed_changes
 
     changes = config_differences(saved, now, ignore=(), added={})
     if changes:
-        listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in list(changes.items())[:8])
-        more = f"; and {len(changes) - 8} more" if len(changes) > 8 else ""
         print(f"[{name}] warning: resuming at step {step} under another configuration than the checkpoint's "
-              f"({listed}{more}); the steps before {step} ran with the saved values")
+              f"({listed_changes(changes, most=8)}); the steps before {step} ran with the saved values")
 
 
 def _save_finished(ckpt: Checkpointer, state, name: str, meta: Callable[[int], dict]) -> None:

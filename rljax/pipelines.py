@@ -166,9 +166,9 @@ def _data_path(run_dir: str | None, stage: Stage) -> str | None:
     return os.path.join(run_dir, stage.name, stage.data_file)
 
 
-def _load(run_dir, stage: Stage, reader: str | None = None):
-    """The stage's saved data (None when it collects nothing or keeps its data itself); a stage
-    that collects into a data_file whose file is missing is FileNotFoundError naming it."""
+def _saved_data_path(run_dir, stage: Stage, reader: str | None = None) -> str | None:
+    """Where the stage's saved data are (None when it collects nothing or keeps its data itself); a
+    stage that collects into a data_file whose file is missing is FileNotFoundError naming it."""
     path = _data_path(run_dir, stage)
     if path is None or stage.collect is None:
         return None
@@ -177,15 +177,16 @@ def _load(run_dir, stage: Stage, reader: str | None = None):
         raise FileNotFoundError(f"stage {stage.name!r}: its data {path} is missing{by}; the stage finished in an "
                                 "earlier run, so its output was removed after it was written. Use a new run "
                                 "directory")
+    return path
+
+
+def _load(run_dir, stage: Stage, reader: str | None = None):
+    """The stage's saved data (`_saved_data_path`: None, or FileNotFoundError when missing)."""
+    path = _saved_data_path(run_dir, stage, reader)
+    if path is None:
+        return None
     with open(path) as f:
         return json.load(f)
-
-
-def _load_check(run_dir, stage: Stage) -> None:
-    """`_load`'s FileNotFoundError for a finished stage whose data file is gone, without reading it."""
-    path = _data_path(run_dir, stage)
-    if path is not None and stage.collect is not None and not os.path.exists(path):
-        _load(run_dir, stage)
 
 
 def _round_args(cfg, *, extendable: bool, **more) -> dict:
@@ -207,7 +208,7 @@ def _check_args(run_dir: str, stage: Stage) -> None:
     """Save the stage's args on its first run; refuse other args on a rerun (naming the fields)."""
     if stage.args is None:
         return
-    from rljax.cli import config_differences, json_value
+    from rljax.cli import config_differences, json_value, listed_changes
 
     path = os.path.join(run_dir, stage.name, STAGE_ARGS_FILE)
     new = json.loads(json.dumps(stage.args, default=json_value))  # functions by name: the same in every process
@@ -216,8 +217,8 @@ def _check_args(run_dir: str, stage: Stage) -> None:
             old = json.load(f)
         changed = config_differences(old, new, ignore=())
         if changed:
-            listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changed.items())
-            raise StageArgumentsError(f"stage {stage.name!r}: {path} was written by other arguments ({listed}); "
+            raise StageArgumentsError(f"stage {stage.name!r}: {path} was written by other arguments "
+                                      f"({listed_changes(changed)}); "
                                       "rerun with the saved arguments, or use a new run directory")
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -390,7 +391,7 @@ def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, ke
             if stage.args is not None and os.path.exists(os.path.join(run_dir, stage.name, STAGE_ARGS_FILE)):
                 _check_args(run_dir, stage)
         for stage in stages[:done]:
-            _load_check(run_dir, stage)  # a finished stage's missing data: said now, not after the rest trains
+            _saved_data_path(run_dir, stage)  # a finished stage's missing data: said now, not after the rest trains
             path = os.path.join(run_dir, stage.name, RESULTS_FILE)
             if os.path.exists(path):
                 with open(path) as f:

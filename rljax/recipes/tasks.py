@@ -559,7 +559,8 @@ def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool) -> None:
     Another task's run is refused; so is another configuration, model or data set (each differing field
     named) unless allow_change, which continues the run with the new values and appends them to
     config_changes.jsonl."""
-    from rljax.cli import CONFIG_CHANGES_FILE, ConfigMismatchError, config_differences, json_value, write_config
+    from rljax.cli import (CONFIG_CHANGES_FILE, ConfigMismatchError, config_differences, json_value, listed_changes,
+                           write_config)
 
     path = os.path.join(d, "config.json")
     new = json.loads(json.dumps(record, default=json_value))  # as it reads back: tuples become lists
@@ -574,12 +575,11 @@ def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool) -> None:
                                       f"tokenizer) or its exported checkpoint as the model)")
         changes = config_differences(_flat_record(old), _flat_record(new), ignore=RESUMABLE_CHANGES, added={})
         if changes and not allow_change:
-            listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
             raise ConfigMismatchError(
-                f"{task}: run_dir {d!r} holds a run with another configuration ({listed}); a rerun resumes only "
-                f"the same run. Give this one a new run_dir, or pass allow_change=True to continue the saved run "
-                f"with the new values (recorded in {CONFIG_CHANGES_FILE}; a schedule that depends on `steps` then "
-                f"differs from one uninterrupted run)")
+                f"{task}: run_dir {d!r} holds a run with another configuration ({listed_changes(changes)}); a rerun "
+                f"resumes only the same run. Give this one a new run_dir, or pass allow_change=True to continue the "
+                f"saved run with the new values (recorded in {CONFIG_CHANGES_FILE}; a schedule that depends on "
+                f"`steps` then differs from one uninterrupted run)")
         if not changes:
             return  # the same run: keep the file as first written
     write_config(d, new, changes)
