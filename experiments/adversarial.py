@@ -169,7 +169,8 @@ def main(cfg: Config) -> dict:
           f"expert / {len(sets['held_out'])} held-out problems; run dir {run_dir}", flush=True)
     t0 = time.perf_counter()
     state, rows = adversarial_rlaif(params, adv, model=model, tokenizer=tok, task=task,
-                                    key=jax.random.key(cfg.seed + 1), run_dir=run_dir, **sets)
+                                    key=jax.random.key(cfg.seed + 1), run_dir=run_dir,
+                                    allow_change=cfg.force_config, **sets)
     wall = time.perf_counter() - t0
     png = plot(rows, os.path.join(run_dir, "discriminator_accuracy.png"))
     print("\n" + table(rows) + "\n\n" + verdict(rows, cfg))

@@ -109,7 +109,7 @@ def main(cfg: Config) -> dict:
     state, rows = expert_iteration(state, [task.prompt(p) for p in pool], task.answer_reward(), ei, model=model,
                                    tokenizer=tok, key=jax.random.key(cfg.seed + 1), held_out=test[:cfg.eval_problems],
                                    check=task.check, well_formed=task.well_formed, sft_rows=general, run_dir=run_dir,
-                                   problems=pool)
+                                   allow_change=cfg.force_config, problems=pool)
     wall = time.perf_counter() - t0
     results = report_results(cfg, run_dir, rows, COLUMNS, wall)
     return results

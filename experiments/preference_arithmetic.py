@@ -149,7 +149,8 @@ def train_online(cfg: Config, model, params, tok, train, run_dir: str):
                                                  eos_id=tok.eos_id, pad_id=tok.pad_id))
     state = create_state(model, ocfg.optimizer, jax.random.key(cfg.seed), params=params)
     state, stats = online_dpo(state, [p.prompt for p in train], gold, ocfg, model=model, tokenizer=tok,
-                              collate=functools.partial(collate_preferences, tok), run_dir=run_dir)
+                              collate=functools.partial(collate_preferences, tok), run_dir=run_dir,
+                              allow_change=cfg.force_config)
     return state.params, dict(rounds=stats, steps=steps * cfg.online_rounds)
 
 

@@ -231,7 +231,7 @@ def main(cfg: Config) -> dict:
     t0 = time.perf_counter()
     state, rows = r1_pipeline(params, r1, model=model, tokenizer=tok, task=task, student_model=student,
                               student_params=student_params, key=jax.random.key(cfg.seed + 1), run_dir=run_dir,
-                              **sets)
+                              allow_change=cfg.force_config, **sets)
     wall = time.perf_counter() - t0
     results = report_results(cfg, run_dir, rows, COLUMNS, wall)
     return dict(results, state=state)

@@ -360,7 +360,7 @@ def grpo_against(cfg: Config, model, params, proxy, tok, train, test, run_dir: s
             state, refreshes = iterative_rlhf(state, prompts, rlhf["rank_samples"], rlhf["make_reward"], rlhf["cfg"],
                                               rl_cfg, model=model, rm_model=rlhf["rm_model"], decode=tok.decode_batch,
                                               collate=rlhf["collate"], initial_lists=rlhf["initial_lists"],
-                                              run_dir=where)
+                                              run_dir=where, allow_change=cfg.force_config)
             after = measure(state["policy"].policy.params, rlhf["make_reward"](state["reward_model"].params))
             after["refreshes"], rl_dir = refreshes, os.path.join(where, "policy")
         rows = [r for r in read_metrics(rl_dir) if "rl/kl_k3" in r]

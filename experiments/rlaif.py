@@ -130,7 +130,8 @@ def main(cfg: Config) -> dict:
           f"{len(sets['rl'])} RL / {len(sets['held_out'])} held-out problems; run dir {run_dir}", flush=True)
     t0 = time.perf_counter()
     state, rows = rlaif(params, pipeline, model=model, tokenizer=tok, task=task, judge_model=judge,
-                        judge_params=judge_params, key=jax.random.key(cfg.seed + 1), run_dir=run_dir, **sets)
+                        judge_params=judge_params, key=jax.random.key(cfg.seed + 1), run_dir=run_dir,
+                        allow_change=cfg.force_config, **sets)
     wall = time.perf_counter() - t0
     results = report_results(cfg, run_dir, rows, COLUMNS, wall)
     return dict(results, state=state)

@@ -168,7 +168,8 @@ def main(cfg: Config) -> dict:
               flush=True)
         t = time.perf_counter()
         _, rows = rlhf_pipeline(params, dataclasses.replace(rlhf, seed=seed), model=model, tokenizer=tok, task=task,
-                                key=jax.random.key(seed + 1), run_dir=seed_dir, **sets)
+                                key=jax.random.key(seed + 1), run_dir=seed_dir,
+                                allow_change=cfg.force_config, **sets)
         rows_by_seed[seed] = rows
         print("\n" + markdown_table(rows, COLUMNS))
         print(f"\nseed {seed}: {time.perf_counter() - t:.0f} s; the full table: "

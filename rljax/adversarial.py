@@ -50,7 +50,8 @@ State {"policy": RLState, "discriminator": TrainState}; the phases checkpoint in
 rounds' RL: its step grows to (r + 1)·rl_iterations) and run_dir/discriminator (its step grows to
 (r + 1)·disc_steps), and the whole state is checkpointed after every stage, so a killed run resumes at the right
 stage and step bit-identically. Each stage's arguments (config, digests of the problem sets and base params, the
-task) are saved in run_dir/<stage>/stage.json; a rerun with others is refused naming the stage and the file.
+task) are saved in run_dir/<stage>/stage.json; a rerun with others is refused naming the stage and the file
+(allow_change=True, the study's --force-config: recorded in stage_changes.jsonl and applied to the stages still to run).
 """
 from __future__ import annotations
 
@@ -265,7 +266,7 @@ def _rl_config(cfg: AdversarialConfig, tokenizer):
 
 def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task, sft_problems: Sequence[Any],
                       expert_problems: Sequence[Any], held_out: Sequence[Any], key, run_dir: str | None = None,
-                      eval_fn: Callable | None = None):
+                      allow_change: bool = False, eval_fn: Callable | None = None):
     """Adversarial RLAIF from the base `params` of `model` (module docstring). -> (state, rows): state
     {"policy": RLState, "discriminator": TrainState}, rows: the results row of every stage, in order ("sft",
     then "round-0" ...).
@@ -406,6 +407,6 @@ def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task,
     # the template the stage checkpoints restore onto (its values are replaced by the sft stage)
     state = jax.device_put(start_state(params, jax.random.fold_in(key, 0)))
     results: dict = {}
-    state, _ = run_stages(state, stages, run_dir=run_dir, results=results)
+    state, _ = run_stages(state, stages, run_dir=run_dir, results=results, allow_change=allow_change)
     return state, [results[s.name] for s in stages if s.name in results]
 

@@ -306,19 +306,21 @@ def save_config(cfg, run_dir: str, *, allow_change: bool = False, ignore: Iterab
     write_config(run_dir, new, changes)
 
 
-def write_config(run_dir: str, record: dict, changes: dict[str, tuple] | None = None) -> None:
-    """Write `record` to run_dir/config.json atomically; `changes` ({field: (old, new)}, from
-    `config_differences`) are appended to run_dir/config_changes.jsonl with the time, and said."""
+def write_config(run_dir: str, record: dict, changes: dict[str, tuple] | None = None, *,
+                 file: str = CONFIG_FILE, changes_file: str = CONFIG_CHANGES_FILE) -> None:
+    """Write `record` to run_dir/<file> (config.json) atomically; `changes` ({field: (old, new)}, from
+    `config_differences`) are appended to run_dir/<changes_file> (config_changes.jsonl) with the time,
+    and said. A pipeline stage's arguments use the same record (`rljax.pipelines.run_stages`)."""
     from rljax.checkpoint import atomic_path
 
-    path = os.path.join(run_dir, CONFIG_FILE)
+    path = os.path.join(run_dir, file)
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(record, f, indent=2)
     if changes:
-        with open(os.path.join(run_dir, CONFIG_CHANGES_FILE), "a") as f:
+        with open(os.path.join(run_dir, changes_file), "a") as f:
             f.write(json.dumps({"time": time.time(), "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
-        print(f"{path}: configuration changed ({', '.join(changes)}); recorded in {CONFIG_CHANGES_FILE}")
+        print(f"{path}: configuration changed ({', '.join(changes)}); recorded in {changes_file}")
 
 
 def check_input_dir(path: str, flag: str, *, create: bool = False, create_flag: str | None = None) -> bool:

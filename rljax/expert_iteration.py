@@ -217,7 +217,7 @@ from rljax.pipeline_steps import REPORTING_FIELDS as _SHOWN_FIELDS, json_digest 
 def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Callable, cfg: ExpertIterationConfig, *,
                      model, tokenizer, key, held_out: Sequence[Any] = (), check: Callable | None = None,
                      well_formed: Callable[[str], bool] | None = None, sft_rows: Sequence[tuple[str, str]] = (),
-                     run_dir: str | None = None, eval_fn: Callable | None = None,
+                     run_dir: str | None = None, allow_change: bool = False, eval_fn: Callable | None = None,
                      eval_reward_fn: Callable | None = None, **metadata):
     """cfg.rounds rounds of sample → keep by reward → SFT from `state` (a TrainState made with
     cfg.optimizer). -> (state, results rows: one per stage).
@@ -238,7 +238,8 @@ def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Calla
     with the KL to the policy the round started from). A round that keeps nothing
     and has no sft_rows trains nothing (with a warning). Each stage's arguments (the config, digests
     of the prompts, metadata, held-out set, general rows and the starting state) are saved in its
-    stage.json: a rerun with other ones is refused naming the stage and the file.
+    stage.json: a rerun with other ones is refused naming the stage and the file (allow_change=True: recorded in
+    stage_changes.jsonl and applied to the rounds still to run).
     """
     P = len(prompts)
     if P == 0:
@@ -301,5 +302,5 @@ def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Calla
     stages += [Stage(f"round-{r}", collect=functools.partial(collect, r), train=functools.partial(train, r),
                      data_file="samples.json", args=dict(shared, round=r)) for r in range(cfg.rounds)]
     results: dict = {}
-    state, _ = run_stages(state, stages, run_dir=run_dir, results=results)
+    state, _ = run_stages(state, stages, run_dir=run_dir, results=results, allow_change=allow_change)
     return state, [results[s.name] for s in stages if s.name in results]

@@ -14,7 +14,8 @@ through them:
 so the checkpoint after a stage holds everything (params and optimizer states of all
 components). A stage's `args` (the JSON-able arguments its output depends on) are saved as
 run_dir/<name>/stage.json; a rerun whose arguments differ is refused naming the stage and
-the file, as is a finished stage whose saved data went missing. Each stage may record one
+the file (`allow_change=True` records the change and applies it to the stages still to run),
+as is a finished stage whose saved data went missing. Each stage may record one
 results row (`StageContext.record`: accuracy, reward, length, KL to the stage's start, ...):
 run_dir/<name>/results.json, and the pipeline's table over every stage, run_dir/results.jsonl
 and results.md, drawn across the stages in results.png (with matplotlib). `summarise_runs` (and
@@ -80,6 +81,7 @@ from rljax.state import OptimizerConfig
 
 STAGES_DIR = "stages"  # the stage checkpoints: step i = stages 0..i-1 done
 STAGE_ARGS_FILE = "stage.json"  # a stage's arguments, checked on reruns
+STAGE_CHANGES_FILE = "stage_changes.jsonl"  # changes to them a rerun with allow_change made
 RESULTS_FILE = "results.json"  # a stage's results row
 TABLE_FILES = ("results.jsonl", "results.md")  # the pipeline's table: one row per stage that recorded one
 PLOT_FILE = "results.png"  # the table's columns drawn across the stages (with matplotlib installed)
@@ -204,25 +206,34 @@ def _write_json(path: str, value) -> None:
     write_json(path, value, indent=1)
 
 
-def _check_args(run_dir: str, stage: Stage) -> None:
-    """Save the stage's args on its first run; refuse other args on a rerun (naming the fields)."""
+def _check_args(run_dir: str, stage: Stage, *, allow_change: bool = False, finished: bool = False) -> None:
+    """Save the stage's args on its first run; refuse other args on a rerun (naming the fields), or with
+    allow_change overwrite stage.json, append the change to stage_changes.jsonl beside it and say what
+    it means: a finished stage is not run again (its output stands), an unfinished one runs with them."""
     if stage.args is None:
         return
-    from rljax.cli import config_differences, json_value, listed_changes
+    from rljax.cli import config_differences, flat_fields, json_value, listed_changes, write_config
 
-    path = os.path.join(run_dir, stage.name, STAGE_ARGS_FILE)
+    stage_dir = os.path.join(run_dir, stage.name)
+    path = os.path.join(stage_dir, STAGE_ARGS_FILE)
     new = json.loads(json.dumps(stage.args, default=json_value))  # functions by name: the same in every process
+    changed = {}
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        changed = config_differences(old, new, ignore=())
-        if changed:
+        changed = config_differences(flat_fields(old), flat_fields(new), ignore=())  # nested fields by their path
+        if not changed:
+            return
+        if not allow_change:
             raise StageArgumentsError(f"stage {stage.name!r}: {path} was written by other arguments "
-                                      f"({listed_changes(changed)}); "
-                                      "rerun with the saved arguments, or use a new run directory")
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    _write_json(path, new)
+                                      f"({listed_changes(changed)}); rerun with the saved arguments, use a new "
+                                      "run directory, or allow_change=True (the studies' --force-config) to go on "
+                                      "with the new ones")
+        if finished:
+            print(f"stage {stage.name!r} finished under its saved arguments and is not run again: its output "
+                  "stands, and the changed ones apply to the stages still to run")
+    os.makedirs(stage_dir, exist_ok=True)
+    write_config(stage_dir, new, changed, file=STAGE_ARGS_FILE, changes_file=STAGE_CHANGES_FILE)
 
 
 def read_results(run_dir: str) -> list[dict]:
@@ -357,7 +368,7 @@ def summarise_runs(run_dirs: Sequence[str], out_dir: str | None = None, *,
 
 
 def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, keep: int = 2,
-               results: dict | None = None):
+               results: dict | None = None, allow_change: bool = False):
     """Run `stages` in order from `state` (a pytree of every trained component); returns
     (state, outputs), outputs[i] = stage i's collected data (None when it has none or
     stores it itself). results: a dict to fill with {stage name: its results row} for every
@@ -369,7 +380,11 @@ def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, ke
     skipped (their data read back from their data_file), the first unfinished one reuses
     its saved data, and its phases resume from their checkpoints (StageContext.component_dir).
     A stage's args are checked against its saved stage.json, the finished stages' too
-    (StageArgumentsError), before anything runs. Without run_dir everything stays in memory.
+    (StageArgumentsError), before anything runs; allow_change=True instead records each
+    changed stage's new args (stage.json, the change appended to stage_changes.jsonl beside
+    it) and goes on: finished stages are not run again, so a change reaches only the stages
+    still to run (the interrupted one keeps the data it collected and its phases' progress).
+    Without run_dir everything stays in memory.
     """
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
@@ -387,9 +402,9 @@ def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, ke
                     raise ValueError(f"run_stages: {run_dir} holds a run whose stage {done} (the last one done) is "
                                      f"{meta.get('stage')!r}, not {expected!r} as in these {len(stages)} stages; use "
                                      "a new run directory")
-        for stage in stages:  # every stage that ran before, finished or not, against its saved arguments
+        for i, stage in enumerate(stages):  # every stage that ran before, finished or not, against its saved arguments
             if stage.args is not None and os.path.exists(os.path.join(run_dir, stage.name, STAGE_ARGS_FILE)):
-                _check_args(run_dir, stage)
+                _check_args(run_dir, stage, allow_change=allow_change, finished=i < done)
         for stage in stages[:done]:
             _saved_data_path(run_dir, stage)  # a finished stage's missing data: said now, not after the rest trains
             path = os.path.join(run_dir, stage.name, RESULTS_FILE)
@@ -468,7 +483,7 @@ class OnlineDPOConfig:
 
 
 def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOConfig, *, model, tokenizer, collate,
-               reference=None, run_dir: str | None = None, eval_fn: Callable | None = None):
+               reference=None, run_dir: str | None = None, allow_change: bool = False, eval_fn: Callable | None = None):
     """Online DPO for cfg.rounds rounds from `state` (a TrainState made with cfg.optimizer).
 
     prompts: the prompt pool; round r uses prompts[(r·n) mod N ...] with n =
@@ -527,7 +542,7 @@ def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOCo
     args = _round_args(cfg, extendable=True)  # a rerun with other settings is refused; more rounds extend it
     stages = [Stage(f"round-{r}", collect=functools.partial(collect, r), train=functools.partial(train, r),
                     data_file="pairs.json", args=args) for r in range(cfg.rounds)]
-    state, outputs = run_stages(state, stages, run_dir=run_dir)
+    state, outputs = run_stages(state, stages, run_dir=run_dir, allow_change=allow_change)
     return state, [d["stats"] for d in outputs]
 
 
@@ -553,8 +568,8 @@ class IterativeOREOConfig:
 
 
 def iterative_oreo(state: OREOState, prompts: Sequence[str], reward_fn: Callable, cfg: IterativeOREOConfig, *,
-                   model, tokenizer, key, run_dir: str | None = None, eval_fn: Callable | None = None,
-                   collate: Callable | None = None, **metadata) -> OREOState:
+                   model, tokenizer, key, run_dir: str | None = None, allow_change: bool = False,
+                   eval_fn: Callable | None = None, collate: Callable | None = None, **metadata) -> OREOState:
     """R rounds of OREO, each on fresh trajectories of the current policy.
 
     Round r collects into run_dir/round-r/data (resumable, `collect_trajectories` with
@@ -602,7 +617,7 @@ def iterative_oreo(state: OREOState, prompts: Sequence[str], reward_fn: Callable
     args = _round_args(cfg, extendable=True)  # a rerun with other settings is refused; more rounds extend it
     stages = [Stage(f"round-{r}", collect=functools.partial(collect, r), train=functools.partial(train, r),
                     data_file=None, args=args) for r in range(cfg.rounds)]
-    return run_stages(state, stages, run_dir=run_dir)[0]
+    return run_stages(state, stages, run_dir=run_dir, allow_change=allow_change)[0]
 
 
 # ----------------------------------------------------------------------------- RL (the one place that calls it)
@@ -740,8 +755,8 @@ def iterative_rlhf_stages(prompts, rank_samples: Callable, make_reward: Callable
 
 def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Callable, cfg: IterativeRLHFConfig,
                    rl_cfg, *, model, rm_model, decode: Callable, collate: Callable, initial_lists: Sequence = (),
-                   run_dir: str | None = None, eval_fn: Callable | None = None, record: Callable | None = None,
-                   **rl_kwargs):
+                   run_dir: str | None = None, allow_change: bool = False, eval_fn: Callable | None = None,
+                   record: Callable | None = None, **rl_kwargs):
     """RL against a reward model refreshed on the current policy's samples (`create_rlhf_state`'s state).
 
     prompts: batch_at(position) -> PromptBatch for the RL iterations. rank_samples(policy_params,
@@ -763,7 +778,7 @@ def iterative_rlhf(state: dict, prompts, rank_samples: Callable, make_reward: Ca
                                    record=record, **rl_kwargs)
     args = _round_args(cfg, extendable=False, rl_config=dataclasses.asdict(rl_cfg))  # rounds set each round's share
     stages = [dataclasses.replace(s, args=args) for s in stages]
-    state, outputs = run_stages(state, stages, run_dir=run_dir)
+    state, outputs = run_stages(state, stages, run_dir=run_dir, allow_change=allow_change)
     return state, [d["stats"] for d in outputs if d is not None]
 
 

@@ -57,7 +57,9 @@ start, "student_sft": ..., "student_on_policy": ...}; each phase (SFT, reward mo
 component directory run_dir/<stage>-<component>, so a run killed anywhere resumes bit-identically (finished stages
 are skipped, an interrupted one reuses its saved samples and resumes its phase). Each stage's arguments (the
 config, digests of every input set, of the base, student and reward-model params, the task's name) are saved in
-run_dir/<stage>/stage.json; a rerun with other ones is refused naming the stage and the file.
+run_dir/<stage>/stage.json; a rerun with other ones is refused naming the stage and the file. With
+allow_change=True (the study's --force-config) the new ones are recorded (stage_changes.jsonl) and reach the stages
+still to run; finished stages are not run again.
 """
 from __future__ import annotations
 
@@ -230,7 +232,7 @@ def mixed_reward(rule: Callable, reward_model: Callable) -> Callable:
 
 def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Sequence[Any], reasoning: Sequence[Any],
                 general: Sequence[Any], held_out: Sequence[Any], student_model, student_params, key,
-                run_dir: str | None = None, language_reward: Callable | None = None,
+                run_dir: str | None = None, allow_change: bool = False, language_reward: Callable | None = None,
                 reward_model: tuple[Any, Any] | None = None, eval_fn: Callable | None = None):
     """R1's stages from the base `params` of `model`, then distillation into `student_model` (module docstring).
     -> (state, rows): state {"policy", "reward_model", "student", "student_sft", "student_on_policy"} (params
@@ -456,5 +458,5 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
     state = jax.device_put(dict(policy=params, reward_model=rm_template, student=student_params,
                                 student_sft=student_params, student_on_policy=student_params))
     results: dict = {}
-    state, _ = run_stages(state, stages, run_dir=run_dir, results=results)
+    state, _ = run_stages(state, stages, run_dir=run_dir, results=results, allow_change=allow_change)
     return state, [results[s.name] for s in stages if s.name in results]

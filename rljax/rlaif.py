@@ -41,7 +41,8 @@ policy), "judge", "reward_model", and "labeller" / "direct": the RL policy of ea
 anywhere resumes bit-identically (finished stages are skipped; an interrupted one reuses its saved data and
 resumes its phase). Each stage's arguments (the config, digests of the problem sets and of the initial params,
 the task's name) are saved in run_dir/<stage>/stage.json; a rerun with other ones is refused naming the stage
-and the file, and a finished stage whose data file went missing is an error naming both.
+and the file (allow_change=True, the study's --force-config: the new ones are recorded in stage_changes.jsonl and
+reach the stages still to run), and a finished stage whose data file went missing is an error naming both.
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ def judge_training_rows(pairs: Sequence[dict], tokenizer, cfg: JudgeConfig) -> l
 
 def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judge_params, sft: Sequence[Any],
           judge: Sequence[Any], rl: Sequence[Any], held_out: Sequence[Any], key, run_dir: str | None = None,
-          eval_fn: Callable | None = None):
+          allow_change: bool = False, eval_fn: Callable | None = None):
     """RLAIF's stages (module docstring) from the base `params` of `model` and the judge's initial
     `judge_params` of `judge_model` (same tokenizer). -> (state, rows): state {"policy" (SFT), "judge",
     "reward_model", "labeller" and/or "direct" (the RL policies)} (params pytrees; reward_model is the zero-head
@@ -365,6 +366,6 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
     state = jax.device_put(dict(policy=params, judge=judge_params, reward_model=rm_template,
                                 **{form: params for form in forms}))
     results: dict = {}
-    state, _ = run_stages(state, stages, run_dir=run_dir, results=results)
+    state, _ = run_stages(state, stages, run_dir=run_dir, results=results, allow_change=allow_change)
     return state, [results[s.name] for s in stages if s.name in results]
 

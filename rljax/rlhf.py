@@ -40,7 +40,9 @@ the PPO RLState (policy with value head and optimizer state, the frozen SFT refe
 phase checkpoints into its component directory (run_dir/sft, run_dir/reward_model, run_dir/policy), so a run killed
 anywhere resumes bit-identically: finished stages are skipped, an interrupted one resumes its phase. Each stage's
 arguments (the config, digests of every problem set and of the base params, the task's name) are saved in
-run_dir/<stage>/stage.json; a rerun with other ones is refused naming the stage and the file.
+run_dir/<stage>/stage.json; a rerun with other ones is refused naming the stage and the file. With
+allow_change=True (the study's --force-config) the new ones are recorded (stage_changes.jsonl) and reach the stages
+still to run; finished stages are not run again.
 """
 from __future__ import annotations
 
@@ -172,7 +174,7 @@ def plot_rlhf(run_dir: str, out_png: str | None = None) -> str | None:
 
 def rlhf_pipeline(params, cfg: RLHFConfig, *, model, tokenizer, task, sft_problems: Sequence[Any],
                   rm_problems: Sequence[Any], rl_problems: Sequence[Any], held_out: Sequence[Any], key,
-                  run_dir: str | None = None, eval_fn: Callable | None = None):
+                  run_dir: str | None = None, allow_change: bool = False, eval_fn: Callable | None = None):
     """SFT → reward model → PPO (or iterative RLHF) from the base `params` of `model` (module docstring).
     -> (state, rows): state {"sft": params, "reward_model": TrainState, "policy": RLState}, rows: every stage's
     results row, in order.
@@ -308,7 +310,7 @@ def rlhf_pipeline(params, cfg: RLHFConfig, *, model, tokenizer, task, sft_proble
     state = dict(sft=jax.device_put(params), reward_model=rm_template,
                  policy=rl_state(value_model, with_value, rl_cfg, jax.random.fold_in(key, 100)))
     results: dict = {}
-    state, _ = run_stages(state, stages, run_dir=run_dir, results=results)
+    state, _ = run_stages(state, stages, run_dir=run_dir, results=results, allow_change=allow_change)
     if run_dir is not None:
         plot_rlhf(run_dir)
     return state, [results[s.name] for s in stages if s.name in results]

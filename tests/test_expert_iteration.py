@@ -110,7 +110,7 @@ def _ei_config(**changes):
     return ExpertIterationConfig(**{**base, **changes})
 
 
-def _ei(warm, run_dir, calls, *, kill_round=None, kill_step=None, **changes):
+def _ei(warm, run_dir, calls, *, kill_round=None, kill_step=None, allow_change=False, **changes):
     """Expert iteration from the warm model. calls records the round of every rejection-sampling reward
     call; kill_round=r raises in round r's reward call; kill_step=s raises when the SFT phase evaluates
     step s (checkpoints every step, after the eval)."""
@@ -130,8 +130,8 @@ def _ei(warm, run_dir, calls, *, kill_round=None, kill_step=None, **changes):
 
     return expert_iteration(state, [p.prompt for p in problems], reward, _ei_config(**changes), model=model,
                             tokenizer=TOK, key=jax.random.key(3), held_out=test, well_formed=well_formed,
-                            run_dir=run_dir, eval_fn=eval_fn, eval_reward_fn=arithmetic_answer_reward,
-                            problems=problems)
+                            run_dir=run_dir, allow_change=allow_change, eval_fn=eval_fn,
+                            eval_reward_fn=arithmetic_answer_reward, problems=problems)
 
 
 def _same(x, y):
@@ -181,12 +181,17 @@ def test_expert_iteration_resumes_bit_identically_after_kills_between_and_inside
 
     # a rerun with other arguments is refused naming the stage and its file; nothing runs
     with pytest.raises(StageArgumentsError, match=r"stage 'start': .*start/stage.json was written by other "
-                                                  r"arguments \(config:"):
+                                                  r"arguments \(config.steps_per_round: 3 -> 4\)"):
         _ei(warm, run, calls, steps_per_round=4)
+    # allow_change (the study's --force-config) records the new arguments; every stage had finished: none reruns
+    again, _ = _ei(warm, run, calls, steps_per_round=4, allow_change=True)
+    _same(full, again)
+    changes = [json.loads(x)["changes"] for x in open(os.path.join(run, "start", "stage_changes.jsonl"))]
+    assert changes == [{"config.steps_per_round": [3, 4]}]
     # a finished stage's input that went missing is named with its file
     os.remove(os.path.join(run, "round-0", "samples.json"))
     with pytest.raises(FileNotFoundError, match=r"stage 'round-0': its data .*round-0/samples.json is missing"):
-        _ei(warm, run, calls)
+        _ei(warm, run, calls, steps_per_round=4)
     assert calls == []
 
 

@@ -255,6 +255,52 @@ def _stand_in_rl(state, prompts, reward_fn, rl_cfg, *, model, decode, steps, run
     return run_loop(state, step, prompts, loop, run_dir=run_dir, name="rl")
 
 
+def test_allow_change_records_changed_stage_arguments_and_reaches_the_stages_still_to_run(tmp_path, capsys):
+    """allow_change=True (the studies' --force-config): a rerun with other args records them (stage.json
+    rewritten, the change appended to stage_changes.jsonl beside it) instead of refusing; the finished stage
+    is not run again (its output stands, said), the interrupted one and those after it run with the new
+    values, and a later rerun with the new values needs no allow_change."""
+    from rljax.pipelines import StageArgumentsError
+
+    calls = []
+
+    def stages(lr, kill=False):
+        def train(r, state, data, ctx):
+            calls.append((r, lr))
+            if kill and r == 1:
+                raise Killed("train 1")
+            return state.replace(step=state.step + 1, w=state.w + lr)
+
+        return [Stage(f"s{r}", train=lambda s, d, c, r=r: train(r, s, d, c), args={"lr": lr, "round": r})
+                for r in range(3)]
+
+    toy, run = _toy_state()["a"], str(tmp_path / "run")
+    with pytest.raises(Killed):
+        run_stages(toy, stages(1.0, kill=True), run_dir=run)
+    with pytest.raises(StageArgumentsError, match=r"stage 's0': .*s0/stage.json was written by other arguments "
+                                                  r"\(lr: 1.0 -> 2.0\); .*allow_change=True"):
+        run_stages(toy, stages(2.0), run_dir=run)
+    assert calls == [(0, 1.0), (1, 1.0)]
+    assert json.load(open(os.path.join(run, "s0", "stage.json"))) == {"lr": 1.0, "round": 0}  # nothing written
+    capsys.readouterr()
+
+    state, _ = run_stages(toy, stages(2.0), run_dir=run, allow_change=True)
+    assert calls == [(0, 1.0), (1, 1.0), (1, 2.0), (2, 2.0)]
+    np.testing.assert_array_equal(np.asarray(state.w), np.full(2, 1.0 + 2.0 + 2.0, np.float32))
+    assert int(state.step) == 3
+    for r in range(2):  # both stages that had run: new args saved, the change recorded once
+        assert json.load(open(os.path.join(run, f"s{r}", "stage.json"))) == {"lr": 2.0, "round": r}
+        lines = open(os.path.join(run, f"s{r}", "stage_changes.jsonl")).read().splitlines()
+        assert len(lines) == 1 and json.loads(lines[0])["changes"] == {"lr": [1.0, 2.0]}
+    assert not os.path.exists(os.path.join(run, "s2", "stage_changes.jsonl"))  # first run of s2: no change
+    out = capsys.readouterr().out
+    assert "stage 's0' finished under its saved arguments and is not run again" in out
+    assert "stage 's1' finished" not in out and "s1/stage.json: configuration changed (lr)" in out
+
+    run_stages(toy, stages(2.0), run_dir=run)  # the recorded values are the run's now
+    assert calls[-1] == (2, 2.0) and len(calls) == 4
+
+
 @pytest.mark.parametrize("real_rl", [False, pytest.param(True, marks=pytest.mark.slow)])  # GRPO: ~4 compiles
 def test_iterative_rlhf_checkpoints_the_refreshed_reward_model_and_resumes_bit_identically(rlhf_setup, tmp_path,
                                                                                           monkeypatch, real_rl):
