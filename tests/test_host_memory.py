@@ -216,6 +216,7 @@ def test_the_tunable_backs_a_large_allocation_with_huge_pages():
     assert faults[HUGE_PAGES_TUNABLE] <= 0.25 * pages_4k, faults
 
 
+@pytest.mark.slow  # ~40 s of 144 timed calls; .ci/run runs the slow tier
 def test_kept_buffers_are_not_faulted_in_again_on_every_call():
     """What keep_buffers is for: a compiled program whose temporary buffer is 64 MiB (the [8192,
     2048] float32 hidden product between two matrix products) faults that buffer in again on every

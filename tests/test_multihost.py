@@ -176,6 +176,7 @@ def _env(n_devices: int) -> dict:
     return env
 
 
+@pytest.mark.slow  # ~30 s; the default tier keeps a two-process run (the damaged checkpoint below)
 def test_two_processes_train_like_one(tmp_path):
     """Processes 0 and 1 (2 devices each) feed their own 4 of 8 rows; losses and final parameters
     equal one process with 4 devices on the same (data=2, fsdp=2) mesh fed the whole batch."""
