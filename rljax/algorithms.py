@@ -10,9 +10,14 @@ iteration reads the declarations and never names a method. A variant (Dr. GRPO, 
 other configs, never a subclass; `compose` pairs any estimator with any loss that accepts
 its output by name.
 
-    algo = get_algorithm("grpo")                      # or compose("baseline", "cispo")
+    algo = get_algorithm("rloo")                      # or compose("baseline", "cispo")
     batch, keep = prepare(algo, PrepareInput(rollout, rewards), algo.estimator.config)
     loss, metrics = algo.loss.loss(params, batch, model=model, cfg=algo.loss.config)
+
+An entry whose half needs more reads it from PrepareInput, and says which field is missing: "grpo"
+(kl_coef 0.04) needs ref_logprobs=, "dr_grpo" aggregates by a constant (`RLConfig.algo` fills it with
+the sampler's max_new_tokens; called directly, set `constant=` in its loss config). The RL iteration
+(`rljax.rl.make_rl_iteration`) provides all of this from `algo.needs`.
 
 Preference methods (`rljax.losses.preference.PREFERENCE_METHODS`) and reward-model
 objectives (`rljax.losses.reward_model.REWARD_MODEL_OBJECTIVES`) and OREO

@@ -13,6 +13,7 @@ import numpy as np
 
 from rljax.checkpoint import atomic_path, digest_params
 from rljax.cpu_dots import jit_full_sequence
+from rljax.data.preference_collate import _KTO_FIELDS, _PAIR_FIELDS, _row
 from rljax.losses.preference import reference_logps
 
 
@@ -30,10 +31,13 @@ def cached_reference_logps(params, rows: Sequence, collate: Callable, *, model, 
 
     rows are collated in order, `batch_size` at a time, by `collate` (e.g.
     `functools.partial(collate_preferences, tokenizer)`). With cache_dir the result is
-    stored as ref_logps-<key>.npy, key = SHA-256 of the reference parameters and the
+    stored as ref_logps-<key>.npy, key = SHA-256 of the reference parameters, the model's
+    configuration (`model.config`: architecture, RoPE, compute dtype), chunk_size and the
     collated tokens and masks, so a changed model, data set, tokenizer or truncation
     never reuses a stale file; the file is written atomically (temporary + rename).
-    Attach the result with `with_reference`.
+    Attach the result with `with_reference`. KTO rows need a fixed "mismatched"
+    completion (`rljax.data.preference_collate.fixed_mismatch`): the collator refuses
+    cached values without one, since the mismatched pairing would differ by batch.
     """
     if not rows:
         raise ValueError("cached_reference_logps: no rows")
@@ -42,6 +46,7 @@ def cached_reference_logps(params, rows: Sequence, collate: Callable, *, model, 
     if cache_dir is not None:
         h = hashlib.sha256()
         digest_params(params, h)
+        h.update(f"model|{model.config!r}|chunk_size|{chunk_size}".encode())  # same params, other function
         for b in batches:
             _digest_batch(b, h)
         path = os.path.join(cache_dir, f"ref_logps-{h.hexdigest()[:32]}.npy")
@@ -76,8 +81,11 @@ def with_reference(rows: Sequence, ref: np.ndarray) -> list[dict]:
             d = {k: getattr(r, k) for k in r.__dataclass_fields__}
             if "label" in d:  # BinaryFeedback
                 d["desirable"] = d.pop("label")
-        else:
-            d = dict(zip(("prompt", "chosen", "rejected"), r))
+        else:  # positional: (prompt, chosen, rejected, ...) or KTO's (prompt, completion, desirable, ...)
+            r = tuple(r)
+            kto = len(r) >= 3 and not isinstance(r[2], str)
+            fields = _row(len(out), r, _KTO_FIELDS if kto else _PAIR_FIELDS, 3)
+            d = {k: v for k, v in fields.items() if v is not None}  # weights, labels, mismatched kept
         d["ref_logps"] = (float(lp[0]), float(lp[1]))
         out.append(d)
     return out

@@ -46,6 +46,21 @@ def test_group_advantages_known_answers():
         np.testing.assert_allclose(dr[idx], REWARDS[idx] - REWARDS[idx].mean(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("value,n", [(0.7, 8), (1.1, 16), (2.2, 16), (-2.95, 11), (0.1, 8)])
+def test_tied_groups_get_exactly_zero_advantage_despite_float_rounding(value, n):
+    """A group of n equal rewards whose float32 mean is a few ulps off the reward: (r − μ)/(σ + ε) was
+    6e-8 / (6e-8 + 1e-6) ≈ 0.06 for 0.7 x 8 (up to 0.32), pushing the whole group; now Â = 0 exactly,
+    beside a group with signal whose advantages are unchanged, and ε = 0 gives no NaN."""
+    rewards = jnp.concatenate([jnp.full((n,), value, jnp.float32), jnp.array([0.0, 1.0], jnp.float32)])
+    gids = jnp.concatenate([jnp.zeros(n, jnp.int32), jnp.array([1, 1], jnp.int32)])
+    for eps in (1e-6, 0.0):
+        for scale in (True, False):
+            adv = np.asarray(group_advantages(rewards, gids, scale_by_std=scale, eps=eps))
+            assert (adv[:n] == 0).all(), (eps, scale, adv[:n])
+            expected = np.array([-1.0, 1.0]) / (0.5 + eps) * 0.5 if scale else np.array([-0.5, 0.5])
+            np.testing.assert_allclose(adv[n:], expected, rtol=1e-5)
+
+
 def test_leave_one_out_excludes_the_sample_itself():
     b = np.asarray(leave_one_out_baseline(jnp.asarray(REWARDS), jnp.asarray(GIDS)))
     for g, idx in _groups().items():

@@ -94,6 +94,14 @@ def test_mrt_known_answers(tiny):
     # one candidate per group: Q = 1, the loss is the constant cost, no gradient
     q1 = mrt_distribution(jnp.array([-3.0, -1.0]), jnp.array([0, 1]), 0.5)
     np.testing.assert_allclose(q1, [1.0, 1.0])
+    # a row with no counted token (log p = 0, p = 1) is left out of Q: it once took ~all of its group's mass
+    empty = b.replace(loss_mask=np.where(np.arange(6)[:, None] == 3, 0, b.loss_mask))
+    loss_e, _ = jax.jit(functools.partial(mrt_loss, model=model, cfg=MRTConfig(alpha=alpha)))(params, empty)
+    q_rest = [np.exp(alpha * s[idx] - (alpha * s[idx]).max()) for idx in ([0, 1], [4, 5])]
+    naive_e = sum((q / q.sum() * cost[idx]).sum() for q, idx in zip(q_rest, ([0, 1], [4, 5]))) + cost[2]
+    assert float(loss_e) == pytest.approx(naive_e / 3, rel=1e-4)
+    np.testing.assert_allclose(mrt_distribution(jnp.array([-3.0, 0.0, -1.0]), jnp.array([0, 0, 1]), 0.5,
+                                                jnp.array([True, False, False])), [1.0, 0.0, 0.0])
 
 
 def test_grpo_first_minibatch_equals_unclipped_and_matches_naive(tiny):

@@ -1,5 +1,6 @@
 """The preference phase: precomputed reference log-probs (cached on disk) train exactly as a live
 reference, resume, 8 simulated devices equal one, and online DPO's rounds resume where they stopped."""
+import dataclasses
 import functools
 import os
 
@@ -70,6 +71,41 @@ def test_precomputed_reference_equals_live_and_is_cached(setup, tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-4)
     moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(live.params), jax.tree.leaves(params)))
     assert moved > 1e-4
+
+
+def test_reference_cache_keys_the_model_config_and_tuple_rows_keep_their_fields(setup, tmp_path):
+    """The same params under another RoPE base are another function: a second cache file, whose values are
+    that model's log-probs (the key once held params and tokens only, so it returned the first model's);
+    with_reference keeps a tuple pair's weight and soft label and reads KTO tuples as KTO rows; cached KTO
+    values without a fixed mismatched completion are refused (their z0 would read other pairings)."""
+    model, params = setup
+    collate = functools.partial(collate_preferences, TOK)
+    first = cached_reference_logps(params, PAIRS, collate, model=model, cache_dir=str(tmp_path), batch_size=8)
+    other = Model(dataclasses.replace(model.config, rope_theta=10.0))
+    second = cached_reference_logps(params, PAIRS, collate, model=other, cache_dir=str(tmp_path), batch_size=8)
+    assert len(os.listdir(tmp_path)) == 2
+    np.testing.assert_allclose(second, np.asarray(reference_logps(params, collate(PAIRS), model=other)), atol=1e-4)
+    assert np.abs(second - first).max() > 1e-3
+
+    rows = [(p, c, r, None, 2.0, 0.9) for p, c, r in PAIRS[:2]]
+    batch = collate(with_reference(rows, first[:2]))
+    np.testing.assert_array_equal(batch.weight, [2.0, 2.0])
+    np.testing.assert_allclose(batch.label, [0.9, 0.9])
+    np.testing.assert_allclose(batch.ref_logps, first[:2])
+    kto = [(p, c, i % 2 == 0, r) for i, (p, c, r) in enumerate(PAIRS[:2])]  # (prompt, completion, desirable, mismatched)
+    kb = collate_kto(TOK, with_reference(kto, first[:2]))
+    np.testing.assert_array_equal(kb.desirable, [1.0, 0.0])
+    np.testing.assert_allclose(kb.ref_logps, first[:2])
+    with pytest.raises(ValueError, match=r"row 0: has ref_logps but no fixed 'mismatched' completion.*fixed_mismatch"):
+        collate_kto(TOK, with_reference([row[:3] for row in kto], first[:2]))
+
+
+def test_truncation_that_makes_chosen_equal_rejected_is_refused():
+    rows = [("1+1=", "2 and more", "2 and less"), ("1+2=", "3", "4")]
+    assert collate_preferences(TOK, rows).tokens.shape[0] == 2  # different texts, in full
+    with pytest.raises(ValueError, match=r"row 0: chosen and rejected are the same tokens after truncation to "
+                                         r"max_length=8"):
+        collate_preferences(TOK, rows, max_length=8)
 
 
 def test_kto_precomputed_with_fixed_mismatch_equals_live(setup):

@@ -155,6 +155,9 @@ def collate_preferences(tokenizer: Tokenizer, rows: Sequence, *, max_length: int
         encoded.append([encode_truncated(tokenizer, prompt, text, i, field, max_length=max_length,
                                          max_prompt_length=max_prompt_length, add_bos=add_bos, add_eos=add_eos)
                         for field, text in (("chosen", chosen), ("rejected", rejected))])
+        if encoded[-1][0][0] == encoded[-1][1][0]:  # texts differ only past the cut: the pair says nothing either
+            raise ValueError(f"row {i}: chosen and rejected are the same tokens after truncation to "
+                             f"max_length={max_length}; raise max_length or drop the row")
         refs.append(_ref(i, r["ref_logps"]))
         names += [f"row {i} chosen", f"row {i} rejected"]
     weight, label = _per_pair(parsed, "weight"), _per_pair(parsed, "label")
@@ -190,6 +193,12 @@ def collate_kto(tokenizer: Tokenizer, rows: Sequence, *, max_length: int | None 
     B = len(parsed)
     for i, r in enumerate(parsed):
         prompt, completion = _text(i, r["prompt"], "prompt"), _text(i, r["completion"], "completion")
+        if r["ref_logps"] is not None and r["mismatched"] is None:
+            # the cached value of the mismatched pair belongs to whichever row followed this one when it
+            # was computed; batches are drawn in another order, so z0 would read other completions' values
+            raise ValueError(f"row {i}: has ref_logps but no fixed 'mismatched' completion, so its cached "
+                             "mismatched log-prob belongs to another pairing; give the rows a fixed one with "
+                             "fixed_mismatch(rows, seed) before cached_reference_logps")
         other = r["mismatched"] if r["mismatched"] is not None else parsed[(i + 1) % B]["completion"]
         encoded.append([encode_truncated(tokenizer, prompt, text, i, field, max_length=max_length,
                                          max_prompt_length=max_prompt_length, add_bos=add_bos, add_eos=add_eos)

@@ -116,22 +116,30 @@ class MRTConfig:
             raise ValueError(f"MRTConfig.alpha: must be >= 0, got {self.alpha}")
 
 
-def mrt_distribution(seq_logprobs, group_ids, alpha):
-    """Q_i = exp(α s_i) / Σ_{j in g(i)} exp(α s_j), a softmax within each group. [B] -> [B]."""
+def mrt_distribution(seq_logprobs, group_ids, alpha, valid=None):
+    """Q_i = exp(α s_i) / Σ_{j in g(i), valid} exp(α s_j), a softmax within each group over its valid
+    samples (valid [B] bool, default all; an invalid sample gets Q = 0, a group with none all 0). [B] -> [B]."""
     B = seq_logprobs.shape[0]
-    z = alpha * seq_logprobs
+    valid = jnp.ones(B, bool) if valid is None else valid
+    z = jnp.where(valid, alpha * seq_logprobs, -jnp.inf)
     zmax = jax.ops.segment_max(z, group_ids, num_segments=B)[group_ids]
-    e = jnp.exp(z - jax.lax.stop_gradient(zmax))
-    return e / jax.ops.segment_sum(e, group_ids, num_segments=B)[group_ids]
+    zmax = jnp.where(jnp.isfinite(zmax), zmax, 0.0)
+    e = jnp.where(valid, jnp.exp(jnp.where(valid, z, 0.0) - jax.lax.stop_gradient(zmax)), 0.0)
+    total = jax.ops.segment_sum(e, group_ids, num_segments=B)[group_ids]
+    return e / jnp.where(total > 0, total, 1.0)
 
 
 def mrt_loss(params, batch: PolicyBatch, *, model, cfg: MRTConfig):
     out, mask = _policy_terms(params, batch, model)
     lp = out["logprobs"]
-    q = mrt_distribution((lp * mask).sum(axis=1), batch.group_ids, cfg.alpha)
+    # a row with no counted token (a dropped or padding row) has log p = 0, i.e. p = 1: it would take the
+    # group's mass, so it is left out of Q and of the count of groups
+    valid = mask.sum(axis=1) > 0
+    q = mrt_distribution((lp * mask).sum(axis=1), batch.group_ids, cfg.alpha, valid)
     cost = 1.0 - batch.rewards.astype(jnp.float32)
     B = q.shape[0]
-    n_groups = jnp.maximum((jax.ops.segment_sum(jnp.ones(B), batch.group_ids, num_segments=B) > 0).sum(), 1)
+    n_groups = jnp.maximum((jax.ops.segment_sum(valid.astype(jnp.float32), batch.group_ids, num_segments=B)
+                            > 0).sum(), 1)
     risk = (q * cost).sum() / n_groups
     kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
     loss = risk + cfg.kl_coef * aggregate(kl, mask, cfg.aggregation, constant=cfg.constant)

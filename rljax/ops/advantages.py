@@ -39,11 +39,15 @@ def group_advantages(rewards: jax.Array, group_ids: jax.Array, *, scale_by_std: 
                      eps: float = 1e-6) -> jax.Array:
     """GRPO: Â_i = (r_i − μ_g) / (σ_g + ε), or r_i − μ_g without std scaling (Dr. GRPO). [R] -> [R].
 
-    A group whose rewards are all equal (including a group of one) gets Â = 0.
+    A group whose rewards are all equal (including a group of one) gets Â = 0 exactly: set by
+    `group_range`, not left to the division, because float32 rounding leaves μ_g a few ulps off
+    such a group's reward (eight rewards of 0.7: r − μ ≈ 6e-8, σ ≈ 6e-8), and dividing by σ + ε
+    would blow that up to Â ≈ 0.06 for every sample of the group. ε = 0 is then safe too.
     """
     mean, std, _ = group_stats(rewards, group_ids)
     centred = rewards.astype(jnp.float32) - mean
-    return centred / (std + eps) if scale_by_std else centred
+    advantages = centred / (std + eps) if scale_by_std else centred
+    return jnp.where(group_range(rewards, group_ids) > 0, advantages, 0.0)
 
 
 def leave_one_out_baseline(rewards: jax.Array, group_ids: jax.Array) -> jax.Array:
