@@ -249,7 +249,7 @@ def _search_accuracy(policy, value_model, value_params, model, tok, problems, cf
     scfg = ValueSearchConfig(beams=beams, step_end_ids=tuple(tok.encode(task.separator, add_bos=False)),
                              max_step_tokens=cfg.max_step_tokens, max_new_tokens=cfg.max_new_tokens,
                              max_rounds=cfg.search_rounds, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    scorer = value_scorer(value_model)
+    scorer = value_scorer(value_model, stop_ids=(scfg.eos_id, *scfg.stop_ids))  # V before eos: the trained one
     right, generated, finished = [], 0, []
     for i in range(0, len(problems), cfg.search_chunk):
         chunk = problems[i:i + cfg.search_chunk]
@@ -268,7 +268,7 @@ def _best_of_n(policy, value_model, value_params, model, tok, problems, n: int, 
     """N samples per problem; the answer with the highest final V, and the majority answer (`task.extract`;
     the first sample with it is checked)."""
     task = get_task(cfg.task)
-    scorer = value_scorer(value_model)
+    scorer = value_scorer(value_model, stop_ids=tok.eos_ids)  # a finished sample's V at the token before its eos
     by_value, by_vote, generated = [], [], 0
     for i in range(0, len(problems), cfg.search_chunk):
         chunk = problems[i:i + cfg.search_chunk]
@@ -324,7 +324,7 @@ def part_iterate(cfg: Config, model, params, tok, train, held, run_dir: str) -> 
                                      value_optimizer=_value_opt(cfg))
         state = iterative_oreo(state, prompts, task.answer_reward(), dataclasses.replace(icfg, rounds=r),
                                model=model, tokenizer=tok, run_dir=where, key=jax.random.key(cfg.seed + 13),
-                               problems=problems)
+                               allow_change=cfg.force_config, problems=problems)
         out["OREO"].append(evaluate(state.policy.params, model, tok, held, cfg)["greedy"])
         print(f"iterate: OREO round {r}: greedy {out['OREO'][-1]:.1%}", flush=True)
     policy, rs_state = params, None

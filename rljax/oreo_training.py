@@ -36,7 +36,7 @@ from rljax.models import add_head
 from rljax.models.transformer import Model
 from rljax.phases import LoopConfig, run_loop
 from rljax.rewards.rules import score
-from rljax.sampling import SampleConfig, sample
+from rljax.sampling import SampleConfig, sample, scored_index
 from rljax.sharding import LOGICAL_RULES, param_shardings, replicated, shard_batch, shard_params
 from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_gradients, apply_loss_gradients, compile_step,
                          create_state, make_optimizer, state_shardings)
@@ -48,12 +48,17 @@ from rljax.tokenizer import Tokenizer
 @struct.dataclass
 class OREOState:
     """step: OREO steps done (the data position); policy and value: their TrainStates;
-    ref_params: the frozen reference (the SFT policy)."""
+    ref_params: the frozen reference (the SFT policy). optimizer, value_optimizer (static,
+    not arrays): the configs whose optimizer states `create_oreo_state` made; the step and the
+    phase update with their own configs and refuse a state made for others (None: not
+    recorded, e.g. a state built by hand; then only the optimizer states' structure is checked)."""
 
     step: jax.Array
     policy: TrainState
     value: TrainState
     ref_params: Any
+    optimizer: OptimizerConfig | None = struct.field(pytree_node=False, default=None)
+    value_optimizer: OptimizerConfig | None = struct.field(pytree_node=False, default=None)
 
 
 def value_model_of(model: Model) -> Model:
@@ -74,7 +79,13 @@ def create_oreo_state(model: Model, params: dict, opt_cfg: OptimizerConfig, key,
                       ) -> tuple[Model, OREOState]:
     """(value model, state): the policy starts from a copy of `params`, which also become
     the frozen reference; the value model from `value_params` (default:
-    `value_params_from(model, params)`). With model.mesh everything is placed sharded."""
+    `value_params_from(model, params)`). With model.mesh everything is placed sharded.
+
+    opt_cfg, value_optimizer (None: opt_cfg) only make the optimizer states: the updates use
+    the step's / phase's configs (`make_oreo_step(optimizer, value_optimizer)`,
+    `OREOPhaseConfig.optimizer / value_optimizer`), so pass the same ones there. The state
+    records them, and the step refuses a state made with others (a value_optimizer given
+    here but not to the phase would otherwise be silently replaced by the policy's)."""
     value_model = value_model_of(model)
     if value_params is None:
         value_params = value_params_from(model, params)
@@ -84,7 +95,34 @@ def create_oreo_state(model: Model, params: dict, opt_cfg: OptimizerConfig, key,
     value = create_state(value_model, value_optimizer or opt_cfg, k_value, mesh=mesh, params=value_params)
     ref = params if mesh is None else shard_params(params, param_shardings(model, mesh))
     step = jnp.int32(0) if mesh is None else jax.device_put(jnp.int32(0), replicated(mesh))
-    return value_model, OREOState(step=step, policy=policy, value=value, ref_params=ref)
+    return value_model, OREOState(step=step, policy=policy, value=value, ref_params=ref, optimizer=opt_cfg,
+                                  value_optimizer=value_optimizer or opt_cfg)
+
+
+def _differing(a: OptimizerConfig, b: OptimizerConfig) -> str:
+    return ", ".join(f"{f.name} {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}" for f in dataclasses.fields(a)
+                     if getattr(a, f.name) != getattr(b, f.name))
+
+
+def check_oreo_optimizers(state: OREOState, optimizer: OptimizerConfig, value_optimizer: OptimizerConfig | None,
+                          where: str) -> None:
+    """Raise unless `state` was made for these optimizers (value_optimizer None: the policy's), since
+    the update runs with these and only the optimizer states come from the state: the configs
+    `create_oreo_state` recorded must be equal; a state without them (None) must at least have
+    optimizer states of the right structure. The error names the model and the differing fields."""
+    for name, train, recorded, given in (("policy", state.policy, state.optimizer, optimizer),
+                                         ("value", state.value, state.value_optimizer, value_optimizer or optimizer)):
+        field_name = "optimizer" if name == "policy" else "value_optimizer"
+        if recorded is not None:
+            if recorded != given:
+                raise ValueError(f"{where}: the {name} model's optimizer differs from the one its state was created "
+                                 f"with ({_differing(given, recorded)}; given here vs create_oreo_state); pass "
+                                 f"the same {field_name} to create_oreo_state and to the step / OREOPhaseConfig")
+            continue
+        expected = jax.tree.structure(jax.eval_shape(make_optimizer(given).init, train.params))
+        if jax.tree.structure(train.opt_state) != expected:
+            raise ValueError(f"{where}: the {name} model's optimizer state does not match {field_name}; create the "
+                             f"state with create_oreo_state and the same optimizers")
 
 
 def make_oreo_step(model: Model, cfg: OREOConfig, optimizer: OptimizerConfig,
@@ -100,7 +138,8 @@ def make_oreo_step(model: Model, cfg: OREOConfig, optimizer: OptimizerConfig,
     sees the other's result and no host round trip separates them. A non-finite loss or
     gradient in either update leaves that model unchanged (metrics["skipped"] = 1).
     Metrics: the policy's (loss, policy_loss, kl, ...) and the value model's, prefixed
-    "value/" where the names collide.
+    "value/" where the names collide. optimizer, value_optimizer (None: optimizer) are the
+    updates' configs; a state created with other ones is refused (`check_oreo_optimizers`).
     """
     value_model = value_model_of(model)
     tx_policy = make_optimizer(optimizer)
@@ -136,24 +175,55 @@ def make_oreo_step(model: Model, cfg: OREOConfig, optimizer: OptimizerConfig,
                               out_shardings=(trained_sh, None), donate_argnums=donate_argnums, rules=rules,
                               dtype=dtype, remat=remat)
 
+    checked = set()  # recorded configs already checked (a run's states all share them: one check per run)
+
     def step(state: OREOState, batch: OREOBatch):
+        key = (state.optimizer, state.value_optimizer)
+        if key not in checked:
+            check_oreo_optimizers(state, optimizer, value_optimizer, "OREO step")
+            checked.add(key)
         out, metrics = jitted((state.step, state.policy, state.value), state.ref_params, batch)
-        return OREOState(step=out[0], policy=out[1], value=out[2], ref_params=state.ref_params), metrics
+        return state.replace(step=out[0], policy=out[1], value=out[2]), metrics
 
     return step
 
 
-def value_scorer(value_model: Model) -> Callable:
-    """Jitted `scorer(value_params, tokens, attention_mask) -> [R]`: the value head at each row's
-    last real token, V(s) of the partial solution s (the signature
-    `value_guided_beam_search` takes; for a process reward model whose steps end where the
-    search's steps end, `functools.partial(rljax.rewards.learned.sequence_rewards,
-    model=prm)` has it too)."""
+def value_scorer(value_model: Model, stop_ids: Sequence[int] = (2,)) -> Callable:
+    """`scorer(value_params, tokens, attention_mask) -> [R]` (jitted), V(s) of each row's
+    (partial) solution s, read at the last position OREO's value loss trains:
+
+        V(s) = V_{t*},  t* = the row's last real token that is not a stop id (`sampling.scored_index`)
+
+    OREO fits V_t only where a completion token follows (`token_values` is [B, T−1] and the loss
+    masks the rest), so V read at a trailing eos was never trained: a finished solution
+    "… 3 <eos>" is scored at "3", the state whose next token ends it; a partial one ending in a
+    step separator at the separator (trained: the next step follows it). tokens, attention_mask
+    [R, T], left or right padded.
+
+    stop_ids: every id that ends a solution: the tokenizer's `eos_ids`, or the search's
+    (cfg.eos_id, *cfg.stop_ids); default (2,), the samplers' default eos_id (`CharTokenizer`'s).
+    The scorer's `skip_ids` attribute holds them, and `value_guided_beam_search` refuses it when
+    the search ends solutions at another id. This is the signature the search takes.
+
+    A process reward model is not scored this way: its labels sit on each step's last text token,
+    never on the separator or eos a candidate ends with (`collate_steps`), and it reads the reward
+    head; use `rljax.rewards.learned.prm_search_scorer(prm, skip_ids=(*step_end_ids, *stop ids))`."""
+    skip = tuple(int(t) for t in stop_ids)
+    if not skip:
+        raise ValueError("value_scorer: stop_ids is empty; pass the ids that end a solution (tokenizer.eos_ids)")
+
+    @jax.jit
+    def read(params, tokens, attention_mask):
+        hidden, _ = value_model.forward(params, tokens, attention_mask,
+                                        read_at=scored_index(tokens, attention_mask, skip))
+        return value_model.values(params, hidden)
 
     def scorer(params, tokens, attention_mask):
-        return value_model.values(params, value_model.last_hidden(params, tokens, attention_mask))
+        return read(params, tokens, attention_mask)
 
-    return jax.jit(scorer)
+    scorer.skip_ids = skip
+    scorer.__name__ = "value_scorer"
+    return scorer
 
 
 # ----------------------------------------------------------------------------- trajectories
@@ -477,7 +547,9 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
 @dataclass(frozen=True)
 class OREOPhaseConfig:
     """loss: OREOConfig; optimizer: the policy's (paper: lr 5e-6); value_optimizer: the
-    value model's (None: the policy's); loop: steps, logging, checkpoints."""
+    value model's (None: the policy's); loop: steps, logging, checkpoints. These are the
+    optimizers that update; the state must come from `create_oreo_state` with the same two
+    (`oreo` refuses others)."""
 
     loss: OREOConfig = field(default_factory=OREOConfig)
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-6, schedule="constant"))
@@ -488,16 +560,19 @@ class OREOPhaseConfig:
 def oreo(state: OREOState, data, cfg: OREOPhaseConfig, *, model: Model, mesh=None, run_dir: str | None = None,
          eval_fn: Callable | None = None) -> OREOState:
     """Offline RL with OREO: `run_loop` over `make_oreo_step` (one value and one policy
-    update per batch). state: from `create_oreo_state` with the same optimizers; data
+    update per batch). state: from `create_oreo_state` with the same optimizers
+    (cfg.optimizer, cfg.value_optimizer), which update; a state made with others is an
+    error naming the model and the fields that differ (`check_oreo_optimizers`); data
     yields OREOBatch (e.g. a BatchIterator over `collate_trajectories`); metrics,
     checkpoints (policy, value, reference, optimizer states) and resume as every phase."""
+    check_oreo_optimizers(state, cfg.optimizer, cfg.value_optimizer, "oreo")
     step = make_oreo_step(model, cfg.loss, cfg.optimizer, cfg.value_optimizer, mesh=mesh)
     put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="oreo",
                     config=cfg)
 
 
-__all__ = ["CollectConfig", "OREOPhaseConfig", "OREOState", "balanced", "check_reward",
+__all__ = ["CollectConfig", "OREOPhaseConfig", "OREOState", "balanced", "check_oreo_optimizers", "check_reward",
            "check_trajectories", "prompts_with_steps", "collate_trajectories", "collect_trajectories", "create_oreo_state",
            "load_trajectories", "make_oreo_step", "oreo", "split_keeping_separator",
            "trajectory_steps", "value_model_of", "value_params_from", "value_scorer"]

@@ -45,7 +45,7 @@ from jax import lax
 
 from rljax.buckets import bucket_length
 from rljax.data.batch import Rollout
-from rljax.models.transformer import KVCache, Model
+from rljax.models.transformer import KVCache, Model, last_token_index
 from rljax.ops.logits import logprobs_from_logits
 from rljax.sharding import constrain, is_axis_names, shard_batch
 
@@ -726,6 +726,62 @@ class SearchResult:
     trace: list | None = struct.field(pytree_node=False, default=None)
 
 
+def scored_index(tokens: jax.Array, attention_mask: jax.Array, skip_ids) -> jax.Array:
+    """Where a scorer reads each row: the last real token that is not one of `skip_ids`.
+
+        t*(r) = max{t : attention_mask[r, t] = 1, tokens[r, t] ∉ skip_ids}   (the last real token if none)
+
+    tokens, attention_mask [R, T] (left or right padded) -> [R] int32. A model trained at some
+    positions only is read at the last of them: OREO's value V_t is fitted only where a completion
+    token follows, never at a trailing eos (skip the stop ids, `oreo_training.value_scorer`); a process
+    reward model's labels sit on each step's last text token, never on the separator or eos
+    (skip those too, `rewards.learned.prm_search_scorer`). Causal attention makes the hidden state
+    at t* the same with or without the skipped tokens after it."""
+    real = attention_mask > 0
+    keep = real & ~jnp.isin(tokens, jnp.asarray(tuple(skip_ids), tokens.dtype))
+    return jnp.where(keep.any(axis=1), last_token_index(keep), last_token_index(real)).astype(jnp.int32)
+
+
+def _scorer_name(scorer) -> str:
+    return getattr(scorer, "__name__", type(scorer).__name__)
+
+
+def _check_scorer_stops(scorer, cfg: ValueSearchConfig) -> None:
+    """A scorer that reads before trailing tokens (its `skip_ids`, set by `value_scorer` and
+    `prm_search_scorer`) must skip every id that ends this search's solutions, or a finished
+    candidate is read at its stop token, where the model was never trained."""
+    skip = getattr(scorer, "skip_ids", None)
+    if skip is None:
+        return
+    missing = [t for t in _stop_tokens(cfg) if t >= 0 and t not in set(skip)]
+    if missing:
+        raise ValueError(f"value_guided_beam_search: scorer {_scorer_name(scorer)} reads before the trailing ids "
+                         f"{tuple(skip)}, but this search also ends solutions at {tuple(missing)} "
+                         f"(ValueSearchConfig.eos_id / stop_ids); build the scorer with the search's stop ids, e.g. "
+                         "value_scorer(value_model, stop_ids=(cfg.eos_id, *cfg.stop_ids))")
+
+
+def _checked_scores(raw, valid: jax.Array, scorer, *, round_: int, per_prompt: int, first_row: int) -> jax.Array:
+    """The scorer's output, checked on the host (the round already syncs there): one finite score per
+    candidate, [R]. NaN would be silently ranked (top_k puts it anywhere), +inf wins everything and
+    −inf is the search's own mark for an empty slot, so any of them on a live candidate is an error
+    naming the scorer, the prompt and the candidate; slots that are not valid may hold anything."""
+    s = np.asarray(jax.device_get(raw))
+    name = _scorer_name(scorer)
+    if s.shape != valid.shape:
+        raise ValueError(f"value_guided_beam_search: scorer {name} returned shape {s.shape}; expected "
+                         f"{tuple(valid.shape)}, one score per candidate")
+    if s.dtype.kind not in "biuf":
+        raise ValueError(f"value_guided_beam_search: scorer {name} returned dtype {s.dtype}, not real numbers")
+    bad = np.flatnonzero(np.asarray(jax.device_get(valid)) & ~np.isfinite(s))
+    if len(bad):
+        j = int(bad[0])
+        raise ValueError(f"value_guided_beam_search: scorer {name} returned {s[j]} for candidate {j % per_prompt} "
+                         f"of prompt {first_row + j // per_prompt} in round {round_} ({len(bad)} non-finite "
+                         "scores in all); scores must be finite")
+    return raw
+
+
 @functools.partial(jax.jit, static_argnames=("model", "cfg", "slots"))
 def _search_start(params, prompt, prompt_mask, *, model: Model, cfg: ValueSearchConfig, slots: int):
     """Prompt forward for W copies of every prompt: cache, next logits [B·W, V]."""
@@ -802,15 +858,22 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
                              cfg: ValueSearchConfig, keys=None, trace: bool = False) -> SearchResult:
     """Value-guided step beam search: keep W partial solutions per prompt; each round,
     sample E next steps from each (up to a step end, eos or the length limit), score
-    the W·E candidates with `scorer` at their last token, move candidates that finished
+    the W·E candidates with `scorer`, move candidates that finished
     (eos or max_new_tokens) to a pool of the W best finished ones, keep the W best
     unfinished as the new beams, until no beam is left or after max_rounds. Returns the
     highest-scored finished candidate (the best live beam where none finished). Round 0
     extends the prompt alone (E candidates).
 
-    scorer(scorer_params, tokens [R, P+N], attention_mask [R, P+N]) -> [R] (e.g.
-    `rljax.oreo_training.value_scorer(value_model)` with the value params; a PRM read at the last
-    token works the same); it runs once per round on all candidates of all prompts.
+    scorer(scorer_params, tokens [R, P+N], attention_mask [R, P+N]) -> [R]: each candidate's
+    solution so far, a finished one ending in its stop token (eos_id or a stop id), an unfinished
+    one usually in a step end. It must read each where its model was trained:
+    `rljax.oreo_training.value_scorer(value_model, stop_ids=(cfg.eos_id, *cfg.stop_ids))` with the
+    value params reads V before a trailing stop token (OREO never fits V at eos);
+    `rljax.rewards.learned.prm_search_scorer` reads a process reward model at the last step-text
+    token (its labels are never on a separator or eos). A scorer with `skip_ids` (those two) that
+    misses one of the search's stop ids is refused. It runs once per round on all candidates of
+    all prompts, outside jit; its scores are checked on the host: a shape other than [R] or a
+    non-finite score of a candidate (NaN, ±inf) is an error naming the scorer, prompt and round.
     All beams of all prompts are batched on device and the policy's KV cache carries
     over between rounds (candidates copy their beam's cache rows; the kept ones survive).
     Prompt i samples with keys[i] (default fold_in(key, i)), so its result does not
@@ -819,6 +882,7 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
     padded to one width first; `rounds` is then the most any group ran and `generated` their sum.
     """
     c = model.config
+    _check_scorer_stops(scorer, cfg)
     if not cfg.step_end_ids:
         warnings.warn("value_guided_beam_search: no step_end_ids, so steps end only at eos or after "
                       f"max_step_tokens={cfg.max_step_tokens}", stacklevel=2)
@@ -836,7 +900,7 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
 
     def search(rows):
         return _value_search(params, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), keys[rows], scorer,
-                             scorer_params, model=model, cfg=cfg, trace=False)
+                             scorer_params, model=model, cfg=cfg, trace=False, first_row=rows.start)
 
     parts = in_row_groups(search, B, groups)
     rounds, generated = max(r.rounds for r in parts), sum(r.generated for r in parts)
@@ -844,8 +908,9 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
 
 
 def _value_search(params, prompt, pmask, keys, scorer, scorer_params, *, model: Model, cfg: ValueSearchConfig,
-                  trace: bool) -> SearchResult:
-    """`value_guided_beam_search` on prepared prompts [B, P] (on device) with their keys [B]."""
+                  trace: bool, first_row: int = 0) -> SearchResult:
+    """`value_guided_beam_search` on prepared prompts [B, P] (on device) with their keys [B];
+    first_row: the batch index of prompt 0 (a row group's offset, for error messages)."""
     B, P = prompt.shape
     W, N = cfg.beams, cfg.max_new_tokens
     cache, logits = _search_start(params, prompt, pmask, model=model, cfg=cfg, slots=P + cfg.cache_room)
@@ -866,7 +931,9 @@ def _value_search(params, prompt, pmask, keys, scorer, scorer_params, *, model: 
                                                                           round_keys, model=model, cfg=cfg)
         seq = jnp.concatenate([cand_prompt, gen], axis=1)
         seq_mask = jnp.concatenate([cand_pmask, (jnp.arange(N)[None] < glen[:, None]).astype(jnp.int32)], axis=1)
-        scores = jnp.where(valid, scorer(scorer_params, seq, seq_mask), -jnp.inf)
+        raw = _checked_scores(scorer(scorer_params, seq, seq_mask), valid, scorer, round_=rounds, per_prompt=C,
+                              first_row=first_row)
+        scores = jnp.where(valid, raw, -jnp.inf)
         if trace:
             steps.append({k: np.asarray(jax.device_get(v)) for k, v in dict(
                 candidates=gen.reshape(B, C, N), lengths=glen.reshape(B, C), scores=scores.reshape(B, C),

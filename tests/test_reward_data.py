@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from rljax.data.adapters import PreferencePair
-from rljax.data.reward_collate import (collate_pairs, collate_ranked, collate_scored, collate_steps,
+from rljax.data.adapters import Interaction, PreferencePair, interaction_logs
+from rljax.data.reward_collate import (collate_feedback, collate_pairs, collate_ranked, collate_scored, collate_steps,
                                        collate_verifier, encode_steps, split_solution)
 from rljax.tokenizer import CharTokenizer
 
@@ -85,6 +85,34 @@ def test_scored_one_and_several_attributes_and_bad_scores():
         collate_scored(TOK, [("1=", "1", 0.5), ("2=", "2", float("nan"))])
     with pytest.raises(ValueError, match="row 1: expected 2 scores"):
         collate_scored(TOK, [("1=", "1", (0.5, 1)), ("2=", "2", (1,))])
+    # a string is not read as a sequence of len("3.5") = 3 attributes
+    with pytest.raises(ValueError, match=r"row 0: score must be a number or a sequence of numbers .* got '3.5'"):
+        collate_scored(TOK, [("1=", "1", "3.5")])
+    with pytest.raises(ValueError, match=r"row 1: score must be a number, got '3.5'"):
+        collate_scored(TOK, [("1=", "1", 0.5), ("2=", "2", "3.5")])
+
+
+def test_feedback_signals_are_binary_and_checked():
+    rows = [Interaction("q", "a", click=True, like=False), ("q", "b", 0, 0.5), ("q", "c", 1.0, None),
+            ("q", "d", np.int64(1), 1.0), ("q", "e", np.bool_(False), 0.25)]
+    b = collate_feedback(TOK, rows)
+    np.testing.assert_array_equal(b.signal, np.float32([1, 0, 1, 1, 0]))  # by hand
+    np.testing.assert_array_equal(b.propensity, np.float32([1, 0.5, 1, 1, 0.25]))
+    # bool() would have made every one of these 1
+    for i, bad in enumerate(("false", -1, 0.2, 2)):
+        with pytest.raises(ValueError, match=rf"row 1: 'click' signal must be 0/1 or a bool, got .*{bad}"):
+            collate_feedback(TOK, [("q", "a", 1, None), ("q", "b", bad, None)])
+    logs = interaction_logs([{"prompt": "q", "completion": "a", "dwell_seconds": 0.4},
+                             {"prompt": "q", "completion": "b", "dwell_seconds": 30.0}])
+    with pytest.raises(ValueError, match=r"signal 'dwell_seconds' is not one of \('click', 'like', 'accept'\) "
+                                         r"\(a duration, not a binary signal: threshold it"):
+        collate_feedback(TOK, logs, signal="dwell_seconds")
+    with pytest.raises(ValueError, match=r"signal 'clik' is not one of \('click', 'like', 'accept'\)$"):
+        collate_feedback(TOK, logs, signal="clik")
+    # the documented way: threshold the duration into a binary field yourself
+    import dataclasses
+    thresholded = [dataclasses.replace(r, accept=r.dwell_seconds >= 10) for r in logs]
+    np.testing.assert_array_equal(collate_feedback(TOK, thresholded, signal="accept").signal, [0.0, 1.0])
 
 
 def test_verifier_labels_every_completion_token():

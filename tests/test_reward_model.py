@@ -351,6 +351,54 @@ def test_best_of_n_and_majority_vote_by_hand():
     assert majority_vote(answers, parse_answer) == [1, 0, 0]
 
 
+def test_best_of_n_checks_the_scores_and_names_the_prompt():
+    """The scores go through `rules.score`: one finite number per candidate, else an error, never a
+    silent pick. The picks are checked against argmax by hand, including unequal N per prompt."""
+    from rljax.rewards.learned import best_of_n
+    from rljax.rewards.rules import RewardError
+
+    def length(prompts, completions, **_):
+        return [float(len(c)) for c in completions]
+
+    # by hand: prompt p: lengths (1, 3, 2) -> 1; q: (2,) -> 0; r: (4, 4, 1) -> 0 (first on ties)
+    assert best_of_n(["p", "q", "r"], [["a", "abc", "ab"], ["xy"], ["wxyz", "abcd", "e"]], length) == [1, 0, 0]
+
+    def nan_for_b(prompts, completions, **_):  # np.argmax would pick the NaN: index 1
+        return [float("nan") if c == "b" else float(len(c)) for c in completions]
+
+    with pytest.raises(RewardError, match=r"nan_for_b returned non-finite rewards .* sample 1 = nan"):
+        best_of_n(["q"], [["aaa", "b", "cc"]], nan_for_b)
+
+    def two_attributes(prompts, completions, **_):  # reshape(-1) would pair prompt 1 with prompt 0's scores
+        return np.stack([np.arange(len(completions)), -np.arange(len(completions))], axis=1).astype(np.float32)
+
+    with pytest.raises(RewardError, match=r"two_attributes returned shape \(4, 2\); expected \(4,\)"):
+        best_of_n(["q", "r"], [["a", "bb"], ["c", "dd"]], two_attributes)
+    with pytest.raises(RewardError, match=r"shape \(3,\); expected \(2,\)"):
+        best_of_n(["q"], [["a", "b"]], lambda ps, cs, **_: [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="best_of_n: prompt 1 has no candidates"):
+        best_of_n(["q", "r"], [["aaa"], []], length)
+    with pytest.raises(ValueError, match="best_of_n: 2 prompts but 1 candidate lists"):
+        best_of_n(["q", "r"], [["aaa"]], length)
+    with pytest.raises(ValueError, match="best_of_n: metadata 'bonus' has 1 entries for 2 prompts"):
+        best_of_n(["q", "r"], [["a"], ["b"]], length, bonus=[0])
+
+
+def test_learned_scorers_refuse_unequal_prompts_and_completions():
+    """zip would score min(len) rows: 1 prompt with 3 completions gave 1 score."""
+    from rljax.rewards.learned import likelihood_reward, prm_reward, reward_model_reward, step_scorer
+    from rljax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    model, params = _rm()
+    for name, scorer in (("reward_model_reward", reward_model_reward(model, params, tok)),
+                         ("likelihood_reward", likelihood_reward(model, params, tok)),
+                         ("step_scorer", step_scorer(model, params, tok, separator=";")),
+                         ("step_scorer", prm_reward(model, params, tok, separator=";"))):
+        with pytest.raises(ValueError, match=f"{name}: 1 prompts but 3 completions"):
+            scorer(["q"], ["a", "b", "c"])
+
+
 def test_add_head_keeps_the_backbone_and_starts_at_zero():
     from rljax.models import add_head
 

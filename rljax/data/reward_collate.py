@@ -12,6 +12,7 @@ tokenizer (a BPE merge across the separator cannot move it). Training
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import numpy as np
@@ -29,6 +30,8 @@ def _fields(row, names: tuple[str, ...]) -> tuple:
 
 
 def _finite(x, where: str) -> float:
+    if isinstance(x, (str, bytes)):  # float("3.5") would parse it: a number was expected, not text
+        raise ValueError(f"{where} must be a number, got {x!r}")
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -162,6 +165,9 @@ def collate_scored(tokenizer: Tokenizer, rows: Sequence[tuple[str, str, object]]
     if not rows:
         raise ValueError("collate_scored: no examples")
     rows = [_fields(r, ("prompt", "response", "score")) for r in rows]
+    if isinstance(rows[0][2], (str, bytes)):  # len("3.5") would otherwise be read as 3 attributes
+        raise ValueError(f"row 0: score must be a number or a sequence of numbers (one per attribute), got "
+                         f"{rows[0][2]!r}")
     multi = not isinstance(rows[0][2], (int, float, np.number))
     A = len(rows[0][2]) if multi else 1
     scores = np.zeros((len(rows), A), np.float32)
@@ -169,7 +175,7 @@ def collate_scored(tokenizer: Tokenizer, rows: Sequence[tuple[str, str, object]]
     for i, (_, _, score) in enumerate(rows):
         values = list(score) if multi else [score]
         if multi and isinstance(score, (str, bytes)) or len(values) != A:
-            raise ValueError(f"row {i}: expected {A} score{'s' if A > 1 else ''}, got {score!r}")
+            raise ValueError(f"row {i}: expected {A} score{'s' if A > 1 else ''} (numbers), got {score!r}")
         for a, v in enumerate(values):
             if v is not None:
                 scores[i, a], given[i, a] = _finite(v, f"row {i}: score {a}" if multi else f"row {i}: score"), 1.0
@@ -270,19 +276,47 @@ def collate_steps(tokenizer: Tokenizer, rows: Sequence[tuple[str, Sequence[str],
                            label_mask=mark)
 
 
+FEEDBACK_SIGNALS = ("click", "like", "accept")  # the binary signals of `rljax.data.adapters.Interaction`
+
+
+def _binary(v, where: str) -> float:
+    """A logged binary signal as 0.0 / 1.0: a bool, or a number equal to 0 or 1 (a 0/1 column read
+    as int or float). bool(v) would turn 0.2, -1 and the string "false" into 1."""
+    if isinstance(v, (bool, np.bool_)):
+        return float(v)
+    if isinstance(v, (str, bytes)) or not isinstance(v, (numbers.Real, np.number)):
+        raise ValueError(f"{where} must be 0/1 or a bool, got {type(v).__name__} {v!r}")
+    f = float(v)
+    if f not in (0.0, 1.0):
+        raise ValueError(f"{where} must be 0/1 or a bool, got {v!r}; a graded signal is not a click/like/accept "
+                         "(threshold it into one yourself)")
+    return f
+
+
 def collate_feedback(tokenizer: Tokenizer, rows: Sequence, *, signal: str = "click", max_length: int | None = None,
                      min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> FeedbackBatch:
     """Logged displays (`Interaction` rows, or (prompt, completion, signal, propensity) tuples)
-    -> FeedbackBatch with the named signal (click, like or accept) as 0/1 and the display's
-    propensity (1 where not logged). A row without that signal is an error naming it."""
+    -> FeedbackBatch with the named binary signal (click, like or accept, `FEEDBACK_SIGNALS`) as
+    0/1 and the display's propensity (1 where not logged).
+
+    Each signal value must be a bool or a number equal to 0 or 1; anything else (0.2, -1, "false")
+    is an error naming the row. dwell_seconds is not binary and is refused: threshold it into one
+    of the binary fields first, e.g. `dataclasses.replace(r, accept=r.dwell_seconds >= 30)`. A row
+    without the signal logged, or a propensity outside (0, 1], is an error naming it."""
     if not rows:
         raise ValueError("collate_feedback: no examples")
+    if signal not in FEEDBACK_SIGNALS:
+        hint = (" (a duration, not a binary signal: threshold it into one of those fields first, e.g. "
+                "dataclasses.replace(r, accept=r.dwell_seconds >= 30))") if signal == "dwell_seconds" else ""
+        raise ValueError(f"collate_feedback: signal {signal!r} is not one of {FEEDBACK_SIGNALS}{hint}")
     pairs, values, props = [], [], []
     for i, r in enumerate(rows):
         if hasattr(r, "completion"):
             prompt, completion, v, p = r.prompt, r.completion, getattr(r, signal), r.propensity
         else:
+            if len(r) != 4:
+                raise ValueError(f"row {i}: expected (prompt, completion, signal, propensity), got {len(r)} fields")
             prompt, completion, v, p = r
         if v is None:
             raise ValueError(f"row {i}: no {signal!r} signal logged")
@@ -290,7 +324,7 @@ def collate_feedback(tokenizer: Tokenizer, rows: Sequence, *, signal: str = "cli
         if not 0.0 < p <= 1.0:
             raise ValueError(f"row {i}: propensity must be in (0, 1], got {p}")
         pairs.append((prompt, completion))
-        values.append(float(bool(v)))
+        values.append(_binary(v, f"row {i}: {signal!r} signal"))
         props.append(p)
     tokens, attn, _ = _encode_rows(tokenizer, pairs, max_length=max_length, min_bucket=min_bucket, length=length,
                                    add_bos=add_bos, add_eos=add_eos)

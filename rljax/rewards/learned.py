@@ -25,6 +25,8 @@ from rljax.data.collate import encode_prompt_completion, pad_rows
 from rljax.data.reward_collate import encode_steps, split_solution
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.ops.preference_kernels import sequence_logps
+from rljax.rewards.rules import score
+from rljax.sampling import scored_index
 
 STEP_AGGREGATIONS = ("min", "product", "mean", "last")
 
@@ -103,6 +105,13 @@ def _batch_rows(rows: Sequence[Sequence[int]], pad_id: int, *others: Sequence[Se
     return (*padded, B)
 
 
+def _check_pairs(name: str, prompts: Sequence[str], completions: Sequence[str]) -> None:
+    """One prompt per completion (zip would silently score only the shorter list's length)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{name}: {len(prompts)} prompts but {len(completions)} completions; pass one prompt per "
+                         "completion (repeat a prompt for each of its completions)")
+
+
 def reward_model_reward(model, params, tokenizer, *, probability: bool = False, min_bucket: int = 16,
                         max_length: int | None = None, add_bos: bool = True, add_eos: bool = True):
     """A trained reward model (ranking or pointwise) or outcome verifier as a reward
@@ -117,6 +126,7 @@ def reward_model_reward(model, params, tokenizer, *, probability: bool = False, 
     current = params if callable(params) else (lambda: params)
 
     def scorer(prompts, completions, **_):
+        _check_pairs("reward_model_reward", prompts, completions)
         rows = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)[0]
                 for i, (p, c) in enumerate(zip(prompts, completions))]
         tokens, mask, B = _batch_rows(rows, tokenizer.pad_id, min_bucket=min_bucket, max_length=max_length)
@@ -159,6 +169,7 @@ def likelihood_reward(model, params, tokenizer, *, reference=None, beta: float =
     ref = reference if callable(reference) or reference is None else (lambda: reference)
 
     def scorer(prompts, completions, **_):
+        _check_pairs("likelihood_reward", prompts, completions)
         encoded = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)
                    for i, (p, c) in enumerate(zip(prompts, completions))]
         tokens, mask, completion, B = _batch_rows([ids for ids, _ in encoded], tokenizer.pad_id,
@@ -178,6 +189,35 @@ def sequence_rewards(params, tokens, mask, *, model):
     return model.token_rewards(params, model.last_hidden(params, tokens, mask))
 
 
+def prm_search_scorer(model, skip_ids: Sequence[int]) -> Callable:
+    """A process reward model as `value_guided_beam_search`'s scorer: `scorer(prm_params, tokens,
+    attention_mask) -> [R]`, the reward head's logit z = logit P(prefix correct) at each row's last
+    step-text token,
+
+        z_{t*},  t* = the last real token not in skip_ids (`rljax.sampling.scored_index`)
+
+    The PRM's labels sit on each step's last text token (`collate_steps`), never on the separator
+    or eos, while the search's candidates end in a step end or a stop token; read at the last token
+    (`sequence_rewards`) the head would be read where it was never trained. skip_ids: the search's
+    step_end_ids and stop ids (eos_id, *stop_ids), single tokens. σ(z) is monotone, so the ranking
+    is P(correct)'s. tokens, attention_mask [R, T]."""
+    skip = tuple(int(t) for t in skip_ids)
+    if not skip:
+        raise ValueError("prm_search_scorer: skip_ids is empty; pass the search's step_end_ids and stop ids")
+
+    @jax.jit
+    def read(params, tokens, attention_mask):
+        hidden, _ = model.forward(params, tokens, attention_mask, read_at=scored_index(tokens, attention_mask, skip))
+        return model.token_rewards(params, hidden)
+
+    def scorer(params, tokens, attention_mask):
+        return read(params, tokens, attention_mask)
+
+    scorer.skip_ids = skip
+    scorer.__name__ = "prm_search_scorer"
+    return scorer
+
+
 def token_probabilities(params, tokens, mask, *, model):
     """σ of the reward head at every position (a verifier's or PRM's P(correct)): [B, T] -> [B, T]."""
     hidden, _ = model.forward(params, tokens, mask)
@@ -193,6 +233,7 @@ def step_scorer(model, params, tokenizer, *, separator: str, min_bucket: int = 1
     forward = jax.jit(functools.partial(token_probabilities, model=model))
 
     def scores(prompts: Sequence[str], completions: Sequence[str]) -> list[np.ndarray]:
+        _check_pairs("step_scorer", prompts, completions)
         rows, ends = [], []
         for i, (p, c) in enumerate(zip(prompts, completions)):
             steps = split_solution(c, separator)
@@ -235,13 +276,30 @@ def prm_reward(model, params, tokenizer, *, separator: str, aggregation: str = "
 
 
 def best_of_n(prompts: Sequence[str], candidates: Sequence[Sequence[str]], scorer, **metadata) -> list[int]:
-    """Index of the highest-scoring candidate for each prompt (first on ties): candidates
-    [P][N] are scored in one call as P·N rows; metadata are per-prompt lists, repeated
-    for each candidate."""
+    """Index of the highest-scoring candidate for each prompt (first on ties):
+
+        out[p] = argmax_j s[p, j],   s = scorer(prompts repeated, candidates flattened) as [P][N_p]
+
+    candidates [P][N_p] (N_p >= 1, may differ per prompt) are scored in one call as Σ N_p rows,
+    through `rljax.rewards.rules.score`: the scorer must return one finite real number per row
+    (a [rows, A] multi-attribute score, too few or too many values, or NaN/inf is a RewardError
+    naming the scorer: NaN would otherwise win np.argmax, and a flattened [rows, A] would pair
+    prompts with the wrong scores). metadata are per-prompt lists, repeated for each candidate.
+    Errors name the prompt: no candidates, a string instead of a list of candidates."""
+    if len(prompts) != len(candidates):
+        raise ValueError(f"best_of_n: {len(prompts)} prompts but {len(candidates)} candidate lists")
+    for k, vals in metadata.items():
+        if len(vals) != len(prompts):
+            raise ValueError(f"best_of_n: metadata {k!r} has {len(vals)} entries for {len(prompts)} prompts")
+    for i, cs in enumerate(candidates):
+        if isinstance(cs, str):
+            raise ValueError(f"best_of_n: prompt {i}: candidates must be a list of strings, got the string {cs!r}")
+        if len(cs) == 0:
+            raise ValueError(f"best_of_n: prompt {i} has no candidates, so there is nothing to pick")
     flat_p = [p for p, cs in zip(prompts, candidates) for _ in cs]
     flat_c = [c for cs in candidates for c in cs]
     meta = {k: [v for v, cs in zip(vals, candidates) for _ in cs] for k, vals in metadata.items()}
-    s = np.asarray(scorer(flat_p, flat_c, **meta), np.float64).reshape(-1)
+    s = score(scorer, flat_p, flat_c, **meta)  # float32 [Σ N_p], checked
     out, at = [], 0
     for cs in candidates:
         out.append(int(np.argmax(s[at:at + len(cs)])))

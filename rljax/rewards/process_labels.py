@@ -56,19 +56,33 @@ def label_steps(prompts: Sequence[str], solutions: Sequence[Sequence[str]], chec
                 complete: Completer, *, n: int = 8, separator: str, key) -> list[StepLabels]:
     """Math-Shepherd labels for every step of every solution.
 
-    prompts [M]; solutions [M] lists of steps (e.g. `split_solution(completion, sep)`);
+    prompts [M]; solutions [M] lists of steps without the separator (as
+    `rljax.data.reward_collate.split_solution(completion, sep)` gives them, and as
+    `collate_steps` takes them); the prefix of step i is prompt + sep.join(steps[:i]) + sep.
+    OREO's trajectory steps (`oreo_training.split_keeping_separator`) keep their separator
+    and are refused here: strip it (or use split_solution on the completion).
     check(m, completion) -> whether a full completion of prompt m is right; complete:
     a `Completer` (e.g. `model_completer`); n continuations per prefix. Returns one
-    `StepLabels` per solution, in order. A solution without steps is an error naming it.
+    `StepLabels` per solution, in order. Errors name the solution (and step): no steps, a step
+    that is not a string, is empty, or contains the separator (either would build a prefix
+    other than the one `collate_steps` trains on).
     """
     if n < 1:
         raise ValueError(f"label_steps: n must be >= 1, got {n}")
+    if not separator:
+        raise ValueError("label_steps: the separator is empty")
     if len(prompts) != len(solutions):
         raise ValueError(f"label_steps: {len(prompts)} prompts but {len(solutions)} solutions")
     prefixes, owners = [], []  # every proper prefix of every solution, in one batch
     for m, steps in enumerate(solutions):
         if isinstance(steps, str) or not steps:
             raise ValueError(f"solution {m}: expected a non-empty list of steps, got {steps!r}")
+        for k, step in enumerate(steps):  # the checks of `encode_steps`, so labels and training agree
+            if not isinstance(step, str) or not step:
+                raise ValueError(f"solution {m}: step {k} is empty or not a string: {step!r}")
+            if separator in step:
+                raise ValueError(f"solution {m}: step {k} contains the separator {separator!r} ({step!r}); steps "
+                                 "must not (split_solution drops it; OREO's split_keeping_separator keeps it)")
         for i in range(1, len(steps)):
             prefixes.append(separator.join(steps[:i]) + separator)
             owners.append((m, i - 1))
