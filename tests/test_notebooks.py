@@ -24,7 +24,7 @@ pytest.importorskip("ipykernel", reason="pip install -e '.[notebooks]'")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
-CELL_TIMEOUT_S = 600  # per cell; each notebook is meant to run in well under a minute on 2 CPU cores
+CELL_TIMEOUT_S = 600  # per cell; each notebook is meant to run in under a minute on 2 CPU cores
 STRIP = "python notebooks/strip_outputs.py notebooks/*.ipynb"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
