@@ -36,7 +36,7 @@ from rljax.models import add_head
 from rljax.models.transformer import Model
 from rljax.phases import LoopConfig, run_loop
 from rljax.rewards.rules import score
-from rljax.sampling import SampleConfig, sample, scored_index
+from rljax.sampling import SampleConfig, sample, scorer_at_index
 from rljax.sharding import LOGICAL_RULES, param_shardings, replicated, shard_batch, shard_params
 from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_gradients, apply_loss_gradients, compile_step,
                          create_state, make_optimizer, state_shardings)
@@ -208,22 +208,8 @@ def value_scorer(value_model: Model, stop_ids: Sequence[int] = (2,)) -> Callable
     A process reward model is not scored this way: its labels sit on each step's last text token,
     never on the separator or eos a candidate ends with (`collate_steps`), and it reads the reward
     head; use `rljax.rewards.learned.prm_search_scorer(prm, skip_ids=(*step_end_ids, *stop ids))`."""
-    skip = tuple(int(t) for t in stop_ids)
-    if not skip:
-        raise ValueError("value_scorer: stop_ids is empty; pass the ids that end a solution (tokenizer.eos_ids)")
-
-    @jax.jit
-    def read(params, tokens, attention_mask):
-        hidden, _ = value_model.forward(params, tokens, attention_mask,
-                                        read_at=scored_index(tokens, attention_mask, skip))
-        return value_model.values(params, hidden)
-
-    def scorer(params, tokens, attention_mask):
-        return read(params, tokens, attention_mask)
-
-    scorer.skip_ids = skip
-    scorer.__name__ = "value_scorer"
-    return scorer
+    return scorer_at_index(value_model, value_model.values, stop_ids, "value_scorer",
+                           "the ids that end a solution (tokenizer.eos_ids)")
 
 
 # ----------------------------------------------------------------------------- trajectories

@@ -37,6 +37,7 @@ from rljax.losses.preference import (DPOConfig, KTOConfig, ORPOConfig, SimPOConf
                                     with_live_reference)
 from rljax.losses.sft import SFTConfig, sft_loss
 from rljax.metrics import MetricsWriter, Progress, WandbConfig, progress_postfix
+from rljax.models.transformer import check_positions
 from rljax.sharding import param_shardings, shard_batch
 from rljax.state import OptimizerConfig, TrainState, make_optimizer, make_train_step, owned_copy
 
@@ -348,6 +349,17 @@ def _sft_step(model, loss: SFTConfig, optimizer: OptimizerConfig, mesh):
     return make_train_step(functools.partial(sft_loss, model=model, cfg=loss), optimizer, model=model, mesh=mesh)
 
 
+def _host_batch(model, mesh, where: str) -> Callable:
+    """What a phase does to each host batch before its step: refuse positions past the model's context
+    (`check_positions`: packed and shared-prompt rows escape the model's own length check), then
+    shard it over `mesh` (if any)."""
+    def place(batch):
+        check_positions(batch, model.config.max_seq_len, where)
+        return batch if mesh is None else shard_batch(batch, mesh=mesh)
+
+    return place
+
+
 def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_dir: str | None = None,
         eval_fn: Callable | None = None) -> TrainState:
     """Supervised fine-tuning: `run_loop` over `sft_loss`.
@@ -358,7 +370,7 @@ def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_d
     """
     _check_opt_state(state, cfg.optimizer, "sft")
     step = _sft_step(model, cfg.loss, cfg.optimizer, mesh)
-    put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
+    put = _host_batch(model, mesh, "sft")
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="sft",
                     config=cfg)
 
@@ -401,7 +413,7 @@ def train_reward_model(state: TrainState, data, cfg: RewardModelPhaseConfig, *, 
     _check_opt_state(state, cfg.optimizer, "train_reward_model")
     step = make_train_step(functools.partial(reward_model_loss, model=model, cfg=cfg.loss), cfg.optimizer,
                            model=model, mesh=mesh)
-    put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
+    put = _host_batch(model, mesh, "train_reward_model")
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="rm",
                     config=cfg)
 
@@ -432,7 +444,7 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
     """
     _check_opt_state(state, cfg.optimizer, "preference")
     loss = functools.partial(preference_loss, model=model, cfg=cfg.loss)
-    put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
+    put = _host_batch(model, mesh, "preference")
     if reference is None or not cfg.loss.needs_reference:
         step = make_train_step(loss, cfg.optimizer, model=model, mesh=mesh)
     else:

@@ -15,6 +15,7 @@ from rljax.checkpoint import atomic_path, digest_params
 from rljax.cpu_dots import jit_full_sequence
 from rljax.data.preference_collate import _KTO_FIELDS, _PAIR_FIELDS, _row
 from rljax.losses.preference import reference_logps
+from rljax.models.transformer import check_positions
 
 
 def _digest_batch(batch, h) -> None:
@@ -42,6 +43,8 @@ def cached_reference_logps(params, rows: Sequence, collate: Callable, *, model, 
     if not rows:
         raise ValueError("cached_reference_logps: no rows")
     batches = [collate(list(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]
+    for b in batches:
+        check_positions(b, model.config.max_seq_len, "cached_reference_logps")
     path = None
     if cache_dir is not None:
         h = hashlib.sha256()

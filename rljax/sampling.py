@@ -36,6 +36,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -740,6 +741,28 @@ def scored_index(tokens: jax.Array, attention_mask: jax.Array, skip_ids) -> jax.
     real = attention_mask > 0
     keep = real & ~jnp.isin(tokens, jnp.asarray(tuple(skip_ids), tokens.dtype))
     return jnp.where(keep.any(axis=1), last_token_index(keep), last_token_index(real)).astype(jnp.int32)
+
+
+def scorer_at_index(model: Model, head: Callable, skip_ids, name: str, hint: str) -> Callable:
+    """`scorer(params, tokens, attention_mask) -> [R]` (jitted): head(params, hidden) of `model` at each
+    row's `scored_index` (the last real token not in skip_ids); the scorer's `skip_ids` attribute holds
+    them, for `value_guided_beam_search` to check against its stop ids. name and hint: for errors
+    (an empty skip_ids is refused, hint saying which ids to pass)."""
+    skip = tuple(int(t) for t in skip_ids)
+    if not skip:
+        raise ValueError(f"{name}: no ids to read before; pass {hint}")
+
+    @jax.jit
+    def read(params, tokens, attention_mask):
+        hidden, _ = model.forward(params, tokens, attention_mask, read_at=scored_index(tokens, attention_mask, skip))
+        return head(params, hidden)
+
+    def scorer(params, tokens, attention_mask):
+        return read(params, tokens, attention_mask)
+
+    scorer.skip_ids = skip
+    scorer.__name__ = name
+    return scorer
 
 
 def _scorer_name(scorer) -> str:

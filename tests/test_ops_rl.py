@@ -61,6 +61,17 @@ def test_tied_groups_get_exactly_zero_advantage_despite_float_rounding(value, n)
             np.testing.assert_allclose(adv[n:], expected, rtol=1e-5)
 
 
+def test_group_ids_outside_the_batch_are_refused():
+    """segment sums drop ids >= R: GRPO once gave r / 1e-6 ≈ 1e6 and RLOO 0 for them, silently."""
+    with pytest.raises(ValueError, match=r"group_ids\[2\] = 7 is outside \[0, 4\)"):
+        group_advantages(jnp.array([1.0, 0.0, 1.0, 0.0]), jnp.array([0, 0, 7, 7]))
+    with pytest.raises(ValueError, match=r"group_ids\[0\] = -1 is outside"):
+        leave_one_out_baseline(jnp.array([1.0, 0.0]), jnp.array([-1, 0]))
+    # inside jit the ids are traced and pass (the sampler's are always in range)
+    np.testing.assert_allclose(jax.jit(group_advantages)(jnp.array([1.0, 0.0]), jnp.array([0, 0])), [1.0, -1.0],
+                               rtol=1e-5)
+
+
 def test_leave_one_out_excludes_the_sample_itself():
     b = np.asarray(leave_one_out_baseline(jnp.asarray(REWARDS), jnp.asarray(GIDS)))
     for g, idx in _groups().items():

@@ -100,6 +100,32 @@ def test_reference_cache_keys_the_model_config_and_tuple_rows_keep_their_fields(
         collate_kto(TOK, with_reference([row[:3] for row in kto], first[:2]))
 
 
+def test_shared_prompt_rows_past_the_context_are_refused_before_training():
+    """The shared-prompt layout is exempt from the model's width check (a row holds P + C + R tokens), so
+    a pair whose prompt + longer completion passes max_seq_len trained silently on positions past the
+    context; the phase and the reference cache now refuse the batch, naming the row and the position
+    (1 bos + 20 prompt + 15 completion tokens: the last real token sits at position 35 of a 32-token
+    model), and a pair that fits still collates and passes."""
+    model = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size, max_seq_len=32))
+    params = model.init(jax.random.key(0))
+    long_pair = [("1+2+3+4+5+6+7+8+9+0=", "a" * 14, "b" * 12)] * 4  # completions + eos: 15 and 13 tokens
+    shared = functools.partial(collate_preferences, TOK, share_prompt=True)
+    batch = shared(long_pair)
+    assert int(batch.positions[batch.attention_mask > 0].max()) == 35  # by hand: positions 0..35
+    data = BatchIterator(long_pair, 4, shared, seed=0)
+    state = create_state(model, OPT, jax.random.key(1), params=params)
+    cfg = PreferencePhaseConfig(loss=DPOConfig(), optimizer=OPT, loop=LoopConfig(steps=1, progress=False))
+    with pytest.raises(ValueError, match=r"preference: row 0 of the batch reaches position 35, past the model's "
+                                         r"max_seq_len=32"):
+        preference(state, data, cfg, model=model, reference=params)
+    with pytest.raises(ValueError, match=r"cached_reference_logps: row 0 .* position 35"):
+        cached_reference_logps(params, long_pair, shared, model=model)
+    fits = [("1+2=", "3", "4")] * 4
+    ref = cached_reference_logps(params, fits, shared, model=model)
+    np.testing.assert_allclose(ref, cached_reference_logps(params, fits, functools.partial(
+        collate_preferences, TOK), model=model), atol=1e-4)
+
+
 def test_truncation_that_makes_chosen_equal_rejected_is_refused():
     rows = [("1+1=", "2 and more", "2 and less"), ("1+2=", "3", "4")]
     assert collate_preferences(TOK, rows).tokens.shape[0] == 2  # different texts, in full

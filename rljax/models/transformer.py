@@ -849,6 +849,26 @@ def check_length(length: int, max_seq_len: int, *, packed: bool = False, cached:
                          f"truncate or drop longer rows when building the data (overlong=...)")
 
 
+def check_positions(batch, max_seq_len: int, where: str) -> None:
+    """A host batch whose rows carry their own positions (packed rows, the shared-prompt layout of
+    preference pairs and reward-model pairs) must keep every real token's position below max_seq_len:
+    `check_length` exempts such rows (their width may exceed the context), so without this a pair
+    whose prompt + longer completion is past the context trains silently on positions the model
+    was not built for (RoPE computes any position). Traced or device arrays are not inspected
+    (the phases call this on the host batch, before placing it)."""
+    positions = getattr(batch, "positions", None)
+    if not isinstance(positions, np.ndarray) or positions.size == 0:
+        return
+    mask = getattr(batch, "attention_mask", None)
+    real = positions[np.asarray(mask) > 0] if isinstance(mask, np.ndarray) and mask.shape == positions.shape \
+        else positions
+    if real.size and int(real.max()) >= max_seq_len:
+        row = int(np.argwhere(positions == real.max())[0, 0])
+        raise ValueError(f"{where}: row {row} of the batch reaches position {int(real.max())}, past the model's "
+                         f"max_seq_len={max_seq_len} (its prompt and longest completion must fit the context); "
+                         "truncate when collating (max_length=...)")
+
+
 @dataclass(frozen=True)
 class Model:
     """Pure-function interface to a `Transformer`; hashable, so it can be a static jit argument.

@@ -5,7 +5,20 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+
+def _check_group_ids(group_ids, R: int) -> None:
+    """Concrete group ids must lie in [0, R): segment sums drop the others silently (a GRPO advantage
+    of r / ε, an RLOO one of 0). Traced ids (inside jit: the sampler's, always in range) pass unchecked."""
+    if isinstance(group_ids, jax.core.Tracer):
+        return
+    g = np.asarray(group_ids)
+    if g.size and (g.min() < 0 or g.max() >= R):
+        bad = int(np.flatnonzero((g < 0) | (g >= R))[0])
+        raise ValueError(f"group_ids[{bad}] = {int(g[bad])} is outside [0, {R}): a group id is a prompt's index "
+                         f"among the batch's {R} rows (renumber them, e.g. np.unique(ids, return_inverse=True)[1])")
 
 
 def group_stats(x: jax.Array, group_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -17,6 +30,7 @@ def group_stats(x: jax.Array, group_ids: jax.Array) -> tuple[jax.Array, jax.Arra
     chex.assert_rank([x, group_ids], 1)
     chex.assert_equal_shape([x, group_ids])
     R = x.shape[0]
+    _check_group_ids(group_ids, R)
     x = x.astype(jnp.float32)
     count = jax.ops.segment_sum(jnp.ones_like(x), group_ids, num_segments=R)
     mean = jax.ops.segment_sum(x, group_ids, num_segments=R) / jnp.maximum(count, 1.0)

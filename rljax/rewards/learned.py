@@ -26,7 +26,7 @@ from rljax.data.reward_collate import encode_steps, split_solution
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.ops.preference_kernels import sequence_logps
 from rljax.rewards.rules import score
-from rljax.sampling import scored_index
+from rljax.sampling import scorer_at_index
 
 STEP_AGGREGATIONS = ("min", "product", "mean", "last")
 
@@ -201,21 +201,8 @@ def prm_search_scorer(model, skip_ids: Sequence[int]) -> Callable:
     (`sequence_rewards`) the head would be read where it was never trained. skip_ids: the search's
     step_end_ids and stop ids (eos_id, *stop_ids), single tokens. σ(z) is monotone, so the ranking
     is P(correct)'s. tokens, attention_mask [R, T]."""
-    skip = tuple(int(t) for t in skip_ids)
-    if not skip:
-        raise ValueError("prm_search_scorer: skip_ids is empty; pass the search's step_end_ids and stop ids")
-
-    @jax.jit
-    def read(params, tokens, attention_mask):
-        hidden, _ = model.forward(params, tokens, attention_mask, read_at=scored_index(tokens, attention_mask, skip))
-        return model.token_rewards(params, hidden)
-
-    def scorer(params, tokens, attention_mask):
-        return read(params, tokens, attention_mask)
-
-    scorer.skip_ids = skip
-    scorer.__name__ = "prm_search_scorer"
-    return scorer
+    return scorer_at_index(model, model.token_rewards, skip_ids, "prm_search_scorer",
+                           "the search's step_end_ids and stop ids")
 
 
 def token_probabilities(params, tokens, mask, *, model):
