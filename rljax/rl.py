@@ -67,7 +67,10 @@ class RLState:
 class RLConfig:
     """algorithm: a registry name or an `Algorithm` (`rljax.algorithms.compose(estimator,
     loss)`); advantage, loss: its estimator's and policy loss's configs (None = the
-    algorithm's defaults).
+    algorithm's defaults). A config given replaces the default whole: to change one field of
+    an entry's preset (e.g. a2c's GAEConfig with λ = 1, β = 0 and no whitening, not
+    GAEConfig()'s defaults), derive it: `dataclasses.replace(get_algorithm("a2c").estimator.config,
+    gamma=0.99)`.
     optimizer: the policy's; its warmup_steps and total_steps count RL iterations (the
     schedule advances by one iteration over the iteration's epochs × minibatches updates).
     epochs x minibatches: updates per iteration over the sampled rows. With
@@ -163,6 +166,12 @@ class RLConfig:
             raise ValueError(f"RLConfig.transforms: a running baseline is given, but {algo.name}'s estimator "
                              f"({algo.estimator.name}) does not use one; use BaselineConfig('moving_average') "
                              "(RLConfig.advantage) or drop the transform")
+        if needs.greedy and "rewards" in chained.provides:
+            raise ValueError(f"RLConfig.transforms: {algo.name}'s baseline is the greedy decode's reward, as the "
+                             "reward function returns it, while a transform here rescales the sampled rewards "
+                             "(normalise_rewards): r and b would be on different scales (rewards of 2.0-2.1 "
+                             "normalised to about ±1 against a baseline of 2.1). Drop the transform, or use a "
+                             "baseline from the samples (rloo)")
         if needs.baseline and "baseline" not in chained.provides:
             raise ValueError(f"RLConfig.transforms: {algo.name}'s estimator needs a running baseline; add "
                              "rljax.transforms.moving_average_baseline(decay) to RLConfig.transforms")

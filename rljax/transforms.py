@@ -47,7 +47,8 @@ class Signals:
 class RewardTransform(NamedTuple):
     """init() -> state; update(signals, state) -> (signals, state). needs: what the iteration
     must compute for it (e.g. the reference's log-probs for the KL); provides: the Signals
-    fields it sets for the estimator ("baseline", "kl_coef")."""
+    fields it sets for the estimator ("baseline", "kl_coef", or "rewards" when it replaces the
+    rewards themselves, so that RLConfig can refuse a baseline computed on the raw scale)."""
 
     init: Callable[[], Any]
     update: Callable[[Signals, Any], tuple[Signals, Any]]
@@ -108,7 +109,7 @@ def normalise_rewards(normaliser: RewardNormaliser | None = None) -> RewardTrans
         rewards, state = normaliser.update(state, signals.rewards)
         return signals.replace(rewards=rewards), state
 
-    return RewardTransform(normaliser.init, update)
+    return RewardTransform(normaliser.init, update, provides=("rewards",))
 
 
 def kl_control(controller: KLController) -> RewardTransform:

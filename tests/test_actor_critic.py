@@ -1,4 +1,5 @@
 """Actor-critic losses against naive per-token references; reward placement; KL controller wiring."""
+import dataclasses
 import functools
 
 import jax
@@ -162,6 +163,18 @@ def test_bad_configs_name_the_field():
         A2CConfig(value_coef=-1.0)
     with pytest.raises(ValueError, match="PPOConfig.value_clip"):
         PPOConfig(value_clip=-1.0)
+    with pytest.raises(ValueError, match="PPOConfig.value_clip: must be positive and finite"):
+        PPOConfig(value_clip=float("nan"))
+    with pytest.raises(ValueError, match="A2CConfig.entropy_coef"):
+        A2CConfig(entropy_coef=float("nan"))
+    # a batch without the estimator's value targets names the missing field, not a NoneType error
+    from rljax.losses.actor_critic import _value_error
+    b = PolicyBatch(tokens=None, attention_mask=None, loss_mask=None, old_logprobs=None, advantages=None,
+                    rewards=None, group_ids=None)
+    with pytest.raises(ValueError, match=r"PolicyBatch.returns is None; it comes from a value estimator"):
+        _value_error(jnp.zeros((1, 1)), b, None)
+    with pytest.raises(ValueError, match=r"PolicyBatch.old_values is None"):
+        _value_error(jnp.zeros((1, 1)), b.replace(returns=jnp.ones((1, 1))), 0.2)
 
 
 def test_critic_from_a_reward_model_reads_the_reward_head_at_every_position():
@@ -191,6 +204,9 @@ def test_critic_from_a_reward_model_reads_the_reward_head_at_every_position():
     np.testing.assert_allclose(aligned, values[:, :-1] * np.asarray(attn[:, 1:]), rtol=1e-6)
     with pytest.raises(ValueError, match="no reward head"):
         critic_from_reward_model(_model(), _init(_model(), jax.random.key(0)))
+    multi = Model(dataclasses.replace(rm.config, reward_outputs=3))
+    with pytest.raises(ValueError, match=r"the reward head has 3 outputs \(reward_outputs\), but a value head has one"):
+        critic_from_reward_model(multi, params)
 
 
 def test_reward_whitening_and_clipping_happen_before_the_kl_penalty():

@@ -93,6 +93,20 @@ def test_whiten_masked_moments():
     assert abs(w[on].mean()) < 1e-5 and abs(w[on].std() - 1) < 1e-4 and (w[~on] == 0).all()
 
 
+def test_whiten_without_spread_gives_zero_not_rounding_noise():
+    """Equal masked entries: (x − mean)/(std + ε) read 0.856 for eight 0.7s (mean off by an ulp, std ≈ 6e-8),
+    and rewards of 1.0 scaled by 1/ε became 1e8; now 0 with the mean shifted out, x itself without."""
+    m = np.ones((1, 8), np.float32)
+    np.testing.assert_array_equal(whiten(jnp.full((1, 8), 0.7), jnp.asarray(m)), np.zeros((1, 8)))
+    np.testing.assert_array_equal(whiten(jnp.ones((2, 3)), jnp.ones((2, 3)), shift_mean=False), np.ones((2, 3)))
+    # off the mask values differ, on it they are equal: still no spread; an empty mask gives zeros
+    x, mk = jnp.array([[0.7, 5.0, 0.7]]), jnp.array([[1.0, 0.0, 1.0]])
+    np.testing.assert_array_equal(whiten(x, mk), np.zeros((1, 3)))
+    np.testing.assert_array_equal(whiten(x, jnp.zeros((1, 3))), np.zeros((1, 3)))
+    # with spread, unchanged: (x − mean)/(std + ε) by hand
+    np.testing.assert_allclose(whiten(jnp.array([[1.0, 3.0]]), jnp.ones((1, 2))), [[-1.0, 1.0]], rtol=1e-6)
+
+
 def _naive_returns(r, m, gamma):
     out = np.zeros_like(r)
     for b in range(r.shape[0]):

@@ -16,7 +16,7 @@ from rljax.phases import LoopConfig, PromptBatch, rl
 from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.state import OptimizerConfig
-from rljax.transforms import moving_average_baseline
+from rljax.transforms import moving_average_baseline, normalise_rewards
 
 V = 64
 # Run op by op, the model compiles every primitive for every new shape: the reference
@@ -206,6 +206,10 @@ def test_options_that_would_be_ignored_and_misshapen_metadata_are_refused(bandit
     with pytest.raises(ValueError, match=r"a running baseline is given, but reinforce's estimator \(baseline\) "
                                          r"does not use one"):
         RLConfig(algorithm="reinforce", transforms=(moving_average_baseline(0.9),))
+    # SCST subtracts the greedy decode's raw reward: normalised samples would be on another scale
+    with pytest.raises(ValueError, match=r"scst's baseline is the greedy decode's reward.*normalise_rewards"):
+        RLConfig(algorithm="scst", transforms=(normalise_rewards(),))
+    RLConfig(algorithm="rloo", transforms=(normalise_rewards(),))  # a baseline from the samples: fine
     with pytest.raises(ValueError, match=r"greedy decoding .* makes them identical: every advantage would be 0"):
         RLConfig(algorithm="grpo", sampling=SampleConfig(n=4, temperature=0.0))
     cfg = RLConfig(algorithm="grpo", sampling=one_token(2))

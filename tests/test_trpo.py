@@ -137,6 +137,10 @@ def test_trpo_keeps_the_old_params_when_no_step_improves():
 def test_trpo_config_rejects_bad_fields():
     with pytest.raises(ValueError, match="max_kl"):
         TRPOConfig(max_kl=0.0)
+    with pytest.raises(ValueError, match="TRPOConfig.max_kl: must be positive and finite, got nan"):
+        TRPOConfig(max_kl=float("nan"))  # the line search would never accept a step
+    with pytest.raises(ValueError, match="TRPOConfig.damping"):
+        TRPOConfig(damping=float("nan"))
     with pytest.raises(ValueError, match="backtrack_ratio"):
         TRPOConfig(backtrack_ratio=1.0)
     with pytest.raises(ValueError, match="aggregation"):

@@ -13,6 +13,7 @@ tokens[:t+1] and the action tokens[t+1]; V_t is the value head at position t.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -30,10 +31,10 @@ def check_actor_critic_config(cfg):
     coefficients, a value clip > 0 or None, a per-token aggregation."""
     name = type(cfg).__name__
     for f in ("value_coef", "entropy_coef"):
-        if getattr(cfg, f, 0.0) < 0:
+        if not getattr(cfg, f, 0.0) >= 0:  # NaN fails too
             raise ValueError(f"{name}.{f}: must be >= 0, got {getattr(cfg, f)}")
-    if cfg.value_clip is not None and cfg.value_clip <= 0:
-        raise ValueError(f"{name}.value_clip: must be positive or None, got {cfg.value_clip}")
+    if cfg.value_clip is not None and not 0 < cfg.value_clip < math.inf:
+        raise ValueError(f"{name}.value_clip: must be positive and finite, or None, got {cfg.value_clip}")
     if cfg.aggregation not in AGGREGATIONS or cfg.aggregation == "constant":
         raise ValueError(f"{name}.aggregation: {cfg.aggregation!r} not in "
                          f"{tuple(a for a in AGGREGATIONS if a != 'constant')}")
@@ -110,6 +111,10 @@ def critic_from_reward_model(model, params):
     if "reward" not in model.config.heads:
         raise ValueError("critic_from_reward_model: the model has no reward head (config.heads "
                          f"{model.config.heads})")
+    outputs = getattr(model.config, "reward_outputs", 1)
+    if outputs != 1:
+        raise ValueError(f"critic_from_reward_model: the reward head has {outputs} outputs (reward_outputs), but a "
+                         "value head has one; start the critic from a single-output reward model")
     critic_model, critic = with_value_head(model, params)
     return critic_model, {**critic, "value_head": jnp.array(params["reward_head"]),
                           "value_bias": jnp.array(params["reward_bias"])}
@@ -134,6 +139,11 @@ def _critic_term(values, batch, cfg, mask, value_clip):
 
 
 def _value_error(values, batch: PolicyBatch, value_clip):
+    if batch.returns is None or (value_clip is not None and batch.old_values is None):
+        missing = "returns" if batch.returns is None else "old_values"
+        raise ValueError(f"value loss: PolicyBatch.{missing} is None; it comes from a value estimator (GAEConfig: "
+                         "`rljax.estimators.actor_critic_targets`, or prepare() with an algorithm whose estimator "
+                         "gives returns, e.g. a2c or ppo)")
     err = (values - batch.returns) ** 2
     if value_clip is None:
         return 0.5 * err

@@ -15,6 +15,7 @@ materialises [B, T, V] float32 logits for θ and θ_old.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,13 +51,13 @@ class TRPOConfig:
 
     def __post_init__(self):
         check_actor_critic_config(self)
-        if self.max_kl <= 0:
-            raise ValueError(f"TRPOConfig.max_kl: must be positive, got {self.max_kl}")
+        if not 0 < self.max_kl < math.inf:  # NaN too: the line search would never accept a step
+            raise ValueError(f"TRPOConfig.max_kl: must be positive and finite, got {self.max_kl}")
         if self.cg_iters < 1 or self.backtrack_steps < 1:
             raise ValueError(f"TRPOConfig: cg_iters and backtrack_steps must be >= 1, got {self.cg_iters}, "
                              f"{self.backtrack_steps}")
-        if self.damping < 0:
-            raise ValueError(f"TRPOConfig.damping: must be >= 0, got {self.damping}")
+        if not 0 <= self.damping < math.inf:
+            raise ValueError(f"TRPOConfig.damping: must be >= 0 and finite, got {self.damping}")
         if not 0 < self.backtrack_ratio < 1:
             raise ValueError(f"TRPOConfig.backtrack_ratio: must be in (0, 1), got {self.backtrack_ratio}")
 

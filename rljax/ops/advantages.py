@@ -77,14 +77,22 @@ def leave_one_out_baseline(rewards: jax.Array, group_ids: jax.Array) -> jax.Arra
 
 
 def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
-    """(x − mean) / (std + ε) over the masked entries (population std); 0 off the mask. Any shape."""
+    """(x − mean) / (std + ε) over the masked entries (population std); 0 off the mask. Any shape.
+
+    Masked entries that are all equal (one entry, or every reward the same) have no spread to
+    divide by: with shift_mean they give 0 exactly, without it x unscaled. Dividing would turn
+    float32 rounding into signal: eight entries of 0.7 leave mean − x ≈ 6e-8 and std ≈ 6e-8, so
+    (x − mean)/(std + ε) read 0.856 each, and rewards of 1.0 scaled by 1/ε became 1e8."""
     chex.assert_equal_shape([x, mask])
     m = mask.astype(jnp.float32)
     n = jnp.maximum(m.sum(), 1.0)
     mean = (x * m).sum() / n
     var = (((x - mean) * m) ** 2).sum() / n
-    out = (x - mean) if shift_mean else x
-    return out / (jnp.sqrt(var) + eps) * m
+    on = m > 0
+    spread = jnp.max(jnp.where(on, x, -jnp.inf)) - jnp.min(jnp.where(on, x, jnp.inf))
+    varies = spread > 0  # False also when nothing is masked in (inf - inf = nan)
+    out = jnp.where(varies, x - mean, 0.0) if shift_mean else x
+    return out / jnp.where(varies, jnp.sqrt(var) + eps, 1.0) * m
 
 
 def place_at_last(values: jax.Array, mask: jax.Array) -> jax.Array:
