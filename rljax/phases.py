@@ -92,6 +92,8 @@ class LoopConfig:
                 raise ValueError(f"LoopConfig.{f}: must be >= 0, got {getattr(self, f)}")
         if self.max_consecutive_skips < 1:
             raise ValueError(f"LoopConfig.max_consecutive_skips: must be >= 1, got {self.max_consecutive_skips}")
+        if self.keep_checkpoints < 1:  # 0 kept nothing, not even the final save: a rerun started from scratch
+            raise ValueError(f"LoopConfig.keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
 
 
 def _due(step: int, every: int) -> bool:
@@ -183,6 +185,17 @@ def _say_config_changes(saved: dict | None, now: dict | None, name: str, step: i
               f"({listed_changes(changes, most=8)}); the steps before {step} ran with the saved values")
 
 
+def _say_data_changes(saved: dict | None, now: dict | None, name: str, step: int) -> None:
+    """Resuming with other data (more or fewer examples, another batch size, seed or order): the data
+    position then names other batches than the ones the saved run would have drawn. Legal, but said."""
+    if not saved or not now or saved == now:
+        return
+    changes = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                        if saved.get(k) != now.get(k))
+    print(f"[{name}] warning: resuming at step {step} with other data than the checkpoint's ({changes}); "
+          f"from data position {step} on the batches are not the ones the saved run would have drawn")
+
+
 def _save_finished(ckpt: Checkpointer, state, name: str, meta: Callable[[int], dict]) -> None:
     """Checkpoint `state`, the last finished step, unless it is already saved or its arrays
     were donated to a step that then failed (then the latest checkpoint is all there is).
@@ -250,8 +263,15 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     stop = _StopSignals()
     record = _config_record(config)
 
+    data_record = data.description() if callable(getattr(data, "description", None)) else None
+
     def meta(step: int) -> dict:
-        return {"data_position": step} if record is None else {"data_position": step, "config": record}
+        out = {"data_position": step}
+        if record is not None:
+            out["config"] = record
+        if data_record is not None:
+            out["data"] = data_record
+        return out
 
     try:
         resumed = ckpt is not None and ckpt.latest_step() is not None
@@ -260,6 +280,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             print(f"[{name}] resumed from {ckpt.directory} at step {int(state.step)} "
                   f"(data position {saved.get('data_position')})")
             _say_config_changes(saved.get("config"), record, name, int(state.step))
+            _say_data_changes(saved.get("data"), data_record, name, int(state.step))
         else:  # restored arrays are already fresh
             state = owned_state(state)
         start = int(jax.device_get(state.step))
@@ -267,7 +288,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             writer.resume(start, prefix=f"{name}/", mark=start < cfg.steps)
         consecutive = 0
         progress = Progress(cfg.steps, initial=start, desc=name, disable=not cfg.progress)
-        t_last, tokens_since, shown_step = time.perf_counter(), 0, start
+        t_last, tokens_since, shown_step, skipped_since = time.perf_counter(), 0, start, 0
         with stop:
             try:
                 for position in range(start, cfg.steps):
@@ -278,6 +299,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                     tokens_since += int(metrics["tokens"]) if "tokens" in metrics else _tokens(batch)
                     step = position + 1
                     consecutive = consecutive + 1 if int(metrics.get("skipped", 0)) else 0
+                    skipped_since += 1 if consecutive else 0
                     if consecutive >= cfg.max_consecutive_skips:
                         raise NonFiniteLossError(
                             f"[{name}] loss or gradient was non-finite for {consecutive} consecutive steps "
@@ -288,10 +310,14 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                     if _due(step, cfg.log_every) or step == cfg.steps or stopping:
                         dt = time.perf_counter() - t_last
                         rate = tokens_since / dt if dt > 0 else 0.0
-                        if writer:
-                            writer.write(step, dict(metrics, tokens_per_s=rate), prefix=f"{name}/")
+                        if writer:  # the skipped steps since the last row: a logged step alone would hide them
+                            writer.write(step, dict(metrics, tokens_per_s=rate, skipped_since_last_log=skipped_since),
+                                         prefix=f"{name}/")
+                        if skipped_since:
+                            print(f"[{name}] warning: {skipped_since} of steps {shown_step + 1}..{step} had a "
+                                  "non-finite loss or gradient and were skipped (the state left unchanged)")
                         progress.update(step - shown_step, **progress_postfix(metrics, shown, rate))
-                        t_last, tokens_since, shown_step = time.perf_counter(), 0, step
+                        t_last, tokens_since, shown_step, skipped_since = time.perf_counter(), 0, step, 0
                     if stopping:
                         progress.close()
                         if ckpt is not None and step != ckpt.latest_step():

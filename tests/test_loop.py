@@ -33,6 +33,11 @@ def test_collate_prompt_completion_layout():
         collate_prompt_completion(tok, [("1+2=", "3"), ("10*10=", "100")], max_length=8)
     with pytest.raises(ValueError, match="row 0: the completion is empty"):
         collate_prompt_completion(tok, [("1+2=", "")], add_eos=False)
+    with pytest.raises(ValueError, match=r"row 1: the completion is empty \(training would teach eos alone\)"):
+        collate_prompt_completion(tok, [("1+2=", "3"), ("1+2=", "")])  # with eos too: it taught eos alone
+    from rljax.data.lengths import Tokens
+    stop = collate_prompt_completion(tok, [("1+2=", Tokens([tok.eos_id]))])  # stopping at once, said explicitly
+    np.testing.assert_array_equal(stop.loss_mask[0, :6], [0] * 5 + [1])
 
 
 def test_batch_iterator_is_a_pure_function_of_position():
@@ -74,6 +79,30 @@ def test_run_loop_stops_after_consecutive_non_finite_steps(tiny, capsys):
     assert "the last 2 step(s) had a non-finite loss or gradient and were skipped (steps 3..4)" in capsys.readouterr().out
 
 
+def test_skipped_steps_between_logged_rows_are_logged_and_said(tiny, tmp_path, capsys):
+    """Steps skipped between two logged rows (never on a logged step) once left every metrics row at
+    skipped 0: each row now carries skipped_since_last_log, here 2, 1 and 0 by hand, and a warning says it."""
+    from rljax.metrics import read_metrics
+
+    model, _ = tiny
+    state = create_state(model, OptimizerConfig(), jax.random.key(0))
+    bad = {1, 3, 7}  # data positions whose step is non-finite: steps 2, 4 (rows at 5) and 8 (row at 10)
+
+    def step(state, batch):
+        return state.replace(step=state.step + 1), {"loss": np.float32(np.nan if batch else 1.0),
+                                                    "skipped": np.int32(batch)}
+
+    data = type("Data", (), {"batch_at": lambda self, p: int(p in bad)})()
+    run_loop(state, step, data, LoopConfig(steps=15, log_every=5, progress=False), run_dir=str(tmp_path))
+    rows = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
+    assert [(r["step"], r["train/skipped_since_last_log"], r["train/skipped"]) for r in rows] == [
+        (5, 2, 0), (10, 1, 0), (15, 0, 0)]
+    out = capsys.readouterr().out
+    assert "[train] warning: 2 of steps 1..5 had a non-finite loss" in out and "1 of steps 6..10" in out
+    with pytest.raises(ValueError, match="LoopConfig.keep_checkpoints: must be >= 1, got 0"):
+        LoopConfig(keep_checkpoints=0)
+
+
 def test_sft_phase_resumes_from_run_dir_and_rejects_a_mismatched_optimizer(tiny, tmp_path, capsys):
     model, _ = tiny
     tok = CharTokenizer()
@@ -102,6 +131,14 @@ def test_sft_phase_resumes_from_run_dir_and_rejects_a_mismatched_optimizer(tiny,
             "0.01 -> 0.02); the steps before 8 ran with the saved values") in out
     sft(create_state(m, opt, jax.random.key(9)), data, cfg, model=m, run_dir=str(tmp_path / "a"))  # the same: silent
     assert "warning" not in capsys.readouterr().out
+    # other data (three examples of the four, batch size 1): batch n is another batch now, which is said
+    fewer = BatchIterator(data.examples[:3], 1, data.collate, seed=0)
+    longer = SFTPhaseConfig(optimizer=opt, loop=LoopConfig(steps=10, checkpoint_every=4, progress=False))
+    sft(create_state(m, opt, jax.random.key(9)), fewer, longer, model=m, run_dir=str(tmp_path / "a"))
+    assert ("[sft] warning: resuming at step 8 with other data than the checkpoint's (batch_size: 2 -> 1; "
+            "examples: 4 -> 3)") in capsys.readouterr().out
+    with pytest.raises(ValueError, match="BatchIterator: seed must be >= 0, got -1"):
+        BatchIterator(data.examples, 2, data.collate, seed=-1)
 
 
 # orbax's failed read of the truncated step leaves asyncio callbacks behind, reported when collected

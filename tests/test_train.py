@@ -115,6 +115,11 @@ def test_packed_equals_unpacked(one_layer):
     lu = jit_sft_loss(params, unpacked, model=model, cfg=SFTConfig())[0]
     lp = jit_sft_loss(params, packed, model=model, cfg=SFTConfig())[0]
     assert float(lp) == pytest.approx(float(lu), rel=1e-5)
+    # per-sequence normalisations would see the packed row as one sequence (4.0726 for 4.0504 once): refused
+    for mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
+        with pytest.raises(ValueError, match=rf"normalisation='{mode}' is per sequence, but the batch is packed"):
+            jit_sft_loss(params, packed, model=model, cfg=SFTConfig(normalisation=mode))
+        jit_sft_loss(params, unpacked, model=model, cfg=SFTConfig(normalisation=mode))  # unpacked rows: fine
 
 
 def test_learning_rate_schedule_values():

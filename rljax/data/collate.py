@@ -15,7 +15,9 @@ T = TypeVar("T")
 
 def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str, row: int, *, add_bos: bool,
                              add_eos: bool, field: str = "completion") -> tuple[list[int], list[int]]:
-    """[bos] prompt completion [eos] -> (ids, completion mask); an empty completion is an error naming the row.
+    """[bos] prompt completion [eos] -> (ids, completion mask); a completion of no token at all (empty, and no
+    eos added) is an error naming the row (an empty text with eos is one token: a scored sample that stopped at
+    once; SFT data refuse it, `collate_prompt_completion`).
     A prompt or completion given as `Tokens` (tokenized when the data set was built, specials
     included) is used as it is."""
     p = list(prompt) if isinstance(prompt, Tokens) else tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
@@ -97,10 +99,16 @@ def collate_prompt_completion(tokenizer: Tokenizer, pairs: Sequence[tuple[str, s
     Row = [bos] prompt completion [eos]; loss_mask is 1 on completion tokens and
     eos. Width T = `length` if given, else the longest row rounded up to its bucket
     (`rljax.buckets.bucket_length`, >= min_bucket, <= max_length) so that a run compiles a few times.
-    A row longer than max_length raises an error naming it.
+    A row longer than max_length raises an error naming it, as does an empty completion text (it
+    would train on eos alone: usually a data bug; an intended "stop at once" example is not
+    plain text here, give it as `Tokens` [eos]).
     """
     if not pairs:
         raise ValueError("collate_prompt_completion: no examples")
+    for i, (_, c) in enumerate(pairs):
+        if isinstance(c, str) and not c:
+            raise ValueError(f"row {i}: the completion is empty (training would teach eos alone); drop the row, "
+                             "or give the completion as Tokens([eos_id]) if stopping at once is what it teaches")
     encoded = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)
                for i, (p, c) in enumerate(pairs)]
     rows, masks = [e[0] for e in encoded], [e[1] for e in encoded]
@@ -146,11 +154,19 @@ class BatchIterator(Generic[T]):
             raise ValueError(f"BatchIterator: {len(examples)} examples are fewer than batch_size={batch_size}")
         if cache < 0:
             raise ValueError(f"BatchIterator: cache must be >= 0, got {cache}")
+        if seed < 0:
+            raise ValueError(f"BatchIterator: seed must be >= 0, got {seed}")
         self.examples, self.batch_size, self.collate = list(examples), batch_size, collate
         self.seed, self.shuffle = seed, shuffle
         self.batches_per_epoch = len(self.examples) // batch_size
         distinct = _ordered_draws(len(self.examples), batch_size, cache) if shuffle else self.batches_per_epoch
         self._cache: dict[tuple[int, ...], object] | None = {} if distinct <= cache else None
+
+    def description(self) -> dict:
+        """What fixes batch n besides the rows' contents: {"examples", "batch_size", "seed", "shuffle"} (kept in
+        a phase's checkpoints; resuming with other values is said, `rljax.phases.run_loop`)."""
+        return {"examples": len(self.examples), "batch_size": self.batch_size, "seed": self.seed,
+                "shuffle": self.shuffle}
 
     def order(self, epoch: int) -> np.ndarray:
         """The example order of `epoch`: a permutation drawn from (seed, epoch)."""

@@ -41,6 +41,12 @@ def sft_loss(params, batch: SequenceBatch, *, model, cfg: SFTConfig):
     L = S / N, which makes gradient accumulation exact for every normalisation.
     """
     chex.assert_equal_shape([batch.tokens, batch.attention_mask, batch.loss_mask])
+    if batch.segment_ids is not None and cfg.normalisation != "token_mean":
+        # aggregate's per-sequence modes see rows, and a packed row holds several sequences: its examples would
+        # be averaged as one (seq_mean_token_mean) or summed into one (seq_mean_token_sum, constant)
+        raise ValueError(f"sft_loss: SFTConfig.normalisation={cfg.normalisation!r} is per sequence, but the batch is "
+                         "packed (segment_ids: several sequences a row); use 'token_mean' with packing, or unpacked "
+                         "rows")
     stats = ("logprobs", "mean_logprob") if cfg.label_smoothing > 0 else ("logprobs",)
     out = sequence_token_stats(params, batch.tokens, batch.attention_mask, model=model, stats=stats,
                                chunk_size=cfg.chunk_size, segment_ids=batch.segment_ids, positions=batch.positions)
