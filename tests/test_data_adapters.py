@@ -3,6 +3,7 @@ import os
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import json
+import re
 
 import datasets
 import pytest
@@ -21,8 +22,10 @@ from rljax.data.adapters import (
     load_records,
     preference_pairs,
     prompt_completion,
+    row_locator,
     scored_responses,
 )
+from rljax.data.adapters import _folder_splits
 
 PC_ROWS = [{"prompt": "1+2=", "completion": "1+2=3;answer:3"}, {"prompt": "", "completion": "hi"}]
 
@@ -61,10 +64,84 @@ def test_load_file_and_directory(tmp_path, cache, writer, name):
 
 
 def test_directory_of_several_files_and_split(tmp_path, cache):
-    _write_jsonl(tmp_path / "a.jsonl", PC_ROWS[:1])
-    _write_jsonl(tmp_path / "b.jsonl", PC_ROWS[1:])
-    ds = load_records(tmp_path, split="test", cache_dir=cache)
-    assert ds.to_list() == PC_ROWS
+    """Files that name no split are all "train" (as datasets.load_dataset reads the folder); asking for
+    another split is an error naming the folder and the split it has."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    _write_jsonl(folder / "a.jsonl", PC_ROWS[:1])
+    _write_jsonl(folder / "b.jsonl", PC_ROWS[1:])
+    assert load_records(folder, cache_dir=cache).to_list() == PC_ROWS
+    assert datasets.load_dataset(str(folder), split="train", cache_dir=str(cache)).to_list() == PC_ROWS
+    with pytest.raises(ValueError, match=r"directory '.*d' has no 'test' split, only 'train' \(a\.jsonl, b\.jsonl\)"):
+        load_records(folder, split="test", cache_dir=cache)
+
+
+TRAIN_ROWS = [{"prompt": "tr1", "completion": "a"}, {"prompt": "tr2", "completion": "b"}]
+TEST_ROWS = [{"prompt": "TEST1", "completion": "c"}]
+
+
+def _hub_folder(tmp_path, kind):
+    """The audit's folders: hub-style Parquet shards data/{train,test}-00000-of-00001.parquet, or
+    train.jsonl and test.jsonl side by side."""
+    folder = tmp_path / f"hub_{kind}"
+    (folder / "data").mkdir(parents=True)
+    if kind == "parquet":
+        _write_parquet(folder / "data" / "train-00000-of-00001.parquet", TRAIN_ROWS)
+        _write_parquet(folder / "data" / "test-00000-of-00001.parquet", TEST_ROWS)
+    else:
+        _write_jsonl(folder / "train.jsonl", TRAIN_ROWS)
+        _write_jsonl(folder / "test.jsonl", TEST_ROWS)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_a_folder_gives_the_rows_of_the_split_asked_for(tmp_path, cache, kind):
+    """A folder holding a train and a test split gives each split its own rows (once mixed: the test
+    rows came with split="train" and split="test" alike), as datasets.load_dataset(folder, split=...) does;
+    a split it does not have is an error naming the folder and the splits it has."""
+    folder = _hub_folder(tmp_path, kind)
+    for split, rows in (("train", TRAIN_ROWS), ("test", TEST_ROWS)):
+        assert load_records(folder, split=split, cache_dir=cache).to_list() == rows
+        assert datasets.load_dataset(str(folder), split=split, cache_dir=str(cache)).to_list() == rows
+    assert prompt_completion(str(folder)) == [PromptCompletion("tr1", "a"), PromptCompletion("tr2", "b")]
+    assert prompt_completion(load_records(folder, split="test", cache_dir=cache)) == [PromptCompletion("TEST1", "c")]
+    # a row is located in its own split's file
+    train, test = (("data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet") if kind == "parquet"
+                   else ("train.jsonl", "test.jsonl"))
+    where = (lambda f, k: f"{folder / f}, row {k} (counted from 0)") if kind == "parquet" else \
+        (lambda f, k: f"{folder / f}, line {k + 1} (row {k}, counted from 0)")
+    assert row_locator(folder)(1) == where(train, 1)
+    assert row_locator(folder, split="test")(0) == where(test, 0)
+    with pytest.raises(ValueError, match=rf"directory '.*hub_{kind}' has no 'validation' split, only "
+                                         rf"'train' \({re.escape(train)}\), 'test' \({re.escape(test)}\)"):
+        load_records(folder, split="validation", cache_dir=cache)
+
+
+@pytest.mark.parametrize("layout", [
+    ["data/train-00000-of-00002.jsonl", "data/train-00001-of-00002.jsonl", "data/extra-00000-of-00001.jsonl",
+     "other.jsonl"],
+    ["train.jsonl", "test.jsonl", "other.jsonl"],
+    ["train/a.jsonl", "test/b.jsonl", "c.jsonl"],
+    ["my_train/a.jsonl", "dev-set/b.jsonl", "eval2/c.jsonl", "x/validation/d.jsonl"],
+    ["trainer.jsonl", "testing.jsonl", "my-dev.jsonl", "val.json", "evaluation_1.jsonl", "training.jsonl"],
+    ["x/train.jsonl", "x/y_test_z.jsonl", "contest.jsonl", "latest.jsonl"],
+    ["valid/a.jsonl", "train2/b.jsonl", "sub/valid.jsonl"],
+    [".hidden/train.jsonl", "__pycache__/test.jsonl", "a.jsonl", "b.jsonl"],
+])
+def test_folder_splits_follow_datasets_file_name_conventions(tmp_path, layout):
+    """Which file goes to which split, against datasets' own resolver (get_data_patterns, then the
+    patterns resolved), which datasets.load_dataset(folder) uses."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    for name in layout:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(tmp_path / name, PC_ROWS[:1])
+    want = DataFilesDict.from_patterns(get_data_patterns(str(tmp_path)), base_path=str(tmp_path))
+    want = {str(split): sorted(os.path.relpath(f, tmp_path) for f in files) for split, files in want.items()}
+    got = {split: sorted(os.path.relpath(f, tmp_path) for f in _folder_splits(tmp_path, str(tmp_path))[split])
+           for split in want}
+    assert list(_folder_splits(tmp_path, str(tmp_path))) == list(want)
+    assert got == want
 
 
 def test_load_passthrough_and_list():

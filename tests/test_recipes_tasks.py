@@ -3,8 +3,10 @@ dicts and a datasets.Dataset give the same batches; a bad row raises DataError n
 before anything trains; extra columns reach the reward functions aligned with their prompts; chat
 templates are applied when the tokenizer has one; a rerun in the same run_dir resumes."""
 import dataclasses
+import functools
 import json
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -306,3 +308,151 @@ def test_grpo_task_config_hands_its_reward_call_config_to_the_rl_loop():
     call = RewardCallConfig(timeout_s=5.0, on_failure="value", failure_value=-1.0, batch_size=1, workers=8)
     assert GRPOTaskConfig(reward_call=call).rl_config(CharTokenizer()).reward_call == call
     assert GRPOTaskConfig().rl_config(CharTokenizer()).reward_call == RewardCallConfig()  # the default: one call
+
+
+def fixture_tokenizer(template=None):
+    """The HF fixture tokenizer (default template: ChatML with a default system message), with `template`
+    (a name among its templates, or Jinja source) as its only chat template when given."""
+    import copy
+
+    tok = HFTokenizer.from_pretrained(os.path.join(ROOT, "tests", "fixtures", "hf_tokenizer"))
+    if template is not None:
+        tok = copy.copy(tok)
+        tok.chat_template = tok.chat_template.get(template, template)
+    return tok
+
+
+def row_text(batch, tok, k=0):
+    """(the text of row k, the text of its trained tokens), special tokens shown."""
+    n = int(batch.attention_mask[k].sum())
+    ids, mask = batch.tokens[k, :n].tolist(), batch.loss_mask[k, :n].tolist()
+    show = functools.partial(tok.decode, stop_at_eos=False, skip_special=False)
+    return show(ids), show([i for i, m in zip(ids, mask) if m])
+
+
+def test_ultrachat_rows_train_on_their_messages_not_their_prompt_column(tmp_path):
+    """UltraChat's rows are {prompt, prompt_id, messages}: with no `completion` column the conversation is the
+    example (as TRL reads them), and `prompt` (a copy of the first turn) is left aside; once the `prompt`
+    column sent them to the prompt/completion path and "field 'completion' is missing"."""
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    rows = [{"prompt": "hi", "prompt_id": "x1", "messages": chat}]
+    path = tmp_path / "ultrachat.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    for data in (rows, str(path)):
+        b = sft_batches(TOK, data, TaskConfig(batch_size=1)).batch_at(0)
+        n = int(b.attention_mask[0].sum())
+        # written out: simple_template's "role: content" lines, then the last reply and eos trained
+        prompt = TOK.encode("user: hi\nassistant: yo\nuser: 2+2?\nassistant: ", add_bos=True, add_eos=False)
+        assert b.tokens[0, :n].tolist() == prompt + TOK.encode("4", add_bos=False, add_eos=True)
+        assert b.loss_mask[0, :n].tolist() == [0] * len(prompt) + [1, 1]
+    tok = fixture_tokenizer()
+    text, trained = row_text(sft_batches(tok, rows, TaskConfig(batch_size=1)).batch_at(0), tok)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                    "<|im_start|>assistant\nyo<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                    "<|im_start|>assistant\n4<|im_end|>")
+    assert trained == "4<|im_end|>"
+    # a `completion` column still means prompt/completion rows, whatever else the row holds
+    b = sft_batches(TOK, [dict(rows[0], completion="ho")], TaskConfig(batch_size=1)).batch_at(0)
+    assert b.tokens[0, :int(b.attention_mask[0].sum())].tolist() == TOK.encode("hi", add_bos=True, add_eos=False) + \
+        TOK.encode("ho", add_bos=False, add_eos=True)
+
+
+NO_SYSTEM = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system messages') }}"
+             "{% endif %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>"
+             "{% endif %}")
+
+
+def test_a_chat_template_that_raises_names_the_row_and_its_line(tmp_path):
+    tok = fixture_tokenizer(NO_SYSTEM)
+    ok = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"},
+                        {"role": "assistant", "content": "a"}]}
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(ok) + "\n\n" + json.dumps(bad) + "\n")  # the blank line: row 1 is line 3
+    with pytest.raises(DataError, match=r"^row 1: chat template raised: no system messages$"):
+        sft_batches(tok, [ok, bad], TaskConfig(batch_size=1))
+    with pytest.raises(DataError, match=r"chats\.jsonl, line 3 \(row 1, counted from 0\): chat template raised: "
+                                        r"no system messages$"):
+        sft_batches(tok, str(path), TaskConfig(batch_size=1))
+    prompts = [{"prompt": "x"}, {"prompt": "y"}]
+    with pytest.raises(DataError, match=r"^row 0: chat template raised: no system messages$"):
+        prompt_batches(tok, prompts, TaskConfig(batch_size=1, system_prompt="Be brief."))
+    # a template that does not compile is no row's fault: its own error, naming no row
+    with pytest.raises(ValueError, match=r"^chat template does not compile"):
+        sft_batches(fixture_tokenizer("{% for m in messages %}"), [ok], TaskConfig(batch_size=1))
+
+
+def test_a_template_that_ignores_the_generation_prompt_is_warned_of(tmp_path):
+    """The training text is the prompt rendered with add_generation_prompt, then the completion; a template
+    that ignores add_generation_prompt renders the conversation with "<assistant>" before the reply, which
+    the training text lacks (the completion is joined onto the user's turn): a warning names the row."""
+    tok = fixture_tokenizer("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}")
+    rows = [{"prompt": "2+2?", "completion": "4"}, {"prompt": "3+3?", "completion": "6"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match=r"rows\.jsonl, line 1 \(row 0, counted from 0\): .*after the rendered "
+                                         r"prompt it writes '<assistant>4</s>', not the completion '4'.* 2 of 2 rows"):
+        b = sft_batches(tok, str(path), TaskConfig(batch_size=1)).batch_at(0)
+    assert row_text(b, tok)[0] in ("<user>2+2?</s>4<|im_end|>", "<user>3+3?</s>6<|im_end|>")  # as before: a warning
+    pairs = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
+    with pytest.warns(UserWarning, match=r"^row 0: .*writes '<assistant>4</s>', not the chosen '4'"):
+        preference_batches(tok, pairs, DPOTaskConfig(batch_size=1))
+    with pytest.warns(UserWarning, match=r"^row 0: .*writes '<assistant>4</s>', not the chosen '4'"):
+        reward_batches(tok, pairs, TaskConfig(batch_size=1))
+    # templates that do render prompt then reply: ChatML, and Llama 3 (which trims the reply) with a padded one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for template in (None, "llama3"):
+            sft_batches(fixture_tokenizer(template), rows + [{"prompt": "1+1?", "completion": " 2 "}],
+                        TaskConfig(batch_size=1))
+
+
+def test_truncate_prompt_keeps_the_chat_templates_leading_tokens():
+    """The audit's row: with Llama 3's template the prompt is <|begin_of_text|>, the user header, the user's
+    text, then the assistant header. overlong="truncate_prompt" used to cut its first tokens, the template's
+    own; it now cuts the user's text after them, as it keeps bos before a plain prompt."""
+    tok = fixture_tokenizer("llama3")
+    rows = [{"prompt": "word " * 30, "completion": "four"}]
+    head = "<|begin_of_text|>\n<|start_header_id|>user<|end_header_id|>\n\n"  # the template's text, written out
+    prompt = tok.apply_chat_template([{"role": "user", "content": "word " * 30}], add_generation_prompt=True)
+    assert prompt.startswith(head)
+    prompt_ids, head_ids = (tok.encode(t, add_bos=False, add_eos=False) for t in (prompt, head))
+    completion_ids = tok.encode("four", add_bos=False, add_eos=True)
+    full = sft_batches(tok, rows, TaskConfig(batch_size=1)).batch_at(0)
+    assert full.tokens[0, :int(full.attention_mask[0].sum())].tolist() == prompt_ids + completion_ids
+    n = len(prompt_ids) + len(completion_ids)
+    with pytest.warns(UserWarning, match=rf"overlong='truncate_prompt': 1 of 1 rows exceed max_length={n - 10}"):
+        cut = sft_batches(tok, rows, TaskConfig(batch_size=1, max_length=n - 10, overlong="truncate_prompt"))
+    b = cut.batch_at(0)
+    assert b.tokens[0, :int(b.attention_mask[0].sum())].tolist() == \
+        head_ids + prompt_ids[len(head_ids) + 10:] + completion_ids
+    text, trained = row_text(b, tok)
+    assert text.startswith(head + "word") and trained == "four<|im_end|>"
+    assert text.endswith("word<|eot_id|>\n<|start_header_id|>assistant<|end_header_id|>\n\nfour<|im_end|>")
+    # a row whose completion alone leaves no room after the template's leading tokens is refused, naming them
+    with pytest.raises(DataError, match=rf"row 0: the completion is 5 tokens, with the prompt's {len(head_ids)} "
+                                        r"special token\(s\) more than max_length=10"):
+        sft_batches(tok, rows, TaskConfig(batch_size=1, max_length=10, overlong="truncate_prompt"))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_sft_on_a_hub_style_folder_trains_on_its_train_split_only(tmp_path, kind):
+    """A folder with a train and a test split (hub-style shards, or train.jsonl beside test.jsonl): the
+    task's rows are the train split's, never the test rows (which once came too)."""
+    import datasets
+
+    folder = tmp_path / "hub"
+    (folder / "data").mkdir(parents=True)
+    train, test = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "4"}], \
+        [{"prompt": "9+9=", "completion": "18"}]
+    for split, rows in (("train", train), ("test", test)):
+        if kind == "parquet":
+            datasets.Dataset.from_list(rows).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+        else:
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    it = sft_batches(TOK, str(folder), TaskConfig(batch_size=2))
+    for position in range(3):
+        b = it.batch_at(position)
+        texts = sorted(TOK.decode(t[m == 1].tolist(), stop_at_eos=False) for t, m in zip(b.tokens, b.attention_mask))
+        assert texts == ["1+1=2", "2+2=4"]

@@ -91,20 +91,82 @@ def _looks_like_path(s: str) -> bool:
     return s.count("/") >= 2 or s.endswith("/")
 
 
-def _local_files(path: Path) -> list[str]:
-    if path.is_file():
-        return [str(path)]
+# How `datasets.load_dataset(folder)` names a local folder's splits (`datasets.data_files`, with
+# fsspec >= 2023.12): the first of these rules that matches any file decides, and files it does not
+# match are left out, as there:
+#   1. shards "data/<split>-00000-of-00001.<ext>" (any split name);
+#   2. a folder named after a split keyword ("train/", "my_test/", "validation-2/" at any depth);
+#   3. a file named after one ("train.jsonl", "test-00000.parquet", "my_dev.json");
+#   4. otherwise every file is "train".
+# A keyword counts where it stands alone between separators (start, end, or one of "-._ " and digits),
+# so "trainer.json" is no split. Written out here, not imported, so JSON folders load without `datasets`.
+_SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                   "test": ("test", "testing", "eval", "evaluation")}
+_SHARD = re.compile(r"(?P<split>.+)-[0-9]{5}-of-[0-9]{5}.*\..*")
+_SPLIT_NAME = re.compile(r"\w+(\.\w+)*")  # datasets' rule for a split name
+
+
+def _keyword(word: str, *, folder: bool) -> re.Pattern:
+    """A split keyword inside one path part: after the start or a separator, and before a separator
+    (a folder's name may also end there; a file's name always goes on, to its suffix)."""
+    return re.compile(rf"(?:^|[-._ 0-9]){re.escape(word)}(?:[-._ 0-9]{'|$' if folder else ''})")
+
+
+_KEYWORDS_IN = {folder: {split: [_keyword(w, folder=folder) for w in words]
+                          for split, words in _SPLIT_KEYWORDS.items()} for folder in (True, False)}
+
+
+def _local_files(path: Path) -> list[Path]:
+    """The .json / .jsonl / .parquet files under `path`, sorted, hidden ones and those in hidden or
+    "__special__" folders left out (as `datasets` does)."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                   and not any(part.startswith((".", "__")) for part in p.relative_to(path).parts[:-1])
+                   and not p.name.startswith("."))
     if not files:
         raise FileNotFoundError(
             f"no .json, .jsonl or .parquet files in directory {str(path)!r}")
-    return [str(p) for p in files]
+    return files
+
+
+def _folder_splits(folder: Path, text: str) -> dict[str, list[str]]:
+    """{split: [file, ...]} of a local folder, by `datasets`' file-name conventions (the rules above),
+    splits in datasets' order (train, validation, test, then others by name)."""
+    files = [(str(f), f.relative_to(folder).parts) for f in _local_files(folder)]
+    shards: dict[str, list[str]] = {}
+    for f, parts in files:
+        m = _SHARD.fullmatch(parts[-1]) if len(parts) == 2 and parts[0] == "data" else None
+        if m is not None:
+            shards.setdefault(m["split"], []).append(f)
+    if shards:
+        bad = sorted(s for s in shards if not _SPLIT_NAME.fullmatch(s))
+        if bad:
+            raise ValueError(f"directory {text!r}: shard file names in data/ give the split name(s) {bad}; a "
+                             f"split name is letters, digits and '_' (with '.' between), e.g. "
+                             f"data/train-00000-of-00001.parquet")
+        order = [k for k in _SPLIT_KEYWORDS if k in shards] + sorted(set(shards) - set(_SPLIT_KEYWORDS))
+        return {k: shards[k] for k in order}
+    for folder_names in (True, False):  # rule 2 (folders), then rule 3 (file names)
+        found = {}
+        for split, keywords in _KEYWORDS_IN[folder_names].items():
+            hits = [f for f, parts in files
+                    if any(k.search(part) for k in keywords for part in (parts[:-1] if folder_names else parts[-1:]))]
+            if hits:
+                found[split] = hits
+        if found:
+            return found
+    return {"train": [f for f, _ in files]}
 
 
 def _resolve_files(path: Path, text: str, data_files, split: str) -> tuple[str, dict]:
-    """(builder, {split: [file, ...]}) of a local file or directory (see `load_records`)."""
-    files = data_files if data_files is not None else _local_files(path)
+    """(builder, {split: [file, ...]}) of a local file or directory (see `load_records`), the files of
+    `split` only: a directory's split is chosen by `datasets`' file-name conventions (`_folder_splits`).
+    A split with no files is a ValueError naming the directory and the splits it has."""
+    if data_files is not None:
+        files = data_files
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        files = _folder_splits(path, text)
     if isinstance(files, (str, os.PathLike)):
         files = [os.fspath(files)]
     if isinstance(files, Mapping):
@@ -112,7 +174,15 @@ def _resolve_files(path: Path, text: str, data_files, split: str) -> tuple[str, 
                  for k, v in files.items()}
     else:
         files = {split: [os.fspath(f) for f in files]}
-    suffixes = {Path(f).suffix.lower() for v in files.values() for f in v}
+    if split not in files:
+        where = f"directory {text!r}" if data_files is None else f"data_files for {text!r}"
+        shown = ", ".join(f"{k!r} (" + ", ".join(os.path.relpath(f, path) if path.is_dir() else f for f in v[:3])
+                          + (f", ... {len(v)} files)" if len(v) > 3 else ")") for k, v in files.items())
+        raise ValueError(f"{where} has no {split!r} split, only {shown}. A split's files are named after it, as "
+                         f"datasets.load_dataset reads a folder: {split}.jsonl, {split}/..., "
+                         f"data/{split}-00000-of-00001.parquet (a folder whose files name no split is all 'train')")
+    files = {split: files[split]}
+    suffixes = {Path(f).suffix.lower() for f in files[split]}
     builders = {_BUILDERS.get(s) for s in suffixes}
     if None in builders:
         raise ValueError(f"unsupported file type in {text!r}: {sorted(suffixes)} "
@@ -263,9 +333,14 @@ def load_records(source, *, split: str = "train", name: str | None = None, data_
     source:
       - a `datasets.Dataset`: returned as is;
       - a list (or tuple) of dicts: `Dataset.from_list`;
-      - a local .json / .jsonl / .parquet file, or a directory holding such files
-        (all of one builder: "json" for .json/.jsonl, "parquet" for .parquet),
-        loaded as split `split`;
+      - a local .json / .jsonl / .parquet file, loaded as split `split`;
+      - a directory holding such files: the files of split `split`, chosen by the names
+        `datasets.load_dataset(directory, split=split)` goes by (hub-style shards
+        data/train-00000-of-00001.parquet, folders train/ test/ validation/, files train.jsonl
+        test.jsonl dev.json, ...; a directory whose files name no split is all "train", and where some
+        do, the others are left out, as there; see `_folder_splits`), all of one builder ("json" for
+        .json/.jsonl, "parquet" for .parquet);
+        a split with no files is a ValueError naming the directory and the splits it has;
       - otherwise a hub name (or builder name), passed to
         ``datasets.load_dataset(source, name, split=split, data_files=data_files)``.
 
@@ -296,9 +371,9 @@ def load_records(source, *, split: str = "train", name: str | None = None, data_
     path = Path(text).expanduser()
     kwargs = {} if cache_dir is None else {"cache_dir": os.fspath(cache_dir)}
     if path.exists():
-        builder, files = _resolve_files(path, text, data_files, split)
+        builder, files = _resolve_files(path, text, data_files, split)  # the split's files only
         if builder == "json":
-            _check_json_files(files.get(split, []), text)
+            _check_json_files(files[split], text)
         return datasets.load_dataset(builder, data_files=files, split=split, **kwargs)
     if isinstance(source, os.PathLike) or _looks_like_path(text):
         raise FileNotFoundError(f"no such file or directory: {text!r}")
@@ -318,24 +393,24 @@ def _check_json_files(files: Sequence[str], source: str) -> list:
     return found
 
 
-def _local_json_rows(source) -> list | None:
-    """The rows of a local JSON / JSON Lines file (or directory of them) as written, in `load_records`'
-    order, or None for any other source (and a .json of columns). Read directly, not through `datasets`,
-    whose JSON reader unifies a column's types (a column of "007" and 5 arrives as 7 and 5): a file then
-    gives what the same list of dicts gives."""
+def _local_json_rows(source, split: str = "train") -> list | None:
+    """The rows of split `split` of a local JSON / JSON Lines file (or directory of them, its split chosen
+    as `load_records` does) as written, in `load_records`' order, or None for any other source (and a .json
+    of columns). Read directly, not through `datasets`, whose JSON reader unifies a column's types (a column
+    of "007" and 5 arrives as 7 and 5): a file then gives what the same list of dicts gives."""
     if not isinstance(source, (str, os.PathLike)):
         return None
     path = Path(os.fspath(source)).expanduser()
     if not path.exists():
         return None
-    builder, files = _resolve_files(path, os.fspath(source), None, "train")
+    builder, files = _resolve_files(path, os.fspath(source), None, split)
     if builder != "json":
         return None
-    found = _check_json_files(files.get("train", []), os.fspath(source))
+    found = _check_json_files(files[split], os.fspath(source))
     if any(where is None for where in found):
         return None
     rows = []
-    for file, where in zip(files["train"], found):
+    for file, where in zip(files[split], found):
         with open(file, encoding="utf-8") as f:
             text = f.read()
         if isinstance(where, tuple):  # JSON Lines

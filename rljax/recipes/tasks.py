@@ -22,13 +22,18 @@ Each entry point takes
             checkpoint_every, tensorboard, wandb) may change freely;
 and returns a `TaskResult` (trained params, final metrics, the per-step history, model, tokenizer, state).
 
-Row formats (TRL's): SFT {prompt, completion} or {messages}; reward model and DPO {prompt, chosen,
-rejected} (reward model also {prompt, response, score}); GRPO {prompt, ...}: every other column is
-passed to the reward functions as a per-sample list (`fn(prompts, completions, **columns) -> rewards`).
+Row formats (TRL's): SFT {prompt, completion} or {messages} (rows with `messages` and no `completion`
+are conversations, a `prompt` beside them left aside, as in UltraChat's {prompt, prompt_id, messages});
+reward model and DPO {prompt, chosen, rejected} (reward model also {prompt, response, score}); GRPO
+{prompt, ...}: every other column is passed to the reward functions as a per-sample list
+(`fn(prompts, completions, **columns) -> rewards`).
 A prompt (or completion) may also be a list of {"role", "content"} messages. With a tokenizer that has
 a chat template (and cfg.chat_template not False) every prompt is the template applied to its messages
 (a plain prompt is one user message, after cfg.system_prompt) with the generation prompt; otherwise the
-prompt text is used as is (messages through `simple_template`).
+prompt text is used as is (messages through `simple_template`). A template that raises on a row is a
+`DataError` naming the row (its file and line); one that renders a row's conversation otherwise than the
+training text (the prompt, then the completion: e.g. it ignores add_generation_prompt, so the reply would
+join the user's turn) is warned of, naming the first such row.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import functools
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,11 +52,12 @@ import jax
 
 from rljax import phases
 from rljax.algorithms import get_algorithm
+from rljax.chat_template import ChatTemplateError, compile_chat_template
 from rljax.data.adapters import (DataError, Message, _check_role, _check_str, _get, _local_json_rows, chat_messages,
                                  load_records, located, preference_pairs, prompt_completion, row_locator,
                                  scored_responses, simple_template)
 from rljax.data.collate import BatchIterator, collate_prompt_completion
-from rljax.data.lengths import Tokens, fit_lengths
+from rljax.data.lengths import LengthReport, Tokens, fit_example, fit_lengths
 from rljax.data.preference_collate import collate_preferences
 from rljax.data.reward_collate import collate_pairs, collate_scored
 from rljax.losses.preference import PREFERENCE_METHODS
@@ -74,7 +81,8 @@ class TaskConfig:
     (GRPO: prompts per iteration); max_length: longest tokenized row (None: the model's max_seq_len);
     overlong: what to do with a longer row, checked when the data set is built ("error": a DataError
     naming its file and line and how many rows are too long; "drop"; "truncate_prompt": cut the prompt
-    from the left; "truncate_completion": cut the completion from the right; see `rljax.data.lengths`;
+    from the left, after its leading special tokens (bos, or a chat template's own text before the first
+    message's content); "truncate_completion": cut the completion from the right; see `rljax.data.lengths`;
     GRPO prompts are cut at sampling time instead); lr with `warmup_steps` of linear warmup then `schedule`;
     log_every: steps between metrics rows (the last step is always logged); checkpoint_every: steps
     between checkpoints in run_dir (0: only the last); chat_template: None = apply the tokenizer's chat
@@ -300,7 +308,22 @@ def _use_chat(tok, cfg: TaskConfig) -> bool:
     has = getattr(tok, "chat_template", None) is not None
     if cfg.chat_template and not has:
         raise ValueError(f"chat_template=True, but the tokenizer {tok!r} has no chat template")
-    return has if cfg.chat_template is None else bool(cfg.chat_template)
+    use = has if cfg.chat_template is None else bool(cfg.chat_template)
+    if use and callable(getattr(tok, "get_chat_template", None)):
+        # A template that cannot be chosen or does not compile is no row's fault: raised here as it is,
+        # before any row, so that an error `_render` sees is one row's.
+        compile_chat_template(tok.get_chat_template())
+    return use
+
+
+def _render(tok, messages: list[dict], row: int, *, add_generation_prompt: bool) -> str:
+    """The chat template applied to row `row`'s messages. A template that raises on them (Jinja's
+    raise_exception, e.g. "roles must alternate") is a DataError naming the row, which the builders
+    (`_locating`) turn into its file and line, as for any other bad row."""
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except ChatTemplateError as e:
+        raise DataError(f"row {row}: {e}") from e
 
 
 def _messages(value, row: int, field: str) -> list[dict]:
@@ -320,13 +343,20 @@ def _messages(value, row: int, field: str) -> list[dict]:
     return out
 
 
-def _prompt_text(tok, messages: list[dict], chat: bool, system_prompt: str | None, plain: str | None = None) -> str:
-    """The text of a prompt: the chat template with the generation prompt, or `plain` (a string prompt)
-    when there is no template and no system prompt, else `simple_template`."""
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """`messages` after a system message of `system_prompt`, unless they start with their own."""
     if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}] + messages
+        return [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def _prompt_text(tok, messages: list[dict], chat: bool, system_prompt: str | None, plain: str | None = None,
+                 row: int = 0) -> str:
+    """The text of a prompt: the chat template with the generation prompt (errors naming row `row`), or
+    `plain` (a string prompt) when there is no template and no system prompt, else `simple_template`."""
+    messages = _with_system(messages, system_prompt)
     if chat:
-        return tok.apply_chat_template(messages, add_generation_prompt=True)
+        return _render(tok, messages, row, add_generation_prompt=True)
     if plain is not None and not system_prompt:
         return plain
     return simple_template([Message(m["role"], m["content"]) for m in messages])
@@ -349,7 +379,7 @@ def _rendered(tok, rows: list[dict], fields: Sequence[str], cfg: TaskConfig) -> 
         prompt = _get(i, row, "prompt")
         msgs = _messages(prompt, i, "prompt")
         new = dict(row, prompt=_prompt_text(tok, msgs, chat, cfg.system_prompt,
-                                            prompt if isinstance(prompt, str) else None))
+                                            prompt if isinstance(prompt, str) else None, row=i))
         for f in fields:
             if f in new:
                 new[f] = _completion_text(new[f], i, f)
@@ -357,20 +387,95 @@ def _rendered(tok, rows: list[dict], fields: Sequence[str], cfg: TaskConfig) -> 
     return out
 
 
+def _chats(rows: list[dict], cfg: TaskConfig) -> list[list[dict]]:
+    """The messages each {prompt, ...} row's prompt was rendered from (`_rendered`), system prompt included."""
+    return [_with_system(_messages(_get(i, row, "prompt"), i, "prompt"), cfg.system_prompt)
+            for i, row in enumerate(rows)]
+
+
+def _check_continuation(tok, chats: Sequence[list[dict]], prompts: Sequence[str],
+                        completions: Sequence[Sequence[str]], names: Sequence[str], where: Callable[[int], str]
+                        ) -> None:
+    """Warn when the chat template does not render a row's whole conversation (its messages, then the
+    completion as the assistant's reply) as the text trained on: the rendered prompt, then the completion.
+    A template that ignores add_generation_prompt does not: the completion would be joined onto the last
+    turn without the assistant's header, a format the model never sees. One warning names the first such
+    row (file and line, `where`) and counts them. A warning, not an error: templates also trim or rewrite
+    an assistant's text (drop its reasoning, add an empty think block), which a run may accept."""
+    bad = []
+    for i, (msgs, prompt, cs) in enumerate(zip(chats, prompts, completions)):
+        for name, c in zip(names, cs):
+            try:
+                full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": c}])
+            except ChatTemplateError as e:  # the prompt rendered, so the row trains as before: warn, not fail
+                full = e
+            # Leading and trailing white space aside: templates may trim a reply (Llama 3's `| trim`).
+            if isinstance(full, Exception) or not (full.startswith(prompt)
+                                                   and full[len(prompt):].lstrip().startswith(c.strip())):
+                bad.append((i, name, c, full))
+                break
+    if not bad:
+        return
+    i, name, c, full = bad[0]
+    prompt = prompts[i]
+    if isinstance(full, Exception):
+        how = f"it raises on the whole conversation ({full})"
+    elif full.startswith(prompt):
+        how = f"after the rendered prompt it writes {full[len(prompt):][:60]!r}, not the {name} {c[:40]!r}"
+    else:
+        k = len(os.path.commonprefix([prompt, full]))
+        how = (f"it does not begin with the rendered prompt (they part after {k} characters: the prompt goes on "
+               f"{prompt[k:k + 40]!r}, the conversation {full[k:k + 40]!r})")
+    warnings.warn(f"{where(i)}: the chat template renders the conversation ending in the {name} as the "
+                  f"assistant's reply differently from the text trained on (the prompt rendered with "
+                  f"add_generation_prompt, then the {name}): {how}. A template that ignores add_generation_prompt "
+                  f"joins the reply onto the last turn without the assistant's header. {len(bad)} of {len(chats)} "
+                  f"rows.", stacklevel=4)
+
+
+def _template_keep(tok, messages: list[dict], prompt_ids: Sequence[int]) -> int:
+    """How many leading tokens of a chat prompt (`prompt_ids`, rendered from `messages`) are the template's
+    own text before the first message's content (bos, the first header, a system message the template
+    adds), which overlong="truncate_prompt" must keep: found as the common start of two renderings that
+    differ only in that content, tokenized, and its common start with `prompt_ids` (a token that merges
+    across the boundary is not kept whole, so may be cut)."""
+    a, b = (tok.apply_chat_template([dict(messages[0], content=mark)] + messages[1:], add_generation_prompt=True)
+            for mark in ("\x01", "\x02"))
+    head = tok.encode(os.path.commonprefix([a, b]), add_bos=False, add_eos=False)
+    return len(os.path.commonprefix([list(head), list(prompt_ids)]))
+
+
 def _max_length(cfg: TaskConfig, model: Model) -> int:
     return cfg.max_length if cfg.max_length is not None else model.config.max_seq_len
 
 
 def _fitted(tok, data, prompts: Sequence[str], completions: Sequence[Sequence[str]], cfg: TaskConfig, *,
-            max_length: int | None, add_bos: bool, names=None, allowed=None) -> tuple[list[int], list[tuple]]:
+            max_length: int | None, add_bos: bool, names=None, allowed=None,
+            chats: Sequence[list[dict]] | None = None) -> tuple[list[int], list[tuple]]:
     """Each example (a prompt and its completions) tokenized ([bos] prompt, completion eos) and fitted to
     max_length by cfg.overlong when the data set is built (`rljax.data.lengths.fit_lengths`): (indices kept,
-    (Tokens(prompt), [Tokens(completion), ...]) for each). Errors name the row's file and line in `data`."""
+    (Tokens(prompt), [Tokens(completion), ...]) for each). Errors name the row's file and line in `data`.
+    chats: the messages of chat-template prompts, whose template text before the first message's content
+    (`_template_keep`) overlong="truncate_prompt" keeps, as it keeps bos."""
     examples = [(tok.encode(p, add_bos=add_bos, add_eos=False), [tok.encode(c, add_bos=False, add_eos=True)
                                                                  for c in cs]) for p, cs in zip(prompts, completions)]
+    where = row_locator(data)
+    if chats is not None and cfg.overlong == "truncate_prompt" and max_length is not None:
+        # fit_lengths keeps one count of leading tokens for every row, and a template's own leading text differs
+        # from row to row (its first role, a system message): the rows that are too long are cut here, each
+        # keeping its own, and reported here, as fit_lengths would; it then finds every row fitting.
+        sizes = [len(p) + max(len(c) for c in cs) for p, cs in examples]
+        over = [i for i, n in enumerate(sizes) if n > max_length]
+        for i in over:
+            examples[i] = fit_example(*examples[i], max_length=max_length, overlong="truncate_prompt",
+                                      keep=_template_keep(tok, chats[i], examples[i][0]), where=where(i), names=names)
+        if over:
+            report = LengthReport(rows=len(examples), max_length=max_length, overlong=len(over),
+                                  longest=max(sizes), truncated=len(over))
+            warnings.warn(f"overlong='truncate_prompt': {report}", stacklevel=4)
     kept, fitted, _ = fit_lengths(examples, max_length=max_length, overlong=cfg.overlong,
                                   keep=len(tok.encode("", add_bos=add_bos, add_eos=False)),
-                                  where=lambda i: row_locator(data)(i), names=names,
+                                  where=where, names=names,
                                   **({} if allowed is None else {"allowed": allowed}))
     return kept, [(Tokens(p), [Tokens(c) for c in cs]) for p, cs in fitted]
 
@@ -388,26 +493,35 @@ def _locating(fn):
 def sft_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None) -> BatchIterator:
     """SFT batches: SequenceBatch [batch_size, T] (T bucketed, <= max_length) of [bos] prompt completion eos
     with the loss on the completion and eos. Rows {prompt, completion} or {messages} (the last message
-    the assistant's reply to learn). Rows are tokenized and checked against max_length here, once
-    (cfg.overlong)."""
+    the assistant's reply to learn; with no `completion` column a `prompt` column beside `messages`, as in
+    UltraChat's {prompt, prompt_id, messages}, is left aside, as TRL does). Rows are tokenized and checked
+    against max_length here, once (cfg.overlong); with a chat template, a row whose conversation the
+    template renders otherwise than prompt then completion is warned of (`_check_continuation`)."""
     rows = _rows(data)
     chat = _use_chat(tok, cfg)
-    if "messages" in _columns(rows) and "prompt" not in _columns(rows):
-        pairs = []
-        for c in chat_messages(rows):
+    columns = _columns(rows)
+    if "messages" in columns and "completion" not in columns:
+        pairs, chats = [], []
+        for i, c in enumerate(chat_messages(rows)):
             msgs = [{"role": m.role, "content": m.content} for m in c.messages[:-1]]
             if chat:
-                prompt = _prompt_text(tok, msgs or [{"role": "user", "content": ""}], True, cfg.system_prompt)
+                msgs = _with_system(msgs or [{"role": "user", "content": ""}], cfg.system_prompt)
+                prompt = _render(tok, msgs, i, add_generation_prompt=True)
             else:
                 sys = [Message("system", cfg.system_prompt)] if cfg.system_prompt and (
                     not msgs or msgs[0]["role"] != "system") else []
                 prompt = simple_template(sys + list(c.messages[:-1]))
             pairs.append((prompt, c.messages[-1].content))
+            chats.append(msgs)
     else:
         pairs = [(p.prompt, p.completion) for p in prompt_completion(_rendered(tok, rows, ["completion"], cfg))]
+        chats = _chats(rows, cfg) if chat else None
+    if chat:
+        _check_continuation(tok, chats, [p for p, _ in pairs], [[c] for _, c in pairs], ["completion"],
+                            row_locator(data))
     length = max_length or cfg.max_length
     _, fitted = _fitted(tok, data, [p for p, _ in pairs], [[c] for _, c in pairs], cfg, max_length=length,
-                        add_bos=not chat)
+                        add_bos=not chat, chats=chats if chat else None)
     pairs = [(p, cs[0]) for p, cs in fitted]
     collate = functools.partial(collate_prompt_completion, tok, max_length=length, add_bos=not chat, add_eos=True)
     return BatchIterator(pairs, cfg.batch_size, collate, seed=cfg.seed)
@@ -423,19 +537,26 @@ def reward_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None,
     rows = _rows(data)
     chat = _use_chat(tok, cfg)
     length = max_length or cfg.max_length
+    chats = _chats(rows, cfg) if chat else None
     if "score" in _columns(rows) and "chosen" not in _columns(rows):
         scored = [(r.prompt, r.response, r.score) for r in
                   scored_responses(_rendered(tok, rows, ["response"], cfg))]
+        if chat:
+            _check_continuation(tok, chats, [p for p, _, _ in scored], [[r] for _, r, _ in scored], ["response"],
+                                row_locator(data))
         kept, fitted = _fitted(tok, data, [p for p, _, _ in scored], [[r] for _, r, _ in scored], cfg,
-                               max_length=length, add_bos=not chat)
+                               max_length=length, add_bos=not chat, chats=chats)
         scored = [(p, cs[0], scored[i][2]) for i, (p, cs) in zip(kept, fitted)]
         collate = functools.partial(collate_scored, tok, max_length=length, add_bos=not chat)
         return BatchIterator(scored, cfg.batch_size, collate, seed=cfg.seed), "scores"
     rendered = _rendered(tok, rows, ["chosen", "rejected"], cfg)
     pairs = preference_pairs(rendered)
     margins = [r.get("margin") for r in rendered]
+    if chat:
+        _check_continuation(tok, chats, [p.prompt for p in pairs], [[p.chosen, p.rejected] for p in pairs],
+                            ["chosen", "rejected"], row_locator(data))
     kept, fitted = _fitted(tok, data, [p.prompt for p in pairs], [[p.chosen, p.rejected] for p in pairs], cfg,
-                           max_length=length, add_bos=not chat, names=("chosen", "rejected"))
+                           max_length=length, add_bos=not chat, names=("chosen", "rejected"), chats=chats)
     items = [((p, *cs), margins[i]) for i, (p, cs) in zip(kept, fitted)]
 
     def collate(batch):
@@ -472,9 +593,13 @@ def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None 
     left to max_prompt_length tokens, then, with cfg.overlong="truncate_completion", the completion to fit
     max_length (the collator's own truncation; "error" and "drop" are decided here, when the data set is
     built, and every policy's count is reported here)."""
-    rendered = _rendered(tok, _rows(data), ["chosen", "rejected"], cfg)
+    rows = _rows(data)
+    rendered = _rendered(tok, rows, ["chosen", "rejected"], cfg)
     pairs = preference_pairs(rendered)
     chat = _use_chat(tok, cfg)
+    if chat:
+        _check_continuation(tok, _chats(rows, cfg), [p.prompt for p in pairs],
+                            [[p.chosen, p.rejected] for p in pairs], ["chosen", "rejected"], row_locator(data))
     length = max_length or cfg.max_length
     kept = _fitted_preferences(tok, data, pairs, cfg, max_length=length, add_bos=not chat)
     items = [dict(prompt=pairs[i].prompt, chosen=pairs[i].chosen, rejected=pairs[i].rejected,
