@@ -4,6 +4,7 @@ before anything trains; extra columns reach the reward functions aligned with th
 templates are applied when the tokenizer has one; a rerun in the same run_dir resumes."""
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import warnings
@@ -188,7 +189,8 @@ def test_a_rerun_in_the_same_run_dir_resumes(tmp_path, capsys):
     assert [h["step"] for h in first.history] == [1, 2, 3] and int(first.state.step) == 3
     with open(os.path.join(run_dir, "config.json")) as f:
         saved = json.load(f)
-    assert saved["task"] == "sft" and saved["config"]["steps"] == 3 and saved["data"] == "<12 rows>"
+    digest = hashlib.sha256(json.dumps(SFT_ROWS, sort_keys=True).encode()).hexdigest()[:16]  # by hand
+    assert saved["task"] == "sft" and saved["config"]["steps"] == 3 and saved["data"] == f"<12 rows, sha256 {digest}>"
 
     again = sft(small_model(), SFT_ROWS, cfg, run_dir=run_dir)  # finished: restored, nothing trained
     assert "resumed" in capsys.readouterr().out
@@ -200,8 +202,16 @@ def test_a_rerun_in_the_same_run_dir_resumes(tmp_path, capsys):
     five = SFTTaskConfig(steps=5, batch_size=4, lr=3e-3, progress=False)
     with pytest.raises(ConfigMismatchError, match=r"another configuration \(steps: 3 -> 5\).*allow_change=True"):
         sft(small_model(), SFT_ROWS, five, run_dir=run_dir)
-    with pytest.raises(ConfigMismatchError, match=r"data: '<12 rows>' -> '<11 rows>'; lr: 0.003 -> 1.0"):
+    with pytest.raises(ConfigMismatchError, match=r"data: '<12 rows, sha256 \w+>' -> '<11 rows, sha256 \w+>'; lr: "
+                                                  r"0.003 -> 1.0"):
         sft(small_model(), SFT_ROWS[:11], SFTTaskConfig(steps=3, batch_size=4, lr=1.0), run_dir=run_dir)
+    # the same number of rows with other contents is another data set too (once recorded as '<12 rows>' alike),
+    # and other starting weights another model
+    other_rows = [dict(r, completion=r["completion"] + "0") for r in SFT_ROWS]
+    with pytest.raises(ConfigMismatchError, match=r"data: '<12 rows, sha256 \w+>' -> '<12 rows, sha256 \w+>'"):
+        sft(small_model(), other_rows, cfg, run_dir=run_dir)
+    with pytest.raises(ConfigMismatchError, match=r"model: '<Model [\d,]+ params sha256 \w+, "):
+        sft((SMALL, _init(jax.random.key(1)), TOK), SFT_ROWS, cfg, run_dir=run_dir)
     with pytest.raises(ConfigMismatchError, match=r"holds a 'sft' run .* give the dpo run a run_dir of its own"):
         dpo(small_model(), PAIR_ROWS, DPOTaskConfig(steps=3, batch_size=4, progress=False), run_dir=run_dir)
     assert len(read_metrics(run_dir)) == 3 and not os.path.exists(os.path.join(run_dir, "config_changes.jsonl"))

@@ -53,6 +53,7 @@ import jax
 from rljax import phases
 from rljax.algorithms import get_algorithm
 from rljax.chat_template import ChatTemplateError, compile_chat_template
+from rljax.checkpoint import digest_params
 from rljax.data.adapters import (DataError, Message, _check_role, _check_str, _get, _local_json_rows, chat_messages,
                                  load_records, located, preference_pairs, prompt_completion, row_locator,
                                  scored_responses, simple_template)
@@ -660,12 +661,20 @@ def combine_rewards(reward_funcs) -> Callable:
 
 # ----------------------------------------------------------------------------- running
 def _describe(x) -> Any:
+    """What config.json records of a model or data argument, to tell a rerun of the same run from another:
+    a path as given; in-memory rows by count and a SHA-256 of their contents (rows of the same count but
+    other contents are another data set); a (Model, params, tokenizer) by size and a digest of the params."""
+    import hashlib
+
     if isinstance(x, (str, os.PathLike)):
         return os.fspath(x)
     if isinstance(x, (list, tuple)) and not (len(x) == 3 and isinstance(x[0], Model)):
-        return f"<{len(x)} rows>"
+        text = json.dumps(list(x), sort_keys=True, default=repr)
+        return f"<{len(x)} rows, sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}>"
     if isinstance(x, tuple):
-        return f"<{type(x[0]).__name__} {x[0].config.num_params():,} params, {x[2]!r}>"
+        h = hashlib.sha256()
+        digest_params(x[1], h)
+        return f"<{type(x[0]).__name__} {x[0].config.num_params():,} params sha256 {h.hexdigest()[:16]}, {x[2]!r}>"
     return f"<{type(x).__name__}{f' of {len(x)} rows' if hasattr(x, '__len__') else ''}>"
 
 
