@@ -164,7 +164,10 @@ class BaselineConfig:
 
     kl_coef β > 0 shapes the reward r − β Σ_t (ℓ^old_t − ℓ^ref_t) (k1 of the sampled tokens, no
     gradient) before the baseline: its expected gradient is exactly that of E[r] − β KL(π‖π_ref),
-    whose optimum is π* ∝ π_ref exp(r/β)."""
+    whose optimum is π* ∝ π_ref exp(r/β). The greedy baseline (SCST) is the greedy decode's reward
+    as the reward function gives it, without that penalty (its KL is not computed): still a baseline
+    independent of the sample, so the gradient stays unbiased, but advantages then carry −βΣk1 on
+    top of r − b."""
 
     baseline: str = "leave_one_out"
     kl_coef: float = 0.0
