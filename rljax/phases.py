@@ -284,6 +284,9 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
         else:  # restored arrays are already fresh
             state = owned_state(state)
         start = int(jax.device_get(state.step))
+        if resumed and start > cfg.steps:  # nothing to run, and not the state the caller asked for: say so
+            print(f"[{name}] warning: the checkpoint in {ckpt.directory} is at step {start}, past steps="
+                  f"{cfg.steps}: it is returned as it is (no step undone); use another run_dir for a shorter run")
         if resumed and writer is not None:
             writer.resume(start, prefix=f"{name}/", mark=start < cfg.steps)
         consecutive = 0

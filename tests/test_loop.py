@@ -137,6 +137,11 @@ def test_sft_phase_resumes_from_run_dir_and_rejects_a_mismatched_optimizer(tiny,
     sft(create_state(m, opt, jax.random.key(9)), fewer, longer, model=m, run_dir=str(tmp_path / "a"))
     assert ("[sft] warning: resuming at step 8 with other data than the checkpoint's (batch_size: 2 -> 1; "
             "examples: 4 -> 3)") in capsys.readouterr().out
+    # a shorter run than the checkpoint's: the saved state comes back (nothing undone), which is said
+    short = SFTPhaseConfig(optimizer=opt, loop=LoopConfig(steps=5, checkpoint_every=4, progress=False))
+    back = sft(create_state(m, opt, jax.random.key(9)), data, short, model=m, run_dir=str(tmp_path / "b"))
+    assert int(back.step) == 9
+    assert "the checkpoint in" in (out := capsys.readouterr().out) and "is at step 9, past steps=5" in out
     with pytest.raises(ValueError, match="BatchIterator: seed must be >= 0, got -1"):
         BatchIterator(data.examples, 2, data.collate, seed=-1)
 
