@@ -105,7 +105,8 @@ def fit_example(prompt: Sequence[int], completions: Sequence[Sequence[int]], *, 
 
 
 def fit_lengths(examples: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], *, max_length: int | None,
-                overlong: str = "error", keep: int = 0, where: Callable[[int], str] = lambda i: f"row {i}",
+                overlong: str = "error", keep: int | Callable[[int], int] = 0,
+                where: Callable[[int], str] = lambda i: f"row {i}",
                 names: Sequence[str] | None = None, allowed: Sequence[str] = OVERLONG
                 ) -> tuple[list[int], list[tuple[list[int], list[list[int]]]], LengthReport]:
     """Every example (prompt ids, [completion ids, ...]) measured against `max_length` and handled
@@ -113,8 +114,11 @@ def fit_lengths(examples: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]
     (prompt, completions), a `LengthReport`). `where(i)` names example i in errors (its file
     and line when known). With overlong="error" the error also says how many examples are too
     long, so one run tells the whole story; "drop" and the truncations warn with the report.
+    keep: the leading prompt tokens a truncation keeps (bos), or keep(i) for example i, asked of
+    too-long examples only (a chat template's own leading text differs from row to row).
     max_length=None checks nothing."""
     check_overlong(overlong, allowed)
+    keep_of = keep if callable(keep) else (lambda i: keep)
     if max_length is None:
         return list(range(len(examples))), [(list(p), [list(c) for c in cs]) for p, cs in examples], \
             LengthReport(rows=len(examples), max_length=None)
@@ -127,7 +131,8 @@ def fit_lengths(examples: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]
     if over and overlong == "error":
         i = over[0]
         try:
-            fit_example(*examples[i], max_length=max_length, overlong="error", keep=keep, where=where(i), names=names)
+            fit_example(*examples[i], max_length=max_length, overlong="error", keep=keep_of(i), where=where(i),
+                        names=names)
         except DataError as e:
             others = " or ".join(repr(a) for a in allowed if a != "error")
             raise DataError(f"{e}; {report.overlong} of {report.rows} rows are longer (longest {report.longest}). "
@@ -138,7 +143,8 @@ def fit_lengths(examples: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]
             kept.append(i)
             fitted.append((list(p), [list(c) for c in cs]))
             continue
-        out = fit_example(p, cs, max_length=max_length, overlong=overlong, keep=keep, where=where(i), names=names)
+        out = fit_example(p, cs, max_length=max_length, overlong=overlong, keep=keep_of(i), where=where(i),
+                          names=names)
         if out is not None:
             kept.append(i)
             fitted.append(out)

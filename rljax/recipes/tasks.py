@@ -58,7 +58,7 @@ from rljax.data.adapters import (DataError, Message, _check_role, _check_str, _g
                                  load_records, located, preference_pairs, prompt_completion, row_locator,
                                  scored_responses, simple_template)
 from rljax.data.collate import BatchIterator, collate_prompt_completion
-from rljax.data.lengths import LengthReport, Tokens, fit_example, fit_lengths
+from rljax.data.lengths import Tokens, fit_lengths
 from rljax.data.preference_collate import collate_preferences
 from rljax.data.reward_collate import collate_pairs, collate_scored
 from rljax.losses.preference import PREFERENCE_METHODS
@@ -460,23 +460,13 @@ def _fitted(tok, data, prompts: Sequence[str], completions: Sequence[Sequence[st
     (`_template_keep`) overlong="truncate_prompt" keeps, as it keeps bos."""
     examples = [(tok.encode(p, add_bos=add_bos, add_eos=False), [tok.encode(c, add_bos=False, add_eos=True)
                                                                  for c in cs]) for p, cs in zip(prompts, completions)]
-    where = row_locator(data)
-    if chats is not None and cfg.overlong == "truncate_prompt" and max_length is not None:
-        # fit_lengths keeps one count of leading tokens for every row, and a template's own leading text differs
-        # from row to row (its first role, a system message): the rows that are too long are cut here, each
-        # keeping its own, and reported here, as fit_lengths would; it then finds every row fitting.
-        sizes = [len(p) + max(len(c) for c in cs) for p, cs in examples]
-        over = [i for i, n in enumerate(sizes) if n > max_length]
-        for i in over:
-            examples[i] = fit_example(*examples[i], max_length=max_length, overlong="truncate_prompt",
-                                      keep=_template_keep(tok, chats[i], examples[i][0]), where=where(i), names=names)
-        if over:
-            report = LengthReport(rows=len(examples), max_length=max_length, overlong=len(over),
-                                  longest=max(sizes), truncated=len(over))
-            warnings.warn(f"overlong='truncate_prompt': {report}", stacklevel=4)
-    kept, fitted, _ = fit_lengths(examples, max_length=max_length, overlong=cfg.overlong,
-                                  keep=len(tok.encode("", add_bos=add_bos, add_eos=False)),
-                                  where=where, names=names,
+    def template_keep(i: int) -> int:  # the template's own leading text differs by row (its first role, a system)
+        return _template_keep(tok, chats[i], examples[i][0])
+
+    keep = template_keep if chats is not None and cfg.overlong == "truncate_prompt" else \
+        len(tok.encode("", add_bos=add_bos, add_eos=False))  # only a prompt truncation reads keep
+    kept, fitted, _ = fit_lengths(examples, max_length=max_length, overlong=cfg.overlong, keep=keep,
+                                  where=row_locator(data), names=names,
                                   **({} if allowed is None else {"allowed": allowed}))
     return kept, [(Tokens(p), [Tokens(c) for c in cs]) for p, cs in fitted]
 
