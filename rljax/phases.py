@@ -188,12 +188,15 @@ def _say_config_changes(saved: dict | None, now: dict | None, name: str, step: i
 def _say_data_changes(saved: dict | None, now: dict | None, name: str, step: int) -> None:
     """Resuming with other data (more or fewer examples, another batch size, seed or order): the data
     position then names other batches than the ones the saved run would have drawn. Legal, but said."""
-    if not saved or not now or saved == now:
+    if not saved or not now:
         return
-    changes = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-                        if saved.get(k) != now.get(k))
-    print(f"[{name}] warning: resuming at step {step} with other data than the checkpoint's ({changes}); "
-          f"from data position {step} on the batches are not the ones the saved run would have drawn")
+    from rljax.cli import config_differences, listed_changes
+
+    changes = config_differences(saved, now, ignore=(), added={})
+    if changes:
+        print(f"[{name}] warning: resuming at step {step} with other data than the checkpoint's "
+              f"({listed_changes(changes)}); from data position {step} on the batches are not the ones the saved "
+              "run would have drawn")
 
 
 def _save_finished(ckpt: Checkpointer, state, name: str, meta: Callable[[int], dict]) -> None:

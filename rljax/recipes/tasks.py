@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -654,8 +655,6 @@ def _describe(x) -> Any:
     """What config.json records of a model or data argument, to tell a rerun of the same run from another:
     a path as given; in-memory rows by count and a SHA-256 of their contents (rows of the same count but
     other contents are another data set); a (Model, params, tokenizer) by size and a digest of the params."""
-    import hashlib
-
     if isinstance(x, (str, os.PathLike)):
         return os.fspath(x)
     if isinstance(x, (list, tuple)) and not (len(x) == 3 and isinstance(x[0], Model)):
