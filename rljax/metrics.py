@@ -316,6 +316,15 @@ class MetricsWriter:
             self._tb_writer(purge_step=step + 1).flush()
         return dropped
 
+    def logged(self, step: int, *, prefix: str) -> dict[str, float] | None:
+        """The values of the last record at `step` whose metric names start with `prefix`, the prefix
+        stripped (e.g. `logged(40, prefix="sft/eval/")`), or None when there is none."""
+        found = None
+        for record in read_metrics(self.path):
+            if record["step"] == int(step) and any(k.startswith(prefix) for k in record):
+                found = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+        return found
+
     def close(self) -> None:
         """Flush and close the log (and the TensorBoard writer, and finish the W&B run); safe to call twice."""
         try:

@@ -251,7 +251,8 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     Resuming at step S drops the metrics.jsonl records of this phase with step > S (a
     killed run may have logged steps it never checkpointed; the rerun logs them again)
     and, when steps remain, adds the marker `{"step": S, "event": "resumed", "phase":
-    "<name>/"}` (`MetricsWriter.resume`). config: the phase's configuration (a dataclass; its `loop`
+    "<name>/"}` (`MetricsWriter.resume`). A finished run called again runs no step, and its
+    final evaluation is read back from metrics.jsonl, not run and logged again. config: the phase's configuration (a dataclass; its `loop`
     field aside), kept in every checkpoint's meta; resuming under another one prints each field
     that changed. On several hosts each process handles its own
     signals: a scheduler must signal all of them (they then stop at the same step only
@@ -351,7 +352,13 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
         if ckpt is not None and end != ckpt.latest_step():
             ckpt.save(state, meta(end), force=True)
         if eval_fn is not None:
-            _evaluate(eval_fn, state, end, writer, name)
+            # a finished run called again: its final evaluation is in the log already (evaluating
+            # again would cost the time and write the record twice)
+            logged = writer.logged(end, prefix=f"{name}/eval/") if writer and start >= cfg.steps else None
+            if logged:
+                print(f"[{name}] step {end} eval (logged by the finished run): " + _listed(logged))
+            else:
+                _evaluate(eval_fn, state, end, writer, name)
         return state
     finally:
         if ckpt is not None:
@@ -364,7 +371,11 @@ def _evaluate(eval_fn, state, step, writer, name):
     result = eval_fn(state)
     if writer:
         writer.write(step, result, prefix=f"{name}/eval/")
-    print(f"[{name}] step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    print(f"[{name}] step {step} eval: " + _listed(result))
+
+
+def _listed(values: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in values.items())
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 """Collation, the resumable iterator, run_loop (skips, resume) and the SIGKILL kill-and-resume test."""
+import dataclasses
 import json
 import os
 import signal
@@ -264,6 +265,28 @@ def test_run_loop_logs_evaluates_and_checkpoints_on_schedule(tiny, tmp_path):
         (2, 20.0), (4, 40.0), (6, 60.0), (7, 70.0)]
     with Checkpointer(str(tmp_path / "checkpoints")) as ck:
         assert ck.all_steps() == [5, 7]
+
+    # the finished run called again: its final evaluation is read back, not run and logged twice
+    seen.clear()
+    again = run_loop(state, step, Data(), cfg, run_dir=str(tmp_path), eval_fn=eval_fn)
+    assert int(again.step) == 7 and seen == []
+    assert read_metrics(str(tmp_path)) == rows
+    # a longer run in the same directory evaluates at its own end
+    longer = run_loop(state, step, Data(), dataclasses.replace(cfg, steps=8), run_dir=str(tmp_path), eval_fn=eval_fn)
+    assert int(longer.step) == 8 and seen == [8]
+    assert [(r["step"], r["train/eval/score"]) for r in read_metrics(str(tmp_path)) if "train/eval/score" in r][-2:] \
+        == [(7, 70.0), (8, 80.0)]
+
+
+def test_unshuffled_batches_read_every_row_in_order_as_one_cycle():
+    # 5 rows in batches of 2: rows 0 1 | 2 3 | 4 0 | 1 2 | 3 4 | 0 1 ... (no row left out every pass)
+    calls = []
+    it = BatchIterator(list("abcde"), 2, lambda r: calls.append(r) or "".join(r), shuffle=False)
+    assert [it.batch_at(n) for n in range(7)] == ["ab", "cd", "ea", "bc", "de", "ab", "cd"]
+    assert len(calls) == 5  # N / gcd(N, B) = 5 distinct batches, each collated once
+    # divisible sizes: the same batches as before, every pass
+    assert [BatchIterator(list("abcd"), 2, "".join, shuffle=False).batch_at(n) for n in range(4)] == [
+        "ab", "cd", "ab", "cd"]
 
 
 def test_batch_iterator_collates_a_recurring_batch_once():

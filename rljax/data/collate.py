@@ -1,6 +1,7 @@
 """Collation (examples -> fixed-shape padded arrays) and a resumable batch iterator."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -134,12 +135,15 @@ class BatchIterator(Generic[T]):
     Batch number n (the data position, counted from 0 over all epochs) is a pure
     function of (examples, batch_size, seed, n): `batch_at(n)`. A resumed run
     continues at exactly the batch it stopped at by passing the saved position.
-    The last incomplete batch of an epoch is dropped (fixed shapes).
+    Shuffled, the last incomplete batch of an epoch is dropped (fixed shapes; the next
+    epoch's permutation brings those rows back). Unshuffled (`shuffle=False`), the rows
+    are one cycle read in order: batch n holds rows nB .. nB + B − 1 (mod N), so a data
+    set that batch_size does not divide wraps into the next pass and no row is left out.
 
     Collated batches are memoised by their example indices (the same rows in the same
     order give the same batch, so results are bit-identical to collating again) when
     every distinct batch fits in `cache` entries: without shuffling the D =
-    batches_per_epoch batches of an epoch recur every epoch; with shuffling a batch is
+    N / gcd(N, batch_size) batches of the cycle recur; with shuffling a batch is
     an ordered draw of batch_size of the N examples, D = N! / (N − batch_size)!, so only
     tiny data sets recur. A data set that is one batch with shuffle=False is collated
     once. `collate` must be a pure function of its rows (cache=0 otherwise), and
@@ -159,7 +163,8 @@ class BatchIterator(Generic[T]):
         self.examples, self.batch_size, self.collate = list(examples), batch_size, collate
         self.seed, self.shuffle = seed, shuffle
         self.batches_per_epoch = len(self.examples) // batch_size
-        distinct = _ordered_draws(len(self.examples), batch_size, cache) if shuffle else self.batches_per_epoch
+        n = len(self.examples)
+        distinct = _ordered_draws(n, batch_size, cache) if shuffle else n // math.gcd(n, batch_size)
         self._cache: dict[tuple[int, ...], object] | None = {} if distinct <= cache else None
 
     def description(self) -> dict:
@@ -176,6 +181,9 @@ class BatchIterator(Generic[T]):
         return np.random.default_rng([self.seed, epoch]).permutation(n)
 
     def indices_at(self, position: int) -> np.ndarray:
+        """The example indices of batch `position` (see the class docstring)."""
+        if not self.shuffle:
+            return (np.arange(self.batch_size) + int(position) * self.batch_size) % len(self.examples)
         epoch, k = divmod(int(position), self.batches_per_epoch)
         return self.order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
 
