@@ -100,9 +100,15 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def _tokens(batch) -> int:
+def _tokens(batch, metrics) -> int:
+    """The tokens a step processed, for tokens/s: its batch's real tokens (attention_mask: prompt and
+    completion, padding out; a loss's own "tokens" metric counts only the tokens its loss reads), or,
+    for a step that makes its own tokens from a prompt batch (RL: prompts + completions), its
+    metrics["tokens"]."""
     mask = getattr(batch, "attention_mask", None)
-    return int(np.asarray(mask).sum()) if mask is not None else 0
+    if mask is not None:
+        return int(np.asarray(mask).sum())
+    return int(metrics["tokens"]) if "tokens" in metrics else 0
 
 
 FROZEN_FIELDS = ("ref_params", "teacher_params")  # state fields no step donates (RLState, OREOState)
@@ -234,7 +240,8 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     metrics go; cfg.wandb needs a run_dir, and only process 0 logs to W&B). put_batch: places a host batch on devices
     (e.g. shard_batch over a mesh). eval_fn(state) -> metrics, logged as eval/*.
     progress_metrics: {label: metric} the progress bar shows at each logged step, when
-    the step reports them, followed by tokens/s (default LOSS_PROGRESS; the RL phase
+    the step reports them, followed by tokens/s (every real token of the batch, prompt and completion,
+    or an RL step's prompts + completions; logged as tokens_per_s) (default LOSS_PROGRESS; the RL phase
     shows RL_PROGRESS: mean reward, accuracy, KL to the reference).
 
     The loop trains a copy of `state` (`owned_state`): the steps donate their input, and
@@ -302,8 +309,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                     batch = data.batch_at(position)
                     state, metrics = step_fn(state, put_batch(batch) if put_batch else batch)
                     metrics = jax.device_get(metrics)
-                    # a step that makes its own tokens (RL: prompts + completions) reports how many
-                    tokens_since += int(metrics["tokens"]) if "tokens" in metrics else _tokens(batch)
+                    tokens_since += _tokens(batch, metrics)
                     step = position + 1
                     consecutive = consecutive + 1 if int(metrics.get("skipped", 0)) else 0
                     skipped_since += 1 if consecutive else 0

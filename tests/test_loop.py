@@ -278,6 +278,18 @@ def test_run_loop_logs_evaluates_and_checkpoints_on_schedule(tiny, tmp_path):
         == [(7, 70.0), (8, 80.0)]
 
 
+def test_tokens_per_second_counts_every_real_token_of_the_batch():
+    from rljax.data.batch import PromptBatch
+    from rljax.phases import _tokens
+
+    batch = collate_prompt_completion(CharTokenizer(), [("1+2=", "3"), ("12*4=", "48")])
+    # bos + prompt + completion + eos, padding out: 7 + 9, not the sft loss's own count of completion tokens
+    assert _tokens(batch, {"tokens": 5.0}) == 16 == int(np.asarray(batch.attention_mask).sum())
+    # an RL step's batch holds prompts only: the step's count (prompts + completions) is taken
+    prompts = PromptBatch(tokens=np.ones((2, 4), np.int32), mask=np.ones((2, 4), np.int32), metadata={})
+    assert _tokens(prompts, {"tokens": 64.0}) == 64 and _tokens(prompts, {}) == 0
+
+
 def test_unshuffled_batches_read_every_row_in_order_as_one_cycle():
     # 5 rows in batches of 2: rows 0 1 | 2 3 | 4 0 | 1 2 | 3 4 | 0 1 ... (no row left out every pass)
     calls = []
