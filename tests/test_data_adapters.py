@@ -150,7 +150,7 @@ def test_load_passthrough_and_list():
     assert load_records(PC_ROWS).to_list() == PC_ROWS
 
 
-def test_missing_path(tmp_path):
+def test_missing_path(tmp_path, monkeypatch):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_records(str(missing))
@@ -158,6 +158,12 @@ def test_missing_path(tmp_path):
         load_records(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="train.parquet"):
         load_records("train.parquet")
+    # "folder/name" with no suffix, where the folder is here: a missing local file, not a hub id to look up
+    (tmp_path / "data").mkdir()
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)
+        with pytest.raises(FileNotFoundError, match="'data/train'"):
+            load_records("data/train")
 
 
 def test_chat_messages(tmp_path, cache):

@@ -79,10 +79,14 @@ def _looks_like_path(s: str) -> bool:
     """Whether a string that names nothing on disk was meant as a local path.
 
     Hub ids are "name" or "owner/name", so a single "/" alone does not make a path;
-    an absolute path, "./", "../", "~", a data-file suffix, more than one "/" or
-    the platform separator (where it is not "/") do.
+    an absolute path, "./", "../", "~", a data-file suffix, more than one "/",
+    the platform separator (where it is not "/"), or "owner/name" whose "owner" is a
+    folder here (data/train: a hub lookup of it would retry the network for ~20 s
+    offline before failing) do.
     """
     if os.path.isabs(s) or s.startswith((".", "~")):
+        return True
+    if s.count("/") == 1 and os.path.isdir(s.split("/")[0]):
         return True
     if s.lower().endswith(tuple(_BUILDERS)):
         return True
@@ -344,8 +348,9 @@ def load_records(source, *, split: str = "train", name: str | None = None, data_
       - otherwise a hub name (or builder name), passed to
         ``datasets.load_dataset(source, name, split=split, data_files=data_files)``.
 
-    A missing local path (absolute, relative with "./", or ending in one of the
-    suffixes, see `_looks_like_path`) raises FileNotFoundError naming it.
+    A missing local path (absolute, relative with "./", ending in one of the
+    suffixes, or "folder/name" under a folder that exists here, see `_looks_like_path`)
+    raises FileNotFoundError naming it.
     Local JSON files are checked line by line first: a line that is not a JSON object
     raises one `DataError` naming the file, the 1-based line and the parse error
     (`datasets` would name neither the file nor the line); `row_locator` maps a row
