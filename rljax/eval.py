@@ -32,6 +32,7 @@ import numpy as np
 
 from rljax.checkpoint import Checkpointer
 from rljax.models.hf import save_pretrained
+from rljax.models.transformer import check_scorer
 from rljax.sampling import SampleConfig, sample, tokenizer_ids, truncate_prompts
 
 __all__ = ["TOKENIZER_FILES", "UnfinishedRunError", "PolicyEvalConfig", "complete", "correctness", "evaluate_policy",
@@ -122,9 +123,15 @@ def pass_at_k(correct, k: int) -> float:
     """The unbiased pass@k estimate, averaged over problems: correct [P, n] (truthy = right), n >= k;
     per problem with c right of n, 1 - C(n - c, k) / C(n, k), the probability that k of its n samples
     drawn without replacement hold at least one right one. pass_at_k(c, 1) is the mean of c."""
-    c = np.asarray(correct).astype(bool)
-    if c.ndim != 2:
-        raise ValueError(f"pass_at_k: correct must be [problems, samples], got shape {c.shape}")
+    values = np.asarray(correct)
+    if values.ndim != 2:
+        raise ValueError(f"pass_at_k: correct must be [problems, samples], got shape {values.shape}")
+    other = np.argwhere(~np.isin(values, (0, 1)))  # partial credit or NaN: neither right nor wrong
+    if other.size:
+        i, j = other[0]
+        raise ValueError(f"pass_at_k: correct must hold 0/1 (or bools); problem {i}, sample {j} is {values[i, j].item()!r} "
+                         "(a check with partial credit has an accuracy, the mean, but no pass@k)")
+    c = values.astype(bool)
     n = c.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"pass_at_k: k must be in [1, {n}] (the samples per problem), got {k}")
@@ -161,7 +168,7 @@ def _start_logprobs(params, tokens, attention_mask, *, model):
 def evaluate_policy(params, model, tok, problems: Sequence[Any], cfg: PolicyEvalConfig = PolicyEvalConfig(), *,
                     check: Callable[[Any, str], Any] | None = None, prompt: Callable[[Any], str] | None = None,
                     reward_fn: Callable | None = None, start_params=None, start_model=None,
-                    rewards: dict[str, Callable] | None = None) -> dict:
+                    rewards: dict[str, Callable] | None = None, add_bos: bool = True) -> dict:
     """One results row of the policy `params` on held-out `problems` (JSON-able floats):
 
       accuracy_greedy     greedy exact match (`exact_match`)
@@ -173,19 +180,22 @@ def evaluate_policy(params, model, tok, problems: Sequence[Any], cfg: PolicyEval
       kl_to_start         with start_params: (1/N) Σ_i Σ_t (ℓ_t − ℓ^start_t) over the N samples, the k1
                           estimate of the sequence-level KL(π ‖ π_start) (exact in expectation: the
                           samples come from π at temperature 1, whose log-probs ℓ the sampler returns);
-                          start_model: the start policy's model (default `model`)
+                          start_model: the start policy's model (default `model`; its vocabulary must
+                          hold the policy's, as a padded embedding table of the same tokenizer does)
 
-    check, prompt: as in `exact_match` (default: the arithmetic task's check, `problem.prompt`).
+    check, prompt, add_bos: as in `exact_match` (default: the arithmetic task's check, `problem.prompt`).
     The samples use key `jax.random.key(cfg.seed)` (batch b: fold_in(key, b))."""
     from rljax.models.logprobs import target_mask
     from rljax.rewards.rules import score_with_failures
 
     if len(problems) == 0:
         raise ValueError("evaluate_policy: no problems")
+    if start_params is not None:
+        check_scorer(start_model or model, model, "evaluate_policy: start_model (the start policy)")
     prompt = _prompt_of if prompt is None else prompt
     texts = [prompt(p) for p in problems]
     row = {"accuracy_greedy": exact_match(params, model, tok, problems, cfg.max_new_tokens, check=check,
-                                          prompt=prompt, batch_size=cfg.batch_size)[0]}
+                                          prompt=prompt, batch_size=cfg.batch_size, add_bos=add_bos)[0]}
     if cfg.samples == 0:
         return row
     n = cfg.samples
@@ -197,7 +207,7 @@ def evaluate_policy(params, model, tok, problems: Sequence[Any], cfg: PolicyEval
         chunk = texts[lo:lo + size]
         real = len(chunk)
         chunk = chunk + [chunk[0]] * (size - real)  # one shape for every call
-        tokens, mask = tok.encode_batch(chunk, padding_side="left")
+        tokens, mask = tok.encode_batch(chunk, add_bos=add_bos, padding_side="left")
         roll = sample(params, tokens, mask, jax.random.fold_in(key, b), model=model, cfg=sampling)
         completions += tok.decode_batch(np.asarray(roll.completions))[:real * n]
         lengths += np.asarray(roll.lengths)[:real * n].tolist()

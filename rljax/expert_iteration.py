@@ -38,7 +38,7 @@ from rljax.metrics import WandbConfig
 from rljax.phases import LoopConfig, SFTPhaseConfig, sft
 from rljax.pipelines import Stage, run_stages
 from rljax.rewards.rules import RewardCallConfig, score_with_failures
-from rljax.sampling import SampleConfig, sample
+from rljax.sampling import SampleConfig, sample, tokenizer_ids
 from rljax.state import OptimizerConfig, TrainState
 
 __all__ = ["ExpertIterationConfig", "RejectionConfig", "expert_iteration", "rejection_sample", "select_samples"]
@@ -50,13 +50,16 @@ __all__ = ["ExpertIterationConfig", "RejectionConfig", "expert_iteration", "reje
 @dataclass(frozen=True)
 class RejectionConfig:
     """Rejection sampling: `samples` completions per prompt (sampling: how; its n is replaced by
-    `samples`), `prompts_per_batch` prompts per sampling call (the last call is filled with copies
+    `samples` and its eos / stop / pad ids by the tokenizer's, `tokenizer_ids`; None: at most 64
+    new tokens at temperature 1, or, in `rljax.r1.r1_pipeline`, the pipeline's max_new_tokens and
+    temperature), `prompts_per_batch` prompts per sampling call (the last call is filled with copies
     of its first prompt, dropped afterwards, so every call has one shape); keep a sample when its
-    reward ≥ threshold, it ended with a stop token (require_stop; a completion cut at
-    max_new_tokens is not well formed) and `well_formed(completion)` holds (when given);
-    deduplicate: one copy of each distinct completion text per prompt; max_per_prompt: keep at most
-    k per prompt, the highest rewards first (ties: sample order; None: no cap). reward_call: how
-    the reward function is called (`RewardCallConfig`)."""
+    reward ≥ threshold, its reward call did not fail (`RewardCallConfig(on_failure="value")`), it
+    ended with a stop token (require_stop; a completion cut at max_new_tokens is not well formed)
+    and `well_formed(completion)` holds (when given); deduplicate: one copy of each distinct
+    completion text per prompt; max_per_prompt: keep at most k per prompt, the highest rewards
+    first (ties: sample order; None: no cap). A prompt text given more than once is one prompt
+    (its samples pooled). reward_call: how the reward function is called (`RewardCallConfig`)."""
 
     samples: int = 8
     threshold: float = 1.0
@@ -64,7 +67,7 @@ class RejectionConfig:
     deduplicate: bool = True
     require_stop: bool = True
     prompts_per_batch: int = 64
-    sampling: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=64, temperature=1.0))
+    sampling: SampleConfig | None = None
     reward_call: RewardCallConfig = field(default_factory=RewardCallConfig)
 
     def __post_init__(self):
@@ -76,36 +79,57 @@ class RejectionConfig:
             raise ValueError(f"RejectionConfig.prompts_per_batch: must be >= 1, got {self.prompts_per_batch}")
         if not np.isfinite(self.threshold):
             raise ValueError(f"RejectionConfig.threshold: must be finite, got {self.threshold}")
+        if self.sampling is not None and not isinstance(self.sampling, SampleConfig):
+            raise TypeError(f"RejectionConfig.sampling: a SampleConfig or None, got {type(self.sampling).__name__}")
+
+    def sampling_or(self, default: SampleConfig) -> RejectionConfig:
+        """This config, its sampling `default` where it has none."""
+        return self if self.sampling is not None else dataclasses.replace(self, sampling=default)
+
+
+DEFAULT_REJECTION_SAMPLING = SampleConfig(max_new_tokens=64, temperature=1.0)
 
 
 def select_samples(prompts: Sequence[str], completions: Sequence[str], rewards, *, n: int, threshold: float,
-                   max_per_prompt: int | None = None, deduplicate: bool = True, well_formed=None):
+                   max_per_prompt: int | None = None, deduplicate: bool = True, well_formed=None, failed=None):
     """The selection of rejection sampling, a pure function of the scored samples.
 
     prompts [P]; completions, rewards [P·n] (sample j of prompt i at i·n + j); well_formed [P·n]
-    bool or None (all well formed). Per prompt: drop samples with reward < threshold, then the
-    malformed ones, order the rest by reward (highest first, ties in sample order), drop repeated
-    completion texts (deduplicate), keep the first max_per_prompt. -> (rows, stats):
-    rows [{"prompt", "completion", "reward", "prompt_index", "sample"}] in prompt order;
-    stats {"samples", "passed" (reward ≥ threshold and well formed), "below_threshold",
-    "malformed", "duplicates", "over_cap", "kept", "kept_fraction" (kept / samples),
-    "prompts", "prompts_with_kept", "prompts_with_kept_fraction", "sampled_reward_mean" (the mean
-    reward of all P·n samples)}."""
+    bool or None (all well formed); failed [P·n] bool or None (no reward call failed: a failed
+    call's reward is a stand-in, so its sample is never kept). A prompt text given more than once
+    is one prompt: its samples are pooled before the selection (the same rows as when its samples
+    were drawn in one call). Per prompt: drop the samples whose reward call failed, those with
+    reward < threshold, then the malformed ones, order the rest by reward (highest first, ties in
+    sample order), drop repeated completion texts (deduplicate), keep the first max_per_prompt.
+    -> (rows, stats): rows [{"prompt", "completion", "reward", "prompt_index" (of the sample's own
+    prompt slot), "sample"}] in the order of the prompts' first slots; stats {"samples", "passed"
+    (scored, reward ≥ threshold and well formed), "reward_failed", "below_threshold", "malformed",
+    "duplicates", "over_cap", "kept", "kept_fraction" (kept / samples), "prompts" (distinct prompt
+    texts), "prompts_with_kept", "prompts_with_kept_fraction", "sampled_reward_mean" (the mean
+    reward of the P·n samples whose call did not fail)}."""
     P = len(prompts)
     rewards = np.asarray(rewards, np.float64)
     if len(completions) != P * n or rewards.shape != (P * n,):
         raise ValueError(f"select_samples: {P} prompts x n = {n} need {P * n} completions and rewards, got "
                          f"{len(completions)} and {rewards.shape}")
-    ok = np.ones(P * n, bool) if well_formed is None else np.asarray(well_formed, bool)
-    if ok.shape != (P * n,):
-        raise ValueError(f"select_samples: well_formed has shape {ok.shape}, expected ({P * n},)")
+    flags = {}
+    for name, value in (("well_formed", well_formed), ("failed", failed)):
+        flags[name] = np.asarray(value, bool) if value is not None else np.full(P * n, name == "well_formed")
+        if flags[name].shape != (P * n,):
+            raise ValueError(f"select_samples: {name} has shape {flags[name].shape}, expected ({P * n},)")
+    ok, bad_call = flags["well_formed"], flags["failed"]
+    slots: dict[str, list[int]] = {}  # prompt text -> its slots, in order of first appearance
+    for i, p in enumerate(prompts):
+        slots.setdefault(p, []).append(i)
     rows = []
-    counts = dict(below_threshold=0, malformed=0, duplicates=0, over_cap=0)
+    counts = dict(reward_failed=0, below_threshold=0, malformed=0, duplicates=0, over_cap=0)
     with_kept = 0
-    for i in range(P):
-        idx = range(i * n, (i + 1) * n)
-        high = [k for k in idx if rewards[k] >= threshold]
-        counts["below_threshold"] += n - len(high)
+    for prompt, group in slots.items():
+        idx = [k for i in group for k in range(i * n, (i + 1) * n)]
+        scored = [k for k in idx if not bad_call[k]]
+        counts["reward_failed"] += len(idx) - len(scored)
+        high = [k for k in scored if rewards[k] >= threshold]
+        counts["below_threshold"] += len(scored) - len(high)
         good = [k for k in high if ok[k]]
         counts["malformed"] += len(high) - len(good)
         good.sort(key=lambda k: (-rewards[k], k))
@@ -120,26 +144,29 @@ def select_samples(prompts: Sequence[str], completions: Sequence[str], rewards, 
                 continue
             kept.append(k)
         with_kept += bool(kept)
-        rows += [dict(prompt=prompts[i], completion=completions[k], reward=float(rewards[k]), prompt_index=i,
-                      sample=k - i * n) for k in kept]
-    samples = P * n
-    stats = dict(samples=samples, passed=samples - counts["below_threshold"] - counts["malformed"], **counts,
-                 kept=len(rows), kept_fraction=len(rows) / samples if samples else 0.0, prompts=P,
-                 prompts_with_kept=with_kept, prompts_with_kept_fraction=with_kept / P if P else 0.0,
-                 sampled_reward_mean=float(rewards.mean()) if samples else 0.0)
+        rows += [dict(prompt=prompt, completion=completions[k], reward=float(rewards[k]), prompt_index=k // n,
+                      sample=k % n) for k in kept]
+    samples, distinct = P * n, len(slots)
+    scored_rewards = rewards[~bad_call]
+    stats = dict(samples=samples, passed=samples - sum(counts[c] for c in ("reward_failed", "below_threshold",
+                                                                         "malformed")), **counts,
+                 kept=len(rows), kept_fraction=len(rows) / samples if samples else 0.0, prompts=distinct,
+                 prompts_with_kept=with_kept, prompts_with_kept_fraction=with_kept / distinct if distinct else 0.0,
+                 sampled_reward_mean=float(scored_rewards.mean()) if scored_rewards.size else 0.0)
     return rows, stats
 
 
 def rejection_sample(params, prompts: Sequence[str], reward_fn: Callable, cfg: RejectionConfig, *, model, tokenizer,
-                     key, well_formed: Callable[[str], bool] | None = None, **metadata):
+                     key, well_formed: Callable[[str], bool] | None = None, add_bos: bool = True, **metadata):
     """Sample cfg.samples completions of every prompt with `params`, score them and keep the good
     ones (`select_samples`). -> (rows, stats), JSON-able.
 
     reward_fn(prompts, completions, **metadata) -> [B] (the `rljax.rewards` protocol; metadata are
     per-prompt lists, e.g. problems=..., repeated for the samples of each prompt). Call b samples
-    prompts [b·m, (b+1)·m) (m = cfg.prompts_per_batch) with key fold_in(key, b). well_formed:
-    the task's format check (e.g. `task.well_formed`), on top of cfg.require_stop. The stats add
-    "truncated": samples without a stop token."""
+    prompts [b·m, (b+1)·m) (m = cfg.prompts_per_batch) with key fold_in(key, b), stopping at the
+    tokenizer's stop ids. well_formed: the task's format check (e.g. `task.well_formed`), on top of
+    cfg.require_stop. add_bos: passed to `tokenizer.encode_batch` (False for chat templates, which
+    write bos themselves). The stats add "truncated": samples without a stop token."""
     P = len(prompts)
     if P == 0:
         raise ValueError("rejection_sample: no prompts")
@@ -147,25 +174,27 @@ def rejection_sample(params, prompts: Sequence[str], reward_fn: Callable, cfg: R
         if len(values) != P:
             raise ValueError(f"rejection_sample: metadata {name!r} has {len(values)} entries for {P} prompts")
     n, m = cfg.samples, cfg.prompts_per_batch
-    sampling = dataclasses.replace(cfg.sampling, n=n)
+    # the tokenizer's stop ids, as `rljax.eval.complete` does: SampleConfig's own (2, 0) are CharTokenizer's
+    sampling = dataclasses.replace(cfg.sampling or DEFAULT_REJECTION_SAMPLING, n=n, **tokenizer_ids(tokenizer))
     completions, stopped = [], []
     for b, lo in enumerate(range(0, P, m)):
         chunk = list(prompts[lo:lo + m])
         real = len(chunk)
         if P > m:  # one shape for every call
             chunk += [chunk[0]] * (m - real)
-        tokens, mask = tokenizer.encode_batch(chunk, padding_side="left")
+        tokens, mask = tokenizer.encode_batch(chunk, add_bos=add_bos, padding_side="left")
         roll = sample(params, tokens, mask, jax.random.fold_in(key, b), model=model, cfg=sampling)
         completions += tokenizer.decode_batch(np.asarray(roll.completions))[:real * n]
         stopped += np.asarray(roll.stopped_at_eos)[:real * n].tolist()
     flat_prompts = [p for p in prompts for _ in range(n)]
     meta = {k: [v for v in vals for _ in range(n)] for k, vals in metadata.items()}
-    rewards = score_with_failures(reward_fn, flat_prompts, completions, call_config=cfg.reward_call, **meta).rewards
+    scores = score_with_failures(reward_fn, flat_prompts, completions, call_config=cfg.reward_call, **meta)
     ok = np.asarray(stopped, bool) if cfg.require_stop else np.ones(P * n, bool)
     if well_formed is not None:
         ok &= np.array([bool(well_formed(c)) for c in completions])
-    rows, stats = select_samples(prompts, completions, rewards, n=n, threshold=cfg.threshold,
-                                 max_per_prompt=cfg.max_per_prompt, deduplicate=cfg.deduplicate, well_formed=ok)
+    rows, stats = select_samples(prompts, completions, scores.rewards, n=n, threshold=cfg.threshold,
+                                 max_per_prompt=cfg.max_per_prompt, deduplicate=cfg.deduplicate, well_formed=ok,
+                                 failed=scores.failed)
     stats["truncated"] = int(P * n - int(np.sum(stopped)))
     return rows, stats
 
@@ -218,17 +247,20 @@ def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Calla
                      model, tokenizer, key, held_out: Sequence[Any] = (), check: Callable | None = None,
                      well_formed: Callable[[str], bool] | None = None, sft_rows: Sequence[tuple[str, str]] = (),
                      run_dir: str | None = None, allow_change: bool = False, eval_fn: Callable | None = None,
-                     eval_reward_fn: Callable | None = None, **metadata):
+                     eval_reward_fn: Callable | None = None, prompt: Callable[[Any], str] | None = None,
+                     add_bos: bool = True, **metadata):
     """cfg.rounds rounds of sample → keep by reward → SFT from `state` (a TrainState made with
     cfg.optimizer). -> (state, results rows: one per stage).
 
     prompts and metadata (per-prompt lists, e.g. problems=...) feed `rejection_sample` (round r
     with key fold_in(key, r)); reward_fn and well_formed as there. sft_rows: general
     (prompt, completion) pairs trained on with every round's kept completions (R1's mix).
-    held_out: problems (with .prompt) the stages' results rows are measured on with `check`
+    held_out: problems the stages' results rows are measured on with `check`
     (`rljax.eval.evaluate_policy`; default the arithmetic task's check; no problems: rows hold
-    only the rejection stats); their reward_mean is eval_reward_fn's (default reward_fn), called
-    with problems=held-out problems. eval_fn: the SFT phase's eval_fn (cfg.eval_every).
+    only the rejection stats), prompt(problem) their prompt text (default `problem.prompt`); their
+    reward_mean is eval_reward_fn's (default reward_fn), called with problems=held-out problems.
+    eval_fn: the SFT phase's eval_fn (cfg.eval_every). add_bos: how prompts are encoded for
+    sampling (False for chat templates, which write bos themselves).
 
     Stages: "start" (the starting policy's results row, when held_out is given), then "round-r"
     for r < cfg.rounds: collect = rejection sampling with the policy at the round's start (saved
@@ -236,7 +268,7 @@ def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Calla
     with from_base), then its results row (kept fraction, prompts with a kept sample, ..., and
     the number of kept and general rows trained on, the SFT step reached, and the held-out metrics
     with the KL to the policy the round started from). A round that keeps nothing
-    and has no sft_rows trains nothing (with a warning). Each stage's arguments (the config, digests
+    trains on the sft_rows alone, or nothing when there are none (with a warning either way). Each stage's arguments (the config, digests
     of the prompts, metadata, held-out set, general rows and the starting state) are saved in its
     stage.json: a rerun with other ones is refused naming the stage and the file (allow_change=True: recorded in
     stage_changes.jsonl and applied to the rounds still to run).
@@ -250,8 +282,9 @@ def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Calla
     base = state
     shared = dict(config={k: v for k, v in dataclasses.asdict(cfg).items() if k not in _SHOWN_FIELDS},
                   prompts=_digest(list(prompts)), metadata=_digest({k: list(v) for k, v in metadata.items()}),
-                  held_out=_digest([getattr(p, "prompt", repr(p)) for p in held_out]),
-                  sft_rows=_digest([list(r) for r in sft_rows]), start=state_digest(base))
+                  held_out=_digest([prompt(p) if prompt else getattr(p, "prompt", repr(p)) for p in held_out]),
+                  sft_rows=_digest([list(r) for r in sft_rows]), start=state_digest(base),
+                  **({} if add_bos else {"add_bos": False}))
     phase_loop = dict(log_every=cfg.log_every, eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
                       progress=cfg.progress, tensorboard=cfg.tensorboard, wandb=cfg.wandb)
     collate = functools.partial(collate_prompt_completion, tokenizer, max_length=model.config.max_seq_len)
@@ -259,9 +292,9 @@ def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Calla
     def evaluate(params, start_params) -> dict:
         if not held_out:
             return {}
-        return evaluate_policy(params, model, tokenizer, list(held_out), cfg.evaluation, check=check,
+        return evaluate_policy(params, model, tokenizer, list(held_out), cfg.evaluation, check=check, prompt=prompt,
                                reward_fn=reward_fn if eval_reward_fn is None else eval_reward_fn,
-                               start_params=start_params)
+                               start_params=start_params, add_bos=add_bos)
 
     def start(state, data, ctx):
         ctx.record(dict(round=-1, **evaluate(state.params, None)))
@@ -272,7 +305,8 @@ def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Calla
         idx = [(r * m + i) % P for i in range(m)]
         rows, stats = rejection_sample(state.params, [prompts[i] for i in idx], reward_fn, cfg.rejection,
                                        model=model, tokenizer=tokenizer, key=jax.random.fold_in(key, r),
-                                       well_formed=well_formed, **{k: [v[i] for i in idx] for k, v in metadata.items()})
+                                       well_formed=well_formed, add_bos=add_bos,
+                                       **{k: [v[i] for i in idx] for k, v in metadata.items()})
         for row in rows:
             row["prompt_index"] = idx[row["prompt_index"]]  # the index in `prompts`
         return dict(rows=rows, stats=stats)
@@ -281,9 +315,10 @@ def expert_iteration(state: TrainState, prompts: Sequence[str], reward_fn: Calla
         kept = [x for j in range(r + 1) for x in ctx.data(f"round-{j}")["rows"]] if cfg.accumulate else data["rows"]
         pairs = [(x["prompt"], x["completion"]) for x in kept] + [tuple(x) for x in sft_rows]
         start_params = state.params
-        if not kept and cfg.from_base and pairs:
-            warnings.warn(f"expert_iteration: round {r} kept no sample (stats {data['stats']}): from the base it "
-                          "trains on the sft_rows alone", stacklevel=2)
+        if not kept and pairs:
+            warnings.warn(f"expert_iteration: round {r} kept no sample (stats {data['stats']}): "
+                          f"{'from the base' if cfg.from_base else 'the policy'} trains on the sft_rows alone",
+                          stacklevel=2)
         if pairs:
             begin = base if cfg.from_base else state
             target = int(jax.device_get(begin.step)) + cfg.steps_per_round

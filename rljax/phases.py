@@ -287,11 +287,14 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     try:
         resumed = ckpt is not None and ckpt.latest_step() is not None
         if resumed:
+            given = int(jax.device_get(state.step))
             state, saved = ckpt.restore(state)
             print(f"[{name}] resumed from {ckpt.directory} at step {int(state.step)} "
                   f"(data position {saved.get('data_position')})")
-            _say_config_changes(saved.get("config"), record, name, int(state.step))
-            _say_data_changes(saved.get("data"), data_record, name, int(state.step))
+            if int(state.step) != given:  # at the caller's own step (a stage continuing the last one's state in
+                # the same directory), no step of the saved run is kept that the new config or data would change
+                _say_config_changes(saved.get("config"), record, name, int(state.step))
+                _say_data_changes(saved.get("data"), data_record, name, int(state.step))
         else:  # restored arrays are already fresh
             state = owned_state(state)
         start = int(jax.device_get(state.step))

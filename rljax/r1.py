@@ -79,8 +79,10 @@ from rljax.eval import PolicyEvalConfig, evaluate_policy
 from rljax.expert_iteration import RejectionConfig, rejection_sample
 from rljax.metrics import WandbConfig
 from rljax.models.logprobs import target_mask
+from rljax.models.transformer import check_scorer
 from rljax.pipelines import Stage, rl_state, run_stages, train_rl
 from rljax.pipeline_steps import check_algorithm, config_args, json_digest as _digest, sft_on_rows, stage_rl_config
+from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig
 
 __all__ = ["R1Config", "R1_STAGES", "mixed_reward", "r1_pipeline", "rule_reward"]
@@ -107,12 +109,14 @@ class R1Config:
     prompts x samples_per_prompt samples of at most max_new_tokens at `temperature`, rl_optimizer, kl_coef (to the
     stage's start; None: the algorithm's own, e.g. GRPO's 0.04; 0: none); reward weights format_weight and
     language_weight (> 0 needs a `language_reward`).
-    (c) rejection (n, threshold, cap, sampling) on rejection_prompts reasoning problems, then rs_sft_steps SFT steps
+    (c) rejection (n, threshold, cap, sampling: None samples at max_new_tokens and `temperature`) on
+    rejection_prompts reasoning problems, then rs_sft_steps SFT steps
     from the base (from_base) or the RL policy, with general_sft_rows general references mixed in. (d) reward model:
     rm_steps steps of rm_batch_size pairs (rm_optimizer, Bradley–Terry labels at rm_beta), then mixed_iterations RL
     iterations. (e) student_start_steps (0: the student starts from the given params), distill_rejection on
     distill_prompts problems and distill_sft_steps SFT steps; distill_iterations on-policy distillation iterations
-    (student_optimizer, teacher_coef λ). evaluation: how every row measures a policy. seed: shuffling of every
+    (student_optimizer, teacher_coef λ; sampled at temperature 1, whatever `temperature` is: the reverse KL is
+    estimated from the student's own samples). evaluation: how every row measures a policy. seed: shuffling of every
     stage's batches (stage i: seed + i). log_every, eval_every, checkpoint_every, progress, tensorboard, wandb:
     how the phases report (not part of a stage's arguments)."""
 
@@ -254,6 +258,9 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
                                ("general", general, max(cfg.general_sft_rows, 1))):
         if len(values) < need:
             raise ValueError(f"r1_pipeline: {name} has {len(values)} problems, the config needs at least {need}")
+    # the teacher scores the student's samples (kl_to_teacher in every student row, then the last stage's
+    # distillation): refused here rather than after every earlier stage has trained
+    check_scorer(model, student_model, "r1_pipeline: model (the teacher of student_model)")
     rule = rule_reward(task, format_weight=cfg.format_weight, language_weight=cfg.language_weight,
                        language_reward=language_reward)
     answer = task.answer_reward()
@@ -331,15 +338,17 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
         return BatchIterator(rows, cfg.prompts_per_iteration, collate, seed=cfg.seed + ctx.index)
 
     def rl_config(algorithm, optimizer):
+        # on-policy distillation estimates the reverse KL from the student's own samples at temperature 1
+        temperature = 1.0 if algorithm == "on_policy_distill" else cfg.temperature
         return stage_rl_config(algorithm, optimizer, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
-                               samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.temperature,
+                               samples_per_prompt=cfg.samples_per_prompt, temperature=temperature,
                                kl_coef=cfg.kl_coef, teacher_coef=cfg.teacher_coef)
 
     def run_rl(m, start, rows, reward, iterations: int, ctx, *, algorithm=cfg.algorithm, optimizer=cfg.rl_optimizer,
                **kw):
         rl_cfg = rl_config(algorithm, optimizer)
-        state = rl_state(m, start, rl_cfg, jax.random.fold_in(key, ctx.index), **kw)
         teacher_model = {"teacher_model": model} if "teacher_params" in kw else {}
+        state = rl_state(m, start, rl_cfg, jax.random.fold_in(key, ctx.index), **kw, **teacher_model)
         # on-policy distillation logs every iteration: its row counts the tokens the student sampled (`rl_tokens`)
         log_every = 1 if algorithm == "on_policy_distill" else cfg.log_every
         state = train_rl(state, prompt_batches(rows, ctx), reward, rl_cfg, model=m, decode=tokenizer.decode_batch,
@@ -366,6 +375,7 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
         return dict(state, policy=policy)
 
     def collect_samples(params_, problems, rejection: RejectionConfig, ctx):
+        rejection = rejection.sampling_or(SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature))
         rows, stats = rejection_sample(params_, [task.prompt(p) for p in problems], answer, rejection, model=model,
                                        tokenizer=tokenizer, key=jax.random.fold_in(key, ctx.index),
                                        well_formed=task.well_formed, problems=list(problems))

@@ -36,6 +36,7 @@ from rljax.estimators import PrepareInput
 from rljax.losses.actor_critic import approx_kl, token_values, value_loss
 from rljax.losses.policy_gradient import kl_metrics
 from rljax.models.logprobs import target_mask, token_logprobs
+from rljax.models.transformer import check_params_fit, check_scorer
 from rljax.rewards.rules import RewardCallConfig, score_with_failures
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.sharding import batch_sharding, param_shardings, replicated, shard_batch, shard_params
@@ -132,6 +133,12 @@ class RLConfig:
             raise ValueError(f"RLConfig.sampling: {algo.name} compares the n={self.sampling.n} samples of each "
                              "prompt, and greedy decoding (temperature 0, greedy=True or top_k=1) makes them "
                              "identical: every advantage would be 0")
+        s = self.sampling
+        if needs.teacher and (s.is_greedy or s.temperature != 1.0 or s.top_k or s.top_p < 1.0):
+            # the reverse KL is estimated on samples of π weighed by the sampler's log π, both at temperature 1
+            raise ValueError(f"RLConfig.sampling: {algo.name} estimates KL(π ‖ π_teacher) from samples of π itself, "
+                             f"so it samples at temperature 1 without truncation; got temperature={s.temperature}, "
+                             f"top_k={s.top_k}, top_p={s.top_p}, greedy={s.greedy}")
         if self.max_refills < 0:
             raise ValueError(f"RLConfig.max_refills: must be >= 0, got {self.max_refills}")
         if self.max_refills and not needs.group_filter:
@@ -358,6 +365,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     loss_cfg = algo.loss.config
     transforms = chain(*cfg.transforms)
     transforms_structure = jax.tree.structure(transforms.init())
+    checked_teacher: list[bool] = []  # set at the first iteration that scores with the teacher
     needs = algo.needs() | transforms.needs
     check_group_size(algo, cfg.sampling.n)
     mesh = model.mesh  # with a mesh, sampling, reference log-probs and updates all run sharded
@@ -379,14 +387,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         if name in ("reward", "accuracy") or not name.isidentifier():
             raise ValueError(f"monitors: {name!r} is not a usable name (an identifier other than 'reward' and "
                              "'accuracy', whose means the iteration reports already)")
-    if needs.teacher:
-        if teacher_model.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"teacher_model: the teacher's vocab_size {teacher_model.config.vocab_size} differs from "
-                             f"the student's {model.config.vocab_size}; distillation scores the student's tokens with "
-                             "the teacher, so both must share one tokenizer")
-        if teacher_model.config.max_seq_len < model.config.max_seq_len:
-            raise ValueError(f"teacher_model: the teacher's max_seq_len {teacher_model.config.max_seq_len} is shorter "
-                             f"than the student's {model.config.max_seq_len}; it must score every sampled row")
+    if needs.teacher:  # distillation scores the student's tokens with the teacher
+        check_scorer(teacher_model, model, "teacher_model (the teacher)")
 
     updates = cfg.epochs * cfg.minibatches
     tx = make_optimizer(_per_iteration(cfg.optimizer, updates))
@@ -569,6 +571,11 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             raise ValueError(f"{algo.name} distils from a teacher, but RLState.teacher_params is None: create the "
                              "state with create_rl_state(..., teacher_params=) (and pass teacher_model= to the "
                              "iteration when the teacher's architecture differs from the student's)")
+        if needs.teacher and not checked_teacher:  # once: the teacher is frozen
+            check_params_fit(state.teacher_params, teacher_model, "RLState.teacher_params",
+                             "; pass the teacher's model as make_rl_iteration(..., teacher_model=)"
+                             if teacher_model is model else " (teacher_model)")
+            checked_teacher.append(True)
         if jax.tree.structure(state.transforms) != transforms_structure:
             raise ValueError("RLState.transforms does not match RLConfig.transforms: create the state with "
                              "create_rl_state(model, params, cfg, key) for this cfg")

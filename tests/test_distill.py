@@ -239,9 +239,25 @@ def test_a_missing_or_mismatched_teacher_is_an_error_naming_the_field(tiny):
     it = make_rl_iteration(model, cfg, reward, decode)
     with pytest.raises(ValueError, match="RLState.teacher_params is None"):
         it(create_rl_state(model, params, cfg, jax.random.key(0)), np.ones((2, 1), np.int32), None)
-    other = Model(preset("tiny", n_layers=1, vocab_size=80))
-    with pytest.raises(ValueError, match="teacher_model: the teacher's vocab_size 80"):
-        make_rl_iteration(model, cfg, reward, decode, teacher_model=other)
+    small = Model(preset("tiny", n_layers=1, vocab_size=model.config.vocab_size - 8))
+    with pytest.raises(ValueError, match=rf"teacher_model \(the teacher\): its vocab_size {model.config.vocab_size - 8} "
+                                         rf"is smaller than the policy's {model.config.vocab_size}"):
+        make_rl_iteration(model, cfg, reward, decode, teacher_model=small)
+    # the same tokenizer's embedding table padded further (Qwen2.5 0.5B-3B vs 7B) scores every student token
+    make_rl_iteration(model, cfg, reward, decode, teacher_model=Model(preset("tiny", n_layers=1, vocab_size=80)))
+    # a teacher of another architecture without its teacher_model: named, not a Flax scope error deep in the scoring
+    wide = Model(preset("tiny", n_layers=1, d_model=64, vocab_size=model.config.vocab_size))
+    state = create_rl_state(model, params, cfg, jax.random.key(0), teacher_params=wide.init(jax.random.key(1)))
+    with pytest.raises(ValueError, match=r"RLState.teacher_params: parameter .* is of shape .*, the model expects "
+                                         r"shape .*; pass the teacher's model as make_rl_iteration\(\.\.\., "
+                                         r"teacher_model=\)"):
+        it(state, np.ones((2, 1), np.int32), None)
+    # the reverse KL is estimated from the student's own samples at temperature 1
+    for sampling in (cfg.sampling.replace(temperature=0.7), cfg.sampling.replace(top_k=5),
+                     cfg.sampling.replace(top_p=0.9)):
+        with pytest.raises(ValueError, match="RLConfig.sampling: on_policy_distill estimates KL.* at temperature 1 "
+                                             "without truncation"):
+            RLConfig(algorithm="on_policy_distill", sampling=sampling)
     with pytest.raises(ValueError, match="teacher_model: grpo uses no teacher"):
         make_rl_iteration(model, RLConfig(algorithm="grpo", sampling=cfg.sampling.replace(n=2)), reward, decode,
                           teacher_model=model)

@@ -124,6 +124,22 @@ def test_pass_at_k_equals_enumerating_every_k_subset():
     assert pass_at_k([[0, 1, 0, 0]], 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(4, 2))
     with pytest.raises(ValueError, match="k must be in"):
         pass_at_k(c, 7)
+    # partial credit has a mean, not a pass@k: 0.2 would have counted as right, and so would -1 and NaN
+    with pytest.raises(ValueError, match=r"problem 1, sample 0 is -1.0 \(a check with partial credit"):
+        pass_at_k([[1.0, 0.0], [-1.0, 0.0]], 1)
+    with pytest.raises(ValueError, match="problem 0, sample 1 is nan"):
+        pass_at_k([[0.0, float("nan")]], 1)
+
+
+def test_evaluate_policy_refuses_a_start_model_that_cannot_score_the_policys_tokens(arithmetic):
+    from rljax.eval import PolicyEvalConfig, evaluate_policy
+
+    model, params, tok, test = arithmetic
+    small = Model(preset("tiny", vocab_size=8, n_layers=1))  # sampled ids >= 8 were read as NaN log-probs
+    with pytest.raises(ValueError, match="evaluate_policy: start_model .the start policy.: its vocab_size 8 is "
+                                         f"smaller than the policy's {tok.vocab_size}"):
+        evaluate_policy(params, model, tok, test, PolicyEvalConfig(max_new_tokens=4, samples=1),
+                        start_params=init(small, jax.random.key(0)), start_model=small)
 
 
 @pytest.fixture(scope="module")

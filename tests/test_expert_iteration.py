@@ -42,7 +42,8 @@ def test_select_samples_keeps_deduplicates_and_caps_as_computed_by_hand():
                                  well_formed=ok)
     assert [(r["prompt"], r["completion"], r["reward"], r["sample"]) for r in rows] == [
         ("p0", "a", 1.0, 0), ("p1", "x", 3.0, 0), ("p1", "y", 2.0, 1)]
-    assert stats == dict(samples=12, passed=6, below_threshold=5, malformed=1, duplicates=2, over_cap=1, kept=3,
+    assert stats == dict(samples=12, passed=6, reward_failed=0, below_threshold=5, malformed=1, duplicates=2,
+                         over_cap=1, kept=3,
                          kept_fraction=0.25, prompts=3, prompts_with_kept=2, prompts_with_kept_fraction=2 / 3,
                          sampled_reward_mean=pytest.approx(np.mean(rewards)))
     # without deduplication or a cap: every passing sample, highest reward first within a prompt
@@ -57,6 +58,46 @@ def test_select_samples_keeps_deduplicates_and_caps_as_computed_by_hand():
         select_samples(prompts[:2], completions, rewards, n=3, threshold=1.0)
     with pytest.raises(ValueError, match="RejectionConfig.max_per_prompt"):
         RejectionConfig(max_per_prompt=0)
+
+
+def test_select_samples_pools_a_repeated_prompt_and_never_keeps_a_failed_reward_call():
+    # "p" given twice (a round with more prompt slots than prompts): one prompt of 4 samples, deduplicated and capped
+    # together, as if drawn in one call; "q"'s best sample scored a stand-in after its reward call failed
+    prompts = ["p", "q", "p"]
+    completions = ["a", "b", "c", "d", "a", "e"]
+    rewards = [1.0, 2.0, 5.0, 1.0, 3.0, 1.5]
+    failed = [False, False, True, False, False, False]
+    rows, stats = select_samples(prompts, completions, rewards, n=2, threshold=1.0, max_per_prompt=2, failed=failed)
+    # p: samples a(1.0) b(2.0) a(3.0) e(1.5) -> a(3.0, slot 2) b(2.0); e over the cap, the other a a repeat
+    assert [(r["prompt"], r["completion"], r["reward"], r["prompt_index"], r["sample"]) for r in rows] == [
+        ("p", "a", 3.0, 2, 0), ("p", "b", 2.0, 0, 1), ("q", "d", 1.0, 1, 1)]
+    assert stats == dict(samples=6, passed=5, reward_failed=1, below_threshold=0, malformed=0, duplicates=1,
+                         over_cap=1, kept=3, kept_fraction=0.5, prompts=2, prompts_with_kept=2,
+                         prompts_with_kept_fraction=1.0, sampled_reward_mean=pytest.approx(np.mean([1, 2, 1, 3, 1.5])))
+    with pytest.raises(ValueError, match=r"failed has shape \(2,\), expected \(6,\)"):
+        select_samples(prompts, completions, rewards, n=2, threshold=1.0, failed=[True, False])
+
+
+def test_rejection_sample_stops_at_the_tokenizers_stop_ids():
+    from rljax.sampling import sample, tokenizer_ids
+    from rljax.tokenizer import HFTokenizer
+
+    # an HF tokenizer whose stop ids (4, 1, 7) and pad (2) are not SampleConfig's defaults (eos 2, pad 0)
+    tok = HFTokenizer.from_pretrained(os.path.join(os.path.dirname(__file__), "fixtures", "hf_tokenizer"))
+    model = Model(preset("tiny", n_layers=1, vocab_size=tok.vocab_size, max_seq_len=64))
+    params = create_state(model, OPT, jax.random.key(0)).params
+    params = dict(params, lm_head=params["lm_head"] * 0)  # uniform next token: some rows stop, most run on
+    prompts = ["hello world", "abc", "xyz q", "foo"]
+    cfg = RejectionConfig(samples=16, threshold=1.0, deduplicate=False, sampling=SampleConfig(max_new_tokens=40))
+    rows, stats = rejection_sample(params, prompts, lambda p, c, **_: np.ones(len(c), np.float32), cfg, model=model,
+                                   tokenizer=tok, key=jax.random.key(1))
+    # the same draws replayed: the rows that wrote one of the tokenizer's stop ids are the ones kept
+    tokens, mask = tok.encode_batch(prompts, padding_side="left")
+    replay = sample(params, tokens, mask, jax.random.fold_in(jax.random.key(1), 0), model=model,
+                    cfg=SampleConfig(max_new_tokens=40, n=16, **tokenizer_ids(tok)))
+    stopped = np.isin(np.asarray(replay.completions), tok.eos_ids).any(axis=1)
+    assert 0 < stopped.sum() < 64 and stats["kept"] == int(stopped.sum()) == 64 - stats["truncated"]
+    assert sorted((r["prompt_index"], r["sample"]) for r in rows) == [divmod(int(k), 16) for k in np.flatnonzero(stopped)]
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +247,26 @@ def test_expert_iteration_from_base_trains_the_starting_state_each_round(warm, t
             steps = [json.loads(x)["step"] for x in f if "sft/loss" in x]
         assert steps == [start + 1, start + 2, start + 3]
     assert rows[2]["trained_kept"] == rows[1]["kept"] + rows[2]["kept"]  # accumulate: both rounds' samples
+
+
+def test_a_round_keeping_nothing_trains_the_general_rows_with_a_warning_and_rounds_continue_silently(
+        warm, tmp_path, capsys):
+    """RAFT (from the current policy): a threshold nothing reaches keeps no sample, so each round trains on the
+    general rows alone, which is warned of; round 1 continues round 0's state in the same phase directory with its
+    own shuffling seed, which is not "other data than the checkpoint's" (its checkpoint is the state given)."""
+    model, state, train, _ = warm
+    problems = train[:8]
+    general = [(p.prompt, p.completion) for p in train[8:16]]
+    cfg = _ei_config(rejection=RejectionConfig(samples=2, threshold=100.0, prompts_per_batch=8, sampling=SAMPLING),
+                     prompts_per_round=8, steps_per_round=2, eval_every=0, checkpoint_every=0)
+    with pytest.warns(UserWarning, match="round 0 kept no sample .*: the policy trains on the sft_rows alone"):
+        out, rows = expert_iteration(state, [p.prompt for p in problems], arithmetic_answer_reward, cfg, model=model,
+                                     tokenizer=TOK, key=jax.random.key(3), sft_rows=general, problems=problems,
+                                     run_dir=str(tmp_path / "raft"))
+    assert [(r["kept"], r["trained_kept"], r["trained_general"], r["sft_steps"]) for r in rows] == [
+        (0, 0, 8, int(state.step) + 2), (0, 0, 8, int(state.step) + 4)]
+    assert int(out.step) == int(state.step) + 4
+    assert "other data than the checkpoint's" not in capsys.readouterr().out
 
 
 @pytest.mark.slow  # an experiment's whole --smoke run; .ci/run runs the slow tier

@@ -138,6 +138,12 @@ def test_sft_phase_resumes_from_run_dir_and_rejects_a_mismatched_optimizer(tiny,
     sft(create_state(m, opt, jax.random.key(9)), fewer, longer, model=m, run_dir=str(tmp_path / "a"))
     assert ("[sft] warning: resuming at step 8 with other data than the checkpoint's (batch_size: 2 -> 1; "
             "examples: 4 -> 3)") in capsys.readouterr().out
+    # the state the last phase returned, continued in its directory with other data (expert iteration's
+    # rounds): the checkpoint is at the given state's own step, so no saved step ran on the old data: silent
+    at4 = sft(create_state(m, opt, jax.random.key(0)), data, half, model=m, run_dir=str(tmp_path / "c"))
+    capsys.readouterr()
+    sft(at4, fewer, cfg, model=m, run_dir=str(tmp_path / "c"))
+    assert "warning" not in capsys.readouterr().out
     # a shorter run than the checkpoint's: the saved state comes back (nothing undone), which is said
     short = SFTPhaseConfig(optimizer=opt, loop=LoopConfig(steps=5, checkpoint_every=4, progress=False))
     back = sft(create_state(m, opt, jax.random.key(9)), data, short, model=m, run_dir=str(tmp_path / "b"))

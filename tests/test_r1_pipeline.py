@@ -206,6 +206,29 @@ def test_other_arguments_are_refused_naming_the_stage_and_file(tmp_path):
         _config(algorithm="grpoo")  # refused with the config, not when the first RL stage starts
     with pytest.raises(ValueError, match="r1_pipeline: reasoning has 10 problems, the config needs at least 16"):
         _run(fresh[:4] + (dict(sets, reasoning=train[:10]),), str(tmp_path / "other"))
+    # a student the teacher cannot score (a larger vocabulary): refused before the first stage, not at the last
+    wide = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size + 8, max_seq_len=64))
+    with pytest.raises(ValueError, match=rf"r1_pipeline: model \(the teacher of student_model\): its vocab_size "
+                                         rf"{TOK.vocab_size} is smaller than the policy's {TOK.vocab_size + 8}"):
+        _run((model, fresh[1], wide, wide.init(jax.random.key(1)), sets), str(tmp_path / "wide"))
+    assert not os.path.exists(tmp_path / "wide")
+
+
+def test_r1_samples_rejection_at_its_own_length_and_distils_at_temperature_1():
+    """A RejectionConfig without sampling samples at R1Config's max_new_tokens and temperature; the distillation
+    stage's RL config samples at temperature 1 whatever R1Config.temperature is."""
+    from rljax.expert_iteration import DEFAULT_REJECTION_SAMPLING
+    from rljax.pipeline_steps import stage_rl_config
+
+    r = RejectionConfig(samples=4)
+    assert r.sampling is None and r.sampling_or(SAMPLING).sampling is SAMPLING
+    assert RejectionConfig(sampling=SAMPLING).sampling_or(DEFAULT_REJECTION_SAMPLING).sampling is SAMPLING
+    cfg = R1Config(temperature=0.7)
+    assert cfg.rejection.sampling is None and cfg.distill_rejection.sampling is None
+    stage_rl_config("grpo", OptimizerConfig(), tokenizer=TOK, max_new_tokens=8, samples_per_prompt=2, temperature=0.7)
+    with pytest.raises(ValueError, match="on_policy_distill estimates KL"):
+        stage_rl_config("on_policy_distill", OptimizerConfig(), tokenizer=TOK, max_new_tokens=8, samples_per_prompt=2,
+                        temperature=0.7, teacher_coef=1.0)
 
 
 def test_a_stages_kl_coef_of_zero_turns_the_penalty_off_and_none_keeps_the_algorithms():

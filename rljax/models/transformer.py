@@ -831,6 +831,38 @@ def check_tokens(tokens, attention_mask, vocab_size: int, name: str = "tokens") 
         raise ValueError(f"{name}[{b}, {i}] = {int(t[b, i])} is outside the vocabulary [0, {vocab_size})")
 
 
+def check_scorer(scorer, model, name: str) -> None:
+    """Refuse `scorer`, a model that scores the tokens `model` samples (a distillation teacher, the
+    start policy of a KL), when its vocabulary cannot hold model's token ids or its max_seq_len is
+    shorter than model's rows: a ValueError naming `name`. A larger vocabulary is allowed: the
+    same tokenizer's embedding table padded further (Qwen2.5's 0.5B-3B have 151,936 rows, 7B+
+    152,064); only a shared tokenizer makes the scores mean anything, which the sizes cannot show."""
+    v_s, v_m = scorer.config.vocab_size, model.config.vocab_size
+    if v_s < v_m:
+        raise ValueError(f"{name}: its vocab_size {v_s} is smaller than the policy's {v_m}, so it cannot score the "
+                         f"policy's token ids >= {v_s}; both must share one tokenizer (a larger, padded vocabulary "
+                         "of the same tokenizer is fine)")
+    if scorer.config.max_seq_len < model.config.max_seq_len:
+        raise ValueError(f"{name}: its max_seq_len {scorer.config.max_seq_len} is shorter than the policy's "
+                         f"{model.config.max_seq_len}; it must score every sampled row")
+
+
+def check_params_fit(params, model, name: str, hint: str = "") -> None:
+    """Refuse `params` that are not `model`'s (another architecture: other parameter names or
+    shapes; dtypes may differ): a ValueError naming `name`, the first parameter that differs and
+    `hint`, where applying them would fail deep inside Flax."""
+    def shapes(tree):
+        return {jax.tree_util.keystr(path): tuple(leaf.shape)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    given, expected = shapes(params), shapes(model.param_shapes())
+    for path in sorted(set(given) | set(expected)):
+        if given.get(path) != expected.get(path):
+            have = "missing" if path not in given else f"of shape {given[path]}"
+            want = "no such parameter" if path not in expected else f"shape {expected[path]}"
+            raise ValueError(f"{name}: parameter {path} is {have}, the model expects {want}{hint}")
+
+
 def check_length(length: int, max_seq_len: int, *, packed: bool = False, cached: bool = False) -> None:
     """Refuse a full forward pass over more than `max_seq_len` positions: a ValueError naming both.
 
