@@ -160,6 +160,12 @@ class RLConfig:
             # an early stop between micro-batches would leave a partial sum for the next iteration
             raise ValueError("RLConfig.target_kl: the early stop is checked per minibatch; use it with "
                              "optimizer.grad_accum = 1")
+        if self.minibatches > 1 and algo.loss.needs(algo.configs(self.advantage, self.loss)[1]).groups:
+            # the loss itself reads each prompt's n samples together (MRT's softmax Q over them); minibatches deal
+            # rows, so a group would be split and a row alone in its minibatch get Q = 1 and no gradient
+            raise ValueError(f"RLConfig.minibatches: {algo.name}'s loss ({algo.loss.name}) takes each prompt's "
+                             f"{self.sampling.n} samples together, and minibatches={self.minibatches} would split "
+                             "them; use minibatches=1 (epochs > 1 and grad_accum over epochs are fine)")
         if algo.loss.update is not None and (self.epochs, self.minibatches) != (1, 1):
             raise ValueError(f"RLConfig: {algo.name} has its own update rule, one step on the whole batch per "
                              f"iteration; got epochs={self.epochs}, minibatches={self.minibatches}")

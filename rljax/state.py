@@ -57,7 +57,8 @@ class OptimizerConfig:
     exact. gspo_loss reports its live rows (exact unless its KL term is aggregated another way).
     Preference, reward-model, MRT and OREO losses report nothing and weigh micro-batches
     equally, as optax.MultiSteps did: right for their fixed-size micro-batches of pairs or rows
-    (KTO's reference point and MRT's per-group softmax do not split over micro-batches anyway;
+    (KTO's reference point does not split over micro-batches anyway, and MRT's per-group softmax is
+    kept whole: RLConfig refuses minibatches > 1 for it, so its micro-batches are whole epochs;
     TRPO's update uses no optimizer).
 
     Weight decay applies to matrices only (not norms, biases or scalar heads).

@@ -73,6 +73,17 @@ def test_needs_are_declared_per_config_and_pairs_are_checked():
         compose("group", "ppo2")
     with pytest.raises(TypeError, match="RLConfig.loss: grpo takes a GRPOConfig"):
         get_algorithm("grpo").configs(loss=ReinforceConfig())
+    # MRT's loss is a softmax over each prompt's samples: minibatches would deal a group's rows apart (a row alone
+    # got Q = 1 and no gradient); GRPO's groups live in its advantages, computed before the minibatches
+    from rljax.rl import RLConfig
+    from rljax.sampling import SampleConfig
+
+    four = SampleConfig(max_new_tokens=4, n=4)
+    with pytest.raises(ValueError, match=r"RLConfig.minibatches: mrt's loss \(mrt\) takes each prompt's 4 samples "
+                                         r"together, and minibatches=2 would split them"):
+        RLConfig(algorithm="mrt", sampling=four, minibatches=2)
+    RLConfig(algorithm="mrt", sampling=four, epochs=2)
+    RLConfig(algorithm="grpo", sampling=four, minibatches=2)
     # a value-fitting loss needs the estimator's returns; values need a loss that fits them
     for loss in ("a2c", "ppo", "trpo"):
         with pytest.raises(ValueError, match=rf"policy loss '{loss}' fits a value function on the estimator's "
