@@ -245,6 +245,9 @@ ALGORITHMS: dict[str, Algorithm] = {
     # A2C: Monte-Carlo returns minus V (λ = 1), no KL, no whitening.
     "a2c": compose("gae", "a2c", name="a2c", advantage=GAEConfig(lam=1.0, kl_coef=0.0, whiten_advantages=False),
                    kl_in="reward"),
+    # PPO (RLHF): GAE(γ = 1, λ = 0.95) with a per-token KL in the reward, clipped surrogate + clipped value loss.
+    # Epochs over each batch are the RL loop's, not the registry's (an entry has no place for them):
+    # RLConfig(algorithm="ppo", epochs=4) is the paper's setting; RLConfig.epochs defaults to 1.
     "ppo": compose("gae", "ppo", name="ppo", kl_in="reward"),
     # TRPO: a natural-gradient step in a KL trust region (no optimizer), a separate critic fitted by regression.
     "trpo": compose("gae", "trpo", name="trpo", advantage=GAEConfig(kl_coef=0.0), kl_in="reward"),

@@ -229,7 +229,15 @@ class GAEConfig:
     (no mean shift), then clipped to ±reward_clip (None = no clipping), before the KL penalty;
     whiten_advantages over the batch's completion tokens. kl_coef β (a KL controller may set
     it every iteration). The defaults are PPO's for RLHF; A2C's preset uses λ = 1, β = 0 and no
-    whitening (Monte-Carlo returns minus V)."""
+    whitening (Monte-Carlo returns minus V).
+
+    bootstrap_truncated: V after a row's last completion token is 0 for a finished row (the
+    rollout's stopped_at_eos) and, with this on, bootstrapped for a truncated one (stopped at the
+    length limit). The state after the last token is not in V_old [R, T-1] (its last entry
+    belongs to the state before the last token, and a truncated row's last token sits at the
+    last position), so the bootstrap is V_old at the row's last completion position t_L, the
+    value of the state before the last token: δ_{t_L} = r_{t_L} + γ V_{t_L} − V_{t_L}, which is
+    r_{t_L} alone at γ = 1. Off (the default): V = 0 after every row's last token."""
 
     gamma: float = 1.0
     lam: float = 0.95
@@ -237,6 +245,7 @@ class GAEConfig:
     whiten_advantages: bool = True
     whiten_rewards: bool = False
     reward_clip: float | None = None
+    bootstrap_truncated: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.gamma <= 1.0:
@@ -257,9 +266,21 @@ def token_rewards(rewards, mask, old_logprobs, ref_logprobs, kl_coef):
     return r
 
 
-def actor_critic_targets(rewards, values, old_logprobs, ref_logprobs, mask, cfg: GAEConfig, *, kl_coef=None):
+def truncation_bootstrap(values, mask, stopped):
+    """V after each row's last completion token, GAE's `bootstrap` [R]: 0 for a row that stopped
+    (stopped [R] bool), else V at the row's last masked position (values, mask [R, T-1]; see
+    GAEConfig.bootstrap_truncated for why that position). 0 for a row with an empty mask."""
+    last = place_at_last(jnp.ones(values.shape[0], jnp.float32), mask) > 0  # one-hot of t_L per row
+    v_last = jnp.where(last, jnp.asarray(values, jnp.float32), 0.0).sum(axis=1)
+    return jnp.where(jnp.asarray(stopped, bool), 0.0, v_last)
+
+
+def actor_critic_targets(rewards, values, old_logprobs, ref_logprobs, mask, cfg: GAEConfig, *, kl_coef=None,
+                         stopped=None):
     """-> (advantages, returns) [R, T-1] from sequence rewards [R] and V_old [R, T-1];
-    kl_coef (default cfg.kl_coef) is β of the per-token penalty (ref_logprobs None: no penalty)."""
+    kl_coef (default cfg.kl_coef) is β of the per-token penalty (ref_logprobs None: no penalty).
+    stopped [R] bool (the rollout's stopped_at_eos) is needed with cfg.bootstrap_truncated: rows
+    that did not stop bootstrap with `truncation_bootstrap`."""
     r = jnp.asarray(rewards, jnp.float32)
     if cfg.whiten_rewards:
         r = whiten(r[None, :], jnp.ones((1, r.shape[0])), shift_mean=False)[0]
@@ -267,7 +288,13 @@ def actor_critic_targets(rewards, values, old_logprobs, ref_logprobs, mask, cfg:
         r = jnp.clip(r, -cfg.reward_clip, cfg.reward_clip)
     beta = cfg.kl_coef if kl_coef is None else kl_coef
     per_token = token_rewards(r, mask, old_logprobs, ref_logprobs, beta)
-    adv, returns = gae(per_token, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    bootstrap = None
+    if cfg.bootstrap_truncated:
+        if stopped is None:
+            raise ValueError("GAEConfig.bootstrap_truncated: actor_critic_targets needs stopped= (the rollout's "
+                             "stopped_at_eos [R]) to tell truncated rows from finished ones")
+        bootstrap = truncation_bootstrap(values, mask, stopped)
+    adv, returns = gae(per_token, values, mask, gamma=cfg.gamma, lam=cfg.lam, bootstrap=bootstrap)
     if cfg.whiten_advantages:
         adv = whiten(adv, mask)
     return adv, returns
@@ -276,7 +303,8 @@ def actor_critic_targets(rewards, values, old_logprobs, ref_logprobs, mask, cfg:
 def gae_estimate(inp: PrepareInput, cfg: GAEConfig) -> Estimate:
     values = inp.require("values", "GAE")
     ref, beta = _reward_kl(inp, cfg)
-    adv, returns = actor_critic_targets(inp.rewards, values, inp.rollout.logprobs, ref, inp.mask, cfg, kl_coef=beta)
+    adv, returns = actor_critic_targets(inp.rewards, values, inp.rollout.logprobs, ref, inp.mask, cfg, kl_coef=beta,
+                                        stopped=inp.rollout.stopped_at_eos if cfg.bootstrap_truncated else None)
     r = jnp.asarray(inp.rewards, jnp.float32)
     return Estimate(advantages=adv, rewards=r, keep=jnp.ones(r.shape, bool), returns=returns)
 

@@ -62,7 +62,9 @@ class A2CConfig:
 class PPOConfig:
     """PPO's loss (defaults of the RLHF recipe): clip ε, value clip ε_V (None = no value
     clipping), value_coef, entropy_coef. The per-token KL penalty, GAE(γ = 1, λ = 0.95), reward
-    and advantage whitening are the estimator's (`rljax.estimators.GAEConfig`)."""
+    and advantage whitening are the estimator's (`rljax.estimators.GAEConfig`). Epochs over
+    each batch are the RL loop's: RLConfig(algorithm="ppo", epochs=4) for the paper's 4
+    (RLConfig.epochs defaults to 1)."""
 
     eps: float = 0.2
     value_clip: float | None = 0.2
@@ -153,8 +155,9 @@ def _value_error(values, batch: PolicyBatch, value_clip):
 
 def approx_kl(logprobs, old_logprobs, mask):
     """k3 estimate of KL(π_old ‖ π_θ) on tokens sampled from π_old, token mean over
-    mask (PPO's early-stop statistic). All [B, T-1] -> scalar."""
-    log_ratio = logprobs - old_logprobs
+    mask (PPO's early-stop statistic). All [B, T-1] -> scalar. Off-mask log-ratios are selected
+    out (set to 0), not multiplied by 0 in `aggregate`: an overflowing exp there would give NaN."""
+    log_ratio = jnp.where(mask > 0, logprobs - old_logprobs, 0.0)
     return aggregate(jnp.exp(log_ratio) - 1.0 - log_ratio, mask, "token_mean")
 
 

@@ -9,10 +9,18 @@ import jax
 import jax.numpy as jnp
 
 from rljax.data.batch import PolicyBatch
-from rljax.losses.policy_gradient import _kl_terms, _policy_terms, _validate_common
+from rljax.losses.policy_gradient import _is_zero, _kl_terms, _policy_terms, _validate_common
 from rljax.ops.aggregate import LOSS_WEIGHT, aggregate, aggregate_count
 from rljax.ops.kl import importance_weighted
 from rljax.ops.surrogates import clipped_is_weight, clipped_surrogate, sequence_clipped_surrogate, sequence_ratio
+
+
+def _ratio_metric(logprobs, old_logprobs, mask):
+    """Token mean of ρ_t = exp(ℓ_t − ℓ^old_t) over the mask (a metric, no gradient). Off-mask ratios
+    are selected out, not multiplied by 0: an overflowing one there (inf) would make the mean NaN."""
+    on = mask > 0
+    ratio = jnp.exp(jnp.where(on, logprobs - old_logprobs, 0.0))
+    return aggregate(ratio, mask, "token_mean")
 
 
 def _check_clip_config(cfg) -> None:
@@ -54,12 +62,13 @@ def grpo_loss(params, batch: PolicyBatch, *, model, cfg: GRPOConfig):
     surrogate, clipped = clipped_surrogate(lp, batch.old_logprobs, batch.advantages, eps_low=cfg.eps_low,
                                            eps_high=cfg.eps_high)
     kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
-    if cfg.kl_ratio_weighted:
-        kl = importance_weighted(kl, lp, batch.old_logprobs)
+    if cfg.kl_ratio_weighted and not _is_zero(cfg.kl_coef):
+        # off the mask ℓ = ℓ_old (ρ = 1, and the penalty there is 0): an overflowing ρ there would give inf·0
+        lp_on = jnp.where(mask > 0, lp, batch.old_logprobs)
+        kl = importance_weighted(kl, lp_on, batch.old_logprobs)
     loss = aggregate(surrogate + cfg.kl_coef * kl, mask, cfg.aggregation, constant=cfg.constant)
-    ratio = jnp.exp(lp - batch.old_logprobs)
     return loss, {"clip_fraction": aggregate(clipped, mask, "token_mean"),
-                  "ratio_mean": aggregate(ratio, mask, "token_mean"),
+                  "ratio_mean": _ratio_metric(lp, batch.old_logprobs, mask),
                   "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics,
                   LOSS_WEIGHT: aggregate_count(mask, cfg.aggregation)}
 
@@ -109,11 +118,15 @@ class CISPOConfig:
     """CISPO (MiniMax-M1, 2025): L = −agg(sg(clip(ρ_t, 1 − ε_low, 1 + ε_high)) Â ℓ_t) + β agg(k3), a
     REINFORCE term whose importance weight is clipped and carries no gradient, so no token's
     gradient is dropped (PPO's clip zeroes the tokens outside the range). eps_low None: no lower
-    bound (MiniMax-M1's setting); eps_high 5.0 as in ScaleRL / TRL's cispo loss; token_mean over
-    the batch's completion tokens as in the paper."""
+    bound (MiniMax-M1's setting); token_mean over the batch's completion tokens as in the paper.
+
+    The weight's cap is 1 + ε_high, the paper's clip(r, 1 − ε_low, 1 + ε_high) form. The default
+    ε_high = 4.0 gives a cap of 5: TRL's cispo loss is clamp(ρ, max=epsilon_high), a cap written
+    without the 1 +, with recommended epsilon_high = 5.0 (ScaleRL's ε_max). TRL's
+    epsilon_high = e is ε_high = e − 1 here."""
 
     eps_low: float | None = None
-    eps_high: float = 5.0
+    eps_high: float = 4.0
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     aggregation: str = "token_mean"
@@ -136,6 +149,6 @@ def cispo_loss(params, batch: PolicyBatch, *, model, cfg: CISPOConfig):
     kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
     loss = aggregate(pg + cfg.kl_coef * kl, mask, cfg.aggregation, constant=cfg.constant)
     return loss, {"clip_fraction": aggregate(clipped, mask, "token_mean"),
-                  "ratio_mean": aggregate(jnp.exp(lp - batch.old_logprobs), mask, "token_mean"),
+                  "ratio_mean": _ratio_metric(lp, batch.old_logprobs, mask),
                   "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics,
                   LOSS_WEIGHT: aggregate_count(mask, cfg.aggregation)}

@@ -39,21 +39,43 @@ def _policy_terms(params, batch: PolicyBatch, model, with_entropy=True):
     return out, mask
 
 
+def _is_zero(coef) -> bool:
+    """Whether a KL coefficient is a concrete 0 (a config's float; a traced one is never skipped)."""
+    return isinstance(coef, (int, float)) and coef == 0
+
+
+def _masked_pair(logprobs, ref_logprobs, mask):
+    """(ℓ, ℓ^ref) with both set to 0 off the mask, so every estimator is exactly 0 there with a
+    zero gradient. Selected (jnp.where), not multiplied: `aggregate` multiplies by the mask, and
+    k3 = expm1(ℓ^ref − ℓ) overflows where a prompt or padding position has ℓ^ref − ℓ > 88.7, so
+    inf·0 = NaN in the loss, and 0·inf = NaN in the gradient of a masked product."""
+    on = mask > 0
+    return jnp.where(on, logprobs, 0.0), jnp.where(on, ref_logprobs, 0.0)
+
+
 def _kl_terms(logprobs, batch, cfg, mask):
-    """Per-token KL penalty (cfg's estimator) and k1/k3 metrics; zeros without a reference."""
+    """(penalty [B, T-1], metrics): the per-token KL penalty (cfg's estimator) and k1/k3 metrics.
+    The penalty is exactly 0 off the mask (`_masked_pair`), and everywhere when cfg.kl_coef is 0:
+    the estimate is then skipped, because an in-mask k3 that overflows (ℓ^ref − ℓ > 88.7) would
+    make 0·inf = NaN in kl_coef·penalty and in its gradient. Zeros, no metrics, without a reference."""
     if batch.ref_logprobs is None:
         if cfg.kl_coef > 0:
             raise ValueError("kl_coef > 0 needs batch.ref_logprobs (the reference policy's log-probs)")
         z = jnp.zeros_like(logprobs)
         return z, {}
-    penalty = KL_ESTIMATORS[cfg.kl_estimator](logprobs, batch.ref_logprobs)
-    return penalty, kl_metrics(logprobs, batch.ref_logprobs, mask)
+    metrics = kl_metrics(logprobs, batch.ref_logprobs, mask)
+    if _is_zero(cfg.kl_coef):
+        return jnp.zeros_like(logprobs, dtype=jnp.float32), metrics
+    lp, ref = _masked_pair(logprobs, batch.ref_logprobs, mask)
+    return KL_ESTIMATORS[cfg.kl_estimator](lp, ref), metrics
 
 
 def kl_metrics(logprobs, ref_logprobs, mask) -> dict:
-    """Token means of the k1 and k3 estimates of KL(π ‖ π_ref) over `mask` ([B, T-1] each)."""
-    return {"kl_k1": aggregate(kl_k1(logprobs, ref_logprobs), mask, "token_mean"),
-            "kl_k3": aggregate(kl_k3(logprobs, ref_logprobs), mask, "token_mean")}
+    """Token means of the k1 and k3 estimates of KL(π ‖ π_ref) over `mask` ([B, T-1] each); off-mask
+    positions are selected out first (`_masked_pair`) so they cannot turn the means into NaN."""
+    lp, ref = _masked_pair(logprobs, ref_logprobs, mask)
+    return {"kl_k1": aggregate(kl_k1(lp, ref), mask, "token_mean"),
+            "kl_k3": aggregate(kl_k3(lp, ref), mask, "token_mean")}
 
 
 # ----------------------------------------------------------------------------- REINFORCE family

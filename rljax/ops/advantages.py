@@ -108,18 +108,25 @@ def place_at_last(values: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def discounted_returns(rewards: jax.Array, mask: jax.Array, gamma: float) -> jax.Array:
-    """G_t = Σ_{k≥t} γ^{k−t} m_k r_k, computed backwards; 0 where mask is 0. [B, T] -> [B, T]."""
+    """G_t = Σ_{j≥0} γ^j r_{k_j} over the masked positions k_0 = t < k_1 < k_2 < … of the row,
+    computed backwards; 0 where mask is 0. rewards, mask [B, T] -> [B, T].
+
+    γ is applied once per masked token, never across an unmasked one: a hole in the mask
+    (an unmasked position between masked ones) is skipped, as `gae` skips it, so GAE with
+    λ = 1 gives A_t = G_t − V_t with holes too. Without holes this is Σ_{k≥t} γ^{k−t} m_k r_k.
+    """
     chex.assert_rank([rewards, mask], 2)
     chex.assert_equal_shape([rewards, mask])
     m = mask.astype(jnp.float32)
     r = rewards.astype(jnp.float32) * m
 
     def back(carry, xs):
-        r_t = xs
+        r_t, m_t = xs
         g = r_t + gamma * carry
-        return g, g
+        # an unmasked position passes the return through undiscounted (gae keeps its carry there too)
+        return jnp.where(m_t > 0, g, carry), g
 
-    _, g = lax.scan(back, jnp.zeros(r.shape[0], jnp.float32), r.T, reverse=True)
+    _, g = lax.scan(back, jnp.zeros(r.shape[0], jnp.float32), (r.T, m.T), reverse=True)
     return g.T * m
 
 
