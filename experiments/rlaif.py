@@ -11,7 +11,7 @@ The pipeline is `rljax.rlaif.rlaif` (its docstring lists the stages): SFT of a -
 of --sft problems → a --judge-layers judge trained by SFT on comparison prompts of --judge problems (reference vs
 corrupted answers, both orders, the target the gold-better answer's choice token, plus their references) → the
 labeller form labels two SFT samples per prompt of --label-prompts RL problems, trains a Bradley–Terry reward
-model on the AI labels and runs GRPO against it; the direct form runs GRPO with the judge's probability that the
+model on the soft AI labels (−[p log σ(Δ) + (1 − p) log σ(−Δ)]) and runs GRPO against it; the direct form runs GRPO with the judge's probability that the
 sample beats the SFT policy's greedy answer as the reward. Every row reports the held-out accuracy and gold score
 (task.gold_score, never trained on); the judge row its held-out pairwise accuracy against gold and its position
 consistency. The problems of the train split are partitioned: the first --sft are the policy's SFT data, the next

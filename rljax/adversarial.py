@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -242,10 +243,12 @@ class AdversarialConfig:
             raise ValueError(f"AdversarialConfig.win_d_policy: must be in [0, 1], got {self.win_d_policy}")
         if self.win_reward_std is not None and not self.win_reward_std > 0:
             raise ValueError(f"AdversarialConfig.win_reward_std: must be > 0 or None, got {self.win_reward_std}")
-        if self.kl_coef is not None and not self.kl_coef >= 0:
-            raise ValueError(f"AdversarialConfig.kl_coef: must be >= 0 or None, got {self.kl_coef}")
-        if not self.temperature > 0:
-            raise ValueError(f"AdversarialConfig.temperature: must be > 0, got {self.temperature}")
+        if self.kl_coef is not None and not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            raise ValueError(f"AdversarialConfig.kl_coef: must be finite and >= 0, or None, got {self.kl_coef}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"AdversarialConfig.temperature: must be finite and > 0, got {self.temperature}")
+        if self.seed < 0:
+            raise ValueError(f"AdversarialConfig.seed: must be >= 0, got {self.seed}")
         if self.algorithm == "reinforce" and self.samples_per_prompt * self.prompts_per_iteration < 2:
             raise ValueError("AdversarialConfig: REINFORCE's batch-mean baseline needs >= 2 samples an iteration")
 
@@ -264,6 +267,39 @@ def _rl_config(cfg: AdversarialConfig, tokenizer):
     return RLConfig(algorithm=algo, sampling=sampling, optimizer=cfg.rl_optimizer, track_kl=True)
 
 
+def _check_lengths(cfg: AdversarialConfig, tokenizer, task, expert_problems, held_out, max_len: int) -> None:
+    """Every row the discriminator scores is [bos] prompt completion [eos] within the model's max_seq_len L:
+
+        policy samples:  len([bos] prompt) + max_new_tokens + n_eos ≤ L   for the longest prompt of
+                         expert_problems (the RL and round prompts) and held_out (the fresh samples);
+        demonstrations:  len([bos] prompt reference [eos]) ≤ L           for every expert and held-out problem.
+
+    The sampler alone accepts len([bos] prompt) + max_new_tokens = L, so without this check a completion of
+    max_new_tokens tokens would fail D's scoring in the middle of a round, after SFT and earlier rounds trained.
+    Checked before any stage runs; an error names the sizes and the problem. (A tokenizer that re-encodes a
+    decoded sample into more tokens than it was sampled as can still exceed L: then the scorer names the row.)"""
+    n_eos = len(tokenizer.encode("", add_bos=False, add_eos=True))
+    prompts = [(name, i, task.prompt(p)) for name, values in (("expert_problems", expert_problems),
+                                                              ("held_out", held_out)) for i, p in enumerate(values)]
+    lengths = [len(tokenizer.encode(q, add_bos=True, add_eos=False)) for _, _, q in prompts]
+    k = int(np.argmax(lengths))
+    if lengths[k] + cfg.max_new_tokens + n_eos > max_len:
+        name, i, q = prompts[k]
+        raise ValueError(f"adversarial_rlaif: the discriminator cannot score a completion of max_new_tokens="
+                         f"{cfg.max_new_tokens} tokens: the longest prompt ({name}[{i}] {q!r}) has {lengths[k]} "
+                         f"tokens with bos, + {cfg.max_new_tokens} + {n_eos} eos = "
+                         f"{lengths[k] + cfg.max_new_tokens + n_eos} > the model's max_seq_len={max_len}; use "
+                         f"max_new_tokens <= {max_len - lengths[k] - n_eos} or a longer max_seq_len")
+    for name, values in (("expert_problems", expert_problems), ("held_out", held_out)):
+        for i, p in enumerate(values):
+            n = len(encode_prompt_completion(tokenizer, task.prompt(p), task.reference(p), i, add_bos=True,
+                                             add_eos=True)[0])
+            if n > max_len:
+                raise ValueError(f"adversarial_rlaif: {name}[{i}]'s demonstration [bos] prompt reference [eos] has "
+                                 f"{n} tokens > the model's max_seq_len={max_len}: prompt {task.prompt(p)!r}, "
+                                 f"reference {task.reference(p)!r}")
+
+
 def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task, sft_problems: Sequence[Any],
                       expert_problems: Sequence[Any], held_out: Sequence[Any], key, run_dir: str | None = None,
                       allow_change: bool = False, eval_fn: Callable | None = None):
@@ -274,13 +310,17 @@ def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task,
     task: a `rljax.tasks.Task` (prompt, reference = the expert demonstration, check, answer reward, gold_score).
     sft_problems: the demonstrations the policy is fine-tuned on; expert_problems: the discriminator's expert
     demonstrations and the RL prompts; held_out: D's held-out demonstrations and every row's evaluation set.
-    key: stage i uses fold_in(key, i). eval_fn: every phase's eval_fn (every cfg.eval_every steps)."""
+    key: stage i uses fold_in(key, i). eval_fn: every phase's eval_fn (every cfg.eval_every steps).
+    Before any stage trains, every row D will score must fit the model's max_seq_len (`_check_lengths`: the
+    longest prompt with a completion of cfg.max_new_tokens and eos, and every demonstration), else a ValueError
+    names the sizes."""
     for name, values, need in (("sft_problems", sft_problems, cfg.sft_batch_size),
                                ("expert_problems", expert_problems, max(cfg.prompts_per_round,
                                                                         cfg.prompts_per_iteration)),
                                ("held_out", held_out, 1)):
         if len(values) < need:
             raise ValueError(f"adversarial_rlaif: {name} has {len(values)} problems, the config needs at least {need}")
+    _check_lengths(cfg, tokenizer, task, expert_problems, held_out, model.config.max_seq_len)
     from rljax.losses.actor_critic import with_value_head
     from rljax.models.transformer import add_head
 

@@ -20,11 +20,13 @@ Stages (each a stage of `run_stages`, its directory run_dir/<name>, one results 
   reward-model   (labeller form) collect: two samples per prompt of the first cfg.label_prompts `rl` problems
                  from the SFT policy (temperature cfg.label_temperature); the judge labels each pair,
                  p = P(a ≻ b) order-averaged, saved in reward-model/labels.json with the position consistency.
-                 Train: a Bradley–Terry reward model (the policy's backbone with a zero reward head) on the AI
-                 labels, chosen = argmax (pairs with identical answers or |p − ½| < cfg.min_confidence are left
-                 out). Row: labelled pairs, their position consistency, the labels' agreement with gold on pairs
-                 whose gold scores differ (measured, never trained on), the reward model's held-out pairwise
-                 accuracy on gold pairs (rm_accuracy).
+                 Train: a Bradley–Terry reward model (the policy's backbone with a zero reward head) on the
+                 soft AI labels, L = mean −[p log σ(Δ) + (1 − p) log σ(−Δ)], Δ = r(a) − r(b)
+                 (`soft_preference_loss`; pairs with identical answers, |p − ½| < cfg.min_confidence or an
+                 answer too long for the reward model are left out, `trained_labels`). Row: labelled pairs (the
+                 trained ones), their position consistency and the labels' agreement with gold on those whose
+                 gold scores differ, ties p = ½ excluded (`label_statistics`; measured, never trained on), the
+                 reward model's held-out pairwise accuracy on gold pairs (rm_accuracy).
   rl-labeller    GRPO (cfg.algorithm) from the SFT policy on the `rl` problems against the reward model's score.
   rl-direct      GRPO from the SFT policy with no reward model: the reward is the judge's order-averaged
                  probability that the completion beats a fixed baseline answer, the SFT policy's greedy answer
@@ -48,27 +50,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from rljax.checkpoint import json_digest, state_digest
-from rljax.data.batch import PromptBatch
+from rljax.data.batch import PromptBatch, RankingBatch
 from rljax.data.collate import BatchIterator, encode_prompt_completion
 from rljax.data.lengths import Tokens
 from rljax.eval import PolicyEvalConfig, complete, evaluate_policy
 from rljax.metrics import WandbConfig
-from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
+from rljax.phases import LoopConfig, run_loop
 from rljax.pipelines import Stage, rl_state, run_stages, train_rl
 from rljax.rewards.judge import (Judge, JudgeConfig, choice_ids, judge_accuracy, judge_pairwise, judge_prompt_ids,
                                  pairwise_prompt, pairwise_reward)
 from rljax.pipeline_steps import check_algorithm, config_args, sft_on_rows, stage_rl_config
-from rljax.state import OptimizerConfig, create_state
+from rljax.state import OptimizerConfig, create_state, make_train_step
 
-__all__ = ["RLAIFConfig", "RLAIF_FORMS", "RLAIF_STAGES", "noise_free_pairs", "judge_training_rows", "rlaif"]
+__all__ = ["RLAIFConfig", "RLAIF_FORMS", "RLAIF_STAGES", "SoftPairBatch", "collate_soft_pairs", "label_statistics",
+           "noise_free_pairs", "judge_training_rows", "rlaif", "soft_preference_loss", "trained_labels"]
 
 RLAIF_FORMS = ("labeller", "direct", "both")
 RLAIF_STAGES = {"labeller": ("sft", "judge", "reward-model", "rl-labeller"), "direct": ("sft", "judge", "rl-direct"),
@@ -86,7 +92,8 @@ class RLAIFConfig:
     plus the judge problems' references when judge_references; held_out_pairs: gold pairs of the held-out problems
     the judge and reward model are scored on (one per problem, up to len(held_out)); judge: how it is asked.
     labeller: label_prompts prompts x 2 samples at label_temperature; pairs with |p − ½| < min_confidence
-    left out; rm_steps steps of rm_batch_size pairs (rm_optimizer). rl: rl_iterations of `algorithm` with
+    left out; rm_steps steps of rm_batch_size soft-labelled pairs (rm_optimizer). rl: rl_iterations of
+    `algorithm` (a registry name that needs no value head, critic or teacher: the stages build none) with
     prompts_per_iteration prompts x samples_per_prompt samples of at most max_new_tokens at temperature,
     rl_optimizer, kl_coef (to the stage's start; None: the algorithm's own, e.g. GRPO's 0.04; 0: none).
     evaluation: how every row measures a policy. seed: batch shuffling (stage i: seed + i) and the synthetic
@@ -129,6 +136,8 @@ class RLAIFConfig:
     wandb: WandbConfig | None = None
 
     def __post_init__(self):
+        from rljax.algorithms import get_algorithm
+
         if self.form not in RLAIF_FORMS:
             raise ValueError(f"RLAIFConfig.form: {self.form!r} is not one of {RLAIF_FORMS}")
         for name in ("sft_steps", "sft_batch_size", "judge_steps", "judge_batch_size", "judge_pairs_per_problem",
@@ -137,14 +146,116 @@ class RLAIFConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"RLAIFConfig.{name}: must be >= 1, got {getattr(self, name)}")
         check_algorithm("RLAIFConfig", self.algorithm)
-        if self.samples_per_prompt < 2:
-            raise ValueError(f"RLAIFConfig.samples_per_prompt: GRPO compares the samples of a prompt, so it needs "
-                             f">= 2, got {self.samples_per_prompt}")
-        if not 0 <= self.min_confidence < 0.5:
+        # the RL stages build a plain policy (no value head, no critic, no teacher): an algorithm that needs one
+        # would fail only when its stage starts, after SFT and the judge have trained
+        algo = get_algorithm(self.algorithm)
+        needs = algo.needs()
+        missing = [what for flag, what in ((needs.values, "a value head"), (needs.critic, "a critic"),
+                                           (needs.teacher, "a teacher")) if flag]
+        if missing:
+            raise ValueError(f"RLAIFConfig.algorithm: {algo.name!r} needs {' and '.join(missing)}, which the RLAIF "
+                             "RL stages do not build; use a critic-free algorithm (e.g. 'grpo', 'rloo', "
+                             "'reinforce')")
+        if needs.groups and self.samples_per_prompt < 2:
+            raise ValueError(f"RLAIFConfig.samples_per_prompt: {algo.name} compares the samples of a prompt, so it "
+                             f"needs >= 2, got {self.samples_per_prompt}")
+        if not 0 <= self.min_confidence < 0.5:  # (also refuses NaN)
             raise ValueError(f"RLAIFConfig.min_confidence: must be in [0, 0.5), got {self.min_confidence}")
-        if (self.kl_coef is not None and self.kl_coef < 0) or not self.label_temperature > 0:
-            raise ValueError(f"RLAIFConfig: need kl_coef >= 0 and label_temperature > 0, got {self.kl_coef}, "
-                             f"{self.label_temperature}")
+        for name in ("temperature", "label_temperature"):  # a sampling temperature: finite and > 0
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"RLAIFConfig.{name}: must be finite and > 0, got {getattr(self, name)}")
+        if self.kl_coef is not None and not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            raise ValueError(f"RLAIFConfig.kl_coef: must be finite and >= 0, or None (the algorithm's own), got "
+                             f"{self.kl_coef}")
+        if self.seed < 0:  # the batches' shuffling and the synthetic pairs' numpy seeds refuse negatives late
+            raise ValueError(f"RLAIFConfig.seed: must be >= 0, got {self.seed}")
+
+
+@struct.dataclass
+class SoftPairBatch:
+    """AI-labelled pairs for the reward model: pairs, a RankingBatch of K = 2 answers [B, 2, T] (answer 0 is a,
+    answer 1 is b; rank (0, 1) only lists them), and label [B] float32, the judge's soft preference
+    p = P(a ≻ b) ∈ [0, 1]."""
+
+    pairs: RankingBatch
+    label: object
+
+    @property
+    def attention_mask(self):  # the phase loop counts a batch's real tokens (tokens/s) from it
+        return self.pairs.attention_mask
+
+
+def collate_soft_pairs(tokenizer, rows: Sequence[dict], **kw) -> SoftPairBatch:
+    """Label rows {prompt, a, b, p} -> SoftPairBatch ([bos] prompt answer [eos] rows, `collate_pairs` with a as
+    "chosen" and b as "rejected": its errors name the row; kw: its options, e.g. max_length). A p outside
+    [0, 1] (or NaN) is an error naming the row."""
+    from rljax.data.reward_collate import collate_pairs
+
+    labels = np.array([r["p"] for r in rows], np.float64)
+    bad = np.flatnonzero(~((labels >= 0) & (labels <= 1)))
+    if len(bad):
+        raise ValueError(f"collate_soft_pairs: row {int(bad[0])}: p = {labels[bad[0]]} is not a probability in [0, 1]")
+    pairs = collate_pairs(tokenizer, [(r["prompt"], r["a"], r["b"]) for r in rows], **kw)
+    return SoftPairBatch(pairs=pairs, label=labels.astype(np.float32))
+
+
+def soft_preference_loss(params, batch: SoftPairBatch, *, model):
+    """Bradley–Terry with the judge's soft labels (Lee et al. 2023: the RM trains on the AI preference
+    distribution, not its argmax). With Δ_b = r(x_b, a_b) − r(x_b, b_b) (the reward head at the last token,
+    `rljax.losses.reward_model.ranking_scores`) and p_b = P(a_b ≻ b_b):
+
+        L = mean_b −[p_b log σ(Δ_b) + (1 − p_b) log σ(−Δ_b)] = mean_b [softplus(Δ_b) − p_b Δ_b]
+
+    (`rljax.ops.ranking.binary_cross_entropy` on the logit Δ). p = 1 is the hard Bradley–Terry loss
+    L(Δ) = softplus(−Δ) of `ranking_loss`; p = ½ pulls Δ to 0; L's minimiser is Δ* = logit p, so an
+    uncertain or position-inconsistent label (p near ½) asks for a small margin instead of a full-weight pair.
+    batch.pairs.tokens [B, 2, T], batch.label [B] -> (loss, metrics: loss, accuracy (sign Δ against p > ½ over
+    pairs with p ≠ ½, Δ = 0 counting ½), margin (mean |Δ|), reward_mean, reward_std)."""
+    from rljax.losses.reward_model import ranking_scores
+    from rljax.ops.ranking import binary_cross_entropy
+
+    scores = ranking_scores(params, batch.pairs, model=model)  # [B, 2]
+    p = jnp.asarray(batch.label, jnp.float32)
+    delta = scores[:, 0] - scores[:, 1]
+    loss = binary_cross_entropy(delta, p).mean()
+    decided = (p != 0.5).astype(jnp.float32)
+    right = jnp.where(delta == 0, 0.5, ((delta > 0) == (p > 0.5)).astype(jnp.float32))
+    metrics = {"loss": loss, "accuracy": (right * decided).sum() / jnp.maximum(decided.sum(), 1.0),
+               "margin": jnp.abs(delta).mean(), "reward_mean": scores.mean(), "reward_std": scores.std()}
+    return loss, metrics
+
+
+def trained_labels(labels: Sequence[dict], min_confidence: float, fits: Callable[[dict], bool]) -> dict:
+    """Which AI-labelled pairs the reward model trains on: two different answers, |p − ½| ≥ min_confidence,
+    and both answers within the reward model's length (fits(row)). -> {"distinct", "confident", "trained"}
+    (lists of rows, each a subset of the one before)."""
+    distinct = [r for r in labels if r["a"] != r["b"]]
+    confident = [r for r in distinct if abs(r["p"] - 0.5) >= min_confidence]
+    return dict(distinct=distinct, confident=confident, trained=[r for r in confident if fits(r)])
+
+
+def label_statistics(trained: Sequence[dict]) -> dict:
+    """The AI labels the reward model trains on, against gold (measured, never trained on):
+
+      label_position_consistency  mean[consistent] over the trained pairs (both orders pick the same answer)
+      label_gold_agreement        mean[(p > ½) = (gold_a > gold_b)] over the trained pairs whose gold scores
+                                  differ and whose label picks an answer (p ≠ ½: a tie says neither)
+      gold_decided_pairs          how many pairs that mean is over; label_ties: trained pairs with p = ½
+    (None for a mean over no pair)."""
+    decided = [r for r in trained if r["gold_a"] != r["gold_b"] and r["p"] != 0.5]
+    return dict(label_position_consistency=float(np.mean([r["consistent"] for r in trained])) if trained else None,
+                label_gold_agreement=float(np.mean([(r["p"] > 0.5) == (r["gold_a"] > r["gold_b"])
+                                                    for r in decided])) if decided else None,
+                gold_decided_pairs=len(decided), label_ties=sum(r["p"] == 0.5 for r in trained))
+
+
+@dataclass(frozen=True)
+class _SoftRewardModelPhase:
+    """The reward-model phase's configuration as its checkpoints record it (`run_loop`'s config)."""
+
+    loss: str
+    optimizer: OptimizerConfig
+    loop: LoopConfig
 
 
 def noise_free_pairs(task, problems: Sequence[Any], seed: int, *, per_problem: int = 1) -> list[dict]:
@@ -171,6 +282,31 @@ def judge_training_rows(pairs: Sequence[dict], tokenizer, cfg: JudgeConfig) -> l
     return rows
 
 
+def _check_judge_length(cfg: RLAIFConfig, tokenizer, task, max_len: int, problems: Sequence[Any]) -> None:
+    """The judge compares two sampled answers of at most cfg.max_new_tokens tokens each (the labeller form's
+    pairs; the direct form's sample against the SFT greedy answer) in one comparison prompt, so for every such
+    prompt's question
+
+        len(judge ids of the template with the question and two empty answers) + 2 · max_new_tokens ≤ L,
+
+    L the judge's max_seq_len (the ids hold bos, or the chat template's specials). Checked before any stage
+    trains; the error names the sizes and the longest question. (A tokenizer that re-encodes a decoded answer
+    into more tokens than it was sampled as can still exceed L: then the judge names the pair.)"""
+    if not problems:
+        return
+    questions = list(dict.fromkeys(task.prompt(p) for p in problems))
+    lengths = [len(judge_prompt_ids(tokenizer, pairwise_prompt(cfg.judge, q, "", ""), chat=cfg.judge.chat))
+               for q in questions]
+    k = int(np.argmax(lengths))
+    need = lengths[k] + 2 * cfg.max_new_tokens
+    if need > max_len:
+        raise ValueError(f"rlaif: the judge cannot compare two sampled answers of max_new_tokens={cfg.max_new_tokens} "
+                         f"tokens: the longest comparison prompt without its answers (question {questions[k]!r}, "
+                         f"with the template and specials) has {lengths[k]} tokens, + 2 x {cfg.max_new_tokens} = "
+                         f"{need} > the judge's max_seq_len={max_len}; use max_new_tokens <= "
+                         f"{(max_len - lengths[k]) // 2} or a judge with a longer max_seq_len")
+
+
 def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judge_params, sft: Sequence[Any],
           judge: Sequence[Any], rl: Sequence[Any], held_out: Sequence[Any], key, run_dir: str | None = None,
           allow_change: bool = False, eval_fn: Callable | None = None):
@@ -181,7 +317,9 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
 
     task: a `rljax.tasks.Task`; sft, judge, rl, held_out: its problems (the policy's SFT data; the judge's
     training pairs, disjoint from held_out; the labelling and RL prompts, labels from rl[:label_prompts];
-    the evaluation set and its gold pairs). key: stage i uses fold_in(key, i). eval_fn: every phase's eval_fn."""
+    the evaluation set and its gold pairs). key: stage i uses fold_in(key, i). eval_fn: every phase's eval_fn.
+    Before any stage trains, the judge's max_seq_len must hold a comparison prompt of every judged question with
+    two answers of cfg.max_new_tokens tokens (`_check_judge_length`), else a ValueError names the sizes."""
     from rljax.models.transformer import add_head
 
     if len(held_out) == 0:
@@ -197,6 +335,9 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
         raise ValueError(f"rlaif: {len(overlap)} judge problems are also held out (e.g. {sorted(map(str, overlap))[0]}"
                          "); the judge's accuracy is measured on held-out pairs, so its training problems must be "
                          "disjoint from them")
+    _check_judge_length(cfg, tokenizer, task, judge_model.config.max_seq_len,
+                        (list(rl[:cfg.label_prompts]) if "labeller" in forms else [])
+                        + (list(rl) if "direct" in forms else []))
     gold = task.gold_reward()
     rm_model, rm_template = add_head(model, params, "reward")
     shared = dict(config_args(cfg),
@@ -283,39 +424,37 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
 
     def train_rm(state, labels, ctx):
         from rljax.data.reward_collate import collate_pairs
-        from rljax.losses.reward_model import RankingConfig
         from rljax.rewards.evaluation import reward_model_eval
 
-        def fits(prompt, completion) -> bool:  # [bos] prompt completion [eos] within the model's length
-            ids, _ = encode_prompt_completion(tokenizer, prompt, completion, 0, add_bos=True, add_eos=True)
-            return len(ids) <= rm_model.config.max_seq_len
+        def fits(r) -> bool:  # [bos] prompt answer [eos] of both answers within the reward model's length
+            return all(len(encode_prompt_completion(tokenizer, r["prompt"], r[k], 0, add_bos=True, add_eos=True)[0])
+                       <= rm_model.config.max_seq_len for k in ("a", "b"))
 
-        distinct = [r for r in labels if r["a"] != r["b"]]
-        confident = [r for r in distinct if abs(r["p"] - 0.5) >= cfg.min_confidence and r["p"] != 0.5]
-        pairs = [(r["prompt"], r["a"], r["b"]) if r["p"] > 0.5 else (r["prompt"], r["b"], r["a"]) for r in confident
-                 if fits(r["prompt"], r["a"]) and fits(r["prompt"], r["b"])]
+        chosen = trained_labels(labels, cfg.min_confidence, fits)
+        distinct, confident, pairs = chosen["distinct"], chosen["confident"], chosen["trained"]
         if not pairs:
             raise ValueError(f"rlaif: stage {ctx.name!r}: no labelled pair to train on ({len(labels)} sampled, "
-                             f"{len(distinct)} with two different answers, {len(confident)} confident); sample "
-                             "more prompts or at a higher label_temperature")
-        decided = [r for r in distinct if r["gold_a"] != r["gold_b"]]
-        collate = functools.partial(collate_pairs, tokenizer)
+                             f"{len(distinct)} with two different answers, {len(confident)} confident, none of "
+                             "them within the reward model's max_seq_len); sample more prompts or at a higher "
+                             "label_temperature")
+        collate = functools.partial(collate_soft_pairs, tokenizer)
         _, init = add_head(model, state["policy"], "reward")
         rm = create_state(rm_model, cfg.rm_optimizer, jax.random.fold_in(key, ctx.index), params=init)
-        phase = RewardModelPhaseConfig(loss=RankingConfig(), optimizer=cfg.rm_optimizer,
-                                       loop=LoopConfig(steps=cfg.rm_steps, **phase_loop))
+        # the soft labels train the reward model (docs/algorithms.md, RLAIF): the library's ranking loss takes
+        # hard ranks only, so the soft Bradley–Terry loss is composed here from its scorer and the BCE kernel
+        step = make_train_step(functools.partial(soft_preference_loss, model=rm_model), cfg.rm_optimizer,
+                               model=rm_model)
+        loop = LoopConfig(steps=cfg.rm_steps, **phase_loop)
         batches = BatchIterator(pairs, min(cfg.rm_batch_size, len(pairs)), collate, seed=cfg.seed + ctx.index)
-        rm = train_reward_model(rm, batches, phase, model=rm_model, run_dir=ctx.component_dir(f"{ctx.name}-rm"),
-                                eval_fn=eval_fn)
-        row = dict(sampled_pairs=len(labels), distinct_pairs=len(distinct), labelled_pairs=len(pairs),
-                   label_position_consistency=float(np.mean([r["consistent"] for r in distinct])) if distinct
-                   else None,
-                   label_gold_agreement=float(np.mean([(r["p"] > 0.5) == (r["gold_a"] > r["gold_b"])
-                                                       for r in decided])) if decided else None,
-                   gold_decided_pairs=len(decided), rm_steps=steps_of(rm))
+        rm = run_loop(rm, step, batches, loop, run_dir=ctx.component_dir(f"{ctx.name}-rm"), eval_fn=eval_fn,
+                      name="rm", config=_SoftRewardModelPhase("soft_bradley_terry", cfg.rm_optimizer, loop))
+        row = dict(sampled_pairs=len(labels), distinct_pairs=len(distinct), confident_pairs=len(confident),
+                   labelled_pairs=len(pairs), rm_pairs_too_long=len(confident) - len(pairs),
+                   **label_statistics(pairs), rm_steps=steps_of(rm))
         if held_pairs:
             held = [(r["prompt"], r["chosen"], r["rejected"]) for r in held_pairs]
-            evaluator = reward_model_eval(rm_model, [collate(held[i:i + 64]) for i in range(0, len(held), 64)])
+            evaluator = reward_model_eval(rm_model, [collate_pairs(tokenizer, held[i:i + 64])
+                                                     for i in range(0, len(held), 64)])
             row["rm_accuracy"] = evaluator(rm)["pairwise_accuracy"]
         ctx.record(row)
         return dict(state, reward_model=rm.params)

@@ -4,6 +4,7 @@ naming the sample; other arguments refused naming the stage and file; the whole 
 steps a stage) whose rows match a recomputation from the returned discriminator and the saved samples, a rerun
 redoing nothing (slow); resume after kills between rounds and inside an RL stage bit-identical, and a finished
 round's missing samples named (slow); the experiment's --smoke (slow)."""
+import dataclasses
 import json
 import math
 import os
@@ -194,10 +195,14 @@ def test_other_arguments_are_refused_naming_the_stage_and_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_rows_match_a_recomputation_and_a_rerun_redoes_nothing(tmp_path):
+def test_pipeline_rows_match_a_recomputation_and_a_rerun_redoes_nothing(tmp_path, capsys):
     run = str(tmp_path / "adv")
     calls = []
     state, rows = _run(run, calls=calls)
+    # round-1's discriminator continues round-0's state at its own step: an uninterrupted run has nothing to warn
+    # about (each round's data differ by design)
+    out = capsys.readouterr().out
+    assert "[rm] resumed from" in out and "warning" not in out
     assert [r["stage"] for r in rows] == ["sft", "round-0", "round-1"]
     assert read_results(run) == rows
     by = {r["stage"]: r for r in rows}
@@ -284,3 +289,41 @@ def test_experiment_smoke_writes_the_table_and_reruns_to_it(tmp_path):
     assert text.splitlines()[0].startswith("| stage | disc_accuracy |") and len(text.splitlines()) == 5
     again = ex.main(ex.Config(**cfg))
     assert again["rows"] == res["rows"]
+
+
+def test_completions_too_long_for_the_discriminator_are_refused_before_any_stage(tmp_path):
+    """bos + prompt + max_new_tokens + eos must fit max_seq_len (the sampler alone accepts one token more, and a
+    completion of max_new_tokens tokens would then fail D's scoring mid-run); checked for the longest prompt of
+    the expert and held-out problems before anything trains."""
+    sets = _sets()
+    prompts = [(name, i, ARITHMETIC.prompt(p)) for name in ("expert_problems", "held_out")
+               for i, p in enumerate(sets[name])]
+    lengths = [len(TOK.encode(q, add_bos=True)) for _, _, q in prompts]
+    k = int(np.argmax(lengths))
+    name, i, q = prompts[k]
+    n = 64 - lengths[k]  # bos + prompt + n = 64 = max_seq_len: no room for eos
+    run = str(tmp_path / "adv")
+    with pytest.raises(ValueError, match=(
+            rf"^adversarial_rlaif: the discriminator cannot score a completion of max_new_tokens={n} tokens: the "
+            rf"longest prompt \({name}\[{i}\] '{q.replace('+', '[+]').replace('*', '[*]')}'\) has {lengths[k]} "
+            rf"tokens with bos, \+ {n} \+ 1 eos = 65 > the model's max_seq_len=64; use max_new_tokens <= {n - 1} "
+            rf"or a longer max_seq_len$")):
+        _run(run, max_new_tokens=n, evaluation=PolicyEvalConfig(max_new_tokens=8, samples=2))
+    assert not os.path.exists(run)
+    # a demonstration longer than the context is named too
+    longer = dataclasses.replace(sets["held_out"][1], steps=sets["held_out"][1].steps * 8)  # a 70+ token reference
+    long = dict(sets, held_out=sets["held_out"][:1] + [longer])
+    with pytest.raises(ValueError, match=r"^adversarial_rlaif: held_out\[1\]'s demonstration \[bos\] prompt reference "
+                                         r"\[eos\] has \d+ tokens > the model's max_seq_len=64"):
+        _run(run, sets=long)
+    assert not os.path.exists(run)
+
+
+def test_config_refuses_bad_values_naming_the_field():
+    for changes, message in ((dict(seed=-1), r"^AdversarialConfig.seed: must be >= 0, got -1$"),
+                             (dict(kl_coef=float("inf")), r"^AdversarialConfig.kl_coef: must be finite and >= 0, or "
+                                                          r"None, got inf$"),
+                             (dict(temperature=float("inf")), r"^AdversarialConfig.temperature: must be finite and > "
+                                                              r"0, got inf$")):
+        with pytest.raises(ValueError, match=message):
+            _config(**changes)

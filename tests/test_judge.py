@@ -2,7 +2,9 @@
 forward (one example at a time, softmax by hand) for an rljax model with the char tokenizer and for one with
 an HF tokenizer's chat template; order averaging, the position-consistency rate, the judge's accuracy and the
 direct reward by hand on a judge whose logits are constructed; bucketed shapes compile once; errors name the
-bad choice tokens and the sample with non-finite logits."""
+bad choice tokens, the sample with non-finite logits and the pair too long for the judge; templates must show
+every field; the direct reward's baseline must be a mapping; a model with only `last_hidden` and `logits` (the
+documented interface) judges."""
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +184,8 @@ def test_bad_choice_tokens_and_non_finite_logits_are_named():
         J.judge_pairwise(J.Judge(model, params, TOK, J.JudgeConfig(choice_tokens=("one", "é"))), ["q"], ["a"], ["b"])
     with pytest.raises(ValueError, match=r"map to the same ids"):
         J.choice_ids(TOK, ("1", "1"))
-    with pytest.raises(ValueError, match=r"JudgeConfig.pairwise_template: uses a field other than"):
+    with pytest.raises(ValueError, match=r"JudgeConfig.pairwise_template: uses the field\(s\) \['answer'\]; its fields "
+                                         r"are \{question\}, \{first\}, \{second\}"):
         J.JudgeConfig(pairwise_template="{question} {answer}")
     judge = _table_judge({"a": (1.0, 0.0), "b": (np.nan, 0.0)})
     with pytest.raises(J.JudgeOutputError, match=r"non-finite logits \[nan, 0.0\] for sample 1 .*pair 1 \(a first\): "
@@ -190,3 +193,76 @@ def test_bad_choice_tokens_and_non_finite_logits_are_named():
         J.judge_pairwise(judge, ["3+4=", "7+7="], ["xb", "xa"], ["xa", "xb"])
     with pytest.raises(ValueError, match="2 questions, 1 first and 2 second"):
         J.judge_pairwise(judge, ["q", "q"], ["xa"], ["xb", "xa"])
+
+
+def test_templates_must_show_every_field_and_be_fillable():
+    """A template without one of its answer fields would have the judge compare an answer with nothing."""
+    with pytest.raises(ValueError, match=r"^JudgeConfig.pairwise_template: never shows \{second\}; the template must "
+                                         r"show every one of \{question\}, \{first\}, \{second\}$"):
+        J.JudgeConfig(pairwise_template="{question} 1:{first} better:")
+    with pytest.raises(ValueError, match=r"^JudgeConfig.pointwise_template: never shows \{question\}, \{answer\}"):
+        J.JudgeConfig(pointwise_template="good:")
+    with pytest.raises(ValueError, match=r"^JudgeConfig.pairwise_template: uses the field\(s\) \['first.x'\]"):
+        J.JudgeConfig(pairwise_template="{question}{first.x}{second}")
+    with pytest.raises(ValueError, match=r"^JudgeConfig.pairwise_template: cannot be filled with text answers: "
+                                         r"Unknown format code 'd'"):
+        J.JudgeConfig(pairwise_template="{question:d}{first}{second}")
+    with pytest.raises(ValueError, match=r"^JudgeConfig.pairwise_template: not a str.format template"):
+        J.JudgeConfig(pairwise_template="{question}{first}{second")
+    with pytest.raises(ValueError, match=r"^JudgeConfig.score_values: must be finite"):
+        J.JudgeConfig(score_values=(0.0, float("nan")), score_tokens=("0", "1"))
+    with pytest.raises(ValueError, match=r"^JudgeConfig.min_bucket: must be >= 1, got 0$"):
+        J.JudgeConfig(min_bucket=0)
+    # each field may appear more than once, in any order
+    cfg = J.JudgeConfig(pairwise_template="{second}|{first}|{question}|{first}")
+    assert J.pairwise_prompt(cfg, "q", "a", "b") == "b|a|q|a"
+
+
+def test_pairwise_reward_takes_only_a_mapping_baseline():
+    judge = _table_judge({"a": (1.0, 0.0)})
+    with pytest.raises(TypeError, match=r"^pairwise_reward: baseline must be a mapping prompt -> baseline answer, "
+                                        r"got list$"):
+        J.pairwise_reward(judge, ["ab", "cd"])  # dict() of it would be {"a": "b", "c": "d"}
+    from types import MappingProxyType
+
+    reward = J.pairwise_reward(judge, MappingProxyType({"q": "xa"}))
+    np.testing.assert_allclose(reward(["q"], ["xa"]), [0.5], atol=1e-7)  # an answer against itself: p = ½
+
+
+def test_a_comparison_too_long_for_the_judge_is_named_before_any_forward():
+    model = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size, max_seq_len=32))
+    judge = J.Judge(model, model.init(jax.random.key(0)), TOK, J.JudgeConfig(batch_size=4))
+    # "[bos]1+1=\n1:2\n2:" + 30 x's + "\nbetter:": 1 + 11 + 30 + 8 = 50 tokens, in either order
+    n = len(J.judge_prompt_ids(TOK, J.pairwise_prompt(judge.cfg, "1+1=", "2", "x" * 30)))
+    assert n == 50
+    with pytest.raises(ValueError, match=r"^judge: prompt 1 has 50 tokens, more than the model's max_seq_len=32: "
+                                         r"pair 1 \(a first\): question '1\+1=', a '2', b 'x{30}'; shorten the "
+                                         r"answers or use a judge with a longer context$"):
+        J.judge_pairwise(judge, ["3+4=", "1+1="], ["7", "2"], ["8", "x" * 30])
+    with pytest.raises(ValueError, match=r"^judge: prompt 0 has .* tokens, more than the model's max_seq_len=32: "
+                                         r"question '1\+1=', answer 'y{40}'"):
+        J.judge_pointwise(judge, ["1+1="], ["y" * 40])
+    # at the limit exactly it runs: 32 tokens
+    fits = "x" * (30 - (n - 32))
+    assert len(J.judge_prompt_ids(TOK, J.pairwise_prompt(judge.cfg, "1+1=", "2", fits))) == 32
+    assert J.judge_pairwise(judge, ["1+1="], ["2"], [fits]).p.shape == (1,)
+
+
+def test_a_model_with_only_last_hidden_and_logits_judges_like_the_model(char_judge):
+    """The interface the Judge docstring names: last_hidden(params, tokens, mask) and logits(params, hidden)."""
+
+    @dataclass(frozen=True)
+    class Minimal:
+        m: object
+
+        def last_hidden(self, params, tokens, mask):
+            return self.m.last_hidden(params, tokens, mask)
+
+        def logits(self, params, hidden):
+            return self.m.logits(params, hidden)
+
+    bare = J.Judge(Minimal(char_judge.model), char_judge.params, TOK, char_judge.cfg)
+    got = J.judge_pairwise(bare, QUESTIONS[:2], A[:2], B[:2])
+    p_ab, p_ba = _naive_pairwise(char_judge, QUESTIONS[:2], A[:2], B[:2])
+    np.testing.assert_allclose(got.p_ab, p_ab, atol=1e-5)
+    np.testing.assert_allclose(got.p_ba, p_ba, atol=1e-5)

@@ -3,7 +3,8 @@ few steps a stage) whose saved AI labels, judge accuracy, label agreement with g
 independent recomputation from the returned params, and whose rerun redoes nothing; the direct form rewarding
 against the SFT policy's greedy answers; other arguments, overlapping problem sets and a missing input refused
 naming the stage and the file; resume after kills between stages and inside the RL stage bit-identical (slow);
-the experiment's --smoke (slow)."""
+the experiment's --smoke (slow). The reward model's soft-label loss against a hand computation, the label
+statistics over the trained pairs, bad config values and a judge too short for two answers refused up front."""
 import json
 import os
 import shutil
@@ -16,7 +17,8 @@ from rljax.eval import PolicyEvalConfig, complete, load_finished
 from rljax.models import Model, preset
 from rljax.pipelines import StageArgumentsError, read_results
 from rljax.rewards.judge import Judge, JudgeConfig, judge_accuracy, judge_pairwise
-from rljax.rlaif import RLAIF_STAGES, RLAIFConfig, noise_free_pairs, judge_training_rows, rlaif
+from rljax.rlaif import (RLAIF_STAGES, RLAIFConfig, collate_soft_pairs, judge_training_rows, label_statistics,
+                         noise_free_pairs, rlaif, soft_preference_loss, trained_labels)
 from rljax.state import OptimizerConfig, create_state
 from rljax.tasks import ARITHMETIC
 from rljax.tokenizer import CharTokenizer
@@ -118,10 +120,12 @@ def test_labeller_rows_match_a_recomputation_and_a_rerun_redoes_nothing(setup, t
     for x in labels:
         assert x["p"] == pytest.approx(0.5 * (x["p_ab"] + 1 - x["p_ba"]))
         assert x["consistent"] == ((x["p_ab"] > 0.5) == (x["p_ba"] < 0.5))
+    # every distinct pair fits the reward model (96 tokens) and min_confidence is 0: all are trained on
     distinct = [x for x in labels if x["a"] != x["b"]]
-    decided = [x for x in distinct if x["gold_a"] != x["gold_b"]]
+    decided = [x for x in distinct if x["gold_a"] != x["gold_b"] and x["p"] != 0.5]
     row = by["reward-model"]
     assert row["labelled_pairs"] == row["distinct_pairs"] == len(distinct) and row["rm_steps"] == 2
+    assert row["rm_pairs_too_long"] == 0 and row["gold_decided_pairs"] == len(decided)
     assert row["label_position_consistency"] == pytest.approx(np.mean([x["consistent"] for x in distinct]))
     if decided:
         assert row["label_gold_agreement"] == pytest.approx(np.mean([(x["p"] > 0.5) == (x["gold_a"] > x["gold_b"])
@@ -180,7 +184,7 @@ def test_other_arguments_overlaps_and_missing_inputs_are_refused(setup, tmp_path
         _run(setup, str(tmp_path / "o"), label_prompts=32)
     with pytest.raises(ValueError, match=r"RLAIFConfig.form: 'other'"):
         _config(form="other")
-    with pytest.raises(ValueError, match=r"RLAIFConfig.samples_per_prompt: GRPO compares"):
+    with pytest.raises(ValueError, match=r"RLAIFConfig.samples_per_prompt: grpo compares"):
         _config(samples_per_prompt=1)
 
 
@@ -230,3 +234,112 @@ def test_experiment_smoke_writes_the_table_and_reruns_to_it(tmp_path):
         assert read_results(str(tmp_path / form)) == res["rows"]
         again = ex.main(ex.Config(**cfg))
         assert again["rows"] == res["rows"]
+
+
+def test_config_refuses_bad_values_naming_the_field():
+    for changes, message in (
+            (dict(algorithm="ppo"), r"^RLAIFConfig.algorithm: 'ppo' needs a value head, which the RLAIF RL stages do "
+                                    r"not build"),
+            (dict(algorithm="on_policy_distill"), r"^RLAIFConfig.algorithm: 'on_policy_distill' needs a teacher"),
+            (dict(algorithm="trpo"), r"^RLAIFConfig.algorithm: 'trpo' needs a value head and a critic"),
+            (dict(algorithm="nope"), r"^RLAIFConfig.algorithm: 'nope' is not a registry algorithm"),
+            (dict(algorithm="rloo", samples_per_prompt=1), r"^RLAIFConfig.samples_per_prompt: rloo compares the "
+                                                           r"samples of a prompt, so it needs >= 2, got 1$"),
+            (dict(temperature=0.0), r"^RLAIFConfig.temperature: must be finite and > 0, got 0.0$"),
+            (dict(temperature=-1.0), r"^RLAIFConfig.temperature: must be finite and > 0, got -1.0$"),
+            (dict(temperature=float("nan")), r"^RLAIFConfig.temperature: must be finite and > 0, got nan$"),
+            (dict(label_temperature=float("inf")), r"^RLAIFConfig.label_temperature: must be finite and > 0, got inf$"),
+            (dict(kl_coef=float("nan")), r"^RLAIFConfig.kl_coef: must be finite and >= 0, or None"),
+            (dict(kl_coef=-0.1), r"^RLAIFConfig.kl_coef: must be finite and >= 0, or None .*got -0.1$"),
+            (dict(seed=-1), r"^RLAIFConfig.seed: must be >= 0, got -1$"),
+            (dict(min_confidence=float("nan")), r"^RLAIFConfig.min_confidence: must be in \[0, 0.5\), got nan$")):
+        with pytest.raises(ValueError, match=message):
+            _config(**changes)
+    # a critic-free algorithm that compares no group takes one sample a prompt
+    assert _config(algorithm="reinforce", samples_per_prompt=1).samples_per_prompt == 1
+
+
+def _log_sigmoid(x):
+    return -np.logaddexp(0.0, -np.asarray(x, np.float64))
+
+
+def test_soft_preference_loss_equals_the_hand_computed_soft_bradley_terry_loss():
+    """The reward model trains on the judge's soft p: L = mean −[p log σ(Δ) + (1 − p) log σ(−Δ)], Δ = r(a) − r(b),
+    with the rewards from the RL scorer (`reward_model_reward`, another encoding path) and log σ in float64."""
+    from rljax.losses.reward_model import RankingConfig, ranking_loss
+    from rljax.models.transformer import add_head
+    from rljax.rewards.learned import reward_model_reward
+
+    base = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size, max_seq_len=64))
+    rm, params = add_head(base, base.init(jax.random.key(0)), "reward")
+    # a non-zero head, so the rewards differ between answers (a zero head gives Δ = 0 and log 2 for any p)
+    params = dict(params, reward_head=jax.random.normal(jax.random.key(1), params["reward_head"].shape))
+    rows = [dict(prompt="3+4=", a="7;answer:7", b="8;answer:8", p=0.9),
+            dict(prompt="12*3=", a="36;answer:36", b="6", p=0.2),
+            dict(prompt="9-1=", a="8", b="9;answer:9", p=0.5),
+            dict(prompt="7+7=", a="14", b="41;answer:41", p=1.0)]
+    batch = collate_soft_pairs(TOK, rows)
+    loss, metrics = soft_preference_loss(params, batch, model=rm)
+    score = reward_model_reward(rm, params, TOK)
+    ra = np.asarray(score([r["prompt"] for r in rows], [r["a"] for r in rows]), np.float64)
+    rb = np.asarray(score([r["prompt"] for r in rows], [r["b"] for r in rows]), np.float64)
+    delta, p = ra - rb, np.array([r["p"] for r in rows])
+    assert np.all(np.abs(delta) > 1e-3)
+    want = -np.mean(p * _log_sigmoid(delta) + (1 - p) * _log_sigmoid(-delta))
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    # accuracy over the pairs whose label picks an answer (p != ½): sign Δ against p > ½
+    right = [(d > 0) == (q > 0.5) for d, q in zip(delta, p) if q != 0.5]
+    assert float(metrics["accuracy"]) == pytest.approx(np.mean(right))
+    # p = 1 on every pair is the hard Bradley–Terry loss of the library's ranking loss (a listed first)
+    from rljax.data.reward_collate import collate_pairs
+
+    hard = collate_soft_pairs(TOK, [dict(r, p=1.0) for r in rows])
+    bt, _ = ranking_loss(params, collate_pairs(TOK, [(r["prompt"], r["a"], r["b"]) for r in rows]), model=rm,
+                         cfg=RankingConfig())
+    assert float(soft_preference_loss(params, hard, model=rm)[0]) == pytest.approx(float(bt), rel=1e-6)
+    with pytest.raises(ValueError, match=r"^collate_soft_pairs: row 1: p = nan is not a probability in \[0, 1\]$"):
+        collate_soft_pairs(TOK, [rows[0], dict(rows[1], p=float("nan"))])
+
+
+def test_label_statistics_cover_the_trained_pairs_with_ties_excluded():
+    def row(a, b, p, gold_a, gold_b, consistent):
+        return dict(prompt="q", a=a, b=b, p=p, gold_a=gold_a, gold_b=gold_b, consistent=consistent)
+
+    labels = [row("x", "x", 0.9, 1.0, 0.0, True),     # identical answers: not trained
+              row("x", "y", 0.52, 1.0, 0.0, True),    # |p − ½| < 0.05: not trained
+              row("x", "y", 0.8, 1.0, 0.0, True),     # trained, picks a, gold a: agrees
+              row("x", "y", 0.1, 1.0, 0.0, False),    # trained, picks b, gold a: disagrees
+              row("x", "y", 0.5, 0.0, 1.0, False),    # trained (soft label ½), a tie: out of the agreement
+              row("x", "y", 0.9, 0.5, 0.5, True),     # trained, gold tie: out of the agreement
+              row("x", "zzzz", 0.05, 0.0, 1.0, True)]  # too long for the reward model: not trained
+    fits = lambda r: len(r["b"]) < 4  # noqa: E731
+    strict = trained_labels(labels, 0.05, fits)  # also drops 0.52 and the tie 0.5
+    assert [len(strict[k]) for k in ("distinct", "confident", "trained")] == [6, 4, 3]
+    assert label_statistics(strict["trained"]) == dict(label_position_consistency=2 / 3, label_gold_agreement=0.5,
+                                                       gold_decided_pairs=2, label_ties=0)
+    chosen = trained_labels(labels, 0.0, fits)
+    assert [len(chosen[k]) for k in ("distinct", "confident", "trained")] == [6, 6, 5]
+    # trained: 0.52 (agrees), 0.8 (agrees), 0.1 (disagrees), 0.5 (a tie), 0.9 (a gold tie); consistent 3 of 5
+    assert label_statistics(chosen["trained"]) == dict(label_position_consistency=0.6, label_gold_agreement=2 / 3,
+                                                       gold_decided_pairs=3, label_ties=1)
+    assert label_statistics([]) == dict(label_position_consistency=None, label_gold_agreement=None,
+                                        gold_decided_pairs=0, label_ties=0)
+
+
+def test_a_judge_too_short_for_two_answers_is_refused_before_any_stage(setup, tmp_path):
+    model, params, _, _, sets = setup
+    short = Model(preset("tiny", n_layers=1, d_model=64, n_heads=2, n_kv_heads=1, mlp_dim=128,
+                         vocab_size=TOK.vocab_size, max_seq_len=40))
+    questions = [ARITHMETIC.prompt(p) for p in sets["rl"][:8]]
+    empty = [len(TOK.encode(f"{q}\n1:\n2:\nbetter:", add_bos=True)) for q in questions]
+    longest = int(np.argmax(empty))
+    run = str(tmp_path / "short")
+    message = (rf"^rlaif: the judge cannot compare two sampled answers of max_new_tokens=16 tokens: the longest "
+               rf"comparison prompt without its answers \(question '{questions[longest].replace('+', '[+]')}', with "
+               rf"the template and specials\) has {empty[longest]} tokens, \+ 2 x 16 = {empty[longest] + 32} > the "
+               rf"judge's max_seq_len=40; use max_new_tokens <= {(40 - empty[longest]) // 2} or a judge with a "
+               rf"longer max_seq_len$")
+    with pytest.raises(ValueError, match=message):
+        rlaif(params, _config(), model=model, tokenizer=TOK, task=ARITHMETIC, judge_model=short,
+              judge_params=short.init(jax.random.key(1)), key=jax.random.key(3), run_dir=run, **sets)
+    assert not os.path.exists(run)  # nothing ran, nothing was written

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -156,25 +157,47 @@ def _encode_rows(tokenizer: Tokenizer, rows, *, max_length, min_bucket, length, 
     return pad_rows([e[0] for e in encoded], width, tokenizer.pad_id, [e[1] for e in encoded])
 
 
+def _one_number(v) -> bool:
+    """A single score: a Python or NumPy number, or a 0-d array (`np.float32(2)`, `np.array(2.0)` and a 0-d jax
+    array alike; len() of a 0-d array is a TypeError, so it cannot be read as a sequence)."""
+    return isinstance(v, (numbers.Real, np.number)) or getattr(v, "ndim", None) == 0
+
+
+def _sequence(v) -> bool:
+    """One score per attribute: a sized, non-text value that is not a single number."""
+    return not _one_number(v) and not isinstance(v, (str, bytes)) and hasattr(v, "__len__")
+
+
 def collate_scored(tokenizer: Tokenizer, rows: Sequence[tuple[str, str, object]], *, max_length: int | None = None,
                    min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                    add_eos: bool = True) -> ScoreBatch:
     """(prompt, response, score) rows (tuples or `ScoredResponse`) -> ScoreBatch. score: a number (scores [B]) or a
     sequence of A numbers, None for a missing attribute (scores [B, A], score_mask 0
-    there). NaN or infinite scores are errors naming the row."""
+    there); a score of None is a row without a score (score_mask 0). The first row with a
+    score decides which (a 0-d array is a number); a row of the other kind, or NaN or
+    infinite scores, are errors naming the row."""
     if not rows:
         raise ValueError("collate_scored: no examples")
     rows = [_fields(r, ("prompt", "response", "score")) for r in rows]
-    if isinstance(rows[0][2], (str, bytes)):  # len("3.5") would otherwise be read as 3 attributes
-        raise ValueError(f"row 0: score must be a number or a sequence of numbers (one per attribute), got "
-                         f"{rows[0][2]!r}")
-    multi = not isinstance(rows[0][2], (int, float, np.number))
-    A = len(rows[0][2]) if multi else 1
+    first = next((i for i, (_, _, sc) in enumerate(rows) if sc is not None), 0)
+    shown = rows[first][2]
+    if not (shown is None or _one_number(shown) or _sequence(shown)):
+        # (a string's len("3.5") would otherwise be read as 3 attributes)
+        raise ValueError(f"row {first}: score must be a number or a sequence of numbers (one per attribute), got "
+                         f"{shown!r}")
+    multi = shown is not None and _sequence(shown)
+    A = len(shown) if multi else 1
+    kind = f"a sequence of {A} numbers" if multi else "a single number"
     scores = np.zeros((len(rows), A), np.float32)
     given = np.zeros((len(rows), A), np.float32)
     for i, (_, _, score) in enumerate(rows):
-        values = list(score) if multi else [score]
-        if multi and isinstance(score, (str, bytes)) or len(values) != A:
+        if score is None:  # no score at all for this row
+            continue
+        if _one_number(score) if multi else _sequence(score):
+            raise ValueError(f"row {i}: score {score!r} is {'a single number' if multi else 'a sequence'} but row "
+                             f"{first}'s is {kind}; give every row one number, or every row one per attribute")
+        values = list(score) if multi and _sequence(score) else [score]
+        if len(values) != A or multi and not _sequence(score):  # (a string is neither kind)
             raise ValueError(f"row {i}: expected {A} score{'s' if A > 1 else ''} (numbers), got {score!r}")
         for a, v in enumerate(values):
             if v is not None:
@@ -248,9 +271,11 @@ def collate_steps(tokenizer: Tokenizer, rows: Sequence[tuple[str, Sequence[str],
                   add_bos: bool = True, add_eos: bool = True) -> TokenLabelBatch:
     """(prompt, steps, step labels) rows (tuples or `StepLabelled`) -> TokenLabelBatch for a process reward model:
     label_mask is 1 at the last token of each step, labels hold the step's label there
-    (hard 0/1 or soft floats in [0, 1], kept as float32). Errors name the row: label
-    count different from the step count, a label outside [0, 1] or NaN, and the
-    `encode_steps` errors."""
+    (hard 0/1 or soft floats in [0, 1], kept as float32). A label of None is an unlabelled
+    step (PRM800K-style data label only some steps): label_mask 0 at its end, so the loss,
+    its metrics and `reward_model_eval` leave it out; the step is still encoded as context.
+    Errors name the row: label count different from the step count, a label outside [0, 1]
+    or NaN, and the `encode_steps` errors."""
     if not rows:
         raise ValueError("collate_steps: no examples")
     encoded, masks, labels, at = [], [], [], []
@@ -264,7 +289,8 @@ def collate_steps(tokenizer: Tokenizer, rows: Sequence[tuple[str, Sequence[str],
         y = [0.0] * len(ids)
         mark = [0] * len(ids)
         for k, (e, v) in enumerate(zip(ends, step_labels)):
-            y[e], mark[e] = _label(v, f"row {i}: label of step {k}"), 1
+            if v is not None:  # None: no label, the step end stays out of label_mask
+                y[e], mark[e] = _label(v, f"row {i}: label of step {k}"), 1
         encoded.append(ids)
         masks.append(m)
         labels.append(y)
@@ -303,17 +329,23 @@ def collate_feedback(tokenizer: Tokenizer, rows: Sequence, *, signal: str = "cli
     Each signal value must be a bool or a number equal to 0 or 1; anything else (0.2, -1, "false")
     is an error naming the row. dwell_seconds is not binary and is refused: threshold it into one
     of the binary fields first, e.g. `dataclasses.replace(r, accept=r.dwell_seconds >= 30)`. A row
-    without the signal logged, or a propensity outside (0, 1], is an error naming it."""
+    without the signal logged, or a propensity outside (0, 1], is an error naming it. Rows that log
+    a display position but no propensity get one warning per call (`warnings.warn`, naming the
+    first such row): their propensity is taken as 1, so inverse-propensity weighting
+    (FeedbackConfig(ipw=True), the default) leaves their position bias in; log P(examined | position)
+    as the propensity (with ipw=False the warning does not matter)."""
     if not rows:
         raise ValueError("collate_feedback: no examples")
     if signal not in FEEDBACK_SIGNALS:
         hint = (" (a duration, not a binary signal: threshold it into one of those fields first, e.g. "
                 "dataclasses.replace(r, accept=r.dwell_seconds >= 30))") if signal == "dwell_seconds" else ""
         raise ValueError(f"collate_feedback: signal {signal!r} is not one of {FEEDBACK_SIGNALS}{hint}")
-    pairs, values, props = [], [], []
+    pairs, values, props, unweighted = [], [], [], []
     for i, r in enumerate(rows):
         if hasattr(r, "completion"):
             prompt, completion, v, p = r.prompt, r.completion, getattr(r, signal), r.propensity
+            if p is None and getattr(r, "position", None) is not None:  # (tuple rows carry no position)
+                unweighted.append(i)
         else:
             if len(r) != 4:
                 raise ValueError(f"row {i}: expected (prompt, completion, signal, propensity), got {len(r)} fields")
@@ -326,6 +358,11 @@ def collate_feedback(tokenizer: Tokenizer, rows: Sequence, *, signal: str = "cli
         pairs.append((prompt, completion))
         values.append(_binary(v, f"row {i}: {signal!r} signal"))
         props.append(p)
+    if unweighted:
+        warnings.warn(f"collate_feedback: row {unweighted[0]} ({len(unweighted)} of {len(rows)} rows) logs a display "
+                      "position but no propensity; the propensity is taken as 1, so inverse-propensity weighting "
+                      "(FeedbackConfig(ipw=True)) does not correct their position bias. Log P(examined | position) "
+                      "as the propensity", stacklevel=2)
     tokens, attn, _ = _encode_rows(tokenizer, pairs, max_length=max_length, min_bucket=min_bucket, length=length,
                                    add_bos=add_bos, add_eos=add_eos)
     return FeedbackBatch(tokens=tokens, attention_mask=attn, signal=np.float32(values),

@@ -8,7 +8,7 @@ docs/algorithms.md: L(z) = −log σ(z) = softplus(−z), r = the head's output.
 
     ranking (pairs, K-wise lists):  mean over lists of mean_{(i ≻ j)} L(r_i − r_j − m)  [+ c · (r_i + r_j)²]
                                     (r = r_θ + prior when the batch carries a fixed prior per answer)
-    Plackett–Luce:                  mean over lists of Σ_k [logsumexp_{j≥k} r_τ(j) − r_τ(k)]
+    Plackett–Luce:                  mean over lists of Σ_k [logsumexp_{j≥k} r_τ(j) − r_τ(k)]   (strict orders: no margin, no ties)
     pointwise:                      ½ mean over given scores of (r_a − s_a)²
     verifier (ORM):                 mean over completion tokens of BCE(r_t, y)  [+ λ_LM · NLL]
     process reward model (PRM):     mean over step ends of BCE(r_t, y_step)
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rljax.data.batch import (FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch, answer_segment,
                               prompt_prefix_ids)
@@ -29,7 +30,7 @@ from rljax.models.logprobs import head_token_stats, target_mask
 from rljax.ops.aggregate import aggregate
 from rljax.ops.implicit_rewards import implicit_q, ipw_targets
 from rljax.ops.ranking import (binary_cross_entropy, pair_centring, pairwise_ranking, plackett_luce,
-                               preferred_pairs)
+                               preferred_pairs, tied_lists)
 
 RANKING_OBJECTIVES = ("pairwise", "plackett_luce")
 LABEL_LOSSES = ("bce", "mse")
@@ -44,8 +45,11 @@ def _need_reward_head(model, name: str) -> None:
 @dataclass(frozen=True)
 class RankingConfig:
     """objective: "pairwise" (Bradley–Terry; a K-wise list contributes all its
-    preferred pairs, InstructGPT) or "plackett_luce" (full rankings); margin m
-    (added to RankingBatch.margin when given); centring c of Eisenstein et al.
+    preferred pairs, InstructGPT; tied answers are "no preference") or "plackett_luce"
+    (the likelihood of a strict order of each list's answers: a list with tied answers
+    and a preference is refused, see `ranking_loss`); margin m (added to
+    RankingBatch.margin when given; pairwise objective only: Plackett–Luce has no margin
+    term, so a margin with it is refused rather than ignored); centring c of Eisenstein et al.
     (docs/algorithms.md suggests c ≈ 0.01; pairwise objective only)."""
 
     objective: str = "pairwise"
@@ -59,6 +63,9 @@ class RankingConfig:
             raise ValueError(f"RankingConfig.centring: must be >= 0, got {self.centring}")
         if self.centring and self.objective != "pairwise":
             raise ValueError("RankingConfig.centring: only defined for objective='pairwise'")
+        if self.margin and self.objective != "pairwise":
+            raise ValueError(f"RankingConfig.margin: only defined for objective='pairwise' (Plackett–Luce has no "
+                             f"margin term), got margin={self.margin} with objective={self.objective!r}")
 
 
 def shared_prompt_hidden(params, batch: RankingBatch, *, model) -> jax.Array:
@@ -99,17 +106,50 @@ def ranking_scores(params, batch: RankingBatch, *, model) -> jax.Array:
     return jnp.where(batch.rank >= 0, r, 0.0)
 
 
+def _refuse_plackett_luce_input(batch: RankingBatch) -> None:
+    """Plackett–Luce scores strict orders only: a batch with margins, or (when the ranks are
+    concrete, i.e. outside jit) a list with tied answers and a preference, is an error naming
+    the field or row. Inside jit the ranks are traced and a tied list's loss is NaN
+    (`plackett_luce`), so the step is reported non-finite and skipped, never trained on."""
+    if batch.margin is not None:
+        raise ValueError("ranking_loss: batch.margin is set (collate_ranked / collate_pairs(margins=...)) but "
+                         "objective='plackett_luce' has no margin term; collate without margins or use "
+                         "objective='pairwise'")
+    if isinstance(batch.rank, jax.core.Tracer):
+        return
+    rank = np.asarray(batch.rank)
+    rows = np.flatnonzero(np.asarray(tied_lists(rank)))
+    if rows.size:
+        i = int(rows[0])
+        raise ValueError(f"ranking_loss: row {i}: ranks {rank[i].tolist()} tie two answers (of {rows.size} such "
+                         "rows); objective='plackett_luce' needs a strict order of each list's answers (its "
+                         "likelihood would depend on the order the tied answers are listed in); use "
+                         "objective='pairwise', which reads a tie as no preference")
+
+
 def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
-    """Reward-model loss on ranked lists (pairs are K = 2). Lists without a preferred
-    pair (all tied) count for nothing. Returns (loss, metrics): accuracy (fraction of
-    preferred pairs scored in the right order), margin (mean r_i − r_j over pairs),
-    reward_mean / reward_std over present answers. With batch.prior [B, K] the
+    """Reward-model loss on ranked lists (pairs are K = 2); scores r [B, K] from
+    `ranking_scores`, rank [B, K] (0 best, −1 absent):
+
+        pairwise:       mean over live lists of mean_{(i ≻ j)} L(r_i − r_j − m)  [+ c · (r_i + r_j)²]
+        plackett_luce:  mean over live lists of Σ_k [logsumexp_{j≥k} r_τ(j) − r_τ(k)]
+
+    with m = cfg.margin (+ batch.margin [B] when given). A list is live when it has a
+    preferred pair; lists whose answers all tie count for nothing. Plackett–Luce needs a
+    strict order: a batch with margins, or a list that ties two answers and prefers
+    others, is an error naming the field or row (inside jit, where the ranks are traced,
+    such a list's loss is NaN, so the step is skipped as non-finite). Returns (loss,
+    metrics): accuracy (over preferred pairs, 1 scored in the right order, ½ scored
+    equal, as `reward_model_eval`'s pairwise_accuracy), margin (mean r_i − r_j over
+    pairs), reward_mean / reward_std over present answers. With batch.prior [B, K] the
     ranked score is r_θ + prior (`ranking_scores`): the head learns only what the
     fixed prior (e.g. the SFT policy's log-likelihood, `likelihood_reward`) gets
     wrong, and every metric is of the sum."""
     _need_reward_head(model, "ranking_loss")
     if batch.segment_ids is None:  # (the shared-prompt layout's rows hold every answer)
         chex.assert_equal_shape([batch.rank, batch.tokens[..., 0]])
+    if cfg.objective == "plackett_luce":
+        _refuse_plackett_luce_input(batch)
     scores = ranking_scores(params, batch, model=model)
     pairs = preferred_pairs(batch.rank).astype(jnp.float32)
     if cfg.objective == "plackett_luce":
@@ -127,7 +167,10 @@ def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
     present = (batch.rank >= 0).astype(jnp.float32)
     mean = (scores * present).sum() / jnp.maximum(present.sum(), 1.0)
     var = (jnp.square(scores - mean) * present).sum() / jnp.maximum(present.sum(), 1.0)
-    metrics = {"loss": loss, "accuracy": ((diff > 0) * pairs).sum() / total_pairs,
+    # a pair scored equal counts half (a coin flip would order it), as in reward_model_eval: at a
+    # zero-initialised head every pair ties, and counting ties wrong would read as 0 accuracy
+    right = (diff > 0) + 0.5 * (diff == 0)
+    metrics = {"loss": loss, "accuracy": (right * pairs).sum() / total_pairs,
                "margin": (diff * pairs).sum() / total_pairs, "reward_mean": mean, "reward_std": jnp.sqrt(var)}
     return loss, metrics
 

@@ -54,13 +54,28 @@ def pair_centring(scores: jax.Array, rank: jax.Array) -> jax.Array:
     return (sq * pairs).sum(axis=(1, 2)) / jnp.maximum(pairs.sum(axis=(1, 2)), 1.0)
 
 
+def tied_lists(rank: jax.Array) -> jax.Array:
+    """rank [B, K] -> [B] bool: True where a list ranks two present answers equally and also
+    prefers one answer to another (a partial order). A list whose answers all tie has no
+    preference and counts for nothing in either objective, so it is not flagged."""
+    chex.assert_rank(rank, 2)
+    present = rank >= 0
+    K = rank.shape[1]
+    same = (rank[:, :, None] == rank[:, None, :]) & present[:, :, None] & present[:, None, :] & ~jnp.eye(K, dtype=bool)
+    return same.any(axis=(1, 2)) & preferred_pairs(rank).any(axis=(1, 2))
+
+
 def plackett_luce(scores: jax.Array, rank: jax.Array) -> jax.Array:
     """Negative log-likelihood of a full ranking τ under Plackett–Luce:
     Σ_k [logsumexp_{j ≥ k} r_τ(j) − r_τ(k)] over the present answers.
 
-    scores [B, K] float, rank [B, K] int32 (a strict order of the present answers;
-    ties are broken by position) -> [B]. Equal scores give log K!; K = 2 gives
-    Bradley–Terry.
+    scores [B, K] float, rank [B, K] int32 (a strict order of the present answers) -> [B].
+    Equal scores give log K!; K = 2 gives Bradley–Terry. A list with tied answers and a
+    preference (`tied_lists`) gives NaN: the likelihood of a partial order is the sum over
+    the orders of each tied group (exponential in its size), and breaking the tie by the
+    answers' listing order would make the loss depend on that order. (`pairwise_ranking`
+    scores ties as "no preference"; a list whose answers all tie has no preference either
+    and gives a finite value that `ranking_loss` leaves out.)
     """
     chex.assert_equal_shape([scores, rank])
     K = rank.shape[1]
@@ -71,7 +86,8 @@ def plackett_luce(scores: jax.Array, rank: jax.Array) -> jax.Array:
     s = jnp.take_along_axis(scores.astype(jnp.float32), order, axis=1)
     live = jnp.take_along_axis(present, order, axis=1)
     suffix = jax.lax.cumlogsumexp(jnp.where(live, s, -jnp.inf), axis=1, reverse=True)
-    return jnp.where(live, suffix - s, 0.0).sum(axis=1)
+    nll = jnp.where(live, suffix - s, 0.0).sum(axis=1)
+    return jnp.where(tied_lists(rank), jnp.nan, nll)
 
 
 def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -28,14 +28,16 @@ Batching: prompts are right-padded to a bucketed width and the row count to a bu
 (`rljax.buckets.bucket_length`, the reward-model scorer's `_batch_rows`), in chunks of
 `JudgeConfig.batch_size` rows, so the one jitted forward compiles a few times in a run.
 
-Errors: a choice token that is not a single token of the tokenizer is a ValueError naming it; a
-non-finite judge logit is a `JudgeOutputError` naming the sample (its question and answers).
+Errors: a choice token that is not a single token of the tokenizer is a ValueError naming it; a prompt
+longer than the judge's max_seq_len is a ValueError naming the sample (its question and answers, and for a
+pair the order) and the sizes; a non-finite judge logit is a `JudgeOutputError` naming the sample.
 """
 from __future__ import annotations
 
 import functools
+import string
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,12 +54,36 @@ class JudgeOutputError(ValueError):
     """The judge gave a non-finite logit for a sample (named in the message)."""
 
 
+def _check_template(name: str, template: str, fields: tuple[str, ...]) -> None:
+    """A str.format template must show every one of `fields` (a pairwise template without {second} would
+    have the judge compare an answer with nothing, and p would still look like a preference) and no other
+    field; a field it cannot fill (a format spec such as {question:d}, an attribute {first.x}) is refused
+    here too, naming the template."""
+    try:
+        used = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:  # an unbalanced brace
+        raise ValueError(f"JudgeConfig.{name}: not a str.format template: {e}") from None
+    other = sorted({f for f in used if f not in fields})
+    if other:
+        raise ValueError(f"JudgeConfig.{name}: uses the field(s) {other}; its fields are "
+                         f"{', '.join('{' + f + '}' for f in fields)}")
+    missing = [f for f in fields if f not in used]
+    if missing:
+        raise ValueError(f"JudgeConfig.{name}: never shows {', '.join('{' + f + '}' for f in missing)}; the "
+                         f"template must show every one of {', '.join('{' + f + '}' for f in fields)}")
+    try:
+        template.format(**{f: "x" for f in fields})
+    except (ValueError, TypeError) as e:  # e.g. a format spec that a string does not take
+        raise ValueError(f"JudgeConfig.{name}: cannot be filled with text answers: {e}") from None
+
+
 @dataclass(frozen=True)
 class JudgeConfig:
     """How a judge is asked.
 
-    pairwise_template: a str.format template with {question}, {first}, {second}; choice_tokens: the two
-    tokens that mean "first better" and "second better". pointwise_template: with {question}, {answer};
+    pairwise_template: a str.format template that shows each of {question}, {first}, {second} and no other
+    field (checked); choice_tokens: the two tokens that mean "first better" and "second better".
+    pointwise_template: likewise with {question}, {answer};
     yes_no: the tokens meaning yes and no; score_tokens / score_values: a score vocabulary and the value
     of each token (`expected_score`). chat: render the filled template through the tokenizer's chat
     template when it has one (add_bos is then the template's business). batch_size: rows per forward;
@@ -80,21 +106,24 @@ class JudgeConfig:
         if len(self.score_tokens) != len(self.score_values) or len(self.score_tokens) < 2:
             raise ValueError(f"JudgeConfig: score_tokens ({len(self.score_tokens)}) and score_values "
                              f"({len(self.score_values)}) must have the same length >= 2")
-        if self.batch_size < 1:
-            raise ValueError(f"JudgeConfig.batch_size: must be >= 1, got {self.batch_size}")
+        if not all(np.isfinite(v) for v in self.score_values):
+            raise ValueError(f"JudgeConfig.score_values: must be finite, got {self.score_values}")
+        for name in ("batch_size", "min_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"JudgeConfig.{name}: must be >= 1, got {getattr(self, name)}")
         for name, fields in (("pairwise_template", ("question", "first", "second")),
                              ("pointwise_template", ("question", "answer"))):
-            template = getattr(self, name)
-            try:
-                template.format(**{f: "" for f in fields})
-            except (KeyError, IndexError) as e:
-                raise ValueError(f"JudgeConfig.{name}: uses a field other than {fields}: {e}") from None
+            _check_template(name, getattr(self, name), fields)
 
 
 @dataclass(frozen=True)
 class Judge:
-    """A causal LM as a judge: model(params, tokens) -> next-token logits, its tokenizer, and how it is asked.
-    model needs `forward(params, tokens, mask) -> (hidden [B, T, D], _)` and `logits(params, hidden)`."""
+    """A causal LM as a judge: its params, its tokenizer, and how it is asked (cfg).
+
+    model needs `last_hidden(params, tokens [B, T], mask [B, T]) -> hidden [B, D]` (the last layer's state
+    at each row's last real token of right-padded rows) and `logits(params, hidden [B, D]) -> [B, V]` (the
+    LM head): the judge's next-token logits after a prompt are logits(params, last_hidden(params, tokens,
+    mask)), as `rljax.models.Model` computes them."""
 
     model: Any
     params: Any
@@ -162,19 +191,32 @@ def _choice_logits(params, tokens, mask, ids, *, model):
     return model.logits(params, model.last_hidden(params, tokens, mask))[:, ids]
 
 
-def choice_logits(judge: Judge, prompts: Sequence[Sequence[int]], ids: np.ndarray) -> np.ndarray:
+def choice_logits(judge: Judge, prompts: Sequence[Sequence[int]], ids: np.ndarray, *,
+                  describe: Callable[[int], str] | None = None) -> np.ndarray:
     """float32 [N, K]: the judge's next-token logits of the K `ids` after each of the N prompts (id rows),
-    in chunks of cfg.batch_size rows, each padded to bucketed shapes."""
-    from rljax.rewards.learned import _batch_rows
+    in chunks of cfg.batch_size rows, each padded to bucketed shapes (`rljax.rewards.learned._batch_rows`).
+
+    Every prompt must fit the judge's context, L = model.config.max_seq_len (`_row_limit`; a model without a
+    config is not checked): a longer one is a ValueError naming its index, its length, L and, with
+    `describe(i) -> str`, the sample it came from (checked before any forward, which would refuse the
+    batch without naming a row)."""
+    from rljax.rewards.learned import _batch_rows, _row_limit
 
     if len(prompts) == 0:
         return np.zeros((0, len(ids)), np.float32)
-    max_len = getattr(getattr(judge.model, "config", None), "max_seq_len", None)
+    has_context = getattr(getattr(judge.model, "config", None), "max_seq_len", None) is not None
+    fit = _row_limit("judge", judge.model, judge.tokenizer, None, "error", False) if has_context else None
+    if fit is not None:
+        for i, row in enumerate(prompts):
+            if len(row) > fit.limit:
+                said = f": {describe(i)}" if describe is not None else ""
+                raise ValueError(f"judge: prompt {i} has {len(row)} tokens, more than {fit.what}{said}; shorten "
+                                 "the answers or use a judge with a longer context")
     out = []
     for lo in range(0, len(prompts), judge.cfg.batch_size):
         rows = prompts[lo:lo + judge.cfg.batch_size]
         tokens, mask, B = _batch_rows(rows, judge.tokenizer.pad_id, min_bucket=judge.cfg.min_bucket,
-                                      max_length=max_len)
+                                      limit=None if fit is None else fit.limit)
         out.append(np.asarray(_choice_logits(judge.params, tokens, mask, jnp.asarray(ids), model=judge.model))[:B])
     return np.concatenate(out).astype(np.float32)
 
@@ -226,7 +268,6 @@ def judge_pairwise(judge: Judge, questions: Sequence[str], a: Sequence[str], b: 
     ids = choice_ids(judge.tokenizer, cfg.choice_tokens)
     texts = ([pairwise_prompt(cfg, q, x, y) for q, x, y in zip(questions, a, b)]
              + [pairwise_prompt(cfg, q, y, x) for q, x, y in zip(questions, a, b)])
-    logits = choice_logits(judge, [judge_prompt_ids(judge.tokenizer, t, chat=cfg.chat) for t in texts], ids)
     n = len(questions)
 
     def describe(i):
@@ -234,6 +275,8 @@ def judge_pairwise(judge: Judge, questions: Sequence[str], a: Sequence[str], b: 
         order = "a first" if i < n else "b first"
         return f"pair {k} ({order}): question {questions[k]!r}, a {a[k]!r}, b {b[k]!r}"
 
+    logits = choice_logits(judge, [judge_prompt_ids(judge.tokenizer, t, chat=cfg.chat) for t in texts], ids,
+                           describe=describe)
     _check_finite(logits, describe)
     first = _softmax(logits.astype(np.float64))[:, 0]
     p_ab, p_ba = first[:n], first[n:]
@@ -251,11 +294,16 @@ def judge_accuracy(judge: Judge, pairs: Sequence[dict]) -> dict:
                 judge_pairs=len(pairs))
 
 
-def pairwise_reward(judge: Judge, baseline: Sequence[str] | dict) -> callable:
+def pairwise_reward(judge: Judge, baseline: Mapping[str, str]) -> callable:
     """The direct form's reward against a fixed baseline answer: fn(prompts, completions, **_) -> float32[B],
-    r_i = p(completion_i ≻ baseline(prompt_i)) (order-averaged, `judge_pairwise`). baseline: a dict
-    prompt -> baseline answer (e.g. the SFT policy's greedy answer); a prompt without one is a KeyError
-    naming it."""
+    r_i = p(completion_i ≻ baseline(prompt_i)) (order-averaged, `judge_pairwise`). baseline: a mapping
+    prompt -> baseline answer (e.g. the SFT policy's greedy answer); anything else (a list of answers, whose
+    pairing with prompts would be a guess) is a TypeError naming the argument; a prompt without an answer is
+    a KeyError naming it."""
+    if not isinstance(baseline, Mapping):
+        # dict(["ab", "cd"]) would silently build {"a": "b", "c": "d"}
+        raise TypeError(f"pairwise_reward: baseline must be a mapping prompt -> baseline answer, got "
+                        f"{type(baseline).__name__}")
     table = dict(baseline)
 
     def reward(prompts, completions, **_):
@@ -281,8 +329,11 @@ def judge_pointwise(judge: Judge, questions: Sequence[str], answers: Sequence[st
     ids = choice_ids(judge.tokenizer, tokens, what="pointwise tokens")
     prompts = [judge_prompt_ids(judge.tokenizer, pointwise_prompt(cfg, q, x), chat=cfg.chat)
                for q, x in zip(questions, answers)]
-    logits = choice_logits(judge, prompts, ids)
-    _check_finite(logits, lambda i: f"question {questions[i]!r}, answer {answers[i]!r}")
+    def describe(i):
+        return f"question {questions[i]!r}, answer {answers[i]!r}"
+
+    logits = choice_logits(judge, prompts, ids, describe=describe)
+    _check_finite(logits, describe)
     return _softmax(logits.astype(np.float64))
 
 

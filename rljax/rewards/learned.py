@@ -29,6 +29,7 @@ from rljax.rewards.rules import score
 from rljax.sampling import scorer_at_index
 
 STEP_AGGREGATIONS = ("min", "product", "mean", "last")
+OVERLONG = ("error", "truncate_prompt")  # what a scorer does with a row longer than its limit
 
 
 def aggregate_steps(probs: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
@@ -69,36 +70,93 @@ class RewardNormaliser(NamedTuple):
 
 
 def running_normaliser(*, eps: float = 1e-6, shift_mean: bool = True) -> RewardNormaliser:
-    """(r − mean) / (std + eps) with the running mean and std over all rewards seen
-    (shift_mean=False: r / (std + eps), keeping the sign of every reward)."""
+    """(r − mean) / (std + eps) with the running mean and (population) std over all rewards
+    seen, this batch included (shift_mean=False: r / (std + eps), keeping the sign of every
+    reward). Rewards [B] (or any shape: every entry counts once).
+
+    While every reward seen is the same (std 0: one reward, or a constant reward so far)
+    there is no spread to divide by and the rewards are left unscaled, as `whiten` does:
+    r − mean = 0 with shift_mean, r without. Dividing by eps would turn a first batch of
+    rewards 1.0 into 1e6."""
 
     def init() -> NormaliserState:
         return NormaliserState(jnp.float32(0.0), jnp.float32(0.0), jnp.float32(0.0))
 
     def update(state: NormaliserState, rewards):
         r = jnp.asarray(rewards, jnp.float32)
+        if r.size == 0:
+            raise ValueError("running_normaliser.update: no rewards (an empty batch has no statistics)")
         n = jnp.float32(r.size)
-        mean_b = r.mean()
-        m2_b = jnp.square(r - mean_b).sum()
+        # a constant batch takes its value as its mean exactly: r.mean() of eight 0.7s is off by
+        # float32 rounding, which would leave m2 ≈ 1e-14 > 0 and read as spread below
+        flat = r.reshape(-1)
+        varies_b = flat.max() > flat.min()
+        mean_b = jnp.where(varies_b, flat.mean(), flat[0])
+        m2_b = jnp.where(varies_b, jnp.square(flat - mean_b).sum(), 0.0)
         total = state.count + n
         delta = mean_b - state.mean
-        mean = state.mean + delta * n / total
+        mean = state.mean + delta * (n / total)  # n / total = 1 on the first batch: mean = mean_b exactly
         m2 = state.m2 + m2_b + jnp.square(delta) * state.count * n / total
         new = NormaliserState(total, mean, m2)
+        spread = m2 > 0  # False while every reward seen is equal (then delta = 0 and m2_b = 0 exactly)
         std = jnp.sqrt(m2 / total)
-        out = (r - mean if shift_mean else r) / (std + eps)
-        return out, new
+        centred = jnp.where(spread, r - mean, 0.0) if shift_mean else r
+        return centred / jnp.where(spread, std + eps, 1.0), new
 
     return RewardNormaliser(init, update)
 
 
+class _RowLimit(NamedTuple):
+    """How a scorer fits its rows: at most `limit` tokens (`what` names the limit in errors);
+    overlong "error" or "truncate_prompt" (drop prompt tokens after the first `keep`, the
+    tokenizer's leading specials such as bos, so the completion is scored whole)."""
+
+    name: str
+    limit: int
+    what: str
+    overlong: str
+    keep: int
+
+
+def _row_limit(name: str, model, tokenizer, max_length: int | None, overlong: str, add_bos: bool) -> _RowLimit:
+    """max_length, else (and never above) the model's max_seq_len: a wider batch is refused by the
+    forward pass with no row named, so the scorer checks its rows against the limit first."""
+    if overlong not in OVERLONG:
+        raise ValueError(f"{name}: overlong {overlong!r} not in {OVERLONG}")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"{name}: max_length must be >= 1 or None, got {max_length}")
+    context = model.config.max_seq_len
+    limit, what = ((max_length, f"max_length={max_length}") if max_length is not None and max_length <= context
+                   else (context, f"the model's max_seq_len={context}"))
+    return _RowLimit(name, limit, what, overlong, len(tokenizer.encode("", add_bos=add_bos, add_eos=False)))
+
+
+def _fit_row(fit: _RowLimit, i: int, ids: list[int], n_prompt: int) -> tuple[list[int], int]:
+    """Row i ([specials] prompt completion, its first n_prompt tokens the prompt) within fit.limit
+    -> (ids, how many prompt tokens were dropped). Too long is an error naming the row, its
+    length and the limit; with overlong "truncate_prompt" the prompt loses tokens from its left
+    (after the leading specials) and the completion is kept whole, an error if that is not enough."""
+    if len(ids) <= fit.limit:
+        return ids, 0
+    if fit.overlong == "error":
+        raise ValueError(f"{fit.name}: row {i}: {len(ids)} tokens exceed {fit.what}; shorten the row or pass "
+                         "overlong='truncate_prompt' to keep the prompt's last tokens")
+    cut = len(ids) - fit.limit
+    if cut > n_prompt - fit.keep:
+        raise ValueError(f"{fit.name}: row {i}: {len(ids)} tokens exceed {fit.what} even with the whole prompt "
+                         f"cut: the completion alone has {len(ids) - n_prompt} tokens (+{fit.keep} leading "
+                         "special tokens kept)")
+    return ids[:fit.keep] + ids[fit.keep + cut:], cut
+
+
 def _batch_rows(rows: Sequence[Sequence[int]], pad_id: int, *others: Sequence[Sequence[int]], min_bucket: int,
-                max_length: int | None):
-    """Pad rows to a bucketed width and the row count to a bucketed size (extra rows are one
-    pad token), so the jitted scorer sees few shapes. `others` are per-token lists padded
-    alongside with 0 (e.g. completion masks). -> (tokens, mask, *others, B real rows)."""
+                limit: int):
+    """Pad rows (each already within `limit`, `_fit_row`) to a bucketed width and the row count
+    to a bucketed size (extra rows are one pad token), so the jitted scorer sees few shapes.
+    `others` are per-token lists padded alongside with 0 (e.g. completion masks).
+    -> (tokens, mask, *others, B real rows)."""
     B = len(rows)
-    width = bucket_length(max(map(len, rows)), minimum=min_bucket, maximum=max_length)
+    width = bucket_length(max(map(len, rows)), minimum=min_bucket, maximum=limit)
     extra = bucket_length(B, minimum=1) - B
     rows = list(rows) + [[pad_id]] * extra
     padded = pad_rows(rows, width, pad_id, *(list(o) + [[0]] * extra for o in others))
@@ -112,24 +170,41 @@ def _check_pairs(name: str, prompts: Sequence[str], completions: Sequence[str]) 
                          "completion (repeat a prompt for each of its completions)")
 
 
+def _encode_fitted(tokenizer, fit: _RowLimit, prompts, completions, add_bos: bool, add_eos: bool):
+    """[bos] prompt completion [eos] of every pair, each within fit -> (ids, completion masks) lists."""
+    rows, masks = [], []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids, cm = encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)
+        ids, cut = _fit_row(fit, i, ids, cm.index(1))
+        rows.append(ids)
+        masks.append(cm[cut:])  # the dropped tokens were prompt tokens (mask 0): any cut 0s will do
+    return rows, masks
+
+
 def reward_model_reward(model, params, tokenizer, *, probability: bool = False, min_bucket: int = 16,
-                        max_length: int | None = None, add_bos: bool = True, add_eos: bool = True):
+                        max_length: int | None = None, overlong: str = "error", add_bos: bool = True,
+                        add_eos: bool = True):
     """A trained reward model (ranking or pointwise) or outcome verifier as a reward
     function: the reward head read at the last real token of [bos] prompt completion
     [eos]; σ(r) with probability=True (a verifier's P(correct)). For several
     attributes (reward_outputs > 1) the scorer returns [B, A].
+
+    Rows hold at most max_length tokens (default and cap: the model's max_seq_len); a
+    longer row is an error naming its index in the call, its length and the limit, or
+    with overlong="truncate_prompt" loses prompt tokens from the left (bos kept) so the
+    completion is scored whole (a reward model with a shorter context than the policy).
 
     params may be a zero-argument callable returning the current params: the scorer
     then reads them at every call, so a reward model refreshed during RL (iterative
     RLHF) is scored without rebuilding or recompiling anything."""
     forward = jax.jit(functools.partial(sequence_rewards, model=model))
     current = params if callable(params) else (lambda: params)
+    fit = _row_limit("reward_model_reward", model, tokenizer, max_length, overlong, add_bos)
 
     def scorer(prompts, completions, **_):
         _check_pairs("reward_model_reward", prompts, completions)
-        rows = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)[0]
-                for i, (p, c) in enumerate(zip(prompts, completions))]
-        tokens, mask, B = _batch_rows(rows, tokenizer.pad_id, min_bucket=min_bucket, max_length=max_length)
+        rows, _ = _encode_fitted(tokenizer, fit, prompts, completions, add_bos, add_eos)
+        tokens, mask, B = _batch_rows(rows, tokenizer.pad_id, min_bucket=min_bucket, limit=fit.limit)
         r = np.asarray(forward(current(), tokens, mask))[:B]
         return 1 / (1 + np.exp(-r)) if probability else r
 
@@ -145,8 +220,8 @@ def completion_likelihood(params, tokens, mask, completion_mask, *, model, reduc
 
 
 def likelihood_reward(model, params, tokenizer, *, reference=None, beta: float = 1.0, reduction: str = "mean",
-                      min_bucket: int = 16, max_length: int | None = None, add_bos: bool = True,
-                      add_eos: bool = True):
+                      min_bucket: int = 16, max_length: int | None = None, overlong: str = "error",
+                      add_bos: bool = True, add_eos: bool = True):
     """A language model's likelihood of the completion as a reward:
 
         r = β · A_θ(y|x)                     reference None (SimPO's implicit reward with
@@ -157,8 +232,8 @@ def likelihood_reward(model, params, tokenizer, *, reference=None, beta: float =
 
     where S is the summed and A = S / |y| the mean completion log-prob ("sum" | "mean",
     [eos] counted as a completion token, so an empty completion scores log π(eos | x)).
-    Text is encoded and batched as by `reward_model_reward`; params (and reference) may
-    be zero-argument callables read at every call. -> scorer(prompts, completions, **_)
+    Text is encoded, batched and fitted to max_length (overlong) as by `reward_model_reward`;
+    params (and reference) may be zero-argument callables read at every call. -> scorer(prompts, completions, **_)
     -> float32 [B]."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"likelihood_reward: reduction {reduction!r} not in ('sum', 'mean')")
@@ -167,14 +242,13 @@ def likelihood_reward(model, params, tokenizer, *, reference=None, beta: float =
     forward = jax.jit(functools.partial(completion_likelihood, model=model, reduction=reduction))
     current = params if callable(params) else (lambda: params)
     ref = reference if callable(reference) or reference is None else (lambda: reference)
+    fit = _row_limit("likelihood_reward", model, tokenizer, max_length, overlong, add_bos)
 
     def scorer(prompts, completions, **_):
         _check_pairs("likelihood_reward", prompts, completions)
-        encoded = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)
-                   for i, (p, c) in enumerate(zip(prompts, completions))]
-        tokens, mask, completion, B = _batch_rows([ids for ids, _ in encoded], tokenizer.pad_id,
-                                                  [cm for _, cm in encoded], min_bucket=min_bucket,
-                                                  max_length=max_length)
+        rows, masks = _encode_fitted(tokenizer, fit, prompts, completions, add_bos, add_eos)
+        tokens, mask, completion, B = _batch_rows(rows, tokenizer.pad_id, masks, min_bucket=min_bucket,
+                                                  limit=fit.limit)
         s = np.asarray(forward(current(), tokens, mask, completion), np.float32)
         if ref is not None:
             s = s - np.asarray(forward(ref(), tokens, mask, completion), np.float32)
@@ -212,12 +286,15 @@ def token_probabilities(params, tokens, mask, *, model):
 
 
 def step_scorer(model, params, tokenizer, *, separator: str, min_bucket: int = 16, max_length: int | None = None,
-                add_bos: bool = True, add_eos: bool = True):
+                overlong: str = "error", add_bos: bool = True, add_eos: bool = True):
     """A process reward model's step scores: `scores(prompts, completions)` -> one [S_i]
     array per completion, σ(r) at the last token of each of its steps (split at
     `separator`, encoded as in `collate_steps`); a completion with no step text gets an
-    empty array."""
+    empty array. Rows are fitted to max_length (overlong) as by `reward_model_reward`;
+    params may be a zero-argument callable read at every call (a refreshed PRM)."""
     forward = jax.jit(functools.partial(token_probabilities, model=model))
+    current = params if callable(params) else (lambda: params)
+    fit = _row_limit("step_scorer", model, tokenizer, max_length, overlong, add_bos)
 
     def scores(prompts: Sequence[str], completions: Sequence[str]) -> list[np.ndarray]:
         _check_pairs("step_scorer", prompts, completions)
@@ -225,13 +302,16 @@ def step_scorer(model, params, tokenizer, *, separator: str, min_bucket: int = 1
         for i, (p, c) in enumerate(zip(prompts, completions)):
             steps = split_solution(c, separator)
             if steps:
-                ids, _, e = encode_steps(tokenizer, p, steps, separator, row=i, add_bos=add_bos, add_eos=add_eos)
+                ids, m, e = encode_steps(tokenizer, p, steps, separator, row=i, add_bos=add_bos, add_eos=add_eos)
+                n_prompt = m.index(1)
             else:
                 ids, e = tokenizer.encode(p, add_bos=add_bos, add_eos=add_eos), []
+                n_prompt = len(ids)  # no step to keep: only the prompt can be cut
+            ids, cut = _fit_row(fit, i, ids, n_prompt)
             rows.append(ids)
-            ends.append(e)
-        tokens, mask, _ = _batch_rows(rows, tokenizer.pad_id, min_bucket=min_bucket, max_length=max_length)
-        probs = np.asarray(forward(params, tokens, mask))
+            ends.append([k - cut for k in e])  # the step ends move left with the dropped prompt tokens
+        tokens, mask, _ = _batch_rows(rows, tokenizer.pad_id, min_bucket=min_bucket, limit=fit.limit)
+        probs = np.asarray(forward(current(), tokens, mask))
         return [probs[i, e] for i, e in enumerate(ends)]
 
     return scores
@@ -249,8 +329,10 @@ def stack_step_scores(per: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray
 
 
 def prm_reward(model, params, tokenizer, *, separator: str, aggregation: str = "min", **kw):
-    """A process reward model as a reward function: step scores (`step_scorer`) aggregated
-    by min | product | mean | last (`aggregate_steps`); a completion without steps scores 0."""
+    """A process reward model as a reward function: step scores (`step_scorer`, whose options
+    kw pass through: max_length, overlong, ...; params may be a zero-argument callable)
+    aggregated by min | product | mean | last (`aggregate_steps`); a completion without
+    steps scores 0."""
     if aggregation not in STEP_AGGREGATIONS:
         raise ValueError(f"prm_reward: aggregation {aggregation!r} not in {STEP_AGGREGATIONS}")
     scores = step_scorer(model, params, tokenizer, separator=separator, **kw)
