@@ -6,6 +6,7 @@ import json
 import re
 
 import datasets
+import numpy as np
 import pytest
 
 from rljax.data.adapters import (
@@ -269,6 +270,15 @@ def test_reward_model_shapes_from_files(tmp_path, cache):
     out = step_labelled(load_records(_write_jsonl(tmp_path / "s.jsonl", steps), cache_dir=cache))
     assert out == [StepLabelled("p", ("2*3=6", "answer:6"), (0.375, 1.0))]
     assert all(isinstance(v, float) for v in out[0].labels)
+    # PRM800K-style: the steps after the first error unlabelled; collate_steps keeps them out of label_mask
+    from rljax.data.reward_collate import collate_steps
+    from rljax.tokenizer import CharTokenizer
+
+    steps = [{"prompt": "p", "steps": ["2*3=7", "7+1=8", "answer:8"], "labels": [0, None, None]}]
+    out = step_labelled(load_records(steps))
+    assert out == [StepLabelled("p", ("2*3=7", "7+1=8", "answer:8"), (0.0, None, None))]
+    batch = collate_steps(CharTokenizer(), out, separator="\n")
+    assert int(np.asarray(batch.label_mask).sum()) == 1 and float(np.asarray(batch.labels).max()) == 0.0
     logs = [{"prompt": "p", "completion": "c", "click": 1, "position": 3, "propensity": 1 / 3},
             {"prompt": "p", "completion": "d", "like": False, "dwell_seconds": 2.5}]
     assert interaction_logs(load_records(_write_jsonl(tmp_path / "i.jsonl", logs), cache_dir=cache)) == [

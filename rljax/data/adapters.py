@@ -687,11 +687,12 @@ class RankedList:
 
 @dataclass(frozen=True)
 class StepLabelled:
-    """A solution as a list of steps with one label in [0, 1] per step (floats: soft labels stay soft)."""
+    """A solution as a list of steps with one label in [0, 1] per step (floats: soft labels stay soft;
+    None: the step is unlabelled)."""
 
     prompt: str
     steps: tuple[str, ...]
-    labels: tuple[float, ...]
+    labels: tuple[float | None, ...]
 
 
 @dataclass(frozen=True)
@@ -736,8 +737,9 @@ def ranked_lists(ds, *, prompt_field: str = "prompt", answers_field: str = "answ
 @_locating
 def step_labelled(ds, *, prompt_field: str = "prompt", steps_field: str = "steps",
                   labels_field: str = "labels") -> list[StepLabelled]:
-    """Rows {prompt: str, steps: [str, ...] (non-empty), labels: [number in [0, 1], ...]} with one
-    label per step."""
+    """Rows {prompt: str, steps: [str, ...] (non-empty), labels: [number in [0, 1] or None, ...]} with one
+    label per step; None leaves the step unlabelled (PRM800K-style data: the steps after the first error;
+    `collate_steps` keeps it out of the loss)."""
     out = []
     for i, row in enumerate(_rows(ds)):
         prompt = _check_str(_get(i, row, prompt_field), prompt_field, i, allow_empty=True)
@@ -750,6 +752,9 @@ def step_labelled(ds, *, prompt_field: str = "prompt", steps_field: str = "steps
             raise DataError(f"{_where(i, labels_field)} has {len(labels)} labels for {len(steps)} steps")
         values = []
         for k, v in enumerate(labels):
+            if v is None:
+                values.append(None)
+                continue
             v = _check_number(v, f"{labels_field}[{k}]", i)
             if not 0.0 <= v <= 1.0:
                 raise DataError(f"{_where(i, f'{labels_field}[{k}]')} must be in [0, 1], got {v}")
