@@ -174,7 +174,9 @@ def sft_pairs(tok: HFTokenizer, problems, cfg: Config, system_prompt: str) -> tu
     """(prompt, target) pairs for SFT and the number dropped for exceeding sft_max_length tokens."""
     pairs, dropped = [], 0
     for p in problems:
-        prompt, target = chat_prompt(tok, p.question, system_prompt), sft_target(p, cfg.style)
+        prompt = chat_prompt(tok, p.question, system_prompt)
+        # a template whose generation prompt opens the reasoning ("<think>\n", R1-distill style): no second tag
+        target = sft_target(p, cfg.style, prefilled_think=prompt.rstrip().endswith("<think>"))
         n = len(tok.encode(prompt, add_bos=False)) + len(tok.encode(target, add_bos=False)) + 1  # + eos
         if n > cfg.sft_max_length:
             dropped += 1

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 ANSWER_TAG = "answer:"
 _STEP = re.compile(r"^(-?\d+)([+\-*])(-?\d+)=(-?\d+)$")
 _TOKEN = re.compile(r"\d+|[+\-*()]")
+_ANSWER = re.compile(r"-?\d+")
 
 
 @dataclass(frozen=True)
@@ -145,13 +146,25 @@ def make_split(n_train: int, n_test: int, levels=(1, 2, 3), seed: int = 0) -> tu
     return out[:n_train], out[n_train:]
 
 
+def _int(text: str) -> int | None:
+    """int(text), or None for a literal longer than Python converts (4,300 digits): a completion, not a
+    reward-function error, and no answer or step of a problem is that long."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
 def parse_answer(completion: str) -> int | None:
-    """The integer after the last `answer:` tag, or None when absent or malformed."""
+    """The integer after the last `answer:` tag: the whole rest of the completion, surrounding whitespace
+    aside, must be one integer (-?digits), as `well_formed` requires of the answer field; None when the tag
+    is absent, when anything else follows ("answer:139.7", "answer:139abc", "answer:139 or 140",
+    "answer:139;") or when the integer is too long to convert (over 4,300 digits)."""
     at = completion.rfind(ANSWER_TAG)
     if at < 0:
         return None
-    m = re.match(r"-?\d+", completion[at + len(ANSWER_TAG):].strip())
-    return int(m.group()) if m else None
+    text = completion[at + len(ANSWER_TAG):].strip()
+    return _int(text) if _ANSWER.fullmatch(text) else None
 
 
 def check_answer(problem: Problem, completion: str) -> bool:
@@ -167,21 +180,23 @@ def split_steps(completion: str) -> list[str]:
 def well_formed(completion: str) -> bool:
     """Whether the completion is `step;step;...;answer:N` with well-formed steps `a op b=c`."""
     fields = [f.strip() for f in completion.split(";")]
-    return (re.fullmatch(re.escape(ANSWER_TAG) + r"-?\d+", fields[-1]) is not None
+    return (fields[-1].startswith(ANSWER_TAG) and _ANSWER.fullmatch(fields[-1][len(ANSWER_TAG):]) is not None
             and all(_STEP.match(s) for s in split_steps(completion)))
 
 
 def check_steps(problem: Problem, completion: str) -> list[bool]:
     """Per-step labels: step k is True iff steps 1..k each apply the next legal
-    reduction of the current expression and compute it correctly."""
+    reduction of the current expression and compute it correctly. A step with a number too long to
+    convert (over 4,300 digits) is wrong."""
     toks = _negate_unary(_tokens(problem.expression))
     labels, ok = [], True
     for step in split_steps(completion):
         m = _STEP.match(step)
         if ok and m:
-            a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+            a, op, b, c = _int(m.group(1)), m.group(2), _int(m.group(3)), _int(m.group(4))
             i = _next_reduction(toks)
-            ok = (i is not None and (toks[i - 1], toks[i], toks[i + 1]) == (a, op, b) and _apply(a, op, b) == c)
+            ok = (None not in (a, b, c) and i is not None and (toks[i - 1], toks[i], toks[i + 1]) == (a, op, b)
+                  and _apply(a, op, b) == c)
             if ok:
                 toks = _reduce(toks, i)
         else:

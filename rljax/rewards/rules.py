@@ -103,7 +103,8 @@ _repr.maxstring = _repr.maxother = 40
 def _numbers(out: Any, name: str, n: int) -> np.ndarray:
     """The reward function's result as float32[n], or RewardError saying what it returned.
 
-    Accepted: an array (numpy, jax, anything with a numeric `dtype`) of bool, int or float,
+    Accepted: an array (numpy, jax, anything with a numeric `dtype`) of bool, int or float
+    (ml_dtypes' floats too: a jax bfloat16 or float8 array, whose numpy dtype kind is "V"),
     or a list/tuple of real numbers (Python or numpy bool, int, float, or 0-d numeric arrays).
     Booleans count as 0/1, since `[c == answer for c in ...]` is the natural correctness
     reward. Rejected: strings (np.asarray would silently parse "1.0"), None, complex numbers,
@@ -113,7 +114,12 @@ def _numbers(out: Any, name: str, n: int) -> np.ndarray:
         if dtype is None:
             return None
         try:
-            return np.dtype(dtype).kind
+            dt = np.dtype(dtype)
+            if dt.kind == "V":  # bfloat16, float8_*: ml_dtypes registers them as void-kind numpy types
+                from jax import numpy as jnp  # knows ml_dtypes' type lattice, where numpy does not
+
+                return "f" if jnp.issubdtype(dt, jnp.floating) else "V"
+            return dt.kind
         except TypeError:  # a foreign dtype (torch.float32): ask numpy what the array converts to
             try:
                 return np.asarray(x).dtype.kind
@@ -254,8 +260,13 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
     if len(prompts) != B:
         raise RewardError(f"{len(prompts)} prompts but {B} completions")
     for k, v in metadata.items():
-        if len(v) != B:
-            raise RewardError(f"metadata {k!r} has {len(v)} entries for {B} samples")
+        try:
+            n = len(v)
+        except TypeError:  # a scalar (problems=5): metadata are per-sample sequences
+            raise RewardError(f"metadata {k!r} is {type(v).__name__} {_repr.repr(v)}, not a sequence of "
+                              f"{B} per-sample entries") from None
+        if n != B:
+            raise RewardError(f"metadata {k!r} has {n} entries for {B} samples")
     name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
     size = B if cfg.batch_size is None else cfg.batch_size
     chunks = [range(lo, min(B, lo + size)) for lo in range(0, B, max(size, 1))]
@@ -335,7 +346,14 @@ def arithmetic_format_reward(prompts, completions, **_) -> np.ndarray:
 def length_penalty(max_length: int, *, cache: int = 0, scale: float = 1.0) -> RewardFn:
     """DAPO-style overlong shaping on completion length L (characters here):
     0 for L <= max_length − cache, −scale · (L − (max_length − cache)) / cache within
-    the last `cache` characters, −scale beyond max_length (or past it when cache = 0)."""
+    the last `cache` characters, −scale beyond max_length (or past it when cache = 0).
+    ValueError for a negative max_length or cache, and when cache > max_length: the soft zone
+    would start below length 0 and penalise even an empty completion."""
+    if max_length < 0 or cache < 0:
+        raise ValueError(f"length_penalty: max_length ({max_length}) and cache ({cache}) must be >= 0")
+    if cache > max_length:
+        raise ValueError(f"length_penalty: cache ({cache}) must be <= max_length ({max_length}); the penalty "
+                         f"zone would start at length {max_length - cache} and penalise every completion")
     start = max_length - cache
 
     def penalty(prompts, completions, **_):

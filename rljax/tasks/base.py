@@ -13,7 +13,10 @@ and the collators take them as they are. What a study needs from a task:
                                                              step fields and their labels (None: no steps)
   gold_score(problem, completion) -> float                   the hidden quality synthetic data is built on
   corrupt(problem, rng, kind) -> str, corruptions            the corruptions of the reference
-  well_formed(completion) -> bool                            the task's output format (format reward)
+  well_formed(completion) -> bool                            the task's output format (format reward);
+                                                             with well_formed_reads_prompt, also
+                                                             well_formed(completion, prompt) (a prompt that
+                                                             ends in "<think>" opens the completion's block)
 
 and the rewards built from them (`answer_reward`, `step_reward`, `format_reward`: the
 `fn(prompts, completions, *, problems) -> float32[B]` protocol of `rljax.rewards`).
@@ -34,7 +37,7 @@ import numpy as np
 from rljax.tokenizer import DEFAULT_ALPHABET
 
 __all__ = ["ANSWER_TAG", "FILLERS", "STANDARD_CORRUPTIONS", "Task", "TaskAlphabetError", "check_alphabet",
-           "tag_answer", "leading_right_fraction", "step_gold_score", "verbose_completion"]
+           "tag_answer", "parse_int", "leading_right_fraction", "step_gold_score", "verbose_completion"]
 
 ANSWER_TAG = "answer:"
 # The four corruptions the arithmetic task defined; tasks without steps use a subset.
@@ -67,6 +70,16 @@ def tag_answer(completion: str) -> str | None:
     """The text after the last `answer:` tag, stripped; None when the tag is absent."""
     at = completion.rfind(ANSWER_TAG)
     return None if at < 0 else completion[at + len(ANSWER_TAG):].strip()
+
+
+def parse_int(text: str) -> int | None:
+    """int(text) of a literal the caller has matched as digits, or None when it is longer than Python
+    converts (4,300 digits): such a literal comes from a completion, scores as wrong, and must not make
+    the reward function raise (which would end an RL run)."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def verbose_completion(steps: Sequence[str], answer_field: str, rng: np.random.Generator) -> str:
@@ -110,7 +123,9 @@ class Task:
     levels a study uses when it names none. steps(P) -> the reference's step fields (for
     step credit; () for tasks without steps). step_credit(P, completion) -> float in [0, 1],
     the step reward (default: the leading right steps' fraction of the reference's steps,
-    `leading_right_fraction`)."""
+    `leading_right_fraction`). well_formed_reads_prompt: well_formed also takes the sample's prompt,
+    well_formed(completion, prompt) (part of the format may sit at the end of the prompt: a chat template
+    that opens "<think>"); `format_reward` then passes it. well_formed(completion) keeps working."""
 
     name: str
     generate: Callable[[random.Random, int], Any]
@@ -135,6 +150,7 @@ class Task:
     # the characters its text must be made of (`check_alphabet`; the CharTokenizer's); None: not checked,
     # for a task whose text goes through a subword tokenizer (the math task of an HF model)
     alphabet: frozenset[str] | None = _ALPHABET
+    well_formed_reads_prompt: bool = False
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -235,11 +251,15 @@ class Task:
         return self._reward(self.credit, "step")
 
     def format_reward(self) -> Callable:
-        """fn(prompts, completions) -> 1 when `well_formed(completion)`, else 0."""
+        """fn(prompts, completions) -> 1 when `well_formed(completion)` (`well_formed(completion, prompt)`
+        with well_formed_reads_prompt), else 0."""
         if self.well_formed is None:
             raise ValueError(f"task {self.name!r} has no format check")
 
         def reward(prompts, completions, **_):
+            if self.well_formed_reads_prompt:
+                return np.array([float(self.well_formed(c, p)) for p, c in zip(prompts, completions, strict=True)],
+                                np.float32)
             return np.array([float(self.well_formed(c)) for c in completions], np.float32)
 
         reward.__name__ = f"{self.name}_format_reward"

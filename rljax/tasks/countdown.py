@@ -39,13 +39,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rljax.tasks.base import (ANSWER_TAG, STANDARD_CORRUPTIONS, Task, leading_right_fraction, step_gold_score,
-                              tag_answer, verbose_completion)
+from rljax.tasks.base import (ANSWER_TAG, STANDARD_CORRUPTIONS, Task, leading_right_fraction, parse_int,
+                              step_gold_score, tag_answer, verbose_completion)
 
 __all__ = ["COUNTDOWN", "CountdownProblem", "make_problem", "evaluate", "reachable", "check_answer",
-           "check_steps", "valid_steps", "split_steps", "gold_score", "corrupt", "well_formed", "MAX_LEVEL"]
+           "check_steps", "valid_steps", "split_steps", "gold_score", "corrupt", "well_formed", "MAX_LEVEL",
+           "MAX_DEPTH"]
 
 MAX_LEVEL = 4
+# The deepest parenthesis nesting `evaluate` reads. Its parser recurses three frames per level, so ~330
+# levels would exhaust Python's default recursion limit (RecursionError inside the reward function); a
+# reference answer nests at most MAX_LEVEL + 1 deep.
+MAX_DEPTH = 32
 _STEP = re.compile(r"^(-?\d+)([+\-*])(-?\d+)=(-?\d+)$")
 _TOKEN = re.compile(r"\s*(\d+|[+\-*()])")
 _PREC = {"+": 1, "-": 1, "*": 2}
@@ -133,13 +138,21 @@ def make_problem(rng: random.Random, level: int) -> CountdownProblem:
 # ----------------------------------------------------------------------------- checking
 def evaluate(expression: str) -> tuple[int, tuple[int, ...]] | None:
     """(value, the integer literals in order) of an expression of non-negative integers, + - * and
-    parentheses (* before + -, left to right); None when it is not one."""
+    parentheses (* before + -, left to right); None when it is not one, or when it nests parentheses
+    deeper than MAX_DEPTH or holds a literal too long to convert (over 4,300 digits)."""
     toks, pos, expression = [], 0, expression.strip()
+    depth = 0
     while pos < len(expression):
         m = _TOKEN.match(expression, pos)
         if not m:
             return None
-        toks.append(m.group(1))
+        tok = m.group(1)
+        if tok.isdigit() and parse_int(tok) is None:
+            return None
+        depth += (tok == "(") - (tok == ")")
+        if depth > MAX_DEPTH:
+            return None
+        toks.append(tok)
         pos = m.end()
     lits: list[int] = []
     i = 0
@@ -228,9 +241,9 @@ def _walk(problem: CountdownProblem, completion: str, search: bool) -> tuple[lis
     for step in split_steps(completion):
         m = _STEP.match(step)
         if ok and m:
-            a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-            need = Counter([a, b])
-            ok = not need - avail and _apply(a, op, b) == c and c >= 0
+            a, op, b, c = parse_int(m.group(1)), m.group(2), parse_int(m.group(3)), parse_int(m.group(4))
+            need = Counter([a, b])  # a number too long to convert (None) is never available: the step is wrong
+            ok = None not in (a, b, c) and not need - avail and _apply(a, op, b) == c and c >= 0
             if ok:
                 avail = avail - need + Counter([c])
                 ok = not search or reachable(avail.elements(), problem.target)
@@ -242,7 +255,8 @@ def _walk(problem: CountdownProblem, completion: str, search: bool) -> tuple[lis
 
 def valid_steps(problem: CountdownProblem, completion: str) -> list[bool]:
     """Local labels: step k is True iff steps 1..k are each valid (available operands, right result,
-    c >= 0), whether or not the target can still be reached."""
+    c >= 0), whether or not the target can still be reached. A number too long to convert (over 4,300
+    digits) makes its step invalid."""
     return _walk(problem, completion, search=False)[0]
 
 

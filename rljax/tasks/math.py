@@ -17,19 +17,28 @@ evaluations) runs on real checkpoints and data sets unchanged. What the task's f
   reference   `sft_target(problem, style)`: the worked solution in the answer style
                 boxed  "<solution>\\nThe final answer is \\boxed{<answer>}."
                 think  "<think>\\n<solution>\\n</think>\\n<answer><answer></answer>"
+              where the chat template's generation prompt already ends in "<think>" (R1-distill models),
+              the think reference starts after it: "<solution>\\n</think>\\n<answer>...", no second tag
   check       the final answer (`extract_answer`) equals the reference (`answers_match`): the reward of
               `rljax.rewards.math_answers.math_answer_reward`
-  well_formed think: `think_answer_format_reward` = 1; boxed: exactly one closed \\boxed{...}
+  well_formed well_formed(completion, prompt=None). think: `think_answer_format_reward([prompt], [completion])`
+              = 1, so a prompt ending in "<think>" supplies the opening tag; without a prompt, the task's
+              own prompts decide (whether its chat template ends the generation prompt in "<think>").
+              boxed: exactly one closed \\boxed{...}. `format_reward` passes each sample's prompt.
   gold_score  0.8 · right + 0.2 · well formed (the order synthetic preference pairs are labelled by)
-  corrupt     "wrong_answer" (the reference with another final answer), "truncated" (the first half of the
-              solution, no answer), "unformatted" (the solution and the right answer outside the style's
-              markers)
+  corrupt     "wrong_answer" (the reference with another final answer: a number moved by ±1..9, else a
+              digit changed, another choice letter, "+1" appended or the answer negated, the first that
+              `check` rejects; ValueError naming the answer when none is), "truncated" (the first half of
+              the solution, no answer), "unformatted" (the solution and the right answer outside the
+              style's markers)
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -107,10 +116,13 @@ def chat_prompt(tok, question: str, system_prompt: str | None) -> str:
     return tok.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def sft_target(problem: MathProblem, style: str) -> str:
-    """The reference solution written in the answer style the reward reads (see the module docstring)."""
+def sft_target(problem: MathProblem, style: str, *, prefilled_think: bool = False) -> str:
+    """The reference solution written in the answer style the reward reads (see the module docstring).
+    prefilled_think: the prompt already ends in "<think>" (the chat template opens the reasoning), so
+    the think-style target starts inside the reasoning block rather than opening a second one."""
     if _check_style(style) == "think":
-        return f"<think>\n{problem.solution}\n</think>\n<answer>{problem.answer}</answer>"
+        opening = "" if prefilled_think else "<think>\n"
+        return f"{opening}{problem.solution}\n</think>\n<answer>{problem.answer}</answer>"
     return f"{problem.solution}\nThe final answer is \\boxed{{{problem.answer}}}."
 
 
@@ -120,11 +132,21 @@ def math_answer_correct(problem: MathProblem, completion: str) -> float:
     return float(answers_match(extract_answer(completion), problem.answer))
 
 
-def _well_formed(style: str):
-    if style == "think":
-        return lambda completion: bool(think_answer_format_reward([""], [completion])[0])
+def _prefills_think(prompt: str) -> bool:
+    """Whether the prompt ends in "<think>" (the rule of `think_answer_format_reward`)."""
+    return prompt.rstrip().endswith("<think>")
 
-    def boxed_once(completion: str) -> bool:
+
+def _well_formed(style: str, default_prompt: Callable[[], str]):
+    """well_formed(completion, prompt=None) of the style; a None prompt is `default_prompt()`'s text."""
+    if style == "think":
+        def think_answer(completion: str, prompt: str | None = None) -> bool:
+            context = default_prompt() if prompt is None else prompt
+            return bool(think_answer_format_reward([context], [completion])[0])
+
+        return think_answer
+
+    def boxed_once(completion: str, prompt: str | None = None) -> bool:
         try:
             return len(re.findall(r"\\(?:boxed|fbox)\b", completion)) == 1 and last_boxed(completion) is not None
         except ValueError:  # an unclosed \boxed{
@@ -133,20 +155,45 @@ def _well_formed(style: str):
     return boxed_once
 
 
-def _wrong_answer(answer: str, rng: np.random.Generator) -> str:
-    """Another final answer: a number moved by ±1..9 (an integer stays one), else the text with a digit appended."""
+_CHOICE = re.compile(r"(?<![A-Za-z\\])[A-E](?![A-Za-z])")  # a multiple-choice letter, "A" or "\text{(B)}"
+
+
+def _wrong_answers(answer: str, rng: np.random.Generator):
+    """Candidate wrong final answers, most plausible first: a number moved by ±1..9 (an integer stays one);
+    else one digit changed, another choice letter (A-E), "+1" appended, the answer negated. Appending a digit
+    is not among them: math-verify reads "\\frac{1}{2}1" or "\\pi1" as a product with 1, the same value."""
     value = normalize_number(answer)
-    if value is None:
-        return f"{answer}1"
-    shifted = value + int(rng.integers(1, 10)) * (1 if rng.random() < 0.5 else -1)
-    return str(int(shifted)) if shifted.denominator == 1 else str(float(shifted))
+    if value is not None:
+        for _ in range(3):
+            shifted = value + int(rng.integers(1, 10)) * (1 if rng.random() < 0.5 else -1)
+            yield str(int(shifted)) if shifted.denominator == 1 else str(float(shifted))
+        return
+    digits = [i for i, ch in enumerate(answer) if ch.isdigit()]
+    for _ in range(5 if digits else 0):
+        i = digits[int(rng.integers(len(digits)))]
+        other = [d for d in "0123456789" if d != answer[i]]
+        yield answer[:i] + other[int(rng.integers(len(other)))] + answer[i + 1:]
+    choices = list(_CHOICE.finditer(answer))
+    if choices:
+        m = choices[-1]
+        other = [c for c in "ABCDE" if c != m.group()]
+        yield answer[:m.start()] + other[int(rng.integers(len(other)))] + answer[m.end():]
+    yield f"{answer}+1"
+    yield f"-({answer})"
 
 
-def _corrupt(style: str):
+def _corrupt(style: str, reference_of: Callable[[MathProblem, str], str]):
+    """corrupt(problem, rng, kind); reference_of(problem, answer): the problem's reference with that final answer."""
     def corrupt(problem: MathProblem, rng: np.random.Generator, kind: str) -> str:
         if kind == "wrong_answer":
-            return sft_target(MathProblem(problem.question, problem.solution, _wrong_answer(problem.answer, rng)),
-                              style)
+            tried = []
+            for answer in _wrong_answers(problem.answer, rng):
+                completion = reference_of(problem, answer)
+                if not math_answer_correct(problem, completion):  # the value must change, not just the text
+                    return completion
+                tried.append(answer)
+            raise ValueError(f"math task: found no wrong answer for the reference answer {problem.answer!r}: "
+                             f"every candidate tried ({', '.join(map(repr, tried))}) still equals it")
         if kind == "truncated":
             words = problem.solution.split()
             return " ".join(words[:max(len(words) // 2, 1)])
@@ -175,14 +222,27 @@ def math_task(tok, *, style: str = "think", system_prompt: str | None = None, na
         # encode(add_bos=True) prepends bos: the template's own copy would make two
         return text[len(bos):] if bos and text.startswith(bos) else text
 
-    well_formed = _well_formed(style)
+    @functools.cache
+    def template_prompt() -> str:
+        # The generation prompt's end does not depend on the question: one rendering tells whether the
+        # template opens the reasoning ("<think>"), for a well_formed called without its prompt (rejection
+        # sampling calls well_formed(completion)).
+        return prompt(MathProblem("1 + 1 = ?", "", "2"))
+
+    well_formed = _well_formed(style, template_prompt)
+
+    def reference_of(problem: MathProblem, answer: str) -> str:
+        return sft_target(MathProblem(problem.question, problem.solution, answer), style,
+                          prefilled_think=_prefills_think(prompt(problem)))
 
     def gold_score(problem: MathProblem, completion: str) -> float:
-        return _RIGHT_WEIGHT * math_answer_correct(problem, completion) + _FORMAT_WEIGHT * float(well_formed(completion))
+        return (_RIGHT_WEIGHT * math_answer_correct(problem, completion)
+                + _FORMAT_WEIGHT * float(well_formed(completion, prompt(problem))))
 
     return Task(name=name or f"math-{style}", generate=_no_generator, key=lambda p: p.question,
                 extract=extract_answer, check=lambda p, c: bool(math_answer_correct(p, c)), gold_score=gold_score,
-                corrupt=_corrupt(style), corruptions=MATH_CORRUPTIONS, prompt=prompt,
-                reference=lambda p: sft_target(p, style), separator=None, well_formed=well_formed, alphabet=None,
+                corrupt=_corrupt(style, reference_of), corruptions=MATH_CORRUPTIONS, prompt=prompt,
+                reference=lambda p: reference_of(p, p.answer), separator=None, well_formed=well_formed,
+                well_formed_reads_prompt=True, alphabet=None,
                 description=f"math word problems from data files, answers in the {style} style, prompts through "
                             "the model's chat template")

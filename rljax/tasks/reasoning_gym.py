@@ -11,22 +11,31 @@ from `random.Random(seed)` (`Task.split`), so a seed gives the same problems on 
 
 Levels: level L is the generator's curriculum at global level L - 1 (every curriculum attribute at
 its (L-1)-th value, or its last; `RangeAttributeMode.UPPER_BOUND`: that level's range only), then
-`**config` on top (your fields win); max_level is the curriculum's longest attribute. A generator
-without a curriculum has level 1 only, its config the defaults with `**config`.
+`**config` on top (your fields win); max_level is the curriculum's longest attribute, counted in the
+distinct settings it gives: n values make n levels, but n - 1 for an attribute with
+`ensure_interval` (reasoning-gym then takes the interval [values[L-1], values[L]], and caps L at the
+last pair, so counting n would make the top level repeat the one below it). Every level 1..max_level
+thus differs from the one below it in at least one attribute. A generator without a curriculum has
+level 1 only, its config the defaults with `**config`.
 
 Prompt: the question, stripped, lowercased (`lowercase=True`: the character tokenizer has no
 capitals; for the generators in `RG_GENERATORS` case carries no information, letter_counting
 counts case-insensitively), then a newline; `render(question) -> prompt` replaces this.
 Completion: `answer:<answer>`; the answer of a completion is the text after its last `answer:`
-tag, stripped (None without the tag). The verifier is the dataset's own `score_answer(answer,
+tag, stripped (None without the tag). It is well formed when it is "answer:" and a non-empty
+one-line answer, nothing before or after (surrounding whitespace aside), so that what `check` reads
+is exactly the answer ("answer:-1590\nblah" is not). The verifier is the dataset's own `score_answer(answer,
 entry)` in [0, 1]: `score` is that, `check` is score == 1, and the gold score is score - 0.01 per
 character beyond the reference (no steps: reasoning-gym gives answers, not chains).
 Corruptions: wrong_answer (one character of the answer changed), truncated (the answer cut
 short), verbose (a filler phrase before the answer); the first two score < 1, checked.
 
-A prompt or answer with a character the tokenizer cannot encode raises `TaskAlphabetError`
-naming it and the task at `split`; a generator missing from the installed reasoning-gym raises
-naming it and the installed version.
+A prompt or answer with a character the tokenizer cannot encode: for a generator in `RG_GENERATORS`
+(where such items are rare: letter_counting's text holds an occasional "ë") the item is skipped and
+another index drawn from the same `rng` (deterministic with the seed; `RGProblem.redrawn` counts the
+skipped items), up to MAX_REDRAWS in a row; past that, and for any other generator (unless
+`redraw_unencodable=True`), `TaskAlphabetError` naming the character and the task. A generator
+missing from the installed reasoning-gym raises naming it and the installed version.
 """
 from __future__ import annotations
 
@@ -41,9 +50,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rljax.tasks.base import ANSWER_TAG, FILLERS, Task, tag_answer
+from rljax.tasks.base import ANSWER_TAG, FILLERS, Task, TaskAlphabetError, check_alphabet, tag_answer
 
-__all__ = ["CORRUPTIONS", "RG_GENERATORS", "RGProblem", "reasoning_gym_task", "installed_version"]
+__all__ = ["CORRUPTIONS", "MAX_REDRAWS", "RG_GENERATORS", "RGProblem", "reasoning_gym_task", "installed_version"]
 
 # Generators whose items suit the tiny character-level model: short prompts and short answers over
 # digits and lowercase letters. Measured with this adapter (lowercased question + newline; 200 problems
@@ -79,6 +88,9 @@ RG_GENERATORS = {
 
 
 CORRUPTIONS = ("wrong_answer", "truncated", "verbose")
+# Unencodable items skipped in a row before `generate` gives up: a generator that produces this many is
+# not one with rare odd characters but one the character tokenizer does not fit.
+MAX_REDRAWS = 50
 
 
 def installed_version() -> str:
@@ -102,7 +114,8 @@ def _rg():
 @dataclass(frozen=True)
 class RGProblem:
     """One reasoning-gym item: `entry` is the dataset's dict (question, answer, metadata), what
-    `score_answer` takes; index: the item's index in its level's dataset."""
+    `score_answer` takes; index: the item's index in its level's dataset; redrawn: how many items
+    `generate` skipped before this one for characters the tokenizer cannot encode."""
 
     task: str
     prompt: str
@@ -110,6 +123,7 @@ class RGProblem:
     entry: dict
     index: int
     level: int
+    redrawn: int = 0
 
     @property
     def completion(self) -> str:
@@ -124,12 +138,20 @@ def _default_render(question: str, lowercase: bool) -> str:
 _SIZE = 1_000_000
 
 
+def _levels(attribute) -> int:
+    """The distinct settings of a curriculum attribute under UPPER_BOUND: one per value, one fewer with
+    ensure_interval (each level is then the interval between two consecutive values)."""
+    n = len(attribute.levels)
+    return max(n - 1, 1) if getattr(attribute, "ensure_interval", False) else n
+
+
 def reasoning_gym_task(name: str, *, lowercase: bool = True, render: Callable[[str], str] | None = None,
-                       **config) -> Task:
+                       redraw_unencodable: bool | None = None, **config) -> Task:
     """The task "rg:<name>" from reasoning-gym's generator `name` (see the module docstring).
 
     config: fields of the generator's config dataclass (not seed or size, which the adapter sets);
-    an unknown field is an error listing the known ones."""
+    an unknown field is an error listing the known ones. redraw_unencodable: skip items with characters
+    the tokenizer cannot encode (None: for the generators in RG_GENERATORS only)."""
     factory, Context, Mode = _rg()
     version = installed_version()
     if name not in factory.DATASETS:
@@ -143,8 +165,9 @@ def reasoning_gym_task(name: str, *, lowercase: bool = True, render: Callable[[s
                          f"{config_cls.__name__} has {sorted(fields)}")
     task_name = f"rg:{name}"
     curriculum_cls = factory.CURRICULA.get(name)
-    max_level = max((len(a.levels) for a in curriculum_cls().attributes.values()), default=1) \
+    max_level = max((_levels(a) for a in curriculum_cls().attributes.values()), default=1) \
         if curriculum_cls is not None else 1
+    redraw = name in RG_GENERATORS if redraw_unencodable is None else redraw_unencodable
     datasets: dict[int, Any] = {}
 
     def dataset(level: int):
@@ -166,11 +189,22 @@ def reasoning_gym_task(name: str, *, lowercase: bool = True, render: Callable[[s
         return render(question) if render is not None else _default_render(question, lowercase)
 
     def generate(rng: random.Random, level: int) -> RGProblem:
-        index = rng.randrange(_SIZE)
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            entry = dataset(level)[index]
-        return RGProblem(task_name, to_prompt(entry["question"]), str(entry["answer"]), entry, index, level)
+        for redrawn in range(MAX_REDRAWS + 1 if redraw else 1):
+            index = rng.randrange(_SIZE)
+            with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                entry = dataset(level)[index]
+            problem = RGProblem(task_name, to_prompt(entry["question"]), str(entry["answer"]), entry, index, level,
+                                redrawn)
+            if not redraw:  # Task.split checks the alphabet and names the character
+                return problem
+            try:
+                check_alphabet(task_name, problem.prompt, "prompt")
+                check_alphabet(task_name, problem.completion, "reference completion")
+                return problem
+            except TaskAlphabetError as e:
+                error = e
+        raise error
 
     def score(problem: RGProblem, completion: str) -> float:
         return float(dataset(problem.level).score_answer(tag_answer(completion), problem.entry))
@@ -207,8 +241,10 @@ def reasoning_gym_task(name: str, *, lowercase: bool = True, render: Callable[[s
         raise ValueError(f"unknown corruption {kind!r}; expected one of {CORRUPTIONS}")
 
     def well_formed(completion: str) -> bool:
-        return completion.startswith(ANSWER_TAG) and completion.count(ANSWER_TAG) == 1 and bool(
-            tag_answer(completion))
+        # "answer:-1590\nblah" would score as the answer "-1590\nblah": trailing text is not the format
+        answer = tag_answer(completion)
+        return (completion.strip().startswith(ANSWER_TAG) and completion.count(ANSWER_TAG) == 1 and bool(answer)
+                and "\n" not in answer)
 
     return Task(name=task_name, generate=generate, key=lambda p: p.entry["question"], extract=tag_answer,
                 check=check, gold_score=gold_score, corrupt=corrupt, corruptions=CORRUPTIONS, default_levels=(1,),

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rljax.tasks.base import (ANSWER_TAG, STANDARD_CORRUPTIONS, Task, leading_right_fraction, step_gold_score,
-                              tag_answer, verbose_completion)
+from rljax.tasks.base import (ANSWER_TAG, STANDARD_CORRUPTIONS, Task, leading_right_fraction, parse_int,
+                              step_gold_score, tag_answer, verbose_completion)
 
 __all__ = ["SORTING", "SortProblem", "make_problem", "parse_list", "check_answer", "check_steps", "split_steps",
            "gold_score", "corrupt", "well_formed", "insertion_steps"]
@@ -78,10 +78,12 @@ def make_problem(rng: random.Random, level: int) -> SortProblem:
 
 
 def parse_list(text: str | None) -> tuple[int, ...] | None:
-    """"3,7,21" -> (3, 7, 21); None when `text` is not a comma-separated list of integers."""
+    """"3,7,21" -> (3, 7, 21); None when `text` is not a comma-separated list of integers, or holds one too
+    long to convert (over 4,300 digits: no list of a problem does)."""
     if text is None or not _LIST.fullmatch(text.strip()):
         return None
-    return tuple(int(x) for x in text.strip().split(","))
+    xs = tuple(parse_int(x) for x in text.strip().split(","))
+    return None if None in xs else xs
 
 
 def extract(completion: str) -> tuple[int, ...] | None:
@@ -117,10 +119,11 @@ def check_steps(problem: SortProblem, completion: str) -> list[bool]:
 
 
 def well_formed(completion: str) -> bool:
-    """`list;list;...;answer:list`, every list comma-separated integers."""
+    """`list;list;...;answer:list`, every list comma-separated integers (a syntactic check: the integers
+    are not converted, so their length does not matter)."""
     fields = [f.strip() for f in completion.split(";")]
-    return (fields[-1].startswith(ANSWER_TAG) and parse_list(fields[-1][len(ANSWER_TAG):]) is not None
-            and all(parse_list(s) is not None for s in split_steps(completion)))
+    return (fields[-1].startswith(ANSWER_TAG) and _LIST.fullmatch(fields[-1][len(ANSWER_TAG):].strip()) is not None
+            and all(_LIST.fullmatch(s) for s in split_steps(completion)))
 
 
 def gold_score(problem: SortProblem, completion: str) -> float:
