@@ -134,7 +134,10 @@ def _leaf_sums(x):
     return jnp.stack([s1, s2])
 
 
-_jit_leaf_sums = jax.jit(_leaf_sums)
+# The sums of every leaf spread over several processes, as one program: one small program per leaf,
+# launched one after another and waited for together, deadlocked XLA:CPU's gloo collectives (a process
+# in one leaf's reduction while the other waited in the next one's, or already in orbax's barrier).
+_jit_spread_sums = jax.jit(lambda leaves: [_leaf_sums(x) for x in leaves])
 
 
 def _host_words(x: np.ndarray) -> np.ndarray:
@@ -166,13 +169,18 @@ def _host_leaf_sums(x: np.ndarray) -> np.ndarray:
     return np.stack([s1, s2])
 
 
-def _sums(leaf):
-    """A leaf's two sums: in numpy when this process holds all of it (one process: no compile,
-    which would cost about a second per new leaf shape, and the checkpoint's writer copies the
-    arrays to the host anyway), else on the devices, where XLA reduces across processes."""
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        return _jit_leaf_sums(leaf)
-    return _host_leaf_sums(np.asarray(jax.device_get(leaf)))
+def _spread(leaf) -> bool:
+    return isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+
+
+def _all_sums(leaves) -> list:
+    """Every leaf's two sums: in numpy for a leaf this process holds all of (one process: no
+    compile, which would cost about a second per new leaf shape, and the checkpoint's writer
+    copies the arrays to the host anyway), on the devices for the leaves spread over several
+    processes, where XLA reduces across processes (all of them in one program, `_jit_spread_sums`)."""
+    spread = [leaf for leaf in leaves if _spread(leaf)]
+    device = iter(jax.device_get(_jit_spread_sums(spread)) if spread else ())
+    return [next(device) if _spread(leaf) else _host_leaf_sums(np.asarray(jax.device_get(leaf))) for leaf in leaves]
 
 
 def json_digest(value) -> str:
@@ -195,9 +203,9 @@ def state_digest(state) -> str:
     returns, whatever orbax's file layout; a manifest of file hashes would have to wait for the
     asynchronous write to finish and would tie the check to orbax's files. Cost: one read of
     the state on its devices per save and per restore, plus, for arrays
-    spread over several processes, one compile per leaf shape, dtype and sharding."""
+    spread over several processes, one compile per state structure (shapes, dtypes, shardings)."""
     flat = jax.tree_util.tree_flatten_with_path(_to_saveable(state))[0]
-    sums = jax.device_get([_sums(leaf) for _, leaf in flat])
+    sums = _all_sums([leaf for _, leaf in flat])
     h = hashlib.sha256()
     for (path, leaf), (s1, s2) in zip(flat, sums):
         h.update(f"{jax.tree_util.keystr(path)}|{np.dtype(leaf.dtype)}|{tuple(leaf.shape)}|{int(s1)}|{int(s2)}\n"

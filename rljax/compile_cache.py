@@ -19,12 +19,18 @@ Every experiment's entry point (`rljax.cli.run`) calls it, so reruns and resumes
 - else `$XDG_CACHE_HOME/rljax/jax`, `~/.cache/rljax/jax` without XDG_CACHE_HOME.
 
 Programs that compile in under `min_compile_s` are not stored (they cost more to look up than
-to build). The directory is capped at `max_bytes` (least recently used entries go first). Like
-any compilation cache it is trusted code: do not point it at a directory others may write.
+to build). The directory is capped at `max_bytes` (least recently used entries go first). Each
+is JAX's own setting where the environment gives one (`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`,
+`JAX_COMPILATION_CACHE_MAX_SIZE`) and the call does not. The directory must be writable (JAX
+takes a lock file in it even to read): one chosen by `path`, JAX or `$RLJAX_COMPILATION_CACHE`
+that is not is an error naming it and what chose it; the default one is skipped with a warning
+(the cache is an optimisation, and a read-only or missing home directory should not stop a run).
+Like any compilation cache it is trusted code: do not point it at a directory others may write.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 ENV = "RLJAX_COMPILATION_CACHE"
 OFF = ("", "0", "off", "false", "none")
@@ -40,13 +46,19 @@ def default_cache_dir() -> str | None:
     return os.path.join(base, "rljax", "jax")
 
 
-def enable_compilation_cache(path: str | None = None, *, min_compile_s: float = 0.5,
-                             max_bytes: int = DEFAULT_MAX_BYTES) -> str | None:
+MIN_COMPILE_S = 0.5
+_JAX_ENV = {"min_compile_s": "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "max_bytes": "JAX_COMPILATION_CACHE_MAX_SIZE"}
+
+
+def enable_compilation_cache(path: str | None = None, *, min_compile_s: float | None = None,
+                             max_bytes: int | None = None) -> str | None:
     """Turn on JAX's persistent compilation cache; returns the directory in use (None: left off).
 
     It applies to every compile after the call (programs this process compiled before stay in
-    its memory and are not written). A directory that cannot be created is an error naming it
-    and what chose it.
+    its memory and are not written). A directory that cannot be created or written is an error
+    naming it and what chose it, except the default one, which is skipped with a warning.
+    min_compile_s, max_bytes: None keeps the environment's JAX setting (see the module), else
+    MIN_COMPILE_S = 0.5 s and DEFAULT_MAX_BYTES = 4 GiB.
     """
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
@@ -60,11 +72,20 @@ def enable_compilation_cache(path: str | None = None, *, min_compile_s: float = 
             return None
     try:
         os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError("not writable (JAX writes a lock file there even to read)")
     except OSError as e:
-        raise OSError(f"compilation cache: cannot create {path!r} (from {source}): {e}; set {ENV}=off "
-                      f"to run without it") from e
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_s))
-    jax.config.update("jax_compilation_cache_max_size", int(max_bytes))
+        message = f"compilation cache: cannot use {path!r} (from {source}): {e}"
+        if source == "the default":
+            warnings.warn(f"{message}; running without it (set {ENV} to a writable directory, or {ENV}=off to "
+                          "silence this)", stacklevel=2)
+            return None
+        raise OSError(f"{message}; set {ENV}=off to run without it") from e
+    for name, value, default, key, cast in (
+            ("min_compile_s", min_compile_s, MIN_COMPILE_S, "jax_persistent_cache_min_compile_time_secs", float),
+            ("max_bytes", max_bytes, DEFAULT_MAX_BYTES, "jax_compilation_cache_max_size", int)):
+        if value is not None or os.environ.get(_JAX_ENV[name]) is None:  # the environment's own setting stays
+            jax.config.update(key, cast(default if value is None else value))
     if jax.config.jax_compilation_cache_dir != path:
         cc.set_cache_dir(path)
         cc.reset_cache()  # a cache opened at another directory is dropped, the next compile opens this one

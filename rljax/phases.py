@@ -301,8 +301,9 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
         if resumed and start > cfg.steps:  # nothing to run, and not the state the caller asked for: say so
             print(f"[{name}] warning: the checkpoint in {ckpt.directory} is at step {start}, past steps="
                   f"{cfg.steps}: it is returned as it is (no step undone); use another run_dir for a shorter run")
-        if resumed and writer is not None:
-            writer.resume(start, prefix=f"{name}/", mark=start < cfg.steps)
+        if writer is not None:  # a fresh start (resumed False) drops the lines a run killed before its first
+            # checkpoint wrote: they belong to no state, and the rerun logs those steps again
+            writer.resume(start, prefix=f"{name}/", mark=resumed and start < cfg.steps)
         consecutive = 0
         progress = Progress(cfg.steps, initial=start, desc=name, disable=not cfg.progress)
         t_last, tokens_since, shown_step, skipped_since = time.perf_counter(), 0, start, 0

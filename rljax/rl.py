@@ -248,8 +248,16 @@ def create_rl_state(model, params, cfg: RLConfig, key, *, reference=None, critic
     teacher = teacher_params
     if teacher is not None and mesh is not None:
         teacher = shard_params(teacher, param_shardings(teacher_model or model, mesh))
-    return RLState(step=jnp.int32(0), policy=policy, ref_params=ref, rng=k_rl, critic=critic,
-                   transforms=chain(*cfg.transforms).init(), teacher_params=teacher)
+    step, rng, transforms = jnp.int32(0), k_rl, chain(*cfg.transforms).init()
+    if mesh is not None:
+        # replicated on the mesh, as create_state places its counters: a checkpoint restores every leaf onto
+        # its target's sharding, and uncommitted single-device leaves came back committed to device 0, where
+        # the resumed iteration could not mix them with the sharded policy. Made under jit: with several
+        # processes the replicated sharding spans devices device_put cannot reach.
+        step, rng, transforms = jax.jit(lambda r, t: (jnp.int32(0), r, t), out_shardings=replicated(mesh))(
+            rng, transforms)
+    return RLState(step=step, policy=policy, ref_params=ref, rng=rng, critic=critic, transforms=transforms,
+                   teacher_params=teacher)
 
 
 def _informative_groups(rewards: np.ndarray, n: int) -> np.ndarray:

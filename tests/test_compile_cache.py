@@ -48,12 +48,50 @@ def test_off_leaves_jax_alone(monkeypatch, restore_jax_cache_config):
 def test_a_directory_that_cannot_be_made_is_named(tmp_path, monkeypatch, restore_jax_cache_config):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(OSError, match=r"compilation cache: cannot create .*file/cache' \(from path\)"):
+    with pytest.raises(OSError, match=r"compilation cache: cannot use .*file/cache' \(from path\)"):
         enable_compilation_cache(str(blocker / "cache"))
     monkeypatch.setenv(ENV, str(blocker / "env-cache"))
     jax.config.update("jax_compilation_cache_dir", None)
     with pytest.raises(OSError, match=r"file/env-cache' \(from \$RLJAX_COMPILATION_CACHE\).*=off"):
         enable_compilation_cache()
+
+
+def test_an_unwritable_directory_is_named_and_the_default_one_skipped(tmp_path, monkeypatch,
+                                                                     restore_jax_cache_config):
+    # JAX takes a lock file even to read: a read-only cache warned at every compile and was never read
+    # (os.access stubbed: the tests may run as root, who can write anywhere)
+    monkeypatch.setattr("rljax.compile_cache.os.access", lambda path, mode: False)
+    with pytest.raises(OSError, match=r"cannot use .*ro' \(from path\): not writable \(JAX writes a lock file"):
+        enable_compilation_cache(str(tmp_path / "ro"))
+    # the default directory (a read-only or missing home): the run goes on without the cache, said once
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    jax.config.update("jax_compilation_cache_dir", None)
+    with pytest.warns(UserWarning, match=r"compilation cache: cannot use .*home-cache/rljax/jax' \(from the "
+                                         r"default\): not writable.*running without it"):
+        assert enable_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_the_environments_jax_settings_stay(tmp_path, monkeypatch, restore_jax_cache_config):
+    """JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS / JAX_COMPILATION_CACHE_MAX_SIZE (read by JAX at import) are
+    the user's: enable_compilation_cache keeps them unless its call gives values; otherwise 0.5 s and 4 GiB."""
+    from rljax.compile_cache import DEFAULT_MAX_BYTES, MIN_COMPILE_S
+
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    enable_compilation_cache(str(tmp_path / "a"))
+    assert (jax.config.jax_persistent_cache_min_compile_time_secs, jax.config.jax_compilation_cache_max_size) == (
+        MIN_COMPILE_S, DEFAULT_MAX_BYTES)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "1000")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # as JAX read them at import
+    jax.config.update("jax_compilation_cache_max_size", 1000)
+    enable_compilation_cache(str(tmp_path / "b"))
+    assert (jax.config.jax_persistent_cache_min_compile_time_secs, jax.config.jax_compilation_cache_max_size) == (
+        0.0, 1000)
+    enable_compilation_cache(str(tmp_path / "c"), min_compile_s=2.0)  # the call's own value wins
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.0
 
 
 def test_second_compile_loads_from_the_cache(tmp_path, restore_jax_cache_config):

@@ -284,6 +284,28 @@ def test_run_loop_logs_evaluates_and_checkpoints_on_schedule(tiny, tmp_path):
         == [(7, 70.0), (8, 80.0)]
 
 
+def test_a_fresh_start_drops_the_lines_a_run_killed_before_its_first_checkpoint_wrote(tiny, tmp_path):
+    from rljax.metrics import MetricsWriter, read_metrics
+
+    model, _ = tiny
+    state = create_state(model, OptimizerConfig(), jax.random.key(0))
+
+    def step(state, batch):
+        return state.replace(step=state.step + 1), {"loss": np.float32(batch), "skipped": np.int32(0)}
+
+    class Data:
+        def batch_at(self, position):
+            return float(position)
+
+    with MetricsWriter(str(tmp_path)) as w:  # the killed run: 3 logged steps, no checkpoint; another phase's line
+        for k in (1, 2, 3):
+            w.write(k, {"loss": 99.0}, prefix="train/")
+        w.write(1, {"loss": 7.0}, prefix="other/")
+    run_loop(state, step, Data(), LoopConfig(steps=2, log_every=1, progress=False), run_dir=str(tmp_path))
+    assert [(r["step"], r.get("train/loss"), r.get("other/loss")) for r in read_metrics(str(tmp_path))] == [
+        (1, None, 7.0), (1, 0.0, None), (2, 1.0, None)]
+
+
 def test_tokens_per_second_counts_every_real_token_of_the_batch():
     from rljax.data.batch import PromptBatch
     from rljax.phases import _tokens

@@ -254,12 +254,16 @@ CKPT_WORKER = textwrap.dedent("""
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
-    def state(s):
-        return TrainState(step=put(np.int32(s)), params={"w": put(values(s), rows)}, opt_state={},
+    def state(s, leaves=1):
+        extra = {f"v{k}": put(values(s + 10 * k)[:, :8 * k], rows) for k in range(1, leaves)}
+        return TrainState(step=put(np.int32(s)), params={"w": put(values(s), rows), **extra}, opt_state={},
                           rng=jax.random.wrap_key_data(put(jax.random.key_data(jax.random.key(s)))),
                           skipped_steps=put(np.int32(0)))
 
     res = {"digests": [state_digest(state(s)) for s in (1, 2)]}
+    # several leaves spread over both processes: their sums are one program (one small program per leaf,
+    # waited for together, deadlocked XLA:CPU's gloo collectives at random, and with them a save)
+    res["many"] = [state_digest(state(s, leaves=40)) for s in (1, 2, 1, 2, 1, 2)]
     with Checkpointer(d, async_save=False) as ck:
         for s in (1, 2):
             ck.save(state(s), {"data_position": s})
@@ -319,6 +323,7 @@ def test_two_processes_agree_on_a_damaged_checkpoint_and_fall_back(tmp_path, dam
                               for i, (p, _) in enumerate(procs)))
     res = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in (0, 1)]
     assert res[0]["digests"] == res[1]["digests"] and res[0]["digests"][0] != res[0]["digests"][1]
+    assert res[0]["many"] == res[1]["many"] == res[0]["many"][:2] * 3 and res[0]["many"][0] != res[0]["digests"][0]
     for r in res:
         assert r["step"] == 1 and r["meta"] == {"data_position": 1} and r["shards_equal_step_1"]
         assert r["latest_after"] == 1 and r["listing"] == ["1", "2.damaged"]

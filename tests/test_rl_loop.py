@@ -301,6 +301,63 @@ def test_sharded_rl_iterations_equal_single_device():
     assert "ok" in out
 
 
+@pytest.mark.slow  # a sharded subprocess of ~30 s; .ci/run runs the slow tier
+def test_sharded_rl_phase_resumed_from_its_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    """On a (2, 2, 2) mesh: 2 iterations, then the same command for 3 resumes from the checkpoint and
+    equals 3 straight iterations. (The state's step, key and transform state were single-device arrays,
+    restored committed to device 0, and the resumed iteration failed to mix them with the sharded policy.)"""
+    from conftest import run_with_devices
+
+    out = run_with_devices(f"""
+        import jax, numpy as np
+        from conftest import left_padded
+        from rljax.data.batch import PromptBatch
+        from rljax.estimators import BaselineConfig
+        from rljax.models import Model, preset
+        from rljax.phases import LoopConfig, rl
+        from rljax.rl import RLConfig, create_rl_state
+        from rljax.sampling import SampleConfig
+        from rljax.sharding import make_mesh
+        from rljax.state import OptimizerConfig
+        from rljax.transforms import moving_average_baseline
+
+        def decode(ids):
+            return [" ".join(str(int(t)) for t in row if t != 0) for row in np.asarray(ids)]
+
+        def reward(prompts, completions, **_):
+            return [sum(int(t) % 7 == 0 for t in c.split()) / 6 for c in completions]
+
+        class Prompts:
+            def batch_at(self, position):
+                t, m = left_padded([5, 3, 7, 2], 8, 64, seed=position)
+                return PromptBatch(tokens=t, mask=m, metadata={{}})
+
+        cfg = RLConfig(algorithm="reinforce", advantage=BaselineConfig("moving_average"),
+                       sampling=SampleConfig(max_new_tokens=4, n=2, eos_id=-1),
+                       optimizer=OptimizerConfig(lr=1e-2, schedule="constant", eps=1e-3),
+                       transforms=(moving_average_baseline(0.9),))
+        mesh = make_mesh(data=2, fsdp=2, tensor=2)
+        model = Model(preset("tiny", n_layers=1), mesh=mesh)
+        params = Model(preset("tiny", n_layers=1)).init(jax.random.key(0))
+
+        def run(steps, run_dir):
+            state = create_rl_state(model, params, cfg, jax.random.key(1))
+            return rl(state, Prompts(), reward, cfg, model=model, decode=decode, run_dir=run_dir,
+                      loop=LoopConfig(steps=steps, log_every=1, checkpoint_every=1, progress=False))
+
+        straight = run(3, {str(tmp_path / "a")!r})
+        run(2, {str(tmp_path / "b")!r})
+        resumed = run(3, {str(tmp_path / "b")!r})
+        assert int(resumed.step) == 3
+        for a, b in ((resumed.policy.params, straight.policy.params), (resumed.transforms, straight.transforms),
+                     (jax.random.key_data(resumed.rng), jax.random.key_data(straight.rng))):
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), jax.device_get(a),
+                         jax.device_get(b))
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_rl_phase_resumed_from_its_checkpoint_equals_an_uninterrupted_run(bandit, tmp_path):
     """Stop after 2 of 4 iterations, run the same command again: the result equals 4 straight
     iterations (same prompts, same sampling keys, same optimizer and EMA state)."""
