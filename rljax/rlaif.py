@@ -22,7 +22,7 @@ Stages (each a stage of `run_stages`, its directory run_dir/<name>, one results 
                  p = P(a ≻ b) order-averaged, saved in reward-model/labels.json with the position consistency.
                  Train: a Bradley–Terry reward model (the policy's backbone with a zero reward head) on the
                  soft AI labels, L = mean −[p log σ(Δ) + (1 − p) log σ(−Δ)], Δ = r(a) − r(b)
-                 (`soft_preference_loss`; pairs with identical answers, |p − ½| < cfg.min_confidence or an
+                 (`ranking_loss` with RankingBatch.preference = p, `collate_labelled_pairs`; pairs with identical answers, |p − ½| < cfg.min_confidence or an
                  answer too long for the reward model are left out, `trained_labels`). Row: labelled pairs (the
                  trained ones), their position consistency and the labels' agreement with gold on those whose
                  gold scores differ, ties p = ½ excluded (`label_statistics`; measured, never trained on), the
@@ -56,9 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from rljax.checkpoint import json_digest, state_digest
 from rljax.data.batch import PromptBatch, RankingBatch
@@ -66,15 +64,16 @@ from rljax.data.collate import BatchIterator, encode_prompt_completion
 from rljax.data.lengths import Tokens
 from rljax.eval import PolicyEvalConfig, complete, evaluate_policy
 from rljax.metrics import WandbConfig
-from rljax.phases import LoopConfig, run_loop
+from rljax.losses.reward_model import RankingConfig
+from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
 from rljax.pipelines import Stage, rl_state, run_stages, train_rl
 from rljax.rewards.judge import (Judge, JudgeConfig, choice_ids, judge_accuracy, judge_pairwise, judge_prompt_ids,
                                  pairwise_prompt, pairwise_reward)
 from rljax.pipeline_steps import check_algorithm, config_args, sft_on_rows, stage_rl_config
-from rljax.state import OptimizerConfig, create_state, make_train_step
+from rljax.state import OptimizerConfig, create_state
 
-__all__ = ["RLAIFConfig", "RLAIF_FORMS", "RLAIF_STAGES", "SoftPairBatch", "collate_soft_pairs", "label_statistics",
-           "noise_free_pairs", "judge_training_rows", "rlaif", "soft_preference_loss", "trained_labels"]
+__all__ = ["RLAIFConfig", "RLAIF_FORMS", "RLAIF_STAGES", "collate_labelled_pairs", "label_statistics",
+           "noise_free_pairs", "judge_training_rows", "rlaif", "trained_labels"]
 
 RLAIF_FORMS = ("labeller", "direct", "both")
 RLAIF_STAGES = {"labeller": ("sft", "judge", "reward-model", "rl-labeller"), "direct": ("sft", "judge", "rl-direct"),
@@ -171,58 +170,14 @@ class RLAIFConfig:
             raise ValueError(f"RLAIFConfig.seed: must be >= 0, got {self.seed}")
 
 
-@struct.dataclass
-class SoftPairBatch:
-    """AI-labelled pairs for the reward model: pairs, a RankingBatch of K = 2 answers [B, 2, T] (answer 0 is a,
-    answer 1 is b; rank (0, 1) only lists them), and label [B] float32, the judge's soft preference
-    p = P(a ≻ b) ∈ [0, 1]."""
-
-    pairs: RankingBatch
-    label: object
-
-    @property
-    def attention_mask(self):  # the phase loop counts a batch's real tokens (tokens/s) from it
-        return self.pairs.attention_mask
-
-
-def collate_soft_pairs(tokenizer, rows: Sequence[dict], **kw) -> SoftPairBatch:
-    """Label rows {prompt, a, b, p} -> SoftPairBatch ([bos] prompt answer [eos] rows, `collate_pairs` with a as
-    "chosen" and b as "rejected": its errors name the row; kw: its options, e.g. max_length). A p outside
-    [0, 1] (or NaN) is an error naming the row."""
+def collate_labelled_pairs(tokenizer, rows: Sequence[dict], **kw) -> RankingBatch:
+    """AI-labelled rows {prompt, a, b, p} -> RankingBatch of K = 2 answers [B, 2, T] (answer 0 is a, answer 1 is
+    b) with preference p = P(a ≻ b) [B], the soft label `ranking_loss` trains on (`collate_pairs(preferences=)`:
+    its errors name the row, a p outside [0, 1] included; kw: its options, e.g. max_length)."""
     from rljax.data.reward_collate import collate_pairs
 
-    labels = np.array([r["p"] for r in rows], np.float64)
-    bad = np.flatnonzero(~((labels >= 0) & (labels <= 1)))
-    if len(bad):
-        raise ValueError(f"collate_soft_pairs: row {int(bad[0])}: p = {labels[bad[0]]} is not a probability in [0, 1]")
-    pairs = collate_pairs(tokenizer, [(r["prompt"], r["a"], r["b"]) for r in rows], **kw)
-    return SoftPairBatch(pairs=pairs, label=labels.astype(np.float32))
-
-
-def soft_preference_loss(params, batch: SoftPairBatch, *, model):
-    """Bradley–Terry with the judge's soft labels (Lee et al. 2023: the RM trains on the AI preference
-    distribution, not its argmax). With Δ_b = r(x_b, a_b) − r(x_b, b_b) (the reward head at the last token,
-    `rljax.losses.reward_model.ranking_scores`) and p_b = P(a_b ≻ b_b):
-
-        L = mean_b −[p_b log σ(Δ_b) + (1 − p_b) log σ(−Δ_b)] = mean_b [softplus(Δ_b) − p_b Δ_b]
-
-    (`rljax.ops.ranking.binary_cross_entropy` on the logit Δ). p = 1 is the hard Bradley–Terry loss
-    L(Δ) = softplus(−Δ) of `ranking_loss`; p = ½ pulls Δ to 0; L's minimiser is Δ* = logit p, so an
-    uncertain or position-inconsistent label (p near ½) asks for a small margin instead of a full-weight pair.
-    batch.pairs.tokens [B, 2, T], batch.label [B] -> (loss, metrics: loss, accuracy (sign Δ against p > ½ over
-    pairs with p ≠ ½, Δ = 0 counting ½), margin (mean |Δ|), reward_mean, reward_std)."""
-    from rljax.losses.reward_model import ranking_scores
-    from rljax.ops.ranking import binary_cross_entropy
-
-    scores = ranking_scores(params, batch.pairs, model=model)  # [B, 2]
-    p = jnp.asarray(batch.label, jnp.float32)
-    delta = scores[:, 0] - scores[:, 1]
-    loss = binary_cross_entropy(delta, p).mean()
-    decided = (p != 0.5).astype(jnp.float32)
-    right = jnp.where(delta == 0, 0.5, ((delta > 0) == (p > 0.5)).astype(jnp.float32))
-    metrics = {"loss": loss, "accuracy": (right * decided).sum() / jnp.maximum(decided.sum(), 1.0),
-               "margin": jnp.abs(delta).mean(), "reward_mean": scores.mean(), "reward_std": scores.std()}
-    return loss, metrics
+    return collate_pairs(tokenizer, [(r["prompt"], r["a"], r["b"]) for r in rows], preferences=[r["p"] for r in rows],
+                         **kw)
 
 
 def trained_labels(labels: Sequence[dict], min_confidence: float, fits: Callable[[dict], bool]) -> dict:
@@ -247,15 +202,6 @@ def label_statistics(trained: Sequence[dict]) -> dict:
                 label_gold_agreement=float(np.mean([(r["p"] > 0.5) == (r["gold_a"] > r["gold_b"])
                                                     for r in decided])) if decided else None,
                 gold_decided_pairs=len(decided), label_ties=sum(r["p"] == 0.5 for r in trained))
-
-
-@dataclass(frozen=True)
-class _SoftRewardModelPhase:
-    """The reward-model phase's configuration as its checkpoints record it (`run_loop`'s config)."""
-
-    loss: str
-    optimizer: OptimizerConfig
-    loop: LoopConfig
 
 
 def noise_free_pairs(task, problems: Sequence[Any], seed: int, *, per_problem: int = 1) -> list[dict]:
@@ -437,17 +383,15 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
                              f"{len(distinct)} with two different answers, {len(confident)} confident, none of "
                              "them within the reward model's max_seq_len); sample more prompts or at a higher "
                              "label_temperature")
-        collate = functools.partial(collate_soft_pairs, tokenizer)
+        collate = functools.partial(collate_labelled_pairs, tokenizer)
         _, init = add_head(model, state["policy"], "reward")
         rm = create_state(rm_model, cfg.rm_optimizer, jax.random.fold_in(key, ctx.index), params=init)
-        # the soft labels train the reward model (docs/algorithms.md, RLAIF): the library's ranking loss takes
-        # hard ranks only, so the soft Bradley–Terry loss is composed here from its scorer and the BCE kernel
-        step = make_train_step(functools.partial(soft_preference_loss, model=rm_model), cfg.rm_optimizer,
-                               model=rm_model)
-        loop = LoopConfig(steps=cfg.rm_steps, **phase_loop)
+        # the soft labels train the reward model (docs/algorithms.md, RLAIF): ranking_loss's soft Bradley–Terry
+        phase = RewardModelPhaseConfig(loss=RankingConfig(), optimizer=cfg.rm_optimizer,
+                                       loop=LoopConfig(steps=cfg.rm_steps, **phase_loop))
         batches = BatchIterator(pairs, min(cfg.rm_batch_size, len(pairs)), collate, seed=cfg.seed + ctx.index)
-        rm = run_loop(rm, step, batches, loop, run_dir=ctx.component_dir(f"{ctx.name}-rm"), eval_fn=eval_fn,
-                      name="rm", config=_SoftRewardModelPhase("soft_bradley_terry", cfg.rm_optimizer, loop))
+        rm = train_reward_model(rm, batches, phase, model=rm_model, run_dir=ctx.component_dir(f"{ctx.name}-rm"),
+                                eval_fn=eval_fn)
         row = dict(sampled_pairs=len(labels), distinct_pairs=len(distinct), confident_pairs=len(confident),
                    labelled_pairs=len(pairs), rm_pairs_too_long=len(confident) - len(pairs),
                    **label_statistics(pairs), rm_steps=steps_of(rm))

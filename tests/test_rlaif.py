@@ -17,8 +17,8 @@ from rljax.eval import PolicyEvalConfig, complete, load_finished
 from rljax.models import Model, preset
 from rljax.pipelines import StageArgumentsError, read_results
 from rljax.rewards.judge import Judge, JudgeConfig, judge_accuracy, judge_pairwise
-from rljax.rlaif import (RLAIF_STAGES, RLAIFConfig, collate_soft_pairs, judge_training_rows, label_statistics,
-                         noise_free_pairs, rlaif, soft_preference_loss, trained_labels)
+from rljax.rlaif import (RLAIF_STAGES, RLAIFConfig, collate_labelled_pairs, judge_training_rows, label_statistics,
+                         noise_free_pairs, rlaif, trained_labels)
 from rljax.state import OptimizerConfig, create_state
 from rljax.tasks import ARITHMETIC
 from rljax.tokenizer import CharTokenizer
@@ -263,9 +263,11 @@ def _log_sigmoid(x):
     return -np.logaddexp(0.0, -np.asarray(x, np.float64))
 
 
-def test_soft_preference_loss_equals_the_hand_computed_soft_bradley_terry_loss():
-    """The reward model trains on the judge's soft p: L = mean −[p log σ(Δ) + (1 − p) log σ(−Δ)], Δ = r(a) − r(b),
-    with the rewards from the RL scorer (`reward_model_reward`, another encoding path) and log σ in float64."""
+def test_soft_labels_train_the_reward_model_by_the_hand_computed_soft_bradley_terry_loss():
+    """The reward model trains on the judge's soft p (RankingBatch.preference, `ranking_loss`): L = mean −[p log σ(Δ)
+    + (1 − p) log σ(−Δ)], Δ = r(a) − r(b), with the rewards from the RL scorer (`reward_model_reward`, another
+    encoding path) and log σ in float64."""
+    from rljax.data.reward_collate import collate_pairs
     from rljax.losses.reward_model import RankingConfig, ranking_loss
     from rljax.models.transformer import add_head
     from rljax.rewards.learned import reward_model_reward
@@ -278,8 +280,8 @@ def test_soft_preference_loss_equals_the_hand_computed_soft_bradley_terry_loss()
             dict(prompt="12*3=", a="36;answer:36", b="6", p=0.2),
             dict(prompt="9-1=", a="8", b="9;answer:9", p=0.5),
             dict(prompt="7+7=", a="14", b="41;answer:41", p=1.0)]
-    batch = collate_soft_pairs(TOK, rows)
-    loss, metrics = soft_preference_loss(params, batch, model=rm)
+    batch = collate_labelled_pairs(TOK, rows)
+    loss, metrics = ranking_loss(params, batch, model=rm, cfg=RankingConfig())
     score = reward_model_reward(rm, params, TOK)
     ra = np.asarray(score([r["prompt"] for r in rows], [r["a"] for r in rows]), np.float64)
     rb = np.asarray(score([r["prompt"] for r in rows], [r["b"] for r in rows]), np.float64)
@@ -287,18 +289,21 @@ def test_soft_preference_loss_equals_the_hand_computed_soft_bradley_terry_loss()
     assert np.all(np.abs(delta) > 1e-3)
     want = -np.mean(p * _log_sigmoid(delta) + (1 - p) * _log_sigmoid(-delta))
     assert float(loss) == pytest.approx(want, rel=1e-5)
-    # accuracy over the pairs whose label picks an answer (p != ½): sign Δ against p > ½
-    right = [(d > 0) == (q > 0.5) for d, q in zip(delta, p) if q != 0.5]
-    assert float(metrics["accuracy"]) == pytest.approx(np.mean(right))
-    # p = 1 on every pair is the hard Bradley–Terry loss of the library's ranking loss (a listed first)
-    from rljax.data.reward_collate import collate_pairs
-
-    hard = collate_soft_pairs(TOK, [dict(r, p=1.0) for r in rows])
+    # accuracy over the pairs whose label picks an answer (p != ½): sign Δ against p > ½; margin: Δ on p's side
+    decided = p != 0.5
+    assert float(metrics["accuracy"]) == pytest.approx(np.mean(((delta > 0) == (p > 0.5))[decided]))
+    assert float(metrics["margin"]) == pytest.approx(np.mean((delta * np.sign(p - 0.5))[decided]), rel=1e-5)
+    # p = 1 on every pair is the hard Bradley–Terry loss of the same pairs ranked (a listed first)
+    hard = collate_labelled_pairs(TOK, [dict(r, p=1.0) for r in rows])
     bt, _ = ranking_loss(params, collate_pairs(TOK, [(r["prompt"], r["a"], r["b"]) for r in rows]), model=rm,
                          cfg=RankingConfig())
-    assert float(soft_preference_loss(params, hard, model=rm)[0]) == pytest.approx(float(bt), rel=1e-6)
-    with pytest.raises(ValueError, match=r"^collate_soft_pairs: row 1: p = nan is not a probability in \[0, 1\]$"):
-        collate_soft_pairs(TOK, [rows[0], dict(rows[1], p=float("nan"))])
+    assert float(ranking_loss(params, hard, model=rm, cfg=RankingConfig())[0]) == pytest.approx(float(bt), rel=1e-6)
+    with pytest.raises(ValueError, match=r"^row 1: preference nan is not a probability in \[0, 1\]$"):
+        collate_labelled_pairs(TOK, [rows[0], dict(rows[1], p=float("nan"))])
+    for cfg, match in ((RankingConfig(margin=1.0), "a soft label already says how strong"),
+                       (RankingConfig(objective="plackett_luce"), "takes objective='pairwise'")):
+        with pytest.raises(ValueError, match=match):
+            ranking_loss(params, batch, model=rm, cfg=cfg)
 
 
 def test_label_statistics_cover_the_trained_pairs_with_ties_excluded():

@@ -53,7 +53,10 @@ class RankingBatch:
     padding; its score is masked out); margin: [B] float32 or None, a per-list
     margin added to the config's (Llama 2's preference-strength margin); prior:
     [B, K] float32 or None, a fixed score per answer added to the learned one (a
-    residual reward model r = r_θ + prior, e.g. the SFT policy's log-likelihood).
+    residual reward model r = r_θ + prior, e.g. the SFT policy's log-likelihood);
+    preference: [B] float32 or None, for pairs (K = 2) a soft label p = P(answer 0 ≻
+    answer 1) ∈ [0, 1] (an AI judge's probability, annotators' agreement), which the
+    pairwise loss reads instead of the ranks (`ranking_loss`).
 
     Shared-prompt layout (segment_ids set; `collate_ranked(share_prompt=True)`): one row per
     list, tokens, attention_mask, positions, segment_ids [B, W] int32 holding [bos] prompt
@@ -69,6 +72,7 @@ class RankingBatch:
     prior: object = None
     positions: object = None
     segment_ids: object = None
+    preference: object = None
 
 
 @struct.dataclass

@@ -132,10 +132,12 @@ def collate_ranked(tokenizer: Tokenizer, lists: Sequence[tuple[str, Sequence[str
 
 
 def collate_pairs(tokenizer: Tokenizer, pairs: Sequence, *, margins: Sequence[float] | None = None,
-                  **kw) -> RankingBatch:
+                  preferences: Sequence[float] | None = None, **kw) -> RankingBatch:
     """(prompt, chosen, rejected) rows (tuples or `PreferencePair`) -> RankingBatch with K = 2,
     rank (0, 1) (`collate_ranked`'s options, share_prompt among them, pass through). A pair whose
-    chosen equals its rejected is an error naming the row."""
+    chosen equals its rejected is an error naming the row. preferences: [B] soft labels p =
+    P(chosen ≻ rejected) in [0, 1] (RankingBatch.preference; "chosen" and "rejected" then only
+    name answers 0 and 1), an error naming the row outside [0, 1]."""
     lists = []
     for i, p in enumerate(pairs):
         prompt, chosen, rejected = _fields(p, ("prompt", "chosen", "rejected"))
@@ -145,7 +147,16 @@ def collate_pairs(tokenizer: Tokenizer, pairs: Sequence, *, margins: Sequence[fl
         if chosen == rejected:
             raise ValueError(f"row {i}: chosen and rejected are the same text, so the pair says nothing")
         lists.append((prompt, (chosen, rejected), (0, 1)))
-    return collate_ranked(tokenizer, lists, answers_per_list=2, margins=margins, **kw)
+    if preferences is None:
+        return collate_ranked(tokenizer, lists, answers_per_list=2, margins=margins, **kw)
+    p = np.asarray(preferences, np.float64)
+    if p.shape != (len(lists),):
+        raise ValueError(f"collate_pairs: {p.size} preferences for {len(lists)} pairs")
+    bad = np.flatnonzero(~((p >= 0) & (p <= 1)))  # NaN included
+    if bad.size:
+        raise ValueError(f"row {int(bad[0])}: preference {p[bad[0]]} is not a probability in [0, 1]")
+    batch = collate_ranked(tokenizer, lists, answers_per_list=2, margins=margins, **kw)
+    return batch.replace(preference=p.astype(np.float32))
 
 
 def _encode_rows(tokenizer: Tokenizer, rows, *, max_length, min_bucket, length, add_bos, add_eos):

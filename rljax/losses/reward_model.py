@@ -127,12 +127,34 @@ def _refuse_plackett_luce_input(batch: RankingBatch) -> None:
                          "objective='pairwise', which reads a tie as no preference")
 
 
+def _refuse_soft_input(batch: RankingBatch, cfg: RankingConfig) -> None:
+    """A soft preference is one probability per pair, read by the pairwise objective's own
+    loss; margins (a strength of a hard preference) and K > 2 lists have no place in it."""
+    if cfg.objective != "pairwise":
+        raise ValueError(f"ranking_loss: batch.preference (soft labels) takes objective='pairwise' (the soft "
+                         f"Bradley–Terry cross-entropy), got {cfg.objective!r}")
+    if batch.margin is not None or cfg.margin:
+        raise ValueError("ranking_loss: batch.preference (soft labels) with a margin (RankingConfig.margin or "
+                         "batch.margin): a soft label already says how strong the preference is; drop the margin")
+    if batch.rank.shape[-1] != 2:
+        raise ValueError(f"ranking_loss: batch.preference is P(answer 0 ≻ answer 1) of a pair, but the lists hold "
+                         f"{batch.rank.shape[-1]} answers")
+
+
 def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
     """Reward-model loss on ranked lists (pairs are K = 2); scores r [B, K] from
     `ranking_scores`, rank [B, K] (0 best, −1 absent):
 
         pairwise:       mean over live lists of mean_{(i ≻ j)} L(r_i − r_j − m)  [+ c · (r_i + r_j)²]
         plackett_luce:  mean over live lists of Σ_k [logsumexp_{j≥k} r_τ(j) − r_τ(k)]
+        soft pairs:     mean over pairs of −[p log σ(Δ) + (1 − p) log σ(−Δ)] = softplus(Δ) − p Δ
+                        [+ c · (r_0 + r_1)²], Δ = r_0 − r_1, p = batch.preference [B]
+
+    The soft Bradley–Terry loss (Lee et al. 2023 train RLAIF's reward model on the AI judge's
+    probability, not its argmax) is minimised at Δ = logit p: p = 1 is the hard loss softplus(−Δ),
+    p = ½ asks for no margin; it takes objective "pairwise" and no margin,
+    and its accuracy counts a pair right when Δ's sign agrees with p > ½ (½ for Δ = 0), over the
+    pairs with p ≠ ½, its margin the mean Δ signed by the label's side.
 
     with m = cfg.margin (+ batch.margin [B] when given). A list is live when it has a
     preferred pair; lists whose answers all tie count for nothing. Plackett–Luce needs a
@@ -150,7 +172,11 @@ def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
         chex.assert_equal_shape([batch.rank, batch.tokens[..., 0]])
     if cfg.objective == "plackett_luce":
         _refuse_plackett_luce_input(batch)
+    if batch.preference is not None:
+        _refuse_soft_input(batch, cfg)
     scores = ranking_scores(params, batch, model=model)
+    if batch.preference is not None:
+        return _soft_pair_loss(scores, batch, cfg)
     pairs = preferred_pairs(batch.rank).astype(jnp.float32)
     if cfg.objective == "plackett_luce":
         per_list = plackett_luce(scores, batch.rank)
@@ -172,6 +198,28 @@ def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
     right = (diff > 0) + 0.5 * (diff == 0)
     metrics = {"loss": loss, "accuracy": (right * pairs).sum() / total_pairs,
                "margin": (diff * pairs).sum() / total_pairs, "reward_mean": mean, "reward_std": jnp.sqrt(var)}
+    return loss, metrics
+
+
+def _soft_pair_loss(scores, batch: RankingBatch, cfg: RankingConfig):
+    """`ranking_loss` of soft-labelled pairs: scores [B, 2], batch.preference [B]."""
+    p = jnp.asarray(batch.preference, jnp.float32)
+    delta = scores[:, 0] - scores[:, 1]
+    live = jnp.all(batch.rank >= 0, axis=1).astype(jnp.float32)  # a padding list (absent answers) counts for nothing
+    n = jnp.maximum(live.sum(), 1.0)
+    per_pair = binary_cross_entropy(delta, p)
+    if cfg.centring:
+        per_pair = per_pair + cfg.centring * jnp.square(scores[:, 0] + scores[:, 1])
+    loss = (per_pair * live).sum() / n
+    side = jnp.sign(p - 0.5)  # +1: answer 0 preferred, -1: answer 1, 0: no preference
+    decided = live * jnp.abs(side)
+    right = jnp.where(delta == 0, 0.5, (delta * side > 0).astype(jnp.float32))
+    present = (batch.rank >= 0).astype(jnp.float32)
+    mean = (scores * present).sum() / jnp.maximum(present.sum(), 1.0)
+    var = (jnp.square(scores - mean) * present).sum() / jnp.maximum(present.sum(), 1.0)
+    n_decided = jnp.maximum(decided.sum(), 1.0)
+    metrics = {"loss": loss, "accuracy": (right * decided).sum() / n_decided,
+               "margin": (delta * side * decided).sum() / n_decided, "reward_mean": mean, "reward_std": jnp.sqrt(var)}
     return loss, metrics
 
 
