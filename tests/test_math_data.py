@@ -76,6 +76,10 @@ def test_gsm8k_errors_name_row_and_field():
         gsm8k([good, {"question": "q", "answer": "It is 4."}])
     with pytest.raises(DataError, match=r"row 0: field 'answer': nothing after '####'"):
         gsm8k([{"question": "q", "answer": "work\n#### "}])
+    # the answer the reward reads is the "####" line's: a line after it would make the reference another answer
+    with pytest.raises(DataError, match=r"row 0: field 'answer': text after the '#### <answer>' line: 'extra'"):
+        gsm8k([{"question": "q", "answer": "work\n#### 72\nextra"}])
+    assert gsm8k([{"question": "q", "answer": "work\n#### 72\n\n"}])[0].answer == "72"
     with pytest.raises(DataError, match=r"row 2: field 'question' is missing \(columns with a value: answer\)"):
         gsm8k([good, good, {"answer": "#### 1"}])
     with pytest.raises(DataError, match=r"row 0: field 'question' is empty"):

@@ -28,6 +28,13 @@ def test_spearman_and_calibration_error_by_hand():
     # two bins used: {0.1, 0.15} with labels {0, 1} (|0.125 − 0.5|), {0.9} with label 1 (|0.9 − 1|)
     assert expected_calibration_error([0.1, 0.15, 0.9], [0, 1, 1]) == pytest.approx(2 / 3 * 0.375 + 1 / 3 * 0.1)
     assert expected_calibration_error([0.3] * 10, [1] * 3 + [0] * 7) == pytest.approx(0.0)
+    # a NaN has no rank (it read as the largest: 0.5 here); a probability outside [0, 1] fell in no bin but counted in n
+    assert np.isnan(spearman([1, float("nan"), 3], [1, 2, 3]))
+    with pytest.raises(ValueError, match=r"expected_calibration_error: probs\[1\] = 1.2 is not in \[0, 1\]"):
+        expected_calibration_error([0.1, 1.2], [0, 1])
+    assert np.isnan(expected_calibration_error([0.1, float("nan")], [0, 1]))
+    with pytest.raises(ValueError, match="spearman: 3 values against 2"):
+        spearman([1, 2, 3], [1, 2])
 
 
 def _setup(prior: bool = False):

@@ -124,8 +124,8 @@ def gsm8k(ds, *, question_field: str = "question", answer_field: str = "answer",
 
     The final answer is the text after the last "####" (thousands separators dropped); the solution
     is the text before it, without the "<<48/2=24>>" calculator annotations unless `keep_calculator`.
-    Raises DataError naming the row and field for a missing or empty field, or a missing or empty
-    final answer.
+    Raises DataError naming the row and field for a missing or empty field, a missing or empty
+    final answer, or text after the final answer's line.
     """
     out = []
     for i, row in enumerate(_rows(ds)):
@@ -135,7 +135,10 @@ def gsm8k(ds, *, question_field: str = "question", answer_field: str = "answer",
         if at < 0:
             raise DataError(f"{_where(i, answer_field)} has no final answer: expected '#### <answer>' at the end, "
                             f"got ...{text[-60:]!r}")
-        final = _strip_separators(text[at + len(_GSM8K_MARK):])
+        line, _, rest = text[at + len(_GSM8K_MARK):].partition("\n")
+        if rest.strip():  # extract_answer reads the "####" line only: the answer would differ from the reference
+            raise DataError(f"{_where(i, answer_field)}: text after the '#### <answer>' line: {rest.strip()[:60]!r}")
+        final = _strip_separators(line)
         if not final:
             raise DataError(f"{_where(i, answer_field)}: nothing after '####'")
         solution = text[:at].rstrip()

@@ -31,7 +31,13 @@ def average_ranks(x) -> np.ndarray:
 
 def spearman(x, y) -> float:
     """Spearman's rank correlation: Pearson's correlation of the (tie-averaged) ranks.
-    NaN when either input is constant."""
+    NaN when either input is constant or holds a NaN (a NaN has no rank: argsort would place it
+    last and the result would read as a number). x, y [n]; other lengths are an error."""
+    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"spearman: {x.size} values against {y.size}")
+    if np.isnan(x).any() or np.isnan(y).any():
+        return float("nan")
     rx, ry = average_ranks(x), average_ranks(y)
     if rx.std() == 0 or ry.std() == 0:
         return float("nan")
@@ -40,9 +46,17 @@ def spearman(x, y) -> float:
 
 def expected_calibration_error(probs, labels, *, bins: int = 10) -> float:
     """Σ_b (n_b / n) |mean_b(p) − mean_b(y)| over `bins` equal-width bins of the predicted
-    probability (labels may be soft). 0 for a perfectly calibrated predictor."""
+    probability (labels may be soft). 0 for a perfectly calibrated predictor. probs and labels
+    [n] in [0, 1]; a value outside it is an error naming its index, where a bin would have
+    dropped it while n still counted it; a NaN (a diverged model's score) gives NaN."""
     p, y = np.asarray(probs, np.float64).ravel(), np.asarray(labels, np.float64).ravel()
-    if len(p) == 0:
+    if p.shape != y.shape:
+        raise ValueError(f"expected_calibration_error: {p.size} probabilities against {y.size} labels")
+    for name, v in (("probs", p), ("labels", y)):
+        bad = np.flatnonzero((v < 0) | (v > 1))
+        if bad.size:
+            raise ValueError(f"expected_calibration_error: {name}[{int(bad[0])}] = {v[bad[0]]} is not in [0, 1]")
+    if len(p) == 0 or np.isnan(p).any() or np.isnan(y).any():
         return float("nan")
     which = np.minimum((p * bins).astype(int), bins - 1)
     err = 0.0
