@@ -3,9 +3,24 @@
 Every process runs the same program. `initialize` connects the processes
 (before any other JAX call), after which `jax.devices()` lists the devices of
 all processes, `rljax.sharding.make_mesh` builds one global mesh over them, and
-jitted steps run as one SPMD program. Each process feeds only its own rows of
-the global batch (`process_slice`) to `rljax.sharding.shard_batch`, which
-assembles one global array with `jax.make_array_from_process_local_data`.
+jitted steps run as one SPMD program.
+
+Who passes what:
+
+- the phases (`rljax.phases`: sft, reward model, preference, rl, oreo) and the RL
+  iteration (`rljax.rl.make_rl_iteration`) take the *global* batch on every process:
+  each process's data must give the same batches (e.g. a `BatchIterator` built from the
+  same rows with the same seed), and each process keeps its own rows of them
+  (`local_rows`), so n processes compute exactly what one process does with the same
+  mesh. Only process 0 writes metrics.jsonl / TensorBoard / W&B and prints; every
+  process runs the steps, the evaluations and the (collective) checkpoints.
+- `rljax.sharding.shard_batch`, the low-level call, takes each process's *own* rows
+  (`local_rows(global_batch)`, i.e. rows `process_slice(B)`) and assembles one global
+  array with `jax.make_array_from_process_local_data`. The mesh must give each process
+  its own block of rows (data x fsdp split over the processes); `shard_batch` refuses
+  one that does not.
+- `to_host` brings arrays that span processes (a step's outputs, sampled tokens) back
+  to numpy on every process.
 
 Launching two processes on one machine (CPU, two simulated devices each)::
 
@@ -17,8 +32,7 @@ Launching two processes on one machine (CPU, two simulated devices each)::
     distributed.initialize()              # reads RLJAX_* / JAX_* variables; no-op on one process
     mesh = make_mesh(data=2, fsdp=2)      # 4 devices over both processes
     ...
-    rows = distributed.process_slice(global_batch_size)
-    local = jax.tree.map(lambda x: x[rows], global_host_batch)
+    local = distributed.local_rows(global_host_batch)   # rows process_slice(B) of each array
     state, metrics = step(state, shard_batch(local, mesh))
     if distributed.is_main_process():
         print(float(metrics["loss"]))
@@ -34,10 +48,13 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID) are read too.
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 # setting -> environment variables read when the argument is None (first set one wins)
 ENV_VARS: dict[str, tuple[str, ...]] = {
@@ -142,12 +159,16 @@ def process_slice(global_batch_size: int, *, process_index: int | None = None,
                   process_count: int | None = None) -> slice:
     """This process's contiguous rows of a global batch of `global_batch_size` rows.
 
-    Process i of n gets rows [i * B/n, (i + 1) * B/n), matching how
-    `make_mesh` lays processes along the leading mesh axes and how
-    `shard_batch` assembles process-local rows into the global array.
+    Process i of n gets rows [i * B/n, (i + 1) * B/n): the rows `rljax.sharding.shard_batch`
+    expects from it. That holds on a mesh whose batch axes (data x fsdp) split the rows over
+    the processes, each process's devices holding only rows of its own block (as `make_mesh`
+    lays them out when data x fsdp is a multiple of the process count and tensor divides each
+    process's device count); on any other mesh `shard_batch` raises a ValueError naming it,
+    since processes passing different rows where the sharding keeps the same rows would
+    build an array whose contents differ from process to process.
 
         >>> rows = process_slice(8)            # process 1 of 2: slice(4, 8)
-        >>> local = jax.tree.map(lambda x: x[rows], global_batch)
+        >>> local = jax.tree.map(lambda x: x[rows], global_batch)   # = local_rows(global_batch)
     """
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
@@ -158,6 +179,62 @@ def process_slice(global_batch_size: int, *, process_index: int | None = None,
                          f"process count {count}")
     per = global_batch_size // count
     return slice(index * per, (index + 1) * per)
+
+
+def local_rows(batch: Any) -> Any:
+    """This process's rows of a host batch: every array leaf `x` [B, ...] becomes
+    `x[process_slice(B)]` [B/n, ...] (0-d leaves are kept whole). On one process the batch
+    itself. Each leaf is cut by its own leading size, so `shard_batch` on the n processes'
+    results rebuilds exactly the global arrays. A ValueError names the leaf whose rows do
+    not split evenly over the processes."""
+    count = jax.process_count()
+    if count == 1:
+        return batch
+
+    def cut(path, x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return x
+        if x.shape[0] % count:
+            raise ValueError(f"local_rows: {jax.tree_util.keystr(path) or 'batch'} has {x.shape[0]} rows, not "
+                             f"divisible by the process count {count}; make the global batch size a multiple "
+                             f"of {count}")
+        return x[process_slice(x.shape[0], process_count=count)]
+
+    return jax.tree_util.tree_map_with_path(cut, batch)
+
+
+@functools.lru_cache(maxsize=64)
+def _replicate(shardings: tuple) -> Any:
+    """The jitted identity that replicates a tuple of arrays onto their own meshes: one collective program
+    for all of them (one small program per array, launched together, deadlocked gloo at random)."""
+    return jax.jit(lambda *xs: xs, out_shardings=shardings)
+
+
+def to_host(tree: Any) -> Any:
+    """The global value of every array of `tree` as numpy, on every process: arrays that span
+    processes (a step's outputs, `rljax.sampling.sample`'s rollout on a multi-process mesh) are
+    gathered in one collective program, so every process must call this at the same point with
+    arrays of the same shapes; others (local arrays, numpy) are converted as they are. On one
+    process: `jax.device_get`."""
+    leaves, treedef = jax.tree.flatten(tree)
+    spanning = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable
+                and not x.is_fully_replicated and isinstance(x.sharding, NamedSharding)]
+    if spanning:
+        wanted = tuple(NamedSharding(leaves[i].sharding.mesh, P()) for i in spanning)
+        for i, x in zip(spanning, _replicate(wanted)(*(leaves[i] for i in spanning))):
+            leaves[i] = x
+
+    def host(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.is_fully_replicated:  # every device holds the whole value: read a local copy
+                return np.asarray(x.addressable_data(0))
+            from jax.experimental import multihost_utils  # a sharding other than NamedSharding
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.unflatten(treedef, [host(x) for x in leaves])
 
 
 def sync(name: str) -> None:

@@ -174,6 +174,10 @@ class MetricsWriter:
     run starts at the first write (a writer that writes nothing makes none). `config`: the W&B
     run's config (default: the run directory's config.json when there). Backends are imported
     here, so a missing one fails before anything trains; their files are opened on first use.
+
+    One writer per run directory: in a multi-process run only process 0 makes one
+    (`rljax.phases.run_loop` does), since every process has the same metrics and n writers would
+    append every line n times and rewrite the file concurrently in `resume`.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool | None = None,

@@ -34,7 +34,8 @@ from rljax.losses.actor_critic import token_values
 from rljax.losses.oreo import OREOConfig, oreo_policy_terms, oreo_value_loss_on_values
 from rljax.models import add_head
 from rljax.models.transformer import Model
-from rljax.phases import LoopConfig, run_loop
+from rljax.distributed import local_rows
+from rljax.phases import LoopConfig, _need_mesh, run_loop
 from rljax.rewards.rules import score
 from rljax.sampling import SampleConfig, sample, scorer_at_index
 from rljax.sharding import LOGICAL_RULES, param_shardings, replicated, shard_batch, shard_params
@@ -94,7 +95,9 @@ def create_oreo_state(model: Model, params: dict, opt_cfg: OptimizerConfig, key,
     policy = create_state(model, opt_cfg, k_policy, mesh=mesh, params=params)  # create_state copies
     value = create_state(value_model, value_optimizer or opt_cfg, k_value, mesh=mesh, params=value_params)
     ref = params if mesh is None else shard_params(params, param_shardings(model, mesh))
-    step = jnp.int32(0) if mesh is None else jax.device_put(jnp.int32(0), replicated(mesh))
+    # on a mesh, made under jit: with several processes the replicated sharding spans devices device_put
+    # cannot reach from a local value
+    step = jnp.int32(0) if mesh is None else jax.jit(lambda: jnp.int32(0), out_shardings=replicated(mesh))()
     return value_model, OREOState(step=step, policy=policy, value=value, ref_params=ref, optimizer=opt_cfg,
                                   value_optimizer=value_optimizer or opt_cfg)
 
@@ -552,10 +555,14 @@ def oreo(state: OREOState, data, cfg: OREOPhaseConfig, *, model: Model, mesh=Non
     yields OREOBatch (e.g. a BatchIterator over `collate_trajectories`); metrics,
     checkpoints (policy, value, reference, optimizer states) and resume as every phase."""
     check_oreo_optimizers(state, cfg.optimizer, cfg.value_optimizer, "oreo")
+    _need_mesh(mesh, "oreo")
     step = make_oreo_step(model, cfg.loss, cfg.optimizer, cfg.value_optimizer, mesh=mesh)
-    put = functools.partial(shard_batch, mesh=mesh) if mesh is not None else None
-    return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="oreo",
-                    config=cfg)
+
+    def put(batch):  # the global batch: on several processes each keeps its own rows (as every phase)
+        return shard_batch(local_rows(batch), mesh=mesh)
+
+    return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put if mesh is not None else None,
+                    eval_fn=eval_fn, name="oreo", config=cfg)
 
 
 __all__ = ["CollectConfig", "OREOPhaseConfig", "OREOState", "balanced", "check_oreo_optimizers", "check_reward",

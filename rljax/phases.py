@@ -31,6 +31,7 @@ import numpy as np
 
 from rljax.checkpoint import Checkpointer
 from rljax.data.batch import PromptBatch
+from rljax.distributed import local_rows
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
                                       TokenLabelConfig, reward_model_loss)
 from rljax.losses.preference import (DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss,
@@ -98,6 +99,19 @@ class LoopConfig:
 
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
+
+
+def _say(message: str, *, everywhere: bool = False) -> None:
+    """Print a loop's message once: on process 0 of a multi-process run (every process runs the
+    same loop and would print it n times), on every process with `everywhere` (a message about
+    this process alone, e.g. its own failure)."""
+    if everywhere or jax.process_index() == 0:
+        print(message)
+
+
+def _on_process() -> str:
+    """" on process i" where several processes run, else ""."""
+    return f" on process {jax.process_index()}" if jax.process_count() > 1 else ""
 
 
 def _tokens(batch, metrics) -> int:
@@ -172,7 +186,7 @@ def _config_record(config) -> dict | None:
     try:
         record = json.loads(json.dumps(dataclasses.asdict(config), default=json_value))
     except Exception as e:  # noqa: BLE001 - a record to compare with, not worth stopping a run for
-        print(f"[rljax] note: the phase's config could not be recorded in its checkpoints ({type(e).__name__}: {e})")
+        _say(f"[rljax] note: the phase's config could not be recorded in its checkpoints ({type(e).__name__}: {e})")
         return None
     record.pop("loop", None)
     return flat_fields(record)
@@ -187,8 +201,8 @@ def _say_config_changes(saved: dict | None, now: dict | None, name: str, step: i
 
     changes = config_differences(saved, now, ignore=(), added={})
     if changes:
-        print(f"[{name}] warning: resuming at step {step} under another configuration than the checkpoint's "
-              f"({listed_changes(changes, most=8)}); the steps before {step} ran with the saved values")
+        _say(f"[{name}] warning: resuming at step {step} under another configuration than the checkpoint's "
+             f"({listed_changes(changes, most=8)}); the steps before {step} ran with the saved values")
 
 
 def _say_data_changes(saved: dict | None, now: dict | None, name: str, step: int) -> None:
@@ -200,9 +214,9 @@ def _say_data_changes(saved: dict | None, now: dict | None, name: str, step: int
 
     changes = config_differences(saved, now, ignore=(), added={})
     if changes:
-        print(f"[{name}] warning: resuming at step {step} with other data than the checkpoint's "
-              f"({listed_changes(changes)}); from data position {step} on the batches are not the ones the saved "
-              "run would have drawn")
+        _say(f"[{name}] warning: resuming at step {step} with other data than the checkpoint's "
+             f"({listed_changes(changes)}); from data position {step} on the batches are not the ones the saved "
+             "run would have drawn")
 
 
 def _save_finished(ckpt: Checkpointer, state, name: str, meta: Callable[[int], dict]) -> None:
@@ -211,16 +225,16 @@ def _save_finished(ckpt: Checkpointer, state, name: str, meta: Callable[[int], d
     Called while an exception propagates, so it reports and swallows its own errors."""
     try:
         if not _alive(state):
-            print(f"[{name}] the failed step had consumed the state; the latest checkpoint "
-                  f"(step {ckpt.latest_step()}) is the last saved step")
+            _say(f"[{name}] the failed step had consumed the state; the latest checkpoint "
+                 f"(step {ckpt.latest_step()}) is the last saved step")
             return
         step = int(jax.device_get(state.step))
         if step != ckpt.latest_step():
             ckpt.save(state, meta(step), force=True)
             ckpt.wait()
-            print(f"[{name}] saved the last finished step {step} in {ckpt.directory} before stopping")
+            _say(f"[{name}] saved the last finished step {step} in {ckpt.directory} before stopping")
     except Exception as e:  # the original error matters more than this one
-        print(f"[{name}] could not save the last finished step: {type(e).__name__}: {e}")
+        _say(f"[{name}] could not save the last finished step{_on_process()}: {type(e).__name__}: {e}", everywhere=True)
 
 
 LOSS_PROGRESS = {"loss": "loss"}  # progress-bar label: metric, for phases that minimise a loss
@@ -237,8 +251,9 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     state.step, so data and state stay in lock-step across restarts.
     run_dir: metrics.jsonl (+ TensorBoard) and checkpoints/ go here; an existing
     checkpoint there is restored first (cfg.tensorboard and cfg.wandb: where else the
-    metrics go; cfg.wandb needs a run_dir, and only process 0 logs to W&B). put_batch: places a host batch on devices
-    (e.g. shard_batch over a mesh). eval_fn(state) -> metrics, logged as eval/*.
+    metrics go; cfg.wandb needs a run_dir; only process 0 writes any of them). put_batch: places a host
+    batch on devices (e.g. shard_batch over a mesh of this process's rows). eval_fn(state) -> metrics, logged
+    as eval/*.
     progress_metrics: {label: metric} the progress bar shows at each logged step, when
     the step reports them, followed by tokens/s (every real token of the batch, prompt and completion,
     or an RL step's prompts + completions; logged as tokens_per_s) (default LOSS_PROGRESS; the RL phase
@@ -261,15 +276,24 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     "<name>/"}` (`MetricsWriter.resume`). A finished run called again runs no step, and its
     final evaluation is read back from metrics.jsonl, not run and logged again. config: the phase's configuration (a dataclass; its `loop`
     field aside), kept in every checkpoint's meta; resuming under another one prints each field
-    that changed. On several hosts each process handles its own
-    signals: a scheduler must signal all of them (they then stop at the same step only
-    if the signals arrive during the same step)."""
+    that changed.
+
+    Several processes (`rljax.distributed`): every process calls run_loop with the same data
+    (the same global batches: e.g. a BatchIterator over the same rows with the same seed), and
+    put_batch keeps the process's own rows of each (the phases' `_host_batch`). Every process runs
+    the steps, eval_fn (which may be collective) and the checkpoints (collective: orbax writes each
+    process's shards); only process 0 writes metrics.jsonl / TensorBoard / W&B, prints and shows
+    the progress bar. Each process handles its own signals: a scheduler must signal all of them
+    (they then stop at the same step only if the signals arrive during the same step)."""
     if cfg.wandb is not None and not run_dir:
         raise ValueError(f"[{name}] LoopConfig.wandb needs a run_dir: the W&B run's id and offline files live there")
     shown = LOSS_PROGRESS if progress_metrics is None else progress_metrics
-    # one W&B run per run directory: only process 0 logs to it (every process has the same metrics)
-    wandb = cfg.wandb if jax.process_index() == 0 else None
-    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, wandb=wandb) if run_dir else None
+    # Every process runs the steps and has the same metrics; process 0 alone writes them (metrics.jsonl,
+    # TensorBoard, one W&B run per run directory) and shows progress: n writers would log every line n
+    # times and rewrite the file concurrently on resume. Checkpoints stay collective (orbax saves each
+    # process's shards).
+    main = jax.process_index() == 0
+    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, wandb=cfg.wandb) if run_dir and main else None
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints) if run_dir else None
     stop = _StopSignals()
     record = _config_record(config)
@@ -289,8 +313,8 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
         if resumed:
             given = int(jax.device_get(state.step))
             state, saved = ckpt.restore(state)
-            print(f"[{name}] resumed from {ckpt.directory} at step {int(state.step)} "
-                  f"(data position {saved.get('data_position')})")
+            _say(f"[{name}] resumed from {ckpt.directory} at step {int(state.step)} "
+                 f"(data position {saved.get('data_position')})")
             if int(state.step) != given:  # at the caller's own step (a stage continuing the last one's state in
                 # the same directory), no step of the saved run is kept that the new config or data would change
                 _say_config_changes(saved.get("config"), record, name, int(state.step))
@@ -299,13 +323,13 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             state = owned_state(state)
         start = int(jax.device_get(state.step))
         if resumed and start > cfg.steps:  # nothing to run, and not the state the caller asked for: say so
-            print(f"[{name}] warning: the checkpoint in {ckpt.directory} is at step {start}, past steps="
-                  f"{cfg.steps}: it is returned as it is (no step undone); use another run_dir for a shorter run")
+            _say(f"[{name}] warning: the checkpoint in {ckpt.directory} is at step {start}, past steps="
+                 f"{cfg.steps}: it is returned as it is (no step undone); use another run_dir for a shorter run")
         if writer is not None:  # a fresh start (resumed False) drops the lines a run killed before its first
             # checkpoint wrote: they belong to no state, and the rerun logs those steps again
             writer.resume(start, prefix=f"{name}/", mark=resumed and start < cfg.steps)
         consecutive = 0
-        progress = Progress(cfg.steps, initial=start, desc=name, disable=not cfg.progress)
+        progress = Progress(cfg.steps, initial=start, desc=name, disable=not cfg.progress or not main)
         t_last, tokens_since, shown_step, skipped_since = time.perf_counter(), 0, start, 0
         with stop:
             try:
@@ -331,8 +355,8 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                             writer.write(step, dict(metrics, tokens_per_s=rate, skipped_since_last_log=skipped_since),
                                          prefix=f"{name}/")
                         if skipped_since:
-                            print(f"[{name}] warning: {skipped_since} of steps {shown_step + 1}..{step} had a "
-                                  "non-finite loss or gradient and were skipped (the state left unchanged)")
+                            _say(f"[{name}] warning: {skipped_since} of steps {shown_step + 1}..{step} had a "
+                                 "non-finite loss or gradient and were skipped (the state left unchanged)")
                         progress.update(step - shown_step, **progress_postfix(metrics, shown, rate))
                         t_last, tokens_since, shown_step, skipped_since = time.perf_counter(), 0, step, 0
                     if stopping:
@@ -356,8 +380,8 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                 f"[{name}] loss or gradient was non-finite at every step this run made (steps {start + 1}.."
                 f"{cfg.steps}); they left the state unchanged. Check the data and the learning rate.")
         if consecutive:
-            print(f"[{name}] warning: the last {consecutive} step(s) had a non-finite loss or gradient and were "
-                  f"skipped (steps {cfg.steps - consecutive + 1}..{cfg.steps})")
+            _say(f"[{name}] warning: the last {consecutive} step(s) had a non-finite loss or gradient and were "
+                 f"skipped (steps {cfg.steps - consecutive + 1}..{cfg.steps})")
         end = int(jax.device_get(state.step))
         if ckpt is not None and end != ckpt.latest_step():
             ckpt.save(state, meta(end), force=True)
@@ -365,8 +389,16 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             # a finished run called again: its final evaluation is in the log already (evaluating
             # again would cost the time and write the record twice)
             logged = writer.logged(end, prefix=f"{name}/eval/") if writer and start >= cfg.steps else None
-            if logged:
-                print(f"[{name}] step {end} eval (logged by the finished run): " + _listed(logged))
+            found = bool(logged)
+            if start >= cfg.steps and run_dir and jax.process_count() > 1:
+                # process 0 read the log; the others take its branch, since an evaluation may be collective
+                # (a sharded forward pass) and would wait forever for a process that skipped it
+                from jax.experimental import multihost_utils
+
+                found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+            if found:
+                if main:
+                    _say(f"[{name}] step {end} eval (logged by the finished run): " + _listed(logged))
             else:
                 _evaluate(eval_fn, state, end, writer, name)
         return state
@@ -378,10 +410,13 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
 
 
 def _evaluate(eval_fn, state, step, writer, name):
+    """Run eval_fn on every process (it may run collective programs: a sharded forward pass); process 0
+    (the one with a writer) logs and prints its result."""
     result = eval_fn(state)
     if writer:
         writer.write(step, result, prefix=f"{name}/eval/")
-    print(f"[{name}] step {step} eval: " + _listed(result))
+    if jax.process_index() == 0:
+        _say(f"[{name}] step {step} eval: " + _listed(result))
 
 
 def _listed(values: dict) -> str:
@@ -405,12 +440,25 @@ def _sft_step(model, loss: SFTConfig, optimizer: OptimizerConfig, mesh):
 def _host_batch(model, mesh, where: str) -> Callable:
     """What a phase does to each host batch before its step: refuse positions past the model's context
     (`check_positions`: packed and shared-prompt rows escape the model's own length check), then
-    shard it over `mesh` (if any)."""
+    shard it over `mesh` (if any). The batch is the global one (the same on every process); on several
+    processes each keeps its own rows of it (`distributed.local_rows`), which `shard_batch` assembles
+    into the global array, so n processes train exactly as one does (not on n copies of every row)."""
+    _need_mesh(mesh, where)
+
     def place(batch):
-        check_positions(batch, model.config.max_seq_len, where)
-        return batch if mesh is None else shard_batch(batch, mesh=mesh)
+        check_positions(batch, model.config.max_seq_len, where)  # on the global batch: the same error everywhere
+        return batch if mesh is None else shard_batch(local_rows(batch), mesh=mesh)
 
     return place
+
+
+def _need_mesh(mesh, where: str) -> None:
+    """Several processes train one model only over a mesh of all their devices: without one each
+    process would train its own copy on the whole batch and write the same checkpoint."""
+    if mesh is None and jax.process_count() > 1:
+        raise ValueError(f"{where}: {jax.process_count()} processes are running, so the phase needs mesh= (a "
+                         "rljax.sharding.make_mesh over all their devices, data x fsdp splitting the rows over the "
+                         "processes); without one every process would train its own copy on every row")
 
 
 def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_dir: str | None = None,
@@ -543,8 +591,19 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
     sampling key of batch i is the synchronous loop's, so s = 0 is the plain loop. A
     resumed run re-samples its first s batches with the restored params (lags 0..s−1),
     so it continues the run but not bit for bit.
+
+    Several processes: every process passes the same prompts (the global batches) and model.mesh spans
+    them all; the iteration samples and scores each process's own rows and gathers the rewards, so the
+    run equals one process's (see make_rl_iteration). Asynchronous actors (staleness > 0) are refused
+    there: their threads would launch sampling and updates in an order that differs between processes,
+    and collective programs must start in the same order everywhere.
     """
     from rljax.rl import make_rl_iteration
+
+    if cfg.staleness and jax.process_count() > 1:
+        raise ValueError(f"RLConfig.staleness={cfg.staleness}: asynchronous actors run on one process only (with "
+                         f"{jax.process_count()} processes their threads would start collective programs in "
+                         "different orders and wait for each other forever); use staleness=0")
 
     iteration = make_rl_iteration(model, cfg, reward_fn, decode, accuracy_fn=accuracy_fn, critic_model=critic_model,
                                   decode_prompts=decode_prompts, teacher_model=teacher_model, monitors=monitors)

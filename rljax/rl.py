@@ -28,17 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.experimental.multihost_utils import process_allgather
 
 from rljax.algorithms import Algorithm, check_group_size, get_algorithm, prepare
 from rljax.cpu_dots import jit_full_sequence
 from rljax.data.batch import Collected
+from rljax.distributed import local_rows, process_slice, to_host
 from rljax.estimators import PrepareInput
 from rljax.losses.actor_critic import approx_kl, token_values, value_loss
 from rljax.losses.policy_gradient import kl_metrics
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.models.transformer import check_params_fit, check_scorer
 from rljax.rewards.rules import RewardCallConfig, score_with_failures
-from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
+from rljax.sampling import SampleConfig, concat_rollouts, prepare_prompts, sample, special_ids, truncate_prompts
 from rljax.sharding import batch_sharding, param_shardings, replicated, shard_batch, shard_params
 from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_loss_gradients, compile_step, create_state,
                          make_optimizer, state_shardings)
@@ -366,6 +368,15 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     that need a teacher (default `model`: a teacher of the student's architecture); it may have
     another size but must share the tokenizer (the same vocab_size).
 
+    Several processes (`rljax.distributed`; model.mesh over all their devices, data x fsdp splitting
+    the rows over the processes): every process calls the iteration with the same prompts, metadata
+    and refill (the global batch: e.g. each process's prompt source built from the same prompts and seed).
+    Each process samples the rows of its own prompts (`process_slice`), decodes and scores its own rows
+    (reward_fn, accuracy_fn and monitors see only those) and the scores are gathered, so every process
+    holds all R rewards; the reference, values and update run on the global arrays. The samples, the
+    metrics and the parameters are then those of one process with the same mesh (up to float rounding).
+    The prompt batch must split evenly over the processes.
+
     Metrics: reward mean/std, accuracy, KL to the reference of the sampled tokens
     (kl_k1, kl_k3; token mean), entropy (losses that compute it: not TRPO's update), clip
     fraction (clipped losses), completion length, truncated fraction, kept fraction, tokens/s of sampling and training,
@@ -383,6 +394,14 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     needs = algo.needs() | transforms.needs
     check_group_size(algo, cfg.sampling.n)
     mesh = model.mesh  # with a mesh, sampling, reference log-probs and updates all run sharded
+    # Several processes: every process calls the iteration with the same (global) prompts; each samples
+    # and scores its own rows (`process_slice`), the host-side work (decoding, refill decisions, metrics)
+    # sees every row through `to_host`, and the arrays the jitted stages take are global ones.
+    multi = jax.process_count() > 1
+    if multi and mesh is None:
+        raise ValueError(f"make_rl_iteration: {jax.process_count()} processes are running, so the model needs a "
+                         "mesh over all their devices (Model(config, mesh=make_mesh(...)), data x fsdp splitting "
+                         "the rows over the processes); without one every process would train its own copy")
     if needs.critic and critic_model is None:
         raise ValueError(f"{algo.name} fits a separate critic: pass critic_model= (and create the state with "
                          "critic_model, critic_params)")
@@ -496,28 +515,83 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             return tokens, mask, 0
         return truncate_prompts(tokens, mask, room, pad_id=cfg.sampling.pad_id)
 
-    def scored(fn, rollout, prompt_text, metadata, k, failed, what="reward"):
-        """The rewards of the rollout's completions; adds the samples whose call failed (scored
-        cfg.reward_call.failure_value) to failed[what]."""
-        completions = decode(np.asarray(rollout.completions))
+    def host_tokens(rollout) -> np.ndarray:
+        """The rollout's tokens [R, T] on the host, every row on every process (gathered when they span
+        processes: a collective, reached by every process at the same point)."""
+        return to_host(rollout.tokens)
+
+    def scored(fn, completions, prompt_text, metadata, k, failed, what="reward"):
+        """The rewards [R] float32 of the completions [R, N] (host token ids; k rows per prompt of
+        prompt_text); adds the samples whose call failed (scored cfg.reward_call.failure_value) to
+        failed[what]. On several processes each scores its own rows (`process_slice(R)`) and the
+        rewards, failure counts and whether a call raised are gathered, so every process returns all R
+        rewards, the same everywhere (the refill decisions and metrics that read them agree), and a
+        reward function raising on one process stops every process instead of leaving them waiting."""
         for key, vals in metadata.items():  # checked per prompt, before the repeat for the k samples
             if len(vals) != len(prompt_text):
                 raise ValueError(f"metadata {key!r}: {len(vals)} entries for {len(prompt_text)} prompts (one per "
                                  f"prompt; the iteration repeats each for the prompt's {k} samples)")
         meta = {key: [v for v in vals for _ in range(k)] for key, vals in metadata.items()}
         prompts = [p for p in prompt_text for _ in range(k)]
-        s = score_with_failures(fn, prompts, completions, call_config=cfg.reward_call, **meta)
-        failed[what] = failed.get(what, 0) + int(s.failed.sum())
-        return s.rewards
+        if not multi:
+            s = score_with_failures(fn, prompts, decode(completions), call_config=cfg.reward_call, **meta)
+            failed[what] = failed.get(what, 0) + int(s.failed.sum())
+            return s.rewards
+        rows, error = process_slice(len(completions)), None
+        try:
+            s = score_with_failures(fn, prompts[rows], decode(completions[rows]), call_config=cfg.reward_call,
+                                    **{key: vals[rows] for key, vals in meta.items()})
+            local = np.concatenate([np.asarray(s.rewards, np.float32), [s.failed.sum(), 0]]).astype(np.float32)
+        except Exception as e:  # noqa: BLE001 - raised below, once the other processes know
+            error, local = e, np.zeros(rows.stop - rows.start + 2, np.float32)
+            local[-1] = 1
+        table = process_allgather(local)  # [processes, own rows + 2]: rewards, failed count, raised
+        raised = np.flatnonzero(table[:, -1]).tolist()
+        if raised:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"the {what} function ({getattr(fn, '__name__', fn)}) raised on process(es) "
+                               f"{raised} (their output has the error); process {jax.process_index()} stops too")
+        failed[what] = failed.get(what, 0) + int(table[:, -2].sum())
+        return table[:, :-2].reshape(-1)
+
+    def sample_rows(params, tokens, mask, key, scfg):
+        """`sample` on prompts tokens, mask [B, P0] (the global batch, the same on every process). On
+        several processes each samples the rows of its own prompts (`process_slice(B)`), which `sample`
+        assembles into the global rollout; the prompts are bucketed to the global batch's width first,
+        since a process's own longest prompt may fall in a smaller bucket and every process's rows must
+        have one width. Row r draws with fold_in(key, r) over the global rows, so the samples are one
+        process's."""
+        if not multi:
+            return sample(params, tokens, mask, key, model=model, cfg=scfg)
+        count, c = jax.process_count(), model.config
+        if np.shape(tokens)[0] % count:
+            raise ValueError(f"the iteration's {np.shape(tokens)[0]} prompts do not split over the {count} processes "
+                             f"(each samples its own rows): make the prompt batch a multiple of {count}")
+        tokens, mask = prepare_prompts(tokens, mask, vocab_size=c.vocab_size, max_new_tokens=scfg.max_new_tokens,
+                                       max_seq_len=c.max_seq_len, pad_id=scfg.pad_id,
+                                       min_bucket=scfg.min_prompt_bucket, special=special_ids(scfg, "SampleConfig"))
+        own = process_slice(len(tokens))
+        return sample(params, tokens[own], mask[own], key, model=model,
+                      cfg=scfg.replace(min_prompt_bucket=tokens.shape[1]))
+
+    def to_rows(x):
+        """A host array [R, ...] (the same on every process) as the global array the jitted stages take:
+        on several processes each places its own rows; on one, as it is."""
+        return x if x is None or not multi else shard_batch(local_rows(x), mesh)
 
     def rollout_of(params, tokens, mask, metadata, key, times, failed):
         t0 = time.perf_counter()
-        rollout = jax.block_until_ready(sample(params, tokens, mask, key, model=model, cfg=cfg.sampling))
+        rollout = jax.block_until_ready(sample_rows(params, tokens, mask, key, cfg.sampling))
         t1 = time.perf_counter()
-        prompt_text = decode_prompts(np.asarray(rollout.tokens[::n, :rollout.prompt_length]))
-        rewards = scored(reward_fn, rollout, prompt_text, metadata, n, failed)
-        correct = scored(accuracy_fn, rollout, prompt_text, metadata, n, failed, "accuracy") if accuracy_fn else None
-        watched = {name: scored(fn, rollout, prompt_text, metadata, n, failed, name) for name, fn in monitors.items()}
+        ids, P = host_tokens(rollout), rollout.prompt_length
+        prompt_text = decode_prompts(ids[::n, :P])
+        completions = ids[:, P:]
+        rewards = scored(reward_fn, completions, prompt_text, metadata, n, failed)
+        correct = scored(accuracy_fn, completions, prompt_text, metadata, n, failed, "accuracy") if accuracy_fn \
+            else None
+        watched = {name: scored(fn, completions, prompt_text, metadata, n, failed, name)
+                   for name, fn in monitors.items()}
         times["sample"] += t1 - t0
         times["score"] += time.perf_counter() - t1
         return rollout, rewards, correct, prompt_text, watched
@@ -554,20 +628,26 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         all_rewards = np.concatenate([s[1] for s in sampled])
         all_correct = np.concatenate([s[2] for s in sampled]) if accuracy_fn else None
         if rounds:  # the first G groups with unequal rewards, topped up with equal ones (then dropped)
-            rollout = concat_rollouts([s[0] for s in sampled], pad_id=cfg.sampling.pad_id)
+            parts = [s[0] for s in sampled]
+            if multi:  # joined and picked on the host: a process's rows afterwards are not the ones it sampled
+                parts = [to_host(r) for r in parts]
+            rollout = concat_rollouts(parts, pad_id=cfg.sampling.pad_id)
             good = _informative_groups(all_rewards, n)
             groups = np.concatenate([np.flatnonzero(good), np.flatnonzero(~good)])[:G]
             rows = (groups[:, None] * n + np.arange(n)).ravel()
             rollout = jax.tree.map(lambda x: x[rows], rollout)
             rollout = rollout.replace(group_ids=jnp.arange(G * n, dtype=jnp.int32) // n)
+            if multi:  # back to one global rollout, each process placing its own rows
+                rollout = to_rows(to_host(rollout))
             rewards = all_rewards[rows]
 
         greedy = None
         if needs.greedy:  # the greedy decode's reward is the baseline (SCST)
             t0 = time.perf_counter()
-            g = sample(params, prompt_tokens, prompt_mask, k_greedy, model=model, cfg=greedy_cfg)
+            g = sample_rows(params, prompt_tokens, prompt_mask, k_greedy, greedy_cfg)
             times["sample"] += time.perf_counter() - t0
-            greedy = np.repeat(scored(reward_fn, g, prompt_text, metadata, 1, failed), n)
+            greedy = np.repeat(scored(reward_fn, host_tokens(g)[:, g.prompt_length:], prompt_text, metadata, 1,
+                                      failed), n)
         monitored = {name: np.concatenate([w[name] for w in all_watched]) for name in monitors}
         return Collected(rollout, rewards, all_rewards, all_correct, greedy, sampled, cut, rounds, times, failed,
                          monitored)
@@ -610,10 +690,12 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             teacher = jax.block_until_ready(teacher_lp(state.teacher_params, rollout.tokens, rollout.attention_mask))
             times["teacher"] = time.perf_counter() - t0
         greedy = None if c.greedy is None else np.asarray(c.greedy, np.float32)
-        batch, transform_state, stats = jitted_prepare(rollout, np.asarray(rewards, np.float32), ref, values,
-                                                       teacher, greedy, state.transforms)
+        batch, transform_state, stats = jitted_prepare(rollout, to_rows(np.asarray(rewards, np.float32)), ref,
+                                                       values, teacher, to_rows(greedy), state.transforms)
         if lag:
-            batch = batch.replace(lag=jnp.full((rollout.tokens.shape[0],), lag, jnp.int32))
+            R = rollout.tokens.shape[0]
+            batch = batch.replace(lag=to_rows(np.full((R,), lag, np.int32)) if multi else
+                                  jnp.full((R,), lag, jnp.int32))
 
         if mesh is not None:  # prepare's outputs may sit replicated; the update takes them split over the batch
             batch = shard_batch(batch, mesh)
@@ -621,18 +703,18 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         policy, critic, metrics = jitted_update(state.policy, state.critic, batch, k_perm)
         metrics = jax.device_get(metrics)
         times["update"] = time.perf_counter() - t0
-        lengths = np.asarray(rollout.lengths)
+        # the host's view of every row (one gather where the rows span processes)
+        lengths, attention, stopped, sampled_lengths = to_host(
+            (rollout.lengths, rollout.attention_mask, rollout.stopped_at_eos, [s[0].lengths for s in c.sampled]))
         made = int(metrics.pop("updates"))
         out = {k: float(v) for k, v in metrics.items()}
         out.update({
             "reward_mean": float(np.mean(c.all_rewards)), "reward_std": float(np.std(c.all_rewards)),
             "completion_length": float(lengths.mean()),
-            "tokens": float(np.asarray(rollout.attention_mask).sum()),
-            "truncated_fraction": float(np.mean(~np.asarray(rollout.stopped_at_eos))),
-            "sample_tokens_per_s": float(sum(int(np.asarray(s[0].lengths).sum()) for s in c.sampled)
-                                         / max(times["sample"], 1e-9)),
-            "train_tokens_per_s": float(made * np.asarray(rollout.attention_mask).sum() / cfg.minibatches
-                                        / max(times["update"], 1e-9)),
+            "tokens": float(attention.sum()),
+            "truncated_fraction": float(np.mean(~stopped)),
+            "sample_tokens_per_s": float(sum(int(x.sum()) for x in sampled_lengths) / max(times["sample"], 1e-9)),
+            "train_tokens_per_s": float(made * attention.sum() / cfg.minibatches / max(times["update"], 1e-9)),
             **{f"time_{k}_s": v for k, v in times.items()},
         })
         if accuracy_fn:

@@ -12,6 +12,7 @@ same code runs on 1 CPU, simulated CPU devices, several processes, GPUs, TPUs.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -148,32 +149,84 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules=LOGICAL_RULES) -> NamedShard
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
 
 
-def shard_batch(batch, mesh: Mesh, rules=LOGICAL_RULES):
-    """Put every array of a batch pytree on the mesh, split along the batch axis.
+@functools.lru_cache(maxsize=256)
+def _process_rows_error(sharding: NamedSharding, shape: tuple[int, ...]) -> str | None:
+    """Why `sharding` does not give each process its own block of rows of a [shape] batch, or None.
 
-    On one process the arrays are the global batch; on several processes each
-    passes its own slice (process-local data) and gets one global array.
+    `shard_batch` takes process i's rows as rows [i·B/n, (i+1)·B/n) of the global batch
+    (`rljax.distributed.process_slice`). That is only right when every device of process i
+    holds rows of that block alone: when the batch axes (data × fsdp) leave rows replicated
+    across processes (e.g. data = fsdp = 1 and tensor spanning the processes), each process
+    would put its own, different rows where the sharding says the same rows sit, and the
+    "global" array would differ from process to process. Cached: the answer depends on the
+    sharding and shape only, and a pod has thousands of devices to look at.
+    """
+    count, rows = jax.process_count(), shape[0]
+    per = rows // count
+    for device, index in sharding.devices_indices_map(shape).items():
+        start, stop, _ = index[0].indices(rows)
+        owner = device.process_index
+        if not (owner * per <= start and stop <= (owner + 1) * per):
+            mesh = sharding.mesh
+            batch_axes = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+            return (f"on the mesh {dict(mesh.shape)} the batch axes data x fsdp = {batch_axes} do not give each of "
+                    f"the {count} processes its own rows (device {device.id} of process {owner} would hold rows "
+                    f"{start}:{stop} of {rows}, while process {owner} passes rows {owner * per}:{(owner + 1) * per}). "
+                    "Each process passes only its own rows (distributed.local_rows), so data x fsdp must split the "
+                    "rows so that the devices of different processes hold different rows: make data x fsdp a "
+                    f"multiple of the process count and tensor a divisor of each process's device count "
+                    f"({jax.local_device_count()}), e.g. make_mesh(data={count}, fsdp=1, "
+                    f"tensor={jax.device_count() // count})")
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _reshard(sharding: NamedSharding):
+    """The jitted identity placing an array on `sharding`: resharding an array that spans processes is a
+    collective program every process runs (one compile per sharding and shape)."""
+    return jax.jit(lambda x: x, out_shardings=sharding)
+
+
+def shard_batch(batch, mesh: Mesh, rules=LOGICAL_RULES):
+    """Put every array of a batch pytree on the mesh, split along the batch axis ([B, ...] -> the
+    same global shape, rows over data x fsdp, the other axes replicated; 0-d leaves replicated).
+
+    On one process the arrays are the global batch. On several processes each passes its own
+    rows, `distributed.local_rows(global_batch)` (rows [i·B/n, (i+1)·B/n) on process i of n),
+    and gets one global array of B rows; every process must pass the same number of rows. The
+    mesh must give each process its own block of rows (data x fsdp splitting the rows over the
+    processes; `make_mesh` keeps each process's devices together): one whose batch axes leave
+    rows replicated across processes (e.g. make_mesh(data=1, fsdp=1, tensor=4) on 2 processes
+    of 2 devices) is a ValueError naming the mesh. An array that already spans processes (the
+    output of a step) is the global batch itself and is only re-laid out.
     """
     n_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    count = jax.process_count()
     leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
     out = []
     for path, x in leaves:
+        spanning = isinstance(x, jax.Array) and not x.is_fully_addressable
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         name = jax.tree_util.keystr(path) or "batch"
         if x.ndim == 0:
-            out.append(jax.device_put(x, replicated(mesh)))
+            out.append(_reshard(replicated(mesh))(x) if spanning else jax.device_put(x, replicated(mesh)))
             continue
         sharding = batch_sharding(mesh, x.ndim, rules)
-        if jax.process_count() > 1:
-            global_rows = x.shape[0] * jax.process_count()
-            if global_rows % n_shards:
-                raise ValueError(f"shard_batch: {name} has {global_rows} global rows, not divisible by "
-                                 f"data*fsdp = {n_shards}")
-            out.append(jax.make_array_from_process_local_data(sharding, np.asarray(x)))
-        else:
-            if x.shape[0] % n_shards:
-                raise ValueError(f"shard_batch: {name} has {x.shape[0]} rows, not divisible by data*fsdp = {n_shards}")
+        global_rows = x.shape[0] if count == 1 or spanning else x.shape[0] * count
+        if global_rows % n_shards:
+            per = f" ({x.shape[0]} on each of {count} processes)" if count > 1 and not spanning else ""
+            raise ValueError(f"shard_batch: {name} has {global_rows} global rows{per}, not divisible by "
+                             f"data*fsdp = {n_shards}")
+        if count == 1:
             out.append(jax.device_put(x, sharding))
+            continue
+        if spanning:  # already global: any layout is right, so no check of who holds which rows
+            out.append(x if x.sharding == sharding else _reshard(sharding)(x))
+        else:
+            error = _process_rows_error(sharding, (global_rows,) + tuple(x.shape[1:]))
+            if error:
+                raise ValueError(f"shard_batch: {name}: {error}")
+            out.append(jax.make_array_from_process_local_data(sharding, np.asarray(x)))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

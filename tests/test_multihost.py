@@ -107,6 +107,10 @@ def test_process_slice_and_single_process_helpers():
         distributed.process_slice(8, process_index=2, process_count=2)
     assert distributed.is_main_process()
     distributed.sync("single process: no-op")
+    batch = {"x": np.arange(6).reshape(3, 2), "n": np.int32(3)}
+    assert distributed.local_rows(batch) is batch  # one process owns every row
+    host = distributed.to_host({"x": jax.numpy.arange(4), "y": [np.float32(1.5)]})
+    assert isinstance(host["x"], np.ndarray) and host["x"].tolist() == [0, 1, 2, 3] and host["y"][0] == 1.5
 
 
 # One script for both runs: argv = process_id, port (0: single process), output JSON path.

@@ -1,0 +1,336 @@
+"""The phases on two processes (2 CPU devices each, one 4-device mesh) compute what one process with
+4 devices computes: each process keeps its own rows of the global batch, only process 0 writes
+metrics and prints, evaluations and checkpoints run everywhere, a resumed run equals an uninterrupted
+one, and the RL iteration samples, scores and updates as one process does."""
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from rljax.metrics import read_metrics
+from test_multihost import _env, _free_port
+
+# One script for every run: argv = mode, process_id, port (0: one process with 4 devices), run
+# directory, output JSON path, mode arguments. It prints "[worker] ..." lines for the test to read.
+WORKER = textwrap.dedent("""
+    import faulthandler, functools, json, sys
+    faulthandler.dump_traceback_later(240, exit=True)  # a hung collective fails with a traceback
+    import jax, jax.numpy as jnp, numpy as np
+    from rljax import distributed
+
+    mode, pid, port, run_dir, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    args = sys.argv[6:]
+    if port:
+        assert distributed.initialize(f"127.0.0.1:{port}", 2, pid) is True
+    assert jax.device_count() == 4
+    from rljax import phases
+    from rljax.data.collate import BatchIterator, collate_prompt_completion
+    from rljax.distributed import local_rows, to_host
+    from rljax.losses.sft import SFTConfig, sft_loss
+    from rljax.models import Model, preset
+    from rljax.sharding import make_mesh, shard_batch
+    from rljax.state import OptimizerConfig, create_state
+    from rljax.tokenizer import CharTokenizer
+
+    mesh = make_mesh(data=2, fsdp=2)
+    TOK = CharTokenizer()
+    res = {"main": distributed.is_main_process()}
+
+    def checksums(tree):  # [sum, sum |x|, sum x^2] of every leaf's global value, and their totals
+        flat = jax.tree_util.tree_flatten_with_path(to_host(tree))[0]
+        out = {jax.tree_util.keystr(k): [float(np.sum(np.asarray(v, np.float64))),
+                                         float(np.sum(np.abs(np.asarray(v, np.float64)))),
+                                         float(np.sum(np.square(np.asarray(v, np.float64))))] for k, v in flat}
+        out["total"] = [sum(c[j] for c in out.values()) for j in range(3)]
+        return out
+
+    rows_seen = []  # the global rows of every batch a phase placed
+    placed = phases.shard_batch
+
+    def spy(batch, mesh):
+        out = placed(batch, mesh=mesh)
+        rows_seen.append(int(jax.tree.leaves(out)[0].shape[0]))
+        return out
+
+    phases.shard_batch = spy
+
+    def sft_data():
+        rows = [(f"{a}+{b}=", str(a + b)) for a in range(6) for b in range(6)]
+        return BatchIterator(rows, 8, lambda r: collate_prompt_completion(TOK, r), seed=0)
+
+    if mode == "sft":  # args: the steps= of successive calls in one run directory, e.g. "2,4,4"
+        opt = OptimizerConfig(lr=1e-2, total_steps=6, warmup_steps=1)
+        model = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size), mesh=mesh)
+        held = collate_prompt_completion(TOK, [(f"{a}*{a}=", str(a * a)) for a in range(8)])
+        eval_loss = jax.jit(lambda p, b: sft_loss(p, b, model=model, cfg=SFTConfig())[0])
+
+        def eval_fn(state):  # a sharded forward pass: a collective every process must run
+            return {"loss": float(eval_loss(state.params, shard_batch(local_rows(held), mesh)))}
+
+        for steps in map(int, args[0].split(",")):
+            state = create_state(model, opt, jax.random.key(0), mesh=mesh)
+            cfg = phases.SFTPhaseConfig(optimizer=opt, loop=phases.LoopConfig(
+                steps=steps, log_every=1, checkpoint_every=1, progress=True, tensorboard=False))
+            state = phases.sft(state, sft_data(), cfg, model=model, mesh=mesh, run_dir=run_dir, eval_fn=eval_fn)
+        res.update(step=int(state.step), params=checksums(state.params), rows=rows_seen)
+        if port:  # shard_batch on meshes that do / do not give each process its own rows
+            glob = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+            res["meshes"] = {}
+            for shape in ((1, 1, 4), (1, 2, 2), (2, 1, 2)):
+                try:
+                    x = shard_batch({"x": local_rows(glob)}, make_mesh(*shape))["x"]
+                    res["meshes"][str(shape)] = bool(np.array_equal(to_host(x), glob))
+                except ValueError as e:
+                    res["meshes"][str(shape)] = str(e)
+            from rljax.rl import RLConfig, make_rl_iteration
+            plain = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size))  # no mesh
+            refusals = {
+                "sft": lambda: phases.sft(create_state(plain, opt, jax.random.key(0)), sft_data(), cfg, model=plain),
+                "rl": lambda: make_rl_iteration(plain, RLConfig(), lambda p, c: [0.0] * len(c), str),
+                "staleness": lambda: phases.rl(None, None, None, RLConfig(staleness=1), model=model, decode=str,
+                                               loop=phases.LoopConfig()),
+            }
+            res["refusals"] = {}
+            for name, call in refusals.items():
+                try:
+                    call()
+                except ValueError as e:
+                    res["refusals"][name] = str(e)
+
+    elif mode == "phases":  # reward model, preference (DPO, live reference) and OREO, 2 steps each
+        from rljax.data.preference_collate import collate_preferences
+        from rljax.data.reward_collate import collate_pairs
+        from rljax.losses.preference import DPOConfig
+        from rljax import oreo_training
+        from rljax.oreo_training import OREOPhaseConfig, collate_trajectories, create_oreo_state, oreo
+
+        oreo_training.shard_batch = spy
+
+        opt = OptimizerConfig(lr=1e-2, schedule="constant")
+        loop = phases.LoopConfig(steps=2, log_every=1, checkpoint_every=0, progress=False, tensorboard=False)
+        pairs = [(f"{a}+{b}=", str(a + b), str(a + b + 1 + a % 3)) for a in range(4) for b in range(4)]
+        rm = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size, heads=("reward",)), mesh=mesh)
+        state = phases.train_reward_model(
+            create_state(rm, opt, jax.random.key(0), mesh=mesh),
+            BatchIterator(pairs, 8, lambda r: collate_pairs(TOK, r), seed=0),
+            phases.RewardModelPhaseConfig(optimizer=opt, loop=loop), model=rm, mesh=mesh, run_dir=run_dir + "/rm")
+        res["rm"] = checksums(state.params)["total"]
+        lm = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size), mesh=mesh)
+        params = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size)).init(jax.random.key(1))
+        state = phases.preference(
+            create_state(lm, opt, jax.random.key(0), mesh=mesh, params=params),
+            BatchIterator(pairs, 8, lambda r: collate_preferences(TOK, r), seed=0),
+            phases.PreferencePhaseConfig(loss=DPOConfig(), optimizer=opt, loop=loop), model=lm, reference=params,
+            mesh=mesh, run_dir=run_dir + "/dpo")
+        res["dpo"] = checksums(state.params)["total"]
+        traj = [{"prompt": p, "completion": c, "reward": float(k % 2)} for k, (p, c, _) in enumerate(pairs)]
+        _, ostate = create_oreo_state(lm, params, opt, jax.random.key(2))
+        ostate = oreo(ostate, BatchIterator(traj, 8, lambda r: collate_trajectories(TOK, r), seed=0),
+                      OREOPhaseConfig(optimizer=opt, loop=loop), model=lm, mesh=mesh, run_dir=run_dir + "/oreo")
+        res["oreo"] = [checksums(ostate.policy.params)["total"], checksums(ostate.value.params)["total"]]
+        res["rows"] = rows_seen
+
+    elif mode == "rl":  # one GRPO and one SCST iteration by hand, then DAPO with refills through the rl phase
+        from conftest import left_padded
+        from rljax.data.batch import PromptBatch
+        from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
+        from rljax.sampling import SampleConfig
+
+        scored_rows = []
+
+        def decode(ids):
+            return [" ".join(str(int(t)) for t in row if t != 0) for row in np.asarray(ids)]
+
+        def reward(prompts, completions, **_):  # a seventh of the tokens, on average: many equal groups
+            scored_rows.append(len(completions))
+            return [sum(int(t) % 7 == 0 for t in c.split()) / 4 for c in completions]
+
+        def correct(prompts, completions, problems, **_):
+            return [float(len(c.split()) % 2 == p % 2) for c, p in zip(completions, problems)]
+
+        # prompts of very different lengths: each process's own longest falls in another bucket
+        tokens, mask = left_padded([3, 2, 2, 4, 5, 20, 18, 3], 24, 64, seed=4)
+        model = Model(preset("tiny", n_layers=1), mesh=mesh)
+        params = Model(preset("tiny", n_layers=1)).init(jax.random.key(0))
+        sampling = SampleConfig(max_new_tokens=4, n=2, eos_id=-1)
+        cfg = RLConfig(algorithm="grpo", sampling=sampling, optimizer=OptimizerConfig(lr=1e-2, schedule="constant"))
+        it = make_rl_iteration(model, cfg, reward, decode, accuracy_fn=correct, monitors={"length": correct})
+        state = create_rl_state(model, params, cfg, jax.random.key(1))
+        key = jax.random.fold_in(state.rng, state.step)
+        collected = it.collect(state.policy.params, tokens, mask, key, problems=list(range(8)))
+        res["samples"] = to_host(collected.rollout.tokens).tolist()
+        res["rewards"] = np.asarray(collected.rewards).tolist()
+        state, metrics = it.learn(state, collected, key)
+        res["grpo"] = {k: v for k, v in metrics.items() if not k.startswith("time_") and "per_s" not in k}
+        res["grpo_params"] = checksums(state.policy.params)["total"]
+        res["scored_rows"] = scored_rows[:]
+        # SCST: a greedy decode of the prompts (n = 1 rows) is the baseline
+        scst = RLConfig(algorithm="scst", sampling=sampling, optimizer=OptimizerConfig(lr=1e-2, schedule="constant"))
+        state = create_rl_state(model, params, scst, jax.random.key(1))
+        state, metrics = make_rl_iteration(model, scst, reward, decode)(state, tokens, mask)
+        res["scst"] = [metrics["loss"], metrics["reward_mean"], checksums(state.policy.params)["total"]]
+
+        class Prompts:  # the same global prompt batches on every process
+            def batch_at(self, position):
+                t, m = left_padded([3, 6, 2, 5], 8, 64, seed=10 + position)
+                return PromptBatch(tokens=t, mask=m, metadata={})
+
+        dapo = RLConfig(algorithm="dapo", sampling=sampling, max_refills=2,
+                        optimizer=OptimizerConfig(lr=1e-2, schedule="constant"))
+        state = create_rl_state(model, params, dapo, jax.random.key(3))
+        state = phases.rl(state, Prompts(), reward, dapo, model=model, decode=decode,
+                          loop=phases.LoopConfig(steps=2, log_every=1, progress=False, tensorboard=False),
+                          run_dir=run_dir)
+        res["dapo_params"] = checksums(state.policy.params)["total"]
+
+    distributed.sync("done")
+    with open(out, "w") as f:
+        json.dump(res, f)
+    distributed.sync("written")
+""")
+
+
+def _run(tmp_path, mode: str, multi_args: tuple = (), single_args: tuple | None = None, timeout: float = 300) -> dict:
+    """Run the worker as two processes (2 devices each, with multi_args) and as one process with 4
+    devices (single_args, default multi_args), at once; -> {"proc0", "proc1", "single"}: each {"out": its
+    JSON, "log": its output, "run_dir": its directory}. Leftover processes are killed whatever happens."""
+    single_args = multi_args if single_args is None else single_args
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = _free_port()
+    jobs = {}
+    for name, pid, p, n_dev in (("proc0", 0, port, 2), ("proc1", 1, port, 2), ("single", 0, 0, 4)):
+        run_dir = tmp_path / ("multi" if p else "single")
+        args = multi_args if p else single_args
+        out, log = tmp_path / f"{name}.json", tmp_path / f"{name}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, str(script), mode, str(pid), str(p), str(run_dir), str(out),
+                                     *args], env=_env(n_dev), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        jobs[name] = (proc, log, out, run_dir)
+    deadline, failed = time.monotonic() + timeout, None
+    try:
+        for name, (proc, *_) in jobs.items():
+            try:
+                if proc.wait(timeout=max(deadline - time.monotonic(), 1)) != 0:
+                    failed = f"{name} exited with {proc.returncode}"
+            except subprocess.TimeoutExpired:
+                failed = f"{name} timed out"
+            if failed:
+                break
+    finally:
+        for proc, *_ in jobs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if failed:
+        logs = "\n".join(f"--- {n} (rc={p.returncode}):\n{log.read_text()[-5000:]}" for n, (p, log, *_) in jobs.items())
+        pytest.fail(f"{failed}\n{logs}")
+    return {name: {"out": json.loads(out.read_text()), "log": log.read_text(), "run_dir": run_dir}
+            for name, (_, log, out, run_dir) in jobs.items()}
+
+
+def _close_checksums(multi: dict, single: dict):
+    assert multi.keys() == single.keys()
+    for key in single:
+        # plain sums of random weights can be near 0: absolute slack scaled by the sum of |w|
+        np.testing.assert_allclose(multi[key][0], single[key][0], rtol=1e-5, atol=1e-6 * single[key][1], err_msg=key)
+        np.testing.assert_allclose(multi[key][1:], single[key][1:], rtol=1e-5, err_msg=key)
+
+
+def _lines(run_dir, prefix: str) -> list[dict]:
+    return [r for r in read_metrics(run_dir, events=True) if any(k.startswith(prefix) for k in r)
+            or r.get("phase") == prefix]
+
+
+# 13-25 s: the default tier's one two-process phase run (the others are marked slow)
+def test_two_process_sft_phase_equals_one_process_and_resumes(tmp_path):
+    """An SFT phase stopped after 2 steps, resumed to 4 and called again once finished, on two
+    processes: each places its own 4 of the 8 rows (global batches of 8, not 16), the losses and
+    parameters equal one process's uninterrupted 4 steps, metrics.jsonl has every step once and one
+    resume marker, the (collective) evaluation runs on both and only process 0 prints; shard_batch
+    refuses a mesh whose batch axes leave rows replicated across the processes, and a phase or RL
+    iteration without a mesh (or with asynchronous actors) is refused."""
+    res = _run(tmp_path, "sft", ("2,4,4",), ("4",))
+    p0, p1, single = (res[n]["out"] for n in ("proc0", "proc1", "single"))
+    assert [p0["main"], p1["main"], single["main"]] == [True, False, True]
+    assert p0["step"] == p1["step"] == single["step"] == 4
+    # 4 steps and the two evaluations' held batch; never every row twice
+    assert set(p0["rows"]) == set(p1["rows"]) == set(single["rows"]) == {8}
+    assert p0["params"] == p1["params"]
+    _close_checksums(p0["params"], single["params"])
+
+    multi_log, single_log = (_lines(res[n]["run_dir"], "sft/") for n in ("proc0", "single"))
+    assert [r["step"] for r in multi_log if "sft/loss" in r] == [1, 2, 3, 4]  # each step once
+    assert [(r["step"], r["event"]) for r in multi_log if "event" in r] == [(2, "resumed")]
+    assert [r["step"] for r in multi_log if "sft/eval/loss" in r] == [2, 4]  # the third call read it back
+    loss = {n: [r["sft/loss"] for r in log if "sft/loss" in r] for n, log in (("m", multi_log), ("s", single_log))}
+    np.testing.assert_allclose(loss["m"], loss["s"], rtol=1e-5)
+    assert [r["step"] for r in single_log if "sft/eval/loss" in r] == [4]
+    np.testing.assert_allclose(multi_log[-1]["sft/eval/loss"], single_log[-1]["sft/eval/loss"], rtol=1e-5)
+
+    log0, log1 = res["proc0"]["log"], res["proc1"]["log"]
+    assert "[sft] resumed from" in log0 and "[sft] step 4 eval (logged by the finished run)" in log0
+    assert "[sft]" not in log1 and "sft:" not in log1  # no message, no progress bar
+
+    meshes = p0["meshes"]
+    assert meshes["(1, 2, 2)"] is True and meshes["(2, 1, 2)"] is True
+    assert "{'data': 1, 'fsdp': 1, 'tensor': 4}" in meshes["(1, 1, 4)"] and "data x fsdp" in meshes["(1, 1, 4)"]
+    assert "make_mesh(data=2, fsdp=1, tensor=2)" in meshes["(1, 1, 4)"]
+    # a phase or an RL iteration without a mesh, and asynchronous actors, are refused before any step
+    refused = p0["refusals"]
+    assert refused.keys() == {"sft", "rl", "staleness"}
+    assert "sft: 2 processes are running, so the phase needs mesh=" in refused["sft"]
+    assert "model needs a mesh" in refused["rl"] and "RLConfig.staleness=1" in refused["staleness"]
+
+
+@pytest.mark.slow  # 35-40 s: three phases' compiles in three processes
+def test_two_process_reward_model_preference_and_oreo_phases_equal_one_process(tmp_path):
+    """The reward-model (Bradley–Terry), preference (DPO with a live reference) and OREO phases, 2
+    steps each on two processes: global batches of 8 rows (each process placing 4), the losses and
+    parameters of one process, every metric line written once."""
+    res = _run(tmp_path, "phases")
+    p0, p1, single = (res[n]["out"] for n in ("proc0", "proc1", "single"))
+    assert set(p0["rows"]) == set(single["rows"]) == {8} and len(p0["rows"]) == len(single["rows"]) == 6
+    for key in ("rm", "dpo"):
+        assert p0[key] == p1[key]
+        np.testing.assert_allclose(p0[key], single[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(p0["oreo"], single["oreo"], rtol=1e-5)
+    for phase, prefix in (("rm", "rm/"), ("dpo", "preference/"), ("oreo", "oreo/")):
+        multi, one = (read_metrics(res[n]["run_dir"] / phase) for n in ("proc0", "single"))
+        assert [r["step"] for r in multi] == [r["step"] for r in one] == [1, 2], phase
+        np.testing.assert_allclose([r[prefix + "loss"] for r in multi], [r[prefix + "loss"] for r in one],
+                                   rtol=1e-5, err_msg=phase)
+
+
+@pytest.mark.slow  # 20-45 s: sampling and three algorithms' updates compiled in three processes
+def test_two_process_rl_iteration_equals_one_process(tmp_path):
+    """A GRPO iteration on two processes (prompts whose bucketed widths differ between the processes'
+    halves) samples the same tokens as one process with the same key, each process scores only its
+    own 8 of the 16 rows, and the rewards, metrics and updated parameters are one process's; DAPO with
+    refills through the rl phase (groups picked on the host, rows placed back) ends with the same
+    parameters and writes every iteration's metrics once, equal to one process's; so does SCST (a
+    greedy decode of the prompts as baseline)."""
+    res = _run(tmp_path, "rl")
+    p0, p1, single = (res[n]["out"] for n in ("proc0", "proc1", "single"))
+    assert p0["samples"] == p1["samples"] == single["samples"]
+    assert p0["rewards"] == p1["rewards"] == single["rewards"]
+    assert p0["scored_rows"] == p1["scored_rows"] == [8] and single["scored_rows"] == [16]  # own rows only
+    assert p0["grpo"].keys() == single["grpo"].keys() and "accuracy" in p0["grpo"] and "length_mean" in p0["grpo"]
+    for k, v in single["grpo"].items():
+        np.testing.assert_allclose(p0["grpo"][k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+    assert p0["grpo"] == p1["grpo"]
+    np.testing.assert_allclose(p0["grpo_params"], single["grpo_params"], rtol=1e-5)
+    np.testing.assert_allclose(p0["dapo_params"], single["dapo_params"], rtol=1e-5)
+    np.testing.assert_allclose(p0["scst"][:2], single["scst"][:2], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(p0["scst"][2], single["scst"][2], rtol=1e-5)
+    multi, one = (read_metrics(res[n]["run_dir"]) for n in ("proc0", "single"))
+    assert [r["step"] for r in multi] == [r["step"] for r in one] == [1, 2]
+    assert any(r["rl/refill_rounds"] > 0 for r in one)  # the refill path ran
+    for k in one[0]:
+        if k.startswith("rl/") and not k.startswith("rl/time_") and "per_s" not in k:
+            np.testing.assert_allclose([r[k] for r in multi], [r[k] for r in one], rtol=1e-5, atol=1e-7, err_msg=k)
