@@ -180,6 +180,29 @@ def _env(n_devices: int) -> dict:
     return env
 
 
+def wait_for_workers(jobs: dict, *, timeout: float) -> None:
+    """Wait for every worker {name: (Popen, log path)}; kill those still running when one fails or the time is
+    up (a process waiting in a collective for a dead peer never ends), then fail with every log's tail."""
+    deadline, failed = time.monotonic() + timeout, None
+    try:
+        for name, (proc, _) in jobs.items():
+            try:
+                if proc.wait(timeout=max(deadline - time.monotonic(), 1)) != 0:
+                    failed = f"{name} exited with {proc.returncode}"
+            except subprocess.TimeoutExpired:
+                failed = f"{name} timed out"
+            if failed:
+                break
+    finally:
+        for proc, _ in jobs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if failed:
+        logs = "\n".join(f"--- {n} (rc={p.returncode}):\n{log.read_text()[-5000:]}" for n, (p, log) in jobs.items())
+        pytest.fail(f"{failed}\n{logs}")
+
+
 @pytest.mark.slow  # ~30 s; the default tier keeps a two-process run (the damaged checkpoint below)
 def test_two_processes_train_like_one(tmp_path):
     """Processes 0 and 1 (2 devices each) feed their own 4 of 8 rows; losses and final parameters
@@ -195,25 +218,7 @@ def test_two_processes_train_like_one(tmp_path):
                                     cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         jobs[name] = (proc, log, out)
 
-    deadline = time.monotonic() + 300
-    failed = None
-    try:
-        for name, (proc, _, _) in jobs.items():
-            try:
-                if proc.wait(timeout=max(deadline - time.monotonic(), 1)) != 0:
-                    failed = f"{name} exited with {proc.returncode}"
-            except subprocess.TimeoutExpired:
-                failed = f"{name} timed out"
-            if failed:
-                break
-    finally:
-        for proc, _, _ in jobs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    if failed:
-        logs = "\n".join(f"--- {n} (rc={p.returncode}):\n{log.read_text()[-4000:]}" for n, (p, log, _) in jobs.items())
-        pytest.fail(f"{failed}\n{logs}")
+    wait_for_workers({name: (proc, log) for name, (proc, log, _) in jobs.items()}, timeout=300)
 
     res = {name: json.loads(out.read_text()) for name, (_, _, out) in jobs.items()}
     assert [res[n]["main"] for n in ("proc0", "proc1", "single")] == [True, False, True]
@@ -305,26 +310,14 @@ def test_two_processes_agree_on_a_damaged_checkpoint_and_fall_back(tmp_path, dam
     script = tmp_path / "ckpt_worker.py"
     script.write_text(CKPT_WORKER)
     port, d = _free_port(), tmp_path / "ckpt"
-    procs = []
+    jobs = {}
     for pid in (0, 1):
-        log = open(tmp_path / f"p{pid}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(d),
-                                        str(tmp_path / f"p{pid}.json"), damage], env=_env(2), cwd=ROOT, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
-    try:
-        for p, _ in procs:
-            p.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
-    if any(p.returncode != 0 for p, _ in procs):
-        pytest.fail("\n".join(f"--- p{i} rc={p.returncode}\n{(tmp_path / f'p{i}.log').read_text()[-3000:]}"
-                              for i, (p, _) in enumerate(procs)))
+        log = tmp_path / f"p{pid}.log"
+        with open(log, "w") as f:
+            jobs[f"p{pid}"] = (subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(d),
+                                                 str(tmp_path / f"p{pid}.json"), damage], env=_env(2), cwd=ROOT,
+                                                stdout=f, stderr=subprocess.STDOUT), log)
+    wait_for_workers(jobs, timeout=120)
     res = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in (0, 1)]
     assert res[0]["digests"] == res[1]["digests"] and res[0]["digests"][0] != res[0]["digests"][1]
     assert res[0]["many"] == res[1]["many"] == res[0]["many"][:2] * 3 and res[0]["many"][0] != res[0]["digests"][0]

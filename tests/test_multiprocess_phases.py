@@ -6,14 +6,13 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
 from rljax.metrics import read_metrics
-from test_multihost import _env, _free_port
+from test_multihost import _env, _free_port, wait_for_workers
 
 # One script for every run: argv = mode, process_id, port (0: one process with 4 devices), run
 # directory, output JSON path, mode arguments. It prints "[worker] ..." lines for the test to read.
@@ -212,24 +211,7 @@ def _run(tmp_path, mode: str, multi_args: tuple = (), single_args: tuple | None 
             proc = subprocess.Popen([sys.executable, str(script), mode, str(pid), str(p), str(run_dir), str(out),
                                      *args], env=_env(n_dev), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         jobs[name] = (proc, log, out, run_dir)
-    deadline, failed = time.monotonic() + timeout, None
-    try:
-        for name, (proc, *_) in jobs.items():
-            try:
-                if proc.wait(timeout=max(deadline - time.monotonic(), 1)) != 0:
-                    failed = f"{name} exited with {proc.returncode}"
-            except subprocess.TimeoutExpired:
-                failed = f"{name} timed out"
-            if failed:
-                break
-    finally:
-        for proc, *_ in jobs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    if failed:
-        logs = "\n".join(f"--- {n} (rc={p.returncode}):\n{log.read_text()[-5000:]}" for n, (p, log, *_) in jobs.items())
-        pytest.fail(f"{failed}\n{logs}")
+    wait_for_workers({name: (proc, log) for name, (proc, log, *_) in jobs.items()}, timeout=timeout)
     return {name: {"out": json.loads(out.read_text()), "log": log.read_text(), "run_dir": run_dir}
             for name, (_, log, out, run_dir) in jobs.items()}
 
