@@ -410,6 +410,12 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     if needs.values and critic_model is None and "value" not in model.config.heads:
         raise ValueError(f"{algo.name} needs a value head: build the model and params with "
                          "rljax.losses.actor_critic.with_value_head(model, params), or pass a separate critic_model")
+    if critic_model is None and (cfg.critic_optimizer is not None or cfg.critic_epochs != 1):
+        # they configure a separate critic only (RLState.critic); a value head on the policy trains with the policy
+        warnings.warn(f"RLConfig.critic_optimizer / critic_epochs are set (critic_epochs={cfg.critic_epochs}), but "
+                      f"there is no separate critic (critic_model=None): {algo.name} does not use them"
+                      + (" (its value head trains with the policy's optimizer and epochs)" if needs.values else ""),
+                      stacklevel=2)
     if critic_model is not None and critic_model.mesh is not mesh:
         raise ValueError("critic_model: the critic must live on the policy's mesh (one jitted update trains both)")
     if teacher_model is not None and not needs.teacher:

@@ -84,6 +84,19 @@ def test_a_fresh_value_head_at_the_backbone_lr_is_warned_about():
         create_rl_state(model, params, OptimizerConfig(lr=1e-5), jax.random.key(0))
 
 
+def test_critic_settings_without_a_separate_critic_are_warned_about():
+    import warnings
+
+    model, _ = _setup()  # PPO with the value head on the policy: no RLState.critic to apply them to
+    with pytest.warns(UserWarning, match=r"RLConfig.critic_optimizer / critic_epochs are set \(critic_epochs=4\), "
+                                         r"but there is no separate critic \(critic_model=None\): ppo does not use "
+                                         r"them \(its value head trains with the policy's optimizer and epochs\)"):
+        make_rl_iteration(model, RLConfig("ppo", sampling=SAMPLING, critic_epochs=4), reward_fn, decode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_rl_iteration(model, RLConfig("ppo", sampling=SAMPLING), reward_fn, decode)
+
+
 @pytest.mark.slow  # 200 PPO iterations; KL-regularised REINFORCE checks the same optimum in the default run
 def test_ppo_with_a_kl_penalty_reaches_the_closed_form_optimum():
     """Per-token reward r − β k1 with PPO's clipped updates: π → π* ∝ π_ref exp(r/β), TV < 0.05."""

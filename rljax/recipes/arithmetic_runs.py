@@ -336,8 +336,11 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
                                                 head_lr=cfg.head_lr),
                       epochs=cfg.epochs, track_kl=cfg.track_kl,
                       minibatches=cfg.minibatches, max_refills=cfg.max_refills, staleness=cfg.staleness,
-                      actors=cfg.actors, critic_epochs=cfg.critic_epochs,
-                      critic_optimizer=OptimizerConfig(lr=cfg.critic_lr, schedule="constant", head_lr=cfg.head_lr))
+                      actors=cfg.actors,
+                      # a separate critic's settings, only where there is one (make_rl_iteration warns otherwise)
+                      **({} if critic_model is None else dict(
+                          critic_epochs=cfg.critic_epochs,
+                          critic_optimizer=OptimizerConfig(lr=cfg.critic_lr, schedule="constant", head_lr=cfg.head_lr))))
     state = create_rl_state(model, params, rl_cfg, jax.random.key(cfg.seed), critic_model=critic_model,
                             critic_params=critic_params, teacher_params=teacher_params, teacher_model=teacher_model)
 
