@@ -63,7 +63,7 @@ from rljax.models.config import REMAT_POLICIES
 from rljax.models.hf import load_pretrained, read_hf_config, resolve_path
 from rljax.models.transformer import Model
 from rljax.phases import LoopConfig, PromptBatch, SFTPhaseConfig, rl, sft
-from rljax.rewards.math_answers import math_answer_reward, think_answer_format_reward
+from rljax.rewards.math_answers import math_answer_reward, prefills_think, think_answer_format_reward
 from rljax.rewards.rules import weighted_sum
 from rljax.rl import RLConfig, create_rl_state
 from rljax.sampling import SampleConfig, tokenizer_ids
@@ -176,7 +176,7 @@ def sft_pairs(tok: HFTokenizer, problems, cfg: Config, system_prompt: str) -> tu
     for p in problems:
         prompt = chat_prompt(tok, p.question, system_prompt)
         # a template whose generation prompt opens the reasoning ("<think>\n", R1-distill style): no second tag
-        target = sft_target(p, cfg.style, prefilled_think=prompt.rstrip().endswith("<think>"))
+        target = sft_target(p, cfg.style, prefilled_think=prefills_think(prompt))
         n = len(tok.encode(prompt, add_bos=False)) + len(tok.encode(target, add_bos=False)) + 1  # + eos
         if n > cfg.sft_max_length:
             dropped += 1

@@ -19,16 +19,23 @@ import numpy as np
 
 from rljax.data.math import answers_match, extract_answer
 
-__all__ = ["math_answer_reward", "think_answer_format_reward", "think_answer_tag_reward", "THINK_ANSWER_TAGS"]
+__all__ = ["math_answer_reward", "prefills_think", "think_answer_format_reward", "think_answer_tag_reward",
+           "THINK_ANSWER_TAGS"]
 
 THINK_ANSWER_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _THINK_ANSWER = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
 
 
+def prefills_think(prompt: str) -> bool:
+    """Whether the prompt ends in "<think>": R1-style prompts (a chat template's generation prompt, e.g.
+    R1-distill models') often open the reasoning so that the model starts at once."""
+    return prompt.rstrip().endswith("<think>")
+
+
 def _with_prefilled_think(prompt: str, completion: str) -> str:
-    """R1-style prompts often end in "<think>" so that the model starts reasoning at once; the
-    opening tag then belongs to the completion for format purposes."""
-    return "<think>" + completion if prompt.rstrip().endswith("<think>") else completion
+    """The completion with the prompt's opening "<think>" (`prefills_think`), which then belongs to the
+    completion for format purposes."""
+    return "<think>" + completion if prefills_think(prompt) else completion
 
 
 def math_answer_reward(prompts, completions, *, answers: Sequence[str], **_) -> np.ndarray:

@@ -45,7 +45,7 @@ import numpy as np
 from rljax.data.adapters import DataError, load_records
 from rljax.data.math import MathProblem, answers_match, extract_answer, gsm8k, last_boxed, math_problems, \
     normalize_number
-from rljax.rewards.math_answers import think_answer_format_reward
+from rljax.rewards.math_answers import prefills_think, think_answer_format_reward
 from rljax.tasks.base import Task
 
 __all__ = ["ANSWER_STYLES", "MATH_CORRUPTIONS", "SYSTEM_PROMPTS", "chat_prompt", "math_answer_correct",
@@ -130,11 +130,6 @@ def math_answer_correct(problem: MathProblem, completion: str) -> float:
     """1.0 when the completion's final answer (`extract_answer`) equals the problem's (`answers_match`), else 0.0:
     `math_answer_reward` of one completion."""
     return float(answers_match(extract_answer(completion), problem.answer))
-
-
-def _prefills_think(prompt: str) -> bool:
-    """Whether the prompt ends in "<think>" (the rule of `think_answer_format_reward`)."""
-    return prompt.rstrip().endswith("<think>")
 
 
 def _well_formed(style: str, default_prompt: Callable[[], str]):
@@ -233,7 +228,7 @@ def math_task(tok, *, style: str = "think", system_prompt: str | None = None, na
 
     def reference_of(problem: MathProblem, answer: str) -> str:
         return sft_target(MathProblem(problem.question, problem.solution, answer), style,
-                          prefilled_think=_prefills_think(prompt(problem)))
+                          prefilled_think=prefills_think(prompt(problem)))
 
     def gold_score(problem: MathProblem, completion: str) -> float:
         return (_RIGHT_WEIGHT * math_answer_correct(problem, completion)
