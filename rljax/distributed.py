@@ -48,13 +48,14 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID) are read too.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rljax.sharding import placement
 
 # setting -> environment variables read when the argument is None (first set one wins)
 ENV_VARS: dict[str, tuple[str, ...]] = {
@@ -204,13 +205,6 @@ def local_rows(batch: Any) -> Any:
     return jax.tree_util.tree_map_with_path(cut, batch)
 
 
-@functools.lru_cache(maxsize=64)
-def _replicate(shardings: tuple) -> Any:
-    """The jitted identity that replicates a tuple of arrays onto their own meshes: one collective program
-    for all of them (one small program per array, launched together, deadlocked gloo at random)."""
-    return jax.jit(lambda *xs: xs, out_shardings=shardings)
-
-
 def to_host(tree: Any) -> Any:
     """The global value of every array of `tree` as numpy, on every process: arrays that span
     processes (a step's outputs, `rljax.sampling.sample`'s rollout on a multi-process mesh) are
@@ -222,7 +216,7 @@ def to_host(tree: Any) -> Any:
                 and not x.is_fully_replicated and isinstance(x.sharding, NamedSharding)]
     if spanning:
         wanted = tuple(NamedSharding(leaves[i].sharding.mesh, P()) for i in spanning)
-        for i, x in zip(spanning, _replicate(wanted)(*(leaves[i] for i in spanning))):
+        for i, x in zip(spanning, placement(wanted)(*(leaves[i] for i in spanning))):
             leaves[i] = x
 
     def host(x):

@@ -181,10 +181,12 @@ def _process_rows_error(sharding: NamedSharding, shape: tuple[int, ...]) -> str 
 
 
 @functools.lru_cache(maxsize=64)
-def _reshard(sharding: NamedSharding):
-    """The jitted identity placing an array on `sharding`: resharding an array that spans processes is a
-    collective program every process runs (one compile per sharding and shape)."""
-    return jax.jit(lambda x: x, out_shardings=sharding)
+def placement(shardings: tuple) -> Any:
+    """The jitted identity placing arrays (x_1, ..., x_k) on shardings (s_1, ..., s_k) -> the tuple of placed
+    arrays. Re-laying out arrays that span processes is a collective program every process runs; several
+    arrays go in one program (one small program per array, launched together, deadlocked XLA:CPU's gloo
+    collectives at random). One compile per shardings and shapes."""
+    return jax.jit(lambda *xs: xs, out_shardings=shardings)
 
 
 def shard_batch(batch, mesh: Mesh, rules=LOGICAL_RULES):
@@ -209,7 +211,7 @@ def shard_batch(batch, mesh: Mesh, rules=LOGICAL_RULES):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         name = jax.tree_util.keystr(path) or "batch"
         if x.ndim == 0:
-            out.append(_reshard(replicated(mesh))(x) if spanning else jax.device_put(x, replicated(mesh)))
+            out.append(placement((replicated(mesh),))(x)[0] if spanning else jax.device_put(x, replicated(mesh)))
             continue
         sharding = batch_sharding(mesh, x.ndim, rules)
         global_rows = x.shape[0] if count == 1 or spanning else x.shape[0] * count
@@ -221,7 +223,7 @@ def shard_batch(batch, mesh: Mesh, rules=LOGICAL_RULES):
             out.append(jax.device_put(x, sharding))
             continue
         if spanning:  # already global: any layout is right, so no check of who holds which rows
-            out.append(x if x.sharding == sharding else _reshard(sharding)(x))
+            out.append(x if x.sharding == sharding else placement((sharding,))(x)[0])
         else:
             error = _process_rows_error(sharding, (global_rows,) + tuple(x.shape[1:]))
             if error:
