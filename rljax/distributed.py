@@ -14,6 +14,10 @@ Who passes what:
   (`local_rows`), so n processes compute exactly what one process does with the same
   mesh. Only process 0 writes metrics.jsonl / TensorBoard / W&B and prints; every
   process runs the steps, the evaluations and the (collective) checkpoints.
+- the decoders (`rljax.sampling.sample`, `beam_search`, `value_guided_beam_search`) and the
+  helpers on them (`rljax.eval.complete`, `evaluate_policy`, rejection sampling, trajectory
+  collection) also take the *global* prompts on every process; each process decodes its own
+  block of rows and the results are global arrays (the helpers return every text everywhere).
 - `rljax.sharding.shard_batch`, the low-level call, takes each process's *own* rows
   (`local_rows(global_batch)`, i.e. rows `process_slice(B)`) and assembles one global
   array with `jax.make_array_from_process_local_data`. The mesh must give each process

@@ -33,7 +33,8 @@ import numpy as np
 from rljax.checkpoint import Checkpointer
 from rljax.models.hf import save_pretrained
 from rljax.models.transformer import check_scorer
-from rljax.sampling import SampleConfig, sample, tokenizer_ids, truncate_prompts
+from rljax.distributed import to_host
+from rljax.sampling import SampleConfig, padded_prompt_count, sample, tokenizer_ids, truncate_prompts
 
 __all__ = ["TOKENIZER_FILES", "UnfinishedRunError", "PolicyEvalConfig", "complete", "correctness", "evaluate_policy",
            "exact_match", "pass_at_k", "finished_run", "load_finished", "export_policy"]
@@ -64,7 +65,9 @@ def complete(params, model, tok, prompts: Sequence[str], *, max_new_tokens: int,
     greedy decoding does not use it). batch_size None: every prompt in one `sample` call, prompts
     left-padded to the longest; otherwise calls of `batch_size` prompts each (the last filled with
     copies of its first prompt so that every call has one shape; the copies are dropped), call b
-    with key `jax.random.fold_in(key, b)`. add_bos: passed to `tok.encode_batch` (False for chat
+    with key `jax.random.fold_in(key, b)`. On a mesh a call's prompts are filled the same way up to
+    a multiple of `prompt_multiple(model, n)`; on several processes every process passes the same
+    prompts and gets every text. add_bos: passed to `tok.encode_batch` (False for chat
     templates, which write bos themselves). truncate: keep the last `max_seq_len - max_new_tokens`
     tokens of a longer prompt (as `RLConfig.truncate_prompts` does in RL) instead of failing.
     """
@@ -78,14 +81,13 @@ def complete(params, model, tok, prompts: Sequence[str], *, max_new_tokens: int,
     texts: list[str] = []
     for chunk, k in chunks:
         real = len(chunk)
-        if batch_size is not None:
-            chunk = chunk + [chunk[0]] * (batch_size - real)
+        chunk = chunk + [chunk[0]] * (padded_prompt_count(batch_size or real, model, n) - real)
         tokens, mask = tok.encode_batch(chunk, add_bos=add_bos, padding_side="left")
         if truncate:
             tokens, mask, _ = truncate_prompts(tokens, mask, model.config.max_seq_len - max_new_tokens,
                                                pad_id=tok.pad_id)
         r = sample(params, tokens, mask, k, model=model, cfg=cfg)
-        texts += tok.decode_batch(np.asarray(r.completions))[:real * n]
+        texts += tok.decode_batch(to_host(r.completions))[:real * n]
     return texts
 
 
@@ -206,15 +208,18 @@ def evaluate_policy(params, model, tok, problems: Sequence[Any], cfg: PolicyEval
     for b, lo in enumerate(range(0, len(texts), size)):
         chunk = texts[lo:lo + size]
         real = len(chunk)
-        chunk = chunk + [chunk[0]] * (size - real)  # one shape for every call
+        chunk = chunk + [chunk[0]] * (padded_prompt_count(size, model, n) - real)  # one shape for every call
         tokens, mask = tok.encode_batch(chunk, add_bos=add_bos, padding_side="left")
         roll = sample(params, tokens, mask, jax.random.fold_in(key, b), model=model, cfg=sampling)
-        completions += tok.decode_batch(np.asarray(roll.completions))[:real * n]
-        lengths += np.asarray(roll.lengths)[:real * n].tolist()
+        kl = None
         if start_params is not None:
             start = _start_logprobs(start_params, roll.tokens, roll.attention_mask, model=start_model or model)
-            m = target_mask(roll.loss_mask, roll.attention_mask)
-            kls += np.asarray(((roll.logprobs - start) * m).sum(axis=1))[:real * n].tolist()
+            kl = ((roll.logprobs - start) * target_mask(roll.loss_mask, roll.attention_mask)).sum(axis=1)
+        ids, lens, kl = to_host((roll.completions, roll.lengths, kl))
+        completions += tok.decode_batch(ids)[:real * n]
+        lengths += lens[:real * n].tolist()
+        if kl is not None:
+            kls += kl[:real * n].tolist()
     row["accuracy_sampled"] = float(np.mean(correctness(problems, completions, n=n, check=check)))
     named = dict(rewards or {})
     if reward_fn is not None:

@@ -33,12 +33,13 @@ import numpy as np
 
 from rljax.checkpoint import state_digest
 from rljax.data.collate import BatchIterator, collate_prompt_completion
+from rljax.distributed import to_host
 from rljax.eval import PolicyEvalConfig, evaluate_policy
 from rljax.metrics import WandbConfig
 from rljax.phases import LoopConfig, SFTPhaseConfig, sft
 from rljax.pipelines import Stage, run_stages
 from rljax.rewards.rules import RewardCallConfig, score_with_failures
-from rljax.sampling import SampleConfig, sample, tokenizer_ids
+from rljax.sampling import SampleConfig, padded_prompt_count, sample, tokenizer_ids
 from rljax.state import OptimizerConfig, TrainState
 
 __all__ = ["ExpertIterationConfig", "RejectionConfig", "expert_iteration", "rejection_sample", "select_samples"]
@@ -180,12 +181,13 @@ def rejection_sample(params, prompts: Sequence[str], reward_fn: Callable, cfg: R
     for b, lo in enumerate(range(0, P, m)):
         chunk = list(prompts[lo:lo + m])
         real = len(chunk)
-        if P > m:  # one shape for every call
-            chunk += [chunk[0]] * (m - real)
+        # one shape for every call, rows a multiple of the mesh's (`prompt_multiple`); the copies are dropped
+        chunk += [chunk[0]] * (padded_prompt_count(m if P > m else real, model, n) - real)
         tokens, mask = tokenizer.encode_batch(chunk, add_bos=add_bos, padding_side="left")
         roll = sample(params, tokens, mask, jax.random.fold_in(key, b), model=model, cfg=sampling)
-        completions += tokenizer.decode_batch(np.asarray(roll.completions))[:real * n]
-        stopped += np.asarray(roll.stopped_at_eos)[:real * n].tolist()
+        ids, stops = to_host((roll.completions, roll.stopped_at_eos))
+        completions += tokenizer.decode_batch(ids)[:real * n]
+        stopped += stops[:real * n].tolist()
     flat_prompts = [p for p in prompts for _ in range(n)]
     meta = {k: [v for v in vals for _ in range(n)] for k, vals in metadata.items()}
     scores = score_with_failures(reward_fn, flat_prompts, completions, call_config=cfg.reward_call, **meta)

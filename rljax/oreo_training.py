@@ -34,10 +34,10 @@ from rljax.losses.actor_critic import token_values
 from rljax.losses.oreo import OREOConfig, oreo_policy_terms, oreo_value_loss_on_values
 from rljax.models import add_head
 from rljax.models.transformer import Model
-from rljax.distributed import local_rows
+from rljax.distributed import local_rows, to_host
 from rljax.phases import LoopConfig, _need_mesh, run_loop
 from rljax.rewards.rules import score
-from rljax.sampling import SampleConfig, sample, scorer_at_index
+from rljax.sampling import SampleConfig, padded_prompt_count, sample, scorer_at_index
 from rljax.sharding import LOGICAL_RULES, param_shardings, replicated, shard_batch, shard_params
 from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_gradients, apply_loss_gradients, compile_step,
                          create_state, make_optimizer, state_shardings)
@@ -505,11 +505,12 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
             rows += _read_part(out_dir, done[str(k)]["file"])
             continue
         lo, hi = k * cfg.prompts_per_batch, min(len(prompts), (k + 1) * cfg.prompts_per_batch)
-        chunk = prompts[lo:hi]
-        tokens, mask = tokenizer.encode_batch(chunk, padding_side="left")
+        chunk = list(prompts[lo:hi])
+        filled = chunk + [chunk[0]] * (padded_prompt_count(len(chunk), model, cfg.samples) - len(chunk))
+        tokens, mask = tokenizer.encode_batch(filled, padding_side="left")
         roll = sample(params, tokens, mask, jax.random.fold_in(key, k), model=model, cfg=scfg)
-        text = tokenizer.decode_batch(np.asarray(roll.completions))
-        eos = np.asarray(roll.stopped_at_eos)
+        ids, eos = to_host((roll.completions, roll.stopped_at_eos))  # the copies' rows dropped below
+        text = tokenizer.decode_batch(ids)[:len(chunk) * cfg.samples]
         meta = {name: [v for v in values[lo:hi] for _ in range(cfg.samples)] for name, values in metadata.items()}
         rewards = score(reward_fn, [p for p in chunk for _ in range(cfg.samples)], text, **meta)
         part = []

@@ -69,6 +69,7 @@ import numpy as np
 
 from rljax.checkpoint import Checkpointer, atomic_path, write_json
 from rljax.data.collate import BatchIterator
+from rljax.distributed import to_host
 from rljax.losses.preference import DPOConfig
 from rljax.losses.reward_model import RankingConfig
 from rljax.metrics import WandbConfig
@@ -76,7 +77,7 @@ from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, OREOState, chec
                                  collect_trajectories, oreo, prompts_with_steps)
 from rljax.phases import LoopConfig, PreferencePhaseConfig, RewardModelPhaseConfig, preference, train_reward_model
 from rljax.reference import best_worst_pairs, cached_reference_logps, with_reference
-from rljax.sampling import SampleConfig, sample
+from rljax.sampling import SampleConfig, padded_prompt_count, sample
 from rljax.state import OptimizerConfig
 
 STAGES_DIR = "stages"  # the stage checkpoints: step i = stages 0..i-1 done
@@ -504,10 +505,12 @@ def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOCo
     def collect(r, state, ctx):
         start = (r * cfg.prompts_per_round) % len(prompts)
         chosen_prompts = [prompts[(start + i) % len(prompts)] for i in range(cfg.prompts_per_round)]
-        tokens, mask = tokenizer.encode_batch(chosen_prompts, padding_side="left")
+        filled = chosen_prompts + [chosen_prompts[0]] * (padded_prompt_count(len(chosen_prompts), model, cfg.samples)
+                                                         - len(chosen_prompts))  # a mesh's multiple; dropped below
+        tokens, mask = tokenizer.encode_batch(filled, padding_side="left")
         roll = sample(state.params, tokens, mask, jax.random.fold_in(state.rng, r), model=model,
                       cfg=dataclasses.replace(cfg.sampling, n=cfg.samples))
-        text = tokenizer.decode_batch(np.asarray(roll.completions))
+        text = tokenizer.decode_batch(to_host(roll.completions))[:len(chosen_prompts) * cfg.samples]
         flat_prompts = [p for p in chosen_prompts for _ in range(cfg.samples)]
         scores = np.asarray(scorer(flat_prompts, text), np.float64).reshape(len(chosen_prompts), cfg.samples)
         answers = [text[i * cfg.samples:(i + 1) * cfg.samples] for i in range(len(chosen_prompts))]

@@ -40,7 +40,7 @@ from rljax.losses.policy_gradient import kl_metrics
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.models.transformer import check_params_fit, check_scorer
 from rljax.rewards.rules import RewardCallConfig, score_with_failures
-from rljax.sampling import SampleConfig, concat_rollouts, prepare_prompts, sample, special_ids, truncate_prompts
+from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.sharding import batch_sharding, param_shardings, replicated, shard_batch, shard_params
 from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_loss_gradients, compile_step, create_state,
                          make_optimizer, state_shardings)
@@ -371,11 +371,11 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     Several processes (`rljax.distributed`; model.mesh over all their devices, data x fsdp splitting
     the rows over the processes): every process calls the iteration with the same prompts, metadata
     and refill (the global batch: e.g. each process's prompt source built from the same prompts and seed).
-    Each process samples the rows of its own prompts (`process_slice`), decodes and scores its own rows
+    Each process samples its own block of the rows (`sample`), decodes and scores its own rows
     (reward_fn, accuracy_fn and monitors see only those) and the scores are gathered, so every process
     holds all R rewards; the reference, values and update run on the global arrays. The samples, the
     metrics and the parameters are then those of one process with the same mesh (up to float rounding).
-    The prompt batch must split evenly over the processes.
+    The rows (prompts x n) must split evenly over the processes.
 
     Metrics: reward mean/std, accuracy, KL to the reference of the sampled tokens
     (kl_k1, kl_k3; token mean), entropy (losses that compute it: not TRPO's update), clip
@@ -561,26 +561,6 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         failed[what] = failed.get(what, 0) + int(table[:, -2].sum())
         return table[:, :-2].reshape(-1)
 
-    def sample_rows(params, tokens, mask, key, scfg):
-        """`sample` on prompts tokens, mask [B, P0] (the global batch, the same on every process). On
-        several processes each samples the rows of its own prompts (`process_slice(B)`), which `sample`
-        assembles into the global rollout; the prompts are bucketed to the global batch's width first,
-        since a process's own longest prompt may fall in a smaller bucket and every process's rows must
-        have one width. Row r draws with fold_in(key, r) over the global rows, so the samples are one
-        process's."""
-        if not multi:
-            return sample(params, tokens, mask, key, model=model, cfg=scfg)
-        count, c = jax.process_count(), model.config
-        if np.shape(tokens)[0] % count:
-            raise ValueError(f"the iteration's {np.shape(tokens)[0]} prompts do not split over the {count} processes "
-                             f"(each samples its own rows): make the prompt batch a multiple of {count}")
-        tokens, mask = prepare_prompts(tokens, mask, vocab_size=c.vocab_size, max_new_tokens=scfg.max_new_tokens,
-                                       max_seq_len=c.max_seq_len, pad_id=scfg.pad_id,
-                                       min_bucket=scfg.min_prompt_bucket, special=special_ids(scfg, "SampleConfig"))
-        own = process_slice(len(tokens))
-        return sample(params, tokens[own], mask[own], key, model=model,
-                      cfg=scfg.replace(min_prompt_bucket=tokens.shape[1]))
-
     def to_rows(x):
         """A host array [R, ...] (the same on every process) as the global array the jitted stages take:
         on several processes each places its own rows; on one, as it is."""
@@ -588,7 +568,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
 
     def rollout_of(params, tokens, mask, metadata, key, times, failed):
         t0 = time.perf_counter()
-        rollout = jax.block_until_ready(sample_rows(params, tokens, mask, key, cfg.sampling))
+        rollout = jax.block_until_ready(sample(params, tokens, mask, key, model=model, cfg=cfg.sampling))
         t1 = time.perf_counter()
         ids, P = host_tokens(rollout), rollout.prompt_length
         prompt_text = decode_prompts(ids[::n, :P])
@@ -650,7 +630,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         greedy = None
         if needs.greedy:  # the greedy decode's reward is the baseline (SCST)
             t0 = time.perf_counter()
-            g = sample_rows(params, prompt_tokens, prompt_mask, k_greedy, greedy_cfg)
+            g = sample(params, prompt_tokens, prompt_mask, k_greedy, model=model, cfg=greedy_cfg)
             times["sample"] += time.perf_counter() - t0
             greedy = np.repeat(scored(reward_fn, host_tokens(g)[:, g.prompt_length:], prompt_text, metadata, 1,
                                       failed), n)

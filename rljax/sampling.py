@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ from jax import lax
 
 from rljax.buckets import bucket_length
 from rljax.data.batch import Rollout
+from rljax.distributed import process_slice, to_host
 from rljax.models.transformer import KVCache, Model, last_token_index
 from rljax.ops.logits import logprobs_from_logits
 from rljax.sharding import constrain, is_axis_names, shard_batch
@@ -407,8 +409,12 @@ def sample(params, prompt_tokens, prompt_mask, key, *, model: Model, cfg: Sample
     sample depends neither on the rows after it nor on `cfg.cpu_row_groups`). Returns a
     `Rollout` with R = B * n rows.
 
-    When `model.mesh` is set, pass `params` already sharded; the prompts are
-    split over the batch axes (B * n must divide by data * fsdp).
+    When `model.mesh` is set, pass `params` already sharded; the rows are split over the batch
+    axes (B * n must divide by data * fsdp: B a multiple of `prompt_multiple(model, cfg.n)`). On
+    several processes (a mesh over all their devices, `rljax.distributed`) every process passes
+    the same global prompts and key, decodes its own block of rows and gets the Rollout of all
+    B * n rows as global arrays, the samples one process with that mesh draws; read them with
+    `rljax.distributed.to_host`.
     """
     c = model.config
     tokens, mask = prepare_prompts(prompt_tokens, prompt_mask, vocab_size=c.vocab_size,
@@ -417,6 +423,7 @@ def sample(params, prompt_tokens, prompt_mask, key, *, model: Model, cfg: Sample
                                    special=special_ids(cfg, "SampleConfig"))
     if cfg.n > 1:
         tokens, mask = np.repeat(tokens, cfg.n, axis=0), np.repeat(mask, cfg.n, axis=0)
+    tokens, mask = _own_rows(tokens, mask, model, "sample", cfg.n)
     groups = row_groups(len(tokens), params, model, cfg)
     if groups == 1:
         return _generate(params, _place(tokens, model), _place(mask, model), key, model=model, cfg=cfg)
@@ -497,6 +504,49 @@ def usable_cores() -> int:
 
 def _place(x: np.ndarray, model: Model):
     return jnp.asarray(x) if model.mesh is None else shard_batch(x, model.mesh)
+
+
+def _spans_processes(model: Model) -> bool:
+    return model.mesh is not None and jax.process_count() > 1
+
+
+def prompt_multiple(model: Model, n: int = 1) -> int:
+    """The smallest m such that `sample` (n samples per prompt), `beam_search` (n = 1) and
+    `value_guided_beam_search` (n = 1) take any multiple of m prompts on `model`: its mesh splits
+    the B * n rows over data x fsdp, and on several processes each process decodes B * n / count
+    of them. 1 without a mesh. Callers with a ragged last batch pad it to a multiple (e.g. with
+    copies of a prompt) and drop the copies' rows, as `rljax.eval.complete` does."""
+    if model.mesh is None:
+        return 1
+    rows = math.lcm(math.prod(model.mesh.shape[a] for a in ("data", "fsdp")), jax.process_count())
+    return rows // math.gcd(rows, n)
+
+
+def padded_prompt_count(prompts: int, model: Model, n: int = 1) -> int:
+    """`prompts` rounded up to a multiple of `prompt_multiple(model, n)`: the batch a caller with any
+    number of prompts fills (with copies of one) before `sample`, dropping the copies' rows after."""
+    m = prompt_multiple(model, n)
+    return -(-prompts // m) * m
+
+
+def _own_rows(tokens: np.ndarray, mask: np.ndarray, model: Model, name: str, n: int = 1):
+    """This process's rows of the prepared global rows [R, P] (the same on every process, bucketed
+    to the global width) when the model's mesh spans several processes: rows `process_slice(R)`,
+    which `shard_batch` assembles into the global batch. Every row otherwise. With a mesh, R must
+    split over its batch axes (and the processes): a ValueError naming `name` and the multiple."""
+    if model.mesh is None:
+        return tokens, mask
+    count, m = jax.process_count(), prompt_multiple(model, n)
+    shards = math.prod(model.mesh.shape[a] for a in ("data", "fsdp"))
+    if len(tokens) % math.lcm(shards, count):
+        over = f"data x fsdp = {shards} of the mesh" + (f" and the {count} processes" if count > 1 else "")
+        raise ValueError(f"{name}: {len(tokens) // n} prompts{f' x n = {n}' if n > 1 else ''} do not split over "
+                         f"the {over}: pass a multiple of {m} prompts (`prompt_multiple`; e.g. pad with copies of "
+                         "a prompt and drop their rows, as `rljax.eval.complete` does)")
+    if count == 1:
+        return tokens, mask
+    own = process_slice(len(tokens))
+    return tokens[own], mask[own]
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -625,6 +675,7 @@ def beam_search(params, prompt_tokens, prompt_mask, *, model: Model, cfg: BeamCo
                                    max_new_tokens=cfg.max_new_tokens, max_seq_len=c.max_seq_len,
                                    pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket,
                                    special=special_ids(cfg, "BeamConfig"))
+    tokens, mask = _own_rows(tokens, mask, model, "beam_search")
     groups = row_groups(len(tokens), params, model, cfg, per_row=cfg.num_beams)
     if groups == 1:
         return _beam(params, _place(tokens, model), _place(mask, model), model=model, cfg=cfg)
@@ -789,14 +840,14 @@ def _checked_scores(raw, valid: jax.Array, scorer, *, round_: int, per_prompt: i
     candidate, [R]. NaN would be silently ranked (top_k puts it anywhere), +inf wins everything and
     −inf is the search's own mark for an empty slot, so any of them on a live candidate is an error
     naming the scorer, the prompt and the candidate; slots that are not valid may hold anything."""
-    s = np.asarray(jax.device_get(raw))
+    s, live = to_host((raw, valid))  # one collective where they span processes
     name = _scorer_name(scorer)
     if s.shape != valid.shape:
         raise ValueError(f"value_guided_beam_search: scorer {name} returned shape {s.shape}; expected "
                          f"{tuple(valid.shape)}, one score per candidate")
     if s.dtype.kind not in "biuf":
         raise ValueError(f"value_guided_beam_search: scorer {name} returned dtype {s.dtype}, not real numbers")
-    bad = np.flatnonzero(np.asarray(jax.device_get(valid)) & ~np.isfinite(s))
+    bad = np.flatnonzero(live & ~np.isfinite(s))
     if len(bad):
         j = int(bad[0])
         raise ValueError(f"value_guided_beam_search: scorer {name} returned {s[j]} for candidate {j % per_prompt} "
@@ -916,6 +967,10 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(B)) if keys is None else keys
     if keys.shape[0] != B:
         raise ValueError(f"value_guided_beam_search: {keys.shape[0]} keys for {B} prompts")
+    if _spans_processes(model):  # each process places its own prompts' rows and keys of the global batch
+        tokens, mask = _own_rows(tokens, mask, model, "value_guided_beam_search")
+        own_keys = np.asarray(jax.random.key_data(keys))[process_slice(B)]
+        keys = jax.random.wrap_key_data(shard_batch(own_keys, model.mesh), impl=jax.random.key_impl(keys))
     groups = 1 if trace else row_groups(B, params, model, cfg.sampling, per_row=cfg.beams * cfg.width)
     if groups == 1:
         return _value_search(params, _place(tokens, model), _place(mask, model), keys, scorer, scorer_params,
@@ -948,7 +1003,7 @@ def _value_search(params, prompt, pmask, keys, scorer, scorer_params, *, model: 
     cand_prompt = jnp.repeat(prompt, C, axis=0)
     cand_pmask = jnp.repeat(pmask, C, axis=0)
     steps, generated, rounds = [], 0, 0
-    while rounds < cfg.max_rounds and bool(jax.device_get(valid.any())):
+    while rounds < cfg.max_rounds and bool(to_host(valid.any())):
         round_keys = step_keys(keys, rounds)
         cache, logits, gen, glen, valid, finished, n_new = _search_expand(params, cache, logits, gen, glen, valid,
                                                                           round_keys, model=model, cfg=cfg)
@@ -958,15 +1013,15 @@ def _value_search(params, prompt, pmask, keys, scorer, scorer_params, *, model: 
                               first_row=first_row)
         scores = jnp.where(valid, raw, -jnp.inf)
         if trace:
-            steps.append({k: np.asarray(jax.device_get(v)) for k, v in dict(
+            steps.append({k: np.asarray(v) for k, v in to_host(dict(
                 candidates=gen.reshape(B, C, N), lengths=glen.reshape(B, C), scores=scores.reshape(B, C),
-                finished=finished.reshape(B, C), valid=valid.reshape(B, C)).items()})
+                finished=finished.reshape(B, C), valid=valid.reshape(B, C))).items()})
         (cache, logits, gen, glen, valid, live_score, pool_gen, pool_len, pool_score,
          keep) = _search_select(cache, logits, gen, glen, valid, finished, scores, pool_gen, pool_len, pool_score,
                                 cfg=cfg)
         if trace:
-            steps[-1]["kept"] = np.asarray(jax.device_get(keep))
-        generated += int(jax.device_get(n_new))
+            steps[-1]["kept"] = to_host(keep)
+        generated += int(to_host(n_new))
         rounds += 1
     live_best = jnp.argmax(live_score.reshape(B, W), axis=1)
     has_pool = pool_score[:, 0] > -jnp.inf

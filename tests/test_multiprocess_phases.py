@@ -187,6 +187,58 @@ WORKER = textwrap.dedent("""
                           run_dir=run_dir)
         res["dapo_params"] = checksums(state.policy.params)["total"]
 
+    elif mode == "decode":  # the test-time and collection helpers: sample, complete, evaluate, search, reject
+        from rljax.eval import PolicyEvalConfig, complete, evaluate_policy
+        from rljax.expert_iteration import RejectionConfig, rejection_sample
+        from rljax.oreo_training import value_model_of, value_params_from, value_scorer
+        from rljax.sampling import (BeamConfig, SampleConfig, ValueSearchConfig, beam_search, prompt_multiple, sample,
+                                    value_guided_beam_search)
+        from rljax.sharding import param_shardings, shard_params
+
+        model = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size), mesh=mesh)
+        plain = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size))
+        on_mesh = lambda p: shard_params(p, param_shardings(model, mesh))
+        params, start = on_mesh(plain.init(jax.random.key(0))), on_mesh(plain.init(jax.random.key(5)))
+        prompts = [f"{a}+{b}=" for a, b in ((1, 2), (13, 4), (7, 70), (2, 2), (45, 6))]  # 5: a ragged batch
+        res["multiple"] = [prompt_multiple(model, n) for n in (1, 2, 4)]
+        res["greedy"] = complete(params, model, TOK, prompts, max_new_tokens=6)
+        res["sampled"] = complete(params, model, TOK, prompts, max_new_tokens=6, n=2, temperature=1.0,
+                                  key=jax.random.key(3), batch_size=3)
+        res["eval"] = evaluate_policy(params, model, TOK, [{"prompt": p, "answer": "3"} for p in prompts],
+                                      PolicyEvalConfig(max_new_tokens=6, samples=2),
+                                      check=lambda p, t: t.startswith(p["answer"]), prompt=lambda p: p["prompt"],
+                                      reward_fn=lambda prompts, completions, **_: [len(c) for c in completions],
+                                      start_params=start)
+        tokens, mask = TOK.encode_batch(prompts[:4], padding_side="left")
+        roll = sample(params, tokens, mask, jax.random.key(4), model=model, cfg=SampleConfig(max_new_tokens=5, n=2))
+        res["rollout"] = {k: np.asarray(v).tolist() for k, v in to_host(
+            dict(tokens=roll.tokens, logprobs=roll.logprobs, lengths=roll.lengths)).items()}
+        beams = beam_search(params, tokens, mask, model=model, cfg=BeamConfig(num_beams=2, max_new_tokens=5))
+        res["beam"] = {k: np.asarray(v).tolist() for k, v in to_host(dict(tokens=beams.tokens,
+                                                                           scores=beams.scores)).items()}
+        vm = value_model_of(model)
+        vparams = value_params_from(plain, plain.init(jax.random.key(6)))  # a random value head, not V = 0
+        vparams = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(9), x.shape), vparams)
+        vparams = shard_params(vparams, param_shardings(vm, mesh))
+        found = value_guided_beam_search(params, tokens, mask, value_scorer(vm, stop_ids=(2,)), vparams,
+                                         jax.random.key(7), model=model, cfg=ValueSearchConfig(
+                                             beams=2, max_new_tokens=8, max_step_tokens=3, max_rounds=3,
+                                             step_end_ids=(TOK.encode("+")[-1],)), trace=True)
+        res["search"] = {k: np.asarray(v).tolist() for k, v in to_host(dict(tokens=found.tokens,
+                                                                               scores=found.scores)).items()}
+        res["search_trace"] = [float(np.nansum(np.where(np.isfinite(r["scores"]), r["scores"], 0)))
+                               for r in found.trace]
+        rows, stats = rejection_sample(params, prompts, lambda prompts, completions, **_: [
+            float(len(c) % 2) for c in completions], RejectionConfig(samples=2, threshold=1.0, prompts_per_batch=3,
+                                                                     require_stop=False),
+            model=model, tokenizer=TOK, key=jax.random.key(8))
+        res["rejection"] = [rows, stats]
+        res["refused"] = None
+        try:
+            sample(params, tokens[:3], mask[:3], jax.random.key(4), model=model, cfg=SampleConfig(max_new_tokens=5))
+        except ValueError as e:
+            res["refused"] = str(e)
+
     distributed.sync("done")
     with open(out, "w") as f:
         json.dump(res, f)
@@ -316,3 +368,29 @@ def test_two_process_rl_iteration_equals_one_process(tmp_path):
     for k in one[0]:
         if k.startswith("rl/") and not k.startswith("rl/time_") and "per_s" not in k:
             np.testing.assert_allclose([r[k] for r in multi], [r[k] for r in one], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.slow  # 60-110 s: sampling, beam, value-guided search and evaluation compiled in three processes
+def test_two_process_decoding_helpers_equal_one_process(tmp_path):
+    """On two processes every process passes the same (global) prompts to `sample`, `beam_search`,
+    `value_guided_beam_search`, `complete`, `evaluate_policy` (with the KL to a start policy) and
+    `rejection_sample`, each decodes its own rows, and all get exactly what one process with the same
+    4-device mesh gets: the same tokens, log-probs, scores, texts, results row and kept samples. Five
+    prompts (not a multiple of the mesh's 4 rows) are filled with copies and the copies dropped; a
+    direct `sample` of 3 prompts is refused naming the multiple."""
+    res = _run(tmp_path, "decode")
+    p0, p1, single = (res[n]["out"] for n in ("proc0", "proc1", "single"))
+    keys = ("multiple", "greedy", "sampled", "eval", "rollout", "beam", "search", "search_trace", "rejection")
+    for key in keys:
+        assert p0[key] == p1[key] == single[key], key
+    assert p0["multiple"] == [4, 2, 1]
+    assert len(p0["greedy"]) == 5 and len(p0["sampled"]) == 10 and len(set(p0["sampled"])) > 5
+    assert p0["eval"].keys() == {"accuracy_greedy", "accuracy_sampled", "reward_mean", "completion_length",
+                                 "kl_to_start"} and p0["eval"]["kl_to_start"] != 0
+    assert len(p0["search"]["scores"]) == 4 and len(set(p0["search"]["scores"])) > 1  # a random value head
+    rows, stats = p0["rejection"]
+    assert stats["samples"] == 10 and stats["kept"] == len(rows)
+    assert p0["refused"] == p1["refused"] == (
+        "sample: 3 prompts do not split over the data x fsdp = 4 of the mesh and the 2 processes: pass a multiple "
+        "of 4 prompts (`prompt_multiple`; e.g. pad with copies of a prompt and drop their rows, as "
+        "`rljax.eval.complete` does)")

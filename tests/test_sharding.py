@@ -68,6 +68,29 @@ def test_sharded_forward_logprobs_and_sample_equal_single_device():
             b2 = beam_search(sp, tokens, mask, model=sharded, cfg=BeamConfig(num_beams=2, max_new_tokens=6))
             np.testing.assert_array_equal(b1.tokens, b2.tokens)
             np.testing.assert_allclose(b1.scores, b2.scores, atol=1e-5)
+
+        # any number of prompts: complete fills a call up to prompt_multiple (data x fsdp = 4 rows) with
+        # copies and drops them; sample itself names the multiple
+        from rljax.eval import complete
+        from rljax.sampling import prompt_multiple
+        from rljax.tokenizer import CharTokenizer
+        tok = CharTokenizer()
+        cfg = preset("tiny", n_layers=1, vocab_size=tok.vocab_size)
+        single, sharded = Model(cfg), Model(cfg, mesh=mesh)
+        params = single.init(jax.random.key(0))
+        sp = shard_params(params, param_shardings(sharded, mesh))
+        assert [prompt_multiple(sharded, n) for n in (1, 2, 3, 4)] == [4, 2, 4, 1] and prompt_multiple(single) == 1
+        prompts = ["1+2=", "13+4=", "7+70=", "2+2=", "45+6="]
+        for n, t in ((1, 0.0), (2, 1.0)):
+            kw = dict(max_new_tokens=5, n=n, temperature=t, key=jax.random.key(2))
+            assert complete(sp, sharded, tok, prompts, **kw) == complete(params, single, tok, prompts, **kw)
+        try:
+            sample(sp, *tok.encode_batch(prompts, padding_side="left"), jax.random.key(3), model=sharded,
+                   cfg=SampleConfig(max_new_tokens=2))
+            raise AssertionError("5 prompts on data x fsdp = 4 were not refused")
+        except ValueError as e:
+            assert str(e).startswith("sample: 5 prompts do not split over the data x fsdp = 4 of the mesh: pass a "
+                                     "multiple of 4 prompts"), e
         print("SHARDED_OK")
     """)
     assert "SHARDED_OK" in out

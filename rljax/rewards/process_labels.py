@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from rljax.sampling import SampleConfig, sample
+from rljax.distributed import to_host
+from rljax.sampling import SampleConfig, padded_prompt_count, sample
 
 # complete(prefixes: list[str], n: int, key) -> list of n continuation strings per prefix
 Completer = Callable[[Sequence[str], int, jax.Array], Sequence[Sequence[str]]]
@@ -43,9 +44,10 @@ def model_completer(model, params, tokenizer, cfg: SampleConfig, *, max_batch: i
         step_cfg = cfg.replace(n=n)
         for start in range(0, len(prefixes), max_batch):
             chunk = list(prefixes[start:start + max_batch])
-            tokens, mask = tokenizer.encode_batch(chunk, padding_side="left")
+            filled = chunk + [chunk[0]] * (padded_prompt_count(len(chunk), model, n) - len(chunk))  # a mesh's multiple
+            tokens, mask = tokenizer.encode_batch(filled, padding_side="left")
             roll = sample(params, tokens, mask, jax.random.fold_in(key, start), model=model, cfg=step_cfg)
-            text = tokenizer.decode_batch(np.asarray(roll.completions))
+            text = tokenizer.decode_batch(to_host(roll.completions))[:len(chunk) * n]
             out += [text[i * n:(i + 1) * n] for i in range(len(chunk))]
         return out
 
