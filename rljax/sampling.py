@@ -95,6 +95,8 @@ class SampleConfig:
         def bad(field, why):
             raise ValueError(f"SampleConfig.{field}: {why}")
 
+        _check_types(self, "SampleConfig", ints=("max_new_tokens", "top_k", "n", "min_prompt_bucket", "cache_segments",
+                                                 "cpu_row_groups"), reals=("temperature", "top_p"), bools=("greedy",))
         if self.cache_segments < 1:
             bad("cache_segments", f"must be >= 1, got {self.cache_segments}")
         _check_cpu_row_groups(self, "SampleConfig")
@@ -124,6 +126,26 @@ class SampleConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _check_types(cfg, name: str, *, ints=(), reals=(), bools=()) -> None:
+    """Fields of a decoding config read from a JSON / YAML file or a flag parser arrive as whatever
+    the file held: an int field must be an int (a float would run with float group ids or fail deep
+    inside a trace), a real one a number that is not NaN (temperature NaN sampled token 0 with NaN
+    log-probs; NaN compares False with every bound), a flag a bool (the string "false" is truthy).
+    A ValueError names the field. None is left to the field's own check."""
+    for field in ints:
+        v = getattr(cfg, field)
+        if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))):
+            raise ValueError(f"{name}.{field}: must be an int, got {v!r}")
+    for field in reals:
+        v = getattr(cfg, field)
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) or v != v:
+            raise ValueError(f"{name}.{field}: must be a number, got {v!r}")
+    for field in bools:
+        v = getattr(cfg, field)
+        if not isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"{name}.{field}: must be True or False, got {v!r}")
+
+
 def _check_cpu_row_groups(cfg, name: str) -> None:
     """`cfg.cpu_row_groups` (SampleConfig, BeamConfig, ValueSearchConfig) is 0 (auto), 1 (off) or a
     group count; a negative one raises naming the field."""
@@ -141,17 +163,22 @@ def _check_token_ids(cfg, name: str) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
             raise ValueError(f"{name}.{field}: must be a token id (an int >= {lowest}"
                              f"{', -1: no eos' if lowest < 0 else ''}), got {value!r}")
-    ids = cfg.stop_ids
+    object.__setattr__(cfg, "stop_ids", _token_id_tuple(cfg.stop_ids, f"{name}.stop_ids"))
+
+
+def _token_id_tuple(ids, field: str) -> tuple[int, ...]:
+    """`ids` (a sequence of token ids, or one id) as a tuple of ints; a non-integer or negative id raises
+    naming field[i]."""
     if isinstance(ids, (int, np.integer)):
         ids = (ids,)
     try:
         ids = tuple(ids)
     except TypeError:
-        raise ValueError(f"{name}.stop_ids: must be a tuple of token ids, got {cfg.stop_ids!r}") from None
+        raise ValueError(f"{field}: must be a tuple of token ids, got {ids!r}") from None
     for i, t in enumerate(ids):
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
-            raise ValueError(f"{name}.stop_ids[{i}]: must be a token id (an int >= 0), got {t!r}")
-    object.__setattr__(cfg, "stop_ids", tuple(int(t) for t in ids))
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or t < 0:
+            raise ValueError(f"{field}[{i}]: must be a token id (an int >= 0), got {t!r}")
+    return tuple(int(t) for t in ids)
 
 
 def _stop_tokens(cfg) -> tuple[int, ...]:
@@ -177,14 +204,16 @@ def tokenizer_ids(tokenizer) -> dict:
 
 
 def special_ids(cfg, name: str) -> dict[str, int]:
-    """{field: id} of a sampling config's eos_id (when >= 0), pad_id and stop_ids, for the check
+    """{field: id} of a sampling config's eos_id (when >= 0), pad_id, stop_ids (and a search's step_end_ids), for the check
     against the vocabulary in `prepare_prompts`."""
-    ids = {f"{name}.pad_id": cfg.pad_id, **{f"{name}.stop_ids[{i}]": t for i, t in enumerate(cfg.stop_ids)}}
+    ids = {f"{name}.pad_id": cfg.pad_id, **{f"{name}.stop_ids[{i}]": t for i, t in enumerate(cfg.stop_ids)},
+           **{f"{name}.step_end_ids[{i}]": t for i, t in enumerate(getattr(cfg, "step_end_ids", ()))}}
     return ids if cfg.eos_id < 0 else {f"{name}.eos_id": cfg.eos_id, **ids}
 
 
 def prepare_prompts(prompt_tokens, prompt_mask, *, vocab_size: int, max_new_tokens: int, max_seq_len: int,
-                    pad_id: int, min_bucket: int = 16, special: dict[str, int] | None = None):
+                    pad_id: int, min_bucket: int = 16, special: dict[str, int] | None = None,
+                    room_field: str = "max_new_tokens"):
     """Validate prompts and left-align them in a bucketed width.
 
     prompt_tokens, prompt_mask: [B, P0] (any padding side; padding is moved to
@@ -192,6 +221,8 @@ def prepare_prompts(prompt_tokens, prompt_mask, *, vocab_size: int, max_new_toke
     two >= the longest prompt (at least `min_bucket`), capped so that
     P + max_new_tokens <= max_seq_len. special: {field: id} (`special_ids`) that must lie in the
     vocabulary: an eos or pad id outside it would never stop a row, or break the decode.
+    room_field: what the errors call max_new_tokens, the cache slots kept after the prompt (the
+    setting the caller's user would change).
     """
     for field, i in (special or {}).items():
         if i >= vocab_size:
@@ -220,11 +251,11 @@ def prepare_prompts(prompt_tokens, prompt_mask, *, vocab_size: int, max_new_toke
     longest = int(lengths.max())
     room = max_seq_len - max_new_tokens
     if room < 1:  # no prompt fits, however short: the prompt is not what to change
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the KV cache "
+        raise ValueError(f"{room_field}={max_new_tokens} leaves no room for a prompt in the KV cache "
                          f"(config.max_seq_len={max_seq_len}); ask for fewer new tokens or build the model with a "
                          "longer max_seq_len")
     if longest > room:
-        raise ValueError(f"prompt row {int(np.argmax(lengths))} has {longest} tokens; with max_new_tokens="
+        raise ValueError(f"prompt row {int(np.argmax(lengths))} has {longest} tokens; with {room_field}="
                          f"{max_new_tokens} it exceeds the KV cache (config.max_seq_len={max_seq_len}): prompts "
                          f"may have at most {room} tokens (truncate_prompts keeps the last ones)")
     width = bucket_length(longest, minimum=min_bucket, maximum=room)
@@ -255,20 +286,23 @@ def truncate_prompts(prompt_tokens, prompt_mask, max_length: int, *, pad_id: int
 
 
 def concat_rollouts(rollouts: list["Rollout"], *, pad_id: int = 0) -> "Rollout":
-    """Stack rollouts row-wise; shorter prompt widths are left-padded to the widest
-    (positions count real tokens only, so this changes no log-probability).
-    Group ids are renumbered so groups stay distinct: [R_1 + R_2 + ..., T_max]."""
+    """Stack rollouts row-wise: [R_1 + R_2 + ..., P_max + N_max]. Shorter prompt widths are
+    left-padded to the widest P_max (positions count real tokens only, so this changes no
+    log-probability) and shorter completion widths (another max_new_tokens) right-padded to the
+    widest N_max, with pad_id tokens and zero masks and log-probs, as a row that stopped early.
+    Group ids are renumbered so groups stay distinct."""
     P = max(r.prompt_length for r in rollouts)
+    N = max(r.tokens.shape[1] - r.prompt_length for r in rollouts)
     parts, offset = [], 0
     for r in rollouts:
-        k = P - r.prompt_length
+        k, m = P - r.prompt_length, N - (r.tokens.shape[1] - r.prompt_length)
 
-        def left(x, value=0):
-            return jnp.pad(x, ((0, 0), (k, 0)), constant_values=value) if k else x
+        def pad(x, value=0):
+            return jnp.pad(x, ((0, 0), (k, m)), constant_values=value) if k or m else x
 
-        parts.append(r.replace(tokens=left(r.tokens, pad_id), attention_mask=left(r.attention_mask),
-                               loss_mask=left(r.loss_mask), logprobs=left(r.logprobs),
-                               sampling_logprobs=left(r.sampling_logprobs), group_ids=r.group_ids + offset))
+        parts.append(r.replace(tokens=pad(r.tokens, pad_id), attention_mask=pad(r.attention_mask),
+                               loss_mask=pad(r.loss_mask), logprobs=pad(r.logprobs),
+                               sampling_logprobs=pad(r.sampling_logprobs), group_ids=r.group_ids + offset))
         offset += int(r.group_ids.max()) + 1
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *[p.replace(prompt_length=P) for p in parts])
 
@@ -576,6 +610,8 @@ class BeamConfig:
     cpu_row_groups: int = 0
 
     def __post_init__(self):
+        _check_types(self, "BeamConfig", ints=("num_beams", "max_new_tokens", "min_prompt_bucket", "cpu_row_groups"),
+                     reals=("length_penalty",), bools=("early_stopping",))
         _check_token_ids(self, "BeamConfig")
         if self.num_beams < 1:
             raise ValueError(f"BeamConfig.num_beams: must be >= 1, got {self.num_beams}")
@@ -724,6 +760,9 @@ class ValueSearchConfig:
     cpu_row_groups: int = 0
 
     def __post_init__(self):
+        _check_types(self, "ValueSearchConfig", ints=("beams", "expansions", "max_step_tokens", "max_new_tokens",
+                                                      "max_rounds", "top_k", "min_prompt_bucket", "cpu_row_groups"),
+                     reals=("temperature", "top_p"))
         _check_token_ids(self, "ValueSearchConfig")
         for f in ("beams", "max_step_tokens", "max_new_tokens", "max_rounds"):
             if getattr(self, f) < 1:
@@ -731,7 +770,7 @@ class ValueSearchConfig:
         if self.expansions is not None and self.expansions < 1:
             raise ValueError(f"ValueSearchConfig.expansions: must be >= 1 or None, got {self.expansions}")
         _check_cpu_row_groups(self, "ValueSearchConfig")
-        object.__setattr__(self, "step_end_ids", tuple(int(t) for t in self.step_end_ids))
+        object.__setattr__(self, "step_end_ids", _token_id_tuple(self.step_end_ids, "ValueSearchConfig.step_end_ids"))
         self.sampling  # validates temperature, top_k, top_p
 
     @property
@@ -845,6 +884,8 @@ def _checked_scores(raw, valid: jax.Array, scorer, *, round_: int, per_prompt: i
     if s.shape != valid.shape:
         raise ValueError(f"value_guided_beam_search: scorer {name} returned shape {s.shape}; expected "
                          f"{tuple(valid.shape)}, one score per candidate")
+    if jnp.issubdtype(s.dtype, jnp.floating):
+        s = s.astype(np.float32)  # bfloat16 scores are numbers too (numpy reads their kind as "V")
     if s.dtype.kind not in "biuf":
         raise ValueError(f"value_guided_beam_search: scorer {name} returned dtype {s.dtype}, not real numbers")
     bad = np.flatnonzero(live & ~np.isfinite(s))
@@ -962,7 +1003,9 @@ def value_guided_beam_search(params, prompt_tokens, prompt_mask, scorer, scorer_
                       f"max_step_tokens={cfg.max_step_tokens}", stacklevel=2)
     tokens, mask = prepare_prompts(prompt_tokens, prompt_mask, vocab_size=c.vocab_size, max_new_tokens=cfg.cache_room,
                                    max_seq_len=c.max_seq_len, pad_id=cfg.pad_id, min_bucket=cfg.min_prompt_bucket,
-                                   special=special_ids(cfg, "ValueSearchConfig"))
+                                   special=special_ids(cfg, "ValueSearchConfig"),
+                                   room_field=f"ValueSearchConfig.max_rounds x max_step_tokens ({cfg.max_rounds} x "
+                                              f"{cfg.max_step_tokens})")
     B = tokens.shape[0]
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(B)) if keys is None else keys
     if keys.shape[0] != B:

@@ -156,6 +156,20 @@ def test_concat_rollouts_left_pads_without_changing_log_probabilities(bandit):
     np.testing.assert_allclose(lp[:4, k:] * np.asarray(a.loss_mask[:, 1:]), np.asarray(a.logprobs), atol=2e-5)
     np.testing.assert_allclose(np.asarray(c.logprobs[:4, k:]), np.asarray(a.logprobs))
     np.testing.assert_array_equal(np.asarray(c.completions), np.concatenate([a.completions, b.completions]))
+    # another max_new_tokens: the shorter completions are right-padded as rows that stopped early
+    d = sample(params, *left_padded([7, 5], 8, V, seed=1), jax.random.key(1), model=model,
+               cfg=dataclasses.replace(cfg, max_new_tokens=7))
+    e = concat_rollouts([b, d], pad_id=0)
+    assert e.tokens.shape == (8, d.tokens.shape[1]) and e.prompt_length == d.prompt_length
+    np.testing.assert_array_equal(np.asarray(e.completions[:4, :4]), np.asarray(b.completions))
+    np.testing.assert_array_equal(np.asarray(e.completions[:4, 4:]), 0)
+    for name in ("attention_mask", "loss_mask", "logprobs", "sampling_logprobs"):
+        x = np.asarray(getattr(e, name))
+        np.testing.assert_array_equal(x[:4, :getattr(b, name).shape[1]], np.asarray(getattr(b, name)), err_msg=name)
+        np.testing.assert_array_equal(x[:4, getattr(b, name).shape[1]:], 0, err_msg=name)
+        np.testing.assert_array_equal(x[4:], np.asarray(getattr(d, name)), err_msg=name)
+    lp = np.asarray(_token_logprobs(params, e.tokens, e.attention_mask, model=model))
+    np.testing.assert_allclose(lp[:4] * np.asarray(e.loss_mask[:4, 1:]), np.asarray(e.logprobs[:4]), atol=2e-5)
 
 
 def _constant_unless_odd(prompts, completions, **_):

@@ -297,6 +297,19 @@ def test_bad_prompts_raise(tiny):
         SampleConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SampleConfig(temperature=-1.0)
+    # fields read from a JSON / YAML file or flags: the type is checked, naming the field
+    for cls, field, value, why in ((SampleConfig, "temperature", float("nan"), "must be a number, got nan"),
+                                   (SampleConfig, "n", 2.0, "must be an int, got 2.0"),
+                                   (SampleConfig, "top_k", 2.5, "must be an int, got 2.5"),
+                                   (SampleConfig, "max_new_tokens", "8", "must be an int, got '8'"),
+                                   (SampleConfig, "greedy", "false", "must be True or False, got 'false'"),
+                                   (SampleConfig, "top_p", None, "must be a number, got None"),
+                                   (BeamConfig, "length_penalty", float("nan"), "must be a number, got nan"),
+                                   (BeamConfig, "num_beams", True, "must be an int, got True"),
+                                   (BeamConfig, "early_stopping", 1, "must be True or False, got 1")):
+        with pytest.raises(ValueError, match=f"^{cls.__name__}.{field}: {why}$"):
+            cls(**{field: value})
+    assert SampleConfig(n=np.int64(2), temperature=1, greedy=np.bool_(False)).n == 2  # numpy scalars and ints are fine
 
 
 # ------------------------------------------------------------------ beam search

@@ -166,3 +166,34 @@ def test_config_errors():
         ValueSearchConfig(cpu_row_groups=-1)
     with pytest.raises(ValueError, match="SampleConfig.top_p"):
         ValueSearchConfig(top_p=0.0)
+    assert ValueSearchConfig(step_end_ids=5).step_end_ids == (5,)  # one id, as stop_ids takes it
+    with pytest.raises(ValueError, match=r"ValueSearchConfig.step_end_ids\[1\]: must be a token id \(an int >= 0\), "
+                                         r"got -7"):
+        ValueSearchConfig(step_end_ids=(3, -7))
+    with pytest.raises(ValueError, match="ValueSearchConfig.max_rounds: must be an int, got 4.0"):
+        ValueSearchConfig(max_rounds=4.0)
+
+
+def test_search_checks_its_room_and_ids_and_takes_bfloat16_scores(setup):
+    """The cache room a search keeps (max_rounds x max_step_tokens) is what an overflow names; a step end
+    id outside the vocabulary is refused like a stop id; a scorer returning bfloat16 gives the search
+    the float32 run of the same scores gives."""
+    model, params = setup  # max_seq_len 256
+    tokens, mask = left_padded([5, 7], 16, model.config.vocab_size, seed=3)
+    scorer = _logprob_scorer(model, 16)
+    key = jax.random.key(1)
+    with pytest.raises(ValueError, match=r"^ValueSearchConfig.max_rounds x max_step_tokens \(16 x 16\)=256 leaves no "
+                                         r"room for a prompt in the KV cache \(config.max_seq_len=256\)"):
+        value_guided_beam_search(params, tokens, mask, scorer, params, key, model=model,
+                                 cfg=ValueSearchConfig(step_end_ids=(SEP,), max_rounds=16, max_step_tokens=16))
+    with pytest.raises(ValueError, match=r"ValueSearchConfig.step_end_ids\[0\] = 1007 is outside the model's "
+                                         r"vocabulary \[0, 64\)"):
+        value_guided_beam_search(params, tokens, mask, scorer, params, key, model=model,
+                                 cfg=ValueSearchConfig(step_end_ids=(1007,), max_rounds=2, max_step_tokens=4))
+    cfg = ValueSearchConfig(beams=2, step_end_ids=(SEP,), max_step_tokens=4, max_new_tokens=12, max_rounds=3)
+    as_bf16 = jax.jit(lambda p, t, m: scorer(p, t, m).astype(jnp.bfloat16))
+    rounded = jax.jit(lambda p, t, m: as_bf16(p, t, m).astype(jnp.float32))
+    a, b = (value_guided_beam_search(params, tokens, mask, s, params, key, model=model, cfg=cfg)
+            for s in (as_bf16, rounded))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(np.asarray(a.scores, np.float32), b.scores)
