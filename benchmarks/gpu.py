@@ -42,6 +42,7 @@ FLOPs per step use the anchor's formula (6 x params x tokens, tied head counted,
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -81,7 +82,7 @@ class Config:
     train_layouts: str = "anchor,f32_stream,mixed"
     decode_streams: str = "bfloat16,float32"
     profile_dir: str = ""
-    tiny: bool = False
+    tiny: bool = False  # a dry run on a CPU: the tiny preset and sizes replace every size flag given
 
 
 def anchor_flops(c, batch, seq):
@@ -434,20 +435,33 @@ def part_fit(cfg):
         del params, opt_state
 
 
-def main(cfg: Config):
+PARTS = {"check": part_check, "train": part_train, "decode": part_decode, "grpo": part_grpo, "profile": part_profile,
+         "fit": part_fit}
+
+
+def main(cfg: Config) -> int:
+    """Run cfg.parts in order; a part that fails is reported and the next one runs (a sitting's later
+    parts still measure). -> the exit status: 1 when any part failed."""
+    unknown = [p for p in cfg.parts.split(",") if p not in PARTS]
+    if unknown:
+        raise ValueError(f"--parts: unknown part(s) {unknown}; choose from {','.join(PARTS)}")
     if cfg.tiny:
         cfg.preset, cfg.train_batch, cfg.train_seq, cfg.gen_batch, cfg.prompt, cfg.new_tokens, cfg.iters = \
             "tiny", 2, 32, 2, 16, 8, 2
         cfg.grpo_prompts, cfg.grpo_samples, cfg.grpo_micro, cfg.grpo_iters, cfg.fit_max = 4, 2, 4, 2, 4
     banner("gpu", cfg)
+    failed = []
     for part in cfg.parts.split(","):
         print(f"[{part}]", flush=True)
         try:
-            {"check": part_check, "train": part_train, "decode": part_decode, "grpo": part_grpo,
-             "profile": part_profile, "fit": part_fit}[part](cfg)
+            PARTS[part](cfg)
         except Exception as e:  # noqa: BLE001
+            failed.append(part)
             print(f"  {part} FAILED: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    if failed:
+        print(f"failed parts: {','.join(failed)}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    sys.exit(main(parse_config(Config)))

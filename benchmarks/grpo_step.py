@@ -150,6 +150,10 @@ def report(prefix: str, rows: list[dict], tokens_per_iter: int) -> dict:
 def main(cfg: Config) -> None:
     from rljax.host_memory import release_compiler_memory
 
+    get_algorithm(cfg.algo)  # an unknown name is refused before anything is built
+    for field, allowed in (("which", ("trl", "small", "both")), ("track_kl", ("off", "on", "both"))):
+        if getattr(cfg, field) not in allowed:
+            raise ValueError(f"--{field.replace('_', '-')}: {getattr(cfg, field)!r} is not one of {' | '.join(allowed)}")
     release_compiler_memory()  # what rljax.cli.run does for every experiment
     tok = CharTokenizer()
     iterations = 1 if cfg.smoke else cfg.iterations

@@ -28,7 +28,8 @@ from rljax.cli import LoggingFlags, apply_preset, check_input_dir, make_run_dir,
 from rljax.eval import PolicyEvalConfig
 from rljax.expert_iteration import ExpertIterationConfig, RejectionConfig, expert_iteration
 from rljax.pipelines import report_results
-from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, check_sft_task, load_sft, sft_split
+from rljax.recipes.arithmetic_runs import (DEFAULT_SFT_RUN_DIR, RL_IGNORED_FIELDS, SMOKE_SFT_RUN_DIR, check_sft_task,
+                                           load_sft, sft_split)
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
 from rljax.tasks import get_task, task_slug
@@ -38,7 +39,7 @@ from rljax.tokenizer import CharTokenizer
 @dataclass
 class Config(LoggingFlags):
     task: str = "arithmetic"  # the SFT run's task (rljax.tasks.get_task)
-    sft_run_dir: str = "runs/sft_arithmetic-default"
+    sft_run_dir: str = DEFAULT_SFT_RUN_DIR
     run_dir: str | None = None
     run_root: str = "runs"
     seed: int = 0
@@ -84,7 +85,8 @@ def main(cfg: Config) -> dict:
         # rejection sampling has the sampled evaluation's shapes (16 prompts x 2 samples) and the greedy
         # evaluation the SFT smoke's (16 held-out problems, 24 new tokens): each sampler compiles once
         apply_preset(cfg, rounds=2, prompts_per_round=16, samples=2, steps_per_round=4, batch=8, lr=3e-3,
-                     general_rows=16, eval_problems=16, eval_samples=2, max_new_tokens=24, train_sft=True)
+                     general_rows=16, eval_problems=16, eval_samples=2, max_new_tokens=24, train_sft=True,
+                     sft_run_dir=SMOKE_SFT_RUN_DIR)
     get_task(cfg.task)  # an unknown task fails before a run directory is made
     check_input_dir(cfg.sft_run_dir, "--sft-run-dir", create=cfg.train_sft, create_flag="--train-sft")
     check_sft_task(cfg.task, cfg.sft_run_dir)  # before the run directory is made

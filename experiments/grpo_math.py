@@ -53,6 +53,7 @@ import jax
 import numpy as np
 
 from experiments.fixtures import SMOKE_DATA, write_smoke_model
+from rljax.algorithms import get_algorithm
 from rljax.checkpoint import digest_params
 from rljax.cli import LoggingFlags, apply_preset, make_run_dir, run, save_config
 from rljax.data.collate import BatchIterator, collate_prompt_completion
@@ -205,6 +206,10 @@ def main(cfg: Config) -> dict:
         raise ValueError("Config: no data; pass --data FILE (GSM8K- or MATH-style rows)")
     if cfg.remat not in REMAT_POLICIES:
         raise ValueError(f"Config.remat: {cfg.remat!r} is not one of {REMAT_POLICIES}")
+    algo = get_algorithm(cfg.algo)  # an unknown name is refused before a run directory is made
+    if (cfg.prompts_per_iteration * cfg.n) % cfg.minibatches:
+        raise ValueError(f"--minibatches {cfg.minibatches}: the {cfg.prompts_per_iteration} prompts x n = {cfg.n} "
+                         "sampled rows of an iteration do not split into them")
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"grpo_math-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
     smoke_model = not cfg.model  # --smoke: a random model written into the run directory
@@ -267,9 +272,7 @@ def main(cfg: Config) -> dict:
                       optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant"), track_kl=cfg.track_kl,
                       minibatches=cfg.minibatches, truncate_prompts=True)
     if cfg.kl_coef is not None:
-        from rljax.algorithms import get_algorithm
-
-        rl_cfg = dataclasses.replace(rl_cfg, algorithm=get_algorithm(cfg.algo).with_kl_coef(cfg.kl_coef))
+        rl_cfg = dataclasses.replace(rl_cfg, algorithm=algo.with_kl_coef(cfg.kl_coef))
     state = create_rl_state(model, params, rl_cfg, jax.random.key(cfg.seed))
     reward = logging_reward(make_reward(cfg), os.path.join(run_dir, "samples"))
     # chat prompts hold stop tokens (the system and user turns end in one): decode them whole

@@ -51,7 +51,8 @@ from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, collate_traject
 from rljax.phases import LoopConfig, PreferencePhaseConfig, SFTPhaseConfig, preference, sft
 from rljax.pipelines import IterativeOREOConfig, iterative_oreo
 from rljax.reference import cached_reference_logps, with_reference
-from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, check_sft_task, load_sft, needs_steps, sft_split
+from rljax.recipes.arithmetic_runs import (DEFAULT_SFT_RUN_DIR, RL_IGNORED_FIELDS, SMOKE_SFT_RUN_DIR, check_sft_task,
+                                           load_sft, needs_steps, sft_split)
 from rljax.rewards.learned import majority_vote
 from rljax.sampling import SampleConfig, ValueSearchConfig, sample, value_guided_beam_search
 from rljax.state import OptimizerConfig, create_state
@@ -65,7 +66,7 @@ PARTS = ("compare", "search", "iterate")
 class Config(LoggingFlags):
     task: str = "arithmetic"  # the SFT run's task (rljax.tasks.get_task)
     parts: tuple[str, ...] = PARTS
-    sft_run_dir: str = "runs/sft_arithmetic-default"
+    sft_run_dir: str = DEFAULT_SFT_RUN_DIR
     run_dir: str | None = None
     run_root: str = "runs"
     seed: int = 0
@@ -350,7 +351,8 @@ def main(cfg: Config) -> dict:
     if cfg.smoke:
         apply_preset(cfg, problems=16, samples=4, epochs=1, batch=8, eval_problems=4, eval_samples=2,
                      max_new_tokens=16, beams=(1, 2), search_rounds=3, iterate_rounds=1, iterate_problems=8,
-                     max_step_tokens=8, search_chunk=4, with_references=True, train_sft=True)
+                     max_step_tokens=8, search_chunk=4, with_references=True, train_sft=True,
+                     sft_run_dir=SMOKE_SFT_RUN_DIR)
     unknown = [p for p in cfg.parts if p not in PARTS]
     if unknown:
         raise ValueError(f"oreo_arithmetic: unknown --parts {unknown[0]!r}; choose from {', '.join(PARTS)}")

@@ -38,7 +38,8 @@ from rljax.losses.preference import PREFERENCE_METHODS, KTOConfig, check_kto_wei
 from rljax.phases import LoopConfig, PreferencePhaseConfig, preference
 from rljax.pipelines import OnlineDPOConfig, online_dpo
 from rljax.reference import cached_reference_logps, with_reference
-from rljax.recipes.arithmetic_runs import RL_IGNORED_FIELDS, check_sft_task, load_sft, sft_split
+from rljax.recipes.arithmetic_runs import (DEFAULT_SFT_RUN_DIR, RL_IGNORED_FIELDS, SMOKE_SFT_RUN_DIR, check_sft_task,
+                                           load_sft, sft_split)
 from rljax.sampling import SampleConfig
 from rljax.state import OptimizerConfig, create_state
 from rljax.tasks import ARITHMETIC, Task, get_task, task_slug
@@ -52,7 +53,7 @@ class Config(LoggingFlags):
     task: str = "arithmetic"  # the SFT run's task (rljax.tasks.get_task)
     algo: str = "dpo"
     flips: tuple[float, ...] = (0.0,)  # label-noise rates, one run each
-    sft_run_dir: str = "runs/sft_arithmetic-default"
+    sft_run_dir: str = DEFAULT_SFT_RUN_DIR
     run_dir: str | None = None
     run_root: str = "runs"
     seed: int = 0
@@ -157,7 +158,8 @@ def train_online(cfg: Config, model, params, tok, train, run_dir: str):
 def main(cfg: Config) -> dict:
     if cfg.smoke:
         apply_preset(cfg, n_pairs=32, epochs=1, batch=8, eval_problems=8, eval_samples=2, max_new_tokens=16,
-                     online_rounds=2, online_prompts=16, train_sft=True)
+                     online_rounds=2, online_prompts=16, train_sft=True,
+                     sft_run_dir=SMOKE_SFT_RUN_DIR)
     algos = ALGOS if cfg.algo == "all" else tuple(a.strip() for a in cfg.algo.split(","))
     unknown = [a for a in algos if a not in ALGOS]
     if unknown:

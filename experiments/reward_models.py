@@ -73,8 +73,8 @@ from rljax.losses.reward_model import FeedbackConfig, RankingConfig, TokenLabelC
 from rljax.models import add_head
 from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
 from rljax.pipelines import IterativeRLHFConfig
-from rljax.recipes.arithmetic_runs import (RL_IGNORED_FIELDS, check_sft_task, load_sft, needs_steps, rule_reward,
-                                           sft_split)
+from rljax.recipes.arithmetic_runs import (DEFAULT_SFT_RUN_DIR, RL_IGNORED_FIELDS, SMOKE_SFT_RUN_DIR, check_sft_task,
+                                           load_sft, needs_steps, rule_reward, sft_split)
 from rljax.rewards.evaluation import reward_model_eval
 from rljax.rewards.process_labels import label_steps, model_completer
 from rljax.rewards.learned import (aggregate_steps, likelihood_reward, majority_vote, reward_model_reward,
@@ -93,7 +93,7 @@ PARTS = ("bt", "onpolicy", "bon", "rl", "feedback", "overopt")
 class Config(LoggingFlags):
     task: str = "arithmetic"  # the SFT run's task (rljax.tasks.get_task)
     parts: tuple[str, ...] = PARTS
-    sft_run_dir: str = "runs/sft_arithmetic-default"
+    sft_run_dir: str = DEFAULT_SFT_RUN_DIR
     run_dir: str | None = None
     run_root: str = "runs"
     seed: int = 0
@@ -592,7 +592,8 @@ def main(cfg: Config) -> dict:
                      verifier_problems=4, verifier_samples=2, prm_solutions=4, prm_n=2, verifier_epochs=1,
                      max_new_tokens=16, rl_iterations=2, rl_eval_problems=4, feedback_problems=8,
                      overopt_iterations=2, overopt_eval_every=1, onpolicy_problems=8, onpolicy_samples=4,
-                     refresh_problems=8, train_sft=True)
+                     refresh_problems=8, train_sft=True,
+                     sft_run_dir=SMOKE_SFT_RUN_DIR)
     unknown = set(cfg.parts) - set(PARTS)
     if unknown:
         raise ValueError(f"reward_models: unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")

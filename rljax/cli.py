@@ -151,6 +151,22 @@ def _description(cls: type) -> str | None:
     return inspect.cleandoc(module.__doc__) if module is not None and module.__doc__ else None
 
 
+def _or_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse`, except that the text none (any case) is None: how a flag sets an `X | None` field back to None."""
+    def parse_or_none(text: str):
+        return None if text.strip().lower() == "none" else parse(text)
+
+    parse_or_none.__name__ = getattr(parse, "__name__", "value")  # argparse names it in "invalid <name> value"
+    return parse_or_none
+
+
+def _without_none(typ):
+    """X of `X | None`; other types as they are."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(typ) if a is not type(None))
+    return typ
+
+
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
     """Build `cls` from its defaults and `--field value` flags (`--flag` alone sets a bool True,
     `--no-flag` False).
@@ -171,18 +187,19 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         said = comments.get(f.name, "")
         # argparse %-formats help strings: a literal % must be doubled
         help_text = (f"{said} " if said else "").replace("%", "%%") + f"(default: {_default(f)!r})".replace("%", "%%")
-        if typing.get_origin(typ) in (typing.Union, types.UnionType):  # `X | None`: parse as X
-            typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        optional = type(None) in typing.get_args(typ)
+        typ = _without_none(typ)  # `X | None`: parse as X, and `none` gives None
         if typ is bool:
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=_UNSET, metavar="BOOL",
-                                help=help_text)
+            parser.add_argument(flag, type=_or_none(_parse_bool) if optional else _parse_bool, nargs="?", const=True,
+                                default=_UNSET, metavar="BOOL", help=help_text)
             parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False,
                                 default=_UNSET, help=f"{flag} false")
         elif typing.get_origin(typ) in (tuple, list):
             (inner, *_) = typing.get_args(typ) or (str,)
-            parser.add_argument(flag, type=inner, nargs="+", default=_UNSET, help=help_text)
+            parser.add_argument(flag, type=_or_none(inner) if optional else inner, nargs="+", default=_UNSET,
+                                help=help_text)
         else:
-            parser.add_argument(flag, type=typ, default=_UNSET, help=help_text)
+            parser.add_argument(flag, type=_or_none(typ) if optional else typ, default=_UNSET, help=help_text)
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     explicit = set()
@@ -192,7 +209,11 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
             v = _default(f)
         else:
             explicit.add(f.name)
-        if typing.get_origin(hints[f.name]) is tuple and isinstance(v, list):
+        if isinstance(v, list) and None in v:  # `--field none` of an optional list
+            if v != [None]:
+                parser.error(f"--{f.name.replace('_', '-')}: none stands alone (it sets the field to None)")
+            v = None
+        if isinstance(v, list) and typing.get_origin(_without_none(hints[f.name])) is tuple:
             v = tuple(v)
         values[f.name] = v
     cfg = cls(**values)

@@ -170,3 +170,83 @@ def test_a_missing_input_run_dir_is_an_error_unless_asked_to_create_it(tmp_path)
     with pytest.raises(FileNotFoundError, match="--sft-run-dir"):
         load_sft(missing, CharTokenizer(), run_if_missing=True)
     assert check_input_dir(missing, "--x", create=True) is False and check_input_dir(str(tmp_path), "--x")
+
+
+@dataclass
+class Optional_:
+    kl: float | None = 0.1
+    dtype: str | None = "bfloat16"
+    levels: tuple[int, ...] | None = (1, 2)
+    flag: bool | None = True
+    n: int = 3
+
+
+def test_an_optional_field_is_set_back_to_none_by_none():
+    assert parse_config(Optional_, ["--kl", "none", "--dtype", "None", "--levels", "none", "--flag", "NONE"]) == \
+        Optional_(kl=None, dtype=None, levels=None, flag=None)
+    assert parse_config(Optional_, ["--kl", "0.5", "--levels", "3", "4"]) == Optional_(kl=0.5, levels=(3, 4))
+    with pytest.raises(SystemExit):
+        parse_config(Optional_, ["--n", "none"])  # not optional: an int
+    with pytest.raises(SystemExit):
+        parse_config(Optional_, ["--levels", "3", "none"])
+
+
+def test_bad_settings_are_refused_before_the_run_directory_records_them(tmp_path):
+    """A bad preset, or minibatches that do not split an iteration's rows, fail before config.json is
+    written (a corrected rerun in the same directory would otherwise be a configuration mismatch)."""
+    from rljax.recipes.arithmetic_runs import RLArithmeticConfig, SFTArithmeticConfig, train_rl, train_sft
+
+    sft_dir = tmp_path / "sft"
+    with pytest.raises(KeyError, match="bogus"):
+        train_sft(SFTArithmeticConfig(smoke=True, preset="bogus", run_dir=str(sft_dir), progress=False))
+    assert not (sft_dir / "config.json").exists()
+    sft_dir.mkdir(exist_ok=True)
+    rl_dir = tmp_path / "rl"
+    with pytest.raises(ValueError, match=r"^--minibatches 3: the 4 prompts x n = 4 = 16 sampled rows of an "
+                                         r"iteration do not split into 3 minibatches$"):
+        train_rl(RLArithmeticConfig(smoke=True, minibatches=3, sft_run_dir=str(sft_dir), run_dir=str(rl_dir)))
+    assert not rl_dir.exists()
+
+
+def test_flags_an_algorithm_does_not_use_are_warned_of():
+    from rljax.algorithms import get_algorithm
+    from rljax.recipes.arithmetic_runs import RLArithmeticConfig, rl_config
+    from rljax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    cfg = parse_config(RLArithmeticConfig, ["--algo", "ppo", "--max-kl", "0.5", "--critic-epochs", "2"])
+    with pytest.warns(UserWarning, match=r"^--max-kl, --critic-epochs: ppo does not use them"):
+        rl = rl_config(cfg, get_algorithm("ppo"), tok)
+    assert rl.critic_optimizer is None or rl.critic_epochs != 2  # not passed on
+    trpo = parse_config(RLArithmeticConfig, ["--algo", "trpo", "--max-kl", "0.5", "--critic-epochs", "2"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rl = rl_config(trpo, get_algorithm("trpo"), tok)
+    assert rl.algo.loss.config.max_kl == 0.5 and rl.critic_epochs == 2
+
+
+def test_a_smoke_run_trains_its_own_sft_run_and_a_full_run_refuses_one(tmp_path):
+    """--smoke's default SFT folder is its own (runs/sft_arithmetic-smoke), not the full studies'
+    default; a full study pointed at a smoke SFT run is refused naming it."""
+    from experiments import expert_iteration, oreo_arithmetic, preference_arithmetic, reward_models
+    from rljax.recipes.arithmetic_runs import (DEFAULT_SFT_RUN_DIR, SMOKE_SFT_RUN_DIR, RLArithmeticConfig,
+                                               SFTArithmeticConfig, load_sft)
+    from rljax.cli import apply_preset
+    from rljax.tokenizer import CharTokenizer
+
+    assert SMOKE_SFT_RUN_DIR != DEFAULT_SFT_RUN_DIR
+    for cls in (RLArithmeticConfig, expert_iteration.Config, oreo_arithmetic.Config, preference_arithmetic.Config,
+                reward_models.Config):
+        assert cls().sft_run_dir == DEFAULT_SFT_RUN_DIR
+    cfg = parse_config(RLArithmeticConfig, ["--smoke"])
+    apply_preset(cfg, sft_run_dir=SMOKE_SFT_RUN_DIR)  # what the smoke preset does; an explicit flag would win
+    assert cfg.sft_run_dir == SMOKE_SFT_RUN_DIR
+    smoke_sft = tmp_path / "sft"
+    smoke_sft.mkdir()
+    saved = dataclasses.asdict(SFTArithmeticConfig(smoke=True, preset="tiny", steps=12, n_test=16))
+    (smoke_sft / "config.json").write_text(json.dumps(saved, default=list))
+    with pytest.raises(ValueError, match=rf"^--sft-run-dir: {smoke_sft} holds a --smoke SFT run \(preset tiny, 12 "
+                                         r"steps, 16 test problems\), and this run is not a smoke run"):
+        load_sft(str(smoke_sft), CharTokenizer())

@@ -24,12 +24,14 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import jax
 
 from rljax.algorithms import get_algorithm
-from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, check_input_dir, make_run_dir, save_config
+from rljax.cli import (IGNORED_FIELDS, LoggingFlags, apply_preset, check_input_dir, explicit_fields, make_run_dir,
+                       save_config)
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.eval import exact_match, finished_run, load_finished
 from rljax.losses import TRPOConfig
@@ -50,6 +52,11 @@ __all__ = ["SFTArithmeticConfig", "RLArithmeticConfig", "RL_IGNORED_FIELDS", "ap
 
 
 # ----------------------------------------------------------------------------- SFT
+# The SFT run the studies start from when --sft-run-dir is not given; --smoke runs train and use their own
+# (a smoke run's tiny model in the default folder would become every later full study's start)
+DEFAULT_SFT_RUN_DIR = "runs/sft_arithmetic-default"
+SMOKE_SFT_RUN_DIR = "runs/sft_arithmetic-smoke"
+
 @dataclass
 class SFTArithmeticConfig(LoggingFlags):
     """SFT on an embedded task (arithmetic by default): held-out exact-match accuracy before and after."""
@@ -150,15 +157,16 @@ def train_sft(cfg: SFTArithmeticConfig) -> dict:
     apply_sft_smoke(cfg)
     task = get_task(cfg.task)  # an unknown name fails here, before a run directory is made
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"sft_{task_slug(cfg.task)}")
-    os.makedirs(run_dir, exist_ok=True)
-    save_config(cfg, run_dir, allow_change=cfg.force_config)
     tok = CharTokenizer()
+    # the model, data and optimizer check the settings: a bad one is refused before config.json records it
     model = build_model(cfg, tok)
     _, train, test = sft_split(cfg)
     data = BatchIterator([(task.prompt(p), task.reference(p)) for p in train], cfg.batch_size,
                          lambda rows: collate_prompt_completion(tok, rows, max_length=model.config.max_seq_len),
                          seed=cfg.seed)
     opt = sft_optimizer(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(cfg, run_dir, allow_change=cfg.force_config)
     state = create_state(model, opt, jax.random.key(cfg.seed))
     print(f"sft_arithmetic: task {cfg.task}, preset {cfg.preset} ({model.config.num_params()/1e6:.2f}M params), "
           f"{len(train)} train / {len(test)} test problems, levels {cfg.levels}, {cfg.steps} steps x "
@@ -223,6 +231,11 @@ def load_sft(sft_run_dir: str, tok, *, smoke: bool = False, progress: bool = Tru
     check_input_dir(sft_run_dir, "--sft-run-dir", create=create, create_flag="--train-sft")
     sft_cfg = read_sft_config(sft_run_dir, smoke=smoke, progress=progress, logging=logging,
                               task=task or "arithmetic")
+    if sft_cfg.smoke and not smoke:  # a throwaway model must not become a real study's start unnoticed
+        raise ValueError(f"--sft-run-dir: {sft_run_dir} holds a --smoke SFT run (preset {sft_cfg.preset}, "
+                         f"{sft_cfg.steps} steps, {sft_cfg.n_test} test problems), and this run is not a smoke "
+                         "run: pass a full SFT run (e.g. the quickstart's <run>/sft, or train one with "
+                         "`python -m experiments.sft_arithmetic`), or add --smoke")
     if task is not None:
         check_same_task(task, sft_cfg)
     if run_if_missing and not finished_run(sft_run_dir, sft_cfg.steps):
@@ -259,7 +272,7 @@ class RLArithmeticConfig(LoggingFlags):
     head_lr: float = 1e-3  # value head's learning rate (a2c, ppo: on the policy's backbone; trpo: the critic's)
     critic_lr: float = 1e-4  # trpo: the separate critic's learning rate
     critic_epochs: int = 4  # trpo: critic regression passes per iteration
-    sft_run_dir: str = "runs/sft_arithmetic-default"
+    sft_run_dir: str = DEFAULT_SFT_RUN_DIR
     # on_policy_distill: the finished SFT run whose final policy is the teacher (its own preset, same tokenizer)
     teacher_run_dir: str | None = None
     run_dir: str | None = None
@@ -271,6 +284,40 @@ class RLArithmeticConfig(LoggingFlags):
     smoke: bool = False
     train_sft: bool = False  # sft_run_dir does not exist: train the SFT run there first (--smoke sets it)
     force_config: bool = False  # rerun in a run_dir whose config.json differs: overwrite it, recording the change
+
+
+def rl_config(cfg: RLArithmeticConfig, algo, tok) -> RLConfig:
+    """The RLConfig of `cfg` for the registry entry `algo` (its kl_coef; TRPO's max_kl; a separate critic's
+    optimizer and epochs where the algorithm has one); every setting checked (a batch of prompts x n rows
+    that the minibatches do not split is a ValueError naming them). A flag the algorithm does not use
+    (--max-kl without TRPO, --critic-lr / --critic-epochs without a separate critic) is warned of."""
+    rows = cfg.prompts_per_iteration * cfg.n
+    if rows % cfg.minibatches:
+        raise ValueError(f"--minibatches {cfg.minibatches}: the {cfg.prompts_per_iteration} prompts x n = {cfg.n} "
+                         f"= {rows} sampled rows of an iteration do not split into {cfg.minibatches} minibatches")
+    given = explicit_fields(cfg)
+    algo = algo.with_kl_coef(cfg.kl_coef)
+    trpo, critic = isinstance(algo.loss.config, TRPOConfig), algo.needs().critic
+    unused = [f"--{f.replace('_', '-')}" for f, used in (("max_kl", trpo), ("critic_lr", critic),
+                                                         ("critic_epochs", critic)) if f in given and not used]
+    if unused:
+        warnings.warn(f"{', '.join(unused)}: {cfg.algo} does not use {'it' if len(unused) == 1 else 'them'} "
+                      "(--max-kl is TRPO's trust region; --critic-lr and --critic-epochs train a separate critic, "
+                      "which only trpo has)", stacklevel=3)
+    if trpo:
+        algo = algo.with_config(max_kl=cfg.max_kl)
+    return RLConfig(algorithm=algo,
+                    sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.n, temperature=cfg.temperature,
+                                          eos_id=tok.eos_id, pad_id=tok.pad_id),
+                    optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant", b2=cfg.adam_b2, eps=cfg.adam_eps,
+                                              head_lr=cfg.head_lr),
+                    epochs=cfg.epochs, track_kl=cfg.track_kl,
+                    minibatches=cfg.minibatches, max_refills=cfg.max_refills, staleness=cfg.staleness,
+                    actors=cfg.actors,
+                    # a separate critic's settings, only where there is one (make_rl_iteration warns otherwise)
+                    **({} if not critic else dict(
+                        critic_epochs=cfg.critic_epochs,
+                        critic_optimizer=OptimizerConfig(lr=cfg.critic_lr, schedule="constant", head_lr=cfg.head_lr))))
 
 
 # train_sft only says what to do when the input is missing, not what the run computes
@@ -287,7 +334,8 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
     the SFT policy's (greedy, sampled) accuracy, when the caller measured it already for the same SFT
     run and evaluation settings (it depends only on those: another RL run from the same start)."""
     if cfg.smoke:
-        apply_preset(cfg, iterations=3, prompts_per_iteration=4, n=4, max_new_tokens=16, train_sft=True)
+        apply_preset(cfg, iterations=3, prompts_per_iteration=4, n=4, max_new_tokens=16, train_sft=True,
+                     sft_run_dir=SMOKE_SFT_RUN_DIR)
     task = get_task(cfg.task)
     if cfg.step_reward:
         needs_steps(task, f"--step-reward {cfg.step_reward:g}")
@@ -300,14 +348,15 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
     elif cfg.teacher_run_dir is not None:
         raise ValueError(f"--teacher-run-dir: {cfg.algo} uses no teacher (only on_policy_distill does); drop it")
     check_sft_task(cfg.task, cfg.sft_run_dir)
+    tok = CharTokenizer()
+    algo = get_algorithm(cfg.algo)
+    rl_cfg = rl_config(cfg, algo, tok)  # checks the settings before config.json records the run
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"rl_{task_slug(cfg.task)}-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=RL_IGNORED_FIELDS)
-    tok = CharTokenizer()
     model, params, sft_cfg = load_sft(cfg.sft_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
                                       run_if_missing=True, create=cfg.train_sft, logging=cfg.logging_flags(),
                                       task=cfg.task)
-    algo = get_algorithm(cfg.algo)
     teacher_model = teacher_params = None
     if algo.needs().teacher:  # on_policy_distill: the teacher is the final policy of another finished SFT run
         teacher_model, teacher_params, _ = load_sft(cfg.teacher_run_dir, tok, progress=cfg.progress, task=cfg.task)
@@ -325,22 +374,6 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
     prompts = BatchIterator(train, cfg.prompts_per_iteration, collate, seed=cfg.seed + 1)
     accuracy_fn = task.answer_reward()
     reward = rule_reward(task, cfg.step_reward)
-    algo = algo.with_kl_coef(cfg.kl_coef)
-    loss = algo.loss.config
-    if isinstance(loss, TRPOConfig):
-        algo = algo.with_config(max_kl=cfg.max_kl)
-    rl_cfg = RLConfig(algorithm=algo,
-                      sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.n, temperature=cfg.temperature,
-                                            eos_id=tok.eos_id, pad_id=tok.pad_id),
-                      optimizer=OptimizerConfig(lr=cfg.lr, schedule="constant", b2=cfg.adam_b2, eps=cfg.adam_eps,
-                                                head_lr=cfg.head_lr),
-                      epochs=cfg.epochs, track_kl=cfg.track_kl,
-                      minibatches=cfg.minibatches, max_refills=cfg.max_refills, staleness=cfg.staleness,
-                      actors=cfg.actors,
-                      # a separate critic's settings, only where there is one (make_rl_iteration warns otherwise)
-                      **({} if critic_model is None else dict(
-                          critic_epochs=cfg.critic_epochs,
-                          critic_optimizer=OptimizerConfig(lr=cfg.critic_lr, schedule="constant", head_lr=cfg.head_lr))))
     state = create_rl_state(model, params, rl_cfg, jax.random.key(cfg.seed), critic_model=critic_model,
                             critic_params=critic_params, teacher_params=teacher_params, teacher_model=teacher_model)
 
