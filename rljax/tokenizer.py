@@ -444,9 +444,22 @@ class HFTokenizer(BaseTokenizer):
             if tid is not None
         }
 
-        unk_token = getattr(self.tokenizer.model, "unk_token", None)
-        self._unk_token = unk_token
-        self._unk_id = self.tokenizer.token_to_id(unk_token) if unk_token else None
+        self._unk_token, self._unk_id = self._unknown_token()
+
+    def _unknown_token(self) -> tuple[str | None, int | None]:
+        """(token, id) the model writes for text its vocabulary lacks, (None, None) if it has none (it then
+        falls back to bytes, or drops the text). WordPiece, WordLevel and BPE models name the token
+        (`model.unk_token`); a Unigram model (SentencePiece) keeps only its id, `unk_id` in the tokenizer
+        JSON, which `tokenizers` exposes on no attribute."""
+        model = self.tokenizer.model
+        token = getattr(model, "unk_token", None)
+        if token:
+            return token, self.tokenizer.token_to_id(token)
+        if isinstance(model, tokenizers.models.Unigram):
+            unk_id = json.loads(self.tokenizer.to_str())["model"].get("unk_id")
+            if unk_id is not None:
+                return self.tokenizer.id_to_token(unk_id), unk_id
+        return None, None
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> "HFTokenizer":

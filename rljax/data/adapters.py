@@ -22,7 +22,7 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,11 +201,27 @@ def _bad_json(file: str, line: int, err: json.JSONDecodeError | str) -> DataErro
     return DataError(f"{file}, line {line}: {why}")
 
 
-def _scan_lines(file: str, text: str, first_line: int = 1) -> tuple[int, ...]:
-    """The 1-based line numbers of the rows of JSON Lines `text`: every line that is not blank
-    (`datasets` skips blank lines too) must be one JSON object, else DataError naming the line."""
+def _read_text(file: str) -> str:
+    """The text of a local JSON / JSON Lines file, read as UTF-8 with a leading byte-order mark dropped
+    (as `datasets` reads it; `json.loads` refuses one)."""
+    with open(file, encoding="utf-8-sig") as f:
+        return f.read()
+
+
+def _json_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of JSON Lines `text`, blank lines included. A line ends at "\n" only (a
+    "\r" before it is dropped): `str.splitlines` would also end one at U+2028, U+2029 or U+0085, which JSON
+    allows unescaped inside a string (the control characters it also splits at, JSON does not)."""
+    for n, line in enumerate(text.split("\n"), 1):
+        yield n, line[:-1] if line.endswith("\r") else line
+
+
+def _scan_lines(file: str, text: str) -> tuple[int, ...]:
+    """The 1-based line numbers of the rows of JSON Lines `text` (lines as `_json_lines` splits them): every
+    line that is not blank (`datasets` skips blank lines too) must be one JSON object, else DataError naming
+    the line."""
     lines = []
-    for n, line in enumerate(text.splitlines(), first_line):
+    for n, line in _json_lines(text):
         if not line.strip():
             continue
         try:
@@ -232,8 +248,7 @@ def _scan_json(file: str, mtime_ns: int, size: int) -> tuple[int, ...] | int | N
     Cached by (path, mtime, size), so loading and locating a row read the file once.
     """
     del mtime_ns, size  # only part of the cache key
-    with open(file, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_text(file)
     if file.lower().endswith(".json"):
         try:
             whole = json.loads(text)
@@ -318,7 +333,7 @@ def located(source, **kw):
         where = row_locator(source, **kw)(int(m.group(1)))
         if where == f"row {m.group(1)}":
             raise
-        raise DataError(f"{where}: {str(e)[m.end():]}") from None
+        raise DataError(f"{where}: {str(e)[m.end():]}") from e.__cause__  # (what the row's check chained)
 
 
 def _locating(fn):
@@ -361,11 +376,7 @@ def load_records(source, *, split: str = "train", name: str | None = None, data_
     if isinstance(source, datasets.Dataset):
         return source
     if isinstance(source, (list, tuple)):
-        rows = list(source)
-        for i, row in enumerate(rows):
-            if not isinstance(row, Mapping):
-                raise DataError(f"row {i}: expected a dict, got {type(row).__name__}")
-        return datasets.Dataset.from_list([dict(r) for r in rows])
+        return _from_list(datasets, source)
     if isinstance(source, (datasets.DatasetDict, datasets.IterableDataset, datasets.IterableDatasetDict)):
         raise TypeError(f"expected a datasets.Dataset (pick a split), got {type(source).__name__}")
     if not isinstance(source, (str, os.PathLike)):
@@ -385,6 +396,41 @@ def load_records(source, *, split: str = "train", name: str | None = None, data_
     if data_files is not None:
         kwargs["data_files"] = data_files
     return datasets.load_dataset(text, name, split=split, **kwargs)
+
+
+def _from_list(datasets, rows: Sequence) -> Any:
+    """A `datasets.Dataset` of a list of dicts with every column any row has, in first-seen order (a row
+    without one reads None there; `Dataset.from_list` would keep only the first row's columns). A row that
+    is not a dict, or whose value does not fit its column's type (Arrow holds one type a column), is a
+    DataError naming the row and the column."""
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataError(f"row {i}: expected a dict, got {type(row).__name__}")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = {k: [row.get(k) for row in rows] for k in columns}
+    try:
+        return datasets.Dataset.from_dict(table)
+    except (TypeError, ValueError) as e:  # pyarrow's ArrowTypeError, ArrowInvalid
+        error = e
+    for k, values in table.items():
+        def fails(n: int) -> bool:  # whether the column's first n values do not make one Arrow column
+            try:
+                datasets.Dataset.from_dict({k: values[:n]})
+            except (TypeError, ValueError):
+                return True
+            return False
+
+        if not fails(len(values)):
+            continue
+        lo, hi = 1, len(values)  # the shortest failing prefix ends at the first value that does not fit
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fails(mid) else (mid + 1, hi)
+        v = values[lo - 1]
+        before = sorted({type(x).__name__ for x in values[:lo - 1] if x is not None})
+        raise DataError(f"{_where(lo - 1, k)} is {type(v).__name__} {_show(v)}, but the rows before it hold "
+                        f"{', '.join(before) or 'other values'} there; a column holds one type ({error})") from None
+    raise error
 
 
 def _check_json_files(files: Sequence[str], source: str) -> list:
@@ -416,10 +462,9 @@ def _local_json_rows(source, split: str = "train") -> list | None:
         return None
     rows = []
     for file, where in zip(files[split], found):
-        with open(file, encoding="utf-8") as f:
-            text = f.read()
+        text = _read_text(file)
         if isinstance(where, tuple):  # JSON Lines
-            rows.extend(json.loads(line) for line in text.splitlines() if line.strip())
+            rows.extend(json.loads(line) for _, line in _json_lines(text) if line.strip())
         else:  # one array of objects
             rows.extend(json.loads(text))
     return rows
@@ -486,10 +531,12 @@ def _check_number(value: Any, field: str, row: int | None) -> float:
 
 
 def _check_label(value: Any, field: str, row: int | None) -> bool:
+    """A bool, or a real number equal to 0 or 1 (1.0 too: pandas stores an int column with a missing value as
+    float64), as a bool; anything else is a DataError naming the row and field."""
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         return bool(value)
-    if isinstance(value, numbers.Integral) and int(value) in (0, 1):
-        return bool(int(value))
+    if isinstance(value, numbers.Real) and value in (0, 1):  # (NaN is neither)
+        return bool(value)
     raise DataError(f"{_where(row, field)} must be a bool or 0/1, got {type(value).__name__} {_show(value)}")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -9,9 +10,59 @@ import numpy as np
 from rljax.buckets import DEFAULT_MIN_BUCKET, bucket_length
 from rljax.data.batch import PROMPT_SEGMENT, SequenceBatch, answer_segment
 from rljax.data.lengths import Tokens
-from rljax.tokenizer import Tokenizer
+from rljax.tokenizer import Tokenizer, UnknownCharacterError
 
 T = TypeVar("T")
+_ABSENT = object()  # a field a row does not have (None is a value)
+
+
+def row_fields(i: int, row, names: Sequence[str], *, required: int | None = None,
+               aliases: Mapping[str, str] | None = None) -> tuple:
+    """Row `i`'s fields `names`, in that order: from a dict (any Mapping: a `datasets.Dataset` row,
+    `load_records(...).to_list()`) by key, from a tuple or list by position, or from any other object
+    (an adapter row of `rljax.data.adapters`, a namedtuple) by attribute; `aliases` maps a field to
+    the attribute an adapter row keeps it under (BinaryFeedback's "label" is KTO's "desirable").
+    The first `required` names (default: all) must be present; the others read None when absent
+    (a tuple may leave them out). A value of None is returned as it is (the caller decides what
+    None means). A missing required field, or a tuple of another length, is a ValueError naming
+    the row and the field(s)."""
+    required = len(names) if required is None else required
+    if isinstance(row, (str, bytes)):
+        raise ValueError(f"row {i}: expected a dict, a tuple or an adapter row with fields {tuple(names)}, got "
+                         f"{type(row).__name__} {row!r:.60}")
+    if isinstance(row, Mapping):
+        values = [row[n] if n in row else _ABSENT for n in names]
+    elif isinstance(row, Sequence) and not hasattr(row, "_fields"):  # positional (a namedtuple goes by name)
+        if not required <= len(row) <= len(names):
+            count = len(names) if required == len(names) else f"{required} to {len(names)}"
+            raise ValueError(f"row {i}: expected {count} fields {tuple(names)}, got {len(row)}")
+        values = list(row) + [None] * (len(names) - len(row))
+    else:
+        aliases = aliases or {}
+        values = [getattr(row, n) if hasattr(row, n) else getattr(row, aliases.get(n, n), _ABSENT) for n in names]
+    for n, v in zip(names[:required], values):
+        if v is _ABSENT:
+            raise ValueError(f"row {i}: missing field {n!r}")
+    return tuple(None if v is _ABSENT else v for v in values)
+
+
+def encode_text(tokenizer: Tokenizer, text, row: int, field: str, *, add_bos: bool, add_eos: bool) -> list[int]:
+    """The ids of row `row`'s `field`: a string tokenized ([bos] text [eos] on request), `Tokens` (tokenized
+    when the data set was built, specials included) as they are. Anything else (None: a missing value)
+    is a ValueError naming the row and the field; a tokenizer's ValueError (an `UnknownCharacterError`
+    keeps its type, piece and position) is raised again with "row {row}: {field}: " before its message."""
+    if isinstance(text, Tokens):
+        return list(text)
+    if text is None:
+        raise ValueError(f"row {row}: the {field} is missing (None)")
+    if not isinstance(text, str):
+        raise ValueError(f"row {row}: the {field} must be a string, got {type(text).__name__} {text!r:.60}")
+    try:
+        return tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos)
+    except UnknownCharacterError as e:
+        raise UnknownCharacterError(f"row {row}: {field}: {e}", e.piece, e.position) from e
+    except ValueError as e:
+        raise ValueError(f"row {row}: {field}: {e}") from e
 
 
 def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str, row: int, *, add_bos: bool,
@@ -20,10 +71,10 @@ def encode_prompt_completion(tokenizer: Tokenizer, prompt: str, completion: str,
     eos added) is an error naming the row (an empty text with eos is one token: a scored sample that stopped at
     once; SFT data refuse it, `collate_prompt_completion`).
     A prompt or completion given as `Tokens` (tokenized when the data set was built, specials
-    included) is used as it is."""
-    p = list(prompt) if isinstance(prompt, Tokens) else tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
-    c = list(completion) if isinstance(completion, Tokens) else tokenizer.encode(completion, add_bos=False,
-                                                                                add_eos=add_eos)
+    included) is used as it is; other values and tokenizer errors are errors naming the row and
+    field (`encode_text`)."""
+    p = encode_text(tokenizer, prompt, row, "prompt", add_bos=add_bos, add_eos=False)
+    c = encode_text(tokenizer, completion, row, field, add_bos=False, add_eos=add_eos)
     if not c:
         raise ValueError(f"row {row}: the {field} is empty (nothing to learn)")
     return p + c, [0] * len(p) + [1] * len(c)
@@ -92,20 +143,23 @@ def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, *others: Se
     return [tokens, attn, *outs]
 
 
-def collate_prompt_completion(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int | None = None,
+def collate_prompt_completion(tokenizer: Tokenizer, pairs: Sequence, *, max_length: int | None = None,
                               min_bucket: int = DEFAULT_MIN_BUCKET, add_bos: bool = True, add_eos: bool = True,
                               length: int | None = None) -> SequenceBatch:
-    """(prompt, completion) pairs -> right-padded SequenceBatch.
+    """(prompt, completion) rows (tuples, `PromptCompletion`s or dicts, `row_fields`) -> right-padded
+    SequenceBatch.
 
     Row = [bos] prompt completion [eos]; loss_mask is 1 on completion tokens and
     eos. Width T = `length` if given, else the longest row rounded up to its bucket
     (`rljax.buckets.bucket_length`, >= min_bucket, <= max_length) so that a run compiles a few times.
     A row longer than max_length raises an error naming it, as does an empty completion text (it
     would train on eos alone: usually a data bug; an intended "stop at once" example is not
-    plain text here, give it as `Tokens` [eos]).
+    plain text here, give it as `Tokens` [eos]), a missing field, a value that is not text and
+    text the tokenizer cannot encode.
     """
     if not pairs:
         raise ValueError("collate_prompt_completion: no examples")
+    pairs = [row_fields(i, r, ("prompt", "completion")) for i, r in enumerate(pairs)]
     for i, (_, c) in enumerate(pairs):
         if isinstance(c, str) and not c:
             raise ValueError(f"row {i}: the completion is empty (training would teach eos alone); drop the row, "

@@ -24,7 +24,7 @@ import numpy as np
 
 from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import KTOBatch, PreferenceBatch
-from rljax.data.collate import collate_shared_prompt, pad_rows, padded_width
+from rljax.data.collate import collate_shared_prompt, encode_text, pad_rows, padded_width, row_fields
 from rljax.tokenizer import Tokenizer
 
 _PAIR_FIELDS = ("prompt", "chosen", "rejected", "ref_logps", "weight", "label")
@@ -32,18 +32,10 @@ _KTO_FIELDS = ("prompt", "completion", "desirable", "mismatched", "ref_logps")
 
 
 def _row(i: int, row, names: tuple[str, ...], required: int) -> dict:
-    """A row as {field: value}; missing required fields are errors naming the row and field."""
-    if isinstance(row, dict):
-        out = {n: row.get(n) for n in names}
-    elif hasattr(row, names[0]):
-        out = {n: getattr(row, n, None) for n in names}
-        if "desirable" in out and out["desirable"] is None:  # BinaryFeedback calls it label
-            out["desirable"] = getattr(row, "label", None)
-    else:
-        row = tuple(row)
-        if len(row) < required or len(row) > len(names):
-            raise ValueError(f"row {i}: expected {required} to {len(names)} fields {names}, got {len(row)}")
-        out = dict(zip(names, row + (None,) * (len(names) - len(row))))
+    """A row (a dict, an adapter row or a tuple of `required` to all fields, `rljax.data.collate.row_fields`)
+    as {field: value}; a required field that is missing or None is an error naming the row and field."""
+    out = dict(zip(names, row_fields(i, row, names, required=required,
+                                     aliases={"desirable": "label"})))  # BinaryFeedback calls it label
     for n in names[:required]:
         if out[n] is None:
             raise ValueError(f"row {i}: missing field {n!r}")
@@ -61,10 +53,11 @@ def encode_truncated(tokenizer: Tokenizer, prompt: str, completion: str, row: in
                      add_eos: bool = True) -> tuple[list[int], list[int]]:
     """[bos] prompt completion [eos] with the prompt cut from the left to max_prompt_length
     tokens and the completion from the right to fit max_length -> (ids, completion mask).
-    An empty completion, before or after truncation, is an error naming the row."""
-    p = tokenizer.encode(prompt, add_bos=False, add_eos=False)
+    An empty completion, before or after truncation, is an error naming the row, as are text the
+    tokenizer cannot encode and a value that is not text (`rljax.data.collate.encode_text`)."""
+    p = encode_text(tokenizer, prompt, row, "prompt", add_bos=False, add_eos=False)
     bos = tokenizer.encode("", add_bos=add_bos, add_eos=False)
-    c = tokenizer.encode(completion, add_bos=False, add_eos=add_eos)
+    c = encode_text(tokenizer, completion, row, field, add_bos=False, add_eos=add_eos)
     if not completion or not c:
         raise ValueError(f"row {row}: the {field} is empty (nothing to compare)")
     if max_prompt_length is not None and len(p) > max_prompt_length:

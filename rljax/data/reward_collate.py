@@ -1,7 +1,8 @@
 """Collation for reward-model data: ranked pairs and lists, scored responses, verifier and step labels.
 
 Rows are right-padded to a bucketed width (`rljax.buckets.bucket_length`, as `collate_prompt_completion`),
-so a run compiles a handful of times. Every bad row raises a `ValueError` that
+so a run compiles a handful of times. A row is a tuple, an adapter row (`rljax.data.adapters`) or a
+dict (`rljax.data.collate.row_fields`). Every bad row raises a `ValueError` that
 names its index and what is wrong with it.
 
 Steps of a solution are encoded piece by piece (`encode_steps`): each step's text,
@@ -20,14 +21,10 @@ import numpy as np
 
 from rljax.buckets import DEFAULT_MIN_BUCKET
 from rljax.data.batch import FeedbackBatch, OutcomeBatch, RankingBatch, ScoreBatch, TokenLabelBatch
-from rljax.data.collate import collate_shared_prompt, encode_prompt_completion, pad_rows, padded_width
+from rljax.data.collate import (collate_shared_prompt, encode_prompt_completion, encode_text, pad_rows, padded_width,
+                                row_fields)
 from rljax.data.lengths import Tokens
 from rljax.tokenizer import Tokenizer
-
-
-def _fields(row, names: tuple[str, ...]) -> tuple:
-    """A row as a tuple: a plain tuple as it is, an adapter row (`rljax.data.adapters`) by field names."""
-    return tuple(getattr(row, n) for n in names) if hasattr(row, names[-1]) else tuple(row)
 
 
 def _finite(x, where: str) -> float:
@@ -69,8 +66,8 @@ def collate_ranked(tokenizer: Tokenizer, lists: Sequence[tuple[str, Sequence[str
                    priors: Sequence[Sequence[float]] | None = None, max_length: int | None = None,
                    min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                    add_eos: bool = True, share_prompt: bool = False) -> RankingBatch:
-    """(prompt, answers, ranks) lists (tuples or `RankedList`) -> RankingBatch [B, K, T]: all answers of a prompt in
-    one batch element (InstructGPT's K-wise comparisons; pairs are K = 2).
+    """(prompt, answers, ranks) lists (tuples, `RankedList`s or dicts) -> RankingBatch [B, K, T]: all answers of a
+    prompt in one batch element (InstructGPT's K-wise comparisons; pairs are K = 2).
 
     share_prompt: RankingBatch's shared-prompt layout instead, [B, W] rows of [bos] prompt and then
     every answer (W bucketed from the longest such row; `length` fixes it; max_length still bounds
@@ -87,7 +84,7 @@ def collate_ranked(tokenizer: Tokenizer, lists: Sequence[tuple[str, Sequence[str
     """
     if not lists:
         raise ValueError("collate_ranked: no examples")
-    lists = [_fields(x, ("prompt", "answers", "ranks")) for x in lists]
+    lists = [row_fields(i, x, ("prompt", "answers", "ranks")) for i, x in enumerate(lists)]
     checked = [_check_ranking(i, answers, ranks) for i, (_, answers, ranks) in enumerate(lists)]
     K = answers_per_list or max(len(r) for r in checked)
     if any(len(r) > K for r in checked):
@@ -133,19 +130,20 @@ def collate_ranked(tokenizer: Tokenizer, lists: Sequence[tuple[str, Sequence[str
 
 def collate_pairs(tokenizer: Tokenizer, pairs: Sequence, *, margins: Sequence[float] | None = None,
                   preferences: Sequence[float] | None = None, **kw) -> RankingBatch:
-    """(prompt, chosen, rejected) rows (tuples or `PreferencePair`) -> RankingBatch with K = 2,
+    """(prompt, chosen, rejected) rows (tuples, `PreferencePair`s or dicts) -> RankingBatch with K = 2,
     rank (0, 1) (`collate_ranked`'s options, share_prompt among them, pass through). A pair whose
     chosen equals its rejected is an error naming the row. preferences: [B] soft labels p =
     P(chosen ≻ rejected) in [0, 1] (RankingBatch.preference; "chosen" and "rejected" then only
     name answers 0 and 1), an error naming the row outside [0, 1]."""
     lists = []
     for i, p in enumerate(pairs):
-        prompt, chosen, rejected = _fields(p, ("prompt", "chosen", "rejected"))
+        prompt, chosen, rejected = row_fields(i, p, ("prompt", "chosen", "rejected"))
         for name, text in (("chosen", chosen), ("rejected", rejected)):
             if not isinstance(text, (str, Tokens)) or not text:
                 raise ValueError(f"row {i}: {name} is empty or not a string: {text!r}")
         if chosen == rejected:
-            raise ValueError(f"row {i}: chosen and rejected are the same text, so the pair says nothing")
+            what = "tokens" if isinstance(chosen, Tokens) else "text"  # Tokens: the data set's fitted rows
+            raise ValueError(f"row {i}: chosen and rejected are the same {what}, so the pair says nothing")
         lists.append((prompt, (chosen, rejected), (0, 1)))
     if preferences is None:
         return collate_ranked(tokenizer, lists, answers_per_list=2, margins=margins, **kw)
@@ -159,9 +157,11 @@ def collate_pairs(tokenizer: Tokenizer, pairs: Sequence, *, margins: Sequence[fl
     return batch.replace(preference=p.astype(np.float32))
 
 
-def _encode_rows(tokenizer: Tokenizer, rows, *, max_length, min_bucket, length, add_bos, add_eos):
-    """(prompt, completion) -> right-padded tokens, attention mask, completion mask."""
-    encoded = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos)
+def _encode_rows(tokenizer: Tokenizer, rows, *, max_length, min_bucket, length, add_bos, add_eos,
+                 field: str = "completion"):
+    """(prompt, completion) -> right-padded tokens, attention mask, completion mask (errors name the
+    completion `field`)."""
+    encoded = [encode_prompt_completion(tokenizer, p, c, i, add_bos=add_bos, add_eos=add_eos, field=field)
                for i, (p, c) in enumerate(rows)]
     width = padded_width([len(e[0]) for e in encoded], length=length, min_bucket=min_bucket, max_length=max_length,
                          names=[f"row {i}" for i in range(len(rows))])
@@ -182,14 +182,14 @@ def _sequence(v) -> bool:
 def collate_scored(tokenizer: Tokenizer, rows: Sequence[tuple[str, str, object]], *, max_length: int | None = None,
                    min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                    add_eos: bool = True) -> ScoreBatch:
-    """(prompt, response, score) rows (tuples or `ScoredResponse`) -> ScoreBatch. score: a number (scores [B]) or a
-    sequence of A numbers, None for a missing attribute (scores [B, A], score_mask 0
+    """(prompt, response, score) rows (tuples, `ScoredResponse`s or dicts) -> ScoreBatch. score: a number (scores
+    [B]) or a sequence of A numbers, None for a missing attribute (scores [B, A], score_mask 0
     there); a score of None is a row without a score (score_mask 0). The first row with a
     score decides which (a 0-d array is a number); a row of the other kind, or NaN or
     infinite scores, are errors naming the row."""
     if not rows:
         raise ValueError("collate_scored: no examples")
-    rows = [_fields(r, ("prompt", "response", "score")) for r in rows]
+    rows = [row_fields(i, r, ("prompt", "response", "score")) for i, r in enumerate(rows)]
     first = next((i for i, (_, _, sc) in enumerate(rows) if sc is not None), 0)
     shown = rows[first][2]
     if not (shown is None or _one_number(shown) or _sequence(shown)):
@@ -214,7 +214,8 @@ def collate_scored(tokenizer: Tokenizer, rows: Sequence[tuple[str, str, object]]
             if v is not None:
                 scores[i, a], given[i, a] = _finite(v, f"row {i}: score {a}" if multi else f"row {i}: score"), 1.0
     tokens, attn, _ = _encode_rows(tokenizer, [(p, r) for p, r, _ in rows], max_length=max_length,
-                                   min_bucket=min_bucket, length=length, add_bos=add_bos, add_eos=add_eos)
+                                   min_bucket=min_bucket, length=length, add_bos=add_bos, add_eos=add_eos,
+                                   field="response")
     if not multi:
         scores, given = scores[:, 0], given[:, 0]
     return ScoreBatch(tokens=tokens, attention_mask=attn, scores=scores, score_mask=given)
@@ -230,12 +231,12 @@ def _label(v, where: str) -> float:
 def collate_verifier(tokenizer: Tokenizer, rows: Sequence[tuple[str, str, float]], *, max_length: int | None = None,
                      min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> TokenLabelBatch:
-    """(prompt, completion, correct) rows (tuples or `BinaryFeedback`) -> TokenLabelBatch for an outcome verifier
-    (Cobbe et al.): the label (1 correct, 0 wrong, or a float in [0, 1]) on every
+    """(prompt, completion, correct) rows (tuples, `BinaryFeedback`s or dicts) -> TokenLabelBatch for an outcome
+    verifier (Cobbe et al.): the label (1 correct, 0 wrong, or a float in [0, 1]) on every
     completion token, so the head learns P(correct | prefix) at each of them."""
     if not rows:
         raise ValueError("collate_verifier: no examples")
-    rows = [_fields(r, ("prompt", "completion", "label")) for r in rows]
+    rows = [row_fields(i, r, ("prompt", "completion", "label")) for i, r in enumerate(rows)]
     y = np.float32([_label(correct, f"row {i}: label") for i, (_, _, correct) in enumerate(rows)])
     tokens, attn, loss = _encode_rows(tokenizer, [(p, c) for p, c, _ in rows], max_length=max_length,
                                       min_bucket=min_bucket, length=length, add_bos=add_bos, add_eos=add_eos)
@@ -256,16 +257,17 @@ def encode_steps(tokenizer: Tokenizer, prompt: str, steps: Sequence[str], separa
                  add_bos: bool = True, add_eos: bool = False) -> tuple[list[int], list[int], list[int]]:
     """[bos] prompt step_1 sep step_2 sep ... step_S [eos] -> (ids, completion mask,
     index of the last token of each step). Each piece is encoded on its own. Errors name
-    the row: no steps, an empty step, a step containing the separator."""
+    the row: no steps, an empty step, a step containing the separator, a prompt or step that is not
+    text or that the tokenizer cannot encode (`rljax.data.collate.encode_text`)."""
     if not steps:
         raise ValueError(f"row {row}: the solution has no steps")
-    ids = tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
+    ids = encode_text(tokenizer, prompt, row, "prompt", add_bos=add_bos, add_eos=False)
     n_prompt, ends = len(ids), []
-    sep = tokenizer.encode(separator, add_bos=False, add_eos=False)
+    sep = encode_text(tokenizer, separator, row, "separator", add_bos=False, add_eos=False)
     for k, step in enumerate(steps):
-        if separator in step:
+        if isinstance(step, str) and separator in step:
             raise ValueError(f"row {row}: step {k} contains the separator {separator!r}; split it into steps")
-        piece = tokenizer.encode(step, add_bos=False, add_eos=False)
+        piece = encode_text(tokenizer, step, row, f"step {k}", add_bos=False, add_eos=False)
         if not piece:
             raise ValueError(f"row {row}: step {k} is empty")
         ids += piece
@@ -280,8 +282,8 @@ def encode_steps(tokenizer: Tokenizer, prompt: str, steps: Sequence[str], separa
 def collate_steps(tokenizer: Tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[float]]], *, separator: str,
                   max_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None,
                   add_bos: bool = True, add_eos: bool = True) -> TokenLabelBatch:
-    """(prompt, steps, step labels) rows (tuples or `StepLabelled`) -> TokenLabelBatch for a process reward model:
-    label_mask is 1 at the last token of each step, labels hold the step's label there
+    """(prompt, steps, step labels) rows (tuples, `StepLabelled`s or dicts) -> TokenLabelBatch for a process reward
+    model: label_mask is 1 at the last token of each step, labels hold the step's label there
     (hard 0/1 or soft floats in [0, 1], kept as float32). A label of None is an unlabelled
     step (PRM800K-style data label only some steps): label_mask 0 at its end, so the loss,
     its metrics and `reward_model_eval` leave it out; the step is still encoded as context.
@@ -290,7 +292,7 @@ def collate_steps(tokenizer: Tokenizer, rows: Sequence[tuple[str, Sequence[str],
     if not rows:
         raise ValueError("collate_steps: no examples")
     encoded, masks, labels, at = [], [], [], []
-    rows = [_fields(r, ("prompt", "steps", "labels")) for r in rows]
+    rows = [row_fields(i, r, ("prompt", "steps", "labels")) for i, r in enumerate(rows)]
     for i, (prompt, steps, step_labels) in enumerate(rows):
         if isinstance(steps, str):
             raise ValueError(f"row {i}: steps must be a list of strings (use split_solution on a completion)")
@@ -333,9 +335,9 @@ def _binary(v, where: str) -> float:
 def collate_feedback(tokenizer: Tokenizer, rows: Sequence, *, signal: str = "click", max_length: int | None = None,
                      min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> FeedbackBatch:
-    """Logged displays (`Interaction` rows, or (prompt, completion, signal, propensity) tuples)
-    -> FeedbackBatch with the named binary signal (click, like or accept, `FEEDBACK_SIGNALS`) as
-    0/1 and the display's propensity (1 where not logged).
+    """Logged displays (`Interaction` rows, dicts, or (prompt, completion, signal[, propensity[, position]])
+    tuples; `rljax.data.collate.row_fields`) -> FeedbackBatch with the named binary signal (click, like or
+    accept, `FEEDBACK_SIGNALS`) as 0/1 and the display's propensity (1 where not logged).
 
     Each signal value must be a bool or a number equal to 0 or 1; anything else (0.2, -1, "false")
     is an error naming the row. dwell_seconds is not binary and is refused: threshold it into one
@@ -353,14 +355,10 @@ def collate_feedback(tokenizer: Tokenizer, rows: Sequence, *, signal: str = "cli
         raise ValueError(f"collate_feedback: signal {signal!r} is not one of {FEEDBACK_SIGNALS}{hint}")
     pairs, values, props, unweighted = [], [], [], []
     for i, r in enumerate(rows):
-        if hasattr(r, "completion"):
-            prompt, completion, v, p = r.prompt, r.completion, getattr(r, signal), r.propensity
-            if p is None and getattr(r, "position", None) is not None:  # (tuple rows carry no position)
-                unweighted.append(i)
-        else:
-            if len(r) != 4:
-                raise ValueError(f"row {i}: expected (prompt, completion, signal, propensity), got {len(r)} fields")
-            prompt, completion, v, p = r
+        prompt, completion, v, p, position = row_fields(
+            i, r, ("prompt", "completion", signal, "propensity", "position"), required=2)
+        if p is None and position is not None:
+            unweighted.append(i)
         if v is None:
             raise ValueError(f"row {i}: no {signal!r} signal logged")
         p = 1.0 if p is None else _finite(p, f"row {i}: propensity")
@@ -383,12 +381,12 @@ def collate_feedback(tokenizer: Tokenizer, rows: Sequence, *, signal: str = "cli
 def collate_outcomes(tokenizer: Tokenizer, rows: Sequence, ref_logprobs, *, max_length: int | None = None,
                      min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
                      add_eos: bool = True) -> OutcomeBatch:
-    """(prompt, completion, label) rows (tuples or `BinaryFeedback`) -> OutcomeBatch for the
+    """(prompt, completion, label) rows (tuples, `BinaryFeedback`s or dicts) -> OutcomeBatch for the
     implicit PRM, with the reference's token log-probs from `ref_logprobs(tokens, mask)
     -> [B, T-1]` (e.g. `functools.partial(token_logprobs, ref_params, model=model)`)."""
     if not rows:
         raise ValueError("collate_outcomes: no examples")
-    rows = [_fields(r, ("prompt", "completion", "label")) for r in rows]
+    rows = [row_fields(i, r, ("prompt", "completion", "label")) for i, r in enumerate(rows)]
     labels = [_label(y, f"row {i}: label") for i, (_, _, y) in enumerate(rows)]
     tokens, attn, loss = _encode_rows(tokenizer, [(p, c) for p, c, _ in rows], max_length=max_length,
                                       min_bucket=min_bucket, length=length, add_bos=add_bos, add_eos=add_eos)

@@ -58,10 +58,10 @@ from rljax.checkpoint import digest_params
 from rljax.data.adapters import (DataError, Message, _check_role, _check_str, _get, _local_json_rows, chat_messages,
                                  load_records, located, preference_pairs, prompt_completion, row_locator,
                                  scored_responses, simple_template)
-from rljax.data.collate import BatchIterator, collate_prompt_completion
+from rljax.data.collate import BatchIterator, collate_prompt_completion, encode_text
 from rljax.data.lengths import Tokens, fit_lengths
-from rljax.data.preference_collate import collate_preferences
-from rljax.data.reward_collate import collate_pairs, collate_scored
+from rljax.data.preference_collate import _weight_or_label, collate_preferences
+from rljax.data.reward_collate import _finite, collate_pairs, collate_scored
 from rljax.losses.preference import PREFERENCE_METHODS
 from rljax.losses.reward_model import PointwiseConfig, RankingConfig
 from rljax.metrics import WandbConfig, read_metrics
@@ -451,16 +451,55 @@ def _max_length(cfg: TaskConfig, model: Model) -> int:
     return cfg.max_length if cfg.max_length is not None else model.config.max_seq_len
 
 
+@contextlib.contextmanager
+def _row_errors():
+    """A collator's check run while the data set is built raises a ValueError naming the row ("row 3: ...", e.g.
+    text the tokenizer cannot encode, `encode_text`); it is raised again as a DataError (chained), which the
+    builders (`_locating`) name by the row's file and line, as any other bad row."""
+    try:
+        yield
+    except DataError:
+        raise
+    except ValueError as e:
+        raise DataError(str(e)) from e
+
+
+def _encoded(tok, prompts: Sequence[str], completions: Sequence[Sequence[str]], *, add_bos: bool,
+             names: Sequence[str]) -> list[tuple[list[int], list[list[int]]]]:
+    """Each example as ([bos] prompt ids, [completion ids + eos, ...]); text the tokenizer cannot encode is a
+    DataError naming the row and the field (the prompt, or the completion's name in `names`)."""
+    with _row_errors():
+        return [(encode_text(tok, p, i, "prompt", add_bos=add_bos, add_eos=False),
+                 [encode_text(tok, c, i, name, add_bos=False, add_eos=True) for name, c in zip(names, cs)])
+                for i, (p, cs) in enumerate(zip(prompts, completions))]
+
+
+def _check_pairs(data, examples, kept: Sequence[int], fitted, max_length: int | None) -> None:
+    """Each kept (chosen, rejected) pair of `fit_lengths` must differ as fitted tokens (their texts differ,
+    `preference_pairs`), else the pair says nothing: a DataError naming the first such row's file and line,
+    saying whether the truncation to max_length made them equal (the texts differ only past the cut) or the
+    tokenizer encodes both alike. `examples` are the pairs before fitting."""
+    for i, (_, completions) in zip(kept, fitted):
+        if list(completions[0]) == list(completions[1]):
+            whole = examples[i][1]
+            why = (f"the same tokens after truncation to max_length={max_length}; raise max_length or drop the row"
+                   if list(whole[0]) != list(whole[1]) else "different texts that the tokenizer encodes as the same "
+                   "tokens, so the pair says nothing")
+            raise DataError(f"{row_locator(data)(i)}: chosen and rejected are {why}")
+
+
 def _fitted(tok, data, prompts: Sequence[str], completions: Sequence[Sequence[str]], cfg: TaskConfig, *,
             max_length: int | None, add_bos: bool, names=None, allowed=None,
             chats: Sequence[list[dict]] | None = None) -> tuple[list[int], list[tuple]]:
     """Each example (a prompt and its completions) tokenized ([bos] prompt, completion eos) and fitted to
     max_length by cfg.overlong when the data set is built (`rljax.data.lengths.fit_lengths`): (indices kept,
-    (Tokens(prompt), [Tokens(completion), ...]) for each). Errors name the row's file and line in `data`.
+    (Tokens(prompt), [Tokens(completion), ...]) for each). Errors name the row's file and line in `data`:
+    text the tokenizer cannot encode (naming the field: the prompt, or the completion's name in `names`),
+    a row too long, and, for names ("chosen", "rejected"), a pair fitted to the same tokens (`_check_pairs`).
     chats: the messages of chat-template prompts, whose template text before the first message's content
     (`_template_keep`) overlong="truncate_prompt" keeps, as it keeps bos."""
-    examples = [(tok.encode(p, add_bos=add_bos, add_eos=False), [tok.encode(c, add_bos=False, add_eos=True)
-                                                                 for c in cs]) for p, cs in zip(prompts, completions)]
+    examples = _encoded(tok, prompts, completions, add_bos=add_bos, names=names or ("completion",))
+
     def template_keep(i: int) -> int:  # the template's own leading text differs by row (its first role, a system)
         return _template_keep(tok, chats[i], examples[i][0])
 
@@ -469,6 +508,8 @@ def _fitted(tok, data, prompts: Sequence[str], completions: Sequence[Sequence[st
     kept, fitted, _ = fit_lengths(examples, max_length=max_length, overlong=cfg.overlong, keep=keep,
                                   where=row_locator(data), names=names,
                                   **({} if allowed is None else {"allowed": allowed}))
+    if tuple(names or ()) == ("chosen", "rejected"):
+        _check_pairs(data, examples, kept, fitted, max_length)
     return kept, [(Tokens(p), [Tokens(c) for c in cs]) for p, cs in fitted]
 
 
@@ -537,13 +578,15 @@ def reward_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None,
             _check_continuation(tok, chats, [p for p, _, _ in scored], [[r] for _, r, _ in scored], ["response"],
                                 row_locator(data))
         kept, fitted = _fitted(tok, data, [p for p, _, _ in scored], [[r] for _, r, _ in scored], cfg,
-                               max_length=length, add_bos=not chat, chats=chats)
+                               max_length=length, add_bos=not chat, names=("response",), chats=chats)
         scored = [(p, cs[0], scored[i][2]) for i, (p, cs) in zip(kept, fitted)]
         collate = functools.partial(collate_scored, tok, max_length=length, add_bos=not chat)
         return BatchIterator(scored, cfg.batch_size, collate, seed=cfg.seed), "scores"
     rendered = _rendered(tok, rows, ["chosen", "rejected"], cfg)
     pairs = preference_pairs(rendered)
-    margins = [r.get("margin") for r in rendered]
+    with _row_errors():  # checked here, as the collator does, not first in the batch that holds the row
+        margins = [None if r.get("margin") is None else _finite(r["margin"], f"row {i}: margin")
+                   for i, r in enumerate(rendered)]
     if chat:
         _check_continuation(tok, chats, [p.prompt for p in pairs], [[p.chosen, p.rejected] for p in pairs],
                             ["chosen", "rejected"], row_locator(data))
@@ -563,17 +606,20 @@ def reward_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None,
 def _fitted_preferences(tok, data, pairs, cfg: DPOTaskConfig, *, max_length: int | None, add_bos: bool) -> list[int]:
     """Indices of the pairs kept by cfg.overlong, measured as `collate_preferences` builds them ([bos], the
     prompt's last max_prompt_length tokens, the completion and eos); the texts stay as they are, since a
-    kept pair is either short enough or truncated by the collator the same way ("truncate_completion")."""
+    kept pair is either short enough or truncated by the collator the same way ("truncate_completion").
+    Errors name the row's file and line: text the tokenizer cannot encode, a row too long, a pair
+    truncated to the same tokens (`_check_pairs`)."""
     bos = tok.encode("", add_bos=add_bos, add_eos=False)
     n = cfg.max_prompt_length
     examples = []
-    for p in pairs:
-        prompt = tok.encode(p.prompt, add_bos=False, add_eos=False)
+    for prompt, completions in _encoded(tok, [p.prompt for p in pairs], [(p.chosen, p.rejected) for p in pairs],
+                                        add_bos=False, names=("chosen", "rejected")):
         prompt = prompt[max(len(prompt) - n, 0):] if n is not None else prompt
-        examples.append((bos + prompt, [tok.encode(c, add_bos=False, add_eos=True) for c in (p.chosen, p.rejected)]))
-    kept, _, _ = fit_lengths(examples, max_length=max_length, overlong=cfg.overlong, keep=len(bos),
-                             where=lambda i: row_locator(data)(i), names=("chosen", "rejected"),
-                             allowed=("error", "drop", "truncate_completion"))
+        examples.append((bos + prompt, completions))
+    kept, fitted, _ = fit_lengths(examples, max_length=max_length, overlong=cfg.overlong, keep=len(bos),
+                                  where=row_locator(data), names=("chosen", "rejected"),
+                                  allowed=("error", "drop", "truncate_completion"))
+    _check_pairs(data, examples, kept, fitted, max_length)
     return kept
 
 
@@ -592,6 +638,10 @@ def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None 
     if chat:
         _check_continuation(tok, _chats(rows, cfg), [p.prompt for p in pairs],
                             [[p.chosen, p.rejected] for p in pairs], ["chosen", "rejected"], row_locator(data))
+    with _row_errors():  # checked here, as the collator does, not first in the batch that holds the row
+        for i, r in enumerate(rendered):
+            for field in ("weight", "label"):
+                _weight_or_label(i, r.get(field), field)
     length = max_length or cfg.max_length
     kept = _fitted_preferences(tok, data, pairs, cfg, max_length=length, add_bos=not chat)
     items = [dict(prompt=pairs[i].prompt, chosen=pairs[i].chosen, rejected=pairs[i].rejected,

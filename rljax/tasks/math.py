@@ -42,7 +42,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from rljax.data.adapters import DataError, load_records
+from rljax.data.adapters import DataError, _json_lines, _read_text, load_records
 from rljax.data.math import MathProblem, answers_match, extract_answer, gsm8k, last_boxed, math_problems, \
     normalize_number
 from rljax.rewards.math_answers import prefills_think, think_answer_format_reward
@@ -77,8 +77,7 @@ def read_problems(source: str, data_format: str) -> list[MathProblem]:
         raise ValueError("no data file given")
     adapter = gsm8k if data_format == "gsm8k" else math_problems
     if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
+        text = _read_text(source)
         rows = None
         if source.endswith(".json"):  # one JSON list, or JSON lines under a .json name (as datasets allows)
             try:
@@ -87,7 +86,7 @@ def read_problems(source: str, data_format: str) -> list[MathProblem]:
                 pass
         if rows is None:
             rows = []
-            for lineno, line in enumerate(text.splitlines(), 1):
+            for lineno, line in _json_lines(text):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
