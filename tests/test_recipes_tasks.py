@@ -466,3 +466,66 @@ def test_sft_on_a_hub_style_folder_trains_on_its_train_split_only(tmp_path, kind
         b = it.batch_at(position)
         texts = sorted(TOK.decode(t[m == 1].tolist(), stop_at_eos=False) for t, m in zip(b.tokens, b.attention_mask))
         assert texts == ["1+1=2", "2+2=4"]
+
+
+def test_grpo_prompts_are_tokenized_and_fitted_when_the_data_set_is_built(tmp_path):
+    """RL prompts longer than max_length: truncate_prompt (GRPO's default) keeps bos and the last tokens,
+    drop leaves the row out, error names the file and line; text the tokenizer cannot encode names its
+    row and field before anything trains."""
+    rows = [{"prompt": "1+2=", "answer": 3}, {"prompt": "12345678+1=", "answer": 12345679},
+            {"prompt": "4+4=", "answer": 8}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert GRPOTaskConfig().overlong == "truncate_prompt"
+    cfg = GRPOTaskConfig(batch_size=3, seed=0)
+    with pytest.warns(UserWarning, match="overlong='truncate_prompt': 1 of 3 rows"):
+        b = prompt_batches(TOK, rows, cfg, max_length=6).batch_at(0)
+    ids = {tuple(t[m == 1]) for t, m in zip(b.tokens, b.mask)}
+    # 12 tokens (bos + 11 characters) cut to 6: bos and the last 5 characters
+    assert ids == {tuple(TOK.encode("1+2=")), tuple(TOK.encode("4+4=")), (TOK.bos_id, *TOK.encode("78+1=", add_bos=False))}
+    kept = dict(zip((tuple(t[m == 1]) for t, m in zip(b.tokens, b.mask)), b.metadata["answer"]))
+    assert kept[(TOK.bos_id, *TOK.encode("78+1=", add_bos=False))] == 12345679  # its own row's columns
+    with pytest.warns(UserWarning, match="overlong='drop'"):
+        dropped = prompt_batches(TOK, rows, dataclasses.replace(cfg, batch_size=2, overlong="drop"), max_length=6)
+    assert sorted(dropped.batch_at(0).metadata["answer"] + dropped.batch_at(1).metadata["answer"]) == [3, 3, 8, 8]
+    with pytest.raises(DataError, match=rf"^{path}, line 2 \(row 1, counted from 0\): 12 tokens exceed max_length=6; "
+                                        r"1 of 3 rows are longer"):
+        prompt_batches(TOK, str(path), dataclasses.replace(cfg, overlong="error"), max_length=6)
+    with pytest.raises(ValueError, match="GRPOTaskConfig.overlong: one of 'error', 'drop', 'truncate_prompt'"):
+        GRPOTaskConfig(overlong="truncate_completion")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"prompt": "What?", "answer": 0}]))
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError, match=rf"^{bad}, line 4 \(row 3, counted from 0\): prompt: unknown character 'W' at "
+                                        r"position 0 of 'What\?'$"):
+        grpo(small_model(), str(bad), lambda prompts, completions, **c: [0.0] * len(completions),
+             GRPOTaskConfig(steps=1, batch_size=2, n=2, max_new_tokens=4, progress=False), run_dir=str(run_dir))
+    assert not run_dir.exists()
+
+
+def test_a_model_tuple_with_a_smaller_vocabulary_and_a_teacher_algorithm_are_refused(tmp_path):
+    model, params, tok = small_model()
+    tiny_vocab = Model(dataclasses.replace(model.config, vocab_size=tok.vocab_size - 1))
+    with pytest.raises(ValueError, match=rf"^model: the Model's vocab_size={tok.vocab_size - 1} is smaller than the "
+                                         rf"tokenizer's {tok.vocab_size} ids"):
+        load_model((tiny_vocab, tiny_vocab.init(jax.random.key(0)), tok))
+    with pytest.raises(ValueError, match="GRPOTaskConfig.algorithm: on_policy_distill distils from a frozen teacher"):
+        grpo((model, params, tok), PROMPT_ROWS, lambda prompts, completions, **c: [0.0] * len(completions),
+             GRPOTaskConfig(steps=1, batch_size=2, n=2, max_new_tokens=4, algorithm="on_policy_distill",
+                            progress=False), run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_run_record_names_a_dataset_by_fingerprint_and_a_folder_by_its_absolute_path(tmp_path, monkeypatch):
+    import datasets
+
+    from rljax.recipes.tasks import _describe
+
+    a = datasets.Dataset.from_list(SFT_ROWS)
+    b = datasets.Dataset.from_list([dict(r, completion=r["completion"] + "0") for r in SFT_ROWS])
+    assert len(a) == len(b) and _describe(a) != _describe(b)  # the same count, other rows
+    assert _describe(a) == f"<Dataset of {len(a)} rows fingerprint {a._fingerprint}>"
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _describe("ckpt") == _describe(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt")
+    assert _describe("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # a hub id as given

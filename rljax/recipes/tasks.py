@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
 
 from rljax import phases
 from rljax.algorithms import get_algorithm
@@ -85,7 +86,8 @@ class TaskConfig:
     naming its file and line and how many rows are too long; "drop"; "truncate_prompt": cut the prompt
     from the left, after its leading special tokens (bos, or a chat template's own text before the first
     message's content); "truncate_completion": cut the completion from the right; see `rljax.data.lengths`;
-    GRPO prompts are cut at sampling time instead); lr with `warmup_steps` of linear warmup then `schedule`;
+    GRPO's rows are prompts: "error", "drop" or "truncate_prompt", against what the KV cache leaves them,
+    `GRPOTaskConfig`); lr with `warmup_steps` of linear warmup then `schedule`;
     log_every: steps between metrics rows (the last step is always logged); checkpoint_every: steps
     between checkpoints in run_dir (0: only the last); chat_template: None = apply the tokenizer's chat
     template when it has one; system_prompt: a system message before every prompt; dtype, max_seq_len:
@@ -185,7 +187,10 @@ class GRPOTaskConfig(TaskConfig):
     and updating epochs x minibatches times. kl_coef: None keeps the algorithm's. Algorithms that need a
     value head (ppo, a2c) get one zero-initialised on the policy, those with a separate critic (trpo) a
     critic copied from the policy with a value head; a running baseline is `baseline_decay`'s moving
-    average. Prompts longer than max_seq_len - max_new_tokens keep their last tokens.
+    average. A prompt longer than max_length (None, and at most: max_seq_len - max_new_tokens, what the
+    KV cache leaves) is handled by overlong when the data set is built: "truncate_prompt" (the default)
+    keeps its last tokens after its bos or its chat template's own leading text, "drop" drops the row,
+    "error" is a DataError naming its file and line.
     reward_call: how the reward functions are called (`RewardCallConfig`: chunks on worker threads,
     a per-call time limit, raise or score a fixed value on a failed call; the metrics then count
     the failures as reward_failed)."""
@@ -193,6 +198,7 @@ class GRPOTaskConfig(TaskConfig):
     lr: float = 1e-6
     schedule: str = "constant"
     batch_size: int = 4
+    overlong: str = "truncate_prompt"
     algorithm: Any = "grpo"
     n: int = 8
     max_new_tokens: int = 256
@@ -209,6 +215,9 @@ class GRPOTaskConfig(TaskConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.overlong not in ("error", "drop", "truncate_prompt"):
+            raise ValueError(f"GRPOTaskConfig.overlong: one of 'error', 'drop', 'truncate_prompt' (an RL row is a "
+                             f"prompt; its completion is sampled), got {self.overlong!r}")
         if self.minibatches >= 1 and self.batch_size >= 1 and self.n >= 1 \
                 and (self.batch_size * self.n) % self.minibatches:
             raise ValueError(f"GRPOTaskConfig.minibatches: {self.minibatches} does not divide the "
@@ -273,6 +282,9 @@ def load_model(model, *, dtype: str | None = None, max_seq_len: int | None = Non
         if not isinstance(m, Model) or not hasattr(tok, "encode"):
             got = ", ".join(type(x).__name__ for x in model)
             raise TypeError(f"model: expected a (Model, params, tokenizer) tuple in that order, got ({got})")
+        if m.config.vocab_size < tok.vocab_size:  # ids past the embedding table would give NaN losses
+            raise ValueError(f"model: the Model's vocab_size={m.config.vocab_size} is smaller than the tokenizer's "
+                             f"{tok.vocab_size} ids; build the Model with vocab_size >= {tok.vocab_size}")
         if dtype is not None or max_seq_len is not None:
             raise ValueError("dtype, max_seq_len: they apply to a model loaded from a checkpoint; a (Model, params, "
                              "tokenizer) tuple is used as built, so build its Model with the dtype and max_seq_len "
@@ -505,8 +517,9 @@ def _fitted(tok, data, prompts: Sequence[str], completions: Sequence[Sequence[st
 
     keep = template_keep if chats is not None and cfg.overlong == "truncate_prompt" else \
         len(tok.encode("", add_bos=add_bos, add_eos=False))  # only a prompt truncation reads keep
-    kept, fitted, _ = fit_lengths(examples, max_length=max_length, overlong=cfg.overlong, keep=keep,
-                                  where=row_locator(data), names=names,
+    # an example without completions (RL prompts) is measured by its prompt alone
+    kept, fitted, _ = fit_lengths([(p, cs or [[]]) for p, cs in examples], max_length=max_length,
+                                  overlong=cfg.overlong, keep=keep, where=row_locator(data), names=names,
                                   **({} if allowed is None else {"allowed": allowed}))
     if tuple(names or ()) == ("chosen", "rejected"):
         _check_pairs(data, examples, kept, fitted, max_length)
@@ -667,10 +680,13 @@ class _Prompts:
 
 
 @_locating
-def prompt_batches(tok, data, cfg: TaskConfig):
+def prompt_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None):
     """RL prompts: an object with batch_at(position) -> PromptBatch(tokens, mask [batch_size, P] left-padded,
     metadata {column: list}) over {prompt, ...} rows; every column but "prompt" is metadata for the reward
-    functions (a row without it gives None)."""
+    functions (a row without it gives None). The prompts are tokenized when the data set is built (text the
+    tokenizer cannot encode is a DataError naming the row's file and line) and fitted to max_length by
+    cfg.overlong ("error", "drop" or "truncate_prompt": the prompt's last tokens, after its bos or its chat
+    template's own leading text; None: no limit)."""
     rows = _rows(data)
     columns = [c for c in _columns(rows) if c != "prompt"]
     clash = [c for c in columns if c in _RESERVED]
@@ -680,12 +696,21 @@ def prompt_batches(tok, data, cfg: TaskConfig):
     for i, r in enumerate(rendered):
         _check_str(r["prompt"], "prompt", i, allow_empty=False)
     chat = _use_chat(tok, cfg)
+    kept, fitted = _fitted(tok, data, [r["prompt"] for r in rendered], [[] for _ in rendered], cfg,
+                           max_length=max_length, add_bos=not chat, names=("prompt",),
+                           allowed=("error", "drop", "truncate_prompt"), chats=_chats(rows, cfg) if chat else None)
+    items = [(list(ids), rendered[i]) for i, (ids, _) in zip(kept, fitted)]
 
     def collate(batch):
-        tokens, mask = tok.encode_batch([r["prompt"] for r in batch], add_bos=not chat, padding_side="left")
-        return PromptBatch(tokens=tokens, mask=mask, metadata={c: [r.get(c) for r in batch] for c in columns})
+        width = max(len(ids) for ids, _ in batch)
+        tokens = np.full((len(batch), width), tok.pad_id, np.int32)
+        mask = np.zeros((len(batch), width), np.int32)
+        for b, (ids, _) in enumerate(batch):  # left-padded: every prompt ends at the last column
+            tokens[b, width - len(ids):], mask[b, width - len(ids):] = ids, 1
+        return PromptBatch(tokens=tokens, mask=mask,
+                           metadata={c: [r.get(c) for _, r in batch] for c in columns})
 
-    return _Prompts(BatchIterator(rendered, cfg.batch_size, collate, seed=cfg.seed + 1))
+    return _Prompts(BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed + 1))
 
 
 def combine_rewards(reward_funcs) -> Callable:
@@ -703,10 +728,13 @@ def combine_rewards(reward_funcs) -> Callable:
 # ----------------------------------------------------------------------------- running
 def _describe(x) -> Any:
     """What config.json records of a model or data argument, to tell a rerun of the same run from another:
-    a path as given; in-memory rows by count and a SHA-256 of their contents (rows of the same count but
-    other contents are another data set); a (Model, params, tokenizer) by size and a digest of the params."""
+    a local path made absolute (the same folder given relative or absolute is the same input), a hub id as
+    given; in-memory rows by count and a SHA-256 of their contents (rows of the same count but other
+    contents are another data set); a `datasets.Dataset` by its fingerprint (its contents and the
+    transforms that made it); a (Model, params, tokenizer) by size and a digest of the params."""
     if isinstance(x, (str, os.PathLike)):
-        return os.fspath(x)
+        path = os.fspath(x)
+        return os.path.abspath(path) if os.path.exists(path) else path
     if isinstance(x, (list, tuple)) and not (len(x) == 3 and isinstance(x[0], Model)):
         text = json.dumps(list(x), sort_keys=True, default=repr)
         return f"<{len(x)} rows, sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}>"
@@ -714,7 +742,9 @@ def _describe(x) -> Any:
         h = hashlib.sha256()
         digest_params(x[1], h)
         return f"<{type(x[0]).__name__} {x[0].config.num_params():,} params sha256 {h.hexdigest()[:16]}, {x[2]!r}>"
-    return f"<{type(x).__name__}{f' of {len(x)} rows' if hasattr(x, '__len__') else ''}>"
+    fingerprint = getattr(x, "_fingerprint", None)  # datasets.Dataset
+    return f"<{type(x).__name__}{f' of {len(x)} rows' if hasattr(x, '__len__') else ''}" \
+           f"{f' fingerprint {fingerprint}' if fingerprint else ''}>"
 
 
 # TaskConfig fields that say how a run is shown and how often it saves, not what it computes: a rerun that
@@ -856,9 +886,16 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *,
 
     m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len)
     reward = combine_rewards(reward_funcs)
-    prompts = prompt_batches(tok, data, cfg)
     rl_cfg = cfg.rl_config(tok)
     needs = rl_cfg.algo.needs()
+    if needs.teacher:
+        raise ValueError(f"GRPOTaskConfig.algorithm: {rl_cfg.algo.name} distils from a frozen teacher, which the "
+                         "grpo recipe does not take: build the state with rljax.rl.create_rl_state(..., "
+                         "teacher_params=...) and run rljax.phases.rl (or experiments.rl_arithmetic "
+                         "--teacher-run-dir)")
+    room = m.config.max_seq_len - cfg.max_new_tokens  # what the KV cache leaves a prompt (< 1: the RL loop says so)
+    limit = [n for n in (cfg.max_length, room) if n is not None and n >= 1]
+    prompts = prompt_batches(tok, data, cfg, max_length=min(limit) if limit else None)
     critic_model = critic_params = None
     if needs.critic:
         critic_model, critic_params = with_value_head(m, params)
