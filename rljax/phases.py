@@ -452,6 +452,12 @@ def _host_batch(model, mesh, where: str) -> Callable:
     return place
 
 
+def phase_mesh(mesh, model):
+    """The mesh a phase shards its batches and step over: `mesh`, or by default the model's own
+    (`Model(..., mesh=)`), so a pipeline that passes only the model trains sharded as it samples."""
+    return model.mesh if mesh is None else mesh
+
+
 def _need_mesh(mesh, where: str) -> None:
     """Several processes train one model only over a mesh of all their devices: without one each
     process would train its own copy on the whole batch and write the same checkpoint."""
@@ -467,9 +473,10 @@ def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_d
 
     `state` must have been created with `cfg.optimizer` (its optimizer state is
     continued, not rebuilt); data yields SequenceBatch (e.g. a BatchIterator over
-    `collate_prompt_completion`).
+    `collate_prompt_completion`). mesh: None = the model's (`phase_mesh`).
     """
     _check_opt_state(state, cfg.optimizer, "sft")
+    mesh = phase_mesh(mesh, model)
     step = _sft_step(model, cfg.loss, cfg.optimizer, mesh)
     put = _host_batch(model, mesh, "sft")
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="sft",
@@ -512,6 +519,7 @@ def train_reward_model(state: TrainState, data, cfg: RewardModelPhaseConfig, *, 
         raise ValueError(f"train_reward_model: {type(cfg.loss).__name__} needs the model's {need!r} head "
                          f"(config.heads {model.config.heads})")
     _check_opt_state(state, cfg.optimizer, "train_reward_model")
+    mesh = phase_mesh(mesh, model)
     step = make_train_step(functools.partial(reward_model_loss, model=model, cfg=cfg.loss), cfg.optimizer,
                            model=model, mesh=mesh)
     put = _host_batch(model, mesh, "train_reward_model")
@@ -544,6 +552,7 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
     (KTO: z0 and the desirable/undesirable rewards); checkpoints and resume as every phase.
     """
     _check_opt_state(state, cfg.optimizer, "preference")
+    mesh = phase_mesh(mesh, model)
     loss = functools.partial(preference_loss, model=model, cfg=cfg.loss)
     put = _host_batch(model, mesh, "preference")
     if reference is None or not cfg.loss.needs_reference:

@@ -69,7 +69,7 @@ import numpy as np
 
 from rljax.checkpoint import Checkpointer, atomic_path, write_json
 from rljax.data.collate import BatchIterator
-from rljax.distributed import to_host
+from rljax.distributed import is_main_process, sync, to_host
 from rljax.losses.preference import DPOConfig
 from rljax.losses.reward_model import RankingConfig
 from rljax.metrics import WandbConfig
@@ -157,7 +157,7 @@ class StageContext:
         row = {"stage": self.name, **row}
         json.dumps(row)  # fail here, naming nothing half-written, when the row is not JSON-able
         self._results[self.name] = row
-        if self.dir is not None:
+        if self.dir is not None and is_main_process():  # several processes: one writes
             _write_json(os.path.join(self.dir, RESULTS_FILE), row)
             write_results_table(self.run_dir, list(self._stages))
         return row
@@ -230,11 +230,12 @@ def _check_args(run_dir: str, stage: Stage, *, allow_change: bool = False, finis
                                       f"({listed_changes(changed)}); rerun with the saved arguments, use a new "
                                       "run directory, or allow_change=True (the studies' --force-config) to go on "
                                       "with the new ones")
-        if finished:
+        if finished and is_main_process():
             print(f"stage {stage.name!r} finished under its saved arguments and is not run again: its output "
                   "stands, and the changed ones apply to the stages still to run")
     os.makedirs(stage_dir, exist_ok=True)
-    write_config(stage_dir, new, changed, file=STAGE_ARGS_FILE, changes_file=STAGE_CHANGES_FILE)
+    if is_main_process():  # every process checked the same file; one writes (run_stages syncs after)
+        write_config(stage_dir, new, changed, file=STAGE_ARGS_FILE, changes_file=STAGE_CHANGES_FILE)
 
 
 def read_results(run_dir: str) -> list[dict]:
@@ -286,11 +287,12 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str], cell: Callable[
 def report_results(cfg, run_dir: str, rows: Sequence[dict], columns: Sequence[str], wall_seconds: float) -> dict:
     """What a pipeline experiment does at its end: print its stage table (`markdown_table` of `columns`) and wall
     time, and write run_dir/results.json = {config: asdict(cfg), run_dir, rows, wall_seconds} (atomically).
-    Returns that dict."""
-    print("\n" + markdown_table(rows, columns))
-    print(f"\nwall time {wall_seconds:.0f} s; the full table: {os.path.join(run_dir, TABLE_FILES[1])}")
+    Returns that dict. On several processes process 0 prints and writes."""
     results = dict(config=dataclasses.asdict(cfg), run_dir=run_dir, rows=list(rows), wall_seconds=wall_seconds)
-    write_json(os.path.join(run_dir, "results.json"), results, default=str)
+    if is_main_process():
+        print("\n" + markdown_table(rows, columns))
+        print(f"\nwall time {wall_seconds:.0f} s; the full table: {os.path.join(run_dir, TABLE_FILES[1])}")
+        write_json(os.path.join(run_dir, "results.json"), results, default=str)
     return results
 
 
@@ -386,6 +388,13 @@ def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, ke
     it) and goes on: finished stages are not run again, so a change reaches only the stages
     still to run (the interrupted one keeps the data it collected and its phases' progress).
     Without run_dir everything stays in memory.
+
+    Several processes (`rljax.distributed`; run_dir on a file system they share, as checkpoints need):
+    every process runs every stage's collect and train (the phases and decoders are collective, each
+    process placing its own rows) and gets the same data; process 0 alone writes the stage files
+    (stage.json, the data file, results rows and tables), and the processes wait for each other
+    before a stage starts and before its checkpoint. A stage's own files (collect with
+    data_file=None) are the stage's to write once.
     """
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
@@ -406,6 +415,7 @@ def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, ke
         for i, stage in enumerate(stages):  # every stage that ran before, finished or not, against its saved arguments
             if stage.args is not None and os.path.exists(os.path.join(run_dir, stage.name, STAGE_ARGS_FILE)):
                 _check_args(run_dir, stage, allow_change=allow_change, finished=i < done)
+        sync("rljax.pipelines: saved stage arguments checked")  # before one process rewrites any of them
         for stage in stages[:done]:
             _saved_data_path(run_dir, stage)  # a finished stage's missing data: said now, not after the rest trains
             path = os.path.join(run_dir, stage.name, RESULTS_FILE)
@@ -421,6 +431,7 @@ def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, ke
             ctx.dir = os.path.join(run_dir, stage.name)
             os.makedirs(ctx.dir, exist_ok=True)
             _check_args(run_dir, stage)
+            sync(f"rljax.pipelines: stage {stage.name} begins")  # its arguments written, its data file seen alike
         path = _data_path(run_dir, stage)
         if path is not None and os.path.exists(path):
             data = _load(run_dir, stage)
@@ -430,13 +441,14 @@ def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, ke
             data = stage.collect(state, ctx)
             if stage.data_file is not None:  # train sees the data as a resumed run would read them
                 text = json.dumps(data)
-                if path is not None:
+                if path is not None and is_main_process():  # every process collected the same data
                     with atomic_path(path) as tmp, open(tmp, "w") as f:
                         f.write(text)
                 data = json.loads(text)
         outputs[stage.name] = data
         state = stage.train(state, data, ctx)
         if run_dir is not None:
+            sync(f"rljax.pipelines: stage {stage.name} files written")  # before the checkpoint marks it done
             with Checkpointer(os.path.join(run_dir, STAGES_DIR), keep=keep) as ckpt:
                 ckpt.save(state, {"stage": stage.name, "index": i}, step=i + 1, force=True)
     return state, [outputs[s.name] if s.name in outputs else _load(run_dir, s) for s in stages]
@@ -498,7 +510,7 @@ def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOCo
     (state, per-round stats: round, pairs, score_mean, score_best).
     """
     if reference is None:
-        reference = jax.tree.map(np.asarray, jax.device_get(state.params))
+        reference = to_host(state.params)
     phase_loop = dict(log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
                       tensorboard=cfg.tensorboard, wandb=cfg.wandb)
 
@@ -523,7 +535,7 @@ def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOCo
             warnings.warn(f"online_dpo: round {r} found only {len(pairs)} prompts whose answers score "
                           f"differently; training on batches of {len(pairs)} instead of {cfg.batch_size}",
                           stacklevel=4)  # the caller of online_dpo
-        ref_params = jax.device_get(state.params) if cfg.refresh_reference else reference
+        ref_params = to_host(state.params) if cfg.refresh_reference else reference
         if cfg.loss.needs_reference:
             ref = cached_reference_logps(ref_params, pairs, collate, model=model, batch_size=cfg.batch_size,
                                          chunk_size=cfg.loss.chunk_size)

@@ -239,6 +239,30 @@ WORKER = textwrap.dedent("""
         except ValueError as e:
             res["refused"] = str(e)
 
+    elif mode == "pipeline":  # expert iteration (rejection sampling -> SFT, 2 rounds) through run_stages, twice
+        from rljax.eval import PolicyEvalConfig
+        from rljax.expert_iteration import ExpertIterationConfig, RejectionConfig, expert_iteration
+
+        model = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size), mesh=mesh)
+        params = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size)).init(jax.random.key(0))
+        opt = OptimizerConfig(lr=1e-2, schedule="constant")
+        problems = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(3)]
+        cfg = ExpertIterationConfig(
+            rounds=2, prompts_per_round=6, steps_per_round=2, batch_size=4, optimizer=opt, progress=False,
+            log_every=1, rejection=RejectionConfig(samples=2, threshold=1.0, prompts_per_batch=4, require_stop=False),
+            evaluation=PolicyEvalConfig(max_new_tokens=5, samples=2))
+        runs = []
+        for call in range(2):  # the second call finds every stage done and reads the rows back
+            state = create_state(model, opt, jax.random.key(0), mesh=mesh, params=params)
+            state, rows = expert_iteration(
+                state, [p["prompt"] for p in problems], lambda prompts, completions, **_: [
+                    float(len(c) % 2) for c in completions], cfg, model=model, tokenizer=TOK,
+                key=jax.random.key(4), held_out=problems[:5], check=lambda p, t: t.startswith(p["answer"]),
+                prompt=lambda p: p["prompt"], sft_rows=[(p["prompt"], p["answer"]) for p in problems[:4]],
+                run_dir=run_dir)
+            runs.append(dict(rows=rows, params=checksums(state.params)["total"], step=int(state.step)))
+        res["runs"] = runs
+
     distributed.sync("done")
     with open(out, "w") as f:
         json.dump(res, f)
@@ -394,3 +418,31 @@ def test_two_process_decoding_helpers_equal_one_process(tmp_path):
         "sample: 3 prompts do not split over the data x fsdp = 4 of the mesh and the 2 processes: pass a multiple "
         "of 4 prompts (`prompt_multiple`; e.g. pad with copies of a prompt and drop their rows, as "
         "`rljax.eval.complete` does)")
+
+
+@pytest.mark.slow  # 45-80 s: sampling, evaluation and SFT compiled in three processes, two pipeline calls
+def test_two_process_expert_iteration_pipeline_equals_one_process(tmp_path):
+    """Expert iteration (rejection sampling -> SFT, two rounds, held-out rows) through `run_stages` on two
+    processes: the same results rows (rejection stats exactly, evaluations up to float rounding) and
+    parameters as one process with the same mesh; process 0 alone writes the stage files, which a second
+    call reads back (every stage done: the same rows, nothing trained); the SFT phases shard over the
+    model's own mesh without mesh= (a phase with no mesh refuses to run on several processes)."""
+    res = _run(tmp_path, "pipeline")
+    p0, p1, single = (res[n]["out"] for n in ("proc0", "proc1", "single"))
+    assert p0["runs"] == p1["runs"]
+    for multi, one in zip(p0["runs"], single["runs"]):
+        assert [r["stage"] for r in multi["rows"]] == ["start", "round-0", "round-1"] and multi["step"] == one["step"]
+        for a, b in zip(multi["rows"], one["rows"]):
+            assert a.keys() == b.keys()
+            for k in a:
+                if isinstance(a[k], float):
+                    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+                else:
+                    assert a[k] == b[k], k
+        np.testing.assert_allclose(multi["params"], one["params"], rtol=1e-5)
+    assert p0["runs"][0] == p0["runs"][1]  # the second call read every stage back
+    run_dir = res["proc0"]["run_dir"]
+    table = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in table] == ["start", "round-0", "round-1"]
+    assert json.loads((run_dir / "round-1" / "stage.json").read_text())["round"] == 1
+    assert "[sft]" not in res["proc1"]["log"]
