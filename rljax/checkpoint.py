@@ -88,9 +88,45 @@ def _from_saved(saved, target):
                         saved, target)
 
 
-def _abstract(target):
-    """ShapeDtypeStructs, with shardings, of the saveable form of a concrete `target`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _to_saveable(target))
+def _abstract(target, dtypes: dict | None = None):
+    """ShapeDtypeStructs, with shardings, of the saveable form of a concrete `target`; dtypes: {leaf name:
+    dtype} to read instead of the target's (`_leaf_name`)."""
+    dtypes = dtypes or {}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.ShapeDtypeStruct(x.shape, dtypes.get(_leaf_name(p), x.dtype), sharding=x.sharding),
+        _to_saveable(target))
+
+
+def _leaf_name(path) -> str:
+    """A leaf's dotted name as orbax records it in a checkpoint's metadata ("params.layers.attn.q_proj",
+    "opt_state.1.0.mu.embedding")."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that holds another state than the one given to restore it into (other leaves or
+    shapes): the checkpoint is intact, the target is not what was saved (another model, head,
+    optimizer or configuration). The message names the leaves."""
+
+
+def _mismatch(saved: dict, target) -> str | None:
+    """What differs between a checkpoint's arrays ({name: (shape, dtype)}) and `target`'s, in leaves and
+    shapes (dtypes may differ: restore casts), or None."""
+    mine = {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(_to_saveable(target))[0]}
+    def order(names):  # the parameters first: they say which model it was
+        return sorted(names, key=lambda n: (not n.startswith("params."), n))
+
+    missing, extra = order(set(mine) - set(saved)), order(set(saved) - set(mine))
+    shapes = [f"{n} {saved[n][0]} saved, {mine[n]} given" for n in order(set(mine) & set(saved))
+              if tuple(saved[n][0]) != mine[n]]
+
+    def some(names):
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    parts = ([f"not in the checkpoint: {some(missing)}"] if missing else []) + \
+        ([f"in the checkpoint only: {some(extra)}"] if extra else []) + \
+        ([f"other shapes: {some(shapes)}"] if shapes else [])
+    return "; ".join(parts) or None
 
 
 # ----------------------------------------------------------------------------- digest of a state
@@ -366,14 +402,40 @@ class Checkpointer:
             + "; ".join(str(e) for e in damaged) + hint,
             paths=[p for e in damaged for p in e.paths]) from damaged[0]
 
+    def _saved_arrays(self, step: int) -> dict[str, tuple] | None:
+        """{leaf name: (shape, dtype)} of the arrays checkpoint `step` holds, from its metadata; None when
+        that cannot be read (the restore then says what is wrong with the step)."""
+        from etils import epath  # orbax's own path type
+
+        try:  # the handler reads the step's state/_METADATA (the manager's item_metadata needs a registered one)
+            tree = _ocp().StandardCheckpointHandler().metadata(epath.Path(os.path.join(self.step_path(step), "state")))
+            leaves = [leaf for _, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+            saved = {leaf.name: (tuple(leaf.shape), np.dtype(leaf.dtype)) for leaf in leaves}
+        except Exception:  # noqa: BLE001 - damaged or older metadata: the restore itself reports it
+            return None
+        return saved or None
+
     def _restore_step(self, target, step: int) -> tuple[Any, dict[str, Any]]:
-        """Restore `step`, or raise DamagedCheckpointError (one line, the original chained)."""
+        """Restore `step`, or raise DamagedCheckpointError (one line, the original chained). A target of
+        other leaves or shapes than the step's is a CheckpointMismatchError naming them (the step is
+        intact); leaves of another dtype are read as saved (so the digest checks what was written) and
+        then cast to the target's."""
         path = self.step_path(step)
         ocp = _ocp()
+        saved = self._saved_arrays(step)
+        if saved is not None:
+            differs = _mismatch(saved, target)
+            if differs:
+                raise CheckpointMismatchError(f"checkpoint {path} holds another state than the one given to "
+                                              f"restore it into ({differs}): it was saved by another model, "
+                                              "head, optimizer or configuration (a run directory holds one run)")
+        cast = {} if saved is None else {
+            _leaf_name(p): saved[_leaf_name(p)][1] for p, x in jax.tree_util.tree_flatten_with_path(
+                _to_saveable(target))[0] if np.dtype(x.dtype) != saved[_leaf_name(p)][1]}
         error = None
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(_abstract(target, cast)), meta=ocp.args.JsonRestore()))
         except MemoryError:  # not the checkpoint's fault
             raise
         except Exception as e:  # noqa: BLE001 - any failure to read a step means it cannot be used
@@ -400,7 +462,11 @@ class Checkpointer:
             if _meta_digest(meta) != expected.get("meta"):
                 raise DamagedCheckpointError(f"checkpoint {path} is damaged: its meta ({meta}) differs from the "
                                              "digest saved with it", paths=[path])
-        return _from_saved(out.state, target), meta
+        state = out.state
+        if cast:  # read as saved, checked; now in the target's dtypes
+            state = jax.tree.map(lambda x, t: x.astype(t.dtype) if x.dtype != t.dtype else x, state,
+                                 _abstract(target))
+        return _from_saved(state, target), meta
 
     def _set_aside(self, paths: list[str]) -> list[tuple[str, str]]:
         """Rename each damaged step directory to `<step>.damaged` (`.damaged-2`, ... if taken): orbax

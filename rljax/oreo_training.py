@@ -35,7 +35,7 @@ from rljax.losses.oreo import OREOConfig, oreo_policy_terms, oreo_value_loss_on_
 from rljax.models import add_head
 from rljax.models.transformer import Model
 from rljax.distributed import local_rows, to_host
-from rljax.phases import LoopConfig, _need_mesh, phase_mesh, run_loop
+from rljax.phases import LoopConfig, _need_mesh, check_accumulation, phase_mesh, run_loop
 from rljax.rewards.rules import score
 from rljax.sampling import SampleConfig, padded_prompt_count, sample, scorer_at_index
 from rljax.sharding import LOGICAL_RULES, param_shardings, replicated, shard_batch, shard_params
@@ -557,6 +557,9 @@ def oreo(state: OREOState, data, cfg: OREOPhaseConfig, *, model: Model, mesh=Non
     checkpoints (policy, value, reference, optimizer states) and resume as every phase. mesh: None =
     the model's (`rljax.phases.phase_mesh`)."""
     check_oreo_optimizers(state, cfg.optimizer, cfg.value_optimizer, "oreo")
+    check_accumulation(cfg.optimizer, cfg.loop, "oreo")
+    if cfg.value_optimizer is not None:
+        check_accumulation(cfg.value_optimizer, cfg.loop, "oreo", "value_optimizer")
     mesh = phase_mesh(mesh, model)
     _need_mesh(mesh, "oreo")
     step = make_oreo_step(model, cfg.loss, cfg.optimizer, cfg.value_optimizer, mesh=mesh)

@@ -313,9 +313,12 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
         if resumed:
             given = int(jax.device_get(state.step))
             state, saved = ckpt.restore(state)
-            _say(f"[{name}] resumed from {ckpt.directory} at step {int(state.step)} "
-                 f"(data position {saved.get('data_position')})")
-            if int(state.step) != given:  # at the caller's own step (a stage continuing the last one's state in
+            # at the caller's own step, the run is not resumed but continued: a pipeline's next round training
+            # the same component in the same directory from the state the last round returned
+            resumed = int(state.step) != given
+            _say(f"[{name}] {'resumed' if resumed else 'continuing'} from {ckpt.directory} at step "
+                 f"{int(state.step)} (data position {saved.get('data_position')})")
+            if resumed:  # at the caller's own step (a stage continuing the last one's state in
                 # the same directory), no step of the saved run is kept that the new config or data would change
                 _say_config_changes(saved.get("config"), record, name, int(state.step))
                 _say_data_changes(saved.get("data"), data_record, name, int(state.step))
@@ -330,7 +333,8 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             writer.resume(start, prefix=f"{name}/", mark=resumed and start < cfg.steps)
         consecutive = 0
         progress = Progress(cfg.steps, initial=start, desc=name, disable=not cfg.progress or not main)
-        t_last, tokens_since, shown_step, skipped_since = time.perf_counter(), 0, start, 0
+        # tokens/s counts the steps' time only: evaluations and checkpoint saves are subtracted (`paused`)
+        t_last, tokens_since, shown_step, skipped_since, paused = time.perf_counter(), 0, start, 0, 0.0
         with stop:
             try:
                 for position in range(start, cfg.steps):
@@ -341,15 +345,10 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                     step = position + 1
                     consecutive = consecutive + 1 if int(metrics.get("skipped", 0)) else 0
                     skipped_since += 1 if consecutive else 0
-                    if consecutive >= cfg.max_consecutive_skips:
-                        raise NonFiniteLossError(
-                            f"[{name}] loss or gradient was non-finite for {consecutive} consecutive steps "
-                            f"(steps {step - consecutive + 1}..{step}); those steps left the state unchanged. "
-                            f"Check the batches at data positions {step - consecutive}..{step - 1} or lower "
-                            f"the learning rate.")
+                    failing = consecutive >= cfg.max_consecutive_skips  # logged first, then raised
                     stopping = stop.received is not None  # a signal came during this step
-                    if _due(step, cfg.log_every) or step == cfg.steps or stopping:
-                        dt = time.perf_counter() - t_last
+                    if _due(step, cfg.log_every) or step == cfg.steps or stopping or failing:
+                        dt = time.perf_counter() - t_last - paused
                         rate = tokens_since / dt if dt > 0 else 0.0
                         if writer:  # the skipped steps since the last row: a logged step alone would hide them
                             writer.write(step, dict(metrics, tokens_per_s=rate, skipped_since_last_log=skipped_since),
@@ -357,17 +356,27 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                         if skipped_since:
                             _say(f"[{name}] warning: {skipped_since} of steps {shown_step + 1}..{step} had a "
                                  "non-finite loss or gradient and were skipped (the state left unchanged)")
-                        progress.update(step - shown_step, **progress_postfix(metrics, shown, rate))
-                        t_last, tokens_since, shown_step, skipped_since = time.perf_counter(), 0, step, 0
+                        progress.update(step - progress.n, **progress_postfix(metrics, shown, rate))
+                        t_last, tokens_since, shown_step, skipped_since, paused = time.perf_counter(), 0, step, 0, 0.0
+                    else:  # the bar moves every step (log_every=0 logs the last step alone)
+                        progress.update(step - progress.n)
+                    if failing:
+                        raise NonFiniteLossError(
+                            f"[{name}] loss or gradient was non-finite for {consecutive} consecutive steps "
+                            f"(steps {step - consecutive + 1}..{step}); those steps left the state unchanged. "
+                            f"Check the batches at data positions {step - consecutive}..{step - 1} or lower "
+                            f"the learning rate.")
                     if stopping:
                         progress.close()
                         if ckpt is not None and step != ckpt.latest_step():
                             ckpt.save(state, meta(step), force=True)  # close() waits for it
                         raise Preempted(name, step, stop.received, ckpt.directory if ckpt else None)
+                    t_aside = time.perf_counter()
                     if eval_fn is not None and _due(step, cfg.eval_every) and step != cfg.steps:
                         _evaluate(eval_fn, state, step, writer, name)
                     if ckpt is not None and _due(step, cfg.checkpoint_every):
                         ckpt.save(state, meta(step))
+                    paused += time.perf_counter() - t_aside
             except BaseException as e:
                 # `state` is rebound only when a step returns, so here it is the last finished step's
                 # state (alive unless the failing step had already donated it)
@@ -475,7 +484,7 @@ def sft(state: TrainState, data, cfg: SFTPhaseConfig, *, model, mesh=None, run_d
     continued, not rebuilt); data yields SequenceBatch (e.g. a BatchIterator over
     `collate_prompt_completion`). mesh: None = the model's (`phase_mesh`).
     """
-    _check_opt_state(state, cfg.optimizer, "sft")
+    _check_opt_state(state, cfg.optimizer, "sft", cfg.loop)
     mesh = phase_mesh(mesh, model)
     step = _sft_step(model, cfg.loss, cfg.optimizer, mesh)
     put = _host_batch(model, mesh, "sft")
@@ -497,7 +506,18 @@ class RewardModelPhaseConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
 
 
-def _check_opt_state(state: TrainState, opt: OptimizerConfig, phase: str) -> None:
+def check_accumulation(opt: OptimizerConfig, loop: LoopConfig, phase: str, field: str = "optimizer") -> None:
+    """With grad_accum = k every k batches make one update: a phase of steps not a multiple of k would
+    end with batches accumulated and never applied to the parameters it returns. A ValueError names both."""
+    if opt.grad_accum > 1 and loop.steps % opt.grad_accum:
+        raise ValueError(f"{phase}: loop.steps={loop.steps} is not a multiple of {field}.grad_accum={opt.grad_accum}: "
+                         f"the last {loop.steps % opt.grad_accum} batch(es) would be accumulated and never applied; "
+                         f"make steps a multiple of {opt.grad_accum}")
+
+
+def _check_opt_state(state: TrainState, opt: OptimizerConfig, phase: str, loop: LoopConfig | None = None) -> None:
+    if loop is not None:
+        check_accumulation(opt, loop, phase)
     expected = jax.tree.structure(jax.eval_shape(make_optimizer(opt).init, state.params))
     if jax.tree.structure(state.opt_state) != expected:
         raise ValueError(f"{phase}: state.opt_state does not match cfg.optimizer; create the state with "
@@ -518,7 +538,7 @@ def train_reward_model(state: TrainState, data, cfg: RewardModelPhaseConfig, *, 
     if need not in model.config.heads:
         raise ValueError(f"train_reward_model: {type(cfg.loss).__name__} needs the model's {need!r} head "
                          f"(config.heads {model.config.heads})")
-    _check_opt_state(state, cfg.optimizer, "train_reward_model")
+    _check_opt_state(state, cfg.optimizer, "train_reward_model", cfg.loop)
     mesh = phase_mesh(mesh, model)
     step = make_train_step(functools.partial(reward_model_loss, model=model, cfg=cfg.loss), cfg.optimizer,
                            model=model, mesh=mesh)
@@ -551,7 +571,7 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
     Metrics: loss, implicit rewards of chosen and rejected, margin, accuracy, log-probs
     (KTO: z0 and the desirable/undesirable rewards); checkpoints and resume as every phase.
     """
-    _check_opt_state(state, cfg.optimizer, "preference")
+    _check_opt_state(state, cfg.optimizer, "preference", cfg.loop)
     mesh = phase_mesh(mesh, model)
     loss = functools.partial(preference_loss, model=model, cfg=cfg.loss)
     put = _host_batch(model, mesh, "preference")

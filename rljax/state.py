@@ -61,7 +61,8 @@ class OptimizerConfig:
     kept whole: RLConfig refuses minibatches > 1 for it, so its micro-batches are whole epochs;
     TRPO's update uses no optimizer).
 
-    Weight decay applies to matrices only (not norms, biases or scalar heads).
+    Weight decay applies to matrices only (`decayed`: not norm scales, biases or the scalar heads,
+    whatever their rank: a stacked layer's norm scale is [L, D]).
     head_lr: peak learning rate of the scalar heads (value, reward), on the same
     schedule; None = lr. A zero-initialised value head on a fine-tuned backbone
     needs a far larger step than the backbone: at the policy's 1e-5 it would take
@@ -100,6 +101,14 @@ class OptimizerConfig:
             raise ValueError(f"OptimizerConfig.clip_norm: must be positive or None, got {self.clip_norm}")
         if self.head_lr is not None and self.head_lr <= 0:
             raise ValueError(f"OptimizerConfig.head_lr: must be positive or None, got {self.head_lr}")
+        # Adam divides by 1 - b^t (b = 1: by 0, NaN parameters) and by sqrt(v) + eps (eps < 0: a step
+        # against the gradient where v is small); negative decay or end_lr_ratio ascend instead of descend
+        for name, lo, hi in (("b1", 0.0, 1.0), ("b2", 0.0, 1.0)):
+            if not lo <= getattr(self, name) < hi:
+                raise ValueError(f"OptimizerConfig.{name}: must be in [0, 1), got {getattr(self, name)}")
+        for name in ("eps", "weight_decay", "end_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"OptimizerConfig.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -119,10 +128,19 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([warm, after], [cfg.warmup_steps])
 
 
+def decayed(path, leaf) -> bool:
+    """Whether weight decay applies to the parameter at `path` (a key path in the params dict): a matrix,
+    i.e. rank >= 2 apart from the stacked layers' leading axis ("layers": [L, ...]), that is not a norm
+    scale, a bias or a scalar head (the reward head is [D, A] with several attributes, not decayed)."""
+    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if keys[0] in SCALAR_HEAD_PARAMS or any("norm" in k or k.endswith("bias") for k in keys):
+        return False
+    return leaf.ndim - (keys[0] == "layers") >= 2
+
+
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    def decay_mask(params):  # matrices only; the reward head is [D, A] with several attributes, not decayed
-        return {k: jax.tree.map(lambda p, k=k: p.ndim >= 2 and k not in SCALAR_HEAD_PARAMS, v)
-                for k, v in params.items()}
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(decayed, params)
 
     parts = []
     if cfg.clip_norm is not None:

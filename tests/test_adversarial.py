@@ -202,7 +202,7 @@ def test_pipeline_rows_match_a_recomputation_and_a_rerun_redoes_nothing(tmp_path
     # round-1's discriminator continues round-0's state at its own step: an uninterrupted run has nothing to warn
     # about (each round's data differ by design)
     out = capsys.readouterr().out
-    assert "[rm] resumed from" in out and "warning" not in out
+    assert "[rm] continuing from" in out and "warning" not in out
     assert [r["stage"] for r in rows] == ["sft", "round-0", "round-1"]
     assert read_results(run) == rows
     by = {r["stage"]: r for r in rows}

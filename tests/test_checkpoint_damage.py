@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rljax.checkpoint import (Checkpointer, DamagedCheckpointError, DamagedCheckpointWarning, restore_latest,
-                              state_digest)
+from rljax.checkpoint import (CheckpointMismatchError, Checkpointer, DamagedCheckpointError, DamagedCheckpointWarning,
+                              restore_latest, state_digest)
 from rljax.state import TrainState
 
 
@@ -145,16 +145,34 @@ def test_all_damaged_names_every_step_and_renames_nothing(tmp_path):
 # orbax's failed reads leave asyncio callbacks behind, reported when collected
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_intact_checkpoints_of_another_state_are_said_to_be_another_run(tmp_path):
-    """Every step failing on the target's structure is not damage: the message says so, and the
-    all-damaged message above (different failures) keeps its plainer hint."""
+    """A target of other leaves or shapes is not damage: CheckpointMismatchError names the leaves (no
+    step set aside, no fallback); a target of other dtypes restores the saved values, checked against
+    their digest as written, cast to the target's dtypes."""
     d = tmp_path / "ckpt"
     _save(d, [1, 2])
-    other = _target().replace(params={"w": jnp.zeros((64, 64), jnp.float32)})  # no "b": another model
-    with Checkpointer(str(d)) as ck:
-        with pytest.warns(DamagedCheckpointWarning), pytest.raises(DamagedCheckpointError) as err:
-            ck.restore(other)
-    assert "the checkpoints are likely intact and hold another model, optimizer or configuration" in str(err.value)
+    step2 = os.path.join(str(d), "2")
+    cases = ((_target().replace(params={"w": jnp.zeros((64, 64), jnp.float32)}), "in the checkpoint only: params.b"),
+             (_target().replace(params={**_target().params, "c": jnp.zeros(3)}), "not in the checkpoint: params.c"),
+             (_target().replace(params={**_target().params, "w": jnp.zeros((64, 32))}),
+              "other shapes: params.w (64, 64) saved, (64, 32) given"))
+    for other, said in cases:
+        with Checkpointer(str(d)) as ck, warnings.catch_warnings():
+            warnings.simplefilter("error", DamagedCheckpointWarning)
+            with pytest.raises(CheckpointMismatchError) as err:
+                ck.restore(other)
+        assert str(err.value) == (f"checkpoint {step2} holds another state than the one given to restore it into "
+                                  f"({said}): it was saved by another model, head, optimizer or configuration "
+                                  "(a run directory holds one run)")
     assert sorted(os.listdir(d)) == ["1", "2"]
+    t = _target()
+    low = t.replace(params={"w": t.params["w"].astype(jnp.bfloat16), "b": t.params["b"].astype(jnp.float32)})
+    with Checkpointer(str(d)) as ck:
+        state, meta = ck.restore(low)
+    assert state.params["w"].dtype == jnp.bfloat16 and state.params["b"].dtype == jnp.float32
+    v = _values(2)
+    np.testing.assert_array_equal(np.asarray(state.params["w"]), v["w"].astype(jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(state.params["b"]), v["b"].astype(np.float32))
+    assert int(state.step) == 2 and meta == {"data_position": 2}
 
 
 def test_training_saves_on_after_a_fallback(tmp_path):

@@ -385,3 +385,83 @@ def test_buckets_above_64_step_by_a_quarter_octave():
     tok = CharTokenizer()
     b = collate_prompt_completion(tok, [("1" * 40, "2" * 55)], add_bos=False)  # 40 + 55 + eos = 96 tokens
     assert b.tokens.shape == (1, 96) and int(b.attention_mask.sum()) == 96
+
+
+def test_the_failing_step_is_logged_the_bar_moves_every_step_and_a_continuation_is_not_a_resume(
+        tiny, tmp_path, capsys, monkeypatch):
+    """The step that raises NonFiniteLossError is in metrics.jsonl (its row, skipped, NaN loss); with
+    log_every=0 the progress bar still advances one step at a time; a phase called again from the state its
+    checkpoint holds (a pipeline's next round in the same directory) says "continuing", writes no
+    "resumed" marker, and one with an earlier state says "resumed"; evaluation and checkpoint time is
+    not counted in tokens/s."""
+    from rljax import phases
+    from rljax.metrics import read_metrics
+
+    model, _ = tiny
+    state = create_state(model, OptimizerConfig(), jax.random.key(0))
+
+    def step(state, batch):
+        return state.replace(step=state.step + 1), {"loss": np.float32(np.nan if batch else 1.0),
+                                                    "skipped": np.int32(batch)}
+
+    data = type("Data", (), {"batch_at": lambda self, p: int(p >= 2)})()
+    with pytest.raises(NonFiniteLossError):
+        run_loop(state, step, data, LoopConfig(steps=10, log_every=100, max_consecutive_skips=3, progress=False),
+                 run_dir=str(tmp_path / "a"))
+    rows = [r for r in read_metrics(str(tmp_path / "a")) if "train/loss" in r]
+    assert [(r["step"], r["train/skipped"], r["train/skipped_since_last_log"]) for r in rows] == [(5, 1, 3)]
+    assert np.isnan(rows[0]["train/loss"])
+
+    updates = []
+
+    class Bar:
+        def __init__(self, total, *, initial=0, desc="", disable=False):
+            self.n = initial
+
+        def update(self, n=1, **postfix):
+            self.n += n
+            updates.append((n, bool(postfix)))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(phases, "Progress", Bar)
+    good = type("Good", (), {"batch_at": lambda self, p: 0})()
+    run_loop(state, step, good, LoopConfig(steps=4, log_every=0, progress=True))
+    assert updates == [(1, False), (1, False), (1, False), (1, True)]  # the last step logged, with its metrics
+
+    d = str(tmp_path / "b")
+    first = run_loop(state, step, good, LoopConfig(steps=3, progress=False), run_dir=d)
+    capsys.readouterr()
+    run_loop(first, step, good, LoopConfig(steps=5, progress=False), run_dir=d)  # from the checkpoint's own step
+    assert "[train] continuing from" in capsys.readouterr().out
+    run_loop(state, step, good, LoopConfig(steps=6, progress=False), run_dir=d)  # an earlier state: a resume
+    assert "[train] resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(d, events=True) if r.get("event") == "resumed"] == [5]
+
+    def slow_eval(s):
+        time.sleep(0.3)
+        return {"x": 1.0}
+
+    def timed(state, batch):
+        time.sleep(0.02)
+        return step(state, batch)
+
+    tokens = np.ones((2, 50), np.int32)
+    from rljax.data import SequenceBatch
+
+    batch = SequenceBatch(tokens=tokens, attention_mask=tokens, loss_mask=tokens)
+    steady = type("Steady", (), {"batch_at": lambda self, p: batch})()
+    run_loop(state, lambda s, b: timed(s, 0), steady, LoopConfig(steps=4, log_every=2, eval_every=1, progress=False),
+             run_dir=str(tmp_path / "c"), eval_fn=slow_eval)
+    rates = [r["train/tokens_per_s"] for r in read_metrics(str(tmp_path / "c")) if "train/tokens_per_s" in r]
+    assert len(rates) == 2 and all(r > 100 * 2 / 0.02 / 3 for r in rates), rates  # not ~100 / 0.34 tokens/s
+
+
+def test_a_phase_whose_steps_leave_accumulated_batches_unapplied_is_refused(tiny):
+    model, _ = tiny
+    opt = OptimizerConfig(grad_accum=4, total_steps=2)
+    state = create_state(model, opt, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"^sft: loop.steps=7 is not a multiple of optimizer.grad_accum=4: the last 3 "
+                                         r"batch\(es\) would be accumulated and never applied"):
+        sft(state, None, SFTPhaseConfig(optimizer=opt, loop=LoopConfig(steps=7, progress=False)), model=model)

@@ -1,6 +1,8 @@
 """aggregate, SFT loss, optimizer and train step: closed forms, naive references, equivalences."""
 import functools
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -302,6 +304,28 @@ def test_weight_decay_skips_vectors():
     upd, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
     np.testing.assert_allclose(upd["w"], -0.5 * np.ones((2, 2)))
     np.testing.assert_allclose(upd["scale"], np.zeros(2))
+    # a real model: the stacked layers' norm scales [L, D] and q/k/v biases [L, H, hd] are not matrices
+    model = Model(preset("tiny", n_layers=2, qkv_bias=True, qk_norm=True, heads=("lm", "value", "reward")))
+    params = model.init(jax.random.key(0))
+    upd, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    decayed = {jax.tree_util.keystr(p) for p, u in jax.tree_util.tree_flatten_with_path(upd)[0] if np.any(u != 0)}
+    assert decayed == {"['embedding']", "['lm_head']", "['layers']['attn']['q_proj']", "['layers']['attn']['k_proj']",
+                       "['layers']['attn']['v_proj']", "['layers']['attn']['o_proj']", "['layers']['mlp']['gate']",
+                       "['layers']['mlp']['up']", "['layers']['mlp']['down']"}
+    for p, u in jax.tree_util.tree_flatten_with_path(upd)[0]:  # each decayed by exactly lr * wd * w
+        w = params
+        for k in p:
+            w = w[k.key]
+        np.testing.assert_allclose(u, -0.5 * np.asarray(w) if jax.tree_util.keystr(p) in decayed else 0, rtol=1e-6,
+                                   err_msg=jax.tree_util.keystr(p))
+
+
+def test_optimizer_settings_that_break_adam_are_refused():
+    for field, value, why in (("b1", 1.0, "must be in [0, 1), got 1.0"), ("b2", -0.1, "must be in [0, 1), got -0.1"),
+                              ("eps", -1.0, "must be >= 0, got -1.0"), ("weight_decay", -0.5, "must be >= 0, got -0.5"),
+                              ("end_lr_ratio", -1.0, "must be >= 0, got -1.0")):
+        with pytest.raises(ValueError, match=rf"^OptimizerConfig.{field}: {re.escape(why)}$"):
+            OptimizerConfig(**{field: value})
 
 
 def test_head_lr_scales_only_the_scalar_heads():
