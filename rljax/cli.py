@@ -368,9 +368,9 @@ def make_run_dir(root: str, name: str) -> str:
 
 def run(main: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None = None) -> Any:
     """`main(parse_config(cls, argv))` for an experiment's `__main__`: a preempted run
-    (rljax.phases.Preempted) prints its one-line message to stderr and exits with its
-    exit_code (128 + signal: 143 for SIGTERM, 130 for SIGINT); rerunning the same command
-    resumes it. The persistent compilation cache is on (`rljax.compile_cache`: a rerun loads
+    (rljax.phases.Preempted) prints its one-line message to stderr, then how to resume (`resume_hint`:
+    the same command when it named its --run-dir, else the command with --run-dir of the directory the
+    run made), and exits with its exit_code (128 + signal: 143 for SIGTERM, 130 for SIGINT). The persistent compilation cache is on (`rljax.compile_cache`: a rerun loads
     its compiled programs instead of compiling them; RLJAX_COMPILATION_CACHE=off turns it off),
     and memory the compiler frees goes back to the OS (`rljax.host_memory`)."""
     from rljax.compile_cache import enable_compilation_cache
@@ -384,4 +384,24 @@ def run(main: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None = Non
         return main(cfg)
     except Preempted as e:
         print(str(e), file=sys.stderr, flush=True)
+        hint = resume_hint(cfg, e.checkpoint_dir)
+        if hint:
+            print(hint, file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
+
+
+def resume_hint(cfg, checkpoint_dir: str | None) -> str | None:
+    """How to resume a study stopped with a checkpoint in `checkpoint_dir`: a study given --run-dir
+    resumes when the same command runs again; one without made a new timestamped directory
+    (`make_run_dir`), and the same command would make another and start over, so the hint names
+    the run's directory (the nearest folder above the checkpoints holding the study's config.json)."""
+    if checkpoint_dir is None:
+        return None
+    if getattr(cfg, "run_dir", None) or not hasattr(cfg, "run_dir"):
+        return "rerun the same command to resume"
+    d = os.path.dirname(os.path.normpath(checkpoint_dir))
+    while not os.path.exists(os.path.join(d, CONFIG_FILE)) and os.path.dirname(d) != d:
+        d = os.path.dirname(d)
+    if not os.path.exists(os.path.join(d, CONFIG_FILE)):
+        d = os.path.dirname(os.path.normpath(checkpoint_dir))
+    return f"to resume, rerun the command with --run-dir {d} (without it a new run directory is made)"

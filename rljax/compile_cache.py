@@ -70,6 +70,7 @@ def enable_compilation_cache(path: str | None = None, *, min_compile_s: float | 
         path = jax.config.jax_compilation_cache_dir or default_cache_dir()
         if path is None:
             return None
+    path = os.path.expanduser(os.fspath(path))  # "~/cache" as the environment variable's value reads it
     try:
         os.makedirs(path, exist_ok=True)
         if not os.access(path, os.W_OK | os.X_OK):

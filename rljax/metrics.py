@@ -39,6 +39,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -115,6 +116,17 @@ WANDB_MODES = ("offline", "online", "disabled")
 WANDB_ID_FILE = os.path.join("wandb", "run-id")  # under the run directory
 
 
+def _config_dir(run_dir: str) -> str | None:
+    """The nearest of run_dir and the folders above it holding a config.json (the study's, or the recipe's,
+    for a phase of a pipeline writing in run_dir/<component>), up to two levels; None when none does."""
+    d = os.path.normpath(run_dir)
+    for _ in range(3):
+        if os.path.exists(os.path.join(d, "config.json")):
+            return d
+        d = os.path.dirname(d)
+    return None
+
+
 @dataclass(frozen=True)
 class WandbConfig:
     """Weights & Biases logging for `MetricsWriter` (and `LoopConfig.wandb`, the experiments' `--wandb`).
@@ -122,7 +134,8 @@ class WandbConfig:
     mode: "offline" (default) writes the run under <run_dir>/wandb, no account or network needed, for a
     later `wandb sync`; "online" streams it (after `wandb login`); "disabled" makes every call a no-op.
     project, entity, group, tags: as `wandb.init` takes them; name: the run's display name (None: the
-    run directory's name).
+    run directory's name, "<run>/<component>" for a pipeline's phase writing in a component folder of a
+    run whose config.json is above it, which is also the W&B run's config).
     """
 
     project: str = "rljax"
@@ -230,15 +243,18 @@ class MetricsWriter:
         if self._wandb_run is None:
             cfg = self._wandb_cfg
             config = self._config
+            owner = _config_dir(self.run_dir)  # a pipeline's phase writes in run_dir/<component>
             if config is None:
-                saved = os.path.join(self.run_dir, "config.json")
                 config = {}
-                if os.path.exists(saved):
-                    with open(saved, encoding="utf-8") as f:
+                if owner is not None:
+                    with open(os.path.join(owner, "config.json"), encoding="utf-8") as f:
                         config = json.load(f)
+            here = os.path.normpath(self.run_dir)
+            default_name = os.path.basename(here) if owner is None or os.path.normpath(owner) == here else \
+                os.path.relpath(here, os.path.dirname(os.path.normpath(owner)))  # "<run>/<component>"
             self._wandb_run = self._wandb_module.init(
                 project=cfg.project, entity=cfg.entity, group=cfg.group,
-                name=cfg.name or os.path.basename(self.run_dir), tags=list(cfg.tags) or None, mode=cfg.mode,
+                name=cfg.name or default_name, tags=list(cfg.tags) or None, mode=cfg.mode,
                 dir=self.run_dir, id=wandb_run_id(self.run_dir), resume="allow", config=config,
                 reinit="create_new")  # a run the caller has open stays theirs
         return self._wandb_run
@@ -307,7 +323,8 @@ class MetricsWriter:
                 dropped += 1
                 continue
             kept.append(line if line.endswith("\n") else line + "\n")
-        if dropped:
+        unterminated = bool(lines) and not lines[-1].endswith("\n")  # appending would join the next record to it
+        if dropped or unterminated:
             with atomic_path(self.path) as tmp:
                 with open(tmp, "w", encoding="utf-8") as f:
                     f.writelines(kept)
@@ -359,23 +376,29 @@ def _of_phase(record: dict, prefix: str) -> bool:
 
 def read_metrics(path_or_run_dir: str | os.PathLike, *, events: bool = False) -> list[dict]:
     """Records of a metrics.jsonl (a file, or a run dir holding one), "nan"/"inf"/"-inf" as floats.
-    Event records (`{"event": "resumed", ...}`, see MetricsWriter.resume) only with `events=True`."""
+    Event records (`{"event": "resumed", ...}`, see MetricsWriter.resume) only with `events=True`.
+    A last line cut short (a run killed while writing it, before its resume repairs the file) is
+    left out with a warning; an invalid line before it is a ValueError naming it."""
     path = _metrics_path(path_or_run_dir)
     records = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+        lines = f.readlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines) and not line.endswith("\n"):
+                warnings.warn(f"{path}: the last line is cut short ({e.msg}), left out (a run killed while "
+                              "writing it; its resume drops it)", stacklevel=2)
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from e
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: line {lineno} is not a JSON object")
-            if "event" in record and not events:
-                continue
-            records.append({k: _STR_TO_NONFINITE.get(v, v) if isinstance(v, str) else v
-                            for k, v in record.items()})
+            raise ValueError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {lineno} is not a JSON object")
+        if "event" in record and not events:
+            continue
+        records.append({k: _STR_TO_NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()})
     return records
 
 

@@ -59,8 +59,8 @@ class Preempted(RuntimeError):
     def __init__(self, name: str, step: int, signum: int, checkpoint_dir: str | None):
         self.name, self.step, self.signum, self.checkpoint_dir = name, step, signum, checkpoint_dir
         self.exit_code = 128 + signum
-        where = (f"checkpoint at step {step} in {checkpoint_dir}; rerun the same command to resume"
-                 if checkpoint_dir else "no run_dir, so nothing was saved")
+        where = (f"checkpoint at step {step} in {checkpoint_dir}; the phase resumes from it when run again in "
+                 "this run directory" if checkpoint_dir else "no run_dir, so nothing was saved")
         super().__init__(f"[{name}] preempted by {signal.Signals(signum).name} after step {step}: {where}")
 
 

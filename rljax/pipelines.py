@@ -328,7 +328,8 @@ def summarise_runs(run_dirs: Sequence[str], out_dir: str | None = None, *,
     """Several runs of one pipeline (e.g. one per seed) as one table: per stage (in the order the runs
     list them), for every numeric column c, its mean over the runs that have it, c_sd (the sample
     standard deviation, ddof = 1; 0 for one run) and c_n (how many runs have it); "runs": how many runs
-    reached the stage. With out_dir: summary.jsonl, summary.md ("mean ± sd") and summary.png (each run's
+    reached the stage. With out_dir: summary.jsonl, summary.md ("mean ± sd", "(n=k)" after a value that
+    fewer than the stage's runs have) and summary.png (each run's
     line and the mean, `plot_stages`, of `columns`; default `plot_columns`) there. A run directory without a results table is FileNotFoundError
     naming it."""
     runs = {}
@@ -357,16 +358,22 @@ def summarise_runs(run_dirs: Sequence[str], out_dir: str | None = None, *,
         os.makedirs(out_dir, exist_ok=True)
         with atomic_path(os.path.join(out_dir, SUMMARY_FILES[0])) as tmp, open(tmp, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in summary)
-        columns = [c for c in dict.fromkeys(k for row in summary for k in row)
-                   if c not in ("stage", "runs") and not c.endswith(("_sd", "_n"))]
-        lines = ["| stage | runs | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 2)]
+        shown = [c for c in dict.fromkeys(k for row in summary for k in row)
+                 if c not in ("stage", "runs") and not c.endswith(("_sd", "_n"))]
+
+        def cell(row, c):  # mean ± sd over the runs that have c; "(n=k)" when fewer than the stage's runs
+            if c not in row:
+                return ""
+            text = format_number(row[c]) if row[f"{c}_n"] == 1 else \
+                f"{format_number(row[c])} ± {format_number(row[f'{c}_sd'])}"
+            return text if row[f"{c}_n"] == row["runs"] else f"{text} (n={row[f'{c}_n']})"
+
+        lines = ["| stage | runs | " + " | ".join(shown) + " |", "|" + " --- |" * (len(shown) + 2)]
         for row in summary:
-            cells = ["" if c not in row else format_number(row[c]) if row[f"{c}_n"] == 1
-                     else f"{format_number(row[c])} ± {format_number(row[f'{c}_sd'])}" for c in columns]
-            lines.append(f"| {row['stage']} | {row['runs']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {row['stage']} | {row['runs']} | " + " | ".join(cell(row, c) for c in shown) + " |")
         with atomic_path(os.path.join(out_dir, SUMMARY_FILES[1])) as tmp, open(tmp, "w") as f:
             f.write("\n".join(lines) + "\n")
-        _plot_table(runs, os.path.join(out_dir, SUMMARY_FILES[2]), columns)
+        _plot_table(runs, os.path.join(out_dir, SUMMARY_FILES[2]), columns)  # None: plot_columns
     return summary
 
 

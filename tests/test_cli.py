@@ -250,3 +250,19 @@ def test_a_smoke_run_trains_its_own_sft_run_and_a_full_run_refuses_one(tmp_path)
     with pytest.raises(ValueError, match=rf"^--sft-run-dir: {smoke_sft} holds a --smoke SFT run \(preset tiny, 12 "
                                          r"steps, 16 test problems\), and this run is not a smoke run"):
         load_sft(str(smoke_sft), CharTokenizer())
+
+
+def test_a_preempted_study_says_how_to_resume_it(tmp_path):
+    """Without --run-dir a study makes a new directory on every run, so "rerun the same command" would start
+    over: the hint names the run's directory (the folder above the checkpoints that holds config.json)."""
+    from rljax.cli import resume_hint
+    from rljax.recipes.arithmetic_runs import RLArithmeticConfig
+
+    run = tmp_path / "expert_iteration-20261207-040000"
+    (run / "policy" / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    ckpt = str(run / "policy" / "checkpoints")
+    assert resume_hint(RLArithmeticConfig(), ckpt) == (
+        f"to resume, rerun the command with --run-dir {run} (without it a new run directory is made)")
+    assert resume_hint(RLArithmeticConfig(run_dir=str(run)), ckpt) == "rerun the same command to resume"
+    assert resume_hint(RLArithmeticConfig(), None) is None

@@ -133,3 +133,10 @@ def test_experiment_entry_point_uses_the_cache(tmp_path):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["5", expected, "1"]
+
+
+def test_a_path_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch, restore_jax_cache_config):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert enable_compilation_cache("~/rljax-cache") == str(tmp_path / "home" / "rljax-cache")
+    assert (tmp_path / "home" / "rljax-cache").is_dir() and not (tmp_path / "~").exists()

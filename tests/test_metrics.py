@@ -285,6 +285,10 @@ def test_wandb_offline_with_a_fake_module(tmp_path, monkeypatch):
     calls.clear()
     MetricsWriter(run_dir, tensorboard=False, wandb=WandbConfig()).close()  # nothing written: no W&B run
     assert calls == []
+    # a pipeline's phase in run_dir/policy: named "<run>/policy", with the run's config.json
+    with MetricsWriter(run_dir / "policy", tensorboard=False, wandb=WandbConfig()) as w:
+        w.write(1, {"loss": 0.5}, prefix="sft/")
+    assert calls[0][1]["name"] == "rl-seed0/policy" and calls[0][1]["config"] == {"lr": 2e-5, "seeds": [0]}
 
 
 def test_wandb_missing_names_the_extra(tmp_path, monkeypatch):
@@ -392,3 +396,20 @@ def test_progress_postfix_picks_the_phases_metrics_in_order():
     assert list(progress_postfix(metrics, {"acc": "accuracy", "reward": "reward_mean"})) == ["acc", "reward"]
     assert progress_postfix(metrics, {"loss": "loss"}, 5600.0) == {"loss": 0.5, "tok/s": 5600.0}
     assert format_postfix(progress_postfix(metrics, rl, 5600.0)) == "reward=0.25 acc=0.125 tok/s=5.6k"
+
+
+def test_a_cut_last_line_is_read_around_and_repaired_by_resume(tmp_path):
+    """A killed run's last record cut short (or whole but without its newline): read_metrics leaves a cut
+    line out with a warning, and resume repairs the file so the marker is a line of its own and the next
+    resume reads it."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a"')
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl: the last line is cut short"):
+        assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}')  # whole, no newline: nothing to drop at step 2
+    with MetricsWriter(tmp_path) as w:
+        assert w.resume(2) == 0
+    with MetricsWriter(tmp_path) as w:
+        w.resume(2)  # a second resume reads the file the first one left
+    assert [(r["step"], r.get("event")) for r in read_metrics(tmp_path, events=True)] == [
+        (1, None), (2, None), (2, "resumed"), (2, "resumed")]

@@ -396,3 +396,28 @@ def test_results_are_drawn_across_stages_and_runs_summarised_by_hand(tmp_path):
 
     assert stage_summary.main(stage_summary.Config(runs=tuple(runs), out=str(tmp_path / "cli"))) == summary
     assert open(tmp_path / "cli" / "summary.md").read().splitlines() == lines
+
+
+def test_a_summary_plots_the_columns_asked_for_and_marks_values_fewer_runs_have(tmp_path, monkeypatch):
+    from rljax import metrics
+    from rljax.pipelines import summarise_runs
+
+    runs = []
+    for seed, row in enumerate(({"accuracy_greedy": 0.5, "round": 1, "kl_to_start": 0.01},
+                                {"accuracy_greedy": 0.7, "round": 1})):
+        d = tmp_path / f"seed{seed}"
+        run_stages(_toy_state()["a"], [Stage("grpo", train=lambda s, d_, c, row=row: (c.record(row), s)[1])],
+                   run_dir=str(d))
+        runs.append(str(d))
+    plotted = []
+    def fake_plot(runs, columns, out):
+        plotted.append(list(columns))
+        open(out, "wb").close()
+
+    monkeypatch.setattr(metrics, "plot_stages", fake_plot)
+    summarise_runs(runs, str(tmp_path / "s1"), columns=["accuracy_greedy"])
+    summarise_runs(runs, str(tmp_path / "s2"))
+    assert plotted == [["accuracy_greedy"], ["accuracy_greedy", "kl_to_start"]]  # the default: plot_columns
+    lines = (tmp_path / "s2" / "summary.md").read_text().splitlines()
+    assert lines[0] == "| stage | runs | accuracy_greedy | round | kl_to_start |"
+    assert lines[2] == "| grpo | 2 | 0.6 ± 0.1414 | 1 ± 0 | 0.01 (n=1) |"

@@ -106,9 +106,11 @@ def test_sigterm_mid_run_checkpoints_that_step_exits_143_and_the_rerun_loses_not
     proc = subprocess.run([sys.executable, "-c", code, "--run-dir", run_dir, "--kill-at", "3"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 143, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last == (f"[sft] preempted by SIGTERM after step 3: checkpoint at step 3 in "
-                    f"{os.path.join(run_dir, 'checkpoints')}; rerun the same command to resume")
+    said, hint = proc.stderr.strip().splitlines()[-2:]
+    assert said == (f"[sft] preempted by SIGTERM after step 3: checkpoint at step 3 in "
+                    f"{os.path.join(run_dir, 'checkpoints')}; the phase resumes from it when run again in this run "
+                    "directory")
+    assert hint == "rerun the same command to resume"  # --run-dir was given
     assert _checkpoints(run_dir) == [3]  # the step running when the signal came was finished and saved
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]  # and logged
 
