@@ -63,9 +63,10 @@ _UNSET = object()  # argparse default: tells a flag left out from one given with
 _EXPLICIT_ATTR = "_cli_explicit"  # where parse_config records the fields given on the command line
 CONFIG_FILE = "config.json"
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
-# Fields that say where a run lives or how it is shown, not what it computes: a resume may change them.
+# Fields that say where a run lives, how it is shown and how often it logs or saves, not what it computes: a
+# resume may change them (as the recipes' RESUMABLE_CHANGES and the pipelines' REPORTING_FIELDS)
 IGNORED_FIELDS = ("run_dir", "run_root", "progress", "force_config", "tensorboard", "wandb", "wandb_project",
-                  "wandb_mode", "wandb_group")
+                  "wandb_mode", "wandb_group", "log_every", "eval_every", "checkpoint_every")
 
 
 @dataclasses.dataclass

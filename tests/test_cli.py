@@ -266,3 +266,13 @@ def test_a_preempted_study_says_how_to_resume_it(tmp_path):
         f"to resume, rerun the command with --run-dir {run} (without it a new run directory is made)")
     assert resume_hint(RLArithmeticConfig(run_dir=str(run)), ckpt) == "rerun the same command to resume"
     assert resume_hint(RLArithmeticConfig(), None) is None
+
+
+def test_a_resume_may_log_and_save_at_other_intervals(tmp_path):
+    from rljax.cli import ConfigMismatchError, save_config
+    from rljax.recipes.arithmetic_runs import SFTArithmeticConfig
+
+    save_config(SFTArithmeticConfig(log_every=10, checkpoint_every=50), str(tmp_path))
+    save_config(SFTArithmeticConfig(log_every=5, checkpoint_every=20), str(tmp_path))  # no mismatch
+    with pytest.raises(ConfigMismatchError, match="steps: 500 -> 400"):
+        save_config(SFTArithmeticConfig(steps=400), str(tmp_path))
