@@ -65,7 +65,13 @@ class PolicyLoss:
     """name; config: the default config; loss(params, batch, *, model, cfg) -> (scalar,
     metrics); needs(cfg) -> Needs; accepts: the advantage shapes it takes; update: its own
     update rule `update(state, batch, *, model, cfg) -> (state, metrics)` replacing the
-    optimizer step (one step on the whole batch per iteration), or None."""
+    optimizer step (one step on the whole batch per iteration), or None.
+    signal: the PolicyBatch field it learns from, "advantages" (the estimator's) or "rewards"
+    (MRT's risk: the estimator's KL shaping reaches it, a baseline does not, and is refused).
+    corrects_stale: it corrects rows sampled by older params (RLConfig.staleness > 0), by a
+    truncated importance weight on batch.lag (a2c) or by weighing every token with the ratio
+    π_θ/π_old to the sampler's log-probs (clipped surrogates, CISPO, TRPO); a loss without it
+    (reinforce, mrt) would learn from stale rows as if on-policy, and staleness > 0 is refused."""
 
     name: str
     config: Any
@@ -73,6 +79,8 @@ class PolicyLoss:
     needs: Callable[[Any], Needs]
     accepts: tuple[str, ...]
     update: Callable | None = None
+    signal: str = "advantages"
+    corrects_stale: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,8 @@ class Algorithm:
 
     def configs(self, advantage=None, loss=None) -> tuple[Any, Any]:
         """(estimator config, loss config): the given ones (checked against this algorithm's
-        types, naming the field) or the defaults."""
+        types, naming the field) or the defaults. A loss that learns from the rewards
+        (PolicyLoss.signal) refuses an estimator config with a baseline other than "none"."""
         out = []
         for field, given, default in (("advantage", advantage, self.estimator.config),
                                       ("loss", loss, self.loss.config)):
@@ -96,6 +105,13 @@ class Algorithm:
                 raise TypeError(f"RLConfig.{field}: {self.name} takes a {type(default).__name__}, got "
                                 f"{type(given).__name__}")
             out.append(default if given is None else given)
+        baseline = getattr(out[0], "baseline", "none")
+        if self.loss.signal == "rewards" and baseline != "none":
+            cost = (", yet cost a greedy decode and its reward calls every iteration"
+                    if self.estimator.needs(out[0]).greedy else "")
+            raise ValueError(f"RLConfig.advantage: {self.name}'s loss ({self.loss.name}) learns from the rewards, not "
+                             f"the advantages, so baseline={baseline!r} would change nothing{cost}; use "
+                             "BaselineConfig('none') (its kl_coef still shapes the rewards the loss reads)")
         return tuple(out)
 
     def needs(self, advantage=None, loss=None) -> Needs:
@@ -180,14 +196,14 @@ def trpo_step(state, batch: PolicyBatch, *, model, cfg: TRPOConfig):
 POLICY_LOSSES: dict[str, PolicyLoss] = {
     "reinforce": PolicyLoss("reinforce", ReinforceConfig(), reinforce_loss, _kl_term_needs, (SEQUENCE,)),
     "mrt": PolicyLoss("mrt", MRTConfig(), mrt_loss, lambda cfg: _kl_term_needs(cfg) | Needs(groups=True),
-                      (SEQUENCE,)),
-    "clip": PolicyLoss("clip", GRPOConfig(), grpo_loss, _kl_term_needs, (SEQUENCE, TOKEN)),
-    "gspo": PolicyLoss("gspo", GSPOConfig(), gspo_loss, _kl_term_needs, (SEQUENCE,)),
-    "cispo": PolicyLoss("cispo", CISPOConfig(), cispo_loss, _kl_term_needs, (SEQUENCE, TOKEN)),
-    "a2c": PolicyLoss("a2c", A2CConfig(), a2c_loss, _actor_critic_needs, (TOKEN,)),
-    "ppo": PolicyLoss("ppo", PPOConfig(), ppo_loss, _actor_critic_needs, (TOKEN,)),
+                      (SEQUENCE,), signal="rewards"),
+    "clip": PolicyLoss("clip", GRPOConfig(), grpo_loss, _kl_term_needs, (SEQUENCE, TOKEN), corrects_stale=True),
+    "gspo": PolicyLoss("gspo", GSPOConfig(), gspo_loss, _kl_term_needs, (SEQUENCE,), corrects_stale=True),
+    "cispo": PolicyLoss("cispo", CISPOConfig(), cispo_loss, _kl_term_needs, (SEQUENCE, TOKEN), corrects_stale=True),
+    "a2c": PolicyLoss("a2c", A2CConfig(), a2c_loss, _actor_critic_needs, (TOKEN,), corrects_stale=True),
+    "ppo": PolicyLoss("ppo", PPOConfig(), ppo_loss, _actor_critic_needs, (TOKEN,), corrects_stale=True),
     "trpo": PolicyLoss("trpo", TRPOConfig(), trpo_surrogate_loss, lambda cfg: Needs(values=True, critic=True),
-                       (TOKEN,), update=trpo_step),
+                       (TOKEN,), update=trpo_step, corrects_stale=True),
 }
 
 
@@ -266,6 +282,18 @@ def get_algorithm(name: "str | Algorithm") -> Algorithm:
         raise KeyError(f"unknown algorithm {name!r}; choose from {sorted(ALGORITHMS)}, or pair an estimator "
                        f"{sorted(ESTIMATORS)} with a policy loss {sorted(POLICY_LOSSES)} by compose(estimator, loss)")
     return ALGORITHMS[name]
+
+
+def check_staleness(algorithm: Algorithm, staleness: int) -> None:
+    """Rows sampled `staleness` > 0 updates ago (asynchronous actors) need a loss that corrects
+    them (`PolicyLoss.corrects_stale`); otherwise a ValueError naming the algorithm and the
+    registry's entries whose loss does."""
+    if staleness > 0 and not algorithm.loss.corrects_stale:
+        ok = [n for n, a in ALGORITHMS.items() if a.loss.corrects_stale]
+        raise ValueError(f"RLConfig.staleness={staleness}: {algorithm.name}'s loss ({algorithm.loss.name}) reads "
+                         "neither the rows' lag nor the ratio to the sampler's log-probs, so rows sampled by older "
+                         "params would be learned from as if on-policy, with no importance correction; use "
+                         f"staleness=0, or an algorithm whose loss corrects stale rows: {', '.join(ok)}")
 
 
 def check_group_size(algorithm: Algorithm, n: int, advantage=None, loss=None) -> None:

@@ -164,10 +164,16 @@ class BaselineConfig:
 
     kl_coef β > 0 shapes the reward r − β Σ_t (ℓ^old_t − ℓ^ref_t) (k1 of the sampled tokens, no
     gradient) before the baseline: its expected gradient is exactly that of E[r] − β KL(π‖π_ref),
-    whose optimum is π* ∝ π_ref exp(r/β). The greedy baseline (SCST) is the greedy decode's reward
-    as the reward function gives it, without that penalty (its KL is not computed): still a baseline
-    independent of the sample, so the gradient stays unbiased, but advantages then carry −βΣk1 on
-    top of r − b."""
+    whose optimum is π* ∝ π_ref exp(r/β). batch_mean and leave_one_out average the shaped rewards.
+    Two baselines do not carry the penalty, so their advantages are (r − βΣk1) − b, −βΣk1 on top
+    of r − b: the greedy baseline (SCST) is the greedy decode's reward as the reward function gives
+    it (its KL is not computed), and the moving_average one averages the rewards the reward
+    transforms see, which run before this estimator shapes them (e.g. rewards 1 and Σk1 = 3 at
+    β = 0.5 give advantages −1.5, where batch_mean gives 0). Both baselines are independent of the
+    sample (except the moving average's first iteration, which is that batch's own mean, as
+    batch_mean is), so the gradient stays unbiased, with the variance of a baseline that misses
+    the mean of −βΣk1 (a moving average of stationary rewards centres the advantages at about
+    −β E[Σk1] instead of 0)."""
 
     baseline: str = "leave_one_out"
     kl_coef: float = 0.0

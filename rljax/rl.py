@@ -30,7 +30,7 @@ import numpy as np
 from flax import struct
 from jax.experimental.multihost_utils import process_allgather
 
-from rljax.algorithms import Algorithm, check_group_size, get_algorithm, prepare
+from rljax.algorithms import Algorithm, check_group_size, check_staleness, get_algorithm, prepare
 from rljax.cpu_dots import jit_full_sequence
 from rljax.data.batch import Collected
 from rljax.distributed import local_rows, process_slice, to_host
@@ -96,12 +96,16 @@ class RLConfig:
     params while the learner trains on batch i, so a batch is `staleness`
     iterations old when it is learned from (0: synchronous, identical to the plain
     loop); `actors` threads share the sampling. A3C is algorithm "a2c" with staleness.
+    staleness > 0 needs a loss that corrects stale rows (`PolicyLoss.corrects_stale`: a2c's
+    truncated importance weight, the ratio to the sampler's log-probs of the clipped losses,
+    CISPO and TRPO); reinforce, rloo, scst and mrt are refused.
     critic_optimizer, critic_epochs: a separate critic (RLState.critic) is fitted
     after the policy update by critic_epochs x minibatches regression steps on the
     returns (optimizer: critic_optimizer, default `optimizer`).
     transforms: reward transforms applied in order every iteration (`rljax.transforms`:
     `normalise_rewards()`, `moving_average_baseline(decay)`, `kl_control(controller)`); their
-    state is RLState.transforms. Metrics report the raw rewards.
+    state is RLState.transforms. A baseline placed before a transform that replaces the rewards
+    (normalise_rewards) is refused: it would be on the raw scale. Metrics report the raw rewards.
     reward_call: how the reward function (and accuracy_fn) is called (`RewardCallConfig`:
     chunks, worker threads, a per-call time limit, and whether a failed call raises or scores
     a fixed value); with on_failure="value" the metrics count the samples scored so
@@ -173,6 +177,7 @@ class RLConfig:
                              f"iteration; got epochs={self.epochs}, minibatches={self.minibatches}")
         if self.staleness < 0 or self.actors < 1:
             raise ValueError(f"RLConfig: need staleness >= 0 and actors >= 1, got {self.staleness}, {self.actors}")
+        check_staleness(algo, self.staleness)
         if "kl_coef" in chained.provides and not needs.kl_coef:
             raise ValueError(f"RLConfig.transforms: a KL controller sets the reward's KL coefficient, but "
                              f"{algo.name}'s estimator ({algo.estimator.name}) has no KL penalty in the reward; use "
@@ -187,6 +192,7 @@ class RLConfig:
                              "(normalise_rewards): r and b would be on different scales (rewards of 2.0-2.1 "
                              "normalised to about ±1 against a baseline of 2.1). Drop the transform, or use a "
                              "baseline from the samples (rloo)")
+        _check_transform_order(self.transforms)
         if needs.baseline and "baseline" not in chained.provides:
             raise ValueError(f"RLConfig.transforms: {algo.name}'s estimator needs a running baseline; add "
                              "rljax.transforms.moving_average_baseline(decay) to RLConfig.transforms")
@@ -201,6 +207,25 @@ class RLConfig:
         if getattr(loss, "aggregation", None) == "constant" and getattr(loss, "constant", 0) is None:
             algo = algo.with_config(constant=float(self.sampling.max_new_tokens))
         return algo
+
+
+def _check_transform_order(transforms: tuple[RewardTransform, ...]) -> None:
+    """Refuse a transform providing "baseline" placed before one providing "rewards" (walked in
+    order, a chain's provides in its order): the baseline would average the raw rewards while the
+    estimator subtracts it from the replaced (e.g. normalised) ones."""
+    def label(i):
+        return f"transforms[{i}]" + (f" ({transforms[i].name})" if transforms[i].name else "")
+
+    baseline = None
+    for i, t in enumerate(transforms):
+        for provided in t.provides:
+            if provided == "baseline" and baseline is None:
+                baseline = i
+            elif provided == "rewards" and baseline is not None:
+                raise ValueError(f"RLConfig.transforms: {label(baseline)} computes a running baseline from the raw "
+                                 f"rewards, and {label(i)} then replaces the rewards (e.g. normalises them): the "
+                                 "estimator would subtract a raw-scale baseline from rescaled rewards. Put the "
+                                 "baseline after the transform that replaces the rewards")
 
 
 def _per_iteration(opt: OptimizerConfig, updates: int) -> OptimizerConfig:

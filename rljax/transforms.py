@@ -1,6 +1,6 @@
 """Per-iteration reward transforms: stateful helpers of the RL iteration as optax-style pairs.
 
-A transform is `RewardTransform(init, update, needs, provides)`: `init() -> state` and
+A transform is `RewardTransform(init, update, needs, provides, name)`: `init() -> state` and
 `update(signals, state) -> (signals, state)`, where `Signals` carries the iteration's
 rewards and what the transforms compute for the advantage estimator (a running baseline,
 the KL coefficient). `chain(*transforms)` composes them in order, like `optax.chain`, into
@@ -13,7 +13,9 @@ rewards, and hands the estimator what the chain provided.
     RLConfig(algorithm="reinforce", advantage=BaselineConfig("moving_average"),
              transforms=(moving_average_baseline(0.9),))
 
-Order matters as in optax: a baseline after a normaliser averages normalised rewards. Like an
+Order matters as in optax: a baseline after a normaliser averages normalised rewards, and RLConfig
+refuses a baseline placed before a transform that replaces the rewards (it would be on the raw
+scale while the estimator subtracts it from the normalised rewards). Like an
 optax update, `update` runs traced: the RL iteration compiles the transforms, the advantage
 estimator and its KL metrics as one program, so a transform is written in jax.numpy without
 Python branches on array values (a branch on whether a field is None is fine: that is static).
@@ -47,17 +49,21 @@ class Signals:
 class RewardTransform(NamedTuple):
     """init() -> state; update(signals, state) -> (signals, state). needs: what the iteration
     must compute for it (e.g. the reference's log-probs for the KL); provides: the Signals
-    fields it sets for the estimator ("baseline", "kl_coef", or "rewards" when it replaces the
-    rewards themselves, so that RLConfig can refuse a baseline computed on the raw scale)."""
+    fields it sets for the estimator, in the order it sets them ("baseline", "kl_coef", or
+    "rewards" when it replaces the rewards themselves: RLConfig refuses a transform providing
+    "baseline" placed before one providing "rewards", whose baseline would be on the raw scale);
+    name: how error messages call it (e.g. "normalise_rewards()")."""
 
     init: Callable[[], Any]
     update: Callable[[Signals, Any], tuple[Signals, Any]]
     needs: Needs = Needs()
     provides: tuple[str, ...] = ()
+    name: str = ""
 
 
 def chain(*transforms: RewardTransform) -> RewardTransform:
-    """Apply `transforms` in order; the state is the tuple of their states."""
+    """Apply `transforms` in order; the state is the tuple of their states, `provides` their
+    provides in order."""
 
     def init():
         return tuple(t.init() for t in transforms)
@@ -72,7 +78,8 @@ def chain(*transforms: RewardTransform) -> RewardTransform:
     needs = Needs()
     for t in transforms:
         needs = needs | t.needs
-    return RewardTransform(init, update, needs, tuple(p for t in transforms for p in t.provides))
+    return RewardTransform(init, update, needs, tuple(p for t in transforms for p in t.provides),
+                           f"chain({', '.join(t.name or '?' for t in transforms)})")
 
 
 class MovingAverageState(NamedTuple):
@@ -96,7 +103,7 @@ def moving_average_baseline(decay: float = 0.9) -> RewardTransform:
         new = MovingAverageState(decay * baseline + (1 - decay) * batch_mean, state.count + 1)
         return signals.replace(baseline=baseline), new
 
-    return RewardTransform(init, update, provides=("baseline",))
+    return RewardTransform(init, update, provides=("baseline",), name=f"moving_average_baseline({decay:g})")
 
 
 def normalise_rewards(normaliser: RewardNormaliser | None = None) -> RewardTransform:
@@ -109,7 +116,7 @@ def normalise_rewards(normaliser: RewardNormaliser | None = None) -> RewardTrans
         rewards, state = normaliser.update(state, signals.rewards)
         return signals.replace(rewards=rewards), state
 
-    return RewardTransform(normaliser.init, update, provides=("rewards",))
+    return RewardTransform(normaliser.init, update, provides=("rewards",), name="normalise_rewards()")
 
 
 def kl_control(controller: KLController) -> RewardTransform:
@@ -124,4 +131,4 @@ def kl_control(controller: KLController) -> RewardTransform:
         rows = jnp.asarray(signals.rewards).shape[0]
         return signals.replace(kl_coef=state.beta), controller.update(state, signals.seq_kl, rows)
 
-    return RewardTransform(controller.init, update, Needs(reference=True), provides=("kl_coef",))
+    return RewardTransform(controller.init, update, Needs(reference=True), provides=("kl_coef",), name="kl_control()")
