@@ -14,7 +14,7 @@ def _naive(model, params, tokens, mask):
         - logits.max(-1, keepdims=True)
     picked = np.take_along_axis(logp, np.asarray(tokens)[:, 1:, None], -1)[..., 0]
     ent = -(np.exp(logp) * logp).sum(-1)
-    live = np.asarray(mask)[:, 1:]
+    live = np.asarray(mask)[:, 1:] * np.asarray(mask)[:, :-1]  # a pad slot predicts nothing
     return picked * live, ent * live
 
 

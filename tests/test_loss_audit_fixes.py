@@ -113,7 +113,7 @@ def extreme(micro):
     loss_mask = attn.copy()
     loss_mask[:, :6] = 0
     lp = np.asarray(jax.jit(functools.partial(token_logprobs, model=model))(params, tokens, attn))
-    m = (loss_mask[:, 1:] * attn[:, 1:]).astype(np.float32)
+    m = (loss_mask[:, 1:] * attn[:, 1:] * attn[:, :-1]).astype(np.float32)
     first = [int(np.flatnonzero(m[i])[0]) for i in range(6)]
     adv = np.array([1.0, 0.0, -1.0, 1.0, 0.5, -0.5], np.float32)
     shift = np.zeros_like(lp)

@@ -30,7 +30,7 @@ def _batch(model, params, seed=0, ref_shift=0.3):
 
 
 def _mask(b):
-    return (b.loss_mask[:, 1:] * b.attention_mask[:, 1:]).astype(np.float64)
+    return (b.loss_mask[:, 1:] * b.attention_mask[:, 1:] * b.attention_mask[:, :-1]).astype(np.float64)
 
 
 def test_reinforce_loss_matches_naive(tiny):

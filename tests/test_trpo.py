@@ -94,7 +94,8 @@ def test_fisher_vector_product_equals_an_explicit_fisher():
         return fisher_vector_product(kl, params)(v), jax.grad(kl)(params)
 
     lp, J = jax.jit(lambda f: (log_probs(f), jax.jacobian(log_probs)(f)))(flat)  # J: [B, T-1, V, P]
-    mask = np.asarray(batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:], np.float64)
+    live = batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]  # a real target predicted from a real slot
+    mask = np.asarray(batch.loss_mask[:, 1:] * live, np.float64)
     p = np.exp(np.asarray(lp, np.float64))
     Jn = np.asarray(J, np.float64)
     fisher = np.einsum("btv,btvi,btvj,bt->ij", p, Jn, Jn, mask) / mask.sum()

@@ -50,6 +50,15 @@ class RopeScaling:
                              f"{self.original_max_position_embeddings}")
 
 
+class ConfigFieldError(ValueError):
+    """An invalid `TransformerConfig` field; `field` names it (the message starts
+    "TransformerConfig.<field>: "), so a loader can say which entry of its own file set it."""
+
+    def __init__(self, field: str, why: str):
+        super().__init__(f"TransformerConfig.{field}: {why}")
+        self.field = field
+
+
 @dataclass(frozen=True)
 class TransformerConfig:
     """Shape and numerics of a decoder-only transformer.
@@ -69,6 +78,11 @@ class TransformerConfig:
       qk_norm: per-head RMSNorm of q and k before RoPE (Qwen3).
       tie_embeddings: the LM head reuses the token embedding.
       max_seq_len: longest sequence the model is used with (KV-cache bound).
+      max_position_embeddings: the context its source checkpoint advertises (Hugging Face
+        `max_position_embeddings`), kept when loading with max_seq_len overridden (lowered to
+        bound the KV cache, say) so that `save_pretrained` writes it back instead of the
+        override; None (a model built here, or loaded without changing max_seq_len): just
+        max_seq_len. Not used in the computation.
       scan_layers: run the layers with `nn.scan` (one compiled body: fast
         compiles for deep models) or a Python loop (faster steps on CPU, about
         12% on the `tiny`/`small` shapes). Parameters are stacked along a
@@ -90,8 +104,8 @@ class TransformerConfig:
         autodiff through the model (jvp, jacfwd) needs False; TRPO's
         Fisher-vector products (forward-over-reverse) switch it off for their
         KL term.
-      dtype: compute dtype of matmul inputs ("float32" or "bfloat16"). Matmuls
-        always accumulate in float32; norms and softmax compute in float32.
+      dtype: compute dtype of matmul inputs ("float32", "bfloat16" or "float16").
+        Matmuls always accumulate in float32; norms and softmax compute in float32.
       low_precision_backward: with a low-precision dtype, the backward pass's
         products take their float32 cotangent rounded to that dtype, so they
         run bf16 x bf16 like the forward's (custom VJPs: `transformer._dense`
@@ -109,7 +123,8 @@ class TransformerConfig:
         the hidden states the heads read and the logits stay float32. Its
         log-probabilities differ from a float32 stream's by bf16 rounding of the
         stream (tests/test_model.py states the tolerance).
-      param_dtype: storage dtype of parameters (master weights).
+      param_dtype: storage dtype of parameters (master weights), one of the
+        dtype names above.
       heads: which output heads exist: "lm" (token logits), "value" (per-token
         scalar), "reward" (sequence scalar read at the last non-pad token).
       reward_outputs: width A of the reward head: 1 (a scalar reward, head [D]) or
@@ -134,6 +149,7 @@ class TransformerConfig:
     qk_norm: bool = False
     tie_embeddings: bool = False
     max_seq_len: int = 2048
+    max_position_embeddings: int | None = None
     scan_layers: bool = True
     remat: str = "none"
     recompute_swiglu: bool = True
@@ -148,11 +164,13 @@ class TransformerConfig:
 
     def __post_init__(self):
         def bad(field, why):
-            raise ValueError(f"TransformerConfig.{field}: {why}")
+            raise ConfigFieldError(field, why)
 
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "max_seq_len"):
             if int(getattr(self, f)) <= 0:
                 bad(f, f"must be positive, got {getattr(self, f)}")
+        if self.max_position_embeddings is not None and int(self.max_position_embeddings) <= 0:
+            bad("max_position_embeddings", f"must be positive or None, got {self.max_position_embeddings}")
         if self.n_heads % self.n_kv_heads:
             bad("n_kv_heads", f"{self.n_kv_heads} must divide n_heads={self.n_heads}")
         if self.head_dim is None and self.d_model % self.n_heads:

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from rljax.models.config import DTYPES, RopeScaling, TransformerConfig
+from rljax.models.config import DTYPES, ConfigFieldError, RopeScaling, TransformerConfig
 from rljax.models.transformer import Model
 from rljax.sharding import LOGICAL_RULES, param_shardings
 
@@ -207,10 +207,22 @@ def _check_unsupported(hf: dict, model_type: str, file: str) -> None:
         bad("quantization_config", "quantised weights are not implemented")
 
 
+# TransformerConfig field -> the config.json field it is read from (for errors that name the file's field)
+_HF_FIELDS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+              "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "mlp_dim": "intermediate_size",
+              "head_dim": "head_dim", "max_seq_len": "max_position_embeddings",
+              "max_position_embeddings": "max_position_embeddings"}
+
+
 def config_from_hf(hf: dict, *, heads: Sequence[str] = ("lm",), param_dtype: str | None = None,
                    source: str = CONFIG_NAME, **overrides) -> TransformerConfig:
     """TransformerConfig of an HF config.json dict; `overrides` replace fields (e.g. max_seq_len, dtype,
-    scan_layers). param_dtype None: the checkpoint's dtype (`dtype` / `torch_dtype`), float32 if unknown."""
+    scan_layers). param_dtype None: the checkpoint's dtype (`dtype` / `torch_dtype`), float32 if unknown.
+
+    max_seq_len is the file's max_position_embeddings unless overridden; an override that changes it
+    keeps the file's value as `TransformerConfig.max_position_embeddings`, which `save_pretrained`
+    writes back. A value of the file that makes no valid config (num_key_value_heads not dividing
+    num_attention_heads, say) raises CheckpointFormatError naming `source` and the config.json field."""
     model_type, _ = _architecture(hf, source)
     _check_unsupported(hf, model_type, source)
     theta, scaling = _rope(hf, source)
@@ -231,7 +243,16 @@ def config_from_hf(hf: dict, *, heads: Sequence[str] = ("lm",), param_dtype: str
         max_seq_len=int(hf.get("max_position_embeddings", 2048)), heads=tuple(heads),
         param_dtype=param_dtype, dtype=param_dtype)
     fields.update(overrides)
-    return TransformerConfig(**fields)
+    if ("max_position_embeddings" in hf and "max_position_embeddings" not in overrides
+            and fields["max_seq_len"] != int(hf["max_position_embeddings"])):
+        fields["max_position_embeddings"] = int(hf["max_position_embeddings"])
+    try:
+        return TransformerConfig(**fields)
+    except ConfigFieldError as e:
+        if e.field in overrides or e.field not in _HF_FIELDS:
+            raise
+        name = _HF_FIELDS[e.field]
+        raise CheckpointFormatError(f"{source}: {name}={hf.get(name)!r} does not make a valid model ({e})") from None
 
 
 def _model_type_of(cfg: TransformerConfig) -> str:
@@ -254,7 +275,10 @@ def _architecture_suffix(cfg: TransformerConfig) -> str:
 
 def hf_config_from(cfg: TransformerConfig, *, dtype: str, extra_config: dict | None = None) -> dict:
     """config.json dict for `cfg`. RoPE is written both as `rope_parameters` (transformers >= 5) and as
-    `rope_theta` / `rope_scaling` (older versions). `extra_config` (e.g. token ids) goes under the derived keys."""
+    `rope_theta` / `rope_scaling` (older versions). `extra_config` (e.g. token ids) goes under the derived keys.
+    max_position_embeddings: the larger of cfg.max_seq_len and cfg.max_position_embeddings (the source
+    checkpoint's context, kept by `load_pretrained` when max_seq_len was overridden), so a model loaded
+    with a shorter max_seq_len to bound its KV cache still advertises its source's context."""
     model_type = _model_type_of(cfg)
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     scaling = None
@@ -269,7 +293,8 @@ def hf_config_from(cfg: TransformerConfig, *, dtype: str, extra_config: dict | N
         architectures=[MODEL_TYPES[model_type] + _architecture_suffix(cfg)], model_type=model_type,
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.dim_per_head, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+        head_dim=cfg.dim_per_head, hidden_act="silu",
+        max_position_embeddings=max(cfg.max_seq_len, cfg.max_position_embeddings or 0),
         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=scaling, rope_parameters=rope,
         tie_word_embeddings=bool(cfg.tie_embeddings and "lm" in cfg.heads), dtype=dtype, torch_dtype=dtype,
         use_cache=True)
@@ -571,7 +596,9 @@ def load_pretrained(path_or_name: str, *, mesh=None, dtype=None, heads: Sequence
       checkpoint's. The compute dtype follows it unless config_overrides sets "dtype".
     heads: rljax heads to build; None takes them from the architecture (ForCausalLM: lm;
       ForSequenceClassification: reward; Model: value). Head tensors the checkpoint lacks start at zero.
-    config_overrides: other TransformerConfig fields (max_seq_len, scan_layers, remat, attention_impl, ...).
+    config_overrides: other TransformerConfig fields (max_seq_len, scan_layers, remat, attention_impl, ...). A
+      max_seq_len other than the file's max_position_embeddings (a shorter one bounds the KV cache) keeps the
+      file's value in `TransformerConfig.max_position_embeddings`, which `save_pretrained` writes back.
     Raises CheckpointFormatError naming the file, tensor or config field that cannot be loaded exactly.
     """
     path = resolve_path(path_or_name)

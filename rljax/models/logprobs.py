@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rljax.ops.logits import entropy_from_logits, logprobs_from_logits, mean_logprob_from_logits
+from rljax.ops.logits import entropy_from_logits, in_vocab, logprobs_from_logits, mean_logprob_from_logits
 
 # Chunk over time once B * T * V float32 logits would exceed this many elements (256 MiB) on a CPU,
 # where a step's activations share host memory with everything else (`max_logits_elements`).
@@ -41,10 +41,24 @@ _STATS = {
 }
 
 
+def live_targets(attention_mask: jax.Array) -> jax.Array:
+    """[B, T] -> float32 [B, T-1]: m_t = a_{t+1} · a_t, whether entry t (the prediction of
+    tokens[t+1] from slot t) is a real prediction: the target is a real token and so is the slot that
+    predicts it.
+
+    A pad slot predicts nothing: its query has no key to attend to (left padding: none before it),
+    so its hidden state and its distribution are meaningless (they may even depend on later tokens).
+    The first real token of a left-padded row is therefore not predicted, as in the unpadded row.
+    """
+    a = attention_mask.astype(jnp.float32)
+    return a[:, 1:] * a[:, :-1]
+
+
 def target_mask(loss_mask: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """float32 [B, T-1] mask aligned with `token_logprobs`: entry t counts the
-    prediction of tokens[t+1] where it is a real token to train on."""
-    return (loss_mask[:, 1:] * attention_mask[:, 1:]).astype(jnp.float32)
+    """float32 [B, T-1] mask aligned with `token_logprobs`: entry t counts the prediction of
+    tokens[t+1] where it is a token to train on (loss_mask[t+1]) and a real prediction
+    (`live_targets`: tokens[t+1] and tokens[t] both real), l_{t+1} · a_{t+1} · a_t."""
+    return loss_mask[:, 1:].astype(jnp.float32) * live_targets(attention_mask)
 
 
 def _chunk_size(batch: int, length: int, vocab: int, chunk_size: int | None, budget: int | None = None) -> int:
@@ -63,6 +77,8 @@ def head_token_stats(params, hidden, targets, *, model, stats=("logprobs",), chu
 
     hidden [B, T, D], targets [B, T] -> {name: [B, T] float32} for each name in
     `stats`: "logprobs" (log p(target)), "entropy", "mean_logprob" ((1/V) Σ_v log p_v).
+    A target outside [0, V) (a padding id) gives a finite log-prob for the caller's mask to drop
+    (`rljax.ops.logits.in_vocab`).
     """
     unknown = set(stats) - set(_STATS)
     if unknown:
@@ -82,9 +98,11 @@ def head_token_kl(params, hidden, ref_params, ref_hidden, targets, *, model, chu
     chunked over time like `head_token_stats` (both heads' logits of one chunk at a time).
 
     hidden, ref_hidden [B, T, D] (policy and reference backbones), targets [B, T] ->
-    {"logprobs", "ref_logprobs", "kl"}: [B, T] float32 each.
+    {"logprobs", "ref_logprobs", "kl"}: [B, T] float32 each. Padding targets outside [0, V) are
+    clamped into it (`rljax.ops.logits.in_vocab`), as in `head_token_stats`.
     """
     B, T, _ = hidden.shape
+    targets = in_vocab(targets, model.config.vocab_size)
 
     def one(h, rh, y):
         logp = jax.nn.log_softmax(model.logits(params, h), axis=-1)
@@ -117,15 +135,18 @@ def _time_chunked(fn, arrays, C: int) -> dict:
 
 def sequence_token_stats(params, tokens, attention_mask=None, *, model, stats=("logprobs",),
                          chunk_size: int | None = None, segment_ids=None, positions=None):
-    """Per-token statistics of π(· | tokens[:t+1]) for t < T-1, zero where tokens[t+1] is padding.
+    """Per-token statistics of π(· | tokens[:t+1]) for t < T-1, zero where tokens[t+1] or tokens[t]
+    is padding (`live_targets`: a pad slot predicts nothing, so the first real token of a left-padded
+    row gets 0, as it has no entry in the unpadded row).
 
-    tokens, attention_mask [B, T] -> {name: [B, T-1] float32}.
+    tokens, attention_mask [B, T] -> {name: [B, T-1] float32}. Pad ids may lie outside the
+    vocabulary: the results are those of pad id 0.
     """
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
     hidden, _ = model.forward(params, tokens, attention_mask, segment_ids=segment_ids, positions=positions)
     out = head_token_stats(params, hidden[:, :-1], tokens[:, 1:], model=model, stats=stats, chunk_size=chunk_size)
-    live = attention_mask[:, 1:].astype(jnp.float32)
+    live = live_targets(attention_mask)
     return {k: v * live for k, v in out.items()}
 
 
@@ -134,7 +155,7 @@ def token_logprobs_and_entropy(params, tokens, attention_mask=None, *, model, ch
     """ℓ_t = log π(tokens[t+1] | tokens[:t+1]) and the entropy of π(· | tokens[:t+1]).
 
     tokens, attention_mask [B, T] -> (logprobs [B, T-1], entropy [B, T-1]), float32,
-    both zero where tokens[t+1] is padding.
+    both zero where tokens[t+1] or tokens[t] is padding.
     """
     out = sequence_token_stats(params, tokens, attention_mask, model=model, stats=("logprobs", "entropy"),
                                chunk_size=chunk_size, segment_ids=segment_ids)
@@ -142,6 +163,7 @@ def token_logprobs_and_entropy(params, tokens, attention_mask=None, *, model, ch
 
 
 def token_logprobs(params, tokens, attention_mask=None, *, model, chunk_size: int | None = None, segment_ids=None):
-    """ℓ_t = log π(tokens[t+1] | tokens[:t+1]); [B, T] -> [B, T-1] float32, zero on padding."""
+    """ℓ_t = log π(tokens[t+1] | tokens[:t+1]); [B, T] -> [B, T-1] float32, zero where tokens[t+1] or
+    tokens[t] is padding."""
     return sequence_token_stats(params, tokens, attention_mask, model=model, chunk_size=chunk_size,
                                 segment_ids=segment_ids)["logprobs"]

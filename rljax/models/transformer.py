@@ -18,10 +18,13 @@ Masking. Tokens sit in slots; a query in slot i attends a key in slot j iff
 j <= i and slot j holds a real token (attention_mask / cache validity), and
 (with packing) both carry the same segment id, or the key's segment is the
 query's shared prefix (prefix_segment_ids: completions that read one copy of
-their common prompt, `rljax.data.preference_collate`). RoPE positions count real
+their common prompt, `rljax.data.preference_collate`). A query with no such key
+(a leading pad slot of a left-padded row) reads its own slot only (attention_impl
+"xla"), so no hidden state mixes in later tokens. RoPE positions count real
 tokens only, so left-padded prompts of mixed length get the positions they
 would have unpadded, and decoding with a cache sees exactly the keys a full
-forward pass over the same slots sees.
+forward pass over the same slots sees. Pad slots may hold any id, even one
+outside the vocabulary: they are embedded as id 0.
 """
 from __future__ import annotations
 
@@ -323,7 +326,8 @@ class KVCache(struct.PyTreeNode):
 
     k, v: tuples of L arrays [B, K, S, H] (`Model.cache_dtype()`; head-major so the
     decode-time score and mix matmuls read the cache without a transpose);
-    valid: [B, S] bool, slot holds a real token; index: [] int32, next slot to write.
+    valid: [B, S] bool, slot holds a real token; index: [] int32, next slot to write (a forward
+    of T tokens needs index + T <= S: `check_cache_room`).
     """
 
     k: tuple
@@ -671,11 +675,21 @@ class Transformer(nn.Module):
             if prefix_segment_ids is not None:  # a query also reads the (earlier) slots of its shared prefix
                 same |= prefix_segment_ids[:, :, None] == segment_ids[:, None, :]
             mask &= same
+        real_so_far = seen[:, None] + jnp.cumsum(live, axis=1, dtype=jnp.int32)  # [B, T] real tokens in slots <= q
+        if self.config.attention_impl == "xla":
+            # A query with no key (a leading pad slot) would spread its softmax uniformly over all S
+            # slots, later tokens included; it reads its own slot instead. Pad slots only: a real
+            # query always has its own key. (The cuDNN kernel keeps its own masking, whose fast path
+            # recognises causal right-padded masks.)
+            keyless = real_so_far == 0 if segment_ids is None else ~mask.any(axis=-1)
+            mask |= (k_slot[None, :] == q_slot[:, None])[None] & keyless[:, :, None]
         if positions is None:
-            positions = jnp.maximum(seen[:, None] + jnp.cumsum(live, axis=1, dtype=jnp.int32) - 1, 0)
+            positions = jnp.maximum(real_so_far - 1, 0)
         mask = mask[:, None, None]  # [B, 1(K), 1(G), T, S]
 
-        x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.stream_dtype)
+        # pad slots as id 0: a pad id outside the vocabulary would embed as NaN (jnp.take fills),
+        # and NaN values at masked keys still reach every query (0 · NaN)
+        x = jnp.take(self.embedding, jnp.where(live, tokens, 0), axis=0).astype(self.config.stream_dtype)
         x = constrain(x, self.mesh, ("batch", "length", "act_embed"))
         rope_cs = rope_tables(positions, self.config.dim_per_head, self.config.rope_theta,
                               self.config.rope_scaling)
@@ -815,7 +829,8 @@ def last_token_index(attention_mask: Array) -> Array:
 
 def check_tokens(tokens, attention_mask, vocab_size: int, name: str = "tokens") -> None:
     """Raise a ValueError naming the problem: wrong rank, mask shape, or (for
-    concrete arrays; traced values cannot be inspected) ids outside [0, V)."""
+    concrete arrays; traced values cannot be inspected) real tokens' ids outside [0, V).
+    Pad slots (attention_mask 0) may hold any id: the model embeds them as id 0."""
     if tokens.ndim != 2:
         raise ValueError(f"{name} must be [batch, length], got shape {tokens.shape}")
     if attention_mask.shape != tokens.shape:
@@ -829,6 +844,24 @@ def check_tokens(tokens, attention_mask, vocab_size: int, name: str = "tokens") 
     if outside.any():
         b, i = map(int, np.argwhere(outside)[0])
         raise ValueError(f"{name}[{b}, {i}] = {int(t[b, i])} is outside the vocabulary [0, {vocab_size})")
+
+
+def check_cache_room(cache: "KVCache", shape: tuple[int, ...]) -> None:
+    """Refuse to decode tokens of `shape` [B, T] into `cache` when its rows differ from B or, for a
+    concrete cache.index, when index + T > cache.length (the slots past the end do not exist, and
+    `lax.dynamic_update_slice` would clamp the write onto earlier slots): a ValueError naming the
+    index, T and the cache length. A traced index (under jit) is not checked: the caller sizes the
+    cache (`Model.forward`)."""
+    B, T = shape
+    if cache.valid.shape[0] != B:
+        raise ValueError(f"cache has {cache.valid.shape[0]} rows but tokens have {B}")
+    if isinstance(cache.index, jax.core.Tracer):
+        return
+    index = int(cache.index)
+    if index + T > cache.length:
+        raise ValueError(f"KV cache overflow: {T} new tokens at cache.index={index} need {index + T} slots, "
+                         f"but the cache has length {cache.length}; allocate a longer cache "
+                         f"(Model.init_cache(batch, length) with length >= prompt + new tokens)")
 
 
 def check_scorer(scorer, model, name: str) -> None:
@@ -968,6 +1001,12 @@ class Model:
         completion a (2), completion b (3) in one row, positions continuing from the
         prompt in each completion, prefix_segment_ids 1 everywhere, give every completion
         token the hidden state it has in its own [prompt, completion] row.
+
+        cache (decoding): the T tokens are written to slots cache.index .. cache.index + T - 1, which
+        must exist (index + T <= cache.length): `check_cache_room` raises a ValueError otherwise
+        when cache.index is concrete. Under jit it is traced and cannot be checked (past the end, the
+        slot writes clamp and the results are wrong): the caller sizes the cache for the prompt and
+        every new token (`Model.init_cache`), as the samplers do.
         """
         if attention_mask is None:
             attention_mask = jnp.ones(tokens.shape, jnp.int32)
@@ -976,8 +1015,8 @@ class Model:
         if prefix_segment_ids is not None and (segment_ids is None or jnp.shape(prefix_segment_ids) != tokens.shape):
             raise ValueError(f"prefix_segment_ids: needs segment_ids and the tokens' shape {tokens.shape}; got "
                              f"{jnp.shape(prefix_segment_ids)}" + ("" if segment_ids is not None else " without segment_ids"))
-        if cache is not None and cache.valid.shape[0] != tokens.shape[0]:
-            raise ValueError(f"cache has {cache.valid.shape[0]} rows but tokens have {tokens.shape[0]}")
+        if cache is not None:
+            check_cache_room(cache, tokens.shape)
         if read_at is not None:
             if cache is not None:
                 raise ValueError("read_at: for full forward passes, not KV-cache decoding")
@@ -1047,7 +1086,9 @@ class Model:
         return jnp.float32 if jax.default_backend() == "cpu" else c.compute_dtype
 
     def init_cache(self, batch: int, length: int) -> KVCache:
-        """An empty KV cache for `batch` rows and `length` slots, of dtype `cache_dtype()`."""
+        """An empty KV cache for `batch` rows and `length` slots, of dtype `cache_dtype()`: room for
+        `length` tokens in all (prompt and decoded), past which `forward` refuses to write
+        (`check_cache_room`; under jit the caller keeps within it)."""
         c = self.config
         if length > c.max_seq_len:
             raise ValueError(f"cache length {length} exceeds config.max_seq_len={c.max_seq_len}")
