@@ -529,3 +529,7 @@ def test_the_run_record_names_a_dataset_by_fingerprint_and_a_folder_by_its_absol
     monkeypatch.chdir(tmp_path)
     assert _describe("ckpt") == _describe(str(tmp_path / "ckpt")) == str(tmp_path / "ckpt")
     assert _describe("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # a hub id as given
+    from rljax.recipes.tasks import _flat_record
+
+    old = {"task": "sft", "model": "ckpt", "data": "<12 rows>", "config": {"lr": 1.0}}  # recorded relative before
+    assert _flat_record(old) == _flat_record(dict(old, model=str(tmp_path / "ckpt")))

@@ -753,8 +753,12 @@ RESUMABLE_CHANGES = ("progress", "log_every", "checkpoint_every", "tensorboard",
 
 
 def _flat_record(record: dict) -> dict:
-    """config.json's {task, model, data, config: {...}} as one level of fields, to compare two runs."""
-    return {**record.get("config", {}), **{k: record.get(k, "<absent>") for k in ("task", "model", "data")}}
+    """config.json's {task, model, data, config: {...}} as one level of fields, to compare two runs. A local
+    path recorded relative (before `_describe` made paths absolute) is compared as its absolute path."""
+    def path(v):
+        return os.path.abspath(v) if isinstance(v, str) and not v.startswith("<") and os.path.exists(v) else v
+
+    return {**record.get("config", {}), **{k: path(record.get(k, "<absent>")) for k in ("task", "model", "data")}}
 
 
 def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool) -> None:
