@@ -249,7 +249,7 @@ def test_a_smoke_run_trains_its_own_sft_run_and_a_full_run_refuses_one(tmp_path)
     (smoke_sft / "config.json").write_text(json.dumps(saved, default=list))
     with pytest.raises(ValueError, match=rf"^--sft-run-dir: {smoke_sft} holds a --smoke SFT run \(preset tiny, 12 "
                                          r"steps, 16 test problems\), and this run is not a smoke run"):
-        load_sft(str(smoke_sft), CharTokenizer())
+        load_sft(str(smoke_sft), CharTokenizer(), smoke=False)
 
 
 def test_a_preempted_study_says_how_to_resume_it(tmp_path):

@@ -188,7 +188,7 @@ def test_load_sft_of_an_unfinished_run_is_an_error_not_a_new_run(tmp_path):
     sft_dir.mkdir()
     (sft_dir / "config.json").write_text(json.dumps(dict(preset="tiny", steps=12, warmup_steps=2, smoke=True)))
     with pytest.raises(UnfinishedRunError, match=rf"{re.escape(str(sft_dir))}: no finished run there"):
-        load_sft(str(sft_dir), CharTokenizer(), smoke=True)
+        load_sft(str(sft_dir), CharTokenizer())
     assert os.listdir(sft_dir) == ["config.json"]  # nothing was trained
 
 

@@ -218,7 +218,7 @@ def read_sft_config(sft_run_dir: str, *, smoke: bool = False, progress: bool = T
     return cfg
 
 
-def load_sft(sft_run_dir: str, tok, *, smoke: bool = False, progress: bool = True, run_if_missing: bool = False,
+def load_sft(sft_run_dir: str, tok, *, smoke: bool | None = None, progress: bool = True, run_if_missing: bool = False,
              create: bool = False, logging: dict | None = None, task: str | None = None):
     """(model, params, sft_cfg) of the SFT run in `sft_run_dir` at its final step; its config.json (when
     there) gives the model and the train/test split (`read_sft_config`). A run without its final
@@ -227,11 +227,13 @@ def load_sft(sft_run_dir: str, tok, *, smoke: bool = False, progress: bool = Tru
     does not exist is FileNotFoundError naming --sft-run-dir (a mistyped path must not start a new
     run) unless `create`, which trains a new SFT run there. logging: as in `read_sft_config`, for that run.
     task: the caller's task; a new SFT run is on it, and an existing one on another task is a ValueError
-    naming both (`check_same_task`), before anything trains. None: whatever task the run has."""
+    naming both (`check_same_task`), before anything trains. None: whatever task the run has.
+    smoke: whether the caller is a --smoke run (the studies pass theirs): False refuses a --smoke SFT run,
+    whose tiny model must not start a full study unnoticed; None (library use) loads any run."""
     check_input_dir(sft_run_dir, "--sft-run-dir", create=create, create_flag="--train-sft")
-    sft_cfg = read_sft_config(sft_run_dir, smoke=smoke, progress=progress, logging=logging,
+    sft_cfg = read_sft_config(sft_run_dir, smoke=bool(smoke), progress=progress, logging=logging,
                               task=task or "arithmetic")
-    if sft_cfg.smoke and not smoke:  # a throwaway model must not become a real study's start unnoticed
+    if sft_cfg.smoke and smoke is False:  # a throwaway model must not become a real study's start unnoticed
         raise ValueError(f"--sft-run-dir: {sft_run_dir} holds a --smoke SFT run (preset {sft_cfg.preset}, "
                          f"{sft_cfg.steps} steps, {sft_cfg.n_test} test problems), and this run is not a smoke "
                          "run: pass a full SFT run (e.g. the quickstart's <run>/sft, or train one with "
@@ -359,7 +361,8 @@ def train_rl(cfg: RLArithmeticConfig, *, report: bool = True, sft_accuracy: tupl
                                       task=cfg.task)
     teacher_model = teacher_params = None
     if algo.needs().teacher:  # on_policy_distill: the teacher is the final policy of another finished SFT run
-        teacher_model, teacher_params, _ = load_sft(cfg.teacher_run_dir, tok, progress=cfg.progress, task=cfg.task)
+        teacher_model, teacher_params, _ = load_sft(cfg.teacher_run_dir, tok, smoke=cfg.smoke, progress=cfg.progress,
+                                                    task=cfg.task)
     critic_model = critic_params = None
     if algo.needs().critic:  # trpo: a separate critic, initialised from the policy (V = 0 at first)
         critic_model, critic_params = with_value_head(model, params)
