@@ -346,3 +346,16 @@ def test_float_zero_one_labels_are_accepted(tmp_path):
     assert binary_feedback(str(path)) == [BinaryFeedback("a", "x", True), BinaryFeedback("b", "y", False)]
     logs = interaction_logs([{"prompt": "a", "completion": "x", "click": 1.0, "like": 0.0}])
     assert logs == [Interaction("a", "x", like=False, click=True)]
+
+
+def test_kto_labels_and_step_labels_of_the_wrong_kind_name_their_row():
+    from rljax.data.preference_collate import collate_kto
+    from rljax.data.reward_collate import collate_steps
+
+    b = collate_kto(TOK, [("1", "a", np.float32(1.0)), ("2", "bc", np.int64(0))])
+    assert b.desirable.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match=r"^row 0: desirable must be a boolean or 0/1, got array\(\[1\]\)$"):
+        collate_kto(TOK, [("1", "a", np.array([1])), ("2", "bc", 0)])
+    with pytest.raises(ValueError, match=r"^row 0: labels must be a list with one label \(or None\) per step, got "
+                                         r"NoneType None$"):
+        collate_steps(TOK, [("1=", ["2+2", "4"], None)], separator=";")

@@ -168,7 +168,10 @@ def collate_preferences(tokenizer: Tokenizer, rows: Sequence, *, max_length: int
 
 
 def _desirable(i: int, value) -> float:
-    if isinstance(value, (bool, np.bool_)) or value in (0, 1):
+    """A KTO row's label as 1.0 / 0.0: a bool or a real number equal to 0 or 1 (numpy scalars included);
+    anything else (an array, a string, 0.5, None) is a ValueError naming the row."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, float, np.integer, np.floating))
+                                               and value in (0, 1)):
         return float(value)
     raise ValueError(f"row {i}: desirable must be a boolean or 0/1, got {value!r}")
 

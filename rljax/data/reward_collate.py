@@ -296,6 +296,9 @@ def collate_steps(tokenizer: Tokenizer, rows: Sequence[tuple[str, Sequence[str],
     for i, (prompt, steps, step_labels) in enumerate(rows):
         if isinstance(steps, str):
             raise ValueError(f"row {i}: steps must be a list of strings (use split_solution on a completion)")
+        if isinstance(step_labels, (str, bytes)) or not hasattr(step_labels, "__len__"):
+            raise ValueError(f"row {i}: labels must be a list with one label (or None) per step, got "
+                             f"{type(step_labels).__name__} {step_labels!r:.60}")
         if len(step_labels) != len(steps):
             raise ValueError(f"row {i}: {len(step_labels)} labels for {len(steps)} steps")
         ids, m, ends = encode_steps(tokenizer, prompt, steps, separator, row=i, add_bos=add_bos, add_eos=add_eos)
