@@ -34,7 +34,7 @@ from rljax.checkpoint import Checkpointer
 from rljax.models.hf import save_pretrained
 from rljax.models.transformer import check_scorer
 from rljax.distributed import to_host
-from rljax.sampling import SampleConfig, padded_prompt_count, sample, tokenizer_ids, truncate_prompts
+from rljax.sampling import SampleConfig, filled_prompts, sample, tokenizer_ids, truncate_prompts
 
 __all__ = ["TOKENIZER_FILES", "UnfinishedRunError", "PolicyEvalConfig", "complete", "correctness", "evaluate_policy",
            "exact_match", "pass_at_k", "finished_run", "load_finished", "export_policy"]
@@ -81,7 +81,7 @@ def complete(params, model, tok, prompts: Sequence[str], *, max_new_tokens: int,
     texts: list[str] = []
     for chunk, k in chunks:
         real = len(chunk)
-        chunk = chunk + [chunk[0]] * (padded_prompt_count(batch_size or real, model, n) - real)
+        chunk = filled_prompts(chunk, model, n, batch_size)
         tokens, mask = tok.encode_batch(chunk, add_bos=add_bos, padding_side="left")
         if truncate:
             tokens, mask, _ = truncate_prompts(tokens, mask, model.config.max_seq_len - max_new_tokens,
@@ -208,7 +208,7 @@ def evaluate_policy(params, model, tok, problems: Sequence[Any], cfg: PolicyEval
     for b, lo in enumerate(range(0, len(texts), size)):
         chunk = texts[lo:lo + size]
         real = len(chunk)
-        chunk = chunk + [chunk[0]] * (padded_prompt_count(size, model, n) - real)  # one shape for every call
+        chunk = filled_prompts(chunk, model, n, size)  # one shape for every call
         tokens, mask = tok.encode_batch(chunk, add_bos=add_bos, padding_side="left")
         roll = sample(params, tokens, mask, jax.random.fold_in(key, b), model=model, cfg=sampling)
         kl = None

@@ -39,7 +39,7 @@ from rljax.metrics import WandbConfig
 from rljax.phases import LoopConfig, SFTPhaseConfig, sft
 from rljax.pipelines import Stage, run_stages
 from rljax.rewards.rules import RewardCallConfig, score_with_failures
-from rljax.sampling import SampleConfig, padded_prompt_count, sample, tokenizer_ids
+from rljax.sampling import SampleConfig, filled_prompts, sample, tokenizer_ids
 from rljax.state import OptimizerConfig, TrainState
 
 __all__ = ["ExpertIterationConfig", "RejectionConfig", "expert_iteration", "rejection_sample", "select_samples"]
@@ -182,7 +182,7 @@ def rejection_sample(params, prompts: Sequence[str], reward_fn: Callable, cfg: R
         chunk = list(prompts[lo:lo + m])
         real = len(chunk)
         # one shape for every call, rows a multiple of the mesh's (`prompt_multiple`); the copies are dropped
-        chunk += [chunk[0]] * (padded_prompt_count(m if P > m else real, model, n) - real)
+        chunk = filled_prompts(chunk, model, n, m if P > m else None)
         tokens, mask = tokenizer.encode_batch(chunk, add_bos=add_bos, padding_side="left")
         roll = sample(params, tokens, mask, jax.random.fold_in(key, b), model=model, cfg=sampling)
         ids, stops = to_host((roll.completions, roll.stopped_at_eos))

@@ -37,7 +37,7 @@ from rljax.models.transformer import Model
 from rljax.distributed import local_rows, to_host
 from rljax.phases import LoopConfig, _need_mesh, check_accumulation, phase_mesh, run_loop
 from rljax.rewards.rules import score
-from rljax.sampling import SampleConfig, padded_prompt_count, sample, scorer_at_index
+from rljax.sampling import SampleConfig, filled_prompts, sample, scorer_at_index
 from rljax.sharding import LOGICAL_RULES, param_shardings, replicated, shard_batch, shard_params
 from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_gradients, apply_loss_gradients, compile_step,
                          create_state, make_optimizer, state_shardings)
@@ -506,8 +506,7 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
             continue
         lo, hi = k * cfg.prompts_per_batch, min(len(prompts), (k + 1) * cfg.prompts_per_batch)
         chunk = list(prompts[lo:hi])
-        filled = chunk + [chunk[0]] * (padded_prompt_count(len(chunk), model, cfg.samples) - len(chunk))
-        tokens, mask = tokenizer.encode_batch(filled, padding_side="left")
+        tokens, mask = tokenizer.encode_batch(filled_prompts(chunk, model, cfg.samples), padding_side="left")
         roll = sample(params, tokens, mask, jax.random.fold_in(key, k), model=model, cfg=scfg)
         ids, eos = to_host((roll.completions, roll.stopped_at_eos))  # the copies' rows dropped below
         text = tokenizer.decode_batch(ids)[:len(chunk) * cfg.samples]

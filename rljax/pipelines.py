@@ -77,7 +77,7 @@ from rljax.oreo_training import (CollectConfig, OREOPhaseConfig, OREOState, chec
                                  collect_trajectories, oreo, prompts_with_steps)
 from rljax.phases import LoopConfig, PreferencePhaseConfig, RewardModelPhaseConfig, preference, train_reward_model
 from rljax.reference import best_worst_pairs, cached_reference_logps, with_reference
-from rljax.sampling import SampleConfig, padded_prompt_count, sample
+from rljax.sampling import SampleConfig, filled_prompts, sample
 from rljax.state import OptimizerConfig
 
 STAGES_DIR = "stages"  # the stage checkpoints: step i = stages 0..i-1 done
@@ -524,8 +524,7 @@ def online_dpo(state, prompts: Sequence[str], scorer: Callable, cfg: OnlineDPOCo
     def collect(r, state, ctx):
         start = (r * cfg.prompts_per_round) % len(prompts)
         chosen_prompts = [prompts[(start + i) % len(prompts)] for i in range(cfg.prompts_per_round)]
-        filled = chosen_prompts + [chosen_prompts[0]] * (padded_prompt_count(len(chosen_prompts), model, cfg.samples)
-                                                         - len(chosen_prompts))  # a mesh's multiple; dropped below
+        filled = filled_prompts(chosen_prompts, model, cfg.samples)  # a mesh's multiple; the copies dropped below
         tokens, mask = tokenizer.encode_batch(filled, padding_side="left")
         roll = sample(state.params, tokens, mask, jax.random.fold_in(state.rng, r), model=model,
                       cfg=dataclasses.replace(cfg.sampling, n=cfg.samples))

@@ -556,11 +556,13 @@ def prompt_multiple(model: Model, n: int = 1) -> int:
     return rows // math.gcd(rows, n)
 
 
-def padded_prompt_count(prompts: int, model: Model, n: int = 1) -> int:
-    """`prompts` rounded up to a multiple of `prompt_multiple(model, n)`: the batch a caller with any
-    number of prompts fills (with copies of one) before `sample`, dropping the copies' rows after."""
+def filled_prompts(prompts: list, model: Model, n: int = 1, size: int | None = None) -> list:
+    """`prompts` followed by copies of its first, up to `size` (default: as many as there are) rounded
+    up to a multiple of `prompt_multiple(model, n)`: what a caller with any number of prompts passes to
+    `sample` (one shape for every call of `size`), dropping the copies' rows after."""
     m = prompt_multiple(model, n)
-    return -(-prompts // m) * m
+    target = -(-(len(prompts) if size is None else size) // m) * m
+    return list(prompts) + [prompts[0]] * (target - len(prompts))
 
 
 def _own_rows(tokens: np.ndarray, mask: np.ndarray, model: Model, name: str, n: int = 1):

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from rljax.distributed import to_host
-from rljax.sampling import SampleConfig, padded_prompt_count, sample
+from rljax.sampling import SampleConfig, filled_prompts, sample
 
 # complete(prefixes: list[str], n: int, key) -> list of n continuation strings per prefix
 Completer = Callable[[Sequence[str], int, jax.Array], Sequence[Sequence[str]]]
@@ -44,8 +44,7 @@ def model_completer(model, params, tokenizer, cfg: SampleConfig, *, max_batch: i
         step_cfg = cfg.replace(n=n)
         for start in range(0, len(prefixes), max_batch):
             chunk = list(prefixes[start:start + max_batch])
-            filled = chunk + [chunk[0]] * (padded_prompt_count(len(chunk), model, n) - len(chunk))  # a mesh's multiple
-            tokens, mask = tokenizer.encode_batch(filled, padding_side="left")
+            tokens, mask = tokenizer.encode_batch(filled_prompts(chunk, model, n), padding_side="left")
             roll = sample(params, tokens, mask, jax.random.fold_in(key, start), model=model, cfg=step_cfg)
             text = tokenizer.decode_batch(to_host(roll.completions))[:len(chunk) * n]
             out += [text[i * n:(i + 1) * n] for i in range(len(chunk))]
