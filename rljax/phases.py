@@ -515,9 +515,8 @@ def check_accumulation(opt: OptimizerConfig, loop: LoopConfig, phase: str, field
                          f"make steps a multiple of {opt.grad_accum}")
 
 
-def _check_opt_state(state: TrainState, opt: OptimizerConfig, phase: str, loop: LoopConfig | None = None) -> None:
-    if loop is not None:
-        check_accumulation(opt, loop, phase)
+def _check_opt_state(state: TrainState, opt: OptimizerConfig, phase: str, loop: LoopConfig) -> None:
+    check_accumulation(opt, loop, phase)
     expected = jax.tree.structure(jax.eval_shape(make_optimizer(opt).init, state.params))
     if jax.tree.structure(state.opt_state) != expected:
         raise ValueError(f"{phase}: state.opt_state does not match cfg.optimizer; create the state with "
