@@ -109,16 +109,21 @@ class CheckpointMismatchError(ValueError):
     optimizer or configuration). The message names the leaves."""
 
 
-def _mismatch(saved: dict, target) -> str | None:
-    """What differs between a checkpoint's arrays ({name: (shape, dtype)}) and `target`'s, in leaves and
-    shapes (dtypes may differ: restore casts), or None."""
-    mine = {_leaf_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(_to_saveable(target))[0]}
+def _arrays(target) -> dict[str, tuple]:
+    """{leaf name: (shape, dtype)} of the saveable form of `target`, as `Checkpointer._saved_arrays` reads a step's."""
+    return {_leaf_name(p): (tuple(x.shape), np.dtype(x.dtype))
+            for p, x in jax.tree_util.tree_flatten_with_path(_to_saveable(target))[0]}
+
+
+def _mismatch(saved: dict, mine: dict) -> str | None:
+    """What differs between a checkpoint's arrays and a target's (both {name: (shape, dtype)}, `_arrays`), in
+    leaves and shapes (dtypes may differ: restore casts), or None."""
     def order(names):  # the parameters first: they say which model it was
         return sorted(names, key=lambda n: (not n.startswith("params."), n))
 
     missing, extra = order(set(mine) - set(saved)), order(set(saved) - set(mine))
-    shapes = [f"{n} {saved[n][0]} saved, {mine[n]} given" for n in order(set(mine) & set(saved))
-              if tuple(saved[n][0]) != mine[n]]
+    shapes = [f"{n} {saved[n][0]} saved, {mine[n][0]} given" for n in order(set(mine) & set(saved))
+              if saved[n][0] != mine[n][0]]
 
     def some(names):
         return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
@@ -422,16 +427,14 @@ class Checkpointer:
         then cast to the target's."""
         path = self.step_path(step)
         ocp = _ocp()
-        saved = self._saved_arrays(step)
+        saved, mine = self._saved_arrays(step), _arrays(target)
         if saved is not None:
-            differs = _mismatch(saved, target)
+            differs = _mismatch(saved, mine)
             if differs:
                 raise CheckpointMismatchError(f"checkpoint {path} holds another state than the one given to "
                                               f"restore it into ({differs}): it was saved by another model, "
                                               "head, optimizer or configuration (a run directory holds one run)")
-        cast = {} if saved is None else {
-            _leaf_name(p): saved[_leaf_name(p)][1] for p, x in jax.tree_util.tree_flatten_with_path(
-                _to_saveable(target))[0] if np.dtype(x.dtype) != saved[_leaf_name(p)][1]}
+        cast = {} if saved is None else {n: saved[n][1] for n, (_, dtype) in mine.items() if dtype != saved[n][1]}
         error = None
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(
