@@ -70,6 +70,7 @@ from rljax.checkpoint import state_digest
 from rljax.data.batch import PromptBatch
 from rljax.data.collate import BatchIterator, encode_prompt_completion
 from rljax.data.reward_collate import collate_feedback
+from rljax.distributed import process_local
 from rljax.eval import PolicyEvalConfig, complete, evaluate_policy
 from rljax.pipeline_steps import config_args, json_digest as _digest, sft_on_rows
 from rljax.losses.reward_model import FeedbackConfig
@@ -414,7 +415,7 @@ def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task,
             disc = train_reward_model(disc, batches, phase, model=disc_model,
                                       run_dir=ctx.component_dir("discriminator"), eval_fn=eval_fn)
         # (2) D on held-out demonstrations vs fresh samples of the policy it was trained against
-        current["discriminator"] = disc.params
+        current["discriminator"] = process_local(disc_model, disc.params)[1]  # the scorers run on each process's own devices
         where = f"adversarial_rlaif: stage {ctx.name!r}"
         z_expert = _finite_scores(logits(held_prompts, held_refs), held_prompts, held_refs, where)
         z_policy = _finite_scores(logits(held_prompts, data["fresh"]), held_prompts, data["fresh"], where)
@@ -444,8 +445,9 @@ def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task,
     stages += [Stage(f"round-{r}", collect=functools.partial(collect, r), train=functools.partial(train_round, r),
                      data_file="samples.json") for r in range(cfg.rounds)]
     stages = [dataclasses.replace(s, args=dict(shared, stage=s.name)) for s in stages]
-    # the template the stage checkpoints restore onto (its values are replaced by the sft stage)
-    state = jax.device_put(start_state(params, jax.random.fold_in(key, 0)))
+    # the template the stage checkpoints restore onto (its values are replaced by the sft stage): device arrays on
+    # the models' meshes (`rl_state`, `create_state`), whatever the caller's params are
+    state = start_state(params, jax.random.fold_in(key, 0))
     results: dict = {}
     state, _ = run_stages(state, stages, run_dir=run_dir, results=results, allow_change=allow_change)
     return state, [results[s.name] for s in stages if s.name in results]

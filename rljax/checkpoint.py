@@ -67,9 +67,11 @@ def write_json(path: str, value, *, indent: int = 2, default=None) -> None:
 
 def digest_params(params, h) -> None:
     """Feed every leaf of `params` (path, dtype, shape, bytes) to the hashlib object `h`: a
-    fingerprint that tells whether cached data were made with these exact parameters."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        arr = np.asarray(jax.device_get(leaf))
+    fingerprint that tells whether cached data were made with these exact parameters. Arrays that
+    span processes are gathered (`rljax.distributed.to_host`: every process calls this at the same
+    point), so every process computes the same digest."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(distributed.to_host(params))[0]:
+        arr = np.asarray(leaf)
         h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
 

@@ -25,6 +25,12 @@ Who passes what:
   one that does not.
 - `to_host` brings arrays that span processes (a step's outputs, sampled tokens) back
   to numpy on every process.
+- work each process does alone on rows of its own (a learned reward scoring the samples it
+  drew: the RL iteration gives its reward function only the process's own rows) runs on the
+  process's own devices: `process_local(model, params)` gives the model on `local_mesh` and the
+  params' global values placed there. The learned scorers (`rljax.rewards.learned`, the judge,
+  the discriminator reward) do this when they are built, so build them on every process at the
+  same point.
 
 Launching two processes on one machine (CPU, two simulated devices each)::
 
@@ -52,6 +58,8 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID) are read too.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from typing import Any, Sequence
 
@@ -59,7 +67,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rljax.sharding import placement
+from rljax.sharding import make_mesh, param_shardings, placement, replicated, shard_params
 
 # setting -> environment variables read when the argument is None (first set one wins)
 ENV_VARS: dict[str, tuple[str, ...]] = {
@@ -245,3 +253,78 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def spans_processes(mesh) -> bool:
+    """True when `mesh` (a jax Mesh) holds devices of another process than this one."""
+    me = jax.process_index()
+    return mesh is not None and any(d.process_index != me for d in mesh.devices.flat)
+
+
+def local_mesh(mesh):
+    """This process's devices of `mesh` (a (data, fsdp, tensor) mesh, `rljax.sharding.make_mesh`) as a
+    mesh of the same axes: tensor as in `mesh` (its groups lie within a process on make_mesh's
+    layouts), fsdp = gcd(mesh's fsdp, the rest), data = what remains; the devices in `mesh`'s order.
+    `mesh` itself when all its devices are this process's.
+
+        >>> local_mesh(make_mesh(data=2, fsdp=2))   # 2 processes of 2 devices: {'data': 1, 'fsdp': 2, ...}
+    """
+    if not spans_processes(mesh):
+        return mesh
+    me = jax.process_index()
+    own = [d for d in mesh.devices.flat if d.process_index == me]
+    sizes = dict(mesh.shape)
+    tensor = sizes.get("tensor", 1)
+    if not own or len(own) % tensor:
+        raise ValueError(f"local_mesh: process {me} holds {len(own)} of the mesh's devices {sizes}, not a multiple "
+                         f"of its tensor axis ({tensor}); lay the mesh out with rljax.sharding.make_mesh so each "
+                         "process holds whole tensor groups")
+    fsdp = math.gcd(sizes.get("fsdp", 1), len(own) // tensor)
+    return make_mesh(len(own) // (tensor * fsdp), fsdp, tensor, devices=own)
+
+
+def _spanning(tree) -> list:
+    return [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+
+
+def process_local(model, params=None):
+    """(model, params) for work this process does alone, on rows of its own: a learned reward scoring
+    the samples the process drew (the RL iteration passes its reward function only the process's own
+    rows), where a program over the global mesh would mix the processes' different rows.
+
+    On one process, or for a model without a mesh (or on this process's devices only) and params
+    that are this process's, (model, params) come back as they are. Otherwise the model comes back
+    on `local_mesh(model.mesh)` and the params' global values (gathered with `to_host`: a
+    collective, so every process calls this at the same point, e.g. where a scorer is built)
+    placed there by the model's sharding rules (replicated for a model without them). params None:
+    the model alone (no collective).
+
+        >>> rm_model, rm_params = process_local(rm_model, rm_state.params)   # on every process
+        >>> reward_fn = reward_model_reward(rm_model, rm_params, tokenizer)  # (which does this itself)
+    """
+    mesh = getattr(model, "mesh", None)
+    if jax.process_count() == 1 or not (spans_processes(mesh) or _spanning(params)):
+        return model, params
+    local = dataclasses.replace(model, mesh=local_mesh(mesh)) if spans_processes(mesh) else model
+    if params is None:
+        return local, None
+    host, own = to_host(params), getattr(local, "mesh", None)
+    if own is None:  # a model without a mesh: its default device
+        return local, jax.device_put(host)
+    try:
+        shardings = param_shardings(local, own)
+        jax.tree.map(lambda *_: None, host, shardings)  # the same structure, or the fallback below
+    except (AttributeError, TypeError, ValueError):  # not a Model's parameter tree: keep a whole copy on each device
+        shardings = jax.tree.map(lambda _: replicated(own), host)
+    return local, shard_params(host, shardings)
+
+
+def check_process_local(params, where: str):
+    """params, raising a ValueError naming `where` when any of their arrays spans processes (a scorer
+    whose params are read at every call cannot gather them there: the call would be a collective that
+    the other processes, scoring rows of their own, do not reach at the same point)."""
+    if _spanning(params):
+        raise ValueError(f"{where}: the params span several processes, but this runs on each process's own rows; "
+                         "pass process-local params (`rljax.distributed.process_local(model, params)`, called on "
+                         "every process at the same point, e.g. where the params are refreshed)")
+    return params

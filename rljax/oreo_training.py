@@ -34,7 +34,7 @@ from rljax.losses.actor_critic import token_values
 from rljax.losses.oreo import OREOConfig, oreo_policy_terms, oreo_value_loss_on_values
 from rljax.models import add_head
 from rljax.models.transformer import Model
-from rljax.distributed import local_rows, to_host
+from rljax.distributed import is_main_process, local_rows, sync, to_host
 from rljax.phases import LoopConfig, _need_mesh, check_accumulation, phase_mesh, run_loop
 from rljax.rewards.rules import score
 from rljax.sampling import SampleConfig, filled_prompts, sample, scorer_at_index
@@ -472,6 +472,10 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
     configuration, the prompts' and parameters' SHA-256 and the key: running again
     resumes after the last finished part, and a finished directory is reused without
     sampling. A directory made with other arguments is an error naming the field.
+
+    Several processes: every process passes the same prompts and gets every row (each decodes its
+    own rows, `sample`; reward_fn scores every row on each process); process 0 alone writes out_dir
+    (a directory they share), and they meet once it is written.
     """
     prompts = list(prompts)
     if not prompts:
@@ -496,7 +500,8 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
                                  "new directory")
             done = old.get("parts", {})
         manifest = {"config": config, "parts": done}
-        _write_json(path, manifest)
+        if is_main_process():  # several processes collect the same rows; one writes them
+            _write_json(path, manifest)
     scfg = cfg.sampling.replace(n=cfg.samples)
     n_parts = -(-len(prompts) // cfg.prompts_per_batch)
     rows = []
@@ -524,9 +529,12 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
         rows += part
         if out_dir is not None:
             name = f"part-{k:05d}.parquet"
-            _write_part(part, os.path.join(out_dir, name))
             done[str(k)] = {"file": name, "rows": len(part)}
-            _write_json(os.path.join(out_dir, "manifest.json"), manifest)
+            if is_main_process():
+                _write_part(part, os.path.join(out_dir, name))
+                _write_json(os.path.join(out_dir, "manifest.json"), manifest)
+    if out_dir is not None:
+        sync("rljax.oreo_training: trajectories written")  # readable by every process from here on
     return rows
 
 

@@ -83,6 +83,7 @@ from rljax.models.transformer import check_scorer
 from rljax.pipelines import Stage, rl_state, run_stages, train_rl
 from rljax.pipeline_steps import check_algorithm, config_args, json_digest as _digest, sft_on_rows, stage_rl_config
 from rljax.sampling import SampleConfig
+from rljax.sharding import place_params
 from rljax.state import OptimizerConfig
 
 __all__ = ["R1Config", "R1_STAGES", "mixed_reward", "r1_pipeline", "rule_reward"]
@@ -464,9 +465,10 @@ def r1_pipeline(params, cfg: R1Config, *, model, tokenizer, task, cold_start: Se
                      collect=lambda s, ctx: collect_samples(s["policy"], distill_problems, cfg.distill_rejection, ctx)),
                Stage("distill-on-policy", train=distill_on_policy, data_file=None)]
     stages = [dataclasses.replace(s, args=dict(shared, stage=s.name)) for s in stages]
-    # device arrays (a checkpoint restores onto their shardings), whatever the caller's params are
-    state = jax.device_put(dict(policy=params, reward_model=rm_template, student=student_params,
-                                student_sft=student_params, student_on_policy=student_params))
+    # device arrays where each model computes (a checkpoint restores onto their shardings), whatever the caller's are
+    state = dict(policy=place_params(model, params), reward_model=place_params(rm_model, rm_template),
+                 **{k: place_params(student_model, student_params) for k in ("student", "student_sft",
+                                                                            "student_on_policy")})
     results: dict = {}
     state, _ = run_stages(state, stages, run_dir=run_dir, results=results, allow_change=allow_change)
     return state, [results[s.name] for s in stages if s.name in results]

@@ -14,6 +14,7 @@ import numpy as np
 from rljax.checkpoint import atomic_path, digest_params
 from rljax.cpu_dots import jit_full_sequence
 from rljax.data.preference_collate import _KTO_FIELDS, _PAIR_FIELDS, _row
+from rljax.distributed import to_host
 from rljax.losses.preference import reference_logps
 from rljax.models.transformer import check_positions
 
@@ -59,7 +60,7 @@ def cached_reference_logps(params, rows: Sequence, collate: Callable, *, model, 
                 return out
     fn = jit_full_sequence(functools.partial(reference_logps, model=model, chunk_size=chunk_size),
                            dtype=model.config.dtype)
-    out = np.concatenate([np.asarray(fn(params, b.replace(ref_logps=None))) for b in batches]).astype(np.float32)
+    out = np.concatenate([to_host(fn(params, b.replace(ref_logps=None))) for b in batches]).astype(np.float32)
     if not np.all(np.isfinite(out)):
         bad = int(np.argwhere(~np.isfinite(out))[0, 0])
         raise ValueError(f"cached_reference_logps: row {bad} has a non-finite reference log-prob {out[bad]}")

@@ -70,6 +70,7 @@ from rljax.pipelines import Stage, rl_state, run_stages, train_rl
 from rljax.rewards.judge import (Judge, JudgeConfig, choice_ids, judge_accuracy, judge_pairwise, judge_prompt_ids,
                                  pairwise_prompt, pairwise_reward)
 from rljax.pipeline_steps import check_algorithm, config_args, sft_on_rows, stage_rl_config
+from rljax.sharding import place_params
 from rljax.state import OptimizerConfig, create_state
 
 __all__ = ["RLAIFConfig", "RLAIF_FORMS", "RLAIF_STAGES", "collate_labelled_pairs", "label_statistics",
@@ -445,9 +446,9 @@ def rlaif(params, cfg: RLAIFConfig, *, model, tokenizer, task, judge_model, judg
         stages.append(Stage("rl-direct", train=functools.partial(train_policy, "direct"), collect=collect_baseline,
                             data_file="baseline.json"))
     stages = [dataclasses.replace(s, args=dict(shared, stage=s.name)) for s in stages]
-    # device arrays (a checkpoint restores onto their shardings), whatever the caller's arrays are
-    state = jax.device_put(dict(policy=params, judge=judge_params, reward_model=rm_template,
-                                **{form: params for form in forms}))
+    # device arrays where each model computes (a checkpoint restores onto their shardings), whatever the caller's are
+    state = dict(policy=place_params(model, params), judge=place_params(judge_model, judge_params),
+                 reward_model=place_params(rm_model, rm_template), **{form: place_params(model, params) for form in forms})
     results: dict = {}
     state, _ = run_stages(state, stages, run_dir=run_dir, results=results, allow_change=allow_change)
     return state, [results[s.name] for s in stages if s.name in results]

@@ -62,6 +62,7 @@ from rljax.pipeline_steps import (bradley_terry_reward_model, config_args, gold_
                                   sft_on_rows)
 from rljax.pipelines import IterativeRLHFConfig, Stage, iterative_rlhf_stages, rl_state, run_stages
 from rljax.sampling import SampleConfig, tokenizer_ids
+from rljax.sharding import place_params
 from rljax.state import OptimizerConfig, create_state
 
 __all__ = ["PLOTTED", "RLHFConfig", "plot_rlhf", "ppo_metrics", "rlhf_pipeline"]
@@ -307,7 +308,7 @@ def rlhf_pipeline(params, cfg: RLHFConfig, *, model, tokenizer, task, sft_proble
     # the templates a checkpoint restores onto (device arrays, whatever the caller's params are)
     rm_template = create_state(rm_model, cfg.rm_optimizer, jax.random.fold_in(key, 1), params=rm_init)
     _, with_value = with_value_head(model, params)
-    state = dict(sft=jax.device_put(params), reward_model=rm_template,
+    state = dict(sft=place_params(model, params), reward_model=rm_template,
                  policy=rl_state(value_model, with_value, rl_cfg, jax.random.fold_in(key, 100)))
     results: dict = {}
     state, _ = run_stages(state, stages, run_dir=run_dir, results=results, allow_change=allow_change)

@@ -140,6 +140,18 @@ def shard_params(params, shardings):
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
 
 
+def place_params(model, params):
+    """`params` of `model` as device arrays where the model computes: on its mesh by its sharding rules
+    (`param_shardings`; on several processes every process passes the same values), or for a model
+    without a mesh on the default device (`jax.device_put`). A pipeline's stage state is made of these:
+    its checkpoints restore onto the template's shardings, and a template of single-device arrays cannot
+    be saved on several processes."""
+    mesh = getattr(model, "mesh", None)
+    if mesh is None:
+        return jax.device_put(params)
+    return shard_params(params, param_shardings(model, mesh))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -250,16 +250,21 @@ def owned_copy(tree):
 def _copy_leaf(x):
     if isinstance(x, np.ndarray) or (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
                                      and x.is_fully_addressable):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            # device_put of a typed key drops its sharding (a key replicated over a mesh came back on one
+            # device, and the RL iteration's fold_in(rng, step) then refused a step on the mesh): copy its data
+            data = jax.device_put(jax.random.key_data(x), may_alias=False)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
         return jax.device_put(x, may_alias=False)
     return jnp.copy(x)
 
 
 def create_state(model, opt_cfg: OptimizerConfig, key: jax.Array, *, mesh: Mesh | None = None,
                  rules=LOGICAL_RULES, params=None) -> TrainState:
-    """A fresh TrainState. With a mesh, parameters and optimizer state are created
-    directly with their shardings (init runs under jit with out_shardings, so no
-    device ever holds a full unsharded copy). `params` (e.g. loaded weights) is
-    used instead of a random init when given.
+    """A fresh TrainState. With a mesh (default: the model's own, `Model.mesh`, as `create_rl_state` and
+    the phases take it), parameters and optimizer state are created directly with their shardings (init
+    runs under jit with out_shardings, so no device ever holds a full unsharded copy). `params` (e.g.
+    loaded weights) is used instead of a random init when given.
 
     The state owns its arrays: given `params` are copied (with a mesh,
     `device_put(..., may_alias=False)`, since a no-op placement returns the same
@@ -268,6 +273,9 @@ def create_state(model, opt_cfg: OptimizerConfig, key: jax.Array, *, mesh: Mesh 
     """
     optimizer = make_optimizer(opt_cfg)
     init_key, rng = jax.random.split(key)
+    # a state left unsharded for a model on a mesh trained on its sharded batches (the pipelines' reward models
+    # and SFT stages), and on several processes each process would have held a whole unplaced copy
+    mesh = getattr(model, "mesh", None) if mesh is None else mesh
     if mesh is None:
         params = model.init(init_key) if params is None else owned_copy(params)
         # The moments and counters in one program, freed with its jit when this returns: optax's init

@@ -121,6 +121,10 @@ def test_no_aliasing_on_a_mesh():
         _unchanged(p, before)
         _unchanged(state.params, before)
         assert all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(p)))
+        # without mesh=, the model's own: the same placement (it was left unsharded on device 0)
+        default = create_state(model, OPT, jax.random.key(1), params=jax.device_get(p))
+        for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(state), strict=True):
+            assert a.sharding == b.sharding, (a.sharding, b.sharding)
         print("OK")
     """, n_devices=4)
     assert "OK" in out
@@ -145,19 +149,23 @@ def test_owned_copy_and_create_state_keep_no_small_programs():
         mesh = make_mesh(data=4, fsdp=2)
         tree = {"sharded": jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("data", "fsdp"))),
                 "committed": jax.device_put(jnp.ones(3, jnp.bfloat16), jax.devices()[3]),
-                "uncommitted": jnp.arange(5), "key": jax.random.key(7), "host": np.full((2,), 2.5, np.float32)}
+                "uncommitted": jnp.arange(5), "key": jax.random.key(7), "host": np.full((2,), 2.5, np.float32),
+                # an RLState's rng: device_put of a typed key put it on one device, and fold_in(rng, step) with
+                # the step on the mesh was refused when a phase on a mesh resumed
+                "mesh_key": jax.device_put(jax.random.key(8), NamedSharding(mesh, P()))}
         jax.block_until_ready(tree)
         n = len(compiles)
         copy = owned_copy(tree)
         jax.block_until_ready(copy)
         assert len(compiles) == n, compiles[n:]
-        for name in ("sharded", "committed", "uncommitted"):
+        for name in ("sharded", "committed", "uncommitted", "key", "mesh_key"):
             a, b = tree[name], copy[name]
             assert a.sharding == b.sharding and a.committed == b.committed and a.dtype == b.dtype, name
+            if name.endswith("key"):
+                a, b = jax.random.key_data(a), jax.random.key_data(b)
             assert {s.data.unsafe_buffer_pointer() for s in a.addressable_shards}.isdisjoint(
                 s.data.unsafe_buffer_pointer() for s in b.addressable_shards), name
             np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-        np.testing.assert_array_equal(jax.random.key_data(copy["key"]), jax.random.key_data(tree["key"]))
         assert isinstance(copy["host"], jax.Array)
         np.testing.assert_array_equal(np.asarray(copy["host"]), tree["host"])
         jax.jit(lambda t: t * 2, donate_argnums=0)(copy["sharded"])  # donating the copy leaves the original readable

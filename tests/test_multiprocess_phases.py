@@ -19,6 +19,7 @@ from test_multihost import _env, _free_port, wait_for_workers
 WORKER = textwrap.dedent("""
     import faulthandler, functools, json, sys
     faulthandler.dump_traceback_later(240, exit=True)  # a hung collective fails with a traceback
+    import dataclasses
     import jax, jax.numpy as jnp, numpy as np
     from rljax import distributed
 
@@ -263,6 +264,192 @@ WORKER = textwrap.dedent("""
             runs.append(dict(rows=rows, params=checksums(state.params)["total"], step=int(state.step)))
         res["runs"] = runs
 
+    elif mode == "scorers":  # learned scorers on each process's own rows; evaluation and reference on global rows
+        from rljax.adversarial import adversarial_reward
+        from rljax.data.preference_collate import collate_preferences
+        from rljax.data.reward_collate import collate_pairs
+        from rljax.distributed import local_mesh, process_local
+        from rljax.reference import cached_reference_logps
+        from rljax.rewards.evaluation import reward_model_eval
+        from rljax.rewards.judge import Judge, JudgeConfig, pointwise_reward
+        from rljax.rewards.learned import likelihood_reward, prm_reward, reward_model_reward
+        from rljax.sharding import param_shardings, shard_params
+
+        def placed(model, seed):  # random weights, the reward head's too (it starts at 0), on the 4-device mesh
+            p = dataclasses.replace(model, mesh=None).init(jax.random.key(seed))
+            p = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(seed + 50), x.shape, x.dtype), p)
+            return shard_params(p, param_shardings(model, mesh))
+
+        rm = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size, heads=("reward",)), mesh=mesh)
+        lm = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size), mesh=mesh)
+        rm_params, lm_params, ref_params = placed(rm, 0), placed(lm, 1), placed(lm, 2)
+        prompts = [f"{a}+{b}=" for a, b in ((1, 2), (13, 4), (7, 70), (2, 2), (45, 6), (3, 9), (8, 8))]
+        completions = ["3", "1;7", "77;;", "4;4;4", "51", "", "1;6"]
+        # process 0 scores rows 0-1, process 1 rows 2-6 (other row counts, other buckets); one process all 7
+        own = slice(0, 7) if not port else (slice(0, 2) if pid == 0 else slice(2, 7))
+        scorers = dict(
+            rm=reward_model_reward(rm, rm_params, TOK),
+            likelihood=likelihood_reward(lm, lm_params, TOK, reference=ref_params, reduction="sum"),
+            prm=prm_reward(rm, rm_params, TOK, separator=";", aggregation="min"),
+            adversarial=adversarial_reward(rm, rm_params, TOK),
+            judge=pointwise_reward(Judge(lm, lm_params, TOK, JudgeConfig())))
+        local_rm, local_params = process_local(rm, rm_params)
+        scorers["callable"] = reward_model_reward(rm, lambda: local_params, TOK)
+        res["scores"] = {k: np.asarray(f(prompts[own], completions[own]), np.float64).tolist()
+                         for k, f in scorers.items()}
+        res["local"] = [dict(local_rm.mesh.shape), len(local_rm.mesh.devices.flat),
+                        sorted({d.process_index for d in local_rm.mesh.devices.flat}),
+                        sorted({d.process_index for x in jax.tree.leaves(local_params) for d in x.devices()})]
+        try:
+            reward_model_reward(rm, lambda: rm_params, TOK)(prompts[own], completions[own])
+            res["spanning_callable"] = None
+        except ValueError as e:
+            res["spanning_callable"] = str(e)
+        res["local_meshes"] = {}
+        for shape in ((4, 1, 1), (1, 4, 1), (1, 1, 4)):
+            try:
+                res["local_meshes"][str(shape)] = dict(local_mesh(make_mesh(*shape)).shape)
+            except ValueError as e:
+                res["local_meshes"][str(shape)] = str(e)
+        pairs = [(p, c or "9", (c or "9") + "0") for p, c in zip(prompts, completions)]
+        res["rm_eval"] = reward_model_eval(rm, [collate_pairs(TOK, pairs[:4]), collate_pairs(TOK, pairs[4:])],
+                                           params_of=lambda p: p)(rm_params)
+        ref = cached_reference_logps(lm_params, pairs, functools.partial(collate_preferences, TOK), model=lm,
+                                     cache_dir=run_dir + "/ref", batch_size=4)
+        res["reference"] = ref.tolist()
+        import os
+        res["reference_files"] = sorted(os.listdir(run_dir + "/ref"))
+
+    elif mode == "rounds":  # online DPO, iterative OREO and iterative RLHF, 2 rounds each, through run_stages
+        from rljax.data.arithmetic import make_split
+        from rljax.data.batch import PromptBatch
+        from rljax.data.preference_collate import collate_preferences
+        from rljax.data.reward_collate import collate_ranked
+        from rljax.losses import GRPOConfig
+        from rljax.oreo_training import CollectConfig, OREOPhaseConfig, create_oreo_state
+        from rljax.pipelines import (IterativeOREOConfig, IterativeRLHFConfig, OnlineDPOConfig, create_rlhf_state,
+                                     iterative_oreo, iterative_rlhf, online_dpo)
+        from rljax.rewards.learned import reward_model_reward
+        from rljax.rewards.rules import arithmetic_answer_reward
+        from rljax.rl import RLConfig
+        from rljax.sampling import SampleConfig
+        from rljax.sharding import param_shardings, shard_params
+
+        opt = OptimizerConfig(lr=1e-2, schedule="constant")
+        lm = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size), mesh=mesh)
+        rm = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size, heads=("reward",)), mesh=mesh)
+        params = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size)).init(jax.random.key(0))
+        rm_host = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(7), x.shape, x.dtype),
+                               Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size, heads=("reward",))).init(
+                                   jax.random.key(1)))
+        rm_params = shard_params(rm_host, param_shardings(rm, mesh))
+        sampling = SampleConfig(max_new_tokens=6, temperature=1.0, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+
+        dpo_cfg = OnlineDPOConfig(rounds=2, samples=4, prompts_per_round=6, steps_per_round=2, batch_size=4,
+                                  optimizer=opt, progress=False, log_every=1, sampling=sampling)
+        prompts = [f"{a}+{b}=" for a in range(4) for b in range(3)]
+        state, stats = online_dpo(create_state(lm, opt, jax.random.key(2), mesh=mesh, params=params), prompts,
+                                  reward_model_reward(rm, rm_params, TOK), dpo_cfg, model=lm, tokenizer=TOK,
+                                  collate=functools.partial(collate_preferences, TOK), run_dir=run_dir + "/dpo")
+        res["dpo"] = dict(stats=stats, params=checksums(state.params)["total"], step=int(state.step))
+
+        train, _ = make_split(8, 1, levels=(1,), seed=1)
+        oreo_cfg = IterativeOREOConfig(
+            rounds=2, steps_per_round=2, batch_size=4,
+            phase=OREOPhaseConfig(optimizer=opt, loop=phases.LoopConfig(log_every=1, progress=False)),
+            collect=CollectConfig(samples=2, prompts_per_batch=4, separator=";", sampling=sampling))
+        ostate = iterative_oreo(create_oreo_state(lm, params, opt, jax.random.key(3))[1], [p.prompt for p in train],
+                                arithmetic_answer_reward, oreo_cfg, model=lm, tokenizer=TOK, run_dir=run_dir + "/oreo",
+                                key=jax.random.key(4), problems=train)
+        res["oreo"] = dict(policy=checksums(ostate.policy.params)["total"],
+                           value=checksums(ostate.value.params)["total"], step=int(ostate.step))
+
+        lists = [("1+1=", ["2", "3", "11"], [0, 1, 2]), ("2+2=", ["4", "5"], [0, 1]),
+                 ("1+2=", ["3", "4", "12"], [0, 1, 1])]
+
+        class Prompts:  # the same global prompt batches on every process
+            def batch_at(self, position):
+                t, m = TOK.encode_batch([lists[(position + i) % 3][0] for i in range(2)], padding_side="left")
+                return PromptBatch(tokens=t, mask=m, metadata={})
+
+        rl_cfg = RLConfig(algorithm="grpo", sampling=dataclasses.replace(sampling, max_new_tokens=3, n=2),
+                          loss=GRPOConfig(kl_coef=0.04), optimizer=opt)
+        rm_state = create_state(rm, opt, jax.random.key(5), mesh=mesh, params=rm_host)
+        rlhf_cfg = IterativeRLHFConfig(iterations=2, refresh_every=1, rm_epochs=1, rm_batch_size=4, rm_optimizer=opt,
+                                       log_every=1, progress=False)
+        rstate, rstats = iterative_rlhf(
+            create_rlhf_state(lm, params, rm_state, rl_cfg, jax.random.key(6)), Prompts(),
+            lambda policy_params, r: [list(x) for x in lists[r - 1:r + 1]],
+            lambda p: reward_model_reward(rm, p, TOK), rlhf_cfg, rl_cfg, model=lm, rm_model=rm,
+            decode=TOK.decode_batch, collate=lambda rows: collate_ranked(TOK, [tuple(x) for x in rows],
+                                                                        answers_per_list=3),
+            initial_lists=lists, run_dir=run_dir + "/rlhf")  # a replay of 5 lists: batches of 4
+        res["rlhf"] = dict(stats=rstats, policy=checksums(rstate["policy"].policy.params)["total"],
+                           reward_model=checksums(rstate["reward_model"].params)["total"],
+                           steps=[int(rstate["policy"].step), int(rstate["reward_model"].step)])
+
+    elif mode == "recipes":  # RLAIF (a judge labels, a reward model, RL) and adversarial RLAIF, smallest sizes
+        from rljax.adversarial import AdversarialConfig, adversarial_rlaif
+        from rljax.eval import PolicyEvalConfig
+        from rljax.rlaif import RLAIFConfig, rlaif
+        from rljax.tasks import ARITHMETIC
+
+        common = dict(log_every=1, progress=False, evaluation=PolicyEvalConfig(max_new_tokens=16, samples=2))
+        model = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size, max_seq_len=96), mesh=mesh)
+        judge = Model(preset("tiny", n_layers=1, d_model=64, n_heads=2, n_kv_heads=1, mlp_dim=128,
+                             vocab_size=TOK.vocab_size, max_seq_len=96), mesh=mesh)
+        init = lambda m, seed: dataclasses.replace(m, mesh=None).init(jax.random.key(seed))  # noqa: E731
+        train, test = ARITHMETIC.split(64, 4, levels=(1,), seed=0)
+        _, rows = rlaif(init(model, 0), RLAIFConfig(
+            sft_steps=3, sft_batch_size=8, judge_steps=3, judge_batch_size=8, judge_pairs_per_problem=1,
+            held_out_pairs=4, label_prompts=8, rm_steps=2, rm_batch_size=4, rl_iterations=2, prompts_per_iteration=4,
+            samples_per_prompt=2, max_new_tokens=16, **common), model=model, tokenizer=TOK, task=ARITHMETIC,
+            judge_model=judge, judge_params=init(judge, 1), key=jax.random.key(3), run_dir=run_dir + "/rlaif",
+            sft=train[:32], judge=train[32:48], rl=train[48:], held_out=test)
+        res["rlaif"] = rows
+        train, test = ARITHMETIC.split(64, 8, levels=(1,), seed=0)
+        state, rows = adversarial_rlaif(init(model, 0), AdversarialConfig(
+            sft_steps=3, sft_batch_size=8, rounds=2, prompts_per_round=8, disc_steps=2, disc_batch_size=8,
+            rl_iterations=2, prompts_per_iteration=4, samples_per_prompt=2, max_new_tokens=16, **common),
+            model=model, tokenizer=TOK, task=ARITHMETIC, key=jax.random.key(4), run_dir=run_dir + "/adversarial",
+            sft_problems=train[:32], expert_problems=train[32:], held_out=test)
+        res["adversarial"] = dict(rows=rows, policy=checksums(state["policy"].policy.params)["total"],
+                                  discriminator=checksums(state["discriminator"].params)["total"])
+
+    elif mode == "recipes2":  # RLHF (SFT, reward model, PPO with a value head) and R1 with distillation, smallest
+        from rljax.eval import PolicyEvalConfig
+        from rljax.expert_iteration import RejectionConfig
+        from rljax.r1 import R1Config, r1_pipeline
+        from rljax.rlhf import RLHFConfig, rlhf_pipeline
+        from rljax.sampling import SampleConfig, tokenizer_ids
+        from rljax.tasks import ARITHMETIC
+
+        common = dict(log_every=1, progress=False, evaluation=PolicyEvalConfig(max_new_tokens=10, samples=2))
+        model = Model(preset("tiny", n_layers=1, vocab_size=TOK.vocab_size, max_seq_len=64), mesh=mesh)
+        base = dataclasses.replace(model, mesh=None).init(jax.random.key(0))
+        train, test = ARITHMETIC.split(96, 8, levels=(1,), seed=0)
+        state, rows = rlhf_pipeline(base, RLHFConfig(
+            sft_steps=2, sft_batch_size=8, rm_steps=2, rm_batch_size=8, ppo_iterations=2, prompts_per_iteration=4,
+            samples_per_prompt=2, max_new_tokens=10, ppo_epochs=1, ppo_minibatches=2, **common), model=model,
+            tokenizer=TOK, task=ARITHMETIC, key=jax.random.key(3), run_dir=run_dir + "/rlhf", sft_problems=train[:32],
+            rm_problems=train[32:64], rl_problems=train[64:], held_out=test)
+        res["rlhf"] = dict(rows=rows, policy=checksums(state["policy"].policy.params)["total"])
+        student = Model(preset("tiny", n_layers=1, d_model=64, n_heads=2, n_kv_heads=1, vocab_size=TOK.vocab_size,
+                               max_seq_len=64), mesh=mesh)
+        # rejection sampling keeps every sample (reward >= 0, any format) of a model that has not learnt the format
+        every_sample_kept = dataclasses.replace(ARITHMETIC, well_formed=lambda completion: True)
+        keep_all = RejectionConfig(samples=2, max_per_prompt=1, prompts_per_batch=8, threshold=0.0, require_stop=False,
+                                   sampling=SampleConfig(max_new_tokens=10, temperature=1.0, **tokenizer_ids(TOK)))
+        state, rows = r1_pipeline(base, R1Config(
+            cold_start_steps=2, sft_batch_size=8, rl_iterations=1, prompts_per_iteration=4, samples_per_prompt=2,
+            max_new_tokens=10, rejection_prompts=8, rejection=keep_all, rs_sft_steps=1, general_sft_rows=4,
+            rm_steps=1, rm_batch_size=4, mixed_iterations=1, student_start_steps=1, distill_prompts=8,
+            distill_rejection=keep_all, distill_sft_steps=1, distill_iterations=1, **common),
+            model=model, tokenizer=TOK, task=every_sample_kept, student_model=student,
+            student_params=dataclasses.replace(student, mesh=None).init(jax.random.key(1)), key=jax.random.key(4),
+            run_dir=run_dir + "/r1", cold_start=train[:32], reasoning=train[32:64], general=train[64:], held_out=test)
+        res["r1"] = dict(rows=rows, student=checksums(state["student_on_policy"])["total"])
+
     distributed.sync("done")
     with open(out, "w") as f:
         json.dump(res, f)
@@ -446,3 +633,110 @@ def test_two_process_expert_iteration_pipeline_equals_one_process(tmp_path):
     assert [r["stage"] for r in table] == ["start", "round-0", "round-1"]
     assert json.loads((run_dir / "round-1" / "stage.json").read_text())["round"] == 1
     assert "[sft]" not in res["proc1"]["log"]
+
+
+@pytest.mark.slow  # 40-70 s: five scorers, an evaluation and a reference pass compiled in three processes
+def test_two_process_learned_scorers_score_own_rows_like_one_process(tmp_path):
+    """A reward model, a likelihood reward with a reference, a PRM, the discriminator reward and a judge,
+    all with params on the two processes' 4-device mesh, each called by a process with rows of its own
+    (process 0 two rows, process 1 five, as the RL iteration's reward calls): together the scores of one
+    process scoring all seven (each scorer runs on its process's own devices, `process_local`); a
+    callable returning params that span the processes is refused naming `process_local`. The reward
+    model's evaluation and the cached reference log-probs (global rows on every process) equal one
+    process's, and both processes name the reference cache by the same digest."""
+    res = _run(tmp_path, "scorers")
+    p0, p1, single = (res[n]["out"] for n in ("proc0", "proc1", "single"))
+    assert single["scores"].keys() == {"rm", "likelihood", "prm", "adversarial", "judge", "callable"}
+    for key, want in single["scores"].items():
+        assert len(p0["scores"][key]) == 2 and len(p1["scores"][key]) == 5, key
+        np.testing.assert_allclose(p0["scores"][key] + p1["scores"][key], want, rtol=2e-5, atol=1e-6, err_msg=key)
+        assert len(set(np.round(want, 4))) > 2, key  # scores that tell the rows apart
+    np.testing.assert_allclose(single["scores"]["callable"], single["scores"]["rm"], rtol=1e-6)
+    # each process's scorer on its own 2 devices: fsdp over them, its own process only
+    assert p0["local"] == [{"data": 1, "fsdp": 2, "tensor": 1}, 2, [0], [0]]
+    assert p1["local"] == [{"data": 1, "fsdp": 2, "tensor": 1}, 2, [1], [1]]
+    assert single["local"] == [{"data": 2, "fsdp": 2, "tensor": 1}, 4, [0], [0]]  # one process: as it was
+    assert p0["local_meshes"]["(4, 1, 1)"] == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert p0["local_meshes"]["(1, 4, 1)"] == {"data": 1, "fsdp": 2, "tensor": 1}
+    assert "holds 2 of the mesh's devices" in p0["local_meshes"]["(1, 1, 4)"]
+    assert single["spanning_callable"] is None
+    assert p0["spanning_callable"] == p1["spanning_callable"] and "the params span several processes" in \
+        p0["spanning_callable"] and "rljax.distributed.process_local(model, params)" in p0["spanning_callable"]
+    assert p0["rm_eval"] == p1["rm_eval"]
+    np.testing.assert_allclose(p0["rm_eval"]["pairwise_accuracy"], single["rm_eval"]["pairwise_accuracy"])
+    assert p0["reference"] == p1["reference"]
+    np.testing.assert_allclose(p0["reference"], single["reference"], rtol=1e-5)
+    assert p0["reference_files"] == single["reference_files"] and len(p0["reference_files"]) == 1
+
+
+@pytest.mark.slow  # 90-150 s: three pipelines' sampling and training compiled in three processes
+def test_two_process_online_dpo_iterative_oreo_and_rlhf_equal_one_process(tmp_path):
+    """Online DPO scored by a reward model on the mesh, iterative OREO collecting into its run directory,
+    and iterative RLHF whose reward model is refreshed and scores each process's own samples, two rounds
+    each on two processes: the per-round stats and the parameters of one process with the same mesh."""
+    res = _run(tmp_path, "rounds", timeout=400)
+    p0, p1, single = (res[n]["out"] for n in ("proc0", "proc1", "single"))
+    assert {**p0, "main": None} == {**p1, "main": None}
+    for name in ("dpo", "oreo", "rlhf"):
+        multi, one = p0[name], single[name]
+        assert multi.keys() == one.keys()
+        for k in one:
+            if k in ("stats",):
+                assert [r.keys() for r in multi[k]] == [r.keys() for r in one[k]], name
+                for a, b in zip(multi[k], one[k]):
+                    for field in b:
+                        np.testing.assert_allclose(a[field], b[field], rtol=1e-5, atol=1e-6, err_msg=f"{name} {field}")
+            else:
+                np.testing.assert_allclose(multi[k], one[k], rtol=1e-5, err_msg=f"{name} {k}")
+    assert p0["dpo"]["step"] == 4 and len(p0["dpo"]["stats"]) == 2
+    assert p0["oreo"]["step"] == 4 and p0["rlhf"]["steps"][0] == 2
+    run = res["proc0"]["run_dir"]
+    assert (run / "oreo" / "round-1" / "data" / "manifest.json").exists()
+    assert (run / "dpo" / "round-1" / "pairs.json").exists() and (run / "rlhf" / "round-1" / "lists.json").exists()
+
+
+def _close_rows(multi: list, one: list, name: str):
+    """Results rows equal: strings and counts exactly, numbers up to float rounding. A KL to a start policy a
+    stage of one or two small steps barely moved is a mean of differences of log-probs (~1e-5 here), so it keeps
+    the float32 rounding of those log-probs, whose sums the two layouts order differently: 1e-4 absolute."""
+    assert [r.keys() for r in multi] == [r.keys() for r in one], name
+    for a, b in zip(multi, one):
+        for k in b:
+            if isinstance(b[k], float):
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-4 if k.startswith("kl_") else 1e-6,
+                                           err_msg=f"{name} {b.get('stage')} {k}")
+            else:
+                assert a[k] == b[k], f"{name} {b.get('stage')} {k}"
+
+
+@pytest.mark.slow  # 90-150 s: two recipes' stages compiled in three processes
+def test_two_process_rlaif_and_adversarial_recipes_equal_one_process(tmp_path):
+    """RLAIF (SFT, a judge trained and labelling pairs, a reward model on its labels, RL against it) and
+    adversarial RLAIF (SFT, a discriminator and REINFORCE on its reward, two rounds) with every model on
+    the two processes' mesh: every stage's results row (evaluations, label statistics, discriminator
+    metrics) and the final parameters are one process's."""
+    res = _run(tmp_path, "recipes", timeout=500)
+    p0, p1, single = (res[n]["out"] for n in ("proc0", "proc1", "single"))
+    assert {**p0, "main": None} == {**p1, "main": None}
+    _close_rows(p0["rlaif"], single["rlaif"], "rlaif")
+    _close_rows(p0["adversarial"]["rows"], single["adversarial"]["rows"], "adversarial")
+    for k in ("policy", "discriminator"):
+        np.testing.assert_allclose(p0["adversarial"][k], single["adversarial"][k], rtol=1e-5, err_msg=k)
+    assert len(p0["rlaif"]) >= 4 and [r["stage"] for r in p0["adversarial"]["rows"]] == ["sft", "round-0", "round-1"]
+
+
+@pytest.mark.slow  # 120-200 s: two recipes' stages compiled in three processes
+def test_two_process_rlhf_and_r1_recipes_equal_one_process(tmp_path):
+    """The RLHF recipe (SFT, a Bradley–Terry reward model, PPO with a value head against it) and R1 (cold-start
+    SFT, GRPO, rejection sampling + SFT, a reward model and RL on the mixed reward, then a student: SFT on the
+    teacher's samples and on-policy distillation) with every model on the two processes' mesh: every stage's
+    results row and the final parameters are one process's."""
+    res = _run(tmp_path, "recipes2", timeout=560)
+    p0, p1, single = (res[n]["out"] for n in ("proc0", "proc1", "single"))
+    assert {**p0, "main": None} == {**p1, "main": None}
+    for name, final in (("rlhf", "policy"), ("r1", "student")):
+        _close_rows(p0[name]["rows"], single[name]["rows"], name)
+        np.testing.assert_allclose(p0[name][final], single[name][final], rtol=1e-5, err_msg=name)
+    assert [r["stage"] for r in p0["rlhf"]["rows"]] == ["sft", "reward-model", "ppo"]
+    assert len(p0["r1"]["rows"]) == 8 and "kl_to_teacher" in p0["r1"]["rows"][-1]
+    assert [r["kept"] for r in p0["r1"]["rows"] if "kept" in r] == [8, 8]  # every problem gives its one row

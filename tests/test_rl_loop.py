@@ -318,8 +318,9 @@ def test_sharded_rl_iterations_equal_single_device():
 @pytest.mark.slow  # a sharded subprocess of ~30 s; .ci/run runs the slow tier
 def test_sharded_rl_phase_resumed_from_its_checkpoint_equals_an_uninterrupted_run(tmp_path):
     """On a (2, 2, 2) mesh: 2 iterations, then the same command for 3 resumes from the checkpoint and
-    equals 3 straight iterations. (The state's step, key and transform state were single-device arrays,
-    restored committed to device 0, and the resumed iteration failed to mix them with the sharded policy.)"""
+    equals 3 straight iterations, and so does the state 2 iterations returned, continued to 3 in its own
+    directory. (The state's step, key and transform state were single-device arrays, restored committed to
+    device 0, and the resumed iteration failed to mix them with the sharded policy.)"""
     from conftest import run_with_devices
 
     out = run_with_devices(f"""
@@ -354,19 +355,23 @@ def test_sharded_rl_phase_resumed_from_its_checkpoint_equals_an_uninterrupted_ru
         model = Model(preset("tiny", n_layers=1), mesh=mesh)
         params = Model(preset("tiny", n_layers=1)).init(jax.random.key(0))
 
-        def run(steps, run_dir):
-            state = create_rl_state(model, params, cfg, jax.random.key(1))
+        def run(steps, run_dir, state=None):
+            state = create_rl_state(model, params, cfg, jax.random.key(1)) if state is None else state
             return rl(state, Prompts(), reward, cfg, model=model, decode=decode, run_dir=run_dir,
                       loop=LoopConfig(steps=steps, log_every=1, checkpoint_every=1, progress=False))
 
         straight = run(3, {str(tmp_path / "a")!r})
         run(2, {str(tmp_path / "b")!r})
         resumed = run(3, {str(tmp_path / "b")!r})
-        assert int(resumed.step) == 3
-        for a, b in ((resumed.policy.params, straight.policy.params), (resumed.transforms, straight.transforms),
-                     (jax.random.key_data(resumed.rng), jax.random.key_data(straight.rng))):
-            jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), jax.device_get(a),
-                         jax.device_get(b))
+        # a pipeline's next round: the state the last call returned, continued in the same directory (its
+        # rng had been copied onto one device, and the first iteration's fold_in(rng, step) failed)
+        continued = run(3, {str(tmp_path / "c")!r}, run(2, {str(tmp_path / "c")!r}))
+        for done in (resumed, continued):
+            assert int(done.step) == 3
+            for a, b in ((done.policy.params, straight.policy.params), (done.transforms, straight.transforms),
+                         (jax.random.key_data(done.rng), jax.random.key_data(straight.rng))):
+                jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), jax.device_get(a),
+                             jax.device_get(b))
         print("ok")
     """)
     assert "ok" in out

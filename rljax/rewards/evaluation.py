@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from rljax.data.batch import RankingBatch, ScoreBatch, TokenLabelBatch
+from rljax.distributed import to_host
 from rljax.losses.reward_model import ranking_scores
 from rljax.ops.ranking import preferred_pairs
 from rljax.rewards.learned import sequence_rewards, token_probabilities
@@ -86,19 +87,19 @@ def reward_model_eval(model, batches: Sequence, *, params_of=lambda state: state
         predicted, given, probs, labels = [], [], [], []
         for b in batches:
             if isinstance(b, RankingBatch):
-                s = np.asarray(rank_fn(params, b))  # r_θ + prior when the batch has one
+                s = to_host(rank_fn(params, b))  # r_θ + prior when the batch has one
                 pair = np.asarray(preferred_pairs(np.asarray(b.rank)))
                 diff = s[:, :, None] - s[:, None, :]
                 right += float(((diff > 0) + 0.5 * (diff == 0))[pair].sum())
                 pairs += float(pair.sum())
             elif isinstance(b, ScoreBatch):
-                r = np.asarray(score_fn(params, b.tokens, b.attention_mask))
+                r = to_host(score_fn(params, b.tokens, b.attention_mask))
                 sc, m = np.asarray(b.scores), np.asarray(b.score_mask) > 0
                 r, sc, m = (r[:, 0], sc[:, 0], m[:, 0]) if sc.ndim == 2 else (r, sc, m)
                 predicted.append(r[m])
                 given.append(sc[m])
             elif isinstance(b, TokenLabelBatch):
-                p = np.asarray(prob_fn(params, b.tokens, b.attention_mask))
+                p = to_host(prob_fn(params, b.tokens, b.attention_mask))
                 m = (np.asarray(b.label_mask) * np.asarray(b.attention_mask)) > 0
                 probs.append(p[m])
                 labels.append(np.asarray(b.labels)[m])

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rljax.distributed import process_local
 
 __all__ = ["Judge", "JudgeConfig", "JudgeOutputError", "PairwiseJudgement", "choice_ids", "choice_logits", "consistent_pairs",
            "expected_score", "judge_pairwise", "judge_pointwise", "judge_prompt_ids", "order_averaged",
@@ -123,12 +124,21 @@ class Judge:
     model needs `last_hidden(params, tokens [B, T], mask [B, T]) -> hidden [B, D]` (the last layer's state
     at each row's last real token of right-padded rows) and `logits(params, hidden [B, D]) -> [B, V]` (the
     LM head): the judge's next-token logits after a prompt are logits(params, last_hidden(params, tokens,
-    mask)), as `rljax.models.Model` computes them."""
+    mask)), as `rljax.models.Model` computes them.
+
+    On several processes the judge runs on each process's own devices (`rljax.distributed.process_local`,
+    done here, a collective: make the Judge on every process at the same point), so a process can judge
+    rows of its own (`pairwise_reward` / `pointwise_reward` in the RL iteration)."""
 
     model: Any
     params: Any
     tokenizer: Any
     cfg: JudgeConfig = JudgeConfig()
+
+    def __post_init__(self):
+        model, params = process_local(self.model, self.params)
+        object.__setattr__(self, "model", model)  # frozen: set once, here
+        object.__setattr__(self, "params", params)
 
 
 class PairwiseJudgement(NamedTuple):

@@ -9,6 +9,10 @@ It re-encodes the text exactly as the reward data were collated
 (`rljax.data.reward_collate`: [bos] prompt completion [eos]; steps piece by piece),
 pads rows and the row count to bucketed sizes (`rljax.buckets`), and runs one jitted
 forward per call, so scoring compiles a handful of times over a run.
+
+On several processes a scorer runs on the process's own devices (`rljax.distributed.process_local`,
+done when it is built, a collective: build it on every process at the same point), so each process
+can score rows of its own, as the RL iteration's reward calls do.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import numpy as np
 from rljax.buckets import bucket_length
 from rljax.data.collate import encode_prompt_completion, pad_rows
 from rljax.data.reward_collate import encode_steps, split_solution
+from rljax.distributed import check_process_local, process_local
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.ops.preference_kernels import sequence_logps
 from rljax.rewards.rules import score
@@ -163,6 +168,18 @@ def _batch_rows(rows: Sequence[Sequence[int]], pad_id: int, *others: Sequence[Se
     return (*padded, B)
 
 
+def _own_devices(name: str, model, params):
+    """(model, current): the model and a zero-argument function giving the params, both on this
+    process's own devices (`process_local`; on one process as they are). params may be a
+    zero-argument callable read at every call: what it returns must already be the process's own
+    (`check_process_local`), since gathering them in a call would be a collective."""
+    if callable(params):
+        model = process_local(model)[0]
+        return model, lambda: check_process_local(params(), name)
+    model, params = process_local(model, params)
+    return model, lambda: params
+
+
 def _check_pairs(name: str, prompts: Sequence[str], completions: Sequence[str]) -> None:
     """One prompt per completion (zip would silently score only the shorter list's length)."""
     if len(prompts) != len(completions):
@@ -197,8 +214,8 @@ def reward_model_reward(model, params, tokenizer, *, probability: bool = False, 
     params may be a zero-argument callable returning the current params: the scorer
     then reads them at every call, so a reward model refreshed during RL (iterative
     RLHF) is scored without rebuilding or recompiling anything."""
+    model, current = _own_devices("reward_model_reward", model, params)
     forward = jax.jit(functools.partial(sequence_rewards, model=model))
-    current = params if callable(params) else (lambda: params)
     fit = _row_limit("reward_model_reward", model, tokenizer, max_length, overlong, add_bos)
 
     def scorer(prompts, completions, **_):
@@ -239,9 +256,9 @@ def likelihood_reward(model, params, tokenizer, *, reference=None, beta: float =
         raise ValueError(f"likelihood_reward: reduction {reduction!r} not in ('sum', 'mean')")
     if not beta > 0:
         raise ValueError(f"likelihood_reward: beta must be > 0, got {beta}")
+    ref = None if reference is None else _own_devices("likelihood_reward", model, reference)[1]
+    model, current = _own_devices("likelihood_reward", model, params)
     forward = jax.jit(functools.partial(completion_likelihood, model=model, reduction=reduction))
-    current = params if callable(params) else (lambda: params)
-    ref = reference if callable(reference) or reference is None else (lambda: reference)
     fit = _row_limit("likelihood_reward", model, tokenizer, max_length, overlong, add_bos)
 
     def scorer(prompts, completions, **_):
@@ -292,8 +309,8 @@ def step_scorer(model, params, tokenizer, *, separator: str, min_bucket: int = 1
     `separator`, encoded as in `collate_steps`); a completion with no step text gets an
     empty array. Rows are fitted to max_length (overlong) as by `reward_model_reward`;
     params may be a zero-argument callable read at every call (a refreshed PRM)."""
+    model, current = _own_devices("step_scorer", model, params)
     forward = jax.jit(functools.partial(token_probabilities, model=model))
-    current = params if callable(params) else (lambda: params)
     fit = _row_limit("step_scorer", model, tokenizer, max_length, overlong, add_bos)
 
     def scores(prompts: Sequence[str], completions: Sequence[str]) -> list[np.ndarray]:
