@@ -450,6 +450,41 @@ WORKER = textwrap.dedent("""
             run_dir=run_dir + "/r1", cold_start=train[:32], reasoning=train[32:64], general=train[64:], held_out=test)
         res["r1"] = dict(rows=rows, student=checksums(state["student_on_policy"])["total"])
 
+    elif mode == "tasks":  # the one-call task recipes with mesh=: SFT, DPO and GRPO in their run directories
+        from rljax.recipes import DPOTaskConfig, GRPOTaskConfig, SFTTaskConfig, dpo, grpo, sft
+
+        small = Model(preset("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, mlp_dim=64,
+                             vocab_size=TOK.vocab_size, max_seq_len=64))
+        params = small.init(jax.random.key(0))
+        rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(4) for b in range(3)]
+        pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"] + "1"} for r in rows]
+        scored = []
+
+        def reward(prompts, completions, **_):
+            scored.append(len(completions))
+            return [float(len(c) % 3) for c in completions]
+
+        quiet = dict(steps=2, progress=False, log_every=1)
+        results = dict(
+            sft=sft((small, params, TOK), rows, SFTTaskConfig(batch_size=4, lr=3e-3, **quiet), mesh=mesh,
+                    run_dir=run_dir + "/sft"),
+            dpo=dpo((small, params, TOK), pairs, DPOTaskConfig(batch_size=4, lr=3e-3, **quiet), mesh=mesh,
+                    run_dir=run_dir + "/dpo"),
+            grpo=grpo((small, params, TOK), [{"prompt": r["prompt"]} for r in rows], reward, GRPOTaskConfig(
+                batch_size=2, n=2, max_new_tokens=4, lr=1e-2, **quiet), mesh=mesh, run_dir=run_dir + "/grpo"))
+        res["tasks"] = {k: dict(history=r.history, params=checksums(r.params)["total"]) for k, r in results.items()}
+        res["scored"] = scored
+        res["refused"] = {}
+        for name, call in (("run_dir", lambda: sft((small, params, TOK), rows, SFTTaskConfig(batch_size=4, **quiet),
+                                                   mesh=mesh)),
+                           ("mesh", lambda: sft((small, params, TOK), rows, SFTTaskConfig(batch_size=4, **quiet),
+                                                run_dir=run_dir + "/nomesh"))):
+            try:
+                call()
+                res["refused"][name] = None
+            except ValueError as e:
+                res["refused"][name] = str(e)
+
     distributed.sync("done")
     with open(out, "w") as f:
         json.dump(res, f)
@@ -696,12 +731,14 @@ def test_two_process_online_dpo_iterative_oreo_and_rlhf_equal_one_process(tmp_pa
 
 
 def _close_rows(multi: list, one: list, name: str):
-    """Results rows equal: strings and counts exactly, numbers up to float rounding. A KL to a start policy a
+    """Results rows equal (timings aside): strings and counts exactly, numbers up to float rounding. A KL to a start policy a
     stage of one or two small steps barely moved is a mean of differences of log-probs (~1e-5 here), so it keeps
     the float32 rounding of those log-probs, whose sums the two layouts order differently: 1e-4 absolute."""
     assert [r.keys() for r in multi] == [r.keys() for r in one], name
     for a, b in zip(multi, one):
         for k in b:
+            if "per_s" in k or k.startswith("time_"):  # timings
+                continue
             if isinstance(b[k], float):
                 np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-4 if k.startswith("kl_") else 1e-6,
                                            err_msg=f"{name} {b.get('stage')} {k}")
@@ -740,3 +777,26 @@ def test_two_process_rlhf_and_r1_recipes_equal_one_process(tmp_path):
     assert [r["stage"] for r in p0["rlhf"]["rows"]] == ["sft", "reward-model", "ppo"]
     assert len(p0["r1"]["rows"]) == 8 and "kl_to_teacher" in p0["r1"]["rows"][-1]
     assert [r["kept"] for r in p0["r1"]["rows"] if "kept" in r] == [8, 8]  # every problem gives its one row
+
+
+@pytest.mark.slow  # 40-70 s: three recipes' steps compiled in three processes
+def test_two_process_task_recipes_equal_one_process(tmp_path):
+    """`sft`, `dpo` and `grpo` of `rljax.recipes` with mesh= on two processes: the per-step metrics and the
+    parameters of one process with the same mesh; GRPO's reward function sees each process's own samples;
+    config.json is written once (process 0) and metrics.jsonl holds every step once. Without run_dir (a
+    temporary directory would differ per process) or without a mesh, a call is refused before training."""
+    res = _run(tmp_path, "tasks")
+    p0, p1, single = (res[n]["out"] for n in ("proc0", "proc1", "single"))
+    assert p0["tasks"] == p1["tasks"]
+    for name, one in single["tasks"].items():
+        multi = p0["tasks"][name]
+        _close_rows(multi["history"], one["history"], name)
+        assert [h["step"] for h in multi["history"]] == [1, 2]
+        np.testing.assert_allclose(multi["params"], one["params"], rtol=1e-5, err_msg=name)
+        run = res["proc0"]["run_dir"] / name
+        assert json.loads((run / "config.json").read_text())["task"] == name
+        assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert p0["scored"] == p1["scored"] == [2, 2] and single["scored"] == [4, 4]  # 2 prompts x 2 samples a step
+    assert single["refused"] == {"run_dir": None, "mesh": None}
+    assert "2 processes are running: pass run_dir= on a file system they all share" in p0["refused"]["run_dir"]
+    assert "2 processes are running: pass mesh=make_mesh(...)" in p0["refused"]["mesh"]

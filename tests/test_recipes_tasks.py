@@ -533,3 +533,59 @@ def test_the_run_record_names_a_dataset_by_fingerprint_and_a_folder_by_its_absol
 
     old = {"task": "sft", "model": "ckpt", "data": "<12 rows>", "config": {"lr": 1.0}}  # recorded relative before
     assert _flat_record(old) == _flat_record(dict(old, model=str(tmp_path / "ckpt")))
+
+
+def test_recipes_train_on_a_mesh_as_on_one_device(tmp_path):
+    """mesh=: a checkpoint folder is loaded straight onto the mesh and a model tuple placed on it; SFT and
+    GRPO trained on a data x fsdp = 2 x 2 mesh of simulated devices give the one-device run's losses and
+    parameters, held sharded over the mesh."""
+    from conftest import run_with_devices
+
+    out = run_with_devices(f"""
+        import os, shutil, jax, numpy as np
+        from rljax.models import Model, preset, save_pretrained
+        from rljax.models.logprobs import token_logprobs
+        from rljax.recipes import GRPOTaskConfig, SFTTaskConfig, grpo, sft
+        from rljax.sharding import make_mesh
+        from rljax.tokenizer import HFTokenizer
+
+        tok_dir = os.path.join("tests", "fixtures", "hf_tokenizer")
+        tok = HFTokenizer.from_pretrained(tok_dir)
+        cfg = preset("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, mlp_dim=64, vocab_size=tok.vocab_size,
+                     max_seq_len=64)
+        model = Model(cfg)
+        params = model.init(jax.random.key(0))
+        ckpt = {str(tmp_path / "ckpt")!r}
+        save_pretrained(params, cfg, ckpt)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(tok_dir, name), ckpt)
+        mesh = make_mesh(data=2, fsdp=2)
+        rows = [{{"prompt": f"{{a}}+{{b}}=", "completion": str(a + b)}} for a in range(4) for b in range(3)]
+
+        def same(a, b, what):
+            assert [h["step"] for h in a.history] == [h["step"] for h in b.history] == [1, 2], what
+            for k in ("loss", "reward_mean", "kl_k3"):
+                if k in a.history[0]:
+                    np.testing.assert_allclose([h[k] for h in a.history], [h[k] for h in b.history], rtol=1e-4,
+                                               atol=1e-6, err_msg=what + " " + k)
+            # the trained models compute the same: Adam moves a weight whose gradient is ~0 (the embedding row
+            # of a token no row holds) by up to lr a step whichever sign rounding gives it, so the weights
+            # themselves are compared through what they compute
+            tokens, mask = tok.encode_batch([r["prompt"] + r["completion"] for r in rows])
+            np.testing.assert_allclose(np.asarray(token_logprobs(a.params, tokens, mask, model=a.model)),
+                                       np.asarray(token_logprobs(b.params, tokens, mask, model=b.model)), rtol=1e-4,
+                                       atol=1e-5, err_msg=what)
+            leaf = b.params["layers"]["mlp"]["gate"]
+            assert b.model.mesh is mesh and leaf.sharding.mesh == mesh and len(leaf.addressable_shards) == 4, what
+            assert leaf.addressable_shards[0].data.size * 2 == leaf.size, what  # split over fsdp
+
+        scfg = SFTTaskConfig(steps=2, batch_size=4, lr=3e-3, progress=False)
+        same(sft(ckpt, rows, scfg), sft(ckpt, rows, scfg, mesh=mesh), "sft from a checkpoint")
+        gcfg = GRPOTaskConfig(steps=2, batch_size=2, n=2, max_new_tokens=4, lr=1e-2, progress=False)
+        reward = lambda prompts, completions, **_: [float(len(c) % 3) for c in completions]  # noqa: E731
+        prompts = [{{"prompt": r["prompt"]}} for r in rows]
+        same(grpo((model, params, tok), prompts, reward, gcfg), grpo((model, params, tok), prompts, reward, gcfg,
+                                                                    mesh=mesh), "grpo from a tuple")
+        print("MESH_TASKS_OK")
+    """, n_devices=4)
+    assert "MESH_TASKS_OK" in out

@@ -12,6 +12,11 @@ Each entry point takes
             (`rljax.data.adapters.load_records`); rows are validated by the adapters' schemas, and a bad
             row raises `DataError` naming the row and the field before anything trains;
   cfg:      the task's config dataclass (defaults for learning rate, steps, batch size, lengths);
+  mesh:     optional; a device mesh (`rljax.sharding.make_mesh`) to train and sample on, the weights and
+            batches sharded over it (a checkpoint is loaded straight onto it, each device reading its
+            slice); default: a model tuple's own `Model.mesh`, one device for a checkpoint. On several
+            processes (`rljax.distributed`) every process makes the same call with a mesh over all their
+            devices and a run_dir on a file system they share; process 0 writes config.json and the metrics;
   run_dir:  optional; config.json, metrics.jsonl and checkpoints/ go there through `rljax.phases`, and a
             rerun with the same run_dir resumes from its latest checkpoint (a finished run returns at once).
             A run directory holds one run: a rerun with another task, config, model or data set raises
@@ -63,6 +68,7 @@ from rljax.data.collate import BatchIterator, collate_prompt_completion, encode_
 from rljax.data.lengths import Tokens, fit_lengths
 from rljax.data.preference_collate import _weight_or_label, collate_preferences
 from rljax.data.reward_collate import _finite, collate_pairs, collate_scored
+from rljax.distributed import is_main_process, sync
 from rljax.losses.preference import PREFERENCE_METHODS
 from rljax.losses.reward_model import PointwiseConfig, RankingConfig
 from rljax.metrics import WandbConfig, read_metrics
@@ -258,21 +264,24 @@ class TaskResult:
 
 
 # ----------------------------------------------------------------------------- model and data
-def load_model(model, *, dtype: str | None = None, max_seq_len: int | None = None, head: str | None = None):
+def load_model(model, *, dtype: str | None = None, max_seq_len: int | None = None, head: str | None = None,
+               mesh=None):
     """(Model, params, tokenizer) from an HF checkpoint directory / hub id, or a (Model, params, tokenizer)
-    tuple as it is; `head` ("reward", "value") is added zero-initialised when the model lacks it."""
+    tuple as it is; `head` ("reward", "value") is added zero-initialised when the model lacks it. mesh: the
+    Model's mesh (a checkpoint's params loaded onto it; a tuple's params are placed on it by the state
+    that trains them); None: a tuple's own, none for a checkpoint."""
     if isinstance(model, (str, os.PathLike)):
         from rljax.models.hf import load_pretrained, resolve_path
         from rljax.tokenizer import HFTokenizer
 
         path = resolve_path(os.fspath(model))
         tok = HFTokenizer.from_pretrained(path)
-        arch, params = load_pretrained(path, dtype=dtype,
+        arch, params = load_pretrained(path, dtype=dtype, mesh=mesh,
                                        config_overrides={} if max_seq_len is None else {"max_seq_len": max_seq_len})
         if arch.vocab_size < tok.vocab_size:
             raise ValueError(f"{path}: config.json vocab_size={arch.vocab_size} is smaller than the tokenizer's "
                              f"{tok.vocab_size} ids")
-        m = Model(arch)
+        m = Model(arch, mesh)
     else:
         try:
             m, params, tok = model
@@ -289,6 +298,8 @@ def load_model(model, *, dtype: str | None = None, max_seq_len: int | None = Non
             raise ValueError("dtype, max_seq_len: they apply to a model loaded from a checkpoint; a (Model, params, "
                              "tokenizer) tuple is used as built, so build its Model with the dtype and max_seq_len "
                              "wanted (or leave these None)")
+        if mesh is not None:
+            m = dataclasses.replace(m, mesh=mesh)
     if head is not None:
         m, params = add_head(m, params, head)
     return m, params, tok
@@ -772,7 +783,9 @@ def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool) -> None:
     path = os.path.join(d, "config.json")
     new = json.loads(json.dumps(record, default=json_value))  # as it reads back: tuples become lists
     changes = {}
-    if os.path.exists(path):
+    exists = os.path.exists(path)
+    sync(f"rljax.recipes: {path} looked for")  # before process 0 writes it: every process reads the same
+    if exists:
         with open(path) as f:
             old = json.load(f)
         if old.get("task") != task:
@@ -789,7 +802,8 @@ def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool) -> None:
                 f"`steps` then differs from one uninterrupted run)")
         if not changes:
             return  # the same run: keep the file as first written
-    write_config(d, new, changes)
+    if is_main_process():  # every process checked the same file; one writes it
+        write_config(d, new, changes)
 
 
 @contextlib.contextmanager
@@ -799,6 +813,10 @@ def _run_dir(run_dir, task: str, cfg, model, data, allow_change: bool = False):
     if run_dir is None and cfg.wandb is not None and cfg.wandb.mode == "offline":
         raise ValueError(f"{task}: an offline W&B run (cfg.wandb) is written into run_dir; pass run_dir=... "
                          f"(without one it would go to a temporary directory and be deleted)")
+    if jax.process_count() > 1 and run_dir is None:
+        raise ValueError(f"{task}: {jax.process_count()} processes are running: pass run_dir= on a file system they "
+                         "all share (every process writes its part of the checkpoints there; a temporary directory "
+                         "would be a different one on each)")
     with contextlib.ExitStack() as stack:
         d = os.fspath(run_dir) if run_dir is not None else stack.enter_context(
             tempfile.TemporaryDirectory(prefix=f"rljax-{task}-"))
@@ -814,8 +832,20 @@ def _run_dir(run_dir, task: str, cfg, model, data, allow_change: bool = False):
             raise
 
 
+def _loaded(task: str, model, cfg: TaskConfig, mesh, head: str | None = None):
+    """`load_model` with the task's settings; on several processes the model must have a mesh over all their
+    devices (each would otherwise train a copy of its own)."""
+    m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len, head=head, mesh=mesh)
+    if jax.process_count() > 1 and m.mesh is None:
+        raise ValueError(f"{task}: {jax.process_count()} processes are running: pass mesh=make_mesh(...) over all "
+                         "their devices (rljax.sharding; data x fsdp a multiple of the process count), or a Model "
+                         "built with one")
+    return m, params, tok
+
+
 def _history(run_dir: str, name: str) -> list[dict]:
     """Metrics rows of phase `name` (prefix stripped, eval rows left out), one per step, the last written."""
+    sync(f"rljax.recipes: {run_dir} metrics written")  # process 0 writes them; every process reads them back
     if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         return []
     by_step = {}
@@ -834,10 +864,10 @@ def _result(state, params, d, name, model, tok, run_dir) -> TaskResult:
 
 
 def sft(model, data, cfg: SFTTaskConfig = SFTTaskConfig(), *, run_dir: str | None = None,
-        allow_change: bool = False) -> TaskResult:
+        allow_change: bool = False, mesh=None) -> TaskResult:
     """Supervised fine-tuning of `model` on `data` ({prompt, completion} or {messages} rows) for cfg.steps
     steps of cfg.batch_size rows (`rljax.phases.sft`); metrics: loss, tokens, grad_norm, ..."""
-    m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len)
+    m, params, tok = _loaded("sft", model, cfg, mesh)
     data_it = sft_batches(tok, data, cfg, max_length=_max_length(cfg, m))
     opt = cfg.optimizer()
     state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
@@ -847,11 +877,11 @@ def sft(model, data, cfg: SFTTaskConfig = SFTTaskConfig(), *, run_dir: str | Non
 
 
 def reward_model(model, data, cfg: RewardModelTaskConfig = RewardModelTaskConfig(), *,
-                 run_dir: str | None = None, allow_change: bool = False) -> TaskResult:
+                 run_dir: str | None = None, allow_change: bool = False, mesh=None) -> TaskResult:
     """A reward model: `model` with a "reward" head (added, zero-initialised, when missing) trained on
     preference pairs (Bradley–Terry) or scored responses (squared error), `rljax.phases.train_reward_model`.
     Score texts with `rljax.rewards.reward_model_reward(result.model, result.params, result.tokenizer)`."""
-    m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len, head="reward")
+    m, params, tok = _loaded("reward_model", model, cfg, mesh, head="reward")
     data_it, kind = reward_batches(tok, data, cfg, max_length=_max_length(cfg, m), share_prompt=cfg.share_prompt)
     loss = RankingConfig(margin=cfg.margin, centring=cfg.centring) if kind == "pairs" else PointwiseConfig()
     opt = cfg.optimizer()
@@ -863,10 +893,10 @@ def reward_model(model, data, cfg: RewardModelTaskConfig = RewardModelTaskConfig
 
 
 def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, run_dir: str | None = None,
-        allow_change: bool = False) -> TaskResult:
+        allow_change: bool = False, mesh=None) -> TaskResult:
     """DPO (or cfg.method of its family) of `model` on {prompt, chosen, rejected} rows against the frozen
     starting model (`rljax.phases.preference`); metrics: loss, accuracy, margin, chosen/rejected rewards."""
-    m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len)
+    m, params, tok = _loaded("dpo", model, cfg, mesh)
     loss = cfg.loss()
     data_it = preference_batches(tok, data, cfg, max_length=_max_length(cfg, m))
     opt = cfg.optimizer()
@@ -879,16 +909,17 @@ def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, run_dir: str | Non
 
 
 def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *,
-         run_dir: str | None = None, allow_change: bool = False) -> TaskResult:
+         run_dir: str | None = None, allow_change: bool = False, mesh=None) -> TaskResult:
     """On-policy RL with cfg.algorithm (GRPO by default) on the prompts of `data` ({prompt, ...} rows), scored
     by `reward_funcs` (one function, a list summed, or (weight, fn) pairs; each fn(prompts, completions,
     **columns) -> list[float] sees the decoded prompt and completion texts and the row's other columns,
-    one entry per sample). `rljax.phases.rl`; metrics per iteration: reward_mean, reward_std, kl_k1, kl_k3, entropy,
+    one entry per sample; on several processes each process's call gets its own samples). `rljax.phases.rl`;
+    metrics per iteration: reward_mean, reward_std, kl_k1, kl_k3, entropy,
     completion_length, ... (`make_rl_iteration` lists them)"""
     from rljax.losses.actor_critic import with_value_head
     from rljax.rl import create_rl_state
 
-    m, params, tok = load_model(model, dtype=cfg.dtype, max_seq_len=cfg.max_seq_len)
+    m, params, tok = _loaded("grpo", model, cfg, mesh)
     reward = combine_rewards(reward_funcs)
     rl_cfg = cfg.rl_config(tok)
     needs = rl_cfg.algo.needs()
