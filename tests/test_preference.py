@@ -246,6 +246,16 @@ def test_bad_input_is_named():
     # truncation keeps the prompt's last tokens and cuts the completion's end
     b = collate_preferences(TOK, [("1234567890+1=", "1234567891", "9")], max_length=12, max_prompt_length=6)
     assert TOK.decode([int(t) for t in b.tokens[0, 0][b.attention_mask[0, 0] > 0]][1:]) == "890+1=12345"
+    # prompt_keep: the prompt's first tokens (a chat template's header) survive the cut, the text after them goes
+    b = collate_preferences(TOK, [{"prompt": "1234567890+1=", "chosen": "1234567891", "rejected": "9",
+                                   "prompt_keep": 2}], max_length=12, max_prompt_length=6)
+    assert TOK.decode([int(t) for t in b.tokens[0, 0][b.attention_mask[0, 0] > 0]][1:]) == "12" + "0+1=" + "12345"
+    with pytest.raises(ValueError, match=r"row 0: max_prompt_length=2 leaves no room for the prompt's text after its "
+                                         r"2 leading template tokens"):
+        collate_preferences(TOK, [{"prompt": "1234", "chosen": "1", "rejected": "2", "prompt_keep": 2}],
+                            max_prompt_length=2)
+    with pytest.raises(ValueError, match=r"row 0: prompt_keep must be a whole number >= 0, got -1"):
+        collate_preferences(TOK, [{"prompt": "1234", "chosen": "1", "rejected": "2", "prompt_keep": -1}])
     with pytest.raises(ValueError, match="batch of 1"):
         collate_kto(TOK, [("1+1=", "2", True)])
     with pytest.raises(ValueError, match="row 1: desirable must be"):

@@ -446,6 +446,40 @@ def test_truncate_prompt_keeps_the_chat_templates_leading_tokens():
         sft_batches(tok, rows, TaskConfig(batch_size=1, max_length=10, overlong="truncate_prompt"))
 
 
+def test_dpo_max_prompt_length_keeps_the_chat_templates_leading_tokens():
+    """DPO's max_prompt_length cut a chat prompt's first tokens, the template's own (<|begin_of_text|> and the
+    user header); it now cuts the user's text after them, as GRPO's truncate_prompt does, in the batches and
+    in the lengths the data set is fitted by. A limit within the template's text is refused naming the row."""
+    tok = fixture_tokenizer("llama3")
+    rows = [{"prompt": "word " * 30, "chosen": "four", "rejected": "five"}]
+    head = "<|begin_of_text|>\n<|start_header_id|>user<|end_header_id|>\n\n"  # the template's text, written out
+    prompt = tok.apply_chat_template([{"role": "user", "content": "word " * 30}], add_generation_prompt=True)
+    prompt_ids, head_ids = (tok.encode(t, add_bos=False, add_eos=False) for t in (prompt, head))
+    assert prompt.startswith(head) and len(prompt_ids) > len(head_ids) + 20
+    n = len(head_ids) + 20
+    answers = [tok.encode(a, add_bos=False, add_eos=True) for a in ("four", "five")]
+    b = preference_batches(tok, rows, DPOTaskConfig(batch_size=1, max_prompt_length=n,
+                                                    share_prompt=False)).batch_at(0)
+    for k in range(2):
+        ids = b.tokens[0, k][b.attention_mask[0, k] > 0].tolist()
+        assert ids == head_ids + prompt_ids[-20:] + answers[k]
+        text = tok.decode(ids, stop_at_eos=False, skip_special=False)
+        assert text.startswith(head) and "word<|eot_id|>" in text and text.count("word") < 30  # header, text's end
+        assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n" + ("four", "five")[k] + "<|im_end|>")
+    shared = preference_batches(tok, rows, DPOTaskConfig(batch_size=1, max_prompt_length=n,
+                                                         share_prompt=True)).batch_at(0)
+    assert shared.tokens[0][shared.attention_mask[0] > 0].tolist() == head_ids + prompt_ids[-20:] + answers[0] + \
+        answers[1]
+    # fitted as collated: a max_length that holds the cut prompt and either answer keeps the row
+    fitted = preference_batches(tok, rows, DPOTaskConfig(batch_size=1, max_prompt_length=n, share_prompt=False,
+                                                         max_length=n + len(answers[0]), overlong="error")).batch_at(0)
+    np.testing.assert_array_equal(fitted.tokens[0, 0][fitted.attention_mask[0, 0] > 0], b.tokens[0, 0][
+        b.attention_mask[0, 0] > 0])
+    with pytest.raises(DataError, match=rf"row 0: max_prompt_length={len(head_ids)} leaves no room for the prompt's "
+                                        rf"text after the chat template's {len(head_ids)} leading tokens"):
+        preference_batches(tok, rows, DPOTaskConfig(batch_size=1, max_prompt_length=len(head_ids)))
+
+
 @pytest.mark.parametrize("kind", ["parquet", "jsonl"])
 def test_sft_on_a_hub_style_folder_trains_on_its_train_split_only(tmp_path, kind):
     """A folder with a train and a test split (hub-style shards, or train.jsonl beside test.jsonl): the

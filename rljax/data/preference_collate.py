@@ -13,7 +13,9 @@ batch, rotating by one) and "ref_logps".
 
 Truncation follows the usual recipe: the prompt is cut from the left to
 `max_prompt_length` tokens (its last tokens are kept), then the completion from the
-right so the row fits `max_length`. A completion that ends up empty is an error naming
+right so the row fits `max_length`. A pair row's optional "prompt_keep" (an int) keeps that
+many leading prompt tokens through the cut (a chat template's own leading text: the recipes
+set it), the cut then falling after them. A completion that ends up empty is an error naming
 the row and field, never a silent NaN.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from rljax.data.batch import KTOBatch, PreferenceBatch
 from rljax.data.collate import collate_shared_prompt, encode_text, pad_rows, padded_width, row_fields
 from rljax.tokenizer import Tokenizer
 
-_PAIR_FIELDS = ("prompt", "chosen", "rejected", "ref_logps", "weight", "label")
+_PAIR_FIELDS = ("prompt", "chosen", "rejected", "ref_logps", "weight", "label", "prompt_keep")
 _KTO_FIELDS = ("prompt", "completion", "desirable", "mismatched", "ref_logps")
 
 
@@ -50,18 +52,23 @@ def _text(i: int, value, field: str) -> str:
 
 def encode_truncated(tokenizer: Tokenizer, prompt: str, completion: str, row: int, field: str, *,
                      max_length: int | None, max_prompt_length: int | None, add_bos: bool = True,
-                     add_eos: bool = True) -> tuple[list[int], list[int]]:
-    """[bos] prompt completion [eos] with the prompt cut from the left to max_prompt_length
-    tokens and the completion from the right to fit max_length -> (ids, completion mask).
-    An empty completion, before or after truncation, is an error naming the row, as are text the
-    tokenizer cannot encode and a value that is not text (`rljax.data.collate.encode_text`)."""
+                     add_eos: bool = True, prompt_keep: int = 0) -> tuple[list[int], list[int]]:
+    """[bos] prompt completion [eos] with the prompt cut to max_prompt_length tokens, its first
+    prompt_keep and its last max_prompt_length − prompt_keep (a chat template's leading text kept,
+    the cut after it; prompt_keep 0: the last tokens), and the completion from the right to fit
+    max_length -> (ids, completion mask). An empty completion, before or after truncation, is an
+    error naming the row, as are text the tokenizer cannot encode, a value that is not text
+    (`rljax.data.collate.encode_text`) and a max_prompt_length that leaves nothing after the kept tokens."""
     p = encode_text(tokenizer, prompt, row, "prompt", add_bos=False, add_eos=False)
     bos = tokenizer.encode("", add_bos=add_bos, add_eos=False)
     c = encode_text(tokenizer, completion, row, field, add_bos=False, add_eos=add_eos)
     if not completion or not c:
         raise ValueError(f"row {row}: the {field} is empty (nothing to compare)")
     if max_prompt_length is not None and len(p) > max_prompt_length:
-        p = p[len(p) - max_prompt_length:]
+        if prompt_keep >= max_prompt_length:
+            raise ValueError(f"row {row}: max_prompt_length={max_prompt_length} leaves no room for the prompt's text "
+                             f"after its {prompt_keep} leading template tokens; raise max_prompt_length")
+        p = p[:prompt_keep] + p[len(p) - (max_prompt_length - prompt_keep):]
     if max_length is not None and len(bos) + len(p) + len(c) > max_length:
         c = c[:max(max_length - len(bos) - len(p), 0)]
         if not c:
@@ -145,8 +152,12 @@ def collate_preferences(tokenizer: Tokenizer, rows: Sequence, *, max_length: int
         chosen, rejected = _text(i, r["chosen"], "chosen"), _text(i, r["rejected"], "rejected")
         if chosen == rejected:
             raise ValueError(f"row {i}: chosen and rejected are the same text, so the pair says nothing")
+        keep = r["prompt_keep"] or 0
+        if not isinstance(keep, (int, np.integer)) or isinstance(keep, bool) or keep < 0:
+            raise ValueError(f"row {i}: prompt_keep must be a whole number >= 0, got {keep!r}")
         encoded.append([encode_truncated(tokenizer, prompt, text, i, field, max_length=max_length,
-                                         max_prompt_length=max_prompt_length, add_bos=add_bos, add_eos=add_eos)
+                                         max_prompt_length=max_prompt_length, add_bos=add_bos, add_eos=add_eos,
+                                         prompt_keep=int(keep))
                         for field, text in (("chosen", chosen), ("rejected", rejected))])
         if encoded[-1][0][0] == encoded[-1][1][0]:  # texts differ only past the cut: the pair says nothing either
             raise ValueError(f"row {i}: chosen and rejected are the same tokens after truncation to "

@@ -163,7 +163,8 @@ class RewardModelTaskConfig(TaskConfig):
 class DPOTaskConfig(TaskConfig):
     """Offline preference optimisation on {prompt, chosen, rejected} pairs: method is a
     `PREFERENCE_METHODS` name other than "kto" (dpo, cdpo, robust_dpo, hinge, ipo, simpo, orpo);
-    beta: None keeps the method's; max_prompt_length: prompts are cut from the left to this many tokens;
+    beta: None keeps the method's; max_prompt_length: prompts are cut from the left to this many tokens
+    (a chat template's own leading text kept, the cut after it);
     overlong: "truncate_completion" (the usual recipe: the completion is cut from the right to fit
     max_length after the prompt), "error" or "drop" ("truncate_prompt" is max_prompt_length here).
     share_prompt: each pair as one row, prompt then chosen then rejected, both completions reading one
@@ -627,24 +628,35 @@ def reward_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None,
     return BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed), "pairs"
 
 
-def _fitted_preferences(tok, data, pairs, cfg: DPOTaskConfig, *, max_length: int | None, add_bos: bool) -> list[int]:
-    """Indices of the pairs kept by cfg.overlong, measured as `collate_preferences` builds them ([bos], the
-    prompt's last max_prompt_length tokens, the completion and eos); the texts stay as they are, since a
-    kept pair is either short enough or truncated by the collator the same way ("truncate_completion").
+def _fitted_preferences(tok, data, pairs, cfg: DPOTaskConfig, *, max_length: int | None, add_bos: bool,
+                        chats: Sequence[list[dict]] | None = None) -> tuple[list[int], list[int]]:
+    """(indices of the pairs kept by cfg.overlong, each pair's prompt_keep), measured as `collate_preferences`
+    builds them ([bos], the prompt cut to max_prompt_length tokens, the completion and eos); the texts stay
+    as they are, since a kept pair is either short enough or truncated by the collator the same way
+    ("truncate_completion"). chats: the messages of chat-template prompts, whose template text before the
+    first message's content (`_template_keep`) the prompt's cut keeps (prompt_keep; 0 without a template).
     Errors name the row's file and line: text the tokenizer cannot encode, a row too long, a pair
-    truncated to the same tokens (`_check_pairs`)."""
+    truncated to the same tokens (`_check_pairs`), a max_prompt_length within the template's own text."""
     bos = tok.encode("", add_bos=add_bos, add_eos=False)
     n = cfg.max_prompt_length
-    examples = []
-    for prompt, completions in _encoded(tok, [p.prompt for p in pairs], [(p.chosen, p.rejected) for p in pairs],
-                                        add_bos=False, names=("chosen", "rejected")):
-        prompt = prompt[max(len(prompt) - n, 0):] if n is not None else prompt
+    examples, keeps = [], []
+    encoded = _encoded(tok, [p.prompt for p in pairs], [(p.chosen, p.rejected) for p in pairs], add_bos=False,
+                       names=("chosen", "rejected"))
+    for i, (prompt, completions) in enumerate(encoded):
+        keep = _template_keep(tok, chats[i], prompt) if chats is not None and n is not None and len(prompt) > n \
+            else 0
+        if n is not None and len(prompt) > n:
+            if keep >= n:
+                raise DataError(f"{row_locator(data)(i)}: max_prompt_length={n} leaves no room for the prompt's text "
+                                f"after the chat template's {keep} leading tokens; raise max_prompt_length")
+            prompt = prompt[:keep] + prompt[len(prompt) - (n - keep):]
         examples.append((bos + prompt, completions))
+        keeps.append(keep)
     kept, fitted, _ = fit_lengths(examples, max_length=max_length, overlong=cfg.overlong, keep=len(bos),
                                   where=row_locator(data), names=("chosen", "rejected"),
                                   allowed=("error", "drop", "truncate_completion"))
     _check_pairs(data, examples, kept, fitted, max_length)
-    return kept
+    return kept, keeps
 
 
 @_locating
@@ -667,9 +679,11 @@ def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None 
             for field in ("weight", "label"):
                 _weight_or_label(i, r.get(field), field)
     length = max_length or cfg.max_length
-    kept = _fitted_preferences(tok, data, pairs, cfg, max_length=length, add_bos=not chat)
+    kept, keeps = _fitted_preferences(tok, data, pairs, cfg, max_length=length, add_bos=not chat,
+                                      chats=_chats(rows, cfg) if chat else None)
     items = [dict(prompt=pairs[i].prompt, chosen=pairs[i].chosen, rejected=pairs[i].rejected,
-                  weight=rendered[i].get("weight"), label=rendered[i].get("label")) for i in kept]
+                  weight=rendered[i].get("weight"), label=rendered[i].get("label"), prompt_keep=keeps[i])
+             for i in kept]
     collate = functools.partial(collate_preferences, tok, max_length=length,
                                 max_prompt_length=cfg.max_prompt_length, add_bos=not chat,
                                 share_prompt=cfg.share_prompt)
