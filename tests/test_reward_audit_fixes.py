@@ -143,6 +143,8 @@ def test_scorers_name_the_overlong_row_its_length_and_the_limit():
     n = len(TOK.encode("1=", add_bos=True, add_eos=False)) + 30 + 29 + 1
     with pytest.raises(ValueError, match=re.escape(f"step_scorer: row 1: {n} tokens exceed max_length=16")):
         step_scorer(model, params, TOK, separator=";", max_length=16)(["1="] * 2, ["1;2", steps])
+    with pytest.raises(ValueError, match=re.escape(f"prm_reward: row 1: {n} tokens exceed max_length=16")):
+        prm_reward(model, params, TOK, separator=";", max_length=16)(["1="] * 2, ["1;2", steps])  # its own name
     n = len(TOK.encode("1=", add_bos=True, add_eos=False)) + 600 + 1
     with pytest.raises(ValueError, match=re.escape(f"likelihood_reward: row 1: {n} tokens exceed the model's "
                                                    "max_seq_len=512")):  # max_length None: the model's context

@@ -303,18 +303,19 @@ def token_probabilities(params, tokens, mask, *, model):
 
 
 def step_scorer(model, params, tokenizer, *, separator: str, min_bucket: int = 16, max_length: int | None = None,
-                overlong: str = "error", add_bos: bool = True, add_eos: bool = True):
+                overlong: str = "error", add_bos: bool = True, add_eos: bool = True, name: str = "step_scorer"):
     """A process reward model's step scores: `scores(prompts, completions)` -> one [S_i]
     array per completion, σ(r) at the last token of each of its steps (split at
     `separator`, encoded as in `collate_steps`); a completion with no step text gets an
     empty array. Rows are fitted to max_length (overlong) as by `reward_model_reward`;
-    params may be a zero-argument callable read at every call (a refreshed PRM)."""
-    model, current = _own_devices("step_scorer", model, params)
+    params may be a zero-argument callable read at every call (a refreshed PRM). name: what errors call
+    it (`prm_reward` passes its own)."""
+    model, current = _own_devices(name, model, params)
     forward = jax.jit(functools.partial(token_probabilities, model=model))
-    fit = _row_limit("step_scorer", model, tokenizer, max_length, overlong, add_bos)
+    fit = _row_limit(name, model, tokenizer, max_length, overlong, add_bos)
 
     def scores(prompts: Sequence[str], completions: Sequence[str]) -> list[np.ndarray]:
-        _check_pairs("step_scorer", prompts, completions)
+        _check_pairs(name, prompts, completions)
         rows, ends = [], []
         for i, (p, c) in enumerate(zip(prompts, completions)):
             steps = split_solution(c, separator)
@@ -352,7 +353,7 @@ def prm_reward(model, params, tokenizer, *, separator: str, aggregation: str = "
     steps scores 0."""
     if aggregation not in STEP_AGGREGATIONS:
         raise ValueError(f"prm_reward: aggregation {aggregation!r} not in {STEP_AGGREGATIONS}")
-    scores = step_scorer(model, params, tokenizer, separator=separator, **kw)
+    scores = step_scorer(model, params, tokenizer, separator=separator, name="prm_reward", **kw)
 
     def scorer(prompts, completions, **_):
         probs, mask = stack_step_scores(scores(prompts, completions))
