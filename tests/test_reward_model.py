@@ -395,7 +395,7 @@ def test_learned_scorers_refuse_unequal_prompts_and_completions():
     for name, scorer in (("reward_model_reward", reward_model_reward(model, params, tok)),
                          ("likelihood_reward", likelihood_reward(model, params, tok)),
                          ("step_scorer", step_scorer(model, params, tok, separator=";")),
-                         ("step_scorer", prm_reward(model, params, tok, separator=";"))):
+                         ("prm_reward", prm_reward(model, params, tok, separator=";"))):
         with pytest.raises(ValueError, match=f"{name}: 1 prompts but 3 completions"):
             scorer(["q"], ["a", "b", "c"])
 

@@ -13,14 +13,14 @@ batch, rotating by one) and "ref_logps".
 
 Truncation follows the usual recipe: the prompt is cut from the left to
 `max_prompt_length` tokens (its last tokens are kept), then the completion from the
-right so the row fits `max_length`. A pair row's optional "prompt_keep" (an int) keeps that
+right so the row fits `max_length`. A dict pair row's optional "prompt_keep" key (an int) keeps that
 many leading prompt tokens through the cut (a chat template's own leading text: the recipes
 set it), the cut then falling after them. A completion that ends up empty is an error naming
 the row and field, never a silent NaN.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from rljax.data.batch import KTOBatch, PreferenceBatch
 from rljax.data.collate import collate_shared_prompt, encode_text, pad_rows, padded_width, row_fields
 from rljax.tokenizer import Tokenizer
 
-_PAIR_FIELDS = ("prompt", "chosen", "rejected", "ref_logps", "weight", "label", "prompt_keep")
+_PAIR_FIELDS = ("prompt", "chosen", "rejected", "ref_logps", "weight", "label")
 _KTO_FIELDS = ("prompt", "completion", "desirable", "mismatched", "ref_logps")
 
 
@@ -152,7 +152,7 @@ def collate_preferences(tokenizer: Tokenizer, rows: Sequence, *, max_length: int
         chosen, rejected = _text(i, r["chosen"], "chosen"), _text(i, r["rejected"], "rejected")
         if chosen == rejected:
             raise ValueError(f"row {i}: chosen and rejected are the same text, so the pair says nothing")
-        keep = r["prompt_keep"] or 0
+        keep = (raw.get("prompt_keep") if isinstance(raw, Mapping) else None) or 0  # a dict row's key only
         if not isinstance(keep, (int, np.integer)) or isinstance(keep, bool) or keep < 0:
             raise ValueError(f"row {i}: prompt_keep must be a whole number >= 0, got {keep!r}")
         encoded.append([encode_truncated(tokenizer, prompt, text, i, field, max_length=max_length,
