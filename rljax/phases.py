@@ -33,7 +33,7 @@ from rljax.checkpoint import Checkpointer
 from rljax.data.batch import PromptBatch
 from rljax.distributed import local_rows
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
-                                      TokenLabelConfig, reward_model_loss)
+                                      TokenLabelConfig, refuse_plackett_luce_input, reward_model_loss)
 from rljax.losses.preference import (DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss,
                                     with_live_reference)
 from rljax.losses.sft import SFTConfig, sft_loss
@@ -542,6 +542,12 @@ def train_reward_model(state: TrainState, data, cfg: RewardModelPhaseConfig, *, 
     step = make_train_step(functools.partial(reward_model_loss, model=model, cfg=cfg.loss), cfg.optimizer,
                            model=model, mesh=mesh)
     put = _host_batch(model, mesh, "train_reward_model")
+    if isinstance(cfg.loss, RankingConfig) and cfg.loss.objective == "plackett_luce":
+        place = put
+
+        def put(batch):  # a tied list's loss is NaN inside the step: name it here, on the concrete ranks
+            refuse_plackett_luce_input(batch)
+            return place(batch)
     return run_loop(state, step, data, cfg.loop, run_dir=run_dir, put_batch=put, eval_fn=eval_fn, name="rm",
                     config=cfg)
 

@@ -80,6 +80,19 @@ def test_plackett_luce_refuses_ties_naming_the_row_and_pairwise_takes_them():
     # inside jit the ranks are traced: the tied list's NaN makes the step non-finite, never an order-dependent value
     loss, _ = ranking_loss_jit(params, b, model=model, cfg=RankingConfig(objective="plackett_luce"))
     assert np.isnan(loss)
+    # so the reward-model phase checks each host batch first: the tied list is named before its step (it used to
+    # be skipped as non-finite, and a run of such batches stopped on "repeated non-finite losses")
+    from rljax.data.collate import BatchIterator
+    from rljax.phases import LoopConfig, RewardModelPhaseConfig, train_reward_model
+    from rljax.state import OptimizerConfig, create_state
+
+    opt = OptimizerConfig(lr=1e-3, schedule="constant")
+    phase = RewardModelPhaseConfig(loss=RankingConfig(objective="plackett_luce"), optimizer=opt,
+                                   loop=LoopConfig(steps=2, progress=False, tensorboard=False))
+    with pytest.raises(ValueError, match=re.escape("ranking_loss: row 1: ranks [0, 1, 1] tie two answers")):
+        train_reward_model(create_state(model, opt, jax.random.key(0), params=params),
+                           BatchIterator([ok] + listed[0], 2, lambda rows: collate_ranked(TOK, rows), shuffle=False),
+                           phase, model=model)
     # the pairwise objective reads the tie as no preference: the same loss in either listing order, by hand
     losses = []
     for rows in listed:

@@ -106,11 +106,12 @@ def ranking_scores(params, batch: RankingBatch, *, model) -> jax.Array:
     return jnp.where(batch.rank >= 0, r, 0.0)
 
 
-def _refuse_plackett_luce_input(batch: RankingBatch) -> None:
+def refuse_plackett_luce_input(batch: RankingBatch) -> None:
     """Plackett–Luce scores strict orders only: a batch with margins, or (when the ranks are
     concrete, i.e. outside jit) a list with tied answers and a preference, is an error naming
     the field or row. Inside jit the ranks are traced and a tied list's loss is NaN
-    (`plackett_luce`), so the step is reported non-finite and skipped, never trained on."""
+    (`plackett_luce`): `rljax.phases.train_reward_model` therefore checks each host batch with
+    this before its step, so a tied list is named rather than its step skipped as non-finite."""
     if batch.margin is not None:
         raise ValueError("ranking_loss: batch.margin is set (collate_ranked / collate_pairs(margins=...)) but "
                          "objective='plackett_luce' has no margin term; collate without margins or use "
@@ -171,7 +172,7 @@ def ranking_loss(params, batch: RankingBatch, *, model, cfg: RankingConfig):
     if batch.segment_ids is None:  # (the shared-prompt layout's rows hold every answer)
         chex.assert_equal_shape([batch.rank, batch.tokens[..., 0]])
     if cfg.objective == "plackett_luce":
-        _refuse_plackett_luce_input(batch)
+        refuse_plackett_luce_input(batch)
     if batch.preference is not None:
         _refuse_soft_input(batch, cfg)
     scores = ranking_scores(params, batch, model=model)
