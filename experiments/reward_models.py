@@ -387,8 +387,8 @@ def part_feedback(cfg: Config, model, params, tok, train, test, run_dir: str) ->
     out = {}
     for name, signal, ipw in (("clicks_naive", "click", False), ("clicks_ipw", "click", True),
                               ("likes", "like", False)):
-        data = BatchIterator(logs, cfg.batch, lambda b, s=signal: collate_feedback(
-            tok, [(r["prompt"], r["completion"], r[s], r["propensity"]) for r in b]), seed=cfg.seed)
+        data = BatchIterator(logs, cfg.batch, lambda b, s=signal, w=ipw: collate_feedback(
+            tok, [(r["prompt"], r["completion"], r[s], r["propensity"]) for r in b], ipw=w), seed=cfg.seed)
         steps = max(cfg.feedback_epochs * len(logs) // cfg.batch, 1)
         state = _train(rm, rm_params, data, FeedbackConfig(ipw=ipw), steps, cfg, os.path.join(run_dir, name))
         scorer = reward_model_reward(rm, state.params, tok, probability=True)

@@ -408,7 +408,7 @@ def adversarial_rlaif(params, cfg: AdversarialConfig, *, model, tokenizer, task,
         disc = state["discriminator"]
         target = (r + 1) * cfg.disc_steps
         if int(jax.device_get(disc.step)) < target:
-            collate = functools.partial(collate_feedback, tokenizer, max_length=max_len)
+            collate = functools.partial(collate_feedback, tokenizer, max_length=max_len, ipw=False)
             phase = RewardModelPhaseConfig(loss=FeedbackConfig(ipw=False), optimizer=cfg.disc_optimizer,
                                            loop=LoopConfig(steps=target, **phase_loop))
             batches = BatchIterator(rows, min(cfg.disc_batch_size, len(rows)), collate, seed=cfg.seed + ctx.index)

@@ -263,6 +263,10 @@ def test_feedback_warns_once_for_positions_without_propensities():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # logged propensities, or no position at all: no warning
         collate_feedback(TOK, [rows[0], Interaction("q", "e", click=True), ("q", "d", 1, None)])
+        # nor for batches trained without inverse-propensity weights (FeedbackConfig(ipw=False)): the same batch
+        unweighted = collate_feedback(TOK, rows, ipw=False)
+    for field in ("tokens", "attention_mask", "signal", "propensity"):
+        np.testing.assert_array_equal(getattr(unweighted, field), getattr(b, field))
 
 
 def test_ipw_targets_need_a_positive_min_propensity():

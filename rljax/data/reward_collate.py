@@ -337,7 +337,7 @@ def _binary(v, where: str) -> float:
 
 def collate_feedback(tokenizer: Tokenizer, rows: Sequence, *, signal: str = "click", max_length: int | None = None,
                      min_bucket: int = DEFAULT_MIN_BUCKET, length: int | None = None, add_bos: bool = True,
-                     add_eos: bool = True) -> FeedbackBatch:
+                     add_eos: bool = True, ipw: bool = True) -> FeedbackBatch:
     """Logged displays (`Interaction` rows, dicts, or (prompt, completion, signal[, propensity[, position]])
     tuples; `rljax.data.collate.row_fields`) -> FeedbackBatch with the named binary signal (click, like or
     accept, `FEEDBACK_SIGNALS`) as 0/1 and the display's propensity (1 where not logged).
@@ -349,7 +349,8 @@ def collate_feedback(tokenizer: Tokenizer, rows: Sequence, *, signal: str = "cli
     a display position but no propensity get one warning per call (`warnings.warn`, naming the
     first such row): their propensity is taken as 1, so inverse-propensity weighting
     (FeedbackConfig(ipw=True), the default) leaves their position bias in; log P(examined | position)
-    as the propensity (with ipw=False the warning does not matter)."""
+    as the propensity. ipw: whether the batches train with inverse-propensity weights (pass
+    FeedbackConfig.ipw): without them the propensities are not read, and nothing is warned of."""
     if not rows:
         raise ValueError("collate_feedback: no examples")
     if signal not in FEEDBACK_SIGNALS:
@@ -370,7 +371,7 @@ def collate_feedback(tokenizer: Tokenizer, rows: Sequence, *, signal: str = "cli
         pairs.append((prompt, completion))
         values.append(_binary(v, f"row {i}: {signal!r} signal"))
         props.append(p)
-    if unweighted:
+    if unweighted and ipw:
         warnings.warn(f"collate_feedback: row {unweighted[0]} ({len(unweighted)} of {len(rows)} rows) logs a display "
                       "position but no propensity; the propensity is taken as 1, so inverse-propensity weighting "
                       "(FeedbackConfig(ipw=True)) does not correct their position bias. Log P(examined | position) "
