@@ -67,7 +67,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rljax.sharding import make_mesh, param_shardings, placement, replicated, shard_params
+from rljax.sharding import make_mesh, place_params, placement, replicated, shard_params
 
 # setting -> environment variables read when the argument is None (first set one wins)
 ENV_VARS: dict[str, tuple[str, ...]] = {
@@ -303,20 +303,17 @@ def process_local(model, params=None):
         >>> reward_fn = reward_model_reward(rm_model, rm_params, tokenizer)  # (which does this itself)
     """
     mesh = getattr(model, "mesh", None)
-    if jax.process_count() == 1 or not (spans_processes(mesh) or _spanning(params)):
+    spans = spans_processes(mesh)
+    if jax.process_count() == 1 or not (spans or _spanning(params)):
         return model, params
-    local = dataclasses.replace(model, mesh=local_mesh(mesh)) if spans_processes(mesh) else model
+    local = dataclasses.replace(model, mesh=local_mesh(mesh)) if spans else model
     if params is None:
         return local, None
-    host, own = to_host(params), getattr(local, "mesh", None)
-    if own is None:  # a model without a mesh: its default device
-        return local, jax.device_put(host)
+    host = to_host(params)
     try:
-        shardings = param_shardings(local, own)
-        jax.tree.map(lambda *_: None, host, shardings)  # the same structure, or the fallback below
+        return local, place_params(local, host)  # by its sharding rules, or on its default device without a mesh
     except (AttributeError, TypeError, ValueError):  # not a Model's parameter tree: keep a whole copy on each device
-        shardings = jax.tree.map(lambda _: replicated(own), host)
-    return local, shard_params(host, shardings)
+        return local, shard_params(host, jax.tree.map(lambda _: replicated(local.mesh), host))
 
 
 def check_process_local(params, where: str):

@@ -50,6 +50,12 @@ def _text(i: int, value, field: str) -> str:
     return value
 
 
+def cut_prompt(ids: Sequence[int], max_prompt_length: int, keep: int = 0) -> list[int]:
+    """A prompt longer than max_prompt_length tokens cut to it: its first `keep` tokens (a chat template's
+    leading text; keep < max_prompt_length) and its last max_prompt_length − keep."""
+    return list(ids[:keep]) + list(ids[len(ids) - (max_prompt_length - keep):])
+
+
 def encode_truncated(tokenizer: Tokenizer, prompt: str, completion: str, row: int, field: str, *,
                      max_length: int | None, max_prompt_length: int | None, add_bos: bool = True,
                      add_eos: bool = True, prompt_keep: int = 0) -> tuple[list[int], list[int]]:
@@ -68,7 +74,7 @@ def encode_truncated(tokenizer: Tokenizer, prompt: str, completion: str, row: in
         if prompt_keep >= max_prompt_length:
             raise ValueError(f"row {row}: max_prompt_length={max_prompt_length} leaves no room for the prompt's text "
                              f"after its {prompt_keep} leading template tokens; raise max_prompt_length")
-        p = p[:prompt_keep] + p[len(p) - (max_prompt_length - prompt_keep):]
+        p = cut_prompt(p, max_prompt_length, prompt_keep)
     if max_length is not None and len(bos) + len(p) + len(c) > max_length:
         c = c[:max(max_length - len(bos) - len(p), 0)]
         if not c:

@@ -66,7 +66,7 @@ from rljax.data.adapters import (DataError, Message, _check_role, _check_str, _g
                                  scored_responses, simple_template)
 from rljax.data.collate import BatchIterator, collate_prompt_completion, encode_text
 from rljax.data.lengths import Tokens, fit_lengths
-from rljax.data.preference_collate import _weight_or_label, collate_preferences
+from rljax.data.preference_collate import _weight_or_label, collate_preferences, cut_prompt
 from rljax.data.reward_collate import _finite, collate_pairs, collate_scored
 from rljax.distributed import is_main_process, sync
 from rljax.losses.preference import PREFERENCE_METHODS
@@ -643,13 +643,13 @@ def _fitted_preferences(tok, data, pairs, cfg: DPOTaskConfig, *, max_length: int
     encoded = _encoded(tok, [p.prompt for p in pairs], [(p.chosen, p.rejected) for p in pairs], add_bos=False,
                        names=("chosen", "rejected"))
     for i, (prompt, completions) in enumerate(encoded):
-        keep = _template_keep(tok, chats[i], prompt) if chats is not None and n is not None and len(prompt) > n \
-            else 0
+        keep = 0
         if n is not None and len(prompt) > n:
+            keep = 0 if chats is None else _template_keep(tok, chats[i], prompt)
             if keep >= n:
                 raise DataError(f"{row_locator(data)(i)}: max_prompt_length={n} leaves no room for the prompt's text "
                                 f"after the chat template's {keep} leading tokens; raise max_prompt_length")
-            prompt = prompt[:keep] + prompt[len(prompt) - (n - keep):]
+            prompt = cut_prompt(prompt, n, keep)
         examples.append((bos + prompt, completions))
         keeps.append(keep)
     kept, fitted, _ = fit_lengths(examples, max_length=max_length, overlong=cfg.overlong, keep=len(bos),
