@@ -5,6 +5,8 @@
     python -m experiments.grpo_math --model DIR --data FILE --sft-data FILE --sft-steps 200   # SFT first
     python -m experiments.grpo_math --model DIR --data FILE --style think --format-reward 0.1 # <think>/<answer>
     python -m experiments.grpo_math --model DIR --data FILE --mesh-fsdp 8                      # 8 devices
+    RLJAX_COORDINATOR=host0:1234 RLJAX_NUM_PROCESSES=2 RLJAX_PROCESS_ID=<0 or 1> python -m experiments.grpo_math \
+        --model DIR --data FILE --mesh-fsdp 16 --run-dir SHARED/run        # 2 hosts x 8 devices, on each host
     python -m experiments.grpo_math --model DIR --data FILE --remat full                       # less memory
     python -m experiments.grpo_math --smoke                                                    # CPU, seconds
 
@@ -25,7 +27,8 @@ Reward: `math_answer_reward` (1 when the extracted final answer equals the refer
 + --format-reward x `think_answer_format_reward`. Outputs in the run directory:
 sft/ (SFT metrics and checkpoints), metrics.jsonl and checkpoints/ (RL; rerunning the
 command resumes), samples/iteration-NNNNNN.jsonl (every sampled completion with its
-answer and reward), results.json, and policy/: the final policy as an HF checkpoint with
+answer and reward; on several processes one file per process, iteration-NNNNNN.process-K.jsonl),
+results.json, and policy/: the final policy as an HF checkpoint with
 the tokenizer files and a generation_config.json listing the stop ids, which
 transformers and vLLM load as they are (`vllm serve <run-dir>/policy`).
 
@@ -57,6 +60,7 @@ from rljax.algorithms import get_algorithm
 from rljax.checkpoint import digest_params
 from rljax.cli import LoggingFlags, apply_preset, make_run_dir, run, save_config
 from rljax.data.collate import BatchIterator, collate_prompt_completion
+from rljax.distributed import is_main_process, sync
 from rljax.eval import exact_match, export_policy
 from rljax.losses.sft import SFTConfig
 from rljax.metrics import read_metrics
@@ -136,14 +140,22 @@ def make_reward(cfg: Config):
     return weighted_sum(*terms)
 
 
+def sample_file(directory: str, iteration: int, process: int = 0, processes: int = 1) -> str:
+    """Where `logging_reward` writes an iteration's samples: directory/iteration-NNNNNN.jsonl, or on
+    several processes one file per process, iteration-NNNNNN.process-K.jsonl (each scores its own rows;
+    the files in process order hold the iteration's rows in order)."""
+    part = f".process-{process}" if processes > 1 else ""
+    return os.path.join(directory, f"iteration-{iteration:06d}{part}.jsonl")
+
+
 def logging_reward(reward_fn, directory: str):
-    """reward_fn that also writes every scored sample to directory/iteration-NNNNNN.jsonl
+    """reward_fn that also writes every scored sample to `sample_file(directory, iteration)`
     (metadata `iteration` names the file; a resumed iteration rewrites its file)."""
     os.makedirs(directory, exist_ok=True)
 
     def logged(prompts, completions, *, answers, iteration, **meta):
         r = reward_fn(prompts, completions, answers=answers, iteration=iteration, **meta)
-        path = os.path.join(directory, f"iteration-{int(iteration[0]):06d}.jsonl")
+        path = sample_file(directory, int(iteration[0]), jax.process_index(), jax.process_count())
         with open(path, "w", encoding="utf-8") as f:
             for p, c, a, v in zip(prompts, completions, answers, np.asarray(r)):
                 f.write(json.dumps({"prompt": p, "completion": c, "answer": a, "reward": float(v)}) + "\n")
@@ -210,6 +222,11 @@ def main(cfg: Config) -> dict:
     if (cfg.prompts_per_iteration * cfg.n) % cfg.minibatches:
         raise ValueError(f"--minibatches {cfg.minibatches}: the {cfg.prompts_per_iteration} prompts x n = {cfg.n} "
                          "sampled rows of an iteration do not split into them")
+    axes = (cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+    if jax.process_count() > 1 and axes == (1, 1, 1):
+        raise ValueError(f"Config: {jax.process_count()} processes are running: pass a mesh over all their "
+                         f"{jax.device_count()} devices (--mesh-data / --mesh-fsdp / --mesh-tensor, data x fsdp a "
+                         f"multiple of the process count), and --run-dir or --run-root on a file system they share")
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"grpo_math-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
     smoke_model = not cfg.model  # --smoke: a random model written into the run directory
@@ -217,12 +234,11 @@ def main(cfg: Config) -> dict:
         cfg.model = os.path.join(run_dir, "smoke-model")
     save_config(cfg, run_dir, allow_change=cfg.force_config)  # before anything is written or trained
     if smoke_model:
-        write_smoke_model(cfg.model, seed=cfg.seed)
+        write_smoke_model(cfg.model, seed=cfg.seed)  # on every process: process 0 writes
     system_prompt = SYSTEM_PROMPTS[cfg.style] if cfg.system_prompt is None else cfg.system_prompt
 
     model_dir = resolve_path(cfg.model)  # a hub id is fetched once; the tokenizer reads the same files
     tok = HFTokenizer.from_pretrained(model_dir)
-    axes = (cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
     mesh = make_mesh(*axes) if axes != (1, 1, 1) else None
     overrides = {"remat": cfg.remat}
     if cfg.max_seq_len is not None:
@@ -232,7 +248,8 @@ def main(cfg: Config) -> dict:
         raise ValueError(f"{model_dir}: config.json vocab_size={arch.vocab_size} is smaller than the tokenizer's "
                          f"{tok.vocab_size} ids")
     model = Model(arch, mesh)
-    print(f"grpo_math: {model_dir}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters, "
+    say = print if is_main_process() else (lambda *a, **k: None)  # several processes: process 0 reports
+    say(f"grpo_math: {model_dir}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters, "
           f"{tok}, mesh {dict(zip(('data', 'fsdp', 'tensor'), axes)) if mesh is not None else 'none'}")
 
     problems = read_problems(cfg.data, cfg.data_format)
@@ -247,7 +264,7 @@ def main(cfg: Config) -> dict:
     if cfg.sft_data:
         pairs, dropped = sft_pairs(tok, read_problems(cfg.sft_data, cfg.data_format), cfg, system_prompt)
         if dropped:
-            print(f"grpo_math: dropped {dropped} SFT rows longer than sft_max_length={cfg.sft_max_length}")
+            say(f"grpo_math: dropped {dropped} SFT rows longer than sft_max_length={cfg.sft_max_length}")
         collate = functools.partial(collate_prompt_completion, tok, max_length=cfg.sft_max_length,
                                     add_bos=False, add_eos=True)
         opt = OptimizerConfig(lr=cfg.sft_lr, warmup_steps=min(10, cfg.sft_steps // 10), total_steps=cfg.sft_steps)
@@ -292,6 +309,7 @@ def main(cfg: Config) -> dict:
     h = hashlib.sha256()
     digest_params(state.policy.params, h)
     results["policy_sha256"] = h.hexdigest()  # of the trained params (load_pretrained of policy/ gives the same)
+    sync("grpo_math: metrics written")  # process 0 writes metrics.jsonl; every process reads it back
     rows = [r for r in read_metrics(run_dir) if "rl/reward_mean" in r]
     results.update(reward_first=rows[0]["rl/reward_mean"], reward_last=rows[-1]["rl/reward_mean"],
                    train_accuracy_first=rows[0]["rl/accuracy"], train_accuracy_last=rows[-1]["rl/accuracy"],
@@ -303,11 +321,15 @@ def main(cfg: Config) -> dict:
             table += f"| {name} | {results[key]:.1%} |\n"
     table += (f"| mean reward first / last iteration | {results['reward_first']:.3f} / {results['reward_last']:.3f} |\n"
               f"| exported policy | {results['policy_dir']} |\n")
-    print(table)
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
+    say(table)
+    if is_main_process():
+        with open(os.path.join(run_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    sync("grpo_math: results written")
     return results
 
 
 if __name__ == "__main__":
-    run(main, Config)  # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message
+    # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message; processes=True: one process
+    # per host when the RLJAX_* / JAX_* coordinator variables are set (rljax.cli.run)
+    run(main, Config, processes=True)

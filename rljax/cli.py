@@ -34,6 +34,10 @@ Rules that keep a run directory honest:
   metrics.jsonl: `--tensorboard` / `--no-tensorboard` and `--wandb` (offline by default; with
   `--wandb-project`, `--wandb-mode`, `--wandb-group`). They are IGNORED_FIELDS: a resume may
   change them.
+- Several processes (hosts) run one study when the environment names them (the RLJAX_* / JAX_*
+  coordinator variables, `rljax.distributed.initialize`): `run(main, Config, processes=True)`
+  connects them (other experiments exit saying they run on one process), `make_run_dir` gives every
+  process process 0's directory, and `save_config` is checked by all and written by process 0.
 - `run(main, Config)` turns on the persistent compilation cache (`rljax.compile_cache`), and
   exits a preempted run (SIGTERM/SIGINT, `rljax.phases.Preempted`) with its one-line message
   on stderr and exit code 128 + signal: 143 for SIGTERM, 130 for SIGINT, as a shell reports
@@ -309,14 +313,20 @@ def save_config(cfg, run_dir: str, *, allow_change: bool = False, ignore: Iterab
     nothing. Call it before training, so a mismatched rerun stops before it touches
     anything. `allow_change=True` overwrites config.json and appends `{"time",
     "changes": {field: [old, new]}}` to run_dir/config_changes.jsonl, so the directory
-    still tells which configuration produced what.
+    still tells which configuration produced what. On several processes every process checks
+    the file and process 0 writes it, after all have read it and before any returns.
     """
+    from rljax.distributed import is_main_process, sync
+
     path = os.path.join(run_dir, CONFIG_FILE)
     new = _jsonable(cfg)
     changes = {}
+    old = None
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+    sync(f"save_config: {path} read")  # before process 0 writes it: every process compares the same
+    if old is not None:
         changes = config_differences(old, new, ignore)
         if changes and not allow_change:
             raise ConfigMismatchError(
@@ -325,7 +335,9 @@ def save_config(cfg, run_dir: str, *, allow_change: bool = False, ignore: Iterab
                 f"new ones (recorded in {CONFIG_CHANGES_FILE})")
         if not changes:
             return  # the same run: keep the file as first written
-    write_config(run_dir, new, changes)
+    if is_main_process():
+        write_config(run_dir, new, changes)
+    sync(f"save_config: {path} written")
 
 
 def write_config(run_dir: str, record: dict, changes: dict[str, tuple] | None = None, *,
@@ -358,27 +370,50 @@ def check_input_dir(path: str, flag: str, *, create: bool = False, create_flag: 
 
 
 def make_run_dir(root: str, name: str) -> str:
-    """A new directory `root/name-YYYYmmdd-HHMMSS` (suffixed if it exists)."""
-    base = os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    path, i = base, 1
-    while os.path.exists(path):
-        path, i = f"{base}-{i}", i + 1
-    os.makedirs(path)
-    return path
+    """A new directory `root/name-YYYYmmdd-HHMMSS` (suffixed if it exists). On several processes
+    process 0 makes it and every process gets its path (`rljax.distributed.share_text`: their clocks
+    differ, and the run is one directory on a file system they share); call it on every process."""
+    from rljax.distributed import is_main_process, share_text
+
+    path = None
+    if is_main_process():
+        base = os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        path, i = base, 1
+        while os.path.exists(path):
+            path, i = f"{base}-{i}", i + 1
+        os.makedirs(path)
+    return share_text(path)
 
 
-def run(main: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None = None) -> Any:
-    """`main(parse_config(cls, argv))` for an experiment's `__main__`: a preempted run
+def run(main: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None = None, *,
+        processes: bool = False) -> Any:
+    """`main(parse_config(cls, argv))` for an experiment's `__main__`.
+
+    Several processes (hosts): when the environment names them (RLJAX_COORDINATOR, RLJAX_NUM_PROCESSES,
+    RLJAX_PROCESS_ID, or the JAX_* ones; `rljax.distributed.initialize`), every process runs the same
+    command and they are connected before `main` starts. Only an experiment written for it
+    (`processes=True`: a mesh over all their devices, one writer per file) accepts that; the others
+    exit with a message saying so, before anything runs. A preempted run
     (rljax.phases.Preempted) prints its one-line message to stderr, then how to resume (`resume_hint`:
     the same command when it named its --run-dir, else the command with --run-dir of the directory the
     run made), and exits with its exit_code (128 + signal: 143 for SIGTERM, 130 for SIGINT). The persistent compilation cache is on (`rljax.compile_cache`: a rerun loads
     its compiled programs instead of compiling them; RLJAX_COMPILATION_CACHE=off turns it off),
     and memory the compiler frees goes back to the OS (`rljax.host_memory`)."""
+    from rljax import distributed
     from rljax.compile_cache import enable_compilation_cache
     from rljax.host_memory import release_compiler_memory
     from rljax.phases import Preempted
 
-    cfg = parse_config(cls, argv)
+    cfg = parse_config(cls, argv)  # --help and a mistyped flag answer before any process connects
+    if distributed.initialize() and not processes:
+        import jax
+
+        spec = getattr(sys.modules.get(getattr(main, "__module__", "")), "__spec__", None)
+        name = spec.name if spec is not None else os.path.basename(sys.argv[0]) or "this experiment"
+        raise SystemExit(f"{name}: runs on one process, but {jax.process_count()} were started (the "
+                         f"RLJAX_* / JAX_* coordinator variables are set); run it as one process, or use an "
+                         f"experiment that takes several (experiments.grpo_math with --mesh-data / --mesh-fsdp) or "
+                         f"the library's phases and recipes with a mesh (docs/features.md)")
     enable_compilation_cache()
     release_compiler_memory()
     try:

@@ -23,6 +23,8 @@ Who passes what:
   array with `jax.make_array_from_process_local_data`. The mesh must give each process
   its own block of rows (data x fsdp split over the processes); `shard_batch` refuses
   one that does not.
+- `share_text` gives every process process 0's text (a run directory process 0 named by its clock,
+  `rljax.cli.make_run_dir`).
 - `to_host` brings arrays that span processes (a step's outputs, sampled tokens) back
   to numpy on every process.
 - work each process does alone on rows of its own (a learned reward scoring the samples it
@@ -253,6 +255,26 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def share_text(text: str | None) -> str:
+    """Process 0's `text` on every process (what the others pass is ignored; None there is fine): a
+    name one process picks, such as a run directory named by its clock, that all must use. A
+    collective: every process calls it at the same point. On one process: `text` itself."""
+    if jax.process_count() == 1:
+        if text is None:
+            raise ValueError("share_text: process 0 passed no text")
+        return text
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer((text or "").encode("utf-8"), np.uint8) if is_main_process() else np.zeros(0, np.uint8)
+    # two broadcasts: the length first, since every process must pass an array of the same shape
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    if n == 0:
+        raise ValueError("share_text: process 0 passed no text")
+    buffer = np.zeros(n, np.uint8)
+    buffer[:data.size] = data[:n]
+    return np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes().decode("utf-8")
 
 
 def spans_processes(mesh) -> bool:

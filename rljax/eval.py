@@ -33,7 +33,7 @@ import numpy as np
 from rljax.checkpoint import Checkpointer
 from rljax.models.hf import save_pretrained
 from rljax.models.transformer import check_scorer
-from rljax.distributed import to_host
+from rljax.distributed import is_main_process, sync, to_host
 from rljax.sampling import SampleConfig, filled_prompts, sample, tokenizer_ids, truncate_prompts
 
 __all__ = ["TOKENIZER_FILES", "UnfinishedRunError", "PolicyEvalConfig", "complete", "correctness", "evaluate_policy",
@@ -284,10 +284,19 @@ def export_policy(params, model, tok, model_dir: str | None, path: str, *, dtype
     eos_token_id lists every stop id of `tok` (`tok.eos_ids`), so that vLLM / transformers stop where
     the sampler did. `rljax.models.hf.load_pretrained(path)` gives back the same params. `path` may be
     new, empty or a checkpoint (`model_dir` itself included: its weights are replaced, its other files
-    kept); a directory of other files, such as a run directory, is refused. Returns `path`.
+    kept); a directory of other files, such as a run directory, is refused. On several processes every
+    one calls it (the weights are gathered collectively) and process 0 writes. Returns `path`.
     """
     save_pretrained(params, model.config, path, dtype=dtype, overwrite=True,
                     extra_config=dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+    if is_main_process():  # on several processes every one takes part in save_pretrained's gathers; one writes
+        _write_policy_files(tok, model_dir, path)
+    sync(f"export_policy: {path} written")
+    return path
+
+
+def _write_policy_files(tok, model_dir: str | None, path: str) -> None:
+    """export_policy's files beside the weights: the tokenizer files and generation_config.json."""
     in_place = model_dir is not None and os.path.abspath(model_dir) == os.path.abspath(path)
     for name in TOKENIZER_FILES if model_dir is not None and not in_place else ():  # in place: kept as they are
         if os.path.isfile(os.path.join(model_dir, name)):
@@ -302,4 +311,3 @@ def export_policy(params, model, tok, model_dir: str | None, path: str, *, dtype
         gen["bos_token_id"] = tok.bos_id
     with open(gen_path, "w") as f:
         json.dump(gen, f, indent=2)
-    return path

@@ -276,3 +276,34 @@ def test_a_resume_may_log_and_save_at_other_intervals(tmp_path):
     save_config(SFTArithmeticConfig(log_every=5, checkpoint_every=20), str(tmp_path))  # no mismatch
     with pytest.raises(ConfigMismatchError, match="steps: 500 -> 400"):
         save_config(SFTArithmeticConfig(steps=400), str(tmp_path))
+
+
+def test_a_study_started_on_several_processes_runs_only_when_written_for_them(monkeypatch, tmp_path):
+    """`run` connects the processes the environment names before `main`; one not marked processes=True exits
+    naming itself and the process count, before `main` runs (two real processes: tests/test_grpo_math.py).
+    make_run_dir on one process makes its directory as before."""
+    import jax
+
+    from rljax import cli, distributed
+
+    monkeypatch.setattr(distributed, "initialize", lambda: True)  # as if RLJAX_NUM_PROCESSES=2 were set
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    from rljax import compile_cache, host_memory
+
+    monkeypatch.setattr(compile_cache, "enable_compilation_cache", lambda: None)  # no process-wide settings
+    monkeypatch.setattr(host_memory, "release_compiler_memory", lambda: None)
+    ran = []
+
+    def main(cfg):
+        ran.append(cfg)
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, Cfg, ["--steps", "3"])
+    assert ran == [] and str(e.value).startswith(f"{__name__}: runs on one process, but 2 were started")
+    assert cli.run(lambda cfg: cfg.steps, Cfg, ["--steps", "3"], processes=True) == 3
+    monkeypatch.undo()
+    made = cli.make_run_dir(str(tmp_path), "study")
+    assert os.path.isdir(made) and os.path.basename(made).startswith("study-")
+    assert cli.make_run_dir(str(tmp_path), "study") != made  # a second one the same second gets a suffix
+    with pytest.raises(ValueError, match="process 0 passed no text"):
+        distributed.share_text(None)

@@ -6,6 +6,8 @@ see the same chat-templated prompt tokens."""
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,7 +18,8 @@ from rljax.checkpoint import digest_params
 from rljax.data.adapters import DataError
 from rljax.data.collate import collate_prompt_completion
 from rljax.metrics import read_metrics
-from conftest import run_with_devices
+from conftest import ROOT
+from test_multihost import _env, _free_port, wait_for_workers
 from rljax.models.hf import load_pretrained, read_hf_config
 from rljax.rewards.math_answers import math_answer_reward, think_answer_format_reward
 from rljax.tokenizer import HFTokenizer
@@ -83,24 +86,90 @@ def test_exported_policy_loads_back_identical_with_every_stop_id(smoke):
     assert (exported["eos_token_id"], exported["pad_token_id"], exported["bos_token_id"]) == (4, 2, 0)
 
 
-@pytest.mark.slow
-def test_smoke_on_a_four_device_mesh(tmp_path):
-    """--mesh-data 2 --mesh-fsdp 2 on 4 simulated CPU devices: SFT, RL and the export run sharded,
-    and the exported policy loads back with the digest of the trained (sharded) params."""
-    code = "\n".join([
-        "import hashlib, json",
-        "from experiments import grpo_math",
-        "from rljax.checkpoint import digest_params",
-        "from rljax.models.hf import load_pretrained",
-        f"res = grpo_math.main(grpo_math.Config(smoke=True, run_dir={str(tmp_path / 'run')!r}, progress=False,"
-        " mesh_data=2, mesh_fsdp=2))",
-        "h = hashlib.sha256()",
-        "digest_params(load_pretrained(res['policy_dir'])[1], h)",
-        "print(json.dumps(dict(same=h.hexdigest() == res['policy_sha256'], reward=res['reward_last'])))",
-    ])
-    out = run_with_devices(code, n_devices=4)
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["same"] and 0.0 <= result["reward"] <= 1.1
+def _launch(tmp_path, name: str, args: list, n_devices: int, process: int | None = None, port: int = 0):
+    """`python -m experiments.<args>` on n_devices simulated CPU devices, as process `process` of two (the
+    RLJAX_* coordinator variables) or alone; -> (Popen, log path)."""
+    env = _env(n_devices)
+    if process is not None:
+        env.update(RLJAX_COORDINATOR=f"127.0.0.1:{port}", RLJAX_NUM_PROCESSES="2", RLJAX_PROCESS_ID=str(process))
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def _samples(run_dir) -> dict:
+    """{iteration file: its rows}, a multi-process run's per-process files joined in process order."""
+    by_iteration = {}
+    for path in sorted((run_dir / "samples").iterdir()):
+        with open(path) as f:
+            by_iteration.setdefault(path.name.split(".")[0], []).extend(json.loads(line) for line in f)
+    return by_iteration
+
+
+def _params(policy_dir) -> dict:
+    return {jax.tree_util.keystr(k): np.asarray(v, np.float64)
+            for k, v in jax.tree_util.tree_flatten_with_path(load_pretrained(str(policy_dir))[1])[0]}
+
+
+@pytest.mark.slow  # 40-90 s: the whole --smoke run in three processes at once, then two refused launches
+def test_smoke_on_two_processes_equals_one_process_on_the_same_mesh(tmp_path):
+    """`python -m experiments.grpo_math --smoke --mesh-data 2 --mesh-fsdp 2` as two processes (2 simulated
+    CPU devices each, connected through the RLJAX_* variables) and as one process with 4 devices: the
+    two processes make one run directory (process 0's name), sample the same completions (each process
+    logs its own rows; its files in process order are one process's file), report the same rewards and
+    accuracies, train the same weights up to float rounding, and export a policy that loads back with the
+    digest of the trained (sharded) params; only process 0 prints the table. An experiment written for one
+    process, and grpo_math without a mesh, are refused on two."""
+    port = _free_port()
+    smoke = ["experiments.grpo_math", "--smoke", "--mesh-data", "2", "--mesh-fsdp", "2", "--no-progress",
+             "--no-tensorboard"]
+    jobs = {"proc0": _launch(tmp_path, "proc0", smoke + ["--run-root", str(tmp_path / "multi")], 2, 0, port),
+            "proc1": _launch(tmp_path, "proc1", smoke + ["--run-root", str(tmp_path / "multi")], 2, 1, port),
+            "single": _launch(tmp_path, "single", smoke + ["--run-root", str(tmp_path / "single")], 4)}
+    wait_for_workers(jobs, timeout=400)
+    (multi,), (single,) = (list((tmp_path / d).iterdir()) for d in ("multi", "single"))  # one run directory each
+    results = {name: json.loads((d / "results.json").read_text()) for name, d in (("multi", multi), ("single", single))}
+    for key in ("accuracy_start", "accuracy_sft", "accuracy_rl", "reward_first", "reward_last",
+                "train_accuracy_first", "train_accuracy_last", "sft_rows"):
+        assert results["multi"][key] == results["single"][key], key
+    samples = {name: _samples(d) for name, d in (("multi", multi), ("single", single))}
+    assert sorted(os.listdir(multi / "samples")) == [f"iteration-00000{i}.process-{k}.jsonl" for i in (1, 2)
+                                                     for k in (0, 1)]
+    assert samples["multi"] == samples["single"] and [len(v) for v in samples["single"].values()] == [16, 16]
+    losses = {name: [r["rl/loss"] for r in read_metrics(str(d)) if "rl/loss" in r] for name, d in
+              (("multi", multi), ("single", single))}
+    assert len(losses["single"]) == 2
+    np.testing.assert_allclose(losses["multi"], losses["single"], rtol=1e-5, atol=1e-7)
+    # the weights up to float rounding, leaf by leaf in norm: Adam moves a weight whose gradient is ~0 (rounding
+    # noise that the two layouts sum in different orders) by up to lr either way, so single elements may differ
+    # by ~lr while the leaf's difference stays ~1e-5 of its norm (a wrong row or step would be O(1))
+    trained = {name: _params(d / "policy") for name, d in (("multi", multi), ("single", single))}
+    for key, want in trained["single"].items():
+        assert np.linalg.norm(trained["multi"][key] - want) <= 1e-4 * np.linalg.norm(want), key
+    for name, d in (("multi", multi), ("single", single)):
+        h = hashlib.sha256()
+        digest_params(load_pretrained(str(d / "policy"))[1], h)
+        assert h.hexdigest() == results[name]["policy_sha256"], name
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in jobs}
+    assert "| grpo_math | value |" in logs["proc0"] and "| grpo_math | value |" not in logs["proc1"]
+
+    # refused on two processes, before anything runs: each process exits naming why
+    for case, args, said in (
+            ("one_process", ["experiments.rl_arithmetic", "--smoke", "--run-dir", str(tmp_path / "refused")],
+             "experiments.rl_arithmetic: runs on one process, but 2 were started"),
+            ("no_mesh", ["experiments.grpo_math", "--smoke", "--run-dir", str(tmp_path / "refused")],
+             "2 processes are running: pass a mesh over all their 4 devices (--mesh-data")):
+        port = _free_port()
+        procs = [_launch(tmp_path, f"{case}{k}", args, 2, k, port) for k in (0, 1)]
+        for proc, log in procs:
+            try:
+                assert proc.wait(timeout=120) != 0, log.read_text()[-3000:]
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            assert said in log.read_text(), log.read_text()[-3000:]
+    assert not (tmp_path / "refused").exists()
 
 
 def test_sft_and_rl_prompts_are_the_same_tokens():

@@ -2,6 +2,7 @@
 4 devices computes: each process keeps its own rows of the global batch, only process 0 writes
 metrics and prints, evaluations and checkpoints run everywhere, a resumed run equals an uninterrupted
 one, and the RL iteration samples, scores and updates as one process does."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from rljax.losses.sft import SFTConfig
 from rljax.metrics import read_metrics
 from test_multihost import _env, _free_port, wait_for_workers
 
@@ -101,6 +103,15 @@ WORKER = textwrap.dedent("""
                     call()
                 except ValueError as e:
                     res["refusals"][name] = str(e)
+            import os
+            from rljax.cli import make_run_dir, save_config
+            made = make_run_dir(os.path.join(run_dir, "made"), "study")  # process 0 names it by its clock
+            save_config(SFTConfig(), made)  # both check, process 0 writes, before either returns
+            with open(os.path.join(made, "config.json")) as f:
+                saved = json.load(f)
+            res["shared"] = [distributed.share_text(f"from process {pid}"),
+                             distributed.share_text("ü" * 3000 if pid == 0 else None),
+                             os.path.relpath(made, run_dir), os.listdir(os.path.join(run_dir, "made")), saved]
 
     elif mode == "phases":  # reward model, preference (DPO, live reference) and OREO, 2 steps each
         from rljax.data.preference_collate import collate_preferences
@@ -566,6 +577,11 @@ def test_two_process_sft_phase_equals_one_process_and_resumes(tmp_path):
     assert refused.keys() == {"sft", "rl", "staleness"}
     assert "sft: 2 processes are running, so the phase needs mesh=" in refused["sft"]
     assert "model needs a mesh" in refused["rl"] and "RLConfig.staleness=1" in refused["staleness"]
+    # process 0's text on both; one run directory (named by process 0's clock) with one config.json
+    made = p0["shared"][2]
+    assert made.startswith("made/study-") and p0["shared"][3] == [made.split("/")[1]]
+    assert p0["shared"] == p1["shared"] == ["from process 0", "\u00fc" * 3000, made, p0["shared"][3],
+                                            json.loads(json.dumps(dataclasses.asdict(SFTConfig())))]
 
 
 @pytest.mark.slow  # 35-40 s: three phases' compiles in three processes

@@ -797,11 +797,12 @@ def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool) -> None:
     path = os.path.join(d, "config.json")
     new = json.loads(json.dumps(record, default=json_value))  # as it reads back: tuples become lists
     changes = {}
-    exists = os.path.exists(path)
-    sync(f"rljax.recipes: {path} looked for")  # before process 0 writes it: every process reads the same
-    if exists:
+    old = None
+    if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+    sync(f"rljax.recipes: {path} read")  # before process 0 writes it: every process compares the same
+    if old is not None:
         if old.get("task") != task:
             raise ConfigMismatchError(f"{task}: run_dir {d!r} holds a {old.get('task')!r} run ({path}); a run "
                                       f"directory holds one run: give the {task} run a run_dir of its own (to "
