@@ -47,6 +47,7 @@ from jax import lax
 
 from rljax.buckets import bucket_length
 from rljax.data.batch import Rollout
+from rljax.data.collate import pad_rows
 from rljax.distributed import process_slice, to_host
 from rljax.models.transformer import KVCache, Model, last_token_index
 from rljax.ops.logits import logprobs_from_logits
@@ -259,12 +260,7 @@ def prepare_prompts(prompt_tokens, prompt_mask, *, vocab_size: int, max_new_toke
                          f"{max_new_tokens} it exceeds the KV cache (config.max_seq_len={max_seq_len}): prompts "
                          f"may have at most {room} tokens (truncate_prompts keeps the last ones)")
     width = bucket_length(longest, minimum=min_bucket, maximum=room)
-    out = np.full((tokens.shape[0], width), pad_id, np.int32)
-    out_mask = np.zeros((tokens.shape[0], width), np.int32)
-    for i in range(tokens.shape[0]):
-        row = tokens[i][mask[i]]
-        out[i, width - len(row):] = row
-        out_mask[i, width - len(row):] = 1
+    out, out_mask = pad_rows([t[m] for t, m in zip(tokens, mask)], width, pad_id, side="left")
     return out, out_mask
 
 
@@ -277,11 +273,7 @@ def truncate_prompts(prompt_tokens, prompt_mask, max_length: int, *, pad_id: int
     tokens = np.asarray(prompt_tokens)
     mask = np.ones(tokens.shape, bool) if prompt_mask is None else np.asarray(prompt_mask).astype(bool)
     rows = [t[m][-max_length:] for t, m in zip(tokens, mask)]
-    width = max(len(r) for r in rows)
-    out = np.full((len(rows), width), pad_id, tokens.dtype)
-    out_mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        out[i, width - len(r):], out_mask[i, width - len(r):] = r, 1
+    out, out_mask = pad_rows(rows, max(len(r) for r in rows), pad_id, side="left")
     return out, out_mask, int((mask.sum(axis=1) > max_length).sum())
 
 

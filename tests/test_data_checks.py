@@ -228,3 +228,26 @@ def test_a_bad_row_names_its_1_based_line_and_0_based_row(tmp_path):
                         json.dumps({"prompt": "a", "rejected": "c"})])
     with pytest.raises(DataError, match=r"pairs\.jsonl, line 3 \(row 1, counted from 0\): field 'chosen' is missing"):
         preference_pairs(str(pairs))
+
+
+def test_pad_rows_pads_each_side_as_the_tokenizer_does():
+    """pad_rows(side=...) on hand-made rows: the written arrays, and the same tokens and mask as the
+    tokenizer's own encode_batch padding of the texts those rows encode; a per-token column follows its
+    row, and an unknown side is named."""
+    from rljax.data.collate import pad_rows
+
+    tok = CharTokenizer()
+    texts = ["1+2=", "10=", "7"]
+    rows = [tok.encode(t) for t in texts]
+    for side in ("left", "right"):
+        tokens, mask, extra = pad_rows(rows, 6, tok.pad_id, [[1.5] * len(r) for r in rows], side=side)
+        want_tokens, want_mask = tok.encode_batch(texts, padding_side=side, length=6)
+        np.testing.assert_array_equal(tokens, want_tokens)
+        np.testing.assert_array_equal(mask, want_mask)
+        np.testing.assert_array_equal(extra, 1.5 * want_mask)
+        assert extra.dtype == np.float32 and tokens.dtype == mask.dtype == np.int32
+    p = tok.pad_id
+    np.testing.assert_array_equal(pad_rows([[5, 6], [7]], 3, p, side="left")[0], [[p, 5, 6], [p, p, 7]])
+    np.testing.assert_array_equal(pad_rows([[5, 6], [7]], 3, p)[0], [[5, 6, p], [7, p, p]])
+    with pytest.raises(ValueError, match="pad_rows: side must be 'left' or 'right', got 'up'"):
+        pad_rows([[5]], 2, p, side="up")

@@ -128,18 +128,25 @@ def padded_width(lengths: Sequence[int], *, length: int | None, min_bucket: int,
     return length if length is not None else bucket_length(max(lengths), minimum=min_bucket, maximum=max_length)
 
 
-def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, *others: Sequence[Sequence]) -> list[np.ndarray]:
-    """Right-pad token rows to `width`: [tokens, attention_mask, *others] as [len(rows), width] arrays
-    (`others` are per-token lists, int32 or float32 as given, padded with 0)."""
+def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, *others: Sequence[Sequence],
+             side: str = "right") -> list[np.ndarray]:
+    """Pad token rows to `width`: [tokens, attention_mask, *others] as [len(rows), width] arrays
+    (`others` are per-token lists, int32 or float32 as given, padded with 0). side="right" (training
+    rows) or "left" (prompts for sampling: every row ends in the last column)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"pad_rows: side must be 'left' or 'right', got {side!r}")
     B = len(rows)
     tokens = np.full((B, width), pad_id, np.int32)
     attn = np.zeros((B, width), np.int32)
     outs = [np.zeros((B, width), np.float32 if any(isinstance(v, float) for r in o for v in r) else np.int32)
             for o in others]
+    def at(n):  # the columns a row of n values fills
+        return slice(width - n, width) if side == "left" else slice(0, n)
+
     for i, r in enumerate(rows):
-        tokens[i, :len(r)], attn[i, :len(r)] = r, 1
+        tokens[i, at(len(r))], attn[i, at(len(r))] = r, 1
         for out, o in zip(outs, others):
-            out[i, :len(o[i])] = o[i]
+            out[i, at(len(o[i]))] = o[i]
     return [tokens, attn, *outs]
 
 

@@ -55,7 +55,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import numpy as np
 
 from rljax import phases
 from rljax.algorithms import get_algorithm
@@ -64,7 +63,7 @@ from rljax.checkpoint import digest_params
 from rljax.data.adapters import (DataError, Message, _check_role, _check_str, _get, _local_json_rows, chat_messages,
                                  load_records, located, preference_pairs, prompt_completion, row_locator,
                                  scored_responses, simple_template)
-from rljax.data.collate import BatchIterator, collate_prompt_completion, encode_text
+from rljax.data.collate import BatchIterator, collate_prompt_completion, encode_text, pad_rows
 from rljax.data.lengths import Tokens, fit_lengths
 from rljax.data.preference_collate import _weight_or_label, collate_preferences, cut_prompt
 from rljax.data.reward_collate import _finite, collate_pairs, collate_scored
@@ -727,11 +726,8 @@ def prompt_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None)
     items = [(list(ids), rendered[i]) for i, (ids, _) in zip(kept, fitted)]
 
     def collate(batch):
-        width = max(len(ids) for ids, _ in batch)
-        tokens = np.full((len(batch), width), tok.pad_id, np.int32)
-        mask = np.zeros((len(batch), width), np.int32)
-        for b, (ids, _) in enumerate(batch):  # left-padded: every prompt ends at the last column
-            tokens[b, width - len(ids):], mask[b, width - len(ids):] = ids, 1
+        rows = [ids for ids, _ in batch]
+        tokens, mask = pad_rows(rows, max(map(len, rows)), tok.pad_id, side="left")  # every prompt ends at the end
         return PromptBatch(tokens=tokens, mask=mask,
                            metadata={c: [r.get(c) for _, r in batch] for c in columns})
 
