@@ -58,7 +58,7 @@ import numpy as np
 from experiments.fixtures import SMOKE_DATA, write_smoke_model
 from rljax.algorithms import get_algorithm
 from rljax.checkpoint import digest_params
-from rljax.cli import LoggingFlags, apply_preset, make_run_dir, run, save_config
+from rljax.cli import LoggingFlags, MeshFlags, apply_preset, make_run_dir, run, save_config
 from rljax.data.collate import BatchIterator, collate_prompt_completion
 from rljax.distributed import is_main_process, sync
 from rljax.eval import exact_match, export_policy
@@ -72,7 +72,6 @@ from rljax.rewards.math_answers import math_answer_reward, prefills_think, think
 from rljax.rewards.rules import weighted_sum
 from rljax.rl import RLConfig, create_rl_state
 from rljax.sampling import SampleConfig, tokenizer_ids
-from rljax.sharding import make_mesh
 from rljax.tasks.math import SYSTEM_PROMPTS, chat_prompt, math_answer_correct, read_problems, sft_target
 from rljax.state import OptimizerConfig, create_state
 from rljax.tokenizer import HFTokenizer
@@ -81,7 +80,7 @@ from rljax.tokenizer import HFTokenizer
 
 
 @dataclass
-class Config(LoggingFlags):
+class Config(LoggingFlags, MeshFlags):
     model: str = ""  # HF checkpoint directory (or hub id) with the tokenizer files
     data: str = ""  # RL prompts: .jsonl / .json / .parquet / a directory / a hub name
     data_format: str = "gsm8k"  # gsm8k | math
@@ -112,9 +111,6 @@ class Config(LoggingFlags):
     dtype: str | None = None  # parameter dtype, e.g. bfloat16 on GPU / TPU (None: the checkpoint's)
     max_seq_len: int | None = None  # None: the checkpoint's max_position_embeddings
     remat: str = "none"  # none | dots | full: recompute each layer in the backward pass (less memory, more compute)
-    mesh_data: int = 1  # devices along each mesh axis (all 1: no mesh, one device)
-    mesh_fsdp: int = 1
-    mesh_tensor: int = 1
     export_dtype: str | None = None  # dtype of the exported policy's weights (None: the parameters')
     eval_batch: int = 64
     run_dir: str | None = None
@@ -222,11 +218,7 @@ def main(cfg: Config) -> dict:
     if (cfg.prompts_per_iteration * cfg.n) % cfg.minibatches:
         raise ValueError(f"--minibatches {cfg.minibatches}: the {cfg.prompts_per_iteration} prompts x n = {cfg.n} "
                          "sampled rows of an iteration do not split into them")
-    axes = (cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
-    if jax.process_count() > 1 and axes == (1, 1, 1):
-        raise ValueError(f"Config: {jax.process_count()} processes are running: pass a mesh over all their "
-                         f"{jax.device_count()} devices (--mesh-data / --mesh-fsdp / --mesh-tensor, data x fsdp a "
-                         f"multiple of the process count), and --run-dir or --run-root on a file system they share")
+    mesh = cfg.mesh()  # on several processes, one over all their devices (before a run directory is made)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, f"grpo_math-{cfg.algo}")
     os.makedirs(run_dir, exist_ok=True)
     smoke_model = not cfg.model  # --smoke: a random model written into the run directory
@@ -239,7 +231,6 @@ def main(cfg: Config) -> dict:
 
     model_dir = resolve_path(cfg.model)  # a hub id is fetched once; the tokenizer reads the same files
     tok = HFTokenizer.from_pretrained(model_dir)
-    mesh = make_mesh(*axes) if axes != (1, 1, 1) else None
     overrides = {"remat": cfg.remat}
     if cfg.max_seq_len is not None:
         overrides["max_seq_len"] = cfg.max_seq_len
@@ -250,7 +241,7 @@ def main(cfg: Config) -> dict:
     model = Model(arch, mesh)
     say = print if is_main_process() else (lambda *a, **k: None)  # several processes: process 0 reports
     say(f"grpo_math: {model_dir}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters, "
-          f"{tok}, mesh {dict(zip(('data', 'fsdp', 'tensor'), axes)) if mesh is not None else 'none'}")
+          f"{tok}, mesh {cfg.mesh_axes() if mesh is not None else 'none'}")
 
     problems = read_problems(cfg.data, cfg.data_format)
     eval_set = read_problems(cfg.eval_data, cfg.data_format)[:cfg.eval_problems] if cfg.eval_data else []

@@ -7,6 +7,9 @@ freshly initialised model, then distilled into a smaller student:
     python -m experiments.r1_pipeline --model DIR --data gsm8k_train.jsonl --eval-data gsm8k_test.jsonl \
         --cold-start 2000 --reasoning 3000 --general 1000 --max-new-tokens 512   # an HF checkpoint, GSM8K
     python -m experiments.r1_pipeline --smoke --model fixture                   # the same on the test fixtures
+    python -m experiments.r1_pipeline --model DIR --data FILE --mesh-fsdp 8     # sharded over 8 devices
+    RLJAX_COORDINATOR=host0:1234 RLJAX_NUM_PROCESSES=2 RLJAX_PROCESS_ID=<0 or 1> python -m experiments.r1_pipeline \
+        --model DIR --data FILE --mesh-fsdp 16 --run-dir SHARED/run      # 2 hosts x 8 devices, on each host
 
 With --model (a Hugging Face Llama / Qwen2 / Qwen3 checkpoint with its tokenizer files) the task is
 `rljax.tasks.math.math_task` of its tokenizer: GSM8K / MATH rows (--data, --data-format, as grpo_math reads them),
@@ -32,18 +35,21 @@ killed run, started again with the same arguments, resumes where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
 
 import jax
 
-from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, make_run_dir, run, save_config
+from rljax.cli import IGNORED_FIELDS, LoggingFlags, MeshFlags, apply_preset, make_run_dir, run, save_config
+from rljax.distributed import is_main_process
 from rljax.eval import PolicyEvalConfig
 from rljax.expert_iteration import RejectionConfig
 from rljax.models import Model, preset
 from rljax.pipelines import report_results
 from rljax.r1 import R1Config, r1_pipeline
+from rljax.sharding import place_params
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig
 from rljax.tasks import get_task
@@ -51,7 +57,7 @@ from rljax.tokenizer import CharTokenizer
 
 
 @dataclass
-class Config(LoggingFlags):
+class Config(LoggingFlags, MeshFlags):
     task: str = "arithmetic"
     # a Hugging Face checkpoint directory (or hub id) with its tokenizer files: the teacher, on the math task
     # (`rljax.tasks.math`) over --data instead of --task; "fixture": the test fixtures' tiny Qwen2 with random
@@ -143,7 +149,7 @@ COLUMNS = ("stage", "kept_fraction", "rm_pairwise_accuracy", "accuracy_greedy", 
            "completion_length", "kl_to_start", "kl_to_teacher", "train_tokens")
 
 
-def hf_setup(cfg: Config, run_dir: str):
+def hf_setup(cfg: Config, run_dir: str, mesh=None):
     """HF mode's (task, tokenizer, teacher, base params, student, student params, problem sets): the checkpoint
     --model, the math task of its tokenizer, --data split in order into --cold-start / --reasoning / --general
     problems, the held-out ones from --eval-data (else the last --n-test of --data). With --smoke on the fixture's
@@ -164,18 +170,20 @@ def hf_setup(cfg: Config, run_dir: str):
         raise ValueError("Config.data: HF mode (--model) needs GSM8K / MATH rows: pass --data FILE")
     tok = HFTokenizer.from_pretrained(model_dir)
     overrides = {"max_seq_len": cfg.max_seq_len} if "max_seq_len" in explicit_fields(cfg) else {}
-    arch, params = load_pretrained(model_dir, dtype=cfg.dtype, config_overrides=overrides)
-    model = Model(arch)
+    arch, params = load_pretrained(model_dir, dtype=cfg.dtype, config_overrides=overrides, mesh=mesh)
+    model = Model(arch, mesh)
     if cfg.student_model:
         student_dir = resolve_path(cfg.student_model)
         student_tok = HFTokenizer.from_pretrained(student_dir)
         if student_tok.vocab_size != tok.vocab_size:
             raise ValueError(f"Config.student_model: {student_dir}'s tokenizer has {student_tok.vocab_size} ids, the "
                              f"teacher's {tok.vocab_size}; on-policy distillation compares them token by token")
-        student_arch, student_params = load_pretrained(student_dir, dtype=cfg.dtype, config_overrides=overrides)
-        student = Model(student_arch)
+        student_arch, student_params = load_pretrained(student_dir, dtype=cfg.dtype, config_overrides=overrides,
+                                                       mesh=mesh)
+        student = Model(student_arch, mesh)
     else:
         student, student_params = select_layers(model, params, range(min(cfg.student_layers, arch.n_layers)))
+        student_params = place_params(student, student_params)  # the student's own layout of the kept blocks
     task = math_task(tok, style=cfg.style, system_prompt=cfg.system_prompt)
     problems = read_problems(cfg.data, cfg.data_format)
     held_out = read_problems(cfg.eval_data, cfg.data_format)[:cfg.n_test] if cfg.eval_data else None
@@ -194,18 +202,21 @@ def hf_setup(cfg: Config, run_dir: str):
     return task, tok, model, params, student, student_params, sets
 
 
-def setup(cfg: Config, run_dir: str | None = None):
-    """(task, tokenizer, teacher model, base params, student model, student params, problem sets) of `cfg`."""
+def setup(cfg: Config, run_dir: str | None = None, mesh=None):
+    """(task, tokenizer, teacher model, base params, student model, student params, problem sets) of `cfg`,
+    the models and params on `mesh` (None: one device)."""
     if cfg.model:
-        return hf_setup(cfg, run_dir)
+        return hf_setup(cfg, run_dir, mesh)
     task = get_task(cfg.task)
     tok = CharTokenizer()
-    model = Model(preset(cfg.preset, n_layers=cfg.layers, vocab_size=tok.vocab_size, max_seq_len=cfg.max_seq_len))
+    model = Model(preset(cfg.preset, n_layers=cfg.layers, vocab_size=tok.vocab_size, max_seq_len=cfg.max_seq_len),
+                  mesh)
     student = Model(preset(cfg.preset, n_layers=cfg.student_layers, vocab_size=tok.vocab_size,
-                           max_seq_len=cfg.max_seq_len))
+                           max_seq_len=cfg.max_seq_len), mesh)
     key = jax.random.key(cfg.seed)
-    params = model.init(jax.random.fold_in(key, 0))
-    student_params = student.init(jax.random.fold_in(key, 1))
+    # initialised on one device (the same values on every process), then laid out on the mesh
+    params = place_params(model, dataclasses.replace(model, mesh=None).init(jax.random.fold_in(key, 0)))
+    student_params = place_params(student, dataclasses.replace(student, mesh=None).init(jax.random.fold_in(key, 1)))
     train, test = task.split(cfg.cold_start + cfg.reasoning + cfg.general, cfg.n_test, levels=cfg.levels,
                              seed=cfg.seed)
     a, b = cfg.cold_start, cfg.cold_start + cfg.reasoning
@@ -219,15 +230,18 @@ HF_SMOKE = dict({k: v for k, v in SMOKE.items() if k != "max_seq_len"}, cold_sta
 def main(cfg: Config) -> dict:
     if cfg.smoke:
         apply_preset(cfg, **(HF_SMOKE if cfg.model else SMOKE))
+    mesh = cfg.mesh()  # on several processes, one over all their devices (before a run directory is made)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "r1_pipeline")
     os.makedirs(run_dir, exist_ok=True)
-    task, tok, model, params, student, student_params, sets = setup(cfg, run_dir)  # loads, trains nothing
+    task, tok, model, params, student, student_params, sets = setup(cfg, run_dir, mesh)  # loads, trains nothing
     r1 = pipeline_config(cfg, tok)  # validates: a bad value is refused before config.json records it
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=IGNORED_FIELDS)  # before any training
-    print(f"r1_pipeline: task {task.name}, teacher {model.config.num_params() / 1e6:.2f}M params, student "
-          f"{student.config.num_params() / 1e6:.2f}M; {len(sets['cold_start'])} cold-start / {len(sets['reasoning'])} "
-          f"reasoning / {len(sets['general'])} general / {len(sets['held_out'])} held-out problems; run dir {run_dir}",
-          flush=True)
+    if is_main_process():
+        print(f"r1_pipeline: task {task.name}, teacher {model.config.num_params() / 1e6:.2f}M params, student "
+              f"{student.config.num_params() / 1e6:.2f}M; {len(sets['cold_start'])} cold-start / "
+              f"{len(sets['reasoning'])} reasoning / {len(sets['general'])} general / {len(sets['held_out'])} "
+              f"held-out problems; run dir {run_dir}" + (f", mesh {cfg.mesh_axes()}" if mesh is not None else ""),
+              flush=True)
     t0 = time.perf_counter()
     state, rows = r1_pipeline(params, r1, model=model, tokenizer=tok, task=task, student_model=student,
                               student_params=student_params, key=jax.random.key(cfg.seed + 1), run_dir=run_dir,
@@ -238,4 +252,6 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, Config)  # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message
+    # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message; processes=True: one process
+    # per host when the RLJAX_* / JAX_* coordinator variables are set (rljax.cli.run)
+    run(main, Config, processes=True)

@@ -109,6 +109,36 @@ class LoggingFlags:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(LoggingFlags)}
 
 
+@dataclasses.dataclass
+class MeshFlags:
+    """The devices an experiment computes on (a base class of its Config): `--mesh-data`, `--mesh-fsdp`,
+    `--mesh-tensor` devices along each axis of `rljax.sharding.make_mesh` (all 1: no mesh, one device).
+    On several processes a mesh over all their devices is required: `mesh()` refuses none, naming the
+    flags."""
+
+    mesh_data: int = 1  # devices along each mesh axis (all 1: no mesh, one device)
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+
+    def mesh_axes(self) -> dict:
+        return dict(data=self.mesh_data, fsdp=self.mesh_fsdp, tensor=self.mesh_tensor)
+
+    def mesh(self):
+        """`make_mesh(data, fsdp, tensor)` of these flags, or None when all are 1 on one process."""
+        import jax
+
+        from rljax.sharding import make_mesh
+
+        if set(self.mesh_axes().values()) == {1}:
+            if jax.process_count() > 1:
+                raise ValueError(f"--mesh-data / --mesh-fsdp / --mesh-tensor: {jax.process_count()} processes are "
+                                 f"running: pass a mesh over all their {jax.device_count()} devices (data x fsdp a "
+                                 f"multiple of the process count), and --run-dir or --run-root on a file system "
+                                 f"they share")
+            return None
+        return make_mesh(**self.mesh_axes())
+
+
 def _parse_bool(s: str) -> bool:
     if s.lower() in ("1", "true", "yes", "on"):
         return True
@@ -280,7 +310,8 @@ _ABSENT = "<absent>"
 # Fields added to the experiments' configs after run directories were saved without them: {field: the value
 # an old run had}. A config.json that lacks one is read as holding that value (every run before `task` existed
 # was on the arithmetic task), so those runs resume and compare equal to the same run today.
-ADDED_FIELDS = {"task": "arithmetic", "teacher_run_dir": None, "remat": "none"}
+ADDED_FIELDS = {"task": "arithmetic", "teacher_run_dir": None, "remat": "none", "mesh_data": 1, "mesh_fsdp": 1,
+                "mesh_tensor": 1}
 
 
 def config_differences(old: dict, new: dict, ignore: Iterable[str] = IGNORED_FIELDS,
@@ -392,13 +423,15 @@ def run(main: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None = Non
     Several processes (hosts): when the environment names them (RLJAX_COORDINATOR, RLJAX_NUM_PROCESSES,
     RLJAX_PROCESS_ID, or the JAX_* ones; `rljax.distributed.initialize`), every process runs the same
     command and they are connected before `main` starts. Only an experiment written for it
-    (`processes=True`: a mesh over all their devices, one writer per file) accepts that; the others
-    exit with a message saying so, before anything runs. A preempted run
-    (rljax.phases.Preempted) prints its one-line message to stderr, then how to resume (`resume_hint`:
-    the same command when it named its --run-dir, else the command with --run-dir of the directory the
-    run made), and exits with its exit_code (128 + signal: 143 for SIGTERM, 130 for SIGINT). The persistent compilation cache is on (`rljax.compile_cache`: a rerun loads
-    its compiled programs instead of compiling them; RLJAX_COMPILATION_CACHE=off turns it off),
-    and memory the compiler frees goes back to the OS (`rljax.host_memory`)."""
+    (`processes=True`: a mesh over all their devices, `MeshFlags`, one writer per file) accepts that; the others
+    exit with a message saying so, before anything runs.
+
+    A preempted run (rljax.phases.Preempted) prints its one-line message to stderr, then how to resume
+    (`resume_hint`: the same command when it named its --run-dir, else the command with --run-dir of the
+    directory the run made), and exits with its exit_code (128 + signal: 143 for SIGTERM, 130 for SIGINT).
+    The persistent compilation cache is on (`rljax.compile_cache`: a rerun loads its compiled programs
+    instead of compiling them; RLJAX_COMPILATION_CACHE=off turns it off), and memory the compiler frees
+    goes back to the OS (`rljax.host_memory`)."""
     from rljax import distributed
     from rljax.compile_cache import enable_compilation_cache
     from rljax.host_memory import release_compiler_memory
@@ -410,10 +443,10 @@ def run(main: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None = Non
 
         spec = getattr(sys.modules.get(getattr(main, "__module__", "")), "__spec__", None)
         name = spec.name if spec is not None else os.path.basename(sys.argv[0]) or "this experiment"
-        raise SystemExit(f"{name}: runs on one process, but {jax.process_count()} were started (the "
-                         f"RLJAX_* / JAX_* coordinator variables are set); run it as one process, or use an "
-                         f"experiment that takes several (experiments.grpo_math with --mesh-data / --mesh-fsdp) or "
-                         f"the library's phases and recipes with a mesh (docs/features.md)")
+        raise SystemExit(f"{name}: runs on one process, but {jax.process_count()} were started (the RLJAX_* / "
+                         f"JAX_* coordinator variables are set); run it as one process, or use an experiment that "
+                         f"takes several (experiments.grpo_math or experiments.r1_pipeline, with --mesh-data / "
+                         f"--mesh-fsdp) or the library's phases and recipes with a mesh (docs/features.md)")
     enable_compilation_cache()
     release_compiler_memory()
     try:

@@ -6,8 +6,6 @@ see the same chat-templated prompt tokens."""
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,8 +16,7 @@ from rljax.checkpoint import digest_params
 from rljax.data.adapters import DataError
 from rljax.data.collate import collate_prompt_completion
 from rljax.metrics import read_metrics
-from conftest import ROOT
-from test_multihost import _env, _free_port, wait_for_workers
+from test_multihost import _free_port, launch_module, wait_for_workers
 from rljax.models.hf import load_pretrained, read_hf_config
 from rljax.rewards.math_answers import math_answer_reward, think_answer_format_reward
 from rljax.tokenizer import HFTokenizer
@@ -86,18 +83,6 @@ def test_exported_policy_loads_back_identical_with_every_stop_id(smoke):
     assert (exported["eos_token_id"], exported["pad_token_id"], exported["bos_token_id"]) == (4, 2, 0)
 
 
-def _launch(tmp_path, name: str, args: list, n_devices: int, process: int | None = None, port: int = 0):
-    """`python -m experiments.<args>` on n_devices simulated CPU devices, as process `process` of two (the
-    RLJAX_* coordinator variables) or alone; -> (Popen, log path)."""
-    env = _env(n_devices)
-    if process is not None:
-        env.update(RLJAX_COORDINATOR=f"127.0.0.1:{port}", RLJAX_NUM_PROCESSES="2", RLJAX_PROCESS_ID=str(process))
-    log = tmp_path / f"{name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    return proc, log
-
-
 def _samples(run_dir) -> dict:
     """{iteration file: its rows}, a multi-process run's per-process files joined in process order."""
     by_iteration = {}
@@ -124,9 +109,9 @@ def test_smoke_on_two_processes_equals_one_process_on_the_same_mesh(tmp_path):
     port = _free_port()
     smoke = ["experiments.grpo_math", "--smoke", "--mesh-data", "2", "--mesh-fsdp", "2", "--no-progress",
              "--no-tensorboard"]
-    jobs = {"proc0": _launch(tmp_path, "proc0", smoke + ["--run-root", str(tmp_path / "multi")], 2, 0, port),
-            "proc1": _launch(tmp_path, "proc1", smoke + ["--run-root", str(tmp_path / "multi")], 2, 1, port),
-            "single": _launch(tmp_path, "single", smoke + ["--run-root", str(tmp_path / "single")], 4)}
+    jobs = {"proc0": launch_module(tmp_path, "proc0", smoke + ["--run-root", str(tmp_path / "multi")], 2, 0, port),
+            "proc1": launch_module(tmp_path, "proc1", smoke + ["--run-root", str(tmp_path / "multi")], 2, 1, port),
+            "single": launch_module(tmp_path, "single", smoke + ["--run-root", str(tmp_path / "single")], 4)}
     wait_for_workers(jobs, timeout=400)
     (multi,), (single,) = (list((tmp_path / d).iterdir()) for d in ("multi", "single"))  # one run directory each
     results = {name: json.loads((d / "results.json").read_text()) for name, d in (("multi", multi), ("single", single))}
@@ -159,9 +144,9 @@ def test_smoke_on_two_processes_equals_one_process_on_the_same_mesh(tmp_path):
             ("one_process", ["experiments.rl_arithmetic", "--smoke", "--run-dir", str(tmp_path / "refused")],
              "experiments.rl_arithmetic: runs on one process, but 2 were started"),
             ("no_mesh", ["experiments.grpo_math", "--smoke", "--run-dir", str(tmp_path / "refused")],
-             "2 processes are running: pass a mesh over all their 4 devices (--mesh-data")):
+             "--mesh-data / --mesh-fsdp / --mesh-tensor: 2 processes are running: pass a mesh over all their 4")):
         port = _free_port()
-        procs = [_launch(tmp_path, f"{case}{k}", args, 2, k, port) for k in (0, 1)]
+        procs = [launch_module(tmp_path, f"{case}{k}", args, 2, k, port) for k in (0, 1)]
         for proc, log in procs:
             try:
                 assert proc.wait(timeout=120) != 0, log.read_text()[-3000:]

@@ -180,6 +180,19 @@ def _env(n_devices: int) -> dict:
     return env
 
 
+def launch_module(tmp_path, name: str, args: list, n_devices: int, process: int | None = None, port: int = 0):
+    """`python -m <args>` (an experiment and its flags) on n_devices simulated CPU devices, as process
+    `process` of two (connected through the RLJAX_* coordinator variables, as `rljax.cli.run` reads them)
+    or alone; its output goes to tmp_path/<name>.log. -> (Popen, log path), as wait_for_workers takes them."""
+    env = _env(n_devices)
+    if process is not None:
+        env.update(RLJAX_COORDINATOR=f"127.0.0.1:{port}", RLJAX_NUM_PROCESSES="2", RLJAX_PROCESS_ID=str(process))
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    return proc, log
+
+
 def wait_for_workers(jobs: dict, *, timeout: float) -> None:
     """Wait for every worker {name: (Popen, log path)}; kill those still running when one fails or the time is
     up (a process waiting in a collective for a dead peer never ends), then fail with every log's tail."""
