@@ -277,6 +277,17 @@ def share_text(text: str | None) -> str:
     return np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes().decode("utf-8")
 
 
+def process_max(value: int) -> int:
+    """The largest of the processes' integer `value`s, on every process: a flag one process raised (a
+    signal it received) that all must act on at the same point. A collective: every process calls it at
+    the same point. On one process: `value`."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
 def spans_processes(mesh) -> bool:
     """True when `mesh` (a jax Mesh) holds devices of another process than this one."""
     me = jax.process_index()

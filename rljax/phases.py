@@ -31,7 +31,7 @@ import numpy as np
 
 from rljax.checkpoint import Checkpointer
 from rljax.data.batch import PromptBatch
-from rljax.distributed import local_rows
+from rljax.distributed import local_rows, process_max
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
                                       TokenLabelConfig, refuse_plackett_luce_input, reward_model_loss)
 from rljax.losses.preference import (DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss,
@@ -283,8 +283,9 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     put_batch keeps the process's own rows of each (the phases' `_host_batch`). Every process runs
     the steps, eval_fn (which may be collective) and the checkpoints (collective: orbax writes each
     process's shards); only process 0 writes metrics.jsonl / TensorBoard / W&B, prints and shows
-    the progress bar. Each process handles its own signals: a scheduler must signal all of them
-    (they then stop at the same step only if the signals arrive during the same step)."""
+    the progress bar. A signal to any process stops every process after the same step (the
+    processes agree on it after each step, `distributed.process_max`), which is checkpointed; the
+    processes that got no signal raise `Preempted` with the other's."""
     if cfg.wandb is not None and not run_dir:
         raise ValueError(f"[{name}] LoopConfig.wandb needs a run_dir: the W&B run's id and offline files live there")
     shown = LOSS_PROGRESS if progress_metrics is None else progress_metrics
@@ -292,7 +293,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     # TensorBoard, one W&B run per run directory) and shows progress: n writers would log every line n
     # times and rewrite the file concurrently on resume. Checkpoints stay collective (orbax saves each
     # process's shards).
-    main = jax.process_index() == 0
+    main, several = jax.process_index() == 0, jax.process_count() > 1
     writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, wandb=cfg.wandb) if run_dir and main else None
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep_checkpoints) if run_dir else None
     stop = _StopSignals()
@@ -346,7 +347,10 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                     consecutive = consecutive + 1 if int(metrics.get("skipped", 0)) else 0
                     skipped_since += 1 if consecutive else 0
                     failing = consecutive >= cfg.max_consecutive_skips  # logged first, then raised
-                    stopping = stop.received is not None  # a signal came during this step
+                    # a signal came during this step, to this process or (several processes) to any: all stop
+                    # after the same step, since the checkpoint that follows is collective
+                    received = process_max(stop.received or 0) if several else stop.received or 0
+                    stopping = received != 0
                     if _due(step, cfg.log_every) or step == cfg.steps or stopping or failing:
                         dt = time.perf_counter() - t_last - paused
                         rate = tokens_since / dt if dt > 0 else 0.0
@@ -370,7 +374,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                         progress.close()
                         if ckpt is not None and step != ckpt.latest_step():
                             ckpt.save(state, meta(step), force=True)  # close() waits for it
-                        raise Preempted(name, step, stop.received, ckpt.directory if ckpt else None)
+                        raise Preempted(name, step, received, ckpt.directory if ckpt else None)
                     t_aside = time.perf_counter()
                     if eval_fn is not None and _due(step, cfg.eval_every) and step != cfg.steps:
                         _evaluate(eval_fn, state, step, writer, name)

@@ -104,6 +104,25 @@ WORKER = textwrap.dedent("""
                 except ValueError as e:
                     res["refusals"][name] = str(e)
             import os
+            import signal
+
+            class SignalledAt:  # SIGTERM to process 0 alone while the batch of step 3 is read
+                def batch_at(self, position):
+                    if pid == 0 and position == 2:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    return sft_data().batch_at(position)
+
+            pre_dir = os.path.join(run_dir, "preempted")
+            pre_cfg = phases.SFTPhaseConfig(optimizer=opt, loop=phases.LoopConfig(
+                steps=5, log_every=1, checkpoint_every=0, progress=False, tensorboard=False))
+            try:
+                phases.sft(create_state(model, opt, jax.random.key(0), mesh=mesh), SignalledAt(), pre_cfg,
+                           model=model, mesh=mesh, run_dir=pre_dir)
+            except phases.Preempted as e:
+                res["preempted"] = [e.step, e.signum, sorted(os.listdir(os.path.join(pre_dir, "checkpoints")))]
+            resumed = phases.sft(create_state(model, opt, jax.random.key(0), mesh=mesh), sft_data(), pre_cfg,
+                                 model=model, mesh=mesh, run_dir=pre_dir)
+            res["preempted"].append(int(resumed.step))
             from rljax.cli import make_run_dir, save_config
             made = make_run_dir(os.path.join(run_dir, "made"), "study")  # process 0 names it by its clock
             save_config(SFTConfig(), made)  # both check, process 0 writes, before either returns
@@ -541,7 +560,7 @@ def _lines(run_dir, prefix: str) -> list[dict]:
 # 13-25 s: the default tier's one two-process phase run (the others are marked slow)
 def test_two_process_sft_phase_equals_one_process_and_resumes(tmp_path):
     """An SFT phase stopped after 2 steps, resumed to 4 and called again once finished, on two
-    processes: each places its own 4 of the 8 rows (global batches of 8, not 16), the losses and
+    processes (and one signalled on process 0 alone, stopped on both after the same step): each places its own 4 of the 8 rows (global batches of 8, not 16), the losses and
     parameters equal one process's uninterrupted 4 steps, metrics.jsonl has every step once and one
     resume marker, the (collective) evaluation runs on both and only process 0 prints; shard_batch
     refuses a mesh whose batch axes leave rows replicated across the processes, and a phase or RL
@@ -577,6 +596,9 @@ def test_two_process_sft_phase_equals_one_process_and_resumes(tmp_path):
     assert refused.keys() == {"sft", "rl", "staleness"}
     assert "sft: 2 processes are running, so the phase needs mesh=" in refused["sft"]
     assert "model needs a mesh" in refused["rl"] and "RLConfig.staleness=1" in refused["staleness"]
+    # SIGTERM to process 0 alone during step 3: both stop after step 3 and save it (the save is collective: a
+    # process stopping alone would wait in it for the other, stepping on), both raise Preempted; a rerun resumes
+    assert p0["preempted"] == p1["preempted"] == [3, 15, ["3"], 5]
     # process 0's text on both; one run directory (named by process 0's clock) with one config.json
     made = p0["shared"][2]
     assert made.startswith("made/study-") and p0["shared"][3] == [made.split("/")[1]]
