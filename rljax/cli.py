@@ -35,7 +35,8 @@ Rules that keep a run directory honest:
   `--wandb-project`, `--wandb-mode`, `--wandb-group`). They are IGNORED_FIELDS: a resume may
   change them.
 - Several processes (hosts) run one study when the environment names them (the RLJAX_* / JAX_*
-  coordinator variables, `rljax.distributed.initialize`): `run(main, Config, processes=True)`
+  coordinator variables, or RLJAX_DISTRIBUTED=auto in a TPU pod / SLURM / Open MPI job;
+  `rljax.distributed.initialize`): `run(main, Config, processes=True)`
   connects them (other experiments exit saying they run on one process), `make_run_dir` gives every
   process process 0's directory, and `save_config` is checked by all and written by process 0.
 - `run(main, Config)` turns on the persistent compilation cache (`rljax.compile_cache`), and
@@ -421,8 +422,9 @@ def run(main: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None = Non
     """`main(parse_config(cls, argv))` for an experiment's `__main__`.
 
     Several processes (hosts): when the environment names them (RLJAX_COORDINATOR, RLJAX_NUM_PROCESSES,
-    RLJAX_PROCESS_ID, or the JAX_* ones; `rljax.distributed.initialize`), every process runs the same
-    command and they are connected before `main` starts. Only an experiment written for it
+    RLJAX_PROCESS_ID, or the JAX_* ones), or with RLJAX_DISTRIBUTED=auto in a job JAX recognises (a Cloud
+    TPU pod, SLURM, Open MPI; `rljax.distributed.initialize`), every process runs the same command and
+    they are connected before `main` starts. Only an experiment written for it
     (`processes=True`: a mesh over all their devices, `MeshFlags`, one writer per file) accepts that; the others
     exit with a message saying so, before anything runs.
 
@@ -443,8 +445,9 @@ def run(main: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None = Non
 
         spec = getattr(sys.modules.get(getattr(main, "__module__", "")), "__spec__", None)
         name = spec.name if spec is not None else os.path.basename(sys.argv[0]) or "this experiment"
-        raise SystemExit(f"{name}: runs on one process, but {jax.process_count()} were started (the RLJAX_* / "
-                         f"JAX_* coordinator variables are set); run it as one process, or use an experiment that "
+        raise SystemExit(f"{name}: runs on one process, but {jax.process_count()} were started and connected "
+                         f"(rljax.distributed.initialize: the RLJAX_* / JAX_* coordinator variables, or "
+                         f"RLJAX_DISTRIBUTED=auto); run it as one process, or use an experiment that "
                          f"takes several (experiments.grpo_math or experiments.r1_pipeline, with --mesh-data / "
                          f"--mesh-fsdp) or the library's phases and recipes with a mesh (docs/features.md)")
     enable_compilation_cache()

@@ -53,7 +53,8 @@ Launching two processes on one machine (CPU, two simulated devices each)::
     $ RLJAX_COORDINATOR=127.0.0.1:12345 RLJAX_NUM_PROCESSES=2 RLJAX_PROCESS_ID=0 python train.py &
     $ RLJAX_COORDINATOR=127.0.0.1:12345 RLJAX_NUM_PROCESSES=2 RLJAX_PROCESS_ID=1 python train.py
 
-or explicitly, in each process i: ``distributed.initialize("127.0.0.1:12345", 2, i)``. On several
+or explicitly, in each process i: ``distributed.initialize("127.0.0.1:12345", 2, i)``; in a Cloud TPU
+pod, a SLURM job or an Open MPI launch, ``RLJAX_DISTRIBUTED=auto`` lets JAX find the three settings. On several
 hosts the coordinator address is one reachable by all (process 0's host); every
 process uses the same address. The usual JAX variables (JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) are read too.
@@ -71,6 +72,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rljax.sharding import make_mesh, place_params, placement, replicated, shard_params
 
+# "auto": with none of the settings below given, let JAX find them (a Cloud TPU pod, SLURM or Open MPI job)
+AUTO_ENV_VAR = "RLJAX_DISTRIBUTED"
 # setting -> environment variables read when the argument is None (first set one wins)
 ENV_VARS: dict[str, tuple[str, ...]] = {
     "coordinator_address": ("RLJAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS"),
@@ -120,7 +123,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       num_processes        RLJAX_NUM_PROCESSES, else JAX_NUM_PROCESSES
       process_id           RLJAX_PROCESS_ID, else JAX_PROCESS_ID (0 .. num_processes - 1)
 
-    Nothing set, or num_processes == 1: a no-op returning False (single process).
+    Nothing set, or num_processes == 1: a no-op returning False (single process), unless
+    RLJAX_DISTRIBUTED=auto: then JAX finds the settings itself on a Cloud TPU pod, a SLURM job
+    or an Open MPI launch (`jax.distributed.initialize()` without arguments; its coordinator
+    port may be set with JAX_COORDINATOR_PORT), and this returns whether there are several
+    processes; where JAX finds none, a RuntimeError names the variables to set instead.
     Otherwise calls `jax.distributed.initialize` (which must come before any other
     JAX computation in the process) and returns True. Calling again once
     initialised returns True and does nothing. Raises ValueError when only some
@@ -135,7 +142,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return True
     values, sources = _resolve(coordinator_address, num_processes, process_id)
     if all(v is None for v in values.values()):
-        return False
+        return _initialize_auto(local_device_ids)
     n = None
     if values["num_processes"] is not None:
         n = _as_int("num_processes", values["num_processes"], sources["num_processes"])
@@ -163,6 +170,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid,
                                local_device_ids=local_device_ids)
     return True
+
+
+def _initialize_auto(local_device_ids) -> bool:
+    """initialize() with no setting given: a no-op (False), or with RLJAX_DISTRIBUTED=auto JAX's own
+    cluster detection."""
+    mode = os.environ.get(AUTO_ENV_VAR, "").strip()
+    if mode.lower() in ("", "off"):
+        return False
+    if mode.lower() != "auto":
+        raise ValueError(f"distributed.initialize: {AUTO_ENV_VAR}={mode!r}: 'auto' lets JAX find the processes "
+                         f"(a Cloud TPU pod, SLURM or Open MPI job); unset or 'off': one process unless "
+                         f"{ENV_VARS['coordinator_address'][0]} and the others are set")
+    try:
+        jax.distributed.initialize(local_device_ids=local_device_ids)
+    except (ValueError, RuntimeError) as e:
+        named = ", ".join(names[0] for names in ENV_VARS.values())
+        raise RuntimeError(f"distributed.initialize: {AUTO_ENV_VAR}=auto, but JAX found no cluster to join ({e}); "
+                           f"set {named} instead, or unset {AUTO_ENV_VAR} to run one process") from e
+    return jax.process_count() > 1
 
 
 def is_main_process() -> bool:

@@ -105,7 +105,8 @@ def test_smoke_on_two_processes_equals_one_process_on_the_same_mesh(tmp_path):
     logs its own rows; its files in process order are one process's file), report the same rewards and
     accuracies, train the same weights up to float rounding, and export a policy that loads back with the
     digest of the trained (sharded) params; only process 0 prints the table. An experiment written for one
-    process, and grpo_math without a mesh, are refused on two."""
+    process (two processes named by the RLJAX_* variables, or found by JAX in a SLURM job step with
+    RLJAX_DISTRIBUTED=auto), and grpo_math without a mesh, are refused on two."""
     port = _free_port()
     smoke = ["experiments.grpo_math", "--smoke", "--mesh-data", "2", "--mesh-fsdp", "2", "--no-progress",
              "--no-tensorboard"]
@@ -147,6 +148,11 @@ def test_smoke_on_two_processes_equals_one_process_on_the_same_mesh(tmp_path):
              "--mesh-data / --mesh-fsdp / --mesh-tensor: 2 processes are running: pass a mesh over all their 4")):
         port = _free_port()
         procs = [launch_module(tmp_path, f"{case}{k}", args, 2, k, port) for k in (0, 1)]
+        if case == "one_process":  # the same, the processes found by JAX in a (simulated) SLURM job step
+            slurm = dict(RLJAX_DISTRIBUTED="auto", SLURM_JOB_ID="7", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
+                         JAX_COORDINATOR_PORT=str(_free_port()))
+            procs += [launch_module(tmp_path, f"slurm{k}", args, 2, env=dict(slurm, SLURM_PROCID=str(k),
+                                                                                SLURM_LOCALID=str(k))) for k in (0, 1)]
         for proc, log in procs:
             try:
                 assert proc.wait(timeout=120) != 0, log.read_text()[-3000:]

@@ -15,7 +15,7 @@ import pytest
 from conftest import FAST_COMPILE, ROOT
 from rljax import distributed
 
-ENV_NAMES = [v for names in distributed.ENV_VARS.values() for v in names]
+ENV_NAMES = [v for names in distributed.ENV_VARS.values() for v in names] + [distributed.AUTO_ENV_VAR]
 
 
 @pytest.fixture
@@ -67,6 +67,37 @@ def test_initialize_precedence(fake_jax_distributed, monkeypatch):
     assert distributed.initialize(process_id=0) is True
     assert fake_jax_distributed == [dict(coordinator_address="rljax:2", num_processes=3, process_id=0,
                                          local_device_ids=None)]
+
+
+def test_initialize_auto_lets_jax_find_the_cluster(fake_jax_distributed, monkeypatch):
+    """RLJAX_DISTRIBUTED=auto with no setting given: jax.distributed.initialize() without arguments (JAX's
+    own detection of a TPU pod, SLURM or Open MPI job; two real processes under a SLURM environment:
+    tests/test_grpo_math.py); given settings win; "off" and unset are one process; another value, and a
+    detection that finds nothing, are errors naming the variables."""
+    monkeypatch.setenv("RLJAX_DISTRIBUTED", "auto")
+    assert distributed.initialize() is False  # the fake joins no other process: jax.process_count() stays 1
+    assert fake_jax_distributed == [dict(local_device_ids=None)]
+    fake_jax_distributed.clear()
+    assert distributed.initialize("127.0.0.1:1234", 2, 1) is True
+    assert fake_jax_distributed == [dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=1,
+                                         local_device_ids=None)]
+    fake_jax_distributed.clear()
+    for off in ("off", " OFF ", ""):
+        monkeypatch.setenv("RLJAX_DISTRIBUTED", off)
+        assert distributed.initialize() is False and fake_jax_distributed == []
+    monkeypatch.setenv("RLJAX_DISTRIBUTED", "yes")
+    with pytest.raises(ValueError, match="RLJAX_DISTRIBUTED='yes': 'auto' lets JAX find the processes"):
+        distributed.initialize()
+
+    def nothing_found(**kw):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setenv("RLJAX_DISTRIBUTED", "auto")
+    monkeypatch.setattr(jax.distributed, "initialize", nothing_found)
+    with pytest.raises(RuntimeError, match=r"RLJAX_DISTRIBUTED=auto, but JAX found no cluster to join \(coordinator_"
+                                           r"address should be defined.\); set RLJAX_COORDINATOR, RLJAX_NUM_PROCESSES, "
+                                           r"RLJAX_PROCESS_ID instead, or unset RLJAX_DISTRIBUTED"):
+        distributed.initialize()
 
 
 def test_initialize_errors(fake_jax_distributed, monkeypatch):
@@ -180,11 +211,13 @@ def _env(n_devices: int) -> dict:
     return env
 
 
-def launch_module(tmp_path, name: str, args: list, n_devices: int, process: int | None = None, port: int = 0):
+def launch_module(tmp_path, name: str, args: list, n_devices: int, process: int | None = None, port: int = 0,
+                  env: dict | None = None):
     """`python -m <args>` (an experiment and its flags) on n_devices simulated CPU devices, as process
     `process` of two (connected through the RLJAX_* coordinator variables, as `rljax.cli.run` reads them)
-    or alone; its output goes to tmp_path/<name>.log. -> (Popen, log path), as wait_for_workers takes them."""
-    env = _env(n_devices)
+    or alone, with `env` added to its environment; its output goes to tmp_path/<name>.log. -> (Popen, log
+    path), as wait_for_workers takes them."""
+    env = {**_env(n_devices), **(env or {})}
     if process is not None:
         env.update(RLJAX_COORDINATOR=f"127.0.0.1:{port}", RLJAX_NUM_PROCESSES="2", RLJAX_PROCESS_ID=str(process))
     log = tmp_path / f"{name}.log"
