@@ -5,7 +5,7 @@
     python -m experiments.grpo_math --model DIR --data FILE --sft-data FILE --sft-steps 200   # SFT first
     python -m experiments.grpo_math --model DIR --data FILE --style think --format-reward 0.1 # <think>/<answer>
     python -m experiments.grpo_math --model DIR --data FILE --mesh-fsdp 8                      # 8 devices
-    RLJAX_COORDINATOR=host0:1234 RLJAX_NUM_PROCESSES=2 RLJAX_PROCESS_ID=<0 or 1> python -m experiments.grpo_math \
+    RLJAX_COORDINATOR=host0:1234 RLJAX_NUM_PROCESSES=2 RLJAX_PROCESS_ID=<0 or 1> python -m experiments.grpo_math \\
         --model DIR --data FILE --mesh-fsdp 16 --run-dir SHARED/run        # 2 hosts x 8 devices, on each host
     python -m experiments.grpo_math --model DIR --data FILE --remat full                       # less memory
     python -m experiments.grpo_math --smoke                                                    # CPU, seconds

@@ -4,11 +4,11 @@ freshly initialised model, then distilled into a smaller student:
     python -m experiments.r1_pipeline --smoke                       # ~1 min on 2 CPU cores
     python -m experiments.r1_pipeline                               # tiny preset, arithmetic level 1: ~11 min
     python -m experiments.r1_pipeline --task sorting --run-dir runs/r1-sorting
-    python -m experiments.r1_pipeline --model DIR --data gsm8k_train.jsonl --eval-data gsm8k_test.jsonl \
+    python -m experiments.r1_pipeline --model DIR --data gsm8k_train.jsonl --eval-data gsm8k_test.jsonl \\
         --cold-start 2000 --reasoning 3000 --general 1000 --max-new-tokens 512   # an HF checkpoint, GSM8K
     python -m experiments.r1_pipeline --smoke --model fixture                   # the same on the test fixtures
     python -m experiments.r1_pipeline --model DIR --data FILE --mesh-fsdp 8     # sharded over 8 devices
-    RLJAX_COORDINATOR=host0:1234 RLJAX_NUM_PROCESSES=2 RLJAX_PROCESS_ID=<0 or 1> python -m experiments.r1_pipeline \
+    RLJAX_COORDINATOR=host0:1234 RLJAX_NUM_PROCESSES=2 RLJAX_PROCESS_ID=<0 or 1> python -m experiments.r1_pipeline \\
         --model DIR --data FILE --mesh-fsdp 16 --run-dir SHARED/run      # 2 hosts x 8 devices, on each host
 
 With --model (a Hugging Face Llama / Qwen2 / Qwen3 checkpoint with its tokenizer files) the task is
