@@ -303,15 +303,17 @@ def share_text(text: str | None) -> str:
     return np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes().decode("utf-8")
 
 
-def process_max(value: int) -> int:
-    """The largest of the processes' integer `value`s, on every process: a flag one process raised (a
-    signal it received) that all must act on at the same point. A collective: every process calls it at
-    the same point. On one process: `value`."""
+def process_values(values: Sequence[int]) -> np.ndarray:
+    """Every process's integer `values` [k], on every process: int32 [process_count, k], row i process
+    i's (a signal one received, a failure of work only it did) so that all act on them at the same
+    point. A collective: every process calls it at the same point with as many values. On one process:
+    the one row."""
+    local = np.asarray(values, np.int32).reshape(1, -1)
     if jax.process_count() == 1:
-        return int(value)
+        return local
     from jax.experimental import multihost_utils
 
-    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+    return np.asarray(multihost_utils.process_allgather(local[0])).reshape(jax.process_count(), -1)
 
 
 def spans_processes(mesh) -> bool:

@@ -31,7 +31,7 @@ import numpy as np
 
 from rljax.checkpoint import Checkpointer
 from rljax.data.batch import PromptBatch
-from rljax.distributed import local_rows, process_max
+from rljax.distributed import local_rows, process_values
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
                                       TokenLabelConfig, refuse_plackett_luce_input, reward_model_loss)
 from rljax.losses.preference import (DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss,
@@ -284,8 +284,10 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     the steps, eval_fn (which may be collective) and the checkpoints (collective: orbax writes each
     process's shards); only process 0 writes metrics.jsonl / TensorBoard / W&B, prints and shows
     the progress bar. A signal to any process stops every process after the same step (the
-    processes agree on it after each step, `distributed.process_max`), which is checkpointed; the
-    processes that got no signal raise `Preempted` with the other's."""
+    processes agree on it after each step, `distributed.process_values`), which is checkpointed; the
+    processes that got no signal raise `Preempted` with the other's. A metrics write failing on
+    process 0 (a full disk, W&B) is raised on every process after the next step (process 0 its
+    error, the others a RuntimeError naming it), each checkpointing that step first."""
     if cfg.wandb is not None and not run_dir:
         raise ValueError(f"[{name}] LoopConfig.wandb needs a run_dir: the W&B run's id and offline files live there")
     shown = LOSS_PROGRESS if progress_metrics is None else progress_metrics
@@ -336,6 +338,33 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
         progress = Progress(cfg.steps, initial=start, desc=name, disable=not cfg.progress or not main)
         # tokens/s counts the steps' time only: evaluations and checkpoint saves are subtracted (`paused`)
         t_last, tokens_since, shown_step, skipped_since, paused = time.perf_counter(), 0, start, 0, 0.0
+        # Several processes: a failure of work process 0 alone does (writing metrics) is held until every process
+        # knows of it (`agreed`, after the next step), then all raise: the checkpoint each then saves of its last
+        # finished step is collective, and a process failing alone would wait in it for the others
+        held: list[Exception] = []
+
+        def own(fn, *args, **kw):
+            try:
+                fn(*args, **kw)
+            except Exception as e:  # noqa: BLE001 - raised by `agreed` on every process
+                if not several:
+                    raise
+                held.append(e)
+
+        def agreed() -> int:
+            """The signal this process received, or (several processes) any process received, 0 for none;
+            raises when a process holds a failure."""
+            if not several:
+                return stop.received or 0
+            table = process_values([stop.received or 0, len(held)])
+            failed = np.flatnonzero(table[:, 1]).tolist()
+            if failed:
+                if held:
+                    raise held[0]
+                raise RuntimeError(f"[{name}] process(es) {failed} failed (their output has the error); process "
+                                   f"{jax.process_index()} stops with them")
+            return int(table[:, 0].max())
+
         with stop:
             try:
                 for position in range(start, cfg.steps):
@@ -349,14 +378,14 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                     failing = consecutive >= cfg.max_consecutive_skips  # logged first, then raised
                     # a signal came during this step, to this process or (several processes) to any: all stop
                     # after the same step, since the checkpoint that follows is collective
-                    received = process_max(stop.received or 0) if several else stop.received or 0
+                    received = agreed()
                     stopping = received != 0
                     if _due(step, cfg.log_every) or step == cfg.steps or stopping or failing:
                         dt = time.perf_counter() - t_last - paused
                         rate = tokens_since / dt if dt > 0 else 0.0
                         if writer:  # the skipped steps since the last row: a logged step alone would hide them
-                            writer.write(step, dict(metrics, tokens_per_s=rate, skipped_since_last_log=skipped_since),
-                                         prefix=f"{name}/")
+                            own(writer.write, step, dict(metrics, tokens_per_s=rate,
+                                                         skipped_since_last_log=skipped_since), prefix=f"{name}/")
                         if skipped_since:
                             _say(f"[{name}] warning: {skipped_since} of steps {shown_step + 1}..{step} had a "
                                  "non-finite loss or gradient and were skipped (the state left unchanged)")
@@ -377,10 +406,11 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                         raise Preempted(name, step, received, ckpt.directory if ckpt else None)
                     t_aside = time.perf_counter()
                     if eval_fn is not None and _due(step, cfg.eval_every) and step != cfg.steps:
-                        _evaluate(eval_fn, state, step, writer, name)
+                        _evaluate(eval_fn, state, step, writer, name, own)
                     if ckpt is not None and _due(step, cfg.checkpoint_every):
                         ckpt.save(state, meta(step))
                     paused += time.perf_counter() - t_aside
+                agreed()  # a failure held at the last step
             except BaseException as e:
                 # `state` is rebound only when a step returns, so here it is the last finished step's
                 # state (alive unless the failing step had already donated it)
@@ -422,12 +452,13 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             writer.close()
 
 
-def _evaluate(eval_fn, state, step, writer, name):
+def _evaluate(eval_fn, state, step, writer, name, own=None):
     """Run eval_fn on every process (it may run collective programs: a sharded forward pass); process 0
-    (the one with a writer) logs and prints its result."""
+    (the one with a writer) logs and prints its result, through `own(write, ...)` when given (run_loop's
+    holding of process 0's failures)."""
     result = eval_fn(state)
     if writer:
-        writer.write(step, result, prefix=f"{name}/eval/")
+        (own or (lambda fn, *a, **k: fn(*a, **k)))(writer.write, step, result, prefix=f"{name}/eval/")
     if jax.process_index() == 0:
         _say(f"[{name}] step {step} eval: " + _listed(result))
 

@@ -123,6 +123,28 @@ WORKER = textwrap.dedent("""
             resumed = phases.sft(create_state(model, opt, jax.random.key(0), mesh=mesh), sft_data(), pre_cfg,
                                  model=model, mesh=mesh, run_dir=pre_dir)
             res["preempted"].append(int(resumed.step))
+
+            from rljax.metrics import MetricsWriter
+            write = MetricsWriter.write
+
+            def full_disk_at_step_3(self, step, *args, **kw):  # process 0's writer (the only one) fails once
+                if step == 3 and not getattr(MetricsWriter, "failed", False):
+                    MetricsWriter.failed = True
+                    raise OSError("No space left on device (simulated)")
+                return write(self, step, *args, **kw)
+
+            MetricsWriter.write = full_disk_at_step_3
+            failed_dir = os.path.join(run_dir, "write-failed")
+            try:
+                phases.sft(create_state(model, opt, jax.random.key(0), mesh=mesh), sft_data(), pre_cfg, model=model,
+                           mesh=mesh, run_dir=failed_dir)
+            except (OSError, RuntimeError) as e:
+                res["write_failed"] = [type(e).__name__, str(e),
+                                       sorted(os.listdir(os.path.join(failed_dir, "checkpoints")))]
+            MetricsWriter.write = write
+            again = phases.sft(create_state(model, opt, jax.random.key(0), mesh=mesh), sft_data(), pre_cfg,
+                               model=model, mesh=mesh, run_dir=failed_dir)
+            res["write_failed"].append(int(again.step))
             from rljax.cli import make_run_dir, save_config
             made = make_run_dir(os.path.join(run_dir, "made"), "study")  # process 0 names it by its clock
             save_config(SFTConfig(), made)  # both check, process 0 writes, before either returns
@@ -560,7 +582,8 @@ def _lines(run_dir, prefix: str) -> list[dict]:
 # 13-25 s: the default tier's one two-process phase run (the others are marked slow)
 def test_two_process_sft_phase_equals_one_process_and_resumes(tmp_path):
     """An SFT phase stopped after 2 steps, resumed to 4 and called again once finished, on two
-    processes (and one signalled on process 0 alone, stopped on both after the same step): each places its own 4 of the 8 rows (global batches of 8, not 16), the losses and
+    processes (and one signalled on process 0 alone, and one whose metrics write fails on process 0, stopped
+    on both after the same step): each places its own 4 of the 8 rows (global batches of 8, not 16), the losses and
     parameters equal one process's uninterrupted 4 steps, metrics.jsonl has every step once and one
     resume marker, the (collective) evaluation runs on both and only process 0 prints; shard_batch
     refuses a mesh whose batch axes leave rows replicated across the processes, and a phase or RL
@@ -599,6 +622,12 @@ def test_two_process_sft_phase_equals_one_process_and_resumes(tmp_path):
     # SIGTERM to process 0 alone during step 3: both stop after step 3 and save it (the save is collective: a
     # process stopping alone would wait in it for the other, stepping on), both raise Preempted; a rerun resumes
     assert p0["preempted"] == p1["preempted"] == [3, 15, ["3"], 5]
+    # process 0's metrics write failing at step 3: both raise after step 4 (process 0 its error, process 1 one
+    # naming it), both having saved step 4 (collectively: alone, process 0 would have waited in the save while
+    # process 1 stepped on); a rerun resumes to the end
+    assert p0["write_failed"] == ["OSError", "No space left on device (simulated)", ["4"], 5]
+    assert p1["write_failed"] == ["RuntimeError", "[sft] process(es) [0] failed (their output has the error); "
+                                  "process 1 stops with them", ["4"], 5]
     # process 0's text on both; one run directory (named by process 0's clock) with one config.json
     made = p0["shared"][2]
     assert made.startswith("made/study-") and p0["shared"][3] == [made.split("/")[1]]
