@@ -54,10 +54,10 @@ Launching two processes on one machine (CPU, two simulated devices each)::
     $ RLJAX_COORDINATOR=127.0.0.1:12345 RLJAX_NUM_PROCESSES=2 RLJAX_PROCESS_ID=1 python train.py
 
 or explicitly, in each process i: ``distributed.initialize("127.0.0.1:12345", 2, i)``; in a Cloud TPU
-pod, a SLURM job or an Open MPI launch, ``RLJAX_DISTRIBUTED=auto`` lets JAX find the three settings. On several
-hosts the coordinator address is one reachable by all (process 0's host); every
-process uses the same address. The usual JAX variables (JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES, JAX_PROCESS_ID) are read too.
+pod, a SLURM job or an Open MPI launch, ``RLJAX_DISTRIBUTED=auto`` lets JAX find the three settings.
+On several hosts the coordinator address is one reachable by all (process 0's host); every process
+uses the same address. The usual JAX variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID) are read too.
 """
 from __future__ import annotations
 
