@@ -60,7 +60,7 @@ from rljax.algorithms import get_algorithm
 from rljax.checkpoint import digest_params
 from rljax.cli import LoggingFlags, MeshFlags, apply_preset, make_run_dir, run, save_config
 from rljax.data.collate import BatchIterator, collate_prompt_completion
-from rljax.distributed import is_main_process, sync
+from rljax.distributed import is_main_process, say, sync
 from rljax.eval import exact_match, export_policy
 from rljax.losses.sft import SFTConfig
 from rljax.metrics import read_metrics
@@ -239,9 +239,8 @@ def main(cfg: Config) -> dict:
         raise ValueError(f"{model_dir}: config.json vocab_size={arch.vocab_size} is smaller than the tokenizer's "
                          f"{tok.vocab_size} ids")
     model = Model(arch, mesh)
-    say = print if is_main_process() else (lambda *a, **k: None)  # several processes: process 0 reports
     say(f"grpo_math: {model_dir}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters, "
-          f"{tok}, mesh {cfg.mesh_axes() if mesh is not None else 'none'}")
+        f"{tok}, mesh {cfg.mesh_axes() if mesh is not None else 'none'}")
 
     problems = read_problems(cfg.data, cfg.data_format)
     eval_set = read_problems(cfg.eval_data, cfg.data_format)[:cfg.eval_problems] if cfg.eval_data else []

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import jax
 
 from rljax.cli import IGNORED_FIELDS, LoggingFlags, MeshFlags, apply_preset, make_run_dir, run, save_config
-from rljax.distributed import is_main_process
+from rljax.distributed import say
 from rljax.eval import PolicyEvalConfig
 from rljax.expert_iteration import RejectionConfig
 from rljax.models import Model, preset
@@ -236,12 +236,10 @@ def main(cfg: Config) -> dict:
     task, tok, model, params, student, student_params, sets = setup(cfg, run_dir, mesh)  # loads, trains nothing
     r1 = pipeline_config(cfg, tok)  # validates: a bad value is refused before config.json records it
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=IGNORED_FIELDS)  # before any training
-    if is_main_process():
-        print(f"r1_pipeline: task {task.name}, teacher {model.config.num_params() / 1e6:.2f}M params, student "
-              f"{student.config.num_params() / 1e6:.2f}M; {len(sets['cold_start'])} cold-start / "
-              f"{len(sets['reasoning'])} reasoning / {len(sets['general'])} general / {len(sets['held_out'])} "
-              f"held-out problems; run dir {run_dir}" + (f", mesh {cfg.mesh_axes()}" if mesh is not None else ""),
-              flush=True)
+    say(f"r1_pipeline: task {task.name}, teacher {model.config.num_params() / 1e6:.2f}M params, student "
+        f"{student.config.num_params() / 1e6:.2f}M; {len(sets['cold_start'])} cold-start / {len(sets['reasoning'])} "
+        f"reasoning / {len(sets['general'])} general / {len(sets['held_out'])} held-out problems; run dir {run_dir}"
+        + (f", mesh {cfg.mesh_axes()}" if mesh is not None else ""))
     t0 = time.perf_counter()
     state, rows = r1_pipeline(params, r1, model=model, tokenizer=tok, task=task, student_model=student,
                               student_params=student_params, key=jax.random.key(cfg.seed + 1), run_dir=run_dir,

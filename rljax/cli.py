@@ -353,11 +353,7 @@ def save_config(cfg, run_dir: str, *, allow_change: bool = False, ignore: Iterab
     path = os.path.join(run_dir, CONFIG_FILE)
     new = _jsonable(cfg)
     changes = {}
-    old = None
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-    sync(f"save_config: {path} read")  # before process 0 writes it: every process compares the same
+    old = read_before_rewrite(path)
     if old is not None:
         changes = config_differences(old, new, ignore)
         if changes and not allow_change:
@@ -370,6 +366,21 @@ def save_config(cfg, run_dir: str, *, allow_change: bool = False, ignore: Iterab
     if is_main_process():
         write_config(run_dir, new, changes)
     sync(f"save_config: {path} written")
+
+
+def read_before_rewrite(path: str):
+    """The JSON in `path` (None when there is no file), read by every process before a barrier: process 0
+    may then rewrite the file, and every process has compared the same old contents (a process reading
+    after the rewrite would see none of the changes, and skip the write's barrier). No barrier on one
+    process."""
+    from rljax.distributed import sync
+
+    old = None
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    sync(f"{path} read")
+    return old
 
 
 def write_config(run_dir: str, record: dict, changes: dict[str, tuple] | None = None, *,

@@ -196,6 +196,14 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def say(message: str, *, everywhere: bool = False) -> None:
+    """Print a message once: on process 0 of a multi-process run (every process runs the same program
+    and would print it n times), on every process with `everywhere` (a message about this process
+    alone, e.g. its own failure)."""
+    if everywhere or is_main_process():
+        print(message, flush=True)
+
+
 def process_slice(global_batch_size: int, *, process_index: int | None = None,
                   process_count: int | None = None) -> slice:
     """This process's contiguous rows of a global batch of `global_batch_size` rows.

@@ -31,7 +31,7 @@ import numpy as np
 
 from rljax.checkpoint import Checkpointer
 from rljax.data.batch import PromptBatch
-from rljax.distributed import local_rows, process_values
+from rljax.distributed import local_rows, process_values, say
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
                                       TokenLabelConfig, refuse_plackett_luce_input, reward_model_loss)
 from rljax.losses.preference import (DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss,
@@ -99,14 +99,6 @@ class LoopConfig:
 
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
-
-
-def _say(message: str, *, everywhere: bool = False) -> None:
-    """Print a loop's message once: on process 0 of a multi-process run (every process runs the
-    same loop and would print it n times), on every process with `everywhere` (a message about
-    this process alone, e.g. its own failure)."""
-    if everywhere or jax.process_index() == 0:
-        print(message)
 
 
 def _on_process() -> str:
@@ -186,7 +178,7 @@ def _config_record(config) -> dict | None:
     try:
         record = json.loads(json.dumps(dataclasses.asdict(config), default=json_value))
     except Exception as e:  # noqa: BLE001 - a record to compare with, not worth stopping a run for
-        _say(f"[rljax] note: the phase's config could not be recorded in its checkpoints ({type(e).__name__}: {e})")
+        say(f"[rljax] note: the phase's config could not be recorded in its checkpoints ({type(e).__name__}: {e})")
         return None
     record.pop("loop", None)
     return flat_fields(record)
@@ -201,7 +193,7 @@ def _say_config_changes(saved: dict | None, now: dict | None, name: str, step: i
 
     changes = config_differences(saved, now, ignore=(), added={})
     if changes:
-        _say(f"[{name}] warning: resuming at step {step} under another configuration than the checkpoint's "
+        say(f"[{name}] warning: resuming at step {step} under another configuration than the checkpoint's "
              f"({listed_changes(changes, most=8)}); the steps before {step} ran with the saved values")
 
 
@@ -214,7 +206,7 @@ def _say_data_changes(saved: dict | None, now: dict | None, name: str, step: int
 
     changes = config_differences(saved, now, ignore=(), added={})
     if changes:
-        _say(f"[{name}] warning: resuming at step {step} with other data than the checkpoint's "
+        say(f"[{name}] warning: resuming at step {step} with other data than the checkpoint's "
              f"({listed_changes(changes)}); from data position {step} on the batches are not the ones the saved "
              "run would have drawn")
 
@@ -225,16 +217,16 @@ def _save_finished(ckpt: Checkpointer, state, name: str, meta: Callable[[int], d
     Called while an exception propagates, so it reports and swallows its own errors."""
     try:
         if not _alive(state):
-            _say(f"[{name}] the failed step had consumed the state; the latest checkpoint "
+            say(f"[{name}] the failed step had consumed the state; the latest checkpoint "
                  f"(step {ckpt.latest_step()}) is the last saved step")
             return
         step = int(jax.device_get(state.step))
         if step != ckpt.latest_step():
             ckpt.save(state, meta(step), force=True)
             ckpt.wait()
-            _say(f"[{name}] saved the last finished step {step} in {ckpt.directory} before stopping")
+            say(f"[{name}] saved the last finished step {step} in {ckpt.directory} before stopping")
     except Exception as e:  # the original error matters more than this one
-        _say(f"[{name}] could not save the last finished step{_on_process()}: {type(e).__name__}: {e}", everywhere=True)
+        say(f"[{name}] could not save the last finished step{_on_process()}: {type(e).__name__}: {e}", everywhere=True)
 
 
 LOSS_PROGRESS = {"loss": "loss"}  # progress-bar label: metric, for phases that minimise a loss
@@ -319,7 +311,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             # at the caller's own step, the run is not resumed but continued: a pipeline's next round training
             # the same component in the same directory from the state the last round returned
             resumed = int(state.step) != given
-            _say(f"[{name}] {'resumed' if resumed else 'continuing'} from {ckpt.directory} at step "
+            say(f"[{name}] {'resumed' if resumed else 'continuing'} from {ckpt.directory} at step "
                  f"{int(state.step)} (data position {saved.get('data_position')})")
             if resumed:  # at the caller's own step (a stage continuing the last one's state in
                 # the same directory), no step of the saved run is kept that the new config or data would change
@@ -329,7 +321,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             state = owned_state(state)
         start = int(jax.device_get(state.step))
         if resumed and start > cfg.steps:  # nothing to run, and not the state the caller asked for: say so
-            _say(f"[{name}] warning: the checkpoint in {ckpt.directory} is at step {start}, past steps="
+            say(f"[{name}] warning: the checkpoint in {ckpt.directory} is at step {start}, past steps="
                  f"{cfg.steps}: it is returned as it is (no step undone); use another run_dir for a shorter run")
         if writer is not None:  # a fresh start (resumed False) drops the lines a run killed before its first
             # checkpoint wrote: they belong to no state, and the rerun logs those steps again
@@ -387,7 +379,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                             own(writer.write, step, dict(metrics, tokens_per_s=rate,
                                                          skipped_since_last_log=skipped_since), prefix=f"{name}/")
                         if skipped_since:
-                            _say(f"[{name}] warning: {skipped_since} of steps {shown_step + 1}..{step} had a "
+                            say(f"[{name}] warning: {skipped_since} of steps {shown_step + 1}..{step} had a "
                                  "non-finite loss or gradient and were skipped (the state left unchanged)")
                         progress.update(step - progress.n, **progress_postfix(metrics, shown, rate))
                         t_last, tokens_since, shown_step, skipped_since, paused = time.perf_counter(), 0, step, 0, 0.0
@@ -423,7 +415,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                 f"[{name}] loss or gradient was non-finite at every step this run made (steps {start + 1}.."
                 f"{cfg.steps}); they left the state unchanged. Check the data and the learning rate.")
         if consecutive:
-            _say(f"[{name}] warning: the last {consecutive} step(s) had a non-finite loss or gradient and were "
+            say(f"[{name}] warning: the last {consecutive} step(s) had a non-finite loss or gradient and were "
                  f"skipped (steps {cfg.steps - consecutive + 1}..{cfg.steps})")
         end = int(jax.device_get(state.step))
         if ckpt is not None and end != ckpt.latest_step():
@@ -441,7 +433,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                 found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
             if found:
                 if main:
-                    _say(f"[{name}] step {end} eval (logged by the finished run): " + _listed(logged))
+                    say(f"[{name}] step {end} eval (logged by the finished run): " + _listed(logged))
             else:
                 _evaluate(eval_fn, state, end, writer, name)
         return state
@@ -454,13 +446,14 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
 
 def _evaluate(eval_fn, state, step, writer, name, own=None):
     """Run eval_fn on every process (it may run collective programs: a sharded forward pass); process 0
-    (the one with a writer) logs and prints its result, through `own(write, ...)` when given (run_loop's
-    holding of process 0's failures)."""
+    (the one with a writer) logs and prints its result, its write through `own(write, ...)` when given
+    (run_loop's holding of process 0's failures)."""
     result = eval_fn(state)
     if writer:
-        (own or (lambda fn, *a, **k: fn(*a, **k)))(writer.write, step, result, prefix=f"{name}/eval/")
+        write = writer.write if own is None else functools.partial(own, writer.write)
+        write(step, result, prefix=f"{name}/eval/")
     if jax.process_index() == 0:
-        _say(f"[{name}] step {step} eval: " + _listed(result))
+        say(f"[{name}] step {step} eval: " + _listed(result))
 
 
 def _listed(values: dict) -> str:

@@ -788,16 +788,12 @@ def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool) -> None:
     named) unless allow_change, which continues the run with the new values and appends them to
     config_changes.jsonl."""
     from rljax.cli import (CONFIG_CHANGES_FILE, ConfigMismatchError, config_differences, json_value, listed_changes,
-                           write_config)
+                           read_before_rewrite, write_config)
 
     path = os.path.join(d, "config.json")
     new = json.loads(json.dumps(record, default=json_value))  # as it reads back: tuples become lists
     changes = {}
-    old = None
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-    sync(f"rljax.recipes: {path} read")  # before process 0 writes it: every process compares the same
+    old = read_before_rewrite(path)
     if old is not None:
         if old.get("task") != task:
             raise ConfigMismatchError(f"{task}: run_dir {d!r} holds a {old.get('task')!r} run ({path}); a run "
