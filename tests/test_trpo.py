@@ -135,6 +135,38 @@ def test_trpo_keeps_the_old_params_when_no_step_improves():
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new, params)
 
 
+def test_a_stale_token_past_the_log_ratio_bound_adds_no_gradient_and_no_gain():
+    """A stale sampler's log-prob 95 nats below the policy's (exp overflows float32 past 88.7) once made
+    L, g and the step NaN, and the step was rejected without a word. Capped at e^20 the token weighs a
+    constant: the update equals the one where that token has ρ = 1 and A = 0 (no gradient, no gain either)."""
+    model = _micro_model()
+    params = _init(model, jax.random.key(2))
+    batch = _batch(model, params, 3, B=4, T=7, per_token=True)  # the shapes and config of a case above
+    cfg = TRPOConfig(max_kl=0.001)
+    row, t = 0, 4  # an in-mask position (the prompt is tokens 0-1)
+    assert int(batch.loss_mask[row, t + 1]) == 1
+    stale = batch.replace(old_logprobs=batch.old_logprobs.at[row, t].add(-95.0))
+    neutral = batch.replace(advantages=batch.advantages.at[row, t].set(0.0))
+    new, m = _trpo_update(params, stale, model=model, cfg=cfg)
+    ref_new, ref_m = _trpo_update(params, neutral, model=model, cfg=cfg)
+    assert float(m["accepted"]) == 1.0 and float(m["skipped"]) == 0.0
+    for k in ("surrogate_gain", "kl", "step_fraction", "grad_norm"):
+        np.testing.assert_allclose(float(m[k]), float(ref_m[k]), rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), new, ref_new)
+
+
+def test_trpo_skips_a_step_whose_surrogate_is_not_finite():
+    """NaN advantages: no candidate can be judged, so θ_old is kept without a line search, and the step
+    says skipped = 1 (the loop counts it like an optimizer's non-finite step)."""
+    model = _micro_model()
+    params = _init(model, jax.random.key(4))
+    batch = _batch(model, params, 5, B=4, T=7)
+    batch = batch.replace(advantages=batch.advantages.at[1].set(jnp.nan))
+    new, m = _trpo_update(params, batch, model=model, cfg=TRPOConfig(max_kl=0.01))
+    assert float(m["skipped"]) == 1.0 and float(m["accepted"]) == 0.0 and float(m["backtracks"]) == 0.0
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new, params)
+
+
 def test_trpo_config_rejects_bad_fields():
     with pytest.raises(ValueError, match="max_kl"):
         TRPOConfig(max_kl=0.0)

@@ -8,7 +8,12 @@ conjugate gradient with Fisher-vector products Fv = ∇(∇D · v) (a jvp of a g
 F is never formed); the largest step along s within the quadratic model of the
 trust region is β = sqrt(2δ / sᵀFs); a backtracking line search θ_old + 0.5^k β s,
 k = 0..K−1, takes the first step whose surrogate improves and whose measured KL is
-≤ δ, and otherwise keeps θ_old. Every operation is a pytree operation, so
+≤ δ, and otherwise keeps θ_old. ρ_t is bounded as in the clipped losses: ℓ_t − ℓ_t(θ_old) is
+capped at LOG_RATIO_BOUND = 20 (a stale sampler's log-probs can put it past 88.7, where exp
+overflows float32 and would make L, g and the step NaN; a capped token weighs e^20·A_t and has no
+gradient) and set to 0 off the mask. A step whose L(θ_old) or g is still not finite (NaN
+logits or advantages) is skipped (metrics["skipped"] = 1, θ_old kept, no line search), which
+the training loop counts like an optimizer's skipped step. Every operation is a pytree operation, so
 sharded parameters stay sharded. The KL is the exact one over the vocabulary
 (the old distribution is a constant), whose Hessian at θ_old is the Fisher; it
 materialises [B, T, V] float32 logits for θ and θ_old.
@@ -30,6 +35,7 @@ from rljax.losses.policy_gradient import _policy_terms
 from rljax.models import Model
 from rljax.models.logprobs import target_mask
 from rljax.ops.aggregate import aggregate
+from rljax.ops.surrogates import LOG_RATIO_BOUND
 
 
 @dataclass(frozen=True)
@@ -108,15 +114,11 @@ def _log_softmax_all(params, batch: PolicyBatch, model) -> jax.Array:
     return jax.nn.log_softmax(logits, axis=-1)
 
 
-def make_trpo_objectives(params_old, batch: PolicyBatch, *, model, cfg: TRPOConfig):
-    """(surrogate(θ), kl(θ)) as scalar functions for this batch, with π_old fixed at params_old.
-
-    surrogate(θ) = agg[exp(ℓ(θ) − ℓ_old) · A]; A = batch.advantages ([B] per sequence
-    or [B, T-1] per token); kl(θ) = agg[Σ_v π_old(v)(log π_old(v) − log π_θ(v))].
-    kl runs the model with recompute_swiglu and low_precision_backward off (the same function;
-    its plain derivative, free of custom VJPs), so that `fisher_vector_product` can differentiate
-    its gradient in forward mode.
-    """
+def _trpo_objectives(params_old, batch: PolicyBatch, *, model, cfg: TRPOConfig):
+    """(surrogate, gain, kl): `make_trpo_objectives`'s two and gain(θ) = agg[(ρ(θ) − ρ(θ_old)) · A],
+    L(θ) − L(θ_old) summed token by token. The line search compares gains, not L(θ) with L(θ_old):
+    a token capped at e^20 (a stale sampler's) puts ~1e8·A into L, where float32 cannot hold a gain
+    of 0.1, and adds exactly 0 to the gain (its ρ is the cap at both)."""
     kl_model = model
     if model.config.recompute_swiglu or model.config.low_precision_backward:
         kl_model = Model(model.config.replace(recompute_swiglu=False, low_precision_backward=False), model.mesh)
@@ -125,15 +127,39 @@ def make_trpo_objectives(params_old, batch: PolicyBatch, *, model, cfg: TRPOConf
     p_old = jnp.exp(old)
     adv = batch.advantages if batch.advantages.ndim == 2 else batch.advantages[:, None]
 
-    def surrogate(theta):
+    def ratio(theta):
         out, _ = _policy_terms(theta, batch, model, with_entropy=False)
-        ratio = jnp.exp(out["logprobs"] - batch.old_logprobs)
-        return aggregate(ratio * adv, mask, cfg.aggregation)
+        # selected, not multiplied by the mask in `aggregate`: an overflowing ρ off the mask would give inf·0;
+        # capped with a select, so past the bound the token has no gradient (never 0·inf)
+        log_ratio = jnp.where(mask > 0, out["logprobs"] - batch.old_logprobs, 0.0).astype(jnp.float32)
+        return jnp.exp(jnp.where(log_ratio > LOG_RATIO_BOUND, LOG_RATIO_BOUND, log_ratio))
+
+    ratio_old = lax.stop_gradient(ratio(params_old))
+
+    def surrogate(theta):
+        return aggregate(ratio(theta) * adv, mask, cfg.aggregation)
+
+    def gain(theta):
+        return aggregate((ratio(theta) - ratio_old) * adv, mask, cfg.aggregation)
 
     def kl(theta):
         new = _log_softmax_all(theta, batch, kl_model)
         return aggregate(jnp.sum(p_old * (old - new), axis=-1), mask, cfg.aggregation)
 
+    return surrogate, gain, kl
+
+
+def make_trpo_objectives(params_old, batch: PolicyBatch, *, model, cfg: TRPOConfig):
+    """(surrogate(θ), kl(θ)) as scalar functions for this batch, with π_old fixed at params_old.
+
+    surrogate(θ) = agg[exp(min(ℓ(θ) − ℓ_old, 20)) · A] (the log-ratio 0 off the mask);
+    A = batch.advantages ([B] per sequence or [B, T-1] per token);
+    kl(θ) = agg[Σ_v π_old(v)(log π_old(v) − log π_θ(v))].
+    kl runs the model with recompute_swiglu and low_precision_backward off (the same function;
+    its plain derivative, free of custom VJPs), so that `fisher_vector_product` can differentiate
+    its gradient in forward mode.
+    """
+    surrogate, _, kl = _trpo_objectives(params_old, batch, model=model, cfg=cfg)
     return surrogate, kl
 
 
@@ -141,11 +167,13 @@ def trpo_update(params, batch: PolicyBatch, *, model, cfg: TRPOConfig):
     """One TRPO step from params (= θ_old, the sampler's params) -> (new params, metrics).
 
     metrics: surrogate improvement, KL of the taken step, accepted (1/0), the line
-    search's step fraction (0.5^k, 0 when rejected), sᵀFs, the CG residual rᵀr and
-    the gradient norm. Jit-able; pure.
+    search's step fraction (0.5^k, 0 when rejected), sᵀFs, the CG residual rᵀr, the
+    gradient norm, backtracks, and skipped (1 when L(θ_old) or its gradient is not finite:
+    θ_old is kept without a line search). A candidate is accepted when its gain
+    L(θ) − L(θ_old) (summed token by token, `_trpo_objectives`) is positive and its KL ≤ δ. Jit-able; pure.
     """
-    surrogate, kl = make_trpo_objectives(params, batch, model=model, cfg=cfg)
-    surr0, g = jax.value_and_grad(surrogate)(params)
+    _, gain, kl = _trpo_objectives(params, batch, model=model, cfg=cfg)
+    gain0, g = jax.value_and_grad(gain)(params)  # gain0 = 0 (NaN when L(θ_old) is); its gradient is ∇L(θ_old)
     fvp = fisher_vector_product(kl, params)
 
     def damped(v):
@@ -159,7 +187,7 @@ def trpo_update(params, batch: PolicyBatch, *, model, cfg: TRPOConfig):
     def candidate(k):
         frac = cfg.backtrack_ratio ** k.astype(jnp.float32)
         theta = _axpy(frac, full, params)
-        return theta, frac, surrogate(theta), kl(theta)
+        return theta, frac, gain(theta), kl(theta)
 
     def cond(c):
         k, accepted = c[0], c[1]
@@ -167,15 +195,19 @@ def trpo_update(params, batch: PolicyBatch, *, model, cfg: TRPOConfig):
 
     def body(c):
         k, _, _, _, _ = c
-        _, frac, surr, d = candidate(k)
-        ok = (surr > surr0) & (d <= cfg.max_kl) & jnp.isfinite(surr) & jnp.isfinite(d)
-        return k + 1, ok, frac, surr, d
+        _, frac, up, d = candidate(k)
+        ok = (up > 0) & (d <= cfg.max_kl) & jnp.isfinite(up) & jnp.isfinite(d)
+        return k + 1, ok, frac, up, d
 
-    init = (jnp.int32(0), jnp.bool_(False), jnp.float32(0.0), surr0, jnp.float32(0.0))
-    k, accepted, frac, surr, d = lax.while_loop(cond, body, init)
+    finite = jnp.isfinite(gain0) & jnp.isfinite(optax.tree.norm(g))
+    # a non-finite start: no candidate could be trusted (NaN logits or advantages), so none is tried
+    init = (jnp.where(finite, 0, cfg.backtrack_steps).astype(jnp.int32), jnp.bool_(False), jnp.float32(0.0),
+            jnp.float32(0.0), jnp.float32(0.0))
+    k, accepted, frac, up, d = lax.while_loop(cond, body, init)
     frac = jnp.where(accepted, frac, 0.0)
     new = jax.tree.map(lambda taken, p: jnp.where(accepted, taken, p), _axpy(frac, full, params), params)
-    metrics = {"surrogate_gain": jnp.where(accepted, surr - surr0, 0.0), "kl": jnp.where(accepted, d, 0.0),
+    metrics = {"surrogate_gain": jnp.where(accepted, up, 0.0), "kl": jnp.where(accepted, d, 0.0),
                "accepted": accepted.astype(jnp.float32), "step_fraction": frac, "sFs": sFs,
-               "cg_residual": residual, "grad_norm": optax.tree.norm(g), "backtracks": k.astype(jnp.float32)}
+               "cg_residual": residual, "grad_norm": optax.tree.norm(g),
+               "backtracks": jnp.where(finite, k, 0).astype(jnp.float32), "skipped": (~finite).astype(jnp.float32)}
     return new, metrics
