@@ -9,7 +9,7 @@ The pipeline is `rljax.adversarial.adversarial_rlaif` (its docstring has the equ
 completions (the expert demonstrations) of the first --n-sft train problems → --rounds rounds of (sample the policy
 on --prompts-per-round expert prompts → --disc-steps discriminator steps on expert (label 1) vs those samples
 (label 0) → --rl-iterations REINFORCE or PPO iterations on the reward f(logit D), --reward log_d |
-neg_log_one_minus_d | logit). The next --n-expert train problems are the discriminator's demonstrations and the RL
+neg_log_one_minus_d | logit | d). The next --n-expert train problems are the discriminator's demonstrations and the RL
 prompts; --n-test held-out problems measure D (held-out references vs fresh policy samples) and the policy (greedy
 and sampled accuracy, the task's gold score, which is never used for training, KL to the SFT policy).
 
@@ -71,7 +71,7 @@ class Config(LoggingFlags):
     rl_lr: float = 1e-4
     head_lr: float = 1e-3  # ppo: the value head's learning rate
     kl_coef: float | None = None  # the KL penalty to the SFT policy (None: the algorithm's, e.g. PPO's 0.05; 0: none)
-    reward: str = "log_d"  # log_d | neg_log_one_minus_d | logit
+    reward: str = "log_d"  # log_d | neg_log_one_minus_d | logit | d
     win_accuracy: float = 0.95
     win_d_policy: float = 0.1
     win_reward_std: float | None = None

@@ -35,6 +35,8 @@ The reward forms f (cfg.reward), with z = logit D:
                                                               rejects every sample: the spread across samples
                                                               vanishes with D(policy) (saturates)
     "logit"               r = z = log D − log(1 − D)         AIRL's form; the sum of the two above
+    "d"                   r = D = σ(z)                        in (0, 1) (SeqGAN's); flat at both ends: ≈ e^z → 0
+                                                              when D rejects every sample, like −log(1 − D)
 
 A note on names: the brief for this module calls −log(1 − D) "the non-saturating form"; in the GAN literature
 (Goodfellow et al. 2014) it is maximising log D that does not saturate when D wins, while −log(1 − D) ≈ e^z
@@ -85,7 +87,7 @@ from rljax.state import OptimizerConfig, create_state
 __all__ = ["ADVERSARIAL_ALGORITHMS", "DISCRIMINATOR_REWARDS", "AdversarialConfig", "adversarial_rlaif",
            "adversarial_reward", "discriminator_metrics", "discriminator_reward", "discriminator_wins"]
 
-DISCRIMINATOR_REWARDS = ("log_d", "neg_log_one_minus_d", "logit")
+DISCRIMINATOR_REWARDS = ("log_d", "neg_log_one_minus_d", "logit", "d")
 ADVERSARIAL_ALGORITHMS = ("reinforce", "ppo")
 DISCRIMINATOR_INITS = ("sft", "fresh")
 
@@ -95,8 +97,8 @@ DISCRIMINATOR_INITS = ("sft", "fresh")
 
 def discriminator_reward(logits, form: str = "log_d"):
     """The policy's reward from D's logits z [B] -> [B] float32 (module docstring): "log_d" log σ(z) =
-    −softplus(−z); "neg_log_one_minus_d" −log(1 − σ(z)) = softplus(z); "logit" z. Computed from z with softplus,
-    so no D = 0 or 1 in float32 turns a finite logit into an infinite reward."""
+    −softplus(−z); "neg_log_one_minus_d" −log(1 − σ(z)) = softplus(z); "logit" z; "d" σ(z). Computed from z with
+    softplus, so no D = 0 or 1 in float32 turns a finite logit into an infinite reward."""
     if form not in DISCRIMINATOR_REWARDS:
         raise ValueError(f"discriminator_reward: form {form!r} not in {DISCRIMINATOR_REWARDS}")
     z = jnp.asarray(logits, jnp.float32)
@@ -104,6 +106,8 @@ def discriminator_reward(logits, form: str = "log_d"):
         return -jax.nn.softplus(-z)
     if form == "neg_log_one_minus_d":
         return jax.nn.softplus(z)
+    if form == "d":
+        return jax.nn.sigmoid(z)
     return z
 
 

@@ -53,8 +53,12 @@ def test_reward_forms_match_hand_computed_values():
     # D rejects a sample (z = -60, D = 8.8e-27): log D stays finite and ~ z, -log(1 - D) ~ e^z ~ 0 (it saturates)
     assert discriminator_reward(z, "log_d")[3] == pytest.approx(-60.0)
     assert 0 <= float(discriminator_reward(z, "neg_log_one_minus_d")[3]) < 1e-25
-    with pytest.raises(ValueError, match="form 'd' not in"):
-        discriminator_reward(z, "d")
+    # D itself (SeqGAN): σ(z), 1/2 at z = 0, ~e^z when D rejects the sample
+    np.testing.assert_allclose(discriminator_reward(z, "d"), d, rtol=1e-6)
+    assert float(discriminator_reward(z, "d")[1]) == 0.5
+    assert 0 < float(discriminator_reward(z, "d")[3]) < 1e-25
+    with pytest.raises(ValueError, match="form 'D' not in"):
+        discriminator_reward(z, "D")
 
 
 def test_discriminator_metrics_match_a_numpy_computation():
@@ -185,8 +189,8 @@ def test_other_arguments_are_refused_naming_the_stage_and_file(tmp_path):
     with pytest.raises(StageArgumentsError, match=r"stage 'sft': .*sft/stage.json .*held_out"):
         _run(run, calls=calls, sets=dict(sets, held_out=sets["held_out"][:4]))
     assert calls == []
-    with pytest.raises(ValueError, match="AdversarialConfig.reward: 'd' not in"):
-        _config(reward="d")
+    with pytest.raises(ValueError, match="AdversarialConfig.reward: 'sigmoid' not in"):
+        _config(reward="sigmoid")
     with pytest.raises(ValueError, match="AdversarialConfig.algorithm: 'grpo' not in"):
         _config(algorithm="grpo")
     with pytest.raises(ValueError, match="adversarial_rlaif: expert_problems has 4 problems, the config needs at "
