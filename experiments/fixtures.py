@@ -8,7 +8,7 @@ import shutil
 
 import jax
 
-from rljax.distributed import is_main_process, sync
+from rljax.distributed import on_main
 from rljax.eval import TOKENIZER_FILES
 from rljax.models.hf import config_from_hf, read_hf_config, save_pretrained
 from rljax.models.transformer import Model
@@ -30,9 +30,12 @@ def write_smoke_model(path: str, seed: int = 0) -> str:
     params = jax.jit(Model(arch).init)(jax.random.key(seed))  # jitted: one compile, not op by op
     save_pretrained(params, arch, path, overwrite=True,
                     extra_config=dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
-    if is_main_process():  # several processes: each takes part in save_pretrained, process 0 writes
-        for name in os.listdir(SMOKE_TOKENIZER):
-            if name in TOKENIZER_FILES:
-                shutil.copy(os.path.join(SMOKE_TOKENIZER, name), path)
-    sync(f"write_smoke_model: {path}")
+    # several processes: each takes part in save_pretrained, process 0 copies the tokenizer's files
+    on_main(f"write_smoke_model: {path}", _copy_tokenizer_files, path)
     return path
+
+
+def _copy_tokenizer_files(path: str) -> None:
+    for name in os.listdir(SMOKE_TOKENIZER):
+        if name in TOKENIZER_FILES:
+            shutil.copy(os.path.join(SMOKE_TOKENIZER, name), path)

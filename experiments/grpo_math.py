@@ -57,10 +57,10 @@ import numpy as np
 
 from experiments.fixtures import SMOKE_DATA, write_smoke_model
 from rljax.algorithms import get_algorithm
-from rljax.checkpoint import digest_params
+from rljax.checkpoint import digest_params, write_json
 from rljax.cli import LoggingFlags, MeshFlags, apply_preset, make_run_dir, run, save_config
 from rljax.data.collate import BatchIterator, collate_prompt_completion
-from rljax.distributed import is_main_process, say, sync
+from rljax.distributed import on_main, say, sync
 from rljax.eval import exact_match, export_policy
 from rljax.losses.sft import SFTConfig
 from rljax.metrics import read_metrics
@@ -312,10 +312,8 @@ def main(cfg: Config) -> dict:
     table += (f"| mean reward first / last iteration | {results['reward_first']:.3f} / {results['reward_last']:.3f} |\n"
               f"| exported policy | {results['policy_dir']} |\n")
     say(table)
-    if is_main_process():
-        with open(os.path.join(run_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
-    sync("grpo_math: results written")
+    path = os.path.join(run_dir, "results.json")
+    on_main(f"grpo_math: writing {path}", write_json, path, results, default=str)  # atomically
     return results
 
 

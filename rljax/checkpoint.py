@@ -76,6 +76,11 @@ def digest_params(params, h) -> None:
         h.update(np.ascontiguousarray(arr).tobytes())
 
 
+def _rename_all(moves: list[tuple[str, str]]) -> None:
+    for old, new in moves:
+        os.rename(old, new)
+
+
 def _is_key(x) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -486,10 +491,7 @@ class Checkpointer:
                 new = f"{path}.damaged-{n}"
             moved.append((path, new))
         distributed.sync("rljax.checkpoint: damaged steps named")  # all chose their names before one renames
-        if jax.process_index() == 0:
-            for path, new in moved:
-                os.rename(path, new)
-        distributed.sync("rljax.checkpoint: damaged steps set aside")
+        distributed.on_main(f"setting aside damaged steps in {self.directory}", _rename_all, moved)
         self._manager.reload()
         return moved
 

@@ -348,7 +348,7 @@ def save_config(cfg, run_dir: str, *, allow_change: bool = False, ignore: Iterab
     still tells which configuration produced what. On several processes every process checks
     the file and process 0 writes it, after all have read it and before any returns.
     """
-    from rljax.distributed import is_main_process, sync
+    from rljax.distributed import on_main
 
     path = os.path.join(run_dir, CONFIG_FILE)
     new = _jsonable(cfg)
@@ -363,9 +363,7 @@ def save_config(cfg, run_dir: str, *, allow_change: bool = False, ignore: Iterab
                 f"new ones (recorded in {CONFIG_CHANGES_FILE})")
         if not changes:
             return  # the same run: keep the file as first written
-    if is_main_process():
-        write_config(run_dir, new, changes)
-    sync(f"save_config: {path} written")
+    on_main(f"save_config: writing {path}", write_config, run_dir, new, changes)
 
 
 def read_before_rewrite(path: str):
@@ -416,16 +414,17 @@ def make_run_dir(root: str, name: str) -> str:
     """A new directory `root/name-YYYYmmdd-HHMMSS` (suffixed if it exists). On several processes
     process 0 makes it and every process gets its path (`rljax.distributed.share_text`: their clocks
     differ, and the run is one directory on a file system they share); call it on every process."""
-    from rljax.distributed import is_main_process, share_text
+    from rljax.distributed import on_main, share_text
 
-    path = None
-    if is_main_process():
+    def make() -> str:
         base = os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         path, i = base, 1
         while os.path.exists(path):
             path, i = f"{base}-{i}", i + 1
         os.makedirs(path)
-    return share_text(path)
+        return path
+
+    return share_text(on_main(f"make_run_dir: making a run directory in {root}", make))
 
 
 def run(main: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None = None, *,

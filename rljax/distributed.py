@@ -24,7 +24,9 @@ Who passes what:
   its own block of rows (data x fsdp split over the processes); `shard_batch` refuses
   one that does not.
 - `share_text` gives every process process 0's text (a run directory process 0 named by its clock,
-  `rljax.cli.make_run_dir`).
+  `rljax.cli.make_run_dir`); `on_main` runs work process 0 does for all (a file every process then
+  reads) and agrees on its outcome, so that a failure there (a full disk) stops every process, not
+  process 0 alone with the others waiting for it in the next collective.
 - `to_host` brings arrays that span processes (a step's outputs, sampled tokens) back
   to numpy on every process.
 - work each process does alone on rows of its own (a learned reward scoring the samples it
@@ -322,6 +324,40 @@ def process_values(values: Sequence[int]) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(local[0])).reshape(jax.process_count(), -1)
+
+
+def raise_failed(failed: Sequence[int], own: BaseException | None, where: str) -> None:
+    """After the processes exchanged whether each failed (`process_values`): when any did (`failed`, their
+    indices), raise on this one too: its own error `own` where it failed, else a RuntimeError naming the
+    failed processes, so that all stop at the same point instead of some waiting in a collective for
+    the others."""
+    if len(failed):
+        if own is not None:
+            raise own
+        raise RuntimeError(f"{where}: process(es) {list(failed)} failed (their output has the error); process "
+                           f"{jax.process_index()} stops with them")
+
+
+def on_main(where: str, fn, *args, **kw):
+    """fn(*args, **kw) on process 0 alone, for work one process does for all (a file every process then
+    reads), then a barrier at which the processes agree on its outcome: when it raised on process 0,
+    every process raises (process 0 its error, the others a RuntimeError naming `where`), where a plain
+    `if is_main_process(): ...; sync(...)` left the others waiting at the barrier for a process gone.
+    A collective: every process calls it at the same point. Returns fn's value on process 0, None on
+    the others; on one process, fn(*args, **kw).
+
+        >>> on_main(f"writing {path}", write_json, path, rows)   # then every process may read it
+    """
+    if jax.process_count() == 1:
+        return fn(*args, **kw)
+    result, failure = None, None
+    if is_main_process():
+        try:
+            result = fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - raised below, on every process
+            failure = e
+    raise_failed(np.flatnonzero(process_values([failure is not None])[:, 0]).tolist(), failure, where)
+    return result
 
 
 def spans_processes(mesh) -> bool:

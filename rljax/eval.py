@@ -33,7 +33,7 @@ import numpy as np
 from rljax.checkpoint import Checkpointer
 from rljax.models.hf import save_pretrained
 from rljax.models.transformer import check_scorer
-from rljax.distributed import is_main_process, sync, to_host
+from rljax.distributed import on_main, to_host
 from rljax.sampling import SampleConfig, filled_prompts, sample, tokenizer_ids, truncate_prompts
 
 __all__ = ["TOKENIZER_FILES", "UnfinishedRunError", "PolicyEvalConfig", "complete", "correctness", "evaluate_policy",
@@ -289,9 +289,8 @@ def export_policy(params, model, tok, model_dir: str | None, path: str, *, dtype
     """
     save_pretrained(params, model.config, path, dtype=dtype, overwrite=True,
                     extra_config=dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
-    if is_main_process():  # on several processes every one takes part in save_pretrained's gathers; one writes
-        _write_policy_files(tok, model_dir, path)
-    sync(f"export_policy: {path} written")
+    # on several processes every one takes part in save_pretrained's gathers; one writes the rest
+    on_main(f"export_policy: writing {path}", _write_policy_files, tok, model_dir, path)
     return path
 
 

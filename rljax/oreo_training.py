@@ -34,7 +34,7 @@ from rljax.losses.actor_critic import token_values
 from rljax.losses.oreo import OREOConfig, oreo_policy_terms, oreo_value_loss_on_values
 from rljax.models import add_head
 from rljax.models.transformer import Model
-from rljax.distributed import is_main_process, local_rows, sync, to_host
+from rljax.distributed import local_rows, on_main, to_host
 from rljax.phases import LoopConfig, _need_mesh, check_accumulation, phase_mesh, run_loop
 from rljax.rewards.rules import score
 from rljax.sampling import SampleConfig, filled_prompts, sample, scorer_at_index
@@ -475,7 +475,7 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
 
     Several processes: every process passes the same prompts and gets every row (each decodes its
     own rows, `sample`; reward_fn scores every row on each process); process 0 alone writes out_dir
-    (a directory they share), and they meet once it is written.
+    (a directory they share), and they meet once each part is written (a failed write stops all).
     """
     prompts = list(prompts)
     if not prompts:
@@ -490,9 +490,10 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
         os.makedirs(out_dir, exist_ok=True)
         config = _manifest(params, prompts, cfg, key)
         path = os.path.join(out_dir, "manifest.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                old = json.load(f)
+        from rljax.cli import read_before_rewrite
+
+        old = read_before_rewrite(path)  # by every process before process 0 may rewrite it
+        if old is not None:
             changed = [k for k in config if old["config"].get(k) != config[k]]
             if changed:
                 raise ValueError(f"{out_dir}: holds trajectories collected with another {changed[0]!r} "
@@ -500,8 +501,8 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
                                  "new directory")
             done = old.get("parts", {})
         manifest = {"config": config, "parts": done}
-        if is_main_process():  # several processes collect the same rows; one writes them
-            _write_json(path, manifest)
+        # several processes collect the same rows; one writes them, and all stop if it cannot
+        on_main(f"collect_trajectories: writing {path}", _write_json, path, manifest)
     scfg = cfg.sampling.replace(n=cfg.samples)
     n_parts = -(-len(prompts) // cfg.prompts_per_batch)
     rows = []
@@ -530,12 +531,14 @@ def collect_trajectories(params, prompts: Sequence[str], reward_fn: Callable, cf
         if out_dir is not None:
             name = f"part-{k:05d}.parquet"
             done[str(k)] = {"file": name, "rows": len(part)}
-            if is_main_process():
-                _write_part(part, os.path.join(out_dir, name))
-                _write_json(os.path.join(out_dir, "manifest.json"), manifest)
-    if out_dir is not None:
-        sync("rljax.oreo_training: trajectories written")  # readable by every process from here on
+            on_main(f"collect_trajectories: writing {name} in {out_dir}", _write_collected, out_dir, name, part,
+                    manifest)  # readable by every process from here on
     return rows
+
+
+def _write_collected(out_dir: str, name: str, part: list[dict], manifest: dict) -> None:
+    _write_part(part, os.path.join(out_dir, name))
+    _write_json(os.path.join(out_dir, "manifest.json"), manifest)
 
 
 # ----------------------------------------------------------------------------- phase

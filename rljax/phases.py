@@ -31,7 +31,7 @@ import numpy as np
 
 from rljax.checkpoint import Checkpointer
 from rljax.data.batch import PromptBatch
-from rljax.distributed import local_rows, process_values, say
+from rljax.distributed import local_rows, process_values, raise_failed, say
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
                                       TokenLabelConfig, refuse_plackett_luce_input, reward_model_loss)
 from rljax.losses.preference import (DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss,
@@ -278,8 +278,11 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
     the progress bar. A signal to any process stops every process after the same step (the
     processes agree on it after each step, `distributed.process_values`), which is checkpointed; the
     processes that got no signal raise `Preempted` with the other's. A metrics write failing on
-    process 0 (a full disk, W&B) is raised on every process after the next step (process 0 its
-    error, the others a RuntimeError naming it), each checkpointing that step first."""
+    process 0 (a full disk, W&B), or eval_fn raising on some processes only once its collective work is
+    done (a scorer failing on one process's rows), is raised on every process after the next step (the
+    failed process its error, the others a RuntimeError naming it), each checkpointing that step first;
+    after the final evaluation, at once. An eval_fn failing on one process before a collective it runs
+    leaves the others waiting in that collective: no agreement can come between."""
     if cfg.wandb is not None and not run_dir:
         raise ValueError(f"[{name}] LoopConfig.wandb needs a run_dir: the W&B run's id and offline files live there")
     shown = LOSS_PROGRESS if progress_metrics is None else progress_metrics
@@ -330,18 +333,21 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
         progress = Progress(cfg.steps, initial=start, desc=name, disable=not cfg.progress or not main)
         # tokens/s counts the steps' time only: evaluations and checkpoint saves are subtracted (`paused`)
         t_last, tokens_since, shown_step, skipped_since, paused = time.perf_counter(), 0, start, 0, 0.0
-        # Several processes: a failure of work process 0 alone does (writing metrics) is held until every process
-        # knows of it (`agreed`, after the next step), then all raise: the checkpoint each then saves of its last
-        # finished step is collective, and a process failing alone would wait in it for the others
+        # Several processes: a failure of work one process does alone (process 0 writing metrics, the host side
+        # of an evaluation) is held until every process knows of it (`agreed`, after the next step), then all
+        # raise: the checkpoint each then saves of its last finished step is collective, and a process failing
+        # alone would wait in it for the others
         held: list[Exception] = []
 
         def own(fn, *args, **kw):
+            """fn(*args, **kw), or None with its failure held (several processes)."""
             try:
-                fn(*args, **kw)
+                return fn(*args, **kw)
             except Exception as e:  # noqa: BLE001 - raised by `agreed` on every process
                 if not several:
                     raise
                 held.append(e)
+                return None
 
         def agreed() -> int:
             """The signal this process received, or (several processes) any process received, 0 for none;
@@ -349,12 +355,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             if not several:
                 return stop.received or 0
             table = process_values([stop.received or 0, len(held)])
-            failed = np.flatnonzero(table[:, 1]).tolist()
-            if failed:
-                if held:
-                    raise held[0]
-                raise RuntimeError(f"[{name}] process(es) {failed} failed (their output has the error); process "
-                                   f"{jax.process_index()} stops with them")
+            raise_failed(np.flatnonzero(table[:, 1]).tolist(), held[0] if held else None, f"[{name}]")
             return int(table[:, 0].max())
 
         with stop:
@@ -435,7 +436,8 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
                 if main:
                     say(f"[{name}] step {end} eval (logged by the finished run): " + _listed(logged))
             else:
-                _evaluate(eval_fn, state, end, writer, name)
+                _evaluate(eval_fn, state, end, writer, name, own)
+                agreed()  # an evaluation that failed on one process alone fails the phase on every process
         return state
     finally:
         if ckpt is not None:
@@ -444,14 +446,17 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             writer.close()
 
 
-def _evaluate(eval_fn, state, step, writer, name, own=None):
+def _evaluate(eval_fn, state, step, writer, name, own):
     """Run eval_fn on every process (it may run collective programs: a sharded forward pass); process 0
-    (the one with a writer) logs and prints its result, its write through `own(write, ...)` when given
-    (run_loop's holding of process 0's failures)."""
-    result = eval_fn(state)
+    (the one with a writer) logs and prints its result. eval_fn and the write go through `own` (run_loop's
+    holding of failures on several processes, so that a failure after the evaluation's collective work,
+    e.g. a scorer raising on one process's rows, stops every process at the next agreement instead of
+    leaving the others waiting in a collective; one process: it raises at once)."""
+    result = own(eval_fn, state)
+    if result is None:  # failed here, held until the processes agree
+        return
     if writer:
-        write = writer.write if own is None else functools.partial(own, writer.write)
-        write(step, result, prefix=f"{name}/eval/")
+        own(writer.write, step, result, prefix=f"{name}/eval/")
     if jax.process_index() == 0:
         say(f"[{name}] step {step} eval: " + _listed(result))
 

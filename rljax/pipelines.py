@@ -69,7 +69,7 @@ import numpy as np
 
 from rljax.checkpoint import Checkpointer, atomic_path, write_json
 from rljax.data.collate import BatchIterator
-from rljax.distributed import is_main_process, sync, to_host
+from rljax.distributed import on_main, say, sync, to_host
 from rljax.losses.preference import DPOConfig
 from rljax.losses.reward_model import RankingConfig
 from rljax.metrics import WandbConfig
@@ -153,14 +153,18 @@ class StageContext:
         evaluate_policy`'s): run_dir/<name>/results.json, then the pipeline's table,
         run_dir/results.jsonl and results.md (one row per stage that recorded one, in stage
         order), both rewritten, so a rerun of the stage leaves the same files. Returns
-        {"stage": name, **row}."""
+        {"stage": name, **row}. On several processes every process calls it (process 0 writes,
+        `rljax.distributed.on_main`: a failed write stops every process)."""
         row = {"stage": self.name, **row}
         json.dumps(row)  # fail here, naming nothing half-written, when the row is not JSON-able
         self._results[self.name] = row
-        if self.dir is not None and is_main_process():  # several processes: one writes
-            _write_json(os.path.join(self.dir, RESULTS_FILE), row)
-            write_results_table(self.run_dir, list(self._stages))
+        if self.dir is not None:
+            on_main(f"stage {self.name!r}: writing its results row", self._write_results, row)
         return row
+
+    def _write_results(self, row: dict) -> None:
+        _write_json(os.path.join(self.dir, RESULTS_FILE), row)
+        write_results_table(self.run_dir, list(self._stages))
 
 
 def _data_path(run_dir: str | None, stage: Stage) -> str | None:
@@ -207,21 +211,25 @@ def _write_json(path: str, value) -> None:
     write_json(path, value, indent=1)
 
 
+def _write_text(path: str, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
 def _check_args(run_dir: str, stage: Stage, *, allow_change: bool = False, finished: bool = False) -> None:
     """Save the stage's args on its first run; refuse other args on a rerun (naming the fields), or with
     allow_change overwrite stage.json, append the change to stage_changes.jsonl beside it and say what
     it means: a finished stage is not run again (its output stands), an unfinished one runs with them."""
     if stage.args is None:
         return
-    from rljax.cli import config_differences, flat_fields, json_value, listed_changes, write_config
+    from rljax.cli import config_differences, flat_fields, json_value, listed_changes, read_before_rewrite, write_config
 
     stage_dir = os.path.join(run_dir, stage.name)
     path = os.path.join(stage_dir, STAGE_ARGS_FILE)
     new = json.loads(json.dumps(stage.args, default=json_value))  # functions by name: the same in every process
     changed = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    old = read_before_rewrite(path)  # by every process before process 0 may rewrite it
+    if old is not None:
         changed = config_differences(flat_fields(old), flat_fields(new), ignore=())  # nested fields by their path
         if not changed:
             return
@@ -230,12 +238,12 @@ def _check_args(run_dir: str, stage: Stage, *, allow_change: bool = False, finis
                                       f"({listed_changes(changed)}); rerun with the saved arguments, use a new "
                                       "run directory, or allow_change=True (the studies' --force-config) to go on "
                                       "with the new ones")
-        if finished and is_main_process():
-            print(f"stage {stage.name!r} finished under its saved arguments and is not run again: its output "
-                  "stands, and the changed ones apply to the stages still to run")
+        if finished:
+            say(f"stage {stage.name!r} finished under its saved arguments and is not run again: its output "
+                "stands, and the changed ones apply to the stages still to run")
     os.makedirs(stage_dir, exist_ok=True)
-    if is_main_process():  # every process checked the same file; one writes (run_stages syncs after)
-        write_config(stage_dir, new, changed, file=STAGE_ARGS_FILE, changes_file=STAGE_CHANGES_FILE)
+    on_main(f"stage {stage.name!r}: writing {path}", write_config, stage_dir, new, changed, file=STAGE_ARGS_FILE,
+            changes_file=STAGE_CHANGES_FILE)
 
 
 def read_results(run_dir: str) -> list[dict]:
@@ -287,12 +295,12 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str], cell: Callable[
 def report_results(cfg, run_dir: str, rows: Sequence[dict], columns: Sequence[str], wall_seconds: float) -> dict:
     """What a pipeline experiment does at its end: print its stage table (`markdown_table` of `columns`) and wall
     time, and write run_dir/results.json = {config: asdict(cfg), run_dir, rows, wall_seconds} (atomically).
-    Returns that dict. On several processes process 0 prints and writes."""
+    Returns that dict. On several processes process 0 prints and writes (`rljax.distributed.on_main`)."""
     results = dict(config=dataclasses.asdict(cfg), run_dir=run_dir, rows=list(rows), wall_seconds=wall_seconds)
-    if is_main_process():
-        print("\n" + markdown_table(rows, columns))
-        print(f"\nwall time {wall_seconds:.0f} s; the full table: {os.path.join(run_dir, TABLE_FILES[1])}")
-        write_json(os.path.join(run_dir, "results.json"), results, default=str)
+    say("\n" + markdown_table(rows, columns))
+    say(f"\nwall time {wall_seconds:.0f} s; the full table: {os.path.join(run_dir, TABLE_FILES[1])}")
+    path = os.path.join(run_dir, "results.json")
+    on_main(f"writing {path}", write_json, path, results, default=str)
     return results
 
 
@@ -422,7 +430,6 @@ def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, ke
         for i, stage in enumerate(stages):  # every stage that ran before, finished or not, against its saved arguments
             if stage.args is not None and os.path.exists(os.path.join(run_dir, stage.name, STAGE_ARGS_FILE)):
                 _check_args(run_dir, stage, allow_change=allow_change, finished=i < done)
-        sync("rljax.pipelines: saved stage arguments checked")  # before one process rewrites any of them
         for stage in stages[:done]:
             _saved_data_path(run_dir, stage)  # a finished stage's missing data: said now, not after the rest trains
             path = os.path.join(run_dir, stage.name, RESULTS_FILE)
@@ -448,9 +455,8 @@ def run_stages(state, stages: Sequence[Stage], *, run_dir: str | None = None, ke
             data = stage.collect(state, ctx)
             if stage.data_file is not None:  # train sees the data as a resumed run would read them
                 text = json.dumps(data)
-                if path is not None and is_main_process():  # every process collected the same data
-                    with atomic_path(path) as tmp, open(tmp, "w") as f:
-                        f.write(text)
+                if path is not None:  # every process collected the same data; one writes it
+                    on_main(f"stage {stage.name!r}: writing {path}", _write_text, path, text)
                 data = json.loads(text)
         outputs[stage.name] = data
         state = stage.train(state, data, ctx)

@@ -33,7 +33,7 @@ from jax.experimental.multihost_utils import process_allgather
 from rljax.algorithms import Algorithm, check_group_size, check_staleness, get_algorithm, prepare
 from rljax.cpu_dots import jit_full_sequence
 from rljax.data.batch import Collected
-from rljax.distributed import local_rows, process_slice, to_host
+from rljax.distributed import local_rows, process_slice, raise_failed, to_host
 from rljax.estimators import PrepareInput
 from rljax.losses.actor_critic import approx_kl, token_values, value_loss
 from rljax.losses.policy_gradient import kl_metrics
@@ -577,12 +577,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             error, local = e, np.zeros(rows.stop - rows.start + 2, np.float32)
             local[-1] = 1
         table = process_allgather(local)  # [processes, own rows + 2]: rewards, failed count, raised
-        raised = np.flatnonzero(table[:, -1]).tolist()
-        if raised:
-            if error is not None:
-                raise error
-            raise RuntimeError(f"the {what} function ({getattr(fn, '__name__', fn)}) raised on process(es) "
-                               f"{raised} (their output has the error); process {jax.process_index()} stops too")
+        raise_failed(np.flatnonzero(table[:, -1]).tolist(), error, f"the {what} function ({getattr(fn, '__name__', fn)})")
         failed[what] = failed.get(what, 0) + int(table[:, -2].sum())
         return table[:, :-2].reshape(-1)
 

@@ -145,6 +145,25 @@ WORKER = textwrap.dedent("""
             again = phases.sft(create_state(model, opt, jax.random.key(0), mesh=mesh), sft_data(), pre_cfg,
                                model=model, mesh=mesh, run_dir=failed_dir)
             res["write_failed"].append(int(again.step))
+            # eval_fn failing on process 1 alone once its collective forward pass is done (a scorer raising on
+            # its rows): at step 2 of the loop, then in the final evaluation of the rerun
+            eval_cfg = phases.SFTPhaseConfig(optimizer=opt, loop=phases.LoopConfig(
+                steps=5, log_every=1, eval_every=2, checkpoint_every=0, progress=False, tensorboard=False))
+            eval_dir, res["eval_failed"] = os.path.join(run_dir, "eval-failed"), []
+
+            def failing_eval(state):
+                out = eval_fn(state)
+                if pid == 1 and int(state.step) in (2, 5):
+                    raise ValueError(f"scorer failed at step {int(state.step)} (simulated)")
+                return out
+
+            for _ in range(2):
+                try:
+                    phases.sft(create_state(model, opt, jax.random.key(0), mesh=mesh), sft_data(), eval_cfg,
+                               model=model, mesh=mesh, run_dir=eval_dir, eval_fn=failing_eval)
+                except (ValueError, RuntimeError) as e:
+                    res["eval_failed"].append([type(e).__name__, str(e),
+                                               sorted(os.listdir(os.path.join(eval_dir, "checkpoints")))])
             from rljax.cli import make_run_dir, save_config
             made = make_run_dir(os.path.join(run_dir, "made"), "study")  # process 0 names it by its clock
             save_config(SFTConfig(), made)  # both check, process 0 writes, before either returns
@@ -153,6 +172,46 @@ WORKER = textwrap.dedent("""
             res["shared"] = [distributed.share_text(f"from process {pid}"),
                              distributed.share_text("ü" * 3000 if pid == 0 else None),
                              os.path.relpath(made, run_dir), os.listdir(os.path.join(run_dir, "made")), saved]
+
+            def outcome(fn, *args):
+                try:
+                    return ["returned", fn(*args)]
+                except (OSError, RuntimeError) as e:
+                    return [type(e).__name__, str(e)]
+
+            def fails_on_0():
+                if pid == 0:
+                    raise OSError("No space left on device (simulated)")
+                return "ran"  # never: on_main runs it on process 0 alone
+
+            res["on_main"] = [outcome(distributed.on_main, "writing a.json", lambda: "written"),
+                              outcome(distributed.on_main, "writing b.json", fails_on_0)]
+            # process 0's disk fills after the safetensors header: it still takes part in every gather
+            from rljax.models import hf
+
+            class FullAfterHeader:
+                def __init__(self, f):
+                    self.f, self.writes = f, 0
+
+                def write(self, b):
+                    self.writes += 1
+                    if self.writes > 2:  # the length and the header went in
+                        raise OSError(28, "No space left on device (simulated)")
+                    return self.f.write(b)
+
+                def close(self):
+                    self.f.close()
+
+            real_open = open
+            hf.open = lambda file, mode="r", *a, **k: (FullAfterHeader(real_open(file, mode, *a, **k))
+                                                       if pid == 0 and file.endswith(".safetensors")
+                                                       else real_open(file, mode, *a, **k))
+            export = os.path.join(run_dir, "export", "policy")
+            res["export"] = [outcome(hf.save_pretrained, state.params, model.config, export),
+                             sorted(os.listdir(os.path.dirname(export)))]  # no checkpoint, no temporary left
+            del hf.open
+            res["export"] += [outcome(hf.save_pretrained, state.params, model.config, export)[0],
+                              sorted(os.listdir(export))]
 
     elif mode == "phases":  # reward model, preference (DPO, live reference) and OREO, 2 steps each
         from rljax.data.preference_collate import collate_preferences
@@ -193,12 +252,14 @@ WORKER = textwrap.dedent("""
         from rljax.rl import RLConfig, create_rl_state, make_rl_iteration
         from rljax.sampling import SampleConfig
 
-        scored_rows = []
+        scored_rows, down = [], {"on": False}
 
         def decode(ids):
             return [" ".join(str(int(t)) for t in row if t != 0) for row in np.asarray(ids)]
 
         def reward(prompts, completions, **_):  # a seventh of the tokens, on average: many equal groups
+            if down["on"] and pid == 1:
+                raise ConnectionError("reward server unreachable (simulated)")
             scored_rows.append(len(completions))
             return [sum(int(t) % 7 == 0 for t in c.split()) / 4 for c in completions]
 
@@ -221,6 +282,13 @@ WORKER = textwrap.dedent("""
         res["grpo"] = {k: v for k, v in metrics.items() if not k.startswith("time_") and "per_s" not in k}
         res["grpo_params"] = checksums(state.policy.params)["total"]
         res["scored_rows"] = scored_rows[:]
+        if port:  # the reward function raising on process 1 alone: both stop at the same point
+            down["on"] = True
+            try:
+                it.collect(state.policy.params, tokens, mask, key, problems=list(range(8)))
+            except Exception as e:  # noqa: BLE001 - its type is the point
+                res["reward_down"] = [type(e).__name__, str(e)]
+            down["on"] = False
         # SCST: a greedy decode of the prompts (n = 1 rows) is the baseline
         scst = RLConfig(algorithm="scst", sampling=sampling, optimizer=OptimizerConfig(lr=1e-2, schedule="constant"))
         state = create_rl_state(model, params, scst, jax.random.key(1))
@@ -626,8 +694,24 @@ def test_two_process_sft_phase_equals_one_process_and_resumes(tmp_path):
     # naming it), both having saved step 4 (collectively: alone, process 0 would have waited in the save while
     # process 1 stepped on); a rerun resumes to the end
     assert p0["write_failed"] == ["OSError", "No space left on device (simulated)", ["4"], 5]
-    assert p1["write_failed"] == ["RuntimeError", "[sft] process(es) [0] failed (their output has the error); "
+    assert p1["write_failed"] == ["RuntimeError", "[sft]: process(es) [0] failed (their output has the error); "
                                   "process 1 stops with them", ["4"], 5]
+    # eval_fn failing on process 1 alone after its collective work: at step 2 both stop after step 3 (saved), in the
+    # rerun's final evaluation (step 5, saved before it) both raise at once; process 1 its error, process 0 one naming it
+    stops = "[sft]: process(es) [1] failed (their output has the error); process 0 stops with them"
+    assert p1["eval_failed"] == [["ValueError", "scorer failed at step 2 (simulated)", ["3"]],
+                                 ["ValueError", "scorer failed at step 5 (simulated)", ["3", "5"]]]
+    assert p0["eval_failed"] == [["RuntimeError", stops, ["3"]], ["RuntimeError", stops, ["3", "5"]]]
+    # work process 0 does for all (on_main): its value there, None elsewhere; its failure raised on both
+    assert p0["on_main"][0] == ["returned", "written"] and p1["on_main"][0] == ["returned", None]
+    assert p0["on_main"][1] == ["OSError", "No space left on device (simulated)"]
+    assert p1["on_main"][1] == ["RuntimeError", "writing b.json: process(es) [0] failed (their output has the error); "
+                                "process 1 stops with them"]
+    # save_pretrained with process 0's disk full mid-file: both raise (process 1 took no part in a write, so
+    # without the agreement it would have returned, or waited in a gather), nothing is left; then it saves
+    assert p0["export"][0] == ["OSError", "[Errno 28] No space left on device (simulated)"]
+    assert p1["export"][0][0] == "RuntimeError" and "save_pretrained: writing " in p1["export"][0][1]
+    assert p0["export"][1:] == p1["export"][1:] == [[], "returned", ["config.json", "model.safetensors"]]
     # process 0's text on both; one run directory (named by process 0's clock) with one config.json
     made = p0["shared"][2]
     assert made.startswith("made/study-") and p0["shared"][3] == [made.split("/")[1]]
@@ -667,6 +751,10 @@ def test_two_process_rl_iteration_equals_one_process(tmp_path):
     assert p0["samples"] == p1["samples"] == single["samples"]
     assert p0["rewards"] == p1["rewards"] == single["rewards"]
     assert p0["scored_rows"] == p1["scored_rows"] == [8] and single["scored_rows"] == [16]  # own rows only
+    assert p1["reward_down"][0] == "RewardError"
+    assert p1["reward_down"][1].startswith("reward function reward raised ConnectionError: reward server unreachable")
+    assert p0["reward_down"] == ["RuntimeError", "the reward function (reward): process(es) [1] failed (their output "
+                                 "has the error); process 0 stops with them"]
     assert p0["grpo"].keys() == single["grpo"].keys() and "accuracy" in p0["grpo"] and "length_mean" in p0["grpo"]
     for k, v in single["grpo"].items():
         np.testing.assert_allclose(p0["grpo"][k], v, rtol=1e-5, atol=1e-7, err_msg=k)

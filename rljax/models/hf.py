@@ -696,7 +696,9 @@ def _hf_tensors(params: dict, cfg: TransformerConfig) -> list[tuple[str, _Source
 
 def _write_safetensors(file: str, entries: list, dtype) -> None:
     """Stream tensors into one safetensors file: the header first (shapes are known without gathering),
-    then each tensor's bytes as soon as it is gathered, so one tensor at a time is on the host."""
+    then each tensor's bytes as soon as it is gathered, so one tensor at a time is on the host. On several
+    processes a failed write (a full disk) still takes part in every remaining gather, where the other
+    processes wait, and is raised after them."""
     header, offset = {}, 0
     for name, src, x, _ in entries:
         dt = np.dtype(dtype or x.dtype)
@@ -706,13 +708,35 @@ def _write_safetensors(file: str, entries: list, dtype) -> None:
     header["__metadata__"] = {"format": "pt"}  # transformers refuses safetensors without it
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
-    with open(file, "wb") as f:
+    f, failure = None, None
+
+    def attempt(write, *args):
+        nonlocal failure
+        if failure is None:
+            try:
+                write(*args)
+            except OSError as e:
+                if jax.process_count() == 1:
+                    raise
+                failure = e
+
+    def start():
+        nonlocal f
+        f = open(file, "wb")
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
+
+    try:
+        attempt(start)
         for name, src, x, layer in entries:
             arr = _to_hf(src, _gather(x if layer is None else x[layer]))
             # raw bytes: memoryview cannot describe bfloat16 items, uint8 it can
-            f.write(memoryview(arr.astype(dtype or x.dtype, copy=False).reshape(-1).view(np.uint8)))
+            attempt(lambda b: f.write(b), memoryview(arr.astype(dtype or x.dtype, copy=False).reshape(-1).view(np.uint8)))
+    finally:
+        if f is not None:
+            f.close()
+    if failure is not None:
+        raise failure
 
 
 def save_pretrained(params: dict, cfg: TransformerConfig, path: str, *, max_shard_bytes: int = 5 * 2**30,
@@ -754,20 +778,33 @@ def save_pretrained(params: dict, cfg: TransformerConfig, path: str, *, max_shar
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     dtypes = {np.dtype(dtype or e[2].dtype).name for e in tensors}
     file_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
-    writer = jax.process_index() == 0
+    # Several processes: a failure of process 0's writing is held while it takes part in the remaining
+    # gathers (the others wait in each), then raised on every process (`raise_failed`) at the end
+    several = jax.process_count() > 1
+    writer, failure = jax.process_index() == 0, None
     tmp = None
-    if writer:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the checkpoint private to this user
     try:
+        if writer:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+                os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the checkpoint private to this user
+            except OSError as e:
+                if not several:
+                    raise
+                failure = e
         for file, entries in zip(names, shards):
-            if writer:
-                _write_safetensors(os.path.join(tmp, file), entries, dtype)
+            if writer and failure is None:
+                try:
+                    _write_safetensors(os.path.join(tmp, file), entries, dtype)
+                except OSError as e:  # its gathers all made (`_write_safetensors`)
+                    if not several:
+                        raise
+                    failure = e
             else:
                 for _, _, x, layer in entries:  # take part in the collective gathers
                     _gather(x if layer is None else x[layer])
-        if writer:
+        if writer and failure is None:
             if len(shards) > 1:
                 total = sum(math.prod(e[1].hf_shape) * np.dtype(dtype or e[2].dtype).itemsize for e in tensors)
                 index = {"metadata": {"total_size": total},
@@ -788,11 +825,16 @@ def save_pretrained(params: dict, cfg: TransformerConfig, path: str, *, max_shar
             else:
                 os.rename(tmp, path)
             tmp = None
+    except OSError as e:
+        if not several:
+            raise
+        failure = e
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    if several:  # every process returns once the checkpoint is there, or raises with process 0
+        from rljax.distributed import process_values, raise_failed
 
-        multihost_utils.sync_global_devices(f"save_pretrained:{path}")
+        raise_failed(np.flatnonzero(process_values([failure is not None])[:, 0]).tolist(), failure,
+                     f"save_pretrained: writing {path}")
     return path

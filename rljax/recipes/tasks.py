@@ -67,7 +67,7 @@ from rljax.data.collate import BatchIterator, collate_prompt_completion, encode_
 from rljax.data.lengths import Tokens, fit_lengths
 from rljax.data.preference_collate import _weight_or_label, collate_preferences, cut_prompt
 from rljax.data.reward_collate import _finite, collate_pairs, collate_scored
-from rljax.distributed import is_main_process, sync
+from rljax.distributed import on_main, sync
 from rljax.losses.preference import PREFERENCE_METHODS
 from rljax.losses.reward_model import PointwiseConfig, RankingConfig
 from rljax.metrics import WandbConfig, read_metrics
@@ -809,8 +809,7 @@ def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool) -> None:
                 f"`steps` then differs from one uninterrupted run)")
         if not changes:
             return  # the same run: keep the file as first written
-    if is_main_process():  # every process checked the same file; one writes it
-        write_config(d, new, changes)
+    on_main(f"{task}: writing {path}", write_config, d, new, changes)  # every process checked it; one writes
 
 
 @contextlib.contextmanager
