@@ -72,7 +72,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rljax.sharding import make_mesh, place_params, placement, replicated, shard_params
+from rljax.sharding import make_mesh, param_shardings, placement, replicated
 
 # "auto": with none of the settings below given, let JAX find them (a Cloud TPU pod, SLURM or Open MPI job)
 AUTO_ENV_VAR = "RLJAX_DISTRIBUTED"
@@ -401,8 +401,10 @@ def process_local(model, params=None):
     that are this process's, (model, params) come back as they are. Otherwise the model comes back
     on `local_mesh(model.mesh)` and the params' global values (gathered with `to_host`: a
     collective, so every process calls this at the same point, e.g. where a scorer is built)
-    placed there by the model's sharding rules (replicated for a model without them). params None:
-    the model alone (no collective).
+    placed there by the model's sharding rules (replicated for a model without them). The params
+    go one array at a time (gathered, placed, the host copy dropped), so the transient copy on
+    each device and on the host is one array, not the whole model. params None: the model alone
+    (no collective).
 
         >>> rm_model, rm_params = process_local(rm_model, rm_state.params)   # on every process
         >>> reward_fn = reward_model_reward(rm_model, rm_params, tokenizer)  # (which does this itself)
@@ -414,11 +416,16 @@ def process_local(model, params=None):
     local = dataclasses.replace(model, mesh=local_mesh(mesh)) if spans else model
     if params is None:
         return local, None
-    host = to_host(params)
-    try:
-        return local, place_params(local, host)  # by its sharding rules, or on its default device without a mesh
-    except (AttributeError, TypeError, ValueError):  # not a Model's parameter tree: keep a whole copy on each device
-        return local, shard_params(host, jax.tree.map(lambda _: replicated(local.mesh), host))
+    leaves, treedef = jax.tree.flatten(params)
+    if local.mesh is None:  # on the default device
+        targets = [None] * len(leaves)
+    else:
+        try:  # by the model's sharding rules
+            targets = treedef.flatten_up_to(param_shardings(local, local.mesh))
+        except (AttributeError, TypeError, ValueError):  # not a Model's parameter tree: a whole copy on each device
+            targets = [replicated(local.mesh)] * len(leaves)
+    # one at a time: to_host of the whole tree would replicate every array on every device at once
+    return local, jax.tree.unflatten(treedef, [jax.device_put(to_host(x), s) for x, s in zip(leaves, targets)])
 
 
 def check_process_local(params, where: str):

@@ -413,7 +413,19 @@ WORKER = textwrap.dedent("""
             prm=prm_reward(rm, rm_params, TOK, separator=";", aggregation="min"),
             adversarial=adversarial_reward(rm, rm_params, TOK),
             judge=pointwise_reward(Judge(lm, lm_params, TOK, JudgeConfig())))
+        placed_bytes, place = [], distributed.placement
+
+        def counting(shardings):  # the bytes each gathering program makes whole on every device
+            fn = place(shardings)
+            return lambda *xs: (placed_bytes.append(sum(x.nbytes for x in xs)), fn(*xs))[1]
+
+        distributed.placement = counting
         local_rm, local_params = process_local(rm, rm_params)
+        distributed.placement = place
+        res["process_local"] = [max(placed_bytes, default=0), max(x.nbytes for x in jax.tree.leaves(rm_params)),
+                                sum(x.nbytes for x in jax.tree.leaves(rm_params)),
+                                all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(to_host(local_params)),
+                                                                         jax.tree.leaves(to_host(rm_params))))]
         scorers["callable"] = reward_model_reward(rm, lambda: local_params, TOK)
         res["scores"] = {k: np.asarray(f(prompts[own], completions[own]), np.float64).tolist()
                          for k, f in scorers.items()}

@@ -33,6 +33,11 @@ def test_two_process_learned_scorers_score_own_rows_like_one_process(tmp_path):
     assert p0["local"] == [{"data": 1, "fsdp": 2, "tensor": 1}, 2, [0], [0]]
     assert p1["local"] == [{"data": 1, "fsdp": 2, "tensor": 1}, 2, [1], [1]]
     assert single["local"] == [{"data": 2, "fsdp": 2, "tensor": 1}, 4, [0], [0]]  # one process: as it was
+    # the global values, gathered one array at a time: no program made more than the largest array whole
+    for p in (p0, p1):
+        largest_call, largest_leaf, total, equal = p["process_local"]
+        assert equal and 0 < largest_call <= largest_leaf < total / 4, p["process_local"]
+    assert single["process_local"][0] == 0 and single["process_local"][3]  # one process: nothing to gather
     assert p0["local_meshes"]["(4, 1, 1)"] == {"data": 2, "fsdp": 1, "tensor": 1}
     assert p0["local_meshes"]["(1, 4, 1)"] == {"data": 1, "fsdp": 2, "tensor": 1}
     assert "holds 2 of the mesh's devices" in p0["local_meshes"]["(1, 1, 4)"]
