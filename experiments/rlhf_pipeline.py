@@ -4,6 +4,9 @@ task of rljax.tasks (default: the embedded arithmetic task), from a freshly init
     python -m experiments.rlhf_pipeline --smoke                     # seconds of training; ~30 s with compiles
     python -m experiments.rlhf_pipeline --seed 0 1 2                # tiny preset, arithmetic level 1, 3 seeds
     python -m experiments.rlhf_pipeline --seed 0 --refresh-every 10 # iterative RLHF: the reward model refreshed
+    python -m experiments.rlhf_pipeline --mesh-data 2 --mesh-fsdp 4 # sharded over 8 devices; on several hosts the
+                                                                    # same command on each (RLJAX_* coordinator
+                                                                    # variables, --run-dir on a shared file system)
 
 The pipeline is `rljax.rlhf.rlhf_pipeline` (its docstring lists the stages). The problems of the train split are
 partitioned: the first --sft-problems are the SFT data, the next --rm-problems the reward model's preference pairs
@@ -29,18 +32,20 @@ import jax
 import numpy as np
 
 from rljax.checkpoint import write_json
-from rljax.cli import IGNORED_FIELDS, LoggingFlags, apply_preset, make_run_dir, run, save_config
+from rljax.cli import IGNORED_FIELDS, LoggingFlags, MeshFlags, apply_preset, make_run_dir, run, save_config
+from rljax.distributed import on_main, say
 from rljax.eval import PolicyEvalConfig
 from rljax.models import Model, preset
 from rljax.pipelines import markdown_table
 from rljax.rlhf import RLHFConfig, rlhf_pipeline
+from rljax.sharding import place_params
 from rljax.state import OptimizerConfig
 from rljax.tasks import get_task
 from rljax.tokenizer import CharTokenizer
 
 
 @dataclass
-class Config(LoggingFlags):
+class Config(LoggingFlags, MeshFlags):
     task: str = "arithmetic"
     levels: tuple[int, ...] = (1,)
     preset: str = "tiny"
@@ -111,12 +116,15 @@ def pipeline_config(cfg: Config) -> RLHFConfig:
         progress=cfg.progress, **cfg.loop_logging())
 
 
-def setup(cfg: Config, seed: int):
-    """(task, tokenizer, model, base params, problem sets) of `cfg` for one seed."""
+def setup(cfg: Config, seed: int, mesh=None):
+    """(task, tokenizer, model, base params, problem sets) of `cfg` for one seed, the model and params on `mesh`
+    (None: one device)."""
     task = get_task(cfg.task)
     tok = CharTokenizer()
-    model = Model(preset(cfg.preset, n_layers=cfg.layers, vocab_size=tok.vocab_size, max_seq_len=cfg.max_seq_len))
-    params = model.init(jax.random.key(seed))
+    model = Model(preset(cfg.preset, n_layers=cfg.layers, vocab_size=tok.vocab_size, max_seq_len=cfg.max_seq_len),
+                  mesh)
+    # initialised on one device (the same values on every process), then laid out on the mesh
+    params = place_params(model, dataclasses.replace(model, mesh=None).init(jax.random.key(seed)))
     train, test = task.split(cfg.sft_problems + cfg.rm_problems + cfg.rl_problems, cfg.n_test, levels=cfg.levels,
                              seed=seed)
     a, b = cfg.sft_problems, cfg.sft_problems + cfg.rm_problems
@@ -154,33 +162,34 @@ def summary(rows_by_seed: dict[int, list[dict]]) -> dict:
 def main(cfg: Config) -> dict:
     if cfg.smoke:
         apply_preset(cfg, **SMOKE)
+    mesh = cfg.mesh()  # on several processes, one over all their devices (before a run directory is made)
     run_dir = cfg.run_dir or make_run_dir(cfg.run_root, "rlhf_pipeline")
     os.makedirs(run_dir, exist_ok=True)
     rlhf = pipeline_config(cfg)  # validates: a bad value is refused before config.json records it
     save_config(cfg, run_dir, allow_change=cfg.force_config, ignore=IGNORED_FIELDS)  # before any training
     rows_by_seed, t0 = {}, time.perf_counter()
     for seed in cfg.seed:
-        task, tok, model, params, sets = setup(cfg, seed)
+        task, tok, model, params, sets = setup(cfg, seed, mesh)
         seed_dir = os.path.join(run_dir, f"seed-{seed}")
-        print(f"rlhf_pipeline: task {task.name}, {model.config.num_params() / 1e6:.2f}M params, seed {seed}; "
-              f"{len(sets['sft_problems'])} SFT / {len(sets['rm_problems'])} reward-model / "
-              f"{len(sets['rl_problems'])} PPO / {len(sets['held_out'])} held-out problems; run dir {seed_dir}",
-              flush=True)
+        say(f"rlhf_pipeline: task {task.name}, {model.config.num_params() / 1e6:.2f}M params, seed {seed}; "
+            f"{len(sets['sft_problems'])} SFT / {len(sets['rm_problems'])} reward-model / "
+            f"{len(sets['rl_problems'])} PPO / {len(sets['held_out'])} held-out problems; run dir {seed_dir}"
+            + (f"; mesh {cfg.mesh_axes()}" if mesh is not None else ""))
         t = time.perf_counter()
         _, rows = rlhf_pipeline(params, dataclasses.replace(rlhf, seed=seed), model=model, tokenizer=tok, task=task,
                                 key=jax.random.key(seed + 1), run_dir=seed_dir,
                                 allow_change=cfg.force_config, **sets)
         rows_by_seed[seed] = rows
-        print("\n" + markdown_table(rows, COLUMNS))
-        print(f"\nseed {seed}: {time.perf_counter() - t:.0f} s; the full table: "
-              f"{os.path.join(seed_dir, 'results.md')}", flush=True)
+        say("\n" + markdown_table(rows, COLUMNS))
+        say(f"\nseed {seed}: {time.perf_counter() - t:.0f} s; the full table: {os.path.join(seed_dir, 'results.md')}")
     wall = time.perf_counter() - t0
     result = dict(config=asdict(cfg), run_dir=run_dir, rows=rows_by_seed, summary=summary(rows_by_seed),
                   wall_seconds=wall)
-    print(json.dumps(result["summary"], indent=1))
-    write_json(os.path.join(run_dir, "results.json"), result, default=str)  # atomic: a crash leaves no half file
+    say(json.dumps(result["summary"], indent=1))
+    path = os.path.join(run_dir, "results.json")  # atomic: a crash leaves no half file
+    on_main(f"rlhf_pipeline: writing {path}", write_json, path, result, default=str)
     return result
 
 
 if __name__ == "__main__":
-    run(main, Config)  # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message
+    run(main, Config, processes=True)  # a preempted run exits 143 (SIGTERM) / 130 (SIGINT) with a one-line message

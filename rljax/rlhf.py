@@ -56,6 +56,7 @@ import jax
 from rljax.checkpoint import state_digest
 from rljax.data.batch import PromptBatch
 from rljax.data.collate import BatchIterator
+from rljax.distributed import on_main
 from rljax.eval import PolicyEvalConfig, complete, evaluate_policy
 from rljax.metrics import WandbConfig
 from rljax.pipeline_steps import (bradley_terry_reward_model, config_args, gold_pairs, json_digest,
@@ -312,6 +313,6 @@ def rlhf_pipeline(params, cfg: RLHFConfig, *, model, tokenizer, task, sft_proble
                  policy=rl_state(value_model, with_value, rl_cfg, jax.random.fold_in(key, 100)))
     results: dict = {}
     state, _ = run_stages(state, stages, run_dir=run_dir, results=results, allow_change=allow_change)
-    if run_dir is not None:
-        plot_rlhf(run_dir)
+    if run_dir is not None:  # several processes: one draws it
+        on_main(f"rlhf: drawing {run_dir}/rlhf.png", plot_rlhf, run_dir)
     return state, [results[s.name] for s in stages if s.name in results]

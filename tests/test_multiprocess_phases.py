@@ -837,18 +837,20 @@ def test_two_process_expert_iteration_pipeline_equals_one_process(tmp_path):
     assert "[sft]" not in res["proc1"]["log"]
 
 
-def _close_rows(multi: list, one: list, name: str):
+def _close_rows(multi: list, one: list, name: str, atol: dict | None = None):
     """Results rows equal (timings aside): strings and counts exactly, numbers up to float rounding. A KL to a start policy a
     stage of one or two small steps barely moved is a mean of differences of log-probs (~1e-5 here), so it keeps
-    the float32 rounding of those log-probs, whose sums the two layouts order differently: 1e-4 absolute."""
+    the float32 rounding of those log-probs, whose sums the two layouts order differently: 1e-4 absolute. atol:
+    {key prefix: absolute tolerance} for other such keys (default 1e-6)."""
+    atol = {"kl_": 1e-4, **(atol or {})}
     assert [r.keys() for r in multi] == [r.keys() for r in one], name
     for a, b in zip(multi, one):
         for k in b:
             if "per_s" in k or k.startswith("time_"):  # timings
                 continue
             if isinstance(b[k], float):
-                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-4 if k.startswith("kl_") else 1e-6,
-                                           err_msg=f"{name} {b.get('stage')} {k}")
+                tol = next((t for prefix, t in atol.items() if k.startswith(prefix)), 1e-6)
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=tol, err_msg=f"{name} {b.get('stage')} {k}")
             else:
                 assert a[k] == b[k], f"{name} {b.get('stage')} {k}"
 
