@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import os
+import uuid
 import warnings
 from typing import Any
 
@@ -49,8 +50,10 @@ def _ocp():
 def atomic_path(path: str):
     """Yield a temporary name beside `path`; when the block finishes, rename it to `path`
     (atomic on one file system), so readers see the old file or the whole new one, never
-    a partial write. On an error the temporary file is removed and `path` is untouched."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    a partial write. On an error the temporary file is removed and `path` is untouched. The temporary
+    name is unique to the call (a random suffix, not the process id alone: processes on several hosts
+    writing to a shared file system can have the same id, and would write into one temporary file)."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -171,10 +171,10 @@ def wandb_run_id(run_dir: str | os.PathLike) -> str:
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     run_id = "".join(alphabet[b % len(alphabet)] for b in os.urandom(8))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    from rljax.checkpoint import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(run_id + "\n")
-    os.replace(tmp, path)
     return run_id
 
 

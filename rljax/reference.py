@@ -14,7 +14,7 @@ import numpy as np
 from rljax.checkpoint import atomic_path, digest_params
 from rljax.cpu_dots import jit_full_sequence
 from rljax.data.preference_collate import _KTO_FIELDS, _PAIR_FIELDS, _row
-from rljax.distributed import to_host
+from rljax.distributed import on_main, to_host
 from rljax.losses.preference import reference_logps
 from rljax.models.transformer import check_positions
 
@@ -64,11 +64,15 @@ def cached_reference_logps(params, rows: Sequence, collate: Callable, *, model, 
     if not np.all(np.isfinite(out)):
         bad = int(np.argwhere(~np.isfinite(out))[0, 0])
         raise ValueError(f"cached_reference_logps: row {bad} has a non-finite reference log-prob {out[bad]}")
-    if path is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, out)
+    if path is not None:  # several processes computed the same values: one writes them
+        on_main(f"cached_reference_logps: writing {path}", _save_npy, path, out)
     return out
+
+
+def _save_npy(path: str, values: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, values)
 
 
 def with_reference(rows: Sequence, ref: np.ndarray) -> list[dict]:

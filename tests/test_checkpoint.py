@@ -94,6 +94,21 @@ def test_atomic_path_replaces_whole_or_leaves_the_old_file(tmp_path):
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["data.json"]
 
 
+def test_two_writers_with_one_process_id_never_share_a_temporary_file(tmp_path):
+    """Two writers of one file whose process ids are equal (processes on two hosts of a shared file system; here
+    two nested writes in one process): each writes its own temporary file, each rename lands, the last one
+    stays, nothing is left behind. With the process id alone as the suffix both wrote into one temporary
+    file, and the second rename found it gone."""
+    path = tmp_path / "ref_logps.npy"
+    with atomic_path(str(path)) as first, open(first, "w") as f:
+        f.write("first")
+        with atomic_path(str(path)) as second, open(second, "w") as g:
+            assert second != first
+            g.write("second")
+        assert path.read_text() == "second"
+    assert path.read_text() == "first" and os.listdir(tmp_path) == ["ref_logps.npy"]
+
+
 def test_round_trip_keeps_a_partial_gradient_accumulation(tiny, tmp_path):
     # mid-accumulation (1 of 2 micro-batches taken), the weighted sum and count are state: a resume
     # must finish the same update
