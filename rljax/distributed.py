@@ -326,16 +326,27 @@ def process_values(values: Sequence[int]) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(local[0])).reshape(jax.process_count(), -1)
 
 
-def raise_failed(failed: Sequence[int], own: BaseException | None, where: str) -> None:
-    """After the processes exchanged whether each failed (`process_values`): when any did (`failed`, their
-    indices), raise on this one too: its own error `own` where it failed, else a RuntimeError naming the
-    failed processes, so that all stop at the same point instead of some waiting in a collective for
-    the others."""
-    if len(failed):
+def raise_failed(failed_flags, own: BaseException | None, where: str) -> None:
+    """After the processes exchanged whether each failed (`process_values`; `failed_flags` [process_count],
+    nonzero where a process failed): when any did, raise on this one too: its own error `own` where it
+    failed, else a RuntimeError naming the failed processes, so that all stop at the same point instead
+    of some waiting in a collective for the others."""
+    failed = np.flatnonzero(np.asarray(failed_flags)).tolist()
+    if failed:
         if own is not None:
             raise own
-        raise RuntimeError(f"{where}: process(es) {list(failed)} failed (their output has the error); process "
+        raise RuntimeError(f"{where}: process(es) {failed} failed (their output has the error); process "
                            f"{jax.process_index()} stops with them")
+
+
+def agree_on_failure(failure: BaseException | None, where: str) -> None:
+    """Every process passes its own failure (None when its part went well) and raises when any process
+    failed (`raise_failed`). A collective (also a barrier); on one process it raises `failure` if any."""
+    if jax.process_count() == 1:
+        if failure is not None:
+            raise failure
+        return
+    raise_failed(process_values([failure is not None])[:, 0], failure, where)
 
 
 def on_main(where: str, fn, *args, **kw):
@@ -356,7 +367,7 @@ def on_main(where: str, fn, *args, **kw):
             result = fn(*args, **kw)
         except Exception as e:  # noqa: BLE001 - raised below, on every process
             failure = e
-    raise_failed(np.flatnonzero(process_values([failure is not None])[:, 0]).tolist(), failure, where)
+    agree_on_failure(failure, where)
     return result
 
 

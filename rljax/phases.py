@@ -355,7 +355,7 @@ def run_loop(state: TrainState, step_fn: Callable, data, cfg: LoopConfig, *, run
             if not several:
                 return stop.received or 0
             table = process_values([stop.received or 0, len(held)])
-            raise_failed(np.flatnonzero(table[:, 1]).tolist(), held[0] if held else None, f"[{name}]")
+            raise_failed(table[:, 1], held[0] if held else None, f"[{name}]")
             return int(table[:, 0].max())
 
         with stop:

@@ -577,7 +577,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             error, local = e, np.zeros(rows.stop - rows.start + 2, np.float32)
             local[-1] = 1
         table = process_allgather(local)  # [processes, own rows + 2]: rewards, failed count, raised
-        raise_failed(np.flatnonzero(table[:, -1]).tolist(), error, f"the {what} function ({getattr(fn, '__name__', fn)})")
+        raise_failed(table[:, -1], error, f"the {what} function ({getattr(fn, '__name__', fn)})")
         failed[what] = failed.get(what, 0) + int(table[:, -2].sum())
         return table[:, :-2].reshape(-1)
 

@@ -16,7 +16,7 @@ from rljax.checkpoint import digest_params
 from rljax.data.adapters import DataError
 from rljax.data.collate import collate_prompt_completion
 from rljax.metrics import read_metrics
-from test_multihost import _free_port, launch_module, wait_for_workers
+from test_multihost import _free_port, launch_module, run_study_on_two_processes_and_one
 from rljax.models.hf import load_pretrained, read_hf_config
 from rljax.rewards.math_answers import math_answer_reward, think_answer_format_reward
 from rljax.tokenizer import HFTokenizer
@@ -107,14 +107,9 @@ def test_smoke_on_two_processes_equals_one_process_on_the_same_mesh(tmp_path):
     digest of the trained (sharded) params; only process 0 prints the table. An experiment written for one
     process (two processes named by the RLJAX_* variables, or found by JAX in a SLURM job step with
     RLJAX_DISTRIBUTED=auto), and grpo_math without a mesh, are refused on two."""
-    port = _free_port()
     smoke = ["experiments.grpo_math", "--smoke", "--mesh-data", "2", "--mesh-fsdp", "2", "--no-progress",
              "--no-tensorboard"]
-    jobs = {"proc0": launch_module(tmp_path, "proc0", smoke + ["--run-root", str(tmp_path / "multi")], 2, 0, port),
-            "proc1": launch_module(tmp_path, "proc1", smoke + ["--run-root", str(tmp_path / "multi")], 2, 1, port),
-            "single": launch_module(tmp_path, "single", smoke + ["--run-root", str(tmp_path / "single")], 4)}
-    wait_for_workers(jobs, timeout=400)
-    (multi,), (single,) = (list((tmp_path / d).iterdir()) for d in ("multi", "single"))  # one run directory each
+    multi, single = run_study_on_two_processes_and_one(tmp_path, smoke, timeout=400)
     results = {name: json.loads((d / "results.json").read_text()) for name, d in (("multi", multi), ("single", single))}
     for key in ("accuracy_start", "accuracy_sft", "accuracy_rl", "reward_first", "reward_last",
                 "train_accuracy_first", "train_accuracy_last", "sft_rows"):
@@ -137,7 +132,7 @@ def test_smoke_on_two_processes_equals_one_process_on_the_same_mesh(tmp_path):
         h = hashlib.sha256()
         digest_params(load_pretrained(str(d / "policy"))[1], h)
         assert h.hexdigest() == results[name]["policy_sha256"], name
-    logs = {name: (tmp_path / f"{name}.log").read_text() for name in jobs}
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in ("proc0", "proc1", "single")}
     assert "| grpo_math | value |" in logs["proc0"] and "| grpo_math | value |" not in logs["proc1"]
 
     # refused on two processes, before anything runs: each process exits naming why

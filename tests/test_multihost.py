@@ -249,6 +249,21 @@ def wait_for_workers(jobs: dict, *, timeout: float) -> None:
         pytest.fail(f"{failed}\n{logs}")
 
 
+def run_study_on_two_processes_and_one(tmp_path, study_args: list, *, timeout: float):
+    """`python -m <study_args>` as two processes of 2 simulated devices (connected through the RLJAX_*
+    variables, run root tmp_path/multi) and as one process of 4 devices (tmp_path/single); logs in
+    tmp_path/{proc0,proc1,single}.log. -> (the multi run directory, the single one): exactly one each."""
+    port = _free_port()
+    jobs = {"proc0": launch_module(tmp_path, "proc0", study_args + ["--run-root", str(tmp_path / "multi")], 2, 0,
+                                   port),
+            "proc1": launch_module(tmp_path, "proc1", study_args + ["--run-root", str(tmp_path / "multi")], 2, 1,
+                                   port),
+            "single": launch_module(tmp_path, "single", study_args + ["--run-root", str(tmp_path / "single")], 4)}
+    wait_for_workers(jobs, timeout=timeout)
+    (multi,), (single,) = (list((tmp_path / d).iterdir()) for d in ("multi", "single"))  # one run directory each
+    return multi, single
+
+
 @pytest.mark.slow  # ~30 s; the default tier keeps a two-process run (the damaged checkpoint below)
 def test_two_processes_train_like_one(tmp_path):
     """Processes 0 and 1 (2 devices each) feed their own 4 of 8 rows; losses and final parameters

@@ -353,20 +353,15 @@ def test_experiment_on_two_processes_equals_one_process_on_the_same_mesh(tmp_pat
     simulated CPU devices each, connected through the RLJAX_* variables) and as one process with 4 devices: one run
     directory (process 0's name), the same stage table (strings and counts exactly, numbers up to float rounding)
     in results.json, and the table printed by process 0 alone."""
-    from test_multihost import _free_port, launch_module, wait_for_workers
+    from test_multihost import run_study_on_two_processes_and_one
     from test_multiprocess_phases import _close_rows
 
-    port = _free_port()
     smoke = ["experiments.r1_pipeline", "--smoke", "--model", "fixture", "--mesh-data", "2", "--mesh-fsdp", "2",
              "--no-progress", "--no-tensorboard"]
-    jobs = {"proc0": launch_module(tmp_path, "proc0", smoke + ["--run-root", str(tmp_path / "multi")], 2, 0, port),
-            "proc1": launch_module(tmp_path, "proc1", smoke + ["--run-root", str(tmp_path / "multi")], 2, 1, port),
-            "single": launch_module(tmp_path, "single", smoke + ["--run-root", str(tmp_path / "single")], 4)}
-    wait_for_workers(jobs, timeout=600)
-    (multi,), (single,) = (list((tmp_path / d).iterdir()) for d in ("multi", "single"))  # one run directory each
+    multi, single = run_study_on_two_processes_and_one(tmp_path, smoke, timeout=600)
     rows = {name: json.loads((d / "results.json").read_text())["rows"] for name, d in (("m", multi), ("s", single))}
     assert [r["stage"] for r in rows["s"]] == STAGES
     _close_rows(rows["m"], rows["s"], "r1_pipeline")
-    logs = {name: (tmp_path / f"{name}.log").read_text() for name in jobs}
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in ("proc0", "proc1", "single")}
     assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in logs["proc0"] and "| stage |" in logs["proc0"]
     assert "r1_pipeline: task" not in logs["proc1"] and "| stage |" not in logs["proc1"]

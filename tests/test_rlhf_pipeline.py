@@ -297,17 +297,12 @@ def test_study_on_two_processes_equals_one_process_on_the_same_mesh(tmp_path):
     devices each, connected through the RLJAX_* variables) and as one process with 4 devices: one run directory
     (process 0's name), the same stage rows (strings and counts exactly, numbers up to float rounding) and summary
     in results.json, one plot, and the table printed by process 0 alone."""
-    from test_multihost import _free_port, launch_module, wait_for_workers
+    from test_multihost import run_study_on_two_processes_and_one
     from test_multiprocess_phases import _close_rows
 
-    port = _free_port()
     smoke = ["experiments.rlhf_pipeline", "--smoke", "--mesh-data", "2", "--mesh-fsdp", "2", "--no-progress",
              "--no-tensorboard"]
-    jobs = {"proc0": launch_module(tmp_path, "proc0", smoke + ["--run-root", str(tmp_path / "multi")], 2, 0, port),
-            "proc1": launch_module(tmp_path, "proc1", smoke + ["--run-root", str(tmp_path / "multi")], 2, 1, port),
-            "single": launch_module(tmp_path, "single", smoke + ["--run-root", str(tmp_path / "single")], 4)}
-    wait_for_workers(jobs, timeout=600)
-    (multi,), (single,) = (list((tmp_path / d).iterdir()) for d in ("multi", "single"))  # one run directory each
+    multi, single = run_study_on_two_processes_and_one(tmp_path, smoke, timeout=600)
     results = {name: json.loads((d / "results.json").read_text()) for name, d in (("m", multi), ("s", single))}
     assert [r["stage"] for r in results["s"]["rows"]["0"]] == ["sft", "reward-model", "ppo"]
     # the reward model's scores (the proxy: a head over d_model features, ~0.04 here) keep the float32 rounding
@@ -318,6 +313,6 @@ def test_study_on_two_processes_equals_one_process_on_the_same_mesh(tmp_path):
         tol = 1e-4 if "kl" in key else 1e-5 if "proxy" in key else 1e-6
         np.testing.assert_allclose(results["m"]["summary"]["mean"][key], want, rtol=1e-5, atol=tol, err_msg=key)
     assert (multi / "seed-0" / "rlhf.png").exists() == (single / "seed-0" / "rlhf.png").exists()
-    logs = {name: (tmp_path / f"{name}.log").read_text() for name in jobs}
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in ("proc0", "proc1", "single")}
     assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in logs["proc0"] and "| stage |" in logs["proc0"]
     assert "rlhf_pipeline: task" not in logs["proc1"] and "| stage |" not in logs["proc1"]

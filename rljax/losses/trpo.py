@@ -199,7 +199,8 @@ def trpo_update(params, batch: PolicyBatch, *, model, cfg: TRPOConfig):
         ok = (up > 0) & (d <= cfg.max_kl) & jnp.isfinite(up) & jnp.isfinite(d)
         return k + 1, ok, frac, up, d
 
-    finite = jnp.isfinite(gain0) & jnp.isfinite(optax.tree.norm(g))
+    grad_norm = optax.tree.norm(g)
+    finite = jnp.isfinite(gain0) & jnp.isfinite(grad_norm)
     # a non-finite start: no candidate could be trusted (NaN logits or advantages), so none is tried
     init = (jnp.where(finite, 0, cfg.backtrack_steps).astype(jnp.int32), jnp.bool_(False), jnp.float32(0.0),
             jnp.float32(0.0), jnp.float32(0.0))
@@ -208,6 +209,6 @@ def trpo_update(params, batch: PolicyBatch, *, model, cfg: TRPOConfig):
     new = jax.tree.map(lambda taken, p: jnp.where(accepted, taken, p), _axpy(frac, full, params), params)
     metrics = {"surrogate_gain": jnp.where(accepted, up, 0.0), "kl": jnp.where(accepted, d, 0.0),
                "accepted": accepted.astype(jnp.float32), "step_fraction": frac, "sFs": sFs,
-               "cg_residual": residual, "grad_norm": optax.tree.norm(g),
+               "cg_residual": residual, "grad_norm": grad_norm,
                "backtracks": jnp.where(finite, k, 0).astype(jnp.float32), "skipped": (~finite).astype(jnp.float32)}
     return new, metrics

@@ -779,7 +779,7 @@ def save_pretrained(params: dict, cfg: TransformerConfig, path: str, *, max_shar
     dtypes = {np.dtype(dtype or e[2].dtype).name for e in tensors}
     file_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
     # Several processes: a failure of process 0's writing is held while it takes part in the remaining
-    # gathers (the others wait in each), then raised on every process (`raise_failed`) at the end
+    # gathers (the others wait in each), then raised on every process (`agree_on_failure`) at the end
     several = jax.process_count() > 1
     writer, failure = jax.process_index() == 0, None
     tmp = None
@@ -832,9 +832,8 @@ def save_pretrained(params: dict, cfg: TransformerConfig, path: str, *, max_shar
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    if several:  # every process returns once the checkpoint is there, or raises with process 0
-        from rljax.distributed import process_values, raise_failed
+    from rljax.distributed import agree_on_failure
 
-        raise_failed(np.flatnonzero(process_values([failure is not None])[:, 0]).tolist(), failure,
-                     f"save_pretrained: writing {path}")
+    # several processes: every one returns once the checkpoint is there, or raises with process 0
+    agree_on_failure(failure, f"save_pretrained: writing {path}")
     return path
