@@ -312,7 +312,7 @@ _ABSENT = "<absent>"
 # an old run had}. A config.json that lacks one is read as holding that value (every run before `task` existed
 # was on the arithmetic task), so those runs resume and compare equal to the same run today.
 ADDED_FIELDS = {"task": "arithmetic", "teacher_run_dir": None, "remat": "none", "mesh_data": 1, "mesh_fsdp": 1,
-                "mesh_tensor": 1}
+                "mesh_tensor": 1, "reward_format": "auto"}
 
 
 def config_differences(old: dict, new: dict, ignore: Iterable[str] = IGNORED_FIELDS,

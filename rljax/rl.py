@@ -39,7 +39,7 @@ from rljax.losses.actor_critic import approx_kl, token_values, value_loss
 from rljax.losses.policy_gradient import kl_metrics
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.models.transformer import check_params_fit, check_scorer
-from rljax.rewards.rules import RewardCallConfig, score_with_failures
+from rljax.rewards.rules import RewardCallConfig, RewardSum, score_with_failures
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.sharding import batch_sharding, param_shardings, replicated, shard_batch, shard_params
 from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_loss_gradients, compile_step, create_state,
@@ -402,7 +402,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     metrics and the parameters are then those of one process with the same mesh (up to float rounding).
     The rows (prompts x n) must split evenly over the processes.
 
-    Metrics: reward mean/std, accuracy, KL to the reference of the sampled tokens
+    Metrics: reward mean/std (with a `RewardSum` reward_fn, also each term's, unweighted, over the
+    samples it scored: reward_<name>_mean / reward_<name>_std), accuracy, KL to the reference of the sampled tokens
     (kl_k1, kl_k3; token mean), entropy (losses that compute it: not TRPO's update), clip
     fraction (clipped losses), completion length, truncated fraction, kept fraction, tokens/s of sampling and training,
     and seconds spent in sampling / scoring / reference log-probs / updates; with a teacher,
@@ -447,10 +448,14 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         raise ValueError(f"teacher_model: {algo.name} uses no teacher (its estimator is {algo.estimator.name!r})")
     teacher_model = model if teacher_model is None else teacher_model
     monitors = dict(monitors or {})
+    term_keys = {f"reward_{name}" for name in reward_fn.names} if isinstance(reward_fn, RewardSum) else set()
     for name in monitors:
         if name in ("reward", "accuracy") or not name.isidentifier():
             raise ValueError(f"monitors: {name!r} is not a usable name (an identifier other than 'reward' and "
                              "'accuracy', whose means the iteration reports already)")
+        if name in term_keys:
+            raise ValueError(f"monitors: {name!r} is the metric name of a term of the reward function "
+                             f"({reward_fn.__name__}); name the monitor otherwise")
     if needs.teacher:  # distillation scores the student's tokens with the teacher
         check_scorer(teacher_model, model, "teacher_model (the teacher)")
 
@@ -551,35 +556,54 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         processes: a collective, reached by every process at the same point)."""
         return to_host(rollout.tokens)
 
-    def scored(fn, completions, prompt_text, metadata, k, failed, what="reward"):
+    def scored(fn, completions, prompt_text, metadata, k, failed, what="reward", parts=None):
         """The rewards [R] float32 of the completions [R, N] (host token ids; k rows per prompt of
         prompt_text); adds the samples whose call failed (scored cfg.reward_call.failure_value) to
-        failed[what]. On several processes each scores its own rows (`process_slice(R)`) and the
-        rewards, failure counts and whether a call raised are gathered, so every process returns all R
-        rewards, the same everywhere (the refill decisions and metrics that read them agree), and a
-        reward function raising on one process stops every process instead of leaving them waiting."""
+        failed[what]. A `RewardSum` is scored term by term (each term may return None for a sample
+        it does not apply to) and combined (`RewardSum.total`); parts, a dict, then receives each
+        term's rewards [R] under "reward_<name>" (NaN where it returned None or its call failed).
+        On several processes each scores its own rows (`process_slice(R)`) and the rewards, failed
+        samples and whether a call raised are gathered, so every process returns all R rewards, the
+        same everywhere (the refill decisions and metrics that read them agree), and a reward function
+        raising on one process stops every process instead of leaving them waiting."""
         for key, vals in metadata.items():  # checked per prompt, before the repeat for the k samples
             if len(vals) != len(prompt_text):
                 raise ValueError(f"metadata {key!r}: {len(vals)} entries for {len(prompt_text)} prompts (one per "
                                  f"prompt; the iteration repeats each for the prompt's {k} samples)")
         meta = {key: [v for v in vals for _ in range(k)] for key, vals in metadata.items()}
         prompts = [p for p in prompt_text for _ in range(k)]
-        if not multi:
-            s = score_with_failures(fn, prompts, decode(completions), call_config=cfg.reward_call, **meta)
-            failed[what] = failed.get(what, 0) + int(s.failed.sum())
-            return s.rewards
-        rows, error = process_slice(len(completions)), None
-        try:
-            s = score_with_failures(fn, prompts[rows], decode(completions[rows]), call_config=cfg.reward_call,
-                                    **{key: vals[rows] for key, vals in meta.items()})
-            local = np.concatenate([np.asarray(s.rewards, np.float32), [s.failed.sum(), 0]]).astype(np.float32)
-        except Exception as e:  # noqa: BLE001 - raised below, once the other processes know
-            error, local = e, np.zeros(rows.stop - rows.start + 2, np.float32)
-            local[-1] = 1
-        table = process_allgather(local)  # [processes, own rows + 2]: rewards, failed count, raised
-        raise_failed(table[:, -1], error, f"the {what} function ({getattr(fn, '__name__', fn)})")
-        failed[what] = failed.get(what, 0) + int(table[:, -2].sum())
-        return table[:, :-2].reshape(-1)
+        rows = process_slice(len(completions)) if multi else slice(None)
+        texts = decode(completions[rows])
+        own = {key: vals[rows] for key, vals in meta.items()}
+
+        def one(f, allow_none):  # -> (rewards [R], failed [R] bool): f on this process's rows, gathered
+            if not multi:
+                s = score_with_failures(f, prompts, texts, call_config=cfg.reward_call, allow_none=allow_none, **own)
+                return s.rewards, s.failed
+            error, n_own = None, rows.stop - rows.start
+            try:
+                s = score_with_failures(f, prompts[rows], texts, call_config=cfg.reward_call, allow_none=allow_none,
+                                        **own)
+                local = np.concatenate([s.rewards, s.failed, [0]]).astype(np.float32)
+            except Exception as e:  # noqa: BLE001 - raised below, once the other processes know
+                error, local = e, np.zeros(2 * n_own + 1, np.float32)
+                local[-1] = 1
+            table = process_allgather(local)  # [processes, 2 x own rows + 1]: rewards, failed, raised
+            raise_failed(table[:, -1], error, f"the {what} function ({getattr(f, '__name__', f)})")
+            return table[:, :n_own].reshape(-1), table[:, n_own:2 * n_own].reshape(-1) > 0
+
+        if not isinstance(fn, RewardSum):
+            rewards, bad = one(fn, False)
+        else:
+            got = [one(f, True) for _, f in fn.terms]
+            rewards, bad = fn.total([r for r, _ in got], [b for _, b in got],
+                                    failure_value=cfg.reward_call.failure_value,
+                                    describe=lambda i: f"prompt {prompts[i]!r}, completion "
+                                                       f"{decode(completions[i:i + 1])[0]!r}")
+            if parts is not None:
+                parts.update({f"reward_{name}": np.where(b, np.nan, r) for name, (r, b) in zip(fn.names, got)})
+        failed[what] = failed.get(what, 0) + int(bad.sum())
+        return rewards
 
     def to_rows(x):
         """A host array [R, ...] (the same on every process) as the global array the jitted stages take:
@@ -593,11 +617,12 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         ids, P = host_tokens(rollout), rollout.prompt_length
         prompt_text = decode_prompts(ids[::n, :P])
         completions = ids[:, P:]
-        rewards = scored(reward_fn, completions, prompt_text, metadata, n, failed)
+        terms: dict[str, np.ndarray] = {}
+        rewards = scored(reward_fn, completions, prompt_text, metadata, n, failed, parts=terms)
         correct = scored(accuracy_fn, completions, prompt_text, metadata, n, failed, "accuracy") if accuracy_fn \
             else None
         watched = {name: scored(fn, completions, prompt_text, metadata, n, failed, name)
-                   for name, fn in monitors.items()}
+                   for name, fn in monitors.items()} | terms
         times["sample"] += t1 - t0
         times["score"] += time.perf_counter() - t1
         return rollout, rewards, correct, prompt_text, watched
@@ -654,7 +679,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             times["sample"] += time.perf_counter() - t0
             greedy = np.repeat(scored(reward_fn, host_tokens(g)[:, g.prompt_length:], prompt_text, metadata, 1,
                                       failed), n)
-        monitored = {name: np.concatenate([w[name] for w in all_watched]) for name in monitors}
+        monitored = {name: np.concatenate([w[name] for w in all_watched]) for name in all_watched[0]}
         return Collected(rollout, rewards, all_rewards, all_correct, greedy, sampled, cut, rounds, times, failed,
                          monitored)
 
@@ -726,6 +751,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         if accuracy_fn:
             out["accuracy"] = float(np.mean(c.all_correct))
         for name, values in c.monitored.items():  # over every sampled row, like reward_mean
+            if name not in monitors:  # a RewardSum's term: over the rows it scored (NaN: None or a failed call)
+                if not np.isnan(values).all():
+                    out[f"{name}_mean"], out[f"{name}_std"] = float(np.nanmean(values)), float(np.nanstd(values))
+                continue
             out[f"{name}_mean"] = float(np.mean(values))
         if cfg.reward_call.on_failure == "value":  # samples scored failure_value, over every call this iteration
             out["reward_failed"] = float(c.failed.get("reward", 0))

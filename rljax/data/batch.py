@@ -272,7 +272,8 @@ class Collected:
     rewards, correct) triples, prompts cut, refill rounds, seconds per stage so far, and the
     samples whose reward call failed and scored RewardCallConfig.failure_value ({"reward": n,
     "accuracy": n}, over every reward call of the collect, refills and greedy decode included),
-    and the monitors' scores of every sampled row ({name: [R_all]}, `make_rl_iteration(monitors=)`)."""
+    and the monitors' scores of every sampled row ({name: [R_all]}, `make_rl_iteration(monitors=)`), beside
+    a `RewardSum`'s terms' ({"reward_<name>": [R_all]}, NaN where a term returned None or its call failed)."""
 
     rollout: Any
     rewards: np.ndarray

@@ -31,7 +31,9 @@ Row formats (TRL's): SFT {prompt, completion} or {messages} (rows with `messages
 are conversations, a `prompt` beside them left aside, as in UltraChat's {prompt, prompt_id, messages});
 reward model and DPO {prompt, chosen, rejected} (reward model also {prompt, response, score}); GRPO
 {prompt, ...}: every other column is passed to the reward functions as a per-sample list
-(`fn(prompts, completions, **columns) -> rewards`).
+(`fn(prompts, completions, **columns) -> rewards`); as in TRL, the prompts and completions are text for
+text prompts, and for message-list prompts the prompt's messages and the completion as one assistant
+message, [{"role": "assistant", "content": text}] (`GRPOTaskConfig.reward_format`).
 A prompt (or completion) may also be a list of {"role", "content"} messages. With a tokenizer that has
 a chat template (and cfg.chat_template not False) every prompt is the template applied to its messages
 (a plain prompt is one user message, after cfg.system_prompt) with the generation prompt; otherwise the
@@ -73,16 +75,20 @@ from rljax.losses.reward_model import PointwiseConfig, RankingConfig
 from rljax.metrics import WandbConfig, read_metrics
 from rljax.models import Model, add_head
 from rljax.phases import LoopConfig, PromptBatch
-from rljax.rewards.rules import RewardCallConfig, weighted_sum
+from rljax.rewards.rules import RewardCallConfig, RewardSum
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
 
 __all__ = ["TaskConfig", "SFTTaskConfig", "RewardModelTaskConfig", "DPOTaskConfig", "GRPOTaskConfig", "TaskResult",
            "load_model", "sft", "reward_model", "dpo", "grpo", "sft_batches", "reward_batches",
-           "preference_batches", "prompt_batches", "combine_rewards"]
+           "preference_batches", "prompt_batches", "combine_rewards", "conversational_rewards"]
 
 
 # ----------------------------------------------------------------------------- configs and result
+# What reward functions get as prompts and completions (`GRPOTaskConfig.reward_format`).
+REWARD_FORMATS = ("auto", "text", "conversational")
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     """What every task shares. steps: optimizer steps (GRPO: RL iterations); batch_size: rows per step
@@ -199,7 +205,13 @@ class GRPOTaskConfig(TaskConfig):
     "error" is a DataError naming its file and line.
     reward_call: how the reward functions are called (`RewardCallConfig`: chunks on worker threads,
     a per-call time limit, raise or score a fixed value on a failed call; the metrics then count
-    the failures as reward_failed)."""
+    the failures as reward_failed).
+    reward_format: what the reward functions get as prompts and completions (TRL's two formats):
+    "text" (the prompt as the model read it, the completion's text), "conversational" (each prompt's
+    messages, cfg.system_prompt first if given, and each completion as [{"role": "assistant",
+    "content": text}]; a text prompt is one user message), or "auto" (the default): conversational
+    when every row's prompt is a list of messages, text when every row's is a string (a data set
+    with both is a DataError naming a row of each)."""
 
     lr: float = 1e-6
     schedule: str = "constant"
@@ -218,9 +230,12 @@ class GRPOTaskConfig(TaskConfig):
     head_lr: float = 1e-3
     baseline_decay: float = 0.9
     reward_call: RewardCallConfig = dataclasses.field(default_factory=RewardCallConfig)
+    reward_format: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.reward_format not in REWARD_FORMATS:
+            raise ValueError(f"GRPOTaskConfig.reward_format: one of {REWARD_FORMATS}, got {self.reward_format!r}")
         if self.overlong not in ("error", "drop", "truncate_prompt"):
             raise ValueError(f"GRPOTaskConfig.overlong: one of 'error', 'drop', 'truncate_prompt' (an RL row is a "
                              f"prompt; its completion is sampled), got {self.overlong!r}")
@@ -690,17 +705,53 @@ def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None 
 
 
 _RESERVED = ("params", "prompt_tokens", "prompt_mask", "key", "refill", "state", "prompts", "completions")
+# The metadata column that carries each prompt's messages to conversational reward functions
+# (`conversational_rewards` takes it off again): not a name a data set may use.
+MESSAGES_COLUMN = "rljax_prompt_messages"
 
 
 @dataclass(frozen=True)
 class _Prompts:
     """batch_at(position) -> PromptBatch: tokens, mask [batch_size, P] (left-padded) and the extra columns
-    as per-prompt lists."""
+    as per-prompt lists; reward_format: "text" or "conversational" (then the metadata also hold each
+    prompt's messages under MESSAGES_COLUMN)."""
 
     batches: BatchIterator
+    reward_format: str = "text"
 
     def batch_at(self, position: int) -> PromptBatch:
         return self.batches.batch_at(position)
+
+
+def _resolve_reward_format(rows: list[dict], wanted: str) -> str:
+    """"text" or "conversational" for these rows (`GRPOTaskConfig.reward_format`; "auto" by their prompts)."""
+    if wanted != "auto":
+        return wanted
+    text = [i for i, row in enumerate(rows) if isinstance(_get(i, row, "prompt"), str)]
+    if not text:
+        return "conversational"
+    if len(text) == len(rows):
+        return "text"
+    chat = next(i for i in range(len(rows)) if i not in set(text))
+    raise DataError(f"row {chat}: its prompt is a list of messages, but row {text[0]}'s is a string; with "
+                    "GRPOTaskConfig.reward_format='auto' the reward functions would get prompts and completions "
+                    "in two formats: make the prompts alike, or set reward_format to 'text' or 'conversational'")
+
+
+def conversational_rewards(reward_fn: Callable) -> Callable:
+    """`reward_fn` (a function or a `RewardSum`, term by term, so each keeps its name and metrics) called as TRL
+    calls it on conversational data: prompts = each prompt's messages (metadata column MESSAGES_COLUMN, taken
+    off the columns it is given), completions = [[{"role": "assistant", "content": text}], ...]."""
+    if isinstance(reward_fn, RewardSum):
+        return RewardSum(tuple((w, conversational_rewards(f)) for w, f in reward_fn.terms))
+
+    @functools.wraps(reward_fn)
+    def call(prompts, completions, **columns):
+        messages = columns.pop(MESSAGES_COLUMN)
+        return reward_fn([list(m) for m in messages], [[{"role": "assistant", "content": c}] for c in completions],
+                         **columns)
+
+    return call
 
 
 @_locating
@@ -710,15 +761,21 @@ def prompt_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None)
     functions (a row without it gives None). The prompts are tokenized when the data set is built (text the
     tokenizer cannot encode is a DataError naming the row's file and line) and fitted to max_length by
     cfg.overlong ("error", "drop" or "truncate_prompt": the prompt's last tokens, after its bos or its chat
-    template's own leading text; None: no limit)."""
+    template's own leading text; None: no limit). cfg.reward_format (GRPOTaskConfig's; "text" for other
+    configs): "conversational" adds each prompt's messages (cfg.system_prompt first) to the metadata
+    (MESSAGES_COLUMN) for `conversational_rewards`."""
     rows = _rows(data)
     columns = [c for c in _columns(rows) if c != "prompt"]
-    clash = [c for c in columns if c in _RESERVED]
+    clash = [c for c in columns if c in _RESERVED + (MESSAGES_COLUMN,)]
     if clash:
         raise DataError(f"column(s) {clash} clash with the RL iteration's arguments; rename them")
     rendered = _rendered(tok, rows, [], cfg)
     for i, r in enumerate(rendered):
         _check_str(r["prompt"], "prompt", i, allow_empty=False)
+    reward_format = _resolve_reward_format(rows, getattr(cfg, "reward_format", "text"))
+    if reward_format == "conversational":
+        columns.append(MESSAGES_COLUMN)
+        rendered = [dict(r, **{MESSAGES_COLUMN: m}) for r, m in zip(rendered, _chats(rows, cfg))]
     chat = _use_chat(tok, cfg)
     kept, fitted = _fitted(tok, data, [r["prompt"] for r in rendered], [[] for _ in rendered], cfg,
                            max_length=max_length, add_bos=not chat, names=("prompt",),
@@ -731,19 +788,20 @@ def prompt_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None)
         return PromptBatch(tokens=tokens, mask=mask,
                            metadata={c: [r.get(c) for _, r in batch] for c in columns})
 
-    return _Prompts(BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed + 1))
+    return _Prompts(BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed + 1), reward_format)
 
 
 def combine_rewards(reward_funcs) -> Callable:
-    """One reward function from `fn`, a list of functions (summed) or of (weight, fn) pairs (weighted sum);
-    each is called as fn(prompts, completions, **metadata) -> [R] rewards (TRL's signature)."""
+    """One reward function from `fn`, a list of functions (summed) or of (weight, fn) pairs (weighted sum, TRL's
+    reward_weights); each is called as fn(prompts, completions, **metadata) -> [R] rewards (TRL's signature).
+    A sum is a `RewardSum`: the RL iteration reports each function's mean (`reward_<name>_mean`), and a
+    function may return None for a sample it does not apply to, as in TRL."""
     if callable(reward_funcs):
         return reward_funcs
     terms = [f if isinstance(f, tuple) else (1.0, f) for f in reward_funcs]
-    for w, f in terms:
-        if not callable(f):
-            raise TypeError(f"reward function {f!r} is not callable")
-    return terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else weighted_sum(*terms)
+    if len(terms) == 1 and terms[0][0] == 1.0 and callable(terms[0][1]):
+        return terms[0][1]
+    return RewardSum(tuple(terms))
 
 
 # ----------------------------------------------------------------------------- running
@@ -937,6 +995,8 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *,
     room = m.config.max_seq_len - cfg.max_new_tokens  # what the KV cache leaves a prompt (< 1: the RL loop says so)
     limit = [n for n in (cfg.max_length, room) if n is not None and n >= 1]
     prompts = prompt_batches(tok, data, cfg, max_length=min(limit) if limit else None)
+    if prompts.reward_format == "conversational":
+        reward = conversational_rewards(reward)
     critic_model = critic_params = None
     if needs.critic:
         critic_model, critic_params = with_value_head(m, params)

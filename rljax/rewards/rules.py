@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import numbers
 import queue
+import re
 import reprlib
 import threading
 import time
@@ -83,7 +84,8 @@ class RewardCallConfig:
 
 
 class Scores(NamedTuple):
-    """rewards: float32[B]; failed: bool[B], the samples whose call failed and which scored
+    """rewards: float32[B] (NaN where the function returned None, when allowed: `score_with_failures`'s
+    allow_none); failed: bool[B], the samples whose call failed and which scored
     RewardCallConfig.failure_value; calls: how many times the reward function was called."""
 
     rewards: np.ndarray
@@ -100,7 +102,7 @@ _repr.maxlist = _repr.maxtuple = 4
 _repr.maxstring = _repr.maxother = 40
 
 
-def _numbers(out: Any, name: str, n: int) -> np.ndarray:
+def _numbers(out: Any, name: str, n: int, allow_none: bool = False) -> np.ndarray:
     """The reward function's result as float32[n], or RewardError saying what it returned.
 
     Accepted: an array (numpy, jax, anything with a numeric `dtype`) of bool, int or float
@@ -108,7 +110,8 @@ def _numbers(out: Any, name: str, n: int) -> np.ndarray:
     or a list/tuple of real numbers (Python or numpy bool, int, float, or 0-d numeric arrays).
     Booleans count as 0/1, since `[c == answer for c in ...]` is the natural correctness
     reward. Rejected: strings (np.asarray would silently parse "1.0"), None, complex numbers,
-    objects, generators — anything that is not already a number."""
+    objects, generators — anything that is not already a number. allow_none: a list/tuple element
+    None (a term of a `RewardSum` that does not apply to the sample) reads as NaN."""
     def kind(x):  # the numpy dtype kind of an array-like, None for what has no dtype
         dtype = getattr(x, "dtype", None)
         if dtype is None:
@@ -133,13 +136,20 @@ def _numbers(out: Any, name: str, n: int) -> np.ndarray:
                               f"{what}")
     elif isinstance(out, (list, tuple)):
         for i, x in enumerate(out):
+            if x is None and allow_none:
+                continue
             if kind(x) is None:
                 ok = isinstance(x, numbers.Real)  # Python bool, int, float, Fraction
             else:
                 ok = kind(x) in ("b", "i", "u", "f") and np.ndim(x) == 0  # numpy scalars, 0-d arrays
             if not ok:
+                hint = ("; None (the function does not apply to the sample) is allowed only for a term of a sum of "
+                        "reward functions (a list in rljax.recipes.grpo, weighted_sum), where another term scores "
+                        "the sample") if x is None else ""
                 raise RewardError(f"reward function {name} returned {type(out).__name__} whose element {i} is "
-                                  f"{type(x).__name__} {_repr.repr(x)}, not a real number: {what}")
+                                  f"{type(x).__name__} {_repr.repr(x)}, not a real number: {what}{hint}")
+        if allow_none and any(x is None for x in out):
+            out = [np.nan if x is None else x for x in out]
     else:
         raise RewardError(f"reward function {name} returned {what}; expected a list or array of {n} real numbers, "
                           "one reward per sample")
@@ -244,7 +254,8 @@ class _Caller:
 
 
 def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[str], *,
-                        call_config: RewardCallConfig | None = None, **metadata) -> Scores:
+                        call_config: RewardCallConfig | None = None, allow_none: bool = False,
+                        **metadata) -> Scores:
     """Call `reward_fn` on the batch as `call_config` says (default: once, on the whole batch)
     and return `Scores(rewards float32[B], failed bool[B], calls)`.
 
@@ -253,7 +264,8 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
     the range of samples that fails only together), a call past its time limit (with its
     sample, or its chunk's range), a result that is not one real number per sample (saying
     what was returned), or non-finite rewards (with the offending samples). With
-    on_failure="value", failed calls score failure_value instead of raising.
+    on_failure="value", failed calls score failure_value instead of raising. allow_none: a
+    returned None (as an element of a list) is kept as NaN in the rewards, not refused (`RewardSum`).
     """
     cfg = RewardCallConfig() if call_config is None else call_config
     B = len(completions)
@@ -272,7 +284,7 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
     chunks = [range(lo, min(B, lo + size)) for lo in range(0, B, max(size, 1))]
     caller = _Caller(reward_fn, prompts, completions, metadata, cfg)
     outcomes = caller.run(chunks, stop_at_failure=cfg.on_failure == "raise")
-    rewards, failed = np.zeros(B, np.float32), np.zeros(B, bool)
+    rewards, failed, none = np.zeros(B, np.float32), np.zeros(B, bool), np.zeros(B, bool)
     for j, rows in enumerate(chunks):
         if j not in outcomes:  # not called: an earlier failure under on_failure="raise" ends the batch
             continue
@@ -280,7 +292,9 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
         where = "" if len(rows) == B else f" on samples {rows[0]}..{rows[-1]}"
         if kind == "ok":
             try:
-                rewards[rows.start:rows.stop] = _numbers(value, name, len(rows))
+                rewards[rows.start:rows.stop] = _numbers(value, name, len(rows), allow_none)
+                if allow_none and isinstance(value, (list, tuple)):
+                    none[rows.start:rows.stop] = [x is None for x in value]
             except RewardError as e:
                 raise RewardError(f"{e}{where}") from None
             continue
@@ -304,7 +318,7 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
                               f"{alone}") from value
         raise RewardError(f"reward function {name} raised {type(value).__name__}: {value} "
                           f"({_describe(rows, prompts, completions)}){alone}") from value
-    bad = np.flatnonzero(~np.isfinite(rewards))
+    bad = np.flatnonzero(~np.isfinite(rewards) & ~none)  # a returned None's NaN is allowed, a NaN reward is not
     if len(bad):
         i = int(bad[0])
         raise RewardError(f"reward function {name} returned non-finite rewards for {len(bad)} sample(s), e.g. "
@@ -366,16 +380,90 @@ def length_penalty(max_length: int, *, cache: int = 0, scale: float = 1.0) -> Re
     return penalty
 
 
-def weighted_sum(*terms: tuple[float, RewardFn]) -> RewardFn:
-    """Σ_k w_k · reward_k(prompts, completions, **metadata)."""
+def _term_name(fn) -> str:
+    """A reward function's name as a metric key part: its __name__ (a partial's function's), with every
+    character outside [A-Za-z0-9_] replaced ("<lambda>" -> "lambda")."""
+    name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", None) \
+        or type(fn).__name__
+    return re.sub(r"\W+", "_", name).strip("_") or "reward"
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSum:
+    """r = Σ_k w_k · r_k(prompts, completions, **metadata), a reward function whose terms stay apart: the
+    RL iteration (`rljax.rl.make_rl_iteration`) scores each term on its own, under its RewardCallConfig,
+    and reports each one's mean and standard deviation (unweighted) as `reward_<name>_mean` /
+    `reward_<name>_std`, names from the functions (`names`: "<lambda>" -> "lambda", a repeated name
+    numbered: "fmt", "fmt_2").
+
+    A term may return None for a sample it does not apply to (TRL's convention: e.g. a math verifier
+    given a code prompt): the sample's reward is then the weighted sum of the terms that did score it,
+    and the term's metrics leave the sample out. A sample that no term scores is a RewardError naming
+    it; so is a None from a reward function used alone. Under RewardCallConfig(on_failure="value") a
+    sample for which any term's call failed scores failure_value (as for one function) and is counted
+    once.
+
+    terms: (weight, fn) pairs; `weighted_sum(*terms)` builds one, and a list of functions given to
+    `rljax.recipes.grpo` is one with weights 1."""
+
+    terms: tuple
+
+    def __post_init__(self):
+        terms = tuple(self.terms)
+        if not terms:
+            raise ValueError("RewardSum needs at least one (weight, reward_fn) term")
+        for i, term in enumerate(terms):
+            if not (isinstance(term, tuple) and len(term) == 2):
+                raise ValueError(f"RewardSum: term {i} must be a (weight, reward_fn) pair, got {_repr.repr(term)}")
+            w, fn = term
+            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not np.isfinite(float(w)):
+                raise ValueError(f"RewardSum: term {i}'s weight must be a finite real number, got {w!r}")
+            if not callable(fn):
+                raise TypeError(f"RewardSum: term {i}'s reward function {fn!r} is not callable")
+        object.__setattr__(self, "terms", tuple((float(w), fn) for w, fn in terms))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        seen: dict[str, int] = {}
+        out = []
+        for _, fn in self.terms:
+            base = _term_name(fn)
+            seen[base] = seen.get(base, 0) + 1
+            out.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+        return tuple(out)
+
+    @property
+    def __name__(self) -> str:  # what error messages and logs call the sum
+        return " + ".join(f"{w:g}*{getattr(fn, '__name__', type(fn).__name__)}" for w, fn in self.terms)
+
+    def total(self, parts: Sequence[np.ndarray], failed: Sequence[np.ndarray] | None = None, *,
+              failure_value: float = 0.0, describe: Callable[[int], str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(rewards float32[B], failed bool[B]) from each term's scores `parts` ([B] each, NaN where the term
+        returned None) and the samples whose call of each term failed: Σ_k w_k r_k over the terms that
+        scored a sample, failure_value where any term's call failed. describe(i): the sample, for the
+        error when no term scored it."""
+        values = np.stack([np.asarray(p, np.float32) for p in parts])  # [K, B]
+        failed_any = np.zeros(values.shape[1], bool) if failed is None else np.any(np.stack(failed), axis=0)
+        scored = ~np.isnan(values)
+        unscored = np.flatnonzero(~scored.any(axis=0) & ~failed_any)
+        if len(unscored):
+            i = int(unscored[0])
+            raise RewardError(f"no term of the reward {self.__name__} scored {len(unscored)} sample(s): every term "
+                              f"returned None for sample {i}" + (f" ({describe(i)})" if describe else "")
+                              + "; each sample needs a term that scores it")
+        weights = np.array([w for w, _ in self.terms], np.float32)[:, None]
+        total = np.sum(np.where(scored, weights * values, 0.0), axis=0).astype(np.float32)
+        return np.where(failed_any, np.float32(failure_value), total), failed_any
+
+    def __call__(self, prompts, completions, **metadata) -> np.ndarray:
+        parts = [score_with_failures(fn, prompts, completions, allow_none=True, **metadata).rewards
+                 for _, fn in self.terms]
+        return self.total(parts, describe=lambda i: _describe(range(i, i + 1), prompts, completions))[0]
+
+
+def weighted_sum(*terms: tuple[float, RewardFn]) -> RewardSum:
+    """Σ_k w_k · reward_k(prompts, completions, **metadata), as a `RewardSum` (its terms scored and
+    reported apart by the RL iteration; a term may return None for a sample it does not apply to)."""
     if not terms:
         raise ValueError("weighted_sum needs at least one (weight, reward_fn) term")
-
-    def combined(prompts, completions, **metadata):
-        total = np.zeros(len(completions), np.float32)
-        for w, fn in terms:
-            total += w * score(fn, prompts, completions, **metadata)
-        return total
-
-    combined.__name__ = " + ".join(f"{w}*{getattr(fn, '__name__', 'reward')}" for w, fn in terms)
-    return combined
+    return RewardSum(terms)
