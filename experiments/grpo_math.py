@@ -26,11 +26,12 @@ model's chat template applied to [system, user: question] with the generation pr
 Reward: `math_answer_reward` (1 when the extracted final answer equals the reference)
 + --format-reward x `think_answer_format_reward`. Outputs in the run directory:
 sft/ (SFT metrics and checkpoints), metrics.jsonl and checkpoints/ (RL; rerunning the
-command resumes), samples/iteration-NNNNNN.jsonl (every sampled completion with its
-answer and reward; on several processes one file per process, iteration-NNNNNN.process-K.jsonl),
-results.json, and policy/: the final policy as an HF checkpoint with
-the tokenizer files and a generation_config.json listing the stop ids, which
-transformers and vLLM load as they are (`vllm serve <run-dir>/policy`).
+command resumes; each reward term's mean is logged too, rl/reward_math_answer_reward_mean),
+samples/iteration-NNNNNN.jsonl (every completion trained on with its reward, each reward term's
+and its answer: `rljax.metrics.read_samples`; process 0 writes them), results.json, and
+policy/: the final policy as an HF checkpoint with the tokenizer files and a
+generation_config.json listing the stop ids, which transformers and vLLM load as they are
+(`vllm serve <run-dir>/policy`).
 
 --smoke runs on the test fixtures on CPU: the tiny Qwen2 fixture's architecture with
 random weights and a vocabulary widened to the tokenizer fixture's 402 ids (the
@@ -47,13 +48,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
 
 import jax
-import numpy as np
 
 from experiments.fixtures import SMOKE_DATA, write_smoke_model
 from rljax.algorithms import get_algorithm
@@ -134,43 +133,6 @@ def make_reward(cfg: Config):
     if cfg.format_reward:
         terms.append((cfg.format_reward, think_answer_format_reward))
     return weighted_sum(*terms)
-
-
-def sample_file(directory: str, iteration: int, process: int = 0, processes: int = 1) -> str:
-    """Where `logging_reward` writes an iteration's samples: directory/iteration-NNNNNN.jsonl, or on
-    several processes one file per process, iteration-NNNNNN.process-K.jsonl (each scores its own rows;
-    the files in process order hold the iteration's rows in order)."""
-    part = f".process-{process}" if processes > 1 else ""
-    return os.path.join(directory, f"iteration-{iteration:06d}{part}.jsonl")
-
-
-def logging_reward(reward_fn, directory: str):
-    """reward_fn that also writes every scored sample to `sample_file(directory, iteration)`
-    (metadata `iteration` names the file; a resumed iteration rewrites its file)."""
-    os.makedirs(directory, exist_ok=True)
-
-    def logged(prompts, completions, *, answers, iteration, **meta):
-        r = reward_fn(prompts, completions, answers=answers, iteration=iteration, **meta)
-        path = sample_file(directory, int(iteration[0]), jax.process_index(), jax.process_count())
-        with open(path, "w", encoding="utf-8") as f:
-            for p, c, a, v in zip(prompts, completions, answers, np.asarray(r)):
-                f.write(json.dumps({"prompt": p, "completion": c, "answer": a, "reward": float(v)}) + "\n")
-        return r
-
-    logged.__name__ = getattr(reward_fn, "__name__", "reward")
-    return logged
-
-
-@dataclass(frozen=True)
-class MathPrompts:
-    """RL prompts: batch_at(position) -> PromptBatch of chat prompts (left-padded) with
-    metadata answers and iteration (= position + 1, the step the metrics log it under)."""
-
-    batches: BatchIterator
-
-    def batch_at(self, position: int) -> PromptBatch:
-        b = self.batches.batch_at(position)
-        return PromptBatch(b.tokens, b.mask, dict(b.metadata, iteration=[position + 1] * len(b.tokens)))
 
 
 def rl_prompt_batch(tok: HFTokenizer, problems, system_prompt: str) -> PromptBatch:
@@ -270,9 +232,8 @@ def main(cfg: Config) -> dict:
             results["accuracy_sft"] = evaluate(params)
 
     t1 = time.perf_counter()
-    prompts = MathPrompts(BatchIterator(problems, cfg.prompts_per_iteration,
-                                        functools.partial(rl_prompt_batch, tok, system_prompt=system_prompt),
-                                        seed=cfg.seed + 1))
+    prompts = BatchIterator(problems, cfg.prompts_per_iteration,
+                            functools.partial(rl_prompt_batch, tok, system_prompt=system_prompt), seed=cfg.seed + 1)
     rl_cfg = RLConfig(algorithm=cfg.algo,
                       sampling=SampleConfig(max_new_tokens=cfg.max_new_tokens, n=cfg.n, temperature=cfg.temperature,
                                             **tokenizer_ids(tok)),
@@ -281,11 +242,10 @@ def main(cfg: Config) -> dict:
     if cfg.kl_coef is not None:
         rl_cfg = dataclasses.replace(rl_cfg, algorithm=algo.with_kl_coef(cfg.kl_coef))
     state = create_rl_state(model, params, rl_cfg, jax.random.key(cfg.seed))
-    reward = logging_reward(make_reward(cfg), os.path.join(run_dir, "samples"))
     # chat prompts hold stop tokens (the system and user turns end in one): decode them whole
-    state = rl(state, prompts, reward, rl_cfg, model=model, decode=tok.decode_batch,
+    state = rl(state, prompts, make_reward(cfg), rl_cfg, model=model, decode=tok.decode_batch,
                decode_prompts=functools.partial(tok.decode_batch, stop_at_eos=False), run_dir=run_dir,
-               accuracy_fn=math_answer_reward,
+               accuracy_fn=math_answer_reward, samples_every=1,
                loop=LoopConfig(steps=cfg.iterations, log_every=1, checkpoint_every=cfg.checkpoint_every,
                                progress=cfg.progress, **cfg.loop_logging()))
     results["rl_seconds"] = time.perf_counter() - t1

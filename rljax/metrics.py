@@ -29,6 +29,9 @@ directory) continues the same W&B run. W&B cannot drop points either: the killed
 points past S stay, and a synced or online run ignores the re-logged steps below its
 last step (W&B keeps steps increasing).
 
+`write_samples` / `read_samples`: an RL iteration's rows trained on (text, rewards, lengths, prompt
+columns) as JSON Lines in `<run_dir>/samples/iteration-NNNNNN.jsonl` (`rljax.phases.rl(samples_every=)`).
+
 `plot_metrics` draws chosen metrics against step into a PNG (needs matplotlib,
 the `plot` extra); `Progress` wraps tqdm with compact postfix numbers such as
 `loss=1.234 tok/s=5.6k`; `progress_postfix` picks those numbers from a step's metrics.
@@ -400,6 +403,32 @@ def read_metrics(path_or_run_dir: str | os.PathLike, *, events: bool = False) ->
             continue
         records.append({k: _STR_TO_NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()})
     return records
+
+
+def samples_path(run_dir: str | os.PathLike, iteration: int) -> str:
+    """Where an RL iteration's samples go: <run_dir>/samples/iteration-NNNNNN.jsonl."""
+    return os.path.join(os.fspath(run_dir), "samples", f"iteration-{int(iteration):06d}.jsonl")
+
+
+def write_samples(run_dir: str | os.PathLike, iteration: int, records: Sequence[Mapping[str, Any]]) -> str:
+    """`records` (`rljax.rl.make_rl_iteration`'s on_samples: one dict per row trained on) as JSON Lines in
+    `samples_path(run_dir, iteration)`, written atomically, so a resumed iteration rewrites its file whole.
+    A value JSON cannot hold (a metadata object) is written as its repr. -> the path."""
+    from rljax.checkpoint import atomic_path
+
+    path = samples_path(run_dir, iteration)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False, default=repr) + "\n")
+    return path
+
+
+def read_samples(run_dir: str | os.PathLike, iteration: int) -> list[dict]:
+    """The records `write_samples` wrote for `iteration` (FileNotFoundError naming the file when that
+    iteration's samples were not written: `rljax.phases.rl(samples_every=)`)."""
+    with open(samples_path(run_dir, iteration), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:

@@ -31,13 +31,13 @@ import numpy as np
 
 from rljax.checkpoint import Checkpointer
 from rljax.data.batch import PromptBatch
-from rljax.distributed import local_rows, process_values, raise_failed, say
+from rljax.distributed import local_rows, on_main, process_values, raise_failed, say
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
                                       TokenLabelConfig, refuse_plackett_luce_input, reward_model_loss)
 from rljax.losses.preference import (DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss,
                                     with_live_reference)
 from rljax.losses.sft import SFTConfig, sft_loss
-from rljax.metrics import MetricsWriter, Progress, WandbConfig, progress_postfix
+from rljax.metrics import MetricsWriter, Progress, WandbConfig, progress_postfix, write_samples
 from rljax.models.transformer import check_positions
 from rljax.sharding import param_shardings, shard_batch
 from rljax.state import OptimizerConfig, TrainState, make_optimizer, make_train_step, owned_copy
@@ -632,7 +632,7 @@ def preference(state: TrainState, data, cfg: PreferencePhaseConfig, *, model, re
 def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loop: LoopConfig,
        run_dir: str | None = None, eval_fn: Callable | None = None, accuracy_fn: Callable | None = None,
        refill_prompts=None, critic_model=None, decode_prompts: Callable | None = None, teacher_model=None,
-       monitors: dict[str, Callable] | None = None):
+       monitors: dict[str, Callable] | None = None, samples_every: int = 0):
     """On-policy RL: `run_loop` over `rljax.rl` iterations (sample -> score -> prepare -> update).
 
     state: an RLState (create_rl_state); prompts: anything with batch_at(position) ->
@@ -650,7 +650,10 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
     make_rl_iteration: chat-templated prompts need a decode that does not stop at eos).
     teacher_model: the model of the teacher in state.teacher_params (on-policy distillation;
     default `model`). monitors: {name: fn} measured on every sample and never trained on, logged
-    as `<name>_mean` (make_rl_iteration).
+    as `<name>_mean` (make_rl_iteration). samples_every: k > 0 writes every k-th iteration's samples, the
+    rows trained on with their text, rewards (each `RewardSum` term's too), lengths and prompt metadata
+    (make_rl_iteration's on_samples), to <run_dir>/samples/iteration-NNNNNN.jsonl (process 0 writes;
+    `rljax.metrics.read_samples` reads them back); 0: none.
 
     With cfg.staleness = s > 0 (A3C-style asynchronous actors), batch i is sampled by
     an actor thread with the params of iteration i − s (0 for the first s) while the
@@ -672,8 +675,17 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
                          f"{jax.process_count()} processes their threads would start collective programs in "
                          "different orders and wait for each other forever); use staleness=0")
 
+    if samples_every < 0 or (samples_every and run_dir is None):
+        raise ValueError(f"rl: samples_every={samples_every}: " + ("must be >= 0" if samples_every < 0 else
+                                                                   "the samples go to run_dir, which is None"))
+
+    def on_samples(step, records):
+        if step % samples_every == 0:  # every process agrees the write worked (one failing would diverge)
+            on_main(f"writing iteration {step}'s samples", write_samples, run_dir, step, records)
+
     iteration = make_rl_iteration(model, cfg, reward_fn, decode, accuracy_fn=accuracy_fn, critic_model=critic_model,
-                                  decode_prompts=decode_prompts, teacher_model=teacher_model, monitors=monitors)
+                                  decode_prompts=decode_prompts, teacher_model=teacher_model, monitors=monitors,
+                                  on_samples=on_samples if samples_every else None)
     source, offset = (refill_prompts, 0) if refill_prompts is not None else (prompts, loop.steps)
 
     def refill_at(position):

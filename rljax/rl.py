@@ -372,7 +372,8 @@ def scan_updates(step: Callable, state, batch, key, *, epochs: int, minibatches:
 def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callable,
                       accuracy_fn: Callable | None = None, critic_model=None,
                       decode_prompts: Callable | None = None, teacher_model=None,
-                      monitors: dict[str, Callable] | None = None) -> RLIteration:
+                      monitors: dict[str, Callable] | None = None,
+                      on_samples: Callable[[int, list[dict]], None] | None = None) -> RLIteration:
     """Build `iteration(state, prompt_tokens, prompt_mask, key=None, refill=None, **metadata) -> (state, metrics)`
     (an `RLIteration`: its `collect` and `learn` halves are also usable apart).
 
@@ -392,6 +393,13 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     teacher_model: the model of the frozen teacher in RLState.teacher_params, for algorithms
     that need a teacher (default `model`: a teacher of the student's architecture); it may have
     another size but must share the tokenizer (the same vocab_size).
+    on_samples(iteration, records): called after each update (on every process, with the same records)
+    with the iteration's number (the step its metrics are logged under) and one dict per row trained
+    on, in order: prompt and completion (their text: `decode_prompts`, `decode`), reward (the one
+    trained on), each `RewardSum` term's reward ("reward_<name>", None where it returned None or its
+    call failed), accuracy and each monitor's score when given, group (the row's prompt in the
+    iteration), completion_tokens, stopped (ended at a stop id) and columns (the prompt's metadata).
+    `rljax.phases.rl(samples_every=)` writes them to <run_dir>/samples/.
 
     Several processes (`rljax.distributed`; model.mesh over all their devices, data x fsdp splitting
     the rows over the processes): every process calls the iteration with the same prompts, metadata
@@ -610,13 +618,18 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         on several processes each places its own rows; on one, as it is."""
         return x if x is None or not multi else shard_batch(local_rows(x), mesh)
 
-    def rollout_of(params, tokens, mask, metadata, key, times, failed):
+    def rollout_of(params, tokens, mask, metadata, key, times, failed, texts):
         t0 = time.perf_counter()
         rollout = jax.block_until_ready(sample(params, tokens, mask, key, model=model, cfg=cfg.sampling))
         t1 = time.perf_counter()
         ids, P = host_tokens(rollout), rollout.prompt_length
         prompt_text = decode_prompts(ids[::n, :P])
         completions = ids[:, P:]
+        if on_samples is not None:  # every row's text, on every process (the ids are on every process)
+            texts["prompt"].append([p for p in prompt_text for _ in range(n)])
+            texts["completion"].append(decode(completions))
+            texts["columns"].append([{key: vals[i // n] for key, vals in metadata.items()}
+                                     for i in range(len(completions))])
         terms: dict[str, np.ndarray] = {}
         rewards = scored(reward_fn, completions, prompt_text, metadata, n, failed, parts=terms)
         correct = scored(accuracy_fn, completions, prompt_text, metadata, n, failed, "accuracy") if accuracy_fn \
@@ -633,9 +646,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         k_sample, k_greedy, _ = jax.random.split(key, 3)
         times = dict(sample=0.0, score=0.0, ref=0.0, values=0.0, update=0.0)
         failed = dict(reward=0, accuracy=0)
+        texts = dict(prompt=[], completion=[], columns=[])  # per sampled rollout, with on_samples
         prompt_tokens, prompt_mask, cut = fit(prompt_tokens, prompt_mask)
         rollout, rewards, correct, prompt_text, watched = rollout_of(params, prompt_tokens, prompt_mask, metadata,
-                                                                     k_sample, times, failed)
+                                                                     k_sample, times, failed, texts)
         sampled, all_watched = [(rollout, rewards, correct)], [watched]
         G = rollout.tokens.shape[0] // n
         informative, rounds = int(_informative_groups(rewards, n).sum()), 0
@@ -652,12 +666,13 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             tokens, mask, more_cut = fit(tokens, mask)
             cut += more_cut
             r, rw, c, _, w = rollout_of(params, tokens, mask, meta, jax.random.fold_in(k_sample, rounds), times,
-                                        failed)
+                                        failed, texts)
             sampled.append((r, rw, c))
             all_watched.append(w)
             informative += int(_informative_groups(rw, n).sum())
         all_rewards = np.concatenate([s[1] for s in sampled])
         all_correct = np.concatenate([s[2] for s in sampled]) if accuracy_fn else None
+        rows = np.arange(len(rewards))  # the sampled rows trained on, in order
         if rounds:  # the first G groups with unequal rewards, topped up with equal ones (then dropped)
             parts = [s[0] for s in sampled]
             if multi:  # joined and picked on the host: a process's rows afterwards are not the ones it sampled
@@ -680,8 +695,23 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             greedy = np.repeat(scored(reward_fn, host_tokens(g)[:, g.prompt_length:], prompt_text, metadata, 1,
                                       failed), n)
         monitored = {name: np.concatenate([w[name] for w in all_watched]) for name in all_watched[0]}
+        records = None
+        if on_samples is not None:
+            lengths, stopped = to_host((rollout.lengths, rollout.stopped_at_eos))
+            text = {k: [x for part in v for x in part] for k, v in texts.items()}
+            records = []
+            for j, i in enumerate(rows):
+                record = {"prompt": text["prompt"][i], "completion": text["completion"][i],
+                          "reward": float(rewards[j])}
+                for name, values in monitored.items():  # the monitors' and the terms' ("reward_<name>") scores
+                    record[name] = None if np.isnan(values[i]) else float(values[i])
+                if accuracy_fn:
+                    record["accuracy"] = float(all_correct[i])
+                record.update(group=j // n, completion_tokens=int(lengths[j]), stopped=bool(stopped[j]),
+                              columns=text["columns"][i])
+                records.append(record)
         return Collected(rollout, rewards, all_rewards, all_correct, greedy, sampled, cut, rounds, times, failed,
-                         monitored)
+                         monitored, records)
 
     def learn(state: RLState, c: Collected, key, lag: int = 0):
         """Prepare and update on collected samples. lag: updates the learner has made since
@@ -769,6 +799,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         if cfg.target_kl is not None:
             out["updates"] = float(made)
         out.update({k: float(v) for k, v in jax.device_get(stats).items()})
+        if on_samples is not None:
+            on_samples(int(jax.device_get(state.step)) + 1, c.records)
         return state.replace(step=state.step + 1, policy=policy, critic=critic, transforms=transform_state), out
 
     return RLIteration(collect, learn)

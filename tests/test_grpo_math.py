@@ -15,7 +15,7 @@ from experiments import fixtures, grpo_math
 from rljax.checkpoint import digest_params
 from rljax.data.adapters import DataError
 from rljax.data.collate import collate_prompt_completion
-from rljax.metrics import read_metrics
+from rljax.metrics import read_metrics, read_samples
 from test_multihost import _free_port, launch_module, run_study_on_two_processes_and_one
 from rljax.models.hf import load_pretrained, read_hf_config
 from rljax.rewards.math_answers import math_answer_reward, think_answer_format_reward
@@ -34,18 +34,22 @@ def test_smoke_rewards_equal_the_math_reward_recomputed_on_the_logged_samples(sm
     assert [r["step"] for r in rows] == [1, 2]
     problems = {p.answer for p in grpo_math.read_problems(fixtures.SMOKE_DATA, "gsm8k")}
     for r in rows:
-        with open(os.path.join(smoke["run_dir"], "samples", f"iteration-{r['step']:06d}.jsonl")) as f:
-            logged = [json.loads(line) for line in f]
+        logged = read_samples(smoke["run_dir"], r["step"])
         assert len(logged) == 4 * 4  # prompts_per_iteration x n
         prompts = [s["prompt"] for s in logged]
         completions = [s["completion"] for s in logged]
-        answers = [s["answer"] for s in logged]
+        answers = [s["columns"]["answers"] for s in logged]
         assert set(answers) <= problems
         correct = math_answer_reward(prompts, completions, answers=answers)
-        expected = correct + 0.1 * think_answer_format_reward(prompts, completions)  # the smoke's reward
+        fmt = think_answer_format_reward(prompts, completions)
+        expected = correct + 0.1 * fmt  # the smoke's reward
         np.testing.assert_allclose([s["reward"] for s in logged], expected, atol=1e-6)
+        np.testing.assert_allclose([s["reward_math_answer_reward"] for s in logged], correct)
+        np.testing.assert_allclose([s["reward_think_answer_format_reward"] for s in logged], fmt)
         assert r["rl/reward_mean"] == pytest.approx(float(np.mean(expected)), abs=1e-6)
         assert r["rl/accuracy"] == pytest.approx(float(np.mean(correct)), abs=1e-6)
+        assert r["rl/reward_math_answer_reward_mean"] == pytest.approx(float(np.mean(correct)), abs=1e-6)
+        assert r["rl/reward_think_answer_format_reward_mean"] == pytest.approx(float(np.mean(fmt)), abs=1e-6)
         # the reward saw each prompt whole: the chat template's turns end in a stop id (<|im_end|>),
         # which a decode stopping at eos would have cut after the system turn
         assert all(p.rstrip().endswith("assistant") and "\nuser\n" in p for p in prompts)
@@ -83,15 +87,6 @@ def test_exported_policy_loads_back_identical_with_every_stop_id(smoke):
     assert (exported["eos_token_id"], exported["pad_token_id"], exported["bos_token_id"]) == (4, 2, 0)
 
 
-def _samples(run_dir) -> dict:
-    """{iteration file: its rows}, a multi-process run's per-process files joined in process order."""
-    by_iteration = {}
-    for path in sorted((run_dir / "samples").iterdir()):
-        with open(path) as f:
-            by_iteration.setdefault(path.name.split(".")[0], []).extend(json.loads(line) for line in f)
-    return by_iteration
-
-
 def _params(policy_dir) -> dict:
     return {jax.tree_util.keystr(k): np.asarray(v, np.float64)
             for k, v in jax.tree_util.tree_flatten_with_path(load_pretrained(str(policy_dir))[1])[0]}
@@ -101,8 +96,8 @@ def _params(policy_dir) -> dict:
 def test_smoke_on_two_processes_equals_one_process_on_the_same_mesh(tmp_path):
     """`python -m experiments.grpo_math --smoke --mesh-data 2 --mesh-fsdp 2` as two processes (2 simulated
     CPU devices each, connected through the RLJAX_* variables) and as one process with 4 devices: the
-    two processes make one run directory (process 0's name), sample the same completions (each process
-    logs its own rows; its files in process order are one process's file), report the same rewards and
+    two processes make one run directory (process 0's name), sample the same completions (process 0 writes
+    every row's), report the same rewards and
     accuracies, train the same weights up to float rounding, and export a policy that loads back with the
     digest of the trained (sharded) params; only process 0 prints the table. An experiment written for one
     process (two processes named by the RLJAX_* variables, or found by JAX in a SLURM job step with
@@ -114,10 +109,9 @@ def test_smoke_on_two_processes_equals_one_process_on_the_same_mesh(tmp_path):
     for key in ("accuracy_start", "accuracy_sft", "accuracy_rl", "reward_first", "reward_last",
                 "train_accuracy_first", "train_accuracy_last", "sft_rows"):
         assert results["multi"][key] == results["single"][key], key
-    samples = {name: _samples(d) for name, d in (("multi", multi), ("single", single))}
-    assert sorted(os.listdir(multi / "samples")) == [f"iteration-00000{i}.process-{k}.jsonl" for i in (1, 2)
-                                                     for k in (0, 1)]
-    assert samples["multi"] == samples["single"] and [len(v) for v in samples["single"].values()] == [16, 16]
+    samples = {name: [read_samples(d, i) for i in (1, 2)] for name, d in (("multi", multi), ("single", single))}
+    assert sorted(os.listdir(multi / "samples")) == ["iteration-000001.jsonl", "iteration-000002.jsonl"]
+    assert samples["multi"] == samples["single"] and [len(v) for v in samples["single"]] == [16, 16]
     losses = {name: [r["rl/loss"] for r in read_metrics(str(d)) if "rl/loss" in r] for name, d in
               (("multi", multi), ("single", single))}
     assert len(losses["single"]) == 2

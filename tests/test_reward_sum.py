@@ -1,6 +1,7 @@
 """RewardSum: a weighted sum of reward functions whose terms the RL iteration scores and reports apart, and
 whose terms may return None for a sample they do not apply to (TRL's convention)."""
 import dataclasses
+import os
 import functools
 
 import jax
@@ -226,3 +227,41 @@ def test_grpo_recipe_reward_format_for_text_prompts_and_mixed_rows():
         prompt_batches(TOK, [{"prompt": "1+1=", MESSAGES_COLUMN: 1}], GRPOTaskConfig(batch_size=1))
     with pytest.raises(ValueError, match="GRPOTaskConfig.reward_format: one of"):
         GRPOTaskConfig(reward_format="chat")
+
+
+def test_grpo_recipe_writes_every_kth_iteration_s_samples(tmp_path):
+    """samples_every=2 over 3 iterations writes iteration 2's file alone: the rows trained on, each with the
+    reward functions' values (None where one returned None) summing to its reward; a rerun with more steps and
+    another samples_every resumes (a display setting) at step 3 and writes iteration 4's."""
+    from rljax.metrics import read_samples, samples_path
+    from rljax.recipes import GRPOTaskConfig, grpo
+    from tests.test_recipes_tasks import small_model
+
+    rows = [{"prompt": f"{a}+1=", "answer": a + 1} for a in range(4)]
+
+    def correct(prompts, completions, answer, **_):
+        return [float(str(a) in c) if a % 2 else None for c, a in zip(completions, answer)]
+
+    def length(prompts, completions, **_):
+        return [len(c) / 4 for c in completions]
+
+    cfg = GRPOTaskConfig(steps=3, batch_size=2, n=2, max_new_tokens=3, progress=False, samples_every=2)
+    run = tmp_path / "run"
+    grpo(small_model(), rows, [correct, (0.5, length)], cfg, run_dir=str(run))
+    assert sorted(os.listdir(run / "samples")) == ["iteration-000002.jsonl"]
+    records = read_samples(run, 2)
+    assert len(records) == 4 and [r["group"] for r in records] == [0, 0, 1, 1]
+    for r in records:
+        a = r["columns"]["answer"]
+        assert r["prompt"] == f"{a - 1}+1=" and r["reward_length"] == len(r["completion"]) / 4
+        assert r["reward_correct"] == (float(str(a) in r["completion"]) if a % 2 else None)
+        assert r["reward"] == pytest.approx((r["reward_correct"] or 0.0) + 0.5 * r["reward_length"])
+    grpo(small_model(), rows, [correct, (0.5, length)], dataclasses.replace(cfg, steps=4, samples_every=1),
+         run_dir=str(run), allow_change=True)
+    assert sorted(os.listdir(run / "samples")) == [f"iteration-00000{i}.jsonl" for i in (2, 4)]
+    assert samples_path(run, 4) == str(run / "samples" / "iteration-000004.jsonl") and len(read_samples(run, 4)) == 4
+    with pytest.raises(ValueError, match="samples_every=2: the samples are written to run_dir/samples, but run_dir is "
+                                         "None"):
+        grpo(small_model(), rows, correct, cfg)
+    with pytest.raises(ValueError, match="samples_every: must be >= 0"):
+        GRPOTaskConfig(samples_every=-1)

@@ -213,6 +213,29 @@ def test_dynamic_sampling_refills_uninformative_groups(bandit):
                                                                    refill=lambda k: refill(k)[:2])
 
 
+def test_sample_records_are_the_rows_trained_on_after_refills(bandit):
+    """make_rl_iteration(on_samples=): after one refill, the records are the 4 groups trained on, in order: the
+    informative ones (prompts 3, then 5 from the refill), topped up with the first uninformative ones (2, 4);
+    each record's reward is the reward function of its own text, its columns the prompt's metadata."""
+    model, params = bandit
+    got = []
+    cfg = RLConfig(algorithm="dapo", loss=GRPOConfig(eps_high=0.28, aggregation="token_mean", kl_coef=0.0),
+                   sampling=one_token(8), max_refills=1)
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
+    refills = {1: (np.array([[8], [5], [10], [12]], np.int32), None, {"tag": ["r8", "r5", "r10", "r12"]})}
+    iteration = make_rl_iteration(model, cfg, _constant_unless_odd, decode, on_samples=lambda i, r: got.append((i, r)))
+    _, m = iteration(state, np.array([[2], [4], [6], [3]], np.int32), None, refill=refills.get, tag=["a", "b", "c", "d"])
+    (step, records), = got
+    assert step == 1 and len(records) == 32 and m["kept_fraction"] == 0.5
+    assert [r["prompt"] for r in records[::8]] == ["3", "5", "2", "4"]
+    assert [r["columns"] for r in records[::8]] == [{"tag": "d"}, {"tag": "r5"}, {"tag": "a"}, {"tag": "b"}]
+    assert [r["group"] for r in records] == [j // 8 for j in range(32)]
+    np.testing.assert_allclose([r["reward"] for r in records],
+                               _constant_unless_odd([r["prompt"] for r in records], [r["completion"] for r in records]),
+                               rtol=1e-6)
+    assert all(r["completion_tokens"] == 1 and r["stopped"] is False for r in records)  # one token, no eos
+
+
 def test_options_that_would_be_ignored_and_misshapen_metadata_are_refused(bandit):
     """A running baseline no estimator reads, greedy samples for a group method, metadata with a
     count other than one per prompt, and sampler ids that are not token ids: errors naming them."""

@@ -273,7 +273,8 @@ class Collected:
     samples whose reward call failed and scored RewardCallConfig.failure_value ({"reward": n,
     "accuracy": n}, over every reward call of the collect, refills and greedy decode included),
     and the monitors' scores of every sampled row ({name: [R_all]}, `make_rl_iteration(monitors=)`), beside
-    a `RewardSum`'s terms' ({"reward_<name>": [R_all]}, NaN where a term returned None or its call failed)."""
+    a `RewardSum`'s terms' ({"reward_<name>": [R_all]}, NaN where a term returned None or its call failed),
+    and with `make_rl_iteration(on_samples=)` one dict per row trained on (`records`)."""
 
     rollout: Any
     rewards: np.ndarray
@@ -286,3 +287,4 @@ class Collected:
     times: dict
     failed: dict = field(default_factory=dict)
     monitored: dict = field(default_factory=dict)
+    records: list | None = None

@@ -211,7 +211,10 @@ class GRPOTaskConfig(TaskConfig):
     messages, cfg.system_prompt first if given, and each completion as [{"role": "assistant",
     "content": text}]; a text prompt is one user message), or "auto" (the default): conversational
     when every row's prompt is a list of messages, text when every row's is a string (a data set
-    with both is a DataError naming a row of each)."""
+    with both is a DataError naming a row of each).
+    samples_every: k > 0 writes every k-th iteration's samples (text, rewards, each reward function's
+    reward, lengths, the row's columns) to run_dir/samples/iteration-NNNNNN.jsonl
+    (`rljax.metrics.read_samples`); needs a run_dir."""
 
     lr: float = 1e-6
     schedule: str = "constant"
@@ -231,11 +234,14 @@ class GRPOTaskConfig(TaskConfig):
     baseline_decay: float = 0.9
     reward_call: RewardCallConfig = dataclasses.field(default_factory=RewardCallConfig)
     reward_format: str = "auto"
+    samples_every: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         if self.reward_format not in REWARD_FORMATS:
             raise ValueError(f"GRPOTaskConfig.reward_format: one of {REWARD_FORMATS}, got {self.reward_format!r}")
+        if self.samples_every < 0:
+            raise ValueError(f"GRPOTaskConfig.samples_every: must be >= 0 (0: none), got {self.samples_every}")
         if self.overlong not in ("error", "drop", "truncate_prompt"):
             raise ValueError(f"GRPOTaskConfig.overlong: one of 'error', 'drop', 'truncate_prompt' (an RL row is a "
                              f"prompt; its completion is sampled), got {self.overlong!r}")
@@ -828,7 +834,7 @@ def _describe(x) -> Any:
 
 # TaskConfig fields that say how a run is shown and how often it saves, not what it computes: a rerun that
 # resumes may change them.
-RESUMABLE_CHANGES = ("progress", "log_every", "checkpoint_every", "tensorboard", "wandb")
+RESUMABLE_CHANGES = ("progress", "log_every", "checkpoint_every", "tensorboard", "wandb", "samples_every")
 
 
 def _flat_record(record: dict) -> dict:
@@ -983,6 +989,9 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *,
     from rljax.losses.actor_critic import with_value_head
     from rljax.rl import create_rl_state
 
+    if cfg.samples_every and run_dir is None:
+        raise ValueError(f"GRPOTaskConfig.samples_every={cfg.samples_every}: the samples are written to run_dir/samples, "
+                         "but run_dir is None")
     m, params, tok = _loaded("grpo", model, cfg, mesh)
     reward = combine_rewards(reward_funcs)
     rl_cfg = cfg.rl_config(tok)
@@ -1007,5 +1016,5 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *,
     with _run_dir(run_dir, "grpo", cfg, model, data, allow_change) as d:
         state = phases.rl(state, prompts, reward, rl_cfg, model=m, decode=tok.decode_batch,
                           decode_prompts=functools.partial(tok.decode_batch, stop_at_eos=False), loop=cfg.loop(),
-                          run_dir=d, critic_model=critic_model)
+                          run_dir=d, critic_model=critic_model, samples_every=cfg.samples_every)
         return _result(state, state.policy.params, d, "rl", m, tok, run_dir)
