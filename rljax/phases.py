@@ -24,14 +24,15 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
 from rljax.checkpoint import Checkpointer
 from rljax.data.batch import PromptBatch
-from rljax.distributed import local_rows, on_main, process_values, raise_failed, say
+from rljax.cpu_dots import jit_full_sequence
+from rljax.distributed import local_rows, on_main, process_values, raise_failed, say, to_host
 from rljax.losses.reward_model import (FeedbackConfig, ImplicitPRMConfig, PointwiseConfig, RankingConfig,
                                       TokenLabelConfig, refuse_plackett_luce_input, reward_model_loss)
 from rljax.losses.preference import (DPOConfig, KTOConfig, ORPOConfig, SimPOConfig, preference_loss,
@@ -459,6 +460,47 @@ def _evaluate(eval_fn, state, step, writer, name, own):
         own(writer.write, step, result, prefix=f"{name}/eval/")
     if jax.process_index() == 0:
         say(f"[{name}] step {step} eval: " + _listed(result))
+
+
+def loss_eval(loss_fn: Callable, batches: Sequence, *, model, mesh=None, prepare: Callable | None = None,
+              frozen=None, where: str = "eval") -> Callable[[TrainState], dict]:
+    """An eval_fn for `run_loop`: eval_fn(state) -> {"loss": ..., metric: ...}, loss_fn(state.params, batch)
+    -> (loss, metrics) (the phase's training loss) evaluated on fixed held-out host `batches`, no update.
+
+    Every value is the mean over the batches weighted by their rows (a preference pair, a sequence), the
+    loss by the loss's own count (metrics["loss_weight"], e.g. the tokens of a token-mean loss) when it
+    reports one, so that batches of any size give the loss and metrics of the whole held-out set:
+    loss = Σ_b w_b L_b / Σ_b w_b. prepare(frozen, batch) -> batch fills a batch from frozen params first
+    (a live reference's log-probs: `make_train_step`'s prepare). mesh: None = the model's; each batch is
+    placed as the phase places its training batches (split over the mesh's batch axes, so its rows must
+    split over them; on several processes every process passes the same batches)."""
+    mesh = phase_mesh(mesh, model)
+    put = _host_batch(model, mesh, where)
+    if mesh is not None and frozen is not None:
+        frozen = jax.device_put(frozen, param_shardings(model, mesh))
+
+    def evaluate(params, batch, frozen):
+        if prepare is not None:
+            batch = prepare(jax.lax.stop_gradient(frozen), batch)
+        loss, metrics = loss_fn(params, batch)
+        return {"loss": loss, **metrics}
+
+    compiled = jit_full_sequence(evaluate, dtype=model.config.dtype)
+
+    def eval_fn(state) -> dict:
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for batch in batches:
+            rows = float(np.shape(jax.tree.leaves(batch)[0])[0])
+            values = to_host(compiled(state.params, put(batch), frozen))
+            own = float(values.pop("loss_weight", rows))
+            for k, v in values.items():
+                w = own if k == "loss" else rows
+                sums[k] = sums.get(k, 0.0) + w * float(v)
+                weights[k] = weights.get(k, 0.0) + w
+        return {k: sums[k] / weights[k] if weights[k] else float("nan") for k in sums}
+
+    return eval_fn
 
 
 def _listed(values: dict) -> str:

@@ -597,14 +597,17 @@ WORKER = textwrap.dedent("""
             return [float(len(c) % 3) for c in completions]
 
         quiet = dict(steps=2, progress=False, log_every=1)
+        prompts = [{"prompt": r["prompt"]} for r in rows]
         results = dict(
             sft=sft((small, params, TOK), rows, SFTTaskConfig(batch_size=4, lr=3e-3, **quiet), mesh=mesh,
-                    run_dir=run_dir + "/sft"),
+                    run_dir=run_dir + "/sft", eval_data=rows[:8]),
             dpo=dpo((small, params, TOK), pairs, DPOTaskConfig(batch_size=4, lr=3e-3, **quiet), mesh=mesh,
-                    run_dir=run_dir + "/dpo"),
-            grpo=grpo((small, params, TOK), [{"prompt": r["prompt"]} for r in rows], reward, GRPOTaskConfig(
-                batch_size=2, n=2, max_new_tokens=4, lr=1e-2, **quiet), mesh=mesh, run_dir=run_dir + "/grpo"))
-        res["tasks"] = {k: dict(history=r.history, params=checksums(r.params)["total"]) for k, r in results.items()}
+                    run_dir=run_dir + "/dpo", eval_data=pairs[:8]),
+            grpo=grpo((small, params, TOK), prompts, reward, GRPOTaskConfig(
+                batch_size=2, n=2, max_new_tokens=4, lr=1e-2, samples_every=1, **quiet), mesh=mesh,
+                run_dir=run_dir + "/grpo", eval_data=prompts[:3]))
+        res["tasks"] = {k: dict(history=r.history, params=checksums(r.params)["total"], eval=r.eval_history)
+                        for k, r in results.items()}
         res["scored"] = scored
         res["refused"] = {}
         for name, call in (("run_dir", lambda: sft((small, params, TOK), rows, SFTTaskConfig(batch_size=4, **quiet),

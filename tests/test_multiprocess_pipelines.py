@@ -4,11 +4,12 @@ the RLAIF, adversarial, RLHF and R1 recipes and the one-call task recipes give o
 parameters. The worker script and its modes live in test_multiprocess_phases (one script for every run); these
 tests are a file of their own so the slow tier's workers share them out."""
 import json
+import os
 
 import numpy as np
 import pytest
 
-from rljax.metrics import read_metrics
+from rljax.metrics import read_metrics, read_samples
 from test_multiprocess_phases import _close_rows, _run
 
 
@@ -112,22 +113,29 @@ def test_two_process_rlhf_and_r1_recipes_equal_one_process(tmp_path):
 
 @pytest.mark.slow  # 17-35 s: three recipes' steps compiled in three processes
 def test_two_process_task_recipes_equal_one_process(tmp_path):
-    """`sft`, `dpo` and `grpo` of `rljax.recipes` with mesh= on two processes: the per-step metrics and the
-    parameters of one process with the same mesh; GRPO's reward function sees each process's own samples;
-    config.json is written once (process 0) and metrics.jsonl holds every step once. Without run_dir (a
-    temporary directory would differ per process) or without a mesh, a call is refused before training."""
+    """`sft`, `dpo` and `grpo` of `rljax.recipes` with mesh= on two processes: the per-step metrics, the
+    evaluations on eval_data (GRPO's 3 held-out prompts in batches of 2, each filled to the mesh's rows) and
+    the parameters of one process with the same mesh; GRPO's reward function sees each process's own samples
+    (and every held-out prompt's greedy completion); config.json is written once (process 0), metrics.jsonl
+    holds every step once, the samples of each iteration one file. Without run_dir (a temporary directory
+    would differ per process) or without a mesh, a call is refused before training."""
     res = _run(tmp_path, "tasks")
     p0, p1, single = (res[n]["out"] for n in ("proc0", "proc1", "single"))
     assert p0["tasks"] == p1["tasks"]
     for name, one in single["tasks"].items():
         multi = p0["tasks"][name]
         _close_rows(multi["history"], one["history"], name)
-        assert [h["step"] for h in multi["history"]] == [1, 2]
+        _close_rows(multi["eval"], one["eval"], name + " eval")
+        assert [h["step"] for h in multi["history"]] == [1, 2] and [h["step"] for h in multi["eval"]] == [2]
         np.testing.assert_allclose(multi["params"], one["params"], rtol=1e-5, err_msg=name)
         run = res["proc0"]["run_dir"] / name
         assert json.loads((run / "config.json").read_text())["task"] == name
-        assert [r["step"] for r in read_metrics(run)] == [1, 2]
-    assert p0["scored"] == p1["scored"] == [2, 2] and single["scored"] == [4, 4]  # 2 prompts x 2 samples a step
+        assert [r["step"] for r in read_metrics(run)] == [1, 2, 2]  # the steps, then the final evaluation
+    assert sorted(os.listdir(res["proc0"]["run_dir"] / "grpo" / "samples")) == ["iteration-000001.jsonl",
+                                                                               "iteration-000002.jsonl"]
+    assert read_samples(res["proc0"]["run_dir"] / "grpo", 2) == read_samples(res["single"]["run_dir"] / "grpo", 2)
+    # 2 prompts x 2 samples a step (each process its half), then the held-out 2 + 1 prompts on every process
+    assert p0["scored"] == p1["scored"] == [2, 2, 2, 1] and single["scored"] == [4, 4, 2, 1]
     assert single["refused"] == {"run_dir": None, "mesh": None}
     assert "2 processes are running: pass run_dir= on a file system they all share" in p0["refused"]["run_dir"]
     assert "2 processes are running: pass mesh=make_mesh(...)" in p0["refused"]["mesh"]

@@ -572,7 +572,8 @@ def test_the_run_record_names_a_dataset_by_fingerprint_and_a_folder_by_its_absol
 def test_recipes_train_on_a_mesh_as_on_one_device(tmp_path):
     """mesh=: a checkpoint folder is loaded straight onto the mesh and a model tuple placed on it; SFT and
     GRPO trained on a data x fsdp = 2 x 2 mesh of simulated devices give the one-device run's losses and
-    parameters, held sharded over the mesh."""
+    parameters, held sharded over the mesh, and the same evaluations on eval_data (8 rows; GRPO's prompts in batches of 2, each filled to the mesh's 4
+    rows with copies)."""
     from conftest import run_with_devices
 
     out = run_with_devices(f"""
@@ -602,6 +603,10 @@ def test_recipes_train_on_a_mesh_as_on_one_device(tmp_path):
                 if k in a.history[0]:
                     np.testing.assert_allclose([h[k] for h in a.history], [h[k] for h in b.history], rtol=1e-4,
                                                atol=1e-6, err_msg=what + " " + k)
+            assert a.eval_metrics.keys() == b.eval_metrics.keys() and a.eval_metrics, what
+            for k in a.eval_metrics:
+                np.testing.assert_allclose(a.eval_metrics[k], b.eval_metrics[k], rtol=1e-4, atol=1e-6,
+                                           err_msg=what + " eval " + k)
             # the trained models compute the same: Adam moves a weight whose gradient is ~0 (the embedding row
             # of a token no row holds) by up to lr a step whichever sign rounding gives it, so the weights
             # themselves are compared through what they compute
@@ -614,12 +619,13 @@ def test_recipes_train_on_a_mesh_as_on_one_device(tmp_path):
             assert leaf.addressable_shards[0].data.size * 2 == leaf.size, what  # split over fsdp
 
         scfg = SFTTaskConfig(steps=2, batch_size=4, lr=3e-3, progress=False)
-        same(sft(ckpt, rows, scfg), sft(ckpt, rows, scfg, mesh=mesh), "sft from a checkpoint")
+        same(sft(ckpt, rows, scfg, eval_data=rows[:8]), sft(ckpt, rows, scfg, mesh=mesh, eval_data=rows[:8]),
+             "sft from a checkpoint")
         gcfg = GRPOTaskConfig(steps=2, batch_size=2, n=2, max_new_tokens=4, lr=1e-2, progress=False)
         reward = lambda prompts, completions, **_: [float(len(c) % 3) for c in completions]  # noqa: E731
         prompts = [{{"prompt": r["prompt"]}} for r in rows]
-        same(grpo((model, params, tok), prompts, reward, gcfg), grpo((model, params, tok), prompts, reward, gcfg,
-                                                                    mesh=mesh), "grpo from a tuple")
+        same(grpo((model, params, tok), prompts, reward, gcfg, eval_data=prompts[:8]),
+             grpo((model, params, tok), prompts, reward, gcfg, mesh=mesh, eval_data=prompts[:8]), "grpo from a tuple")
         print("MESH_TASKS_OK")
     """, n_devices=4)
     assert "MESH_TASKS_OK" in out

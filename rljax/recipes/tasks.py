@@ -12,6 +12,9 @@ Each entry point takes
             (`rljax.data.adapters.load_records`); rows are validated by the adapters' schemas, and a bad
             row raises `DataError` naming the row and the field before anything trains;
   cfg:      the task's config dataclass (defaults for learning rate, steps, batch size, lengths);
+  eval_data: optional; held-out rows of the same kind, evaluated every cfg.eval_every steps and at the
+            end (the loss and metrics over all of them; GRPO: the reward of greedy completions), returned
+            as `TaskResult.eval_metrics` / `eval_history` and logged under "<phase>/eval/";
   mesh:     optional; a device mesh (`rljax.sharding.make_mesh`) to train and sample on, the weights and
             batches sharded over it (a checkpoint is loaded straight onto it, each device reading its
             slice); default: a model tuple's own `Model.mesh`, one device for a checkpoint. On several
@@ -57,6 +60,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
 
 from rljax import phases
 from rljax.algorithms import get_algorithm
@@ -70,8 +74,9 @@ from rljax.data.lengths import Tokens, fit_lengths
 from rljax.data.preference_collate import _weight_or_label, collate_preferences, cut_prompt
 from rljax.data.reward_collate import _finite, collate_pairs, collate_scored
 from rljax.distributed import on_main, sync
-from rljax.losses.preference import PREFERENCE_METHODS
-from rljax.losses.reward_model import PointwiseConfig, RankingConfig
+from rljax.losses.preference import PREFERENCE_METHODS, preference_loss, with_live_reference
+from rljax.losses.reward_model import PointwiseConfig, RankingConfig, reward_model_loss
+from rljax.losses.sft import sft_loss
 from rljax.metrics import WandbConfig, read_metrics
 from rljax.models import Model, add_head
 from rljax.phases import LoopConfig, PromptBatch
@@ -99,7 +104,8 @@ class TaskConfig:
     message's content); "truncate_completion": cut the completion from the right; see `rljax.data.lengths`;
     GRPO's rows are prompts: "error", "drop" or "truncate_prompt", against what the KV cache leaves them,
     `GRPOTaskConfig`); lr with `warmup_steps` of linear warmup then `schedule`;
-    log_every: steps between metrics rows (the last step is always logged); checkpoint_every: steps
+    log_every: steps between metrics rows (the last step is always logged); eval_every: steps between
+    evaluations on the task's eval_data (0: at the end only; the end is always evaluated); checkpoint_every: steps
     between checkpoints in run_dir (0: only the last); chat_template: None = apply the tokenizer's chat
     template when it has one; system_prompt: a system message before every prompt; dtype, max_seq_len:
     for a model loaded from a checkpoint (None: the checkpoint's). tensorboard, wandb: where else the
@@ -116,6 +122,7 @@ class TaskConfig:
     weight_decay: float = 0.0
     clip_norm: float | None = 1.0
     log_every: int = 1
+    eval_every: int = 0
     checkpoint_every: int = 0
     seed: int = 0
     progress: bool = True
@@ -139,8 +146,9 @@ class TaskConfig:
                                clip_norm=self.clip_norm)
 
     def loop(self) -> LoopConfig:
-        return LoopConfig(steps=self.steps, log_every=self.log_every, checkpoint_every=self.checkpoint_every,
-                          progress=self.progress, tensorboard=self.tensorboard, wandb=self.wandb)
+        return LoopConfig(steps=self.steps, log_every=self.log_every, eval_every=self.eval_every,
+                          checkpoint_every=self.checkpoint_every, progress=self.progress, tensorboard=self.tensorboard,
+                          wandb=self.wandb)
 
 
 @dataclass(frozen=True)
@@ -273,7 +281,8 @@ class TaskResult:
     (names without the phase prefix, e.g. "loss", "reward_mean"; {} when no step ran, steps=0); history:
     every logged step's metrics with its "step"; model, tokenizer: as used; state: the final TrainState /
     RLState; run_dir: where the run was written (None when none was given: a temporary directory held it
-    and is gone)."""
+    and is gone); eval_metrics, eval_history: the last evaluation on eval_data and every one with its
+    "step" (names without the "<phase>/eval/" prefix; {} and [] without eval_data)."""
 
     params: Any
     metrics: dict
@@ -282,6 +291,8 @@ class TaskResult:
     tokenizer: Any
     state: Any
     run_dir: str | None
+    eval_metrics: dict = dataclasses.field(default_factory=dict)
+    eval_history: list = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -834,7 +845,8 @@ def _describe(x) -> Any:
 
 # TaskConfig fields that say how a run is shown and how often it saves, not what it computes: a rerun that
 # resumes may change them.
-RESUMABLE_CHANGES = ("progress", "log_every", "checkpoint_every", "tensorboard", "wandb", "samples_every")
+RESUMABLE_CHANGES = ("progress", "log_every", "checkpoint_every", "tensorboard", "wandb", "samples_every",
+                     "eval_every")
 
 
 def _flat_record(record: dict) -> dict:
@@ -913,79 +925,180 @@ def _loaded(task: str, model, cfg: TaskConfig, mesh, head: str | None = None):
     return m, params, tok
 
 
-def _history(run_dir: str, name: str) -> list[dict]:
-    """Metrics rows of phase `name` (prefix stripped, eval rows left out), one per step, the last written."""
+def _history(run_dir: str, name: str, prefix: str = "") -> list[dict]:
+    """Metrics rows of phase `name` (prefix stripped, eval rows left out; with prefix "eval/" the eval rows
+    alone), one per step, the last written."""
     sync(f"rljax.recipes: {run_dir} metrics written")  # process 0 writes them; every process reads them back
     if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         return []
-    by_step = {}
+    by_step, start = {}, f"{name}/{prefix}"
     for r in read_metrics(run_dir):
-        got = {k[len(name) + 1:]: v for k, v in r.items() if k.startswith(f"{name}/") and "/eval/" not in k}
+        got = {k[len(start):]: v for k, v in r.items() if k.startswith(start) and (prefix or "/eval/" not in k)}
         if got:
             by_step[r["step"]] = dict(got, step=r["step"])
     return [by_step[s] for s in sorted(by_step)]
 
 
 def _result(state, params, d, name, model, tok, run_dir) -> TaskResult:
-    history = _history(d, name)
-    metrics = {k: v for k, v in history[-1].items() if k != "step"} if history else {}
+    history, evals = _history(d, name), _history(d, name, "eval/")
+    metrics, last_eval = ({k: v for k, v in h[-1].items() if k != "step"} if h else {} for h in (history, evals))
     return TaskResult(params=params, metrics=metrics, history=history, model=model, tokenizer=tok, state=state,
-                      run_dir=None if run_dir is None else os.fspath(run_dir))
+                      run_dir=None if run_dir is None else os.fspath(run_dir), eval_metrics=last_eval,
+                      eval_history=evals)
 
 
-def sft(model, data, cfg: SFTTaskConfig = SFTTaskConfig(), *, run_dir: str | None = None,
+def held_out_batches(it: BatchIterator, model: Model, where: str, *, split: bool = True) -> list:
+    """Every example of `it` once, in order, as batches of its batch size (the last one shorter): the eval
+    batches of a task's eval_data. split: the batches are split over the mesh as they are (a loss's), so on
+    a mesh the last batch keeps a multiple of the rows the mesh's batch axes (and the processes) split
+    (`prompt_multiple`), the rest dropped with a warning naming how many; False: the caller fills them
+    (prompts for `reward_eval`)."""
+    from rljax.sampling import prompt_multiple
+
+    examples, size, m = it.examples, it.batch_size, prompt_multiple(model, 1) if split else 1
+    chunks = [examples[s:s + size] for s in range(0, len(examples), size)]
+    if chunks and len(chunks[-1]) % m:
+        keep = len(chunks[-1]) // m * m
+        warnings.warn(f"{where}: the last {len(chunks[-1]) - keep} of {len(examples)} rows are left out of the "
+                      f"evaluation: the mesh splits a batch's rows {m} ways (give a multiple of {m} rows, or a "
+                      f"batch_size that leaves one)", stacklevel=3)
+        chunks[-1] = chunks[-1][:keep]
+    chunks = [c for c in chunks if c]
+    if not chunks:
+        raise DataError(f"{where}: no rows to evaluate on")
+    return [it.collate(c) for c in chunks]
+
+
+def sft(model, data, cfg: SFTTaskConfig = SFTTaskConfig(), *, eval_data=None, run_dir: str | None = None,
         allow_change: bool = False, mesh=None) -> TaskResult:
     """Supervised fine-tuning of `model` on `data` ({prompt, completion} or {messages} rows) for cfg.steps
-    steps of cfg.batch_size rows (`rljax.phases.sft`); metrics: loss, tokens, grad_norm, ..."""
+    steps of cfg.batch_size rows (`rljax.phases.sft`); metrics: loss, tokens, grad_norm, ... eval_data: rows
+    of the same kind, evaluated every cfg.eval_every steps and at the end (`phases.loss_eval`: the loss over
+    all their completion tokens), logged as sft/eval/loss and returned as eval_metrics / eval_history."""
     m, params, tok = _loaded("sft", model, cfg, mesh)
     data_it = sft_batches(tok, data, cfg, max_length=_max_length(cfg, m))
-    opt = cfg.optimizer()
-    state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
+    phase_cfg = phases.SFTPhaseConfig(optimizer=cfg.optimizer(), loop=cfg.loop())
+    eval_fn = None
+    if eval_data is not None:
+        held = held_out_batches(sft_batches(tok, eval_data, cfg, max_length=_max_length(cfg, m)), m, "sft: eval_data")
+        eval_fn = phases.loss_eval(functools.partial(sft_loss, model=m, cfg=phase_cfg.loss), held, model=m)
+    state = create_state(m, phase_cfg.optimizer, jax.random.key(cfg.seed), params=params)
     with _run_dir(run_dir, "sft", cfg, model, data, allow_change) as d:
-        state = phases.sft(state, data_it, phases.SFTPhaseConfig(optimizer=opt, loop=cfg.loop()), model=m, run_dir=d)
+        state = phases.sft(state, data_it, phase_cfg, model=m, run_dir=d, eval_fn=eval_fn)
         return _result(state, state.params, d, "sft", m, tok, run_dir)
 
 
-def reward_model(model, data, cfg: RewardModelTaskConfig = RewardModelTaskConfig(), *,
+def reward_model(model, data, cfg: RewardModelTaskConfig = RewardModelTaskConfig(), *, eval_data=None,
                  run_dir: str | None = None, allow_change: bool = False, mesh=None) -> TaskResult:
     """A reward model: `model` with a "reward" head (added, zero-initialised, when missing) trained on
     preference pairs (Bradley–Terry) or scored responses (squared error), `rljax.phases.train_reward_model`.
-    Score texts with `rljax.rewards.reward_model_reward(result.model, result.params, result.tokenizer)`."""
+    Score texts with `rljax.rewards.reward_model_reward(result.model, result.params, result.tokenizer)`.
+    eval_data: rows of the same kind, evaluated every cfg.eval_every steps and at the end (the loss and
+    its metrics, e.g. accuracy, over all of them: `phases.loss_eval`), logged as rm/eval/... and returned
+    as eval_metrics / eval_history."""
     m, params, tok = _loaded("reward_model", model, cfg, mesh, head="reward")
     data_it, kind = reward_batches(tok, data, cfg, max_length=_max_length(cfg, m), share_prompt=cfg.share_prompt)
     loss = RankingConfig(margin=cfg.margin, centring=cfg.centring) if kind == "pairs" else PointwiseConfig()
+    eval_fn = None
+    if eval_data is not None:
+        eval_it, eval_kind = reward_batches(tok, eval_data, cfg, max_length=_max_length(cfg, m),
+                                            share_prompt=cfg.share_prompt)
+        if eval_kind != kind:
+            raise DataError(f"reward_model: eval_data holds {eval_kind} rows, but data holds {kind} rows")
+        eval_fn = phases.loss_eval(functools.partial(reward_model_loss, model=m, cfg=loss),
+                                   held_out_batches(eval_it, m, "reward_model: eval_data"), model=m)
     opt = cfg.optimizer()
     state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
     with _run_dir(run_dir, "reward_model", cfg, model, data, allow_change) as d:
         state = phases.train_reward_model(state, data_it, phases.RewardModelPhaseConfig(
-            loss=loss, optimizer=opt, loop=cfg.loop()), model=m, run_dir=d)
+            loss=loss, optimizer=opt, loop=cfg.loop()), model=m, run_dir=d, eval_fn=eval_fn)
         return _result(state, state.params, d, "rm", m, tok, run_dir)
 
 
-def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, run_dir: str | None = None,
+def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, eval_data=None, run_dir: str | None = None,
         allow_change: bool = False, mesh=None) -> TaskResult:
     """DPO (or cfg.method of its family) of `model` on {prompt, chosen, rejected} rows against the frozen
-    starting model (`rljax.phases.preference`); metrics: loss, accuracy, margin, chosen/rejected rewards."""
+    starting model (`rljax.phases.preference`); metrics: loss, accuracy, margin, chosen/rejected rewards.
+    eval_data: pairs evaluated every cfg.eval_every steps and at the end (the same loss and metrics over all
+    of them, against the same reference: `phases.loss_eval`), logged as preference/eval/... and returned as
+    eval_metrics / eval_history."""
     m, params, tok = _loaded("dpo", model, cfg, mesh)
     loss = cfg.loss()
     data_it = preference_batches(tok, data, cfg, max_length=_max_length(cfg, m))
+    eval_fn = None
+    if eval_data is not None:
+        held = held_out_batches(preference_batches(tok, eval_data, cfg, max_length=_max_length(cfg, m)), m,
+                                "dpo: eval_data")
+        live = loss.needs_reference
+        eval_fn = phases.loss_eval(functools.partial(preference_loss, model=m, cfg=loss), held, model=m,
+                                   prepare=functools.partial(with_live_reference, model=m, chunk_size=loss.chunk_size)
+                                   if live else None, frozen=params if live else None)
     opt = cfg.optimizer()
     state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
     with _run_dir(run_dir, "dpo", cfg, model, data, allow_change) as d:
         state = phases.preference(state, data_it, phases.PreferencePhaseConfig(loss=loss, optimizer=opt,
                                                                                loop=cfg.loop()),
-                                  model=m, reference=params, run_dir=d)
+                                  model=m, reference=params, run_dir=d, eval_fn=eval_fn)
         return _result(state, state.params, d, "preference", m, tok, run_dir)
 
 
-def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *,
+def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Callable, *, max_new_tokens: int,
+                call_config: RewardCallConfig | None = None) -> Callable:
+    """An eval_fn for `rljax.phases.rl`: the policy's greedy completions of the held-out prompt batches
+    (`PromptBatch`es, the same on every process), scored by reward_fn with the batches' metadata ->
+    {"reward_mean", "completion_length" (tokens), and for a `RewardSum` each term's
+    "reward_<name>_mean" over the prompts it scored}, each a mean over every held-out prompt.
+    On a mesh a batch is filled with copies of its first prompt up to a multiple the mesh splits
+    (`prompt_multiple`), their rows dropped."""
+    from rljax.distributed import to_host
+    from rljax.rewards.rules import score_with_failures
+    from rljax.sampling import prompt_multiple, sample
+
+    greedy = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0, **tokenizer_ids(tok))
+    decode_prompts = functools.partial(tok.decode_batch, stop_at_eos=False)
+    terms = reward_fn.terms if isinstance(reward_fn, RewardSum) else ((1.0, reward_fn),)
+
+    def eval_fn(state) -> dict:
+        totals, lengths, parts = [], [], {name: [] for name in getattr(reward_fn, "names", ())}
+        for b in held:
+            real, m = len(b.tokens), prompt_multiple(model, 1)
+            fill = -real % m  # copies of the first prompt, so the mesh splits the rows; dropped below
+            tokens = np.concatenate([b.tokens, np.repeat(b.tokens[:1], fill, axis=0)])
+            mask = np.concatenate([b.mask, np.repeat(b.mask[:1], fill, axis=0)])
+            r = sample(state.policy.params, tokens, mask, jax.random.key(0), model=model, cfg=greedy)
+            ids, length = to_host((r.tokens, r.lengths))
+            prompts = decode_prompts(ids[:real, :r.prompt_length])
+            completions = tok.decode_batch(ids[:real, r.prompt_length:])
+            scores = [score_with_failures(f, prompts, completions, call_config=call_config,
+                                          allow_none=isinstance(reward_fn, RewardSum), **b.metadata).rewards
+                      for _, f in terms]
+            total = reward_fn.total(scores)[0] if isinstance(reward_fn, RewardSum) else scores[0]
+            totals.append(total)
+            lengths.append(np.asarray(length[:real], np.float64))
+            for name, s in zip(parts, scores):
+                parts[name].append(s)
+        out = {"reward_mean": float(np.mean(np.concatenate(totals))),
+               "completion_length": float(np.mean(np.concatenate(lengths)))}
+        for name, values in parts.items():
+            values = np.concatenate(values)
+            if not np.isnan(values).all():
+                out[f"reward_{name}_mean"] = float(np.nanmean(values))
+        return out
+
+    return eval_fn
+
+
+def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *, eval_data=None,
          run_dir: str | None = None, allow_change: bool = False, mesh=None) -> TaskResult:
     """On-policy RL with cfg.algorithm (GRPO by default) on the prompts of `data` ({prompt, ...} rows), scored
     by `reward_funcs` (one function, a list summed, or (weight, fn) pairs; each fn(prompts, completions,
     **columns) -> list[float] sees the decoded prompt and completion texts and the row's other columns,
     one entry per sample; on several processes each process's call gets its own samples). `rljax.phases.rl`;
     metrics per iteration: reward_mean, reward_std, kl_k1, kl_k3, entropy,
-    completion_length, ... (`make_rl_iteration` lists them)"""
+    completion_length, ... (`make_rl_iteration` lists them). eval_data: {prompt, ...} rows whose greedy
+    completions are scored by the same functions every cfg.eval_every iterations and at the end
+    (`reward_eval`: reward_mean, each function's, completion_length), logged as rl/eval/... and returned as
+    eval_metrics / eval_history."""
     from rljax.losses.actor_critic import with_value_head
     from rljax.rl import create_rl_state
 
@@ -1006,6 +1119,14 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *,
     prompts = prompt_batches(tok, data, cfg, max_length=min(limit) if limit else None)
     if prompts.reward_format == "conversational":
         reward = conversational_rewards(reward)
+    eval_fn = None
+    if eval_data is not None:
+        held = prompt_batches(tok, eval_data, cfg, max_length=min(limit) if limit else None)
+        if held.reward_format != prompts.reward_format:
+            raise DataError(f"grpo: eval_data's prompts reach the reward functions as {held.reward_format} rows, "
+                            f"data's as {prompts.reward_format} rows; make them alike or set reward_format")
+        eval_fn = reward_eval(m, tok, held_out_batches(held.batches, m, "grpo: eval_data", split=False), reward,
+                              max_new_tokens=cfg.max_new_tokens, call_config=cfg.reward_call)
     critic_model = critic_params = None
     if needs.critic:
         critic_model, critic_params = with_value_head(m, params)
@@ -1016,5 +1137,5 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *,
     with _run_dir(run_dir, "grpo", cfg, model, data, allow_change) as d:
         state = phases.rl(state, prompts, reward, rl_cfg, model=m, decode=tok.decode_batch,
                           decode_prompts=functools.partial(tok.decode_batch, stop_at_eos=False), loop=cfg.loop(),
-                          run_dir=d, critic_model=critic_model, samples_every=cfg.samples_every)
+                          run_dir=d, critic_model=critic_model, samples_every=cfg.samples_every, eval_fn=eval_fn)
         return _result(state, state.policy.params, d, "rl", m, tok, run_dir)
