@@ -109,7 +109,10 @@ class RLConfig:
     reward_call: how the reward function (and accuracy_fn) is called (`RewardCallConfig`:
     chunks, worker threads, a per-call time limit, and whether a failed call raises or scores
     a fixed value); with on_failure="value" the metrics count the samples scored so
-    (`reward_failed`, `accuracy_failed`)."""
+    (`reward_failed`, `accuracy_failed`).
+    mask_truncated: completions cut at max_new_tokens (no stop id) get no loss (DAPO's overlong
+    filtering, TRL's mask_truncated_completions); their rewards still count in their group's
+    statistics, and kept_fraction then counts only the rows trained on."""
 
     algorithm: Any = "grpo"
     loss: Any = None
@@ -128,6 +131,7 @@ class RLConfig:
     critic_epochs: int = 1
     transforms: tuple[RewardTransform, ...] = ()
     reward_call: RewardCallConfig = field(default_factory=RewardCallConfig)
+    mask_truncated: bool = False
 
     def __post_init__(self):
         algo = get_algorithm(self.algorithm)
@@ -147,6 +151,9 @@ class RLConfig:
                              f"top_k={s.top_k}, top_p={s.top_p}, greedy={s.greedy}")
         if self.max_refills < 0:
             raise ValueError(f"RLConfig.max_refills: must be >= 0, got {self.max_refills}")
+        if self.mask_truncated and s.eos_id < 0 and not s.stop_ids:
+            raise ValueError("RLConfig.mask_truncated: the sampling has no stop id (eos_id=-1, no stop_ids), so every "
+                             "completion runs to max_new_tokens and none would be trained on")
         if self.max_refills and not needs.group_filter:
             raise ValueError("RLConfig.max_refills: refilling replaces dropped groups, so it needs an estimator that "
                              "drops them (GroupAdvantageConfig(drop_equal_groups=True), e.g. algorithm='dapo')")
@@ -540,6 +547,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
                            teacher_logprobs=teacher)
         batch, keep = prepare(algo, inp)
         keep = jnp.asarray(keep)
+        if cfg.mask_truncated:  # after the estimator: a truncated row's reward still counts in its group
+            keep = jnp.logical_and(keep, rollout.stopped_at_eos)
         batch = batch.replace(loss_mask=batch.loss_mask * keep.astype(batch.loss_mask.dtype)[:, None])
         stats = {"kept_fraction": jnp.mean(keep.astype(jnp.float32))}
         if ref is not None:  # KL(π_old ‖ π_ref) over the sampled completion tokens

@@ -445,3 +445,32 @@ def test_informative_groups_on_the_host_match_group_range():
     assert got.dtype == bool and got.shape == (groups,)
     np.testing.assert_array_equal(got, expected)
     assert 0 < got.sum() < groups and not got[3]
+
+
+def test_mask_truncated_trains_on_the_stopped_rows_alone(bandit):
+    """RLConfig.mask_truncated: the update equals the plain update on the same samples with the truncated rows'
+    loss mask zeroed (their rewards still in the group statistics), and kept_fraction is the stopped share."""
+    model, params = bandit
+    sampling = SampleConfig(max_new_tokens=6, n=8, eos_id=7, min_prompt_bucket=1)
+    prompts = np.array([[3], [5], [9], [11]], np.int32)
+    masked, plain = (RLConfig(algorithm="grpo", sampling=sampling, mask_truncated=m,
+                              optimizer=OptimizerConfig(lr=1e-2, schedule="constant")) for m in (True, False))
+
+    def length_reward(prompts, completions, **_):
+        return [float(len(c.split())) for c in completions]
+
+    it_masked = make_rl_iteration(model, masked, length_reward, decode)
+    key = jax.random.key(3)
+    collected = it_masked.collect(params, prompts, None, key)
+    stopped = np.asarray(collected.rollout.stopped_at_eos)
+    assert 0 < stopped.sum() < len(stopped)  # the key draws both kinds of row
+    a, m_a = it_masked.learn(create_rl_state(model, params, masked, jax.random.key(1)), collected, key)
+    zeroed = dataclasses.replace(collected, rollout=collected.rollout.replace(
+        loss_mask=collected.rollout.loss_mask * stopped[:, None].astype(collected.rollout.loss_mask.dtype)))
+    b, m_b = make_rl_iteration(model, plain, length_reward, decode).learn(
+        create_rl_state(model, params, plain, jax.random.key(1)), zeroed, key)
+    for x, y in zip(jax.tree.leaves(a.policy.params), jax.tree.leaves(b.policy.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-7)
+    assert m_a["kept_fraction"] == pytest.approx(stopped.mean()) and m_b["kept_fraction"] == 1.0
+    with pytest.raises(ValueError, match="mask_truncated: the sampling has no stop id"):
+        RLConfig(algorithm="grpo", sampling=one_token(4), mask_truncated=True)

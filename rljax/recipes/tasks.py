@@ -204,7 +204,8 @@ class GRPOTaskConfig(TaskConfig):
     """On-policy RL: `algorithm` is any `rljax.algorithms` registry name ("grpo", "rloo", "dapo", "dr_grpo",
     "reinforce", "ppo", ...) or an Algorithm; steps counts RL iterations, each sampling `n` completions of
     at most `max_new_tokens` tokens for `batch_size` prompts (stopping at every stop id of the tokenizer)
-    and updating epochs x minibatches times. kl_coef: None keeps the algorithm's. Algorithms that need a
+    and updating epochs x minibatches times (temperature, top_p, top_k: `SampleConfig`'s; top_k 0 is off).
+    kl_coef: None keeps the algorithm's. Algorithms that need a
     value head (ppo, a2c) get one zero-initialised on the policy, those with a separate critic (trpo) a
     critic copied from the policy with a value head; a running baseline is `baseline_decay`'s moving
     average. A prompt longer than max_length (None, and at most: max_seq_len - max_new_tokens, what the
@@ -220,6 +221,8 @@ class GRPOTaskConfig(TaskConfig):
     "content": text}]; a text prompt is one user message), or "auto" (the default): conversational
     when every row's prompt is a list of messages, text when every row's is a string (a data set
     with both is a DataError naming a row of each).
+    mask_truncated: completions cut at max_new_tokens get no loss (`RLConfig.mask_truncated`; TRL's
+    mask_truncated_completions).
     samples_every: k > 0 writes every k-th iteration's samples (text, rewards, each reward function's
     reward, lengths, the row's columns) to run_dir/samples/iteration-NNNNNN.jsonl
     (`rljax.metrics.read_samples`); needs a run_dir."""
@@ -233,6 +236,7 @@ class GRPOTaskConfig(TaskConfig):
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     kl_coef: float | None = None
     epochs: int = 1
     minibatches: int = 1
@@ -243,6 +247,7 @@ class GRPOTaskConfig(TaskConfig):
     reward_call: RewardCallConfig = dataclasses.field(default_factory=RewardCallConfig)
     reward_format: str = "auto"
     samples_every: int = 0
+    mask_truncated: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -269,9 +274,11 @@ class GRPOTaskConfig(TaskConfig):
         opt = dataclasses.replace(self.optimizer(), head_lr=self.head_lr)
         return RLConfig(algorithm=algo, sampling=SampleConfig(max_new_tokens=self.max_new_tokens, n=self.n,
                                                               temperature=self.temperature, top_p=self.top_p,
+                                                              top_k=self.top_k,
                                                               **tokenizer_ids(tokenizer)),
                         optimizer=opt, epochs=self.epochs, minibatches=self.minibatches, track_kl=self.track_kl,
                         truncate_prompts=True, max_refills=self.max_refills, reward_call=self.reward_call,
+                        mask_truncated=self.mask_truncated,
                         transforms=(moving_average_baseline(self.baseline_decay),) if algo.needs().baseline else ())
 
 
