@@ -82,6 +82,7 @@ from rljax.models.logprobs import target_mask
 from rljax.models.transformer import check_scorer
 from rljax.pipelines import Stage, rl_state, run_stages, train_rl
 from rljax.pipeline_steps import check_algorithm, config_args, json_digest as _digest, sft_on_rows, stage_rl_config
+from rljax.rewards.rules import RewardSum
 from rljax.sampling import SampleConfig
 from rljax.sharding import place_params
 from rljax.state import OptimizerConfig
@@ -190,25 +191,18 @@ def rule_reward(task, *, format_weight: float = 0.1, language_weight: float = 0.
     answer = task.answer_reward() (1 for a right final answer), format = task.format_reward() (1 when
     task.well_formed; left out at weight 0), language = language_reward(prompts, completions, **metadata) (R1's
     language consistency: the fraction of the chain of thought in the target language; needed exactly when
-    language_weight > 0)."""
+    language_weight > 0). A `RewardSum`: the RL iteration logs each term's mean."""
     if language_weight > 0 and language_reward is None:
         raise ValueError(f"rule_reward: language_weight is {language_weight} but no language_reward was given (the "
                          "embedded tasks have no natural language; pass one for data that has)")
     if language_reward is not None and language_weight == 0:
         raise ValueError("rule_reward: a language_reward was given with language_weight 0; set language_weight")
-    answer = task.answer_reward()
-
-    def reward(prompts, completions, **metadata):
-        total = np.asarray(answer(prompts, completions, **metadata), np.float32)
-        if format_weight:
-            total = total + format_weight * np.asarray(task.format_reward()(prompts, completions), np.float32)
-        if language_weight:
-            total = total + language_weight * np.asarray(language_reward(prompts, completions, **metadata),
-                                                         np.float32)
-        return total
-
-    reward.__name__ = f"{task.name}_r1_rule_reward"
-    return reward
+    terms = [(1.0, task.answer_reward())]
+    if format_weight:
+        terms.append((format_weight, task.format_reward()))
+    if language_weight:
+        terms.append((language_weight, language_reward))
+    return RewardSum(tuple(terms))
 
 
 def mixed_reward(rule: Callable, reward_model: Callable) -> Callable:
