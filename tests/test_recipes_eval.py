@@ -101,15 +101,16 @@ def test_grpo_eval_scores_greedy_completions_of_every_held_out_prompt():
 
 
 def test_held_out_batches_keep_every_row_once_and_drop_what_a_mesh_cannot_split(monkeypatch):
-    it = sft_batches(TOK, EVAL_SFT, SFTTaskConfig(batch_size=2), max_length=64)
+    it = sft_batches(TOK, EVAL_SFT, SFTTaskConfig(batch_size=1), max_length=64)
     model = small_model()[0]
-    batches = held_out_batches(it, model, "sft: eval_data")
+    batches = held_out_batches(it, model, "sft: eval_data", size=2)
     assert [b.tokens.shape[0] for b in batches] == [2, 2, 1]
     monkeypatch.setattr("rljax.sampling.prompt_multiple", lambda model, n=1: 2)
     with pytest.warns(UserWarning, match="sft: eval_data: the last 1 of 5 rows are left out of the evaluation: the mesh "
                                          "splits a batch's rows 2 ways"):
-        batches = held_out_batches(it, model, "sft: eval_data")
+        batches = held_out_batches(it, model, "sft: eval_data", size=2)
     assert [b.tokens.shape[0] for b in batches] == [2, 2]
+    assert [b.tokens.shape[0] for b in held_out_batches(it, model, "sft: eval_data", size=8, split=False)] == [5]
 
 
 def test_loss_eval_weighs_the_loss_by_its_tokens():

@@ -165,7 +165,8 @@ def test_a_failed_term_call_scores_the_sample_failure_value_once():
 def test_grpo_recipe_gives_conversational_rows_trl_s_message_format():
     """Message-list prompts: the reward functions get each prompt's messages and each completion as one
     assistant message (TRL's conversational format), the same samples as reward_format="text" gives as text
-    (same seed); a list of two such functions keeps each one's metrics."""
+    (same seed); a list of two such functions keeps each one's metrics; the held-out evaluation calls them
+    in the same format."""
     from rljax.recipes import GRPOTaskConfig, grpo
     from tests.test_recipes_tasks import small_model
 
@@ -183,9 +184,11 @@ def test_grpo_recipe_gives_conversational_rows_trl_s_message_format():
         return [float(len(c[0]["content"])) for c in completions]
 
     cfg = GRPOTaskConfig(steps=1, batch_size=2, n=2, max_new_tokens=4, progress=False, system_prompt="add")
-    conv = grpo(small_model(), rows, [record("conversational"), (0.5, length)], cfg)
+    conv = grpo(small_model(), rows, [record("conversational"), (0.5, length)], cfg, eval_data=rows[:1])
     text = grpo(small_model(), rows, record("text"), dataclasses.replace(cfg, reward_format="text"))
-    (c_prompts, c_completions, c_answer), = got["conversational"]
+    (c_prompts, c_completions, c_answer), held = got["conversational"]  # the iteration's call, then the eval's
+    assert held[0] == [[{"role": "system", "content": "add"}] + rows[0]["prompt"]] and held[2] == [rows[0]["answer"]]
+    assert len(held[1]) == 1 and held[1][0][0]["role"] == "assistant"  # the greedy completion, as a message
     (t_prompts, t_completions, t_answer), = got["text"]
     assert c_answer == t_answer
     by_answer = {r["answer"]: r["prompt"] for r in rows}

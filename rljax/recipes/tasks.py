@@ -954,15 +954,22 @@ def _result(state, params, d, name, model, tok, run_dir) -> TaskResult:
                       eval_history=evals)
 
 
-def held_out_batches(it: BatchIterator, model: Model, where: str, *, split: bool = True) -> list:
-    """Every example of `it` once, in order, as batches of its batch size (the last one shorter): the eval
+def _eval_config(cfg: TaskConfig, **changes) -> TaskConfig:
+    """cfg for building eval_data's rows: batch_size 1 (the builders' BatchIterator refuses fewer rows than a
+    batch; `held_out_batches` cuts the batches) and GRPO's minibatches 1 (which must divide batch_size x n)."""
+    extra = {"minibatches": 1} if isinstance(cfg, GRPOTaskConfig) else {}
+    return dataclasses.replace(cfg, batch_size=1, **extra, **changes)
+
+
+def held_out_batches(it: BatchIterator, model: Model, where: str, *, size: int, split: bool = True) -> list:
+    """Every example of `it` once, in order, as batches of `size` (the last one shorter): the eval
     batches of a task's eval_data. split: the batches are split over the mesh as they are (a loss's), so on
     a mesh the last batch keeps a multiple of the rows the mesh's batch axes (and the processes) split
     (`prompt_multiple`), the rest dropped with a warning naming how many; False: the caller fills them
     (prompts for `reward_eval`)."""
     from rljax.sampling import prompt_multiple
 
-    examples, size, m = it.examples, it.batch_size, prompt_multiple(model, 1) if split else 1
+    examples, m = it.examples, prompt_multiple(model, 1) if split else 1
     chunks = [examples[s:s + size] for s in range(0, len(examples), size)]
     if chunks and len(chunks[-1]) % m:
         keep = len(chunks[-1]) // m * m
@@ -987,7 +994,8 @@ def sft(model, data, cfg: SFTTaskConfig = SFTTaskConfig(), *, eval_data=None, ru
     phase_cfg = phases.SFTPhaseConfig(optimizer=cfg.optimizer(), loop=cfg.loop())
     eval_fn = None
     if eval_data is not None:
-        held = held_out_batches(sft_batches(tok, eval_data, cfg, max_length=_max_length(cfg, m)), m, "sft: eval_data")
+        held = held_out_batches(sft_batches(tok, eval_data, _eval_config(cfg), max_length=_max_length(cfg, m)), m,
+                                "sft: eval_data", size=cfg.batch_size)
         eval_fn = phases.loss_eval(functools.partial(sft_loss, model=m, cfg=phase_cfg.loss), held, model=m)
     state = create_state(m, phase_cfg.optimizer, jax.random.key(cfg.seed), params=params)
     with _run_dir(run_dir, "sft", cfg, model, data, allow_change) as d:
@@ -1008,12 +1016,13 @@ def reward_model(model, data, cfg: RewardModelTaskConfig = RewardModelTaskConfig
     loss = RankingConfig(margin=cfg.margin, centring=cfg.centring) if kind == "pairs" else PointwiseConfig()
     eval_fn = None
     if eval_data is not None:
-        eval_it, eval_kind = reward_batches(tok, eval_data, cfg, max_length=_max_length(cfg, m),
+        eval_it, eval_kind = reward_batches(tok, eval_data, _eval_config(cfg), max_length=_max_length(cfg, m),
                                             share_prompt=cfg.share_prompt)
         if eval_kind != kind:
             raise DataError(f"reward_model: eval_data holds {eval_kind} rows, but data holds {kind} rows")
         eval_fn = phases.loss_eval(functools.partial(reward_model_loss, model=m, cfg=loss),
-                                   held_out_batches(eval_it, m, "reward_model: eval_data"), model=m)
+                                   held_out_batches(eval_it, m, "reward_model: eval_data", size=cfg.batch_size),
+                                   model=m)
     opt = cfg.optimizer()
     state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
     with _run_dir(run_dir, "reward_model", cfg, model, data, allow_change) as d:
@@ -1034,8 +1043,8 @@ def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, eval_data=None, ru
     data_it = preference_batches(tok, data, cfg, max_length=_max_length(cfg, m))
     eval_fn = None
     if eval_data is not None:
-        held = held_out_batches(preference_batches(tok, eval_data, cfg, max_length=_max_length(cfg, m)), m,
-                                "dpo: eval_data")
+        held = held_out_batches(preference_batches(tok, eval_data, _eval_config(cfg), max_length=_max_length(cfg, m)),
+                                m, "dpo: eval_data", size=cfg.batch_size)
         live = loss.needs_reference
         eval_fn = phases.loss_eval(functools.partial(preference_loss, model=m, cfg=loss), held, model=m,
                                    prepare=functools.partial(with_live_reference, model=m, chunk_size=loss.chunk_size)
@@ -1128,11 +1137,11 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *, e
         reward = conversational_rewards(reward)
     eval_fn = None
     if eval_data is not None:
-        held = prompt_batches(tok, eval_data, cfg, max_length=min(limit) if limit else None)
-        if held.reward_format != prompts.reward_format:
-            raise DataError(f"grpo: eval_data's prompts reach the reward functions as {held.reward_format} rows, "
-                            f"data's as {prompts.reward_format} rows; make them alike or set reward_format")
-        eval_fn = reward_eval(m, tok, held_out_batches(held.batches, m, "grpo: eval_data", split=False), reward,
+        # the training data's format, so that the reward functions get held-out rows as they get the others
+        held = prompt_batches(tok, eval_data, _eval_config(cfg, reward_format=prompts.reward_format),
+                              max_length=min(limit) if limit else None)
+        eval_fn = reward_eval(m, tok, held_out_batches(held.batches, m, "grpo: eval_data", size=cfg.batch_size,
+                                                       split=False), reward,
                               max_new_tokens=cfg.max_new_tokens, call_config=cfg.reward_call)
     critic_model = critic_params = None
     if needs.critic:
