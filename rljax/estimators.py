@@ -127,23 +127,28 @@ def _reward_kl(inp: PrepareInput, cfg):
 @dataclass(frozen=True)
 class GroupAdvantageConfig:
     """Â_i = (r_i − μ_g)/(σ_g + std_eps) over each prompt's n samples (GRPO), or r_i − μ_g
-    with scale_by_std=False (Dr. GRPO). drop_equal_groups: rows of a group whose rewards are
-    all equal carry no signal and are dropped (DAPO's dynamic sampling; the iteration refills
-    with RLConfig.max_refills more prompt batches)."""
+    with scale_by_std=False (Dr. GRPO); std_scope="batch" divides by the std of the whole batch's
+    rewards instead of the group's ("Lite PPO", TRL's scale_rewards="batch":
+    `get_algorithm("grpo").with_config(advantage=GroupAdvantageConfig(std_scope="batch"))`).
+    drop_equal_groups: rows of a group whose rewards are all equal carry no signal and are dropped
+    (DAPO's dynamic sampling; the iteration refills with RLConfig.max_refills more prompt batches)."""
 
     scale_by_std: bool = True
     std_eps: float = 1e-6
     drop_equal_groups: bool = False
+    std_scope: str = "group"
 
     def __post_init__(self):
         if self.std_eps < 0:
             raise ValueError(f"GroupAdvantageConfig.std_eps: must be >= 0, got {self.std_eps}")
+        if self.std_scope not in ("group", "batch"):
+            raise ValueError(f"GroupAdvantageConfig.std_scope: 'group' or 'batch', got {self.std_scope!r}")
 
 
 def group_estimate(inp: PrepareInput, cfg: GroupAdvantageConfig) -> Estimate:
     r = jnp.asarray(inp.rewards, jnp.float32)
     g = jnp.asarray(inp.rollout.group_ids)
-    adv = group_advantages(r, g, scale_by_std=cfg.scale_by_std, eps=cfg.std_eps)
+    adv = group_advantages(r, g, scale_by_std=cfg.scale_by_std, eps=cfg.std_eps, std_scope=cfg.std_scope)
     keep = (group_range(r, g) > 0) if cfg.drop_equal_groups else jnp.ones(r.shape, bool)
     return Estimate(advantages=adv, rewards=r, keep=keep)
 

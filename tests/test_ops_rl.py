@@ -44,6 +44,19 @@ def test_group_advantages_known_answers():
     dr = np.asarray(group_advantages(jnp.asarray(REWARDS), jnp.asarray(GIDS), scale_by_std=False))
     for g, idx in _groups().items():
         np.testing.assert_allclose(dr[idx], REWARDS[idx] - REWARDS[idx].mean(), rtol=1e-5, atol=1e-6)
+    # std_scope="batch": the group's mean, the whole batch's population std ("Lite PPO"); tied groups still 0
+    lite = np.asarray(group_advantages(jnp.asarray(REWARDS), jnp.asarray(GIDS), std_scope="batch"))
+    for g, idx in _groups().items():
+        want = (REWARDS[idx] - REWARDS[idx].mean()) / (REWARDS.std() + 1e-6) if np.ptp(REWARDS[idx]) > 0 else 0.0
+        np.testing.assert_allclose(lite[idx], want, rtol=1e-5, atol=1e-6)
+    # by hand: rewards [1, 0, 0, 0 | 1, 1, 0, 0], batch std sqrt(0.234375)
+    hand = np.asarray(group_advantages(jnp.array([1., 0, 0, 0, 1, 1, 0, 0]), jnp.array([0] * 4 + [1] * 4),
+                                       std_scope="batch", eps=0.0))
+    s = np.sqrt(0.234375)
+    np.testing.assert_allclose(hand, [0.75 / s, -0.25 / s, -0.25 / s, -0.25 / s, 0.5 / s, 0.5 / s, -0.5 / s, -0.5 / s],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="std_scope must be 'group' or 'batch'"):
+        group_advantages(jnp.asarray(REWARDS), jnp.asarray(GIDS), std_scope="prompt")
 
 
 @pytest.mark.parametrize("value,n", [(0.7, 8), (1.1, 16), (2.2, 16), (-2.95, 11), (0.1, 8)])
@@ -197,3 +210,22 @@ def test_clipped_surrogate_cases_and_gradients():
     g_clip = jax.grad(lambda z: clipped_surrogate(z, x, a)[0].sum())(x)
     g_plain = jax.grad(lambda z: (-jnp.exp(z - x) * a).sum())(x)
     np.testing.assert_allclose(g_clip, g_plain, rtol=1e-6)
+
+
+def test_batch_std_scope_through_the_registry():
+    """GroupAdvantageConfig(std_scope="batch") on the grpo entry: the estimator's advantages are the op's."""
+    from rljax.algorithms import get_algorithm
+    from rljax.estimators import GroupAdvantageConfig, group_estimate
+
+    algo = get_algorithm("grpo").with_config(advantage=GroupAdvantageConfig(std_scope="batch"))
+    assert algo.estimator.config.std_scope == "batch"
+
+    class Inp:  # what group_estimate reads of a PrepareInput
+        rewards = jnp.asarray(REWARDS)
+        rollout = type("R", (), {"group_ids": jnp.asarray(GIDS)})
+
+    est = group_estimate(Inp, algo.estimator.config)
+    np.testing.assert_allclose(np.asarray(est.advantages),
+                               np.asarray(group_advantages(jnp.asarray(REWARDS), jnp.asarray(GIDS), std_scope="batch")))
+    with pytest.raises(ValueError, match="GroupAdvantageConfig.std_scope: 'group' or 'batch'"):
+        GroupAdvantageConfig(std_scope="global")

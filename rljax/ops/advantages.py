@@ -50,16 +50,22 @@ def group_range(x: jax.Array, group_ids: jax.Array) -> jax.Array:
 
 
 def group_advantages(rewards: jax.Array, group_ids: jax.Array, *, scale_by_std: bool = True,
-                     eps: float = 1e-6) -> jax.Array:
+                     eps: float = 1e-6, std_scope: str = "group") -> jax.Array:
     """GRPO: Â_i = (r_i − μ_g) / (σ_g + ε), or r_i − μ_g without std scaling (Dr. GRPO). [R] -> [R].
+    std_scope "batch": Â_i = (r_i − μ_g) / (σ + ε) with σ the population std of all R rewards (the
+    group mean, the batch's scale: "Lite PPO", TRL's scale_rewards="batch").
 
     A group whose rewards are all equal (including a group of one) gets Â = 0 exactly: set by
     `group_range`, not left to the division, because float32 rounding leaves μ_g a few ulps off
     such a group's reward (eight rewards of 0.7: r − μ ≈ 6e-8, σ ≈ 6e-8), and dividing by σ + ε
     would blow that up to Â ≈ 0.06 for every sample of the group. ε = 0 is then safe too.
     """
+    if std_scope not in ("group", "batch"):
+        raise ValueError(f"group_advantages: std_scope must be 'group' or 'batch', got {std_scope!r}")
     mean, std, _ = group_stats(rewards, group_ids)
     centred = rewards.astype(jnp.float32) - mean
+    if std_scope == "batch":
+        std = jnp.std(rewards.astype(jnp.float32))
     advantages = centred / (std + eps) if scale_by_std else centred
     return jnp.where(group_range(rewards, group_ids) > 0, advantages, 0.0)
 
