@@ -180,7 +180,7 @@ def test_grpo_recipe_gives_conversational_rows_trl_s_message_format():
             return [float(str(a) in t) for t, a in zip(text, answer)]
         return correct
 
-    def length(prompts, completions, **_):
+    def length(completions, **kwargs):  # TRL's form: called by keyword
         return [float(len(c[0]["content"])) for c in completions]
 
     cfg = GRPOTaskConfig(steps=1, batch_size=2, n=2, max_new_tokens=4, progress=False, system_prompt="add")
@@ -268,3 +268,32 @@ def test_grpo_recipe_writes_every_kth_iteration_s_samples(tmp_path):
         grpo(small_model(), rows, correct, cfg)
     with pytest.raises(ValueError, match="samples_every: must be >= 0"):
         GRPOTaskConfig(samples_every=-1)
+
+
+def test_trl_style_reward_functions_are_called_by_keyword():
+    """TRL calls reward functions by keyword, and its documented form is `def f(completions, **kwargs)`: such a
+    function gets the completions (positionally it would have got the prompts, then failed); one that takes
+    prompts gets them; the (prompts, completions) form, lambdas and callables keep the positional call."""
+    from rljax.rewards.rules import call_reward
+
+    def reward_len(completions, **kwargs):  # TRL's docs' example
+        return [-abs(3 - len(c)) for c in completions]
+
+    def with_prompts(completions, prompts, answer):
+        return [float(p[0] == c[0]) + a for p, c, a in zip(prompts, completions, answer)]
+
+    def no_prompts(completions, answer):
+        return [float(str(a) in c) for c, a in zip(completions, answer)]
+
+    class Scorer:
+        def __call__(self, prompts, completions, **_):
+            return [float(len(p) + len(c)) for p, c in zip(prompts, completions)]
+
+    prompts, completions = ["ab", "c"], ["abcd", "x"]
+    np.testing.assert_allclose(score(reward_len, prompts, completions), [-1.0, -2.0])
+    np.testing.assert_allclose(score(with_prompts, prompts, completions, answer=[1, 2]), [2.0, 2.0])
+    np.testing.assert_allclose(score(no_prompts, prompts, completions, answer=[3, 4]), [0.0, 0.0])
+    np.testing.assert_allclose(score(Scorer(), prompts, completions), [6.0, 2.0])
+    np.testing.assert_allclose(score(lambda p, c, **_: [len(x) for x in c], prompts, completions), [4.0, 1.0])
+    np.testing.assert_allclose(weighted_sum((1.0, reward_len), (2.0, Scorer()))(prompts, completions), [11.0, 2.0])
+    assert call_reward(functools.partial(no_prompts, answer=[5, 6]), prompts, ["5", "x"]) == [1.0, 0.0]

@@ -80,7 +80,7 @@ from rljax.losses.sft import sft_loss
 from rljax.metrics import WandbConfig, read_metrics
 from rljax.models import Model, add_head
 from rljax.phases import LoopConfig, PromptBatch
-from rljax.rewards.rules import RewardCallConfig, RewardSum
+from rljax.rewards.rules import RewardCallConfig, RewardSum, call_reward
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
 
@@ -772,8 +772,8 @@ def conversational_rewards(reward_fn: Callable) -> Callable:
     @functools.wraps(reward_fn)
     def call(prompts, completions, **columns):
         messages = columns.pop(MESSAGES_COLUMN)
-        return reward_fn([list(m) for m in messages], [[{"role": "assistant", "content": c}] for c in completions],
-                         **columns)
+        return call_reward(reward_fn, [list(m) for m in messages],
+                           [[{"role": "assistant", "content": c}] for c in completions], **columns)
 
     return call
 

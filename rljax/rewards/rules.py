@@ -1,6 +1,8 @@
 """Rule rewards and the one place that calls a user's reward function.
 
-A reward function takes decoded text in batches and returns one real number per sample:
+A reward function takes decoded text in batches and returns one real number per sample (a function
+whose `completions` parameter is not its second, TRL's `def reward(completions, **kwargs)`, is called by
+keyword, as TRL calls it: `call_reward`):
 
     reward_fn(prompts: list[str], completions: list[str], **metadata) -> float32[B]
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import numbers
 import queue
 import re
@@ -166,6 +169,24 @@ def _describe(rows: range, prompts, completions) -> str:
     return f"samples {rows[0]}..{rows[-1]}"
 
 
+def call_reward(fn: RewardFn, prompts: list, completions: list, **metadata):
+    """fn(prompts, completions, **metadata), or, for a function whose parameter `completions` is not its
+    second positional one (TRL's `def reward(completions, **kwargs)`), by keyword as TRL calls it:
+    fn(completions=..., prompts=... when it takes prompts or **kwargs, **metadata)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins): the positional protocol
+        params = {}
+    positional = [n for n, q in params.items() if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+    by_keyword = "completions" in params and params["completions"].kind != inspect.Parameter.POSITIONAL_ONLY \
+        and positional[1:2] != ["completions"]
+    if not by_keyword:
+        return fn(prompts, completions, **metadata)
+    if "prompts" in params or any(q.kind == q.VAR_KEYWORD for q in params.values()):
+        metadata = {"prompts": prompts, **metadata}
+    return fn(completions=completions, **metadata)
+
+
 class _Caller:
     """Calls one reward function on row ranges of one batch: directly, or on daemon threads
     with a time limit. An outcome is ("ok", result), ("error", exception) or ("timeout", None)."""
@@ -179,9 +200,9 @@ class _Caller:
         with self._lock:  # counted from worker threads
             self.calls += 1
         if len(rows) == self.B:  # the whole batch: the caller's metadata as given, as before chunking existed
-            return self.fn(list(self.prompts), list(self.completions), **self.metadata)
-        return self.fn([self.prompts[i] for i in rows], [self.completions[i] for i in rows],
-                       **{k: [v[i] for i in rows] for k, v in self.metadata.items()})
+            return call_reward(self.fn, list(self.prompts), list(self.completions), **self.metadata)
+        return call_reward(self.fn, [self.prompts[i] for i in rows], [self.completions[i] for i in rows],
+                           **{k: [v[i] for i in rows] for k, v in self.metadata.items()})
 
     def outcome(self, rows: range):
         try:
