@@ -376,6 +376,10 @@ def scan_updates(step: Callable, state, batch, key, *, epochs: int, minibatches:
     return state, last, made
 
 
+# The fields of a sample record (`make_rl_iteration(on_samples=)`) besides the monitors' and the reward terms'.
+SAMPLE_FIELDS = ("prompt", "completion", "reward", "accuracy", "group", "completion_tokens", "stopped", "columns")
+
+
 def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callable,
                       accuracy_fn: Callable | None = None, critic_model=None,
                       decode_prompts: Callable | None = None, teacher_model=None,
@@ -468,6 +472,9 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         if name in ("reward", "accuracy") or not name.isidentifier():
             raise ValueError(f"monitors: {name!r} is not a usable name (an identifier other than 'reward' and "
                              "'accuracy', whose means the iteration reports already)")
+        if name in SAMPLE_FIELDS:
+            raise ValueError(f"monitors: {name!r} is a field of the sample records (on_samples: {SAMPLE_FIELDS}); "
+                             "name the monitor otherwise")
         if name in term_keys:
             raise ValueError(f"monitors: {name!r} is the metric name of a term of the reward function "
                              f"({reward_fn.__name__}); name the monitor otherwise")

@@ -61,6 +61,8 @@ def test_rl_iteration_logs_each_monitor_mean_over_the_sampled_rows():
     assert metrics["reward_mean"] == pytest.approx(np.mean([x % 3 for x in seen[0]]))  # the same samples
     with pytest.raises(ValueError, match="monitors: 'accuracy' is not a usable name"):
         make_rl_iteration(model, cfg, reward, decode, monitors={"accuracy": gold})
+    with pytest.raises(ValueError, match="monitors: 'completion' is a field of the sample records"):
+        make_rl_iteration(model, cfg, reward, decode, monitors={"completion": gold})
 
 
 def test_a_reward_model_scoring_non_finite_names_the_prompt_and_completion():
