@@ -721,13 +721,12 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
         raise ValueError(f"rl: samples_every={samples_every}: " + ("must be >= 0" if samples_every < 0 else
                                                                    "the samples go to run_dir, which is None"))
 
-    def on_samples(step, records):
-        if step % samples_every == 0:  # every process agrees the write worked (one failing would diverge)
-            on_main(f"writing iteration {step}'s samples", write_samples, run_dir, step, records)
+    def on_samples(step, records):  # every process agrees the write worked (one failing would diverge)
+        on_main(f"writing iteration {step}'s samples", write_samples, run_dir, step, records)
 
     iteration = make_rl_iteration(model, cfg, reward_fn, decode, accuracy_fn=accuracy_fn, critic_model=critic_model,
                                   decode_prompts=decode_prompts, teacher_model=teacher_model, monitors=monitors,
-                                  on_samples=on_samples if samples_every else None)
+                                  on_samples=on_samples if samples_every else None, samples_every=max(samples_every, 1))
     source, offset = (refill_prompts, 0) if refill_prompts is not None else (prompts, loop.steps)
 
     def refill_at(position):

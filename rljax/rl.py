@@ -384,7 +384,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
                       accuracy_fn: Callable | None = None, critic_model=None,
                       decode_prompts: Callable | None = None, teacher_model=None,
                       monitors: dict[str, Callable] | None = None,
-                      on_samples: Callable[[int, list[dict]], None] | None = None) -> RLIteration:
+                      on_samples: Callable[[int, list[dict]], None] | None = None,
+                      samples_every: int = 1) -> RLIteration:
     """Build `iteration(state, prompt_tokens, prompt_mask, key=None, refill=None, **metadata) -> (state, metrics)`
     (an `RLIteration`: its `collect` and `learn` halves are also usable apart).
 
@@ -404,8 +405,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     teacher_model: the model of the frozen teacher in RLState.teacher_params, for algorithms
     that need a teacher (default `model`: a teacher of the student's architecture); it may have
     another size but must share the tokenizer (the same vocab_size).
-    on_samples(iteration, records): called after each update (on every process, with the same records)
-    with the iteration's number (the step its metrics are logged under) and one dict per row trained
+    on_samples(iteration, records): called after every samples_every-th update (on every process, with the
+    same records; the records are built for those iterations alone) with the iteration's number (the step its metrics are logged under) and one dict per row trained
     on, in order: prompt and completion (their text: `decode_prompts`, `decode`), reward (the one
     trained on), each `RewardSum` term's reward ("reward_<name>", None where it returned None or its
     call failed), accuracy and each monitor's score when given, group (the row's prompt in the
@@ -466,6 +467,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     if teacher_model is not None and not needs.teacher:
         raise ValueError(f"teacher_model: {algo.name} uses no teacher (its estimator is {algo.estimator.name!r})")
     teacher_model = model if teacher_model is None else teacher_model
+    if samples_every < 1:
+        raise ValueError(f"make_rl_iteration: samples_every must be >= 1, got {samples_every}")
     monitors = dict(monitors or {})
     term_keys = {f"reward_{name}" for name in reward_fn.names} if isinstance(reward_fn, RewardSum) else set()
     for name in monitors:
@@ -580,7 +583,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         processes: a collective, reached by every process at the same point)."""
         return to_host(rollout.tokens)
 
-    def scored(fn, completions, prompt_text, metadata, k, failed, what="reward", parts=None):
+    def scored(fn, completions, prompt_text, metadata, k, failed, what="reward", parts=None, texts=None):
         """The rewards [R] float32 of the completions [R, N] (host token ids; k rows per prompt of
         prompt_text); adds the samples whose call failed (scored cfg.reward_call.failure_value) to
         failed[what]. A `RewardSum` is scored term by term (each term may return None for a sample
@@ -589,15 +592,16 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         On several processes each scores its own rows (`process_slice(R)`) and the rewards, failed
         samples and whether a call raised are gathered, so every process returns all R rewards, the
         same everywhere (the refill decisions and metrics that read them agree), and a reward function
-        raising on one process stops every process instead of leaving them waiting."""
+        raising on one process stops every process instead of leaving them waiting. texts: the completions'
+        text, this process's rows (`own_text`; decoded here when None)."""
         for key, vals in metadata.items():  # checked per prompt, before the repeat for the k samples
             if len(vals) != len(prompt_text):
                 raise ValueError(f"metadata {key!r}: {len(vals)} entries for {len(prompt_text)} prompts (one per "
                                  f"prompt; the iteration repeats each for the prompt's {k} samples)")
         meta = {key: [v for v in vals for _ in range(k)] for key, vals in metadata.items()}
         prompts = [p for p in prompt_text for _ in range(k)]
-        rows = process_slice(len(completions)) if multi else slice(None)
-        texts = decode(completions[rows])
+        rows = own_rows(len(completions))
+        texts = decode(completions[rows]) if texts is None else texts
         own = {key: vals[rows] for key, vals in meta.items()}
 
         def one(f, allow_none):  # -> (rewards [R], failed [R] bool): f on this process's rows, gathered
@@ -634,6 +638,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         on several processes each places its own rows; on one, as it is."""
         return x if x is None or not multi else shard_batch(local_rows(x), mesh)
 
+    def own_rows(R: int):
+        """The rows of R this process scores: its own block on several processes, all on one."""
+        return process_slice(R) if multi else slice(None)
+
     def rollout_of(params, tokens, mask, metadata, key, times, failed, texts):
         t0 = time.perf_counter()
         rollout = jax.block_until_ready(sample(params, tokens, mask, key, model=model, cfg=cfg.sampling))
@@ -641,16 +649,17 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         ids, P = host_tokens(rollout), rollout.prompt_length
         prompt_text = decode_prompts(ids[::n, :P])
         completions = ids[:, P:]
+        own_text = decode(completions[own_rows(len(completions))])  # once, for every function scoring them
         if on_samples is not None:  # every row's text, on every process (the ids are on every process)
             texts["prompt"].append([p for p in prompt_text for _ in range(n)])
-            texts["completion"].append(decode(completions))
+            texts["completion"].append(decode(completions) if multi else own_text)
             texts["columns"].append([{key: vals[i // n] for key, vals in metadata.items()}
                                      for i in range(len(completions))])
         terms: dict[str, np.ndarray] = {}
-        rewards = scored(reward_fn, completions, prompt_text, metadata, n, failed, parts=terms)
-        correct = scored(accuracy_fn, completions, prompt_text, metadata, n, failed, "accuracy") if accuracy_fn \
-            else None
-        watched = {name: scored(fn, completions, prompt_text, metadata, n, failed, name)
+        rewards = scored(reward_fn, completions, prompt_text, metadata, n, failed, parts=terms, texts=own_text)
+        correct = scored(accuracy_fn, completions, prompt_text, metadata, n, failed, "accuracy", texts=own_text) \
+            if accuracy_fn else None
+        watched = {name: scored(fn, completions, prompt_text, metadata, n, failed, name, texts=own_text)
                    for name, fn in monitors.items()} | terms
         times["sample"] += t1 - t0
         times["score"] += time.perf_counter() - t1
@@ -711,23 +720,25 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             greedy = np.repeat(scored(reward_fn, host_tokens(g)[:, g.prompt_length:], prompt_text, metadata, 1,
                                       failed), n)
         monitored = {name: np.concatenate([w[name] for w in all_watched]) for name in all_watched[0]}
-        records = None
-        if on_samples is not None:
-            lengths, stopped = to_host((rollout.lengths, rollout.stopped_at_eos))
-            text = {k: [x for part in v for x in part] for k, v in texts.items()}
-            records = []
-            for j, i in enumerate(rows):
-                record = {"prompt": text["prompt"][i], "completion": text["completion"][i],
-                          "reward": float(rewards[j])}
-                for name, values in monitored.items():  # the monitors' and the terms' ("reward_<name>") scores
-                    record[name] = None if np.isnan(values[i]) else float(values[i])
-                if accuracy_fn:
-                    record["accuracy"] = float(all_correct[i])
-                record.update(group=j // n, completion_tokens=int(lengths[j]), stopped=bool(stopped[j]),
-                              columns=text["columns"][i])
-                records.append(record)
+        text = {k: [x for part in v for x in part] for k, v in texts.items()} if on_samples is not None else None
         return Collected(rollout, rewards, all_rewards, all_correct, greedy, sampled, cut, rounds, times, failed,
-                         monitored, records)
+                         monitored, text, rows)
+
+    def records_of(c: Collected, lengths, stopped) -> list[dict]:
+        """on_samples' records: one per row trained on (c.rows of the sampled rows), lengths and stopped
+        [R] of the rollout trained on."""
+        records = []
+        for j, i in enumerate(c.rows):
+            record = {"prompt": c.texts["prompt"][i], "completion": c.texts["completion"][i],
+                      "reward": float(c.rewards[j])}
+            for name, values in c.monitored.items():  # the monitors' and the terms' ("reward_<name>") scores
+                record[name] = None if np.isnan(values[i]) else float(values[i])
+            if accuracy_fn:
+                record["accuracy"] = float(c.all_correct[i])
+            record.update(group=j // n, completion_tokens=int(lengths[j]), stopped=bool(stopped[j]),
+                          columns=c.texts["columns"][i])
+            records.append(record)
+        return records
 
     def learn(state: RLState, c: Collected, key, lag: int = 0):
         """Prepare and update on collected samples. lag: updates the learner has made since
@@ -815,8 +826,9 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         if cfg.target_kl is not None:
             out["updates"] = float(made)
         out.update({k: float(v) for k, v in jax.device_get(stats).items()})
-        if on_samples is not None:
-            on_samples(int(jax.device_get(state.step)) + 1, c.records)
+        iteration = int(jax.device_get(state.step)) + 1
+        if on_samples is not None and iteration % samples_every == 0:
+            on_samples(iteration, records_of(c, lengths, stopped))
         return state.replace(step=state.step + 1, policy=policy, critic=critic, transforms=transform_state), out
 
     return RLIteration(collect, learn)

@@ -274,7 +274,8 @@ class Collected:
     "accuracy": n}, over every reward call of the collect, refills and greedy decode included),
     and the monitors' scores of every sampled row ({name: [R_all]}, `make_rl_iteration(monitors=)`), beside
     a `RewardSum`'s terms' ({"reward_<name>": [R_all]}, NaN where a term returned None or its call failed),
-    and with `make_rl_iteration(on_samples=)` one dict per row trained on (`records`)."""
+    and with `make_rl_iteration(on_samples=)` every sampled row's text ({"prompt", "completion",
+    "columns": [R_all]}, `texts`) and which of them are trained on (`rows`, indices into them)."""
 
     rollout: Any
     rewards: np.ndarray
@@ -287,4 +288,5 @@ class Collected:
     times: dict
     failed: dict = field(default_factory=dict)
     monitored: dict = field(default_factory=dict)
-    records: list | None = None
+    texts: dict | None = None
+    rows: np.ndarray | None = None
