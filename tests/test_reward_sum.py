@@ -297,3 +297,18 @@ def test_trl_style_reward_functions_are_called_by_keyword():
     np.testing.assert_allclose(score(lambda p, c, **_: [len(x) for x in c], prompts, completions), [4.0, 1.0])
     np.testing.assert_allclose(weighted_sum((1.0, reward_len), (2.0, Scorer()))(prompts, completions), [11.0, 2.0])
     assert call_reward(functools.partial(no_prompts, answer=[5, 6]), prompts, ["5", "x"]) == [1.0, 0.0]
+
+
+def test_score_terms_under_a_failure_policy_matches_the_rl_iteration_s_rule():
+    """RewardSum.score_terms (what __call__ and the recipes' held-out evaluation use): a sample whose call of
+    any term failed scores failure_value, and that term's value there is NaN; the others as by hand."""
+    def fragile(prompts, completions, **_):
+        if any(c == "yy" for c in completions):
+            raise ConnectionError("down")
+        return [1.0] * len(completions)
+
+    total, parts = weighted_sum((0.5, length), (1.0, fragile)).score_terms(
+        PROMPTS, COMPLETIONS, call_config=RewardCallConfig(on_failure="value", failure_value=-3.0, batch_size=1))
+    np.testing.assert_allclose(total, [1.5, -3.0, 2.5, 3.0])
+    np.testing.assert_allclose(parts["length"], [1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_allclose(parts["fragile"], [1.0, np.nan, 1.0, 1.0])

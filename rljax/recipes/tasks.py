@@ -751,14 +751,13 @@ def _resolve_reward_format(rows: list[dict], wanted: str) -> str:
     """"text" or "conversational" for these rows (`GRPOTaskConfig.reward_format`; "auto" by their prompts)."""
     if wanted != "auto":
         return wanted
-    text = [i for i, row in enumerate(rows) if isinstance(_get(i, row, "prompt"), str)]
-    if not text:
+    is_text = [isinstance(_get(i, row, "prompt"), str) for i, row in enumerate(rows)]
+    if not any(is_text):
         return "conversational"
-    if len(text) == len(rows):
+    if all(is_text):
         return "text"
-    chat = next(i for i in range(len(rows)) if i not in set(text))
-    raise DataError(f"row {chat}: its prompt is a list of messages, but row {text[0]}'s is a string; with "
-                    "GRPOTaskConfig.reward_format='auto' the reward functions would get prompts and completions "
+    raise DataError(f"row {is_text.index(False)}: its prompt is a list of messages, but row {is_text.index(True)}'s "
+                    "is a string; with GRPOTaskConfig.reward_format='auto' the reward functions would get prompts and completions "
                     "in two formats: make the prompts alike, or set reward_format to 'text' or 'conversational'")
 
 
@@ -1068,31 +1067,29 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
     (`prompt_multiple`), their rows dropped."""
     from rljax.distributed import to_host
     from rljax.rewards.rules import score_with_failures
-    from rljax.sampling import prompt_multiple, sample
+    from rljax.sampling import filled_prompts, sample
 
     greedy = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0, **tokenizer_ids(tok))
     decode_prompts = functools.partial(tok.decode_batch, stop_at_eos=False)
-    terms = reward_fn.terms if isinstance(reward_fn, RewardSum) else ((1.0, reward_fn),)
 
     def eval_fn(state) -> dict:
         totals, lengths, parts = [], [], {name: [] for name in getattr(reward_fn, "names", ())}
         for b in held:
-            real, m = len(b.tokens), prompt_multiple(model, 1)
-            fill = -real % m  # copies of the first prompt, so the mesh splits the rows; dropped below
-            tokens = np.concatenate([b.tokens, np.repeat(b.tokens[:1], fill, axis=0)])
-            mask = np.concatenate([b.mask, np.repeat(b.mask[:1], fill, axis=0)])
+            real = len(b.tokens)  # filled with copies of the first prompt, so the mesh splits the rows; dropped below
+            tokens, mask = (np.stack(filled_prompts(list(x), model)) for x in (b.tokens, b.mask))
             r = sample(state.policy.params, tokens, mask, jax.random.key(0), model=model, cfg=greedy)
             ids, length = to_host((r.tokens, r.lengths))
             prompts = decode_prompts(ids[:real, :r.prompt_length])
             completions = tok.decode_batch(ids[:real, r.prompt_length:])
-            scores = [score_with_failures(f, prompts, completions, call_config=call_config,
-                                          allow_none=isinstance(reward_fn, RewardSum), **b.metadata).rewards
-                      for _, f in terms]
-            total = reward_fn.total(scores)[0] if isinstance(reward_fn, RewardSum) else scores[0]
+            if isinstance(reward_fn, RewardSum):
+                total, terms = reward_fn.score_terms(prompts, completions, call_config=call_config, **b.metadata)
+                for name, values in terms.items():
+                    parts[name].append(values)
+            else:
+                total = score_with_failures(reward_fn, prompts, completions, call_config=call_config,
+                                            **b.metadata).rewards
             totals.append(total)
             lengths.append(np.asarray(length[:real], np.float64))
-            for name, s in zip(parts, scores):
-                parts[name].append(s)
         out = {"reward_mean": float(np.mean(np.concatenate(totals))),
                "completion_length": float(np.mean(np.concatenate(lengths)))}
         for name, values in parts.items():

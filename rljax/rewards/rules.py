@@ -476,10 +476,19 @@ class RewardSum:
         total = np.sum(np.where(scored, weights * values, 0.0), axis=0).astype(np.float32)
         return np.where(failed_any, np.float32(failure_value), total), failed_any
 
+    def score_terms(self, prompts, completions, *, call_config: RewardCallConfig | None = None,
+                    **metadata) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(rewards float32[B], {name: the term's rewards [B], NaN where it returned None or its call
+        failed}): every term scored under call_config (`score_with_failures`), then `total`."""
+        scores = [score_with_failures(fn, prompts, completions, call_config=call_config, allow_none=True, **metadata)
+                  for _, fn in self.terms]
+        failure_value = (call_config or RewardCallConfig()).failure_value
+        rewards, _ = self.total([s.rewards for s in scores], [s.failed for s in scores], failure_value=failure_value,
+                                describe=lambda i: _describe(range(i, i + 1), prompts, completions))
+        return rewards, {name: np.where(s.failed, np.nan, s.rewards) for name, s in zip(self.names, scores)}
+
     def __call__(self, prompts, completions, **metadata) -> np.ndarray:
-        parts = [score_with_failures(fn, prompts, completions, allow_none=True, **metadata).rewards
-                 for _, fn in self.terms]
-        return self.total(parts, describe=lambda i: _describe(range(i, i + 1), prompts, completions))[0]
+        return self.score_terms(prompts, completions, **metadata)[0]
 
 
 def weighted_sum(*terms: tuple[float, RewardFn]) -> RewardSum:
