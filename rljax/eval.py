@@ -188,7 +188,7 @@ def evaluate_policy(params, model, tok, problems: Sequence[Any], cfg: PolicyEval
     check, prompt, add_bos: as in `exact_match` (default: the arithmetic task's check, `problem.prompt`).
     The samples use key `jax.random.key(cfg.seed)` (batch b: fold_in(key, b))."""
     from rljax.models.logprobs import target_mask
-    from rljax.rewards.rules import score_with_failures
+    from rljax.rewards.rules import COMPLETION_IDS, completion_id_lists, score_with_failures, takes_completion_ids
 
     if len(problems) == 0:
         raise ValueError("evaluate_policy: no problems")
@@ -204,7 +204,11 @@ def evaluate_policy(params, model, tok, problems: Sequence[Any], cfg: PolicyEval
     sampling = SampleConfig(max_new_tokens=cfg.max_new_tokens, n=n, temperature=1.0, **tokenizer_ids(tok))
     key = jax.random.key(cfg.seed)
     size = len(texts) if cfg.batch_size is None else cfg.batch_size
-    completions, lengths, kls = [], [], []
+    completions, lengths, kls, completion_ids = [], [], [], []
+    named = dict(rewards or {})
+    if reward_fn is not None:
+        named["reward"] = reward_fn
+    wants_ids = any(takes_completion_ids(fn) for fn in named.values())  # gathered only for a function taking them
     for b, lo in enumerate(range(0, len(texts), size)):
         chunk = texts[lo:lo + size]
         real = len(chunk)
@@ -218,15 +222,15 @@ def evaluate_policy(params, model, tok, problems: Sequence[Any], cfg: PolicyEval
         ids, lens, kl = to_host((roll.completions, roll.lengths, kl))
         completions += tok.decode_batch(ids)[:real * n]
         lengths += lens[:real * n].tolist()
+        if wants_ids:
+            completion_ids += completion_id_lists(ids[:real * n], lens[:real * n])
         if kl is not None:
             kls += kl[:real * n].tolist()
     row["accuracy_sampled"] = float(np.mean(correctness(problems, completions, n=n, check=check)))
-    named = dict(rewards or {})
-    if reward_fn is not None:
-        named["reward"] = reward_fn
     flat = [p for p in problems for _ in range(n)]
     for name, fn in named.items():
-        scores = score_with_failures(fn, [t for t in texts for _ in range(n)], completions, problems=flat)
+        ids = {COMPLETION_IDS: completion_ids} if takes_completion_ids(fn) else {}
+        scores = score_with_failures(fn, [t for t in texts for _ in range(n)], completions, problems=flat, **ids)
         row[f"{name}_mean"] = float(np.mean(scores.rewards))
     row["completion_length"] = float(np.mean(lengths))
     if start_params is not None:

@@ -38,7 +38,8 @@ from rljax.eval import PolicyEvalConfig, evaluate_policy
 from rljax.metrics import WandbConfig
 from rljax.phases import LoopConfig, SFTPhaseConfig, sft
 from rljax.pipelines import Stage, run_stages
-from rljax.rewards.rules import RewardCallConfig, score_with_failures
+from rljax.rewards.rules import (COMPLETION_IDS, RewardCallConfig, completion_id_lists, score_with_failures,
+                                 takes_completion_ids)
 from rljax.sampling import SampleConfig, filled_prompts, sample, tokenizer_ids
 from rljax.state import OptimizerConfig, TrainState
 
@@ -174,10 +175,14 @@ def rejection_sample(params, prompts: Sequence[str], reward_fn: Callable, cfg: R
     for name, values in metadata.items():
         if len(values) != P:
             raise ValueError(f"rejection_sample: metadata {name!r} has {len(values)} entries for {P} prompts")
+        if name == COMPLETION_IDS:
+            raise ValueError(f"rejection_sample: metadata {name!r} is the name under which the completions' token "
+                             "ids reach the reward functions that take them; rename it")
     n, m = cfg.samples, cfg.prompts_per_batch
     # the tokenizer's stop ids, as `rljax.eval.complete` does: SampleConfig's own (2, 0) are CharTokenizer's
     sampling = dataclasses.replace(cfg.sampling or DEFAULT_REJECTION_SAMPLING, n=n, **tokenizer_ids(tokenizer))
-    completions, stopped = [], []
+    completions, stopped, completion_ids = [], [], []
+    wants_ids = takes_completion_ids(reward_fn)
     for b, lo in enumerate(range(0, P, m)):
         chunk = list(prompts[lo:lo + m])
         real = len(chunk)
@@ -185,11 +190,15 @@ def rejection_sample(params, prompts: Sequence[str], reward_fn: Callable, cfg: R
         chunk = filled_prompts(chunk, model, n, m if P > m else None)
         tokens, mask = tokenizer.encode_batch(chunk, add_bos=add_bos, padding_side="left")
         roll = sample(params, tokens, mask, jax.random.fold_in(key, b), model=model, cfg=sampling)
-        ids, stops = to_host((roll.completions, roll.stopped_at_eos))
+        ids, stops, lengths = to_host((roll.completions, roll.stopped_at_eos, roll.lengths))
         completions += tokenizer.decode_batch(ids)[:real * n]
         stopped += stops[:real * n].tolist()
+        if wants_ids:
+            completion_ids += completion_id_lists(ids[:real * n], lengths[:real * n])
     flat_prompts = [p for p in prompts for _ in range(n)]
     meta = {k: [v for v in vals for _ in range(n)] for k, vals in metadata.items()}
+    if wants_ids:
+        meta[COMPLETION_IDS] = completion_ids
     scores = score_with_failures(reward_fn, flat_prompts, completions, call_config=cfg.reward_call, **meta)
     ok = np.asarray(stopped, bool) if cfg.require_stop else np.ones(P * n, bool)
     if well_formed is not None:

@@ -39,7 +39,8 @@ from rljax.losses.actor_critic import approx_kl, token_values, value_loss
 from rljax.losses.policy_gradient import kl_metrics
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.models.transformer import check_params_fit, check_scorer
-from rljax.rewards.rules import RewardCallConfig, RewardSum, score_with_failures
+from rljax.rewards.rules import (COMPLETION_IDS, RewardCallConfig, RewardSum, completion_id_lists, score_with_failures,
+                                 takes_completion_ids)
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.sharding import batch_sharding, param_shardings, replicated, shard_batch, shard_params
 from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_loss_gradients, compile_step, create_state,
@@ -483,6 +484,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
                              f"({reward_fn.__name__}); name the monitor otherwise")
     if needs.teacher:  # distillation scores the student's tokens with the teacher
         check_scorer(teacher_model, model, "teacher_model (the teacher)")
+    # the completions' token ids are gathered for the functions that take them (TRL's `completion_ids`) alone
+    needs_ids = any(takes_completion_ids(f) for f in (reward_fn, accuracy_fn, *monitors.values()) if f is not None)
 
     updates = cfg.epochs * cfg.minibatches
     tx = make_optimizer(_per_iteration(cfg.optimizer, updates))
@@ -583,9 +586,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         processes: a collective, reached by every process at the same point)."""
         return to_host(rollout.tokens)
 
-    def scored(fn, completions, prompt_text, metadata, k, failed, what="reward", parts=None, texts=None):
+    def scored(fn, completions, prompt_text, metadata, k, failed, what="reward", parts=None, texts=None,
+               lengths=None):
         """The rewards [R] float32 of the completions [R, N] (host token ids; k rows per prompt of
-        prompt_text); adds the samples whose call failed (scored cfg.reward_call.failure_value) to
+        prompt_text; lengths [R], the rollout's, given when a function takes the ids: `needs_ids`); adds the samples whose call failed (scored cfg.reward_call.failure_value) to
         failed[what]. A `RewardSum` is scored term by term (each term may return None for a sample
         it does not apply to) and combined (`RewardSum.total`); parts, a dict, then receives each
         term's rewards [R] under "reward_<name>" (NaN where it returned None or its call failed).
@@ -595,6 +599,9 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         raising on one process stops every process instead of leaving them waiting. texts: the completions'
         text, this process's rows (`own_text`; decoded here when None)."""
         for key, vals in metadata.items():  # checked per prompt, before the repeat for the k samples
+            if key == COMPLETION_IDS:
+                raise ValueError(f"metadata {key!r}: the iteration passes the completions' token ids under that name "
+                                 "to the reward functions that take them; rename the column")
             if len(vals) != len(prompt_text):
                 raise ValueError(f"metadata {key!r}: {len(vals)} entries for {len(prompt_text)} prompts (one per "
                                  f"prompt; the iteration repeats each for the prompt's {k} samples)")
@@ -603,6 +610,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         rows = own_rows(len(completions))
         texts = decode(completions[rows]) if texts is None else texts
         own = {key: vals[rows] for key, vals in meta.items()}
+        if lengths is not None:
+            own[COMPLETION_IDS] = completion_id_lists(completions[rows], lengths[rows])
 
         def one(f, allow_none):  # -> (rewards [R], failed [R] bool): f on this process's rows, gathered
             if not multi:
@@ -650,16 +659,19 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         prompt_text = decode_prompts(ids[::n, :P])
         completions = ids[:, P:]
         own_text = decode(completions[own_rows(len(completions))])  # once, for every function scoring them
+        lengths = to_host(rollout.lengths) if needs_ids else None
         if on_samples is not None:  # every row's text, on every process (the ids are on every process)
             texts["prompt"].append([p for p in prompt_text for _ in range(n)])
             texts["completion"].append(decode(completions) if multi else own_text)
             texts["columns"].append([{key: vals[i // n] for key, vals in metadata.items()}
                                      for i in range(len(completions))])
         terms: dict[str, np.ndarray] = {}
-        rewards = scored(reward_fn, completions, prompt_text, metadata, n, failed, parts=terms, texts=own_text)
-        correct = scored(accuracy_fn, completions, prompt_text, metadata, n, failed, "accuracy", texts=own_text) \
-            if accuracy_fn else None
-        watched = {name: scored(fn, completions, prompt_text, metadata, n, failed, name, texts=own_text)
+        rewards = scored(reward_fn, completions, prompt_text, metadata, n, failed, parts=terms, texts=own_text,
+                         lengths=lengths)
+        correct = scored(accuracy_fn, completions, prompt_text, metadata, n, failed, "accuracy", texts=own_text,
+                         lengths=lengths) if accuracy_fn else None
+        watched = {name: scored(fn, completions, prompt_text, metadata, n, failed, name, texts=own_text,
+                                lengths=lengths)
                    for name, fn in monitors.items()} | terms
         times["sample"] += t1 - t0
         times["score"] += time.perf_counter() - t1
@@ -718,7 +730,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             g = sample(params, prompt_tokens, prompt_mask, k_greedy, model=model, cfg=greedy_cfg)
             times["sample"] += time.perf_counter() - t0
             greedy = np.repeat(scored(reward_fn, host_tokens(g)[:, g.prompt_length:], prompt_text, metadata, 1,
-                                      failed), n)
+                                      failed, lengths=to_host(g.lengths) if needs_ids else None), n)
         monitored = {name: np.concatenate([w[name] for w in all_watched]) for name in all_watched[0]}
         text = {k: [x for part in v for x in part] for k, v in texts.items()} if on_samples is not None else None
         return Collected(rollout, rewards, all_rewards, all_correct, greedy, sampled, cut, rounds, times, failed,

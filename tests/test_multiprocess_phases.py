@@ -596,6 +596,9 @@ WORKER = textwrap.dedent("""
             scored.append(len(completions))
             return [float(len(c) % 3) for c in completions]
 
+        def tokens(completion_ids, **kwargs):  # TRL's form, on each process's own rows' token ids
+            return [-float(len(i)) for i in completion_ids]
+
         quiet = dict(steps=2, progress=False, log_every=1)
         prompts = [{"prompt": r["prompt"]} for r in rows]
         results = dict(
@@ -603,7 +606,7 @@ WORKER = textwrap.dedent("""
                     run_dir=run_dir + "/sft", eval_data=rows[:8]),
             dpo=dpo((small, params, TOK), pairs, DPOTaskConfig(batch_size=4, lr=3e-3, **quiet), mesh=mesh,
                     run_dir=run_dir + "/dpo", eval_data=pairs[:8]),
-            grpo=grpo((small, params, TOK), prompts, reward, GRPOTaskConfig(
+            grpo=grpo((small, params, TOK), prompts, [reward, (0.1, tokens)], GRPOTaskConfig(
                 batch_size=2, n=2, max_new_tokens=4, lr=1e-2, samples_every=1, **quiet), mesh=mesh,
                 run_dir=run_dir + "/grpo", eval_data=prompts[:3]))
         res["tasks"] = {k: dict(history=r.history, params=checksums(r.params)["total"], eval=r.eval_history)

@@ -116,7 +116,8 @@ def test_two_process_task_recipes_equal_one_process(tmp_path):
     """`sft`, `dpo` and `grpo` of `rljax.recipes` with mesh= on two processes: the per-step metrics, the
     evaluations on eval_data (GRPO's 3 held-out prompts in batches of 2, each filled to the mesh's rows) and
     the parameters of one process with the same mesh; GRPO's reward function sees each process's own samples
-    (and every held-out prompt's greedy completion); config.json is written once (process 0), metrics.jsonl
+    (and every held-out prompt's greedy completion), a term taking completion_ids each of its own samples' token ids
+    (-len(ids) averaging to -completion_length); config.json is written once (process 0), metrics.jsonl
     holds every step once, the samples of each iteration one file. Without run_dir (a temporary directory
     would differ per process) or without a mesh, a call is refused before training."""
     res = _run(tmp_path, "tasks")
@@ -128,6 +129,9 @@ def test_two_process_task_recipes_equal_one_process(tmp_path):
         _close_rows(multi["eval"], one["eval"], name + " eval")
         assert [h["step"] for h in multi["history"]] == [1, 2] and [h["step"] for h in multi["eval"]] == [2]
         np.testing.assert_allclose(multi["params"], one["params"], rtol=1e-5, err_msg=name)
+        if name == "grpo":
+            for row in multi["history"] + multi["eval"] + one["history"] + one["eval"]:
+                assert row["reward_tokens_mean"] == pytest.approx(-row["completion_length"])
         run = res["proc0"]["run_dir"] / name
         assert json.loads((run / "config.json").read_text())["task"] == name
         assert [r["step"] for r in read_metrics(run)] == [1, 2, 2]  # the steps, then the final evaluation

@@ -80,7 +80,7 @@ from rljax.losses.sft import sft_loss
 from rljax.metrics import WandbConfig, read_metrics
 from rljax.models import Model, add_head
 from rljax.phases import LoopConfig, PromptBatch
-from rljax.rewards.rules import RewardCallConfig, RewardSum, call_reward
+from rljax.rewards.rules import COMPLETION_IDS, RewardCallConfig, RewardSum, call_reward
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
 
@@ -728,7 +728,8 @@ def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None 
     return BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed)
 
 
-_RESERVED = ("params", "prompt_tokens", "prompt_mask", "key", "refill", "state", "prompts", "completions")
+_RESERVED = ("params", "prompt_tokens", "prompt_mask", "key", "refill", "state", "prompts", "completions",
+             COMPLETION_IDS)
 # The metadata column that carries each prompt's messages to conversational reward functions
 # (`conversational_rewards` takes it off again): not a name a data set may use.
 MESSAGES_COLUMN = "rljax_prompt_messages"
@@ -1066,7 +1067,7 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
     On a mesh a batch is filled with copies of its first prompt up to a multiple the mesh splits
     (`prompt_multiple`), their rows dropped."""
     from rljax.distributed import to_host
-    from rljax.rewards.rules import score_with_failures
+    from rljax.rewards.rules import completion_id_lists, score_with_failures, takes_completion_ids
     from rljax.sampling import filled_prompts, sample
 
     greedy = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0, **tokenizer_ids(tok))
@@ -1081,13 +1082,15 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
             ids, length = to_host((r.tokens, r.lengths))
             prompts = decode_prompts(ids[:real, :r.prompt_length])
             completions = tok.decode_batch(ids[:real, r.prompt_length:])
+            meta = dict(b.metadata)
+            if takes_completion_ids(reward_fn):
+                meta[COMPLETION_IDS] = completion_id_lists(ids[:real, r.prompt_length:], length[:real])
             if isinstance(reward_fn, RewardSum):
-                total, terms = reward_fn.score_terms(prompts, completions, call_config=call_config, **b.metadata)
+                total, terms = reward_fn.score_terms(prompts, completions, call_config=call_config, **meta)
                 for name, values in terms.items():
                     parts[name].append(values)
             else:
-                total = score_with_failures(reward_fn, prompts, completions, call_config=call_config,
-                                            **b.metadata).rewards
+                total = score_with_failures(reward_fn, prompts, completions, call_config=call_config, **meta).rewards
             totals.append(total)
             lengths.append(np.asarray(length[:real], np.float64))
         out = {"reward_mean": float(np.mean(np.concatenate(totals))),

@@ -1,18 +1,23 @@
 """Rule rewards and the one place that calls a user's reward function.
 
-A reward function takes decoded text in batches and returns one real number per sample (a function
-whose `completions` parameter is not its second, TRL's `def reward(completions, **kwargs)`, is called by
-keyword, as TRL calls it: `call_reward`):
+A reward function takes decoded text in batches and returns one real number per sample:
 
     reward_fn(prompts: list[str], completions: list[str], **metadata) -> float32[B]
 
-Metadata are per-sample lists (e.g. `problems=[Problem, ...]`). `score` calls it,
+Metadata are per-sample lists (e.g. `problems=[Problem, ...]`). TRL's forms work too (`call_reward`): a
+function whose second positional parameter is not `completions` (`def reward(completions, **kwargs)`,
+`def reward(completion_ids, **kwargs)`) is called by keyword, as TRL calls it; a function that names a
+`completion_ids` parameter, or takes TRL's keyword form with **kwargs, also gets each completion's token
+ids, the stop token included (`COMPLETION_IDS`, from the callers that sampled them: the RL iteration,
+`recipes.reward_eval`, `expert_iteration.rejection_sample`, `eval.evaluate_policy`); an `async def`
+function is awaited. `score` calls it,
 checks the result (one finite real number per sample) and reports failures with the
 function and the sample. `RewardCallConfig` says how it is called: in chunks, on
 worker threads, with a per-call time limit, and what a failed call scores.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import inspect
@@ -22,6 +27,7 @@ import re
 import reprlib
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -169,22 +175,86 @@ def _describe(rows: range, prompts, completions) -> str:
     return f"samples {rows[0]}..{rows[-1]}"
 
 
-def call_reward(fn: RewardFn, prompts: list, completions: list, **metadata):
-    """fn(prompts, completions, **metadata), or, for a function whose parameter `completions` is not its
-    second positional one (TRL's `def reward(completions, **kwargs)`), by keyword as TRL calls it:
-    fn(completions=..., prompts=... when it takes prompts or **kwargs, **metadata)."""
+# The keyword under which callers that sampled the completions pass their token ids ([B] lists of ints, each
+# completion's ids up to and including its stop token, as TRL passes them), to the functions that take them.
+COMPLETION_IDS = "completion_ids"
+
+
+def _parameters(fn) -> dict:
     try:
-        params = inspect.signature(fn).parameters
+        return dict(inspect.signature(fn).parameters)
     except (TypeError, ValueError):  # no signature to read (some builtins): the positional protocol
-        params = {}
-    positional = [n for n, q in params.items() if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
-    by_keyword = "completions" in params and params["completions"].kind != inspect.Parameter.POSITIONAL_ONLY \
-        and positional[1:2] != ["completions"]
-    if not by_keyword:
-        return fn(prompts, completions, **metadata)
-    if "prompts" in params or any(q.kind == q.VAR_KEYWORD for q in params.values()):
-        metadata = {"prompts": prompts, **metadata}
-    return fn(completions=completions, **metadata)
+        return {}
+
+
+def _keyword_form(params: dict) -> bool:
+    """TRL's form: the function names `completions` or `completion_ids` as a keyword parameter, and its
+    second positional parameter is not `completions` (rljax's (prompts, completions, ...) order)."""
+    P = inspect.Parameter
+    positional = [n for n, q in params.items() if q.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    named = any(n in params and params[n].kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)
+                for n in ("completions", COMPLETION_IDS))
+    return named and positional[1:2] != ["completions"]
+
+
+def takes_completion_ids(fn) -> bool:
+    """Whether `call_reward` passes fn the completions' token ids: fn names a `completion_ids` parameter, or
+    is in TRL's keyword form with **kwargs (TRL passes them to every function); a `RewardSum` when a term
+    does. Functions of the (prompts, completions, **metadata) form that want them name the parameter."""
+    if isinstance(fn, RewardSum):
+        return any(takes_completion_ids(f) for _, f in fn.terms)
+    params = _parameters(fn)
+    return COMPLETION_IDS in params or (
+        _keyword_form(params) and any(q.kind == q.VAR_KEYWORD for q in params.values()))
+
+
+def _needs_completion_ids(fn) -> bool:
+    """fn cannot be called without them: a `completion_ids` parameter without a default (or a term's)."""
+    if isinstance(fn, RewardSum):
+        return any(_needs_completion_ids(f) for _, f in fn.terms)
+    q = _parameters(fn).get(COMPLETION_IDS)
+    return q is not None and q.default is inspect.Parameter.empty
+
+
+def completion_id_lists(ids, lengths) -> list[list[int]]:
+    """The completions' token ids as reward functions get them (`COMPLETION_IDS`): row i's first lengths[i]
+    ids of ids [R, N] (the completion part of a `Rollout`'s tokens; lengths: `Rollout.lengths`, the stop
+    token counted)."""
+    ids, lengths = np.asarray(ids), np.asarray(lengths)
+    return [row[:int(n)].tolist() for row, n in zip(ids, lengths)]
+
+
+def _awaited(out):
+    """The result of an `async def` reward function: its coroutine run to the end, on this thread's own event
+    loop, or, where one is already running here (a notebook's), on a thread of its own."""
+    if not inspect.isawaitable(out):
+        return out
+
+    async def result():
+        return await out
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(result())
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, result()).result()
+
+
+def call_reward(fn: RewardFn, prompts: list, completions: list, **metadata):
+    """fn(prompts, completions, **metadata), or, for TRL's keyword form (`_keyword_form`:
+    `def reward(completions, **kwargs)`, `def reward(completion_ids, **kwargs)`), by keyword as TRL calls
+    it: fn(completions=..., prompts=... each when fn takes it or **kwargs, **metadata). metadata's
+    `completion_ids` (`COMPLETION_IDS`) reaches only a function that takes them (`takes_completion_ids`).
+    An awaitable result (an `async def` function's) is awaited."""
+    params = _parameters(fn)
+    if COMPLETION_IDS in metadata and not takes_completion_ids(fn):
+        metadata = {k: v for k, v in metadata.items() if k != COMPLETION_IDS}
+    if not _keyword_form(params):
+        return _awaited(fn(prompts, completions, **metadata))
+    any_keyword = any(q.kind == q.VAR_KEYWORD for q in params.values())
+    given = {"prompts": prompts, "completions": completions}
+    return _awaited(fn(**{k: v for k, v in given.items() if k in params or any_keyword}, **metadata))
 
 
 class _Caller:
@@ -301,6 +371,10 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
         if n != B:
             raise RewardError(f"metadata {k!r} has {n} entries for {B} samples")
     name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    if COMPLETION_IDS not in metadata and _needs_completion_ids(reward_fn):  # a setup error, not a failed sample
+        raise RewardError(f"reward function {name} takes completion_ids (each completion's token ids), which this "
+                          "caller does not have: it scores text alone (the RL iteration, recipes.reward_eval, "
+                          "expert_iteration.rejection_sample and eval.evaluate_policy pass them)")
     size = B if cfg.batch_size is None else cfg.batch_size
     chunks = [range(lo, min(B, lo + size)) for lo in range(0, B, max(size, 1))]
     caller = _Caller(reward_fn, prompts, completions, metadata, cfg)
@@ -378,12 +452,16 @@ def arithmetic_format_reward(prompts, completions, **_) -> np.ndarray:
     return np.array([float(well_formed(c)) for c in completions], np.float32)
 
 
-def length_penalty(max_length: int, *, cache: int = 0, scale: float = 1.0) -> RewardFn:
-    """DAPO-style overlong shaping on completion length L (characters here):
-    0 for L <= max_length − cache, −scale · (L − (max_length − cache)) / cache within
-    the last `cache` characters, −scale beyond max_length (or past it when cache = 0).
+def length_penalty(max_length: int, *, cache: int = 0, scale: float = 1.0, unit: str = "characters") -> RewardFn:
+    """DAPO-style overlong shaping (DAPO's eq. 13; TRL's `get_soft_overlong_punishment` at scale 1) on
+    completion length L: 0 for L <= max_length − cache, −scale · (L − (max_length − cache)) / cache within
+    the last `cache` units, −scale beyond max_length (or past it when cache = 0). unit: "characters" (of
+    the decoded text) or "tokens" (DAPO's: the completion's token ids, the stop token counted, which the
+    function then takes as `completion_ids` from the callers that sampled them).
     ValueError for a negative max_length or cache, and when cache > max_length: the soft zone
     would start below length 0 and penalise even an empty completion."""
+    if unit not in ("characters", "tokens"):
+        raise ValueError(f"length_penalty: unit must be 'characters' or 'tokens', got {unit!r}")
     if max_length < 0 or cache < 0:
         raise ValueError(f"length_penalty: max_length ({max_length}) and cache ({cache}) must be >= 0")
     if cache > max_length:
@@ -391,13 +469,20 @@ def length_penalty(max_length: int, *, cache: int = 0, scale: float = 1.0) -> Re
                          f"zone would start at length {max_length - cache} and penalise every completion")
     start = max_length - cache
 
-    def penalty(prompts, completions, **_):
-        L = np.array([len(c) for c in completions], np.float32)
+    def shaped(lengths) -> np.ndarray:
+        L = np.array(lengths, np.float32)
         if cache <= 0:
             return np.where(L > max_length, -scale, 0.0).astype(np.float32)
         return (-scale * np.clip((L - start) / cache, 0.0, 1.0)).astype(np.float32)
 
-    penalty.__name__ = f"length_penalty({max_length}, cache={cache})"
+    if unit == "tokens":
+        def penalty(prompts, completions, completion_ids, **_):
+            return shaped([len(ids) for ids in completion_ids])
+    else:
+        def penalty(prompts, completions, **_):
+            return shaped([len(c) for c in completions])
+
+    penalty.__name__ = f"length_penalty({max_length}, cache={cache}" + (", tokens)" if unit == "tokens" else ")")
     return penalty
 
 
