@@ -122,6 +122,11 @@ class Algorithm:
         """A copy with other default configs (or loss fields changed)."""
         adv_cfg, loss_cfg = self.configs(advantage, loss)
         if loss_changes:
+            fields = [f.name for f in dataclasses.fields(loss_cfg)]
+            unknown = sorted(set(loss_changes) - set(fields))
+            if unknown:
+                raise ValueError(f"{self.name}: its loss {self.loss.name!r} ({type(loss_cfg).__name__}) has no "
+                                 f"field(s) {unknown}; its fields: {fields}")
             loss_cfg = dataclasses.replace(loss_cfg, **loss_changes)
         return dataclasses.replace(self, estimator=dataclasses.replace(self.estimator, config=adv_cfg),
                                    loss=dataclasses.replace(self.loss, config=loss_cfg))

@@ -113,7 +113,12 @@ class RLConfig:
     (`reward_failed`, `accuracy_failed`).
     mask_truncated: completions cut at max_new_tokens (no stop id) get no loss (DAPO's overlong
     filtering, TRL's mask_truncated_completions); their rewards still count in their group's
-    statistics, and kept_fraction then counts only the rows trained on."""
+    statistics, and kept_fraction then counts only the rows trained on.
+    ref_sync_every, ref_sync_alpha: every ref_sync_every-th iteration (0: never), after its update, the
+    reference moves toward the policy: θ_ref ← α θ + (1 − α) θ_ref (TR-DPO's soft update, TRL's
+    sync_ref_model with ref_model_mixup_alpha, default 0.6 as TRL's; α = 1 replaces it by the policy, ProRL's
+    reference reset). Counted in RL iterations (TRL counts optimizer steps); RLState.ref_params holds it, so
+    a checkpoint and a resumed run carry the moved reference."""
 
     algorithm: Any = "grpo"
     loss: Any = None
@@ -133,6 +138,8 @@ class RLConfig:
     transforms: tuple[RewardTransform, ...] = ()
     reward_call: RewardCallConfig = field(default_factory=RewardCallConfig)
     mask_truncated: bool = False
+    ref_sync_every: int = 0
+    ref_sync_alpha: float = 0.6
 
     def __post_init__(self):
         algo = get_algorithm(self.algorithm)
@@ -152,6 +159,12 @@ class RLConfig:
                              f"top_k={s.top_k}, top_p={s.top_p}, greedy={s.greedy}")
         if self.max_refills < 0:
             raise ValueError(f"RLConfig.max_refills: must be >= 0, got {self.max_refills}")
+        if self.ref_sync_every < 0 or not 0 < self.ref_sync_alpha <= 1:
+            raise ValueError(f"RLConfig: need ref_sync_every >= 0 (0: never) and 0 < ref_sync_alpha <= 1, got "
+                             f"{self.ref_sync_every}, {self.ref_sync_alpha}")
+        if self.ref_sync_every and not (needs.reference or self.track_kl):
+            raise ValueError(f"RLConfig.ref_sync_every: {algo.name} has no KL term to the reference and track_kl is "
+                             "off, so no reference is read; there is nothing to synchronise")
         if self.mask_truncated and s.eos_id < 0 and not s.stop_ids:
             raise ValueError("RLConfig.mask_truncated: the sampling has no stop id (eos_id=-1, no stop_ids), so every "
                              "completion runs to max_new_tokens and none would be trained on")
@@ -575,6 +588,16 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
 
     jitted_prepare = jax.jit(prepare_update)
 
+    def sync_reference(params, ref):
+        """θ_ref ← α θ + (1 − α) θ_ref leaf by leaf, in float32, kept in the reference's dtypes (cfg.ref_sync_alpha);
+        the policy's leaves the reference lacks (a value head) are left out."""
+        a = cfg.ref_sync_alpha
+        own = {k: params[k] for k in ref}
+        return jax.tree.map(lambda p, r: (a * p.astype(jnp.float32) + (1 - a) * r.astype(jnp.float32)).astype(r.dtype),
+                            own, ref)
+
+    jitted_sync = jax.jit(sync_reference)  # the reference is not donated: a sync is rare, a fresh copy is safe
+
     def fit(tokens, mask):
         """Truncate (or reject, naming the row) prompts longer than the cache allows."""
         if not cfg.truncate_prompts:
@@ -841,6 +864,13 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         iteration = int(jax.device_get(state.step)) + 1
         if on_samples is not None and iteration % samples_every == 0:
             on_samples(iteration, records_of(c, lengths, stopped))
-        return state.replace(step=state.step + 1, policy=policy, critic=critic, transforms=transform_state), out
+        ref_params = state.ref_params
+        if cfg.ref_sync_every:
+            synced = iteration % cfg.ref_sync_every == 0
+            if synced:
+                ref_params = jitted_sync(policy.params, ref_params)
+            out["ref_synced"] = float(synced)
+        return state.replace(step=state.step + 1, policy=policy, critic=critic, transforms=transform_state,
+                             ref_params=ref_params), out
 
     return RLIteration(collect, learn)

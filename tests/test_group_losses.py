@@ -212,3 +212,98 @@ def test_grpo_ratio_weighted_kl_term_matches_naive(tiny, batch):
     loss = loss_fn(params, b, GRPOConfig(kl_coef=beta, kl_ratio_weighted=True))
     kl_term = np.mean([(ratio[i] * k3[i] * m[i]).sum() / m[i].sum() for i in range(6)])  # seq-mean of token-means
     assert float(loss) - float(base) == pytest.approx(beta * kl_term, rel=1e-4)
+
+
+def test_high_entropy_mask_is_the_top_quantile_of_the_masked_tokens_by_numpy():
+    from rljax.ops import high_entropy_mask
+
+    rng = np.random.default_rng(0)
+    h = rng.gamma(2.0, size=(4, 9)).astype(np.float32)
+    h[1, 2:5] = h[0, 3]  # ties at one value
+    m = (rng.random((4, 9)) < 0.7).astype(np.float32)
+    m[3] = 0  # a row with no token
+    for rho in (0.05, 0.2, 0.5, 0.999, 1.0):
+        q = np.quantile(h[m > 0], 1 - rho)  # linear interpolation, as torch.quantile
+        got = np.asarray(jax.jit(high_entropy_mask, static_argnums=2)(h, m, rho))
+        np.testing.assert_array_equal(got, ((h >= q) & (m > 0)).astype(np.float32), err_msg=str(rho))
+    np.testing.assert_array_equal(np.asarray(high_entropy_mask(h, m, 1.0)), m)
+    assert not np.asarray(high_entropy_mask(h, np.zeros_like(m), 0.2)).any()  # no token: none kept, no NaN
+
+
+def test_grpo_and_cispo_on_the_high_entropy_tokens_match_a_naive_reference(tiny, batch):
+    """top_entropy_quantile ρ_H = 0.3: the surrogate of the tokens below the 0.7 quantile of the completion
+    tokens' entropies (π_θ's, computed from the logits here) is 0, the KL term and the denominators keep every
+    token (TRL's rule); loss and gradient against the naive per-token sum, the kept fraction ~ρ_H."""
+    from rljax.losses import CISPOConfig, GRPOConfig, cispo_loss, grpo_loss
+
+    model, params = tiny
+    b, lp = batch
+    m = _mask(b)
+    hidden, _ = jax.jit(model.forward)(params, b.tokens, b.attention_mask)
+    logp = np.asarray(jax.nn.log_softmax(model.logits(params, hidden)[:, :-1], axis=-1), np.float64)
+    entropy = -(np.exp(logp) * logp).sum(-1)
+    keep = (entropy >= np.quantile(entropy[m > 0], 0.7)) & (m > 0)
+    eps, beta = 0.02, 0.1
+    ratio = np.exp(np.asarray(lp, np.float64) - b.old_logprobs)
+    A = b.advantages[:, None]
+    d = b.ref_logprobs - np.asarray(lp, np.float64)
+    k3 = np.exp(d) - 1 - d
+
+    cfg = GRPOConfig(eps_low=eps, eps_high=eps, kl_coef=beta, top_entropy_quantile=0.3)
+    loss, metrics, g = _loss_and_grad(params, b, loss=grpo_loss, model=model, cfg=cfg)
+    surrogate = -np.minimum(ratio * A, np.clip(ratio, 1 - eps, 1 + eps) * A)
+    per_token = surrogate * keep + beta * k3
+    naive = np.mean([(per_token[i] * m[i]).sum() / m[i].sum() for i in range(6)])
+    assert float(loss) == pytest.approx(naive, rel=1e-4)
+    assert float(metrics["entropy_kept_fraction"]) == pytest.approx(keep.sum() / m.sum())
+    assert 0.25 < keep.sum() / m.sum() < 0.4
+
+    def naive_grpo(p):  # the surrogate's gradient through ρ on the kept tokens, k3's on every token
+        cur = token_logprobs(p, b.tokens, b.attention_mask, model=model)
+        r = jnp.exp(cur - b.old_logprobs)
+        s = -jnp.minimum(r * A, jnp.clip(r, 1 - eps, 1 + eps) * A) * keep
+        dd = b.ref_logprobs - cur
+        t = (s + beta * (jnp.exp(dd) - 1 - dd)) * m
+        return jnp.mean(t.sum(1) / m.sum(1))
+
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-4), g,
+                 jax.jit(jax.grad(naive_grpo))(params))
+    # ρ_H = 1 is the plain loss
+    plain = _loss_and_grad(params, b, loss=grpo_loss, model=model, cfg=GRPOConfig(eps_low=eps, eps_high=eps,
+                                                                                  kl_coef=beta))
+    assert "entropy_kept_fraction" not in plain[1]
+    one = _loss_and_grad(params, b, loss=grpo_loss, model=model, cfg=GRPOConfig(eps_low=eps, eps_high=eps,
+                                                                                kl_coef=beta, top_entropy_quantile=1.0))
+    assert float(one[0]) == float(plain[0])
+
+    cfg = CISPOConfig(eps_high=0.05, top_entropy_quantile=0.3)
+    loss, metrics, _ = _loss_and_grad(params, b, loss=cispo_loss, model=model, cfg=cfg)
+    w = np.minimum(ratio, 1.05)
+    assert float(loss) == pytest.approx(-(w * A * np.asarray(lp) * keep).sum() / m.sum(), rel=1e-4)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="top_entropy_quantile: must be in \\(0, 1\\]"):
+            GRPOConfig(top_entropy_quantile=bad)
+        with pytest.raises(ValueError, match="top_entropy_quantile"):
+            CISPOConfig(top_entropy_quantile=bad)
+
+
+def test_the_grpo_recipe_sets_the_entropy_quantile_on_losses_that_have_it_and_the_reference_sync():
+    from rljax.algorithms import get_algorithm
+    from rljax.recipes import GRPOTaskConfig
+    from rljax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    for name in ("grpo", "dapo", "cispo"):
+        algo = GRPOTaskConfig(algorithm=name, top_entropy_quantile=0.2).rl_config(tok).algo
+        assert algo.loss.config.top_entropy_quantile == 0.2 and algo.name == name
+    assert GRPOTaskConfig().rl_config(tok).algo.loss.config.top_entropy_quantile == 1.0
+    rl = GRPOTaskConfig(ref_sync_every=3, ref_sync_alpha=0.9).rl_config(tok)
+    assert (rl.ref_sync_every, rl.ref_sync_alpha) == (3, 0.9)
+    assert (GRPOTaskConfig().rl_config(tok).ref_sync_every, GRPOTaskConfig().rl_config(tok).ref_sync_alpha) == (0, 0.6)
+    with pytest.raises(ValueError, match=r"rloo: its loss 'reinforce' \(ReinforceConfig\) has no field\(s\) "
+                                         r"\['top_entropy_quantile'\]"):
+        GRPOTaskConfig(algorithm="rloo", top_entropy_quantile=0.2).rl_config(tok)
+    with pytest.raises(ValueError, match="has no field"):
+        get_algorithm("gspo").with_config(top_entropy_quantile=0.5)
+    with pytest.raises(ValueError, match="GRPOTaskConfig.top_entropy_quantile: must be in \\(0, 1\\]"):
+        GRPOTaskConfig(top_entropy_quantile=0.0)

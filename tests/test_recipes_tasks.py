@@ -226,6 +226,22 @@ def test_a_rerun_in_the_same_run_dir_resumes(tmp_path, capsys):
         assert json.load(f)["config"]["steps"] == 5  # the next rerun compares with the run as it now is
     sft(small_model(), SFT_ROWS, five, run_dir=run_dir)  # finished: restored, nothing trained
 
+    # a config field added after the run was saved reads, where config.json lacks it, as its default (the
+    # behaviour the run had): the same run resumes; another value of it is a change, named
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["config"].pop("warmup_steps") == 0
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(saved, f)
+    sft(small_model(), SFT_ROWS, five, run_dir=run_dir)
+    with pytest.raises(ConfigMismatchError, match=r"another configuration \(warmup_steps: 0 -> 2\)"):
+        sft(small_model(), SFT_ROWS, dataclasses.replace(five, warmup_steps=2), run_dir=run_dir)
+    from rljax.cli import json_value
+    from rljax.recipes.tasks import GRPOTaskConfig, _field_defaults
+    for config_type in (SFTTaskConfig, GRPOTaskConfig):  # nested defaults (reward_call) as config.json holds them
+        assert _field_defaults(config_type) == json.loads(json.dumps(dataclasses.asdict(config_type()),
+                                                                     default=json_value))
+
 
 def test_a_config_holding_an_algorithm_reads_the_same_in_every_process(tmp_path):
     """config.json names an Algorithm's functions by module and name, not by memory address (which

@@ -290,7 +290,9 @@ def test_rl_phase_refills_from_positions_past_the_phase(bandit):
 @pytest.mark.slow  # a sharded twin of 20-36 s (others stay in the default suite); .ci/run runs the slow tier
 def test_sharded_rl_iterations_equal_single_device():
     """Two GRPO iterations on a (2, 2, 2) mesh of 8 simulated devices == one device:
-    same samples, same metrics, same parameters."""
+    same samples, same metrics, same parameters; and one with the loss on the high-entropy tokens alone
+    (top_entropy_quantile: a quantile over the global batch's tokens) and the reference moved toward the policy
+    after it (ref_sync_every)."""
     from conftest import run_with_devices
 
     out = run_with_devices("""
@@ -332,6 +334,26 @@ def test_sharded_rl_iterations_equal_single_device():
             for k in ("reward_mean", "kl_k1", "kl_k3", "loss", "completion_length"):
                 np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
         assert m1[1]["kl_k3"] > 0
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), p1, p2)
+
+        from rljax.algorithms import get_algorithm
+        import dataclasses
+        cfg = dataclasses.replace(cfg, algorithm=get_algorithm("grpo").with_config(top_entropy_quantile=0.3),
+                                  minibatches=1, ref_sync_every=1, ref_sync_alpha=0.5)
+        results = []
+        for mesh in (None, make_mesh(data=2, fsdp=2, tensor=2)):
+            model = Model(preset("tiny", n_layers=1), mesh=mesh)
+            params = Model(preset("tiny", n_layers=1)).init(jax.random.key(0))
+            state, m = make_rl_iteration(model, cfg, reward, decode)(
+                create_rl_state(model, params, cfg, jax.random.key(1)), prompts, mask)
+            if mesh is not None:
+                w = state.ref_params["layers"]["mlp"]["gate"]
+                assert len({s.device for s in w.addressable_shards}) == 8
+            results.append(((jax.device_get(state.policy.params), jax.device_get(state.ref_params)), m))
+        (p1, m1), (p2, m2) = results
+        for k in ("loss", "entropy_kept_fraction", "reward_mean"):
+            np.testing.assert_allclose(m1[k], m2[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        assert 0.25 < m1["entropy_kept_fraction"] < 0.4
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), p1, p2)
         print("ok")
     """)
@@ -400,9 +422,43 @@ def test_sharded_rl_phase_resumed_from_its_checkpoint_equals_an_uninterrupted_ru
     assert "ok" in out
 
 
+def test_reference_sync_moves_the_reference_toward_the_policy_by_hand(bandit):
+    """ref_sync_every=2, α = 0.6: unchanged after iteration 1, θ_ref = 0.6 θ_2 + 0.4 θ_ref after iteration 2;
+    α = 1 every iteration: the reference is the policy, so the next iteration's KL to it is that of the sampler
+    to itself, 0."""
+    model, params = bandit
+    cfg = RLConfig(algorithm="grpo", sampling=one_token(4), optimizer=OptimizerConfig(lr=3e-2, schedule="constant"),
+                   ref_sync_every=2, ref_sync_alpha=0.6)
+    it = make_rl_iteration(model, cfg, arm_reward, decode)
+    state = create_rl_state(model, params, cfg, jax.random.key(1))
+    prompts = np.ones((4, 1), np.int32)
+    ref0 = jax.device_get(state.ref_params)
+    state, m1 = it(state, prompts, None)
+    assert m1["ref_synced"] == 0.0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.ref_params), ref0)
+    state, m2 = it(state, prompts, None)
+    theta2 = jax.device_get(state.policy.params)
+    assert m2["ref_synced"] == 1.0 and m2["kl_k3"] > 0
+    jax.tree.map(lambda r, t, r0: np.testing.assert_allclose(r, 0.6 * t + 0.4 * r0, rtol=1e-6, atol=1e-7),
+                 jax.device_get(state.ref_params), theta2, ref0)
+    assert not np.allclose(theta2["embedding"], ref0["embedding"])  # the policy had moved
+
+    reset = dataclasses.replace(cfg, ref_sync_every=1, ref_sync_alpha=1.0)
+    it = make_rl_iteration(model, reset, arm_reward, decode)
+    state, _ = it(state, prompts, None)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.ref_params), jax.device_get(state.policy.params))
+    _, m = it(state, prompts, None)
+    assert abs(m["kl_k1"]) < 1e-5 and abs(m["kl_k3"]) < 1e-5
+    with pytest.raises(ValueError, match="need ref_sync_every >= 0 .* and 0 < ref_sync_alpha <= 1, got 2, 0.0"):
+        dataclasses.replace(cfg, ref_sync_alpha=0.0)
+    with pytest.raises(ValueError, match="ref_sync_every: rloo has no KL term to the reference and track_kl is off"):
+        RLConfig(algorithm="rloo", sampling=one_token(4), track_kl=False, ref_sync_every=3)
+
+
 def test_rl_phase_resumed_from_its_checkpoint_equals_an_uninterrupted_run(bandit, tmp_path):
     """Stop after 2 of 4 iterations, run the same command again: the result equals 4 straight
-    iterations (same prompts, same sampling keys, same optimizer and EMA state)."""
+    iterations (same prompts, same sampling keys, same optimizer and EMA state, the same reference moved
+    toward the policy every iteration)."""
     model, params = bandit
 
     class Prompts:
@@ -410,7 +466,8 @@ def test_rl_phase_resumed_from_its_checkpoint_equals_an_uninterrupted_run(bandit
             return PromptBatch(tokens=np.array([[3 + position], [9 + position]], np.int32), mask=None, metadata={})
 
     cfg = RLConfig(algorithm="reinforce", advantage=BaselineConfig("moving_average"), sampling=one_token(4),
-                   optimizer=OptimizerConfig(lr=1e-2, schedule="constant"), transforms=(moving_average_baseline(0.9),))
+                   optimizer=OptimizerConfig(lr=1e-2, schedule="constant"), transforms=(moving_average_baseline(0.9),),
+                   ref_sync_every=1, ref_sync_alpha=0.5)
 
     def run(steps, run_dir):
         state = create_rl_state(model, params, cfg, jax.random.key(1))
@@ -423,8 +480,10 @@ def test_rl_phase_resumed_from_its_checkpoint_equals_an_uninterrupted_run(bandit
     assert int(resumed.step) == 4 and resumed.critic is None
     assert float(resumed.transforms[0].mean) == float(straight.transforms[0].mean)
     for a, b in ((resumed.policy.params, straight.policy.params), (resumed.policy.opt_state, straight.policy.opt_state),
-                 (jax.random.key_data(resumed.rng), jax.random.key_data(straight.rng))):
+                 (jax.random.key_data(resumed.rng), jax.random.key_data(straight.rng)),
+                 (resumed.ref_params, straight.ref_params)):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+    assert not np.array_equal(jax.device_get(straight.ref_params["embedding"]), params["embedding"])
 
 
 def test_informative_groups_on_the_host_match_group_range():

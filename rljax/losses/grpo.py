@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from rljax.data.batch import PolicyBatch
 from rljax.losses.policy_gradient import _is_zero, _kl_terms, _policy_terms, _validate_common
-from rljax.ops.aggregate import LOSS_WEIGHT, aggregate, aggregate_count
+from rljax.ops.aggregate import LOSS_WEIGHT, aggregate, aggregate_count, high_entropy_mask
 from rljax.ops.kl import importance_weighted
 from rljax.ops.surrogates import clipped_is_weight, clipped_surrogate, sequence_clipped_surrogate, sequence_ratio
 
@@ -31,6 +31,23 @@ def _check_clip_config(cfg) -> None:
                          f"{cfg.eps_high}")
 
 
+def _check_entropy_quantile(cfg) -> None:
+    rho = cfg.top_entropy_quantile
+    if not (isinstance(rho, (int, float)) and 0 < rho <= 1):
+        raise ValueError(f"{type(cfg).__name__}.top_entropy_quantile: must be in (0, 1] (1: every token), got {rho!r}")
+
+
+def _high_entropy_only(per_token, entropy, mask, cfg, metrics: dict):
+    """per_token [B, T] kept on the top cfg.top_entropy_quantile of the tokens by entropy (`high_entropy_mask`),
+    0 on the others, which still count in the loss's denominator, as in TRL; adds the fraction of the masked
+    tokens kept to metrics ("entropy_kept_fraction"). As it is for top_entropy_quantile = 1."""
+    if cfg.top_entropy_quantile >= 1:
+        return per_token
+    keep = high_entropy_mask(entropy, mask, cfg.top_entropy_quantile)
+    metrics["entropy_kept_fraction"] = aggregate(keep, mask, "token_mean")
+    return per_token * keep
+
+
 @dataclass(frozen=True)
 class GRPOConfig:
     """GRPO (DeepSeekMath) per token: −min(ρ Â, clip(ρ, 1 − ε_low, 1 + ε_high) Â) + β k3,
@@ -38,6 +55,10 @@ class GRPOConfig:
     kl_ratio_weighted: the KL term is ρ_t · k3_t (TRL's use_bias_correction_kl), an estimate of
     KL(π_θ ‖ π_ref) that stays unbiased when the tokens come from π_old (later minibatches and
     epochs), where plain k3 estimates it under π_old's token distribution.
+    top_entropy_quantile ρ_H < 1: the surrogate of the tokens whose entropy H_t (under π_θ) is below the
+    (1 − ρ_H) quantile of the batch's completion tokens' is 0 (Wang et al. 2025 train on the top 20%:
+    ρ_H = 0.2; TRL's top_entropy_quantile); the KL term and the denominators keep every token, as in TRL.
+    With gradient accumulation or minibatches the quantile is each micro-batch's, as TRL's.
 
     Variants are other defaults: Dr. GRPO (aggregation "constant" with constant = max
     completion length, β = 0; no std scaling in the estimator), DAPO (eps_high 0.28,
@@ -51,9 +72,11 @@ class GRPOConfig:
     aggregation: str = "seq_mean_token_mean"
     constant: float | None = None
     kl_ratio_weighted: bool = False
+    top_entropy_quantile: float = 1.0
 
     def __post_init__(self):
         _check_clip_config(self)
+        _check_entropy_quantile(self)
 
 
 def grpo_loss(params, batch: PolicyBatch, *, model, cfg: GRPOConfig):
@@ -61,6 +84,8 @@ def grpo_loss(params, batch: PolicyBatch, *, model, cfg: GRPOConfig):
     lp = out["logprobs"]
     surrogate, clipped = clipped_surrogate(lp, batch.old_logprobs, batch.advantages, eps_low=cfg.eps_low,
                                            eps_high=cfg.eps_high)
+    masked: dict = {}
+    surrogate = _high_entropy_only(surrogate, out["entropy"], mask, cfg, masked)
     kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
     if cfg.kl_ratio_weighted and not _is_zero(cfg.kl_coef):
         # off the mask ℓ = ℓ_old (ρ = 1, and the penalty there is 0): an overflowing ρ there would give inf·0
@@ -69,7 +94,7 @@ def grpo_loss(params, batch: PolicyBatch, *, model, cfg: GRPOConfig):
     loss = aggregate(surrogate + cfg.kl_coef * kl, mask, cfg.aggregation, constant=cfg.constant)
     return loss, {"clip_fraction": aggregate(clipped, mask, "token_mean"),
                   "ratio_mean": _ratio_metric(lp, batch.old_logprobs, mask),
-                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics,
+                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics, **masked,
                   LOSS_WEIGHT: aggregate_count(mask, cfg.aggregation)}
 
 
@@ -123,7 +148,7 @@ class CISPOConfig:
     The weight's cap is 1 + ε_high, the paper's clip(r, 1 − ε_low, 1 + ε_high) form. The default
     ε_high = 4.0 gives a cap of 5: TRL's cispo loss is clamp(ρ, max=epsilon_high), a cap written
     without the 1 +, with recommended epsilon_high = 5.0 (ScaleRL's ε_max). TRL's
-    epsilon_high = e is ε_high = e − 1 here."""
+    epsilon_high = e is ε_high = e − 1 here. top_entropy_quantile: as `GRPOConfig`'s."""
 
     eps_low: float | None = None
     eps_high: float = 4.0
@@ -131,9 +156,11 @@ class CISPOConfig:
     kl_estimator: str = "k3"
     aggregation: str = "token_mean"
     constant: float | None = None
+    top_entropy_quantile: float = 1.0
 
     def __post_init__(self):
         _validate_common(self)
+        _check_entropy_quantile(self)
         if self.eps_low is not None and not 0 <= self.eps_low <= 1:
             raise ValueError(f"CISPOConfig.eps_low: must be in [0, 1] or None, got {self.eps_low}")
         if self.eps_high < 0:
@@ -145,10 +172,11 @@ def cispo_loss(params, batch: PolicyBatch, *, model, cfg: CISPOConfig):
     lp = out["logprobs"]
     weight, clipped = clipped_is_weight(lp, batch.old_logprobs, eps_low=cfg.eps_low, eps_high=cfg.eps_high)
     adv = batch.advantages if batch.advantages.ndim == 2 else batch.advantages[:, None]
-    pg = -weight * jax.lax.stop_gradient(adv) * lp
+    masked: dict = {}
+    pg = _high_entropy_only(-weight * jax.lax.stop_gradient(adv) * lp, out["entropy"], mask, cfg, masked)
     kl, kl_metrics = _kl_terms(lp, batch, cfg, mask)
     loss = aggregate(pg + cfg.kl_coef * kl, mask, cfg.aggregation, constant=cfg.constant)
     return loss, {"clip_fraction": aggregate(clipped, mask, "token_mean"),
                   "ratio_mean": _ratio_metric(lp, batch.old_logprobs, mask),
-                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics,
+                  "entropy": aggregate(out["entropy"], mask, "token_mean"), **kl_metrics, **masked,
                   LOSS_WEIGHT: aggregate_count(mask, cfg.aggregation)}

@@ -65,3 +65,17 @@ def aggregate_count(mask: jax.Array, mode: str) -> jax.Array:
     if mode in ("seq_mean_token_sum", "constant"):
         return jnp.float32(mask.shape[0])
     raise ValueError(f"unknown aggregation {mode!r}; choose from {AGGREGATIONS}")
+
+
+def high_entropy_mask(entropy: jax.Array, mask: jax.Array, top_quantile: float) -> jax.Array:
+    """The tokens of mask [B, T] whose entropy is in the top `top_quantile` ρ of the masked tokens' (Wang et
+    al. 2025, "Beyond the 80/20 rule": the policy gradient through the high-entropy "forking" tokens alone;
+    TRL's top_entropy_quantile): m_t · [H_t ≥ q], q = the (1 − ρ) quantile of {H_t : m_t = 1} with linear
+    interpolation (numpy's and torch.quantile's default) -> float32 [B, T], no gradient. The quantile is over
+    every masked token of the arrays given (on a mesh, the global batch); ρ = 1 keeps every masked token,
+    an all-zero mask gives zeros."""
+    chex.assert_equal_shape([entropy, mask])
+    on = mask > 0
+    h = jax.lax.stop_gradient(entropy.astype(jnp.float32))
+    q = jnp.nanquantile(jnp.where(on, h, jnp.nan), 1.0 - top_quantile)  # NaN (no token kept) for an empty mask
+    return (on & (h >= q)).astype(jnp.float32)

@@ -223,6 +223,11 @@ class GRPOTaskConfig(TaskConfig):
     with both is a DataError naming a row of each).
     mask_truncated: completions cut at max_new_tokens get no loss (`RLConfig.mask_truncated`; TRL's
     mask_truncated_completions).
+    ref_sync_every, ref_sync_alpha: move the reference toward the policy every ref_sync_every iterations,
+    θ_ref ← α θ + (1 − α) θ_ref (`RLConfig.ref_sync_every`; TRL's sync_ref_model; α = 1 resets it to the policy).
+    top_entropy_quantile: < 1 trains the policy loss on that top fraction of the completion tokens by entropy
+    alone (`GRPOConfig.top_entropy_quantile`, TRL's; Wang et al. 2025 use 0.2): for algorithms whose loss has
+    the option (grpo, dr_grpo, dapo, cispo); others refuse it, naming their loss.
     samples_every: k > 0 writes every k-th iteration's samples (text, rewards, each reward function's
     reward, lengths, the row's columns) to run_dir/samples/iteration-NNNNNN.jsonl
     (`rljax.metrics.read_samples`); needs a run_dir."""
@@ -248,9 +253,15 @@ class GRPOTaskConfig(TaskConfig):
     reward_format: str = "auto"
     samples_every: int = 0
     mask_truncated: bool = False
+    top_entropy_quantile: float = 1.0
+    ref_sync_every: int = 0
+    ref_sync_alpha: float = 0.6
 
     def __post_init__(self):
         super().__post_init__()
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ValueError(f"GRPOTaskConfig.top_entropy_quantile: must be in (0, 1] (1: every token), got "
+                             f"{self.top_entropy_quantile}")
         if self.reward_format not in REWARD_FORMATS:
             raise ValueError(f"GRPOTaskConfig.reward_format: one of {REWARD_FORMATS}, got {self.reward_format!r}")
         if self.samples_every < 0:
@@ -271,6 +282,8 @@ class GRPOTaskConfig(TaskConfig):
         algo = get_algorithm(self.algorithm)
         if self.kl_coef is not None:
             algo = algo.with_kl_coef(self.kl_coef)
+        if self.top_entropy_quantile != 1.0:
+            algo = algo.with_config(top_entropy_quantile=self.top_entropy_quantile)
         opt = dataclasses.replace(self.optimizer(), head_lr=self.head_lr)
         return RLConfig(algorithm=algo, sampling=SampleConfig(max_new_tokens=self.max_new_tokens, n=self.n,
                                                               temperature=self.temperature, top_p=self.top_p,
@@ -278,7 +291,8 @@ class GRPOTaskConfig(TaskConfig):
                                                               **tokenizer_ids(tokenizer)),
                         optimizer=opt, epochs=self.epochs, minibatches=self.minibatches, track_kl=self.track_kl,
                         truncate_prompts=True, max_refills=self.max_refills, reward_call=self.reward_call,
-                        mask_truncated=self.mask_truncated,
+                        mask_truncated=self.mask_truncated, ref_sync_every=self.ref_sync_every,
+                        ref_sync_alpha=self.ref_sync_alpha,
                         transforms=(moving_average_baseline(self.baseline_decay),) if algo.needs().baseline else ())
 
 
@@ -865,11 +879,27 @@ def _flat_record(record: dict) -> dict:
     return {**record.get("config", {}), **{k: path(record.get(k, "<absent>")) for k in ("task", "model", "data")}}
 
 
-def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool) -> None:
+def _field_defaults(config_type) -> dict:
+    """{field: its default, as config.json holds it} of a task config's dataclass: a field added to the
+    config after a run was saved is read, where that run's config.json lacks it, as its default, the
+    behaviour the run had (new fields keep the old behaviour by default), so the run still resumes."""
+    from rljax.cli import json_value
+
+    out = {}
+    for f in dataclasses.fields(config_type):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v := f.default_factory()) else v
+    return json.loads(json.dumps(out, default=json_value))
+
+
+def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool, added: dict | None = None) -> None:
     """Write `record` to d/config.json, or check it against the one there: a run directory holds one run.
     Another task's run is refused; so is another configuration, model or data set (each differing field
     named) unless allow_change, which continues the run with the new values and appends them to
-    config_changes.jsonl."""
+    config_changes.jsonl. added: {field: value} read for a config field the saved run lacks
+    (`_field_defaults`)."""
     from rljax.cli import (CONFIG_CHANGES_FILE, ConfigMismatchError, config_differences, json_value, listed_changes,
                            read_before_rewrite, write_config)
 
@@ -883,7 +913,8 @@ def _claim_run_dir(d: str, task: str, record: dict, allow_change: bool) -> None:
                                       f"directory holds one run: give the {task} run a run_dir of its own (to "
                                       f"start from that run's weights, pass its result's (model, params, "
                                       f"tokenizer) or its exported checkpoint as the model)")
-        changes = config_differences(_flat_record(old), _flat_record(new), ignore=RESUMABLE_CHANGES, added={})
+        changes = config_differences(_flat_record(old), _flat_record(new), ignore=RESUMABLE_CHANGES,
+                                     added=added or {})
         if changes and not allow_change:
             raise ConfigMismatchError(
                 f"{task}: run_dir {d!r} holds a run with another configuration ({listed_changes(changes)}); a rerun "
@@ -911,7 +942,7 @@ def _run_dir(run_dir, task: str, cfg, model, data, allow_change: bool = False):
             tempfile.TemporaryDirectory(prefix=f"rljax-{task}-"))
         os.makedirs(d, exist_ok=True)
         _claim_run_dir(d, task, dict(task=task, model=_describe(model), data=_describe(data),
-                                     config=dataclasses.asdict(cfg)), allow_change)
+                                     config=dataclasses.asdict(cfg)), allow_change, added=_field_defaults(type(cfg)))
         try:
             yield d
         except BaseException as e:
