@@ -58,7 +58,9 @@ from rljax.sharding import constrain, is_axis_names, shard_batch
 class SampleConfig:
     """How to sample. temperature == 0 or greedy=True means argmax decoding.
 
-    top_k = 0 and top_p = 1 switch truncation off. n samples per prompt are
+    top_k = 0, top_p = 1 and min_p = 0 switch truncation off (applied after the temperature in that order,
+    as transformers' warpers; min_p keeps the tokens whose probability is at least min_p times the most
+    likely one's). n samples per prompt are
     laid out contiguously (rows i*n .. i*n+n-1 belong to prompt i). A row ends at
     `eos_id` or at any of `stop_ids` (extra stop tokens, e.g. an HF tokenizer's
     `eos_ids`); eos_id = -1 with no stop_ids never stops before max_new_tokens.
@@ -83,6 +85,7 @@ class SampleConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     greedy: bool = False
     n: int = 1
     eos_id: int = 2
@@ -97,7 +100,8 @@ class SampleConfig:
             raise ValueError(f"SampleConfig.{field}: {why}")
 
         _check_types(self, "SampleConfig", ints=("max_new_tokens", "top_k", "n", "min_prompt_bucket", "cache_segments",
-                                                 "cpu_row_groups"), reals=("temperature", "top_p"), bools=("greedy",))
+                                                 "cpu_row_groups"), reals=("temperature", "top_p", "min_p"),
+                     bools=("greedy",))
         if self.cache_segments < 1:
             bad("cache_segments", f"must be >= 1, got {self.cache_segments}")
         _check_cpu_row_groups(self, "SampleConfig")
@@ -111,6 +115,8 @@ class SampleConfig:
             bad("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", f"must be in [0, 1] (0 = off), got {self.min_p}")
         if self.n < 1:
             bad("n", f"must be >= 1, got {self.n}")
 
@@ -300,7 +306,8 @@ def concat_rollouts(rollouts: list["Rollout"], *, pad_id: int = 0) -> "Rollout":
 
 
 def _truncate(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
-    """Temperature, then top-k, then top-p (nucleus); removed entries become -inf."""
+    """Temperature, then top-k, then top-p (nucleus), then min-p (p_i < min_p · max_j p_j removed, i.e.
+    exp(z_i − max z) < min_p); removed entries become -inf."""
     z = logits.astype(jnp.float32) / cfg.temperature
     if cfg.top_k > 0 and cfg.top_k < z.shape[-1]:
         kth = lax.top_k(z, cfg.top_k)[0][..., -1:]
@@ -312,6 +319,8 @@ def _truncate(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
         keep = before < cfg.top_p  # the most likely token is always kept
         threshold = jnp.min(jnp.where(keep, sorted_z, jnp.inf), axis=-1, keepdims=True)
         z = jnp.where(z < threshold, -jnp.inf, z)
+    if cfg.min_p > 0.0:
+        z = jnp.where(jnp.exp(z - jnp.max(z, axis=-1, keepdims=True)) < cfg.min_p, -jnp.inf, z)
     return z
 
 

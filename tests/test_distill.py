@@ -254,7 +254,7 @@ def test_a_missing_or_mismatched_teacher_is_an_error_naming_the_field(tiny):
         it(state, np.ones((2, 1), np.int32), None)
     # the reverse KL is estimated from the student's own samples at temperature 1
     for sampling in (cfg.sampling.replace(temperature=0.7), cfg.sampling.replace(top_k=5),
-                     cfg.sampling.replace(top_p=0.9)):
+                     cfg.sampling.replace(top_p=0.9), cfg.sampling.replace(min_p=0.05)):
         with pytest.raises(ValueError, match="RLConfig.sampling: on_policy_distill estimates KL.* at temperature 1 "
                                              "without truncation"):
             RLConfig(algorithm="on_policy_distill", sampling=sampling)

@@ -210,6 +210,8 @@ WORKER = textwrap.dedent("""
             res["export"] = [outcome(hf.save_pretrained, state.params, model.config, export),
                              sorted(os.listdir(os.path.dirname(export)))]  # no checkpoint, no temporary left
             del hf.open
+            # both have listed the directory before process 0 makes the next save's temporary directory there
+            distributed.sync("export listed")
             res["export"] += [outcome(hf.save_pretrained, state.params, model.config, export)[0],
                               sorted(os.listdir(export))]
 
@@ -607,7 +609,7 @@ WORKER = textwrap.dedent("""
             dpo=dpo((small, params, TOK), pairs, DPOTaskConfig(batch_size=4, lr=3e-3, **quiet), mesh=mesh,
                     run_dir=run_dir + "/dpo", eval_data=pairs[:8]),
             grpo=grpo((small, params, TOK), prompts, [reward, (0.1, tokens)], GRPOTaskConfig(
-                batch_size=2, n=2, max_new_tokens=4, lr=1e-2, samples_every=1, **quiet), mesh=mesh,
+                batch_size=2, n=2, max_new_tokens=4, lr=1e-2, samples_every=1, eval_samples=2, **quiet), mesh=mesh,
                 run_dir=run_dir + "/grpo", eval_data=prompts[:3]))
         res["tasks"] = {k: dict(history=r.history, params=checksums(r.params)["total"], eval=r.eval_history)
                         for k, r in results.items()}

@@ -114,7 +114,7 @@ def test_two_process_rlhf_and_r1_recipes_equal_one_process(tmp_path):
 @pytest.mark.slow  # 17-35 s: three recipes' steps compiled in three processes
 def test_two_process_task_recipes_equal_one_process(tmp_path):
     """`sft`, `dpo` and `grpo` of `rljax.recipes` with mesh= on two processes: the per-step metrics, the
-    evaluations on eval_data (GRPO's 3 held-out prompts in batches of 2, each filled to the mesh's rows) and
+    evaluations on eval_data (GRPO's 3 held-out prompts in batches of 2, 2 samples each, each filled to the mesh's rows) and
     the parameters of one process with the same mesh; GRPO's reward function sees each process's own samples
     (and every held-out prompt's greedy completion), a term taking completion_ids each of its own samples' token ids
     (-len(ids) averaging to -completion_length); config.json is written once (process 0), metrics.jsonl
@@ -138,8 +138,10 @@ def test_two_process_task_recipes_equal_one_process(tmp_path):
     assert sorted(os.listdir(res["proc0"]["run_dir"] / "grpo" / "samples")) == ["iteration-000001.jsonl",
                                                                                "iteration-000002.jsonl"]
     assert read_samples(res["proc0"]["run_dir"] / "grpo", 2) == read_samples(res["single"]["run_dir"] / "grpo", 2)
-    # 2 prompts x 2 samples a step (each process its half), then the held-out 2 + 1 prompts on every process
-    assert p0["scored"] == p1["scored"] == [2, 2, 2, 1] and single["scored"] == [4, 4, 2, 1]
+    # 2 prompts x 2 samples a step (each process its half), then the held-out 2 + 1 prompts' 2 samples each
+    # (eval_samples=2) on every process
+    assert p0["scored"] == p1["scored"] == [2, 2, 4, 2] and single["scored"] == [4, 4, 4, 2]
+    assert "reward_best_mean" in p0["tasks"]["grpo"]["eval"][0]
     assert single["refused"] == {"run_dir": None, "mesh": None}
     assert "2 processes are running: pass run_dir= on a file system they all share" in p0["refused"]["run_dir"]
     assert "2 processes are running: pass mesh=make_mesh(...)" in p0["refused"]["mesh"]

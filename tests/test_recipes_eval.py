@@ -100,6 +100,45 @@ def test_grpo_eval_scores_greedy_completions_of_every_held_out_prompt():
     assert 0 <= result.eval_metrics["completion_length"] <= 3
 
 
+def test_grpo_eval_with_samples_scores_k_completions_of_each_prompt_and_the_best():
+    """eval_samples=3: each held-out prompt's 3 sampled completions (prompt-major) scored by the function;
+    reward_mean is the mean of what it returned, reward_best_mean the mean over prompts of each one's best;
+    the draws are the same at every evaluation of the same params (a fixed key per batch)."""
+    from rljax.recipes.tasks import prompt_batches, reward_eval
+
+    calls = []
+
+    def chars(prompts, completions, **_):  # a reward that tells the samples apart
+        out = [float(sum(map(ord, c)) % 5) for c in completions]
+        calls.append((list(prompts), out, [len(c) for c in completions]))
+        return out
+
+    train = [{"prompt": f"{a}+1="} for a in range(4)]
+    held = [{"prompt": f"{a}*2="} for a in range(5)]
+    cfg = GRPOTaskConfig(steps=1, batch_size=2, n=2, max_new_tokens=5, progress=False, eval_samples=3)
+    result = grpo(small_model(), train, chars, cfg, eval_data=held)
+    evals = [c for c in calls if "*" in c[0][0]]
+    assert [len(c[0]) for c in evals] == [6, 6, 3]  # batches of 2, 2, 1 prompts x 3 samples
+    prompts = [p for c in evals for p in c[0]]
+    assert prompts == [f"{a}*2=" for a in range(5) for _ in range(3)]
+    rewards = np.array([x for c in evals for x in c[1]])
+    assert result.eval_metrics["reward_mean"] == pytest.approx(rewards.mean())
+    assert result.eval_metrics["reward_best_mean"] == pytest.approx(rewards.reshape(5, 3).max(axis=1).mean())
+    assert result.eval_metrics["reward_best_mean"] > result.eval_metrics["reward_mean"]  # the samples differ
+    # the stop token counts in the tokens, not in the text
+    assert result.eval_metrics["completion_length"] == pytest.approx(np.mean([min(n + 1, 5) for c in evals
+                                                                             for n in c[2]]))
+    model = result.model
+    batches = held_out_batches(prompt_batches(TOK, held, cfg, max_length=64).batches, model, "eval", size=2,
+                               split=False)
+    again = reward_eval(model, TOK, batches, chars, max_new_tokens=5, samples=3)
+    assert again(result.state) == again(result.state) == result.eval_metrics
+    greedy = reward_eval(model, TOK, batches, chars, max_new_tokens=5)(result.state)
+    assert "reward_best_mean" not in greedy
+    with pytest.raises(ValueError, match="eval_samples: must be >= 0"):
+        GRPOTaskConfig(eval_samples=-1)
+
+
 def test_held_out_batches_keep_every_row_once_and_drop_what_a_mesh_cannot_split(monkeypatch):
     it = sft_batches(TOK, EVAL_SFT, SFTTaskConfig(batch_size=1), max_length=64)
     model = small_model()[0]

@@ -249,6 +249,8 @@ def test_options_that_would_be_ignored_and_misshapen_metadata_are_refused(bandit
     RLConfig(algorithm="rloo", transforms=(normalise_rewards(),))  # a baseline from the samples: fine
     with pytest.raises(ValueError, match=r"greedy decoding .* makes them identical: every advantage would be 0"):
         RLConfig(algorithm="grpo", sampling=SampleConfig(n=4, temperature=0.0))
+    with pytest.raises(ValueError, match=r"greedy decoding .*min_p=1\) makes them identical"):
+        RLConfig(algorithm="grpo", sampling=SampleConfig(n=4, min_p=1.0))
     cfg = RLConfig(algorithm="grpo", sampling=one_token(2))
     it = make_rl_iteration(model, cfg, arm_reward, decode)
     state = create_rl_state(model, params, cfg, jax.random.key(1))

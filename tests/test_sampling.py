@@ -96,6 +96,12 @@ def test_choose_tokens_matches_closed_form_distribution():
         # top_p = 0.8: mass above the 3rd token is 0.870 >= 0.8, so two tokens remain
         (SampleConfig(top_p=0.8), np.r_[np.exp([2.0, 1.0]), 0, 0, 0]),
         (SampleConfig(temperature=2.0), np.exp(np.array([2.0, 1.0, 0.0, -1.0, -3.0]) / 2.0)),
+        # min_p = 0.3: p_i / p_max = e^{z_i - 2} = 1, 0.37, 0.14, ...: two tokens remain; at temperature 2
+        # e^{(z_i - 2) / 2} = 1, 0.61, 0.37, 0.22: three
+        (SampleConfig(min_p=0.3), np.r_[np.exp([2.0, 1.0]), 0, 0, 0]),
+        (SampleConfig(min_p=0.3, temperature=2.0), np.r_[np.exp(np.array([2.0, 1.0, 0.0]) / 2.0), 0, 0]),
+        # after top_p = 0.9 (three tokens) min_p = 0.2 keeps two
+        (SampleConfig(top_p=0.9, min_p=0.2), np.r_[np.exp([2.0, 1.0]), 0, 0, 0]),
     ]
     for cfg, expected in cases:
         expected = expected / expected.sum()
@@ -295,6 +301,8 @@ def test_bad_prompts_raise(tiny):
         sample(params, np.ones((2, 3), np.int32), np.ones((2, 4), np.int32), key, model=model, cfg=cfg)
     with pytest.raises(ValueError, match="top_p"):
         SampleConfig(top_p=0.0)
+    with pytest.raises(ValueError, match=r"SampleConfig.min_p: must be in \[0, 1\] \(0 = off\), got 1.5"):
+        SampleConfig(min_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         SampleConfig(temperature=-1.0)
     # fields read from a JSON / YAML file or flags: the type is checked, naming the field

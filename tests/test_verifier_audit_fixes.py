@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import random
 import signal
+import sys
 import time
 import warnings
 from fractions import Fraction
@@ -67,12 +68,18 @@ def test_an_interrupt_swallowed_in_a_gc_callback_is_retried():
     gc_was_enabled, handler = gc.isenabled(), signal.getsignal(signal.SIGALRM)
     others = gc.callbacks[:]  # JAX's own: a later re-fire landing there would be reported as unraisable
     gc.callbacks[:] = [callback]
+    # On a loaded machine a re-fire can land in the callback's own except clause, so the deadline escapes it
+    # and gc reports it as unraisable, as CPython does: recorded here without formatting a traceback (pytest's
+    # own hook formats one, and the next re-fire landing in that hook would fail it)
+    dropped, hook = [], sys.unraisablehook
+    sys.unraisablehook = lambda u: dropped.append(type(u.exc_value).__name__)
     start = time.monotonic()
     try:
         assert _bounded(work, 0.2) == (None, True)
     finally:
         gc.callbacks[:] = others
-    assert swallowed[:1] == ["_Deadline"] and set(swallowed) == {"_Deadline"}
+        sys.unraisablehook = hook
+    assert swallowed[:1] == ["_Deadline"] and set(swallowed + dropped) == {"_Deadline"}
     assert time.monotonic() - start < 1.0  # not the callback's full second: interrupted again right after
     # nothing left behind: no timer running, the handler and gc as they were
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

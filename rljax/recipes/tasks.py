@@ -204,7 +204,8 @@ class GRPOTaskConfig(TaskConfig):
     """On-policy RL: `algorithm` is any `rljax.algorithms` registry name ("grpo", "rloo", "dapo", "dr_grpo",
     "reinforce", "ppo", ...) or an Algorithm; steps counts RL iterations, each sampling `n` completions of
     at most `max_new_tokens` tokens for `batch_size` prompts (stopping at every stop id of the tokenizer)
-    and updating epochs x minibatches times (temperature, top_p, top_k: `SampleConfig`'s; top_k 0 is off).
+    and updating epochs x minibatches times (temperature, top_p, top_k, min_p: `SampleConfig`'s; top_k 0 and
+    min_p 0 are off).
     kl_coef: None keeps the algorithm's. Algorithms that need a
     value head (ppo, a2c) get one zero-initialised on the policy, those with a separate critic (trpo) a
     critic copied from the policy with a value head; a running baseline is `baseline_decay`'s moving
@@ -223,6 +224,9 @@ class GRPOTaskConfig(TaskConfig):
     with both is a DataError naming a row of each).
     mask_truncated: completions cut at max_new_tokens get no loss (`RLConfig.mask_truncated`; TRL's
     mask_truncated_completions).
+    eval_samples: 0 (the default) scores each eval_data prompt's greedy completion; k >= 1 scores k completions
+    of each sampled as in training (temperature, top_p, top_k; the same draws at every evaluation) and adds
+    reward_best_mean, the mean of each prompt's best reward (pass@k for a 0/1 reward) (`reward_eval`).
     ref_sync_every, ref_sync_alpha: move the reference toward the policy every ref_sync_every iterations,
     θ_ref ← α θ + (1 − α) θ_ref (`RLConfig.ref_sync_every`; TRL's sync_ref_model; α = 1 resets it to the policy).
     top_entropy_quantile: < 1 trains the policy loss on that top fraction of the completion tokens by entropy
@@ -242,6 +246,7 @@ class GRPOTaskConfig(TaskConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     kl_coef: float | None = None
     epochs: int = 1
     minibatches: int = 1
@@ -256,9 +261,12 @@ class GRPOTaskConfig(TaskConfig):
     top_entropy_quantile: float = 1.0
     ref_sync_every: int = 0
     ref_sync_alpha: float = 0.6
+    eval_samples: int = 0
 
     def __post_init__(self):
         super().__post_init__()
+        if self.eval_samples < 0:
+            raise ValueError(f"GRPOTaskConfig.eval_samples: must be >= 0 (0: greedy), got {self.eval_samples}")
         if not 0 < self.top_entropy_quantile <= 1:
             raise ValueError(f"GRPOTaskConfig.top_entropy_quantile: must be in (0, 1] (1: every token), got "
                              f"{self.top_entropy_quantile}")
@@ -287,7 +295,7 @@ class GRPOTaskConfig(TaskConfig):
         opt = dataclasses.replace(self.optimizer(), head_lr=self.head_lr)
         return RLConfig(algorithm=algo, sampling=SampleConfig(max_new_tokens=self.max_new_tokens, n=self.n,
                                                               temperature=self.temperature, top_p=self.top_p,
-                                                              top_k=self.top_k,
+                                                              top_k=self.top_k, min_p=self.min_p,
                                                               **tokenizer_ids(tokenizer)),
                         optimizer=opt, epochs=self.epochs, minibatches=self.minibatches, track_kl=self.track_kl,
                         truncate_prompts=True, max_refills=self.max_refills, reward_call=self.reward_call,
@@ -867,7 +875,7 @@ def _describe(x) -> Any:
 # TaskConfig fields that say how a run is shown and how often it saves, not what it computes: a rerun that
 # resumes may change them.
 RESUMABLE_CHANGES = ("progress", "log_every", "checkpoint_every", "tensorboard", "wandb", "samples_every",
-                     "eval_every")
+                     "eval_every", "eval_samples")
 
 
 def _flat_record(record: dict) -> dict:
@@ -1090,32 +1098,43 @@ def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, eval_data=None, ru
 
 
 def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Callable, *, max_new_tokens: int,
-                call_config: RewardCallConfig | None = None) -> Callable:
-    """An eval_fn for `rljax.phases.rl`: the policy's greedy completions of the held-out prompt batches
+                call_config: RewardCallConfig | None = None, samples: int = 0, temperature: float = 1.0,
+                top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int = 0) -> Callable:
+    """An eval_fn for `rljax.phases.rl`: the policy's completions of the held-out prompt batches
     (`PromptBatch`es, the same on every process), scored by reward_fn with the batches' metadata ->
     {"reward_mean", "completion_length" (tokens), and for a `RewardSum` each term's
-    "reward_<name>_mean" over the prompts it scored}, each a mean over every held-out prompt.
-    On a mesh a batch is filled with copies of its first prompt up to a multiple the mesh splits
-    (`prompt_multiple`), their rows dropped."""
+    "reward_<name>_mean" over the samples it scored}, each a mean over every held-out completion.
+    samples: 0 gives each prompt its greedy completion; k >= 1 samples k completions of each at temperature,
+    top_p, top_k, min_p (batch j with key fold_in(key(seed), j): the same draws at every evaluation of the same
+    params) and adds "reward_best_mean", the mean over the prompts of their best sample's reward (pass@k
+    for a 0/1 correctness reward). On a mesh a batch is filled with copies of its first prompt up to a
+    multiple the mesh splits (`prompt_multiple`), their rows dropped."""
     from rljax.distributed import to_host
     from rljax.rewards.rules import completion_id_lists, score_with_failures, takes_completion_ids
     from rljax.sampling import filled_prompts, sample
 
-    greedy = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0, **tokenizer_ids(tok))
+    if samples < 0:
+        raise ValueError(f"reward_eval: samples must be >= 0 (0: greedy), got {samples}")
+    n = max(samples, 1)
+    how = dict(temperature=0.0) if samples == 0 else dict(temperature=temperature, top_p=top_p, top_k=top_k,
+                                                          min_p=min_p)
+    sampling = SampleConfig(max_new_tokens=max_new_tokens, n=n, **how, **tokenizer_ids(tok))
     decode_prompts = functools.partial(tok.decode_batch, stop_at_eos=False)
 
     def eval_fn(state) -> dict:
-        totals, lengths, parts = [], [], {name: [] for name in getattr(reward_fn, "names", ())}
-        for b in held:
+        totals, best, lengths, parts = [], [], [], {name: [] for name in getattr(reward_fn, "names", ())}
+        for j, b in enumerate(held):
             real = len(b.tokens)  # filled with copies of the first prompt, so the mesh splits the rows; dropped below
-            tokens, mask = (np.stack(filled_prompts(list(x), model)) for x in (b.tokens, b.mask))
-            r = sample(state.policy.params, tokens, mask, jax.random.key(0), model=model, cfg=greedy)
+            rows = real * n  # prompt-major: row i is a sample of prompt i // n
+            tokens, mask = (np.stack(filled_prompts(list(x), model, n)) for x in (b.tokens, b.mask))
+            r = sample(state.policy.params, tokens, mask, jax.random.fold_in(jax.random.key(seed), j), model=model,
+                       cfg=sampling)
             ids, length = to_host((r.tokens, r.lengths))
-            prompts = decode_prompts(ids[:real, :r.prompt_length])
-            completions = tok.decode_batch(ids[:real, r.prompt_length:])
-            meta = dict(b.metadata)
+            prompts = decode_prompts(ids[:rows, :r.prompt_length])
+            completions = tok.decode_batch(ids[:rows, r.prompt_length:])
+            meta = {k: [v for v in vals for _ in range(n)] for k, vals in b.metadata.items()}
             if takes_completion_ids(reward_fn):
-                meta[COMPLETION_IDS] = completion_id_lists(ids[:real, r.prompt_length:], length[:real])
+                meta[COMPLETION_IDS] = completion_id_lists(ids[:rows, r.prompt_length:], length[:rows])
             if isinstance(reward_fn, RewardSum):
                 total, terms = reward_fn.score_terms(prompts, completions, call_config=call_config, **meta)
                 for name, values in terms.items():
@@ -1123,9 +1142,12 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
             else:
                 total = score_with_failures(reward_fn, prompts, completions, call_config=call_config, **meta).rewards
             totals.append(total)
-            lengths.append(np.asarray(length[:real], np.float64))
+            best.append(np.asarray(total).reshape(real, n).max(axis=1))
+            lengths.append(np.asarray(length[:rows], np.float64))
         out = {"reward_mean": float(np.mean(np.concatenate(totals))),
                "completion_length": float(np.mean(np.concatenate(lengths)))}
+        if samples:
+            out["reward_best_mean"] = float(np.mean(np.concatenate(best)))
         for name, values in parts.items():
             values = np.concatenate(values)
             if not np.isnan(values).all():
@@ -1173,7 +1195,9 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *, e
                               max_length=min(limit) if limit else None)
         eval_fn = reward_eval(m, tok, held_out_batches(held.batches, m, "grpo: eval_data", size=cfg.batch_size,
                                                        split=False), reward,
-                              max_new_tokens=cfg.max_new_tokens, call_config=cfg.reward_call)
+                              max_new_tokens=cfg.max_new_tokens, call_config=cfg.reward_call,
+                              samples=cfg.eval_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                              top_k=cfg.top_k, min_p=cfg.min_p, seed=cfg.seed)
     critic_model = critic_params = None
     if needs.critic:
         critic_model, critic_params = with_value_head(m, params)
