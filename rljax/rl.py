@@ -613,8 +613,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     def scored(fn, completions, prompt_text, metadata, k, failed, what="reward", parts=None, texts=None,
                lengths=None):
         """The rewards [R] float32 of the completions [R, N] (host token ids; k rows per prompt of
-        prompt_text; lengths [R], the rollout's, given when a function takes the ids: `needs_ids`); adds the samples whose call failed (scored cfg.reward_call.failure_value) to
-        failed[what]. A `RewardSum` is scored term by term (each term may return None for a sample
+        prompt_text; lengths [R], the rollout's, given when a function takes the ids: `needs_ids`); adds the
+        samples whose call failed (scored cfg.reward_call.failure_value) to failed[what]. A `RewardSum` is scored term by term (each term may return None for a sample
         it does not apply to) and combined (`RewardSum.total`); parts, a dict, then receives each
         term's rewards [R] under "reward_<name>" (NaN where it returned None or its call failed).
         On several processes each scores its own rows (`process_slice(R)`) and the rewards, failed

@@ -212,3 +212,26 @@ def test_scst_s_greedy_baseline_is_scored_on_the_greedy_completions_ids():
     assert len(set(np.asarray(c.rollout.lengths).tolist())) > 1
     with pytest.raises(ValueError, match="metadata 'completion_ids': the iteration passes the completions' token ids"):
         iteration.collect(params, tokens, mask, jax.random.key(0), completion_ids=[[1], [2], [3]])
+
+
+def test_conversational_wrapper_calls_functions_of_any_trl_form():
+    """In the conversational format a function taking only `completions` or only `completion_ids` (no **kwargs) is
+    called with just those, as for text (the wrapper passed prompts it did not take before)."""
+    from rljax.recipes.tasks import MESSAGES_COLUMN, conversational_rewards
+
+    def only_completions(completions):
+        return [float(len(c[0]["content"])) for c in completions]
+
+    def only_ids(completion_ids):
+        return [float(len(i)) for i in completion_ids]
+
+    def both(prompts, completions, completion_ids, **kwargs):
+        return [float(len(p) + len(c) + len(i)) for p, c, i in zip(prompts, completions, completion_ids)]
+
+    messages = {MESSAGES_COLUMN: [[{"role": "user", "content": p}] for p in PROMPTS]}
+    np.testing.assert_allclose(score(conversational_rewards(only_completions), PROMPTS, COMPLETIONS, **messages),
+                               [2.0, 1.0, 4.0])
+    np.testing.assert_allclose(score(conversational_rewards(only_ids), PROMPTS, COMPLETIONS, completion_ids=IDS,
+                                     **messages), [3.0, 1.0, 4.0])
+    np.testing.assert_allclose(score(conversational_rewards(both), PROMPTS, COMPLETIONS, completion_ids=IDS,
+                                     **messages), [5.0, 3.0, 6.0])  # one message, one turn, the ids

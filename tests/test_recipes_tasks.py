@@ -166,6 +166,10 @@ def test_settings_that_cannot_work_are_refused_before_anything_trains(tmp_path):
         sft(model, SFT_ROWS, SFTTaskConfig(steps=1, lr=float("nan")))
     with pytest.raises(ValueError, match=r"minibatches: 3 does not divide the 8 rows an iteration samples"):
         GRPOTaskConfig(batch_size=2, n=4, minibatches=3)
+    with pytest.raises(ValueError, match=r"DPOTaskConfig.method: 'kto' is not one of \['cdpo', 'dpo', "):
+        DPOTaskConfig(method="kto")  # when the config is made, not when the task starts
+    with pytest.raises(ValueError, match="DPOConfig.beta: must be > 0, got 0.0"):
+        DPOTaskConfig(beta=0.0)
     run_dir = tmp_path / "grpo"
     with pytest.raises(ValueError, match=r"max_new_tokens: 64 leaves no room for a prompt in the model's "
                                          r"max_seq_len 64"):

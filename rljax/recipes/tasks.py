@@ -191,6 +191,10 @@ class DPOTaskConfig(TaskConfig):
     max_prompt_length: int | None = None
     share_prompt: bool = True
 
+    def __post_init__(self):
+        super().__post_init__()
+        self.loss()  # an unknown method or a bad beta is refused here, not when the task starts
+
     def loss(self):
         if self.method not in PREFERENCE_METHODS or self.method == "kto":
             raise ValueError(f"DPOTaskConfig.method: {self.method!r} is not one of "
@@ -791,11 +795,11 @@ def conversational_rewards(reward_fn: Callable) -> Callable:
     if isinstance(reward_fn, RewardSum):
         return RewardSum(tuple((w, conversational_rewards(f)) for w, f in reward_fn.terms))
 
-    @functools.wraps(reward_fn)
-    def call(prompts, completions, **columns):
+    @functools.wraps(reward_fn)  # its signature is reward_fn's, so `call_reward` calls this as it would reward_fn
+    def call(prompts=None, completions=None, **columns):  # each given when reward_fn takes it
         messages = columns.pop(MESSAGES_COLUMN)
-        return call_reward(reward_fn, [list(m) for m in messages],
-                           [[{"role": "assistant", "content": c}] for c in completions], **columns)
+        turns = None if completions is None else [[{"role": "assistant", "content": c}] for c in completions]
+        return call_reward(reward_fn, [list(m) for m in messages], turns, **columns)
 
     return call
 
