@@ -303,7 +303,9 @@ def test_combine_rewards_sums_and_weights():
     np.testing.assert_allclose(combine_rewards([a, b])(["p", "q"], ["c", "d"], x=[2.0, 3.0]), [3.0, 4.0])
     np.testing.assert_allclose(combine_rewards([(2.0, a), (-1.0, b)])(["p"], ["c"], x=[5.0]), [-3.0])
     with pytest.raises(TypeError, match="not callable"):
-        combine_rewards([a, "b"])
+        combine_rewards([a, 7])
+    with pytest.raises(TypeError, match="'b': a reward model given here needs reward_models="):
+        combine_rewards([a, "b"])  # a string names a reward model, as in TRL
 
 
 def test_chat_template_is_applied_when_the_tokenizer_has_one():

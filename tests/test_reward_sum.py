@@ -75,7 +75,7 @@ def test_names_weights_and_bad_terms():
     both = combine_rewards([fmt, (0.5, length)])
     assert isinstance(both, RewardSum) and both.terms == ((1.0, fmt), (0.5, length))
     with pytest.raises(TypeError, match="is not callable"):
-        combine_rewards([fmt, "length"])
+        combine_rewards([fmt, 3])
 
 
 def _bandit():

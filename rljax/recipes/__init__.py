@@ -5,7 +5,7 @@
 `rljax.recipes.arithmetic_runs`: the embedded arithmetic task's SFT and RL studies.
 """
 from rljax.recipes.tasks import (DPOTaskConfig, GRPOTaskConfig, RewardModelTaskConfig, SFTTaskConfig, TaskConfig,
-                                 TaskResult, dpo, grpo, load_model, reward_model, sft)
+                                 TaskResult, dpo, grpo, load_model, reward_model, reward_model_scorer, sft)
 
 __all__ = ["DPOTaskConfig", "GRPOTaskConfig", "RewardModelTaskConfig", "SFTTaskConfig", "TaskConfig", "TaskResult",
-           "dpo", "grpo", "load_model", "reward_model", "sft"]
+           "dpo", "grpo", "load_model", "reward_model", "reward_model_scorer", "sft"]

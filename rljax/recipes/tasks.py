@@ -794,6 +794,8 @@ def conversational_rewards(reward_fn: Callable) -> Callable:
     off the columns it is given), completions = [[{"role": "assistant", "content": text}], ...]."""
     if isinstance(reward_fn, RewardSum):
         return RewardSum(tuple((w, conversational_rewards(f)) for w, f in reward_fn.terms))
+    if getattr(reward_fn, "reads_text", False):  # a reward model: it reads the text its tokenizer encodes
+        return reward_fn
 
     @functools.wraps(reward_fn)  # its signature is reward_fn's, so `call_reward` calls this as it would reward_fn
     def call(prompts=None, completions=None, **columns):  # each given when reward_fn takes it
@@ -841,14 +843,59 @@ def prompt_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None)
     return _Prompts(BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed + 1), reward_format)
 
 
-def combine_rewards(reward_funcs) -> Callable:
+def _is_reward_model(x) -> bool:
+    """A reward_funcs entry naming a reward model rather than a function: a checkpoint path or hub id, a
+    (Model, params, tokenizer) tuple, or a `TaskResult` (of `reward_model`)."""
+    return isinstance(x, (str, os.PathLike, TaskResult)) or (isinstance(x, tuple) and len(x) == 3
+                                                             and isinstance(x[0], Model))
+
+
+def reward_model_scorer(rm, *, add_bos: bool = True, dtype: str | None = None, mesh=None) -> Callable:
+    """A trained reward model as a reward function (TRL's reward_funcs entry given as a model id): `rm` an HF
+    ...ForSequenceClassification checkpoint directory or hub id, a (Model, params, tokenizer) tuple whose model
+    has a reward head, or the `TaskResult` of `reward_model`. It reads each prompt's text and completion as the
+    `reward_model` task read its rows ([bos when add_bos] prompt completion eos, in the reward model's own
+    tokenizer; add_bos False for chat-templated prompts, whose text holds what the template writes first) and
+    returns the head at the last token (`rewards.reward_model_reward`; a row longer than the reward model's
+    context loses prompt tokens from the left). Named after the checkpoint's directory ("reward_model" for a
+    tuple or result), which names its metrics (`reward_<name>_mean`); called with the prompts as text in either
+    reward_format (`conversational_rewards` leaves it alone). dtype, mesh: as `load_model`'s, for a checkpoint."""
+    from rljax.rewards.learned import reward_model_reward
+
+    name = "reward_model"
+    if isinstance(rm, TaskResult):
+        rm = (rm.model, rm.params, rm.tokenizer)
+    elif isinstance(rm, (str, os.PathLike)):
+        name = os.path.basename(os.path.normpath(os.fspath(rm))) or name
+    m, params, tok = load_model(rm, dtype=dtype, mesh=mesh) if isinstance(rm, (str, os.PathLike)) else load_model(rm)
+    if "reward" not in m.config.heads:
+        raise ValueError(f"reward function {name!r}: the model has no reward head; a reward model is an HF "
+                         "...ForSequenceClassification checkpoint, the result of rljax.recipes.reward_model, or a "
+                         "(Model, params, tokenizer) whose Model has heads including 'reward'")
+    scorer = reward_model_reward(m, params, tok, add_bos=add_bos, overlong="truncate_prompt")
+    scorer.__name__ = name
+    scorer.reads_text = True  # `conversational_rewards` passes it the text
+    return scorer
+
+
+def combine_rewards(reward_funcs, *, reward_models: Callable[[Any], Callable] | None = None) -> Callable:
     """One reward function from `fn`, a list of functions (summed) or of (weight, fn) pairs (weighted sum, TRL's
     reward_weights); each is called as fn(prompts, completions, **metadata) -> [R] rewards (TRL's signature).
     A sum is a `RewardSum`: the RL iteration reports each function's mean (`reward_<name>_mean`), and a
-    function may return None for a sample it does not apply to, as in TRL."""
-    if callable(reward_funcs):
-        return reward_funcs
-    terms = [f if isinstance(f, tuple) else (1.0, f) for f in reward_funcs]
+    function may return None for a sample it does not apply to, as in TRL. reward_models(entry) -> fn turns an
+    entry naming a reward model (`_is_reward_model`: a path or hub id, a (Model, params, tokenizer), a
+    `TaskResult`) into its function (`grpo` passes `reward_model_scorer`); without it such an entry is an error."""
+    def term(f):
+        if not _is_reward_model(f):
+            return f
+        if reward_models is None:
+            raise TypeError(f"reward function {f!r}: a reward model given here needs reward_models= "
+                            "(rljax.recipes.grpo builds its scorer)")
+        return reward_models(f)
+
+    if callable(reward_funcs) or _is_reward_model(reward_funcs):
+        return term(reward_funcs)
+    terms = [(f[0], term(f[1])) if isinstance(f, tuple) and len(f) == 2 else (1.0, term(f)) for f in reward_funcs]
     if len(terms) == 1 and terms[0][0] == 1.0 and callable(terms[0][1]):
         return terms[0][1]
     return RewardSum(tuple(terms))
@@ -1166,7 +1213,9 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *, e
     """On-policy RL with cfg.algorithm (GRPO by default) on the prompts of `data` ({prompt, ...} rows), scored
     by `reward_funcs` (one function, a list summed, or (weight, fn) pairs; each fn(prompts, completions,
     **columns) -> list[float] sees the decoded prompt and completion texts and the row's other columns,
-    one entry per sample; on several processes each process's call gets its own samples). `rljax.phases.rl`;
+    one entry per sample; on several processes each process's call gets its own samples). An entry may name a
+    trained reward model instead of a function, as in TRL: an HF ...ForSequenceClassification checkpoint path or
+    hub id, a (Model, params, tokenizer) or the result of `reward_model` (`reward_model_scorer`). `rljax.phases.rl`;
     metrics per iteration: reward_mean, reward_std, kl_k1, kl_k3, entropy,
     completion_length, ... (`make_rl_iteration` lists them). eval_data: {prompt, ...} rows whose greedy
     completions are scored by the same functions every cfg.eval_every iterations and at the end
@@ -1179,7 +1228,8 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *, e
         raise ValueError(f"GRPOTaskConfig.samples_every={cfg.samples_every}: the samples are written to run_dir/samples, "
                          "but run_dir is None")
     m, params, tok = _loaded("grpo", model, cfg, mesh)
-    reward = combine_rewards(reward_funcs)
+    reward = combine_rewards(reward_funcs, reward_models=functools.partial(
+        reward_model_scorer, add_bos=not _use_chat(tok, cfg), dtype=cfg.dtype, mesh=m.mesh))
     rl_cfg = cfg.rl_config(tok)
     needs = rl_cfg.algo.needs()
     if needs.teacher:
