@@ -585,7 +585,8 @@ WORKER = textwrap.dedent("""
         res["r1"] = dict(rows=rows, student=checksums(state["student_on_policy"])["total"])
 
     elif mode == "tasks":  # the one-call task recipes with mesh=: SFT, DPO and GRPO in their run directories
-        from rljax.recipes import DPOTaskConfig, GRPOTaskConfig, SFTTaskConfig, dpo, grpo, sft
+        from rljax.recipes import (DPOTaskConfig, GRPOTaskConfig, RewardModelTaskConfig, SFTTaskConfig, dpo, grpo,
+                                   reward_model, sft)
 
         small = Model(preset("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, mlp_dim=64,
                              vocab_size=TOK.vocab_size, max_seq_len=64))
@@ -603,12 +604,16 @@ WORKER = textwrap.dedent("""
 
         quiet = dict(steps=2, progress=False, log_every=1)
         prompts = [{"prompt": r["prompt"]} for r in rows]
+        # a reward model trained on the mesh, then one of GRPO's reward functions (scored on each process's devices)
+        rm = reward_model((small, params, TOK), pairs, RewardModelTaskConfig(batch_size=4, lr=3e-3, **quiet),
+                          mesh=mesh, run_dir=run_dir + "/reward_model", eval_data=pairs[:8])
         results = dict(
+            reward_model=rm,
             sft=sft((small, params, TOK), rows, SFTTaskConfig(batch_size=4, lr=3e-3, **quiet), mesh=mesh,
                     run_dir=run_dir + "/sft", eval_data=rows[:8]),
             dpo=dpo((small, params, TOK), pairs, DPOTaskConfig(batch_size=4, lr=3e-3, **quiet), mesh=mesh,
                     run_dir=run_dir + "/dpo", eval_data=pairs[:8]),
-            grpo=grpo((small, params, TOK), prompts, [reward, (0.1, tokens)], GRPOTaskConfig(
+            grpo=grpo((small, params, TOK), prompts, [reward, (0.1, tokens), (0.5, rm)], GRPOTaskConfig(
                 batch_size=2, n=2, max_new_tokens=4, lr=1e-2, samples_every=1, eval_samples=2, **quiet), mesh=mesh,
                 run_dir=run_dir + "/grpo", eval_data=prompts[:3]))
         res["tasks"] = {k: dict(history=r.history, params=checksums(r.params)["total"], eval=r.eval_history)

@@ -113,7 +113,8 @@ def test_two_process_rlhf_and_r1_recipes_equal_one_process(tmp_path):
 
 @pytest.mark.slow  # 17-35 s: three recipes' steps compiled in three processes
 def test_two_process_task_recipes_equal_one_process(tmp_path):
-    """`sft`, `dpo` and `grpo` of `rljax.recipes` with mesh= on two processes: the per-step metrics, the
+    """`sft`, `dpo`, `reward_model` and `grpo` (a reward function of which is that reward model) of
+    `rljax.recipes` with mesh= on two processes: the per-step metrics, the
     evaluations on eval_data (GRPO's 3 held-out prompts in batches of 2, 2 samples each, each filled to the mesh's rows) and
     the parameters of one process with the same mesh; GRPO's reward function sees each process's own samples
     (and every held-out prompt's greedy completion), a term taking completion_ids each of its own samples' token ids
@@ -132,6 +133,7 @@ def test_two_process_task_recipes_equal_one_process(tmp_path):
         if name == "grpo":
             for row in multi["history"] + multi["eval"] + one["history"] + one["eval"]:
                 assert row["reward_tokens_mean"] == pytest.approx(-row["completion_length"])
+                assert "reward_reward_model_mean" in row
         run = res["proc0"]["run_dir"] / name
         assert json.loads((run / "config.json").read_text())["task"] == name
         assert [r["step"] for r in read_metrics(run)] == [1, 2, 2]  # the steps, then the final evaluation
