@@ -40,6 +40,7 @@ from rljax.losses.preference import (DPOConfig, KTOConfig, ORPOConfig, SimPOConf
 from rljax.losses.sft import SFTConfig, sft_loss
 from rljax.metrics import MetricsWriter, Progress, WandbConfig, progress_postfix, write_samples
 from rljax.models.transformer import check_positions
+from rljax.rewards.rules import TrainingProgress
 from rljax.sharding import param_shardings, shard_batch
 from rljax.state import OptimizerConfig, TrainState, make_optimizer, make_train_step, owned_copy
 
@@ -738,7 +739,8 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
     if cfg.staleness == 0:
         def step(state, batch: PromptBatch):
             position = int(jax.device_get(state.step))
-            return iteration(state, batch.tokens, batch.mask, refill=refill_at(position), **batch.metadata)
+            return iteration(state, batch.tokens, batch.mask, refill=refill_at(position),
+                             trainer_state=TrainingProgress(position, loop.steps), **batch.metadata)
 
         return run_loop(state, step, prompts, loop, run_dir=run_dir, eval_fn=eval_fn, name="rl",
                         progress_metrics=RL_PROGRESS, config=cfg)
@@ -754,8 +756,8 @@ def rl(state, prompts, reward_fn: Callable, cfg, *, model, decode: Callable, loo
         batch = prompts.batch_at(position)
         snapshot = owned_copy(state.policy.params)
         key = jax.random.fold_in(state.rng, position)
-        future = pool.submit(iteration.collect, snapshot, batch.tokens, batch.mask, key,
-                             refill=refill_at(position), **batch.metadata)
+        future = pool.submit(iteration.collect, snapshot, batch.tokens, batch.mask, key, refill=refill_at(position),
+                             trainer_state=TrainingProgress(position, loop.steps), **batch.metadata)
         pending[position] = (future, int(jax.device_get(state.step)))
 
     def async_step(state, batch: PromptBatch):

@@ -39,8 +39,8 @@ from rljax.losses.actor_critic import approx_kl, token_values, value_loss
 from rljax.losses.policy_gradient import kl_metrics
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.models.transformer import check_params_fit, check_scorer
-from rljax.rewards.rules import (COMPLETION_IDS, RewardCallConfig, RewardSum, completion_id_lists, score_with_failures,
-                                 takes_completion_ids)
+from rljax.rewards.rules import (COMPLETION_IDS, TRAINER_STATE, RewardCallConfig, RewardSum, TrainingProgress,
+                                 completion_id_lists, score_with_failures, takes_completion_ids)
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.sharding import batch_sharding, param_shardings, replicated, shard_batch, shard_params
 from rljax.state import (BATCH, OptimizerConfig, TrainState, apply_loss_gradients, compile_step, create_state,
@@ -327,10 +327,16 @@ class RLIteration(NamedTuple):
     collect: Callable
     learn: Callable
 
-    def __call__(self, state: RLState, prompt_tokens, prompt_mask, key=None, refill=None, **metadata):
-        """key: defaults to fold_in(state.rng, state.step), so a resumed run samples the same."""
+    def __call__(self, state: RLState, prompt_tokens, prompt_mask, key=None, refill=None, trainer_state=None,
+                 **metadata):
+        """key: defaults to fold_in(state.rng, state.step), so a resumed run samples the same. trainer_state:
+        what reward functions taking it get (`TrainingProgress`; default: global_step = state.step, max_steps
+        unknown; `rljax.phases.rl` passes its steps)."""
         key = jax.random.fold_in(state.rng, state.step) if key is None else key
-        collected = self.collect(state.policy.params, prompt_tokens, prompt_mask, key, refill=refill, **metadata)
+        if trainer_state is None:
+            trainer_state = TrainingProgress(int(jax.device_get(state.step)))
+        collected = self.collect(state.policy.params, prompt_tokens, prompt_mask, key, refill=refill,
+                                 trainer_state=trainer_state, **metadata)
         return self.learn(state, collected, key)
 
 
@@ -611,9 +617,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         return to_host(rollout.tokens)
 
     def scored(fn, completions, prompt_text, metadata, k, failed, what="reward", parts=None, texts=None,
-               lengths=None):
+               lengths=None, progress=None):
         """The rewards [R] float32 of the completions [R, N] (host token ids; k rows per prompt of
-        prompt_text; lengths [R], the rollout's, given when a function takes the ids: `needs_ids`); adds the
+        prompt_text; lengths [R], the rollout's, given when a function takes the ids: `needs_ids`; progress:
+        the `TrainingProgress` passed as trainer_state to the functions taking it); adds the
         samples whose call failed (scored cfg.reward_call.failure_value) to failed[what]. A `RewardSum` is scored term by term (each term may return None for a sample
         it does not apply to) and combined (`RewardSum.total`); parts, a dict, then receives each
         term's rewards [R] under "reward_<name>" (NaN where it returned None or its call failed).
@@ -636,6 +643,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         own = {key: vals[rows] for key, vals in meta.items()}
         if lengths is not None:
             own[COMPLETION_IDS] = completion_id_lists(completions[rows], lengths[rows])
+        if progress is not None:
+            own[TRAINER_STATE] = progress
 
         def one(f, allow_none):  # -> (rewards [R], failed [R] bool): f on this process's rows, gathered
             if not multi:
@@ -675,7 +684,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         """The rows of R this process scores: its own block on several processes, all on one."""
         return process_slice(R) if multi else slice(None)
 
-    def rollout_of(params, tokens, mask, metadata, key, times, failed, texts):
+    def rollout_of(params, tokens, mask, metadata, key, times, failed, texts, progress):
         t0 = time.perf_counter()
         rollout = jax.block_until_ready(sample(params, tokens, mask, key, model=model, cfg=cfg.sampling))
         t1 = time.perf_counter()
@@ -691,26 +700,30 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
                                      for i in range(len(completions))])
         terms: dict[str, np.ndarray] = {}
         rewards = scored(reward_fn, completions, prompt_text, metadata, n, failed, parts=terms, texts=own_text,
-                         lengths=lengths)
+                         lengths=lengths, progress=progress)
         correct = scored(accuracy_fn, completions, prompt_text, metadata, n, failed, "accuracy", texts=own_text,
-                         lengths=lengths) if accuracy_fn else None
+                         lengths=lengths, progress=progress) if accuracy_fn else None
         watched = {name: scored(fn, completions, prompt_text, metadata, n, failed, name, texts=own_text,
-                                lengths=lengths)
+                                lengths=lengths, progress=progress)
                    for name, fn in monitors.items()} | terms
         times["sample"] += t1 - t0
         times["score"] += time.perf_counter() - t1
         return rollout, rewards, correct, prompt_text, watched
 
-    def collect(params, prompt_tokens, prompt_mask, key, refill=None, **metadata) -> Collected:
+    def collect(params, prompt_tokens, prompt_mask, key, refill=None, trainer_state=None, **metadata) -> Collected:
         """Sample (with refills when the estimator filters groups), score and, when the
-        algorithm needs a greedy baseline, decode greedily with `params`."""
+        algorithm needs a greedy baseline, decode greedily with `params`. trainer_state: a `TrainingProgress`
+        for the reward functions that take it (None: a function needing it raises; not a metadata column)."""
+        if trainer_state is not None and not isinstance(trainer_state, TrainingProgress):
+            raise TypeError(f"trainer_state: a rljax.rewards.TrainingProgress, got {type(trainer_state).__name__} "
+                            "(the reward functions get it under that name, so a metadata column cannot have it)")
         k_sample, k_greedy, _ = jax.random.split(key, 3)
         times = dict(sample=0.0, score=0.0, ref=0.0, values=0.0, update=0.0)
         failed = dict(reward=0, accuracy=0)
         texts = dict(prompt=[], completion=[], columns=[])  # per sampled rollout, with on_samples
         prompt_tokens, prompt_mask, cut = fit(prompt_tokens, prompt_mask)
         rollout, rewards, correct, prompt_text, watched = rollout_of(params, prompt_tokens, prompt_mask, metadata,
-                                                                     k_sample, times, failed, texts)
+                                                                     k_sample, times, failed, texts, trainer_state)
         sampled, all_watched = [(rollout, rewards, correct)], [watched]
         G = rollout.tokens.shape[0] // n
         informative, rounds = int(_informative_groups(rewards, n).sum()), 0
@@ -727,7 +740,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             tokens, mask, more_cut = fit(tokens, mask)
             cut += more_cut
             r, rw, c, _, w = rollout_of(params, tokens, mask, meta, jax.random.fold_in(k_sample, rounds), times,
-                                        failed, texts)
+                                        failed, texts, trainer_state)
             sampled.append((r, rw, c))
             all_watched.append(w)
             informative += int(_informative_groups(rw, n).sum())
@@ -754,7 +767,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             g = sample(params, prompt_tokens, prompt_mask, k_greedy, model=model, cfg=greedy_cfg)
             times["sample"] += time.perf_counter() - t0
             greedy = np.repeat(scored(reward_fn, host_tokens(g)[:, g.prompt_length:], prompt_text, metadata, 1,
-                                      failed, lengths=to_host(g.lengths) if needs_ids else None), n)
+                                      failed, lengths=to_host(g.lengths) if needs_ids else None,
+                                      progress=trainer_state), n)
         monitored = {name: np.concatenate([w[name] for w in all_watched]) for name in all_watched[0]}
         text = {k: [x for part in v for x in part] for k, v in texts.items()} if on_samples is not None else None
         return Collected(rollout, rewards, all_rewards, all_correct, greedy, sampled, cut, rounds, times, failed,

@@ -1,6 +1,7 @@
 """The completions' token ids for the reward functions that take them (TRL's `completion_ids`), TRL's
 `(completion_ids, **kwargs)` form, DAPO's overlong shaping in tokens, and `async def` reward functions."""
 import asyncio
+import dataclasses
 
 import jax
 import numpy as np
@@ -235,3 +236,70 @@ def test_conversational_wrapper_calls_functions_of_any_trl_form():
                                      **messages), [3.0, 1.0, 4.0])
     np.testing.assert_allclose(score(conversational_rewards(both), PROMPTS, COMPLETIONS, completion_ids=IDS,
                                      **messages), [5.0, 3.0, 6.0])  # one message, one turn, the ids
+
+
+def test_trainer_state_reaches_the_functions_that_take_it_once_per_call():
+    from rljax.rewards import TrainingProgress
+
+    seen = []
+
+    def curriculum(completions, trainer_state, **kwargs):  # TRL's form: reward shaped by the training's progress
+        seen.append(trainer_state)
+        return [trainer_state.global_step / trainer_state.max_steps] * len(completions)
+
+    def trl_any(completions, **kwargs):
+        seen.append(sorted(kwargs))
+        return [0.0] * len(completions)
+
+    def plain(prompts, completions, **columns):  # rljax's form: only what it names
+        seen.append(sorted(columns))
+        return [1.0] * len(completions)
+
+    progress = TrainingProgress(3, 10)
+    np.testing.assert_allclose(score(curriculum, PROMPTS, COMPLETIONS, trainer_state=progress), [0.3] * 3)
+    np.testing.assert_allclose(score(curriculum, PROMPTS, COMPLETIONS, trainer_state=progress,
+                                     call_config=RewardCallConfig(batch_size=1, workers=2)), [0.3] * 3)
+    score(trl_any, PROMPTS, COMPLETIONS, trainer_state=progress, answer=[1, 2, 3])
+    score(plain, PROMPTS, COMPLETIONS, trainer_state=progress, answer=[1, 2, 3])
+    assert seen == [progress, progress, progress, progress, ["answer", "prompts", "trainer_state"], ["answer"]]
+    with pytest.raises(RewardError, match="takes trainer_state .* which this caller does not have"):
+        score(curriculum, PROMPTS, COMPLETIONS, call_config=RewardCallConfig(on_failure="value"))
+
+
+def test_grpo_recipe_passes_the_iteration_and_the_run_s_steps_as_trainer_state(tmp_path):
+    """global_step: the iterations done before the one scored (0, 1, 2), max_steps: the run's; the held-out eval
+    at the end gets (3, 3); a rerun to 4 steps resumes at iteration 3 with max_steps 4. An iteration called
+    directly passes global_step = state.step, max_steps None."""
+    from rljax.recipes import GRPOTaskConfig, grpo
+    from rljax.rewards import TrainingProgress
+    from tests.test_recipes_tasks import small_model
+
+    seen = []
+
+    def curriculum(completions, trainer_state, **kwargs):
+        seen.append((trainer_state.global_step, trainer_state.max_steps))
+        return [float(trainer_state.global_step)] * len(completions)
+
+    rows = [{"prompt": f"{a}+1="} for a in range(4)]
+    cfg = GRPOTaskConfig(steps=3, batch_size=2, n=2, max_new_tokens=3, progress=False)
+    run = str(tmp_path / "run")
+    result = grpo(small_model(), rows, curriculum, cfg, run_dir=run, eval_data=rows[:2])
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert [h["reward_mean"] for h in result.history] == [0.0, 1.0, 2.0] and result.eval_metrics["reward_mean"] == 3.0
+    seen.clear()
+    grpo(small_model(), rows, curriculum, dataclasses.replace(cfg, steps=4), run_dir=run, eval_data=rows[:2],
+         allow_change=True)
+    assert seen == [(3, 4), (4, 4)]
+
+    from rljax.rl import create_rl_state, make_rl_iteration
+    from tests.test_recipes_tasks import TOK
+    model, params, _ = small_model()
+    rl_cfg = cfg.rl_config(TOK)
+    it = make_rl_iteration(model, rl_cfg, curriculum, TOK.decode_batch)
+    tokens, mask = TOK.encode_batch(["1+1=", "2+1="], padding_side="left")
+    seen.clear()
+    it(create_rl_state(model, params, rl_cfg, jax.random.key(0)), tokens, mask)
+    assert seen == [(0, None)]
+    with pytest.raises(TypeError, match="trainer_state: a rljax.rewards.TrainingProgress, got list"):
+        it.collect(params, tokens, mask, jax.random.key(0), trainer_state=[1, 2])
+    assert TrainingProgress(2) == TrainingProgress(2, None)

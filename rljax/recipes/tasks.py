@@ -80,7 +80,8 @@ from rljax.losses.sft import sft_loss
 from rljax.metrics import WandbConfig, read_metrics
 from rljax.models import Model, add_head
 from rljax.phases import LoopConfig, PromptBatch
-from rljax.rewards.rules import COMPLETION_IDS, RewardCallConfig, RewardSum, call_reward
+from rljax.rewards.rules import (COMPLETION_IDS, TRAINER_STATE, RewardCallConfig, RewardSum, TrainingProgress,
+                                 call_reward)
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
 
@@ -755,7 +756,7 @@ def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None 
 
 
 _RESERVED = ("params", "prompt_tokens", "prompt_mask", "key", "refill", "state", "prompts", "completions",
-             COMPLETION_IDS)
+             COMPLETION_IDS, TRAINER_STATE)
 # The metadata column that carries each prompt's messages to conversational reward functions
 # (`conversational_rewards` takes it off again): not a name a data set may use.
 MESSAGES_COLUMN = "rljax_prompt_messages"
@@ -1150,7 +1151,8 @@ def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, eval_data=None, ru
 
 def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Callable, *, max_new_tokens: int,
                 call_config: RewardCallConfig | None = None, samples: int = 0, temperature: float = 1.0,
-                top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int = 0) -> Callable:
+                top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int = 0,
+                max_steps: int | None = None) -> Callable:
     """An eval_fn for `rljax.phases.rl`: the policy's completions of the held-out prompt batches
     (`PromptBatch`es, the same on every process), scored by reward_fn with the batches' metadata ->
     {"reward_mean", "completion_length" (tokens), and for a `RewardSum` each term's
@@ -1159,7 +1161,8 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
     top_p, top_k, min_p (batch j with key fold_in(key(seed), j): the same draws at every evaluation of the same
     params) and adds "reward_best_mean", the mean over the prompts of their best sample's reward (pass@k
     for a 0/1 correctness reward). On a mesh a batch is filled with copies of its first prompt up to a
-    multiple the mesh splits (`prompt_multiple`), their rows dropped."""
+    multiple the mesh splits (`prompt_multiple`), their rows dropped. Functions taking trainer_state get
+    TrainingProgress(the state's step, max_steps)."""
     from rljax.distributed import to_host
     from rljax.rewards.rules import completion_id_lists, score_with_failures, takes_completion_ids
     from rljax.sampling import filled_prompts, sample
@@ -1184,6 +1187,7 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
             prompts = decode_prompts(ids[:rows, :r.prompt_length])
             completions = tok.decode_batch(ids[:rows, r.prompt_length:])
             meta = {k: [v for v in vals for _ in range(n)] for k, vals in b.metadata.items()}
+            meta[TRAINER_STATE] = TrainingProgress(int(jax.device_get(state.step)), max_steps)
             if takes_completion_ids(reward_fn):
                 meta[COMPLETION_IDS] = completion_id_lists(ids[:rows, r.prompt_length:], length[:rows])
             if isinstance(reward_fn, RewardSum):
@@ -1251,7 +1255,7 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *, e
                                                        split=False), reward,
                               max_new_tokens=cfg.max_new_tokens, call_config=cfg.reward_call,
                               samples=cfg.eval_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                              top_k=cfg.top_k, min_p=cfg.min_p, seed=cfg.seed)
+                              top_k=cfg.top_k, min_p=cfg.min_p, seed=cfg.seed, max_steps=cfg.steps)
     critic_model = critic_params = None
     if needs.critic:
         critic_model, critic_params = with_value_head(m, params)

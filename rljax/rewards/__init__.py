@@ -8,10 +8,10 @@ from rljax.rewards.learned import (STEP_AGGREGATIONS, aggregate_steps, best_of_n
                                         step_scorer)
 from rljax.rewards.rules import (RewardCallConfig, RewardError, Scores, arithmetic_answer_reward,
                                  arithmetic_format_reward, arithmetic_step_reward, length_penalty, score,
-                                 RewardSum, score_with_failures, weighted_sum)
+                                 RewardSum, TrainingProgress, score_with_failures, weighted_sum)
 
 __all__ = ["Judge", "JudgeConfig", "RewardCallConfig", "RewardError", "STEP_AGGREGATIONS", "Scores", "aggregate_steps",
            "arithmetic_answer_reward", "arithmetic_format_reward", "arithmetic_step_reward", "best_of_n",
            "judge_pairwise", "judge_pointwise", "length_penalty", "likelihood_reward", "majority_vote", "math_answer_reward", "pairwise_reward", "pointwise_reward", "prm_reward",
            "RewardSum", "reward_model_reward", "running_normaliser", "score", "score_with_failures", "step_scorer",
-           "think_answer_format_reward", "think_answer_tag_reward", "weighted_sum"]
+           "think_answer_format_reward", "think_answer_tag_reward", "TrainingProgress", "weighted_sum"]

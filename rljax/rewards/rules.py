@@ -9,8 +9,9 @@ function whose second positional parameter is not `completions` (`def reward(com
 `def reward(completion_ids, **kwargs)`) is called by keyword, as TRL calls it; a function that names a
 `completion_ids` parameter, or takes TRL's keyword form with **kwargs, also gets each completion's token
 ids, the stop token included (`COMPLETION_IDS`, from the callers that sampled them: the RL iteration,
-`recipes.reward_eval`, `expert_iteration.rejection_sample`, `eval.evaluate_policy`); an `async def`
-function is awaited. `score` calls it,
+`recipes.reward_eval`, `expert_iteration.rejection_sample`, `eval.evaluate_policy`), and, likewise, from
+the RL loop and `recipes.reward_eval`, `trainer_state` (`TrainingProgress`: global_step, max_steps); an
+`async def` function is awaited. `score` calls it,
 checks the result (one finite real number per sample) and reports failures with the
 function and the sample. `RewardCallConfig` says how it is called: in chunks, on
 worker threads, with a per-call time limit, and what a failed call scores.
@@ -178,6 +179,21 @@ def _describe(rows: range, prompts, completions) -> str:
 # The keyword under which callers that sampled the completions pass their token ids ([B] lists of ints, each
 # completion's ids up to and including its stop token, as TRL passes them), to the functions that take them.
 COMPLETION_IDS = "completion_ids"
+# The keyword under which the RL loop passes a reward function the training's progress (a `TrainingProgress`,
+# one for the whole call, not per sample), as TRL passes its TrainerState, to the functions that take it.
+TRAINER_STATE = "trainer_state"
+# TRL's keyword arguments beyond the data columns: passed only to the functions that take them (`takes_keyword`)
+TRL_KEYWORDS = (COMPLETION_IDS, TRAINER_STATE)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingProgress:
+    """What a reward function reads from its `trainer_state` argument (the fields of TRL's TrainerState that
+    reward functions use): global_step, the RL iterations done before the one being scored; max_steps, the
+    run's iterations (None where the caller does not know them)."""
+
+    global_step: int
+    max_steps: int | None = None
 
 
 def _parameters(fn) -> dict:
@@ -197,22 +213,27 @@ def _keyword_form(params: dict) -> bool:
     return named and positional[1:2] != ["completions"]
 
 
-def takes_completion_ids(fn) -> bool:
-    """Whether `call_reward` passes fn the completions' token ids: fn names a `completion_ids` parameter, or
-    is in TRL's keyword form with **kwargs (TRL passes them to every function); a `RewardSum` when a term
-    does. Functions of the (prompts, completions, **metadata) form that want them name the parameter."""
+def takes_keyword(fn, name: str) -> bool:
+    """Whether `call_reward` passes fn TRL's keyword argument `name` (`TRL_KEYWORDS`): fn names that parameter,
+    or is in TRL's keyword form with **kwargs (TRL passes them to every function); a `RewardSum` when a term
+    does. Functions of the (prompts, completions, **metadata) form that want one name the parameter."""
     if isinstance(fn, RewardSum):
-        return any(takes_completion_ids(f) for _, f in fn.terms)
+        return any(takes_keyword(f, name) for _, f in fn.terms)
     params = _parameters(fn)
-    return COMPLETION_IDS in params or (
-        _keyword_form(params) and any(q.kind == q.VAR_KEYWORD for q in params.values()))
+    return name in params or (_keyword_form(params) and any(q.kind == q.VAR_KEYWORD for q in params.values()))
 
 
-def _needs_completion_ids(fn) -> bool:
-    """fn cannot be called without them: a `completion_ids` parameter without a default (or a term's)."""
+def takes_completion_ids(fn) -> bool:
+    """`takes_keyword(fn, COMPLETION_IDS)`: whether a caller should gather the completions' token ids for fn."""
+    return takes_keyword(fn, COMPLETION_IDS)
+
+
+def _needs_keyword(fn, name: str) -> bool:
+    """fn cannot be called without TRL's keyword argument `name`: a parameter of that name without a default
+    (or a term's)."""
     if isinstance(fn, RewardSum):
-        return any(_needs_completion_ids(f) for _, f in fn.terms)
-    q = _parameters(fn).get(COMPLETION_IDS)
+        return any(_needs_keyword(f, name) for _, f in fn.terms)
+    q = _parameters(fn).get(name)
     return q is not None and q.default is inspect.Parameter.empty
 
 
@@ -245,11 +266,12 @@ def call_reward(fn: RewardFn, prompts: list, completions: list, **metadata):
     """fn(prompts, completions, **metadata), or, for TRL's keyword form (`_keyword_form`:
     `def reward(completions, **kwargs)`, `def reward(completion_ids, **kwargs)`), by keyword as TRL calls
     it: fn(completions=..., prompts=... each when fn takes it or **kwargs, **metadata). metadata's
-    `completion_ids` (`COMPLETION_IDS`) reaches only a function that takes them (`takes_completion_ids`).
-    An awaitable result (an `async def` function's) is awaited."""
+    `completion_ids` and `trainer_state` (`TRL_KEYWORDS`) reach only a function that takes them
+    (`takes_keyword`). An awaitable result (an `async def` function's) is awaited."""
     params = _parameters(fn)
-    if COMPLETION_IDS in metadata and not takes_completion_ids(fn):
-        metadata = {k: v for k, v in metadata.items() if k != COMPLETION_IDS}
+    unwanted = [k for k in TRL_KEYWORDS if k in metadata and not takes_keyword(fn, k)]
+    if unwanted:
+        metadata = {k: v for k, v in metadata.items() if k not in unwanted}
     if not _keyword_form(params):
         return _awaited(fn(prompts, completions, **metadata))
     any_keyword = any(q.kind == q.VAR_KEYWORD for q in params.values())
@@ -261,18 +283,19 @@ class _Caller:
     """Calls one reward function on row ranges of one batch: directly, or on daemon threads
     with a time limit. An outcome is ("ok", result), ("error", exception) or ("timeout", None)."""
 
-    def __init__(self, reward_fn, prompts, completions, metadata, cfg: RewardCallConfig):
+    def __init__(self, reward_fn, prompts, completions, metadata, cfg: RewardCallConfig, constants=None):
         self.fn, self.prompts, self.completions = reward_fn, prompts, completions
-        self.metadata, self.cfg = metadata, cfg
+        self.metadata, self.cfg, self.constants = metadata, cfg, dict(constants or {})  # constants: every call's
         self.B, self.calls, self._lock = len(completions), 0, threading.Lock()
 
     def invoke(self, rows: range):
         with self._lock:  # counted from worker threads
             self.calls += 1
         if len(rows) == self.B:  # the whole batch: the caller's metadata as given, as before chunking existed
-            return call_reward(self.fn, list(self.prompts), list(self.completions), **self.metadata)
+            return call_reward(self.fn, list(self.prompts), list(self.completions), **self.metadata,
+                               **self.constants)
         return call_reward(self.fn, [self.prompts[i] for i in rows], [self.completions[i] for i in rows],
-                           **{k: [v[i] for i in rows] for k, v in self.metadata.items()})
+                           **{k: [v[i] for i in rows] for k, v in self.metadata.items()}, **self.constants)
 
     def outcome(self, rows: range):
         try:
@@ -362,6 +385,7 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
     B = len(completions)
     if len(prompts) != B:
         raise RewardError(f"{len(prompts)} prompts but {B} completions")
+    constants = {k: metadata.pop(k) for k in (TRAINER_STATE,) if k in metadata}  # one for the call, not per sample
     for k, v in metadata.items():
         try:
             n = len(v)
@@ -371,13 +395,17 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
         if n != B:
             raise RewardError(f"metadata {k!r} has {n} entries for {B} samples")
     name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
-    if COMPLETION_IDS not in metadata and _needs_completion_ids(reward_fn):  # a setup error, not a failed sample
+    if COMPLETION_IDS not in metadata and _needs_keyword(reward_fn, COMPLETION_IDS):  # a setup error, not a failure
         raise RewardError(f"reward function {name} takes completion_ids (each completion's token ids), which this "
                           "caller does not have: it scores text alone (the RL iteration, recipes.reward_eval, "
                           "expert_iteration.rejection_sample and eval.evaluate_policy pass them)")
+    if TRAINER_STATE not in constants and _needs_keyword(reward_fn, TRAINER_STATE):
+        raise RewardError(f"reward function {name} takes trainer_state (the training's progress), which this caller "
+                          "does not have: the RL loop (rljax.phases.rl, the grpo recipe) and recipes.reward_eval pass "
+                          "it; elsewhere give the parameter a default")
     size = B if cfg.batch_size is None else cfg.batch_size
     chunks = [range(lo, min(B, lo + size)) for lo in range(0, B, max(size, 1))]
-    caller = _Caller(reward_fn, prompts, completions, metadata, cfg)
+    caller = _Caller(reward_fn, prompts, completions, metadata, cfg, constants)
     outcomes = caller.run(chunks, stop_at_failure=cfg.on_failure == "raise")
     rewards, failed, none = np.zeros(B, np.float32), np.zeros(B, bool), np.zeros(B, bool)
     for j, rows in enumerate(chunks):
