@@ -380,6 +380,8 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
     what was returned), or non-finite rewards (with the offending samples). With
     on_failure="value", failed calls score failure_value instead of raising. allow_none: a
     returned None (as an element of a list) is kept as NaN in the rewards, not refused (`RewardSum`).
+    metadata are per-sample sequences, except `trainer_state` (`TRAINER_STATE`): one object, given to every
+    call (chunk) of a function that takes it.
     """
     cfg = RewardCallConfig() if call_config is None else call_config
     B = len(completions)
