@@ -307,3 +307,14 @@ def test_the_grpo_recipe_sets_the_entropy_quantile_on_losses_that_have_it_and_th
         get_algorithm("gspo").with_config(top_entropy_quantile=0.5)
     with pytest.raises(ValueError, match="GRPOTaskConfig.top_entropy_quantile: must be in \\(0, 1\\]"):
         GRPOTaskConfig(top_entropy_quantile=0.0)
+    # TRL's scale_rewards on the group estimator, its other fields kept (dapo's filter)
+    for name in ("grpo", "dr_grpo", "dapo", "gspo", "cispo"):
+        for scale, by_std, scope in (("group", True, "group"), ("batch", True, "batch"), ("none", False, "group")):
+            adv = GRPOTaskConfig(algorithm=name, scale_rewards=scale).rl_config(tok).algo.estimator.config
+            assert (adv.scale_by_std, adv.std_scope) == (by_std, scope)
+            assert adv.drop_equal_groups == (name == "dapo")
+    assert not GRPOTaskConfig(algorithm="dr_grpo").rl_config(tok).algo.estimator.config.scale_by_std  # its own
+    with pytest.raises(ValueError, match=r"scale_rewards: rloo's estimator \(baseline\) has no group scale"):
+        GRPOTaskConfig(algorithm="rloo", scale_rewards="batch").rl_config(tok)
+    with pytest.raises(ValueError, match="GRPOTaskConfig.scale_rewards: 'group', 'batch', 'none' or None"):
+        GRPOTaskConfig(scale_rewards="std")

@@ -232,6 +232,9 @@ class GRPOTaskConfig(TaskConfig):
     eval_samples: 0 (the default) scores each eval_data prompt's greedy completion; k >= 1 scores k completions
     of each sampled as in training (temperature, top_p, top_k; the same draws at every evaluation) and adds
     reward_best_mean, the mean of each prompt's best reward (pass@k for a 0/1 reward) (`reward_eval`).
+    scale_rewards: TRL's option for the group estimator's scale: "group" (divide by each prompt's reward std),
+    "batch" (by the whole batch's std), "none" (no division: Dr. GRPO's); None keeps the algorithm's. For
+    algorithms with group advantages (grpo, dr_grpo, dapo, gspo, cispo); others refuse it, naming theirs.
     ref_sync_every, ref_sync_alpha: move the reference toward the policy every ref_sync_every iterations,
     θ_ref ← α θ + (1 − α) θ_ref (`RLConfig.ref_sync_every`; TRL's sync_ref_model; α = 1 resets it to the policy).
     top_entropy_quantile: < 1 trains the policy loss on that top fraction of the completion tokens by entropy
@@ -267,9 +270,13 @@ class GRPOTaskConfig(TaskConfig):
     ref_sync_every: int = 0
     ref_sync_alpha: float = 0.6
     eval_samples: int = 0
+    scale_rewards: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        if self.scale_rewards not in (None, "group", "batch", "none"):
+            raise ValueError(f"GRPOTaskConfig.scale_rewards: 'group', 'batch', 'none' or None (the algorithm's), got "
+                             f"{self.scale_rewards!r}")
         if self.eval_samples < 0:
             raise ValueError(f"GRPOTaskConfig.eval_samples: must be >= 0 (0: greedy), got {self.eval_samples}")
         if not 0 < self.top_entropy_quantile <= 1:
@@ -297,6 +304,17 @@ class GRPOTaskConfig(TaskConfig):
             algo = algo.with_kl_coef(self.kl_coef)
         if self.top_entropy_quantile != 1.0:
             algo = algo.with_config(top_entropy_quantile=self.top_entropy_quantile)
+        if self.scale_rewards is not None:
+            from rljax.estimators import GroupAdvantageConfig
+
+            adv = algo.estimator.config
+            if not isinstance(adv, GroupAdvantageConfig):
+                raise ValueError(f"GRPOTaskConfig.scale_rewards: {algo.name}'s estimator ({algo.estimator.name}) has no "
+                                 "group scale; it applies to algorithms with group advantages (grpo, dr_grpo, dapo, "
+                                 "gspo, cispo)")
+            algo = algo.with_config(advantage=dataclasses.replace(
+                adv, scale_by_std=self.scale_rewards != "none",
+                std_scope="batch" if self.scale_rewards == "batch" else "group"))
         opt = dataclasses.replace(self.optimizer(), head_lr=self.head_lr)
         return RLConfig(algorithm=algo, sampling=SampleConfig(max_new_tokens=self.max_new_tokens, n=self.n,
                                                               temperature=self.temperature, top_p=self.top_p,
