@@ -87,5 +87,7 @@ def test_a_reward_model_checkpoint_path_is_loaded_and_named_by_its_directory(tmp
     chat = tok.chat_template is not None
     cfg = GRPOTaskConfig(steps=1, batch_size=2, n=2, max_new_tokens=4, samples_every=1, progress=False)
     run = tmp_path / "run"
-    grpo(str(tmp_path / "policy"), ROWS, [str(tmp_path / "my-rm"), length], cfg, run_dir=str(run))
+    result = grpo(str(tmp_path / "policy"), ROWS, [str(tmp_path / "my-rm"), length], cfg, run_dir=str(run))
     _check_records(run, 1, reward_model_reward(rm_model, rm_params, tok, add_bos=not chat), "my_rm", other="length")
+    records = read_samples(run, 1)  # the metric named after the directory, the mean of its logged values
+    assert result.history[-1]["reward_my_rm_mean"] == pytest.approx(np.mean([r["reward_my_rm"] for r in records]))

@@ -1192,9 +1192,11 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
                                                           min_p=min_p)
     sampling = SampleConfig(max_new_tokens=max_new_tokens, n=n, **how, **tokenizer_ids(tok))
     decode_prompts = functools.partial(tok.decode_batch, stop_at_eos=False)
+    wants_ids = takes_completion_ids(reward_fn)  # read once: it inspects the functions' signatures
 
     def eval_fn(state) -> dict:
         totals, best, lengths, parts = [], [], [], {name: [] for name in getattr(reward_fn, "names", ())}
+        progress = TrainingProgress(int(jax.device_get(state.step)), max_steps)  # one for every batch
         for j, b in enumerate(held):
             real = len(b.tokens)  # filled with copies of the first prompt, so the mesh splits the rows; dropped below
             rows = real * n  # prompt-major: row i is a sample of prompt i // n
@@ -1205,8 +1207,8 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
             prompts = decode_prompts(ids[:rows, :r.prompt_length])
             completions = tok.decode_batch(ids[:rows, r.prompt_length:])
             meta = {k: [v for v in vals for _ in range(n)] for k, vals in b.metadata.items()}
-            meta[TRAINER_STATE] = TrainingProgress(int(jax.device_get(state.step)), max_steps)
-            if takes_completion_ids(reward_fn):
+            meta[TRAINER_STATE] = progress
+            if wants_ids:
                 meta[COMPLETION_IDS] = completion_id_lists(ids[:rows, r.prompt_length:], length[:rows])
             if isinstance(reward_fn, RewardSum):
                 total, terms = reward_fn.score_terms(prompts, completions, call_config=call_config, **meta)
