@@ -153,11 +153,13 @@ class RLConfig:
                              "prompt, and greedy decoding (temperature 0, greedy=True, top_k=1 or min_p=1) makes them "
                              "identical: every advantage would be 0")
         s = self.sampling
-        if needs.teacher and (s.is_greedy or s.temperature != 1.0 or s.top_k or s.top_p < 1.0 or s.min_p > 0):
+        if needs.teacher and (s.is_greedy or s.temperature != 1.0 or s.top_k or s.top_p < 1.0 or s.min_p > 0
+                              or s.repetition_penalty != 1.0):
             # the reverse KL is estimated on samples of π weighed by the sampler's log π, both at temperature 1
             raise ValueError(f"RLConfig.sampling: {algo.name} estimates KL(π ‖ π_teacher) from samples of π itself, "
-                             f"so it samples at temperature 1 without truncation; got temperature={s.temperature}, "
-                             f"top_k={s.top_k}, top_p={s.top_p}, min_p={s.min_p}, greedy={s.greedy}")
+                             f"so it samples at temperature 1 without truncation or penalty; got "
+                             f"temperature={s.temperature}, top_k={s.top_k}, top_p={s.top_p}, min_p={s.min_p}, "
+                             f"repetition_penalty={s.repetition_penalty}, greedy={s.greedy}")
         if self.max_refills < 0:
             raise ValueError(f"RLConfig.max_refills: must be >= 0, got {self.max_refills}")
         if self.ref_sync_every < 0 or not 0 < self.ref_sync_alpha <= 1:

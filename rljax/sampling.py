@@ -60,7 +60,11 @@ class SampleConfig:
 
     top_k = 0, top_p = 1 and min_p = 0 switch truncation off (applied after the temperature in that order,
     as transformers' warpers; min_p keeps the tokens whose probability is at least min_p times the most
-    likely one's). n samples per prompt are
+    likely one's). repetition_penalty p != 1 (transformers' and vLLM's, Keskar et al. 2019) rescales, before
+    all of these, the logit z of every token already in the row (its prompt's real tokens and its completion
+    so far): z / p where z > 0, z · p otherwise, so p > 1 discourages repeats; greedy decoding takes the argmax
+    of the rescaled logits. It changes what is drawn, not the policy: `Rollout.logprobs` stay the model's,
+    `sampling_logprobs` are the rescaled (and truncated) distribution's. n samples per prompt are
     laid out contiguously (rows i*n .. i*n+n-1 belong to prompt i). A row ends at
     `eos_id` or at any of `stop_ids` (extra stop tokens, e.g. an HF tokenizer's
     `eos_ids`); eos_id = -1 with no stop_ids never stops before max_new_tokens.
@@ -86,6 +90,7 @@ class SampleConfig:
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
     greedy: bool = False
     n: int = 1
     eos_id: int = 2
@@ -100,7 +105,8 @@ class SampleConfig:
             raise ValueError(f"SampleConfig.{field}: {why}")
 
         _check_types(self, "SampleConfig", ints=("max_new_tokens", "top_k", "n", "min_prompt_bucket", "cache_segments",
-                                                 "cpu_row_groups"), reals=("temperature", "top_p", "min_p"),
+                                                 "cpu_row_groups"), reals=("temperature", "top_p", "min_p",
+                                                                          "repetition_penalty"),
                      bools=("greedy",))
         if self.cache_segments < 1:
             bad("cache_segments", f"must be >= 1, got {self.cache_segments}")
@@ -117,6 +123,8 @@ class SampleConfig:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", f"must be in [0, 1] (0 = off), got {self.min_p}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            bad("repetition_penalty", f"must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
         if self.n < 1:
             bad("n", f"must be >= 1, got {self.n}")
 
@@ -324,6 +332,19 @@ def _truncate(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
     return z
 
 
+def seen_tokens(tokens: jax.Array, mask: jax.Array, vocab: int) -> jax.Array:
+    """tokens, mask [R, T] -> bool [R, vocab]: seen[r, v] = some position t with mask[r, t] holds token v."""
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    return jnp.zeros((tokens.shape[0], vocab), bool).at[rows, jnp.where(mask > 0, tokens, vocab)].set(True, mode="drop")
+
+
+def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """The repetition penalty: logits [R, V], seen bool [R, V] -> float32 [R, V] with z / penalty where seen and
+    z > 0, z · penalty where seen and z <= 0, z elsewhere."""
+    z = logits.astype(jnp.float32)
+    return jnp.where(seen, jnp.where(z > 0, z / penalty, z * penalty), z)
+
+
 def choose_tokens(logits: jax.Array, key: jax.Array, cfg: SampleConfig):
     """Pick next tokens. logits [R, V] -> (tokens [R] int32, log-prob under the sampling distribution [R])."""
     if cfg.is_greedy:
@@ -392,10 +413,15 @@ def _generate(params, prompt, prompt_mask, key, first_row=0, *, model: Model, cf
     cache = _constrain_cache(model.init_cache(R, P + ends[0]), model)
     hidden, cache = model.forward(params, prompt, prompt_mask, cache=cache)
     logits = model.logits(params, hidden[:, -1])  # left padding: the last slot is every row's last token
+    penalized = cfg.repetition_penalty != 1.0
+    # [R, V] bool, carried only when the penalty is on (None is an empty pytree in the loop's carry)
+    seen = constrain(seen_tokens(prompt, prompt_mask, logits.shape[-1]), model.mesh, ("batch", "vocab")) \
+        if penalized else None
 
     def body(c):
-        i, logits, cache, toks, lps, slps, live, done = c
-        tok, slp = choose_row_tokens(logits, step_keys(keys, i), cfg)
+        i, logits, cache, toks, lps, slps, live, done, seen = c
+        drawn_from = penalize_repeats(logits, seen, cfg.repetition_penalty) if penalized else logits
+        tok, slp = choose_row_tokens(drawn_from, step_keys(keys, i), cfg)
         lp = logprobs_from_logits(logits, tok)
         alive = ~done
         tok = jnp.where(alive, tok, cfg.pad_id)
@@ -404,22 +430,24 @@ def _generate(params, prompt, prompt_mask, key, first_row=0, *, model: Model, cf
         slps = slps.at[:, i].set(jnp.where(alive, slp, 0.0))
         live = live.at[:, i].set(alive.astype(jnp.int32))
         done = done | _is_stop(tok, cfg)
+        if penalized:  # a finished row's pad token is never read again
+            seen = seen.at[jnp.arange(R), tok].set(True)
         hidden, cache = model.forward(params, tok[:, None], alive[:, None].astype(jnp.int32), cache=cache)
-        return i + 1, model.logits(params, hidden[:, 0]), cache, toks, lps, slps, live, done
+        return i + 1, model.logits(params, hidden[:, 0]), cache, toks, lps, slps, live, done, seen
 
     carry = (jnp.int32(0), logits, cache, jnp.full((R, N), cfg.pad_id, jnp.int32),
              jnp.zeros((R, N), jnp.float32), jnp.zeros((R, N), jnp.float32),
-             jnp.zeros((R, N), jnp.int32), jnp.zeros((R,), bool))
+             jnp.zeros((R, N), jnp.int32), jnp.zeros((R,), bool), seen)
     for j, end in enumerate(ends):
         if j:  # the next segment's cache: P + end slots, so its steps read no more than they need
             carry = carry[:2] + (_constrain_cache(grow_cache(carry[2], P + end), model),) + carry[3:]
 
         def cond(c, end=end):
-            i, done = c[0], c[-1]
+            i, done = c[0], c[7]
             return (i < end) & ~jnp.all(done)
 
         carry = lax.while_loop(cond, body, carry)
-    _, _, _, toks, lps, slps, live, done = carry
+    _, _, _, toks, lps, slps, live, done, _ = carry
 
     zeros = jnp.zeros((R, P - 1), jnp.float32)
     return Rollout(

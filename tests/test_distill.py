@@ -254,9 +254,10 @@ def test_a_missing_or_mismatched_teacher_is_an_error_naming_the_field(tiny):
         it(state, np.ones((2, 1), np.int32), None)
     # the reverse KL is estimated from the student's own samples at temperature 1
     for sampling in (cfg.sampling.replace(temperature=0.7), cfg.sampling.replace(top_k=5),
-                     cfg.sampling.replace(top_p=0.9), cfg.sampling.replace(min_p=0.05)):
+                     cfg.sampling.replace(top_p=0.9), cfg.sampling.replace(min_p=0.05),
+                     cfg.sampling.replace(repetition_penalty=1.2)):
         with pytest.raises(ValueError, match="RLConfig.sampling: on_policy_distill estimates KL.* at temperature 1 "
-                                             "without truncation"):
+                                             "without truncation or penalty"):
             RLConfig(algorithm="on_policy_distill", sampling=sampling)
     with pytest.raises(ValueError, match="teacher_model: grpo uses no teacher"):
         make_rl_iteration(model, RLConfig(algorithm="grpo", sampling=cfg.sampling.replace(n=2)), reward, decode,

@@ -3,6 +3,7 @@ batches of any size weighted to the whole set: checked against the loss on one b
 grpo's greedy-completion rewards (`reward_eval`: checked against the reward functions' own calls)."""
 import functools
 
+import jax
 import numpy as np
 import pytest
 
@@ -135,6 +136,24 @@ def test_grpo_eval_with_samples_scores_k_completions_of_each_prompt_and_the_best
     assert again(result.state) == again(result.state) == result.eval_metrics
     greedy = reward_eval(model, TOK, batches, chars, max_new_tokens=5)(result.state)
     assert "reward_best_mean" not in greedy
+    # repetition_penalty reaches the held-out decoding: the completions scored are the penalized greedy
+    # sampler's on the same prompts
+    from rljax.sampling import SampleConfig, sample, tokenizer_ids
+
+    seen = []
+
+    def record(prompts, completions, **_):
+        seen.extend(completions)
+        return [0.0] * len(completions)
+
+    def held_out_completions(cfg):
+        return [c for b in batches for c in TOK.decode_batch(np.asarray(
+            sample(result.state.policy.params, np.stack(b.tokens), np.stack(b.mask), jax.random.key(0), model=model,
+                   cfg=cfg).completions))]
+
+    reward_eval(model, TOK, batches, record, max_new_tokens=5, repetition_penalty=4.0)(result.state)
+    greedy_cfg = SampleConfig(max_new_tokens=5, greedy=True, **tokenizer_ids(TOK))
+    assert seen == held_out_completions(greedy_cfg.replace(repetition_penalty=4.0)) != held_out_completions(greedy_cfg)
     with pytest.raises(ValueError, match="eval_samples: must be >= 0"):
         GRPOTaskConfig(eval_samples=-1)
 

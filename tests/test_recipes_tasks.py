@@ -340,9 +340,10 @@ def test_grpo_task_config_hands_its_reward_call_config_to_the_rl_loop():
     call = RewardCallConfig(timeout_s=5.0, on_failure="value", failure_value=-1.0, batch_size=1, workers=8)
     assert GRPOTaskConfig(reward_call=call).rl_config(CharTokenizer()).reward_call == call
     assert GRPOTaskConfig().rl_config(CharTokenizer()).reward_call == RewardCallConfig()  # the default: one call
-    rl = GRPOTaskConfig(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, mask_truncated=True).rl_config(CharTokenizer())
-    assert (rl.sampling.temperature, rl.sampling.top_p, rl.sampling.top_k, rl.sampling.min_p, rl.mask_truncated) == \
-        (0.7, 0.9, 5, 0.1, True)
+    rl = GRPOTaskConfig(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.1,
+                        mask_truncated=True).rl_config(CharTokenizer())
+    assert (rl.sampling.temperature, rl.sampling.top_p, rl.sampling.top_k, rl.sampling.min_p,
+            rl.sampling.repetition_penalty, rl.mask_truncated) == (0.7, 0.9, 5, 0.1, 1.1, True)
     assert rl.sampling.eos_id == CharTokenizer().eos_id
 
 

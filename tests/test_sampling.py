@@ -11,7 +11,8 @@ from conftest import left_padded
 from rljax.models import Model, preset
 from rljax.models.logprobs import token_logprobs
 from rljax.sampling import (MIN_ROWS_PER_GROUP, ROW_GROUP_WEIGHT_BYTES, BeamConfig, SampleConfig, _generate,
-                            beam_search, choose_tokens, decode_segments, grow_cache, row_groups, sample)
+                            beam_search, choose_tokens, decode_segments, grow_cache, penalize_repeats, row_groups,
+                            sample, seen_tokens)
 
 PROMPTS = left_padded([9, 4, 1, 6], 10, 64, seed=11)
 # One greedy config serves every test that needs plain greedy decoding of PROMPTS (one compile
@@ -87,6 +88,77 @@ def test_same_key_same_samples_different_key_different(tiny):
     assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
     # the n samples of one prompt differ from each other
     assert (np.asarray(a.completions[0]) != np.asarray(a.completions[1])).any()
+
+
+def _penalized(logits, tokens, mask, upto, penalty):
+    """transformers' repetition penalty written out for one row: logits [V] of the position after `upto`
+    tokens; every token among tokens[:upto] with mask 1 has its logit divided by penalty if > 0, else
+    multiplied."""
+    z = np.array(logits, np.float64)
+    for v in {int(t) for t, m in zip(tokens[:upto], mask[:upto]) if m}:
+        z[v] = z[v] / penalty if z[v] > 0 else z[v] * penalty
+    return z
+
+
+def test_repetition_penalty_greedy_equals_penalized_argmax_of_full_forward(tiny):
+    """Greedy decoding with repetition_penalty 1.5 equals a full-forward reference that rescales by hand the
+    logits of the row's real prompt tokens and of its completion so far; without the penalty the rows differ."""
+    model, params = tiny
+    cfg = GREEDY.replace(repetition_penalty=1.5)
+    r = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=cfg)
+    P = r.prompt_length
+    tokens, mask = np.array(r.tokens[:, :P]), np.array(r.attention_mask[:, :P])
+    tokens = np.concatenate([tokens, np.zeros((4, 12), np.int32)], 1)
+    mask = np.concatenate([mask, np.zeros((4, 12), np.int32)], 1)
+    forward = jax.jit(lambda p, t, m: model(p, t, m))
+    for i in range(12):
+        logits = np.asarray(forward(params, tokens, mask))[:, P + i - 1]
+        for b in range(4):
+            tokens[b, P + i] = np.argmax(_penalized(logits[b], tokens[b], mask[b], P + i, 1.5))
+        mask[:, P + i] = 1
+    np.testing.assert_array_equal(np.asarray(r.tokens), tokens)
+    plain = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=GREEDY)
+    assert (np.asarray(plain.tokens) != tokens).any()  # the penalty changed some choices
+    # the policy's log-probs stay the model's own
+    lp = _token_logprobs(params, r.tokens, r.attention_mask, model=model)
+    on = np.asarray(r.loss_mask[:, 1:]).astype(bool)
+    np.testing.assert_allclose(np.asarray(r.logprobs)[on], np.asarray(lp)[on], atol=1e-5)
+
+
+def test_repetition_penalty_sampling_logprobs_are_the_penalized_distribution(tiny):
+    """Sampled with temperature 0.7, top_k 20 and repetition_penalty 0.8 (< 1 favours repeats):
+    sampling_logprobs are the log-softmax of the rescaled (before the temperature), tempered, truncated logits,
+    written out per row and position; logprobs are the model's."""
+    model, params = tiny
+    cfg = SampleConfig(max_new_tokens=16, temperature=0.7, top_k=20, n=3, repetition_penalty=0.8)
+    r = sample(params, *PROMPTS, jax.random.key(1), model=model, cfg=cfg)
+    lp, logits = jax.jit(lambda p, t, m: (token_logprobs(p, t, m, model=model), model(p, t, m)))(
+        params, r.tokens, r.attention_mask)
+    on = np.asarray(r.loss_mask[:, 1:]).astype(bool)
+    np.testing.assert_allclose(np.asarray(r.logprobs)[on], np.asarray(lp)[on], atol=1e-5)
+    tokens, mask, logits = np.asarray(r.tokens), np.asarray(r.attention_mask), np.asarray(logits)
+    slp = np.asarray(r.sampling_logprobs)
+    checked = 0
+    for b, t in zip(*np.nonzero(on)):  # position t predicts token t + 1
+        z = _penalized(logits[b, t], tokens[b], mask[b], t + 1, 0.8) / 0.7
+        z = np.where(z < np.sort(z)[-20], -np.inf, z)
+        ref = z[tokens[b, t + 1]] - (np.log(np.exp(z - z.max()).sum()) + z.max())
+        np.testing.assert_allclose(slp[b, t], ref, atol=1e-4)
+        checked += 1
+    assert checked == on.sum() > 100
+
+
+def test_seen_tokens_and_penalize_repeats():
+    tokens = np.array([[0, 0, 5, 3, 5], [1, 2, 3, 3, 4]], np.int32)
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32)  # row 0 left-padded: its pad id 0 is not seen
+    seen = np.asarray(seen_tokens(jnp.asarray(tokens), jnp.asarray(mask), 7))
+    np.testing.assert_array_equal(seen, [[0, 0, 0, 1, 0, 1, 0], [0, 1, 1, 1, 0, 0, 0]])
+    z = penalize_repeats(jnp.array([[2.0, 1.0, 0.0, -1.0, -3.0]]), jnp.array([[True, False, True, True, False]]), 2.0)
+    np.testing.assert_allclose(z, [[1.0, 1.0, 0.0, -2.0, -3.0]])
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^SampleConfig.repetition_penalty: must be a (number|finite number > 0 "
+                                             r"\(1 = off\)), got"):
+            SampleConfig(repetition_penalty=bad)
 
 
 def test_choose_tokens_matches_closed_form_distribution():

@@ -57,7 +57,8 @@ def test_sharded_forward_logprobs_and_sample_equal_single_device():
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g1, g2)
 
             for scfg in (SampleConfig(max_new_tokens=12, greedy=True),
-                         SampleConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, n=2)):
+                         SampleConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, n=2),
+                         SampleConfig(max_new_tokens=12, temperature=1.0, n=2, repetition_penalty=1.3)):
                 r1 = sample(params, tokens, mask, jax.random.key(3), model=single, cfg=scfg)
                 r2 = sample(sp, tokens, mask, jax.random.key(3), model=sharded, cfg=scfg)
                 assert len(r2.tokens.sharding.device_set) == 8

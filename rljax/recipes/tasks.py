@@ -209,8 +209,9 @@ class GRPOTaskConfig(TaskConfig):
     """On-policy RL: `algorithm` is any `rljax.algorithms` registry name ("grpo", "rloo", "dapo", "dr_grpo",
     "reinforce", "ppo", ...) or an Algorithm; steps counts RL iterations, each sampling `n` completions of
     at most `max_new_tokens` tokens for `batch_size` prompts (stopping at every stop id of the tokenizer)
-    and updating epochs x minibatches times (temperature, top_p, top_k, min_p: `SampleConfig`'s; top_k 0 and
-    min_p 0 are off).
+    and updating epochs x minibatches times (temperature, top_p, top_k, min_p, repetition_penalty:
+    `SampleConfig`'s; top_k 0, min_p 0 and repetition_penalty 1 are off; the penalty applies to the held-out
+    completions too, as TRL's generation config does).
     kl_coef: None keeps the algorithm's. Algorithms that need a
     value head (ppo, a2c) get one zero-initialised on the policy, those with a separate critic (trpo) a
     critic copied from the policy with a value head; a running baseline is `baseline_decay`'s moving
@@ -255,6 +256,7 @@ class GRPOTaskConfig(TaskConfig):
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
     kl_coef: float | None = None
     epochs: int = 1
     minibatches: int = 1
@@ -319,6 +321,7 @@ class GRPOTaskConfig(TaskConfig):
         return RLConfig(algorithm=algo, sampling=SampleConfig(max_new_tokens=self.max_new_tokens, n=self.n,
                                                               temperature=self.temperature, top_p=self.top_p,
                                                               top_k=self.top_k, min_p=self.min_p,
+                                                              repetition_penalty=self.repetition_penalty,
                                                               **tokenizer_ids(tokenizer)),
                         optimizer=opt, epochs=self.epochs, minibatches=self.minibatches, track_kl=self.track_kl,
                         truncate_prompts=True, max_refills=self.max_refills, reward_call=self.reward_call,
@@ -1169,8 +1172,8 @@ def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, eval_data=None, ru
 
 def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Callable, *, max_new_tokens: int,
                 call_config: RewardCallConfig | None = None, samples: int = 0, temperature: float = 1.0,
-                top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int = 0,
-                max_steps: int | None = None) -> Callable:
+                top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                seed: int = 0, max_steps: int | None = None) -> Callable:
     """An eval_fn for `rljax.phases.rl`: the policy's completions of the held-out prompt batches
     (`PromptBatch`es, the same on every process), scored by reward_fn with the batches' metadata ->
     {"reward_mean", "completion_length" (tokens), and for a `RewardSum` each term's
@@ -1178,7 +1181,8 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
     samples: 0 gives each prompt its greedy completion; k >= 1 samples k completions of each at temperature,
     top_p, top_k, min_p (batch j with key fold_in(key(seed), j): the same draws at every evaluation of the same
     params) and adds "reward_best_mean", the mean over the prompts of their best sample's reward (pass@k
-    for a 0/1 correctness reward). On a mesh a batch is filled with copies of its first prompt up to a
+    for a 0/1 correctness reward). repetition_penalty (`SampleConfig`'s; 1: off) applies to both. On a mesh a
+    batch is filled with copies of its first prompt up to a
     multiple the mesh splits (`prompt_multiple`), their rows dropped. Functions taking trainer_state get
     TrainingProgress(the state's step, max_steps)."""
     from rljax.distributed import to_host
@@ -1190,7 +1194,8 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
     n = max(samples, 1)
     how = dict(temperature=0.0) if samples == 0 else dict(temperature=temperature, top_p=top_p, top_k=top_k,
                                                           min_p=min_p)
-    sampling = SampleConfig(max_new_tokens=max_new_tokens, n=n, **how, **tokenizer_ids(tok))
+    sampling = SampleConfig(max_new_tokens=max_new_tokens, n=n, repetition_penalty=repetition_penalty, **how,
+                            **tokenizer_ids(tok))
     decode_prompts = functools.partial(tok.decode_batch, stop_at_eos=False)
     wants_ids = takes_completion_ids(reward_fn)  # read once: it inspects the functions' signatures
 
@@ -1275,7 +1280,8 @@ def grpo(model, data, reward_funcs, cfg: GRPOTaskConfig = GRPOTaskConfig(), *, e
                                                        split=False), reward,
                               max_new_tokens=cfg.max_new_tokens, call_config=cfg.reward_call,
                               samples=cfg.eval_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                              top_k=cfg.top_k, min_p=cfg.min_p, seed=cfg.seed, max_steps=cfg.steps)
+                              top_k=cfg.top_k, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
+                              seed=cfg.seed, max_steps=cfg.steps)
     critic_model = critic_params = None
     if needs.critic:
         critic_model, critic_params = with_value_head(m, params)
