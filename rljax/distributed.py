@@ -64,6 +64,7 @@ JAX_PROCESS_ID) are read too.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any, Sequence
@@ -324,6 +325,22 @@ def process_values(values: Sequence[int]) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(local[0])).reshape(jax.process_count(), -1)
+
+
+def process_objects(value) -> list:
+    """Every process's JSON value `value`, on every process: [process 0's, process 1's, ...] (what reward
+    functions logged on each, say). A collective: every process calls it at the same point. On one process:
+    [value]."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+    sizes = process_values([data.size])[:, 0]  # every process passes an array of the same shape: the longest
+    buffer = np.zeros(int(sizes.max()), np.uint8)
+    buffer[:data.size] = data
+    table = np.asarray(multihost_utils.process_allgather(buffer)).reshape(jax.process_count(), -1)
+    return [json.loads(row[:n].tobytes().decode("utf-8")) for row, n in zip(table, sizes)]
 
 
 def raise_failed(failed_flags, own: BaseException | None, where: str) -> None:

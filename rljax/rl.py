@@ -33,13 +33,14 @@ from jax.experimental.multihost_utils import process_allgather
 from rljax.algorithms import Algorithm, check_group_size, check_staleness, get_algorithm, prepare
 from rljax.cpu_dots import jit_full_sequence
 from rljax.data.batch import Collected
-from rljax.distributed import local_rows, process_slice, raise_failed, to_host
+from rljax.distributed import local_rows, process_objects, process_slice, raise_failed, to_host
 from rljax.estimators import PrepareInput
 from rljax.losses.actor_critic import approx_kl, token_values, value_loss
 from rljax.losses.policy_gradient import kl_metrics
 from rljax.models.logprobs import target_mask, token_logprobs
 from rljax.models.transformer import check_params_fit, check_scorer
-from rljax.rewards.rules import (COMPLETION_IDS, TRAINER_STATE, RewardCallConfig, RewardSum, TrainingProgress,
+from rljax.rewards.rules import (COMPLETION_IDS, LOGGERS, TRAINER_STATE, TRL_KEYWORDS, RewardCallConfig, RewardLog,
+                                 RewardSum, TrainingProgress, takes_keyword,
                                  completion_id_lists, score_with_failures, takes_completion_ids)
 from rljax.sampling import SampleConfig, concat_rollouts, sample, truncate_prompts
 from rljax.sharding import batch_sharding, param_shardings, replicated, shard_batch, shard_params
@@ -400,7 +401,8 @@ def scan_updates(step: Callable, state, batch, key, *, epochs: int, minibatches:
 
 
 # The fields of a sample record (`make_rl_iteration(on_samples=)`) besides the monitors' and the reward terms'.
-SAMPLE_FIELDS = ("prompt", "completion", "reward", "accuracy", "group", "completion_tokens", "stopped", "columns")
+SAMPLE_FIELDS = ("prompt", "completion", "reward", "accuracy", "group", "completion_tokens", "stopped", "columns",
+                 "extra")
 
 
 def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callable,
@@ -433,7 +435,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     on, in order: prompt and completion (their text: `decode_prompts`, `decode`), reward (the one
     trained on), each `RewardSum` term's reward ("reward_<name>", None where it returned None or its
     call failed), accuracy and each monitor's score when given, group (the row's prompt in the
-    iteration), completion_tokens, stopped (ended at a stop id) and columns (the prompt's metadata).
+    iteration), completion_tokens, stopped (ended at a stop id) and columns (the prompt's metadata), and
+    extra ({column: value}) where a reward function logged values for the row through TRL's log_extra.
     `rljax.phases.rl(samples_every=)` writes them to <run_dir>/samples/.
 
     Several processes (`rljax.distributed`; model.mesh over all their devices, data x fsdp splitting
@@ -453,7 +456,9 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
     the KL to it of the sampled tokens (teacher_kl_k1, teacher_kl_k3; token mean) and
     teacher_kl_per_sequence (Σ_t k1, the sequence-level reverse KL estimate); with
     cfg.reward_call.on_failure="value", the samples whose reward call failed and scored
-    failure_value (reward_failed, accuracy_failed).
+    failure_value (reward_failed, accuracy_failed); and under its own name, the mean of every value a reward
+    function logged through TRL's log_metric during the iteration (every process's). What one logs through
+    log_extra goes to on_samples' records under "extra".
     """
     algo = cfg.algo
     loss_cfg = algo.loss.config
@@ -606,6 +611,15 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
                             own, ref)
 
     jitted_sync = jax.jit(sync_reference)  # the reference is not donated: a sync is rare, a fresh copy is safe
+    own_metrics: set[str] = set()  # the names the iteration's metrics have had so far
+
+    def check_logged(names, own):
+        """A name a reward function logged through log_metric that one of the iteration's own metrics has: an
+        error (before the update, once the iteration has reported that metric once)."""
+        clash = sorted(set(names) & set(own))
+        if clash:
+            raise ValueError(f"a reward function logged {clash[0]!r} through log_metric, the name of one of the "
+                             "iteration's own metrics; log it under another name")
 
     def fit(tokens, mask):
         """Truncate (or reject, naming the row) prompts longer than the cache allows."""
@@ -619,7 +633,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         return to_host(rollout.tokens)
 
     def scored(fn, completions, prompt_text, metadata, k, failed, what="reward", parts=None, texts=None,
-               lengths=None, progress=None):
+               lengths=None, progress=None, logged=None):
         """The rewards [R] float32 of the completions [R, N] (host token ids; k rows per prompt of
         prompt_text; lengths [R], the rollout's, given when a function takes the ids: `needs_ids`; progress:
         the `TrainingProgress` passed as trainer_state to the functions taking it); adds the
@@ -630,11 +644,13 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         samples and whether a call raised are gathered, so every process returns all R rewards, the
         same everywhere (the refill decisions and metrics that read them agree), and a reward function
         raising on one process stops every process instead of leaving them waiting. texts: the completions'
-        text, this process's rows (`own_text`; decoded here when None)."""
+        text, this process's rows (`own_text`; decoded here when None). logged: {"metrics": {name: [values]},
+        "extra": {column: [R]}}, receiving what the functions log through TRL's log_metric / log_extra (every
+        process's, gathered; a column None where nothing was logged for a row)."""
         for key, vals in metadata.items():  # checked per prompt, before the repeat for the k samples
-            if key == COMPLETION_IDS:
-                raise ValueError(f"metadata {key!r}: the iteration passes the completions' token ids under that name "
-                                 "to the reward functions that take them; rename the column")
+            if key in TRL_KEYWORDS:
+                raise ValueError(f"metadata {key!r}: the iteration passes the reward functions that take it TRL's "
+                                 f"{key} under that name; rename the column")
             if len(vals) != len(prompt_text):
                 raise ValueError(f"metadata {key!r}: {len(vals)} entries for {len(prompt_text)} prompts (one per "
                                  f"prompt; the iteration repeats each for the prompt's {k} samples)")
@@ -649,20 +665,41 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             own[TRAINER_STATE] = progress
 
         def one(f, allow_none):  # -> (rewards [R], failed [R] bool): f on this process's rows, gathered
+            n_own = len(texts)
+            # the same answer on every process (a signature), so all or none reach the gather of what was logged
+            log = RewardLog(n_own) if logged is not None and any(takes_keyword(f, k) for k in LOGGERS) else None
+            loggers = {} if log is None else log.bind(range(n_own))
             if not multi:
-                s = score_with_failures(f, prompts, texts, call_config=cfg.reward_call, allow_none=allow_none, **own)
+                s = score_with_failures(f, prompts, texts, call_config=cfg.reward_call, allow_none=allow_none, **own,
+                                        **loggers)
+                keep_log(log, [(log.metrics, log.extra)] if log else [], [n_own])
                 return s.rewards, s.failed
-            error, n_own = None, rows.stop - rows.start
+            error = None
             try:
                 s = score_with_failures(f, prompts[rows], texts, call_config=cfg.reward_call, allow_none=allow_none,
-                                        **own)
+                                        **own, **loggers)
                 local = np.concatenate([s.rewards, s.failed, [0]]).astype(np.float32)
             except Exception as e:  # noqa: BLE001 - raised below, once the other processes know
                 error, local = e, np.zeros(2 * n_own + 1, np.float32)
                 local[-1] = 1
             table = process_allgather(local)  # [processes, 2 x own rows + 1]: rewards, failed, raised
             raise_failed(table[:, -1], error, f"the {what} function ({getattr(f, '__name__', f)})")
+            if log is not None:
+                keep_log(log, [tuple(x) for x in process_objects([log.metrics, log.extra])],
+                         [n_own] * jax.process_count())
             return table[:, :n_own].reshape(-1), table[:, n_own:2 * n_own].reshape(-1) > 0
+
+        def keep_log(log, per_process, sizes):  # every process's (metrics, extra) into logged, in row order
+            if log is None:
+                return
+            for metrics, _ in per_process:
+                for name, values in metrics.items():
+                    logged["metrics"].setdefault(name, []).extend(values)
+            for column in sorted({c for _, extra in per_process for c in extra}):
+                values = [v for (_, extra), n in zip(per_process, sizes) for v in extra.get(column, [None] * n)]
+                before = logged["extra"].get(column)  # another function's: its values stay where this one's are None
+                logged["extra"][column] = values if before is None else \
+                    [b if v is None else v for b, v in zip(before, values)]
 
         if not isinstance(fn, RewardSum):
             rewards, bad = one(fn, False)
@@ -686,7 +723,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         """The rows of R this process scores: its own block on several processes, all on one."""
         return process_slice(R) if multi else slice(None)
 
-    def rollout_of(params, tokens, mask, metadata, key, times, failed, texts, progress):
+    def rollout_of(params, tokens, mask, metadata, key, times, failed, texts, progress, metrics):
         t0 = time.perf_counter()
         rollout = jax.block_until_ready(sample(params, tokens, mask, key, model=model, cfg=cfg.sampling))
         t1 = time.perf_counter()
@@ -701,13 +738,18 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             texts["columns"].append([{key: vals[i // n] for key, vals in metadata.items()}
                                      for i in range(len(completions))])
         terms: dict[str, np.ndarray] = {}
+        logged = {"metrics": metrics, "extra": {}}  # the iteration's log_metric values; this rollout's columns
         rewards = scored(reward_fn, completions, prompt_text, metadata, n, failed, parts=terms, texts=own_text,
-                         lengths=lengths, progress=progress)
+                         lengths=lengths, progress=progress, logged=logged)
         correct = scored(accuracy_fn, completions, prompt_text, metadata, n, failed, "accuracy", texts=own_text,
-                         lengths=lengths, progress=progress) if accuracy_fn else None
+                         lengths=lengths, progress=progress, logged=logged) if accuracy_fn else None
         watched = {name: scored(fn, completions, prompt_text, metadata, n, failed, name, texts=own_text,
-                                lengths=lengths, progress=progress)
+                                lengths=lengths, progress=progress, logged=logged)
                    for name, fn in monitors.items()} | terms
+        if on_samples is not None:  # log_extra's columns, every row's on every process
+            extra = logged["extra"]
+            texts["extra"].append([{c: v[i] for c, v in extra.items() if v[i] is not None}
+                                   for i in range(len(completions))])
         times["sample"] += t1 - t0
         times["score"] += time.perf_counter() - t1
         return rollout, rewards, correct, prompt_text, watched
@@ -722,10 +764,12 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
         k_sample, k_greedy, _ = jax.random.split(key, 3)
         times = dict(sample=0.0, score=0.0, ref=0.0, values=0.0, update=0.0)
         failed = dict(reward=0, accuracy=0)
-        texts = dict(prompt=[], completion=[], columns=[])  # per sampled rollout, with on_samples
+        texts = dict(prompt=[], completion=[], columns=[], extra=[])  # per sampled rollout, with on_samples
+        logged: dict[str, list] = {}  # what the functions log through log_metric: {name: [every value]}
         prompt_tokens, prompt_mask, cut = fit(prompt_tokens, prompt_mask)
         rollout, rewards, correct, prompt_text, watched = rollout_of(params, prompt_tokens, prompt_mask, metadata,
-                                                                     k_sample, times, failed, texts, trainer_state)
+                                                                     k_sample, times, failed, texts, trainer_state,
+                                                                     logged)
         sampled, all_watched = [(rollout, rewards, correct)], [watched]
         G = rollout.tokens.shape[0] // n
         informative, rounds = int(_informative_groups(rewards, n).sum()), 0
@@ -742,7 +786,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             tokens, mask, more_cut = fit(tokens, mask)
             cut += more_cut
             r, rw, c, _, w = rollout_of(params, tokens, mask, meta, jax.random.fold_in(k_sample, rounds), times,
-                                        failed, texts, trainer_state)
+                                        failed, texts, trainer_state, logged)
             sampled.append((r, rw, c))
             all_watched.append(w)
             informative += int(_informative_groups(rw, n).sum())
@@ -770,11 +814,11 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             times["sample"] += time.perf_counter() - t0
             greedy = np.repeat(scored(reward_fn, host_tokens(g)[:, g.prompt_length:], prompt_text, metadata, 1,
                                       failed, lengths=to_host(g.lengths) if needs_ids else None,
-                                      progress=trainer_state), n)
+                                      progress=trainer_state, logged={"metrics": logged, "extra": {}}), n)
         monitored = {name: np.concatenate([w[name] for w in all_watched]) for name in all_watched[0]}
         text = {k: [x for part in v for x in part] for k, v in texts.items()} if on_samples is not None else None
         return Collected(rollout, rewards, all_rewards, all_correct, greedy, sampled, cut, rounds, times, failed,
-                         monitored, text, rows)
+                         monitored, text, rows, logged)
 
     def records_of(c: Collected, lengths, stopped) -> list[dict]:
         """on_samples' records: one per row trained on (c.rows of the sampled rows), lengths and stopped
@@ -789,6 +833,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
                 record["accuracy"] = float(c.all_correct[i])
             record.update(group=j // n, completion_tokens=int(lengths[j]), stopped=bool(stopped[j]),
                           columns=c.texts["columns"][i])
+            if c.texts["extra"][i]:  # what the reward functions logged for the row through log_extra
+                record["extra"] = c.texts["extra"][i]
             records.append(record)
         return records
 
@@ -829,6 +875,7 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             t0 = time.perf_counter()
             teacher = jax.block_until_ready(teacher_lp(state.teacher_params, rollout.tokens, rollout.attention_mask))
             times["teacher"] = time.perf_counter() - t0
+        check_logged(c.logged, own_metrics)  # the state is donated to the update below: refuse before it
         greedy = None if c.greedy is None else np.asarray(c.greedy, np.float32)
         batch, transform_state, stats = jitted_prepare(rollout, to_rows(np.asarray(rewards, np.float32)), ref,
                                                        values, teacher, to_rows(greedy), state.transforms)
@@ -887,6 +934,9 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             if synced:
                 ref_params = jitted_sync(policy.params, ref_params)
             out["ref_synced"] = float(synced)
+        own_metrics.update(out)
+        check_logged(c.logged, out)  # a metric the iteration reports for the first time
+        out.update({name: float(np.mean(values)) for name, values in c.logged.items()})  # log_metric's: their means
         return state.replace(step=state.step + 1, policy=policy, critic=critic, transforms=transform_state,
                              ref_params=ref_params), out
 

@@ -53,7 +53,8 @@ def test_the_functions_that_take_completion_ids_get_them_and_no_other_does():
     np.testing.assert_allclose(score(rljax_form, PROMPTS, COMPLETIONS, completion_ids=IDS), [3.0, 1.0, 4.0])
     np.testing.assert_allclose(score(plain, PROMPTS, COMPLETIONS, **meta), [0.0, 0.0, 0.0])
     np.testing.assert_allclose(score(trl_form, PROMPTS, COMPLETIONS, **meta), [2.0, 1.0, 4.0])
-    assert seen == {"rljax_form": IDS, "plain": ["answer"], "trl_form": ["answer", "completion_ids", "prompts"]}
+    assert seen == {"rljax_form": IDS, "plain": ["answer"],
+                    "trl_form": ["answer", "completion_ids", "log_extra", "log_metric", "prompts"]}
     assert [takes_completion_ids(f) for f in (rljax_form, plain, trl_form, SoftOverlong(4, 2))] == [True, False, True,
                                                                                                    True]
     assert takes_completion_ids(weighted_sum((1.0, plain), (1.0, SoftOverlong(4, 2))))
@@ -211,7 +212,8 @@ def test_scst_s_greedy_baseline_is_scored_on_the_greedy_completions_ids():
     np.testing.assert_allclose(c.greedy, np.repeat(-lengths / 6, 8))
     np.testing.assert_allclose(c.rewards, -np.asarray(c.rollout.lengths) / 6)
     assert len(set(np.asarray(c.rollout.lengths).tolist())) > 1
-    with pytest.raises(ValueError, match="metadata 'completion_ids': the iteration passes the completions' token ids"):
+    with pytest.raises(ValueError, match="metadata 'completion_ids': the iteration passes the reward functions that "
+                                         "take it TRL's completion_ids"):
         iteration.collect(params, tokens, mask, jax.random.key(0), completion_ids=[[1], [2], [3]])
 
 
@@ -261,7 +263,8 @@ def test_trainer_state_reaches_the_functions_that_take_it_once_per_call():
                                      call_config=RewardCallConfig(batch_size=1, workers=2)), [0.3] * 3)
     score(trl_any, PROMPTS, COMPLETIONS, trainer_state=progress, answer=[1, 2, 3])
     score(plain, PROMPTS, COMPLETIONS, trainer_state=progress, answer=[1, 2, 3])
-    assert seen == [progress, progress, progress, progress, ["answer", "prompts", "trainer_state"], ["answer"]]
+    assert seen == [progress, progress, progress, progress,
+                    ["answer", "log_extra", "log_metric", "prompts", "trainer_state"], ["answer"]]
     with pytest.raises(RewardError, match="takes trainer_state .* which this caller does not have"):
         score(curriculum, PROMPTS, COMPLETIONS, call_config=RewardCallConfig(on_failure="value"))
 

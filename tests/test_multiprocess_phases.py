@@ -600,6 +600,9 @@ WORKER = textwrap.dedent("""
             return [float(len(c) % 3) for c in completions]
 
         def tokens(completion_ids, **kwargs):  # TRL's form, on each process's own rows' token ids
+            for i in completion_ids:  # logged on each process, gathered: the mean over every row
+                kwargs["log_metric"]("ids_logged", len(i))
+            kwargs["log_extra"]("ids", [len(i) for i in completion_ids])
             return [-float(len(i)) for i in completion_ids]
 
         quiet = dict(steps=2, progress=False, log_every=1)

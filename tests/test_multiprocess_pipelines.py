@@ -118,7 +118,8 @@ def test_two_process_task_recipes_equal_one_process(tmp_path):
     evaluations on eval_data (GRPO's 3 held-out prompts in batches of 2, 2 samples each, each filled to the mesh's rows) and
     the parameters of one process with the same mesh; GRPO's reward function sees each process's own samples
     (and every held-out prompt's greedy completion), a term taking completion_ids each of its own samples' token ids
-    (-len(ids) averaging to -completion_length); config.json is written once (process 0), metrics.jsonl
+    (-len(ids) averaging to -completion_length) and logging each one's length through log_metric and log_extra
+    (gathered from both processes: their mean the completion length, each sample record's its own); config.json is written once (process 0), metrics.jsonl
     holds every step once, the samples of each iteration one file. Without run_dir (a temporary directory
     would differ per process) or without a mesh, a call is refused before training."""
     res = _run(tmp_path, "tasks")
@@ -133,6 +134,7 @@ def test_two_process_task_recipes_equal_one_process(tmp_path):
         if name == "grpo":
             for row in multi["history"] + multi["eval"] + one["history"] + one["eval"]:
                 assert row["reward_tokens_mean"] == pytest.approx(-row["completion_length"])
+                assert row["ids_logged"] == pytest.approx(row["completion_length"])  # what the term logged
                 assert "reward_reward_model_mean" in row
         run = res["proc0"]["run_dir"] / name
         assert json.loads((run / "config.json").read_text())["task"] == name
@@ -140,6 +142,7 @@ def test_two_process_task_recipes_equal_one_process(tmp_path):
     assert sorted(os.listdir(res["proc0"]["run_dir"] / "grpo" / "samples")) == ["iteration-000001.jsonl",
                                                                                "iteration-000002.jsonl"]
     assert read_samples(res["proc0"]["run_dir"] / "grpo", 2) == read_samples(res["single"]["run_dir"] / "grpo", 2)
+    assert all(r["extra"] == {"ids": r["completion_tokens"]} for r in read_samples(res["proc0"]["run_dir"] / "grpo", 2))
     # 2 prompts x 2 samples a step (each process its half), then the held-out 2 + 1 prompts' 2 samples each
     # (eval_samples=2) on every process
     assert p0["scored"] == p1["scored"] == [2, 2, 4, 2] and single["scored"] == [4, 4, 4, 2]

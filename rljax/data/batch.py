@@ -275,7 +275,9 @@ class Collected:
     and the monitors' scores of every sampled row ({name: [R_all]}, `make_rl_iteration(monitors=)`), beside
     a `RewardSum`'s terms' ({"reward_<name>": [R_all]}, NaN where a term returned None or its call failed),
     and with `make_rl_iteration(on_samples=)` every sampled row's text ({"prompt", "completion",
-    "columns": [R_all]}, `texts`) and which of them are trained on (`rows`, indices into them)."""
+    "columns", "extra": [R_all]}, `texts`; extra: what the reward functions logged for the row through
+    TRL's log_extra) and which of them are trained on (`rows`, indices into them), and what the reward
+    functions logged through log_metric ({name: [every value]}, `logged`)."""
 
     rollout: Any
     rewards: np.ndarray
@@ -290,3 +292,4 @@ class Collected:
     monitored: dict = field(default_factory=dict)
     texts: dict | None = None
     rows: np.ndarray | None = None
+    logged: dict = field(default_factory=dict)

@@ -80,8 +80,8 @@ from rljax.losses.sft import sft_loss
 from rljax.metrics import WandbConfig, read_metrics
 from rljax.models import Model, add_head
 from rljax.phases import LoopConfig, PromptBatch
-from rljax.rewards.rules import (COMPLETION_IDS, TRAINER_STATE, RewardCallConfig, RewardSum, TrainingProgress,
-                                 call_reward)
+from rljax.rewards.rules import (COMPLETION_IDS, LOG_EXTRA, LOG_METRIC, TRAINER_STATE, TRL_KEYWORDS, RewardCallConfig,
+                                 RewardSum, TrainingProgress, call_reward)
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
 
@@ -777,7 +777,7 @@ def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None 
 
 
 _RESERVED = ("params", "prompt_tokens", "prompt_mask", "key", "refill", "state", "prompts", "completions",
-             COMPLETION_IDS, TRAINER_STATE)
+             *TRL_KEYWORDS)
 # The metadata column that carries each prompt's messages to conversational reward functions
 # (`conversational_rewards` takes it off again): not a name a data set may use.
 MESSAGES_COLUMN = "rljax_prompt_messages"
@@ -1184,7 +1184,8 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
     for a 0/1 correctness reward). repetition_penalty (`SampleConfig`'s; 1: off) applies to both. On a mesh a
     batch is filled with copies of its first prompt up to a
     multiple the mesh splits (`prompt_multiple`), their rows dropped. Functions taking trainer_state get
-    TrainingProgress(the state's step, max_steps)."""
+    TrainingProgress(the state's step, max_steps); what they log through log_metric is reported under its name
+    (the mean of every value logged in the evaluation), what they log through log_extra is dropped."""
     from rljax.distributed import to_host
     from rljax.rewards.rules import completion_id_lists, score_with_failures, takes_completion_ids
     from rljax.sampling import filled_prompts, sample
@@ -1202,6 +1203,9 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
     def eval_fn(state) -> dict:
         totals, best, lengths, parts = [], [], [], {name: [] for name in getattr(reward_fn, "names", ())}
         progress = TrainingProgress(int(jax.device_get(state.step)), max_steps)  # one for every batch
+        logged: dict[str, list[float]] = {}  # log_metric's values (checked by the function's own RewardLog)
+        loggers = {LOG_METRIC: lambda name, value: logged.setdefault(name, []).append(value),
+                   LOG_EXTRA: lambda column, values: None}  # no samples table here
         for j, b in enumerate(held):
             real = len(b.tokens)  # filled with copies of the first prompt, so the mesh splits the rows; dropped below
             rows = real * n  # prompt-major: row i is a sample of prompt i // n
@@ -1213,6 +1217,7 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
             completions = tok.decode_batch(ids[:rows, r.prompt_length:])
             meta = {k: [v for v in vals for _ in range(n)] for k, vals in b.metadata.items()}
             meta[TRAINER_STATE] = progress
+            meta.update(loggers)
             if wants_ids:
                 meta[COMPLETION_IDS] = completion_id_lists(ids[:rows, r.prompt_length:], length[:rows])
             if isinstance(reward_fn, RewardSum):
@@ -1232,6 +1237,11 @@ def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Calla
             values = np.concatenate(values)
             if not np.isnan(values).all():
                 out[f"reward_{name}_mean"] = float(np.nanmean(values))
+        for name, values in logged.items():
+            if name in out:
+                raise ValueError(f"a reward function logged {name!r} through log_metric, the name of one of the "
+                                 "held-out evaluation's own metrics; log it under another name")
+            out[name] = float(np.mean(values))
         return out
 
     return eval_fn

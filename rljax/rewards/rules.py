@@ -22,6 +22,8 @@ import asyncio
 import collections
 import dataclasses
 import inspect
+import json
+import math
 import numbers
 import queue
 import re
@@ -182,8 +184,13 @@ COMPLETION_IDS = "completion_ids"
 # The keyword under which the RL loop passes a reward function the training's progress (a `TrainingProgress`,
 # one for the whole call, not per sample), as TRL passes its TrainerState, to the functions that take it.
 TRAINER_STATE = "trainer_state"
+# The keywords under which reward functions get TRL's logging callables: log_metric(name, value), a scalar
+# averaged into the iteration's metrics; log_extra(column, values), one value per sample for the samples file.
+LOG_METRIC = "log_metric"
+LOG_EXTRA = "log_extra"
+LOGGERS = (LOG_METRIC, LOG_EXTRA)
 # TRL's keyword arguments beyond the data columns: passed only to the functions that take them (`takes_keyword`)
-TRL_KEYWORDS = (COMPLETION_IDS, TRAINER_STATE)
+TRL_KEYWORDS = (COMPLETION_IDS, TRAINER_STATE, LOG_METRIC, LOG_EXTRA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +252,67 @@ def completion_id_lists(ids, lengths) -> list[list[int]]:
     return [row[:int(n)].tolist() for row, n in zip(ids, lengths)]
 
 
+def _json_value(v, where: str):
+    """v as a JSON value (numpy scalars and 0-d arrays as Python numbers), or a TypeError naming `where`."""
+    if isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.ndim == 0):
+        v = v.item()
+    try:
+        json.dumps(v, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{where}: a JSON value is needed (it goes to the samples file), got {_repr.repr(v)} "
+                        f"({e})") from None
+    return v
+
+
+class RewardLog:
+    """What a reward function logs during one `score_with_failures` call through TRL's keyword arguments:
+    log_metric(name, value) appends a finite float to metrics[name]; log_extra(column, values) puts one JSON
+    value per sample of the call into extra[column] [B] (None where a sample's call logged nothing). A chunked
+    call's functions get log_extra bound to their chunk's rows (`bind`); calls on worker threads are safe."""
+
+    def __init__(self, size: int):
+        self.size, self.metrics, self.extra, self._lock = size, {}, {}, threading.Lock()
+
+    def log_metric(self, name: str, value) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"log_metric: the name must be a non-empty str, got {_repr.repr(name)}")
+        ok = isinstance(value, (numbers.Real, np.generic, np.ndarray)) and not isinstance(value, (bool, np.bool_)) \
+            and np.ndim(value) == 0
+        if not ok or not math.isfinite(float(value)):
+            raise ValueError(f"log_metric({name!r}, ...): the value must be a finite real number, got "
+                             f"{_repr.repr(value)}")
+        with self._lock:
+            self.metrics.setdefault(name, []).append(float(value))
+
+    def _log_extra(self, rows: range, column: str, values) -> None:
+        if not isinstance(column, str) or not column:
+            raise TypeError(f"log_extra: the column must be a non-empty str, got {_repr.repr(column)}")
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != len(rows):
+            raise ValueError(f"log_extra({column!r}, ...): one value per sample of the call ({len(rows)}), got "
+                             f"{_repr.repr(values)}")
+        plain = [_json_value(v, f"log_extra({column!r}, ...)[{j}]") for j, v in enumerate(values)]
+        with self._lock:
+            column_values = self.extra.setdefault(column, [None] * self.size)
+            column_values[rows.start:rows.stop] = plain
+
+    def bind(self, rows: range) -> dict:
+        """The keyword arguments of a call on `rows` of the batch: {log_metric, log_extra}."""
+        return {LOG_METRIC: self.log_metric, LOG_EXTRA: lambda column, values: self._log_extra(rows, column, values)}
+
+    def forward(self, to: dict) -> None:
+        """Hand what was logged to an outer caller's log_metric / log_extra (`to`, either may be missing):
+        a `RewardSum`'s terms scored inside a call that itself logs."""
+        with self._lock:
+            metrics, extra = {k: list(v) for k, v in self.metrics.items()}, dict(self.extra)
+        if LOG_METRIC in to:
+            for name, values in metrics.items():
+                for v in values:
+                    to[LOG_METRIC](name, v)
+        if LOG_EXTRA in to:
+            for column, values in extra.items():
+                to[LOG_EXTRA](column, values)
+
+
 def _awaited(out):
     """The result of an `async def` reward function: its coroutine run to the end, on this thread's own event
     loop, or, where one is already running here (a notebook's), on a thread of its own."""
@@ -283,19 +351,23 @@ class _Caller:
     """Calls one reward function on row ranges of one batch: directly, or on daemon threads
     with a time limit. An outcome is ("ok", result), ("error", exception) or ("timeout", None)."""
 
-    def __init__(self, reward_fn, prompts, completions, metadata, cfg: RewardCallConfig, constants=None):
+    def __init__(self, reward_fn, prompts, completions, metadata, cfg: RewardCallConfig, constants=None,
+                 log: RewardLog | None = None):
         self.fn, self.prompts, self.completions = reward_fn, prompts, completions
         self.metadata, self.cfg, self.constants = metadata, cfg, dict(constants or {})  # constants: every call's
+        self.log = log  # the loggers, bound to each call's rows
         self.B, self.calls, self._lock = len(completions), 0, threading.Lock()
 
     def invoke(self, rows: range):
         with self._lock:  # counted from worker threads
             self.calls += 1
+        loggers = {} if self.log is None else self.log.bind(rows)
         if len(rows) == self.B:  # the whole batch: the caller's metadata as given, as before chunking existed
             return call_reward(self.fn, list(self.prompts), list(self.completions), **self.metadata,
-                               **self.constants)
+                               **self.constants, **loggers)
         return call_reward(self.fn, [self.prompts[i] for i in rows], [self.completions[i] for i in rows],
-                           **{k: [v[i] for i in rows] for k, v in self.metadata.items()}, **self.constants)
+                           **{k: [v[i] for i in rows] for k, v in self.metadata.items()}, **self.constants,
+                           **loggers)
 
     def outcome(self, rows: range):
         try:
@@ -381,13 +453,21 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
     on_failure="value", failed calls score failure_value instead of raising. allow_none: a
     returned None (as an element of a list) is kept as NaN in the rewards, not refused (`RewardSum`).
     metadata are per-sample sequences, except `trainer_state` (`TRAINER_STATE`): one object, given to every
-    call (chunk) of a function that takes it.
+    call (chunk) of a function that takes it, and `log_metric` / `log_extra` (`LOGGERS`): callables of the
+    caller's that receive what the function logs through TRL's keyword arguments of those names, once the
+    call is over (log_extra once per column, with the batch's B values). A function that takes them gets
+    them whether or not the caller passes any (what it logs is then dropped).
     """
     cfg = RewardCallConfig() if call_config is None else call_config
     B = len(completions)
     if len(prompts) != B:
         raise RewardError(f"{len(prompts)} prompts but {B} completions")
     constants = {k: metadata.pop(k) for k in (TRAINER_STATE,) if k in metadata}  # one for the call, not per sample
+    outer = {k: metadata.pop(k) for k in LOGGERS if k in metadata}
+    for k, v in outer.items():
+        if not callable(v):
+            raise RewardError(f"metadata {k!r}: the name under which reward functions get TRL's {k} callable, got "
+                              f"{type(v).__name__} (a data column of that name needs another)")
     for k, v in metadata.items():
         try:
             n = len(v)
@@ -407,7 +487,8 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
                           "it; elsewhere give the parameter a default")
     size = B if cfg.batch_size is None else cfg.batch_size
     chunks = [range(lo, min(B, lo + size)) for lo in range(0, B, max(size, 1))]
-    caller = _Caller(reward_fn, prompts, completions, metadata, cfg, constants)
+    log = RewardLog(B) if any(takes_keyword(reward_fn, k) for k in LOGGERS) else None
+    caller = _Caller(reward_fn, prompts, completions, metadata, cfg, constants, log)
     outcomes = caller.run(chunks, stop_at_failure=cfg.on_failure == "raise")
     rewards, failed, none = np.zeros(B, np.float32), np.zeros(B, bool), np.zeros(B, bool)
     for j, rows in enumerate(chunks):
@@ -449,6 +530,8 @@ def score_with_failures(reward_fn: RewardFn, prompts: Sequence[str], completions
         raise RewardError(f"reward function {name} returned non-finite rewards for {len(bad)} sample(s), e.g. "
                           f"sample {i} = {rewards[i]} (prompt {_preview(prompts[i])}, completion "
                           f"{_preview(completions[i])})")
+    if log is not None:
+        log.forward(outer)
     return Scores(rewards, failed, caller.calls)
 
 
