@@ -170,6 +170,15 @@ def test_settings_that_cannot_work_are_refused_before_anything_trains(tmp_path):
         DPOTaskConfig(method="kto")  # when the config is made, not when the task starts
     with pytest.raises(ValueError, match="DPOConfig.beta: must be > 0, got 0.0"):
         DPOTaskConfig(beta=0.0)
+    with pytest.raises(ValueError, match=r"DPOTaskConfig.beta: orpo has no β \(its loss's fields: "):
+        DPOTaskConfig(method="orpo", beta=0.5)
+    with pytest.raises(ValueError, match="DPOTaskConfig.nll_coef: orpo's objective is the chosen completions' NLL"):
+        DPOTaskConfig(method="orpo", nll_coef=0.5)
+    for method in ("hinge", "ipo", "simpo"):
+        with pytest.raises(ValueError, match=f"DPOTaskConfig.label_smoothing: .* not {method}"):
+            DPOTaskConfig(method=method, label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"DPOConfig.label_smoothing: must be in \[0, 0.5\), got 0.5"):
+        DPOTaskConfig(label_smoothing=0.5)
     run_dir = tmp_path / "grpo"
     with pytest.raises(ValueError, match=r"max_new_tokens: 64 leaves no room for a prompt in the model's "
                                          r"max_seq_len 64"):
@@ -656,3 +665,26 @@ def test_recipes_train_on_a_mesh_as_on_one_device(tmp_path):
         print("MESH_TASKS_OK")
     """, n_devices=4)
     assert "MESH_TASKS_OK" in out
+
+
+def test_dpo_task_config_maps_trl_s_rpo_weight_and_label_smoothing_onto_the_loss():
+    """nll_coef (TRL's "sft" term beside "sigmoid", RPO), label_smoothing (cDPO's ε, robust DPO's flip rate) and
+    logp_reduction reach the method's loss config; the recipe's first-step loss with nll_coef = 1 is the plain one plus the chosen NLL."""
+    from rljax.losses.preference import DPOConfig, SimPOConfig
+
+    assert DPOTaskConfig(nll_coef=0.5).loss() == DPOConfig(nll_coef=0.5)
+    assert DPOTaskConfig(method="simpo", nll_coef=0.5, beta=2.5).loss() == SimPOConfig(nll_coef=0.5, beta=2.5)
+    assert DPOTaskConfig(label_smoothing=0.2).loss() == DPOConfig(label_smoothing=0.2)
+    assert DPOTaskConfig(method="cdpo", label_smoothing=0.05).loss() == DPOConfig(label_smoothing=0.05)
+    assert DPOTaskConfig(method="robust_dpo", label_smoothing=0.2).loss() == DPOConfig(flip_rate=0.2)
+    assert DPOTaskConfig(method="cdpo", label_smoothing=0.0).loss() == DPOConfig()
+    assert DPOTaskConfig(logp_reduction="mean").loss() == DPOConfig(logp_reduction="mean")  # TRL's sigmoid_norm
+    with pytest.raises(ValueError, match="ORPOConfig.logp_reduction: odds need a probability, so only 'mean'"):
+        DPOTaskConfig(method="orpo", logp_reduction="sum")
+    with pytest.raises(ValueError, match=r"DPOConfig.logp_reduction: 'max' not in \('sum', 'mean'\)"):
+        DPOTaskConfig(logp_reduction="max")
+    cfg = DPOTaskConfig(steps=1, batch_size=4, progress=False)
+    plain = dpo(small_model(), PAIR_ROWS, cfg).history[0]
+    rpo = dpo(small_model(), PAIR_ROWS, dataclasses.replace(cfg, nll_coef=1.0)).history[0]
+    assert rpo["nll"] == pytest.approx(plain["nll"], rel=1e-6) and plain["nll"] > 0
+    assert rpo["loss"] == pytest.approx(plain["loss"] + plain["nll"], rel=1e-5)

@@ -183,7 +183,13 @@ class DPOTaskConfig(TaskConfig):
     max_length after the prompt), "error" or "drop" ("truncate_prompt" is max_prompt_length here).
     share_prompt: each pair as one row, prompt then chosen then rejected, both completions reading one
     copy of the prompt (`collate_preferences(share_prompt=True)`): the same losses, P + C + R tokens a pair
-    instead of 2P + C + R. The reference is the model as given (frozen)."""
+    instead of 2P + C + R. The reference is the model as given (frozen).
+    nll_coef: c > 0 adds c x the token-mean NLL of the chosen completions (RPO; TRL's loss_type=["sigmoid",
+    "sft"] with loss_weights=[1, c]); dpo's family and simpo (orpo's objective is that NLL already).
+    label_smoothing: None keeps the method's; ε in [0, 0.5) is cDPO's label smoothing for dpo and cdpo
+    (TRL's label_smoothing with loss_type="sigmoid") and the label flip rate for robust_dpo (with "robust").
+    logp_reduction: None keeps the method's; "sum" or "mean" of the completion's token log-probs ("mean" with
+    dpo is TRL's loss_type="sigmoid_norm": the log-ratios averaged over each completion's tokens)."""
 
     lr: float = 1e-6
     overlong: str = "truncate_completion"
@@ -191,6 +197,9 @@ class DPOTaskConfig(TaskConfig):
     beta: float | None = None
     max_prompt_length: int | None = None
     share_prompt: bool = True
+    nll_coef: float = 0.0
+    label_smoothing: float | None = None
+    logp_reduction: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -201,7 +210,26 @@ class DPOTaskConfig(TaskConfig):
             raise ValueError(f"DPOTaskConfig.method: {self.method!r} is not one of "
                              f"{sorted(k for k in PREFERENCE_METHODS if k != 'kto')}")
         loss = PREFERENCE_METHODS[self.method]
-        return dataclasses.replace(loss, beta=self.beta) if self.beta is not None else loss
+        fields = {f.name for f in dataclasses.fields(loss)}
+        changes = {}
+        if self.beta is not None:
+            if "beta" not in fields:
+                raise ValueError(f"DPOTaskConfig.beta: {self.method} has no β (its loss's fields: {sorted(fields)})")
+            changes["beta"] = self.beta
+        if self.nll_coef:
+            if "nll_coef" not in fields:
+                raise ValueError(f"DPOTaskConfig.nll_coef: {self.method}'s objective is the chosen completions' NLL "
+                                 "already (its odds_ratio_coef weighs the other term); it applies to dpo, cdpo, "
+                                 "robust_dpo, hinge, ipo and simpo")
+            changes["nll_coef"] = self.nll_coef
+        if self.label_smoothing is not None:
+            if "label_smoothing" not in fields or loss.objective != "sigmoid":
+                raise ValueError(f"DPOTaskConfig.label_smoothing: for the sigmoid loss's label noise (dpo, cdpo, "
+                                 f"robust_dpo), not {self.method}")
+            changes["flip_rate" if loss.flip_rate else "label_smoothing"] = self.label_smoothing
+        if self.logp_reduction is not None:
+            changes["logp_reduction"] = self.logp_reduction  # each loss config checks its own
+        return dataclasses.replace(loss, **changes)
 
 
 @dataclass(frozen=True)
