@@ -1,10 +1,10 @@
 """README.md's "Tasks in a few lines": every ```python snippet under that heading runs as written, in a
 temporary directory holding the files the snippets name (a random tiny Qwen2 HF checkpoint at tiny-qwen2/,
-pairs.jsonl, prompts.jsonl), and what each returns is checked against what is computed another way: the
-first logged loss against its known value at the start (log 2 for a zero reward head and for DPO with the
-policy equal to its reference), the loss decreasing, the returned params against the starting ones and
-against the final checkpoint written to run_dir (same digest), the reward model's accuracy recomputed
-with `reward_model_reward`, GRPO's reward mean within the reward functions' range."""
+pairs.jsonl, feedback.jsonl, prompts.jsonl), and what each returns is checked against what is computed another
+way: the first logged loss against its known value at the start (log 2 for a zero reward head and for DPO with
+the policy equal to its reference, 1/2 for KTO there), the loss decreasing, the returned params against the
+starting ones and against the final checkpoint written to run_dir (same digest), the reward model's accuracy
+recomputed with `reward_model_reward`, GRPO's reward mean within the reward functions' range."""
 import hashlib
 import json
 import math
@@ -36,11 +36,14 @@ def readme_snippets() -> list[str]:
 
 SNIPPETS = {}
 for _code in readme_snippets():
-    _name = next(n for n in ("reward_model(", "dpo(", "grpo(", "sft(") if n in _code)[:-1]
+    _name = next(n for n in ("reward_model(", "dpo(", "kto(", "grpo(", "sft(") if n in _code)[:-1]
     SNIPPETS[_name] = _code
 
 PAIRS = [{"prompt": f"Is {a} + {b} = {a + b}?", "chosen": "Yes, gladly!", "rejected": "no"}
          for a in range(4) for b in range(3)]
+# the pairs as unpaired feedback: each chosen completion desirable, each rejected one not
+FEEDBACK = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"} for p in PAIRS
+            for k in ("chosen", "rejected")]
 PROMPTS = [{"prompt": f"What is {a} + {b}?", "answer": a + b} for a in range(4) for b in range(3)]
 
 
@@ -65,7 +68,7 @@ def checkpoint_digest(run_dir: str, state) -> tuple[str, int]:
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("readme")
     write_smoke_model(str(d / "tiny-qwen2"))
-    for name, rows in (("pairs.jsonl", PAIRS), ("prompts.jsonl", PROMPTS)):
+    for name, rows in (("pairs.jsonl", PAIRS), ("feedback.jsonl", FEEDBACK), ("prompts.jsonl", PROMPTS)):
         with open(d / name, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     return d
@@ -81,7 +84,7 @@ def run_snippet(name: str, workdir, monkeypatch) -> dict:
 
 
 def test_the_section_has_one_snippet_per_task():
-    assert sorted(SNIPPETS) == ["dpo", "grpo", "reward_model", "sft"]
+    assert sorted(SNIPPETS) == ["dpo", "grpo", "kto", "reward_model", "sft"]
 
 
 def test_sft_snippet(workdir, monkeypatch):
@@ -119,6 +122,17 @@ def test_dpo_snippet(workdir, monkeypatch):
     _, start = load_pretrained("tiny-qwen2")
     assert digest(result.params) != digest(start)
     assert checkpoint_digest("runs/dpo", result.state) == (digest(result.params), 6)
+
+
+def test_kto_snippet(workdir, monkeypatch):
+    result = run_snippet("kto", workdir, monkeypatch)["result"]
+    first = result.history[0]  # policy = reference: every log-ratio 0, z0 = 0, each row's loss λ (1 − σ(0)) = 1/2
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["z0"] == pytest.approx(0.0, abs=1e-6)
+    assert result.history[-1]["loss"] < first["loss"]
+    assert result.metrics["rewards_desirable"] > result.metrics["rewards_undesirable"]
+    _, start = load_pretrained("tiny-qwen2")
+    assert digest(result.params) != digest(start)
+    assert checkpoint_digest("runs/kto", result.state) == (digest(result.params), 6)
 
 
 def test_grpo_snippet(workdir, monkeypatch):

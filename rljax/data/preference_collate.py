@@ -13,7 +13,7 @@ batch, rotating by one) and "ref_logps".
 
 Truncation follows the usual recipe: the prompt is cut from the left to
 `max_prompt_length` tokens (its last tokens are kept), then the completion from the
-right so the row fits `max_length`. A dict pair row's optional "prompt_keep" key (an int) keeps that
+right so the row fits `max_length`. A dict row's optional "prompt_keep" key (an int) keeps that
 many leading prompt tokens through the cut (a chat template's own leading text: the recipes
 set it), the cut then falling after them. A completion that ends up empty is an error naming
 the row and field, never a silent NaN.
@@ -158,12 +158,10 @@ def collate_preferences(tokenizer: Tokenizer, rows: Sequence, *, max_length: int
         chosen, rejected = _text(i, r["chosen"], "chosen"), _text(i, r["rejected"], "rejected")
         if chosen == rejected:
             raise ValueError(f"row {i}: chosen and rejected are the same text, so the pair says nothing")
-        keep = (raw.get("prompt_keep") if isinstance(raw, Mapping) else None) or 0  # a dict row's key only
-        if not isinstance(keep, (int, np.integer)) or isinstance(keep, bool) or keep < 0:
-            raise ValueError(f"row {i}: prompt_keep must be a whole number >= 0, got {keep!r}")
+        keep = _prompt_keep(i, raw)
         encoded.append([encode_truncated(tokenizer, prompt, text, i, field, max_length=max_length,
                                          max_prompt_length=max_prompt_length, add_bos=add_bos, add_eos=add_eos,
-                                         prompt_keep=int(keep))
+                                         prompt_keep=keep)
                         for field, text in (("chosen", chosen), ("rejected", rejected))])
         if encoded[-1][0][0] == encoded[-1][1][0]:  # texts differ only past the cut: the pair says nothing either
             raise ValueError(f"row {i}: chosen and rejected are the same tokens after truncation to "
@@ -193,6 +191,14 @@ def _desirable(i: int, value) -> float:
     raise ValueError(f"row {i}: desirable must be a boolean or 0/1, got {value!r}")
 
 
+def _prompt_keep(i: int, raw) -> int:
+    """A dict row's "prompt_keep" (the leading prompt tokens a cut keeps), 0 for other rows and without one."""
+    keep = (raw.get("prompt_keep") if isinstance(raw, Mapping) else None) or 0
+    if not isinstance(keep, (int, np.integer)) or isinstance(keep, bool) or keep < 0:
+        raise ValueError(f"row {i}: prompt_keep must be a whole number >= 0, got {keep!r}")
+    return int(keep)
+
+
 def collate_kto(tokenizer: Tokenizer, rows: Sequence, *, max_length: int | None = None,
                 max_prompt_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET,
                 length: int | None = None, add_bos: bool = True, add_eos: bool = True) -> KTOBatch:
@@ -213,8 +219,10 @@ def collate_kto(tokenizer: Tokenizer, rows: Sequence, *, max_length: int | None 
                              "mismatched log-prob belongs to another pairing; give the rows a fixed one with "
                              "fixed_mismatch(rows, seed) before cached_reference_logps")
         other = r["mismatched"] if r["mismatched"] is not None else parsed[(i + 1) % B]["completion"]
+        keep = _prompt_keep(i, rows[i])
         encoded.append([encode_truncated(tokenizer, prompt, text, i, field, max_length=max_length,
-                                         max_prompt_length=max_prompt_length, add_bos=add_bos, add_eos=add_eos)
+                                         max_prompt_length=max_prompt_length, add_bos=add_bos, add_eos=add_eos,
+                                         prompt_keep=keep)
                         for field, text in (("completion", completion),
                                             ("mismatched completion", _text(i, other, "mismatched")))])
         refs.append(_ref(i, r["ref_logps"]))

@@ -1,4 +1,4 @@
-"""One call per task: SFT, a reward model, DPO (and its family) and GRPO (any RL algorithm) on your data.
+"""One call per task: SFT, a reward model, DPO (and its family), KTO and GRPO (any RL algorithm) on your data.
 
     from rljax.recipes import grpo, GRPOTaskConfig
     result = grpo("path/to/Qwen2.5-0.5B-Instruct", "prompts.jsonl", [my_reward],
@@ -32,7 +32,8 @@ and returns a `TaskResult` (trained params, final metrics, the per-step history,
 
 Row formats (TRL's): SFT {prompt, completion} or {messages} (rows with `messages` and no `completion`
 are conversations, a `prompt` beside them left aside, as in UltraChat's {prompt, prompt_id, messages});
-reward model and DPO {prompt, chosen, rejected} (reward model also {prompt, response, score}); GRPO
+reward model and DPO {prompt, chosen, rejected} (reward model also {prompt, response, score}); KTO
+{prompt, completion, label} (label True for a desirable completion, TRL's unpaired preference rows); GRPO
 {prompt, ...}: every other column is passed to the reward functions as a per-sample list
 (`fn(prompts, completions, **columns) -> rewards`); as in TRL, the prompts and completions are text for
 text prompts, and for message-list prompts the prompt's messages and the completion as one assistant
@@ -71,10 +72,11 @@ from rljax.data.adapters import (DataError, Message, _check_role, _check_str, _g
                                  scored_responses, simple_template)
 from rljax.data.collate import BatchIterator, collate_prompt_completion, encode_text, pad_rows
 from rljax.data.lengths import Tokens, fit_lengths
-from rljax.data.preference_collate import _weight_or_label, collate_preferences, cut_prompt
+from rljax.data.preference_collate import _desirable, _weight_or_label, collate_kto, collate_preferences, cut_prompt
 from rljax.data.reward_collate import _finite, collate_pairs, collate_scored
 from rljax.distributed import on_main, sync
-from rljax.losses.preference import PREFERENCE_METHODS, preference_loss, with_live_reference
+from rljax.losses.preference import (PREFERENCE_METHODS, KTOConfig, check_kto_weights, preference_loss,
+                                     with_live_reference)
 from rljax.losses.reward_model import PointwiseConfig, RankingConfig, reward_model_loss
 from rljax.losses.sft import sft_loss
 from rljax.metrics import WandbConfig, read_metrics
@@ -85,9 +87,9 @@ from rljax.rewards.rules import (COMPLETION_IDS, LOG_EXTRA, LOG_METRIC, TRAINER_
 from rljax.sampling import SampleConfig, tokenizer_ids
 from rljax.state import OptimizerConfig, create_state
 
-__all__ = ["TaskConfig", "SFTTaskConfig", "RewardModelTaskConfig", "DPOTaskConfig", "GRPOTaskConfig", "TaskResult",
-           "load_model", "sft", "reward_model", "dpo", "grpo", "sft_batches", "reward_batches",
-           "preference_batches", "prompt_batches", "combine_rewards", "conversational_rewards"]
+__all__ = ["TaskConfig", "SFTTaskConfig", "RewardModelTaskConfig", "DPOTaskConfig", "KTOTaskConfig", "GRPOTaskConfig",
+           "TaskResult", "load_model", "sft", "reward_model", "dpo", "kto", "grpo", "sft_batches", "reward_batches",
+           "preference_batches", "kto_batches", "prompt_batches", "combine_rewards", "conversational_rewards"]
 
 
 # ----------------------------------------------------------------------------- configs and result
@@ -230,6 +232,38 @@ class DPOTaskConfig(TaskConfig):
         if self.logp_reduction is not None:
             changes["logp_reduction"] = self.logp_reduction  # each loss config checks its own
         return dataclasses.replace(loss, **changes)
+
+
+@dataclass(frozen=True)
+class KTOTaskConfig(TaskConfig):
+    """KTO (Ethayarajh et al. 2024) on unpaired binary feedback, {prompt, completion, label} rows (label True /
+    1 for a desirable completion, False / 0 for an undesirable one: TRL's unpaired preference format), against
+    the frozen starting model. Each batch's reference point z0 reads its mismatched pairs (each row's prompt
+    with the next row's completion, `collate_kto`), so batch_size >= 2. beta, desirable_weight,
+    undesirable_weight: `KTOConfig`'s, TRL's names and defaults; a data set whose λ_D n_D / (λ_U n_U) lies
+    outside the paper's [1, 4/3] is warned of when it is built. max_prompt_length, overlong: as
+    DPOTaskConfig's (the prompt cut from the left, then the completion from the right)."""
+
+    lr: float = 1e-6
+    overlong: str = "truncate_completion"
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    max_prompt_length: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.batch_size < 2:
+            raise ValueError(f"KTOTaskConfig.batch_size: KTO's reference point z0 reads mismatched pairs from the "
+                             f"other rows of a batch: at least 2, got {self.batch_size}")
+        if self.overlong not in ("error", "drop", "truncate_completion"):
+            raise ValueError(f"KTOTaskConfig.overlong: one of 'error', 'drop', 'truncate_completion' (the prompt's cut "
+                             f"is max_prompt_length), got {self.overlong!r}")
+        self.loss()  # a bad beta or weight is refused here, not when the task starts
+
+    def loss(self) -> KTOConfig:
+        return KTOConfig(beta=self.beta, desirable_weight=self.desirable_weight,
+                         undesirable_weight=self.undesirable_weight)
 
 
 @dataclass(frozen=True)
@@ -742,20 +776,21 @@ def reward_batches(tok, data, cfg: TaskConfig, *, max_length: int | None = None,
     return BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed), "pairs"
 
 
-def _fitted_preferences(tok, data, pairs, cfg: DPOTaskConfig, *, max_length: int | None, add_bos: bool,
+def _fitted_preferences(tok, data, prompts: Sequence[str], completions: Sequence[Sequence[str]], cfg, *,
+                        max_length: int | None, add_bos: bool, names: Sequence[str] = ("chosen", "rejected"),
                         chats: Sequence[list[dict]] | None = None) -> tuple[list[int], list[int]]:
-    """(indices of the pairs kept by cfg.overlong, each pair's prompt_keep), measured as `collate_preferences`
-    builds them ([bos], the prompt cut to max_prompt_length tokens, the completion and eos); the texts stay
-    as they are, since a kept pair is either short enough or truncated by the collator the same way
-    ("truncate_completion"). chats: the messages of chat-template prompts, whose template text before the
-    first message's content (`_template_keep`) the prompt's cut keeps (prompt_keep; 0 without a template).
+    """(indices of the rows kept by cfg.overlong, each row's prompt_keep), measured as `collate_preferences`
+    (names chosen, rejected) and `collate_kto` (completion) build them ([bos], the prompt cut to
+    cfg.max_prompt_length tokens, each completion and eos); the texts stay as they are, since a kept row is
+    either short enough or truncated by the collator the same way ("truncate_completion"). chats: the
+    messages of chat-template prompts, whose template text before the first message's content
+    (`_template_keep`) the prompt's cut keeps (prompt_keep; 0 without a template).
     Errors name the row's file and line: text the tokenizer cannot encode, a row too long, a pair
     truncated to the same tokens (`_check_pairs`), a max_prompt_length within the template's own text."""
     bos = tok.encode("", add_bos=add_bos, add_eos=False)
     n = cfg.max_prompt_length
     examples, keeps = [], []
-    encoded = _encoded(tok, [p.prompt for p in pairs], [(p.chosen, p.rejected) for p in pairs], add_bos=False,
-                       names=("chosen", "rejected"))
+    encoded = _encoded(tok, prompts, completions, add_bos=False, names=names)
     for i, (prompt, completions) in enumerate(encoded):
         keep = 0
         if n is not None and len(prompt) > n:
@@ -767,9 +802,10 @@ def _fitted_preferences(tok, data, pairs, cfg: DPOTaskConfig, *, max_length: int
         examples.append((bos + prompt, completions))
         keeps.append(keep)
     kept, fitted, _ = fit_lengths(examples, max_length=max_length, overlong=cfg.overlong, keep=len(bos),
-                                  where=row_locator(data), names=("chosen", "rejected"),
+                                  where=row_locator(data), names=tuple(names),
                                   allowed=("error", "drop", "truncate_completion"))
-    _check_pairs(data, examples, kept, fitted, max_length)
+    if tuple(names) == ("chosen", "rejected"):
+        _check_pairs(data, examples, kept, fitted, max_length)
     return kept, keeps
 
 
@@ -793,7 +829,8 @@ def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None 
             for field in ("weight", "label"):
                 _weight_or_label(i, r.get(field), field)
     length = max_length or cfg.max_length
-    kept, keeps = _fitted_preferences(tok, data, pairs, cfg, max_length=length, add_bos=not chat,
+    kept, keeps = _fitted_preferences(tok, data, [p.prompt for p in pairs], [(p.chosen, p.rejected) for p in pairs],
+                                      cfg, max_length=length, add_bos=not chat,
                                       chats=_chats(rows, cfg) if chat else None)
     items = [dict(prompt=pairs[i].prompt, chosen=pairs[i].chosen, rejected=pairs[i].rejected,
                   weight=rendered[i].get("weight"), label=rendered[i].get("label"), prompt_keep=keeps[i])
@@ -801,6 +838,36 @@ def preference_batches(tok, data, cfg: DPOTaskConfig, *, max_length: int | None 
     collate = functools.partial(collate_preferences, tok, max_length=length,
                                 max_prompt_length=cfg.max_prompt_length, add_bos=not chat,
                                 share_prompt=cfg.share_prompt)
+    return BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed)
+
+
+@_locating
+def kto_batches(tok, data, cfg: KTOTaskConfig, *, max_length: int | None = None) -> BatchIterator:
+    """KTOBatch [batch_size, 2, T] (each row at 0, its prompt with the next row's completion at 1: z0's mismatched
+    pairs, `collate_kto`) from {prompt, completion, label} rows (label: a bool or 0/1, True for a desirable
+    completion); truncation and overlong as `preference_batches`. Errors name the row's file and line."""
+    rows = _rows(data)
+    for i, r in enumerate(rows):
+        _get(i, r, "completion")
+        _get(i, r, "label")
+    rendered = _rendered(tok, rows, ["completion"], cfg)
+    with _row_errors():
+        desirable = [_desirable(i, r["label"]) for i, r in enumerate(rendered)]
+    for i, r in enumerate(rendered):
+        _check_str(r["completion"], "completion", i, allow_empty=False)
+    prompts, completions = [r["prompt"] for r in rendered], [[r["completion"]] for r in rendered]
+    chat = _use_chat(tok, cfg)
+    if chat:
+        _check_continuation(tok, _chats(rows, cfg), prompts, completions, ["completion"], row_locator(data))
+    length = max_length or cfg.max_length
+    kept, keeps = _fitted_preferences(tok, data, prompts, completions, cfg, max_length=length, add_bos=not chat,
+                                      names=("completion",), chats=_chats(rows, cfg) if chat else None)
+    items = [dict(prompt=prompts[i], completion=completions[i][0], desirable=desirable[i], prompt_keep=keeps[i])
+             for i in kept]
+    if len(items) < 2:
+        raise DataError(f"{len(items)} row(s) kept: KTO's batches need at least 2 (z0 reads mismatched pairs)")
+    collate = functools.partial(collate_kto, tok, max_length=length, max_prompt_length=cfg.max_prompt_length,
+                                add_bos=not chat)
     return BatchIterator(items, cfg.batch_size, collate, seed=cfg.seed)
 
 
@@ -1096,17 +1163,20 @@ def _result(state, params, d, name, model, tok, run_dir) -> TaskResult:
 
 def _eval_config(cfg: TaskConfig, **changes) -> TaskConfig:
     """cfg for building eval_data's rows: batch_size 1 (the builders' BatchIterator refuses fewer rows than a
-    batch; `held_out_batches` cuts the batches) and GRPO's minibatches 1 (which must divide batch_size x n)."""
+    batch; `held_out_batches` cuts the batches; KTO's 2, the fewest its batches hold) and GRPO's minibatches 1
+    (which must divide batch_size x n)."""
     extra = {"minibatches": 1} if isinstance(cfg, GRPOTaskConfig) else {}
-    return dataclasses.replace(cfg, batch_size=1, **extra, **changes)
+    return dataclasses.replace(cfg, batch_size=2 if isinstance(cfg, KTOTaskConfig) else 1, **extra, **changes)
 
 
-def held_out_batches(it: BatchIterator, model: Model, where: str, *, size: int, split: bool = True) -> list:
+def held_out_batches(it: BatchIterator, model: Model, where: str, *, size: int, split: bool = True,
+                     min_rows: int = 1) -> list:
     """Every example of `it` once, in order, as batches of `size` (the last one shorter): the eval
     batches of a task's eval_data. split: the batches are split over the mesh as they are (a loss's), so on
     a mesh the last batch keeps a multiple of the rows the mesh's batch axes (and the processes) split
     (`prompt_multiple`), the rest dropped with a warning naming how many; False: the caller fills them
-    (prompts for `reward_eval`)."""
+    (prompts for `reward_eval`). min_rows: a last batch shorter than that joins the one before (KTO's
+    batches need 2 rows); too few rows in all is a DataError."""
     from rljax.sampling import prompt_multiple
 
     examples, m = it.examples, prompt_multiple(model, 1) if split else 1
@@ -1118,8 +1188,10 @@ def held_out_batches(it: BatchIterator, model: Model, where: str, *, size: int, 
                       f"batch_size that leaves one)", stacklevel=3)
         chunks[-1] = chunks[-1][:keep]
     chunks = [c for c in chunks if c]
-    if not chunks:
-        raise DataError(f"{where}: no rows to evaluate on")
+    if len(chunks) > 1 and len(chunks[-1]) < min_rows:  # without a mesh (one that splits >= min_rows ways kept more)
+        chunks[-2:] = [chunks[-2] + chunks[-1]]
+    if not chunks or len(chunks[0]) < min_rows:
+        raise DataError(f"{where}: {len(examples)} row(s) to evaluate on; at least {min_rows} needed")
     return [it.collate(c) for c in chunks]
 
 
@@ -1192,6 +1264,36 @@ def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, eval_data=None, ru
     opt = cfg.optimizer()
     state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
     with _run_dir(run_dir, "dpo", cfg, model, data, allow_change) as d:
+        state = phases.preference(state, data_it, phases.PreferencePhaseConfig(loss=loss, optimizer=opt,
+                                                                               loop=cfg.loop()),
+                                  model=m, reference=params, run_dir=d, eval_fn=eval_fn)
+        return _result(state, state.params, d, "preference", m, tok, run_dir)
+
+
+def kto(model, data, cfg: KTOTaskConfig = KTOTaskConfig(), *, eval_data=None, run_dir: str | None = None,
+        allow_change: bool = False, mesh=None) -> TaskResult:
+    """KTO of `model` on {prompt, completion, label} rows against the frozen starting model (`rljax.phases.preference`
+    with `KTOConfig`); metrics: loss, z0, rewards_desirable / rewards_undesirable (β times the log-ratio, the mean
+    over each kind), logps_desirable / logps_undesirable. eval_data: rows of the same kind, evaluated every
+    cfg.eval_every steps and at the end in batches of batch_size (a last single row joins the batch before:
+    z0 needs two), logged as preference/eval/... and returned as eval_metrics / eval_history."""
+    m, params, tok = _loaded("kto", model, cfg, mesh)
+    loss = cfg.loss()
+    data_it = kto_batches(tok, data, cfg, max_length=_max_length(cfg, m))
+    try:  # a data set without both labels is refused; λ_D n_D / (λ_U n_U) outside [1, 4/3] is warned of
+        check_kto_weights([x["desirable"] for x in data_it.examples], loss)
+    except ValueError as e:
+        raise DataError(f"kto: {e} (the rows' label column)") from None
+    eval_fn = None
+    if eval_data is not None:
+        held = held_out_batches(kto_batches(tok, eval_data, _eval_config(cfg), max_length=_max_length(cfg, m)),
+                                m, "kto: eval_data", size=cfg.batch_size, min_rows=2)
+        eval_fn = phases.loss_eval(functools.partial(preference_loss, model=m, cfg=loss), held, model=m,
+                                   prepare=functools.partial(with_live_reference, model=m, chunk_size=loss.chunk_size),
+                                   frozen=params)
+    opt = cfg.optimizer()
+    state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
+    with _run_dir(run_dir, "kto", cfg, model, data, allow_change) as d:
         state = phases.preference(state, data_it, phases.PreferencePhaseConfig(loss=loss, optimizer=opt,
                                                                                loop=cfg.loop()),
                                   model=m, reference=params, run_dir=d, eval_fn=eval_fn)
