@@ -606,17 +606,17 @@ def test_the_run_record_names_a_dataset_by_fingerprint_and_a_folder_by_its_absol
 
 
 def test_recipes_train_on_a_mesh_as_on_one_device(tmp_path):
-    """mesh=: a checkpoint folder is loaded straight onto the mesh and a model tuple placed on it; SFT and
+    """mesh=: a checkpoint folder is loaded straight onto the mesh and a model tuple placed on it; SFT, KTO and
     GRPO trained on a data x fsdp = 2 x 2 mesh of simulated devices give the one-device run's losses and
-    parameters, held sharded over the mesh, and the same evaluations on eval_data (8 rows; GRPO's prompts in batches of 2, each filled to the mesh's 4
-    rows with copies)."""
+    parameters, held sharded over the mesh, and the same evaluations on eval_data (8 rows; GRPO's prompts in
+    batches of 2, each filled to the mesh's 4 rows with copies)."""
     from conftest import run_with_devices
 
     out = run_with_devices(f"""
         import os, shutil, jax, numpy as np
         from rljax.models import Model, preset, save_pretrained
         from rljax.models.logprobs import token_logprobs
-        from rljax.recipes import GRPOTaskConfig, SFTTaskConfig, grpo, sft
+        from rljax.recipes import GRPOTaskConfig, KTOTaskConfig, SFTTaskConfig, grpo, kto, sft
         from rljax.sharding import make_mesh
         from rljax.tokenizer import HFTokenizer
 
@@ -657,6 +657,12 @@ def test_recipes_train_on_a_mesh_as_on_one_device(tmp_path):
         scfg = SFTTaskConfig(steps=2, batch_size=4, lr=3e-3, progress=False)
         same(sft(ckpt, rows, scfg, eval_data=rows[:8]), sft(ckpt, rows, scfg, mesh=mesh, eval_data=rows[:8]),
              "sft from a checkpoint")
+        # KTO with the checkpoint's chat template: each batch's mismatched pairs split over the mesh with its rows
+        feedback = [{{"prompt": r["prompt"], "completion": r["completion"] if i % 2 == 0 else "x" * (1 + i % 3),
+                      "label": i % 2 == 0}} for i, r in enumerate(rows)]
+        kcfg = KTOTaskConfig(steps=2, batch_size=4, lr=3e-3, progress=False)
+        same(kto(ckpt, feedback, kcfg, eval_data=feedback[:8]), kto(ckpt, feedback, kcfg, mesh=mesh,
+                                                                     eval_data=feedback[:8]), "kto from a checkpoint")
         gcfg = GRPOTaskConfig(steps=2, batch_size=2, n=2, max_new_tokens=4, lr=1e-2, progress=False)
         reward = lambda prompts, completions, **_: [float(len(c) % 3) for c in completions]  # noqa: E731
         prompts = [{{"prompt": r["prompt"]}} for r in rows]
