@@ -672,7 +672,8 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             if not multi:
                 s = score_with_failures(f, prompts, texts, call_config=cfg.reward_call, allow_none=allow_none, **own,
                                         **loggers)
-                keep_log(log, [(log.metrics, log.extra)] if log else [], [n_own])
+                if log is not None:
+                    keep_log([(log.metrics, log.extra)], [n_own])
                 return s.rewards, s.failed
             error = None
             try:
@@ -685,13 +686,10 @@ def make_rl_iteration(model, cfg: RLConfig, reward_fn: Callable, decode: Callabl
             table = process_allgather(local)  # [processes, 2 x own rows + 1]: rewards, failed, raised
             raise_failed(table[:, -1], error, f"the {what} function ({getattr(f, '__name__', f)})")
             if log is not None:
-                keep_log(log, [tuple(x) for x in process_objects([log.metrics, log.extra])],
-                         [n_own] * jax.process_count())
+                keep_log([tuple(x) for x in process_objects([log.metrics, log.extra])], [n_own] * jax.process_count())
             return table[:, :n_own].reshape(-1), table[:, n_own:2 * n_own].reshape(-1) > 0
 
-        def keep_log(log, per_process, sizes):  # every process's (metrics, extra) into logged, in row order
-            if log is None:
-                return
+        def keep_log(per_process, sizes):  # every process's (metrics, extra) into logged, in row order
             for metrics, _ in per_process:
                 for name, values in metrics.items():
                     logged["metrics"].setdefault(name, []).extend(values)

@@ -42,8 +42,8 @@ def test_held_out_evaluation_is_kto_loss_over_its_batches():
     cfg = KTOTaskConfig(steps=2, batch_size=2, lr=3e-3, progress=False)
     result = kto(small_model(), ROWS, cfg, eval_data=HELD)
     model, params, _ = small_model()
-    batch = kto_batches(TOK, HELD, cfg, max_length=model.config.max_seq_len).collate(
-        kto_batches(TOK, HELD, cfg, max_length=model.config.max_seq_len).examples)
+    held = kto_batches(TOK, HELD, cfg, max_length=model.config.max_seq_len)
+    batch = held.collate(held.examples)
     assert batch.tokens.shape[0] == 3
     loss, metrics = kto_loss(result.params, with_live_reference(params, batch, model=model), model=model,
                              cfg=KTOConfig())

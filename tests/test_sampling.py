@@ -22,18 +22,32 @@ GREEDY = SampleConfig(max_new_tokens=12, greedy=True, eos_id=-1)
 _token_logprobs = jax.jit(token_logprobs, static_argnames=("model",))
 
 
-def _greedy_reference(model, params, tokens, mask, steps):
-    """Greedy decoding by full recomputation: argmax of the full forward at each step. The
-    rows are right-padded to their final width so one jitted forward serves every step
-    (causal attention: the masked pads to the right cannot change earlier logits)."""
+def _penalized(logits, tokens, mask, upto, penalty):
+    """transformers' repetition penalty written out for one row: logits [V] of the position after `upto`
+    tokens; every token among tokens[:upto] with mask 1 has its logit divided by penalty if > 0, else
+    multiplied."""
+    z = np.array(logits, np.float64)
+    for v in {int(t) for t, m in zip(tokens[:upto], mask[:upto]) if m}:
+        z[v] = z[v] / penalty if z[v] > 0 else z[v] * penalty
+    return z
+
+
+def _greedy_reference(model, params, tokens, mask, steps, penalty=1.0):
+    """Greedy decoding by full recomputation: argmax of the full forward at each step (penalty != 1: of its
+    logits rescaled by `_penalized`). The rows are right-padded to their final width so one jitted forward
+    serves every step (causal attention: the masked pads to the right cannot change earlier logits)."""
     tokens, mask = np.asarray(tokens), np.asarray(mask)
     B, P = tokens.shape
     tokens = np.concatenate([tokens, np.zeros((B, steps), np.int32)], 1)
     mask = np.concatenate([mask, np.zeros((B, steps), np.int32)], 1)
     forward = jax.jit(lambda p, t, m: model(p, t, m))
     for i in range(steps):
-        logits = forward(params, tokens, mask)
-        tokens[:, P + i] = np.asarray(jnp.argmax(logits[:, P + i - 1], -1))
+        logits = forward(params, tokens, mask)[:, P + i - 1]
+        if penalty == 1.0:
+            tokens[:, P + i] = np.asarray(jnp.argmax(logits, -1))
+        else:
+            tokens[:, P + i] = [np.argmax(_penalized(z, t, m, P + i, penalty))
+                                for z, t, m in zip(np.asarray(logits), tokens, mask)]
         mask[:, P + i] = 1
     return tokens
 
@@ -90,16 +104,6 @@ def test_same_key_same_samples_different_key_different(tiny):
     assert (np.asarray(a.completions[0]) != np.asarray(a.completions[1])).any()
 
 
-def _penalized(logits, tokens, mask, upto, penalty):
-    """transformers' repetition penalty written out for one row: logits [V] of the position after `upto`
-    tokens; every token among tokens[:upto] with mask 1 has its logit divided by penalty if > 0, else
-    multiplied."""
-    z = np.array(logits, np.float64)
-    for v in {int(t) for t, m in zip(tokens[:upto], mask[:upto]) if m}:
-        z[v] = z[v] / penalty if z[v] > 0 else z[v] * penalty
-    return z
-
-
 def test_repetition_penalty_greedy_equals_penalized_argmax_of_full_forward(tiny):
     """Greedy decoding with repetition_penalty 1.5 equals a full-forward reference that rescales by hand the
     logits of the row's real prompt tokens and of its completion so far; without the penalty the rows differ."""
@@ -107,15 +111,7 @@ def test_repetition_penalty_greedy_equals_penalized_argmax_of_full_forward(tiny)
     cfg = GREEDY.replace(repetition_penalty=1.5)
     r = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=cfg)
     P = r.prompt_length
-    tokens, mask = np.array(r.tokens[:, :P]), np.array(r.attention_mask[:, :P])
-    tokens = np.concatenate([tokens, np.zeros((4, 12), np.int32)], 1)
-    mask = np.concatenate([mask, np.zeros((4, 12), np.int32)], 1)
-    forward = jax.jit(lambda p, t, m: model(p, t, m))
-    for i in range(12):
-        logits = np.asarray(forward(params, tokens, mask))[:, P + i - 1]
-        for b in range(4):
-            tokens[b, P + i] = np.argmax(_penalized(logits[b], tokens[b], mask[b], P + i, 1.5))
-        mask[:, P + i] = 1
+    tokens = _greedy_reference(model, params, r.tokens[:, :P], r.attention_mask[:, :P], 12, penalty=1.5)
     np.testing.assert_array_equal(np.asarray(r.tokens), tokens)
     plain = sample(params, *PROMPTS, jax.random.key(0), model=model, cfg=GREEDY)
     assert (np.asarray(plain.tokens) != tokens).any()  # the penalty changed some choices

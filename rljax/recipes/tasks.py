@@ -1250,20 +1250,31 @@ def dpo(model, data, cfg: DPOTaskConfig = DPOTaskConfig(), *, eval_data=None, ru
     eval_data: pairs evaluated every cfg.eval_every steps and at the end (the same loss and metrics over all
     of them, against the same reference: `phases.loss_eval`), logged as preference/eval/... and returned as
     eval_metrics / eval_history."""
-    m, params, tok = _loaded("dpo", model, cfg, mesh)
+    return _preference_task("dpo", preference_batches, model, data, cfg, eval_data=eval_data, run_dir=run_dir,
+                            allow_change=allow_change, mesh=mesh)
+
+
+def _preference_task(task: str, batches: Callable, model, data, cfg, *, eval_data, run_dir, allow_change, mesh,
+                     min_rows: int = 1, check: Callable | None = None) -> TaskResult:
+    """The offline preference recipes (`dpo`, `kto`): cfg.loss() on `batches(tok, data, cfg, max_length=)`
+    through `rljax.phases.preference` against the frozen starting model; check(batches, loss), when given,
+    vets the training rows once built; eval_data's batches hold at least min_rows rows (`held_out_batches`)."""
+    m, params, tok = _loaded(task, model, cfg, mesh)
     loss = cfg.loss()
-    data_it = preference_batches(tok, data, cfg, max_length=_max_length(cfg, m))
+    data_it = batches(tok, data, cfg, max_length=_max_length(cfg, m))
+    if check is not None:
+        check(data_it, loss)
     eval_fn = None
     if eval_data is not None:
-        held = held_out_batches(preference_batches(tok, eval_data, _eval_config(cfg), max_length=_max_length(cfg, m)),
-                                m, "dpo: eval_data", size=cfg.batch_size)
+        held = held_out_batches(batches(tok, eval_data, _eval_config(cfg), max_length=_max_length(cfg, m)),
+                                m, f"{task}: eval_data", size=cfg.batch_size, min_rows=min_rows)
         live = loss.needs_reference
         eval_fn = phases.loss_eval(functools.partial(preference_loss, model=m, cfg=loss), held, model=m,
                                    prepare=functools.partial(with_live_reference, model=m, chunk_size=loss.chunk_size)
                                    if live else None, frozen=params if live else None)
     opt = cfg.optimizer()
     state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
-    with _run_dir(run_dir, "dpo", cfg, model, data, allow_change) as d:
+    with _run_dir(run_dir, task, cfg, model, data, allow_change) as d:
         state = phases.preference(state, data_it, phases.PreferencePhaseConfig(loss=loss, optimizer=opt,
                                                                                loop=cfg.loop()),
                                   model=m, reference=params, run_dir=d, eval_fn=eval_fn)
@@ -1277,27 +1288,15 @@ def kto(model, data, cfg: KTOTaskConfig = KTOTaskConfig(), *, eval_data=None, ru
     over each kind), logps_desirable / logps_undesirable. eval_data: rows of the same kind, evaluated every
     cfg.eval_every steps and at the end in batches of batch_size (a last single row joins the batch before:
     z0 needs two), logged as preference/eval/... and returned as eval_metrics / eval_history."""
-    m, params, tok = _loaded("kto", model, cfg, mesh)
-    loss = cfg.loss()
-    data_it = kto_batches(tok, data, cfg, max_length=_max_length(cfg, m))
-    try:  # a data set without both labels is refused; λ_D n_D / (λ_U n_U) outside [1, 4/3] is warned of
-        check_kto_weights([x["desirable"] for x in data_it.examples], loss)
-    except ValueError as e:
-        raise DataError(f"kto: {e} (the rows' label column)") from None
-    eval_fn = None
-    if eval_data is not None:
-        held = held_out_batches(kto_batches(tok, eval_data, _eval_config(cfg), max_length=_max_length(cfg, m)),
-                                m, "kto: eval_data", size=cfg.batch_size, min_rows=2)
-        eval_fn = phases.loss_eval(functools.partial(preference_loss, model=m, cfg=loss), held, model=m,
-                                   prepare=functools.partial(with_live_reference, model=m, chunk_size=loss.chunk_size),
-                                   frozen=params)
-    opt = cfg.optimizer()
-    state = create_state(m, opt, jax.random.key(cfg.seed), params=params)
-    with _run_dir(run_dir, "kto", cfg, model, data, allow_change) as d:
-        state = phases.preference(state, data_it, phases.PreferencePhaseConfig(loss=loss, optimizer=opt,
-                                                                               loop=cfg.loop()),
-                                  model=m, reference=params, run_dir=d, eval_fn=eval_fn)
-        return _result(state, state.params, d, "preference", m, tok, run_dir)
+    def labels(batches, loss):
+        """A data set without both labels is refused; λ_D n_D / (λ_U n_U) outside [1, 4/3] is warned of."""
+        try:
+            check_kto_weights([x["desirable"] for x in batches.examples], loss)
+        except ValueError as e:
+            raise DataError(f"kto: {e} (the rows' label column)") from None
+
+    return _preference_task("kto", kto_batches, model, data, cfg, eval_data=eval_data, run_dir=run_dir,
+                            allow_change=allow_change, mesh=mesh, min_rows=2, check=labels)
 
 
 def reward_eval(model: Model, tok, held: Sequence[PromptBatch], reward_fn: Callable, *, max_new_tokens: int,
